@@ -1,0 +1,22 @@
+"""onnxq: post-training quantization of ONNX models (REQuant weight ranges, int4/int8 QDQ output)."""
+
+from __future__ import annotations
+
+from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode
+from onnxq.errors import OnnxqError
+from onnxq.quantize import QuantizationResult, quantize, quantize_with_report
+from onnxq.save import save_model
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Granularity",
+    "OnnxqError",
+    "QuantizationResult",
+    "QuantizeConfig",
+    "RangeMethod",
+    "SqrtMode",
+    "quantize",
+    "quantize_with_report",
+    "save_model",
+]

@@ -1,0 +1,152 @@
+"""The ``onnxq`` command line: ``onnxq quantize`` and ``onnxq evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode
+from onnxq.errors import OnnxqError
+
+BIT_CHOICES = range(2, 9)
+
+
+def default_output(model: Path, bits: int) -> Path:
+    """``model.onnx`` -> ``model.q4.onnx`` beside it."""
+    return model.with_name(f"{model.stem}.q{bits}{model.suffix or '.onnx'}")
+
+
+def _add_quantize(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "quantize",
+        help="quantize the weights of an ONNX model",
+        description="Quantize the weights of Conv, ConvTranspose, Gemm and MatMul nodes with REQuant's "
+        "range search and write a model that stock onnxruntime runs (int8/int4 weights + DequantizeLinear).",
+    )
+    p.add_argument("model", type=Path, help="the float ONNX model (opset 13 or newer is best; older ones are converted)")
+    p.add_argument("-b", "--bits", type=int, choices=BIT_CHOICES, default=4, metavar="BITS",
+                   help="weight bits, 2-8 (default 4); 2-4 are stored as int4 (opset 21), 5-8 as int8")
+    p.add_argument("-o", "--output", type=Path, help="output path (default: MODEL.qBITS.onnx beside the input)")
+    p.add_argument("--granularity", choices=[g.value for g in Granularity], default=Granularity.CHANNEL.value,
+                   help="one range per output channel (default) or per weight tensor")
+    p.add_argument("--sqrt", choices=[m.value for m in SqrtMode], default=SqrtMode.AUTO.value,
+                   help="quantize sign(w)*sqrt(|w|) and square after dequantization: 'auto' (default) picks "
+                   "per layer whichever of plain/sqrt has the lower weight MSE")
+    p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
+                   help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
+    p.add_argument("--first-last-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
+                   help="bits for the first and last weighted layers (default 8); give the same value as -b to treat them like the rest")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="names of nodes to leave in float")
+    p.add_argument("--external-data", action="store_true",
+                   help="store tensors in MODEL.data beside the output (automatic for inputs with external data and models over 1 GB)")
+    p.add_argument("-v", "--verbose", action="store_true", help="print a line per quantized layer")
+    p.set_defaults(run=_run_quantize)
+
+
+def _add_evaluate(sub: argparse._SubParsersAction) -> None:
+    from onnxq.datasets import FASHION_MNIST_DIR
+
+    p = sub.add_parser(
+        "evaluate",
+        help="top-1 accuracy of image classifiers on labelled data",
+        description="Print the top-1 accuracy of MODEL (and of a float baseline beside it) on labelled images.",
+    )
+    p.add_argument("model", type=Path, help="the model to evaluate")
+    p.add_argument("--baseline", type=Path, help="a float model to compare against, evaluated on the same data")
+    p.add_argument("--data", type=Path, default=FASHION_MNIST_DIR,
+                   help=f"an IDX folder (MNIST layout) or an .npz with 'x' and 'y' (default: {FASHION_MNIST_DIR})")
+    p.add_argument("--split", choices=["test", "train"], default="test", help="split of an IDX folder (default test)")
+    p.add_argument("--limit", type=int, help="evaluate only the first N samples")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.set_defaults(run=_run_evaluate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of the ``onnxq`` command."""
+    parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_quantize(sub)
+    _add_evaluate(sub)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
+    """The QuantizeConfig the quantize options describe."""
+    return QuantizeConfig(
+        bits=args.bits,
+        granularity=Granularity(args.granularity),
+        sqrt=SqrtMode(args.sqrt),
+        range=RangeMethod(args.range),
+        first_last_bits=args.first_last_bits,
+        exclude=frozenset(args.exclude),
+    )
+
+
+def _run_quantize(args: argparse.Namespace) -> int:
+    from onnxq.quantize import quantize_with_report
+    from onnxq.report import summary
+    from onnxq.save import check_output_path, save_model
+
+    output = args.output or default_output(args.model, args.bits)
+    check_output_path(output, [args.model])
+    if not args.model.exists():
+        raise OnnxqError(args.model, "no such file")
+    config = config_from_args(args)
+    unknown = sorted(config.exclude - _node_names(args.model))
+    result = quantize_with_report(args.model, config)
+    if unknown:
+        raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
+    external = args.external_data or (result.source is not None and result.source.external_data)
+    save_model(result.model, output, external_data=external)
+    print(summary(result, args.model, output, verbose=args.verbose))
+    return 0
+
+
+def _node_names(model: Path) -> set[str]:
+    """Node names as the quantizer sees them (after unnamed nodes get names), for checking --exclude."""
+    from onnxq.load import load
+    from onnxq.prepare import name_nodes
+
+    graph = load(model).model.graph
+    name_nodes(graph)
+    return {n.name for n in graph.node}
+
+
+def _run_evaluate(args: argparse.Namespace) -> int:
+    from onnxq.datasets import load_labelled
+    from onnxq.evaluate import accuracy
+
+    data = load_labelled(args.data, args.split).head(args.limit)
+    models = [args.baseline, args.model] if args.baseline else [args.model]
+    results = [accuracy(m, data, threads=args.threads) for m in models]
+    for r in results:
+        print(f"{r.top1 * 100:7.2f} %  top-1  {r.model}")
+    if args.baseline:
+        print(f"{(results[1].top1 - results[0].top1) * 100:+7.2f} pp  vs baseline on {len(data.labels)} samples")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``onnxq`` command; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.run(args)
+    except OnnxqError as e:
+        if args.debug:
+            raise
+        print(f"onnxq: error: {e}", file=sys.stderr)
+        return 1
+    except (KeyboardInterrupt, BrokenPipeError):
+        return 130
+    except Exception as e:  # a bug of ours: still one line, with the file, unless --debug
+        if args.debug:
+            raise
+        where = getattr(args, "model", "")
+        print(f"onnxq: error: {where}: unexpected {type(e).__name__}: {e} (rerun with --debug for a traceback)", file=sys.stderr)
+        return 1

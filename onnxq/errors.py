@@ -1,0 +1,17 @@
+"""The one exception type users see: a problem with a named file, said in one line."""
+
+from __future__ import annotations
+
+import os
+
+
+class OnnxqError(Exception):
+    """A user-facing error: which file, and what is wrong with it.
+
+    The CLI prints ``str(error)`` as its single line of output and exits non-zero.
+    """
+
+    def __init__(self, path: str | os.PathLike[str] | None, problem: str) -> None:
+        self.path = None if path is None else os.fspath(path)
+        self.problem = problem
+        super().__init__(f"{self.path}: {problem}" if self.path else problem)

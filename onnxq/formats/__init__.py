@@ -1,0 +1,1 @@
+"""Weight number formats: how real weights map to integer codes and back."""

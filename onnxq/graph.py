@@ -1,0 +1,96 @@
+"""Small helpers over ONNX graphs shared by the passes: lookups, names, uses."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx
+from onnx import numpy_helper
+
+import numpy as np
+
+
+def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
+    """The value of a node attribute, or ``default`` when the node does not set it."""
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
+def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """Graphs held in a node's attributes (the bodies of If, Loop, Scan)."""
+    for attr in node.attribute:
+        if attr.type == onnx.AttributeProto.GRAPH:
+            yield attr.g
+        elif attr.type == onnx.AttributeProto.GRAPHS:
+            yield from attr.graphs
+
+
+def used_names(graph: onnx.GraphProto) -> set[str]:
+    """Every tensor name read by the graph's nodes (subgraphs included) or returned as an output."""
+    names = {out.name for out in graph.output}
+    stack = [graph]
+    while stack:
+        g = stack.pop()
+        for node in g.node:
+            names.update(node.input)
+            stack.extend(subgraphs(node))
+    names.discard("")
+    return names
+
+
+def constant_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
+    """Initializers a caller cannot override: those not also listed as graph inputs."""
+    inputs = {i.name for i in graph.input}
+    return {t.name: t for t in graph.initializer if t.name not in inputs}
+
+
+def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
+    """For each tensor name, the nodes of this graph (not subgraphs) that read it."""
+    out: dict[str, list[onnx.NodeProto]] = {}
+    for node in graph.node:
+        for name in node.input:
+            if name:
+                out.setdefault(name, []).append(node)
+    return out
+
+
+def to_array(tensor: onnx.TensorProto) -> np.ndarray:
+    """A tensor's values as numpy (its external data must already be loaded)."""
+    return numpy_helper.to_array(tensor)
+
+
+def remove_unused_initializers(graph: onnx.GraphProto) -> None:
+    """Drop initializers nothing reads any more (after folding or rewriting)."""
+    used = used_names(graph) | {i.name for i in graph.input}
+    keep = [t for t in graph.initializer if t.name in used]
+    if len(keep) != len(graph.initializer):
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+
+
+class NameSource:
+    """Hands out tensor and node names not yet used anywhere in a graph."""
+
+    def __init__(self, graph: onnx.GraphProto) -> None:
+        self._taken: set[str] = set()
+        stack = [graph]
+        while stack:
+            g = stack.pop()
+            self._taken.update(i.name for i in g.input)
+            self._taken.update(o.name for o in g.output)
+            self._taken.update(t.name for t in g.initializer)
+            for node in g.node:
+                self._taken.add(node.name)
+                self._taken.update(node.output)
+                stack.extend(subgraphs(node))
+
+    def fresh(self, base: str) -> str:
+        """``base`` itself if free, else ``base_1``, ``base_2``, ..."""
+        name, i = base, 0
+        while name in self._taken:
+            i += 1
+            name = f"{base}_{i}"
+        self._taken.add(name)
+        return name

@@ -1,0 +1,115 @@
+"""Loading models from disk or memory: checks, external data, opset upgrades."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+from onnx import version_converter
+
+from onnxq.errors import OnnxqError
+
+#: Oldest default-domain opset we accept as is; older models are converted up to it.
+MIN_OPSET = 13
+#: First opset with int4 QuantizeLinear/DequantizeLinear.
+INT4_OPSET = 21
+#: IR version that goes with opset 21.
+INT4_IR_VERSION = 10
+#: Protobuf cannot serialise more than this, so bigger models must keep external data.
+PROTOBUF_LIMIT = 2**31 - 1
+
+
+@dataclass
+class LoadedModel:
+    """A model in memory and where it came from."""
+
+    model: onnx.ModelProto
+    path: Path | None
+    external_data: bool
+
+    @property
+    def label(self) -> str:
+        """How errors refer to this model."""
+        return str(self.path) if self.path else "<model>"
+
+
+def load(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
+    """Load ``source`` (a path or a ModelProto, which is copied) and check that it is a valid model."""
+    if isinstance(source, onnx.ModelProto):
+        model = onnx.ModelProto()
+        model.CopyFrom(source)
+        loaded = LoadedModel(model, None, False)
+    else:
+        loaded = _load_file(Path(source))
+    _check(loaded)
+    return loaded
+
+
+def _load_file(path: Path) -> LoadedModel:
+    if not path.exists():
+        raise OnnxqError(path, "no such file")
+    if path.is_dir():
+        raise OnnxqError(path, "is a folder, expected an .onnx file")
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception as e:  # protobuf raises DecodeError, onnx raises others
+        raise OnnxqError(path, f"not a readable ONNX model ({type(e).__name__})") from e
+    if not model.graph.node and not model.graph.initializer:
+        raise OnnxqError(path, "not an ONNX model (empty graph)")
+    external = uses_external_data(model)
+    if external:
+        try:
+            onnx.external_data_helper.load_external_data_for_model(model, os.fspath(path.parent))
+        except (OSError, ValueError) as e:
+            raise OnnxqError(path, f"cannot read its external data: {e}") from e
+    return LoadedModel(model, path, external)
+
+
+def uses_external_data(model: onnx.ModelProto) -> bool:
+    """Whether any initializer of the main graph keeps its bytes in an external file."""
+    return any(t.data_location == onnx.TensorProto.EXTERNAL for t in model.graph.initializer)
+
+
+def tensor_bytes(model: onnx.ModelProto) -> int:
+    """Bytes held by the main graph's initializers: what decides if protobuf can serialise the model."""
+    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+
+
+def _check(loaded: LoadedModel) -> None:
+    model = loaded.model
+    try:
+        if loaded.path is not None and tensor_bytes(model) > PROTOBUF_LIMIT // 2:
+            onnx.checker.check_model(os.fspath(loaded.path))
+        else:
+            onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxqError(loaded.label, f"invalid ONNX model: {first}") from e
+    opset = default_opset(model)
+    if opset is None:
+        raise OnnxqError(loaded.label, "model does not import the default ONNX domain")
+
+
+def default_opset(model: onnx.ModelProto) -> int | None:
+    """The model's opset version of the default ONNX domain."""
+    for imp in model.opset_import:
+        if imp.domain in ("", "ai.onnx"):
+            return imp.version
+    return None
+
+
+def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
+    """Convert the model in place to at least ``minimum`` of the default domain, or fail clearly."""
+    current = default_opset(loaded.model)
+    if current is not None and current >= minimum:
+        return
+    try:
+        converted = version_converter.convert_version(loaded.model, minimum)
+    except Exception as e:  # the converter raises RuntimeError or its own errors
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}") from e
+    if minimum >= INT4_OPSET:
+        converted.ir_version = max(converted.ir_version, INT4_IR_VERSION)
+    loaded.model = converted

@@ -1,0 +1,180 @@
+"""Which weights get quantized, along which axis, at how many bits.
+
+A registry maps op types to small handlers. A handler looks at one node and says which
+input is its weight and which axis of that weight is the output channel; ``plan_weights``
+turns those answers into one typed plan per weight tensor (a tensor shared by several
+nodes is planned, and quantized, once).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+
+from onnxq.config import QuantizeConfig
+from onnxq.graph import attribute, constant_initializers
+
+#: Weight dtypes we quantize.
+FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """What a handler says about one node: its weight input and that weight's output-channel axis."""
+
+    input_index: int
+    channel_axis: int
+
+
+Handler = Callable[[onnx.NodeProto, int], WeightSlot | None]
+
+
+def _conv(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, 0) if rank >= 3 else None
+
+
+def _conv_transpose(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    # Weight is (C_in, C_out / group, k...): axis 1 holds output channels only when group == 1.
+    if rank < 3:
+        return None
+    return WeightSlot(1, 1 if attribute(node, "group", 1) == 1 else 0)
+
+
+def _gemm(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, 0 if attribute(node, "transB", 0) else 1) if rank == 2 else None
+
+
+def _matmul(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, rank - 1) if rank >= 2 else None
+
+
+#: Op type -> handler. Extend this to quantize more kinds of node.
+HANDLERS: dict[str, Handler] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+}
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """One node reading a weight tensor as its weight."""
+
+    node: str
+    op_type: str
+    channel_axis: int
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """How one weight tensor will be quantized.
+
+    ``channel_axis`` is None when the users of a shared tensor disagree on it, in which
+    case the tensor is quantized per tensor whatever the granularity asked for.
+    """
+
+    tensor: str
+    uses: tuple[WeightUse, ...]
+    channel_axis: int | None
+    bits: int
+    first_or_last: bool
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Names of the nodes that read this weight."""
+        return tuple(u.node for u in self.uses)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A weighted node left in float, and why."""
+
+    node: str
+    reason: str
+
+
+def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]], list[Skipped]]:
+    """Map each quantizable weight tensor to the nodes that use it as a weight."""
+    consts = constant_initializers(graph)
+    outputs = {o.name for o in graph.output}
+    uses: dict[str, list[WeightUse]] = {}
+    skipped: list[Skipped] = []
+    for node in graph.node:
+        handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+        if handler is None or len(node.input) < 2:
+            continue
+        name = node.input[1]
+        tensor = consts.get(name)
+        if tensor is None:
+            skipped.append(Skipped(node.name, "weight is computed or a graph input, not a constant"))
+            continue
+        if tensor.data_type not in FLOAT_TYPES:
+            skipped.append(Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32"))
+            continue
+        if name in outputs:
+            skipped.append(Skipped(node.name, "weight is also a graph output"))
+            continue
+        slot = handler(node, len(tensor.dims))
+        if slot is None:
+            skipped.append(Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}"))
+            continue
+        uses.setdefault(name, []).append(WeightUse(node.name, node.op_type, slot.channel_axis))
+    return uses, skipped
+
+
+def boundary_nodes(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
+    """Weighted nodes with no weighted node before them, or none after them, on any path.
+
+    These are the "first" and "last" layers that REQuant keeps at higher precision.
+    Node order in an ONNX graph is topological, so one pass each way suffices.
+    """
+    nodes = list(graph.node)
+    after_weighted: set[str] = set()  # tensors downstream of a weighted node
+    first: set[str] = set()
+    for node in nodes:
+        upstream = any(name in after_weighted for name in node.input)
+        if node.name in weighted and not upstream:
+            first.add(node.name)
+        if upstream or node.name in weighted:
+            after_weighted.update(node.output)
+    before_weighted: set[str] = set()  # tensors upstream of a weighted node
+    last: set[str] = set()
+    for node in reversed(nodes):
+        downstream = any(name in before_weighted for name in node.output)
+        if node.name in weighted and not downstream:
+            last.add(node.name)
+        if downstream or node.name in weighted:
+            before_weighted.update(node.input)
+    return first | last
+
+
+def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[WeightPlan], list[Skipped]]:
+    """One plan per weight tensor to quantize, and the weighted nodes left in float with the reason."""
+    uses, skipped = find_weight_uses(graph)
+    weighted = {u.node for us in uses.values() for u in us}
+    boundary = boundary_nodes(graph, weighted)
+    plans: list[WeightPlan] = []
+    for tensor, tensor_uses in uses.items():
+        names = [u.node for u in tensor_uses]
+        excluded = [n for n in names if n in config.exclude]
+        if excluded:
+            skipped.extend(Skipped(n, "excluded by the user") for n in names)
+            continue
+        on_boundary = any(n in boundary for n in names)
+        bits = _bits_for(names, on_boundary, config)
+        axes = {u.channel_axis for u in tensor_uses}
+        plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary))
+    return plans, skipped
+
+
+def _bits_for(nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> int:
+    """Bits for a tensor read by ``nodes``: an explicit per-node choice wins, then the first/last rule."""
+    explicit = [config.node_bits[n] for n in nodes if n in config.node_bits]
+    if explicit:
+        return max(explicit)
+    if on_boundary and config.first_last_bits is not None:
+        return config.first_last_bits
+    return config.bits

@@ -1,0 +1,145 @@
+"""Graph preparation before quantization: names, Constant weights, BatchNorm folding, shapes.
+
+Each pass edits the model in place and returns how many things it changed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
+from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
+
+logger = logging.getLogger(__name__)
+
+
+def name_nodes(graph: onnx.GraphProto) -> int:
+    """Give every unnamed node a unique name (``<OpType>_<index>``) so reports and --exclude can refer to it."""
+    names = NameSource(graph)
+    changed = 0
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = names.fresh(f"{node.op_type}_{i}")
+            changed += 1
+    return changed
+
+
+def lift_constants(graph: onnx.GraphProto) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers, so weights look alike whatever the exporter."""
+    outputs = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    lifted = 0
+    for node in graph.node:
+        value = attribute(node, "value") if node.op_type == "Constant" and node.domain in ("", "ai.onnx") else None
+        if isinstance(value, onnx.TensorProto) and node.output[0] not in outputs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            lifted += 1
+        else:
+            keep.append(node)
+    if lifted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return lifted
+
+
+def fold_batch_norms(graph: onnx.GraphProto) -> int:
+    """Fold inference-mode BatchNormalization into the Conv before it (weights and bias rescaled)."""
+    consts = constant_initializers(graph)
+    readers = consumers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+    names = NameSource(graph)
+    folded: set[int] = set()
+    for bn in graph.node:
+        if bn.op_type != "BatchNormalization" or bn.domain not in ("", "ai.onnx"):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or not _foldable(conv, bn, consts, readers, outputs):
+            continue
+        _fold_one(graph, conv, bn, consts, names)
+        folded.add(id(bn))
+    if folded:
+        keep = [n for n in graph.node if id(n) not in folded]
+        del graph.node[:]
+        graph.node.extend(keep)
+        remove_unused_initializers(graph)
+    return len(folded)
+
+
+def _foldable(
+    conv: onnx.NodeProto,
+    bn: onnx.NodeProto,
+    consts: dict[str, onnx.TensorProto],
+    readers: dict[str, list[onnx.NodeProto]],
+    outputs: set[str],
+) -> bool:
+    """Whether ``bn`` can be folded into ``conv`` without changing anything else in the graph."""
+    if conv.op_type != "Conv" or conv.domain not in ("", "ai.onnx"):
+        return False
+    if attribute(bn, "training_mode", 0) or any(bn.output[1:]):
+        return False
+    if conv.output[0] in outputs or len(readers.get(conv.output[0], [])) != 1:
+        return False
+    if len(bn.input) < 5 or not all(name in consts for name in bn.input[1:5]):
+        return False
+    own = [conv.input[1]] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+    if not all(name in consts and len(readers.get(name, [])) == 1 for name in own):
+        return False
+    return consts[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+def _fold_one(
+    graph: onnx.GraphProto,
+    conv: onnx.NodeProto,
+    bn: onnx.NodeProto,
+    consts: dict[str, onnx.TensorProto],
+    names: NameSource,
+) -> None:
+    gamma, beta, mean, var = (to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
+    eps = float(attribute(bn, "epsilon", 1e-5))
+    factor = gamma / np.sqrt(var + eps)
+    weight_tensor = consts[conv.input[1]]
+    weight = to_array(weight_tensor).astype(np.float64)
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    bias = to_array(consts[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(weight.shape[0])
+    new_weight = weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
+    new_bias = (bias - mean) * factor + beta
+    weight_tensor.CopyFrom(numpy_helper.from_array(new_weight.astype(np.float32), weight_tensor.name))
+    if has_bias:
+        consts[conv.input[2]].CopyFrom(numpy_helper.from_array(new_bias.astype(np.float32), conv.input[2]))
+    else:
+        bias_name = names.fresh(f"{conv.name or conv.output[0]}_folded_bias")
+        graph.initializer.append(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+    conv.output[0] = bn.output[0]
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Model with inferred value_info where onnx can infer it; unchanged if inference fails or it is too big."""
+    if tensor_bytes(model) > PROTOBUF_LIMIT // 2:
+        return model
+    try:
+        return onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # inference is a convenience, never a reason to stop
+        logger.info("shape inference skipped: %s", e)
+        return model
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run the preparation passes in order and return the prepared model."""
+    graph = model.graph
+    name_nodes(graph)
+    lifted = lift_constants(graph)
+    folded = fold_batch_norms(graph)
+    logger.info("prepared: %d Constant nodes lifted, %d BatchNormalization folded", lifted, folded)
+    return infer_shapes(model)

@@ -1,0 +1,55 @@
+"""Human-readable summaries of a quantization run."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from onnxq.quantize import QuantizationResult
+
+
+def human_bytes(n: int) -> str:
+    """Bytes as B, KiB, MiB or GiB with three significant figures."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def file_size(path: Path) -> int:
+    """Size of a model file plus its external-data file, if it has one beside it."""
+    data = path.with_name(path.name + ".data")
+    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def layer_table(result: QuantizationResult) -> str:
+    """One line per quantized weight: node, bits, mode, alpha, SQNR."""
+    rows = [f"  {'node':<36} {'op':<8} {'bits':>4} {'mode':<5} {'alpha':>6} {'SQNR dB':>8}"]
+    for layer in result.layers:
+        node = ",".join(layer.nodes)
+        node = node if len(node) <= 36 else node[:33] + "..."
+        mode = "sqrt" if layer.sqrt else "plain"
+        rows.append(f"  {node:<36} {layer.op_types[0]:<8} {layer.bits:>4} {mode:<5} {layer.alpha_median:>6.3f} {layer.sqnr_db:>8.1f}")
+    return "\n".join(rows)
+
+
+def summary(result: QuantizationResult, source: Path | None, output: Path, verbose: bool = False) -> str:
+    """The few lines the CLI prints after a run."""
+    bits = Counter(layer.bits for layer in result.layers)
+    by_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(bits.items()))
+    sqrt = sum(layer.sqrt for layer in result.layers)
+    lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode)"]
+    if verbose:
+        lines.append(layer_table(result))
+    if result.skipped:
+        lines.append(f"left in float: {len(result.skipped)} nodes ({'; '.join(f'{s.node}: {s.reason}' for s in result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''})")
+    after = file_size(output)
+    if source is not None:
+        before = file_size(source)
+        lines.append(f"size: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.3f}x)")
+    else:
+        lines.append(f"size: {human_bytes(after)}")
+    lines.append(f"wrote {output}")
+    return "\n".join(lines)

@@ -1,0 +1,72 @@
+"""Rewrite a graph so quantized weights are stored as integers and dequantized in the graph.
+
+For each quantized weight W the float initializer is replaced by integer codes (int8 or
+packed int4) and a DequantizeLinear node (per-axis where per channel). In sqrt mode the
+dequantized value y stands for sign(w)*sqrt(|w|), so the graph computes y*|y| after it.
+Everything is standard ONNX; stock onnxruntime runs it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from onnxq.formats.packing import pack_int4
+from onnxq.formats.uniform import storage_bits
+from onnxq.graph import NameSource, remove_unused_initializers, subgraphs
+from onnxq.weights import QuantizedTensor
+
+
+def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
+    """An INT4 (packed) or INT8 initializer holding ``codes``."""
+    if storage_bits(bits) == 4:
+        tensor = onnx.TensorProto(name=name, data_type=onnx.TensorProto.INT4, dims=codes.shape)
+        tensor.raw_data = pack_int4(codes)
+        return tensor
+    return numpy_helper.from_array(codes.astype(np.int8), name)
+
+
+def dequantize_nodes(weight: str, q: QuantizedTensor, names: NameSource) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name."""
+    codes_name = names.fresh(f"{weight}_quantized")
+    scale_name = names.fresh(f"{weight}_scale")
+    inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(np.asarray(q.scale, dtype=np.float32), scale_name)]
+    dq_out = names.fresh(f"{weight}_dequantized")
+    axis = {} if q.axis is None else {"axis": q.axis}
+    nodes = [helper.make_node("DequantizeLinear", [codes_name, scale_name], [dq_out], name=names.fresh(f"{weight}_DequantizeLinear"), **axis)]
+    if not q.sqrt:
+        return inits, nodes, dq_out
+    abs_out = names.fresh(f"{weight}_abs")
+    squared = names.fresh(f"{weight}_squared")
+    nodes.append(helper.make_node("Abs", [dq_out], [abs_out], name=names.fresh(f"{weight}_Abs")))
+    nodes.append(helper.make_node("Mul", [dq_out, abs_out], [squared], name=names.fresh(f"{weight}_Square")))
+    return inits, nodes, squared
+
+
+def rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """Point every reader of ``old`` (subgraphs included, unless they shadow it) at ``new``."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name == old:
+                node.input[i] = new
+        for sub in subgraphs(node):
+            shadowed = {t.name for t in sub.initializer} | {i.name for i in sub.input} | {o for n in sub.node for o in n.output}
+            if old not in shadowed:
+                rename_input(sub, old, new)
+
+
+def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor]) -> None:
+    """Replace each named float initializer by its integer codes and dequantization nodes."""
+    names = NameSource(graph)
+    new_nodes: list[onnx.NodeProto] = []
+    for weight, q in quantized.items():
+        inits, nodes, output = dequantize_nodes(weight, q, names)
+        graph.initializer.extend(inits)
+        new_nodes.extend(nodes)
+        rename_input(graph, weight, output)
+    # Dequantization reads only initializers, so it goes first and the order stays topological.
+    existing = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(new_nodes + existing)
+    remove_unused_initializers(graph)

@@ -1,0 +1,73 @@
+"""Writing models: atomically, with external data where needed, verified before they land.
+
+The model is written under a temporary name in the destination folder, checked with
+``onnx.checker`` and loaded in onnxruntime, and only then moved over the final name; a
+failure leaves the destination as it was.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import onnx
+
+from onnxq.errors import OnnxqError
+from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
+
+
+def check_output_path(output: Path, inputs: list[Path]) -> None:
+    """Fail early if ``output`` would overwrite an input or its folder does not exist."""
+    out = output.resolve()
+    for path in inputs:
+        if path.exists() and out == path.resolve():
+            raise OnnxqError(output, "output path is the input model; choose another with -o")
+    if not out.parent.is_dir():
+        raise OnnxqError(output, f"output folder {out.parent} does not exist")
+    if out.is_dir():
+        raise OnnxqError(output, "output path is a folder; give a file name")
+
+
+def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_data: bool = False) -> Path:
+    """Write ``model`` to ``output`` atomically and return the path.
+
+    Tensors go to ``<output name>.data`` beside the model when ``external_data`` is set or
+    the model is too big for one protobuf. Note that writing external data moves the
+    tensors' bytes out of ``model``.
+    """
+    output = Path(output)
+    external = external_data or tensor_bytes(model) > PROTOBUF_LIMIT // 2
+    data_name = output.name + ".data"
+    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    try:
+        tmp_model = tmp_dir / output.name
+        if external:
+            onnx.save_model(model, os.fspath(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+        else:
+            onnx.save_model(model, os.fspath(tmp_model))
+        verify_model_file(tmp_model, output)
+        if external:
+            os.replace(tmp_dir / data_name, output.parent / data_name)
+        os.replace(tmp_model, output)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+    return output
+
+
+def verify_model_file(path: Path, label: Path | None = None) -> None:
+    """Check a written model with onnx.checker and by opening an onnxruntime session on it."""
+    import onnxruntime as ort
+
+    from onnxq.runtime import session_options
+
+    label = label or path
+    try:
+        onnx.checker.check_model(os.fspath(path))
+    except onnx.checker.ValidationError as e:
+        raise OnnxqError(label, f"quantized model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
+    try:
+        ort.InferenceSession(os.fspath(path), session_options(), providers=["CPUExecutionProvider"])
+    except Exception as e:  # onnxruntime raises its own exception types
+        raise OnnxqError(label, f"quantized model does not load in onnxruntime: {str(e).strip().splitlines()[0]}") from e

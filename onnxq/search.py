@@ -1,0 +1,196 @@
+"""REQuant range search: the clipping factor alpha that minimises weight MSE, by golden-section search.
+
+For a row of weights w (a whole tensor, or one output channel) with peak m = max|w|, a
+quantizer maps |w| to the nearest of a few non-negative magnitudes; all of them scale
+with alpha, the fraction of m the range covers. The squared error as a function of
+alpha is locally convex, so a coarse scan brackets the best alpha (guarding against the
+non-convex tails) and golden-section search narrows it down.
+
+Every error evaluation is cheap because |w| is summarised once per row in a fine
+histogram holding count, sum and sum of squares of the normalised magnitudes per bin.
+The error of a whole codebook is then a handful of look-ups in cumulative sums, with
+linear interpolation inside the bin a rounding boundary falls in. All rows are
+searched at once, vectorised. This module knows nothing of ONNX.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+_INV_PHI = (np.sqrt(5.0) - 1.0) / 2.0  # 0.618...
+
+
+@dataclass(frozen=True)
+class Codebook:
+    """The magnitudes a quantizer can output at alpha = 1, in units of max|w|.
+
+    Attributes:
+        levels: (L,) increasing magnitudes, levels[0] == 0.
+        bounds: (L-1,) rounding boundaries between neighbouring levels, in the histogram
+            domain (|w|/max|w|, or its square root when ``sqrt_domain``), at alpha = 1.
+        level_power: levels scale with alpha ** level_power (2 for sqrt mode, 1 otherwise);
+            bounds always scale with alpha.
+        sqrt_domain: rounding happens on sqrt(|w|), so the histogram is built there.
+    """
+
+    levels: np.ndarray
+    bounds: np.ndarray
+    level_power: int = 1
+    sqrt_domain: bool = False
+
+    def __post_init__(self) -> None:
+        if self.levels.ndim != 1 or len(self.bounds) != len(self.levels) - 1:
+            raise ValueError("a codebook needs L levels and L-1 bounds")
+
+
+@dataclass(frozen=True)
+class RowHistograms:
+    """Cumulative per-bin statistics of normalised magnitudes, one histogram per row.
+
+    ``count``, ``sum1`` and ``sum2`` have shape (R, bins + 1) and start with 0, so the
+    totals over bins [i, j) are ``c[:, j] - c[:, i]``. ``sum1``/``sum2`` hold sums of
+    u and u**2 with u = |w| / peak.
+    """
+
+    count: np.ndarray
+    sum1: np.ndarray
+    sum2: np.ndarray
+    peak: np.ndarray
+    sqrt_domain: bool
+
+    @property
+    def bins(self) -> int:
+        """Number of bins per row."""
+        return self.count.shape[1] - 1
+
+    @property
+    def rows(self) -> int:
+        """Number of rows."""
+        return self.count.shape[0]
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    """Best alpha per row and the weight MSE it gives (mean over the row's elements)."""
+
+    alpha: np.ndarray
+    mse: np.ndarray
+
+
+def default_bins(row_length: int) -> int:
+    """Bins per row: fine enough to resolve 8-bit steps, no finer than the data warrants."""
+    return int(np.clip(2 ** int(np.ceil(np.log2(max(row_length, 1)))), 256, 4096))
+
+
+def build_histograms(rows: np.ndarray, sqrt_domain: bool, bins: int | None = None) -> RowHistograms:
+    """Summarise |rows| (R, n) as per-row histograms over [0, 1] after dividing by each row's peak."""
+    rows = np.asarray(rows)
+    if rows.ndim != 2:
+        raise ValueError(f"expected a 2-D array of rows, got shape {rows.shape}")
+    n_rows, length = rows.shape
+    bins = default_bins(length) if bins is None else int(bins)
+    mag = np.abs(rows, dtype=np.float64)
+    peak = mag.max(axis=1) if length else np.zeros(n_rows)
+    safe_peak = np.where(peak > 0, peak, 1.0)
+    u = mag / safe_peak[:, None]
+    t = np.sqrt(u) if sqrt_domain else u
+    idx = np.minimum((t * bins).astype(np.int64), bins - 1)
+    idx += (np.arange(n_rows, dtype=np.int64) * bins)[:, None]
+    idx = idx.ravel()
+    size = n_rows * bins
+
+    def cumulative(weights: np.ndarray | None) -> np.ndarray:
+        per_bin = np.bincount(idx, weights=weights, minlength=size).reshape(n_rows, bins)
+        out = np.zeros((n_rows, bins + 1))
+        np.cumsum(per_bin, axis=1, out=out[:, 1:])
+        return out
+
+    u_flat = u.ravel()
+    return RowHistograms(cumulative(None), cumulative(u_flat), cumulative(u_flat * u_flat), peak, sqrt_domain)
+
+
+def codebook_error(hist: RowHistograms, codebook: Codebook, alpha: np.ndarray) -> np.ndarray:
+    """Sum of squared errors (in units of peak**2) of each row for alpha of shape (R,) or (R, G)."""
+    if codebook.sqrt_domain != hist.sqrt_domain:
+        raise ValueError("histogram and codebook disagree on the sqrt domain")
+    alpha = np.asarray(alpha, dtype=np.float64)
+    squeeze = alpha.ndim == 1
+    a = alpha[:, None] if squeeze else alpha  # (R, G)
+    bins = hist.bins
+    pos = np.clip(a[..., None] * codebook.bounds * bins, 0.0, float(bins))  # (R, G, L-1)
+    lo = np.minimum(pos.astype(np.int64), bins - 1)
+    frac = pos - lo
+    flat_index = lo + (np.arange(hist.rows, dtype=np.int64) * (bins + 1))[:, None, None]
+
+    def interval_sums(cum: np.ndarray) -> np.ndarray:
+        flat = cum.ravel()
+        at = flat[flat_index] + frac * (flat[flat_index + 1] - flat[flat_index])
+        total = np.broadcast_to(cum[:, -1][:, None, None], at.shape[:-1] + (1,))
+        edges = np.concatenate([np.zeros_like(total), at, total], axis=-1)
+        return np.diff(edges, axis=-1)  # (R, G, L)
+
+    n = interval_sums(hist.count)
+    s1 = interval_sums(hist.sum1)
+    lev = (a[..., None] ** codebook.level_power) * codebook.levels  # (R, G, L)
+    err = hist.sum2[:, -1][:, None] + np.sum(lev * (lev * n - 2.0 * s1), axis=-1)
+    err = np.maximum(err, 0.0)
+    return err[:, 0] if squeeze else err
+
+
+def golden_section(hist: RowHistograms, codebook: Codebook, lo: np.ndarray, hi: np.ndarray, iterations: int) -> np.ndarray:
+    """Minimise the codebook error over alpha in [lo, hi] for every row at once."""
+    lo, hi = lo.astype(np.float64).copy(), hi.astype(np.float64).copy()
+    x1 = hi - _INV_PHI * (hi - lo)
+    x2 = lo + _INV_PHI * (hi - lo)
+    f1 = codebook_error(hist, codebook, x1)
+    f2 = codebook_error(hist, codebook, x2)
+    for _ in range(iterations):
+        left = f1 <= f2  # minimum lies in [lo, x2]
+        hi = np.where(left, x2, hi)
+        lo = np.where(left, lo, x1)
+        new_x = np.where(left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
+        f_new = codebook_error(hist, codebook, new_x)
+        x2, f2, x1, f1 = (
+            np.where(left, x1, new_x),
+            np.where(left, f1, f_new),
+            np.where(left, new_x, x1),
+            np.where(left, f_new, f1),
+        )
+    return np.where(f1 <= f2, x1, x2)
+
+
+def search_alpha(
+    rows: np.ndarray,
+    codebook: Codebook,
+    *,
+    grid: int = 32,
+    iterations: int = 20,
+    bins: int | None = None,
+    hist: RowHistograms | None = None,
+) -> SearchResult:
+    """Find, per row of ``rows`` (R, n), the alpha in (0, 1] with the least weight MSE.
+
+    A scan of ``grid`` evenly spaced alphas brackets the minimum; ``iterations`` golden-
+    section steps refine it inside the bracket. The result is never worse than the best
+    grid point, so a non-convex tail cannot mislead it.
+    """
+    rows = np.asarray(rows)
+    if hist is None:
+        hist = build_histograms(rows, codebook.sqrt_domain, bins)
+    n_rows = hist.rows
+    candidates = np.linspace(1.0 / grid, 1.0, grid)
+    grid_err = codebook_error(hist, codebook, np.broadcast_to(candidates, (n_rows, grid)))
+    best = np.argmin(grid_err, axis=1)
+    step = candidates[1] - candidates[0] if grid > 1 else 1.0
+    lo = np.maximum(candidates[best] - step, 1e-6)
+    hi = np.minimum(candidates[best] + step, 1.0)
+    alpha = golden_section(hist, codebook, lo, hi, iterations)
+    err = codebook_error(hist, codebook, alpha)
+    grid_best = grid_err[np.arange(n_rows), best]
+    use_grid = grid_best < err
+    alpha = np.where(use_grid, candidates[best], alpha)
+    err = np.where(use_grid, grid_best, err)
+    length = max(rows.shape[1], 1) if rows.ndim == 2 else 1
+    return SearchResult(alpha=alpha, mse=err * hist.peak**2 / length)

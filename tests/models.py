@@ -1,0 +1,95 @@
+"""Tiny ONNX models built with onnx.helper for unit tests. Each says its graph in a sketch."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+OPSET = 17
+
+
+def _model(nodes, inputs, outputs, initializers, opset: int = OPSET) -> onnx.ModelProto:
+    graph = helper.make_graph(nodes, "tiny", inputs, outputs, initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    return model
+
+
+def _weight(rng: np.random.Generator, *shape: int, scale: float = 0.3) -> np.ndarray:
+    # Heavy-ish tails like trained weights, so clipping matters.
+    return (rng.standard_t(5, size=shape) * scale).astype(np.float32)
+
+
+def conv_bn_relu_gemm(seed: int = 0, with_bn: bool = True, as_constants: bool = False) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(8,3x3) -> [BatchNorm] -> Relu -> Conv(8,3x3) -> Relu
+    -> GlobalAveragePool -> Flatten -> Gemm(10) -> y   (weights as initializers or Constant nodes)
+    """
+    rng = np.random.default_rng(seed)
+    tensors = {
+        "w1": _weight(rng, 8, 3, 3, 3),
+        "b1": _weight(rng, 8, scale=0.1),
+        "w2": _weight(rng, 8, 8, 3, 3),
+        "w3": _weight(rng, 10, 8),
+        "b3": _weight(rng, 10, scale=0.1),
+        "gamma": (1 + 0.2 * rng.standard_normal(8)).astype(np.float32),
+        "beta": (0.1 * rng.standard_normal(8)).astype(np.float32),
+        "mean": (0.1 * rng.standard_normal(8)).astype(np.float32),
+        "var": (0.5 + rng.random(8)).astype(np.float32),
+    }
+    nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
+    if with_bn:
+        nodes.append(helper.make_node("BatchNormalization", ["c1", "gamma", "beta", "mean", "var"], ["n1"], name="bn1", epsilon=1e-5))
+    else:
+        for k in ("gamma", "beta", "mean", "var"):
+            del tensors[k]
+    nodes += [
+        helper.make_node("Relu", ["n1" if with_bn else "c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c2"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    if as_constants:
+        consts = [helper.make_node("Constant", [], [k], name=f"const_{k}", value=numpy_helper.from_array(v, k)) for k, v in tensors.items()]
+        nodes, inits = consts + nodes, []
+    else:
+        inits = [numpy_helper.from_array(v, k) for k, v in tensors.items()]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])
+    return _model(nodes, [x], [y], inits)
+
+
+def shared_weight_matmuls(seed: int = 0) -> onnx.ModelProto:
+    """x[N,16] -> MatMul(W) -> Relu -> MatMul(W) -> Relu -> MatMul(W) -> y   (one 16x16 W read three times)"""
+    rng = np.random.default_rng(seed)
+    w = numpy_helper.from_array(_weight(rng, 16, 16, scale=0.25), "w")
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h1"], name="mm1"),
+        helper.make_node("Relu", ["h1"], ["a1"], name="relu1"),
+        helper.make_node("MatMul", ["a1", "w"], ["h2"], name="mm2"),
+        helper.make_node("Relu", ["h2"], ["a2"], name="relu2"),
+        helper.make_node("MatMul", ["a2", "w"], ["y"], name="mm3"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 16])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])
+    return _model(nodes, [x], [y], [w])
+
+
+def depthwise_convtranspose(seed: int = 0) -> onnx.ModelProto:
+    """x[N,4,6,6] -> Conv(depthwise, group=4) -> Relu -> ConvTranspose(4->6, stride 2) -> y"""
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_weight(rng, 4, 1, 3, 3), "dw"),
+        numpy_helper.from_array(_weight(rng, 4, 6, 2, 2), "up"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "dw"], ["d"], name="depthwise", group=4, pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["d"], ["r"], name="relu"),
+        helper.make_node("ConvTranspose", ["r", "up"], ["y"], name="up", strides=[2, 2]),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 12, 12])
+    return _model(nodes, [x], [y], inits)
