@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import onnx
 from onnx import numpy_helper
-
-import numpy as np
 
 
 def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:

@@ -44,7 +44,9 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     if verbose:
         lines.append(layer_table(result))
     if result.skipped:
-        lines.append(f"left in float: {len(result.skipped)} nodes ({'; '.join(f'{s.node}: {s.reason}' for s in result.skipped[:3])}{' ...' if len(result.skipped) > 3 else ''})")
+        shown = "; ".join(f"{s.node}: {s.reason}" for s in result.skipped[:3])
+        more = " ..." if len(result.skipped) > 3 else ""
+        lines.append(f"left in float: {len(result.skipped)} nodes ({shown}{more})")
     after = file_size(output)
     if source is not None:
         before = file_size(source)

@@ -34,7 +34,8 @@ def dequantize_nodes(weight: str, q: QuantizedTensor, names: NameSource) -> tupl
     inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(np.asarray(q.scale, dtype=np.float32), scale_name)]
     dq_out = names.fresh(f"{weight}_dequantized")
     axis = {} if q.axis is None else {"axis": q.axis}
-    nodes = [helper.make_node("DequantizeLinear", [codes_name, scale_name], [dq_out], name=names.fresh(f"{weight}_DequantizeLinear"), **axis)]
+    dq_name = names.fresh(f"{weight}_DequantizeLinear")
+    nodes = [helper.make_node("DequantizeLinear", [codes_name, scale_name], [dq_out], name=dq_name, **axis)]
     if not q.sqrt:
         return inits, nodes, dq_out
     abs_out = names.fresh(f"{weight}_abs")

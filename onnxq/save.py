@@ -44,11 +44,18 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
     try:
         tmp_model = tmp_dir / output.name
         if external:
-            onnx.save_model(model, os.fspath(tmp_model), save_as_external_data=True, all_tensors_to_one_file=True, location=data_name, size_threshold=1024)
+            onnx.save_model(
+                model,
+                os.fspath(tmp_model),
+                save_as_external_data=True,
+                all_tensors_to_one_file=True,
+                location=data_name,
+                size_threshold=1024,
+            )
         else:
             onnx.save_model(model, os.fspath(tmp_model))
         verify_model_file(tmp_model, output)
-        if external:
+        if (tmp_dir / data_name).exists():  # absent when every tensor was small enough to stay inline
             os.replace(tmp_dir / data_name, output.parent / data_name)
         os.replace(tmp_model, output)
     finally:

@@ -22,21 +22,21 @@ def _weight(rng: np.random.Generator, *shape: int, scale: float = 0.3) -> np.nda
     return (rng.standard_t(5, size=shape) * scale).astype(np.float32)
 
 
-def conv_bn_relu_gemm(seed: int = 0, with_bn: bool = True, as_constants: bool = False) -> onnx.ModelProto:
-    """x[1,3,8,8] -> Conv(8,3x3) -> [BatchNorm] -> Relu -> Conv(8,3x3) -> Relu
+def conv_bn_relu_gemm(seed: int = 0, with_bn: bool = True, as_constants: bool = False, c: int = 8) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(c=8,3x3) -> [BatchNorm] -> Relu -> Conv(c,3x3) -> Relu
     -> GlobalAveragePool -> Flatten -> Gemm(10) -> y   (weights as initializers or Constant nodes)
     """
     rng = np.random.default_rng(seed)
     tensors = {
-        "w1": _weight(rng, 8, 3, 3, 3),
-        "b1": _weight(rng, 8, scale=0.1),
-        "w2": _weight(rng, 8, 8, 3, 3),
-        "w3": _weight(rng, 10, 8),
+        "w1": _weight(rng, c, 3, 3, 3),
+        "b1": _weight(rng, c, scale=0.1),
+        "w2": _weight(rng, c, c, 3, 3),
+        "w3": _weight(rng, 10, c),
         "b3": _weight(rng, 10, scale=0.1),
-        "gamma": (1 + 0.2 * rng.standard_normal(8)).astype(np.float32),
-        "beta": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "mean": (0.1 * rng.standard_normal(8)).astype(np.float32),
-        "var": (0.5 + rng.random(8)).astype(np.float32),
+        "gamma": (1 + 0.2 * rng.standard_normal(c)).astype(np.float32),
+        "beta": (0.1 * rng.standard_normal(c)).astype(np.float32),
+        "mean": (0.1 * rng.standard_normal(c)).astype(np.float32),
+        "var": (0.5 + rng.random(c)).astype(np.float32),
     }
     nodes = [helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1])]
     if with_bn:

@@ -1,0 +1,163 @@
+"""The whole weight pipeline on tiny models: graph shape, semantics, bits per layer, opsets, external data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import assert_op_counts, decode_int_tensor, float_equivalent, random_feeds, run
+from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
+
+from onnxq import Granularity, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
+from onnxq.load import default_opset
+
+
+def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
+    return next(t for t in model.graph.initializer if t.name == name)
+
+
+def _dq_inputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
+
+
+@pytest.mark.parametrize("builder", [conv_bn_relu_gemm, shared_weight_matmuls, depthwise_convtranspose])
+@pytest.mark.parametrize("bits", [3, 4, 6, 8])
+@pytest.mark.parametrize("sqrt", [SqrtMode.OFF, SqrtMode.ON])
+def test_quantized_graph_computes_dequantized_weights(builder, bits, sqrt):
+    # The rewritten graph must compute exactly the float model with weights replaced by codes*scale
+    # (squared with sign in sqrt mode), decoded here independently of onnxq.
+    quantized = quantize(builder(), QuantizeConfig(bits=bits, sqrt=sqrt, first_last_bits=None))
+    onnx.checker.check_model(quantized)
+    feeds = random_feeds(quantized, batch=2)
+    np.testing.assert_allclose(run(quantized, feeds), run(float_equivalent(quantized), feeds), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_close_to_float(bits):
+    model = conv_bn_relu_gemm()
+    feeds = random_feeds(model, batch=4)
+    ref = run(model, feeds)
+    out = run(quantize(model, QuantizeConfig(bits=bits, first_last_bits=None)), feeds)
+    rel = np.linalg.norm(out - ref) / np.linalg.norm(ref)
+    assert rel < {4: 0.25, 8: 0.02}[bits]
+
+
+def test_int4_storage_and_opset_21():
+    quantized = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=4, first_last_bits=None))
+    assert default_opset(quantized) == 21 and quantized.ir_version >= 10
+    codes = _init(quantized, "w2_quantized")
+    assert codes.data_type == onnx.TensorProto.INT4
+    assert len(codes.raw_data) == (8 * 8 * 3 * 3 + 1) // 2
+    assert "w2" not in {t.name for t in quantized.graph.initializer}
+
+
+def test_int8_keeps_opset():
+    quantized = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=8))
+    assert default_opset(quantized) == 17
+    assert all(_init(quantized, f"{w}_quantized").data_type == onnx.TensorProto.INT8 for w in ("w1", "w2", "w3"))
+
+
+def test_first_and_last_layers_stay_8_bit():
+    result = quantize_with_report(conv_bn_relu_gemm(), QuantizeConfig(bits=4))
+    bits = {layer.nodes[0]: layer.bits for layer in result.layers}
+    assert bits == {"conv1": 8, "conv2": 4, "fc": 8}
+    types = {name: _init(result.model, f"{w}_quantized").data_type for name, w in (("conv1", "w1"), ("conv2", "w2"), ("fc", "w3"))}
+    assert types == {"conv1": onnx.TensorProto.INT8, "conv2": onnx.TensorProto.INT4, "fc": onnx.TensorProto.INT8}
+
+
+def test_per_channel_axes_follow_the_op():
+    model = quantize(depthwise_convtranspose(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF))
+    dq = _dq_inputs(model)
+    axis = {k: next(a.i for a in n.attribute if a.name == "axis") for k, n in dq.items()}
+    # depthwise Conv weight (4,1,3,3): output channels on axis 0; ConvTranspose (4,6,2,2), group 1: axis 1.
+    assert axis == {"dw_quantized": 0, "up_quantized": 1}
+    assert onnx.numpy_helper.to_array(_init(model, "up_scale")).shape == (6,)
+
+
+def test_per_tensor_has_scalar_scales():
+    model = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=4, granularity=Granularity.TENSOR))
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear":
+            assert onnx.numpy_helper.to_array(_init(model, node.input[1])).shape == ()
+            assert not any(a.name == "axis" for a in node.attribute)
+
+
+def test_shared_weight_is_quantized_once():
+    result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None))
+    assert len(result.layers) == 1 and result.layers[0].nodes == ("mm1", "mm2", "mm3")
+    assert_op_counts(result.model, DequantizeLinear=1, MatMul=3)
+    dq_out = next(n.output[-1] for n in reversed(result.model.graph.node) if n.op_type in ("DequantizeLinear", "Mul") and n.name.startswith("w_"))
+    assert all(n.input[1] == dq_out for n in result.model.graph.node if n.op_type == "MatMul")
+
+
+def test_shared_weight_gets_the_higher_bits_of_its_users():
+    # mm1 is first and mm3 is last, so the one shared tensor must stay at 8 bits.
+    result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4))
+    assert [layer.bits for layer in result.layers] == [8]
+
+
+def test_constant_node_weights_quantize_like_initializers():
+    config = QuantizeConfig(bits=4, first_last_bits=None)
+    a = quantize(conv_bn_relu_gemm(as_constants=True), config)
+    b = quantize(conv_bn_relu_gemm(as_constants=False), config)
+    assert_op_counts(a, Constant=0, DequantizeLinear=3)
+    feeds = random_feeds(a)
+    np.testing.assert_array_equal(run(a, feeds), run(b, feeds))
+
+
+def test_exclude_leaves_node_in_float():
+    result = quantize_with_report(conv_bn_relu_gemm(), QuantizeConfig(bits=4, exclude=frozenset({"conv2"})))
+    assert [layer.nodes for layer in result.layers] == [("conv1",), ("fc",)]
+    assert "w2" in {t.name for t in result.model.graph.initializer}
+    assert any(s.node == "conv2" for s in result.skipped)
+
+
+def test_input_model_is_not_modified():
+    model = conv_bn_relu_gemm()
+    before = model.SerializeToString()
+    quantize(model, QuantizeConfig(bits=4))
+    assert model.SerializeToString() == before
+
+
+def test_no_quantizable_weights_is_an_error():
+    model = shared_weight_matmuls()
+    # Make the weight a graph input: nothing constant is left to quantize.
+    del model.graph.initializer[:]
+    model.graph.input.append(onnx.helper.make_tensor_value_info("w", onnx.TensorProto.FLOAT, [16, 16]))
+    with pytest.raises(OnnxqError, match="no quantizable weights"):
+        quantize(model)
+
+
+def test_external_data_round_trip(tmp_path):
+    src = tmp_path / "ext.onnx"
+    onnx.save_model(conv_bn_relu_gemm(c=32), src, save_as_external_data=True, location="ext.onnx.data", size_threshold=0)
+    data_before = (tmp_path / "ext.onnx.data").read_bytes()
+    result = quantize_with_report(src, QuantizeConfig(bits=4))
+    assert result.source.external_data
+    out = save_model(result.model, tmp_path / "ext.q4.onnx", external_data=True)
+    assert (tmp_path / "ext.q4.onnx.data").exists()
+    assert (tmp_path / "ext.onnx.data").read_bytes() == data_before
+    structure = onnx.load(out, load_external_data=False)
+    assert _init(structure, "w2_quantized").data_location == onnx.TensorProto.EXTERNAL
+    reloaded = onnx.load(out)
+    feeds = random_feeds(reloaded)
+    np.testing.assert_allclose(run(out, feeds), run(float_equivalent(reloaded), feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_old_opset_is_upgraded():
+    model = conv_bn_relu_gemm(with_bn=False)
+    model.opset_import[0].version = 11
+    quantized = quantize(model, QuantizeConfig(bits=8))
+    assert default_opset(quantized) >= 13
+    feeds = random_feeds(model)
+    np.testing.assert_allclose(run(quantized, feeds), run(float_equivalent(quantized), feeds), rtol=1e-5, atol=1e-6)
+
+
+def test_codes_decode_to_reported_sqnr():
+    result = quantize_with_report(conv_bn_relu_gemm(with_bn=False), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF))
+    layer = next(layer for layer in result.layers if layer.tensor == "w2")
+    codes = decode_int_tensor(_init(result.model, "w2_quantized")).astype(np.float32)
+    scale = onnx.numpy_helper.to_array(_init(result.model, "w2_scale")).reshape(-1, 1, 1, 1)
+    w = onnx.numpy_helper.to_array(_init(conv_bn_relu_gemm(with_bn=False), "w2")).astype(np.float64)
+    sqnr = 10 * np.log10(np.sum(w**2) / np.sum((w - codes * scale) ** 2))
+    assert sqnr == pytest.approx(layer.sqnr_db, abs=1e-3)
