@@ -26,12 +26,12 @@ class Accuracy:
         return self.correct / self.total if self.total else 0.0
 
 
-def predict(path: str | os.PathLike[str], images: np.ndarray, batch_size: int = 500, threads: int | None = None) -> np.ndarray:
-    """Argmax class of the model's first output for each image, run in batches."""
+def predict(path: str | os.PathLike[str] | bytes, images: np.ndarray, batch_size: int = 500, threads: int | None = None) -> np.ndarray:
+    """Argmax class of the model's first output for each image, run in batches (``path`` may be serialized bytes)."""
     sess = session(path, threads)
     inputs = sess.get_inputs()
     if len(inputs) != 1:
-        raise OnnxqError(path, f"evaluation needs a model with one input, this one has {len(inputs)}")
+        raise OnnxqError(_label(path), f"evaluation needs a model with one input, this one has {len(inputs)}")
     first_dim = inputs[0].shape[0] if inputs[0].shape else None
     if isinstance(first_dim, int):
         batch_size = first_dim
@@ -43,7 +43,11 @@ def predict(path: str | os.PathLike[str], images: np.ndarray, batch_size: int = 
     return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def accuracy(path: str | os.PathLike[str], data: LabelledImages, batch_size: int = 500, threads: int | None = None) -> Accuracy:
-    """Top-1 accuracy of the model at ``path`` on ``data``."""
+def accuracy(path: str | os.PathLike[str] | bytes, data: LabelledImages, batch_size: int = 500, threads: int | None = None) -> Accuracy:
+    """Top-1 accuracy of the model at ``path`` (or serialized model bytes) on ``data``."""
     predicted = predict(path, data.images, batch_size, threads)
-    return Accuracy(os.fspath(path), int(np.sum(predicted == data.labels)), len(data.labels))
+    return Accuracy(_label(path), int(np.sum(predicted == data.labels)), len(data.labels))
+
+
+def _label(path: str | os.PathLike[str] | bytes) -> str:
+    return "<model in memory>" if isinstance(path, bytes) else os.fspath(path)

@@ -1,0 +1,77 @@
+"""Accuracy table for README: model x bits x method x granularity, beside onnxruntime's own quantizer.
+
+Every row is measured in this run on the full Fashion-MNIST test split (10,000 images)
+with onnxruntime. Methods (weights only; first and last layers at 8 bits in all):
+  absmax       round-to-nearest over the full range max|w| (alpha = 1)
+  REQuant      alpha searched for the least weight MSE
+  REQuant+sqrt REQuant in the sqrt domain for every layer
+  REQuant auto REQuant, plain or sqrt per layer by weight MSE (onnxq's default)
+onnxruntime's weight quantizers for Conv exist only at 8 bits (quantize_dynamic, which also
+quantizes activations on the fly); its 4-bit weight-only tool (MatMulNBits) covers MatMul only.
+
+    python tools/eval_table.py models/fmnist_resnet20.onnx [more models] [--bits 8 6 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnxq import Granularity, QuantizeConfig, RangeMethod, SqrtMode, quantize  # noqa: E402
+from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split  # noqa: E402
+from onnxq.evaluate import accuracy  # noqa: E402
+
+METHODS = {
+    "absmax": (RangeMethod.ABSMAX, SqrtMode.OFF),
+    "REQuant": (RangeMethod.SEARCH, SqrtMode.OFF),
+    "REQuant+sqrt": (RangeMethod.SEARCH, SqrtMode.ON),
+    "REQuant auto": (RangeMethod.SEARCH, SqrtMode.AUTO),
+}
+
+
+def onnxq_top1(model: Path, data: LabelledImages, bits: int, method: str, granularity: Granularity) -> float:
+    range_method, sqrt = METHODS[method]
+    config = QuantizeConfig(bits=bits, granularity=granularity, sqrt=sqrt, range=range_method)
+    return accuracy(quantize(model, config).SerializeToString(), data).top1
+
+
+def ort_dynamic_top1(model: Path, data: LabelledImages, per_channel: bool) -> float:
+    """onnxruntime.quantization.quantize_dynamic at int8 (its only weight quantizer that covers Conv)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "dyn.onnx"
+        quantize_dynamic(model, out, weight_type=QuantType.QInt8, per_channel=per_channel)
+        return accuracy(out, data).top1
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("models", nargs="+", type=Path)
+    parser.add_argument("--bits", nargs="+", type=int, default=[8, 6, 4])
+    parser.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
+    args = parser.parse_args(argv)
+    data = load_idx_split(args.data, "test")
+    print(f"Fashion-MNIST test split, {len(data.labels)} images; top-1 % (change vs float in pp)\n")
+    header = "| model | bits | granularity | " + " | ".join(METHODS) + " | onnxruntime quantize_dynamic |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for model in args.models:
+        base = accuracy(model, data).top1
+        print(f"| {model.stem} | float | | {100 * base:.2f} | | | | |")
+        for bits in args.bits:
+            for granularity in (Granularity.CHANNEL, Granularity.TENSOR):
+                cells = [onnxq_top1(model, data, bits, m, granularity) for m in METHODS]
+                ort = ort_dynamic_top1(model, data, granularity is Granularity.CHANNEL) if bits == 8 else None
+                text = [f"{100 * c:.2f} ({100 * (c - base):+.2f})" for c in cells]
+                text.append(f"{100 * ort:.2f} ({100 * (ort - base):+.2f}) W8A8-dyn" if ort is not None else "n/a")
+                print(f"| {model.stem} | {bits} | {granularity.value} | " + " | ".join(text) + " |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
