@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -34,9 +35,9 @@ class SqrtMode(enum.Enum):
 
 def check_bits(bits: int, what: str = "bits") -> int:
     """Return ``bits`` if onnxq can store it, else raise ValueError naming the allowed range."""
-    if isinstance(bits, bool) or not isinstance(bits, int) or not MIN_BITS <= bits <= MAX_BITS:
+    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
         raise ValueError(f"{what} must be an integer from {MIN_BITS} to {MAX_BITS}, got {bits!r}")
-    return bits
+    return int(bits)
 
 
 @dataclass(frozen=True)

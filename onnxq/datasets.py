@@ -80,13 +80,18 @@ def load_npz(path: str | os.PathLike[str]) -> LabelledImages:
     """Load an ``.npz`` with arrays ``x`` (images; uint8 is scaled by 1/255) and ``y`` (labels)."""
     path = Path(path)
     try:
-        with np.load(path) as data:
-            x, y = data["x"], data["y"]
-    except KeyError as e:
-        raise OnnxqError(path, "expected arrays 'x' (images) and 'y' (labels)") from e
-    except (OSError, ValueError) as e:
+        data = np.load(path)
+    except (OSError, ValueError, EOFError) as e:
         raise OnnxqError(path, f"cannot read .npz: {e}") from e
-    return LabelledImages(_to_nchw_unit(x), np.asarray(y).astype(np.int64).reshape(-1))
+    if not isinstance(data, np.lib.npyio.NpzFile):
+        raise OnnxqError(path, "holds a single array; expected an .npz with arrays 'x' (images) and 'y' (labels)")
+    with data:
+        if "x" not in data.files or "y" not in data.files:
+            raise OnnxqError(path, f"expected arrays 'x' (images) and 'y' (labels), found {', '.join(data.files) or 'none'}")
+        x, y = data["x"], np.asarray(data["y"]).astype(np.int64).reshape(-1)
+    if len(x) != len(y):
+        raise OnnxqError(path, f"{len(x)} images but {len(y)} labels")
+    return LabelledImages(_to_nchw_unit(x), y)
 
 
 def load_labelled(path: str | os.PathLike[str], split: str = "test") -> LabelledImages:

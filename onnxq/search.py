@@ -7,14 +7,15 @@ alpha is locally convex, so a coarse scan brackets the best alpha (guarding agai
 non-convex tails) and golden-section search narrows it down.
 
 Every error evaluation is cheap because |w| is summarised once per row in a fine
-histogram holding count, sum and sum of squares of the normalised magnitudes per bin.
-The error of a whole codebook is then a handful of look-ups in cumulative sums, with
+histogram of the normalised magnitudes (counts; sums taken at the bin centres). The
+error of a whole codebook is then a handful of look-ups in cumulative sums, with
 linear interpolation inside the bin a rounding boundary falls in. All rows are
 searched at once, vectorised. This module knows nothing of ONNX.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -151,24 +152,23 @@ def codebook_error(hist: RowHistograms, codebook: Codebook, alpha: np.ndarray) -
     return err[:, 0] if squeeze else err
 
 
-def golden_section(hist: RowHistograms, codebook: Codebook, lo: np.ndarray, hi: np.ndarray, iterations: int) -> np.ndarray:
-    """Minimise the codebook error over alpha in [lo, hi] for every row at once."""
+def golden_section(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np.ndarray, iterations: int) -> np.ndarray:
+    """Minimise ``f`` (vectorised: one value per row) over [lo, hi], independently for every row."""
     lo, hi = lo.astype(np.float64).copy(), hi.astype(np.float64).copy()
     x1 = hi - _INV_PHI * (hi - lo)
     x2 = lo + _INV_PHI * (hi - lo)
-    f1 = codebook_error(hist, codebook, x1)
-    f2 = codebook_error(hist, codebook, x2)
+    f1, f2 = f(x1), f(x2)
     for _ in range(iterations):
-        left = f1 <= f2  # minimum lies in [lo, x2]
+        left = f1 <= f2  # the minimum lies in [lo, x2]: x1 becomes the new upper interior point
         hi = np.where(left, x2, hi)
         lo = np.where(left, lo, x1)
         new_x = np.where(left, hi - _INV_PHI * (hi - lo), lo + _INV_PHI * (hi - lo))
-        f_new = codebook_error(hist, codebook, new_x)
-        x2, f2, x1, f1 = (
+        f_new = f(new_x)
+        x1, f1, x2, f2 = (
+            np.where(left, new_x, x2),
+            np.where(left, f_new, f2),
             np.where(left, x1, new_x),
             np.where(left, f1, f_new),
-            np.where(left, new_x, x1),
-            np.where(left, f_new, f1),
         )
     return np.where(f1 <= f2, x1, x2)
 
@@ -198,7 +198,7 @@ def search_alpha(
     step = candidates[1] - candidates[0] if grid > 1 else 1.0
     lo = np.maximum(candidates[best] - step, 1e-6)
     hi = np.minimum(candidates[best] + step, 1.0)
-    alpha = golden_section(hist, codebook, lo, hi, iterations)
+    alpha = golden_section(lambda a: codebook_error(hist, codebook, a), lo, hi, iterations)
     err = codebook_error(hist, codebook, alpha)
     grid_best = grid_err[np.arange(n_rows), best]
     use_grid = grid_best < err

@@ -24,6 +24,7 @@ def from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.
     """Inverse of :func:`to_rows`."""
     if axis is None:
         return rows.reshape(shape)
+    axis %= len(shape)
     moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
     return np.moveaxis(rows.reshape(moved), 0, axis)
 

@@ -9,8 +9,8 @@ import sys
 import onnx
 import pytest
 from conftest import random_feeds, run
-from models import conv_bn_relu_gemm
 
+from models import conv_bn_relu_gemm
 from onnxq.cli import main
 
 

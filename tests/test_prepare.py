@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from conftest import assert_op_counts, random_feeds, run
-from models import conv_bn_relu_gemm
 
+from models import conv_bn_relu_gemm
 from onnxq.prepare import fold_batch_norms, lift_constants, name_nodes, prepare
 
 

@@ -6,8 +6,8 @@ import numpy as np
 import onnx
 import pytest
 from conftest import assert_op_counts, decode_int_tensor, float_equivalent, random_feeds, run
-from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
 
+from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
 from onnxq import Granularity, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
 from onnxq.load import default_opset
 

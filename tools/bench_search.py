@@ -23,6 +23,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq.formats import uniform  # noqa: E402
+from onnxq.search import golden_section  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 # Conv/FC weight shapes of ResNet-50 (each appears in one or more blocks).
@@ -43,21 +44,11 @@ RESNET50_SHAPES = [
 
 def direct_golden_section(rows: np.ndarray, bits: int, iterations: int = 30) -> np.ndarray:
     """Golden-section on alpha in (0, 1] where every evaluation quantizes all the weights (the baseline)."""
-    inv_phi = (np.sqrt(5) - 1) / 2
-    lo, hi = np.full(len(rows), 1e-3), np.ones(len(rows))
 
     def err(a: np.ndarray) -> np.ndarray:
         return np.sum((uniform.quantize_rows(rows, a, bits, False).dequantize() - rows) ** 2, axis=1)
 
-    x1, x2 = hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo)
-    f1, f2 = err(x1), err(x2)
-    for _ in range(iterations):
-        left = f1 <= f2
-        hi, lo = np.where(left, x2, hi), np.where(left, lo, x1)
-        xn = np.where(left, hi - inv_phi * (hi - lo), lo + inv_phi * (hi - lo))
-        fn = err(xn)
-        x2, f2, x1, f1 = np.where(left, x1, xn), np.where(left, f1, fn), np.where(left, xn, x1), np.where(left, fn, f1)
-    return np.where(f1 <= f2, x1, x2)
+    return golden_section(err, np.full(len(rows), 1e-3), np.ones(len(rows)), iterations)
 
 
 def best_ms(fn: Callable[[], object], repeats: int) -> float:

@@ -12,6 +12,8 @@ import numpy as np
 def pack_int4(codes: np.ndarray) -> bytes:
     """Pack signed values in [-8, 7] (any shape, row-major) into ONNX INT4 bytes."""
     flat = np.asarray(codes).ravel()
+    if not np.issubdtype(flat.dtype, np.integer):
+        raise TypeError(f"int4 packing takes integers, got {flat.dtype}")
     if flat.size and (flat.min() < -8 or flat.max() > 7):
         raise ValueError("int4 values must lie in [-8, 7]")
     nibbles = flat.astype(np.uint8) & 0x0F
