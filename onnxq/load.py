@@ -109,7 +109,8 @@ def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
         converted = version_converter.convert_version(loaded.model, minimum)
     except Exception as e:  # the converter raises RuntimeError or its own errors
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}") from e
+        hint = " (int4 weights need opset 21; -b 5 or more stores int8 and keeps the opset)" if minimum >= INT4_OPSET else ""
+        raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}{hint}") from e
     if minimum >= INT4_OPSET:
         converted.ir_version = max(converted.ir_version, INT4_IR_VERSION)
     loaded.model = converted

@@ -49,6 +49,27 @@ def lift_constants(graph: onnx.GraphProto) -> int:
     return lifted
 
 
+def bypass_constant_identities(graph: onnx.GraphProto) -> int:
+    """Let readers of ``Identity(initializer)`` read the initializer itself, so such weights count as constants."""
+    consts = constant_initializers(graph)
+    outputs = {o.name for o in graph.output}
+    alias = {
+        node.output[0]: node.input[0]
+        for node in graph.node
+        if node.op_type == "Identity" and node.domain in ("", "ai.onnx") and node.input[0] in consts and node.output[0] not in outputs
+    }
+    if not alias:
+        return 0
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
+
+
 def fold_batch_norms(graph: onnx.GraphProto) -> int:
     """Fold inference-mode BatchNormalization into the Conv before it (weights and bias rescaled)."""
     consts = constant_initializers(graph)
@@ -140,6 +161,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     graph = model.graph
     name_nodes(graph)
     lifted = lift_constants(graph)
+    bypass_constant_identities(graph)
     folded = fold_batch_norms(graph)
     logger.info("prepared: %d Constant nodes lifted, %d BatchNormalization folded", lifted, folded)
     return infer_shapes(model)

@@ -66,3 +66,20 @@ def _copy(model):
     out = onnx.ModelProto()
     out.CopyFrom(model)
     return out
+
+
+def test_identity_of_initializer_is_bypassed():
+    from onnx import helper
+
+    from onnxq.prepare import bypass_constant_identities
+
+    model = conv_bn_relu_gemm(with_bn=False)
+    # Some exporters read weights through Identity nodes: conv2 reads Identity(w2).
+    model.graph.node.insert(0, helper.make_node("Identity", ["w2"], ["w2_alias"], name="alias"))
+    next(n for n in model.graph.node if n.name == "conv2").input[1] = "w2_alias"
+    feeds = random_feeds(model)
+    expected = run(model, feeds)
+    assert bypass_constant_identities(model.graph) == 1
+    assert_op_counts(model, Identity=0)
+    assert next(n for n in model.graph.node if n.name == "conv2").input[1] == "w2"
+    np.testing.assert_array_equal(run(model, feeds), expected)
