@@ -178,7 +178,7 @@ def search_alpha(
     codebook: Codebook,
     *,
     grid: int = 32,
-    iterations: int = 20,
+    iterations: int = 14,
     bins: int | None = None,
     hist: RowHistograms | None = None,
 ) -> SearchResult:
