@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.config import check_bits
-from onnxq.search import Codebook, search_alpha
+from onnxq.search import Codebook, best_alpha
 
 
 def max_code(bits: int) -> int:
@@ -75,54 +75,9 @@ def dequantize(codes: np.ndarray, scale: np.ndarray, sqrt: bool) -> np.ndarray:
     return y * np.abs(y) if sqrt else y
 
 
-#: Rows up to this length get the exact polish; longer rows fill the histogram densely enough without it.
-REFINE_MAX_ROW = 4096
-
-
-def quantize_best(rows: np.ndarray, bits: int, sqrt: bool, refine_steps: int = 2) -> UniformWeights:
-    """Search alpha per row for the least weight MSE, polish it on the exact data if rows are short, then quantize."""
-    alpha = search_alpha(rows, codebook(bits, sqrt)).alpha
-    if rows.shape[1] <= REFINE_MAX_ROW:
-        alpha = refine_alpha(rows, alpha, bits, sqrt, refine_steps)
-    return quantize_rows(rows, alpha, bits, sqrt)
-
-
-def refine_alpha(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool, steps: int) -> np.ndarray:
-    """Lloyd-style polish of alpha on the exact weights, never making any row's MSE worse.
-
-    With the codes fixed, the error is a quadratic in s (in s**2 for sqrt mode), so the best
-    scale has a closed form; a new alpha is kept only where the exact error drops. This
-    removes what the histogram's smoothing hides on short or sparse rows.
-    """
-    target = np.abs(rows).astype(np.float64)
-    x = np.sqrt(target) if sqrt else target
-    top = x.max(axis=1) if x.shape[1] else np.zeros(len(x))
-    q = max_code(bits)
-    safe_top = np.where(top > 0, top, 1.0)
-
-    def codes_and_error(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        step = (a * safe_top / q)[:, None]
-        k = np.minimum(np.rint(x / step), q)
-        rec = (k * step) ** 2 if sqrt else k * step
-        return k, np.sum((target - rec) ** 2, axis=1)
-
-    alpha = np.asarray(alpha, dtype=np.float64)
-    k, err = codes_and_error(alpha)
-    for _ in range(steps):
-        power = 2 if sqrt else 1
-        num = np.sum(target * k**power, axis=1)
-        den = np.sum(k ** (2 * power), axis=1)
-        best = num / np.where(den > 0, den, 1.0)  # best s (s**2 in sqrt mode) for these codes
-        step = np.sqrt(best) if sqrt else best
-        candidate = np.clip(step * q / safe_top, 1e-6, 1.0)
-        new_k, new_err = codes_and_error(candidate)
-        better = (new_err < err) & (den > 0)
-        if not better.any():
-            break
-        alpha = np.where(better, candidate, alpha)
-        k = np.where(better[:, None], new_k, k)
-        err = np.where(better, new_err, err)
-    return alpha
+def quantize_best(rows: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
+    """Search alpha per row for the least weight MSE (polished on the exact data for short rows), then quantize."""
+    return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt)
 
 
 def absmax_rows(rows: np.ndarray, bits: int, sqrt: bool = False) -> UniformWeights:
