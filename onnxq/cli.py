@@ -19,9 +19,17 @@ def default_output(model: Path, bits: int) -> Path:
     return model.with_name(f"{model.stem}.q{bits}{model.suffix or '.onnx'}")
 
 
+def _common_options() -> argparse.ArgumentParser:
+    """Options every subcommand takes."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
+    return common
+
+
 def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "quantize",
+        parents=[_common_options()],
         help="quantize the weights of an ONNX model",
         description="Quantize the weights of Conv, ConvTranspose, Gemm and MatMul nodes with REQuant's "
         "range search and write a model that stock onnxruntime runs (int8/int4 weights + DequantizeLinear).",
@@ -51,6 +59,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "evaluate",
+        parents=[_common_options()],
         help="top-1 accuracy of image classifiers on labelled data",
         description="Print the top-1 accuracy of MODEL (and of a float baseline beside it) on labelled images.",
     )
@@ -67,7 +76,6 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``onnxq`` command."""
     parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models.")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
     _add_evaluate(sub)
