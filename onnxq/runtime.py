@@ -1,22 +1,74 @@
-"""Running models in onnxruntime: sessions with onnxq's settings."""
+"""Running models in onnxruntime: sessions with onnxq's settings and its custom-op library."""
 
 from __future__ import annotations
 
+import functools
 import os
+from importlib import metadata, resources
+from pathlib import Path
 
+import onnx
 import onnxruntime as ort
 
+from onnxq.domain import DOMAIN
+from onnxq.errors import OnnxqError
 
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Session options onnxq uses everywhere; ``threads`` caps intra-op threads."""
+LIBRARY_NAME = "libonnxq_ops.so"
+
+
+@functools.cache
+def _find_library() -> Path | None:
+    """The built op library: inside the imported package, else inside the installed distribution.
+
+    The second place is where it is when ``onnxq`` is imported from a source checkout (e.g.
+    ``python -m pytest`` at the repository root), which holds no compiled code, after ``pip install .``.
+    """
+    packaged = Path(str(resources.files("onnxq") / LIBRARY_NAME))
+    if packaged.is_file():
+        return packaged
+    try:
+        installed = Path(str(metadata.distribution("onnxq").locate_file(f"onnxq/{LIBRARY_NAME}")))
+    except metadata.PackageNotFoundError:
+        return None
+    return installed if installed.is_file() else None
+
+
+def get_library_path() -> str:
+    """Path of onnxq's onnxruntime custom-op library, for ``SessionOptions.register_custom_ops_library``."""
+    path = _find_library()
+    if path is None:
+        raise OnnxqError(None, f"onnxq's op library {LIBRARY_NAME} is missing: onnxq was not built; reinstall it with `pip install .`")
+    return str(path)
+
+
+def session_options(threads: int | None = None, custom_ops: bool = False) -> ort.SessionOptions:
+    """Session options onnxq uses everywhere; ``threads`` caps intra-op threads, ``custom_ops`` registers onnxq's library."""
     options = ort.SessionOptions()
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = threads
+    if custom_ops:
+        library = get_library_path()
+        try:
+            options.register_custom_ops_library(library)
+        except Exception as error:  # onnxruntime raises its own (non-public) exception types
+            raise OnnxqError(library, f"onnxruntime cannot load onnxq's op library: {error}") from error
     return options
 
 
+def uses_onnxq_ops(model: str | os.PathLike[str] | bytes | onnx.ModelProto) -> bool:
+    """Whether a model imports onnxq's op domain (and so needs the library to run)."""
+    if isinstance(model, bytes):
+        proto = onnx.ModelProto()
+        proto.ParseFromString(model)
+        model = proto
+    elif not isinstance(model, onnx.ModelProto):
+        model = onnx.load(os.fspath(model), load_external_data=False)
+    return any(imp.domain == DOMAIN for imp in model.opset_import)
+
+
 def session(path: str | os.PathLike[str] | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """An onnxruntime CPU session for a model file (or serialized bytes)."""
+    """An onnxruntime CPU session for a model file (or serialized bytes), with onnxq's ops where it uses them."""
     model = path if isinstance(path, bytes) else os.fspath(path)
-    return ort.InferenceSession(model, session_options(threads), providers=["CPUExecutionProvider"])
+    options = session_options(threads, custom_ops=uses_onnxq_ops(model))
+    return ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])

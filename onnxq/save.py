@@ -65,9 +65,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
 
 def verify_model_file(path: Path, label: Path | None = None) -> None:
     """Check a written model with onnx.checker and by opening an onnxruntime session on it."""
-    import onnxruntime as ort
-
-    from onnxq.runtime import session_options
+    from onnxq.runtime import session
 
     label = label or path
     try:
@@ -75,6 +73,6 @@ def verify_model_file(path: Path, label: Path | None = None) -> None:
     except onnx.checker.ValidationError as e:
         raise OnnxqError(label, f"quantized model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
     try:
-        ort.InferenceSession(os.fspath(path), session_options(), providers=["CPUExecutionProvider"])
+        session(path)
     except Exception as e:  # onnxruntime raises its own exception types
         raise OnnxqError(label, f"quantized model does not load in onnxruntime: {str(e).strip().splitlines()[0]}") from e

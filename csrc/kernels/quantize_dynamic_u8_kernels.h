@@ -1,0 +1,49 @@
+// The numeric core of QuantizeDynamicU8, shared by the scalar reference (quantize_dynamic_u8.cc)
+// and the ISA variants (quantize_dynamic_u8_avx2.cc, _avx512.cc). It includes no onnxruntime or
+// standard-library templates, and its inline helpers have internal linkage (anonymous namespace):
+// an inline function with external linkage compiled inside an -mavx512f file could be the copy
+// the linker keeps for every caller, and crash CPUs without AVX-512.
+#pragma once
+
+#include <math.h>  // nearbyintf: rounds half to even in the default rounding mode, like cvtps2dq
+
+#include <cstddef>
+#include <cstdint>
+
+namespace onnxq::qdu8 {
+
+// Y = zero_point + round(clamp(X / scale, lo, hi)); lo = -zero_point and hi = 255 - zero_point
+// keep Y in [0, 255].
+struct Params {
+  float scale, lo, hi;
+  int32_t zero_point;
+};
+
+namespace {
+
+// min/max folds written as (v < acc ? v : acc): what minps/maxps(v, acc) compute, so a NaN in v
+// is skipped the same way by every kernel.
+inline float FoldMin(float v, float acc) { return v < acc ? v : acc; }
+inline float FoldMax(float v, float acc) { return v > acc ? v : acc; }
+
+// One element, in the order the SIMD kernels use: divide, clamp (maxps then minps: NaN -> lo),
+// round half to even, add the zero point.
+inline uint8_t QuantizeOne(float x, const Params& p) {
+  float v = x / p.scale;
+  v = v > p.lo ? v : p.lo;
+  v = v < p.hi ? v : p.hi;
+  return static_cast<uint8_t>(static_cast<int32_t>(nearbyintf(v)) + p.zero_point);
+}
+
+}  // namespace
+
+// Each kernel variant: MinMax* folds x[0, n) into *mn / *mx (which start at +inf / -inf);
+// Quantize* writes y[0, n).
+void MinMaxScalar(const float* x, size_t n, float* mn, float* mx);
+void QuantizeScalar(const float* x, size_t n, const Params& p, uint8_t* y);
+void MinMaxAvx2(const float* x, size_t n, float* mn, float* mx);
+void QuantizeAvx2(const float* x, size_t n, const Params& p, uint8_t* y);
+void MinMaxAvx512(const float* x, size_t n, float* mn, float* mx);
+void QuantizeAvx512(const float* x, size_t n, const Params& p, uint8_t* y);
+
+}  // namespace onnxq::qdu8
