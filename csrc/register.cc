@@ -4,6 +4,7 @@
 #include <exception>
 #include <string>
 
+#include "kernels/int_conv.h"
 #include "kernels/quantize_dynamic_u8.h"
 #include "onnxruntime_lite_custom_op.h"
 
@@ -24,6 +25,8 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     static OrtCustomOpDomain* const domain = [] {
       Ort::CustomOpDomain ops{ONNXQ_DOMAIN};
       ops.Add(Ort::Custom::CreateLiteCustomOp<onnxq::QuantizeDynamicU8>("QuantizeDynamicU8", "CPUExecutionProvider"));
+      ops.Add(new onnxq::IntConvOp(/*post=*/true));   // PostConv
+      ops.Add(new onnxq::IntConvOp(/*post=*/false));  // IntConv
       return ops.release();
     }();
     Ort::UnownedSessionOptions{options}.Add(domain);

@@ -1,10 +1,11 @@
-"""onnxq: post-training quantization of ONNX models (REQuant weight ranges, int4/int8 QDQ output)."""
+"""onnxq: post-training quantization of ONNX models (REQuant weight ranges; int4/int8 QDQ or onnxq's integer ops)."""
 
 from __future__ import annotations
 
-from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode
+from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 from onnxq.quantize import QuantizationResult, quantize, quantize_with_report
+from onnxq.runtime import get_library_path, session
 from onnxq.save import save_model
 
 __version__ = "0.1.0"
@@ -16,7 +17,10 @@ __all__ = [
     "QuantizeConfig",
     "RangeMethod",
     "SqrtMode",
+    "WeightFormat",
+    "get_library_path",
     "quantize",
     "quantize_with_report",
     "save_model",
+    "session",
 ]

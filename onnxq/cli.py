@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode
+from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 
 BIT_CHOICES = range(2, 9)
@@ -43,6 +43,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sqrt", choices=[m.value for m in SqrtMode], default=SqrtMode.AUTO.value,
                    help="quantize sign(w)*sqrt(|w|) and square after dequantization: 'auto' (default) picks "
                    "per layer whichever of plain/sqrt has the lower weight MSE")
+    p.add_argument("--format", choices=[f.value for f in WeightFormat], default=WeightFormat.QDQ.value,
+                   help="'qdq' (default): int8/int4 codes + DequantizeLinear, runs in stock onnxruntime; "
+                   "'int': Conv layers run as integer convolutions by onnxq's op library (IntConv); "
+                   "'post': Conv layers use powers-of-sqrt(2) codes (2-4 bits) run with shifts (PostConv). "
+                   "Models in 'int'/'post' need onnxq.get_library_path() registered in onnxruntime")
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
     p.add_argument("--first-last-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
@@ -89,6 +94,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         granularity=Granularity(args.granularity),
         sqrt=SqrtMode(args.sqrt),
         range=RangeMethod(args.range),
+        format=WeightFormat(args.format),
         first_last_bits=args.first_last_bits,
         exclude=frozenset(args.exclude),
     )
@@ -103,7 +109,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     check_output_path(output, [args.model])
     if not args.model.exists():
         raise OnnxqError(args.model, "no such file")
-    config = config_from_args(args)
+    try:
+        config = config_from_args(args)
+    except ValueError as e:
+        raise OnnxqError(args.model, str(e)) from e
     unknown = sorted(config.exclude - _node_names(args.model))
     result = quantize_with_report(args.model, config)
     if unknown:

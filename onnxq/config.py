@@ -18,6 +18,20 @@ class Granularity(enum.Enum):
     CHANNEL = "channel"
 
 
+class WeightFormat(enum.Enum):
+    """How quantized weights are stored and run.
+
+    QDQ: uniform codes + DequantizeLinear, standard ONNX that stock onnxruntime runs.
+    INT: uniform codes run as an integer convolution by onnxq's op library (IntConv).
+    POST: powers-of-sqrt(2) codes run with shifts by onnxq's op library (PostConv); 2-4 bits.
+    INT and POST apply to 2-D Conv layers; other layers, and the first and last, use QDQ.
+    """
+
+    QDQ = "qdq"
+    INT = "int"
+    POST = "post"
+
+
 class RangeMethod(enum.Enum):
     """How the clipping range of a weight row is chosen."""
 
@@ -49,6 +63,7 @@ class QuantizeConfig:
         granularity: per output channel (default) or per tensor.
         sqrt: quantize sign(w)*sqrt(|w|) instead of w; AUTO picks per layer.
         range: REQuant's alpha search (default) or the plain max|w| range.
+        format: standard QDQ (default), or onnxq's integer ops (INT, POST) for Conv layers.
         first_last_bits: bit width of the first and last weighted layers; None treats them like any other.
         exclude: node names to leave in float.
         node_bits: per-node bit widths that override every other rule.
@@ -58,6 +73,7 @@ class QuantizeConfig:
     granularity: Granularity = Granularity.CHANNEL
     sqrt: SqrtMode = SqrtMode.AUTO
     range: RangeMethod = RangeMethod.SEARCH
+    format: WeightFormat = WeightFormat.QDQ
     first_last_bits: int | None = 8
     exclude: frozenset[str] = field(default_factory=frozenset)
     node_bits: Mapping[str, int] = field(default_factory=dict)
@@ -74,4 +90,8 @@ class QuantizeConfig:
             raise ValueError(f"sqrt must be a SqrtMode, got {self.sqrt!r}")
         if not isinstance(self.range, RangeMethod):
             raise ValueError(f"range must be a RangeMethod, got {self.range!r}")
+        if not isinstance(self.format, WeightFormat):
+            raise ValueError(f"format must be a WeightFormat, got {self.format!r}")
+        if self.format is WeightFormat.POST and self.bits > 4:
+            raise ValueError(f"POST weights take 2-4 bits, got {self.bits}")
         object.__setattr__(self, "exclude", frozenset(self.exclude))

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.config import Granularity, QuantizeConfig
+from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import constant_initializers, to_array
@@ -17,7 +17,8 @@ from onnxq.load import INT4_OPSET, LoadedModel, ensure_opset, load
 from onnxq.plan import Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
-from onnxq.weights import QuantizedTensor, quantize_weight
+from onnxq.rewrite_ops import INT_CONV, POST_CONV, convertible, declare_domain, replace_convs
+from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +33,7 @@ class LayerResult:
     bits: int
     storage_bits: int
     sqrt: bool
+    op: str
     per_channel: bool
     alpha_median: float
     sqnr_db: float
@@ -66,23 +68,48 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
     if any(storage_bits(p.bits) == 4 for p in plans):
         ensure_opset(loaded, INT4_OPSET)
     consts = constant_initializers(loaded.model.graph)
-    quantized: dict[str, QuantizedTensor] = {}
+    nodes = {node.name: node for node in loaded.model.graph.node}
+    qdq: dict[str, QuantizedTensor] = {}
+    custom: dict[str, tuple[QuantizedTensor, str]] = {}
     layers: list[LayerResult] = []
     for plan in plans:
         weight = to_array(consts[plan.tensor])
-        q = quantize_weight(weight, plan.bits, _axis(plan, config), config.sqrt, config.range)
-        quantized[plan.tensor] = q
-        layers.append(_layer_result(plan, q, weight))
-        logger.debug("%s: %d bits, sqrt=%s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, q.sqnr_db)
-    replace_weights(loaded.model.graph, quantized)
+        op_type = _custom_op_for(plan, nodes, weight.ndim, config)
+        if op_type == POST_CONV:
+            q = quantize_post_weight(weight, plan.bits, 0)
+        elif op_type == INT_CONV:
+            q = quantize_weight(weight, plan.bits, _axis(plan, config), SqrtMode.OFF, config.range)
+        else:
+            q = quantize_weight(weight, plan.bits, _axis(plan, config), config.sqrt, config.range)
+        if op_type is None:
+            qdq[plan.tensor] = q
+        else:
+            custom[plan.tensor] = (q, op_type)
+        layers.append(_layer_result(plan, q, weight, op_type))
+        logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
+    replace_weights(loaded.model.graph, qdq)
+    if custom:
+        replace_convs(loaded.model.graph, custom)
+        declare_domain(loaded.model)
     return QuantizationResult(loaded.model, layers, skipped, loaded)
+
+
+def _custom_op_for(plan: WeightPlan, nodes: dict[str, onnx.NodeProto], rank: int, config: QuantizeConfig) -> str | None:
+    """IntConv/PostConv when the format asks for it and every reader is a convertible Conv; else None (QDQ)."""
+    if config.format is WeightFormat.QDQ or plan.first_or_last and plan.bits != config.bits:
+        return None
+    if config.format is WeightFormat.POST and plan.bits > 4:
+        return None
+    if not all(convertible(nodes[use.node], rank) for use in plan.uses):
+        return None
+    return POST_CONV if config.format is WeightFormat.POST else INT_CONV
 
 
 def _axis(plan: WeightPlan, config: QuantizeConfig) -> int | None:
     return plan.channel_axis if config.granularity is Granularity.CHANNEL else None
 
 
-def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray) -> LayerResult:
+def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, op_type: str | None) -> LayerResult:
     scale_bytes = 4 * max(q.scale.size, 1)
     return LayerResult(
         tensor=plan.tensor,
@@ -91,6 +118,7 @@ def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray) -> L
         bits=plan.bits,
         storage_bits=storage_bits(plan.bits),
         sqrt=q.sqrt,
+        op=op_type or "DequantizeLinear",
         per_channel=q.axis is not None,
         alpha_median=float(np.median(q.alpha)),
         sqnr_db=q.sqnr_db,

@@ -30,7 +30,7 @@ def layer_table(result: QuantizationResult) -> str:
     for layer in result.layers:
         node = ",".join(layer.nodes)
         node = node if len(node) <= 36 else node[:33] + "..."
-        mode = "sqrt" if layer.sqrt else "plain"
+        mode = "post" if layer.op == "PostConv" else "sqrt" if layer.sqrt else "plain"
         rows.append(f"  {node:<36} {layer.op_types[0]:<8} {layer.bits:>4} {mode:<5} {layer.alpha_median:>6.3f} {layer.sqnr_db:>8.1f}")
     return "\n".join(rows)
 
@@ -41,6 +41,10 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     by_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(bits.items()))
     sqrt = sum(layer.sqrt for layer in result.layers)
     lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode)"]
+    ops = Counter(layer.op for layer in result.layers if layer.op != "DequantizeLinear")
+    if ops:
+        counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
+        lines.append(f"onnxq ops: {counts}; the model runs only with onnxq's op library (onnxq.get_library_path())")
     if verbose:
         lines.append(layer_table(result))
     if result.skipped:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.config import RangeMethod, SqrtMode
-from onnxq.formats import uniform
+from onnxq.formats import post, uniform
 
 
 def to_rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
@@ -45,11 +45,13 @@ class QuantizedTensor:
     alpha: np.ndarray
     mse: float
     sqnr_db: float
+    post: bool = False
 
     def dequantize(self) -> np.ndarray:
         """The float32 weights the model will compute with."""
-        rows = uniform.dequantize(to_rows(self.codes, self.axis), np.atleast_1d(self.scale), self.sqrt)
-        return from_rows(rows, self.codes.shape, self.axis)
+        rows, scale = to_rows(self.codes, self.axis), np.atleast_1d(self.scale)
+        approx = post.dequantize(rows, scale, self.bits) if self.post else uniform.dequantize(rows, scale, self.sqrt)
+        return from_rows(approx, self.codes.shape, self.axis)
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -98,3 +100,22 @@ def quantize_weight(
             )
     assert best is not None
     return best
+
+
+def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None) -> QuantizedTensor:
+    """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched."""
+    weight = np.asarray(weight, dtype=np.float32)
+    rows = to_rows(weight, axis)
+    q = post.quantize_best(rows, bits)
+    approx = q.dequantize()
+    return QuantizedTensor(
+        codes=from_rows(q.codes, weight.shape, axis),
+        scale=q.scale if axis is not None else q.scale.reshape(()),
+        axis=axis,
+        bits=bits,
+        sqrt=False,
+        alpha=q.alpha,
+        mse=float(np.mean((rows.astype(np.float64) - approx) ** 2)) if rows.size else 0.0,
+        sqnr_db=sqnr_db(rows, approx),
+        post=True,
+    )

@@ -21,8 +21,6 @@ void QuantizeScalar(const float* x, size_t n, const Params& p, uint8_t* y) {
   for (size_t i = 0; i < n; ++i) y[i] = QuantizeOne(x[i], p);
 }
 
-namespace {
-
 // Scale and zero point from the data's range, as onnxruntime's DynamicQuantizeLinear computes them.
 Params MakeParams(float mn, float mx) {
   mn = mn < 0.0f ? mn : 0.0f;  // the range includes 0 (also turns -0 and an empty X's +inf into 0)
@@ -33,6 +31,8 @@ Params MakeParams(float mn, float mx) {
   const auto z = static_cast<int32_t>(nearbyintf(zero_point));
   return {scale, static_cast<float>(-z), static_cast<float>(255 - z), z};
 }
+
+namespace {
 
 // The kernel variants, chosen once per node by the `kernel` attribute and the CPU.
 struct Kernels {

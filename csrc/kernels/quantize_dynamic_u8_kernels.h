@@ -37,6 +37,10 @@ inline uint8_t QuantizeOne(float x, const Params& p) {
 
 }  // namespace
 
+// Scale and zero point from X's range [mn, mx], as onnxruntime's DynamicQuantizeLinear computes
+// them (quantize_dynamic_u8.cc; PostConv/IntConv use it too).
+Params MakeParams(float mn, float mx);
+
 // Each kernel variant: MinMax* folds x[0, n) into *mn / *mx (which start at +inf / -inf);
 // Quantize* writes y[0, n).
 void MinMaxScalar(const float* x, size_t n, float* mn, float* mx);

@@ -1,0 +1,306 @@
+// PostConv and IntConv (int_conv.h has their definition) as onnxruntime ops: attributes, input
+// checks, the activations' quantization, weights prepared once, and the choice of kernel.
+#include "kernels/int_conv.h"
+
+#include <math.h>
+
+#include <algorithm>
+#include <exception>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "kernels/int_conv_impl.h"
+#include "kernels/quantize_dynamic_u8_kernels.h"
+
+namespace onnxq {
+namespace iconv {
+namespace {
+
+std::string ShapeText(const std::vector<int64_t>& shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
+
+// Attributes through the C API: absent (or not of this type) -> false.
+bool ReadInt(const OrtApi& api, const OrtKernelInfo* info, const char* name, int64_t* value) {
+  if (OrtStatus* status = api.KernelInfoGetAttribute_int64(info, name, value)) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  return true;
+}
+
+bool ReadInts(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::vector<int64_t>* values) {
+  size_t size = 0;
+  if (OrtStatus* status = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  values->resize(size);
+  if (size == 0) return true;
+  if (OrtStatus* status = api.KernelInfoGetAttributeArray_int64(info, name, values->data(), &size)) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  return true;
+}
+
+}  // namespace
+}  // namespace iconv
+
+using iconv::InvalidArgument;
+
+IntConvKernel::IntConvKernel(bool post, const OrtApi& api, const OrtKernelInfo* info) : post_(post) {
+  const std::string op = name();
+  auto fail = [&](const std::string& message) {
+    if (error_.empty()) error_ = op + ": " + message;
+  };
+  if (!iconv::ReadInt(api, info, "bits", &bits_)) {
+    fail("attribute bits (int) is required");
+  } else if (post ? (bits_ < 2 || bits_ > 4) : (bits_ < 2 || bits_ > 8)) {
+    fail(std::string("attribute bits must be ") + (post ? "2, 3 or 4 (POST codes)" : "in 2..8") + ", not " +
+         std::to_string(bits_));
+  }
+  std::vector<int64_t> ints;
+  if (!iconv::ReadInts(api, info, "kernel_shape", &ints)) {
+    fail("attribute kernel_shape (2 ints) is required");
+  } else if (ints.size() != 2 || ints[0] < 1 || ints[1] < 1) {
+    fail("attribute kernel_shape must be 2 positive ints [kh, kw]");
+  } else {
+    kh_ = ints[0];
+    kw_ = ints[1];
+  }
+  if (iconv::ReadInts(api, info, "strides", &ints)) {
+    if (ints.size() != 2 || ints[0] < 1 || ints[1] < 1) {
+      fail("attribute strides must be 2 positive ints");
+    } else {
+      sh_ = ints[0];
+      sw_ = ints[1];
+    }
+  }
+  if (iconv::ReadInts(api, info, "dilations", &ints)) {
+    if (ints.size() != 2 || ints[0] < 1 || ints[1] < 1) {
+      fail("attribute dilations must be 2 positive ints");
+    } else {
+      dh_ = ints[0];
+      dw_ = ints[1];
+    }
+  }
+  if (iconv::ReadInts(api, info, "pads", &ints)) {
+    if (ints.size() != 4 || *std::min_element(ints.begin(), ints.end()) < 0) {
+      fail("attribute pads must be 4 non-negative ints [top, left, bottom, right]");
+    } else {
+      pad_top_ = ints[0];
+      pad_left_ = ints[1];
+      pad_bottom_ = ints[2];
+      pad_right_ = ints[3];
+    }
+  }
+  if (iconv::ReadInt(api, info, "group", &group_) && group_ < 1) fail("attribute group must be >= 1");
+  int64_t kernel = 0;
+  iconv::ReadInt(api, info, "kernel", &kernel);
+  if (kernel < 0 || kernel > 3) {
+    fail("attribute kernel must be 0 (auto), 1 (scalar), 2 (AVX2) or 3 (AVX-512), not " + std::to_string(kernel));
+  } else {
+    isa_ = kernel == 0 ? BestIsa() : static_cast<Isa>(kernel);
+    if (!IsaSupported(isa_)) {
+      fail("attribute kernel=" + std::to_string(kernel) + " asks for the " + IsaName(isa_) +
+           " kernel, which this CPU does not support");
+    }
+  }
+  int is_constant = 0;
+  const OrtValue* constant = nullptr;
+  if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &constant)) {
+    api.ReleaseStatus(status);
+    is_constant = 0;
+  }
+  w_constant_ = is_constant != 0;
+}
+
+IntConvKernel::~IntConvKernel() = default;
+
+OrtStatusPtr IntConvKernel::ComputeV2(OrtKernelContext* context) {
+  try {
+    Compute(context);
+    return nullptr;
+  } catch (const InvalidArgument& error) {
+    return Ort::Status{error.what(), ORT_INVALID_ARGUMENT}.release();
+  } catch (const Ort::Exception& error) {
+    return Ort::Status{error}.release();
+  } catch (const std::exception& error) {
+    return Ort::Status{(std::string(name()) + ": " + error.what()).c_str(), ORT_FAIL}.release();
+  }
+}
+
+void IntConvKernel::Compute(OrtKernelContext* raw_context) {
+  using iconv::ShapeText;
+  Ort::KernelContext context{raw_context};
+  const std::string op = name();
+  auto check = [&](bool ok, const std::string& message) {
+    if (!ok) throw InvalidArgument(op + ": " + message);
+  };
+  const size_t inputs = context.GetInputCount();
+  auto input = [&](size_t i) {
+    return i < inputs ? context.GetInput(i) : Ort::ConstValue{nullptr};
+  };
+  auto shape_of = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
+
+  const Ort::ConstValue x = input(0), w = input(1), scale = input(2), bias = input(3);
+  const Ort::ConstValue x_scale = input(4), x_zero_point = input(5);
+  check(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
+  const std::vector<int64_t> x_shape = shape_of(x), w_shape = shape_of(w), scale_shape = shape_of(scale);
+  check(x_shape.size() == 4, "input X must have rank 4 (N, C, H, W), got shape " + ShapeText(x_shape));
+  check(w_shape.size() == 2, "input W must have rank 2 (M, row_bytes), got shape " + ShapeText(w_shape));
+
+  iconv::Geometry g{};
+  g.n = x_shape[0];
+  g.c = x_shape[1];
+  g.h = x_shape[2];
+  g.w = x_shape[3];
+  g.m = w_shape[0];
+  g.group = group_;
+  g.kh = kh_;
+  g.kw = kw_;
+  g.sh = sh_;
+  g.sw = sw_;
+  g.dh = dh_;
+  g.dw = dw_;
+  g.pt = pad_top_;
+  g.pl = pad_left_;
+  check(g.c % group_ == 0, "X has " + std::to_string(g.c) + " channels, not divisible by group=" +
+                               std::to_string(group_));
+  check(g.m % group_ == 0, "W has " + std::to_string(g.m) + " output channels, not divisible by group=" +
+                               std::to_string(group_));
+  g.cg = g.c / group_;
+  g.mg = g.m / group_;
+  g.k = g.cg * kh_ * kw_;
+  const int64_t row_bytes = bits_ <= 4 ? (g.k + 1) / 2 : g.k;
+  check(w_shape[1] == row_bytes,
+        "W has " + std::to_string(w_shape[1]) + " bytes per output channel, but C/group*kh*kw = " +
+            std::to_string(g.cg) + "*" + std::to_string(kh_) + "*" + std::to_string(kw_) + " = " +
+            std::to_string(g.k) + " codes at " + std::to_string(bits_) + " bits take " + std::to_string(row_bytes) +
+            " (X has " + std::to_string(g.c) + " channels)");
+  check(g.k <= iconv::kMaxK, "C/group*kh*kw = " + std::to_string(g.k) + " is more than " +
+                                 std::to_string(iconv::kMaxK) + " codes per output channel (int32 sums)");
+  check(scale_shape.size() == 1 && scale_shape[0] == g.m,
+        "input scale must have shape (M,) = (" + std::to_string(g.m) + ",) like W's rows, got " +
+            ShapeText(scale_shape));
+  const float* bias_data = nullptr;
+  if (bias != nullptr) {
+    const std::vector<int64_t> b_shape = shape_of(bias);
+    check(b_shape.size() == 1 && b_shape[0] == g.m,
+          "input B must have shape (M,) = (" + std::to_string(g.m) + ",) like W's rows, got " + ShapeText(b_shape));
+    bias_data = bias.GetTensorData<float>();
+  }
+  const int64_t extent_h = dh_ * (kh_ - 1) + 1, extent_w = dw_ * (kw_ - 1) + 1;
+  const int64_t padded_h = g.h + pad_top_ + pad_bottom_, padded_w = g.w + pad_left_ + pad_right_;
+  check(padded_h >= extent_h && padded_w >= extent_w,
+        "the padded input (" + std::to_string(padded_h) + " x " + std::to_string(padded_w) +
+            ") is smaller than the dilated kernel (" + std::to_string(extent_h) + " x " + std::to_string(extent_w) +
+            ")");
+  g.oh = (padded_h - extent_h) / sh_ + 1;
+  g.ow = (padded_w - extent_w) / sw_ + 1;
+
+  // Activation quantization: calibrated, or DynamicQuantizeLinear's.
+  check((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");
+  const auto count = static_cast<size_t>(g.n * g.c * g.h * g.w);
+  const float* x_data = x.GetTensorData<float>();
+  void (*min_max)(const float*, size_t, float*, float*) = qdu8::MinMaxScalar;
+  void (*quantize)(const float*, size_t, const qdu8::Params&, uint8_t*) = qdu8::QuantizeScalar;
+#ifdef ONNXQ_X86_SIMD
+  if (isa_ == Isa::kAvx512) {
+    min_max = qdu8::MinMaxAvx512;
+    quantize = qdu8::QuantizeAvx512;
+  } else if (isa_ == Isa::kAvx2) {
+    min_max = qdu8::MinMaxAvx2;
+    quantize = qdu8::QuantizeAvx2;
+  }
+#endif
+  qdu8::Params params{};
+  if (x_scale != nullptr) {
+    check(x_scale.GetTensorTypeAndShapeInfo().GetElementCount() == 1 &&
+              x_zero_point.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
+          "x_scale and x_zero_point must be scalars");
+    const float s = *x_scale.GetTensorData<float>();
+    const int32_t z = *x_zero_point.GetTensorData<uint8_t>();
+    check(s > 0.0f && s <= 3.4028235e38f, "x_scale must be positive and finite, got " + std::to_string(s));
+    params = {s, static_cast<float>(-z), static_cast<float>(255 - z), z};
+  } else {
+    float mn = INFINITY, mx = -INFINITY;
+    min_max(x_data, count, &mn, &mx);
+    params = qdu8::MakeParams(mn, mx);
+  }
+  std::vector<uint8_t> xq(count);
+  quantize(x_data, count, params, xq.data());
+
+  // Weights: prepared once while W is a constant initializer.
+  const auto* w_data = w.GetTensorData<uint8_t>();
+  std::shared_ptr<const iconv::PackedWeights> pw;
+  if (w_constant_) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (!cached_ || cached_->k != g.k) cached_ = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
+    pw = cached_;
+  } else {
+    pw = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
+  }
+
+  // Per-channel float factors, once per call (int_conv.h).
+  const float* scale_data = scale.GetTensorData<float>();
+  std::vector<float> c_e(static_cast<size_t>(g.m)), c_o(static_cast<size_t>(g.m));
+  const int32_t k2 = ((1 << (bits_ - 1)) - 1) / 2;
+  const float step = ldexpf(1.0f, -k2);
+  for (int64_t m = 0; m < g.m; ++m) {
+    const float c = params.scale * scale_data[m];
+    if (post_) {
+      c_e[m] = c * step;
+      c_o[m] = c_e[m] * 0.70710678118654752f;
+    } else {
+      c_e[m] = c;
+      c_o[m] = 0.0f;
+    }
+  }
+
+  float* y = context.GetOutput(0, {g.n, g.m, g.oh, g.ow}).GetTensorMutableData<float>();
+  const auto z = static_cast<uint8_t>(params.zero_point);
+  if (isa_ == Isa::kScalar) {
+    iconv::ReferenceConv(g, *pw, post_, bits_, xq.data(), z, c_e.data(), c_o.data(), bias_data, y);
+    return;
+  }
+  iconv::SimdArgs args{};
+  args.g = &g;
+  args.pw = pw.get();
+  args.isa = isa_;
+  args.post = post_;
+  args.z = z;
+  args.xq = xq.data();
+  args.c_e = c_e.data();
+  args.c_o = c_o.data();
+  args.bias = bias_data;
+  args.y = y;
+  args.pad_bottom = pad_bottom_;
+  args.pad_right = pad_right_;
+  iconv::SimdConv(args, context);
+}
+
+OrtStatusPtr IntConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
+  try {
+    auto created = std::make_unique<IntConvKernel>(post_, api, info);
+    if (!created->error().empty()) return api.CreateStatus(ORT_INVALID_ARGUMENT, created->error().c_str());
+    *kernel = created.release();
+    return nullptr;
+  } catch (const std::exception& error) {
+    return api.CreateStatus(ORT_FAIL, error.what());
+  }
+}
+
+ONNXTensorElementDataType IntConvOp::GetInputType(size_t index) const {
+  return index == 1 || index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+OrtCustomOpInputOutputCharacteristic IntConvOp::GetInputCharacteristic(size_t index) const {
+  return index < 3 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
+}
+
+}  // namespace onnxq

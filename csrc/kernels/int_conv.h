@@ -1,0 +1,126 @@
+// PostConv and IntConv: 2-D convolutions with float32 input and output that run on integers
+// inside: uint8 activations times small signed integer weights, accumulated in int32. This
+// comment is the definition of both ops; the scalar reference kernel (int_conv_reference.cc,
+// ReferenceConv) implements it in direct loops, and every SIMD kernel equals it bit for bit.
+//
+// Inputs (both ops)
+//   0 X        float32 (N, C, H, W)
+//   1 W        uint8 (M, row_bytes): output channel m's K = C/group*kh*kw codes, in the row-major
+//              (c, ky, kx) order of the ONNX Conv weight W[m]. bits <= 4: two per byte, code 2i in
+//              the low nibble and 2i+1 in the high nibble, each a 4-bit two's-complement value,
+//              row_bytes = ceil(K/2) (an odd K leaves the last high nibble unused). bits >= 5
+//              (IntConv only): one two's-complement int8 per byte, row_bytes = K.
+//   2 scale    float32 (M,): weight scale per output channel.
+//   3 B        float32 (M,), optional (an empty name means absent).
+//   4 x_scale  float32 scalar, 5 x_zero_point uint8 scalar: optional, both or neither; x_scale
+//              must be positive and finite.
+// Output: Y float32 (N, M, OH, OW), OH = (H + pad_top + pad_bottom - (dh*(kh-1)+1)) / sh + 1 (and
+// likewise OW), which must be >= 1.
+// Attributes: bits (required), kernel_shape (required, [kh, kw]), strides [sh, sw] (1, 1),
+// pads [top, left, bottom, right] (0, 0, 0, 0), dilations [dh, dw] (1, 1), group (1; depthwise:
+// group = C), kernel (0: the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; an error
+// when this CPU lacks it). C and M must be divisible by group; K must be <= 65536 (so that no
+// int32 sum can overflow).
+//
+// Activation quantization, once per call over the whole X:
+//   with x_scale/x_zero_point: s_x, z_x as given; without: s_x, z_x as ONNX DynamicQuantizeLinear
+//   (= the QuantizeDynamicU8 op) computes them from X's range. Then
+//   x_q = clamp(round_half_even(x / s_x) + z_x, 0, 255) (a NaN gives 0), exactly the
+//   QuantizeDynamicU8 kernels. Padded positions hold z_x, so they contribute exactly 0 below.
+//
+// Receptive field: output pixel (oy, ox) of image n, channel m in group g = m / (M/group) sees
+// x_q[n, g*C/group + c, oy*sh - pad_top + ky*dh, ox*sw - pad_left + kx*dw] (or z_x outside X)
+// for c < C/group, ky < kh, kx < kw, the term k = (c*kh + ky)*kw + kx, against code q[m, k].
+//
+// IntConv (bits 2..8; codes are used as the integers they are):
+//   acc[n,m,p] = sum_k (x_q - z_x) * q[m,k], computed in int32 as sum_k x_q*q - z_x * sum_k q
+//   c[m] = s_x * scale[m]                                         (float32, once per call)
+//   y = (float)acc * c[m] + B[m]                                  (float32 multiply, then add)
+//
+// PostConv (bits 2..4; an error otherwise): q is a signed POST index, |q| <= Mx = 2^(bits-1) - 1
+// (an error otherwise), standing for sign(q) * scale[m] * sqrt(2)^-(Mx - |q|), and 0 for q = 0
+// (onnxq/formats/post.py). With K2 = ceil((Mx-1)/2) (3 at 4 bits, 1 at 3 bits, 0 at 2 bits) and
+// e = Mx - |q|, each code is one of two small integer weights, a signed power of two:
+//   e even: w_even = sign(q) * 2^(K2 - e/2),       w_odd = 0
+//   e odd:  w_odd  = sign(q) * 2^(K2 - (e-1)/2),   w_even = 0
+// so that sign(q)*sqrt(2)^-e = (w_even + w_odd/sqrt(2)) * 2^-K2, and |w| <= 8. Two int32 sums,
+//   acc_e = sum_k (x_q - z_x) * w_even[m,k],  acc_o = sum_k (x_q - z_x) * w_odd[m,k]
+// (each as sum_k x_q*w - z_x * sum_k w; a product x*w with w = +-2^j is +-(x << j)), and
+//   c_e[m] = s_x * scale[m] * 2^-K2,  c_o[m] = c_e[m] * 0.70710678118654752f   (float32, in this
+//   order, once per call)
+//   y = ((float)acc_e * c_e[m] + (float)acc_o * c_o[m]) + B[m]
+//
+// Without B, the final "+ B[m]" is left out (it would only turn -0 into +0). Float operations are
+// single float32 operations in exactly the order written (-ffp-contract=off), so every kernel
+// gives the same bits. Integer sums are exact in any order, which leaves the SIMD kernels free to
+// reorder K and to use multiply-add instructions (vpmaddubsw never saturates for |w| <= 8:
+// 2*255*8 = 4080; vpdpbusd never does).
+//
+// Kernels (attribute `kernel`): the scalar reference (int_conv_reference.cc) is the direct
+// loops above. The AVX2 and AVX-512 VNNI kernels run an int8 matrix product over the padded input
+// (int_conv_kernels.h) with weights prepared once per node (W is a constant initializer; else
+// on every run), or for depthwise convolutions a direct sum over the taps; PostConv's w_even and
+// w_odd are two rows of the product, so it does twice IntConv's integer work.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <vector>
+
+#include "cpu.h"
+#include "onnxruntime_cxx_api.h"
+
+namespace onnxq {
+
+namespace iconv {
+struct PackedWeights;  // int_conv_impl.h
+}
+
+// The attributes and the kernel choice of one PostConv/IntConv node, and its weights, prepared
+// on first use and kept while W is a constant initializer.
+class IntConvKernel {
+ public:
+  IntConvKernel(bool post, const OrtApi& api, const OrtKernelInfo* info);
+  ~IntConvKernel();
+  OrtStatusPtr ComputeV2(OrtKernelContext* context);
+
+  // Set by the constructor when an attribute is wrong; CreateKernelV2 reports it.
+  const std::string& error() const { return error_; }
+
+ private:
+  const char* name() const { return post_ ? "PostConv" : "IntConv"; }
+  void Compute(OrtKernelContext* context);
+
+  bool post_;
+  int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
+  int64_t pad_top_ = 0, pad_left_ = 0, pad_bottom_ = 0, pad_right_ = 0;
+  Isa isa_ = Isa::kScalar;
+  bool w_constant_ = false;  // W is a constant initializer: prepare it once
+  std::string error_;
+
+  std::mutex mutex_;  // guards cached_ (sessions may run concurrently)
+  std::shared_ptr<const iconv::PackedWeights> cached_;
+};
+
+// The onnxruntime op schema of PostConv (post = true) or IntConv. Not the lite custom-op API: its
+// argument wrappers crash on an absent optional input followed by a present one (B absent with
+// x_scale given), so inputs are read from the kernel context here.
+struct IntConvOp : Ort::CustomOpBase<IntConvOp, IntConvKernel, true> {
+  explicit IntConvOp(bool post) : post_(post) {}
+
+  OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
+  const char* GetName() const { return post_ ? "PostConv" : "IntConv"; }
+  const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
+  size_t GetInputTypeCount() const { return 6; }
+  ONNXTensorElementDataType GetInputType(size_t index) const;
+  OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
+  size_t GetOutputTypeCount() const { return 1; }
+  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+
+ private:
+  bool post_;
+};
+
+}  // namespace onnxq

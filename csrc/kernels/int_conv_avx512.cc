@@ -1,0 +1,171 @@
+// PostConv/IntConv's AVX-512 VNNI kernels (int_conv_kernels.h). Compiled with -mavx512f
+// -mavx512bw -mavx512vnni (CMakeLists.txt); called only when IsaSupported(Isa::kAvx512).
+//
+// vpdpbusd multiplies 4 uint8 activations by 4 int8 weights and adds the four products to an
+// int32 lane without intermediate saturation, so every int8 weight is exact.
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels/int_conv_kernels.h"
+
+namespace onnxq::iconv {
+
+namespace {
+
+inline __m512i Broadcast4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return _mm512_set1_epi32(v);
+}
+
+// Rows [0, kRows) of one row block times 16 * kVectors pixels.
+template <int kVectors>
+void Block(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets, int32_t* c) {
+  __m512i acc[kRows][kVectors];
+  for (auto& row : acc) {
+    for (auto& v : row) v = _mm512_setzero_si512();
+  }
+  for (int64_t i = 0; i < k4; ++i) {
+    __m512i x[kVectors];
+    for (int v = 0; v < kVectors; ++v) x[v] = _mm512_loadu_si512(b + offsets[i] + 64 * v);
+    for (int r = 0; r < kRows; ++r) {
+      const __m512i w = Broadcast4(a + (i * kRows + r) * 4);
+      for (int v = 0; v < kVectors; ++v) acc[r][v] = _mm512_dpbusd_epi32(acc[r][v], x[v], w);
+    }
+  }
+  for (int r = 0; r < kRows; ++r) {
+    for (int v = 0; v < kVectors; ++v) _mm512_storeu_si512(c + r * kPanel + 16 * v, acc[r][v]);
+  }
+}
+
+// Transposed: kVectors * 16 rows (blocks of kLanes at a, a + k4*64, ...) times kPixels pixels,
+// written pixel-major: c[p * rows + row]. (4 x 4 tiles: wider ones make GCC 12 spill.)
+template <int kVectors, int kPixels>
+void BlockT(const int8_t* a, const GemmT& g, int64_t p0, int32_t* c) {
+  const int64_t k4 = g.k4, *offsets = g.b_offsets, *pixels = g.pixel_offsets + p0;
+  __m512i acc[kVectors][kPixels];
+  for (auto& row : acc) {
+    for (auto& v : row) v = _mm512_setzero_si512();
+  }
+  for (int64_t i = 0; i < k4; ++i) {
+    __m512i w[kVectors];
+    for (int v = 0; v < kVectors; ++v) {
+      w[v] = _mm512_loadu_si512(a + (v * k4 + i) * kLanes * 4);
+      // Keep w in a register: GCC 12 otherwise reloads it as a memory operand of every vpdpbusd
+      // and runs at 3/4 of the speed.
+      __asm__("" : "+v"(w[v]));
+    }
+    const uint8_t* bi = g.b + offsets[i];
+    for (int p = 0; p < kPixels; ++p) {
+      int32_t x;
+      std::memcpy(&x, bi + pixels[p], 4);
+      const __m512i xv = _mm512_set1_epi32(x);
+      for (int v = 0; v < kVectors; ++v) acc[v][p] = _mm512_dpbusd_epi32(acc[v][p], xv, w[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    for (int p = 0; p < kPixels; ++p) _mm512_storeu_si512(c + (p0 + p) * g.rows + v * kLanes, acc[v][p]);
+  }
+}
+
+template <int kVectors>
+void RowsT(const GemmT& g, int64_t rb) {
+  const int8_t* a = g.a + rb * g.k4 * kLanes * 4;
+  int32_t* c = g.c + rb * kLanes;  // pixel-major: row rb * kLanes of pixel p at c[p * g.rows]
+  int64_t p = 0;
+  for (; p + 4 <= g.pixels; p += 4) BlockT<kVectors, 4>(a, g, p, c);
+  switch (g.pixels - p) {
+    case 3: BlockT<kVectors, 3>(a, g, p, c); break;
+    case 2: BlockT<kVectors, 2>(a, g, p, c); break;
+    case 1: BlockT<kVectors, 1>(a, g, p, c); break;
+    default: break;
+  }
+}
+
+}  // namespace
+
+void GemmTAvx512(const GemmT& g) {
+  const int64_t blocks = g.rows / kLanes;
+  int64_t rb = 0;
+  for (; rb + 4 <= blocks; rb += 4) RowsT<4>(g, rb);
+  switch (blocks - rb) {
+    case 3: RowsT<3>(g, rb); break;
+    case 2: RowsT<2>(g, rb); break;
+    case 1: RowsT<1>(g, rb); break;
+    default: break;
+  }
+}
+
+void GemmAvx512(const Gemm& g) {
+  for (int64_t rb = 0; rb < g.rows / kRows; ++rb) {
+    const int8_t* a = g.a + rb * g.k4 * kRows * 4;
+    int32_t* c = g.c + rb * kRows * kPanel;
+    int64_t p = 0;
+    for (; p + 64 <= g.pixels; p += 64) Block<4>(a, g.k4, g.b + 4 * p, g.b_offsets, c + p);
+    switch ((g.pixels - p) / 16) {
+      case 3: Block<3>(a, g.k4, g.b + 4 * p, g.b_offsets, c + p); break;
+      case 2: Block<2>(a, g.k4, g.b + 4 * p, g.b_offsets, c + p); break;
+      case 1: Block<1>(a, g.k4, g.b + 4 * p, g.b_offsets, c + p); break;
+      default: break;
+    }
+  }
+}
+
+void TapsAvx512(const uint8_t* b, const int64_t* offsets, const int32_t* weights, int64_t taps, int64_t count,
+                int32_t* out) {
+  bool narrow = taps <= 16;  // |w| <= 8 and at most 16 taps: every sum fits int16 (16*255*8 = 32640)
+  for (int64_t t = 0; t < taps; ++t) narrow = narrow && weights[t] >= -8 && weights[t] <= 8;
+  int64_t i = 0;
+  if (narrow) {  // 32 pixels per vector of int16 products, widened at the end
+    for (; i + 32 <= count; i += 32) {
+      __m512i acc = _mm512_setzero_si512();
+      for (int64_t t = 0; t < taps; ++t) {
+        const auto* src = reinterpret_cast<const __m256i*>(b + offsets[t] + i);
+        const __m512i x = _mm512_cvtepu8_epi16(_mm256_loadu_si256(src));
+        acc = _mm512_add_epi16(acc, _mm512_mullo_epi16(x, _mm512_set1_epi16(static_cast<int16_t>(weights[t]))));
+      }
+      _mm512_storeu_si512(out + i, _mm512_cvtepi16_epi32(_mm512_castsi512_si256(acc)));
+      _mm512_storeu_si512(out + i + 16, _mm512_cvtepi16_epi32(_mm512_extracti64x4_epi64(acc, 1)));
+    }
+  }
+  // x * w as vpmaddwd of (x, 0) and (w, 0) int16 pairs: exact for any int16 w.
+  auto tap = [&](int64_t t, int64_t j) {
+    const __m512i x = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + offsets[t] + j)));
+    return _mm512_madd_epi16(x, _mm512_set1_epi32(weights[t] & 0xFFFF));
+  };
+  for (; i + 64 <= count; i += 64) {
+    __m512i acc[4] = {_mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512(), _mm512_setzero_si512()};
+    for (int64_t t = 0; t < taps; ++t) {
+      for (int v = 0; v < 4; ++v) acc[v] = _mm512_add_epi32(acc[v], tap(t, i + 16 * v));
+    }
+    for (int v = 0; v < 4; ++v) _mm512_storeu_si512(out + i + 16 * v, acc[v]);
+  }
+  for (; i < count; i += 16) {
+    __m512i acc = _mm512_setzero_si512();
+    for (int64_t t = 0; t < taps; ++t) acc = _mm512_add_epi32(acc, tap(t, i));
+    _mm512_storeu_si512(out + i, acc);
+  }
+}
+
+void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
+                     const float* bias, float* out) {
+  // Finish (int_conv_kernels.h) lane by lane: cvtdq2ps rounds like the scalar int -> float
+  // conversion, and each multiply and add is the same single float32 operation.
+  const __m512i ze = _mm512_set1_epi32(z_e), zo = _mm512_set1_epi32(z_o);
+  const __m512 ce = _mm512_set1_ps(c_e), co = _mm512_set1_ps(c_o);
+  const __m512 b = _mm512_set1_ps(bias != nullptr ? *bias : 0.0f);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i acc_e = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, e + i), ze);
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+    if (o != nullptr) {
+      const __m512i acc_o = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, o + i), zo);
+      y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
+    }
+    if (bias != nullptr) y = _mm512_add_ps(y, b);
+    _mm512_mask_storeu_ps(out + i, m, y);
+  }
+}
+
+}  // namespace onnxq::iconv

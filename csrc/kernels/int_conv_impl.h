@@ -1,0 +1,91 @@
+// The parts of PostConv/IntConv shared by int_conv.cc (the onnxruntime op), int_conv_reference.cc
+// (W decoded and prepared, the scalar reference kernel) and int_conv_simd.cc (the SIMD kernels'
+// driver). Only these files include it: none is compiled with -mavx2 / -mavx512f.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <stdexcept>
+#include <vector>
+
+#include "cpu.h"
+#include "onnxruntime_cxx_api.h"
+
+namespace onnxq::iconv {
+
+// A malformed input or attribute: onnxruntime reports it as ORT_INVALID_ARGUMENT.
+struct InvalidArgument : std::runtime_error {
+  using std::runtime_error::runtime_error;
+};
+
+// Above this, sum_k x_q * q could overflow int32 (255 * 128 * 65536 < 2^31).
+constexpr int64_t kMaxK = 65536;
+
+inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
+
+// The sizes of one call.
+struct Geometry {
+  int64_t n, c, h, w;      // X
+  int64_t m, group;        // output channels, groups
+  int64_t cg, mg;          // input and output channels per group
+  int64_t kh, kw, sh, sw, dh, dw, pt, pl;
+  int64_t oh, ow;          // Y's spatial size
+  int64_t k;               // codes per output channel: cg * kh * kw
+  int64_t pixels() const { return oh * ow; }
+};
+
+// How the SIMD kernels run a convolution.
+enum class Mode {
+  kQuad,       // matrix product, k over (ky, kx, c4, j), channel c = 4*c4 + j padded to whole quads:
+               // 4 consecutive k are 4 channels of one input pixel, and B is the padded input
+               // itself (no im2col). Even 2 or 3 channels per group (the stem's RGB) run faster
+               // padded to quads than through a byte-wise im2col.
+  kDepthwise,  // one input channel per group: a direct sum over the kernel taps, 16 pixels at once
+};
+
+// W decoded for one K: the codes (scalar reference), or the operands of the SIMD kernels.
+struct PackedWeights {
+  int64_t k = -1;             // the K it was prepared for
+  std::vector<int8_t> codes;  // [M][K], the codes q in ONNX order (scalar kernel only)
+
+  Mode mode = Mode::kQuad;
+  // kQuad (int_conv_kernels.h). Rows: IntConv one per output channel; PostConv two,
+  // 2*mm (w_even) and 2*mm + 1 (w_odd).
+  int64_t c4 = 0, rows = 0, rows_pad = 0, k4 = 0;
+  std::vector<int8_t> a, a_hi;   // [group][rows_pad / kRows][k4][kRows][4]; a_hi: AVX2 split
+  std::vector<int32_t> row_sum;  // [group][rows_pad]: sum of each row's weights
+  // The same rows for GemmT: [group][rows16 / kLanes][k4][kLanes][4] (empty for split weights).
+  int64_t rows16 = 0;
+  std::vector<int8_t> a16;
+  // kDepthwise: the nonzero weights of each output channel as lists of (tap ky*kw + kx, weight);
+  // list 2m holds w (IntConv) or w_even (PostConv), list 2m + 1 w_odd.
+  std::vector<int64_t> list_start;  // [2M + 1]
+  std::vector<int32_t> taps, weights;
+  std::vector<int32_t> list_sum;  // [2M]: sum of each list's weights
+};
+
+// Decode and check W's codes (M rows of row_bytes) for the K of g, and lay them out for the kernel
+// `isa`; throws InvalidArgument for a PostConv code out of range.
+std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w, int64_t row_bytes, int64_t bits,
+                                             bool post, Isa isa);
+
+// The scalar reference kernel: int_conv.h's definition as direct loops over X quantized (xq, N C H W).
+void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,
+                   const float* c_e, const float* c_o, const float* bias, float* y);
+
+// One call of the SIMD kernels (AVX2 or AVX-512): X quantized, the float factors, Y.
+struct SimdArgs {
+  const Geometry* g;
+  const PackedWeights* pw;
+  Isa isa;
+  bool post;
+  uint8_t z;                      // z_x
+  const uint8_t* xq;              // X quantized, N C H W
+  const float *c_e, *c_o, *bias;  // [M] each; bias may be null
+  float* y;                       // Y, N M OH OW
+  int64_t pad_bottom, pad_right;
+};
+
+void SimdConv(const SimdArgs& args, Ort::KernelContext& context);
+
+}  // namespace onnxq::iconv

@@ -1,0 +1,115 @@
+// The integer core of PostConv/IntConv's SIMD kernels, shared by int_conv_reference.cc (which
+// packs the weights), int_conv_simd.cc (which lays out the activations and runs the epilogue) and
+// the ISA variants int_conv_avx2.cc / int_conv_avx512.cc.
+// Like quantize_dynamic_u8_kernels.h it holds no onnxruntime or standard-library templates and no
+// inline functions with external linkage (an -mavx512f copy could be the one the linker keeps).
+//
+// The SIMD kernels compute a convolution as a matrix product per image, group and panel of
+// output pixels: C[r][p] = sum_k A[r][k] * B[k][p], A the int8 weights (one row per output
+// channel for IntConv; two for PostConv, w_even and w_odd), B the uint8 activations of each
+// pixel's receptive field. Both are stored in blocks of 4 consecutive k, the unit that vpdpbusd
+// sums and that two vpmaddubsw pairs cover:
+//   A: a[((rb*k4 + i)*kRows + r)*4 + j] = A[rb*kRows + r][4*i + j]   (row blocks of kRows rows)
+//   B: b[b_offsets[i] + 4*p + j]        = B[4*i + j][p]
+// k runs over (ky, kx, quad of 4 channels), so a block of 4 k is one input pixel's 4 channels, and
+// int_conv_simd.cc lays the padded input out by quads and stride phases: B is then that image
+// itself, one offset per block of 4 k, with no im2col copy (some matrix columns fall on padding
+// and are dropped). Integer sums are exact in any order, so every order of k gives the same C.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+namespace onnxq::iconv {
+
+constexpr int64_t kRows = 4;    // rows of A per micro-kernel block
+constexpr int64_t kPanel = 64;  // output pixels per panel (the widest micro-kernel tile)
+
+// One product C = A * B over rows [0, rows) and pixels [0, pixels).
+struct Gemm {
+  const int8_t* a;     // A, rows / kRows blocks (see above); for `a_hi`, its low part
+  const int8_t* a_hi;  // AVX2 with |A| > 8 only: A = 16 * a_hi + a, a in [-8, 7], a_hi in [-8, 8]
+  int64_t rows;        // a multiple of kRows
+  int64_t k4;          // K / 4 (K padded with zero weights)
+  const uint8_t* b;
+  const int64_t* b_offsets;  // [k4]: where each block of 4 k starts, in bytes from b
+  int64_t pixels;            // a multiple of 16, at most kPanel
+  int32_t* c;                // C[r][p] at c[r * kPanel + p]
+};
+
+void GemmAvx2(const Gemm& g);
+void GemmAvx512(const Gemm& g);
+
+// The same product transposed in registers: rows of A in vector lanes, one pixel's 4 activations
+// broadcast. Nothing is computed for columns that are dropped (the column padding of Gemm), so
+// small images (7x7, 14x14) waste nothing. A is packed in blocks of kLanes rows:
+//   a[((rb*k4 + i)*kLanes + r)*4 + j] = A[rb*kLanes + r][4*i + j]
+// and pixel p's 4 activations of block i are at b[b_offsets[i] + pixel_offsets[p]].
+constexpr int64_t kLanes = 16;
+
+struct GemmT {
+  const int8_t* a;
+  int64_t rows;  // a multiple of kLanes
+  int64_t k4;
+  const uint8_t* b;
+  const int64_t* b_offsets;      // [k4]
+  const int64_t* pixel_offsets;  // [pixels]
+  int64_t pixels;                // at most kPanel
+  int32_t* c;                    // pixel-major: C[r][p] at c[p * rows + r]
+};
+
+void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)
+void GemmTAvx512(const GemmT& g);
+
+// Depthwise convolutions (one input channel per group) as direct sums over the kernel taps:
+// out[i] = sum_t weights[t] * b[offsets[t] + i] for i < count (a multiple of 16; b readable that
+// far), in int32.
+void TapsAvx2(const uint8_t* b, const int64_t* offsets, const int32_t* weights, int64_t taps, int64_t count,
+              int32_t* out);
+void TapsAvx512(const uint8_t* b, const int64_t* offsets, const int32_t* weights, int64_t taps, int64_t count,
+                int32_t* out);
+
+namespace {
+
+// The float epilogue of int_conv.h, the one definition every kernel uses: the same float32
+// operations in the same order. acc_o is unused for IntConv (post = false); bias may be null.
+inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_o, const float* bias) {
+  float y;
+  if (post) {
+    const float even = static_cast<float>(acc_e) * c_e;
+    const float odd = static_cast<float>(acc_o) * c_o;
+    y = even + odd;
+  } else {
+    y = static_cast<float>(acc_e) * c_e;
+  }
+  return bias != nullptr ? y + *bias : y;
+}
+
+// Finish over a run of n pixels of one output channel: out[i] from the raw sums e[i] (and o[i]
+// for PostConv) minus the zero-point corrections z_e = z_x * sum w_even (z_o likewise). Each
+// branch is a plain loop the compiler vectorizes with the including file's instruction set.
+inline void FinishRun(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
+                      const float* bias, float* out) {
+  if (o == nullptr && bias == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, nullptr);
+  } else if (o == nullptr) {
+    const float b = *bias;
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, &b);
+  } else if (bias == nullptr) {
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, nullptr);
+  } else {
+    const float b = *bias;
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, &b);
+  }
+}
+
+}  // namespace
+
+// FinishRun for each instruction set (the same bits): AVX2 compiled from FinishRun above, AVX-512
+// written with masked intrinsics for the short runs of small images.
+void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
+                   const float* bias, float* out);
+void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
+                     const float* bias, float* out);
+
+}  // namespace onnxq::iconv

@@ -1,0 +1,176 @@
+// PostConv/IntConv: W decoded and prepared for the kernels, and the scalar reference kernel that
+// defines the ops' semantics (int_conv.h) in direct loops.
+#include <string>
+#include <utility>
+
+#include "kernels/int_conv_impl.h"
+#include "kernels/int_conv_kernels.h"
+
+namespace onnxq::iconv {
+
+namespace {
+
+// Code k of a packed row of W: a 4-bit two's-complement nibble (bits <= 4) or an int8.
+inline int32_t CodeAt(const uint8_t* row, int64_t k, bool nibbles) {
+  if (!nibbles) return static_cast<int8_t>(row[k]);
+  const int32_t v = (k & 1) ? row[k >> 1] >> 4 : row[k >> 1] & 15;
+  return v >= 8 ? v - 16 : v;
+}
+
+// PostConv: the integer weight a code q stands for, sign * 2^shift, counted in acc_e (odd = false)
+// or acc_o (odd = true); sign 0 for q = 0. See int_conv.h.
+struct PostWeight {
+  int32_t sign, shift;
+  bool odd;
+};
+
+inline PostWeight PostWeightOf(int32_t q, int64_t bits) {
+  const int32_t mx = (1 << (bits - 1)) - 1;  // largest index M
+  const int32_t k2 = mx / 2;                 // ceil((M - 1) / 2) for odd M
+  const int32_t index = q < 0 ? -q : q;
+  if (index == 0) return {0, 0, false};
+  const int32_t e = mx - index;
+  if (e % 2 == 0) return {q < 0 ? -1 : 1, k2 - e / 2, false};
+  return {q < 0 ? -1 : 1, k2 - (e - 1) / 2, true};
+}
+
+}  // namespace
+
+// Rows of A: IntConv, one per output channel; PostConv, two per output channel, 2*mm (w_even) and
+// 2*mm + 1 (w_odd).
+std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w, int64_t row_bytes, int64_t bits,
+                                             bool post, Isa isa) {
+  auto pw = std::make_shared<PackedWeights>();
+  pw->k = g.k;
+  const bool nibbles = bits <= 4;
+  const int32_t max_index = (1 << (bits - 1)) - 1;
+  pw->codes.resize(static_cast<size_t>(g.m * g.k));
+  for (int64_t m = 0; m < g.m; ++m) {
+    for (int64_t k = 0; k < g.k; ++k) {
+      const int32_t q = CodeAt(w + m * row_bytes, k, nibbles);
+      if (post && (q > max_index || q < -max_index)) {
+        throw InvalidArgument("PostConv: code " + std::to_string(q) + " at W[" + std::to_string(m) + ", code " +
+                              std::to_string(k) + "] is out of range for " + std::to_string(bits) +
+                              "-bit POST codes (|q| <= " + std::to_string(max_index) + ")");
+      }
+      pw->codes[m * g.k + k] = static_cast<int8_t>(q);
+    }
+  }
+  if (isa == Isa::kScalar) return pw;
+
+  // The integer weight(s) of code k of output channel m: (row 0 or 1, weight); row 1 is w_odd.
+  auto weight_of = [&](int64_t m, int64_t k) -> std::pair<int64_t, int32_t> {
+    const int32_t q = pw->codes[m * g.k + k];
+    if (!post) return {0, q};
+    const PostWeight pwt = PostWeightOf(q, bits);
+    return {pwt.odd ? 1 : 0, pwt.sign * (1 << pwt.shift)};
+  };
+  if (g.cg == 1) {
+    pw->mode = Mode::kDepthwise;
+    pw->list_start.assign(1, 0);
+    pw->list_sum.assign(static_cast<size_t>(2 * g.m), 0);
+    for (int64_t m = 0; m < g.m; ++m) {
+      for (int64_t list = 0; list < 2; ++list) {
+        for (int64_t k = 0; k < g.k; ++k) {
+          const auto [row, weight] = weight_of(m, k);
+          if (row != list || weight == 0) continue;
+          pw->taps.push_back(static_cast<int32_t>(k));
+          pw->weights.push_back(weight);
+          pw->list_sum[2 * m + list] += weight;
+        }
+        pw->list_start.push_back(static_cast<int64_t>(pw->taps.size()));
+      }
+    }
+    std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
+    return pw;
+  }
+  pw->mode = Mode::kQuad;
+  pw->c4 = (g.cg + 3) / 4;
+  pw->k4 = g.kh * g.kw * pw->c4;
+  pw->rows = post ? 2 * g.mg : g.mg;
+  pw->rows_pad = RoundUp(pw->rows, kRows);
+  const int64_t group_size = pw->rows_pad * pw->k4 * 4;
+  pw->a.assign(static_cast<size_t>(g.group * group_size), 0);
+  pw->row_sum.assign(static_cast<size_t>(g.group * pw->rows_pad), 0);
+  const bool split = isa == Isa::kAvx2 && !post && bits >= 5;  // |w| > 8: vpmaddubsw needs a split
+  pw->rows16 = RoundUp(pw->rows, kLanes);
+  const int64_t group16_size = pw->rows16 * pw->k4 * 4;
+  if (!split) pw->a16.assign(static_cast<size_t>(g.group * group16_size), 0);
+  for (int64_t gi = 0; gi < g.group; ++gi) {
+    for (int64_t mm = 0; mm < g.mg; ++mm) {
+      for (int64_t k = 0; k < g.k; ++k) {
+        const auto [odd, weight] = weight_of(gi * g.mg + mm, k);
+        if (weight == 0) continue;
+        const int64_t row = post ? 2 * mm + odd : mm;
+        const int64_t c = k / (g.kh * g.kw), ky = k / g.kw % g.kh, kx = k % g.kw;
+        const int64_t kk = ((ky * g.kw + kx) * pw->c4 + c / 4) * 4 + c % 4;  // k in the quad order
+        const int64_t index = gi * group_size + ((row / kRows * pw->k4 + kk / 4) * kRows + row % kRows) * 4 + kk % 4;
+        pw->a[index] = static_cast<int8_t>(weight);
+        pw->row_sum[gi * pw->rows_pad + row] += weight;
+        if (!split) {
+          pw->a16[gi * group16_size + ((row / kLanes * pw->k4 + kk / 4) * kLanes + row % kLanes) * 4 + kk % 4] =
+              static_cast<int8_t>(weight);
+        }
+      }
+    }
+  }
+  if (split) {
+    pw->a_hi.resize(pw->a.size());
+    for (size_t i = 0; i < pw->a.size(); ++i) {
+      const int32_t v = pw->a[i];
+      const int32_t lo = ((v + 8) & 15) - 8;
+      pw->a[i] = static_cast<int8_t>(lo);
+      pw->a_hi[i] = static_cast<int8_t>((v - lo) / 16);
+    }
+  }
+  std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
+  return pw;
+}
+
+void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,
+                   const float* c_e, const float* c_o, const float* bias, float* y) {
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t m = 0; m < g.m; ++m) {
+      const int64_t first_channel = m / g.mg * g.cg;
+      const int8_t* q = pw.codes.data() + m * g.k;
+      for (int64_t oy = 0; oy < g.oh; ++oy) {
+        for (int64_t ox = 0; ox < g.ow; ++ox) {
+          int32_t sum_e = 0, sum_o = 0;  // sum_k x_q * w
+          int32_t w_e = 0, w_o = 0;      // sum_k w
+          for (int64_t c = 0; c < g.cg; ++c) {
+            const uint8_t* plane = xq + ((n * g.c) + first_channel + c) * g.h * g.w;
+            for (int64_t ky = 0; ky < g.kh; ++ky) {
+              for (int64_t kx = 0; kx < g.kw; ++kx) {
+                const int64_t iy = oy * g.sh - g.pt + ky * g.dh, ix = ox * g.sw - g.pl + kx * g.dw;
+                const bool inside = iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
+                const int32_t x = inside ? plane[iy * g.w + ix] : z;  // padding holds z_x
+                const int32_t code = q[(c * g.kh + ky) * g.kw + kx];
+                if (!post) {
+                  sum_e += x * code;
+                  w_e += code;
+                  continue;
+                }
+                const PostWeight pwt = PostWeightOf(code, bits);  // w = sign * 2^shift: a shift
+                if (pwt.sign == 0) continue;
+                const int32_t shifted = pwt.sign > 0 ? (x << pwt.shift) : -(x << pwt.shift);
+                const int32_t weight = pwt.sign > 0 ? (1 << pwt.shift) : -(1 << pwt.shift);
+                if (pwt.odd) {
+                  sum_o += shifted;
+                  w_o += weight;
+                } else {
+                  sum_e += shifted;
+                  w_e += weight;
+                }
+              }
+            }
+          }
+          const int32_t acc_e = sum_e - z * w_e, acc_o = sum_o - z * w_o;
+          y[((n * g.m + m) * g.oh + oy) * g.ow + ox] =
+              Finish(post, acc_e, acc_o, c_e[m], c_o[m], bias != nullptr ? bias + m : nullptr);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace onnxq::iconv

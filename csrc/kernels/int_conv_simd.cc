@@ -1,0 +1,392 @@
+// PostConv/IntConv's SIMD kernels' driver: X laid out by quads of channels and stride phases,
+// the integer matrix products of int_conv_avx2.cc / int_conv_avx512.cc over it (or, depthwise, a
+// direct sum over the taps), and the float epilogue; tasks spread over onnxruntime's threads.
+#ifdef __SSE2__
+#include <emmintrin.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <memory>
+#include <new>
+#include <vector>
+
+#include "kernels/int_conv_impl.h"
+#include "kernels/int_conv_kernels.h"
+
+namespace onnxq::iconv {
+
+namespace {
+
+// A convolution with strides (sh, sw) reads every sh-th row and sw-th column of the padded input.
+// Split into sh*sw phase planes by (y % sh, x % sw), each hq x wq pixels, the input pixel of
+// output (oy, ox) and tap (ky, kx) is at Index(ky*dh, kx*dw) + oy*wq + ox: with the matrix column
+// p = oy*wq + ox every tap reads a contiguous range of its plane (columns with ox >= OW are
+// computed and dropped). Stride 1 is a single plane, the padded input itself.
+struct Phases {
+  int64_t sh = 1, sw = 1, hq = 0, wq = 0;
+  int64_t plane() const { return hq * wq; }
+  int64_t size() const { return sh * sw * plane(); }
+  int64_t Index(int64_t y, int64_t x) const { return ((y % sh) * sw + x % sw) * plane() + (y / sh) * wq + x / sw; }
+  // Index(y, 0) for y = y0, y0 + 1, ...: one division for all rows.
+  struct Rows {
+    const Phases& ph;
+    int64_t phase, row;
+    int64_t operator*() const { return phase * ph.sw * ph.plane() + row * ph.wq; }
+    void operator++() {
+      if (++phase == ph.sh) {
+        phase = 0;
+        ++row;
+      }
+    }
+  };
+  Rows RowsFrom(int64_t y0) const { return Rows{*this, y0 % sh, y0 / sh}; }
+};
+
+// Scatter pixels x0 .. x0 + count - 1 of a padded row (T: one byte, or a quad of 4) into the phase
+// planes, where `row` is the row's start in its phase plane: pixel x goes to row[ph.Index(0, x)].
+template <typename T>
+void ScatterRow(const Phases& ph, const T* src, int64_t count, int64_t x0, T* row) {
+  if (ph.sw == 1) {
+    std::memcpy(row + x0, src, static_cast<size_t>(count) * sizeof(T));
+    return;
+  }
+  if (ph.sw == 2) {  // even pixels (of src) to one plane, odd ones to the other
+    T* even = row + (x0 % 2) * ph.plane() + x0 / 2;
+    T* odd = row + ((x0 + 1) % 2) * ph.plane() + (x0 + 1) / 2;
+    int64_t i = 0;
+#ifdef __SSE2__
+    if constexpr (sizeof(T) == 1) {
+      const __m128i low = _mm_set1_epi16(0x00FF);
+      for (; i + 32 <= count; i += 32) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i + 16));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(even + i / 2),
+                         _mm_packus_epi16(_mm_and_si128(a, low), _mm_and_si128(b, low)));
+        _mm_storeu_si128(reinterpret_cast<__m128i*>(odd + i / 2),
+                         _mm_packus_epi16(_mm_srli_epi16(a, 8), _mm_srli_epi16(b, 8)));
+      }
+      for (; i + 16 <= count; i += 16) {
+        const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(even + i / 2), _mm_packus_epi16(_mm_and_si128(a, low), a));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(odd + i / 2), _mm_packus_epi16(_mm_srli_epi16(a, 8), a));
+      }
+    } else {
+      for (; i + 8 <= count; i += 8) {
+        const __m128 a = _mm_loadu_ps(reinterpret_cast<const float*>(src + i));
+        const __m128 b = _mm_loadu_ps(reinterpret_cast<const float*>(src + i + 4));
+        _mm_storeu_ps(reinterpret_cast<float*>(even + i / 2), _mm_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0)));
+        _mm_storeu_ps(reinterpret_cast<float*>(odd + i / 2), _mm_shuffle_ps(a, b, _MM_SHUFFLE(3, 1, 3, 1)));
+      }
+    }
+#endif
+    for (; i < count; ++i) (i % 2 == 0 ? even : odd)[i / 2] = src[i];
+    return;
+  }
+  int64_t phase = x0 % ph.sw, column = x0 / ph.sw;
+  for (int64_t i = 0; i < count; ++i) {
+    row[phase * ph.plane() + column] = src[i];  // (x0 + i) % sw, (x0 + i) / sw
+    if (++phase == ph.sw) {
+      phase = 0;
+      ++column;
+    }
+  }
+}
+
+// The slack (in pixels) after the phase images: kernels read whole vectors of 16 columns.
+constexpr int64_t kSlack = 64;
+
+// A call's arguments and how its work is laid out.
+struct SimdJob : SimdArgs {
+  Phases ph;
+  const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
+  std::vector<int64_t> offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
+  bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
+  int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
+  int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
+  int64_t panels;                // panels of kPanel columns per image and group
+  int64_t channels;              // kDepthwise: input channels per task
+  std::atomic<bool> failed{false};
+};
+
+void FinishRunFor(Isa isa, const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e,
+                  float c_o, const float* bias, float* out) {
+#ifdef ONNXQ_X86_SIMD
+  if (isa == Isa::kAvx512) return FinishRunAvx512(e, o, n, z_e, z_o, c_e, c_o, bias, out);
+  if (isa == Isa::kAvx2) return FinishRunAvx2(e, o, n, z_e, z_o, c_e, c_o, bias, out);
+#else
+  (void)isa;
+#endif
+  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, out);
+}
+
+// The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
+// are e[0, count) (and o for PostConv): column p is output pixel (p / cols, p % cols) when
+// p % cols < OW; the other columns are dropped.
+void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, const int32_t* o, int64_t p0,
+                   int64_t count, int32_t z_e, int32_t z_o) {
+  const Geometry& g = *job.g;
+  const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
+  float* out = job.y + (n * g.m + m) * g.pixels();
+  if (job.cols == g.ow) {  // no dropped columns: one run
+    FinishRunFor(job.isa, e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, out + p0);
+    return;
+  }
+  for (int64_t p = p0; p < p0 + count;) {
+    const int64_t oy = p / job.cols, ox = p % job.cols;
+    if (ox >= g.ow) {
+      p = (oy + 1) * job.cols;
+      continue;
+    }
+    const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
+    FinishRunFor(job.isa, e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
+                 out + oy * g.ow + ox);
+    p += run;
+  }
+}
+
+// The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi.
+void FinishPanel(const SimdJob& job, int64_t n, int64_t gi, const int32_t* tile, int64_t p0, int64_t count) {
+  const Geometry& g = *job.g;
+  const int32_t z = job.z;
+  const int32_t* row_sum = job.pw->row_sum.data() + gi * job.pw->rows_pad;
+  for (int64_t mm = 0; mm < g.mg; ++mm) {
+    const int64_t row = job.post ? 2 * mm : mm;
+    const int32_t* e = tile + row * kPanel;
+    FinishColumns(job, n, gi * g.mg + mm, e, job.post ? e + kPanel : nullptr, p0, count, z * row_sum[row],
+                  job.post ? z * row_sum[row + 1] : 0);
+  }
+}
+
+// GemmT: output pixels [q0, q0 + count) of one image and group.
+void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t count) {
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  GemmT gemm{};
+  gemm.a = pw.a16.data() + gi * pw.rows16 * pw.k4 * 4;
+  gemm.rows = pw.rows16;
+  gemm.k4 = pw.k4;
+  gemm.pixels = count;
+  std::unique_ptr<int64_t[]> pixels(new int64_t[static_cast<size_t>(count)]);
+  gemm.b = job.x4 + (n * g.group + gi) * pw.c4 * job.ph.size() * 4;
+  gemm.b_offsets = job.offsets.data();
+  int64_t oy = q0 / g.ow, ox = q0 % g.ow;
+  for (int64_t i = 0; i < count; ++i) {
+    pixels[i] = (oy * job.ph.wq + ox) * 4;
+    if (++ox == g.ow) {
+      ox = 0;
+      ++oy;
+    }
+  }
+  gemm.pixel_offsets = pixels.get();
+  std::unique_ptr<int32_t[]> by_pixel(new int32_t[static_cast<size_t>(count * pw.rows16)]);
+  gemm.c = by_pixel.get();
+#ifdef ONNXQ_X86_SIMD
+  if (job.isa == Isa::kAvx512) {
+    GemmTAvx512(gemm);
+  } else {
+    GemmTAvx2(gemm);
+  }
+#else
+  (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
+  std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows * kPanel)]);
+  for (int64_t r = 0; r < pw.rows; ++r) {
+    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = by_pixel[i * pw.rows16 + r];
+  }
+  FinishPanel(job, n, gi, tile.get(), q0, count);
+}
+
+// kQuad: one panel of matrix columns of one image and group: the product, the epilogue.
+void RunPanel(const SimdJob& job, int64_t index) {
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  const int64_t n = index / (g.group * job.panels), gi = index / job.panels % g.group;
+  const int64_t p0 = index % job.panels * kPanel, count = std::min(kPanel, job.span - p0);
+  const int64_t count16 = RoundUp(count, 16);
+
+  if (job.transposed) return RunPanelT(job, n, gi, p0, count);
+  Gemm gemm{};
+  gemm.a = pw.a.data() + gi * pw.rows_pad * pw.k4 * 4;
+  gemm.a_hi = pw.a_hi.empty() ? nullptr : pw.a_hi.data() + gi * pw.rows_pad * pw.k4 * 4;
+  gemm.rows = pw.rows_pad;
+  gemm.k4 = pw.k4;
+  gemm.pixels = count16;
+  gemm.b = job.x4 + ((n * g.group + gi) * pw.c4 * job.ph.size() + p0) * 4;
+  gemm.b_offsets = job.offsets.data();
+  std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows_pad * kPanel)]);
+  gemm.c = tile.get();
+#ifdef ONNXQ_X86_SIMD
+  if (job.isa == Isa::kAvx512) {
+    GemmAvx512(gemm);
+  } else {
+    GemmAvx2(gemm);
+  }
+#else
+  (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
+
+  FinishPanel(job, n, gi, tile.get(), p0, count);
+}
+
+// kDepthwise: input channels [g0, g0 + job.channels) of image n (index n * chunks + chunk), each
+// into its output channels.
+void RunDepthwise(const SimdJob& job, int64_t index) {
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  const int64_t chunks = (g.group + job.channels - 1) / job.channels;
+  const int64_t n = index / chunks, g0 = index % chunks * job.channels;
+  const Phases& ph = job.ph;
+  const int64_t count16 = RoundUp(job.span, 16);
+  std::unique_ptr<uint8_t[]> plane(new uint8_t[static_cast<size_t>(ph.size() + kSlack)]);
+  std::unique_ptr<int32_t[]> sums(new int32_t[static_cast<size_t>(2 * count16)]);
+  std::unique_ptr<int64_t[]> offsets(new int64_t[static_cast<size_t>(g.kh * g.kw)]);
+  for (int64_t gi = g0; gi < std::min(g0 + job.channels, g.group); ++gi) {
+    // The padded input channel in phase planes.
+    std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
+    const uint8_t* src = job.xq + (n * g.c + gi) * g.h * g.w;
+    auto rows = ph.RowsFrom(g.pt);
+    for (int64_t iy = 0; iy < g.h; ++iy, ++rows) ScatterRow(ph, src + iy * g.w, g.w, g.pl, plane.get() + *rows);
+    for (int64_t mm = 0; mm < g.mg; ++mm) {
+      const int64_t m = gi * g.mg + mm;
+      for (int64_t list = 0; list < (job.post ? 2 : 1); ++list) {
+        const int64_t first = pw.list_start[2 * m + list], taps = pw.list_start[2 * m + list + 1] - first;
+        for (int64_t t = 0; t < taps; ++t) offsets[t] = job.offsets[pw.taps[first + t]];
+#ifdef ONNXQ_X86_SIMD
+        auto* run = job.isa == Isa::kAvx512 ? TapsAvx512 : TapsAvx2;
+        run(plane.get(), offsets.get(), pw.weights.data() + first, taps, count16, sums.get() + list * count16);
+#endif
+      }
+      const int32_t z = job.z;
+      FinishColumns(job, n, m, sums.get(), job.post ? sums.get() + count16 : nullptr, 0, job.span,
+                    z * pw.list_sum[2 * m], job.post ? z * pw.list_sum[2 * m + 1] : 0);
+    }
+  }
+}
+
+void RunTask(void* data, size_t index) {
+  auto& job = *static_cast<SimdJob*>(data);
+  try {
+    if (job.pw->mode == Mode::kDepthwise) {
+      RunDepthwise(job, static_cast<int64_t>(index));
+    } else {
+      RunPanel(job, static_cast<int64_t>(index));
+    }
+  } catch (...) {  // (std::bad_alloc) must not cross onnxruntime's thread pool
+    job.failed = true;
+  }
+}
+
+// Four channel rows of `count` pixels interleaved: dst[4*p + j] = src[j][p].
+void Interleave4(const uint8_t* const src[4], int64_t count, uint8_t* dst) {
+  int64_t p = 0;
+#ifdef __SSE2__
+  for (; p + 16 <= count; p += 16) {
+    const __m128i a = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[0] + p));
+    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[1] + p));
+    const __m128i c = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[2] + p));
+    const __m128i d = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src[3] + p));
+    const __m128i ab_lo = _mm_unpacklo_epi8(a, b), ab_hi = _mm_unpackhi_epi8(a, b);
+    const __m128i cd_lo = _mm_unpacklo_epi8(c, d), cd_hi = _mm_unpackhi_epi8(c, d);
+    auto* out = reinterpret_cast<__m128i*>(dst + 4 * p);
+    _mm_storeu_si128(out, _mm_unpacklo_epi16(ab_lo, cd_lo));
+    _mm_storeu_si128(out + 1, _mm_unpackhi_epi16(ab_lo, cd_lo));
+    _mm_storeu_si128(out + 2, _mm_unpacklo_epi16(ab_hi, cd_hi));
+    _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(ab_hi, cd_hi));
+  }
+#endif
+  for (; p < count; ++p) {
+    for (int j = 0; j < 4; ++j) dst[4 * p + j] = src[j][p];
+  }
+}
+
+// kQuad's B: x4[n][g][c4][phase pixel][j] = channel 4*c4 + j of group g at padded (y, x), in the
+// phase planes of job.ph; z outside X and for channels past the group's end.
+void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
+  const Geometry& g = *job.g;
+  const Phases& ph = job.ph;
+  const int64_t c4 = job.pw->c4;
+  const std::vector<uint8_t> z_row(static_cast<size_t>(g.w), job.z);
+  std::vector<uint32_t> row(static_cast<size_t>(g.w));
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t gi = 0; gi < g.group; ++gi) {
+      for (int64_t ci = 0; ci < c4; ++ci) {
+        uint32_t* dst = x4 + ((n * g.group + gi) * c4 + ci) * ph.size();
+        const uint8_t* planes[4];
+        for (int64_t j = 0; j < 4; ++j) {
+          const int64_t c = ci * 4 + j;
+          planes[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : nullptr;
+        }
+        auto rows = ph.RowsFrom(g.pt);
+        for (int64_t iy = 0; iy < g.h; ++iy, ++rows) {
+          const uint8_t* src[4];
+          for (int j = 0; j < 4; ++j) src[j] = planes[j] != nullptr ? planes[j] + iy * g.w : z_row.data();
+          if (ph.sw == 1) {
+            Interleave4(src, g.w, reinterpret_cast<uint8_t*>(dst + *rows + g.pl));
+            continue;
+          }
+          Interleave4(src, g.w, reinterpret_cast<uint8_t*>(row.data()));
+          ScatterRow(ph, row.data(), g.w, g.pl, dst + *rows);
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
+  SimdJob job;
+  static_cast<SimdArgs&>(job) = args;
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  Phases& ph = job.ph;
+  ph.sh = g.sh;
+  ph.sw = g.sw;
+  ph.hq = (g.h + g.pt + job.pad_bottom + g.sh - 1) / g.sh;
+  ph.wq = (g.w + g.pl + job.pad_right + g.sw - 1) / g.sw;
+  job.cols = ph.wq;
+  job.span = (g.oh - 1) * job.cols + g.ow;
+  // GemmT where Gemm would compute many dropped or padding columns (small images) and the rows
+  // fill its 16 lanes about as well as Gemm's blocks of 4: compare the multiply-adds of each.
+  job.transposed = false;
+  if (pw.mode != Mode::kDepthwise && !pw.a16.empty()) {
+    const int64_t gemm_columns = job.span / kPanel * kPanel + RoundUp(job.span % kPanel, 16);
+    job.transposed = pw.rows16 * g.pixels() * 20 < pw.rows_pad * gemm_columns * 19;
+  }
+  if (job.transposed) {
+    job.cols = g.ow;
+    job.span = g.pixels();
+  }
+  std::unique_ptr<uint8_t[]> x4;
+  if (pw.mode == Mode::kQuad) {
+    const int64_t size = (g.n * g.group * pw.c4 * ph.size() + kSlack) * 4;
+    x4.reset(new uint8_t[static_cast<size_t>(size)]);
+    std::memset(x4.get(), job.z, static_cast<size_t>(size));
+    BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4.get()));
+    job.x4 = x4.get();
+    job.offsets.resize(static_cast<size_t>(pw.k4));
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        for (int64_t ci = 0; ci < pw.c4; ++ci) {
+          job.offsets[(ky * g.kw + kx) * pw.c4 + ci] = (ci * ph.size() + ph.Index(ky * g.dh, kx * g.dw)) * 4;
+        }
+      }
+    }
+  } else if (pw.mode == Mode::kDepthwise) {
+    job.offsets.resize(static_cast<size_t>(g.kh * g.kw));
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) job.offsets[ky * g.kw + kx] = ph.Index(ky * g.dh, kx * g.dw);
+    }
+  }
+  job.panels = (job.span + kPanel - 1) / kPanel;
+  job.channels = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.pixels() * g.mg));  // tasks of >= 4096 outputs
+  const int64_t total = pw.mode == Mode::kDepthwise ? g.n * ((g.group + job.channels - 1) / job.channels)
+                                                    : g.n * g.group * job.panels;
+  if (total == 0) return;
+  context.ParallelFor(RunTask, static_cast<size_t>(total), 0, &job);
+  if (job.failed) throw std::bad_alloc();
+}
+
+}  // namespace onnxq::iconv

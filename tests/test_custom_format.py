@@ -1,0 +1,89 @@
+"""--format int / post: Conv layers become onnxq's IntConv / PostConv ops; the rest stays QDQ."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from conftest import random_feeds, run
+
+from models import conv_bn_relu_gemm, depthwise_convtranspose
+from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
+from onnxq.cli import main
+from onnxq.domain import DOMAIN
+from onnxq.formats import post
+from onnxq.rewrite_ops import pack_rows
+from onnxq.runtime import session
+
+
+def _ops(model: onnx.ModelProto) -> dict[str, str]:
+    return {n.name: n.op_type for n in model.graph.node if n.op_type not in ("DequantizeLinear", "Abs", "Mul")}
+
+
+def test_pack_rows_layout():
+    codes = np.array([[1, -1, 3], [-8, 7, 0]], dtype=np.int8)
+    np.testing.assert_array_equal(pack_rows(codes, 4), np.array([[0xF1, 0x03], [0x78, 0x00]], dtype=np.uint8))
+    np.testing.assert_array_equal(pack_rows(codes, 8), codes.view(np.uint8))
+
+
+@pytest.mark.parametrize("fmt, op", [(WeightFormat.INT, "IntConv"), (WeightFormat.POST, "PostConv")])
+def test_middle_conv_becomes_the_op(fmt, op):
+    model = quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=fmt))
+    ops = _ops(model)
+    assert (ops["conv1"], ops["conv2"], ops["fc"]) == ("Conv", op, "Gemm")
+    assert any(imp.domain == DOMAIN for imp in model.opset_import)
+    assert "w2" not in {t.name for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
+def test_op_model_matches_float_model_with_dequantized_weights(fmt):
+    # Same model, Conv in float with exactly the weights the codes stand for: the only difference
+    # left is the op's uint8 activation rounding.
+    float_model = conv_bn_relu_gemm(c=16, with_bn=False)
+    config = QuantizeConfig(bits=4, format=fmt)  # conv1 and fc: 8-bit QDQ, conv2: the op
+    result = quantize_with_report(float_model, config)
+    reference = onnx.ModelProto()
+    reference.CopyFrom(float_model)
+    packed = {t.name: onnx.numpy_helper.to_array(t) for t in result.model.graph.initializer}
+    conv2 = next(n for n in result.model.graph.node if n.name == "conv2")
+    codes = _unpack(packed[conv2.input[1]], (16, 16 * 9)).reshape(16, 16, 3, 3)
+    scale = packed[conv2.input[2]]
+    if fmt is WeightFormat.POST:
+        weight = post.dequantize(codes.reshape(16, -1), scale, 4).reshape(codes.shape)
+    else:
+        weight = codes.astype(np.float32) * scale[:, None, None, None]
+    w2 = next(t for t in reference.graph.initializer if t.name == "w2")
+    w2.CopyFrom(onnx.numpy_helper.from_array(weight.astype(np.float32), "w2"))
+    feeds = random_feeds(float_model, batch=2)
+    out = session(result.model.SerializeToString()).run(None, feeds)[0]
+    conv1_only = quantize(reference, QuantizeConfig(bits=4, exclude=frozenset({"conv2"})))
+    expected = run(conv1_only, feeds)
+    # uint8 activation steps (range of relu1 / 255) limit agreement to a few percent of the output scale.
+    assert np.abs(out - expected).max() <= 0.05 * np.abs(expected).max()
+
+
+def _unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    nibbles = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(packed.shape[0], -1)[:, : shape[1]].astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8)
+
+
+def test_depthwise_conv_runs_as_post():
+    model = quantize(depthwise_convtranspose(), QuantizeConfig(bits=4, format=WeightFormat.POST, first_last_bits=None))
+    assert _ops(model)["depthwise"] == "PostConv" and _ops(model)["up"] == "ConvTranspose"
+    feeds = random_feeds(model)
+    assert session(model.SerializeToString()).run(None, feeds)[0].shape == (2, 6, 12, 12)
+
+
+def test_cli_post_summary_names_the_library(tmp_path, capsys):
+    path = tmp_path / "net.onnx"
+    onnx.save_model(conv_bn_relu_gemm(c=16), path)
+    assert main(["quantize", str(path), "-b", "4", "--format", "post"]) == 0
+    out = capsys.readouterr().out
+    assert "1 PostConv" in out and "get_library_path" in out
+
+
+def test_post_above_4_bits_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "net.onnx"
+    onnx.save_model(conv_bn_relu_gemm(), path)
+    assert main(["quantize", str(path), "-b", "6", "--format", "post"]) == 1
+    assert "POST weights take 2-4 bits" in capsys.readouterr().err

@@ -1,0 +1,425 @@
+"""PostConv and IntConv (csrc/kernels/int_conv.h): every kernel equals a numpy model of the ops bit for bit.
+
+The numpy model is written from the definition in int_conv.h, independently of the C++ code:
+activations quantized like DynamicQuantizeLinear (or with the given x_scale / x_zero_point),
+the integer convolution as int64 sums of (x_q - z_x) * w over padded, strided windows, and the
+float32 epilogue in the definition's order.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import zlib
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.domain import DOMAIN
+from onnxq.formats import post
+from onnxq.runtime import session
+
+KERNELS = {"scalar": 1, "avx2": 2, "avx512": 3}
+ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512_vnni"}}
+
+
+@functools.cache
+def _cpu_flags() -> frozenset[str]:
+    cpuinfo = Path("/proc/cpuinfo")
+    text = cpuinfo.read_text() if cpuinfo.exists() else ""
+    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+
+
+def _supported(kernel: str) -> bool:
+    return ISA_FLAGS.get(kernel, set()) <= _cpu_flags()
+
+
+SUPPORTED_KERNELS = [k for k in KERNELS if _supported(k)]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One convolution: op, code width, shapes and attributes, and which optional inputs it has."""
+
+    op: str
+    bits: int
+    n: int
+    c: int
+    hw: tuple[int, int]
+    m: int
+    kernel: tuple[int, int]
+    strides: tuple[int, int] = (1, 1)
+    pads: tuple[int, int, int, int] = (0, 0, 0, 0)
+    dilations: tuple[int, int] = (1, 1)
+    group: int = 1
+    bias: bool = True
+    calibrated: bool = False
+
+    @property
+    def k(self) -> int:
+        return self.c // self.group * self.kernel[0] * self.kernel[1]
+
+    def __str__(self) -> str:
+        return (
+            f"{self.op}{self.bits}b-n{self.n}c{self.c}-{self.hw[0]}x{self.hw[1]}-m{self.m}-k{self.kernel[0]}x{self.kernel[1]}"
+            f"-s{self.strides[0]}{self.strides[1]}-p{''.join(map(str, self.pads))}-d{self.dilations[0]}{self.dilations[1]}"
+            f"-g{self.group}{'-bias' if self.bias else ''}{'-calibrated' if self.calibrated else ''}"
+        )
+
+
+CASES = [
+    # PostConv: bits 2/3/4; 1x1 (no im2col), 3x3, 5x5, non-square; strides, pads, dilation, groups
+    Case("PostConv", 4, 1, 3, (9, 11), 5, (3, 3), pads=(1, 1, 1, 1)),
+    Case("PostConv", 4, 3, 8, (7, 7), 6, (5, 5), strides=(2, 2), pads=(2, 2, 2, 2), group=2, bias=False, calibrated=True),
+    Case("PostConv", 3, 1, 16, (13, 10), 16, (1, 1)),
+    Case("PostConv", 2, 1, 12, (12, 12), 9, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+    Case("PostConv", 4, 1, 7, (10, 9), 7, (3, 3), pads=(1, 1, 1, 1), group=7, calibrated=True),  # depthwise
+    Case("PostConv", 4, 1, 5, (11, 12), 9, (3, 5), strides=(2, 1), pads=(1, 2, 0, 1), dilations=(2, 2), bias=False),
+    Case("PostConv", 3, 3, 7, (6, 13), 10, (3, 3), dilations=(2, 1), pads=(2, 1, 2, 1)),
+    Case("PostConv", 4, 1, 32, (17, 15), 20, (3, 3), pads=(1, 1, 1, 1)),  # 255 pixels: 4 panels
+    Case("PostConv", 4, 3, 9, (13, 14), 9, (3, 3), strides=(2, 2), pads=(1, 0, 2, 1), dilations=(1, 2), group=9),
+    Case("PostConv", 3, 1, 4, (9, 10), 8, (5, 5), pads=(2, 2, 2, 2), group=4, bias=False),  # 2 outputs per input
+    Case("PostConv", 4, 1, 40, (7, 7), 24, (3, 3), pads=(1, 1, 1, 1), calibrated=True),  # small image: lanes = channels
+    Case("PostConv", 4, 2, 3, (5, 9), 16, (3, 3), pads=(1, 1, 1, 1)),
+    # IntConv: bits 2/4/5/8 (5 and 8: one int8 per byte; AVX2 splits the weights)
+    Case("IntConv", 4, 1, 3, (9, 11), 5, (3, 3), pads=(1, 1, 1, 1)),
+    Case("IntConv", 4, 3, 16, (8, 9), 12, (1, 1), strides=(2, 2), calibrated=True),
+    Case("IntConv", 2, 1, 8, (7, 7), 6, (5, 5), pads=(2, 2, 2, 2), group=2, bias=False),
+    Case("IntConv", 5, 1, 9, (10, 7), 7, (3, 3), strides=(2, 2), pads=(1, 0, 1, 0), calibrated=True),
+    Case("IntConv", 8, 3, 12, (9, 9), 15, (3, 3), pads=(1, 1, 1, 1), group=3),
+    Case("IntConv", 8, 1, 6, (13, 12), 6, (3, 3), pads=(1, 1, 1, 1), group=6, bias=False),  # depthwise
+    Case("IntConv", 5, 1, 4, (12, 11), 8, (2, 4), dilations=(2, 2), pads=(0, 1, 2, 3)),
+    Case("IntConv", 4, 1, 24, (11, 13), 17, (1, 1), pads=(1, 0, 0, 1)),
+    Case("IntConv", 8, 1, 32, (16, 16), 8, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+    Case("IntConv", 2, 3, 1, (9, 8), 4, (3, 3), strides=(1, 2)),  # one input channel, four outputs
+    Case("IntConv", 4, 2, 8, (15, 17), 12, (3, 5), strides=(2, 3), pads=(2, 1, 0, 3), dilations=(2, 1), calibrated=True),
+    Case("IntConv", 8, 1, 6, (10, 11), 9, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=3),  # 2 channels per group
+    Case("IntConv", 4, 1, 64, (9, 9), 64, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=64),  # depthwise, stride 2
+    Case("IntConv", 8, 1, 32, (6, 6), 32, (3, 3), pads=(1, 1, 1, 1), bias=False),
+    Case("IntConv", 4, 3, 3, (7, 7), 32, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+]
+
+
+def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Codes (M, K) as W's bytes: two 4-bit two's-complement nibbles per byte (low first) at <= 4 bits, else int8."""
+    if bits >= 5:
+        return codes.astype(np.int8).view(np.uint8)
+    nibbles = (codes.astype(np.int64) & 15).astype(np.uint8)
+    if nibbles.shape[1] % 2:
+        nibbles = np.pad(nibbles, ((0, 0), (0, 1)))
+    return nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)
+
+
+def _quantize(x: np.ndarray, x_scale: np.float32 | None, x_zero_point: np.uint8 | None) -> tuple[np.ndarray, np.float32, int]:
+    """X as uint8 codes: DynamicQuantizeLinear's scale and zero point, or the given ones."""
+    if x_scale is None:
+        lo = np.float32(min(0.0, x.min())) if x.size else np.float32(0)
+        hi = np.float32(max(0.0, x.max())) if x.size else np.float32(0)
+        x_scale = np.float32(1) if hi == lo else (hi - lo) / np.float32(255)
+        x_zero_point = np.rint(np.clip(np.float32(0) - lo / x_scale, 0, 255))
+    z = int(x_zero_point)
+    return np.clip(np.rint(x / x_scale) + z, 0, 255).astype(np.int64), np.float32(x_scale), z
+
+
+def _integer_conv(xq: np.ndarray, z: int, w: np.ndarray, case: Case) -> np.ndarray:
+    """sum over the receptive field of (x_q - z) * w, in int64; padding holds z (so contributes 0)."""
+    top, left, bottom, right = case.pads
+    xp = np.pad(xq - z, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    kh, kw = case.kernel
+    (sh, sw), (dh, dw) = case.strides, case.dilations
+    oh = (xp.shape[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (xp.shape[3] - dw * (kw - 1) - 1) // sw + 1
+    cg, mg = case.c // case.group, case.m // case.group
+    acc = np.zeros((case.n, case.m, oh, ow), np.int64)
+    for ky in range(kh):
+        for kx in range(kw):
+            window = xp[:, :, ky * dh : ky * dh + sh * (oh - 1) + 1 : sh, kx * dw : kx * dw + sw * (ow - 1) + 1 : sw]
+            for g in range(case.group):
+                acc[:, g * mg : (g + 1) * mg] += np.einsum("ncyx,mc->nmyx", window[:, g * cg : (g + 1) * cg], w[g * mg : (g + 1) * mg, :, ky, kx])
+    return acc
+
+
+def _post_weights(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, int]:
+    """POST codes as (w_even, w_odd, K2): sign * 2^(K2 - e/2) for even e = M - |q|, sign * 2^(K2 - (e-1)/2) for odd."""
+    big_m = 2 ** (bits - 1) - 1
+    k2 = math.ceil((big_m - 1) / 2)
+    index, sign = np.abs(codes).astype(np.int64), np.sign(codes).astype(np.int64)
+    e = big_m - index
+    power = np.where(e % 2 == 0, k2 - e // 2, k2 - (e - 1) // 2)
+    magnitude = np.where(index > 0, 2 ** np.maximum(power, 0), 0)
+    w_even = np.where(e % 2 == 0, sign * magnitude, 0)
+    w_odd = np.where(e % 2 == 1, sign * magnitude, 0)
+    return w_even, w_odd, k2
+
+
+def _reference(case: Case, x, codes, scale, bias, x_scale, x_zero_point) -> np.ndarray:
+    """The op's output from its definition, in numpy."""
+    xq, s_x, z = _quantize(x, x_scale, x_zero_point)
+    shape = (case.m, case.c // case.group, *case.kernel)
+    if case.op == "IntConv":
+        acc = _integer_conv(xq, z, codes.reshape(shape).astype(np.int64), case)
+        c = (s_x * scale)[:, None, None]
+        y = acc.astype(np.float32) * c
+    else:
+        w_even, w_odd, k2 = _post_weights(codes, case.bits)
+        acc_e = _integer_conv(xq, z, w_even.reshape(shape), case)
+        acc_o = _integer_conv(xq, z, w_odd.reshape(shape), case)
+        c_e = s_x * scale * np.float32(2.0**-k2)
+        c_o = c_e * np.float32(0.70710678118654752)
+        y = acc_e.astype(np.float32) * c_e[:, None, None] + acc_o.astype(np.float32) * c_o[:, None, None]
+    if bias is not None:
+        y = y + bias[:, None, None]
+    assert y.dtype == np.float32
+    return y
+
+
+def _model(case: Case, w: np.ndarray, scale: np.ndarray, bias, x_scale, x_zero_point, kernel: int = 0, w_input: bool = False, **extra) -> bytes:
+    """One node; W, scale, B and the activation quantization as initializers (W optionally a graph input):
+
+    X, W, scale[, B][, x_scale, x_zero_point] ─► PostConv/IntConv ─► Y
+    """
+    attributes = dict(
+        bits=case.bits,
+        kernel_shape=list(case.kernel),
+        strides=list(case.strides),
+        pads=list(case.pads),
+        dilations=list(case.dilations),
+        group=case.group,
+        kernel=kernel,
+    )
+    attributes.update(extra)
+    attributes = {key: value for key, value in attributes.items() if value is not None}
+    initializers = [numpy_helper.from_array(scale, "scale")]
+    inputs = ["X", "W", "scale", "B" if bias is not None else ""]
+    graph_inputs = [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)]
+    if w_input:
+        graph_inputs.append(helper.make_tensor_value_info("W", TensorProto.UINT8, None))
+    else:
+        initializers.append(numpy_helper.from_array(w, "W"))
+    if bias is not None:
+        initializers.append(numpy_helper.from_array(bias, "B"))
+    if x_scale is not None:
+        inputs += ["x_scale", "x_zero_point"]
+        initializers += [numpy_helper.from_array(np.asarray(x_scale, np.float32), "x_scale")]
+        initializers += [numpy_helper.from_array(np.asarray(x_zero_point, np.uint8), "x_zero_point")]
+    while inputs[-1] == "":
+        inputs.pop()
+    node = helper.make_node(case.op, inputs, ["Y"], domain=DOMAIN, **attributes)
+    graph = helper.make_graph([node], case.op, graph_inputs, [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)], initializer=initializers)
+    opsets = [helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]
+    return helper.make_model(graph, opset_imports=opsets).SerializeToString()
+
+
+def _data(case: Case, seed: int):
+    """Random X, codes (full range of the code width), per-channel scales and bias, and x_scale/x_zero_point."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal((case.n, case.c, *case.hw)) * 2 + rng.uniform(-1, 1)).astype(np.float32)
+    limit = 2 ** (case.bits - 1) - 1
+    codes = rng.integers(-limit, limit + 1, (case.m, case.k)).astype(np.int8)
+    if case.op == "IntConv" and case.bits in (4, 8):  # the packed type's whole range, -8 / -128 included
+        codes[rng.random(codes.shape) < 0.05] = -(limit + 1)
+    scale = rng.uniform(0.01, 0.2, case.m).astype(np.float32)
+    bias = rng.standard_normal(case.m).astype(np.float32) if case.bias else None
+    x_scale = x_zero_point = None
+    if case.calibrated:  # a range that clips some of X
+        x_scale, x_zero_point = np.float32(rng.uniform(0.01, 0.03)), np.uint8(rng.integers(60, 200))
+    return x, codes, scale, bias, x_scale, x_zero_point
+
+
+@pytest.mark.parametrize("case", CASES, ids=str)
+def test_every_kernel_equals_numpy_bit_for_bit(case):
+    x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=zlib.crc32(str(case).encode()))
+    expected = _reference(case, x, codes, scale, bias, x_scale, x_zero_point)
+    w = _pack(codes, case.bits)
+    for kernel in SUPPORTED_KERNELS:
+        sess = session(_model(case, w, scale, bias, x_scale, x_zero_point, kernel=KERNELS[kernel]))
+        for run, x_run in enumerate((x, x[::-1] * np.float32(0.7) - np.float32(0.3))):  # run 1: weights prepared by run 0
+            (y,) = sess.run(None, {"X": x_run})
+            want = expected if run == 0 else _reference(case, x_run, codes, scale, bias, x_scale, x_zero_point)
+            assert y.dtype == np.float32 and y.shape == want.shape, kernel
+            np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}, run {run}")
+
+
+@pytest.mark.parametrize("op,bits", [("PostConv", 4), ("IntConv", 8)])
+def test_weights_fed_at_run_time(op, bits):
+    """W as a graph input (not a constant initializer): prepared on every run, including a changed W."""
+    case = Case(op, bits, 2, 6, (8, 7), 4, (3, 3), pads=(1, 1, 1, 1))
+    x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=5)
+    for kernel in SUPPORTED_KERNELS:
+        sess = session(_model(case, _pack(codes, bits), scale, bias, x_scale, x_zero_point, kernel=KERNELS[kernel], w_input=True))
+        for flip in (codes, -codes):
+            (y,) = sess.run(None, {"X": x, "W": _pack(flip, bits)})
+            np.testing.assert_array_equal(y, _reference(case, x, flip, scale, bias, x_scale, x_zero_point))
+
+
+@pytest.mark.parametrize("hw", [(20, 20), (48, 48)])  # GemmT, then Gemm (see SimdConv)
+def test_auto_kernel_on_a_larger_layer_with_one_and_two_threads(hw):
+    """Kernel 0 (what users get) on 64 -> 64 channels, 3x3: many panels and row blocks, split over threads or not."""
+    case = Case("PostConv", 4, 2, 64, hw, 64, (3, 3), pads=(1, 1, 1, 1))
+    x, codes, scale, bias, _, _ = _data(case, seed=7)
+    model = _model(case, _pack(codes, 4), scale, bias, None, None, kernel=0)
+    want = _reference(case, x, codes, scale, bias, None, None)
+    for threads in (1, 2):
+        (y,) = session(model, threads=threads).run(None, {"X": x})
+        np.testing.assert_array_equal(y, want, err_msg=f"{threads} threads")
+
+
+def test_post_conv_by_hand():
+    """1x1, x = (3, 1), s_x = 1, z_x = 0, codes (7, -6) at 4 bits, scale 2: levels 2 * (1, -2^-0.5).
+
+    c_e = 1 * 2 * 2^-3 = 0.25; code 7: w_even = 8, acc_e = 24; code -6: w_odd = -8, acc_o = -8;
+    y = 24 * 0.25 + (-8) * (0.25 * 0.70710678f) = 6 - sqrt(2).
+    """
+    case = Case("PostConv", 4, 1, 2, (1, 1), 1, (1, 1), bias=False, calibrated=True)
+    w = _pack(np.array([[7, -6]], np.int8), 4)
+    scale = np.array([2.0], np.float32)
+    expected = np.float32(24) * np.float32(0.25) + np.float32(-8) * (np.float32(0.25) * np.float32(0.70710678118654752))
+    assert abs(float(expected) - (6 - math.sqrt(2))) < 1e-6
+    x = np.array([3.0, 1.0], np.float32).reshape(1, 2, 1, 1)
+    for kernel in SUPPORTED_KERNELS:
+        (y,) = session(_model(case, w, scale, None, np.float32(1), np.uint8(0), kernel=KERNELS[kernel])).run(None, {"X": x})
+        assert y.reshape(()) == expected
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4])
+def test_post_conv_is_close_to_float_conv_with_dequantized_weights(bits):
+    """Only the activations' rounding differs: |y - conv(x, W)| <= s_x / 2 * sum|W[m]|, plus float rounding."""
+    case = Case("PostConv", bits, 2, 10, (9, 9), 8, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=2)
+    x, codes, scale, bias, _, _ = _data(case, seed=bits)
+    (y,) = session(_model(case, _pack(codes, bits), scale, bias, None, None)).run(None, {"X": x})
+    weights = post.dequantize(codes, scale, bits)
+    assert np.abs(weights).max() > 0
+    conv = helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=2)
+    graph = helper.make_graph(
+        [conv],
+        "conv",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        initializer=[numpy_helper.from_array(weights.reshape(8, 5, 3, 3), "W"), numpy_helper.from_array(bias, "B")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"X": x})
+    _, s_x, _ = _quantize(x, None, None)
+    bound = s_x / 2 * np.abs(weights).sum(axis=1)[:, None, None] + 1e-5 * (np.abs(want) + 1)
+    assert np.all(np.abs(y - want) <= bound)
+    assert np.abs(y - want).max() > 0  # (the quantization is real)
+
+
+def _error_model(case: Case, **overrides):
+    """A model for the case with some inputs replaced (w, scale, bias, x_scale, x_zero_point) or attributes overridden."""
+    x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=3)
+    parts = dict(w=_pack(codes, case.bits), scale=scale, bias=bias, x_scale=x_scale, x_zero_point=x_zero_point)
+    attributes = {key: overrides.pop(key) for key in list(overrides) if key not in parts}
+    parts.update(overrides)
+    return x, _model(case, parts["w"], parts["scale"], parts["bias"], parts["x_scale"], parts["x_zero_point"], **attributes)
+
+
+GOOD = Case("PostConv", 4, 1, 4, (6, 6), 4, (3, 3), pads=(1, 1, 1, 1))
+
+
+def _raises_at_run(model: bytes, x: np.ndarray, match: str) -> None:
+    sess = session(model)
+    with pytest.raises(Exception, match=match):
+        sess.run(None, {"X": x})
+
+
+@pytest.mark.parametrize("kernel", SUPPORTED_KERNELS)
+def test_malformed_inputs_are_onnxruntime_errors(kernel):
+    k = KERNELS[kernel]
+    x, model = _error_model(GOOD, kernel=k)
+    _raises_at_run(model, x[0], r"PostConv: input X must have rank 4 \(N, C, H, W\), got shape \(4, 6, 6\)")
+    _raises_at_run(model, x[:, :3], r"PostConv: W has 18 bytes per output channel, but C/group\*kh\*kw = 3\*3\*3 = 27 codes")
+    x, model = _error_model(GOOD, kernel=k, group=3)
+    _raises_at_run(model, x, r"X has 4 channels, not divisible by group=3")
+    x, model = _error_model(replace(GOOD, c=6, m=4), kernel=k, group=3)
+    _raises_at_run(model, x, r"W has 4 output channels, not divisible by group=3")
+    x, model = _error_model(GOOD, kernel=k, scale=np.ones(3, np.float32))
+    _raises_at_run(model, x, r"input scale must have shape \(M,\) = \(4,\) like W's rows, got \(3,\)")
+    x, model = _error_model(GOOD, kernel=k, bias=np.ones(5, np.float32))
+    _raises_at_run(model, x, r"input B must have shape \(M,\) = \(4,\) like W's rows, got \(5,\)")
+    x, model = _error_model(GOOD, kernel=k, w=np.zeros((4, 17), np.uint8))
+    _raises_at_run(model, x, r"W has 17 bytes per output channel, but .* = 36 codes at 4 bits take 18")
+    x, model = _error_model(GOOD, kernel=k, x_scale=np.float32(0), x_zero_point=np.uint8(0))
+    _raises_at_run(model, x, r"x_scale must be positive and finite")
+    x, model = _error_model(GOOD, kernel=k, pads=[0, 0, 0, 0], dilations=[1, 2])
+    _raises_at_run(model, x[:, :, :2], r"padded input \(2 x 6\) is smaller than the dilated kernel \(3 x 5\)")
+    x, model = _error_model(replace(GOOD, op="IntConv", bits=8), kernel=k, w=np.zeros((4, 18), np.uint8))
+    _raises_at_run(model, x, r"IntConv: W has 18 bytes per output channel, .* 36 codes at 8 bits take 36")
+
+
+@pytest.mark.parametrize("bits,code", [(4, -8), (3, 4), (3, -5), (2, 2), (2, -2)])
+def test_post_codes_out_of_range_are_onnxruntime_errors(bits, code):
+    case = replace(GOOD, bits=bits)
+    codes = np.zeros((case.m, case.k), np.int8)
+    codes[2, 5] = code
+    for kernel in SUPPORTED_KERNELS:
+        x, model = _error_model(case, kernel=KERNELS[kernel], w=_pack(codes, bits))
+        _raises_at_run(model, x, rf"PostConv: code {code} at W\[2, code 5\] is out of range for {bits}-bit POST codes")
+
+
+@pytest.mark.parametrize(
+    "op,overrides,match",
+    [
+        ("PostConv", dict(bits=5), r"PostConv: attribute bits must be 2, 3 or 4 \(POST codes\), not 5"),
+        ("PostConv", dict(bits=1), r"attribute bits must be 2, 3 or 4"),
+        ("IntConv", dict(bits=9), r"IntConv: attribute bits must be in 2..8, not 9"),
+        ("IntConv", dict(kernel_shape=None), r"IntConv: attribute kernel_shape \(2 ints\) is required"),
+        ("IntConv", dict(kernel_shape=[3]), r"attribute kernel_shape must be 2 positive ints"),
+        ("IntConv", dict(strides=[0, 1]), r"attribute strides must be 2 positive ints"),
+        ("IntConv", dict(pads=[1, 1]), r"attribute pads must be 4 non-negative ints"),
+        ("IntConv", dict(dilations=[1, -1]), r"attribute dilations must be 2 positive ints"),
+        ("IntConv", dict(group=0), r"attribute group must be >= 1"),
+        ("IntConv", dict(kernel=7), r"attribute kernel must be 0 \(auto\), 1 \(scalar\), 2 \(AVX2\) or 3 \(AVX-512\), not 7"),
+    ],
+)
+def test_bad_attributes_are_session_errors(op, overrides, match):
+    case = replace(GOOD, op=op, bits=4)
+    _, model = _error_model(case, **overrides)
+    with pytest.raises(Exception, match=match):
+        session(model)
+
+
+def test_int8_weights_are_a_type_error():
+    """W must be the uint8 tensor of packed codes; onnxruntime checks the declared input types."""
+    _, codes, scale, bias, _, _ = _data(GOOD, seed=1)
+    with pytest.raises(Exception, match=r"tensor\(int8\).*PostConv"):
+        session(_model(GOOD, _pack(codes, 4).view(np.int8), scale, bias, None, None))
+
+
+def test_x_scale_without_zero_point_is_an_error():
+    x, codes, scale, bias, _, _ = _data(GOOD, seed=1)
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("PostConv", ["X", "W", "scale", "", "x_scale"], ["Y"], domain=DOMAIN, bits=4, kernel_shape=[3, 3])],
+            "g",
+            [helper.make_tensor_value_info("X", TensorProto.FLOAT, None)],
+            [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+            initializer=[
+                numpy_helper.from_array(_pack(codes, 4), "W"),
+                numpy_helper.from_array(scale, "scale"),
+                numpy_helper.from_array(np.float32(0.1), "x_scale"),
+            ],
+        ),
+        opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)],
+    )
+    _raises_at_run(model.SerializeToString(), x, r"PostConv: x_scale and x_zero_point must be given together")
+
+
+@pytest.mark.parametrize("kernel", ["avx2", "avx512"])
+def test_kernel_the_cpu_lacks_is_an_error(kernel):
+    if _supported(kernel):
+        pytest.skip(f"this CPU has {kernel}")
+    x, model = _error_model(GOOD, kernel=KERNELS[kernel])
+    with pytest.raises(Exception, match="which this CPU does not support"):
+        session(model).run(None, {"X": x})
+
+
+def test_process_survives_errors():
+    """After all the errors above, a good model still runs and is right."""
+    x, codes, scale, bias, x_scale, x_zero_point = _data(GOOD, seed=3)
+    (y,) = session(_model(GOOD, _pack(codes, 4), scale, bias, x_scale, x_zero_point)).run(None, {"X": x})
+    np.testing.assert_array_equal(y, _reference(GOOD, x, codes, scale, bias, x_scale, x_zero_point))

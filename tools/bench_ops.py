@@ -1,0 +1,142 @@
+"""Benchmark of onnxq's integer convolution ops against onnxruntime, one thread, in one run.
+
+Per layer (ResNet-18 conv shapes and a depthwise one, batch 1 and 8): onnxruntime's float
+Conv, its uint8 x int8 QLinearConv (input already quantized), and onnxq's IntConv (4-bit
+uniform) and PostConv (4-bit POST), both taking float input and quantizing it inside.
+Whole models (the shipped Fashion-MNIST ones): float, onnxq's int8 and int4 QDQ, and the
+int and post formats. Ratios are against float Conv measured in the same run.
+
+    python tools/bench_ops.py [--repeats 20] [--skip-models]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import TensorProto, helper, numpy_helper
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from onnxq import QuantizeConfig, WeightFormat, quantize  # noqa: E402
+from onnxq.runtime import session_options, uses_onnxq_ops  # noqa: E402
+from tools.machine import cpu_description  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+# (name, C_in, C_out, H=W, kernel, stride, group)
+LAYERS = [
+    ("64->64 3x3 @56", 64, 64, 56, 3, 1, 1),
+    ("128->128 3x3 @28", 128, 128, 28, 3, 1, 1),
+    ("256->256 3x3 @14", 256, 256, 14, 3, 1, 1),
+    ("512->512 3x3 @7", 512, 512, 7, 3, 1, 1),
+    ("dw 144 3x3 @28", 144, 144, 28, 3, 1, 144),
+]
+
+
+def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
+    options = session_options(threads=1, custom_ops=uses_onnxq_ops(model))
+    options.inter_op_num_threads = 1
+    return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
+def median_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], repeats: int) -> float:
+    sess.run(None, feeds)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, feeds)
+        times.append(time.perf_counter() - t)
+    return 1e3 * float(np.median(times))
+
+
+def conv_model(c_in: int, c_out: int, k: int, stride: int, group: int, weight: np.ndarray) -> onnx.ModelProto:
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[k // 2] * 4, strides=[stride] * 2, group=group)
+    graph = helper.make_graph(
+        [node],
+        "conv",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "C", "H", "W"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "M", "P", "Q"])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def qlinear_conv_model(k: int, stride: int, group: int, weight: np.ndarray) -> onnx.ModelProto:
+    w_scale = (np.abs(weight).reshape(len(weight), -1).max(axis=1) / 127).astype(np.float32)
+    w_q = np.clip(np.rint(weight / w_scale[:, None, None, None]), -127, 127).astype(np.int8)
+    inits = [
+        numpy_helper.from_array(np.array(0.02, np.float32), "xs"),
+        numpy_helper.from_array(np.array(128, np.uint8), "xz"),
+        numpy_helper.from_array(w_q, "w"),
+        numpy_helper.from_array(w_scale, "ws"),
+        numpy_helper.from_array(np.zeros(len(weight), np.int8), "wz"),
+        numpy_helper.from_array(np.array(0.05, np.float32), "ys"),
+        numpy_helper.from_array(np.array(128, np.uint8), "yz"),
+    ]
+    inputs = ["x", "xs", "xz", "w", "ws", "wz", "ys", "yz"]
+    node = helper.make_node("QLinearConv", inputs, ["y"], pads=[k // 2] * 4, strides=[stride] * 2, group=group)
+    x_info = helper.make_tensor_value_info("x", TensorProto.UINT8, None)
+    y_info = helper.make_tensor_value_info("y", TensorProto.UINT8, None)
+    graph = helper.make_graph([node], "qconv", [x_info], [y_info], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def bench_layers(repeats: int) -> None:
+    print("| layer | batch | float Conv ms | QLinearConv u8xs8 | IntConv 4-bit | PostConv 4-bit |")
+    print("|---|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for name, c_in, c_out, size, k, stride, group in LAYERS:
+        weight = (rng.standard_normal((c_out, c_in // group, k, k)) * 0.05).astype(np.float32)
+        float_model = conv_model(c_in, c_out, k, stride, group, weight)
+        ops = {
+            fmt: quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None)) for fmt in (WeightFormat.INT, WeightFormat.POST)
+        }
+        for batch in (1, 8):
+            x = rng.random((batch, c_in, size, size), dtype=np.float32)
+            base = median_ms(one_thread_session(float_model), {"x": x}, repeats)
+            q8 = median_ms(one_thread_session(qlinear_conv_model(k, stride, group, weight)), {"x": (x * 255).astype(np.uint8)}, repeats)
+            cells = [f"{base / median_ms(one_thread_session(m), {'x': x}, repeats):.2f}x" for m in ops.values()]
+            print(f"| {name} | {batch} | {base:.2f} | {base / q8:.2f}x | {cells[0]} | {cells[1]} |", flush=True)
+
+
+def bench_models(repeats: int) -> None:
+    print("\n| model | batch | float ms | int8 QDQ | int4 QDQ | int (IntConv) | post (PostConv) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    rng = np.random.default_rng(0)
+    for path in sorted((REPO / "models").glob("*.onnx")):
+        float_model = onnx.load(path)
+        variants = [
+            QuantizeConfig(bits=8),
+            QuantizeConfig(bits=4),
+            QuantizeConfig(bits=4, format=WeightFormat.INT),
+            QuantizeConfig(bits=4, format=WeightFormat.POST),
+        ]
+        models = [quantize(float_model, config) for config in variants]
+        name = float_model.graph.input[0].name
+        for batch in (1, 8):
+            feeds = {name: rng.random((batch, 1, 28, 28), dtype=np.float32)}
+            base = median_ms(one_thread_session(float_model), feeds, repeats)
+            cells = [f"{base / median_ms(one_thread_session(m), feeds, repeats):.2f}x" for m in models]
+            print(f"| {path.stem} | {batch} | {base:.2f} | " + " | ".join(cells) + " |", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--skip-models", action="store_true")
+    args = parser.parse_args(argv)
+    print(cpu_description())
+    print(f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), median of {args.repeats} runs\n")
+    bench_layers(args.repeats)
+    if not args.skip_models:
+        bench_models(args.repeats)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
