@@ -125,3 +125,13 @@ def test_cli_on_constant_node_and_external_data_variants(tmp_path, capsys):
     results = {name: run(path, {"input": x}) for name, path in outputs.items()}
     np.testing.assert_array_equal(results["const"], results["plain"])
     np.testing.assert_array_equal(results["ext"], results["plain"])
+
+
+@pytest.mark.parametrize("fmt", ["post", "int"])
+def test_resnet20_custom_op_formats_lose_at_most_1pp(test_split, resnet_float_top1, fmt):
+    from onnxq import WeightFormat
+
+    model = quantize(RESNET, QuantizeConfig(bits=4, format=WeightFormat(fmt)))
+    assert sum(n.domain == "ai.onnxq" for n in model.graph.node) == 20
+    top1 = accuracy(model.SerializeToString(), test_split).top1
+    assert resnet_float_top1 - top1 <= 0.01, (resnet_float_top1, top1)
