@@ -8,37 +8,25 @@ float32 epilogue in the definition's order.
 
 from __future__ import annotations
 
-import functools
 import math
 import zlib
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import KERNELS as ALL_KERNELS
+from conftest import kernel_supported
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.domain import DOMAIN
 from onnxq.formats import post
 from onnxq.runtime import session
 
-KERNELS = {"scalar": 1, "avx2": 2, "avx512": 3}
-ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512_vnni"}}
+KERNELS = {name: value for name, value in ALL_KERNELS.items() if name != "auto"}
 
 
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-
-
-def _supported(kernel: str) -> bool:
-    return ISA_FLAGS.get(kernel, set()) <= _cpu_flags()
-
-
-SUPPORTED_KERNELS = [k for k in KERNELS if _supported(k)]
+SUPPORTED_KERNELS = [k for k in KERNELS if kernel_supported(k)]
 
 
 @dataclass(frozen=True)
@@ -411,7 +399,7 @@ def test_x_scale_without_zero_point_is_an_error():
 
 @pytest.mark.parametrize("kernel", ["avx2", "avx512"])
 def test_kernel_the_cpu_lacks_is_an_error(kernel):
-    if _supported(kernel):
+    if kernel_supported(kernel):
         pytest.skip(f"this CPU has {kernel}")
     x, model = _error_model(GOOD, kernel=KERNELS[kernel])
     with pytest.raises(Exception, match="which this CPU does not support"):

@@ -14,26 +14,15 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from conftest import ISA_FLAGS, KERNELS, cpu_flags, kernel_supported
 from onnx import TensorProto, helper
 
 from onnxq.domain import DOMAIN
 from onnxq.runtime import get_library_path, session
 
-# Values of QuantizeDynamicU8's `kernel` attribute, and the /proc/cpuinfo flags each SIMD kernel
-# needs (those csrc/cpu.h checks).
-KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
-ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512_vnni"}}
-
-
-@functools.cache
-def _cpu_flags() -> frozenset[str]:
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
-
 
 def _unsupported(kernel: str) -> bool:
-    return kernel in ISA_FLAGS and not ISA_FLAGS[kernel] <= _cpu_flags()
+    return not kernel_supported(kernel)
 
 
 def _model(op_type: str, domain: str, x_type: int = TensorProto.FLOAT, **attributes: int) -> bytes:
@@ -128,7 +117,7 @@ def test_equals_onnxruntime_and_numpy(name, x):
 @pytest.mark.parametrize("kernel", ["scalar", "avx2", "avx512"])
 def test_each_kernel_equals_numpy(kernel):
     if _unsupported(kernel):
-        pytest.skip(f"this CPU lacks {sorted(ISA_FLAGS[kernel] - _cpu_flags())}")
+        pytest.skip(f"this CPU lacks {sorted(ISA_FLAGS[kernel] - cpu_flags())}")
     for _, x in INPUTS:
         _assert_same(_run(x, kernel), _reference(x))
 
@@ -148,7 +137,7 @@ def test_rounds_half_to_even_by_hand():
 def test_simd_kernel_equals_scalar_kernel(kernel):
     """Every length up to 100 (all loop tails), and NaN and infinities, which onnxruntime does not define."""
     if _unsupported(kernel):
-        pytest.skip(f"this CPU lacks {sorted(ISA_FLAGS[kernel] - _cpu_flags())}")
+        pytest.skip(f"this CPU lacks {sorted(ISA_FLAGS[kernel] - cpu_flags())}")
     rng = np.random.default_rng(1)
     cases = [rng.standard_normal(n).astype(np.float32) * 10 for n in range(101)]
     for special in (np.nan, np.inf, -np.inf):
