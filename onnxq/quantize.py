@@ -75,12 +75,7 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
     for plan in plans:
         weight = to_array(consts[plan.tensor])
         op_type = _custom_op_for(plan, nodes, weight.ndim, config)
-        if op_type == POST_CONV:
-            q = quantize_post_weight(weight, plan.bits, 0)
-        elif op_type == INT_CONV:
-            q = quantize_weight(weight, plan.bits, _axis(plan, config), SqrtMode.OFF, config.range)
-        else:
-            q = quantize_weight(weight, plan.bits, _axis(plan, config), config.sqrt, config.range)
+        q = _quantize_tensor(weight, plan, op_type, config)
         if op_type is None:
             qdq[plan.tensor] = q
         else:
@@ -92,6 +87,14 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
         replace_convs(loaded.model.graph, custom)
         declare_domain(loaded.model)
     return QuantizationResult(loaded.model, layers, skipped, loaded)
+
+
+def _quantize_tensor(weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig) -> QuantizedTensor:
+    """Codes for one weight in the format its op needs: POST, plain uniform (IntConv), or uniform/sqrt (QDQ)."""
+    if op_type == POST_CONV:
+        return quantize_post_weight(weight, plan.bits, 0)
+    sqrt = SqrtMode.OFF if op_type == INT_CONV else config.sqrt
+    return quantize_weight(weight, plan.bits, _axis(plan, config), sqrt, config.range)
 
 
 def _custom_op_for(plan: WeightPlan, nodes: dict[str, onnx.NodeProto], rank: int, config: QuantizeConfig) -> str | None:

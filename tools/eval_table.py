@@ -6,6 +6,8 @@ with onnxruntime. Methods (weights only; first and last layers at 8 bits in all)
   REQuant      alpha searched for the least weight MSE
   REQuant+sqrt REQuant in the sqrt domain for every layer
   REQuant auto REQuant, plain or sqrt per layer by weight MSE (onnxq's default)
+  int / post   --format int / post: Conv layers in onnxq's IntConv / PostConv ops, which also
+               quantize their input activations to uint8 (dynamic range); per channel only
 onnxruntime's weight quantizers for Conv exist only at 8 bits (quantize_dynamic, which also
 quantizes activations on the fly); its 4-bit weight-only tool (MatMulNBits) covers MatMul only.
 
@@ -21,21 +23,26 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq import Granularity, QuantizeConfig, RangeMethod, SqrtMode, quantize  # noqa: E402
+from onnxq import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat, quantize  # noqa: E402
 from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split  # noqa: E402
 from onnxq.evaluate import accuracy  # noqa: E402
 
 METHODS = {
-    "absmax": (RangeMethod.ABSMAX, SqrtMode.OFF),
-    "REQuant": (RangeMethod.SEARCH, SqrtMode.OFF),
-    "REQuant+sqrt": (RangeMethod.SEARCH, SqrtMode.ON),
-    "REQuant auto": (RangeMethod.SEARCH, SqrtMode.AUTO),
+    "absmax": dict(range=RangeMethod.ABSMAX, sqrt=SqrtMode.OFF),
+    "REQuant": dict(range=RangeMethod.SEARCH, sqrt=SqrtMode.OFF),
+    "REQuant+sqrt": dict(range=RangeMethod.SEARCH, sqrt=SqrtMode.ON),
+    "REQuant auto": dict(range=RangeMethod.SEARCH, sqrt=SqrtMode.AUTO),
+    "int (IntConv)": dict(format=WeightFormat.INT),
+    "post (PostConv)": dict(format=WeightFormat.POST),
 }
+#: The op formats quantize activations too and run per channel; POST exists at 2-4 bits.
+OP_FORMATS = {"int (IntConv)": 8, "post (PostConv)": 4}
 
 
-def onnxq_top1(model: Path, data: LabelledImages, bits: int, method: str, granularity: Granularity) -> float:
-    range_method, sqrt = METHODS[method]
-    config = QuantizeConfig(bits=bits, granularity=granularity, sqrt=sqrt, range=range_method)
+def onnxq_top1(model: Path, data: LabelledImages, bits: int, method: str, granularity: Granularity) -> float | None:
+    if method in OP_FORMATS and (bits > OP_FORMATS[method] or granularity is Granularity.TENSOR):
+        return None
+    config = QuantizeConfig(bits=bits, granularity=granularity, **METHODS[method])
     return accuracy(quantize(model, config).SerializeToString(), data).top1
 
 
@@ -62,12 +69,12 @@ def main(argv: list[str] | None = None) -> int:
     print("|" + "---|" * (header.count("|") - 1))
     for model in args.models:
         base = accuracy(model, data).top1
-        print(f"| {model.stem} | float | | {100 * base:.2f} | | | | |")
+        print(f"| {model.stem} | float | | {100 * base:.2f} |" + " |" * len(METHODS))
         for bits in args.bits:
             for granularity in (Granularity.CHANNEL, Granularity.TENSOR):
                 cells = [onnxq_top1(model, data, bits, m, granularity) for m in METHODS]
                 ort = ort_dynamic_top1(model, data, granularity is Granularity.CHANNEL) if bits == 8 else None
-                text = [f"{100 * c:.2f} ({100 * (c - base):+.2f})" for c in cells]
+                text = ["n/a" if c is None else f"{100 * c:.2f} ({100 * (c - base):+.2f})" for c in cells]
                 text.append(f"{100 * ort:.2f} ({100 * (ort - base):+.2f}) W8A8-dyn" if ort is not None else "n/a")
                 print(f"| {model.stem} | {bits} | {granularity.value} | " + " | ".join(text) + " |", flush=True)
     return 0
