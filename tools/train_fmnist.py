@@ -48,6 +48,7 @@ from onnx import numpy_helper
 from torch import nn
 
 from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split
+from onnxq.prepare import lift_constants
 
 #: Per-pixel mean and std of the Fashion-MNIST training images (scaled to [0, 1]).
 FMNIST_MEAN = 0.2860
@@ -347,23 +348,6 @@ def _inline_identity_initializers(model: onnx.ModelProto) -> int:
     return replaced
 
 
-def _constants_to_initializers(model: onnx.ModelProto) -> int:
-    """Turn top-level ``Constant`` nodes (e.g. ReLU6's Clip bounds) into initializers; returns how many."""
-    keep, moved = [], 0
-    for node in model.graph.node:
-        if node.op_type == "Constant" and len(node.attribute) == 1 and node.attribute[0].name == "value":
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(node.attribute[0].t)
-            tensor.name = node.output[0]
-            model.graph.initializer.append(tensor)
-            moved += 1
-        else:
-            keep.append(node)
-    del model.graph.node[:]
-    model.graph.node.extend(keep)
-    return moved
-
-
 def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str]) -> onnx.ModelProto:
     """Export ``model`` (eval mode) to a single self-contained ONNX file with BN kept separate."""
     model.eval()
@@ -391,7 +375,7 @@ def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str]) -> onnx.
     n = _inline_identity_initializers(proto)
     if n:
         print(f"export: replaced {n} Identity(initializer) nodes by initializers")
-    n = _constants_to_initializers(proto)
+    n = lift_constants(proto.graph)
     if n:
         print(f"export: turned {n} Constant nodes into initializers")
     onnx.checker.check_model(proto)
