@@ -93,3 +93,19 @@ def depthwise_convtranspose(seed: int = 0) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 6, 12, 12])
     return _model(nodes, [x], [y], inits)
+
+
+def conv_then_if(seed: int = 0) -> onnx.ModelProto:
+    """x[1,3,8,8] -> Conv(w) -> h;  If(cond): then Conv(h, w2) (w2 from the outer graph), else Relu(h) -> y"""
+    rng = np.random.default_rng(seed)
+    h_info = helper.make_tensor_value_info("t", TensorProto.FLOAT, [1, 8, 8, 8])
+    then_branch = helper.make_graph([helper.make_node("Conv", ["h", "w2"], ["t"], pads=[1, 1, 1, 1])], "then", [], [h_info])
+    e_info = helper.make_tensor_value_info("e", TensorProto.FLOAT, [1, 8, 8, 8])
+    else_branch = helper.make_graph([helper.make_node("Relu", ["h"], ["e"])], "else", [], [e_info])
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]),
+        helper.make_node("If", ["cond"], ["y"], name="branch", then_branch=then_branch, else_branch=else_branch),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    inits = [numpy_helper.from_array(_weight(rng, 8, 3, 3, 3), "w"), numpy_helper.from_array(_weight(rng, 8, 8, 3, 3), "w2")]
+    return _model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)

@@ -161,3 +161,17 @@ def test_codes_decode_to_reported_sqnr():
     w = onnx.numpy_helper.to_array(_init(conv_bn_relu_gemm(with_bn=False), "w2")).astype(np.float64)
     sqnr = 10 * np.log10(np.sum(w**2) / np.sum((w - codes * scale) ** 2))
     assert sqnr == pytest.approx(layer.sqnr_db, abs=1e-3)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_control_flow_model_quantizes_outer_graph_and_runs(bits):
+    from models import conv_then_if
+
+    model = conv_then_if()
+    result = quantize_with_report(model, QuantizeConfig(bits=bits, first_last_bits=None))
+    assert [layer.tensor for layer in result.layers] == ["w"]  # the If body's Conv keeps its float weight
+    assert "w2" in {t.name for t in result.model.graph.initializer}
+    x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
+    for cond in (True, False):
+        feeds = {"x": x, "cond": np.array(cond)}
+        np.testing.assert_allclose(run(result.model, feeds), run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-6)
