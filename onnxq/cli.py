@@ -7,11 +7,20 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import NoReturn
 
 from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 
 BIT_CHOICES = range(2, 9)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with usage errors said in one line (exit status 2), like onnxq's other errors."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line naming the problem and how to get help, then exit with status 2."""
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def default_output(model: Path, bits: int) -> Path:
@@ -80,7 +89,7 @@ def _add_evaluate(sub: argparse._SubParsersAction) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``onnxq`` command."""
-    parser = argparse.ArgumentParser(prog="onnxq", description="Post-training quantization of ONNX models.")
+    parser = _Parser(prog="onnxq", description="Post-training quantization of ONNX models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
     _add_evaluate(sub)

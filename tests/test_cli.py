@@ -101,6 +101,8 @@ def test_unsupported_bits_is_a_usage_error(model_path, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["quantize", str(model_path), "-b", "9"])
     assert exit_info.value.code == 2
+    line = _error_line(capsys)
+    assert "-b/--bits" in line and "invalid choice: 9" in line
 
 
 def test_existing_output_is_replaced_only_when_the_new_one_is_good(model_path, tmp_path):
