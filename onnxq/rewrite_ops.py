@@ -12,6 +12,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.domain import DOMAIN
+from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import NameSource, attribute
 from onnxq.weights import QuantizedTensor
@@ -29,10 +30,9 @@ def pack_rows(codes: np.ndarray, bits: int) -> np.ndarray:
     codes = np.asarray(codes, dtype=np.int8)
     if storage_bits(bits) == 8:
         return codes.view(np.uint8).copy()
-    if codes.shape[1] % 2:
+    if codes.shape[1] % 2:  # pad each row to whole bytes; then row-major packing keeps rows apart
         codes = np.concatenate([codes, np.zeros((codes.shape[0], 1), np.int8)], axis=1)
-    nibbles = codes.view(np.uint8) & 0x0F
-    return (nibbles[:, 0::2] | (nibbles[:, 1::2] << 4)).astype(np.uint8)
+    return np.frombuffer(pack_int4(codes), dtype=np.uint8).reshape(codes.shape[0], -1).copy()
 
 
 def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:

@@ -84,20 +84,9 @@ def quantize_weight(
             q = uniform.quantize_best(rows, bits, use_sqrt)
         else:
             q = uniform.absmax_rows(rows, bits, use_sqrt)
-        approx = q.dequantize()
-        mse = float(np.mean((rows.astype(np.float64) - approx) ** 2)) if rows.size else 0.0
-        if best is None or mse < best.mse:
-            scale = q.scale if axis is not None else q.scale.reshape(())
-            best = QuantizedTensor(
-                codes=from_rows(q.codes, weight.shape, axis),
-                scale=scale,
-                axis=axis,
-                bits=bits,
-                sqrt=use_sqrt,
-                alpha=q.alpha,
-                mse=mse,
-                sqnr_db=sqnr_db(rows, approx),
-            )
+        candidate = _from_row_codes(rows, q, weight.shape, axis, sqrt=use_sqrt, is_post=False)
+        if best is None or candidate.mse < best.mse:
+            best = candidate
     assert best is not None
     return best
 
@@ -106,16 +95,22 @@ def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None) -> Qua
     """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched."""
     weight = np.asarray(weight, dtype=np.float32)
     rows = to_rows(weight, axis)
-    q = post.quantize_best(rows, bits)
+    return _from_row_codes(rows, post.quantize_best(rows, bits), weight.shape, axis, sqrt=False, is_post=True)
+
+
+def _from_row_codes(
+    rows: np.ndarray, q: uniform.UniformWeights | post.PostWeights, shape: tuple[int, ...], axis: int | None, sqrt: bool, is_post: bool
+) -> QuantizedTensor:
+    """Row-wise codes back in the tensor's shape, with the error they leave measured against ``rows``."""
     approx = q.dequantize()
     return QuantizedTensor(
-        codes=from_rows(q.codes, weight.shape, axis),
+        codes=from_rows(q.codes, shape, axis),
         scale=q.scale if axis is not None else q.scale.reshape(()),
         axis=axis,
-        bits=bits,
-        sqrt=False,
+        bits=q.bits,
+        sqrt=sqrt,
         alpha=q.alpha,
         mse=float(np.mean((rows.astype(np.float64) - approx) ** 2)) if rows.size else 0.0,
         sqnr_db=sqnr_db(rows, approx),
-        post=True,
+        post=is_post,
     )
