@@ -19,8 +19,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse with usage errors said in one line (exit status 2), like onnxq's other errors."""
 
     def error(self, message: str) -> NoReturn:
-        """Print one line naming the problem and how to get help, then exit with status 2."""
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+        """Print one line naming the problem and how to get help, then exit with status 2.
+
+        The line starts ``onnxq: error:`` whatever the subcommand, like every other error.
+        """
+        self.exit(2, f"onnxq: error: {message} (see {self.prog} --help)\n")
 
 
 def default_output(model: Path, bits: int) -> Path:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,9 +89,45 @@ def _check(loaded: LoadedModel) -> None:
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise OnnxqError(loaded.label, f"invalid ONNX model: {first}") from e
+    except UnicodeDecodeError as e:  # the checker's message quotes a name whose bytes are not UTF-8
+        raise OnnxqError(loaded.label, "invalid ONNX model: a name or string in it is not valid UTF-8") from e
     opset = default_opset(model)
     if opset is None:
         raise OnnxqError(loaded.label, "model does not import the default ONNX domain")
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:
+        raise OnnxqError(loaded.label, f"opset {opset} is newer than onnx {onnx.__version__} knows (up to {newest})")
+    _check_initializers(loaded)
+
+
+#: Bits per element of the types ONNX packs several to a byte.
+_PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4}
+
+
+def _check_initializers(loaded: LoadedModel) -> None:
+    """Every main-graph initializer has a known type and exactly the data its shape needs.
+
+    onnx.checker catches too little data but not too much, nor (in raw_data) an unknown
+    type; numpy would later fail on them with a message that names no tensor.
+    """
+    for t in loaded.model.graph.initializer:
+        if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
+            continue
+        try:
+            itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+        except KeyError:
+            raise OnnxqError(loaded.label, f"initializer {t.name} has unknown data type {t.data_type}") from None
+        count = math.prod(t.dims)
+        bits = _PACKED_BITS.get(t.data_type, 8 * itemsize)
+        if t.raw_data:
+            held, needed, unit = len(t.raw_data), (count * bits + 7) // 8, "bytes"
+        else:
+            held = len(getattr(t, onnx.helper.tensor_dtype_to_field(t.data_type)))
+            complex_parts = 2 if t.data_type in (onnx.TensorProto.COMPLEX64, onnx.TensorProto.COMPLEX128) else 1
+            needed, unit = ((count * bits + 7) // 8 if t.data_type in _PACKED_BITS else count * complex_parts), "values"
+        if held != needed:
+            type_name = onnx.TensorProto.DataType.Name(t.data_type)
+            raise OnnxqError(loaded.label, f"initializer {t.name} holds {held} {unit} but its shape {tuple(t.dims)} of {type_name} needs {needed}")
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:
@@ -108,9 +146,22 @@ def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
     try:
         converted = version_converter.convert_version(loaded.model, minimum)
     except Exception as e:  # the converter raises RuntimeError or its own errors
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        reason = _conversion_failure(loaded.model, e)
         hint = " (int4 weights need opset 21; -b 5 or more stores int8 and keeps the opset)" if minimum >= INT4_OPSET else ""
         raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}{hint}") from e
     if minimum >= INT4_OPSET:
         converted.ir_version = max(converted.ir_version, INT4_IR_VERSION)
     loaded.model = converted
+
+
+#: The file/line/assertion prefix of the version converter's C++ messages.
+_ASSERTION_PREFIX = re.compile(r"^.*?Assertion `.*?` failed: ")
+
+
+def _conversion_failure(model: onnx.ModelProto, error: Exception) -> str:
+    """Why the version converter failed, said briefly: ops onnx does not know, or its message without the C++ prefix."""
+    unknown = sorted({n.op_type for n in model.graph.node if n.domain in ("", "ai.onnx") and not onnx.defs.has(n.op_type)})
+    if unknown:
+        return f"ops that onnx {onnx.__version__} does not know: {', '.join(unknown)}"
+    text = str(error).strip()
+    return _ASSERTION_PREFIX.sub("", text.splitlines()[0]) if text else type(error).__name__

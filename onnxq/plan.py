@@ -100,6 +100,8 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
     """Map each quantizable weight tensor to the nodes that use it as a weight."""
     consts = constant_initializers(graph)
     outputs = {o.name for o in graph.output}
+    inputs = {i.name for i in graph.input}
+    initializers = {t.name for t in graph.initializer}
     uses: dict[str, list[WeightUse]] = {}
     skipped: list[Skipped] = []
     for node in graph.node:
@@ -109,7 +111,11 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         name = node.input[1]
         tensor = consts.get(name)
         if tensor is None:
-            skipped.append(Skipped(node.name, "weight is computed or a graph input, not a constant"))
+            if name in initializers:
+                reason = "weight is an initializer also listed as a graph input, which callers may override"
+            else:
+                reason = "weight is a graph input, not a constant" if name in inputs else "weight is computed, not a constant"
+            skipped.append(Skipped(node.name, reason))
             continue
         if tensor.data_type not in FLOAT_TYPES:
             skipped.append(Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32"))

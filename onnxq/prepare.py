@@ -28,6 +28,28 @@ def name_nodes(graph: onnx.GraphProto) -> int:
     return changed
 
 
+#: First IR version in which an initializer need not also be a graph input.
+INITIALIZERS_NOT_INPUTS_IR = 4
+
+
+def unlist_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Before IR 4 every initializer was also listed as a graph input; drop those listings (IR 4 allows it).
+
+    onnxruntime never lets callers override initializers of such models, so they are
+    constants in effect; unlisted, the quantizer sees them as the weights they are.
+    """
+    if model.ir_version >= INITIALIZERS_NOT_INPUTS_IR:
+        return 0
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in initializers]
+    dropped = len(graph.input) - len(keep)
+    del graph.input[:]
+    graph.input.extend(keep)
+    model.ir_version = INITIALIZERS_NOT_INPUTS_IR
+    return dropped
+
+
 def lift_constants(graph: onnx.GraphProto) -> int:
     """Turn ``Constant`` nodes holding a tensor into initializers, so weights look alike whatever the exporter."""
     outputs = {o.name for o in graph.output}
@@ -159,6 +181,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """Run the preparation passes in order and return the prepared model."""
     graph = model.graph
+    unlist_initializer_inputs(model)
     name_nodes(graph)
     lifted = lift_constants(graph)
     bypass_constant_identities(graph)

@@ -64,7 +64,7 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
     loaded.model = prepare(loaded.model)
     plans, skipped = plan_weights(loaded.model.graph, config)
     if not plans:
-        raise OnnxqError(loaded.label, "no quantizable weights (Conv, ConvTranspose, Gemm or MatMul with constant float32 weights)")
+        raise OnnxqError(loaded.label, _nothing_to_quantize(skipped))
     if any(storage_bits(p.bits) == 4 for p in plans):
         ensure_opset(loaded, INT4_OPSET)
     consts = constant_initializers(loaded.model.graph)
@@ -74,6 +74,9 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
     layers: list[LayerResult] = []
     for plan in plans:
         weight = to_array(consts[plan.tensor])
+        if not np.isfinite(weight).all():
+            names = " ".join(plan.nodes)
+            raise OnnxqError(loaded.label, f"weight {plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
         op_type = _custom_op_for(plan, nodes, weight.ndim, config)
         q = _quantize_tensor(weight, plan, op_type, config)
         if op_type is None:
@@ -87,6 +90,15 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
         replace_convs(loaded.model.graph, custom)
         declare_domain(loaded.model)
     return QuantizationResult(loaded.model, layers, skipped, loaded)
+
+
+def _nothing_to_quantize(skipped: list[Skipped]) -> str:
+    """The error for a model without a weight to quantize, with the first weighted node's reason."""
+    message = "no quantizable weights (Conv, ConvTranspose, Gemm or MatMul with constant float32 weights)"
+    if skipped:
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        message += f"; left float: {skipped[0].node} ({skipped[0].reason}){more}"
+    return message
 
 
 def _quantize_tensor(weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig) -> QuantizedTensor:

@@ -109,3 +109,59 @@ def conv_then_if(seed: int = 0) -> onnx.ModelProto:
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, 8, 8]), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
     inits = [numpy_helper.from_array(_weight(rng, 8, 3, 3, 3), "w"), numpy_helper.from_array(_weight(rng, 8, 8, 3, 3), "w2")]
     return _model(nodes, inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8, 8, 8])], inits)
+
+
+def matmul_then_loop(seed: int = 0) -> onnx.ModelProto:
+    """x[1,8] -> MatMul(w) -> h;  Loop(3 times, state s = h): s = Relu(MatMul(MatMul(s, wb), w2)) -> y
+    (wb is an initializer of the body, w2 comes from the outer graph)
+    """
+    rng = np.random.default_rng(seed)
+    v = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["s_in", "wb"], ["m1"]),
+            helper.make_node("MatMul", ["m1", "w2"], ["m2"]),
+            helper.make_node("Relu", ["m2"], ["s_out"]),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [v("i", TensorProto.INT64, []), v("cond_in", TensorProto.BOOL, []), v("s_in", TensorProto.FLOAT, [1, 8])],
+        [v("cond_out", TensorProto.BOOL, []), v("s_out", TensorProto.FLOAT, [1, 8])],
+        [numpy_helper.from_array(_weight(rng, 8, 8), "wb")],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Loop", ["trips", "", "h"], ["y"], name="loop", body=body),
+    ]
+    inits = [
+        numpy_helper.from_array(_weight(rng, 8, 8), "w"),
+        numpy_helper.from_array(_weight(rng, 8, 8), "w2"),
+        numpy_helper.from_array(np.array(3, dtype=np.int64), "trips"),
+    ]
+    return _model(nodes, [v("x", TensorProto.FLOAT, [1, 8])], [v("y", TensorProto.FLOAT, [1, 8])], inits)
+
+
+def matmul_then_scan(seed: int = 0) -> onnx.ModelProto:
+    """x[T,8] -> MatMul(w) -> h;  Scan over the rows h_t of h, state s[8] = 0:
+    s = Tanh(MatMul(h_t, ws) + s), y_t = s -> y[T,8]   (ws is an initializer of the body)
+    """
+    rng = np.random.default_rng(seed)
+    v = helper.make_tensor_value_info
+    body = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["h_t", "ws"], ["m"]),
+            helper.make_node("Add", ["m", "s_in"], ["a"]),
+            helper.make_node("Tanh", ["a"], ["s_out"]),
+            helper.make_node("Identity", ["s_out"], ["y_t"]),
+        ],
+        "body",
+        [v("s_in", TensorProto.FLOAT, [8]), v("h_t", TensorProto.FLOAT, [8])],
+        [v("s_out", TensorProto.FLOAT, [8]), v("y_t", TensorProto.FLOAT, [8])],
+        [numpy_helper.from_array(_weight(rng, 8, 8), "ws")],
+    )
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Scan", ["s0", "h"], ["s_last", "y"], name="scan", body=body, num_scan_inputs=1),
+    ]
+    inits = [numpy_helper.from_array(_weight(rng, 8, 8), "w"), numpy_helper.from_array(np.zeros(8, dtype=np.float32), "s0")]
+    return _model(nodes, [v("x", TensorProto.FLOAT, ["T", 8])], [v("y", TensorProto.FLOAT, ["T", 8])], inits)
