@@ -1,4 +1,4 @@
-"""The ``onnxq`` command line: ``onnxq quantize`` and ``onnxq evaluate``."""
+"""The ``onnxq`` command line: ``onnxq quantize``, ``onnxq inspect`` and ``onnxq evaluate``."""
 
 from __future__ import annotations
 
@@ -71,6 +71,20 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(run=_run_quantize)
 
 
+def _add_inspect(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "inspect",
+        parents=[_common_options()],
+        help="list the weights of any ONNX model: format, bits, granularity, size per node",
+        description="List what an ONNX model's weights are (float, int8/int4 QDQ, onnxruntime's QLinear/Integer/MatMulNBits "
+        "ops, onnxq's IntConv/PostConv): per weighted node its format, bits, granularity, sqrt mode, activation "
+        "quantization and stored bytes, then totals. Reads no weight values, so external data is not loaded.",
+    )
+    p.add_argument("model", type=Path, help="any ONNX model")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=_run_inspect)
+
+
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
     from onnxq.datasets import FASHION_MNIST_DIR
 
@@ -95,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="onnxq", description="Post-training quantization of ONNX models.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_quantize(sub)
+    _add_inspect(sub)
     _add_evaluate(sub)
     return parser
 
@@ -132,6 +147,17 @@ def _run_quantize(args: argparse.Namespace) -> int:
     external = args.external_data or (result.source is not None and result.source.external_data)
     save_model(result.model, output, external_data=external)
     print(summary(result, args.model, output, verbose=args.verbose))
+    return 0
+
+
+def _run_inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from onnxq.inspect import inspect_model
+    from onnxq.report import inventory_table
+
+    inventory = inspect_model(args.model)
+    print(json.dumps(inventory.to_dict(), indent=1) if args.json else inventory_table(inventory))
     return 0
 
 

@@ -49,7 +49,8 @@ def load(source: str | os.PathLike[str] | onnx.ModelProto) -> LoadedModel:
     return loaded
 
 
-def _load_file(path: Path) -> LoadedModel:
+def read_model_file(path: Path) -> onnx.ModelProto:
+    """Read a model file's protobuf without its external data, or fail with a one-line error naming the file."""
     if not path.exists():
         raise OnnxqError(path, "no such file")
     if path.is_dir():
@@ -60,6 +61,11 @@ def _load_file(path: Path) -> LoadedModel:
         raise OnnxqError(path, f"not a readable ONNX model ({type(e).__name__})") from e
     if not model.graph.node and not model.graph.initializer:
         raise OnnxqError(path, "not an ONNX model (empty graph)")
+    return model
+
+
+def _load_file(path: Path) -> LoadedModel:
+    model = read_model_file(path)
     external = uses_external_data(model)
     if external:
         try:

@@ -1,0 +1,247 @@
+"""onnxq inspect: formats, bits, granularity and stored bytes of any model's weights, checked against the initializers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from models import conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, shared_weight_matmuls
+from onnxq.cli import main
+from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
+from onnxq.inspect import inspect_model
+from onnxq.quantize import quantize
+from onnxq.save import save_model
+
+INT_TYPES = {TensorProto.INT4: ("int4", 4), TensorProto.INT8: ("int8", 8), TensorProto.UINT8: ("uint8", 8)}
+BITS = {**{t: b for t, (_, b) in INT_TYPES.items()}, TensorProto.FLOAT: 32}
+
+
+def _bytes(tensor: onnx.TensorProto) -> int:
+    """Stored bytes of an initializer from its dims and type."""
+    return (math.prod(tensor.dims) * BITS[tensor.data_type] + 7) // 8
+
+
+def _by_node(inventory):
+    return {n.node: n for n in inventory.nodes}
+
+
+def _qdq_expectations(model: onnx.ModelProto) -> dict[str, dict]:
+    """For each Conv/Gemm/MatMul, what its weight is, read off onnxq's rewrite: DequantizeLinear [-> Abs, Mul]."""
+    inits = {t.name: t for t in model.graph.initializer}
+    producer = {o: n for n in model.graph.node for o in n.output}
+    expected = {}
+    for node in model.graph.node:
+        if node.op_type not in ("Conv", "Gemm", "MatMul"):
+            continue
+        source, sqrt = producer.get(node.input[1]), False
+        if source is not None and source.op_type == "Mul":
+            source, sqrt = producer[source.input[0]], True
+        if source is None:
+            t = inits[node.input[1]]
+            expected[node.name] = {"format": "float32", "bits": 32, "weight_bytes": 4 * math.prod(t.dims), "sqrt": False, "granularity": None}
+            continue
+        codes, scale = inits[source.input[0]], inits[source.input[1]]
+        fmt, bits = INT_TYPES[codes.data_type]
+        count = math.prod(codes.dims)
+        assert len(codes.raw_data) == (count * bits + 7) // 8
+        expected[node.name] = {
+            "format": fmt,
+            "bits": bits,
+            "weight_bytes": (count * bits + 7) // 8,
+            "sqrt": sqrt,
+            "granularity": "channel" if len(scale.dims) == 1 else "tensor",
+            "scale_bytes": sum(_bytes(inits[name]) for name in source.input[1:]),  # scale and zero point, if any
+        }
+    return expected
+
+
+def _describe(row, keys):
+    return {k: getattr(row, k) for k in keys}
+
+
+@pytest.mark.parametrize("sqrt", [SqrtMode.OFF, SqrtMode.ON])
+@pytest.mark.parametrize("granularity", [Granularity.CHANNEL, Granularity.TENSOR])
+def test_onnxq_qdq_int4_int8(tmp_path, sqrt, granularity):
+    path = tmp_path / "q.onnx"
+    save_model(quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, sqrt=sqrt, granularity=granularity)), path)
+    model = onnx.load(path)
+    inventory = inspect_model(path)
+    expected = _qdq_expectations(model)
+    assert {k: v["format"] for k, v in expected.items()} == {"conv1": "int8", "conv2": "int4", "fc": "int8"}
+    rows = _by_node(inventory)
+    assert set(rows) == set(expected), "Abs/Mul of sqrt mode must not be listed as weighted nodes"
+    for name, want in expected.items():
+        assert _describe(rows[name], want) == want, name
+        assert rows[name].activations == "float"
+    assert inventory.weight_bytes_by_format == {"int4": expected["conv2"]["weight_bytes"],
+                                                "int8": expected["conv1"]["weight_bytes"] + expected["fc"]["weight_bytes"]}
+    assert inventory.file_bytes == path.stat().st_size
+    assert inventory.opsets == {"ai.onnx": 21} and not inventory.needs_onnxq_library
+    initializers = onnx.load(path).graph.initializer
+    assert inventory.initializer_bytes == sum(len(t.raw_data) for t in initializers)
+
+
+def test_shared_weight_is_counted_once(tmp_path):
+    path = tmp_path / "mm.onnx"
+    save_model(quantize(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None)), path)
+    inventory = inspect_model(path)
+    assert [n.node for n in inventory.nodes] == ["mm1", "mm2", "mm3"]
+    assert {n.weight for n in inventory.nodes} == {"w_quantized"}
+    assert inventory.weight_bytes_by_format == {"int4": 16 * 16 // 2}
+    assert inventory.scale_bytes == 4 * 16
+    assert all(n.granularity == "channel" and n.axis == 1 for n in inventory.nodes)
+
+
+@pytest.mark.parametrize(("fmt", "bits", "op", "label"), [(WeightFormat.INT, 4, "IntConv", "int4"), (WeightFormat.INT, 6, "IntConv", "int8"),
+                                                          (WeightFormat.POST, 3, "PostConv", "POST")])
+def test_onnxq_library_ops(tmp_path, fmt, bits, op, label):
+    c = 16
+    float_model = conv_bn_relu_gemm(c=c)
+    path = tmp_path / "ops.onnx"
+    save_model(quantize(float_model, QuantizeConfig(bits=bits, format=fmt, first_last_bits=None)), path)
+    inventory = inspect_model(path)
+    rows = _by_node(inventory)
+    k = {"conv1": 3 * 3 * 3, "conv2": c * 3 * 3}  # codes per output channel, from the float model's weight shapes
+    for name in ("conv1", "conv2"):
+        row = rows[name]
+        row_bytes = (k[name] + 1) // 2 if bits <= 4 else k[name]
+        assert (row.op_type, row.format, row.bits, row.granularity, row.activations) == (op, label, bits, "channel", "uint8 dynamic")
+        assert (row.weight_bytes, row.scale_bytes) == (c * row_bytes, 4 * c)
+    assert rows["fc"].op_type == "Gemm" and rows["fc"].format == ("int4" if bits <= 4 else "int8")
+    assert inventory.needs_onnxq_library and inventory.custom_domains == ["ai.onnxq"]
+
+
+def test_float_model(tmp_path):
+    model = depthwise_convtranspose()
+    path = tmp_path / "f.onnx"
+    onnx.save_model(model, path)
+    inventory = inspect_model(path)
+    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert [(n.node, n.op_type, n.format, n.bits, n.weight_bytes, n.granularity) for n in inventory.nodes] == [
+        ("depthwise", "Conv", "float32", 32, arrays["dw"].nbytes, None),
+        ("up", "ConvTranspose", "float32", 32, arrays["up"].nbytes, None),
+    ]
+    assert inventory.weight_bytes_by_format == {"float32": arrays["dw"].nbytes + arrays["up"].nbytes}
+    assert inventory.custom_domains == [] and not inventory.needs_onnxq_library
+
+
+def test_subgraph_weights_are_listed(tmp_path):
+    path = tmp_path / "if.onnx"
+    save_model(quantize(conv_then_if(), QuantizeConfig(bits=4, first_last_bits=None)), path)
+    rows = _by_node(inspect_model(path))
+    assert rows["conv"].format == "int4"
+    branch = rows["branch/Conv_0"]
+    assert (branch.format, branch.weight, branch.weight_bytes) == ("float32", "w2", 4 * 8 * 8 * 3 * 3)
+
+
+def test_any_op_reading_a_dequantized_constant():
+    """x + DQ(int8 constant) is listed; Reshape's shape constant and a plain float Add are not."""
+    codes = numpy_helper.from_array(np.arange(-4, 4, dtype=np.int8), "codes")
+    scale = numpy_helper.from_array(np.float32(0.5), "s")
+    shape = numpy_helper.from_array(np.array([2, 4], dtype=np.int64), "shape")
+    bias = numpy_helper.from_array(np.ones(8, np.float32), "bias")
+    nodes = [
+        helper.make_node("DequantizeLinear", ["codes", "s"], ["w"], name="dq"),
+        helper.make_node("Add", ["x", "w"], ["a"], name="add_q"),
+        helper.make_node("Add", ["a", "bias"], ["b"], name="add_f"),
+        helper.make_node("Reshape", ["b", "shape"], ["y"], name="reshape"),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 4])], [codes, scale, shape, bias])
+    inventory = inspect_model(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert [(n.node, n.op_type, n.format, n.granularity, n.weight_bytes, n.scale_bytes) for n in inventory.nodes] == [
+        ("add_q", "Add", "int8", "tensor", 8, 4)]
+
+
+def test_external_data_is_not_read(tmp_path):
+    path = tmp_path / "ext.onnx"
+    save_model(quantize(conv_bn_relu_gemm(c=32), QuantizeConfig(bits=4)), path, external_data=True)
+    data = tmp_path / "ext.onnx.data"
+    assert data.exists()
+    header = onnx.load(path, load_external_data=False)
+    external = {t.name for t in header.graph.initializer if t.data_location == TensorProto.EXTERNAL}
+    assert "w2_quantized" in external
+    inline = tmp_path / "inline.onnx"
+    onnx.save_model(onnx.load(path), inline)
+    want = inspect_model(inline)
+    got = inspect_model(path)
+    assert got.nodes == want.nodes and got.initializer_bytes == want.initializer_bytes
+    assert got.external_files == {"ext.onnx.data": data.stat().st_size}
+    assert got.file_bytes == path.stat().st_size + data.stat().st_size
+    data.unlink()  # sizes come from the tensor headers, so inspect still works and says the file is missing
+    missing = inspect_model(path)
+    assert missing.nodes == want.nodes and missing.external_files == {"ext.onnx.data": None}
+
+
+def _ort_quantized(tmp_path, kind: str):
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, quantize_dynamic, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            rng = np.random.default_rng(0)
+            self.batches = iter([{"x": rng.random((1, 3, 8, 8), dtype=np.float32)} for _ in range(4)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    source, target = tmp_path / "float.onnx", tmp_path / f"{kind}.onnx"
+    onnx.save_model(conv_bn_relu_gemm(with_bn=False), source)
+    if kind == "dynamic":
+        quantize_dynamic(source, target)
+    else:
+        quantize_static(source, target, Reader(), quant_format=QuantFormat.QDQ if kind == "qdq" else QuantFormat.QOperator, per_channel=kind == "qdq")
+    return onnx.load(target), target
+
+
+@pytest.mark.parametrize("kind", ["qdq", "qoperator", "dynamic"])
+def test_onnxruntime_quantized_models(tmp_path, kind):
+    model, path = _ort_quantized(tmp_path, kind)
+    float_model = conv_bn_relu_gemm(with_bn=False)
+    sizes = {t.name: math.prod(t.dims) for t in float_model.graph.initializer}
+    inits = {t.name: t for t in model.graph.initializer}
+    inventory = inspect_model(path)
+    ops = {"qdq": ["Conv", "Conv", "Gemm"], "qoperator": ["QLinearConv", "QLinearConv", "QGemm"],
+           "dynamic": ["ConvInteger", "ConvInteger", "MatMulInteger"]}[kind]
+    assert [n.op_type for n in inventory.nodes] == ops
+    for row, weight in zip(inventory.nodes, ("w1", "w2", "w3")):
+        codes = inits[row.weight]
+        assert (row.format, row.bits) == INT_TYPES[codes.data_type]
+        assert row.weight_bytes == sizes[weight] == len(codes.raw_data)
+        assert not row.sqrt
+    if kind == "dynamic":
+        assert {n.activations for n in inventory.nodes} == {"uint8 dynamic"}
+    else:
+        x_zero_point = inits["x_zero_point"]
+        assert inventory.nodes[0].activations == f"{INT_TYPES[x_zero_point.data_type][0]} static"
+    assert {n.granularity for n in inventory.nodes} == {"channel" if kind == "qdq" else "tensor"}
+    assert not inventory.needs_onnxq_library and inventory.custom_domains == []
+
+
+def test_cli_table_and_json(tmp_path, capsys):
+    path = tmp_path / "q.onnx"
+    save_model(quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=WeightFormat.POST)), path)
+    assert main(["inspect", str(path)]) == 0
+    table = capsys.readouterr().out
+    assert "onnxq's op library" in table
+    assert any(line.split()[:4] == ["conv2", "PostConv", "POST", "4"] for line in table.splitlines())
+    assert main(["inspect", str(path), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["needs_onnxq_library"] is True
+    assert [n["node"] for n in data["nodes"]] == ["conv1", "conv2", "fc"]
+    assert data["weight_bytes_by_format"] == inspect_model(path).weight_bytes_by_format
+
+
+@pytest.mark.parametrize("content", [None, b"not a model \x00\xff" * 8])
+def test_cli_bad_input_is_one_line(tmp_path, capsys, content):
+    path = tmp_path / "bad.onnx"
+    if content is not None:
+        path.write_bytes(content)
+    assert main(["inspect", str(path)]) == 1
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and str(path) in lines[0] and captured.out == ""
