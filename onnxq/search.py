@@ -104,8 +104,13 @@ def build_histograms(rows: np.ndarray, sqrt_domain: bool, bins: int | None = Non
         top = np.sqrt(peak)
     else:
         top = peak
-    factor = np.where(top > 0, bins / np.where(top > 0, top, 1), 0).astype(np.float32)
-    mag *= factor[:, None]
+    top64 = top.astype(np.float64)
+    factor = np.where(top64 > 0, bins / np.where(top64 > 0, top64, 1.0), 0.0)
+    tiny = factor > np.finfo(np.float32).max  # peaks below ~1e-35 (subnormal weights): bins/peak is inf in float32
+    if tiny.any():
+        mag[tiny] /= top[tiny, None]
+        factor[tiny] = bins
+    mag *= factor.astype(np.float32)[:, None]
     idx = mag.astype(np.int32)
     np.minimum(idx, bins - 1, out=idx)
     if n_rows > 1:
