@@ -7,10 +7,13 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
+
+if TYPE_CHECKING:
+    from onnxq.report_files import ReportPaths
 
 BIT_CHOICES = range(2, 9)
 
@@ -68,6 +71,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--external-data", action="store_true",
                    help="store tensors in MODEL.data beside the output (automatic for inputs with external data and models over 1 GB)")
     p.add_argument("-v", "--verbose", action="store_true", help="print a line per quantized layer")
+    p.add_argument("--report", type=Path, metavar="PATH",
+                   help="also write PATH as JSON (per layer: bits, format, alpha, weight SQNR, sizes; skipped layers; config), "
+                   "a Markdown summary as PATH.md and, with matplotlib, a chart as PATH.png (PATH.md: the JSON goes beside it)")
     p.set_defaults(run=_run_quantize)
 
 
@@ -134,6 +140,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     output = args.output or default_output(args.model, args.bits)
     check_output_path(output, [args.model])
+    report = _report_paths(args.report, [args.model, output])
     if not args.model.exists():
         raise OnnxqError(args.model, "no such file")
     try:
@@ -147,7 +154,22 @@ def _run_quantize(args: argparse.Namespace) -> int:
     external = args.external_data or (result.source is not None and result.source.external_data)
     save_model(result.model, output, external_data=external)
     print(summary(result, args.model, output, verbose=args.verbose))
+    if report is not None:
+        from onnxq.report_files import build_report, write_report
+
+        print(write_report(build_report(result, config, output, args.model), report))
     return 0
+
+
+def _report_paths(option: Path | None, models: list[Path]) -> ReportPaths | None:
+    """The files --report will write, checked before any work is done."""
+    if option is None:
+        return None
+    from onnxq.report_files import ReportPaths
+
+    paths = ReportPaths.from_option(option)
+    paths.check(models)
+    return paths
 
 
 def _run_inspect(args: argparse.Namespace) -> int:

@@ -39,6 +39,7 @@ class LayerResult:
     sqnr_db: float
     float_bytes: int
     quantized_bytes: int
+    alpha: tuple[float, ...] = ()  # the range factor of each row (output channel, or the one of the tensor)
 
 
 @dataclass
@@ -136,6 +137,7 @@ def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, op_t
         op=op_type or "DequantizeLinear",
         per_channel=q.axis is not None,
         alpha_median=float(np.median(q.alpha)),
+        alpha=tuple(float(a) for a in np.ravel(q.alpha)),
         sqnr_db=q.sqnr_db,
         float_bytes=weight.nbytes,
         quantized_bytes=(weight.size * storage_bits(plan.bits) + 7) // 8 + scale_bytes,

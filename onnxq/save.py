@@ -1,4 +1,4 @@
-"""Writing models: atomically, with external data where needed, verified before they land.
+"""Writing models (and report files): atomically, with external data where needed, verified before they land.
 
 The model is written under a temporary name in the destination folder, checked with
 ``onnx.checker`` and loaded in onnxruntime, and only then moved over the final name; a
@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import onnx
@@ -61,6 +62,25 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return output
+
+
+def write_files(files: Mapping[Path, bytes]) -> None:
+    """Write several files so that each appears whole or not at all: all are written under temporary names first, then renamed."""
+    tmp_dirs: dict[Path, Path] = {}
+    try:
+        staged = []
+        for path, data in files.items():
+            folder = path.parent
+            if folder not in tmp_dirs:
+                tmp_dirs[folder] = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=folder))
+            tmp = tmp_dirs[folder] / path.name
+            tmp.write_bytes(data)
+            staged.append((tmp, path))
+        for tmp, path in staged:
+            os.replace(tmp, path)
+    finally:
+        for tmp_dir in tmp_dirs.values():
+            shutil.rmtree(tmp_dir, ignore_errors=True)
 
 
 def verify_model_file(path: Path, label: Path | None = None) -> None:
