@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
 
 import numpy as np
@@ -204,3 +205,18 @@ def test_write_files_is_all_or_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
     write_files({tmp_path / "a.json": b"{}", tmp_path / "b.md": b"#"})
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json", "b.md"] and (tmp_path / "b.md").read_bytes() == b"#"
+
+
+def test_readme_report_and_inspect_lines_run(tmp_path, monkeypatch, capsys):
+    """The README's --report and inspect lines, run as written in a folder holding a model.onnx."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = readme.split("## Using it", 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    lines = [shlex.split(line, comments=True) for line in block.strip().splitlines()]
+    lines = [argv for argv in lines if "--report" in argv or argv[:2] == ["onnxq", "inspect"]]
+    assert [argv[1] for argv in lines] == ["quantize", "inspect"]
+    onnx.save_model(conv_bn_relu_gemm(), tmp_path / "model.onnx")
+    monkeypatch.chdir(tmp_path)
+    for argv in lines:
+        assert main(argv[1:]) == 0, argv
+    assert json.loads(Path("run.json").read_text())["output"] == "model.q4.onnx" and Path("run.md").exists()
+    assert "int4" in capsys.readouterr().out
