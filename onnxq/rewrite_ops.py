@@ -3,6 +3,11 @@
 The ops take the float input, quantize it to uint8 inside, and run the convolution on
 integer weight codes stored packed per output channel (two 4-bit codes a byte for 2-4 bits,
 one byte each above). They need onnxq's op library at run time.
+
+onnx's shape inference knows nothing of the ops (a custom domain registers no schema with it), so
+the rewrite declares each op output's type and shape in the graph's value_info: the Conv output's
+inferred shape where the float model had one, else computed here from the input's shape, so that
+tools reading the model, and onnx's inference of the layers after the ops, see shapes.
 """
 
 from __future__ import annotations
@@ -52,7 +57,10 @@ def conv_to_op(node: onnx.NodeProto, packed: str, scale: str, op_type: str, bits
 
 
 def replace_convs(graph: onnx.GraphProto, quantized: dict[str, tuple[QuantizedTensor, str]]) -> None:
-    """Replace every Conv reading one of the named weights by the op given with it; drop the float weights."""
+    """Replace every Conv reading one of the named weights by the op given with it; drop the float weights.
+
+    Every op output gets a value_info entry (see the module docstring).
+    """
     names = NameSource(graph)
     tensors: dict[str, tuple[str, str]] = {}
     for weight, (q, _) in quantized.items():
@@ -62,14 +70,57 @@ def replace_convs(graph: onnx.GraphProto, quantized: dict[str, tuple[QuantizedTe
         packed_name, scale_name = names.fresh(f"{weight}_packed"), names.fresh(f"{weight}_scale")
         graph.initializer.extend([numpy_helper.from_array(packed, packed_name), numpy_helper.from_array(scale, scale_name)])
         tensors[weight] = (packed_name, scale_name)
+    shapes = _known_shapes(graph)
     for i, node in enumerate(graph.node):
         if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in quantized:
             q, op_type = quantized[node.input[1]]
             packed_name, scale_name = tensors[node.input[1]]
+            out_shape = shapes.get(node.output[0]) or _conv_output_shape(node, shapes.get(node.input[0]), q.codes.shape)
             graph.node[i].CopyFrom(conv_to_op(node, packed_name, scale_name, op_type, q.bits, q.codes.shape[2:]))
+            if out_shape is not None:
+                shapes[node.output[0]] = out_shape
+            _declare(graph, node.output[0], out_shape)
     keep = [t for t in graph.initializer if t.name not in quantized]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+
+
+Dim = int | str | None  # a dimension: known, symbolic, or unknown
+Shape = list[Dim]
+
+
+def _known_shapes(graph: onnx.GraphProto) -> dict[str, Shape]:
+    """The shapes the graph declares for its float tensors (inputs, outputs, value_info), by name."""
+    shapes = {}
+    for info in (*graph.input, *graph.value_info, *graph.output):
+        tensor_type = info.type.tensor_type
+        if tensor_type.elem_type == onnx.TensorProto.FLOAT and tensor_type.HasField("shape"):
+            shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
+    return shapes
+
+
+def _conv_output_shape(node: onnx.NodeProto, x_shape: Shape | None, weight_shape: tuple[int, ...]) -> Shape | None:
+    """Conv's output shape (N, M, OH, OW) from its input's shape and attributes (explicit or VALID padding)."""
+    if x_shape is None or len(x_shape) != 4:
+        return None
+    pads = attribute(node, "pads", [0, 0, 0, 0])
+    strides, dilations = attribute(node, "strides", [1, 1]), attribute(node, "dilations", [1, 1])
+    shape: Shape = [x_shape[0], weight_shape[0]]
+    for axis in range(2):
+        size = x_shape[2 + axis]
+        extent = dilations[axis] * (weight_shape[2 + axis] - 1) + 1
+        shape.append((size + pads[axis] + pads[axis + 2] - extent) // strides[axis] + 1 if isinstance(size, int) else None)
+    return shape
+
+
+def _declare(graph: onnx.GraphProto, name: str, shape: Shape | None) -> None:
+    """Declare tensor ``name`` as float32 of ``shape``: a new value_info entry, or the shape of an entry that has none."""
+    for info in (*graph.value_info, *graph.output):
+        if info.name == name:
+            if shape is not None and not info.type.tensor_type.HasField("shape"):
+                info.CopyFrom(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
+            return
+    graph.value_info.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, shape))
 
 
 def declare_domain(model: onnx.ModelProto) -> None:

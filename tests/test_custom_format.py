@@ -12,8 +12,9 @@ from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
 from onnxq.domain import DOMAIN
 from onnxq.formats import post
-from onnxq.rewrite_ops import pack_rows
+from onnxq.rewrite_ops import declare_domain, pack_rows, replace_convs
 from onnxq.runtime import session
+from onnxq.weights import QuantizedTensor
 
 
 def _ops(model: onnx.ModelProto) -> dict[str, str]:
@@ -72,6 +73,52 @@ def test_depthwise_conv_runs_as_post():
     assert _ops(model)["depthwise"] == "PostConv" and _ops(model)["up"] == "ConvTranspose"
     feeds = random_feeds(model)
     assert session(model.SerializeToString()).run(None, feeds)[0].shape == (2, 6, 12, 12)
+
+
+def _shapes(model: onnx.ModelProto) -> dict[str, list]:
+    """Declared shapes of the main graph's value_info, dims as ints or symbolic names."""
+    return {v.name: [d.dim_value or d.dim_param for d in v.type.tensor_type.shape.dim] for v in model.graph.value_info}
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
+def test_op_outputs_carry_the_float_models_shapes(fmt):
+    """onnx cannot infer the custom ops' shapes; the rewrite declares them, so inference goes on after them."""
+    float_model = depthwise_convtranspose()
+    model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
+    assert _ops(model)["depthwise"] != "Conv"
+    assert _shapes(model)["d"] == _shapes(onnx.shape_inference.infer_shapes(float_model))["d"] == ["N", 4, 6, 6]
+    # Without the rewrite's entries onnx stops at the op: nothing after it gets a shape.
+    stripped = onnx.ModelProto()
+    stripped.CopyFrom(model)
+    del stripped.graph.value_info[:]
+    assert "r" not in _shapes(onnx.shape_inference.infer_shapes(stripped))
+    kept = onnx.ModelProto()
+    kept.CopyFrom(model)
+    del kept.graph.value_info[:]
+    kept.graph.value_info.extend(v for v in model.graph.value_info if v.name == "d")
+    assert _shapes(onnx.shape_inference.infer_shapes(kept))["r"] == ["N", 4, 6, 6]
+
+
+def test_op_output_shapes_computed_when_the_float_model_has_none():
+    """No inferred shape to copy (onnx's inference skipped): the rewrite computes it from X's shape and the attributes.
+
+    x[batch,3,11,9] -> Conv(5, 3x2, pads 1,0,2,1, strides 2,1, dilations 1,2) -> y (no shape declared)
+    """
+    rng = np.random.default_rng(0)
+    codes = rng.integers(-7, 8, (5, 3, 3, 2)).astype(np.int8)
+    conv = onnx.helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[1, 0, 2, 1], strides=[2, 1], dilations=[1, 2])
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["batch", 3, 11, 9])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)
+    weight = onnx.numpy_helper.from_array(codes.astype(np.float32), "w")
+    model = onnx.helper.make_model(onnx.helper.make_graph([conv], "g", [x], [y], [weight]), opset_imports=[onnx.helper.make_opsetid("", 17)])
+    q = QuantizedTensor(codes, np.full(5, 0.1, np.float32), 0, 4, False, np.ones(5, np.float32), 0.0, 0.0)
+    replace_convs(model.graph, {"w": (q, "IntConv")})
+    declare_domain(model)
+    # OH = (11 + 1 + 2 - 3) // 2 + 1 = 6, OW = (9 + 0 + 1 - (2 * (2 - 1) + 1)) // 1 + 1 = 8
+    declared = [d.dim_value or d.dim_param for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert declared == ["batch", 5, 6, 8]
+    out = session(model.SerializeToString()).run(None, {"x": rng.random((2, 3, 11, 9), dtype=np.float32)})[0]
+    assert out.shape == (2, 5, 6, 8)
 
 
 def test_cli_post_summary_names_the_library(tmp_path, capsys):
