@@ -14,6 +14,9 @@ from onnxq.domain import DOMAIN
 from onnxq.errors import OnnxqError
 
 LIBRARY_NAME = "libonnxq_ops.so"
+#: Environment variable naming another build of the op library to load instead of the installed one
+#: (tests/test_sanitizers.py points it at a build under AddressSanitizer/UBSan).
+LIBRARY_ENV = "ONNXQ_OPS_LIBRARY"
 
 
 @functools.cache
@@ -34,7 +37,16 @@ def _find_library() -> Path | None:
 
 
 def get_library_path() -> str:
-    """Path of onnxq's onnxruntime custom-op library, for ``SessionOptions.register_custom_ops_library``."""
+    """Path of onnxq's onnxruntime custom-op library, for ``SessionOptions.register_custom_ops_library``.
+
+    The environment variable ``ONNXQ_OPS_LIBRARY``, when set and not empty, names the library file to
+    use instead of the installed one: another build of it, e.g. one under sanitizers.
+    """
+    override = os.environ.get(LIBRARY_ENV)
+    if override:
+        if not Path(override).is_file():
+            raise OnnxqError(override, f"no such op library file (named by the environment variable {LIBRARY_ENV})")
+        return os.path.abspath(override)
     path = _find_library()
     if path is None:
         raise OnnxqError(None, f"onnxq's op library {LIBRARY_NAME} is missing: onnxq was not built; reinstall it with `pip install .`")

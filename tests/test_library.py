@@ -18,6 +18,7 @@ from conftest import ISA_FLAGS, KERNELS, cpu_flags, kernel_supported
 from onnx import TensorProto, helper
 
 from onnxq.domain import DOMAIN
+from onnxq.errors import OnnxqError
 from onnxq.runtime import get_library_path, session
 
 
@@ -105,6 +106,21 @@ def test_library_is_installed_and_exports_only_register_custom_ops():
         pytest.skip("nm (binutils) is not installed")
     symbols = subprocess.run(["nm", "-D", "--defined-only", str(path)], capture_output=True, text=True, check=True).stdout
     assert [line.split()[-1] for line in symbols.splitlines()] == ["RegisterCustomOps"]
+
+
+def test_environment_variable_names_another_build(monkeypatch, tmp_path):
+    """ONNXQ_OPS_LIBRARY: sessions load that file (here a copy of the library); a missing one is a one-line error."""
+    copy = tmp_path / "other" / "libonnxq_ops.so"
+    copy.parent.mkdir()
+    shutil.copyfile(get_library_path(), copy)
+    monkeypatch.setenv("ONNXQ_OPS_LIBRARY", str(copy))
+    assert get_library_path() == str(copy)
+    _assert_same(session(_model("QuantizeDynamicU8", DOMAIN)).run(None, {"X": INPUTS[0][1]}), _reference(INPUTS[0][1]))
+    monkeypatch.setenv("ONNXQ_OPS_LIBRARY", str(tmp_path / "missing.so"))
+    with pytest.raises(OnnxqError, match=r"^\S+/missing.so: no such op library file \(named by the environment variable ONNXQ_OPS_LIBRARY\)$"):
+        get_library_path()
+    with pytest.raises(OnnxqError, match="missing.so: no such op library file"):
+        session(_model("QuantizeDynamicU8", DOMAIN))
 
 
 @pytest.mark.parametrize("name,x", INPUTS, ids=[name for name, _ in INPUTS])

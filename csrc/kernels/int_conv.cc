@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include <algorithm>
+#include <cstdint>
 #include <exception>
 #include <memory>
 #include <string>
@@ -16,6 +17,19 @@
 namespace onnxq {
 namespace iconv {
 namespace {
+
+// Sizes from attributes and shapes, saturating at 2^63 - 1 instead of overflowing: huge pads,
+// dilations or kernel shapes become sizes too large for the checks in Compute, never wrong ones.
+constexpr int64_t kHuge = INT64_MAX;
+int64_t SatAdd(int64_t a, int64_t b) {
+  int64_t sum;
+  return __builtin_add_overflow(a, b, &sum) ? kHuge : sum;
+}
+int64_t SatMul(int64_t a, int64_t b) {
+  int64_t product;
+  return __builtin_mul_overflow(a, b, &product) ? kHuge : product;
+}
+std::string SizeText(int64_t size) { return size == kHuge ? ">= 2^63-1" : std::to_string(size); }
 
 std::string ShapeText(const std::vector<int64_t>& shape) {
   std::string s = "(";
@@ -135,7 +149,10 @@ OrtStatusPtr IntConvKernel::ComputeV2(OrtKernelContext* context) {
 }
 
 void IntConvKernel::Compute(OrtKernelContext* raw_context) {
+  using iconv::SatAdd;
+  using iconv::SatMul;
   using iconv::ShapeText;
+  using iconv::SizeText;
   Ort::KernelContext context{raw_context};
   const std::string op = name();
   auto check = [&](bool ok, const std::string& message) {
@@ -175,15 +192,17 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
                                std::to_string(group_));
   g.cg = g.c / group_;
   g.mg = g.m / group_;
-  g.k = g.cg * kh_ * kw_;
+  g.k = SatMul(SatMul(g.cg, kh_), kw_);
+  check(g.k <= iconv::kMaxK, "C/group*kh*kw = " + std::to_string(g.cg) + "*" + std::to_string(kh_) + "*" +
+                                 std::to_string(kw_) + (g.k == iconv::kHuge ? "" : " = " + std::to_string(g.k)) +
+                                 " is more than " + std::to_string(iconv::kMaxK) +
+                                 " codes per output channel (int32 sums)");
   const int64_t row_bytes = bits_ <= 4 ? (g.k + 1) / 2 : g.k;
   check(w_shape[1] == row_bytes,
         "W has " + std::to_string(w_shape[1]) + " bytes per output channel, but C/group*kh*kw = " +
             std::to_string(g.cg) + "*" + std::to_string(kh_) + "*" + std::to_string(kw_) + " = " +
             std::to_string(g.k) + " codes at " + std::to_string(bits_) + " bits take " + std::to_string(row_bytes) +
             " (X has " + std::to_string(g.c) + " channels)");
-  check(g.k <= iconv::kMaxK, "C/group*kh*kw = " + std::to_string(g.k) + " is more than " +
-                                 std::to_string(iconv::kMaxK) + " codes per output channel (int32 sums)");
   check(scale_shape.size() == 1 && scale_shape[0] == g.m,
         "input scale must have shape (M,) = (" + std::to_string(g.m) + ",) like W's rows, got " +
             ShapeText(scale_shape));
@@ -194,14 +213,23 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
           "input B must have shape (M,) = (" + std::to_string(g.m) + ",) like W's rows, got " + ShapeText(b_shape));
     bias_data = bias.GetTensorData<float>();
   }
-  const int64_t extent_h = dh_ * (kh_ - 1) + 1, extent_w = dw_ * (kw_ - 1) + 1;
-  const int64_t padded_h = g.h + pad_top_ + pad_bottom_, padded_w = g.w + pad_left_ + pad_right_;
+  const int64_t extent_h = SatAdd(SatMul(dh_, kh_ - 1), 1), extent_w = SatAdd(SatMul(dw_, kw_ - 1), 1);
+  const int64_t padded_h = SatAdd(SatAdd(g.h, pad_top_), pad_bottom_);
+  const int64_t padded_w = SatAdd(SatAdd(g.w, pad_left_), pad_right_);
   check(padded_h >= extent_h && padded_w >= extent_w,
-        "the padded input (" + std::to_string(padded_h) + " x " + std::to_string(padded_w) +
-            ") is smaller than the dilated kernel (" + std::to_string(extent_h) + " x " + std::to_string(extent_w) +
-            ")");
+        "the padded input (" + SizeText(padded_h) + " x " + SizeText(padded_w) + ") is smaller than the dilated kernel (" +
+            SizeText(extent_h) + " x " + SizeText(extent_w) + ")");
+  const int64_t area = SatMul(padded_h, padded_w);
+  check(area <= iconv::kMaxPadded, "the padded input (" + SizeText(padded_h) + " x " + SizeText(padded_w) +
+                                       ") has more than 2^40 pixels");
+  check(SatMul(SatMul(g.n, g.c), area) <= iconv::kMaxPadded,
+        "the padded input " + ShapeText({g.n, g.c, padded_h, padded_w}) + " has more than 2^40 values");
   g.oh = (padded_h - extent_h) / sh_ + 1;
   g.ow = (padded_w - extent_w) / sw_ + 1;
+  // A stride past the last window changes nothing (one output row or column); as 1 it keeps the SIMD
+  // kernels' stride phases (int_conv_simd.cc) within twice the padded input.
+  if (g.oh == 1) g.sh = 1;
+  if (g.ow == 1) g.sw = 1;
 
   // Activation quantization: calibrated, or DynamicQuantizeLinear's.
   check((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");
@@ -263,8 +291,9 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
 
   float* y = context.GetOutput(0, {g.n, g.m, g.oh, g.ow}).GetTensorMutableData<float>();
+  if (g.n == 0 || g.m == 0) return;  // Y is empty (W's codes are checked all the same)
   const auto z = static_cast<uint8_t>(params.zero_point);
-  if (isa_ == Isa::kScalar) {
+  if (isa_ == Isa::kScalar || g.k == 0) {  // (K = 0: no sums, Y = B or 0; the SIMD kernels assume K >= 1)
     iconv::ReferenceConv(g, *pw, post_, bits_, xq.data(), z, c_e.data(), c_o.data(), bias_data, y);
     return;
   }

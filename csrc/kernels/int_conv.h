@@ -20,7 +20,8 @@
 // pads [top, left, bottom, right] (0, 0, 0, 0), dilations [dh, dw] (1, 1), group (1; depthwise:
 // group = C), kernel (0: the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; an error
 // when this CPU lacks it). C and M must be divisible by group; K must be <= 65536 (so that no
-// int32 sum can overflow).
+// int32 sum can overflow); the padded input may have at most 2^40 pixels (H' = H + pad_top +
+// pad_bottom times W') and 2^40 values (N*C*H'*W'). Any of N, C, M, H, W may be 0.
 //
 // Activation quantization, once per call over the whole X:
 //   with x_scale/x_zero_point: s_x, z_x as given; without: s_x, z_x as ONNX DynamicQuantizeLinear

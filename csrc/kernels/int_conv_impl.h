@@ -21,6 +21,10 @@ struct InvalidArgument : std::runtime_error {
 // Above this, sum_k x_q * q could overflow int32 (255 * 128 * 65536 < 2^31).
 constexpr int64_t kMaxK = 65536;
 
+// At most this many pixels in the padded input, and values in all of it (N*C*H'*W'), so that no size
+// computed from them overflows int64.
+constexpr int64_t kMaxPadded = int64_t{1} << 40;
+
 inline int64_t RoundUp(int64_t v, int64_t to) { return (v + to - 1) / to * to; }
 
 // The sizes of one call.

@@ -48,6 +48,7 @@ struct Phases {
 // planes, where `row` is the row's start in its phase plane: pixel x goes to row[ph.Index(0, x)].
 template <typename T>
 void ScatterRow(const Phases& ph, const T* src, int64_t count, int64_t x0, T* row) {
+  if (count == 0) return;  // (src may be null: an empty row's data)
   if (ph.sw == 1) {
     std::memcpy(row + x0, src, static_cast<size_t>(count) * sizeof(T));
     return;
