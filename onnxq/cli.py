@@ -136,7 +136,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
 def _run_quantize(args: argparse.Namespace) -> int:
     from onnxq.quantize import quantize_with_report
     from onnxq.report import summary
-    from onnxq.save import check_output_path, save_model
+    from onnxq.save import check_onnxruntime_loads, check_output_path, save_model
 
     output = args.output or default_output(args.model, args.bits)
     check_output_path(output, [args.model])
@@ -152,7 +152,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
     external = args.external_data or (result.source is not None and result.source.external_data)
-    save_model(result.model, output, external_data=external)
+    try:
+        save_model(result.model, output, external_data=external)
+    except OnnxqError:
+        check_onnxruntime_loads(args.model)  # when onnxruntime refuses the input too, that is the problem to name
+        raise
     print(summary(result, args.model, output, verbose=args.verbose))
     if report is not None:
         from onnxq.report_files import build_report, write_report

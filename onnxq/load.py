@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,26 +104,41 @@ def _check(loaded: LoadedModel) -> None:
     newest = onnx.defs.onnx_opset_version()
     if opset > newest:
         raise OnnxqError(loaded.label, f"opset {opset} is newer than onnx {onnx.__version__} knows (up to {newest})")
-    _check_initializers(loaded)
+    _check_tensors(loaded)
 
 
 #: Bits per element of the types ONNX packs several to a byte.
 _PACKED_BITS = {onnx.TensorProto.INT4: 4, onnx.TensorProto.UINT4: 4, onnx.TensorProto.FLOAT4E2M1: 4}
 
 
-def _check_initializers(loaded: LoadedModel) -> None:
-    """Every main-graph initializer has a known type and exactly the data its shape needs.
+def _stored_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Initializers and Constant values of ``graph`` and of the graphs inside its nodes."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.TENSOR:
+                yield attr.t
+            elif attr.type == onnx.AttributeProto.GRAPH:
+                yield from _stored_tensors(attr.g)
+            elif attr.type == onnx.AttributeProto.GRAPHS:
+                for sub in attr.graphs:
+                    yield from _stored_tensors(sub)
+
+
+def _check_tensors(loaded: LoadedModel) -> None:
+    """Every stored tensor (initializers, Constant values) has a known type and exactly the data its shape needs.
 
     onnx.checker catches too little data but not too much, nor (in raw_data) an unknown
-    type; numpy would later fail on them with a message that names no tensor.
+    type; numpy would later fail on them with a message that names no tensor, or
+    onnxruntime refuse the output.
     """
-    for t in loaded.model.graph.initializer:
+    for t in _stored_tensors(loaded.model.graph):
         if t.data_location == onnx.TensorProto.EXTERNAL or t.data_type == onnx.TensorProto.STRING:
             continue
         try:
             itemsize = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
         except KeyError:
-            raise OnnxqError(loaded.label, f"initializer {t.name} has unknown data type {t.data_type}") from None
+            raise OnnxqError(loaded.label, f"tensor {t.name} has unknown data type {t.data_type}") from None
         count = math.prod(t.dims)
         bits = _PACKED_BITS.get(t.data_type, 8 * itemsize)
         if t.raw_data:
@@ -133,7 +149,7 @@ def _check_initializers(loaded: LoadedModel) -> None:
             needed, unit = ((count * bits + 7) // 8 if t.data_type in _PACKED_BITS else count * complex_parts), "values"
         if held != needed:
             type_name = onnx.TensorProto.DataType.Name(t.data_type)
-            raise OnnxqError(loaded.label, f"initializer {t.name} holds {held} {unit} but its shape {tuple(t.dims)} of {type_name} needs {needed}")
+            raise OnnxqError(loaded.label, f"tensor {t.name} holds {held} {unit} but its shape {tuple(t.dims)} of {type_name} needs {needed}")
 
 
 def default_opset(model: onnx.ModelProto) -> int | None:

@@ -106,8 +106,8 @@ def fold_batch_norms(graph: onnx.GraphProto) -> int:
         conv = producer.get(bn.input[0])
         if conv is None or not _foldable(conv, bn, consts, readers, outputs):
             continue
-        _fold_one(graph, conv, bn, consts, names)
-        folded.add(id(bn))
+        if _fold_one(graph, conv, bn, consts, names):
+            folded.add(id(bn))
     if folded:
         keep = [n for n in graph.node if id(n) not in folded]
         del graph.node[:]
@@ -144,27 +144,34 @@ def _fold_one(
     bn: onnx.NodeProto,
     consts: dict[str, onnx.TensorProto],
     names: NameSource,
-) -> None:
-    gamma, beta, mean, var = (to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
-    eps = float(attribute(bn, "epsilon", 1e-5))
-    factor = gamma / np.sqrt(var + eps)
+) -> bool:
+    """Fold ``bn`` into ``conv``; False (and nothing changed) when its parameters do not fit or give non-finite values."""
     weight_tensor = consts[conv.input[1]]
-    weight = to_array(weight_tensor).astype(np.float64)
     has_bias = len(conv.input) > 2 and bool(conv.input[2])
-    bias = to_array(consts[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(weight.shape[0])
-    new_weight = weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))
-    new_bias = (bias - mean) * factor + beta
-    weight_tensor.CopyFrom(numpy_helper.from_array(new_weight.astype(np.float32), weight_tensor.name))
+    with np.errstate(all="ignore"):  # a negative variance or NaN parameter is refused below, not warned about
+        gamma, beta, mean, var = (to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
+        weight = to_array(weight_tensor).astype(np.float64)
+        bias = to_array(consts[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(weight.shape[:1])
+        if any(p.shape != weight.shape[:1] for p in (gamma, beta, mean, var, bias)):
+            return False
+        eps = float(attribute(bn, "epsilon", 1e-5))
+        factor = gamma / np.sqrt(var + eps)
+        new_weight = (weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
+        new_bias = ((bias - mean) * factor + beta).astype(np.float32)
+    if not (np.isfinite(new_weight).all() and np.isfinite(new_bias).all()):
+        return False
+    weight_tensor.CopyFrom(numpy_helper.from_array(new_weight, weight_tensor.name))
     if has_bias:
-        consts[conv.input[2]].CopyFrom(numpy_helper.from_array(new_bias.astype(np.float32), conv.input[2]))
+        consts[conv.input[2]].CopyFrom(numpy_helper.from_array(new_bias, conv.input[2]))
     else:
         bias_name = names.fresh(f"{conv.name or conv.output[0]}_folded_bias")
-        graph.initializer.append(numpy_helper.from_array(new_bias.astype(np.float32), bias_name))
+        graph.initializer.append(numpy_helper.from_array(new_bias, bias_name))
         if len(conv.input) > 2:
             conv.input[2] = bias_name
         else:
             conv.input.append(bias_name)
     conv.output[0] = bn.output[0]
+    return True
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -8,6 +8,7 @@ failure leaves the destination as it was.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from collections.abc import Mapping
@@ -85,14 +86,32 @@ def write_files(files: Mapping[Path, bytes]) -> None:
 
 def verify_model_file(path: Path, label: Path | None = None) -> None:
     """Check a written model with onnx.checker and by opening an onnxruntime session on it."""
-    from onnxq.runtime import session
-
     label = label or path
     try:
         onnx.checker.check_model(os.fspath(path))
     except onnx.checker.ValidationError as e:
         raise OnnxqError(label, f"quantized model fails onnx.checker: {str(e).strip().splitlines()[0]}") from e
+    check_onnxruntime_loads(path, label, "quantized model")
+
+
+#: What onnxruntime puts before the reason: status code and name, and the file it was loading (here a temporary).
+_ORT_PREFIX = re.compile(r"^\[ONNXRuntimeError\] : \d+ : \w+ : (?:Load model from .*? failed:)?\s*")
+
+
+def check_onnxruntime_loads(path: Path, label: Path | None = None, what: str = "model") -> None:
+    """Open an onnxruntime session on ``path``, or raise a one-line error naming ``label`` and onnxruntime's reason.
+
+    onnxruntime's own error log is off: the exception says the same, and the CLI prints one line.
+    """
+    import onnxruntime as ort
+
+    from onnxq.runtime import session_options, uses_onnxq_ops
+
+    options = session_options(custom_ops=uses_onnxq_ops(path))
+    options.log_severity_level = 4
     try:
-        session(path)
+        ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"])
     except Exception as e:  # onnxruntime raises its own exception types
-        raise OnnxqError(label, f"quantized model does not load in onnxruntime: {str(e).strip().splitlines()[0]}") from e
+        text = str(e).strip()
+        reason = _ORT_PREFIX.sub("", text.splitlines()[0]) if text else type(e).__name__
+        raise OnnxqError(label or path, f"{what} does not load in onnxruntime: {reason}") from e

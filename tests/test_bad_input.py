@@ -73,8 +73,8 @@ def _invalid_utf8_name() -> bytes:
     return model.SerializeToString().replace(b"QQQQ", b"\xff\xfe\xc0\xa8")
 
 
-def _edited(edit: Callable[[onnx.ModelProto], None]) -> onnx.ModelProto:
-    model = conv_bn_relu_gemm(with_bn=False)
+def _edited(edit: Callable[[onnx.ModelProto], None], as_constants: bool = False) -> onnx.ModelProto:
+    model = conv_bn_relu_gemm(with_bn=False, as_constants=as_constants)
     edit(model)
     return model
 
@@ -85,6 +85,11 @@ def _set_w1_dims(model: onnx.ModelProto) -> None:
 
 def _set_w1_dtype(model: onnx.ModelProto) -> None:
     model.graph.initializer[0].data_type = 99
+
+
+def _lengthen_constant_b3(model: onnx.ModelProto) -> None:
+    value = next(n for n in model.graph.node if n.output[0] == "b3").attribute[0].t
+    value.raw_data += bytes(36)  # (10,) floats need 40 bytes
 
 
 def _set_opset(model: onnx.ModelProto) -> None:
@@ -101,6 +106,18 @@ def _model_and_link(folder: Path) -> Path:
     path = _save(folder, _good_bytes())
     (folder / "link.onnx").symlink_to(path)
     return path
+
+
+def _mismatched_matmul() -> onnx.ModelProto:
+    """x[1,8] @ w[5,4]: passes onnx.checker (no shape inference there), but onnxruntime refuses it."""
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        "mismatch",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+        [numpy_helper.from_array(np.linspace(-1, 1, 20, dtype=np.float32).reshape(5, 4), "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
 def _relu_only() -> onnx.ModelProto:
@@ -140,9 +157,12 @@ CASES: dict[str, BadInput] = {
     ),
     "infinite weight bytes": BadInput(lambda d: _save(d, _corrupt_weight_bytes(b"\x00\x00\x80\xff")), ("weight w1 has NaN or infinite values",)),
     "weight data longer than shape": BadInput(
-        lambda d: _save(d, _edited(_set_w1_dims)), ("initializer w1 holds 864 bytes", "(5, 3, 3, 3)", "needs 540")
+        lambda d: _save(d, _edited(_set_w1_dims)), ("tensor w1 holds 864 bytes", "(5, 3, 3, 3)", "needs 540")
     ),
-    "unknown tensor type": BadInput(lambda d: _save(d, _edited(_set_w1_dtype)), ("initializer w1 has unknown data type 99",)),
+    "Constant value longer than shape": BadInput(
+        lambda d: _save(d, _edited(_lengthen_constant_b3, as_constants=True)), ("tensor b3 holds 76 bytes but its shape (10,) of FLOAT needs 40",)
+    ),
+    "unknown tensor type": BadInput(lambda d: _save(d, _edited(_set_w1_dtype)), ("tensor w1 has unknown data type 99",)),
     "name not UTF-8": BadInput(lambda d: _save(d, _invalid_utf8_name()), ("invalid ONNX model", "not valid UTF-8")),
     "opset too old to convert": BadInput(
         lambda d: _save(d, _old_model(1, helper.make_node("Pad", ["c"], ["y"], paddings=[0] * 8), [1, 4, 6, 6])),
@@ -153,6 +173,9 @@ CASES: dict[str, BadInput] = {
         ("cannot convert opset 7 to 13", "ImageScaler"),
     ),
     "opset too new": BadInput(lambda d: _save(d, _edited(_set_opset)), ("opset 99 is newer than onnx",)),
+    "model onnxruntime refuses": BadInput(
+        lambda d: _save(d, _mismatched_matmul()), ("model does not load in onnxruntime", "Incompatible dimensions for matrix multiplication")
+    ),
     "no quantizable nodes": BadInput(lambda d: _save(d, _relu_only()), ("no quantizable weights",)),
     "weights are graph inputs": BadInput(
         lambda d: _save(d, _weights_as_inputs(also_initializers=False)), ("no quantizable weights", "conv1 (weight is a graph input, not a constant)")
@@ -187,13 +210,13 @@ def _run(argv: list[str]) -> int:
 
 
 @pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
-def test_bad_input_gives_one_line_and_leaves_files_alone(case: BadInput, tmp_path: Path, capsys):
+def test_bad_input_gives_one_line_and_leaves_files_alone(case: BadInput, tmp_path: Path, capfd):
     model = case.write(tmp_path)
     args = [a.format(dir=tmp_path, model=model) for a in case.args]
     before = _snapshot(tmp_path)
     assert _run(["quantize", str(model), *args]) == case.status
-    captured = capsys.readouterr()
-    assert captured.out == ""
+    captured = capfd.readouterr()  # file descriptors: onnx's and onnxruntime's C++ logging counts too
+    assert "wrote" not in captured.out
     lines = captured.err.splitlines()
     assert len(lines) == 1, captured.err
     line = lines[0]
@@ -260,3 +283,22 @@ def _run_unfused(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.nda
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.log_severity_level = 3
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+
+
+@pytest.mark.parametrize("variance", [-1.0, float("nan")])
+def test_batchnorm_that_cannot_be_folded_is_left_in_place(variance, tmp_path, capfd):
+    """A negative or NaN variance made the fold warn and hand on NaN weights; such a BatchNormalization now stays as it is."""
+    model = conv_bn_relu_gemm()
+    var = next(t for t in model.graph.initializer if t.name == "var")
+    values = numpy_helper.to_array(var).copy()
+    values[0] = variance
+    var.CopyFrom(numpy_helper.from_array(values, "var"))
+    path = _save(tmp_path, model)
+    assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx")]) == 0
+    assert capfd.readouterr().err == ""  # no RuntimeWarning lines
+    quantized = onnx.load(tmp_path / "q.onnx")
+    assert [n.op_type for n in quantized.graph.node].count("BatchNormalization") == 1
+    w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
+    codes_and_scale = float_equivalent(quantized)
+    w1_used = numpy_helper.to_array(next(t for t in codes_and_scale.graph.initializer if t.name == "w1_dequantized"))
+    assert np.max(np.abs(w1_used - w1)) < 0.05 * np.max(np.abs(w1))  # the Conv's own weight, not a folded one
