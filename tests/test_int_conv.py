@@ -89,6 +89,14 @@ CASES = [
     Case("IntConv", 4, 1, 64, (9, 9), 64, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=64),  # depthwise, stride 2
     Case("IntConv", 8, 1, 32, (6, 6), 32, (3, 3), pads=(1, 1, 1, 1), bias=False),
     Case("IntConv", 4, 3, 3, (7, 7), 32, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+    # AVX2: k in several cache chunks (many quads of channels), for Gemm and for GemmT
+    Case("IntConv", 4, 1, 256, (20, 20), 8, (3, 3), pads=(1, 1, 1, 1)),
+    Case("PostConv", 4, 2, 96, (7, 7), 16, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+    # GemmT's AVX2 tiles of 6 pixels: 16, 15, 14 and 17 pixels leave 4, 3, 2 and 5
+    Case("IntConv", 4, 1, 24, (4, 4), 32, (3, 3), pads=(1, 1, 1, 1)),
+    Case("PostConv", 3, 1, 16, (3, 5), 8, (3, 3), pads=(1, 1, 1, 1)),
+    Case("IntConv", 2, 2, 32, (2, 7), 16, (3, 3), pads=(1, 1, 1, 1), bias=False),
+    Case("PostConv", 4, 1, 8, (1, 17), 16, (1, 3), pads=(0, 1, 0, 1)),
 ]
 
 
@@ -230,6 +238,23 @@ def test_every_kernel_equals_numpy_bit_for_bit(case):
             want = expected if run == 0 else _reference(case, x_run, codes, scale, bias, x_scale, x_zero_point)
             assert y.dtype == np.float32 and y.shape == want.shape, kernel
             np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}, run {run}")
+
+
+@pytest.mark.parametrize("op,code,density", [("IntConv", -8, 1.0), ("PostConv", 7, 1.0), ("PostConv", -6, 1.0), ("IntConv", -8, 0.03)])
+def test_int16_sums_at_their_limit(op, code, density):
+    """x_q = 255 everywhere and the largest weights (|w| = 8): AVX2's int16 sums reach 255 * 128 = 32640 before each widening.
+
+    Dense: every run of k is as short as it can be (8 blocks of 4 k). Sparse: runs longer than a cache chunk.
+    """
+    case = Case(op, 4, 1, 64, (9, 10), 8, (3, 3), pads=(1, 1, 1, 1))
+    rng = np.random.default_rng(3)
+    codes = np.where(rng.random((case.m, case.k)) < density, code, 0).astype(np.int8)
+    x = np.ones((case.n, case.c, *case.hw), np.float32)  # DynamicQuantizeLinear: s_x = 1/255, z_x = 0, x_q = 255
+    scale = np.full(case.m, 0.01, np.float32)
+    want = _reference(case, x, codes, scale, None, None, None)
+    for kernel in SUPPORTED_KERNELS:
+        (y,) = session(_model(case, _pack(codes, 4), scale, None, None, None, kernel=KERNELS[kernel])).run(None, {"X": x})
+        np.testing.assert_array_equal(y, want, err_msg=kernel)
 
 
 @pytest.mark.parametrize("op,bits", [("PostConv", 4), ("IntConv", 8)])

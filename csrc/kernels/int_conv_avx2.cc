@@ -3,10 +3,14 @@
 //
 // vpmaddubsw multiplies 32 uint8 activations by 32 int8 weights and adds adjacent pairs into
 // int16 with saturation; for |w| <= 8 a pair is at most 2*255*8 = 4080 in magnitude, so it is
-// exact, and so is the int16 sum of 8 such results (<= 32640). vpmaddwd with ones then widens
-// them into the int32 sums of 4 k per pixel. Wider weights (IntConv bits >= 5) come split as
-// w = 16*hi + lo with |hi|, |lo| <= 8: two exact vpmaddubsw streams, the high one widened by
-// vpmaddwd with 16s.
+// exact. The kernels add such results up in int16 registers (vpaddw) for as many blocks of 4 k as
+// the weights allow (Int16Runs: at least 8, more where they are small; 4-bit codes are mostly
+// small), then vpmaddwd with ones widens them into the int32 sums in C, which the kernels keep
+// in memory (L1) to leave the registers to int16 accumulators: a tile of 4 rows x 16 pixels
+// (Gemm) or 16 rows x 6 pixels (GemmT) loads 6 or 8 vectors per 8 or 12 vpmaddubsw. k runs in
+// cache chunks (Gemm::chunk). Wider weights (IntConv bits >= 5) come split as w = 16*hi + lo with
+// |hi|, |lo| <= 8: two exact vpmaddubsw streams of 8 blocks, the high one widened by vpmaddwd
+// with 16s.
 #include <immintrin.h>
 
 #include <cstring>
@@ -17,7 +21,7 @@ namespace onnxq::iconv {
 
 namespace {
 
-constexpr int64_t kInt16Blocks = 8;  // blocks of 4 k summed in int16 before widening
+constexpr int64_t kInt16Blocks = 8;  // WideBlock: blocks of 4 k summed in int16 before widening
 
 inline __m256i Broadcast4(const int8_t* p) {
   int32_t v;
@@ -27,34 +31,45 @@ inline __m256i Broadcast4(const int8_t* p) {
 
 inline __m256i Load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
-// Rows [0, kRows) of one row block times 8 pixels; weights |w| <= 8. (One vector of pixels keeps
-// the 4 int16 and 4 int32 accumulators in registers; wider tiles spill and run slower.)
-void NarrowBlock(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets, int32_t* c) {
+// Rows [0, kRows) of one row block times 8 * kVectors pixels over blocks [0, k4) of A (a) and B
+// (b + offsets[i]); weights |w| <= 8. The int16 sums stay in registers for runs[i] blocks from
+// block i (Int16Runs), then are widened and stored to the int32 sums in C (added to them if
+// `add`), which leaves registers for kVectors = 2: 8 accumulators, 2 activation vectors.
+template <int kVectors>
+void NarrowBlock(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets, const int32_t* runs, bool add,
+                 int32_t* c) {
   const __m256i ones = _mm256_set1_epi16(1);
-  __m256i acc[kRows];
-  for (auto& v : acc) v = _mm256_setzero_si256();
-  for (int64_t i0 = 0; i0 < k4; i0 += kInt16Blocks) {
-    const int64_t i1 = i0 + kInt16Blocks < k4 ? i0 + kInt16Blocks : k4;
-    __m256i sum[kRows];
-    for (auto& v : sum) v = _mm256_setzero_si256();
+  for (int64_t i0 = 0, i1; i0 < k4; i0 = i1) {
+    i1 = i0 + runs[i0] < k4 ? i0 + runs[i0] : k4;
+    __m256i sum[kRows][kVectors];
+    for (auto& row : sum) {
+      for (auto& v : row) v = _mm256_setzero_si256();
+    }
     for (int64_t i = i0; i < i1; ++i) {
-      const __m256i x = Load(b + offsets[i]);
+      __m256i x[kVectors];
+      for (int v = 0; v < kVectors; ++v) x[v] = Load(b + offsets[i] + 32 * v);
       for (int r = 0; r < kRows; ++r) {
-        sum[r] = _mm256_add_epi16(sum[r], _mm256_maddubs_epi16(x, Broadcast4(a + (i * kRows + r) * 4)));
+        const __m256i w = Broadcast4(a + (i * kRows + r) * 4);
+        for (int v = 0; v < kVectors; ++v) sum[r][v] = _mm256_add_epi16(sum[r][v], _mm256_maddubs_epi16(x[v], w));
+      }
+      for (auto& row : sum) {
+        for (auto& v : row) __asm__("" : "+x"(v));  // (GCC 12 otherwise spills the sums)
       }
     }
-    for (int r = 0; r < kRows; ++r) acc[r] = _mm256_add_epi32(acc[r], _mm256_madd_epi16(sum[r], ones));
+    for (int r = 0; r < kRows; ++r) {
+      for (int v = 0; v < kVectors; ++v) {
+        auto* out = reinterpret_cast<__m256i*>(c + r * kPanel + 8 * v);
+        const __m256i wide = _mm256_madd_epi16(sum[r][v], ones);
+        _mm256_storeu_si256(out, add || i0 > 0 ? _mm256_add_epi32(_mm256_loadu_si256(out), wide) : wide);
+      }
+    }
   }
-  for (int r = 0; r < kRows; ++r) _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kPanel), acc[r]);
 }
 
-// The same for split weights A = 16 * a_hi + a_lo; the int32 sums wait in C between flushes.
-void WideBlock(const int8_t* a_lo, const int8_t* a_hi, int64_t k4, const uint8_t* b, const int64_t* offsets,
+// The same for split weights A = 16 * a_hi + a_lo, 8 pixels.
+void WideBlock(const int8_t* a_lo, const int8_t* a_hi, int64_t k4, const uint8_t* b, const int64_t* offsets, bool add,
                int32_t* c) {
   const __m256i ones = _mm256_set1_epi16(1), sixteen = _mm256_set1_epi16(16);
-  for (int r = 0; r < kRows; ++r) {
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + r * kPanel), _mm256_setzero_si256());
-  }
   for (int64_t i0 = 0; i0 < k4; i0 += kInt16Blocks) {
     const int64_t i1 = i0 + kInt16Blocks < k4 ? i0 + kInt16Blocks : k4;
     __m256i lo[kRows], hi[kRows];
@@ -68,73 +83,91 @@ void WideBlock(const int8_t* a_lo, const int8_t* a_hi, int64_t k4, const uint8_t
     }
     for (int r = 0; r < kRows; ++r) {
       auto* out = reinterpret_cast<__m256i*>(c + r * kPanel);
-      __m256i acc = _mm256_add_epi32(_mm256_loadu_si256(out), _mm256_madd_epi16(hi[r], sixteen));
-      _mm256_storeu_si256(out, _mm256_add_epi32(acc, _mm256_madd_epi16(lo[r], ones)));
+      const __m256i wide = _mm256_add_epi32(_mm256_madd_epi16(hi[r], sixteen), _mm256_madd_epi16(lo[r], ones));
+      _mm256_storeu_si256(out, add || i0 > 0 ? _mm256_add_epi32(_mm256_loadu_si256(out), wide) : wide);
     }
   }
 }
 
-// Transposed: 16 rows (one block of kLanes: two vectors of 8) times kPixels pixels from p0; |w| <= 8.
-// Written pixel-major: c[p * rows + row].
-template <int kPixels>
-void BlockT(const int8_t* a, const GemmT& g, int64_t p0, int32_t* c) {
+// Transposed: the kLanes rows of one row block (two vectors of 8) times kPixels pixels from p0,
+// over blocks [i0, i1) of k; |w| <= 8. As in NarrowBlock, the int16 sums are widened after each
+// run of blocks into the int32 sums in C (by blocks of kLanes rows, see GemmT).
+template <int kVectors, int kPixels>
+void BlockT(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0, int64_t i1, int32_t* c) {
   const __m256i ones = _mm256_set1_epi16(1);
   const int64_t* pixels = g.pixel_offsets + p0;
-  __m256i acc[2][kPixels];
-  for (auto& row : acc) {
-    for (auto& v : row) v = _mm256_setzero_si256();
-  }
-  for (int64_t i0 = 0; i0 < g.k4; i0 += kInt16Blocks) {
-    const int64_t i1 = i0 + kInt16Blocks < g.k4 ? i0 + kInt16Blocks : g.k4;
-    __m256i sum[2][kPixels];
-    for (auto& row : sum) {
-      for (auto& v : row) v = _mm256_setzero_si256();
+  for (int64_t end; i0 < i1; i0 = end) {
+    end = i0 + runs[i0] < i1 ? i0 + runs[i0] : i1;
+    __m256i sum[kPixels][kVectors];
+    for (auto& pixel : sum) {
+      for (auto& v : pixel) v = _mm256_setzero_si256();
     }
-    for (int64_t i = i0; i < i1; ++i) {
-      const __m256i w0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * kLanes * 4));
-      const __m256i w1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + i * kLanes * 4 + 32));
+    for (int64_t i = i0; i < end; ++i) {
+      __m256i w[kVectors];
+      for (int v = 0; v < kVectors; ++v) {
+        w[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ((v / 2) * g.k4 + i) * kLanes * 4 + 32 * (v % 2)));
+      }
       const uint8_t* bi = g.b + g.b_offsets[i];
       for (int p = 0; p < kPixels; ++p) {
         int32_t x;
         std::memcpy(&x, bi + pixels[p], 4);
         const __m256i xv = _mm256_set1_epi32(x);
-        sum[0][p] = _mm256_add_epi16(sum[0][p], _mm256_maddubs_epi16(xv, w0));
-        sum[1][p] = _mm256_add_epi16(sum[1][p], _mm256_maddubs_epi16(xv, w1));
+        for (int v = 0; v < kVectors; ++v) sum[p][v] = _mm256_add_epi16(sum[p][v], _mm256_maddubs_epi16(xv, w[v]));
+      }
+      for (auto& pixel : sum) {
+        for (auto& v : pixel) __asm__("" : "+x"(v));  // (GCC 12 otherwise spills the sums)
       }
     }
-    for (int v = 0; v < 2; ++v) {
-      for (int p = 0; p < kPixels; ++p) acc[v][p] = _mm256_add_epi32(acc[v][p], _mm256_madd_epi16(sum[v][p], ones));
+    for (int p = 0; p < kPixels; ++p) {
+      for (int v = 0; v < kVectors; ++v) {
+        auto* out = reinterpret_cast<__m256i*>(c + ((v / 2) * g.pixels + p0 + p) * kLanes + 8 * (v % 2));
+        const __m256i wide = _mm256_madd_epi16(sum[p][v], ones);
+        _mm256_storeu_si256(out, i0 > 0 ? _mm256_add_epi32(_mm256_loadu_si256(out), wide) : wide);
+      }
     }
   }
-  for (int v = 0; v < 2; ++v) {
-    for (int p = 0; p < kPixels; ++p) {
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(c + (p0 + p) * g.rows + 8 * v), acc[v][p]);
-    }
+}
+
+// Row block rb of GemmT over blocks [i0, i1) of k, every pixel.
+void RowsT(const GemmT& g, int64_t rb, int64_t i0, int64_t i1) {
+  const int8_t* a = g.a + rb * g.k4 * kLanes * 4;
+  const int32_t* runs = g.runs + rb * g.k4;
+  int32_t* c = g.c + rb * g.pixels * kLanes;
+  int64_t p = 0;
+  for (; p + 6 <= g.pixels; p += 6) BlockT<2, 6>(a, g, runs, p, i0, i1, c);
+  switch (g.pixels - p) {
+    case 5: BlockT<2, 5>(a, g, runs, p, i0, i1, c); break;
+    case 4: BlockT<2, 4>(a, g, runs, p, i0, i1, c); break;
+    case 3: BlockT<2, 3>(a, g, runs, p, i0, i1, c); break;
+    case 2: BlockT<2, 2>(a, g, runs, p, i0, i1, c); break;
+    case 1: BlockT<2, 1>(a, g, runs, p, i0, i1, c); break;
+    default: break;
   }
 }
 
 }  // namespace
 
 void GemmTAvx2(const GemmT& g) {
-  for (int64_t rb = 0; rb < g.rows / kLanes; ++rb) {
-    const int8_t* a = g.a + rb * g.k4 * kLanes * 4;
-    int32_t* c = g.c + rb * kLanes;
-    int64_t p = 0;
-    for (; p + 2 <= g.pixels; p += 2) BlockT<2>(a, g, p, c);
-    if (p < g.pixels) BlockT<1>(a, g, p, c);
+  for (int64_t i0 = 0; i0 < g.k4; i0 += g.chunk) {
+    const int64_t i1 = i0 + g.chunk < g.k4 ? i0 + g.chunk : g.k4;
+    for (int64_t rb = 0; rb < g.rows / kLanes; ++rb) RowsT(g, rb, i0, i1);
   }
 }
 
 void GemmAvx2(const Gemm& g) {
   const int64_t block = g.k4 * kRows * 4;  // bytes of A per row block
-  for (int64_t rb = 0; rb < g.rows / kRows; ++rb) {
-    int32_t* c = g.c + rb * kRows * kPanel;
-    for (int64_t p = 0; p < g.pixels; p += 8) {
+  for (int64_t i0 = 0; i0 < g.k4; i0 += g.chunk) {
+    const int64_t n = g.chunk < g.k4 - i0 ? g.chunk : g.k4 - i0;
+    const int64_t* offsets = g.b_offsets + i0;
+    for (int64_t rb = 0; rb < g.rows / kRows; ++rb) {
+      int32_t* c = g.c + rb * kRows * kPanel;
+      const int64_t a0 = rb * block + i0 * kRows * 4;
       if (g.a_hi == nullptr) {
-        NarrowBlock(g.a + rb * block, g.k4, g.b + 4 * p, g.b_offsets, c + p);
-      } else {
-        WideBlock(g.a + rb * block, g.a_hi + rb * block, g.k4, g.b + 4 * p, g.b_offsets, c + p);
+        const int32_t* runs = g.runs + rb * g.k4 + i0;
+        for (int64_t p = 0; p < g.pixels; p += 16) NarrowBlock<2>(g.a + a0, n, g.b + 4 * p, offsets, runs, i0 > 0, c + p);
+        continue;
       }
+      for (int64_t p = 0; p < g.pixels; p += 8) WideBlock(g.a + a0, g.a_hi + a0, n, g.b + 4 * p, offsets, i0 > 0, c + p);
     }
   }
 }

@@ -40,7 +40,7 @@ void Block(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets
 }
 
 // Transposed: kVectors * 16 rows (blocks of kLanes at a, a + k4*64, ...) times kPixels pixels,
-// written pixel-major: c[p * rows + row]. (4 x 4 tiles: wider ones make GCC 12 spill.)
+// written to C by blocks of kLanes rows (see GemmT). (4 x 4 tiles: wider ones make GCC 12 spill.)
 template <int kVectors, int kPixels>
 void BlockT(const int8_t* a, const GemmT& g, int64_t p0, int32_t* c) {
   const int64_t k4 = g.k4, *offsets = g.b_offsets, *pixels = g.pixel_offsets + p0;
@@ -65,14 +65,14 @@ void BlockT(const int8_t* a, const GemmT& g, int64_t p0, int32_t* c) {
     }
   }
   for (int v = 0; v < kVectors; ++v) {
-    for (int p = 0; p < kPixels; ++p) _mm512_storeu_si512(c + (p0 + p) * g.rows + v * kLanes, acc[v][p]);
+    for (int p = 0; p < kPixels; ++p) _mm512_storeu_si512(c + (v * g.pixels + p0 + p) * kLanes, acc[v][p]);
   }
 }
 
 template <int kVectors>
 void RowsT(const GemmT& g, int64_t rb) {
   const int8_t* a = g.a + rb * g.k4 * kLanes * 4;
-  int32_t* c = g.c + rb * kLanes;  // pixel-major: row rb * kLanes of pixel p at c[p * g.rows]
+  int32_t* c = g.c + rb * g.pixels * kLanes;
   int64_t p = 0;
   for (; p + 4 <= g.pixels; p += 4) BlockT<kVectors, 4>(a, g, p, c);
   switch (g.pixels - p) {

@@ -40,7 +40,7 @@ struct Geometry {
 
 // How the SIMD kernels run a convolution.
 enum class Mode {
-  kQuad,       // matrix product, k over (ky, kx, c4, j), channel c = 4*c4 + j padded to whole quads:
+  kQuad,       // matrix product, k over (c4, ky, kx, j), channel c = 4*c4 + j padded to whole quads:
                // 4 consecutive k are 4 channels of one input pixel, and B is the padded input
                // itself (no im2col). Even 2 or 3 channels per group (the stem's RGB) run faster
                // padded to quads than through a byte-wise im2col.
@@ -61,6 +61,9 @@ struct PackedWeights {
   // The same rows for GemmT: [group][rows16 / kLanes][k4][kLanes][4] (empty for split weights).
   int64_t rows16 = 0;
   std::vector<int8_t> a16;
+  // AVX2 with |A| <= 8: how many blocks of 4 k from each block on the int16 sums of a row block
+  // can take (int_conv_kernels.h, Int16Runs), [group][row blocks][k4] for a and for a16.
+  std::vector<int32_t> runs, runs16;
   // kDepthwise: the nonzero weights of each output channel as lists of (tap ky*kw + kx, weight);
   // list 2m holds w (IntConv) or w_even (PostConv), list 2m + 1 w_odd.
   std::vector<int64_t> list_start;  // [2M + 1]

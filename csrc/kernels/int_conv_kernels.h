@@ -11,10 +11,12 @@
 // sums and that two vpmaddubsw pairs cover:
 //   A: a[((rb*k4 + i)*kRows + r)*4 + j] = A[rb*kRows + r][4*i + j]   (row blocks of kRows rows)
 //   B: b[b_offsets[i] + 4*p + j]        = B[4*i + j][p]
-// k runs over (ky, kx, quad of 4 channels), so a block of 4 k is one input pixel's 4 channels, and
+// k runs over (quad of 4 channels, ky, kx), so a block of 4 k is one input pixel's 4 channels, and
 // int_conv_simd.cc lays the padded input out by quads and stride phases: B is then that image
 // itself, one offset per block of 4 k, with no im2col copy (some matrix columns fall on padding
 // and are dropped). Integer sums are exact in any order, so every order of k gives the same C.
+// The AVX2 kernels walk k in chunks of `chunk` blocks (a few quads times all taps), so that the
+// part of A and of the image a chunk reads stays in the L1 cache while it serves every pixel.
 #pragma once
 
 #include <cstddef>
@@ -34,8 +36,17 @@ struct Gemm {
   const uint8_t* b;
   const int64_t* b_offsets;  // [k4]: where each block of 4 k starts, in bytes from b
   int64_t pixels;            // a multiple of 16, at most kPanel
+  int64_t chunk;             // blocks of 4 k per cache chunk (AVX2)
+  const int32_t* runs;       // AVX2 without a_hi: [rows / kRows][k4], see Int16Runs
   int32_t* c;                // C[r][p] at c[r * kPanel + p]
 };
+
+// AVX2 sums vpmaddubsw's int16 pairs in int16 registers, exact while every lane's sum fits:
+// |sum| <= 255 * (sum of the |w| it has taken), at most 32767. For A packed in `blocks` blocks of
+// `block_rows` rows (k4 blocks of 4 k each, as above), runs[b * k4 + i] is how many blocks of k
+// from block i the sums of row block b can take: every row's sum of |w| over each of its two pairs
+// (k = 4i + 0, 1 and 4i + 2, 3) stays <= 128 (32640 / 255). At least 8 where |w| <= 8.
+void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs);
 
 void GemmAvx2(const Gemm& g);
 void GemmAvx512(const Gemm& g);
@@ -55,7 +66,9 @@ struct GemmT {
   const int64_t* b_offsets;      // [k4]
   const int64_t* pixel_offsets;  // [pixels]
   int64_t pixels;                // at most kPanel
-  int32_t* c;                    // pixel-major: C[r][p] at c[p * rows + r]
+  int64_t chunk;                 // blocks of 4 k per cache chunk (AVX2)
+  const int32_t* runs;           // AVX2: [rows / kLanes][k4], see Int16Runs
+  int32_t* c;                    // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]
 };
 
 void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)

@@ -1,5 +1,7 @@
 // PostConv/IntConv: W decoded and prepared for the kernels, and the scalar reference kernel that
 // defines the ops' semantics (int_conv.h) in direct loops.
+#include <algorithm>
+#include <cstdlib>
 #include <string>
 #include <utility>
 
@@ -103,7 +105,7 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         if (weight == 0) continue;
         const int64_t row = post ? 2 * mm + odd : mm;
         const int64_t c = k / (g.kh * g.kw), ky = k / g.kw % g.kh, kx = k % g.kw;
-        const int64_t kk = ((ky * g.kw + kx) * pw->c4 + c / 4) * 4 + c % 4;  // k in the quad order
+        const int64_t kk = ((c / 4 * g.kh + ky) * g.kw + kx) * 4 + c % 4;  // k in the quad order
         const int64_t index = gi * group_size + ((row / kRows * pw->k4 + kk / 4) * kRows + row % kRows) * 4 + kk % 4;
         pw->a[index] = static_cast<int8_t>(weight);
         pw->row_sum[gi * pw->rows_pad + row] += weight;
@@ -123,8 +125,44 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
       pw->a_hi[i] = static_cast<int8_t>((v - lo) / 16);
     }
   }
+  if (isa == Isa::kAvx2 && !split) {
+    pw->runs.resize(pw->a.size() / (kRows * 4));
+    Int16Runs(pw->a.data(), g.group * pw->rows_pad / kRows, pw->k4, kRows, pw->runs.data());
+    pw->runs16.resize(pw->a16.size() / (kLanes * 4));
+    Int16Runs(pw->a16.data(), g.group * pw->rows16 / kLanes, pw->k4, kLanes, pw->runs16.data());
+  }
   std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
   return pw;
+}
+
+void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs) {
+  constexpr int32_t kLimit = 32767 / 255;  // 128
+  // The sum of |w| that lane (row r, pair j) takes at block i of k.
+  auto taken = [&](const int8_t* block, int64_t i, int64_t lane) {
+    const int8_t* w = block + (i * block_rows + lane / 2) * 4 + 2 * (lane % 2);
+    return std::abs(static_cast<int32_t>(w[0])) + std::abs(static_cast<int32_t>(w[1]));
+  };
+  std::vector<int32_t> sums(static_cast<size_t>(2 * block_rows));
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int8_t* block = a + b * k4 * block_rows * 4;
+    std::fill(sums.begin(), sums.end(), 0);
+    int64_t end = 0;  // the sums hold blocks [i, end) of k
+    for (int64_t i = 0; i < k4; ++i) {
+      for (; end < k4; ++end) {
+        bool fits = true;
+        for (int64_t lane = 0; lane < 2 * block_rows && fits; ++lane) fits = sums[lane] + taken(block, end, lane) <= kLimit;
+        if (!fits) break;
+        for (int64_t lane = 0; lane < 2 * block_rows; ++lane) sums[lane] += taken(block, end, lane);
+      }
+      if (end == i) {  // (one block alone exceeds the limit: only with |w| > 8, which never comes here)
+        runs[b * k4 + i] = 1;
+        ++end;
+        continue;
+      }
+      runs[b * k4 + i] = static_cast<int32_t>(end - i);
+      for (int64_t lane = 0; lane < 2 * block_rows; ++lane) sums[lane] -= taken(block, i, lane);
+    }
+  }
 }
 
 void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,

@@ -108,6 +108,7 @@ struct SimdJob : SimdArgs {
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
   int64_t panels;                // panels of kPanel columns per image and group
   int64_t channels;              // kDepthwise: input channels per task
+  int64_t chunk;                 // kQuad: blocks of 4 k per cache chunk of the AVX2 kernels
   std::atomic<bool> failed{false};
 };
 
@@ -169,6 +170,8 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.rows = pw.rows16;
   gemm.k4 = pw.k4;
   gemm.pixels = count;
+  gemm.chunk = job.chunk;
+  gemm.runs = pw.runs16.empty() ? nullptr : pw.runs16.data() + gi * pw.rows16 / kLanes * pw.k4;
   std::unique_ptr<int64_t[]> pixels(new int64_t[static_cast<size_t>(count)]);
   gemm.b = job.x4 + (n * g.group + gi) * pw.c4 * job.ph.size() * 4;
   gemm.b_offsets = job.offsets.data();
@@ -194,7 +197,7 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
 #endif
   std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows * kPanel)]);
   for (int64_t r = 0; r < pw.rows; ++r) {
-    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = by_pixel[i * pw.rows16 + r];
+    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = by_pixel[((r / kLanes) * count + i) * kLanes + r % kLanes];
   }
   FinishPanel(job, n, gi, tile.get(), q0, count);
 }
@@ -214,6 +217,8 @@ void RunPanel(const SimdJob& job, int64_t index) {
   gemm.rows = pw.rows_pad;
   gemm.k4 = pw.k4;
   gemm.pixels = count16;
+  gemm.chunk = job.chunk;
+  gemm.runs = pw.runs.empty() ? nullptr : pw.runs.data() + gi * pw.rows_pad / kRows * pw.k4;
   gemm.b = job.x4 + ((n * g.group + gi) * pw.c4 * job.ph.size() + p0) * 4;
   gemm.b_offsets = job.offsets.data();
   std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows_pad * kPanel)]);
@@ -368,10 +373,10 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4.get()));
     job.x4 = x4.get();
     job.offsets.resize(static_cast<size_t>(pw.k4));
-    for (int64_t ky = 0; ky < g.kh; ++ky) {
-      for (int64_t kx = 0; kx < g.kw; ++kx) {
-        for (int64_t ci = 0; ci < pw.c4; ++ci) {
-          job.offsets[(ky * g.kw + kx) * pw.c4 + ci] = (ci * ph.size() + ph.Index(ky * g.dh, kx * g.dw)) * 4;
+    for (int64_t ci = 0; ci < pw.c4; ++ci) {
+      for (int64_t ky = 0; ky < g.kh; ++ky) {
+        for (int64_t kx = 0; kx < g.kw; ++kx) {
+          job.offsets[(ci * g.kh + ky) * g.kw + kx] = (ci * ph.size() + ph.Index(ky * g.dh, kx * g.dw)) * 4;
         }
       }
     }
@@ -380,6 +385,16 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; ++kx) job.offsets[ky * g.kw + kx] = ph.Index(ky * g.dh, kx * g.dw);
     }
+  }
+  if (pw.mode == Mode::kQuad) {
+    // Chunks of whole quads (all taps of each) whose image planes (for Gemm the part a panel
+    // reads) and rows of A together fill about half the L1 cache.
+    const int64_t taps = g.kh * g.kw;
+    const int64_t reach = RoundUp(kPanel + (g.kh - 1) * g.dh / g.sh * ph.wq + (g.kw - 1) * g.dw / g.sw + 1, 16);
+    const int64_t b_bytes = (job.transposed ? ph.size() : std::min(ph.size(), reach * g.sh * g.sw)) * 4;
+    const int64_t a_bytes = taps * 4 * (job.transposed ? kLanes : kRows);
+    const int64_t quads = std::max<int64_t>(1, std::min(12288 / std::max<int64_t>(1, b_bytes), 8192 / a_bytes));
+    job.chunk = taps * quads;
   }
   job.panels = (job.span + kPanel - 1) / kPanel;
   job.channels = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.pixels() * g.mg));  // tasks of >= 4096 outputs
