@@ -2,7 +2,9 @@
 
 Per layer (ResNet-18 conv shapes and a depthwise one, batch 1 and 8): onnxruntime's float
 Conv, its uint8 x int8 QLinearConv (input already quantized), and onnxq's IntConv (4-bit
-uniform) and PostConv (4-bit POST), both taking float input and quantizing it inside.
+uniform) and PostConv (4-bit POST), both taking float input and quantizing it inside. On a CPU
+with AVX-512 VNNI two more columns force the ops' AVX2 kernels (attribute kernel=2): a proxy for
+AVX2-only CPUs, measured on this one.
 Whole models (the shipped Fashion-MNIST ones): float, onnxq's int8 and int4 QDQ, and the
 int and post formats. Ratios are against float Conv measured in the same run.
 
@@ -24,6 +26,7 @@ from onnx import TensorProto, helper, numpy_helper
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq import QuantizeConfig, WeightFormat, quantize  # noqa: E402
+from onnxq.domain import DOMAIN  # noqa: E402
 from onnxq.runtime import session_options, uses_onnxq_ops  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
@@ -45,12 +48,17 @@ def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
 
 
 def median_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], repeats: int) -> float:
+    """Median CPU time of the calling thread per run, in ms.
+
+    One-thread sessions run every kernel on the calling thread, so its CPU time is the run's; unlike
+    wall time it leaves out the time other processes hold the core (these machines are shared).
+    """
     sess.run(None, feeds)
     times = []
     for _ in range(repeats):
-        t = time.perf_counter()
+        t = time.thread_time()
         sess.run(None, feeds)
-        times.append(time.perf_counter() - t)
+        times.append(time.thread_time() - t)
     return 1e3 * float(np.median(times))
 
 
@@ -86,9 +94,26 @@ def qlinear_conv_model(k: int, stride: int, group: int, weight: np.ndarray) -> o
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
+def with_kernel(model: onnx.ModelProto, kernel: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose onnxq ops run the kernel given (their ``kernel`` attribute: 2 AVX2)."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == DOMAIN:
+            node.attribute.append(helper.make_attribute("kernel", kernel))
+    return copy
+
+
+def has_avx512_vnni() -> bool:
+    """Whether the ops' default kernel here is the AVX-512 VNNI one (so forcing AVX2 measures something else)."""
+    return {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_description().split("flags: ")[-1].split())
+
+
 def bench_layers(repeats: int) -> None:
-    print("| layer | batch | float Conv ms | QLinearConv u8xs8 | IntConv 4-bit | PostConv 4-bit |")
-    print("|---|---:|---:|---:|---:|---:|")
+    proxy = has_avx512_vnni()
+    extra = " IntConv AVX2 (forced) | PostConv AVX2 (forced) |" if proxy else ""
+    print("| layer | batch | float Conv ms | QLinearConv u8xs8 | IntConv 4-bit | PostConv 4-bit |" + extra)
+    print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if proxy else ""))
     rng = np.random.default_rng(0)
     for name, c_in, c_out, size, k, stride, group in LAYERS:
         weight = (rng.standard_normal((c_out, c_in // group, k, k)) * 0.05).astype(np.float32)
@@ -96,12 +121,13 @@ def bench_layers(repeats: int) -> None:
         ops = {
             fmt: quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None)) for fmt in (WeightFormat.INT, WeightFormat.POST)
         }
+        variants = list(ops.values()) + ([with_kernel(m, 2) for m in ops.values()] if proxy else [])
         for batch in (1, 8):
             x = rng.random((batch, c_in, size, size), dtype=np.float32)
             base = median_ms(one_thread_session(float_model), {"x": x}, repeats)
             q8 = median_ms(one_thread_session(qlinear_conv_model(k, stride, group, weight)), {"x": (x * 255).astype(np.uint8)}, repeats)
-            cells = [f"{base / median_ms(one_thread_session(m), {'x': x}, repeats):.2f}x" for m in ops.values()]
-            print(f"| {name} | {batch} | {base:.2f} | {base / q8:.2f}x | {cells[0]} | {cells[1]} |", flush=True)
+            cells = [f"{base / median_ms(one_thread_session(m), {'x': x}, repeats):.2f}x" for m in variants]
+            print(f"| {name} | {batch} | {base:.2f} | {base / q8:.2f}x | " + " | ".join(cells) + " |", flush=True)
 
 
 def bench_models(repeats: int) -> None:
@@ -131,7 +157,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-models", action="store_true")
     args = parser.parse_args(argv)
     print(cpu_description())
-    print(f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), median of {args.repeats} runs\n")
+    print(
+        f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), "
+        f"median thread CPU time of {args.repeats} runs\n"
+    )
     bench_layers(args.repeats)
     if not args.skip_models:
         bench_models(args.repeats)
