@@ -54,6 +54,63 @@ def check_bits(bits: int, what: str = "bits") -> int:
     return int(bits)
 
 
+class CalibrationMethod(enum.Enum):
+    """How an activation's range is chosen from calibration data."""
+
+    MINMAX = "minmax"  # the observed min/max
+    PERCENTILE = "percentile"  # drop the most extreme (100 - percentile) % on each side
+    ENTROPY = "entropy"  # least KL divergence between the histogram and its quantized copy (TensorRT)
+    MSE = "mse"  # least quantization MSE, by the golden-section search used for weights
+    ASQ = "asq"  # MSE range times a per-input factor computed in the graph by a tiny adapter
+
+
+class ReduceRange(enum.Enum):
+    """Whether 8-bit weights beside uint8 activations are cut to 7 bits (values -63..63).
+
+    onnxruntime's uint8 x int8 kernels on CPUs without VNNI add products in pairs into 16-bit
+    sums that saturate with full 8-bit weights; 7-bit weights never saturate. AUTO cuts only
+    when the machine running onnxq lacks VNNI.
+    """
+
+    AUTO = "auto"
+    ON = "on"
+    OFF = "off"
+
+
+ACTIVATION_BITS = (4, 8)
+
+
+@dataclass(frozen=True)
+class ActivationConfig:
+    """Quantization of activations (needs calibration data).
+
+    Attributes:
+        bits: activation code width: 8 (uint8) or 4 (uint4, opset 21).
+        method: how ranges are chosen.
+        percentile: the percentile kept by ``CalibrationMethod.PERCENTILE``.
+        samples: most calibration samples to use.
+        reduce_range: 7-bit instead of 8-bit weights where onnxruntime's kernels could saturate.
+    """
+
+    bits: int = 8
+    method: CalibrationMethod = CalibrationMethod.MSE
+    percentile: float = 99.99
+    samples: int = 512
+    reduce_range: ReduceRange = ReduceRange.AUTO
+
+    def __post_init__(self) -> None:
+        if self.bits not in ACTIVATION_BITS:
+            raise ValueError(f"activation bits must be 4 or 8, got {self.bits!r}")
+        if not isinstance(self.method, CalibrationMethod):
+            raise ValueError(f"method must be a CalibrationMethod, got {self.method!r}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
+        if isinstance(self.samples, bool) or not isinstance(self.samples, numbers.Integral) or self.samples < 1:
+            raise ValueError(f"calibration samples must be a positive integer, got {self.samples!r}")
+        if not isinstance(self.reduce_range, ReduceRange):
+            raise ValueError(f"reduce_range must be a ReduceRange, got {self.reduce_range!r}")
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """What to quantize and how.
@@ -67,6 +124,7 @@ class QuantizeConfig:
         first_last_bits: bit width of the first and last weighted layers; None treats them like any other.
         exclude: node names to leave in float.
         node_bits: per-node bit widths that override every other rule.
+        activations: quantize activations too (needs calibration data); None keeps them float.
     """
 
     bits: int = 4
@@ -77,6 +135,7 @@ class QuantizeConfig:
     first_last_bits: int | None = 8
     exclude: frozenset[str] = field(default_factory=frozenset)
     node_bits: Mapping[str, int] = field(default_factory=dict)
+    activations: ActivationConfig | None = None
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -94,4 +153,6 @@ class QuantizeConfig:
             raise ValueError(f"format must be a WeightFormat, got {self.format!r}")
         if self.format is WeightFormat.POST and self.bits > 4:
             raise ValueError(f"POST weights take 2-4 bits, got {self.bits}")
+        if self.activations is not None and not isinstance(self.activations, ActivationConfig):
+            raise ValueError(f"activations must be an ActivationConfig or None, got {self.activations!r}")
         object.__setattr__(self, "exclude", frozenset(self.exclude))

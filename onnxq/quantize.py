@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
+from onnxq.activations import adjust_weight_plans, calibrate_activations, quantize_biases
+from onnxq.calibrate import CalibrationData
 from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 from onnxq.formats.uniform import storage_bits
@@ -17,6 +19,7 @@ from onnxq.load import INT4_OPSET, LoadedModel, ensure_opset, load
 from onnxq.plan import Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
+from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 from onnxq.rewrite_ops import INT_CONV, POST_CONV, convertible, declare_domain, replace_convs
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
@@ -52,12 +55,21 @@ class QuantizationResult:
     source: LoadedModel | None = None
 
 
-def quantize(model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig | None = None) -> onnx.ModelProto:
-    """Quantize the weights of ``model`` (a path or a ModelProto, which is not modified) and return the new model."""
-    return quantize_with_report(model, config).model
+def quantize(
+    model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None
+) -> onnx.ModelProto:
+    """Quantize ``model`` (a path or a ModelProto, which is not modified) and return the new model.
+
+    Weights always; activations too when ``config.activations`` is set, which needs
+    ``calibration``: an iterable of {input name: batch} dicts, an onnxruntime
+    CalibrationDataReader, or the path of an .npy/.npz file or a folder of images.
+    """
+    return quantize_with_report(model, config, calibration).model
 
 
-def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig | None = None) -> QuantizationResult:
+def quantize_with_report(
+    model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None
+) -> QuantizationResult:
     """Like :func:`quantize`, but also say per layer what was done."""
     config = config or QuantizeConfig()
     loaded = load(model)
@@ -66,8 +78,15 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
     plans, skipped = plan_weights(loaded.model.graph, config)
     if not plans:
         raise OnnxqError(loaded.label, _nothing_to_quantize(skipped))
-    if any(storage_bits(p.bits) == 4 for p in plans):
+    if config.activations is not None and calibration is None:
+        raise OnnxqError(loaded.label, "quantizing activations needs calibration data")
+    if config.activations is not None:
+        plans = adjust_weight_plans(plans, config.activations)
+    if any(storage_bits(p.bits) == 4 for p in plans) or (config.activations is not None and config.activations.bits == 4):
         ensure_opset(loaded, INT4_OPSET)
+    activations: dict[str, ActivationQuant] = {}
+    if config.activations is not None:
+        activations = calibrate_activations(loaded.model, plans, config, calibration)
     consts = constant_initializers(loaded.model.graph)
     nodes = {node.name: node for node in loaded.model.graph.node}
     qdq: dict[str, QuantizedTensor] = {}
@@ -79,14 +98,17 @@ def quantize_with_report(model: str | os.PathLike[str] | onnx.ModelProto, config
             names = " ".join(plan.nodes)
             raise OnnxqError(loaded.label, f"weight {plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
         op_type = _custom_op_for(plan, nodes, weight.ndim, config)
-        q = _quantize_tensor(weight, plan, op_type, config)
+        q = _quantize_tensor(weight, plan, op_type, config, bool(activations))
         if op_type is None:
             qdq[plan.tensor] = q
         else:
             custom[plan.tensor] = (q, op_type)
         layers.append(_layer_result(plan, q, weight, op_type))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
+    quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)
+    if activations:
+        insert_activation_qdq(loaded.model, activations, _opset(loaded.model))
     if custom:
         replace_convs(loaded.model.graph, custom)
         declare_domain(loaded.model)
@@ -102,11 +124,15 @@ def _nothing_to_quantize(skipped: list[Skipped]) -> str:
     return message
 
 
-def _quantize_tensor(weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig) -> QuantizedTensor:
-    """Codes for one weight in the format its op needs: POST, plain uniform (IntConv), or uniform/sqrt (QDQ)."""
+def _quantize_tensor(weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool) -> QuantizedTensor:
+    """Codes for one weight in the format its op needs: POST, plain uniform (IntConv), or uniform/sqrt (QDQ).
+
+    With quantized activations, 8-bit weights stay linear (no sqrt) so onnxruntime can fuse them into integer kernels.
+    """
     if op_type == POST_CONV:
         return quantize_post_weight(weight, plan.bits, 0)
-    sqrt = SqrtMode.OFF if op_type == INT_CONV else config.sqrt
+    linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
+    sqrt = SqrtMode.OFF if linear else config.sqrt
     return quantize_weight(weight, plan.bits, _axis(plan, config), sqrt, config.range)
 
 
@@ -119,6 +145,10 @@ def _custom_op_for(plan: WeightPlan, nodes: dict[str, onnx.NodeProto], rank: int
     if not all(convertible(nodes[use.node], rank) for use in plan.uses):
         return None
     return POST_CONV if config.format is WeightFormat.POST else INT_CONV
+
+
+def _opset(model: onnx.ModelProto) -> int:
+    return next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), 13)
 
 
 def _axis(plan: WeightPlan, config: QuantizeConfig) -> int | None:

@@ -32,10 +32,15 @@ def dequantize_nodes(weight: str, q: QuantizedTensor, names: NameSource) -> tupl
     codes_name = names.fresh(f"{weight}_quantized")
     scale_name = names.fresh(f"{weight}_scale")
     inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(np.asarray(q.scale, dtype=np.float32), scale_name)]
+    inputs = [codes_name, scale_name]
+    if storage_bits(q.bits) == 8:  # onnxruntime fuses Gemm into QGemm only with an explicit zero point
+        zero_name = names.fresh(f"{weight}_zero_point")
+        inits.append(numpy_helper.from_array(np.zeros(np.shape(q.scale), dtype=np.int8), zero_name))
+        inputs.append(zero_name)
     dq_out = names.fresh(f"{weight}_dequantized")
     axis = {} if q.axis is None else {"axis": q.axis}
     dq_name = names.fresh(f"{weight}_DequantizeLinear")
-    nodes = [helper.make_node("DequantizeLinear", [codes_name, scale_name], [dq_out], name=dq_name, **axis)]
+    nodes = [helper.make_node("DequantizeLinear", inputs, [dq_out], name=dq_name, **axis)]
     if not q.sqrt:
         return inits, nodes, dq_out
     abs_out = names.fresh(f"{weight}_abs")

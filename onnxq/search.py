@@ -178,6 +178,33 @@ def golden_section(f: Callable[[np.ndarray], np.ndarray], lo: np.ndarray, hi: np
     return np.where(f1 <= f2, x1, x2)
 
 
+def minimise_on_grid(
+    f: Callable[[np.ndarray], np.ndarray], upper: np.ndarray, grid: int = 32, iterations: int = 14
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, the x in (0, upper] with the least f(x), and that least value.
+
+    ``f`` maps an (R,) or (R, K) array of candidates to errors of the same shape. A scan of
+    ``grid`` evenly spaced points brackets the minimum and ``iterations`` golden-section
+    steps refine it; the answer is never worse than the best grid point, so a non-convex
+    tail cannot mislead it.
+    """
+    upper = np.asarray(upper, dtype=np.float64)
+    n_rows = len(upper)
+    fractions = np.linspace(1.0 / grid, 1.0, grid)
+    candidates = upper[:, None] * fractions
+    grid_err = f(candidates)
+    best = np.argmin(grid_err, axis=1)
+    step = upper * (fractions[1] - fractions[0] if grid > 1 else 1.0)
+    picked = candidates[np.arange(n_rows), best]
+    lo = np.maximum(picked - step, 1e-6 * upper)
+    hi = np.minimum(picked + step, upper)
+    x = golden_section(f, lo, hi, iterations)
+    err = f(x)
+    grid_best = grid_err[np.arange(n_rows), best]
+    use_grid = grid_best < err
+    return np.where(use_grid, picked, x), np.where(use_grid, grid_best, err)
+
+
 def search_alpha(
     rows: np.ndarray,
     codebook: Codebook,
@@ -196,19 +223,7 @@ def search_alpha(
     rows = np.asarray(rows)
     if hist is None:
         hist = build_histograms(rows, codebook.sqrt_domain, bins)
-    n_rows = hist.rows
-    candidates = np.linspace(1.0 / grid, 1.0, grid)
-    grid_err = codebook_error(hist, codebook, np.broadcast_to(candidates, (n_rows, grid)))
-    best = np.argmin(grid_err, axis=1)
-    step = candidates[1] - candidates[0] if grid > 1 else 1.0
-    lo = np.maximum(candidates[best] - step, 1e-6)
-    hi = np.minimum(candidates[best] + step, 1.0)
-    alpha = golden_section(lambda a: codebook_error(hist, codebook, a), lo, hi, iterations)
-    err = codebook_error(hist, codebook, alpha)
-    grid_best = grid_err[np.arange(n_rows), best]
-    use_grid = grid_best < err
-    alpha = np.where(use_grid, candidates[best], alpha)
-    err = np.where(use_grid, grid_best, err)
+    alpha, err = minimise_on_grid(lambda a: codebook_error(hist, codebook, a), np.ones(hist.rows), grid, iterations)
     length = max(rows.shape[1], 1) if rows.ndim == 2 else 1
     return SearchResult(alpha=alpha, mse=err * hist.peak**2 / length)
 

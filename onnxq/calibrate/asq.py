@@ -1,0 +1,98 @@
+"""ASQ for post-training quantization: a per-input factor beta on an activation's step size.
+
+A fixed step s fits the typical input; ASQ (Adaptive Step Size Quantization) scales it per
+input by beta so each input gets nearly its own best step. Here, for every calibration
+sample, the MSE-optimal beta_i (range [beta*lo, beta*hi] around the fixed range, so the
+zero point stays put) is found by the same grid + golden-section search as everything
+else; then a tiny adapter learns to predict log(beta) from the sample's channel means:
+beta = exp(w . (f - mean) / std + b), fit by ridge regression with the ridge chosen on a
+held-out fifth. With w = 0, b = 0 the adapter outputs 1, i.e. the fixed step. Pure numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.calibrate.ranges import Range, range_errors
+from onnxq.search import minimise_on_grid
+
+RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """beta(f) = exp(f @ weight + bias) for a feature row f (already folded with the standardisation)."""
+
+    weight: np.ndarray  # (C,)
+    bias: float
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """Beta for each row of ``features`` (S, C)."""
+        return np.exp(np.asarray(features, dtype=np.float64) @ self.weight + self.bias)
+
+
+def identity_adapter(channels: int) -> Adapter:
+    """The adapter that always says beta = 1."""
+    return Adapter(np.zeros(channels), 0.0)
+
+
+def sample_betas(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, base: Range, bits: int) -> np.ndarray:
+    """Per sample, the beta whose range ``base.scaled(beta)`` quantizes that sample with the least MSE.
+
+    ``counts`` (S, bins) are per-sample histograms over each sample's own [lo, hi]. beta may
+    exceed 1 (a sample wider than the calibrated range) up to what covers the sample.
+    """
+    counts = np.asarray(counts, dtype=np.float64)
+    bins = counts.shape[1]
+    width = (hi - lo) / bins
+    centers = lo[:, None] + (np.arange(bins) + 0.5) * width[:, None]
+    cover = np.maximum(_ratio(hi, base.hi), _ratio(lo, base.lo))
+    upper = np.maximum(cover, 1e-6)
+
+    def error(beta: np.ndarray) -> np.ndarray:
+        return range_errors(centers, counts, beta * base.lo, beta * base.hi, bits)
+
+    beta, _ = minimise_on_grid(error, upper)
+    return beta
+
+
+def _ratio(value: np.ndarray, reference: float) -> np.ndarray:
+    return value / reference if reference != 0.0 else np.zeros_like(value)
+
+
+def fit_adapter(features: np.ndarray, beta: np.ndarray, seed: int = 0) -> Adapter:
+    """Ridge regression of log(beta) on standardised features; the ridge is picked on a held-out fifth."""
+    x = np.asarray(features, dtype=np.float64)
+    y = np.log(np.asarray(beta, dtype=np.float64))
+    samples, channels = x.shape
+    if samples < 5:
+        return Adapter(np.zeros(channels), float(np.mean(y)) if samples else 0.0)
+    mean, std = x.mean(axis=0), x.std(axis=0)
+    std = np.where(std > 1e-12, std, 1.0)
+    z = (x - mean) / std
+    order = np.random.default_rng(seed).permutation(samples)
+    held, train = order[: samples // 5], order[samples // 5 :]
+    losses = [np.mean((_ridge(z[train], y[train], r).predict_log(z[held]) - y[held]) ** 2) for r in RIDGES]
+    fit = _ridge(z, y, RIDGES[int(np.argmin(losses))])
+    weight = fit.weight / std
+    return Adapter(weight, float(fit.bias - mean @ weight))
+
+
+@dataclass(frozen=True)
+class _Linear:
+    weight: np.ndarray
+    bias: float
+
+    def predict_log(self, z: np.ndarray) -> np.ndarray:
+        return z @ self.weight + self.bias
+
+
+def _ridge(z: np.ndarray, y: np.ndarray, ridge: float) -> _Linear:
+    """Least squares with an L2 penalty ``ridge * samples`` on the weights (not the bias)."""
+    samples, channels = z.shape
+    y_mean = y.mean()
+    gram = z.T @ z + ridge * samples * np.eye(channels)
+    weight = np.linalg.solve(gram, z.T @ (y - y_mean)) if channels else np.zeros(0)
+    return _Linear(weight, float(y_mean - z.mean(axis=0) @ weight))

@@ -1,0 +1,159 @@
+"""Run the float model once over calibration data and gather statistics of chosen tensors.
+
+The tensors are exposed as extra graph outputs of an in-memory copy of the model (nothing
+is written to the working directory; a model too big for one protobuf goes to a private
+temporary folder). Each batch updates a streaming histogram per tensor, so memory does not
+grow with the number of samples. For ASQ it also keeps, per sample, a small histogram over
+the sample's own range and the sample's channel means (the adapter's features).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from onnxq.calibrate.histogram import Histogram, sample_histograms
+from onnxq.errors import OnnxqError
+from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
+from onnxq.runtime import session_options
+
+logger = logging.getLogger(__name__)
+
+SAMPLE_BINS = 256
+
+
+@dataclass
+class SampleStats:
+    """Per-sample statistics for ASQ, appended batch by batch."""
+
+    counts: list[np.ndarray] = field(default_factory=list)  # (B, SAMPLE_BINS) int32
+    lo: list[np.ndarray] = field(default_factory=list)
+    hi: list[np.ndarray] = field(default_factory=list)
+    features: list[np.ndarray] = field(default_factory=list)  # (B, C) float32
+
+    def add(self, batch: np.ndarray) -> None:
+        """Histogram and features of every sample in ``batch``."""
+        counts, lo, hi = sample_histograms(batch, SAMPLE_BINS)
+        self.counts.append(counts.astype(np.int32))
+        self.lo.append(lo)
+        self.hi.append(hi)
+        self.features.append(channel_means(batch).astype(np.float32))
+
+    def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(counts, lo, hi, features) over all samples."""
+        return tuple(np.concatenate(parts) for parts in (self.counts, self.lo, self.hi, self.features))  # type: ignore[return-value]
+
+
+@dataclass
+class TensorStats:
+    """Everything gathered about one tensor."""
+
+    histogram: Histogram = field(default_factory=Histogram)
+    samples: SampleStats | None = None
+    rank: int = 0
+
+
+def feature_axes(rank: int) -> tuple[int, ...]:
+    """Axes averaged away to get one feature per channel: spatial axes of NCHW, tokens of (N, T, C)."""
+    if rank <= 2:
+        return ()
+    if rank == 3:
+        return (1,)
+    return tuple(range(2, rank))
+
+
+def channel_means(batch: np.ndarray) -> np.ndarray:
+    """(B, C) per-sample channel means (the features ASQ's adapter reads)."""
+    axes = feature_axes(batch.ndim)
+    means = batch.mean(axis=axes) if axes else batch
+    return means.reshape(len(batch), -1)
+
+
+def collect(
+    model: onnx.ModelProto, tensors: list[str], batches: Iterable[Mapping[str, np.ndarray]], per_sample: bool = False, total: int | None = None
+) -> dict[str, TensorStats]:
+    """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime."""
+    stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
+    with _exposing(model, tensors) as sess:
+        with _progress(total) as bar:
+            for batch in batches:
+                try:
+                    outputs = sess.run(tensors, dict(batch))
+                except Exception as e:  # onnxruntime's exception types are not public
+                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                    raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line}") from e
+                for name, value in zip(tensors, outputs, strict=True):
+                    entry = stats[name]
+                    entry.rank = value.ndim
+                    try:
+                        entry.histogram.add(value)
+                    except ValueError as e:
+                        raise OnnxqError(None, f"calibration: tensor {name!r}: {e}") from e
+                    if entry.samples is not None:
+                        entry.samples.add(value)
+                bar.update(len(next(iter(batch.values()))))
+    return stats
+
+
+class _exposing:
+    """Context manager: an onnxruntime session of ``model`` with ``tensors`` added as outputs."""
+
+    def __init__(self, model: onnx.ModelProto, tensors: list[str]) -> None:
+        self.model = _with_outputs(model, tensors)
+        self.tmp: tempfile.TemporaryDirectory[str] | None = None
+
+    def __enter__(self) -> ort.InferenceSession:
+        options = session_options()
+        if tensor_bytes(self.model) < PROTOBUF_LIMIT:
+            return ort.InferenceSession(self.model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        self.tmp = tempfile.TemporaryDirectory(prefix="onnxq-calibration-")
+        path = Path(self.tmp.name) / "model.onnx"
+        onnx.save_model(self.model, path, save_as_external_data=True, location="model.data")
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def __exit__(self, *exc: object) -> None:
+        if self.tmp is not None:
+            self.tmp.cleanup()
+
+
+def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
+    """A copy of ``model`` whose graph also outputs ``tensors`` (typed float32)."""
+    exposed = onnx.ModelProto()
+    exposed.CopyFrom(model)
+    present = {o.name for o in exposed.graph.output}
+    for name in tensors:
+        if name not in present:
+            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+    return exposed
+
+
+class _progress:
+    """A tqdm bar on a terminal, silence elsewhere."""
+
+    def __init__(self, total: int | None) -> None:
+        self.bar = None
+        if sys.stderr.isatty():
+            try:
+                from tqdm import tqdm
+            except ImportError:
+                return
+            self.bar = tqdm(total=total, unit="sample", desc="calibrating", leave=False)
+
+    def __enter__(self) -> _progress:
+        return self
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.close()

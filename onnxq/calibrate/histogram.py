@@ -1,0 +1,103 @@
+"""Streaming statistics of one activation tensor: exact min/max and a fixed-bin histogram.
+
+The histogram has a fixed number of equal bins centred on zero, with a bin width that is
+a power of two. When a value falls outside the covered range the width doubles (as many
+times as needed) and neighbouring bins merge; because every bin edge is a multiple of the
+width, merging is exact. So memory stays constant however many samples stream through,
+and the result does not depend on how the data were split into batches. Pure numpy.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+DEFAULT_BINS = 4096
+_START_EXPONENT = -40  # the first width is 2**-40: any real activation widens it at once
+
+
+@dataclass
+class Histogram:
+    """Counts of values in ``bins`` bins of width ``2**exponent`` covering [-half, half) * width.
+
+    Attributes:
+        counts: (bins,) counts; bin i covers [(i - bins/2) * width, (i - bins/2 + 1) * width).
+        exponent: log2 of the bin width.
+        min: smallest value seen (inf before any).
+        max: largest value seen (-inf before any).
+    """
+
+    bins: int = DEFAULT_BINS
+    counts: np.ndarray = field(init=False)
+    exponent: int = _START_EXPONENT
+    min: float = math.inf
+    max: float = -math.inf
+
+    def __post_init__(self) -> None:
+        if self.bins < 4 or self.bins % 2:
+            raise ValueError(f"a histogram needs an even number of bins >= 4, got {self.bins}")
+        self.counts = np.zeros(self.bins, dtype=np.int64)
+
+    @property
+    def width(self) -> float:
+        """Width of one bin."""
+        return math.ldexp(1.0, self.exponent)
+
+    @property
+    def total(self) -> int:
+        """Number of values seen."""
+        return int(self.counts.sum())
+
+    @property
+    def centers(self) -> np.ndarray:
+        """(bins,) centre of every bin."""
+        return (np.arange(self.bins, dtype=np.float64) - self.bins // 2 + 0.5) * self.width
+
+    @property
+    def edges(self) -> np.ndarray:
+        """(bins + 1,) bin edges."""
+        return (np.arange(self.bins + 1, dtype=np.float64) - self.bins // 2) * self.width
+
+    def add(self, values: np.ndarray) -> None:
+        """Count ``values`` (any shape); NaN and infinities are rejected."""
+        values = np.asarray(values, dtype=np.float64).ravel()
+        if values.size == 0:
+            return
+        lo, hi = float(values.min()), float(values.max())
+        if not (math.isfinite(lo) and math.isfinite(hi)):
+            raise ValueError("activation values include NaN or infinity")
+        self.min, self.max = min(self.min, lo), max(self.max, hi)
+        self._cover(max(-lo, hi))
+        half = self.bins // 2
+        index = np.floor(values / self.width).astype(np.int64) + half
+        self.counts += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
+
+    def _cover(self, peak: float) -> None:
+        """Widen the bins (exactly, by merging) until |value| <= ``peak`` falls strictly inside."""
+        half = self.bins // 2
+        needed = self.exponent
+        while peak >= half * math.ldexp(1.0, needed):
+            needed += 1
+        if needed == self.exponent:
+            return
+        factor = 2 ** (needed - self.exponent)
+        old = np.arange(self.bins, dtype=np.int64) - half
+        new_index = np.floor_divide(old, factor) + half
+        self.counts = np.bincount(new_index, weights=self.counts, minlength=self.bins).astype(np.int64)
+        self.exponent = needed
+
+
+def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-sample histograms of a batch (first axis = samples), each over that sample's own [min, max].
+
+    Returns (counts (B, bins), lo (B,), hi (B,)); a constant sample puts everything in one bin.
+    """
+    rows = np.asarray(batch, dtype=np.float64).reshape(len(batch), -1)
+    lo, hi = rows.min(axis=1), rows.max(axis=1)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    index = np.clip(np.floor((rows - lo[:, None]) / span[:, None] * bins), 0, bins - 1).astype(np.int64)
+    index += np.arange(len(rows))[:, None] * bins
+    counts = np.bincount(index.ravel(), minlength=len(rows) * bins).reshape(len(rows), bins)
+    return counts, lo, hi

@@ -1,0 +1,103 @@
+"""Which activation tensors get a QuantizeLinear/DequantizeLinear pair, and at how many bits.
+
+Placed where onnxruntime can fuse the pairs into integer kernels (QLinearConv, QGemm,
+QLinearMatMul, QLinearAdd, QLinearGlobalAveragePool): on the float inputs of every layer
+whose weight is quantized and of residual Adds and pools, and on their outputs. A layer's
+output that only feeds a Relu or Clip is quantized after the activation instead, which
+onnxruntime folds into the quantization (its zero point already clips at 0). Graph outputs
+stay float. Ops that gain nothing from integer inputs stay float and read float tensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import onnx
+
+from onnxq.graph import constant_initializers, consumers
+
+#: Ops whose inputs and outputs are quantized when both sides are activations (they fuse into QLinear* kernels).
+ELEMENTWISE = frozenset({"Add"})
+POOLS = frozenset({"GlobalAveragePool", "AveragePool", "MaxPool"})
+#: Activations onnxruntime folds into the following QuantizeLinear.
+FOLDABLE = frozenset({"Relu", "Clip"})
+#: Bits of activations that do not feed a weighted layer (residual adds, pools, layer outputs).
+OTHER_BITS = 8
+
+
+@dataclass(frozen=True)
+class ActivationSite:
+    """One activation tensor to quantize.
+
+    Attributes:
+        tensor: its name.
+        bits: code width (unsigned).
+        feeds_weighted: True when a weighted layer reads it (so its range matters for accuracy most).
+    """
+
+    tensor: str
+    bits: int
+    feeds_weighted: bool
+
+
+def plan_activations(
+    graph: onnx.GraphProto, weighted: dict[str, int], boundary: Iterable[str], bits: int, boundary_bits: int | None
+) -> list[ActivationSite]:
+    """The activation tensors of ``graph`` to quantize, in graph order.
+
+    ``weighted`` maps the names of nodes whose weights are quantized to their op's activation
+    input index; ``boundary`` names the first/last weighted nodes, whose inputs get
+    ``boundary_bits`` (when not None) like their weights do.
+    """
+    boundary = set(boundary)
+    consts = set(constant_initializers(graph))
+    float_tensors = _float_tensors(graph)
+    outputs = {o.name for o in graph.output}
+    readers = consumers(graph)
+
+    def is_activation(name: str) -> bool:
+        return bool(name) and name not in consts and name in float_tensors
+
+    order: dict[str, None] = {}  # insertion-ordered set
+    weighted_bits: dict[str, int] = {}
+    for node in graph.node:
+        inputs = _quantized_inputs(node, weighted, is_activation)
+        if inputs is None:
+            continue
+        for name in inputs:
+            order[name] = None
+            if node.name in weighted:
+                width = boundary_bits if node.name in boundary and boundary_bits is not None else bits
+                weighted_bits[name] = min(width, weighted_bits.get(name, width))
+        out = _after_foldable(node.output[0], readers, outputs)
+        if out not in outputs and is_activation(out):
+            order[out] = None
+    return [ActivationSite(name, weighted_bits.get(name, OTHER_BITS), name in weighted_bits) for name in order]
+
+
+def _quantized_inputs(node: onnx.NodeProto, weighted: dict[str, int], is_activation: Callable[[str], bool]) -> list[str] | None:
+    """The activation inputs of ``node`` to quantize, or None when the node stays float."""
+    if node.name in weighted:
+        name = node.input[weighted[node.name]]
+        return [name] if is_activation(name) else None
+    if node.op_type in ELEMENTWISE:
+        data = list(node.input)
+        return data if len(data) == 2 and all(is_activation(n) for n in data) else None
+    if node.op_type in POOLS:
+        return [node.input[0]] if is_activation(node.input[0]) else None
+    return None
+
+
+def _after_foldable(name: str, readers: dict[str, list[onnx.NodeProto]], outputs: set[str]) -> str:
+    """``name``, or the output of the single Relu/Clip that is its only reader."""
+    users = readers.get(name, [])
+    if name not in outputs and len(users) == 1 and users[0].op_type in FOLDABLE:
+        return users[0].output[0]
+    return name
+
+
+def _float_tensors(graph: onnx.GraphProto) -> set[str]:
+    """Names of float32 tensors (inputs, value_info, outputs): only those are quantized."""
+    infos = list(graph.input) + list(graph.value_info) + list(graph.output)
+    return {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}

@@ -1,0 +1,188 @@
+"""Activation ranges from histograms: min-max, percentile, entropy (KL) and MSE-optimal.
+
+Activations are quantized asymmetrically to unsigned codes 0..2**bits-1 (uint8, uint4):
+x -> clip(round(x / scale) + zero_point). The range [lo, hi] always contains 0, so zero is
+exact. Percentile, entropy and MSE choose among ranges [a*lo0, a*hi0], a in (0, 1], where
+[lo0, hi0] is the min-max range: the zero point is then the same for every a and only the
+step size changes, which is the one-dimensional search REQuant uses for weights. Pure numpy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.calibrate.histogram import Histogram
+from onnxq.search import minimise_on_grid
+
+
+@dataclass(frozen=True)
+class Range:
+    """A quantization range [lo, hi] with lo <= 0 <= hi."""
+
+    lo: float
+    hi: float
+
+    def __post_init__(self) -> None:
+        if not self.lo <= 0.0 <= self.hi:
+            raise ValueError(f"an activation range must contain 0, got [{self.lo}, {self.hi}]")
+
+    def scaled(self, factor: float) -> Range:
+        """The range [factor*lo, factor*hi]."""
+        return Range(self.lo * factor, self.hi * factor)
+
+
+@dataclass(frozen=True)
+class QuantParams:
+    """Scale and zero point of unsigned ``bits``-bit codes."""
+
+    scale: float
+    zero_point: int
+    bits: int
+
+    @property
+    def qmax(self) -> int:
+        """Largest code."""
+        return (1 << self.bits) - 1
+
+    @property
+    def value_range(self) -> tuple[float, float]:
+        """The smallest and largest values the codes stand for."""
+        return (0 - self.zero_point) * self.scale, (self.qmax - self.zero_point) * self.scale
+
+
+def quant_params(r: Range, bits: int) -> QuantParams:
+    """Scale and zero point that put ``r`` on codes 0..2**bits-1 with zero exact."""
+    qmax = (1 << bits) - 1
+    span = r.hi - r.lo
+    if span <= 0.0:
+        return QuantParams(1.0, 0, bits)
+    scale = span / qmax
+    return QuantParams(scale, int(np.clip(np.rint(-r.lo / scale), 0, qmax)), bits)
+
+
+def fake_quantize(x: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarray | int, bits: int) -> np.ndarray:
+    """Quantize and dequantize as ONNX QuantizeLinear/DequantizeLinear do (round half to even, saturate)."""
+    q = np.clip(np.rint(x / scale) + zero_point, 0, (1 << bits) - 1)
+    return (q - zero_point) * scale
+
+
+def minmax_range(h: Histogram) -> Range:
+    """The full observed range (widened to include 0)."""
+    if h.total == 0:
+        return Range(0.0, 0.0)
+    return Range(min(h.min, 0.0), max(h.max, 0.0))
+
+
+def percentile_range(h: Histogram, percentile: float = 99.99) -> Range:
+    """Drop the (100 - percentile) % most extreme values on each side (inside-bin linear interpolation)."""
+    if not 50.0 < percentile <= 100.0:
+        raise ValueError(f"percentile must be in (50, 100], got {percentile}")
+    full = minmax_range(h)
+    if h.total == 0 or percentile == 100.0:
+        return full
+    tail = (100.0 - percentile) / 100.0
+    cdf = np.concatenate([[0.0], np.cumsum(h.counts)]) / h.total
+    edges = h.edges
+    hi = float(np.interp(1.0 - tail, cdf, edges))
+    lo = float(np.interp(tail, cdf, edges))
+    return Range(max(min(lo, 0.0), full.lo), min(max(hi, 0.0), full.hi))
+
+
+def range_errors(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """Squared error of fake-quantizing binned data with ranges [lo, hi], one per row.
+
+    ``centers``/``counts`` are (R, n) (each bin stands for ``count`` values at its centre);
+    ``lo``/``hi`` are (R,) or (R, K) ranges; returns the summed error in the same shape.
+    """
+    lo, hi = np.asarray(lo, dtype=np.float64), np.asarray(hi, dtype=np.float64)
+    extra = (slice(None),) + (None,) * (lo.ndim - 1) + (slice(None),)
+    qmax = (1 << bits) - 1
+    span = hi - lo
+    scale = np.where(span > 0, span / qmax, 1.0)
+    zp = np.clip(np.rint(-lo / scale), 0, qmax)
+    c = centers[extra]
+    q = np.clip(np.rint(c / scale[..., None]) + zp[..., None], 0, qmax)
+    err = (c - (q - zp[..., None]) * scale[..., None]) ** 2
+    return np.sum(err * counts[extra], axis=-1)
+
+
+def mse_range(h: Histogram, bits: int) -> Range:
+    """The range [a*lo0, a*hi0] with the least quantization MSE over the histogram (grid + golden section)."""
+    full = minmax_range(h)
+    if full.hi - full.lo <= 0.0:
+        return full
+    centers, counts = _occupied(h)
+
+    def error(a: np.ndarray) -> np.ndarray:
+        return range_errors(centers[None], counts[None], a * full.lo, a * full.hi, bits)
+
+    alpha, _ = minimise_on_grid(error, np.ones(1))
+    return full.scaled(float(alpha[0]))
+
+
+#: TensorRT's geometry: 2048 histogram bins for 128 codes, i.e. the full range holds 16 bins per code.
+ENTROPY_BINS_PER_CODE = 16
+
+
+def entropy_range(h: Histogram, bits: int, candidates: int = 128) -> Range:
+    """The range [a*lo0, a*hi0] whose quantized histogram loses the least information (KL divergence).
+
+    As in TensorRT's calibrator: the reference P is the histogram with values outside the
+    range clamped into its edge bins; the candidate Q spreads each code's in-range count
+    evenly over that code's non-empty bins, outliers left out, so clipping costs divergence
+    and coarse steps cost divergence. The histogram is first coarsened to TensorRT's
+    geometry (16 bins per code over the full range) and ``a`` runs from 1/16 to 1, so each
+    code always covers at least one bin, at any bit width.
+    """
+    full = minmax_range(h)
+    if full.hi - full.lo <= 0.0:
+        return full
+    centers, counts = _coarsen(h, full, ENTROPY_BINS_PER_CODE << bits)
+    width = centers[1] - centers[0] if len(centers) > 1 else h.width
+    alphas = np.linspace(1.0 / ENTROPY_BINS_PER_CODE, 1.0, candidates)
+    divergences = np.array([_kl_divergence(centers, counts, full.scaled(a), bits, width) for a in alphas])
+    return full.scaled(float(alphas[np.argmin(divergences)]))
+
+
+def _coarsen(h: Histogram, full: Range, bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """The histogram re-binned into ``bins`` equal bins over ``full``, one bin edge at 0 (never finer than it is)."""
+    width = max((full.hi - full.lo) / bins, h.width)
+    index = np.floor(h.centers / width).astype(np.int64)
+    first = int(np.floor(full.lo / width))
+    counts = np.bincount(np.clip(index - first, 0, None), weights=h.counts.astype(np.float64))
+    centers = (np.arange(len(counts)) + first + 0.5) * width
+    return centers, counts
+
+
+def _kl_divergence(centers: np.ndarray, counts: np.ndarray, r: Range, bits: int, width: float) -> float:
+    """KL(P || Q): P clamps the histogram to ``r``; Q spreads each code's in-range count over its bins."""
+    params = quant_params(r, bits)
+    within = (centers >= r.lo) & (centers <= r.hi)
+    if not within.any():
+        return float("inf")
+    p = np.bincount(_edge_bins(within), weights=counts, minlength=len(centers))
+    kept = np.where(within, counts, 0.0)
+    code = np.clip(np.rint(centers / params.scale) + params.zero_point, 0, params.qmax).astype(np.int64)
+    # Zero is exact in every range; the bin holding it (a spike after Relu) is its own group.
+    code[np.abs(centers) < width / 2 + 1e-300] = params.qmax + 1
+    occupied = kept > 0
+    mass = np.bincount(code, weights=kept, minlength=params.qmax + 2)
+    members = np.bincount(code, weights=occupied.astype(np.float64), minlength=params.qmax + 2)
+    q = np.where(occupied, mass[code] / np.maximum(members[code], 1.0), 0.0)
+    p, q = p / p.sum(), q / q.sum()
+    nonzero = p > 0
+    return float(np.sum(p[nonzero] * np.log(p[nonzero] / np.maximum(q[nonzero], 1e-300))))
+
+
+def _edge_bins(within: np.ndarray) -> np.ndarray:
+    """For every bin, the bin its count lands in after clamping values into the bins ``within`` the range."""
+    inside = np.flatnonzero(within)
+    return np.clip(np.arange(len(within)), inside[0], inside[-1])
+
+
+def _occupied(h: Histogram) -> tuple[np.ndarray, np.ndarray]:
+    """Centres and counts of the non-empty bins (the rest add nothing to any error)."""
+    keep = h.counts > 0
+    return h.centers[keep], h.counts[keep].astype(np.float64)
