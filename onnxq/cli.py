@@ -9,7 +9,17 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
-from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
+from onnxq.config import (
+    ACTIVATION_BITS,
+    ActivationConfig,
+    CalibrationMethod,
+    Granularity,
+    QuantizeConfig,
+    RangeMethod,
+    ReduceRange,
+    SqrtMode,
+    WeightFormat,
+)
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
@@ -29,9 +39,10 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"onnxq: error: {message} (see {self.prog} --help)\n")
 
 
-def default_output(model: Path, bits: int) -> Path:
-    """``model.onnx`` -> ``model.q4.onnx`` beside it."""
-    return model.with_name(f"{model.stem}.q{bits}{model.suffix or '.onnx'}")
+def default_output(model: Path, bits: int, activation_bits: int | None = None) -> Path:
+    """``model.onnx`` -> ``model.q4.onnx`` beside it (``model.w4a8.onnx`` with quantized activations)."""
+    tag = f"q{bits}" if activation_bits is None else f"w{bits}a{activation_bits}"
+    return model.with_name(f"{model.stem}.{tag}{model.suffix or '.onnx'}")
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -74,7 +85,29 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", type=Path, metavar="PATH",
                    help="also write PATH as JSON (per layer: bits, format, alpha, weight SQNR, sizes; skipped layers; config), "
                    "a Markdown summary as PATH.md and, with matplotlib, a chart as PATH.png (PATH.md: the JSON goes beside it)")
+    _add_activation_options(p)
     p.set_defaults(run=_run_quantize)
+
+
+def _add_activation_options(p: argparse.ArgumentParser) -> None:
+    """Options of activation quantization; activations are quantized when --calibration is given."""
+    a = p.add_argument_group("activations", "quantize activations too (W8A8, W4A8, W4A4); needs --calibration")
+    a.add_argument("--calibration", type=Path, metavar="DATA",
+                   help="calibration inputs: an .npy (first axis = samples), an .npz keyed by input name, or a folder "
+                   "of images (resized to the model's input, scaled to [0, 1])")
+    a.add_argument("--calibration-size", type=int, default=None, metavar="N",
+                   help=f"use at most N calibration samples (default {ActivationConfig.samples})")
+    a.add_argument("--calibrate", choices=[m.value for m in CalibrationMethod], default=None,
+                   help="how activation ranges are chosen: 'minmax'; 'percentile' (see --percentile); 'entropy' (least KL "
+                   "divergence, as TensorRT); 'mse' (default: least quantization error, golden-section search); "
+                   "'asq': the MSE range times a per-input factor that a tiny adapter computes in the graph")
+    a.add_argument("--activations", type=int, choices=ACTIVATION_BITS, default=None, metavar="BITS",
+                   help="activation bits: 8 (uint8, default) or 4 (uint4, opset 21)")
+    a.add_argument("--percentile", type=float, default=None, metavar="P",
+                   help=f"percentile kept by --calibrate percentile (default {ActivationConfig.percentile})")
+    a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=None,
+                   help="8-bit weights beside uint8 activations become 7-bit so onnxruntime's 16-bit pair sums cannot "
+                   "saturate on CPUs without VNNI: 'auto' (default) does it when this CPU lacks VNNI")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -130,6 +163,28 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         format=WeightFormat(args.format),
         first_last_bits=args.first_last_bits,
         exclude=frozenset(args.exclude),
+        activations=_activation_config(args),
+    )
+
+
+#: Options that only mean something with --calibration.
+_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "reduce_range")
+
+
+def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
+    """The ActivationConfig the activation options describe; None without --calibration."""
+    given = [name for name in _ACTIVATION_OPTIONS if getattr(args, name) is not None]
+    if args.calibration is None:
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} needs --calibration DATA (activations are quantized only with calibration data)")
+        return None
+    d = ActivationConfig()
+    return ActivationConfig(
+        bits=d.bits if args.activations is None else args.activations,
+        method=d.method if args.calibrate is None else CalibrationMethod(args.calibrate),
+        percentile=d.percentile if args.percentile is None else args.percentile,
+        samples=d.samples if args.calibration_size is None else args.calibration_size,
+        reduce_range=d.reduce_range if args.reduce_range is None else ReduceRange(args.reduce_range),
     )
 
 
@@ -138,7 +193,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from onnxq.report import summary
     from onnxq.save import check_onnxruntime_loads, check_output_path, save_model
 
-    output = args.output or default_output(args.model, args.bits)
+    output = args.output or default_output(args.model, args.bits, (args.activations or ActivationConfig.bits) if args.calibration else None)
     check_output_path(output, [args.model])
     report = _report_paths(args.report, [args.model, output])
     if not args.model.exists():
@@ -148,7 +203,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise OnnxqError(args.model, str(e)) from e
     unknown = sorted(config.exclude - _node_names(args.model))
-    result = quantize_with_report(args.model, config)
+    result = quantize_with_report(args.model, config, args.calibration)
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
     external = args.external_data or (result.source is not None and result.source.external_data)

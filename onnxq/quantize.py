@@ -11,7 +11,7 @@ import onnx
 
 from onnxq.activations import adjust_weight_plans, calibrate_activations, quantize_biases
 from onnxq.calibrate import CalibrationData
-from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
+from onnxq.config import CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import constant_initializers, to_array
@@ -53,6 +53,8 @@ class QuantizationResult:
     layers: list[LayerResult] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
     source: LoadedModel | None = None
+    activations: list[ActivationQuant] = field(default_factory=list)
+    calibration: CalibrationMethod | None = None
 
 
 def quantize(
@@ -112,7 +114,8 @@ def quantize_with_report(
     if custom:
         replace_convs(loaded.model.graph, custom)
         declare_domain(loaded.model)
-    return QuantizationResult(loaded.model, layers, skipped, loaded)
+    method = config.activations.method if config.activations is not None else None
+    return QuantizationResult(loaded.model, layers, skipped, loaded, list(activations.values()), method)
 
 
 def _nothing_to_quantize(skipped: list[Skipped]) -> str:

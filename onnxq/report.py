@@ -42,6 +42,13 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     by_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(bits.items()))
     sqrt = sum(layer.sqrt for layer in result.layers)
     lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode)"]
+    if result.activations:
+        act_bits = Counter(a.params.bits for a in result.activations)
+        adaptive = sum(a.adapter is not None for a in result.activations)
+        method = result.calibration.value if result.calibration else "?"
+        per_input = f", {adaptive} with per-input ASQ steps" if adaptive else ""
+        by = ", ".join(f"{n} at {b} bits" for b, n in sorted(act_bits.items()))
+        lines.append(f"quantized {len(result.activations)} activation tensors: {by} ({method} calibration{per_input})")
     ops = Counter(layer.op for layer in result.layers if layer.op != "DequantizeLinear")
     if ops:
         counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
