@@ -165,3 +165,31 @@ def matmul_then_scan(seed: int = 0) -> onnx.ModelProto:
     ]
     inits = [numpy_helper.from_array(_weight(rng, 8, 8), "w"), numpy_helper.from_array(np.zeros(8, dtype=np.float32), "s0")]
     return _model(nodes, [v("x", TensorProto.FLOAT, ["T", 8])], [v("y", TensorProto.FLOAT, ["T", 8])], inits)
+
+
+def residual_block(seed: int = 0, c: int = 4) -> onnx.ModelProto:
+    """x[N,c,6,6] -> Conv -> Relu -> Conv -> Add(x) -> Relu -> GlobalAveragePool -> Flatten -> Gemm(5) -> y
+    (a ResNet block: the Add joins two activations; the Gemm output is the graph output)
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_weight(rng, c, c, 3, 3), "w1"),
+        numpy_helper.from_array(_weight(rng, c, scale=0.1), "b1"),
+        numpy_helper.from_array(_weight(rng, c, c, 3, 3), "w2"),
+        numpy_helper.from_array(_weight(rng, c, scale=0.1), "b2"),
+        numpy_helper.from_array(_weight(rng, 5, c), "w3"),
+        numpy_helper.from_array(_weight(rng, 5, scale=0.1), "b3"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["c1"], name="conv1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["r1"], name="relu1"),
+        helper.make_node("Conv", ["r1", "w2", "b2"], ["c2"], name="conv2", pads=[1, 1, 1, 1]),
+        helper.make_node("Add", ["c2", "x"], ["s"], name="add"),
+        helper.make_node("Relu", ["s"], ["r2"], name="relu2"),
+        helper.make_node("GlobalAveragePool", ["r2"], ["p"], name="gap"),
+        helper.make_node("Flatten", ["p"], ["f"], name="flatten"),
+        helper.make_node("Gemm", ["f", "w3", "b3"], ["y"], name="fc", transB=1),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
+    return _model(nodes, [x], [y], inits)

@@ -1,0 +1,230 @@
+"""Activation quantization end to end on tiny models: placement, fusion, ASQ graphs, data sources and errors."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from conftest import op_counts
+from models import conv_bn_relu_gemm, residual_block
+from onnx import helper, numpy_helper
+from onnxruntime.quantization import CalibrationDataReader
+
+from onnxq import QuantizeConfig, quantize
+from onnxq.calibrate.asq import Adapter
+from onnxq.calibrate.ranges import QuantParams, fake_quantize
+from onnxq.cli import main
+from onnxq.config import ActivationConfig, CalibrationMethod, ReduceRange
+from onnxq.errors import OnnxqError
+from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
+
+
+def _batches(shape: tuple[int, ...], count: int = 4, batch: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(seed)
+    return [{"x": rng.standard_normal((batch, *shape)).astype(np.float32)} for _ in range(count)]
+
+
+def _w8a8(**kwargs) -> QuantizeConfig:
+    act = ActivationConfig(bits=8, method=kwargs.pop("method", CalibrationMethod.MINMAX), reduce_range=kwargs.pop("reduce_range", ReduceRange.OFF))
+    return QuantizeConfig(bits=8, first_last_bits=8, activations=act, **kwargs)
+
+
+def _quantized_tensors(model: onnx.ModelProto) -> set[str]:
+    return {n.input[0] for n in model.graph.node if n.op_type == "QuantizeLinear"}
+
+
+def _optimized_ops(model: onnx.ModelProto, tmp_path: Path) -> Counter:
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    return op_counts(onnx.load(options.optimized_model_filepath))
+
+
+def test_placement_quantizes_layer_inputs_after_relu_and_keeps_graph_output_float():
+    q = quantize(residual_block(), _w8a8(), _batches((4, 6, 6)))
+    quantized = _quantized_tensors(q)
+    # conv1's input x (also the Add's), relu1's output (conv2's input), conv2's output (the Add's),
+    # relu2's output (the pool's; the Add's own output only feeds the Relu), the pool's output, Flatten's output.
+    # The Relus are folded into the quantization (its range starts at 0), so their inputs are what gets quantized.
+    assert quantized == {"x", "c1", "c2", "s", "p", "f"}
+    assert op_counts(q)["Relu"] == 0 and "y" not in quantized
+
+
+def test_w8a8_fuses_into_onnxruntime_integer_kernels(tmp_path):
+    q = quantize(residual_block(), _w8a8(), _batches((4, 6, 6)))
+    ops = _optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1, ops
+    assert ops["Conv"] == 0 and ops["Gemm"] == 0
+
+
+def test_w8a8_output_is_close_to_float(tmp_path):
+    model = conv_bn_relu_gemm()
+    data = _batches((3, 8, 8), seed=1)
+    q = quantize(model, _w8a8(method=CalibrationMethod.MSE), data)
+    x = _batches((3, 8, 8), count=1, seed=2)[0]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.sqrt(np.mean((got - ref) ** 2)) < 0.05 * np.sqrt(np.mean(ref**2))
+
+
+def test_biases_become_int32_with_the_product_scale():
+    q = quantize(residual_block(), _w8a8(), _batches((4, 6, 6)))
+    inits = {t.name: t for t in q.graph.initializer}
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
+    assert len(dq) == 3  # conv1, conv2, fc
+    float_b1 = numpy_helper.to_array(next(t for t in residual_block().graph.initializer if t.name == "b1"))
+    conv1_bias = next(n for n in dq if n.input[0].startswith("b1"))
+    codes, scale = numpy_helper.to_array(inits[conv1_bias.input[0]]), numpy_helper.to_array(inits[conv1_bias.input[1]])
+    np.testing.assert_array_less(np.abs(codes * scale - float_b1), scale / 2 + 1e-12)
+
+
+def test_reduce_range_on_keeps_8_bit_weights_within_7_bits():
+    q = quantize(residual_block(), _w8a8(reduce_range=ReduceRange.ON), _batches((4, 6, 6)))
+    codes = [numpy_helper.to_array(t) for t in q.graph.initializer if t.data_type == onnx.TensorProto.INT8 and t.dims and np.prod(t.dims) > 4]
+    assert codes and max(int(np.abs(c).max()) for c in codes) <= 63
+    off = quantize(residual_block(), _w8a8(reduce_range=ReduceRange.OFF), _batches((4, 6, 6)))
+    assert max(int(np.abs(numpy_helper.to_array(t)).max()) for t in off.graph.initializer if t.data_type == onnx.TensorProto.INT8) == 127
+
+
+def test_w4a4_runs_with_uint4_activations():
+    config = QuantizeConfig(bits=4, first_last_bits=None, activations=ActivationConfig(bits=4, method=CalibrationMethod.MSE))
+    q = quantize(conv_bn_relu_gemm(), config, _batches((3, 8, 8)))
+    inits = {t.name: t for t in q.graph.initializer}
+    zp_types = {inits[n.input[2]].data_type for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert onnx.TensorProto.UINT4 in zp_types
+    out = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, _batches((3, 8, 8), count=1)[0])[0]
+    assert np.isfinite(out).all()
+
+
+def _asq_model(adapter: Adapter, params: QuantParams, axes: tuple[int, ...], opset: int) -> onnx.ModelProto:
+    """x -> [ASQ quantize-dequantize] -> Identity -> y, and the per-sample scale as a second output."""
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["y"])],
+        "asq",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    model.ir_version = 10
+    insert_activation_qdq(model, {"x": ActivationQuant("x", params, adapter, axes)}, opset)
+    scale = next(n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear")
+    model.graph.output.append(helper.make_tensor_value_info(scale, onnx.TensorProto.FLOAT, ["N"]))
+    onnx.checker.check_model(model)
+    return model
+
+
+@pytest.mark.parametrize("bits,opset", [(8, 17), (4, 21)])
+def test_asq_graph_equals_numpy_fake_quantization_with_per_sample_steps(bits, opset):
+    rng = np.random.default_rng(10)
+    adapter = Adapter(np.array([0.4, -0.3, 0.2]), -0.1)
+    params = QuantParams(scale=0.05 if bits == 8 else 0.4, zero_point=3, bits=bits)
+    model = _asq_model(adapter, params, (2, 3), opset)
+    x = (rng.standard_normal((5, 3, 4, 4)) * np.array([0.5, 1, 2, 4, 8])[:, None, None, None]).astype(np.float32)
+    y, scale = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    features = x.mean(axis=(2, 3), dtype=np.float64)
+    np.testing.assert_allclose(scale, params.scale * adapter.predict(features), rtol=1e-5)
+    s = scale.astype(np.float32)[:, None, None, None]
+    expected = fake_quantize(x, s, params.zero_point, bits).astype(np.float32)
+    np.testing.assert_array_equal(y, expected)
+    assert len(set(scale.tolist())) == 5  # one step per sample
+
+
+def test_asq_model_from_quantize_runs_at_any_batch_size():
+    config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=4, method=CalibrationMethod.ASQ))
+    q = quantize(conv_bn_relu_gemm(), config, _batches((3, 8, 8), count=8))
+    assert op_counts(q)["Exp"] >= 2
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    for n in (1, 3):
+        assert sess.run(None, {"x": np.ones((n, 3, 8, 8), np.float32)})[0].shape == (n, 10)
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, batches: list[dict[str, np.ndarray]]) -> None:
+        self.items = iter(batches)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        return next(self.items, None)
+
+
+def test_an_onnxruntime_calibration_data_reader_gives_the_same_model_as_a_list():
+    data = _batches((3, 8, 8), count=3)
+    from_list = quantize(conv_bn_relu_gemm(), _w8a8(), data)
+    from_reader = quantize(conv_bn_relu_gemm(), _w8a8(), _Reader(data))
+    assert from_list.SerializeToString() == from_reader.SerializeToString()
+
+
+def test_calibration_size_caps_the_samples_used():
+    data = _batches((3, 8, 8), count=4, batch=8)
+    capped = ActivationConfig(bits=8, method=CalibrationMethod.MINMAX, samples=8, reduce_range=ReduceRange.OFF)
+    first_only = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=8, activations=capped), data)
+    same = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=8, activations=capped), data[:1])
+    assert first_only.SerializeToString() == same.SerializeToString()
+
+
+def test_npy_npz_and_image_folder_sources(tmp_path):
+    pil = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(11)
+    images = rng.uniform(0, 1, (6, 3, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "c.npy", images)
+    np.savez(tmp_path / "c.npz", x=images)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        pixels = np.rint(image.transpose(1, 2, 0) * 255).astype(np.uint8)
+        pil.fromarray(pixels).resize((16, 16), pil.NEAREST).save(folder / f"{i}.png")  # resized back to 8x8 by onnxq
+    models = [quantize(conv_bn_relu_gemm(), _w8a8(), source).SerializeToString() for source in (tmp_path / "c.npy", tmp_path / "c.npz")]
+    assert models[0] == models[1] == quantize(conv_bn_relu_gemm(), _w8a8(), [{"x": images}]).SerializeToString()
+    assert len(quantize(conv_bn_relu_gemm(), _w8a8(), folder).graph.node) > 0
+
+
+@pytest.mark.parametrize(
+    "make,message",
+    [
+        (lambda p: np.save(p / "bad.npy", np.zeros((4, 3, 9, 9), np.float32)) or p / "bad.npy", "has shape"),
+        (lambda p: np.save(p / "bad.npy", np.zeros((4, 3, 8, 8), np.int32)) or p / "bad.npy", "is int32"),
+        (lambda p: np.savez(p / "bad.npz", a=np.zeros((4, 3, 8, 8), np.float32), b=np.zeros(1)) or p / "bad.npz", "no array for model input"),
+        (lambda p: (p / "bad.txt").write_text("1 2 3") and p / "bad.txt", ".npy or .npz"),
+        (lambda p: p / "missing.npy", "no such file"),
+        (lambda p: (p / "empty").mkdir() or p / "empty", "holds no images"),
+    ],
+)
+def test_bad_calibration_data_is_one_clear_line_and_writes_nothing(tmp_path, capsys, make, message):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(), model_path)
+    before = model_path.read_bytes()
+    data = make(tmp_path)
+    listing = sorted(p.name for p in tmp_path.iterdir())
+    assert main(["quantize", str(model_path), "-b", "8", "--calibration", str(data)]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("onnxq: error:") and message in err[0] and Path(data).name in err[0]
+    assert model_path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+def test_activation_options_without_calibration_are_refused(tmp_path, capsys):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(), model_path)
+    assert main(["quantize", str(model_path), "--calibrate", "asq"]) == 1
+    assert "needs --calibration" in capsys.readouterr().err
+    assert not (tmp_path / "m.q4.onnx").exists()
+
+
+def test_cli_writes_a_w8a8_model_that_runs(tmp_path, capsys):
+    model_path = tmp_path / "m.onnx"
+    onnx.save(residual_block(), model_path)
+    np.save(tmp_path / "c.npy", np.random.default_rng(12).standard_normal((16, 4, 6, 6)).astype(np.float32))
+    assert main(["quantize", str(model_path), "-b", "8", "--calibration", str(tmp_path / "c.npy")]) == 0
+    out = tmp_path / "m.w8a8.onnx"
+    assert "activation tensors" in capsys.readouterr().out
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"x": np.ones((2, 4, 6, 6), np.float32)})[0].shape == (2, 5)
+
+
+def test_api_without_calibration_data_says_so():
+    with pytest.raises(OnnxqError, match="needs calibration data"):
+        quantize(conv_bn_relu_gemm(), _w8a8())

@@ -1,0 +1,172 @@
+"""Calibration numerics against direct numpy computations: histograms, ranges, fake quantization, ASQ."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from onnxq.calibrate.asq import fit_adapter, sample_betas
+from onnxq.calibrate.histogram import Histogram, sample_histograms
+from onnxq.calibrate.ranges import (
+    Range,
+    entropy_range,
+    fake_quantize,
+    minmax_range,
+    mse_range,
+    percentile_range,
+    quant_params,
+)
+
+
+def _relu_like(rng: np.random.Generator, n: int, scale: float = 2.0) -> np.ndarray:
+    return np.maximum(rng.standard_normal(n) * scale, 0.0)
+
+
+def _direct_error(x: np.ndarray, r: Range, bits: int) -> float:
+    p = quant_params(r, bits)
+    return float(np.sum((x - fake_quantize(x, p.scale, p.zero_point, bits)) ** 2))
+
+
+def test_streaming_histogram_equals_numpy_histogram_of_all_data():
+    rng = np.random.default_rng(0)
+    # Batches whose range keeps growing, so the bins widen (and merge) several times.
+    chunks = [rng.standard_normal(500) * s for s in (0.01, 0.3, 5.0, 40.0)]
+    h = Histogram(bins=256)
+    for chunk in chunks:
+        h.add(chunk)
+    data = np.concatenate(chunks)
+    expected, _ = np.histogram(data, bins=h.edges)
+    np.testing.assert_array_equal(h.counts, expected)
+    assert h.min == data.min() and h.max == data.max()
+    assert np.abs(data).max() < h.edges[-1] <= 2 * np.abs(data).max() * 256 / 254 + h.width
+
+
+def test_histogram_does_not_depend_on_batching():
+    rng = np.random.default_rng(1)
+    data = rng.standard_normal(3000) * np.geomspace(0.01, 10, 3000)
+    one, many = Histogram(), Histogram()
+    one.add(data)
+    for chunk in np.array_split(data, 17):
+        many.add(chunk)
+    np.testing.assert_array_equal(one.counts, many.counts)
+    assert one.exponent == many.exponent
+
+
+def test_histogram_rejects_nan():
+    with pytest.raises(ValueError, match="NaN"):
+        Histogram().add(np.array([1.0, np.nan]))
+
+
+def test_sample_histograms_count_each_sample_over_its_own_range():
+    rng = np.random.default_rng(2)
+    batch = rng.standard_normal((3, 2, 5, 5)) * np.array([1.0, 3.0, 0.1])[:, None, None, None]
+    counts, lo, hi = sample_histograms(batch, 16)
+    for i in range(3):
+        expected, _ = np.histogram(batch[i], bins=16, range=(batch[i].min(), batch[i].max()))
+        np.testing.assert_array_equal(counts[i], expected)
+    np.testing.assert_allclose(lo, batch.reshape(3, -1).min(axis=1))
+    np.testing.assert_allclose(hi, batch.reshape(3, -1).max(axis=1))
+
+
+def test_minmax_range_is_the_observed_range_widened_to_zero():
+    h = Histogram()
+    h.add(np.array([0.5, 2.0, 3.25]))
+    assert minmax_range(h) == Range(0.0, 3.25)
+    h.add(np.array([-1.5]))
+    assert minmax_range(h) == Range(-1.5, 3.25)
+
+
+def test_percentile_range_matches_numpy_percentile_within_a_bin():
+    rng = np.random.default_rng(3)
+    data = rng.standard_normal(200_000) * 2 + 0.5
+    h = Histogram()
+    h.add(data)
+    r = percentile_range(h, 99.9)
+    assert abs(r.hi - np.percentile(data, 99.9)) <= h.width
+    assert abs(r.lo - np.percentile(data, 0.1)) <= h.width
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_mse_range_is_as_good_as_a_dense_scan_on_the_raw_values(bits):
+    rng = np.random.default_rng(4)
+    data = np.concatenate([_relu_like(rng, 50_000), rng.standard_normal(20) * 30])  # a few outliers
+    h = Histogram()
+    h.add(data)
+    chosen = _direct_error(data, mse_range(h, bits), bits)
+    full = minmax_range(h)
+    scan = min(_direct_error(data, full.scaled(a), bits) for a in np.linspace(0.01, 1.0, 400))
+    assert chosen <= scan * 1.01
+    assert chosen < _direct_error(data, full, bits)  # and it did clip: the outliers are not worth covering
+
+
+def test_entropy_range_clips_rare_outliers_but_keeps_a_uniform_range():
+    rng = np.random.default_rng(5)
+    peaky = np.concatenate([_relu_like(rng, 100_000, 1.0), [80.0, 95.0]])
+    h = Histogram()
+    h.add(peaky)
+    assert entropy_range(h, 8).hi < 20.0
+    flat = Histogram()
+    flat.add(rng.uniform(0, 10, 100_000))
+    assert entropy_range(flat, 8).hi > 9.0
+
+
+@pytest.mark.parametrize("bits,elem", [(8, TensorProto.UINT8), (4, TensorProto.UINT4)])
+def test_fake_quantize_equals_onnxruntime_quantize_dequantize(bits, elem):
+    rng = np.random.default_rng(6)
+    x = (rng.standard_normal(1000) * 3).astype(np.float32)
+    x[:4] = [0.0, 100.0, -100.0, 0.5 * 0.05]  # zero, both saturations, a tie
+    p = quant_params(Range(-2.0, 5.0), bits)
+    graph = helper.make_graph(
+        [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]), helper.make_node("DequantizeLinear", ["q", "s", "z"], ["y"])],
+        "qdq",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1000])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1000])],
+        [helper.make_tensor("s", TensorProto.FLOAT, [], [p.scale]), helper.make_tensor("z", elem, [], [p.zero_point])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    model.ir_version = 10
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    expected = fake_quantize(x.astype(np.float32), np.float32(p.scale), p.zero_point, bits).astype(np.float32)
+    np.testing.assert_array_equal(got, expected)
+    assert onnx.checker.check_model(model) is None
+
+
+def test_quant_params_keep_zero_exact_and_span_the_range():
+    p = quant_params(Range(-1.0, 3.0), 8)
+    assert p.zero_point == round(1.0 / p.scale)
+    assert fake_quantize(np.array([0.0]), p.scale, p.zero_point, 8)[0] == 0.0
+    lo, hi = p.value_range
+    assert lo == pytest.approx(-1.0, abs=p.scale) and hi == pytest.approx(3.0, abs=p.scale)
+
+
+def test_sample_betas_follow_a_known_per_sample_scale():
+    """Samples that are one pattern times gamma_i: the best step, relative to the base range, is gamma_i."""
+    rng = np.random.default_rng(7)
+    pattern = _relu_like(rng, 4000)
+    gammas = np.geomspace(0.3, 3.0, 9)
+    batch = gammas[:, None] * pattern[None]
+    counts, lo, hi = sample_histograms(batch, 256)
+    h = Histogram()
+    h.add(pattern)
+    base = mse_range(h, 4)
+    betas = sample_betas(counts, lo, hi, base, 4)
+    np.testing.assert_allclose(betas, gammas, rtol=0.04)
+
+
+def test_fit_adapter_recovers_a_log_linear_scale_pattern():
+    rng = np.random.default_rng(8)
+    features = rng.standard_normal((400, 6)) * 2 + 5
+    true_w = np.array([0.3, -0.2, 0.0, 0.1, 0.0, 0.0])
+    beta = np.exp(features @ true_w - 1.0 + 0.01 * rng.standard_normal(400))
+    adapter = fit_adapter(features[:300], beta[:300])
+    predicted = adapter.predict(features[300:])
+    np.testing.assert_allclose(np.log(predicted), np.log(beta[300:]), atol=0.05)
+
+
+def test_fit_adapter_on_constant_betas_outputs_that_constant():
+    features = np.random.default_rng(9).standard_normal((50, 3))
+    adapter = fit_adapter(features, np.full(50, 1.7))
+    np.testing.assert_allclose(adapter.predict(features), 1.7, rtol=1e-6)
