@@ -97,6 +97,13 @@ CASES = [
     Case("PostConv", 3, 1, 16, (3, 5), 8, (3, 3), pads=(1, 1, 1, 1)),
     Case("IntConv", 2, 2, 32, (2, 7), 16, (3, 3), pads=(1, 1, 1, 1), bias=False),
     Case("PostConv", 4, 1, 8, (1, 17), 16, (1, 3), pads=(0, 1, 0, 1)),
+    # depthwise, blocks of 16 columns: rows wider than a block, exactly one block, no dropped
+    # columns (1x1), int32 sums (sum |w| > 128: 7x7 taps), dilation
+    Case("PostConv", 4, 2, 16, (20, 37), 16, (3, 3), pads=(1, 1, 1, 1), group=16),
+    Case("IntConv", 4, 1, 8, (16, 16), 8, (3, 3), pads=(1, 1, 1, 1), group=8, calibrated=True),
+    Case("PostConv", 4, 1, 6, (5, 16), 6, (1, 1), group=6),
+    Case("IntConv", 4, 1, 5, (19, 18), 5, (7, 7), pads=(3, 3, 3, 3), group=5),
+    Case("PostConv", 4, 1, 4, (18, 19), 8, (3, 3), dilations=(2, 3), group=4, bias=False),
 ]
 
 

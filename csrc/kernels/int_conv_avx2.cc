@@ -105,7 +105,8 @@ void BlockT(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, in
     for (int64_t i = i0; i < end; ++i) {
       __m256i w[kVectors];
       for (int v = 0; v < kVectors; ++v) {
-        w[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + ((v / 2) * g.k4 + i) * kLanes * 4 + 32 * (v % 2)));
+        const int8_t* row = a + ((v / 2) * g.k4 + i) * kLanes * 4 + 32 * (v % 2);
+        w[v] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row));
       }
       const uint8_t* bi = g.b + g.b_offsets[i];
       for (int p = 0; p < kPixels; ++p) {
@@ -164,47 +165,126 @@ void GemmAvx2(const Gemm& g) {
       const int64_t a0 = rb * block + i0 * kRows * 4;
       if (g.a_hi == nullptr) {
         const int32_t* runs = g.runs + rb * g.k4 + i0;
-        for (int64_t p = 0; p < g.pixels; p += 16) NarrowBlock<2>(g.a + a0, n, g.b + 4 * p, offsets, runs, i0 > 0, c + p);
+        for (int64_t p = 0; p < g.pixels; p += 16) {
+          NarrowBlock<2>(g.a + a0, n, g.b + 4 * p, offsets, runs, i0 > 0, c + p);
+        }
         continue;
       }
-      for (int64_t p = 0; p < g.pixels; p += 8) WideBlock(g.a + a0, g.a_hi + a0, n, g.b + 4 * p, offsets, i0 > 0, c + p);
+      for (int64_t p = 0; p < g.pixels; p += 8) {
+        WideBlock(g.a + a0, g.a_hi + a0, n, g.b + 4 * p, offsets, i0 > 0, c + p);
+      }
     }
   }
 }
 
-void TapsAvx2(const uint8_t* b, const int64_t* offsets, const int32_t* weights, int64_t taps, int64_t count,
-              int32_t* out) {
-  bool narrow = taps <= 16;  // |w| <= 8 and at most 16 taps: every sum fits int16 (16*255*8 = 32640)
-  for (int64_t t = 0; t < taps; ++t) narrow = narrow && weights[t] >= -8 && weights[t] <= 8;
-  int64_t i = 0;
-  if (narrow) {  // 16 pixels per vector of int16 products, widened at the end
-    for (; i + 16 <= count; i += 16) {
-      __m256i acc = _mm256_setzero_si256();
-      for (int64_t t = 0; t < taps; ++t) {
-        const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(b + offsets[t] + i)));
-        acc = _mm256_add_epi16(acc, _mm256_mullo_epi16(x, _mm256_set1_epi16(static_cast<int16_t>(weights[t]))));
-      }
-      auto* dst = reinterpret_cast<__m256i*>(out + i);
-      _mm256_storeu_si256(dst, _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc)));
-      _mm256_storeu_si256(dst + 1, _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1)));
+namespace {
+
+// The int32 sums of one list of depthwise taps for the 16 columns at x: lo (columns 0-7), hi (8-15).
+template <bool kNarrow>
+inline void TapSums(const uint8_t* x, const int64_t* offsets, const int32_t* weights, int64_t taps, __m256i* lo,
+                    __m256i* hi) {
+  if (kNarrow) {  // int16 products and sums (sum |w| <= 128), widened at the end
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t t = 0; t < taps; ++t) {
+      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t])));
+      acc = _mm256_add_epi16(acc, _mm256_mullo_epi16(v, _mm256_set1_epi16(static_cast<int16_t>(weights[t]))));
     }
+    *lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc));
+    *hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1));
+    return;
   }
   // x * w as vpmaddwd of (x, 0) and (w, 0) int16 pairs: exact for any int16 w.
-  auto tap = [&](int64_t t, int64_t j) {
-    const __m256i x = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + offsets[t] + j)));
-    return _mm256_madd_epi16(x, _mm256_set1_epi32(weights[t] & 0xFFFF));
-  };
-  for (; i + 32 <= count; i += 32) {
-    __m256i acc[4] = {_mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256(), _mm256_setzero_si256()};
-    for (int64_t t = 0; t < taps; ++t) {
-      for (int v = 0; v < 4; ++v) acc[v] = _mm256_add_epi32(acc[v], tap(t, i + 8 * v));
-    }
-    for (int v = 0; v < 4; ++v) _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i + 8 * v), acc[v]);
+  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
+  for (int64_t t = 0; t < taps; ++t) {
+    const __m256i w = _mm256_set1_epi32(weights[t] & 0xFFFF);
+    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t]));
+    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_cvtepu8_epi32(v), w));
+    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)), w));
   }
-  for (; i < count; i += 8) {
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t t = 0; t < taps; ++t) acc = _mm256_add_epi32(acc, tap(t, i));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), acc);
+  *lo = a0;
+  *hi = a1;
+}
+
+// DepthwiseAvx2 for one kind of lists: int16 or int32 sums, PostConv's two lists or IntConv's one.
+template <bool kNarrow, bool kPost>
+void DepthwiseLists(const Depthwise& d) {
+  const uint8_t* plane = d.plane;
+  const int64_t *offsets_e = d.offsets[0], *offsets_o = d.offsets[1];
+  const int32_t *weights_e = d.weights[0], *weights_o = d.weights[1];
+  const int64_t taps_e = d.taps[0], taps_o = d.taps[1], cols = d.cols, ow = d.ow, span = d.span;
+  const __m256i z_e = _mm256_set1_epi32(d.z_e), z_o = _mm256_set1_epi32(d.z_o);
+  const __m256 c_e = _mm256_set1_ps(d.c_e), c_o = _mm256_set1_ps(d.c_o);
+  const bool has_bias = d.bias != nullptr;
+  const __m256 bias = _mm256_set1_ps(has_bias ? *d.bias : 0.0f);
+  // Finish (int_conv_kernels.h) on 8 lanes: the same float32 operations in the same order.
+  auto finish = [&](__m256i e, __m256i o) {
+    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e, z_e)), c_e);
+    if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(o, z_o)), c_o));
+    return has_bias ? _mm256_add_ps(y, bias) : y;
+  };
+  // The 16 outputs of the columns at p, as two vectors of 8.
+  auto block = [&](int64_t p, __m256* y0, __m256* y1) {
+    __m256i e0, e1, o0 = _mm256_setzero_si256(), o1 = _mm256_setzero_si256();
+    TapSums<kNarrow>(plane + p, offsets_e, weights_e, taps_e, &e0, &e1);
+    if (kPost) TapSums<kNarrow>(plane + p, offsets_o, weights_o, taps_o, &o0, &o1);
+    *y0 = finish(e0, o0);
+    *y1 = finish(e1, o1);
+  };
+  __m256 y0, y1;
+  if (ow >= 16) {  // row by row, the last block of each row overlapping the one before
+    for (int64_t oy = 0; oy * cols < span; ++oy) {
+      float* out = d.out + oy * ow;
+      for (int64_t ox = 0; ox < ow; ox += 16) {
+        const int64_t x0 = ox + 16 <= ow ? ox : ow - 16;
+        block(oy * cols + x0, &y0, &y1);
+        _mm256_storeu_ps(out + x0, y0);
+        _mm256_storeu_ps(out + x0 + 8, y1);
+      }
+    }
+    return;
+  }
+  // Narrow rows: blocks of 16 matrix columns, several output rows each, whose kept columns are
+  // copied run by run (vmaskmovps stores are slow on AMD CPUs: overlapping plain stores instead).
+  alignas(32) float y[32];
+  int64_t oy = 0, ox = 0;  // the output pixel of column p + j
+  for (int64_t p = 0; p < span; p += 16) {
+    block(p, &y0, &y1);
+    _mm256_store_ps(y, y0);
+    _mm256_store_ps(y + 8, y1);
+    for (int64_t j = 0; j < 16 && p + j < span;) {
+      const int64_t limit = ox < ow ? ow : cols;  // a run of kept, else of dropped columns
+      const int64_t run = limit - ox < 16 - j ? limit - ox : 16 - j;
+      if (ox < ow) {  // y[j, j + run) to out + oy*ow + ox; run < 16
+        float* dst = d.out + oy * ow + ox;
+        const float* src = y + j;
+        if (run >= 8) {
+          _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+          _mm256_storeu_ps(dst + run - 8, _mm256_loadu_ps(src + run - 8));
+        } else if (run >= 4) {
+          _mm_storeu_ps(dst, _mm_loadu_ps(src));
+          _mm_storeu_ps(dst + run - 4, _mm_loadu_ps(src + run - 4));
+        } else {
+          for (int64_t i = 0; i < run; ++i) dst[i] = src[i];
+        }
+      }
+      j += run;
+      ox += run;
+      if (ox == cols) {
+        ox = 0;
+        ++oy;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void DepthwiseAvx2(const Depthwise& d) {
+  const bool narrow = d.narrow[0] && (!d.post || d.narrow[1]);
+  if (d.post) {
+    narrow ? DepthwiseLists<true, true>(d) : DepthwiseLists<false, true>(d);
+  } else {
+    narrow ? DepthwiseLists<true, false>(d) : DepthwiseLists<false, false>(d);
   }
 }
 

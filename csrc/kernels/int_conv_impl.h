@@ -68,7 +68,8 @@ struct PackedWeights {
   // list 2m holds w (IntConv) or w_even (PostConv), list 2m + 1 w_odd.
   std::vector<int64_t> list_start;  // [2M + 1]
   std::vector<int32_t> taps, weights;
-  std::vector<int32_t> list_sum;  // [2M]: sum of each list's weights
+  std::vector<int32_t> list_sum;      // [2M]: sum of each list's weights
+  std::vector<uint8_t> list_narrow;   // [2M]: the list's sums fit int16 (int_conv_kernels.h)
 };
 
 // Decode and check W's codes (M rows of row_bytes) for the K of g, and lay them out for the kernel

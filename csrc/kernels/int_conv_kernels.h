@@ -25,6 +25,9 @@
 namespace onnxq::iconv {
 
 constexpr int64_t kRows = 4;    // rows of A per micro-kernel block
+// A sum of products of uint8 activations with int8 weights is exact in int16 (vpaddw wraps, and
+// only the final sum must fit) while the sum of the |w| it takes is at most this.
+constexpr int32_t kInt16WeightBudget = 32767 / 255;  // 128
 constexpr int64_t kPanel = 64;  // output pixels per panel (the widest micro-kernel tile)
 
 // One product C = A * B over rows [0, rows) and pixels [0, pixels).
@@ -41,11 +44,11 @@ struct Gemm {
   int32_t* c;                // C[r][p] at c[r * kPanel + p]
 };
 
-// AVX2 sums vpmaddubsw's int16 pairs in int16 registers, exact while every lane's sum fits:
-// |sum| <= 255 * (sum of the |w| it has taken), at most 32767. For A packed in `blocks` blocks of
-// `block_rows` rows (k4 blocks of 4 k each, as above), runs[b * k4 + i] is how many blocks of k
-// from block i the sums of row block b can take: every row's sum of |w| over each of its two pairs
-// (k = 4i + 0, 1 and 4i + 2, 3) stays <= 128 (32640 / 255). At least 8 where |w| <= 8.
+// AVX2 sums vpmaddubsw's int16 pairs in int16 registers, exact while every lane's sum of |w| stays
+// within kInt16WeightBudget (above). For A packed in `blocks` blocks of `block_rows` rows (k4
+// blocks of 4 k each, as above), runs[b * k4 + i] is how many blocks of k from block i the sums of
+// row block b can take: every row's sum of |w| over each of its two pairs (k = 4i + 0, 1 and
+// 4i + 2, 3) stays <= 128. At least 8 where |w| <= 8.
 void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs);
 
 void GemmAvx2(const Gemm& g);
@@ -68,19 +71,34 @@ struct GemmT {
   int64_t pixels;                // at most kPanel
   int64_t chunk;                 // blocks of 4 k per cache chunk (AVX2)
   const int32_t* runs;           // AVX2: [rows / kLanes][k4], see Int16Runs
-  int32_t* c;                    // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]
+  int32_t* c;  // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]
 };
 
 void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)
 void GemmTAvx512(const GemmT& g);
 
-// Depthwise convolutions (one input channel per group) as direct sums over the kernel taps:
-// out[i] = sum_t weights[t] * b[offsets[t] + i] for i < count (a multiple of 16; b readable that
-// far), in int32.
-void TapsAvx2(const uint8_t* b, const int64_t* offsets, const int32_t* weights, int64_t taps, int64_t count,
-              int32_t* out);
-void TapsAvx512(const uint8_t* b, const int64_t* offsets, const int32_t* weights, int64_t taps, int64_t count,
-                int32_t* out);
+// Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
+// over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input
+// channel is padded and in stride-phase planes (int_conv_simd.cc): output pixel (oy, ox) is the
+// matrix column p = oy * cols + ox, and tap t of list l adds weights[l][t] * plane[offsets[l][t] + p];
+// columns with p % cols >= ow are dropped. List 0 holds w (IntConv) or w_even, list 1 w_odd.
+struct Depthwise {
+  const uint8_t* plane;  // readable 16 bytes past the last column's taps
+  int64_t cols, span;    // columns per output row; matrix columns: (OH - 1) * cols + OW
+  int64_t ow;
+  const int64_t* offsets[2];
+  const int32_t* weights[2];
+  int64_t taps[2];     // list 1 is empty for IntConv
+  bool narrow[2];      // sum |w| <= kInt16WeightBudget: the sums run in int16
+  bool post;
+  int32_t z_e, z_o;    // z_x * sum of each list's weights
+  float c_e, c_o;
+  const float* bias;   // may be null
+  float* out;          // OH * OW outputs
+};
+
+void DepthwiseAvx2(const Depthwise& d);
+void DepthwiseAvx512(const Depthwise& d);
 
 namespace {
 

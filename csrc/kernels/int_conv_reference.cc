@@ -71,16 +71,20 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
     pw->mode = Mode::kDepthwise;
     pw->list_start.assign(1, 0);
     pw->list_sum.assign(static_cast<size_t>(2 * g.m), 0);
+    pw->list_narrow.assign(static_cast<size_t>(2 * g.m), 0);
     for (int64_t m = 0; m < g.m; ++m) {
       for (int64_t list = 0; list < 2; ++list) {
+        int32_t magnitude = 0;  // sum |w|
         for (int64_t k = 0; k < g.k; ++k) {
           const auto [row, weight] = weight_of(m, k);
           if (row != list || weight == 0) continue;
           pw->taps.push_back(static_cast<int32_t>(k));
           pw->weights.push_back(weight);
           pw->list_sum[2 * m + list] += weight;
+          magnitude += std::abs(weight);
         }
         pw->list_start.push_back(static_cast<int64_t>(pw->taps.size()));
+        pw->list_narrow[2 * m + list] = magnitude <= kInt16WeightBudget;
       }
     }
     std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
@@ -136,7 +140,6 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
 }
 
 void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs) {
-  constexpr int32_t kLimit = 32767 / 255;  // 128
   // The sum of |w| that lane (row r, pair j) takes at block i of k.
   auto taken = [&](const int8_t* block, int64_t i, int64_t lane) {
     const int8_t* w = block + (i * block_rows + lane / 2) * 4 + 2 * (lane % 2);
@@ -150,7 +153,9 @@ void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, 
     for (int64_t i = 0; i < k4; ++i) {
       for (; end < k4; ++end) {
         bool fits = true;
-        for (int64_t lane = 0; lane < 2 * block_rows && fits; ++lane) fits = sums[lane] + taken(block, end, lane) <= kLimit;
+        for (int64_t lane = 0; lane < 2 * block_rows && fits; ++lane) {
+          fits = sums[lane] + taken(block, end, lane) <= kInt16WeightBudget;
+        }
         if (!fits) break;
         for (int64_t lane = 0; lane < 2 * block_rows; ++lane) sums[lane] += taken(block, end, lane);
       }

@@ -197,7 +197,8 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
 #endif
   std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows * kPanel)]);
   for (int64_t r = 0; r < pw.rows; ++r) {
-    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = by_pixel[((r / kLanes) * count + i) * kLanes + r % kLanes];
+    const int32_t* block = by_pixel.get() + (r / kLanes) * count * kLanes + r % kLanes;
+    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = block[i * kLanes];
   }
   FinishPanel(job, n, gi, tile.get(), q0, count);
 }
@@ -244,10 +245,8 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const Phases& ph = job.ph;
-  const int64_t count16 = RoundUp(job.span, 16);
   std::unique_ptr<uint8_t[]> plane(new uint8_t[static_cast<size_t>(ph.size() + kSlack)]);
-  std::unique_ptr<int32_t[]> sums(new int32_t[static_cast<size_t>(2 * count16)]);
-  std::unique_ptr<int64_t[]> offsets(new int64_t[static_cast<size_t>(g.kh * g.kw)]);
+  std::unique_ptr<int64_t[]> offsets(new int64_t[static_cast<size_t>(2 * g.kh * g.kw)]);
   for (int64_t gi = g0; gi < std::min(g0 + job.channels, g.group); ++gi) {
     // The padded input channel in phase planes.
     std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
@@ -256,17 +255,36 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
     for (int64_t iy = 0; iy < g.h; ++iy, ++rows) ScatterRow(ph, src + iy * g.w, g.w, g.pl, plane.get() + *rows);
     for (int64_t mm = 0; mm < g.mg; ++mm) {
       const int64_t m = gi * g.mg + mm;
+      Depthwise d{};
+      d.plane = plane.get();
+      d.cols = job.cols;
+      d.span = job.span;
+      d.ow = g.ow;
+      d.post = job.post;
       for (int64_t list = 0; list < (job.post ? 2 : 1); ++list) {
         const int64_t first = pw.list_start[2 * m + list], taps = pw.list_start[2 * m + list + 1] - first;
-        for (int64_t t = 0; t < taps; ++t) offsets[t] = job.offsets[pw.taps[first + t]];
-#ifdef ONNXQ_X86_SIMD
-        auto* run = job.isa == Isa::kAvx512 ? TapsAvx512 : TapsAvx2;
-        run(plane.get(), offsets.get(), pw.weights.data() + first, taps, count16, sums.get() + list * count16);
-#endif
+        int64_t* list_offsets = offsets.get() + list * g.kh * g.kw;
+        for (int64_t t = 0; t < taps; ++t) list_offsets[t] = job.offsets[pw.taps[first + t]];
+        d.offsets[list] = list_offsets;
+        d.weights[list] = pw.weights.data() + first;
+        d.taps[list] = taps;
+        d.narrow[list] = pw.list_narrow[2 * m + list] != 0;
       }
-      const int32_t z = job.z;
-      FinishColumns(job, n, m, sums.get(), job.post ? sums.get() + count16 : nullptr, 0, job.span,
-                    z * pw.list_sum[2 * m], job.post ? z * pw.list_sum[2 * m + 1] : 0);
+      d.z_e = job.z * pw.list_sum[2 * m];
+      d.z_o = job.post ? job.z * pw.list_sum[2 * m + 1] : 0;
+      d.c_e = job.c_e[m];
+      d.c_o = job.c_o[m];
+      d.bias = job.bias != nullptr ? job.bias + m : nullptr;
+      d.out = job.y + (n * g.m + m) * g.pixels();
+#ifdef ONNXQ_X86_SIMD
+      if (job.isa == Isa::kAvx512) {
+        DepthwiseAvx512(d);
+      } else {
+        DepthwiseAvx2(d);
+      }
+#else
+      (void)d;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
     }
   }
 }
