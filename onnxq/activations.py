@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.calibrate import CalibrationData, calibrate
+from onnxq.calibrate import Calibration, CalibrationData, calibrate
 from onnxq.calibrate.placement import ActivationSite, plan_activations
 from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange
 from onnxq.cpu import has_vnni
@@ -52,7 +52,7 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: Qu
 
 def calibrate_activations(
     model: onnx.ModelProto, plans: list[WeightPlan], config: QuantizeConfig, data: CalibrationData
-) -> dict[str, ActivationQuant]:
+) -> Calibration:
     """Sites and their calibrated quantization, from one run of the (prepared, still float) model."""
     assert config.activations is not None
     sites = activation_sites(model.graph, plans, config)

@@ -90,6 +90,8 @@ class ActivationConfig:
         percentile: the percentile kept by ``CalibrationMethod.PERCENTILE``.
         samples: most calibration samples to use.
         reduce_range: 7-bit instead of 8-bit weights where onnxruntime's kernels could saturate.
+        bias_correction: shift each Conv/Gemm bias by the mean output change its weight quantization causes
+            on the calibration data (weights' error times the input's channel means).
     """
 
     bits: int = 8
@@ -97,6 +99,7 @@ class ActivationConfig:
     percentile: float = 99.99
     samples: int = 512
     reduce_range: ReduceRange = ReduceRange.AUTO
+    bias_correction: bool = True
 
     def __post_init__(self) -> None:
         if self.bits not in ACTIVATION_BITS:

@@ -10,6 +10,7 @@ import numpy as np
 import onnx
 
 from onnxq.activations import adjust_weight_plans, calibrate_activations, quantize_biases
+from onnxq.bias_correction import correct_biases
 from onnxq.calibrate import CalibrationData
 from onnxq.config import CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
@@ -86,9 +87,9 @@ def quantize_with_report(
         plans = adjust_weight_plans(plans, config.activations)
     if any(storage_bits(p.bits) == 4 for p in plans) or (config.activations is not None and config.activations.bits == 4):
         ensure_opset(loaded, INT4_OPSET)
-    activations: dict[str, ActivationQuant] = {}
-    if config.activations is not None:
-        activations = calibrate_activations(loaded.model, plans, config, calibration)
+    calibrated = calibrate_activations(loaded.model, plans, config, calibration) if config.activations is not None else None
+    activations: dict[str, ActivationQuant] = calibrated.quants if calibrated is not None else {}
+    weight_changes: dict[str, np.ndarray] = {}
     consts = constant_initializers(loaded.model.graph)
     nodes = {node.name: node for node in loaded.model.graph.node}
     qdq: dict[str, QuantizedTensor] = {}
@@ -107,6 +108,11 @@ def quantize_with_report(
             custom[plan.tensor] = (q, op_type)
         layers.append(_layer_result(plan, q, weight, op_type))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
+        if calibrated is not None and config.activations.bias_correction:
+            weight_changes[plan.tensor] = q.dequantize() - weight
+    if weight_changes:
+        means = {name: m for name, c in calibrated.means.items() if (m := c.mean(1)) is not None}
+        logger.debug("bias correction on %d layers", correct_biases(loaded.model.graph, weight_changes, means))
     quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)
     if activations:

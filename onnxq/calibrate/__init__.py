@@ -8,11 +8,12 @@ step adapter (``asq``). The numerics live in modules that know nothing of ONNX.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import onnx
 
 from onnxq.calibrate.asq import fit_adapter, sample_betas
-from onnxq.calibrate.collect import TensorStats, collect, feature_axes
+from onnxq.calibrate.collect import ChannelMeans, TensorStats, collect, feature_axes
 from onnxq.calibrate.data import CalibrationData, calibration_batches, input_specs
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_range, percentile_range, quant_params
@@ -21,10 +22,18 @@ from onnxq.rewrite_activations import ActivationQuant
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CalibrationData", "calibrate", "choose_range"]
+__all__ = ["Calibration", "CalibrationData", "calibrate", "choose_range"]
 
 
-def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> dict[str, ActivationQuant]:
+@dataclass(frozen=True)
+class Calibration:
+    """What calibration found: each site's quantization, and the sites' channel means (for bias correction)."""
+
+    quants: dict[str, ActivationQuant]
+    means: dict[str, ChannelMeans]
+
+
+def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
     """How to quantize each site's tensor, from one run of the float ``model`` over ``data``."""
     batches = calibration_batches(data, input_specs(model), config.samples)
     per_sample = config.method is CalibrationMethod.ASQ
@@ -38,7 +47,7 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
             quant = _with_adapter(quant, entry, r)
         logger.debug("%s: %d bits, range [%.4g, %.4g]", site.tensor, site.bits, r.lo, r.hi)
         quants[site.tensor] = quant
-    return quants
+    return Calibration(quants, {name: entry.channels for name, entry in stats.items()})
 
 
 def choose_range(stats: TensorStats, bits: int, config: ActivationConfig) -> Range:

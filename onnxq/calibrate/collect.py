@@ -53,11 +53,38 @@ class SampleStats:
 
 
 @dataclass
+class ChannelMeans:
+    """Running mean of a tensor per index of axis 1 (NCHW channels, Gemm features) and of its last axis."""
+
+    sum_axis1: np.ndarray | None = None
+    sum_last: np.ndarray | None = None
+    count_axis1: int = 0
+    count_last: int = 0
+
+    def add(self, batch: np.ndarray) -> None:
+        """Add a batch (rank >= 2)."""
+        if batch.ndim < 2:
+            return
+        by_axis1 = np.moveaxis(batch, 1, -1).reshape(-1, batch.shape[1]).sum(axis=0, dtype=np.float64)
+        by_last = batch.reshape(-1, batch.shape[-1]).sum(axis=0, dtype=np.float64)
+        self.sum_axis1 = by_axis1 if self.sum_axis1 is None else self.sum_axis1 + by_axis1
+        self.sum_last = by_last if self.sum_last is None else self.sum_last + by_last
+        self.count_axis1 += batch.size // batch.shape[1]
+        self.count_last += batch.size // batch.shape[-1]
+
+    def mean(self, axis: int) -> np.ndarray | None:
+        """Mean per index of axis 1 (``axis`` == 1) or of the last axis (``axis`` == -1); None before any data."""
+        total, count = (self.sum_axis1, self.count_axis1) if axis == 1 else (self.sum_last, self.count_last)
+        return None if total is None or count == 0 else total / count
+
+
+@dataclass
 class TensorStats:
     """Everything gathered about one tensor."""
 
     histogram: Histogram = field(default_factory=Histogram)
     samples: SampleStats | None = None
+    channels: ChannelMeans = field(default_factory=ChannelMeans)
     rank: int = 0
 
 
@@ -97,6 +124,7 @@ def collect(
                         entry.histogram.add(value)
                     except ValueError as e:
                         raise OnnxqError(None, f"calibration: tensor {name!r}: {e}") from e
+                    entry.channels.add(value)
                     if entry.samples is not None:
                         entry.samples.add(value)
                 bar.update(len(next(iter(batch.values()))))
