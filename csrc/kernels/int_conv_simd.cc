@@ -103,6 +103,7 @@ struct SimdJob : SimdArgs {
   Phases ph;
   const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
   std::vector<int64_t> offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
+  std::vector<int64_t> tap_offsets;  // kDepthwise: the offset of each entry of pw->taps
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
@@ -246,10 +247,13 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const Phases& ph = job.ph;
   std::unique_ptr<uint8_t[]> plane(new uint8_t[static_cast<size_t>(ph.size() + kSlack)]);
-  std::unique_ptr<int64_t[]> offsets(new int64_t[static_cast<size_t>(2 * g.kh * g.kw)]);
+  // With stride 1 the rows of X overwrite the same bytes in every channel: the padding around
+  // them is written once.
+  const bool one_phase = ph.sh == 1 && ph.sw == 1;
+  if (one_phase) std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
   for (int64_t gi = g0; gi < std::min(g0 + job.channels, g.group); ++gi) {
     // The padded input channel in phase planes.
-    std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
+    if (!one_phase) std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
     const uint8_t* src = job.xq + (n * g.c + gi) * g.h * g.w;
     auto rows = ph.RowsFrom(g.pt);
     for (int64_t iy = 0; iy < g.h; ++iy, ++rows) ScatterRow(ph, src + iy * g.w, g.w, g.pl, plane.get() + *rows);
@@ -262,12 +266,10 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
       d.ow = g.ow;
       d.post = job.post;
       for (int64_t list = 0; list < (job.post ? 2 : 1); ++list) {
-        const int64_t first = pw.list_start[2 * m + list], taps = pw.list_start[2 * m + list + 1] - first;
-        int64_t* list_offsets = offsets.get() + list * g.kh * g.kw;
-        for (int64_t t = 0; t < taps; ++t) list_offsets[t] = job.offsets[pw.taps[first + t]];
-        d.offsets[list] = list_offsets;
+        const int64_t first = pw.list_start[2 * m + list];
+        d.offsets[list] = job.tap_offsets.data() + first;
         d.weights[list] = pw.weights.data() + first;
-        d.taps[list] = taps;
+        d.taps[list] = pw.list_start[2 * m + list + 1] - first;
         d.narrow[list] = pw.list_narrow[2 * m + list] != 0;
       }
       d.z_e = job.z * pw.list_sum[2 * m];
@@ -403,6 +405,8 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; ++kx) job.offsets[ky * g.kw + kx] = ph.Index(ky * g.dh, kx * g.dw);
     }
+    job.tap_offsets.resize(pw.taps.size());
+    for (size_t i = 0; i < pw.taps.size(); ++i) job.tap_offsets[i] = job.offsets[pw.taps[i]];
   }
   if (pw.mode == Mode::kQuad) {
     // Chunks of whole quads (all taps of each) whose image planes (for Gemm the part a panel
