@@ -1,6 +1,6 @@
 """Benchmark of onnxq's integer convolution ops against onnxruntime, one thread, in one run.
 
-Per layer (ResNet-18 conv shapes and a depthwise one, batch 1 and 8): onnxruntime's float
+Per layer (ResNet-18 conv shapes and two depthwise ones, batch 1 and 8): onnxruntime's float
 Conv, its uint8 x int8 QLinearConv (input already quantized), and onnxq's IntConv (4-bit
 uniform) and PostConv (4-bit POST), both taking float input and quantizing it inside. On a CPU
 with AVX-512 VNNI two more columns force the ops' AVX2 kernels (attribute kernel=2): a proxy for
@@ -38,6 +38,7 @@ LAYERS = [
     ("256->256 3x3 @14", 256, 256, 14, 3, 1, 1),
     ("512->512 3x3 @7", 512, 512, 7, 3, 1, 1),
     ("dw 144 3x3 @28", 144, 144, 28, 3, 1, 144),
+    ("dw 576 3x3 @7", 576, 576, 7, 3, 1, 576),
 ]
 
 
