@@ -21,7 +21,7 @@ from onnxq.plan import Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
-from onnxq.rewrite_ops import INT_CONV, POST_CONV, convertible, declare_domain, replace_convs
+from onnxq.rewrite_ops import INT_CONV, POST_CONV, convertible, declare_domain, replace_convs, take_input_quantization
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -120,6 +120,8 @@ def quantize_with_report(
     if custom:
         replace_convs(loaded.model.graph, custom)
         declare_domain(loaded.model)
+        if activations:
+            take_input_quantization(loaded.model.graph)
     method = config.activations.method if config.activations is not None else None
     return QuantizationResult(loaded.model, layers, skipped, loaded, list(activations.values()), method)
 

@@ -19,7 +19,7 @@ from onnx import helper, numpy_helper
 from onnxq.domain import DOMAIN
 from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
-from onnxq.graph import NameSource, attribute
+from onnxq.graph import NameSource, attribute, constant_initializers, remove_unused_initializers
 from onnxq.weights import QuantizedTensor
 
 INT_CONV = "IntConv"
@@ -127,3 +127,50 @@ def declare_domain(model: onnx.ModelProto) -> None:
     """Add onnxq's op domain to the model's opset imports (once)."""
     if not any(imp.domain == DOMAIN for imp in model.opset_import):
         model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+
+
+def take_input_quantization(graph: onnx.GraphProto) -> int:
+    """Let each IntConv/PostConv quantize its input with the fixed uint8 scale of the pair in front of it.
+
+    ``X -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> op`` becomes ``X -> op(x_scale=s,
+    x_zero_point=z)``: the op's own quantization is the same formula, so the codes are the
+    same and the integer path no longer goes through float. The pair stays while others
+    read it. Returns how many ops took a scale.
+    """
+    consts = constant_initializers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    taken = 0
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or len(node.input) > 4:
+            continue
+        dq = producer.get(node.input[0])
+        q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        if q is None or q.op_type != "QuantizeLinear" or len(dq.input) < 3 or not _uint8_scalar_pair(dq, consts):
+            continue
+        bias = node.input[3] if len(node.input) > 3 else ""
+        del node.input[3:]
+        node.input[0] = q.input[0]
+        node.input.extend([bias, dq.input[1], dq.input[2]])
+        taken += 1
+    _drop_unread_pairs(graph)
+    return taken
+
+
+def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
+    """Whether a DequantizeLinear has a constant scalar scale and a uint8 scalar zero point."""
+    scale, zero = consts.get(dq.input[1]), consts.get(dq.input[2])
+    return (
+        scale is not None and zero is not None and not scale.dims and not zero.dims
+        and scale.data_type == onnx.TensorProto.FLOAT and zero.data_type == onnx.TensorProto.UINT8
+    )
+
+
+def _drop_unread_pairs(graph: onnx.GraphProto) -> None:
+    """Remove DequantizeLinear nodes nobody reads, then QuantizeLinear nodes nobody reads."""
+    outputs = {o.name for o in graph.output}
+    for op_type in ("DequantizeLinear", "QuantizeLinear"):
+        read = {name for node in graph.node for name in node.input} | outputs
+        dead = [n for n in graph.node if n.op_type == op_type and n.output[0] not in read]
+        for node in dead:
+            graph.node.remove(node)
+    remove_unused_initializers(graph)

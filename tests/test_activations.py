@@ -10,11 +10,11 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import op_counts
-from models import conv_bn_relu_gemm, residual_block
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from onnxq import QuantizeConfig, quantize
+from models import conv_bn_relu_gemm, residual_block
+from onnxq import QuantizeConfig, WeightFormat, quantize
 from onnxq.calibrate.asq import Adapter
 from onnxq.calibrate.ranges import QuantParams, fake_quantize
 from onnxq.cli import main
@@ -80,7 +80,8 @@ def test_w8a8_output_is_close_to_float(tmp_path):
 def test_biases_become_int32_with_the_product_scale():
     q = quantize(residual_block(), _w8a8(bias_correction=False), _batches((4, 6, 6)))
     inits = {t.name: t for t in q.graph.initializer}
-    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and inits.get(n.input[0]) is not None and inits[n.input[0]].data_type == onnx.TensorProto.INT32]
+    int32 = {name for name, t in inits.items() if t.data_type == onnx.TensorProto.INT32}
+    dq = [n for n in q.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in int32]
     assert len(dq) == 3  # conv1, conv2, fc
     float_b1 = numpy_helper.to_array(next(t for t in residual_block().graph.initializer if t.name == "b1"))
     conv1_bias = next(n for n in dq if n.input[0].startswith("b1"))
@@ -233,3 +234,54 @@ def test_cli_writes_a_w8a8_model_that_runs(tmp_path, capsys):
 def test_api_without_calibration_data_says_so():
     with pytest.raises(OnnxqError, match="needs calibration data"):
         quantize(conv_bn_relu_gemm(), _w8a8())
+
+
+def _conv_reference(model: onnx.ModelProto) -> onnx.ModelProto:
+    """8-bit IntConv nodes with x_scale/x_zero_point replaced by QuantizeLinear -> DequantizeLinear -> Conv on the decoded weights."""
+    ref = onnx.ModelProto()
+    ref.CopyFrom(model)
+    inits = {t.name: numpy_helper.to_array(t) for t in ref.graph.initializer}
+    nodes = []
+    for node in ref.graph.node:
+        if node.op_type != "IntConv":
+            nodes.append(node)
+            continue
+        x, packed, scale, bias, x_scale, x_zero = node.input
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute if a.name in ("strides", "pads", "dilations", "group")}
+        kh, kw = next(helper.get_attribute_value(a) for a in node.attribute if a.name == "kernel_shape")
+        codes = inits[packed].view(np.int8).astype(np.float32)
+        weight = (codes * inits[scale][:, None]).reshape(len(codes), -1, kh, kw)
+        ref.graph.initializer.append(numpy_helper.from_array(weight, f"{node.name}_w"))
+        nodes += [
+            helper.make_node("QuantizeLinear", [x, x_scale, x_zero], [f"{node.name}_xq"]),
+            helper.make_node("DequantizeLinear", [f"{node.name}_xq", x_scale, x_zero], [f"{node.name}_xdq"]),
+            helper.make_node("Conv", [f"{node.name}_xdq", f"{node.name}_w", bias], list(node.output), **attrs),
+        ]
+    del ref.graph.node[:]
+    ref.graph.node.extend(nodes)
+    return ref
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
+def test_integer_ops_take_the_calibrated_input_scale(fmt):
+    """IntConv/PostConv quantize their input with the pair's fixed scale instead of a DequantizeLinear'd float copy."""
+    act = ActivationConfig(bits=8, method=CalibrationMethod.MSE, reduce_range=ReduceRange.OFF)
+    q = quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=fmt, first_last_bits=None, activations=act), _batches((3, 8, 8)))
+    custom = [n for n in q.graph.node if n.op_type in ("IntConv", "PostConv")]
+    producers = {o: n.op_type for n in q.graph.node for o in n.output}
+    assert len(custom) == 2 and all(len(n.input) == 6 and producers.get(n.input[0]) != "DequantizeLinear" for n in custom)
+
+
+def test_an_8_bit_intconv_with_input_scale_equals_quantize_dequantize_then_conv():
+    from onnxq.runtime import session
+
+    act = ActivationConfig(bits=8, method=CalibrationMethod.MSE, reduce_range=ReduceRange.OFF)
+    config = QuantizeConfig(bits=8, format=WeightFormat.INT, first_last_bits=None, activations=act)
+    q = quantize(conv_bn_relu_gemm(c=16), config, _batches((3, 8, 8)))
+    assert op_counts(q)["IntConv"] == 2
+    x = _batches((3, 8, 8), count=1, seed=4)[0]
+    got = session(q.SerializeToString()).run(None, x)[0]
+    literal = ort.SessionOptions()  # onnxruntime's optimizer may drop a Q/DQ pair before a float Conv; the reference must not
+    literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    expected = ort.InferenceSession(_conv_reference(q).SerializeToString(), literal, providers=["CPUExecutionProvider"]).run(None, x)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
