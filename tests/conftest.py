@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import sys
 from collections import Counter
 from pathlib import Path
@@ -12,6 +11,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 
+from onnxq.cpu import cpu_flags
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,14 +20,6 @@ REPO = Path(__file__).resolve().parents[1]
 #: Values of the ops' ``kernel`` attribute, and the /proc/cpuinfo flags each SIMD kernel needs (as csrc/cpu.h checks).
 KERNELS = {"auto": 0, "scalar": 1, "avx2": 2, "avx512": 3}
 ISA_FLAGS = {"avx2": {"avx2", "fma"}, "avx512": {"avx512f", "avx512bw", "avx512_vnni"}}
-
-
-@functools.cache
-def cpu_flags() -> frozenset[str]:
-    """The CPU feature flags the kernel dispatch looks at."""
-    cpuinfo = Path("/proc/cpuinfo")
-    text = cpuinfo.read_text() if cpuinfo.exists() else ""
-    return frozenset(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
 
 
 def kernel_supported(kernel: str) -> bool:

@@ -173,7 +173,7 @@ def test_calibration_size_caps_the_samples_used():
 
 
 def test_npy_npz_and_image_folder_sources(tmp_path):
-    pil = pytest.importorskip("PIL.Image")
+    from PIL import Image as pil
     rng = np.random.default_rng(11)
     images = rng.uniform(0, 1, (6, 3, 8, 8)).astype(np.float32)
     np.save(tmp_path / "c.npy", images)
