@@ -13,6 +13,7 @@ import onnx
 from onnx import version_converter
 
 from onnxq.errors import OnnxqError
+from onnxq.tensor_data import without_large_tensors
 
 #: Oldest default-domain opset we accept as is; older models are converted up to it.
 MIN_OPSET = 13
@@ -82,8 +83,11 @@ def uses_external_data(model: onnx.ModelProto) -> bool:
 
 
 def tensor_bytes(model: onnx.ModelProto) -> int:
-    """Bytes held by the main graph's initializers: what decides if protobuf can serialise the model."""
-    return sum(len(t.raw_data) or t.ByteSize() for t in model.graph.initializer)
+    """Bytes held by the main graph's initializers: what decides if protobuf can serialise the model.
+
+    Serialised sizes, so no tensor's bytes are copied to count them.
+    """
+    return sum(t.ByteSize() for t in model.graph.initializer)
 
 
 def _check(loaded: LoadedModel) -> None:
@@ -166,7 +170,7 @@ def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
     if current is not None and current >= minimum:
         return
     try:
-        converted = version_converter.convert_version(loaded.model, minimum)
+        converted = without_large_tensors(loaded.model, lambda m: version_converter.convert_version(m, minimum))
     except Exception as e:  # the converter raises RuntimeError or its own errors
         reason = _conversion_failure(loaded.model, e)
         hint = " (int4 weights need opset 21; -b 5 or more stores int8 and keeps the opset)" if minimum >= INT4_OPSET else ""

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
-from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
+from onnxq.tensor_data import without_large_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -175,11 +175,12 @@ def _fold_one(
 
 
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Model with inferred value_info where onnx can infer it; unchanged if inference fails or it is too big."""
-    if tensor_bytes(model) > PROTOBUF_LIMIT // 2:
-        return model
+    """Model with inferred value_info where onnx can infer it; unchanged if inference fails.
+
+    Big weights' bytes are set aside meanwhile (inference copies the model), so models of any size get shapes.
+    """
     try:
-        return onnx.shape_inference.infer_shapes(model)
+        return without_large_tensors(model, onnx.shape_inference.infer_shapes)
     except Exception as e:  # inference is a convenience, never a reason to stop
         logger.info("shape inference skipped: %s", e)
         return model

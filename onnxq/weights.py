@@ -5,6 +5,7 @@ Pure numpy; the ONNX side only hands in an array and an axis.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -58,9 +59,25 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when exact)."""
     noise = float(np.sum((reference.astype(np.float64) - approx) ** 2))
     signal = float(np.sum(reference.astype(np.float64) ** 2))
-    if noise == 0.0:
-        return float("inf")
-    return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+    return _sqnr_from_sums(noise, signal)
+
+
+#: Per-channel rows are searched in blocks of about this many weights: the search's float
+#: temporaries (several times the block) then stay small however big the tensor.
+BLOCK_WEIGHTS = 1 << 22
+
+
+def row_blocks(weight: np.ndarray, axis: int | None) -> Iterator[np.ndarray]:
+    """The rows of :func:`to_rows` in consecutive blocks of about BLOCK_WEIGHTS weights (one block per tensor when small or per tensor)."""
+    if axis is None or weight.size <= BLOCK_WEIGHTS:
+        yield to_rows(weight, axis)
+        return
+    moved = np.moveaxis(weight, axis, 0)
+    count = moved.shape[0]
+    per_block = max(1, BLOCK_WEIGHTS // (weight.size // count))
+    for start in range(0, count, per_block):
+        block = moved[start : start + per_block]
+        yield block.reshape(len(block), -1)
 
 
 def quantize_weight(
@@ -76,15 +93,13 @@ def quantize_weight(
     weight MSE is kept.
     """
     weight = np.asarray(weight, dtype=np.float32)
-    rows = to_rows(weight, axis)
     modes = {SqrtMode.OFF: (False,), SqrtMode.ON: (True,), SqrtMode.AUTO: (False, True)}[sqrt]
     best: QuantizedTensor | None = None
     for use_sqrt in modes:
         if method is RangeMethod.SEARCH:
-            q = uniform.quantize_best(rows, bits, use_sqrt)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s), use_sqrt, False)
         else:
-            q = uniform.absmax_rows(rows, bits, use_sqrt)
-        candidate = _from_row_codes(rows, q, weight.shape, axis, sqrt=use_sqrt, is_post=False)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s), use_sqrt, False)
         if best is None or candidate.mse < best.mse:
             best = candidate
     assert best is not None
@@ -94,23 +109,46 @@ def quantize_weight(
 def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None) -> QuantizedTensor:
     """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched."""
     weight = np.asarray(weight, dtype=np.float32)
-    rows = to_rows(weight, axis)
-    return _from_row_codes(rows, post.quantize_best(rows, bits), weight.shape, axis, sqrt=False, is_post=True)
+    return _quantize_blocks(weight, axis, lambda rows: post.quantize_best(rows, bits), sqrt=False, is_post=True)
 
 
-def _from_row_codes(
-    rows: np.ndarray, q: uniform.UniformWeights | post.PostWeights, shape: tuple[int, ...], axis: int | None, sqrt: bool, is_post: bool
+def _quantize_blocks(
+    weight: np.ndarray,
+    axis: int | None,
+    quantize_rows: Callable[[np.ndarray], uniform.UniformWeights | post.PostWeights],
+    sqrt: bool,
+    is_post: bool,
 ) -> QuantizedTensor:
-    """Row-wise codes back in the tensor's shape, with the error they leave measured against ``rows``."""
-    approx = q.dequantize()
+    """Quantize the rows block by block and join the codes, measuring the error they leave against the weights."""
+    codes, scales, alphas = [], [], []
+    noise = signal = 0.0
+    bits = 0
+    for rows in row_blocks(weight, axis):
+        q = quantize_rows(rows)
+        reference = rows.astype(np.float64)
+        noise += float(np.sum((reference - q.dequantize()) ** 2))
+        signal += float(np.sum(reference**2))
+        del reference
+        codes.append(q.codes)
+        scales.append(q.scale)
+        alphas.append(q.alpha)
+        bits = q.bits
+    scale = np.concatenate(scales)
     return QuantizedTensor(
-        codes=from_rows(q.codes, shape, axis),
-        scale=q.scale if axis is not None else q.scale.reshape(()),
+        codes=from_rows(np.concatenate(codes) if len(codes) > 1 else codes[0], weight.shape, axis),
+        scale=scale if axis is not None else scale.reshape(()),
         axis=axis,
-        bits=q.bits,
+        bits=bits,
         sqrt=sqrt,
-        alpha=q.alpha,
-        mse=float(np.mean((rows.astype(np.float64) - approx) ** 2)) if rows.size else 0.0,
-        sqnr_db=sqnr_db(rows, approx),
+        alpha=np.concatenate(alphas),
+        mse=noise / weight.size if weight.size else 0.0,
+        sqnr_db=_sqnr_from_sums(noise, signal),
         post=is_post,
     )
+
+
+def _sqnr_from_sums(noise: float, signal: float) -> float:
+    """:func:`sqnr_db` from the summed squared error and signal."""
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")
