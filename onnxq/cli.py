@@ -244,10 +244,10 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _node_names(model: Path) -> set[str]:
     """Node names as the quantizer sees them (after unnamed nodes get names), for checking --exclude."""
-    from onnxq.load import load
+    from onnxq.load import read_model_file
     from onnxq.prepare import name_nodes
 
-    graph = load(model).model.graph
+    graph = read_model_file(model).graph  # without external data: names only
     name_nodes(graph)
     return {n.name for n in graph.node}
 

@@ -13,7 +13,7 @@ import onnx
 from onnx import version_converter
 
 from onnxq.errors import OnnxqError
-from onnxq.tensor_data import without_large_tensors
+from onnxq.tensor_data import on_skeleton
 
 #: Oldest default-domain opset we accept as is; older models are converted up to it.
 MIN_OPSET = 13
@@ -170,14 +170,13 @@ def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
     if current is not None and current >= minimum:
         return
     try:
-        converted = without_large_tensors(loaded.model, lambda m: version_converter.convert_version(m, minimum))
+        on_skeleton(loaded.model, lambda m: version_converter.convert_version(m, minimum))
     except Exception as e:  # the converter raises RuntimeError or its own errors
         reason = _conversion_failure(loaded.model, e)
         hint = " (int4 weights need opset 21; -b 5 or more stores int8 and keeps the opset)" if minimum >= INT4_OPSET else ""
         raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}{hint}") from e
     if minimum >= INT4_OPSET:
-        converted.ir_version = max(converted.ir_version, INT4_IR_VERSION)
-    loaded.model = converted
+        loaded.model.ir_version = max(loaded.model.ir_version, INT4_IR_VERSION)
 
 
 #: The file/line/assertion prefix of the version converter's C++ messages.

@@ -12,7 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
-from onnxq.tensor_data import without_large_tensors
+from onnxq.tensor_data import on_skeleton
 
 logger = logging.getLogger(__name__)
 
@@ -177,10 +177,11 @@ def _fold_one(
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Model with inferred value_info where onnx can infer it; unchanged if inference fails.
 
-    Big weights' bytes are set aside meanwhile (inference copies the model), so models of any size get shapes.
+    Inference runs on a skeleton without big weights' values (it copies the model), so models of any size get shapes.
     """
     try:
-        return without_large_tensors(model, onnx.shape_inference.infer_shapes)
+        on_skeleton(model, onnx.shape_inference.infer_shapes)
+        return model
     except Exception as e:  # inference is a convenience, never a reason to stop
         logger.info("shape inference skipped: %s", e)
         return model

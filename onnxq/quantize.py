@@ -22,6 +22,7 @@ from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 from onnxq.rewrite_ops import INT_CONV, POST_CONV, convertible, declare_domain, replace_convs, take_input_quantization
+from onnxq.tensor_data import compact
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -122,6 +123,9 @@ def quantize_with_report(
         declare_domain(loaded.model)
         if activations:
             take_input_quantization(loaded.model.graph)
+    qdq.clear()  # the codes are in the model now
+    custom.clear()
+    loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     return QuantizationResult(loaded.model, layers, skipped, loaded, list(activations.values()), method)
 
