@@ -24,6 +24,7 @@ from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
     from onnxq.report_files import ReportPaths
+    from onnxq.sensitivity import SensitivityAnalysis
 
 BIT_CHOICES = range(2, 9)
 
@@ -86,6 +87,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="also write PATH as JSON (per layer: bits, format, alpha, weight SQNR, sizes; skipped layers; config), "
                    "a Markdown summary as PATH.md and, with matplotlib, a chart as PATH.png (PATH.md: the JSON goes beside it)")
     _add_activation_options(p)
+    _add_sensitivity_options(p)
     p.set_defaults(run=_run_quantize)
 
 
@@ -108,6 +110,27 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=None,
                    help="8-bit weights beside uint8 activations become 7-bit so onnxruntime's 16-bit pair sums cannot "
                    "saturate on CPUs without VNNI: 'auto' (default) does it when this CPU lacks VNNI")
+
+
+def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
+    """Options of per-layer sensitivity (in --report) and of mixed precision chosen by it."""
+    from onnxq.sensitivity import SENSITIVITY_SAMPLES
+
+    s = p.add_argument_group(
+        "sensitivity and mixed precision",
+        "per layer, the model output's SQNR with only that layer's weights quantized (activations float); measured on "
+        "--sensitivity-data, else on --calibration's data, for --report, --target-size and --max-drop",
+    )
+    s.add_argument("--sensitivity-data", type=Path, metavar="DATA",
+                   help="inputs to measure sensitivity on, in --calibration's formats, without quantizing activations")
+    s.add_argument("--sensitivity-size", type=int, default=SENSITIVITY_SAMPLES, metavar="N",
+                   help=f"use at most N samples to measure sensitivity (default {SENSITIVITY_SAMPLES})")
+    s.add_argument("--target-size", metavar="SIZE",
+                   help="raise the most sensitive layers from -b bits to 8 while the weights fit SIZE: bytes (300000, 300KB, "
+                   "1.5MiB), a ratio of the float weights (0.2x) or average bits per weight (5bits); sizes count codes and scales")
+    s.add_argument("--max-drop", type=float, metavar="DB",
+                   help="raise the most sensitive layers until the model output's SQNR is at most DB below that of the "
+                   "model with every raisable layer at 8 bits (with --target-size: within that size)")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -203,6 +226,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise OnnxqError(args.model, str(e)) from e
     unknown = sorted(config.exclude - _node_names(args.model))
+    analysis, config = _sensitivity(args, config, report is not None)
     result = quantize_with_report(args.model, config, args.calibration)
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
@@ -216,8 +240,43 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if report is not None:
         from onnxq.report_files import build_report, write_report
 
-        print(write_report(build_report(result, config, output, args.model), report))
+        built = build_report(result, config, output, args.model)
+        if analysis is not None:
+            built = built.with_layer_values({layer.tensor: analysis.layer(layer.tensor, layer.bits).report_values() for layer in result.layers})
+        print(write_report(built, report))
     return 0
+
+
+def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool) -> tuple[SensitivityAnalysis | None, QuantizeConfig]:
+    """The sensitivity analysis the options ask for (None if none), and the config with mixed precision's per-node bits."""
+    import dataclasses
+
+    from onnxq.mixed_precision import TargetSize, choose_bits
+    from onnxq.sensitivity import SensitivityAnalysis
+
+    mixed = args.target_size is not None or args.max_drop is not None
+    data = args.sensitivity_data if args.sensitivity_data is not None else args.calibration
+    try:
+        target = TargetSize.parse(args.target_size) if args.target_size is not None else None
+        if args.max_drop is not None and not args.max_drop >= 0:
+            raise ValueError(f"--max-drop must be a non-negative number of dB, got {args.max_drop}")
+        if args.sensitivity_size < 1:
+            raise ValueError(f"--sensitivity-size must be a positive number of samples, got {args.sensitivity_size}")
+        if mixed and data is None:
+            option = "--target-size" if target else "--max-drop"
+            raise ValueError(f"{option} needs data to measure sensitivity on: --sensitivity-data DATA or --calibration DATA")
+        if args.sensitivity_data is not None and not (report or mixed):
+            raise ValueError("--sensitivity-data is used by --report, --target-size and --max-drop; give one of them")
+    except ValueError as e:
+        raise OnnxqError(args.model, str(e)) from e
+    if data is None or not (report or mixed):
+        return None, config
+    analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size)
+    if not mixed:
+        return analysis, config
+    chosen = choose_bits(analysis, target, args.max_drop)
+    print("\n".join(chosen.lines()))
+    return analysis, dataclasses.replace(config, node_bits={**config.node_bits, **chosen.node_bits})
 
 
 def _report_paths(option: Path | None, models: list[Path]) -> ReportPaths | None:

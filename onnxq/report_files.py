@@ -146,11 +146,17 @@ class QuantizationReport:
         layers = tuple(dataclasses.replace(layer, **values.get(layer.tensor, {})) for layer in self.layers)
         return dataclasses.replace(self, layers=layers)
 
+    def most_sensitive(self, count: int = 3) -> list[LayerReport]:
+        """Up to ``count`` layers with a measured sensitivity, the most sensitive (lowest model-output SQNR) first."""
+        measured = [layer for layer in self.layers if layer.sensitivity_db is not None]
+        return sorted(measured, key=lambda layer: layer.sensitivity_db)[:count]
+
     def totals(self) -> dict[str, object]:
-        """Counts and sizes over all layers."""
+        """Counts and sizes over all layers (and the most sensitive layer's nodes, when sensitivity was measured)."""
         float_bytes = sum(layer.float_bytes for layer in self.layers)
         quantized_bytes = sum(layer.quantized_bytes for layer in self.layers)
-        return {
+        sensitive = {"most_sensitive": list(self.most_sensitive(1)[0].nodes)} if self.most_sensitive(1) else {}
+        return sensitive | {
             "layers": len(self.layers),
             "skipped": len(self.skipped),
             "layers_by_bits": {str(b): n for b, n in sorted(Counter(layer.bits for layer in self.layers).items())},
@@ -240,8 +246,11 @@ def to_markdown(report: QuantizationReport) -> str:
         f"- onnxq {report.onnxq_version}; {config}",
         f"- {totals['layers']} weight tensors quantized: {by_bits} ({totals['sqrt_layers']} in sqrt mode); "
         f"weights {human_bytes(totals['float_bytes'])} -> {human_bytes(totals['quantized_bytes'])}",
-        "",
     ]
+    if ranked := report.most_sensitive():
+        named = "; ".join(f"`{', '.join(layer.nodes)}` {layer.sensitivity_db:.1f} dB at {layer.bits} bits" for layer in ranked)
+        lines.append(f"- most sensitive (model output SQNR with only that layer's weights quantized): {named}")
+    lines.append("")
     extra = [f for f in optional_fields() if any(getattr(layer, f.name) is not None for layer in report.layers)]
     header = ["nodes", "op types", "bits", "format", "op", "granularity", "sqrt", "alpha median (min-max)", "weight SQNR dB"]
     header += [f.metadata["header"] for f in extra] + ["bytes float -> quantized"]
