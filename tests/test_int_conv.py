@@ -104,6 +104,10 @@ CASES = [
     Case("PostConv", 4, 1, 6, (5, 16), 6, (1, 1), group=6),
     Case("IntConv", 4, 1, 5, (19, 18), 5, (7, 7), pads=(3, 3, 3, 3), group=5),
     Case("PostConv", 4, 1, 4, (18, 19), 8, (3, 3), dilations=(2, 3), group=4, bias=False),
+    # depthwise with channels in vector lanes (rows < 16 pixels): 2 blocks of 16, the second with
+    # 4 channels; images of fewer than 8 pixels; stride 2 with dilation
+    Case("PostConv", 4, 2, 20, (2, 3), 20, (3, 3), pads=(1, 1, 1, 1), group=20, calibrated=True),
+    Case("IntConv", 3, 1, 36, (11, 12), 36, (3, 3), strides=(2, 2), pads=(2, 1, 1, 2), dilations=(2, 1), group=36),
 ]
 
 

@@ -288,6 +288,104 @@ void DepthwiseAvx2(const Depthwise& d) {
   }
 }
 
+namespace {
+
+// 8 x 8 floats transposed: r[i] holds row i, afterwards column i.
+inline void Transpose8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 4; ++i) {
+    t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 2; ++i) {
+    u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+    u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+    u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+    u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// DepthwiseLanesAvx2 for PostConv or IntConv, and kTaps taps (0: d.taps; 9 unrolls 3 x 3 kernels).
+template <bool kPost, int kTaps>
+void Lanes(const DepthwiseLanes& d) {
+  const int64_t pixels = d.oh * d.ow, taps = kTaps > 0 ? kTaps : d.taps;
+  const bool has_bias = d.bias != nullptr;
+  // Per lane constants: lanes 0-7 ([0]) and 8-15 ([1]).
+  __m256i z_e[2], z_o[2];
+  __m256 c_e[2], c_o[2], bias[2];
+  for (int h = 0; h < 2; ++h) {
+    z_e[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.z_e + 8 * h));
+    z_o[h] = kPost ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.z_o + 8 * h)) : _mm256_setzero_si256();
+    c_e[h] = _mm256_loadu_ps(d.c_e + 8 * h);
+    c_o[h] = kPost ? _mm256_loadu_ps(d.c_o + 8 * h) : _mm256_setzero_ps();
+    bias[h] = has_bias ? _mm256_loadu_ps(d.bias + 8 * h) : _mm256_setzero_ps();
+  }
+  const auto* w_e = reinterpret_cast<const __m256i*>(d.w_e);
+  const auto* w_o = reinterpret_cast<const __m256i*>(d.w_o);
+  // Tiles of 8 consecutive output pixels (the last one overlapping the one before; an image of
+  // fewer than 8 pixels computes 8 and stores its own).
+  for (int64_t p0 = 0; p0 < pixels; p0 += 8) {
+    const int64_t first = pixels < 8 ? 0 : (p0 + 8 <= pixels ? p0 : pixels - 8);
+    const int64_t count = pixels < 8 ? pixels : 8;
+    __m256 y[2][8];  // [lanes 0-7 / 8-15][pixel]
+    for (int i = 0; i < 8; ++i) y[0][i] = y[1][i] = _mm256_setzero_ps();
+    int64_t oy = first / d.ow, ox = first % d.ow;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint8_t* x = d.x + ((oy * d.sh) * d.wp + ox * d.sw) * 16;
+      __m256i e = _mm256_setzero_si256(), o = _mm256_setzero_si256();
+      for (int64_t t = 0; t < taps; ++t) {
+        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + d.offsets[t])));
+        e = _mm256_add_epi16(e, _mm256_mullo_epi16(v, _mm256_loadu_si256(w_e + t)));
+        if (kPost) o = _mm256_add_epi16(o, _mm256_mullo_epi16(v, _mm256_loadu_si256(w_o + t)));
+      }
+      // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
+      const __m128i halves_e[2] = {_mm256_castsi256_si128(e), _mm256_extracti128_si256(e, 1)};
+      const __m128i halves_o[2] = {_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)};
+      for (int h = 0; h < 2; ++h) {
+        const __m256i e32 = _mm256_cvtepi16_epi32(halves_e[h]);
+        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e32, z_e[h])), c_e[h]);
+        if (kPost) {
+          const __m256i o32 = _mm256_cvtepi16_epi32(halves_o[h]);
+          v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(o32, z_o[h])), c_o[h]));
+        }
+        y[h][i] = has_bias ? _mm256_add_ps(v, bias[h]) : v;
+      }
+      if (++ox == d.ow) {
+        ox = 0;
+        ++oy;
+      }
+    }
+    // Lane c's 8 pixels to its output plane.
+    for (int h = 0; h < 2; ++h) {
+      Transpose8(y[h]);
+      for (int c = 0; c < 8 && 8 * h + c < d.lanes; ++c) {
+        float* out = d.out + (8 * h + c) * pixels + first;
+        if (count == 8) {
+          _mm256_storeu_ps(out, y[h][c]);
+        } else {
+          alignas(32) float tmp[8];
+          _mm256_store_ps(tmp, y[h][c]);
+          for (int64_t i = 0; i < count; ++i) out[i] = tmp[i];
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void DepthwiseLanesAvx2(const DepthwiseLanes& d) {
+  if (d.post) {
+    d.taps == 9 ? Lanes<true, 9>(d) : Lanes<true, 0>(d);
+  } else {
+    d.taps == 9 ? Lanes<false, 9>(d) : Lanes<false, 0>(d);
+  }
+}
+
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                    const float* bias, float* out) {
   FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, out);

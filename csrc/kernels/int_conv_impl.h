@@ -45,6 +45,7 @@ enum class Mode {
                // itself (no im2col). Even 2 or 3 channels per group (the stem's RGB) run faster
                // padded to quads than through a byte-wise im2col.
   kDepthwise,  // one input channel per group: a direct sum over the kernel taps, 16 pixels at once
+               // (Depthwise), or 16 channels at once for rows under 16 pixels (DepthwiseLanes)
 };
 
 // W decoded for one K: the codes (scalar reference), or the operands of the SIMD kernels.
@@ -70,6 +71,9 @@ struct PackedWeights {
   std::vector<int32_t> taps, weights;
   std::vector<int32_t> list_sum;      // [2M]: sum of each list's weights
   std::vector<uint8_t> list_narrow;   // [2M]: the list's sums fit int16 (int_conv_kernels.h)
+  // The same weights for DepthwiseLanes (one output per input channel, every list narrow; else
+  // empty): [M / 16 rounded up][2][kh*kw][16], list 0 then list 1, 0 for channels past M.
+  std::vector<int16_t> lane_weights;
 };
 
 // Decode and check W's codes (M rows of row_bytes) for the K of g, and lay them out for the kernel

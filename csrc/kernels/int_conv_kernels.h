@@ -100,6 +100,30 @@ struct Depthwise {
 void DepthwiseAvx2(const Depthwise& d);
 void DepthwiseAvx512(const Depthwise& d);
 
+// Depthwise convolutions with one output per input channel on small images, 16 channels at once
+// in the vector lanes: no per-channel cost, which small images do not repay. The input block is
+// x[y][x][16] (the padded image, 16 channels per pixel); output pixel (oy, ox) of lane i is
+// sum over taps t of w[t][i] * x[oy*sh*wp + ox*sw + offsets[t] / 16][i], every tap dense (POST's
+// codes as w_even or w_odd, the other one 0), every lane's sum |w| <= kInt16WeightBudget (int16).
+struct DepthwiseLanes {
+  const uint8_t* x;          // [hp][wp][16]
+  int64_t wp, sh, sw;        // padded width, strides
+  const int64_t* offsets;    // [taps]: (ky*dh*wp + kx*dw) * 16
+  int64_t taps;
+  const int16_t* w_e;        // [taps][16]: w (IntConv) or w_even
+  const int16_t* w_o;        // [taps][16]: w_odd (PostConv only)
+  bool post;
+  const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
+  const float *c_e, *c_o;    // [16] each
+  const float* bias;         // [16], or null
+  int64_t oh, ow;
+  float* out;                // lane i's output plane at out + i * oh * ow
+  int64_t lanes;             // the lanes that are channels (the last block may have fewer than 16)
+};
+
+// AVX2 only (16 int16 lanes are one block of channels; the AVX-512 kernel choice runs it too).
+void DepthwiseLanesAvx2(const DepthwiseLanes& d);
+
 namespace {
 
 // The float epilogue of int_conv.h, the one definition every kernel uses: the same float32

@@ -87,6 +87,20 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         pw->list_narrow[2 * m + list] = magnitude <= kInt16WeightBudget;
       }
     }
+    // DepthwiseLanes' dense weights, where it applies: one output per input channel, int16 sums.
+    const bool narrow = std::all_of(pw->list_narrow.begin(), pw->list_narrow.end(), [](uint8_t v) { return v != 0; });
+    if (g.mg == 1 && narrow) {
+      const int64_t taps = g.kh * g.kw;
+      pw->lane_weights.assign(static_cast<size_t>(RoundUp(g.m, 16) * 2 * taps), 0);
+      for (int64_t m = 0; m < g.m; ++m) {
+        for (int64_t list = 0; list < 2; ++list) {
+          for (int64_t i = pw->list_start[2 * m + list]; i < pw->list_start[2 * m + list + 1]; ++i) {
+            const int64_t index = ((m / 16 * 2 + list) * taps + pw->taps[i]) * 16 + m % 16;
+            pw->lane_weights[index] = static_cast<int16_t>(pw->weights[i]);
+          }
+        }
+      }
+    }
     std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
     return pw;
   }

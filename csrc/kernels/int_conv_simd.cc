@@ -104,6 +104,13 @@ struct SimdJob : SimdArgs {
   const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
   std::vector<int64_t> offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
   std::vector<int64_t> tap_offsets;  // kDepthwise: the offset of each entry of pw->taps
+  // kDepthwise by DepthwiseLanes: blocks of 16 channels, the padded image's size, the taps'
+  // offsets, and the per-channel constants padded to whole blocks.
+  bool lanes = false;
+  int64_t blocks = 0, hp = 0, wp = 0;
+  std::vector<int64_t> lane_offsets;
+  std::vector<int32_t> lane_z;     // [2][M16]: z_e, z_o
+  std::vector<float> lane_factors;  // [3][M16]: c_e, c_o, bias
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
@@ -291,10 +298,93 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   }
 }
 
+#ifdef ONNXQ_X86_SIMD
+// 16 rows of 16 bytes transposed (r[i][j] -> r[j][i]): four rounds of interleaving row i with row
+// i + 8 are a perfect shuffle that transposes a 16 x 16 matrix.
+void Transpose16(__m128i r[16]) {
+  __m128i t[16];
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+      t[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+}
+#endif
+
+// DepthwiseLanes: channels [16 b, 16 b + 16) of image n (index n * blocks + b): the padded
+// image with the channels in the lanes of each pixel (z for padding and channels past C), then
+// the kernel.
+void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
+#ifdef ONNXQ_X86_SIMD
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  const int64_t n = index / job.blocks, b = index % job.blocks;
+  const int64_t size = job.hp * job.wp * 16;
+  std::unique_ptr<uint8_t[]> x(new uint8_t[static_cast<size_t>(size)]);
+  std::memset(x.get(), job.z, static_cast<size_t>(size));
+  const uint8_t* planes[16];
+  for (int64_t i = 0; i < 16; ++i) {
+    const int64_t c = b * 16 + i;
+    planes[i] = c < g.c ? job.xq + (n * g.c + c) * g.h * g.w : nullptr;
+  }
+  // Pixels of X in runs of 16 (the rows of a channel are contiguous), each to its padded place.
+  alignas(16) uint8_t bounce[16];
+  int64_t iy = 0, ix = 0;
+  for (int64_t q0 = 0; q0 < g.h * g.w; q0 += 16) {
+    const int64_t count = std::min<int64_t>(16, g.h * g.w - q0);
+    __m128i r[16];
+    for (int i = 0; i < 16; ++i) {
+      if (planes[i] != nullptr && count == 16) {
+        r[i] = _mm_loadu_si128(reinterpret_cast<const __m128i*>(planes[i] + q0));
+        continue;
+      }
+      std::memset(bounce, job.z, sizeof(bounce));
+      if (planes[i] != nullptr) std::memcpy(bounce, planes[i] + q0, static_cast<size_t>(count));
+      r[i] = _mm_load_si128(reinterpret_cast<const __m128i*>(bounce));
+    }
+    Transpose16(r);
+    for (int64_t j = 0; j < count; ++j) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x.get() + ((g.pt + iy) * job.wp + g.pl + ix) * 16), r[j]);
+      if (++ix == g.w) {
+        ix = 0;
+        ++iy;
+      }
+    }
+  }
+  const int64_t m16 = job.blocks * 16, taps = g.kh * g.kw;
+  DepthwiseLanes d{};
+  d.x = x.get();
+  d.wp = job.wp;
+  d.sh = g.sh;
+  d.sw = g.sw;
+  d.offsets = job.lane_offsets.data();
+  d.taps = taps;
+  d.w_e = pw.lane_weights.data() + (b * 2) * taps * 16;
+  d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
+  d.post = job.post;
+  d.z_e = job.lane_z.data() + b * 16;
+  d.z_o = job.lane_z.data() + m16 + b * 16;
+  d.c_e = job.lane_factors.data() + b * 16;
+  d.c_o = job.lane_factors.data() + m16 + b * 16;
+  d.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
+  d.oh = g.oh;
+  d.ow = g.ow;
+  d.out = job.y + (n * g.m + b * 16) * g.pixels();
+  d.lanes = std::min<int64_t>(16, g.m - b * 16);
+  DepthwiseLanesAvx2(d);
+#else
+  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
+}
+
 void RunTask(void* data, size_t index) {
   auto& job = *static_cast<SimdJob*>(data);
   try {
-    if (job.pw->mode == Mode::kDepthwise) {
+    if (job.lanes) {
+      RunDepthwiseLanes(job, static_cast<int64_t>(index));
+    } else if (job.pw->mode == Mode::kDepthwise) {
       RunDepthwise(job, static_cast<int64_t>(index));
     } else {
       RunPanel(job, static_cast<int64_t>(index));
@@ -407,6 +497,27 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     }
     job.tap_offsets.resize(pw.taps.size());
     for (size_t i = 0; i < pw.taps.size(); ++i) job.tap_offsets[i] = job.offsets[pw.taps[i]];
+    // Channels in lanes where rows are too short for blocks of 16 pixels to pay for each
+    // channel's own plane (bench_ops: dw 576 3x3 @7).
+    job.lanes = !pw.lane_weights.empty() && g.ow < 16;
+  }
+  if (job.lanes) {
+    job.blocks = (g.m + 15) / 16;
+    job.hp = g.h + g.pt + job.pad_bottom;
+    job.wp = g.w + g.pl + job.pad_right;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) job.lane_offsets.push_back((ky * g.dh * job.wp + kx * g.dw) * 16);
+    }
+    const int64_t m16 = job.blocks * 16;
+    job.lane_z.assign(static_cast<size_t>(2 * m16), 0);
+    job.lane_factors.assign(static_cast<size_t>(3 * m16), 0.0f);
+    for (int64_t m = 0; m < g.m; ++m) {
+      job.lane_z[m] = job.z * pw.list_sum[2 * m];
+      job.lane_z[m16 + m] = job.z * pw.list_sum[2 * m + 1];
+      job.lane_factors[m] = job.c_e[m];
+      job.lane_factors[m16 + m] = job.c_o[m];
+      if (job.bias != nullptr) job.lane_factors[2 * m16 + m] = job.bias[m];
+    }
   }
   if (pw.mode == Mode::kQuad) {
     // Chunks of whole quads (all taps of each) whose image planes (for Gemm the part a panel
@@ -420,8 +531,9 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   }
   job.panels = (job.span + kPanel - 1) / kPanel;
   job.channels = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.pixels() * g.mg));  // tasks of >= 4096 outputs
-  const int64_t total = pw.mode == Mode::kDepthwise ? g.n * ((g.group + job.channels - 1) / job.channels)
-                                                    : g.n * g.group * job.panels;
+  const int64_t total = job.lanes                       ? g.n * job.blocks
+                        : pw.mode == Mode::kDepthwise ? g.n * ((g.group + job.channels - 1) / job.channels)
+                                                      : g.n * g.group * job.panels;
   if (total == 0) return;
   context.ParallelFor(RunTask, static_cast<size_t>(total), 0, &job);
   if (job.failed) throw std::bad_alloc();
