@@ -62,19 +62,21 @@ def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     return _sqnr_from_sums(noise, signal)
 
 
-#: Per-channel rows are searched in blocks of about this many weights: the search's float
-#: temporaries (several times the block) then stay small however big the tensor.
-BLOCK_WEIGHTS = 1 << 22
+#: Per-channel rows are searched in blocks of about this many weights and at most BLOCK_ROWS
+#: rows: the search's temporaries (many times the block's weights, and a grid of errors per
+#: row and level) then stay small however big the tensor.
+BLOCK_WEIGHTS = 1 << 20
+BLOCK_ROWS = 256
 
 
 def row_blocks(weight: np.ndarray, axis: int | None) -> Iterator[np.ndarray]:
     """The rows of :func:`to_rows` in consecutive blocks of about BLOCK_WEIGHTS weights (one block per tensor when small or per tensor)."""
-    if axis is None or weight.size <= BLOCK_WEIGHTS:
+    if axis is None or (weight.size <= BLOCK_WEIGHTS and weight.shape[axis] <= BLOCK_ROWS):
         yield to_rows(weight, axis)
         return
     moved = np.moveaxis(weight, axis, 0)
     count = moved.shape[0]
-    per_block = max(1, BLOCK_WEIGHTS // (weight.size // count))
+    per_block = min(BLOCK_ROWS, max(1, BLOCK_WEIGHTS // max(1, weight.size // count)))
     for start in range(0, count, per_block):
         block = moved[start : start + per_block]
         yield block.reshape(len(block), -1)
