@@ -1,14 +1,14 @@
 """Insert activation QuantizeLinear/DequantizeLinear pairs, fixed-scale or ASQ-adaptive.
 
 A fixed-scale pair is what onnxruntime fuses into its integer kernels. An ASQ pair gets
-its scale per input from a small adapter computed in the graph, in standard ONNX::
+a step per input and channel from a small adapter computed in the graph, in standard ONNX::
 
-    x -> ReduceMean(channels) -> Gemm -> Exp -> Reshape(N) -> Mul(s) = scale (one per sample)
-    x -> QuantizeLinear(scale, zero point, axis=0) -> DequantizeLinear(axis=0) -> readers
+    x -> ReduceMean(spatial axes) -> Gemm -> Exp -> Reshape(N, C, 1, 1) = r (one step per sample and channel)
+    x -> Div(r) -> QuantizeLinear(1, z_c, axis=C) -> DequantizeLinear(1, z_c, axis=C) -> Mul(r) -> readers
 
-The zero point is the same for every sample (the range scales about zero), broadcast to
-the batch with Expand and cast to the code type. Every reader of the tensor is pointed
-at the dequantized copy; graph outputs keep the float tensor.
+Dividing by the step and quantizing with step 1 is QuantizeLinear with step r, and the
+zero point of each channel stays put as r scales its range about zero. Every reader of the
+tensor is pointed at the dequantized copy; graph outputs keep the float tensor.
 """
 
 from __future__ import annotations
@@ -37,6 +37,9 @@ class ActivationQuant:
     params: QuantParams
     adapter: Adapter | None = None
     feature_axes: tuple[int, ...] = ()
+    zero_points: np.ndarray | None = None  # per channel, with an adapter
+    channel_axis: int = 1
+    rank: int = 4
 
 
 def code_type(bits: int) -> int:
@@ -123,44 +126,50 @@ def _splice(graph: onnx.GraphProto, after: dict[str, list[onnx.NodeProto]]) -> N
 
 def _qdq(tensor: str, dequantized: str, quant: ActivationQuant, names: NameSource, opset: int) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
     """Initializers and nodes computing ``dequantized`` from ``tensor``."""
+    if quant.adapter is not None:
+        return _adaptive_qdq(tensor, dequantized, quant, names, opset)
     p = quant.params
     scale = names.fresh(f"{tensor}_scale")
     zero_point = names.fresh(f"{tensor}_zero_point")
     quantized = names.fresh(f"{tensor}_quantized")
-    if quant.adapter is None:
-        inits = [numpy_helper.from_array(np.array(p.scale, dtype=np.float32), scale), _zero_point(zero_point, p)]
-        nodes = []
-        axis: dict[str, int] = {}
-    else:
-        inits, nodes = _adaptive_scale(tensor, scale, zero_point, quant, names, opset)
-        axis = {"axis": 0}
+    inits = [
+        numpy_helper.from_array(np.array(p.scale, dtype=np.float32), scale),
+        helper.make_tensor(zero_point, code_type(p.bits), [], [p.zero_point]),
+    ]
     q_name, dq_name = names.fresh(f"{tensor}_QuantizeLinear"), names.fresh(f"{tensor}_DequantizeLinear")
-    nodes.append(helper.make_node("QuantizeLinear", [tensor, scale, zero_point], [quantized], name=q_name, **axis))
-    nodes.append(helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [dequantized], name=dq_name, **axis))
+    nodes = [
+        helper.make_node("QuantizeLinear", [tensor, scale, zero_point], [quantized], name=q_name),
+        helper.make_node("DequantizeLinear", [quantized, scale, zero_point], [dequantized], name=dq_name),
+    ]
     return inits, nodes
 
 
-def _zero_point(name: str, p: QuantParams) -> onnx.TensorProto:
-    return helper.make_tensor(name, code_type(p.bits), [], [p.zero_point])
+def step_shape(rank: int, channel_axis: int) -> list[int] | None:
+    """Reshape target that puts (N, C) steps on the batch and channel axes of a rank-``rank`` tensor (None: already so)."""
+    if rank <= 2:
+        return None
+    shape = [1] * rank
+    shape[0], shape[channel_axis] = 0, -1
+    return shape
 
 
-def _adaptive_scale(
-    tensor: str, scale: str, zero_point: str, quant: ActivationQuant, names: NameSource, opset: int
+def _adaptive_qdq(
+    tensor: str, dequantized: str, quant: ActivationQuant, names: NameSource, opset: int
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto]]:
-    """The ASQ adapter: per-sample ``scale`` (N,) = s * exp(Gemm(channel means)), and the zero point broadcast to (N,)."""
+    """The ASQ adapter and the per-sample, per-channel quantize-dequantize of ``tensor``."""
     adapter, p = quant.adapter, quant.params
-    assert adapter is not None
+    assert adapter is not None and quant.zero_points is not None
 
     def fresh(base: str) -> str:
         return names.fresh(f"{tensor}_asq_{base}")
 
-    weight, bias, base, shape, zp_float = fresh("weight"), fresh("bias"), fresh("step"), fresh("shape"), fresh("zero_point_float")
+    channels = len(adapter.bias)
+    weight, bias, ones, zero_point = fresh("weight"), fresh("bias"), fresh("unit_step"), fresh("zero_point")
     inits = [
-        numpy_helper.from_array(adapter.weight.astype(np.float32).reshape(-1, 1), weight),
-        numpy_helper.from_array(np.array([adapter.bias], dtype=np.float32), bias),
-        numpy_helper.from_array(np.array(p.scale, dtype=np.float32), base),
-        numpy_helper.from_array(np.array([-1], dtype=np.int64), shape),
-        numpy_helper.from_array(np.array([p.zero_point], dtype=np.float32), zp_float),
+        numpy_helper.from_array(adapter.weight.astype(np.float32), weight),
+        numpy_helper.from_array(adapter.bias.astype(np.float32), bias),
+        numpy_helper.from_array(np.ones(channels, dtype=np.float32), ones),
+        helper.make_tensor(zero_point, code_type(p.bits), [channels], [int(z) for z in quant.zero_points]),
     ]
     nodes: list[onnx.NodeProto] = []
     features = tensor
@@ -173,15 +182,23 @@ def _adaptive_scale(
             nodes.append(helper.make_node("ReduceMean", [tensor, axes_name], [features], name=fresh("ReduceMean"), keepdims=0))
         else:
             nodes.append(helper.make_node("ReduceMean", [tensor], [features], name=fresh("ReduceMean"), axes=axes, keepdims=0))
-    logit, beta2d, beta, batch = fresh("logit"), fresh("beta_2d"), fresh("beta"), fresh("batch")
-    zp_wide = fresh("zero_point_wide")
+    logits, steps = fresh("log_step"), fresh("step")
     nodes += [
-        helper.make_node("Gemm", [features, weight, bias], [logit], name=fresh("Gemm")),
-        helper.make_node("Exp", [logit], [beta2d], name=fresh("Exp")),
-        helper.make_node("Reshape", [beta2d, shape], [beta], name=fresh("Reshape")),
-        helper.make_node("Mul", [beta, base], [scale], name=fresh("Scale")),
-        helper.make_node("Shape", [scale], [batch], name=fresh("Shape")),
-        helper.make_node("Expand", [zp_float, batch], [zp_wide], name=fresh("Expand")),
-        helper.make_node("Cast", [zp_wide], [zero_point], name=fresh("Cast"), to=code_type(p.bits)),
+        helper.make_node("Gemm", [features, weight, bias], [logits], name=fresh("Gemm")),
+        helper.make_node("Exp", [logits], [steps], name=fresh("Exp")),
+    ]
+    shape = step_shape(quant.rank, quant.channel_axis)
+    if shape is not None:
+        shape_name, broadcast = fresh("step_shape"), fresh("step_broadcast")
+        inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
+        nodes.append(helper.make_node("Reshape", [steps, shape_name], [broadcast], name=fresh("Reshape")))
+        steps = broadcast
+    scaled, quantized, unit = fresh("scaled"), fresh("quantized"), fresh("unit")
+    axis = quant.channel_axis
+    nodes += [
+        helper.make_node("Div", [tensor, steps], [scaled], name=fresh("Div")),
+        helper.make_node("QuantizeLinear", [scaled, ones, zero_point], [quantized], name=fresh("QuantizeLinear"), axis=axis),
+        helper.make_node("DequantizeLinear", [quantized, ones, zero_point], [unit], name=fresh("DequantizeLinear"), axis=axis),
+        helper.make_node("Mul", [unit, steps], [dequantized], name=fresh("Mul")),
     ]
     return inits, nodes

@@ -16,7 +16,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from models import conv_bn_relu_gemm, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize
 from onnxq.calibrate.asq import Adapter
-from onnxq.calibrate.ranges import QuantParams, fake_quantize
+from onnxq.calibrate.ranges import QuantParams
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, CalibrationMethod, ReduceRange
 from onnxq.errors import OnnxqError
@@ -107,8 +107,8 @@ def test_w4a4_runs_with_uint4_activations():
     assert np.isfinite(out).all()
 
 
-def _asq_model(adapter: Adapter, params: QuantParams, axes: tuple[int, ...], opset: int) -> onnx.ModelProto:
-    """x -> [ASQ quantize-dequantize] -> Identity -> y, and the per-sample scale as a second output."""
+def _asq_model(quant: ActivationQuant, opset: int) -> onnx.ModelProto:
+    """x -> [ASQ quantize-dequantize] -> Identity -> y, with the per-sample, per-channel steps as a second output."""
     graph = helper.make_graph(
         [helper.make_node("Identity", ["x"], ["y"])],
         "asq",
@@ -117,27 +117,29 @@ def _asq_model(adapter: Adapter, params: QuantParams, axes: tuple[int, ...], ops
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
-    insert_activation_qdq(model, {"x": ActivationQuant("x", params, adapter, axes)}, opset)
-    scale = next(n.input[1] for n in model.graph.node if n.op_type == "QuantizeLinear")
-    model.graph.output.append(helper.make_tensor_value_info(scale, onnx.TensorProto.FLOAT, ["N"]))
+    insert_activation_qdq(model, {"x": quant}, opset)
+    steps = next(n.output[0] for n in model.graph.node if n.op_type == "Exp")
+    model.graph.output.append(helper.make_tensor_value_info(steps, onnx.TensorProto.FLOAT, ["N", 3]))
     onnx.checker.check_model(model)
     return model
 
 
 @pytest.mark.parametrize("bits,opset", [(8, 17), (4, 21)])
-def test_asq_graph_equals_numpy_fake_quantization_with_per_sample_steps(bits, opset):
+def test_asq_graph_equals_numpy_fake_quantization_with_per_sample_per_channel_steps(bits, opset):
     rng = np.random.default_rng(10)
-    adapter = Adapter(np.array([0.4, -0.3, 0.2]), -0.1)
-    params = QuantParams(scale=0.05 if bits == 8 else 0.4, zero_point=3, bits=bits)
-    model = _asq_model(adapter, params, (2, 3), opset)
+    adapter = Adapter(rng.standard_normal((3, 3)) * 0.3, np.log([0.05, 0.1, 0.2]) + (0.0 if bits == 8 else 2.0))
+    zero_points = np.array([0, 3, 7])
+    quant = ActivationQuant("x", QuantParams(0.1, 0, bits), adapter, (2, 3), zero_points, 1, 4)
+    model = _asq_model(quant, opset)
     x = (rng.standard_normal((5, 3, 4, 4)) * np.array([0.5, 1, 2, 4, 8])[:, None, None, None]).astype(np.float32)
-    y, scale = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    y, steps = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     features = x.mean(axis=(2, 3), dtype=np.float64)
-    np.testing.assert_allclose(scale, params.scale * adapter.predict(features), rtol=1e-5)
-    s = scale.astype(np.float32)[:, None, None, None]
-    expected = fake_quantize(x, s, params.zero_point, bits).astype(np.float32)
+    np.testing.assert_allclose(steps, adapter.predict(features), rtol=1e-5)
+    r = steps.astype(np.float32)[:, :, None, None]
+    z = zero_points[None, :, None, None]
+    expected = ((np.clip(np.rint(x / r) + z, 0, (1 << bits) - 1) - z) * r).astype(np.float32)
     np.testing.assert_array_equal(y, expected)
-    assert len(set(scale.tolist())) == 5  # one step per sample
+    assert len(set(steps[:, 0].tolist())) == 5  # one step per sample
 
 
 def test_asq_model_from_quantize_runs_at_any_batch_size():
@@ -285,3 +287,33 @@ def test_an_8_bit_intconv_with_input_scale_equals_quantize_dequantize_then_conv(
     literal.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     expected = ort.InferenceSession(_conv_reference(q).SerializeToString(), literal, providers=["CPUExecutionProvider"]).run(None, x)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max())
+
+
+def test_asq_keeps_the_per_sample_factor_only_where_held_out_error_drops():
+    """Samples are one pattern times a known gain: an adapter that follows the gain must win over fixed steps,
+    and one that moves the wrong way must lose."""
+    from onnxq.calibrate import asq_error, choose_adapters
+
+    rng = np.random.default_rng(13)
+    pattern = np.abs(rng.standard_normal((1, 3, 4, 4)))
+    gains = np.geomspace(0.2, 5.0, 16)
+    held = [{"x": (gains[:, None, None, None] * pattern).astype(np.float32)}]
+    means = pattern.mean(axis=(2, 3))[0]  # channel means of the pattern; a sample's are gain * these
+    base = np.log(pattern.reshape(3, -1).max(axis=1) / 15)
+    # log gain is not linear in the channel means, but increasing in them: a linear fit in log-space on these samples
+    features = gains[:, None] * means[None]
+    slope, intercept = np.polyfit(features[:, 0], np.log(gains), 1)
+    follows = Adapter(np.array([[slope] * 3, [0.0] * 3, [0.0] * 3]), base + intercept)
+    wrong = Adapter(-follows.weight, base)
+    fixed = Adapter(np.zeros((3, 3)), base)
+    zeros = np.zeros(3, dtype=np.int64)
+    make = lambda a: ActivationQuant("x", QuantParams(1.0, 0, 4), a, (2, 3), zeros, 1, 4)  # noqa: E731
+    model = helper.make_model(
+        helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])],
+                          [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 3, 4, 4])]),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    assert asq_error(held[0]["x"], make(follows)) < asq_error(held[0]["x"], make(fixed))
+    assert choose_adapters(model, {"x": (make(follows), make(fixed))}, held)["x"].adapter is follows
+    assert choose_adapters(model, {"x": (make(wrong), make(fixed))}, held)["x"].adapter is fixed

@@ -166,7 +166,32 @@ def test_fit_adapter_recovers_a_log_linear_scale_pattern():
     np.testing.assert_allclose(np.log(predicted), np.log(beta[300:]), atol=0.05)
 
 
+def test_combined_adapter_steps_are_channel_steps_times_the_sample_factor():
+    from onnxq.calibrate.asq import LogLinear, combine
+
+    per_sample = LogLinear(np.array([0.5, -1.0]), 0.25)
+    adapter = combine(per_sample, np.array([0.1, 0.2, 0.4]))
+    features = np.array([[1.0, 0.0], [0.0, 1.0]])
+    np.testing.assert_allclose(adapter.predict(features), per_sample.predict(features)[:, None] * [0.1, 0.2, 0.4])
+
+
 def test_fit_adapter_on_constant_betas_outputs_that_constant():
     features = np.random.default_rng(9).standard_normal((50, 3))
     adapter = fit_adapter(features, np.full(50, 1.7))
     np.testing.assert_allclose(adapter.predict(features), 1.7, rtol=1e-6)
+
+
+def test_channel_histograms_equal_one_streaming_histogram_per_channel():
+    from onnxq.calibrate.histogram import ChannelHistograms
+
+    rng = np.random.default_rng(12)
+    rows = ChannelHistograms(3, bins=64)
+    singles = [Histogram(bins=64) for _ in range(3)]
+    for spread in (0.01, 1.0, 50.0, 3.0):
+        batch = rng.standard_normal((3, 100)) * spread * np.array([1.0, 10.0, 0.1])[:, None]
+        rows.add(batch)
+        for h, row in zip(singles, batch, strict=True):
+            h.add(row)
+    for i, h in enumerate(singles):
+        np.testing.assert_array_equal(rows.counts[i], h.counts)
+        assert rows.exponent[i] == h.exponent and rows.min[i] == h.min and rows.max[i] == h.max

@@ -8,15 +8,18 @@ step adapter (``asq``). The numerics live in modules that know nothing of ONNX.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 
+import numpy as np
 import onnx
 
-from onnxq.calibrate.asq import fit_adapter, sample_betas
-from onnxq.calibrate.collect import ChannelMeans, TensorStats, collect, feature_axes
+from onnxq.calibrate.asq import LogLinear, combine, fit_adapter, sample_betas
+from onnxq.calibrate.collect import ChannelMeans, TensorStats, channel_axis, channel_means, collect, exposing, feature_axes
 from onnxq.calibrate.data import CalibrationData, calibration_batches, input_specs
+from onnxq.calibrate.histogram import ChannelHistograms
 from onnxq.calibrate.placement import ActivationSite
-from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_range, percentile_range, quant_params
+from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params
 from onnxq.config import ActivationConfig, CalibrationMethod
 from onnxq.rewrite_activations import ActivationQuant
 
@@ -33,21 +36,42 @@ class Calibration:
     means: dict[str, ChannelMeans]
 
 
+#: Calibration samples held out to check, per tensor, that ASQ's per-sample factor beats fixed per-channel steps.
+VALIDATION_SAMPLES = 64
+
+
 def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
     """How to quantize each site's tensor, from one run of the float ``model`` over ``data``."""
     batches = calibration_batches(data, input_specs(model), config.samples)
     per_sample = config.method is CalibrationMethod.ASQ
+    held: list[dict[str, np.ndarray]] = []
+    if per_sample:
+        batches = _keep_first(batches, held, VALIDATION_SAMPLES)
     stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples)
     quants = {}
+    candidates: dict[str, tuple[ActivationQuant, ActivationQuant]] = {}
     for site in sites:
         entry = stats[site.tensor]
         r = choose_range(entry, site.bits, config)
         quant = ActivationQuant(site.tensor, quant_params(r, site.bits))
         if per_sample:
-            quant = _with_adapter(quant, entry, r)
+            candidates[site.tensor] = _adapters(quant, entry, r, skip=sum(len(next(iter(b.values()))) for b in held))
+            quant = candidates[site.tensor][0]
         logger.debug("%s: %d bits, range [%.4g, %.4g]", site.tensor, site.bits, r.lo, r.hi)
         quants[site.tensor] = quant
+    if candidates:
+        quants.update(choose_adapters(model, candidates, held))
     return Calibration(quants, {name: entry.channels for name, entry in stats.items()})
+
+
+def _keep_first(batches: Iterator[dict[str, np.ndarray]], kept: list[dict[str, np.ndarray]], samples: int) -> Iterator[dict[str, np.ndarray]]:
+    """Pass ``batches`` through, copying the first ``samples`` samples into ``kept``."""
+    count = 0
+    for batch in batches:
+        if count < samples:
+            kept.append({k: np.array(v[: samples - count]) for k, v in batch.items()})
+            count += len(next(iter(kept[-1].values())))
+        yield batch
 
 
 def choose_range(stats: TensorStats, bits: int, config: ActivationConfig) -> Range:
@@ -63,10 +87,60 @@ def choose_range(stats: TensorStats, bits: int, config: ActivationConfig) -> Ran
     return mse_range(h, bits)
 
 
-def _with_adapter(quant: ActivationQuant, stats: TensorStats, base: Range) -> ActivationQuant:
-    """``quant`` plus the ASQ adapter fit on the per-sample best steps."""
-    assert stats.samples is not None
+def _adapters(quant: ActivationQuant, stats: TensorStats, base: Range, skip: int) -> tuple[ActivationQuant, ActivationQuant]:
+    """ASQ's two candidates for a tensor: per-channel MSE steps times a per-sample factor, and the fixed per-channel steps.
+
+    The per-sample factor is fit on the samples after the first ``skip`` (held out to choose).
+    """
+    assert stats.samples is not None and stats.samples.channels is not None
+    bits = quant.params.bits
     counts, lo, hi, features = stats.samples.stacked()
-    betas = sample_betas(counts, lo, hi, base, quant.params.bits)
-    adapter = fit_adapter(features, betas)
-    return ActivationQuant(quant.tensor, quant.params, adapter, feature_axes(stats.rank))
+    fit_rows = slice(skip, None) if len(features) - skip >= 5 else slice(None)
+    per_sample = fit_adapter(features[fit_rows], sample_betas(counts[fit_rows], lo[fit_rows], hi[fit_rows], base, bits))
+    steps, zero_points = channel_steps(stats.samples.channels, bits)
+    shape = (feature_axes(stats.rank), zero_points, channel_axis(stats.rank), stats.rank)
+    adaptive = ActivationQuant(quant.tensor, quant.params, combine(per_sample, steps), *shape)
+    fixed = ActivationQuant(quant.tensor, quant.params, combine(LogLinear(np.zeros(features.shape[1]), 0.0), steps), *shape)
+    return adaptive, fixed
+
+
+def choose_adapters(
+    model: onnx.ModelProto, candidates: dict[str, tuple[ActivationQuant, ActivationQuant]], held: list[dict[str, np.ndarray]]
+) -> dict[str, ActivationQuant]:
+    """Per tensor, the candidate with the lower quantization error on the held-out samples (fixed steps on a tie)."""
+    errors = {name: np.zeros(len(pair)) for name, pair in candidates.items()}
+    names = list(candidates)
+    with exposing(model, names) as sess:
+        for batch in held:
+            for name, value in zip(names, sess.run(names, batch), strict=True):
+                errors[name] += [asq_error(value, quant) for quant in candidates[name]]
+    chosen = {}
+    for name, (adaptive, fixed) in candidates.items():
+        keep = errors[name][0] < errors[name][1]
+        logger.debug("%s: ASQ per-sample factor %s (held-out error %.4g vs %.4g)", name, "kept" if keep else "dropped", *errors[name])
+        chosen[name] = adaptive if keep else fixed
+    return chosen
+
+
+def asq_error(x: np.ndarray, quant: ActivationQuant) -> float:
+    """Squared error of ASQ-quantizing the batch ``x`` with ``quant``'s adapter, computed directly in numpy."""
+    assert quant.adapter is not None and quant.zero_points is not None
+    steps = quant.adapter.predict(channel_means(x))  # (N, C)
+    moved = np.moveaxis(x.astype(np.float64), quant.channel_axis, 1)
+    extra = (None,) * (moved.ndim - 2)
+    r = steps[(slice(None), slice(None), *extra)]
+    z = quant.zero_points.astype(np.float64)[(None, slice(None), *extra)]
+    qmax = (1 << quant.params.bits) - 1
+    approx = (np.clip(np.rint(moved / r) + z, 0, qmax) - z) * r
+    return float(np.sum((moved - approx) ** 2))
+
+
+def channel_steps(h: ChannelHistograms, bits: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per channel, the MSE-optimal step and zero point over all calibration data (dead channels: step 1, zero point 0)."""
+    lo, hi = np.minimum(h.min, 0.0), np.maximum(h.max, 0.0)
+    live = hi - lo > 0
+    alpha = np.ones(len(lo))
+    if live.any():
+        alpha[live] = mse_fractions(h.centers[live], h.counts[live].astype(np.float64), lo[live], hi[live], bits)
+    params = [quant_params(Range(a * low, a * high), bits) for a, low, high in zip(alpha, lo, hi, strict=True)]
+    return np.array([p.scale for p in params]), np.array([p.zero_point for p in params], dtype=np.int64)

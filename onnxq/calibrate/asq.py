@@ -1,12 +1,18 @@
-"""ASQ for post-training quantization: a per-input factor beta on an activation's step size.
+"""ASQ for post-training quantization: per-input, per-channel factors beta on an activation's step size.
 
-A fixed step s fits the typical input; ASQ (Adaptive Step Size Quantization) scales it per
-input by beta so each input gets nearly its own best step. Here, for every calibration
-sample, the MSE-optimal beta_i (range [beta*lo, beta*hi] around the fixed range, so the
-zero point stays put) is found by the same grid + golden-section search as everything
-else; then a tiny adapter learns to predict log(beta) from the sample's channel means:
-beta = exp(w . (f - mean) / std + b), fit by ridge regression with the ridge chosen on a
-held-out fifth. With w = 0, b = 0 the adapter outputs 1, i.e. the fixed step. Pure numpy.
+A fixed step s fits the typical input and the typical channel; ASQ (Adaptive Step Size
+Quantization) multiplies it by beta, computed from the input by a tiny adapter, so each
+input and channel gets nearly its own best step. Post-training, without gradients, the
+adapter is fit in two parts that one Gemm then carries:
+
+- per channel c, the step s_c that minimises that channel's MSE over all calibration data
+  (the same grid + golden-section search as everything else, on per-channel histograms);
+- per sample i, the MSE-optimal factor beta_i of the whole tensor's range (zero point kept),
+  predicted from the sample's channel means f by a ridge regression of log(beta):
+  log beta = w . f + b, the ridge chosen on a held-out fifth.
+
+So step[i, c] = exp(f_i @ W + B)[c] with W = w (x) 1 and B_c = b + log s_c: a Gemm and an Exp.
+With w = 0 it is a fixed per-channel step. Pure numpy.
 """
 
 from __future__ import annotations
@@ -22,20 +28,34 @@ RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 
 
 @dataclass(frozen=True)
-class Adapter:
-    """beta(f) = exp(f @ weight + bias) for a feature row f (already folded with the standardisation)."""
+class LogLinear:
+    """beta(f) = exp(f @ weight + bias) for feature rows f: the per-sample part of the adapter."""
 
-    weight: np.ndarray  # (C,)
+    weight: np.ndarray  # (C_in,)
     bias: float
 
     def predict(self, features: np.ndarray) -> np.ndarray:
-        """Beta for each row of ``features`` (S, C)."""
+        """Beta for each row of ``features`` (S, C_in)."""
         return np.exp(np.asarray(features, dtype=np.float64) @ self.weight + self.bias)
 
 
-def identity_adapter(channels: int) -> Adapter:
-    """The adapter that always says beta = 1."""
-    return Adapter(np.zeros(channels), 0.0)
+@dataclass(frozen=True)
+class Adapter:
+    """step(f) = exp(f @ weight + bias): the quantization step per output channel for a sample with channel means f."""
+
+    weight: np.ndarray  # (C_in, C_out)
+    bias: np.ndarray  # (C_out,)
+
+    def predict(self, features: np.ndarray) -> np.ndarray:
+        """(S, C_out) steps for the rows of ``features`` (S, C_in)."""
+        return np.exp(np.asarray(features, dtype=np.float64) @ self.weight + self.bias)
+
+
+def combine(per_sample: LogLinear, channel_steps: np.ndarray) -> Adapter:
+    """The adapter whose step is channel_steps[c] * per_sample.predict(f)."""
+    channel_steps = np.asarray(channel_steps, dtype=np.float64)
+    weight = np.outer(per_sample.weight, np.ones(len(channel_steps)))
+    return Adapter(weight, per_sample.bias + np.log(channel_steps))
 
 
 def sample_betas(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, base: Range, bits: int) -> np.ndarray:
@@ -62,13 +82,13 @@ def _ratio(value: np.ndarray, reference: float) -> np.ndarray:
     return value / reference if reference != 0.0 else np.zeros_like(value)
 
 
-def fit_adapter(features: np.ndarray, beta: np.ndarray, seed: int = 0) -> Adapter:
+def fit_adapter(features: np.ndarray, beta: np.ndarray, seed: int = 0) -> LogLinear:
     """Ridge regression of log(beta) on standardised features; the ridge is picked on a held-out fifth."""
     x = np.asarray(features, dtype=np.float64)
     y = np.log(np.asarray(beta, dtype=np.float64))
     samples, channels = x.shape
     if samples < 5:
-        return Adapter(np.zeros(channels), float(np.mean(y)) if samples else 0.0)
+        return LogLinear(np.zeros(channels), float(np.mean(y)) if samples else 0.0)
     mean, std = x.mean(axis=0), x.std(axis=0)
     std = np.where(std > 1e-12, std, 1.0)
     z = (x - mean) / std
@@ -77,7 +97,7 @@ def fit_adapter(features: np.ndarray, beta: np.ndarray, seed: int = 0) -> Adapte
     losses = [np.mean((_ridge(z[train], y[train], r).predict_log(z[held]) - y[held]) ** 2) for r in RIDGES]
     fit = _ridge(z, y, RIDGES[int(np.argmin(losses))])
     weight = fit.weight / std
-    return Adapter(weight, float(fit.bias - mean @ weight))
+    return LogLinear(weight, float(fit.bias - mean @ weight))
 
 
 @dataclass(frozen=True)

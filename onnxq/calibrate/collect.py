@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxq.calibrate.histogram import Histogram, sample_histograms
+from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.errors import OnnxqError
 from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
 from onnxq.runtime import session_options
@@ -38,14 +38,19 @@ class SampleStats:
     lo: list[np.ndarray] = field(default_factory=list)
     hi: list[np.ndarray] = field(default_factory=list)
     features: list[np.ndarray] = field(default_factory=list)  # (B, C) float32
+    channels: ChannelHistograms | None = None  # over all samples, per channel
 
     def add(self, batch: np.ndarray) -> None:
-        """Histogram and features of every sample in ``batch``."""
+        """Histogram and features of every sample in ``batch``, and the per-channel histograms."""
         counts, lo, hi = sample_histograms(batch, SAMPLE_BINS)
         self.counts.append(counts.astype(np.int32))
         self.lo.append(lo)
         self.hi.append(hi)
         self.features.append(channel_means(batch).astype(np.float32))
+        rows = channel_rows(batch)
+        if self.channels is None:
+            self.channels = ChannelHistograms(len(rows))
+        self.channels.add(rows)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(counts, lo, hi, features) over all samples."""
@@ -97,6 +102,17 @@ def feature_axes(rank: int) -> tuple[int, ...]:
     return tuple(range(2, rank))
 
 
+def channel_axis(rank: int) -> int:
+    """The channel axis ASQ works along: 1 (NCHW, (N, C)), or the last one for (N, T, C) sequences."""
+    return 2 if rank == 3 else 1
+
+
+def channel_rows(batch: np.ndarray) -> np.ndarray:
+    """(C, everything else) view of a batch along its channel axis."""
+    axis = channel_axis(batch.ndim) if batch.ndim > 1 else 0
+    return np.moveaxis(batch, axis, 0).reshape(batch.shape[axis], -1)
+
+
 def channel_means(batch: np.ndarray) -> np.ndarray:
     """(B, C) per-sample channel means (the features ASQ's adapter reads)."""
     axes = feature_axes(batch.ndim)
@@ -109,7 +125,7 @@ def collect(
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime."""
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
-    with _exposing(model, tensors) as sess:
+    with exposing(model, tensors) as sess:
         with _progress(total) as bar:
             for batch in batches:
                 try:
@@ -131,7 +147,7 @@ def collect(
     return stats
 
 
-class _exposing:
+class exposing:
     """Context manager: an onnxruntime session of ``model`` with ``tensors`` added as outputs."""
 
     def __init__(self, model: onnx.ModelProto, tensors: list[str]) -> None:

@@ -101,3 +101,64 @@ def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     index += np.arange(len(rows))[:, None] * bins
     counts = np.bincount(index.ravel(), minlength=len(rows) * bins).reshape(len(rows), bins)
     return counts, lo, hi
+
+
+@dataclass
+class ChannelHistograms:
+    """One streaming histogram per channel (rows), vectorised: the same scheme as :class:`Histogram`.
+
+    Each row has its own power-of-two bin width, widened (exactly, by merging bins) when a
+    value falls outside; ``counts`` is (channels, bins).
+    """
+
+    channels: int
+    bins: int = 1024
+    counts: np.ndarray = field(init=False)
+    exponent: np.ndarray = field(init=False)
+    min: np.ndarray = field(init=False)
+    max: np.ndarray = field(init=False)
+
+    def __post_init__(self) -> None:
+        if self.bins < 4 or self.bins % 2:
+            raise ValueError(f"a histogram needs an even number of bins >= 4, got {self.bins}")
+        self.counts = np.zeros((self.channels, self.bins), dtype=np.int64)
+        self.exponent = np.full(self.channels, _START_EXPONENT, dtype=np.int64)
+        self.min = np.full(self.channels, np.inf)
+        self.max = np.full(self.channels, -np.inf)
+
+    @property
+    def centers(self) -> np.ndarray:
+        """(channels, bins) bin centres."""
+        k = np.arange(self.bins, dtype=np.float64) - self.bins // 2 + 0.5
+        return k[None, :] * np.ldexp(1.0, self.exponent)[:, None]
+
+    def add(self, rows: np.ndarray) -> None:
+        """Count ``rows`` (channels, n)."""
+        rows = np.asarray(rows, dtype=np.float64)
+        if rows.shape[1] == 0:
+            return
+        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            raise ValueError("activation values include NaN or infinity")
+        self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
+        self._cover(np.maximum(-lo, hi))
+        half = self.bins // 2
+        index = np.clip(np.floor(rows / np.ldexp(1.0, self.exponent)[:, None]).astype(np.int64) + half, 0, self.bins - 1)
+        index += np.arange(self.channels)[:, None] * self.bins
+        self.counts += np.bincount(index.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
+
+    def _cover(self, peak: np.ndarray) -> None:
+        half = self.bins // 2
+        with np.errstate(divide="ignore"):
+            needed = np.where(peak > 0, np.floor(np.log2(np.maximum(peak, 1e-300) / half)) + 1, _START_EXPONENT).astype(np.int64)
+        needed = np.maximum(needed, self.exponent)
+        needed += peak >= half * np.ldexp(1.0, needed)  # guard against log2 rounding
+        grow = needed > self.exponent
+        if not grow.any():
+            return
+        factor = np.left_shift(1, np.minimum(needed - self.exponent, 62))
+        old = np.arange(self.bins, dtype=np.int64) - half
+        new_index = np.floor_divide(old[None, :], factor[:, None]) + half + np.arange(self.channels)[:, None] * self.bins
+        merged = np.bincount(new_index.ravel(), weights=self.counts.ravel(), minlength=self.channels * self.bins)
+        self.counts = merged.reshape(self.channels, self.bins).astype(np.int64)
+        self.exponent = needed

@@ -114,12 +114,18 @@ def mse_range(h: Histogram, bits: int) -> Range:
     if full.hi - full.lo <= 0.0:
         return full
     centers, counts = _occupied(h)
+    alpha = mse_fractions(centers[None], counts[None], np.array([full.lo]), np.array([full.hi]), bits)
+    return full.scaled(float(alpha[0]))
+
+
+def mse_fractions(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
+    """Per row, the a in (0, 1] whose range [a*lo, a*hi] quantizes the row's binned data with the least MSE."""
 
     def error(a: np.ndarray) -> np.ndarray:
-        return range_errors(centers[None], counts[None], a * full.lo, a * full.hi, bits)
+        return range_errors(centers, counts, a * (lo if a.ndim == 1 else lo[:, None]), a * (hi if a.ndim == 1 else hi[:, None]), bits)
 
-    alpha, _ = minimise_on_grid(error, np.ones(1))
-    return full.scaled(float(alpha[0]))
+    alpha, _ = minimise_on_grid(error, np.ones(len(lo)))
+    return alpha
 
 
 #: TensorRT's geometry: 2048 histogram bins for 128 codes, i.e. the full range holds 16 bins per code.
