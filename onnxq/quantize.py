@@ -112,7 +112,7 @@ def quantize_with_report(
         if calibrated is not None and config.activations.bias_correction:
             weight_changes[plan.tensor] = q.dequantize() - weight
     if weight_changes:
-        means = {name: m for name, c in calibrated.means.items() if (m := c.mean(1)) is not None}
+        means = {name: m for name, c in calibrated.means.items() if (m := c.mean()) is not None}
         logger.debug("bias correction on %d layers", correct_biases(loaded.model.graph, weight_changes, means))
     quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)

@@ -47,7 +47,8 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
     held: list[dict[str, np.ndarray]] = []
     if per_sample:
         batches = _keep_first(batches, held, VALIDATION_SAMPLES)
-    stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples)
+    histograms = config.method is not CalibrationMethod.MINMAX
+    stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples, histograms=histograms)
     quants = {}
     candidates: dict[str, tuple[ActivationQuant, ActivationQuant]] = {}
     for site in sites:

@@ -59,28 +59,22 @@ class SampleStats:
 
 @dataclass
 class ChannelMeans:
-    """Running mean of a tensor per index of axis 1 (NCHW channels, Gemm features) and of its last axis."""
+    """Running mean of a tensor per index of axis 1 (NCHW channels, Gemm features): the inputs bias correction needs."""
 
-    sum_axis1: np.ndarray | None = None
-    sum_last: np.ndarray | None = None
-    count_axis1: int = 0
-    count_last: int = 0
+    total: np.ndarray | None = None
+    count: int = 0
 
     def add(self, batch: np.ndarray) -> None:
         """Add a batch (rank >= 2)."""
         if batch.ndim < 2:
             return
-        by_axis1 = np.moveaxis(batch, 1, -1).reshape(-1, batch.shape[1]).sum(axis=0, dtype=np.float64)
-        by_last = batch.reshape(-1, batch.shape[-1]).sum(axis=0, dtype=np.float64)
-        self.sum_axis1 = by_axis1 if self.sum_axis1 is None else self.sum_axis1 + by_axis1
-        self.sum_last = by_last if self.sum_last is None else self.sum_last + by_last
-        self.count_axis1 += batch.size // batch.shape[1]
-        self.count_last += batch.size // batch.shape[-1]
+        sums = batch.sum(axis=tuple(a for a in range(batch.ndim) if a != 1)).astype(np.float64)
+        self.total = sums if self.total is None else self.total + sums
+        self.count += batch.size // batch.shape[1]
 
-    def mean(self, axis: int) -> np.ndarray | None:
-        """Mean per index of axis 1 (``axis`` == 1) or of the last axis (``axis`` == -1); None before any data."""
-        total, count = (self.sum_axis1, self.count_axis1) if axis == 1 else (self.sum_last, self.count_last)
-        return None if total is None or count == 0 else total / count
+    def mean(self) -> np.ndarray | None:
+        """Mean per index of axis 1; None before any data."""
+        return None if self.total is None or self.count == 0 else self.total / self.count
 
 
 @dataclass
@@ -121,9 +115,17 @@ def channel_means(batch: np.ndarray) -> np.ndarray:
 
 
 def collect(
-    model: onnx.ModelProto, tensors: list[str], batches: Iterable[Mapping[str, np.ndarray]], per_sample: bool = False, total: int | None = None
+    model: onnx.ModelProto,
+    tensors: list[str],
+    batches: Iterable[Mapping[str, np.ndarray]],
+    per_sample: bool = False,
+    total: int | None = None,
+    histograms: bool = True,
 ) -> dict[str, TensorStats]:
-    """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime."""
+    """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime.
+
+    Without ``histograms`` only min/max (and channel means) are kept, which is all min-max calibration needs.
+    """
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
     with exposing(model, tensors) as sess:
         with _progress(total) as bar:
@@ -137,7 +139,7 @@ def collect(
                     entry = stats[name]
                     entry.rank = value.ndim
                     try:
-                        entry.histogram.add(value)
+                        entry.histogram.add(value) if histograms else entry.histogram.observe(value)
                     except ValueError as e:
                         raise OnnxqError(None, f"calibration: tensor {name!r}: {e}") from e
                     entry.channels.add(value)

@@ -60,19 +60,32 @@ class Histogram:
         """(bins + 1,) bin edges."""
         return (np.arange(self.bins + 1, dtype=np.float64) - self.bins // 2) * self.width
 
-    def add(self, values: np.ndarray) -> None:
-        """Count ``values`` (any shape); NaN and infinities are rejected."""
-        values = np.asarray(values, dtype=np.float64).ravel()
+    def observe(self, values: np.ndarray) -> np.ndarray:
+        """Update min/max only (all min-max calibration needs); returns ``values`` as a flat float array."""
+        values = np.asarray(values)
+        if values.dtype not in (np.float32, np.float64):
+            values = values.astype(np.float64)
+        values = values.ravel()
         if values.size == 0:
-            return
+            return values
         lo, hi = float(values.min()), float(values.max())
         if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("activation values include NaN or infinity")
         self.min, self.max = min(self.min, lo), max(self.max, hi)
-        self._cover(max(-lo, hi))
-        half = self.bins // 2
-        index = np.floor(values / self.width).astype(np.int64) + half
-        self.counts += np.bincount(np.clip(index, 0, self.bins - 1), minlength=self.bins)
+        return values
+
+    def add(self, values: np.ndarray) -> None:
+        """Count ``values`` (any shape); NaN and infinities are rejected."""
+        values = self.observe(values)
+        if values.size == 0:
+            return
+        self._cover(max(-self.min, self.max))
+        # The width is a power of two, so in float64 v / width + bins/2 is exact, and positive (|v| < bins/2 * width):
+        # truncating it to an integer is the floor that bins v.
+        scaled = values * math.ldexp(1.0, -self.exponent)
+        scaled += self.bins // 2
+        index = scaled.astype(np.int32)
+        self.counts += np.bincount(np.minimum(index, self.bins - 1, out=index), minlength=self.bins)
 
     def _cover(self, peak: float) -> None:
         """Widen the bins (exactly, by merging) until |value| <= ``peak`` falls strictly inside."""

@@ -70,7 +70,7 @@ def fake_quantize(x: np.ndarray, scale: np.ndarray | float, zero_point: np.ndarr
 
 def minmax_range(h: Histogram) -> Range:
     """The full observed range (widened to include 0)."""
-    if h.total == 0:
+    if not h.min <= h.max:  # nothing observed
         return Range(0.0, 0.0)
     return Range(min(h.min, 0.0), max(h.max, 0.0))
 
