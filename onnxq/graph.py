@@ -6,7 +6,8 @@ from collections.abc import Iterator
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
+
+from onnxq import external
 
 
 def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object:
@@ -56,8 +57,8 @@ def consumers(graph: onnx.GraphProto) -> dict[str, list[onnx.NodeProto]]:
 
 
 def to_array(tensor: onnx.TensorProto) -> np.ndarray:
-    """A tensor's values as numpy (its external data must already be loaded)."""
-    return numpy_helper.to_array(tensor)
+    """A tensor's values as numpy, read from its external file if it has one (see onnxq.external)."""
+    return external.to_array(tensor)
 
 
 def remove_unused_initializers(graph: onnx.GraphProto) -> None:

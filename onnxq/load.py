@@ -13,6 +13,7 @@ import onnx
 from onnx import version_converter
 
 from onnxq.errors import OnnxqError
+from onnxq.external import resolve
 from onnxq.tensor_data import on_skeleton
 
 #: Oldest default-domain opset we accept as is; older models are converted up to it.
@@ -69,11 +70,8 @@ def read_model_file(path: Path) -> onnx.ModelProto:
 def _load_file(path: Path) -> LoadedModel:
     model = read_model_file(path)
     external = uses_external_data(model)
-    if external:
-        try:
-            onnx.external_data_helper.load_external_data_for_model(model, os.fspath(path.parent))
-        except (OSError, ValueError) as e:
-            raise OnnxqError(path, f"cannot read its external data: {e}") from e
+    if external:  # weights are read one at a time when needed (onnxq.external), never all at once
+        resolve(model, path.parent, path)
     return LoadedModel(model, path, external)
 
 
@@ -93,7 +91,7 @@ def tensor_bytes(model: onnx.ModelProto) -> int:
 def _check(loaded: LoadedModel) -> None:
     model = loaded.model
     try:
-        if loaded.path is not None and tensor_bytes(model) > PROTOBUF_LIMIT // 2:
+        if loaded.path is not None and (loaded.external_data or tensor_bytes(model) > PROTOBUF_LIMIT // 2):
             onnx.checker.check_model(os.fspath(loaded.path))
         else:
             onnx.checker.check_model(model)

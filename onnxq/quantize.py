@@ -14,6 +14,7 @@ from onnxq.bias_correction import correct_biases
 from onnxq.calibrate import CalibrationData
 from onnxq.config import CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
+from onnxq.external import materialize
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import constant_initializers, to_array
 from onnxq.load import INT4_OPSET, LoadedModel, ensure_opset, load
@@ -125,6 +126,7 @@ def quantize_with_report(
             take_input_quantization(loaded.model.graph)
     qdq.clear()  # the codes are in the model now
     custom.clear()
+    materialize(loaded.model)  # what stayed float (biases, unquantized layers) is read in from external files
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     return QuantizationResult(loaded.model, layers, skipped, loaded, list(activations.values()), method)

@@ -28,6 +28,7 @@ from onnx import helper, numpy_helper
 from onnxq.calibrate.data import CalibrationData, calibration_batches, input_specs
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
+from onnxq.external import materialize
 from onnxq.graph import constant_initializers, to_array
 from onnxq.load import ensure_opset, load
 from onnxq.plan import WeightPlan, plan_weights
@@ -113,6 +114,7 @@ class Probe:
         if not self.model_outputs:
             raise OnnxqError(label, "sensitivity needs a float32 model output to compare, and this model has none")
         probe = _probe_model(model, plans, [n for names in self.node_outputs.values() for n in names])
+        materialize(probe)  # onnxruntime needs the weights in the session's model
         self._session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
         self._batches = batches
         fetched = list(dict.fromkeys(self.model_outputs + [n for names in self.node_outputs.values() for n in names]))

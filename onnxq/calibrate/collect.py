@@ -22,6 +22,7 @@ import onnxruntime as ort
 
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.errors import OnnxqError
+from onnxq.external import materialize
 from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
 from onnxq.runtime import session_options
 
@@ -174,6 +175,7 @@ def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto
     """A copy of ``model`` whose graph also outputs ``tensors`` (typed float32)."""
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
+    materialize(exposed)  # onnxruntime needs the weights in the session's model
     present = {o.name for o in exposed.graph.output}
     for name in tensors:
         if name not in present:
