@@ -137,3 +137,31 @@ def test_peak_memory_stays_near_the_model_size(tmp_path: Path) -> None:
     rise = memory["peak"] - memory["start"]
     assert rise <= 5 * size, f"peak RSS rose by {rise / size:.2f}x the model's {size / 2**20:.0f} MiB"
     assert (tmp_path / "out.onnx.data").exists()
+
+
+def test_external_weights_are_not_read_at_load_but_read_exactly_when_needed(tmp_path: Path) -> None:
+    """Loading keeps external tensors in their file (so float weights are never all in memory); reading one gives its values."""
+    from onnxq.external import is_external, materialize
+    from onnxq.graph import to_array
+    from onnxq.load import load
+
+    rng = np.random.default_rng(3)
+    weight = rng.standard_normal((64, 64)).astype(np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 64])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    folder = tmp_path / "models"
+    folder.mkdir()
+    onnx.save_model(model, folder / "m.onnx", save_as_external_data=True, location="m.data", size_threshold=0)
+    loaded = load(folder / "m.onnx")
+    w = next(t for t in loaded.model.graph.initializer if t.name == "w")
+    assert is_external(w) and not w.raw_data and loaded.external_data
+    np.testing.assert_array_equal(to_array(w), weight)
+    assert is_external(w)  # reading did not pull the bytes into the model
+    assert materialize(loaded.model) == 1 and not is_external(w)
+    np.testing.assert_array_equal(numpy_helper.to_array(w), weight)
