@@ -171,8 +171,8 @@ def _kl_divergence(centers: np.ndarray, counts: np.ndarray, r: Range, bits: int,
     p = np.bincount(_edge_bins(within), weights=counts, minlength=len(centers))
     kept = np.where(within, counts, 0.0)
     code = np.clip(np.rint(centers / params.scale) + params.zero_point, 0, params.qmax).astype(np.int64)
-    # Zero is exact in every range; the bin holding it (a spike after Relu) is its own group.
-    code[np.abs(centers) < width / 2 + 1e-300] = params.qmax + 1
+    # Zero is exact in every range; the bin holding it, [0, width) (a spike after Relu), is its own group.
+    code[(centers - width / 2 <= 0.0) & (centers + width / 2 > 0.0)] = params.qmax + 1
     occupied = kept > 0
     mass = np.bincount(code, weights=kept, minlength=params.qmax + 2)
     members = np.bincount(code, weights=occupied.astype(np.float64), minlength=params.qmax + 2)
