@@ -19,7 +19,7 @@ from onnxq.calibrate.placement import ActivationSite, plan_activations
 from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange
 from onnxq.cpu import has_vnni
 from onnxq.formats.uniform import storage_bits
-from onnxq.graph import NameSource, constant_initializers, to_array
+from onnxq.graph import NameSource, constant_initializers, consumers, to_array
 from onnxq.plan import WeightPlan
 from onnxq.rewrite_activations import ActivationQuant
 from onnxq.weights import QuantizedTensor
@@ -67,15 +67,12 @@ def quantize_biases(graph: onnx.GraphProto, quants: dict[str, ActivationQuant], 
     """
     consts = constant_initializers(graph)
     names = NameSource(graph)
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = consumers(graph)
     new_nodes: list[onnx.NodeProto] = []
     done = 0
     for node in graph.node:
         slot = BIAS_INPUT.get(node.op_type)
-        if slot is None or len(node.input) <= slot or node.input[slot] not in consts or readers[node.input[slot]] != 1:
+        if slot is None or len(node.input) <= slot or node.input[slot] not in consts or len(readers[node.input[slot]]) != 1:
             continue
         quant, weight = quants.get(node.input[0]), weights.get(node.input[1])
         if quant is None or quant.adapter is not None or weight is None or weight.sqrt or storage_bits(weight.bits) != 8:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.graph import NameSource, attribute, constant_initializers, to_array
+from onnxq.graph import NameSource, attribute, constant_initializers, consumers, to_array
 
 
 def conv_shift(delta: np.ndarray, mean: np.ndarray, group: int) -> np.ndarray:
@@ -38,10 +38,7 @@ def correct_biases(graph: onnx.GraphProto, changes: dict[str, np.ndarray], means
     a bias shared with another node is left alone. Returns how many nodes were corrected.
     """
     consts = constant_initializers(graph)
-    readers: dict[str, int] = {}
-    for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+    readers = consumers(graph)
     names = NameSource(graph)
     corrected = 0
     for node in graph.node:
@@ -52,7 +49,7 @@ def correct_biases(graph: onnx.GraphProto, changes: dict[str, np.ndarray], means
         if shift is None:
             continue
         bias_name = node.input[2] if len(node.input) > 2 else ""
-        if bias_name and (bias_name not in consts or readers.get(bias_name, 0) != 1):
+        if bias_name and (bias_name not in consts or len(readers.get(bias_name, [])) != 1):
             continue
         bias = to_array(consts[bias_name]).astype(np.float64) if bias_name else np.zeros(shift.shape)
         if bias.shape != shift.shape:
