@@ -42,6 +42,31 @@ ONNXQ_METHODS = ("minmax", "mse", "percentile", "entropy", "asq")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
+def ort_w8a8(model: Path, out: Path, batches: list[dict[str, np.ndarray]], method: str) -> None:
+    """Run onnxruntime's quantize_static at W8A8 (QDQ, per channel, uint8 x int8) with ``method`` (MinMax, Entropy, Percentile)."""
+    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter(batches)
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            return next(self.batches, None)
+
+    logging.getLogger().setLevel(logging.ERROR)
+    with contextlib.redirect_stdout(io.StringIO()):
+        quantize_static(
+            str(model),
+            str(out),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            calibrate_method=getattr(CalibrationMethod, method),
+        )
+
+
 # ---------------------------------------------------------------------------- child processes
 
 
@@ -52,8 +77,7 @@ def child(kind: str, method: str, model: Path, data: Path, out: Path) -> None:
         from onnxq import QuantizeConfig, quantize, save_model
         from onnxq.config import ActivationConfig, CalibrationMethod
     else:
-        from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-        from onnxruntime.quantization import CalibrationMethod as OrtMethod
+        import onnxruntime.quantization  # noqa: F401  (its import is part of what is measured)
     onnx.load(str(model))
     images = np.load(data)
     loaded = time.perf_counter()
@@ -61,26 +85,7 @@ def child(kind: str, method: str, model: Path, data: Path, out: Path) -> None:
         config = QuantizeConfig(bits=8, activations=ActivationConfig(bits=8, method=CalibrationMethod(method), samples=len(images)))
         save_model(quantize(model, config, data), out)
     elif method != "baseline":
-
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self.batches = iter([{"input": images[i : i + BATCH]} for i in range(0, len(images), BATCH)])
-
-            def get_next(self) -> dict[str, np.ndarray] | None:
-                return next(self.batches, None)
-
-        logging.getLogger().setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                str(model),
-                str(out),
-                Reader(),
-                quant_format=QuantFormat.QDQ,
-                per_channel=True,
-                activation_type=QuantType.QUInt8,
-                weight_type=QuantType.QInt8,
-                calibrate_method=getattr(OrtMethod, method),
-            )
+        ort_w8a8(model, out, [{"input": images[i : i + BATCH]} for i in range(0, len(images), BATCH)], method)
     print(json.dumps({"setup_s": loaded - start, "quantize_s": time.perf_counter() - loaded}))
 
 
@@ -143,31 +148,12 @@ def interleaved_ms(sessions: dict[str, object], feeds: dict[str, np.ndarray], ro
 
 def quantized_models(model: Path, prepared: Path, calib: list[dict[str, np.ndarray]], tmp: Path) -> dict[str, bytes]:
     """float, onnxq W8A8 (mse, asq) and quantize_static W8A8 (MinMax), serialized."""
-    from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-
     from onnxq import QuantizeConfig, quantize
     from onnxq.config import ActivationConfig
     from onnxq.config import CalibrationMethod as Method
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.batches = iter(calib)
-
-        def get_next(self) -> dict[str, np.ndarray] | None:
-            return next(self.batches, None)
-
     out = tmp / f"{model.stem}.ort.onnx"
-    with contextlib.redirect_stdout(io.StringIO()):
-        quantize_static(
-            str(prepared),
-            str(out),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            per_channel=True,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            calibrate_method=CalibrationMethod.MinMax,
-        )
+    ort_w8a8(prepared, out, calib, "MinMax")
 
     def onnxq_w8a8(method: Method) -> bytes:
         return quantize(model, QuantizeConfig(bits=8, activations=ActivationConfig(bits=8, method=method)), calib).SerializeToString()
