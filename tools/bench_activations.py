@@ -133,13 +133,19 @@ def one_thread_session(model: bytes, optimized: Path | None = None):
 
 
 def interleaved_ms(sessions: dict[str, object], feeds: dict[str, np.ndarray], rounds: int) -> dict[str, float]:
-    """Median thread CPU time per run (ms) of each session; each round runs them all, in a rotating order."""
+    """Median thread CPU time per run (ms) of each session; each round runs them all, in a fresh random order.
+
+    A run is several per cent faster after a small model than after the float or ASQ model (which
+    evict its weights from the caches), so the order must give every model the same predecessors:
+    a rotating order does not (the model listed after "float" follows it in 3 of 4 rounds).
+    """
     names = list(sessions)
     times: dict[str, list[float]] = {name: [] for name in names}
+    order = np.random.default_rng(0)
     for name in names:
         sessions[name].run(None, feeds)  # warm-up
-    for r in range(rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
+    for _ in range(rounds):
+        for name in order.permutation(names):
             start = time.thread_time()
             sessions[name].run(None, feeds)
             times[name].append(time.thread_time() - start)
