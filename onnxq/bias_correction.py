@@ -31,16 +31,17 @@ def gemm_shift(delta: np.ndarray, mean: np.ndarray, trans_b: bool) -> np.ndarray
     return delta.astype(np.float64) @ mean if trans_b else mean @ delta.astype(np.float64)
 
 
-def correct_biases(graph: onnx.GraphProto, changes: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> int:
+def correct_biases(graph: onnx.GraphProto, changes: dict[str, np.ndarray], means: dict[str, np.ndarray]) -> dict[str, str]:
     """Shift the bias of every Conv/Gemm whose weight changed (``changes``: weight name -> W_q - W).
 
     ``means`` maps activation tensors to their channel means (axis 1). A missing bias is added;
-    a bias shared with another node is left alone. Returns how many nodes were corrected.
+    a bias shared with another node is left alone. Returns, per corrected node's output, the
+    name of its new bias initializer (read by that node only).
     """
     consts = constant_initializers(graph)
     readers = consumers(graph)
     names = NameSource(graph)
-    corrected = 0
+    corrected: dict[str, str] = {}
     for node in graph.node:
         if node.op_type not in ("Conv", "Gemm") or len(node.input) < 2 or node.input[1] not in changes:
             continue
@@ -60,7 +61,7 @@ def correct_biases(graph: onnx.GraphProto, changes: dict[str, np.ndarray], means
             node.input[2] = new_name
         else:
             node.input.append(new_name)
-        corrected += 1
+        corrected[node.output[0]] = new_name
     return corrected
 
 

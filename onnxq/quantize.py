@@ -11,8 +11,9 @@ import onnx
 
 from onnxq.activations import adjust_weight_plans, calibrate_activations, quantize_biases
 from onnxq.bias_correction import correct_biases
-from onnxq.calibrate import CalibrationData
+from onnxq.calibrate import Calibration, CalibrationData
 from onnxq.config import CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
+from onnxq.empirical_bias import empirical_correction
 from onnxq.errors import OnnxqError
 from onnxq.external import materialize
 from onnxq.formats.uniform import storage_bits
@@ -113,8 +114,7 @@ def quantize_with_report(
         if calibrated is not None and config.activations.bias_correction:
             weight_changes[plan.tensor] = q.dequantize() - weight
     if weight_changes:
-        means = {name: m for name, c in calibrated.means.items() if (m := c.mean()) is not None}
-        logger.debug("bias correction on %d layers", correct_biases(loaded.model.graph, weight_changes, means))
+        _correct_biases(loaded.model, calibrated, weight_changes, activations)
     quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)
     if activations:
@@ -130,6 +130,18 @@ def quantize_with_report(
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     return QuantizationResult(loaded.model, layers, skipped, loaded, list(activations.values()), method)
+
+
+def _correct_biases(model: onnx.ModelProto, calibrated: Calibration, changes: dict[str, np.ndarray], activations: dict[str, ActivationQuant]) -> None:
+    """Bias correction in place: the analytic shift from float input means, then the measured one (``empirical_bias``)."""
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    means = {name: m for name, c in calibrated.means.items() if (m := c.mean()) is not None}
+    corrected = correct_biases(model.graph, changes, means)
+    logger.debug("bias correction on %d layers", len(corrected))
+    consts = constant_initializers(model.graph)
+    weights = {name: to_array(consts[name]) + delta for name, delta in changes.items()}
+    empirical_correction(model, float_model, weights, activations, _opset(model), corrected, calibrated.samples)
 
 
 def _nothing_to_quantize(skipped: list[Skipped]) -> str:

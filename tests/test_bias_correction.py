@@ -60,7 +60,7 @@ def test_correct_biases_adds_a_missing_bias_and_leaves_shared_ones():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 3, 3])
     graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y3", TensorProto.FLOAT, None)], [w, shared])
     delta = np.full((2, 2, 1, 1), 0.5)
-    assert correct_biases(graph, {"w": delta}, {"x": np.array([1.0, 3.0])}) == 1
+    assert correct_biases(graph, {"w": delta}, {"x": np.array([1.0, 3.0])}) == {"y1": graph.node[0].input[2]}
     added = {t.name: numpy_helper.to_array(t) for t in graph.initializer}[graph.node[0].input[2]]
     np.testing.assert_allclose(added, [-2.0, -2.0])  # 0.5 * 1 + 0.5 * 3 per output, subtracted
     assert list(graph.node[1].input) == ["x", "w", "b"]

@@ -30,25 +30,31 @@ __all__ = ["Calibration", "CalibrationData", "calibrate", "choose_range"]
 
 @dataclass(frozen=True)
 class Calibration:
-    """What calibration found: each site's quantization, and the sites' channel means (for bias correction)."""
+    """What calibration found: each site's quantization, the sites' channel means, and the first samples (both for bias correction)."""
 
     quants: dict[str, ActivationQuant]
     means: dict[str, ChannelMeans]
+    samples: list[dict[str, np.ndarray]]
 
 
 #: Calibration samples held out to check, per tensor, that ASQ's per-sample factor beats fixed per-channel steps.
 VALIDATION_SAMPLES = 64
+
+#: Calibration samples kept in memory for empirical bias correction (a second look at the data).
+BIAS_SAMPLES = 128
 
 
 def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
     """How to quantize each site's tensor, from one run of the float ``model`` over ``data``."""
     batches = calibration_batches(data, input_specs(model), config.samples)
     per_sample = config.method is CalibrationMethod.ASQ
-    held: list[dict[str, np.ndarray]] = []
-    if per_sample:
-        batches = _keep_first(batches, held, VALIDATION_SAMPLES)
+    kept: list[dict[str, np.ndarray]] = []
+    keep = max(VALIDATION_SAMPLES if per_sample else 0, BIAS_SAMPLES if config.bias_correction else 0)
+    if keep:
+        batches = _keep_first(batches, kept, keep)
     histograms = config.method is not CalibrationMethod.MINMAX
     stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples, histograms=histograms)
+    held = first_samples(kept, VALIDATION_SAMPLES)
     quants = {}
     candidates: dict[str, tuple[ActivationQuant, ActivationQuant]] = {}
     for site in sites:
@@ -62,7 +68,7 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
         quants[site.tensor] = quant
     if candidates:
         quants.update(choose_adapters(model, candidates, held))
-    return Calibration(quants, {name: entry.channels for name, entry in stats.items()})
+    return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept)
 
 
 def _keep_first(batches: Iterator[dict[str, np.ndarray]], kept: list[dict[str, np.ndarray]], samples: int) -> Iterator[dict[str, np.ndarray]]:
@@ -73,6 +79,17 @@ def _keep_first(batches: Iterator[dict[str, np.ndarray]], kept: list[dict[str, n
             kept.append({k: np.array(v[: samples - count]) for k, v in batch.items()})
             count += len(next(iter(kept[-1].values())))
         yield batch
+
+
+def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` samples of ``batches``, in batches."""
+    out, count = [], 0
+    for batch in batches:
+        if count >= samples:
+            break
+        out.append({k: v[: samples - count] for k, v in batch.items()})
+        count += len(next(iter(out[-1].values())))
+    return out
 
 
 def choose_range(stats: TensorStats, bits: int, config: ActivationConfig) -> Range:

@@ -1,0 +1,86 @@
+"""Empirical bias correction: after it, every corrected layer's mean output in the quantized model equals the float one."""
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.calibrate.ranges import QuantParams
+from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels
+from onnxq.rewrite_activations import ActivationQuant
+
+
+def _chain(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
+    """x -> Conv1x1(w1, b1) -> Relu -> Conv1x1(w2, b2) -> y, plus a side branch Relu -> Conv1x1(w2, b2s)."""
+    nodes = [
+        helper.make_node("Conv", ["x", "w1", "b1"], ["h"], name="c1"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("Conv", ["r", "w2", "b2"], ["y"], name="c2"),
+    ]
+    inits = [numpy_helper.from_array(a.astype(np.float32), n) for a, n in ((w1, "w1"), (b1, "b1"), (w2, "w2"), (b2, "b2"))]
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, w1.shape[1], 4, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+        inits,
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _conv1x1(x: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return np.einsum("oc,nchw->nohw", w[:, :, 0, 0].astype(np.float64), x) + b[None, :, None, None]
+
+
+def _fake_quant(x: np.ndarray, p: QuantParams) -> np.ndarray:
+    q = np.clip(np.rint(x / p.scale) + p.zero_point, 0, (1 << p.bits) - 1)
+    return (q - p.zero_point) * p.scale
+
+
+def test_corrected_means_match_the_float_model_layer_by_layer():
+    rng = np.random.default_rng(0)
+    w1, b1 = rng.standard_normal((6, 3, 1, 1)), rng.standard_normal(6) * 0.1
+    w2, b2 = rng.standard_normal((5, 6, 1, 1)), rng.standard_normal(5) * 0.1
+    model = _chain(w1, b1, w2, b2)
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    q1, q2 = w1 + rng.standard_normal(w1.shape) * 0.2, w2 + rng.standard_normal(w2.shape) * 0.2
+    params = QuantParams(scale=np.float32(0.005), zero_point=0, bits=8)  # clips the Relu output at 1.275
+    activations = {"r": ActivationQuant("r", params)}
+    batches = [{"x": rng.standard_normal((8, 3, 4, 4)).astype(np.float32)} for _ in range(3)]
+
+    empirical_correction(model, float_model, {"w1": q1, "w2": q2}, activations, 17, {"h": "b1", "y": "b2"}, batches)
+
+    new = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
+    h_float = _conv1x1(x, w1, b1)
+    y_float = _conv1x1(np.maximum(h_float, 0), w2, b2)
+    h_quant = _conv1x1(x, q1, new["b1"])
+    y_quant = _conv1x1(_fake_quant(np.maximum(h_quant, 0), params), q2, new["b2"])
+    axes = (0, 2, 3)
+    np.testing.assert_allclose(h_quant.mean(axis=axes), h_float.mean(axis=axes), atol=1e-5)
+    np.testing.assert_allclose(y_quant.mean(axis=axes), y_float.mean(axis=axes), atol=1e-5)
+    # and the correction did something: uncorrected, the second layer's means are off
+    y_plain = _conv1x1(_fake_quant(np.maximum(_conv1x1(x, q1, b1), 0), params), q2, b2)
+    assert np.abs(y_plain.mean(axis=axes) - y_float.mean(axis=axes)).max() > 0.05
+    # the model's float weights are untouched; only the biases moved
+    np.testing.assert_array_equal(new["w1"], w1.astype(np.float32))
+
+
+def test_depth_levels_follow_the_longest_path():
+    nodes = [
+        helper.make_node("Conv", ["x", "w"], ["a"]),
+        helper.make_node("Relu", ["a"], ["ra"]),
+        helper.make_node("Conv", ["ra", "w"], ["b"]),
+        helper.make_node("Conv", ["x", "w"], ["side"]),  # parallel branch: depth 1
+        helper.make_node("Add", ["b", "side"], ["s"]),
+        helper.make_node("Conv", ["s", "w"], ["c"]),
+    ]
+    graph = helper.make_graph(nodes, "g", [], [])
+    assert depth_levels(graph, ["c", "side", "a", "b"]) == [["side", "a"], ["b"], ["c"]]
+
+
+def test_merge_levels_keeps_order_and_caps_the_count():
+    levels = [[str(i)] for i in range(7)]
+    merged = merge_levels(levels, 3)
+    assert len(merged) == 3 and sum(merged, []) == [str(i) for i in range(7)]
+    assert merge_levels(levels, 10) == levels
