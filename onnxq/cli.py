@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, NoReturn
 from onnxq.config import (
     ACTIVATION_BITS,
     ActivationConfig,
+    BiasCorrection,
     CalibrationMethod,
     Granularity,
     QuantizeConfig,
@@ -110,6 +111,10 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=None,
                    help="8-bit weights beside uint8 activations become 7-bit so onnxruntime's 16-bit pair sums cannot "
                    "saturate on CPUs without VNNI: 'auto' (default) does it when this CPU lacks VNNI")
+    a.add_argument("--bias-correction", choices=[b.value for b in BiasCorrection], default=None,
+                   help="Conv/Gemm biases absorb the mean output shift quantization causes: 'analytic' (weight error times "
+                   "the float input means), 'measured' (analytic, then the shift left in a simulation of the quantized model, "
+                   "layer by layer, on 64 calibration samples), 'auto' (default: measured below 7 bits, else analytic), 'off'")
 
 
 def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
@@ -191,7 +196,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
 
 
 #: Options that only mean something with --calibration.
-_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "reduce_range")
+_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "reduce_range", "bias_correction")
 
 
 def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
@@ -208,6 +213,7 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
         percentile=d.percentile if args.percentile is None else args.percentile,
         samples=d.samples if args.calibration_size is None else args.calibration_size,
         reduce_range=d.reduce_range if args.reduce_range is None else ReduceRange(args.reduce_range),
+        bias_correction=d.bias_correction if args.bias_correction is None else BiasCorrection(args.bias_correction),
     )
 
 

@@ -77,6 +77,22 @@ class ReduceRange(enum.Enum):
     OFF = "off"
 
 
+class BiasCorrection(enum.Enum):
+    """How Conv/Gemm biases absorb the mean output shift that quantization causes (needs calibration data).
+
+    ANALYTIC: each layer's weight error times its float input's channel means (one formula per layer).
+    MEASURED: ANALYTIC, then each layer's remaining shift measured in a simulation of the quantized
+        model on calibration samples, layer by layer (a pass over the samples per level of depth).
+    AUTO: MEASURED when a weight or activation has fewer than 7 bits, else ANALYTIC (at 7-8 bits
+        the shifts are tiny and the passes not worth their time).
+    """
+
+    AUTO = "auto"
+    MEASURED = "measured"
+    ANALYTIC = "analytic"
+    OFF = "off"
+
+
 ACTIVATION_BITS = (4, 8)
 
 
@@ -90,8 +106,8 @@ class ActivationConfig:
         percentile: the percentile kept by ``CalibrationMethod.PERCENTILE``.
         samples: most calibration samples to use.
         reduce_range: 7-bit instead of 8-bit weights where onnxruntime's kernels could saturate.
-        bias_correction: shift each Conv/Gemm bias by the mean output change its weight quantization causes
-            on the calibration data (weights' error times the input's channel means).
+        bias_correction: how each Conv/Gemm bias absorbs the mean output shift quantization causes
+            (``True``/``False`` mean AUTO/OFF).
     """
 
     bits: int = 8
@@ -99,9 +115,13 @@ class ActivationConfig:
     percentile: float = 99.99
     samples: int = 512
     reduce_range: ReduceRange = ReduceRange.AUTO
-    bias_correction: bool = True
+    bias_correction: BiasCorrection = BiasCorrection.AUTO
 
     def __post_init__(self) -> None:
+        if isinstance(self.bias_correction, bool):
+            object.__setattr__(self, "bias_correction", BiasCorrection.AUTO if self.bias_correction else BiasCorrection.OFF)
+        if not isinstance(self.bias_correction, BiasCorrection):
+            raise ValueError(f"bias_correction must be a BiasCorrection, got {self.bias_correction!r}")
         if self.bits not in ACTIVATION_BITS:
             raise ValueError(f"activation bits must be 4 or 8, got {self.bits!r}")
         if not isinstance(self.method, CalibrationMethod):

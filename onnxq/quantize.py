@@ -9,10 +9,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.activations import adjust_weight_plans, calibrate_activations, quantize_biases
+from onnxq.activations import REDUCED_BITS, adjust_weight_plans, calibrate_activations, quantize_biases
 from onnxq.bias_correction import correct_biases
 from onnxq.calibrate import Calibration, CalibrationData
-from onnxq.config import CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
+from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.empirical_bias import empirical_correction
 from onnxq.errors import OnnxqError
 from onnxq.external import materialize
@@ -111,10 +111,11 @@ def quantize_with_report(
             custom[plan.tensor] = (q, op_type)
         layers.append(_layer_result(plan, q, weight, op_type))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
-        if calibrated is not None and config.activations.bias_correction:
+        if calibrated is not None and config.activations.bias_correction is not BiasCorrection.OFF:
             weight_changes[plan.tensor] = q.dequantize() - weight
     if weight_changes:
-        _correct_biases(loaded.model, calibrated, weight_changes, activations)
+        measured = _measured_correction(config, plans)
+        _correct_biases(loaded.model, calibrated, weight_changes, activations, measured)
     quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)
     if activations:
@@ -132,13 +133,27 @@ def quantize_with_report(
     return QuantizationResult(loaded.model, layers, skipped, loaded, list(activations.values()), method)
 
 
-def _correct_biases(model: onnx.ModelProto, calibrated: Calibration, changes: dict[str, np.ndarray], activations: dict[str, ActivationQuant]) -> None:
-    """Bias correction in place: the analytic shift from float input means, then the measured one (``empirical_bias``)."""
+def _measured_correction(config: QuantizeConfig, plans: list[WeightPlan]) -> bool:
+    """Whether bias correction goes on to measure shifts (BiasCorrection.AUTO: below 7 bits somewhere)."""
+    assert config.activations is not None
+    setting = config.activations.bias_correction
+    if setting is BiasCorrection.AUTO:
+        return config.activations.bits < REDUCED_BITS or any(p.bits < REDUCED_BITS for p in plans)
+    return setting is BiasCorrection.MEASURED
+
+
+def _correct_biases(
+    model: onnx.ModelProto, calibrated: Calibration, changes: dict[str, np.ndarray], activations: dict[str, ActivationQuant], measured: bool
+) -> None:
+    """Bias correction in place: the analytic shift from float input means, then (``measured``) the measured one."""
     float_model = onnx.ModelProto()
-    float_model.CopyFrom(model)
+    if measured:
+        float_model.CopyFrom(model)  # the reference, before any bias moves
     means = {name: m for name, c in calibrated.means.items() if (m := c.mean()) is not None}
     corrected = correct_biases(model.graph, changes, means)
     logger.debug("bias correction on %d layers", len(corrected))
+    if not measured:
+        return
     consts = constant_initializers(model.graph)
     weights = {name: to_array(consts[name]) + delta for name, delta in changes.items()}
     empirical_correction(model, float_model, weights, activations, _opset(model), corrected, calibrated.samples)

@@ -2,7 +2,10 @@
 
 import numpy as np
 import onnx
+import pytest
 from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange, WeightFormat
 
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels
@@ -84,3 +87,34 @@ def test_merge_levels_keeps_order_and_caps_the_count():
     merged = merge_levels(levels, 3)
     assert len(merged) == 3 and sum(merged, []) == [str(i) for i in range(7)]
     assert merge_levels(levels, 10) == levels
+
+
+def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+@pytest.mark.parametrize(("weight_bits", "auto_is"), [(8, BiasCorrection.ANALYTIC), (4, BiasCorrection.MEASURED)])
+def test_auto_measures_below_seven_bits_only(weight_bits, auto_is):
+    from models import residual_block
+
+    from onnxq import QuantizeConfig, quantize
+
+    rng = np.random.default_rng(3)
+    batches = [{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
+
+    def run(mode: BiasCorrection) -> dict[str, np.ndarray]:
+        act = ActivationConfig(bits=8, method=CalibrationMethod.MINMAX, reduce_range=ReduceRange.OFF, bias_correction=mode)
+        config = QuantizeConfig(bits=weight_bits, first_last_bits=weight_bits, activations=act, format=WeightFormat.QDQ)
+        return _initializers(quantize(residual_block(), config, batches))
+
+    auto, analytic, measured = run(BiasCorrection.AUTO), run(BiasCorrection.ANALYTIC), run(BiasCorrection.MEASURED)
+    assert any(not np.array_equal(analytic[k], measured[k]) for k in analytic)  # the two modes differ here
+    same = analytic if auto_is is BiasCorrection.ANALYTIC else measured
+    assert auto.keys() == same.keys() and all(np.array_equal(auto[k], same[k]) for k in auto)
+
+
+def test_bias_correction_accepts_the_old_booleans():
+    assert ActivationConfig(bias_correction=True).bias_correction is BiasCorrection.AUTO
+    assert ActivationConfig(bias_correction=False).bias_correction is BiasCorrection.OFF
+    with pytest.raises(ValueError, match="BiasCorrection"):
+        ActivationConfig(bias_correction="measured")

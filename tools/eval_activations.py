@@ -5,7 +5,8 @@ calibrate, the full test split (10,000 images) measures top-1. Settings:
   W8A8  8-bit weights, uint8 activations
   W4A8  4-bit weights (first and last layers 8-bit), uint8 activations
   W4A4  4-bit weights as above, uint4 on the inputs of the 4-bit layers (8-bit elsewhere)
-onnxq runs each of its methods (minmax, percentile, entropy, mse, asq). quantize_static (QDQ,
+onnxq runs each of its methods (minmax, percentile, entropy, mse, asq), with its default bias
+correction (measured below 7 bits) and, at W4A4, once more with the analytic correction alone. quantize_static (QDQ,
 per channel, QUInt8 activations, QInt8/QInt4 weights) runs MinMax, Entropy and Percentile on the
 same BN-folded model onnxq sees (onnxq.prepare.prepare), with the same calibration batches and the
 same bit allocation: onnxq's 8-bit first/last weights and its 4-bit activation tensors are given to
@@ -35,7 +36,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq import QuantizeConfig, quantize_with_report  # noqa: E402
-from onnxq.config import ActivationConfig, CalibrationMethod  # noqa: E402
+from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod  # noqa: E402
 from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_labelled  # noqa: E402
 from onnxq.evaluate import accuracy  # noqa: E402
 from onnxq.prepare import prepare  # noqa: E402
@@ -168,9 +169,22 @@ def evaluate_model(
         if same:
             notes.append(f"{model.stem} {setting.name}: quantize_static's {' and '.join(same)} output is identical to its MinMax output")
         rows.append(row)
+        if setting.activation_bits == 4:
+            rows.append(analytic_row(model, setting, calib, test))
         if setting.weight_bits == 4:
             rows.append(plain_ort_row(model, src, setting, calib, test, tmp))
     return rows, notes
+
+
+def analytic_row(model: Path, setting: Setting, calib: list[dict[str, np.ndarray]], test: LabelledImages) -> Row:
+    """The row of onnxq's methods with the analytic bias correction only (no measured pass): each method on its own."""
+    row = Row(model.stem, f"{setting.name}, onnxq with analytic bias correction only")
+    for method in ONNXQ_METHODS:
+        act = ActivationConfig(bits=setting.activation_bits, method=method, bias_correction=BiasCorrection.ANALYTIC)
+        report = quantize_with_report(model, QuantizeConfig(bits=setting.weight_bits, activations=act), calib)
+        row.cells[method.value] = accuracy(report.model.SerializeToString(), test).top1
+        log(f"{model.stem} {row.setting} {method.value}: {100 * row.cells[method.value]:.2f}")
+    return row
 
 
 def plain_ort_row(model: Path, src: Path, setting: Setting, calib: list[dict[str, np.ndarray]], test: LabelledImages, tmp: Path) -> Row:

@@ -20,7 +20,7 @@ from onnxq.calibrate.data import CalibrationData, calibration_batches, input_spe
 from onnxq.calibrate.histogram import ChannelHistograms
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params
-from onnxq.config import ActivationConfig, CalibrationMethod
+from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod
 from onnxq.rewrite_activations import ActivationQuant
 
 logger = logging.getLogger(__name__)
@@ -41,7 +41,7 @@ class Calibration:
 VALIDATION_SAMPLES = 64
 
 #: Calibration samples kept in memory for empirical bias correction (a second look at the data).
-BIAS_SAMPLES = 128
+BIAS_SAMPLES = 64
 
 
 def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
@@ -49,7 +49,7 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
     batches = calibration_batches(data, input_specs(model), config.samples)
     per_sample = config.method is CalibrationMethod.ASQ
     kept: list[dict[str, np.ndarray]] = []
-    keep = max(VALIDATION_SAMPLES if per_sample else 0, BIAS_SAMPLES if config.bias_correction else 0)
+    keep = max(VALIDATION_SAMPLES if per_sample else 0, BIAS_SAMPLES if config.bias_correction is not BiasCorrection.OFF else 0)
     if keep:
         batches = _keep_first(batches, kept, keep)
     histograms = config.method is not CalibrationMethod.MINMAX
