@@ -11,8 +11,9 @@
     model, in a fresh subprocess per run; wall time and peak RSS of that process (os.wait4's
     ru_maxrss, i.e. getrusage(RUSAGE_CHILDREN) for that one child). A baseline subprocess per
     quantizer only imports it and loads the model and data, so the fixed cost can be read off.
+    At W8A8, and at W4A8 where onnxq's default bias correction adds its measured passes.
 
-    python tools/bench_activations.py [--rounds 300] [--calibration-runs 3] [--skip-latency] [--skip-calibration]
+    python tools/bench_activations.py [--rounds 300] [--calibration-runs 3] [--skip-latency] [--skip-calibration] [--weight-bits 8 4]
 """
 
 from __future__ import annotations
@@ -42,8 +43,8 @@ ONNXQ_METHODS = ("minmax", "mse", "percentile", "entropy", "asq")
 ORT_METHODS = ("MinMax", "Entropy", "Percentile")
 
 
-def ort_w8a8(model: Path, out: Path, batches: list[dict[str, np.ndarray]], method: str) -> None:
-    """Run onnxruntime's quantize_static at W8A8 (QDQ, per channel, uint8 x int8) with ``method`` (MinMax, Entropy, Percentile)."""
+def ort_w8a8(model: Path, out: Path, batches: list[dict[str, np.ndarray]], method: str, weight_bits: int = 8) -> None:
+    """Run onnxruntime's quantize_static at W8A8 (QDQ, per channel, uint8 x int8; int4 weights with ``weight_bits=4``)."""
     from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
@@ -62,7 +63,7 @@ def ort_w8a8(model: Path, out: Path, batches: list[dict[str, np.ndarray]], metho
             quant_format=QuantFormat.QDQ,
             per_channel=True,
             activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
+            weight_type=QuantType.QInt8 if weight_bits == 8 else QuantType.QInt4,
             calibrate_method=getattr(CalibrationMethod, method),
         )
 
@@ -70,7 +71,7 @@ def ort_w8a8(model: Path, out: Path, batches: list[dict[str, np.ndarray]], metho
 # ---------------------------------------------------------------------------- child processes
 
 
-def child(kind: str, method: str, model: Path, data: Path, out: Path) -> None:
+def child(kind: str, method: str, model: Path, data: Path, out: Path, weight_bits: int) -> None:
     """One measured run: import a quantizer, load model and data, and (unless a baseline) quantize to ``out``."""
     start = time.perf_counter()
     if kind == "onnxq":
@@ -82,10 +83,11 @@ def child(kind: str, method: str, model: Path, data: Path, out: Path) -> None:
     images = np.load(data)
     loaded = time.perf_counter()
     if method != "baseline" and kind == "onnxq":
-        config = QuantizeConfig(bits=8, activations=ActivationConfig(bits=8, method=CalibrationMethod(method), samples=len(images)))
+        act = ActivationConfig(bits=8, method=CalibrationMethod(method), samples=len(images))
+        config = QuantizeConfig(bits=weight_bits, activations=act)
         save_model(quantize(model, config, data), out)
     elif method != "baseline":
-        ort_w8a8(model, out, [{"input": images[i : i + BATCH]} for i in range(0, len(images), BATCH)], method)
+        ort_w8a8(model, out, [{"input": images[i : i + BATCH]} for i in range(0, len(images), BATCH)], method, weight_bits)
     print(json.dumps({"setup_s": loaded - start, "quantize_s": time.perf_counter() - loaded}))
 
 
@@ -104,9 +106,9 @@ print('{"wall_s": %r, "rss_kib": %d, "launcher_kib": %d, "exit": %d}' % (wall, u
 """
 
 
-def run_child(kind: str, method: str, model: Path, data: Path, out: Path) -> dict[str, float]:
+def run_child(kind: str, method: str, model: Path, data: Path, out: Path, weight_bits: int) -> dict[str, float]:
     """Run ``child`` in a fresh interpreter (through LAUNCHER): wall time, peak RSS (MiB) and the child's own timings."""
-    command = [sys.executable, "-c", LAUNCHER, sys.executable, __file__, "--child", kind, method, str(model), str(data), str(out)]
+    command = [sys.executable, "-c", LAUNCHER, sys.executable, __file__, "--child", kind, method, str(model), str(data), str(out), str(weight_bits)]
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     lines = done.stdout.strip().splitlines()
     launcher = json.loads(lines[-1]) if lines else {"exit": done.returncode}
@@ -228,12 +230,15 @@ def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.nd
 # ---------------------------------------------------------------------------- calibration cost
 
 
-def bench_calibration(runs: int, images: np.ndarray, tmp: Path) -> None:
+def bench_calibration(runs: int, images: np.ndarray, tmp: Path, weight_bits: int) -> None:
     from onnxq.prepare import prepare
 
     data = tmp / "calibration.npy"
     np.save(data, images[:CALIBRATION])
-    print(f"### Calibration cost: {CALIBRATION} images, W8A8, fresh subprocess per run\n")
+    setting = f"W{weight_bits}A8"
+    if weight_bits == 4:
+        setting += " (onnxq: first/last layers 8-bit, measured bias correction; quantize_static: every weight int4)"
+    print(f"### Calibration cost: {CALIBRATION} images, {setting}, fresh subprocess per run\n")
     print(f"median over {runs} interleaved runs; wall = the whole subprocess (interpreter, imports, load, quantize, write);")
     print("quantize = the quantizer call alone, timed inside the child; peak RSS of the child\n")
     print("| model | quantizer | method | wall s | quantize s | peak RSS MiB | wall - baseline s | RSS - baseline MiB |")
@@ -248,7 +253,7 @@ def bench_calibration(runs: int, images: np.ndarray, tmp: Path) -> None:
         for _ in range(runs):
             for kind, method, source in jobs:
                 out = tmp / f"out.{kind}.{method}.onnx"
-                results[(kind, method)].append(run_child(kind, method, source, data, out))
+                results[(kind, method)].append(run_child(kind, method, source, data, out, weight_bits))
                 out.unlink(missing_ok=True)
         for kind, method, _ in jobs:
             wall, quant, rss = (float(np.median([r[k] for r in results[(kind, method)]])) for k in ("wall_s", "quantize_s", "rss_mib"))
@@ -262,14 +267,15 @@ def bench_calibration(runs: int, images: np.ndarray, tmp: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--child":
-        kind, method, model, data, out = sys.argv[2:7]
-        child(kind, method, Path(model), Path(data), Path(out))
+        kind, method, model, data, out, weight_bits = sys.argv[2:8]
+        child(kind, method, Path(model), Path(data), Path(out), int(weight_bits))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=300, help="interleaved rounds at batch 1 (batch 32 runs an eighth as many)")
     parser.add_argument("--calibration-runs", type=int, default=3, help="subprocess runs per quantizer and method")
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-calibration", action="store_true")
+    parser.add_argument("--weight-bits", type=int, choices=(8, 4), nargs="+", default=[8, 4], help="weight bits of the calibration-cost runs")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice to pre-process, once per call
     import onnxruntime
@@ -286,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
         if not args.skip_latency:
             bench_latency(args.rounds, calib, test, Path(tmp))
         if not args.skip_calibration:
-            bench_calibration(args.calibration_runs, images, Path(tmp))
+            for bits in args.weight_bits:
+                bench_calibration(args.calibration_runs, images, Path(tmp), bits)
     return 0
 
 
