@@ -527,6 +527,7 @@ struct FusedAvx2 {
 }  // namespace
 
 void DepthwiseFusedAvx2(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx2>(d); }
+void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx2::QuantizeRun(d, n, dst); }
 
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                    const float* bias, float* out) {

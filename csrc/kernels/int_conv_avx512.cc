@@ -325,6 +325,7 @@ struct FusedAvx512 {
 }  // namespace
 
 void DepthwiseFusedAvx512(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx512>(d); }
+void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx512::QuantizeRun(d, n, dst); }
 
 void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                      const float* bias, float* out) {

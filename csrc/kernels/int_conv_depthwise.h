@@ -2,7 +2,7 @@
 // the walk over output channels and blocks of matrix columns. Included only by int_conv_avx2.cc and
 // int_conv_avx512.cc, each after defining its kernel struct K:
 //   K::kBlock                      matrix columns per block (a multiple of 16)
-//   K::QuantizeRun(d, n, dst)      dst[i] = QuantizeOne(d.x[i]) for i < n; may write up to 64 bytes
+//   K::QuantizeRun(d, n, dst)      (QuantizeFused*) dst[i] = QuantizeOne(d.x[i]) for i < n; may write up to 64 bytes
 //                                  past n, and reads no float past n
 //   K::Consts(d, i)                output channel i's constants, in registers
 //   K::Block<kPost, kBias, kGroups>(d, consts, p0, out)
@@ -52,11 +52,9 @@ inline void CopyRow(uint8_t* dst, const uint8_t* src, int64_t n) {
 }
 
 // The padded plane: z everywhere once per scratch buffer (d.fresh; rows of X never overwrite the
-// padding), then the channel quantized into d.bytes and copied row by row.
-template <class K>
-void BuildPlane(const DepthwiseFused& d) {
+// padding), then the quantized channel (d.bytes) copied row by row.
+inline void BuildPlane(const DepthwiseFused& d) {
   if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.hp * d.wp + kFusedSlack));
-  K::QuantizeRun(d, d.h * d.w, d.bytes);
   uint8_t* row = d.plane + d.pt * d.wp + d.pl;
   for (int64_t iy = 0; iy < d.h; ++iy, row += d.wp) CopyRow(row, d.bytes + iy * d.w, d.w);
 }
@@ -81,7 +79,7 @@ void FusedChannel(const DepthwiseFused& d, int64_t i) {
 
 template <class K>
 void DepthwiseFusedT(const DepthwiseFused& d) {
-  BuildPlane<K>(d);
+  BuildPlane(d);
   for (int64_t i = 0; i < d.outputs; ++i) {
     if (d.post) {
       d.bias != nullptr ? FusedChannel<K, true, true>(d, i) : FusedChannel<K, true, false>(d, i);

@@ -113,7 +113,7 @@ struct DepthwiseFused {
   int64_t h, w, pt, pl, hp, wp;   // the plane: hp x wp, X at rows pt.., columns pl..
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide)
   int32_t z;
-  uint8_t* bytes;                 // scratch: h*w + kFusedSlack bytes
+  uint8_t* bytes;                 // the channel quantized (QuantizeFused*), h x w
   uint8_t* plane;                 // scratch: hp*wp + kFusedSlack bytes
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
   int64_t span;                   // matrix columns: (oh - 1) * wp + ow
@@ -136,6 +136,10 @@ constexpr int64_t kFusedSlack = 128;
 
 void DepthwiseFusedAvx2(const DepthwiseFused& d);
 void DepthwiseFusedAvx512(const DepthwiseFused& d);
+// DepthwiseFused's quantization: dst[i] = QuantizeOne(d.x[i]) for i < n, with d's parameters
+// (scale, inverse, lo, hi, z); writes up to 64 bytes past n. Run over several channels at once.
+void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst);
+void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst);
 
 // Depthwise convolutions with one output per input channel on small images, 16 channels at once
 // in the vector lanes: no per-channel cost, which small images do not repay. The input block is

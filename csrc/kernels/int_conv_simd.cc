@@ -313,8 +313,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const Geometry& g = *job.g;
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
-  // Scratch: the quantized channel, then the plane (small images: on the stack).
-  const int64_t bytes_size = RoundUp(g.h * g.w + kFusedSlack, 64);
+  const int64_t g1 = std::min(g0 + job.channels, g.group);
+  // Scratch: the task's channels quantized, then the plane (small images: on the stack).
+  const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
   const int64_t scratch_size = bytes_size + job.hp * job.wp + kFusedSlack;
   alignas(64) uint8_t local[16384];
   std::unique_ptr<uint8_t[]> heap;
@@ -335,7 +336,6 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.lo = job.x_lo;
   d.hi = job.x_hi;
   d.z = job.z;
-  d.bytes = scratch;
   d.plane = scratch + bytes_size;
   d.fresh = true;
   d.span = job.span;
@@ -346,9 +346,17 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.offsets = job.offsets.data();
   d.outputs = g.mg;
   d.post = job.post;
-  for (int64_t gi = g0; gi < std::min(g0 + job.channels, g.group); ++gi) {
+  // The channels are contiguous in X: one quantization run for all of them.
+  d.x = job.x + (n * g.c + g0) * g.h * g.w;
+  if (job.isa == Isa::kAvx512) {
+    QuantizeFusedAvx512(d, (g1 - g0) * g.h * g.w, scratch);
+  } else {
+    QuantizeFusedAvx2(d, (g1 - g0) * g.h * g.w, scratch);
+  }
+  for (int64_t gi = g0; gi < g1; ++gi) {
     const int64_t m = gi * g.mg;
     d.x = job.x + (n * g.c + gi) * g.h * g.w;
+    d.bytes = scratch + (gi - g0) * g.h * g.w;
     d.weights = job.fused_weights->data() + m * 2 * d.groups;
     d.z_e = job.fused_z.data() + m;
     d.z_o = job.fused_z.data() + g.m + m;
