@@ -108,6 +108,25 @@ CASES = [
     # 4 channels; images of fewer than 8 pixels; stride 2 with dilation
     Case("PostConv", 4, 2, 20, (2, 3), 20, (3, 3), pads=(1, 1, 1, 1), group=20, calibrated=True),
     Case("IntConv", 3, 1, 36, (11, 12), 36, (3, 3), strides=(2, 2), pads=(2, 1, 1, 2), dilations=(2, 1), group=36),
+    # depthwise straight from the float input (DepthwiseFused: unit horizontal stride and dilation):
+    # blocks of 64 (VNNI) / 32 (AVX2) columns over several rows, tails of the quantized channel,
+    # asymmetric and missing padding, vertical stride and dilation, 1 to 8 taps per row (groups of
+    # 4 or 2 taps with unused ones), 2 outputs per input channel, 8-bit weights (AVX2: not narrow,
+    # not fused), rows of 1 to 3 pixels and rows wider than a block, many channels over tasks
+    Case("IntConv", 4, 2, 19, (28, 28), 19, (3, 3), pads=(1, 1, 1, 1), group=19),
+    Case("PostConv", 4, 1, 7, (7, 7), 7, (3, 3), pads=(1, 1, 1, 1), group=7, calibrated=True),
+    Case("PostConv", 3, 1, 5, (13, 9), 5, (3, 3), pads=(0, 2, 1, 0), group=5, bias=False),
+    Case("IntConv", 4, 1, 6, (17, 23), 6, (5, 5), pads=(2, 2, 2, 2), dilations=(2, 1), group=6),
+    Case("IntConv", 4, 1, 4, (15, 70), 4, (3, 3), strides=(2, 1), pads=(1, 1, 1, 1), group=4, calibrated=True),
+    Case("PostConv", 4, 1, 3, (9, 11), 3, (1, 8), pads=(0, 4, 0, 3), group=3),
+    Case("IntConv", 2, 1, 3, (6, 5), 3, (2, 4), group=3, bias=False),
+    Case("PostConv", 4, 1, 4, (10, 6), 8, (3, 1), pads=(1, 0, 1, 0), group=4),
+    Case("IntConv", 8, 1, 5, (12, 13), 5, (3, 3), pads=(1, 1, 1, 1), group=5),
+    Case("IntConv", 8, 1, 4, (9, 9), 8, (7, 7), pads=(3, 3, 3, 3), group=4, calibrated=True),
+    Case("PostConv", 4, 3, 6, (1, 1), 6, (3, 3), pads=(1, 1, 1, 1), group=6),
+    Case("IntConv", 4, 1, 5, (4, 3), 5, (3, 3), pads=(2, 1, 0, 1), group=5),
+    Case("PostConv", 2, 1, 4, (3, 2), 4, (2, 2), pads=(1, 1, 1, 1), group=4),
+    Case("IntConv", 4, 2, 80, (7, 7), 80, (3, 3), pads=(1, 1, 1, 1), group=80, calibrated=True),
 ]
 
 
@@ -290,6 +309,37 @@ def test_auto_kernel_on_a_larger_layer_with_one_and_two_threads(hw):
     for threads in (1, 2):
         (y,) = session(model, threads=threads).run(None, {"X": x})
         np.testing.assert_array_equal(y, want, err_msg=f"{threads} threads")
+
+
+def _quantize_exact(x: np.ndarray, s: np.float32, z: int) -> np.ndarray:
+    """QuantizeOne (int_conv.h) elementwise, with a NaN giving 0: clamp(round_half_even(x / s) + z, 0, 255)."""
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        v = np.clip(x / s, np.float32(-z), np.float32(255 - z))
+    return np.where(np.isnan(v), 0, np.rint(np.nan_to_num(v)) + z).astype(np.int64)
+
+
+@pytest.mark.parametrize("x_scale,z", [(0.1, 100), (1 / 255, 0), (3.0, 255), (1e-39, 7), (2.0**101, 128), (2.0**-100, 40)])
+def test_fused_quantization_near_ties_and_special_values(x_scale, z):
+    """Depthwise ops quantize X with x * (1/s) on a fixed-point grid, and divide only near ties: every kernel
+    still gives QuantizeOne's codes, for values at, next to and between half-integer multiples of s, NaN,
+    infinities and huge values, and for scales whose inverse the fast path cannot use (1e-39, 2^101)."""
+    s = np.float32(x_scale)
+    k = np.arange(-300, 300, dtype=np.float32)
+    ties = (k + np.float32(0.5)) * s
+    values = np.concatenate(
+        [ties, np.nextafter(ties, np.float32(np.inf)), np.nextafter(ties, np.float32(-np.inf)), k * s, (k + np.float32(0.25)) * s]
+    )
+    values = np.concatenate([values, np.array([np.nan, np.inf, -np.inf, 3e38, -3e38, 0.0, -0.0, 1e-45], np.float32)])
+    c = 4
+    x = np.resize(values, (1, c, 31, 37)).astype(np.float32)
+    x[0, 1] = x[0, 1, ::-1, ::-1]
+    case = Case("IntConv", 8, 1, c, (31, 37), c, (1, 1), group=c, bias=False)
+    codes = np.ones((c, 1), np.int8)
+    scale = np.ones(c, np.float32)
+    want = ((_quantize_exact(x, s, z) - z).astype(np.float32) * s).astype(np.float32)
+    for kernel in SUPPORTED_KERNELS:
+        (y,) = session(_model(case, _pack(codes, 8), scale, None, s, np.uint8(z), kernel=KERNELS[kernel])).run(None, {"X": x})
+        np.testing.assert_array_equal(y, want, err_msg=kernel)
 
 
 def test_post_conv_by_hand():

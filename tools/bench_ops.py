@@ -8,7 +8,10 @@ AVX2-only CPUs, measured on this one.
 Whole models (the shipped Fashion-MNIST ones): float, onnxq's int8 and int4 QDQ, and the
 int and post formats. Ratios are against float Conv measured in the same run.
 
-    python tools/bench_ops.py [--repeats 20] [--skip-models]
+    python tools/bench_ops.py [--repeats 20] [--skip-models] [--layers dw] [--given-scale]
+
+--layers runs only the layers whose name contains one of the words given; --given-scale adds
+columns for the same ops fed a calibrated x_scale/x_zero_point (no min/max pass over X).
 """
 
 from __future__ import annotations
@@ -106,24 +109,45 @@ def with_kernel(model: onnx.ModelProto, kernel: int) -> onnx.ModelProto:
     return copy
 
 
+def with_given_scale(model: onnx.ModelProto, x_scale: float, x_zero_point: int) -> onnx.ModelProto:
+    """A copy of ``model`` whose onnxq ops take a calibrated x_scale/x_zero_point instead of quantizing X dynamically."""
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    copy.graph.initializer.extend(
+        [numpy_helper.from_array(np.array(x_scale, np.float32), "x_scale"), numpy_helper.from_array(np.array(x_zero_point, np.uint8), "x_zero_point")]
+    )
+    for node in copy.graph.node:
+        if node.domain == DOMAIN:
+            inputs = list(node.input) + [""] * (4 - len(node.input))
+            del node.input[:]
+            node.input.extend(inputs[:4] + ["x_scale", "x_zero_point"])
+    return copy
+
+
 def has_avx512_vnni() -> bool:
     """Whether the ops' default kernel here is the AVX-512 VNNI one (so forcing AVX2 measures something else)."""
     return {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_description().split("flags: ")[-1].split())
 
 
-def bench_layers(repeats: int) -> None:
+def bench_layers(repeats: int, layers: list[str] | None = None, given_scale: bool = False) -> None:
     proxy = has_avx512_vnni()
-    extra = " IntConv AVX2 (forced) | PostConv AVX2 (forced) |" if proxy else ""
-    print("| layer | batch | float Conv ms | QLinearConv u8xs8 | IntConv 4-bit | PostConv 4-bit |" + extra)
-    print("|---|---:|---:|---:|---:|---:|" + ("---:|---:|" if proxy else ""))
-    rng = np.random.default_rng(0)
-    for name, c_in, c_out, size, k, stride, group in LAYERS:
+    titles = ["IntConv 4-bit", "PostConv 4-bit"] + (["IntConv AVX2 (forced)", "PostConv AVX2 (forced)"] if proxy else [])
+    if given_scale:
+        titles += [t + " x_scale" for t in titles]
+    print("| layer | batch | float Conv ms | QLinearConv u8xs8 | " + " | ".join(titles) + " |")
+    print("|---|---:|---:|---:|" + "---:|" * len(titles))
+    for index, (name, c_in, c_out, size, k, stride, group) in enumerate(LAYERS):
+        if layers and not any(word in name for word in layers):
+            continue
+        rng = np.random.default_rng(index)  # (its own seed: a subset measures the same data as the full table)
         weight = (rng.standard_normal((c_out, c_in // group, k, k)) * 0.05).astype(np.float32)
         float_model = conv_model(c_in, c_out, k, stride, group, weight)
         ops = {
             fmt: quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None)) for fmt in (WeightFormat.INT, WeightFormat.POST)
         }
         variants = list(ops.values()) + ([with_kernel(m, 2) for m in ops.values()] if proxy else [])
+        if given_scale:  # X is uniform in [0, 1): the range a calibration would give
+            variants += [with_given_scale(m, 1 / 255, 0) for m in variants]
         for batch in (1, 8):
             x = rng.random((batch, c_in, size, size), dtype=np.float32)
             base = best_ms(one_thread_session(float_model), {"x": x}, repeats)
@@ -157,13 +181,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--layers", nargs="+", metavar="WORD", help="only the layers whose name contains one of these (e.g. dw)")
+    parser.add_argument("--given-scale", action="store_true", help="also run the ops with a calibrated x_scale/x_zero_point")
     args = parser.parse_args(argv)
     print(cpu_description())
     print(
         f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), "
         f"least thread CPU time of {args.repeats} runs\n"
     )
-    bench_layers(args.repeats)
+    bench_layers(args.repeats, args.layers, args.given_scale)
     if not args.skip_models:
         bench_models(args.repeats)
     return 0

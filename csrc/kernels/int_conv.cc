@@ -260,8 +260,6 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     min_max(x_data, count, &mn, &mx);
     params = qdu8::MakeParams(mn, mx);
   }
-  std::vector<uint8_t> xq(count);
-  quantize(x_data, count, params, xq.data());
 
   // Weights: prepared once while W is a constant initializer.
   const auto* w_data = w.GetTensorData<uint8_t>();
@@ -273,6 +271,11 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   } else {
     pw = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
   }
+
+  // X quantized, unless the depthwise kernels quantize it channel by channel as they go.
+  const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && iconv::UsesFusedDepthwise(g, *pw, isa_);
+  std::vector<uint8_t> xq(fused ? 0 : count);
+  if (!fused) quantize(x_data, count, params, xq.data());
 
   // Per-channel float factors, once per call (int_conv.h).
   const float* scale_data = scale.GetTensorData<float>();
@@ -303,7 +306,11 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   args.isa = isa_;
   args.post = post_;
   args.z = z;
-  args.xq = xq.data();
+  args.xq = fused ? nullptr : xq.data();
+  args.x = fused ? x_data : nullptr;
+  args.x_scale = params.scale;
+  args.x_lo = params.lo;
+  args.x_hi = params.hi;
   args.c_e = c_e.data();
   args.c_o = c_o.data();
   args.bias = bias_data;

@@ -15,6 +15,7 @@
 
 #include <cstring>
 
+#include "kernels/int_conv_depthwise.h"
 #include "kernels/int_conv_kernels.h"
 
 namespace onnxq::iconv {
@@ -385,6 +386,148 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d) {
     d.taps == 9 ? Lanes<false, 9>(d) : Lanes<false, 0>(d);
   }
 }
+
+namespace {
+
+// For each mask of 8 lanes, the lanes it keeps, in order, one per byte (then zeros): vpermps
+// indices that pack the kept lanes low (AVX2 has no vcompressps).
+struct CompressTable {
+  uint64_t lanes[256];
+  constexpr CompressTable() : lanes() {
+    for (int m = 0; m < 256; ++m) {
+      int n = 0;
+      for (int j = 0; j < 8; ++j) {
+        if ((m >> j) & 1) lanes[m] |= static_cast<uint64_t>(j) << (8 * n++);
+      }
+    }
+  }
+};
+constexpr CompressTable kCompress{};
+
+// DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 32 columns as 2 phases, vector r
+// holding columns p0 + 2i + r in int16 lane i, so that each of its words is the 2 bytes of plane row
+// ky at column 2i + r + 2j..: one vpmaddubsw per tap group and phase. Every list is narrow (sum
+// |w| <= 128), so no pair saturates and the int16 sums, which start at -z_x * sum w, end exact.
+struct FusedAvx2 {
+  static constexpr int64_t kBlock = 32;
+
+  // 32 values quantized (int_conv_kernels.h, FixedBase) into bytes, in order.
+  static inline __m256i Quantize32(const DepthwiseFused& d, const __m256 x[4]) {
+    const __m256 lo = _mm256_set1_ps(d.lo), hi = _mm256_set1_ps(d.hi);
+    __m256i q[4];
+    bool ties = true;
+    if (d.inverse != 0.0f) {
+      const __m256 inverse = _mm256_set1_ps(d.inverse), magic = _mm256_set1_ps(kFixedMagic);
+      const __m256i base = _mm256_set1_epi32(FixedBase(d.z)), fraction = _mm256_set1_epi32(4095);
+      __m256i any = _mm256_setzero_si256();
+      for (int k = 0; k < 4; ++k) {
+        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x[k], inverse), lo), hi);
+        const __m256i fixed = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(t, magic)), base);
+        any = _mm256_or_si256(any, _mm256_cmpeq_epi32(_mm256_and_si256(fixed, fraction), _mm256_setzero_si256()));
+        q[k] = _mm256_srai_epi32(fixed, 12);
+      }
+      ties = !_mm256_testz_si256(any, any);
+    }
+    if (ties) {  // QuantizeAvx2's exact steps: divide, clamp (NaN -> lo), round half to even
+      const __m256 scale = _mm256_set1_ps(d.scale);
+      const __m256i zero_point = _mm256_set1_epi32(d.z);
+      for (int k = 0; k < 4; ++k) {
+        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(x[k], scale), lo), hi);
+        q[k] = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero_point);
+      }
+    }
+    // Values are in [0, 255], so the saturating packs are exact. They work per 128-bit half,
+    // leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1; the permute restores a b c d.
+    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+
+  static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
+    __m256 x[4];
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+      for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(d.x + i + 8 * k);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(d, x));
+    }
+    if (i < n) {  // (lanes past n: 0)
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      for (int k = 0; k < 4; ++k) {
+        const int64_t left = n - i - 8 * k;
+        const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(left > 8 ? 8 : left)), lane);
+        x[k] = left > 0 ? _mm256_maskload_ps(d.x + i + 8 * k, inside) : _mm256_setzero_ps();
+      }
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(d, x));
+    }
+  }
+
+  struct Consts {
+    __m256i z_e, z_o;
+    __m256 c_e, c_o, bias;
+    const int32_t *w_e, *w_o;
+    Consts(const DepthwiseFused& d, int64_t i)
+        : z_e(_mm256_set1_epi16(static_cast<int16_t>(-d.z_e[i]))),
+          z_o(_mm256_set1_epi16(static_cast<int16_t>(d.post ? -d.z_o[i] : 0))),
+          c_e(_mm256_set1_ps(d.c_e[i])),
+          c_o(_mm256_set1_ps(d.c_o[i])),
+          bias(_mm256_set1_ps(d.bias != nullptr ? d.bias[i] : 0.0f)),
+          w_e(d.weights + i * 2 * d.groups),
+          w_o(d.weights + (i * 2 + 1) * d.groups) {}
+  };
+
+  // The two phases' int16 sums as int32 in column order: 0-7, 8-15, 16-23, 24-31.
+  static inline void Widen(__m256i even, __m256i odd, __m256i out[4]) {
+    const __m256i lo = _mm256_unpacklo_epi16(even, odd), hi = _mm256_unpackhi_epi16(even, odd);
+    out[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo));
+    out[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi));
+    out[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo, 1));
+    out[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1));
+  }
+
+  template <bool kPost, bool kBias, int kGroups>
+  static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+    __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o};
+    const int64_t groups = kGroups > 0 ? kGroups : d.groups;
+    const uint8_t* base = d.plane + p0;
+    for (int64_t t = 0; t < groups; ++t) {
+      const uint8_t* src = base + d.offsets[t];
+      const __m256i w_e = _mm256_set1_epi16(static_cast<int16_t>(c.w_e[t]));
+      const __m256i w_o = kPost ? _mm256_set1_epi16(static_cast<int16_t>(c.w_o[t])) : w_e;
+      for (int r = 0; r < 2; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r));
+        e[r] = _mm256_add_epi16(e[r], _mm256_maddubs_epi16(x, w_e));
+        if (kPost) o[r] = _mm256_add_epi16(o[r], _mm256_maddubs_epi16(x, w_o));
+      }
+    }
+    __m256i e32[4], o32[4];
+    Widen(e[0], e[1], e32);
+    if (kPost) Widen(o[0], o[1], o32);
+    for (int k = 0; k < 4; ++k) {
+      // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
+      __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);
+      if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(o32[k]), c.c_o));
+      if (kBias) y = _mm256_add_ps(y, c.bias);
+      // The kept columns of these 8, packed low, to their outputs: a whole vector where the
+      // lanes past them fall on outputs that later vectors write (vmaskmovps stores are slow on
+      // AMD CPUs), else only them.
+      const int64_t g = p0 / 8 + k;
+      const int64_t start = d.starts[g], count = d.starts[g + 1] - start;
+      const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress.lanes[d.keep[g]])));
+      y = _mm256_permutevar8x32_ps(y, lanes);
+      if (start + 8 <= d.pixels) {
+        _mm256_storeu_ps(out + start, y);
+      } else {
+        alignas(32) float kept[8];
+        _mm256_store_ps(kept, y);
+        for (int64_t j = 0; j < count; ++j) out[start + j] = kept[j];
+      }
+    }
+  }
+};
+
+}  // namespace
+
+void DepthwiseFusedAvx2(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx2>(d); }
+void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx2::QuantizeRun(d, n, dst); }
 
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                    const float* bias, float* out) {

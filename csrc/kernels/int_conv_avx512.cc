@@ -7,6 +7,7 @@
 
 #include <cstring>
 
+#include "kernels/int_conv_depthwise.h"
 #include "kernels/int_conv_kernels.h"
 
 namespace onnxq::iconv {
@@ -198,6 +199,133 @@ void DepthwiseAvx512(const Depthwise& d) {
     narrow ? DepthwiseLists<true, false>(d) : DepthwiseLists<false, false>(d);
   }
 }
+
+namespace {
+
+// DepthwiseFused's AVX-512 VNNI kernel (int_conv_depthwise.h): a block is 64 columns as 4 phases,
+// vector r holding columns p0 + 4i + r in lane i, so that each of its dwords is the 4 bytes of
+// plane row ky at column 4i + r + 4j..: one vpdpbusd per tap group and phase, any int8 weights.
+struct FusedAvx512 {
+  static constexpr int64_t kBlock = 64;
+
+  // 16 * kCount values quantized (int_conv_kernels.h, FixedBase) into bytes, in order (past them:
+  // any bytes).
+  template <int kCount>
+  static inline __m512i Quantize(const DepthwiseFused& d, const __m512 x[4]) {
+    const __m512 lo = _mm512_set1_ps(d.lo), hi = _mm512_set1_ps(d.hi);
+    __m512i q[4];
+    __mmask16 ties = 0xFFFF;
+    if (d.inverse != 0.0f) {
+      const __m512 inverse = _mm512_set1_ps(d.inverse), magic = _mm512_set1_ps(kFixedMagic);
+      const __m512i base = _mm512_set1_epi32(FixedBase(d.z)), fraction = _mm512_set1_epi32(4095);
+      ties = 0;
+      for (int k = 0; k < kCount; ++k) {
+        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x[k], inverse), lo), hi);
+        const __m512i fixed = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(t, magic)), base);
+        ties |= _mm512_testn_epi32_mask(fixed, fraction);
+        q[k] = _mm512_srai_epi32(fixed, 12);
+      }
+    }
+    if (ties != 0) {  // QuantizeAvx512's exact steps: divide, clamp (NaN -> lo), round half to even
+      const __m512 scale = _mm512_set1_ps(d.scale);
+      const __m512i zero_point = _mm512_set1_epi32(d.z);
+      for (int k = 0; k < kCount; ++k) {
+        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x[k], scale), lo), hi);
+        q[k] = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero_point);
+      }
+    }
+    // Values are in [0, 255], so the narrowing conversions and saturating packs are exact. The
+    // packs work per 128-bit lane, leaving lane j's 16 bytes as 4 of q[0], q[1], q[2], q[3]; the
+    // permute restores the order.
+    if (kCount == 1) return _mm512_castsi128_si512(_mm512_cvtusepi32_epi8(q[0]));
+    for (int k = kCount; k < 4; ++k) q[k] = q[0];
+    const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+  }
+
+  static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
+    __m512 x[4];
+    int64_t i = 0;
+    for (; i + 64 <= n; i += 64) {
+      for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_ps(d.x + i + 16 * k);
+      _mm512_storeu_si512(dst + i, Quantize<4>(d, x));
+    }
+    if (i < n) {  // (lanes past n: 0)
+      for (int k = 0; k < 4; ++k) {
+        const int64_t left = n - i - 16 * k;
+        x[k] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0),
+                                     d.x + i + 16 * k);
+      }
+      _mm512_storeu_si512(dst + i, Quantize<4>(d, x));
+    }
+  }
+
+  struct Consts {
+    __m512i z_e, z_o;
+    __m512 c_e, c_o, bias;
+    const int32_t *w_e, *w_o;
+    Consts(const DepthwiseFused& d, int64_t i)
+        : z_e(_mm512_set1_epi32(-d.z_e[i])),
+          z_o(_mm512_set1_epi32(d.post ? -d.z_o[i] : 0)),
+          c_e(_mm512_set1_ps(d.c_e[i])),
+          c_o(_mm512_set1_ps(d.c_o[i])),
+          bias(_mm512_set1_ps(d.bias != nullptr ? d.bias[i] : 0.0f)),
+          w_e(d.weights + i * 2 * d.groups),
+          w_o(d.weights + (i * 2 + 1) * d.groups) {}
+  };
+
+  template <bool kPost, bool kBias, int kGroups>
+  static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+    // The sums start at -z_x * sum w: the zero-point correction of int_conv.h, done.
+    __m512i e[4], o[4];
+    for (int r = 0; r < 4; ++r) {
+      e[r] = c.z_e;
+      o[r] = c.z_o;
+    }
+    const int64_t groups = kGroups > 0 ? kGroups : d.groups;
+    const uint8_t* base = d.plane + p0;
+    for (int64_t t = 0; t < groups; ++t) {
+      const uint8_t* src = base + d.offsets[t];
+      const __m512i w_e = _mm512_set1_epi32(c.w_e[t]);
+      const __m512i w_o = kPost ? _mm512_set1_epi32(c.w_o[t]) : w_e;
+      for (int r = 0; r < 4; ++r) {
+        const __m512i x = _mm512_loadu_si512(src + r);
+        e[r] = _mm512_dpbusd_epi32(e[r], x, w_e);
+        if (kPost) o[r] = _mm512_dpbusd_epi32(o[r], x, w_o);
+      }
+    }
+    // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
+    __m512 y[4];
+    for (int r = 0; r < 4; ++r) {
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(e[r]), c.c_e);
+      if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(o[r]), c.c_o));
+      y[r] = kBias ? _mm512_add_ps(v, c.bias) : v;
+    }
+    // Phases to column order: u[k] lane 2i + a = y[a][8k + i], v[k] the same of y[2], y[3]; then
+    // columns 16q + 4i + r = y[r][4q + i] from u[q / 2], v[q / 2].
+    const __m512i pair0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const __m512i pair1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const __m512i quad0 = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+    const __m512i quad1 = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+    const __m512 u0 = _mm512_permutex2var_ps(y[0], pair0, y[1]), u1 = _mm512_permutex2var_ps(y[0], pair1, y[1]);
+    const __m512 v0 = _mm512_permutex2var_ps(y[2], pair0, y[3]), v1 = _mm512_permutex2var_ps(y[2], pair1, y[3]);
+    const __m512 columns[4] = {_mm512_permutex2var_ps(u0, quad0, v0), _mm512_permutex2var_ps(u0, quad1, v0),
+                               _mm512_permutex2var_ps(u1, quad0, v1), _mm512_permutex2var_ps(u1, quad1, v1)};
+    // The kept columns of each 16, packed to the low lanes, to their outputs.
+    for (int q = 0; q < 4; ++q) {
+      const int64_t g = p0 / 8 + 2 * q;
+      const auto keep = static_cast<__mmask16>(d.keep[g] | d.keep[g + 1] << 8);
+      const int64_t start = d.starts[g], count = d.starts[g + 2] - start;
+      _mm512_mask_storeu_ps(out + start, static_cast<__mmask16>((1u << count) - 1),
+                            _mm512_maskz_compress_ps(keep, columns[q]));
+    }
+  }
+};
+
+}  // namespace
+
+void DepthwiseFusedAvx512(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx512>(d); }
+void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx512::QuantizeRun(d, n, dst); }
 
 void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                      const float* bias, float* out) {

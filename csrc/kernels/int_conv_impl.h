@@ -74,7 +74,16 @@ struct PackedWeights {
   // The same weights for DepthwiseLanes (one output per input channel, every list narrow; else
   // empty): [M / 16 rounded up][2][kh*kw][16], list 0 then list 1, 0 for channels past M.
   std::vector<int16_t> lane_weights;
+  // The same weights dense for DepthwiseFused (int_conv_kernels.h): [M][2][kh][ceil(kw / G)],
+  // G = 4 taps per int32 (quads: one int8 per byte, VNNI) or G = 2 per int16 (pairs: AVX2, only
+  // where every list is narrow, else empty), 0 for taps past kw.
+  std::vector<int32_t> quads, pairs;
 };
+
+// Whether the SIMD kernels run this depthwise convolution straight from the float input
+// (DepthwiseFused: unit horizontal stride and dilation; AVX2 needs narrow lists). Then SimdArgs::x
+// and the quantization parameters replace xq.
+bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa);
 
 // Decode and check W's codes (M rows of row_bytes) for the K of g, and lay them out for the kernel
 // `isa`; throws InvalidArgument for a PostConv code out of range.
@@ -92,7 +101,9 @@ struct SimdArgs {
   Isa isa;
   bool post;
   uint8_t z;                      // z_x
-  const uint8_t* xq;              // X quantized, N C H W
+  const uint8_t* xq;              // X quantized, N C H W (null for UsesFusedDepthwise)
+  const float* x;                 // X (UsesFusedDepthwise), quantized with x_scale, x_lo, x_hi, z as
+  float x_scale, x_lo, x_hi;      // qdu8::Params scale, lo, hi
   const float *c_e, *c_o, *bias;  // [M] each; bias may be null
   float* y;                       // Y, N M OH OW
   int64_t pad_bottom, pad_right;

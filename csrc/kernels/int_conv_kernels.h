@@ -100,6 +100,47 @@ struct Depthwise {
 void DepthwiseAvx2(const Depthwise& d);
 void DepthwiseAvx512(const Depthwise& d);
 
+// Depthwise convolutions with unit horizontal stride and dilation, straight from the float input
+// (int_conv_depthwise.h): per input channel, X quantized (qdu8::QuantizeOne's values) and padded
+// into one plane of hp x wp bytes (z_x around X), then each of its output channels as multiply-adds
+// of horizontally adjacent taps, whose bytes lie side by side in the plane: 4 taps per vpdpbusd
+// dword (AVX-512 VNNI, any int8 weights), 2 per vpmaddubsw word with int16 sums (AVX2, every list
+// narrow). Matrix column p = oy * wp + ox is output pixel (oy, ox) when ox < ow (else dropped);
+// the tap group t of kernel row ky, taps kx = G*j .. G*j + G-1 (G = 4 or 2, 0 weights past kw),
+// reads plane[offsets[t] + p], offsets[t] = ky*dh*wp + G*j.
+struct DepthwiseFused {
+  const float* x;                 // the input channel, h x w
+  int64_t h, w, pt, pl, hp, wp;   // the plane: hp x wp, X at rows pt.., columns pl..
+  float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide)
+  int32_t z;
+  uint8_t* bytes;                 // the channel quantized (QuantizeFused*), h x w
+  uint8_t* plane;                 // scratch: hp*wp + kFusedSlack bytes
+  bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
+  int64_t span;                   // matrix columns: (oh - 1) * wp + ow
+  int64_t pixels;                 // outputs per output channel: oh * ow
+  const uint8_t* keep;            // bit j of keep[i]: column 8*i + j is an output (to the last block's end)
+  const int64_t* starts;          // starts[i]: outputs before column 8*i
+  int64_t groups;                 // tap groups: kh * ceil(kw / G)
+  const int64_t* offsets;         // [groups]
+  int64_t outputs;                // output channels of this input channel
+  const int32_t* weights;         // [outputs][2][groups]: list 0 (w / w_even), list 1 (w_odd); G int8 per group
+                                  // (AVX-512) or an int16 of 2 int8 (AVX2)
+  const int32_t *z_e, *z_o;       // [outputs]: z_x * sum of each list's weights
+  const float *c_e, *c_o, *bias;  // [outputs]; bias may be null
+  bool post;
+  float* out;                     // output channel i's plane at out + i * pixels
+};
+
+// Bytes after the scratch data that the kernels may read or write.
+constexpr int64_t kFusedSlack = 128;
+
+void DepthwiseFusedAvx2(const DepthwiseFused& d);
+void DepthwiseFusedAvx512(const DepthwiseFused& d);
+// DepthwiseFused's quantization: dst[i] = QuantizeOne(d.x[i]) for i < n, with d's parameters
+// (scale, inverse, lo, hi, z); writes up to 64 bytes past n. Run over several channels at once.
+void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst);
+void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst);
+
 // Depthwise convolutions with one output per input channel on small images, 16 channels at once
 // in the vector lanes: no per-channel cost, which small images do not repay. The input block is
 // x[y][x][16] (the padded image, 16 channels per pixel); output pixel (oy, ox) of lane i is
@@ -138,6 +179,27 @@ inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_
     y = static_cast<float>(acc_e) * c_e;
   }
   return bias != nullptr ? y + *bias : y;
+}
+
+// Fused quantization without a division per value: x / scale is computed as x * inverse and
+// clamped to [lo, hi]; adding 3072 (whose float ulp is 2^-12) then rounds it to a multiple of 2^-12,
+// a fixed-point number v whose bits are those of the float (less 3072's). It rounds to the same
+// integer as QuantizeOne's correctly rounded quotient unless v is a half-integer. For scales in
+// [2^-100, 2^100] (inverse normal), |x * inverse - fl(x / scale)| <= 3 * 2^-24 * |x / scale| (the
+// inverse and the product each rounded once, the quotient once); where |x / scale| > 512 both clamp
+// to the same bound, elsewhere the error is below 2^-13.4, and clamping never widens it. So a half-
+// integer h between the two clamped values (or equal to QuantizeOne's) lies within 2^-13.4 < 2^-13
+// of x * inverse, which then rounds to v = h: the kernels recompute such blocks by division (about
+// 1 value in 4000 is near enough to a tie), and round every other v half up (it is no tie).
+constexpr float kFixedMagic = 3072.0f;          // 1.5 * 2^11: [2048, 4096) holds every v + 3072
+constexpr int32_t kFixedMagicBits = 0x45400000;  // its bits
+// The fixed-point value (v + z) * 4096 + 2048 is bits(v + 3072) - FixedBase(z): its top bits are
+// round half up of v, plus z; its low 12 bits are 0 exactly when v is a half-integer.
+inline int32_t FixedBase(int32_t z) { return kFixedMagicBits - z * 4096 - 2048; }
+
+// 1 / scale where the bound above holds, else 0 (always divide).
+inline float FusedInverse(float scale) {
+  return scale >= 0x1p-100f && scale <= 0x1p100f ? 1.0f / scale : 0.0f;
 }
 
 // Finish over a run of n pixels of one output channel: out[i] from the raw sums e[i] (and o[i]

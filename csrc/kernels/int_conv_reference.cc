@@ -101,6 +101,22 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         }
       }
     }
+    // DepthwiseFused's dense weights: taps side by side in groups of 4 (int8 in an int32) and of 2
+    // (int8 in an int16, where every list is narrow).
+    const int64_t kw4 = (g.kw + 3) / 4, kw2 = (g.kw + 1) / 2;
+    pw->quads.assign(static_cast<size_t>(g.m * 2 * g.kh * kw4), 0);
+    if (narrow) pw->pairs.assign(static_cast<size_t>(g.m * 2 * g.kh * kw2), 0);
+    for (int64_t m = 0; m < g.m; ++m) {
+      for (int64_t list = 0; list < 2; ++list) {
+        for (int64_t i = pw->list_start[2 * m + list]; i < pw->list_start[2 * m + list + 1]; ++i) {
+          const int64_t ky = pw->taps[i] / g.kw, kx = pw->taps[i] % g.kw;
+          const auto byte = static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(pw->weights[i])));
+          auto& quad = pw->quads[static_cast<size_t>(((m * 2 + list) * g.kh + ky) * kw4 + kx / 4)];
+          quad = static_cast<int32_t>(static_cast<uint32_t>(quad) | byte << (8 * (kx % 4)));
+          if (narrow) pw->pairs[static_cast<size_t>(((m * 2 + list) * g.kh + ky) * kw2 + kx / 2)] |= byte << (8 * (kx % 2));
+        }
+      }
+    }
     std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
     return pw;
   }

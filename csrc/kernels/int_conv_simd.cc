@@ -111,6 +111,14 @@ struct SimdJob : SimdArgs {
   std::vector<int64_t> lane_offsets;
   std::vector<int32_t> lane_z;     // [2][M16]: z_e, z_o
   std::vector<float> lane_factors;  // [3][M16]: c_e, c_o, bias
+  // kDepthwise by DepthwiseFused: the padded plane's size, which columns are outputs (see
+  // DepthwiseFused), the tap groups' offsets and weights, z_x * each list's sum of weights.
+  bool fused = false;
+  std::vector<uint8_t> keep;
+  std::vector<int64_t> starts;
+  std::vector<int32_t> fused_z;  // [2][M]: z_e, z_o
+  const std::vector<int32_t>* fused_weights = nullptr;
+  float inverse = 0.0f;
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
@@ -298,6 +306,76 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   }
 }
 
+// DepthwiseFused: input channels [g0, g0 + job.channels) of image n (index n * chunks + chunk),
+// each quantized and padded, then into its output channels.
+void RunDepthwiseFused(const SimdJob& job, int64_t index) {
+#ifdef ONNXQ_X86_SIMD
+  const Geometry& g = *job.g;
+  const int64_t chunks = (g.group + job.channels - 1) / job.channels;
+  const int64_t n = index / chunks, g0 = index % chunks * job.channels;
+  const int64_t g1 = std::min(g0 + job.channels, g.group);
+  // Scratch: the task's channels quantized, then the plane (small images: on the stack).
+  const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
+  const int64_t scratch_size = bytes_size + job.hp * job.wp + kFusedSlack;
+  alignas(64) uint8_t local[16384];
+  std::unique_ptr<uint8_t[]> heap;
+  uint8_t* scratch = local;
+  if (scratch_size > static_cast<int64_t>(sizeof(local))) {
+    heap.reset(new uint8_t[static_cast<size_t>(scratch_size)]);
+    scratch = heap.get();
+  }
+  DepthwiseFused d{};
+  d.h = g.h;
+  d.w = g.w;
+  d.pt = g.pt;
+  d.pl = g.pl;
+  d.hp = job.hp;
+  d.wp = job.wp;
+  d.scale = job.x_scale;
+  d.inverse = job.inverse;
+  d.lo = job.x_lo;
+  d.hi = job.x_hi;
+  d.z = job.z;
+  d.plane = scratch + bytes_size;
+  d.fresh = true;
+  d.span = job.span;
+  d.pixels = g.pixels();
+  d.keep = job.keep.data();
+  d.starts = job.starts.data();
+  d.groups = static_cast<int64_t>(job.offsets.size());
+  d.offsets = job.offsets.data();
+  d.outputs = g.mg;
+  d.post = job.post;
+  // The channels are contiguous in X: one quantization run for all of them.
+  d.x = job.x + (n * g.c + g0) * g.h * g.w;
+  if (job.isa == Isa::kAvx512) {
+    QuantizeFusedAvx512(d, (g1 - g0) * g.h * g.w, scratch);
+  } else {
+    QuantizeFusedAvx2(d, (g1 - g0) * g.h * g.w, scratch);
+  }
+  for (int64_t gi = g0; gi < g1; ++gi) {
+    const int64_t m = gi * g.mg;
+    d.x = job.x + (n * g.c + gi) * g.h * g.w;
+    d.bytes = scratch + (gi - g0) * g.h * g.w;
+    d.weights = job.fused_weights->data() + m * 2 * d.groups;
+    d.z_e = job.fused_z.data() + m;
+    d.z_o = job.fused_z.data() + g.m + m;
+    d.c_e = job.c_e + m;
+    d.c_o = job.c_o + m;
+    d.bias = job.bias != nullptr ? job.bias + m : nullptr;
+    d.out = job.y + (n * g.m + m) * g.pixels();
+    if (job.isa == Isa::kAvx512) {
+      DepthwiseFusedAvx512(d);
+    } else {
+      DepthwiseFusedAvx2(d);
+    }
+    d.fresh = false;
+  }
+#else
+  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
+}
+
 #ifdef ONNXQ_X86_SIMD
 // 16 rows of 16 bytes transposed (r[i][j] -> r[j][i]): four rounds of interleaving row i with row
 // i + 8 are a perfect shuffle that transposes a 16 x 16 matrix.
@@ -382,7 +460,9 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
 void RunTask(void* data, size_t index) {
   auto& job = *static_cast<SimdJob*>(data);
   try {
-    if (job.lanes) {
+    if (job.fused) {
+      RunDepthwiseFused(job, static_cast<int64_t>(index));
+    } else if (job.lanes) {
       RunDepthwiseLanes(job, static_cast<int64_t>(index));
     } else if (job.pw->mode == Mode::kDepthwise) {
       RunDepthwise(job, static_cast<int64_t>(index));
@@ -450,7 +530,49 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   }
 }
 
+// DepthwiseFused's tables: which columns are outputs and where their outputs start, the tap
+// groups, and z_x * each list's sum of weights.
+void PrepareFused(SimdJob& job) {
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  job.hp = g.h + g.pt + job.pad_bottom;
+  job.wp = g.w + g.pl + job.pad_right;
+  job.cols = job.wp;
+  job.span = (g.oh - 1) * job.wp + g.ow;
+  const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
+  job.keep.assign(static_cast<size_t>(columns / 8), 0);
+  job.starts.assign(static_cast<size_t>(columns / 8 + 1), 0);
+  int64_t ox = 0, kept = 0;
+  for (int64_t p = 0; p < columns; ++p) {
+    if (p % 8 == 0) job.starts[p / 8] = kept;
+    if (p < job.span && ox < g.ow) {
+      job.keep[p / 8] |= static_cast<uint8_t>(1u << (p % 8));
+      ++kept;
+    }
+    if (++ox == job.wp) ox = 0;
+  }
+  job.starts[columns / 8] = kept;
+  const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
+  const int64_t per_row = (g.kw + taps - 1) / taps;
+  job.offsets.clear();
+  for (int64_t ky = 0; ky < g.kh; ++ky) {
+    for (int64_t j = 0; j < per_row; ++j) job.offsets.push_back(ky * g.dh * job.wp + taps * j);
+  }
+  job.fused_weights = job.isa == Isa::kAvx512 ? &pw.quads : &pw.pairs;
+  job.fused_z.resize(static_cast<size_t>(2 * g.m));
+  for (int64_t m = 0; m < g.m; ++m) {
+    job.fused_z[m] = job.z * pw.list_sum[2 * m];
+    job.fused_z[g.m + m] = job.z * pw.list_sum[2 * m + 1];
+  }
+  job.inverse = FusedInverse(job.x_scale);
+}
+
 }  // namespace
+
+bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
+  if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sh != 1 || g.sw != 1 || g.dw != 1) return false;
+  return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pairs.empty());
+}
 
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   SimdJob job;
@@ -490,6 +612,9 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
         }
       }
     }
+  } else if (UsesFusedDepthwise(g, pw, job.isa)) {
+    job.fused = true;
+    PrepareFused(job);
   } else if (pw.mode == Mode::kDepthwise) {
     job.offsets.resize(static_cast<size_t>(g.kh * g.kw));
     for (int64_t ky = 0; ky < g.kh; ++ky) {

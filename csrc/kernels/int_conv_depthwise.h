@@ -1,0 +1,94 @@
+// DepthwiseFused (int_conv_kernels.h), the parts both instruction sets share: the padded plane, and
+// the walk over output channels and blocks of matrix columns. Included only by int_conv_avx2.cc and
+// int_conv_avx512.cc, each after defining its kernel struct K:
+//   K::kBlock                      matrix columns per block (a multiple of 16)
+//   K::QuantizeRun(d, n, dst)      (QuantizeFused*) dst[i] = QuantizeOne(d.x[i]) for i < n; may write up to 64 bytes
+//                                  past n, and reads no float past n
+//   K::Consts(d, i)                output channel i's constants, in registers
+//   K::Block<kPost, kBias, kGroups>(d, consts, p0, out)
+//                                  matrix columns [p0, p0 + kBlock): the sums, Finish, and the
+//                                  outputs of the kept columns stored at out[starts[p0 / 8] ...]
+//                                  (kGroups: d.groups, or 0 for a count known only at run time)
+// Everything here is internal (anonymous namespace): each includer gets its own copy, compiled
+// with its own instruction set.
+#pragma once
+
+#include <immintrin.h>
+
+#include <cstdint>
+#include <cstring>
+
+#include "kernels/int_conv_kernels.h"
+#include "kernels/quantize_dynamic_u8_kernels.h"
+
+namespace onnxq::iconv {
+
+namespace {
+
+// n bytes from src to dst, exactly (rows of the plane must keep their padding): 16-byte vectors,
+// the last one ending at n.
+inline void CopyRow(uint8_t* dst, const uint8_t* src, int64_t n) {
+  auto copy16 = [&](int64_t i) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+  };
+  auto copy8 = [&](int64_t i) {
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)));
+  };
+  if (n >= 16) {
+    for (int64_t i = 0; i + 16 < n; i += 16) copy16(i);
+    copy16(n - 16);
+  } else if (n >= 8) {
+    copy8(0);
+    copy8(n - 8);
+  } else if (n >= 4) {
+    uint32_t head, tail;
+    std::memcpy(&head, src, 4);
+    std::memcpy(&tail, src + n - 4, 4);
+    std::memcpy(dst, &head, 4);
+    std::memcpy(dst + n - 4, &tail, 4);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+  }
+}
+
+// The padded plane: z everywhere once per scratch buffer (d.fresh; rows of X never overwrite the
+// padding), then the quantized channel (d.bytes) copied row by row.
+inline void BuildPlane(const DepthwiseFused& d) {
+  if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.hp * d.wp + kFusedSlack));
+  uint8_t* row = d.plane + d.pt * d.wp + d.pl;
+  for (int64_t iy = 0; iy < d.h; ++iy, row += d.wp) CopyRow(row, d.bytes + iy * d.w, d.w);
+}
+
+template <class K, bool kPost, bool kBias, int kGroups>
+void FusedBlocks(const DepthwiseFused& d, int64_t i) {
+  const typename K::Consts consts(d, i);
+  float* out = d.out + i * d.pixels;
+  for (int64_t p0 = 0; p0 < d.span; p0 += K::kBlock) K::template Block<kPost, kBias, kGroups>(d, consts, p0, out);
+}
+
+template <class K, bool kPost, bool kBias>
+void FusedChannel(const DepthwiseFused& d, int64_t i) {
+  if (d.groups == 3) {  // 3 x 3 kernels: 3 groups of 4 taps (VNNI), 6 of 2 (AVX2)
+    FusedBlocks<K, kPost, kBias, 3>(d, i);
+  } else if (d.groups == 6) {
+    FusedBlocks<K, kPost, kBias, 6>(d, i);
+  } else {
+    FusedBlocks<K, kPost, kBias, 0>(d, i);
+  }
+}
+
+template <class K>
+void DepthwiseFusedT(const DepthwiseFused& d) {
+  BuildPlane(d);
+  for (int64_t i = 0; i < d.outputs; ++i) {
+    if (d.post) {
+      d.bias != nullptr ? FusedChannel<K, true, true>(d, i) : FusedChannel<K, true, false>(d, i);
+    } else {
+      d.bias != nullptr ? FusedChannel<K, false, true>(d, i) : FusedChannel<K, false, false>(d, i);
+    }
+  }
+}
+
+}  // namespace
+
+}  // namespace onnxq::iconv
