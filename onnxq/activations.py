@@ -22,6 +22,7 @@ from onnxq.formats.uniform import storage_bits
 from onnxq.graph import NameSource, constant_initializers, consumers, to_array
 from onnxq.plan import WeightPlan
 from onnxq.rewrite_activations import ActivationQuant
+from onnxq.rewrite_ops import custom_op_for
 from onnxq.weights import QuantizedTensor
 
 #: Largest weight width that never saturates onnxruntime's 16-bit pair sums beside uint8 activations.
@@ -47,7 +48,24 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: Qu
     assert config.activations is not None
     weighted = {use.node: 0 for plan in plans for use in plan.uses}  # every handler's weight is input 1: data is input 0
     boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses}
-    return plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
+    sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
+    ops = integer_op_nodes(graph, plans, config)
+    if not ops:
+        return sites
+    readers = consumers(graph)
+    return [dataclasses.replace(s, feeds_integer_op=any(n.name in ops for n in readers.get(s.tensor, []))) for s in sites]
+
+
+def integer_op_nodes(graph: onnx.GraphProto, plans: list[WeightPlan], config: QuantizeConfig) -> set[str]:
+    """The names of the nodes the rewrite will turn into IntConv/PostConv (the same choice quantize makes per weight)."""
+    consts = constant_initializers(graph)
+    nodes = {node.name: node for node in graph.node}
+    return {
+        use.node
+        for plan in plans
+        if plan.tensor in consts and custom_op_for(plan, nodes, len(consts[plan.tensor].dims), config) is not None
+        for use in plan.uses
+    }
 
 
 def calibrate_activations(

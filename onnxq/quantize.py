@@ -12,7 +12,7 @@ import onnx
 from onnxq.activations import REDUCED_BITS, adjust_weight_plans, calibrate_activations, quantize_biases
 from onnxq.bias_correction import correct_biases
 from onnxq.calibrate import Calibration, CalibrationData
-from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, SqrtMode, WeightFormat
+from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, SqrtMode
 from onnxq.empirical_bias import empirical_correction
 from onnxq.errors import OnnxqError
 from onnxq.external import materialize
@@ -23,7 +23,7 @@ from onnxq.plan import Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
-from onnxq.rewrite_ops import INT_CONV, POST_CONV, convertible, declare_domain, replace_convs, take_input_quantization
+from onnxq.rewrite_ops import INT_CONV, POST_CONV, custom_op_for, declare_domain, replace_convs, take_input_quantization
 from onnxq.tensor_data import compact
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
@@ -103,7 +103,7 @@ def quantize_with_report(
         if not np.isfinite(weight).all():
             names = " ".join(plan.nodes)
             raise OnnxqError(loaded.label, f"weight {plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
-        op_type = _custom_op_for(plan, nodes, weight.ndim, config)
+        op_type = custom_op_for(plan, nodes, weight.ndim, config)
         q = _quantize_tensor(weight, plan, op_type, config, bool(activations))
         if op_type is None:
             qdq[plan.tensor] = q
@@ -178,17 +178,6 @@ def _quantize_tensor(weight: np.ndarray, plan: WeightPlan, op_type: str | None, 
     linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
     sqrt = SqrtMode.OFF if linear else config.sqrt
     return quantize_weight(weight, plan.bits, _axis(plan, config), sqrt, config.range)
-
-
-def _custom_op_for(plan: WeightPlan, nodes: dict[str, onnx.NodeProto], rank: int, config: QuantizeConfig) -> str | None:
-    """IntConv/PostConv when the format asks for it and every reader is a convertible Conv; else None (QDQ)."""
-    if config.format is WeightFormat.QDQ or plan.first_or_last and plan.bits != config.bits:
-        return None
-    if config.format is WeightFormat.POST and plan.bits > 4:
-        return None
-    if not all(convertible(nodes[use.node], rank) for use in plan.uses):
-        return None
-    return POST_CONV if config.format is WeightFormat.POST else INT_CONV
 
 
 def _opset(model: onnx.ModelProto) -> int:

@@ -7,8 +7,12 @@ a step per input and channel from a small adapter computed in the graph, in stan
     x -> Div(r) -> QuantizeLinear(1, z_c, axis=C) -> DequantizeLinear(1, z_c, axis=C) -> Mul(r) -> readers
 
 Dividing by the step and quantizing with step 1 is QuantizeLinear with step r, and the
-zero point of each channel stays put as r scales its range about zero. Every reader of the
-tensor is pointed at the dequantized copy; graph outputs keep the float tensor.
+zero point of each channel stays put as r scales its range about zero. An adapter with one
+output (for tensors that IntConv/PostConv read: their integer sums need one step for all
+channels) gives one step per sample: r is (N, 1, 1, 1), and the pair is per-tensor (scalar
+unit scale and zero point, no axis); ``rewrite_ops.take_input_quantization`` hands such
+steps to the op. Every reader of the tensor is pointed at the dequantized copy; graph
+outputs keep the float tensor.
 """
 
 from __future__ import annotations
@@ -40,6 +44,11 @@ class ActivationQuant:
     zero_points: np.ndarray | None = None  # per channel, with an adapter
     channel_axis: int = 1
     rank: int = 4
+
+    @property
+    def per_sample_step(self) -> bool:
+        """Whether the adapter gives one step per sample (one output, shared by all channels), not one per channel."""
+        return self.adapter is not None and self.adapter.bias.size == 1
 
 
 def code_type(bits: int) -> int:
@@ -164,12 +173,14 @@ def _adaptive_qdq(
         return names.fresh(f"{tensor}_asq_{base}")
 
     channels = len(adapter.bias)
+    per_tensor = quant.per_sample_step  # one step per sample: a scalar pair, no axis
+    dims = [] if per_tensor else [channels]
     weight, bias, ones, zero_point = fresh("weight"), fresh("bias"), fresh("unit_step"), fresh("zero_point")
     inits = [
         numpy_helper.from_array(adapter.weight.astype(np.float32), weight),
         numpy_helper.from_array(adapter.bias.astype(np.float32), bias),
-        numpy_helper.from_array(np.ones(channels, dtype=np.float32), ones),
-        helper.make_tensor(zero_point, code_type(p.bits), [channels], [int(z) for z in quant.zero_points]),
+        numpy_helper.from_array(np.ones(dims, dtype=np.float32), ones),
+        helper.make_tensor(zero_point, code_type(p.bits), dims, [int(z) for z in np.ravel(quant.zero_points)]),
     ]
     nodes: list[onnx.NodeProto] = []
     features = tensor
@@ -194,11 +205,11 @@ def _adaptive_qdq(
         nodes.append(helper.make_node("Reshape", [steps, shape_name], [broadcast], name=fresh("Reshape")))
         steps = broadcast
     scaled, quantized, unit = fresh("scaled"), fresh("quantized"), fresh("unit")
-    axis = quant.channel_axis
+    axis = {} if per_tensor else {"axis": quant.channel_axis}
     nodes += [
         helper.make_node("Div", [tensor, steps], [scaled], name=fresh("Div")),
-        helper.make_node("QuantizeLinear", [scaled, ones, zero_point], [quantized], name=fresh("QuantizeLinear"), axis=axis),
-        helper.make_node("DequantizeLinear", [quantized, ones, zero_point], [unit], name=fresh("DequantizeLinear"), axis=axis),
+        helper.make_node("QuantizeLinear", [scaled, ones, zero_point], [quantized], name=fresh("QuantizeLinear"), **axis),
+        helper.make_node("DequantizeLinear", [quantized, ones, zero_point], [unit], name=fresh("DequantizeLinear"), **axis),
         helper.make_node("Mul", [unit, steps], [dequantized], name=fresh("Mul")),
     ]
     return inits, nodes

@@ -16,10 +16,12 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
+from onnxq.config import QuantizeConfig, WeightFormat
 from onnxq.domain import DOMAIN
 from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
-from onnxq.graph import NameSource, attribute, constant_initializers, remove_unused_initializers
+from onnxq.graph import NameSource, attribute, constant_initializers, remove_unused_initializers, to_array
+from onnxq.plan import WeightPlan
 from onnxq.weights import QuantizedTensor
 
 INT_CONV = "IntConv"
@@ -45,6 +47,17 @@ def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:
     auto_pad = attribute(node, "auto_pad", b"NOTSET")
     auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
     return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and weight_rank == 4 and auto_pad in ("NOTSET", "VALID")
+
+
+def custom_op_for(plan: WeightPlan, nodes: dict[str, onnx.NodeProto], rank: int, config: QuantizeConfig) -> str | None:
+    """IntConv/PostConv when the format asks for it and every reader is a convertible Conv; else None (QDQ)."""
+    if config.format is WeightFormat.QDQ or plan.first_or_last and plan.bits != config.bits:
+        return None
+    if config.format is WeightFormat.POST and plan.bits > 4:
+        return None
+    if not all(convertible(nodes[use.node], rank) for use in plan.uses):
+        return None
+    return POST_CONV if config.format is WeightFormat.POST else INT_CONV
 
 
 def conv_to_op(node: onnx.NodeProto, packed: str, scale: str, op_type: str, bits: int, kernel_shape: tuple[int, int]) -> onnx.NodeProto:
@@ -130,30 +143,87 @@ def declare_domain(model: onnx.ModelProto) -> None:
 
 
 def take_input_quantization(graph: onnx.GraphProto) -> int:
-    """Let each IntConv/PostConv quantize its input with the fixed uint8 scale of the pair in front of it.
+    """Let each IntConv/PostConv quantize its input with the uint8 step of the quantization in front of it.
 
-    ``X -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> op`` becomes ``X -> op(x_scale=s,
-    x_zero_point=z)``: the op's own quantization is the same formula, so the codes are the
-    same and the integer path no longer goes through float. The pair stays while others
-    read it. Returns how many ops took a scale.
+    A fixed pair ``X -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> op`` becomes ``X -> op(x_scale=s,
+    x_zero_point=z)``; ASQ's per-sample chain ``X -> Div(r) -> QuantizeLinear(1, z) -> DequantizeLinear(1, z) ->
+    Mul(r) -> op``, r = Reshape(steps) with one step per sample (rewrite_activations), becomes ``X -> op(x_scale=steps,
+    x_zero_point=z)``. The op's own quantization is the same formula, so the codes are the same and the integer path
+    no longer goes through float. The pair or chain stays while others read it. Returns how many ops took a step.
     """
     consts = constant_initializers(graph)
     producer = {out: node for node in graph.node for out in node.output}
     taken = 0
+    chains: list[onnx.NodeProto] = []
     for node in graph.node:
         if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or len(node.input) > 4:
             continue
         dq = producer.get(node.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
-        if q is None or q.op_type != "QuantizeLinear" or len(dq.input) < 3 or not _uint8_scalar_pair(dq, consts):
+        if q is not None and q.op_type == "QuantizeLinear" and len(dq.input) >= 3 and _uint8_scalar_pair(dq, consts):
+            x, x_scale, x_zero_point = q.input[0], dq.input[1], dq.input[2]
+        elif (chain := _per_sample_chain(node.input[0], producer, consts)) is not None:
+            x, x_scale, x_zero_point = chain[0]
+            chains.extend(chain[1])
+        else:
             continue
         bias = node.input[3] if len(node.input) > 3 else ""
         del node.input[3:]
-        node.input[0] = q.input[0]
-        node.input.extend([bias, dq.input[1], dq.input[2]])
+        node.input[0] = x
+        node.input.extend([bias, x_scale, x_zero_point])
         taken += 1
+    _drop_unread(graph, chains)
     _drop_unread_pairs(graph)
     return taken
+
+
+def _per_sample_chain(
+    name: str, producer: dict[str, onnx.NodeProto], consts: dict[str, onnx.TensorProto]
+) -> tuple[tuple[str, str, str], list[onnx.NodeProto]] | None:
+    """(X, steps, zero point) and the chain's nodes, Mul first, when ``name`` is the output of ASQ's per-sample chain.
+
+    The chain is ``Mul(DequantizeLinear(QuantizeLinear(Div(X, r), 1, z), 1, z), r)`` with scalar unit scales, one
+    uint8 scalar zero point z, and r = Reshape(steps, [0 or -1, 1 or -1, 1, 1]): one step per sample, broadcast over
+    the channels (the op checks that steps has one element per sample, or one).
+    """
+    mul = producer.get(name)
+    if mul is None or mul.op_type != "Mul" or len(mul.input) != 2:
+        return None
+    unit, r = mul.input if _is(producer.get(mul.input[0]), "DequantizeLinear") else reversed(mul.input)
+    dq = producer.get(unit)
+    if not _is(dq, "DequantizeLinear"):
+        return None
+    q = producer.get(dq.input[0])
+    div = producer.get(q.input[0]) if q is not None and q.op_type == "QuantizeLinear" else None
+    reshape = producer.get(r)
+    if div is None or div.op_type != "Div" or div.input[1] != r or reshape is None or reshape.op_type != "Reshape":
+        return None
+    if len(dq.input) < 3 or len(q.input) < 3 or not _uint8_scalar_pair(dq, consts) or not _uint8_scalar_pair(q, consts):
+        return None
+    if not all(to_array(consts[p.input[1]]) == 1 for p in (q, dq)) or to_array(consts[q.input[2]]) != to_array(consts[dq.input[2]]):
+        return None
+    shape = consts.get(reshape.input[1]) if len(reshape.input) > 1 else None
+    target = [int(v) for v in to_array(shape).reshape(-1)] if shape is not None else []
+    if len(target) != 4 or target[0] not in (0, -1) or target[1] not in (1, -1) or target[2:] != [1, 1] or target[:2] == [-1, -1]:
+        return None
+    return (div.input[0], reshape.input[0], dq.input[2]), [mul, dq, q, div, reshape]
+
+
+def _is(node: onnx.NodeProto | None, op_type: str) -> bool:
+    return node is not None and node.op_type == op_type and node.domain in ("", "ai.onnx")
+
+
+def _drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+    """Remove those of ``nodes`` (readers before the nodes they read) whose outputs nobody reads."""
+    outputs = {o.name for o in graph.output}
+    removed: set[int] = set()
+    for node in nodes:
+        if id(node) in removed:
+            continue
+        read = {name for other in graph.node for name in other.input} | outputs
+        if not any(out in read for out in node.output):
+            graph.node.remove(node)
+            removed.add(id(node))
 
 
 def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:

@@ -33,7 +33,8 @@ from onnxq.graph import constant_initializers, to_array
 from onnxq.load import ensure_opset, load
 from onnxq.plan import WeightPlan, plan_weights
 from onnxq.prepare import prepare
-from onnxq.quantize import _custom_op_for, _quantize_tensor
+from onnxq.quantize import _quantize_tensor
+from onnxq.rewrite_ops import custom_op_for
 from onnxq.runtime import session_options
 
 logger = logging.getLogger(__name__)
@@ -189,7 +190,7 @@ class SensitivityAnalysis:
             weight = self.weights[tensor]
             if not np.isfinite(weight).all():
                 raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
-            op_type = _custom_op_for(plan, self._nodes, weight.ndim, self.config)
+            op_type = custom_op_for(plan, self._nodes, weight.ndim, self.config)
             q = _quantize_tensor(weight, plan, op_type, self.config, False)
             self._dequantized[key] = q.dequantize().astype(np.float32)
         return self._dequantized[key]

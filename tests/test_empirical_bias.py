@@ -5,9 +5,8 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange, WeightFormat
-
 from onnxq.calibrate.ranges import QuantParams
+from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange, WeightFormat
 from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels
 from onnxq.rewrite_activations import ActivationQuant
 
@@ -96,7 +95,6 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize(("weight_bits", "auto_is"), [(8, BiasCorrection.ANALYTIC), (4, BiasCorrection.MEASURED)])
 def test_auto_measures_below_seven_bits_only(weight_bits, auto_is):
     from models import residual_block
-
     from onnxq import QuantizeConfig, quantize
 
     rng = np.random.default_rng(3)

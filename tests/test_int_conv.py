@@ -270,6 +270,59 @@ def test_every_kernel_equals_numpy_bit_for_bit(case):
             np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}, run {run}")
 
 
+PER_SAMPLE_CASES = [
+    replace(case, n=3, calibrated=True)
+    for case in CASES
+    if case.op == "IntConv" and case.bits in (4, 8) or case.op == "PostConv" and case.bits == 4
+][::2] + [
+    Case("IntConv", 8, 2, 16, (12, 12), 16, (3, 3), pads=(1, 1, 1, 1), group=16, calibrated=True),
+    Case("PostConv", 4, 3, 16, (12, 12), 16, (3, 3), pads=(1, 1, 1, 1), group=16, calibrated=True),  # DepthwiseFused on AVX2 too
+    Case("IntConv", 4, 3, 24, (5, 30), 24, (3, 3), pads=(1, 1, 1, 1), group=24, calibrated=True),
+]
+
+
+def _per_sample_steps(case: Case, seed: int) -> np.ndarray:
+    """One positive step per sample, as ASQ's adapter gives them: shape (N, 1), about 2x apart."""
+    rng = np.random.default_rng(seed)
+    return rng.uniform(0.008, 0.03, (case.n, 1)).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", PER_SAMPLE_CASES, ids=str)
+def test_per_sample_steps_equal_one_sample_at_a_time(case):
+    """x_scale with N elements: sample n is quantized with step n and its factors use step n (int_conv.h).
+
+    Every kernel's batch output equals, bit for bit, the same kernel run sample by sample with the scalar step, and
+    the numpy model of the definition (each sample quantized and convolved on its own).
+    """
+    seed = zlib.crc32(str(case).encode())
+    x, codes, scale, bias, _, x_zero_point = _data(case, seed=seed)
+    steps = _per_sample_steps(case, seed)
+    single = replace(case, n=1)
+    want = np.concatenate([_reference(single, x[n : n + 1], codes, scale, bias, steps[n, 0], x_zero_point) for n in range(case.n)])
+    w = _pack(codes, case.bits)
+    for kernel in SUPPORTED_KERNELS:
+        (y,) = session(_model(case, w, scale, bias, steps, x_zero_point, kernel=KERNELS[kernel])).run(None, {"X": x})
+        np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}")
+        for n in range(case.n):
+            (y_n,) = session(_model(single, w, scale, bias, steps[n, 0], x_zero_point, kernel=KERNELS[kernel])).run(None, {"X": x[n : n + 1]})
+            np.testing.assert_array_equal(y[n : n + 1], y_n, err_msg=f"kernel {kernel}, sample {n}")
+    # The default kernel, and steps of shape (N,): the same output.
+    (y,) = session(_model(case, w, scale, bias, steps.reshape(-1), x_zero_point)).run(None, {"X": x})
+    np.testing.assert_array_equal(y, want)
+
+
+def test_per_sample_steps_with_one_sample_and_equal_steps():
+    """N steps that are all equal give the scalar step's output; one sample with a (1, 1) step is the scalar case."""
+    case = replace(GOOD, n=4, calibrated=True)
+    x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=11)
+    w = _pack(codes, 4)
+    (want,) = session(_model(case, w, scale, bias, x_scale, x_zero_point)).run(None, {"X": x})
+    (y,) = session(_model(case, w, scale, bias, np.full((4, 1), x_scale, np.float32), x_zero_point)).run(None, {"X": x})
+    np.testing.assert_array_equal(y, want)
+    (y1,) = session(_model(replace(case, n=1), w, scale, bias, np.full((1, 1), x_scale, np.float32), x_zero_point)).run(None, {"X": x[:1]})
+    np.testing.assert_array_equal(y1, want[:1])
+
+
 @pytest.mark.parametrize("op,code,density", [("IntConv", -8, 1.0), ("PostConv", 7, 1.0), ("PostConv", -6, 1.0), ("IntConv", -8, 0.03)])
 def test_int16_sums_at_their_limit(op, code, density):
     """x_q = 255 everywhere and the largest weights (|w| = 8): AVX2's int16 sums reach 255 * 128 = 32640 before each widening.

@@ -64,14 +64,36 @@ def test_weights_of_the_wrong_size(kernel):
 def test_activation_quantization_of_the_wrong_shape_or_value(kernel):
     calibrated = replace(GOOD, calibrated=True)
     for x_scale, x_zero_point, match in [
-        (np.ones(2, np.float32), np.uint8(0), r"x_scale and x_zero_point must be scalars"),
-        (np.float32(1), np.zeros(0, np.uint8), r"x_scale and x_zero_point must be scalars"),
+        (np.ones(2, np.float32), np.uint8(0), r"x_scale must have 1 element or N = 1 \(one step per sample\), got shape \(2,\)"),
+        (np.ones((1, 0), np.float32), np.uint8(0), r"x_scale must have 1 element or N = 1 \(one step per sample\), got shape \(1, 0\)"),
+        (np.float32(1), np.zeros(0, np.uint8), r"x_zero_point must be one uint8 value, got shape \(0,\)"),
+        (np.float32(1), np.zeros((1, 2), np.uint8), r"x_zero_point must be one uint8 value, got shape \(1, 2\)"),
         (np.float32(np.nan), np.uint8(0), r"x_scale must be positive and finite, got nan"),
         (np.float32(np.inf), np.uint8(0), r"x_scale must be positive and finite, got inf"),
         (np.float32(-0.5), np.uint8(0), r"x_scale must be positive and finite, got -0.5"),
     ]:
         x, model = _error_model(calibrated, kernel=kernel, x_scale=x_scale, x_zero_point=x_zero_point)
         _raises_at_run(model, x, match)
+
+
+def test_per_sample_steps_of_the_wrong_count_or_value(kernel):
+    """x_scale with one step per sample: the count must be N (or 1), every step positive and finite."""
+    batch = replace(GOOD, n=3, calibrated=True)
+    good = np.array([[0.02], [0.01], [0.03]], np.float32)
+    for x_scale, x_zero_point, match in [
+        (np.ones(2, np.float32), np.uint8(3), r"PostConv: x_scale must have 1 element or N = 3 \(one step per sample\), got shape \(2,\)"),
+        (np.ones((3, 2), np.float32), np.uint8(3), r"x_scale must have 1 element or N = 3 .*got shape \(3, 2\)"),
+        (good, np.full(3, 3, np.uint8), r"x_zero_point must be one uint8 value, got shape \(3,\)"),
+        (np.array([[0.02], [np.nan], [0.03]], np.float32), np.uint8(3), r"PostConv: x_scale\[1\] must be positive and finite, got nan"),
+        (np.array([0.02, 0.01, -np.inf], np.float32), np.uint8(3), r"x_scale\[2\] must be positive and finite, got -inf"),
+        (np.array([0.0, 0.01, 0.02], np.float32), np.uint8(3), r"x_scale\[0\] must be positive and finite, got 0"),
+    ]:
+        x, model = _error_model(batch, kernel=kernel, x_scale=x_scale, x_zero_point=x_zero_point)
+        _raises_at_run(model, x, match)
+    x, model = _error_model(batch, kernel=kernel, x_scale=good, x_zero_point=np.uint8(3))
+    _raises_at_run(model, x[:2], r"x_scale must have 1 element or N = 2 .*got shape \(3, 1\)")  # a batch of another size
+    (y,) = session(model).run(None, {"X": x})
+    assert y.shape == (3, 4, 6, 6)
 
 
 @pytest.mark.parametrize(

@@ -231,9 +231,10 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   if (g.oh == 1) g.sh = 1;
   if (g.ow == 1) g.sw = 1;
 
-  // Activation quantization: calibrated, or DynamicQuantizeLinear's.
+  // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
   check((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");
-  const auto count = static_cast<size_t>(g.n * g.c * g.h * g.w);
+  const auto sample = static_cast<size_t>(g.c * g.h * g.w);
+  const auto count = static_cast<size_t>(g.n) * sample;
   const float* x_data = x.GetTensorData<float>();
   void (*min_max)(const float*, size_t, float*, float*) = qdu8::MinMaxScalar;
   void (*quantize)(const float*, size_t, const qdu8::Params&, uint8_t*) = qdu8::QuantizeScalar;
@@ -246,19 +247,29 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     quantize = qdu8::QuantizeAvx2;
   }
 #endif
-  qdu8::Params params{};
+  // params[0] for the whole batch, or params[n] for sample n (x_scale with N elements).
+  std::vector<qdu8::Params> params(1);
   if (x_scale != nullptr) {
-    check(x_scale.GetTensorTypeAndShapeInfo().GetElementCount() == 1 &&
-              x_zero_point.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
-          "x_scale and x_zero_point must be scalars");
-    const float s = *x_scale.GetTensorData<float>();
+    const size_t steps = x_scale.GetTensorTypeAndShapeInfo().GetElementCount();
+    check(x_zero_point.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
+          "x_zero_point must be one uint8 value, got shape " + ShapeText(shape_of(x_zero_point)));
+    check(steps == 1 || steps == static_cast<size_t>(g.n),
+          "x_scale must have 1 element or N = " + std::to_string(g.n) + " (one step per sample), got shape " +
+              ShapeText(shape_of(x_scale)));
+    const float* s_data = x_scale.GetTensorData<float>();
     const int32_t z = *x_zero_point.GetTensorData<uint8_t>();
-    check(s > 0.0f && s <= 3.4028235e38f, "x_scale must be positive and finite, got " + std::to_string(s));
-    params = {s, static_cast<float>(-z), static_cast<float>(255 - z), z};
+    const bool per_sample = steps != 1;
+    params.resize(steps);
+    for (size_t i = 0; i < steps; ++i) {
+      const float s = s_data[i];
+      check(s > 0.0f && s <= 3.4028235e38f, std::string("x_scale") + (per_sample ? "[" + std::to_string(i) + "]" : "") +
+                                                " must be positive and finite, got " + std::to_string(s));
+      params[i] = {s, static_cast<float>(-z), static_cast<float>(255 - z), z};
+    }
   } else {
     float mn = INFINITY, mx = -INFINITY;
     min_max(x_data, count, &mn, &mx);
-    params = qdu8::MakeParams(mn, mx);
+    params[0] = qdu8::MakeParams(mn, mx);
   }
 
   // Weights: prepared once while W is a constant initializer.
@@ -272,52 +283,71 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     pw = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
   }
 
-  // X quantized, unless the depthwise kernels quantize it channel by channel as they go.
-  const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && iconv::UsesFusedDepthwise(g, *pw, isa_);
+  // X quantized (per sample with per-sample steps), unless the depthwise kernels quantize it
+  // channel by channel as they go.
+  const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && g.k > 0 && iconv::UsesFusedDepthwise(g, *pw, isa_);
   std::vector<uint8_t> xq(fused ? 0 : count);
-  if (!fused) quantize(x_data, count, params, xq.data());
-
-  // Per-channel float factors, once per call (int_conv.h).
-  const float* scale_data = scale.GetTensorData<float>();
-  std::vector<float> c_e(static_cast<size_t>(g.m)), c_o(static_cast<size_t>(g.m));
-  const int32_t k2 = ((1 << (bits_ - 1)) - 1) / 2;
-  const float step = ldexpf(1.0f, -k2);
-  for (int64_t m = 0; m < g.m; ++m) {
-    const float c = params.scale * scale_data[m];
-    if (post_) {
-      c_e[m] = c * step;
-      c_o[m] = c_e[m] * 0.70710678118654752f;
-    } else {
-      c_e[m] = c;
-      c_o[m] = 0.0f;
-    }
+  if (!fused && params.size() == 1) {
+    quantize(x_data, count, params[0], xq.data());
+  } else if (!fused) {
+    for (int64_t n = 0; n < g.n; ++n) quantize(x_data + n * sample, sample, params[n], xq.data() + n * sample);
   }
 
   float* y = context.GetOutput(0, {g.n, g.m, g.oh, g.ow}).GetTensorMutableData<float>();
   if (g.n == 0 || g.m == 0) return;  // Y is empty (W's codes are checked all the same)
-  const auto z = static_cast<uint8_t>(params.zero_point);
-  if (isa_ == Isa::kScalar || g.k == 0) {  // (K = 0: no sums, Y = B or 0; the SIMD kernels assume K >= 1)
-    iconv::ReferenceConv(g, *pw, post_, bits_, xq.data(), z, c_e.data(), c_o.data(), bias_data, y);
+
+  // One run of the kernels over the images of `run` (all of X, or one sample with its own step):
+  // the per-channel float factors (int_conv.h) from s_x, then the integer path and the epilogue.
+  const float* scale_data = scale.GetTensorData<float>();
+  std::vector<float> c_e(static_cast<size_t>(g.m)), c_o(static_cast<size_t>(g.m));
+  const int32_t k2 = ((1 << (bits_ - 1)) - 1) / 2;
+  const float step = ldexpf(1.0f, -k2);
+  auto run_images = [&](const iconv::Geometry& run, const qdu8::Params& p, const float* run_x, const uint8_t* run_xq, float* run_y) {
+    for (int64_t m = 0; m < g.m; ++m) {
+      const float c = p.scale * scale_data[m];
+      if (post_) {
+        c_e[m] = c * step;
+        c_o[m] = c_e[m] * 0.70710678118654752f;
+      } else {
+        c_e[m] = c;
+        c_o[m] = 0.0f;
+      }
+    }
+    const auto z = static_cast<uint8_t>(p.zero_point);
+    if (isa_ == Isa::kScalar || g.k == 0) {  // (K = 0: no sums, Y = B or 0; the SIMD kernels assume K >= 1)
+      iconv::ReferenceConv(run, *pw, post_, bits_, run_xq, z, c_e.data(), c_o.data(), bias_data, run_y);
+      return;
+    }
+    iconv::SimdArgs args{};
+    args.g = &run;
+    args.pw = pw.get();
+    args.isa = isa_;
+    args.post = post_;
+    args.z = z;
+    args.xq = run_xq;
+    args.x = run_x;  // read by the fused depthwise kernels instead of xq (which is then null)
+    args.x_scale = p.scale;
+    args.x_lo = p.lo;
+    args.x_hi = p.hi;
+    args.c_e = c_e.data();
+    args.c_o = c_o.data();
+    args.bias = bias_data;
+    args.y = run_y;
+    args.pad_bottom = pad_bottom_;
+    args.pad_right = pad_right_;
+    iconv::SimdConv(args, context);
+  };
+  if (params.size() == 1) {
+    run_images(g, params[0], x_data, fused ? nullptr : xq.data(), y);
     return;
   }
-  iconv::SimdArgs args{};
-  args.g = &g;
-  args.pw = pw.get();
-  args.isa = isa_;
-  args.post = post_;
-  args.z = z;
-  args.xq = fused ? nullptr : xq.data();
-  args.x = fused ? x_data : nullptr;
-  args.x_scale = params.scale;
-  args.x_lo = params.lo;
-  args.x_hi = params.hi;
-  args.c_e = c_e.data();
-  args.c_o = c_o.data();
-  args.bias = bias_data;
-  args.y = y;
-  args.pad_bottom = pad_bottom_;
-  args.pad_right = pad_right_;
-  iconv::SimdConv(args, context);
+  // Per-sample steps: each sample is its own one-image call (the zero point is shared, the steps are not).
+  iconv::Geometry one = g;
+  one.n = 1;
+  const int64_t outputs = g.m * g.oh * g.ow;
+  for (int64_t n = 0; n < g.n; ++n) {
+    run_images(one, params[n], x_data + n * sample, fused ? nullptr : xq.data() + n * sample, y + n * outputs);
+  }
 }
 
 OrtStatusPtr IntConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {

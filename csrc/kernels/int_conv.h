@@ -12,8 +12,9 @@
 //              (IntConv only): one two's-complement int8 per byte, row_bytes = K.
 //   2 scale    float32 (M,): weight scale per output channel.
 //   3 B        float32 (M,), optional (an empty name means absent).
-//   4 x_scale  float32 scalar, 5 x_zero_point uint8 scalar: optional, both or neither; x_scale
-//              must be positive and finite.
+//   4 x_scale  float32, 1 element (one step for the batch) or N elements of any shape, e.g. (N, 1)
+//              (one step per sample: ASQ's adaptive steps); 5 x_zero_point uint8, 1 element.
+//              Optional, both or neither; every step must be positive and finite.
 // Output: Y float32 (N, M, OH, OW), OH = (H + pad_top + pad_bottom - (dh*(kh-1)+1)) / sh + 1 (and
 // likewise OW), which must be >= 1.
 // Attributes: bits (required), kernel_shape (required, [kh, kw]), strides [sh, sw] (1, 1),
@@ -25,7 +26,8 @@
 //
 // Activation quantization, once per call over the whole X:
 //   with x_scale/x_zero_point: s_x, z_x as given; without: s_x, z_x as ONNX DynamicQuantizeLinear
-//   (= the QuantizeDynamicU8 op) computes them from X's range. Then
+//   (= the QuantizeDynamicU8 op) computes them from X's range. With N steps, sample n uses its
+//   own s_x = x_scale[n] here and in the factors c below, exactly as if it ran alone. Then
 //   x_q = clamp(round_half_even(x / s_x) + z_x, 0, 255) (a NaN gives 0), exactly the
 //   QuantizeDynamicU8 kernels. Padded positions hold z_x, so they contribute exactly 0 below.
 //
@@ -65,7 +67,9 @@
 // quantized as it is used, with x * (1/s_x) and a division only next to ties, which gives the same
 // x_q; adjacent taps summed by one vpdpbusd per 4 or one vpmaddubsw per 2), else over X quantized
 // (pixels in the vector lanes; for rows under 16 pixels, channels); PostConv's w_even and w_odd
-// are two rows of the product, so it does twice IntConv's integer work.
+// are two rows of the product, so it does twice IntConv's integer work. With per-sample steps
+// (x_scale of N elements) the kernels run once per sample, each a one-image call with that
+// sample's factors.
 #pragma once
 
 #include <cstdint>

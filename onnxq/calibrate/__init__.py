@@ -43,6 +43,9 @@ VALIDATION_SAMPLES = 64
 #: Calibration samples kept in memory for empirical bias correction (a second look at the data).
 BIAS_SAMPLES = 64
 
+#: The code width IntConv/PostConv quantize their input to (uint8): sites they read at this width get per-sample scalar steps.
+INTEGER_OP_BITS = 8
+
 
 def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
     """How to quantize each site's tensor, from one run of the float ``model`` over ``data``."""
@@ -62,7 +65,9 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
         r = choose_range(entry, site.bits, config)
         quant = ActivationQuant(site.tensor, quant_params(r, site.bits))
         if per_sample:
-            candidates[site.tensor] = _adapters(quant, entry, r, skip=sum(len(next(iter(b.values()))) for b in held))
+            skip = sum(len(next(iter(b.values()))) for b in held)
+            scalar = site.feeds_integer_op and site.bits == INTEGER_OP_BITS
+            candidates[site.tensor] = (_scalar_adapters if scalar else _adapters)(quant, entry, r, skip=skip)
             quant = candidates[site.tensor][0]
         logger.debug("%s: %d bits, range [%.4g, %.4g]", site.tensor, site.bits, r.lo, r.hi)
         quants[site.tensor] = quant
@@ -122,10 +127,32 @@ def _adapters(quant: ActivationQuant, stats: TensorStats, base: Range, skip: int
     return adaptive, fixed
 
 
+def _scalar_adapters(quant: ActivationQuant, stats: TensorStats, base: Range, skip: int) -> tuple[ActivationQuant, ActivationQuant]:
+    """ASQ's two candidates for a tensor an integer op reads: the MSE step times a per-sample factor, and the fixed MSE step.
+
+    IntConv/PostConv sum over input channels, which must share one step, so the adapter has one output (a step per
+    sample, zero point the fixed range's) and the fixed candidate is plain per-tensor quantization (no adapter). The
+    per-sample factor is fit on the samples after the first ``skip`` (held out to choose).
+    """
+    assert stats.samples is not None
+    bits = quant.params.bits
+    counts, lo, hi, features = stats.samples.stacked()
+    fit_rows = slice(skip, None) if len(features) - skip >= 5 else slice(None)
+    per_sample = fit_adapter(features[fit_rows], sample_betas(counts[fit_rows], lo[fit_rows], hi[fit_rows], base, bits))
+    zero_point = np.array([quant.params.zero_point], dtype=np.int64)
+    shape = (feature_axes(stats.rank), zero_point, channel_axis(stats.rank), stats.rank)
+    adaptive = ActivationQuant(quant.tensor, quant.params, combine(per_sample, np.array([quant.params.scale])), *shape)
+    return adaptive, quant
+
+
 def choose_adapters(
     model: onnx.ModelProto, candidates: dict[str, tuple[ActivationQuant, ActivationQuant]], held: list[dict[str, np.ndarray]]
 ) -> dict[str, ActivationQuant]:
-    """Per tensor, the candidate with the lower quantization error on the held-out samples (fixed steps on a tie)."""
+    """Per tensor, the candidate with the lower quantization error on the held-out samples (fixed steps on a tie).
+
+    Each pair is (adaptive, fixed); the fixed one has per-channel steps (an adapter without a per-sample part) or, for a
+    tensor an integer op reads, no adapter at all.
+    """
     errors = {name: np.zeros(len(pair)) for name, pair in candidates.items()}
     names = list(candidates)
     with exposing(model, names) as sess:
@@ -141,13 +168,22 @@ def choose_adapters(
 
 
 def asq_error(x: np.ndarray, quant: ActivationQuant) -> float:
-    """Squared error of ASQ-quantizing the batch ``x`` with ``quant``'s adapter, computed directly in numpy."""
-    assert quant.adapter is not None and quant.zero_points is not None
-    steps = quant.adapter.predict(channel_means(x))  # (N, C)
+    """Squared error of quantizing the batch ``x`` with ``quant``, computed directly in numpy.
+
+    With an adapter: its steps, per sample and channel (N, C), or per sample (N, 1) for a one-output adapter, which
+    broadcast over the channels. Without: the fixed per-tensor step and zero point.
+    """
+    if quant.adapter is None:
+        steps = np.full((len(x), 1), quant.params.scale)
+        zero_points = np.array([quant.params.zero_point])
+    else:
+        assert quant.zero_points is not None
+        steps = quant.adapter.predict(channel_means(x))  # (N, C) or (N, 1)
+        zero_points = quant.zero_points
     moved = np.moveaxis(x.astype(np.float64), quant.channel_axis, 1)
     extra = (None,) * (moved.ndim - 2)
     r = steps[(slice(None), slice(None), *extra)]
-    z = quant.zero_points.astype(np.float64)[(None, slice(None), *extra)]
+    z = zero_points.astype(np.float64)[(None, slice(None), *extra)]
     qmax = (1 << quant.params.bits) - 1
     approx = (np.clip(np.rint(moved / r) + z, 0, qmax) - z) * r
     return float(np.sum((moved - approx) ** 2))

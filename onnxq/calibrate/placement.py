@@ -34,11 +34,14 @@ class ActivationSite:
         tensor: its name.
         bits: code width (unsigned).
         feeds_weighted: True when a weighted layer reads it (so its range matters for accuracy most).
+        feeds_integer_op: True when a reader becomes an IntConv/PostConv, which quantizes its input itself to
+            uint8 with one step per sample at most (ASQ then chooses a per-sample scalar step, not per-channel steps).
     """
 
     tensor: str
     bits: int
     feeds_weighted: bool
+    feeds_integer_op: bool = False
 
 
 def plan_activations(
