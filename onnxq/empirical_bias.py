@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxq.calibrate import first_samples
-from onnxq.calibrate.collect import ChannelMeans, exposing
+from onnxq.calibrate.collect import ChannelMeans, exposing, progress
 from onnxq.graph import constant_initializers, to_array
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 
@@ -120,8 +120,9 @@ def refine_biases(
     levels = depth_levels(simulated.graph, list(biases))
     passes = merge_levels(levels, MAX_PASSES)
     batches = first_samples(batches, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))
-    with exposing(simulated, list(biases)) as sess:
+    with exposing(simulated, list(biases)) as sess, progress(len(passes), "bias correction", "level") as bar:
         for outputs in passes:
+            bar.update(1)
             measured_means = channel_means_of(sess, outputs, batches, current)
             for name in outputs:
                 measured = measured_means[name]

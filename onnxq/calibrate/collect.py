@@ -129,7 +129,7 @@ def collect(
     """
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
     with exposing(model, tensors) as sess:
-        with _progress(total) as bar:
+        with progress(total) as bar:
             for batch in batches:
                 try:
                     outputs = sess.run(tensors, dict(batch))
@@ -183,22 +183,23 @@ def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto
     return exposed
 
 
-class _progress:
+class progress:
     """A tqdm bar on a terminal, silence elsewhere."""
 
-    def __init__(self, total: int | None) -> None:
+    def __init__(self, total: int | None, desc: str = "calibrating", unit: str = "sample") -> None:
         self.bar = None
         if sys.stderr.isatty():
             try:
                 from tqdm import tqdm
             except ImportError:
                 return
-            self.bar = tqdm(total=total, unit="sample", desc="calibrating", leave=False)
+            self.bar = tqdm(total=total, unit=unit, desc=desc, leave=False)
 
-    def __enter__(self) -> _progress:
+    def __enter__(self) -> progress:
         return self
 
     def update(self, n: int) -> None:
+        """Advance the bar by ``n``."""
         if self.bar is not None:
             self.bar.update(n)
 
