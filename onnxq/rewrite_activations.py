@@ -3,7 +3,7 @@
 A fixed-scale pair is what onnxruntime fuses into its integer kernels. An ASQ pair gets
 a step per input and channel from a small adapter computed in the graph, in standard ONNX::
 
-    x -> ReduceMean(spatial axes) -> Gemm -> Exp -> Reshape(N, C, 1, 1) = r (one step per sample and channel)
+    x -> ReduceMean(spatial axes) -> Gemm -> Clip -> Exp -> Reshape(N, C, 1, 1) = r (one step per sample and channel)
     x -> Div(r) -> QuantizeLinear(1, z_c, axis=C) -> DequantizeLinear(1, z_c, axis=C) -> Mul(r) -> readers
 
 Dividing by the step and quantizing with step 1 is QuantizeLinear with step r, and the
@@ -193,10 +193,13 @@ def _adaptive_qdq(
             nodes.append(helper.make_node("ReduceMean", [tensor, axes_name], [features], name=fresh("ReduceMean"), keepdims=0))
         else:
             nodes.append(helper.make_node("ReduceMean", [tensor], [features], name=fresh("ReduceMean"), axes=axes, keepdims=0))
-    logits, steps = fresh("log_step"), fresh("step")
+    logits, clipped, steps, lo, hi = fresh("log_step"), fresh("log_step_clipped"), fresh("step"), fresh("log_step_min"), fresh("log_step_max")
+    bounds = adapter.log_step_bounds()
+    inits += [numpy_helper.from_array(np.array(b, dtype=np.float32), n) for b, n in zip(bounds, (lo, hi), strict=True)]
     nodes += [
         helper.make_node("Gemm", [features, weight, bias], [logits], name=fresh("Gemm")),
-        helper.make_node("Exp", [logits], [steps], name=fresh("Exp")),
+        helper.make_node("Clip", [logits, lo, hi], [clipped], name=fresh("Clip")),
+        helper.make_node("Exp", [clipped], [steps], name=fresh("Exp")),
     ]
     shape = step_shape(quant.rank, quant.channel_axis)
     if shape is not None:

@@ -142,6 +142,20 @@ def test_asq_graph_equals_numpy_fake_quantization_with_per_sample_per_channel_st
     assert len(set(steps[:, 0].tolist())) == 5  # one step per sample
 
 
+def test_asq_steps_stay_finite_and_positive_far_outside_the_calibration_data():
+    """The adapter's log step is clipped to its bias +- LOG_STEP_MARGIN, in the graph as in numpy."""
+    adapter = Adapter(np.full((3, 3), 50.0), np.log([0.05, 0.1, 0.2]))
+    quant = ActivationQuant("x", QuantParams(0.1, 0, 8), adapter, (2, 3), np.array([0, 3, 7]), 1, 4)
+    model = _asq_model(quant, 17)
+    x = np.stack([np.full((3, 4, 4), v, np.float32) for v in (1e6, -1e6, 0.0)])
+    y, steps = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    lo, hi = adapter.log_step_bounds()
+    assert np.isfinite(steps).all() and (steps > 0).all() and np.isfinite(y).all()
+    np.testing.assert_allclose(steps[0], np.exp(np.float32(hi)), rtol=1e-5)  # e^(50 * 3e6) clipped from above
+    np.testing.assert_allclose(steps[1], np.exp(np.float32(lo)), rtol=1e-5)  # and from below
+    np.testing.assert_allclose(steps, adapter.predict(x.mean(axis=(2, 3), dtype=np.float64)), rtol=1e-5)
+
+
 def test_asq_model_from_quantize_runs_at_any_batch_size():
     config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=4, method=CalibrationMethod.ASQ))
     q = quantize(conv_bn_relu_gemm(), config, _batches((3, 8, 8), count=8))

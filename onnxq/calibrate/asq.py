@@ -39,16 +39,26 @@ class LogLinear:
         return np.exp(np.asarray(features, dtype=np.float64) @ self.weight + self.bias)
 
 
+#: An adapter's log step stays within this distance of its bias (a factor e^16 = 9e6 either way), so
+#: that no input, however far from the calibration data, gives a zero or infinite step.
+LOG_STEP_MARGIN = 16.0
+
+
 @dataclass(frozen=True)
 class Adapter:
-    """step(f) = exp(f @ weight + bias): the quantization step per output channel for a sample with channel means f."""
+    """step(f) = exp(clip(f @ weight + bias)): the quantization step per output channel for a sample with channel means f."""
 
     weight: np.ndarray  # (C_in, C_out)
     bias: np.ndarray  # (C_out,)
 
+    def log_step_bounds(self) -> tuple[float, float]:
+        """The clip applied to f @ weight + bias: the bias's range widened by LOG_STEP_MARGIN."""
+        return float(np.min(self.bias)) - LOG_STEP_MARGIN, float(np.max(self.bias)) + LOG_STEP_MARGIN
+
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(S, C_out) steps for the rows of ``features`` (S, C_in)."""
-        return np.exp(np.asarray(features, dtype=np.float64) @ self.weight + self.bias)
+        lo, hi = (np.float32(b) for b in self.log_step_bounds())
+        return np.exp(np.clip(np.asarray(features, dtype=np.float64) @ self.weight + self.bias, lo, hi))
 
 
 def combine(per_sample: LogLinear, channel_steps: np.ndarray) -> Adapter:
