@@ -18,7 +18,7 @@ from onnxq import QuantizeConfig, WeightFormat, quantize
 from onnxq.calibrate.asq import Adapter
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.cli import main
-from onnxq.config import ActivationConfig, CalibrationMethod, ReduceRange
+from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange
 from onnxq.errors import OnnxqError
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 
@@ -228,12 +228,29 @@ def test_bad_calibration_data_is_one_clear_line_and_writes_nothing(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
-def test_activation_options_without_calibration_are_refused(tmp_path, capsys):
+@pytest.mark.parametrize("option", [["--calibrate", "asq"], ["--bias-correction", "measured"], ["--reduce-range", "on"]])
+def test_activation_options_without_calibration_are_refused(tmp_path, capsys, option):
     model_path = tmp_path / "m.onnx"
     onnx.save(conv_bn_relu_gemm(), model_path)
-    assert main(["quantize", str(model_path), "--calibrate", "asq"]) == 1
-    assert "needs --calibration" in capsys.readouterr().err
+    assert main(["quantize", str(model_path), *option]) == 1
+    assert f"{option[0]} needs --calibration" in capsys.readouterr().err
     assert not (tmp_path / "m.q4.onnx").exists()
+
+
+def test_cli_bias_correction_option_reaches_the_config(tmp_path):
+    """--bias-correction off gives the model of ActivationConfig(bias_correction=OFF), analytic that of ANALYTIC."""
+    model_path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(), model_path)
+    data = tmp_path / "calib.npy"
+    np.save(data, np.concatenate([b["x"] for b in _batches((3, 8, 8), count=2)]))
+    for mode in (BiasCorrection.OFF, BiasCorrection.ANALYTIC):
+        out = tmp_path / f"{mode.value}.onnx"
+        args = ["quantize", str(model_path), "-b", "8", "--calibration", str(data), "--calibrate", "minmax", "--reduce-range", "off"]
+        assert main([*args, "--bias-correction", mode.value, "-o", str(out)]) == 0
+        act = ActivationConfig(method=CalibrationMethod.MINMAX, reduce_range=ReduceRange.OFF, bias_correction=mode)
+        want = quantize(model_path, QuantizeConfig(bits=8, activations=act), data)
+        got = onnx.load(str(out))
+        assert {t.name: t.SerializeToString() for t in got.graph.initializer} == {t.name: t.SerializeToString() for t in want.graph.initializer}
 
 
 def test_cli_writes_a_w8a8_model_that_runs(tmp_path, capsys):
