@@ -24,7 +24,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.calibrate import first_samples
 from onnxq.calibrate.collect import ChannelMeans, exposing, progress
-from onnxq.graph import constant_initializers, to_array
+from onnxq.graph import constant_initializers, subgraphs, to_array, used_names
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 
 logger = logging.getLogger(__name__)
@@ -79,6 +79,42 @@ def depth_levels(graph: onnx.GraphProto, outputs: Sequence[str]) -> list[list[st
     return [levels[d] for d in sorted(levels)]
 
 
+def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` (its only outputs), with the inputs and initializers it reads.
+
+    onnxruntime runs every node of a graph whatever outputs are asked for, so each pass of the
+    correction runs only the layers up to its level.
+    """
+    producer = {out: node for node in model.graph.node for out in node.output}
+    keep: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        node = producer.get(stack.pop())
+        if node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        reads = set(node.input)
+        for body in subgraphs(node):
+            reads |= used_names(body)  # a body may read tensors of this graph
+        stack.extend(name for name in reads if name)
+    nodes = [node for node in model.graph.node if id(node) in keep]
+    read = {name for node in nodes for name in node.input}
+    for node in nodes:
+        for body in subgraphs(node):
+            read |= used_names(body)
+    graph = helper.make_graph(
+        nodes,
+        model.graph.name,
+        [i for i in model.graph.input if i.name in read],
+        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
+        [t for t in model.graph.initializer if t.name in read],
+        value_info=model.graph.value_info,
+    )
+    prefix = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    prefix.functions.extend(model.functions)
+    return prefix
+
+
 def merge_levels(levels: Sequence[list[str]], most: int) -> list[list[str]]:
     """Consecutive ``levels`` joined into at most ``most`` groups of about equal numbers of levels."""
     count = min(len(levels), most)
@@ -120,10 +156,13 @@ def refine_biases(
     levels = depth_levels(simulated.graph, list(biases))
     passes = merge_levels(levels, MAX_PASSES)
     batches = first_samples(batches, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))
-    with exposing(simulated, list(biases)) as sess, progress(len(passes), "bias correction", "level") as bar:
+    with progress(len(passes), "bias correction", "level") as bar:
         for outputs in passes:
             bar.update(1)
-            measured_means = channel_means_of(sess, outputs, batches, current)
+            prefix = prefix_model(simulated, outputs)
+            needed = {i.name for i in prefix.graph.input}
+            with exposing(prefix, outputs) as sess:
+                measured_means = channel_means_of(sess, outputs, batches, {k: v for k, v in current.items() if k in needed})
             for name in outputs:
                 measured = measured_means[name]
                 bias = biases[name]

@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange, WeightFormat
-from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels
+from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels, prefix_model
 from onnxq.rewrite_activations import ActivationQuant
 
 
@@ -116,3 +116,37 @@ def test_bias_correction_accepts_the_old_booleans():
     assert ActivationConfig(bias_correction=False).bias_correction is BiasCorrection.OFF
     with pytest.raises(ValueError, match="BiasCorrection"):
         ActivationConfig(bias_correction="measured")
+
+
+def test_prefix_model_keeps_only_what_its_outputs_need():
+    """Nodes after the outputs, and inputs/initializers only they read, are dropped; an If body's outer reads are kept."""
+    then_branch = helper.make_graph(
+        [helper.make_node("Identity", ["outer"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)]
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Neg", ["outer"], ["e"])], "else", [], [helper.make_tensor_value_info("e", TensorProto.FLOAT, None)]
+    )
+    nodes = [
+        helper.make_node("Add", ["x", "b1"], ["outer"]),
+        helper.make_node("ReduceSum", ["x"], ["s"], keepdims=0),
+        helper.make_node("Greater", ["s", "zero"], ["cond"]),
+        helper.make_node("If", ["cond"], ["early"], then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("Mul", ["early", "b2"], ["late"]),
+    ]
+    inits = [numpy_helper.from_array(np.array(v, np.float32), n) for v, n in ((1.0, "b2"), (0.0, "zero"))]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2]), helper.make_tensor_value_info("b1", TensorProto.FLOAT, [2])],
+        [helper.make_tensor_value_info("late", TensorProto.FLOAT, None)],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    prefix = prefix_model(model, ["early"])
+    assert [n.op_type for n in prefix.graph.node] == ["Add", "ReduceSum", "Greater", "If"]
+    assert [i.name for i in prefix.graph.input] == ["x", "b1"] and [t.name for t in prefix.graph.initializer] == ["zero"]
+    import onnxruntime as ort
+
+    x, b1 = np.array([1.0, 2.0], np.float32), np.array([0.5, -4.0], np.float32)
+    (early,) = ort.InferenceSession(prefix.SerializeToString(), providers=["CPUExecutionProvider"]).run(["early"], {"x": x, "b1": b1})
+    np.testing.assert_array_equal(early, x + b1)
