@@ -327,6 +327,85 @@ struct FusedAvx512 {
 void DepthwiseFusedAvx512(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx512>(d); }
 void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx512::QuantizeRun(d, n, dst); }
 
+namespace {
+
+// r[i][j] -> r[j][i] for 16 vectors of 16 floats: 2 x 2 blocks (unpack), 4 x 4 (shuffle), then
+// the 128-bit lanes (two rounds of shuffle_f32x4).
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// FinishT for channels [16 b, 16 b + 16): Finish lane by lane (the same float32 operations in the
+// same order), PostConv's even and odd products of a channel side by side in two lanes.
+template <bool kPost, bool kBias>
+void FinishTBlock(const FinishT& f, int64_t b) {
+  const int64_t channels = f.channels - 16 * b < 16 ? f.channels - 16 * b : 16;
+  const __m512 bias = kBias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << channels) - 1), f.bias + 16 * b)
+                            : _mm512_setzero_ps();
+  // IntConv: row block b; PostConv: row blocks 2b (channels 16b..16b+7) and 2b + 1 (the rest).
+  const int64_t r0 = kPost ? 32 * b : 16 * b;
+  const __m512i z0 = _mm512_loadu_si512(f.z + r0), z1 = _mm512_loadu_si512(f.z + r0 + 16);
+  const __m512 f0 = _mm512_loadu_ps(f.factor + r0), f1 = _mm512_loadu_ps(f.factor + r0 + 16);
+  const int32_t* c0 = f.c + r0 * f.pixels;
+  const int32_t* c1 = kPost && 2 * f.channels > r0 + 16 ? c0 + 16 * f.pixels : nullptr;  // (no block: zeros)
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t p0 = 0; p0 < f.pixels; p0 += 16) {
+    const int64_t count = f.pixels - p0 < 16 ? f.pixels - p0 : 16;
+    __m512 y[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i >= count) {
+        y[i] = _mm512_setzero_ps();
+        continue;
+      }
+      const __m512i v0 = _mm512_loadu_si512(c0 + (p0 + i) * 16);
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v0, z0)), f0);
+      if (kPost) {  // lane 2j: even + odd of channel j (of 8), from each of the two blocks
+        const __m512i v1 = c1 != nullptr ? _mm512_loadu_si512(c1 + (p0 + i) * 16) : _mm512_setzero_si512();
+        const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v1, z1)), f1);
+        v = _mm512_permutex2var_ps(_mm512_add_ps(v, _mm512_movehdup_ps(v)), evens,
+                                   _mm512_add_ps(w, _mm512_movehdup_ps(w)));
+      }
+      y[i] = kBias ? _mm512_add_ps(v, bias) : v;
+    }
+    Transpose16(y);
+    const auto mask = static_cast<__mmask16>((1u << count) - 1);
+    float* out = f.out + 16 * b * f.stride + p0;
+    for (int64_t j = 0; j < channels; ++j) _mm512_mask_storeu_ps(out + j * f.stride, mask, y[j]);
+  }
+}
+
+}  // namespace
+
+void FinishTAvx512(const FinishT& f) {
+  for (int64_t b = 0; b * 16 < f.channels; ++b) {
+    if (f.post) {
+      f.bias != nullptr ? FinishTBlock<true, true>(f, b) : FinishTBlock<true, false>(f, b);
+    } else {
+      f.bias != nullptr ? FinishTBlock<false, true>(f, b) : FinishTBlock<false, false>(f, b);
+    }
+  }
+}
+
 void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                      const float* bias, float* out) {
   // Finish (int_conv_kernels.h) lane by lane: cvtdq2ps rounds like the scalar int -> float

@@ -77,6 +77,26 @@ struct GemmT {
 void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)
 void GemmTAvx512(const GemmT& g);
 
+// GemmT's epilogue (int_conv.h's float epilogue, Finish below, lane by lane): C in GemmT's blocks
+// of kLanes rows, rows in the vector lanes, finished 16 pixels at a time and transposed in
+// registers, so that each output channel's 16 pixels are one store. Rows as in A: IntConv one per
+// output channel, PostConv 2*mm (w_even) and 2*mm + 1 (w_odd). The per-row tables are padded with
+// zeros to a multiple of 2 * kLanes rows.
+struct FinishT {
+  const int32_t* c;      // GemmT::c
+  int64_t pixels;        // GemmT::pixels
+  int64_t channels;      // output channels
+  bool post;
+  const int32_t* z;      // [rows]: z_x * each row's sum of weights
+  const float* factor;   // [rows]: c_e of the row's channel (PostConv's odd rows: c_o)
+  const float* bias;     // [channels], or null
+  float* out;            // channel mm's pixel i at out[mm * stride + i]
+  int64_t stride;
+};
+
+void FinishTAvx2(const FinishT& f);
+void FinishTAvx512(const FinishT& f);
+
 // Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
 // over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input
 // channel is padded and in stride-phase planes (int_conv_simd.cc): output pixel (oy, ox) is the

@@ -120,6 +120,10 @@ struct SimdJob : SimdArgs {
   const std::vector<int32_t>* fused_weights = nullptr;
   float inverse = 0.0f;
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
+  // GemmT's epilogue (FinishT): z_x * each row's sum of weights and its factor, [group][t_rows].
+  int64_t t_rows = 0;
+  std::vector<int32_t> t_z;
+  std::vector<float> t_factor;
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
   int64_t panels;                // panels of kPanel columns per image and group
@@ -210,6 +214,22 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   }
 #else
   (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
+#ifdef ONNXQ_X86_SIMD
+  if (job.isa == Isa::kAvx512) {
+    FinishT f{};
+    f.c = by_pixel.get();
+    f.pixels = count;
+    f.channels = g.mg;
+    f.post = job.post;
+    f.z = job.t_z.data() + gi * job.t_rows;
+    f.factor = job.t_factor.data() + gi * job.t_rows;
+    f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
+    f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
+    f.stride = g.pixels();
+    FinishTAvx512(f);
+    return;
+  }
 #endif
   std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows * kPanel)]);
   for (int64_t r = 0; r < pw.rows; ++r) {
@@ -596,6 +616,16 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   if (job.transposed) {
     job.cols = g.ow;
     job.span = g.pixels();
+    job.t_rows = pw.rows16 + 2 * kLanes;  // (FinishT reads two blocks of rows past any it uses)
+    job.t_z.assign(static_cast<size_t>(g.group * job.t_rows), 0);
+    job.t_factor.assign(static_cast<size_t>(g.group * job.t_rows), 0.0f);
+    for (int64_t gi = 0; gi < g.group; ++gi) {
+      for (int64_t r = 0; r < pw.rows; ++r) {
+        const int64_t m = gi * g.mg + (job.post ? r / 2 : r);
+        job.t_z[gi * job.t_rows + r] = job.z * pw.row_sum[gi * pw.rows_pad + r];
+        job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
+      }
+    }
   }
   std::unique_ptr<uint8_t[]> x4;
   if (pw.mode == Mode::kQuad) {
