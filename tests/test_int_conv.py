@@ -127,6 +127,14 @@ CASES = [
     Case("IntConv", 4, 1, 5, (4, 3), 5, (3, 3), pads=(2, 1, 0, 1), group=5),
     Case("PostConv", 2, 1, 4, (3, 2), 4, (2, 2), pads=(1, 1, 1, 1), group=4),
     Case("IntConv", 4, 2, 80, (7, 7), 80, (3, 3), pads=(1, 1, 1, 1), group=80, calibrated=True),
+    # 1x1 without padding: each channel plane interleaved in one run (tails of 9, 5 and 1 pixels after
+    # blocks of 16; channels past the last whole quad); GemmT's epilogue with 1 to 3 blocks of 16
+    # channels and partial blocks of 16 pixels
+    Case("IntConv", 4, 2, 6, (5, 5), 10, (1, 1)),
+    Case("PostConv", 4, 1, 13, (3, 7), 9, (1, 1), bias=False),
+    Case("IntConv", 4, 1, 12, (7, 7), 6, (1, 1), group=2, calibrated=True),
+    Case("PostConv", 4, 2, 24, (7, 7), 40, (1, 1)),
+    Case("IntConv", 4, 1, 32, (14, 14), 36, (1, 1), bias=False),
 ]
 
 

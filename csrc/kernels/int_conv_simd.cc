@@ -512,6 +512,17 @@ void Interleave4(const uint8_t* const src[4], int64_t count, uint8_t* dst) {
     _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(ab_hi, cd_hi));
   }
 #endif
+#ifdef __SSE2__
+  if (count - p >= 4) {  // the tail (short rows: 7 or 14 pixels) through 16-byte buffers
+    const int64_t tail = count - p;
+    alignas(16) uint8_t in[4][16], out[64];
+    for (int j = 0; j < 4; ++j) std::memcpy(in[j], src[j] + p, static_cast<size_t>(tail));
+    const uint8_t* const bounce[4] = {in[0], in[1], in[2], in[3]};
+    Interleave4(bounce, 16, out);
+    std::memcpy(dst + 4 * p, out, static_cast<size_t>(4 * tail));
+    return;
+  }
+#endif
   for (; p < count; ++p) {
     for (int j = 0; j < 4; ++j) dst[4 * p + j] = src[j][p];
   }
@@ -523,7 +534,10 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   const Geometry& g = *job.g;
   const Phases& ph = job.ph;
   const int64_t c4 = job.pw->c4;
+  // No column padding, stride 1: the rows of a plane are one run (1x1 convolutions).
+  const bool one_run = ph.sh == 1 && ph.sw == 1 && ph.wq == g.w;
   const std::vector<uint8_t> z_row(static_cast<size_t>(g.w), job.z);
+  const std::vector<uint8_t> z_plane(one_run && g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
   std::vector<uint32_t> row(static_cast<size_t>(g.w));
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
@@ -533,6 +547,12 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t c = ci * 4 + j;
           planes[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : nullptr;
+        }
+        if (one_run) {
+          const uint8_t* src[4];
+          for (int j = 0; j < 4; ++j) src[j] = planes[j] != nullptr ? planes[j] : z_plane.data();
+          Interleave4(src, g.h * g.w, reinterpret_cast<uint8_t*>(dst + g.pt * g.w));
+          continue;
         }
         auto rows = ph.RowsFrom(g.pt);
         for (int64_t iy = 0; iy < g.h; ++iy, ++rows) {
