@@ -483,24 +483,39 @@ struct FusedAvx2 {
     out[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1));
   }
 
-  template <bool kPost, bool kBias, int kGroups>
+  // The int16 sums of 16 columns each (stride 2) as int32 in column order.
+  static inline void Widen2(__m256i first, __m256i second, __m256i out[4]) {
+    out[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(first));
+    out[1] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(first, 1));
+    out[2] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(second));
+    out[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(second, 1));
+  }
+
+  // Stride 2 (column p at byte 2p): word i of vector h is column p0 + 16h + i, the whole vector
+  // one load at 2 * (p0 + 16h).
+  template <bool kPost, bool kBias, int kGroups, int kStride>
   static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
     __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o};
     const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-    const uint8_t* base = d.plane + p0;
+    const uint8_t* base = d.plane + kStride * p0;
     for (int64_t t = 0; t < groups; ++t) {
       const uint8_t* src = base + d.offsets[t];
       const __m256i w_e = _mm256_set1_epi16(static_cast<int16_t>(c.w_e[t]));
       const __m256i w_o = kPost ? _mm256_set1_epi16(static_cast<int16_t>(c.w_o[t])) : w_e;
       for (int r = 0; r < 2; ++r) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
         e[r] = _mm256_add_epi16(e[r], _mm256_maddubs_epi16(x, w_e));
         if (kPost) o[r] = _mm256_add_epi16(o[r], _mm256_maddubs_epi16(x, w_o));
       }
     }
     __m256i e32[4], o32[4];
-    Widen(e[0], e[1], e32);
-    if (kPost) Widen(o[0], o[1], o32);
+    if (kStride == 1) {
+      Widen(e[0], e[1], e32);
+      if (kPost) Widen(o[0], o[1], o32);
+    } else {
+      Widen2(e[0], e[1], e32);
+      if (kPost) Widen2(o[0], o[1], o32);
+    }
     for (int k = 0; k < 4; ++k) {
       // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);

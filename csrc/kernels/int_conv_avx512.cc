@@ -274,7 +274,9 @@ struct FusedAvx512 {
           w_o(d.weights + (i * 2 + 1) * d.groups) {}
   };
 
-  template <bool kPost, bool kBias, int kGroups>
+  // Stride 2 (column p at byte 2p): vectors 2h + r hold columns p0 + 32h + 2i + r, from one load
+  // each at 2 * (p0 + 32h) + 2r.
+  template <bool kPost, bool kBias, int kGroups, int kStride>
   static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
     // The sums start at -z_x * sum w: the zero-point correction of int_conv.h, done.
     __m512i e[4], o[4];
@@ -283,13 +285,13 @@ struct FusedAvx512 {
       o[r] = c.z_o;
     }
     const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-    const uint8_t* base = d.plane + p0;
+    const uint8_t* base = d.plane + kStride * p0;
     for (int64_t t = 0; t < groups; ++t) {
       const uint8_t* src = base + d.offsets[t];
       const __m512i w_e = _mm512_set1_epi32(c.w_e[t]);
       const __m512i w_o = kPost ? _mm512_set1_epi32(c.w_o[t]) : w_e;
       for (int r = 0; r < 4; ++r) {
-        const __m512i x = _mm512_loadu_si512(src + r);
+        const __m512i x = _mm512_loadu_si512(src + (kStride == 1 ? r : 64 * (r / 2) + 2 * (r % 2)));
         e[r] = _mm512_dpbusd_epi32(e[r], x, w_e);
         if (kPost) o[r] = _mm512_dpbusd_epi32(o[r], x, w_o);
       }
@@ -309,8 +311,13 @@ struct FusedAvx512 {
     const __m512i quad1 = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
     const __m512 u0 = _mm512_permutex2var_ps(y[0], pair0, y[1]), u1 = _mm512_permutex2var_ps(y[0], pair1, y[1]);
     const __m512 v0 = _mm512_permutex2var_ps(y[2], pair0, y[3]), v1 = _mm512_permutex2var_ps(y[2], pair1, y[3]);
-    const __m512 columns[4] = {_mm512_permutex2var_ps(u0, quad0, v0), _mm512_permutex2var_ps(u0, quad1, v0),
-                               _mm512_permutex2var_ps(u1, quad0, v1), _mm512_permutex2var_ps(u1, quad1, v1)};
+    // (stride 2: u0, u1, v0, v1 are already columns 0-15, 16-31, 32-47, 48-63)
+    const __m512 columns[4] = {
+        kStride == 1 ? _mm512_permutex2var_ps(u0, quad0, v0) : u0,
+        kStride == 1 ? _mm512_permutex2var_ps(u0, quad1, v0) : u1,
+        kStride == 1 ? _mm512_permutex2var_ps(u1, quad0, v1) : v0,
+        kStride == 1 ? _mm512_permutex2var_ps(u1, quad1, v1) : v1,
+    };
     // The kept columns of each 16, packed to the low lanes, to their outputs.
     for (int q = 0; q < 4; ++q) {
       const int64_t g = p0 / 8 + 2 * q;

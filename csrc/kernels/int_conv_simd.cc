@@ -336,7 +336,8 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t g1 = std::min(g0 + job.channels, g.group);
   // Scratch: the task's channels quantized, then the plane (small images: on the stack).
   const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
-  const int64_t scratch_size = bytes_size + job.hp * job.wp + kFusedSlack;
+  const int64_t hq = (job.hp + g.sh - 1) / g.sh;
+  const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   alignas(64) uint8_t local[16384];
   std::unique_ptr<uint8_t[]> heap;
   uint8_t* scratch = local;
@@ -351,6 +352,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.pl = g.pl;
   d.hp = job.hp;
   d.wp = job.wp;
+  d.sh = g.sh;
+  d.sw = g.sw;
+  d.hq = hq;
   d.scale = job.x_scale;
   d.inverse = job.inverse;
   d.lo = job.x_lo;
@@ -576,9 +580,9 @@ void PrepareFused(SimdJob& job) {
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
-  job.wp = g.w + g.pl + job.pad_right;
-  job.cols = job.wp;
-  job.span = (g.oh - 1) * job.wp + g.ow;
+  job.wp = RoundUp(g.w + g.pl + job.pad_right, g.sw);
+  job.cols = job.wp / g.sw;
+  job.span = (g.oh - 1) * job.cols + g.ow;
   const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
   job.keep.assign(static_cast<size_t>(columns / 8), 0);
   job.starts.assign(static_cast<size_t>(columns / 8 + 1), 0);
@@ -589,14 +593,16 @@ void PrepareFused(SimdJob& job) {
       job.keep[p / 8] |= static_cast<uint8_t>(1u << (p % 8));
       ++kept;
     }
-    if (++ox == job.wp) ox = 0;
+    if (++ox == job.cols) ox = 0;
   }
   job.starts[columns / 8] = kept;
   const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
   const int64_t per_row = (g.kw + taps - 1) / taps;
   job.offsets.clear();
+  const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   for (int64_t ky = 0; ky < g.kh; ++ky) {
-    for (int64_t j = 0; j < per_row; ++j) job.offsets.push_back(ky * g.dh * job.wp + taps * j);
+    const int64_t y = ky * g.dh;
+    for (int64_t j = 0; j < per_row; ++j) job.offsets.push_back(((y % g.sh) * hq + y / g.sh) * job.wp + taps * j);
   }
   job.fused_weights = job.isa == Isa::kAvx512 ? &pw.quads : &pw.pairs;
   job.fused_z.resize(static_cast<size_t>(2 * g.m));
@@ -610,7 +616,7 @@ void PrepareFused(SimdJob& job) {
 }  // namespace
 
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
-  if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sh != 1 || g.sw != 1 || g.dw != 1) return false;
+  if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sw > 2 || g.dw != 1) return false;
   return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pairs.empty());
 }
 
