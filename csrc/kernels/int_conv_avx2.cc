@@ -544,6 +544,68 @@ struct FusedAvx2 {
 void DepthwiseFusedAvx2(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx2>(d); }
 void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx2::QuantizeRun(d, n, dst); }
 
+namespace {
+
+// FinishT for channels [8 b, 8 b + 8): Finish lane by lane (the same float32 operations in the same
+// order). IntConv: half b % 2 of row block b / 2; PostConv: row block b, a channel's even and odd
+// products side by side in two lanes.
+template <bool kPost, bool kBias>
+void FinishTBlock(const FinishT& f, int64_t b) {
+  const int64_t channels = f.channels - 8 * b < 8 ? f.channels - 8 * b : 8;
+  alignas(32) float bias_lanes[8] = {};
+  if (kBias) {
+    for (int64_t j = 0; j < channels; ++j) bias_lanes[j] = f.bias[8 * b + j];
+  }
+  const __m256 bias = _mm256_load_ps(bias_lanes);
+  const int64_t r0 = kPost ? 16 * b : 8 * b;
+  const auto* z = reinterpret_cast<const __m256i*>(f.z + r0);
+  const __m256i z0 = _mm256_loadu_si256(z), z1 = _mm256_loadu_si256(z + 1);
+  const __m256 f0 = _mm256_loadu_ps(f.factor + r0), f1 = _mm256_loadu_ps(f.factor + r0 + 8);
+  const int32_t* c = kPost ? f.c + 16 * b * f.pixels : f.c + (b / 2) * 16 * f.pixels + 8 * (b % 2);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t p0 = 0; p0 < f.pixels; p0 += 8) {
+    const int64_t count = f.pixels - p0 < 8 ? f.pixels - p0 : 8;
+    __m256 y[8];
+    for (int i = 0; i < 8; ++i) {
+      if (i >= count) {
+        y[i] = _mm256_setzero_ps();
+        continue;
+      }
+      const int32_t* sums = c + (p0 + i) * 16;
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v0, z0)), f0);
+      if (kPost) {  // lanes 0, 2, 4, 6 of each half: even + odd of 4 channels, then in channel order
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 8));
+        const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v1, z1)), f1);
+        const __m256 pairs = _mm256_shuffle_ps(_mm256_add_ps(v, _mm256_movehdup_ps(v)),
+                                               _mm256_add_ps(w, _mm256_movehdup_ps(w)), _MM_SHUFFLE(2, 0, 2, 0));
+        v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+      }
+      y[i] = kBias ? _mm256_add_ps(v, bias) : v;
+    }
+    Transpose8(y);
+    float* out = f.out + 8 * b * f.stride + p0;
+    if (count == 8) {
+      for (int64_t j = 0; j < channels; ++j) _mm256_storeu_ps(out + j * f.stride, y[j]);
+    } else {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
+      for (int64_t j = 0; j < channels; ++j) _mm256_maskstore_ps(out + j * f.stride, mask, y[j]);
+    }
+  }
+}
+
+}  // namespace
+
+void FinishTAvx2(const FinishT& f) {
+  for (int64_t b = 0; b * 8 < f.channels; ++b) {
+    if (f.post) {
+      f.bias != nullptr ? FinishTBlock<true, true>(f, b) : FinishTBlock<true, false>(f, b);
+    } else {
+      f.bias != nullptr ? FinishTBlock<false, true>(f, b) : FinishTBlock<false, false>(f, b);
+    }
+  }
+}
+
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                    const float* bias, float* out) {
   FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, out);

@@ -216,7 +216,7 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
 #endif
 #ifdef ONNXQ_X86_SIMD
-  if (job.isa == Isa::kAvx512) {
+  {
     FinishT f{};
     f.c = by_pixel.get();
     f.pixels = count;
@@ -227,16 +227,9 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
     f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
     f.stride = g.pixels();
-    FinishTAvx512(f);
-    return;
+    job.isa == Isa::kAvx512 ? FinishTAvx512(f) : FinishTAvx2(f);
   }
 #endif
-  std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows * kPanel)]);
-  for (int64_t r = 0; r < pw.rows; ++r) {
-    const int32_t* block = by_pixel.get() + (r / kLanes) * count * kLanes + r % kLanes;
-    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = block[i * kLanes];
-  }
-  FinishPanel(job, n, gi, tile.get(), q0, count);
 }
 
 // kQuad: one panel of matrix columns of one image and group: the product, the epilogue.
