@@ -127,6 +127,25 @@ CASES = [
     Case("IntConv", 4, 1, 5, (4, 3), 5, (3, 3), pads=(2, 1, 0, 1), group=5),
     Case("PostConv", 2, 1, 4, (3, 2), 4, (2, 2), pads=(1, 1, 1, 1), group=4),
     Case("IntConv", 4, 2, 80, (7, 7), 80, (3, 3), pads=(1, 1, 1, 1), group=80, calibrated=True),
+    # depthwise with strides straight from the float input (DepthwiseFused, horizontal stride 1 or
+    # 2: row phases, 2 bytes per column): MobileNetV2's stride-2 layers, padded widths rounded up to
+    # the stride, asymmetric padding, 2 outputs per input and 5 taps per row, vertical stride 3
+    # with dilation, 8-bit weights (AVX2: the old kernels), rows wider than a block, tiny images
+    Case("PostConv", 4, 2, 24, (28, 28), 24, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=24),
+    Case("IntConv", 4, 1, 16, (14, 14), 16, (3, 3), strides=(2, 2), pads=(0, 0, 1, 1), group=16, calibrated=True),
+    Case("IntConv", 4, 1, 5, (9, 23), 10, (5, 5), strides=(1, 2), pads=(2, 2, 2, 2), group=5, bias=False),
+    Case("PostConv", 3, 1, 6, (13, 11), 6, (3, 3), strides=(3, 2), pads=(1, 2, 0, 1), dilations=(2, 1), group=6),
+    Case("IntConv", 8, 1, 4, (10, 70), 4, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=4),
+    Case("PostConv", 4, 1, 3, (3, 4), 3, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=3, calibrated=True),
+    Case("IntConv", 4, 3, 40, (7, 7), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=40),
+    # 1x1 without padding: each channel plane interleaved in one run (tails of 9, 5 and 1 pixels after
+    # blocks of 16; channels past the last whole quad); GemmT's epilogue with 1 to 3 blocks of 16
+    # channels and partial blocks of 16 pixels
+    Case("IntConv", 4, 2, 6, (5, 5), 10, (1, 1)),
+    Case("PostConv", 4, 1, 13, (3, 7), 9, (1, 1), bias=False),
+    Case("IntConv", 4, 1, 12, (7, 7), 6, (1, 1), group=2, calibrated=True),
+    Case("PostConv", 4, 2, 24, (7, 7), 40, (1, 1)),
+    Case("IntConv", 4, 1, 32, (14, 14), 36, (1, 1), bias=False),
 ]
 
 

@@ -1,6 +1,6 @@
 """Benchmark of onnxq's integer convolution ops against onnxruntime, one thread, in one run.
 
-Per layer (ResNet-18 conv shapes and two depthwise ones, batch 1 and 8): onnxruntime's float
+Per layer (ResNet-18 conv shapes, depthwise ones, a 1x1 one, batch 1 and 8): onnxruntime's float
 Conv, its uint8 x int8 QLinearConv (input already quantized), and onnxq's IntConv (4-bit
 uniform) and PostConv (4-bit POST), both taking float input and quantizing it inside. On a CPU
 with AVX-512 VNNI two more columns force the ops' AVX2 kernels (attribute kernel=2): a proxy for
@@ -42,6 +42,9 @@ LAYERS = [
     ("512->512 3x3 @7", 512, 512, 7, 3, 1, 1),
     ("dw 144 3x3 @28", 144, 144, 28, 3, 1, 144),
     ("dw 576 3x3 @7", 576, 576, 7, 3, 1, 576),
+    # MobileNetV2's other kinds of layer (fmnist_mobilenetv2): stride-2 depthwise, 1x1 on a small image
+    ("dw 96 3x3 /2 @28", 96, 96, 28, 3, 2, 96),
+    ("1x1 64->384 @7", 64, 384, 7, 1, 1, 1),
 ]
 
 

@@ -63,7 +63,8 @@
 // loops above. The AVX2 and AVX-512 VNNI kernels run an int8 matrix product over the padded input
 // (int_conv_kernels.h) with weights prepared once per node (W is a constant initializer; else
 // on every run), or for depthwise convolutions a direct sum over the taps: with unit horizontal
-// stride and dilation straight from the float X (DepthwiseFused, int_conv_depthwise.h: each channel
+// dilation and a horizontal stride of 1 or 2 straight from the float X (DepthwiseFused,
+// int_conv_depthwise.h: row phases for vertical strides, 2 bytes per column at stride 2; each channel
 // quantized as it is used, with x * (1/s_x) and a division only next to ties, which gives the same
 // x_q; adjacent taps summed by one vpdpbusd per 4 or one vpmaddubsw per 2), else over X quantized
 // (pixels in the vector lanes; for rows under 16 pixels, channels); PostConv's w_even and w_odd

@@ -483,24 +483,39 @@ struct FusedAvx2 {
     out[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1));
   }
 
-  template <bool kPost, bool kBias, int kGroups>
+  // The int16 sums of 16 columns each (stride 2) as int32 in column order.
+  static inline void Widen2(__m256i first, __m256i second, __m256i out[4]) {
+    out[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(first));
+    out[1] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(first, 1));
+    out[2] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(second));
+    out[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(second, 1));
+  }
+
+  // Stride 2 (column p at byte 2p): word i of vector h is column p0 + 16h + i, the whole vector
+  // one load at 2 * (p0 + 16h).
+  template <bool kPost, bool kBias, int kGroups, int kStride>
   static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
     __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o};
     const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-    const uint8_t* base = d.plane + p0;
+    const uint8_t* base = d.plane + kStride * p0;
     for (int64_t t = 0; t < groups; ++t) {
       const uint8_t* src = base + d.offsets[t];
       const __m256i w_e = _mm256_set1_epi16(static_cast<int16_t>(c.w_e[t]));
       const __m256i w_o = kPost ? _mm256_set1_epi16(static_cast<int16_t>(c.w_o[t])) : w_e;
       for (int r = 0; r < 2; ++r) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + r));
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
         e[r] = _mm256_add_epi16(e[r], _mm256_maddubs_epi16(x, w_e));
         if (kPost) o[r] = _mm256_add_epi16(o[r], _mm256_maddubs_epi16(x, w_o));
       }
     }
     __m256i e32[4], o32[4];
-    Widen(e[0], e[1], e32);
-    if (kPost) Widen(o[0], o[1], o32);
+    if (kStride == 1) {
+      Widen(e[0], e[1], e32);
+      if (kPost) Widen(o[0], o[1], o32);
+    } else {
+      Widen2(e[0], e[1], e32);
+      if (kPost) Widen2(o[0], o[1], o32);
+    }
     for (int k = 0; k < 4; ++k) {
       // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);
@@ -528,6 +543,68 @@ struct FusedAvx2 {
 
 void DepthwiseFusedAvx2(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx2>(d); }
 void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx2::QuantizeRun(d, n, dst); }
+
+namespace {
+
+// FinishT for channels [8 b, 8 b + 8): Finish lane by lane (the same float32 operations in the same
+// order). IntConv: half b % 2 of row block b / 2; PostConv: row block b, a channel's even and odd
+// products side by side in two lanes.
+template <bool kPost, bool kBias>
+void FinishTBlock(const FinishT& f, int64_t b) {
+  const int64_t channels = f.channels - 8 * b < 8 ? f.channels - 8 * b : 8;
+  alignas(32) float bias_lanes[8] = {};
+  if (kBias) {
+    for (int64_t j = 0; j < channels; ++j) bias_lanes[j] = f.bias[8 * b + j];
+  }
+  const __m256 bias = _mm256_load_ps(bias_lanes);
+  const int64_t r0 = kPost ? 16 * b : 8 * b;
+  const auto* z = reinterpret_cast<const __m256i*>(f.z + r0);
+  const __m256i z0 = _mm256_loadu_si256(z), z1 = _mm256_loadu_si256(z + 1);
+  const __m256 f0 = _mm256_loadu_ps(f.factor + r0), f1 = _mm256_loadu_ps(f.factor + r0 + 8);
+  const int32_t* c = kPost ? f.c + 16 * b * f.pixels : f.c + (b / 2) * 16 * f.pixels + 8 * (b % 2);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int64_t p0 = 0; p0 < f.pixels; p0 += 8) {
+    const int64_t count = f.pixels - p0 < 8 ? f.pixels - p0 : 8;
+    __m256 y[8];
+    for (int i = 0; i < 8; ++i) {
+      if (i >= count) {
+        y[i] = _mm256_setzero_ps();
+        continue;
+      }
+      const int32_t* sums = c + (p0 + i) * 16;
+      const __m256i v0 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums));
+      __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v0, z0)), f0);
+      if (kPost) {  // lanes 0, 2, 4, 6 of each half: even + odd of 4 channels, then in channel order
+        const __m256i v1 = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(sums + 8));
+        const __m256 w = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(v1, z1)), f1);
+        const __m256 pairs = _mm256_shuffle_ps(_mm256_add_ps(v, _mm256_movehdup_ps(v)),
+                                               _mm256_add_ps(w, _mm256_movehdup_ps(w)), _MM_SHUFFLE(2, 0, 2, 0));
+        v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+      }
+      y[i] = kBias ? _mm256_add_ps(v, bias) : v;
+    }
+    Transpose8(y);
+    float* out = f.out + 8 * b * f.stride + p0;
+    if (count == 8) {
+      for (int64_t j = 0; j < channels; ++j) _mm256_storeu_ps(out + j * f.stride, y[j]);
+    } else {
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(count)), lane);
+      for (int64_t j = 0; j < channels; ++j) _mm256_maskstore_ps(out + j * f.stride, mask, y[j]);
+    }
+  }
+}
+
+}  // namespace
+
+void FinishTAvx2(const FinishT& f) {
+  for (int64_t b = 0; b * 8 < f.channels; ++b) {
+    if (f.post) {
+      f.bias != nullptr ? FinishTBlock<true, true>(f, b) : FinishTBlock<true, false>(f, b);
+    } else {
+      f.bias != nullptr ? FinishTBlock<false, true>(f, b) : FinishTBlock<false, false>(f, b);
+    }
+  }
+}
 
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                    const float* bias, float* out) {

@@ -274,7 +274,9 @@ struct FusedAvx512 {
           w_o(d.weights + (i * 2 + 1) * d.groups) {}
   };
 
-  template <bool kPost, bool kBias, int kGroups>
+  // Stride 2 (column p at byte 2p): vectors 2h + r hold columns p0 + 32h + 2i + r, from one load
+  // each at 2 * (p0 + 32h) + 2r.
+  template <bool kPost, bool kBias, int kGroups, int kStride>
   static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
     // The sums start at -z_x * sum w: the zero-point correction of int_conv.h, done.
     __m512i e[4], o[4];
@@ -283,13 +285,13 @@ struct FusedAvx512 {
       o[r] = c.z_o;
     }
     const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-    const uint8_t* base = d.plane + p0;
+    const uint8_t* base = d.plane + kStride * p0;
     for (int64_t t = 0; t < groups; ++t) {
       const uint8_t* src = base + d.offsets[t];
       const __m512i w_e = _mm512_set1_epi32(c.w_e[t]);
       const __m512i w_o = kPost ? _mm512_set1_epi32(c.w_o[t]) : w_e;
       for (int r = 0; r < 4; ++r) {
-        const __m512i x = _mm512_loadu_si512(src + r);
+        const __m512i x = _mm512_loadu_si512(src + (kStride == 1 ? r : 64 * (r / 2) + 2 * (r % 2)));
         e[r] = _mm512_dpbusd_epi32(e[r], x, w_e);
         if (kPost) o[r] = _mm512_dpbusd_epi32(o[r], x, w_o);
       }
@@ -309,8 +311,13 @@ struct FusedAvx512 {
     const __m512i quad1 = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
     const __m512 u0 = _mm512_permutex2var_ps(y[0], pair0, y[1]), u1 = _mm512_permutex2var_ps(y[0], pair1, y[1]);
     const __m512 v0 = _mm512_permutex2var_ps(y[2], pair0, y[3]), v1 = _mm512_permutex2var_ps(y[2], pair1, y[3]);
-    const __m512 columns[4] = {_mm512_permutex2var_ps(u0, quad0, v0), _mm512_permutex2var_ps(u0, quad1, v0),
-                               _mm512_permutex2var_ps(u1, quad0, v1), _mm512_permutex2var_ps(u1, quad1, v1)};
+    // (stride 2: u0, u1, v0, v1 are already columns 0-15, 16-31, 32-47, 48-63)
+    const __m512 columns[4] = {
+        kStride == 1 ? _mm512_permutex2var_ps(u0, quad0, v0) : u0,
+        kStride == 1 ? _mm512_permutex2var_ps(u0, quad1, v0) : u1,
+        kStride == 1 ? _mm512_permutex2var_ps(u1, quad0, v1) : v0,
+        kStride == 1 ? _mm512_permutex2var_ps(u1, quad1, v1) : v1,
+    };
     // The kept columns of each 16, packed to the low lanes, to their outputs.
     for (int q = 0; q < 4; ++q) {
       const int64_t g = p0 / 8 + 2 * q;
@@ -326,6 +333,85 @@ struct FusedAvx512 {
 
 void DepthwiseFusedAvx512(const DepthwiseFused& d) { DepthwiseFusedT<FusedAvx512>(d); }
 void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst) { FusedAvx512::QuantizeRun(d, n, dst); }
+
+namespace {
+
+// r[i][j] -> r[j][i] for 16 vectors of 16 floats: 2 x 2 blocks (unpack), 4 x 4 (shuffle), then
+// the 128-bit lanes (two rounds of shuffle_f32x4).
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 16; h += 8) {
+    for (int i = 0; i < 4; ++i) {
+      t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+      t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+    r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+  }
+}
+
+// FinishT for channels [16 b, 16 b + 16): Finish lane by lane (the same float32 operations in the
+// same order), PostConv's even and odd products of a channel side by side in two lanes.
+template <bool kPost, bool kBias>
+void FinishTBlock(const FinishT& f, int64_t b) {
+  const int64_t channels = f.channels - 16 * b < 16 ? f.channels - 16 * b : 16;
+  const __m512 bias = kBias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << channels) - 1), f.bias + 16 * b)
+                            : _mm512_setzero_ps();
+  // IntConv: row block b; PostConv: row blocks 2b (channels 16b..16b+7) and 2b + 1 (the rest).
+  const int64_t r0 = kPost ? 32 * b : 16 * b;
+  const __m512i z0 = _mm512_loadu_si512(f.z + r0), z1 = _mm512_loadu_si512(f.z + r0 + 16);
+  const __m512 f0 = _mm512_loadu_ps(f.factor + r0), f1 = _mm512_loadu_ps(f.factor + r0 + 16);
+  const int32_t* c0 = f.c + r0 * f.pixels;
+  const int32_t* c1 = kPost && 2 * f.channels > r0 + 16 ? c0 + 16 * f.pixels : nullptr;  // (no block: zeros)
+  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  for (int64_t p0 = 0; p0 < f.pixels; p0 += 16) {
+    const int64_t count = f.pixels - p0 < 16 ? f.pixels - p0 : 16;
+    __m512 y[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i >= count) {
+        y[i] = _mm512_setzero_ps();
+        continue;
+      }
+      const __m512i v0 = _mm512_loadu_si512(c0 + (p0 + i) * 16);
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v0, z0)), f0);
+      if (kPost) {  // lane 2j: even + odd of channel j (of 8), from each of the two blocks
+        const __m512i v1 = c1 != nullptr ? _mm512_loadu_si512(c1 + (p0 + i) * 16) : _mm512_setzero_si512();
+        const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v1, z1)), f1);
+        v = _mm512_permutex2var_ps(_mm512_add_ps(v, _mm512_movehdup_ps(v)), evens,
+                                   _mm512_add_ps(w, _mm512_movehdup_ps(w)));
+      }
+      y[i] = kBias ? _mm512_add_ps(v, bias) : v;
+    }
+    Transpose16(y);
+    const auto mask = static_cast<__mmask16>((1u << count) - 1);
+    float* out = f.out + 16 * b * f.stride + p0;
+    for (int64_t j = 0; j < channels; ++j) _mm512_mask_storeu_ps(out + j * f.stride, mask, y[j]);
+  }
+}
+
+}  // namespace
+
+void FinishTAvx512(const FinishT& f) {
+  for (int64_t b = 0; b * 16 < f.channels; ++b) {
+    if (f.post) {
+      f.bias != nullptr ? FinishTBlock<true, true>(f, b) : FinishTBlock<true, false>(f, b);
+    } else {
+      f.bias != nullptr ? FinishTBlock<false, true>(f, b) : FinishTBlock<false, false>(f, b);
+    }
+  }
+}
 
 void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                      const float* bias, float* out) {

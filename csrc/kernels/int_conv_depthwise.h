@@ -5,10 +5,11 @@
 //   K::QuantizeRun(d, n, dst)      (QuantizeFused*) dst[i] = QuantizeOne(d.x[i]) for i < n; may write up to 64 bytes
 //                                  past n, and reads no float past n
 //   K::Consts(d, i)                output channel i's constants, in registers
-//   K::Block<kPost, kBias, kGroups>(d, consts, p0, out)
+//   K::Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out)
 //                                  matrix columns [p0, p0 + kBlock): the sums, Finish, and the
 //                                  outputs of the kept columns stored at out[starts[p0 / 8] ...]
-//                                  (kGroups: d.groups, or 0 for a count known only at run time)
+//                                  (kGroups: d.groups, or 0 for a count known only at run time;
+//                                  kStride: d.sw, 1 or 2)
 // Everything here is internal (anonymous namespace): each includer gets its own copy, compiled
 // with its own instruction set.
 #pragma once
@@ -52,29 +53,42 @@ inline void CopyRow(uint8_t* dst, const uint8_t* src, int64_t n) {
 }
 
 // The padded plane: z everywhere once per scratch buffer (d.fresh; rows of X never overwrite the
-// padding), then the quantized channel (d.bytes) copied row by row.
+// padding), then the quantized channel (d.bytes) copied row by row, each to its row phase.
 inline void BuildPlane(const DepthwiseFused& d) {
-  if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.hp * d.wp + kFusedSlack));
-  uint8_t* row = d.plane + d.pt * d.wp + d.pl;
-  for (int64_t iy = 0; iy < d.h; ++iy, row += d.wp) CopyRow(row, d.bytes + iy * d.w, d.w);
+  if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.sh * d.hq * d.wp + kFusedSlack));
+  int64_t phase = d.pt % d.sh, row = d.pt / d.sh;
+  for (int64_t iy = 0; iy < d.h; ++iy) {
+    CopyRow(d.plane + (phase * d.hq + row) * d.wp + d.pl, d.bytes + iy * d.w, d.w);
+    if (++phase == d.sh) {
+      phase = 0;
+      ++row;
+    }
+  }
 }
 
-template <class K, bool kPost, bool kBias, int kGroups>
+template <class K, bool kPost, bool kBias, int kGroups, int kStride>
 void FusedBlocks(const DepthwiseFused& d, int64_t i) {
   const typename K::Consts consts(d, i);
   float* out = d.out + i * d.pixels;
-  for (int64_t p0 = 0; p0 < d.span; p0 += K::kBlock) K::template Block<kPost, kBias, kGroups>(d, consts, p0, out);
+  for (int64_t p0 = 0; p0 < d.span; p0 += K::kBlock) {
+    K::template Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out);
+  }
+}
+
+template <class K, bool kPost, bool kBias, int kStride>
+void FusedGroups(const DepthwiseFused& d, int64_t i) {
+  if (d.groups == 3) {  // 3 x 3 kernels: 3 groups of 4 taps (VNNI), 6 of 2 (AVX2)
+    FusedBlocks<K, kPost, kBias, 3, kStride>(d, i);
+  } else if (d.groups == 6) {
+    FusedBlocks<K, kPost, kBias, 6, kStride>(d, i);
+  } else {
+    FusedBlocks<K, kPost, kBias, 0, kStride>(d, i);
+  }
 }
 
 template <class K, bool kPost, bool kBias>
 void FusedChannel(const DepthwiseFused& d, int64_t i) {
-  if (d.groups == 3) {  // 3 x 3 kernels: 3 groups of 4 taps (VNNI), 6 of 2 (AVX2)
-    FusedBlocks<K, kPost, kBias, 3>(d, i);
-  } else if (d.groups == 6) {
-    FusedBlocks<K, kPost, kBias, 6>(d, i);
-  } else {
-    FusedBlocks<K, kPost, kBias, 0>(d, i);
-  }
+  d.sw == 2 ? FusedGroups<K, kPost, kBias, 2>(d, i) : FusedGroups<K, kPost, kBias, 1>(d, i);
 }
 
 template <class K>

@@ -81,8 +81,8 @@ struct PackedWeights {
 };
 
 // Whether the SIMD kernels run this depthwise convolution straight from the float input
-// (DepthwiseFused: unit horizontal stride and dilation; AVX2 needs narrow lists). Then SimdArgs::x
-// and the quantization parameters replace xq.
+// (DepthwiseFused: unit horizontal dilation, horizontal stride 1 or 2; AVX2 needs narrow lists).
+// Then SimdArgs::x and the quantization parameters replace xq.
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa);
 
 // Decode and check W's codes (M rows of row_bytes) for the K of g, and lay them out for the kernel

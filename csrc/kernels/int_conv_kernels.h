@@ -77,6 +77,26 @@ struct GemmT {
 void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)
 void GemmTAvx512(const GemmT& g);
 
+// GemmT's epilogue (int_conv.h's float epilogue, Finish below, lane by lane): C in GemmT's blocks
+// of kLanes rows, rows in the vector lanes, finished 16 pixels at a time and transposed in
+// registers, so that each output channel's 16 pixels are one store. Rows as in A: IntConv one per
+// output channel, PostConv 2*mm (w_even) and 2*mm + 1 (w_odd). The per-row tables are padded with
+// zeros to a multiple of 2 * kLanes rows.
+struct FinishT {
+  const int32_t* c;      // GemmT::c
+  int64_t pixels;        // GemmT::pixels
+  int64_t channels;      // output channels
+  bool post;
+  const int32_t* z;      // [rows]: z_x * each row's sum of weights
+  const float* factor;   // [rows]: c_e of the row's channel (PostConv's odd rows: c_o)
+  const float* bias;     // [channels], or null
+  float* out;            // channel mm's pixel i at out[mm * stride + i]
+  int64_t stride;
+};
+
+void FinishTAvx2(const FinishT& f);
+void FinishTAvx512(const FinishT& f);
+
 // Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
 // over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input
 // channel is padded and in stride-phase planes (int_conv_simd.cc): output pixel (oy, ox) is the
@@ -100,23 +120,26 @@ struct Depthwise {
 void DepthwiseAvx2(const Depthwise& d);
 void DepthwiseAvx512(const Depthwise& d);
 
-// Depthwise convolutions with unit horizontal stride and dilation, straight from the float input
-// (int_conv_depthwise.h): per input channel, X quantized (qdu8::QuantizeOne's values) and padded
-// into one plane of hp x wp bytes (z_x around X), then each of its output channels as multiply-adds
-// of horizontally adjacent taps, whose bytes lie side by side in the plane: 4 taps per vpdpbusd
-// dword (AVX-512 VNNI, any int8 weights), 2 per vpmaddubsw word with int16 sums (AVX2, every list
-// narrow). Matrix column p = oy * wp + ox is output pixel (oy, ox) when ox < ow (else dropped);
-// the tap group t of kernel row ky, taps kx = G*j .. G*j + G-1 (G = 4 or 2, 0 weights past kw),
-// reads plane[offsets[t] + p], offsets[t] = ky*dh*wp + G*j.
+// Depthwise convolutions with unit horizontal dilation and a horizontal stride sw of 1 or 2,
+// straight from the float input (int_conv_depthwise.h): per input channel, X quantized
+// (qdu8::QuantizeOne's values) and padded (z_x around X) into sh row phases (padded row y in phase
+// y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw), then each of its
+// output channels as multiply-adds of horizontally adjacent taps, whose bytes lie side by side in
+// the plane: 4 taps per vpdpbusd dword (AVX-512 VNNI, any int8 weights), 2 per vpmaddubsw word with
+// int16 sums (AVX2, every list narrow). Matrix column p = oy * (wp / sw) + ox is output pixel
+// (oy, ox) when ox < ow (else dropped); the tap group t of kernel row ky, taps kx = G*j .. G*j + G-1
+// (G = 4 or 2, 0 weights past kw), reads plane[offsets[t] + sw * p], offsets[t] =
+// (ky*dh % sh) * hq*wp + (ky*dh / sh) * wp + G*j.
 struct DepthwiseFused {
   const float* x;                 // the input channel, h x w
-  int64_t h, w, pt, pl, hp, wp;   // the plane: hp x wp, X at rows pt.., columns pl..
+  int64_t h, w, pt, pl, hp, wp;   // X at padded rows pt.., columns pl.. of hp x wp
+  int64_t sh, sw, hq;             // strides; rows per phase: hq = ceil(hp / sh)
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide)
   int32_t z;
   uint8_t* bytes;                 // the channel quantized (QuantizeFused*), h x w
-  uint8_t* plane;                 // scratch: hp*wp + kFusedSlack bytes
+  uint8_t* plane;                 // scratch: sh*hq*wp + kFusedSlack bytes
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
-  int64_t span;                   // matrix columns: (oh - 1) * wp + ow
+  int64_t span;                   // matrix columns: (oh - 1) * wp / sw + ow
   int64_t pixels;                 // outputs per output channel: oh * ow
   const uint8_t* keep;            // bit j of keep[i]: column 8*i + j is an output (to the last block's end)
   const int64_t* starts;          // starts[i]: outputs before column 8*i
@@ -132,7 +155,7 @@ struct DepthwiseFused {
 };
 
 // Bytes after the scratch data that the kernels may read or write.
-constexpr int64_t kFusedSlack = 128;
+constexpr int64_t kFusedSlack = 256;  // (stride 2 reads 2 bytes per column)
 
 void DepthwiseFusedAvx2(const DepthwiseFused& d);
 void DepthwiseFusedAvx512(const DepthwiseFused& d);

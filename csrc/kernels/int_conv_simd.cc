@@ -120,6 +120,10 @@ struct SimdJob : SimdArgs {
   const std::vector<int32_t>* fused_weights = nullptr;
   float inverse = 0.0f;
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
+  // GemmT's epilogue (FinishT): z_x * each row's sum of weights and its factor, [group][t_rows].
+  int64_t t_rows = 0;
+  std::vector<int32_t> t_z;
+  std::vector<float> t_factor;
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
   int64_t panels;                // panels of kPanel columns per image and group
@@ -211,12 +215,21 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
 #else
   (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
 #endif
-  std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows * kPanel)]);
-  for (int64_t r = 0; r < pw.rows; ++r) {
-    const int32_t* block = by_pixel.get() + (r / kLanes) * count * kLanes + r % kLanes;
-    for (int64_t i = 0; i < count; ++i) tile[r * kPanel + i] = block[i * kLanes];
+#ifdef ONNXQ_X86_SIMD
+  {
+    FinishT f{};
+    f.c = by_pixel.get();
+    f.pixels = count;
+    f.channels = g.mg;
+    f.post = job.post;
+    f.z = job.t_z.data() + gi * job.t_rows;
+    f.factor = job.t_factor.data() + gi * job.t_rows;
+    f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
+    f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
+    f.stride = g.pixels();
+    job.isa == Isa::kAvx512 ? FinishTAvx512(f) : FinishTAvx2(f);
   }
-  FinishPanel(job, n, gi, tile.get(), q0, count);
+#endif
 }
 
 // kQuad: one panel of matrix columns of one image and group: the product, the epilogue.
@@ -316,7 +329,8 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t g1 = std::min(g0 + job.channels, g.group);
   // Scratch: the task's channels quantized, then the plane (small images: on the stack).
   const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
-  const int64_t scratch_size = bytes_size + job.hp * job.wp + kFusedSlack;
+  const int64_t hq = (job.hp + g.sh - 1) / g.sh;
+  const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   alignas(64) uint8_t local[16384];
   std::unique_ptr<uint8_t[]> heap;
   uint8_t* scratch = local;
@@ -331,6 +345,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.pl = g.pl;
   d.hp = job.hp;
   d.wp = job.wp;
+  d.sh = g.sh;
+  d.sw = g.sw;
+  d.hq = hq;
   d.scale = job.x_scale;
   d.inverse = job.inverse;
   d.lo = job.x_lo;
@@ -492,6 +509,17 @@ void Interleave4(const uint8_t* const src[4], int64_t count, uint8_t* dst) {
     _mm_storeu_si128(out + 3, _mm_unpackhi_epi16(ab_hi, cd_hi));
   }
 #endif
+#ifdef __SSE2__
+  if (count - p >= 4) {  // the tail (short rows: 7 or 14 pixels) through 16-byte buffers
+    const int64_t tail = count - p;
+    alignas(16) uint8_t in[4][16], out[64];
+    for (int j = 0; j < 4; ++j) std::memcpy(in[j], src[j] + p, static_cast<size_t>(tail));
+    const uint8_t* const bounce[4] = {in[0], in[1], in[2], in[3]};
+    Interleave4(bounce, 16, out);
+    std::memcpy(dst + 4 * p, out, static_cast<size_t>(4 * tail));
+    return;
+  }
+#endif
   for (; p < count; ++p) {
     for (int j = 0; j < 4; ++j) dst[4 * p + j] = src[j][p];
   }
@@ -503,7 +531,10 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   const Geometry& g = *job.g;
   const Phases& ph = job.ph;
   const int64_t c4 = job.pw->c4;
+  // No column padding, stride 1: the rows of a plane are one run (1x1 convolutions).
+  const bool one_run = ph.sh == 1 && ph.sw == 1 && ph.wq == g.w;
   const std::vector<uint8_t> z_row(static_cast<size_t>(g.w), job.z);
+  const std::vector<uint8_t> z_plane(one_run && g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
   std::vector<uint32_t> row(static_cast<size_t>(g.w));
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
@@ -513,6 +544,12 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t c = ci * 4 + j;
           planes[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : nullptr;
+        }
+        if (one_run) {
+          const uint8_t* src[4];
+          for (int j = 0; j < 4; ++j) src[j] = planes[j] != nullptr ? planes[j] : z_plane.data();
+          Interleave4(src, g.h * g.w, reinterpret_cast<uint8_t*>(dst + g.pt * g.w));
+          continue;
         }
         auto rows = ph.RowsFrom(g.pt);
         for (int64_t iy = 0; iy < g.h; ++iy, ++rows) {
@@ -536,9 +573,9 @@ void PrepareFused(SimdJob& job) {
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
-  job.wp = g.w + g.pl + job.pad_right;
-  job.cols = job.wp;
-  job.span = (g.oh - 1) * job.wp + g.ow;
+  job.wp = RoundUp(g.w + g.pl + job.pad_right, g.sw);
+  job.cols = job.wp / g.sw;
+  job.span = (g.oh - 1) * job.cols + g.ow;
   const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
   job.keep.assign(static_cast<size_t>(columns / 8), 0);
   job.starts.assign(static_cast<size_t>(columns / 8 + 1), 0);
@@ -549,14 +586,16 @@ void PrepareFused(SimdJob& job) {
       job.keep[p / 8] |= static_cast<uint8_t>(1u << (p % 8));
       ++kept;
     }
-    if (++ox == job.wp) ox = 0;
+    if (++ox == job.cols) ox = 0;
   }
   job.starts[columns / 8] = kept;
   const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
   const int64_t per_row = (g.kw + taps - 1) / taps;
   job.offsets.clear();
+  const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   for (int64_t ky = 0; ky < g.kh; ++ky) {
-    for (int64_t j = 0; j < per_row; ++j) job.offsets.push_back(ky * g.dh * job.wp + taps * j);
+    const int64_t y = ky * g.dh;
+    for (int64_t j = 0; j < per_row; ++j) job.offsets.push_back(((y % g.sh) * hq + y / g.sh) * job.wp + taps * j);
   }
   job.fused_weights = job.isa == Isa::kAvx512 ? &pw.quads : &pw.pairs;
   job.fused_z.resize(static_cast<size_t>(2 * g.m));
@@ -570,7 +609,7 @@ void PrepareFused(SimdJob& job) {
 }  // namespace
 
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
-  if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sh != 1 || g.sw != 1 || g.dw != 1) return false;
+  if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sw > 2 || g.dw != 1) return false;
   return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pairs.empty());
 }
 
@@ -596,6 +635,16 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   if (job.transposed) {
     job.cols = g.ow;
     job.span = g.pixels();
+    job.t_rows = pw.rows16 + 2 * kLanes;  // (FinishT reads two blocks of rows past any it uses)
+    job.t_z.assign(static_cast<size_t>(g.group * job.t_rows), 0);
+    job.t_factor.assign(static_cast<size_t>(g.group * job.t_rows), 0.0f);
+    for (int64_t gi = 0; gi < g.group; ++gi) {
+      for (int64_t r = 0; r < pw.rows; ++r) {
+        const int64_t m = gi * g.mg + (job.post ? r / 2 : r);
+        job.t_z[gi * job.t_rows + r] = job.z * pw.row_sum[gi * pw.rows_pad + r];
+        job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
+      }
+    }
   }
   std::unique_ptr<uint8_t[]> x4;
   if (pw.mode == Mode::kQuad) {
