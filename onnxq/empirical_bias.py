@@ -161,8 +161,9 @@ def refine_biases(
             bar.update(1)
             prefix = prefix_model(simulated, outputs)
             needed = {i.name for i in prefix.graph.input}
+            feeds = [{k: v for k, v in batch.items() if k in needed} for batch in batches]  # onnxruntime refuses unknown names
             with exposing(prefix, outputs) as sess:
-                measured_means = channel_means_of(sess, outputs, batches, {k: v for k, v in current.items() if k in needed})
+                measured_means = channel_means_of(sess, outputs, feeds, {k: v for k, v in current.items() if k in needed})
             for name in outputs:
                 measured = measured_means[name]
                 bias = biases[name]

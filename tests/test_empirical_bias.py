@@ -150,3 +150,33 @@ def test_prefix_model_keeps_only_what_its_outputs_need():
     x, b1 = np.array([1.0, 2.0], np.float32), np.array([0.5, -4.0], np.float32)
     (early,) = ort.InferenceSession(prefix.SerializeToString(), providers=["CPUExecutionProvider"]).run(["early"], {"x": x, "b1": b1})
     np.testing.assert_array_equal(early, x + b1)
+
+
+def test_a_level_that_needs_only_one_of_two_inputs_is_measured():
+    """Two graph inputs; the first layer reads only one, so its pass runs a prefix without the other."""
+    rng = np.random.default_rng(5)
+    w1, w2 = rng.standard_normal((4, 3, 1, 1)), rng.standard_normal((4, 4, 1, 1))
+    nodes = [
+        helper.make_node("Conv", ["a", "w1", "b1"], ["h"]),
+        helper.make_node("Add", ["h", "c"], ["s"]),
+        helper.make_node("Conv", ["s", "w2", "b2"], ["y"]),
+    ]
+    inits = [numpy_helper.from_array(v.astype(np.float32), n) for v, n in ((w1, "w1"), (np.zeros(4), "b1"), (w2, "w2"), (np.zeros(4), "b2"))]
+    inputs = [
+        helper.make_tensor_value_info("a", TensorProto.FLOAT, [None, 3, 2, 2]),
+        helper.make_tensor_value_info("c", TensorProto.FLOAT, [None, 4, 2, 2]),
+    ]
+    model = helper.make_model(
+        helper.make_graph(nodes, "two", inputs, [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    batches = [{"a": rng.standard_normal((4, 3, 2, 2)).astype(np.float32), "c": rng.standard_normal((4, 4, 2, 2)).astype(np.float32)}]
+    q1, q2 = w1 + 0.3, w2 - 0.2
+    empirical_correction(model, float_model, {"w1": q1, "w2": q2}, {}, 17, {"h": "b1", "y": "b2"}, batches)
+    new = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    a, c = batches[0]["a"].astype(np.float64), batches[0]["c"].astype(np.float64)
+    y_float = _conv1x1(_conv1x1(a, w1, np.zeros(4)) + c, w2, np.zeros(4))
+    y_quant = _conv1x1(_conv1x1(a, q1, new["b1"]) + c, q2, new["b2"])
+    np.testing.assert_allclose(y_quant.mean(axis=(0, 2, 3)), y_float.mean(axis=(0, 2, 3)), atol=1e-5)
