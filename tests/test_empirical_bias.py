@@ -180,3 +180,13 @@ def test_a_level_that_needs_only_one_of_two_inputs_is_measured():
     y_float = _conv1x1(_conv1x1(a, w1, np.zeros(4)) + c, w2, np.zeros(4))
     y_quant = _conv1x1(_conv1x1(a, q1, new["b1"]) + c, q2, new["b2"])
     np.testing.assert_allclose(y_quant.mean(axis=(0, 2, 3)), y_float.mean(axis=(0, 2, 3)), atol=1e-5)
+
+
+def test_a_simulation_onnxruntime_cannot_run_leaves_the_biases_and_warns(caplog):
+    model = _chain(np.ones((2, 3, 1, 1)), np.zeros(2), np.ones((2, 2, 1, 1)), np.zeros(2))
+    before = {t.name: t.SerializeToString() for t in model.graph.initializer}
+    batches = [{"x": np.ones((2, 5, 4, 4), np.float32)}]  # 5 channels where the Conv wants 3
+    with caplog.at_level("WARNING", logger="onnxq.empirical_bias"):
+        empirical_correction(model, model, {"w1": np.ones((2, 3, 1, 1))}, {}, 17, {"h": "b1", "y": "b2"}, batches)
+    assert {t.name: t.SerializeToString() for t in model.graph.initializer} == before
+    assert "measured bias correction skipped" in caplog.text
