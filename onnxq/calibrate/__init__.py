@@ -116,15 +116,20 @@ def _adapters(quant: ActivationQuant, stats: TensorStats, base: Range, skip: int
     The per-sample factor is fit on the samples after the first ``skip`` (held out to choose).
     """
     assert stats.samples is not None and stats.samples.channels is not None
-    bits = quant.params.bits
-    counts, lo, hi, features = stats.samples.stacked()
-    fit_rows = slice(skip, None) if len(features) - skip >= 5 else slice(None)
-    per_sample = fit_adapter(features[fit_rows], sample_betas(counts[fit_rows], lo[fit_rows], hi[fit_rows], base, bits))
-    steps, zero_points = channel_steps(stats.samples.channels, bits)
+    per_sample = _per_sample_factor(stats, base, quant.params.bits, skip)
+    steps, zero_points = channel_steps(stats.samples.channels, quant.params.bits)
     shape = (feature_axes(stats.rank), zero_points, channel_axis(stats.rank), stats.rank)
     adaptive = ActivationQuant(quant.tensor, quant.params, combine(per_sample, steps), *shape)
-    fixed = ActivationQuant(quant.tensor, quant.params, combine(LogLinear(np.zeros(features.shape[1]), 0.0), steps), *shape)
+    fixed = ActivationQuant(quant.tensor, quant.params, combine(LogLinear(np.zeros_like(per_sample.weight), 0.0), steps), *shape)
     return adaptive, fixed
+
+
+def _per_sample_factor(stats: TensorStats, base: Range, bits: int, skip: int) -> LogLinear:
+    """The adapter's per-sample part: ridge fit of each sample's MSE-optimal factor on ``base``, on the samples after ``skip``."""
+    assert stats.samples is not None
+    counts, lo, hi, features = stats.samples.stacked()
+    fit_rows = slice(skip, None) if len(features) - skip >= 5 else slice(None)
+    return fit_adapter(features[fit_rows], sample_betas(counts[fit_rows], lo[fit_rows], hi[fit_rows], base, bits))
 
 
 def _scalar_adapters(quant: ActivationQuant, stats: TensorStats, base: Range, skip: int) -> tuple[ActivationQuant, ActivationQuant]:
@@ -134,11 +139,7 @@ def _scalar_adapters(quant: ActivationQuant, stats: TensorStats, base: Range, sk
     sample, zero point the fixed range's) and the fixed candidate is plain per-tensor quantization (no adapter). The
     per-sample factor is fit on the samples after the first ``skip`` (held out to choose).
     """
-    assert stats.samples is not None
-    bits = quant.params.bits
-    counts, lo, hi, features = stats.samples.stacked()
-    fit_rows = slice(skip, None) if len(features) - skip >= 5 else slice(None)
-    per_sample = fit_adapter(features[fit_rows], sample_betas(counts[fit_rows], lo[fit_rows], hi[fit_rows], base, bits))
+    per_sample = _per_sample_factor(stats, base, quant.params.bits, skip)
     zero_point = np.array([quant.params.zero_point], dtype=np.int64)
     shape = (feature_axes(stats.rank), zero_point, channel_axis(stats.rank), stats.rank)
     adaptive = ActivationQuant(quant.tensor, quant.params, combine(per_sample, np.array([quant.params.scale])), *shape)
