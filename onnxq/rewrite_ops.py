@@ -8,6 +8,10 @@ onnx's shape inference knows nothing of the ops (a custom domain registers no sc
 the rewrite declares each op output's type and shape in the graph's value_info: the Conv output's
 inferred shape where the float model had one, else computed here from the input's shape, so that
 tools reading the model, and onnx's inference of the layers after the ops, see shapes.
+
+onnxruntime fuses a float Conv with the Relu or Clip after it, but cannot fuse them into a custom
+op, so the rewrite does: an op whose output only a Relu or a Clip with constant bounds reads takes
+the bounds as its clip_min / clip_max attributes and replaces it (fold_clipping).
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from onnxq.config import QuantizeConfig, WeightFormat
 from onnxq.domain import DOMAIN
 from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
-from onnxq.graph import NameSource, attribute, constant_initializers, remove_unused_initializers, to_array
+from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
 from onnxq.plan import WeightPlan
 from onnxq.weights import QuantizedTensor
 
@@ -96,6 +100,94 @@ def replace_convs(graph: onnx.GraphProto, quantized: dict[str, tuple[QuantizedTe
     keep = [t for t in graph.initializer if t.name not in quantized]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    fold_clipping(graph)
+
+
+def fold_clipping(graph: onnx.GraphProto) -> int:
+    """Fold into each IntConv/PostConv the Relu or Clip that alone reads its output; returns how many.
+
+    ``op -> y -> Relu -> r`` becomes ``op(clip_min=0) -> r`` (Clip: its constant bounds, opset 11+ inputs or the
+    attributes before; an absent bound stays absent), so readers of r are unchanged. The op clips after its
+    epilogue exactly as Relu/Clip would (int_conv.h). Left alone: an op output that is a graph output or has
+    other readers (a subgraph's included), a Clip whose bounds are not constant scalars, or are NaN or crossed
+    (ONNX's Clip then gives max; the op rejects them), and an op that has bounds already.
+    """
+    consts = constant_initializers(graph)
+    readers = consumers(graph)
+    outer = _subgraph_reads(graph)
+    outputs = {o.name for o in graph.output}
+    drop: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or attribute(node, "clip_min") is not None:
+            continue
+        if attribute(node, "clip_max") is not None:
+            continue
+        y = node.output[0]
+        users = readers.get(y, [])
+        if y in outputs or y in outer or len(users) != 1 or users[0].domain not in ("", "ai.onnx"):
+            continue
+        bounds = _activation_bounds(users[0], consts)
+        if bounds is None:
+            continue
+        activation = users[0]
+        for name, value in zip(("clip_min", "clip_max"), bounds):
+            if value is not None:
+                node.attribute.append(helper.make_attribute(name, value))
+        node.output[0] = activation.output[0]
+        _move_declaration(graph, y, activation.output[0])
+        drop.append(activation)
+    for node in drop:
+        graph.node.remove(node)
+    return len(drop)
+
+
+def _activation_bounds(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[float | None, float | None] | None:
+    """(min, max) of a Relu or a Clip with constant scalar bounds (None: that bound absent); None for anything else."""
+    if node.op_type == "Relu" and len(node.input) == 1:
+        return 0.0, None
+    if node.op_type != "Clip" or not node.input:
+        return None
+    bounds: list[float | None] = [None, None]
+    for index in (1, 2):  # opset 11+: inputs min, max (optional)
+        name = node.input[index] if len(node.input) > index else ""
+        if not name:
+            continue
+        if name not in consts:
+            return None
+        value = to_array(consts[name])
+        if value.size != 1 or value.dtype != np.float32:
+            return None
+        bounds[index - 1] = float(value.reshape(-1)[0])
+    for attr in node.attribute:  # opset < 11: attributes min, max
+        if attr.name in ("min", "max"):
+            bounds[0 if attr.name == "min" else 1] = float(np.float32(attr.f))
+    lo, hi = bounds
+    if any(b is not None and np.isnan(b) for b in bounds) or lo is not None and hi is not None and lo > hi:
+        return None
+    return lo, hi
+
+
+def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
+    """Names that nodes in the graph's subgraphs (If/Loop/Scan bodies) read, from outer scopes included."""
+    names: set[str] = set()
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                names.update(name for inner in sub.node for name in inner.input)
+                names.update(_subgraph_reads(sub))
+    return names
+
+
+def _move_declaration(graph: onnx.GraphProto, old: str, new: str) -> None:
+    """The op's output is now ``new``: give it ``old``'s declared shape where it has none, and drop ``old``'s entry."""
+    infos = {info.name: info for info in graph.value_info}
+    declared = infos.get(old)
+    if declared is None:
+        return
+    if new not in infos and new not in {o.name for o in graph.output}:
+        declared.name = new
+        return
+    graph.value_info.remove(declared)
 
 
 Dim = int | str | None  # a dimension: known, symbolic, or unknown

@@ -222,8 +222,10 @@ def test_format_op_with_asq_wires_the_per_sample_steps_into_the_op(fmt):
     assert quant.per_sample_step  # kept: the held-out error drops
     q = result.model
     op = "PostConv" if fmt is WeightFormat.POST else "IntConv"
-    assert Counter(n.op_type for n in q.graph.node) == Counter({"ReduceMean": 1, "Gemm": 1, "Clip": 1, "Exp": 1, op: 1, "Relu": 1})
+    # (the Relu after the conv is folded into the op as clip_min = 0: rewrite_ops.fold_clipping)
+    assert Counter(n.op_type for n in q.graph.node) == Counter({"ReduceMean": 1, "Gemm": 1, "Clip": 1, "Exp": 1, op: 1})
     conv = next(n for n in q.graph.node if n.op_type == op)
+    assert [(a.name, a.f) for a in conv.attribute if a.name.startswith("clip_")] == [("clip_min", 0.0)]
     steps = next(n.output[0] for n in q.graph.node if n.op_type == "Exp")
     assert conv.input[0] == "x" and conv.input[4] == steps
     sess = ort.InferenceSession(q.SerializeToString(), session_options(custom_ops=True), providers=["CPUExecutionProvider"])

@@ -8,6 +8,7 @@ import pytest
 from conftest import random_feeds, run
 
 from models import conv_bn_relu_gemm, depthwise_convtranspose
+import onnxq.rewrite_ops
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
 from onnxq.domain import DOMAIN
@@ -81,9 +82,13 @@ def _shapes(model: onnx.ModelProto) -> dict[str, list]:
 
 
 @pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
-def test_op_outputs_carry_the_float_models_shapes(fmt):
+def test_op_outputs_carry_the_float_models_shapes(fmt, monkeypatch):
     """onnx cannot infer the custom ops' shapes; the rewrite declares them, so inference goes on after them."""
     float_model = depthwise_convtranspose()
+    model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
+    assert _shapes(model)["r"] == ["N", 4, 6, 6] and "d" not in _shapes(model)  # the Relu folded: the op writes r
+    # The rest with the Relu kept (no folding), so that a tensor after the op is in value_info.
+    monkeypatch.setattr(onnxq.rewrite_ops, "fold_clipping", lambda graph: 0)
     model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
     assert _ops(model)["depthwise"] != "Conv"
     assert _shapes(model)["d"] == _shapes(onnx.shape_inference.infer_shapes(float_model))["d"] == ["N", 4, 6, 6]

@@ -46,6 +46,9 @@ class Case:
     group: int = 1
     bias: bool = True
     calibrated: bool = False
+    # The clip of the epilogue (attributes clip_min / clip_max): "relu" is clip_min = 0 alone, a pair
+    # (lo, hi) the bounds at those quantiles of the unclipped output (None: that attribute absent).
+    clip: str | tuple[float | None, float | None] | None = None
 
     @property
     def k(self) -> int:
@@ -56,6 +59,7 @@ class Case:
             f"{self.op}{self.bits}b-n{self.n}c{self.c}-{self.hw[0]}x{self.hw[1]}-m{self.m}-k{self.kernel[0]}x{self.kernel[1]}"
             f"-s{self.strides[0]}{self.strides[1]}-p{''.join(map(str, self.pads))}-d{self.dilations[0]}{self.dilations[1]}"
             f"-g{self.group}{'-bias' if self.bias else ''}{'-calibrated' if self.calibrated else ''}"
+            f"{'' if self.clip is None else f'-clip{self.clip}'.replace(' ', '')}"
         )
 
 
@@ -147,6 +151,49 @@ CASES = [
     Case("PostConv", 4, 2, 24, (7, 7), 40, (1, 1)),
     Case("IntConv", 4, 1, 32, (14, 14), 36, (1, 1), bias=False),
 ]
+
+# The clip after the epilogue, on each path: dense 3x3 (Gemm and GemmT's register epilogue), 1x1,
+# depthwise stride 1 and 2 (DepthwiseFused, Depthwise, DepthwiseLanes for small images), IntConv and
+# PostConv, with and without bias; bounds that clip most outputs, and Relu (clip_min = 0 alone).
+CLIP_CASES = [
+    Case("PostConv", 4, 1, 32, (17, 15), 20, (3, 3), pads=(1, 1, 1, 1), clip=(0.3, 0.6)),  # Gemm, 4 panels
+    Case("IntConv", 8, 1, 256, (20, 20), 8, (3, 3), pads=(1, 1, 1, 1), clip="relu"),  # AVX2 split weights
+    Case("IntConv", 4, 1, 24, (4, 4), 32, (3, 3), pads=(1, 1, 1, 1), clip=(0.1, 0.9)),  # GemmT
+    Case("PostConv", 4, 2, 96, (7, 7), 16, (3, 3), pads=(1, 1, 1, 1), calibrated=True, clip="relu"),  # GemmT
+    Case("IntConv", 4, 3, 3, (7, 7), 32, (3, 3), pads=(1, 1, 1, 1), bias=False, clip=(0.45, 0.55)),
+    Case("IntConv", 4, 2, 6, (5, 5), 10, (1, 1), clip=(0.2, None)),  # 1x1
+    Case("PostConv", 4, 2, 24, (7, 7), 40, (1, 1), clip=(None, 0.5)),
+    Case("IntConv", 4, 1, 24, (11, 13), 17, (1, 1), pads=(1, 0, 0, 1), bias=False, clip="relu"),
+    Case("IntConv", 4, 2, 19, (28, 28), 19, (3, 3), pads=(1, 1, 1, 1), group=19, clip=(0.25, 0.75)),  # DepthwiseFused
+    Case("PostConv", 4, 2, 16, (20, 37), 16, (3, 3), pads=(1, 1, 1, 1), group=16, clip="relu"),
+    Case("PostConv", 4, 2, 24, (28, 28), 24, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=24, clip=(0.4, 0.9)),  # stride 2
+    Case("IntConv", 4, 1, 16, (14, 14), 16, (3, 3), strides=(2, 2), pads=(0, 0, 1, 1), group=16, calibrated=True, clip="relu"),
+    Case("IntConv", 8, 1, 4, (10, 70), 4, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=4, clip=(0.3, 0.7)),  # AVX2: Depthwise
+    Case("IntConv", 3, 1, 36, (11, 12), 36, (3, 3), strides=(2, 2), pads=(2, 1, 1, 2), dilations=(2, 1), group=36, clip=(0.2, 0.8)),
+    Case("PostConv", 4, 1, 4, (18, 19), 8, (3, 3), dilations=(2, 3), group=4, bias=False, clip=(0.3, 0.6)),  # Depthwise
+    Case("PostConv", 4, 2, 20, (2, 3), 20, (3, 3), pads=(1, 1, 1, 1), group=20, calibrated=True, clip=(0.3, 0.7)),  # lanes
+    Case("IntConv", 4, 3, 40, (7, 7), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=40, clip="relu"),
+]
+
+
+def _clip_attributes(case: Case, unclipped: np.ndarray) -> dict:
+    """The case's clip_min / clip_max attributes, from the unclipped output for quantile bounds."""
+    if case.clip is None:
+        return {}
+    if case.clip == "relu":
+        return dict(clip_min=0.0)
+    names = ("clip_min", "clip_max")
+    return {name: float(np.quantile(unclipped, q)) for name, q in zip(names, case.clip) if q is not None}
+
+
+def _clipped(y: np.ndarray, attributes: dict) -> np.ndarray:
+    """The op's clip in numpy: np.clip of the unclipped output (it equals y < lo ? lo : y, then y > hi ? hi : y)."""
+    if not attributes:
+        return y
+    lo, hi = attributes.get("clip_min", -np.inf), attributes.get("clip_max", np.inf)
+    out = np.clip(y, np.float32(lo), np.float32(hi))
+    assert out.dtype == np.float32
+    return out
 
 
 def _pack(codes: np.ndarray, bits: int) -> np.ndarray:
@@ -275,16 +322,21 @@ def _data(case: Case, seed: int):
     return x, codes, scale, bias, x_scale, x_zero_point
 
 
-@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("case", CASES + CLIP_CASES, ids=str)
 def test_every_kernel_equals_numpy_bit_for_bit(case):
     x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=zlib.crc32(str(case).encode()))
-    expected = _reference(case, x, codes, scale, bias, x_scale, x_zero_point)
+    unclipped = _reference(case, x, codes, scale, bias, x_scale, x_zero_point)
+    clip = _clip_attributes(case, unclipped)
+    expected = _clipped(unclipped, clip)
+    if clip:  # the bounds clip a good share of the outputs, and leave some
+        clipped = np.mean(expected != unclipped)
+        assert 0.1 < clipped < 0.95, clipped
     w = _pack(codes, case.bits)
     for kernel in SUPPORTED_KERNELS:
-        sess = session(_model(case, w, scale, bias, x_scale, x_zero_point, kernel=KERNELS[kernel]))
+        sess = session(_model(case, w, scale, bias, x_scale, x_zero_point, kernel=KERNELS[kernel], **clip))
         for run, x_run in enumerate((x, x[::-1] * np.float32(0.7) - np.float32(0.3))):  # run 1: weights prepared by run 0
             (y,) = sess.run(None, {"X": x_run})
-            want = expected if run == 0 else _reference(case, x_run, codes, scale, bias, x_scale, x_zero_point)
+            want = expected if run == 0 else _clipped(_reference(case, x_run, codes, scale, bias, x_scale, x_zero_point), clip)
             assert y.dtype == np.float32 and y.shape == want.shape, kernel
             np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}, run {run}")
 
@@ -297,6 +349,11 @@ PER_SAMPLE_CASES = [
     Case("IntConv", 8, 2, 16, (12, 12), 16, (3, 3), pads=(1, 1, 1, 1), group=16, calibrated=True),
     Case("PostConv", 4, 3, 16, (12, 12), 16, (3, 3), pads=(1, 1, 1, 1), group=16, calibrated=True),  # DepthwiseFused on AVX2 too
     Case("IntConv", 4, 3, 24, (5, 30), 24, (3, 3), pads=(1, 1, 1, 1), group=24, calibrated=True),
+    # with the clip: Gemm, GemmT, DepthwiseFused at stride 2, DepthwiseLanes
+    Case("IntConv", 4, 2, 32, (16, 16), 8, (3, 3), pads=(1, 1, 1, 1), calibrated=True, clip=(0.3, 0.7)),
+    Case("PostConv", 4, 3, 24, (4, 4), 32, (3, 3), pads=(1, 1, 1, 1), calibrated=True, clip="relu"),
+    Case("PostConv", 4, 2, 24, (14, 14), 24, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=24, calibrated=True, clip=(0.2, 0.6)),
+    Case("IntConv", 4, 3, 20, (3, 3), 20, (3, 3), pads=(1, 1, 1, 1), group=20, calibrated=True, clip=(0.4, None)),
 ]
 
 
@@ -317,16 +374,18 @@ def test_per_sample_steps_equal_one_sample_at_a_time(case):
     x, codes, scale, bias, _, x_zero_point = _data(case, seed=seed)
     steps = _per_sample_steps(case, seed)
     single = replace(case, n=1)
-    want = np.concatenate([_reference(single, x[n : n + 1], codes, scale, bias, steps[n, 0], x_zero_point) for n in range(case.n)])
+    unclipped = np.concatenate([_reference(single, x[n : n + 1], codes, scale, bias, steps[n, 0], x_zero_point) for n in range(case.n)])
+    clip = _clip_attributes(case, unclipped)
+    want = _clipped(unclipped, clip)
     w = _pack(codes, case.bits)
     for kernel in SUPPORTED_KERNELS:
-        (y,) = session(_model(case, w, scale, bias, steps, x_zero_point, kernel=KERNELS[kernel])).run(None, {"X": x})
+        (y,) = session(_model(case, w, scale, bias, steps, x_zero_point, kernel=KERNELS[kernel], **clip)).run(None, {"X": x})
         np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}")
         for n in range(case.n):
-            (y_n,) = session(_model(single, w, scale, bias, steps[n, 0], x_zero_point, kernel=KERNELS[kernel])).run(None, {"X": x[n : n + 1]})
+            (y_n,) = session(_model(single, w, scale, bias, steps[n, 0], x_zero_point, kernel=KERNELS[kernel], **clip)).run(None, {"X": x[n : n + 1]})
             np.testing.assert_array_equal(y[n : n + 1], y_n, err_msg=f"kernel {kernel}, sample {n}")
     # The default kernel, and steps of shape (N,): the same output.
-    (y,) = session(_model(case, w, scale, bias, steps.reshape(-1), x_zero_point)).run(None, {"X": x})
+    (y,) = session(_model(case, w, scale, bias, steps.reshape(-1), x_zero_point, **clip)).run(None, {"X": x})
     np.testing.assert_array_equal(y, want)
 
 
@@ -520,11 +579,19 @@ def test_post_codes_out_of_range_are_onnxruntime_errors(bits, code):
         ("IntConv", dict(dilations=[1, -1]), r"attribute dilations must be 2 positive ints"),
         ("IntConv", dict(group=0), r"attribute group must be >= 1"),
         ("IntConv", dict(kernel=7), r"attribute kernel must be 0 \(auto\), 1 \(scalar\), 2 \(AVX2\) or 3 \(AVX-512\), not 7"),
+        ("IntConv", dict(clip_min=6.0, clip_max=0.0), r"IntConv: attribute clip_min \(6\.0+\) must be <= clip_max \(0\.0+\)"),
+        ("PostConv", dict(clip_min=0.5), None),  # (one bound alone is fine)
+        ("PostConv", dict(clip_min=float("nan")), r"PostConv: attributes clip_min and clip_max must not be NaN"),
+        ("IntConv", dict(clip_min=0.0, clip_max=float("nan")), r"IntConv: attributes clip_min and clip_max must not be NaN"),
+        ("PostConv", dict(clip_min=1.0, clip_max=0.5), r"PostConv: attribute clip_min \(1\.0+\) must be <= clip_max \(0\.50+\)"),
     ],
 )
 def test_bad_attributes_are_session_errors(op, overrides, match):
     case = replace(GOOD, op=op, bits=4)
     _, model = _error_model(case, **overrides)
+    if match is None:
+        session(model)
+        return
     with pytest.raises(Exception, match=match):
         session(model)
 

@@ -46,6 +46,14 @@ bool ReadInt(const OrtApi& api, const OrtKernelInfo* info, const char* name, int
   return true;
 }
 
+bool ReadFloat(const OrtApi& api, const OrtKernelInfo* info, const char* name, float* value) {
+  if (OrtStatus* status = api.KernelInfoGetAttribute_float(info, name, value)) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  return true;
+}
+
 bool ReadInts(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::vector<int64_t>* values) {
   size_t size = 0;
   if (OrtStatus* status = api.KernelInfoGetAttributeArray_int64(info, name, nullptr, &size)) {
@@ -123,6 +131,14 @@ IntConvKernel::IntConvKernel(bool post, const OrtApi& api, const OrtKernelInfo* 
       fail("attribute kernel=" + std::to_string(kernel) + " asks for the " + IsaName(isa_) +
            " kernel, which this CPU does not support");
     }
+  }
+  iconv::ReadFloat(api, info, "clip_min", &clip_min_);
+  iconv::ReadFloat(api, info, "clip_max", &clip_max_);
+  if (isnan(clip_min_) || isnan(clip_max_)) {
+    fail("attributes clip_min and clip_max must not be NaN");
+  } else if (clip_min_ > clip_max_) {
+    fail("attribute clip_min (" + std::to_string(clip_min_) + ") must be <= clip_max (" + std::to_string(clip_max_) +
+         ")");
   }
   int is_constant = 0;
   const OrtValue* constant = nullptr;
@@ -319,7 +335,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     }
     const auto z = static_cast<uint8_t>(p.zero_point);
     if (isa_ == Isa::kScalar || g.k == 0) {  // (K = 0: no sums, Y = B or 0; the SIMD kernels assume K >= 1)
-      iconv::ReferenceConv(run, *pw, post_, bits_, run_xq, z, c_e.data(), c_o.data(), bias_data, run_y);
+      iconv::ReferenceConv(run, *pw, post_, bits_, run_xq, z, c_e.data(), c_o.data(), bias_data, clip_min_, clip_max_,
+                           run_y);
       return;
     }
     iconv::SimdArgs args{};
@@ -336,6 +353,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     args.c_e = c_e.data();
     args.c_o = c_o.data();
     args.bias = bias_data;
+    args.clip_lo = clip_min_;
+    args.clip_hi = clip_max_;
     args.y = run_y;
     args.pad_bottom = pad_bottom_;
     args.pad_right = pad_right_;

@@ -20,9 +20,11 @@
 // Attributes: bits (required), kernel_shape (required, [kh, kw]), strides [sh, sw] (1, 1),
 // pads [top, left, bottom, right] (0, 0, 0, 0), dilations [dh, dw] (1, 1), group (1; depthwise:
 // group = C), kernel (0: the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; an error
-// when this CPU lacks it). C and M must be divisible by group; K must be <= 65536 (so that no
-// int32 sum can overflow); the padded input may have at most 2^40 pixels (H' = H + pad_top +
-// pad_bottom times W') and 2^40 values (N*C*H'*W'). Any of N, C, M, H, W may be 0.
+// when this CPU lacks it), clip_min and clip_max (floats, -inf and +inf: the clip below, which fuses
+// a following Relu (0, +inf) or Clip; an error when either is NaN or clip_min > clip_max). C and M
+// must be divisible by group; K must be <= 65536 (so that no int32 sum can overflow); the padded
+// input may have at most 2^40 pixels (H' = H + pad_top + pad_bottom times W') and 2^40 values
+// (N*C*H'*W'). Any of N, C, M, H, W may be 0.
 //
 // Activation quantization, once per call over the whole X:
 //   with x_scale/x_zero_point: s_x, z_x as given; without: s_x, z_x as ONNX DynamicQuantizeLinear
@@ -53,7 +55,10 @@
 //   order, once per call)
 //   y = ((float)acc_e * c_e[m] + (float)acc_o * c_o[m]) + B[m]
 //
-// Without B, the final "+ B[m]" is left out (it would only turn -0 into +0). Float operations are
+// Without B, the final "+ B[m]" is left out (it would only turn -0 into +0). Then every output of
+// both ops is clipped: y = min(max(y, clip_min), clip_max), computed as y < clip_min ? clip_min : y,
+// then y > clip_max ? clip_max : y (a NaN y stays NaN, and the default bounds change no bits, -0
+// included). Float operations are
 // single float32 operations in exactly the order written (-ffp-contract=off), so every kernel
 // gives the same bits. Integer sums are exact in any order, which leaves the SIMD kernels free to
 // reorder K and to use multiply-add instructions (vpmaddubsw never saturates for |w| <= 8:
@@ -73,6 +78,7 @@
 // sample's factors.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -106,6 +112,7 @@ class IntConvKernel {
   bool post_;
   int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
   int64_t pad_top_ = 0, pad_left_ = 0, pad_bottom_ = 0, pad_right_ = 0;
+  float clip_min_ = -INFINITY, clip_max_ = INFINITY;  // attributes clip_min, clip_max
   Isa isa_ = Isa::kScalar;
   bool w_constant_ = false;  // W is a constant initializer: prepare it once
   std::string error_;

@@ -22,6 +22,9 @@ namespace onnxq::iconv {
 
 namespace {
 
+// Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
+inline __m256 ClipPs(__m256 y, __m256 lo, __m256 hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, y)); }
+
 constexpr int64_t kInt16Blocks = 8;  // WideBlock: blocks of 4 k summed in int16 before widening
 
 inline __m256i Broadcast4(const int8_t* p) {
@@ -217,11 +220,12 @@ void DepthwiseLists(const Depthwise& d) {
   const __m256 c_e = _mm256_set1_ps(d.c_e), c_o = _mm256_set1_ps(d.c_o);
   const bool has_bias = d.bias != nullptr;
   const __m256 bias = _mm256_set1_ps(has_bias ? *d.bias : 0.0f);
+  const __m256 clip_lo = _mm256_set1_ps(d.clip_lo), clip_hi = _mm256_set1_ps(d.clip_hi);
   // Finish (int_conv_kernels.h) on 8 lanes: the same float32 operations in the same order.
   auto finish = [&](__m256i e, __m256i o) {
     __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e, z_e)), c_e);
     if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(o, z_o)), c_o));
-    return has_bias ? _mm256_add_ps(y, bias) : y;
+    return ClipPs(has_bias ? _mm256_add_ps(y, bias) : y, clip_lo, clip_hi);
   };
   // The 16 outputs of the columns at p, as two vectors of 8.
   auto block = [&](int64_t p, __m256* y0, __m256* y1) {
@@ -315,6 +319,7 @@ template <bool kPost, int kTaps>
 void Lanes(const DepthwiseLanes& d) {
   const int64_t pixels = d.oh * d.ow, taps = kTaps > 0 ? kTaps : d.taps;
   const bool has_bias = d.bias != nullptr;
+  const __m256 clip_lo = _mm256_set1_ps(d.clip_lo), clip_hi = _mm256_set1_ps(d.clip_hi);
   // Per lane constants: lanes 0-7 ([0]) and 8-15 ([1]).
   __m256i z_e[2], z_o[2];
   __m256 c_e[2], c_o[2], bias[2];
@@ -353,7 +358,7 @@ void Lanes(const DepthwiseLanes& d) {
           const __m256i o32 = _mm256_cvtepi16_epi32(halves_o[h]);
           v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(o32, z_o[h])), c_o[h]));
         }
-        y[h][i] = has_bias ? _mm256_add_ps(v, bias[h]) : v;
+        y[h][i] = ClipPs(has_bias ? _mm256_add_ps(v, bias[h]) : v, clip_lo, clip_hi);
       }
       if (++ox == d.ow) {
         ox = 0;
@@ -462,7 +467,7 @@ struct FusedAvx2 {
 
   struct Consts {
     __m256i z_e, z_o;
-    __m256 c_e, c_o, bias;
+    __m256 c_e, c_o, bias, clip_lo, clip_hi;
     const int32_t *w_e, *w_o;
     Consts(const DepthwiseFused& d, int64_t i)
         : z_e(_mm256_set1_epi16(static_cast<int16_t>(-d.z_e[i]))),
@@ -470,6 +475,8 @@ struct FusedAvx2 {
           c_e(_mm256_set1_ps(d.c_e[i])),
           c_o(_mm256_set1_ps(d.c_o[i])),
           bias(_mm256_set1_ps(d.bias != nullptr ? d.bias[i] : 0.0f)),
+          clip_lo(_mm256_set1_ps(d.clip_lo)),
+          clip_hi(_mm256_set1_ps(d.clip_hi)),
           w_e(d.weights + i * 2 * d.groups),
           w_o(d.weights + (i * 2 + 1) * d.groups) {}
   };
@@ -521,6 +528,7 @@ struct FusedAvx2 {
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);
       if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(o32[k]), c.c_o));
       if (kBias) y = _mm256_add_ps(y, c.bias);
+      y = ClipPs(y, c.clip_lo, c.clip_hi);
       // The kept columns of these 8, packed low, to their outputs: a whole vector where the
       // lanes past them fall on outputs that later vectors write (vmaskmovps stores are slow on
       // AMD CPUs), else only them.
@@ -557,6 +565,7 @@ void FinishTBlock(const FinishT& f, int64_t b) {
     for (int64_t j = 0; j < channels; ++j) bias_lanes[j] = f.bias[8 * b + j];
   }
   const __m256 bias = _mm256_load_ps(bias_lanes);
+  const __m256 clip_lo = _mm256_set1_ps(f.clip_lo), clip_hi = _mm256_set1_ps(f.clip_hi);
   const int64_t r0 = kPost ? 16 * b : 8 * b;
   const auto* z = reinterpret_cast<const __m256i*>(f.z + r0);
   const __m256i z0 = _mm256_loadu_si256(z), z1 = _mm256_loadu_si256(z + 1);
@@ -581,7 +590,7 @@ void FinishTBlock(const FinishT& f, int64_t b) {
                                                _mm256_add_ps(w, _mm256_movehdup_ps(w)), _MM_SHUFFLE(2, 0, 2, 0));
         v = _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
       }
-      y[i] = kBias ? _mm256_add_ps(v, bias) : v;
+      y[i] = ClipPs(kBias ? _mm256_add_ps(v, bias) : v, clip_lo, clip_hi);
     }
     Transpose8(y);
     float* out = f.out + 8 * b * f.stride + p0;
@@ -607,8 +616,8 @@ void FinishTAvx2(const FinishT& f) {
 }
 
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                   const float* bias, float* out) {
-  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, out);
+                   const float* bias, float lo, float hi, float* out) {
+  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
 }
 
 }  // namespace onnxq::iconv

@@ -14,6 +14,9 @@ namespace onnxq::iconv {
 
 namespace {
 
+// Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
+inline __m512 ClipPs(__m512 y, __m512 lo, __m512 hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, y)); }
+
 inline __m512i Broadcast4(const int8_t* p) {
   int32_t v;
   std::memcpy(&v, p, 4);
@@ -146,6 +149,7 @@ void DepthwiseLists(const Depthwise& d) {
   const __m512 c_e = _mm512_set1_ps(d.c_e), c_o = _mm512_set1_ps(d.c_o);
   const bool has_bias = d.bias != nullptr;
   const __m512 bias = _mm512_set1_ps(has_bias ? *d.bias : 0.0f);
+  const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
   // The 16 outputs of the columns at p: Finish (int_conv_kernels.h) lane by lane, like FinishRunAvx512.
   auto block = [&](int64_t p) {
     const __m512i e = TapSums<kNarrow>(plane + p, offsets_e, weights_e, taps_e);
@@ -154,7 +158,7 @@ void DepthwiseLists(const Depthwise& d) {
       const __m512i o = TapSums<kNarrow>(plane + p, offsets_o, weights_o, taps_o);
       y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(o, z_o)), c_o));
     }
-    return has_bias ? _mm512_add_ps(y, bias) : y;
+    return ClipPs(has_bias ? _mm512_add_ps(y, bias) : y, clip_lo, clip_hi);
   };
   if (ow >= 16) {  // row by row, the last block of each row masked
     for (int64_t oy = 0; oy * cols < span; ++oy) {
@@ -262,7 +266,7 @@ struct FusedAvx512 {
 
   struct Consts {
     __m512i z_e, z_o;
-    __m512 c_e, c_o, bias;
+    __m512 c_e, c_o, bias, clip_lo, clip_hi;
     const int32_t *w_e, *w_o;
     Consts(const DepthwiseFused& d, int64_t i)
         : z_e(_mm512_set1_epi32(-d.z_e[i])),
@@ -270,6 +274,8 @@ struct FusedAvx512 {
           c_e(_mm512_set1_ps(d.c_e[i])),
           c_o(_mm512_set1_ps(d.c_o[i])),
           bias(_mm512_set1_ps(d.bias != nullptr ? d.bias[i] : 0.0f)),
+          clip_lo(_mm512_set1_ps(d.clip_lo)),
+          clip_hi(_mm512_set1_ps(d.clip_hi)),
           w_e(d.weights + i * 2 * d.groups),
           w_o(d.weights + (i * 2 + 1) * d.groups) {}
   };
@@ -301,7 +307,7 @@ struct FusedAvx512 {
     for (int r = 0; r < 4; ++r) {
       __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(e[r]), c.c_e);
       if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(o[r]), c.c_o));
-      y[r] = kBias ? _mm512_add_ps(v, c.bias) : v;
+      y[r] = ClipPs(kBias ? _mm512_add_ps(v, c.bias) : v, c.clip_lo, c.clip_hi);
     }
     // Phases to column order: u[k] lane 2i + a = y[a][8k + i], v[k] the same of y[2], y[3]; then
     // columns 16q + 4i + r = y[r][4q + i] from u[q / 2], v[q / 2].
@@ -369,6 +375,7 @@ void FinishTBlock(const FinishT& f, int64_t b) {
   const int64_t channels = f.channels - 16 * b < 16 ? f.channels - 16 * b : 16;
   const __m512 bias = kBias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << channels) - 1), f.bias + 16 * b)
                             : _mm512_setzero_ps();
+  const __m512 clip_lo = _mm512_set1_ps(f.clip_lo), clip_hi = _mm512_set1_ps(f.clip_hi);
   // IntConv: row block b; PostConv: row blocks 2b (channels 16b..16b+7) and 2b + 1 (the rest).
   const int64_t r0 = kPost ? 32 * b : 16 * b;
   const __m512i z0 = _mm512_loadu_si512(f.z + r0), z1 = _mm512_loadu_si512(f.z + r0 + 16);
@@ -392,7 +399,7 @@ void FinishTBlock(const FinishT& f, int64_t b) {
         v = _mm512_permutex2var_ps(_mm512_add_ps(v, _mm512_movehdup_ps(v)), evens,
                                    _mm512_add_ps(w, _mm512_movehdup_ps(w)));
       }
-      y[i] = kBias ? _mm512_add_ps(v, bias) : v;
+      y[i] = ClipPs(kBias ? _mm512_add_ps(v, bias) : v, clip_lo, clip_hi);
     }
     Transpose16(y);
     const auto mask = static_cast<__mmask16>((1u << count) - 1);
@@ -414,12 +421,13 @@ void FinishTAvx512(const FinishT& f) {
 }
 
 void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                     const float* bias, float* out) {
+                     const float* bias, float lo, float hi, float* out) {
   // Finish (int_conv_kernels.h) lane by lane: cvtdq2ps rounds like the scalar int -> float
   // conversion, and each multiply and add is the same single float32 operation.
   const __m512i ze = _mm512_set1_epi32(z_e), zo = _mm512_set1_epi32(z_o);
   const __m512 ce = _mm512_set1_ps(c_e), co = _mm512_set1_ps(c_o);
   const __m512 b = _mm512_set1_ps(bias != nullptr ? *bias : 0.0f);
+  const __m512 clip_lo = _mm512_set1_ps(lo), clip_hi = _mm512_set1_ps(hi);
   for (int64_t i = 0; i < n; i += 16) {
     const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
     const __m512i acc_e = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, e + i), ze);
@@ -429,6 +437,7 @@ void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
       y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
     }
     if (bias != nullptr) y = _mm512_add_ps(y, b);
+    y = ClipPs(y, clip_lo, clip_hi);
     _mm512_mask_storeu_ps(out + i, m, y);
   }
 }

@@ -92,7 +92,7 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
 
 // The scalar reference kernel: int_conv.h's definition as direct loops over X quantized (xq, N C H W).
 void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,
-                   const float* c_e, const float* c_o, const float* bias, float* y);
+                   const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y);
 
 // One call of the SIMD kernels (AVX2 or AVX-512): X quantized, the float factors, Y.
 struct SimdArgs {
@@ -105,6 +105,7 @@ struct SimdArgs {
   const float* x;                 // X (UsesFusedDepthwise), quantized with x_scale, x_lo, x_hi, z as
   float x_scale, x_lo, x_hi;      // qdu8::Params scale, lo, hi
   const float *c_e, *c_o, *bias;  // [M] each; bias may be null
+  float clip_lo, clip_hi;         // the clip bounds (attributes clip_min, clip_max)
   float* y;                       // Y, N M OH OW
   int64_t pad_bottom, pad_right;
 };

@@ -90,6 +90,7 @@ struct FinishT {
   const int32_t* z;      // [rows]: z_x * each row's sum of weights
   const float* factor;   // [rows]: c_e of the row's channel (PostConv's odd rows: c_o)
   const float* bias;     // [channels], or null
+  float clip_lo, clip_hi;        // the clip bounds (Clip)
   float* out;            // channel mm's pixel i at out[mm * stride + i]
   int64_t stride;
 };
@@ -114,6 +115,7 @@ struct Depthwise {
   int32_t z_e, z_o;    // z_x * sum of each list's weights
   float c_e, c_o;
   const float* bias;   // may be null
+  float clip_lo, clip_hi;      // the clip bounds (Clip)
   float* out;          // OH * OW outputs
 };
 
@@ -150,6 +152,7 @@ struct DepthwiseFused {
                                   // (AVX-512) or an int16 of 2 int8 (AVX2)
   const int32_t *z_e, *z_o;       // [outputs]: z_x * sum of each list's weights
   const float *c_e, *c_o, *bias;  // [outputs]; bias may be null
+  float clip_lo, clip_hi;                 // the clip bounds (Clip)
   bool post;
   float* out;                     // output channel i's plane at out + i * pixels
 };
@@ -180,6 +183,7 @@ struct DepthwiseLanes {
   const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
   const float *c_e, *c_o;    // [16] each
   const float* bias;         // [16], or null
+  float clip_lo, clip_hi;            // the clip bounds (Clip)
   int64_t oh, ow;
   float* out;                // lane i's output plane at out + i * oh * ow
   int64_t lanes;             // the lanes that are channels (the last block may have fewer than 16)
@@ -190,9 +194,20 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 
 namespace {
 
+// The clip of int_conv.h's epilogue (attributes clip_min, clip_max: lo <= hi, neither NaN), as the
+// SIMD kernels compute it: max_ps(lo, y) is exactly `y < lo ? lo : y`, min_ps(hi, y) exactly
+// `y > hi ? hi : y`. A NaN y stays NaN, and with the default bounds (-inf, +inf) every y, -0
+// included, is left as it is.
+inline float Clip(float y, float lo, float hi) {
+  y = y < lo ? lo : y;
+  return y > hi ? hi : y;
+}
+
 // The float epilogue of int_conv.h, the one definition every kernel uses: the same float32
-// operations in the same order. acc_o is unused for IntConv (post = false); bias may be null.
-inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_o, const float* bias) {
+// operations in the same order, then the clip. acc_o is unused for IntConv (post = false); bias
+// may be null.
+inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_o, const float* bias, float lo,
+                    float hi) {
   float y;
   if (post) {
     const float even = static_cast<float>(acc_e) * c_e;
@@ -201,7 +216,7 @@ inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_
   } else {
     y = static_cast<float>(acc_e) * c_e;
   }
-  return bias != nullptr ? y + *bias : y;
+  return Clip(bias != nullptr ? y + *bias : y, lo, hi);
 }
 
 // Fused quantization without a division per value: x / scale is computed as x * inverse and
@@ -229,17 +244,17 @@ inline float FusedInverse(float scale) {
 // for PostConv) minus the zero-point corrections z_e = z_x * sum w_even (z_o likewise). Each
 // branch is a plain loop the compiler vectorizes with the including file's instruction set.
 inline void FinishRun(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                      const float* bias, float* out) {
+                      const float* bias, float lo, float hi, float* out) {
   if (o == nullptr && bias == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, nullptr);
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, nullptr, lo, hi);
   } else if (o == nullptr) {
     const float b = *bias;
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, &b);
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, &b, lo, hi);
   } else if (bias == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, nullptr);
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, nullptr, lo, hi);
   } else {
     const float b = *bias;
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, &b);
+    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, &b, lo, hi);
   }
 }
 
@@ -248,8 +263,8 @@ inline void FinishRun(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e
 // FinishRun for each instruction set (the same bits): AVX2 compiled from FinishRun above, AVX-512
 // written with masked intrinsics for the short runs of small images.
 void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                   const float* bias, float* out);
+                   const float* bias, float lo, float hi, float* out);
 void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                     const float* bias, float* out);
+                     const float* bias, float lo, float hi, float* out);
 
 }  // namespace onnxq::iconv

@@ -201,7 +201,7 @@ void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, 
 }
 
 void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,
-                   const float* c_e, const float* c_o, const float* bias, float* y) {
+                   const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y) {
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t m = 0; m < g.m; ++m) {
       const int64_t first_channel = m / g.mg * g.cg;
@@ -239,7 +239,7 @@ void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_
           }
           const int32_t acc_e = sum_e - z * w_e, acc_o = sum_o - z * w_o;
           y[((n * g.m + m) * g.oh + oy) * g.ow + ox] =
-              Finish(post, acc_e, acc_o, c_e[m], c_o[m], bias != nullptr ? bias + m : nullptr);
+              Finish(post, acc_e, acc_o, c_e[m], c_o[m], bias != nullptr ? bias + m : nullptr, clip_lo, clip_hi);
         }
       }
     }

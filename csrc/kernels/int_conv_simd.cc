@@ -133,14 +133,14 @@ struct SimdJob : SimdArgs {
 };
 
 void FinishRunFor(Isa isa, const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e,
-                  float c_o, const float* bias, float* out) {
+                  float c_o, const float* bias, float lo, float hi, float* out) {
 #ifdef ONNXQ_X86_SIMD
-  if (isa == Isa::kAvx512) return FinishRunAvx512(e, o, n, z_e, z_o, c_e, c_o, bias, out);
-  if (isa == Isa::kAvx2) return FinishRunAvx2(e, o, n, z_e, z_o, c_e, c_o, bias, out);
+  if (isa == Isa::kAvx512) return FinishRunAvx512(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
+  if (isa == Isa::kAvx2) return FinishRunAvx2(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
 #else
   (void)isa;
 #endif
-  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, out);
+  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
 }
 
 // The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
@@ -152,7 +152,8 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
   const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
   float* out = job.y + (n * g.m + m) * g.pixels();
   if (job.cols == g.ow) {  // no dropped columns: one run
-    FinishRunFor(job.isa, e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, out + p0);
+    FinishRunFor(job.isa, e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
+                 out + p0);
     return;
   }
   for (int64_t p = p0; p < p0 + count;) {
@@ -163,7 +164,7 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
     }
     const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
     FinishRunFor(job.isa, e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
-                 out + oy * g.ow + ox);
+                 job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
     p += run;
   }
 }
@@ -225,6 +226,8 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.z = job.t_z.data() + gi * job.t_rows;
     f.factor = job.t_factor.data() + gi * job.t_rows;
     f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
+    f.clip_lo = job.clip_lo;
+    f.clip_hi = job.clip_hi;
     f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
     f.stride = g.pixels();
     job.isa == Isa::kAvx512 ? FinishTAvx512(f) : FinishTAvx2(f);
@@ -305,6 +308,8 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
       d.c_e = job.c_e[m];
       d.c_o = job.c_o[m];
       d.bias = job.bias != nullptr ? job.bias + m : nullptr;
+      d.clip_lo = job.clip_lo;
+      d.clip_hi = job.clip_hi;
       d.out = job.y + (n * g.m + m) * g.pixels();
 #ifdef ONNXQ_X86_SIMD
       if (job.isa == Isa::kAvx512) {
@@ -380,6 +385,8 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.c_e = job.c_e + m;
     d.c_o = job.c_o + m;
     d.bias = job.bias != nullptr ? job.bias + m : nullptr;
+    d.clip_lo = job.clip_lo;
+    d.clip_hi = job.clip_hi;
     d.out = job.y + (n * g.m + m) * g.pixels();
     if (job.isa == Isa::kAvx512) {
       DepthwiseFusedAvx512(d);
@@ -464,6 +471,8 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.c_e = job.lane_factors.data() + b * 16;
   d.c_o = job.lane_factors.data() + m16 + b * 16;
   d.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
+  d.clip_lo = job.clip_lo;
+  d.clip_hi = job.clip_hi;
   d.oh = g.oh;
   d.ow = g.ow;
   d.out = job.y + (n * g.m + b * 16) * g.pixels();
