@@ -24,6 +24,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.calibrate import first_samples
 from onnxq.calibrate.collect import ChannelMeans, exposing, progress
+from onnxq.calibrate.data import batch_size
 from onnxq.graph import constant_initializers, subgraphs, to_array, used_names
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 
@@ -170,7 +171,7 @@ def refine_biases(
                 if measured is None or measured.shape != current[bias].shape or not np.isfinite(measured).all():
                     continue
                 current[bias] = (current[bias] - (measured - float_means[name])).astype(np.float32)
-    samples = sum(len(next(iter(b.values()))) for b in batches)
+    samples = sum(batch_size(b) for b in batches)
     logger.debug("empirical bias correction: %d layers, %d passes over %d samples", len(biases), len(passes), samples)
     return current
 

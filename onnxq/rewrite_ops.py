@@ -130,7 +130,7 @@ def fold_clipping(graph: onnx.GraphProto) -> int:
         if bounds is None:
             continue
         activation = users[0]
-        for name, value in zip(("clip_min", "clip_max"), bounds):
+        for name, value in zip(("clip_min", "clip_max"), bounds, strict=True):
             if value is not None:
                 node.attribute.append(helper.make_attribute(name, value))
         node.output[0] = activation.output[0]

@@ -25,7 +25,7 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnxq.calibrate.data import CalibrationData, calibration_batches, input_specs
+from onnxq.calibrate.data import CalibrationData, batch_size, calibration_batches, input_specs
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.external import materialize
@@ -173,7 +173,7 @@ class SensitivityAnalysis:
         self.weights = {p.tensor: to_array(consts[p.tensor]) for p in self.plans}
         self._nodes = {node.name: node for node in self.model.graph.node}
         batches = list(calibration_batches(data, input_specs(self.model), samples))
-        self.samples = sum(len(next(iter(b.values()))) for b in batches)
+        self.samples = sum(batch_size(b) for b in batches)
         self.probe = Probe(self.model, self.plans, batches, self.label)
         self._dequantized: dict[tuple[str, int], np.ndarray] = {}
         self._layers: dict[tuple[str, int], LayerSensitivity] = {}

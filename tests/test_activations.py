@@ -13,7 +13,7 @@ from conftest import op_counts
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from models import conv_bn_relu_gemm, residual_block
+from models import conv_bn_relu_gemm, conv_then_if, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize
 from onnxq.calibrate.asq import Adapter
 from onnxq.calibrate.ranges import QuantParams
@@ -178,6 +178,20 @@ def test_an_onnxruntime_calibration_data_reader_gives_the_same_model_as_a_list()
     from_list = quantize(conv_bn_relu_gemm(), _w8a8(), data)
     from_reader = quantize(conv_bn_relu_gemm(), _w8a8(), _Reader(data))
     assert from_list.SerializeToString() == from_reader.SerializeToString()
+
+
+@pytest.mark.parametrize("method", [CalibrationMethod.MSE, CalibrationMethod.ASQ])
+def test_a_rank_0_input_goes_whole_with_every_batch(method):
+    """An If's condition (rank 0) has no sample axis: batches are counted, cut and kept by the batched inputs alone."""
+    rng = np.random.default_rng(2)
+    data = [{"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32), "cond": np.array(i % 2 == 0)} for i in range(4)]
+    act = ActivationConfig(bits=8, method=method, samples=7, reduce_range=ReduceRange.OFF, bias_correction=BiasCorrection.MEASURED)
+    q = quantize(conv_then_if(), QuantizeConfig(bits=4, first_last_bits=4, activations=act), data)
+    sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
+    for cond in (True, False):
+        (y,) = sess.run(None, {"x": data[0]["x"][:1], "cond": np.array(cond)})
+        assert y.shape == (1, 8, 8, 8) and np.isfinite(y).all()
+    assert "QuantizeLinear" in op_counts(q)
 
 
 def test_calibration_size_caps_the_samples_used():

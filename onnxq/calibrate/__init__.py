@@ -16,7 +16,7 @@ import onnx
 
 from onnxq.calibrate.asq import LogLinear, combine, fit_adapter, sample_betas
 from onnxq.calibrate.collect import ChannelMeans, TensorStats, channel_axis, channel_means, collect, exposing, feature_axes
-from onnxq.calibrate.data import CalibrationData, calibration_batches, input_specs
+from onnxq.calibrate.data import CalibrationData, batch_size, batch_slice, calibration_batches, input_specs
 from onnxq.calibrate.histogram import ChannelHistograms
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params
@@ -65,7 +65,7 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
         r = choose_range(entry, site.bits, config)
         quant = ActivationQuant(site.tensor, quant_params(r, site.bits))
         if per_sample:
-            skip = sum(len(next(iter(b.values()))) for b in held)
+            skip = sum(batch_size(b) for b in held)
             scalar = site.feeds_integer_op and site.bits == INTEGER_OP_BITS
             candidates[site.tensor] = (_scalar_adapters if scalar else _adapters)(quant, entry, r, skip=skip)
             quant = candidates[site.tensor][0]
@@ -81,8 +81,8 @@ def _keep_first(batches: Iterator[dict[str, np.ndarray]], kept: list[dict[str, n
     count = 0
     for batch in batches:
         if count < samples:
-            kept.append({k: np.array(v[: samples - count]) for k, v in batch.items()})
-            count += len(next(iter(kept[-1].values())))
+            kept.append({k: np.array(v) for k, v in batch_slice(batch, None, samples - count).items()})
+            count += batch_size(kept[-1])
         yield batch
 
 
@@ -92,8 +92,8 @@ def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[di
     for batch in batches:
         if count >= samples:
             break
-        out.append({k: v[: samples - count] for k, v in batch.items()})
-        count += len(next(iter(out[-1].values())))
+        out.append(batch_slice(batch, None, samples - count))
+        count += batch_size(out[-1])
     return out
 
 

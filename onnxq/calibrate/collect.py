@@ -20,6 +20,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
+from onnxq.calibrate.data import batch_size
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.errors import OnnxqError
 from onnxq.external import materialize
@@ -146,7 +147,7 @@ def collect(
                     entry.channels.add(value)
                     if entry.samples is not None:
                         entry.samples.add(value)
-                bar.update(len(next(iter(batch.values()))))
+                bar.update(batch_size(batch))
     return stats
 
 

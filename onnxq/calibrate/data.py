@@ -59,6 +59,16 @@ def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
     return specs
 
 
+def batch_size(batch: Mapping[str, np.ndarray]) -> int:
+    """Samples in a batch: the first axis of its batched inputs (rank-0 inputs, such as an If's condition, have none)."""
+    return next((len(v) for v in batch.values() if np.ndim(v) > 0), 1)
+
+
+def batch_slice(batch: Mapping[str, np.ndarray], start: int | None, stop: int | None) -> dict[str, np.ndarray]:
+    """Samples ``start:stop`` of a batch; rank-0 inputs go with every slice whole."""
+    return {k: v[start:stop] if np.ndim(v) > 0 else v for k, v in batch.items()}
+
+
 def calibration_batches(source: CalibrationData, specs: list[InputSpec], limit: int | None) -> Iterator[dict[str, np.ndarray]]:
     """Checked batches from any supported source, ``limit`` samples at most (all when None)."""
     label = os.fspath(source) if isinstance(source, str | os.PathLike) else "calibration data"
@@ -66,9 +76,9 @@ def calibration_batches(source: CalibrationData, specs: list[InputSpec], limit: 
     seen = 0
     for item in items:
         for batch in _rebatch(check_batch(item, specs, label), specs):
-            size = len(next(iter(batch.values())))
+            size = batch_size(batch)
             if limit is not None and seen + size > limit:
-                batch = {k: v[: limit - seen] for k, v in batch.items()}
+                batch = batch_slice(batch, None, limit - seen)
                 size = limit - seen
             if size:
                 yield batch
@@ -89,7 +99,7 @@ def check_batch(item: Mapping[str, Any], specs: list[InputSpec], label: str) -> 
         expected = ", ".join(s.describe() for s in specs)
         raise OnnxqError(label, f"input names {sorted(item)} do not match the model's inputs ({expected})")
     batch = {s.name: _conform(np.asarray(item[s.name]), s, label) for s in specs}
-    sizes = {len(v) for v in batch.values()}
+    sizes = {len(v) for v in batch.values() if v.ndim > 0}
     if len(sizes) > 1:
         raise OnnxqError(label, f"inputs have different numbers of samples: {sorted(sizes)}")
     return batch
@@ -98,15 +108,15 @@ def check_batch(item: Mapping[str, Any], specs: list[InputSpec], label: str) -> 
 def _rebatch(batch: dict[str, np.ndarray], specs: list[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
     """Split a batch into pieces of the model's fixed batch size, if it has one (e.g. 1)."""
     fixed = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
-    size = len(next(iter(batch.values())))
+    size = batch_size(batch)
     step = fixed.pop() if len(fixed) == 1 else size
     for start in range(0, size - step + 1, max(step, 1)):
-        yield {k: v[start : start + step] for k, v in batch.items()}
+        yield batch_slice(batch, start, start + step)
 
 
 def _conform(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
     """``array`` as a batch for ``spec``: rank, fixed dims and dtype kind must agree; floats are cast to the model's float type."""
-    if array.ndim == len(spec.dims) - 1:
+    if array.ndim == len(spec.dims) - 1 and spec.dims:
         array = array[None]
     if array.ndim != len(spec.dims):
         raise OnnxqError(label, f"input {spec.name!r} has shape {list(array.shape)}, the model expects {spec.describe()}")
