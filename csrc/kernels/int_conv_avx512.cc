@@ -443,3 +443,148 @@ void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
 }
 
 }  // namespace onnxq::iconv
+
+namespace onnxq::iconv {
+
+namespace {
+
+// 16 rows of 16 bytes transposed (r[i][j] -> r[j][i]): four rounds of interleaving row i with row
+// i + 8 are a perfect shuffle that transposes a 16 x 16 matrix.
+inline void TransposeBytes16(__m128i r[16]) {
+  __m128i t[16];
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
+      t[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+}
+
+// The padded image of 16-byte pixels, then its cells (int_conv_kernels.h, DepthwiseLanesVnni).
+inline uint8_t* LanesVnniCellsOf(const DepthwiseLanesVnni& d) {
+  const int64_t wt = d.wp + 4, wc = LanesVnniCells(d.wp, d.sw);
+  uint8_t* img = d.scratch;
+  uint8_t* cells = d.scratch + d.hp * wt * 16;
+  std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
+  const int64_t n = d.h * d.w;
+  const __m128i z = _mm_set1_epi8(static_cast<char>(d.z));
+  int64_t iy = 0, ix = 0;
+  for (int64_t q0 = 0; q0 < n; q0 += 16) {
+    const int64_t count = n - q0 < 16 ? n - q0 : 16;
+    __m128i r[16];
+    for (int i = 0; i < 16; ++i) {
+      r[i] = i < d.lanes ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(d.bytes + i * n + q0)) : z;
+    }
+    TransposeBytes16(r);
+    for (int64_t j = 0; j < count; ++j) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(img + ((d.pt + iy) * wt + d.pl + ix) * 16), r[j]);
+      if (++ix == d.w) {
+        ix = 0;
+        ++iy;
+      }
+    }
+  }
+  // Cell (y, c): channel i's dword is the bytes of pixels sw*c + 0..3 (words of pixel pairs, then
+  // dwords of word pairs).
+  for (int64_t y = 0; y < d.hp; ++y) {
+    const uint8_t* src = img + y * wt * 16;
+    uint8_t* dst = cells + y * wc * 64;
+    for (int64_t c = 0; c < wc; ++c, src += 16 * d.sw, dst += 64) {
+      const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
+      const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
+      const __m128i p2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
+      const __m128i p3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
+      const __m128i a = _mm_unpacklo_epi8(p0, p1), b = _mm_unpackhi_epi8(p0, p1);
+      const __m128i e = _mm_unpacklo_epi8(p2, p3), f = _mm_unpackhi_epi8(p2, p3);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(a, e));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi16(a, e));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm_unpacklo_epi16(b, f));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm_unpackhi_epi16(b, f));
+    }
+  }
+  return cells;
+}
+
+// The sums and Finish lane by lane (the same float32 operations in the same order as
+// FinishRunAvx512), 16 output pixels at a time, transposed so that each channel's pixels are one
+// store. kGroups: d.groups, or 0 for a count known only at run time.
+template <int kGroups, bool kPost, bool kBias>
+void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
+  constexpr int kHeld = kGroups > 0 ? kGroups : 1;
+  const int64_t groups = kGroups > 0 ? kGroups : d.groups;
+  const int64_t wc = LanesVnniCells(d.wp, d.sw);
+  __m512i we[kHeld], wo[kHeld];
+  int64_t off[kHeld];
+  if (kGroups > 0) {
+    for (int t = 0; t < kHeld; ++t) {
+      we[t] = _mm512_loadu_si512(d.weights + t * 16);
+      wo[t] = _mm512_loadu_si512(d.weights + (groups + t) * 16);
+      off[t] = d.offsets[t] * 64;
+    }
+  }
+  const __m512i ze = _mm512_loadu_si512(d.z_e), zo = _mm512_loadu_si512(d.z_o);
+  const __m512 ce = _mm512_loadu_ps(d.c_e), co = _mm512_loadu_ps(d.c_o);
+  const __m512 bias = kBias ? _mm512_loadu_ps(d.bias) : _mm512_setzero_ps();
+  const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
+  const int64_t pixels = d.oh * d.ow;
+  int64_t oy = 0, ox = 0;
+  for (int64_t p0 = 0; p0 < pixels; p0 += 16) {
+    const int64_t count = pixels - p0 < 16 ? pixels - p0 : 16;
+    __m512 y[16];
+    for (int i = 0; i < 16; ++i) {
+      if (i >= count) {
+        y[i] = _mm512_setzero_ps();
+        continue;
+      }
+      const uint8_t* base = cells + (oy * d.sh * wc + ox) * 64;
+      __m512i acc_e = _mm512_setzero_si512(), acc_o = _mm512_setzero_si512();
+      if (kGroups > 0) {
+        for (int t = 0; t < kHeld; ++t) {
+          const __m512i v = _mm512_loadu_si512(base + off[t]);
+          acc_e = _mm512_dpbusd_epi32(acc_e, v, we[t]);
+          if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, wo[t]);
+        }
+      } else {
+        for (int64_t t = 0; t < groups; ++t) {
+          const __m512i v = _mm512_loadu_si512(base + d.offsets[t] * 64);
+          acc_e = _mm512_dpbusd_epi32(acc_e, v, _mm512_loadu_si512(d.weights + t * 16));
+          if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
+        }
+      }
+      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_e, ze)), ce);
+      if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_o, zo)), co));
+      if (kBias) v = _mm512_add_ps(v, bias);
+      y[i] = ClipPs(v, clip_lo, clip_hi);
+      if (++ox == d.ow) {
+        ox = 0;
+        ++oy;
+      }
+    }
+    Transpose16(y);
+    const auto mask = static_cast<__mmask16>((1u << count) - 1);
+    for (int64_t j = 0; j < d.lanes; ++j) _mm512_mask_storeu_ps(d.out + j * pixels + p0, mask, y[j]);
+  }
+}
+
+template <bool kPost, bool kBias>
+void LanesVnniGroups(const DepthwiseLanesVnni& d, const uint8_t* cells) {
+  if (d.groups == 3) {  // 3 x 3 kernels
+    LanesVnniPixels<3, kPost, kBias>(d, cells);
+  } else {
+    LanesVnniPixels<0, kPost, kBias>(d, cells);
+  }
+}
+
+}  // namespace
+
+void DepthwiseLanesVnniAvx512(const DepthwiseLanesVnni& d) {
+  const uint8_t* cells = LanesVnniCellsOf(d);
+  if (d.post) {
+    d.bias != nullptr ? LanesVnniGroups<true, true>(d, cells) : LanesVnniGroups<true, false>(d, cells);
+  } else {
+    d.bias != nullptr ? LanesVnniGroups<false, true>(d, cells) : LanesVnniGroups<false, false>(d, cells);
+  }
+}
+
+}  // namespace onnxq::iconv

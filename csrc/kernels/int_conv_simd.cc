@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -107,6 +108,7 @@ struct SimdJob : SimdArgs {
   // kDepthwise by DepthwiseLanes: blocks of 16 channels, the padded image's size, the taps'
   // offsets, and the per-channel constants padded to whole blocks.
   bool lanes = false;
+  bool lanes_vnni = false;  // DepthwiseLanesVnni (from the float input, like fused)
   int64_t blocks = 0, hp = 0, wp = 0;
   std::vector<int64_t> lane_offsets;
   std::vector<int32_t> lane_z;     // [2][M16]: z_e, z_o
@@ -483,11 +485,72 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
 #endif
 }
 
+// DepthwiseLanesVnni: channels [16 b, 16 b + 16) of image n (index n * blocks + b), quantized in
+// one run, then the kernel.
+void RunDepthwiseLanesVnni(const SimdJob& job, int64_t index) {
+#ifdef ONNXQ_X86_SIMD
+  const Geometry& g = *job.g;
+  const PackedWeights& pw = *job.pw;
+  const int64_t n = index / job.blocks, b = index % job.blocks;
+  const int64_t lanes = std::min<int64_t>(16, g.c - b * 16);
+  const int64_t bytes_size = RoundUp(16 * g.h * g.w + 128, 64);
+  const int64_t scratch_size = bytes_size + LanesVnniScratch(job.hp, job.wp, g.sw);
+  alignas(64) uint8_t local[24576];
+  std::unique_ptr<uint8_t[]> heap;
+  uint8_t* scratch = local;
+  if (scratch_size > static_cast<int64_t>(sizeof(local))) {
+    heap.reset(new uint8_t[static_cast<size_t>(scratch_size)]);
+    scratch = heap.get();
+  }
+  DepthwiseFused q{};
+  q.x = job.x + (n * g.c + b * 16) * g.h * g.w;
+  q.scale = job.x_scale;
+  q.inverse = job.inverse;
+  q.lo = job.x_lo;
+  q.hi = job.x_hi;
+  q.z = job.z;
+  QuantizeFusedAvx512(q, lanes * g.h * g.w, scratch);
+  const int64_t m16 = job.blocks * 16;
+  DepthwiseLanesVnni d{};
+  d.bytes = scratch;
+  d.lanes = lanes;
+  d.h = g.h;
+  d.w = g.w;
+  d.pt = g.pt;
+  d.pl = g.pl;
+  d.hp = job.hp;
+  d.wp = job.wp;
+  d.sh = g.sh;
+  d.sw = g.sw;
+  d.z = job.z;
+  d.scratch = scratch + bytes_size;
+  d.groups = static_cast<int64_t>(job.lane_offsets.size());
+  d.offsets = job.lane_offsets.data();
+  d.weights = pw.lane_quads.data() + b * 2 * d.groups * 16;
+  d.post = job.post;
+  d.z_e = job.lane_z.data() + b * 16;
+  d.z_o = job.lane_z.data() + m16 + b * 16;
+  d.c_e = job.lane_factors.data() + b * 16;
+  d.c_o = job.lane_factors.data() + m16 + b * 16;
+  d.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
+  d.clip_lo = job.clip_lo;
+  d.clip_hi = job.clip_hi;
+  d.oh = g.oh;
+  d.ow = g.ow;
+  d.out = job.y + (n * g.m + b * 16) * g.pixels();
+  DepthwiseLanesVnniAvx512(d);
+#else
+  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
+#endif
+}
+
 void RunTask(void* data, size_t index) {
   auto& job = *static_cast<SimdJob*>(data);
   try {
     if (job.fused) {
       RunDepthwiseFused(job, static_cast<int64_t>(index));
+    } else if (job.lanes_vnni) {
+      RunDepthwiseLanesVnni(job, static_cast<int64_t>(index));
     } else if (job.lanes) {
       RunDepthwiseLanes(job, static_cast<int64_t>(index));
     } else if (job.pw->mode == Mode::kDepthwise) {
@@ -617,6 +680,16 @@ void PrepareFused(SimdJob& job) {
 
 }  // namespace
 
+namespace {
+// DepthwiseLanesVnni rather than DepthwiseFused (bench_ops): small images, where the per-channel
+// plane and block setup of DepthwiseFused cost more than its sums.
+bool UseLanesVnni(const Geometry& g) {
+  const char* force = std::getenv("ONNXQ_LANES_VNNI");  // (TEMP: measurement)
+  if (force != nullptr) return force[0] == '1';
+  return g.ow <= 8;
+}
+}  // namespace
+
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
   if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sw > 2 || g.dw != 1) return false;
   return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pairs.empty());
@@ -670,6 +743,14 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
         }
       }
     }
+  } else if (UsesFusedDepthwise(g, pw, job.isa) && job.isa == Isa::kAvx512 && !pw.lane_quads.empty() &&
+             UseLanesVnni(g)) {
+    job.lanes_vnni = true;
+    job.inverse = FusedInverse(job.x_scale);
+    const int64_t wc = LanesVnniCells(g.w + g.pl + job.pad_right, g.sw), kw4 = (g.kw + 3) / 4;
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t j = 0; j < kw4; ++j) job.lane_offsets.push_back(ky * g.dh * wc + 4 * j / g.sw);
+    }
   } else if (UsesFusedDepthwise(g, pw, job.isa)) {
     job.fused = true;
     PrepareFused(job);
@@ -684,13 +765,17 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     // channel's own plane (bench_ops: dw 576 3x3 @7).
     job.lanes = !pw.lane_weights.empty() && g.ow < 16;
   }
-  if (job.lanes) {
+  if (job.lanes || job.lanes_vnni) {
     job.blocks = (g.m + 15) / 16;
     job.hp = g.h + g.pt + job.pad_bottom;
     job.wp = g.w + g.pl + job.pad_right;
+  }
+  if (job.lanes) {
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; ++kx) job.lane_offsets.push_back((ky * g.dh * job.wp + kx * g.dw) * 16);
     }
+  }
+  if (job.lanes || job.lanes_vnni) {
     const int64_t m16 = job.blocks * 16;
     job.lane_z.assign(static_cast<size_t>(2 * m16), 0);
     job.lane_factors.assign(static_cast<size_t>(3 * m16), 0.0f);
@@ -714,7 +799,7 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   }
   job.panels = (job.span + kPanel - 1) / kPanel;
   job.channels = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, g.pixels() * g.mg));  // tasks of >= 4096 outputs
-  const int64_t total = job.lanes                       ? g.n * job.blocks
+  const int64_t total = job.lanes || job.lanes_vnni     ? g.n * job.blocks
                         : pw.mode == Mode::kDepthwise ? g.n * ((g.group + job.channels - 1) / job.channels)
                                                       : g.n * g.group * job.panels;
   if (total == 0) return;
