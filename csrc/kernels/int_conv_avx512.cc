@@ -448,14 +448,15 @@ namespace onnxq::iconv {
 
 namespace {
 
-// 16 rows of 16 bytes transposed (r[i][j] -> r[j][i]): four rounds of interleaving row i with row
-// i + 8 are a perfect shuffle that transposes a 16 x 16 matrix.
-inline void TransposeBytes16(__m128i r[16]) {
-  __m128i t[16];
+// 16 rows of 64 bytes, each 128-bit lane transposed on its own (r[i] lane l byte j -> r[j] lane l
+// byte i): four rounds of interleaving row i with row i + 8 are a perfect shuffle that transposes
+// a 16 x 16 matrix.
+inline void TransposeBytes16x4(__m512i r[16]) {
+  __m512i t[16];
   for (int round = 0; round < 4; ++round) {
     for (int i = 0; i < 8; ++i) {
-      t[2 * i] = _mm_unpacklo_epi8(r[i], r[i + 8]);
-      t[2 * i + 1] = _mm_unpackhi_epi8(r[i], r[i + 8]);
+      t[2 * i] = _mm512_unpacklo_epi8(r[i], r[i + 8]);
+      t[2 * i + 1] = _mm512_unpackhi_epi8(r[i], r[i + 8]);
     }
     for (int i = 0; i < 16; ++i) r[i] = t[i];
   }
@@ -468,39 +469,53 @@ inline uint8_t* LanesVnniCellsOf(const DepthwiseLanesVnni& d) {
   uint8_t* cells = d.scratch + d.hp * wt * 16;
   std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
   const int64_t n = d.h * d.w;
-  const __m128i z = _mm_set1_epi8(static_cast<char>(d.z));
-  int64_t iy = 0, ix = 0;
-  for (int64_t q0 = 0; q0 < n; q0 += 16) {
-    const int64_t count = n - q0 < 16 ? n - q0 : 16;
-    __m128i r[16];
-    for (int i = 0; i < 16; ++i) {
-      r[i] = i < d.lanes ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(d.bytes + i * n + q0)) : z;
+  const __m512i z = _mm512_set1_epi8(static_cast<char>(d.z));
+  const int64_t w = d.w;
+  int64_t ix = 0;
+  uint8_t* row = img + (d.pt * wt + d.pl) * 16;
+  // Pixel p's 16 bytes to its place in the padded image.
+  auto put = [&](__m128i pixel) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + ix * 16), pixel);
+    if (++ix == w) {
+      ix = 0;
+      row += wt * 16;
     }
-    TransposeBytes16(r);
-    for (int64_t j = 0; j < count; ++j) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(img + ((d.pt + iy) * wt + d.pl + ix) * 16), r[j]);
-      if (++ix == d.w) {
-        ix = 0;
-        ++iy;
-      }
+  };
+  // 64 pixels of the 16 planes at a time: lane l of r[j] is pixel q0 + 16 l + j.
+  for (int64_t q0 = 0; q0 < n; q0 += 64) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < d.lanes ? _mm512_loadu_si512(d.bytes + i * n + q0) : z;
+    TransposeBytes16x4(r);
+    int64_t left = n - q0;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j < left) put(_mm512_castsi512_si128(r[j]));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (16 + j < left) put(_mm512_extracti32x4_epi32(r[j], 1));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (32 + j < left) put(_mm512_extracti32x4_epi32(r[j], 2));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (48 + j < left) put(_mm512_extracti32x4_epi32(r[j], 3));
     }
   }
-  // Cell (y, c): channel i's dword is the bytes of pixels sw*c + 0..3 (words of pixel pairs, then
-  // dwords of word pairs).
-  for (int64_t y = 0; y < d.hp; ++y) {
+  // Cell (y, c) from the 4 pixels at sw*c: the dwords of the 4 x 4 blocks of (pixel, channel
+  // quad) transposed across the 128-bit lanes (lane l: channels 4l..4l+3 of pixels 0..3), then
+  // each lane's 4 x 4 bytes (channel i's dword: its bytes of pixels 0..3).
+  const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  const __m512i bytes = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  const int64_t step = 16 * d.sw, hp = d.hp;
+  for (int64_t y = 0; y < hp; ++y) {
     const uint8_t* src = img + y * wt * 16;
     uint8_t* dst = cells + y * wc * 64;
-    for (int64_t c = 0; c < wc; ++c, src += 16 * d.sw, dst += 64) {
-      const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src));
-      const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 16));
-      const __m128i p2 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 32));
-      const __m128i p3 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + 48));
-      const __m128i a = _mm_unpacklo_epi8(p0, p1), b = _mm_unpackhi_epi8(p0, p1);
-      const __m128i e = _mm_unpacklo_epi8(p2, p3), f = _mm_unpackhi_epi8(p2, p3);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), _mm_unpacklo_epi16(a, e));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 16), _mm_unpackhi_epi16(a, e));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 32), _mm_unpacklo_epi16(b, f));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + 48), _mm_unpackhi_epi16(b, f));
+    for (int64_t c = 0; c < wc; ++c, src += step, dst += 64) {
+      const __m512i v = _mm512_permutexvar_epi32(lanes, _mm512_loadu_si512(src));
+      _mm512_storeu_si512(dst, _mm512_shuffle_epi8(v, bytes));
     }
   }
   return cells;
@@ -528,42 +543,47 @@ void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
   const __m512 bias = kBias ? _mm512_loadu_ps(d.bias) : _mm512_setzero_ps();
   const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
   const int64_t pixels = d.oh * d.ow;
+  // Output pixel p's 16 channels, finished; ox, oy advance to the next pixel.
   int64_t oy = 0, ox = 0;
-  for (int64_t p0 = 0; p0 < pixels; p0 += 16) {
-    const int64_t count = pixels - p0 < 16 ? pixels - p0 : 16;
-    __m512 y[16];
-    for (int i = 0; i < 16; ++i) {
-      if (i >= count) {
-        y[i] = _mm512_setzero_ps();
-        continue;
+  auto pixel = [&]() {
+    const uint8_t* base = cells + (oy * d.sh * wc + ox) * 64;
+    if (++ox == d.ow) {
+      ox = 0;
+      ++oy;
+    }
+    __m512i acc_e = _mm512_setzero_si512(), acc_o = _mm512_setzero_si512();
+    if (kGroups > 0) {
+      for (int t = 0; t < kHeld; ++t) {
+        const __m512i v = _mm512_loadu_si512(base + off[t]);
+        acc_e = _mm512_dpbusd_epi32(acc_e, v, we[t]);
+        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, wo[t]);
       }
-      const uint8_t* base = cells + (oy * d.sh * wc + ox) * 64;
-      __m512i acc_e = _mm512_setzero_si512(), acc_o = _mm512_setzero_si512();
-      if (kGroups > 0) {
-        for (int t = 0; t < kHeld; ++t) {
-          const __m512i v = _mm512_loadu_si512(base + off[t]);
-          acc_e = _mm512_dpbusd_epi32(acc_e, v, we[t]);
-          if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, wo[t]);
-        }
-      } else {
-        for (int64_t t = 0; t < groups; ++t) {
-          const __m512i v = _mm512_loadu_si512(base + d.offsets[t] * 64);
-          acc_e = _mm512_dpbusd_epi32(acc_e, v, _mm512_loadu_si512(d.weights + t * 16));
-          if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
-        }
-      }
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_e, ze)), ce);
-      if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_o, zo)), co));
-      if (kBias) v = _mm512_add_ps(v, bias);
-      y[i] = ClipPs(v, clip_lo, clip_hi);
-      if (++ox == d.ow) {
-        ox = 0;
-        ++oy;
+    } else {
+      for (int64_t t = 0; t < groups; ++t) {
+        const __m512i v = _mm512_loadu_si512(base + d.offsets[t] * 64);
+        acc_e = _mm512_dpbusd_epi32(acc_e, v, _mm512_loadu_si512(d.weights + t * 16));
+        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
       }
     }
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_e, ze)), ce);
+    if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_o, zo)), co));
+    if (kBias) v = _mm512_add_ps(v, bias);
+    return ClipPs(v, clip_lo, clip_hi);
+  };
+  int64_t p0 = 0;
+  // Whole blocks of 16 pixels: transposed, one store per channel.
+  for (; p0 + 16 <= pixels; p0 += 16) {
+    __m512 y[16];
+    for (int i = 0; i < 16; ++i) y[i] = pixel();
     Transpose16(y);
-    const auto mask = static_cast<__mmask16>((1u << count) - 1);
-    for (int64_t j = 0; j < d.lanes; ++j) _mm512_mask_storeu_ps(d.out + j * pixels + p0, mask, y[j]);
+    for (int64_t j = 0; j < d.lanes; ++j) _mm512_storeu_ps(d.out + j * pixels + p0, y[j]);
+  }
+  // The last pixels one by one, scattered to the channels' planes.
+  if (p0 < pixels) {
+    const __m512i planes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int32_t>(pixels)));
+    const auto mask = static_cast<__mmask16>((1u << d.lanes) - 1);
+    for (; p0 < pixels; ++p0) _mm512_mask_i32scatter_ps(d.out + p0, mask, planes, pixel(), 4);
   }
 }
 
