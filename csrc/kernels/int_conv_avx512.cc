@@ -538,20 +538,23 @@ void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
       off[t] = d.offsets[t] * 64;
     }
   }
-  const __m512i ze = _mm512_loadu_si512(d.z_e), zo = _mm512_loadu_si512(d.z_o);
+  const __m512i ze = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(d.z_e));
+  const __m512i zo = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(d.z_o));
   const __m512 ce = _mm512_loadu_ps(d.c_e), co = _mm512_loadu_ps(d.c_o);
   const __m512 bias = kBias ? _mm512_loadu_ps(d.bias) : _mm512_setzero_ps();
   const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
-  const int64_t pixels = d.oh * d.ow;
-  // Output pixel p's 16 channels, finished; ox, oy advance to the next pixel.
-  int64_t oy = 0, ox = 0;
+  const int64_t pixels = d.oh * d.ow, ow = d.ow, lanes = d.lanes, row_step = d.sh * wc * 64;
+  float* const out = d.out;
+  // Output pixel p's 16 channels, finished; the sums start from -z (the zero-point correction).
+  int64_t ox = 0;
+  const uint8_t* row = cells;
   auto pixel = [&]() {
-    const uint8_t* base = cells + (oy * d.sh * wc + ox) * 64;
-    if (++ox == d.ow) {
+    const uint8_t* base = row + ox * 64;
+    if (++ox == ow) {
       ox = 0;
-      ++oy;
+      row += row_step;
     }
-    __m512i acc_e = _mm512_setzero_si512(), acc_o = _mm512_setzero_si512();
+    __m512i acc_e = ze, acc_o = zo;
     if (kGroups > 0) {
       for (int t = 0; t < kHeld; ++t) {
         const __m512i v = _mm512_loadu_si512(base + off[t]);
@@ -565,8 +568,8 @@ void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
         if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
       }
     }
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_e, ze)), ce);
-    if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(acc_o, zo)), co));
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+    if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
     if (kBias) v = _mm512_add_ps(v, bias);
     return ClipPs(v, clip_lo, clip_hi);
   };
@@ -574,16 +577,22 @@ void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
   // Whole blocks of 16 pixels: transposed, one store per channel.
   for (; p0 + 16 <= pixels; p0 += 16) {
     __m512 y[16];
+#pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) y[i] = pixel();
     Transpose16(y);
-    for (int64_t j = 0; j < d.lanes; ++j) _mm512_storeu_ps(d.out + j * pixels + p0, y[j]);
+    if (lanes == 16) {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + j * pixels + p0, y[j]);
+    } else {
+      for (int64_t j = 0; j < lanes; ++j) _mm512_storeu_ps(out + j * pixels + p0, y[j]);
+    }
   }
   // The last pixels one by one, scattered to the channels' planes.
   if (p0 < pixels) {
     const __m512i planes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                               _mm512_set1_epi32(static_cast<int32_t>(pixels)));
-    const auto mask = static_cast<__mmask16>((1u << d.lanes) - 1);
-    for (; p0 < pixels; ++p0) _mm512_mask_i32scatter_ps(d.out + p0, mask, planes, pixel(), 4);
+    const auto mask = static_cast<__mmask16>((1u << lanes) - 1);
+    for (; p0 < pixels; ++p0) _mm512_mask_i32scatter_ps(out + p0, mask, planes, pixel(), 4);
   }
 }
 
