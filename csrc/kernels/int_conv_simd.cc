@@ -7,7 +7,6 @@
 
 #include <algorithm>
 #include <atomic>
-#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
@@ -681,12 +680,13 @@ void PrepareFused(SimdJob& job) {
 }  // namespace
 
 namespace {
-// DepthwiseLanesVnni rather than DepthwiseFused (bench_ops): small images, where the per-channel
-// plane and block setup of DepthwiseFused cost more than its sums.
-bool UseLanesVnni(const Geometry& g) {
-  const char* force = std::getenv("ONNXQ_LANES_VNNI");  // (TEMP: measurement)
-  if (force != nullptr) return force[0] == '1';
-  return g.ow <= 8;
+// DepthwiseLanesVnni rather than DepthwiseFused (tools/bench_ops.py on Zen 4: faster from 7x7 to
+// 112x112 images, most at 7x7 where DepthwiseFused's per-channel plane and block setup dominate):
+// while its scratch (a block's quantized planes, padded image and cells) stays in about a quarter
+// of a 1 MiB L2 cache.
+bool UseLanesVnni(const Geometry& g, int64_t pad_bottom, int64_t pad_right) {
+  const int64_t hp = g.h + g.pt + pad_bottom, wp = g.w + g.pl + pad_right;
+  return 16 * g.h * g.w + LanesVnniScratch(hp, wp, g.sw) <= 256 * 1024;
 }
 }  // namespace
 
@@ -744,7 +744,7 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
       }
     }
   } else if (UsesFusedDepthwise(g, pw, job.isa) && job.isa == Isa::kAvx512 && !pw.lane_quads.empty() &&
-             UseLanesVnni(g)) {
+             UseLanesVnni(g, job.pad_bottom, job.pad_right)) {
     job.lanes_vnni = true;
     job.inverse = FusedInverse(job.x_scale);
     const int64_t wc = LanesVnniCells(g.w + g.pl + job.pad_right, g.sw), kw4 = (g.kw + 3) / 4;
