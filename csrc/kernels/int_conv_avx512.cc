@@ -462,9 +462,9 @@ inline void TransposeBytes16x4(__m512i r[16]) {
   }
 }
 
-// The padded image of 16-byte pixels, then its cells (int_conv_kernels.h, DepthwiseLanesVnni).
-inline uint8_t* LanesVnniCellsOf(const DepthwiseLanesVnni& d) {
-  const int64_t wt = d.wp + 4, wc = LanesVnniCells(d.wp, d.sw);
+// The padded image of 16-byte pixels, then its cells (int_conv_kernels.h, LanesFused).
+inline uint8_t* LanesCellsOf(const LanesFused& d) {
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.sw);
   uint8_t* img = d.scratch;
   uint8_t* cells = d.scratch + d.hp * wt * 16;
   std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
@@ -508,7 +508,8 @@ inline uint8_t* LanesVnniCellsOf(const DepthwiseLanesVnni& d) {
   // quad) transposed across the 128-bit lanes (lane l: channels 4l..4l+3 of pixels 0..3), then
   // each lane's 4 x 4 bytes (channel i's dword: its bytes of pixels 0..3).
   const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
-  const __m512i bytes = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15));
+  // (bytes 0, 4, 8, 12, then 1, 5, 9, 13, ... of each lane)
+  const __m512i bytes = _mm512_setr4_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703);
   const int64_t step = 16 * d.sw, hp = d.hp;
   for (int64_t y = 0; y < hp; ++y) {
     const uint8_t* src = img + y * wt * 16;
@@ -525,10 +526,10 @@ inline uint8_t* LanesVnniCellsOf(const DepthwiseLanesVnni& d) {
 // FinishRunAvx512), 16 output pixels at a time, transposed so that each channel's pixels are one
 // store. kGroups: d.groups, or 0 for a count known only at run time.
 template <int kGroups, bool kPost, bool kBias>
-void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
+void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   constexpr int kHeld = kGroups > 0 ? kGroups : 1;
   const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-  const int64_t wc = LanesVnniCells(d.wp, d.sw);
+  const int64_t wc = LanesCells(d.wp, d.sw);
   __m512i we[kHeld], wo[kHeld];
   int64_t off[kHeld];
   if (kGroups > 0) {
@@ -597,22 +598,22 @@ void LanesVnniPixels(const DepthwiseLanesVnni& d, const uint8_t* cells) {
 }
 
 template <bool kPost, bool kBias>
-void LanesVnniGroups(const DepthwiseLanesVnni& d, const uint8_t* cells) {
+void LanesGroups(const LanesFused& d, const uint8_t* cells) {
   if (d.groups == 3) {  // 3 x 3 kernels
-    LanesVnniPixels<3, kPost, kBias>(d, cells);
+    LanesPixels<3, kPost, kBias>(d, cells);
   } else {
-    LanesVnniPixels<0, kPost, kBias>(d, cells);
+    LanesPixels<0, kPost, kBias>(d, cells);
   }
 }
 
 }  // namespace
 
-void DepthwiseLanesVnniAvx512(const DepthwiseLanesVnni& d) {
-  const uint8_t* cells = LanesVnniCellsOf(d);
+void LanesFusedAvx512(const LanesFused& d) {
+  const uint8_t* cells = LanesCellsOf(d);
   if (d.post) {
-    d.bias != nullptr ? LanesVnniGroups<true, true>(d, cells) : LanesVnniGroups<true, false>(d, cells);
+    d.bias != nullptr ? LanesGroups<true, true>(d, cells) : LanesGroups<true, false>(d, cells);
   } else {
-    d.bias != nullptr ? LanesVnniGroups<false, true>(d, cells) : LanesVnniGroups<false, false>(d, cells);
+    d.bias != nullptr ? LanesGroups<false, true>(d, cells) : LanesGroups<false, false>(d, cells);
   }
 }
 

@@ -194,22 +194,25 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 
 // Depthwise convolutions with one output per input channel on small images, straight from the
 // float input like DepthwiseFused (unit horizontal dilation, horizontal stride 1 or 2), 16
-// channels in the 16 dword lanes of AVX-512 VNNI: no per-channel cost. The block's channels,
-// quantized (QuantizeFusedAvx512's bytes, channel planes of h x w), are transposed into a padded
-// image of 16-byte pixels (z around X and for lanes past `lanes`), then into cells of 4
-// horizontally adjacent pixels: cell (y, c) holds, for each channel i, the bytes of padded pixels
-// (y, sw*c + j), j = 0..3, in dword i, so one vpdpbusd adds 4 taps of 16 channels. Output pixel
-// (oy, ox) sums tap group t (kernel row ky, taps 4g..4g+3) from cell (sh*oy + ky*dh, ox + 4g/sw).
-struct DepthwiseLanesVnni {
+// channels in the vector lanes: no per-channel cost. The block's channels, quantized
+// (QuantizeFused*'s bytes, channel planes of h x w), are transposed into a padded image of
+// 16-byte pixels (z around X and for lanes past `lanes`), then into cells of G horizontally
+// adjacent pixels: cell (y, c) holds, for each channel i, the bytes of padded pixels (y, sw*c + j),
+// j < G, side by side in lane i, so that one instruction adds G taps of 16 channels: AVX-512 VNNI
+// G = 4 (vpdpbusd, int32 lanes, any int8 weights), AVX2 G = 2 (vpmaddubsw, int16 lanes, every list
+// narrow). Output pixel (oy, ox) sums tap group t (kernel row ky, taps G*g..G*g+G-1) from cell
+// (sh*oy + ky*dh, ox + G*g/sw).
+struct LanesFused {
   const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
   int64_t h, w, pt, pl, hp, wp;  // X at padded rows pt.., columns pl.. of hp x wp
   int64_t sh, sw;
   int32_t z;
-  uint8_t* scratch;          // LanesVnniScratch(...) bytes
-  int64_t groups;            // kh * ceil(kw / 4)
-  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + 4g / sw, in cells
-  const int32_t* weights;    // [2][groups][16]: list 0 (w / w_even), list 1 (w_odd)
+  uint8_t* scratch;          // LanesScratch(...) bytes
+  int64_t groups;            // kh * ceil(kw / G)
+  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / sw, in cells
+  const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
+  const int16_t* pairs;      // AVX2: the same with 2 int8 each
   bool post;
   const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
   const float *c_e, *c_o;    // [16] each
@@ -220,14 +223,15 @@ struct DepthwiseLanesVnni {
 };
 
 namespace {
-// Cells per row of DepthwiseLanesVnni, and the scratch it needs.
-inline int64_t LanesVnniCells(int64_t wp, int64_t sw) { return (wp + sw - 1) / sw; }
-inline int64_t LanesVnniScratch(int64_t hp, int64_t wp, int64_t sw) {
-  return hp * (wp + 4) * 16 + hp * LanesVnniCells(wp, sw) * 64 + 128;
+// Cells per row of LanesFused, and the scratch it needs.
+inline int64_t LanesCells(int64_t wp, int64_t sw) { return (wp + sw - 1) / sw; }
+inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t sw) {
+  return hp * (wp + 4) * 16 + hp * LanesCells(wp, sw) * 64 + 128;
 }
 }  // namespace
 
-void DepthwiseLanesVnniAvx512(const DepthwiseLanesVnni& d);
+void LanesFusedAvx512(const LanesFused& d);
+void LanesFusedAvx2(const LanesFused& d);
 
 namespace {
 
