@@ -142,6 +142,19 @@ CASES = [
     Case("IntConv", 8, 1, 4, (10, 70), 4, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=4),
     Case("PostConv", 4, 1, 3, (3, 4), 3, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=3, calibrated=True),
     Case("IntConv", 4, 3, 40, (7, 7), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=40),
+    # depthwise with 16 channels in the vector lanes (LanesFused, one output per input; VNNI:
+    # images up to about 112x112, AVX2: inputs up to 16x16): blocks whose last one has 5, 1 or 8
+    # channels, odd sizes, asymmetric and missing padding, horizontal stride 2 and vertical stride 2 or 3, vertical
+    # dilation, 5 and 7 taps per row (2 groups of 4, generic kernel), whole blocks of 16 pixels
+    # with tails of 9 or 0, 8-bit weights; then an image too large for it (DepthwiseFused)
+    Case("IntConv", 4, 2, 37, (9, 11), 37, (3, 3), strides=(2, 1), pads=(1, 0, 2, 1), group=37),
+    Case("PostConv", 4, 1, 17, (13, 6), 17, (5, 5), pads=(2, 2, 2, 2), dilations=(2, 1), group=17, calibrated=True),
+    Case("IntConv", 8, 3, 33, (7, 7), 33, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=33),
+    Case("PostConv", 3, 2, 16, (15, 15), 16, (3, 3), group=16, bias=False),
+    Case("IntConv", 4, 1, 24, (8, 8), 24, (3, 3), pads=(1, 1, 1, 1), group=24, calibrated=True),
+    Case("IntConv", 4, 1, 40, (14, 14), 40, (3, 3), strides=(3, 2), pads=(1, 1, 1, 1), group=40, calibrated=True),
+    Case("PostConv", 4, 1, 24, (5, 31), 24, (1, 7), pads=(0, 3, 0, 3), group=24),
+    Case("IntConv", 4, 1, 3, (150, 150), 3, (3, 3), pads=(1, 1, 1, 1), group=3),
     # 1x1 without padding: each channel plane interleaved in one run (tails of 9, 5 and 1 pixels after
     # blocks of 16; channels past the last whole quad); GemmT's epilogue with 1 to 3 blocks of 16
     # channels and partial blocks of 16 pixels
@@ -173,6 +186,10 @@ CLIP_CASES = [
     Case("PostConv", 4, 1, 4, (18, 19), 8, (3, 3), dilations=(2, 3), group=4, bias=False, clip=(0.3, 0.6)),  # Depthwise
     Case("PostConv", 4, 2, 20, (2, 3), 20, (3, 3), pads=(1, 1, 1, 1), group=20, calibrated=True, clip=(0.3, 0.7)),  # lanes
     Case("IntConv", 4, 3, 40, (7, 7), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=40, clip="relu"),
+    # LanesFused, with and without bias, IntConv 8-bit and PostConv
+    Case("IntConv", 4, 2, 37, (9, 11), 37, (3, 3), strides=(2, 1), pads=(1, 0, 2, 1), group=37, clip=(0.3, 0.7)),
+    Case("IntConv", 8, 3, 33, (7, 7), 33, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=33, clip="relu"),
+    Case("PostConv", 3, 2, 16, (15, 15), 16, (3, 3), group=16, bias=False, clip=(0.2, 0.6)),
 ]
 
 
@@ -354,6 +371,9 @@ PER_SAMPLE_CASES = [
     Case("PostConv", 4, 3, 24, (4, 4), 32, (3, 3), pads=(1, 1, 1, 1), calibrated=True, clip="relu"),
     Case("PostConv", 4, 2, 24, (14, 14), 24, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=24, calibrated=True, clip=(0.2, 0.6)),
     Case("IntConv", 4, 3, 20, (3, 3), 20, (3, 3), pads=(1, 1, 1, 1), group=20, calibrated=True, clip=(0.4, None)),
+    # LanesFused: per-sample steps per block of 16 channels
+    Case("IntConv", 8, 3, 37, (7, 7), 37, (3, 3), pads=(1, 1, 1, 1), group=37, calibrated=True),
+    Case("PostConv", 4, 2, 40, (14, 14), 40, (3, 3), strides=(2, 2), pads=(0, 1, 1, 0), group=40, calibrated=True, clip=(0.3, None)),
 ]
 
 

@@ -443,3 +443,178 @@ void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
 }
 
 }  // namespace onnxq::iconv
+
+namespace onnxq::iconv {
+
+namespace {
+
+// 16 rows of 64 bytes, each 128-bit lane transposed on its own (r[i] lane l byte j -> r[j] lane l
+// byte i): four rounds of interleaving row i with row i + 8 are a perfect shuffle that transposes
+// a 16 x 16 matrix.
+inline void TransposeBytes16x4(__m512i r[16]) {
+  __m512i t[16];
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = _mm512_unpacklo_epi8(r[i], r[i + 8]);
+      t[2 * i + 1] = _mm512_unpackhi_epi8(r[i], r[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+}
+
+// The padded image of 16-byte pixels, then its cells (int_conv_kernels.h, LanesFused).
+inline uint8_t* LanesCellsOf(const LanesFused& d) {
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.sw);
+  uint8_t* img = d.scratch;
+  uint8_t* cells = d.scratch + d.hp * wt * 16;
+  std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
+  const int64_t n = d.h * d.w;
+  const __m512i z = _mm512_set1_epi8(static_cast<char>(d.z));
+  const int64_t w = d.w;
+  int64_t ix = 0;
+  uint8_t* row = img + (d.pt * wt + d.pl) * 16;
+  // Pixel p's 16 bytes to its place in the padded image.
+  auto put = [&](__m128i pixel) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + ix * 16), pixel);
+    if (++ix == w) {
+      ix = 0;
+      row += wt * 16;
+    }
+  };
+  // 64 pixels of the 16 planes at a time: lane l of r[j] is pixel q0 + 16 l + j.
+  for (int64_t q0 = 0; q0 < n; q0 += 64) {
+    __m512i r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < d.lanes ? _mm512_loadu_si512(d.bytes + i * n + q0) : z;
+    TransposeBytes16x4(r);
+    int64_t left = n - q0;
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (j < left) put(_mm512_castsi512_si128(r[j]));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (16 + j < left) put(_mm512_extracti32x4_epi32(r[j], 1));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (32 + j < left) put(_mm512_extracti32x4_epi32(r[j], 2));
+    }
+#pragma GCC unroll 16
+    for (int j = 0; j < 16; ++j) {
+      if (48 + j < left) put(_mm512_extracti32x4_epi32(r[j], 3));
+    }
+  }
+  // Cell (y, c) from the 4 pixels at sw*c: the dwords of the 4 x 4 blocks of (pixel, channel
+  // quad) transposed across the 128-bit lanes (lane l: channels 4l..4l+3 of pixels 0..3), then
+  // each lane's 4 x 4 bytes (channel i's dword: its bytes of pixels 0..3).
+  const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+  // (bytes 0, 4, 8, 12, then 1, 5, 9, 13, ... of each lane)
+  const __m512i bytes = _mm512_setr4_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703);
+  const int64_t step = 16 * d.sw, hp = d.hp;
+  for (int64_t y = 0; y < hp; ++y) {
+    const uint8_t* src = img + y * wt * 16;
+    uint8_t* dst = cells + y * wc * 64;
+    for (int64_t c = 0; c < wc; ++c, src += step, dst += 64) {
+      const __m512i v = _mm512_permutexvar_epi32(lanes, _mm512_loadu_si512(src));
+      _mm512_storeu_si512(dst, _mm512_shuffle_epi8(v, bytes));
+    }
+  }
+  return cells;
+}
+
+// The sums and Finish lane by lane (the same float32 operations in the same order as
+// FinishRunAvx512), 16 output pixels at a time, transposed so that each channel's pixels are one
+// store. kGroups: d.groups, or 0 for a count known only at run time.
+template <int kGroups, bool kPost, bool kBias>
+void LanesPixels(const LanesFused& d, const uint8_t* cells) {
+  constexpr int kHeld = kGroups > 0 ? kGroups : 1;
+  const int64_t groups = kGroups > 0 ? kGroups : d.groups;
+  const int64_t wc = LanesCells(d.wp, d.sw);
+  __m512i we[kHeld], wo[kHeld];
+  int64_t off[kHeld];
+  if (kGroups > 0) {
+    for (int t = 0; t < kHeld; ++t) {
+      we[t] = _mm512_loadu_si512(d.weights + t * 16);
+      wo[t] = _mm512_loadu_si512(d.weights + (groups + t) * 16);
+      off[t] = d.offsets[t] * 64;
+    }
+  }
+  const __m512i ze = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(d.z_e));
+  const __m512i zo = _mm512_sub_epi32(_mm512_setzero_si512(), _mm512_loadu_si512(d.z_o));
+  const __m512 ce = _mm512_loadu_ps(d.c_e), co = _mm512_loadu_ps(d.c_o);
+  const __m512 bias = kBias ? _mm512_loadu_ps(d.bias) : _mm512_setzero_ps();
+  const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
+  const int64_t pixels = d.oh * d.ow, ow = d.ow, lanes = d.lanes, row_step = d.sh * wc * 64;
+  float* const out = d.out;
+  // Output pixel p's 16 channels, finished; the sums start from -z (the zero-point correction).
+  int64_t ox = 0;
+  const uint8_t* row = cells;
+  auto pixel = [&]() {
+    const uint8_t* base = row + ox * 64;
+    if (++ox == ow) {
+      ox = 0;
+      row += row_step;
+    }
+    __m512i acc_e = ze, acc_o = zo;
+    if (kGroups > 0) {
+      for (int t = 0; t < kHeld; ++t) {
+        const __m512i v = _mm512_loadu_si512(base + off[t]);
+        acc_e = _mm512_dpbusd_epi32(acc_e, v, we[t]);
+        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, wo[t]);
+      }
+    } else {
+      for (int64_t t = 0; t < groups; ++t) {
+        const __m512i v = _mm512_loadu_si512(base + d.offsets[t] * 64);
+        acc_e = _mm512_dpbusd_epi32(acc_e, v, _mm512_loadu_si512(d.weights + t * 16));
+        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
+      }
+    }
+    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+    if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
+    if (kBias) v = _mm512_add_ps(v, bias);
+    return ClipPs(v, clip_lo, clip_hi);
+  };
+  int64_t p0 = 0;
+  // Whole blocks of 16 pixels: transposed, one store per channel.
+  for (; p0 + 16 <= pixels; p0 += 16) {
+    __m512 y[16];
+#pragma GCC unroll 16
+    for (int i = 0; i < 16; ++i) y[i] = pixel();
+    Transpose16(y);
+    if (lanes == 16) {
+#pragma GCC unroll 16
+      for (int j = 0; j < 16; ++j) _mm512_storeu_ps(out + j * pixels + p0, y[j]);
+    } else {
+      for (int64_t j = 0; j < lanes; ++j) _mm512_storeu_ps(out + j * pixels + p0, y[j]);
+    }
+  }
+  // The last pixels one by one, scattered to the channels' planes.
+  if (p0 < pixels) {
+    const __m512i planes = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                              _mm512_set1_epi32(static_cast<int32_t>(pixels)));
+    const auto mask = static_cast<__mmask16>((1u << lanes) - 1);
+    for (; p0 < pixels; ++p0) _mm512_mask_i32scatter_ps(out + p0, mask, planes, pixel(), 4);
+  }
+}
+
+template <bool kPost, bool kBias>
+void LanesGroups(const LanesFused& d, const uint8_t* cells) {
+  if (d.groups == 3) {  // 3 x 3 kernels
+    LanesPixels<3, kPost, kBias>(d, cells);
+  } else {
+    LanesPixels<0, kPost, kBias>(d, cells);
+  }
+}
+
+}  // namespace
+
+void LanesFusedAvx512(const LanesFused& d) {
+  const uint8_t* cells = LanesCellsOf(d);
+  if (d.post) {
+    d.bias != nullptr ? LanesGroups<true, true>(d, cells) : LanesGroups<true, false>(d, cells);
+  } else {
+    d.bias != nullptr ? LanesGroups<false, true>(d, cells) : LanesGroups<false, false>(d, cells);
+  }
+}
+
+}  // namespace onnxq::iconv

@@ -78,6 +78,10 @@ struct PackedWeights {
   // G = 4 taps per int32 (quads: one int8 per byte, VNNI) or G = 2 per int16 (pairs: AVX2, only
   // where every list is narrow, else empty), 0 for taps past kw.
   std::vector<int32_t> quads, pairs;
+  // quads and pairs with 16 channels in the lanes for LanesFused (one output per input channel;
+  // else empty): [M / 16 rounded up][2][kh][ceil(kw / G)][16], 0 for channels past M.
+  std::vector<int32_t> lane_quads;
+  std::vector<int16_t> lane_pairs;
 };
 
 // Whether the SIMD kernels run this depthwise convolution straight from the float input

@@ -192,6 +192,47 @@ struct DepthwiseLanes {
 // AVX2 only (16 int16 lanes are one block of channels; the AVX-512 kernel choice runs it too).
 void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 
+// Depthwise convolutions with one output per input channel on small images, straight from the
+// float input like DepthwiseFused (unit horizontal dilation, horizontal stride 1 or 2), 16
+// channels in the vector lanes: no per-channel cost. The block's channels, quantized
+// (QuantizeFused*'s bytes, channel planes of h x w), are transposed into a padded image of
+// 16-byte pixels (z around X and for lanes past `lanes`), then into cells of G horizontally
+// adjacent pixels: cell (y, c) holds, for each channel i, the bytes of padded pixels (y, sw*c + j),
+// j < G, side by side in lane i, so that one instruction adds G taps of 16 channels: AVX-512 VNNI
+// G = 4 (vpdpbusd, int32 lanes, any int8 weights), AVX2 G = 2 (vpmaddubsw, int16 lanes, every list
+// narrow). Output pixel (oy, ox) sums tap group t (kernel row ky, taps G*g..G*g+G-1) from cell
+// (sh*oy + ky*dh, ox + G*g/sw).
+struct LanesFused {
+  const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
+  int64_t lanes;             // channels in this block (<= 16); later planes are never read
+  int64_t h, w, pt, pl, hp, wp;  // X at padded rows pt.., columns pl.. of hp x wp
+  int64_t sh, sw;
+  int32_t z;
+  uint8_t* scratch;          // LanesScratch(...) bytes
+  int64_t groups;            // kh * ceil(kw / G)
+  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / sw, in cells
+  const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
+  const int16_t* pairs;      // AVX2: the same with 2 int8 each
+  bool post;
+  const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
+  const float *c_e, *c_o;    // [16] each
+  const float* bias;         // [16], or null
+  float clip_lo, clip_hi;
+  int64_t oh, ow;
+  float* out;                // lane i's output plane at out + i * oh * ow
+};
+
+namespace {
+// Cells per row of LanesFused, and the scratch it needs.
+inline int64_t LanesCells(int64_t wp, int64_t sw) { return (wp + sw - 1) / sw; }
+inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t sw) {
+  return hp * (wp + 4) * 16 + hp * LanesCells(wp, sw) * 64 + 128;
+}
+}  // namespace
+
+void LanesFusedAvx512(const LanesFused& d);
+void LanesFusedAvx2(const LanesFused& d);
+
 namespace {
 
 // The clip of int_conv.h's epilogue (attributes clip_min, clip_max: lo <= hi, neither NaN), as the

@@ -117,6 +117,23 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         }
       }
     }
+    if (g.mg == 1) {
+      const int64_t groups = g.kh * kw4, groups2 = g.kh * kw2;
+      pw->lane_quads.assign(static_cast<size_t>(RoundUp(g.m, 16) * 2 * groups), 0);
+      if (narrow) pw->lane_pairs.assign(static_cast<size_t>(RoundUp(g.m, 16) * 2 * groups2), 0);
+      for (int64_t m = 0; m < g.m; ++m) {
+        for (int64_t list = 0; list < 2; ++list) {
+          for (int64_t t = 0; t < groups; ++t) {
+            pw->lane_quads[static_cast<size_t>(((m / 16 * 2 + list) * groups + t) * 16 + m % 16)] =
+                pw->quads[static_cast<size_t>((m * 2 + list) * groups + t)];
+          }
+          for (int64_t t = 0; narrow && t < groups2; ++t) {
+            pw->lane_pairs[static_cast<size_t>(((m / 16 * 2 + list) * groups2 + t) * 16 + m % 16)] =
+                static_cast<int16_t>(pw->pairs[static_cast<size_t>((m * 2 + list) * groups2 + t)]);
+          }
+        }
+      }
+    }
     std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
     return pw;
   }
