@@ -172,20 +172,25 @@ void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst);
 // x[y][x][16] (the padded image, 16 channels per pixel); output pixel (oy, ox) of lane i is
 // sum over taps t of w[t][i] * x[oy*sh*wp + ox*sw + offsets[t] / 16][i], every tap dense (POST's
 // codes as w_even or w_odd, the other one 0), every lane's sum |w| <= kInt16WeightBudget (int16).
-struct DepthwiseLanes {
+// The epilogue of the kernels with 16 channels in the lanes (DepthwiseLanes, LanesFused): per
+// lane, y = sums' float value * c + bias, clipped, written to that channel's output plane.
+struct LaneOutput {
+  bool post;
+  const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
+  const float *c_e, *c_o;    // [16] each
+  const float* bias;         // [16], or null
+  float clip_lo, clip_hi;    // the clip bounds (Clip)
+  int64_t oh, ow;
+  float* out;                // lane i's output plane at out + i * oh * ow
+};
+
+struct DepthwiseLanes : LaneOutput {
   const uint8_t* x;          // [hp][wp][16]
   int64_t wp, sh, sw;        // padded width, strides
   const int64_t* offsets;    // [taps]: (ky*dh*wp + kx*dw) * 16
   int64_t taps;
   const int16_t* w_e;        // [taps][16]: w (IntConv) or w_even
   const int16_t* w_o;        // [taps][16]: w_odd (PostConv only)
-  bool post;
-  const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
-  const float *c_e, *c_o;    // [16] each
-  const float* bias;         // [16], or null
-  float clip_lo, clip_hi;            // the clip bounds (Clip)
-  int64_t oh, ow;
-  float* out;                // lane i's output plane at out + i * oh * ow
   int64_t lanes;             // the lanes that are channels (the last block may have fewer than 16)
 };
 
@@ -202,7 +207,7 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 // G = 4 (vpdpbusd, int32 lanes, any int8 weights), AVX2 G = 2 (vpmaddubsw, int16 lanes, every list
 // narrow). Output pixel (oy, ox) sums tap group t (kernel row ky, taps G*g..G*g+G-1) from cell
 // (sh*oy + ky*dh, ox + G*g/sw).
-struct LanesFused {
+struct LanesFused : LaneOutput {
   const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
   int64_t h, w, pt, pl, hp, wp;  // X at padded rows pt.., columns pl.. of hp x wp
@@ -213,13 +218,6 @@ struct LanesFused {
   const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / sw, in cells
   const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
   const int16_t* pairs;      // AVX2: the same with 2 int8 each
-  bool post;
-  const int32_t *z_e, *z_o;  // [16] each: z_x * sum of each lane's weights
-  const float *c_e, *c_o;    // [16] each
-  const float* bias;         // [16], or null
-  float clip_lo, clip_hi;
-  int64_t oh, ow;
-  float* out;                // lane i's output plane at out + i * oh * ow
 };
 
 namespace {

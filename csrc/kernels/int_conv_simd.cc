@@ -416,6 +416,24 @@ void Transpose16(__m128i r[16]) {
 }
 #endif
 
+// The output side of a lane kernel for channels [16 b, 16 b + 16) of image n: its per-lane
+// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes.
+void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b) {
+  const Geometry& g = *job.g;
+  const int64_t m16 = job.blocks * 16;
+  o.post = job.post;
+  o.z_e = job.lane_z.data() + b * 16;
+  o.z_o = job.lane_z.data() + m16 + b * 16;
+  o.c_e = job.lane_factors.data() + b * 16;
+  o.c_o = job.lane_factors.data() + m16 + b * 16;
+  o.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
+  o.clip_lo = job.clip_lo;
+  o.clip_hi = job.clip_hi;
+  o.oh = g.oh;
+  o.ow = g.ow;
+  o.out = job.y + (n * g.m + b * 16) * g.pixels();
+}
+
 // DepthwiseLanes: channels [16 b, 16 b + 16) of image n (index n * blocks + b): the padded
 // image with the channels in the lanes of each pixel (z for padding and channels past C), then
 // the kernel.
@@ -456,7 +474,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
       }
     }
   }
-  const int64_t m16 = job.blocks * 16, taps = g.kh * g.kw;
+  const int64_t taps = g.kh * g.kw;
   DepthwiseLanes d{};
   d.x = x.get();
   d.wp = job.wp;
@@ -466,17 +484,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.taps = taps;
   d.w_e = pw.lane_weights.data() + (b * 2) * taps * 16;
   d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
-  d.post = job.post;
-  d.z_e = job.lane_z.data() + b * 16;
-  d.z_o = job.lane_z.data() + m16 + b * 16;
-  d.c_e = job.lane_factors.data() + b * 16;
-  d.c_o = job.lane_factors.data() + m16 + b * 16;
-  d.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
-  d.clip_lo = job.clip_lo;
-  d.clip_hi = job.clip_hi;
-  d.oh = g.oh;
-  d.ow = g.ow;
-  d.out = job.y + (n * g.m + b * 16) * g.pixels();
+  SetLaneOutput(d, job, n, b);
   d.lanes = std::min<int64_t>(16, g.m - b * 16);
   DepthwiseLanesAvx2(d);
 #else
@@ -513,7 +521,6 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   } else {
     QuantizeFusedAvx2(q, lanes * g.h * g.w, scratch);
   }
-  const int64_t m16 = job.blocks * 16;
   LanesFused d{};
   d.bytes = scratch;
   d.lanes = lanes;
@@ -534,17 +541,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   } else {
     d.pairs = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
-  d.post = job.post;
-  d.z_e = job.lane_z.data() + b * 16;
-  d.z_o = job.lane_z.data() + m16 + b * 16;
-  d.c_e = job.lane_factors.data() + b * 16;
-  d.c_o = job.lane_factors.data() + m16 + b * 16;
-  d.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
-  d.clip_lo = job.clip_lo;
-  d.clip_hi = job.clip_hi;
-  d.oh = g.oh;
-  d.ow = g.ow;
-  d.out = job.y + (n * g.m + b * 16) * g.pixels();
+  SetLaneOutput(d, job, n, b);
   if (job.isa == Isa::kAvx512) {
     LanesFusedAvx512(d);
   } else {
