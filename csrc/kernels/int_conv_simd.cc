@@ -325,6 +325,37 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   }
 }
 
+#ifdef ONNXQ_X86_SIMD
+// Scratch bytes of a task: on the stack while they fit N, else on the heap.
+template <size_t N>
+struct Scratch {
+  alignas(64) uint8_t local[N];
+  std::unique_ptr<uint8_t[]> heap;
+  uint8_t* Get(int64_t size) {
+    if (size <= static_cast<int64_t>(N)) return local;
+    heap.reset(new uint8_t[static_cast<size_t>(size)]);
+    return heap.get();
+  }
+};
+
+// dst[i] = x[i] quantized with the call's parameters, for i < count (QuantizeFused*: exact, may
+// write up to 64 bytes past count): the input of DepthwiseFused and LanesFused.
+void QuantizeChannels(const SimdJob& job, const float* x, int64_t count, uint8_t* dst) {
+  DepthwiseFused q{};
+  q.x = x;
+  q.scale = job.x_scale;
+  q.inverse = job.inverse;
+  q.lo = job.x_lo;
+  q.hi = job.x_hi;
+  q.z = job.z;
+  if (job.isa == Isa::kAvx512) {
+    QuantizeFusedAvx512(q, count, dst);
+  } else {
+    QuantizeFusedAvx2(q, count, dst);
+  }
+}
+#endif
+
 // DepthwiseFused: input channels [g0, g0 + job.channels) of image n (index n * chunks + chunk),
 // each quantized and padded, then into its output channels.
 void RunDepthwiseFused(const SimdJob& job, int64_t index) {
@@ -337,13 +368,8 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
-  alignas(64) uint8_t local[16384];
-  std::unique_ptr<uint8_t[]> heap;
-  uint8_t* scratch = local;
-  if (scratch_size > static_cast<int64_t>(sizeof(local))) {
-    heap.reset(new uint8_t[static_cast<size_t>(scratch_size)]);
-    scratch = heap.get();
-  }
+  Scratch<16384> buffer;
+  uint8_t* scratch = buffer.Get(scratch_size);
   DepthwiseFused d{};
   d.h = g.h;
   d.w = g.w;
@@ -354,10 +380,6 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.sh = g.sh;
   d.sw = g.sw;
   d.hq = hq;
-  d.scale = job.x_scale;
-  d.inverse = job.inverse;
-  d.lo = job.x_lo;
-  d.hi = job.x_hi;
   d.z = job.z;
   d.plane = scratch + bytes_size;
   d.fresh = true;
@@ -370,12 +392,7 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.outputs = g.mg;
   d.post = job.post;
   // The channels are contiguous in X: one quantization run for all of them.
-  d.x = job.x + (n * g.c + g0) * g.h * g.w;
-  if (job.isa == Isa::kAvx512) {
-    QuantizeFusedAvx512(d, (g1 - g0) * g.h * g.w, scratch);
-  } else {
-    QuantizeFusedAvx2(d, (g1 - g0) * g.h * g.w, scratch);
-  }
+  QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   for (int64_t gi = g0; gi < g1; ++gi) {
     const int64_t m = gi * g.mg;
     d.x = job.x + (n * g.c + gi) * g.h * g.w;
@@ -502,25 +519,9 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   const int64_t lanes = std::min<int64_t>(16, g.c - b * 16);
   const int64_t bytes_size = RoundUp(16 * g.h * g.w + 128, 64);
   const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, g.sw);
-  alignas(64) uint8_t local[24576];
-  std::unique_ptr<uint8_t[]> heap;
-  uint8_t* scratch = local;
-  if (scratch_size > static_cast<int64_t>(sizeof(local))) {
-    heap.reset(new uint8_t[static_cast<size_t>(scratch_size)]);
-    scratch = heap.get();
-  }
-  DepthwiseFused q{};
-  q.x = job.x + (n * g.c + b * 16) * g.h * g.w;
-  q.scale = job.x_scale;
-  q.inverse = job.inverse;
-  q.lo = job.x_lo;
-  q.hi = job.x_hi;
-  q.z = job.z;
-  if (job.isa == Isa::kAvx512) {
-    QuantizeFusedAvx512(q, lanes * g.h * g.w, scratch);
-  } else {
-    QuantizeFusedAvx2(q, lanes * g.h * g.w, scratch);
-  }
+  Scratch<24576> buffer;
+  uint8_t* scratch = buffer.Get(scratch_size);
+  QuantizeChannels(job, job.x + (n * g.c + b * 16) * g.h * g.w, lanes * g.h * g.w, scratch);
   LanesFused d{};
   d.bytes = scratch;
   d.lanes = lanes;
