@@ -16,6 +16,8 @@ the bounds as its clip_min / clip_max attributes and replaces it (fold_clipping)
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
@@ -24,7 +26,7 @@ from onnxq.config import QuantizeConfig, WeightFormat
 from onnxq.domain import DOMAIN
 from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
-from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
+from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, subgraphs, to_array, used_names
 from onnxq.plan import WeightPlan
 from onnxq.weights import QuantizedTensor
 
@@ -306,16 +308,16 @@ def _is(node: onnx.NodeProto | None, op_type: str) -> bool:
 
 
 def _drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
-    """Remove those of ``nodes`` (readers before the nodes they read) whose outputs nobody reads."""
-    outputs = {o.name for o in graph.output}
+    """Remove those of ``nodes`` (readers before the nodes they read) whose outputs nobody reads (subgraphs included)."""
+    readers = Counter(name for node in graph.node for name in node.input)
+    fixed = {o.name for o in graph.output} | {name for node in graph.node for body in subgraphs(node) for name in used_names(body)}
     removed: set[int] = set()
     for node in nodes:
-        if id(node) in removed:
+        if id(node) in removed or any(readers[out] or out in fixed for out in node.output):
             continue
-        read = {name for other in graph.node for name in other.input} | outputs
-        if not any(out in read for out in node.output):
-            graph.node.remove(node)
-            removed.add(id(node))
+        graph.node.remove(node)
+        removed.add(id(node))
+        readers.subtract(node.input)
 
 
 def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
@@ -329,10 +331,5 @@ def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) 
 
 def _drop_unread_pairs(graph: onnx.GraphProto) -> None:
     """Remove DequantizeLinear nodes nobody reads, then QuantizeLinear nodes nobody reads."""
-    outputs = {o.name for o in graph.output}
-    for op_type in ("DequantizeLinear", "QuantizeLinear"):
-        read = {name for node in graph.node for name in node.input} | outputs
-        dead = [n for n in graph.node if n.op_type == op_type and n.output[0] not in read]
-        for node in dead:
-            graph.node.remove(node)
+    _drop_unread(graph, [n for op_type in ("DequantizeLinear", "QuantizeLinear") for n in graph.node if n.op_type == op_type])
     remove_unused_initializers(graph)
