@@ -88,6 +88,7 @@ def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
     """
     producer = {out: node for node in model.graph.node for out in node.output}
     keep: set[int] = set()
+    read: set[str] = set()  # every name the kept nodes read, their bodies included
     stack = list(outputs)
     while stack:
         node = producer.get(stack.pop())
@@ -97,12 +98,9 @@ def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelPr
         reads = set(node.input)
         for body in subgraphs(node):
             reads |= used_names(body)  # a body may read tensors of this graph
+        read |= reads
         stack.extend(name for name in reads if name)
     nodes = [node for node in model.graph.node if id(node) in keep]
-    read = {name for node in nodes for name in node.input}
-    for node in nodes:
-        for body in subgraphs(node):
-            read |= used_names(body)
     graph = helper.make_graph(
         nodes,
         model.graph.name,
