@@ -92,7 +92,10 @@ def quantize_with_report(
         ensure_opset(loaded, INT4_OPSET)
     calibrated = calibrate_activations(loaded.model, plans, config, calibration) if config.activations is not None else None
     activations: dict[str, ActivationQuant] = calibrated.quants if calibrated is not None else {}
+    correcting = calibrated is not None and config.activations.bias_correction is not BiasCorrection.OFF
+    measured = correcting and _measured_correction(config, plans)
     weight_changes: dict[str, np.ndarray] = {}
+    dequantized: dict[str, np.ndarray] = {}  # for the measured correction's simulation
     consts = constant_initializers(loaded.model.graph)
     nodes = {node.name: node for node in loaded.model.graph.node}
     qdq: dict[str, QuantizedTensor] = {}
@@ -111,11 +114,13 @@ def quantize_with_report(
             custom[plan.tensor] = (q, op_type)
         layers.append(_layer_result(plan, q, weight, op_type))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
-        if calibrated is not None and config.activations.bias_correction is not BiasCorrection.OFF:
-            weight_changes[plan.tensor] = q.dequantize() - weight
+        if correcting:
+            values = q.dequantize()
+            weight_changes[plan.tensor] = values - weight
+            if measured:
+                dequantized[plan.tensor] = values
     if weight_changes:
-        measured = _measured_correction(config, plans)
-        _correct_biases(loaded.model, calibrated, weight_changes, activations, measured)
+        _correct_biases(loaded.model, calibrated, weight_changes, activations, dequantized if measured else None)
     quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)
     if activations:
@@ -143,20 +148,21 @@ def _measured_correction(config: QuantizeConfig, plans: list[WeightPlan]) -> boo
 
 
 def _correct_biases(
-    model: onnx.ModelProto, calibrated: Calibration, changes: dict[str, np.ndarray], activations: dict[str, ActivationQuant], measured: bool
+    model: onnx.ModelProto,
+    calibrated: Calibration,
+    changes: dict[str, np.ndarray],
+    activations: dict[str, ActivationQuant],
+    dequantized: dict[str, np.ndarray] | None,
 ) -> None:
-    """Bias correction in place: the analytic shift from float input means, then (``measured``) the measured one."""
+    """Bias correction in place: the analytic shift from float input means, then, given the ``dequantized`` weights, the measured one."""
     float_model = onnx.ModelProto()
-    if measured:
+    if dequantized is not None:
         float_model.CopyFrom(model)  # the reference, before any bias moves
     means = {name: m for name, c in calibrated.means.items() if (m := c.mean()) is not None}
     corrected = correct_biases(model.graph, changes, means)
     logger.debug("bias correction on %d layers", len(corrected))
-    if not measured:
-        return
-    consts = constant_initializers(model.graph)
-    weights = {name: to_array(consts[name]) + delta for name, delta in changes.items()}
-    empirical_correction(model, float_model, weights, activations, _opset(model), corrected, calibrated.samples)
+    if dequantized is not None:
+        empirical_correction(model, float_model, dequantized, activations, _opset(model), corrected, calibrated.samples)
 
 
 def _nothing_to_quantize(skipped: list[Skipped]) -> str:
