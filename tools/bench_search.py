@@ -6,7 +6,11 @@ against a direct golden-section search that quantizes every weight at each step
 (the approach the REQuant paper times at ~40 ms per layer). Weights are Student-t
 samples: the search cost does not depend on the values.
 
-    python tools/bench_search.py [--bits 4] [--repeats 5]
+With --grids it instead compares the bracketing scan's sizes (32 and 8 points) on the shipped
+models' real weights, per output channel: time and weight error after the exact polish, which is
+how search.grid_points chose 8 points for codebooks of more than 64 levels.
+
+    python tools/bench_search.py [--bits 4] [--repeats 5] [--grids]
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq.formats import uniform  # noqa: E402
-from onnxq.search import golden_section  # noqa: E402
+from onnxq.search import REFINE_MAX_ROW, golden_section, refine_alpha, search_alpha  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 # Conv/FC weight shapes of ResNet-50 (each appears in one or more blocks).
@@ -61,12 +65,51 @@ def best_ms(fn: Callable[[], object], repeats: int) -> float:
     return 1e3 * min(times)
 
 
+SHIPPED = sorted((Path(__file__).resolve().parents[1] / "models").glob("*.onnx"))
+
+
+def searched_error(rows: np.ndarray, bits: int, grid: int) -> float:
+    """Squared weight error of ``rows`` after the search with a ``grid``-point scan and the exact polish (as best_alpha)."""
+    codebook = uniform.codebook(bits, False)
+    alpha = search_alpha(rows, codebook, grid=grid).alpha
+    if rows.shape[1] <= REFINE_MAX_ROW:
+        alpha = refine_alpha(rows, codebook, alpha)
+    return float(np.sum((uniform.quantize_rows(rows, alpha, bits, False).dequantize() - rows) ** 2))
+
+
+def searched_errors(rows: list[np.ndarray], bits: int, grid: int) -> list[float]:
+    """:func:`searched_error` of every tensor's rows."""
+    return [searched_error(r, bits, grid) for r in rows]
+
+
+def compare_grids(repeats: int) -> None:
+    """Scan sizes 32 and 8 on the shipped models' weights (per output channel): time and error, side by side."""
+    import onnx
+    from onnx import numpy_helper
+
+    print("| model | bits | tensors | 32-point ms | 8-point ms | error 8 / 32, total | per tensor, min - max |")
+    print("|---|---:|---:|---:|---:|---:|---|")
+    for path in SHIPPED:
+        weights = [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer if len(t.dims) in (2, 4)]
+        rows = [w.reshape(w.shape[0], -1).astype(np.float32) for w in weights if w.size > 1]
+        for bits in (8, 4):
+            ms = [best_ms(partial(searched_errors, rows, bits, g), repeats) for g in (32, 8)]
+            errors = np.array([[searched_error(r, bits, g) for g in (32, 8)] for r in rows])
+            ratio = errors[:, 1] / np.maximum(errors[:, 0], 1e-30)
+            total = errors[:, 1].sum() / errors[:, 0].sum()
+            print(f"| {path.stem} | {bits} | {len(rows)} | {ms[0]:.0f} | {ms[1]:.0f} | {total:.4f} | {ratio.min():.3f} - {ratio.max():.3f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--grids", action="store_true", help="compare the scan sizes on the shipped models' weights instead")
     args = parser.parse_args(argv)
     print(cpu_description())
+    if args.grids:
+        compare_grids(args.repeats)
+        return 0
     print(f"{args.bits}-bit weights, best of {args.repeats} runs, numpy {np.__version__}\n")
     print("| layer shape | weights | per tensor ms | per tensor, sqrt ms | per channel ms | direct GSS per tensor ms | speed-up |")
     print("|---|---:|---:|---:|---:|---:|---:|")

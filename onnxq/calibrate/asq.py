@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.calibrate.ranges import Range, range_errors
-from onnxq.search import minimise_on_grid
+from onnxq.search import minimise_on_grid, scan_points
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 
@@ -84,7 +84,7 @@ def sample_betas(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, base: Range
     def error(beta: np.ndarray) -> np.ndarray:
         return range_errors(centers, counts, beta * base.lo, beta * base.hi, bits)
 
-    beta, _ = minimise_on_grid(error, upper)
+    beta, _ = minimise_on_grid(error, upper, scan_points(1 << bits))
     return beta
 
 

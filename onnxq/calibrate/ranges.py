@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.calibrate.histogram import Histogram
-from onnxq.search import minimise_on_grid
+from onnxq.search import minimise_on_grid, scan_points
 
 
 @dataclass(frozen=True)
@@ -124,7 +124,7 @@ def mse_fractions(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: n
     def error(a: np.ndarray) -> np.ndarray:
         return range_errors(centers, counts, a * (lo if a.ndim == 1 else lo[:, None]), a * (hi if a.ndim == 1 else hi[:, None]), bits)
 
-    alpha, _ = minimise_on_grid(error, np.ones(len(lo)))
+    alpha, _ = minimise_on_grid(error, np.ones(len(lo)), scan_points(1 << bits))
     return alpha
 
 
