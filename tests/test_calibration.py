@@ -30,11 +30,13 @@ def _direct_error(x: np.ndarray, r: Range, bits: int) -> float:
     return float(np.sum((x - fake_quantize(x, p.scale, p.zero_point, bits)) ** 2))
 
 
-def test_streaming_histogram_equals_numpy_histogram_of_all_data():
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_streaming_histogram_equals_numpy_histogram_of_all_data(dtype):
+    """Bit-exact binning, float32 activations (what onnxruntime returns) included."""
     rng = np.random.default_rng(0)
     # Batches whose range keeps growing, so the bins widen (and merge) several times.
-    chunks = [rng.standard_normal(500) * s for s in (0.01, 0.3, 5.0, 40.0)]
-    h = Histogram(bins=256)
+    chunks = [(rng.standard_normal(100_000) * s).astype(dtype) for s in (0.01, 0.3, 5.0, 40.0)]
+    h = Histogram()
     for chunk in chunks:
         h.add(chunk)
     data = np.concatenate(chunks)

@@ -80,12 +80,8 @@ class Histogram:
         if values.size == 0:
             return
         self._cover(max(-self.min, self.max))
-        # The width is a power of two, so in float64 v / width + bins/2 is exact, and positive (|v| < bins/2 * width):
-        # truncating it to an integer is the floor that bins v.
-        scaled = values * math.ldexp(1.0, -self.exponent)
-        scaled += self.bins // 2
-        index = scaled.astype(np.int32)
-        self.counts += np.bincount(np.minimum(index, self.bins - 1, out=index), minlength=self.bins)
+        index = bin_index(values, math.ldexp(1.0, -self.exponent), self.bins)
+        self.counts += np.bincount(index, minlength=self.bins)
 
     def _cover(self, peak: float) -> None:
         """Widen the bins (exactly, by merging) until |value| <= ``peak`` falls strictly inside."""
@@ -102,15 +98,35 @@ class Histogram:
         self.exponent = needed
 
 
+def bin_index(values: np.ndarray, inverse_width: float | np.ndarray, bins: int) -> np.ndarray:
+    """floor(value / width) + bins/2 per value, clipped to [0, bins): the bin of each value, as int32.
+
+    Widths are powers of two, so value * (1 / width) is exact in the values' own precision (float32
+    stays float32, half the memory traffic of float64) and so is its floor; ``inverse_width`` is a
+    scalar or broadcasts against ``values`` (one width per row).
+    """
+    dtype = values.dtype if values.dtype in (np.float32, np.float64) else np.float64
+    scaled = np.multiply(values, np.asarray(inverse_width, dtype=dtype), dtype=dtype)
+    np.floor(scaled, out=scaled)
+    index = scaled.astype(np.int32)
+    index += bins // 2
+    return np.clip(index, 0, bins - 1, out=index)
+
+
 def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per-sample histograms of a batch (first axis = samples), each over that sample's own [min, max].
 
     Returns (counts (B, bins), lo (B,), hi (B,)); a constant sample puts everything in one bin.
     """
-    rows = np.asarray(batch, dtype=np.float64).reshape(len(batch), -1)
+    rows = np.array(batch, dtype=np.float64).reshape(len(batch), -1)  # a copy, worked on in place
     lo, hi = rows.min(axis=1), rows.max(axis=1)
     span = np.where(hi > lo, hi - lo, 1.0)
-    index = np.clip(np.floor((rows - lo[:, None]) / span[:, None] * bins), 0, bins - 1).astype(np.int64)
+    rows -= lo[:, None]
+    rows /= span[:, None]
+    rows *= bins
+    np.floor(rows, out=rows)
+    np.clip(rows, 0, bins - 1, out=rows)
+    index = rows.astype(np.int64)
     index += np.arange(len(rows))[:, None] * bins
     counts = np.bincount(index.ravel(), minlength=len(rows) * bins).reshape(len(rows), bins)
     return counts, lo, hi
@@ -147,17 +163,18 @@ class ChannelHistograms:
 
     def add(self, rows: np.ndarray) -> None:
         """Count ``rows`` (channels, n)."""
-        rows = np.asarray(rows, dtype=np.float64)
+        rows = np.asarray(rows)
+        if rows.dtype not in (np.float32, np.float64):
+            rows = rows.astype(np.float64)
         if rows.shape[1] == 0:
             return
-        lo, hi = rows.min(axis=1), rows.max(axis=1)
+        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
         if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
             raise ValueError("activation values include NaN or infinity")
         self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
         self._cover(np.maximum(-lo, hi))
-        half = self.bins // 2
-        index = np.clip(np.floor(rows / np.ldexp(1.0, self.exponent)[:, None]).astype(np.int64) + half, 0, self.bins - 1)
-        index += np.arange(self.channels)[:, None] * self.bins
+        index = bin_index(rows, np.ldexp(1.0, -self.exponent)[:, None], self.bins)
+        index += (np.arange(self.channels, dtype=np.int32) * self.bins)[:, None]
         self.counts += np.bincount(index.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
 
     def _cover(self, peak: np.ndarray) -> None:
