@@ -15,17 +15,17 @@ model, so one session serves every pass.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections import Counter
+from collections.abc import Container, Iterable, Mapping, Sequence
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 from onnx import helper, numpy_helper
 
 from onnxq.calibrate import first_samples
 from onnxq.calibrate.collect import ChannelMeans, exposing, progress
 from onnxq.calibrate.data import batch_size
-from onnxq.graph import constant_initializers, subgraphs, to_array, used_names
+from onnxq.graph import attribute, constant_initializers, subgraphs, to_array, used_names
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 
 logger = logging.getLogger(__name__)
@@ -80,38 +80,57 @@ def depth_levels(graph: onnx.GraphProto, outputs: Sequence[str]) -> list[list[st
     return [levels[d] for d in sorted(levels)]
 
 
-def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (its only outputs), with the inputs and initializers it reads.
+def node_reads(node: onnx.NodeProto) -> set[str]:
+    """Every tensor name a node reads: its inputs and what its bodies read from outer scopes."""
+    reads = set(node.input)
+    for body in subgraphs(node):
+        reads |= used_names(body)
+    reads.discard("")
+    return reads
 
-    onnxruntime runs every node of a graph whatever outputs are asked for, so each pass of the
-    correction runs only the layers up to its level.
-    """
-    producer = {out: node for node in model.graph.node for out in node.output}
+
+def nodes_for(graph: onnx.GraphProto, outputs: Iterable[str], given: Container[str] = ()) -> list[onnx.NodeProto]:
+    """The nodes (in graph order) that compute ``outputs``, walking back no further than the ``given`` tensors."""
+    producer = {out: node for node in graph.node for out in node.output}
     keep: set[int] = set()
-    read: set[str] = set()  # every name the kept nodes read, their bodies included
-    stack = list(outputs)
+    stack = [name for name in outputs if name not in given]
     while stack:
         node = producer.get(stack.pop())
         if node is None or id(node) in keep:
             continue
         keep.add(id(node))
-        reads = set(node.input)
-        for body in subgraphs(node):
-            reads |= used_names(body)  # a body may read tensors of this graph
-        read |= reads
-        stack.extend(name for name in reads if name)
-    nodes = [node for node in model.graph.node if id(node) in keep]
+        stack.extend(name for name in node_reads(node) if name not in given)
+    return [node for node in graph.node if id(node) in keep]
+
+
+def segment_model(
+    model: onnx.ModelProto, nodes: Sequence[onnx.NodeProto], outputs: Sequence[str], given: Mapping[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """A model of just ``nodes`` that returns ``outputs``; the ``given`` tensors (typed by these arrays) become inputs.
+
+    The graph inputs and initializers the nodes read come along; nothing else does.
+    """
+    given = given or {}
+    read = set().union(*(node_reads(n) for n in nodes)) | set(outputs)
+    made = {out for n in nodes for out in n.output}
+    inputs = [i for i in model.graph.input if i.name in read and i.name not in given]
+    inputs += [helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(value.dtype), None) for name, value in given.items()]
     graph = helper.make_graph(
-        nodes,
+        list(nodes),
         model.graph.name,
-        [i for i in model.graph.input if i.name in read],
-        [helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None) for name in outputs],
-        [t for t in model.graph.initializer if t.name in read],
-        value_info=model.graph.value_info,
+        inputs,
+        [onnx.ValueInfoProto(name=name) for name in outputs],  # onnxruntime infers the types
+        [t for t in model.graph.initializer if t.name in read and t.name not in given],
+        value_info=[v for v in model.graph.value_info if v.name in made],
     )
-    prefix = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
-    prefix.functions.extend(model.functions)
-    return prefix
+    segment = helper.make_model(graph, opset_imports=list(model.opset_import), ir_version=model.ir_version)
+    segment.functions.extend(model.functions)
+    return segment
+
+
+def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
+    """The part of ``model`` that computes ``outputs`` (its only outputs), with the inputs and initializers it reads."""
+    return segment_model(model, nodes_for(model.graph, outputs), outputs)
 
 
 def merge_levels(levels: Sequence[list[str]], most: int) -> list[list[str]]:
@@ -124,19 +143,64 @@ def merge_levels(levels: Sequence[list[str]], most: int) -> list[list[str]]:
 def output_means(model: onnx.ModelProto, outputs: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """Per tensor in ``outputs``, its mean per index of axis 1 over ``batches``."""
     names = list(outputs)
-    with exposing(model, names) as sess:
-        return channel_means_of(sess, names, batches, {})
-
-
-def channel_means_of(
-    sess: ort.InferenceSession, names: list[str], batches: Sequence[Mapping[str, np.ndarray]], extra: Mapping[str, np.ndarray]
-) -> dict[str, np.ndarray]:
-    """Mean per index of axis 1 of each of the session's outputs ``names`` over ``batches`` (``extra`` fed with each)."""
     means = {name: ChannelMeans() for name in names}
-    for batch in batches:
-        for name, value in zip(names, sess.run(names, {**batch, **extra}), strict=True):
-            means[name].add(value)
+    with exposing(model, names) as sess:
+        for batch in batches:
+            for name, value in zip(names, sess.run(names, dict(batch)), strict=True):
+                means[name].add(value)
     return {name: m.mean() for name, m in means.items()}  # type: ignore[misc]
+
+
+class LevelRunner:
+    """Runs a model one level at a time, every node once: each level's segment starts from tensors earlier segments left.
+
+    Re-running the model from its inputs for every level would cost levels x model; here the whole
+    correction costs about one run plus a session per level. A segment hands on each tensor a later
+    segment reads (kept per batch, dropped after its last reader), and a layer output whose bias
+    changes is patched in that cache by the change (the bias is added last, so that is exact).
+    """
+
+    def __init__(self, model: onnx.ModelProto, targets: Sequence[str], batches: Sequence[Mapping[str, np.ndarray]]) -> None:
+        self.model = model
+        self.batches = [dict(b) for b in batches]
+        self.cache: dict[str, list[np.ndarray]] = {}
+        self.readers: Counter[str] = Counter()  # reads left per tensor, by the nodes still to run
+        for node in nodes_for(model.graph, targets):
+            self.readers.update(node_reads(node))
+
+    def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
+        """The ``outputs`` per batch, computing only the nodes no earlier call ran (``feeds``: inputs beside the batch's)."""
+        nodes = nodes_for(self.model.graph, outputs, self.cache)
+        for node in nodes:
+            self.readers.subtract(node_reads(node))
+        handed_on = [out for node in nodes for out in node.output if self.readers[out] > 0 and out not in outputs]
+        fetched = list(outputs) + handed_on
+        given = {name: values[0] for name, values in self.cache.items() if name in set().union(*(node_reads(n) for n in nodes))}
+        segment = segment_model(self.model, nodes, fetched, given)
+        wanted = {i.name for i in segment.graph.input}
+        results: dict[str, list[np.ndarray]] = {name: [] for name in fetched}
+        with exposing(segment, fetched) as sess:
+            for index, batch in enumerate(self.batches):
+                inputs = {k: v for k, v in {**batch, **feeds}.items() if k in wanted}  # onnxruntime refuses unknown names
+                inputs.update({name: self.cache[name][index] for name in given})
+                for name, value in zip(fetched, sess.run(fetched, inputs), strict=True):
+                    if not isinstance(value, np.ndarray):
+                        raise TypeError(f"tensor {name!r} is not a plain tensor")
+                    results[name].append(value)
+        self.cache.update({name: results[name] for name in fetched if self.readers[name] > 0})
+        for name in [n for n in self.cache if self.readers[n] <= 0]:
+            del self.cache[name]
+        return {name: results[name] for name in outputs}
+
+    def shift(self, name: str, change: np.ndarray) -> None:
+        """Add ``change`` per index of axis 1 to the kept values of ``name`` (a layer output whose bias moved)."""
+        for value in self.cache.get(name, []):
+            value += change.reshape((1, -1) + (1,) * (value.ndim - 2)).astype(value.dtype)
+
+
+def bias_gain(node: onnx.NodeProto) -> float:
+    """How much a unit change of the node's bias moves its output: Gemm's beta, 1 for Conv."""
+    return float(attribute(node, "beta", 1.0)) if node.op_type == "Gemm" else 1.0
 
 
 def refine_biases(
@@ -152,23 +216,25 @@ def refine_biases(
     holds each bias's value before refinement.
     """
     current = {name: np.asarray(value, np.float32) for name, value in start.items()}
+    producer = {out: node for node in simulated.graph.node for out in node.output}
     levels = depth_levels(simulated.graph, list(biases))
     passes = merge_levels(levels, MAX_PASSES)
     batches = first_samples(batches, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))
+    runner = LevelRunner(simulated, list(biases), batches)
     with progress(len(passes), "bias correction", "level") as bar:
         for outputs in passes:
             bar.update(1)
-            prefix = prefix_model(simulated, outputs)
-            needed = {i.name for i in prefix.graph.input}
-            feeds = [{k: v for k, v in batch.items() if k in needed} for batch in batches]  # onnxruntime refuses unknown names
-            with exposing(prefix, outputs) as sess:
-                measured_means = channel_means_of(sess, outputs, feeds, {k: v for k, v in current.items() if k in needed})
+            values = runner.run(outputs, current)
             for name in outputs:
-                measured = measured_means[name]
-                bias = biases[name]
-                if measured is None or measured.shape != current[bias].shape or not np.isfinite(measured).all():
+                means = ChannelMeans()
+                for value in values[name]:
+                    means.add(value)
+                measured, bias, gain = means.mean(), biases[name], bias_gain(producer[name])
+                if measured is None or measured.shape != current[bias].shape or not np.isfinite(measured).all() or gain == 0.0:
                     continue
-                current[bias] = (current[bias] - (measured - float_means[name])).astype(np.float32)
+                change = -(measured - float_means[name]) / gain
+                current[bias] = (current[bias] + change).astype(np.float32)
+                runner.shift(name, change * gain)
     samples = sum(batch_size(b) for b in batches)
     logger.debug("empirical bias correction: %d layers, %d passes over %d samples", len(biases), len(passes), samples)
     return current

@@ -190,3 +190,74 @@ def test_a_simulation_onnxruntime_cannot_run_leaves_the_biases_and_warns(caplog)
         empirical_correction(model, model, {"w1": np.ones((2, 3, 1, 1))}, {}, 17, {"h": "b1", "y": "b2"}, batches)
     assert {t.name: t.SerializeToString() for t in model.graph.initializer} == before
     assert "measured bias correction skipped" in caplog.text
+
+
+def test_level_runner_runs_every_node_once_and_matches_the_whole_model(monkeypatch):
+    """Level by level, each segment starts from what earlier ones left (x crosses to the Add two levels on)."""
+    import onnxruntime as ort
+
+    from models import residual_block
+    from onnxq import empirical_bias
+
+    model = residual_block()
+    rng = np.random.default_rng(2)
+    batches = [{"x": rng.standard_normal((3, 4, 6, 6)).astype(np.float32)} for _ in range(2)]
+    outputs = ["c1", "r1", "c2", "s", "r2", "p", "f", "y"]
+    whole = onnx.ModelProto()
+    whole.CopyFrom(model)
+    whole.graph.output.extend(helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in outputs[:-1])
+    sess = ort.InferenceSession(whole.SerializeToString(), providers=["CPUExecutionProvider"])
+    expected = [dict(zip(outputs, sess.run(outputs, b), strict=True)) for b in batches]
+
+    ran: list[str] = []
+    segment_model = empirical_bias.segment_model
+    monkeypatch.setattr(empirical_bias, "segment_model", lambda m, nodes, *a: (ran.extend(n.name for n in nodes), segment_model(m, nodes, *a))[1])
+    runner = empirical_bias.LevelRunner(model, ["c1", "c2", "y"], batches)
+    for level in (["c1"], ["c2"], ["y"]):
+        got = runner.run(level, {})
+        for index, values in enumerate(expected):
+            np.testing.assert_allclose(got[level[0]][index], values[level[0]], rtol=1e-6, atol=1e-6)
+    assert sorted(ran) == sorted(n.name for n in model.graph.node)  # each node once
+    assert runner.cache == {}  # nothing is kept after its last reader ran
+
+
+def test_a_shifted_layer_output_reaches_the_next_level():
+    """After shift(c1, d) the next level sees conv1's output as if its bias were b1 + d."""
+    import onnxruntime as ort
+
+    from models import residual_block
+    from onnxq.empirical_bias import LevelRunner
+
+    model = residual_block()
+    batches = [{"x": np.random.default_rng(4).standard_normal((2, 4, 6, 6)).astype(np.float32)}]
+    change = np.array([0.5, -1.0, 0.25, 2.0], np.float32)
+    runner = LevelRunner(model, ["c1", "c2"], batches)
+    runner.run(["c1"], {})
+    runner.shift("c1", change)
+    got = runner.run(["c2"], {})["c2"][0]
+    moved = onnx.ModelProto()
+    moved.CopyFrom(model)
+    b1 = next(t for t in moved.graph.initializer if t.name == "b1")
+    b1.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(b1) + change, "b1"))
+    moved.graph.output.append(helper.make_tensor_value_info("c2", TensorProto.FLOAT, None))
+    (want,) = ort.InferenceSession(moved.SerializeToString(), providers=["CPUExecutionProvider"]).run(["c2"], batches[0])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gemm_bias_scaled_by_beta_is_corrected_fully():
+    """y = x W^T + beta * C: the measured shift is cancelled by moving C by shift / beta."""
+    rng = np.random.default_rng(6)
+    w, c = rng.standard_normal((5, 7)), rng.standard_normal(5) * 0.1
+    node = helper.make_node("Gemm", ["x", "w", "c"], ["y"], transB=1, beta=0.5)
+    inits = [numpy_helper.from_array(w.astype(np.float32), "w"), numpy_helper.from_array(c.astype(np.float32), "c")]
+    x_info, y_info = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 7]), helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([node], "g", [x_info], [y_info], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    batches = [{"x": (rng.standard_normal((16, 7)) + 1.0).astype(np.float32)}]
+    q = w + 0.3
+    empirical_correction(model, float_model, {"w": q}, {}, 17, {"y": "c"}, batches)
+    new_c = next(numpy_helper.to_array(t) for t in model.graph.initializer if t.name == "c").astype(np.float64)
+    x = batches[0]["x"].astype(np.float64)
+    np.testing.assert_allclose((x @ q.T + 0.5 * new_c).mean(axis=0), (x @ w.T + 0.5 * c).mean(axis=0), atol=1e-5)
