@@ -8,8 +8,9 @@ simulated (dequantized weights, the activation quantize-dequantize pairs) and ru
 calibration samples beside the float model; each layer's bias then absorbs the difference of
 the two mean outputs per channel. Layers are corrected in order of depth, a pass per level,
 so each measurement already sees its upstream layers corrected (AIMET's empirical bias
-correction works the same way, one layer at a time). The biases are inputs of the simulated
-model, so one session serves every pass.
+correction works the same way, one layer at a time). A level's pass runs only the nodes
+between the previous level's outputs and its own (``LevelRunner``), so the whole correction
+costs about one run of the model, plus a small session per level.
 """
 
 from __future__ import annotations
