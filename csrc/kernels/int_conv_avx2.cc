@@ -641,7 +641,7 @@ inline void TransposeBytes16x2(__m256i r[16]) {
 
 // The padded image of 16-byte pixels, then its cells of 2 pixels (int_conv_kernels.h, LanesFused).
 inline uint8_t* LanesCellsOf(const LanesFused& d) {
-  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.sw);
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.step);
   uint8_t* img = d.scratch;
   uint8_t* cells = d.scratch + d.hp * wt * 16;
   std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
@@ -694,7 +694,7 @@ template <int kGroups, bool kPost, bool kBias>
 void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   constexpr int kHeld = kGroups > 0 ? kGroups : 1;
   const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-  const int64_t wc = LanesCells(d.wp, d.sw);
+  const int64_t wc = LanesCells(d.wp, d.step);
   const auto* we = reinterpret_cast<const __m256i*>(d.pairs);
   const auto* wo = reinterpret_cast<const __m256i*>(d.pairs + groups * 16);
   int64_t off[kHeld];

@@ -464,7 +464,7 @@ inline void TransposeBytes16x4(__m512i r[16]) {
 
 // The padded image of 16-byte pixels, then its cells (int_conv_kernels.h, LanesFused).
 inline uint8_t* LanesCellsOf(const LanesFused& d) {
-  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.sw);
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.step);
   uint8_t* img = d.scratch;
   uint8_t* cells = d.scratch + d.hp * wt * 16;
   std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
@@ -504,13 +504,13 @@ inline uint8_t* LanesCellsOf(const LanesFused& d) {
       if (48 + j < left) put(_mm512_extracti32x4_epi32(r[j], 3));
     }
   }
-  // Cell (y, c) from the 4 pixels at sw*c: the dwords of the 4 x 4 blocks of (pixel, channel
+  // Cell (y, c) from the 4 pixels at step*c: the dwords of the 4 x 4 blocks of (pixel, channel
   // quad) transposed across the 128-bit lanes (lane l: channels 4l..4l+3 of pixels 0..3), then
   // each lane's 4 x 4 bytes (channel i's dword: its bytes of pixels 0..3).
   const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   // (bytes 0, 4, 8, 12, then 1, 5, 9, 13, ... of each lane)
   const __m512i bytes = _mm512_setr4_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703);
-  const int64_t step = 16 * d.sw, hp = d.hp;
+  const int64_t step = 16 * d.step, hp = d.hp;
   for (int64_t y = 0; y < hp; ++y) {
     const uint8_t* src = img + y * wt * 16;
     uint8_t* dst = cells + y * wc * 64;
@@ -524,12 +524,13 @@ inline uint8_t* LanesCellsOf(const LanesFused& d) {
 
 // The sums and Finish lane by lane (the same float32 operations in the same order as
 // FinishRunAvx512), 16 output pixels at a time, transposed so that each channel's pixels are one
-// store. kGroups: d.groups, or 0 for a count known only at run time.
-template <int kGroups, bool kPost, bool kBias>
+// store. kGroups: d.groups, or 0 for a count known only at run time. kPaired: cells every second
+// column at stride 1 (LanesStep), so that two outputs (ox even, ox + 1) share their cells' loads.
+template <int kGroups, bool kPost, bool kBias, bool kPaired>
 void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   constexpr int kHeld = kGroups > 0 ? kGroups : 1;
   const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-  const int64_t wc = LanesCells(d.wp, d.sw);
+  const int64_t wc = LanesCells(d.wp, d.step);
   __m512i we[kHeld], wo[kHeld];
   int64_t off[kHeld];
   if (kGroups > 0) {
@@ -546,40 +547,79 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
   const int64_t pixels = d.oh * d.ow, ow = d.ow, lanes = d.lanes, row_step = d.sh * wc * 64;
   float* const out = d.out;
-  // Output pixel p's 16 channels, finished; the sums start from -z (the zero-point correction).
-  int64_t ox = 0;
+  int64_t ox = 0;  // the next output pixel: column ox of the output row whose cells start at `row`
   const uint8_t* row = cells;
-  auto pixel = [&]() {
-    const uint8_t* base = row + ox * 64;
+  auto advance = [&]() {
     if (++ox == ow) {
       ox = 0;
       row += row_step;
     }
+  };
+  // The 16 channels of one output from its cells v (the odd output of a pair: v shifted down a
+  // byte, so the weights of taps 0..2 meet pixels 1..3), finished; the sums start from -z.
+  auto finish = [&](const __m512i v[kHeld], bool odd) {
     __m512i acc_e = ze, acc_o = zo;
-    if (kGroups > 0) {
-      for (int t = 0; t < kHeld; ++t) {
-        const __m512i v = _mm512_loadu_si512(base + off[t]);
-        acc_e = _mm512_dpbusd_epi32(acc_e, v, we[t]);
-        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, wo[t]);
-      }
-    } else {
-      for (int64_t t = 0; t < groups; ++t) {
-        const __m512i v = _mm512_loadu_si512(base + d.offsets[t] * 64);
-        acc_e = _mm512_dpbusd_epi32(acc_e, v, _mm512_loadu_si512(d.weights + t * 16));
-        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
-      }
+    for (int t = 0; t < kHeld; ++t) {
+      const __m512i x = kPaired && odd ? _mm512_srli_epi32(v[t], 8) : v[t];
+      acc_e = _mm512_dpbusd_epi32(acc_e, x, we[t]);
+      if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, x, wo[t]);
     }
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
-    if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
-    if (kBias) v = _mm512_add_ps(v, bias);
-    return ClipPs(v, clip_lo, clip_hi);
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+    if (kPost) y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
+    if (kBias) y = _mm512_add_ps(y, bias);
+    return ClipPs(y, clip_lo, clip_hi);
+  };
+  auto load = [&](__m512i v[kHeld]) {
+    const uint8_t* base = row + (kPaired ? ox >> 1 : ox) * 64;
+    for (int t = 0; t < kHeld; ++t) v[t] = _mm512_loadu_si512(base + off[t]);
+  };
+  // The next output alone.
+  auto pixel = [&]() {
+    if (kGroups == 0) {  // (tap groups counted at run time: loaded one by one)
+      const uint8_t* base = row + (kPaired ? ox >> 1 : ox) * 64;
+      const bool odd = kPaired && (ox & 1) != 0;
+      advance();
+      __m512i acc_e = ze, acc_o = zo;
+      for (int64_t t = 0; t < groups; ++t) {
+        __m512i x = _mm512_loadu_si512(base + d.offsets[t] * 64);
+        if (odd) x = _mm512_srli_epi32(x, 8);
+        acc_e = _mm512_dpbusd_epi32(acc_e, x, _mm512_loadu_si512(d.weights + t * 16));
+        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, x, _mm512_loadu_si512(d.weights + (groups + t) * 16));
+      }
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+      if (kPost) y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
+      if (kBias) y = _mm512_add_ps(y, bias);
+      return ClipPs(y, clip_lo, clip_hi);
+    }
+    __m512i v[kHeld];
+    load(v);
+    const bool odd = kPaired && (ox & 1) != 0;
+    advance();
+    return finish(v, odd);
+  };
+  // The next two outputs: one load of cells where they are a pair (ox even, ox + 1 in the row).
+  auto two = [&](__m512& a, __m512& b) {
+    if (!kPaired || kGroups == 0 || (ox & 1) != 0 || ox + 1 == ow) {
+      a = pixel();
+      b = pixel();
+      return;
+    }
+    __m512i v[kHeld];
+    load(v);
+    ox += 2;  // (ox + 1 < ow: the row continues past the pair, or ends with it)
+    if (ox == ow) {
+      ox = 0;
+      row += row_step;
+    }
+    a = finish(v, false);
+    b = finish(v, true);
   };
   int64_t p0 = 0;
   // Whole blocks of 16 pixels: transposed, one store per channel.
   for (; p0 + 16 <= pixels; p0 += 16) {
     __m512 y[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) y[i] = pixel();
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) two(y[i], y[i + 1]);
     Transpose16(y);
     if (lanes == 16) {
 #pragma GCC unroll 16
@@ -599,10 +639,11 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
 
 template <bool kPost, bool kBias>
 void LanesGroups(const LanesFused& d, const uint8_t* cells) {
+  const bool paired = d.step != d.sw;
   if (d.groups == 3) {  // 3 x 3 kernels
-    LanesPixels<3, kPost, kBias>(d, cells);
+    paired ? LanesPixels<3, kPost, kBias, true>(d, cells) : LanesPixels<3, kPost, kBias, false>(d, cells);
   } else {
-    LanesPixels<0, kPost, kBias>(d, cells);
+    paired ? LanesPixels<0, kPost, kBias, true>(d, cells) : LanesPixels<0, kPost, kBias, false>(d, cells);
   }
 }
 

@@ -207,24 +207,28 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 // G = 4 (vpdpbusd, int32 lanes, any int8 weights), AVX2 G = 2 (vpmaddubsw, int16 lanes, every list
 // narrow). Output pixel (oy, ox) sums tap group t (kernel row ky, taps G*g..G*g+G-1) from cell
 // (sh*oy + ky*dh, ox + G*g/sw).
+// Cells start every `step` columns: sw, or 2 at stride 1 for VNNI kernels at most 3 wide (LanesStep):
+// then cell (y, c) serves outputs 2c and 2c + 1, the odd one from the cell shifted down a byte
+// (taps 1..3 of the 4 pixels, weights unchanged), which halves the cells built and loaded.
 struct LanesFused : LaneOutput {
   const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
   int64_t h, w, pt, pl, hp, wp;  // X at padded rows pt.., columns pl.. of hp x wp
-  int64_t sh, sw;
+  int64_t sh, sw, step;       // strides; columns between cells (LanesStep)
   int32_t z;
   uint8_t* scratch;          // LanesScratch(...) bytes
   int64_t groups;            // kh * ceil(kw / G)
-  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / sw, in cells
+  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / step, in cells
   const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
   const int16_t* pairs;      // AVX2: the same with 2 int8 each
 };
 
 namespace {
-// Cells per row of LanesFused, and the scratch it needs.
-inline int64_t LanesCells(int64_t wp, int64_t sw) { return (wp + sw - 1) / sw; }
-inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t sw) {
-  return hp * (wp + 4) * 16 + hp * LanesCells(wp, sw) * 64 + 128;
+// LanesFused's columns between cells, its cells per row, and the scratch it needs.
+inline int64_t LanesStep(bool vnni, int64_t sw, int64_t kw) { return vnni && sw == 1 && kw <= 3 ? 2 : sw; }
+inline int64_t LanesCells(int64_t wp, int64_t step) { return (wp + step - 1) / step; }
+inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t step) {
+  return hp * (wp + 4) * 16 + hp * LanesCells(wp, step) * 64 + 128;
 }
 }  // namespace
 
