@@ -212,47 +212,58 @@ namespace {
 struct FusedAvx512 {
   static constexpr int64_t kBlock = 64;
 
-  // 16 * kCount values quantized (int_conv_kernels.h, FixedBase) into bytes, in order (past them:
-  // any bytes).
-  template <int kCount>
-  static inline __m512i Quantize(const DepthwiseFused& d, const __m512 x[4]) {
-    const __m512 lo = _mm512_set1_ps(d.lo), hi = _mm512_set1_ps(d.hi);
-    __m512i q[4];
+  // QuantizeRun's parameters, broadcast once per run.
+  struct QuantizeConsts {
+    __m512 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
+    __m512 scale, div_lo, div_hi;   // the division's
+    __m512i z;
+    bool divide;                    // no inverse: every block by division
+    explicit QuantizeConsts(const DepthwiseFused& d)
+        : inverse(_mm512_set1_ps(d.inverse)),
+          magic(_mm512_set1_ps(FixedMagic(d.z))),
+          lo(_mm512_set1_ps(FixedMagic(d.z) + d.lo)),
+          hi(_mm512_set1_ps(FixedMagic(d.z) + d.hi)),
+          scale(_mm512_set1_ps(d.scale)),
+          div_lo(_mm512_set1_ps(d.lo)),
+          div_hi(_mm512_set1_ps(d.hi)),
+          z(_mm512_set1_epi32(d.z)),
+          divide(d.inverse == 0.0f) {}
+  };
+
+  // 64 values quantized (int_conv_kernels.h, FixedMagic) into bytes, in order.
+  static inline __m512i Quantize64(const QuantizeConsts& c, const __m512 x[4]) {
+    __m512i u[4];
     __mmask16 ties = 0xFFFF;
-    if (d.inverse != 0.0f) {
-      const __m512 inverse = _mm512_set1_ps(d.inverse), magic = _mm512_set1_ps(kFixedMagic);
-      const __m512i base = _mm512_set1_epi32(FixedBase(d.z)), fraction = _mm512_set1_epi32(4095);
+    if (!c.divide) {
       ties = 0;
-      for (int k = 0; k < kCount; ++k) {
-        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x[k], inverse), lo), hi);
-        const __m512i fixed = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(t, magic)), base);
-        ties |= _mm512_testn_epi32_mask(fixed, fraction);
-        q[k] = _mm512_srai_epi32(fixed, 12);
+      for (int k = 0; k < 4; ++k) {
+        u[k] = _mm512_castps_si512(_mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(x[k], c.inverse, c.magic), c.lo), c.hi));
+        ties |= _mm512_testn_epi32_mask(u[k], _mm512_set1_epi32(kFixedFraction));
       }
     }
     if (ties != 0) {  // QuantizeAvx512's exact steps: divide, clamp (NaN -> lo), round half to even
-      const __m512 scale = _mm512_set1_ps(d.scale);
-      const __m512i zero_point = _mm512_set1_epi32(d.z);
-      for (int k = 0; k < kCount; ++k) {
-        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x[k], scale), lo), hi);
-        q[k] = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero_point);
+      for (int k = 0; k < 4; ++k) {
+        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x[k], c.scale), c.div_lo), c.div_hi);
+        u[k] = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(t), c.z), 12);  // (the value at bit 12, like u)
       }
     }
-    // Values are in [0, 255], so the narrowing conversions and saturating packs are exact. The
-    // packs work per 128-bit lane, leaving lane j's 16 bytes as 4 of q[0], q[1], q[2], q[3]; the
-    // permute restores the order.
-    if (kCount == 1) return _mm512_castsi128_si512(_mm512_cvtusepi32_epi8(q[0]));
-    for (int k = kCount; k < 4; ++k) q[k] = q[0];
-    const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
-    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+    // Each u[k] holds value 16k + i at bits 12..19 of dword i: moved to byte k of dword i (shifts,
+    // byte and word blends), then each 128-bit lane's bytes grouped by k and the lanes' groups
+    // put in order.
+    const __m512i b01 = _mm512_mask_blend_epi8(0x2222222222222222, _mm512_srli_epi32(u[0], 12), _mm512_srli_epi32(u[1], 4));
+    const __m512i b23 = _mm512_mask_blend_epi8(0x8888888888888888, _mm512_slli_epi32(u[2], 4), _mm512_slli_epi32(u[3], 12));
+    const __m512i dwords = _mm512_mask_blend_epi16(0xAAAAAAAA, b01, b23);
+    const __m512i grouped = _mm512_shuffle_epi8(dwords, _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
   }
 
   static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
+    const QuantizeConsts c(d);
     __m512 x[4];
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
       for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_ps(d.x + i + 16 * k);
-      _mm512_storeu_si512(dst + i, Quantize<4>(d, x));
+      _mm512_storeu_si512(dst + i, Quantize64(c, x));
     }
     if (i < n) {  // (lanes past n: 0)
       for (int k = 0; k < 4; ++k) {
@@ -260,7 +271,7 @@ struct FusedAvx512 {
         x[k] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0),
                                      d.x + i + 16 * k);
       }
-      _mm512_storeu_si512(dst + i, Quantize<4>(d, x));
+      _mm512_storeu_si512(dst + i, Quantize64(c, x));
     }
   }
 

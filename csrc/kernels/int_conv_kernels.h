@@ -262,21 +262,23 @@ inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_
   return Clip(bias != nullptr ? y + *bias : y, lo, hi);
 }
 
-// Fused quantization without a division per value: x / scale is computed as x * inverse and
-// clamped to [lo, hi]; adding 3072 (whose float ulp is 2^-12) then rounds it to a multiple of 2^-12,
-// a fixed-point number v whose bits are those of the float (less 3072's). It rounds to the same
-// integer as QuantizeOne's correctly rounded quotient unless v is a half-integer. For scales in
-// [2^-100, 2^100] (inverse normal), |x * inverse - fl(x / scale)| <= 3 * 2^-24 * |x / scale| (the
-// inverse and the product each rounded once, the quotient once); where |x / scale| > 512 both clamp
-// to the same bound, elsewhere the error is below 2^-13.4, and clamping never widens it. So a half-
-// integer h between the two clamped values (or equal to QuantizeOne's) lies within 2^-13.4 < 2^-13
-// of x * inverse, which then rounds to v = h: the kernels recompute such blocks by division (about
-// 1 value in 4000 is near enough to a tie), and round every other v half up (it is no tie).
-constexpr float kFixedMagic = 3072.0f;          // 1.5 * 2^11: [2048, 4096) holds every v + 3072
-constexpr int32_t kFixedMagicBits = 0x45400000;  // its bits
-// The fixed-point value (v + z) * 4096 + 2048 is bits(v + 3072) - FixedBase(z): its top bits are
-// round half up of v, plus z; its low 12 bits are 0 exactly when v is a half-integer.
-inline int32_t FixedBase(int32_t z) { return kFixedMagicBits - z * 4096 - 2048; }
+// Fused quantization without a division per value: one fused multiply-add u = x * inverse +
+// (z + 3072.5) rounds x * inverse (unrounded) to a multiple of 2^-12 (the float ulp in [2048, 4096)),
+// plus z + 1/2; clamped to [3072.5, 3327.5] (lo = -z and hi = 255 - z, shifted likewise), u =
+// 3072 + (v + 1/2) with v the clamped fixed-point quotient plus z. Its bits are then a fixed-point
+// number: bits(u) >> 12 = 0x45400 + round half up of v (so the low byte is the result, in [0, 255]),
+// and the low 12 bits are 0 exactly when v is a half-integer. It rounds to the same integer as
+// QuantizeOne's correctly rounded quotient unless v is a half-integer. For scales in [2^-100, 2^100]
+// (inverse normal), |x * inverse - fl(x / scale)| <= 2 * 2^-24 * |x / scale| (the inverse rounded
+// once, the quotient once; the product is exact inside the multiply-add); where |x / scale| > 512
+// both clamp to the same bound, elsewhere the error is at most 2^-14 (and u stays in [2048, 4096)),
+// and clamping never widens it. So a half-integer h between the two clamped values (or equal to
+// QuantizeOne's) lies within 2^-14 < 2^-13 of x * inverse + z, which then rounds to v = h: the
+// kernels recompute such blocks by division (about 1 value in 4000 is near enough to a tie), and
+// round every other v half up (it is no tie). NaN: maxps(u, lower bound) is the bound, as in QuantizeOne.
+constexpr float kFixedBias = 3072.5f;     // 1.5 * 2^11 + 1/2
+constexpr int32_t kFixedFraction = 4095;  // the low 12 bits of bits(u)
+inline float FixedMagic(int32_t z) { return kFixedBias + static_cast<float>(z); }
 
 // 1 / scale where the bound above holds, else 0 (always divide).
 inline float FusedInverse(float scale) {
