@@ -478,7 +478,15 @@ inline uint8_t* LanesCellsOf(const LanesFused& d) {
   const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.step);
   uint8_t* img = d.scratch;
   uint8_t* cells = d.scratch + d.hp * wt * 16;
-  std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
+  // z where X does not land (the rows above and below it, the columns left and right of it): the
+  // whole image at every block cost about as much as all the stores of X into it.
+  const auto row_bytes = static_cast<size_t>(wt * 16);
+  std::memset(img, d.z, static_cast<size_t>(d.pt) * row_bytes);
+  std::memset(img + (d.pt + d.h) * wt * 16, d.z, static_cast<size_t>(d.hp - d.pt - d.h) * row_bytes);
+  for (int64_t y = d.pt; y < d.pt + d.h; ++y) {
+    std::memset(img + y * wt * 16, d.z, static_cast<size_t>(d.pl * 16));
+    std::memset(img + (y * wt + d.pl + d.w) * 16, d.z, static_cast<size_t>((wt - d.pl - d.w) * 16));
+  }
   const int64_t n = d.h * d.w;
   const __m512i z = _mm512_set1_epi8(static_cast<char>(d.z));
   const int64_t w = d.w;
