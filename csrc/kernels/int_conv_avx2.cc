@@ -416,43 +416,64 @@ constexpr CompressTable kCompress{};
 struct FusedAvx2 {
   static constexpr int64_t kBlock = 32;
 
-  // 32 values quantized (int_conv_kernels.h, FixedBase) into bytes, in order.
-  static inline __m256i Quantize32(const DepthwiseFused& d, const __m256 x[4]) {
-    const __m256 lo = _mm256_set1_ps(d.lo), hi = _mm256_set1_ps(d.hi);
-    __m256i q[4];
+  // QuantizeRun's parameters, broadcast once per run.
+  struct QuantizeConsts {
+    __m256 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
+    __m256 scale, div_lo, div_hi;   // the division's
+    __m256i z;
+    bool divide;                    // no inverse: every block by division
+    explicit QuantizeConsts(const DepthwiseFused& d)
+        : inverse(_mm256_set1_ps(d.inverse)),
+          magic(_mm256_set1_ps(FixedMagic(d.z))),
+          lo(_mm256_set1_ps(FixedMagic(d.z) + d.lo)),
+          hi(_mm256_set1_ps(FixedMagic(d.z) + d.hi)),
+          scale(_mm256_set1_ps(d.scale)),
+          div_lo(_mm256_set1_ps(d.lo)),
+          div_hi(_mm256_set1_ps(d.hi)),
+          z(_mm256_set1_epi32(d.z)),
+          divide(d.inverse == 0.0f) {}
+  };
+
+  // 32 values quantized (int_conv_kernels.h, FixedMagic) into bytes, in order.
+  static inline __m256i Quantize32(const QuantizeConsts& c, const __m256 x[4]) {
+    __m256i u[4];
     bool ties = true;
-    if (d.inverse != 0.0f) {
-      const __m256 inverse = _mm256_set1_ps(d.inverse), magic = _mm256_set1_ps(kFixedMagic);
-      const __m256i base = _mm256_set1_epi32(FixedBase(d.z)), fraction = _mm256_set1_epi32(4095);
-      __m256i any = _mm256_setzero_si256();
+    if (!c.divide) {
+      // A tie has its low 12 bits 0: the least of the four vectors' low bits (shifted to the top)
+      // is then 0 in its lane.
+      __m256i least = _mm256_set1_epi32(-1);
       for (int k = 0; k < 4; ++k) {
-        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_mul_ps(x[k], inverse), lo), hi);
-        const __m256i fixed = _mm256_sub_epi32(_mm256_castps_si256(_mm256_add_ps(t, magic)), base);
-        any = _mm256_or_si256(any, _mm256_cmpeq_epi32(_mm256_and_si256(fixed, fraction), _mm256_setzero_si256()));
-        q[k] = _mm256_srai_epi32(fixed, 12);
+        u[k] = _mm256_castps_si256(_mm256_min_ps(_mm256_max_ps(_mm256_fmadd_ps(x[k], c.inverse, c.magic), c.lo), c.hi));
+        least = _mm256_min_epu32(least, _mm256_slli_epi32(u[k], 20));
       }
-      ties = !_mm256_testz_si256(any, any);
+      const __m256i zero = _mm256_cmpeq_epi32(least, _mm256_setzero_si256());
+      ties = !_mm256_testz_si256(zero, zero);
     }
     if (ties) {  // QuantizeAvx2's exact steps: divide, clamp (NaN -> lo), round half to even
-      const __m256 scale = _mm256_set1_ps(d.scale);
-      const __m256i zero_point = _mm256_set1_epi32(d.z);
       for (int k = 0; k < 4; ++k) {
-        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(x[k], scale), lo), hi);
-        q[k] = _mm256_add_epi32(_mm256_cvtps_epi32(t), zero_point);
+        const __m256 t = _mm256_min_ps(_mm256_max_ps(_mm256_div_ps(x[k], c.scale), c.div_lo), c.div_hi);
+        u[k] = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(t), c.z), 12);  // (the value at bit 12, like u)
       }
     }
-    // Values are in [0, 255], so the saturating packs are exact. They work per 128-bit half,
-    // leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1; the permute restores a b c d.
-    const __m256i bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+    // Each u[k] holds value 8k + i at bits 12..19 of dword i: moved to byte k of dword i (shifts,
+    // byte and word blends), then each 128-bit half's bytes grouped by k and the halves' groups
+    // put in order.
+    const __m256i byte1 = _mm256_set1_epi32(0x0000FF00), byte3 = _mm256_set1_epi32(static_cast<int32_t>(0xFF000000));
+    const __m256i b01 = _mm256_blendv_epi8(_mm256_srli_epi32(u[0], 12), _mm256_srli_epi32(u[1], 4), byte1);
+    const __m256i b23 = _mm256_blendv_epi8(_mm256_slli_epi32(u[2], 4), _mm256_slli_epi32(u[3], 12), byte3);
+    const __m256i dwords = _mm256_blend_epi16(b01, b23, 0xAA);
+    const __m256i order = _mm256_setr_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703, 0x0C080400, 0x0D090501,
+                                            0x0E0A0602, 0x0F0B0703);
+    return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 
   static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
+    const QuantizeConsts c(d);
     __m256 x[4];
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
       for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(d.x + i + 8 * k);
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(d, x));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
     }
     if (i < n) {  // (lanes past n: 0)
       const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
@@ -461,7 +482,7 @@ struct FusedAvx2 {
         const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(left > 8 ? 8 : left)), lane);
         x[k] = left > 0 ? _mm256_maskload_ps(d.x + i + 8 * k, inside) : _mm256_setzero_ps();
       }
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(d, x));
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
     }
   }
 
@@ -641,7 +662,7 @@ inline void TransposeBytes16x2(__m256i r[16]) {
 
 // The padded image of 16-byte pixels, then its cells of 2 pixels (int_conv_kernels.h, LanesFused).
 inline uint8_t* LanesCellsOf(const LanesFused& d) {
-  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.sw);
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.step);
   uint8_t* img = d.scratch;
   uint8_t* cells = d.scratch + d.hp * wt * 16;
   std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
@@ -694,7 +715,7 @@ template <int kGroups, bool kPost, bool kBias>
 void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   constexpr int kHeld = kGroups > 0 ? kGroups : 1;
   const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-  const int64_t wc = LanesCells(d.wp, d.sw);
+  const int64_t wc = LanesCells(d.wp, d.step);
   const auto* we = reinterpret_cast<const __m256i*>(d.pairs);
   const auto* wo = reinterpret_cast<const __m256i*>(d.pairs + groups * 16);
   int64_t off[kHeld];

@@ -212,47 +212,58 @@ namespace {
 struct FusedAvx512 {
   static constexpr int64_t kBlock = 64;
 
-  // 16 * kCount values quantized (int_conv_kernels.h, FixedBase) into bytes, in order (past them:
-  // any bytes).
-  template <int kCount>
-  static inline __m512i Quantize(const DepthwiseFused& d, const __m512 x[4]) {
-    const __m512 lo = _mm512_set1_ps(d.lo), hi = _mm512_set1_ps(d.hi);
-    __m512i q[4];
+  // QuantizeRun's parameters, broadcast once per run.
+  struct QuantizeConsts {
+    __m512 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
+    __m512 scale, div_lo, div_hi;   // the division's
+    __m512i z;
+    bool divide;                    // no inverse: every block by division
+    explicit QuantizeConsts(const DepthwiseFused& d)
+        : inverse(_mm512_set1_ps(d.inverse)),
+          magic(_mm512_set1_ps(FixedMagic(d.z))),
+          lo(_mm512_set1_ps(FixedMagic(d.z) + d.lo)),
+          hi(_mm512_set1_ps(FixedMagic(d.z) + d.hi)),
+          scale(_mm512_set1_ps(d.scale)),
+          div_lo(_mm512_set1_ps(d.lo)),
+          div_hi(_mm512_set1_ps(d.hi)),
+          z(_mm512_set1_epi32(d.z)),
+          divide(d.inverse == 0.0f) {}
+  };
+
+  // 64 values quantized (int_conv_kernels.h, FixedMagic) into bytes, in order.
+  static inline __m512i Quantize64(const QuantizeConsts& c, const __m512 x[4]) {
+    __m512i u[4];
     __mmask16 ties = 0xFFFF;
-    if (d.inverse != 0.0f) {
-      const __m512 inverse = _mm512_set1_ps(d.inverse), magic = _mm512_set1_ps(kFixedMagic);
-      const __m512i base = _mm512_set1_epi32(FixedBase(d.z)), fraction = _mm512_set1_epi32(4095);
+    if (!c.divide) {
       ties = 0;
-      for (int k = 0; k < kCount; ++k) {
-        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_mul_ps(x[k], inverse), lo), hi);
-        const __m512i fixed = _mm512_sub_epi32(_mm512_castps_si512(_mm512_add_ps(t, magic)), base);
-        ties |= _mm512_testn_epi32_mask(fixed, fraction);
-        q[k] = _mm512_srai_epi32(fixed, 12);
+      for (int k = 0; k < 4; ++k) {
+        u[k] = _mm512_castps_si512(_mm512_min_ps(_mm512_max_ps(_mm512_fmadd_ps(x[k], c.inverse, c.magic), c.lo), c.hi));
+        ties |= _mm512_testn_epi32_mask(u[k], _mm512_set1_epi32(kFixedFraction));
       }
     }
     if (ties != 0) {  // QuantizeAvx512's exact steps: divide, clamp (NaN -> lo), round half to even
-      const __m512 scale = _mm512_set1_ps(d.scale);
-      const __m512i zero_point = _mm512_set1_epi32(d.z);
-      for (int k = 0; k < kCount; ++k) {
-        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x[k], scale), lo), hi);
-        q[k] = _mm512_add_epi32(_mm512_cvtps_epi32(t), zero_point);
+      for (int k = 0; k < 4; ++k) {
+        const __m512 t = _mm512_min_ps(_mm512_max_ps(_mm512_div_ps(x[k], c.scale), c.div_lo), c.div_hi);
+        u[k] = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvtps_epi32(t), c.z), 12);  // (the value at bit 12, like u)
       }
     }
-    // Values are in [0, 255], so the narrowing conversions and saturating packs are exact. The
-    // packs work per 128-bit lane, leaving lane j's 16 bytes as 4 of q[0], q[1], q[2], q[3]; the
-    // permute restores the order.
-    if (kCount == 1) return _mm512_castsi128_si512(_mm512_cvtusepi32_epi8(q[0]));
-    for (int k = kCount; k < 4; ++k) q[k] = q[0];
-    const __m512i bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
-    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+    // Each u[k] holds value 16k + i at bits 12..19 of dword i: moved to byte k of dword i (shifts,
+    // byte and word blends), then each 128-bit lane's bytes grouped by k and the lanes' groups
+    // put in order.
+    const __m512i b01 = _mm512_mask_blend_epi8(0x2222222222222222, _mm512_srli_epi32(u[0], 12), _mm512_srli_epi32(u[1], 4));
+    const __m512i b23 = _mm512_mask_blend_epi8(0x8888888888888888, _mm512_slli_epi32(u[2], 4), _mm512_slli_epi32(u[3], 12));
+    const __m512i dwords = _mm512_mask_blend_epi16(0xAAAAAAAA, b01, b23);
+    const __m512i grouped = _mm512_shuffle_epi8(dwords, _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
   }
 
   static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
+    const QuantizeConsts c(d);
     __m512 x[4];
     int64_t i = 0;
     for (; i + 64 <= n; i += 64) {
       for (int k = 0; k < 4; ++k) x[k] = _mm512_loadu_ps(d.x + i + 16 * k);
-      _mm512_storeu_si512(dst + i, Quantize<4>(d, x));
+      _mm512_storeu_si512(dst + i, Quantize64(c, x));
     }
     if (i < n) {  // (lanes past n: 0)
       for (int k = 0; k < 4; ++k) {
@@ -260,7 +271,7 @@ struct FusedAvx512 {
         x[k] = _mm512_maskz_loadu_ps(static_cast<__mmask16>(left >= 16 ? 0xFFFF : left > 0 ? (1u << left) - 1 : 0),
                                      d.x + i + 16 * k);
       }
-      _mm512_storeu_si512(dst + i, Quantize<4>(d, x));
+      _mm512_storeu_si512(dst + i, Quantize64(c, x));
     }
   }
 
@@ -464,10 +475,18 @@ inline void TransposeBytes16x4(__m512i r[16]) {
 
 // The padded image of 16-byte pixels, then its cells (int_conv_kernels.h, LanesFused).
 inline uint8_t* LanesCellsOf(const LanesFused& d) {
-  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.sw);
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.step);
   uint8_t* img = d.scratch;
   uint8_t* cells = d.scratch + d.hp * wt * 16;
-  std::memset(img, d.z, static_cast<size_t>(d.hp * wt * 16));
+  // z where X does not land (the rows above and below it, the columns left and right of it): the
+  // whole image at every block cost about as much as all the stores of X into it.
+  const auto row_bytes = static_cast<size_t>(wt * 16);
+  std::memset(img, d.z, static_cast<size_t>(d.pt) * row_bytes);
+  std::memset(img + (d.pt + d.h) * wt * 16, d.z, static_cast<size_t>(d.hp - d.pt - d.h) * row_bytes);
+  for (int64_t y = d.pt; y < d.pt + d.h; ++y) {
+    std::memset(img + y * wt * 16, d.z, static_cast<size_t>(d.pl * 16));
+    std::memset(img + (y * wt + d.pl + d.w) * 16, d.z, static_cast<size_t>((wt - d.pl - d.w) * 16));
+  }
   const int64_t n = d.h * d.w;
   const __m512i z = _mm512_set1_epi8(static_cast<char>(d.z));
   const int64_t w = d.w;
@@ -504,13 +523,13 @@ inline uint8_t* LanesCellsOf(const LanesFused& d) {
       if (48 + j < left) put(_mm512_extracti32x4_epi32(r[j], 3));
     }
   }
-  // Cell (y, c) from the 4 pixels at sw*c: the dwords of the 4 x 4 blocks of (pixel, channel
+  // Cell (y, c) from the 4 pixels at step*c: the dwords of the 4 x 4 blocks of (pixel, channel
   // quad) transposed across the 128-bit lanes (lane l: channels 4l..4l+3 of pixels 0..3), then
   // each lane's 4 x 4 bytes (channel i's dword: its bytes of pixels 0..3).
   const __m512i lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   // (bytes 0, 4, 8, 12, then 1, 5, 9, 13, ... of each lane)
   const __m512i bytes = _mm512_setr4_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703);
-  const int64_t step = 16 * d.sw, hp = d.hp;
+  const int64_t step = 16 * d.step, hp = d.hp;
   for (int64_t y = 0; y < hp; ++y) {
     const uint8_t* src = img + y * wt * 16;
     uint8_t* dst = cells + y * wc * 64;
@@ -524,12 +543,13 @@ inline uint8_t* LanesCellsOf(const LanesFused& d) {
 
 // The sums and Finish lane by lane (the same float32 operations in the same order as
 // FinishRunAvx512), 16 output pixels at a time, transposed so that each channel's pixels are one
-// store. kGroups: d.groups, or 0 for a count known only at run time.
-template <int kGroups, bool kPost, bool kBias>
+// store. kGroups: d.groups, or 0 for a count known only at run time. kPaired: cells every second
+// column at stride 1 (LanesStep), so that two outputs (ox even, ox + 1) share their cells' loads.
+template <int kGroups, bool kPost, bool kBias, bool kPaired>
 void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   constexpr int kHeld = kGroups > 0 ? kGroups : 1;
   const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-  const int64_t wc = LanesCells(d.wp, d.sw);
+  const int64_t wc = LanesCells(d.wp, d.step);
   __m512i we[kHeld], wo[kHeld];
   int64_t off[kHeld];
   if (kGroups > 0) {
@@ -546,40 +566,79 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
   const int64_t pixels = d.oh * d.ow, ow = d.ow, lanes = d.lanes, row_step = d.sh * wc * 64;
   float* const out = d.out;
-  // Output pixel p's 16 channels, finished; the sums start from -z (the zero-point correction).
-  int64_t ox = 0;
+  int64_t ox = 0;  // the next output pixel: column ox of the output row whose cells start at `row`
   const uint8_t* row = cells;
-  auto pixel = [&]() {
-    const uint8_t* base = row + ox * 64;
+  auto advance = [&]() {
     if (++ox == ow) {
       ox = 0;
       row += row_step;
     }
+  };
+  // The 16 channels of one output from its cells v (the odd output of a pair: v shifted down a
+  // byte, so the weights of taps 0..2 meet pixels 1..3), finished; the sums start from -z.
+  auto finish = [&](const __m512i v[kHeld], bool odd) {
     __m512i acc_e = ze, acc_o = zo;
-    if (kGroups > 0) {
-      for (int t = 0; t < kHeld; ++t) {
-        const __m512i v = _mm512_loadu_si512(base + off[t]);
-        acc_e = _mm512_dpbusd_epi32(acc_e, v, we[t]);
-        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, wo[t]);
-      }
-    } else {
-      for (int64_t t = 0; t < groups; ++t) {
-        const __m512i v = _mm512_loadu_si512(base + d.offsets[t] * 64);
-        acc_e = _mm512_dpbusd_epi32(acc_e, v, _mm512_loadu_si512(d.weights + t * 16));
-        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, v, _mm512_loadu_si512(d.weights + (groups + t) * 16));
-      }
+    for (int t = 0; t < kHeld; ++t) {
+      const __m512i x = kPaired && odd ? _mm512_srli_epi32(v[t], 8) : v[t];
+      acc_e = _mm512_dpbusd_epi32(acc_e, x, we[t]);
+      if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, x, wo[t]);
     }
-    __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
-    if (kPost) v = _mm512_add_ps(v, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
-    if (kBias) v = _mm512_add_ps(v, bias);
-    return ClipPs(v, clip_lo, clip_hi);
+    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+    if (kPost) y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
+    if (kBias) y = _mm512_add_ps(y, bias);
+    return ClipPs(y, clip_lo, clip_hi);
+  };
+  auto load = [&](__m512i v[kHeld]) {
+    const uint8_t* base = row + (kPaired ? ox >> 1 : ox) * 64;
+    for (int t = 0; t < kHeld; ++t) v[t] = _mm512_loadu_si512(base + off[t]);
+  };
+  // The next output alone.
+  auto pixel = [&]() {
+    if (kGroups == 0) {  // (tap groups counted at run time: loaded one by one)
+      const uint8_t* base = row + (kPaired ? ox >> 1 : ox) * 64;
+      const bool odd = kPaired && (ox & 1) != 0;
+      advance();
+      __m512i acc_e = ze, acc_o = zo;
+      for (int64_t t = 0; t < groups; ++t) {
+        __m512i x = _mm512_loadu_si512(base + d.offsets[t] * 64);
+        if (odd) x = _mm512_srli_epi32(x, 8);
+        acc_e = _mm512_dpbusd_epi32(acc_e, x, _mm512_loadu_si512(d.weights + t * 16));
+        if (kPost) acc_o = _mm512_dpbusd_epi32(acc_o, x, _mm512_loadu_si512(d.weights + (groups + t) * 16));
+      }
+      __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
+      if (kPost) y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
+      if (kBias) y = _mm512_add_ps(y, bias);
+      return ClipPs(y, clip_lo, clip_hi);
+    }
+    __m512i v[kHeld];
+    load(v);
+    const bool odd = kPaired && (ox & 1) != 0;
+    advance();
+    return finish(v, odd);
+  };
+  // The next two outputs: one load of cells where they are a pair (ox even, ox + 1 in the row).
+  auto two = [&](__m512& a, __m512& b) {
+    if (!kPaired || kGroups == 0 || (ox & 1) != 0 || ox + 1 == ow) {
+      a = pixel();
+      b = pixel();
+      return;
+    }
+    __m512i v[kHeld];
+    load(v);
+    ox += 2;  // (ox + 1 < ow: the row continues past the pair, or ends with it)
+    if (ox == ow) {
+      ox = 0;
+      row += row_step;
+    }
+    a = finish(v, false);
+    b = finish(v, true);
   };
   int64_t p0 = 0;
   // Whole blocks of 16 pixels: transposed, one store per channel.
   for (; p0 + 16 <= pixels; p0 += 16) {
     __m512 y[16];
-#pragma GCC unroll 16
-    for (int i = 0; i < 16; ++i) y[i] = pixel();
+#pragma GCC unroll 8
+    for (int i = 0; i < 16; i += 2) two(y[i], y[i + 1]);
     Transpose16(y);
     if (lanes == 16) {
 #pragma GCC unroll 16
@@ -599,10 +658,11 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
 
 template <bool kPost, bool kBias>
 void LanesGroups(const LanesFused& d, const uint8_t* cells) {
+  const bool paired = d.step != d.sw;
   if (d.groups == 3) {  // 3 x 3 kernels
-    LanesPixels<3, kPost, kBias>(d, cells);
+    paired ? LanesPixels<3, kPost, kBias, true>(d, cells) : LanesPixels<3, kPost, kBias, false>(d, cells);
   } else {
-    LanesPixels<0, kPost, kBias>(d, cells);
+    paired ? LanesPixels<0, kPost, kBias, true>(d, cells) : LanesPixels<0, kPost, kBias, false>(d, cells);
   }
 }
 

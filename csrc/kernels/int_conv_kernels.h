@@ -207,24 +207,28 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 // G = 4 (vpdpbusd, int32 lanes, any int8 weights), AVX2 G = 2 (vpmaddubsw, int16 lanes, every list
 // narrow). Output pixel (oy, ox) sums tap group t (kernel row ky, taps G*g..G*g+G-1) from cell
 // (sh*oy + ky*dh, ox + G*g/sw).
+// Cells start every `step` columns: sw, or 2 at stride 1 for VNNI kernels at most 3 wide (LanesStep):
+// then cell (y, c) serves outputs 2c and 2c + 1, the odd one from the cell shifted down a byte
+// (taps 1..3 of the 4 pixels, weights unchanged), which halves the cells built and loaded.
 struct LanesFused : LaneOutput {
   const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
   int64_t h, w, pt, pl, hp, wp;  // X at padded rows pt.., columns pl.. of hp x wp
-  int64_t sh, sw;
+  int64_t sh, sw, step;       // strides; columns between cells (LanesStep)
   int32_t z;
   uint8_t* scratch;          // LanesScratch(...) bytes
   int64_t groups;            // kh * ceil(kw / G)
-  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / sw, in cells
+  const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / step, in cells
   const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
   const int16_t* pairs;      // AVX2: the same with 2 int8 each
 };
 
 namespace {
-// Cells per row of LanesFused, and the scratch it needs.
-inline int64_t LanesCells(int64_t wp, int64_t sw) { return (wp + sw - 1) / sw; }
-inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t sw) {
-  return hp * (wp + 4) * 16 + hp * LanesCells(wp, sw) * 64 + 128;
+// LanesFused's columns between cells, its cells per row, and the scratch it needs.
+inline int64_t LanesStep(bool vnni, int64_t sw, int64_t kw) { return vnni && sw == 1 && kw <= 3 ? 2 : sw; }
+inline int64_t LanesCells(int64_t wp, int64_t step) { return (wp + step - 1) / step; }
+inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t step) {
+  return hp * (wp + 4) * 16 + hp * LanesCells(wp, step) * 64 + 128;
 }
 }  // namespace
 
@@ -258,21 +262,23 @@ inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_
   return Clip(bias != nullptr ? y + *bias : y, lo, hi);
 }
 
-// Fused quantization without a division per value: x / scale is computed as x * inverse and
-// clamped to [lo, hi]; adding 3072 (whose float ulp is 2^-12) then rounds it to a multiple of 2^-12,
-// a fixed-point number v whose bits are those of the float (less 3072's). It rounds to the same
-// integer as QuantizeOne's correctly rounded quotient unless v is a half-integer. For scales in
-// [2^-100, 2^100] (inverse normal), |x * inverse - fl(x / scale)| <= 3 * 2^-24 * |x / scale| (the
-// inverse and the product each rounded once, the quotient once); where |x / scale| > 512 both clamp
-// to the same bound, elsewhere the error is below 2^-13.4, and clamping never widens it. So a half-
-// integer h between the two clamped values (or equal to QuantizeOne's) lies within 2^-13.4 < 2^-13
-// of x * inverse, which then rounds to v = h: the kernels recompute such blocks by division (about
-// 1 value in 4000 is near enough to a tie), and round every other v half up (it is no tie).
-constexpr float kFixedMagic = 3072.0f;          // 1.5 * 2^11: [2048, 4096) holds every v + 3072
-constexpr int32_t kFixedMagicBits = 0x45400000;  // its bits
-// The fixed-point value (v + z) * 4096 + 2048 is bits(v + 3072) - FixedBase(z): its top bits are
-// round half up of v, plus z; its low 12 bits are 0 exactly when v is a half-integer.
-inline int32_t FixedBase(int32_t z) { return kFixedMagicBits - z * 4096 - 2048; }
+// Fused quantization without a division per value: one fused multiply-add u = x * inverse +
+// (z + 3072.5) rounds x * inverse (unrounded) to a multiple of 2^-12 (the float ulp in [2048, 4096)),
+// plus z + 1/2; clamped to [3072.5, 3327.5] (lo = -z and hi = 255 - z, shifted likewise), u =
+// 3072 + (v + 1/2) with v the clamped fixed-point quotient plus z. Its bits are then a fixed-point
+// number: bits(u) >> 12 = 0x45400 + round half up of v (so the low byte is the result, in [0, 255]),
+// and the low 12 bits are 0 exactly when v is a half-integer. It rounds to the same integer as
+// QuantizeOne's correctly rounded quotient unless v is a half-integer. For scales in [2^-100, 2^100]
+// (inverse normal), |x * inverse - fl(x / scale)| <= 2 * 2^-24 * |x / scale| (the inverse rounded
+// once, the quotient once; the product is exact inside the multiply-add); where |x / scale| > 512
+// both clamp to the same bound, elsewhere the error is at most 2^-14 (and u stays in [2048, 4096)),
+// and clamping never widens it. So a half-integer h between the two clamped values (or equal to
+// QuantizeOne's) lies within 2^-14 < 2^-13 of x * inverse + z, which then rounds to v = h: the
+// kernels recompute such blocks by division (about 1 value in 4000 is near enough to a tie), and
+// round every other v half up (it is no tie). NaN: maxps(u, lower bound) is the bound, as in QuantizeOne.
+constexpr float kFixedBias = 3072.5f;     // 1.5 * 2^11 + 1/2
+constexpr int32_t kFixedFraction = 4095;  // the low 12 bits of bits(u)
+inline float FixedMagic(int32_t z) { return kFixedBias + static_cast<float>(z); }
 
 // 1 / scale where the bound above holds, else 0 (always divide).
 inline float FusedInverse(float scale) {

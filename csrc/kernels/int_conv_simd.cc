@@ -518,7 +518,8 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   const int64_t n = index / job.blocks, b = index % job.blocks;
   const int64_t lanes = std::min<int64_t>(16, g.c - b * 16);
   const int64_t bytes_size = RoundUp(16 * g.h * g.w + 128, 64);
-  const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, g.sw);
+  const int64_t step = LanesStep(job.isa == Isa::kAvx512, g.sw, g.kw);
+  const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, step);
   Scratch<24576> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
   QuantizeChannels(job, job.x + (n * g.c + b * 16) * g.h * g.w, lanes * g.h * g.w, scratch);
@@ -533,6 +534,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   d.wp = job.wp;
   d.sh = g.sh;
   d.sw = g.sw;
+  d.step = step;
   d.z = job.z;
   d.scratch = scratch + bytes_size;
   d.groups = static_cast<int64_t>(job.lane_offsets.size());
@@ -699,7 +701,7 @@ bool UseLanesFused(const Geometry& g, const PackedWeights& pw, Isa isa, int64_t 
   if (isa == Isa::kAvx512 ? pw.lane_quads.empty() : isa != Isa::kAvx2 || pw.lane_pairs.empty()) return false;
   if (isa == Isa::kAvx2) return g.h * g.w <= 16 * 16;
   const int64_t hp = g.h + g.pt + pad_bottom, wp = g.w + g.pl + pad_right;
-  return 16 * g.h * g.w + LanesScratch(hp, wp, g.sw) <= 256 * 1024;
+  return 16 * g.h * g.w + LanesScratch(hp, wp, LanesStep(true, g.sw, g.kw)) <= 256 * 1024;
 }
 }  // namespace
 
@@ -760,9 +762,10 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     job.lanes_fused = true;
     job.inverse = FusedInverse(job.x_scale);
     const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
-    const int64_t wc = LanesCells(g.w + g.pl + job.pad_right, g.sw), per_row = (g.kw + taps - 1) / taps;
+    const int64_t step = LanesStep(job.isa == Isa::kAvx512, g.sw, g.kw);
+    const int64_t wc = LanesCells(g.w + g.pl + job.pad_right, step), per_row = (g.kw + taps - 1) / taps;
     for (int64_t ky = 0; ky < g.kh; ++ky) {
-      for (int64_t j = 0; j < per_row; ++j) job.lane_offsets.push_back(ky * g.dh * wc + taps * j / g.sw);
+      for (int64_t j = 0; j < per_row; ++j) job.lane_offsets.push_back(ky * g.dh * wc + taps * j / step);
     }
   } else if (UsesFusedDepthwise(g, pw, job.isa)) {
     job.fused = true;

@@ -7,19 +7,36 @@
 namespace onnxq::qdu8 {
 
 void MinMaxAvx2(const float* x, size_t n, float* mn, float* mx) {
-  __m256 vmin = _mm256_set1_ps(*mn), vmax = _mm256_set1_ps(*mx);
+  // Four accumulators each: one min and one max chain is bound by vminps' latency, not its
+  // throughput.
+  __m256 vmin[4], vmax[4];
+  for (int k = 0; k < 4; ++k) {
+    vmin[k] = _mm256_set1_ps(*mn);
+    vmax[k] = _mm256_set1_ps(*mx);
+  }
   size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    for (int k = 0; k < 4; ++k) {
+      const __m256 v = _mm256_loadu_ps(x + i + 8 * k);
+      vmin[k] = _mm256_min_ps(v, vmin[k]);  // = FoldMin(v, vmin) lane by lane
+      vmax[k] = _mm256_max_ps(v, vmax[k]);
+    }
+  }
   for (; i + 8 <= n; i += 8) {
     const __m256 v = _mm256_loadu_ps(x + i);
-    vmin = _mm256_min_ps(v, vmin);  // = FoldMin(v, vmin) lane by lane
-    vmax = _mm256_max_ps(v, vmax);
+    vmin[0] = _mm256_min_ps(v, vmin[0]);
+    vmax[0] = _mm256_max_ps(v, vmax[0]);
   }
-  alignas(32) float lanes_min[8], lanes_max[8];
-  _mm256_store_ps(lanes_min, vmin);
-  _mm256_store_ps(lanes_max, vmax);
-  for (int lane = 0; lane < 8; ++lane) {  // exact: min/max do not round, and hold no NaN
-    *mn = FoldMin(lanes_min[lane], *mn);
-    *mx = FoldMax(lanes_max[lane], *mx);
+  alignas(32) float lanes_min[4][8], lanes_max[4][8];
+  for (int k = 0; k < 4; ++k) {
+    _mm256_store_ps(lanes_min[k], vmin[k]);
+    _mm256_store_ps(lanes_max[k], vmax[k]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    for (int lane = 0; lane < 8; ++lane) {  // exact in any order: min/max do not round, and hold no NaN
+      *mn = FoldMin(lanes_min[k][lane], *mn);
+      *mx = FoldMax(lanes_max[k][lane], *mx);
+    }
   }
   for (; i < n; ++i) {
     *mn = FoldMin(x[i], *mn);
