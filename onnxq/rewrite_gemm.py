@@ -14,7 +14,14 @@ Left as QDQ (a reason for each, in the layer report): Gemm with transA=1 or a bi
 a constant row (scalar, (M,), (1, M)); MatMul whose input rank is unknown or below 2; a weight
 read by both kinds of node (a Conv and a Gemm) or by Gemm/MatMul nodes that disagree on which axis
 is the output; K over the ops' 65536 codes; and layers of fewer than MIN_WEIGHTS weights, whose
-float Gemm costs less than the extra nodes (bench: 64->10 runs at 0.6-0.7x float as the op).
+float Gemm costs no more than the op path's fixed cost (bench: 64->10 runs at 0.66-0.68x float as the op).
+
+Measured (tools/bench_ops.py, BENCHMARKS.md) but not made a rule: with a single row, onnxruntime's MatMulNBits
+(4-bit QDQ with plain codes, which it fuses) is 5-25% faster than IntConv 4-bit (512->1000: 1.95x against
+1.64x float), while from 8 rows on IntConv wins (1.72x against 1.03x); the row count is usually a symbolic
+batch dimension at rewrite time, and onnxq's 4-bit QDQ may pick sqrt codes, which onnxruntime cannot fuse.
+onnxruntime's dynamic uint8 x int8 MatMul (DynamicQuantizeMatMul) is 10-25% faster than IntConv on every
+shape measured; onnxq does not write that form (its QDQ is weight-only).
 """
 
 from __future__ import annotations
@@ -26,9 +33,11 @@ from onnx import helper, numpy_helper
 from onnxq.domain import DOMAIN
 from onnxq.graph import NameSource, attribute, to_array
 
-#: Gemm/MatMul layers with fewer weights (K * M) stay QDQ: tools/bench_ops.py measures the op
-#: path below float there (64->10: 0.6-0.7x), where onnxruntime's own Gemm takes microseconds.
-MIN_WEIGHTS = 16384
+#: Gemm/MatMul layers with fewer weights (K * M) stay QDQ: there the op path's fixed cost (its layout
+#: nodes and the pass that quantizes X, a few microseconds) is about what the float layer takes, so
+#: tools/bench_ops.py measures it at or below float (64->10: 0.66-0.68x; 256->256: 0.81x at 1 row, 1.08x
+#: at 8) and below onnxq's QDQ forms; from 512->512 on it is well above float (1.41x at 1 row).
+MIN_WEIGHTS = 1 << 17
 
 #: The ops' limit on codes per output channel (csrc/kernels/int_conv_impl.h, kMaxK).
 MAX_K = 65536

@@ -77,14 +77,14 @@ def _quantized(model: onnx.ModelProto, fmt: WeightFormat, bits: int, **config):
 
 
 FORMATS = [(WeightFormat.INT, 4), (WeightFormat.INT, 8), (WeightFormat.INT, 3), (WeightFormat.POST, 4), (WeightFormat.POST, 3)]
-SHAPES = [  # (K, M, rows shape, op, bias shape, attributes): odd K and M, each C form, both weight layouts
-    (131, 127, [5], "Gemm", (127,), {"transB": 1}),
-    (131, 127, [5], "Gemm", (1, 127), {"alpha": 0.75, "beta": -1.5}),
-    (129, 130, [1], "Gemm", (1,), {"transB": 1, "alpha": 2.0}),
-    (128, 129, [3], "Gemm", None, {}),
-    (130, 131, [7], "MatMul", None, {}),
-    (133, 127, [2, 9], "MatMul", None, {}),
-    (127, 131, [2, 3, 4], "MatMul", None, {}),
+SHAPES = [  # (K, M, rows shape, op, bias shape, attributes): odd K and M, each C form, both weight layouts; K * M >= MIN_WEIGHTS
+    (387, 341, [5], "Gemm", (341,), {"transB": 1}),
+    (387, 341, [5], "Gemm", (1, 341), {"alpha": 0.75, "beta": -1.5}),
+    (385, 343, [1], "Gemm", (1,), {"transB": 1, "alpha": 2.0}),
+    (384, 345, [3], "Gemm", None, {}),
+    (389, 341, [7], "MatMul", None, {}),
+    (391, 339, [2, 9], "MatMul", None, {}),
+    (383, 347, [2, 3, 4], "MatMul", None, {}),
 ]
 
 
@@ -102,20 +102,20 @@ def test_gemm_and_matmul_run_as_the_op_bit_for_bit(fmt, bits, k, m, rows, op, bi
 
 
 def test_op_output_is_declared_and_the_model_checks():
-    result = _quantized(_gemm_model(133, 127, [2, 9], "MatMul"), WeightFormat.INT, 4)
+    result = _quantized(_gemm_model(391, 339, [2, 9], "MatMul"), WeightFormat.INT, 4)
     onnx.checker.check_model(result.model)
     declared = {v.name: [d.dim_value or d.dim_param or None for d in v.type.tensor_type.shape.dim] for v in result.model.graph.value_info}
     op = next(n for n in result.model.graph.node if n.op_type == "IntConv")
-    assert op.name == "fc" and declared[op.output[0]] == [1, 127, 18, 1]
+    assert op.name == "fc" and declared[op.output[0]] == [1, 339, 18, 1]
     inferred = onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
-    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [2, 9, 127]
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [2, 9, 339]
 
 
 def test_calibrated_step_goes_to_the_op():
     """With quantized activations the layout reads X and the op takes the Q/DQ pair's (s, z): the same codes, no float round trip."""
-    float_model = _gemm_model(131, 127, ["N"], "Gemm", (127,), transB=1)
+    float_model = _gemm_model(387, 341, ["N"], "Gemm", (341,), transB=1)
     rng = np.random.default_rng(3)
-    calibration = [{"x": rng.standard_normal((8, 131)).astype(np.float32)} for _ in range(4)]
+    calibration = [{"x": rng.standard_normal((8, 387)).astype(np.float32)} for _ in range(4)]
     act = ActivationConfig(bias_correction=BiasCorrection.OFF)
     config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=act)
     result = quantize_with_report(float_model, config, calibration)
@@ -124,7 +124,7 @@ def test_calibrated_step_goes_to_the_op():
     op = next(n for n in result.model.graph.node if n.op_type == "IntConv")
     inits = _inits(result.model)
     step = (np.float32(inits[op.input[4]]), np.uint8(inits[op.input[5]]))
-    x = rng.standard_normal((6, 131)).astype(np.float32)
+    x = rng.standard_normal((6, 387)).astype(np.float32)
     out = session(result.model.SerializeToString()).run(None, {"x": x})[0]
     np.testing.assert_array_equal(out, _reference(float_model, x, WeightFormat.INT, 4, step))
 
@@ -139,25 +139,18 @@ def _kept(result) -> dict[str, str]:
         (_gemm_model(131, 127, [5], "Gemm", (127,), transA=1), "transA=1"),
         (_gemm_model(131, 127, [5], "Gemm", (5, 127)), "bias C is not a constant row"),
         (_gemm_model(64, 10, [5], "Gemm", (10,)), f"under {MIN_WEIGHTS} weights"),
+        (_gemm_model(255, 514, [5], "Gemm", (514,)), f"under {MIN_WEIGHTS} weights"),
     ],
-    ids=["transA", "matrix C", "small"],
+    ids=["transA", "matrix C", "small", "just under"],
 )
-def test_unsupported_gemm_stays_qdq_and_says_why(model, reason):
+def test_unsupported_gemm_stays_qdq_and_says_why(model, reason, tmp_path):
     if reason == "transA=1":  # x is (K, rows) for transA
         model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [131, 5]))
     result = _quantized(model, WeightFormat.INT, 4)
     assert reason in _kept(result)["fc"]
     assert "Gemm" in {n.op_type for n in result.model.graph.node}
-    assert "kept as QDQ (not run by onnxq's ops): 1 layers (fc: " in summary(result, None, _saved(result.model))
-
-
-def _saved(model: onnx.ModelProto):
-    import tempfile
-    from pathlib import Path
-
-    path = Path(tempfile.mkdtemp()) / "m.onnx"
-    onnx.save_model(model, path)
-    return path
+    onnx.save_model(result.model, tmp_path / "m.onnx")
+    assert "kept as QDQ (not run by onnxq's ops): 1 layers (fc: " in summary(result, None, tmp_path / "m.onnx")
 
 
 def test_matmul_of_unknown_rank_stays_qdq():
@@ -197,10 +190,10 @@ def test_weight_shared_by_a_conv_and_a_matmul_stays_qdq():
 
 
 def test_computed_weight_is_left_in_float():
-    model = _gemm_model(131, 127, [5], "MatMul")
-    model.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [131, 127]))
+    model = _gemm_model(387, 341, [5], "MatMul")
+    model.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [387, 341]))
     model.graph.node.append(helper.make_node("MatMul", ["x", "w2"], ["y2"], name="dynamic"))
-    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [5, 127]))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [5, 341]))
     result = _quantized(model, WeightFormat.INT, 4)
     assert [s.node for s in result.skipped] == ["dynamic"] and [layer.op for layer in result.layers] == ["IntConv"]
 
