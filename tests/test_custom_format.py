@@ -7,8 +7,8 @@ import onnx
 import pytest
 from conftest import random_feeds, run
 
-from models import conv_bn_relu_gemm, depthwise_convtranspose
 import onnxq.rewrite_ops
+from models import conv_bn_relu_gemm, depthwise_convtranspose
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
 from onnxq.domain import DOMAIN
