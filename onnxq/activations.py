@@ -22,7 +22,7 @@ from onnxq.formats.uniform import storage_bits
 from onnxq.graph import NameSource, constant_initializers, consumers, to_array
 from onnxq.plan import WeightPlan
 from onnxq.rewrite_activations import ActivationQuant
-from onnxq.rewrite_ops import custom_op_for
+from onnxq.rewrite_ops import OpTargets, custom_op_for
 from onnxq.weights import QuantizedTensor
 
 #: Largest weight width that never saturates onnxruntime's 16-bit pair sums beside uint8 activations.
@@ -58,12 +58,12 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: Qu
 
 def integer_op_nodes(graph: onnx.GraphProto, plans: list[WeightPlan], config: QuantizeConfig) -> set[str]:
     """The names of the nodes the rewrite will turn into IntConv/PostConv (the same choice quantize makes per weight)."""
-    consts = constant_initializers(graph)
-    nodes = {node.name: node for node in graph.node}
+    targets = OpTargets.of(graph)
+    consts = targets.consts
     return {
         use.node
         for plan in plans
-        if plan.tensor in consts and custom_op_for(plan, nodes, len(consts[plan.tensor].dims), config) is not None
+        if plan.tensor in consts and custom_op_for(plan, targets, len(consts[plan.tensor].dims), config) is not None
         for use in plan.uses
     }
 

@@ -73,8 +73,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "per layer whichever of plain/sqrt has the lower weight MSE")
     p.add_argument("--format", choices=[f.value for f in WeightFormat], default=WeightFormat.QDQ.value,
                    help="'qdq' (default): int8/int4 codes + DequantizeLinear, runs in stock onnxruntime; "
-                   "'int': Conv layers run as integer convolutions by onnxq's op library (IntConv); "
-                   "'post': Conv layers use powers-of-sqrt(2) codes (2-4 bits) run with shifts (PostConv). "
+                   "'int': Conv layers and large enough Gemm/MatMul run as integer convolutions by onnxq's op library (IntConv); "
+                   "'post': the same layers use powers-of-sqrt(2) codes (2-4 bits) run with shifts (PostConv). "
                    "Models in 'int'/'post' need onnxq.get_library_path() registered in onnxruntime")
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")

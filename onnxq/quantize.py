@@ -23,7 +23,7 @@ from onnxq.plan import Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
-from onnxq.rewrite_ops import INT_CONV, POST_CONV, custom_op_for, declare_domain, replace_convs, take_input_quantization
+from onnxq.rewrite_ops import INT_CONV, POST_CONV, OpTargets, declare_domain, op_choice, replace_convs, take_input_quantization
 from onnxq.tensor_data import compact
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
@@ -47,6 +47,7 @@ class LayerResult:
     float_bytes: int
     quantized_bytes: int
     alpha: tuple[float, ...] = ()  # the range factor of each row (output channel, or the one of the tensor)
+    qdq_reason: str = ""  # why a layer stays QDQ although the format asked for onnxq's ops
 
 
 @dataclass
@@ -97,7 +98,7 @@ def quantize_with_report(
     weight_changes: dict[str, np.ndarray] = {}
     dequantized: dict[str, np.ndarray] = {}  # for the measured correction's simulation
     consts = constant_initializers(loaded.model.graph)
-    nodes = {node.name: node for node in loaded.model.graph.node}
+    targets = OpTargets.of(loaded.model.graph)
     qdq: dict[str, QuantizedTensor] = {}
     custom: dict[str, tuple[QuantizedTensor, str]] = {}
     layers: list[LayerResult] = []
@@ -106,13 +107,14 @@ def quantize_with_report(
         if not np.isfinite(weight).all():
             names = " ".join(plan.nodes)
             raise OnnxqError(loaded.label, f"weight {plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
-        op_type = custom_op_for(plan, nodes, weight.ndim, config)
+        choice = op_choice(plan, targets, weight.ndim, config)
+        op_type = choice.op_type
         q = _quantize_tensor(weight, plan, op_type, config, bool(activations))
         if op_type is None:
             qdq[plan.tensor] = q
         else:
             custom[plan.tensor] = (q, op_type)
-        layers.append(_layer_result(plan, q, weight, op_type))
+        layers.append(_layer_result(plan, q, weight, op_type, choice.reason))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
         if correcting:
             values = q.dequantize()
@@ -126,7 +128,7 @@ def quantize_with_report(
     if activations:
         insert_activation_qdq(loaded.model, activations, _opset(loaded.model))
     if custom:
-        replace_convs(loaded.model.graph, custom)
+        replace_convs(loaded.model.graph, custom, targets.ranks)
         declare_domain(loaded.model)
         if activations:
             take_input_quantization(loaded.model.graph)
@@ -179,8 +181,8 @@ def _quantize_tensor(weight: np.ndarray, plan: WeightPlan, op_type: str | None, 
 
     With quantized activations, 8-bit weights stay linear (no sqrt) so onnxruntime can fuse them into integer kernels.
     """
-    if op_type == POST_CONV:
-        return quantize_post_weight(weight, plan.bits, 0)
+    if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
+        return quantize_post_weight(weight, plan.bits, plan.channel_axis or 0)
     linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
     sqrt = SqrtMode.OFF if linear else config.sqrt
     return quantize_weight(weight, plan.bits, _axis(plan, config), sqrt, config.range)
@@ -194,7 +196,7 @@ def _axis(plan: WeightPlan, config: QuantizeConfig) -> int | None:
     return plan.channel_axis if config.granularity is Granularity.CHANNEL else None
 
 
-def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, op_type: str | None) -> LayerResult:
+def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, op_type: str | None, qdq_reason: str = "") -> LayerResult:
     scale_bytes = 4 * max(q.scale.size, 1)
     return LayerResult(
         tensor=plan.tensor,
@@ -210,4 +212,5 @@ def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, op_t
         sqnr_db=q.sqnr_db,
         float_bytes=weight.nbytes,
         quantized_bytes=(weight.size * storage_bits(plan.bits) + 7) // 8 + scale_bytes,
+        qdq_reason=qdq_reason,
     )

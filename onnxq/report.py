@@ -53,6 +53,11 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     if ops:
         counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
         lines.append(f"onnxq ops: {counts}; the model runs only with onnxq's op library (onnxq.get_library_path())")
+    kept = [layer for layer in result.layers if layer.qdq_reason]
+    if kept:
+        shown = "; ".join(f"{','.join(layer.nodes)}: {layer.qdq_reason}" for layer in kept[:3])
+        more = " ..." if len(kept) > 3 else ""
+        lines.append(f"kept as QDQ (not run by onnxq's ops): {len(kept)} layers ({shown}{more})")
     if verbose:
         lines.append(layer_table(result))
     if result.skipped:

@@ -9,6 +9,10 @@ the rewrite declares each op output's type and shape in the graph's value_info: 
 inferred shape where the float model had one, else computed here from the input's shape, so that
 tools reading the model, and onnx's inference of the layers after the ops, see shapes.
 
+Gemm and MatMul with a constant 2-D weight run through the same ops as 1x1 convolutions over the rows of
+their input (onnxq/rewrite_gemm.py says how, and when they stay QDQ); op_choice gives, per weight, the op
+or the reason it stays QDQ.
+
 onnxruntime fuses a float Conv with the Relu or Clip after it, but cannot fuse them into a custom
 op, so the rewrite does: an op whose output only a Relu or a Clip with constant bounds reads takes
 the bounds as its clip_min / clip_max attributes and replaces it (fold_clipping).
@@ -17,6 +21,8 @@ the bounds as its clip_min / clip_max attributes and replaces it (fold_clipping)
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 import numpy as np
 import onnx
@@ -28,6 +34,7 @@ from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, subgraphs, to_array, used_names
 from onnxq.plan import WeightPlan
+from onnxq.rewrite_gemm import GEMM_TYPES, gemm_nodes, unsupported, weight_is_rows
 from onnxq.weights import QuantizedTensor
 
 INT_CONV = "IntConv"
@@ -55,15 +62,63 @@ def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:
     return node.op_type == "Conv" and node.domain in ("", "ai.onnx") and weight_rank == 4 and auto_pad in ("NOTSET", "VALID")
 
 
-def custom_op_for(plan: WeightPlan, nodes: dict[str, onnx.NodeProto], rank: int, config: QuantizeConfig) -> str | None:
-    """IntConv/PostConv when the format asks for it and every reader is a convertible Conv; else None (QDQ)."""
+@dataclass(frozen=True)
+class OpTargets:
+    """What the op choice reads off a graph: its nodes by name, the rank of each node's first input where known, its constants."""
+
+    nodes: dict[str, onnx.NodeProto]
+    ranks: dict[str, int]
+    consts: dict[str, onnx.TensorProto]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> OpTargets:
+        """The targets of ``graph`` as it is now (ranks from its declared shapes)."""
+        return cls({node.name: node for node in graph.node}, input_ranks(graph), constant_initializers(graph))
+
+
+def input_ranks(graph: onnx.GraphProto) -> dict[str, int]:
+    """The rank of each node's first input, by node name, where the graph declares its shape."""
+    shapes = _known_shapes(graph)
+    return {node.name: len(shapes[node.input[0]]) for node in graph.node if node.input and node.input[0] in shapes}
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    """The op a weight's readers become (None: they stay QDQ), and why not when the format asked for an op."""
+
+    op_type: str | None
+    reason: str = ""
+
+
+def op_choice(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeConfig) -> OpChoice:
+    """IntConv/PostConv when the format asks for it and every reader can run as the op; else QDQ and the reason.
+
+    A first or last layer at other bits than the rest (--first-last-bits) stays QDQ without a reason: that is the rule.
+    """
     if config.format is WeightFormat.QDQ or plan.first_or_last and plan.bits != config.bits:
-        return None
+        return OpChoice(None)
     if config.format is WeightFormat.POST and plan.bits > 4:
-        return None
-    if not all(convertible(nodes[use.node], rank) for use in plan.uses):
-        return None
-    return POST_CONV if config.format is WeightFormat.POST else INT_CONV
+        return OpChoice(None, f"POST takes 2-4 bits, this layer has {plan.bits}")
+    readers = [targets.nodes[use.node] for use in plan.uses]
+    kinds = {node.op_type in GEMM_TYPES for node in readers}
+    if len(kinds) > 1:
+        return OpChoice(None, "weight shared by a Conv and a Gemm/MatMul")
+    if kinds == {True}:
+        if len({weight_is_rows(node) for node in readers}) > 1:
+            return OpChoice(None, "weight read as (K, M) by one node and (M, K) by another")
+        shape = tuple(targets.consts[plan.tensor].dims)
+        for node in readers:
+            reason = unsupported(node, shape, targets.ranks.get(node.name), targets.consts)
+            if reason is not None:
+                return OpChoice(None, reason)
+    elif (other := next((node for node in readers if not convertible(node, rank)), None)) is not None:
+        return OpChoice(None, f"{other.op_type} {other.name}: the ops run 2-D Conv with explicit padding, Gemm and MatMul")
+    return OpChoice(POST_CONV if config.format is WeightFormat.POST else INT_CONV)
+
+
+def custom_op_for(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeConfig) -> str | None:
+    """IntConv/PostConv when the format asks for it and every reader can run as the op; else None (QDQ)."""
+    return op_choice(plan, targets, rank, config).op_type
 
 
 def conv_to_op(node: onnx.NodeProto, packed: str, scale: str, op_type: str, bits: int, kernel_shape: tuple[int, int]) -> onnx.NodeProto:
@@ -75,34 +130,62 @@ def conv_to_op(node: onnx.NodeProto, packed: str, scale: str, op_type: str, bits
     return helper.make_node(op_type, inputs, list(node.output), name=node.name, domain=DOMAIN, bits=bits, kernel_shape=list(kernel_shape), **attrs)
 
 
-def replace_convs(graph: onnx.GraphProto, quantized: dict[str, tuple[QuantizedTensor, str]]) -> None:
-    """Replace every Conv reading one of the named weights by the op given with it; drop the float weights.
+def replace_convs(graph: onnx.GraphProto, quantized: dict[str, tuple[QuantizedTensor, str]], ranks: Mapping[str, int] | None = None) -> None:
+    """Replace every Conv, Gemm or MatMul reading one of the named weights by the op given with it; drop the float weights.
 
-    Every op output gets a value_info entry (see the module docstring).
+    ``ranks``: the rank of each MatMul's input by node name (input_ranks, taken before activation QDQ hid the
+    shapes); else read from the graph. Every op output gets a value_info entry (see the module docstring).
     """
     names = NameSource(graph)
-    tensors: dict[str, tuple[str, str]] = {}
+    tensors: dict[str, tuple[str, str, np.ndarray]] = {}
+    weight_readers = {node.input[1]: node for node in graph.node if len(node.input) > 1 and node.input[1] in quantized}
     for weight, (q, _) in quantized.items():
-        out_channels = q.codes.shape[0]
-        packed = pack_rows(q.codes.reshape(out_channels, -1), q.bits)
+        reader = weight_readers.get(weight)
+        rows = q.codes if reader is None or reader.op_type not in GEMM_TYPES or weight_is_rows(reader) else q.codes.T
+        out_channels = rows.shape[0]
+        packed = pack_rows(rows.reshape(out_channels, -1), q.bits)
         scale = np.broadcast_to(np.asarray(q.scale, dtype=np.float32), (out_channels,)).copy()
         packed_name, scale_name = names.fresh(f"{weight}_packed"), names.fresh(f"{weight}_scale")
         graph.initializer.extend([numpy_helper.from_array(packed, packed_name), numpy_helper.from_array(scale, scale_name)])
-        tensors[weight] = (packed_name, scale_name)
+        tensors[weight] = (packed_name, scale_name, scale)
     shapes = _known_shapes(graph)
-    for i, node in enumerate(graph.node):
-        if node.op_type == "Conv" and len(node.input) > 1 and node.input[1] in quantized:
-            q, op_type = quantized[node.input[1]]
-            packed_name, scale_name = tensors[node.input[1]]
-            out_shape = shapes.get(node.output[0]) or _conv_output_shape(node, shapes.get(node.input[0]), q.codes.shape)
-            graph.node[i].CopyFrom(conv_to_op(node, packed_name, scale_name, op_type, q.bits, q.codes.shape[2:]))
-            if out_shape is not None:
-                shapes[node.output[0]] = out_shape
-            _declare(graph, node.output[0], out_shape)
+    ranks = dict(ranks) if ranks is not None else input_ranks(graph)
+    consts = constant_initializers(graph)
+    nodes: list[onnx.NodeProto] = []
+    for node in graph.node:
+        weight = node.input[1] if len(node.input) > 1 else ""
+        if weight not in quantized or node.op_type not in ("Conv", *GEMM_TYPES) or node.domain not in ("", "ai.onnx"):
+            nodes.append(node)
+            continue
+        q, op_type = quantized[weight]
+        packed_name, scale_name, scale = tensors[weight]
+        if node.op_type in GEMM_TYPES:
+            rank = 2 if node.op_type == "Gemm" else ranks[node.name]
+            new_nodes, inits, op_out = gemm_nodes(node, packed_name, (scale_name, scale), op_type, q.bits, rank, consts, names)
+            graph.initializer.extend(inits)
+            nodes.extend(new_nodes)
+            _declare(graph, op_out, _gemm_image_shape(shapes.get(node.input[0]), len(scale)))
+            continue
+        out_shape = shapes.get(node.output[0]) or _conv_output_shape(node, shapes.get(node.input[0]), q.codes.shape)
+        new = conv_to_op(node, packed_name, scale_name, op_type, q.bits, q.codes.shape[2:])
+        nodes.append(new)
+        if out_shape is not None:
+            shapes[node.output[0]] = out_shape
+        _declare(graph, node.output[0], out_shape)
+    del graph.node[:]
+    graph.node.extend(nodes)
     keep = [t for t in graph.initializer if t.name not in quantized]
     del graph.initializer[:]
     graph.initializer.extend(keep)
+    remove_unused_initializers(graph)
     fold_clipping(graph)
+
+
+def _gemm_image_shape(x_shape: Shape | None, m: int) -> Shape:
+    """The op's output (1, M, rows, 1) for a Gemm/MatMul input of ``x_shape``: rows the product of its leading dims where known."""
+    lead = x_shape[:-1] if x_shape else [None]
+    rows = int(np.prod(lead)) if all(isinstance(d, int) for d in lead) else None
+    return [1, m, rows, 1]
 
 
 def fold_clipping(graph: onnx.GraphProto) -> int:
@@ -242,7 +325,8 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
     A fixed pair ``X -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> op`` becomes ``X -> op(x_scale=s,
     x_zero_point=z)``; ASQ's per-sample chain ``X -> Div(r) -> QuantizeLinear(1, z) -> DequantizeLinear(1, z) ->
     Mul(r) -> op``, r = Reshape(steps) with one step per sample (rewrite_activations), becomes ``X -> op(x_scale=steps,
-    x_zero_point=z)``. The op's own quantization is the same formula, so the codes are the same and the integer path
+    x_zero_point=z)``; a Gemm/MatMul op's layout in front of it (rewrite_gemm) reads X instead of the pair and the op
+    takes (s, z). The op's own quantization is the same formula, so the codes are the same and the integer path
     no longer goes through float. The pair or chain stays while others read it. Returns how many ops took a step.
     """
     consts = constant_initializers(graph)
@@ -256,6 +340,12 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is not None and q.op_type == "QuantizeLinear" and len(dq.input) >= 3 and _uint8_scalar_pair(dq, consts):
             x, x_scale, x_zero_point = q.input[0], dq.input[1], dq.input[2]
+        elif (layout := _gemm_layout(node.input[0], producer, consts)) is not None:
+            first, (x, x_scale, x_zero_point) = layout
+            first.input[0] = x  # the layout reads X; the op keeps its input and takes the step
+            node.input.extend([""] * (4 - len(node.input)) + [x_scale, x_zero_point])
+            taken += 1
+            continue
         elif (chain := _per_sample_chain(node.input[0], producer, consts)) is not None:
             x, x_scale, x_zero_point = chain[0]
             chains.extend(chain[1])
@@ -269,6 +359,28 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
     _drop_unread(graph, chains)
     _drop_unread_pairs(graph)
     return taken
+
+
+def _gemm_layout(
+    name: str, producer: dict[str, onnx.NodeProto], consts: dict[str, onnx.TensorProto]
+) -> tuple[onnx.NodeProto, tuple[str, str, str]] | None:
+    """The first node of a Gemm/MatMul op's input layout (rewrite_gemm) and (X, s, z) when a fixed pair Q/DQ(s, z) feeds it.
+
+    ``X -> Q(s, z) -> DQ(s, z) -> Transpose [-> Flatten] -> Unsqueeze -> op``: one step for the whole tensor, so quantizing
+    commutes with the layout, and the op can quantize X's transposed values with (s, z) and get the same codes.
+    """
+    node = producer.get(name)
+    if not _is(node, "Unsqueeze"):
+        return None
+    while node is not None and (_is(node, "Unsqueeze") or _is(node, "Flatten")):
+        node = producer.get(node.input[0])
+    if not _is(node, "Transpose"):
+        return None
+    dq = producer.get(node.input[0])
+    q = producer.get(dq.input[0]) if _is(dq, "DequantizeLinear") else None
+    if not _is(q, "QuantizeLinear") or len(dq.input) < 3 or not _uint8_scalar_pair(dq, consts):
+        return None
+    return node, (q.input[0], dq.input[1], dq.input[2])
 
 
 def _per_sample_chain(

@@ -34,7 +34,7 @@ from onnxq.load import ensure_opset, load
 from onnxq.plan import WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.quantize import _quantize_tensor
-from onnxq.rewrite_ops import custom_op_for
+from onnxq.rewrite_ops import OpTargets, custom_op_for
 from onnxq.runtime import session_options
 
 logger = logging.getLogger(__name__)
@@ -171,7 +171,7 @@ class SensitivityAnalysis:
             raise OnnxqError(self.label, "no quantizable weights to measure the sensitivity of")
         consts = constant_initializers(self.model.graph)
         self.weights = {p.tensor: to_array(consts[p.tensor]) for p in self.plans}
-        self._nodes = {node.name: node for node in self.model.graph.node}
+        self._targets = OpTargets.of(self.model.graph)
         batches = list(calibration_batches(data, input_specs(self.model), samples))
         self.samples = sum(batch_size(b) for b in batches)
         self.probe = Probe(self.model, self.plans, batches, self.label)
@@ -190,7 +190,7 @@ class SensitivityAnalysis:
             weight = self.weights[tensor]
             if not np.isfinite(weight).all():
                 raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
-            op_type = custom_op_for(plan, self._nodes, weight.ndim, self.config)
+            op_type = custom_op_for(plan, self._targets, weight.ndim, self.config)
             q = _quantize_tensor(weight, plan, op_type, self.config, False)
             self._dequantized[key] = q.dequantize().astype(np.float32)
         return self._dequantized[key]

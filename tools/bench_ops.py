@@ -5,10 +5,14 @@ Conv, its uint8 x int8 QLinearConv (input already quantized), and onnxq's IntCon
 uniform) and PostConv (4-bit POST), both taking float input and quantizing it inside. On a CPU
 with AVX-512 VNNI two more columns force the ops' AVX2 kernels (attribute kernel=2): a proxy for
 AVX2-only CPUs, measured on this one.
-Whole models (the shipped Fashion-MNIST ones): float, onnxq's int8 and int4 QDQ, and the
-int and post formats. Ratios are against float Conv measured in the same run.
+Gemm/MatMul layers (classifiers at batch 1 and 8, transformer projections over 128 tokens): onnxruntime's
+float MatMul, its dynamic uint8 x int8 path (DynamicQuantizeLinear + MatMulInteger, which it fuses into
+DynamicQuantizeMatMul), onnxq's weight-only QDQ at 8 and 4 bits (plain codes: onnxruntime fuses the 4-bit
+DequantizeLinear -> MatMul into MatMulNBits), and onnxq's rewrite to IntConv/PostConv (onnxq/rewrite_gemm.py),
+forced on the small shapes the rewrite keeps QDQ. Whole models (the shipped Fashion-MNIST ones): float,
+onnxq's int8 and int4 QDQ, and the int and post formats. Ratios are against float measured in the same run.
 
-    python tools/bench_ops.py [--repeats 20] [--skip-models] [--layers dw] [--given-scale]
+    python tools/bench_ops.py [--repeats 20] [--skip-models] [--skip-convs] [--skip-gemms] [--layers dw] [--given-scale]
 
 --layers runs only the layers whose name contains one of the words given; --given-scale adds
 columns for the same ops fed a calibrated x_scale/x_zero_point (no min/max pass over X).
@@ -28,7 +32,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq import QuantizeConfig, WeightFormat, quantize  # noqa: E402
+from onnxq import QuantizeConfig, WeightFormat, quantize, rewrite_gemm  # noqa: E402
+from onnxq.config import SqrtMode  # noqa: E402
 from onnxq.domain import DOMAIN  # noqa: E402
 from onnxq.runtime import session_options, uses_onnxq_ops  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
@@ -45,6 +50,22 @@ LAYERS = [
     # MobileNetV2's other kinds of layer (fmnist_mobilenetv2): stride-2 depthwise, 1x1 on a small image
     ("dw 96 3x3 /2 @28", 96, 96, 28, 3, 2, 96),
     ("1x1 64->384 @7", 64, 384, 7, 1, 1, 1),
+]
+
+# (name, rows shape, K, M): the input is (*rows, K)
+GEMMS = [
+    ("classifier 512->1000", [1], 512, 1000),
+    ("classifier 512->1000", [8], 512, 1000),
+    ("classifier 1280->1000", [1], 1280, 1000),
+    ("classifier 1280->1000", [8], 1280, 1000),
+    ("ResNet-20 fc 64->10", [1], 64, 10),
+    ("ResNet-20 fc 64->10", [8], 64, 10),
+    ("128->128", [8], 128, 128),  # sizes about the rewrite's MIN_WEIGHTS
+    ("256->256", [1], 256, 256),
+    ("256->256", [8], 256, 256),
+    ("512->512", [1], 512, 512),
+    ("transformer 768->768", [1, 128], 768, 768),
+    ("transformer 768->3072", [1, 128], 768, 3072),
 ]
 
 
@@ -159,6 +180,74 @@ def bench_layers(repeats: int, layers: list[str] | None = None, given_scale: boo
             print(f"| {name} | {batch} | {base:.2f} | {base / q8:.2f}x | " + " | ".join(cells) + " |", flush=True)
 
 
+def matmul_model(rows: list[int], weight: np.ndarray) -> onnx.ModelProto:
+    """A float MatMul x (*rows, K) -> MatMul(W (K, M)) -> y, opset 21."""
+    k, m = weight.shape
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"], name="fc")],
+        "matmul",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows, m])],
+        [numpy_helper.from_array(weight, "w")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def dynamic_int8_model(rows: list[int], weight: np.ndarray) -> onnx.ModelProto:
+    """The dynamic quantization of a MatMul by onnxruntime (what its quantize_dynamic writes; fused into DynamicQuantizeMatMul)."""
+    k, m = weight.shape
+    w_scale = (np.abs(weight).max(axis=0) / 127).astype(np.float32)
+    w_q = np.clip(np.rint(weight / w_scale), -127, 127).astype(np.int8)
+    nodes = [
+        helper.make_node("DynamicQuantizeLinear", ["x"], ["xq", "xs", "xz"]),
+        helper.make_node("MatMulInteger", ["xq", "w", "xz"], ["acc"]),
+        helper.make_node("Cast", ["acc"], ["accf"], to=TensorProto.FLOAT),
+        helper.make_node("Mul", ["xs", "ws"], ["s"]),
+        helper.make_node("Mul", ["accf", "s"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "dynamic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [*rows, k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows, m])],
+        [numpy_helper.from_array(w_q, "w"), numpy_helper.from_array(w_scale, "ws")],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+
+
+def bench_gemms(repeats: int, layers: list[str] | None = None) -> None:
+    """Gemm/MatMul shapes: float, onnxruntime's int8 paths, onnxq's QDQ, and the rewrite to IntConv/PostConv."""
+    proxy = has_avx512_vnni()
+    titles = ["dynamic u8xs8", "int8 QDQ", "int4 QDQ", "IntConv 4-bit", "PostConv 4-bit", "IntConv 8-bit"]
+    titles += ["IntConv AVX2 (forced)", "PostConv AVX2 (forced)"] if proxy else []
+    print("\n| Gemm/MatMul | rows | float MatMul ms | " + " | ".join(titles) + " |")
+    print("|---|---:|---:|" + "---:|" * len(titles))
+    configs = [
+        QuantizeConfig(bits=8, first_last_bits=None),
+        QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF),
+        QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None),
+        QuantizeConfig(bits=4, format=WeightFormat.POST, first_last_bits=None),
+        QuantizeConfig(bits=8, format=WeightFormat.INT, first_last_bits=None),
+    ]
+    kept = rewrite_gemm.MIN_WEIGHTS
+    rewrite_gemm.MIN_WEIGHTS = 0  # measure the op path on the small shapes too (the rewrite keeps them QDQ)
+    try:
+        for index, (name, rows, k, m) in enumerate(GEMMS):
+            if layers and not any(word in name for word in layers):
+                continue
+            rng = np.random.default_rng(100 + index)
+            weight = (rng.standard_normal((k, m)) * 0.05).astype(np.float32)
+            float_model = matmul_model(rows, weight)
+            models = [dynamic_int8_model(rows, weight)] + [quantize(float_model, config) for config in configs]
+            models += [with_kernel(model, 2) for model in models[3:5]] if proxy else []
+            feeds = {"x": rng.standard_normal((*rows, k)).astype(np.float32)}
+            base = best_ms(one_thread_session(float_model), feeds, repeats)
+            cells = [f"{base / best_ms(one_thread_session(model), feeds, repeats):.2f}x" for model in models]
+            print(f"| {name} | {int(np.prod(rows))} | {base:.3f} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        rewrite_gemm.MIN_WEIGHTS = kept
+
+
 def bench_models(repeats: int) -> None:
     print("\n| model | batch | float ms | int8 QDQ | int4 QDQ | int (IntConv) | post (PostConv) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
@@ -184,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--skip-models", action="store_true")
+    parser.add_argument("--skip-convs", action="store_true", help="leave out the conv layers")
+    parser.add_argument("--skip-gemms", action="store_true", help="leave out the Gemm/MatMul layers")
     parser.add_argument("--layers", nargs="+", metavar="WORD", help="only the layers whose name contains one of these (e.g. dw)")
     parser.add_argument("--given-scale", action="store_true", help="also run the ops with a calibrated x_scale/x_zero_point")
     args = parser.parse_args(argv)
@@ -192,7 +283,10 @@ def main(argv: list[str] | None = None) -> int:
         f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), "
         f"least thread CPU time of {args.repeats} runs\n"
     )
-    bench_layers(args.repeats, args.layers, args.given_scale)
+    if not args.skip_convs:
+        bench_layers(args.repeats, args.layers, args.given_scale)
+    if not args.skip_gemms:
+        bench_gemms(args.repeats, args.layers)
     if not args.skip_models:
         bench_models(args.repeats)
     return 0

@@ -1,0 +1,204 @@
+"""--format int / post on Gemm and MatMul: the rewrite runs them as IntConv/PostConv 1x1 convolutions over their rows.
+
+The expected output is IntConv/PostConv's definition (csrc/kernels/int_conv.h) in numpy, with the numpy helpers of
+test_int_conv.py, applied to codes computed here from the float weight with onnxq's own quantizer (so a codes
+transpose, a lost alpha or beta, or a wrong row layout in the rewrite shows): bit for bit.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+from test_int_conv import _post_weights, _quantize
+
+from onnxq import QuantizeConfig, WeightFormat, quantize_with_report
+from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
+from onnxq.report import summary
+from onnxq.rewrite_gemm import MIN_WEIGHTS
+from onnxq.runtime import session
+from onnxq.weights import quantize_post_weight, quantize_weight
+
+
+def _gemm_model(k: int, m: int, rows_shape: list, op: str = "Gemm", bias_shape: tuple | None = None, **attrs) -> onnx.ModelProto:
+    """x[rows_shape..., K] -> Gemm/MatMul(W[, C]) -> y; W (K, M), or (M, K) with transB=1; C of ``bias_shape``."""
+    rng = np.random.default_rng(k * 1000 + m)
+    w_shape = (m, k) if attrs.get("transB") else (k, m)
+    inits = [numpy_helper.from_array((rng.standard_t(5, w_shape) * 0.1).astype(np.float32), "w")]
+    inputs = ["x", "w"]
+    if bias_shape is not None:
+        inits.append(numpy_helper.from_array(rng.standard_normal(bias_shape).astype(np.float32), "c"))
+        inputs.append("c")
+    node = helper.make_node(op, inputs, ["y"], name="fc", **attrs)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [*rows_shape, k])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [*rows_shape, m])
+    model = helper.make_model(helper.make_graph([node], "g", [x], [y], inits), opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def _inits(model: onnx.ModelProto) -> dict[str, np.ndarray]:
+    return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+
+def _reference(float_model: onnx.ModelProto, x: np.ndarray, fmt: WeightFormat, bits: int, x_step=None) -> np.ndarray:
+    """Gemm/MatMul's output as the op defines it: codes (M, K) from onnxq's quantizer, scale * alpha, beta * C, X quantized once."""
+    node = float_model.graph.node[0]
+    attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    inits = _inits(float_model)
+    rows = inits["w"] if attrs.get("transB") else inits["w"].T  # (M, K)
+    if fmt is WeightFormat.POST:
+        q = quantize_post_weight(rows, bits, 0)
+    else:
+        q = quantize_weight(rows, bits, 0, SqrtMode.OFF)
+    scale = (np.asarray(q.scale, np.float32) * np.float32(attrs.get("alpha", 1.0))).astype(np.float32)
+    m = rows.shape[0]
+    bias = None
+    if "c" in inits:
+        bias = (np.broadcast_to(inits["c"].reshape(-1), (m,)) * np.float32(attrs.get("beta", 1.0))).astype(np.float32)
+    xq, s_x, z = _quantize(x, *(x_step or (None, None)))
+    flat = xq.reshape(-1, x.shape[-1]) - z
+    if fmt is WeightFormat.POST:
+        w_even, w_odd, k2 = _post_weights(q.codes, bits)
+        c_e = s_x * scale * np.float32(2.0**-k2)
+        c_o = c_e * np.float32(0.70710678118654752)
+        y = (flat @ w_even.T).astype(np.float32) * c_e + (flat @ w_odd.T).astype(np.float32) * c_o
+    else:
+        y = (flat @ q.codes.astype(np.int64).T).astype(np.float32) * (s_x * scale)
+    if bias is not None:
+        y = y + bias
+    assert y.dtype == np.float32
+    return y.reshape(*x.shape[:-1], m)
+
+
+def _quantized(model: onnx.ModelProto, fmt: WeightFormat, bits: int, **config):
+    return quantize_with_report(model, QuantizeConfig(bits=bits, format=fmt, first_last_bits=None, **config))
+
+
+FORMATS = [(WeightFormat.INT, 4), (WeightFormat.INT, 8), (WeightFormat.INT, 3), (WeightFormat.POST, 4), (WeightFormat.POST, 3)]
+SHAPES = [  # (K, M, rows shape, op, bias shape, attributes): odd K and M, each C form, both weight layouts; K * M >= MIN_WEIGHTS
+    (387, 341, [5], "Gemm", (341,), {"transB": 1}),
+    (387, 341, [5], "Gemm", (1, 341), {"alpha": 0.75, "beta": -1.5}),
+    (385, 343, [1], "Gemm", (1,), {"transB": 1, "alpha": 2.0}),
+    (384, 345, [3], "Gemm", None, {}),
+    (389, 341, [7], "MatMul", None, {}),
+    (391, 339, [2, 9], "MatMul", None, {}),
+    (383, 347, [2, 3, 4], "MatMul", None, {}),
+]
+
+
+@pytest.mark.parametrize("fmt, bits", FORMATS, ids=lambda v: getattr(v, "value", v))
+@pytest.mark.parametrize("k, m, rows, op, bias, attrs", SHAPES, ids=lambda v: str(v))
+def test_gemm_and_matmul_run_as_the_op_bit_for_bit(fmt, bits, k, m, rows, op, bias, attrs):
+    float_model = _gemm_model(k, m, rows, op, bias, **attrs)
+    result = _quantized(float_model, fmt, bits)
+    op_type = "PostConv" if fmt is WeightFormat.POST else "IntConv"
+    assert [layer.op for layer in result.layers] == [op_type] and not result.layers[0].qdq_reason
+    assert {n.op_type for n in result.model.graph.node} >= {op_type, "Transpose"} and "Gemm" not in {n.op_type for n in result.model.graph.node}
+    x = (np.random.default_rng(1).standard_normal((*rows, k)) * 1.5 + 0.3).astype(np.float32)
+    out = session(result.model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, _reference(float_model, x, fmt, bits))
+
+
+def test_op_output_is_declared_and_the_model_checks():
+    result = _quantized(_gemm_model(391, 339, [2, 9], "MatMul"), WeightFormat.INT, 4)
+    onnx.checker.check_model(result.model)
+    declared = {v.name: [d.dim_value or d.dim_param or None for d in v.type.tensor_type.shape.dim] for v in result.model.graph.value_info}
+    op = next(n for n in result.model.graph.node if n.op_type == "IntConv")
+    assert op.name == "fc" and declared[op.output[0]] == [1, 339, 18, 1]
+    inferred = onnx.shape_inference.infer_shapes(result.model, strict_mode=True)
+    assert [d.dim_value for d in inferred.graph.output[0].type.tensor_type.shape.dim] == [2, 9, 339]
+
+
+def test_calibrated_step_goes_to_the_op():
+    """With quantized activations the layout reads X and the op takes the Q/DQ pair's (s, z): the same codes, no float round trip."""
+    float_model = _gemm_model(387, 341, ["N"], "Gemm", (341,), transB=1)
+    rng = np.random.default_rng(3)
+    calibration = [{"x": rng.standard_normal((8, 387)).astype(np.float32)} for _ in range(4)]
+    act = ActivationConfig(bias_correction=BiasCorrection.OFF)
+    config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=act)
+    result = quantize_with_report(float_model, config, calibration)
+    ops = [n.op_type for n in result.model.graph.node]
+    assert "QuantizeLinear" not in ops and "DequantizeLinear" not in ops, ops
+    op = next(n for n in result.model.graph.node if n.op_type == "IntConv")
+    inits = _inits(result.model)
+    step = (np.float32(inits[op.input[4]]), np.uint8(inits[op.input[5]]))
+    x = rng.standard_normal((6, 387)).astype(np.float32)
+    out = session(result.model.SerializeToString()).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(out, _reference(float_model, x, WeightFormat.INT, 4, step))
+
+
+def _kept(result) -> dict[str, str]:
+    return {",".join(layer.nodes): layer.qdq_reason for layer in result.layers if layer.op == "DequantizeLinear"}
+
+
+@pytest.mark.parametrize(
+    "model, reason",
+    [
+        (_gemm_model(131, 127, [5], "Gemm", (127,), transA=1), "transA=1"),
+        (_gemm_model(131, 127, [5], "Gemm", (5, 127)), "bias C is not a constant row"),
+        (_gemm_model(64, 10, [5], "Gemm", (10,)), f"under {MIN_WEIGHTS} weights"),
+        (_gemm_model(255, 514, [5], "Gemm", (514,)), f"under {MIN_WEIGHTS} weights"),
+    ],
+    ids=["transA", "matrix C", "small", "just under"],
+)
+def test_unsupported_gemm_stays_qdq_and_says_why(model, reason, tmp_path):
+    if reason == "transA=1":  # x is (K, rows) for transA
+        model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [131, 5]))
+    result = _quantized(model, WeightFormat.INT, 4)
+    assert reason in _kept(result)["fc"]
+    assert "Gemm" in {n.op_type for n in result.model.graph.node}
+    onnx.save_model(result.model, tmp_path / "m.onnx")
+    assert "kept as QDQ (not run by onnxq's ops): 1 layers (fc: " in summary(result, None, tmp_path / "m.onnx")
+
+
+def test_matmul_of_unknown_rank_stays_qdq():
+    """x -> Reshape(to a shape given at run time) -> MatMul: onnx cannot infer the rank, and the layout needs it."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((130, 131)) * 0.1).astype(np.float32), "w")
+    nodes = [helper.make_node("Reshape", ["x", "shape"], ["r"], name="reshape"), helper.make_node("MatMul", ["r", "w"], ["y"], name="fc")]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 130]), helper.make_tensor_value_info("shape", TensorProto.INT64, ["R"])]
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 131])
+    model = helper.make_model(helper.make_graph(nodes, "g", inputs, [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    result = _quantized(model, WeightFormat.POST, 4)
+    assert "unknown rank" in _kept(result)["fc"]
+
+
+def test_weight_read_both_ways_stays_qdq():
+    """One 2-D weight read by a MatMul as (K, M) and by a Gemm with transB=1 as (M, K): no one packing serves both."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((160, 160)) * 0.1).astype(np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Gemm", ["h", "w"], ["y"], name="fc", transB=1)]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 160])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 160])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    result = _quantized(model, WeightFormat.INT, 4)
+    assert "one node and (M, K) by another" in _kept(result)["mm,fc"]
+
+
+def test_weight_shared_by_a_conv_and_a_matmul_stays_qdq():
+    """x[1,200,1,1] -> Conv(w) -> MatMul(w): one (200, 200, 1, 1) tensor read by a Conv and a MatMul stays QDQ."""
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((200, 200, 1, 1)) * 0.1).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv"), helper.make_node("MatMul", ["h", "w"], ["y"], name="mm")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 200, 1, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [200, 200, 1, 1])
+    model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
+    result = _quantized(model, WeightFormat.INT, 4)
+    assert "shared by a Conv and a Gemm/MatMul" in _kept(result)["conv,mm"]
+
+
+def test_computed_weight_is_left_in_float():
+    model = _gemm_model(387, 341, [5], "MatMul")
+    model.graph.input.append(helper.make_tensor_value_info("w2", TensorProto.FLOAT, [387, 341]))
+    model.graph.node.append(helper.make_node("MatMul", ["x", "w2"], ["y2"], name="dynamic"))
+    model.graph.output.append(helper.make_tensor_value_info("y2", TensorProto.FLOAT, [5, 341]))
+    result = _quantized(model, WeightFormat.INT, 4)
+    assert [s.node for s in result.skipped] == ["dynamic"] and [layer.op for layer in result.layers] == ["IntConv"]
+
+
+def test_last_layer_at_first_last_bits_stays_qdq_without_a_reason():
+    """Default --first-last-bits 8 with -b 4: a lone Gemm is first and last, so it is 8-bit QDQ by the rule, not for want of support."""
+    result = quantize_with_report(_gemm_model(131, 127, [5], "Gemm", (127,)), QuantizeConfig(bits=4, format=WeightFormat.INT))
+    assert [(layer.op, layer.bits, layer.qdq_reason) for layer in result.layers] == [("DequantizeLinear", 8, "")]
