@@ -202,3 +202,15 @@ def test_last_layer_at_first_last_bits_stays_qdq_without_a_reason():
     """Default --first-last-bits 8 with -b 4: a lone Gemm is first and last, so it is 8-bit QDQ by the rule, not for want of support."""
     result = quantize_with_report(_gemm_model(131, 127, [5], "Gemm", (127,)), QuantizeConfig(bits=4, format=WeightFormat.INT))
     assert [(layer.op, layer.bits, layer.qdq_reason) for layer in result.layers] == [("DequantizeLinear", 8, "")]
+
+
+@pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
+def test_a_large_last_gemm_runs_as_intconv_at_first_last_bits(fmt):
+    """A boundary Gemm big enough for the op runs as 8-bit IntConv in either op format (weight-only QDQ dequantizes every run)."""
+    float_model = _gemm_model(521, 263, [5], "Gemm", (263,), transB=1)
+    assert 521 * 263 >= MIN_WEIGHTS
+    result = quantize_with_report(float_model, QuantizeConfig(bits=4, format=fmt))
+    assert [(layer.op, layer.bits) for layer in result.layers] == [("IntConv", 8)]
+    x = np.random.default_rng(1).standard_normal((5, 521)).astype(np.float32)
+    (y,) = session(result.model.SerializeToString()).run(None, {"x": x})
+    np.testing.assert_array_equal(y, _reference(float_model, x, WeightFormat.INT, 8))
