@@ -176,6 +176,19 @@ def test_fit_adapter_recovers_a_log_linear_scale_pattern():
     np.testing.assert_allclose(np.log(predicted), np.log(beta[300:]), atol=0.05)
 
 
+@pytest.mark.parametrize(("samples", "channels"), [(60, 7), (20, 45)])
+def test_every_ridge_fit_solves_its_penalised_normal_equations(samples, channels):
+    """(Z^T Z + r n I) w = Z^T (y - mean y) and bias = mean y - mean(Z) w, for every ridge, with more and fewer samples than channels."""
+    from onnxq.calibrate.asq import RIDGES, _ridges
+
+    rng = np.random.default_rng(12)
+    z, y = rng.standard_normal((samples, channels)) + 0.3, rng.standard_normal(samples)
+    for ridge, fit in zip(RIDGES, _ridges(z, y, RIDGES), strict=True):
+        want = np.linalg.solve(z.T @ z + ridge * samples * np.eye(channels), z.T @ (y - y.mean()))
+        np.testing.assert_allclose(fit.weight, want, rtol=1e-8, atol=1e-10)
+        assert fit.bias == pytest.approx(y.mean() - z.mean(axis=0) @ want, rel=1e-8, abs=1e-10)
+
+
 def test_combined_adapter_steps_are_channel_steps_times_the_sample_factor():
     from onnxq.calibrate.asq import LogLinear, combine
 

@@ -104,8 +104,8 @@ def fit_adapter(features: np.ndarray, beta: np.ndarray, seed: int = 0) -> LogLin
     z = (x - mean) / std
     order = np.random.default_rng(seed).permutation(samples)
     held, train = order[: samples // 5], order[samples // 5 :]
-    losses = [np.mean((_ridge(z[train], y[train], r).predict_log(z[held]) - y[held]) ** 2) for r in RIDGES]
-    fit = _ridge(z, y, RIDGES[int(np.argmin(losses))])
+    losses = [np.mean((fit.predict_log(z[held]) - y[held]) ** 2) for fit in _ridges(z[train], y[train], RIDGES)]
+    (fit,) = _ridges(z, y, (RIDGES[int(np.argmin(losses))],))
     weight = fit.weight / std
     return LogLinear(weight, float(fit.bias - mean @ weight))
 
@@ -119,10 +119,25 @@ class _Linear:
         return z @ self.weight + self.bias
 
 
-def _ridge(z: np.ndarray, y: np.ndarray, ridge: float) -> _Linear:
-    """Least squares with an L2 penalty ``ridge * samples`` on the weights (not the bias)."""
+def _ridges(z: np.ndarray, y: np.ndarray, ridges: tuple[float, ...]) -> list[_Linear]:
+    """Least squares with an L2 penalty ``ridge * samples`` on the weights (not the bias), for each ridge.
+
+    The weights w = (Z^T Z + r n I)^-1 Z^T t, t = y - mean(y), come from one eigendecomposition of the
+    smaller Gram matrix: with Z^T Z = V diag(l) V^T, w = V diag(1 / (l + r n)) V^T Z^T t; with fewer
+    samples than channels (MobileNetV2's 960), Z Z^T = Q diag(l) Q^T gives the same w as
+    Z^T Q diag(1 / (l + r n)) Q^T t. Every ridge for the price of one min(n, C)-sized factorisation.
+    """
     samples, channels = z.shape
-    y_mean = y.mean()
-    gram = z.T @ z + ridge * samples * np.eye(channels)
-    weight = np.linalg.solve(gram, z.T @ (y - y_mean)) if channels else np.zeros(0)
-    return _Linear(weight, float(y_mean - z.mean(axis=0) @ weight))
+    t = y - y.mean()
+    if not channels:
+        return [_Linear(np.zeros(0), float(y.mean())) for _ in ridges]
+    by_channel = channels <= samples
+    values, vectors = np.linalg.eigh(z.T @ z if by_channel else z @ z.T)
+    values = np.maximum(values, 0.0)  # a Gram matrix; rounding may leave tiny negatives
+    projected = vectors.T @ (z.T @ t if by_channel else t)
+    fits = []
+    for ridge in ridges:
+        solved = vectors @ (projected / (values + ridge * samples))
+        weight = solved if by_channel else z.T @ solved
+        fits.append(_Linear(weight, float(y.mean() - z.mean(axis=0) @ weight)))
+    return fits
