@@ -5,6 +5,8 @@ calibrate, the full test split (10,000 images) measures top-1. Settings:
   W8A8  8-bit weights, uint8 activations
   W4A8  4-bit weights (first and last layers 8-bit), uint8 activations
   W4A4  4-bit weights as above, uint4 on the inputs of the 4-bit layers (8-bit elsewhere)
+  W4A4-all  (only on request) as W4A4 with the first and last layers 4-bit too, where a fixed
+        scale has more to lose, so that ASQ's per-input steps have more to win back
 onnxq runs each of its methods (minmax, percentile, entropy, mse, asq), with its default bias
 correction (measured below 7 bits) and, at W4A4, once more with the analytic correction alone. quantize_static (QDQ,
 per channel, QUInt8 activations, QInt8/QInt4 weights) runs MinMax, Entropy and Percentile on the
@@ -13,7 +15,7 @@ same bit allocation: onnxq's 8-bit first/last weights and its 4-bit activation t
 quantize_static as TensorQuantOverrides. Two more rows show quantize_static's plain calls (every
 weight int4; every activation uint4), which have no onnxq counterpart.
 
-    python tools/eval_activations.py [MODEL ...] [--settings W8A8 W4A8 W4A4] [--out table.md]
+    python tools/eval_activations.py [MODEL ...] [--settings W8A8 W4A8 W4A4 W4A4-all] [--out table.md]
 """
 
 from __future__ import annotations
@@ -57,9 +59,19 @@ class Setting:
     name: str
     weight_bits: int
     activation_bits: int
+    first_last_bits: int = 8  # onnxq's default: first and last layers' weights stay 8-bit
 
 
-SETTINGS = {s.name: s for s in (Setting("W8A8", 8, 8), Setting("W4A8", 4, 8), Setting("W4A4", 4, 4))}
+SETTINGS = {
+    s.name: s
+    for s in (
+        Setting("W8A8", 8, 8),
+        Setting("W4A8", 4, 8),
+        Setting("W4A4", 4, 4),
+        Setting("W4A4-all", 4, 4, first_last_bits=4),  # first/last layers 4-bit too: more for the activation steps to win back
+    )
+}
+DEFAULT_SETTINGS = ["W8A8", "W4A8", "W4A4"]
 
 
 @dataclass
@@ -152,7 +164,8 @@ def evaluate_model(
         report = None
         for method in ONNXQ_METHODS:
             start = time.perf_counter()
-            config = QuantizeConfig(bits=setting.weight_bits, activations=ActivationConfig(bits=setting.activation_bits, method=method))
+            act = ActivationConfig(bits=setting.activation_bits, method=method)
+            config = QuantizeConfig(bits=setting.weight_bits, first_last_bits=setting.first_last_bits, activations=act)
             report = quantize_with_report(model, config, calib)
             row.cells[method.value] = accuracy(report.model.SerializeToString(), test).top1
             log(f"{model.stem} {setting.name} onnxq {method.value}: {100 * row.cells[method.value]:.2f} ({time.perf_counter() - start:.0f} s)")
@@ -169,9 +182,9 @@ def evaluate_model(
         if same:
             notes.append(f"{model.stem} {setting.name}: quantize_static's {' and '.join(same)} output is identical to its MinMax output")
         rows.append(row)
-        if setting.activation_bits == 4:
+        if setting.activation_bits == 4 and setting.first_last_bits == 8:
             rows.append(analytic_row(model, setting, calib, test))
-        if setting.weight_bits == 4:
+        if setting.weight_bits == 4 and setting.first_last_bits == 8:
             rows.append(plain_ort_row(model, src, setting, calib, test, tmp))
     return rows, notes
 
@@ -239,7 +252,7 @@ def verdicts(rows: list[Row]) -> list[str]:
         if row.setting in limits:
             within = [c for c in FIXED + ["asq"] if drop[c] <= limits[row.setting]]
             text += f"; within {limits[row.setting]} pp of float: {', '.join(within) or 'none'}"
-        if row.setting == "W4A4":
+        if row.setting.startswith("W4A4"):
             best_fixed = max(FIXED, key=lambda c: row.cells[c])
             text += f"; ASQ vs best fixed ({best_fixed}): {100 * (row.cells['asq'] - row.cells[best_fixed]):+.2f} pp"
         lines.append(text)
@@ -249,7 +262,9 @@ def verdicts(rows: list[Row]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", type=Path, default=MODELS)
-    parser.add_argument("--settings", nargs="+", choices=list(SETTINGS), default=list(SETTINGS))
+    parser.add_argument(
+        "--settings", nargs="+", choices=list(SETTINGS), default=DEFAULT_SETTINGS, help="default: W8A8 W4A8 W4A4 (W4A4-all on request)"
+    )
     parser.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     parser.add_argument("--calibration", type=int, default=512, help="calibration images: the first N of the train split")
     parser.add_argument("--test-size", type=int, help="evaluate on the first N test images only (a quick check; default all)")
