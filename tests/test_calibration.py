@@ -218,3 +218,16 @@ def test_channel_histograms_equal_one_streaming_histogram_per_channel():
     for i, h in enumerate(singles):
         np.testing.assert_array_equal(rows.counts[i], h.counts)
         assert rows.exponent[i] == h.exponent and rows.min[i] == h.min and rows.max[i] == h.max
+
+
+@pytest.mark.parametrize("shape", [(5, 3), (5, 3, 7), (5, 3, 4, 6)])
+def test_channel_means_over_batches_equal_the_mean_over_every_axis_but_one(shape):
+    from onnxq.calibrate.collect import ChannelMeans
+
+    rng = np.random.default_rng(13)
+    batches = [(rng.standard_normal(shape) * 3 + np.arange(shape[1]).reshape((1, -1) + (1,) * (len(shape) - 2))).astype(np.float32) for _ in range(3)]
+    means = ChannelMeans()
+    for batch in batches:
+        means.add(batch)
+    whole = np.concatenate(batches).astype(np.float64)
+    np.testing.assert_allclose(means.mean(), whole.mean(axis=tuple(a for a in range(len(shape)) if a != 1)), rtol=1e-5, atol=1e-5)
