@@ -119,7 +119,14 @@ def mse_range(h: Histogram, bits: int) -> Range:
 
 
 def mse_fractions(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, bits: int) -> np.ndarray:
-    """Per row, the a in (0, 1] whose range [a*lo, a*hi] quantizes the row's binned data with the least MSE."""
+    """Per row, the a in (0, 1] whose range [a*lo, a*hi] quantizes the row's binned data with the least MSE.
+
+    Bins empty in every row add nothing to any error and are dropped first (after a Relu the negative
+    half of each channel's histogram is empty).
+    """
+    occupied = counts.any(axis=0)
+    if not occupied.all():
+        centers, counts = centers[:, occupied], counts[:, occupied]
 
     def error(a: np.ndarray) -> np.ndarray:
         return range_errors(centers, counts, a * (lo if a.ndim == 1 else lo[:, None]), a * (hi if a.ndim == 1 else hi[:, None]), bits)
