@@ -410,11 +410,14 @@ struct CompressTable {
 constexpr CompressTable kCompress{};
 
 // DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 32 columns as 2 phases, vector r
-// holding columns p0 + 2i + r in int16 lane i, so that each of its words is the 2 bytes of plane row
-// ky at column 2i + r + 2j..: one vpmaddubsw per tap group and phase. Every list is narrow (sum
-// |w| <= 128), so no pair saturates and the int16 sums, which start at -z_x * sum w, end exact.
+// holding columns p0 + 2i + r in int16 lane i, so that each of its words is 2 adjacent bytes of a
+// plane row: one vpmaddubsw per nonzero pair of taps (FusedPair) and phase. Every list is narrow
+// (sum |w| <= 128), so no pair saturates and the int16 sums, which start at -z_x * sum w, end exact.
+// (Tried: 64 columns per block, each pair's weights loaded once for 4 vpmaddubsw, 8-10% slower on
+// dw 144 @28; an epilogue without lane-crossing widening (shifts, then vperm2f128), 1-2% slower.)
 struct FusedAvx2 {
   static constexpr int64_t kBlock = 32;
+  static constexpr bool kTapGroups = false;  // FusedPair lists instead
 
   // QuantizeRun's parameters, broadcast once per run.
   struct QuantizeConsts {
@@ -489,7 +492,7 @@ struct FusedAvx2 {
   struct Consts {
     __m256i z_e, z_o;
     __m256 c_e, c_o, bias, clip_lo, clip_hi;
-    const int32_t *w_e, *w_o;
+    const FusedPair *even, *odd, *end;  // the lists' nonzero pairs: [even, odd), [odd, end)
     Consts(const DepthwiseFused& d, int64_t i)
         : z_e(_mm256_set1_epi16(static_cast<int16_t>(-d.z_e[i]))),
           z_o(_mm256_set1_epi16(static_cast<int16_t>(d.post ? -d.z_o[i] : 0))),
@@ -498,9 +501,24 @@ struct FusedAvx2 {
           bias(_mm256_set1_ps(d.bias != nullptr ? d.bias[i] : 0.0f)),
           clip_lo(_mm256_set1_ps(d.clip_lo)),
           clip_hi(_mm256_set1_ps(d.clip_hi)),
-          w_e(d.weights + i * 2 * d.groups),
-          w_o(d.weights + (i * 2 + 1) * d.groups) {}
+          even(d.pairs + d.pair_start[2 * i]),
+          odd(d.pairs + d.pair_start[2 * i + 1]),
+          end(d.pairs + d.pair_start[2 * i + 2]) {}
   };
+
+  // acc[r] += the pairs' products for phase r (stride 1: columns p0 + 2i + r in word i; stride
+  // 2: columns p0 + 16r + i), base = the plane at column p0.
+  template <int kStride>
+  static inline void AddPairs(const uint8_t* base, const FusedPair* pair, const FusedPair* end, __m256i acc[2]) {
+    for (; pair != end; ++pair) {
+      const uint8_t* src = base + pair->offset;
+      const __m256i w = _mm256_set1_epi32(pair->weights);
+      for (int r = 0; r < 2; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
+        acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(x, w));
+      }
+    }
+  }
 
   // The two phases' int16 sums as int32 in column order: 0-7, 8-15, 16-23, 24-31.
   static inline void Widen(__m256i even, __m256i odd, __m256i out[4]) {
@@ -521,21 +539,28 @@ struct FusedAvx2 {
 
   // Stride 2 (column p at byte 2p): word i of vector h is column p0 + 16h + i, the whole vector
   // one load at 2 * (p0 + 16h).
+  // The kept columns of 8 (column group g = column / 8), packed low, to their outputs: a whole
+  // vector where the lanes past them fall on outputs that later vectors write (vmaskmovps stores are
+  // slow on AMD CPUs), else only them.
+  static inline void StoreKept(const DepthwiseFused& d, __m256 y, int64_t g, float* out) {
+    const int64_t start = d.starts[g], count = d.starts[g + 1] - start;
+    const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress.lanes[d.keep[g]])));
+    y = _mm256_permutevar8x32_ps(y, lanes);
+    if (start + 8 <= d.pixels) {
+      _mm256_storeu_ps(out + start, y);
+    } else {
+      alignas(32) float kept[8];
+      _mm256_store_ps(kept, y);
+      for (int64_t j = 0; j < count; ++j) out[start + j] = kept[j];
+    }
+  }
+
   template <bool kPost, bool kBias, int kGroups, int kStride>
   static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
     __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o};
-    const int64_t groups = kGroups > 0 ? kGroups : d.groups;
     const uint8_t* base = d.plane + kStride * p0;
-    for (int64_t t = 0; t < groups; ++t) {
-      const uint8_t* src = base + d.offsets[t];
-      const __m256i w_e = _mm256_set1_epi16(static_cast<int16_t>(c.w_e[t]));
-      const __m256i w_o = kPost ? _mm256_set1_epi16(static_cast<int16_t>(c.w_o[t])) : w_e;
-      for (int r = 0; r < 2; ++r) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
-        e[r] = _mm256_add_epi16(e[r], _mm256_maddubs_epi16(x, w_e));
-        if (kPost) o[r] = _mm256_add_epi16(o[r], _mm256_maddubs_epi16(x, w_o));
-      }
-    }
+    AddPairs<kStride>(base, c.even, c.odd, e);
+    if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
     __m256i e32[4], o32[4];
     if (kStride == 1) {
       Widen(e[0], e[1], e32);
@@ -549,21 +574,7 @@ struct FusedAvx2 {
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);
       if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(o32[k]), c.c_o));
       if (kBias) y = _mm256_add_ps(y, c.bias);
-      y = ClipPs(y, c.clip_lo, c.clip_hi);
-      // The kept columns of these 8, packed low, to their outputs: a whole vector where the
-      // lanes past them fall on outputs that later vectors write (vmaskmovps stores are slow on
-      // AMD CPUs), else only them.
-      const int64_t g = p0 / 8 + k;
-      const int64_t start = d.starts[g], count = d.starts[g + 1] - start;
-      const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress.lanes[d.keep[g]])));
-      y = _mm256_permutevar8x32_ps(y, lanes);
-      if (start + 8 <= d.pixels) {
-        _mm256_storeu_ps(out + start, y);
-      } else {
-        alignas(32) float kept[8];
-        _mm256_store_ps(kept, y);
-        for (int64_t j = 0; j < count; ++j) out[start + j] = kept[j];
-      }
+      StoreKept(d, ClipPs(y, c.clip_lo, c.clip_hi), p0 / 8 + k, out);
     }
   }
 };

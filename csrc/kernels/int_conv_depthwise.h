@@ -2,6 +2,8 @@
 // the walk over output channels and blocks of matrix columns. Included only by int_conv_avx2.cc and
 // int_conv_avx512.cc, each after defining its kernel struct K:
 //   K::kBlock                      matrix columns per block (a multiple of 16)
+//   K::kTapGroups                  whether Block reads d.groups tap groups (then instantiated for a
+//                                  3 x 3 kernel's count too), or d.pairs (AVX2)
 //   K::QuantizeRun(d, n, dst)      (QuantizeFused*) dst[i] = QuantizeOne(d.x[i]) for i < n; may write up to 64 bytes
 //                                  past n, and reads no float past n
 //   K::Consts(d, i)                output channel i's constants, in registers
@@ -77,10 +79,10 @@ void FusedBlocks(const DepthwiseFused& d, int64_t i) {
 
 template <class K, bool kPost, bool kBias, int kStride>
 void FusedGroups(const DepthwiseFused& d, int64_t i) {
-  if (d.groups == 3) {  // 3 x 3 kernels: 3 groups of 4 taps (VNNI), 6 of 2 (AVX2)
+  if constexpr (!K::kTapGroups) {
+    FusedBlocks<K, kPost, kBias, 0, kStride>(d, i);
+  } else if (d.groups == 3) {  // 3 x 3 kernels: 3 groups of 4 taps (VNNI)
     FusedBlocks<K, kPost, kBias, 3, kStride>(d, i);
-  } else if (d.groups == 6) {
-    FusedBlocks<K, kPost, kBias, 6, kStride>(d, i);
   } else {
     FusedBlocks<K, kPost, kBias, 0, kStride>(d, i);
   }
