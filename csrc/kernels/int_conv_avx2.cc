@@ -394,21 +394,6 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d) {
 
 namespace {
 
-// For each mask of 8 lanes, the lanes it keeps, in order, one per byte (then zeros): vpermps
-// indices that pack the kept lanes low (AVX2 has no vcompressps).
-struct CompressTable {
-  uint64_t lanes[256];
-  constexpr CompressTable() : lanes() {
-    for (int m = 0; m < 256; ++m) {
-      int n = 0;
-      for (int j = 0; j < 8; ++j) {
-        if ((m >> j) & 1) lanes[m] |= static_cast<uint64_t>(j) << (8 * n++);
-      }
-    }
-  }
-};
-constexpr CompressTable kCompress{};
-
 // DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 32 columns as 2 phases, vector r
 // holding columns p0 + 2i + r in int16 lane i, so that each of its words is 2 adjacent bytes of a
 // plane row: one vpmaddubsw per nonzero pair of taps (FusedPair) and phase. Every list is narrow
@@ -539,19 +524,18 @@ struct FusedAvx2 {
 
   // Stride 2 (column p at byte 2p): word i of vector h is column p0 + 16h + i, the whole vector
   // one load at 2 * (p0 + 16h).
-  // The kept columns of 8 (column group g = column / 8), packed low, to their outputs: a whole
-  // vector where the lanes past them fall on outputs that later vectors write (vmaskmovps stores are
-  // slow on AMD CPUs), else only them.
+  // Column group g (columns 8g .. 8g + 7) to its outputs: rows of the plane are whole groups
+  // (PrepareFused), so the group's outputs are its first lanes. A whole vector where the lanes past
+  // them fall on outputs that later vectors write (vmaskmovps stores are slow on AMD CPUs), else
+  // only them.
   static inline void StoreKept(const DepthwiseFused& d, __m256 y, int64_t g, float* out) {
-    const int64_t start = d.starts[g], count = d.starts[g + 1] - start;
-    const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress.lanes[d.keep[g]])));
-    y = _mm256_permutevar8x32_ps(y, lanes);
+    const int64_t start = d.starts[g];
     if (start + 8 <= d.pixels) {
       _mm256_storeu_ps(out + start, y);
     } else {
       alignas(32) float kept[8];
       _mm256_store_ps(kept, y);
-      for (int64_t j = 0; j < count; ++j) out[start + j] = kept[j];
+      for (int64_t j = 0, count = d.starts[g + 1] - start; j < count; ++j) out[start + j] = kept[j];
     }
   }
 

@@ -136,7 +136,7 @@ struct FusedPair {
 // Depthwise convolutions with unit horizontal dilation and a horizontal stride sw of 1 or 2,
 // straight from the float input (int_conv_depthwise.h): per input channel, X quantized
 // (qdu8::QuantizeOne's values) and padded (z_x around X) into sh row phases (padded row y in phase
-// y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw), then each of its
+// y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw; AVX2: to 8 * sw), then each of its
 // output channels as multiply-adds of horizontally adjacent taps, whose bytes lie side by side in
 // the plane: 4 taps per vpdpbusd dword (AVX-512 VNNI, any int8 weights), 2 per vpmaddubsw word with
 // int16 sums (AVX2, every list narrow, only the nonzero pairs: FusedPair). Matrix column
@@ -155,7 +155,8 @@ struct DepthwiseFused {
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
   int64_t span;                   // matrix columns: (oh - 1) * wp / sw + ow
   int64_t pixels;                 // outputs per output channel: oh * ow
-  const uint8_t* keep;            // bit j of keep[i]: column 8*i + j is an output (to the last block's end)
+  const uint8_t* keep;            // bit j of keep[i]: column 8*i + j is an output (to the last block's end;
+                                  // AVX2's rows are whole groups of 8 columns, its outputs first)
   const int64_t* starts;          // starts[i]: outputs before column 8*i
   int64_t groups;                 // tap groups: kh * ceil(kw / G)
   const int64_t* offsets;         // [groups]

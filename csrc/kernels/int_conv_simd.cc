@@ -659,7 +659,9 @@ void PrepareFused(SimdJob& job) {
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
-  job.wp = RoundUp(g.w + g.pl + job.pad_right, g.sw);
+  // AVX2: whole groups of 8 matrix columns per output row, so that a group's outputs are its first
+  // columns and FusedAvx2 stores them without a permute (VNNI compresses them in one instruction).
+  job.wp = RoundUp(g.w + g.pl + job.pad_right, job.isa == Isa::kAvx512 ? g.sw : 8 * g.sw);
   job.cols = job.wp / g.sw;
   job.span = (g.oh - 1) * job.cols + g.ow;
   const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
