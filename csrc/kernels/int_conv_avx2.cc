@@ -403,13 +403,15 @@ namespace {
 // dw 144 @28; an epilogue without lane-crossing widening (shifts, then vperm2f128), 1-2% slower.)
 struct FusedAvx2 {
   static constexpr int64_t kBlock = 32;
-  static constexpr bool kTapGroups = false;  // FusedPair lists instead
+  static constexpr bool kTapGroups = false;     // FusedPair lists instead
+  static constexpr bool kQuantizeRows = true;   // QuantizePlane
 
   // QuantizeRun's parameters, broadcast once per run.
   struct QuantizeConsts {
     __m256 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
     __m256 scale, div_lo, div_hi;   // the division's
     __m256i z;
+    uint8_t z_byte;
     bool divide;                    // no inverse: every block by division
     explicit QuantizeConsts(const DepthwiseFused& d)
         : inverse(_mm256_set1_ps(d.inverse)),
@@ -420,6 +422,7 @@ struct FusedAvx2 {
           div_lo(_mm256_set1_ps(d.lo)),
           div_hi(_mm256_set1_ps(d.hi)),
           z(_mm256_set1_epi32(d.z)),
+          z_byte(static_cast<uint8_t>(d.z)),
           divide(d.inverse == 0.0f) {}
   };
 
@@ -456,12 +459,31 @@ struct FusedAvx2 {
     return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 
-  static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
-    const QuantizeConsts c(d);
+  static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) { QuantizeRun(QuantizeConsts(d), d.x, n, dst); }
+
+  // dst[i] = src[i] quantized for i < n, then z for 32 bytes. `readable` floats from src may be
+  // read: where that covers whole vectors, the row's last vector reads on (no masked loads) and
+  // its bytes past n are set back to z.
+  static void QuantizeRow(const QuantizeConsts& c, const float* src, int64_t n, int64_t readable, uint8_t* dst) {
+    const int64_t whole = (n + 31) / 32 * 32;
+    if (whole > readable) {
+      QuantizeRun(c, src, n, dst);
+    } else {
+      __m256 x[4];
+      for (int64_t i = 0; i < whole; i += 32) {
+        for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(src + i + 8 * k);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n), _mm256_set1_epi8(static_cast<char>(c.z_byte)));
+  }
+
+  // dst[i] = src[i] quantized for i < n, and z up to the next multiple of 32 (0.0 quantizes to z).
+  static void QuantizeRun(const QuantizeConsts& c, const float* src, int64_t n, uint8_t* dst) {
     __m256 x[4];
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-      for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(d.x + i + 8 * k);
+      for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(src + i + 8 * k);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
     }
     if (i < n) {  // (lanes past n: 0)
@@ -469,7 +491,7 @@ struct FusedAvx2 {
       for (int k = 0; k < 4; ++k) {
         const int64_t left = n - i - 8 * k;
         const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(left > 8 ? 8 : left)), lane);
-        x[k] = left > 0 ? _mm256_maskload_ps(d.x + i + 8 * k, inside) : _mm256_setzero_ps();
+        x[k] = left > 0 ? _mm256_maskload_ps(src + i + 8 * k, inside) : _mm256_setzero_ps();
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
     }

@@ -212,6 +212,7 @@ namespace {
 struct FusedAvx512 {
   static constexpr int64_t kBlock = 64;
   static constexpr bool kTapGroups = true;
+  static constexpr bool kQuantizeRows = false;  // BuildPlane
 
   // QuantizeRun's parameters, broadcast once per run.
   struct QuantizeConsts {

@@ -146,6 +146,7 @@ struct FusedPair {
 // starting at tap kx likewise, + kx).
 struct DepthwiseFused {
   const float* x;                 // the input channel, h x w
+  int64_t readable;               // floats that may be read from x (to the end of X)
   int64_t h, w, pt, pl, hp, wp;   // X at padded rows pt.., columns pl.. of hp x wp
   int64_t sh, sw, hq;             // strides; rows per phase: hq = ceil(hp / sh)
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide)

@@ -393,11 +393,19 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.pairs = job.fused_pairs.data();
   d.outputs = g.mg;
   d.post = job.post;
-  // The channels are contiguous in X: one quantization run for all of them.
-  QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
+  // AVX-512: the channels are contiguous in X, one quantization run for all of them, then copied
+  // into the plane; AVX2 quantizes each row into the plane (int_conv_depthwise.h, QuantizePlane).
+  if (job.isa == Isa::kAvx512) {
+    QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
+  }
+  d.scale = job.x_scale;
+  d.inverse = job.inverse;
+  d.lo = job.x_lo;
+  d.hi = job.x_hi;
   for (int64_t gi = g0; gi < g1; ++gi) {
     const int64_t m = gi * g.mg;
     d.x = job.x + (n * g.c + gi) * g.h * g.w;
+    d.readable = (g.n * g.c - (n * g.c + gi)) * g.h * g.w;
     d.bytes = scratch + (gi - g0) * g.h * g.w;
     if (job.isa == Isa::kAvx512) d.weights = job.fused_weights->data() + m * 2 * d.groups;
     d.pair_start = job.pw->pair_start.data() + 2 * m;
