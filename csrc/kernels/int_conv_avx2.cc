@@ -395,14 +395,14 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d) {
 
 namespace {
 
-// DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 32 columns as 2 phases, vector r
-// holding columns p0 + 2i + r in int16 lane i, so that each of its words is 2 adjacent bytes of a
-// plane row: one vpmaddubsw per nonzero pair of taps (FusedPair) and phase. Every list is narrow
-// (sum |w| <= 128), so no pair saturates and the int16 sums, which start at -z_x * sum w, end exact.
-// (Tried: 64 columns per block, each pair's weights loaded once for 4 vpmaddubsw, 8-10% slower on
-// dw 144 @28; an epilogue without lane-crossing widening (shifts, then vperm2f128), 1-2% slower.)
+// DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 64 columns, two halves of 32 as 2
+// phases, vector r holding columns 2i + r of the half in int16 lane i, so that each of its words is
+// 2 adjacent bytes of a plane row: one vpmaddubsw per nonzero pair of taps (FusedPair), phase and
+// half. Every list is narrow (sum |w| <= 128), so no pair saturates and the int16 sums, which start
+// at -z_x * sum w, end exact. (Tried: an epilogue without lane-crossing widening (shifts, then
+// vperm2f128), 1-2% slower.)
 struct FusedAvx2 {
-  static constexpr int64_t kBlock = 32;
+  static constexpr int64_t kBlock = 64;
   static constexpr bool kTapGroups = false;     // FusedPair lists instead
   static constexpr bool kQuantizeRows = true;   // QuantizePlane
 
@@ -516,17 +516,34 @@ struct FusedAvx2 {
           end(d.pairs + d.pair_start[2 * i + 2]) {}
   };
 
-  // acc[r] += the pairs' products for phase r (stride 1: columns p0 + 2i + r in word i; stride
-  // 2: columns p0 + 16r + i), base = the plane at column p0. (Tried: two pairs per iteration, no
-  // faster; a jump into straight-line code by the count, 25-40% slower.)
+  // The pairs' products added for two blocks of 32 columns, p0 and p0 + 32, each as 2 phases (stride
+  // 1: columns 2i + r in word i of phase r; stride 2: columns 16r + i): a[r] for the first, b[r] for
+  // the second; base = the plane at column p0. Each pair's offset and weights are loaded once for
+  // 4 vpmaddubsw (the loads, not the multiply-adds, bound the sums). With one block only a[r].
   template <int kStride>
-  static inline void AddPairs(const uint8_t* base, const FusedPair* pair, const FusedPair* end, __m256i acc[2]) {
+  static inline void AddPairs(const uint8_t* base, const FusedPair* pair, const FusedPair* end, __m256i a[2]) {
     for (; pair != end; ++pair) {
       const uint8_t* src = base + pair->offset;
       const __m256i w = _mm256_set1_epi32(pair->weights);
       for (int r = 0; r < 2; ++r) {
         const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
-        acc[r] = _mm256_add_epi16(acc[r], _mm256_maddubs_epi16(x, w));
+        a[r] = _mm256_add_epi16(a[r], _mm256_maddubs_epi16(x, w));
+      }
+    }
+  }
+
+  template <int kStride>
+  static inline void AddPairs(const uint8_t* base, const FusedPair* pair, const FusedPair* end, __m256i a[2],
+                              __m256i b[2]) {
+    for (; pair != end; ++pair) {
+      const uint8_t* src = base + pair->offset;
+      const __m256i w = _mm256_set1_epi32(pair->weights);
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = kStride == 1 ? r : 32 * r;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + at));
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * kStride + at));
+        a[r] = _mm256_add_epi16(a[r], _mm256_maddubs_epi16(x, w));
+        b[r] = _mm256_add_epi16(b[r], _mm256_maddubs_epi16(y, w));
       }
     }
   }
@@ -565,12 +582,11 @@ struct FusedAvx2 {
     }
   }
 
-  template <bool kPost, bool kBias, int kGroups, int kStride>
-  static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
-    __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o};
-    const uint8_t* base = d.plane + kStride * p0;
-    AddPairs<kStride>(base, c.even, c.odd, e);
-    if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
+  // Finish (int_conv_kernels.h) lane by lane for the 32 columns from p0 (the same float32 operations
+  // in the same order), and their outputs stored.
+  template <bool kPost, bool kBias, int kStride>
+  static inline void Finish32(const DepthwiseFused& d, const Consts& c, const __m256i e[2], const __m256i o[2],
+                              int64_t p0, float* out) {
     __m256i e32[4], o32[4];
     if (kStride == 1) {
       Widen(e[0], e[1], e32);
@@ -580,12 +596,27 @@ struct FusedAvx2 {
       if (kPost) Widen2(o[0], o[1], o32);
     }
     for (int k = 0; k < 4; ++k) {
-      // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);
       if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(o32[k]), c.c_o));
       if (kBias) y = _mm256_add_ps(y, c.bias);
       StoreKept(d, c.clip ? ClipPs(y, c.clip_lo, c.clip_hi) : y, p0 / 8 + k, out);
     }
+  }
+
+  template <bool kPost, bool kBias, int kGroups, int kStride>
+  static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+    __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o}, e2[2] = {c.z_e, c.z_e}, o2[2] = {c.z_o, c.z_o};
+    const uint8_t* base = d.plane + kStride * p0;
+    if (p0 + 32 >= d.span) {  // the last columns: one block of 32
+      AddPairs<kStride>(base, c.even, c.odd, e);
+      if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
+      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+      return;
+    }
+    AddPairs<kStride>(base, c.even, c.odd, e, e2);
+    if (kPost) AddPairs<kStride>(base, c.odd, c.end, o, o2);
+    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out);
   }
 };
 
