@@ -84,10 +84,12 @@ void QuantizePlane(const DepthwiseFused& d) {
   if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.sh * d.hq * d.wp + kFusedSlack));
   const typename K::QuantizeConsts consts(d);
   for (int64_t phase = 0; phase < d.sh; ++phase) {
-    // Padded row y = pt + iy is in phase y % sh, row y / sh.
-    for (int64_t iy = ((phase - d.pt) % d.sh + d.sh) % d.sh; iy < d.h; iy += d.sh) {
-      const int64_t y = d.pt + iy;
-      K::QuantizeRow(consts, d.x + iy * d.w, d.w, d.readable - iy * d.w, d.plane + (phase * d.hq + y / d.sh) * d.wp + d.pl);
+    // Padded row y = pt + iy is in phase y % sh, row y / sh: each step of sh rows of X is one row
+    // of the phase (no division per row).
+    const int64_t iy0 = ((phase - d.pt) % d.sh + d.sh) % d.sh;
+    uint8_t* dst = d.plane + (phase * d.hq + (d.pt + iy0) / d.sh) * d.wp + d.pl;
+    for (int64_t iy = iy0; iy < d.h; iy += d.sh, dst += d.wp) {
+      K::QuantizeRow(consts, d.x + iy * d.w, d.w, d.readable - iy * d.w, dst);
     }
   }
 }
