@@ -365,8 +365,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const int64_t g1 = std::min(g0 + job.channels, g.group);
-  // Scratch: the task's channels quantized, then the plane (small images: on the stack).
-  const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
+  // Scratch: the task's channels quantized (AVX-512; AVX2 quantizes into the plane), then the plane
+  // (small images: on the stack).
+  const int64_t bytes_size = job.isa == Isa::kAvx512 ? RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64) : 0;
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   Scratch<16384> buffer;
