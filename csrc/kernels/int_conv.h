@@ -71,9 +71,11 @@
 // dilation and a horizontal stride of 1 or 2 straight from the float X (DepthwiseFused,
 // int_conv_depthwise.h: row phases for vertical strides, 2 bytes per column at stride 2; each channel
 // quantized as it is used, with x * (1/s_x) and a division only next to ties, which gives the same
-// x_q; adjacent taps summed by one vpdpbusd per 4 or one vpmaddubsw per 2), else over X quantized
-// (pixels in the vector lanes; for rows under 16 pixels, channels); PostConv's w_even and w_odd
-// are two rows of the product, so it does twice IntConv's integer work. With per-sample steps
+// x_q; adjacent taps summed by one vpdpbusd per 4 or one vpmaddubsw per 2, AVX2 only the pairs
+// with a nonzero weight), else over X quantized (pixels in the vector lanes; for rows under 16
+// pixels, channels); PostConv's w_even and w_odd are two rows of the product, so it does twice
+// IntConv's integer work (not in AVX2's DepthwiseFused: a code is in one of them, and the zero
+// pairs of each are skipped). With per-sample steps
 // (x_scale of N elements) the kernels run once per sample, each a one-image call with that
 // sample's factors.
 #pragma once

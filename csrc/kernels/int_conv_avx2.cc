@@ -13,6 +13,7 @@
 // with 16s.
 #include <immintrin.h>
 
+#include <cmath>
 #include <cstring>
 
 #include "kernels/int_conv_depthwise.h"
@@ -394,33 +395,23 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d) {
 
 namespace {
 
-// For each mask of 8 lanes, the lanes it keeps, in order, one per byte (then zeros): vpermps
-// indices that pack the kept lanes low (AVX2 has no vcompressps).
-struct CompressTable {
-  uint64_t lanes[256];
-  constexpr CompressTable() : lanes() {
-    for (int m = 0; m < 256; ++m) {
-      int n = 0;
-      for (int j = 0; j < 8; ++j) {
-        if ((m >> j) & 1) lanes[m] |= static_cast<uint64_t>(j) << (8 * n++);
-      }
-    }
-  }
-};
-constexpr CompressTable kCompress{};
-
-// DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 32 columns as 2 phases, vector r
-// holding columns p0 + 2i + r in int16 lane i, so that each of its words is the 2 bytes of plane row
-// ky at column 2i + r + 2j..: one vpmaddubsw per tap group and phase. Every list is narrow (sum
-// |w| <= 128), so no pair saturates and the int16 sums, which start at -z_x * sum w, end exact.
+// DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 64 columns, two halves of 32 as 2
+// phases, vector r holding columns 2i + r of the half in int16 lane i, so that each of its words is
+// 2 adjacent bytes of a plane row: one vpmaddubsw per nonzero pair of taps (FusedPair), phase and
+// half. Every list is narrow (sum |w| <= 128), so no pair saturates and the int16 sums, which start
+// at -z_x * sum w, end exact. (Tried: an epilogue without lane-crossing widening (shifts, then
+// vperm2f128), 1-2% slower.)
 struct FusedAvx2 {
-  static constexpr int64_t kBlock = 32;
+  static constexpr int64_t kBlock = 64;
+  static constexpr bool kTapGroups = false;     // FusedPair lists instead
+  static constexpr bool kQuantizeRows = true;   // QuantizePlane
 
   // QuantizeRun's parameters, broadcast once per run.
   struct QuantizeConsts {
     __m256 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
     __m256 scale, div_lo, div_hi;   // the division's
     __m256i z;
+    uint8_t z_byte;
     bool divide;                    // no inverse: every block by division
     explicit QuantizeConsts(const DepthwiseFused& d)
         : inverse(_mm256_set1_ps(d.inverse)),
@@ -431,6 +422,7 @@ struct FusedAvx2 {
           div_lo(_mm256_set1_ps(d.lo)),
           div_hi(_mm256_set1_ps(d.hi)),
           z(_mm256_set1_epi32(d.z)),
+          z_byte(static_cast<uint8_t>(d.z)),
           divide(d.inverse == 0.0f) {}
   };
 
@@ -467,12 +459,31 @@ struct FusedAvx2 {
     return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 
-  static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) {
-    const QuantizeConsts c(d);
+  static void QuantizeRun(const DepthwiseFused& d, int64_t n, uint8_t* dst) { QuantizeRun(QuantizeConsts(d), d.x, n, dst); }
+
+  // dst[i] = src[i] quantized for i < n, then z for 32 bytes. `readable` floats from src may be
+  // read: where that covers whole vectors, the row's last vector reads on (no masked loads) and
+  // its bytes past n are set back to z.
+  static void QuantizeRow(const QuantizeConsts& c, const float* src, int64_t n, int64_t readable, uint8_t* dst) {
+    const int64_t whole = (n + 31) / 32 * 32;
+    if (whole > readable) {
+      QuantizeRun(c, src, n, dst);
+    } else {
+      __m256 x[4];
+      for (int64_t i = 0; i < whole; i += 32) {
+        for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(src + i + 8 * k);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
+      }
+    }
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + n), _mm256_set1_epi8(static_cast<char>(c.z_byte)));
+  }
+
+  // dst[i] = src[i] quantized for i < n, and z up to the next multiple of 32 (0.0 quantizes to z).
+  static void QuantizeRun(const QuantizeConsts& c, const float* src, int64_t n, uint8_t* dst) {
     __m256 x[4];
     int64_t i = 0;
     for (; i + 32 <= n; i += 32) {
-      for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(d.x + i + 8 * k);
+      for (int k = 0; k < 4; ++k) x[k] = _mm256_loadu_ps(src + i + 8 * k);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
     }
     if (i < n) {  // (lanes past n: 0)
@@ -480,7 +491,7 @@ struct FusedAvx2 {
       for (int k = 0; k < 4; ++k) {
         const int64_t left = n - i - 8 * k;
         const __m256i inside = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(left > 8 ? 8 : left)), lane);
-        x[k] = left > 0 ? _mm256_maskload_ps(d.x + i + 8 * k, inside) : _mm256_setzero_ps();
+        x[k] = left > 0 ? _mm256_maskload_ps(src + i + 8 * k, inside) : _mm256_setzero_ps();
       }
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), Quantize32(c, x));
     }
@@ -489,7 +500,8 @@ struct FusedAvx2 {
   struct Consts {
     __m256i z_e, z_o;
     __m256 c_e, c_o, bias, clip_lo, clip_hi;
-    const int32_t *w_e, *w_o;
+    bool clip;                          // not the default bounds, which change no bits (ClipPs)
+    const FusedPair *even, *odd, *end;  // the lists' nonzero pairs: [even, odd), [odd, end)
     Consts(const DepthwiseFused& d, int64_t i)
         : z_e(_mm256_set1_epi16(static_cast<int16_t>(-d.z_e[i]))),
           z_o(_mm256_set1_epi16(static_cast<int16_t>(d.post ? -d.z_o[i] : 0))),
@@ -498,9 +510,43 @@ struct FusedAvx2 {
           bias(_mm256_set1_ps(d.bias != nullptr ? d.bias[i] : 0.0f)),
           clip_lo(_mm256_set1_ps(d.clip_lo)),
           clip_hi(_mm256_set1_ps(d.clip_hi)),
-          w_e(d.weights + i * 2 * d.groups),
-          w_o(d.weights + (i * 2 + 1) * d.groups) {}
+          clip(d.clip_lo != -INFINITY || d.clip_hi != INFINITY),
+          even(d.pairs + d.pair_start[2 * i]),
+          odd(d.pairs + d.pair_start[2 * i + 1]),
+          end(d.pairs + d.pair_start[2 * i + 2]) {}
   };
+
+  // The pairs' products added for two blocks of 32 columns, p0 and p0 + 32, each as 2 phases (stride
+  // 1: columns 2i + r in word i of phase r; stride 2: columns 16r + i): a[r] for the first, b[r] for
+  // the second; base = the plane at column p0. Each pair's offset and weights are loaded once for
+  // 4 vpmaddubsw (the loads, not the multiply-adds, bound the sums). With one block only a[r].
+  template <int kStride>
+  static inline void AddPairs(const uint8_t* base, const FusedPair* pair, const FusedPair* end, __m256i a[2]) {
+    for (; pair != end; ++pair) {
+      const uint8_t* src = base + pair->offset;
+      const __m256i w = _mm256_set1_epi32(pair->weights);
+      for (int r = 0; r < 2; ++r) {
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
+        a[r] = _mm256_add_epi16(a[r], _mm256_maddubs_epi16(x, w));
+      }
+    }
+  }
+
+  template <int kStride>
+  static inline void AddPairs(const uint8_t* base, const FusedPair* pair, const FusedPair* end, __m256i a[2],
+                              __m256i b[2]) {
+    for (; pair != end; ++pair) {
+      const uint8_t* src = base + pair->offset;
+      const __m256i w = _mm256_set1_epi32(pair->weights);
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = kStride == 1 ? r : 32 * r;
+        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + at));
+        const __m256i y = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 32 * kStride + at));
+        a[r] = _mm256_add_epi16(a[r], _mm256_maddubs_epi16(x, w));
+        b[r] = _mm256_add_epi16(b[r], _mm256_maddubs_epi16(y, w));
+      }
+    }
+  }
 
   // The two phases' int16 sums as int32 in column order: 0-7, 8-15, 16-23, 24-31.
   static inline void Widen(__m256i even, __m256i odd, __m256i out[4]) {
@@ -521,21 +567,26 @@ struct FusedAvx2 {
 
   // Stride 2 (column p at byte 2p): word i of vector h is column p0 + 16h + i, the whole vector
   // one load at 2 * (p0 + 16h).
-  template <bool kPost, bool kBias, int kGroups, int kStride>
-  static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
-    __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o};
-    const int64_t groups = kGroups > 0 ? kGroups : d.groups;
-    const uint8_t* base = d.plane + kStride * p0;
-    for (int64_t t = 0; t < groups; ++t) {
-      const uint8_t* src = base + d.offsets[t];
-      const __m256i w_e = _mm256_set1_epi16(static_cast<int16_t>(c.w_e[t]));
-      const __m256i w_o = kPost ? _mm256_set1_epi16(static_cast<int16_t>(c.w_o[t])) : w_e;
-      for (int r = 0; r < 2; ++r) {
-        const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + (kStride == 1 ? r : 32 * r)));
-        e[r] = _mm256_add_epi16(e[r], _mm256_maddubs_epi16(x, w_e));
-        if (kPost) o[r] = _mm256_add_epi16(o[r], _mm256_maddubs_epi16(x, w_o));
-      }
+  // Column group g (columns 8g .. 8g + 7) to its outputs: rows of the plane are whole groups
+  // (PrepareFused), so the group's outputs are its first lanes. A whole vector where the lanes past
+  // them fall on outputs that later vectors write (vmaskmovps stores are slow on AMD CPUs), else
+  // only them.
+  static inline void StoreKept(const DepthwiseFused& d, __m256 y, int64_t g, float* out) {
+    const int64_t start = d.starts[g];
+    if (start + 8 <= d.pixels) {
+      _mm256_storeu_ps(out + start, y);
+    } else {
+      alignas(32) float kept[8];
+      _mm256_store_ps(kept, y);
+      for (int64_t j = 0, count = d.starts[g + 1] - start; j < count; ++j) out[start + j] = kept[j];
     }
+  }
+
+  // Finish (int_conv_kernels.h) lane by lane for the 32 columns from p0 (the same float32 operations
+  // in the same order), and their outputs stored.
+  template <bool kPost, bool kBias, int kStride>
+  static inline void Finish32(const DepthwiseFused& d, const Consts& c, const __m256i e[2], const __m256i o[2],
+                              int64_t p0, float* out) {
     __m256i e32[4], o32[4];
     if (kStride == 1) {
       Widen(e[0], e[1], e32);
@@ -545,26 +596,27 @@ struct FusedAvx2 {
       if (kPost) Widen2(o[0], o[1], o32);
     }
     for (int k = 0; k < 4; ++k) {
-      // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
       __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(e32[k]), c.c_e);
       if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(o32[k]), c.c_o));
       if (kBias) y = _mm256_add_ps(y, c.bias);
-      y = ClipPs(y, c.clip_lo, c.clip_hi);
-      // The kept columns of these 8, packed low, to their outputs: a whole vector where the
-      // lanes past them fall on outputs that later vectors write (vmaskmovps stores are slow on
-      // AMD CPUs), else only them.
-      const int64_t g = p0 / 8 + k;
-      const int64_t start = d.starts[g], count = d.starts[g + 1] - start;
-      const __m256i lanes = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(static_cast<long long>(kCompress.lanes[d.keep[g]])));
-      y = _mm256_permutevar8x32_ps(y, lanes);
-      if (start + 8 <= d.pixels) {
-        _mm256_storeu_ps(out + start, y);
-      } else {
-        alignas(32) float kept[8];
-        _mm256_store_ps(kept, y);
-        for (int64_t j = 0; j < count; ++j) out[start + j] = kept[j];
-      }
+      StoreKept(d, c.clip ? ClipPs(y, c.clip_lo, c.clip_hi) : y, p0 / 8 + k, out);
     }
+  }
+
+  template <bool kPost, bool kBias, int kGroups, int kStride>
+  static inline void Block(const DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+    __m256i e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o}, e2[2] = {c.z_e, c.z_e}, o2[2] = {c.z_o, c.z_o};
+    const uint8_t* base = d.plane + kStride * p0;
+    if (p0 + 32 >= d.span) {  // the last columns: one block of 32
+      AddPairs<kStride>(base, c.even, c.odd, e);
+      if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
+      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+      return;
+    }
+    AddPairs<kStride>(base, c.even, c.odd, e, e2);
+    if (kPost) AddPairs<kStride>(base, c.odd, c.end, o, o2);
+    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out);
   }
 };
 

@@ -211,6 +211,8 @@ namespace {
 // plane row ky at column 4i + r + 4j..: one vpdpbusd per tap group and phase, any int8 weights.
 struct FusedAvx512 {
   static constexpr int64_t kBlock = 64;
+  static constexpr bool kTapGroups = true;
+  static constexpr bool kQuantizeRows = false;  // BuildPlane
 
   // QuantizeRun's parameters, broadcast once per run.
   struct QuantizeConsts {

@@ -78,6 +78,12 @@ struct PackedWeights {
   // G = 4 taps per int32 (quads: one int8 per byte, VNNI) or G = 2 per int16 (pairs: AVX2, only
   // where every list is narrow, else empty), 0 for taps past kw.
   std::vector<int32_t> quads, pairs;
+  // AVX2's DepthwiseFused (int_conv_kernels.h, FusedPair), where every list is narrow: the nonzero
+  // pairs of horizontally adjacent taps of each list, list l of channel m at [pair_start[2m + l],
+  // pair_start[2m + l + 1]): the first tap (ky*kw + kx), and its and the next tap's int8 weights
+  // (0 past kw) as FusedPair::weights.
+  std::vector<int64_t> pair_start;  // [2M + 1]
+  std::vector<int32_t> pair_tap, pair_weights;
   // quads and pairs with 16 channels in the lanes for LanesFused (one output per input channel;
   // else empty): [M / 16 rounded up][2][kh][ceil(kw / G)][16], 0 for channels past M.
   std::vector<int32_t> lane_quads;

@@ -122,18 +122,31 @@ struct Depthwise {
 void DepthwiseAvx2(const Depthwise& d);
 void DepthwiseAvx512(const Depthwise& d);
 
+// AVX2's DepthwiseFused sums one vpmaddubsw word per pair of horizontally adjacent taps of one list,
+// and only the pairs that hold a nonzero weight: a POST code falls in one list (w_even or w_odd), so
+// a 3x3 kernel's two lists of 6 dense pairs (taps 0-1 and 2 of each row) hold about 7 nonzero ones
+// together, which halves PostConv's sums; IntConv loses only its zero pairs. Pair i adds, for
+// matrix column p, plane[offset + sw*p] * w0 + plane[offset + sw*p + 1] * w1 (w1 = 0 past kw).
+struct FusedPair {
+  int64_t offset;   // the first tap's offset in the plane (as DepthwiseFused::offsets)
+  int32_t weights;  // w0 and w1 as the bytes of an int16, repeated in both halves (one vpbroadcastd)
+  int32_t unused;
+};
+
 // Depthwise convolutions with unit horizontal dilation and a horizontal stride sw of 1 or 2,
 // straight from the float input (int_conv_depthwise.h): per input channel, X quantized
 // (qdu8::QuantizeOne's values) and padded (z_x around X) into sh row phases (padded row y in phase
-// y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw), then each of its
+// y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw; AVX2: to 8 * sw), then each of its
 // output channels as multiply-adds of horizontally adjacent taps, whose bytes lie side by side in
 // the plane: 4 taps per vpdpbusd dword (AVX-512 VNNI, any int8 weights), 2 per vpmaddubsw word with
-// int16 sums (AVX2, every list narrow). Matrix column p = oy * (wp / sw) + ox is output pixel
-// (oy, ox) when ox < ow (else dropped); the tap group t of kernel row ky, taps kx = G*j .. G*j + G-1
-// (G = 4 or 2, 0 weights past kw), reads plane[offsets[t] + sw * p], offsets[t] =
-// (ky*dh % sh) * hq*wp + (ky*dh / sh) * wp + G*j.
+// int16 sums (AVX2, every list narrow, only the nonzero pairs: FusedPair). Matrix column
+// p = oy * (wp / sw) + ox is output pixel (oy, ox) when ox < ow (else dropped); the tap group t of
+// kernel row ky, taps kx = G*j .. G*j + G-1 (G = 4, 0 weights past kw), reads
+// plane[offsets[t] + sw * p], offsets[t] = (ky*dh % sh) * hq*wp + (ky*dh / sh) * wp + G*j (a FusedPair
+// starting at tap kx likewise, + kx).
 struct DepthwiseFused {
   const float* x;                 // the input channel, h x w
+  int64_t readable;               // floats that may be read from x (to the end of X)
   int64_t h, w, pt, pl, hp, wp;   // X at padded rows pt.., columns pl.. of hp x wp
   int64_t sh, sw, hq;             // strides; rows per phase: hq = ceil(hp / sh)
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide)
@@ -143,13 +156,16 @@ struct DepthwiseFused {
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
   int64_t span;                   // matrix columns: (oh - 1) * wp / sw + ow
   int64_t pixels;                 // outputs per output channel: oh * ow
-  const uint8_t* keep;            // bit j of keep[i]: column 8*i + j is an output (to the last block's end)
+  const uint8_t* keep;            // bit j of keep[i]: column 8*i + j is an output (to the last block's end;
+                                  // AVX2's rows are whole groups of 8 columns, its outputs first)
   const int64_t* starts;          // starts[i]: outputs before column 8*i
   int64_t groups;                 // tap groups: kh * ceil(kw / G)
   const int64_t* offsets;         // [groups]
   int64_t outputs;                // output channels of this input channel
-  const int32_t* weights;         // [outputs][2][groups]: list 0 (w / w_even), list 1 (w_odd); G int8 per group
-                                  // (AVX-512) or an int16 of 2 int8 (AVX2)
+  const int32_t* weights;         // AVX-512: [outputs][2][groups]: list 0 (w / w_even), list 1 (w_odd), 4 int8
+                                  // per group
+  const FusedPair* pairs;         // AVX2 (instead of groups, offsets, weights): output channel i's
+  const int64_t* pair_start;      // list l at pairs[pair_start[2i + l] .. pair_start[2i + l + 1])
   const int32_t *z_e, *z_o;       // [outputs]: z_x * sum of each list's weights
   const float *c_e, *c_o, *bias;  // [outputs]; bias may be null
   float clip_lo, clip_hi;                 // the clip bounds (Clip)

@@ -36,6 +36,30 @@ inline PostWeight PostWeightOf(int32_t q, int64_t bits) {
   return {q < 0 ? -1 : 1, k2 - (e - 1) / 2, true};
 }
 
+// PackedWeights::pair_start, pair_tap, pair_weights from the lists: along each kernel row, every
+// nonzero weight starts a pair with the tap after it (zero or not), which is then skipped. Greedy
+// from the left is optimal here (runs of nonzero taps in a row: ceil(run / 2) pairs each).
+void SparsePairs(const Geometry& g, PackedWeights& pw) {
+  pw.pair_start.assign(1, 0);
+  std::vector<int32_t> row(static_cast<size_t>(g.kw + 1));
+  for (int64_t list = 0; list < 2 * g.m; ++list) {
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      std::fill(row.begin(), row.end(), 0);
+      for (int64_t i = pw.list_start[list]; i < pw.list_start[list + 1]; ++i) {
+        if (pw.taps[i] / g.kw == ky) row[pw.taps[i] % g.kw] = pw.weights[i];
+      }
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        if (row[kx] == 0) continue;
+        const auto byte = [](int32_t w) { return static_cast<uint32_t>(static_cast<uint8_t>(static_cast<int8_t>(w))); };
+        pw.pair_tap.push_back(static_cast<int32_t>(ky * g.kw + kx));
+        pw.pair_weights.push_back(static_cast<int32_t>((byte(row[kx]) | byte(row[kx + 1]) << 8) * 0x10001u));
+        ++kx;
+      }
+    }
+    pw.pair_start.push_back(static_cast<int64_t>(pw.pair_tap.size()));
+  }
+}
+
 }  // namespace
 
 // Rows of A: IntConv, one per output channel; PostConv, two per output channel, 2*mm (w_even) and
@@ -117,6 +141,7 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         }
       }
     }
+    if (narrow) SparsePairs(g, *pw);
     if (g.mg == 1) {
       const int64_t groups = g.kh * kw4, groups2 = g.kh * kw2;
       pw->lane_quads.assign(static_cast<size_t>(RoundUp(g.m, 16) * 2 * groups), 0);

@@ -118,7 +118,8 @@ struct SimdJob : SimdArgs {
   std::vector<uint8_t> keep;
   std::vector<int64_t> starts;
   std::vector<int32_t> fused_z;  // [2][M]: z_e, z_o
-  const std::vector<int32_t>* fused_weights = nullptr;
+  const std::vector<int32_t>* fused_weights = nullptr;  // AVX-512: the tap groups' weights
+  std::vector<FusedPair> fused_pairs;                    // AVX2: pw->pair_tap's offsets and weights
   float inverse = 0.0f;
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
   // GemmT's epilogue (FinishT): z_x * each row's sum of weights and its factor, [group][t_rows].
@@ -364,8 +365,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const int64_t g1 = std::min(g0 + job.channels, g.group);
-  // Scratch: the task's channels quantized, then the plane (small images: on the stack).
-  const int64_t bytes_size = RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
+  // Scratch: the task's channels quantized (AVX-512; AVX2 quantizes into the plane), then the plane
+  // (small images: on the stack).
+  const int64_t bytes_size = job.isa == Isa::kAvx512 ? RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64) : 0;
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   Scratch<16384> buffer;
@@ -387,17 +389,27 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.pixels = g.pixels();
   d.keep = job.keep.data();
   d.starts = job.starts.data();
-  d.groups = static_cast<int64_t>(job.offsets.size());
+  d.groups = static_cast<int64_t>(job.offsets.size());  // (AVX2: none, FusedPair instead)
   d.offsets = job.offsets.data();
+  d.pairs = job.fused_pairs.data();
   d.outputs = g.mg;
   d.post = job.post;
-  // The channels are contiguous in X: one quantization run for all of them.
-  QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
+  // AVX-512: the channels are contiguous in X, one quantization run for all of them, then copied
+  // into the plane; AVX2 quantizes each row into the plane (int_conv_depthwise.h, QuantizePlane).
+  if (job.isa == Isa::kAvx512) {
+    QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
+  }
+  d.scale = job.x_scale;
+  d.inverse = job.inverse;
+  d.lo = job.x_lo;
+  d.hi = job.x_hi;
   for (int64_t gi = g0; gi < g1; ++gi) {
     const int64_t m = gi * g.mg;
     d.x = job.x + (n * g.c + gi) * g.h * g.w;
+    d.readable = (g.n * g.c - (n * g.c + gi)) * g.h * g.w;
     d.bytes = scratch + (gi - g0) * g.h * g.w;
-    d.weights = job.fused_weights->data() + m * 2 * d.groups;
+    if (job.isa == Isa::kAvx512) d.weights = job.fused_weights->data() + m * 2 * d.groups;
+    d.pair_start = job.pw->pair_start.data() + 2 * m;
     d.z_e = job.fused_z.data() + m;
     d.z_o = job.fused_z.data() + g.m + m;
     d.c_e = job.c_e + m;
@@ -656,7 +668,9 @@ void PrepareFused(SimdJob& job) {
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
-  job.wp = RoundUp(g.w + g.pl + job.pad_right, g.sw);
+  // AVX2: whole groups of 8 matrix columns per output row, so that a group's outputs are its first
+  // columns and FusedAvx2 stores them without a permute (VNNI compresses them in one instruction).
+  job.wp = RoundUp(g.w + g.pl + job.pad_right, job.isa == Isa::kAvx512 ? g.sw : 8 * g.sw);
   job.cols = job.wp / g.sw;
   job.span = (g.oh - 1) * job.cols + g.ow;
   const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
@@ -672,15 +686,23 @@ void PrepareFused(SimdJob& job) {
     if (++ox == job.cols) ox = 0;
   }
   job.starts[columns / 8] = kept;
-  const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
-  const int64_t per_row = (g.kw + taps - 1) / taps;
-  job.offsets.clear();
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
-  for (int64_t ky = 0; ky < g.kh; ++ky) {
+  auto offset = [&](int64_t ky, int64_t kx) {  // of tap (ky, kx) in the plane
     const int64_t y = ky * g.dh;
-    for (int64_t j = 0; j < per_row; ++j) job.offsets.push_back(((y % g.sh) * hq + y / g.sh) * job.wp + taps * j);
+    return ((y % g.sh) * hq + y / g.sh) * job.wp + kx;
+  };
+  job.offsets.clear();
+  if (job.isa == Isa::kAvx512) {  // groups of 4 taps
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; kx += 4) job.offsets.push_back(offset(ky, kx));
+    }
+    job.fused_weights = &pw.quads;
+  } else {  // the nonzero pairs (FusedPair)
+    std::vector<int64_t> tap_offset(static_cast<size_t>(g.kh * g.kw));
+    for (int64_t t = 0; t < g.kh * g.kw; ++t) tap_offset[t] = offset(t / g.kw, t % g.kw);
+    job.fused_pairs.resize(pw.pair_tap.size());
+    for (size_t i = 0; i < pw.pair_tap.size(); ++i) job.fused_pairs[i] = {tap_offset[pw.pair_tap[i]], pw.pair_weights[i], 0};
   }
-  job.fused_weights = job.isa == Isa::kAvx512 ? &pw.quads : &pw.pairs;
   job.fused_z.resize(static_cast<size_t>(2 * g.m));
   for (int64_t m = 0; m < g.m; ++m) {
     job.fused_z[m] = job.z * pw.list_sum[2 * m];
@@ -707,7 +729,7 @@ bool UseLanesFused(const Geometry& g, const PackedWeights& pw, Isa isa, int64_t 
 
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
   if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sw > 2 || g.dw != 1) return false;
-  return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pairs.empty());
+  return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pair_start.empty());
 }
 
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
