@@ -172,11 +172,14 @@ class LevelRunner:
     def run(self, outputs: Sequence[str], feeds: Mapping[str, np.ndarray]) -> dict[str, list[np.ndarray]]:
         """The ``outputs`` per batch, computing only the nodes no earlier call ran (``feeds``: inputs beside the batch's)."""
         nodes = nodes_for(self.model.graph, outputs, self.cache)
+        reads: set[str] = set()
         for node in nodes:
-            self.readers.subtract(node_reads(node))
+            node_read = node_reads(node)
+            self.readers.subtract(node_read)
+            reads |= node_read
         handed_on = [out for node in nodes for out in node.output if self.readers[out] > 0 and out not in outputs]
         fetched = list(outputs) + handed_on
-        given = {name: values[0] for name, values in self.cache.items() if name in set().union(*(node_reads(n) for n in nodes))}
+        given = {name: values[0] for name, values in self.cache.items() if name in reads}
         segment = segment_model(self.model, nodes, fetched, given)
         wanted = {i.name for i in segment.graph.input}
         results: dict[str, list[np.ndarray]] = {name: [] for name in fetched}
