@@ -407,24 +407,13 @@ struct FusedAvx2 {
   static constexpr bool kQuantizeRows = true;   // QuantizePlane
 
   // QuantizeRun's parameters, broadcast once per run.
-  struct QuantizeConsts {
-    __m256 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
-    __m256 scale, div_lo, div_hi;   // the division's
-    __m256i z;
-    uint8_t z_byte;
-    bool divide;                    // no inverse: every block by division
-    explicit QuantizeConsts(const DepthwiseFused& d)
-        : inverse(_mm256_set1_ps(d.inverse)),
-          magic(_mm256_set1_ps(FixedMagic(d.z))),
-          lo(_mm256_set1_ps(FixedMagic(d.z) + d.lo)),
-          hi(_mm256_set1_ps(FixedMagic(d.z) + d.hi)),
-          scale(_mm256_set1_ps(d.scale)),
-          div_lo(_mm256_set1_ps(d.lo)),
-          div_hi(_mm256_set1_ps(d.hi)),
-          z(_mm256_set1_epi32(d.z)),
-          z_byte(static_cast<uint8_t>(d.z)),
-          divide(d.inverse == 0.0f) {}
+  struct Vectors {
+    using Ps = __m256;
+    using Pi = __m256i;
+    static Ps Set(float v) { return _mm256_set1_ps(v); }
+    static Pi Set(int32_t v) { return _mm256_set1_epi32(v); }
   };
+  using QuantizeConsts = FusedQuantizeConsts<Vectors>;
 
   // 32 values quantized (int_conv_kernels.h, FixedMagic) into bytes, in order.
   static inline __m256i Quantize32(const QuantizeConsts& c, const __m256 x[4]) {

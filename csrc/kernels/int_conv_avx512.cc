@@ -215,22 +215,13 @@ struct FusedAvx512 {
   static constexpr bool kQuantizeRows = false;  // BuildPlane
 
   // QuantizeRun's parameters, broadcast once per run.
-  struct QuantizeConsts {
-    __m512 inverse, magic, lo, hi;  // the multiply-add and its clamp (int_conv_kernels.h, FixedMagic)
-    __m512 scale, div_lo, div_hi;   // the division's
-    __m512i z;
-    bool divide;                    // no inverse: every block by division
-    explicit QuantizeConsts(const DepthwiseFused& d)
-        : inverse(_mm512_set1_ps(d.inverse)),
-          magic(_mm512_set1_ps(FixedMagic(d.z))),
-          lo(_mm512_set1_ps(FixedMagic(d.z) + d.lo)),
-          hi(_mm512_set1_ps(FixedMagic(d.z) + d.hi)),
-          scale(_mm512_set1_ps(d.scale)),
-          div_lo(_mm512_set1_ps(d.lo)),
-          div_hi(_mm512_set1_ps(d.hi)),
-          z(_mm512_set1_epi32(d.z)),
-          divide(d.inverse == 0.0f) {}
+  struct Vectors {
+    using Ps = __m512;
+    using Pi = __m512i;
+    static Ps Set(float v) { return _mm512_set1_ps(v); }
+    static Pi Set(int32_t v) { return _mm512_set1_epi32(v); }
   };
+  using QuantizeConsts = FusedQuantizeConsts<Vectors>;
 
   // 64 values quantized (int_conv_kernels.h, FixedMagic) into bytes, in order.
   static inline __m512i Quantize64(const QuantizeConsts& c, const __m512 x[4]) {

@@ -33,6 +33,29 @@ namespace onnxq::iconv {
 
 namespace {
 
+// The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run into
+// the includer's vectors. V supplies the float vector Ps, the int32 vector Pi and Set(float) /
+// Set(int32_t) broadcasts for them.
+template <class V>
+struct FusedQuantizeConsts {
+  typename V::Ps inverse, magic, lo, hi;  // the multiply-add and its clamp
+  typename V::Ps scale, div_lo, div_hi;   // the division's
+  typename V::Pi z;
+  uint8_t z_byte;
+  bool divide;                            // no inverse: every block by division
+  explicit FusedQuantizeConsts(const DepthwiseFused& d)
+      : inverse(V::Set(d.inverse)),
+        magic(V::Set(FixedMagic(d.z))),
+        lo(V::Set(FixedMagic(d.z) + d.lo)),
+        hi(V::Set(FixedMagic(d.z) + d.hi)),
+        scale(V::Set(d.scale)),
+        div_lo(V::Set(d.lo)),
+        div_hi(V::Set(d.hi)),
+        z(V::Set(d.z)),
+        z_byte(static_cast<uint8_t>(d.z)),
+        divide(d.inverse == 0.0f) {}
+};
+
 // n bytes from src to dst, exactly (rows of the plane must keep their padding): 16-byte vectors,
 // the last one ending at n.
 inline void CopyRow(uint8_t* dst, const uint8_t* src, int64_t n) {
