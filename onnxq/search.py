@@ -111,10 +111,10 @@ def build_histograms(rows: np.ndarray, sqrt_domain: bool, bins: int | None = Non
         mag[tiny] /= top[tiny, None]
         factor[tiny] = bins
     mag *= factor.astype(np.float32)[:, None]
-    idx = mag.astype(np.int32)
+    idx = mag.astype(np.intp)  # np.bincount's own type: int32 would cost it a converted copy
     np.minimum(idx, bins - 1, out=idx)
     if n_rows > 1:
-        idx += (np.arange(n_rows, dtype=np.int32) * bins)[:, None]
+        idx += (np.arange(n_rows, dtype=np.intp) * bins)[:, None]
     counts = np.bincount(idx.ravel(), minlength=n_rows * bins).reshape(n_rows, bins).astype(np.float64)
     centre = (np.arange(bins) + 0.5) / bins
     u_centre = centre**2 if sqrt_domain else centre
