@@ -191,9 +191,10 @@ class ChannelHistograms:
         grow = needed > self.exponent
         if not grow.any():
             return
-        factor = np.left_shift(1, np.minimum(needed - self.exponent, 62))
+        rows = np.flatnonzero(grow)  # only these are merged: after the first batches few channels still widen
+        factor = np.left_shift(1, np.minimum(needed[rows] - self.exponent[rows], 62))
         old = np.arange(self.bins, dtype=np.int64) - half
-        new_index = np.floor_divide(old[None, :], factor[:, None]) + half + np.arange(self.channels)[:, None] * self.bins
-        merged = np.bincount(new_index.ravel(), weights=self.counts.ravel(), minlength=self.channels * self.bins)
-        self.counts = merged.reshape(self.channels, self.bins).astype(np.int64)
+        new_index = np.floor_divide(old[None, :], factor[:, None]) + half + np.arange(len(rows))[:, None] * self.bins
+        merged = np.bincount(new_index.ravel(), weights=self.counts[rows].ravel(), minlength=len(rows) * self.bins)
+        self.counts[rows] = merged.reshape(len(rows), self.bins).astype(np.int64)
         self.exponent = needed
