@@ -133,6 +133,15 @@ struct FusedPair {
   int32_t unused;
 };
 
+// Where the depthwise kernels that quantize X themselves (DepthwiseFused, LanesFused) place it in the
+// plane they pad: X's h x w at padded rows pt.., columns pl.. of hp x wp, the padding the byte z (X's
+// zero point), strides sh, sw.
+struct PaddedPlane {
+  int64_t h, w, pt, pl, hp, wp;
+  int64_t sh, sw;
+  int32_t z;
+};
+
 // Depthwise convolutions with unit horizontal dilation and a horizontal stride sw of 1 or 2,
 // straight from the float input (int_conv_depthwise.h): per input channel, X quantized
 // (qdu8::QuantizeOne's values) and padded (z_x around X) into sh row phases (padded row y in phase
@@ -144,13 +153,11 @@ struct FusedPair {
 // kernel row ky, taps kx = G*j .. G*j + G-1 (G = 4, 0 weights past kw), reads
 // plane[offsets[t] + sw * p], offsets[t] = (ky*dh % sh) * hq*wp + (ky*dh / sh) * wp + G*j (a FusedPair
 // starting at tap kx likewise, + kx).
-struct DepthwiseFused {
+struct DepthwiseFused : PaddedPlane {
   const float* x;                 // the input channel, h x w
   int64_t readable;               // floats that may be read from x (to the end of X)
-  int64_t h, w, pt, pl, hp, wp;   // X at padded rows pt.., columns pl.. of hp x wp
-  int64_t sh, sw, hq;             // strides; rows per phase: hq = ceil(hp / sh)
-  float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide)
-  int32_t z;
+  int64_t hq;                     // rows per phase: ceil(hp / sh)
+  float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide); zero point z
   uint8_t* bytes;                 // the channel quantized (QuantizeFused*), h x w
   uint8_t* plane;                 // scratch: sh*hq*wp + kFusedSlack bytes
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
@@ -226,12 +233,10 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 // Cells start every `step` columns: sw, or 2 at stride 1 for VNNI kernels at most 3 wide (LanesStep):
 // then cell (y, c) serves outputs 2c and 2c + 1, the odd one from the cell shifted down a byte
 // (taps 1..3 of the 4 pixels, weights unchanged), which halves the cells built and loaded.
-struct LanesFused : LaneOutput {
+struct LanesFused : LaneOutput, PaddedPlane {
   const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
-  int64_t h, w, pt, pl, hp, wp;  // X at padded rows pt.., columns pl.. of hp x wp
-  int64_t sh, sw, step;       // strides; columns between cells (LanesStep)
-  int32_t z;
+  int64_t step;              // columns between cells (LanesStep)
   uint8_t* scratch;          // LanesScratch(...) bytes
   int64_t groups;            // kh * ceil(kw / G)
   const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / step, in cells

@@ -339,6 +339,12 @@ struct Scratch {
   }
 };
 
+// Where the job's X lies in its padded plane.
+PaddedPlane PlaneOf(const SimdJob& job) {
+  const Geometry& g = *job.g;
+  return PaddedPlane{g.h, g.w, g.pt, g.pl, job.hp, job.wp, g.sh, g.sw, job.z};
+}
+
 // dst[i] = x[i] quantized with the call's parameters, for i < count (QuantizeFused*: exact, may
 // write up to 64 bytes past count): the input of DepthwiseFused and LanesFused.
 void QuantizeChannels(const SimdJob& job, const float* x, int64_t count, uint8_t* dst) {
@@ -373,16 +379,8 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   Scratch<16384> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
   DepthwiseFused d{};
-  d.h = g.h;
-  d.w = g.w;
-  d.pt = g.pt;
-  d.pl = g.pl;
-  d.hp = job.hp;
-  d.wp = job.wp;
-  d.sh = g.sh;
-  d.sw = g.sw;
+  static_cast<PaddedPlane&>(d) = PlaneOf(job);
   d.hq = hq;
-  d.z = job.z;
   d.plane = scratch + bytes_size;
   d.fresh = true;
   d.span = job.span;
@@ -538,16 +536,8 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   LanesFused d{};
   d.bytes = scratch;
   d.lanes = lanes;
-  d.h = g.h;
-  d.w = g.w;
-  d.pt = g.pt;
-  d.pl = g.pl;
-  d.hp = job.hp;
-  d.wp = job.wp;
-  d.sh = g.sh;
-  d.sw = g.sw;
+  static_cast<PaddedPlane&>(d) = PlaneOf(job);
   d.step = step;
-  d.z = job.z;
   d.scratch = scratch + bytes_size;
   d.groups = static_cast<int64_t>(job.lane_offsets.size());
   d.offsets = job.lane_offsets.data();
