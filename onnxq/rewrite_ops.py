@@ -109,25 +109,25 @@ def op_choice(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeC
     if len(kinds) > 1:
         return OpChoice(None, "weight shared by a Conv and a Gemm/MatMul")
     if kinds == {True}:
-        if len({weight_is_rows(node) for node in readers}) > 1:
-            return OpChoice(None, "weight read as (K, M) by one node and (M, K) by another")
-        shape = tuple(targets.consts[plan.tensor].dims)
-        for node in readers:
-            reason = unsupported(node, shape, targets.ranks.get(node.name), targets.consts)
-            if reason is not None:
-                return OpChoice(None, reason)
+        if (reason := _gemm_reason(plan, readers, targets)) is not None:
+            return OpChoice(None, reason)
     elif (other := next((node for node in readers if not convertible(node, rank)), None)) is not None:
         return OpChoice(None, f"{other.op_type} {other.name}: the ops run 2-D Conv with explicit padding, Gemm and MatMul")
     return OpChoice(POST_CONV if config.format is WeightFormat.POST else INT_CONV)
 
 
-def _gemm_runs_as_op(plan: WeightPlan, targets: OpTargets) -> bool:
-    """Whether every reader of the plan's weight is a Gemm/MatMul the ops can run, all reading it the same way."""
-    readers = [targets.nodes[use.node] for use in plan.uses]
-    if not readers or any(node.op_type not in GEMM_TYPES for node in readers) or len({weight_is_rows(n) for n in readers}) > 1:
-        return False
+def _gemm_reason(plan: WeightPlan, readers: list[onnx.NodeProto], targets: OpTargets) -> str | None:
+    """Why the Gemm/MatMul ``readers`` of the plan's weight cannot run as the op (None: they can)."""
+    if len({weight_is_rows(node) for node in readers}) > 1:
+        return "weight read as (K, M) by one node and (M, K) by another"
     shape = tuple(targets.consts[plan.tensor].dims)
-    return all(unsupported(node, shape, targets.ranks.get(node.name), targets.consts) is None for node in readers)
+    return next((r for node in readers if (r := unsupported(node, shape, targets.ranks.get(node.name), targets.consts)) is not None), None)
+
+
+def _gemm_runs_as_op(plan: WeightPlan, targets: OpTargets) -> bool:
+    """Whether every reader of the plan's weight is a Gemm/MatMul the ops can run."""
+    readers = [targets.nodes[use.node] for use in plan.uses]
+    return bool(readers) and all(node.op_type in GEMM_TYPES for node in readers) and _gemm_reason(plan, readers, targets) is None
 
 
 def custom_op_for(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeConfig) -> str | None:
