@@ -267,14 +267,8 @@ def _activation_bounds(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]
 
 
 def _subgraph_reads(graph: onnx.GraphProto) -> set[str]:
-    """Names that nodes in the graph's subgraphs (If/Loop/Scan bodies) read, from outer scopes included."""
-    names: set[str] = set()
-    for node in graph.node:
-        for attr in node.attribute:
-            for sub in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
-                names.update(name for inner in sub.node for name in inner.input)
-                names.update(_subgraph_reads(sub))
-    return names
+    """Names the graph's subgraphs (If/Loop/Scan bodies, nested ones included) read or return, outer ones among them."""
+    return {name for node in graph.node for body in subgraphs(node) for name in used_names(body)}
 
 
 def _move_declaration(graph: onnx.GraphProto, old: str, new: str) -> None:
@@ -436,7 +430,7 @@ def _is(node: onnx.NodeProto | None, op_type: str) -> bool:
 def _drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     """Remove those of ``nodes`` (readers before the nodes they read) whose outputs nobody reads (subgraphs included)."""
     readers = Counter(name for node in graph.node for name in node.input)
-    fixed = {o.name for o in graph.output} | {name for node in graph.node for body in subgraphs(node) for name in used_names(body)}
+    fixed = {o.name for o in graph.output} | _subgraph_reads(graph)
     removed: set[int] = set()
     for node in nodes:
         if id(node) in removed or any(readers[out] or out in fixed for out in node.output):

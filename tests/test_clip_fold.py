@@ -105,3 +105,19 @@ def test_graph_outputs_and_non_constant_bounds_are_left_alone():
     assert _clip(ops["conv2"]) == (None, None) and ops["conv2"].output[0] == "t2"
     assert _clip(ops["conv4"]) == (-0.5, None)
     assert sorted(n.op_type for n in folded.graph.node if n.domain != DOMAIN) == ["Add", "Clip", "Relu", "Relu"]
+
+
+def test_an_op_output_a_subgraph_returns_is_not_folded():
+    """An If whose branches return the op's output y itself (no node in them reads it) still needs y: the Relu stays."""
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    branch = helper.make_graph([], "branch", [], [out])
+    nodes = [
+        helper.make_node("IntConv", ["x", "packed", "scale"], ["y"], name="op", domain=DOMAIN, bits=4, kernel_shape=[1, 1]),
+        helper.make_node("Relu", ["y"], ["r"], name="relu"),
+        helper.make_node("If", ["cond"], ["picked"], name="if", then_branch=branch, else_branch=branch),
+    ]
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
+    outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("r", "picked")]
+    graph = helper.make_graph(nodes, "g", inputs, outputs)
+    assert onnxq.rewrite_ops.fold_clipping(graph) == 0
+    assert [n.name for n in graph.node] == ["op", "relu", "if"] and graph.node[0].output[0] == "y"
