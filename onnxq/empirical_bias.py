@@ -213,17 +213,15 @@ def refine_biases(
     biases: Mapping[str, str],
     start: Mapping[str, np.ndarray],
     batches: Sequence[Mapping[str, np.ndarray]],
+    passes: Sequence[list[str]],
 ) -> dict[str, np.ndarray]:
     """New values of the ``biases`` (layer output -> bias input of ``simulated``) that cancel the mean output shifts.
 
     ``float_means`` are the float model's mean outputs over the same ``batches``; ``start``
-    holds each bias's value before refinement.
+    holds each bias's value before refinement; ``passes`` are the layer outputs corrected in each pass, in order.
     """
     current = {name: np.asarray(value, np.float32) for name, value in start.items()}
     producer = {out: node for node in simulated.graph.node for out in node.output}
-    levels = depth_levels(simulated.graph, list(biases))
-    passes = merge_levels(levels, MAX_PASSES)
-    batches = first_samples(batches, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))
     runner = LevelRunner(simulated, list(biases), batches)
     with progress(len(passes), "bias correction", "level") as bar:
         for outputs in passes:
@@ -264,9 +262,11 @@ def empirical_correction(
     consts = constant_initializers(model.graph)
     start = {bias: to_array(consts[bias]) for bias in biases.values()}
     try:
-        float_means = output_means(float_model, list(biases), batches)
         simulated = simulated_model(model, weights, activations, opset, list(biases.values()))
-        refined = refine_biases(float_means, simulated, biases, start, batches)
+        passes = merge_levels(depth_levels(simulated.graph, list(biases)), MAX_PASSES)
+        batches = first_samples(batches, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))  # the float means see the same samples
+        float_means = output_means(float_model, list(biases), batches)
+        refined = refine_biases(float_means, simulated, biases, start, batches, passes)
     except Exception as error:  # onnxruntime's exception types are not public
         first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
         logger.warning("measured bias correction skipped (the analytic one stays): onnxruntime cannot run the simulation: %s", first_line)

@@ -68,6 +68,30 @@ def test_corrected_means_match_the_float_model_layer_by_layer():
     np.testing.assert_array_equal(new["w1"], w1.astype(np.float32))
 
 
+def test_the_float_means_are_taken_over_the_samples_the_passes_use(monkeypatch):
+    """With more passes than samples allow, the passes use the first samples only, and the float reference with them."""
+    from onnxq import empirical_bias
+
+    monkeypatch.setattr(empirical_bias, "SAMPLE_PASSES", 16)  # 2 levels: 8 samples per pass
+    monkeypatch.setattr(empirical_bias, "MIN_SAMPLES", 1)
+    rng = np.random.default_rng(8)
+    w1, b1 = rng.standard_normal((6, 3, 1, 1)), rng.standard_normal(6) * 0.1
+    w2, b2 = rng.standard_normal((5, 6, 1, 1)), rng.standard_normal(5) * 0.1
+    model = _chain(w1, b1, w2, b2)
+    float_model = onnx.ModelProto()
+    float_model.CopyFrom(model)
+    q1, q2 = w1 + rng.standard_normal(w1.shape) * 0.2, w2 + rng.standard_normal(w2.shape) * 0.2
+    batches = [{"x": (rng.standard_normal((8, 3, 4, 4)) + k).astype(np.float32)} for k in range(3)]  # each batch its own mean
+
+    empirical_correction(model, float_model, {"w1": q1, "w2": q2}, {}, 17, {"h": "b1", "y": "b2"}, batches)
+
+    new = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    x = batches[0]["x"].astype(np.float64)  # the 8 samples the passes used
+    y_float = _conv1x1(np.maximum(_conv1x1(x, w1, b1), 0), w2, b2)
+    y_quant = _conv1x1(np.maximum(_conv1x1(x, q1, new["b1"]), 0), q2, new["b2"])
+    np.testing.assert_allclose(y_quant.mean(axis=(0, 2, 3)), y_float.mean(axis=(0, 2, 3)), atol=1e-5)
+
+
 def test_depth_levels_follow_the_longest_path():
     nodes = [
         helper.make_node("Conv", ["x", "w"], ["a"]),
