@@ -129,11 +129,6 @@ def segment_model(
     return segment
 
 
-def prefix_model(model: onnx.ModelProto, outputs: Sequence[str]) -> onnx.ModelProto:
-    """The part of ``model`` that computes ``outputs`` (its only outputs), with the inputs and initializers it reads."""
-    return segment_model(model, nodes_for(model.graph, outputs), outputs)
-
-
 def merge_levels(levels: Sequence[list[str]], most: int) -> list[list[str]]:
     """Consecutive ``levels`` joined into at most ``most`` groups of about equal numbers of levels."""
     count = min(len(levels), most)

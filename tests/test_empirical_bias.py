@@ -7,7 +7,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange, WeightFormat
-from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels, prefix_model
+from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels, nodes_for, segment_model
 from onnxq.rewrite_activations import ActivationQuant
 
 
@@ -142,7 +142,7 @@ def test_bias_correction_accepts_the_old_booleans():
         ActivationConfig(bias_correction="measured")
 
 
-def test_prefix_model_keeps_only_what_its_outputs_need():
+def test_segment_model_keeps_only_what_its_outputs_need():
     """Nodes after the outputs, and inputs/initializers only they read, are dropped; an If body's outer reads are kept."""
     then_branch = helper.make_graph(
         [helper.make_node("Identity", ["outer"], ["t"])], "then", [], [helper.make_tensor_value_info("t", TensorProto.FLOAT, None)]
@@ -166,7 +166,7 @@ def test_prefix_model_keeps_only_what_its_outputs_need():
         inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    prefix = prefix_model(model, ["early"])
+    prefix = segment_model(model, nodes_for(model.graph, ["early"]), ["early"])
     assert [n.op_type for n in prefix.graph.node] == ["Add", "ReduceSum", "Greater", "If"]
     assert [i.name for i in prefix.graph.input] == ["x", "b1"] and [t.name for t in prefix.graph.initializer] == ["zero"]
     import onnxruntime as ort
