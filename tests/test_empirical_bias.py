@@ -1,5 +1,7 @@
 """Empirical bias correction: after it, every corrected layer's mean output in the quantized model equals the float one."""
 
+from dataclasses import dataclass
+
 import numpy as np
 import onnx
 import pytest
@@ -38,19 +40,39 @@ def _fake_quant(x: np.ndarray, p: QuantParams) -> np.ndarray:
     return (q - p.zero_point) * p.scale
 
 
-def test_corrected_means_match_the_float_model_layer_by_layer():
-    rng = np.random.default_rng(0)
+@dataclass
+class _Perturbed:
+    """A two-layer chain (_chain) with its float weights, a copy of it as the float reference, and perturbed weights."""
+
+    model: onnx.ModelProto
+    float_model: onnx.ModelProto
+    w1: np.ndarray
+    b1: np.ndarray
+    w2: np.ndarray
+    b2: np.ndarray
+    q1: np.ndarray
+    q2: np.ndarray
+
+
+def _perturbed_chain(rng: np.random.Generator) -> _Perturbed:
     w1, b1 = rng.standard_normal((6, 3, 1, 1)), rng.standard_normal(6) * 0.1
     w2, b2 = rng.standard_normal((5, 6, 1, 1)), rng.standard_normal(5) * 0.1
     model = _chain(w1, b1, w2, b2)
     float_model = onnx.ModelProto()
     float_model.CopyFrom(model)
     q1, q2 = w1 + rng.standard_normal(w1.shape) * 0.2, w2 + rng.standard_normal(w2.shape) * 0.2
+    return _Perturbed(model, float_model, w1, b1, w2, b2, q1, q2)
+
+
+def test_corrected_means_match_the_float_model_layer_by_layer():
+    rng = np.random.default_rng(0)
+    c = _perturbed_chain(rng)
+    model, w1, b1, w2, b2, q1, q2 = c.model, c.w1, c.b1, c.w2, c.b2, c.q1, c.q2
     params = QuantParams(scale=np.float32(0.005), zero_point=0, bits=8)  # clips the Relu output at 1.275
     activations = {"r": ActivationQuant("r", params)}
     batches = [{"x": rng.standard_normal((8, 3, 4, 4)).astype(np.float32)} for _ in range(3)]
 
-    empirical_correction(model, float_model, {"w1": q1, "w2": q2}, activations, 17, {"h": "b1", "y": "b2"}, batches)
+    empirical_correction(model, c.float_model, {"w1": q1, "w2": q2}, activations, 17, {"h": "b1", "y": "b2"}, batches)
 
     new = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     x = np.concatenate([b["x"] for b in batches]).astype(np.float64)
@@ -75,15 +97,11 @@ def test_the_float_means_are_taken_over_the_samples_the_passes_use(monkeypatch):
     monkeypatch.setattr(empirical_bias, "SAMPLE_PASSES", 16)  # 2 levels: 8 samples per pass
     monkeypatch.setattr(empirical_bias, "MIN_SAMPLES", 1)
     rng = np.random.default_rng(8)
-    w1, b1 = rng.standard_normal((6, 3, 1, 1)), rng.standard_normal(6) * 0.1
-    w2, b2 = rng.standard_normal((5, 6, 1, 1)), rng.standard_normal(5) * 0.1
-    model = _chain(w1, b1, w2, b2)
-    float_model = onnx.ModelProto()
-    float_model.CopyFrom(model)
-    q1, q2 = w1 + rng.standard_normal(w1.shape) * 0.2, w2 + rng.standard_normal(w2.shape) * 0.2
+    c = _perturbed_chain(rng)
+    model, w1, b1, w2, b2, q1, q2 = c.model, c.w1, c.b1, c.w2, c.b2, c.q1, c.q2
     batches = [{"x": (rng.standard_normal((8, 3, 4, 4)) + k).astype(np.float32)} for k in range(3)]  # each batch its own mean
 
-    empirical_correction(model, float_model, {"w1": q1, "w2": q2}, {}, 17, {"h": "b1", "y": "b2"}, batches)
+    empirical_correction(model, c.float_model, {"w1": q1, "w2": q2}, {}, 17, {"h": "b1", "y": "b2"}, batches)
 
     new = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
     x = batches[0]["x"].astype(np.float64)  # the 8 samples the passes used
