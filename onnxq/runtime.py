@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import functools
 import os
-from importlib import metadata, resources
 from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
+from onnxq.built import find_built
 from onnxq.domain import DOMAIN
 from onnxq.errors import OnnxqError
 
@@ -17,23 +16,6 @@ LIBRARY_NAME = "libonnxq_ops.so"
 #: Environment variable naming another build of the op library to load instead of the installed one
 #: (tests/test_sanitizers.py points it at a build under AddressSanitizer/UBSan).
 LIBRARY_ENV = "ONNXQ_OPS_LIBRARY"
-
-
-@functools.cache
-def _find_library() -> Path | None:
-    """The built op library: inside the imported package, else inside the installed distribution.
-
-    The second place is where it is when ``onnxq`` is imported from a source checkout (e.g.
-    ``python -m pytest`` at the repository root), which holds no compiled code, after ``pip install .``.
-    """
-    packaged = Path(str(resources.files("onnxq") / LIBRARY_NAME))
-    if packaged.is_file():
-        return packaged
-    try:
-        installed = Path(str(metadata.distribution("onnxq").locate_file(f"onnxq/{LIBRARY_NAME}")))
-    except metadata.PackageNotFoundError:
-        return None
-    return installed if installed.is_file() else None
 
 
 def get_library_path() -> str:
@@ -47,7 +29,7 @@ def get_library_path() -> str:
         if not Path(override).is_file():
             raise OnnxqError(override, f"no such op library file (named by the environment variable {LIBRARY_ENV})")
         return os.path.abspath(override)
-    path = _find_library()
+    path = find_built(LIBRARY_NAME)
     if path is None:
         raise OnnxqError(None, f"onnxq's op library {LIBRARY_NAME} is missing: onnxq was not built; reinstall it with `pip install .`")
     return str(path)

@@ -49,10 +49,10 @@ class SampleStats:
         self.lo.append(lo)
         self.hi.append(hi)
         self.features.append(channel_means(batch).astype(np.float32))
-        rows = channel_rows(batch)
+        axis = channel_axis(batch.ndim) if batch.ndim > 1 else 0
         if self.channels is None:
-            self.channels = ChannelHistograms(len(rows))
-        self.channels.add(rows)
+            self.channels = ChannelHistograms(batch.shape[axis])
+        self.channels.add_batch(batch, axis)
 
     def stacked(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(counts, lo, hi, features) over all samples."""
@@ -102,12 +102,6 @@ def feature_axes(rank: int) -> tuple[int, ...]:
 def channel_axis(rank: int) -> int:
     """The channel axis ASQ works along: 1 (NCHW, (N, C)), or the last one for (N, T, C) sequences."""
     return 2 if rank == 3 else 1
-
-
-def channel_rows(batch: np.ndarray) -> np.ndarray:
-    """(C, everything else) view of a batch along its channel axis."""
-    axis = channel_axis(batch.ndim) if batch.ndim > 1 else 0
-    return np.moveaxis(batch, axis, 0).reshape(batch.shape[axis], -1)
 
 
 def channel_means(batch: np.ndarray) -> np.ndarray:

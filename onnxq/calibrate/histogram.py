@@ -4,7 +4,8 @@ The histogram has a fixed number of equal bins centred on zero, with a bin width
 a power of two. When a value falls outside the covered range the width doubles (as many
 times as needed) and neighbouring bins merge; because every bin edge is a multiple of the
 width, merging is exact. So memory stays constant however many samples stream through,
-and the result does not depend on how the data were split into batches. Pure numpy.
+and the result does not depend on how the data were split into batches. The counting runs in
+C where it can (``native``, one pass with the same float32 arithmetic), else in numpy.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ import math
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from onnxq.calibrate import native
 
 DEFAULT_BINS = 4096
 _START_EXPONENT = -40  # the first width is 2**-40: any real activation widens it at once
@@ -80,8 +83,11 @@ class Histogram:
         if values.size == 0:
             return
         self._cover(max(-self.min, self.max))
-        index = bin_index(values, math.ldexp(1.0, -self.exponent), self.bins)
-        self.counts += np.bincount(index, minlength=self.bins)
+        inverse_width = math.ldexp(1.0, -self.exponent)
+        if native.takes(values):
+            native.count_centred(values, inverse_width, self.counts)
+        else:
+            self.counts += np.bincount(bin_index(values, inverse_width, self.bins), minlength=self.bins)
 
     def _cover(self, peak: float) -> None:
         """Widen the bins (exactly, by merging) until |value| <= ``peak`` falls strictly inside."""
@@ -123,9 +129,12 @@ def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     per-sample step search these histograms serve cannot tell apart.
     """
     dtype = np.float32 if np.asarray(batch).dtype == np.float32 else np.float64
-    rows = np.array(batch, dtype=dtype).reshape(len(batch), -1)  # a copy, worked on in place
+    rows = np.asarray(batch, dtype=dtype).reshape(len(batch), -1)
     lo, hi = rows.min(axis=1), rows.max(axis=1)
     span = np.where(hi > lo, hi - lo, 1).astype(dtype)
+    if native.takes(rows):
+        return native.count_spans(rows, lo, span, bins), lo.astype(np.float64), hi.astype(np.float64)
+    rows = rows.copy()  # worked on in place
     rows -= lo[:, None]
     rows /= span[:, None]
     rows *= bins
@@ -168,18 +177,31 @@ class ChannelHistograms:
 
     def add(self, rows: np.ndarray) -> None:
         """Count ``rows`` (channels, n)."""
-        rows = np.asarray(rows)
-        if rows.dtype not in (np.float32, np.float64):
-            rows = rows.astype(np.float64)
-        if rows.shape[1] == 0:
+        self.add_blocks(np.asarray(rows)[None])
+
+    def add_batch(self, batch: np.ndarray, axis: int) -> None:
+        """Count a batch whose channels lie along ``axis`` (a view of it, no transposed copy)."""
+        batch = np.asarray(batch)
+        outer = math.prod(batch.shape[:axis])
+        self.add_blocks(batch.reshape(outer, batch.shape[axis], -1) if batch.size else np.zeros((0, batch.shape[axis], 0)))
+
+    def add_blocks(self, blocks: np.ndarray) -> None:
+        """Count ``blocks`` (outer, channels, inner): channel c's values are blocks[:, c, :]."""
+        if blocks.dtype not in (np.float32, np.float64):
+            blocks = blocks.astype(np.float64)
+        if blocks.shape[0] * blocks.shape[2] == 0:
             return
-        lo, hi = rows.min(axis=1).astype(np.float64), rows.max(axis=1).astype(np.float64)
+        lo, hi = blocks.min(axis=(0, 2)).astype(np.float64), blocks.max(axis=(0, 2)).astype(np.float64)
         if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
             raise ValueError("activation values include NaN or infinity")
         self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
         self._cover(np.maximum(-lo, hi))
-        index = bin_index(rows, np.ldexp(1.0, -self.exponent)[:, None], self.bins)
-        index += (np.arange(self.channels, dtype=np.intp) * self.bins)[:, None]
+        inverse_widths = np.ldexp(1.0, -self.exponent)
+        if native.takes(blocks):
+            native.count_channels(blocks, inverse_widths, self.counts)
+            return
+        index = bin_index(blocks, inverse_widths[None, :, None], self.bins)
+        index += (np.arange(self.channels, dtype=np.intp) * self.bins)[None, :, None]
         self.counts += np.bincount(index.ravel(), minlength=self.channels * self.bins).reshape(self.channels, self.bins)
 
     def _cover(self, peak: np.ndarray) -> None:
