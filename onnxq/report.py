@@ -44,7 +44,7 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode)"]
     if result.activations:
         act_bits = Counter(a.params.bits for a in result.activations)
-        adaptive = sum(a.adapter is not None for a in result.activations)
+        adaptive = sum(a.adapter is not None and a.adapter.adaptive for a in result.activations)
         method = result.calibration.value if result.calibration else "?"
         per_input = f", {adaptive} with per-input ASQ steps" if adaptive else ""
         by = ", ".join(f"{n} at {b} bits" for b, n in sorted(act_bits.items()))

@@ -3,8 +3,12 @@
 A fixed-scale pair is what onnxruntime fuses into its integer kernels. An ASQ pair gets
 a step per input and channel from a small adapter computed in the graph, in standard ONNX::
 
-    x -> ReduceMean(spatial axes) -> Gemm -> Clip -> Exp -> Reshape(N, C, 1, 1) = r (one step per sample and channel)
+    x -> ReduceMean(spatial axes) -> Gemm(w: C x 1) -> Clip -> Exp -> Mul(s_c) -> Reshape(N, C, 1, 1) = r
     x -> Div(r) -> QuantizeLinear(1, z_c, axis=C) -> DequantizeLinear(1, z_c, axis=C) -> Mul(r) -> readers
+
+(r: one step per sample and channel, a per-sample factor times the channel's step). An adapter
+whose factor does not depend on the input (ASQ kept fixed per-channel steps) is a plain per-axis
+pair QuantizeLinear(s_c, z_c, axis=C) -> DequantizeLinear.
 
 Dividing by the step and quantizing with step 1 is QuantizeLinear with step r, and the
 zero point of each channel stays put as r scales its range about zero. An adapter with one
@@ -17,7 +21,7 @@ outputs keep the float tensor.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,7 +52,7 @@ class ActivationQuant:
     @property
     def per_sample_step(self) -> bool:
         """Whether the adapter gives one step per sample (one output, shared by all channels), not one per channel."""
-        return self.adapter is not None and self.adapter.bias.size == 1
+        return self.adapter is not None and self.adapter.outputs == 1
 
 
 def code_type(bits: int) -> int:
@@ -172,17 +176,51 @@ def _adaptive_qdq(
     def fresh(base: str) -> str:
         return names.fresh(f"{tensor}_asq_{base}")
 
-    channels = len(adapter.bias)
+    channels = adapter.outputs
     per_tensor = quant.per_sample_step  # one step per sample: a scalar pair, no axis
     dims = [] if per_tensor else [channels]
-    weight, bias, ones, zero_point = fresh("weight"), fresh("bias"), fresh("unit_step"), fresh("zero_point")
+    ones, zero_point = fresh("unit_step"), fresh("zero_point")
     inits = [
-        numpy_helper.from_array(adapter.weight.astype(np.float32), weight),
-        numpy_helper.from_array(adapter.bias.astype(np.float32), bias),
         numpy_helper.from_array(np.ones(dims, dtype=np.float32), ones),
         helper.make_tensor(zero_point, code_type(p.bits), dims, [int(z) for z in np.ravel(quant.zero_points)]),
     ]
     nodes: list[onnx.NodeProto] = []
+    shape = step_shape(quant.rank, quant.channel_axis)
+    if adapter.adaptive:
+        steps = _adapter_steps(tensor, quant, fresh, opset, inits, nodes)
+        if shape is not None:
+            shape_name, broadcast = fresh("step_shape"), fresh("step_broadcast")
+            inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
+            nodes.append(helper.make_node("Reshape", [steps, shape_name], [broadcast], name=fresh("Reshape")))
+            steps = broadcast
+    else:  # fixed per-channel steps: constants (not a per-axis pair, which onnxruntime fuses into ops that need one scale)
+        steps = fresh("fixed_step")
+        fixed = adapter.predict(np.zeros((1, len(adapter.per_sample.weight))))
+        fixed_shape = [1 if d == 0 else d for d in shape] if shape is not None else list(fixed.shape)
+        inits.append(numpy_helper.from_array(fixed.reshape(fixed_shape).astype(np.float32), steps))
+    scaled, quantized, unit = fresh("scaled"), fresh("quantized"), fresh("unit")
+    axis = {} if per_tensor else {"axis": quant.channel_axis}
+    nodes += [
+        helper.make_node("Div", [tensor, steps], [scaled], name=fresh("Div")),
+        helper.make_node("QuantizeLinear", [scaled, ones, zero_point], [quantized], name=fresh("QuantizeLinear"), **axis),
+        helper.make_node("DequantizeLinear", [quantized, ones, zero_point], [unit], name=fresh("DequantizeLinear"), **axis),
+        helper.make_node("Mul", [unit, steps], [dequantized], name=fresh("Mul")),
+    ]
+    return inits, nodes
+
+
+def _adapter_steps(
+    tensor: str, quant: ActivationQuant, fresh: Callable[[str], str], opset: int, inits: list[onnx.TensorProto], nodes: list[onnx.NodeProto]
+) -> str:
+    """Append the adapter's nodes, (N, C_out) steps from ``tensor``'s features, to ``inits``/``nodes``; returns the steps' name."""
+    adapter = quant.adapter
+    assert adapter is not None
+    weight, bias, channel_steps = fresh("weight"), fresh("bias"), fresh("channel_steps")
+    inits += [
+        numpy_helper.from_array(adapter.per_sample.weight.reshape(-1, 1).astype(np.float32), weight),
+        numpy_helper.from_array(np.array([adapter.per_sample.bias], dtype=np.float32), bias),
+        numpy_helper.from_array(np.asarray(adapter.channel_steps, dtype=np.float32), channel_steps),
+    ]
     features = tensor
     if quant.feature_axes:
         features = fresh("features")
@@ -193,26 +231,13 @@ def _adaptive_qdq(
             nodes.append(helper.make_node("ReduceMean", [tensor, axes_name], [features], name=fresh("ReduceMean"), keepdims=0))
         else:
             nodes.append(helper.make_node("ReduceMean", [tensor], [features], name=fresh("ReduceMean"), axes=axes, keepdims=0))
-    logits, clipped, steps, lo, hi = fresh("log_step"), fresh("log_step_clipped"), fresh("step"), fresh("log_step_min"), fresh("log_step_max")
-    bounds = adapter.log_step_bounds()
-    inits += [numpy_helper.from_array(np.array(b, dtype=np.float32), n) for b, n in zip(bounds, (lo, hi), strict=True)]
+    logits, clipped, factors, steps = fresh("log_factor"), fresh("log_factor_clipped"), fresh("factor"), fresh("step")
+    lo, hi = fresh("log_factor_min"), fresh("log_factor_max")
+    inits += [numpy_helper.from_array(np.array(b, dtype=np.float32), n) for b, n in zip(adapter.log_factor_bounds(), (lo, hi), strict=True)]
     nodes += [
         helper.make_node("Gemm", [features, weight, bias], [logits], name=fresh("Gemm")),
         helper.make_node("Clip", [logits, lo, hi], [clipped], name=fresh("Clip")),
-        helper.make_node("Exp", [clipped], [steps], name=fresh("Exp")),
+        helper.make_node("Exp", [clipped], [factors], name=fresh("Exp")),
+        helper.make_node("Mul", [factors, channel_steps], [steps], name=fresh("Mul_channel_steps")),
     ]
-    shape = step_shape(quant.rank, quant.channel_axis)
-    if shape is not None:
-        shape_name, broadcast = fresh("step_shape"), fresh("step_broadcast")
-        inits.append(numpy_helper.from_array(np.array(shape, dtype=np.int64), shape_name))
-        nodes.append(helper.make_node("Reshape", [steps, shape_name], [broadcast], name=fresh("Reshape")))
-        steps = broadcast
-    scaled, quantized, unit = fresh("scaled"), fresh("quantized"), fresh("unit")
-    axis = {} if per_tensor else {"axis": quant.channel_axis}
-    nodes += [
-        helper.make_node("Div", [tensor, steps], [scaled], name=fresh("Div")),
-        helper.make_node("QuantizeLinear", [scaled, ones, zero_point], [quantized], name=fresh("QuantizeLinear"), **axis),
-        helper.make_node("DequantizeLinear", [quantized, ones, zero_point], [unit], name=fresh("DequantizeLinear"), **axis),
-        helper.make_node("Mul", [unit, steps], [dequantized], name=fresh("Mul")),
-    ]
-    return inits, nodes
+    return steps

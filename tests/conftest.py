@@ -61,6 +61,11 @@ def assert_op_counts(model: onnx.ModelProto, **expected: int) -> None:
     assert {k: counts.get(k, 0) for k in expected} == expected, dict(counts)
 
 
+def step_tensor(model: onnx.ModelProto) -> str:
+    """The (N, C) or (N, 1) steps an ASQ adapter computes in ``model`` (the Mul of its per-sample factor by the channel steps)."""
+    return next(n.output[0] for n in model.graph.node if n.op_type == "Mul" and any(i.endswith("_asq_channel_steps") for i in n.input))
+
+
 def decode_int_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     """Integer codes of an INT8 or packed INT4 initializer, decoded here without onnxq's helpers."""
     shape = tuple(tensor.dims)

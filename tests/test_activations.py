@@ -9,13 +9,13 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import op_counts
+from conftest import op_counts, step_tensor
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from models import conv_bn_relu_gemm, conv_then_if, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize
-from onnxq.calibrate.asq import Adapter
+from onnxq.calibrate.asq import Adapter, LogLinear
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange
@@ -118,7 +118,7 @@ def _asq_model(quant: ActivationQuant, opset: int) -> onnx.ModelProto:
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
     model.ir_version = 10
     insert_activation_qdq(model, {"x": quant}, opset)
-    steps = next(n.output[0] for n in model.graph.node if n.op_type == "Exp")
+    steps = step_tensor(model)
     model.graph.output.append(helper.make_tensor_value_info(steps, onnx.TensorProto.FLOAT, ["N", 3]))
     onnx.checker.check_model(model)
     return model
@@ -127,7 +127,7 @@ def _asq_model(quant: ActivationQuant, opset: int) -> onnx.ModelProto:
 @pytest.mark.parametrize("bits,opset", [(8, 17), (4, 21)])
 def test_asq_graph_equals_numpy_fake_quantization_with_per_sample_per_channel_steps(bits, opset):
     rng = np.random.default_rng(10)
-    adapter = Adapter(rng.standard_normal((3, 3)) * 0.3, np.log([0.05, 0.1, 0.2]) + (0.0 if bits == 8 else 2.0))
+    adapter = Adapter(LogLinear(rng.standard_normal(3) * 0.3, 0.0 if bits == 8 else 2.0), np.array([0.05, 0.1, 0.2]))
     zero_points = np.array([0, 3, 7])
     quant = ActivationQuant("x", QuantParams(0.1, 0, bits), adapter, (2, 3), zero_points, 1, 4)
     model = _asq_model(quant, opset)
@@ -143,26 +143,43 @@ def test_asq_graph_equals_numpy_fake_quantization_with_per_sample_per_channel_st
 
 
 def test_asq_steps_stay_finite_and_positive_far_outside_the_calibration_data():
-    """The adapter's log step is clipped to its bias +- LOG_STEP_MARGIN, in the graph as in numpy."""
-    adapter = Adapter(np.full((3, 3), 50.0), np.log([0.05, 0.1, 0.2]))
+    """The adapter's log factor is clipped to its bias +- LOG_STEP_MARGIN, in the graph as in numpy."""
+    adapter = Adapter(LogLinear(np.full(3, 50.0), 0.0), np.array([0.05, 0.1, 0.2]))
     quant = ActivationQuant("x", QuantParams(0.1, 0, 8), adapter, (2, 3), np.array([0, 3, 7]), 1, 4)
     model = _asq_model(quant, 17)
     x = np.stack([np.full((3, 4, 4), v, np.float32) for v in (1e6, -1e6, 0.0)])
     y, steps = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
-    lo, hi = adapter.log_step_bounds()
+    lo, hi = adapter.log_factor_bounds()
     assert np.isfinite(steps).all() and (steps > 0).all() and np.isfinite(y).all()
-    np.testing.assert_allclose(steps[0], np.exp(np.float32(hi)), rtol=1e-5)  # e^(50 * 3e6) clipped from above
-    np.testing.assert_allclose(steps[1], np.exp(np.float32(lo)), rtol=1e-5)  # and from below
+    np.testing.assert_allclose(steps[0], np.exp(np.float32(hi)) * adapter.channel_steps, rtol=1e-5)  # e^(50 * 3e6) clipped from above
+    np.testing.assert_allclose(steps[1], np.exp(np.float32(lo)) * adapter.channel_steps, rtol=1e-5)  # and from below
     np.testing.assert_allclose(steps, adapter.predict(x.mean(axis=(2, 3), dtype=np.float64)), rtol=1e-5)
+
+
+def _gained_batches(count: int = 8, batch: int = 8) -> list[dict[str, np.ndarray]]:
+    """Positive inputs whose scale varies 100-fold between samples (their channel means tell it): what ASQ's per-sample factor is for."""
+    rng = np.random.default_rng(3)
+    gains = np.geomspace(0.1, 10.0, count * batch).astype(np.float32)
+    rng.shuffle(gains)
+    x = np.abs(rng.standard_normal((count * batch, 3, 8, 8))).astype(np.float32) * gains[:, None, None, None]
+    return [{"x": x[i * batch : (i + 1) * batch]} for i in range(count)]
 
 
 def test_asq_model_from_quantize_runs_at_any_batch_size():
     config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=4, method=CalibrationMethod.ASQ))
-    q = quantize(conv_bn_relu_gemm(), config, _batches((3, 8, 8), count=8))
-    assert op_counts(q)["Exp"] >= 2
+    q = quantize(conv_bn_relu_gemm(c=32), config, _gained_batches())
+    assert op_counts(q)["Exp"] >= 1  # at least one adapter computes its steps in the graph
     sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
     for n in (1, 3):
         assert sess.run(None, {"x": np.ones((n, 3, 8, 8), np.float32)})[0].shape == (n, 10)
+
+
+def test_asq_adds_weights_linear_in_the_channels():
+    """An adapter is a one-output Gemm and C channel steps (it was a dense C x C Gemm: 5.6x MobileNetV2's size)."""
+    config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=4, method=CalibrationMethod.ASQ))
+    q = quantize(conv_bn_relu_gemm(c=32), config, _gained_batches())
+    sizes = [int(np.prod(t.dims)) for t in q.graph.initializer if "_asq_" in t.name]
+    assert op_counts(q)["Exp"] >= 1 and sizes and max(sizes) <= 32
 
 
 class _Reader(CalibrationDataReader):
@@ -344,13 +361,13 @@ def test_asq_keeps_the_per_sample_factor_only_where_held_out_error_drops():
     gains = np.geomspace(0.2, 5.0, 16)
     held = [{"x": (gains[:, None, None, None] * pattern).astype(np.float32)}]
     means = pattern.mean(axis=(2, 3))[0]  # channel means of the pattern; a sample's are gain * these
-    base = np.log(pattern.reshape(3, -1).max(axis=1) / 15)
+    base = pattern.reshape(3, -1).max(axis=1) / 15
     # log gain is not linear in the channel means, but increasing in them: a linear fit in log-space on these samples
     features = gains[:, None] * means[None]
     slope, intercept = np.polyfit(features[:, 0], np.log(gains), 1)
-    follows = Adapter(np.array([[slope] * 3, [0.0] * 3, [0.0] * 3]), base + intercept)
-    wrong = Adapter(-follows.weight, base)
-    fixed = Adapter(np.zeros((3, 3)), base)
+    follows = Adapter(LogLinear(np.array([slope, 0.0, 0.0]), intercept), base)
+    wrong = Adapter(LogLinear(-follows.per_sample.weight, 0.0), base)
+    fixed = Adapter(LogLinear(np.zeros(3), 0.0), base)
     zeros = np.zeros(3, dtype=np.int64)
     make = lambda a: ActivationQuant("x", QuantParams(1.0, 0, 4), a, (2, 3), zeros, 1, 4)  # noqa: E731
     model = helper.make_model(

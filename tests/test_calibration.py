@@ -217,11 +217,11 @@ def test_every_ridge_fit_solves_its_penalised_normal_equations(samples, channels
         assert fit.bias == pytest.approx(y.mean() - z.mean(axis=0) @ want, rel=1e-8, abs=1e-10)
 
 
-def test_combined_adapter_steps_are_channel_steps_times_the_sample_factor():
-    from onnxq.calibrate.asq import LogLinear, combine
+def test_adapter_steps_are_channel_steps_times_the_sample_factor():
+    from onnxq.calibrate.asq import Adapter, LogLinear
 
     per_sample = LogLinear(np.array([0.5, -1.0]), 0.25)
-    adapter = combine(per_sample, np.array([0.1, 0.2, 0.4]))
+    adapter = Adapter(per_sample, np.array([0.1, 0.2, 0.4]))
     features = np.array([[1.0, 0.0], [0.0, 1.0]])
     np.testing.assert_allclose(adapter.predict(features), per_sample.predict(features)[:, None] * [0.1, 0.2, 0.4])
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 
-from onnxq.calibrate.asq import LogLinear, combine, fit_adapter, sample_betas
+from onnxq.calibrate.asq import Adapter, LogLinear, fit_adapter, sample_betas
 from onnxq.calibrate.collect import ChannelMeans, TensorStats, channel_axis, channel_means, collect, exposing, feature_axes
 from onnxq.calibrate.data import CalibrationData, batch_size, batch_slice, calibration_batches, input_specs
 from onnxq.calibrate.histogram import ChannelHistograms
@@ -119,8 +119,8 @@ def _adapters(quant: ActivationQuant, stats: TensorStats, base: Range, skip: int
     per_sample = _per_sample_factor(stats, base, quant.params.bits, skip)
     steps, zero_points = channel_steps(stats.samples.channels, quant.params.bits)
     shape = (feature_axes(stats.rank), zero_points, channel_axis(stats.rank), stats.rank)
-    adaptive = ActivationQuant(quant.tensor, quant.params, combine(per_sample, steps), *shape)
-    fixed = ActivationQuant(quant.tensor, quant.params, combine(LogLinear(np.zeros_like(per_sample.weight), 0.0), steps), *shape)
+    adaptive = ActivationQuant(quant.tensor, quant.params, Adapter(per_sample, steps), *shape)
+    fixed = ActivationQuant(quant.tensor, quant.params, Adapter(LogLinear(np.zeros_like(per_sample.weight), 0.0), steps), *shape)
     return adaptive, fixed
 
 
@@ -142,7 +142,7 @@ def _scalar_adapters(quant: ActivationQuant, stats: TensorStats, base: Range, sk
     per_sample = _per_sample_factor(stats, base, quant.params.bits, skip)
     zero_point = np.array([quant.params.zero_point], dtype=np.int64)
     shape = (feature_axes(stats.rank), zero_point, channel_axis(stats.rank), stats.rank)
-    adaptive = ActivationQuant(quant.tensor, quant.params, combine(per_sample, np.array([quant.params.scale])), *shape)
+    adaptive = ActivationQuant(quant.tensor, quant.params, Adapter(per_sample, np.array([quant.params.scale])), *shape)
     return adaptive, quant
 
 

@@ -11,8 +11,9 @@ adapter is fit in two parts that one Gemm then carries:
   predicted from the sample's channel means f by a ridge regression of log(beta):
   log beta = w . f + b, the ridge chosen on a held-out fifth.
 
-So step[i, c] = exp(f_i @ W + B)[c] with W = w (x) 1 and B_c = b + log s_c: a Gemm and an Exp.
-With w = 0 it is a fixed per-channel step. Pure numpy.
+So step[i, c] = s_c * exp(f_i . w + b) (the exponent clipped to b +- LOG_STEP_MARGIN): in the graph
+a one-output Gemm, an Exp and a Mul by the C steps, which keeps the adapter's size linear in the
+channels. With w = 0 it is a fixed per-channel step, written as a plain per-axis pair. Pure numpy.
 """
 
 from __future__ import annotations
@@ -44,33 +45,43 @@ class LogLinear:
         return np.exp(np.asarray(features, dtype=np.float64) @ self.weight + self.bias)
 
 
-#: An adapter's log step stays within this distance of its bias (a factor e^16 = 9e6 either way), so
+#: An adapter's log factor stays within this distance of its bias (a factor e^16 = 9e6 either way), so
 #: that no input, however far from the calibration data, gives a zero or infinite step.
 LOG_STEP_MARGIN = 16.0
 
 
 @dataclass(frozen=True)
 class Adapter:
-    """step(f) = exp(clip(f @ weight + bias)): the quantization step per output channel for a sample with channel means f."""
+    """step(f)[c] = channel_steps[c] * exp(clip(f @ w + b, b +- LOG_STEP_MARGIN)), (w, b) = ``per_sample``.
 
-    weight: np.ndarray  # (C_in, C_out)
-    bias: np.ndarray  # (C_out,)
+    One entry in ``channel_steps`` gives one step per sample, shared by all channels (what IntConv/PostConv read).
+    """
 
-    def log_step_bounds(self) -> tuple[float, float]:
-        """The clip applied to f @ weight + bias: the bias's range widened by LOG_STEP_MARGIN."""
-        return float(np.min(self.bias)) - LOG_STEP_MARGIN, float(np.max(self.bias)) + LOG_STEP_MARGIN
+    per_sample: LogLinear
+    channel_steps: np.ndarray  # (C_out,)
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether the step depends on the input at all (w != 0); without, it is a fixed step per channel."""
+        return bool(np.any(self.per_sample.weight != 0))
+
+    @property
+    def outputs(self) -> int:
+        """Steps per sample: one per channel, or one for the whole sample."""
+        return len(self.channel_steps)
+
+    def log_factor_bounds(self) -> tuple[float, float]:
+        """The clip applied to f @ w + b: b +- LOG_STEP_MARGIN."""
+        return self.per_sample.bias - LOG_STEP_MARGIN, self.per_sample.bias + LOG_STEP_MARGIN
+
+    def factors(self, features: np.ndarray) -> np.ndarray:
+        """(S,) per-sample factors for the rows of ``features`` (S, C_in), clipped as in the graph."""
+        lo, hi = (np.float32(b) for b in self.log_factor_bounds())
+        return np.exp(np.clip(np.asarray(features, dtype=np.float64) @ self.per_sample.weight + self.per_sample.bias, lo, hi))
 
     def predict(self, features: np.ndarray) -> np.ndarray:
         """(S, C_out) steps for the rows of ``features`` (S, C_in)."""
-        lo, hi = (np.float32(b) for b in self.log_step_bounds())
-        return np.exp(np.clip(np.asarray(features, dtype=np.float64) @ self.weight + self.bias, lo, hi))
-
-
-def combine(per_sample: LogLinear, channel_steps: np.ndarray) -> Adapter:
-    """The adapter whose step is channel_steps[c] * per_sample.predict(f)."""
-    channel_steps = np.asarray(channel_steps, dtype=np.float64)
-    weight = np.outer(per_sample.weight, np.ones(len(channel_steps)))
-    return Adapter(weight, per_sample.bias + np.log(channel_steps))
+        return self.factors(features)[:, None] * np.asarray(self.channel_steps, dtype=np.float64)[None, :]
 
 
 def sample_betas(counts: np.ndarray, lo: np.ndarray, hi: np.ndarray, base: Range, bits: int) -> np.ndarray:
