@@ -193,3 +193,70 @@ def residual_block(seed: int = 0, c: int = 4) -> onnx.ModelProto:
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c, 6, 6])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 5])
     return _model(nodes, [x], [y], inits)
+
+
+def transformer_block(seed: int = 0, d: int = 64, ff: int = 2048, heads: int = 2) -> onnx.ModelProto:
+    """A pre-norm transformer encoder block, as exporters write it:
+
+    x[N,T,d] -> LayerNorm -> MatMul(Wq|Wk|Wv) + b -> Reshape/Transpose into heads -> MatMul(Q, K^T) * 1/sqrt(dh)
+    -> Softmax -> MatMul(., V) -> Transpose/Reshape -> MatMul(Wo, a Constant node) + b -> Add(x) = h
+    h -> LayerNorm -> MatMul(W1: d x ff) + b -> GELU (Erf) -> MatMul(W2: ff x d) + b -> Add(h) -> y
+    (the attention MatMuls multiply two activations; W1 and W2 hold ff * d = 2^17 weights at the defaults)
+    """
+    rng = np.random.default_rng(seed)
+    dh = d // heads
+    tensors = {
+        "ln1_scale": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32),
+        "ln1_bias": (0.1 * rng.standard_normal(d)).astype(np.float32),
+        "ln2_scale": (1 + 0.1 * rng.standard_normal(d)).astype(np.float32),
+        "ln2_bias": (0.1 * rng.standard_normal(d)).astype(np.float32),
+        "heads_shape": np.array([0, 0, heads, dh], dtype=np.int64),
+        "merged_shape": np.array([0, 0, d], dtype=np.int64),
+        "inv_sqrt_dh": np.array(1.0 / np.sqrt(dh), dtype=np.float32),
+        "sqrt2": np.array(np.sqrt(2.0), dtype=np.float32),
+        "one": np.array(1.0, dtype=np.float32),
+        "half": np.array(0.5, dtype=np.float32),
+    }
+    for name, shape in (("wq", (d, d)), ("wk", (d, d)), ("wv", (d, d)), ("w1", (d, ff)), ("w2", (ff, d))):
+        tensors[name] = _weight(rng, *shape, scale=1.0 / np.sqrt(shape[0]))
+        tensors["b" + name[1:]] = _weight(rng, shape[1], scale=0.05)
+    wo = _weight(rng, d, d, scale=1.0 / np.sqrt(d))
+    tensors["bo"] = _weight(rng, d, scale=0.05)
+    n = helper.make_node
+    nodes = [
+        n("Constant", [], ["wo"], name="const_wo", value=numpy_helper.from_array(wo, "wo")),
+        n("LayerNormalization", ["x", "ln1_scale", "ln1_bias"], ["n1"], name="ln1", axis=-1),
+    ]
+    for p in ("q", "k", "v"):
+        nodes += [
+            n("MatMul", ["n1", f"w{p}"], [f"{p}_mm"], name=f"{p}_proj"),
+            n("Add", [f"{p}_mm", f"b{p}"], [f"{p}_lin"], name=f"{p}_bias"),
+            n("Reshape", [f"{p}_lin", "heads_shape"], [f"{p}_heads"], name=f"{p}_reshape"),
+            n("Transpose", [f"{p}_heads"], [f"{p}_t"], name=f"{p}_transpose", perm=[0, 2, 3, 1] if p == "k" else [0, 2, 1, 3]),
+        ]
+    nodes += [
+        n("MatMul", ["q_t", "k_t"], ["scores"], name="scores"),
+        n("Mul", ["scores", "inv_sqrt_dh"], ["scaled"], name="scale_scores"),
+        n("Softmax", ["scaled"], ["attn"], name="softmax", axis=-1),
+        n("MatMul", ["attn", "v_t"], ["ctx"], name="context"),
+        n("Transpose", ["ctx"], ["ctx_t"], name="ctx_transpose", perm=[0, 2, 1, 3]),
+        n("Reshape", ["ctx_t", "merged_shape"], ["merged"], name="merge_heads"),
+        n("MatMul", ["merged", "wo"], ["o_mm"], name="o_proj"),
+        n("Add", ["o_mm", "bo"], ["o_lin"], name="o_bias"),
+        n("Add", ["o_lin", "x"], ["h"], name="residual1"),
+        n("LayerNormalization", ["h", "ln2_scale", "ln2_bias"], ["n2"], name="ln2", axis=-1),
+        n("MatMul", ["n2", "w1"], ["f1_mm"], name="ffn1"),
+        n("Add", ["f1_mm", "b1"], ["f1"], name="ffn1_bias"),
+        n("Div", ["f1", "sqrt2"], ["g_div"], name="gelu_div"),
+        n("Erf", ["g_div"], ["g_erf"], name="gelu_erf"),
+        n("Add", ["g_erf", "one"], ["g_add"], name="gelu_add"),
+        n("Mul", ["f1", "g_add"], ["g_mul"], name="gelu_mul"),
+        n("Mul", ["g_mul", "half"], ["g"], name="gelu_half"),
+        n("MatMul", ["g", "w2"], ["f2_mm"], name="ffn2"),
+        n("Add", ["f2_mm", "b2"], ["f2"], name="ffn2_bias"),
+        n("Add", ["f2", "h"], ["y"], name="residual2"),
+    ]
+    inits = [numpy_helper.from_array(v, k) for k, v in tensors.items()]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", d])
+    return _model(nodes, [x], [y], inits)
