@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+from onnxq.external import referenced_files
 from onnxq.inspect import Inventory
 from onnxq.quantize import QuantizationResult
 
@@ -20,9 +21,8 @@ def human_bytes(n: int) -> str:
 
 
 def file_size(path: Path) -> int:
-    """Size of a model file plus its external-data file, if it has one beside it."""
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+    """Size of a model file plus the external-data files it refers to (a stale ``.data`` beside it does not count)."""
+    return path.stat().st_size + sum(data.stat().st_size for data in referenced_files(path) if data.is_file())
 
 
 def layer_table(result: QuantizationResult) -> str:

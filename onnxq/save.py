@@ -17,6 +17,7 @@ from pathlib import Path
 import onnx
 
 from onnxq.errors import OnnxqError
+from onnxq.external import referenced_files
 from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
 
 
@@ -37,11 +38,14 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
 
     Tensors go to ``<output name>.data`` beside the model when ``external_data`` is set or
     the model is too big for one protobuf. Note that writing external data moves the
-    tensors' bytes out of ``model``.
+    tensors' bytes out of ``model``. A ``.data`` file that the replaced output used and the new
+    one does not (every tensor stayed inline) is removed with it.
     """
     output = Path(output)
     external = external_data or tensor_bytes(model) > PROTOBUF_LIMIT // 2
     data_name = output.name + ".data"
+    old_data = (output.parent / data_name).resolve()
+    stale = old_data in referenced_files(output) if output.is_file() else False
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         tmp_model = tmp_dir / output.name
@@ -57,9 +61,12 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
         else:
             onnx.save_model(model, os.fspath(tmp_model))
         verify_model_file(tmp_model, output)
-        if (tmp_dir / data_name).exists():  # absent when every tensor was small enough to stay inline
+        wrote_data = (tmp_dir / data_name).exists()  # absent when every tensor was small enough to stay inline
+        if wrote_data:
             os.replace(tmp_dir / data_name, output.parent / data_name)
         os.replace(tmp_model, output)
+        if stale and not wrote_data:
+            old_data.unlink(missing_ok=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
     return output
