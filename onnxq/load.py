@@ -167,12 +167,16 @@ def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
     current = default_opset(loaded.model)
     if current is not None and current >= minimum:
         return
+    metadata = {node.name: list(node.metadata_props) for node in loaded.model.graph.node if node.name and node.metadata_props}
     try:
         on_skeleton(loaded.model, lambda m: version_converter.convert_version(m, minimum))
     except Exception as e:  # the converter raises RuntimeError or its own errors
         reason = _conversion_failure(loaded.model, e)
         hint = " (int4 weights need opset 21; -b 5 or more stores int8 and keeps the opset)" if minimum >= INT4_OPSET else ""
         raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}{hint}") from e
+    for node in loaded.model.graph.node:  # the converter drops nodes' metadata_props (exporters' source locations)
+        if not node.metadata_props and node.name in metadata:
+            node.metadata_props.extend(metadata[node.name])
     if minimum >= INT4_OPSET:
         loaded.model.ir_version = max(loaded.model.ir_version, INT4_IR_VERSION)
 

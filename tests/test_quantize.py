@@ -51,6 +51,18 @@ def test_int4_storage_and_opset_21():
     assert "w2" not in {t.name for t in quantized.graph.initializer}
 
 
+def test_opset_conversion_keeps_the_nodes_metadata():
+    """Exporters (torch's dynamo) note each node's source in metadata_props; onnx's version converter drops them."""
+    model = conv_bn_relu_gemm()
+    relu = next(n for n in model.graph.node if n.op_type == "Relu")
+    onnx.helper.set_metadata_props(relu, {"pkg.torch.onnx.fx_node": "relu(x)", "namespace": "stem"})
+    name = relu.name
+    quantized = quantize(model, QuantizeConfig(bits=4, first_last_bits=None))
+    assert default_opset(quantized) == 21
+    (node,) = (n for n in quantized.graph.node if n.name == name)
+    assert {p.key: p.value for p in node.metadata_props} == {"pkg.torch.onnx.fx_node": "relu(x)", "namespace": "stem"}
+
+
 def test_int8_keeps_opset():
     quantized = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=8))
     assert default_opset(quantized) == 17
