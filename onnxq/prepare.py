@@ -1,4 +1,4 @@
-"""Graph preparation before quantization: names, Constant weights, BatchNorm folding, shapes.
+"""Graph preparation before quantization: names, Constant weights, constant weight paths, BatchNorm folding, shapes.
 
 Each pass edits the model in place and returns how many things it changed.
 """
@@ -90,6 +90,54 @@ def bypass_constant_identities(graph: onnx.GraphProto) -> int:
     del graph.node[:]
     graph.node.extend(keep)
     return len(alias)
+
+
+#: Ops computed ahead of time when every input is a constant: what exporters leave on a weight's path (the
+#: TorchScript exporter without constant folding writes MatMul(x, Transpose(W)); float16 weights come through a
+#: Cast; reshapes and scalings). None of them makes more data than it reads, so folding never grows the model.
+FOLDABLE_OPS = frozenset(
+    {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Neg", "Abs", "Sqrt", "Reciprocal", "Mul", "Div", "Add", "Sub"}
+)
+
+
+def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
+    """Replace nodes of FOLDABLE_OPS whose inputs are all constants by initializers holding their outputs.
+
+    Without this a weight behind such a node is "computed" and stays float. The values come from onnx's reference
+    implementation of the op at the model's opset; nodes producing graph outputs, and elementwise ops whose result
+    would be larger than their largest input (broadcasting), stay.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    consts = constant_initializers(graph)
+    outputs = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    folded = 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if (
+            node.domain not in ("", "ai.onnx")
+            or node.op_type not in FOLDABLE_OPS
+            or not inputs
+            or not all(name in consts for name in inputs)
+            or any(out in outputs for out in node.output)
+        ):
+            keep.append(node)
+            continue
+        values = [to_array(consts[name]) for name in inputs]
+        results = ReferenceEvaluator(node, opsets={"": opset}).run(None, dict(zip(inputs, values, strict=True)))
+        if max(np.asarray(r).size for r in results) > max(v.size for v in values):
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, results, strict=True):
+            consts[name] = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(consts[name])
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        remove_unused_initializers(graph)
+    return folded
 
 
 def fold_batch_norms(graph: onnx.GraphProto) -> int:
@@ -194,6 +242,8 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     name_nodes(graph)
     lifted = lift_constants(graph)
     bypass_constant_identities(graph)
+    opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), None)
+    computed = fold_constant_paths(graph, opset) if opset is not None else 0
     folded = fold_batch_norms(graph)
-    logger.info("prepared: %d Constant nodes lifted, %d BatchNormalization folded", lifted, folded)
+    logger.info("prepared: %d Constant nodes lifted, %d constant nodes computed, %d BatchNormalization folded", lifted, computed, folded)
     return infer_shapes(model)

@@ -1,12 +1,16 @@
-"""Graph preparation: BatchNorm folding, Constant lifting, node naming."""
+"""Graph preparation: BatchNorm folding, Constant lifting, constant weight paths, node naming."""
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 from conftest import assert_op_counts, random_feeds, run
+from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm
-from onnxq.prepare import fold_batch_norms, lift_constants, name_nodes, prepare
+from onnxq.config import QuantizeConfig
+from onnxq.prepare import fold_batch_norms, fold_constant_paths, lift_constants, name_nodes, prepare
+from onnxq.quantize import quantize_with_report
 
 
 def test_bn_folding_keeps_outputs():
@@ -83,3 +87,61 @@ def test_identity_of_initializer_is_bypassed():
     assert_op_counts(model, Identity=0)
     assert next(n for n in model.graph.node if n.name == "conv2").input[1] == "w2"
     np.testing.assert_array_equal(run(model, feeds), expected)
+
+
+def _weight_path_model(
+    path: list[onnx.NodeProto], weight: np.ndarray, reader: onnx.NodeProto, shapes: tuple[list, list], extra: dict[str, np.ndarray] | None = None
+) -> onnx.ModelProto:
+    """x -> reader(x, <weight after ``path``>) -> y, with ``weight`` (and ``extra``) as initializers; ``shapes`` of x and y."""
+    inits = [numpy_helper.from_array(weight, "w")] + [numpy_helper.from_array(v, k) for k, v in (extra or {}).items()]
+    graph = helper.make_graph(
+        [*path, reader],
+        "weight_path",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, shapes[0])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, shapes[1])],
+        inits,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+def test_a_transposed_weight_is_computed_ahead_and_then_quantized():
+    """The TorchScript exporter without constant folding writes MatMul(x, Transpose(W)); the weight must still count."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((16, 24)).astype(np.float32)
+    transpose, matmul = helper.make_node("Transpose", ["w"], ["wt"], perm=[1, 0]), helper.make_node("MatMul", ["x", "wt"], ["y"])
+    model = _weight_path_model([transpose], w, matmul, (["N", 24], ["N", 16]))
+    feeds = {"x": rng.standard_normal((3, 24)).astype(np.float32)}
+    expected = run(model, feeds)
+    prepared = prepare(_copy(model))
+    assert_op_counts(prepared, Transpose=0, MatMul=1)
+    np.testing.assert_array_equal(run(prepared, feeds), expected)
+    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    assert [layer.nodes for layer in result.layers] == [(prepared.graph.node[0].name,)]
+
+
+def test_a_float16_weight_behind_a_cast_is_quantized():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)
+    cast, conv = helper.make_node("Cast", ["w"], ["w32"], to=TensorProto.FLOAT), helper.make_node("Conv", ["x", "w32"], ["y"])
+    model = _weight_path_model([cast], w, conv, (["N", 3, 6, 6], ["N", 4, 4, 4]))
+    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    assert len(result.layers) == 1 and not result.skipped
+    x = rng.standard_normal((1, 3, 6, 6)).astype(np.float32)
+    got, want = run(result.model, {"x": x}), run(model, {"x": x})
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02  # 8-bit weights: about 0.5 %
+
+
+def test_constant_paths_that_broadcast_or_reach_a_graph_output_stay():
+    rng = np.random.default_rng(2)
+    column, row = rng.standard_normal((4, 1)).astype(np.float32), rng.standard_normal((1, 4)).astype(np.float32)
+    matmul, shapes = helper.make_node("MatMul", ["x", "w2"], ["y"]), (["N", 4], ["N", 4])
+    grows = _weight_path_model([helper.make_node("Add", ["w", "r"], ["w2"])], column, matmul, shapes, {"r": row})
+    assert fold_constant_paths(grows.graph, 17) == 0  # (4, 1) + (1, 4) -> (4, 4): more data than either input
+    scale = {"s": np.array(2.0, dtype=np.float32)}
+    same = _weight_path_model([helper.make_node("Mul", ["w", "s"], ["w2"])], column, matmul, (["N", 4], ["N", 1]), scale)
+    assert fold_constant_paths(same.graph, 17) == 1
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in same.graph.initializer if t.name == "w2")), column * 2)
+    output = _weight_path_model([], column, helper.make_node("Transpose", ["w"], ["y"], perm=[1, 0]), ([1], [1, 4]))
+    assert fold_constant_paths(output.graph, 17) == 0
