@@ -8,19 +8,26 @@ The exported model is what ``models/`` ships as a test subject for the quantizer
 * BatchNormalization stays as separate nodes (not folded into the convolutions), and
   every weight is a graph initializer, so the quantizer's own BN folding is exercised.
 
-Two architectures are available:
+Three architectures are available:
 
 * ``resnet20``: CIFAR-style ResNet-20 (3 stages x 3 basic blocks, widths 16/32/64,
   option-B 1x1 conv + BN shortcut where the shape changes, global average pool,
   Linear 64 -> 10);
 * ``mobilenetv2``: a small MobileNetV2-style network (3x3 stem, seven inverted
   residual blocks 16 -> 24 -> 32 -> 64 channels with two stride-2 blocks, 1x1 conv to
-  256, global average pool, Linear 256 -> 10).
+  256, global average pool, Linear 256 -> 10);
+* ``vit``: a small pre-norm vision transformer (4x4 patches -> 49 tokens of width 64 plus
+  learned position embeddings, 4 encoder blocks with 4-head attention written as separate
+  q/k/v Linear layers and a 128-wide GELU MLP, final LayerNorm, mean over tokens, Linear
+  64 -> 10), trained with AdamW. It has no BatchNormalization; its attention multiplies two
+  activations, and LayerNorm outputs carry the outlier channels that make transformers
+  hard to quantize with one activation scale per tensor.
 
 Example (from the repository root)::
 
     PYTHONPATH=. python tools/train_fmnist.py --arch resnet20 --epochs 15 --out models/fmnist_resnet20.onnx --seed 0 --threads 2
     PYTHONPATH=. python tools/train_fmnist.py --arch mobilenetv2 --epochs 12 --out models/fmnist_mobilenetv2.onnx --seed 0 --threads 2
+    PYTHONPATH=. python tools/train_fmnist.py --arch vit --epochs 12 --out models/fmnist_vit.onnx --seed 0 --threads 2
 
 (``models/README.md`` lists the exact commands, timings and accuracies of the shipped files.)
 
@@ -188,11 +195,66 @@ class MobileNetV2Small(nn.Module):
         return self.fc(x)
 
 
-ARCHS: dict[str, Callable[[], nn.Module]] = {"resnet20": ResNet20, "mobilenetv2": MobileNetV2Small}
+class EncoderBlock(nn.Module):
+    """Pre-norm transformer encoder block: x + attention(LN(x)), then x + MLP(LN(x)); q, k, v as separate Linear layers."""
+
+    def __init__(self, dim: int, heads: int, hidden: int, tokens: int) -> None:
+        super().__init__()
+        # Python ints, not tensor shapes, so that the exported Reshape targets and the score scale are constants
+        self.heads, self.tokens, self.dim = heads, tokens, dim
+        self.scale = (dim // heads) ** -0.5
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.q, self.k, self.v, self.proj = (nn.Linear(dim, dim) for _ in range(4))
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def _split(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, T, D) -> (N, heads, T, D / heads), with the token count fixed so the exported Reshape is a constant."""
+        return x.reshape(-1, self.tokens, self.heads, self.dim // self.heads).transpose(1, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply the block to tokens (N, T, D)."""
+        h = self.norm1(x)
+        q, k, v = self._split(self.q(h)), self._split(self.k(h)), self._split(self.v(h))
+        attention = torch.softmax(q @ k.transpose(-2, -1) * self.scale, dim=-1)
+        y = (attention @ v).transpose(1, 2).reshape(-1, self.tokens, self.dim)
+        x = x + self.proj(y)
+        return x + self.fc2(F.gelu(self.fc1(self.norm2(x))))
+
+
+class ViTSmall(nn.Module):
+    """A small vision transformer for 1x28x28 inputs: 4x4 patches, 4 pre-norm blocks, mean-pooled tokens."""
+
+    def __init__(self, num_classes: int = NUM_CLASSES, dim: int = 64, depth: int = 4, heads: int = 4, hidden: int = 128, patch: int = 4) -> None:
+        super().__init__()
+        tokens = (28 // patch) ** 2
+        self.normalize = Normalize()
+        self.patch = nn.Conv2d(1, dim, patch, stride=patch)
+        self.position = nn.Parameter(torch.zeros(1, tokens, dim))
+        self.blocks = nn.Sequential(*(EncoderBlock(dim, heads, hidden, tokens) for _ in range(depth)))
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for pixels ``x`` in [0, 1], shape (N, 1, 28, 28)."""
+        tokens = self.patch(self.normalize(x)).flatten(2).transpose(1, 2) + self.position
+        return self.fc(self.norm(self.blocks(tokens)).mean(1))
+
+
+ARCHS: dict[str, Callable[[], nn.Module]] = {"resnet20": ResNet20, "mobilenetv2": MobileNetV2Small, "vit": ViTSmall}
+
+#: Architectures trained with AdamW (learning rate and weight decay from --lr / --weight-decay, or these defaults).
+ADAMW_DEFAULTS: dict[str, tuple[float, float]] = {"vit": (2e-3, 0.05)}
 
 
 def init_weights(model: nn.Module) -> None:
-    """Kaiming-normal convolutions, unit/zero BatchNorm, small-normal classifier."""
+    """Kaiming-normal convolutions, unit/zero BatchNorm, small-normal classifier; a ViT: truncated-normal (0.02) weights."""
+    if isinstance(model, ViTSmall):
+        for m in model.modules():
+            if isinstance(m, (nn.Linear, nn.Conv2d)):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(model.position, std=0.02)
+        return
     for m in model.modules():
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
@@ -255,10 +317,11 @@ def train(
     seed: int,
     max_steps: int | None = None,
     channels_last: bool = True,
+    adamw: bool = False,
 ) -> list[float]:
-    """Train ``model`` in place with SGD (Nesterov) and OneCycle; returns seconds per epoch.
+    """Train ``model`` in place with SGD (Nesterov) or ``adamw``, and OneCycle; returns seconds per epoch.
 
-    Weight decay applies to convolution/linear weights only (not BN or biases).
+    Weight decay applies to convolution/linear weights only (not BN, LayerNorm, biases or position embeddings).
     ``max_steps`` stops early, for timing an epoch. ``channels_last`` trains in NHWC
     memory layout (much faster with oneDNN on CPU, especially for depthwise convs); the
     model is put back to the default layout before returning.
@@ -272,14 +335,10 @@ def train(
     y_test = torch.from_numpy(test_set.labels)
     aug = Augmenter(x_train, pad=2, generator=gen)
 
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=lr,
-        momentum=0.9,
-        nesterov=True,
-    )
+    decay = [p for name, p in model.named_parameters() if p.ndim > 1 and name != "position"]
+    no_decay = [p for name, p in model.named_parameters() if p.ndim <= 1 or name == "position"]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=lr) if adamw else torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
     steps_per_epoch = math.ceil(len(x_train) / batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=lr, epochs=epochs, steps_per_epoch=steps_per_epoch, pct_start=0.25, div_factor=10.0, final_div_factor=100.0
@@ -389,14 +448,14 @@ def export_onnx(model: nn.Module, path: Path, metadata: dict[str, str]) -> onnx.
     return proto
 
 
-def describe_onnx(proto: onnx.ModelProto) -> dict[str, int]:
-    """Print and return the node-type counts; check BN nodes exist and there are no Constants."""
+def describe_onnx(proto: onnx.ModelProto, batchnorm: bool = True) -> dict[str, int]:
+    """Print and return the node-type counts; check BN nodes exist (where the model has BN) and there are no Constants."""
     counts = dict(collections.Counter(n.op_type for n in proto.graph.node).most_common())
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     n_params = sum(numpy_helper.to_array(t).size for t in proto.graph.initializer)
     print(f"onnx: opset {opsets}, {len(proto.graph.node)} nodes {counts}")
     print(f"onnx: {len(proto.graph.initializer)} initializers, {n_params} values")
-    if counts.get("BatchNormalization", 0) == 0:
+    if batchnorm and counts.get("BatchNormalization", 0) == 0:
         raise SystemExit("export: no BatchNormalization nodes left (BN was folded)")
     if counts.get("Constant", 0):
         raise SystemExit("export: the graph still has Constant nodes")
@@ -422,8 +481,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2, help="torch intra-op threads")
     p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--lr", type=float, default=0.1, help="peak OneCycle learning rate")
-    p.add_argument("--weight-decay", type=float, default=5e-4)
+    p.add_argument("--lr", type=float, help="peak OneCycle learning rate (default 0.1 with SGD; the AdamW architectures' own)")
+    p.add_argument("--weight-decay", type=float, help="default 5e-4 with SGD; the AdamW architectures' own")
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--no-channels-last", dest="channels_last", action="store_false", help="train in NCHW layout")
     p.add_argument("--data", type=Path, default=FASHION_MNIST_DIR, help="Fashion-MNIST IDX folder")
@@ -456,12 +515,13 @@ def main(argv: list[str] | None = None) -> int:
             test_set,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=args.lr,
-            weight_decay=args.weight_decay,
+            lr=args.lr if args.lr is not None else ADAMW_DEFAULTS.get(args.arch, (0.1, 0.0))[0],
+            weight_decay=args.weight_decay if args.weight_decay is not None else ADAMW_DEFAULTS.get(args.arch, (0.0, 5e-4))[1],
             label_smoothing=args.label_smoothing,
             seed=args.seed,
             max_steps=args.time_steps,
             channels_last=args.channels_last,
+            adamw=args.arch in ADAMW_DEFAULTS,
         )
         if args.time_steps is not None:
             return 0
@@ -480,7 +540,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out,
         {"arch": args.arch, "seed": str(args.seed), "epochs": str(args.epochs), "command": command},
     )
-    describe_onnx(proto)
+    describe_onnx(proto, batchnorm=any(isinstance(m, nn.BatchNorm2d) for m in model.modules()))
     print(f"onnx: wrote {args.out} ({args.out.stat().st_size} bytes)")
 
     ort_logits = evaluate_onnx(args.out, test_set)
