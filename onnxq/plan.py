@@ -113,8 +113,12 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         if tensor is None:
             if name in initializers:
                 reason = "weight is an initializer also listed as a graph input, which callers may override"
+            elif name in inputs:
+                reason = "weight is a graph input, not a constant"
+            elif node.op_type == "MatMul" and node.input[0] not in consts:
+                reason = "multiplies two activations (no weight; e.g. attention scores)"
             else:
-                reason = "weight is a graph input, not a constant" if name in inputs else "weight is computed, not a constant"
+                reason = "weight is computed, not a constant"
             skipped.append(Skipped(node.name, reason))
             continue
         if tensor.data_type not in FLOAT_TYPES:

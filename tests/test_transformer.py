@@ -86,8 +86,8 @@ def test_every_format_runs_the_block_close_to_float_at_any_batch(block, referenc
         assert session.run(None, {"x": X[:n]})[0].shape == (n, TOKENS, WIDTH)
     # every weighted MatMul is quantized, the Constant-node weight (o_proj) included; the two attention products are not
     assert {node for layer in result.layers for node in layer.nodes} == {"q_proj", "k_proj", "v_proj", "o_proj", "ffn1", "ffn2"}
-    left = {s.node for s in result.skipped}
-    assert {"scores", "context"} <= left
+    left = {s.node: s.reason for s in result.skipped}
+    assert {"scores", "context"} <= set(left) and all("two activations" in left[n] for n in ("scores", "context"))
 
 
 @pytest.mark.parametrize(("fmt", "op"), [(WeightFormat.INT, "IntConv"), (WeightFormat.POST, "PostConv")])
