@@ -16,7 +16,7 @@ from onnxq.evaluate import accuracy
 
 pytestmark = pytest.mark.slow
 
-SHIPPED = {"resnet20": MODELS / "fmnist_resnet20.onnx", "mobilenetv2": MODELS / "fmnist_mobilenetv2.onnx"}
+SHIPPED = {"resnet20": MODELS / "fmnist_resnet20.onnx", "mobilenetv2": MODELS / "fmnist_mobilenetv2.onnx", "vit": MODELS / "fmnist_vit.onnx"}
 CALIBRATION_SAMPLES = 512
 
 
@@ -40,6 +40,19 @@ def test_activations_at_8_bits_keep_accuracy(splits, float_top1, name, weight_bi
     q = quantize(SHIPPED[name], config, [{"input": calibration[i : i + 64]} for i in range(0, len(calibration), 64)])
     top1 = accuracy(q.SerializeToString(), test).top1
     assert float_top1[name] - top1 <= max_drop_pp / 100, (name, float_top1[name], top1)
+
+
+def _top1_w4a4(splits, method: CalibrationMethod) -> float:
+    calibration, test = splits
+    config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=4, method=method))
+    q = quantize(SHIPPED["vit"], config, [{"input": calibration[i : i + 32]} for i in range(0, len(calibration), 32)])
+    return accuracy(q.SerializeToString(), test).top1
+
+
+def test_asq_beats_the_fixed_mse_range_on_the_transformer_at_w4a4(splits):
+    """LayerNorm outputs carry outlier channels: ASQ's per-channel steps and per-input factor win back most of what
+    one fixed step per tensor loses (measured: mse 84.70, asq 86.32 against 86.80 float; README)."""
+    assert _top1_w4a4(splits, CalibrationMethod.ASQ) - _top1_w4a4(splits, CalibrationMethod.MSE) >= 0.005
 
 
 def test_w8a8_resnet_runs_on_integer_kernels_only(splits, tmp_path):

@@ -21,6 +21,7 @@ pytestmark = pytest.mark.slow
 
 RESNET = MODELS / "fmnist_resnet20.onnx"
 MOBILENET = MODELS / "fmnist_mobilenetv2.onnx"
+VIT = MODELS / "fmnist_vit.onnx"
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +51,16 @@ def test_mobilenet_quantizes_and_stays_usable(test_split, tmp_path):
     base = accuracy(MOBILENET, test_split).top1
     out = save_model(quantize(MOBILENET, QuantizeConfig(bits=8)), tmp_path / "m.q8.onnx")
     assert base - accuracy(out, test_split).top1 <= 0.005
+
+
+@pytest.mark.parametrize("bits, max_drop_pp", [(8, 0.1), (4, 0.6)])
+def test_vit_weights_keep_accuracy(test_split, bits, max_drop_pp):
+    """The transformer's 24 weight MatMuls sit behind Transpose nodes (TorchScript export): they must be quantized."""
+    base = accuracy(VIT, test_split).top1
+    q = quantize(VIT, QuantizeConfig(bits=bits))
+    quantized = sum(n.op_type == "DequantizeLinear" for n in q.graph.node)
+    assert quantized == 26  # 24 MatMuls, the patch Conv, the classifier
+    assert base - accuracy(q.SerializeToString(), test_split).top1 <= max_drop_pp / 100
 
 
 def _exact_mse(rows: np.ndarray, alpha: float, bits: int, sqrt: bool) -> float:
