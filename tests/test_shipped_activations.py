@@ -50,8 +50,8 @@ def _top1_w4a4(splits, method: CalibrationMethod) -> float:
 
 
 def test_asq_beats_the_fixed_mse_range_on_the_transformer_at_w4a4(splits):
-    """LayerNorm outputs carry outlier channels: ASQ's per-channel steps and per-input factor win back most of what
-    one fixed step per tensor loses (measured: mse 84.70, asq 86.32 against 86.80 float; README)."""
+    """LayerNorm outputs carry outlier channels: ASQ's per-channel steps win back most of what one fixed step per
+    tensor loses (measured: mse 84.70, asq 86.32 against 86.80 float; README)."""
     assert _top1_w4a4(splits, CalibrationMethod.ASQ) - _top1_w4a4(splits, CalibrationMethod.MSE) >= 0.005
 
 
