@@ -113,9 +113,11 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         if tensor is None:
             if name in initializers:
                 reason = "weight is an initializer also listed as a graph input, which callers may override"
+            elif node.op_type == "MatMul" and node.input[0] in consts:
+                reason = "the constant is the first input (W @ x); only x @ W is quantized"
             elif name in inputs:
                 reason = "weight is a graph input, not a constant"
-            elif node.op_type == "MatMul" and node.input[0] not in consts:
+            elif node.op_type == "MatMul":
                 reason = "multiplies two activations (no weight; e.g. attention scores)"
             else:
                 reason = "weight is computed, not a constant"

@@ -124,6 +124,33 @@ def test_exclude_leaves_node_in_float():
     assert any(s.node == "conv2" for s in result.skipped)
 
 
+def test_matmuls_left_float_say_why():
+    """W @ x (constant first), a product of two activations and a graph-input weight each get their own reason."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal(s).astype(np.float32), n) for n, s in (("w", (8, 16)), ("v", (8, 4)))]
+    nodes = [
+        helper.make_node("MatMul", ["w", "x"], ["h"], name="w_first"),
+        helper.make_node("Transpose", ["h"], ["ht"], name="transpose"),
+        helper.make_node("MatMul", ["h", "ht"], ["p"], name="two_activations"),
+        helper.make_node("MatMul", ["p", "v"], ["y"], name="weighted"),
+        helper.make_node("MatMul", ["y", "x2"], ["z"], name="input_weight"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(
+        nodes, "g", [value("x", TensorProto.FLOAT, [16, 3]), value("x2", TensorProto.FLOAT, [4, 4])], [value("z", TensorProto.FLOAT, [8, 4])], inits
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    reasons = {s.node: s.reason for s in result.skipped}
+    assert "first input (W @ x)" in reasons["w_first"]
+    assert "two activations" in reasons["two_activations"]
+    assert "graph input" in reasons["input_weight"]
+    assert [layer.nodes for layer in result.layers] == [("weighted",)]
+
+
 def test_input_model_is_not_modified():
     model = conv_bn_relu_gemm()
     before = model.SerializeToString()
