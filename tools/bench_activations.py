@@ -13,7 +13,7 @@
     quantizer only imports it and loads the model and data, so the fixed cost can be read off.
     At W8A8, and at W4A8 where onnxq's default bias correction adds its measured passes.
 
-    python tools/bench_activations.py [--rounds 300] [--calibration-runs 3] [--skip-latency] [--skip-calibration] [--weight-bits 8 4]
+    python tools/bench_activations.py [--rounds 300] [--calibration-runs 3] [--skip-latency] [--skip-calibration] [--weight-bits 8 4] [--models M ...]
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 REPO = Path(__file__).resolve().parents[1]
-MODELS = [REPO / "models" / "fmnist_resnet20.onnx", REPO / "models" / "fmnist_mobilenetv2.onnx"]
+MODELS = [REPO / "models" / "fmnist_resnet20.onnx", REPO / "models" / "fmnist_mobilenetv2.onnx", REPO / "models" / "fmnist_vit.onnx"]
 CALIBRATION = 512
 BATCH = 32
 ONNXQ_METHODS = ("minmax", "mse", "percentile", "entropy", "asq")
@@ -181,7 +181,7 @@ def op_counts(model: bytes, path: Path) -> Counter[str]:
     return Counter(f"{n.domain}.{n.op_type}" if n.domain not in ("", "ai.onnx") else n.op_type for n in graph.node)
 
 
-def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.ndarray, tmp: Path) -> None:
+def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.ndarray, tmp: Path, models: list[Path] = MODELS) -> None:
     from onnxq.prepare import prepare
 
     print("### W8A8 latency, one thread\n")
@@ -199,7 +199,7 @@ def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.nd
     print("| model | batch | " + " | ".join(columns) + " |")
     print("|---|" + "---:|" * (len(columns) + 1))
     counts: dict[str, dict[str, Counter[str]]] = {}
-    for model in MODELS:
+    for model in models:
         prepared = tmp / f"{model.stem}.prepared.onnx"
         onnx.save(prepare(onnx.load(str(model))), str(prepared))
         models = quantized_models(model, prepared, calib, tmp)
@@ -230,7 +230,7 @@ def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.nd
 # ---------------------------------------------------------------------------- calibration cost
 
 
-def bench_calibration(runs: int, images: np.ndarray, tmp: Path, weight_bits: int) -> None:
+def bench_calibration(runs: int, images: np.ndarray, tmp: Path, weight_bits: int, models: list[Path] = MODELS) -> None:
     from onnxq.prepare import prepare
 
     data = tmp / "calibration.npy"
@@ -244,7 +244,7 @@ def bench_calibration(runs: int, images: np.ndarray, tmp: Path, weight_bits: int
     print("| model | quantizer | method | wall s | quantize s | peak RSS MiB | wall - baseline s | RSS - baseline MiB |")
     print("|---|---|---|---:|---:|---:|---:|---:|")
     launcher = 0.0
-    for model in MODELS:
+    for model in models:
         prepared = tmp / f"{model.stem}.prepared.onnx"
         onnx.save(prepare(onnx.load(str(model))), str(prepared))
         jobs = [("onnxq", "baseline", model)] + [("onnxq", m, model) for m in ONNXQ_METHODS]
@@ -276,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-latency", action="store_true")
     parser.add_argument("--skip-calibration", action="store_true")
     parser.add_argument("--weight-bits", type=int, choices=(8, 4), nargs="+", default=[8, 4], help="weight bits of the calibration-cost runs")
+    parser.add_argument("--models", nargs="+", type=Path, default=MODELS, help="default: the shipped models")
     args = parser.parse_args(argv)
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice to pre-process, once per call
     import onnxruntime
@@ -290,10 +291,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"onnxruntime {onnxruntime.__version__}, onnx {onnx.__version__}, numpy {np.__version__}, Python {sys.version.split()[0]}\n")
     with tempfile.TemporaryDirectory() as tmp:
         if not args.skip_latency:
-            bench_latency(args.rounds, calib, test, Path(tmp))
+            bench_latency(args.rounds, calib, test, Path(tmp), args.models)
         if not args.skip_calibration:
             for bits in args.weight_bits:
-                bench_calibration(args.calibration_runs, images, Path(tmp), bits)
+                bench_calibration(args.calibration_runs, images, Path(tmp), bits, args.models)
     return 0
 
 
