@@ -52,7 +52,11 @@ def test_centred_histogram_counts_equal_numpy(numpy_only, bins):
     assert fast.total == sum(b.size for b in batches)
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((6, 5, 4, 3), 1), ((9, 7), 1), ((4, 6, 5), 2), ((2, 3, 1, 1), 1)])
+# NCHW-like shapes count each channel's runs into sub-histograms, channel-last (N, T, C) ones row by row; the two
+# large shapes put several values in every bin.
+@pytest.mark.parametrize(
+    ("shape", "axis"), [((6, 5, 4, 3), 1), ((9, 7), 1), ((4, 6, 5), 2), ((2, 3, 1, 1), 1), ((16, 3, 20, 20), 1), ((8, 300, 3), 2)]
+)
 def test_channel_histogram_counts_equal_numpy(numpy_only, shape, axis):
     rng = np.random.default_rng(2)
     scale = np.ones(shape[axis], np.float32)
