@@ -50,6 +50,18 @@ def _matmul(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     return WeightSlot(1, rank - 1) if rank >= 2 else None
 
 
+def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """W @ x: the weight's rows (axis rank - 2) are the output channels."""
+    return WeightSlot(0, rank - 2) if rank >= 2 else None
+
+
+def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str]) -> int:
+    """Which input of a weighted node holds its weight: 1, or 0 for a MatMul W @ x (constant first, activation second)."""
+    if node.op_type == "MatMul" and node.input[0] in consts and node.input[1] not in consts and node.input[1] not in initializers:
+        return 0
+    return 1
+
+
 #: Op type -> handler. Extend this to quantize more kinds of node.
 HANDLERS: dict[str, Handler] = {
     "Conv": _conv,
@@ -108,13 +120,12 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None or len(node.input) < 2:
             continue
-        name = node.input[1]
+        index = weight_input(node, consts, initializers)
+        name = node.input[index]
         tensor = consts.get(name)
         if tensor is None:
             if name in initializers:
                 reason = "weight is an initializer also listed as a graph input, which callers may override"
-            elif node.op_type == "MatMul" and node.input[0] in consts:
-                reason = "the constant is the first input (W @ x); only x @ W is quantized"
             elif name in inputs:
                 reason = "weight is a graph input, not a constant"
             elif node.op_type == "MatMul":
@@ -129,7 +140,7 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         if name in outputs:
             skipped.append(Skipped(node.name, "weight is also a graph output"))
             continue
-        slot = handler(node, len(tensor.dims))
+        slot = (handler if index == 1 else _matmul_weight_first)(node, len(tensor.dims))
         if slot is None:
             skipped.append(Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}"))
             continue

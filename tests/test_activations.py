@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
 from models import conv_bn_relu_gemm, conv_then_if, residual_block
-from onnxq import QuantizeConfig, WeightFormat, quantize
+from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.calibrate.asq import Adapter, LogLinear
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.cli import main
@@ -180,6 +180,37 @@ def test_asq_adds_weights_linear_in_the_channels():
     q = quantize(conv_bn_relu_gemm(c=32), config, _gained_batches())
     sizes = [int(np.prod(t.dims)) for t in q.graph.initializer if "_asq_" in t.name]
     assert op_counts(q)["Exp"] >= 1 and sizes and max(sizes) <= 32
+
+
+def test_a_weight_first_matmul_quantizes_its_second_input():
+    """W @ x (x: [N, 32, 5]): the activation site is input 1, and W8A8 stays close to float."""
+    rng = np.random.default_rng(4)
+    inits = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name) for name, shape in (("w", (64, 32)), ("w2", (8, 64)))]
+    nodes = [
+        helper.make_node("MatMul", ["w", "x"], ["h"], name="w_first"),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["w2", "r"], ["y"], name="w2_first"),
+    ]
+    value = helper.make_tensor_value_info
+    io = ([value("x", onnx.TensorProto.FLOAT, ["N", 32, 5])], [value("y", onnx.TensorProto.FLOAT, ["N", 8, 5])])
+    graph = helper.make_graph(nodes, "g", *io, inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    data = [{"x": rng.standard_normal((8, 32, 5)).astype(np.float32)} for _ in range(4)]
+    result = quantize_with_report(model, _w8a8(), data)
+    assert [a.tensor for a in result.activations] == ["x", "r"]
+    (y,) = ort.InferenceSession(result.model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data[0])
+    (want,) = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, data[0])
+    assert np.linalg.norm(y - want) / np.linalg.norm(want) < 0.03
+
+
+def test_collecting_no_tensors_runs_nothing_and_passes_the_batches_through():
+    from onnxq.calibrate.collect import collect
+
+    seen = []
+    batches = ({"x": np.zeros((2, 3, 8, 8), np.float32)} for _ in range(3))
+    assert collect(conv_bn_relu_gemm(), [], (seen.append(b) or b for b in batches)) == {}
+    assert len(seen) == 3
 
 
 class _Reader(CalibrationDataReader):

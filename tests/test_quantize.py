@@ -124,8 +124,8 @@ def test_exclude_leaves_node_in_float():
     assert any(s.node == "conv2" for s in result.skipped)
 
 
-def test_matmuls_left_float_say_why():
-    """W @ x (constant first), a product of two activations and a graph-input weight each get their own reason."""
+def _matmul_chain():
+    """x[16,3] -> W @ x (weight first) -> h @ h^T (two activations) -> p @ v (weight second) -> y @ x2 (graph-input weight)."""
     from onnx import TensorProto, helper, numpy_helper
 
     rng = np.random.default_rng(0)
@@ -141,14 +141,40 @@ def test_matmuls_left_float_say_why():
     graph = helper.make_graph(
         nodes, "g", [value("x", TensorProto.FLOAT, [16, 3]), value("x2", TensorProto.FLOAT, [4, 4])], [value("z", TensorProto.FLOAT, [8, 4])], inits
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)])
     model.ir_version = 8
-    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    return model
+
+
+def test_matmuls_left_float_say_why():
+    """A product of two activations and a graph-input weight each get their own reason."""
+    result = quantize_with_report(_matmul_chain(), QuantizeConfig(bits=8))
     reasons = {s.node: s.reason for s in result.skipped}
-    assert "first input (W @ x)" in reasons["w_first"]
-    assert "two activations" in reasons["two_activations"]
-    assert "graph input" in reasons["input_weight"]
-    assert [layer.nodes for layer in result.layers] == [("weighted",)]
+    assert set(reasons) == {"two_activations", "input_weight"}
+    assert "two activations" in reasons["two_activations"] and "graph input" in reasons["input_weight"]
+
+
+def test_a_weight_first_matmul_is_quantized_per_output_row():
+    """W @ x: W's rows are the output channels, so its per-channel scales run along axis 0."""
+    model = _matmul_chain()
+    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    assert [layer.nodes for layer in result.layers] == [("w_first",), ("weighted",)]
+    matmul = next(n for n in result.model.graph.node if n.name == "w_first")
+    (dq,) = (n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == matmul.input[0])
+    scale = next(t for t in result.model.graph.initializer if t.name == dq.input[1])
+    assert list(scale.dims) == [8] and next(a.i for a in dq.attribute if a.name == "axis") == 0
+    rng = np.random.default_rng(1)
+    feeds = {"x": rng.standard_normal((16, 3)).astype(np.float32), "x2": rng.standard_normal((4, 4)).astype(np.float32)}
+    got, want = run(result.model, feeds), run(model, feeds)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+
+
+def test_a_weight_first_matmul_stays_qdq_in_the_op_formats_and_says_why():
+    from onnxq.config import WeightFormat
+
+    result = quantize_with_report(_matmul_chain(), QuantizeConfig(bits=8, first_last_bits=None, format=WeightFormat.INT))
+    layer = next(layer for layer in result.layers if layer.nodes == ("w_first",))
+    assert layer.op == "DequantizeLinear" and "W @ x" in layer.qdq_reason
 
 
 def test_input_model_is_not_modified():

@@ -124,6 +124,10 @@ def collect(
     Without ``histograms`` only min/max (and channel means) are kept, which is all min-max calibration needs.
     """
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
+    if not tensors:  # nothing to observe (onnxruntime would return every output); the batches still pass through
+        for batch in batches:
+            batch_size(batch)
+        return stats
     with exposing(model, tensors) as sess:
         with progress(total) as bar:
             for batch in batches:
