@@ -46,9 +46,7 @@ def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) 
 def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: QuantizeConfig) -> list[ActivationSite]:
     """The activation tensors to quantize around the layers whose weights are quantized."""
     assert config.activations is not None
-    nodes = {node.name: node for node in graph.node}
-    # the data input is the one the weight is not: input 0, or input 1 for a MatMul W @ x
-    weighted = {use.node: int(nodes[use.node].input[0] == plan.tensor) for plan in plans for use in plan.uses if use.node in nodes}
+    weighted = {use.node: 1 - use.input_index for plan in plans for use in plan.uses}  # the data input is the other one
     boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses}
     sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
     ops = integer_op_nodes(graph, plans, config)

@@ -78,6 +78,7 @@ class WeightUse:
     node: str
     op_type: str
     channel_axis: int
+    input_index: int = 1  # which input of the node the weight is (0: a MatMul W @ x)
 
 
 @dataclass(frozen=True)
@@ -144,7 +145,7 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         if slot is None:
             skipped.append(Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}"))
             continue
-        uses.setdefault(name, []).append(WeightUse(node.name, node.op_type, slot.channel_axis))
+        uses.setdefault(name, []).append(WeightUse(node.name, node.op_type, slot.channel_axis, slot.input_index))
     return uses, skipped
 
 

@@ -118,7 +118,7 @@ def op_choice(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeC
 
 def _gemm_reason(plan: WeightPlan, readers: list[onnx.NodeProto], targets: OpTargets) -> str | None:
     """Why the Gemm/MatMul ``readers`` of the plan's weight cannot run as the op (None: they can)."""
-    if any(node.input[1] != plan.tensor for node in readers):
+    if any(use.input_index != 1 for use in plan.uses):
         return "MatMul W @ x (the weight first): the ops run x @ W"
     if len({weight_is_rows(node) for node in readers}) > 1:
         return "weight read as (K, M) by one node and (M, K) by another"
