@@ -10,7 +10,6 @@ onnxruntime session, writing the output) is read in then (:func:`materialize`).
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -87,27 +86,3 @@ def materialize(model: onnx.ModelProto) -> int:
             count += 1
     return count
 
-
-def referenced_files(path: Path) -> set[Path]:
-    """The external data files that the model file ``path`` refers to (absolute), read from its protobuf alone.
-
-    Every tensor counts: initializers and tensor attributes, in subgraphs too. An unreadable model refers to none.
-    """
-    try:
-        model = onnx.load(os.fspath(path), load_external_data=False)
-    except Exception:  # not a model (or not one onnx can parse): nothing of it to count or keep
-        return set()
-    locations = {_entries(tensor).get("location", "") for tensor in _tensors(model.graph) if is_external(tensor)}
-    return {(path.parent / location).resolve() for location in locations if location}
-
-
-def _tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
-    """Every tensor of ``graph``: initializers and tensor attributes, subgraphs included."""
-    yield from graph.initializer
-    for node in graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                yield attribute.t
-            yield from attribute.tensors
-            for sub in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                yield from _tensors(sub)

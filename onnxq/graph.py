@@ -27,6 +27,18 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
+    """Every tensor stored in ``graph``: initializers and tensor attributes (Constant values), subgraphs included."""
+    yield from graph.initializer
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+        for sub in subgraphs(node):
+            yield from all_tensors(sub)
+
+
 def used_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name read by the graph's nodes (subgraphs included) or returned as an output."""
     names = {out.name for out in graph.output}

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
-from onnxq.external import referenced_files
 from onnxq.inspect import Inventory
 from onnxq.quantize import QuantizationResult
+from onnxq.save import referenced_files
 
 
 def human_bytes(n: int) -> str:

@@ -17,7 +17,8 @@ from pathlib import Path
 import onnx
 
 from onnxq.errors import OnnxqError
-from onnxq.external import referenced_files
+from onnxq.external import is_external
+from onnxq.graph import all_tensors
 from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
 
 
@@ -33,6 +34,19 @@ def check_output_path(output: Path, inputs: list[Path]) -> None:
         raise OnnxqError(output, "output path is a folder; give a file name")
 
 
+def referenced_files(path: Path) -> set[Path]:
+    """The external data files that the model file ``path`` refers to (absolute), read from its protobuf alone.
+
+    Every tensor counts (:func:`onnxq.graph.all_tensors`). An unreadable model refers to none.
+    """
+    try:
+        model = onnx.load(os.fspath(path), load_external_data=False)
+    except Exception:  # not a model (or not one onnx can parse): nothing of it to count or keep
+        return set()
+    locations = {e.value for tensor in all_tensors(model.graph) if is_external(tensor) for e in tensor.external_data if e.key == "location"}
+    return {(path.parent / location).resolve() for location in locations if location}
+
+
 def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_data: bool = False) -> Path:
     """Write ``model`` to ``output`` atomically and return the path.
 
@@ -45,7 +59,7 @@ def save_model(model: onnx.ModelProto, output: str | os.PathLike[str], external_
     external = external_data or tensor_bytes(model) > PROTOBUF_LIMIT // 2
     data_name = output.name + ".data"
     old_data = (output.parent / data_name).resolve()
-    stale = old_data in referenced_files(output) if output.is_file() else False
+    stale = old_data.is_file() and output.is_file() and old_data in referenced_files(output)  # parse the old output only then
     tmp_dir = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
         tmp_model = tmp_dir / output.name

@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 
 from models import conv_bn_relu_gemm
-from onnxq.external import referenced_files
 from onnxq.report import file_size
-from onnxq.save import save_model
+from onnxq.save import referenced_files, save_model
 
 
 def _big_and_small() -> tuple[onnx.ModelProto, onnx.ModelProto]:
