@@ -12,6 +12,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
+from onnxq.load import default_opset
 from onnxq.tensor_data import on_skeleton
 
 logger = logging.getLogger(__name__)
@@ -242,7 +243,7 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     name_nodes(graph)
     lifted = lift_constants(graph)
     bypass_constant_identities(graph)
-    opset = next((imp.version for imp in model.opset_import if imp.domain in ("", "ai.onnx")), None)
+    opset = default_opset(model)
     computed = fold_constant_paths(graph, opset) if opset is not None else 0
     folded = fold_batch_norms(graph)
     logger.info("prepared: %d Constant nodes lifted, %d constant nodes computed, %d BatchNormalization folded", lifted, computed, folded)

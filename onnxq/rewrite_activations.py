@@ -7,8 +7,9 @@ a step per input and channel from a small adapter computed in the graph, in stan
     x -> Div(r) -> QuantizeLinear(1, z_c, axis=C) -> DequantizeLinear(1, z_c, axis=C) -> Mul(r) -> readers
 
 (r: one step per sample and channel, a per-sample factor times the channel's step). An adapter
-whose factor does not depend on the input (ASQ kept fixed per-channel steps) is a plain per-axis
-pair QuantizeLinear(s_c, z_c, axis=C) -> DequantizeLinear.
+whose factor does not depend on the input (ASQ kept fixed per-channel steps) has r as a constant
+and no adapter nodes. (Not a per-axis pair QuantizeLinear(s_c, z_c, axis=C): onnxruntime fuses
+such a pair into kernels that take one scale, QLinearGlobalAveragePool, which then fail.)
 
 Dividing by the step and quantizing with step 1 is QuantizeLinear with step r, and the
 zero point of each channel stays put as r scales its range about zero. An adapter with one

@@ -13,7 +13,7 @@ adapter is fit in two parts that one Gemm then carries:
 
 So step[i, c] = s_c * exp(f_i . w + b) (the exponent clipped to b +- LOG_STEP_MARGIN): in the graph
 a one-output Gemm, an Exp and a Mul by the C steps, which keeps the adapter's size linear in the
-channels. With w = 0 it is a fixed per-channel step, written as a plain per-axis pair. Pure numpy.
+channels. With w = 0 it is a fixed per-channel step, written as constants (no adapter nodes). Pure numpy.
 """
 
 from __future__ import annotations

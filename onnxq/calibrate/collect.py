@@ -125,8 +125,8 @@ def collect(
     """
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
     if not tensors:  # nothing to observe (onnxruntime would return every output); the batches still pass through
-        for batch in batches:
-            batch_size(batch)
+        for _ in batches:
+            pass
         return stats
     with exposing(model, tensors) as sess:
         with progress(total) as bar:
