@@ -242,7 +242,9 @@ class ViTSmall(nn.Module):
 
 ARCHS: dict[str, Callable[[], nn.Module]] = {"resnet20": ResNet20, "mobilenetv2": MobileNetV2Small, "vit": ViTSmall}
 
-#: Architectures trained with AdamW (learning rate and weight decay from --lr / --weight-decay, or these defaults).
+#: Peak learning rate and weight decay unless --lr / --weight-decay say otherwise: SGD's, and those of the
+#: architectures trained with AdamW.
+SGD_DEFAULTS = (0.1, 5e-4)
 ADAMW_DEFAULTS: dict[str, tuple[float, float]] = {"vit": (2e-3, 0.05)}
 
 
@@ -509,14 +511,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_state is not None:
         model.load_state_dict(torch.load(args.from_state, map_location="cpu"))
     else:
+        default_lr, default_decay = ADAMW_DEFAULTS.get(args.arch, SGD_DEFAULTS)
         times = train(
             model,
             train_set,
             test_set,
             epochs=args.epochs,
             batch_size=args.batch_size,
-            lr=args.lr if args.lr is not None else ADAMW_DEFAULTS.get(args.arch, (0.1, 0.0))[0],
-            weight_decay=args.weight_decay if args.weight_decay is not None else ADAMW_DEFAULTS.get(args.arch, (0.0, 5e-4))[1],
+            lr=args.lr if args.lr is not None else default_lr,
+            weight_decay=args.weight_decay if args.weight_decay is not None else default_decay,
             label_smoothing=args.label_smoothing,
             seed=args.seed,
             max_steps=args.time_steps,
