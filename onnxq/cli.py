@@ -132,7 +132,7 @@ def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
                    help=f"use at most N samples to measure sensitivity (default {SENSITIVITY_SAMPLES})")
     s.add_argument("--target-size", metavar="SIZE",
                    help="raise the most sensitive layers from -b bits to 8 while the weights fit SIZE: bytes (300000, 300KB, "
-                   "1.5MiB), a ratio of the float weights (0.2x) or average bits per weight (5bits); sizes count codes and scales")
+                   "1.5MiB), a ratio of the float weights (0.2x or 20%%) or average bits per weight (5bits); sizes count codes and scales")
     s.add_argument("--max-drop", type=float, metavar="DB",
                    help="raise the most sensitive layers until the model output's SQNR is at most DB below that of the "
                    "model with every raisable layer at 8 bits (with --target-size: within that size)")

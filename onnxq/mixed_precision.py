@@ -29,7 +29,7 @@ from onnxq.sensitivity import SensitivityAnalysis, energy_sqnr_db
 #: Widths a layer may be raised to: the widest of each storage class.
 LADDER = (4, 8)
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]*)\s*$", re.IGNORECASE)
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)(?:e([+-]?\d+))?\s*([a-z]*|%)\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "kib": 2**10, "mib": 2**20, "gib": 2**30}
 
 
@@ -46,23 +46,23 @@ class TargetSize:
 
     @classmethod
     def parse(cls, text: str) -> TargetSize:
-        """``300000``, ``300KB``, ``1.5MiB``, ``0.2x`` (of the float weights) or ``5bits`` (average per weight)."""
+        """``300000``, ``300KB``, ``1.5MiB``, ``0.2x`` or ``20%`` (of the float weights) or ``5bits`` (average per weight)."""
         match = _SIZE.match(str(text))
         if match is None:
             raise ValueError(f"target size {text!r} is not a size: give bytes (300000, 300KB, 1.5MiB), a ratio of the float "
-                             "weights (0.2x) or average bits per weight (5bits)")
+                             "weights (0.2x, 20%) or average bits per weight (5bits)")
         value = float(match.group(1)) * 10.0 ** int(match.group(2) or 0)
         unit = match.group(3).lower()
         if value <= 0 or not math.isfinite(value):
             raise ValueError(f"target size {text!r} must be positive")
-        if unit == "x":
-            return cls(value, "ratio", text)
+        if unit in ("x", "%"):
+            return cls(value / 100 if unit == "%" else value, "ratio", text)
         if unit in ("bit", "bits"):
             if not 1 <= value <= 32:
                 raise ValueError(f"target size {text!r}: average bits must be from 1 to 32")
             return cls(value, "bits", text)
         if unit not in _UNITS:
-            raise ValueError(f"target size {text!r} has an unknown unit {match.group(3)!r} (B, KB, MB, GB, KiB, MiB, GiB, x or bits)")
+            raise ValueError(f"target size {text!r} has an unknown unit {match.group(3)!r} (B, KB, MB, GB, KiB, MiB, GiB, x, % or bits)")
         return cls(value * _UNITS[unit], "bytes", text)
 
     def to_bytes(self, float_bytes: int, weights: int, scale_bytes: int) -> int:

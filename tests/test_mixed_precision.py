@@ -20,7 +20,7 @@ NODES = ("conv1", "conv2", "fc")
 
 @pytest.mark.parametrize("text, unit, value", [
     ("300000", "bytes", 300000), ("300KB", "bytes", 300000), ("1.5MiB", "bytes", 1.5 * 2**20), ("2e3b", "bytes", 2000),
-    ("0.2x", "ratio", 0.2), ("5bits", "bits", 5), (" 4.5 bit ", "bits", 4.5),
+    ("0.2x", "ratio", 0.2), ("20%", "ratio", 0.2), ("12.5 %", "ratio", 0.125), ("5bits", "bits", 5), (" 4.5 bit ", "bits", 4.5),
 ])
 def test_target_size_parses(text, unit, value):
     target = TargetSize.parse(text)
@@ -28,7 +28,8 @@ def test_target_size_parses(text, unit, value):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("lots", "is not a size"), ("-5KB", "is not a size"), ("0x", "must be positive"), ("12 parsecs", "unknown unit"), ("40bits", "from 1 to 32"),
+    ("lots", "is not a size"), ("-5KB", "is not a size"), ("%", "is not a size"), ("0x", "must be positive"), ("0%", "must be positive"),
+    ("12 parsecs", "unknown unit"), ("40bits", "from 1 to 32"),
 ])
 def test_target_size_refuses(text, message):
     with pytest.raises(ValueError, match=message):
