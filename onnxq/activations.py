@@ -46,8 +46,9 @@ def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) 
 def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: QuantizeConfig) -> list[ActivationSite]:
     """The activation tensors to quantize around the layers whose weights are quantized."""
     assert config.activations is not None
-    weighted = {use.node: 1 - use.input_index for plan in plans for use in plan.uses}  # the data input is the other one
-    boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses}
+    # The data input is the other one. Activations inside control-flow bodies stay float (calibration observes main-graph tensors).
+    weighted = {use.node: 1 - use.input_index for plan in plans for use in plan.uses if not use.body_of}
+    boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if not use.body_of}
     sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
     ops = integer_op_nodes(graph, plans, config)
     if not ops:

@@ -39,12 +39,24 @@ def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
             yield from all_tensors(sub)
 
 
+def defined_names(graph: onnx.GraphProto) -> frozenset[str]:
+    """Names this graph itself defines: inputs, initializers, node outputs (not its subgraphs').
+
+    Inside a body they hide values of the same name in the graphs around it.
+    """
+    names = {i.name for i in graph.input} | {t.name for t in graph.initializer}
+    names.update(out for node in graph.node for out in node.output)
+    names.discard("")
+    return frozenset(names)
+
+
 def used_names(graph: onnx.GraphProto) -> set[str]:
-    """Every tensor name read by the graph's nodes (subgraphs included) or returned as an output."""
-    names = {out.name for out in graph.output}
+    """Every tensor name read by the graph's nodes or returned as an output, subgraphs included (a body may return an outer value)."""
+    names: set[str] = set()
     stack = [graph]
     while stack:
         g = stack.pop()
+        names.update(out.name for out in g.output)
         for node in g.node:
             names.update(node.input)
             stack.extend(subgraphs(node))

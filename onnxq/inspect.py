@@ -342,15 +342,24 @@ _HANDLERS: dict[tuple[str, str], Callable[[onnx.NodeProto, _Scope], WeightedNode
 _FLOAT_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
 
 
-def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str) -> list[WeightedNode]:
-    """Weighted nodes of a graph and, after them, of its subgraphs."""
-    found: list[tuple[int, WeightedNode]] = []
+def _weighted_nodes(graph: onnx.GraphProto) -> list[WeightedNode]:
+    """Weighted nodes of the model, main graph first, without the nodes that only compute another's weight."""
     chained: set[str] = set()  # outputs of nodes that only compute a weight for another node (sqrt mode's Abs/Mul, layout ops)
+    rows = _graph_nodes(graph, _Scope(graph), "", chained)
+    return [row for row, output in rows if output not in chained]
+
+
+def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: set[str]) -> list[tuple[WeightedNode, str]]:
+    """Weighted nodes of a graph and, after them, of its subgraphs, each with its output.
+
+    Adds to ``chained`` the outputs of nodes that only compute a weight (a body's node may read a chain of the graph around it).
+    """
+    found: list[tuple[WeightedNode, str]] = []
     named = []
     for i, node in enumerate(graph.node):
         copy = onnx.NodeProto()
         copy.CopyFrom(node)
-        copy.name = prefix + (node.name or f"{node.op_type}_{i}")
+        copy.name = node.name or f"{prefix}{node.op_type}_{i}"
         named.append(copy)
     for i, node in enumerate(graph.node):
         domain = "" if node.domain == "ai.onnx" else node.domain
@@ -358,7 +367,7 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str) -> list[Wei
         if handler is not None:
             described = handler(named[i], scope)
             if described is not None:
-                found.append((i, described))
+                found.append((described, node.output[0]))
             continue
         if node.op_type in ("DequantizeLinear", "QuantizeLinear") and domain == "":
             continue
@@ -366,13 +375,12 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str) -> list[Wei
         # Other ops count as weighted only when they read a dequantized constant (not e.g. Reshape's shape).
         traced = _float_op(named[i], scope, slots or tuple(range(len(node.input))))
         if traced is not None and (slots or traced[1].dequantize is not None):
-            found.append((i, traced[0]))
+            found.append((traced[0], node.output[0]))
             chained.update(n.output[0] for n in traced[1].chain)
-    rows = [d for i, d in found if graph.node[i].output[0] not in chained]
     for i, node in enumerate(graph.node):
         for sub in subgraphs(node):
-            rows += _graph_nodes(sub, _Scope(sub, scope), f"{named[i].name}/")
-    return rows
+            found += _graph_nodes(sub, _Scope(sub, scope), f"{named[i].name}/", chained)
+    return found
 
 
 def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
@@ -407,6 +415,6 @@ def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Inventory
         file_bytes=file_bytes + sum(size or 0 for size in external.values()),
         external_files=external,
         opsets={("ai.onnx" if d == "" else d): v for d, v in sorted(opsets.items())},
-        nodes=_graph_nodes(model.graph, _Scope(model.graph), ""),
+        nodes=_weighted_nodes(model.graph),
         initializer_bytes=sum(stored_bytes(t) for t in _all_initializers(model.graph)),
     )

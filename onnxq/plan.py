@@ -8,13 +8,13 @@ nodes is planned, and quantized, once).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import onnx
 
 from onnxq.config import QuantizeConfig
-from onnxq.graph import attribute, constant_initializers
+from onnxq.graph import attribute, constant_initializers, defined_names, subgraphs
 
 #: Weight dtypes we quantize.
 FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
@@ -55,9 +55,14 @@ def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     return WeightSlot(0, rank - 2) if rank >= 2 else None
 
 
-def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str]) -> int:
-    """Which input of a weighted node holds its weight: 1, or 0 for a MatMul W @ x (constant first, activation second)."""
-    if node.op_type == "MatMul" and node.input[0] in consts and node.input[1] not in consts and node.input[1] not in initializers:
+def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str], hidden: frozenset[str] = frozenset()) -> int:
+    """Which input of a weighted node holds its weight: 1, or 0 for a MatMul W @ x (constant first, activation second).
+
+    ``hidden``: names a control-flow body around the node defines, which hide the main graph's tensors of that name.
+    """
+    first, second = node.input[0], node.input[1]
+    second_is_activation = second in hidden or (second not in consts and second not in initializers)
+    if node.op_type == "MatMul" and first in consts and first not in hidden and second_is_activation:
         return 0
     return 1
 
@@ -79,6 +84,12 @@ class WeightUse:
     op_type: str
     channel_axis: int
     input_index: int = 1  # which input of the node the weight is (0: a MatMul W @ x)
+    body_of: str = ""  # the main-graph node (If, Loop, Scan) whose body holds this reader; "" for the main graph
+
+    @property
+    def top_node(self) -> str:
+        """The main-graph node this use belongs to: the reader itself, or the control-flow node around it."""
+        return self.body_of or self.node
 
 
 @dataclass(frozen=True)
@@ -100,6 +111,11 @@ class WeightPlan:
         """Names of the nodes that read this weight."""
         return tuple(u.node for u in self.uses)
 
+    @property
+    def in_body(self) -> bool:
+        """Whether a reader sits inside a control-flow body (such weights stay weight-only QDQ)."""
+        return any(u.body_of for u in self.uses)
+
 
 @dataclass(frozen=True)
 class Skipped:
@@ -117,15 +133,17 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
     initializers = {t.name for t in graph.initializer}
     uses: dict[str, list[WeightUse]] = {}
     skipped: list[Skipped] = []
-    for node in graph.node:
+    for node, body_of, hidden in _all_nodes(graph):
         handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None or len(node.input) < 2:
             continue
-        index = weight_input(node, consts, initializers)
+        index = weight_input(node, consts, initializers, hidden)
         name = node.input[index]
-        tensor = consts.get(name)
+        tensor = consts.get(name) if name not in hidden else None
         if tensor is None:
-            if name in initializers:
+            if name in hidden:
+                reason = _body_reason(node)
+            elif name in initializers:
                 reason = "weight is an initializer also listed as a graph input, which callers may override"
             elif name in inputs:
                 reason = "weight is a graph input, not a constant"
@@ -145,8 +163,34 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         if slot is None:
             skipped.append(Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}"))
             continue
-        uses.setdefault(name, []).append(WeightUse(node.name, node.op_type, slot.channel_axis, slot.input_index))
+        uses.setdefault(name, []).append(WeightUse(node.name, node.op_type, slot.channel_axis, slot.input_index, body_of))
     return uses, skipped
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, frozenset[str]]]:
+    """Each node of the graph and of its control-flow bodies, with the main-graph node around it and the names its bodies define.
+
+    The node around a main-graph node is ""; names the bodies define hide main-graph tensors of the same name.
+    """
+    for node in graph.node:
+        yield node, "", frozenset()
+        for body in subgraphs(node):
+            yield from _body_nodes(body, node.name, frozenset())
+
+
+def _body_nodes(body: onnx.GraphProto, top: str, outer: frozenset[str]) -> Iterator[tuple[onnx.NodeProto, str, frozenset[str]]]:
+    hidden = outer | defined_names(body)
+    for node in body.node:
+        yield node, top, hidden
+        for inner in subgraphs(node):
+            yield from _body_nodes(inner, top, hidden)
+
+
+def _body_reason(node: onnx.NodeProto) -> str:
+    """Why a node whose weight is a value of its own control-flow body stays float."""
+    if node.op_type == "MatMul":
+        return "multiplies two activations (no weight; e.g. attention scores)"
+    return "weight is computed inside a control-flow body, not a constant"
 
 
 def boundary_nodes(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
@@ -178,7 +222,7 @@ def boundary_nodes(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
 def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[WeightPlan], list[Skipped]]:
     """One plan per weight tensor to quantize, and the weighted nodes left in float with the reason."""
     uses, skipped = find_weight_uses(graph)
-    weighted = {u.node for us in uses.values() for u in us}
+    weighted = {u.top_node for us in uses.values() for u in us}  # a body's reader counts as the If/Loop/Scan around it
     boundary = boundary_nodes(graph, weighted)
     plans: list[WeightPlan] = []
     for tensor, tensor_uses in uses.items():
@@ -187,7 +231,7 @@ def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[W
         if excluded:
             skipped.extend(Skipped(n, "excluded by the user") for n in names)
             continue
-        on_boundary = any(n in boundary for n in names)
+        on_boundary = any(u.top_node in boundary for u in tensor_uses)
         bits = _bits_for(names, on_boundary, config)
         axes = {u.channel_axis for u in tensor_uses}
         plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary))

@@ -6,26 +6,38 @@ Each pass edits the model in place and returns how many things it changed.
 from __future__ import annotations
 
 import logging
+from collections import Counter
+from collections.abc import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
+from onnxq.graph import NameSource, attribute, constant_initializers, consumers, defined_names, remove_unused_initializers, subgraphs, to_array
 from onnxq.load import default_opset
+from onnxq.plan import FLOAT_TYPES, HANDLERS
+from onnxq.rewrite import rename_input
 from onnxq.tensor_data import on_skeleton
 
 logger = logging.getLogger(__name__)
 
 
 def name_nodes(graph: onnx.GraphProto) -> int:
-    """Give every unnamed node a unique name (``<OpType>_<index>``) so reports and --exclude can refer to it."""
-    names = NameSource(graph)
+    """Give every unnamed node a unique name so reports and --exclude can refer to it.
+
+    ``<OpType>_<index>``, and inside a control-flow body ``<If/Loop/Scan node>/<OpType>_<index>`` (as ``onnxq inspect`` shows it).
+    """
+    return _name_nodes(graph, NameSource(graph), "")
+
+
+def _name_nodes(graph: onnx.GraphProto, names: NameSource, prefix: str) -> int:
     changed = 0
     for i, node in enumerate(graph.node):
         if not node.name:
-            node.name = names.fresh(f"{node.op_type}_{i}")
+            node.name = names.fresh(f"{prefix}{node.op_type}_{i}")
             changed += 1
+        for body in subgraphs(node):
+            changed += _name_nodes(body, names, f"{node.name}/")
     return changed
 
 
@@ -70,6 +82,50 @@ def lift_constants(graph: onnx.GraphProto) -> int:
         del graph.node[:]
         graph.node.extend(keep)
     return lifted
+
+
+def hoist_body_weights(graph: onnx.GraphProto) -> int:
+    """Move the weights If/Loop/Scan bodies keep (initializers or Constant nodes) to the main graph, renamed where taken.
+
+    A body may read the values of the graphs around it, so the model computes the same; the weights then sit where
+    the planner, the range search and the rewrite find weights, and get quantized like the main graph's.
+    """
+    counts = Counter(name for g in _graphs(graph) for name in defined_names(g))
+    names = NameSource(graph)
+    return sum(_hoist(body, graph, counts, names) for node in graph.node for body in subgraphs(node))
+
+
+def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    yield graph
+    for node in graph.node:
+        for body in subgraphs(node):
+            yield from _graphs(body)
+
+
+def _hoist(body: onnx.GraphProto, main: onnx.GraphProto, counts: Counter[str], names: NameSource) -> int:
+    """Hoist ``body``'s weights (inner bodies' first) into ``main``; how many moved."""
+    moved = sum(_hoist(inner, main, counts, names) for node in body.node for inner in subgraphs(node))
+    lift_constants(body)
+    own = {t.name: t for t in body.initializer}
+    pinned = {i.name for i in body.input} | {o.name for o in body.output}
+    weights = {
+        name
+        for node in body.node
+        if node.op_type in HANDLERS and node.domain in ("", "ai.onnx")
+        for name in node.input[:2]
+        if name in own and name not in pinned and own[name].data_type in FLOAT_TYPES
+    }
+    keep = [t for t in body.initializer if t.name not in weights]
+    for name in sorted(weights):
+        tensor = main.initializer.add()
+        tensor.CopyFrom(own[name])
+        if counts[name] > 1:  # defined elsewhere too: the hoisted copy gets a name of its own
+            tensor.name = names.fresh(name)
+            rename_input(body, name, tensor.name)
+    if weights:
+        del body.initializer[:]
+        body.initializer.extend(keep)
+    return moved + len(weights)
 
 
 def bypass_constant_identities(graph: onnx.GraphProto) -> int:
@@ -242,9 +298,13 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     unlist_initializer_inputs(model)
     name_nodes(graph)
     lifted = lift_constants(graph)
+    hoisted = hoist_body_weights(graph)
     bypass_constant_identities(graph)
     opset = default_opset(model)
     computed = fold_constant_paths(graph, opset) if opset is not None else 0
     folded = fold_batch_norms(graph)
-    logger.info("prepared: %d Constant nodes lifted, %d constant nodes computed, %d BatchNormalization folded", lifted, computed, folded)
+    logger.info(
+        "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, %d BatchNormalization folded",
+        lifted, hoisted, computed, folded,
+    )
     return infer_shapes(model)

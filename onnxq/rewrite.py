@@ -14,7 +14,7 @@ from onnx import helper, numpy_helper
 
 from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
-from onnxq.graph import NameSource, remove_unused_initializers, subgraphs
+from onnxq.graph import NameSource, defined_names, remove_unused_initializers, subgraphs
 from onnxq.weights import QuantizedTensor
 
 
@@ -57,8 +57,7 @@ def rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
             if name == old:
                 node.input[i] = new
         for sub in subgraphs(node):
-            shadowed = {t.name for t in sub.initializer} | {i.name for i in sub.input} | {o for n in sub.node for o in n.output}
-            if old not in shadowed:
+            if old not in defined_names(sub):
                 rename_input(sub, old, new)
 
 

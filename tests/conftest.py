@@ -107,11 +107,23 @@ def float_equivalent(quantized: onnx.ModelProto) -> onnx.ModelProto:
             values[node.output[0]] = values[node.input[0]] * values[node.input[1]]
         else:
             keep.append(node)
-    used = {i for n in keep for i in n.input}
+    used = _read_names(keep)
     del graph.node[:]
     graph.node.extend(keep)
     graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items() if k in used)
     return model
+
+
+def _read_names(nodes: list[onnx.NodeProto]) -> set[str]:
+    """Names the nodes read, the nodes of their If/Loop/Scan bodies included (a body may read outer values)."""
+    names: set[str] = set()
+    for node in nodes:
+        names.update(node.input)
+        for attr in node.attribute:
+            bodies = [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs)
+            for body in bodies:
+                names |= _read_names(list(body.node)) | {o.name for o in body.output}
+    return names
 
 
 @pytest.fixture

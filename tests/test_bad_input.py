@@ -252,23 +252,27 @@ def test_old_model_with_initializers_as_inputs_is_quantized(tmp_path, capsys):
 
 @pytest.mark.parametrize("build", [matmul_then_loop, matmul_then_scan], ids=["Loop", "Scan"])
 @pytest.mark.parametrize("bits", [4, 8])
-def test_loop_and_scan_bodies_stay_float_and_the_outer_graph_is_quantized(build, bits, tmp_path, capsys):
+def test_loop_and_scan_body_weights_are_quantized_with_the_outer_graph(build, bits, tmp_path, capsys):
+    """A body's own weights (wb, ws) and the outer weight it reads (w2) are quantized; their codes live in the main graph."""
     model = build()
     path = _save(tmp_path, model)
     out = tmp_path / "q.onnx"
     assert main(["quantize", str(path), "-b", str(bits), "--first-last-bits", str(bits), "-o", str(out)]) == 0
-    assert "quantized 1 weight tensors" in capsys.readouterr().out
+    expected = ["w", "wb", "w2"] if build is matmul_then_loop else ["w", "ws"]
+    assert f"quantized {len(expected)} weight tensors" in capsys.readouterr().out
+    assert [layer.tensor for layer in quantize_with_report(model).layers] == expected
     quantized = onnx.load(out)
-    body = next(n for n in model.graph.node if n.op_type in ("Loop", "Scan")).attribute[0].g
     new_body = next(n for n in quantized.graph.node if n.op_type in ("Loop", "Scan")).attribute[0].g
-    assert list(new_body.node) == list(body.node) and list(new_body.initializer) == list(body.initializer)  # body and its weight left as they were
-    old_inits = {t.name: t.SerializeToString() for t in model.graph.initializer if t.name != "w"}
-    assert {t.name: t.SerializeToString() for t in quantized.graph.initializer if t.name in old_inits} == old_inits  # w2 (Loop) stays float
-    result = quantize_with_report(model)
-    assert [layer.tensor for layer in result.layers] == ["w"]
+    assert list(new_body.initializer) == []  # the body's weight moved out, as codes
+    assert not {t.name for t in quantized.graph.initializer} & set(expected)  # no float copy of any of them is left
+    producer = {out: n.op_type for n in quantized.graph.node for out in n.output}
+    body_weights = [n.input[1] for n in new_body.node if n.op_type == "MatMul"]
+    assert [producer.get(name) for name in body_weights] == ["DequantizeLinear"] * len(body_weights)
     x = np.random.default_rng(0).random((4 if build is matmul_then_scan else 1, 8), dtype=np.float32)
     unfused = _run_unfused(quantized, {"x": x})
     np.testing.assert_allclose(unfused, _run_unfused(float_equivalent(quantized), {"x": x}), rtol=1e-5, atol=1e-6)
+    reference = _run_unfused(model, {"x": x})
+    assert 0 < np.linalg.norm(unfused - reference) / np.linalg.norm(reference) < (0.3 if bits == 4 else 0.03)
     assert run(quantized, {"x": x}).shape == unfused.shape
 
 

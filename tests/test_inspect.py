@@ -131,12 +131,16 @@ def test_float_model(tmp_path):
 
 
 def test_subgraph_weights_are_listed(tmp_path):
-    path = tmp_path / "if.onnx"
-    save_model(quantize(conv_then_if(), QuantizeConfig(bits=4, first_last_bits=None)), path)
-    rows = _by_node(inspect_model(path))
-    assert rows["conv"].format == "int4"
-    branch = rows["branch/Conv_0"]
+    """A body's Conv is listed under the name quantize gives it, float before and int4 after (its codes sit in the main graph)."""
+    float_path, path = tmp_path / "float.onnx", tmp_path / "if.onnx"
+    onnx.save(conv_then_if(), float_path)
+    branch = _by_node(inspect_model(float_path))["branch/Conv_0"]
     assert (branch.format, branch.weight, branch.weight_bytes) == ("float32", "w2", 4 * 8 * 8 * 3 * 3)
+    save_model(quantize(conv_then_if(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.ON)), path)
+    rows = _by_node(inspect_model(path))
+    assert set(rows) == {"conv", "branch/Conv_0"}  # not sqrt mode's Abs/Mul, which only compute the body's weight
+    assert (rows["conv"].format, rows["branch/Conv_0"].format, rows["branch/Conv_0"].sqrt) == ("int4", "int4", True)
+    assert rows["branch/Conv_0"].weight_bytes == 8 * 8 * 3 * 3 // 2
 
 
 def test_any_op_reading_a_dequantized_constant():

@@ -145,3 +145,67 @@ def test_constant_paths_that_broadcast_or_reach_a_graph_output_stay():
     np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in same.graph.initializer if t.name == "w2")), column * 2)
     output = _weight_path_model([], column, helper.make_node("Transpose", ["w"], ["y"], perm=[1, 0]), ([1], [1, 4]))
     assert fold_constant_paths(output.graph, 17) == 0
+
+
+def _nested_bodies_model() -> onnx.ModelProto:
+    """x[1,4] -> MatMul(w) -> h -> Loop(2 times, s = h): s = If(flag): MatMul(MatMul(s, wc), w') else MatMul(s, wc)
+    wc is a Constant node of the Loop body; w' an initializer of the If's then branch named "w" like the main graph's.
+    """
+    rng = np.random.default_rng(3)
+    v = helper.make_tensor_value_info
+    then_w = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w")  # same name, other values
+    then_branch = helper.make_graph([helper.make_node("MatMul", ["m", "w"], ["t"])], "then", [], [v("t", TensorProto.FLOAT, [1, 4])], [then_w])
+    else_branch = helper.make_graph([helper.make_node("Identity", ["m"], ["e"])], "else", [], [v("e", TensorProto.FLOAT, [1, 4])])
+    wc = numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "wc")
+    body = helper.make_graph(
+        [
+            helper.make_node("Constant", [], ["wc"], value=wc),
+            helper.make_node("MatMul", ["s_in", "wc"], ["m"]),
+            helper.make_node("If", ["flag"], ["s_out"], then_branch=then_branch, else_branch=else_branch),
+            helper.make_node("Identity", ["cond_in"], ["cond_out"]),
+        ],
+        "body",
+        [v("i", TensorProto.INT64, []), v("cond_in", TensorProto.BOOL, []), v("s_in", TensorProto.FLOAT, [1, 4])],
+        [v("cond_out", TensorProto.BOOL, []), v("s_out", TensorProto.FLOAT, [1, 4])],
+    )
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"), helper.make_node("Loop", ["trips", "", "h"], ["y"], name="loop", body=body)]
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4)).astype(np.float32), "w"), numpy_helper.from_array(np.array(2, np.int64), "trips")]
+    inputs = [v("x", TensorProto.FLOAT, [1, 4]), v("flag", TensorProto.BOOL, [])]
+    graph = helper.make_graph(nodes, "nested", inputs, [v("y", TensorProto.FLOAT, [1, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_weights_of_nested_bodies_move_to_the_main_graph_and_keep_the_outputs():
+    model = _nested_bodies_model()
+    onnx.checker.check_model(model)
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    expected = {flag: run(model, {"x": x, "flag": np.array(flag)}) for flag in (True, False)}
+    prepared = prepare(_copy(model))
+    onnx.checker.check_model(prepared)
+    loop = next(n for n in prepared.graph.node if n.op_type == "Loop")
+    body = loop.attribute[0].g
+    branch = next(n for n in body.node if n.op_type == "If")
+    then_branch = next(a.g for a in branch.attribute if a.name == "then_branch")
+    assert [n.op_type for n in body.node] == ["MatMul", "If", "Identity"] and list(body.initializer) == list(then_branch.initializer) == []
+    inits = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    moved = then_branch.node[0].input[1]
+    assert moved != "w" and set(inits) == {"w", "trips", "wc", moved}  # the inner "w" took a name of its own
+    original = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    np.testing.assert_array_equal(inits["w"], original["w"])
+    np.testing.assert_array_equal(inits[moved], numpy_helper.to_array(model.graph.node[1].attribute[0].g.node[2].attribute[1].g.initializer[0]))
+    assert [n.name for n in body.node] == ["loop/MatMul_1", "loop/If_2", "loop/Identity_3"] and then_branch.node[0].name == "loop/If_2/MatMul_0"
+    for flag in (True, False):
+        np.testing.assert_array_equal(run(prepared, {"x": x, "flag": np.array(flag)}), expected[flag])
+
+
+def test_weights_of_nested_bodies_are_quantized():
+    model = _nested_bodies_model()
+    result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
+    assert sorted(layer.nodes for layer in result.layers) == [("loop/If_2/MatMul_0",), ("loop/MatMul_1",), ("mm",)]
+    assert all(t.data_type != TensorProto.FLOAT or t.name.endswith("_scale") for t in result.model.graph.initializer)
+    x = np.random.default_rng(0).standard_normal((1, 4)).astype(np.float32)
+    for flag in (True, False):
+        feeds = {"x": x, "flag": np.array(flag)}
+        reference = run(model, feeds)
+        quantized = run(result.model, feeds)
+        assert 0 < np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.03

@@ -229,14 +229,24 @@ def test_codes_decode_to_reported_sqnr():
 
 
 @pytest.mark.parametrize("bits", [4, 8])
-def test_control_flow_model_quantizes_outer_graph_and_runs(bits):
+def test_control_flow_body_weights_are_quantized_and_the_model_runs(bits):
     from models import conv_then_if
 
     model = conv_then_if()
     result = quantize_with_report(model, QuantizeConfig(bits=bits, first_last_bits=None))
-    assert [layer.tensor for layer in result.layers] == ["w"]  # the If body's Conv keeps its float weight
-    assert "w2" in {t.name for t in result.model.graph.initializer}
+    assert [(layer.tensor, layer.nodes) for layer in result.layers] == [("w", ("conv",)), ("w2", ("branch/Conv_0",))]
+    assert "w2" not in {t.name for t in result.model.graph.initializer}  # the float weight is gone, the body reads its codes
+    branch = next(n for n in result.model.graph.node if n.op_type == "If")
+    body_conv = next(a.g for a in branch.attribute if a.name == "then_branch").node[0]
+    producer = {out: n for n in result.model.graph.node for out in n.output}
+    assert producer[body_conv.input[1]].op_type in ("DequantizeLinear", "Mul")  # codes dequantized (and squared in sqrt mode)
     x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
     for cond in (True, False):
         feeds = {"x": x, "cond": np.array(cond)}
-        np.testing.assert_allclose(run(result.model, feeds), run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-6)
+        quantized = run(result.model, feeds)
+        np.testing.assert_allclose(quantized, run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-6)
+        reference = run(model, feeds)
+        relative = np.linalg.norm(quantized - reference) / np.linalg.norm(reference)
+        assert 0 < relative < (0.25 if bits == 4 else 0.02)
+
+
