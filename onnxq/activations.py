@@ -20,7 +20,7 @@ from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange
 from onnxq.cpu import has_vnni
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import NameSource, constant_initializers, consumers, to_array
-from onnxq.plan import WeightPlan
+from onnxq.plan import TABLE_OPS, WeightPlan
 from onnxq.rewrite_activations import ActivationQuant
 from onnxq.rewrite_ops import OpTargets, custom_op_for
 from onnxq.weights import QuantizedTensor
@@ -37,10 +37,17 @@ def reduce_range(setting: ReduceRange) -> bool:
 
 
 def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) -> list[WeightPlan]:
-    """Weight plans for a model whose activations are quantized: 8-bit weights become 7-bit when reducing range."""
+    """Weight plans for a model whose activations are quantized: 8-bit weights become 7-bit when reducing range.
+
+    Tables only looked up (Gather) keep their bits: no integer product reads them.
+    """
     if activations.bits != 8 or not reduce_range(activations.reduce_range):
         return plans
-    return [dataclasses.replace(p, bits=min(p.bits, REDUCED_BITS)) if p.bits == 8 else p for p in plans]
+    return [dataclasses.replace(p, bits=min(p.bits, REDUCED_BITS)) if p.bits == 8 and not _only_looked_up(p) else p for p in plans]
+
+
+def _only_looked_up(plan: WeightPlan) -> bool:
+    return all(use.op_type in TABLE_OPS for use in plan.uses)
 
 
 def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: QuantizeConfig) -> list[ActivationSite]:

@@ -2,7 +2,7 @@
 
 Reads only the graph and tensor headers (dtypes, dims, external-data lengths), never the weight
 values, so it describes models of any size and from any tool: onnxq's QDQ and IntConv/PostConv
-output, onnxruntime's QDQ, QOperator (QLinearConv, ConvInteger, ...) and MatMulNBits models, and
+output, onnxruntime's QDQ, QOperator (QLinearConv, ConvInteger, ...), MatMulNBits and GatherBlockQuantized models, and
 float models.
 """
 
@@ -19,6 +19,7 @@ import onnx
 from onnxq.domain import DOMAIN
 from onnxq.graph import attribute, subgraphs
 from onnxq.load import read_model_file
+from onnxq.plan import TABLE_OPS
 
 #: Bits per element of each ONNX tensor type (strings have none).
 _DTYPE_BITS = {
@@ -316,6 +317,16 @@ def _matmul_nbits(node: onnx.NodeProto, scope: _Scope) -> WeightedNode | None:
     return _node(node, codes, f"uint{bits}", bits, "block", False, "float", *_scale_bytes(scope.tensor(node, 2), scope.tensor(node, 3)), None, block)
 
 
+def _gather_block_quantized(node: onnx.NodeProto, scope: _Scope) -> WeightedNode | None:
+    """GatherBlockQuantized (onnxruntime's): a table of b-bit codes (uint8-packed or int4) in blocks along its rows."""
+    codes = scope.tensor(node, 0)
+    if codes is None:
+        return None
+    bits, block = int(attribute(node, "bits", 4)), int(attribute(node, "block_size", 128))
+    fmt = f"uint{bits}" if codes.data_type == onnx.TensorProto.UINT8 else dtype_name(codes.data_type)
+    return _node(node, codes, fmt, bits, "block", False, "float", *_scale_bytes(scope.tensor(node, 2), scope.tensor(node, 3)), None, block)
+
+
 def _onnxq_conv(node: onnx.NodeProto, scope: _Scope) -> WeightedNode | None:
     """IntConv/PostConv (onnxq's): packed per-channel codes; activations quantized inside (or with given x_scale)."""
     codes = scope.tensor(node, 1)
@@ -335,11 +346,20 @@ _HANDLERS: dict[tuple[str, str], Callable[[onnx.NodeProto, _Scope], WeightedNode
     ("", "ConvInteger"): _integer,
     ("", "MatMulInteger"): _integer,
     ("com.microsoft", "MatMulNBits"): _matmul_nbits,
+    ("com.microsoft", "GatherBlockQuantized"): _gather_block_quantized,
     (DOMAIN, "IntConv"): _onnxq_conv,
     (DOMAIN, "PostConv"): _onnxq_conv,
 }
 #: Float ops and the inputs that may hold their weight (the first constant one is it).
-_FLOAT_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0)}
+_FLOAT_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0), "Gather": (0,)}
+
+
+_FLOAT_TABLES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})
+
+
+def _weight_like(node: onnx.NodeProto, codes: onnx.TensorProto) -> bool:
+    """Whether a float op's constant is a weight: any for Conv/Gemm/MatMul, a float table of rank 2+ for Gather (as the planner sees it)."""
+    return node.op_type not in TABLE_OPS or (codes.data_type in _FLOAT_TABLES and len(codes.dims) >= 2)
 
 
 def _weighted_nodes(graph: onnx.GraphProto) -> list[WeightedNode]:
@@ -374,7 +394,7 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: se
         slots = _FLOAT_WEIGHT_SLOTS.get(node.op_type, ()) if domain == "" else ()
         # Other ops count as weighted only when they read a dequantized constant (not e.g. Reshape's shape).
         traced = _float_op(named[i], scope, slots or tuple(range(len(node.input))))
-        if traced is not None and (slots or traced[1].dequantize is not None):
+        if traced is not None and (traced[1].dequantize is not None or (slots and _weight_like(node, traced[1].codes))):
             found.append((traced[0], node.output[0]))
             chained.update(n.output[0] for n in traced[1].chain)
     for i, node in enumerate(graph.node):

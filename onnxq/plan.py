@@ -50,16 +50,25 @@ def _matmul(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     return WeightSlot(1, rank - 1) if rank >= 2 else None
 
 
+def _gather(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """An embedding lookup: the table is input 0, and each slice along the gathered axis (a token's row) gets its own scale."""
+    axis = int(attribute(node, "axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    return WeightSlot(0, axis) if rank >= 2 and 0 <= axis < rank else None
+
+
 def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     """W @ x: the weight's rows (axis rank - 2) are the output channels."""
     return WeightSlot(0, rank - 2) if rank >= 2 else None
 
 
 def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str], hidden: frozenset[str] = frozenset()) -> int:
-    """Which input of a weighted node holds its weight: 1, or 0 for a MatMul W @ x (constant first, activation second).
+    """Which input of a weighted node holds its weight: 1, or 0 for a table op and for a MatMul W @ x (constant first).
 
     ``hidden``: names a control-flow body around the node defines, which hide the main graph's tensors of that name.
     """
+    if node.op_type in TABLE_OPS:
+        return 0
     first, second = node.input[0], node.input[1]
     second_is_activation = second in hidden or (second not in consts and second not in initializers)
     if node.op_type == "MatMul" and first in consts and first not in hidden and second_is_activation:
@@ -73,7 +82,12 @@ HANDLERS: dict[str, Handler] = {
     "ConvTranspose": _conv_transpose,
     "Gemm": _gemm,
     "MatMul": _matmul,
+    "Gather": _gather,
 }
+
+#: Ops whose weight, when they have one, is a table they look values up in (input 0). They are weighted layers only
+#: when that table is a float constant of rank 2 or more; reading anything else they are ordinary ops, not reported.
+TABLE_OPS = frozenset({"Gather"})
 
 
 @dataclass(frozen=True)
@@ -83,7 +97,7 @@ class WeightUse:
     node: str
     op_type: str
     channel_axis: int
-    input_index: int = 1  # which input of the node the weight is (0: a MatMul W @ x)
+    input_index: int = 1  # which input of the node the weight is (0: a MatMul W @ x, a Gather's table)
     body_of: str = ""  # the main-graph node (If, Loop, Scan) whose body holds this reader; "" for the main graph
 
     @property
@@ -140,6 +154,8 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         index = weight_input(node, consts, initializers, hidden)
         name = node.input[index]
         tensor = consts.get(name) if name not in hidden else None
+        if node.op_type in TABLE_OPS and (tensor is None or tensor.data_type not in FLOAT_TYPES or len(tensor.dims) < 2):
+            continue
         if tensor is None:
             if name in hidden:
                 reason = _body_reason(node)
@@ -159,7 +175,7 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
         if name in outputs:
             skipped.append(Skipped(node.name, "weight is also a graph output"))
             continue
-        slot = (handler if index == 1 else _matmul_weight_first)(node, len(tensor.dims))
+        slot = (_matmul_weight_first if node.op_type == "MatMul" and index == 0 else handler)(node, len(tensor.dims))
         if slot is None:
             skipped.append(Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}"))
             continue

@@ -23,7 +23,8 @@ from onnxq.plan import Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
-from onnxq.rewrite_ops import INT_CONV, POST_CONV, OpTargets, declare_domain, op_choice, replace_convs, take_input_quantization
+from onnxq.rewrite_ops import INT_CONV, POST_CONV, OpChoice, OpTargets, declare_domain, op_choice, replace_convs, take_input_quantization
+from onnxq.rewrite_tables import LOOKUP_OP, replace_tables, runs_as_lookup
 from onnxq.tensor_data import compact
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
@@ -101,20 +102,24 @@ def quantize_with_report(
     targets = OpTargets.of(loaded.model.graph)
     qdq: dict[str, QuantizedTensor] = {}
     custom: dict[str, tuple[QuantizedTensor, str]] = {}
+    tables: dict[str, QuantizedTensor] = {}  # embedding tables only looked up (Gather)
     layers: list[LayerResult] = []
     for plan in plans:
         weight = to_array(consts[plan.tensor])
         if not np.isfinite(weight).all():
             names = " ".join(plan.nodes)
             raise OnnxqError(loaded.label, f"weight {plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
-        choice = op_choice(plan, targets, weight.ndim, config)
+        lookup = runs_as_lookup(plan, weight.ndim)
+        choice = OpChoice(None) if lookup else op_choice(plan, targets, weight.ndim, config)
         op_type = choice.op_type
         q = _quantize_tensor(weight, plan, op_type, config, bool(activations))
-        if op_type is None:
+        if lookup:
+            tables[plan.tensor] = q
+        elif op_type is None:
             qdq[plan.tensor] = q
         else:
             custom[plan.tensor] = (q, op_type)
-        layers.append(_layer_result(plan, q, weight, op_type, choice.reason))
+        layers.append(_layer_result(plan, q, weight, LOOKUP_OP if lookup else op_type, choice.reason))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
         if correcting:
             values = q.dequantize()
@@ -125,6 +130,7 @@ def quantize_with_report(
         _correct_biases(loaded.model, calibrated, weight_changes, activations, dequantized if measured else None)
     quantize_biases(loaded.model.graph, activations, qdq)
     replace_weights(loaded.model.graph, qdq)
+    replace_tables(loaded.model, tables)
     if activations:
         insert_activation_qdq(loaded.model, activations, _opset(loaded.model))
     if custom:
@@ -134,6 +140,7 @@ def quantize_with_report(
             take_input_quantization(loaded.model.graph)
     qdq.clear()  # the codes are in the model now
     custom.clear()
+    tables.clear()
     materialize(loaded.model)  # what stayed float (biases, unquantized layers) is read in from external files
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
@@ -169,7 +176,7 @@ def _correct_biases(
 
 def _nothing_to_quantize(skipped: list[Skipped]) -> str:
     """The error for a model without a weight to quantize, with the first weighted node's reason."""
-    message = "no quantizable weights (Conv, ConvTranspose, Gemm or MatMul with constant float32 weights)"
+    message = "no quantizable weights (Conv, ConvTranspose, Gemm or MatMul with constant float32 weights, or Gather from a float32 table)"
     if skipped:
         more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
         message += f"; left float: {skipped[0].node} ({skipped[0].reason}){more}"

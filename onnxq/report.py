@@ -7,6 +7,7 @@ from pathlib import Path
 
 from onnxq.inspect import Inventory
 from onnxq.quantize import QuantizationResult
+from onnxq.rewrite_tables import LOOKUP_OP, ORT_DOMAIN
 from onnxq.save import referenced_files
 
 
@@ -49,7 +50,10 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
         per_input = f", {adaptive} with per-input ASQ steps" if adaptive else ""
         by = ", ".join(f"{n} at {b} bits" for b, n in sorted(act_bits.items()))
         lines.append(f"quantized {len(result.activations)} activation tensors: {by} ({method} calibration{per_input})")
-    ops = Counter(layer.op for layer in result.layers if layer.op != "DequantizeLinear")
+    ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP))
+    lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
+    if lookups:
+        lines.append(f"embedding tables: {lookups} looked up by onnxruntime's {LOOKUP_OP} ({ORT_DOMAIN}), which dequantizes only the rows it reads")
     if ops:
         counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
         lines.append(f"onnxq ops: {counts}; the model runs only with onnxq's op library (onnxq.get_library_path())")
