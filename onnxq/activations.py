@@ -53,9 +53,10 @@ def _only_looked_up(plan: WeightPlan) -> bool:
 def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: QuantizeConfig) -> list[ActivationSite]:
     """The activation tensors to quantize around the layers whose weights are quantized."""
     assert config.activations is not None
-    # The data input is the other one. Activations inside control-flow bodies stay float (calibration observes main-graph tensors).
-    weighted = {use.node: 1 - use.input_index for plan in plans for use in plan.uses if not use.body_of}
-    boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if not use.body_of}
+    # Activations inside control-flow bodies stay float (calibration observes main-graph tensors), and so do the inputs of
+    # layers that multiply none with their weight (lookups, recurrent layers).
+    weighted = {use.node: use.data_input for plan in plans for use in plan.uses if not use.body_of and use.data_input is not None}
+    boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if use.node in weighted}
     sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
     ops = integer_op_nodes(graph, plans, config)
     if not ops:

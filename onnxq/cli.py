@@ -282,7 +282,7 @@ def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool)
         return analysis, config
     chosen = choose_bits(analysis, target, args.max_drop)
     print("\n".join(chosen.lines()))
-    return analysis, dataclasses.replace(config, node_bits={**config.node_bits, **chosen.node_bits})
+    return analysis, dataclasses.replace(config, tensor_bits={**config.tensor_bits, **chosen.tensor_bits})
 
 
 def _report_paths(option: Path | None, models: list[Path]) -> ReportPaths | None:

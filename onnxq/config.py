@@ -147,7 +147,9 @@ class QuantizeConfig:
         format: standard QDQ (default), or onnxq's integer ops (INT, POST) for Conv layers.
         first_last_bits: bit width of the first and last weighted layers; None treats them like any other.
         exclude: node names to leave in float.
-        node_bits: per-node bit widths that override every other rule.
+        node_bits: per-node bit widths that override the default and first/last rules (a tensor several nodes read gets the widest).
+        tensor_bits: per-weight-tensor bit widths that override every other rule (what mixed precision chooses; a node may
+            read several weights, e.g. an LSTM's W and R).
         activations: quantize activations too (needs calibration data); None keeps them float.
     """
 
@@ -159,6 +161,7 @@ class QuantizeConfig:
     first_last_bits: int | None = 8
     exclude: frozenset[str] = field(default_factory=frozenset)
     node_bits: Mapping[str, int] = field(default_factory=dict)
+    tensor_bits: Mapping[str, int] = field(default_factory=dict)
     activations: ActivationConfig | None = None
 
     def __post_init__(self) -> None:
@@ -167,6 +170,8 @@ class QuantizeConfig:
             check_bits(self.first_last_bits, "first_last_bits")
         for name, bits in self.node_bits.items():
             check_bits(bits, f"bits for node {name!r}")
+        for name, bits in self.tensor_bits.items():
+            check_bits(bits, f"bits for weight {name!r}")
         if not isinstance(self.granularity, Granularity):
             raise ValueError(f"granularity must be a Granularity, got {self.granularity!r}")
         if not isinstance(self.sqrt, SqrtMode):

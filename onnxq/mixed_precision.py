@@ -113,7 +113,7 @@ class Raise:
 
     def describe(self, signal: float) -> str:
         """One line: which layer, from and to how many bits, its alone-quantized output SQNR before and after, the cost."""
-        names = ", ".join(self.nodes)
+        names = f"{', '.join(self.nodes)} [{self.tensor}]"
         return (f"raised {names} {self.before.bits} -> {self.after.bits} bits: model output SQNR with only it quantized "
                 f"{energy_sqnr_db(signal, self.before.noise):.1f} -> {energy_sqnr_db(signal, self.after.noise):.1f} dB, "
                 f"+{human_bytes(self.extra_bytes)}")
@@ -167,7 +167,7 @@ class MixedPrecision:
     """The chosen widths, the steps that led there, and how the result measures."""
 
     bits: dict[str, int]  # tensor -> bits
-    node_bits: dict[str, int]  # node -> bits, for QuantizeConfig.node_bits
+    tensor_bits: dict[str, int]  # tensor -> bits where raised, for QuantizeConfig.tensor_bits
     raises: tuple[Raise, ...]
     min_bytes: int
     max_bytes: int
@@ -241,9 +241,9 @@ def choose_bits(
     chosen = steps[:taken]
     bits = _apply(start, chosen)
     measured = analysis.combined(bits)
-    node_bits = {node: bits[t] for t in bits for node in analysis.plan(t).nodes if bits[t] != start[t]}
+    tensor_bits = {t: b for t, b in bits.items() if b != start[t]}
     size = sum(c.rungs[0].bytes for c in candidates) + sum(r.extra_bytes for r in chosen)
-    return MixedPrecision(bits, node_bits, tuple(chosen), min_bytes, max_bytes, size, budget, measured.model.signal,
+    return MixedPrecision(bits, tensor_bits, tuple(chosen), min_bytes, max_bytes, size, budget, measured.model.signal,
                           measured.model_sqnr_db, drop, max_drop, met)
 
 

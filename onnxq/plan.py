@@ -57,6 +57,11 @@ def _gather(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     return WeightSlot(0, axis) if rank >= 2 and 0 <= axis < rank else None
 
 
+def _recurrent(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """LSTM, GRU, RNN: W and R are (directions, gates x hidden, inputs); each gate's row of a direction is a channel."""
+    return WeightSlot(1, 1) if rank == 3 else None
+
+
 def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     """W @ x: the weight's rows (axis rank - 2) are the output channels."""
     return WeightSlot(0, rank - 2) if rank >= 2 else None
@@ -83,7 +88,13 @@ HANDLERS: dict[str, Handler] = {
     "Gemm": _gemm,
     "MatMul": _matmul,
     "Gather": _gather,
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
 }
+
+#: Ops with more than one weight: the inputs holding them (the input weights W and the recurrence weights R).
+RECURRENT_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
 #: Ops whose weight, when they have one, is a table they look values up in (input 0). They are weighted layers only
 #: when that table is a float constant of rank 2 or more; reading anything else they are ordinary ops, not reported.
@@ -99,6 +110,13 @@ class WeightUse:
     channel_axis: int
     input_index: int = 1  # which input of the node the weight is (0: a MatMul W @ x, a Gather's table)
     body_of: str = ""  # the main-graph node (If, Loop, Scan) whose body holds this reader; "" for the main graph
+
+    @property
+    def data_input(self) -> int | None:
+        """The input holding the activation multiplied with the weight, or None (a Gather's indices, a recurrent layer's sequence)."""
+        if self.op_type in TABLE_OPS or self.op_type in RECURRENT_WEIGHTS:
+            return None
+        return 1 - self.input_index
 
     @property
     def top_node(self) -> str:
@@ -139,48 +157,67 @@ class Skipped:
     reason: str
 
 
+@dataclass(frozen=True)
+class _Names:
+    """What the planner looks names up in: the main graph's constants, initializers, inputs and outputs."""
+
+    consts: dict[str, onnx.TensorProto]
+    initializers: set[str]
+    inputs: set[str]
+    outputs: set[str]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> _Names:
+        return cls(constant_initializers(graph), {t.name for t in graph.initializer}, {i.name for i in graph.input}, {o.name for o in graph.output})
+
+
 def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]], list[Skipped]]:
     """Map each quantizable weight tensor to the nodes that use it as a weight."""
-    consts = constant_initializers(graph)
-    outputs = {o.name for o in graph.output}
-    inputs = {i.name for i in graph.input}
-    initializers = {t.name for t in graph.initializer}
+    names = _Names.of(graph)
     uses: dict[str, list[WeightUse]] = {}
     skipped: list[Skipped] = []
     for node, body_of, hidden in _all_nodes(graph):
         handler = HANDLERS.get(node.op_type) if node.domain in ("", "ai.onnx") else None
         if handler is None or len(node.input) < 2:
             continue
-        index = weight_input(node, consts, initializers, hidden)
-        name = node.input[index]
-        tensor = consts.get(name) if name not in hidden else None
-        if node.op_type in TABLE_OPS and (tensor is None or tensor.data_type not in FLOAT_TYPES or len(tensor.dims) < 2):
-            continue
-        if tensor is None:
-            if name in hidden:
-                reason = _body_reason(node)
-            elif name in initializers:
-                reason = "weight is an initializer also listed as a graph input, which callers may override"
-            elif name in inputs:
-                reason = "weight is a graph input, not a constant"
-            elif node.op_type == "MatMul":
-                reason = "multiplies two activations (no weight; e.g. attention scores)"
-            else:
-                reason = "weight is computed, not a constant"
-            skipped.append(Skipped(node.name, reason))
-            continue
-        if tensor.data_type not in FLOAT_TYPES:
-            skipped.append(Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32"))
-            continue
-        if name in outputs:
-            skipped.append(Skipped(node.name, "weight is also a graph output"))
-            continue
-        slot = (_matmul_weight_first if node.op_type == "MatMul" and index == 0 else handler)(node, len(tensor.dims))
-        if slot is None:
-            skipped.append(Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}"))
-            continue
-        uses.setdefault(name, []).append(WeightUse(node.name, node.op_type, slot.channel_axis, slot.input_index, body_of))
+        indices = RECURRENT_WEIGHTS.get(node.op_type) or (weight_input(node, names.consts, names.initializers, hidden),)
+        for index in indices:
+            found = _weight_use(node, index, handler, body_of, hidden, names) if index < len(node.input) and node.input[index] else None
+            if isinstance(found, Skipped):
+                skipped.append(found)
+            elif found is not None:
+                uses.setdefault(node.input[index], []).append(found)
     return uses, skipped
+
+
+def _weight_use(
+    node: onnx.NodeProto, index: int, handler: Handler, body_of: str, hidden: frozenset[str], names: _Names
+) -> WeightUse | Skipped | None:
+    """How ``node`` reads its input ``index`` as a weight: a use, the reason it stays float, or None (not a weight)."""
+    name = node.input[index]
+    tensor = names.consts.get(name) if name not in hidden else None
+    if node.op_type in TABLE_OPS and (tensor is None or tensor.data_type not in FLOAT_TYPES or len(tensor.dims) < 2):
+        return None
+    if tensor is None:
+        if name in hidden:
+            reason = _body_reason(node)
+        elif name in names.initializers:
+            reason = "weight is an initializer also listed as a graph input, which callers may override"
+        elif name in names.inputs:
+            reason = "weight is a graph input, not a constant"
+        elif node.op_type == "MatMul":
+            reason = "multiplies two activations (no weight; e.g. attention scores)"
+        else:
+            reason = "weight is computed, not a constant"
+        return Skipped(node.name, reason)
+    if tensor.data_type not in FLOAT_TYPES:
+        return Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32")
+    if name in names.outputs:
+        return Skipped(node.name, "weight is also a graph output")
+    slot = (_matmul_weight_first if node.op_type == "MatMul" and index == 0 else handler)(node, len(tensor.dims))
+    if slot is None:
+        return Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}")
+    return WeightUse(node.name, node.op_type, slot.channel_axis, index, body_of)
 
 
 def _all_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, frozenset[str]]]:
@@ -248,14 +285,16 @@ def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[W
             skipped.extend(Skipped(n, "excluded by the user") for n in names)
             continue
         on_boundary = any(u.top_node in boundary for u in tensor_uses)
-        bits = _bits_for(names, on_boundary, config)
+        bits = _bits_for(tensor, names, on_boundary, config)
         axes = {u.channel_axis for u in tensor_uses}
         plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary))
     return plans, skipped
 
 
-def _bits_for(nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> int:
-    """Bits for a tensor read by ``nodes``: an explicit per-node choice wins, then the first/last rule."""
+def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> int:
+    """Bits for a tensor read by ``nodes``: an explicit per-tensor choice wins, then a per-node one, then the first/last rule."""
+    if tensor in config.tensor_bits:
+        return config.tensor_bits[tensor]
     explicit = [config.node_bits[n] for n in nodes if n in config.node_bits]
     if explicit:
         return max(explicit)

@@ -29,9 +29,12 @@ def file_size(path: Path) -> int:
 def layer_table(result: QuantizationResult) -> str:
     """One line per quantized weight: node, bits, mode, alpha, SQNR."""
     rows = [f"  {'node':<36} {'op':<8} {'bits':>4} {'mode':<5} {'alpha':>6} {'SQNR dB':>8}"]
+    readers = Counter(layer.nodes for layer in result.layers)
     for layer in result.layers:
+        tag = f" [{layer.tensor}]" if readers[layer.nodes] > 1 else ""  # a node with several weights (an LSTM's W and R): which
         node = ",".join(layer.nodes)
-        node = node if len(node) <= 36 else node[:33] + "..."
+        room = max(36 - len(tag), 12)
+        node = (node if len(node) <= room else node[: room - 3] + "...") + tag
         mode = "post" if layer.op == "PostConv" else "sqrt" if layer.sqrt else "plain"
         rows.append(f"  {node:<36} {layer.op_types[0]:<8} {layer.bits:>4} {mode:<5} {layer.alpha_median:>6.3f} {layer.sqnr_db:>8.1f}")
     return "\n".join(rows)

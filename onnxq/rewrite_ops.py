@@ -33,7 +33,7 @@ from onnxq.domain import DOMAIN
 from onnxq.formats.packing import pack_int4
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, subgraphs, to_array, used_names
-from onnxq.plan import TABLE_OPS, WeightPlan
+from onnxq.plan import RECURRENT_WEIGHTS, TABLE_OPS, WeightPlan
 from onnxq.rewrite_gemm import GEMM_TYPES, gemm_nodes, unsupported, weight_is_rows
 from onnxq.weights import QuantizedTensor
 
@@ -109,6 +109,8 @@ def op_choice(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeC
     readers = [targets.nodes[use.node] for use in plan.uses]
     if any(node.op_type in TABLE_OPS for node in readers):
         return OpChoice(None, "looked up by Gather (an embedding table); the ops run Conv, Gemm and MatMul")
+    if (recurrent := next((node for node in readers if node.op_type in RECURRENT_WEIGHTS), None)) is not None:
+        return OpChoice(None, f"a recurrent layer ({recurrent.op_type}); the ops run Conv, Gemm and MatMul")
     kinds = {node.op_type in GEMM_TYPES for node in readers}
     if len(kinds) > 1:
         return OpChoice(None, "weight shared by a Conv and a Gemm/MatMul")

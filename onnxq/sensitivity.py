@@ -108,9 +108,9 @@ class Probe:
 
     def __init__(self, model: onnx.ModelProto, plans: Iterable[WeightPlan], batches: list[dict[str, np.ndarray]], label: str) -> None:
         plans = list(plans)
-        outputs = {n.name: n.output[0] for n in model.graph.node if n.output}
+        outputs = {n.name: next((o for o in n.output if o), "") for n in model.graph.node}  # a recurrent layer may leave Y unnamed
         # Readers inside control-flow bodies have no output a session can fetch: their node SQNR is not measured.
-        self.node_outputs = {p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of)) for p in plans}
+        self.node_outputs = {p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of and outputs[u.node])) for p in plans}
         float_type = onnx.TensorProto.FLOAT
         self.model_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == float_type]
         if not self.model_outputs:

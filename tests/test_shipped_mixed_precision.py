@@ -42,6 +42,6 @@ def test_mobilenet_most_sensitive_layer_and_five_bit_budget():
     assert float_top1 - w4 > 0.005  # there is a W4 loss to recover
     assert raised - w4 >= 0.4 * (float_top1 - w4)  # most of it (measured 60 %) comes back from one layer of 23
     mixed = choose_bits(analysis, TargetSize.parse("5bits"))
-    result = quantize_with_report(MOBILENET, dataclasses.replace(config, node_bits=mixed.node_bits))
+    result = quantize_with_report(MOBILENET, dataclasses.replace(config, tensor_bits=mixed.tensor_bits))
     assert sum(layer.quantized_bytes for layer in result.layers) <= mixed.budget
     assert _top1(result.model, test) - w4 >= 0.004  # measured +0.88 points

@@ -47,7 +47,7 @@ def evaluate(path: str, test, train, samples: int, target: str) -> None:
     mixed = choose_bits(analysis, TargetSize.parse(target))
     for line in mixed.lines():
         print("  " + line)
-    result = quantize_with_report(path, dataclasses.replace(config, node_bits=mixed.node_bits))
+    result = quantize_with_report(path, dataclasses.replace(config, tensor_bits=mixed.tensor_bits))
     size = sum(layer.quantized_bytes for layer in result.layers)
     weights = sum(layer.float_bytes for layer in result.layers) // 4
     codes = sum(layer.quantized_bytes - 4 * max(len(layer.alpha), 1) for layer in result.layers)
