@@ -19,7 +19,7 @@ import onnx
 from onnxq.domain import DOMAIN
 from onnxq.graph import attribute, subgraphs
 from onnxq.load import read_model_file
-from onnxq.plan import TABLE_OPS
+from onnxq.plan import RECURRENT_WEIGHTS, TABLE_OPS
 
 #: Bits per element of each ONNX tensor type (strings have none).
 _DTYPE_BITS = {
@@ -390,6 +390,13 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: se
                 found.append((described, node.output[0]))
             continue
         if node.op_type in ("DequantizeLinear", "QuantizeLinear") and domain == "":
+            continue
+        if domain == "" and node.op_type in RECURRENT_WEIGHTS:  # a row per weight (W, R)
+            for index in RECURRENT_WEIGHTS[node.op_type]:
+                traced = _float_op(named[i], scope, (index,)) if index < len(node.input) and node.input[index] else None
+                if traced is not None:
+                    found.append((traced[0], node.output[0] or f"{named[i].name}:{index}"))
+                    chained.update(n.output[0] for n in traced[1].chain)
             continue
         slots = _FLOAT_WEIGHT_SLOTS.get(node.op_type, ()) if domain == "" else ()
         # Other ops count as weighted only when they read a dequantized constant (not e.g. Reshape's shape).

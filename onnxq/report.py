@@ -116,7 +116,8 @@ def inventory_table(inventory: Inventory) -> str:
     tensors = len({n.weight for n in inventory.nodes})
     scales = human_bytes(inventory.scale_bytes)
     other = max(inventory.initializer_bytes - sum(inventory.weight_bytes_by_format.values()) - inventory.scale_bytes, 0)
-    counts = f"{tensors} tensor{'s' * (tensors != 1)}, {len(inventory.nodes)} node{'s' * (len(inventory.nodes) != 1)}"
+    nodes = len({n.node for n in inventory.nodes})  # a recurrent layer has a row per weight
+    counts = f"{tensors} tensor{'s' * (tensors != 1)}, {nodes} node{'s' * (nodes != 1)}"
     lines.append(f"weights: {by_format} ({counts}); scales and zero points {scales}; "
                  f"other tensors {human_bytes(other)}")
     return "\n".join(lines)

@@ -91,3 +91,16 @@ def test_a_tensor_width_applies_to_that_weight_only_where_a_node_width_applies_t
     assert {layer.tensor: layer.bits for layer in by_tensor.layers} == {"W": 8, "R": 4, "fc": 4}
     by_node = quantize_with_report(model, QuantizeConfig(bits=4, first_last_bits=None, node_bits={"rnn": 8}, tensor_bits={"R": 6}))
     assert {layer.tensor: layer.bits for layer in by_node.layers} == {"W": 8, "R": 6, "fc": 4}
+
+
+def test_inspect_lists_both_weights(tmp_path):
+    from onnxq.inspect import inspect_model
+    from onnxq.save import save_model
+
+    model = recurrent_then_gemm("LSTM")
+    onnx.save(model, tmp_path / "float.onnx")
+    rows = [(n.node, n.weight, n.format) for n in inspect_model(tmp_path / "float.onnx").nodes]
+    assert rows == [("rnn", "W", "float32"), ("rnn", "R", "float32"), ("fc", "fc", "float32")]
+    save_model(quantize_with_report(model, QuantizeConfig(bits=4, first_last_bits=None)).model, tmp_path / "q.onnx")
+    rows = [(n.node, n.format, n.shape) for n in inspect_model(tmp_path / "q.onnx").nodes]
+    assert rows == [("rnn", "int4", (1, 4 * H, INPUTS)), ("rnn", "int4", (1, 4 * H, H)), ("fc", "int4", (3, H))]
