@@ -54,8 +54,10 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], config: Qu
     """The activation tensors to quantize around the layers whose weights are quantized."""
     assert config.activations is not None
     # Activations inside control-flow bodies stay float (calibration observes main-graph tensors), and so do the inputs of
-    # layers that multiply none with their weight (lookups, recurrent layers).
-    weighted = {use.node: use.data_input for plan in plans for use in plan.uses if not use.body_of and use.data_input is not None}
+    # layers that multiply none with their weight (lookups, recurrent layers) and of float16 layers.
+    weighted = {
+        use.node: use.data_input for plan in plans if plan.is_float32 for use in plan.uses if not use.body_of and use.data_input is not None
+    }
     boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if use.node in weighted}
     sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
     ops = integer_op_nodes(graph, plans, config)

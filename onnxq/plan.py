@@ -16,8 +16,8 @@ import onnx
 from onnxq.config import QuantizeConfig
 from onnxq.graph import attribute, constant_initializers, defined_names, subgraphs
 
-#: Weight dtypes we quantize.
-FLOAT_TYPES = (onnx.TensorProto.FLOAT,)
+#: Weight dtypes we quantize. Float16 weights get float16 scales, so their DequantizeLinear gives float16 as before.
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
 
 
 @dataclass(frozen=True)
@@ -137,6 +137,12 @@ class WeightPlan:
     channel_axis: int | None
     bits: int
     first_or_last: bool
+    dtype: int = onnx.TensorProto.FLOAT  # the float weight's element type (TensorProto enum)
+
+    @property
+    def is_float32(self) -> bool:
+        """Whether the weight (and so the layer) is float32: only those get quantized activations or onnxq's ops."""
+        return self.dtype == onnx.TensorProto.FLOAT
 
     @property
     def nodes(self) -> tuple[str, ...]:
@@ -211,7 +217,7 @@ def _weight_use(
             reason = "weight is computed, not a constant"
         return Skipped(node.name, reason)
     if tensor.data_type not in FLOAT_TYPES:
-        return Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32")
+        return Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32 or float16")
     if name in names.outputs:
         return Skipped(node.name, "weight is also a graph output")
     slot = (_matmul_weight_first if node.op_type == "MatMul" and index == 0 else handler)(node, len(tensor.dims))
@@ -275,6 +281,7 @@ def boundary_nodes(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
 def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[WeightPlan], list[Skipped]]:
     """One plan per weight tensor to quantize, and the weighted nodes left in float with the reason."""
     uses, skipped = find_weight_uses(graph)
+    consts = constant_initializers(graph)
     weighted = {u.top_node for us in uses.values() for u in us}  # a body's reader counts as the If/Loop/Scan around it
     boundary = boundary_nodes(graph, weighted)
     plans: list[WeightPlan] = []
@@ -287,7 +294,8 @@ def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[W
         on_boundary = any(u.top_node in boundary for u in tensor_uses)
         bits = _bits_for(tensor, names, on_boundary, config)
         axes = {u.channel_axis for u in tensor_uses}
-        plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary))
+        dtype = consts[tensor].data_type
+        plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary, dtype))
     return plans, skipped
 
 

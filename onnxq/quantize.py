@@ -30,6 +30,9 @@ from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
 
+#: DequantizeLinear takes float16 scales (and so gives float16 weights) from opset 19.
+FLOAT16_SCALE_OPSET = 19
+
 
 @dataclass(frozen=True)
 class LayerResult:
@@ -88,8 +91,13 @@ def quantize_with_report(
         raise OnnxqError(loaded.label, _nothing_to_quantize(skipped))
     if config.activations is not None and calibration is None:
         raise OnnxqError(loaded.label, "quantizing activations needs calibration data")
+    if config.activations is not None and not any(p.is_float32 for p in plans):
+        raise OnnxqError(loaded.label, "activation quantization covers float32 layers and this model's are float16; "
+                         "leave out --calibration to quantize its weights only")
     if config.activations is not None:
         plans = adjust_weight_plans(plans, config.activations)
+    if any(not p.is_float32 for p in plans):
+        ensure_opset(loaded, FLOAT16_SCALE_OPSET)
     if any(storage_bits(p.bits) == 4 for p in plans) or (config.activations is not None and config.activations.bits == 4):
         ensure_opset(loaded, INT4_OPSET)
     calibrated = calibrate_activations(loaded.model, plans, config, calibration) if config.activations is not None else None
@@ -121,7 +129,7 @@ def quantize_with_report(
             custom[plan.tensor] = (q, op_type)
         layers.append(_layer_result(plan, q, weight, LOOKUP_OP if lookup else op_type, choice.reason))
         logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", plan.tensor, plan.bits, q.sqrt, op_type, q.sqnr_db)
-        if correcting:
+        if correcting and plan.is_float32:  # float16 layers keep float activations: nothing to correct for
             values = q.dequantize()
             weight_changes[plan.tensor] = values - weight
             if measured:
@@ -176,7 +184,8 @@ def _correct_biases(
 
 def _nothing_to_quantize(skipped: list[Skipped]) -> str:
     """The error for a model without a weight to quantize, with the first weighted node's reason."""
-    message = "no quantizable weights (Conv, ConvTranspose, Gemm or MatMul with constant float32 weights, or Gather from a float32 table)"
+    message = ("no quantizable weights (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU/RNN with constant float32/float16 weights, "
+               "or Gather from a float table)")
     if skipped:
         more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
         message += f"; left float: {skipped[0].node} ({skipped[0].reason}){more}"

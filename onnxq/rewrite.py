@@ -27,11 +27,17 @@ def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
     return numpy_helper.from_array(codes.astype(np.int8), name)
 
 
-def dequantize_nodes(weight: str, q: QuantizedTensor, names: NameSource) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
-    """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name."""
+def dequantize_nodes(
+    weight: str, q: QuantizedTensor, names: NameSource, dtype: int = onnx.TensorProto.FLOAT
+) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name.
+
+    The scale has the weight's float type ``dtype``, which DequantizeLinear's output takes.
+    """
     codes_name = names.fresh(f"{weight}_quantized")
     scale_name = names.fresh(f"{weight}_scale")
-    inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(np.asarray(q.scale, dtype=np.float32), scale_name)]
+    scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+    inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
     inputs = [codes_name, scale_name]
     if storage_bits(q.bits) == 8:  # onnxruntime fuses Gemm into QGemm only with an explicit zero point
         zero_name = names.fresh(f"{weight}_zero_point")
@@ -64,9 +70,10 @@ def rename_input(graph: onnx.GraphProto, old: str, new: str) -> None:
 def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor]) -> None:
     """Replace each named float initializer by its integer codes and dequantization nodes."""
     names = NameSource(graph)
+    dtypes = {t.name: t.data_type for t in graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
     for weight, q in quantized.items():
-        inits, nodes, output = dequantize_nodes(weight, q, names)
+        inits, nodes, output = dequantize_nodes(weight, q, names, dtypes[weight])
         graph.initializer.extend(inits)
         new_nodes.extend(nodes)
         rename_input(graph, weight, output)

@@ -102,6 +102,8 @@ def op_choice(plan: WeightPlan, targets: OpTargets, rank: int, config: QuantizeC
         return OpChoice(None)
     if plan.in_body:
         return OpChoice(None, "read inside a control-flow body (If, Loop, Scan); the ops replace main-graph nodes")
+    if not plan.is_float32:
+        return OpChoice(None, "a float16 layer; the ops take float32 inputs")
     if plan.first_or_last and plan.bits != config.bits:
         return OpChoice(INT_CONV if _gemm_runs_as_op(plan, targets) else None)
     if config.format is WeightFormat.POST and plan.bits > 4:

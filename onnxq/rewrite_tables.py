@@ -51,9 +51,9 @@ def table_codes(name: str, q: QuantizedTensor) -> tuple[onnx.TensorProto, int]:
     return numpy_helper.from_array(offset[:, 0::2] | (offset[:, 1::2] << 4), name), 4
 
 
-def row_scales(q: QuantizedTensor, rows: int) -> np.ndarray:
-    """One float32 scale per row, shape (rows, 1): per channel as quantized, per tensor repeated."""
-    return np.broadcast_to(np.asarray(q.scale, dtype=np.float32).reshape(-1, 1), (rows, 1)).copy()
+def row_scales(q: QuantizedTensor, rows: int, dtype: np.dtype = np.float32) -> np.ndarray:
+    """One scale per row in the table's float type, shape (rows, 1): per channel as quantized, per tensor repeated."""
+    return np.broadcast_to(np.asarray(q.scale, dtype=dtype).reshape(-1, 1), (rows, 1)).copy()
 
 
 def replace_tables(model: onnx.ModelProto, tables: dict[str, QuantizedTensor]) -> int:
@@ -61,11 +61,12 @@ def replace_tables(model: onnx.ModelProto, tables: dict[str, QuantizedTensor]) -
     graph = model.graph
     names = NameSource(graph)
     readers = consumers(graph)
+    dtypes = {t.name: helper.tensor_dtype_to_np_dtype(t.data_type) for t in graph.initializer if t.name in tables}
     after: dict[int, list[onnx.NodeProto]] = {}  # nodes to insert after a replaced Gather
     replaced = 0
     for tensor, q in tables.items():
         codes, bits = table_codes(names.fresh(f"{tensor}_quantized"), q)
-        scales = numpy_helper.from_array(row_scales(q, q.codes.shape[0]), names.fresh(f"{tensor}_scale"))
+        scales = numpy_helper.from_array(row_scales(q, q.codes.shape[0], dtypes[tensor]), names.fresh(f"{tensor}_scale"))
         graph.initializer.extend([codes, scales])
         for node in readers.get(tensor, []):
             after[id(node)] = _to_lookup(node, codes.name, scales.name, bits, q.codes.shape[1], q.sqrt, names)

@@ -111,11 +111,12 @@ class Probe:
         outputs = {n.name: next((o for o in n.output if o), "") for n in model.graph.node}  # a recurrent layer may leave Y unnamed
         # Readers inside control-flow bodies have no output a session can fetch: their node SQNR is not measured.
         self.node_outputs = {p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of and outputs[u.node])) for p in plans}
-        float_type = onnx.TensorProto.FLOAT
-        self.model_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type == float_type]
+        float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        self.model_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in float_types]
         if not self.model_outputs:
-            raise OnnxqError(label, "sensitivity needs a float32 model output to compare, and this model has none")
-        probe = _probe_model(model, plans, [n for names in self.node_outputs.values() for n in names])
+            raise OnnxqError(label, "sensitivity needs a float model output to compare, and this model has none")
+        node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
+        probe = _probe_model(model, plans, node_types)
         materialize(probe)  # onnxruntime needs the weights in the session's model
         self._session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
         self._batches = batches
@@ -136,7 +137,7 @@ class Probe:
         return Measurement(model, nodes.sqnr_db if node_names else math.nan)
 
 
-def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: list[str]) -> onnx.ModelProto:
+def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: dict[str, int]) -> onnx.ModelProto:
     """A copy of ``model`` whose planned weights are also graph inputs (so a run can override them) and node outputs graph outputs."""
     probe = copy.deepcopy(model)
     graph = probe.graph
@@ -145,9 +146,9 @@ def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: 
         tensor = inits[plan.tensor]
         graph.input.append(helper.make_tensor_value_info(plan.tensor, tensor.data_type, list(tensor.dims)))
     present = {o.name for o in graph.output}
-    for name in dict.fromkeys(node_outputs):
+    for name, dtype in node_outputs.items():
         if name not in present:
-            graph.output.append(helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            graph.output.append(helper.make_tensor_value_info(name, dtype, None))
     probe.ir_version = max(probe.ir_version, 4)
     return probe
 
@@ -193,7 +194,7 @@ class SensitivityAnalysis:
                 raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
             op_type = custom_op_for(plan, self._targets, weight.ndim, self.config)
             q = _quantize_tensor(weight, plan, op_type, self.config, False)
-            self._dequantized[key] = q.dequantize().astype(np.float32)
+            self._dequantized[key] = q.dequantize().astype(weight.dtype)  # a session input of the weight's own type
         return self._dequantized[key]
 
     def layer(self, tensor: str, bits: int | None = None) -> LayerSensitivity:
