@@ -45,6 +45,24 @@ def _name_nodes(graph: onnx.GraphProto, names: NameSource, prefix: str) -> int:
 INITIALIZERS_NOT_INPUTS_IR = 4
 
 
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with calls to its model-local functions replaced by their bodies (exporters wrap modules in functions).
+
+    A Conv inside a function reads its weight as a function input, so without this the planner sees only the call and
+    the weights stay float. onnxruntime inlines them the same way when it loads the model.
+    """
+    if not model.functions:
+        return model
+    import onnx.inliner
+
+    for function in model.functions:  # inlined copies get the name plus "__<call>": say which function they came from
+        for i, node in enumerate(function.node):
+            node.name = node.name or f"{function.name}/{node.op_type}_{i}"
+    inlined = onnx.inliner.inline_local_functions(model)
+    logger.info("inlined %d model-local functions", len(model.functions))
+    return inlined
+
+
 def unlist_initializer_inputs(model: onnx.ModelProto) -> int:
     """Before IR 4 every initializer was also listed as a graph input; drop those listings (IR 4 allows it).
 
@@ -294,6 +312,7 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
 
 def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     """Run the preparation passes in order and return the prepared model."""
+    model = inline_functions(model)
     graph = model.graph
     unlist_initializer_inputs(model)
     name_nodes(graph)

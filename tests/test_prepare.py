@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from conftest import assert_op_counts, random_feeds, run
+from conftest import assert_op_counts, float_equivalent, random_feeds, run
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm
@@ -209,3 +209,35 @@ def test_weights_of_nested_bodies_are_quantized():
         reference = run(model, feeds)
         quantized = run(result.model, feeds)
         assert 0 < np.linalg.norm(quantized - reference) / np.linalg.norm(reference) < 0.03
+
+
+def _function_model() -> onnx.ModelProto:
+    """x -> block1 = ConvRelu(x, w1, b1) -> block2 = ConvRelu(., w2, b2) -> y, ConvRelu a model-local function."""
+    v = helper.make_tensor_value_info
+    body = [helper.make_node("Conv", ["X", "W", "B"], ["c"], pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c"], ["Y"])]
+    function = helper.make_function("local", "ConvRelu", ["X", "W", "B"], ["Y"], body, opset_imports=[helper.make_opsetid("", 17)])
+    rng = np.random.default_rng(0)
+    inits = [
+        numpy_helper.from_array((rng.standard_normal((8, 3, 3, 3)) * 0.3).astype(np.float32), "w1"),
+        numpy_helper.from_array(np.full(8, 0.1, np.float32), "b1"),
+        numpy_helper.from_array((rng.standard_normal((8, 8, 3, 3)) * 0.3).astype(np.float32), "w2"),
+        numpy_helper.from_array(np.zeros(8, np.float32), "b2"),
+    ]
+    nodes = [
+        helper.make_node("ConvRelu", ["x", "w1", "b1"], ["h"], domain="local", name="block1"),
+        helper.make_node("ConvRelu", ["h", "w2", "b2"], ["y"], domain="local", name="block2"),
+    ]
+    graph = helper.make_graph(nodes, "f", [v("x", TensorProto.FLOAT, ["N", 3, 8, 8])], [v("y", TensorProto.FLOAT, ["N", 8, 8, 8])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("local", 1)], functions=[function])
+
+
+def test_model_local_functions_are_inlined_and_their_weights_quantized():
+    model = _function_model()
+    feeds = random_feeds(model)
+    result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
+    assert [(layer.tensor, layer.nodes) for layer in result.layers] == [("w1", ("ConvRelu/Conv_0__1",)), ("w2", ("ConvRelu/Conv_0__2",))]
+    assert len(model.functions) == 1 and model.graph.node[0].op_type == "ConvRelu"  # the caller's model is left as it was
+    assert not result.model.functions and {n.op_type for n in result.model.graph.node} == {"DequantizeLinear", "Conv", "Relu"}
+    np.testing.assert_allclose(run(result.model, feeds), run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-6)
+    reference = run(model, feeds)
+    assert 0 < np.linalg.norm(run(result.model, feeds) - reference) / np.linalg.norm(reference) < 0.02
