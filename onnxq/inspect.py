@@ -351,7 +351,7 @@ _HANDLERS: dict[tuple[str, str], Callable[[onnx.NodeProto, _Scope], WeightedNode
     (DOMAIN, "PostConv"): _onnxq_conv,
 }
 #: Float ops and the inputs that may hold their weight (the first constant one is it).
-_FLOAT_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0), "Gather": (0,)}
+_FLOAT_WEIGHT_SLOTS = {"Conv": (1,), "ConvTranspose": (1,), "Gemm": (1, 0), "MatMul": (1, 0), "Gather": (0,), "Einsum": (1, 0)}
 
 
 _FLOAT_TABLES = frozenset({onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE})

@@ -67,6 +67,38 @@ def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
     return WeightSlot(0, rank - 2) if rank >= 2 else None
 
 
+def einsum_channel_axis(equation: str, weight_index: int, rank: int) -> int | None:
+    """The weight axis an Einsum keeps in its output (the last such, as for MatMul), or None where there is none to use.
+
+    A scale along an axis the sum does not run over factors out of it, so that axis can carry per-channel scales.
+    Equations with an ellipsis, repeated letters in the weight, or more than two inputs are left alone.
+    """
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "." in equation or len(terms) != 2:
+        return None
+    weight = terms[weight_index]
+    if len(weight) != rank or len(set(weight)) != rank:
+        return None
+    if "->" not in equation:  # implicit output: the letters that appear once, in alphabetical order
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    kept = [axis for axis, letter in enumerate(weight) if letter in output]
+    return kept[-1] if kept else None
+
+
+def _einsum(node: onnx.NodeProto, rank: int, index: int = 1) -> WeightSlot | None:
+    equation = attribute(node, "equation", b"")
+    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    axis = einsum_channel_axis(equation, index, rank)
+    return WeightSlot(index, axis) if axis is not None else None
+
+
+def _einsum_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return _einsum(node, rank, 0)
+
+
 def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str], hidden: frozenset[str] = frozenset()) -> int:
     """Which input of a weighted node holds its weight: 1, or 0 for a table op and for a MatMul W @ x (constant first).
 
@@ -76,7 +108,7 @@ def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], init
         return 0
     first, second = node.input[0], node.input[1]
     second_is_activation = second in hidden or (second not in consts and second not in initializers)
-    if node.op_type == "MatMul" and first in consts and first not in hidden and second_is_activation:
+    if node.op_type in WEIGHT_FIRST and first in consts and first not in hidden and second_is_activation:
         return 0
     return 1
 
@@ -91,7 +123,11 @@ HANDLERS: dict[str, Handler] = {
     "LSTM": _recurrent,
     "GRU": _recurrent,
     "RNN": _recurrent,
+    "Einsum": _einsum,
 }
+
+#: Handlers for ops whose weight may come first (W @ x), used when input 0 is the constant.
+WEIGHT_FIRST: dict[str, Handler] = {"MatMul": _matmul_weight_first, "Einsum": _einsum_weight_first}
 
 #: Ops with more than one weight: the inputs holding them (the input weights W and the recurrence weights R).
 RECURRENT_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
@@ -114,8 +150,8 @@ class WeightUse:
     @property
     def data_input(self) -> int | None:
         """The input holding the activation multiplied with the weight, or None (a Gather's indices, a recurrent layer's sequence)."""
-        if self.op_type in TABLE_OPS or self.op_type in RECURRENT_WEIGHTS:
-            return None
+        if self.op_type in TABLE_OPS or self.op_type in RECURRENT_WEIGHTS or self.op_type == "Einsum":
+            return None  # Einsum: onnxruntime has no integer kernel to fuse a pair in front of it into
         return 1 - self.input_index
 
     @property
@@ -211,7 +247,7 @@ def _weight_use(
             reason = "weight is an initializer also listed as a graph input, which callers may override"
         elif name in names.inputs:
             reason = "weight is a graph input, not a constant"
-        elif node.op_type == "MatMul":
+        elif node.op_type in WEIGHT_FIRST:
             reason = "multiplies two activations (no weight; e.g. attention scores)"
         else:
             reason = "weight is computed, not a constant"
@@ -220,7 +256,9 @@ def _weight_use(
         return Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32 or float16")
     if name in names.outputs:
         return Skipped(node.name, "weight is also a graph output")
-    slot = (_matmul_weight_first if node.op_type == "MatMul" and index == 0 else handler)(node, len(tensor.dims))
+    slot = (WEIGHT_FIRST[node.op_type] if index == 0 and node.op_type in WEIGHT_FIRST else handler)(node, len(tensor.dims))
+    if slot is None and node.op_type == "Einsum":
+        return Skipped(node.name, "Einsum equation without a weight axis kept in the output (or with an ellipsis or a repeated letter)")
     if slot is None:
         return Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}")
     return WeightUse(node.name, node.op_type, slot.channel_axis, index, body_of)
@@ -247,7 +285,7 @@ def _body_nodes(body: onnx.GraphProto, top: str, outer: frozenset[str]) -> Itera
 
 def _body_reason(node: onnx.NodeProto) -> str:
     """Why a node whose weight is a value of its own control-flow body stays float."""
-    if node.op_type == "MatMul":
+    if node.op_type in WEIGHT_FIRST:
         return "multiplies two activations (no weight; e.g. attention scores)"
     return "weight is computed inside a control-flow body, not a constant"
 

@@ -53,6 +53,9 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
         per_input = f", {adaptive} with per-input ASQ steps" if adaptive else ""
         by = ", ".join(f"{n} at {b} bits" for b, n in sorted(act_bits.items()))
         lines.append(f"quantized {len(result.activations)} activation tensors: {by} ({method} calibration{per_input})")
+    elif result.calibration is not None:
+        lines.append("quantized 0 activation tensors: no quantized layer here reads a float32 activation as a product onnxruntime fuses "
+                     "(lookups, recurrent and Einsum layers, float16 layers and control-flow bodies keep float inputs)")
     ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP))
     lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
     if lookups:
