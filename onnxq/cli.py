@@ -59,8 +59,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         "quantize",
         parents=[_common_options()],
         help="quantize the weights of an ONNX model",
-        description="Quantize the weights of Conv, ConvTranspose, Gemm and MatMul nodes with REQuant's "
-        "range search and write a model that stock onnxruntime runs (int8/int4 weights + DequantizeLinear).",
+        description="Quantize the weights of Conv, ConvTranspose, Gemm, MatMul, Einsum, LSTM/GRU/RNN nodes and embedding "
+        "tables (Gather) with REQuant's range search, float32 or float16, control-flow bodies included, and write a model "
+        "that stock onnxruntime runs (int8/int4 weights + DequantizeLinear; embeddings as GatherBlockQuantized).",
     )
     p.add_argument("model", type=Path, help="the float ONNX model (opset 13 or newer is best; older ones are converted)")
     p.add_argument("-b", "--bits", type=int, choices=BIT_CHOICES, default=4, metavar="BITS",

@@ -100,7 +100,7 @@ def _einsum_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
 
 
 def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str], hidden: frozenset[str] = frozenset()) -> int:
-    """Which input of a weighted node holds its weight: 1, or 0 for a table op and for a MatMul W @ x (constant first).
+    """Which input of a weighted node holds its weight: 1, or 0 for a table op and for a MatMul/Einsum W @ x (constant first).
 
     ``hidden``: names a control-flow body around the node defines, which hide the main graph's tensors of that name.
     """
