@@ -219,6 +219,9 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
 
 
 def _run_quantize(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from onnxq.fidelity import check_against_float
     from onnxq.quantize import quantize_with_report
     from onnxq.report import summary
     from onnxq.save import check_onnxruntime_loads, check_output_path, save_model
@@ -244,10 +247,14 @@ def _run_quantize(args: argparse.Namespace) -> int:
         check_onnxruntime_loads(args.model)  # when onnxruntime refuses the input too, that is the problem to name
         raise
     print(summary(result, args.model, output, verbose=args.verbose))
+    data, named = (args.sensitivity_data, "the sensitivity data") if args.sensitivity_data else (args.calibration, "the calibration data")
+    check = check_against_float(args.model, output, data) if data is not None else None
+    if check is not None:
+        print(check.line(named))
     if report is not None:
         from onnxq.report_files import build_report, write_report
 
-        built = build_report(result, config, output, args.model)
+        built = dataclasses.replace(build_report(result, config, output, args.model), check=check)
         if analysis is not None:
             built = built.with_layer_values({layer.tensor: analysis.layer(layer.tensor, layer.bits).report_values() for layer in result.layers})
         print(write_report(built, report))

@@ -22,6 +22,7 @@ import numpy as np
 
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
+from onnxq.fidelity import Fidelity
 from onnxq.plan import Skipped
 from onnxq.quantize import LayerResult, QuantizationResult
 from onnxq.report import file_size, human_bytes
@@ -138,6 +139,7 @@ class QuantizationReport:
     config: QuantizeConfig
     layers: tuple[LayerReport, ...]
     skipped: tuple[Skipped, ...]
+    check: Fidelity | None = None  # the written model against the float one, when the run had data
 
     def with_layer_values(self, values: Mapping[str, Mapping[str, float]]) -> QuantizationReport:
         """A copy with optional per-layer fields set, given as ``{tensor: {field: value}}`` (e.g. sensitivity)."""
@@ -249,6 +251,8 @@ def to_markdown(report: QuantizationReport) -> str:
         f"- {totals['layers']} weight tensors quantized: {by_bits} ({totals['sqrt_layers']} in sqrt mode); "
         f"weights {human_bytes(totals['float_bytes'])} -> {human_bytes(totals['quantized_bytes'])}",
     ]
+    if report.check is not None:
+        lines.append(f"- {report.check.line()}")
     if ranked := report.most_sensitive():
         named = "; ".join(f"`{', '.join(layer.nodes)}` {layer.sensitivity_db:.1f} dB at {layer.bits} bits" for layer in ranked)
         lines.append(f"- most sensitive (model output SQNR with only that layer's weights quantized): {named}")
