@@ -24,8 +24,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.calibrate import first_samples
-from onnxq.calibrate.collect import ChannelMeans, exposing, progress
-from onnxq.calibrate.data import batch_size
+from onnxq.calibrate.collect import ChannelMeans, exposing, progress, sample_bytes, sized_runs
+from onnxq.calibrate.data import RunSizer, batch_size, input_specs
 from onnxq.graph import attribute, constant_initializers, subgraphs, to_array, used_names
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
 
@@ -141,8 +141,8 @@ def output_means(model: onnx.ModelProto, outputs: Sequence[str], batches: Sequen
     names = list(outputs)
     means = {name: ChannelMeans() for name in names}
     with exposing(model, names) as sess:
-        for batch in batches:
-            for name, value in zip(names, sess.run(names, dict(batch)), strict=True):
+        for outputs in sized_runs(sess, names, batches, RunSizer(input_specs(model), sample_bytes(model, names))):
+            for name, value in zip(names, outputs, strict=True):
                 means[name].add(value)
     return {name: m.mean() for name, m in means.items()}  # type: ignore[misc]
 

@@ -13,7 +13,8 @@ import numpy as np
 import onnx
 
 from onnxq.calibrate import CalibrationData
-from onnxq.calibrate.data import batch_size, calibration_batches, input_specs
+from onnxq.calibrate.collect import sample_bytes
+from onnxq.calibrate.data import RunSizer, batch_size, calibration_batches, input_specs
 from onnxq.runtime import session_options, uses_onnxq_ops
 from onnxq.sensitivity import ErrorEnergy
 
@@ -60,13 +61,17 @@ def check_against_float(
     energies = {name: ErrorEnergy() for name in outputs}
     classes = _class_output(header, outputs)
     agree = seen = 0
-    for batch in calibration_batches(data, input_specs(header), samples):
-        reference, quantized = (dict(zip(outputs, s.run(outputs, batch), strict=True)) for s in sessions)
-        for name in outputs:
-            energies[name].add(reference[name], quantized[name])
-        if classes is not None and np.ndim(reference[classes]) == 2:
-            agree += int(np.sum(np.argmax(reference[classes], axis=1) == np.argmax(quantized[classes], axis=1)))
-        seen += batch_size(batch)
+    specs = input_specs(header)
+    sizer = RunSizer(specs, sample_bytes(header, outputs))
+    for batch in calibration_batches(data, specs, samples):
+        for piece in sizer.pieces(batch):
+            reference, quantized = (dict(zip(outputs, s.run(outputs, piece), strict=True)) for s in sessions)
+            sizer.record(piece, reference.values())
+            for name in outputs:
+                energies[name].add(reference[name], quantized[name])
+            if classes is not None and np.ndim(reference[classes]) == 2:
+                agree += int(np.sum(np.argmax(reference[classes], axis=1) == np.argmax(quantized[classes], axis=1)))
+            seen += batch_size(piece)
     worst = min(outputs, key=lambda name: energies[name].sqnr_db)
     top1 = agree / seen if classes is not None and seen else None
     return Fidelity(seen, energies[worst].sqnr_db, worst if len(outputs) > 1 else None, top1)

@@ -15,8 +15,8 @@ import numpy as np
 import onnx
 
 from onnxq.calibrate.asq import Adapter, LogLinear, fit_adapter, sample_betas
-from onnxq.calibrate.collect import ChannelMeans, TensorStats, channel_axis, channel_means, collect, exposing, feature_axes
-from onnxq.calibrate.data import CalibrationData, batch_size, batch_slice, calibration_batches, input_specs
+from onnxq.calibrate.collect import ChannelMeans, TensorStats, channel_axis, channel_means, collect, exposing, feature_axes, sample_bytes, sized_runs
+from onnxq.calibrate.data import CalibrationData, RunSizer, batch_size, batch_slice, calibration_batches, input_specs
 from onnxq.calibrate.histogram import ChannelHistograms
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params
@@ -157,8 +157,8 @@ def choose_adapters(
     errors = {name: np.zeros(len(pair)) for name, pair in candidates.items()}
     names = list(candidates)
     with exposing(model, names) as sess:
-        for batch in held:
-            for name, value in zip(names, sess.run(names, batch), strict=True):
+        for outputs in sized_runs(sess, names, held, RunSizer(input_specs(model), sample_bytes(model, names))):
+            for name, value in zip(names, outputs, strict=True):
                 errors[name] += [asq_error(value, quant) for quant in candidates[name]]
     chosen = {}
     for name, (adaptive, fixed) in candidates.items():

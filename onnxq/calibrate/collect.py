@@ -10,9 +10,10 @@ the sample's own range and the sample's channel means (the adapter's features).
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,7 +21,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxq.calibrate.data import batch_size
+from onnxq.calibrate.data import RunSizer, batch_size, input_specs
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.errors import OnnxqError
 from onnxq.external import materialize
@@ -128,26 +129,59 @@ def collect(
         for _ in batches:
             pass
         return stats
+    sizer = RunSizer(input_specs(model), sample_bytes(model, tensors))
     with exposing(model, tensors) as sess:
         with progress(total) as bar:
             for batch in batches:
-                try:
-                    outputs = sess.run(tensors, dict(batch))
-                except Exception as e:  # onnxruntime's exception types are not public
-                    first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                    raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line}") from e
-                for name, value in zip(tensors, outputs, strict=True):
-                    entry = stats[name]
-                    entry.rank = value.ndim
-                    try:
-                        entry.histogram.add(value) if histograms else entry.histogram.observe(value)
-                    except ValueError as e:
-                        raise OnnxqError(None, f"calibration: tensor {name!r}: {e}") from e
-                    entry.channels.add(value)
-                    if entry.samples is not None:
-                        entry.samples.add(value)
+                for outputs in sized_runs(sess, tensors, [batch], sizer):
+                    for name, value in zip(tensors, outputs, strict=True):
+                        _observe(stats[name], name, value, histograms)
                 bar.update(batch_size(batch))
     return stats
+
+
+def sample_bytes(model: onnx.ModelProto, tensors: list[str]) -> float | None:
+    """Bytes ``tensors`` take for one sample by their declared or inferred shapes (all but the first axis known), else None."""
+    graph = model.graph
+    values = {v.name: v for v in [*graph.value_info, *graph.output, *graph.input]}
+    total = 0
+    for name in tensors:
+        tensor_type = values[name].type.tensor_type if name in values else None
+        if tensor_type is None or not tensor_type.HasField("shape") or not tensor_type.elem_type:
+            return None
+        dims = tensor_type.shape.dim
+        if not dims or any(not d.HasField("dim_value") for d in dims[1:]):
+            return None
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor_type.elem_type).itemsize
+        total += itemsize * math.prod(d.dim_value for d in dims[1:])
+    return float(total)
+
+
+def sized_runs(
+    sess: ort.InferenceSession, tensors: list[str], batches: Iterable[Mapping[str, np.ndarray]], sizer: RunSizer
+) -> Iterator[list[np.ndarray]]:
+    """``tensors`` from runs over ``batches``, cut by ``sizer`` into pieces that keep each run's outputs small."""
+    for batch in batches:
+        for piece in sizer.pieces(batch):
+            try:
+                outputs = sess.run(tensors, piece)
+            except Exception as e:  # onnxruntime's exception types are not public
+                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line}") from e
+            sizer.record(piece, outputs)
+            yield outputs
+
+
+def _observe(entry: TensorStats, name: str, value: np.ndarray, histograms: bool) -> None:
+    """Add one run's values of a tensor to its statistics."""
+    entry.rank = value.ndim
+    try:
+        entry.histogram.add(value) if histograms else entry.histogram.observe(value)
+    except ValueError as e:
+        raise OnnxqError(None, f"calibration: tensor {name!r}: {e}") from e
+    entry.channels.add(value)
+    if entry.samples is not None:
+        entry.samples.add(value)
 
 
 class exposing:
