@@ -285,7 +285,7 @@ def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool)
         raise OnnxqError(args.model, str(e)) from e
     if data is None or not (report or mixed):
         return None, config
-    analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size)
+    analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size, nodes=report)
     if not mixed:
         return analysis, config
     chosen = choose_bits(analysis, target, args.max_drop)

@@ -104,13 +104,23 @@ class LayerSensitivity:
 
 
 class Probe:
-    """The float model in one session with its weights overridable and weighted nodes' outputs exposed."""
+    """The float model in one session with its weights overridable and (with ``nodes``) weighted nodes' outputs exposed.
 
-    def __init__(self, model: onnx.ModelProto, plans: Iterable[WeightPlan], batches: list[dict[str, np.ndarray]], label: str) -> None:
+    Only the model outputs of the float run are kept as the reference: a layer's node SQNR fetches the float values of
+    its own outputs again when it is measured, since keeping every layer's outputs for every sample took gigabytes on
+    a ResNet-50.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, plans: Iterable[WeightPlan], batches: list[dict[str, np.ndarray]], label: str, nodes: bool = True
+    ) -> None:
         plans = list(plans)
         outputs = {n.name: next((o for o in n.output if o), "") for n in model.graph.node}  # a recurrent layer may leave Y unnamed
         # Readers inside control-flow bodies have no output a session can fetch: their node SQNR is not measured.
-        self.node_outputs = {p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of and outputs[u.node])) for p in plans}
+        self.node_outputs = {
+            p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of and outputs[u.node])) if nodes else ()
+            for p in plans
+        }
         float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
         self.model_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in float_types]
         if not self.model_outputs:
@@ -120,20 +130,22 @@ class Probe:
         materialize(probe)  # onnxruntime needs the weights in the session's model
         self._session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
         self._batches = batches
-        fetched = list(dict.fromkeys(self.model_outputs + [n for names in self.node_outputs.values() for n in names]))
-        self._reference = [dict(zip(fetched, self._session.run(fetched, batch), strict=True)) for batch in batches]
+        self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in batches]
 
     def run(self, weights: Mapping[str, np.ndarray], tensor: str | None = None) -> Measurement:
         """Run with ``weights`` ({tensor: float values}) in place of the float ones; node SQNR for ``tensor``'s readers."""
         node_names = list(self.node_outputs.get(tensor, ())) if tensor is not None else []
-        fetched = list(dict.fromkeys(self.model_outputs + node_names))
+        extra = [n for n in node_names if n not in self.model_outputs]
+        fetched = self.model_outputs + extra
         model, nodes = ErrorEnergy(), ErrorEnergy()
         for batch, reference in zip(self._batches, self._reference, strict=True):
             values = dict(zip(fetched, self._session.run(fetched, {**batch, **weights}), strict=True))
             for name in self.model_outputs:
                 model.add(reference[name], values[name])
+            # The float values of this layer's outputs: fetched again rather than kept for every layer.
+            floats = {**reference, **dict(zip(extra, self._session.run(extra, batch), strict=True))} if extra else reference
             for name in node_names:
-                nodes.add(reference[name], values[name])
+                nodes.add(floats[name], values[name])
         return Measurement(model, nodes.sqnr_db if node_names else math.nan)
 
 
@@ -162,7 +174,9 @@ class SensitivityAnalysis:
         config: QuantizeConfig,
         data: CalibrationData,
         samples: int = SENSITIVITY_SAMPLES,
+        nodes: bool = True,
     ) -> None:
+        """``nodes``: also measure each layer's own output SQNR (the report's column; it costs a float run per layer)."""
         loaded = load(model)
         ensure_opset(loaded, 13)
         self.label = loaded.label
@@ -176,7 +190,7 @@ class SensitivityAnalysis:
         self._targets = OpTargets.of(self.model.graph)
         batches = list(calibration_batches(data, input_specs(self.model), samples))
         self.samples = sum(batch_size(b) for b in batches)
-        self.probe = Probe(self.model, self.plans, batches, self.label)
+        self.probe = Probe(self.model, self.plans, batches, self.label, nodes)
         self._dequantized: dict[tuple[str, int], np.ndarray] = {}
         self._layers: dict[tuple[str, int], LayerSensitivity] = {}
 

@@ -133,3 +133,12 @@ def test_cli_sensitivity_option_errors(model, tmp_path, capsys, extra, message):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and message in err and str(path) in err
     assert not out.exists() and not (tmp_path / "r.json").exists()
+
+
+def test_without_nodes_only_the_model_outputs_are_measured(model, batches):
+    """Mixed precision needs the model output only; the per-layer output SQNR (the report's) is then not measured."""
+    with_nodes = SensitivityAnalysis(model, QuantizeConfig(bits=4), batches)
+    without = SensitivityAnalysis(model, QuantizeConfig(bits=4), batches, nodes=False)
+    for tensor in ("w1", "w2", "w3"):
+        a, b = with_nodes.layer(tensor), without.layer(tensor)
+        assert a.model_sqnr_db == b.model_sqnr_db and math.isfinite(a.node_sqnr_db) and math.isnan(b.node_sqnr_db)
