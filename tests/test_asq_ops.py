@@ -248,3 +248,33 @@ def test_only_8_bit_sites_read_by_an_op_get_a_per_sample_scalar_step():
         assert site.feeds_integer_op is marked
         (quant,) = quantize_with_report(_one_conv(), config, data).activations
         assert quant.adapter is None or quant.adapter.outputs in outputs, (fmt, bits)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_channel_last_steps_shift_by_zero_point_offsets_around_a_scalar_pair(adaptive):
+    """(N, T, C) tensors: each channel's zero point is an offset added before a scalar pair (onnxruntime runs a per-axis
+    pair along the last axis one element at a time); the codes are those of the per-channel zero points."""
+    rng = np.random.default_rng(4)
+    channels = 6
+    zero_points = np.array([0, 3, 128, 200, 255, 17])
+    weight = rng.standard_normal(channels) * (0.3 if adaptive else 0.0)
+    adapter = Adapter(LogLinear(weight, 0.0), np.geomspace(0.01, 0.2, channels))
+    quant = ActivationQuant("x", QuantParams(0.02, 0, 8), adapter, (1,), zero_points, 2, 3)
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "asq", [value("x", TensorProto.FLOAT, ["N", 7, channels])],
+                              [value("y", TensorProto.FLOAT, ["N", 7, channels])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    model.ir_version = 10
+    insert_activation_qdq(model, {"x": quant}, OPSET)
+    onnx.checker.check_model(model)
+    pairs = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    inits = {t.name: t for t in model.graph.initializer}
+    assert len(pairs) == 2 and all(not n.attribute and not inits[n.input[2]].dims for n in pairs)  # scalar pairs, no axis
+    x = (rng.standard_normal((4, 7, channels)) * np.geomspace(0.3, 3.0, 4)[:, None, None]).astype(np.float32)
+    y = _literal_session(model).run(None, {"x": x})[0]
+    steps = adapter.predict(x.mean(axis=1, dtype=np.float64)).astype(np.float32)[:, None, :]  # (N, 1, C)
+    scaled = x / steps
+    expected = (np.clip(np.rint(scaled) + zero_points, 0, 255) - zero_points) * steps
+    near_tie = np.abs(scaled - np.floor(scaled) - 0.5) < 1e-4  # adding the offset first may round these the other way
+    assert near_tie.sum() <= 2 and len(np.unique(np.clip(np.rint(scaled) + zero_points, 0, 255))) > 50
+    np.testing.assert_allclose(y[~near_tie], expected[~near_tie], rtol=1e-6, atol=1e-6 * float(np.abs(expected).max()))
