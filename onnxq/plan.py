@@ -129,6 +129,9 @@ HANDLERS: dict[str, Handler] = {
 #: Handlers for ops whose weight may come first (W @ x), used when input 0 is the constant.
 WEIGHT_FIRST: dict[str, Handler] = {"MatMul": _matmul_weight_first, "Einsum": _einsum_weight_first}
 
+#: The reason given for a weight that a DequantizeLinear computes from integer codes.
+ALREADY_QUANTIZED = "weight is already quantized (it comes out of a DequantizeLinear)"
+
 #: Ops with more than one weight: the inputs holding them (the input weights W and the recurrence weights R).
 RECURRENT_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
 
@@ -207,10 +210,25 @@ class _Names:
     initializers: set[str]
     inputs: set[str]
     outputs: set[str]
+    dequantized: set[str]  # tensors computed from integer codes only (DequantizeLinear, then e.g. sqrt mode's Abs/Mul)
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> _Names:
-        return cls(constant_initializers(graph), {t.name for t in graph.initializer}, {i.name for i in graph.input}, {o.name for o in graph.output})
+        consts = constant_initializers(graph)
+        return cls(consts, {t.name for t in graph.initializer}, {i.name for i in graph.input}, {o.name for o in graph.output},
+                   _dequantized(graph, consts))
+
+
+def _dequantized(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) -> set[str]:
+    """Tensors a DequantizeLinear computes from constants, and those computed from them and constants alone (in one pass)."""
+    found: set[str] = set()
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if node.op_type == "DequantizeLinear" and node.domain in ("", "ai.onnx") and all(name in consts for name in inputs):
+            found.update(node.output)
+        elif inputs and all(name in consts or name in found for name in inputs) and any(name in found for name in inputs):
+            found.update(node.output)
+    return found
 
 
 def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]], list[Skipped]]:
@@ -247,6 +265,8 @@ def _weight_use(
             reason = "weight is an initializer also listed as a graph input, which callers may override"
         elif name in names.inputs:
             reason = "weight is a graph input, not a constant"
+        elif name in names.dequantized:
+            reason = ALREADY_QUANTIZED
         elif node.op_type in WEIGHT_FIRST:
             reason = "multiplies two activations (no weight; e.g. attention scores)"
         else:

@@ -19,7 +19,7 @@ from onnxq.external import materialize
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import constant_initializers, to_array
 from onnxq.load import INT4_OPSET, LoadedModel, ensure_opset, load
-from onnxq.plan import Skipped, WeightPlan, plan_weights
+from onnxq.plan import ALREADY_QUANTIZED, Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
 from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
@@ -88,7 +88,7 @@ def quantize_with_report(
     loaded.model = prepare(loaded.model)
     plans, skipped = plan_weights(loaded.model.graph, config)
     if not plans:
-        raise OnnxqError(loaded.label, _nothing_to_quantize(skipped))
+        raise OnnxqError(loaded.label, _nothing_to_quantize(skipped, loaded.model.graph))
     if config.activations is not None and calibration is None:
         raise OnnxqError(loaded.label, "quantizing activations needs calibration data")
     if config.activations is not None and not any(p.is_float32 for p in plans):
@@ -182,8 +182,16 @@ def _correct_biases(
         empirical_correction(model, float_model, dequantized, activations, _opset(model), corrected, calibrated.samples)
 
 
-def _nothing_to_quantize(skipped: list[Skipped]) -> str:
+#: Ops that only a quantized model holds: a model made of them has nothing left to quantize.
+QUANTIZED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm", "GatherBlockQuantized",
+                           INT_CONV, POST_CONV})
+
+
+def _nothing_to_quantize(skipped: list[Skipped], graph: onnx.GraphProto) -> str:
     """The error for a model without a weight to quantize, with the first weighted node's reason."""
+    quantized_ops = sum(n.op_type in QUANTIZED_OPS for n in graph.node)
+    if quantized_ops or any(s.reason == ALREADY_QUANTIZED for s in skipped):  # sqrt mode's weights come out of a Mul
+        return "the model is already quantized (no float weight is left to quantize); give onnxq the float model"
     message = ("no quantizable weights (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU/RNN with constant float32/float16 weights, "
                "or Gather from a float table)")
     if skipped:

@@ -306,3 +306,14 @@ def test_batchnorm_that_cannot_be_folded_is_left_in_place(variance, tmp_path, ca
     codes_and_scale = float_equivalent(quantized)
     w1_used = numpy_helper.to_array(next(t for t in codes_and_scale.graph.initializer if t.name == "w1_dequantized"))
     assert np.max(np.abs(w1_used - w1)) < 0.05 * np.max(np.abs(w1))  # the Conv's own weight, not a folded one
+
+
+@pytest.mark.parametrize("first_run", [["-b", "4", "--sqrt", "on"], ["-b", "8", "--format", "int"], ["-b", "4", "--first-last-bits", "4"]])
+def test_quantizing_a_quantized_model_says_so_and_writes_nothing(first_run, tmp_path, capsys):
+    path, once, twice = _save(tmp_path, conv_bn_relu_gemm()), tmp_path / "once.onnx", tmp_path / "twice.onnx"
+    assert main(["quantize", str(path), "-o", str(once), *first_run]) == 0
+    capsys.readouterr()
+    assert main(["quantize", str(once), "-o", str(twice)]) != 0
+    err = capsys.readouterr().err
+    assert "once.onnx: the model is already quantized" in err and "give onnxq the float model" in err and len(err.strip().splitlines()) == 1
+    assert not twice.exists()
