@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -15,6 +16,7 @@ import onnx
 from onnxq.calibrate import CalibrationData
 from onnxq.calibrate.collect import sample_bytes
 from onnxq.calibrate.data import RunSizer, batch_size, calibration_batches, input_specs
+from onnxq.load import read_model_file
 from onnxq.runtime import session_options, uses_onnxq_ops
 from onnxq.sensitivity import ErrorEnergy
 
@@ -50,7 +52,7 @@ def check_against_float(
     """Run both files on up to ``samples`` inputs of ``data``; None when the model has no float output to compare."""
     import onnxruntime as ort
 
-    header = onnx.load(os.fspath(float_path), load_external_data=False)
+    header = read_model_file(Path(float_path))
     outputs = [o.name for o in header.graph.output if o.type.tensor_type.elem_type in _FLOAT_OUTPUTS]
     if not outputs:
         return None
