@@ -27,6 +27,14 @@ def subgraphs(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
             yield from attr.graphs
 
 
+def all_graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
+    """``graph`` and every graph nested in it (If/Loop/Scan bodies, their bodies, ...)."""
+    yield graph
+    for node in graph.node:
+        for sub in subgraphs(node):
+            yield from all_graphs(sub)
+
+
 def all_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
     """Every tensor stored in ``graph``: initializers and tensor attributes (Constant values), subgraphs included."""
     yield from graph.initializer
@@ -53,13 +61,10 @@ def defined_names(graph: onnx.GraphProto) -> frozenset[str]:
 def used_names(graph: onnx.GraphProto) -> set[str]:
     """Every tensor name read by the graph's nodes or returned as an output, subgraphs included (a body may return an outer value)."""
     names: set[str] = set()
-    stack = [graph]
-    while stack:
-        g = stack.pop()
+    for g in all_graphs(graph):
         names.update(out.name for out in g.output)
         for node in g.node:
             names.update(node.input)
-            stack.extend(subgraphs(node))
     names.discard("")
     return names
 
@@ -99,16 +104,10 @@ class NameSource:
 
     def __init__(self, graph: onnx.GraphProto) -> None:
         self._taken: set[str] = set()
-        stack = [graph]
-        while stack:
-            g = stack.pop()
-            self._taken.update(i.name for i in g.input)
+        for g in all_graphs(graph):
+            self._taken.update(defined_names(g))
             self._taken.update(o.name for o in g.output)
-            self._taken.update(t.name for t in g.initializer)
-            for node in g.node:
-                self._taken.add(node.name)
-                self._taken.update(node.output)
-                stack.extend(subgraphs(node))
+            self._taken.update(node.name for node in g.node)
 
     def fresh(self, base: str) -> str:
         """``base`` itself if free, else ``base_1``, ``base_2``, ..."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import onnx
 
 from onnxq.domain import DOMAIN
-from onnxq.graph import attribute, subgraphs
+from onnxq.graph import all_graphs, attribute, subgraphs
 from onnxq.load import read_model_file
 from onnxq.plan import RECURRENT_WEIGHTS, TABLE_OPS
 
@@ -411,11 +411,7 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: se
 
 
 def _all_initializers(graph: onnx.GraphProto) -> list[onnx.TensorProto]:
-    tensors = list(graph.initializer)
-    for node in graph.node:
-        for sub in subgraphs(node):
-            tensors += _all_initializers(sub)
-    return tensors
+    return [t for g in all_graphs(graph) for t in g.initializer]
 
 
 def _external_files(model: onnx.ModelProto, folder: Path | None) -> dict[str, int | None]:

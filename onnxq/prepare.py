@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterator
 
 import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from onnxq.graph import NameSource, attribute, constant_initializers, consumers, defined_names, remove_unused_initializers, subgraphs, to_array
+from onnxq.graph import (
+    NameSource,
+    all_graphs,
+    attribute,
+    constant_initializers,
+    consumers,
+    defined_names,
+    remove_unused_initializers,
+    subgraphs,
+    to_array,
+)
 from onnxq.load import default_opset
 from onnxq.plan import FLOAT_TYPES, HANDLERS
 from onnxq.rewrite import rename_input
@@ -108,16 +117,9 @@ def hoist_body_weights(graph: onnx.GraphProto) -> int:
     A body may read the values of the graphs around it, so the model computes the same; the weights then sit where
     the planner, the range search and the rewrite find weights, and get quantized like the main graph's.
     """
-    counts = Counter(name for g in _graphs(graph) for name in defined_names(g))
+    counts = Counter(name for g in all_graphs(graph) for name in defined_names(g))
     names = NameSource(graph)
     return sum(_hoist(body, graph, counts, names) for node in graph.node for body in subgraphs(node))
-
-
-def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
-    yield graph
-    for node in graph.node:
-        for body in subgraphs(node):
-            yield from _graphs(body)
 
 
 def _hoist(body: onnx.GraphProto, main: onnx.GraphProto, counts: Counter[str], names: NameSource) -> int:
