@@ -391,19 +391,15 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: se
             continue
         if node.op_type in ("DequantizeLinear", "QuantizeLinear") and domain == "":
             continue
-        if domain == "" and node.op_type in RECURRENT_WEIGHTS:  # a row per weight (W, R)
-            for index in RECURRENT_WEIGHTS[node.op_type]:
-                traced = _float_op(named[i], scope, (index,)) if index < len(node.input) and node.input[index] else None
-                if traced is not None:
-                    found.append((traced[0], node.output[0] or f"{named[i].name}:{index}"))
-                    chained.update(n.output[0] for n in traced[1].chain)
-            continue
         slots = _FLOAT_WEIGHT_SLOTS.get(node.op_type, ()) if domain == "" else ()
-        # Other ops count as weighted only when they read a dequantized constant (not e.g. Reshape's shape).
-        traced = _float_op(named[i], scope, slots or tuple(range(len(node.input))))
-        if traced is not None and (traced[1].dequantize is not None or (slots and _weight_like(node, traced[1].codes))):
-            found.append((traced[0], node.output[0]))
-            chained.update(n.output[0] for n in traced[1].chain)
+        recurrent = RECURRENT_WEIGHTS.get(node.op_type, ()) if domain == "" else ()
+        # A recurrent layer gets a row per weight (W, R). Other ops count as weighted only when they read a dequantized
+        # constant (not e.g. Reshape's shape).
+        for candidates in [(index,) for index in recurrent] or [slots or tuple(range(len(node.input)))]:
+            traced = _float_op(named[i], scope, candidates)
+            if traced is not None and (traced[1].dequantize is not None or ((slots or recurrent) and _weight_like(node, traced[1].codes))):
+                found.append((traced[0], node.output[0] or f"{named[i].name}:{candidates[0]}"))
+                chained.update(n.output[0] for n in traced[1].chain)
     for i, node in enumerate(graph.node):
         for sub in subgraphs(node):
             found += _graph_nodes(sub, _Scope(sub, scope), f"{named[i].name}/", chained)
