@@ -192,8 +192,8 @@ def _nothing_to_quantize(skipped: list[Skipped], graph: onnx.GraphProto) -> str:
     quantized_ops = sum(n.op_type in QUANTIZED_OPS for n in graph.node)
     if quantized_ops or any(s.reason == ALREADY_QUANTIZED for s in skipped):  # sqrt mode's weights come out of a Mul
         return "the model is already quantized (no float weight is left to quantize); give onnxq the float model"
-    message = ("no quantizable weights (Conv, ConvTranspose, Gemm, MatMul, LSTM/GRU/RNN with constant float32/float16 weights, "
-               "or Gather from a float table)")
+    message = ("no quantizable weights (Conv, ConvTranspose, Gemm, MatMul, Einsum, LSTM/GRU/RNN with constant float32/float16 "
+               "weights, or Gather from a float table)")
     if skipped:
         more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
         message += f"; left float: {skipped[0].node} ({skipped[0].reason}){more}"
