@@ -20,6 +20,8 @@ from onnxq.tensor_data import on_skeleton
 MIN_OPSET = 13
 #: First opset with int4 QuantizeLinear/DequantizeLinear.
 INT4_OPSET = 21
+#: First opset whose DequantizeLinear takes float16 scales (and so gives float16 weights).
+FLOAT16_SCALE_OPSET = 19
 #: IR version that goes with opset 21.
 INT4_IR_VERSION = 10
 #: Protobuf cannot serialise more than this, so bigger models must keep external data.

@@ -18,7 +18,7 @@ from onnxq.errors import OnnxqError
 from onnxq.external import materialize
 from onnxq.formats.uniform import storage_bits
 from onnxq.graph import constant_initializers, to_array
-from onnxq.load import INT4_OPSET, LoadedModel, ensure_opset, load
+from onnxq.load import FLOAT16_SCALE_OPSET, INT4_OPSET, LoadedModel, ensure_opset, load
 from onnxq.plan import ALREADY_QUANTIZED, Skipped, WeightPlan, plan_weights
 from onnxq.prepare import prepare
 from onnxq.rewrite import replace_weights
@@ -29,9 +29,6 @@ from onnxq.tensor_data import compact
 from onnxq.weights import QuantizedTensor, quantize_post_weight, quantize_weight
 
 logger = logging.getLogger(__name__)
-
-#: DequantizeLinear takes float16 scales (and so gives float16 weights) from opset 19.
-FLOAT16_SCALE_OPSET = 19
 
 
 @dataclass(frozen=True)
