@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
-from onnxq.quantize import QuantizationResult, quantize, quantize_with_report
-from onnxq.runtime import get_library_path, session
-from onnxq.save import save_model
+from onnxq.model.save import save_model
+from onnxq.native.session import get_library_path, session
+from onnxq.pipeline import QuantizationResult, quantize, quantize_with_report
 
 __version__ = "0.1.0"
 

@@ -24,8 +24,8 @@ from onnxq.config import (
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
-    from onnxq.report_files import ReportPaths
-    from onnxq.sensitivity import SensitivityAnalysis
+    from onnxq.analysis.sensitivity import SensitivityAnalysis
+    from onnxq.report.files import ReportPaths
 
 BIT_CHOICES = range(2, 9)
 
@@ -120,7 +120,7 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
 
 def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
     """Options of per-layer sensitivity (in --report) and of mixed precision chosen by it."""
-    from onnxq.sensitivity import SENSITIVITY_SAMPLES
+    from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES
 
     s = p.add_argument_group(
         "sensitivity and mixed precision",
@@ -154,7 +154,7 @@ def _add_inspect(sub: argparse._SubParsersAction) -> None:
 
 
 def _add_evaluate(sub: argparse._SubParsersAction) -> None:
-    from onnxq.datasets import FASHION_MNIST_DIR
+    from onnxq.analysis.datasets import FASHION_MNIST_DIR
 
     p = sub.add_parser(
         "evaluate",
@@ -221,10 +221,10 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
 def _run_quantize(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from onnxq.fidelity import check_against_float
-    from onnxq.quantize import quantize_with_report
-    from onnxq.report import summary
-    from onnxq.save import check_onnxruntime_loads, check_output_path, save_model
+    from onnxq.analysis.fidelity import check_against_float
+    from onnxq.model.save import check_onnxruntime_loads, check_output_path, save_model
+    from onnxq.pipeline import quantize_with_report
+    from onnxq.report.summary import summary
 
     output = args.output or default_output(args.model, args.bits, (args.activations or ActivationConfig.bits) if args.calibration else None)
     check_output_path(output, [args.model])
@@ -252,7 +252,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if check is not None:
         print(check.line(named))
     if report is not None:
-        from onnxq.report_files import build_report, write_report
+        from onnxq.report.files import build_report, write_report
 
         built = dataclasses.replace(build_report(result, config, output, args.model), check=check)
         if analysis is not None:
@@ -265,8 +265,8 @@ def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool)
     """The sensitivity analysis the options ask for (None if none), and the config with mixed precision's per-node bits."""
     import dataclasses
 
-    from onnxq.mixed_precision import TargetSize, choose_bits
-    from onnxq.sensitivity import SensitivityAnalysis
+    from onnxq.analysis.mixed_precision import TargetSize, choose_bits
+    from onnxq.analysis.sensitivity import SensitivityAnalysis
 
     mixed = args.target_size is not None or args.max_drop is not None
     data = args.sensitivity_data if args.sensitivity_data is not None else args.calibration
@@ -297,7 +297,7 @@ def _report_paths(option: Path | None, models: list[Path]) -> ReportPaths | None
     """The files --report will write, checked before any work is done."""
     if option is None:
         return None
-    from onnxq.report_files import ReportPaths
+    from onnxq.report.files import ReportPaths
 
     paths = ReportPaths.from_option(option)
     paths.check(models)
@@ -307,8 +307,8 @@ def _report_paths(option: Path | None, models: list[Path]) -> ReportPaths | None
 def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
-    from onnxq.inspect import inspect_model
-    from onnxq.report import inventory_table
+    from onnxq.analysis.inventory import inspect_model
+    from onnxq.report.summary import inventory_table
 
     inventory = inspect_model(args.model)
     print(json.dumps(inventory.to_dict(), indent=1) if args.json else inventory_table(inventory))
@@ -317,8 +317,8 @@ def _run_inspect(args: argparse.Namespace) -> int:
 
 def _node_names(model: Path) -> set[str]:
     """Node names as the quantizer sees them (after unnamed nodes get names), for checking --exclude."""
-    from onnxq.load import read_model_file
-    from onnxq.prepare import name_nodes
+    from onnxq.model.load import read_model_file
+    from onnxq.model.prepare import name_nodes
 
     graph = read_model_file(model).graph  # without external data: names only
     name_nodes(graph)
@@ -326,8 +326,8 @@ def _node_names(model: Path) -> set[str]:
 
 
 def _run_evaluate(args: argparse.Namespace) -> int:
-    from onnxq.datasets import load_labelled
-    from onnxq.evaluate import accuracy
+    from onnxq.analysis.datasets import load_labelled
+    from onnxq.analysis.evaluate import accuracy
 
     data = load_labelled(args.data, args.split).head(args.limit)
     models = [args.baseline, args.model] if args.baseline else [args.model]

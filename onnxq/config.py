@@ -25,7 +25,7 @@ class WeightFormat(enum.Enum):
     INT: uniform codes run as an integer convolution by onnxq's op library (IntConv).
     POST: powers-of-sqrt(2) codes run with shifts by onnxq's op library (PostConv); 2-4 bits.
     INT and POST apply to 2-D Conv layers and to Gemm/MatMul with a constant 2-D weight (as 1x1
-    convolutions, onnxq/rewrite_gemm.py); other layers, and the first and last, use QDQ.
+    convolutions, onnxq/rewrite/gemm.py); other layers, and the first and last, use QDQ.
     """
 
     QDQ = "qdq"

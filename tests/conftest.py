@@ -11,7 +11,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from onnxq.cpu import cpu_flags
+from onnxq.native.cpu import cpu_flags
 
 sys.path.insert(0, str(Path(__file__).parent))
 

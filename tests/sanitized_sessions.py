@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
-import onnxq.runtime
+import onnxq.native.session
 
-_session_options = onnxq.runtime.session_options
+_session_options = onnxq.native.session.session_options
 
 
 def _without_arena(threads: int | None = None, custom_ops: bool = False) -> ort.SessionOptions:
@@ -20,4 +20,4 @@ def _without_arena(threads: int | None = None, custom_ops: bool = False) -> ort.
     return options
 
 
-onnxq.runtime.session_options = _without_arena
+onnxq.native.session.session_options = _without_arena

@@ -17,10 +17,11 @@ from models import conv_bn_relu_gemm, conv_then_if, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.calibrate.asq import Adapter, LogLinear
 from onnxq.calibrate.ranges import QuantParams
+from onnxq.calibrate.result import ActivationQuant
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange
 from onnxq.errors import OnnxqError
-from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
+from onnxq.rewrite.activations import insert_activation_qdq
 
 
 def _batches(shape: tuple[int, ...], count: int = 4, batch: int = 8, seed: int = 0) -> list[dict[str, np.ndarray]]:
@@ -368,7 +369,7 @@ def test_integer_ops_take_the_calibrated_input_scale(fmt):
 
 
 def test_an_8_bit_intconv_with_input_scale_equals_quantize_dequantize_then_conv():
-    from onnxq.runtime import session
+    from onnxq.native.session import session
 
     act = ActivationConfig(bits=8, method=CalibrationMethod.MSE, reduce_range=ReduceRange.OFF)
     config = QuantizeConfig(bits=8, format=WeightFormat.INT, first_last_bits=None, activations=act)
@@ -385,7 +386,7 @@ def test_an_8_bit_intconv_with_input_scale_equals_quantize_dequantize_then_conv(
 def test_asq_keeps_the_per_sample_factor_only_where_held_out_error_drops():
     """Samples are one pattern times a known gain: an adapter that follows the gain must win over fixed steps,
     and one that moves the wrong way must lose."""
-    from onnxq.calibrate import asq_error, choose_adapters
+    from onnxq.calibrate.activations import asq_error, choose_adapters
 
     rng = np.random.default_rng(13)
     pattern = np.abs(rng.standard_normal((1, 3, 4, 4)))

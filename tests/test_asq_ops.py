@@ -18,20 +18,19 @@ from conftest import op_counts, step_tensor
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import QuantizeConfig, WeightFormat
-from onnxq.activations import activation_sites
-from onnxq.calibrate import asq_error
+from onnxq.calibrate.activations import asq_error
 from onnxq.calibrate.asq import Adapter, LogLinear
+from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.ranges import QuantParams
+from onnxq.calibrate.result import ActivationQuant
 from onnxq.config import ActivationConfig, CalibrationMethod
-from onnxq.domain import DOMAIN
-from onnxq.formats import post
-from onnxq.load import load
-from onnxq.plan import plan_weights
-from onnxq.prepare import prepare
-from onnxq.quantize import quantize_with_report
-from onnxq.rewrite_activations import ActivationQuant, insert_activation_qdq
-from onnxq.rewrite_ops import pack_rows, take_input_quantization
-from onnxq.runtime import session_options
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import session_options
+from onnxq.numerics import post
+from onnxq.pipeline import load_and_prepare, plan_quantization, quantize_with_report
+from onnxq.rewrite.activations import insert_activation_qdq
+from onnxq.rewrite.fusions import take_input_quantization
+from onnxq.rewrite.ops import pack_rows
 
 OPSET = 21
 CHAIN = ("Div", "QuantizeLinear", "DequantizeLinear", "Mul", "Reshape")
@@ -239,12 +238,12 @@ def test_format_op_with_asq_wires_the_per_sample_steps_into_the_op(fmt):
 
 def test_only_8_bit_sites_read_by_an_op_get_a_per_sample_scalar_step():
     """Sites an op reads are marked; at 4 bits (not the op's uint8) ASQ keeps per-channel steps there."""
-    model = prepare(load(_one_conv()).model)
     data = _gain_batches(count=4)
     for fmt, bits, marked, outputs in [(WeightFormat.POST, 8, True, {1}), (WeightFormat.QDQ, 8, False, {3}), (WeightFormat.INT, 4, True, {3})]:
         config = QuantizeConfig(bits=4, first_last_bits=None, format=fmt, activations=ActivationConfig(bits=bits, method=CalibrationMethod.ASQ))
-        plans, _ = plan_weights(model.graph, config)
-        (site,) = activation_sites(model.graph, plans, config)
+        loaded = load_and_prepare(_one_conv())
+        plan = plan_quantization(loaded, config, data)
+        (site,) = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
         assert site.feeds_integer_op is marked
         (quant,) = quantize_with_report(_one_conv(), config, data).activations
         assert quant.adapter is None or quant.adapter.outputs in outputs, (fmt, bits)

@@ -20,7 +20,7 @@ from onnx import TensorProto, helper, numpy_helper
 from models import conv_bn_relu_gemm, matmul_then_loop, matmul_then_scan
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
-from onnxq.quantize import quantize_with_report
+from onnxq.pipeline import quantize_with_report
 
 
 def _save(folder: Path, model: onnx.ModelProto | bytes, name: str = "net.onnx") -> Path:

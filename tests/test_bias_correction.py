@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.bias_correction import conv_shift, correct_biases, gemm_shift
+from onnxq.calibrate.bias_analytic import conv_shift, correct_biases, gemm_shift
 
 
 def _conv_valid(x: np.ndarray, w: np.ndarray, group: int) -> np.ndarray:

@@ -13,12 +13,13 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import weights
 from onnxq.config import SqrtMode
-from onnxq.load import LoadedModel, ensure_opset
-from onnxq.prepare import infer_shapes
-from onnxq.tensor_data import DETACH_BYTES, skeleton
-from onnxq.weights import quantize_post_weight, quantize_weight
+from onnxq.model.load import LoadedModel
+from onnxq.model.opset import ensure_opset
+from onnxq.model.prepare import infer_shapes
+from onnxq.model.skeleton import DETACH_BYTES, skeleton
+from onnxq.numerics import weights
+from onnxq.numerics.weights import quantize_post_weight, quantize_weight
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -98,8 +99,8 @@ _CHILD = textwrap.dedent(
     import json, resource, sys
     from pathlib import Path
     from onnxq.config import QuantizeConfig
-    from onnxq.quantize import quantize_with_report
-    from onnxq.save import save_model
+    from onnxq.pipeline import quantize_with_report
+    from onnxq.model.save import save_model
 
     def rss():
         return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize()
@@ -128,7 +129,7 @@ def test_peak_memory_stays_near_the_model_size(tmp_path: Path) -> None:
     onnx.save_model(model, path, save_as_external_data=True, location="chain.onnx.data")
     del model
     size = path.stat().st_size + (tmp_path / "chain.onnx.data").stat().st_size
-    warm = "import onnxruntime, onnxq.quantize, onnxq.save, numpy; numpy.ones((1 << 20,)); "
+    warm = "import onnxruntime, onnxq.pipeline, onnxq.model.save, numpy; numpy.ones((1 << 20,)); "
     run = subprocess.run(
         [sys.executable, "-c", warm + _CHILD, str(path), str(tmp_path / "out.onnx")], capture_output=True, text=True, cwd=REPO, check=False
     )
@@ -141,9 +142,9 @@ def test_peak_memory_stays_near_the_model_size(tmp_path: Path) -> None:
 
 def test_external_weights_are_not_read_at_load_but_read_exactly_when_needed(tmp_path: Path) -> None:
     """Loading keeps external tensors in their file (so float weights are never all in memory); reading one gives its values."""
-    from onnxq.external import is_external, materialize
-    from onnxq.graph import to_array
-    from onnxq.load import load
+    from onnxq.model.external import is_external, materialize
+    from onnxq.model.graph import to_array
+    from onnxq.model.load import load
 
     rng = np.random.default_rng(3)
     weight = rng.standard_normal((64, 64)).astype(np.float32)

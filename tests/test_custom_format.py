@@ -7,15 +7,15 @@ import onnx
 import pytest
 from conftest import random_feeds, run
 
-import onnxq.rewrite_ops
+import onnxq.rewrite.ops
 from models import conv_bn_relu_gemm, depthwise_convtranspose
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
-from onnxq.domain import DOMAIN
-from onnxq.formats import post
-from onnxq.rewrite_ops import declare_domain, pack_rows, replace_convs
-from onnxq.runtime import session
-from onnxq.weights import QuantizedTensor
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import session
+from onnxq.numerics import post
+from onnxq.numerics.weights import QuantizedTensor
+from onnxq.rewrite.ops import declare_domain, pack_rows, replace_convs
 
 
 def _ops(model: onnx.ModelProto) -> dict[str, str]:
@@ -88,7 +88,7 @@ def test_op_outputs_carry_the_float_models_shapes(fmt, monkeypatch):
     model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
     assert _shapes(model)["r"] == ["N", 4, 6, 6] and "d" not in _shapes(model)  # the Relu folded: the op writes r
     # The rest with the Relu kept (no folding), so that a tensor after the op is in value_info.
-    monkeypatch.setattr(onnxq.rewrite_ops, "fold_clipping", lambda graph: 0)
+    monkeypatch.setattr(onnxq.rewrite.ops, "fold_clipping", lambda graph: 0)
     model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
     assert _ops(model)["depthwise"] != "Conv"
     assert _shapes(model)["d"] == _shapes(onnx.shape_inference.infer_shapes(float_model))["d"] == ["N", 4, 6, 6]

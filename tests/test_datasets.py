@@ -1,4 +1,4 @@
-"""IDX and .npz readers (onnxq.datasets) on files written by hand, plus the installed Fashion-MNIST."""
+"""IDX and .npz readers (onnxq.analysis.datasets) on files written by hand, plus the installed Fashion-MNIST."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from onnxq.datasets import FASHION_MNIST_DIR, load_idx_split, load_labelled, load_npz, read_idx
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_idx_split, load_labelled, load_npz, read_idx
 from onnxq.errors import OnnxqError
 
 

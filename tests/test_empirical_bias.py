@@ -7,10 +7,10 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.calibrate.bias_measured import depth_levels, empirical_correction, merge_levels, nodes_for, segment_model
 from onnxq.calibrate.ranges import QuantParams
+from onnxq.calibrate.result import ActivationQuant
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange, WeightFormat
-from onnxq.empirical_bias import depth_levels, empirical_correction, merge_levels, nodes_for, segment_model
-from onnxq.rewrite_activations import ActivationQuant
 
 
 def _chain(w1: np.ndarray, b1: np.ndarray, w2: np.ndarray, b2: np.ndarray) -> onnx.ModelProto:
@@ -92,10 +92,10 @@ def test_corrected_means_match_the_float_model_layer_by_layer():
 
 def test_the_float_means_are_taken_over_the_samples_the_passes_use(monkeypatch):
     """With more passes than samples allow, the passes use the first samples only, and the float reference with them."""
-    from onnxq import empirical_bias
+    from onnxq.calibrate import bias_measured
 
-    monkeypatch.setattr(empirical_bias, "SAMPLE_PASSES", 16)  # 2 levels: 8 samples per pass
-    monkeypatch.setattr(empirical_bias, "MIN_SAMPLES", 1)
+    monkeypatch.setattr(bias_measured, "SAMPLE_PASSES", 16)  # 2 levels: 8 samples per pass
+    monkeypatch.setattr(bias_measured, "MIN_SAMPLES", 1)
     rng = np.random.default_rng(8)
     c = _perturbed_chain(rng)
     model, w1, b1, w2, b2, q1, q2 = c.model, c.w1, c.b1, c.w2, c.b2, c.q1, c.q2
@@ -228,7 +228,7 @@ def test_a_simulation_onnxruntime_cannot_run_leaves_the_biases_and_warns(caplog)
     model = _chain(np.ones((2, 3, 1, 1)), np.zeros(2), np.ones((2, 2, 1, 1)), np.zeros(2))
     before = {t.name: t.SerializeToString() for t in model.graph.initializer}
     batches = [{"x": np.ones((2, 5, 4, 4), np.float32)}]  # 5 channels where the Conv wants 3
-    with caplog.at_level("WARNING", logger="onnxq.empirical_bias"):
+    with caplog.at_level("WARNING", logger="onnxq.calibrate.bias_measured"):
         empirical_correction(model, model, {"w1": np.ones((2, 3, 1, 1))}, {}, 17, {"h": "b1", "y": "b2"}, batches)
     assert {t.name: t.SerializeToString() for t in model.graph.initializer} == before
     assert "measured bias correction skipped" in caplog.text
@@ -239,7 +239,7 @@ def test_level_runner_runs_every_node_once_and_matches_the_whole_model(monkeypat
     import onnxruntime as ort
 
     from models import residual_block
-    from onnxq import empirical_bias
+    from onnxq.calibrate import bias_measured
 
     model = residual_block()
     rng = np.random.default_rng(2)
@@ -252,9 +252,9 @@ def test_level_runner_runs_every_node_once_and_matches_the_whole_model(monkeypat
     expected = [dict(zip(outputs, sess.run(outputs, b), strict=True)) for b in batches]
 
     ran: list[str] = []
-    segment_model = empirical_bias.segment_model
-    monkeypatch.setattr(empirical_bias, "segment_model", lambda m, nodes, *a: (ran.extend(n.name for n in nodes), segment_model(m, nodes, *a))[1])
-    runner = empirical_bias.LevelRunner(model, ["c1", "c2", "y"], batches)
+    segment_model = bias_measured.segment_model
+    monkeypatch.setattr(bias_measured, "segment_model", lambda m, nodes, *a: (ran.extend(n.name for n in nodes), segment_model(m, nodes, *a))[1])
+    runner = bias_measured.LevelRunner(model, ["c1", "c2", "y"], batches)
     for level in (["c1"], ["c2"], ["y"]):
         got = runner.run(level, {})
         for index, values in enumerate(expected):
@@ -268,7 +268,7 @@ def test_a_shifted_layer_output_reaches_the_next_level():
     import onnxruntime as ort
 
     from models import residual_block
-    from onnxq.empirical_bias import LevelRunner
+    from onnxq.calibrate.bias_measured import LevelRunner
 
     model = residual_block()
     batches = [{"x": np.random.default_rng(4).standard_normal((2, 4, 6, 6)).astype(np.float32)}]

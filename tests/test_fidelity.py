@@ -10,8 +10,8 @@ from conftest import run
 from onnx import TensorProto, helper
 
 from models import conv_bn_relu_gemm
+from onnxq.analysis.fidelity import check_against_float
 from onnxq.cli import main
-from onnxq.fidelity import check_against_float
 
 
 def _samples(n: int = 24) -> np.ndarray:

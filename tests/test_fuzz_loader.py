@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from models import conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, matmul_then_loop, matmul_then_scan, shared_weight_matmuls
 from onnxq.cli import main
 from onnxq.errors import OnnxqError
-from onnxq.quantize import quantize_with_report
+from onnxq.pipeline import quantize_with_report
 
 FUZZ = settings(
     max_examples=int(os.environ.get("ONNXQ_FUZZ_EXAMPLES", "250")),

@@ -15,10 +15,10 @@ from test_int_conv import _post_weights, _quantize
 
 from onnxq import QuantizeConfig, WeightFormat, quantize_with_report
 from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
-from onnxq.report import summary
-from onnxq.rewrite_gemm import MIN_WEIGHTS
-from onnxq.runtime import session
-from onnxq.weights import quantize_post_weight, quantize_weight
+from onnxq.native.session import session
+from onnxq.numerics.weights import quantize_post_weight, quantize_weight
+from onnxq.report.summary import summary
+from onnxq.rewrite.gemm import MIN_WEIGHTS
 
 
 def _gemm_model(k: int, m: int, rows_shape: list, op: str = "Gemm", bias_shape: tuple | None = None, **attrs) -> onnx.ModelProto:

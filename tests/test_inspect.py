@@ -11,11 +11,11 @@ import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, shared_weight_matmuls
+from onnxq.analysis.inventory import inspect_model
 from onnxq.cli import main
 from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
-from onnxq.inspect import inspect_model
-from onnxq.quantize import quantize
-from onnxq.save import save_model
+from onnxq.model.save import save_model
+from onnxq.pipeline import quantize
 
 INT_TYPES = {TensorProto.INT4: ("int4", 4), TensorProto.INT8: ("int8", 8), TensorProto.UINT8: ("uint8", 8)}
 BITS = {**{t: b for t, (_, b) in INT_TYPES.items()}, TensorProto.FLOAT: 32}

@@ -19,9 +19,9 @@ from conftest import KERNELS as ALL_KERNELS
 from conftest import kernel_supported
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.domain import DOMAIN
-from onnxq.formats import post
-from onnxq.runtime import session
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import session
+from onnxq.numerics import post
 
 KERNELS = {name: value for name, value in ALL_KERNELS.items() if name != "auto"}
 

@@ -1,6 +1,6 @@
 """onnxq's C++ op library (libonnxq_ops.so): it loads, QuantizeDynamicU8 equals onnxruntime and numpy, its kernels agree.
 
-The library exists only once onnxq is built (``pip install .``); see onnxq.runtime.get_library_path.
+The library exists only once onnxq is built (``pip install .``); see onnxq.native.session.get_library_path.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 from conftest import ISA_FLAGS, KERNELS, cpu_flags, kernel_supported
 from onnx import TensorProto, helper
 
-from onnxq.domain import DOMAIN
 from onnxq.errors import OnnxqError
-from onnxq.runtime import get_library_path, session
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import get_library_path, session
 
 
 def _unsupported(kernel: str) -> bool:

@@ -10,10 +10,11 @@ import pytest
 from conftest import decode_int_tensor
 
 from models import conv_bn_relu_gemm
+from onnxq.analysis.mixed_precision import Candidate, Rung, TargetSize, choose_bits, greedy_raises, ladder
+from onnxq.analysis.sensitivity import SensitivityAnalysis
 from onnxq.cli import main
 from onnxq.config import QuantizeConfig
-from onnxq.mixed_precision import Candidate, Rung, TargetSize, choose_bits, greedy_raises, ladder, layer_bytes
-from onnxq.sensitivity import SensitivityAnalysis
+from onnxq.numerics.uniform import quantized_bytes
 
 NODES = ("conv1", "conv2", "fc")
 
@@ -44,7 +45,7 @@ def test_target_size_in_bytes():
 
 def test_ladder_and_bytes():
     assert ladder(2) == (2, 4, 8) and ladder(4) == (4, 8) and ladder(5) == (5, 8) and ladder(8) == (8,)
-    assert layer_bytes(9, 4, 3) == 5 + 12 and layer_bytes(9, 8, 3) == 9 + 12 and layer_bytes(9, 3, 0) == 5 + 4
+    assert quantized_bytes(9, 4, 3) == 5 + 12 and quantized_bytes(9, 8, 3) == 9 + 12 and quantized_bytes(9, 3, 0) == 5 + 4
 
 
 def _candidate(name: str, *rungs: tuple[int, int, float]) -> Candidate:
@@ -87,9 +88,9 @@ def test_choose_bits_raises_the_most_sensitive_layer_first(model, batches):
     assert {r.after.bits for r in chosen.raises} == {4} and len(chosen.raises) == 3
     by_gain = sorted(NODES, key=lambda n: -(noise[n] - analysis.layer({"conv1": "w1", "conv2": "w2", "fc": "w3"}[n], 4).noise))
     assert [r.nodes[0] for r in chosen.raises] == by_gain
-    min_bytes = sum(layer_bytes(weights[n], 3, scales[n]) for n in NODES)
+    min_bytes = sum(quantized_bytes(weights[n], 3, scales[n]) for n in NODES)
     assert chosen.min_bytes == min_bytes and chosen.bytes == min_bytes
-    assert chosen.max_bytes == sum(layer_bytes(weights[n], 8, scales[n]) for n in NODES)
+    assert chosen.max_bytes == sum(quantized_bytes(weights[n], 8, scales[n]) for n in NODES)
 
 
 def _stored_weight_bytes(model: onnx.ModelProto) -> int:
@@ -117,7 +118,7 @@ def files(model, tmp_path):
 def test_target_size_holds_in_the_written_model(files, tmp_path, capsys, extra_bytes):
     path, data = files
     base = ["quantize", str(path), "-b", "4", "--first-last-bits", "4", "--sensitivity-data", str(data)]
-    floor = sum(layer_bytes(n, 4, s) for n, s in ((432, 16), (2304, 16), (160, 10)))
+    floor = sum(quantized_bytes(n, 4, s) for n, s in ((432, 16), (2304, 16), (160, 10)))
     out = tmp_path / "q.onnx"
     assert main([*base, "-o", str(out), "--target-size", str(floor + extra_bytes)]) == 0
     written = onnx.load(out)

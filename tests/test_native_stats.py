@@ -3,10 +3,10 @@
 import numpy as np
 import pytest
 
-from onnxq.calibrate import native
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
+from onnxq.native import stats
 
-NATIVE_TAKES = native.takes
+NATIVE_TAKES = stats.takes
 
 
 @pytest.fixture
@@ -14,7 +14,7 @@ def numpy_only(monkeypatch):
     """numpy_only(True): from then on in the test, histogram.py counts with numpy (the reference); False: with the library."""
 
     def use(flag: bool) -> None:
-        monkeypatch.setattr(native, "takes", (lambda values: False) if flag else NATIVE_TAKES)
+        monkeypatch.setattr(stats, "takes", (lambda values: False) if flag else NATIVE_TAKES)
 
     return use
 
@@ -32,7 +32,7 @@ def awkward(rng: np.random.Generator, shape: tuple[int, ...], spread: float) -> 
 
 
 def test_the_library_is_built():
-    assert native.available(), "libonnxq_stats.so is missing: pip install ."
+    assert stats.available(), "libonnxq_stats.so is missing: pip install ."
 
 
 @pytest.mark.parametrize("bins", [4, 64, 4096])
@@ -107,7 +107,7 @@ def test_sample_histogram_counts_equal_numpy(numpy_only, bins):
 def test_float64_and_strided_values_are_counted_by_numpy():
     """The loops take C-contiguous float32 only; anything else goes the numpy way and is still counted."""
     x = np.arange(24, dtype=np.float32).reshape(4, 6)
-    assert native.takes(x) and not native.takes(x.astype(np.float64)) and not native.takes(x[:, ::2])
+    assert stats.takes(x) and not stats.takes(x.astype(np.float64)) and not stats.takes(x[:, ::2])
     h = Histogram(bins=64)
     h.add(x[:, ::2].astype(np.float64))
     assert h.total == 12

@@ -14,8 +14,8 @@ import pytest
 from onnx import TensorProto, helper
 from test_int_conv import GOOD, KERNELS, SUPPORTED_KERNELS, Case, _data, _error_model, _model, _pack, _raises_at_run, _reference
 
-from onnxq.domain import DOMAIN
-from onnxq.runtime import session
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import session
 
 BIG = 2**62  # far past any real size: sums and products of such attributes overflow int64
 F, U8 = TensorProto.FLOAT, TensorProto.UINT8

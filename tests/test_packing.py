@@ -1,4 +1,4 @@
-"""ONNX INT4 packing (onnxq.formats.packing), checked by hand-written bytes and by onnxruntime's
+"""ONNX INT4 packing (onnxq.numerics.packing), checked by hand-written bytes and by onnxruntime's
 own DequantizeLinear reading the packed initializer."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.formats.packing import pack_int4, unpack_int4
-from onnxq.rewrite import integer_tensor
+from onnxq.numerics.packing import pack_int4, unpack_int4
+from onnxq.rewrite.qdq import integer_tensor
 
 ALL_INT4 = np.arange(-8, 8, dtype=np.int8)
 
@@ -147,7 +147,7 @@ def test_onnxruntime_reads_packed_int4(shape: tuple[int, ...], axis: int | None)
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 8])
 def test_onnxruntime_reads_rewrite_integer_tensor(bits: int) -> None:
-    """onnxq.rewrite.integer_tensor (INT4 for <= 4 bits, INT8 above) is read back exactly too."""
+    """onnxq.rewrite.qdq.integer_tensor (INT4 for <= 4 bits, INT8 above) is read back exactly too."""
     q = 2 ** (bits - 1) - 1
     shape = (3, 5, 3)
     rng = np.random.default_rng(bits)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.formats import post
+from onnxq.numerics import post
 
 
 def test_four_bit_magnitudes_are_powers_of_sqrt2():

@@ -9,8 +9,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm
 from onnxq.config import QuantizeConfig
-from onnxq.prepare import fold_batch_norms, fold_constant_paths, lift_constants, name_nodes, prepare
-from onnxq.quantize import quantize_with_report
+from onnxq.model.prepare import fold_batch_norms, fold_constant_paths, lift_constants, name_nodes, prepare
+from onnxq.pipeline import quantize_with_report
 
 
 def test_bn_folding_keeps_outputs():
@@ -75,7 +75,7 @@ def _copy(model):
 def test_identity_of_initializer_is_bypassed():
     from onnx import helper
 
-    from onnxq.prepare import bypass_constant_identities
+    from onnxq.model.prepare import bypass_constant_identities
 
     model = conv_bn_relu_gemm(with_bn=False)
     # Some exporters read weights through Identity nodes: conv2 reads Identity(w2).

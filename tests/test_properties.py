@@ -15,10 +15,10 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnxq.config import RangeMethod, SqrtMode
-from onnxq.formats import post, uniform
-from onnxq.formats.packing import pack_int4, unpack_int4
-from onnxq.search import best_alpha, search_alpha
-from onnxq.weights import quantize_post_weight, quantize_weight
+from onnxq.numerics import post, uniform
+from onnxq.numerics.packing import pack_int4, unpack_int4
+from onnxq.numerics.search import best_alpha, search_alpha
+from onnxq.numerics.weights import quantize_post_weight, quantize_weight
 
 FIXED = settings(max_examples=60, deadline=None, derandomize=True, database=None, suppress_health_check=[HealthCheck.too_slow])
 

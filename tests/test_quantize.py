@@ -9,7 +9,7 @@ from conftest import assert_op_counts, decode_int_tensor, float_equivalent, rand
 
 from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
 from onnxq import Granularity, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
-from onnxq.load import default_opset
+from onnxq.model.opset import default_opset
 
 
 def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:

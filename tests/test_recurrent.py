@@ -94,8 +94,8 @@ def test_a_tensor_width_applies_to_that_weight_only_where_a_node_width_applies_t
 
 
 def test_inspect_lists_both_weights(tmp_path):
-    from onnxq.inspect import inspect_model
-    from onnxq.save import save_model
+    from onnxq.analysis.inventory import inspect_model
+    from onnxq.model.save import save_model
 
     model = recurrent_then_gemm("LSTM")
     onnx.save(model, tmp_path / "float.onnx")

@@ -17,9 +17,9 @@ import onnxq
 from models import conv_bn_relu_gemm
 from onnxq.cli import main
 from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
-from onnxq.quantize import quantize_with_report
-from onnxq.report_files import NO_MATPLOTLIB, ReportPaths, build_report, to_markdown
-from onnxq.save import write_files
+from onnxq.model.save import write_files
+from onnxq.pipeline import quantize_with_report
+from onnxq.report.files import NO_MATPLOTLIB, ReportPaths, build_report, to_markdown
 
 
 @pytest.fixture
@@ -163,7 +163,7 @@ def test_chart_when_matplotlib_is_installed(float_path, tmp_path, capsys):
 
 
 def test_chart_skipped_without_matplotlib(float_path, tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr("onnxq.report_chart.matplotlib_available", lambda: False)
+    monkeypatch.setattr("onnxq.report.chart.matplotlib_available", lambda: False)
     assert main(["quantize", str(float_path), "-o", str(tmp_path / "q.onnx"), "--report", str(tmp_path / "r.json")]) == 0
     out = capsys.readouterr().out
     assert out.count(NO_MATPLOTLIB) == 1

@@ -10,7 +10,7 @@ import pytest
 from models import conv_bn_relu_gemm
 from onnxq.calibrate.collect import collect, sample_bytes
 from onnxq.calibrate.data import InputSpec, RunSizer
-from onnxq.prepare import prepare
+from onnxq.model.prepare import prepare
 
 collect_module = sys.modules["onnxq.calibrate.collect"]  # the package exports a function of the same name
 data_module = sys.modules["onnxq.calibrate.data"]

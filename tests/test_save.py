@@ -8,8 +8,8 @@ import numpy as np
 import onnx
 
 from models import conv_bn_relu_gemm
-from onnxq.report import file_size
-from onnxq.save import referenced_files, save_model
+from onnxq.model.save import referenced_files, save_model
+from onnxq.report.summary import file_size
 
 
 def _big_and_small() -> tuple[onnx.ModelProto, onnx.ModelProto]:

@@ -1,4 +1,4 @@
-"""REQuant alpha search (onnxq.search) checked against independent numpy references.
+"""REQuant alpha search (onnxq.numerics.search) checked against independent numpy references.
 
 Every expected value here comes from a plain numpy quantize-dequantize written in this
 file; the code under test only supplies the alpha (or the histogram error) being judged.
@@ -9,9 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq import search
-from onnxq.formats import uniform
-from onnxq.search import build_histograms, codebook_error, golden_section, search_alpha
+from onnxq.numerics import search, uniform
+from onnxq.numerics.search import build_histograms, codebook_error, golden_section, search_alpha
 
 BITS = (2, 3, 4, 6, 8)
 
@@ -288,7 +287,7 @@ def test_alpha_in_unit_interval_and_never_worse_than_absmax() -> None:
 
 
 def test_the_scan_is_fine_for_few_levels_and_coarse_for_many():
-    from onnxq.search import grid_points
+    from onnxq.numerics.search import grid_points
 
     assert [grid_points(uniform.codebook(b, False)) for b in (2, 4, 6, 7, 8)] == [32, 32, 32, 32, 8]
     assert [search.scan_points(1 << b) for b in (4, 7, 8)] == [32, 32, 8]  # activation grids: 2**b codes

@@ -12,10 +12,10 @@ from conftest import run
 from onnx.reference import ReferenceEvaluator
 
 from models import conv_bn_relu_gemm
+from onnxq.analysis.sensitivity import ErrorEnergy, SensitivityAnalysis, measure_sensitivity, most_sensitive
 from onnxq.cli import main
 from onnxq.config import QuantizeConfig
-from onnxq.quantize import quantize_with_report
-from onnxq.sensitivity import ErrorEnergy, SensitivityAnalysis, measure_sensitivity, most_sensitive
+from onnxq.pipeline import quantize_with_report
 
 NODES = ("conv1", "conv2", "fc")
 

@@ -10,9 +10,9 @@ import pytest
 from conftest import MODELS
 
 from onnxq import QuantizeConfig, quantize
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_idx_split
+from onnxq.analysis.evaluate import accuracy
 from onnxq.config import ActivationConfig, CalibrationMethod
-from onnxq.datasets import FASHION_MNIST_DIR, load_idx_split
-from onnxq.evaluate import accuracy
 
 pytestmark = pytest.mark.slow
 

@@ -12,12 +12,12 @@ import dataclasses
 import pytest
 from conftest import MODELS
 
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_labelled
+from onnxq.analysis.evaluate import accuracy
+from onnxq.analysis.mixed_precision import TargetSize, choose_bits
+from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, SensitivityAnalysis, most_sensitive
 from onnxq.config import QuantizeConfig
-from onnxq.datasets import FASHION_MNIST_DIR, load_labelled
-from onnxq.evaluate import accuracy
-from onnxq.mixed_precision import TargetSize, choose_bits
-from onnxq.quantize import quantize_with_report
-from onnxq.sensitivity import SENSITIVITY_SAMPLES, SensitivityAnalysis, most_sensitive
+from onnxq.pipeline import quantize_with_report
 
 pytestmark = pytest.mark.slow
 

@@ -8,14 +8,14 @@ import pytest
 from conftest import MODELS
 
 from onnxq import Granularity, QuantizeConfig, SqrtMode, quantize, save_model
-from onnxq.datasets import FASHION_MNIST_DIR, load_idx_split
-from onnxq.evaluate import accuracy
-from onnxq.formats import uniform
-from onnxq.graph import constant_initializers, to_array
-from onnxq.load import load
-from onnxq.plan import find_weight_uses
-from onnxq.prepare import prepare
-from onnxq.weights import to_rows
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_idx_split
+from onnxq.analysis.evaluate import accuracy
+from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.load import load
+from onnxq.model.prepare import prepare
+from onnxq.numerics import uniform
+from onnxq.numerics.weights import to_rows
+from onnxq.plan.weights import find_weight_uses
 
 pytestmark = pytest.mark.slow
 

@@ -9,8 +9,8 @@ from conftest import decode_int_tensor, float_equivalent, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import QuantizeConfig, SqrtMode, quantize_with_report
+from onnxq.analysis.inventory import inspect_model
 from onnxq.cli import main
-from onnxq.inspect import inspect_model
 
 V = 40
 

@@ -18,8 +18,8 @@ import pytest
 
 from models import transformer_block
 from onnxq.config import ActivationConfig, CalibrationMethod, QuantizeConfig, WeightFormat
-from onnxq.quantize import QuantizationResult, quantize_with_report
-from onnxq.runtime import session_options
+from onnxq.native.session import session_options
+from onnxq.pipeline import QuantizationResult, quantize_with_report
 
 TOKENS, WIDTH = 8, 64
 

@@ -1,5 +1,5 @@
-"""Symmetric b-bit codes (onnxq.formats.uniform) and per-tensor/per-channel weight quantization
-(onnxq.weights), checked against numpy references written here."""
+"""Symmetric b-bit codes (onnxq.numerics.uniform) and per-tensor/per-channel weight quantization
+(onnxq.numerics.weights), checked against numpy references written here."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 from onnxq.config import RangeMethod, SqrtMode
-from onnxq.formats import uniform
-from onnxq.weights import from_rows, quantize_weight, to_rows
+from onnxq.numerics import uniform
+from onnxq.numerics.weights import from_rows, quantize_weight, to_rows
 
 ALL_BITS = range(2, 9)
 

@@ -182,7 +182,7 @@ def op_counts(model: bytes, path: Path) -> Counter[str]:
 
 
 def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.ndarray, tmp: Path, models: list[Path] = MODELS) -> None:
-    from onnxq.prepare import prepare
+    from onnxq.model.prepare import prepare
 
     print("### W8A8 latency, one thread\n")
     print("median thread CPU time per run over interleaved rounds; ratio onnxq/quantize_static < 1 means onnxq is faster\n")
@@ -231,7 +231,7 @@ def bench_latency(rounds: int, calib: list[dict[str, np.ndarray]], images: np.nd
 
 
 def bench_calibration(runs: int, images: np.ndarray, tmp: Path, weight_bits: int, models: list[Path] = MODELS) -> None:
-    from onnxq.prepare import prepare
+    from onnxq.model.prepare import prepare
 
     data = tmp / "calibration.npy"
     np.save(data, images[:CALIBRATION])
@@ -281,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice to pre-process, once per call
     import onnxruntime
 
-    from onnxq.datasets import FASHION_MNIST_DIR, load_labelled
+    from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_labelled
     from tools.machine import cpu_description
 
     images = load_labelled(FASHION_MNIST_DIR, "train").images[:CALIBRATION]

@@ -8,7 +8,7 @@ AVX2-only CPUs, measured on this one.
 Gemm/MatMul layers (classifiers at batch 1 and 8, transformer projections over 128 tokens): onnxruntime's
 float MatMul, its dynamic uint8 x int8 path (DynamicQuantizeLinear + MatMulInteger, which it fuses into
 DynamicQuantizeMatMul), onnxq's weight-only QDQ at 8 and 4 bits (plain codes: onnxruntime fuses the 4-bit
-DequantizeLinear -> MatMul into MatMulNBits), and onnxq's rewrite to IntConv/PostConv (onnxq/rewrite_gemm.py),
+DequantizeLinear -> MatMul into MatMulNBits), and onnxq's rewrite to IntConv/PostConv (onnxq/rewrite/gemm.py),
 forced on the small shapes the rewrite keeps QDQ. Whole models (the shipped Fashion-MNIST ones): float,
 onnxq's int8 and int4 QDQ, and the int and post formats. Ratios are against float measured in the same run.
 
@@ -32,10 +32,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq import QuantizeConfig, WeightFormat, quantize, rewrite_gemm  # noqa: E402
+from onnxq import QuantizeConfig, WeightFormat, quantize  # noqa: E402
 from onnxq.config import SqrtMode  # noqa: E402
-from onnxq.domain import DOMAIN  # noqa: E402
-from onnxq.runtime import session_options, uses_onnxq_ops  # noqa: E402
+from onnxq.rewrite import gemm as rewrite_gemm  # noqa: E402
+from onnxq.native.domain import DOMAIN  # noqa: E402
+from onnxq.native.session import session_options, uses_onnxq_ops  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq.formats import uniform  # noqa: E402
-from onnxq.search import REFINE_MAX_ROW, golden_section, refine_alpha, search_alpha  # noqa: E402
+from onnxq.numerics import uniform  # noqa: E402
+from onnxq.numerics.search import REFINE_MAX_ROW, golden_section, refine_alpha, search_alpha  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 # Conv/FC weight shapes of ResNet-50 (each appears in one or more blocks).

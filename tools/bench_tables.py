@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq import QuantizeConfig, quantize  # noqa: E402
 from onnxq.config import SqrtMode  # noqa: E402
-from onnxq.rewrite import integer_tensor  # noqa: E402
-from onnxq.weights import quantize_weight  # noqa: E402
+from onnxq.numerics.weights import quantize_weight  # noqa: E402
+from onnxq.rewrite.qdq import integer_tensor  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 SHAPES = ((30000, 256), (50000, 768))

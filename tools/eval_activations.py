@@ -10,7 +10,7 @@ calibrate, the full test split (10,000 images) measures top-1. Settings:
 onnxq runs each of its methods (minmax, percentile, entropy, mse, asq), with its default bias
 correction (measured below 7 bits) and, at W4A4, once more with the analytic correction alone. quantize_static (QDQ,
 per channel, QUInt8 activations, QInt8/QInt4 weights) runs MinMax, Entropy and Percentile on the
-same BN-folded model onnxq sees (onnxq.prepare.prepare), with the same calibration batches and the
+same BN-folded model onnxq sees (onnxq.model.prepare.prepare), with the same calibration batches and the
 same bit allocation: onnxq's 8-bit first/last weights and its 4-bit activation tensors are given to
 quantize_static as TensorQuantOverrides. Two more rows show quantize_static's plain calls (every
 weight int4; every activation uint4), which have no onnxq counterpart.
@@ -38,10 +38,10 @@ import onnx
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq import QuantizeConfig, quantize_with_report  # noqa: E402
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, LabelledImages, load_labelled  # noqa: E402
+from onnxq.analysis.evaluate import accuracy  # noqa: E402
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod  # noqa: E402
-from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_labelled  # noqa: E402
-from onnxq.evaluate import accuracy  # noqa: E402
-from onnxq.prepare import prepare  # noqa: E402
+from onnxq.model.prepare import prepare  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

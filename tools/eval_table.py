@@ -24,8 +24,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat, quantize  # noqa: E402
-from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split  # noqa: E402
-from onnxq.evaluate import accuracy  # noqa: E402
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split  # noqa: E402
+from onnxq.analysis.evaluate import accuracy  # noqa: E402
 
 METHODS = {
     "absmax": dict(range=RangeMethod.ABSMAX, sqrt=SqrtMode.OFF),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 
-from onnxq.cpu import cpu_flags, cpu_model
+from onnxq.native.cpu import cpu_flags, cpu_model
 
 INTERESTING_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8")
 

@@ -54,8 +54,8 @@ import torch.nn.functional as F
 from onnx import numpy_helper
 from torch import nn
 
-from onnxq.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split
-from onnxq.prepare import lift_constants
+from onnxq.analysis.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split
+from onnxq.model.prepare import lift_constants
 
 #: Per-pixel mean and std of the Fashion-MNIST training images (scaled to [0, 1]).
 FMNIST_MEAN = 0.2860

@@ -24,7 +24,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from onnxq.calibrate.ranges import Range, range_errors
-from onnxq.search import minimise_on_grid, scan_points
+from onnxq.numerics.search import minimise_on_grid, scan_points
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 

@@ -24,9 +24,9 @@ import onnxruntime as ort
 from onnxq.calibrate.data import RunSizer, batch_size, input_specs
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.errors import OnnxqError
-from onnxq.external import materialize
-from onnxq.load import PROTOBUF_LIMIT, tensor_bytes
-from onnxq.runtime import session_options
+from onnxq.model.external import materialize
+from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
+from onnxq.native.session import session_options
 
 logger = logging.getLogger(__name__)
 

@@ -69,6 +69,18 @@ def batch_slice(batch: Mapping[str, np.ndarray], start: int | None, stop: int | 
     return {k: v[start:stop] if np.ndim(v) > 0 else v for k, v in batch.items()}
 
 
+
+def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
+    """The first ``samples`` samples of ``batches``, in batches."""
+    out, count = [], 0
+    for batch in batches:
+        if count >= samples:
+            break
+        out.append(batch_slice(batch, None, samples - count))
+        count += batch_size(out[-1])
+    return out
+
+
 #: Bytes of fetched tensors one onnxruntime run should return. Batches are cut to stay under it: ResNet-50 at 224x224
 #: returns about 100 MB of activations a sample, and calibrating it 32 samples a run peaked at 7.1 GB of memory
 #: against 0.9 GB one sample a run, which was also faster (10.6 against 21.9 s for 64 samples).

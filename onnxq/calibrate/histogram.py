@@ -5,7 +5,7 @@ a power of two. When a value falls outside the covered range the width doubles (
 times as needed) and neighbouring bins merge; because every bin edge is a multiple of the
 width, merging is exact. So memory stays constant however many samples stream through,
 and the result does not depend on how the data were split into batches. The counting runs in
-C where it can (``native``, one pass with the same float32 arithmetic), else in numpy.
+C where it can (``onnxq.native.stats``, one pass with the same float32 arithmetic), else in numpy.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from onnxq.calibrate import native
+from onnxq.native import stats
 
 DEFAULT_BINS = 4096
 _START_EXPONENT = -40  # the first width is 2**-40: any real activation widens it at once
@@ -84,8 +84,8 @@ class Histogram:
             return
         self._cover(max(-self.min, self.max))
         inverse_width = math.ldexp(1.0, -self.exponent)
-        if native.takes(values):
-            native.count_centred(values, inverse_width, self.counts)
+        if stats.takes(values):
+            stats.count_centred(values, inverse_width, self.counts)
         else:
             self.counts += np.bincount(bin_index(values, inverse_width, self.bins), minlength=self.bins)
 
@@ -132,8 +132,8 @@ def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     rows = np.asarray(batch, dtype=dtype).reshape(len(batch), -1)
     lo, hi = rows.min(axis=1), rows.max(axis=1)
     span = np.where(hi > lo, hi - lo, 1).astype(dtype)
-    if native.takes(rows):
-        return native.count_spans(rows, lo, span, bins), lo.astype(np.float64), hi.astype(np.float64)
+    if stats.takes(rows):
+        return stats.count_spans(rows, lo, span, bins), lo.astype(np.float64), hi.astype(np.float64)
     rows = rows.copy()  # worked on in place
     rows -= lo[:, None]
     rows /= span[:, None]
@@ -197,8 +197,8 @@ class ChannelHistograms:
         self.min, self.max = np.minimum(self.min, lo), np.maximum(self.max, hi)
         self._cover(np.maximum(-lo, hi))
         inverse_widths = np.ldexp(1.0, -self.exponent)
-        if native.takes(blocks):
-            native.count_channels(blocks, inverse_widths, self.counts)
+        if stats.takes(blocks):
+            stats.count_channels(blocks, inverse_widths, self.counts)
             return
         index = bin_index(blocks, inverse_widths[None, :, None], self.bins)
         index += (np.arange(self.channels, dtype=np.intp) * self.bins)[None, :, None]

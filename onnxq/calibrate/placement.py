@@ -10,12 +10,15 @@ stay float. Ops that gain nothing from integer inputs stay float and read float 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import onnx
 
-from onnxq.graph import constant_initializers, consumers
+from onnxq.config import QuantizeConfig
+from onnxq.model.graph import constant_initializers, consumers
+from onnxq.plan.weights import WeightPlan
 
 #: Ops whose inputs and outputs are quantized when both sides are activations (they fuse into QLinear* kernels).
 ELEMENTWISE = frozenset({"Add"})
@@ -104,3 +107,22 @@ def _float_tensors(graph: onnx.GraphProto) -> set[str]:
     """Names of float32 tensors (inputs, value_info, outputs): only those are quantized."""
     infos = list(graph.input) + list(graph.value_info) + list(graph.output)
     return {v.name for v in infos if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
+
+
+def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], integer_ops: set[str], config: QuantizeConfig) -> list[ActivationSite]:
+    """The activation tensors to quantize around the layers whose weights are quantized.
+
+    ``integer_ops`` names the nodes that become IntConv/PostConv: a tensor they read gets one step per sample at most.
+    """
+    assert config.activations is not None
+    # Activations inside control-flow bodies stay float (calibration observes main-graph tensors), and so do the inputs of
+    # layers that multiply none with their weight (lookups, recurrent layers) and of float16 layers.
+    weighted = {
+        use.node: use.data_input for plan in plans if plan.is_float32 for use in plan.uses if not use.body_of and use.data_input is not None
+    }
+    boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if use.node in weighted}
+    sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
+    if not integer_ops:
+        return sites
+    readers = consumers(graph)
+    return [dataclasses.replace(s, feeds_integer_op=any(n.name in integer_ops for n in readers.get(s.tensor, []))) for s in sites]

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.calibrate.histogram import Histogram
-from onnxq.search import minimise_on_grid, scan_points
+from onnxq.numerics.search import minimise_on_grid, scan_points
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,87 @@
+"""The written model against the float one: output SQNR and top-1 agreement on sample inputs.
+
+After a run with data (--calibration or --sensitivity-data) the CLI measures both files as onnxruntime runs them (the
+quantized one with onnxq's op library where it needs it), so the user sees how close the model stayed before using it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from onnxq.analysis.sensitivity import ErrorEnergy
+from onnxq.calibrate.collect import sample_bytes
+from onnxq.calibrate.data import CalibrationData, RunSizer, batch_size, calibration_batches, input_specs
+from onnxq.model.load import read_model_file
+from onnxq.native.session import session_options, uses_onnxq_ops
+
+#: Samples the check runs (the same as a sensitivity measurement).
+CHECK_SAMPLES = 64
+_FLOAT_OUTPUTS = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)
+
+
+@dataclass(frozen=True)
+class Fidelity:
+    """How the quantized model's outputs compare with the float model's on ``samples`` inputs.
+
+    ``output_sqnr_db`` is the lowest over the float outputs (``worst_output`` names it when there are several);
+    ``top1_agreement`` is the share of samples whose arg-max agrees, for the first output of shape (N, classes).
+    """
+
+    samples: int
+    output_sqnr_db: float
+    worst_output: str | None
+    top1_agreement: float | None
+
+    def line(self, data: str = "") -> str:
+        """What the CLI prints; ``data`` says where the samples came from (e.g. "the calibration data")."""
+        where = f" ({self.worst_output})" if self.worst_output else ""
+        agree = f", top-1 agrees on {100 * self.top1_agreement:.1f}% of them" if self.top1_agreement is not None else ""
+        of = f" of {data}" if data else ""
+        return f"checked against the float model on {self.samples} samples{of}: output SQNR {self.output_sqnr_db:.1f} dB{where}{agree}"
+
+
+def check_against_float(
+    float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str], data: CalibrationData, samples: int = CHECK_SAMPLES
+) -> Fidelity | None:
+    """Run both files on up to ``samples`` inputs of ``data``; None when the model has no float output to compare."""
+    import onnxruntime as ort
+
+    header = read_model_file(Path(float_path))
+    outputs = [o.name for o in header.graph.output if o.type.tensor_type.elem_type in _FLOAT_OUTPUTS]
+    if not outputs:
+        return None
+    sessions = [
+        ort.InferenceSession(os.fspath(path), session_options(custom_ops=uses_onnxq_ops(path)), providers=["CPUExecutionProvider"])
+        for path in (float_path, quantized_path)
+    ]
+    energies = {name: ErrorEnergy() for name in outputs}
+    classes = _class_output(header, outputs)
+    agree = seen = 0
+    specs = input_specs(header)
+    sizer = RunSizer(specs, sample_bytes(header, outputs))
+    for batch in calibration_batches(data, specs, samples):
+        for piece in sizer.pieces(batch):
+            reference, quantized = (dict(zip(outputs, s.run(outputs, piece), strict=True)) for s in sessions)
+            sizer.record(piece, reference.values())
+            for name in outputs:
+                energies[name].add(reference[name], quantized[name])
+            if classes is not None and np.ndim(reference[classes]) == 2:
+                agree += int(np.sum(np.argmax(reference[classes], axis=1) == np.argmax(quantized[classes], axis=1)))
+            seen += batch_size(piece)
+    worst = min(outputs, key=lambda name: energies[name].sqnr_db)
+    top1 = agree / seen if classes is not None and seen else None
+    return Fidelity(seen, energies[worst].sqnr_db, worst if len(outputs) > 1 else None, top1)
+
+
+def _class_output(model: onnx.ModelProto, outputs: list[str]) -> str | None:
+    """The first float output declared as (N, classes) with more than one class, or None."""
+    for value in model.graph.output:
+        dims = value.type.tensor_type.shape.dim
+        if value.name in outputs and len(dims) == 2 and dims[1].dim_value > 1:
+            return value.name
+    return None

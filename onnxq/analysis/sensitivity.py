@@ -1,0 +1,252 @@
+"""Per-layer sensitivity: the model output's SQNR when only one weight tensor is quantized.
+
+One onnxruntime session runs the float model with every planned weight made an overridable
+input and every weighted node's output exposed. The float run is made once; each
+measurement then feeds one (or several) fake-quantized weights -- the float values the
+quantized model computes with -- and compares the outputs with the float ones. Dozens of
+layers cost dozens of runs on a small batch, not dozens of quantized models.
+
+Only weights are quantized here (activations stay float), so the numbers say how much each
+layer's weight quantization alone hurts, whatever else the run does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import logging
+import math
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper, numpy_helper
+
+from onnxq.calibrate.data import CalibrationData, batch_size, calibration_batches, input_specs
+from onnxq.config import QuantizeConfig
+from onnxq.errors import OnnxqError
+from onnxq.model.external import materialize
+from onnxq.model.graph import constant_initializers, to_array
+from onnxq.native.session import session_options
+from onnxq.pipeline import load_and_prepare, quantize_planned
+from onnxq.plan.ops import OpTargets, op_choice
+from onnxq.plan.weights import WeightPlan, plan_weights
+
+logger = logging.getLogger(__name__)
+
+#: Samples sensitivity is measured on unless told otherwise: enough to rank layers, fast on a CPU.
+SENSITIVITY_SAMPLES = 64
+
+
+@dataclass
+class ErrorEnergy:
+    """Running sums of signal and noise energy over batches, for an SQNR over all of them."""
+
+    signal: float = 0.0
+    noise: float = 0.0
+
+    def add(self, reference: np.ndarray, approx: np.ndarray) -> None:
+        """Add one batch of reference values and their approximation."""
+        ref = np.asarray(reference, dtype=np.float64)
+        self.signal += float(np.sum(ref * ref))
+        self.noise += float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
+
+    @property
+    def sqnr_db(self) -> float:
+        """10 log10(signal / noise); inf when exact, -inf when the reference is all zero."""
+        return energy_sqnr_db(self.signal, self.noise)
+
+
+def energy_sqnr_db(signal: float, noise: float) -> float:
+    """SQNR in dB from energies (inf when ``noise`` is 0, -inf when ``signal`` is)."""
+    if noise <= 0.0:
+        return math.inf
+    return 10.0 * math.log10(signal / noise) if signal > 0 else -math.inf
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One probe run: the model outputs' error energy, and the SQNR of the asked nodes' outputs."""
+
+    model: ErrorEnergy
+    nodes: float
+
+    @property
+    def model_sqnr_db(self) -> float:
+        """SQNR of the model outputs against the float model's."""
+        return self.model.sqnr_db
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    """How much quantizing one weight tensor alone (at ``bits``) changes its node's output and the model's.
+
+    ``node_sqnr_db`` compares the outputs of the nodes reading the tensor with their float
+    values; ``model_sqnr_db`` (the sensitivity: lower is more sensitive) does the same for the
+    model outputs; ``noise`` is the model outputs' squared-error energy, which mixed precision adds up.
+    """
+
+    tensor: str
+    nodes: tuple[str, ...]
+    bits: int
+    node_sqnr_db: float
+    model_sqnr_db: float
+    noise: float
+
+    def report_values(self) -> dict[str, float]:
+        """This layer's optional fields of the report (see ``QuantizationReport.with_layer_values``)."""
+        return {"output_sqnr_db": self.node_sqnr_db, "sensitivity_db": self.model_sqnr_db}
+
+
+class Probe:
+    """The float model in one session with its weights overridable and (with ``nodes``) weighted nodes' outputs exposed.
+
+    Only the model outputs of the float run are kept as the reference: a layer's node SQNR fetches the float values of
+    its own outputs again when it is measured, since keeping every layer's outputs for every sample took gigabytes on
+    a ResNet-50.
+    """
+
+    def __init__(
+        self, model: onnx.ModelProto, plans: Iterable[WeightPlan], batches: list[dict[str, np.ndarray]], label: str, nodes: bool = True
+    ) -> None:
+        plans = list(plans)
+        outputs = {n.name: next((o for o in n.output if o), "") for n in model.graph.node}  # a recurrent layer may leave Y unnamed
+        # Readers inside control-flow bodies have no output a session can fetch: their node SQNR is not measured.
+        self.node_outputs = {
+            p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of and outputs[u.node])) if nodes else ()
+            for p in plans
+        }
+        float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+        self.model_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in float_types]
+        if not self.model_outputs:
+            raise OnnxqError(label, "sensitivity needs a float model output to compare, and this model has none")
+        node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
+        probe = _probe_model(model, plans, node_types)
+        materialize(probe)  # onnxruntime needs the weights in the session's model
+        self._session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        self._batches = batches
+        self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in batches]
+
+    def run(self, weights: Mapping[str, np.ndarray], tensor: str | None = None) -> Measurement:
+        """Run with ``weights`` ({tensor: float values}) in place of the float ones; node SQNR for ``tensor``'s readers."""
+        node_names = list(self.node_outputs.get(tensor, ())) if tensor is not None else []
+        extra = [n for n in node_names if n not in self.model_outputs]
+        fetched = self.model_outputs + extra
+        model, nodes = ErrorEnergy(), ErrorEnergy()
+        for batch, reference in zip(self._batches, self._reference, strict=True):
+            values = dict(zip(fetched, self._session.run(fetched, {**batch, **weights}), strict=True))
+            for name in self.model_outputs:
+                model.add(reference[name], values[name])
+            # The float values of this layer's outputs: fetched again rather than kept for every layer.
+            floats = {**reference, **dict(zip(extra, self._session.run(extra, batch), strict=True))} if extra else reference
+            for name in node_names:
+                nodes.add(floats[name], values[name])
+        return Measurement(model, nodes.sqnr_db if node_names else math.nan)
+
+
+def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: dict[str, int]) -> onnx.ModelProto:
+    """A copy of ``model`` whose planned weights are also graph inputs (so a run can override them) and node outputs graph outputs."""
+    probe = copy.deepcopy(model)
+    graph = probe.graph
+    inits = {t.name: t for t in graph.initializer}
+    for plan in plans:
+        tensor = inits[plan.tensor]
+        graph.input.append(helper.make_tensor_value_info(plan.tensor, tensor.data_type, list(tensor.dims)))
+    present = {o.name for o in graph.output}
+    for name, dtype in node_outputs.items():
+        if name not in present:
+            graph.output.append(helper.make_tensor_value_info(name, dtype, None))
+    probe.ir_version = max(probe.ir_version, 4)
+    return probe
+
+
+class SensitivityAnalysis:
+    """A float model prepared and planned as the quantizer does it, its probe, and fake-quantized copies of its weights."""
+
+    def __init__(
+        self,
+        model: str | os.PathLike[str] | onnx.ModelProto,
+        config: QuantizeConfig,
+        data: CalibrationData,
+        samples: int = SENSITIVITY_SAMPLES,
+        nodes: bool = True,
+    ) -> None:
+        """``nodes``: also measure each layer's own output SQNR (the report's column; it costs a float run per layer)."""
+        loaded = load_and_prepare(model)  # the run's first stages, so layers are those quantize plans
+        self.label = loaded.label
+        self.model = loaded.model
+        self.config = config
+        self.plans, _ = plan_weights(self.model.graph, config)
+        if not self.plans:
+            raise OnnxqError(self.label, "no quantizable weights to measure the sensitivity of")
+        consts = constant_initializers(self.model.graph)
+        self.weights = {p.tensor: to_array(consts[p.tensor]) for p in self.plans}
+        self._targets = OpTargets.of(self.model.graph)
+        batches = list(calibration_batches(data, input_specs(self.model), samples))
+        self.samples = sum(batch_size(b) for b in batches)
+        self.probe = Probe(self.model, self.plans, batches, self.label, nodes)
+        self._dequantized: dict[tuple[str, int], np.ndarray] = {}
+        self._layers: dict[tuple[str, int], LayerSensitivity] = {}
+
+    def plan(self, tensor: str) -> WeightPlan:
+        """The plan of one weight tensor."""
+        return next(p for p in self.plans if p.tensor == tensor)
+
+    def dequantized(self, tensor: str, bits: int) -> np.ndarray:
+        """The float values the quantized model computes with for ``tensor`` at ``bits`` (cached)."""
+        key = (tensor, bits)
+        if key not in self._dequantized:
+            plan = dataclasses.replace(self.plan(tensor), bits=bits)
+            weight = self.weights[tensor]
+            if not np.isfinite(weight).all():
+                raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
+            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False)
+            self._dequantized[key] = q.dequantize().astype(weight.dtype)  # a session input of the weight's own type
+        return self._dequantized[key]
+
+    def layer(self, tensor: str, bits: int | None = None) -> LayerSensitivity:
+        """Sensitivity of ``tensor`` quantized alone at ``bits`` (default: its planned bits)."""
+        plan = self.plan(tensor)
+        bits = plan.bits if bits is None else bits
+        key = (tensor, bits)
+        if key not in self._layers:
+            m = self.probe.run({tensor: self.dequantized(tensor, bits)}, tensor)
+            self._layers[key] = LayerSensitivity(tensor, plan.nodes, bits, m.nodes, m.model_sqnr_db, m.model.noise)
+            logger.debug("%s at %d bits: node SQNR %.1f dB, model SQNR %.1f dB", tensor, bits, m.nodes, m.model_sqnr_db)
+        return self._layers[key]
+
+    def layers(self, bits: Mapping[str, int] | None = None) -> list[LayerSensitivity]:
+        """Every planned tensor's sensitivity, at ``bits[tensor]`` where given, else its planned bits."""
+        bits = bits or {}
+        return [self.layer(p.tensor, bits.get(p.tensor)) for p in self.plans]
+
+    def combined(self, bits: Mapping[str, int]) -> Measurement:
+        """The model outputs with every tensor in ``bits`` quantized at once."""
+        return self.probe.run({t: self.dequantized(t, b) for t, b in bits.items()})
+
+    def fake_quantized(self, bits: Mapping[str, int]) -> onnx.ModelProto:
+        """The prepared float model with the tensors in ``bits`` replaced by their dequantized values."""
+        model = copy.deepcopy(self.model)
+        for i, tensor in enumerate(model.graph.initializer):
+            if tensor.name in bits:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(self.dequantized(tensor.name, bits[tensor.name]), tensor.name))
+        return model
+
+
+def measure_sensitivity(
+    model: str | os.PathLike[str] | onnx.ModelProto,
+    config: QuantizeConfig,
+    data: CalibrationData,
+    bits: Mapping[str, int] | None = None,
+    samples: int = SENSITIVITY_SAMPLES,
+) -> list[LayerSensitivity]:
+    """Sensitivity of every weight tensor ``config`` quantizes, each quantized alone, on ``samples`` samples of ``data``."""
+    return SensitivityAnalysis(model, config, data, samples).layers(bits)
+
+
+def most_sensitive(layers: Iterable[LayerSensitivity]) -> LayerSensitivity | None:
+    """The layer whose quantization alone leaves the lowest model-output SQNR."""
+    return min(layers, key=lambda s: s.model_sqnr_db, default=None)

@@ -1,1 +1,0 @@
-"""Weight number formats: how real weights map to integer codes and back."""

@@ -1,0 +1,331 @@
+"""Graph preparation before quantization: names, Constant weights, constant weight paths, BatchNorm folding, shapes.
+
+Each pass edits the model in place and returns how many things it changed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from onnxq.model.graph import (
+    NameSource,
+    all_graphs,
+    attribute,
+    constant_initializers,
+    consumers,
+    defined_names,
+    is_op,
+    remove_unused_initializers,
+    rename_input,
+    subgraphs,
+    to_array,
+)
+from onnxq.model.opset import default_opset, is_default_domain
+from onnxq.model.skeleton import on_skeleton
+from onnxq.plan.weights import FLOAT_TYPES, HANDLERS
+
+logger = logging.getLogger(__name__)
+
+
+def name_nodes(graph: onnx.GraphProto) -> int:
+    """Give every unnamed node a unique name so reports and --exclude can refer to it.
+
+    ``<OpType>_<index>``, and inside a control-flow body ``<If/Loop/Scan node>/<OpType>_<index>`` (as ``onnxq inspect`` shows it).
+    """
+    return _name_nodes(graph, NameSource(graph), "")
+
+
+def _name_nodes(graph: onnx.GraphProto, names: NameSource, prefix: str) -> int:
+    changed = 0
+    for i, node in enumerate(graph.node):
+        if not node.name:
+            node.name = names.fresh(f"{prefix}{node.op_type}_{i}")
+            changed += 1
+        for body in subgraphs(node):
+            changed += _name_nodes(body, names, f"{node.name}/")
+    return changed
+
+
+#: First IR version in which an initializer need not also be a graph input.
+INITIALIZERS_NOT_INPUTS_IR = 4
+
+
+def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The model with calls to its model-local functions replaced by their bodies (exporters wrap modules in functions).
+
+    A Conv inside a function reads its weight as a function input, so without this the planner sees only the call and
+    the weights stay float. onnxruntime inlines them the same way when it loads the model.
+    """
+    if not model.functions:
+        return model
+    import onnx.inliner
+
+    for function in model.functions:  # inlined copies get the name plus "__<call>": say which function they came from
+        for i, node in enumerate(function.node):
+            node.name = node.name or f"{function.name}/{node.op_type}_{i}"
+    inlined = onnx.inliner.inline_local_functions(model)
+    logger.info("inlined %d model-local functions", len(model.functions))
+    return inlined
+
+
+def unlist_initializer_inputs(model: onnx.ModelProto) -> int:
+    """Before IR 4 every initializer was also listed as a graph input; drop those listings (IR 4 allows it).
+
+    onnxruntime never lets callers override initializers of such models, so they are
+    constants in effect; unlisted, the quantizer sees them as the weights they are.
+    """
+    if model.ir_version >= INITIALIZERS_NOT_INPUTS_IR:
+        return 0
+    graph = model.graph
+    initializers = {t.name for t in graph.initializer}
+    keep = [i for i in graph.input if i.name not in initializers]
+    dropped = len(graph.input) - len(keep)
+    del graph.input[:]
+    graph.input.extend(keep)
+    model.ir_version = INITIALIZERS_NOT_INPUTS_IR
+    return dropped
+
+
+def lift_constants(graph: onnx.GraphProto) -> int:
+    """Turn ``Constant`` nodes holding a tensor into initializers, so weights look alike whatever the exporter."""
+    outputs = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    lifted = 0
+    for node in graph.node:
+        value = attribute(node, "value") if is_op(node, "Constant") else None
+        if isinstance(value, onnx.TensorProto) and node.output[0] not in outputs:
+            tensor = onnx.TensorProto()
+            tensor.CopyFrom(value)
+            tensor.name = node.output[0]
+            graph.initializer.append(tensor)
+            lifted += 1
+        else:
+            keep.append(node)
+    if lifted:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return lifted
+
+
+def hoist_body_weights(graph: onnx.GraphProto) -> int:
+    """Move the weights If/Loop/Scan bodies keep (initializers or Constant nodes) to the main graph, renamed where taken.
+
+    A body may read the values of the graphs around it, so the model computes the same; the weights then sit where
+    the planner, the range search and the rewrite find weights, and get quantized like the main graph's.
+    """
+    counts = Counter(name for g in all_graphs(graph) for name in defined_names(g))
+    names = NameSource(graph)
+    return sum(_hoist(body, graph, counts, names) for node in graph.node for body in subgraphs(node))
+
+
+def _hoist(body: onnx.GraphProto, main: onnx.GraphProto, counts: Counter[str], names: NameSource) -> int:
+    """Hoist ``body``'s weights (inner bodies' first) into ``main``; how many moved."""
+    moved = sum(_hoist(inner, main, counts, names) for node in body.node for inner in subgraphs(node))
+    lift_constants(body)
+    own = {t.name: t for t in body.initializer}
+    pinned = {i.name for i in body.input} | {o.name for o in body.output}
+    weights = {
+        name
+        for node in body.node
+        if node.op_type in HANDLERS and is_default_domain(node.domain)
+        for name in node.input[:2]
+        if name in own and name not in pinned and own[name].data_type in FLOAT_TYPES
+    }
+    keep = [t for t in body.initializer if t.name not in weights]
+    for name in sorted(weights):
+        tensor = main.initializer.add()
+        tensor.CopyFrom(own[name])
+        if counts[name] > 1:  # defined elsewhere too: the hoisted copy gets a name of its own
+            tensor.name = names.fresh(name)
+            rename_input(body, name, tensor.name)
+    if weights:
+        del body.initializer[:]
+        body.initializer.extend(keep)
+    return moved + len(weights)
+
+
+def bypass_constant_identities(graph: onnx.GraphProto) -> int:
+    """Let readers of ``Identity(initializer)`` read the initializer itself, so such weights count as constants."""
+    consts = constant_initializers(graph)
+    outputs = {o.name for o in graph.output}
+    alias = {
+        node.output[0]: node.input[0]
+        for node in graph.node
+        if is_op(node, "Identity") and node.input[0] in consts and node.output[0] not in outputs
+    }
+    if not alias:
+        return 0
+    keep = [n for n in graph.node if not (n.op_type == "Identity" and n.output[0] in alias)]
+    for node in keep:
+        for i, name in enumerate(node.input):
+            if name in alias:
+                node.input[i] = alias[name]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(alias)
+
+
+#: Ops computed ahead of time when every input is a constant: what exporters leave on a weight's path (the
+#: TorchScript exporter without constant folding writes MatMul(x, Transpose(W)); float16 weights come through a
+#: Cast; reshapes and scalings). None of them makes more data than it reads, so folding never grows the model.
+FOLDABLE_OPS = frozenset(
+    {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Neg", "Abs", "Sqrt", "Reciprocal", "Mul", "Div", "Add", "Sub"}
+)
+
+
+def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
+    """Replace nodes of FOLDABLE_OPS whose inputs are all constants by initializers holding their outputs.
+
+    Without this a weight behind such a node is "computed" and stays float. The values come from onnx's reference
+    implementation of the op at the model's opset; nodes producing graph outputs, and elementwise ops whose result
+    would be larger than their largest input (broadcasting), stay.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    consts = constant_initializers(graph)
+    outputs = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    folded = 0
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if (
+            not is_op(node, *FOLDABLE_OPS)
+            or not inputs
+            or not all(name in consts for name in inputs)
+            or any(out in outputs for out in node.output)
+        ):
+            keep.append(node)
+            continue
+        values = [to_array(consts[name]) for name in inputs]
+        results = ReferenceEvaluator(node, opsets={"": opset}).run(None, dict(zip(inputs, values, strict=True)))
+        if max(np.asarray(r).size for r in results) > max(v.size for v in values):
+            keep.append(node)
+            continue
+        for name, value in zip(node.output, results, strict=True):
+            consts[name] = numpy_helper.from_array(np.asarray(value), name)
+            graph.initializer.append(consts[name])
+        folded += 1
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+        remove_unused_initializers(graph)
+    return folded
+
+
+def fold_batch_norms(graph: onnx.GraphProto) -> int:
+    """Fold inference-mode BatchNormalization into the Conv before it (weights and bias rescaled)."""
+    consts = constant_initializers(graph)
+    readers = consumers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    outputs = {o.name for o in graph.output}
+    names = NameSource(graph)
+    folded: set[int] = set()
+    for bn in graph.node:
+        if not is_op(bn, "BatchNormalization"):
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or not _foldable(conv, bn, consts, readers, outputs):
+            continue
+        if _fold_one(graph, conv, bn, consts, names):
+            folded.add(id(bn))
+    if folded:
+        keep = [n for n in graph.node if id(n) not in folded]
+        del graph.node[:]
+        graph.node.extend(keep)
+        remove_unused_initializers(graph)
+    return len(folded)
+
+
+def _foldable(
+    conv: onnx.NodeProto,
+    bn: onnx.NodeProto,
+    consts: dict[str, onnx.TensorProto],
+    readers: dict[str, list[onnx.NodeProto]],
+    outputs: set[str],
+) -> bool:
+    """Whether ``bn`` can be folded into ``conv`` without changing anything else in the graph."""
+    if not is_op(conv, "Conv"):
+        return False
+    if attribute(bn, "training_mode", 0) or any(bn.output[1:]):
+        return False
+    if conv.output[0] in outputs or len(readers.get(conv.output[0], [])) != 1:
+        return False
+    if len(bn.input) < 5 or not all(name in consts for name in bn.input[1:5]):
+        return False
+    own = [conv.input[1]] + ([conv.input[2]] if len(conv.input) > 2 and conv.input[2] else [])
+    if not all(name in consts and len(readers.get(name, [])) == 1 for name in own):
+        return False
+    return consts[conv.input[1]].data_type == onnx.TensorProto.FLOAT
+
+
+def _fold_one(
+    graph: onnx.GraphProto,
+    conv: onnx.NodeProto,
+    bn: onnx.NodeProto,
+    consts: dict[str, onnx.TensorProto],
+    names: NameSource,
+) -> bool:
+    """Fold ``bn`` into ``conv``; False (and nothing changed) when its parameters do not fit or give non-finite values."""
+    weight_tensor = consts[conv.input[1]]
+    has_bias = len(conv.input) > 2 and bool(conv.input[2])
+    with np.errstate(all="ignore"):  # a negative variance or NaN parameter is refused below, not warned about
+        gamma, beta, mean, var = (to_array(consts[n]).astype(np.float64) for n in bn.input[1:5])
+        weight = to_array(weight_tensor).astype(np.float64)
+        bias = to_array(consts[conv.input[2]]).astype(np.float64) if has_bias else np.zeros(weight.shape[:1])
+        if any(p.shape != weight.shape[:1] for p in (gamma, beta, mean, var, bias)):
+            return False
+        eps = float(attribute(bn, "epsilon", 1e-5))
+        factor = gamma / np.sqrt(var + eps)
+        new_weight = (weight * factor.reshape((-1,) + (1,) * (weight.ndim - 1))).astype(np.float32)
+        new_bias = ((bias - mean) * factor + beta).astype(np.float32)
+    if not (np.isfinite(new_weight).all() and np.isfinite(new_bias).all()):
+        return False
+    weight_tensor.CopyFrom(numpy_helper.from_array(new_weight, weight_tensor.name))
+    if has_bias:
+        consts[conv.input[2]].CopyFrom(numpy_helper.from_array(new_bias, conv.input[2]))
+    else:
+        bias_name = names.fresh(f"{conv.name or conv.output[0]}_folded_bias")
+        graph.initializer.append(numpy_helper.from_array(new_bias, bias_name))
+        if len(conv.input) > 2:
+            conv.input[2] = bias_name
+        else:
+            conv.input.append(bias_name)
+    conv.output[0] = bn.output[0]
+    return True
+
+
+def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Model with inferred value_info where onnx can infer it; unchanged if inference fails.
+
+    Inference runs on a skeleton without big weights' values (it copies the model), so models of any size get shapes.
+    """
+    try:
+        on_skeleton(model, onnx.shape_inference.infer_shapes)
+        return model
+    except Exception as e:  # inference is a convenience, never a reason to stop
+        logger.info("shape inference skipped: %s", e)
+        return model
+
+
+def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Run the preparation passes in order and return the prepared model."""
+    model = inline_functions(model)
+    graph = model.graph
+    unlist_initializer_inputs(model)
+    name_nodes(graph)
+    lifted = lift_constants(graph)
+    hoisted = hoist_body_weights(graph)
+    bypass_constant_identities(graph)
+    opset = default_opset(model)
+    computed = fold_constant_paths(graph, opset) if opset is not None else 0
+    folded = fold_batch_norms(graph)
+    logger.info(
+        "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, %d BatchNormalization folded",
+        lifted, hoisted, computed, folded,
+    )
+    return infer_shapes(model)

@@ -1,0 +1,90 @@
+"""Symmetric uniform b-bit weights, optionally in the square-root domain (REQuant).
+
+A b-bit code q is an integer in [-Q, Q] with Q = 2**(b-1) - 1 (the most negative
+value is left unused, so the grid is symmetric). With scale s the weight is q*s; in
+sqrt mode q*s approximates sign(w)*sqrt(|w|) and the weight is (q*s)*|q*s|.
+Weights are handled as rows (R, n): one row per tensor or per output channel.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.config import check_bits
+from onnxq.numerics.search import Codebook, best_alpha
+
+
+def max_code(bits: int) -> int:
+    """Largest code magnitude Q of a symmetric b-bit grid."""
+    return 2 ** (check_bits(bits) - 1) - 1
+
+
+def storage_bits(bits: int) -> int:
+    """Bits per stored code: 2-4 bit weights live in int4, 5-8 bit ones in int8."""
+    return 4 if check_bits(bits) <= 4 else 8
+
+
+def quantized_bytes(weights: int, bits: int, scales: int) -> int:
+    """Stored bytes of a quantized weight tensor: its codes (int4 packed two to a byte) plus float32 scales (one at least)."""
+    return (weights * storage_bits(bits) + 7) // 8 + 4 * max(scales, 1)
+
+
+def codebook(bits: int, sqrt: bool) -> Codebook:
+    """The magnitudes a b-bit symmetric grid reaches at alpha = 1, as the range search sees them."""
+    q = max_code(bits)
+    k = np.arange(q + 1, dtype=np.float64) / q
+    bounds = (np.arange(q, dtype=np.float64) + 0.5) / q
+    if sqrt:
+        return Codebook(levels=k**2, bounds=bounds, level_power=2, sqrt_domain=True)
+    return Codebook(levels=k, bounds=bounds, level_power=1, sqrt_domain=False)
+
+
+@dataclass(frozen=True)
+class UniformWeights:
+    """Integer codes (R, n) int8 with one float32 scale per row; ``sqrt`` says how to decode."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    bits: int
+    sqrt: bool
+    alpha: np.ndarray
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights these codes stand for, as ONNX's DequantizeLinear (+ y*|y|) computes them."""
+        return dequantize(self.codes, self.scale, self.sqrt)
+
+
+def scales_for(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) -> np.ndarray:
+    """Per-row float32 scale for range alpha*max|w| (alpha*sqrt(max|w|) in sqrt mode); 1 for all-zero rows."""
+    peak = np.abs(rows).max(axis=1).astype(np.float64)
+    top = np.sqrt(peak) if sqrt else peak
+    scale = (alpha * top / max_code(bits)).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(1.0))
+
+
+def quantize_rows(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
+    """Quantize rows (R, n) with the given per-row alpha: round to nearest, clip to [-Q, Q]."""
+    rows = np.asarray(rows, dtype=np.float32)
+    scale = scales_for(rows, alpha, bits, sqrt)
+    x = np.sign(rows) * np.sqrt(np.abs(rows)) if sqrt else rows
+    q = max_code(bits)
+    codes = np.clip(np.rint(x / scale[:, None]), -q, q).astype(np.int8)
+    return UniformWeights(codes=codes, scale=scale, bits=bits, sqrt=sqrt, alpha=np.asarray(alpha, dtype=np.float64))
+
+
+def dequantize(codes: np.ndarray, scale: np.ndarray, sqrt: bool) -> np.ndarray:
+    """Codes (R, n) times per-row scales in float32; squared back with the sign kept in sqrt mode."""
+    y = codes.astype(np.float32) * scale.astype(np.float32)[:, None]
+    return y * np.abs(y) if sqrt else y
+
+
+def quantize_best(rows: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
+    """Search alpha per row for the least weight MSE (polished on the exact data for short rows), then quantize."""
+    return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt)
+
+
+def absmax_rows(rows: np.ndarray, bits: int, sqrt: bool = False) -> UniformWeights:
+    """Plain round-to-nearest over the full range (alpha = 1): the baseline REQuant improves on."""
+    return quantize_rows(rows, np.ones(len(rows)), bits, sqrt)

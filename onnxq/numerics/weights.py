@@ -1,0 +1,156 @@
+"""Quantize one weight tensor: rows per channel or per tensor, range search, plain or sqrt mode.
+
+Pure numpy; the ONNX side only hands in an array and an axis.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.config import RangeMethod, SqrtMode
+from onnxq.numerics import post, uniform
+
+
+def to_rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
+    """View a tensor as rows: one per index of ``axis``, or a single row when ``axis`` is None."""
+    if axis is None:
+        return weight.reshape(1, -1)
+    return np.moveaxis(weight, axis, 0).reshape(weight.shape[axis], -1)
+
+
+def from_rows(rows: np.ndarray, shape: tuple[int, ...], axis: int | None) -> np.ndarray:
+    """Inverse of :func:`to_rows`."""
+    if axis is None:
+        return rows.reshape(shape)
+    axis %= len(shape)
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    return np.moveaxis(rows.reshape(moved), 0, axis)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A weight tensor as integer codes plus scales, ready to be written as DequantizeLinear inputs.
+
+    ``codes`` has the original shape; ``scale`` has shape (C,) along ``axis``, or () when
+    ``axis`` is None (per tensor).
+    """
+
+    codes: np.ndarray
+    scale: np.ndarray
+    axis: int | None
+    bits: int
+    sqrt: bool
+    alpha: np.ndarray
+    mse: float
+    sqnr_db: float
+    post: bool = False
+
+    def dequantize(self) -> np.ndarray:
+        """The float32 weights the model will compute with."""
+        rows, scale = to_rows(self.codes, self.axis), np.atleast_1d(self.scale)
+        approx = post.dequantize(rows, scale, self.bits) if self.post else uniform.dequantize(rows, scale, self.sqrt)
+        return from_rows(approx, self.codes.shape, self.axis)
+
+
+def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (inf when exact)."""
+    noise = float(np.sum((reference.astype(np.float64) - approx) ** 2))
+    signal = float(np.sum(reference.astype(np.float64) ** 2))
+    return _sqnr_from_sums(noise, signal)
+
+
+#: Per-channel rows are searched in blocks of about this many weights and at most BLOCK_ROWS
+#: rows: the search's temporaries (many times the block's weights, and a grid of errors per
+#: row and level) then stay small however big the tensor.
+BLOCK_WEIGHTS = 1 << 20
+BLOCK_ROWS = 256
+
+
+def row_blocks(weight: np.ndarray, axis: int | None) -> Iterator[np.ndarray]:
+    """The rows of :func:`to_rows` in consecutive blocks of about BLOCK_WEIGHTS weights (one block per tensor when small or per tensor)."""
+    if axis is None or (weight.size <= BLOCK_WEIGHTS and weight.shape[axis] <= BLOCK_ROWS):
+        yield to_rows(weight, axis)
+        return
+    moved = np.moveaxis(weight, axis, 0)
+    count = moved.shape[0]
+    per_block = min(BLOCK_ROWS, max(1, BLOCK_WEIGHTS // max(1, weight.size // count)))
+    for start in range(0, count, per_block):
+        block = moved[start : start + per_block]
+        yield block.reshape(len(block), -1)
+
+
+def quantize_weight(
+    weight: np.ndarray,
+    bits: int,
+    axis: int | None,
+    sqrt: SqrtMode = SqrtMode.AUTO,
+    method: RangeMethod = RangeMethod.SEARCH,
+) -> QuantizedTensor:
+    """Quantize ``weight`` to ``bits`` per row along ``axis`` (None: per tensor).
+
+    With SqrtMode.AUTO both plain and sqrt codes are tried and the one with the lower
+    weight MSE is kept.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    modes = {SqrtMode.OFF: (False,), SqrtMode.ON: (True,), SqrtMode.AUTO: (False, True)}[sqrt]
+    best: QuantizedTensor | None = None
+    for use_sqrt in modes:
+        if method is RangeMethod.SEARCH:
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s), use_sqrt, False)
+        else:
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s), use_sqrt, False)
+        if best is None or candidate.mse < best.mse:
+            best = candidate
+    assert best is not None
+    return best
+
+
+def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None) -> QuantizedTensor:
+    """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched."""
+    weight = np.asarray(weight, dtype=np.float32)
+    return _quantize_blocks(weight, axis, lambda rows: post.quantize_best(rows, bits), sqrt=False, is_post=True)
+
+
+def _quantize_blocks(
+    weight: np.ndarray,
+    axis: int | None,
+    quantize_rows: Callable[[np.ndarray], uniform.UniformWeights | post.PostWeights],
+    sqrt: bool,
+    is_post: bool,
+) -> QuantizedTensor:
+    """Quantize the rows block by block and join the codes, measuring the error they leave against the weights."""
+    codes, scales, alphas = [], [], []
+    noise = signal = 0.0
+    bits = 0
+    for rows in row_blocks(weight, axis):
+        q = quantize_rows(rows)
+        reference = rows.astype(np.float64)
+        noise += float(np.sum((reference - q.dequantize()) ** 2))
+        signal += float(np.sum(reference**2))
+        del reference
+        codes.append(q.codes)
+        scales.append(q.scale)
+        alphas.append(q.alpha)
+        bits = q.bits
+    scale = np.concatenate(scales)
+    return QuantizedTensor(
+        codes=from_rows(np.concatenate(codes) if len(codes) > 1 else codes[0], weight.shape, axis),
+        scale=scale if axis is not None else scale.reshape(()),
+        axis=axis,
+        bits=bits,
+        sqrt=sqrt,
+        alpha=np.concatenate(alphas),
+        mse=noise / weight.size if weight.size else 0.0,
+        sqnr_db=_sqnr_from_sums(noise, signal),
+        post=is_post,
+    )
+
+
+def _sqnr_from_sums(noise: float, signal: float) -> float:
+    """:func:`sqnr_db` from the summed squared error and signal."""
+    if noise == 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")

@@ -1,0 +1,313 @@
+"""The quantization run as named stages, in order: load and prepare, plan, calibrate, quantize weights, correct biases,
+rewrite, finish.
+
+:func:`quantize_with_report` is the whole run; each stage below is a function whose inputs and outputs say what it
+needs and what it hands on (:class:`Plan`, :class:`~onnxq.calibrate.result.Calibration`, :class:`QuantizedWeights`).
+The model itself (:class:`~onnxq.model.load.LoadedModel`) goes through every stage and is changed in place by three:
+preparation, the plan's opset conversion, and the rewrite. Sensitivity and mixed precision (onnxq/analysis/) reuse the
+first stages and :func:`quantize_planned`.
+
+Where the order matters, the stage that needs it says so; in short: the plan reads the graph's declared shapes before
+the rewrite's activation pairs hide them; calibration and bias correction run the float model, so they come before the
+rewrite; onnxq's ops take their input's quantization from the activation pairs, so those are written first.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxq.calibrate.activations import calibrate
+from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
+from onnxq.calibrate.bias_measured import empirical_correction
+from onnxq.calibrate.data import CalibrationData
+from onnxq.calibrate.placement import activation_sites
+from onnxq.calibrate.result import ActivationQuant, Calibration
+from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, SqrtMode
+from onnxq.errors import OnnxqError
+from onnxq.model.external import materialize
+from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.load import LoadedModel, load
+from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_opset
+from onnxq.model.prepare import prepare
+from onnxq.model.skeleton import compact
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+from onnxq.numerics.uniform import quantized_bytes, storage_bits
+from onnxq.numerics.weights import QuantizedTensor, quantize_post_weight, quantize_weight
+from onnxq.plan.ops import OpChoice, OpTargets, op_choice
+from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
+from onnxq.rewrite.activations import insert_activation_qdq
+from onnxq.rewrite.biases import quantize_biases
+from onnxq.rewrite.fusions import take_input_quantization
+from onnxq.rewrite.ops import declare_domain, replace_convs
+from onnxq.rewrite.qdq import replace_weights
+from onnxq.rewrite.tables import replace_tables
+
+logger = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike[str] | onnx.ModelProto
+
+
+@dataclass(frozen=True)
+class LayerResult:
+    """What happened to one weight tensor."""
+
+    tensor: str
+    nodes: tuple[str, ...]
+    op_types: tuple[str, ...]
+    bits: int
+    storage_bits: int
+    sqrt: bool
+    op: str
+    per_channel: bool
+    alpha_median: float
+    sqnr_db: float
+    float_bytes: int
+    quantized_bytes: int
+    alpha: tuple[float, ...] = ()  # the range factor of each row (output channel, or the one of the tensor)
+    qdq_reason: str = ""  # why a layer stays QDQ although the format asked for onnxq's ops
+
+
+@dataclass
+class QuantizationResult:
+    """The quantized model and an account of every weighted layer."""
+
+    model: onnx.ModelProto
+    layers: list[LayerResult] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+    source: LoadedModel | None = None
+    activations: list[ActivationQuant] = field(default_factory=list)
+    calibration: CalibrationMethod | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What the plan stage hands on: a plan per weight tensor, the weighted nodes left float, and the op each weight runs as.
+
+    ``ranks`` holds the rank of each node's first input, read from the graph's declared shapes at plan time: the
+    rewrite needs them for MatMuls run as onnxq's ops, after activation pairs have hidden those shapes.
+    """
+
+    weights: list[WeightPlan]
+    skipped: list[Skipped]
+    ops: dict[str, OpChoice]
+    ranks: dict[str, int]
+
+    @property
+    def integer_op_nodes(self) -> set[str]:
+        """Nodes that become IntConv/PostConv (they quantize their input themselves)."""
+        return {use.node for plan in self.weights if self.ops[plan.tensor].integer for use in plan.uses}
+
+
+@dataclass
+class QuantizedWeights:
+    """Every planned weight's codes, grouped by how the rewrite writes them, and the account of each layer."""
+
+    qdq: dict[str, QuantizedTensor] = field(default_factory=dict)  # codes + DequantizeLinear
+    ops: dict[str, tuple[QuantizedTensor, str]] = field(default_factory=dict)  # IntConv/PostConv, with the op
+    tables: dict[str, QuantizedTensor] = field(default_factory=dict)  # embedding tables only looked up (Gather)
+    layers: list[LayerResult] = field(default_factory=list)
+
+    def codes(self, tensor: str) -> QuantizedTensor:
+        """The codes of one weight, whichever way it is written."""
+        return self.qdq.get(tensor) or self.tables.get(tensor) or self.ops[tensor][0]
+
+
+def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None) -> onnx.ModelProto:
+    """Quantize ``model`` (a path or a ModelProto, which is not modified) and return the new model.
+
+    Weights always; activations too when ``config.activations`` is set, which needs
+    ``calibration``: an iterable of {input name: batch} dicts, an onnxruntime
+    CalibrationDataReader, or the path of an .npy/.npz file or a folder of images.
+    """
+    return quantize_with_report(model, config, calibration).model
+
+
+def quantize_with_report(
+    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None
+) -> QuantizationResult:
+    """Like :func:`quantize`, but also say per layer what was done: the run, stage by stage."""
+    config = config or QuantizeConfig()
+    loaded = load_and_prepare(model)
+    plan = plan_quantization(loaded, config, calibration)
+    calibrated = calibrate_activations(loaded, plan, config, calibration)
+    weights = quantize_weights(loaded, plan, config, calibrated)
+    correct_biases(loaded, plan, weights, calibrated, config)
+    rewrite(loaded, plan, weights, calibrated)
+    return finish(loaded, plan, weights, calibrated, config)
+
+
+def load_and_prepare(model: ModelSource) -> LoadedModel:
+    """Load and check the model, bring it to opset 13 at least, and run the preparation passes (onnxq/model/prepare.py)."""
+    loaded = load(model)
+    ensure_opset(loaded, MIN_OPSET)
+    loaded.model = prepare(loaded.model)
+    return loaded
+
+
+def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationData | None) -> Plan:
+    """Plan every weight (bits, axis, op) and convert the model to the opset the planned formats need.
+
+    Converting here, before calibration, lets calibration run the model that will be rewritten. The op choice reads
+    the graph's declared shapes, which the rewrite's activation pairs later hide, so it is made now, once, for all
+    later stages.
+    """
+    plans, skipped = plan_weights(loaded.model.graph, config)
+    if not plans:
+        raise OnnxqError(loaded.label, nothing_to_quantize(skipped, loaded.model.graph))
+    if config.activations is not None and calibration is None:
+        raise OnnxqError(loaded.label, "quantizing activations needs calibration data")
+    if config.activations is not None and not any(p.is_float32 for p in plans):
+        raise OnnxqError(loaded.label, "activation quantization covers float32 layers and this model's are float16; "
+                         "leave out --calibration to quantize its weights only")
+    if config.activations is not None:
+        plans = adjust_weight_plans(plans, config.activations)
+    if any(not p.is_float32 for p in plans):
+        ensure_opset(loaded, FLOAT16_SCALE_OPSET)
+    if any(storage_bits(p.bits) == 4 for p in plans) or (config.activations is not None and config.activations.bits == 4):
+        ensure_opset(loaded, INT4_OPSET)
+    targets = OpTargets.of(loaded.model.graph)
+    return Plan(plans, skipped, {p.tensor: op_choice(p, targets, config) for p in plans}, targets.ranks)
+
+
+def calibrate_activations(
+    loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None
+) -> Calibration | None:
+    """Each activation site's quantization from one run of the (prepared, still float) model; None when weight-only."""
+    if config.activations is None:
+        return None
+    assert calibration is not None  # the plan stage refused activations without data
+    sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
+    return calibrate(loaded.model, sites, calibration, config.activations)
+
+
+def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
+    """Codes for every planned weight in the format its op needs (onnxq/numerics/), and an account of each layer."""
+    consts = constant_initializers(loaded.model.graph)
+    integer_inputs = calibrated is not None and bool(calibrated.quants)
+    out = QuantizedWeights()
+    for weight_plan in plan.weights:
+        weight = to_array(consts[weight_plan.tensor])
+        if not np.isfinite(weight).all():
+            names = " ".join(weight_plan.nodes)
+            raise OnnxqError(loaded.label, f"weight {weight_plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
+        choice = plan.ops[weight_plan.tensor]
+        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs)
+        if choice.op_type == LOOKUP_OP:
+            out.tables[weight_plan.tensor] = q
+        elif choice.op_type is None:
+            out.qdq[weight_plan.tensor] = q
+        else:
+            out.ops[weight_plan.tensor] = (q, choice.op_type)
+        out.layers.append(_layer_result(weight_plan, q, weight, choice))
+        logger.debug("%s: %d bits, sqrt=%s, op %s, SQNR %.1f dB", weight_plan.tensor, weight_plan.bits, q.sqrt, choice.op_type, q.sqnr_db)
+    return out
+
+
+def quantize_planned(weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool) -> QuantizedTensor:
+    """Codes for one weight in the format its op needs: POST (PostConv), plain uniform (IntConv), or uniform/sqrt (QDQ, lookups).
+
+    With quantized activations, 8-bit weights stay linear (no sqrt) so onnxruntime can fuse them into integer kernels.
+    """
+    if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
+        return quantize_post_weight(weight, plan.bits, plan.channel_axis or 0)
+    linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
+    sqrt = SqrtMode.OFF if linear else config.sqrt
+    axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
+    return quantize_weight(weight, plan.bits, axis, sqrt, config.range)
+
+
+def correct_biases(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> None:
+    """With calibration data, let Conv/Gemm biases absorb the mean output shift the weight codes cause (in place).
+
+    The analytic correction (the float input means), then, when measuring (``BiasCorrection``), the shift left in a
+    simulation of the quantized model. Runs before the rewrite: it reads the float weights and runs the float model.
+    Float16 layers keep float activations: nothing to correct there.
+    """
+    if calibrated is None or config.activations is None or config.activations.bias_correction is BiasCorrection.OFF:
+        return
+    measured = _measured_correction(config, plan.weights)
+    consts = constant_initializers(loaded.model.graph)
+    changes: dict[str, np.ndarray] = {}
+    dequantized: dict[str, np.ndarray] = {}  # for the measured correction's simulation
+    for weight_plan in plan.weights:
+        if weight_plan.is_float32:
+            values = weights.codes(weight_plan.tensor).dequantize()
+            changes[weight_plan.tensor] = values - to_array(consts[weight_plan.tensor])
+            if measured:
+                dequantized[weight_plan.tensor] = values
+    if not changes:
+        return
+    model = loaded.model
+    float_model = onnx.ModelProto()
+    if measured:
+        float_model.CopyFrom(model)  # the reference, before any bias moves
+    means = {name: m for name, c in calibrated.means.items() if (m := c.mean()) is not None}
+    corrected = correct_biases_analytic(model.graph, changes, means)
+    logger.debug("bias correction on %d layers", len(corrected))
+    if measured:
+        empirical_correction(model, float_model, dequantized, calibrated.quants, default_opset(model), corrected, calibrated.samples)
+
+
+def _measured_correction(config: QuantizeConfig, plans: list[WeightPlan]) -> bool:
+    """Whether bias correction goes on to measure shifts (BiasCorrection.AUTO: below 7 bits somewhere)."""
+    assert config.activations is not None
+    setting = config.activations.bias_correction
+    if setting is BiasCorrection.AUTO:
+        return config.activations.bits < REDUCED_BITS or any(p.bits < REDUCED_BITS for p in plans)
+    return setting is BiasCorrection.MEASURED
+
+
+def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None) -> None:
+    """Write the codes into the graph (onnxq/rewrite/), in place.
+
+    Biases become int32 codes first (they read the float weights' quantization), then the weights, tables and
+    activation pairs are written; onnxq's ops come last, since they take the quantization of the pairs in front of them.
+    """
+    model = loaded.model
+    activations = calibrated.quants if calibrated is not None else {}
+    quantize_biases(model.graph, activations, weights.qdq)
+    replace_weights(model.graph, weights.qdq)
+    replace_tables(model, weights.tables)
+    if activations:
+        insert_activation_qdq(model, activations, default_opset(model))
+    if weights.ops:
+        replace_convs(model.graph, weights.ops, plan.ranks)
+        declare_domain(model)
+        if activations:
+            take_input_quantization(model.graph)
+
+
+def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> QuantizationResult:
+    """Let the codes' memory go, read in what stayed in external files, and say what was done."""
+    weights.qdq.clear()  # the codes are in the model now
+    weights.ops.clear()
+    weights.tables.clear()
+    materialize(loaded.model)  # what stayed float (biases, unquantized layers) is read in from external files
+    loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
+    method = config.activations.method if config.activations is not None else None
+    activations = list(calibrated.quants.values()) if calibrated is not None else []
+    return QuantizationResult(loaded.model, weights.layers, plan.skipped, loaded, activations, method)
+
+
+def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choice: OpChoice) -> LayerResult:
+    return LayerResult(
+        tensor=plan.tensor,
+        nodes=plan.nodes,
+        op_types=tuple(u.op_type for u in plan.uses),
+        bits=plan.bits,
+        storage_bits=storage_bits(plan.bits),
+        sqrt=q.sqrt,
+        op=choice.op_type or "DequantizeLinear",
+        per_channel=q.axis is not None,
+        alpha_median=float(np.median(q.alpha)),
+        alpha=tuple(float(a) for a in np.ravel(q.alpha)),
+        sqnr_db=q.sqnr_db,
+        float_bytes=weight.nbytes,
+        quantized_bytes=quantized_bytes(weight.size, plan.bits, q.scale.size),
+        qdq_reason=choice.reason,
+    )

@@ -1,0 +1,124 @@
+"""Which op each planned weight's readers become: onnxq's IntConv/PostConv, onnxruntime's embedding lookup, or QDQ.
+
+The choice is made once, at plan time, from the graph as the planner saw it (its declared shapes give the rank of each
+MatMul's input, which activation QDQ pairs later hide); calibration, the weight codes and the rewrite all follow it.
+``OpChoice.reason`` says why a layer stays QDQ although ``--format int``/``post`` asked for the ops.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import onnx
+
+from onnxq.config import QuantizeConfig, WeightFormat
+from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+from onnxq.plan.weights import RECURRENT_WEIGHTS, TABLE_OPS, WeightPlan
+from onnxq.rewrite.gemm import GEMM_TYPES, unsupported, weight_is_rows
+
+
+def runs_as_lookup(plan: WeightPlan, rank: int) -> bool:
+    """Whether every reader of the weight is a main-graph Gather of rows from a 2-D table (what the lookup op runs)."""
+    return rank == 2 and all(u.op_type in TABLE_OPS and u.channel_axis == 0 and not u.body_of for u in plan.uses)
+
+
+def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:
+    """Whether a Conv node can run as IntConv/PostConv: 2-D, explicit padding."""
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    return is_op(node, "Conv") and weight_rank == 4 and auto_pad in ("NOTSET", "VALID")
+
+
+@dataclass(frozen=True)
+class OpTargets:
+    """What the op choice reads off a graph: its nodes by name, the rank of each node's first input where known, its constants."""
+
+    nodes: dict[str, onnx.NodeProto]
+    ranks: dict[str, int]
+    consts: dict[str, onnx.TensorProto]
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> OpTargets:
+        """The targets of ``graph`` as it is now (ranks from its declared shapes)."""
+        return cls({node.name: node for node in graph.node}, input_ranks(graph), constant_initializers(graph))
+
+
+def input_ranks(graph: onnx.GraphProto) -> dict[str, int]:
+    """The rank of each node's first input, by node name, where the graph declares its shape."""
+    shapes = declared_shapes(graph)
+    return {node.name: len(shapes[node.input[0]]) for node in graph.node if node.input and node.input[0] in shapes}
+
+
+@dataclass(frozen=True)
+class OpChoice:
+    """The op a weight's readers become: onnxq's IntConv/PostConv, onnxruntime's lookup, or None (they stay QDQ), and why
+    they stay QDQ when the format asked for onnxq's ops.
+    """
+
+    op_type: str | None
+    reason: str = ""
+
+    @property
+    def integer(self) -> bool:
+        """Whether the readers become onnxq's integer ops (which quantize their input themselves)."""
+        return self.op_type in (INT_CONV, POST_CONV)
+
+
+def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> OpChoice:
+    """The op the readers of the plan's weight become.
+
+    A table only looked up (main-graph Gathers of rows from a 2-D table) becomes onnxruntime's lookup, whatever the
+    format. Otherwise IntConv/PostConv when the format asks for it and every reader can run as the op; else QDQ and the
+    reason.
+
+    A first or last layer at other bits than the rest (--first-last-bits) stays QDQ without a reason (that is the
+    rule), except a Gemm/MatMul the ops can run, which runs as IntConv at those bits: onnxruntime dequantizes a
+    weight-only QDQ weight on every run, which made a 512->1000 classifier 25-100x slower than float, where
+    IntConv 8-bit runs it 1.7-2.6x faster than float (tools/bench_ops.py).
+    """
+    rank = len(targets.consts[plan.tensor].dims)
+    if runs_as_lookup(plan, rank):
+        return OpChoice(LOOKUP_OP)
+    if config.format is WeightFormat.QDQ:
+        return OpChoice(None)
+    if plan.in_body:
+        return OpChoice(None, "read inside a control-flow body (If, Loop, Scan); the ops replace main-graph nodes")
+    if not plan.is_float32:
+        return OpChoice(None, "a float16 layer; the ops take float32 inputs")
+    if plan.first_or_last and plan.bits != config.bits:
+        return OpChoice(INT_CONV if _gemm_runs_as_op(plan, targets) else None)
+    if config.format is WeightFormat.POST and plan.bits > 4:
+        return OpChoice(None, f"POST takes 2-4 bits, this layer has {plan.bits}")
+    readers = [targets.nodes[use.node] for use in plan.uses]
+    if any(node.op_type in TABLE_OPS for node in readers):
+        return OpChoice(None, "looked up by Gather (an embedding table); the ops run Conv, Gemm and MatMul")
+    if (recurrent := next((node for node in readers if node.op_type in RECURRENT_WEIGHTS), None)) is not None:
+        return OpChoice(None, f"a recurrent layer ({recurrent.op_type}); the ops run Conv, Gemm and MatMul")
+    kinds = {node.op_type in GEMM_TYPES for node in readers}
+    if len(kinds) > 1:
+        return OpChoice(None, "weight shared by a Conv and a Gemm/MatMul")
+    if kinds == {True}:
+        if (reason := _gemm_reason(plan, readers, targets)) is not None:
+            return OpChoice(None, reason)
+    elif (other := next((node for node in readers if not convertible(node, rank)), None)) is not None:
+        return OpChoice(None, f"{other.op_type} {other.name}: the ops run 2-D Conv with explicit padding, Gemm and MatMul")
+    return OpChoice(POST_CONV if config.format is WeightFormat.POST else INT_CONV)
+
+
+def _gemm_reason(plan: WeightPlan, readers: list[onnx.NodeProto], targets: OpTargets) -> str | None:
+    """Why the Gemm/MatMul ``readers`` of the plan's weight cannot run as the op (None: they can)."""
+    if any(use.input_index != 1 for use in plan.uses):
+        return "MatMul W @ x (the weight first): the ops run x @ W"
+    if len({weight_is_rows(node) for node in readers}) > 1:
+        return "weight read as (K, M) by one node and (M, K) by another"
+    shape = tuple(targets.consts[plan.tensor].dims)
+    return next((r for node in readers if (r := unsupported(node, shape, targets.ranks.get(node.name), targets.consts)) is not None), None)
+
+
+def _gemm_runs_as_op(plan: WeightPlan, targets: OpTargets) -> bool:
+    """Whether every reader of the plan's weight is a Gemm/MatMul the ops can run."""
+    readers = [targets.nodes[use.node] for use in plan.uses]
+    return bool(readers) and all(node.op_type in GEMM_TYPES for node in readers) and _gemm_reason(plan, readers, targets) is None
+
+

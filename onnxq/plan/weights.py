@@ -1,0 +1,414 @@
+"""Which weights get quantized, along which axis, at how many bits.
+
+A registry maps op types to small handlers. A handler looks at one node and says which
+input is its weight and which axis of that weight is the output channel; ``plan_weights``
+turns those answers into one typed plan per weight tensor (a tensor shared by several
+nodes is planned, and quantized, once).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import onnx
+
+from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange
+from onnxq.model.graph import attribute, constant_initializers, defined_names, is_op, subgraphs
+from onnxq.model.opset import is_default_domain
+from onnxq.native.cpu import has_vnni
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+
+#: Weight dtypes we quantize. Float16 weights get float16 scales, so their DequantizeLinear gives float16 as before.
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """What a handler says about one node: its weight input and that weight's output-channel axis."""
+
+    input_index: int
+    channel_axis: int
+
+
+Handler = Callable[[onnx.NodeProto, int], WeightSlot | None]
+
+
+def _conv(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, 0) if rank >= 3 else None
+
+
+def _conv_transpose(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    # Weight is (C_in, C_out / group, k...): axis 1 holds output channels only when group == 1.
+    if rank < 3:
+        return None
+    return WeightSlot(1, 1 if attribute(node, "group", 1) == 1 else 0)
+
+
+def _gemm(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, 0 if attribute(node, "transB", 0) else 1) if rank == 2 else None
+
+
+def _matmul(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, rank - 1) if rank >= 2 else None
+
+
+def _gather(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """An embedding lookup: the table is input 0, and each slice along the gathered axis (a token's row) gets its own scale."""
+    axis = int(attribute(node, "axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    return WeightSlot(0, axis) if rank >= 2 and 0 <= axis < rank else None
+
+
+def _recurrent(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """LSTM, GRU, RNN: W and R are (directions, gates x hidden, inputs); each gate's row of a direction is a channel."""
+    return WeightSlot(1, 1) if rank == 3 else None
+
+
+def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """W @ x: the weight's rows (axis rank - 2) are the output channels."""
+    return WeightSlot(0, rank - 2) if rank >= 2 else None
+
+
+def einsum_channel_axis(equation: str, weight_index: int, rank: int) -> int | None:
+    """The weight axis an Einsum keeps in its output (the last such, as for MatMul), or None where there is none to use.
+
+    A scale along an axis the sum does not run over factors out of it, so that axis can carry per-channel scales.
+    Equations with an ellipsis, repeated letters in the weight, or more than two inputs are left alone.
+    """
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "." in equation or len(terms) != 2:
+        return None
+    weight = terms[weight_index]
+    if len(weight) != rank or len(set(weight)) != rank:
+        return None
+    if "->" not in equation:  # implicit output: the letters that appear once, in alphabetical order
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    kept = [axis for axis, letter in enumerate(weight) if letter in output]
+    return kept[-1] if kept else None
+
+
+def _einsum(node: onnx.NodeProto, rank: int, index: int = 1) -> WeightSlot | None:
+    equation = attribute(node, "equation", b"")
+    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    axis = einsum_channel_axis(equation, index, rank)
+    return WeightSlot(index, axis) if axis is not None else None
+
+
+def _einsum_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return _einsum(node, rank, 0)
+
+
+def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str], hidden: frozenset[str] = frozenset()) -> int:
+    """Which input of a weighted node holds its weight: 1, or 0 for a table op and for a MatMul/Einsum W @ x (constant first).
+
+    ``hidden``: names a control-flow body around the node defines, which hide the main graph's tensors of that name.
+    """
+    if node.op_type in TABLE_OPS:
+        return 0
+    first, second = node.input[0], node.input[1]
+    second_is_activation = second in hidden or (second not in consts and second not in initializers)
+    if node.op_type in WEIGHT_FIRST and first in consts and first not in hidden and second_is_activation:
+        return 0
+    return 1
+
+
+#: Op type -> handler. Extend this to quantize more kinds of node.
+HANDLERS: dict[str, Handler] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Gather": _gather,
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
+    "Einsum": _einsum,
+}
+
+#: Handlers for ops whose weight may come first (W @ x), used when input 0 is the constant.
+WEIGHT_FIRST: dict[str, Handler] = {"MatMul": _matmul_weight_first, "Einsum": _einsum_weight_first}
+
+#: The reason given for a weight that a DequantizeLinear computes from integer codes.
+ALREADY_QUANTIZED = "weight is already quantized (it comes out of a DequantizeLinear)"
+
+#: Ops with more than one weight: the inputs holding them (the input weights W and the recurrence weights R).
+RECURRENT_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
+
+#: Ops whose weight, when they have one, is a table they look values up in (input 0). They are weighted layers only
+#: when that table is a float constant of rank 2 or more; reading anything else they are ordinary ops, not reported.
+TABLE_OPS = frozenset({"Gather"})
+
+
+@dataclass(frozen=True)
+class WeightUse:
+    """One node reading a weight tensor as its weight."""
+
+    node: str
+    op_type: str
+    channel_axis: int
+    input_index: int = 1  # which input of the node the weight is (0: a MatMul W @ x, a Gather's table)
+    body_of: str = ""  # the main-graph node (If, Loop, Scan) whose body holds this reader; "" for the main graph
+
+    @property
+    def data_input(self) -> int | None:
+        """The input holding the activation multiplied with the weight, or None (a Gather's indices, a recurrent layer's sequence)."""
+        if self.op_type in TABLE_OPS or self.op_type in RECURRENT_WEIGHTS or self.op_type == "Einsum":
+            return None  # Einsum: onnxruntime has no integer kernel to fuse a pair in front of it into
+        return 1 - self.input_index
+
+    @property
+    def top_node(self) -> str:
+        """The main-graph node this use belongs to: the reader itself, or the control-flow node around it."""
+        return self.body_of or self.node
+
+
+@dataclass(frozen=True)
+class WeightPlan:
+    """How one weight tensor will be quantized.
+
+    ``channel_axis`` is None when the users of a shared tensor disagree on it, in which
+    case the tensor is quantized per tensor whatever the granularity asked for.
+    """
+
+    tensor: str
+    uses: tuple[WeightUse, ...]
+    channel_axis: int | None
+    bits: int
+    first_or_last: bool
+    dtype: int = onnx.TensorProto.FLOAT  # the float weight's element type (TensorProto enum)
+
+    @property
+    def is_float32(self) -> bool:
+        """Whether the weight (and so the layer) is float32: only those get quantized activations or onnxq's ops."""
+        return self.dtype == onnx.TensorProto.FLOAT
+
+    @property
+    def nodes(self) -> tuple[str, ...]:
+        """Names of the nodes that read this weight."""
+        return tuple(u.node for u in self.uses)
+
+    @property
+    def in_body(self) -> bool:
+        """Whether a reader sits inside a control-flow body (such weights stay weight-only QDQ)."""
+        return any(u.body_of for u in self.uses)
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A weighted node left in float, and why."""
+
+    node: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class _Names:
+    """What the planner looks names up in: the main graph's constants, initializers, inputs and outputs."""
+
+    consts: dict[str, onnx.TensorProto]
+    initializers: set[str]
+    inputs: set[str]
+    outputs: set[str]
+    dequantized: set[str]  # tensors computed from integer codes only (DequantizeLinear, then e.g. sqrt mode's Abs/Mul)
+
+    @classmethod
+    def of(cls, graph: onnx.GraphProto) -> _Names:
+        consts = constant_initializers(graph)
+        return cls(consts, {t.name for t in graph.initializer}, {i.name for i in graph.input}, {o.name for o in graph.output},
+                   _dequantized(graph, consts))
+
+
+def _dequantized(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) -> set[str]:
+    """Tensors a DequantizeLinear computes from constants, and those computed from them and constants alone (in one pass)."""
+    found: set[str] = set()
+    for node in graph.node:
+        inputs = [name for name in node.input if name]
+        if is_op(node, "DequantizeLinear") and all(name in consts for name in inputs):
+            found.update(node.output)
+        elif inputs and all(name in consts or name in found for name in inputs) and any(name in found for name in inputs):
+            found.update(node.output)
+    return found
+
+
+def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]], list[Skipped]]:
+    """Map each quantizable weight tensor to the nodes that use it as a weight."""
+    names = _Names.of(graph)
+    uses: dict[str, list[WeightUse]] = {}
+    skipped: list[Skipped] = []
+    for node, body_of, hidden in _all_nodes(graph):
+        handler = HANDLERS.get(node.op_type) if is_default_domain(node.domain) else None
+        if handler is None or len(node.input) < 2:
+            continue
+        indices = RECURRENT_WEIGHTS.get(node.op_type) or (weight_input(node, names.consts, names.initializers, hidden),)
+        for index in indices:
+            found = _weight_use(node, index, handler, body_of, hidden, names) if index < len(node.input) and node.input[index] else None
+            if isinstance(found, Skipped):
+                skipped.append(found)
+            elif found is not None:
+                uses.setdefault(node.input[index], []).append(found)
+    return uses, skipped
+
+
+def _weight_use(
+    node: onnx.NodeProto, index: int, handler: Handler, body_of: str, hidden: frozenset[str], names: _Names
+) -> WeightUse | Skipped | None:
+    """How ``node`` reads its input ``index`` as a weight: a use, the reason it stays float, or None (not a weight)."""
+    name = node.input[index]
+    tensor = names.consts.get(name) if name not in hidden else None
+    if node.op_type in TABLE_OPS and (tensor is None or tensor.data_type not in FLOAT_TYPES or len(tensor.dims) < 2):
+        return None
+    if tensor is None:
+        if name in hidden:
+            reason = _body_reason(node)
+        elif name in names.initializers:
+            reason = "weight is an initializer also listed as a graph input, which callers may override"
+        elif name in names.inputs:
+            reason = "weight is a graph input, not a constant"
+        elif name in names.dequantized:
+            reason = ALREADY_QUANTIZED
+        elif node.op_type in WEIGHT_FIRST:
+            reason = "multiplies two activations (no weight; e.g. attention scores)"
+        else:
+            reason = "weight is computed, not a constant"
+        return Skipped(node.name, reason)
+    if tensor.data_type not in FLOAT_TYPES:
+        return Skipped(node.name, f"weight dtype {onnx.TensorProto.DataType.Name(tensor.data_type)} is not float32 or float16")
+    if name in names.outputs:
+        return Skipped(node.name, "weight is also a graph output")
+    slot = (WEIGHT_FIRST[node.op_type] if index == 0 and node.op_type in WEIGHT_FIRST else handler)(node, len(tensor.dims))
+    if slot is None and node.op_type == "Einsum":
+        return Skipped(node.name, "Einsum equation without a weight axis kept in the output (or with an ellipsis or a repeated letter)")
+    if slot is None:
+        return Skipped(node.name, f"weight of rank {len(tensor.dims)} is not supported for {node.op_type}")
+    return WeightUse(node.name, node.op_type, slot.channel_axis, index, body_of)
+
+
+def _all_nodes(graph: onnx.GraphProto) -> Iterator[tuple[onnx.NodeProto, str, frozenset[str]]]:
+    """Each node of the graph and of its control-flow bodies, with the main-graph node around it and the names its bodies define.
+
+    The node around a main-graph node is ""; names the bodies define hide main-graph tensors of the same name.
+    """
+    for node in graph.node:
+        yield node, "", frozenset()
+        for body in subgraphs(node):
+            yield from _body_nodes(body, node.name, frozenset())
+
+
+def _body_nodes(body: onnx.GraphProto, top: str, outer: frozenset[str]) -> Iterator[tuple[onnx.NodeProto, str, frozenset[str]]]:
+    hidden = outer | defined_names(body)
+    for node in body.node:
+        yield node, top, hidden
+        for inner in subgraphs(node):
+            yield from _body_nodes(inner, top, hidden)
+
+
+def _body_reason(node: onnx.NodeProto) -> str:
+    """Why a node whose weight is a value of its own control-flow body stays float."""
+    if node.op_type in WEIGHT_FIRST:
+        return "multiplies two activations (no weight; e.g. attention scores)"
+    return "weight is computed inside a control-flow body, not a constant"
+
+
+def boundary_nodes(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
+    """Weighted nodes with no weighted node before them, or none after them, on any path.
+
+    These are the "first" and "last" layers that REQuant keeps at higher precision.
+    Node order in an ONNX graph is topological, so one pass each way suffices.
+    """
+    nodes = list(graph.node)
+    after_weighted: set[str] = set()  # tensors downstream of a weighted node
+    first: set[str] = set()
+    for node in nodes:
+        upstream = any(name in after_weighted for name in node.input)
+        if node.name in weighted and not upstream:
+            first.add(node.name)
+        if upstream or node.name in weighted:
+            after_weighted.update(node.output)
+    before_weighted: set[str] = set()  # tensors upstream of a weighted node
+    last: set[str] = set()
+    for node in reversed(nodes):
+        downstream = any(name in before_weighted for name in node.output)
+        if node.name in weighted and not downstream:
+            last.add(node.name)
+        if downstream or node.name in weighted:
+            before_weighted.update(node.input)
+    return first | last
+
+
+def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[WeightPlan], list[Skipped]]:
+    """One plan per weight tensor to quantize, and the weighted nodes left in float with the reason."""
+    uses, skipped = find_weight_uses(graph)
+    consts = constant_initializers(graph)
+    weighted = {u.top_node for us in uses.values() for u in us}  # a body's reader counts as the If/Loop/Scan around it
+    boundary = boundary_nodes(graph, weighted)
+    plans: list[WeightPlan] = []
+    for tensor, tensor_uses in uses.items():
+        names = [u.node for u in tensor_uses]
+        excluded = [n for n in names if n in config.exclude]
+        if excluded:
+            skipped.extend(Skipped(n, "excluded by the user") for n in names)
+            continue
+        on_boundary = any(u.top_node in boundary for u in tensor_uses)
+        bits = _bits_for(tensor, names, on_boundary, config)
+        axes = {u.channel_axis for u in tensor_uses}
+        dtype = consts[tensor].data_type
+        plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary, dtype))
+    return plans, skipped
+
+
+def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> int:
+    """Bits for a tensor read by ``nodes``: an explicit per-tensor choice wins, then a per-node one, then the first/last rule."""
+    if tensor in config.tensor_bits:
+        return config.tensor_bits[tensor]
+    explicit = [config.node_bits[n] for n in nodes if n in config.node_bits]
+    if explicit:
+        return max(explicit)
+    if on_boundary and config.first_last_bits is not None:
+        return config.first_last_bits
+    return config.bits
+
+
+#: Largest weight width that never saturates onnxruntime's 16-bit pair sums beside uint8 activations.
+REDUCED_BITS = 7
+
+
+def reduce_range(setting: ReduceRange) -> bool:
+    """Whether 8-bit weights are cut to 7 bits: ON, OFF, or (AUTO) on CPUs without VNNI."""
+    return setting is ReduceRange.ON or (setting is ReduceRange.AUTO and not has_vnni())
+
+
+def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) -> list[WeightPlan]:
+    """Weight plans for a model whose activations are quantized: 8-bit weights become 7-bit when reducing range.
+
+    Tables only looked up (Gather) keep their bits: no integer product reads them.
+    """
+    if activations.bits != 8 or not reduce_range(activations.reduce_range):
+        return plans
+    return [dataclasses.replace(p, bits=min(p.bits, REDUCED_BITS)) if p.bits == 8 and not _only_looked_up(p) else p for p in plans]
+
+
+def _only_looked_up(plan: WeightPlan) -> bool:
+    return all(use.op_type in TABLE_OPS for use in plan.uses)
+
+
+#: Ops that only a quantized model holds: a model made of them has nothing left to quantize.
+QUANTIZED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm", LOOKUP_OP,
+                           INT_CONV, POST_CONV})
+
+
+def nothing_to_quantize(skipped: list[Skipped], graph: onnx.GraphProto) -> str:
+    """The error for a model without a weight to quantize, with the first weighted node's reason."""
+    quantized_ops = sum(n.op_type in QUANTIZED_OPS for n in graph.node)
+    if quantized_ops or any(s.reason == ALREADY_QUANTIZED for s in skipped):  # sqrt mode's weights come out of a Mul
+        return "the model is already quantized (no float weight is left to quantize); give onnxq the float model"
+    message = ("no quantizable weights (Conv, ConvTranspose, Gemm, MatMul, Einsum, LSTM/GRU/RNN with constant float32/float16 "
+               "weights, or Gather from a float table)")
+    if skipped:
+        more = f" and {len(skipped) - 1} more" if len(skipped) > 1 else ""
+        message += f"; left float: {skipped[0].node} ({skipped[0].reason}){more}"
+    return message

@@ -1,0 +1,126 @@
+"""Human-readable summaries: of a quantization run, and of a model's weights (``onnxq inspect``)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+
+from onnxq.analysis.inventory import Inventory
+from onnxq.model.save import referenced_files
+from onnxq.native.domain import LOOKUP_OP, ORT_DOMAIN
+from onnxq.pipeline import QuantizationResult
+
+
+def human_bytes(n: int) -> str:
+    """Bytes as B, KiB, MiB or GiB with three significant figures."""
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.3g} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+def file_size(path: Path) -> int:
+    """Size of a model file plus the external-data files it refers to (a stale ``.data`` beside it does not count)."""
+    return path.stat().st_size + sum(data.stat().st_size for data in referenced_files(path) if data.is_file())
+
+
+def layer_table(result: QuantizationResult) -> str:
+    """One line per quantized weight: node, bits, mode, alpha, SQNR."""
+    rows = [f"  {'node':<36} {'op':<8} {'bits':>4} {'mode':<5} {'alpha':>6} {'SQNR dB':>8}"]
+    readers = Counter(layer.nodes for layer in result.layers)
+    for layer in result.layers:
+        tag = f" [{layer.tensor}]" if readers[layer.nodes] > 1 else ""  # a node with several weights (an LSTM's W and R): which
+        node = ",".join(layer.nodes)
+        room = max(36 - len(tag), 12)
+        node = (node if len(node) <= room else node[: room - 3] + "...") + tag
+        mode = "post" if layer.op == "PostConv" else "sqrt" if layer.sqrt else "plain"
+        rows.append(f"  {node:<36} {layer.op_types[0]:<8} {layer.bits:>4} {mode:<5} {layer.alpha_median:>6.3f} {layer.sqnr_db:>8.1f}")
+    return "\n".join(rows)
+
+
+def summary(result: QuantizationResult, source: Path | None, output: Path, verbose: bool = False) -> str:
+    """The few lines the CLI prints after a run."""
+    bits = Counter(layer.bits for layer in result.layers)
+    by_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(bits.items()))
+    sqrt = sum(layer.sqrt for layer in result.layers)
+    lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode)"]
+    if result.activations:
+        act_bits = Counter(a.params.bits for a in result.activations)
+        adaptive = sum(a.adapter is not None and a.adapter.adaptive for a in result.activations)
+        method = result.calibration.value if result.calibration else "?"
+        per_input = f", {adaptive} with per-input ASQ steps" if adaptive else ""
+        by = ", ".join(f"{n} at {b} bits" for b, n in sorted(act_bits.items()))
+        lines.append(f"quantized {len(result.activations)} activation tensors: {by} ({method} calibration{per_input})")
+    elif result.calibration is not None:
+        lines.append("quantized 0 activation tensors: no quantized layer here reads a float32 activation as a product onnxruntime fuses "
+                     "(lookups, recurrent and Einsum layers, float16 layers and control-flow bodies keep float inputs)")
+    ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP))
+    lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
+    if lookups:
+        lines.append(f"embedding tables: {lookups} looked up by onnxruntime's {LOOKUP_OP} ({ORT_DOMAIN}), which dequantizes only the rows it reads")
+    if ops:
+        counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
+        lines.append(f"onnxq ops: {counts}; the model runs only with onnxq's op library (onnxq.get_library_path())")
+    kept = [layer for layer in result.layers if layer.qdq_reason]
+    if kept:
+        shown = "; ".join(f"{','.join(layer.nodes)}: {layer.qdq_reason}" for layer in kept[:3])
+        more = " ..." if len(kept) > 3 else ""
+        lines.append(f"kept as QDQ (not run by onnxq's ops): {len(kept)} layers ({shown}{more})")
+    if verbose:
+        lines.append(layer_table(result))
+    if result.skipped:
+        shown = "; ".join(f"{s.node}: {s.reason}" for s in result.skipped[:3])
+        more = " ..." if len(result.skipped) > 3 else ""
+        lines.append(f"left in float: {len(result.skipped)} nodes ({shown}{more})")
+    after = file_size(output)
+    if source is not None:
+        before = file_size(source)
+        lines.append(f"size: {human_bytes(before)} -> {human_bytes(after)} ({after / before:.3f}x)")
+    else:
+        lines.append(f"size: {human_bytes(after)}")
+    lines.append(f"wrote {output}")
+    return "\n".join(lines)
+
+
+def _columns(rows: list[list[str]], right: set[int]) -> list[str]:
+    """Rows of cells padded into aligned columns (those in ``right`` right-aligned)."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    cells = ((c.rjust(w) if i in right else c.ljust(w) for i, (c, w) in enumerate(zip(row, widths, strict=True))) for row in rows)
+    return ["  " + "  ".join(line).rstrip() for line in cells]
+
+
+def inventory_table(inventory: Inventory) -> str:
+    """What ``onnxq inspect`` prints: the model, a line per weighted node, and totals by format."""
+    opsets = ", ".join(f"{d} {v}" for d, v in inventory.opsets.items())
+    lines = [f"{inventory.path or '<model>'}: {human_bytes(inventory.file_bytes)}, opsets {opsets}"]
+    for location, size in inventory.external_files.items():
+        lines.append(f"external data {location}: {human_bytes(size) if size is not None else 'MISSING'}")
+    if inventory.needs_onnxq_library:
+        lines.append("needs onnxq's op library to run (onnxq.session() or onnxq.get_library_path())")
+    others = [d for d in inventory.custom_domains if d != "ai.onnxq"]
+    if others:
+        lines.append(f"custom op domains: {', '.join(others)} (need their own libraries)")
+    if not inventory.nodes:
+        lines.append("no weighted nodes")
+        return "\n".join(lines)
+    rows = [["node", "op", "format", "bits", "granularity", "sqrt", "activations", "shape", "weight", "scales"]]
+    for n in inventory.nodes:
+        granularity = n.granularity or "-"
+        if n.granularity == "block":
+            granularity = f"block {n.block_size}"
+        elif n.granularity == "channel" and n.axis is not None:
+            granularity = f"channel (axis {n.axis})"
+        rows.append([n.node, n.op_type, n.format, str(n.bits), granularity, "yes" if n.sqrt else "-", n.activations,
+                     "x".join(map(str, n.shape)) or "scalar", human_bytes(n.weight_bytes), human_bytes(n.scale_bytes) if n.scales else "-"])
+    lines += _columns(rows, right={3, 8, 9})
+    by_format = ", ".join(f"{fmt} {human_bytes(size)}" for fmt, size in inventory.weight_bytes_by_format.items())
+    tensors = len({n.weight for n in inventory.nodes})
+    scales = human_bytes(inventory.scale_bytes)
+    other = max(inventory.initializer_bytes - sum(inventory.weight_bytes_by_format.values()) - inventory.scale_bytes, 0)
+    nodes = len({n.node for n in inventory.nodes})  # a recurrent layer has a row per weight
+    counts = f"{tensors} tensor{'s' * (tensors != 1)}, {nodes} node{'s' * (nodes != 1)}"
+    lines.append(f"weights: {by_format} ({counts}); scales and zero points {scales}; "
+                 f"other tensors {human_bytes(other)}")
+    return "\n".join(lines)
