@@ -5,7 +5,8 @@ from __future__ import annotations
 from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 from onnxq.model.save import save_model
-from onnxq.native.session import get_library_path, session
+from onnxq.native.library import get_library_path
+from onnxq.native.session import session
 from onnxq.pipeline import QuantizationResult, quantize, quantize_with_report
 
 __version__ = "0.1.0"

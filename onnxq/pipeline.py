@@ -1,5 +1,4 @@
-"""The quantization run as named stages, in order: load and prepare, plan, calibrate, quantize weights, correct biases,
-rewrite, finish.
+"""The quantization run as named stages: load and prepare, plan, calibrate, quantize weights, correct biases, rewrite, finish.
 
 :func:`quantize_with_report` is the whole run; each stage below is a function whose inputs and outputs say what it
 needs and what it hands on (:class:`Plan`, :class:`~onnxq.calibrate.result.Calibration`, :class:`QuantizedWeights`).

@@ -1,6 +1,6 @@
 """onnxq's C++ op library (libonnxq_ops.so): it loads, QuantizeDynamicU8 equals onnxruntime and numpy, its kernels agree.
 
-The library exists only once onnxq is built (``pip install .``); see onnxq.native.session.get_library_path.
+The library exists only once onnxq is built (``pip install .``); see onnxq.native.library.get_library_path.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from onnx import TensorProto, helper
 
 from onnxq.errors import OnnxqError
 from onnxq.native.domain import DOMAIN
-from onnxq.native.session import get_library_path, session
+from onnxq.native.library import get_library_path
+from onnxq.native.session import session
 
 
 def _unsupported(kernel: str) -> bool:

@@ -4,7 +4,7 @@ CMake builds libonnxq_ops.so with ``-DONNXQ_SANITIZE=ON`` (CMakeLists.txt) into 
 and kept, so later runs rebuild only what changed; it reuses the onnxruntime headers that ``pip install .`` fetched into
 build/<wheel tag>/ (or ``ONNXQ_ORT_INCLUDE_DIR``), else fetches them itself. The op tests (OP_TESTS) then run in a child
 Python with the sanitizer runtimes preloaded (AddressSanitizer must come before every other library), ONNXQ_OPS_LIBRARY
-pointing at the sanitized build (onnxq.native.session.get_library_path) and sessions without onnxruntime's memory arena
+pointing at the sanitized build (onnxq.native.library.get_library_path) and sessions without onnxruntime's memory arena
 (tests/sanitized_sessions.py). The child stops at the first report: a read or write out of bounds, a use after free, or
 undefined behaviour such as a signed overflow or an out-of-range shift.
 """
@@ -126,6 +126,6 @@ def test_op_tests_under_sanitizers(sanitized):
 
 def test_library_path_comes_from_the_environment(sanitized):
     """The child loads the sanitized build, not the installed library."""
-    code, output = _run(sanitized, ["-c", "from onnxq.native.session import get_library_path; print(get_library_path())"])
+    code, output = _run(sanitized, ["-c", "from onnxq.native.library import get_library_path; print(get_library_path())"])
     assert code == 0 and output.strip() == sanitized["ONNXQ_OPS_LIBRARY"], output
     assert Path(output.strip()).parent == BUILD

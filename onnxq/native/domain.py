@@ -1,5 +1,7 @@
-"""The op domains onnxq writes nodes into, and those ops' names: its own (defined once: CMakeLists.txt reads DOMAIN from
-here for the C++ library) and onnxruntime's contrib domain, whose embedding lookup it uses.
+"""The op domains onnxq writes nodes into, and the names of those ops.
+
+onnxq's own domain is defined here once (CMakeLists.txt reads DOMAIN from this file for the C++ library); onnxruntime's
+contrib domain holds the embedding lookup onnxq writes.
 """
 
 from __future__ import annotations

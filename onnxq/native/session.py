@@ -1,38 +1,15 @@
-"""Running models in onnxruntime: sessions with onnxq's settings and its custom-op library."""
+"""Running models in onnxruntime: sessions with onnxq's settings, with its op library where a model needs it."""
 
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import onnx
 import onnxruntime as ort
 
 from onnxq.errors import OnnxqError
-from onnxq.native.built import find_built
 from onnxq.native.domain import DOMAIN
-
-LIBRARY_NAME = "libonnxq_ops.so"
-#: Environment variable naming another build of the op library to load instead of the installed one
-#: (tests/test_sanitizers.py points it at a build under AddressSanitizer/UBSan).
-LIBRARY_ENV = "ONNXQ_OPS_LIBRARY"
-
-
-def get_library_path() -> str:
-    """Path of onnxq's onnxruntime custom-op library, for ``SessionOptions.register_custom_ops_library``.
-
-    The environment variable ``ONNXQ_OPS_LIBRARY``, when set and not empty, names the library file to
-    use instead of the installed one: another build of it, e.g. one under sanitizers.
-    """
-    override = os.environ.get(LIBRARY_ENV)
-    if override:
-        if not Path(override).is_file():
-            raise OnnxqError(override, f"no such op library file (named by the environment variable {LIBRARY_ENV})")
-        return os.path.abspath(override)
-    path = find_built(LIBRARY_NAME)
-    if path is None:
-        raise OnnxqError(None, f"onnxq's op library {LIBRARY_NAME} is missing: onnxq was not built; reinstall it with `pip install .`")
-    return str(path)
+from onnxq.native.library import get_library_path
 
 
 def session_options(threads: int | None = None, custom_ops: bool = False) -> ort.SessionOptions:

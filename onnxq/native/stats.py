@@ -13,7 +13,7 @@ import functools
 
 import numpy as np
 
-from onnxq.native.built import find_built
+from onnxq.native.library import find_built
 
 LIBRARY_NAME = "libonnxq_stats.so"
 

@@ -52,8 +52,9 @@ def input_ranks(graph: onnx.GraphProto) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class OpChoice:
-    """The op a weight's readers become: onnxq's IntConv/PostConv, onnxruntime's lookup, or None (they stay QDQ), and why
-    they stay QDQ when the format asked for onnxq's ops.
+    """The op a weight's readers become: onnxq's IntConv/PostConv, onnxruntime's lookup, or None (they stay QDQ).
+
+    ``reason`` says why they stay QDQ when the format asked for onnxq's ops.
     """
 
     op_type: str | None
