@@ -143,6 +143,24 @@ def test_subgraph_weights_are_listed(tmp_path):
     assert rows["branch/Conv_0"].weight_bytes == 8 * 8 * 3 * 3 // 2
 
 
+def test_unnamed_nodes_get_the_names_quantize_gives_them_even_where_a_name_is_taken(tmp_path):
+    """An unnamed Conv at index 1 whose natural name Conv_1 another node already has: quantize calls it Conv_1_1 (its
+    --exclude and report name), and inspect must list it under that name, not a second Conv_1."""
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.standard_normal((4, 4, 1, 1)).astype(np.float32), name) for name in ("w1", "w2")]
+    nodes = [helper.make_node("Conv", ["x", "w1"], ["a"], name="Conv_1"), helper.make_node("Conv", ["a", "w2"], ["y"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 3, 3])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 3, 3])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m.onnx"
+    onnx.save(model, path)
+    assert [n.node for n in inspect_model(path).nodes] == ["Conv_1", "Conv_1_1"]
+    assert [n.node for n in inspect_model(model).nodes] == ["Conv_1", "Conv_1_1"]
+    assert not model.graph.node[1].name  # the caller's model is not modified
+    quantized = quantize(path, QuantizeConfig(bits=8))
+    assert [n.name for n in quantized.graph.node if n.op_type == "Conv"] == ["Conv_1", "Conv_1_1"]
+
+
 def test_any_op_reading_a_dequantized_constant():
     """x + DQ(int8 constant) is listed; Reshape's shape constant and a plain float Add are not."""
     codes = numpy_helper.from_array(np.arange(-4, 4, dtype=np.int8), "codes")

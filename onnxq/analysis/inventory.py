@@ -18,6 +18,7 @@ import onnx
 
 from onnxq.model.graph import all_graphs, attribute, subgraphs
 from onnxq.model.load import read_model_file
+from onnxq.model.prepare import name_nodes
 from onnxq.native.domain import DOMAIN
 from onnxq.plan.weights import RECURRENT_WEIGHTS, TABLE_OPS
 
@@ -365,27 +366,21 @@ def _weight_like(node: onnx.NodeProto, codes: onnx.TensorProto) -> bool:
 def _weighted_nodes(graph: onnx.GraphProto) -> list[WeightedNode]:
     """Weighted nodes of the model, main graph first, without the nodes that only compute another's weight."""
     chained: set[str] = set()  # outputs of nodes that only compute a weight for another node (sqrt mode's Abs/Mul, layout ops)
-    rows = _graph_nodes(graph, _Scope(graph), "", chained)
+    rows = _graph_nodes(graph, _Scope(graph), chained)
     return [row for row, output in rows if output not in chained]
 
 
-def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: set[str]) -> list[tuple[WeightedNode, str]]:
+def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, chained: set[str]) -> list[tuple[WeightedNode, str]]:
     """Weighted nodes of a graph and, after them, of its subgraphs, each with its output.
 
     Adds to ``chained`` the outputs of nodes that only compute a weight (a body's node may read a chain of the graph around it).
     """
     found: list[tuple[WeightedNode, str]] = []
-    named = []
-    for i, node in enumerate(graph.node):
-        copy = onnx.NodeProto()
-        copy.CopyFrom(node)
-        copy.name = node.name or f"{prefix}{node.op_type}_{i}"
-        named.append(copy)
-    for i, node in enumerate(graph.node):
+    for node in graph.node:
         domain = "" if node.domain == "ai.onnx" else node.domain
         handler = _HANDLERS.get((domain, node.op_type))
         if handler is not None:
-            described = handler(named[i], scope)
+            described = handler(node, scope)
             if described is not None:
                 found.append((described, node.output[0]))
             continue
@@ -396,13 +391,13 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, prefix: str, chained: se
         # A recurrent layer gets a row per weight (W, R). Other ops count as weighted only when they read a dequantized
         # constant (not e.g. Reshape's shape).
         for candidates in [(index,) for index in recurrent] or [slots or tuple(range(len(node.input)))]:
-            traced = _float_op(named[i], scope, candidates)
+            traced = _float_op(node, scope, candidates)
             if traced is not None and (traced[1].dequantize is not None or ((slots or recurrent) and _weight_like(node, traced[1].codes))):
-                found.append((traced[0], node.output[0] or f"{named[i].name}:{candidates[0]}"))
+                found.append((traced[0], node.output[0] or f"{node.name}:{candidates[0]}"))
                 chained.update(n.output[0] for n in traced[1].chain)
-    for i, node in enumerate(graph.node):
+    for node in graph.node:
         for sub in subgraphs(node):
-            found += _graph_nodes(sub, _Scope(sub, scope), f"{named[i].name}/", chained)
+            found += _graph_nodes(sub, _Scope(sub, scope), chained)
     return found
 
 
@@ -420,12 +415,17 @@ def _external_files(model: onnx.ModelProto, folder: Path | None) -> dict[str, in
 
 
 def inspect_model(source: str | os.PathLike[str] | onnx.ModelProto) -> Inventory:
-    """Describe the weights of a model file (read without its external data) or of a ModelProto."""
+    """Describe the weights of a model file (read without its external data) or of a ModelProto (not modified).
+
+    Unnamed nodes are named as the quantizer names them (onnxq.model.prepare.name_nodes), so both say the same names.
+    """
     if isinstance(source, onnx.ModelProto):
-        model, path = source, None
+        model, path = onnx.ModelProto(), None
+        model.CopyFrom(source)
     else:
         path = Path(source)
         model = read_model_file(path)
+    name_nodes(model.graph)
     external = _external_files(model, path.parent if path else None)
     file_bytes = path.stat().st_size if path else model.ByteSize()
     opsets = {("" if imp.domain == "ai.onnx" else imp.domain): imp.version for imp in model.opset_import}
