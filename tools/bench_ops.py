@@ -34,9 +34,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq import QuantizeConfig, WeightFormat, quantize  # noqa: E402
 from onnxq.config import SqrtMode  # noqa: E402
-from onnxq.rewrite import gemm as rewrite_gemm  # noqa: E402
 from onnxq.native.domain import DOMAIN  # noqa: E402
 from onnxq.native.session import session_options, uses_onnxq_ops  # noqa: E402
+from onnxq.rewrite import gemm as rewrite_gemm  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
