@@ -308,7 +308,7 @@ def _run_inspect(args: argparse.Namespace) -> int:
     import json
 
     from onnxq.analysis.inventory import inspect_model
-    from onnxq.report.summary import inventory_table
+    from onnxq.report.inventory import inventory_table
 
     inventory = inspect_model(args.model)
     print(json.dumps(inventory.to_dict(), indent=1) if args.json else inventory_table(inventory))
