@@ -36,14 +36,12 @@ class ActivationSite:
     Attributes:
         tensor: its name.
         bits: code width (unsigned).
-        feeds_weighted: True when a weighted layer reads it (so its range matters for accuracy most).
         feeds_integer_op: True when a reader becomes an IntConv/PostConv, which quantizes its input itself to
             uint8 with one step per sample at most (ASQ then chooses a per-sample scalar step, not per-channel steps).
     """
 
     tensor: str
     bits: int
-    feeds_weighted: bool
     feeds_integer_op: bool = False
 
 
@@ -79,7 +77,7 @@ def plan_activations(
         out = _after_foldable(node.output[0], readers, outputs)
         if out not in outputs and is_activation(out):
             order[out] = None
-    return [ActivationSite(name, weighted_bits.get(name, OTHER_BITS), name in weighted_bits) for name in order]
+    return [ActivationSite(name, weighted_bits.get(name, OTHER_BITS)) for name in order]
 
 
 def _quantized_inputs(node: onnx.NodeProto, weighted: dict[str, int], is_activation: Callable[[str], bool]) -> list[str] | None:
