@@ -9,7 +9,7 @@ from conftest import float_equivalent, run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import QuantizeConfig, quantize_with_report
-from onnxq.plan.weights import einsum_channel_axis
+from onnxq.plan.handlers import einsum_channel_axis
 
 
 @pytest.mark.parametrize("equation, index, rank, axis", [

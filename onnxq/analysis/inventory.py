@@ -20,7 +20,7 @@ from onnxq.model.graph import all_graphs, attribute, subgraphs
 from onnxq.model.load import read_model_file
 from onnxq.model.prepare import name_nodes
 from onnxq.native.domain import DOMAIN
-from onnxq.plan.weights import RECURRENT_WEIGHTS, TABLE_OPS
+from onnxq.plan.handlers import RECURRENT_WEIGHTS, TABLE_OPS
 
 #: Bits per element of each ONNX tensor type (strings have none).
 _DTYPE_BITS = {

@@ -27,7 +27,7 @@ from onnxq.model.graph import (
 )
 from onnxq.model.opset import default_opset, is_default_domain
 from onnxq.model.skeleton import on_skeleton
-from onnxq.plan.weights import FLOAT_TYPES, HANDLERS
+from onnxq.plan.handlers import FLOAT_TYPES, HANDLERS
 
 logger = logging.getLogger(__name__)
 

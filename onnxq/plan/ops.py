@@ -14,7 +14,8 @@ import onnx
 from onnxq.config import QuantizeConfig, WeightFormat
 from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
-from onnxq.plan.weights import RECURRENT_WEIGHTS, TABLE_OPS, WeightPlan
+from onnxq.plan.handlers import RECURRENT_WEIGHTS, TABLE_OPS
+from onnxq.plan.weights import WeightPlan
 from onnxq.rewrite.gemm import GEMM_TYPES, unsupported, weight_is_rows
 
 

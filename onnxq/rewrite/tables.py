@@ -17,7 +17,7 @@ from onnxq.model.graph import NameSource, attribute, consumers, remove_unused_in
 from onnxq.native.domain import LOOKUP_OP, ORT_DOMAIN
 from onnxq.numerics.uniform import storage_bits
 from onnxq.numerics.weights import QuantizedTensor
-from onnxq.plan.weights import TABLE_OPS
+from onnxq.plan.handlers import TABLE_OPS
 from onnxq.rewrite.qdq import integer_tensor
 
 #: The op's smallest block; blocks are powers of two.

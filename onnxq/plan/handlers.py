@@ -1,0 +1,137 @@
+"""The registry of weighted ops: for each op type, which input holds its weight and which axis of it the output channels.
+
+A handler looks at one node (and its weight's rank) and returns a :class:`WeightSlot`, or None when the node's weight
+is of a shape onnxq does not quantize for that op. Extend :data:`HANDLERS` to quantize more kinds of node.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import onnx
+
+from onnxq.model.graph import attribute
+
+#: Weight dtypes we quantize. Float16 weights get float16 scales, so their DequantizeLinear gives float16 as before.
+FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+
+
+@dataclass(frozen=True)
+class WeightSlot:
+    """What a handler says about one node: its weight input and that weight's output-channel axis."""
+
+    input_index: int
+    channel_axis: int
+
+
+Handler = Callable[[onnx.NodeProto, int], WeightSlot | None]
+
+
+def _conv(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, 0) if rank >= 3 else None
+
+
+def _conv_transpose(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    # Weight is (C_in, C_out / group, k...): axis 1 holds output channels only when group == 1.
+    if rank < 3:
+        return None
+    return WeightSlot(1, 1 if attribute(node, "group", 1) == 1 else 0)
+
+
+def _gemm(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, 0 if attribute(node, "transB", 0) else 1) if rank == 2 else None
+
+
+def _matmul(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return WeightSlot(1, rank - 1) if rank >= 2 else None
+
+
+def _gather(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """An embedding lookup: the table is input 0, and each slice along the gathered axis (a token's row) gets its own scale."""
+    axis = int(attribute(node, "axis", 0))
+    axis = axis + rank if axis < 0 else axis
+    return WeightSlot(0, axis) if rank >= 2 and 0 <= axis < rank else None
+
+
+def _recurrent(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """LSTM, GRU, RNN: W and R are (directions, gates x hidden, inputs); each gate's row of a direction is a channel."""
+    return WeightSlot(1, 1) if rank == 3 else None
+
+
+def _matmul_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """W @ x: the weight's rows (axis rank - 2) are the output channels."""
+    return WeightSlot(0, rank - 2) if rank >= 2 else None
+
+
+def einsum_channel_axis(equation: str, weight_index: int, rank: int) -> int | None:
+    """The weight axis an Einsum keeps in its output (the last such, as for MatMul), or None where there is none to use.
+
+    A scale along an axis the sum does not run over factors out of it, so that axis can carry per-channel scales.
+    Equations with an ellipsis, repeated letters in the weight, or more than two inputs are left alone.
+    """
+    equation = equation.replace(" ", "")
+    inputs, _, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "." in equation or len(terms) != 2:
+        return None
+    weight = terms[weight_index]
+    if len(weight) != rank or len(set(weight)) != rank:
+        return None
+    if "->" not in equation:  # implicit output: the letters that appear once, in alphabetical order
+        letters = "".join(terms)
+        output = "".join(sorted(c for c in set(letters) if letters.count(c) == 1))
+    kept = [axis for axis, letter in enumerate(weight) if letter in output]
+    return kept[-1] if kept else None
+
+
+def _einsum(node: onnx.NodeProto, rank: int, index: int = 1) -> WeightSlot | None:
+    equation = attribute(node, "equation", b"")
+    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
+    axis = einsum_channel_axis(equation, index, rank)
+    return WeightSlot(index, axis) if axis is not None else None
+
+
+def _einsum_weight_first(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    return _einsum(node, rank, 0)
+
+
+def weight_input(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto], initializers: set[str], hidden: frozenset[str] = frozenset()) -> int:
+    """Which input of a weighted node holds its weight: 1, or 0 for a table op and for a MatMul/Einsum W @ x (constant first).
+
+    ``hidden``: names a control-flow body around the node defines, which hide the main graph's tensors of that name.
+    """
+    if node.op_type in TABLE_OPS:
+        return 0
+    first, second = node.input[0], node.input[1]
+    second_is_activation = second in hidden or (second not in consts and second not in initializers)
+    if node.op_type in WEIGHT_FIRST and first in consts and first not in hidden and second_is_activation:
+        return 0
+    return 1
+
+
+#: Op type -> handler. Extend this to quantize more kinds of node.
+HANDLERS: dict[str, Handler] = {
+    "Conv": _conv,
+    "ConvTranspose": _conv_transpose,
+    "Gemm": _gemm,
+    "MatMul": _matmul,
+    "Gather": _gather,
+    "LSTM": _recurrent,
+    "GRU": _recurrent,
+    "RNN": _recurrent,
+    "Einsum": _einsum,
+}
+
+
+#: Handlers for ops whose weight may come first (W @ x), used when input 0 is the constant.
+WEIGHT_FIRST: dict[str, Handler] = {"MatMul": _matmul_weight_first, "Einsum": _einsum_weight_first}
+
+
+#: Ops with more than one weight: the inputs holding them (the input weights W and the recurrence weights R).
+RECURRENT_WEIGHTS: dict[str, tuple[int, ...]] = {"LSTM": (1, 2), "GRU": (1, 2), "RNN": (1, 2)}
+
+
+#: Ops whose weight, when they have one, is a table they look values up in (input 0). They are weighted layers only
+#: when that table is a float constant of rank 2 or more; reading anything else they are ordinary ops, not reported.
+TABLE_OPS = frozenset({"Gather"})
