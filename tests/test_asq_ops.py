@@ -221,7 +221,7 @@ def test_format_op_with_asq_wires_the_per_sample_steps_into_the_op(fmt):
     assert quant.per_sample_step  # kept: the held-out error drops
     q = result.model
     op = "PostConv" if fmt is WeightFormat.POST else "IntConv"
-    # (the Relu after the conv is folded into the op as clip_min = 0: rewrite_ops.fold_clipping)
+    # (the Relu after the conv is folded into the op as clip_min = 0: onnxq.rewrite.fusions.fold_clipping_into_ops)
     assert Counter(n.op_type for n in q.graph.node) == Counter({"ReduceMean": 1, "Gemm": 1, "Clip": 1, "Exp": 1, "Mul": 1, op: 1})
     conv = next(n for n in q.graph.node if n.op_type == op)
     assert [(a.name, a.f) for a in conv.attribute if a.name.startswith("clip_")] == [("clip_min", 0.0)]

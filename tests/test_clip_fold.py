@@ -1,7 +1,7 @@
 """Relu/Clip after a Conv that becomes IntConv/PostConv is folded into the op (clip_min / clip_max, int_conv.h).
 
 onnxruntime fuses a float Conv with its Relu/Clip but cannot fuse them into a custom op, so the rewrite does
-(rewrite_ops.fold_clipping): the node goes, the op writes its output name, and the model computes the same.
+(onnxq.rewrite.fusions.fold_clipping_into_ops): the node goes, the op writes its output name, and the model computes the same.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
+import onnxq.rewrite.fusions
 import onnxq.rewrite.ops
 from onnxq import QuantizeConfig, WeightFormat, quantize
 from onnxq.native.domain import DOMAIN
@@ -70,7 +71,7 @@ def test_relu_and_clip_are_folded_into_the_ops(fmt, opset, monkeypatch):
     model = _model(opset)
     config = QuantizeConfig(bits=4, format=fmt, first_last_bits=None)
     folded = quantize(model, config)
-    monkeypatch.setattr(onnxq.rewrite.ops, "fold_clipping", lambda graph: 0)
+    monkeypatch.setattr(onnxq.rewrite.ops, "fold_clipping_into_ops", lambda graph: 0)
     unfolded = quantize(model, config)
 
     ops = _ops(folded)
@@ -119,5 +120,5 @@ def test_an_op_output_a_subgraph_returns_is_not_folded():
     inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, None), helper.make_tensor_value_info("cond", TensorProto.BOOL, [])]
     outputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in ("r", "picked")]
     graph = helper.make_graph(nodes, "g", inputs, outputs)
-    assert onnxq.rewrite.ops.fold_clipping(graph) == 0
+    assert onnxq.rewrite.fusions.fold_clipping_into_ops(graph) == 0
     assert [n.name for n in graph.node] == ["op", "relu", "if"] and graph.node[0].output[0] == "y"

@@ -88,7 +88,7 @@ def test_op_outputs_carry_the_float_models_shapes(fmt, monkeypatch):
     model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
     assert _shapes(model)["r"] == ["N", 4, 6, 6] and "d" not in _shapes(model)  # the Relu folded: the op writes r
     # The rest with the Relu kept (no folding), so that a tensor after the op is in value_info.
-    monkeypatch.setattr(onnxq.rewrite.ops, "fold_clipping", lambda graph: 0)
+    monkeypatch.setattr(onnxq.rewrite.ops, "fold_clipping_into_ops", lambda graph: 0)
     model = quantize(float_model, QuantizeConfig(bits=4, format=fmt, first_last_bits=None))
     assert _ops(model)["depthwise"] != "Conv"
     assert _shapes(model)["d"] == _shapes(onnx.shape_inference.infer_shapes(float_model))["d"] == ["N", 4, 6, 6]
