@@ -3,8 +3,11 @@
 The histogram has a fixed number of equal bins centred on zero, with a bin width that is
 a power of two. When a value falls outside the covered range the width doubles (as many
 times as needed) and neighbouring bins merge; because every bin edge is a multiple of the
-width, merging is exact. So memory stays constant however many samples stream through,
-and the result does not depend on how the data were split into batches. The counting runs in
+width, merging is exact, however much the range grows at once (a merge of 2**k bins into one
+is an integer shift by k, capped where every old bin already lands in one of the two middle
+ones). So memory stays constant however many samples stream through, and the result does not
+depend on how the data were split into batches. Counts are int64 and exact; ranges are those of
+float64 (any float32 value, up to float32's max, is covered). The counting runs in
 C where it can (``onnxq.native.stats``, one pass with the same float32 arithmetic), else in numpy.
 """
 
@@ -97,11 +100,25 @@ class Histogram:
             needed += 1
         if needed == self.exponent:
             return
-        factor = 2 ** (needed - self.exponent)
-        old = np.arange(self.bins, dtype=np.int64) - half
-        new_index = np.floor_divide(old, factor) + half
-        self.counts = np.bincount(new_index, weights=self.counts, minlength=self.bins).astype(np.int64)
+        self.counts = merge_bins(self.counts[None, :], np.array([needed - self.exponent]))[0]
         self.exponent = needed
+
+
+def merge_bins(counts: np.ndarray, shifts: np.ndarray) -> np.ndarray:
+    """Counts (rows, bins) of centred bins re-binned at 2**shifts[r] times their width, summed exactly in int64.
+
+    Bin i - bins/2 goes to floor((i - bins/2) / 2**shift) + bins/2: an arithmetic shift. Shifting by log2(bins/2)
+    bits already sends every bin to one of the two middle ones, so larger shifts (a range that grew by 2**40, or
+    2**300, in one batch) are capped there and never overflow.
+    """
+    rows, bins = counts.shape
+    half = bins // 2
+    shift = np.minimum(np.asarray(shifts, dtype=np.int64), max(half.bit_length(), 1))
+    old = np.arange(bins, dtype=np.int64) - half
+    new_index = np.right_shift(old[None, :], shift[:, None]) + half + np.arange(rows, dtype=np.int64)[:, None] * bins
+    merged = np.zeros(rows * bins, dtype=np.int64)
+    np.add.at(merged, new_index.ravel(), counts.astype(np.int64, copy=False).ravel())
+    return merged.reshape(rows, bins)
 
 
 def bin_index(values: np.ndarray, inverse_width: float | np.ndarray, bins: int) -> np.ndarray:
@@ -131,7 +148,10 @@ def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     dtype = np.float32 if np.asarray(batch).dtype == np.float32 else np.float64
     rows = np.asarray(batch, dtype=dtype).reshape(len(batch), -1)
     lo, hi = rows.min(axis=1), rows.max(axis=1)
-    span = np.where(hi > lo, hi - lo, 1).astype(dtype)
+    with np.errstate(over="ignore"):
+        span = np.where(hi > lo, hi - lo, 1).astype(dtype)
+    if not np.isfinite(span).all():  # a float32 sample spanning more than float32's range: bin it in float64
+        return sample_histograms(rows.astype(np.float64), bins)
     if stats.takes(rows):
         return stats.count_spans(rows, lo, span, bins), lo.astype(np.float64), hi.astype(np.float64)
     rows = rows.copy()  # worked on in place
@@ -214,9 +234,5 @@ class ChannelHistograms:
         if not grow.any():
             return
         rows = np.flatnonzero(grow)  # only these are merged: after the first batches few channels still widen
-        factor = np.left_shift(1, np.minimum(needed[rows] - self.exponent[rows], 62))
-        old = np.arange(self.bins, dtype=np.int64) - half
-        new_index = np.floor_divide(old[None, :], factor[:, None]) + half + np.arange(len(rows))[:, None] * self.bins
-        merged = np.bincount(new_index.ravel(), weights=self.counts[rows].ravel(), minlength=len(rows) * self.bins)
-        self.counts[rows] = merged.reshape(len(rows), self.bins).astype(np.int64)
+        self.counts[rows] = merge_bins(self.counts[rows], needed[rows] - self.exponent[rows])
         self.exponent = needed

@@ -159,13 +159,15 @@ def entropy_range(h: Histogram, bits: int, candidates: int = 128) -> Range:
     code always covers at least one bin, at any bit width.
     """
     full = minmax_range(h)
-    if full.hi - full.lo <= 0.0:
+    if full.hi - full.lo <= 0.0 or np.count_nonzero(h.counts) <= 1:  # one value (a constant tensor): nothing to trade
         return full
     centers, counts = _coarsen(h, full, ENTROPY_BINS_PER_CODE << bits)
     width = centers[1] - centers[0] if len(centers) > 1 else h.width
     alphas = np.linspace(1.0 / ENTROPY_BINS_PER_CODE, 1.0, candidates)
     alphas = alphas[[_clipped_fraction(centers, counts, full.scaled(a), width) <= ENTROPY_MAX_CLIPPED for a in alphas]]
     divergences = np.array([_kl_divergence(centers, counts, full.scaled(a), bits, width) for a in alphas])
+    if not np.isfinite(divergences).any():
+        return full
     return full.scaled(float(alphas[np.argmin(divergences)]))
 
 
@@ -177,9 +179,13 @@ ENTROPY_MAX_CLIPPED = 0.01
 
 
 def _clipped_fraction(centers: np.ndarray, counts: np.ndarray, r: Range, width: float) -> float:
-    """The fraction of the histogram's values in bins wholly outside ``r`` (the full range clips none)."""
+    """The fraction of the histogram's values in bins wholly outside ``r`` (the full range clips none).
+
+    A bin [a, a + width) lies wholly below ``r`` when a + width <= r.lo, wholly above when a > r.hi: a bin starting at
+    r.hi holds r.hi itself (a constant tensor's one value).
+    """
     total = counts.sum()
-    outside = (centers + width / 2 <= r.lo) | (centers - width / 2 >= r.hi)
+    outside = (centers + width / 2 <= r.lo) | (centers - width / 2 > r.hi)
     return float(counts[outside].sum() / total) if total > 0 else 0.0
 
 
@@ -208,6 +214,8 @@ def _kl_divergence(centers: np.ndarray, counts: np.ndarray, r: Range, bits: int,
     mass = np.bincount(code, weights=kept, minlength=params.qmax + 2)
     members = np.bincount(code, weights=occupied.astype(np.float64), minlength=params.qmax + 2)
     q = np.where(occupied, mass[code] / np.maximum(members[code], 1.0), 0.0)
+    if q.sum() <= 0:  # no value's bin centre lies in the range: Q holds nothing
+        return float("inf")
     p, q = p / p.sum(), q / q.sum()
     nonzero = p > 0
     return float(np.sum(p[nonzero] * np.log(p[nonzero] / np.maximum(q[nonzero], 1e-300))))
