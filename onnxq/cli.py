@@ -97,8 +97,10 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
     """Options of activation quantization; activations are quantized when --calibration is given."""
     a = p.add_argument_group("activations", "quantize activations too (W8A8, W4A8, W4A4); needs --calibration")
     a.add_argument("--calibration", type=Path, metavar="DATA",
-                   help="calibration inputs: an .npy (first axis = samples), an .npz keyed by input name, or a folder "
-                   "of images (resized to the model's input, scaled to [0, 1])")
+                   help="calibration inputs: an .npy (one input) or an .npz keyed by input name, each array holding the "
+                   "samples along the input's batch axis as the model declares it (axis 0 for [N, ...]; axis 1 for a "
+                   "[2, N, H] recurrent state); scalars and fixed-size inputs are stored once and fed to every run "
+                   "(-v says which axis each input uses); or a folder of images (resized to the model's input, scaled to [0, 1])")
     a.add_argument("--calibration-size", type=int, default=None, metavar="N",
                    help=f"use at most N calibration samples (default {ActivationConfig.samples})")
     a.add_argument("--calibrate", choices=[m.value for m in CalibrationMethod], default=None,
@@ -248,6 +250,11 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise
     print(summary(result, args.model, output, verbose=args.verbose))
     data, named = (args.sensitivity_data, "the sensitivity data") if args.sensitivity_data else (args.calibration, "the calibration data")
+    if args.verbose and data is not None:
+        from onnxq.calibrate.samples import describe_axes, input_specs
+        from onnxq.model.load import read_model_file
+
+        print(describe_axes(input_specs(read_model_file(args.model))))
     check = check_against_float(args.model, output, data) if data is not None else None
     if check is not None:
         print(check.line(named))

@@ -120,8 +120,9 @@ def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibrati
     """Quantize ``model`` (a path or a ModelProto, which is not modified) and return the new model.
 
     Weights always; activations too when ``config.activations`` is set, which needs
-    ``calibration``: an iterable of {input name: batch} dicts, an onnxruntime
-    CalibrationDataReader, or the path of an .npy/.npz file or a folder of images.
+    ``calibration``: an iterable of {input name: array} dicts or an onnxruntime
+    CalibrationDataReader (each item one run, fed as it is), or the path of an .npy/.npz
+    file or a folder of images (onnxq/calibrate/data.py says how files are laid out).
     """
     return quantize_with_report(model, config, calibration).model
 

@@ -260,3 +260,66 @@ def transformer_block(seed: int = 0, d: int = 64, ff: int = 2048, heads: int = 2
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", d])
     return _model(nodes, [x], [y], inits)
+
+
+def streaming_lstm_in_if(seed: int = 0, batch_name: str = "batch", hidden: int = 16) -> onnx.ModelProto:
+    """A streaming model as exporters write them: a recurrent state [2, batch, H] in and out, an If around the LSTM.
+
+    x[batch,8], state[2,batch,16], cond (bool scalar) ->
+      If(cond): then LSTM(Unsqueeze(x), h0=state[0:1], c0=state[1:2]) -> h[batch,16], new state [2,batch,16]
+                else MatMul(x, w_else) -> h, state unchanged
+      -> MatMul(h, w_out) -> Relu -> y[batch,4];  state_out
+    ``batch_name``: the batch dimension's name ("" leaves it unnamed, as some exporters do).
+    """
+    rng = np.random.default_rng(seed)
+    v = helper.make_tensor_value_info
+    batch = batch_name or None
+    i64 = lambda *values: numpy_helper.from_array(np.array(values, dtype=np.int64))  # noqa: E731
+    then_nodes = [
+        helper.make_node("Unsqueeze", ["x", "axis0"], ["seq"]),
+        helper.make_node("Split", ["state", "halves"], ["h0", "c0"], axis=0),
+        helper.make_node("LSTM", ["seq", "w_lstm", "r_lstm", "", "", "h0", "c0"], ["", "h_last", "c_last"], hidden_size=hidden),
+        helper.make_node("Squeeze", ["h_last", "axis0"], ["h_then"]),
+        helper.make_node("Concat", ["h_last", "c_last"], ["state_then"], axis=0),
+    ]
+    then_branch = helper.make_graph(then_nodes, "then", [], [v("h_then", TensorProto.FLOAT, [batch, hidden]),
+                                                           v("state_then", TensorProto.FLOAT, [2, batch, hidden])])
+    else_nodes = [helper.make_node("MatMul", ["x", "w_else"], ["h_else"]), helper.make_node("Identity", ["state"], ["state_else"])]
+    else_branch = helper.make_graph(else_nodes, "else", [], [v("h_else", TensorProto.FLOAT, [batch, hidden]),
+                                                           v("state_else", TensorProto.FLOAT, [2, batch, hidden])])
+    nodes = [
+        helper.make_node("If", ["cond"], ["h", "state_out"], name="step", then_branch=then_branch, else_branch=else_branch),
+        helper.make_node("MatMul", ["h", "w_out"], ["o"], name="head"),
+        helper.make_node("Relu", ["o"], ["y"], name="relu"),
+    ]
+    axis0, halves = i64(0), i64(1, 1)
+    axis0.name, halves.name = "axis0", "halves"
+    inits = [
+        axis0, halves,
+        numpy_helper.from_array(_weight(rng, 1, 4 * hidden, 8), "w_lstm"),
+        numpy_helper.from_array(_weight(rng, 1, 4 * hidden, hidden), "r_lstm"),
+        numpy_helper.from_array(_weight(rng, 8, hidden), "w_else"),
+        numpy_helper.from_array(_weight(rng, hidden, 4), "w_out"),
+    ]
+    inputs = [v("x", TensorProto.FLOAT, [batch, 8]), v("state", TensorProto.FLOAT, [2, batch, hidden]), v("cond", TensorProto.BOOL, [])]
+    return _model(nodes, inputs, [v("y", TensorProto.FLOAT, [batch, 4]), v("state_out", TensorProto.FLOAT, [2, batch, hidden])], inits)
+
+
+def scalar_rate_input(seed: int = 0) -> onnx.ModelProto:
+    """A VAD-like model with a scalar sample-rate input: x[N,16], sr (int64 scalar) ->
+    MatMul(x, w1) * (Cast(sr) / 16000) -> Relu -> MatMul(w2) -> y[N,2]
+    """
+    rng = np.random.default_rng(seed)
+    v = helper.make_tensor_value_info
+    nodes = [
+        helper.make_node("Cast", ["sr"], ["rate"], to=TensorProto.FLOAT),
+        helper.make_node("Div", ["rate", "reference_rate"], ["gain"]),
+        helper.make_node("MatMul", ["x", "w1"], ["m"], name="mm1"),
+        helper.make_node("Mul", ["m", "gain"], ["g"], name="scale"),
+        helper.make_node("Relu", ["g"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "w2"], ["y"], name="mm2"),
+    ]
+    inits = [numpy_helper.from_array(np.array(16000.0, np.float32), "reference_rate"),
+             numpy_helper.from_array(_weight(rng, 16, 8), "w1"), numpy_helper.from_array(_weight(rng, 8, 2), "w2")]
+    inputs = [v("x", TensorProto.FLOAT, ["N", 16]), v("sr", TensorProto.INT64, [])]
+    return _model(nodes, inputs, [v("y", TensorProto.FLOAT, ["N", 2])], inits)

@@ -9,11 +9,11 @@ import pytest
 
 from models import conv_bn_relu_gemm
 from onnxq.calibrate.collect import collect, sample_bytes
-from onnxq.calibrate.data import InputSpec, RunSizer
+from onnxq.calibrate.samples import InputSpec, RunSizer
 from onnxq.model.prepare import prepare
 
 collect_module = sys.modules["onnxq.calibrate.collect"]  # the package exports a function of the same name
-data_module = sys.modules["onnxq.calibrate.data"]
+samples_module = sys.modules["onnxq.calibrate.samples"]
 
 FREE = [InputSpec("x", (None, 3, 8, 8), np.dtype(np.float32))]
 
@@ -60,7 +60,7 @@ def test_cut_runs_give_the_same_statistics(known, monkeypatch):
     x = np.random.default_rng(0).standard_normal((40, 3, 8, 8)).astype(np.float32)
     batches = [{"x": x[:32]}, {"x": x[32:]}]
     whole = collect(model, ["r1", "f"], batches, per_sample=True)
-    monkeypatch.setattr(data_module, "RUN_BYTES", 3 * 2048)  # r1 and f take 2080 bytes a sample: two samples a run
+    monkeypatch.setattr(samples_module, "RUN_BYTES", 3 * 2048)  # r1 and f take 2080 bytes a sample: two samples a run
     if not known:
         monkeypatch.setattr(collect_module, "sample_bytes", lambda model, tensors: None)
     runs = []

@@ -15,7 +15,8 @@ import onnx
 
 from onnxq.analysis.sensitivity import ErrorEnergy
 from onnxq.calibrate.collect import sample_bytes
-from onnxq.calibrate.data import CalibrationData, RunSizer, batch_size, calibration_batches, input_specs
+from onnxq.calibrate.data import CalibrationData, calibration_batches
+from onnxq.calibrate.samples import RunSizer, batch_size, input_specs
 from onnxq.model.load import read_model_file
 from onnxq.native.session import session_options, uses_onnxq_ops
 
@@ -72,7 +73,7 @@ def check_against_float(
                 energies[name].add(reference[name], quantized[name])
             if classes is not None and np.ndim(reference[classes]) == 2:
                 agree += int(np.sum(np.argmax(reference[classes], axis=1) == np.argmax(quantized[classes], axis=1)))
-            seen += batch_size(piece)
+            seen += batch_size(piece, sizer.axes)
     worst = min(outputs, key=lambda name: energies[name].sqnr_db)
     top1 = agree / seen if classes is not None and seen else None
     return Fidelity(seen, energies[worst].sqnr_db, worst if len(outputs) > 1 else None, top1)

@@ -25,7 +25,8 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
-from onnxq.calibrate.data import CalibrationData, batch_size, calibration_batches, input_specs
+from onnxq.calibrate.data import CalibrationData, calibration_batches
+from onnxq.calibrate.samples import batch_size, input_specs, sample_axes
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
@@ -185,8 +186,9 @@ class SensitivityAnalysis:
         consts = constant_initializers(self.model.graph)
         self.weights = {p.tensor: to_array(consts[p.tensor]) for p in self.plans}
         self._targets = OpTargets.of(self.model.graph)
-        batches = list(calibration_batches(data, input_specs(self.model), samples))
-        self.samples = sum(batch_size(b) for b in batches)
+        specs = input_specs(self.model)
+        batches = list(calibration_batches(data, specs, samples))
+        self.samples = sum(batch_size(b, sample_axes(specs)) for b in batches)
         self.probe = Probe(self.model, self.plans, batches, self.label, nodes)
         self._dequantized: dict[tuple[str, int], np.ndarray] = {}
         self._layers: dict[tuple[str, int], LayerSensitivity] = {}

@@ -15,11 +15,12 @@ import onnx
 
 from onnxq.calibrate.asq import Adapter, LogLinear, fit_adapter, sample_betas
 from onnxq.calibrate.collect import TensorStats, channel_axis, channel_means, collect, exposing, feature_axes, sample_bytes, sized_runs
-from onnxq.calibrate.data import CalibrationData, RunSizer, batch_size, batch_slice, calibration_batches, first_samples, input_specs
+from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.histogram import ChannelHistograms
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params
 from onnxq.calibrate.result import ActivationQuant, Calibration
+from onnxq.calibrate.samples import RunSizer, SampleAxes, batch_size, batch_slice, cuttable, first_samples, input_specs, sample_axes
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod
 
 logger = logging.getLogger(__name__)
@@ -36,15 +37,17 @@ INTEGER_OP_BITS = 8
 
 def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
     """How to quantize each site's tensor, from one run of the float ``model`` over ``data``."""
-    batches = calibration_batches(data, input_specs(model), config.samples)
+    specs = input_specs(model)
+    axes = sample_axes(specs)
+    batches = calibration_batches(data, specs, config.samples)
     per_sample = config.method is CalibrationMethod.ASQ
     kept: list[dict[str, np.ndarray]] = []
     keep = max(VALIDATION_SAMPLES if per_sample else 0, BIAS_SAMPLES if config.bias_correction is not BiasCorrection.OFF else 0)
     if keep:
-        batches = _keep_first(batches, kept, keep)
+        batches = _keep_first(batches, axes, kept, keep)
     histograms = config.method is not CalibrationMethod.MINMAX
     stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples, histograms=histograms)
-    held = first_samples(kept, VALIDATION_SAMPLES)
+    held = first_samples(kept, axes, VALIDATION_SAMPLES)
     quants = {}
     candidates: dict[str, tuple[ActivationQuant, ActivationQuant]] = {}
     for site in sites:
@@ -52,7 +55,7 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
         r = choose_range(entry, site.bits, config)
         quant = ActivationQuant(site.tensor, quant_params(r, site.bits))
         if per_sample:
-            skip = sum(batch_size(b) for b in held)
+            skip = sum(batch_size(b, axes) for b in held)
             scalar = site.feeds_integer_op and site.bits == INTEGER_OP_BITS
             candidates[site.tensor] = (_scalar_adapters if scalar else _adapters)(quant, entry, r, skip=skip)
             quant = candidates[site.tensor][0]
@@ -63,13 +66,16 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
     return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept)
 
 
-def _keep_first(batches: Iterator[dict[str, np.ndarray]], kept: list[dict[str, np.ndarray]], samples: int) -> Iterator[dict[str, np.ndarray]]:
-    """Pass ``batches`` through, copying the first ``samples`` samples into ``kept``."""
+def _keep_first(
+    batches: Iterator[dict[str, np.ndarray]], axes: SampleAxes, kept: list[dict[str, np.ndarray]], samples: int
+) -> Iterator[dict[str, np.ndarray]]:
+    """Pass ``batches`` through, copying the first ``samples`` samples into ``kept`` (whole runs where runs cannot be cut)."""
     count = 0
     for batch in batches:
         if count < samples:
-            kept.append({k: np.array(v) for k, v in batch_slice(batch, None, samples - count).items()})
-            count += batch_size(kept[-1])
+            first = batch_slice(batch, axes, None, samples - count) if cuttable(axes) else batch
+            kept.append({k: np.array(v) for k, v in first.items()})
+            count += batch_size(kept[-1], axes)
         yield batch
 
 

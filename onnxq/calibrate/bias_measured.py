@@ -24,8 +24,8 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.calibrate.collect import ChannelMeans, exposing, progress, sample_bytes, sized_runs
-from onnxq.calibrate.data import RunSizer, batch_size, first_samples, input_specs
 from onnxq.calibrate.result import ActivationQuant
+from onnxq.calibrate.samples import RunSizer, batch_size, first_samples, input_specs, sample_axes
 from onnxq.model.graph import attribute, constant_initializers, subgraphs, to_array, used_names
 from onnxq.rewrite.activations import insert_activation_qdq
 
@@ -232,7 +232,8 @@ def refine_biases(
                 change = -(measured - float_means[name]) / gain
                 current[bias] = (current[bias] + change).astype(np.float32)
                 runner.shift(name, change * gain)
-    samples = sum(batch_size(b) for b in batches)
+    axes = sample_axes(input_specs(simulated))
+    samples = sum(batch_size(b, axes) for b in batches)
     logger.debug("empirical bias correction: %d layers, %d passes over %d samples", len(biases), len(passes), samples)
     return current
 
@@ -259,7 +260,8 @@ def empirical_correction(
     try:
         simulated = simulated_model(model, weights, activations, opset, list(biases.values()))
         passes = merge_levels(depth_levels(simulated.graph, list(biases)), MAX_PASSES)
-        batches = first_samples(batches, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))  # the float means see the same samples
+        axes = sample_axes(input_specs(float_model))
+        batches = first_samples(batches, axes, max(MIN_SAMPLES, SAMPLE_PASSES // len(passes)))  # the float means see the same samples
         float_means = output_means(float_model, list(biases), batches)
         refined = refine_biases(float_means, simulated, biases, start, batches, passes)
     except Exception as error:  # onnxruntime's exception types are not public

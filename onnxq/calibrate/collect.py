@@ -21,8 +21,8 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from onnxq.calibrate.data import RunSizer, batch_size, input_specs
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
+from onnxq.calibrate.samples import RunSizer, batch_size, input_specs
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
@@ -144,7 +144,7 @@ def collect(
                 for outputs in sized_runs(sess, tensors, [batch], sizer):
                     for name, value in zip(tensors, outputs, strict=True):
                         _observe(stats[name], name, value, histograms)
-                bar.update(batch_size(batch))
+                bar.update(batch_size(batch, sizer.axes))
     return stats
 
 

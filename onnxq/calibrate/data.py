@@ -1,22 +1,31 @@
-"""Calibration data: files, folders of images, Python iterables and onnxruntime readers, as checked batches.
+"""Calibration data: files, folders of images, Python iterables and onnxruntime readers, as checked runs.
 
-Every source becomes a stream of ``{input name: batch}`` dicts whose names, ranks, fixed
-dimensions and dtypes match the model's inputs, capped at a number of samples. Files are
-read lazily (an .npy is memory-mapped), so memory does not grow with the data set.
+Every source becomes a stream of runs, ``{input name: array}`` dicts whose names, ranks, fixed dimensions and dtypes
+match the model's inputs, capped at a number of samples (counted along the inputs' sample axes: onnxq/calibrate/
+samples.py says which axis that is for each input).
+
+- An item of a Python iterable or of an onnxruntime ``CalibrationDataReader`` is one run, as onnxruntime's
+  ``quantize_static`` takes it: its arrays are passed as they are (a missing sample axis is added; runs may be cut
+  into pieces along sample axes to bound memory, never regrouped).
+- An .npy/.npz file holds many samples along each input's sample axis (axis 0 for [N, ...] inputs, axis 1 for a
+  [2, N, 128] state); onnxq feeds them 32 at a time. An input without a sample axis (a scalar, a fixed-size state)
+  is stored once, as the model takes it, and fed to every run. A model with a fixed batch of B takes arrays of k * B
+  along axis 0, fed B at a time.
+- A folder of images feeds a model with one NCHW input.
+
+Files are read lazily (an .npy is memory-mapped), so memory does not grow with the data set.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable, Iterator, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
-import onnx
-from onnx import helper
 
+from onnxq.calibrate.samples import InputSpec, batch_size, batch_slice, cuttable, sample_axes
 from onnxq.errors import OnnxqError
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -32,103 +41,20 @@ class DataReader(Protocol):
 CalibrationData = Iterable[Mapping[str, np.ndarray]] | DataReader | str | os.PathLike[str]
 
 
-@dataclass(frozen=True)
-class InputSpec:
-    """A model input as calibration data must match it: name, dims (None where free) and dtype."""
-
-    name: str
-    dims: tuple[int | None, ...]
-    dtype: np.dtype
-
-    def describe(self) -> str:
-        """E.g. ``input float32[N,1,28,28]``."""
-        dims = ",".join("N" if d is None else str(d) for d in self.dims)
-        return f"{self.name} {self.dtype}[{dims}]"
-
-
-def input_specs(model: onnx.ModelProto) -> list[InputSpec]:
-    """The model's real inputs (graph inputs that are not initializers)."""
-    inits = {t.name for t in model.graph.initializer}
-    specs = []
-    for value in model.graph.input:
-        if value.name in inits:
-            continue
-        tensor = value.type.tensor_type
-        dims = tuple(d.dim_value if d.HasField("dim_value") and d.dim_value > 0 else None for d in tensor.shape.dim)
-        specs.append(InputSpec(value.name, dims, np.dtype(helper.tensor_dtype_to_np_dtype(tensor.elem_type))))
-    return specs
-
-
-def batch_size(batch: Mapping[str, np.ndarray]) -> int:
-    """Samples in a batch: the first axis of its batched inputs (rank-0 inputs, such as an If's condition, have none)."""
-    return next((len(v) for v in batch.values() if np.ndim(v) > 0), 1)
-
-
-def batch_slice(batch: Mapping[str, np.ndarray], start: int | None, stop: int | None) -> dict[str, np.ndarray]:
-    """Samples ``start:stop`` of a batch; rank-0 inputs go with every slice whole."""
-    return {k: v[start:stop] if np.ndim(v) > 0 else v for k, v in batch.items()}
-
-
-
-def first_samples(batches: list[dict[str, np.ndarray]], samples: int) -> list[dict[str, np.ndarray]]:
-    """The first ``samples`` samples of ``batches``, in batches."""
-    out, count = [], 0
-    for batch in batches:
-        if count >= samples:
-            break
-        out.append(batch_slice(batch, None, samples - count))
-        count += batch_size(out[-1])
-    return out
-
-
-#: Bytes of fetched tensors one onnxruntime run should return. Batches are cut to stay under it: ResNet-50 at 224x224
-#: returns about 100 MB of activations a sample, and calibrating it 32 samples a run peaked at 7.1 GB of memory
-#: against 0.9 GB one sample a run, which was also faster (10.6 against 21.9 s for 64 samples).
-RUN_BYTES = 128 << 20
-
-
-class RunSizer:
-    """Cuts batches into pieces whose fetched outputs stay under ``limit`` bytes.
-
-    The bytes a sample come from the declared shapes where they give them, else from the first run, which then gets one
-    sample. A model with a fixed batch dimension is never cut.
-    """
-
-    def __init__(self, specs: list[InputSpec], per_sample: float | None = None, limit: int | None = None) -> None:
-        self.splittable = not any(s.dims and s.dims[0] is not None for s in specs)
-        self.limit = RUN_BYTES if limit is None else limit
-        self.per_sample = per_sample  # bytes the fetched tensors take a sample, when the shapes tell it ahead
-
-    def pieces(self, batch: Mapping[str, np.ndarray]) -> Iterator[dict[str, np.ndarray]]:
-        """The batch in pieces, each sized from what the runs so far returned (see :meth:`record`)."""
-        size = batch_size(batch)
-        start = 0
-        while start < size:
-            if not self.splittable:
-                step = size
-            elif self.per_sample is None:
-                step = 1
-            else:
-                step = max(1, int(self.limit // max(self.per_sample, 1.0)))
-            yield dict(batch) if start == 0 and step >= size else batch_slice(batch, start, start + step)
-            start += step
-
-    def record(self, piece: Mapping[str, np.ndarray], outputs: Iterable[np.ndarray]) -> None:
-        """Note what a run on ``piece`` returned (its bytes a sample size the next pieces)."""
-        if self.per_sample is None:
-            self.per_sample = sum(np.asarray(o).nbytes for o in outputs) / max(batch_size(piece), 1)
-
-
 def calibration_batches(source: CalibrationData, specs: list[InputSpec], limit: int | None) -> Iterator[dict[str, np.ndarray]]:
-    """Checked batches from any supported source, ``limit`` samples at most (all when None)."""
+    """Checked runs from any supported source, ``limit`` samples at most (all when None).
+
+    The last run is cut to fit where runs can be cut (along sample axes), else taken whole.
+    """
     label = os.fspath(source) if isinstance(source, str | os.PathLike) else "calibration data"
     items = read_path(Path(source), specs) if isinstance(source, str | os.PathLike) else _iterate(source)
+    axes = sample_axes(specs)
     seen = 0
     for item in items:
-        for batch in _rebatch(check_batch(item, specs, label), specs):
-            size = batch_size(batch)
-            if limit is not None and seen + size > limit:
-                batch = batch_slice(batch, None, limit - seen)
+        for batch in _fixed_batches(check_batch(item, specs, label), specs):
+            size = batch_size(batch, axes)
+            if limit is not None and seen + size > limit and cuttable(axes):
+                batch = batch_slice(batch, axes, None, limit - seen)
                 size = limit - seen
             if size:
                 yield batch
@@ -140,7 +66,7 @@ def calibration_batches(source: CalibrationData, specs: list[InputSpec], limit: 
 
 
 def check_batch(item: Mapping[str, Any], specs: list[InputSpec], label: str) -> dict[str, np.ndarray]:
-    """One batch with names, ranks, fixed dims and dtypes checked against the model (a missing batch axis is added)."""
+    """One run with names, ranks, fixed dims and dtypes checked against the model (a missing sample axis is added)."""
     if not isinstance(item, Mapping):
         raise OnnxqError(label, f"each item must be a dict of input name -> array, got {type(item).__name__}")
     wanted = {s.name for s in specs}
@@ -149,29 +75,44 @@ def check_batch(item: Mapping[str, Any], specs: list[InputSpec], label: str) -> 
         expected = ", ".join(s.describe() for s in specs)
         raise OnnxqError(label, f"input names {sorted(item)} do not match the model's inputs ({expected})")
     batch = {s.name: _conform(np.asarray(item[s.name]), s, label) for s in specs}
-    sizes = {len(v) for v in batch.values() if v.ndim > 0}
-    if len(sizes) > 1:
-        raise OnnxqError(label, f"inputs have different numbers of samples: {sorted(sizes)}")
+    sizes = {s.name: (batch[s.name].shape[s.sample_axis], s.sample_axis) for s in specs if s.sample_axis is not None}
+    if len({size for size, _ in sizes.values()}) > 1:
+        listed = ", ".join(f"{name} {size} (axis {axis})" for name, (size, axis) in sizes.items())
+        raise OnnxqError(label, f"inputs hold different numbers of samples along their sample axes: {listed}")
     return batch
 
 
-def _rebatch(batch: dict[str, np.ndarray], specs: list[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
-    """Split a batch into pieces of the model's fixed batch size, if it has one (e.g. 1)."""
-    fixed = {s.dims[0] for s in specs if s.dims and s.dims[0] is not None}
-    size = batch_size(batch)
-    step = fixed.pop() if len(fixed) == 1 else size
-    for start in range(0, size - step + 1, max(step, 1)):
-        yield batch_slice(batch, start, start + step)
+def _fixed_batches(batch: dict[str, np.ndarray], specs: list[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
+    """A run whose fixed-batch inputs hold several batches (k * B along axis 0) as k runs; any other run as it is."""
+    repeats = {len(batch[s.name]) // s.dims[0] for s in specs if _fixed_batch(s) and len(batch[s.name]) != s.dims[0]}
+    if not repeats:
+        yield batch
+        return
+    if len(repeats) > 1:
+        raise OnnxqError(None, f"inputs of a fixed batch hold different numbers of batches: {sorted(repeats)}")
+    count = repeats.pop()
+    for k in range(count):
+        yield {s.name: batch[s.name][k * s.dims[0] : (k + 1) * s.dims[0]] if _fixed_batch(s) else batch[s.name] for s in specs}
+
+
+def _fixed_batch(spec: InputSpec) -> bool:
+    """Whether an input has no sample axis but a fixed axis 0 that data may hold several times over."""
+    return spec.sample_axis is None and bool(spec.dims) and spec.dims[0] is not None
 
 
 def _conform(array: np.ndarray, spec: InputSpec, label: str) -> np.ndarray:
-    """``array`` as a batch for ``spec``: rank, fixed dims and dtype kind must agree; floats are cast to the model's float type."""
-    if array.ndim == len(spec.dims) - 1 and spec.dims:
-        array = array[None]
+    """``array`` as ``spec``'s part of a run: rank, fixed dims and dtype kind must agree; floats are cast to the model's float type."""
+    axis = spec.sample_axis
+    if axis is not None and array.ndim == len(spec.dims) - 1:
+        array = np.expand_dims(array, axis)  # one sample given without its sample axis
     if array.ndim != len(spec.dims):
+        if not spec.dims:
+            raise OnnxqError(label, f"input {spec.name!r} is a scalar ({spec.describe()}): give it as one value (shape []); "
+                             "it is fed to every run")
         raise OnnxqError(label, f"input {spec.name!r} has shape {list(array.shape)}, the model expects {spec.describe()}")
-    for got, want in zip(array.shape[1:], spec.dims[1:], strict=True):  # the batch axis is free: see _rebatch
-        if want is not None and got != want:
+    for index, (got, want) in enumerate(zip(array.shape, spec.dims, strict=True)):
+        several_batches = index == 0 and _fixed_batch(spec) and got % want == 0 and got > 0  # see _fixed_batches
+        if want is not None and index != axis and got != want and not several_batches:
             raise OnnxqError(label, f"input {spec.name!r} has shape {list(array.shape)}, the model expects {spec.describe()}")
     if array.dtype != spec.dtype:
         if not (array.dtype.kind == "f" and spec.dtype.kind == "f"):
@@ -196,9 +137,9 @@ def read_path(path: Path, specs: list[InputSpec]) -> Iterator[dict[str, np.ndarr
     if path.is_dir():
         return _read_images(path, specs)
     if path.suffix == ".npy":
-        return _chunks(_read_npy(path, specs), specs)
+        return _chunks(_read_npy(path, specs), specs, path)
     if path.suffix == ".npz":
-        return _chunks(_read_npz(path, specs), specs)
+        return _chunks(_read_npz(path, specs), specs, path)
     raise OnnxqError(path, "calibration data must be an .npy or .npz file, or a folder of images")
 
 
@@ -226,12 +167,24 @@ def _read_npz(path: Path, specs: list[InputSpec]) -> dict[str, np.ndarray]:
     return {s.name: archive[s.name] for s in specs}
 
 
-def _chunks(arrays: dict[str, np.ndarray], specs: list[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
-    """Split whole arrays (first axis = samples) into batches the model accepts."""
-    size = DEFAULT_BATCH
-    count = min(len(a) for a in arrays.values()) if all(a.ndim for a in arrays.values()) else 0
-    for start in range(0, count, size):
-        yield {name: np.asarray(a[start : start + size]) for name, a in arrays.items()}
+def _chunks(arrays: dict[str, np.ndarray], specs: list[InputSpec], label: Path) -> Iterator[dict[str, np.ndarray]]:
+    """Whole arrays as runs of DEFAULT_BATCH samples along each input's sample axis; inputs without one go whole with every run."""
+    axes = sample_axes(specs)
+    batched = {name: axes[name] for name, a in arrays.items() if axes[name] is not None and a.ndim > axes[name]}
+    sizes = {name: arrays[name].shape[axis] for name, axis in batched.items()}
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size} (axis {batched[name]})" for name, size in sizes.items())
+        raise OnnxqError(label, f"arrays hold different numbers of samples along the inputs' sample axes: {listed}")
+    if not sizes:  # no sample axis: one run, or a fixed batch held several times over (_fixed_batches cuts the runs)
+        fixed = {s.name: s.dims[0] for s in specs if _fixed_batch(s) and arrays[s.name].ndim and len(arrays[s.name]) > s.dims[0]}
+        groups = max((len(arrays[name]) // size for name, size in fixed.items()), default=1)
+        for start in range(0, groups, DEFAULT_BATCH):
+            yield {name: np.asarray(a[start * fixed[name] : (start + DEFAULT_BATCH) * fixed[name]] if name in fixed else a)
+                   for name, a in arrays.items()}
+        return
+    count = next(iter(sizes.values()))
+    for start in range(0, count, DEFAULT_BATCH):
+        yield {name: np.asarray(batch_slice({name: a}, batched, start, start + DEFAULT_BATCH)[name]) for name, a in arrays.items()}
 
 
 def _read_images(folder: Path, specs: list[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
