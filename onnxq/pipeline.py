@@ -69,6 +69,8 @@ class LayerResult:
     quantized_bytes: int
     alpha: tuple[float, ...] = ()  # the range factor of each row (output channel, or the one of the tensor)
     qdq_reason: str = ""  # why a layer stays QDQ although the format asked for onnxq's ops
+    weights: int = 0  # how many weight values the tensor holds
+    bits_rule: str = ""  # the rule that gave other bits than -b (WeightPlan.bits_rule)
 
 
 @dataclass
@@ -81,6 +83,8 @@ class QuantizationResult:
     source: LoadedModel | None = None
     activations: list[ActivationQuant] = field(default_factory=list)
     calibration: CalibrationMethod | None = None
+    requested_bits: int | None = None  # -b, the width the rules start from
+    first_last_bits: int | None = None
 
 
 @dataclass(frozen=True)
@@ -291,7 +295,7 @@ def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrate
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     activations = list(calibrated.quants.values()) if calibrated is not None else []
-    return QuantizationResult(loaded.model, weights.layers, plan.skipped, loaded, activations, method)
+    return QuantizationResult(loaded.model, weights.layers, plan.skipped, loaded, activations, method, config.bits, config.first_last_bits)
 
 
 def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choice: OpChoice) -> LayerResult:
@@ -310,4 +314,6 @@ def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choi
         float_bytes=weight.nbytes,
         quantized_bytes=quantized_bytes(weight.size, plan.bits, q.scale.size),
         qdq_reason=choice.reason,
+        weights=weight.size,
+        bits_rule=plan.bits_rule,
     )

@@ -323,3 +323,28 @@ def scalar_rate_input(seed: int = 0) -> onnx.ModelProto:
              numpy_helper.from_array(_weight(rng, 16, 8), "w1"), numpy_helper.from_array(_weight(rng, 8, 2), "w2")]
     inputs = [v("x", TensorProto.FLOAT, ["N", 16]), v("sr", TensorProto.INT64, [])]
     return _model(nodes, inputs, [v("y", TensorProto.FLOAT, ["N", 2])], inits)
+
+
+def network_in_if(seed: int = 0) -> onnx.ModelProto:
+    """The whole network in one branch, as TorchScript writes a model with a data-dependent switch:
+
+    x[N,16], cond -> If(cond): then  MatMul(w1) -> Relu -> MatMul(w2) -> Relu -> MatMul(w3) -> y[N,4]
+                               else  MatMul(w_else) -> y
+    """
+    rng = np.random.default_rng(seed)
+    v = helper.make_tensor_value_info
+    then_nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["a1"], name="then_mm1"),
+        helper.make_node("Relu", ["a1"], ["r1"], name="then_relu1"),
+        helper.make_node("MatMul", ["r1", "w2"], ["a2"], name="then_mm2"),
+        helper.make_node("Relu", ["a2"], ["r2"], name="then_relu2"),
+        helper.make_node("MatMul", ["r2", "w3"], ["y_then"], name="then_mm3"),
+    ]
+    then_branch = helper.make_graph(then_nodes, "then", [], [v("y_then", TensorProto.FLOAT, ["N", 4])])
+    else_branch = helper.make_graph([helper.make_node("MatMul", ["x", "w_else"], ["y_else"], name="else_mm")], "else", [],
+                                    [v("y_else", TensorProto.FLOAT, ["N", 4])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="switch", then_branch=then_branch, else_branch=else_branch)]
+    inits = [numpy_helper.from_array(_weight(rng, *shape), name)
+             for name, shape in (("w1", (16, 32)), ("w2", (32, 32)), ("w3", (32, 4)), ("w_else", (16, 4)))]
+    inputs = [v("x", TensorProto.FLOAT, ["N", 16]), v("cond", TensorProto.BOOL, [])]
+    return _model(nodes, inputs, [v("y", TensorProto.FLOAT, ["N", 4])], inits)

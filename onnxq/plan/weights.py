@@ -19,6 +19,7 @@ from onnxq.model.graph import constant_initializers, defined_names, is_op, subgr
 from onnxq.model.opset import is_default_domain
 from onnxq.native.cpu import has_vnni
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+from onnxq.plan.boundary import boundary_nodes
 from onnxq.plan.handlers import FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS, TABLE_OPS, WEIGHT_FIRST, Handler, weight_input
 
 #: The reason given for a weight that a DequantizeLinear computes from integer codes.
@@ -62,6 +63,7 @@ class WeightPlan:
     bits: int
     first_or_last: bool
     dtype: int = onnx.TensorProto.FLOAT  # the float weight's element type (TensorProto enum)
+    bits_rule: str = ""  # which rule gave other bits than -b: "first/last", "per node", "mixed precision", "reduced range"
 
     @property
     def is_float32(self) -> bool:
@@ -195,38 +197,11 @@ def _body_reason(node: onnx.NodeProto) -> str:
     return "weight is computed inside a control-flow body, not a constant"
 
 
-def boundary_nodes(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
-    """Weighted nodes with no weighted node before them, or none after them, on any path.
-
-    These are the "first" and "last" layers that REQuant keeps at higher precision.
-    Node order in an ONNX graph is topological, so one pass each way suffices.
-    """
-    nodes = list(graph.node)
-    after_weighted: set[str] = set()  # tensors downstream of a weighted node
-    first: set[str] = set()
-    for node in nodes:
-        upstream = any(name in after_weighted for name in node.input)
-        if node.name in weighted and not upstream:
-            first.add(node.name)
-        if upstream or node.name in weighted:
-            after_weighted.update(node.output)
-    before_weighted: set[str] = set()  # tensors upstream of a weighted node
-    last: set[str] = set()
-    for node in reversed(nodes):
-        downstream = any(name in before_weighted for name in node.output)
-        if node.name in weighted and not downstream:
-            last.add(node.name)
-        if downstream or node.name in weighted:
-            before_weighted.update(node.input)
-    return first | last
-
-
 def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[WeightPlan], list[Skipped]]:
     """One plan per weight tensor to quantize, and the weighted nodes left in float with the reason."""
     uses, skipped = find_weight_uses(graph)
     consts = constant_initializers(graph)
-    weighted = {u.top_node for us in uses.values() for u in us}  # a body's reader counts as the If/Loop/Scan around it
-    boundary = boundary_nodes(graph, weighted)
+    boundary = boundary_nodes(graph, {u.node for us in uses.values() for u in us})
     plans: list[WeightPlan] = []
     for tensor, tensor_uses in uses.items():
         names = [u.node for u in tensor_uses]
@@ -234,24 +209,27 @@ def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[W
         if excluded:
             skipped.extend(Skipped(n, "excluded by the user") for n in names)
             continue
-        on_boundary = any(u.top_node in boundary for u in tensor_uses)
-        bits = _bits_for(tensor, names, on_boundary, config)
+        on_boundary = any(u.node in boundary for u in tensor_uses)
+        bits, rule = _bits_for(tensor, names, on_boundary, config)
         axes = {u.channel_axis for u in tensor_uses}
         dtype = consts[tensor].data_type
-        plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary, dtype))
+        plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary, dtype, rule))
     return plans, skipped
 
 
-def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> int:
-    """Bits for a tensor read by ``nodes``: an explicit per-tensor choice wins, then a per-node one, then the first/last rule."""
+def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> tuple[int, str]:
+    """Bits for a tensor read by ``nodes``, and the rule that gave them ("" for -b).
+
+    An explicit per-tensor choice wins, then a per-node one, then the first/last rule.
+    """
     if tensor in config.tensor_bits:
-        return config.tensor_bits[tensor]
+        return config.tensor_bits[tensor], "mixed precision"
     explicit = [config.node_bits[n] for n in nodes if n in config.node_bits]
     if explicit:
-        return max(explicit)
+        return max(explicit), "per node"
     if on_boundary and config.first_last_bits is not None:
-        return config.first_last_bits
-    return config.bits
+        return config.first_last_bits, "first/last"
+    return config.bits, ""
 
 
 #: Largest weight width that never saturates onnxruntime's 16-bit pair sums beside uint8 activations.
@@ -270,7 +248,8 @@ def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) 
     """
     if activations.bits != 8 or not reduce_range(activations.reduce_range):
         return plans
-    return [dataclasses.replace(p, bits=min(p.bits, REDUCED_BITS)) if p.bits == 8 and not _only_looked_up(p) else p for p in plans]
+    return [dataclasses.replace(p, bits=REDUCED_BITS, bits_rule="reduced range") if p.bits == 8 and not _only_looked_up(p) else p
+            for p in plans]
 
 
 def _only_looked_up(plan: WeightPlan) -> bool:

@@ -39,6 +39,39 @@ def layer_table(result: QuantizationResult) -> str:
     return "\n".join(rows)
 
 
+#: What each bits rule is called in the summary, and what to do when it kept most weights from -b bits.
+_RULES = {
+    "first/last": ("the first and last layers keep --first-last-bits {first_last}", "--first-last-bits {bits} quantizes them at {bits} bits too"),
+    "reduced range": ("8-bit weights beside uint8 activations are 7-bit (reduce range, for CPUs without VNNI)", "--reduce-range off keeps 8 bits"),
+    "per node": ("per-node bits", ""),
+    "mixed precision": ("mixed precision raised them", ""),
+}
+
+
+def few_at_requested_bits(result: QuantizationResult) -> str | None:
+    """A line saying why, when fewer than half of the weight values got the bits asked for with -b; else None."""
+    total = sum(layer.weights for layer in result.layers)
+    requested = result.requested_bits
+    if requested is None or not total:
+        return None
+    at_requested = sum(layer.weights for layer in result.layers if layer.bits == requested)
+    if at_requested * 2 >= total:
+        return None
+    by_rule = Counter()
+    for layer in result.layers:
+        if layer.bits != requested:
+            by_rule[layer.bits_rule] += layer.weights
+    reasons, advice = [], []
+    for rule, _ in by_rule.most_common():
+        said, todo = _RULES.get(rule, (rule or "other rules", ""))
+        reasons.append(said.format(first_last=result.first_last_bits))
+        if todo:
+            advice.append(todo.format(bits=requested))
+    share = f"{100 * at_requested / total:.0f}%"
+    line = f"note: only {share} of the weights are at -b {requested} bits: {'; '.join(reasons)}"
+    return line + (f" ({'; '.join(advice)})" if advice else "")
+
+
 def summary(result: QuantizationResult, source: Path | None, output: Path, verbose: bool = False) -> str:
     """The few lines the CLI prints after a run."""
     bits = Counter(layer.bits for layer in result.layers)
@@ -67,6 +100,8 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
         shown = "; ".join(f"{','.join(layer.nodes)}: {layer.qdq_reason}" for layer in kept[:3])
         more = " ..." if len(kept) > 3 else ""
         lines.append(f"kept as QDQ (not run by onnxq's ops): {len(kept)} layers ({shown}{more})")
+    if (note := few_at_requested_bits(result)) is not None:
+        lines.append(note)
     if verbose:
         lines.append(layer_table(result))
     if result.skipped:

@@ -1,0 +1,71 @@
+"""The first and last weighted layers, which REQuant keeps at higher precision, found by data flow through every graph.
+
+A weighted node is *first* when no weighted node lies before it on any path from the model's inputs, and *last* when
+none lies after it on any path to the outputs. The paths run through the bodies of If, Loop and Scan: a body reads the
+values of the graphs around it by name and its formal inputs from its node's inputs (Loop: iteration count, condition,
+carried values; Scan: states, then scanned inputs), and hands its outputs to the node's outputs (Loop: after the
+condition). So when a whole network sits in one branch of an If, its own first and last layers are the boundary, not
+every layer of the branch. A Loop's values carried to the next iteration are not followed round the loop.
+
+Node order in an ONNX graph is topological, so one pass each way suffices.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+
+import onnx
+
+from onnxq.model.graph import defined_names, subgraphs
+
+
+def boundary_nodes(graph: onnx.GraphProto, weighted: Collection[str]) -> set[str]:
+    """Names of the weighted nodes (of ``graph`` or of its bodies) that are first or last on some path."""
+    first: set[str] = set()
+    last: set[str] = set()
+    _forward(graph, set(), set(weighted), first)
+    _backward(graph, set(), set(weighted), last)
+    return first | last
+
+
+def _forward(graph: onnx.GraphProto, after: set[str], weighted: set[str], first: set[str]) -> None:
+    """Walk ``graph`` in order, adding to ``after`` the tensors downstream of a weighted node, to ``first`` the first ones."""
+    for node in graph.node:
+        upstream = any(name in after for name in node.input if name)
+        if node.name in weighted and not upstream:
+            first.add(node.name)
+        from_bodies = False
+        for body in subgraphs(node):
+            inner = after - defined_names(body)  # a body's own names hide the outer ones
+            inner.update(formal.name for formal, actual in _formal_inputs(node, body) if actual in after)
+            _forward(body, inner, weighted, first)
+            from_bodies |= any(out.name in inner for out in body.output)
+        if upstream or from_bodies or node.name in weighted:
+            after.update(name for name in node.output if name)
+
+
+def _backward(graph: onnx.GraphProto, before: set[str], weighted: set[str], last: set[str]) -> None:
+    """Walk ``graph`` in reverse, adding to ``before`` the tensors upstream of a weighted node, to ``last`` the last ones."""
+    for node in reversed(graph.node):
+        downstream = any(name in before for name in node.output if name)
+        if node.name in weighted and not downstream:
+            last.add(node.name)
+        for body in subgraphs(node):
+            inner = {result.name for result, actual in _formal_outputs(node, body) if actual in before}
+            _backward(body, inner, weighted, last)
+            own = defined_names(body)
+            before.update(name for name in inner if name not in own)  # outer values the body's weighted layers read
+            before.update(actual for formal, actual in _formal_inputs(node, body) if formal.name in inner)
+        if downstream or node.name in weighted:
+            before.update(name for name in node.input if name)
+
+
+def _formal_inputs(node: onnx.NodeProto, body: onnx.GraphProto) -> list[tuple[onnx.ValueInfoProto, str]]:
+    """(body input, the node input that feeds it): Loop and Scan pass their inputs in order; an If's branches take none."""
+    return [(formal, actual) for formal, actual in zip(body.input, node.input, strict=False) if actual]
+
+
+def _formal_outputs(node: onnx.NodeProto, body: onnx.GraphProto) -> list[tuple[onnx.ValueInfoProto, str]]:
+    """(body output, the node output it becomes): a Loop body's first output is the loop condition, not a node output."""
+    results = list(body.output)[1:] if node.op_type == "Loop" else list(body.output)
+    return [(result, actual) for result, actual in zip(results, node.output, strict=False) if actual]
