@@ -13,14 +13,22 @@ forced on the small shapes the rewrite keeps QDQ. Whole models (the shipped Fash
 onnxq's int8 and int4 QDQ, and the int and post formats. Ratios are against float measured in the same run.
 
     python tools/bench_ops.py [--repeats 20] [--skip-models] [--skip-convs] [--skip-gemms] [--layers dw] [--given-scale]
+                              [--median N] [--interleave]
 
 --layers runs only the layers whose name contains one of the words given; --given-scale adds
 columns for the same ops fed a calibrated x_scale/x_zero_point (no min/max pass over X).
+--median N measures each row in N rounds, every round timing every model of the row once (the least
+thread CPU time of --repeats runs), and prints the median over the rounds of each round's ratio to
+float (float's ms: the median of its rounds); --interleave runs each round's models in a fresh random
+order, so that none always follows the same neighbour (a run is slower after a model that evicted
+its data). Without them: one round, models in a fixed order.
 """
 
 from __future__ import annotations
 
 import argparse
+import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -92,6 +100,40 @@ def best_ms(sess: ort.InferenceSession, feeds: dict[str, np.ndarray], repeats: i
     return 1e3 * min(times)
 
 
+class Rounds:
+    """How each row is measured: ``count`` rounds of every model once, in a fresh random order when ``interleave``."""
+
+    def __init__(self, repeats: int, count: int = 1, interleave: bool = False, seed: int = 0) -> None:
+        self.repeats, self.count, self.interleave = repeats, count, interleave
+        self.order = random.Random(seed)
+
+    def times(self, runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]]) -> list[list[float]]:
+        """Per (session, feeds), its least thread CPU time in ms in each round."""
+        times: list[list[float]] = [[] for _ in runs]
+        for _ in range(self.count):
+            order = list(range(len(runs)))
+            if self.interleave:
+                self.order.shuffle(order)
+            for index in order:
+                session, feeds = runs[index]
+                times[index].append(best_ms(session, feeds, self.repeats))
+        return times
+
+    def row(self, runs: list[tuple[ort.InferenceSession, dict[str, np.ndarray]]]) -> tuple[float, list[float]]:
+        """Float's ms (the first run) and each other run's speed-up over it: medians over the rounds."""
+        times = self.times(runs)
+        base = times[0]
+        return statistics.median(base), [statistics.median(b / t for b, t in zip(base, other, strict=True)) for other in times[1:]]
+
+    def describe(self) -> str:
+        """How the cells were measured, for the header line."""
+        if self.count == 1:
+            return f"least thread CPU time of {self.repeats} runs" + (", models in a random order" if self.interleave else "")
+        order = ", in a fresh random order each round" if self.interleave else ", in a fixed order"
+        return (f"median over {self.count} interleaved rounds of each round's ratio (a round times every model of a row once{order}; "
+                f"a model's time in a round is its least thread CPU time of {self.repeats} runs; float ms: the median of its rounds)")
+
+
 def conv_model(c_in: int, c_out: int, k: int, stride: int, group: int, weight: np.ndarray) -> onnx.ModelProto:
     node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", pads=[k // 2] * 4, strides=[stride] * 2, group=group)
     graph = helper.make_graph(
@@ -154,7 +196,7 @@ def has_avx512_vnni() -> bool:
     return {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_description().split("flags: ")[-1].split())
 
 
-def bench_layers(repeats: int, layers: list[str] | None = None, given_scale: bool = False) -> None:
+def bench_layers(rounds: Rounds, layers: list[str] | None = None, given_scale: bool = False) -> None:
     proxy = has_avx512_vnni()
     titles = ["IntConv 4-bit", "PostConv 4-bit"] + (["IntConv AVX2 (forced)", "PostConv AVX2 (forced)"] if proxy else [])
     if given_scale:
@@ -173,12 +215,13 @@ def bench_layers(repeats: int, layers: list[str] | None = None, given_scale: boo
         variants = list(ops.values()) + ([with_kernel(m, 2) for m in ops.values()] if proxy else [])
         if given_scale:  # X is uniform in [0, 1): the range a calibration would give
             variants += [with_given_scale(m, 1 / 255, 0) for m in variants]
+        sessions = [one_thread_session(m) for m in [float_model, qlinear_conv_model(k, stride, group, weight), *variants]]
         for batch in (1, 8):
             x = rng.random((batch, c_in, size, size), dtype=np.float32)
-            base = best_ms(one_thread_session(float_model), {"x": x}, repeats)
-            q8 = best_ms(one_thread_session(qlinear_conv_model(k, stride, group, weight)), {"x": (x * 255).astype(np.uint8)}, repeats)
-            cells = [f"{base / best_ms(one_thread_session(m), {'x': x}, repeats):.2f}x" for m in variants]
-            print(f"| {name} | {batch} | {base:.2f} | {base / q8:.2f}x | " + " | ".join(cells) + " |", flush=True)
+            feeds = [{"x": x}, {"x": (x * 255).astype(np.uint8)}] + [{"x": x}] * len(variants)
+            base, speedups = rounds.row(list(zip(sessions, feeds, strict=True)))
+            cells = [f"{r:.2f}x" for r in speedups]
+            print(f"| {name} | {batch} | {base:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
 def matmul_model(rows: list[int], weight: np.ndarray) -> onnx.ModelProto:
@@ -216,7 +259,7 @@ def dynamic_int8_model(rows: list[int], weight: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def bench_gemms(repeats: int, layers: list[str] | None = None) -> None:
+def bench_gemms(rounds: Rounds, layers: list[str] | None = None) -> None:
     """Gemm/MatMul shapes: float, onnxruntime's int8 paths, onnxq's QDQ, and the rewrite to IntConv/PostConv."""
     proxy = has_avx512_vnni()
     titles = ["dynamic u8xs8", "int8 QDQ", "int4 QDQ", "IntConv 4-bit", "PostConv 4-bit", "IntConv 8-bit"]
@@ -242,14 +285,14 @@ def bench_gemms(repeats: int, layers: list[str] | None = None) -> None:
             models = [dynamic_int8_model(rows, weight)] + [quantize(float_model, config) for config in configs]
             models += [with_kernel(model, 2) for model in models[3:5]] if proxy else []
             feeds = {"x": rng.standard_normal((*rows, k)).astype(np.float32)}
-            base = best_ms(one_thread_session(float_model), feeds, repeats)
-            cells = [f"{base / best_ms(one_thread_session(model), feeds, repeats):.2f}x" for model in models]
+            base, speedups = rounds.row([(one_thread_session(model), feeds) for model in [float_model, *models]])
+            cells = [f"{r:.2f}x" for r in speedups]
             print(f"| {name} | {int(np.prod(rows))} | {base:.3f} | " + " | ".join(cells) + " |", flush=True)
     finally:
         rewrite_gemm.MIN_WEIGHTS = kept
 
 
-def bench_models(repeats: int) -> None:
+def bench_models(rounds: Rounds) -> None:
     print("\n| model | batch | float ms | int8 QDQ | int4 QDQ | int (IntConv) | post (PostConv) |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
@@ -263,10 +306,11 @@ def bench_models(repeats: int) -> None:
         ]
         models = [quantize(float_model, config) for config in variants]
         name = float_model.graph.input[0].name
+        sessions = [one_thread_session(m) for m in [float_model, *models]]
         for batch in (1, 8):
             feeds = {name: rng.random((batch, 1, 28, 28), dtype=np.float32)}
-            base = best_ms(one_thread_session(float_model), feeds, repeats)
-            cells = [f"{base / best_ms(one_thread_session(m), feeds, repeats):.2f}x" for m in models]
+            base, speedups = rounds.row([(session, feeds) for session in sessions])
+            cells = [f"{r:.2f}x" for r in speedups]
             print(f"| {path.stem} | {batch} | {base:.2f} | " + " | ".join(cells) + " |", flush=True)
 
 
@@ -278,18 +322,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--skip-gemms", action="store_true", help="leave out the Gemm/MatMul layers")
     parser.add_argument("--layers", nargs="+", metavar="WORD", help="only the layers whose name contains one of these (e.g. dw)")
     parser.add_argument("--given-scale", action="store_true", help="also run the ops with a calibrated x_scale/x_zero_point")
+    parser.add_argument("--median", type=int, default=1, metavar="N", help="measure N rounds per row and print medians (default 1)")
+    parser.add_argument("--interleave", action="store_true", help="run each round's models in a fresh random order")
     args = parser.parse_args(argv)
+    if args.median < 1:
+        parser.error("--median takes a number of rounds, 1 or more")
+    rounds = Rounds(args.repeats, args.median, args.interleave)
     print(cpu_description())
-    print(
-        f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), "
-        f"least thread CPU time of {args.repeats} runs\n"
-    )
+    print(f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), {rounds.describe()}\n")
     if not args.skip_convs:
-        bench_layers(args.repeats, args.layers, args.given_scale)
+        bench_layers(rounds, args.layers, args.given_scale)
     if not args.skip_gemms:
-        bench_gemms(args.repeats, args.layers)
+        bench_gemms(rounds, args.layers)
     if not args.skip_models:
-        bench_models(args.repeats)
+        bench_models(rounds)
     return 0
 
 

@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnxq import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat, quantize  # noqa: E402
 from onnxq.analysis.datasets import FASHION_MNIST_DIR, LabelledImages, load_idx_split  # noqa: E402
 from onnxq.analysis.evaluate import accuracy  # noqa: E402
+from tools.machine import cpu_description  # noqa: E402
 
 METHODS = {
     "absmax": dict(range=RangeMethod.ABSMAX, sqrt=SqrtMode.OFF),
@@ -63,6 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", type=Path, default=FASHION_MNIST_DIR)
     args = parser.parse_args(argv)
     data = load_idx_split(args.data, "test")
+    print(cpu_description())
     print(f"Fashion-MNIST test split, {len(data.labels)} images; top-1 % (change vs float in pp)\n")
     header = "| model | bits | granularity | " + " | ".join(METHODS) + " | onnxruntime quantize_dynamic |"
     print(header)
