@@ -107,7 +107,7 @@ class Probe:
 
     Only the model outputs of the float run are kept as the reference: a layer's node SQNR fetches the float values of
     its own outputs again when it is measured, since keeping every layer's outputs for every sample took gigabytes on
-    a ResNet-50.
+    a ResNet-50 (a one-off measurement).
     """
 
     def __init__(

@@ -30,7 +30,7 @@ RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 
 #: BLAS_THREADS_NOTE: the ridge fits run BLAS on one thread. Their matrices are at most a few hundred
 #: by a thousand, where threads gain little, and a multi-threaded OpenBLAS whose threads share the cores
-#: with other work spins: 448 x 960 fits took 1.7 s with the second core busy, 0.08 s on one thread.
+#: with other work spins (a one-off measurement: 448 x 960 fits twenty times slower with the second core busy).
 
 
 @dataclass(frozen=True)

@@ -141,8 +141,8 @@ def sample_histograms(batch: np.ndarray, bins: int) -> tuple[np.ndarray, np.ndar
     """Per-sample histograms of a batch (first axis = samples), each over that sample's own [min, max].
 
     Returns (counts (B, bins), lo (B,), hi (B,)); a constant sample puts everything in one bin.
-    float32 batches (what onnxruntime returns) are binned in float32, five times faster than in
-    float64; a value within a rounding of a bin edge may then land in the neighbouring bin, which the
+    float32 batches (what onnxruntime returns) are binned in float32, several times faster than in
+    float64 (a one-off measurement); a value within a rounding of a bin edge may then land in the neighbouring bin, which the
     per-sample step search these histograms serve cannot tell apart.
     """
     dtype = np.float32 if np.asarray(batch).dtype == np.float32 else np.float64

@@ -174,7 +174,8 @@ def entropy_range(h: Histogram, bits: int, candidates: int = 128) -> Range:
 #: Entropy calibration never picks a range that clips more than this fraction of the values. KL compares
 #: histograms bin by bin, so moving a spike into the edge bin costs it little however far the spike moves:
 #: on Fashion-MNIST's normalised images (half the pixels are background, one value) at 4 bits it chose a
-#: range that clamped every background pixel and most of the rest, and the model fell to chance (10 %).
+#: range that clamped every background pixel and most of the rest, and the model fell to chance (10 %;
+#: `tools/eval_activations.py --settings W4A4-all` without this bound).
 ENTROPY_MAX_CLIPPED = 0.01
 
 

@@ -131,8 +131,8 @@ def first_samples(batches: Iterable[dict[str, np.ndarray]], axes: SampleAxes, sa
 
 
 #: Bytes of fetched tensors one onnxruntime run should return. Batches are cut to stay under it: ResNet-50 at 224x224
-#: returns about 100 MB of activations a sample, and calibrating it 32 samples a run peaked at 7.1 GB of memory
-#: against 0.9 GB one sample a run, which was also faster (tools/bench_calibration_memory.py).
+#: returns about 100 MB of activations a sample, and 32 samples a run took several times the memory of cut runs, and
+#: longer (tools/bench_calibration_memory.py measures both).
 RUN_BYTES = 128 << 20
 
 

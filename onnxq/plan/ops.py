@@ -76,8 +76,8 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
 
     A first or last layer at other bits than the rest (--first-last-bits) stays QDQ without a reason (that is the
     rule), except a Gemm/MatMul the ops can run, which runs as IntConv at those bits: onnxruntime dequantizes a
-    weight-only QDQ weight on every run, which made a 512->1000 classifier 25-100x slower than float, where
-    IntConv 8-bit runs it 1.7-2.6x faster than float (tools/bench_ops.py).
+    weight-only QDQ weight on every run, which made a 512->1000 classifier many times slower than float, where
+    IntConv 8-bit runs it faster than float (tools/bench_ops.py --skip-convs --skip-models prints both).
     """
     rank = len(targets.consts[plan.tensor].dims)
     if runs_as_lookup(plan, rank):

@@ -13,7 +13,8 @@ such a pair into kernels that take one scale, QLinearGlobalAveragePool, which th
 the channels are the last axis ((N, T, C) token tensors) the per-channel zero points z_c become
 an offset z_c - z added before a scalar pair with zero point z and subtracted after it, since
 onnxruntime quantizes a per-axis pair along the last axis one element at a time (a ViT's W8A8
-ASQ model ran 19x slower than float that way, 2.5x this way). The codes are the same, except
+ASQ model ran many times slower that way; `tools/bench_activations.py --skip-calibration --models
+models/fmnist_vit.onnx` measures it as written now). The codes are the same, except
 that an exact half-step tie may round the other way.
 
 Dividing by the step and quantizing with step 1 is QuantizeLinear with step r, and the
@@ -118,8 +119,8 @@ def _adaptive_qdq(
     channels = adapter.outputs
     per_tensor = quant.per_sample_step  # one step per sample: a scalar pair, no axis
     zero_points = np.ravel(quant.zero_points).astype(np.int64)
-    # Channels along the last axis: onnxruntime quantizes a per-axis pair one element at a time there (ViT's 60 token
-    # tensors: 178 ms of a 190 ms run), so the channels' zero points become an offset added before a scalar pair.
+    # Channels along the last axis: onnxruntime quantizes a per-axis pair one element at a time there (a one-off profile of
+    # the ViT found nearly all of a run in its token tensors' pairs), so the zero points become an offset before a scalar pair.
     offsets = not per_tensor and quant.channel_axis == quant.rank - 1
     dims = [] if per_tensor or offsets else [channels]
     common = int(np.median(zero_points)) if offsets else 0

@@ -4,27 +4,26 @@ The op runs NCHW images, so the rows of x become the pixels of one image: x (...
 to (K, rows) and viewed as a (1, K, rows, 1) image, the op gives (1, M, rows, 1), and the inverse
 view and transpose give y (..., M). One image with the rows along H lets the conv engine read its
 weights once per panel of 64 rows; the rows as N samples of 1x1 pixels would run one GEMV per row,
-which reads all the weights again for each (a prototype on the bench machine: 0.66x against 2.37x float
-for IntConv at 512->1000, batch 8; BENCHMARKS.md). The values are those of IntConv/PostConv on that image, so the
+which reads all the weights again for each (a one-off prototype ran it well below float where the image layout
+runs well above; BENCHMARKS.md, development notes). The values are those of IntConv/PostConv on that image, so the
 ops' definition (csrc/kernels/int_conv.h) is the definition: X quantized once over the whole
 tensor (or with the given x_scale), the integer sums per row, the float epilogue per output
 column. Gemm's alpha multiplies the weight scales and beta the bias C (float32, once at rewrite).
 A calibrated Q/DQ pair in front moves behind the first Transpose into the op's x_scale/x_zero_point
-(rewrite_ops.take_input_quantization); ASQ's per-sample chain stays in float in front, since the image
+(onnxq.rewrite.fusions.take_input_quantization); ASQ's per-sample chain stays in float in front, since the image
 holds every row in one sample (the op then quantizes its output once more, dynamically).
 
 Left as QDQ (a reason for each, in the layer report): Gemm with transA=1 or a bias C that is not
 a constant row (scalar, (M,), (1, M)); MatMul whose input rank is unknown or below 2; a weight
 read by both kinds of node (a Conv and a Gemm) or by Gemm/MatMul nodes that disagree on which axis
 is the output; K over the ops' 65536 codes; and layers of fewer than MIN_WEIGHTS weights, whose
-float Gemm costs no more than the op path's fixed cost (bench: 64->10 runs at 0.67x float as the op).
+float Gemm costs no more than the op path's fixed cost (tools/bench_ops.py --skip-convs --skip-models measures them).
 
-Measured (tools/bench_ops.py, BENCHMARKS.md) but not made a rule: with a single row, onnxruntime's MatMulNBits
-(4-bit QDQ with plain codes, which it fuses) is 7-26% faster than IntConv 4-bit (512->1000: 1.93x against
-1.67x float), while from 8 rows on IntConv wins (2.17x against 1.15x); the row count is usually a symbolic
-batch dimension at rewrite time, and onnxq's 4-bit QDQ may pick sqrt codes, which onnxruntime cannot fuse.
-onnxruntime's dynamic uint8 x int8 MatMul (DynamicQuantizeMatMul) is 14-39% faster than IntConv on every
-shape measured; onnxq does not write that form (its QDQ is weight-only).
+Measured (tools/bench_ops.py --skip-convs --skip-models, BENCHMARKS.md) but not made a rule: with a single row,
+onnxruntime's MatMulNBits (4-bit QDQ with plain codes, which it fuses) is faster than IntConv 4-bit, while from 8 rows
+on IntConv wins; the row count is usually a symbolic batch dimension at rewrite time, and onnxq's 4-bit QDQ may pick
+sqrt codes, which onnxruntime cannot fuse. onnxruntime's dynamic uint8 x int8 MatMul (DynamicQuantizeMatMul) is
+faster than IntConv on the shapes from 2^17 weights on; onnxq does not write that form (its QDQ is weight-only).
 """
 
 from __future__ import annotations
@@ -38,8 +37,8 @@ from onnxq.native.domain import DOMAIN
 
 #: Gemm/MatMul layers with fewer weights (K * M) stay QDQ: there the op path's fixed cost (its layout
 #: nodes and the pass that quantizes X, a few microseconds) is about what the float layer takes, so
-#: tools/bench_ops.py measures it at or below float (64->10: 0.67x; 256->256: 0.66-0.79x at 1 row, 1.07-1.10x
-#: at 8) and below onnxq's 4-bit QDQ; from 512->512 on it is well above float (1.38x at 1 row).
+#: `tools/bench_ops.py --skip-convs --skip-models` measures it at or below float and below onnxq's 4-bit QDQ;
+#: from 512->512 on it is well above float.
 MIN_WEIGHTS = 1 << 17
 
 #: The ops' limit on codes per output channel (csrc/kernels/int_conv_impl.h, kMaxK).

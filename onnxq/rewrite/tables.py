@@ -1,9 +1,9 @@
 """Embedding tables: Gathers from a quantized table become onnxruntime's GatherBlockQuantized.
 
-A DequantizeLinear in front of a Gather dequantizes the whole table on every run (40-5500x the float lookup's time
-for 30000 x 256 and 50000 x 768 tables; tools/bench_tables.py), so a quantized embedding would make the model slower
-the bigger its vocabulary. GatherBlockQuantized (domain com.microsoft, in every onnxruntime build) looks the rows up
-from the codes and dequantizes only those (1.1-6.4x). Each row is one block with its own scale; see
+A DequantizeLinear in front of a Gather dequantizes the whole table on every run (tens to thousands of times the
+float lookup's time; tools/bench_tables.py measures it), so a quantized embedding would make the model slower the
+bigger its vocabulary. GatherBlockQuantized (domain com.microsoft, in every onnxruntime build) looks the rows up from
+the codes and dequantizes only those (close to the float lookup's time, the same tool). Each row is one block with its own scale; see
 :func:`table_codes` for how the codes are stored.
 """
 
@@ -34,7 +34,7 @@ def table_codes(name: str, q: QuantizedTensor) -> tuple[onnx.TensorProto, int]:
 
     8-bit codes: uint8, code + 128. 4-bit codes: uint8 pairs, code + 8, the even column in the low nibble (the op's
     default zero points are 128 and 8). A row of odd length cannot be split into pairs, so such tables keep int4
-    storage, which onnxruntime reads about 10x slower (tools/bench_tables.py).
+    storage, which onnxruntime reads several times slower (tools/bench_tables.py, its int4-storage column).
     """
     if storage_bits(q.bits) == 8:
         return numpy_helper.from_array((q.codes.astype(np.int16) + 128).astype(np.uint8), name), 8
