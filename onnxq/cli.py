@@ -114,6 +114,10 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=None,
                    help="8-bit weights beside uint8 activations become 7-bit so onnxruntime's 16-bit pair sums cannot "
                    "saturate on CPUs without VNNI: 'auto' (default) does it when this CPU lacks VNNI")
+    a.add_argument("--equalize", choices=["auto", "off"], default=None,
+                   help="'auto' (default): MatMul/Gemm inputs with outlier channels (a transformer's hidden states) are "
+                   "divided per channel before they are quantized and the weight rows multiplied back, where an estimate "
+                   "of the output error says it pays (not with --calibrate asq); 'off' never")
     a.add_argument("--bias-correction", choices=[b.value for b in BiasCorrection], default=None,
                    help="Conv/Gemm biases absorb the mean output shift quantization causes: 'analytic' (weight error times "
                    "the float input means), 'measured' (analytic, then the shift left in a simulation of the quantized model, "
@@ -199,7 +203,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
 
 
 #: Options that only mean something with --calibration.
-_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "reduce_range", "bias_correction")
+_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "reduce_range", "bias_correction", "equalize")
 
 
 def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
@@ -217,6 +221,7 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
         samples=d.samples if args.calibration_size is None else args.calibration_size,
         reduce_range=d.reduce_range if args.reduce_range is None else ReduceRange(args.reduce_range),
         bias_correction=d.bias_correction if args.bias_correction is None else BiasCorrection(args.bias_correction),
+        equalize=d.equalize if args.equalize is None else args.equalize == "auto",
     )
 
 

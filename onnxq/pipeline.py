@@ -23,9 +23,11 @@ import onnx
 from onnxq.calibrate.activations import calibrate
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
-from onnxq.calibrate.data import CalibrationData
+from onnxq.calibrate.data import CalibrationData, calibration_batches
+from onnxq.calibrate.equalize import equalize
 from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.result import ActivationQuant, Calibration
+from onnxq.calibrate.samples import input_specs, peek, sample_axes
 from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, SqrtMode
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
@@ -49,6 +51,9 @@ from onnxq.rewrite.tables import replace_tables
 logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
+
+#: Calibration samples the equalization's channel statistics come from.
+EQUALIZE_SAMPLES = 64
 
 
 @dataclass(frozen=True)
@@ -181,12 +186,21 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
 def calibrate_activations(
     loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None
 ) -> Calibration | None:
-    """Each activation site's quantization from one run of the (prepared, still float) model; None when weight-only."""
+    """Each activation site's quantization from one run of the (prepared, still float) model; None when weight-only.
+
+    First, on the first samples, layer inputs with outlier channels are equalized against their weights (in place:
+    the float model computes the same), so the weights are quantized as equalized in the next stage.
+    """
     if config.activations is None:
         return None
     assert calibration is not None  # the plan stage refused activations without data
+    specs = input_specs(loaded.model)
+    batches = calibration_batches(calibration, specs, config.activations.samples)
+    if config.activations.equalizing:  # before the sites: the layers then read the equalized tensor
+        head, batches = peek(batches, sample_axes(specs), EQUALIZE_SAMPLES)
+        equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
     sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
-    return calibrate(loaded.model, sites, calibration, config.activations)
+    return calibrate(loaded.model, sites, batches, config.activations)
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:

@@ -20,7 +20,7 @@ from onnxq.errors import OnnxqError
 from onnxq.pipeline import quantize_with_report
 
 MINMAX = QuantizeConfig(
-    bits=8, first_last_bits=None, activations=ActivationConfig(method=CalibrationMethod.MINMAX, bias_correction=BiasCorrection.OFF)
+    bits=8, first_last_bits=None, activations=ActivationConfig(method=CalibrationMethod.MINMAX, bias_correction=BiasCorrection.OFF, equalize=False)
 )
 F32 = np.dtype(np.float32)
 

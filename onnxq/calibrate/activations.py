@@ -18,7 +18,7 @@ from onnxq.calibrate.collect import TensorStats, channel_axis, channel_means, co
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.histogram import ChannelHistograms
 from onnxq.calibrate.placement import ActivationSite
-from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params
+from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params, range_sqnr_db
 from onnxq.calibrate.result import ActivationQuant, Calibration
 from onnxq.calibrate.samples import RunSizer, SampleAxes, batch_size, batch_slice, cuttable, first_samples, input_specs, sample_axes
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod
@@ -53,6 +53,9 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
     for site in sites:
         entry = stats[site.tensor]
         r = choose_range(entry, site.bits, config)
+        if not site.required and (own := range_sqnr_db(entry.histogram, r, site.bits)) < optional_sqnr_floor(site.bits):
+            logger.debug("%s: left float (one %d-bit step holds it at %.1f dB only)", site.tensor, site.bits, own)
+            continue
         quant = ActivationQuant(site.tensor, quant_params(r, site.bits))
         if per_sample:
             skip = sum(batch_size(b, axes) for b in held)
@@ -77,6 +80,15 @@ def _keep_first(
             kept.append({k: np.array(v) for k, v in first.items()})
             count += batch_size(kept[-1], axes)
         yield batch
+
+
+def optional_sqnr_floor(bits: int) -> float:
+    """The least SQNR (dB) an optional site's own quantization must keep: 30 dB at 8 bits, 6 dB less a bit fewer.
+
+    A uniform code of ``bits`` bits over a well-spread tensor keeps about 6 dB a bit; a residual stream with outlier
+    channels (a BERT-style encoder's, at 18-22 dB with uint8) falls far below and cost the model most of its output.
+    """
+    return 6.02 * bits - 18.0
 
 
 def choose_range(stats: TensorStats, bits: int, config: ActivationConfig) -> Range:

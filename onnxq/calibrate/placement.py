@@ -2,7 +2,11 @@
 
 Placed where onnxruntime can fuse the pairs into integer kernels (QLinearConv, QGemm,
 QLinearMatMul, QLinearAdd, QLinearGlobalAveragePool): on the float inputs of every layer
-whose weight is quantized and of residual Adds and pools, and on their outputs. A layer's
+whose weight is quantized and of residual Adds and pools, and on their outputs. An Add or a pool
+is quantized only where its inputs come out of the quantized layers (downstream of one): a transformer's
+attention mask, computed from an input and added to the attention scores, holds -inf or float32's
+lowest value, which no 8-bit range can hold next to the scores, and embedding sums go to LayerNorm
+in float. A layer's
 output that only feeds a Relu or Clip is quantized after the activation instead, which
 onnxruntime folds into the quantization (its zero point already clips at 0). Graph outputs
 stay float. Ops that gain nothing from integer inputs stay float and read float tensors.
@@ -36,12 +40,15 @@ class ActivationSite:
     Attributes:
         tensor: its name.
         bits: code width (unsigned).
+        required: True when a weighted layer reads it (its integer kernel needs it quantized); the outputs of layers,
+            residual Adds and pools are optional: calibration leaves them float where their range cannot hold them.
         feeds_integer_op: True when a reader becomes an IntConv/PostConv, which quantizes its input itself to
             uint8 with one step per sample at most (ASQ then chooses a per-sample scalar step, not per-channel steps).
     """
 
     tensor: str
     bits: int
+    required: bool = True
     feeds_integer_op: bool = False
 
 
@@ -60,13 +67,18 @@ def plan_activations(
     outputs = {o.name for o in graph.output}
     readers = consumers(graph)
 
+    downstream = _downstream(graph, set(weighted))
+
     def is_activation(name: str) -> bool:
         return bool(name) and name not in consts and name in float_tensors
+
+    def is_layer_output(name: str) -> bool:
+        return is_activation(name) and name in downstream
 
     order: dict[str, None] = {}  # insertion-ordered set
     weighted_bits: dict[str, int] = {}
     for node in graph.node:
-        inputs = _quantized_inputs(node, weighted, is_activation)
+        inputs = _quantized_inputs(node, weighted, is_activation, is_layer_output)
         if inputs is None:
             continue
         for name in inputs:
@@ -77,20 +89,31 @@ def plan_activations(
         out = _after_foldable(node.output[0], readers, outputs)
         if out not in outputs and is_activation(out):
             order[out] = None
-    return [ActivationSite(name, weighted_bits.get(name, OTHER_BITS)) for name in order]
+    return [ActivationSite(name, weighted_bits.get(name, OTHER_BITS), name in weighted_bits) for name in order]
 
 
-def _quantized_inputs(node: onnx.NodeProto, weighted: dict[str, int], is_activation: Callable[[str], bool]) -> list[str] | None:
+def _quantized_inputs(
+    node: onnx.NodeProto, weighted: dict[str, int], is_activation: Callable[[str], bool], is_layer_output: Callable[[str], bool]
+) -> list[str] | None:
     """The activation inputs of ``node`` to quantize, or None when the node stays float."""
     if node.name in weighted:
         name = node.input[weighted[node.name]]
         return [name] if is_activation(name) else None
     if node.op_type in ELEMENTWISE:
         data = list(node.input)
-        return data if len(data) == 2 and all(is_activation(n) for n in data) else None
+        return data if len(data) == 2 and all(is_layer_output(n) for n in data) else None
     if node.op_type in POOLS:
-        return [node.input[0]] if is_activation(node.input[0]) else None
+        return [node.input[0]] if is_layer_output(node.input[0]) else None
     return None
+
+
+def _downstream(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
+    """Tensors computed from the output of a weighted node (in graph order, which is topological)."""
+    found: set[str] = set()
+    for node in graph.node:
+        if node.name in weighted or any(name in found for name in node.input):
+            found.update(name for name in node.output if name)
+    return found
 
 
 def _after_foldable(name: str, readers: dict[str, list[onnx.NodeProto]], outputs: set[str]) -> str:

@@ -117,6 +117,20 @@ def range_errors(centers: np.ndarray, counts: np.ndarray, lo: np.ndarray, hi: np
     return np.sum(t, axis=-1)
 
 
+def range_sqnr_db(h: Histogram, r: Range, bits: int) -> float:
+    """SQNR (dB) of the histogram's values quantized with ``r`` at ``bits``: how well one step holds the tensor."""
+    centers, counts = _occupied(h)
+    if not counts.size:
+        return float("inf")
+    params = quant_params(r, bits)
+    lo, hi = params.value_range
+    noise = float(range_errors(centers[None], counts[None], np.array([lo]), np.array([hi]), bits)[0])
+    signal = float(np.sum(counts * centers**2))
+    if noise <= 0.0:
+        return float("inf")
+    return 10.0 * np.log10(signal / noise) if signal > 0 else float("-inf")
+
+
 def mse_range(h: Histogram, bits: int) -> Range:
     """The range [a*lo0, a*hi0] with the least quantization MSE over the histogram (grid + golden section)."""
     full = minmax_range(h)

@@ -18,6 +18,7 @@ the model accepts.
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -128,6 +129,22 @@ def first_samples(batches: Iterable[dict[str, np.ndarray]], axes: SampleAxes, sa
         out.append(batch_slice(batch, axes, None, samples - count) if cuttable(axes) else dict(batch))
         count += batch_size(out[-1], axes)
     return out
+
+
+def peek(
+    batches: Iterable[dict[str, np.ndarray]], axes: SampleAxes, samples: int
+) -> tuple[list[dict[str, np.ndarray]], Iterator[dict[str, np.ndarray]]]:
+    """The whole runs that hold the first ``samples`` samples, and the stream as it was (those runs first, then the rest).
+
+    A second look at the start of a stream that can be read once (an onnxruntime reader is).
+    """
+    stream = iter(batches)
+    head: list[dict[str, np.ndarray]] = []
+    count = 0
+    while count < samples and (batch := next(stream, None)) is not None:
+        head.append(batch)
+        count += batch_size(batch, axes)
+    return head, itertools.chain(head, stream)
 
 
 #: Bytes of fetched tensors one onnxruntime run should return. Batches are cut to stay under it: ResNet-50 at 224x224
