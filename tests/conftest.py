@@ -142,6 +142,55 @@ def decode_int_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     return np.array(values[:count], dtype=np.int8).reshape(shape)
 
 
+#: float32's unit roundoff and its smallest subnormal: the bounds of one rounding to float32.
+UNIT_ROUNDOFF32 = 2.0**-24
+TINY32 = float(np.finfo(np.float32).smallest_subnormal)
+
+
+def onnx_dequantize(codes: np.ndarray, scale: np.ndarray, sqrt: bool, axis: int | None = 0) -> np.ndarray:
+    """Int8 codes decoded by onnxruntime as onnxq's QDQ graphs decode them: DequantizeLinear (per ``axis``, or per tensor
+    for a scalar scale), then, in sqrt mode, Mul(y, Abs(y)). What a quantized model computes, bit for bit, and no
+    code of onnxq's."""
+    scale = np.asarray(scale, np.float32)
+    dq = dict(axis=axis) if scale.ndim else {}
+    nodes = [onnx.helper.make_node("DequantizeLinear", ["codes", "scale"], ["y"], **dq)]
+    if sqrt:
+        nodes += [onnx.helper.make_node("Abs", ["y"], ["magnitude"]), onnx.helper.make_node("Mul", ["y", "magnitude"], ["out"])]
+    graph = onnx.helper.make_graph(
+        nodes,
+        "decode",
+        [onnx.helper.make_tensor_value_info("codes", onnx.TensorProto.INT8, None)],
+        [onnx.helper.make_tensor_value_info("out" if sqrt else "y", onnx.TensorProto.FLOAT, None)],
+        [onnx.numpy_helper.from_array(scale, "scale")],
+    )
+    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 13)])
+    model.ir_version = 8
+    return run(model, {"codes": np.asarray(codes, np.int8)})
+
+
+def exact_decode(codes: np.ndarray, scale: np.ndarray, sqrt: bool, axis: int | None = 0) -> np.ndarray:
+    """The decoded weights in float64 from the definition: w = q * s, or sign(q) * (q * s)**2 in sqrt mode (no float32)."""
+    codes = np.asarray(codes).astype(np.float64)
+    scale = np.asarray(scale, np.float64)
+    if scale.ndim:
+        shape = [1] * codes.ndim
+        shape[axis] = -1
+        scale = scale.reshape(shape)
+    return np.sign(codes) * (codes * scale) ** 2 if sqrt else codes * scale
+
+
+def assert_float32_decode(got: np.ndarray, codes: np.ndarray, scale: np.ndarray, sqrt: bool, axis: int | None = 0) -> None:
+    """``got`` is float32 and within the float32 roundings of the exact decode: one (q * s) or two (then its square),
+    each at most a relative UNIT_ROUNDOFF32 or, below the normal range, half a subnormal. Forgetting the square, the
+    sign or squaring the code before the scale is off by far more."""
+    assert got.dtype == np.float32
+    exact = exact_decode(codes, scale, sqrt, axis)
+    factors = 3 if sqrt else 1  # (q s (1 + d1))**2 (1 + d2) in sqrt mode
+    bound = ((1 + UNIT_ROUNDOFF32) ** factors - 1) * np.abs(exact) + TINY32
+    error = np.abs(got.astype(np.float64) - exact)
+    assert np.all(error <= bound), f"worst: {float(np.max(error - bound))} past the bound"
+
+
 def float_equivalent(quantized: onnx.ModelProto) -> onnx.ModelProto:
     """The quantized model with each DequantizeLinear (+ Abs/Mul square) evaluated in numpy into a float initializer.
 
