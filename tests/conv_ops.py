@@ -125,6 +125,15 @@ def post_weights(codes: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, 
     return w_even, w_odd, k2
 
 
+def post_decode(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
+    """POST codes (M, K) as the float32 weights they stand for, from the format's definition (onnxq/numerics/post.py's
+    docstring), not its code: sign(q) * scale * 2^(-(M - |q|) / 2), and 0 for q = 0."""
+    big_m = 2 ** (bits - 1) - 1
+    index = np.abs(codes).astype(np.int64)
+    magnitude = np.where(index > 0, 2.0 ** (-(big_m - index) / 2), 0.0)
+    return (np.sign(codes) * magnitude * np.asarray(scale, np.float64)[:, None]).astype(np.float32)
+
+
 def reference(case: Case, x, codes, scale, bias, x_scale, x_zero_point) -> np.ndarray:
     """The op's output from its definition, in numpy."""
     xq, s_x, z = quantize_input(x, x_scale, x_zero_point)

@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import float_equivalent, random_feeds, run
-from conv_ops import Case, clipped, reference
+from conv_ops import Case, clipped, post_decode, reference
 
 import onnxq.rewrite.ops
 from models import conv_bn_relu_gemm, depthwise_convtranspose
@@ -14,7 +14,6 @@ from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session
-from onnxq.numerics import post
 from onnxq.numerics.weights import QuantizedTensor
 from onnxq.rewrite.ops import declare_domain, pack_rows, replace_convs
 
@@ -52,7 +51,7 @@ def test_op_model_matches_float_model_with_dequantized_weights(fmt):
     codes = _unpack(packed[conv2.input[1]], (16, 16 * 9)).reshape(16, 16, 3, 3)
     scale = packed[conv2.input[2]]
     if fmt is WeightFormat.POST:
-        weight = post.dequantize(codes.reshape(16, -1), scale, 4).reshape(codes.shape)
+        weight = post_decode(codes.reshape(16, -1), scale, 4).reshape(codes.shape)
     else:
         weight = codes.astype(np.float32) * scale[:, None, None, None]
     w2 = next(t for t in reference.graph.initializer if t.name == "w2")

@@ -25,6 +25,7 @@ from conv_ops import (
     conv_model,
     error_model,
     pack,
+    post_decode,
     quantize_input,
     raises_at_run,
     reference,
@@ -33,7 +34,6 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session
-from onnxq.numerics import post
 
 CASES = [
     # PostConv: bits 2/3/4; 1x1 (no im2col), 3x3, 5x5, non-square; strides, pads, dilation, groups
@@ -368,7 +368,7 @@ def test_post_conv_is_close_to_float_conv_with_dequantized_weights(bits):
     case = Case("PostConv", bits, 2, 10, (9, 9), 8, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=2)
     x, codes, scale, bias, _, _ = case_data(case, seed=bits)
     (y,) = session(conv_model(case, pack(codes, bits), scale, bias, None, None)).run(None, {"X": x})
-    weights = post.dequantize(codes, scale, bits)
+    weights = post_decode(codes, scale, bits)
     assert np.abs(weights).max() > 0
     conv = helper.make_node("Conv", ["X", "W", "B"], ["Y"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1], group=2)
     graph = helper.make_graph(
