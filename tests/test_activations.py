@@ -16,9 +16,10 @@ from onnxruntime.quantization import CalibrationDataReader
 from models import conv_bn_relu_gemm, conv_then_if, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.calibrate.asq import Adapter, LogLinear
-from onnxq.calibrate.data import calibration_batches, input_specs
+from onnxq.calibrate.data import calibration_batches
 from onnxq.calibrate.ranges import QuantParams
 from onnxq.calibrate.result import ActivationQuant
+from onnxq.calibrate.samples import input_specs
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod, ReduceRange
 from onnxq.errors import OnnxqError
