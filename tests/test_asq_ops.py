@@ -15,6 +15,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from conftest import op_counts, step_tensor
+from conv_ops import post_decode
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import QuantizeConfig, WeightFormat
@@ -26,7 +27,6 @@ from onnxq.calibrate.result import ActivationQuant
 from onnxq.config import ActivationConfig, CalibrationMethod
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session_options
-from onnxq.numerics import post
 from onnxq.pipeline import load_and_prepare, plan_quantization, quantize_with_report
 from onnxq.rewrite.activations import insert_activation_qdq
 from onnxq.rewrite.fusions import take_input_quantization
@@ -110,7 +110,7 @@ def _op_model(op: str, quant: ActivationQuant, extra_reader: bool = False, float
     codes = rng.integers(-limit, limit + 1, (4, 27)).astype(np.int8)
     scale = rng.uniform(0.01, 0.2, 4).astype(np.float32)
     if float_conv:
-        weights = post.dequantize(codes, scale, bits) if op == "PostConv" else codes * scale[:, None]
+        weights = post_decode(codes, scale, bits) if op == "PostConv" else codes * scale[:, None]
         conv = helper.make_node("Conv", ["x", "w", "b"], ["y"], name="conv", kernel_shape=[3, 3], pads=[1, 1, 1, 1])
         w = numpy_helper.from_array(weights.astype(np.float32).reshape(4, 3, 3, 3), "w")
     else:

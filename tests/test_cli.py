@@ -11,6 +11,7 @@ import pytest
 from conftest import random_feeds, run
 
 from models import conv_bn_relu_gemm
+from onnxq import QuantizeConfig, quantize
 from onnxq.cli import main
 
 
@@ -49,6 +50,8 @@ def test_quantize_writes_default_output_and_summary(model_path, capsys):
     assert f"wrote {output}" in out and "size:" in out
     feeds = random_feeds(onnx.load(model_path))
     assert run(output, feeds).shape == run(model_path, feeds).shape
+    # the file holds the model the API gives for -b 4 (the other options at their defaults)
+    assert onnx.load(output).SerializeToString() == quantize(model_path, QuantizeConfig(bits=4)).SerializeToString()
 
 
 def test_options_reach_the_config(model_path, tmp_path, capsys):

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import random_feeds, run
+from conftest import float_equivalent, random_feeds, run
+from conv_ops import Case, clipped, post_decode, reference
 
 import onnxq.rewrite.ops
 from models import conv_bn_relu_gemm, depthwise_convtranspose
@@ -13,7 +14,6 @@ from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session
-from onnxq.numerics import post
 from onnxq.numerics.weights import QuantizedTensor
 from onnxq.rewrite.ops import declare_domain, pack_rows, replace_convs
 
@@ -51,7 +51,7 @@ def test_op_model_matches_float_model_with_dequantized_weights(fmt):
     codes = _unpack(packed[conv2.input[1]], (16, 16 * 9)).reshape(16, 16, 3, 3)
     scale = packed[conv2.input[2]]
     if fmt is WeightFormat.POST:
-        weight = post.dequantize(codes.reshape(16, -1), scale, 4).reshape(codes.shape)
+        weight = post_decode(codes.reshape(16, -1), scale, 4).reshape(codes.shape)
     else:
         weight = codes.astype(np.float32) * scale[:, None, None, None]
     w2 = next(t for t in reference.graph.initializer if t.name == "w2")
@@ -70,10 +70,28 @@ def _unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
 
 
 def test_depthwise_conv_runs_as_post():
+    """The depthwise Conv (+ Relu) runs as PostConv, the ConvTranspose stays QDQ: the op's output is its definition on the
+    codes and scales the model holds, bit for bit, and the model's output the ConvTranspose of it with decoded weights."""
     model = quantize(depthwise_convtranspose(), QuantizeConfig(bits=4, format=WeightFormat.POST, first_last_bits=None))
     assert _ops(model)["depthwise"] == "PostConv" and _ops(model)["up"] == "ConvTranspose"
     feeds = random_feeds(model)
-    assert session(model.SerializeToString()).run(None, feeds)[0].shape == (2, 6, 12, 12)
+    op = next(n for n in model.graph.node if n.op_type == "PostConv")
+    attributes = {a.name: onnx.helper.get_attribute_value(a) for a in op.attribute}
+    assert {k: attributes[k] for k in ("bits", "group", "kernel_shape", "pads", "clip_min")} == dict(
+        bits=4, group=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1], clip_min=0.0  # the Relu folded into the op
+    )
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.append(onnx.helper.make_tensor_value_info(op.output[0], onnx.TensorProto.FLOAT, None))
+    y, r = session(probe.SerializeToString()).run(None, feeds)
+    assert y.shape == (2, 6, 12, 12)
+    inits = {t.name: onnx.numpy_helper.to_array(t) for t in model.graph.initializer}
+    bias = inits[op.input[3]] if len(op.input) > 3 and op.input[3] else None
+    case = Case("PostConv", 4, 2, 4, (6, 6), 4, (3, 3), pads=(1, 1, 1, 1), group=4, bias=bias is not None)
+    unclipped = reference(case, feeds["x"], _unpack(inits[op.input[1]], (4, 9)), inits[op.input[2]], bias, None, None)
+    np.testing.assert_array_equal(r, clipped(unclipped, dict(clip_min=0.0)))
+    (want,) = session(float_equivalent(probe).SerializeToString()).run(None, feeds)[:1]
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-6 * np.abs(want).max())
 
 
 def _shapes(model: onnx.ModelProto) -> dict[str, list]:
@@ -122,8 +140,11 @@ def test_op_output_shapes_computed_when_the_float_model_has_none():
     # OH = (11 + 1 + 2 - 3) // 2 + 1 = 6, OW = (9 + 0 + 1 - (2 * (2 - 1) + 1)) // 1 + 1 = 8
     declared = [d.dim_value or d.dim_param for d in model.graph.output[0].type.tensor_type.shape.dim]
     assert declared == ["batch", 5, 6, 8]
-    out = session(model.SerializeToString()).run(None, {"x": rng.random((2, 3, 11, 9), dtype=np.float32)})[0]
+    x = rng.random((2, 3, 11, 9), dtype=np.float32)
+    out = session(model.SerializeToString()).run(None, {"x": x})[0]
     assert out.shape == (2, 5, 6, 8)
+    case = Case("IntConv", 4, 2, 3, (11, 9), 5, (3, 2), strides=(2, 1), pads=(1, 0, 2, 1), dilations=(1, 2), bias=False)
+    np.testing.assert_array_equal(out, reference(case, x, codes.reshape(5, -1), q.scale, None, None, None))  # the op's definition
 
 
 def test_cli_post_summary_names_the_library(tmp_path, capsys):

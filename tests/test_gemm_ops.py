@@ -1,7 +1,7 @@
 """--format int / post on Gemm and MatMul: the rewrite runs them as IntConv/PostConv 1x1 convolutions over their rows.
 
 The expected output is IntConv/PostConv's definition (csrc/kernels/int_conv.h) in numpy, with the numpy helpers of
-test_int_conv.py, applied to codes computed here from the float weight with onnxq's own quantizer (so a codes
+tests/conv_ops.py, applied to codes computed here from the float weight with onnxq's own quantizer (so a codes
 transpose, a lost alpha or beta, or a wrong row layout in the rewrite shows): bit for bit.
 """
 
@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conv_ops import post_weights, quantize_input
 from onnx import TensorProto, helper, numpy_helper
-from test_int_conv import _post_weights, _quantize
 
 from onnxq import QuantizeConfig, WeightFormat, quantize_with_report
 from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
@@ -57,10 +57,10 @@ def _reference(float_model: onnx.ModelProto, x: np.ndarray, fmt: WeightFormat, b
     bias = None
     if "c" in inits:
         bias = (np.broadcast_to(inits["c"].reshape(-1), (m,)) * np.float32(attrs.get("beta", 1.0))).astype(np.float32)
-    xq, s_x, z = _quantize(x, *(x_step or (None, None)))
+    xq, s_x, z = quantize_input(x, *(x_step or (None, None)))
     flat = xq.reshape(-1, x.shape[-1]) - z
     if fmt is WeightFormat.POST:
-        w_even, w_odd, k2 = _post_weights(q.codes, bits)
+        w_even, w_odd, k2 = post_weights(q.codes, bits)
         c_e = s_x * scale * np.float32(2.0**-k2)
         c_o = c_e * np.float32(0.70710678118654752)
         y = (flat @ w_even.T).astype(np.float32) * c_e + (flat @ w_odd.T).astype(np.float32) * c_o

@@ -11,8 +11,9 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from conftest import ISA_KERNELS, KERNELS, skip_reason
+from conv_ops import GOOD, Case, case_data, conv_model, error_model, pack, raises_at_run, reference
 from onnx import TensorProto, helper
-from test_int_conv import GOOD, KERNELS, SUPPORTED_KERNELS, Case, _data, _error_model, _model, _pack, _raises_at_run, _reference
 
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session
@@ -21,44 +22,47 @@ BIG = 2**62  # far past any real size: sums and products of such attributes over
 F, U8 = TensorProto.FLOAT, TensorProto.UINT8
 
 
-@pytest.fixture(params=SUPPORTED_KERNELS)
+@pytest.fixture(params=ISA_KERNELS)
 def kernel(request) -> int:
-    """Every kernel this CPU runs, as the ops' `kernel` attribute."""
+    """Every kernel, as the ops' `kernel` attribute; a kernel this CPU lacks skips the test, saying what is missing."""
+    reason = skip_reason(request.param)
+    if reason:
+        pytest.skip(reason)
     return KERNELS[request.param]
 
 
 def _w_input_model(case: Case, kernel: int) -> bytes:
     """The case's model with W a graph input, so a test can feed W of any shape."""
-    _, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=3)
-    return _model(case, _pack(codes, case.bits), scale, bias, x_scale, x_zero_point, kernel=kernel, w_input=True)
+    _, codes, scale, bias, x_scale, x_zero_point = case_data(case, seed=3)
+    return conv_model(case, pack(codes, case.bits), scale, bias, x_scale, x_zero_point, kernel=kernel, w_input=True)
 
 
 def test_inputs_of_the_wrong_rank(kernel):
-    x, model = _error_model(GOOD, kernel=kernel)
-    _raises_at_run(model, x[..., None], r"PostConv: input X must have rank 4 \(N, C, H, W\), got shape \(1, 4, 6, 6, 1\)")
-    _raises_at_run(model, x[0, 0], r"input X must have rank 4 \(N, C, H, W\), got shape \(6, 6\)")
-    _raises_at_run(model, np.array(1, np.float32), r"input X must have rank 4 \(N, C, H, W\), got shape \(\)")
+    x, model = error_model(GOOD, kernel=kernel)
+    raises_at_run(model, x[..., None], r"PostConv: input X must have rank 4 \(N, C, H, W\), got shape \(1, 4, 6, 6, 1\)")
+    raises_at_run(model, x[0, 0], r"input X must have rank 4 \(N, C, H, W\), got shape \(6, 6\)")
+    raises_at_run(model, np.array(1, np.float32), r"input X must have rank 4 \(N, C, H, W\), got shape \(\)")
     sess = session(_w_input_model(GOOD, kernel))
     for w, shape in [(np.zeros(72, np.uint8), r"\(72,\)"), (np.zeros((4, 2, 9), np.uint8), r"\(4, 2, 9\)")]:
         with pytest.raises(Exception, match=rf"PostConv: input W must have rank 2 \(M, row_bytes\), got shape {shape}"):
             sess.run(None, {"X": x, "W": w})
     for scale, shape in [(np.array(1, np.float32), r"\(\)"), (np.ones((4, 1), np.float32), r"\(4, 1\)")]:
-        x, model = _error_model(GOOD, kernel=kernel, scale=scale)
-        _raises_at_run(model, x, rf"input scale must have shape \(M,\) = \(4,\) like W's rows, got {shape}")
+        x, model = error_model(GOOD, kernel=kernel, scale=scale)
+        raises_at_run(model, x, rf"input scale must have shape \(M,\) = \(4,\) like W's rows, got {shape}")
 
 
 def test_weights_of_the_wrong_size(kernel):
     """W's rows must hold exactly K codes: too short (the kernels would read past W) or too long."""
-    x, codes, *_ = _data(GOOD, seed=3)
+    x, codes, *_ = case_data(GOOD, seed=3)
     sess = session(_w_input_model(GOOD, kernel))
     for row_bytes in (0, 1, 17, 19, 36):
         with pytest.raises(Exception, match=rf"PostConv: W has {row_bytes} bytes per output channel, but .* = 36 codes at 4 bits take 18"):
             sess.run(None, {"X": x, "W": np.zeros((4, row_bytes), np.uint8)})
     with pytest.raises(Exception, match=r"input scale must have shape \(M,\) = \(8,\) like W's rows, got \(4,\)"):
         sess.run(None, {"X": x, "W": np.zeros((8, 18), np.uint8)})
-    (y,) = sess.run(None, {"X": x, "W": _pack(codes, 4)})  # the session still runs
-    _, _, scale, bias, x_scale, x_zero_point = _data(GOOD, seed=3)
-    np.testing.assert_array_equal(y, _reference(GOOD, x, codes, scale, bias, x_scale, x_zero_point))
+    (y,) = sess.run(None, {"X": x, "W": pack(codes, 4)})  # the session still runs
+    _, _, scale, bias, x_scale, x_zero_point = case_data(GOOD, seed=3)
+    np.testing.assert_array_equal(y, reference(GOOD, x, codes, scale, bias, x_scale, x_zero_point))
 
 
 def test_activation_quantization_of_the_wrong_shape_or_value(kernel):
@@ -72,8 +76,8 @@ def test_activation_quantization_of_the_wrong_shape_or_value(kernel):
         (np.float32(np.inf), np.uint8(0), r"x_scale must be positive and finite, got inf"),
         (np.float32(-0.5), np.uint8(0), r"x_scale must be positive and finite, got -0.5"),
     ]:
-        x, model = _error_model(calibrated, kernel=kernel, x_scale=x_scale, x_zero_point=x_zero_point)
-        _raises_at_run(model, x, match)
+        x, model = error_model(calibrated, kernel=kernel, x_scale=x_scale, x_zero_point=x_zero_point)
+        raises_at_run(model, x, match)
 
 
 def test_per_sample_steps_of_the_wrong_count_or_value(kernel):
@@ -88,12 +92,16 @@ def test_per_sample_steps_of_the_wrong_count_or_value(kernel):
         (np.array([0.02, 0.01, -np.inf], np.float32), np.uint8(3), r"x_scale\[2\] must be positive and finite, got -inf"),
         (np.array([0.0, 0.01, 0.02], np.float32), np.uint8(3), r"x_scale\[0\] must be positive and finite, got 0"),
     ]:
-        x, model = _error_model(batch, kernel=kernel, x_scale=x_scale, x_zero_point=x_zero_point)
-        _raises_at_run(model, x, match)
-    x, model = _error_model(batch, kernel=kernel, x_scale=good, x_zero_point=np.uint8(3))
-    _raises_at_run(model, x[:2], r"x_scale must have 1 element or N = 2 .*got shape \(3, 1\)")  # a batch of another size
+        x, model = error_model(batch, kernel=kernel, x_scale=x_scale, x_zero_point=x_zero_point)
+        raises_at_run(model, x, match)
+    x, model = error_model(batch, kernel=kernel, x_scale=good, x_zero_point=np.uint8(3))
+    raises_at_run(model, x[:2], r"x_scale must have 1 element or N = 2 .*got shape \(3, 1\)")  # a batch of another size
     (y,) = session(model).run(None, {"X": x})
     assert y.shape == (3, 4, 6, 6)
+    _, codes, scale, bias, _, _ = case_data(batch, seed=3)  # (error_model's data)
+    single = replace(batch, n=1)
+    want = np.concatenate([reference(single, x[n : n + 1], codes, scale, bias, good[n, 0], np.uint8(3)) for n in range(3)])
+    np.testing.assert_array_equal(y, want)  # the good steps give the definition's output
 
 
 @pytest.mark.parametrize(
@@ -110,24 +118,24 @@ def test_per_sample_steps_of_the_wrong_count_or_value(kernel):
     ],
 )
 def test_negative_or_zero_attributes_are_session_errors(overrides, match):
-    _, model = _error_model(GOOD, **overrides)
+    _, model = error_model(GOOD, **overrides)
     with pytest.raises(Exception, match=match):
         session(model)
 
 
 def test_groups_that_do_not_divide_the_channels(kernel):
-    x, model = _error_model(GOOD, kernel=kernel, group=8)
-    _raises_at_run(model, x, r"X has 4 channels, not divisible by group=8")
-    x, model = _error_model(replace(GOOD, c=8, m=4), kernel=kernel, group=8)
-    _raises_at_run(model, x, r"W has 4 output channels, not divisible by group=8")
+    x, model = error_model(GOOD, kernel=kernel, group=8)
+    raises_at_run(model, x, r"X has 4 channels, not divisible by group=8")
+    x, model = error_model(replace(GOOD, c=8, m=4), kernel=kernel, group=8)
+    raises_at_run(model, x, r"W has 4 output channels, not divisible by group=8")
 
 
 def test_kernel_larger_than_the_input(kernel):
-    x, model = _error_model(replace(GOOD, pads=(0, 0, 0, 0)), kernel=kernel, kernel_shape=[7, 3], w=np.zeros((4, 42), np.uint8))
-    _raises_at_run(model, x, r"PostConv: the padded input \(6 x 6\) is smaller than the dilated kernel \(7 x 3\)")
-    x, model = _error_model(GOOD, kernel=kernel)
-    _raises_at_run(model, x[:, :, :0], r"the padded input \(2 x 8\) is smaller than the dilated kernel \(3 x 3\)")
-    _raises_at_run(model, x[:, :, :, :0], r"the padded input \(8 x 2\) is smaller than the dilated kernel \(3 x 3\)")
+    x, model = error_model(replace(GOOD, pads=(0, 0, 0, 0)), kernel=kernel, kernel_shape=[7, 3], w=np.zeros((4, 42), np.uint8))
+    raises_at_run(model, x, r"PostConv: the padded input \(6 x 6\) is smaller than the dilated kernel \(7 x 3\)")
+    x, model = error_model(GOOD, kernel=kernel)
+    raises_at_run(model, x[:, :, :0], r"the padded input \(2 x 8\) is smaller than the dilated kernel \(3 x 3\)")
+    raises_at_run(model, x[:, :, :, :0], r"the padded input \(8 x 2\) is smaller than the dilated kernel \(3 x 3\)")
 
 
 @pytest.mark.parametrize(
@@ -145,18 +153,18 @@ def test_kernel_larger_than_the_input(kernel):
     ids=["pads", "pads-2^21", "pads-2^18", "dilation", "dilation-2^62", "kernel-2^32", "kernel-2^62", "kernel-129x128"],
 )
 def test_huge_attributes_are_errors_not_overflows(kernel, overrides, match):
-    x, model = _error_model(GOOD, kernel=kernel, **overrides)
-    _raises_at_run(model, x, match)
+    x, model = error_model(GOOD, kernel=kernel, **overrides)
+    raises_at_run(model, x, match)
 
 
 @pytest.mark.parametrize("strides,hw", [((BIG, BIG), (1, 1)), ((2**63 - 1, 1), (1, 6)), ((3, 2**63 - 1), (2, 1)), ((6, 5), (1, 2))])
 def test_strides_past_the_input_leave_one_window(kernel, strides, hw):
     """A stride longer than the rest of the padded input gives one output row (or column): the first window."""
     case = replace(GOOD, strides=strides)
-    x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=3)
-    want = _reference(case, x, codes, scale, bias, x_scale, x_zero_point)
+    x, codes, scale, bias, x_scale, x_zero_point = case_data(case, seed=3)
+    want = reference(case, x, codes, scale, bias, x_scale, x_zero_point)
     assert want.shape[2:] == hw
-    (y,) = session(_model(case, _pack(codes, 4), scale, bias, x_scale, x_zero_point, kernel=kernel)).run(None, {"X": x})
+    (y,) = session(conv_model(case, pack(codes, 4), scale, bias, x_scale, x_zero_point, kernel=kernel)).run(None, {"X": x})
     np.testing.assert_array_equal(y, want)
 
 
@@ -173,9 +181,9 @@ EMPTY = [
 
 @pytest.mark.parametrize("case", EMPTY, ids=str)
 def test_empty_tensors_give_the_defined_result(kernel, case):
-    x, codes, scale, bias, x_scale, x_zero_point = _data(case, seed=3)
-    want = _reference(case, x, codes, scale, bias, x_scale, x_zero_point)
-    (y,) = session(_model(case, _pack(codes, case.bits), scale, bias, x_scale, x_zero_point, kernel=kernel)).run(None, {"X": x})
+    x, codes, scale, bias, x_scale, x_zero_point = case_data(case, seed=3)
+    want = reference(case, x, codes, scale, bias, x_scale, x_zero_point)
+    (y,) = session(conv_model(case, pack(codes, case.bits), scale, bias, x_scale, x_zero_point, kernel=kernel)).run(None, {"X": x})
     assert y.shape == want.shape
     np.testing.assert_array_equal(y, want)
 

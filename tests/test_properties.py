@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_float32_decode, onnx_dequantize
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
@@ -82,10 +83,12 @@ def test_uniform_round_trip_within_half_a_step_inside_the_range(rows, bits, sqrt
 @FIXED
 @given(rows=weight_rows(), bits=bits_values(), sqrt=st.booleans())
 def test_uniform_dequantize_is_codes_times_scale(rows, bits, sqrt):
+    """Codes times scale (sign-kept square in sqrt mode): bit for bit what onnxruntime's DequantizeLinear (+ Abs, Mul)
+    computes in a quantized model, and within float32 rounding of the float64 value of the definition."""
     q = uniform.quantize_rows(rows, np.ones(len(rows)), bits, sqrt)
-    y = q.codes.astype(np.float32) * q.scale[:, None]
-    expected = np.sign(y) * np.square(y) if sqrt else y
-    np.testing.assert_array_equal(q.dequantize(), expected)
+    got = q.dequantize()
+    np.testing.assert_array_equal(got, onnx_dequantize(q.codes, q.scale, sqrt))
+    assert_float32_decode(got, q.codes, q.scale, sqrt)
 
 
 # ---------------------------------------------------------------- POST codes
@@ -158,7 +161,7 @@ def ref_exact_sse(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) ->
     top_code = 2 ** (bits - 1) - 1
     s = np.asarray(alpha, dtype=np.float64)[..., None] / top_code
     y = np.clip(np.rint(x / s), -top_code, top_code) * s
-    approx = y * np.abs(y) if sqrt else y
+    approx = np.sign(y) * y**2 if sqrt else y
     return np.sum((approx - u) ** 2, axis=-1)
 
 

@@ -6,7 +6,8 @@ build/<wheel tag>/ (or ``ONNXQ_ORT_INCLUDE_DIR``), else fetches them itself. The
 Python with the sanitizer runtimes preloaded (AddressSanitizer must come before every other library), ONNXQ_OPS_LIBRARY
 pointing at the sanitized build (onnxq.native.library.get_library_path) and sessions without onnxruntime's memory arena
 (tests/sanitized_sessions.py). The child stops at the first report: a read or write out of bounds, a use after free, or
-undefined behaviour such as a signed overflow or an out-of-range shift.
+undefined behaviour such as a signed overflow or an out-of-range shift. Its JUnit report says which tests ran: each kernel
+(scalar, avx2, avx512) must have run there, or be a skip here that names what the CPU lacks.
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from xml.etree import ElementTree
 
 import pytest
-from conftest import REPO
+from conftest import REPO, kernel_params
 
 pytestmark = pytest.mark.sanitize
 
@@ -114,14 +116,42 @@ def test_harness_sees_a_heap_overflow(sanitized):
     assert REPORT.search(output)
 
 
-def test_op_tests_under_sanitizers(sanitized):
+@pytest.fixture(scope="module")
+def op_tests(sanitized, tmp_path_factory) -> tuple[int, str, dict[str, tuple[str, str]]]:
+    """The op tests run once in the sanitized child: its exit status, its output, and each test's outcome and message."""
     env = dict(sanitized, PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
-    code, output = _run(env, ["-m", "pytest", "-q", "--capture=sys", "-p", "no:cacheprovider", "-p", "sanitized_sessions", *OP_TESTS])
+    junit = tmp_path_factory.mktemp("sanitized") / "op_tests.xml"
+    options = ["-q", "-rs", "--capture=sys", "-p", "no:cacheprovider", "-p", "sanitized_sessions", f"--junitxml={junit}"]
+    code, output = _run(env, ["-m", "pytest", *options, *OP_TESTS])
+    outcomes = {}
+    if junit.is_file():
+        for case in ElementTree.parse(junit).iter("testcase"):
+            kinds = [(child.tag, child.get("message", "")) for child in case if child.tag in ("skipped", "failure", "error")]
+            outcomes[f"{case.get('classname')}::{case.get('name')}"] = kinds[0] if kinds else ("passed", "")
+    return code, output, outcomes
+
+
+def test_op_tests_under_sanitizers(op_tests):
+    code, output, outcomes = op_tests
     if REPORT.search(output):
         pytest.fail(f"a sanitizer report from the op tests:\n{_excerpt(output)}", pytrace=False)
     if code != 0:
         pytest.fail(f"the op tests failed against the sanitized library (exit {code}):\n{_excerpt(output)}", pytrace=False)
     assert re.search(r"\d+ passed", output), output[-3000:]
+    assert outcomes, f"the child wrote no JUnit report of its tests:\n{output[-3000:]}"
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_each_kernel_ran_under_sanitizers(op_tests, kernel):
+    """The child ran this kernel's op tests, and skipped none of them for want of an ISA: a kernel the CPU lacks is a
+    skip here, so the run under sanitizers does not drop kernels without a word."""
+    _, output, outcomes = op_tests
+    mine = {name: outcome for name, outcome in outcomes.items() if kernel in re.split(r"[\[\]-]", name.split("::")[-1])}
+    passed = [name for name, (kind, _) in mine.items() if kind == "passed"]
+    lacking = [name for name, (kind, message) in mine.items() if kind == "skipped" and "CPU lacks" in message]
+    failed = [name for name, (kind, _) in mine.items() if kind in ("failure", "error")]
+    assert not failed and not lacking, (failed, lacking, output[-3000:])
+    assert len(passed) > 100, (len(passed), output[-3000:])
 
 
 def test_library_path_comes_from_the_environment(sanitized):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import assert_float32_decode, onnx_dequantize
 
 from onnxq.config import RangeMethod, SqrtMode
 from onnxq.numerics import uniform
@@ -28,15 +29,6 @@ def ref_rows_rtn(rows: np.ndarray, bits: int, sqrt: bool) -> tuple[np.ndarray, n
     ratio = x / scale.astype(np.float64)[:, None]
     codes = np.clip(np.rint(ratio), -ref_q(bits), ref_q(bits))
     return codes, scale, ratio
-
-
-def ref_decode(codes: np.ndarray, scale: np.ndarray, sqrt: bool) -> np.ndarray:
-    """codes * scale per row in float32; sign-kept square in sqrt mode."""
-    out = np.empty(codes.shape, np.float32)
-    for r in range(codes.shape[0]):
-        y = np.float32(scale[r]) * codes[r].astype(np.float32)
-        out[r] = np.sign(y) * np.square(y) if sqrt else y
-    return out
 
 
 def weight_rows(rng: np.random.Generator, r: int, n: int) -> np.ndarray:
@@ -73,18 +65,61 @@ def test_codes_within_symmetric_range(bits: int, sqrt: bool) -> None:
 
 @pytest.mark.parametrize("sqrt", [False, True])
 def test_dequantize_matches_reference(sqrt: bool) -> None:
-    """dequantize gives codes*scale per row (plain) or its sign-kept square (sqrt), float32."""
+    """dequantize gives codes*scale per row (plain) or its sign-kept square (sqrt), float32: bit for bit what
+    onnxruntime's DequantizeLinear (+ Abs, Mul) computes, and within float32 rounding of the float64 definition."""
     rng = np.random.default_rng(5)
     codes = rng.integers(-127, 128, size=(4, 33)).astype(np.int8)
     scale = rng.uniform(1e-3, 2.0, size=4).astype(np.float32)
     got = uniform.dequantize(codes, scale, sqrt)
     assert got.dtype == np.float32
-    np.testing.assert_array_equal(got, ref_decode(codes, scale, sqrt))
+    np.testing.assert_array_equal(got, onnx_dequantize(codes, scale, sqrt))
+    assert_float32_decode(got, codes, scale, sqrt)
     # UniformWeights.dequantize decodes the same way.
     uw = uniform.quantize_rows(rng.normal(size=(3, 20)).astype(np.float32), np.ones(3), 5, sqrt)
-    np.testing.assert_array_equal(uw.dequantize(), ref_decode(uw.codes, uw.scale, sqrt))
+    np.testing.assert_array_equal(uw.dequantize(), onnx_dequantize(uw.codes, uw.scale, sqrt))
+    assert_float32_decode(uw.dequantize(), uw.codes, uw.scale, sqrt)
     if sqrt:  # signs survive the squaring
         assert np.all(np.sign(got) == np.sign(codes))
+
+
+# Worked by hand: codes (R, n), one scale per row, and the weights they stand for (every value exact in float32).
+HAND_DECODED = [
+    # plain: q * s
+    ([[3, -2, 0, 7]], [0.5], False, [[1.5, -1.0, 0.0, 3.5]]),
+    ([[1, -4], [-3, 2]], [0.25, 2.0], False, [[0.25, -1.0], [-6.0, 4.0]]),
+    # sqrt: sign(q) * (q * s)^2; (q^2 * s would give 4.5, -2, 0, 24.5 and 0.25, -4, -18, 8; no sign 1, ..., 36)
+    ([[3, -2, 0, 7]], [0.5], True, [[2.25, -1.0, 0.0, 12.25]]),
+    ([[1, -4], [-3, 2]], [0.25, 2.0], True, [[0.0625, -1.0], [-36.0, 16.0]]),
+    ([[127, -127, 1]], [2.0**-10], True, [[16129 * 2.0**-20, -16129 * 2.0**-20, 2.0**-20]]),
+]
+
+
+@pytest.mark.parametrize("codes, scale, sqrt, weights", HAND_DECODED)
+def test_dequantize_by_hand(codes, scale, sqrt, weights) -> None:
+    got = uniform.dequantize(np.array(codes, np.int8), np.array(scale, np.float32), sqrt)
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, np.array(weights, np.float32))
+
+
+@pytest.mark.parametrize(
+    "rows, bits, alpha, sqrt, codes, weights",
+    [
+        # Q = 3, scale max|w| / Q = 1: -1.2 -> -1, 0.4 -> 0
+        ([[3.0, -1.2, 0.4, 0.0]], 3, 1.0, False, [[3, -1, 0, 0]], [[3.0, -1.0, 0.0, 0.0]]),
+        # alpha 0.5: scale 0.5, w / s = 6, -2.4, 0.8, 0 -> clipped to Q = 3: 3, -2, 1, 0
+        ([[3.0, -1.2, 0.4, 0.0]], 3, 0.5, False, [[3, -2, 1, 0]], [[1.5, -1.0, 0.5, 0.0]]),
+        # sqrt, Q = 7: sign(w) sqrt|w| = 1, -0.6, 0, 0.1; scale sqrt(1) / 7; x / s = 7, -4.2, 0, 0.7 -> 7, -4, 0, 1;
+        # weights sign(q) (q / 7)^2 = 1, -16/49, 0, 1/49
+        ([[1.0, -0.36, 0.0, 0.01]], 4, 1.0, True, [[7, -4, 0, 1]], [[1.0, -16 / 49, 0.0, 1 / 49]]),
+        # sqrt, Q = 3, two rows: peaks 9 and 0.25 -> scales 3 / 3 = 1 and 0.5 / 3; x / s = 3, -2, 1 and 3, 0, -1.8
+        ([[9.0, -4.0, 1.0], [0.25, 0.0, -0.09]], 3, 1.0, True, [[3, -2, 1], [3, 0, -2]], [[9.0, -4.0, 1.0], [0.25, 0.0, -1 / 9]]),
+    ],
+)
+def test_quantize_rows_by_hand(rows, bits, alpha, sqrt, codes, weights) -> None:
+    """Codes worked out by hand, and the weights they decode to, within float32 rounding (the scales are float32)."""
+    out = uniform.quantize_rows(np.array(rows, np.float32), np.full(len(rows), alpha), bits, sqrt)
+    assert out.codes.tolist() == codes
+    np.testing.assert_allclose(out.dequantize(), np.array(weights), rtol=3 * 2.0**-24, atol=0)
 
 
 @pytest.mark.parametrize("sqrt", [False, True])
@@ -165,12 +200,10 @@ def test_quantize_weight_shapes_and_reported_mse(shape, axis, sqrt) -> None:
     assert q.mse == pytest.approx(mse, rel=1e-6)
     sqnr = 10 * np.log10(np.sum(weight.astype(np.float64) ** 2) / np.sum((weight - approx.astype(np.float64)) ** 2))
     assert q.sqnr_db == pytest.approx(sqnr, abs=1e-6)
-    # The dequantized tensor is what codes * scale along the axis gives, independently decoded.
-    bshape = [1] * len(shape)
-    if axis is not None:
-        bshape[axis] = -1
-    y = q.codes.astype(np.float32) * np.asarray(q.scale, np.float32).reshape(bshape)
-    np.testing.assert_array_equal(approx, y * np.abs(y) if q.sqrt else y)
+    # The dequantized tensor is what codes * scale along the axis gives, decoded by onnxruntime's DequantizeLinear
+    # (+ Abs, Mul) bit for bit, and by float64 arithmetic within float32 rounding.
+    np.testing.assert_array_equal(approx, onnx_dequantize(q.codes, q.scale, q.sqrt, axis))
+    assert_float32_decode(approx, q.codes, q.scale, q.sqrt, axis)
 
 
 def test_quantize_weight_per_channel_rows_are_independent() -> None:
