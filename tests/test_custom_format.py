@@ -160,3 +160,15 @@ def test_post_above_4_bits_is_a_clear_error(tmp_path, capsys):
     onnx.save_model(conv_bn_relu_gemm(), path)
     assert main(["quantize", str(path), "-b", "6", "--format", "post"]) == 1
     assert "POST weights take 2-4 bits" in capsys.readouterr().err
+
+
+def test_cli_says_weight_only_ops_quantize_their_inputs_per_run(tmp_path, capsys):
+    """Weight-only --format int: the summary explains the uint8 inputs QDQ does not have; with calibration it does not."""
+    path = tmp_path / "net.onnx"
+    onnx.save_model(conv_bn_relu_gemm(c=16), path)
+    assert main(["quantize", str(path), "-b", "4", "--format", "int"]) == 0
+    assert "note: the ops quantize their inputs to uint8 on every run" in capsys.readouterr().out
+    data = tmp_path / "cal.npy"
+    np.save(data, np.random.default_rng(0).random((8, 3, 8, 8), dtype=np.float32))
+    assert main(["quantize", str(path), "-b", "4", "--format", "int", "--calibration", str(data), "-o", str(tmp_path / "q.onnx")]) == 0
+    assert "quantize their inputs to uint8 on every run" not in capsys.readouterr().out

@@ -95,6 +95,10 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     if ops:
         counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
         lines.append(f"onnxq ops: {counts}; the model runs only with onnxq's op library (onnxq.get_library_path())")
+        if result.calibration is None:  # weight-only: the ops still quantize their inputs, each run by its own min/max
+            lines.append("note: the ops quantize their inputs to uint8 on every run from that run's min and max, which QDQ keeps "
+                         "float; an outlier then sets the step (--calibration DATA gives calibrated steps), and their 2-4 bit "
+                         "codes are plain where QDQ may pick sqrt codes")
     kept = [layer for layer in result.layers if layer.qdq_reason]
     if kept:
         shown = "; ".join(f"{','.join(layer.nodes)}: {layer.qdq_reason}" for layer in kept[:3])
