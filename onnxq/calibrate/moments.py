@@ -1,0 +1,189 @@
+"""Second moments of each weighted layer's input as the layer sees it: H = E[x x^T] over the rows its weight multiplies.
+
+A weight row w (one output channel) meets inputs x the same length as w; the output error (w - q) x has mean square
+(w - q) H (w - q)^T (onnxq/numerics/output_error.py). The rows x are:
+
+- MatMul x @ W: the last axis of x; W @ x (the weight first): axis -2 of x; Gemm: A's rows (its columns with transA);
+- Conv: each output position's patch, (C/group, kernel...) in the weight's own order, one H per group (a depthwise
+  convolution has one small H per channel), with strides, padding (explicit or SAME), dilations, 1-D to 3-D.
+
+H is summed in float64 as the calibration runs stream by (never all activations at once; a convolution's patches one
+sample at a time), over every reader of a shared weight. Weights with another kind of reader (ConvTranspose, Einsum,
+recurrent layers, lookups, readers inside control-flow bodies) or with an input axis longer than MAX_FEATURES get none,
+and are quantized for their own error as before.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+
+from onnxq.model.graph import attribute, constant_initializers, is_op
+from onnxq.plan.weights import WeightPlan
+
+#: Longest input row a full H is kept for (8192: 512 MB of float64): beyond, the weight keeps its own-error quantization.
+MAX_FEATURES = 8192
+
+
+@dataclass(frozen=True)
+class LayerInput:
+    """How one reader turns its input tensor into rows of the features its weight rows multiply."""
+
+    tensor: str
+    kind: str  # "rows" (last axis), "columns" (axis -2: W @ x), "transposed" (Gemm transA), "conv"
+    groups: int = 1
+    kernel: tuple[int, ...] = ()
+    strides: tuple[int, ...] = ()
+    pads: tuple[int, ...] = ()  # begins then ends, one per spatial axis (auto_pad resolved at run time when empty)
+    dilations: tuple[int, ...] = ()
+    auto_pad: str = "NOTSET"
+
+    def rows(self, value: np.ndarray) -> np.ndarray:
+        """(groups, n, K) rows of ``value`` (one run of the tensor)."""
+        x = np.asarray(value)
+        if self.kind == "rows":
+            return x.reshape(1, -1, x.shape[-1])
+        if self.kind == "columns":
+            return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])
+        if self.kind == "transposed":
+            return x.T.reshape(1, -1, x.shape[0])
+        return self._patches(x)
+
+    def _patches(self, x: np.ndarray) -> np.ndarray:
+        """Conv patches (groups, N * positions, C/group * prod(kernel)), in the weight's (channel, kernel...) order."""
+        spatial = x.shape[2:]
+        pads = self._resolved_pads(spatial)
+        padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(spatial)]) for i in range(len(spatial))])
+        out = [(padded.shape[2 + i] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1 for i in range(len(spatial))]
+        taps = []
+        for offsets in itertools.product(*(range(k) for k in self.kernel)):
+            index = tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offsets, self.dilations, self.strides, out, strict=True))
+            taps.append(padded[(slice(None), slice(None), *index)])
+        stacked = np.stack(taps, axis=2)  # (N, C, taps, *out)
+        n, c = x.shape[:2]
+        per_group = stacked.reshape(n, self.groups, c // self.groups, len(taps), -1)  # (N, g, C/g, taps, positions)
+        return per_group.transpose(1, 0, 4, 2, 3).reshape(self.groups, -1, (c // self.groups) * len(taps))
+
+    def _resolved_pads(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        if self.auto_pad in ("NOTSET", "VALID") or not self.auto_pad:
+            return self.pads or (0,) * (2 * len(spatial))
+        begins, ends = [], []
+        for size, k, s, d in zip(spatial, self.kernel, self.strides, self.dilations, strict=True):
+            total = max((math.ceil(size / s) - 1) * s + d * (k - 1) + 1 - size, 0)
+            small, large = total // 2, total - total // 2
+            begins.append(large if self.auto_pad == "SAME_LOWER" else small)
+            ends.append(small if self.auto_pad == "SAME_LOWER" else large)
+        return tuple(begins + ends)
+
+
+def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...]) -> LayerInput | None:
+    """How ``node`` (reading its weight of ``dims`` at ``input_index``) sees its input, or None where no H is kept."""
+    weight_rank = len(dims)
+    if is_op(node, "MatMul") and weight_rank == 2:
+        return LayerInput(node.input[0], "rows") if input_index == 1 else LayerInput(node.input[1], "columns")
+    if is_op(node, "Gemm") and input_index == 1:
+        return LayerInput(node.input[0], "transposed" if attribute(node, "transA", 0) else "rows")
+    if is_op(node, "Conv") and input_index == 1 and weight_rank >= 3:
+        spatial = weight_rank - 2
+        auto_pad = attribute(node, "auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        return LayerInput(
+            node.input[0], "conv", int(attribute(node, "group", 1)), kernel=tuple(dims[2:]),
+            strides=tuple(attribute(node, "strides", [1] * spatial)), pads=tuple(attribute(node, "pads", [])),
+            dilations=tuple(attribute(node, "dilations", [1] * spatial)), auto_pad=auto_pad,
+        )
+    return None
+
+
+def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[str, list[LayerInput]]:
+    """Per planned weight, how each of its readers sees its input (rows along the weight's planned channel axis).
+
+    Weights with a reader of another kind, or too long an input row, are left out.
+    """
+    nodes = {n.name: n for n in graph.node}
+    consts = constant_initializers(graph)
+    out: dict[str, list[LayerInput]] = {}
+    for plan in plans:
+        dims = tuple(consts[plan.tensor].dims)
+        readers = []
+        for use in plan.uses:
+            node = nodes.get(use.node)
+            found = _reader_input(node, use.input_index, dims) if node is not None and not use.body_of else None
+            if found is None or plan.channel_axis != _output_axis(node, use.input_index, len(dims)):
+                break
+            readers.append(found)
+        else:
+            if readers and math.prod(dims) // dims[plan.channel_axis] <= MAX_FEATURES:
+                out[plan.tensor] = readers
+    return out
+
+
+def _output_axis(node: onnx.NodeProto, input_index: int, rank: int) -> int:
+    """The weight axis that holds output channels for the reader kinds above (the rows GPTQ quantizes)."""
+    if node.op_type == "MatMul":
+        return rank - 1 if input_index == 1 else rank - 2
+    if node.op_type == "Gemm":
+        return 0 if attribute(node, "transB", 0) else 1
+    return 0
+
+
+@dataclass
+class Moments:
+    """Running sum of x x^T (float64) over the rows of a weight's inputs, one matrix per group, and the row count."""
+
+    sums: np.ndarray | None = None
+    count: int = 0
+
+    def add(self, rows: np.ndarray) -> None:
+        """Add (groups, n, K) rows."""
+        rows64 = rows.astype(np.float64)
+        update = np.einsum("gnk,gnl->gkl", rows64, rows64) if rows64.shape[0] > 1 else (rows64[0].T @ rows64[0])[None]
+        self.sums = update if self.sums is None else self.sums + update
+        self.count += rows.shape[1]
+
+    def hessian(self) -> np.ndarray | None:
+        """E[x x^T] per group, (groups, K, K); None before any rows."""
+        return None if self.sums is None or self.count == 0 else self.sums / self.count
+
+
+@dataclass
+class MomentCollector:
+    """The H of every weight in ``inputs``, fed one run's tensors at a time (per sample for convolutions).
+
+    Readers that see the same input the same way (a transformer's query, key and value) share one sum.
+    """
+
+    inputs: Mapping[str, list[LayerInput]]
+    moments: dict[LayerInput, Moments] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.moments = {reader: Moments() for readers in self.inputs.values() for reader in readers}
+
+    @property
+    def tensors(self) -> list[str]:
+        """The tensors a run must fetch."""
+        return list(dict.fromkeys(reader.tensor for reader in self.moments))
+
+    def observe(self, name: str, value: np.ndarray) -> None:
+        """Add one run's values of tensor ``name`` to the sums of every reader of it."""
+        for reader, moments in self.moments.items():
+            if reader.tensor != name:
+                continue
+            samples = [value[i : i + 1] for i in range(len(value))] if reader.kind == "conv" else [value]
+            for sample in samples:
+                moments.add(reader.rows(sample))
+
+    def hessians(self) -> dict[str, np.ndarray]:
+        """Per weight, E[x x^T] per group over all its readers' rows."""
+        out = {}
+        for weight, readers in self.inputs.items():
+            parts = [self.moments[reader] for reader in dict.fromkeys(readers)]
+            count = sum(m.count for m in parts)
+            if count and all(m.sums is not None for m in parts):
+                out[weight] = sum(m.sums for m in parts) / count  # type: ignore[misc]
+        return out

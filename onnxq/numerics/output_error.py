@@ -1,0 +1,155 @@
+"""Weights rounded for the layer's output, not for themselves: error-compensating rounding and ranges by output error.
+
+With H = E[x x^T] over the inputs a layer sees (onnxq/calibrate/moments.py), a weight row w (one output channel) that
+becomes q changes the output by (w - q) x, whose mean square is (w - q) H (w - q)^T. Two things use it:
+
+- The range factor alpha of each row (REQuant's search) minimises that H-weighted error of the row rounded to
+  nearest, by the same scan and golden-section search as the weight-MSE search (onnxq/numerics/search.py).
+- The rounding itself compensates (GPTQ, Frantar et al. 2023, after OBQ): the columns of W are rounded in order,
+  and each column's rounding error is spread over the columns not yet rounded through the upper Cholesky factor
+  U of H^-1 (U^T U = H^-1), so later columns absorb what earlier ones got wrong. Blocks of columns keep the
+  updates to matrix products.
+
+Everything works on any grid a row maps to codes by rounding to nearest with a per-row scale: onnxq's uniform codes
+(plain or in the sqrt domain) and POST codes. Pure numpy, float64; H may be one matrix or one per group of rows
+(grouped convolutions: each group's rows read their own inputs).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.numerics import post, uniform
+from onnxq.numerics.search import minimise_on_grid, scan_points
+
+#: Damping added to H's diagonal, as a fraction of its mean: keeps H^-1 well defined where inputs are (nearly) collinear.
+DAMPING = 0.01
+#: Columns rounded between two matrix-product updates of the rest.
+BLOCK = 128
+#: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
+FULL_SEARCH_LIMIT = 1 << 27
+
+
+@dataclass(frozen=True)
+class Grid:
+    """Codes a row rounds to: ``mode`` "plain", "sqrt" (uniform in sign(w) sqrt|w|) or "post" (powers of sqrt 2)."""
+
+    mode: str
+    bits: int
+
+    def scales(self, rows: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+        """Per-row float32 scales for range factors ``alpha``, as the formats write them."""
+        if self.mode == "post":
+            peak = np.abs(rows).max(axis=1) if rows.shape[1] else np.zeros(len(rows))
+            scale = (np.asarray(alpha, dtype=np.float64) * peak).astype(np.float32)
+            return np.where(scale > 0, scale, np.float32(1.0))
+        return uniform.scales_for(rows, alpha, self.bits, self.mode == "sqrt")
+
+    def round(self, values: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(codes int8, the float32 values they stand for) of ``values`` (R, n) rounded to nearest with per-row ``scale``."""
+        values = np.asarray(values, dtype=np.float32)
+        if self.mode == "post":
+            index = np.searchsorted(post.codebook(self.bits).bounds.astype(np.float32), np.abs(values) / scale[:, None], side="right")
+            codes = (np.sign(values) * index).astype(np.int8)
+            return codes, post.dequantize(codes, scale, self.bits)
+        sqrt = self.mode == "sqrt"
+        x = np.sign(values) * np.sqrt(np.abs(values)) if sqrt else values
+        q = uniform.max_code(self.bits)
+        codes = np.clip(np.rint(x / scale[:, None]), -q, q).astype(np.int8)
+        return codes, uniform.dequantize(codes, scale, sqrt)
+
+    @property
+    def codes(self) -> int:
+        """How many codes the grid has (for the scan's resolution)."""
+        return 2 ** self.bits - 1
+
+
+def damped(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
+    """H with ``damping`` times its mean diagonal added, and dead inputs (zero diagonal) given a unit diagonal."""
+    h = np.array(h, dtype=np.float64)
+    diagonal = np.diagonal(h).copy()
+    dead = diagonal <= 0
+    mean = float(diagonal[~dead].mean()) if (~dead).any() else 1.0
+    index = np.arange(len(h))
+    h[index, index] += damping * mean
+    h[index[dead], index[dead]] = 1.0 if mean <= 0 else mean
+    return h
+
+
+def output_errors(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """Per row of ``delta`` (R, K), delta H delta^T: the mean square it adds to the row's output."""
+    return np.einsum("rk,rk->r", delta @ h, delta)
+
+
+def search_alpha(rows: np.ndarray, h: np.ndarray, grid: Grid) -> np.ndarray:
+    """Per row, the range factor whose round-to-nearest codes give the least H-weighted output error."""
+    rows = np.asarray(rows, dtype=np.float64)
+    full = rows.shape[0] * rows.shape[1] ** 2 <= FULL_SEARCH_LIMIT
+    diagonal = np.diagonal(h)
+
+    def error(alpha: np.ndarray) -> np.ndarray:
+        if alpha.ndim == 2:  # the bracketing scan: one column of candidates at a time
+            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
+        _, values = grid.round(rows, grid.scales(rows, alpha))
+        delta = rows - values
+        return output_errors(delta, h) if full else np.einsum("rk,k,rk->r", delta, diagonal, delta)
+
+    alpha, _ = minimise_on_grid(error, np.ones(len(rows)), scan_points(grid.codes), 14)
+    return alpha
+
+
+def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK) -> np.ndarray:
+    """Codes (R, K) for ``rows`` with per-row ``scale``, rounded column by column with error compensation through H."""
+    w = np.array(rows, dtype=np.float64)
+    k = w.shape[1]
+    upper = inverse_cholesky(damped(h))
+    codes = np.zeros(w.shape, dtype=np.int8)
+    for start in range(0, k, block):
+        stop = min(start + block, k)
+        errors = np.zeros((w.shape[0], stop - start))
+        for j in range(start, stop):
+            column, value = grid.round(w[:, j : j + 1], scale)
+            codes[:, j] = column[:, 0]
+            err = (w[:, j] - value[:, 0]) / upper[j, j]
+            w[:, j:stop] -= np.outer(err, upper[j, j:stop])
+            errors[:, j - start] = err
+        w[:, stop:] -= errors @ upper[start:stop, stop:]
+    return codes
+
+
+def inverse_cholesky(h: np.ndarray) -> np.ndarray:
+    """The upper factor U of H^-1 = U^T U, by the Cholesky factors of H (H = L L^T gives H^-1 = L^-T L^-1)."""
+    lower = np.linalg.cholesky(h)
+    identity = np.eye(len(h))
+    inverse = np.linalg.solve(lower.T, np.linalg.solve(lower, identity))  # H^-1
+    return np.linalg.cholesky(inverse).T
+
+
+@dataclass(frozen=True)
+class RowCodes:
+    """Codes of a block of rows on one grid, their per-row scales and range factors, and the H-weighted error they leave."""
+
+    codes: np.ndarray
+    scale: np.ndarray
+    alpha: np.ndarray
+    error: float
+
+
+def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True) -> RowCodes:
+    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding."""
+    rows = np.asarray(rows, dtype=np.float64)
+    alpha = search_alpha(rows, h, grid)
+    scale = grid.scales(rows, alpha)
+    codes = gptq(rows, h, grid, scale) if compensate else grid.round(rows, scale)[0]
+    values = decode(codes, scale, grid)
+    return RowCodes(codes, scale, alpha, float(output_errors(rows - values, h).sum()))
+
+
+def decode(codes: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
+    """The float32 values codes stand for on ``grid``."""
+    if grid.mode == "post":
+        return post.dequantize(codes, scale, grid.bits)
+    return uniform.dequantize(codes, scale, grid.mode == "sqrt")
+

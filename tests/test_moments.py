@@ -1,0 +1,114 @@
+"""Second moments H of each layer's input rows, against onnxruntime's own layers: for any weight row w, the mean square
+of that output channel, as onnxruntime computes the layer, must equal w H w^T. That holds only if the rows (the
+conv patches with their strides, padding, dilations and groups) are exactly what the layer multiplies."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.calibrate.moments import LayerInput, MomentCollector, layer_inputs
+from onnxq.config import QuantizeConfig
+from onnxq.model.prepare import prepare
+from onnxq.plan.weights import plan_weights
+
+
+def _conv_model(c: int, m: int, kernel: tuple[int, ...], **attrs) -> onnx.ModelProto:
+    rank = len(kernel)
+    group = attrs.get("group", 1)
+    w = np.random.default_rng(0).standard_normal((m, c // group, *kernel)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c] + ["S"] * rank)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    graph = helper.make_graph([helper.make_node("Conv", ["x", "w"], ["y"], name="conv", **attrs)], "g", [x], [y], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], out_axis: int, groups: int) -> None:
+    """Every output channel's mean square (onnxruntime) equals w_c H_g w_c^T with the collected H."""
+    prepared = prepare(model)
+    plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
+    inputs = layer_inputs(prepared.graph, plans)
+    (weight,) = inputs
+    collector = MomentCollector(inputs)
+    for name in collector.tensors:
+        collector.observe(name, feeds[name])
+    h = collector.hessians()[weight]
+    w = numpy_helper.to_array(next(t for t in prepared.graph.initializer if t.name == weight)).astype(np.float64)
+    rows = np.moveaxis(w, plans[0].channel_axis, 0).reshape(w.shape[plans[0].channel_axis], -1)
+    y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0].astype(np.float64)
+    per_channel = np.moveaxis(y, out_axis, 0).reshape(y.shape[out_axis], -1)
+    assert h.shape[0] == groups
+    per_group = len(rows) // groups
+    for channel, row in enumerate(rows):
+        want = np.mean(per_channel[channel] ** 2)
+        got = row @ h[channel // per_group] @ row
+        assert got == pytest.approx(want, rel=1e-4), channel
+
+
+@pytest.mark.parametrize(
+    ("c", "m", "kernel", "attrs"),
+    [
+        (3, 4, (3, 3), {}),
+        (4, 6, (3, 2), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}),
+        (6, 4, (3, 3), {"group": 2, "pads": [1, 1, 1, 1]}),
+        (5, 5, (3, 3), {"group": 5, "strides": [2, 2], "pads": [1, 1, 1, 1]}),  # depthwise
+        (4, 4, (3, 3), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),
+        (4, 4, (2, 2), {"auto_pad": "SAME_LOWER"}),
+        (3, 4, (5,), {"pads": [2, 1], "dilations": [2]}),  # Conv1d, as audio models have them
+        (2, 3, (2, 2, 2), {"strides": [1, 2, 1]}),  # Conv3d
+    ],
+)
+def test_conv_patches_are_what_the_layer_multiplies(c, m, kernel, attrs):
+    x = np.random.default_rng(1).standard_normal((2, c) + (7,) * len(kernel)).astype(np.float32)
+    _check(_conv_model(c, m, kernel, **attrs), {"x": x}, out_axis=1, groups=attrs.get("group", 1))
+
+
+@pytest.mark.parametrize("kind", ["x @ W", "W @ x", "Gemm", "Gemm transA transB"])
+def test_matmul_and_gemm_rows(kind):
+    rng = np.random.default_rng(2)
+    if kind == "x @ W":
+        node, w, x, axis = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), rng.standard_normal((6, 5)), rng.standard_normal((2, 3, 6)), -1
+    elif kind == "W @ x":
+        node, w, x, axis = helper.make_node("MatMul", ["w", "x"], ["y"], name="mm"), rng.standard_normal((5, 6)), rng.standard_normal((2, 6, 3)), -2
+    elif kind == "Gemm":
+        node, w, x, axis = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc"), rng.standard_normal((6, 5)), rng.standard_normal((4, 6)), -1
+    else:
+        node = helper.make_node("Gemm", ["x", "w"], ["y"], name="fc", transA=1, transB=1)
+        w, x, axis = rng.standard_normal((5, 6)), rng.standard_normal((6, 4)), -1
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, list(x.shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [numpy_helper.from_array(w.astype(np.float32), "w")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    _check(model, {"x": x.astype(np.float32)}, out_axis=axis % (x.ndim if kind != "Gemm transA transB" else 2), groups=1)
+
+
+def test_a_shared_weight_sums_its_readers_inputs():
+    """One weight read by two MatMuls: H is the mean over both readers' rows."""
+    rng = np.random.default_rng(3)
+    nodes = [helper.make_node("MatMul", ["a", "w"], ["p"], name="m1"), helper.make_node("MatMul", ["b", "w"], ["q"], name="m2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info(n, TensorProto.FLOAT, [4, 3]) for n in "ab"],
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, None) for n in "pq"],
+                              [numpy_helper.from_array(rng.standard_normal((3, 2)).astype(np.float32), "w")])
+    prepared = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
+    collector = MomentCollector(layer_inputs(prepared.graph, plans))
+    a, b = rng.standard_normal((4, 3)), rng.standard_normal((4, 3))
+    collector.observe("a", a)
+    collector.observe("b", b)
+    both = np.concatenate([a, b])
+    np.testing.assert_allclose(collector.hessians()["w"][0], both.T @ both / len(both), rtol=1e-12)
+
+
+def test_layers_without_an_h_are_left_out():
+    """ConvTranspose, and a weight also read by one: no H (they keep their own-error quantization)."""
+    rng = np.random.default_rng(4)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up")
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
+                              [numpy_helper.from_array(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), "w")])
+    prepared = prepare(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
+    assert layer_inputs(prepared.graph, plans) == {}
+    assert LayerInput("x", "rows").rows(np.ones((2, 3, 4))).shape == (1, 6, 4)
