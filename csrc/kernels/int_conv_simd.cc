@@ -1,6 +1,7 @@
 // PostConv/IntConv's SIMD kernels' driver: X laid out by quads of channels and stride phases,
-// the integer matrix products of int_conv_avx2.cc / int_conv_avx512.cc over it (or, depthwise, a
-// direct sum over the taps), and the float epilogue; tasks spread over onnxruntime's threads.
+// the integer matrix products over it (or, depthwise, a direct sum over the taps), and the float
+// epilogue; tasks spread over onnxruntime's threads. The kernels are those of the call's
+// instruction set, from its table (kernels.h).
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -14,6 +15,7 @@
 
 #include "kernels/int_conv_impl.h"
 #include "kernels/int_conv_kernels.h"
+#include "kernels/kernels.h"
 
 namespace onnxq::iconv {
 
@@ -100,6 +102,7 @@ constexpr int64_t kSlack = 64;
 
 // A call's arguments and how its work is laid out.
 struct SimdJob : SimdArgs {
+  const Kernels* kernels = nullptr;  // KernelsFor(isa)
   Phases ph;
   const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
   std::vector<int64_t> offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
@@ -134,17 +137,6 @@ struct SimdJob : SimdArgs {
   std::atomic<bool> failed{false};
 };
 
-void FinishRunFor(Isa isa, const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e,
-                  float c_o, const float* bias, float lo, float hi, float* out) {
-#ifdef ONNXQ_X86_SIMD
-  if (isa == Isa::kAvx512) return FinishRunAvx512(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
-  if (isa == Isa::kAvx2) return FinishRunAvx2(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
-#else
-  (void)isa;
-#endif
-  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
-}
-
 // The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
 // are e[0, count) (and o for PostConv): column p is output pixel (p / cols, p % cols) when
 // p % cols < OW; the other columns are dropped.
@@ -154,7 +146,7 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
   const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
   float* out = job.y + (n * g.m + m) * g.pixels();
   if (job.cols == g.ow) {  // no dropped columns: one run
-    FinishRunFor(job.isa, e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
+    job.kernels->finish_run(e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
                  out + p0);
     return;
   }
@@ -165,7 +157,7 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
       continue;
     }
     const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
-    FinishRunFor(job.isa, e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
+    job.kernels->finish_run(e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
                  job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
     p += run;
   }
@@ -209,16 +201,7 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.pixel_offsets = pixels.get();
   std::unique_ptr<int32_t[]> by_pixel(new int32_t[static_cast<size_t>(count * pw.rows16)]);
   gemm.c = by_pixel.get();
-#ifdef ONNXQ_X86_SIMD
-  if (job.isa == Isa::kAvx512) {
-    GemmTAvx512(gemm);
-  } else {
-    GemmTAvx2(gemm);
-  }
-#else
-  (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
-#ifdef ONNXQ_X86_SIMD
+  job.kernels->gemm_t(gemm);
   {
     FinishT f{};
     f.c = by_pixel.get();
@@ -232,9 +215,8 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.clip_hi = job.clip_hi;
     f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
     f.stride = g.pixels();
-    job.isa == Isa::kAvx512 ? FinishTAvx512(f) : FinishTAvx2(f);
+    job.kernels->finish_t(f);
   }
-#endif
 }
 
 // kQuad: one panel of matrix columns of one image and group: the product, the epilogue.
@@ -258,15 +240,7 @@ void RunPanel(const SimdJob& job, int64_t index) {
   gemm.b_offsets = job.offsets.data();
   std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows_pad * kPanel)]);
   gemm.c = tile.get();
-#ifdef ONNXQ_X86_SIMD
-  if (job.isa == Isa::kAvx512) {
-    GemmAvx512(gemm);
-  } else {
-    GemmAvx2(gemm);
-  }
-#else
-  (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
+  job.kernels->gemm(gemm);
 
   FinishPanel(job, n, gi, tile.get(), p0, count);
 }
@@ -313,20 +287,11 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
       d.clip_lo = job.clip_lo;
       d.clip_hi = job.clip_hi;
       d.out = job.y + (n * g.m + m) * g.pixels();
-#ifdef ONNXQ_X86_SIMD
-      if (job.isa == Isa::kAvx512) {
-        DepthwiseAvx512(d);
-      } else {
-        DepthwiseAvx2(d);
-      }
-#else
-      (void)d;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
+      job.kernels->depthwise(d);
     }
   }
 }
 
-#ifdef ONNXQ_X86_SIMD
 // Scratch bytes of a task: on the stack while they fit N, else on the heap.
 template <size_t N>
 struct Scratch {
@@ -355,18 +320,12 @@ void QuantizeChannels(const SimdJob& job, const float* x, int64_t count, uint8_t
   q.lo = job.x_lo;
   q.hi = job.x_hi;
   q.z = job.z;
-  if (job.isa == Isa::kAvx512) {
-    QuantizeFusedAvx512(q, count, dst);
-  } else {
-    QuantizeFusedAvx2(q, count, dst);
-  }
+  job.kernels->quantize_fused(q, count, dst);
 }
-#endif
 
 // DepthwiseFused: input channels [g0, g0 + job.channels) of image n (index n * chunks + chunk),
 // each quantized and padded, then into its output channels.
 void RunDepthwiseFused(const SimdJob& job, int64_t index) {
-#ifdef ONNXQ_X86_SIMD
   const Geometry& g = *job.g;
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
@@ -416,16 +375,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.clip_lo = job.clip_lo;
     d.clip_hi = job.clip_hi;
     d.out = job.y + (n * g.m + m) * g.pixels();
-    if (job.isa == Isa::kAvx512) {
-      DepthwiseFusedAvx512(d);
-    } else {
-      DepthwiseFusedAvx2(d);
-    }
+    job.kernels->depthwise_fused(d);
     d.fresh = false;
   }
-#else
-  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
 }
 
 #ifdef ONNXQ_X86_SIMD
@@ -513,7 +465,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
   SetLaneOutput(d, job, n, b);
   d.lanes = std::min<int64_t>(16, g.m - b * 16);
-  DepthwiseLanesAvx2(d);
+  job.kernels->depthwise_lanes(d);
 #else
   (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
 #endif
@@ -522,7 +474,6 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
 // LanesFused: channels [16 b, 16 b + 16) of image n (index n * blocks + b), quantized in
 // one run, then the kernel.
 void RunLanesFused(const SimdJob& job, int64_t index) {
-#ifdef ONNXQ_X86_SIMD
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   const int64_t n = index / job.blocks, b = index % job.blocks;
@@ -547,14 +498,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
     d.pairs = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
   SetLaneOutput(d, job, n, b);
-  if (job.isa == Isa::kAvx512) {
-    LanesFusedAvx512(d);
-  } else {
-    LanesFusedAvx2(d);
-  }
-#else
-  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
+  job.kernels->lanes_fused(d);
 }
 
 void RunTask(void* data, size_t index) {
@@ -725,6 +669,7 @@ bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   SimdJob job;
   static_cast<SimdArgs&>(job) = args;
+  job.kernels = &KernelsFor(job.isa);
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   Phases& ph = job.ph;

@@ -1,0 +1,44 @@
+// The kernels of the library's ops as one table per instruction set, and KernelsFor: the one place
+// where an instruction set (the ops' `kernel` attribute, or the fastest this CPU runs: cpu.h)
+// becomes code. The ops and the SIMD driver (int_conv_simd.cc) call kernels only through a table.
+//
+// Where the tables come from: the scalar one holds the reference kernels (quantize_dynamic_u8.cc;
+// PostConv/IntConv's scalar kernel is ReferenceConv, called directly). The AVX2 and AVX-512 tables
+// are defined by the files compiled with those instruction sets (CMakeLists.txt), which no other
+// file calls into except through them.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "cpu.h"
+#include "kernels/int_conv_kernels.h"
+#include "kernels/quantize_dynamic_u8_kernels.h"
+
+namespace onnxq {
+
+struct Kernels {
+  // QuantizeDynamicU8 (quantize_dynamic_u8_kernels.h), also PostConv/IntConv's quantization of X:
+  // min_max folds x[0, n) into *mn / *mx (which start at +inf / -inf), quantize writes y[0, n).
+  void (*min_max)(const float* x, size_t n, float* mn, float* mx);
+  void (*quantize)(const float* x, size_t n, const qdu8::Params& p, uint8_t* y);
+
+  // PostConv/IntConv's SIMD kernels (int_conv_kernels.h has what each computes); null in the scalar
+  // table.
+  void (*gemm)(const iconv::Gemm& g);
+  void (*gemm_t)(const iconv::GemmT& g);
+  void (*finish_t)(const iconv::FinishT& f);
+  void (*finish_run)(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
+                     const float* bias, float lo, float hi, float* out);
+  void (*depthwise)(const iconv::Depthwise& d);
+  void (*depthwise_lanes)(const iconv::DepthwiseLanes& d);
+  void (*depthwise_fused)(const iconv::DepthwiseFused& d);
+  void (*quantize_fused)(const iconv::DepthwiseFused& d, int64_t n, uint8_t* dst);
+  void (*lanes_fused)(const iconv::LanesFused& d);
+};
+
+// The kernels of `isa` (kScalar, kAvx2 or kAvx512). Callers choose an isa that IsaSupported; any
+// other (kAuto, or one this CPU lacks) gets the scalar table, never code this CPU cannot run.
+const Kernels& KernelsFor(Isa isa);
+
+}  // namespace onnxq
