@@ -1,0 +1,85 @@
+// The SIMD kernels for AVX2 + FMA: the traits struct Avx2, which is all the AVX2-specific code, and
+// the table of the kernel templates (simd_kernels.h) instantiated with it. Compiled with -mavx2
+// -mfma (CMakeLists.txt); KernelsFor (kernels.cc) hands the table out only where
+// IsaSupported(Isa::kAvx2).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels/simd_kernels.h"
+
+namespace onnxq {
+
+namespace {
+
+// 256-bit vectors. kernels_avx512.cc's Avx512 has the same members (each template uses the ones it
+// needs); simd_kernels.h says what the kernels ask of them.
+struct Avx2 {
+  using I = __m256i;  // 32 bytes: 32 uint8, 16 int16 or 8 int32
+  using F = __m256;   // 8 float32
+  static constexpr int kBytes = 32;
+  static constexpr int kFloats = 8;  // float32 (and int32) lanes of a vector
+
+  // Loads and stores (unaligned).
+  static I Load(const void* p) { return _mm256_loadu_si256(static_cast<const __m256i*>(p)); }
+  static void Store(void* p, I v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
+  static F LoadF(const float* p) { return _mm256_loadu_ps(p); }
+  static void StoreF(float* p, F v) { _mm256_storeu_ps(p, v); }
+  // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats. vmaskmovps
+  // loads are fast everywhere (only its stores are slow on AMD CPUs).
+  static F LoadFirstF(const float* p, int64_t n) {
+    return n <= 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(p, FirstLanes(n));
+  }
+  // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
+  static void StoreBytesFirst(uint8_t* p, I q, int64_t n) {
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    alignas(16) uint8_t bytes[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm_packus_epi16(words, words));
+    for (int64_t i = 0; i < n; ++i) p[i] = bytes[i];
+  }
+
+  // Arithmetic, lane by lane.
+  static F SetF(float v) { return _mm256_set1_ps(v); }
+  static I Set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static I Add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  // Min(a, b) = a < b ? a : b, Max(a, b) = a > b ? a : b (minps / maxps: b where either is NaN).
+  static F Min(F a, F b) { return _mm256_min_ps(a, b); }
+  static F Max(F a, F b) { return _mm256_max_ps(a, b); }
+  static F Div(F a, F b) { return _mm256_div_ps(a, b); }
+  static I RoundToInt(F v) { return _mm256_cvtps_epi32(v); }  // half to even (the default rounding)
+
+  // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
+  // work per 128-bit half, leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1.
+  static I PackBytes(const I q[4]) {
+    const I bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+
+ private:
+  // All ones in lanes [0, min(n, kFloats)), for vmaskmovps.
+  static I FirstLanes(int64_t n) {
+    return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(n < kFloats ? n : kFloats)),
+                              _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  }
+};
+
+constexpr Kernels Avx2Kernels() {
+  Kernels k = SimdKernels<Avx2>();
+  // (not yet templates)
+  k.gemm = iconv::GemmAvx2;
+  k.gemm_t = iconv::GemmTAvx2;
+  k.finish_t = iconv::FinishTAvx2;
+  k.finish_run = iconv::FinishRunAvx2;
+  k.depthwise = iconv::DepthwiseAvx2;
+  k.depthwise_lanes = iconv::DepthwiseLanesAvx2;
+  k.depthwise_fused = iconv::DepthwiseFusedAvx2;
+  k.quantize_fused = iconv::QuantizeFusedAvx2;
+  k.lanes_fused = iconv::LanesFusedAvx2;
+  return k;
+}
+
+}  // namespace
+
+extern const Kernels kAvx2Kernels = Avx2Kernels();
+
+}  // namespace onnxq

@@ -1,0 +1,75 @@
+// The SIMD kernels for AVX-512 (F, BW) with VNNI: the traits struct Avx512, which is all the
+// AVX-512-specific code, and the table of the kernel templates (simd_kernels.h) instantiated with
+// it. Compiled with -mavx512f -mavx512bw -mavx512vnni (CMakeLists.txt); KernelsFor (kernels.cc)
+// hands the table out only where IsaSupported(Isa::kAvx512).
+#include <immintrin.h>
+
+#include <cstring>
+
+#include "kernels/simd_kernels.h"
+
+namespace onnxq {
+
+namespace {
+
+// 512-bit vectors and mask registers. The members are those of kernels_avx2.cc's Avx2.
+struct Avx512 {
+  using I = __m512i;  // 64 bytes: 64 uint8, 32 int16 or 16 int32
+  using F = __m512;   // 16 float32
+  static constexpr int kBytes = 64;
+  static constexpr int kFloats = 16;  // float32 (and int32) lanes of a vector
+
+  // Loads and stores (unaligned).
+  static I Load(const void* p) { return _mm512_loadu_si512(p); }
+  static void Store(void* p, I v) { _mm512_storeu_si512(p, v); }
+  static F LoadF(const float* p) { return _mm512_loadu_ps(p); }
+  static void StoreF(float* p, F v) { _mm512_storeu_ps(p, v); }
+  // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats.
+  static F LoadFirstF(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(FirstLanes(n), p); }
+  // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
+  static void StoreBytesFirst(uint8_t* p, I q, int64_t n) { _mm512_mask_cvtusepi32_storeu_epi8(p, FirstLanes(n), q); }
+
+  // Arithmetic, lane by lane.
+  static F SetF(float v) { return _mm512_set1_ps(v); }
+  static I Set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  // Min(a, b) = a < b ? a : b, Max(a, b) = a > b ? a : b (minps / maxps: b where either is NaN).
+  static F Min(F a, F b) { return _mm512_min_ps(a, b); }
+  static F Max(F a, F b) { return _mm512_max_ps(a, b); }
+  static F Div(F a, F b) { return _mm512_div_ps(a, b); }
+  static I RoundToInt(F v) { return _mm512_cvtps_epi32(v); }  // half to even (the default rounding)
+
+  // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
+  // work per 128-bit lane (lane l: a, b, c, d's dwords 4l..4l+3), so dword 4l + j goes to 4j + l.
+  static I PackBytes(const I q[4]) {
+    const I bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+  }
+
+ private:
+  // Lanes [0, min(n, kFloats)), none for n <= 0.
+  static __mmask16 FirstLanes(int64_t n) {
+    return n >= kFloats ? static_cast<__mmask16>(0xFFFF) : n > 0 ? static_cast<__mmask16>((1u << n) - 1) : 0;
+  }
+};
+
+constexpr Kernels Avx512Kernels() {
+  Kernels k = SimdKernels<Avx512>();
+  // (not yet templates)
+  k.gemm = iconv::GemmAvx512;
+  k.gemm_t = iconv::GemmTAvx512;
+  k.finish_t = iconv::FinishTAvx512;
+  k.finish_run = iconv::FinishRunAvx512;
+  k.depthwise = iconv::DepthwiseAvx512;
+  k.depthwise_lanes = iconv::DepthwiseLanesAvx2;
+  k.depthwise_fused = iconv::DepthwiseFusedAvx512;
+  k.quantize_fused = iconv::QuantizeFusedAvx512;
+  k.lanes_fused = iconv::LanesFusedAvx512;
+  return k;
+}
+
+}  // namespace
+
+extern const Kernels kAvx512Kernels = Avx512Kernels();
+
+}  // namespace onnxq

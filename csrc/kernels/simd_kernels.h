@@ -1,0 +1,31 @@
+// The library's SIMD kernels as templates over an instruction set's traits, and SimdKernels<T>(),
+// the table (kernels.h) of their instantiations with T. Included only by kernels_avx2.cc and
+// kernels_avx512.cc, each of which defines its traits struct (Avx2, Avx512) and instantiates
+// everything here with it under its own -m flags (CMakeLists.txt).
+//
+// Each kernel's logic lives once, in these headers; the traits hold what differs between the
+// instruction sets: vector types and widths, the loads, stores, multiply-adds and shuffles the
+// kernels are made of, and a few tile sizes and choices measured on each. Everything here and in
+// the traits has internal linkage (anonymous namespaces): an inline function compiled in the
+// AVX-512 file must never be the copy the linker keeps for callers in the AVX2 or scalar code.
+// For the same reason these files use no standard-library templates (std::min, containers).
+#pragma once
+
+#include "kernels/kernels.h"
+#include "kernels/quantize_dynamic_u8_simd.h"
+
+namespace onnxq {
+
+namespace {
+
+template <class T>
+constexpr Kernels SimdKernels() {
+  Kernels k{};
+  k.min_max = qdu8::MinMax<T>;
+  k.quantize = qdu8::Quantize<T>;
+  return k;
+}
+
+}  // namespace
+
+}  // namespace onnxq
