@@ -51,9 +51,6 @@ struct Gemm {
 // 4i + 2, 3) stays <= 128. At least 8 where |w| <= 8.
 void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs);
 
-void GemmAvx2(const Gemm& g);
-void GemmAvx512(const Gemm& g);
-
 // The same product transposed in registers: rows of A in vector lanes, one pixel's 4 activations
 // broadcast. Nothing is computed for columns that are dropped (the column padding of Gemm), so
 // small images (7x7, 14x14) waste nothing. A is packed in blocks of kLanes rows:
@@ -74,8 +71,7 @@ struct GemmT {
   int32_t* c;  // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]
 };
 
-void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)
-void GemmTAvx512(const GemmT& g);
+// (AVX2: |A| <= 8 only, no split weights.)
 
 // GemmT's epilogue (int_conv.h's float epilogue, Finish below, lane by lane): C in GemmT's blocks
 // of kLanes rows, rows in the vector lanes, finished 16 pixels at a time and transposed in

@@ -48,6 +48,33 @@ struct Avx2 {
   static F Div(F a, F b) { return _mm256_div_ps(a, b); }
   static I RoundToInt(F v) { return _mm256_cvtps_epi32(v); }  // half to even (the default rounding)
 
+  // The matrix products (int_conv_gemm.h): vpmaddubsw's int16 pair sums, exact for |w| <= 8, summed
+  // in int16 for runs of blocks of k (Int16Runs) and widened into int32 sums kept in memory; tiles
+  // of 4 rows x 16 pixels (Gemm) and 16 rows x 6 pixels (GemmT) load 6 or 8 vectors per 8 or 12
+  // vpmaddubsw.
+  static constexpr bool kInt16Sums = true;
+  static constexpr int kGemmVectors = 2;  // Gemm's tile: kRows rows x 2 vectors of pixels
+  static constexpr int kGemmTBlocks = 1;  // GemmT's tile: 1 block of 16 rows (2 vectors) x 6 pixels
+  static constexpr int kGemmTPixels = 6;
+  static I Zero() { return _mm256_setzero_si256(); }
+  // The 4 bytes at p in every int32 lane.
+  static I Broadcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+  }
+  // acc + the sums of the products of adjacent pairs of unsigned bytes of x and signed bytes of w,
+  // in int16 (saturating; exact for |w| <= 8).
+  static I AddProducts(I acc, I x, I w) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(x, w)); }
+  // AddProducts' sums as int32 (each lane the sum of its two int16), and times 16.
+  static I Widen(I sums) { return _mm256_madd_epi16(sums, _mm256_set1_epi16(1)); }
+  static I WidenTimes16(I sums) { return _mm256_madd_epi16(sums, _mm256_set1_epi16(16)); }
+  // GCC 12 spills the int16 sums of the products' tiles unless an empty asm makes it believe they
+  // change in their registers (no such trouble with the weights).
+  static constexpr bool kPinSums = true;
+  static constexpr bool kPinWeights = false;
+  static void Pin(I& v) { __asm__("" : "+x"(v)); }
+
   // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
   // work per 128-bit half, leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1.
   static I PackBytes(const I q[4]) {
@@ -66,8 +93,6 @@ struct Avx2 {
 constexpr Kernels Avx2Kernels() {
   Kernels k = SimdKernels<Avx2>();
   // (not yet templates)
-  k.gemm = iconv::GemmAvx2;
-  k.gemm_t = iconv::GemmTAvx2;
   k.finish_t = iconv::FinishTAvx2;
   k.finish_run = iconv::FinishRunAvx2;
   k.depthwise = iconv::DepthwiseAvx2;

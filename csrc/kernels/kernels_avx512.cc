@@ -39,6 +39,29 @@ struct Avx512 {
   static F Div(F a, F b) { return _mm512_div_ps(a, b); }
   static I RoundToInt(F v) { return _mm512_cvtps_epi32(v); }  // half to even (the default rounding)
 
+  // The matrix products (int_conv_gemm.h): vpdpbusd adds 4 products of uint8 activations and int8
+  // weights into an int32 lane, exact for any weights; the sums stay in registers over all of k.
+  static constexpr bool kInt16Sums = false;
+  static constexpr int kGemmVectors = 4;  // Gemm's tile: kRows rows x 4 vectors (64 pixels)
+  static constexpr int kGemmTBlocks = 4;  // GemmT's tile: 4 blocks of 16 rows x 4 pixels (wider: GCC 12 spills)
+  static constexpr int kGemmTPixels = 4;
+  static I Zero() { return _mm512_setzero_si512(); }
+  // The 4 bytes at p in every int32 lane.
+  static I Broadcast4(const void* p) {
+    int32_t v;
+    std::memcpy(&v, p, 4);
+    return _mm512_set1_epi32(v);
+  }
+  // acc + the sums of the products of each 4 unsigned bytes of x and signed bytes of w, in int32.
+  static I AddProducts(I acc, I x, I w) { return _mm512_dpbusd_epi32(acc, x, w); }
+  static I Widen(I sums) { return sums; }  // (already int32)
+  // GCC 12 copies the tiles' sums between registers around every vpdpbusd (and spills some), and
+  // reloads GemmT's weights as a memory operand of each (3/4 of the speed), unless an empty asm
+  // makes it believe they change in their registers.
+  static constexpr bool kPinSums = true;
+  static constexpr bool kPinWeights = true;
+  static void Pin(I& v) { __asm__("" : "+v"(v)); }
+
   // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
   // work per 128-bit lane (lane l: a, b, c, d's dwords 4l..4l+3), so dword 4l + j goes to 4j + l.
   static I PackBytes(const I q[4]) {
@@ -56,8 +79,6 @@ struct Avx512 {
 constexpr Kernels Avx512Kernels() {
   Kernels k = SimdKernels<Avx512>();
   // (not yet templates)
-  k.gemm = iconv::GemmAvx512;
-  k.gemm_t = iconv::GemmTAvx512;
   k.finish_t = iconv::FinishTAvx512;
   k.finish_run = iconv::FinishRunAvx512;
   k.depthwise = iconv::DepthwiseAvx512;

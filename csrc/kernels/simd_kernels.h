@@ -11,6 +11,7 @@
 // For the same reason these files use no standard-library templates (std::min, containers).
 #pragma once
 
+#include "kernels/int_conv_gemm.h"
 #include "kernels/kernels.h"
 #include "kernels/quantize_dynamic_u8_simd.h"
 
@@ -23,6 +24,8 @@ constexpr Kernels SimdKernels() {
   Kernels k{};
   k.min_max = qdu8::MinMax<T>;
   k.quantize = qdu8::Quantize<T>;
+  k.gemm = iconv::GemmKernel<T>;
+  k.gemm_t = iconv::GemmTKernel<T>;
   return k;
 }
 
