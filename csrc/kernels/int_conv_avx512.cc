@@ -275,79 +275,7 @@ inline void Transpose16(__m512 r[16]) {
   }
 }
 
-// FinishT for channels [16 b, 16 b + 16): Finish lane by lane (the same float32 operations in the
-// same order), PostConv's even and odd products of a channel side by side in two lanes.
-template <bool kPost, bool kBias>
-void FinishTBlock(const FinishT& f, int64_t b) {
-  const int64_t channels = f.channels - 16 * b < 16 ? f.channels - 16 * b : 16;
-  const __m512 bias = kBias ? _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << channels) - 1), f.bias + 16 * b)
-                            : _mm512_setzero_ps();
-  const __m512 clip_lo = _mm512_set1_ps(f.clip_lo), clip_hi = _mm512_set1_ps(f.clip_hi);
-  // IntConv: row block b; PostConv: row blocks 2b (channels 16b..16b+7) and 2b + 1 (the rest).
-  const int64_t r0 = kPost ? 32 * b : 16 * b;
-  const __m512i z0 = _mm512_loadu_si512(f.z + r0), z1 = _mm512_loadu_si512(f.z + r0 + 16);
-  const __m512 f0 = _mm512_loadu_ps(f.factor + r0), f1 = _mm512_loadu_ps(f.factor + r0 + 16);
-  const int32_t* c0 = f.c + r0 * f.pixels;
-  const int32_t* c1 = kPost && 2 * f.channels > r0 + 16 ? c0 + 16 * f.pixels : nullptr;  // (no block: zeros)
-  const __m512i evens = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
-  for (int64_t p0 = 0; p0 < f.pixels; p0 += 16) {
-    const int64_t count = f.pixels - p0 < 16 ? f.pixels - p0 : 16;
-    __m512 y[16];
-    for (int i = 0; i < 16; ++i) {
-      if (i >= count) {
-        y[i] = _mm512_setzero_ps();
-        continue;
-      }
-      const __m512i v0 = _mm512_loadu_si512(c0 + (p0 + i) * 16);
-      __m512 v = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v0, z0)), f0);
-      if (kPost) {  // lane 2j: even + odd of channel j (of 8), from each of the two blocks
-        const __m512i v1 = c1 != nullptr ? _mm512_loadu_si512(c1 + (p0 + i) * 16) : _mm512_setzero_si512();
-        const __m512 w = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(v1, z1)), f1);
-        v = _mm512_permutex2var_ps(_mm512_add_ps(v, _mm512_movehdup_ps(v)), evens,
-                                   _mm512_add_ps(w, _mm512_movehdup_ps(w)));
-      }
-      y[i] = ClipPs(kBias ? _mm512_add_ps(v, bias) : v, clip_lo, clip_hi);
-    }
-    Transpose16(y);
-    const auto mask = static_cast<__mmask16>((1u << count) - 1);
-    float* out = f.out + 16 * b * f.stride + p0;
-    for (int64_t j = 0; j < channels; ++j) _mm512_mask_storeu_ps(out + j * f.stride, mask, y[j]);
-  }
-}
-
 }  // namespace
-
-void FinishTAvx512(const FinishT& f) {
-  for (int64_t b = 0; b * 16 < f.channels; ++b) {
-    if (f.post) {
-      f.bias != nullptr ? FinishTBlock<true, true>(f, b) : FinishTBlock<true, false>(f, b);
-    } else {
-      f.bias != nullptr ? FinishTBlock<false, true>(f, b) : FinishTBlock<false, false>(f, b);
-    }
-  }
-}
-
-void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                     const float* bias, float lo, float hi, float* out) {
-  // Finish (int_conv_kernels.h) lane by lane: cvtdq2ps rounds like the scalar int -> float
-  // conversion, and each multiply and add is the same single float32 operation.
-  const __m512i ze = _mm512_set1_epi32(z_e), zo = _mm512_set1_epi32(z_o);
-  const __m512 ce = _mm512_set1_ps(c_e), co = _mm512_set1_ps(c_o);
-  const __m512 b = _mm512_set1_ps(bias != nullptr ? *bias : 0.0f);
-  const __m512 clip_lo = _mm512_set1_ps(lo), clip_hi = _mm512_set1_ps(hi);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512i acc_e = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, e + i), ze);
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(acc_e), ce);
-    if (o != nullptr) {
-      const __m512i acc_o = _mm512_sub_epi32(_mm512_maskz_loadu_epi32(m, o + i), zo);
-      y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(acc_o), co));
-    }
-    if (bias != nullptr) y = _mm512_add_ps(y, b);
-    y = ClipPs(y, clip_lo, clip_hi);
-    _mm512_mask_storeu_ps(out + i, m, y);
-  }
-}
 
 }  // namespace onnxq::iconv
 

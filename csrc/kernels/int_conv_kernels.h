@@ -91,8 +91,6 @@ struct FinishT {
   int64_t stride;
 };
 
-void FinishTAvx2(const FinishT& f);
-void FinishTAvx512(const FinishT& f);
 
 // Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
 // over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input
@@ -302,31 +300,11 @@ inline float FusedInverse(float scale) {
   return scale >= 0x1p-100f && scale <= 0x1p100f ? 1.0f / scale : 0.0f;
 }
 
-// Finish over a run of n pixels of one output channel: out[i] from the raw sums e[i] (and o[i]
-// for PostConv) minus the zero-point corrections z_e = z_x * sum w_even (z_o likewise). Each
-// branch is a plain loop the compiler vectorizes with the including file's instruction set.
-inline void FinishRun(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                      const float* bias, float lo, float hi, float* out) {
-  if (o == nullptr && bias == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, nullptr, lo, hi);
-  } else if (o == nullptr) {
-    const float b = *bias;
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, &b, lo, hi);
-  } else if (bias == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, nullptr, lo, hi);
-  } else {
-    const float b = *bias;
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, &b, lo, hi);
-  }
-}
-
 }  // namespace
 
-// FinishRun for each instruction set (the same bits): AVX2 compiled from FinishRun above, AVX-512
-// written with masked intrinsics for the short runs of small images.
-void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                   const float* bias, float lo, float hi, float* out);
-void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                     const float* bias, float lo, float hi, float* out);
+// FinishRun (kernels.h's finish_run; int_conv_finish.h): Finish over a run of n >= 1 pixels of one
+// output channel, out[i] from the raw sums e[i] (and o[i] for PostConv; o null for IntConv) minus
+// the zero-point corrections z_e = z_x * sum w_even (z_o likewise); bias may be null. out must not
+// overlap e or o.
 
 }  // namespace onnxq::iconv

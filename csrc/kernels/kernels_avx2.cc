@@ -30,6 +30,18 @@ struct Avx2 {
   static F LoadFirstF(const float* p, int64_t n) {
     return n <= 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(p, FirstLanes(n));
   }
+  static I LoadFirst32(const int32_t* p, int64_t n) {
+    return n <= 0 ? Zero() : _mm256_maskload_epi32(p, FirstLanes(n));
+  }
+  // Lanes [0, n) of v to p (0 <= n <= kFloats): MaskStoreF with vmaskmovps, fast on Intel CPUs but
+  // slow on AMD ones, StoreFirstF through memory with plain stores. (Each kernel uses the one it
+  // was measured with.)
+  static void MaskStoreF(float* p, F v, int64_t n) { _mm256_maskstore_ps(p, FirstLanes(n), v); }
+  static void StoreFirstF(float* p, F v, int64_t n) {
+    alignas(32) float lanes[kFloats];
+    _mm256_store_ps(lanes, v);
+    for (int64_t i = 0; i < n; ++i) p[i] = lanes[i];
+  }
   // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
   static void StoreBytesFirst(uint8_t* p, I q, int64_t n) {
     const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
@@ -41,12 +53,45 @@ struct Avx2 {
   // Arithmetic, lane by lane.
   static F SetF(float v) { return _mm256_set1_ps(v); }
   static I Set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static F ZeroF() { return _mm256_setzero_ps(); }
   static I Add32(I a, I b) { return _mm256_add_epi32(a, b); }
+  static I Sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static F ToFloat(I v) { return _mm256_cvtepi32_ps(v); }  // rounds like the scalar conversion
+  static F Add(F a, F b) { return _mm256_add_ps(a, b); }
+  static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
   // Min(a, b) = a < b ? a : b, Max(a, b) = a > b ? a : b (minps / maxps: b where either is NaN).
   static F Min(F a, F b) { return _mm256_min_ps(a, b); }
   static F Max(F a, F b) { return _mm256_max_ps(a, b); }
   static F Div(F a, F b) { return _mm256_div_ps(a, b); }
   static I RoundToInt(F v) { return _mm256_cvtps_epi32(v); }  // half to even (the default rounding)
+  // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
+  static F Clip(F y, F lo, F hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, y)); }
+
+  // Shuffles.
+  static F MoveHdup(F v) { return _mm256_movehdup_ps(v); }  // lanes 1 1 3 3 5 5 7 7
+  // The even lanes of a, then those of b: per 128-bit half a0 a2 b0 b2, then the halves' pairs in order.
+  static F EvenLanes(F a, F b) {
+    const __m256 pairs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
+    return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
+  }
+  // kFloats x kFloats floats transposed: r[i] holds row i, afterwards column i.
+  static void Transpose(F r[kFloats]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; ++i) {
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; ++i) {
+      u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);
+      u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);
+      u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44);
+      u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE);
+    }
+    for (int i = 0; i < 4; ++i) {
+      r[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+      r[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+    }
+  }
 
   // The matrix products (int_conv_gemm.h): vpmaddubsw's int16 pair sums, exact for |w| <= 8, summed
   // in int16 for runs of blocks of k (Int16Runs) and widened into int32 sums kept in memory; tiles
@@ -93,8 +138,6 @@ struct Avx2 {
 constexpr Kernels Avx2Kernels() {
   Kernels k = SimdKernels<Avx2>();
   // (not yet templates)
-  k.finish_t = iconv::FinishTAvx2;
-  k.finish_run = iconv::FinishRunAvx2;
   k.depthwise = iconv::DepthwiseAvx2;
   k.depthwise_lanes = iconv::DepthwiseLanesAvx2;
   k.depthwise_fused = iconv::DepthwiseFusedAvx2;

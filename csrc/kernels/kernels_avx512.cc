@@ -26,18 +26,61 @@ struct Avx512 {
   static void StoreF(float* p, F v) { _mm512_storeu_ps(p, v); }
   // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats.
   static F LoadFirstF(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(FirstLanes(n), p); }
+  static I LoadFirst32(const int32_t* p, int64_t n) { return _mm512_maskz_loadu_epi32(FirstLanes(n), p); }
+  // Lanes [0, n) of v to p (0 <= n <= kFloats); the two are one here (Avx2's differ).
+  static void MaskStoreF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
+  static void StoreFirstF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
   // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
   static void StoreBytesFirst(uint8_t* p, I q, int64_t n) { _mm512_mask_cvtusepi32_storeu_epi8(p, FirstLanes(n), q); }
 
   // Arithmetic, lane by lane.
   static F SetF(float v) { return _mm512_set1_ps(v); }
   static I Set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static F ZeroF() { return _mm512_setzero_ps(); }
   static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
+  static I Sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static F ToFloat(I v) { return _mm512_cvtepi32_ps(v); }  // rounds like the scalar conversion
+  static F Add(F a, F b) { return _mm512_add_ps(a, b); }
+  static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
   // Min(a, b) = a < b ? a : b, Max(a, b) = a > b ? a : b (minps / maxps: b where either is NaN).
   static F Min(F a, F b) { return _mm512_min_ps(a, b); }
   static F Max(F a, F b) { return _mm512_max_ps(a, b); }
   static F Div(F a, F b) { return _mm512_div_ps(a, b); }
   static I RoundToInt(F v) { return _mm512_cvtps_epi32(v); }  // half to even (the default rounding)
+  // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
+  static F Clip(F y, F lo, F hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, y)); }
+
+  // Shuffles.
+  static F MoveHdup(F v) { return _mm512_movehdup_ps(v); }  // lanes 1 1 3 3 5 5 ...
+  // The even lanes of a, then those of b.
+  static F EvenLanes(F a, F b) {
+    return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
+  }
+  // kFloats x kFloats floats transposed (r[i] holds row i, afterwards column i): 2 x 2 blocks
+  // (unpack), 4 x 4 (shuffle), then the 128-bit lanes (two rounds of shuffle_f32x4).
+  static void Transpose(F r[kFloats]) {
+    __m512 t[16];
+    for (int i = 0; i < 16; i += 2) {
+      t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+      t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {
+      r[i] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 1] = _mm512_shuffle_ps(t[i], t[i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+      r[i + 2] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+      r[i + 3] = _mm512_shuffle_ps(t[i + 1], t[i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+    }
+    for (int h = 0; h < 16; h += 8) {
+      for (int i = 0; i < 4; ++i) {
+        t[h + i] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0x88);
+        t[h + i + 4] = _mm512_shuffle_f32x4(r[h + i], r[h + i + 4], 0xdd);
+      }
+    }
+    for (int i = 0; i < 8; ++i) {
+      r[i] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0x88);
+      r[i + 8] = _mm512_shuffle_f32x4(t[i], t[i + 8], 0xdd);
+    }
+  }
 
   // The matrix products (int_conv_gemm.h): vpdpbusd adds 4 products of uint8 activations and int8
   // weights into an int32 lane, exact for any weights; the sums stay in registers over all of k.
@@ -79,8 +122,6 @@ struct Avx512 {
 constexpr Kernels Avx512Kernels() {
   Kernels k = SimdKernels<Avx512>();
   // (not yet templates)
-  k.finish_t = iconv::FinishTAvx512;
-  k.finish_run = iconv::FinishRunAvx512;
   k.depthwise = iconv::DepthwiseAvx512;
   k.depthwise_lanes = iconv::DepthwiseLanesAvx2;
   k.depthwise_fused = iconv::DepthwiseFusedAvx512;

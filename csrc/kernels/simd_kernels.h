@@ -11,6 +11,7 @@
 // For the same reason these files use no standard-library templates (std::min, containers).
 #pragma once
 
+#include "kernels/int_conv_finish.h"
 #include "kernels/int_conv_gemm.h"
 #include "kernels/kernels.h"
 #include "kernels/quantize_dynamic_u8_simd.h"
@@ -26,6 +27,8 @@ constexpr Kernels SimdKernels() {
   k.quantize = qdu8::Quantize<T>;
   k.gemm = iconv::GemmKernel<T>;
   k.gemm_t = iconv::GemmTKernel<T>;
+  k.finish_t = iconv::FinishTKernel<T>;
+  k.finish_run = iconv::FinishRunKernel<T>;
   return k;
 }
 
