@@ -16,7 +16,7 @@
 #include <cmath>
 #include <cstring>
 
-#include "kernels/int_conv_depthwise.h"
+#include "kernels/int_conv_fused.h"
 #include "kernels/int_conv_kernels.h"
 
 namespace onnxq::iconv {
@@ -29,118 +29,6 @@ inline __m256 ClipPs(__m256 y, __m256 lo, __m256 hi) { return _mm256_min_ps(hi, 
 inline __m256i Load(const uint8_t* p) { return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)); }
 
 }  // namespace
-
-namespace {
-
-// The int32 sums of one list of depthwise taps for the 16 columns at x: lo (columns 0-7), hi (8-15).
-template <bool kNarrow>
-inline void TapSums(const uint8_t* x, const int64_t* offsets, const int32_t* weights, int64_t taps, __m256i* lo,
-                    __m256i* hi) {
-  if (kNarrow) {  // int16 products and sums (sum |w| <= 128), widened at the end
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t t = 0; t < taps; ++t) {
-      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t])));
-      acc = _mm256_add_epi16(acc, _mm256_mullo_epi16(v, _mm256_set1_epi16(static_cast<int16_t>(weights[t]))));
-    }
-    *lo = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(acc));
-    *hi = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(acc, 1));
-    return;
-  }
-  // x * w as vpmaddwd of (x, 0) and (w, 0) int16 pairs: exact for any int16 w.
-  __m256i a0 = _mm256_setzero_si256(), a1 = _mm256_setzero_si256();
-  for (int64_t t = 0; t < taps; ++t) {
-    const __m256i w = _mm256_set1_epi32(weights[t] & 0xFFFF);
-    const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t]));
-    a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_cvtepu8_epi32(v), w));
-    a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v)), w));
-  }
-  *lo = a0;
-  *hi = a1;
-}
-
-// DepthwiseAvx2 for one kind of lists: int16 or int32 sums, PostConv's two lists or IntConv's one.
-template <bool kNarrow, bool kPost>
-void DepthwiseLists(const Depthwise& d) {
-  const uint8_t* plane = d.plane;
-  const int64_t *offsets_e = d.offsets[0], *offsets_o = d.offsets[1];
-  const int32_t *weights_e = d.weights[0], *weights_o = d.weights[1];
-  const int64_t taps_e = d.taps[0], taps_o = d.taps[1], cols = d.cols, ow = d.ow, span = d.span;
-  const __m256i z_e = _mm256_set1_epi32(d.z_e), z_o = _mm256_set1_epi32(d.z_o);
-  const __m256 c_e = _mm256_set1_ps(d.c_e), c_o = _mm256_set1_ps(d.c_o);
-  const bool has_bias = d.bias != nullptr;
-  const __m256 bias = _mm256_set1_ps(has_bias ? *d.bias : 0.0f);
-  const __m256 clip_lo = _mm256_set1_ps(d.clip_lo), clip_hi = _mm256_set1_ps(d.clip_hi);
-  // Finish (int_conv_kernels.h) on 8 lanes: the same float32 operations in the same order.
-  auto finish = [&](__m256i e, __m256i o) {
-    __m256 y = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e, z_e)), c_e);
-    if (kPost) y = _mm256_add_ps(y, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(o, z_o)), c_o));
-    return ClipPs(has_bias ? _mm256_add_ps(y, bias) : y, clip_lo, clip_hi);
-  };
-  // The 16 outputs of the columns at p, as two vectors of 8.
-  auto block = [&](int64_t p, __m256* y0, __m256* y1) {
-    __m256i e0, e1, o0 = _mm256_setzero_si256(), o1 = _mm256_setzero_si256();
-    TapSums<kNarrow>(plane + p, offsets_e, weights_e, taps_e, &e0, &e1);
-    if (kPost) TapSums<kNarrow>(plane + p, offsets_o, weights_o, taps_o, &o0, &o1);
-    *y0 = finish(e0, o0);
-    *y1 = finish(e1, o1);
-  };
-  __m256 y0, y1;
-  if (ow >= 16) {  // row by row, the last block of each row overlapping the one before
-    for (int64_t oy = 0; oy * cols < span; ++oy) {
-      float* out = d.out + oy * ow;
-      for (int64_t ox = 0; ox < ow; ox += 16) {
-        const int64_t x0 = ox + 16 <= ow ? ox : ow - 16;
-        block(oy * cols + x0, &y0, &y1);
-        _mm256_storeu_ps(out + x0, y0);
-        _mm256_storeu_ps(out + x0 + 8, y1);
-      }
-    }
-    return;
-  }
-  // Narrow rows: blocks of 16 matrix columns, several output rows each, whose kept columns are
-  // copied run by run (vmaskmovps stores are slow on AMD CPUs: overlapping plain stores instead).
-  alignas(32) float y[32];
-  int64_t oy = 0, ox = 0;  // the output pixel of column p + j
-  for (int64_t p = 0; p < span; p += 16) {
-    block(p, &y0, &y1);
-    _mm256_store_ps(y, y0);
-    _mm256_store_ps(y + 8, y1);
-    for (int64_t j = 0; j < 16 && p + j < span;) {
-      const int64_t limit = ox < ow ? ow : cols;  // a run of kept, else of dropped columns
-      const int64_t run = limit - ox < 16 - j ? limit - ox : 16 - j;
-      if (ox < ow) {  // y[j, j + run) to out + oy*ow + ox; run < 16
-        float* dst = d.out + oy * ow + ox;
-        const float* src = y + j;
-        if (run >= 8) {
-          _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
-          _mm256_storeu_ps(dst + run - 8, _mm256_loadu_ps(src + run - 8));
-        } else if (run >= 4) {
-          _mm_storeu_ps(dst, _mm_loadu_ps(src));
-          _mm_storeu_ps(dst + run - 4, _mm_loadu_ps(src + run - 4));
-        } else {
-          for (int64_t i = 0; i < run; ++i) dst[i] = src[i];
-        }
-      }
-      j += run;
-      ox += run;
-      if (ox == cols) {
-        ox = 0;
-        ++oy;
-      }
-    }
-  }
-}
-
-}  // namespace
-
-void DepthwiseAvx2(const Depthwise& d) {
-  const bool narrow = d.narrow[0] && (!d.post || d.narrow[1]);
-  if (d.post) {
-    narrow ? DepthwiseLists<true, true>(d) : DepthwiseLists<false, true>(d);
-  } else {
-    narrow ? DepthwiseLists<true, false>(d) : DepthwiseLists<false, false>(d);
-  }
-}
 
 namespace {
 
@@ -163,87 +51,11 @@ inline void Transpose8(__m256 r[8]) {
   }
 }
 
-// DepthwiseLanesAvx2 for PostConv or IntConv, and kTaps taps (0: d.taps; 9 unrolls 3 x 3 kernels).
-template <bool kPost, int kTaps>
-void Lanes(const DepthwiseLanes& d) {
-  const int64_t pixels = d.oh * d.ow, taps = kTaps > 0 ? kTaps : d.taps;
-  const bool has_bias = d.bias != nullptr;
-  const __m256 clip_lo = _mm256_set1_ps(d.clip_lo), clip_hi = _mm256_set1_ps(d.clip_hi);
-  // Per lane constants: lanes 0-7 ([0]) and 8-15 ([1]).
-  __m256i z_e[2], z_o[2];
-  __m256 c_e[2], c_o[2], bias[2];
-  for (int h = 0; h < 2; ++h) {
-    z_e[h] = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.z_e + 8 * h));
-    z_o[h] = kPost ? _mm256_loadu_si256(reinterpret_cast<const __m256i*>(d.z_o + 8 * h)) : _mm256_setzero_si256();
-    c_e[h] = _mm256_loadu_ps(d.c_e + 8 * h);
-    c_o[h] = kPost ? _mm256_loadu_ps(d.c_o + 8 * h) : _mm256_setzero_ps();
-    bias[h] = has_bias ? _mm256_loadu_ps(d.bias + 8 * h) : _mm256_setzero_ps();
-  }
-  const auto* w_e = reinterpret_cast<const __m256i*>(d.w_e);
-  const auto* w_o = reinterpret_cast<const __m256i*>(d.w_o);
-  // Tiles of 8 consecutive output pixels (the last one overlapping the one before; an image of
-  // fewer than 8 pixels computes 8 and stores its own).
-  for (int64_t p0 = 0; p0 < pixels; p0 += 8) {
-    const int64_t first = pixels < 8 ? 0 : (p0 + 8 <= pixels ? p0 : pixels - 8);
-    const int64_t count = pixels < 8 ? pixels : 8;
-    __m256 y[2][8];  // [lanes 0-7 / 8-15][pixel]
-    for (int i = 0; i < 8; ++i) y[0][i] = y[1][i] = _mm256_setzero_ps();
-    int64_t oy = first / d.ow, ox = first % d.ow;
-    for (int64_t i = 0; i < count; ++i) {
-      const uint8_t* x = d.x + ((oy * d.sh) * d.wp + ox * d.sw) * 16;
-      __m256i e = _mm256_setzero_si256(), o = _mm256_setzero_si256();
-      for (int64_t t = 0; t < taps; ++t) {
-        const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + d.offsets[t])));
-        e = _mm256_add_epi16(e, _mm256_mullo_epi16(v, _mm256_loadu_si256(w_e + t)));
-        if (kPost) o = _mm256_add_epi16(o, _mm256_mullo_epi16(v, _mm256_loadu_si256(w_o + t)));
-      }
-      // Finish (int_conv_kernels.h) lane by lane: the same float32 operations in the same order.
-      const __m128i halves_e[2] = {_mm256_castsi256_si128(e), _mm256_extracti128_si256(e, 1)};
-      const __m128i halves_o[2] = {_mm256_castsi256_si128(o), _mm256_extracti128_si256(o, 1)};
-      for (int h = 0; h < 2; ++h) {
-        const __m256i e32 = _mm256_cvtepi16_epi32(halves_e[h]);
-        __m256 v = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(e32, z_e[h])), c_e[h]);
-        if (kPost) {
-          const __m256i o32 = _mm256_cvtepi16_epi32(halves_o[h]);
-          v = _mm256_add_ps(v, _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_sub_epi32(o32, z_o[h])), c_o[h]));
-        }
-        y[h][i] = ClipPs(has_bias ? _mm256_add_ps(v, bias[h]) : v, clip_lo, clip_hi);
-      }
-      if (++ox == d.ow) {
-        ox = 0;
-        ++oy;
-      }
-    }
-    // Lane c's 8 pixels to its output plane.
-    for (int h = 0; h < 2; ++h) {
-      Transpose8(y[h]);
-      for (int c = 0; c < 8 && 8 * h + c < d.lanes; ++c) {
-        float* out = d.out + (8 * h + c) * pixels + first;
-        if (count == 8) {
-          _mm256_storeu_ps(out, y[h][c]);
-        } else {
-          alignas(32) float tmp[8];
-          _mm256_store_ps(tmp, y[h][c]);
-          for (int64_t i = 0; i < count; ++i) out[i] = tmp[i];
-        }
-      }
-    }
-  }
-}
-
 }  // namespace
-
-void DepthwiseLanesAvx2(const DepthwiseLanes& d) {
-  if (d.post) {
-    d.taps == 9 ? Lanes<true, 9>(d) : Lanes<true, 0>(d);
-  } else {
-    d.taps == 9 ? Lanes<false, 9>(d) : Lanes<false, 0>(d);
-  }
-}
 
 namespace {
 
-// DepthwiseFused's AVX2 kernel (int_conv_depthwise.h): a block is 64 columns, two halves of 32 as 2
+// DepthwiseFused's AVX2 kernel (int_conv_fused.h): a block is 64 columns, two halves of 32 as 2
 // phases, vector r holding columns 2i + r of the half in int16 lane i, so that each of its words is
 // 2 adjacent bytes of a plane row: one vpmaddubsw per nonzero pair of taps (FusedPair), phase and
 // half. Every list is narrow (sum |w| <= 128), so no pair saturates and the int16 sums, which start

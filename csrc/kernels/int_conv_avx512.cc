@@ -7,7 +7,7 @@
 
 #include <cstring>
 
-#include "kernels/int_conv_depthwise.h"
+#include "kernels/int_conv_fused.h"
 #include "kernels/int_conv_kernels.h"
 
 namespace onnxq::iconv {
@@ -21,95 +21,7 @@ inline __m512 ClipPs(__m512 y, __m512 lo, __m512 hi) { return _mm512_min_ps(hi, 
 
 namespace {
 
-// The int32 sums of one list of depthwise taps for the 16 columns at x.
-template <bool kNarrow>
-inline __m512i TapSums(const uint8_t* x, const int64_t* offsets, const int32_t* weights, int64_t taps) {
-  if (kNarrow) {  // int16 products and sums (sum |w| <= 128), widened at the end
-    __m256i acc = _mm256_setzero_si256();
-    for (int64_t t = 0; t < taps; ++t) {
-      const __m256i v = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t])));
-      acc = _mm256_add_epi16(acc, _mm256_mullo_epi16(v, _mm256_set1_epi16(static_cast<int16_t>(weights[t]))));
-    }
-    return _mm512_cvtepi16_epi32(acc);
-  }
-  // x * w as vpmaddwd of (x, 0) and (w, 0) int16 pairs: exact for any int16 w.
-  __m512i acc = _mm512_setzero_si512();
-  for (int64_t t = 0; t < taps; ++t) {
-    const __m512i v = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t])));
-    acc = _mm512_add_epi32(acc, _mm512_madd_epi16(v, _mm512_set1_epi32(weights[t] & 0xFFFF)));
-  }
-  return acc;
-}
-
-// DepthwiseAvx512 for one kind of lists: int16 or int32 sums, PostConv's two lists or IntConv's one.
-template <bool kNarrow, bool kPost>
-void DepthwiseLists(const Depthwise& d) {
-  const uint8_t* plane = d.plane;
-  const int64_t *offsets_e = d.offsets[0], *offsets_o = d.offsets[1];
-  const int32_t *weights_e = d.weights[0], *weights_o = d.weights[1];
-  const int64_t taps_e = d.taps[0], taps_o = d.taps[1], cols = d.cols, ow = d.ow, span = d.span;
-  const __m512i z_e = _mm512_set1_epi32(d.z_e), z_o = _mm512_set1_epi32(d.z_o);
-  const __m512 c_e = _mm512_set1_ps(d.c_e), c_o = _mm512_set1_ps(d.c_o);
-  const bool has_bias = d.bias != nullptr;
-  const __m512 bias = _mm512_set1_ps(has_bias ? *d.bias : 0.0f);
-  const __m512 clip_lo = _mm512_set1_ps(d.clip_lo), clip_hi = _mm512_set1_ps(d.clip_hi);
-  // The 16 outputs of the columns at p: Finish (int_conv_kernels.h) lane by lane, like FinishRunAvx512.
-  auto block = [&](int64_t p) {
-    const __m512i e = TapSums<kNarrow>(plane + p, offsets_e, weights_e, taps_e);
-    __m512 y = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(e, z_e)), c_e);
-    if (kPost) {
-      const __m512i o = TapSums<kNarrow>(plane + p, offsets_o, weights_o, taps_o);
-      y = _mm512_add_ps(y, _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_sub_epi32(o, z_o)), c_o));
-    }
-    return ClipPs(has_bias ? _mm512_add_ps(y, bias) : y, clip_lo, clip_hi);
-  };
-  if (ow >= 16) {  // row by row, the last block of each row masked
-    for (int64_t oy = 0; oy * cols < span; ++oy) {
-      float* out = d.out + oy * ow;
-      for (int64_t ox = 0; ox < ow; ox += 16) {
-        const int64_t run = ow - ox < 16 ? ow - ox : 16;
-        _mm512_mask_storeu_ps(out + ox, static_cast<__mmask16>((1u << run) - 1), block(oy * cols + ox));
-      }
-    }
-    return;
-  }
-  // Narrow rows: blocks of 16 matrix columns, several output rows each, whose kept columns are
-  // stored run by run (moved to the low lanes).
-  int64_t oy = 0, ox = 0;  // the output pixel of column p + j
-  for (int64_t p = 0; p < span; p += 16) {
-    const __m512 y = block(p);
-    for (int64_t j = 0; j < 16 && p + j < span;) {
-      const int64_t limit = ox < ow ? ow : cols;  // a run of kept, else of dropped columns
-      const int64_t run = limit - ox < 16 - j ? limit - ox : 16 - j;
-      if (ox < ow) {
-        const auto low = static_cast<__mmask16>((1u << run) - 1);
-        const __m512 kept = j == 0 ? y : _mm512_maskz_compress_ps(static_cast<__mmask16>(low << j), y);
-        _mm512_mask_storeu_ps(d.out + oy * ow + ox, low, kept);
-      }
-      j += run;
-      ox += run;
-      if (ox == cols) {
-        ox = 0;
-        ++oy;
-      }
-    }
-  }
-}
-
-}  // namespace
-
-void DepthwiseAvx512(const Depthwise& d) {
-  const bool narrow = d.narrow[0] && (!d.post || d.narrow[1]);
-  if (d.post) {
-    narrow ? DepthwiseLists<true, true>(d) : DepthwiseLists<false, true>(d);
-  } else {
-    narrow ? DepthwiseLists<true, false>(d) : DepthwiseLists<false, false>(d);
-  }
-}
-
-namespace {
-
-// DepthwiseFused's AVX-512 VNNI kernel (int_conv_depthwise.h): a block is 64 columns as 4 phases,
+// DepthwiseFused's AVX-512 VNNI kernel (int_conv_fused.h): a block is 64 columns as 4 phases,
 // vector r holding columns p0 + 4i + r in lane i, so that each of its dwords is the 4 bytes of
 // plane row ky at column 4i + r + 4j..: one vpdpbusd per tap group and phase, any int8 weights.
 struct FusedAvx512 {

@@ -113,8 +113,6 @@ struct Depthwise {
   float* out;          // OH * OW outputs
 };
 
-void DepthwiseAvx2(const Depthwise& d);
-void DepthwiseAvx512(const Depthwise& d);
 
 // AVX2's DepthwiseFused sums one vpmaddubsw word per pair of horizontally adjacent taps of one list,
 // and only the pairs that hold a nonzero weight: a POST code falls in one list (w_even or w_odd), so
@@ -137,7 +135,7 @@ struct PaddedPlane {
 };
 
 // Depthwise convolutions with unit horizontal dilation and a horizontal stride sw of 1 or 2,
-// straight from the float input (int_conv_depthwise.h): per input channel, X quantized
+// straight from the float input (int_conv_fused.h): per input channel, X quantized
 // (qdu8::QuantizeOne's values) and padded (z_x around X) into sh row phases (padded row y in phase
 // y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw; AVX2: to 8 * sw), then each of its
 // output channels as multiply-adds of horizontally adjacent taps, whose bytes lie side by side in
@@ -211,8 +209,6 @@ struct DepthwiseLanes : LaneOutput {
   int64_t lanes;             // the lanes that are channels (the last block may have fewer than 16)
 };
 
-// AVX2 only (16 int16 lanes are one block of channels; the AVX-512 kernel choice runs it too).
-void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 
 // Depthwise convolutions with one output per input channel on small images, straight from the
 // float input like DepthwiseFused (unit horizontal dilation, horizontal stride 1 or 2), 16

@@ -352,7 +352,7 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.outputs = g.mg;
   d.post = job.post;
   // AVX-512: the channels are contiguous in X, one quantization run for all of them, then copied
-  // into the plane; AVX2 quantizes each row into the plane (int_conv_depthwise.h, QuantizePlane).
+  // into the plane; AVX2 quantizes each row into the plane (int_conv_fused.h, QuantizePlane).
   if (job.isa == Isa::kAvx512) {
     QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   }

@@ -67,6 +67,18 @@ struct Avx2 {
   // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
   static F Clip(F y, F lo, F hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, y)); }
 
+  // Widening: 16 int16 lanes (one 256-bit vector) and 16 unsigned bytes as int32, in 16 / kFloats
+  // vectors; MaddI16 = vpmaddwd (each int32 lane the sum of its two int16 products).
+  static void WidenI16(__m256i v, I out[2]) {
+    out[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
+    out[1] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
+  }
+  static void WidenU8(__m128i v, I out[2]) {
+    out[0] = _mm256_cvtepu8_epi32(v);
+    out[1] = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v));
+  }
+  static I MaddI16(I a, I b) { return _mm256_madd_epi16(a, b); }
+
   // Shuffles.
   static F MoveHdup(F v) { return _mm256_movehdup_ps(v); }  // lanes 1 1 3 3 5 5 7 7
   // The even lanes of a, then those of b: per 128-bit half a0 a2 b0 b2, then the halves' pairs in order.
@@ -138,8 +150,6 @@ struct Avx2 {
 constexpr Kernels Avx2Kernels() {
   Kernels k = SimdKernels<Avx2>();
   // (not yet templates)
-  k.depthwise = iconv::DepthwiseAvx2;
-  k.depthwise_lanes = iconv::DepthwiseLanesAvx2;
   k.depthwise_fused = iconv::DepthwiseFusedAvx2;
   k.quantize_fused = iconv::QuantizeFusedAvx2;
   k.lanes_fused = iconv::LanesFusedAvx2;

@@ -50,6 +50,12 @@ struct Avx512 {
   // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
   static F Clip(F y, F lo, F hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, y)); }
 
+  // Widening: 16 int16 lanes (one 256-bit vector) and 16 unsigned bytes as int32, in 16 / kFloats
+  // vectors; MaddI16 = vpmaddwd (each int32 lane the sum of its two int16 products).
+  static void WidenI16(__m256i v, I out[1]) { out[0] = _mm512_cvtepi16_epi32(v); }
+  static void WidenU8(__m128i v, I out[1]) { out[0] = _mm512_cvtepu8_epi32(v); }
+  static I MaddI16(I a, I b) { return _mm512_madd_epi16(a, b); }
+
   // Shuffles.
   static F MoveHdup(F v) { return _mm512_movehdup_ps(v); }  // lanes 1 1 3 3 5 5 ...
   // The even lanes of a, then those of b.
@@ -122,8 +128,6 @@ struct Avx512 {
 constexpr Kernels Avx512Kernels() {
   Kernels k = SimdKernels<Avx512>();
   // (not yet templates)
-  k.depthwise = iconv::DepthwiseAvx512;
-  k.depthwise_lanes = iconv::DepthwiseLanesAvx2;
   k.depthwise_fused = iconv::DepthwiseFusedAvx512;
   k.quantize_fused = iconv::QuantizeFusedAvx512;
   k.lanes_fused = iconv::LanesFusedAvx512;

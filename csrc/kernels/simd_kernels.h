@@ -11,6 +11,7 @@
 // For the same reason these files use no standard-library templates (std::min, containers).
 #pragma once
 
+#include "kernels/int_conv_depthwise.h"
 #include "kernels/int_conv_finish.h"
 #include "kernels/int_conv_gemm.h"
 #include "kernels/kernels.h"
@@ -29,6 +30,8 @@ constexpr Kernels SimdKernels() {
   k.gemm_t = iconv::GemmTKernel<T>;
   k.finish_t = iconv::FinishTKernel<T>;
   k.finish_run = iconv::FinishRunKernel<T>;
+  k.depthwise = iconv::DepthwiseKernel<T>;
+  k.depthwise_lanes = iconv::DepthwiseLanesKernel<T>;
   return k;
 }
 
