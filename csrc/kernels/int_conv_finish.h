@@ -15,13 +15,16 @@ namespace onnxq::iconv {
 namespace {
 
 // Finish lane by lane: acc_e, acc_o are the int32 sums with their zero-point corrections done
-// (acc_o only read for PostConv), bias the channels' biases (only read with bias).
+// (acc_o only read for PostConv), b the channels' biases (only read with bias). clip = false
+// leaves the clip out, which is exact where lo, hi are the default bounds (-inf, +inf).
 template <class T>
 inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, typename T::I acc_o, typename T::F c_e,
-                                 typename T::F c_o, typename T::F b, typename T::F lo, typename T::F hi) {
+                                 typename T::F c_o, typename T::F b, typename T::F lo, typename T::F hi,
+                                 bool clip = true) {
   typename T::F y = T::Mul(T::ToFloat(acc_e), c_e);
   if (post) y = T::Add(y, T::Mul(T::ToFloat(acc_o), c_o));
-  return T::Clip(bias ? T::Add(y, b) : y, lo, hi);
+  if (bias) y = T::Add(y, b);
+  return clip ? T::Clip(y, lo, hi) : y;
 }
 
 // FinishT for channels [R b, R b + R), R = T::kFloats: the sums of a channel's rows (PostConv: its

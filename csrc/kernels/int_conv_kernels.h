@@ -175,12 +175,9 @@ struct DepthwiseFused : PaddedPlane {
 // Bytes after the scratch data that the kernels may read or write.
 constexpr int64_t kFusedSlack = 256;  // (stride 2 reads 2 bytes per column)
 
-void DepthwiseFusedAvx2(const DepthwiseFused& d);
-void DepthwiseFusedAvx512(const DepthwiseFused& d);
-// DepthwiseFused's quantization: dst[i] = QuantizeOne(d.x[i]) for i < n, with d's parameters
-// (scale, inverse, lo, hi, z); writes up to 64 bytes past n. Run over several channels at once.
-void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst);
-void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst);
+// DepthwiseFused's quantization (kernels.h's quantize_fused): dst[i] = QuantizeOne(d.x[i]) for
+// i < n, with d's parameters (scale, inverse, lo, hi, z); writes up to 64 bytes past n. Run over
+// several channels at once.
 
 // Depthwise convolutions with one output per input channel on small images, 16 channels at once
 // in the vector lanes: no per-channel cost, which small images do not repay. The input block is

@@ -53,6 +53,7 @@ struct Avx2 {
   // Arithmetic, lane by lane.
   static F SetF(float v) { return _mm256_set1_ps(v); }
   static I Set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static I Set8(int8_t v) { return _mm256_set1_epi8(v); }
   static F ZeroF() { return _mm256_setzero_ps(); }
   static I Add32(I a, I b) { return _mm256_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
@@ -63,6 +64,9 @@ struct Avx2 {
   static F Min(F a, F b) { return _mm256_min_ps(a, b); }
   static F Max(F a, F b) { return _mm256_max_ps(a, b); }
   static F Div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F MulAdd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, rounded once
+  static I AsInt(F v) { return _mm256_castps_si256(v); }                // the same bits
+  static I ShiftLeft32(I v, int bits) { return _mm256_slli_epi32(v, bits); }
   static I RoundToInt(F v) { return _mm256_cvtps_epi32(v); }  // half to even (the default rounding)
   // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
   static F Clip(F y, F lo, F hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, y)); }
@@ -132,6 +136,29 @@ struct Avx2 {
   static constexpr bool kPinWeights = false;
   static void Pin(I& v) { __asm__("" : "+x"(v)); }
 
+  // The fused quantization (int_conv_fused.h, QuantizeFixed). Whether any lane of u[0..3] has its
+  // low 12 bits 0 (a tie): the least of the lanes' low bits, shifted to the top, is then 0.
+  static bool AnyFixedTie(const I u[4]) {
+    I least = _mm256_set1_epi32(-1);
+    for (int k = 0; k < 4; ++k) least = _mm256_min_epu32(least, _mm256_slli_epi32(u[k], 20));
+    const I zero = _mm256_cmpeq_epi32(least, _mm256_setzero_si256());
+    return !_mm256_testz_si256(zero, zero);
+  }
+  // Bits 12..19 of each dword of u[0..3] (value 8k + i in dword i of u[k]) as kBytes bytes in
+  // order: moved to byte k of dword i (shifts, byte and word blends), then each 128-bit half's bytes
+  // grouped by k and the halves' groups put in order.
+  static I PackFixedBytes(const I u[4]) {
+    const I byte1 = _mm256_set1_epi32(0x0000FF00), byte3 = _mm256_set1_epi32(static_cast<int32_t>(0xFF000000));
+    const I b01 = _mm256_blendv_epi8(_mm256_srli_epi32(u[0], 12), _mm256_srli_epi32(u[1], 4), byte1);
+    const I b23 = _mm256_blendv_epi8(_mm256_slli_epi32(u[2], 4), _mm256_slli_epi32(u[3], 12), byte3);
+    const I dwords = _mm256_blend_epi16(b01, b23, 0xAA);
+    const I order = _mm256_setr_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703, 0x0C080400, 0x0D090501,
+                                      0x0E0A0602, 0x0F0B0703);
+    return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+
+  struct Fused;  // DepthwiseFused's blocks (below)
+
   // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
   // work per 128-bit half, leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1.
   static I PackBytes(const I q[4]) {
@@ -147,11 +174,117 @@ struct Avx2 {
   }
 };
 
+// DepthwiseFused's block (int_conv_fused.h) for AVX2: 64 columns, two halves of 32 as 2 phases,
+// vector r holding columns 2i + r of the half in int16 lane i, so that each of its words is 2
+// adjacent bytes of a plane row: one vpmaddubsw per nonzero pair of taps (FusedPair), phase and
+// half, which halves PostConv's sums against dense pairs (a POST code is in one of its two lists).
+// Every list is narrow (sum |w| <= 128), so no pair saturates and the int16 sums, which start at
+// -z_x * sum w, end exact. Rows of the plane are whole groups of 8 columns (PrepareFused), so a
+// group's outputs are its first lanes. (Tried: an epilogue without lane-crossing widening (shifts,
+// then vperm2f128), 1-2% slower.)
+struct Avx2::Fused {
+  static constexpr int64_t kBlock = 64;
+  static constexpr bool kTapGroups = false;    // FusedPair lists instead
+  static constexpr bool kQuantizeRows = true;  // QuantizePlane
+
+  struct Consts : iconv::FusedFinish<Avx2> {
+    I z_e, z_o;                                // -z_x * sum w of each list, int16
+    const iconv::FusedPair *even, *odd, *end;  // the lists' nonzero pairs: [even, odd), [odd, end)
+    Consts(const iconv::DepthwiseFused& d, int64_t i)
+        : FusedFinish<Avx2>(d, i),
+          z_e(_mm256_set1_epi16(static_cast<int16_t>(-d.z_e[i]))),
+          z_o(_mm256_set1_epi16(static_cast<int16_t>(d.post ? -d.z_o[i] : 0))),
+          even(d.pairs + d.pair_start[2 * i]),
+          odd(d.pairs + d.pair_start[2 * i + 1]),
+          end(d.pairs + d.pair_start[2 * i + 2]) {}
+  };
+
+  // The pairs' products added for two blocks of 32 columns, p0 and p0 + 32, each as 2 phases
+  // (stride 1: columns 2i + r in word i of phase r; stride 2 (column p at byte 2p): columns 16r + i,
+  // the whole vector one load at 2 * (p0 + 16r)): a[r] for the first, b[r] for the second; base =
+  // the plane at column p0. Each pair's offset and weights are loaded once for 4 vpmaddubsw (the
+  // loads, not the multiply-adds, bound the sums). With one block only a[r].
+  template <int kStride>
+  static void AddPairs(const uint8_t* base, const iconv::FusedPair* pair, const iconv::FusedPair* end, I a[2]) {
+    for (; pair != end; ++pair) {
+      const uint8_t* src = base + pair->offset;
+      const I w = _mm256_set1_epi32(pair->weights);
+      for (int r = 0; r < 2; ++r) a[r] = AddProducts(a[r], Load(src + (kStride == 1 ? r : 32 * r)), w);
+    }
+  }
+
+  template <int kStride>
+  static void AddPairs(const uint8_t* base, const iconv::FusedPair* pair, const iconv::FusedPair* end, I a[2],
+                       I b[2]) {
+    for (; pair != end; ++pair) {
+      const uint8_t* src = base + pair->offset;
+      const I w = _mm256_set1_epi32(pair->weights);
+      for (int r = 0; r < 2; ++r) {
+        const int64_t at = kStride == 1 ? r : 32 * r;
+        const I x = Load(src + at), y = Load(src + 32 * kStride + at);
+        a[r] = AddProducts(a[r], x, w);
+        b[r] = AddProducts(b[r], y, w);
+      }
+    }
+  }
+
+  // A half's int16 sums as int32 in column order: 0-7, 8-15, 16-23, 24-31. Stride 1: the two
+  // phases interleaved; stride 2: the two vectors of 16 columns one after the other.
+  template <int kStride>
+  static void Widen(const I s[2], I out[4]) {
+    if (kStride == 1) {
+      const I lo = _mm256_unpacklo_epi16(s[0], s[1]), hi = _mm256_unpackhi_epi16(s[0], s[1]);
+      out[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(lo));
+      out[1] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(hi));
+      out[2] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(lo, 1));
+      out[3] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(hi, 1));
+    } else {
+      WidenI16(s[0], out);
+      WidenI16(s[1], out + 2);
+    }
+  }
+
+  // Column group g (columns 8g .. 8g + 7) to its outputs, its first lanes: a whole vector where the
+  // lanes past them fall on outputs that later vectors write, else only them.
+  static void StoreKept(const iconv::DepthwiseFused& d, F y, int64_t g, float* out) {
+    const int64_t start = d.starts[g];
+    if (start + 8 <= d.pixels) {
+      StoreF(out + start, y);
+    } else {
+      StoreFirstF(out + start, y, d.starts[g + 1] - start);
+    }
+  }
+
+  // The 32 columns of a half from p0 finished, and their outputs stored.
+  template <bool kPost, bool kBias, int kStride>
+  static void Finish32(const iconv::DepthwiseFused& d, const Consts& c, const I e[2], const I o[2], int64_t p0,
+                       float* out) {
+    I e32[4], o32[4] = {};
+    Widen<kStride>(e, e32);
+    if (kPost) Widen<kStride>(o, o32);
+    for (int k = 0; k < 4; ++k) StoreKept(d, c.template Finish<kPost, kBias>(e32[k], o32[k]), p0 / 8 + k, out);
+  }
+
+  template <bool kPost, bool kBias, int kGroups, int kStride>
+  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+    I e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o}, e2[2] = {c.z_e, c.z_e}, o2[2] = {c.z_o, c.z_o};
+    const uint8_t* base = d.plane + kStride * p0;
+    if (p0 + 32 >= d.span) {  // the last columns: one half
+      AddPairs<kStride>(base, c.even, c.odd, e);
+      if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
+      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+      return;
+    }
+    AddPairs<kStride>(base, c.even, c.odd, e, e2);
+    if (kPost) AddPairs<kStride>(base, c.odd, c.end, o, o2);
+    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out);
+  }
+};
+
 constexpr Kernels Avx2Kernels() {
   Kernels k = SimdKernels<Avx2>();
   // (not yet templates)
-  k.depthwise_fused = iconv::DepthwiseFusedAvx2;
-  k.quantize_fused = iconv::QuantizeFusedAvx2;
   k.lanes_fused = iconv::LanesFusedAvx2;
   return k;
 }

@@ -36,6 +36,7 @@ struct Avx512 {
   // Arithmetic, lane by lane.
   static F SetF(float v) { return _mm512_set1_ps(v); }
   static I Set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static I Set8(int8_t v) { return _mm512_set1_epi8(v); }
   static F ZeroF() { return _mm512_setzero_ps(); }
   static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
@@ -46,6 +47,9 @@ struct Avx512 {
   static F Min(F a, F b) { return _mm512_min_ps(a, b); }
   static F Max(F a, F b) { return _mm512_max_ps(a, b); }
   static F Div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F MulAdd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, rounded once
+  static I AsInt(F v) { return _mm512_castps_si512(v); }                // the same bits
+  static I ShiftLeft32(I v, int bits) { return _mm512_slli_epi32(v, bits); }
   static I RoundToInt(F v) { return _mm512_cvtps_epi32(v); }  // half to even (the default rounding)
   // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
   static F Clip(F y, F lo, F hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, y)); }
@@ -111,6 +115,26 @@ struct Avx512 {
   static constexpr bool kPinWeights = true;
   static void Pin(I& v) { __asm__("" : "+v"(v)); }
 
+  // The fused quantization (int_conv_fused.h, QuantizeFixed). Whether any lane of u[0..3] has its
+  // low 12 bits 0 (a tie).
+  static bool AnyFixedTie(const I u[4]) {
+    __mmask16 ties = 0;
+    for (int k = 0; k < 4; ++k) ties |= _mm512_testn_epi32_mask(u[k], _mm512_set1_epi32(iconv::kFixedFraction));
+    return ties != 0;
+  }
+  // Bits 12..19 of each dword of u[0..3] (value 16k + i in dword i of u[k]) as kBytes bytes in
+  // order: moved to byte k of dword i (shifts, byte and word blends), then each 128-bit lane's bytes
+  // grouped by k and the lanes' groups put in order.
+  static I PackFixedBytes(const I u[4]) {
+    const I b01 = _mm512_mask_blend_epi8(0x2222222222222222, _mm512_srli_epi32(u[0], 12), _mm512_srli_epi32(u[1], 4));
+    const I b23 = _mm512_mask_blend_epi8(0x8888888888888888, _mm512_slli_epi32(u[2], 4), _mm512_slli_epi32(u[3], 12));
+    const I dwords = _mm512_mask_blend_epi16(0xAAAAAAAA, b01, b23);
+    const I grouped = _mm512_shuffle_epi8(dwords, _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
+  }
+
+  struct Fused;  // DepthwiseFused's blocks (below)
+
   // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
   // work per 128-bit lane (lane l: a, b, c, d's dwords 4l..4l+3), so dword 4l + j goes to 4j + l.
   static I PackBytes(const I q[4]) {
@@ -125,11 +149,78 @@ struct Avx512 {
   }
 };
 
+// DepthwiseFused's block (int_conv_fused.h) for AVX-512 VNNI: 64 columns as 4 phases, vector r
+// holding columns p0 + 4i + r in lane i, so that each of its dwords is the 4 bytes of plane row ky
+// at column 4i + r + 4j..: one vpdpbusd per tap group and phase, any int8 weights, both lists'
+// sums from the same loads. The outputs of the kept columns are compressed into place.
+struct Avx512::Fused {
+  static constexpr int64_t kBlock = 64;
+  static constexpr bool kTapGroups = true;
+  static constexpr bool kQuantizeRows = false;  // BuildPlane
+
+  struct Consts : iconv::FusedFinish<Avx512> {
+    I z_e, z_o;               // -z_x * sum w of each list
+    const int32_t *w_e, *w_o;  // the lists' tap groups, 4 int8 each
+    Consts(const iconv::DepthwiseFused& d, int64_t i)
+        : FusedFinish<Avx512>(d, i),
+          z_e(_mm512_set1_epi32(-d.z_e[i])),
+          z_o(_mm512_set1_epi32(d.post ? -d.z_o[i] : 0)),
+          w_e(d.weights + i * 2 * d.groups),
+          w_o(d.weights + (i * 2 + 1) * d.groups) {}
+  };
+
+  // Stride 2 (column p at byte 2p): vectors 2h + r hold columns p0 + 32h + 2i + r, from one load
+  // each at 2 * (p0 + 32h) + 2r.
+  template <bool kPost, bool kBias, int kGroups, int kStride>
+  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+    I e[4], o[4];  // the sums start at -z_x * sum w: the zero-point correction, done
+    for (int r = 0; r < 4; ++r) {
+      e[r] = c.z_e;
+      o[r] = c.z_o;
+    }
+    const int64_t groups = kGroups > 0 ? kGroups : d.groups;
+    const uint8_t* base = d.plane + kStride * p0;
+    for (int64_t t = 0; t < groups; ++t) {
+      const uint8_t* src = base + d.offsets[t];
+      const I w_e = _mm512_set1_epi32(c.w_e[t]);
+      const I w_o = kPost ? _mm512_set1_epi32(c.w_o[t]) : w_e;
+      for (int r = 0; r < 4; ++r) {
+        const I x = Load(src + (kStride == 1 ? r : 64 * (r / 2) + 2 * (r % 2)));
+        e[r] = AddProducts(e[r], x, w_e);
+        if (kPost) o[r] = AddProducts(o[r], x, w_o);
+      }
+    }
+    F y[4];
+    for (int r = 0; r < 4; ++r) y[r] = c.template Finish<kPost, kBias>(e[r], o[r]);
+    // Phases to column order: u[k] lane 2i + a = y[a][8k + i], v[k] the same of y[2], y[3]; then
+    // columns 16q + 4i + r = y[r][4q + i] from u[q / 2], v[q / 2].
+    const I pair0 = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+    const I pair1 = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+    const I quad0 = _mm512_setr_epi32(0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22, 23);
+    const I quad1 = _mm512_setr_epi32(8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29, 14, 15, 30, 31);
+    const F u0 = _mm512_permutex2var_ps(y[0], pair0, y[1]), u1 = _mm512_permutex2var_ps(y[0], pair1, y[1]);
+    const F v0 = _mm512_permutex2var_ps(y[2], pair0, y[3]), v1 = _mm512_permutex2var_ps(y[2], pair1, y[3]);
+    // (stride 2: u0, u1, v0, v1 are already columns 0-15, 16-31, 32-47, 48-63)
+    const F columns[4] = {
+        kStride == 1 ? _mm512_permutex2var_ps(u0, quad0, v0) : u0,
+        kStride == 1 ? _mm512_permutex2var_ps(u0, quad1, v0) : u1,
+        kStride == 1 ? _mm512_permutex2var_ps(u1, quad0, v1) : v0,
+        kStride == 1 ? _mm512_permutex2var_ps(u1, quad1, v1) : v1,
+    };
+    // The kept columns of each 16, packed to the low lanes, to their outputs.
+    for (int q = 0; q < 4; ++q) {
+      const int64_t g = p0 / 8 + 2 * q;
+      const auto keep = static_cast<__mmask16>(d.keep[g] | d.keep[g + 1] << 8);
+      const int64_t start = d.starts[g], count = d.starts[g + 2] - start;
+      _mm512_mask_storeu_ps(out + start, static_cast<__mmask16>((1u << count) - 1),
+                            _mm512_maskz_compress_ps(keep, columns[q]));
+    }
+  }
+};
+
 constexpr Kernels Avx512Kernels() {
   Kernels k = SimdKernels<Avx512>();
   // (not yet templates)
-  k.depthwise_fused = iconv::DepthwiseFusedAvx512;
-  k.quantize_fused = iconv::QuantizeFusedAvx512;
   k.lanes_fused = iconv::LanesFusedAvx512;
   return k;
 }

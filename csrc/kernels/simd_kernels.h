@@ -13,6 +13,7 @@
 
 #include "kernels/int_conv_depthwise.h"
 #include "kernels/int_conv_finish.h"
+#include "kernels/int_conv_fused.h"
 #include "kernels/int_conv_gemm.h"
 #include "kernels/kernels.h"
 #include "kernels/quantize_dynamic_u8_simd.h"
@@ -32,6 +33,8 @@ constexpr Kernels SimdKernels() {
   k.finish_run = iconv::FinishRunKernel<T>;
   k.depthwise = iconv::DepthwiseKernel<T>;
   k.depthwise_lanes = iconv::DepthwiseLanesKernel<T>;
+  k.depthwise_fused = iconv::DepthwiseFusedKernel<T>;
+  k.quantize_fused = iconv::QuantizeFusedKernel<T>;
   return k;
 }
 
