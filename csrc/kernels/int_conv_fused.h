@@ -241,6 +241,239 @@ void DepthwiseFusedKernel(const DepthwiseFused& d) {
   }
 }
 
+// LanesFused (int_conv_kernels.h): 16 channels in the lanes, cells of G = T::kLaneTaps horizontally
+// adjacent pixels (T::kBytes bytes: 16 channels x G bytes), whose products with a tap group's weights
+// one T::AddProducts sums: AVX2 vpmaddubsw, G = 2, the channels' sums in 16 int16 lanes (every list
+// narrow, so they are exact); AVX-512 VNNI vpdpbusd, G = 4, in 16 int32 lanes.
+
+// 16 rows of T::kBytes bytes, each 128-bit lane transposed on its own (r[i] lane l byte j -> r[j]
+// lane l byte i): four rounds of interleaving row i with row i + 8 are a perfect shuffle that
+// transposes a 16 x 16 matrix.
+template <class T>
+inline void TransposeBytes16(typename T::I r[16]) {
+  typename T::I t[16];
+  for (int round = 0; round < 4; ++round) {
+    for (int i = 0; i < 8; ++i) {
+      t[2 * i] = T::InterleaveLo8(r[i], r[i + 8]);
+      t[2 * i + 1] = T::InterleaveHi8(r[i], r[i + 8]);
+    }
+    for (int i = 0; i < 16; ++i) r[i] = t[i];
+  }
+}
+
+// The pixels of TransposeBytes16's rows in order (lane kLane of r[j] holds pixel 16 kLane + j),
+// the first `left` of them, each to put.
+template <class T, int kLane = 0, class Put>
+inline void PutPixels(const typename T::I r[16], int64_t left, Put& put) {
+#pragma GCC unroll 16
+  for (int j = 0; j < 16; ++j) {
+    if (16 * kLane + j < left) put(T::template Lane128<kLane>(r[j]));
+  }
+  if constexpr (kLane + 1 < T::kBytes / 16) PutPixels<T, kLane + 1>(r, left, put);
+}
+
+// The padded image of 16-byte pixels (d.scratch), then its cells (after it).
+template <class T>
+inline uint8_t* LanesCellsOf(const LanesFused& d) {
+  const int64_t wt = d.wp + 4, wc = LanesCells(d.wp, d.step);
+  uint8_t* img = d.scratch;
+  uint8_t* cells = d.scratch + d.hp * wt * 16;
+  // z where X does not land (the rows above and below it, the columns left and right of it): the
+  // whole image at every block cost about as much as all the stores of X into it.
+  const auto row_bytes = static_cast<size_t>(wt * 16);
+  std::memset(img, d.z, static_cast<size_t>(d.pt) * row_bytes);
+  std::memset(img + (d.pt + d.h) * wt * 16, d.z, static_cast<size_t>(d.hp - d.pt - d.h) * row_bytes);
+  for (int64_t y = d.pt; y < d.pt + d.h; ++y) {
+    std::memset(img + y * wt * 16, d.z, static_cast<size_t>(d.pl * 16));
+    std::memset(img + (y * wt + d.pl + d.w) * 16, d.z, static_cast<size_t>((wt - d.pl - d.w) * 16));
+  }
+  const int64_t n = d.h * d.w, w = d.w;
+  const typename T::I z = T::Set8(static_cast<int8_t>(d.z));
+  int64_t ix = 0;
+  uint8_t* row = img + (d.pt * wt + d.pl) * 16;
+  // The next pixel's 16 bytes to its place in the padded image.
+  auto put = [&](__m128i pixel) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(row + ix * 16), pixel);
+    if (++ix == w) {
+      ix = 0;
+      row += wt * 16;
+    }
+  };
+  // T::kBytes pixels of the 16 planes at a time.
+  for (int64_t q0 = 0; q0 < n; q0 += T::kBytes) {
+    typename T::I r[16];
+    for (int i = 0; i < 16; ++i) r[i] = i < d.lanes ? T::Load(d.bytes + i * n + q0) : z;
+    TransposeBytes16<T>(r);
+    PutPixels<T>(r, n - q0, put);
+  }
+  // Cell (y, c) from the G pixels at step * c.
+  const int64_t step = 16 * d.step, hp = d.hp;
+  for (int64_t y = 0; y < hp; ++y) {
+    const uint8_t* src = img + y * wt * 16;
+    uint8_t* dst = cells + y * wc * T::kBytes;
+    for (int64_t c = 0; c < wc; ++c, src += step, dst += T::kBytes) T::Store(dst, T::LaneCell(src));
+  }
+  return cells;
+}
+
+// The sums and Finish lane by lane, T::kFloats output pixels at a time, transposed so that each
+// channel's pixels are one store; then the last pixels one at a time, scattered to the channels'
+// planes. kGroups: d.groups, or 0 for a count known only at run time (then its cells and weights
+// are loaded group by group). kPaired: cells every second column at stride 1 (LanesStep), so that
+// two outputs (ox even, ox + 1) share their cells' loads, the odd one from the cells shifted down a
+// byte (the weights of taps 0..2 meet pixels 1..3).
+template <class T, int kGroups, bool kPost, bool kBias, bool kPaired>
+void LanesPixels(const LanesFused& d, const uint8_t* cells) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int R = T::kFloats, kVectors = 16 / R;  // channels R h .. R h + R - 1 in vector h
+  constexpr int kHeld = kGroups > 0 ? kGroups : 1;
+  const int64_t groups = kGroups > 0 ? kGroups : d.groups;
+  const int64_t wc = LanesCells(d.wp, d.step);
+  const auto* weights = static_cast<const uint8_t*>(d.weights);  // [2][groups] of T::kBytes
+  I we[kHeld], wo[kHeld];
+  int64_t off[kHeld];
+  if (kGroups > 0) {
+    for (int t = 0; t < kHeld; ++t) {
+      we[t] = T::Load(weights + t * T::kBytes);
+      wo[t] = T::Load(weights + (groups + t) * T::kBytes);
+      off[t] = d.offsets[t] * T::kBytes;
+    }
+  }
+  // The sums start at -z_x * sum w: the zero-point correction, done.
+  const I ze = T::LaneSumsFrom(d.z_e), zo = T::LaneSumsFrom(d.z_o);
+  F ce[kVectors], co[kVectors], bias[kVectors];
+  for (int h = 0; h < kVectors; ++h) {
+    ce[h] = T::LoadF(d.c_e + R * h);
+    co[h] = T::LoadF(d.c_o + R * h);
+    bias[h] = kBias ? T::LoadF(d.bias + R * h) : T::ZeroF();
+  }
+  const F clip_lo = T::SetF(d.clip_lo), clip_hi = T::SetF(d.clip_hi);
+  const int64_t pixels = d.oh * d.ow, ow = d.ow, lanes = d.lanes, row_step = d.sh * wc * T::kBytes;
+  float* const out = d.out;
+  int64_t ox = 0;  // the next output pixel: column ox of the output row whose cells start at `row`
+  const uint8_t* row = cells;
+  auto advance = [&]() {
+    if (++ox == ow) {
+      ox = 0;
+      row += row_step;
+    }
+  };
+  // Outputs go to a tile, pixel i's channels R h .. R h + R - 1 at tile[h][i].
+  using Tile = F[kVectors][R];
+  // One output's 16 channels finished from its sums, to tile[.][i].
+  auto finish_sums = [&](I acc_e, I acc_o, Tile& tile, int i) {
+    I e32[kVectors], o32[kVectors];
+    T::LaneInt32(acc_e, e32);
+    T::LaneInt32(acc_o, o32);
+    for (int h = 0; h < kVectors; ++h) {
+      tile[h][i] = FinishLanes<T>(kPost, kBias, e32[h], o32[h], ce[h], co[h], bias[h], clip_lo, clip_hi);
+    }
+  };
+  // One output from its held cells v (the odd output of a pair: shifted down a byte).
+  auto finish = [&](const I v[kHeld], bool odd, Tile& tile, int i) {
+    I acc_e = ze, acc_o = zo;
+    for (int t = 0; t < kHeld; ++t) {
+      I x = v[t];
+      if constexpr (kPaired) x = odd ? T::ShiftCellsByte(x) : x;
+      acc_e = T::AddProducts(acc_e, x, we[t]);
+      if (kPost) acc_o = T::AddProducts(acc_o, x, wo[t]);
+    }
+    finish_sums(acc_e, acc_o, tile, i);
+  };
+  auto load = [&](I v[kHeld]) {
+    const uint8_t* base = row + (kPaired ? ox >> 1 : ox) * T::kBytes;
+    for (int t = 0; t < kHeld; ++t) v[t] = T::Load(base + off[t]);
+  };
+  // The next output alone.
+  auto pixel = [&](Tile& tile, int i) {
+    if (kGroups == 0) {
+      const uint8_t* base = row + (kPaired ? ox >> 1 : ox) * T::kBytes;
+      const bool odd = kPaired && (ox & 1) != 0;
+      advance();
+      I acc_e = ze, acc_o = zo;
+      for (int64_t t = 0; t < groups; ++t) {
+        I x = T::Load(base + d.offsets[t] * T::kBytes);
+        if constexpr (kPaired) x = odd ? T::ShiftCellsByte(x) : x;
+        acc_e = T::AddProducts(acc_e, x, T::Load(weights + t * T::kBytes));
+        if (kPost) acc_o = T::AddProducts(acc_o, x, T::Load(weights + (groups + t) * T::kBytes));
+      }
+      return finish_sums(acc_e, acc_o, tile, i);
+    }
+    I v[kHeld];
+    load(v);
+    const bool odd = kPaired && (ox & 1) != 0;
+    advance();
+    finish(v, odd, tile, i);
+  };
+  // The next two outputs: one load of cells where they are a pair (ox even, ox + 1 in the row).
+  auto two = [&](Tile& tile, int i) {
+    if (!kPaired || kGroups == 0 || (ox & 1) != 0 || ox + 1 == ow) {
+      pixel(tile, i);
+      pixel(tile, i + 1);
+      return;
+    }
+    I v[kHeld];
+    load(v);
+    ox += 2;  // (ox + 1 < ow: the row continues past the pair, or ends with it)
+    if (ox == ow) {
+      ox = 0;
+      row += row_step;
+    }
+    finish(v, false, tile, i);
+    finish(v, true, tile, i + 1);
+  };
+  int64_t p0 = 0;
+  // Whole tiles of R pixels: transposed, one store per channel.
+  for (; p0 + R <= pixels; p0 += R) {
+    Tile tile;
+#pragma GCC unroll 8
+    for (int i = 0; i < R; i += 2) two(tile, i);
+    for (int h = 0; h < kVectors; ++h) {
+      T::Transpose(tile[h]);
+      if (lanes == 16) {
+#pragma GCC unroll 16
+        for (int j = 0; j < R; ++j) T::StoreF(out + (R * h + j) * pixels + p0, tile[h][j]);
+      } else {
+        for (int64_t j = 0; j < R && R * h + j < lanes; ++j) T::StoreF(out + (R * h + j) * pixels + p0, tile[h][j]);
+      }
+    }
+  }
+  // The last pixels one by one, each channel's to its plane.
+  for (; p0 < pixels; ++p0) {
+    Tile tile;
+    pixel(tile, 0);
+    F y[kVectors];
+    for (int h = 0; h < kVectors; ++h) y[h] = tile[h][0];
+    T::ScatterLanes(out + p0, pixels, y, lanes);
+  }
+}
+
+template <class T, bool kPost, bool kBias>
+void LanesGroups(const LanesFused& d, const uint8_t* cells) {
+  constexpr int k3x3 = 3 * ((3 + T::kLaneTaps - 1) / T::kLaneTaps);  // a 3 x 3 kernel's tap groups
+  if constexpr (T::kLaneTaps == 4) {  // (cells of 4 pixels serve two outputs of kernels up to 3 wide)
+    if (d.step != d.sw) {
+      d.groups == k3x3 ? LanesPixels<T, k3x3, kPost, kBias, true>(d, cells)
+                       : LanesPixels<T, 0, kPost, kBias, true>(d, cells);
+      return;
+    }
+  }
+  d.groups == k3x3 ? LanesPixels<T, k3x3, kPost, kBias, false>(d, cells)
+                   : LanesPixels<T, 0, kPost, kBias, false>(d, cells);
+}
+
+// LanesFused (kernels.h's lanes_fused).
+template <class T>
+void LanesFusedKernel(const LanesFused& d) {
+  const uint8_t* cells = LanesCellsOf<T>(d);
+  if (d.post) {
+    d.bias != nullptr ? LanesGroups<T, true, true>(d, cells) : LanesGroups<T, true, false>(d, cells);
+  } else {
+    d.bias != nullptr ? LanesGroups<T, false, true>(d, cells) : LanesGroups<T, false, false>(d, cells);
+  }
+}
+
 }  // namespace
 
 }  // namespace onnxq::iconv

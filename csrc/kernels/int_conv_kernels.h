@@ -1,6 +1,8 @@
 // The integer core of PostConv/IntConv's SIMD kernels, shared by int_conv_reference.cc (which
-// packs the weights), int_conv_simd.cc (which lays out the activations and runs the epilogue) and
-// the ISA variants int_conv_avx2.cc / int_conv_avx512.cc.
+// packs the weights), int_conv_simd.cc (which lays out the activations and calls the kernels) and
+// the kernels themselves: templates over an instruction set's traits (int_conv_gemm.h,
+// int_conv_finish.h, int_conv_depthwise.h, int_conv_fused.h), compiled once per instruction set in
+// kernels_avx2.cc and kernels_avx512.cc and called through their tables (kernels.h).
 // Like quantize_dynamic_u8_kernels.h it holds no onnxruntime or standard-library templates and no
 // inline functions with external linkage (an -mavx512f copy could be the one the linker keeps).
 //
@@ -150,7 +152,7 @@ struct DepthwiseFused : PaddedPlane {
   int64_t readable;               // floats that may be read from x (to the end of X)
   int64_t hq;                     // rows per phase: ceil(hp / sh)
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide); zero point z
-  uint8_t* bytes;                 // the channel quantized (QuantizeFused*), h x w
+  uint8_t* bytes;                 // the channel quantized (QuantizeFused), h x w
   uint8_t* plane;                 // scratch: sh*hq*wp + kFusedSlack bytes
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
   int64_t span;                   // matrix columns: (oh - 1) * wp / sw + ow
@@ -210,7 +212,7 @@ struct DepthwiseLanes : LaneOutput {
 // Depthwise convolutions with one output per input channel on small images, straight from the
 // float input like DepthwiseFused (unit horizontal dilation, horizontal stride 1 or 2), 16
 // channels in the vector lanes: no per-channel cost. The block's channels, quantized
-// (QuantizeFused*'s bytes, channel planes of h x w), are transposed into a padded image of
+// (QuantizeFused's bytes, channel planes of h x w), are transposed into a padded image of
 // 16-byte pixels (z around X and for lanes past `lanes`), then into cells of G horizontally
 // adjacent pixels: cell (y, c) holds, for each channel i, the bytes of padded pixels (y, sw*c + j),
 // j < G, side by side in lane i, so that one instruction adds G taps of 16 channels: AVX-512 VNNI
@@ -221,14 +223,14 @@ struct DepthwiseLanes : LaneOutput {
 // then cell (y, c) serves outputs 2c and 2c + 1, the odd one from the cell shifted down a byte
 // (taps 1..3 of the 4 pixels, weights unchanged), which halves the cells built and loaded.
 struct LanesFused : LaneOutput, PaddedPlane {
-  const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
+  const uint8_t* bytes;      // [16][h * w], readable 64 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
   int64_t step;              // columns between cells (LanesStep)
   uint8_t* scratch;          // LanesScratch(...) bytes
   int64_t groups;            // kh * ceil(kw / G)
   const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / step, in cells
-  const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
-  const int16_t* pairs;      // AVX2: the same with 2 int8 each
+  const void* weights;        // [2][groups][16 lanes of G int8]: list 0 (w / w_even), list 1 (w_odd);
+                             // VNNI: PackedWeights::lane_quads, AVX2: lane_pairs
 };
 
 namespace {
@@ -240,8 +242,6 @@ inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t step) {
 }
 }  // namespace
 
-void LanesFusedAvx512(const LanesFused& d);
-void LanesFusedAvx2(const LanesFused& d);
 
 namespace {
 

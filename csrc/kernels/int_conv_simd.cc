@@ -310,7 +310,7 @@ PaddedPlane PlaneOf(const SimdJob& job) {
   return PaddedPlane{g.h, g.w, g.pt, g.pl, job.hp, job.wp, g.sh, g.sw, job.z};
 }
 
-// dst[i] = x[i] quantized with the call's parameters, for i < count (QuantizeFused*: exact, may
+// dst[i] = x[i] quantized with the call's parameters, for i < count (QuantizeFused: exact, may
 // write up to 64 bytes past count): the input of DepthwiseFused and LanesFused.
 void QuantizeChannels(const SimdJob& job, const float* x, int64_t count, uint8_t* dst) {
   DepthwiseFused q{};
@@ -495,7 +495,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   if (job.isa == Isa::kAvx512) {
     d.weights = pw.lane_quads.data() + b * 2 * d.groups * 16;
   } else {
-    d.pairs = pw.lane_pairs.data() + b * 2 * d.groups * 16;
+    d.weights = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
   SetLaneOutput(d, job, n, b);
   job.kernels->lanes_fused(d);
@@ -603,7 +603,8 @@ void PrepareFused(SimdJob& job) {
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
   // AVX2: whole groups of 8 matrix columns per output row, so that a group's outputs are its first
-  // columns and FusedAvx2 stores them without a permute (VNNI compresses them in one instruction).
+  // columns and Avx2::Fused (kernels_avx2.cc) stores them without a permute (VNNI compresses them
+  // in one instruction).
   job.wp = RoundUp(g.w + g.pl + job.pad_right, job.isa == Isa::kAvx512 ? g.sw : 8 * g.sw);
   job.cols = job.wp / g.sw;
   job.span = (g.oh - 1) * job.cols + g.ow;

@@ -91,7 +91,8 @@ struct Avx2 {
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
   }
   // kFloats x kFloats floats transposed: r[i] holds row i, afterwards column i.
-  static void Transpose(F r[kFloats]) {
+  // Always inlined, so that the rows stay in registers.
+  [[gnu::always_inline]] static void Transpose(F r[kFloats]) {
     __m256 t[8], u[8];
     for (int i = 0; i < 4; ++i) {
       t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
@@ -158,6 +159,38 @@ struct Avx2 {
   }
 
   struct Fused;  // DepthwiseFused's blocks (below)
+
+  // LanesFused (int_conv_fused.h): cells of 2 pixels, the 16 channels' sums in int16 lanes.
+  static constexpr int kLaneTaps = 2;
+  static I InterleaveLo8(I a, I b) { return _mm256_unpacklo_epi8(a, b); }  // per 128-bit half
+  static I InterleaveHi8(I a, I b) { return _mm256_unpackhi_epi8(a, b); }
+  template <int kLane>
+  static __m128i Lane128(I v) {
+    if constexpr (kLane == 0) {
+      return _mm256_castsi256_si128(v);
+    } else {
+      return _mm256_extracti128_si256(v, kLane);
+    }
+  }
+  // The cell of the 2 pixels (16 bytes each) at p: channel i's word is its bytes of the two.
+  static I LaneCell(const uint8_t* p) {
+    const __m128i p0 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    const __m128i p1 = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16));
+    return _mm256_setr_m128i(_mm_unpacklo_epi8(p0, p1), _mm_unpackhi_epi8(p0, p1));
+  }
+  // -z[i] in lane i of the sums (|z * sum w| <= 255 * 128 fits int16).
+  static I LaneSumsFrom(const int32_t* z) {
+    const I lo = Load(z), hi = Load(z + 8);
+    return _mm256_sub_epi16(_mm256_setzero_si256(), _mm256_permute4x64_epi64(_mm256_packs_epi32(lo, hi), 0xD8));
+  }
+  static void LaneInt32(I sums, I out[2]) { WidenI16(sums, out); }
+  // Lanes [0, lanes) of the 16 in y[0], y[1]: lane i to p[i * stride].
+  static void ScatterLanes(float* p, int64_t stride, const F y[2], int64_t lanes) {
+    alignas(32) float v[16];
+    _mm256_store_ps(v, y[0]);
+    _mm256_store_ps(v + 8, y[1]);
+    for (int64_t i = 0; i < lanes; ++i) p[i * stride] = v[i];
+  }
 
   // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
   // work per 128-bit half, leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1.
@@ -285,7 +318,6 @@ struct Avx2::Fused {
 constexpr Kernels Avx2Kernels() {
   Kernels k = SimdKernels<Avx2>();
   // (not yet templates)
-  k.lanes_fused = iconv::LanesFusedAvx2;
   return k;
 }
 

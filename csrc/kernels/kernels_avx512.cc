@@ -68,7 +68,8 @@ struct Avx512 {
   }
   // kFloats x kFloats floats transposed (r[i] holds row i, afterwards column i): 2 x 2 blocks
   // (unpack), 4 x 4 (shuffle), then the 128-bit lanes (two rounds of shuffle_f32x4).
-  static void Transpose(F r[kFloats]) {
+  // Always inlined, so that the rows stay in registers.
+  [[gnu::always_inline]] static void Transpose(F r[kFloats]) {
     __m512 t[16];
     for (int i = 0; i < 16; i += 2) {
       t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
@@ -134,6 +135,38 @@ struct Avx512 {
   }
 
   struct Fused;  // DepthwiseFused's blocks (below)
+
+  // LanesFused (int_conv_fused.h): cells of 4 pixels, the 16 channels' sums in int32 lanes.
+  static constexpr int kLaneTaps = 4;
+  static I InterleaveLo8(I a, I b) { return _mm512_unpacklo_epi8(a, b); }  // per 128-bit lane
+  static I InterleaveHi8(I a, I b) { return _mm512_unpackhi_epi8(a, b); }
+  template <int kLane>
+  static __m128i Lane128(I v) {
+    if constexpr (kLane == 0) {
+      return _mm512_castsi512_si128(v);
+    } else {
+      return _mm512_extracti32x4_epi32(v, kLane);
+    }
+  }
+  // The cell of the 4 pixels (16 bytes each) at p: the dwords of the 4 x 4 blocks of (pixel,
+  // channel quad) transposed across the 128-bit lanes (lane l: channels 4l..4l+3 of pixels 0..3),
+  // then each lane's 4 x 4 bytes (channel i's dword: its bytes of pixels 0..3).
+  static I LaneCell(const uint8_t* p) {
+    const I lanes = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+    const I bytes = _mm512_setr4_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703);
+    return _mm512_shuffle_epi8(_mm512_permutexvar_epi32(lanes, Load(p)), bytes);
+  }
+  // A cell shifted down a byte: each channel's bytes of pixels 1..3, then 0.
+  static I ShiftCellsByte(I v) { return _mm512_srli_epi32(v, 8); }
+  // -z[i] in lane i of the sums.
+  static I LaneSumsFrom(const int32_t* z) { return _mm512_sub_epi32(_mm512_setzero_si512(), Load(z)); }
+  static void LaneInt32(I sums, I out[1]) { out[0] = sums; }
+  // Lanes [0, lanes) of the 16 in y[0]: lane i to p[i * stride].
+  static void ScatterLanes(float* p, int64_t stride, const F y[1], int64_t lanes) {
+    const I index = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                       _mm512_set1_epi32(static_cast<int32_t>(stride)));
+    _mm512_mask_i32scatter_ps(p, FirstLanes(lanes), index, y[0], 4);
+  }
 
   // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
   // work per 128-bit lane (lane l: a, b, c, d's dwords 4l..4l+3), so dword 4l + j goes to 4j + l.
@@ -221,7 +254,6 @@ struct Avx512::Fused {
 constexpr Kernels Avx512Kernels() {
   Kernels k = SimdKernels<Avx512>();
   // (not yet templates)
-  k.lanes_fused = iconv::LanesFusedAvx512;
   return k;
 }
 

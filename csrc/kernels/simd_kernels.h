@@ -35,6 +35,7 @@ constexpr Kernels SimdKernels() {
   k.depthwise_lanes = iconv::DepthwiseLanesKernel<T>;
   k.depthwise_fused = iconv::DepthwiseFusedKernel<T>;
   k.quantize_fused = iconv::QuantizeFusedKernel<T>;
+  k.lanes_fused = iconv::LanesFusedKernel<T>;
   return k;
 }
 
