@@ -234,8 +234,9 @@ struct LanesFused : LaneOutput, PaddedPlane {
 };
 
 namespace {
-// LanesFused's columns between cells, its cells per row, and the scratch it needs.
-inline int64_t LanesStep(bool vnni, int64_t sw, int64_t kw) { return vnni && sw == 1 && kw <= 3 ? 2 : sw; }
+// LanesFused's columns between cells (G: the kernels' taps per cell), its cells per row, and the
+// scratch it needs.
+inline int64_t LanesStep(int64_t g, int64_t sw, int64_t kw) { return g == 4 && sw == 1 && kw <= 3 ? 2 : sw; }
 inline int64_t LanesCells(int64_t wp, int64_t step) { return (wp + step - 1) / step; }
 inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t step) {
   return hp * (wp + 4) * 16 + hp * LanesCells(wp, step) * 64 + 128;

@@ -330,9 +330,10 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const int64_t g1 = std::min(g0 + job.channels, g.group);
-  // Scratch: the task's channels quantized (AVX-512; AVX2 quantizes into the plane), then the plane
-  // (small images: on the stack).
-  const int64_t bytes_size = job.isa == Isa::kAvx512 ? RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64) : 0;
+  // Scratch: the task's channels quantized (unless the kernel quantizes X into its plane itself),
+  // then the plane (small images: on the stack).
+  const bool quantize_rows = job.kernels->fused_quantize_rows;
+  const int64_t bytes_size = quantize_rows ? 0 : RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   Scratch<16384> buffer;
@@ -346,14 +347,14 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.pixels = g.pixels();
   d.keep = job.keep.data();
   d.starts = job.starts.data();
-  d.groups = static_cast<int64_t>(job.offsets.size());  // (AVX2: none, FusedPair instead)
+  d.groups = static_cast<int64_t>(job.offsets.size());  // (none for FusedPair lists)
   d.offsets = job.offsets.data();
   d.pairs = job.fused_pairs.data();
   d.outputs = g.mg;
   d.post = job.post;
-  // AVX-512: the channels are contiguous in X, one quantization run for all of them, then copied
-  // into the plane; AVX2 quantizes each row into the plane (int_conv_fused.h, QuantizePlane).
-  if (job.isa == Isa::kAvx512) {
+  // The channels are contiguous in X: one quantization run for all of them, then each copied into
+  // the plane (else quantized row by row into it: int_conv_fused.h, QuantizePlane).
+  if (!quantize_rows) {
     QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   }
   d.scale = job.x_scale;
@@ -365,7 +366,7 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.x = job.x + (n * g.c + gi) * g.h * g.w;
     d.readable = (g.n * g.c - (n * g.c + gi)) * g.h * g.w;
     d.bytes = scratch + (gi - g0) * g.h * g.w;
-    if (job.isa == Isa::kAvx512) d.weights = job.fused_weights->data() + m * 2 * d.groups;
+    if (job.kernels->fused_tap_groups) d.weights = job.fused_weights->data() + m * 2 * d.groups;
     d.pair_start = job.pw->pair_start.data() + 2 * m;
     d.z_e = job.fused_z.data() + m;
     d.z_o = job.fused_z.data() + g.m + m;
@@ -479,7 +480,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   const int64_t n = index / job.blocks, b = index % job.blocks;
   const int64_t lanes = std::min<int64_t>(16, g.c - b * 16);
   const int64_t bytes_size = RoundUp(16 * g.h * g.w + 128, 64);
-  const int64_t step = LanesStep(job.isa == Isa::kAvx512, g.sw, g.kw);
+  const int64_t step = LanesStep(job.kernels->lane_taps, g.sw, g.kw);
   const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, step);
   Scratch<24576> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
@@ -492,7 +493,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   d.scratch = scratch + bytes_size;
   d.groups = static_cast<int64_t>(job.lane_offsets.size());
   d.offsets = job.lane_offsets.data();
-  if (job.isa == Isa::kAvx512) {
+  if (job.kernels->lane_taps == 4) {
     d.weights = pw.lane_quads.data() + b * 2 * d.groups * 16;
   } else {
     d.weights = pw.lane_pairs.data() + b * 2 * d.groups * 16;
@@ -602,10 +603,10 @@ void PrepareFused(SimdJob& job) {
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
-  // AVX2: whole groups of 8 matrix columns per output row, so that a group's outputs are its first
-  // columns and Avx2::Fused (kernels_avx2.cc) stores them without a permute (VNNI compresses them
-  // in one instruction).
-  job.wp = RoundUp(g.w + g.pl + job.pad_right, job.isa == Isa::kAvx512 ? g.sw : 8 * g.sw);
+  // Rows of whole groups of fused_row_columns matrix columns: AVX2's 8, so that a group's outputs
+  // are its first columns and Avx2::Fused (kernels_avx2.cc) stores them without a permute (VNNI
+  // compresses them in one instruction).
+  job.wp = RoundUp(g.w + g.pl + job.pad_right, job.kernels->fused_row_columns * g.sw);
   job.cols = job.wp / g.sw;
   job.span = (g.oh - 1) * job.cols + g.ow;
   const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
@@ -627,7 +628,7 @@ void PrepareFused(SimdJob& job) {
     return ((y % g.sh) * hq + y / g.sh) * job.wp + kx;
   };
   job.offsets.clear();
-  if (job.isa == Isa::kAvx512) {  // groups of 4 taps
+  if (job.kernels->fused_tap_groups) {  // groups of 4 taps
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; kx += 4) job.offsets.push_back(offset(ky, kx));
     }
@@ -655,16 +656,18 @@ namespace {
 // of a 1 MiB L2 cache; with AVX2 (int16 sums, twice the instructions per tap) faster for inputs up
 // to 14x14 (dw 576 3x3 @7: 0.56 -> 0.76x float), even at 28x28 -> 14x14 and mixed above.
 bool UseLanesFused(const Geometry& g, const PackedWeights& pw, Isa isa, int64_t pad_bottom, int64_t pad_right) {
-  if (isa == Isa::kAvx512 ? pw.lane_quads.empty() : isa != Isa::kAvx2 || pw.lane_pairs.empty()) return false;
+  const Kernels& k = KernelsFor(isa);
+  if (k.lanes_fused == nullptr || (k.lane_taps == 4 ? pw.lane_quads.empty() : pw.lane_pairs.empty())) return false;
   if (isa == Isa::kAvx2) return g.h * g.w <= 16 * 16;
   const int64_t hp = g.h + g.pt + pad_bottom, wp = g.w + g.pl + pad_right;
-  return 16 * g.h * g.w + LanesScratch(hp, wp, LanesStep(true, g.sw, g.kw)) <= 256 * 1024;
+  return 16 * g.h * g.w + LanesScratch(hp, wp, LanesStep(k.lane_taps, g.sw, g.kw)) <= 256 * 1024;
 }
 }  // namespace
 
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
   if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sw > 2 || g.dw != 1) return false;
-  return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pair_start.empty());
+  const Kernels& k = KernelsFor(isa);  // (FusedPair lists exist where every list is narrow)
+  return k.depthwise_fused != nullptr && (k.fused_tap_groups || !pw.pair_start.empty());
 }
 
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
@@ -719,8 +722,8 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   } else if (UsesFusedDepthwise(g, pw, job.isa) && UseLanesFused(g, pw, job.isa, job.pad_bottom, job.pad_right)) {
     job.lanes_fused = true;
     job.inverse = FusedInverse(job.x_scale);
-    const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
-    const int64_t step = LanesStep(job.isa == Isa::kAvx512, g.sw, g.kw);
+    const int64_t taps = job.kernels->lane_taps;  // per group
+    const int64_t step = LanesStep(taps, g.sw, g.kw);
     const int64_t wc = LanesCells(g.w + g.pl + job.pad_right, step), per_row = (g.kw + taps - 1) / taps;
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t j = 0; j < per_row; ++j) job.lane_offsets.push_back(ky * g.dh * wc + taps * j / step);

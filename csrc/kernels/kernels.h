@@ -35,6 +35,19 @@ struct Kernels {
   void (*depthwise_fused)(const iconv::DepthwiseFused& d);
   void (*quantize_fused)(const iconv::DepthwiseFused& d, int64_t n, uint8_t* dst);
   void (*lanes_fused)(const iconv::LanesFused& d);
+
+  // What those kernels ask of the data that Prepare (int_conv_reference.cc) and the driver lay out
+  // for them: constants of the instruction set's traits (simd_kernels.h); 0 in the scalar table.
+  bool int16_sums;           // Gemm, GemmT: int16 sums (|w| <= 8, wider weights split: Gemm::a_hi;
+                             // runs of k: Int16Runs)
+  bool fused_tap_groups;     // DepthwiseFused: dense groups of 4 taps (PackedWeights::quads), else
+                             // the nonzero pairs of taps (FusedPair; only where every list is narrow)
+  bool fused_quantize_rows;  // DepthwiseFused quantizes X into its plane itself, else copies
+                             // DepthwiseFused::bytes (quantize_fused's) into it
+  int fused_row_columns;     // DepthwiseFused: the plane's rows hold whole multiples of this many
+                             // matrix columns
+  int lane_taps;             // LanesFused's G: 4 (PackedWeights::lane_quads; cells can serve two
+                             // outputs: LanesStep) or 2 (lane_pairs)
 };
 
 // The kernels of `isa` (kScalar, kAvx2 or kAvx512). Callers choose an isa that IsaSupported; any

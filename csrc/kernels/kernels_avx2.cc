@@ -1,7 +1,7 @@
 // The SIMD kernels for AVX2 + FMA: the traits struct Avx2, which is all the AVX2-specific code, and
 // the table of the kernel templates (simd_kernels.h) instantiated with it. Compiled with -mavx2
 // -mfma (CMakeLists.txt); KernelsFor (kernels.cc) hands the table out only where
-// IsaSupported(Isa::kAvx2).
+// IsaSupported(Isa::kAvx2). kernels_avx512.cc's Avx512 has the same members in the same order.
 #include <immintrin.h>
 
 #include <cstring>
@@ -12,9 +12,8 @@ namespace onnxq {
 
 namespace {
 
-// 256-bit vectors. kernels_avx512.cc's Avx512 has the same members (each template uses the ones it
-// needs); simd_kernels.h says what the kernels ask of them.
 struct Avx2 {
+  // Vectors: 256 bits.
   using I = __m256i;  // 32 bytes: 32 uint8, 16 int16 or 8 int32
   using F = __m256;   // 8 float32
   static constexpr int kBytes = 32;
@@ -25,8 +24,8 @@ struct Avx2 {
   static void Store(void* p, I v) { _mm256_storeu_si256(static_cast<__m256i*>(p), v); }
   static F LoadF(const float* p) { return _mm256_loadu_ps(p); }
   static void StoreF(float* p, F v) { _mm256_storeu_ps(p, v); }
-  // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats. vmaskmovps
-  // loads are fast everywhere (only its stores are slow on AMD CPUs).
+  // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats. (vmaskmovps
+  // loads are fast everywhere; only its stores are slow on AMD CPUs.)
   static F LoadFirstF(const float* p, int64_t n) {
     return n <= 0 ? _mm256_setzero_ps() : _mm256_maskload_ps(p, FirstLanes(n));
   }
@@ -42,37 +41,31 @@ struct Avx2 {
     _mm256_store_ps(lanes, v);
     for (int64_t i = 0; i < n; ++i) p[i] = lanes[i];
   }
-  // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
-  static void StoreBytesFirst(uint8_t* p, I q, int64_t n) {
-    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
-    alignas(16) uint8_t bytes[16];
-    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm_packus_epi16(words, words));
-    for (int64_t i = 0; i < n; ++i) p[i] = bytes[i];
-  }
 
   // Arithmetic, lane by lane.
-  static F SetF(float v) { return _mm256_set1_ps(v); }
-  static I Set32(int32_t v) { return _mm256_set1_epi32(v); }
-  static I Set8(int8_t v) { return _mm256_set1_epi8(v); }
+  static I Zero() { return _mm256_setzero_si256(); }
   static F ZeroF() { return _mm256_setzero_ps(); }
+  static I Set8(int8_t v) { return _mm256_set1_epi8(v); }
+  static I Set32(int32_t v) { return _mm256_set1_epi32(v); }
+  static F SetF(float v) { return _mm256_set1_ps(v); }
   static I Add32(I a, I b) { return _mm256_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
-  static F ToFloat(I v) { return _mm256_cvtepi32_ps(v); }  // rounds like the scalar conversion
+  static I ShiftLeft32(I v, int bits) { return _mm256_slli_epi32(v, bits); }
   static F Add(F a, F b) { return _mm256_add_ps(a, b); }
   static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
+  static F Div(F a, F b) { return _mm256_div_ps(a, b); }
+  static F MulAdd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, rounded once
   // Min(a, b) = a < b ? a : b, Max(a, b) = a > b ? a : b (minps / maxps: b where either is NaN).
   static F Min(F a, F b) { return _mm256_min_ps(a, b); }
   static F Max(F a, F b) { return _mm256_max_ps(a, b); }
-  static F Div(F a, F b) { return _mm256_div_ps(a, b); }
-  static F MulAdd(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }  // a * b + c, rounded once
-  static I AsInt(F v) { return _mm256_castps_si256(v); }                // the same bits
-  static I ShiftLeft32(I v, int bits) { return _mm256_slli_epi32(v, bits); }
-  static I RoundToInt(F v) { return _mm256_cvtps_epi32(v); }  // half to even (the default rounding)
-  // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
+  // Clip (int_conv_kernels.h): max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
   static F Clip(F y, F lo, F hi) { return _mm256_min_ps(hi, _mm256_max_ps(lo, y)); }
+  static F ToFloat(I v) { return _mm256_cvtepi32_ps(v); }     // rounds like the scalar conversion
+  static I RoundToInt(F v) { return _mm256_cvtps_epi32(v); }  // half to even (the default rounding)
+  static I AsInt(F v) { return _mm256_castps_si256(v); }      // the same bits
 
-  // Widening: 16 int16 lanes (one 256-bit vector) and 16 unsigned bytes as int32, in 16 / kFloats
-  // vectors; MaddI16 = vpmaddwd (each int32 lane the sum of its two int16 products).
+  // Widening and shuffles. 16 int16 lanes (one 256-bit vector) and 16 unsigned bytes as int32, in
+  // 16 / kFloats vectors; MaddI16 = vpmaddwd (each int32 lane the sum of its two int16 products).
   static void WidenI16(__m256i v, I out[2]) {
     out[0] = _mm256_cvtepi16_epi32(_mm256_castsi256_si128(v));
     out[1] = _mm256_cvtepi16_epi32(_mm256_extracti128_si256(v, 1));
@@ -82,16 +75,15 @@ struct Avx2 {
     out[1] = _mm256_cvtepu8_epi32(_mm_unpackhi_epi64(v, v));
   }
   static I MaddI16(I a, I b) { return _mm256_madd_epi16(a, b); }
-
-  // Shuffles.
   static F MoveHdup(F v) { return _mm256_movehdup_ps(v); }  // lanes 1 1 3 3 5 5 7 7
-  // The even lanes of a, then those of b: per 128-bit half a0 a2 b0 b2, then the halves' pairs in order.
+  // The even lanes of a, then those of b: per 128-bit half a0 a2 b0 b2, then the halves' pairs in
+  // order.
   static F EvenLanes(F a, F b) {
     const __m256 pairs = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(2, 0, 2, 0));
     return _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(pairs), _MM_SHUFFLE(3, 1, 2, 0)));
   }
-  // kFloats x kFloats floats transposed: r[i] holds row i, afterwards column i.
-  // Always inlined, so that the rows stay in registers.
+  // kFloats x kFloats floats transposed: r[i] holds row i, afterwards column i. Always inlined, so
+  // that the rows stay in registers.
   [[gnu::always_inline]] static void Transpose(F r[kFloats]) {
     __m256 t[8], u[8];
     for (int i = 0; i < 4; ++i) {
@@ -110,15 +102,29 @@ struct Avx2 {
     }
   }
 
-  // The matrix products (int_conv_gemm.h): vpmaddubsw's int16 pair sums, exact for |w| <= 8, summed
-  // in int16 for runs of blocks of k (Int16Runs) and widened into int32 sums kept in memory; tiles
-  // of 4 rows x 16 pixels (Gemm) and 16 rows x 6 pixels (GemmT) load 6 or 8 vectors per 8 or 12
-  // vpmaddubsw.
+  // QuantizeDynamicU8 (quantize_dynamic_u8_simd.h). Four vectors of int32 in [0, 255] as kBytes
+  // bytes, in order: the saturating packs are exact but work per 128-bit half, leaving 4-byte
+  // groups in the order a0 b0 c0 d0 a1 b1 c1 d1.
+  static I PackBytes(const I q[4]) {
+    const I bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
+  static void StoreBytesFirst(uint8_t* p, I q, int64_t n) {
+    const __m128i words = _mm_packs_epi32(_mm256_castsi256_si128(q), _mm256_extracti128_si256(q, 1));
+    alignas(16) uint8_t bytes[16];
+    _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm_packus_epi16(words, words));
+    for (int64_t i = 0; i < n; ++i) p[i] = bytes[i];
+  }
+
+  // The matrix products (int_conv_gemm.h): vpmaddubsw's int16 pair sums, exact for |w| <= 8,
+  // summed in int16 for runs of blocks of k (Int16Runs) and widened into int32 sums kept in memory;
+  // tiles of 4 rows x 16 pixels (Gemm) and 16 rows x 6 pixels (GemmT) load 6 or 8 vectors per 8 or
+  // 12 vpmaddubsw.
   static constexpr bool kInt16Sums = true;
   static constexpr int kGemmVectors = 2;  // Gemm's tile: kRows rows x 2 vectors of pixels
   static constexpr int kGemmTBlocks = 1;  // GemmT's tile: 1 block of 16 rows (2 vectors) x 6 pixels
   static constexpr int kGemmTPixels = 6;
-  static I Zero() { return _mm256_setzero_si256(); }
   // The 4 bytes at p in every int32 lane.
   static I Broadcast4(const void* p) {
     int32_t v;
@@ -158,8 +164,6 @@ struct Avx2 {
     return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
 
-  struct Fused;  // DepthwiseFused's blocks (below)
-
   // LanesFused (int_conv_fused.h): cells of 2 pixels, the 16 channels' sums in int16 lanes.
   static constexpr int kLaneTaps = 2;
   static I InterleaveLo8(I a, I b) { return _mm256_unpacklo_epi8(a, b); }  // per 128-bit half
@@ -192,12 +196,8 @@ struct Avx2 {
     for (int64_t i = 0; i < lanes; ++i) p[i * stride] = v[i];
   }
 
-  // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
-  // work per 128-bit half, leaving 4-byte groups in the order a0 b0 c0 d0 a1 b1 c1 d1.
-  static I PackBytes(const I q[4]) {
-    const I bytes = _mm256_packus_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
-    return _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-  }
+  // DepthwiseFused (int_conv_fused.h): its blocks' tap sums, below.
+  struct Fused;
 
  private:
   // All ones in lanes [0, min(n, kFloats)), for vmaskmovps.
@@ -207,18 +207,18 @@ struct Avx2 {
   }
 };
 
-// DepthwiseFused's block (int_conv_fused.h) for AVX2: 64 columns, two halves of 32 as 2 phases,
-// vector r holding columns 2i + r of the half in int16 lane i, so that each of its words is 2
-// adjacent bytes of a plane row: one vpmaddubsw per nonzero pair of taps (FusedPair), phase and
-// half, which halves PostConv's sums against dense pairs (a POST code is in one of its two lists).
-// Every list is narrow (sum |w| <= 128), so no pair saturates and the int16 sums, which start at
-// -z_x * sum w, end exact. Rows of the plane are whole groups of 8 columns (PrepareFused), so a
-// group's outputs are its first lanes. (Tried: an epilogue without lane-crossing widening (shifts,
-// then vperm2f128), 1-2% slower.)
+// DepthwiseFused's block for AVX2: 64 columns, two halves of 32 as 2 phases, vector r holding
+// columns 2i + r of the half in int16 lane i, so that each of its words is 2 adjacent bytes of a
+// plane row: one vpmaddubsw per nonzero pair of taps (FusedPair), phase and half, which halves
+// PostConv's sums against dense pairs (a POST code is in one of its two lists). Every list is narrow
+// (sum |w| <= 128), so no pair saturates and the int16 sums, which start at -z_x * sum w, end exact.
+// Rows of the plane are whole groups of 8 columns (kRowColumns), so a group's outputs are its first
+// lanes. (Tried: an epilogue without lane-crossing widening (shifts, then vperm2f128), 1-2% slower.)
 struct Avx2::Fused {
   static constexpr int64_t kBlock = 64;
   static constexpr bool kTapGroups = false;    // FusedPair lists instead
   static constexpr bool kQuantizeRows = true;  // QuantizePlane
+  static constexpr int kRowColumns = 8;
 
   struct Consts : iconv::FusedFinish<Avx2> {
     I z_e, z_o;                                // -z_x * sum w of each list, int16
@@ -315,14 +315,8 @@ struct Avx2::Fused {
   }
 };
 
-constexpr Kernels Avx2Kernels() {
-  Kernels k = SimdKernels<Avx2>();
-  // (not yet templates)
-  return k;
-}
-
 }  // namespace
 
-extern const Kernels kAvx2Kernels = Avx2Kernels();
+extern const Kernels kAvx2Kernels = SimdKernels<Avx2>();
 
 }  // namespace onnxq

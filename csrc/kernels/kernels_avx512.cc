@@ -1,7 +1,8 @@
 // The SIMD kernels for AVX-512 (F, BW) with VNNI: the traits struct Avx512, which is all the
 // AVX-512-specific code, and the table of the kernel templates (simd_kernels.h) instantiated with
 // it. Compiled with -mavx512f -mavx512bw -mavx512vnni (CMakeLists.txt); KernelsFor (kernels.cc)
-// hands the table out only where IsaSupported(Isa::kAvx512).
+// hands the table out only where IsaSupported(Isa::kAvx512). kernels_avx2.cc's Avx2 has the same
+// members in the same order.
 #include <immintrin.h>
 
 #include <cstring>
@@ -12,8 +13,8 @@ namespace onnxq {
 
 namespace {
 
-// 512-bit vectors and mask registers. The members are those of kernels_avx2.cc's Avx2.
 struct Avx512 {
+  // Vectors: 512 bits, and mask registers for partial ones.
   using I = __m512i;  // 64 bytes: 64 uint8, 32 int16 or 16 int32
   using F = __m512;   // 16 float32
   static constexpr int kBytes = 64;
@@ -30,45 +31,42 @@ struct Avx512 {
   // Lanes [0, n) of v to p (0 <= n <= kFloats); the two are one here (Avx2's differ).
   static void MaskStoreF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
   static void StoreFirstF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
-  // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
-  static void StoreBytesFirst(uint8_t* p, I q, int64_t n) { _mm512_mask_cvtusepi32_storeu_epi8(p, FirstLanes(n), q); }
 
   // Arithmetic, lane by lane.
-  static F SetF(float v) { return _mm512_set1_ps(v); }
-  static I Set32(int32_t v) { return _mm512_set1_epi32(v); }
-  static I Set8(int8_t v) { return _mm512_set1_epi8(v); }
+  static I Zero() { return _mm512_setzero_si512(); }
   static F ZeroF() { return _mm512_setzero_ps(); }
+  static I Set8(int8_t v) { return _mm512_set1_epi8(v); }
+  static I Set32(int32_t v) { return _mm512_set1_epi32(v); }
+  static F SetF(float v) { return _mm512_set1_ps(v); }
   static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
-  static F ToFloat(I v) { return _mm512_cvtepi32_ps(v); }  // rounds like the scalar conversion
+  static I ShiftLeft32(I v, int bits) { return _mm512_slli_epi32(v, bits); }
   static F Add(F a, F b) { return _mm512_add_ps(a, b); }
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
+  static F Div(F a, F b) { return _mm512_div_ps(a, b); }
+  static F MulAdd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, rounded once
   // Min(a, b) = a < b ? a : b, Max(a, b) = a > b ? a : b (minps / maxps: b where either is NaN).
   static F Min(F a, F b) { return _mm512_min_ps(a, b); }
   static F Max(F a, F b) { return _mm512_max_ps(a, b); }
-  static F Div(F a, F b) { return _mm512_div_ps(a, b); }
-  static F MulAdd(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }  // a * b + c, rounded once
-  static I AsInt(F v) { return _mm512_castps_si512(v); }                // the same bits
-  static I ShiftLeft32(I v, int bits) { return _mm512_slli_epi32(v, bits); }
-  static I RoundToInt(F v) { return _mm512_cvtps_epi32(v); }  // half to even (the default rounding)
-  // Clip (int_conv_kernels.h) lane by lane: max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
+  // Clip (int_conv_kernels.h): max_ps(lo, y) = lo > y ? lo : y, min_ps(hi, y) = hi < y ? hi : y.
   static F Clip(F y, F lo, F hi) { return _mm512_min_ps(hi, _mm512_max_ps(lo, y)); }
+  static F ToFloat(I v) { return _mm512_cvtepi32_ps(v); }     // rounds like the scalar conversion
+  static I RoundToInt(F v) { return _mm512_cvtps_epi32(v); }  // half to even (the default rounding)
+  static I AsInt(F v) { return _mm512_castps_si512(v); }      // the same bits
 
-  // Widening: 16 int16 lanes (one 256-bit vector) and 16 unsigned bytes as int32, in 16 / kFloats
-  // vectors; MaddI16 = vpmaddwd (each int32 lane the sum of its two int16 products).
+  // Widening and shuffles. 16 int16 lanes (one 256-bit vector) and 16 unsigned bytes as int32, in
+  // 16 / kFloats vectors; MaddI16 = vpmaddwd (each int32 lane the sum of its two int16 products).
   static void WidenI16(__m256i v, I out[1]) { out[0] = _mm512_cvtepi16_epi32(v); }
   static void WidenU8(__m128i v, I out[1]) { out[0] = _mm512_cvtepu8_epi32(v); }
   static I MaddI16(I a, I b) { return _mm512_madd_epi16(a, b); }
-
-  // Shuffles.
   static F MoveHdup(F v) { return _mm512_movehdup_ps(v); }  // lanes 1 1 3 3 5 5 ...
   // The even lanes of a, then those of b.
   static F EvenLanes(F a, F b) {
     return _mm512_permutex2var_ps(a, _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30), b);
   }
   // kFloats x kFloats floats transposed (r[i] holds row i, afterwards column i): 2 x 2 blocks
-  // (unpack), 4 x 4 (shuffle), then the 128-bit lanes (two rounds of shuffle_f32x4).
-  // Always inlined, so that the rows stay in registers.
+  // (unpack), 4 x 4 (shuffle), then the 128-bit lanes (two rounds of shuffle_f32x4). Always
+  // inlined, so that the rows stay in registers.
   [[gnu::always_inline]] static void Transpose(F r[kFloats]) {
     __m512 t[16];
     for (int i = 0; i < 16; i += 2) {
@@ -93,13 +91,22 @@ struct Avx512 {
     }
   }
 
+  // QuantizeDynamicU8 (quantize_dynamic_u8_simd.h). Four vectors of int32 in [0, 255] as kBytes
+  // bytes, in order: the saturating packs are exact but work per 128-bit lane (lane l: a, b, c, d's
+  // dwords 4l..4l+3), so dword 4l + j goes to 4j + l.
+  static I PackBytes(const I q[4]) {
+    const I bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
+  }
+  // The int32 lanes [0, n) of q, each in [0, 255], as n bytes at p (0 <= n <= kFloats).
+  static void StoreBytesFirst(uint8_t* p, I q, int64_t n) { _mm512_mask_cvtusepi32_storeu_epi8(p, FirstLanes(n), q); }
+
   // The matrix products (int_conv_gemm.h): vpdpbusd adds 4 products of uint8 activations and int8
   // weights into an int32 lane, exact for any weights; the sums stay in registers over all of k.
   static constexpr bool kInt16Sums = false;
   static constexpr int kGemmVectors = 4;  // Gemm's tile: kRows rows x 4 vectors (64 pixels)
   static constexpr int kGemmTBlocks = 4;  // GemmT's tile: 4 blocks of 16 rows x 4 pixels (wider: GCC 12 spills)
   static constexpr int kGemmTPixels = 4;
-  static I Zero() { return _mm512_setzero_si512(); }
   // The 4 bytes at p in every int32 lane.
   static I Broadcast4(const void* p) {
     int32_t v;
@@ -134,8 +141,6 @@ struct Avx512 {
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
   }
 
-  struct Fused;  // DepthwiseFused's blocks (below)
-
   // LanesFused (int_conv_fused.h): cells of 4 pixels, the 16 channels' sums in int32 lanes.
   static constexpr int kLaneTaps = 4;
   static I InterleaveLo8(I a, I b) { return _mm512_unpacklo_epi8(a, b); }  // per 128-bit lane
@@ -168,12 +173,8 @@ struct Avx512 {
     _mm512_mask_i32scatter_ps(p, FirstLanes(lanes), index, y[0], 4);
   }
 
-  // Four vectors of int32 in [0, 255] as kBytes bytes, in order: the saturating packs are exact but
-  // work per 128-bit lane (lane l: a, b, c, d's dwords 4l..4l+3), so dword 4l + j goes to 4j + l.
-  static I PackBytes(const I q[4]) {
-    const I bytes = _mm512_packus_epi16(_mm512_packs_epi32(q[0], q[1]), _mm512_packs_epi32(q[2], q[3]));
-    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), bytes);
-  }
+  // DepthwiseFused (int_conv_fused.h): its blocks' tap sums, below.
+  struct Fused;
 
  private:
   // Lanes [0, min(n, kFloats)), none for n <= 0.
@@ -182,17 +183,18 @@ struct Avx512 {
   }
 };
 
-// DepthwiseFused's block (int_conv_fused.h) for AVX-512 VNNI: 64 columns as 4 phases, vector r
-// holding columns p0 + 4i + r in lane i, so that each of its dwords is the 4 bytes of plane row ky
-// at column 4i + r + 4j..: one vpdpbusd per tap group and phase, any int8 weights, both lists'
-// sums from the same loads. The outputs of the kept columns are compressed into place.
+// DepthwiseFused's block for AVX-512 VNNI: 64 columns as 4 phases, vector r holding columns
+// p0 + 4i + r in lane i, so that each of its dwords is the 4 bytes of plane row ky at column
+// 4i + r + 4j..: one vpdpbusd per tap group and phase, any int8 weights, both lists' sums from the
+// same loads. The outputs of the kept columns are compressed into place.
 struct Avx512::Fused {
   static constexpr int64_t kBlock = 64;
   static constexpr bool kTapGroups = true;
   static constexpr bool kQuantizeRows = false;  // BuildPlane
+  static constexpr int kRowColumns = 1;
 
   struct Consts : iconv::FusedFinish<Avx512> {
-    I z_e, z_o;               // -z_x * sum w of each list
+    I z_e, z_o;                // -z_x * sum w of each list
     const int32_t *w_e, *w_o;  // the lists' tap groups, 4 int8 each
     Consts(const iconv::DepthwiseFused& d, int64_t i)
         : FusedFinish<Avx512>(d, i),
@@ -251,14 +253,8 @@ struct Avx512::Fused {
   }
 };
 
-constexpr Kernels Avx512Kernels() {
-  Kernels k = SimdKernels<Avx512>();
-  // (not yet templates)
-  return k;
-}
-
 }  // namespace
 
-extern const Kernels kAvx512Kernels = Avx512Kernels();
+extern const Kernels kAvx512Kernels = SimdKernels<Avx512>();
 
 }  // namespace onnxq

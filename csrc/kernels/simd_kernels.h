@@ -36,6 +36,11 @@ constexpr Kernels SimdKernels() {
   k.depthwise_fused = iconv::DepthwiseFusedKernel<T>;
   k.quantize_fused = iconv::QuantizeFusedKernel<T>;
   k.lanes_fused = iconv::LanesFusedKernel<T>;
+  k.int16_sums = T::kInt16Sums;
+  k.fused_tap_groups = T::Fused::kTapGroups;
+  k.fused_quantize_rows = T::Fused::kQuantizeRows;
+  k.fused_row_columns = T::Fused::kRowColumns;
+  k.lane_taps = T::kLaneTaps;
   return k;
 }
 
