@@ -1,15 +1,22 @@
 // PostConv/IntConv's depthwise kernels straight from the float input (int_conv_kernels.h:
-// DepthwiseFused; its quantization QuantizeFused), written once over an instruction set's traits T
-// (simd_kernels.h): the fused quantization, the padded plane, and the walk over output channels and
-// blocks of matrix columns. What sums a block's taps is T::Fused, the one part of these kernels that
-// is not the same algorithm on both instruction sets (each makes the most of its own multiply-add):
-//   T::Fused::kBlock               matrix columns per block (a multiple of 16)
-//   T::Fused::kTapGroups           whether Block reads d.groups tap groups (then instantiated for a
-//                                  3 x 3 kernel's count too), or d.pairs (AVX2)
-//   T::Fused::kQuantizeRows        whether the plane is quantized row by row in place
+// DepthwiseFused and its quantization QuantizeFused, LanesFused), written once over an instruction
+// set's traits T (simd_kernels.h): the fused quantization, the padded plane, the walk over output
+// channels and blocks of matrix columns, and LanesFused whole.
+//
+// What sums a DepthwiseFused block's taps is T::Fused, the one part of the SIMD kernels that is a
+// different algorithm on each instruction set, each made for its multiply-add: AVX2 sums only the
+// nonzero pairs of adjacent taps with vpmaddubsw in int16 (a POST code is in one of its two lists,
+// so this halves PostConv's work, and the int16 sums need narrow lists); AVX-512 VNNI sums every
+// group of 4 taps with vpdpbusd in int32, both lists from the same loads, any int8 weights. It
+// provides:
+//   kBlock                         matrix columns per block (a multiple of 16)
+//   kTapGroups                     whether Block reads d.groups tap groups (then instantiated for a
+//                                  3 x 3 kernel's count too), or d.pairs
+//   kQuantizeRows                  whether the plane is quantized row by row in place
 //                                  (QuantizePlane) rather than copied from d.bytes (BuildPlane)
-//   T::Fused::Consts(d, i)         output channel i's constants, in registers (a FusedFinish)
-//   T::Fused::Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out)
+//   kRowColumns                    the plane's rows hold whole multiples of this many columns
+//   Consts(d, i)                   output channel i's constants, in registers (a FusedFinish)
+//   Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out)
 //                                  matrix columns [p0, p0 + kBlock): the sums, Finish (consts'
 //                                  FusedFinish), and the outputs of the kept columns stored at
 //                                  out[starts[p0 / 8] ...] (kGroups: d.groups, or 0 for a count

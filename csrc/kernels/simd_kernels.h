@@ -9,6 +9,24 @@
 // the traits has internal linkage (anonymous namespaces): an inline function compiled in the
 // AVX-512 file must never be the copy the linker keeps for callers in the AVX2 or scalar code.
 // For the same reason these files use no standard-library templates (std::min, containers).
+//
+// What a traits struct T provides (kernels_avx2.cc's Avx2 and kernels_avx512.cc's Avx512 list them
+// in this order, each with what it does):
+//   vectors            I (integer) and F (float32) vectors, kBytes and kFloats (float32 lanes)
+//   loads and stores   Load, Store, LoadF, StoreF, and of the first n lanes LoadFirstF,
+//                      LoadFirst32, MaskStoreF, StoreFirstF
+//   arithmetic         Zero, ZeroF, Set8, Set32, SetF, Add32, Sub32, ShiftLeft32, Add, Mul, Div,
+//                      MulAdd, Min, Max, Clip, ToFloat, RoundToInt, AsInt
+//   widening, shuffles WidenI16, WidenU8, MaddI16, MoveHdup, EvenLanes, Transpose
+//   QuantizeDynamicU8  PackBytes, StoreBytesFirst
+//   Gemm, GemmT        kInt16Sums, tile sizes kGemmVectors, kGemmTBlocks, kGemmTPixels, Broadcast4,
+//                      AddProducts (the multiply-add of bytes), Widen, WidenTimes16 (int16 sums
+//                      only), kPinSums, kPinWeights, Pin
+//   fused quantization AnyFixedTie, PackFixedBytes
+//   LanesFused         kLaneTaps, InterleaveLo8, InterleaveHi8, Lane128, LaneCell, ShiftCellsByte
+//                      (cells of 4 only), LaneSumsFrom, LaneInt32, ScatterLanes
+//   DepthwiseFused     struct Fused: the block's tap sums, the one part written per instruction
+//                      set (int_conv_fused.h says why and what it provides)
 #pragma once
 
 #include "kernels/int_conv_depthwise.h"
