@@ -21,7 +21,7 @@ namespace onnxq::iconv {
 namespace {
 
 // acc + the 16 bytes at p (unsigned) times w, lane by lane in int16 (exact within the budget).
-inline __m256i AddProducts16(__m256i acc, const uint8_t* p, __m256i w) {
+inline __m256i AddBytesTimes16(__m256i acc, const uint8_t* p, __m256i w) {
   const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_add_epi16(acc, _mm256_mullo_epi16(x, w));
 }
@@ -46,7 +46,7 @@ inline void TapSums(const uint8_t* x, const int64_t* offsets, const int32_t* wei
   if (kNarrow) {  // int16 products and sums, widened at the end
     __m256i acc = _mm256_setzero_si256();
     for (int64_t t = 0; t < taps; ++t) {
-      acc = AddProducts16(acc, x + offsets[t], _mm256_set1_epi16(static_cast<int16_t>(weights[t])));
+      acc = AddBytesTimes16(acc, x + offsets[t], _mm256_set1_epi16(static_cast<int16_t>(weights[t])));
     }
     T::WidenI16(acc, sums);
     return;
@@ -166,8 +166,8 @@ void LanesTaps(const DepthwiseLanes& d) {
       const uint8_t* x = d.x + ((oy * d.sh) * d.wp + ox * d.sw) * 16;
       __m256i e = _mm256_setzero_si256(), o = _mm256_setzero_si256();
       for (int64_t t = 0; t < taps; ++t) {
-        e = AddProducts16(e, x + d.offsets[t], _mm256_loadu_si256(w_e + t));
-        if (kPost) o = AddProducts16(o, x + d.offsets[t], _mm256_loadu_si256(w_o + t));
+        e = AddBytesTimes16(e, x + d.offsets[t], _mm256_loadu_si256(w_e + t));
+        if (kPost) o = AddBytesTimes16(o, x + d.offsets[t], _mm256_loadu_si256(w_o + t));
       }
       I e32[kVectors], o32[kVectors];
       T::WidenI16(e, e32);
