@@ -147,7 +147,7 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
   float* out = job.y + (n * g.m + m) * g.pixels();
   if (job.cols == g.ow) {  // no dropped columns: one run
     job.kernels->finish_run(e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
-                 out + p0);
+                            out + p0);
     return;
   }
   for (int64_t p = p0; p < p0 + count;) {
@@ -158,7 +158,7 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
     }
     const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
     job.kernels->finish_run(e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
-                 job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
+                            job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
     p += run;
   }
 }
