@@ -1,6 +1,8 @@
 // KernelsFor (kernels.h): the instruction set's table of kernels.
 #include "kernels/kernels.h"
 
+#include "cpu.h"
+
 namespace onnxq {
 
 #ifdef ONNXQ_X86_SIMD

@@ -11,11 +11,14 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "cpu.h"
 #include "kernels/int_conv_kernels.h"
 #include "kernels/quantize_dynamic_u8_kernels.h"
 
 namespace onnxq {
+
+// (cpu.h; declared, not included: the files compiled per instruction set include this header, and
+// must not compile cpu.h's inline functions, whose copy the linker could keep for every caller.)
+enum class Isa : int;
 
 struct Kernels {
   // QuantizeDynamicU8 (quantize_dynamic_u8_kernels.h), also PostConv/IntConv's quantization of X:
