@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "kernels/int_conv_impl.h"
+#include "kernels/kernels.h"
 #include "kernels/quantize_dynamic_u8_kernels.h"
 
 namespace onnxq {
@@ -256,17 +257,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   const auto sample = static_cast<size_t>(g.c * g.h * g.w);
   const auto count = static_cast<size_t>(g.n) * sample;
   const float* x_data = x.GetTensorData<float>();
-  void (*min_max)(const float*, size_t, float*, float*) = qdu8::MinMaxScalar;
-  void (*quantize)(const float*, size_t, const qdu8::Params&, uint8_t*) = qdu8::QuantizeScalar;
-#ifdef ONNXQ_X86_SIMD
-  if (isa_ == Isa::kAvx512) {
-    min_max = qdu8::MinMaxAvx512;
-    quantize = qdu8::QuantizeAvx512;
-  } else if (isa_ == Isa::kAvx2) {
-    min_max = qdu8::MinMaxAvx2;
-    quantize = qdu8::QuantizeAvx2;
-  }
-#endif
+  const Kernels& kernels = KernelsFor(isa_);
   // params[0] for the whole batch, or params[n] for sample n (x_scale with N elements).
   std::vector<qdu8::Params> params(1);
   if (x_scale != nullptr) {
@@ -288,7 +279,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     }
   } else {
     float mn = INFINITY, mx = -INFINITY;
-    min_max(x_data, count, &mn, &mx);
+    kernels.min_max(x_data, count, &mn, &mx);
     params[0] = qdu8::MakeParams(mn, mx);
   }
 
@@ -308,9 +299,9 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && g.k > 0 && iconv::UsesFusedDepthwise(g, *pw, isa_);
   std::vector<uint8_t> xq(fused ? 0 : count);
   if (!fused && params.size() == 1) {
-    quantize(x_data, count, params[0], xq.data());
+    kernels.quantize(x_data, count, params[0], xq.data());
   } else if (!fused) {
-    for (int64_t n = 0; n < g.n; ++n) quantize(x_data + n * sample, sample, params[n], xq.data() + n * sample);
+    for (int64_t n = 0; n < g.n; ++n) kernels.quantize(x_data + n * sample, sample, params[n], xq.data() + n * sample);
   }
 
   float* y = context.GetOutput(0, {g.n, g.m, g.oh, g.ow}).GetTensorMutableData<float>();

@@ -69,7 +69,7 @@
 // (int_conv_kernels.h) with weights prepared once per node (W is a constant initializer; else
 // on every run), or for depthwise convolutions a direct sum over the taps: with unit horizontal
 // dilation and a horizontal stride of 1 or 2 straight from the float X (DepthwiseFused,
-// int_conv_depthwise.h: row phases for vertical strides, 2 bytes per column at stride 2; each channel
+// int_conv_fused.h: row phases for vertical strides, 2 bytes per column at stride 2; each channel
 // quantized as it is used, with x * (1/s_x) and a division only next to ties, which gives the same
 // x_q; adjacent taps summed by one vpdpbusd per 4 or one vpmaddubsw per 2, AVX2 only the pairs
 // with a nonzero weight), else over X quantized (pixels in the vector lanes; for rows under 16

@@ -1,160 +1,208 @@
-// DepthwiseFused (int_conv_kernels.h), the parts both instruction sets share: the padded plane, and
-// the walk over output channels and blocks of matrix columns. Included only by int_conv_avx2.cc and
-// int_conv_avx512.cc, each after defining its kernel struct K:
-//   K::kBlock                      matrix columns per block (a multiple of 16)
-//   K::kTapGroups                  whether Block reads d.groups tap groups (then instantiated for a
-//                                  3 x 3 kernel's count too), or d.pairs (AVX2)
-//   K::QuantizeRun(d, n, dst)      (QuantizeFused*) dst[i] = QuantizeOne(d.x[i]) for i < n; may write up to 64 bytes
-//                                  past n, and reads no float past n
-//   K::kQuantizeRows               whether the plane is quantized row by row in place (QuantizePlane,
-//                                  with K::QuantizeConsts(d) and K::QuantizeRow(consts, x, n,
-//                                  readable, dst), which may read `readable` floats from x and
-//                                  writes z over the 32 bytes past n) rather than copied from
-//                                  d.bytes (BuildPlane)
-//   K::Consts(d, i)                output channel i's constants, in registers
-//   K::Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out)
-//                                  matrix columns [p0, p0 + kBlock): the sums, Finish, and the
-//                                  outputs of the kept columns stored at out[starts[p0 / 8] ...]
-//                                  (kGroups: d.groups, or 0 for a count known only at run time;
-//                                  kStride: d.sw, 1 or 2)
-// Everything here is internal (anonymous namespace): each includer gets its own copy, compiled
-// with its own instruction set.
+// PostConv/IntConv's depthwise kernels over X quantized (int_conv_kernels.h: Depthwise, 16 pixels of
+// one channel at a time, and DepthwiseLanes, 16 channels of one pixel at a time), written once over
+// an instruction set's traits T (simd_kernels.h). (The depthwise kernels that quantize X themselves
+// are in int_conv_fused.h.)
+//
+// Both sum 16 values at a time: in int16 where the weights allow (sum |w| <= kInt16WeightBudget),
+// 16 lanes of one 256-bit vector under either instruction set (AVX2 instructions, which the AVX-512
+// CPUs run too: the helpers below), else in int32; then T's vectors of int32 (2 of AVX2, 1 of
+// AVX-512) are finished.
 #pragma once
 
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
+#include "kernels/int_conv_finish.h"
 #include "kernels/int_conv_kernels.h"
-#include "kernels/quantize_dynamic_u8_kernels.h"
 
 namespace onnxq::iconv {
 
 namespace {
 
-// The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run into
-// the includer's vectors. V supplies the float vector Ps, the int32 vector Pi and Set(float) /
-// Set(int32_t) broadcasts for them.
-template <class V>
-struct FusedQuantizeConsts {
-  typename V::Ps inverse, magic, lo, hi;  // the multiply-add and its clamp
-  typename V::Ps scale, div_lo, div_hi;   // the division's
-  typename V::Pi z;
-  uint8_t z_byte;
-  bool divide;                            // no inverse: every block by division
-  explicit FusedQuantizeConsts(const DepthwiseFused& d)
-      : inverse(V::Set(d.inverse)),
-        magic(V::Set(FixedMagic(d.z))),
-        lo(V::Set(FixedMagic(d.z) + d.lo)),
-        hi(V::Set(FixedMagic(d.z) + d.hi)),
-        scale(V::Set(d.scale)),
-        div_lo(V::Set(d.lo)),
-        div_hi(V::Set(d.hi)),
-        z(V::Set(d.z)),
-        z_byte(static_cast<uint8_t>(d.z)),
-        divide(d.inverse == 0.0f) {}
-};
+// acc + the 16 bytes at p (unsigned) times w, lane by lane in int16 (exact within the budget).
+inline __m256i AddBytesTimes16(__m256i acc, const uint8_t* p, __m256i w) {
+  const __m256i x = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_add_epi16(acc, _mm256_mullo_epi16(x, w));
+}
 
-// n bytes from src to dst, exactly (rows of the plane must keep their padding): 16-byte vectors,
-// the last one ending at n.
-inline void CopyRow(uint8_t* dst, const uint8_t* src, int64_t n) {
-  auto copy16 = [&](int64_t i) {
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i), _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
-  };
-  auto copy8 = [&](int64_t i) {
-    _mm_storel_epi64(reinterpret_cast<__m128i*>(dst + i), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(src + i)));
-  };
-  if (n >= 16) {
-    for (int64_t i = 0; i + 16 < n; i += 16) copy16(i);
-    copy16(n - 16);
-  } else if (n >= 8) {
-    copy8(0);
-    copy8(n - 8);
+// n < 16 floats from src to dst with plain (overlapping) vector stores; src is readable 16 floats.
+inline void CopyFloats(float* dst, const float* src, int64_t n) {
+  if (n >= 8) {
+    _mm256_storeu_ps(dst, _mm256_loadu_ps(src));
+    _mm256_storeu_ps(dst + n - 8, _mm256_loadu_ps(src + n - 8));
   } else if (n >= 4) {
-    uint32_t head, tail;
-    std::memcpy(&head, src, 4);
-    std::memcpy(&tail, src + n - 4, 4);
-    std::memcpy(dst, &head, 4);
-    std::memcpy(dst + n - 4, &tail, 4);
+    _mm_storeu_ps(dst, _mm_loadu_ps(src));
+    _mm_storeu_ps(dst + n - 4, _mm_loadu_ps(src + n - 4));
   } else {
     for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
   }
 }
 
-// The padded plane: z everywhere once per scratch buffer (d.fresh; rows of X never overwrite the
-// padding), then the quantized channel (d.bytes) copied row by row, each to its row phase.
-inline void BuildPlane(const DepthwiseFused& d) {
-  if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.sh * d.hq * d.wp + kFusedSlack));
-  int64_t phase = d.pt % d.sh, row = d.pt / d.sh;
-  for (int64_t iy = 0; iy < d.h; ++iy) {
-    CopyRow(d.plane + (phase * d.hq + row) * d.wp + d.pl, d.bytes + iy * d.w, d.w);
-    if (++phase == d.sh) {
-      phase = 0;
-      ++row;
+// The int32 sums of one list of taps for the 16 matrix columns at x, in 16 / T::kFloats vectors.
+template <class T, bool kNarrow>
+inline void TapSums(const uint8_t* x, const int64_t* offsets, const int32_t* weights, int64_t taps,
+                    typename T::I sums[16 / T::kFloats]) {
+  if (kNarrow) {  // int16 products and sums, widened at the end
+    __m256i acc = _mm256_setzero_si256();
+    for (int64_t t = 0; t < taps; ++t) {
+      acc = AddBytesTimes16(acc, x + offsets[t], _mm256_set1_epi16(static_cast<int16_t>(weights[t])));
+    }
+    T::WidenI16(acc, sums);
+    return;
+  }
+  // x * w as vpmaddwd of (x, 0) and (w, 0) int16 pairs: exact for any int16 w.
+  constexpr int kVectors = 16 / T::kFloats;
+  for (int j = 0; j < kVectors; ++j) sums[j] = T::Zero();
+  for (int64_t t = 0; t < taps; ++t) {
+    const typename T::I w = T::Set32(weights[t] & 0xFFFF);
+    typename T::I v[kVectors];
+    T::WidenU8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(x + offsets[t])), v);
+    for (int j = 0; j < kVectors; ++j) sums[j] = T::Add32(sums[j], T::MaddI16(v[j], w));
+  }
+}
+
+// Depthwise for one kind of lists: int16 or int32 sums, PostConv's two lists or IntConv's one.
+template <class T, bool kNarrow, bool kPost>
+void DepthwiseLists(const Depthwise& d) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int kVectors = 16 / T::kFloats;
+  const uint8_t* plane = d.plane;
+  const int64_t *offsets_e = d.offsets[0], *offsets_o = d.offsets[1];
+  const int32_t *weights_e = d.weights[0], *weights_o = d.weights[1];
+  const int64_t taps_e = d.taps[0], taps_o = d.taps[1], cols = d.cols, ow = d.ow, span = d.span;
+  const I z_e = T::Set32(d.z_e), z_o = T::Set32(d.z_o);
+  const F c_e = T::SetF(d.c_e), c_o = T::SetF(d.c_o);
+  const bool has_bias = d.bias != nullptr;
+  const F bias = T::SetF(has_bias ? *d.bias : 0.0f);
+  const F clip_lo = T::SetF(d.clip_lo), clip_hi = T::SetF(d.clip_hi);
+  // The 16 outputs of the columns at p.
+  F y[kVectors];
+  auto block = [&](int64_t p) {
+    I e[kVectors], o[kVectors];
+    TapSums<T, kNarrow>(plane + p, offsets_e, weights_e, taps_e, e);
+    if (kPost) TapSums<T, kNarrow>(plane + p, offsets_o, weights_o, taps_o, o);
+    for (int j = 0; j < kVectors; ++j) {
+      const I acc_o = kPost ? T::Sub32(o[j], z_o) : T::Zero();
+      y[j] = FinishLanes<T>(kPost, has_bias, T::Sub32(e[j], z_e), acc_o, c_e, c_o, bias, clip_lo, clip_hi);
+    }
+  };
+  if (ow >= 16) {  // row by row, the last block of each row overlapping the one before
+    for (int64_t oy = 0; oy * cols < span; ++oy) {
+      float* out = d.out + oy * ow;
+      for (int64_t ox = 0; ox < ow; ox += 16) {
+        const int64_t x0 = ox + 16 <= ow ? ox : ow - 16;
+        block(oy * cols + x0);
+        for (int j = 0; j < kVectors; ++j) T::StoreF(out + x0 + T::kFloats * j, y[j]);
+      }
+    }
+    return;
+  }
+  // Narrow rows: blocks of 16 matrix columns, several output rows each, whose kept columns are
+  // copied run by run.
+  alignas(64) float columns[32];
+  int64_t oy = 0, ox = 0;  // the output pixel of column p + j
+  for (int64_t p = 0; p < span; p += 16) {
+    block(p);
+    for (int j = 0; j < kVectors; ++j) T::StoreF(columns + T::kFloats * j, y[j]);
+    for (int64_t j = 0; j < 16 && p + j < span;) {
+      const int64_t limit = ox < ow ? ow : cols;  // a run of kept, else of dropped columns
+      const int64_t run = limit - ox < 16 - j ? limit - ox : 16 - j;
+      if (ox < ow) CopyFloats(d.out + oy * ow + ox, columns + j, run);  // (run < 16)
+      j += run;
+      ox += run;
+      if (ox == cols) {
+        ox = 0;
+        ++oy;
+      }
     }
   }
 }
 
-// The padded plane straight from X: z everywhere once per scratch buffer (d.fresh), then each row
-// of X quantized into its place in whole vectors (reading on into the next row where X goes on),
-// and the 32 bytes past the row set back to z. Rows go in memory order (phase by phase, each top
-// to bottom), so those bytes land only on padding or on rows written later. This saves the copy of
-// each row from a contiguous quantized channel (dw 144 @28: about 5 us of 80 at batch 1, against
-// quantizing 32 values per row of 28).
-template <class K>
-void QuantizePlane(const DepthwiseFused& d) {
-  if (d.fresh) std::memset(d.plane, d.z, static_cast<size_t>(d.sh * d.hq * d.wp + kFusedSlack));
-  const typename K::QuantizeConsts consts(d);
-  for (int64_t phase = 0; phase < d.sh; ++phase) {
-    // Padded row y = pt + iy is in phase y % sh, row y / sh: each step of sh rows of X is one row
-    // of the phase (no division per row).
-    const int64_t iy0 = ((phase - d.pt) % d.sh + d.sh) % d.sh;
-    uint8_t* dst = d.plane + (phase * d.hq + (d.pt + iy0) / d.sh) * d.wp + d.pl;
-    for (int64_t iy = iy0; iy < d.h; iy += d.sh, dst += d.wp) {
-      K::QuantizeRow(consts, d.x + iy * d.w, d.w, d.readable - iy * d.w, dst);
-    }
-  }
-}
-
-template <class K, bool kPost, bool kBias, int kGroups, int kStride>
-void FusedBlocks(const DepthwiseFused& d, int64_t i) {
-  const typename K::Consts consts(d, i);
-  float* out = d.out + i * d.pixels;
-  for (int64_t p0 = 0; p0 < d.span; p0 += K::kBlock) {
-    K::template Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out);
-  }
-}
-
-template <class K, bool kPost, bool kBias, int kStride>
-void FusedGroups(const DepthwiseFused& d, int64_t i) {
-  if constexpr (!K::kTapGroups) {
-    FusedBlocks<K, kPost, kBias, 0, kStride>(d, i);
-  } else if (d.groups == 3) {  // 3 x 3 kernels: 3 groups of 4 taps (VNNI)
-    FusedBlocks<K, kPost, kBias, 3, kStride>(d, i);
+template <class T>
+void DepthwiseKernel(const Depthwise& d) {
+  const bool narrow = d.narrow[0] && (!d.post || d.narrow[1]);
+  if (d.post) {
+    narrow ? DepthwiseLists<T, true, true>(d) : DepthwiseLists<T, false, true>(d);
   } else {
-    FusedBlocks<K, kPost, kBias, 0, kStride>(d, i);
+    narrow ? DepthwiseLists<T, true, false>(d) : DepthwiseLists<T, false, false>(d);
   }
 }
 
-template <class K, bool kPost, bool kBias>
-void FusedChannel(const DepthwiseFused& d, int64_t i) {
-  d.sw == 2 ? FusedGroups<K, kPost, kBias, 2>(d, i) : FusedGroups<K, kPost, kBias, 1>(d, i);
-}
-
-template <class K>
-void DepthwiseFusedT(const DepthwiseFused& d) {
-  if constexpr (K::kQuantizeRows) {
-    QuantizePlane<K>(d);
-  } else {
-    BuildPlane(d);
+// DepthwiseLanes for PostConv or IntConv, and kTaps taps (0: d.taps; 9 unrolls 3 x 3 kernels):
+// tiles of T::kFloats consecutive output pixels (the last one overlapping the one before; an image
+// of fewer pixels computes and stores its own), each pixel's 16 channels in the lanes, then each
+// channel's pixels transposed into one vector.
+template <class T, bool kPost, int kTaps>
+void LanesTaps(const DepthwiseLanes& d) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int R = T::kFloats, kVectors = 16 / R;
+  const int64_t pixels = d.oh * d.ow, taps = kTaps > 0 ? kTaps : d.taps;
+  const bool has_bias = d.bias != nullptr;
+  const F clip_lo = T::SetF(d.clip_lo), clip_hi = T::SetF(d.clip_hi);
+  // Per lane constants: lanes [R h, R h + R) in vector h.
+  I z_e[kVectors], z_o[kVectors];
+  F c_e[kVectors], c_o[kVectors], bias[kVectors];
+  for (int h = 0; h < kVectors; ++h) {
+    z_e[h] = T::Load(d.z_e + R * h);
+    z_o[h] = kPost ? T::Load(d.z_o + R * h) : T::Zero();
+    c_e[h] = T::LoadF(d.c_e + R * h);
+    c_o[h] = kPost ? T::LoadF(d.c_o + R * h) : T::ZeroF();
+    bias[h] = has_bias ? T::LoadF(d.bias + R * h) : T::ZeroF();
   }
-  for (int64_t i = 0; i < d.outputs; ++i) {
-    if (d.post) {
-      d.bias != nullptr ? FusedChannel<K, true, true>(d, i) : FusedChannel<K, true, false>(d, i);
-    } else {
-      d.bias != nullptr ? FusedChannel<K, false, true>(d, i) : FusedChannel<K, false, false>(d, i);
+  const auto* w_e = reinterpret_cast<const __m256i*>(d.w_e);
+  const auto* w_o = reinterpret_cast<const __m256i*>(d.w_o);
+  for (int64_t p0 = 0; p0 < pixels; p0 += R) {
+    const int64_t first = pixels < R ? 0 : (p0 + R <= pixels ? p0 : pixels - R);
+    const int64_t count = pixels < R ? pixels : R;
+    F y[kVectors][R];  // [lanes R h .. R h + R - 1][pixel]
+    for (auto& lanes : y) {
+      for (auto& v : lanes) v = T::ZeroF();
     }
+    int64_t oy = first / d.ow, ox = first % d.ow;
+    for (int64_t i = 0; i < count; ++i) {
+      const uint8_t* x = d.x + ((oy * d.sh) * d.wp + ox * d.sw) * 16;
+      __m256i e = _mm256_setzero_si256(), o = _mm256_setzero_si256();
+      for (int64_t t = 0; t < taps; ++t) {
+        e = AddBytesTimes16(e, x + d.offsets[t], _mm256_loadu_si256(w_e + t));
+        if (kPost) o = AddBytesTimes16(o, x + d.offsets[t], _mm256_loadu_si256(w_o + t));
+      }
+      I e32[kVectors], o32[kVectors];
+      T::WidenI16(e, e32);
+      if (kPost) T::WidenI16(o, o32);
+      for (int h = 0; h < kVectors; ++h) {
+        const I acc_o = kPost ? T::Sub32(o32[h], z_o[h]) : T::Zero();
+        y[h][i] = FinishLanes<T>(kPost, has_bias, T::Sub32(e32[h], z_e[h]), acc_o, c_e[h], c_o[h], bias[h], clip_lo,
+                                 clip_hi);
+      }
+      if (++ox == d.ow) {
+        ox = 0;
+        ++oy;
+      }
+    }
+    // Lane c's pixels to its output plane.
+    for (int h = 0; h < kVectors; ++h) {
+      T::Transpose(y[h]);
+      for (int c = 0; c < R && R * h + c < d.lanes; ++c) {
+        float* out = d.out + (R * h + c) * pixels + first;
+        if (count == R) {
+          T::StoreF(out, y[h][c]);
+        } else {
+          T::StoreFirstF(out, y[h][c], count);
+        }
+      }
+    }
+  }
+}
+
+template <class T>
+void DepthwiseLanesKernel(const DepthwiseLanes& d) {
+  if (d.post) {
+    d.taps == 9 ? LanesTaps<T, true, 9>(d) : LanesTaps<T, true, 0>(d);
+  } else {
+    d.taps == 9 ? LanesTaps<T, false, 9>(d) : LanesTaps<T, false, 0>(d);
   }
 }
 

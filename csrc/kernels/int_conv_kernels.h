@@ -1,6 +1,8 @@
 // The integer core of PostConv/IntConv's SIMD kernels, shared by int_conv_reference.cc (which
-// packs the weights), int_conv_simd.cc (which lays out the activations and runs the epilogue) and
-// the ISA variants int_conv_avx2.cc / int_conv_avx512.cc.
+// packs the weights), int_conv_simd.cc (which lays out the activations and calls the kernels) and
+// the kernels themselves: templates over an instruction set's traits (int_conv_gemm.h,
+// int_conv_finish.h, int_conv_depthwise.h, int_conv_fused.h), compiled once per instruction set in
+// kernels_avx2.cc and kernels_avx512.cc and called through their tables (kernels.h).
 // Like quantize_dynamic_u8_kernels.h it holds no onnxruntime or standard-library templates and no
 // inline functions with external linkage (an -mavx512f copy could be the one the linker keeps).
 //
@@ -51,9 +53,6 @@ struct Gemm {
 // 4i + 2, 3) stays <= 128. At least 8 where |w| <= 8.
 void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs);
 
-void GemmAvx2(const Gemm& g);
-void GemmAvx512(const Gemm& g);
-
 // The same product transposed in registers: rows of A in vector lanes, one pixel's 4 activations
 // broadcast. Nothing is computed for columns that are dropped (the column padding of Gemm), so
 // small images (7x7, 14x14) waste nothing. A is packed in blocks of kLanes rows:
@@ -74,8 +73,7 @@ struct GemmT {
   int32_t* c;  // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]
 };
 
-void GemmTAvx2(const GemmT& g);  // |A| <= 8 only (no split weights)
-void GemmTAvx512(const GemmT& g);
+// (AVX2: |A| <= 8 only, no split weights.)
 
 // GemmT's epilogue (int_conv.h's float epilogue, Finish below, lane by lane): C in GemmT's blocks
 // of kLanes rows, rows in the vector lanes, finished 16 pixels at a time and transposed in
@@ -95,8 +93,6 @@ struct FinishT {
   int64_t stride;
 };
 
-void FinishTAvx2(const FinishT& f);
-void FinishTAvx512(const FinishT& f);
 
 // Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
 // over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input
@@ -119,8 +115,6 @@ struct Depthwise {
   float* out;          // OH * OW outputs
 };
 
-void DepthwiseAvx2(const Depthwise& d);
-void DepthwiseAvx512(const Depthwise& d);
 
 // AVX2's DepthwiseFused sums one vpmaddubsw word per pair of horizontally adjacent taps of one list,
 // and only the pairs that hold a nonzero weight: a POST code falls in one list (w_even or w_odd), so
@@ -143,7 +137,7 @@ struct PaddedPlane {
 };
 
 // Depthwise convolutions with unit horizontal dilation and a horizontal stride sw of 1 or 2,
-// straight from the float input (int_conv_depthwise.h): per input channel, X quantized
+// straight from the float input (int_conv_fused.h): per input channel, X quantized
 // (qdu8::QuantizeOne's values) and padded (z_x around X) into sh row phases (padded row y in phase
 // y % sh, row y / sh), each hq x wp bytes (wp: the padded width rounded up to sw; AVX2: to 8 * sw), then each of its
 // output channels as multiply-adds of horizontally adjacent taps, whose bytes lie side by side in
@@ -158,7 +152,7 @@ struct DepthwiseFused : PaddedPlane {
   int64_t readable;               // floats that may be read from x (to the end of X)
   int64_t hq;                     // rows per phase: ceil(hp / sh)
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide); zero point z
-  uint8_t* bytes;                 // the channel quantized (QuantizeFused*), h x w
+  uint8_t* bytes;                 // the channel quantized (QuantizeFused), h x w
   uint8_t* plane;                 // scratch: sh*hq*wp + kFusedSlack bytes
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
   int64_t span;                   // matrix columns: (oh - 1) * wp / sw + ow
@@ -183,12 +177,9 @@ struct DepthwiseFused : PaddedPlane {
 // Bytes after the scratch data that the kernels may read or write.
 constexpr int64_t kFusedSlack = 256;  // (stride 2 reads 2 bytes per column)
 
-void DepthwiseFusedAvx2(const DepthwiseFused& d);
-void DepthwiseFusedAvx512(const DepthwiseFused& d);
-// DepthwiseFused's quantization: dst[i] = QuantizeOne(d.x[i]) for i < n, with d's parameters
-// (scale, inverse, lo, hi, z); writes up to 64 bytes past n. Run over several channels at once.
-void QuantizeFusedAvx2(const DepthwiseFused& d, int64_t n, uint8_t* dst);
-void QuantizeFusedAvx512(const DepthwiseFused& d, int64_t n, uint8_t* dst);
+// DepthwiseFused's quantization (kernels.h's quantize_fused): dst[i] = QuantizeOne(d.x[i]) for
+// i < n, with d's parameters (scale, inverse, lo, hi, z); writes up to 64 bytes past n. Run over
+// several channels at once.
 
 // Depthwise convolutions with one output per input channel on small images, 16 channels at once
 // in the vector lanes: no per-channel cost, which small images do not repay. The input block is
@@ -217,13 +208,11 @@ struct DepthwiseLanes : LaneOutput {
   int64_t lanes;             // the lanes that are channels (the last block may have fewer than 16)
 };
 
-// AVX2 only (16 int16 lanes are one block of channels; the AVX-512 kernel choice runs it too).
-void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 
 // Depthwise convolutions with one output per input channel on small images, straight from the
 // float input like DepthwiseFused (unit horizontal dilation, horizontal stride 1 or 2), 16
 // channels in the vector lanes: no per-channel cost. The block's channels, quantized
-// (QuantizeFused*'s bytes, channel planes of h x w), are transposed into a padded image of
+// (QuantizeFused's bytes, channel planes of h x w), are transposed into a padded image of
 // 16-byte pixels (z around X and for lanes past `lanes`), then into cells of G horizontally
 // adjacent pixels: cell (y, c) holds, for each channel i, the bytes of padded pixels (y, sw*c + j),
 // j < G, side by side in lane i, so that one instruction adds G taps of 16 channels: AVX-512 VNNI
@@ -234,27 +223,26 @@ void DepthwiseLanesAvx2(const DepthwiseLanes& d);
 // then cell (y, c) serves outputs 2c and 2c + 1, the odd one from the cell shifted down a byte
 // (taps 1..3 of the 4 pixels, weights unchanged), which halves the cells built and loaded.
 struct LanesFused : LaneOutput, PaddedPlane {
-  const uint8_t* bytes;      // [16][h * w], readable 16 bytes past the end
+  const uint8_t* bytes;      // [16][h * w], readable 64 bytes past the end
   int64_t lanes;             // channels in this block (<= 16); later planes are never read
   int64_t step;              // columns between cells (LanesStep)
   uint8_t* scratch;          // LanesScratch(...) bytes
   int64_t groups;            // kh * ceil(kw / G)
   const int64_t* offsets;    // [groups]: (ky*dh) * cells per row + G*g / step, in cells
-  const int32_t* weights;    // VNNI: [2][groups][16]: list 0 (w / w_even), list 1 (w_odd), 4 int8 each
-  const int16_t* pairs;      // AVX2: the same with 2 int8 each
+  const void* weights;        // [2][groups][16 lanes of G int8]: list 0 (w / w_even), list 1 (w_odd);
+                             // VNNI: PackedWeights::lane_quads, AVX2: lane_pairs
 };
 
 namespace {
-// LanesFused's columns between cells, its cells per row, and the scratch it needs.
-inline int64_t LanesStep(bool vnni, int64_t sw, int64_t kw) { return vnni && sw == 1 && kw <= 3 ? 2 : sw; }
+// LanesFused's columns between cells (G: the kernels' taps per cell), its cells per row, and the
+// scratch it needs.
+inline int64_t LanesStep(int64_t g, int64_t sw, int64_t kw) { return g == 4 && sw == 1 && kw <= 3 ? 2 : sw; }
 inline int64_t LanesCells(int64_t wp, int64_t step) { return (wp + step - 1) / step; }
 inline int64_t LanesScratch(int64_t hp, int64_t wp, int64_t step) {
   return hp * (wp + 4) * 16 + hp * LanesCells(wp, step) * 64 + 128;
 }
 }  // namespace
 
-void LanesFusedAvx512(const LanesFused& d);
-void LanesFusedAvx2(const LanesFused& d);
 
 namespace {
 
@@ -306,31 +294,11 @@ inline float FusedInverse(float scale) {
   return scale >= 0x1p-100f && scale <= 0x1p100f ? 1.0f / scale : 0.0f;
 }
 
-// Finish over a run of n pixels of one output channel: out[i] from the raw sums e[i] (and o[i]
-// for PostConv) minus the zero-point corrections z_e = z_x * sum w_even (z_o likewise). Each
-// branch is a plain loop the compiler vectorizes with the including file's instruction set.
-inline void FinishRun(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                      const float* bias, float lo, float hi, float* out) {
-  if (o == nullptr && bias == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, nullptr, lo, hi);
-  } else if (o == nullptr) {
-    const float b = *bias;
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(false, e[i] - z_e, 0, c_e, c_o, &b, lo, hi);
-  } else if (bias == nullptr) {
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, nullptr, lo, hi);
-  } else {
-    const float b = *bias;
-    for (int64_t i = 0; i < n; ++i) out[i] = Finish(true, e[i] - z_e, o[i] - z_o, c_e, c_o, &b, lo, hi);
-  }
-}
-
 }  // namespace
 
-// FinishRun for each instruction set (the same bits): AVX2 compiled from FinishRun above, AVX-512
-// written with masked intrinsics for the short runs of small images.
-void FinishRunAvx2(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                   const float* bias, float lo, float hi, float* out);
-void FinishRunAvx512(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
-                     const float* bias, float lo, float hi, float* out);
+// FinishRun (kernels.h's finish_run; int_conv_finish.h): Finish over a run of n >= 1 pixels of one
+// output channel, out[i] from the raw sums e[i] (and o[i] for PostConv; o null for IntConv) minus
+// the zero-point corrections z_e = z_x * sum w_even (z_o likewise); bias may be null. out must not
+// overlap e or o.
 
 }  // namespace onnxq::iconv

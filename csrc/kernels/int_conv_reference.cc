@@ -7,6 +7,7 @@
 
 #include "kernels/int_conv_impl.h"
 #include "kernels/int_conv_kernels.h"
+#include "kernels/kernels.h"
 
 namespace onnxq::iconv {
 
@@ -170,7 +171,8 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
   const int64_t group_size = pw->rows_pad * pw->k4 * 4;
   pw->a.assign(static_cast<size_t>(g.group * group_size), 0);
   pw->row_sum.assign(static_cast<size_t>(g.group * pw->rows_pad), 0);
-  const bool split = isa == Isa::kAvx2 && !post && bits >= 5;  // |w| > 8: vpmaddubsw needs a split
+  const bool int16_sums = KernelsFor(isa).int16_sums;
+  const bool split = int16_sums && !post && bits >= 5;  // |w| > 8: vpmaddubsw needs a split
   pw->rows16 = RoundUp(pw->rows, kLanes);
   const int64_t group16_size = pw->rows16 * pw->k4 * 4;
   if (!split) pw->a16.assign(static_cast<size_t>(g.group * group16_size), 0);
@@ -201,7 +203,7 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
       pw->a_hi[i] = static_cast<int8_t>((v - lo) / 16);
     }
   }
-  if (isa == Isa::kAvx2 && !split) {
+  if (int16_sums && !split) {
     pw->runs.resize(pw->a.size() / (kRows * 4));
     Int16Runs(pw->a.data(), g.group * pw->rows_pad / kRows, pw->k4, kRows, pw->runs.data());
     pw->runs16.resize(pw->a16.size() / (kLanes * 4));

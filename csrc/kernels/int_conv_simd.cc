@@ -1,6 +1,7 @@
 // PostConv/IntConv's SIMD kernels' driver: X laid out by quads of channels and stride phases,
-// the integer matrix products of int_conv_avx2.cc / int_conv_avx512.cc over it (or, depthwise, a
-// direct sum over the taps), and the float epilogue; tasks spread over onnxruntime's threads.
+// the integer matrix products over it (or, depthwise, a direct sum over the taps), and the float
+// epilogue; tasks spread over onnxruntime's threads. The kernels are those of the call's
+// instruction set, from its table (kernels.h).
 #ifdef __SSE2__
 #include <emmintrin.h>
 #endif
@@ -14,6 +15,7 @@
 
 #include "kernels/int_conv_impl.h"
 #include "kernels/int_conv_kernels.h"
+#include "kernels/kernels.h"
 
 namespace onnxq::iconv {
 
@@ -100,6 +102,7 @@ constexpr int64_t kSlack = 64;
 
 // A call's arguments and how its work is laid out.
 struct SimdJob : SimdArgs {
+  const Kernels* kernels = nullptr;  // KernelsFor(isa)
   Phases ph;
   const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
   std::vector<int64_t> offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
@@ -134,17 +137,6 @@ struct SimdJob : SimdArgs {
   std::atomic<bool> failed{false};
 };
 
-void FinishRunFor(Isa isa, const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e,
-                  float c_o, const float* bias, float lo, float hi, float* out) {
-#ifdef ONNXQ_X86_SIMD
-  if (isa == Isa::kAvx512) return FinishRunAvx512(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
-  if (isa == Isa::kAvx2) return FinishRunAvx2(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
-#else
-  (void)isa;
-#endif
-  FinishRun(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
-}
-
 // The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
 // are e[0, count) (and o for PostConv): column p is output pixel (p / cols, p % cols) when
 // p % cols < OW; the other columns are dropped.
@@ -154,8 +146,8 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
   const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
   float* out = job.y + (n * g.m + m) * g.pixels();
   if (job.cols == g.ow) {  // no dropped columns: one run
-    FinishRunFor(job.isa, e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
-                 out + p0);
+    job.kernels->finish_run(e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
+                            out + p0);
     return;
   }
   for (int64_t p = p0; p < p0 + count;) {
@@ -165,8 +157,8 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
       continue;
     }
     const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
-    FinishRunFor(job.isa, e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
-                 job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
+    job.kernels->finish_run(e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
+                            job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
     p += run;
   }
 }
@@ -209,16 +201,7 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.pixel_offsets = pixels.get();
   std::unique_ptr<int32_t[]> by_pixel(new int32_t[static_cast<size_t>(count * pw.rows16)]);
   gemm.c = by_pixel.get();
-#ifdef ONNXQ_X86_SIMD
-  if (job.isa == Isa::kAvx512) {
-    GemmTAvx512(gemm);
-  } else {
-    GemmTAvx2(gemm);
-  }
-#else
-  (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
-#ifdef ONNXQ_X86_SIMD
+  job.kernels->gemm_t(gemm);
   {
     FinishT f{};
     f.c = by_pixel.get();
@@ -232,9 +215,8 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.clip_hi = job.clip_hi;
     f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
     f.stride = g.pixels();
-    job.isa == Isa::kAvx512 ? FinishTAvx512(f) : FinishTAvx2(f);
+    job.kernels->finish_t(f);
   }
-#endif
 }
 
 // kQuad: one panel of matrix columns of one image and group: the product, the epilogue.
@@ -258,15 +240,7 @@ void RunPanel(const SimdJob& job, int64_t index) {
   gemm.b_offsets = job.offsets.data();
   std::unique_ptr<int32_t[]> tile(new int32_t[static_cast<size_t>(pw.rows_pad * kPanel)]);
   gemm.c = tile.get();
-#ifdef ONNXQ_X86_SIMD
-  if (job.isa == Isa::kAvx512) {
-    GemmAvx512(gemm);
-  } else {
-    GemmAvx2(gemm);
-  }
-#else
-  (void)gemm;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
+  job.kernels->gemm(gemm);
 
   FinishPanel(job, n, gi, tile.get(), p0, count);
 }
@@ -313,20 +287,11 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
       d.clip_lo = job.clip_lo;
       d.clip_hi = job.clip_hi;
       d.out = job.y + (n * g.m + m) * g.pixels();
-#ifdef ONNXQ_X86_SIMD
-      if (job.isa == Isa::kAvx512) {
-        DepthwiseAvx512(d);
-      } else {
-        DepthwiseAvx2(d);
-      }
-#else
-      (void)d;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
+      job.kernels->depthwise(d);
     }
   }
 }
 
-#ifdef ONNXQ_X86_SIMD
 // Scratch bytes of a task: on the stack while they fit N, else on the heap.
 template <size_t N>
 struct Scratch {
@@ -345,7 +310,7 @@ PaddedPlane PlaneOf(const SimdJob& job) {
   return PaddedPlane{g.h, g.w, g.pt, g.pl, job.hp, job.wp, g.sh, g.sw, job.z};
 }
 
-// dst[i] = x[i] quantized with the call's parameters, for i < count (QuantizeFused*: exact, may
+// dst[i] = x[i] quantized with the call's parameters, for i < count (QuantizeFused: exact, may
 // write up to 64 bytes past count): the input of DepthwiseFused and LanesFused.
 void QuantizeChannels(const SimdJob& job, const float* x, int64_t count, uint8_t* dst) {
   DepthwiseFused q{};
@@ -355,25 +320,20 @@ void QuantizeChannels(const SimdJob& job, const float* x, int64_t count, uint8_t
   q.lo = job.x_lo;
   q.hi = job.x_hi;
   q.z = job.z;
-  if (job.isa == Isa::kAvx512) {
-    QuantizeFusedAvx512(q, count, dst);
-  } else {
-    QuantizeFusedAvx2(q, count, dst);
-  }
+  job.kernels->quantize_fused(q, count, dst);
 }
-#endif
 
 // DepthwiseFused: input channels [g0, g0 + job.channels) of image n (index n * chunks + chunk),
 // each quantized and padded, then into its output channels.
 void RunDepthwiseFused(const SimdJob& job, int64_t index) {
-#ifdef ONNXQ_X86_SIMD
   const Geometry& g = *job.g;
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const int64_t g1 = std::min(g0 + job.channels, g.group);
-  // Scratch: the task's channels quantized (AVX-512; AVX2 quantizes into the plane), then the plane
-  // (small images: on the stack).
-  const int64_t bytes_size = job.isa == Isa::kAvx512 ? RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64) : 0;
+  // Scratch: the task's channels quantized (unless the kernel quantizes X into its plane itself),
+  // then the plane (small images: on the stack).
+  const bool quantize_rows = job.kernels->fused_quantize_rows;
+  const int64_t bytes_size = quantize_rows ? 0 : RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   Scratch<16384> buffer;
@@ -387,14 +347,14 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.pixels = g.pixels();
   d.keep = job.keep.data();
   d.starts = job.starts.data();
-  d.groups = static_cast<int64_t>(job.offsets.size());  // (AVX2: none, FusedPair instead)
+  d.groups = static_cast<int64_t>(job.offsets.size());  // (none for FusedPair lists)
   d.offsets = job.offsets.data();
   d.pairs = job.fused_pairs.data();
   d.outputs = g.mg;
   d.post = job.post;
-  // AVX-512: the channels are contiguous in X, one quantization run for all of them, then copied
-  // into the plane; AVX2 quantizes each row into the plane (int_conv_depthwise.h, QuantizePlane).
-  if (job.isa == Isa::kAvx512) {
+  // The channels are contiguous in X: one quantization run for all of them, then each copied into
+  // the plane (else quantized row by row into it: int_conv_fused.h, QuantizePlane).
+  if (!quantize_rows) {
     QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   }
   d.scale = job.x_scale;
@@ -406,7 +366,7 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.x = job.x + (n * g.c + gi) * g.h * g.w;
     d.readable = (g.n * g.c - (n * g.c + gi)) * g.h * g.w;
     d.bytes = scratch + (gi - g0) * g.h * g.w;
-    if (job.isa == Isa::kAvx512) d.weights = job.fused_weights->data() + m * 2 * d.groups;
+    if (job.kernels->fused_tap_groups) d.weights = job.fused_weights->data() + m * 2 * d.groups;
     d.pair_start = job.pw->pair_start.data() + 2 * m;
     d.z_e = job.fused_z.data() + m;
     d.z_o = job.fused_z.data() + g.m + m;
@@ -416,16 +376,9 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.clip_lo = job.clip_lo;
     d.clip_hi = job.clip_hi;
     d.out = job.y + (n * g.m + m) * g.pixels();
-    if (job.isa == Isa::kAvx512) {
-      DepthwiseFusedAvx512(d);
-    } else {
-      DepthwiseFusedAvx2(d);
-    }
+    job.kernels->depthwise_fused(d);
     d.fresh = false;
   }
-#else
-  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
 }
 
 #ifdef ONNXQ_X86_SIMD
@@ -513,7 +466,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
   SetLaneOutput(d, job, n, b);
   d.lanes = std::min<int64_t>(16, g.m - b * 16);
-  DepthwiseLanesAvx2(d);
+  job.kernels->depthwise_lanes(d);
 #else
   (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
 #endif
@@ -522,13 +475,12 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
 // LanesFused: channels [16 b, 16 b + 16) of image n (index n * blocks + b), quantized in
 // one run, then the kernel.
 void RunLanesFused(const SimdJob& job, int64_t index) {
-#ifdef ONNXQ_X86_SIMD
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   const int64_t n = index / job.blocks, b = index % job.blocks;
   const int64_t lanes = std::min<int64_t>(16, g.c - b * 16);
   const int64_t bytes_size = RoundUp(16 * g.h * g.w + 128, 64);
-  const int64_t step = LanesStep(job.isa == Isa::kAvx512, g.sw, g.kw);
+  const int64_t step = LanesStep(job.kernels->lane_taps, g.sw, g.kw);
   const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, step);
   Scratch<24576> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
@@ -541,20 +493,13 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   d.scratch = scratch + bytes_size;
   d.groups = static_cast<int64_t>(job.lane_offsets.size());
   d.offsets = job.lane_offsets.data();
-  if (job.isa == Isa::kAvx512) {
+  if (job.kernels->lane_taps == 4) {
     d.weights = pw.lane_quads.data() + b * 2 * d.groups * 16;
   } else {
-    d.pairs = pw.lane_pairs.data() + b * 2 * d.groups * 16;
+    d.weights = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
   SetLaneOutput(d, job, n, b);
-  if (job.isa == Isa::kAvx512) {
-    LanesFusedAvx512(d);
-  } else {
-    LanesFusedAvx2(d);
-  }
-#else
-  (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
-#endif
+  job.kernels->lanes_fused(d);
 }
 
 void RunTask(void* data, size_t index) {
@@ -658,9 +603,10 @@ void PrepareFused(SimdJob& job) {
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   job.hp = g.h + g.pt + job.pad_bottom;
-  // AVX2: whole groups of 8 matrix columns per output row, so that a group's outputs are its first
-  // columns and FusedAvx2 stores them without a permute (VNNI compresses them in one instruction).
-  job.wp = RoundUp(g.w + g.pl + job.pad_right, job.isa == Isa::kAvx512 ? g.sw : 8 * g.sw);
+  // Rows of whole groups of fused_row_columns matrix columns: AVX2's 8, so that a group's outputs
+  // are its first columns and Avx2::Fused (kernels_avx2.cc) stores them without a permute (VNNI
+  // compresses them in one instruction).
+  job.wp = RoundUp(g.w + g.pl + job.pad_right, job.kernels->fused_row_columns * g.sw);
   job.cols = job.wp / g.sw;
   job.span = (g.oh - 1) * job.cols + g.ow;
   const int64_t columns = RoundUp(job.span, 64);  // whole blocks of either kernel
@@ -682,7 +628,7 @@ void PrepareFused(SimdJob& job) {
     return ((y % g.sh) * hq + y / g.sh) * job.wp + kx;
   };
   job.offsets.clear();
-  if (job.isa == Isa::kAvx512) {  // groups of 4 taps
+  if (job.kernels->fused_tap_groups) {  // groups of 4 taps
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t kx = 0; kx < g.kw; kx += 4) job.offsets.push_back(offset(ky, kx));
     }
@@ -710,21 +656,24 @@ namespace {
 // of a 1 MiB L2 cache; with AVX2 (int16 sums, twice the instructions per tap) faster for inputs up
 // to 14x14 (dw 576 3x3 @7: 0.56 -> 0.76x float), even at 28x28 -> 14x14 and mixed above.
 bool UseLanesFused(const Geometry& g, const PackedWeights& pw, Isa isa, int64_t pad_bottom, int64_t pad_right) {
-  if (isa == Isa::kAvx512 ? pw.lane_quads.empty() : isa != Isa::kAvx2 || pw.lane_pairs.empty()) return false;
+  const Kernels& k = KernelsFor(isa);
+  if (k.lanes_fused == nullptr || (k.lane_taps == 4 ? pw.lane_quads.empty() : pw.lane_pairs.empty())) return false;
   if (isa == Isa::kAvx2) return g.h * g.w <= 16 * 16;
   const int64_t hp = g.h + g.pt + pad_bottom, wp = g.w + g.pl + pad_right;
-  return 16 * g.h * g.w + LanesScratch(hp, wp, LanesStep(true, g.sw, g.kw)) <= 256 * 1024;
+  return 16 * g.h * g.w + LanesScratch(hp, wp, LanesStep(k.lane_taps, g.sw, g.kw)) <= 256 * 1024;
 }
 }  // namespace
 
 bool UsesFusedDepthwise(const Geometry& g, const PackedWeights& pw, Isa isa) {
   if (pw.mode != Mode::kDepthwise || g.k == 0 || g.sw > 2 || g.dw != 1) return false;
-  return isa == Isa::kAvx512 || (isa == Isa::kAvx2 && !pw.pair_start.empty());
+  const Kernels& k = KernelsFor(isa);  // (FusedPair lists exist where every list is narrow)
+  return k.depthwise_fused != nullptr && (k.fused_tap_groups || !pw.pair_start.empty());
 }
 
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   SimdJob job;
   static_cast<SimdArgs&>(job) = args;
+  job.kernels = &KernelsFor(job.isa);
   const Geometry& g = *job.g;
   const PackedWeights& pw = *job.pw;
   Phases& ph = job.ph;
@@ -773,8 +722,8 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   } else if (UsesFusedDepthwise(g, pw, job.isa) && UseLanesFused(g, pw, job.isa, job.pad_bottom, job.pad_right)) {
     job.lanes_fused = true;
     job.inverse = FusedInverse(job.x_scale);
-    const int64_t taps = job.isa == Isa::kAvx512 ? 4 : 2;  // per group
-    const int64_t step = LanesStep(job.isa == Isa::kAvx512, g.sw, g.kw);
+    const int64_t taps = job.kernels->lane_taps;  // per group
+    const int64_t step = LanesStep(taps, g.sw, g.kw);
     const int64_t wc = LanesCells(g.w + g.pl + job.pad_right, step), per_row = (g.kw + taps - 1) / taps;
     for (int64_t ky = 0; ky < g.kh; ++ky) {
       for (int64_t j = 0; j < per_row; ++j) job.lane_offsets.push_back(ky * g.dh * wc + taps * j / step);

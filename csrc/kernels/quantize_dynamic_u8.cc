@@ -1,9 +1,10 @@
-// QuantizeDynamicU8: the onnxruntime op, the scalar reference kernel, and run-time dispatch.
+// QuantizeDynamicU8: the onnxruntime op and the scalar reference kernels (the SIMD ones: kernels.h).
 #include "kernels/quantize_dynamic_u8.h"
 
 #include <exception>
 #include <vector>
 
+#include "kernels/kernels.h"
 #include "kernels/quantize_dynamic_u8_kernels.h"
 
 namespace onnxq {
@@ -32,25 +33,6 @@ Params MakeParams(float mn, float mx) {
   return {scale, static_cast<float>(-z), static_cast<float>(255 - z), z};
 }
 
-namespace {
-
-// The kernel variants, chosen once per node by the `kernel` attribute and the CPU.
-struct Kernels {
-  void (*min_max)(const float*, size_t, float*, float*);
-  void (*quantize)(const float*, size_t, const Params&, uint8_t*);
-};
-
-Kernels KernelsFor(Isa isa) {
-  switch (isa) {
-#ifdef ONNXQ_X86_SIMD
-    case Isa::kAvx512: return {MinMaxAvx512, QuantizeAvx512};
-    case Isa::kAvx2: return {MinMaxAvx2, QuantizeAvx2};
-#endif
-    default: return {MinMaxScalar, QuantizeScalar};
-  }
-}
-
-}  // namespace
 }  // namespace qdu8
 
 QuantizeDynamicU8::QuantizeDynamicU8(const OrtApi* api, const OrtKernelInfo* info) {
@@ -84,7 +66,7 @@ Ort::Status QuantizeDynamicU8::Compute(const Ort::Custom::Tensor<float>& x, Ort:
     const float* src = x.Data();
     uint8_t* dst = y.Allocate(shape);
 
-    const qdu8::Kernels kernels = qdu8::KernelsFor(isa_);
+    const Kernels& kernels = KernelsFor(isa_);
     float mn = INFINITY, mx = -INFINITY;
     kernels.min_max(src, n, &mn, &mx);
     const qdu8::Params params = qdu8::MakeParams(mn, mx);

@@ -1,8 +1,9 @@
 // The numeric core of QuantizeDynamicU8, shared by the scalar reference (quantize_dynamic_u8.cc)
-// and the ISA variants (quantize_dynamic_u8_avx2.cc, _avx512.cc). It includes no onnxruntime or
-// standard-library templates, and its inline helpers have internal linkage (anonymous namespace):
-// an inline function with external linkage compiled inside an -mavx512f file could be the copy
-// the linker keeps for every caller, and crash CPUs without AVX-512.
+// and the SIMD kernels (quantize_dynamic_u8_simd.h, compiled per instruction set in kernels_avx2.cc
+// and kernels_avx512.cc). It includes no onnxruntime or standard-library templates, and its inline
+// helpers have internal linkage (anonymous namespace): an inline function with external linkage
+// compiled inside an -mavx512f file could be the copy the linker keeps for every caller, and crash
+// CPUs without AVX-512.
 #pragma once
 
 #include <math.h>  // nearbyintf: rounds half to even in the default rounding mode, like cvtps2dq
@@ -41,13 +42,10 @@ inline uint8_t QuantizeOne(float x, const Params& p) {
 // them (quantize_dynamic_u8.cc; PostConv/IntConv use it too).
 Params MakeParams(float mn, float mx);
 
-// Each kernel variant: MinMax* folds x[0, n) into *mn / *mx (which start at +inf / -inf);
-// Quantize* writes y[0, n).
+// The reference kernels (the SIMD ones: quantize_dynamic_u8_simd.h, through kernels.h's tables):
+// MinMaxScalar folds x[0, n) into *mn / *mx (which start at +inf / -inf); QuantizeScalar writes
+// y[0, n).
 void MinMaxScalar(const float* x, size_t n, float* mn, float* mx);
 void QuantizeScalar(const float* x, size_t n, const Params& p, uint8_t* y);
-void MinMaxAvx2(const float* x, size_t n, float* mn, float* mx);
-void QuantizeAvx2(const float* x, size_t n, const Params& p, uint8_t* y);
-void MinMaxAvx512(const float* x, size_t n, float* mn, float* mx);
-void QuantizeAvx512(const float* x, size_t n, const Params& p, uint8_t* y);
 
 }  // namespace onnxq::qdu8
