@@ -107,8 +107,13 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
                    help="how activation ranges are chosen: 'minmax'; 'percentile' (see --percentile); 'entropy' (least KL "
                    "divergence, as TensorRT); 'mse' (default: least quantization error, golden-section search); "
                    "'asq': the MSE range times a per-input factor that a tiny adapter computes in the graph")
-    a.add_argument("--activations", type=int, choices=ACTIVATION_BITS, default=None, metavar="BITS",
-                   help="activation bits: 8 (uint8, default) or 4 (uint4, opset 21)")
+    a.add_argument("--activations", choices=[*map(str, ACTIVATION_BITS), "none"], default=None, metavar="BITS",
+                   help="activation bits: 8 (uint8, default) or 4 (uint4, opset 21); 'none' keeps activations float and uses "
+                   "the data for the weights only (see --output-aware)")
+    a.add_argument("--output-aware", choices=["auto", "off"], default="auto",
+                   help="'auto' (default): with --calibration, each weight's range and rounding minimise its layer's output "
+                   "error on the data (GPTQ's compensated rounding on the second moments of the layer's inputs), not the "
+                   "weight's own error; 'off': by the weight's own error, as without data"),
     a.add_argument("--percentile", type=float, default=None, metavar="P",
                    help=f"percentile kept by --calibrate percentile (default {ActivationConfig.percentile})")
     a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=None,
@@ -199,6 +204,8 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         first_last_bits=args.first_last_bits,
         exclude=frozenset(args.exclude),
         activations=_activation_config(args),
+        output_aware=args.output_aware == "auto",
+        samples=ActivationConfig.samples if args.calibration_size is None else args.calibration_size,
     )
 
 
@@ -213,9 +220,14 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} needs --calibration DATA (activations are quantized only with calibration data)")
         return None
+    if args.activations == "none":
+        float_only = [name for name in given if name not in ("activations", "calibration_size")]
+        if float_only:
+            raise ValueError(f"--{float_only[0].replace('_', '-')} is about quantized activations, and --activations none keeps them float")
+        return None
     d = ActivationConfig()
     return ActivationConfig(
-        bits=d.bits if args.activations is None else args.activations,
+        bits=d.bits if args.activations is None else int(args.activations),
         method=d.method if args.calibrate is None else CalibrationMethod(args.calibrate),
         percentile=d.percentile if args.percentile is None else args.percentile,
         samples=d.samples if args.calibration_size is None else args.calibration_size,
@@ -233,7 +245,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     from onnxq.pipeline import quantize_with_report
     from onnxq.report.summary import summary
 
-    output = args.output or default_output(args.model, args.bits, (args.activations or ActivationConfig.bits) if args.calibration else None)
+    activation_bits = int(args.activations or ActivationConfig.bits) if args.calibration and args.activations != "none" else None
+    output = args.output or default_output(args.model, args.bits, activation_bits)
     check_output_path(output, [args.model])
     report = _report_paths(args.report, [args.model, output])
     if not args.model.exists():

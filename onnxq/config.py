@@ -160,6 +160,10 @@ class QuantizeConfig:
         tensor_bits: per-weight-tensor bit widths that override every other rule (what mixed precision chooses; a node may
             read several weights, e.g. an LSTM's W and R).
         activations: quantize activations too (needs calibration data); None keeps them float.
+        output_aware: with calibration data, each weight's range and rounding minimise its layer's output error
+            (second moments of its inputs, GPTQ's compensated rounding) instead of the weight's own error.
+        samples: calibration samples the weights' statistics use when activations stay float (with activations, their
+            ``samples``).
     """
 
     bits: int = 4
@@ -172,9 +176,18 @@ class QuantizeConfig:
     node_bits: Mapping[str, int] = field(default_factory=dict)
     tensor_bits: Mapping[str, int] = field(default_factory=dict)
     activations: ActivationConfig | None = None
+    output_aware: bool = True
+    samples: int = 512
+
+    @property
+    def calibration_samples(self) -> int:
+        """Samples a calibration pass reads: the activations' count with activations, else ``samples``."""
+        return self.activations.samples if self.activations is not None else self.samples
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        if isinstance(self.samples, bool) or not isinstance(self.samples, numbers.Integral) or self.samples < 1:
+            raise ValueError(f"calibration samples must be a positive integer, got {self.samples!r}")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
         for name, bits in self.node_bits.items():

@@ -23,12 +23,14 @@ import onnx
 from onnxq.calibrate.activations import calibrate
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
+from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
+from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.result import ActivationQuant, Calibration
 from onnxq.calibrate.samples import input_specs, peek, sample_axes
-from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, SqrtMode
+from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, RangeMethod, SqrtMode
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.graph import constant_initializers, to_array
@@ -38,7 +40,7 @@ from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
-from onnxq.numerics.weights import QuantizedTensor, quantize_post_weight, quantize_weight
+from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
 from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
 from onnxq.rewrite.activations import insert_activation_qdq
@@ -186,21 +188,26 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
 def calibrate_activations(
     loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None
 ) -> Calibration | None:
-    """Each activation site's quantization from one run of the (prepared, still float) model; None when weight-only.
+    """What one run of the (prepared, still float) model over the data shows; None without data.
 
-    First, on the first samples, layer inputs with outlier channels are equalized against their weights (in place:
-    the float model computes the same), so the weights are quantized as equalized in the next stage.
+    With activations: each site's quantization. First, on the first samples, layer inputs with outlier channels are
+    equalized against their weights (in place: the float model computes the same), so the weights are quantized as
+    equalized in the next stage. Output-aware weights: the second moments of the layers' inputs (after equalization,
+    as the layers then see them), gathered in the same run.
     """
-    if config.activations is None:
+    if calibration is None or (config.activations is None and not config.output_aware):
         return None
-    assert calibration is not None  # the plan stage refused activations without data
     specs = input_specs(loaded.model)
-    batches = calibration_batches(calibration, specs, config.activations.samples)
-    if config.activations.equalizing:  # before the sites: the layers then read the equalized tensor
+    batches = calibration_batches(calibration, specs, config.calibration_samples)
+    if config.activations is not None and config.activations.equalizing:  # before the sites: the layers then read the equalized tensor
         head, batches = peek(batches, sample_axes(specs), EQUALIZE_SAMPLES)
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
+    moments = MomentCollector(layer_inputs(loaded.model.graph, plan.weights)) if config.output_aware else None
+    if config.activations is None:
+        collect(loaded.model, [], batches, total=config.samples, moments=moments)
+        return Calibration({}, {}, [], moments.hessians() if moments is not None else {})
     sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
-    return calibrate(loaded.model, sites, batches, config.activations)
+    return calibrate(loaded.model, sites, batches, config.activations, moments)
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
@@ -214,7 +221,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
             names = " ".join(weight_plan.nodes)
             raise OnnxqError(loaded.label, f"weight {weight_plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
         choice = plan.ops[weight_plan.tensor]
-        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs)
+        hessian = calibrated.hessians.get(weight_plan.tensor) if calibrated is not None else None
+        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
         if choice.op_type == LOOKUP_OP:
             out.tables[weight_plan.tensor] = q
         elif choice.op_type is None:
@@ -226,17 +234,28 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
     return out
 
 
-def quantize_planned(weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool) -> QuantizedTensor:
+def quantize_planned(
+    weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None = None
+) -> QuantizedTensor:
     """Codes for one weight in the format its op needs: POST (PostConv), plain uniform (IntConv), or uniform/sqrt (QDQ, lookups).
 
     With quantized activations, 8-bit weights stay linear (no sqrt) so onnxruntime can fuse them into integer kernels.
+    With ``hessian`` (the second moments of the layer's inputs), per-channel weights are chosen for the layer's output
+    (onnxq/numerics/output_error.py), the grid (plain or sqrt) by the output error too; never worse than the weight-error
+    codes by that measure.
     """
     if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
-        return quantize_post_weight(weight, plan.bits, plan.channel_axis or 0)
+        axis = plan.channel_axis or 0
+        codes = quantize_post_weight(weight, plan.bits, axis)
+        return codes if hessian is None else quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes)
     linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
-    return quantize_weight(weight, plan.bits, axis, sqrt, config.range)
+    codes = quantize_weight(weight, plan.bits, axis, sqrt, config.range)
+    if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
+        return codes
+    modes = {SqrtMode.OFF: ("plain",), SqrtMode.ON: ("sqrt",), SqrtMode.AUTO: ("plain", "sqrt")}[sqrt]
+    return quantize_for_output(weight, plan.bits, axis, modes, hessian, codes)
 
 
 def correct_biases(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> None:

@@ -98,7 +98,7 @@ def test_a_shared_weight_sums_its_readers_inputs():
     collector.observe("a", a)
     collector.observe("b", b)
     both = np.concatenate([a, b])
-    np.testing.assert_allclose(collector.hessians()["w"][0], both.T @ both / len(both), rtol=1e-12)
+    np.testing.assert_allclose(collector.hessians()["w"][0], both.T @ both / len(both), rtol=1e-6)  # float32 products
 
 
 def test_layers_without_an_h_are_left_out():

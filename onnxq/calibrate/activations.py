@@ -17,6 +17,7 @@ from onnxq.calibrate.asq import Adapter, LogLinear, fit_adapter, sample_betas
 from onnxq.calibrate.collect import TensorStats, channel_axis, channel_means, collect, exposing, feature_axes, sample_bytes, sized_runs
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.histogram import ChannelHistograms
+from onnxq.calibrate.moments import MomentCollector
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params, range_sqnr_db
 from onnxq.calibrate.result import ActivationQuant, Calibration
@@ -35,8 +36,10 @@ BIAS_SAMPLES = 64
 INTEGER_OP_BITS = 8
 
 
-def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig) -> Calibration:
-    """How to quantize each site's tensor, from one run of the float ``model`` over ``data``."""
+def calibrate(
+    model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig, moments: MomentCollector | None = None
+) -> Calibration:
+    """How to quantize each site's tensor, from one run of the float ``model`` over ``data`` (which also sums ``moments``)."""
     specs = input_specs(model)
     axes = sample_axes(specs)
     batches = calibration_batches(data, specs, config.samples)
@@ -46,7 +49,8 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
     if keep:
         batches = _keep_first(batches, axes, kept, keep)
     histograms = config.method is not CalibrationMethod.MINMAX
-    stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples, histograms=histograms)
+    stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples, histograms=histograms,
+                    moments=moments)
     held = first_samples(kept, axes, VALIDATION_SAMPLES)
     quants = {}
     candidates: dict[str, tuple[ActivationQuant, ActivationQuant]] = {}
@@ -66,7 +70,8 @@ def calibrate(model: onnx.ModelProto, sites: list[ActivationSite], data: Calibra
         quants[site.tensor] = quant
     if candidates:
         quants.update(choose_adapters(model, candidates, held))
-    return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept)
+    hessians = moments.hessians() if moments is not None else {}
+    return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept, hessians)
 
 
 def _keep_first(

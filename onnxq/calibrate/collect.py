@@ -22,6 +22,7 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
+from onnxq.calibrate.moments import MomentCollector
 from onnxq.calibrate.samples import RunSizer, batch_size, input_specs
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
@@ -127,23 +128,29 @@ def collect(
     per_sample: bool = False,
     total: int | None = None,
     histograms: bool = True,
+    moments: MomentCollector | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime.
 
     Without ``histograms`` only min/max (and channel means) are kept, which is all min-max calibration needs.
+    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs.
     """
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
-    if not tensors:  # nothing to observe (onnxruntime would return every output); the batches still pass through
+    fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else [])]))
+    if not fetched:  # nothing to observe (onnxruntime would return every output); the batches still pass through
         for _ in batches:
             pass
         return stats
-    sizer = RunSizer(input_specs(model), sample_bytes(model, tensors))
-    with exposing(model, tensors) as sess:
+    sizer = RunSizer(input_specs(model), sample_bytes(model, fetched))
+    with exposing(model, fetched) as sess:
         with progress(total) as bar:
             for batch in batches:
-                for outputs in sized_runs(sess, tensors, [batch], sizer):
-                    for name, value in zip(tensors, outputs, strict=True):
-                        _observe(stats[name], name, value, histograms)
+                for outputs in sized_runs(sess, fetched, [batch], sizer):
+                    for name, value in zip(fetched, outputs, strict=True):
+                        if name in stats:
+                            _observe(stats[name], name, value, histograms)
+                        if moments is not None:
+                            moments.observe(name, value)
                 bar.update(batch_size(batch, sizer.axes))
     return stats
 

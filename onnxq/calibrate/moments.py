@@ -26,6 +26,8 @@ import onnx
 from onnxq.model.graph import attribute, constant_initializers, is_op
 from onnxq.plan.weights import WeightPlan
 
+#: Bytes of convolution patches built at a time (a few samples of a large feature map).
+PATCH_BYTES = 64 << 20
 #: Longest input row a full H is kept for (8192: 512 MB of float64): beyond, the weight keeps its own-error quantization.
 MAX_FEATURES = 8192
 
@@ -140,9 +142,9 @@ class Moments:
     count: int = 0
 
     def add(self, rows: np.ndarray) -> None:
-        """Add (groups, n, K) rows."""
-        rows64 = rows.astype(np.float64)
-        update = np.einsum("gnk,gnl->gkl", rows64, rows64) if rows64.shape[0] > 1 else (rows64[0].T @ rows64[0])[None]
+        """Add (groups, n, K) rows: their products in float32 (BLAS), summed into float64 across calls."""
+        rows32 = np.ascontiguousarray(rows, dtype=np.float32)
+        update = np.matmul(rows32.transpose(0, 2, 1), rows32).astype(np.float64)
         self.sums = update if self.sums is None else self.sums + update
         self.count += rows.shape[1]
 
@@ -174,9 +176,12 @@ class MomentCollector:
         for reader, moments in self.moments.items():
             if reader.tensor != name:
                 continue
-            samples = [value[i : i + 1] for i in range(len(value))] if reader.kind == "conv" else [value]
-            for sample in samples:
-                moments.add(reader.rows(sample))
+            step = len(value)
+            if reader.kind == "conv" and len(value) > 1:  # patches take kernel-size times the input: a few samples at a time
+                patch_bytes = 4 * value[:1].size * math.prod(reader.kernel) // max(math.prod(reader.strides), 1)
+                step = max(1, PATCH_BYTES // max(patch_bytes, 1))
+            for start in range(0, len(value), step):
+                moments.add(reader.rows(value[start : start + step]))
 
     def hessians(self) -> dict[str, np.ndarray]:
         """Per weight, E[x x^T] per group over all its readers' rows."""

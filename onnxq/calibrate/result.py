@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,8 +31,13 @@ class ActivationQuant:
 
 @dataclass(frozen=True)
 class Calibration:
-    """What calibration found: each site's quantization, the sites' channel means, and the first samples (both for bias correction)."""
+    """What calibration found: activation quantization, and what bias correction and output-aware weights need.
+
+    Each site's quantization, the sites' channel means and the first samples (for bias correction), and the second
+    moments of the weighted layers' inputs (for output-aware weights).
+    """
 
     quants: dict[str, ActivationQuant]
     means: dict[str, ChannelMeans]
     samples: list[dict[str, np.ndarray]]
+    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # per weight: E[x x^T] of its inputs, (groups, K, K)

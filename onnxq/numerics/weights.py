@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.config import RangeMethod, SqrtMode
-from onnxq.numerics import post, uniform
+from onnxq.numerics import output_error, post, uniform
 
 
 def to_rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
@@ -154,3 +154,40 @@ def _sqnr_from_sums(noise: float, signal: float) -> float:
     if noise == 0.0:
         return float("inf")
     return float(10.0 * np.log10(signal / noise)) if signal > 0 else float("-inf")
+
+
+def quantize_for_output(
+    weight: np.ndarray, bits: int, axis: int, modes: tuple[str, ...], hessian: np.ndarray, baseline: QuantizedTensor | None = None
+) -> QuantizedTensor:
+    """Quantize ``weight`` per row along ``axis`` for its layer's output: ranges by output error, compensated rounding.
+
+    ``hessian`` is E[x x^T] of the layer's input rows, (groups, K, K) with the rows split evenly among the groups
+    (onnxq/calibrate/moments.py); ``modes`` are the grids to try ("plain", "sqrt", "post"), and the one leaving the
+    least output error is kept. A ``baseline`` (the weight-error quantization) is kept instead where its output
+    error is lower, so the output error is never worse than before.
+    """
+    weight = np.asarray(weight, dtype=np.float32)
+    rows = to_rows(weight, axis).astype(np.float64)
+    groups = hessian.shape[0]
+    per_group = len(rows) // groups
+    best: tuple[float, np.ndarray, np.ndarray, np.ndarray, str] | None = None
+    for mode in modes:
+        grid = output_error.Grid(mode, bits)
+        parts = [output_error.quantize_rows(rows[g * per_group : (g + 1) * per_group], hessian[g], grid) for g in range(groups)]
+        error = sum(p.error for p in parts)
+        if best is None or error < best[0]:
+            best = (error, np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
+                    np.concatenate([p.alpha for p in parts]), mode)
+    assert best is not None
+    if baseline is not None and baseline.axis == axis:
+        delta = rows - to_rows(baseline.dequantize(), axis)
+        base_error = sum(float(output_error.output_errors(delta[g * per_group : (g + 1) * per_group], hessian[g]).sum()) for g in range(groups))
+        if base_error <= best[0]:
+            return baseline
+    error, codes, scale, alpha, mode = best
+    values = output_error.decode(codes, scale, output_error.Grid(mode, bits))
+    noise, signal = float(np.sum((rows - values) ** 2)), float(np.sum(rows**2))
+    return QuantizedTensor(
+        codes=from_rows(codes, weight.shape, axis), scale=scale, axis=axis, bits=bits, sqrt=mode == "sqrt", alpha=alpha,
+        mse=noise / weight.size if weight.size else 0.0, sqnr_db=_sqnr_from_sums(noise, signal), post=mode == "post",
+    )
