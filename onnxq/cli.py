@@ -240,7 +240,7 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
 def _run_quantize(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from onnxq.analysis.fidelity import check_against_float
+    from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, check_against_float, check_on_synthetic, damage_warning
     from onnxq.model.save import check_onnxruntime_loads, check_output_path, save_model
     from onnxq.pipeline import quantize_with_report
     from onnxq.report.summary import summary
@@ -276,6 +276,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
     check = check_against_float(args.model, output, data) if data is not None else None
     if check is not None:
         print(check.line(named))
+    blind = check_on_synthetic(args.model, output) if check is None else None
+    if (warning := damage_warning(check, named) if check is not None else damage_warning(blind, f"{SYNTHETIC_SAMPLES} synthetic inputs")
+            if blind is not None else None):
+        print(warning)
     if report is not None:
         from onnxq.report.files import build_report, write_report
 

@@ -222,10 +222,10 @@ def test_quantize_weight_per_channel_rows_are_independent() -> None:
     assert np.any(q.dequantize()[:, 0] != 0)  # ... per channel it is not
 
 
-@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 5])
 @pytest.mark.parametrize("axis", [0, None])
 def test_sqrt_auto_picks_lower_mse(bits: int, axis) -> None:
-    """SqrtMode.AUTO returns exactly the OFF or ON result, whichever has the lower weight MSE."""
+    """SqrtMode.AUTO returns exactly the OFF or ON result, whichever has the lower weight MSE (up to 5 bits)."""
     rng = np.random.default_rng(bits)
     for weight in (
         (rng.standard_t(3, size=(8, 200)) * 0.05).astype(np.float32),  # heavy-tailed: sqrt tends to win
@@ -293,3 +293,12 @@ def test_from_rows_negative_axis() -> None:
     """A negative axis (as ONNX allows) round-trips like its positive equivalent."""
     w = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
     np.testing.assert_array_equal(from_rows(to_rows(w, -1), w.shape, -1), w)
+
+
+@pytest.mark.parametrize("bits", [6, 7, 8])
+def test_sqrt_auto_keeps_plain_codes_from_6_bits(bits: int) -> None:
+    """Wider codes stay plain even where sqrt codes have the lower weight MSE (they cost the output more there)."""
+    weight = (np.random.default_rng(0).standard_t(3, size=(8, 200)) * 0.05).astype(np.float32)
+    assert quantize_weight(weight, bits, 0, SqrtMode.ON).mse < quantize_weight(weight, bits, 0, SqrtMode.OFF).mse  # sqrt's MSE is lower
+    auto = quantize_weight(weight, bits, 0, SqrtMode.AUTO)
+    assert not auto.sqrt and auto.mse == quantize_weight(weight, bits, 0, SqrtMode.OFF).mse

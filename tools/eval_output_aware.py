@@ -36,13 +36,43 @@ def logits(model: str | object, images: np.ndarray) -> np.ndarray:
     return np.concatenate([session.run(None, {"input": images[i : i + 500]})[0] for i in range(0, len(images), 500)])
 
 
+def compare_sqrt(args: argparse.Namespace) -> None:
+    """Without data: output SQNR on the test images of sqrt-or-plain by weight MSE, plain, and plain absmax."""
+    from onnxq.config import RangeMethod, SqrtMode
+    from onnxq.numerics import weights
+
+    test = load_idx_split(FASHION_MNIST_DIR, "test")
+    print("| model | bits | sqrt or plain by weight MSE | plain | plain absmax |")
+    print("|---|---:|---:|---:|---:|")
+    kept = weights.SQRT_AUTO_MAX_BITS
+    weights.SQRT_AUTO_MAX_BITS = 8  # the old AUTO, at every width
+    try:
+        for name in args.models:
+            path = str(Path(__file__).resolve().parents[1] / "models" / f"fmnist_{name}.onnx")
+            reference = logits(path, test.images).astype(np.float64)
+            for bits in args.bits:
+                cells = []
+                for config in (QuantizeConfig(bits=bits), QuantizeConfig(bits=bits, sqrt=SqrtMode.OFF),
+                               QuantizeConfig(bits=bits, sqrt=SqrtMode.OFF, range=RangeMethod.ABSMAX)):
+                    out = logits(onnxq.quantize(path, config), test.images)
+                    cells.append(f"{10 * np.log10(np.sum(reference**2) / np.sum((reference - out) ** 2)):.1f}")
+                print(f"| {name} | {bits} | " + " | ".join(cells) + " |", flush=True)
+    finally:
+        weights.SQRT_AUTO_MAX_BITS = kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bits", type=int, nargs="+", default=[4, 3])
     parser.add_argument("--samples", type=int, default=256, help="train images used as data (default 256)")
     parser.add_argument("--models", nargs="+", default=list(MODELS))
+    parser.add_argument("--compare-sqrt", action="store_true",
+                        help="instead: without data, output SQNR of sqrt codes tried (--sqrt on), plain codes and plain absmax, per bits")
     args = parser.parse_args()
     print(cpu_description())
+    if args.compare_sqrt:
+        compare_sqrt(args)
+        return
     train, test = load_idx_split(FASHION_MNIST_DIR, "train"), load_idx_split(FASHION_MNIST_DIR, "test")
     data = [{"input": train.images[i : i + 32]} for i in range(0, args.samples, 32)]
     print(f"data: the first {args.samples} train images; measured on the {len(test.labels)} test images")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from onnxq.config import RangeMethod, SqrtMode
+from onnxq.config import RangeMethod, SqrtMode, check_bits
 from onnxq.numerics import output_error, post, uniform
 
 
@@ -82,6 +82,14 @@ def row_blocks(weight: np.ndarray, axis: int | None) -> Iterator[np.ndarray]:
         yield block.reshape(len(block), -1)
 
 
+#: Widest codes SqrtMode.AUTO tries sqrt codes for without data. Above, a lower weight MSE with sqrt codes came with a
+#: worse output: they are coarse where weights are large, and at 6-8 bits their MSE gain is small (the shipped ResNet-20
+#: and MobileNetV2 lose 0.8-2.9 dB of output SQNR at 8 and 6 bits against plain codes, `tools/eval_output_aware.py
+#: --compare-sqrt`; an independent check saw a text recognizer's character errors triple at 8 bits). With data, the
+#: choice is by the layer's output error at any width (quantize_for_output).
+SQRT_AUTO_MAX_BITS = 5
+
+
 def quantize_weight(
     weight: np.ndarray,
     bits: int,
@@ -92,10 +100,11 @@ def quantize_weight(
     """Quantize ``weight`` to ``bits`` per row along ``axis`` (None: per tensor).
 
     With SqrtMode.AUTO both plain and sqrt codes are tried and the one with the lower
-    weight MSE is kept.
+    weight MSE is kept, up to SQRT_AUTO_MAX_BITS; wider codes stay plain.
     """
     weight = np.asarray(weight, dtype=np.float32)
-    modes = {SqrtMode.OFF: (False,), SqrtMode.ON: (True,), SqrtMode.AUTO: (False, True)}[sqrt]
+    bits = check_bits(bits)
+    modes = {SqrtMode.OFF: (False,), SqrtMode.ON: (True,), SqrtMode.AUTO: (False, True) if bits <= SQRT_AUTO_MAX_BITS else (False,)}[sqrt]
     best: QuantizedTensor | None = None
     for use_sqrt in modes:
         if method is RangeMethod.SEARCH:
