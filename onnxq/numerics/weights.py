@@ -82,11 +82,11 @@ def row_blocks(weight: np.ndarray, axis: int | None) -> Iterator[np.ndarray]:
         yield block.reshape(len(block), -1)
 
 
-#: Widest codes SqrtMode.AUTO tries sqrt codes for without data. Above, a lower weight MSE with sqrt codes came with a
-#: worse output: they are coarse where weights are large, and at 6-8 bits their MSE gain is small (the shipped ResNet-20
-#: and MobileNetV2 lose 0.8-2.9 dB of output SQNR at 8 and 6 bits against plain codes, `tools/eval_output_aware.py
-#: --compare-sqrt`; an independent check saw a text recognizer's character errors triple at 8 bits). With data, the
-#: choice is by the layer's output error at any width (quantize_for_output).
+#: Widest codes SqrtMode.AUTO tries sqrt codes for without data. Above, a lower weight MSE with sqrt codes often came
+#: with a worse output: they are coarse where weights are large, and at 6-8 bits their MSE gain is small. On the shipped
+#: models plain codes win at 8 bits on two of three and at 6 bits on two of three (`tools/eval_output_aware.py
+#: --compare-sqrt`, BENCHMARKS.md); an independent check saw a text recognizer's character errors triple at 8 bits with
+#: sqrt codes. With data, the choice is by the layer's output error at any width (quantize_for_output).
 SQRT_AUTO_MAX_BITS = 5
 
 
