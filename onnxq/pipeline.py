@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx
 
-from onnxq.calibrate.activations import calibrate
+from onnxq.calibrate.activations import calibrate as calibrate_sites
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
 from onnxq.calibrate.collect import collect
@@ -145,7 +145,7 @@ def quantize_with_report(
     config = config or QuantizeConfig()
     loaded = load_and_prepare(model)
     plan = plan_quantization(loaded, config, calibration)
-    calibrated = calibrate_activations(loaded, plan, config, calibration)
+    calibrated = calibrate(loaded, plan, config, calibration)
     weights = quantize_weights(loaded, plan, config, calibrated)
     correct_biases(loaded, plan, weights, calibrated, config)
     rewrite(loaded, plan, weights, calibrated)
@@ -185,7 +185,7 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
     return Plan(plans, skipped, {p.tensor: op_choice(p, targets, config) for p in plans}, targets.ranks)
 
 
-def calibrate_activations(
+def calibrate(
     loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None
 ) -> Calibration | None:
     """What one run of the (prepared, still float) model over the data shows; None without data.
@@ -207,7 +207,7 @@ def calibrate_activations(
         collect(loaded.model, [], batches, total=config.samples, moments=moments)
         return Calibration({}, {}, [], moments.hessians() if moments is not None else {})
     sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
-    return calibrate(loaded.model, sites, batches, config.activations, moments)
+    return calibrate_sites(loaded.model, sites, batches, config.activations, moments)
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
