@@ -130,8 +130,8 @@ class QuantizedWeights:
 def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None) -> onnx.ModelProto:
     """Quantize ``model`` (a path or a ModelProto, which is not modified) and return the new model.
 
-    Weights always; activations too when ``config.activations`` is set, which needs
-    ``calibration``: an iterable of {input name: array} dicts or an onnxruntime
+    Weights always, chosen for their layers' outputs when ``calibration`` is given (``config.output_aware``);
+    activations too when ``config.activations`` is set, which needs ``calibration``: an iterable of {input name: array} dicts or an onnxruntime
     CalibrationDataReader (each item one run, fed as it is), or the path of an .npy/.npz
     file or a folder of images (onnxq/calibrate/data.py says how files are laid out).
     """
@@ -204,7 +204,7 @@ def calibrate(
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
     moments = MomentCollector(layer_inputs(loaded.model.graph, plan.weights)) if config.output_aware else None
     if config.activations is None:
-        collect(loaded.model, [], batches, total=config.samples, moments=moments)
+        collect(loaded.model, [], batches, total=config.calibration_samples, moments=moments)
         return Calibration({}, {}, [], moments.hessians() if moments is not None else {})
     sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
     return calibrate_sites(loaded.model, sites, batches, config.activations, moments)

@@ -76,8 +76,8 @@ def candidates(graph: onnx.GraphProto, plans: Iterable[WeightPlan], ops: Mapping
             node = nodes[use.node]
             if use.input_index != 1 or not is_op(node, "MatMul", "Gemm") or (node.op_type == "Gemm" and attribute(node, "transA", 0)):
                 continue
-            axis = 1 if node.op_type == "Gemm" and attribute(node, "transB", 0) else 0
-            by_input.setdefault(node.input[0], []).append(Layer(node.name, plan.tensor, axis))
+            # a 2-D weight's input axis is the one its handler did not name as the output (plan/handlers.py)
+            by_input.setdefault(node.input[0], []).append(Layer(node.name, plan.tensor, 1 - use.channel_axis))
             weight_readers.setdefault(plan.tensor, set()).add(node.input[0])
     out = {}
     for tensor, layers in by_input.items():

@@ -116,22 +116,13 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
         for use in plan.uses:
             node = nodes.get(use.node)
             found = _reader_input(node, use.input_index, dims) if node is not None and not use.body_of else None
-            if found is None or plan.channel_axis != _output_axis(node, use.input_index, len(dims)):
+            if found is None or plan.channel_axis != use.channel_axis:  # the readers must agree on the rows (output axis)
                 break
             readers.append(found)
         else:
             if readers and math.prod(dims) // dims[plan.channel_axis] <= MAX_FEATURES:
                 out[plan.tensor] = readers
     return out
-
-
-def _output_axis(node: onnx.NodeProto, input_index: int, rank: int) -> int:
-    """The weight axis that holds output channels for the reader kinds above (the rows GPTQ quantizes)."""
-    if node.op_type == "MatMul":
-        return rank - 1 if input_index == 1 else rank - 2
-    if node.op_type == "Gemm":
-        return 0 if attribute(node, "transB", 0) else 1
-    return 0
 
 
 @dataclass
