@@ -7,9 +7,10 @@ HardSwish, squeeze-excite, one MatMul head and a Softmax). Input ``x`` is float3
 the pages below, class k is a page turned k * 90 degrees clockwise (checked on clean upright pages: the float model
 puts every turned page in that class).
 
-Preprocessing as the package does it (our own code): scale the image so that its short side is 256 pixels (Lanczos),
-take the central 224 x 224 crop, divide by 255, subtract the ImageNet mean and divide by its std, channels in BGR
-order (the package loads images with OpenCV, so the RGB mean/std are applied to B, G, R), HWC to CHW.
+Preprocessing as the package does it (our own code): scale the image so that its short side is 256 pixels (Lanczos:
+PIL's here, OpenCV's in the package), take the central 224 x 224 crop, divide by 255, subtract the ImageNet mean and
+divide by its std, channels in BGR order (the package loads images with OpenCV, so the RGB mean/std are applied to B,
+G, R), HWC to CHW. (The package averages the answers of three identical crops; one crop is the same answer.)
 
 Inputs: synthesised scanned-text images, no downloads. Each is a light page (a faint gradient, a little tint) of random
 size 360..1000 x 300..1100 pixels with dark text of real English sentences (the licence texts in
