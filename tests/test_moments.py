@@ -59,6 +59,7 @@ def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], out_axis: int, 
         (4, 4, (2, 2), {"auto_pad": "SAME_LOWER"}),
         (3, 4, (5,), {"pads": [2, 1], "dilations": [2]}),  # Conv1d, as audio models have them
         (2, 3, (2, 2, 2), {"strides": [1, 2, 1]}),  # Conv3d
+        (10, 3, (3, 3), {"pads": [1, 1, 1, 1]}),  # K = 90: the products' upper triangle only (syrk), mirrored at the end
     ],
 )
 def test_conv_patches_are_what_the_layer_multiplies(c, m, kernel, attrs):
@@ -66,10 +67,13 @@ def test_conv_patches_are_what_the_layer_multiplies(c, m, kernel, attrs):
     _check(_conv_model(c, m, kernel, **attrs), {"x": x}, out_axis=1, groups=attrs.get("group", 1))
 
 
-@pytest.mark.parametrize("kind", ["x @ W", "W @ x", "Gemm", "Gemm transA transB"])
+@pytest.mark.parametrize("kind", ["x @ W", "W @ x", "Gemm", "Gemm transA transB", "x @ W, K = 70"])
 def test_matmul_and_gemm_rows(kind):
     rng = np.random.default_rng(2)
-    if kind == "x @ W":
+    if kind == "x @ W, K = 70":  # wide enough for the syrk path
+        node, w, x = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), rng.standard_normal((70, 5)), rng.standard_normal((2, 9, 70))
+        kind, axis = "x @ W", -1
+    elif kind == "x @ W":
         node, w, x, axis = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"), rng.standard_normal((6, 5)), rng.standard_normal((2, 3, 6)), -1
     elif kind == "W @ x":
         node, w, x, axis = helper.make_node("MatMul", ["w", "x"], ["y"], name="mm"), rng.standard_normal((5, 6)), rng.standard_normal((2, 6, 3)), -2
@@ -112,3 +116,50 @@ def test_layers_without_an_h_are_left_out():
     plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
     assert layer_inputs(prepared.graph, plans) == {}
     assert LayerInput("x", "rows").rows(np.ones((2, 3, 4))).shape == (1, 6, 4)
+
+
+def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch):
+    """Past the cap, one row in 2, then 4, is kept, weighted by the stride: the sum equals the reference built row by row."""
+    from onnxq.calibrate import moments as moments_module
+
+    monkeypatch.setattr(moments_module, "MIN_ROWS", 10)
+    rng = np.random.default_rng(5)
+    k = 2  # the cap is max(MIN_ROWS, 4 k) = 10
+    calls = [rng.standard_normal((1, n, k)) for n in (7, 6, 9, 5, 13, 4)]
+    m = moments_module.Moments()
+    for rows in calls:
+        m.add(rows)
+    # the reference: walk the rows one at a time with the stride rule (cap 10, doubled past 10, 20, 30 ... kept rows)
+    sums, count, kept, stride, position = np.zeros((k, k)), 0, 0, 1, 0
+    for rows in calls:
+        pending = []
+        for row in rows[0]:
+            if position % stride == 0:
+                pending.append(row)
+            position += 1
+        for row in pending:
+            sums += stride * np.outer(row, row)
+        count += stride * len(pending)
+        kept += len(pending)
+        while kept >= 10 * stride.bit_length():
+            stride *= 2
+    assert stride > 1  # the case thins
+    assert m.count == count and m.kept == kept
+    np.testing.assert_allclose(m.sums[0], sums, rtol=1e-5)
+
+
+def test_thinning_keeps_h_an_average_over_all_rows(monkeypatch):
+    """On many rows of a drifting input, the thinned H is close to the full average (not to the first rows')."""
+    from onnxq.calibrate import moments as moments_module
+
+    monkeypatch.setattr(moments_module, "MIN_ROWS", 256)
+    rng = np.random.default_rng(6)
+    runs = [rng.standard_normal((1, 512, 4)) * (1 + i / 10) for i in range(40)]  # the scale grows run by run
+    m = moments_module.Moments()
+    for rows in runs:
+        m.add(rows)
+    full = sum(r[0].T @ r[0] for r in runs) / sum(r.shape[1] for r in runs)
+    first = runs[0][0].T @ runs[0][0] / 512
+    assert m.kept < 0.2 * 40 * 512
+    np.testing.assert_allclose(np.diagonal(m.hessian()[0]), np.diagonal(full), rtol=0.1)
+    assert not np.allclose(np.diagonal(first), np.diagonal(full), rtol=0.5)

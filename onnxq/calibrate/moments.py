@@ -11,6 +11,11 @@ H is summed in float64 as the calibration runs stream by (never all activations 
 sample at a time), over every reader of a shared weight. Weights with another kind of reader (ConvTranspose, Einsum,
 recurrent layers, lookups, readers inside control-flow bodies) or with an input axis longer than MAX_FEATURES get none,
 and are quantized for their own error as before.
+
+The sum costs n K^2 for n rows of K features, which for a convolution over a large image (n = samples x positions)
+is many times the layer's own forward pass. Past enough rows for a well-conditioned estimate (MIN_ROWS, or
+ROWS_PER_FEATURE times K), a reader keeps every second row, then every fourth, and so on, each kept row counting
+for the rows it stands for: H stays an average over all the data, at a bounded cost.
 """
 
 from __future__ import annotations
@@ -22,14 +27,21 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
+from scipy.linalg import blas
 
 from onnxq.model.graph import attribute, constant_initializers, is_op
 from onnxq.plan.weights import WeightPlan
 
 #: Bytes of convolution patches built at a time (a few samples of a large feature map).
 PATCH_BYTES = 64 << 20
-#: Longest input row a full H is kept for (8192: 512 MB of float64): beyond, the weight keeps its own-error quantization.
-MAX_FEATURES = 8192
+#: Longest input row a full H is kept for (3x3 x 512 channels; its inverse and sums take seconds, 8192 took minutes):
+#: beyond, the weight keeps its own-error quantization.
+MAX_FEATURES = 4608
+#: Rows a reader sums in full before it starts thinning them: at least MIN_ROWS, at least ROWS_PER_FEATURE x K.
+MIN_ROWS = 16384
+ROWS_PER_FEATURE = 4
+#: Features from which a single group's products use syrk (the upper triangle only).
+SYRK_FEATURES = 64
 
 
 @dataclass(frozen=True)
@@ -127,21 +139,52 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
 
 @dataclass
 class Moments:
-    """Running sum of x x^T (float64) over the rows of a weight's inputs, one matrix per group, and the row count."""
+    """Running sum of x x^T (float64) over the rows of a weight's inputs, one matrix per group, and the rows it stands for.
+
+    Rows come in order; once ``kept`` passes the cap (MIN_ROWS or ROWS_PER_FEATURE x K), the stride doubles: later rows
+    are taken one in ``stride``, each weighted by ``stride`` (the rows it stands for), so ``count`` still counts every row.
+    """
 
     sums: np.ndarray | None = None
     count: int = 0
+    kept: int = 0
+    stride: int = 1
+    seen: int = 0
 
     def add(self, rows: np.ndarray) -> None:
         """Add (groups, n, K) rows: their products in float32 (BLAS), summed into float64 across calls."""
-        rows32 = np.ascontiguousarray(rows, dtype=np.float32)
-        update = np.matmul(rows32.transpose(0, 2, 1), rows32).astype(np.float64)
+        n, k = rows.shape[1], rows.shape[2]
+        first = (-self.seen) % self.stride  # continue the stride pattern across calls
+        self.seen += n
+        picked = rows[:, first :: self.stride] if self.stride > 1 else rows
+        if picked.shape[1] == 0:
+            return
+        update = _products(np.ascontiguousarray(picked, dtype=np.float32)) * float(self.stride)
         self.sums = update if self.sums is None else self.sums + update
-        self.count += rows.shape[1]
+        self.count += picked.shape[1] * self.stride
+        self.kept += picked.shape[1]
+        while self.kept >= max(MIN_ROWS, ROWS_PER_FEATURE * k) * self.stride.bit_length():
+            self.stride *= 2
 
     def hessian(self) -> np.ndarray | None:
         """E[x x^T] per group, (groups, K, K); None before any rows."""
-        return None if self.sums is None or self.count == 0 else self.sums / self.count
+        return None if self.sums is None or self.count == 0 else _symmetric(self.sums) / self.count
+
+
+def _products(rows32: np.ndarray) -> np.ndarray:
+    """Per group, rows^T rows (groups, K, K) in float64; for one large group only the upper triangle (BLAS syrk, half the work)."""
+    groups, _, k = rows32.shape
+    if groups == 1 and k >= SYRK_FEATURES:
+        return blas.ssyrk(1.0, rows32[0], trans=1, lower=0).astype(np.float64)[None]
+    return np.matmul(rows32.transpose(0, 2, 1), rows32).astype(np.float64)
+
+
+def _symmetric(sums: np.ndarray) -> np.ndarray:
+    """The full matrices of sums that :func:`_products` kept as upper triangles (the others are returned as they are)."""
+    if sums.shape[0] != 1 or sums.shape[1] < SYRK_FEATURES:
+        return sums
+    upper = np.triu(sums[0])
+    return (upper + np.triu(upper, 1).T)[None]
 
 
 @dataclass
@@ -181,5 +224,5 @@ class MomentCollector:
             parts = [self.moments[reader] for reader in dict.fromkeys(readers)]
             count = sum(m.count for m in parts)
             if count and all(m.sums is not None for m in parts):
-                out[weight] = sum(m.sums for m in parts) / count  # type: ignore[misc]
+                out[weight] = _symmetric(sum(m.sums for m in parts)) / count  # type: ignore[misc]
         return out
