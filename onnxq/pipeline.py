@@ -241,8 +241,8 @@ def quantize_planned(
 
     With quantized activations, 8-bit weights stay linear (no sqrt) so onnxruntime can fuse them into integer kernels.
     With ``hessian`` (the second moments of the layer's inputs), per-channel weights are chosen for the layer's output
-    (onnxq/numerics/output_error.py), the grid (plain or sqrt) by the output error too; never worse than the weight-error
-    codes by that measure.
+    (onnxq/numerics/output_error.py), the grid (plain or sqrt) by the output error too; never worse by that measure
+    than rounding to nearest with the range that minimises it (which is at least as good as the weight-error range).
     """
     if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
         axis = plan.channel_axis or 0
@@ -251,11 +251,10 @@ def quantize_planned(
     linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
-    codes = quantize_weight(weight, plan.bits, axis, sqrt, config.range)
     if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
-        return codes
+        return quantize_weight(weight, plan.bits, axis, sqrt, config.range)
     modes = {SqrtMode.OFF: ("plain",), SqrtMode.ON: ("sqrt",), SqrtMode.AUTO: ("plain", "sqrt")}[sqrt]
-    return quantize_for_output(weight, plan.bits, axis, modes, hessian, codes)
+    return quantize_for_output(weight, plan.bits, axis, modes, hessian)
 
 
 def correct_biases(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> None:

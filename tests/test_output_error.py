@@ -1,7 +1,8 @@
 """Error-compensating rounding and ranges by output error, against independent numpy references.
 
 The reference rounding is OBQ's: round one column, push its error onto the others through H^-1, then remove that
-column from H^-1 by the rank-one update; GPTQ's Cholesky form must give the same codes.
+column from H^-1 by the rank-one update; GPTQ's Cholesky form must give the same codes, in the same column order
+(largest mean-square input first, GPTQ's act order).
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ def correlated_inputs(rng: np.random.Generator, samples: int, k: int) -> np.ndar
     return sources @ rng.standard_normal((4, k)) + 0.1 * rng.standard_normal((samples, k))
 
 
-def obq_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
-    """Plain-grid codes by OBQ's column-by-column rule with the explicit H^-1 update (independent of the Cholesky form)."""
+def obq_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int, order: list[int]) -> np.ndarray:
+    """Plain-grid codes by OBQ's rule with the explicit H^-1 update, columns taken in ``order`` (independent of the Cholesky form)."""
     w = rows.astype(np.float64).copy()
     inverse = np.linalg.inv(h)
     q = 2 ** (bits - 1) - 1
     codes = np.zeros(w.shape, dtype=np.int64)
-    for j in range(w.shape[1]):
+    left = list(order)
+    for j in order:
+        left.remove(j)
         codes[:, j] = np.clip(np.rint(w[:, j] / scale), -q, q)
         err = (w[:, j] - codes[:, j] * scale) / inverse[j, j]
-        w[:, j + 1 :] -= np.outer(err, inverse[j, j + 1 :])
+        w[:, left] -= np.outer(err, inverse[j, left])
         inverse = inverse - np.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
     return codes
 
@@ -42,7 +45,10 @@ def test_gptq_equals_obq_column_by_column(block):
     rows = rng.standard_normal((5, 12))
     scale = (np.abs(rows).max(axis=1) / 7).astype(np.float32)
     codes = gptq(rows, x.T @ x / len(x), Grid("plain", 4), scale, block=block)
-    np.testing.assert_array_equal(codes, obq_reference(rows, h, scale.astype(np.float64), 4))
+    by_mean_square = sorted(range(12), key=lambda j: -h[j, j])
+    assert by_mean_square != list(range(12))  # the order matters in this case
+    np.testing.assert_array_equal(codes, obq_reference(rows, h, scale.astype(np.float64), 4, by_mean_square))
+    assert not np.array_equal(codes, obq_reference(rows, h, scale.astype(np.float64), 4, list(range(12))))
 
 
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
@@ -83,3 +89,17 @@ def test_quantize_rows_reports_the_error_it_leaves():
     direct = np.einsum("rk,kl,rl->", rows - values, h, rows - values)
     assert result.error == pytest.approx(direct, rel=1e-9)
     assert np.abs(result.codes).max() <= 7
+
+
+def test_no_row_ends_worse_than_rounding_to_nearest_at_its_scale():
+    """Per row, the kept codes leave at most the output error of plain rounding at the same scale (numpy reference)."""
+    rng = np.random.default_rng(7)
+    x = correlated_inputs(rng, 300, 20) * np.linspace(0.01, 3, 20)  # nearly singular directions
+    h = x.T @ x / len(x)
+    rows = rng.standard_t(3, (24, 20))
+    result = quantize_rows(rows, h, Grid("plain", 3))
+    nearest = np.clip(np.rint(rows / result.scale[:, None].astype(np.float64)), -3, 3) * result.scale[:, None]
+    kept = result.codes * result.scale[:, None].astype(np.float64)
+    per_row = lambda values: np.einsum("rk,kl,rl->r", rows - values, h, rows - values)  # noqa: E731
+    assert np.all(per_row(kept) <= per_row(nearest) * (1 + 1e-9) + 1e-12)
+    assert per_row(kept).sum() < per_row(nearest).sum()

@@ -8,7 +8,9 @@ becomes q changes the output by (w - q) x, whose mean square is (w - q) H (w - q
 - The rounding itself compensates (GPTQ, Frantar et al. 2023, after OBQ): the columns of W are rounded in order,
   and each column's rounding error is spread over the columns not yet rounded through the upper Cholesky factor
   U of H^-1 (U^T U = H^-1), so later columns absorb what earlier ones got wrong. Blocks of columns keep the
-  updates to matrix products.
+  updates to matrix products. The order is GPTQ's "act order": the inputs with the largest mean square (H's
+  diagonal) first, while many columns are left to absorb their error (on MiniLM at 4 bits: embedding cosine
+  0.9881 against 0.9859 in the weights' own order).
 
 Everything works on any grid a row maps to codes by rounding to nearest with a per-row scale: onnxq's uniform codes
 (plain or in the sqrt domain) and POST codes. Pure numpy, float64; H may be one matrix or one per group of rows
@@ -20,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from scipy.linalg import lapack
 
 from onnxq.numerics import post, uniform
 from onnxq.numerics.search import minimise_on_grid, scan_points
@@ -100,14 +103,36 @@ def search_alpha(rows: np.ndarray, h: np.ndarray, grid: Grid) -> np.ndarray:
     return alpha
 
 
-def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, upper: np.ndarray | None = None) -> np.ndarray:
+@dataclass(frozen=True)
+class Compensation:
+    """What GPTQ's rounding needs of H alone (shared by every grid tried): the column order and U of the reordered H^-1."""
+
+    order: np.ndarray
+    upper: np.ndarray
+
+    @classmethod
+    def of(cls, h: np.ndarray) -> Compensation:
+        """Largest diagonal first; the upper Cholesky factor of the damped H^-1 in that order."""
+        order = np.argsort(-np.diagonal(h), kind="stable")
+        return cls(order, inverse_cholesky(damped(h)[np.ix_(order, order)]))
+
+
+def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, compensation: Compensation | None = None) -> np.ndarray:
     """Codes (R, K) for ``rows`` with per-row ``scale``, rounded column by column with error compensation through H.
 
-    ``upper``: :func:`inverse_cholesky` of the damped H, when already computed (it depends on H alone).
+    ``compensation``: :meth:`Compensation.of` ``h``, when already computed (it depends on H alone).
     """
+    compensation = Compensation.of(h) if compensation is None else compensation
+    codes = _gptq_in_order(np.asarray(rows, dtype=np.float64)[:, compensation.order], grid, scale, block, compensation.upper)
+    out = np.empty_like(codes)
+    out[:, compensation.order] = codes
+    return out
+
+
+def _gptq_in_order(rows: np.ndarray, grid: Grid, scale: np.ndarray, block: int, upper: np.ndarray) -> np.ndarray:
+    """GPTQ's loop over the columns of ``rows`` as given, ``upper`` the factor of H^-1 in that order."""
     w = np.array(rows, dtype=np.float64)
     k = w.shape[1]
-    upper = inverse_cholesky(damped(h)) if upper is None else upper
     codes = np.zeros(w.shape, dtype=np.int8)
     for start in range(0, k, block):
         stop = min(start + block, k)
@@ -128,8 +153,13 @@ def inverse_cholesky(h: np.ndarray) -> np.ndarray:
     With P the reversal of rows and columns, P H P = L L^T (L lower) gives H^-1 = (P L^-1 P)^T (P L^-1 P), and
     P L^-1 P is upper triangular.
     """
-    lower = np.linalg.cholesky(h[::-1, ::-1])
-    return np.linalg.inv(lower)[::-1, ::-1].copy()
+    lower, info = lapack.dpotrf(np.ascontiguousarray(h[::-1, ::-1]), lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"H is not positive definite (LAPACK dpotrf info {info})")
+    inverse, info = lapack.dtrtri(lower, lower=1)
+    if info != 0:
+        raise np.linalg.LinAlgError(f"singular Cholesky factor (LAPACK dtrtri info {info})")
+    return np.tril(inverse)[::-1, ::-1].copy()
 
 
 @dataclass(frozen=True)
@@ -142,14 +172,24 @@ class RowCodes:
     error: float
 
 
-def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True, upper: np.ndarray | None = None) -> RowCodes:
-    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding."""
+def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True, compensation: Compensation | None = None) -> RowCodes:
+    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding.
+
+    Each row keeps GPTQ's codes or the rounded-to-nearest ones, whichever leaves it the smaller output error (GPTQ's
+    greedy order can lose on a row whose H is nearly singular; the nearest codes are the floor).
+    """
     rows = np.asarray(rows, dtype=np.float64)
     alpha = search_alpha(rows, h, grid)
     scale = grid.scales(rows, alpha)
-    codes = gptq(rows, h, grid, scale, upper=upper) if compensate else grid.round(rows, scale)[0]
-    values = decode(codes, scale, grid)
-    return RowCodes(codes, scale, alpha, float(output_errors(rows - values, h).sum()))
+    nearest = grid.round(rows, scale)[0]
+    errors = output_errors(rows - decode(nearest, scale, grid), h)
+    if compensate:
+        compensated = gptq(rows, h, grid, scale, compensation=compensation)
+        compensated_errors = output_errors(rows - decode(compensated, scale, grid), h)
+        better = compensated_errors < errors
+        nearest = np.where(better[:, None], compensated, nearest)
+        errors = np.where(better, compensated_errors, errors)
+    return RowCodes(nearest, scale, alpha, float(errors.sum()))
 
 
 def decode(codes: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
