@@ -81,6 +81,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
     p.add_argument("--first-last-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
                    help="bits for the first and last weighted layers (default 8); give the same value as -b to treat them like the rest")
+    p.add_argument("--depthwise-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
+                   help="qdq format: depthwise convolutions keep at least N bits (default 8: a few KB of a model, and at 4 bits "
+                   "its most fragile layers); give the same value as -b to treat them like the rest. The op formats keep -b")
     p.add_argument("--exclude", nargs="+", default=[], metavar="NODE", help="names of nodes to leave in float")
     p.add_argument("--external-data", action="store_true",
                    help="store tensors in MODEL.data beside the output (automatic for inputs with external data and models over 1 GB)")
@@ -202,6 +205,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         range=RangeMethod(args.range),
         format=WeightFormat(args.format),
         first_last_bits=args.first_last_bits,
+        depthwise_bits=args.depthwise_bits,
         exclude=frozenset(args.exclude),
         activations=_activation_config(args),
         output_aware=args.output_aware == "auto",

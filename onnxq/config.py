@@ -155,6 +155,8 @@ class QuantizeConfig:
         range: REQuant's alpha search (default) or the plain max|w| range.
         format: standard QDQ (default), or onnxq's integer ops (INT, POST) for Conv layers.
         first_last_bits: bit width of the first and last weighted layers; None treats them like any other.
+        depthwise_bits: in the qdq format, the least bit width of depthwise convolution weights (a few KB of a model,
+            and its most fragile layers at 4 bits); None treats them like any other. The op formats keep -b for them.
         exclude: node names to leave in float.
         node_bits: per-node bit widths that override the default and first/last rules (a tensor several nodes read gets the widest).
         tensor_bits: per-weight-tensor bit widths that override every other rule (what mixed precision chooses; a node may
@@ -172,6 +174,7 @@ class QuantizeConfig:
     range: RangeMethod = RangeMethod.SEARCH
     format: WeightFormat = WeightFormat.QDQ
     first_last_bits: int | None = 8
+    depthwise_bits: int | None = 8
     exclude: frozenset[str] = field(default_factory=frozenset)
     node_bits: Mapping[str, int] = field(default_factory=dict)
     tensor_bits: Mapping[str, int] = field(default_factory=dict)
@@ -190,6 +193,8 @@ class QuantizeConfig:
             raise ValueError(f"calibration samples must be a positive integer, got {self.samples!r}")
         if self.first_last_bits is not None:
             check_bits(self.first_last_bits, "first_last_bits")
+        if self.depthwise_bits is not None:
+            check_bits(self.depthwise_bits, "depthwise_bits")
         for name, bits in self.node_bits.items():
             check_bits(bits, f"bits for node {name!r}")
         for name, bits in self.tensor_bits.items():

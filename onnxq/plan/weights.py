@@ -9,13 +9,13 @@ overrides, and 7-bit weights where onnxruntime's integer kernels could saturate.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import onnx
 
-from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange
-from onnxq.model.graph import constant_initializers, defined_names, is_op, subgraphs
+from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange, WeightFormat
+from onnxq.model.graph import attribute, constant_initializers, defined_names, is_op, subgraphs
 from onnxq.model.opset import is_default_domain
 from onnxq.native.cpu import has_vnni
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
@@ -63,7 +63,7 @@ class WeightPlan:
     bits: int
     first_or_last: bool
     dtype: int = onnx.TensorProto.FLOAT  # the float weight's element type (TensorProto enum)
-    bits_rule: str = ""  # which rule gave other bits than -b: "first/last", "per node", "mixed precision", "reduced range"
+    bits_rule: str = ""  # which rule gave other bits than -b: "first/last", "depthwise", "per node", "mixed precision", "reduced range"
 
     @property
     def is_float32(self) -> bool:
@@ -202,6 +202,7 @@ def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[W
     uses, skipped = find_weight_uses(graph)
     consts = constant_initializers(graph)
     boundary = boundary_nodes(graph, {u.node for us in uses.values() for u in us})
+    convs = {n.name: n for n in graph.node if is_op(n, "Conv")}
     plans: list[WeightPlan] = []
     for tensor, tensor_uses in uses.items():
         names = [u.node for u in tensor_uses]
@@ -210,17 +211,23 @@ def plan_weights(graph: onnx.GraphProto, config: QuantizeConfig) -> tuple[list[W
             skipped.extend(Skipped(n, "excluded by the user") for n in names)
             continue
         on_boundary = any(u.node in boundary for u in tensor_uses)
-        bits, rule = _bits_for(tensor, names, on_boundary, config)
+        depthwise = all(_is_depthwise(consts[tensor].dims, convs.get(u.node)) for u in tensor_uses)
+        bits, rule = _bits_for(tensor, names, on_boundary, depthwise, config)
         axes = {u.channel_axis for u in tensor_uses}
         dtype = consts[tensor].data_type
         plans.append(WeightPlan(tensor, tuple(tensor_uses), axes.pop() if len(axes) == 1 else None, bits, on_boundary, dtype, rule))
     return plans, skipped
 
 
-def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, config: QuantizeConfig) -> tuple[int, str]:
+def _is_depthwise(dims: Sequence[int], conv: onnx.NodeProto | None) -> bool:
+    """Whether ``conv`` (None: not a main-graph Conv) reads its weight of ``dims`` depthwise: one input channel per group, several groups."""
+    return conv is not None and len(dims) >= 3 and dims[1] == 1 and int(attribute(conv, "group", 1)) > 1
+
+
+def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, depthwise: bool, config: QuantizeConfig) -> tuple[int, str]:
     """Bits for a tensor read by ``nodes``, and the rule that gave them ("" for -b).
 
-    An explicit per-tensor choice wins, then a per-node one, then the first/last rule.
+    An explicit per-tensor choice wins, then a per-node one, then the first/last rule, then the depthwise one.
     """
     if tensor in config.tensor_bits:
         return config.tensor_bits[tensor], "mixed precision"
@@ -229,6 +236,8 @@ def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, config: Quantize
         return max(explicit), "per node"
     if on_boundary and config.first_last_bits is not None:
         return config.first_last_bits, "first/last"
+    if depthwise and config.depthwise_bits is not None and config.format is WeightFormat.QDQ and config.bits < config.depthwise_bits:
+        return config.depthwise_bits, "depthwise"
     return config.bits, ""
 
 
