@@ -33,8 +33,9 @@ class Case:
 
     ``run`` feeds the held-out inputs to a session and returns the raw output arrays (one list per sample, the same
     layout for every session): SQNR is computed over them. ``metric`` turns the float outputs and a quantized model's
-    outputs into the task agreement in percent (100 = the quantized model's task answer is the float model's on every
-    sample); ``target`` is the agreement the issue counts as "within 1 pp of float" for this metric.
+    outputs into the task agreement, higher is better, in the unit ``metric_name`` says (a percentage of samples whose
+    task answer is the float model's, or a mean cosine); ``target`` is the value the issue counts as "within 1 pp of
+    float" for this metric.
     """
 
     name: str
@@ -71,7 +72,7 @@ def output_sqnr_db(reference: list[list[np.ndarray]], approx: list[list[np.ndarr
             r = ref.astype(np.float64)
             signal += float(np.sum(r**2))
             noise += float(np.sum((r - out.astype(np.float64)) ** 2))
-    return float(10 * np.log10(signal / max(noise, 1e-300)))
+    return float("inf") if noise == 0 else float(10 * np.log10(signal / noise))
 
 
 def make_session(path: Path, threads: int = 2) -> Any:

