@@ -202,7 +202,7 @@ def calibrate(
     if config.activations is not None and config.activations.equalizing:  # before the sites: the layers then read the equalized tensor
         head, batches = peek(batches, sample_axes(specs), EQUALIZE_SAMPLES)
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
-    moments = MomentCollector(layer_inputs(loaded.model.graph, plan.weights)) if config.output_aware else None
+    moments = MomentCollector(layer_inputs(loaded.model.graph, plan.weights), config.calibration_samples) if config.output_aware else None
     if config.activations is None:
         collect(loaded.model, [], batches, total=config.calibration_samples, moments=moments)
         return Calibration({}, {}, [], moments.hessians() if moments is not None else {})

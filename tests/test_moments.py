@@ -145,6 +145,7 @@ def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch):
             stride *= 2
     assert stride > 1  # the case thins
     assert m.count == count and m.kept == kept
+    m.flush()
     np.testing.assert_allclose(m.sums[0], sums, rtol=1e-5)
 
 
@@ -163,3 +164,40 @@ def test_thinning_keeps_h_an_average_over_all_rows(monkeypatch):
     assert m.kept < 0.2 * 40 * 512
     np.testing.assert_allclose(np.diagonal(m.hessian()[0]), np.diagonal(full), rtol=0.1)
     assert not np.allclose(np.diagonal(first), np.diagonal(full), rtol=0.5)
+
+
+@pytest.mark.parametrize(
+    ("c", "kernel", "attrs"),
+    [(4, (3, 3), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}), (6, (3, 3), {"group": 3, "pads": [1, 1, 1, 1]}),
+     (3, (5,), {"pads": [2, 1], "dilations": [2]}), (2, (2, 2, 2), {"strides": [1, 2, 1]})],
+)
+def test_picked_patches_are_those_rows_of_all_patches(c, kernel, attrs):
+    """A thinned convolution builds only the rows it keeps: they equal the same rows of every patch."""
+    rank = len(kernel)
+    spatial = tuple(attrs.get("strides", [1] * rank))
+    reader = LayerInput("x", "conv", attrs.get("group", 1), kernel=kernel, strides=spatial, pads=tuple(attrs.get("pads", [0] * 2 * rank)),
+                        dilations=tuple(attrs.get("dilations", [1] * rank)))
+    x = np.random.default_rng(8).standard_normal((3, c) + (7,) * rank).astype(np.float32)
+    every = reader.rows(x)
+    assert reader.count(x) == every.shape[1]
+    for keep in (slice(1, None, 3), slice(0, None, 5), slice(2, None, 2)):
+        np.testing.assert_array_equal(reader.rows(x, keep), every[:, keep])
+
+
+def test_a_known_sample_count_sets_the_stride_from_the_first_run(monkeypatch):
+    """Told how many samples come, a reader keeps about the cap's worth of rows spread over all of them (not the cap per doubling)."""
+    from onnxq.calibrate import moments as moments_module
+
+    monkeypatch.setattr(moments_module, "MIN_ROWS", 1000)
+    inputs = {"w": [LayerInput("x", "rows")]}
+    rng = np.random.default_rng(10)
+    runs = [rng.standard_normal((8, 50, 4)).astype(np.float32) * (1 + i / 20) for i in range(40)]  # 40 x 400 rows
+    told, untold = MomentCollector(inputs, samples=320), MomentCollector(inputs)
+    for run in runs:
+        told.observe("x", run)
+        untold.observe("x", run)
+    (kept,) = [m.kept for m in told.moments.values()]
+    (kept_untold,) = [m.kept for m in untold.moments.values()]
+    assert 1000 <= kept <= 2000 < kept_untold
+    full = sum(np.einsum("bnk,bnl->kl", r, r) for r in runs) / (40 * 400)
+    np.testing.assert_allclose(np.diagonal(told.hessians()["w"][0]), np.diagonal(full), rtol=0.1)

@@ -40,6 +40,8 @@ MAX_FEATURES = 4608
 #: Rows a reader sums in full before it starts thinning them: at least MIN_ROWS, at least ROWS_PER_FEATURE x K.
 MIN_ROWS = 16384
 ROWS_PER_FEATURE = 4
+#: Rows whose products gather in float32 before they are added to the float64 sums.
+FLUSH_ROWS = 4096
 #: Features from which a single group's products use syrk (the upper triangle only).
 SYRK_FEATURES = 64
 
@@ -57,16 +59,62 @@ class LayerInput:
     dilations: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
 
-    def rows(self, value: np.ndarray) -> np.ndarray:
-        """(groups, n, K) rows of ``value`` (one run of the tensor)."""
+    def features(self, value: np.ndarray) -> int:
+        """K: the length of the rows :meth:`rows` makes of ``value``."""
+        shape = np.shape(value)
+        if self.kind == "rows":
+            return shape[-1]
+        if self.kind == "columns":
+            return shape[-2]
+        if self.kind == "transposed":
+            return shape[0]
+        return shape[1] // self.groups * math.prod(self.kernel)
+
+    def count(self, value: np.ndarray) -> int:
+        """How many rows (per group) :meth:`rows` makes of ``value``."""
+        shape = np.shape(value)
+        if self.kind == "rows":
+            return math.prod(shape[:-1])
+        if self.kind == "columns":
+            return math.prod(shape) // shape[-2]
+        if self.kind == "transposed":
+            return shape[1]
+        return shape[0] * math.prod(self._out_shape(shape[2:]))
+
+    def rows(self, value: np.ndarray, keep: slice = slice(None)) -> np.ndarray:
+        """(groups, n, K) rows of ``value`` (one run of the tensor), only those ``keep`` selects (convolutions build no others)."""
         x = np.asarray(value)
         if self.kind == "rows":
-            return x.reshape(1, -1, x.shape[-1])
+            return x.reshape(1, -1, x.shape[-1])[:, keep]
         if self.kind == "columns":
-            return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])
+            return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])[:, keep]
         if self.kind == "transposed":
-            return x.T.reshape(1, -1, x.shape[0])
-        return self._patches(x)
+            return x.T.reshape(1, -1, x.shape[0])[:, keep]
+        if keep == slice(None):
+            return self._patches(x)
+        return self._picked_patches(x, np.arange(self.count(x))[keep])
+
+    def _out_shape(self, spatial: tuple[int, ...]) -> list[int]:
+        """Output positions along each spatial axis."""
+        pads = self._resolved_pads(spatial)
+        return [(spatial[i] + pads[i] + pads[i + len(spatial)] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1
+                for i in range(len(spatial))]
+
+    def _picked_patches(self, x: np.ndarray, picked: np.ndarray) -> np.ndarray:
+        """The rows of :meth:`_patches` numbered ``picked`` (sample-major, then output position), gathered directly."""
+        spatial = x.shape[2:]
+        pads = self._resolved_pads(spatial)
+        padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(spatial)]) for i in range(len(spatial))])
+        out = self._out_shape(spatial)
+        sample, position = np.divmod(picked, math.prod(out))
+        coords = np.unravel_index(position, out)
+        c, taps = x.shape[1], math.prod(self.kernel)
+        stacked = np.empty((len(picked), c, taps), dtype=x.dtype)
+        for t, offsets in enumerate(itertools.product(*(range(k) for k in self.kernel))):
+            index = tuple(p * s + o * d for p, s, o, d in zip(coords, self.strides, offsets, self.dilations, strict=True))
+            stacked[:, :, t] = padded[(sample, slice(None), *index)]  # (picked, C): the advanced indices around the slice go first
+        per_group = stacked.reshape(len(picked), self.groups, c // self.groups, taps)
+        return per_group.transpose(1, 0, 2, 3).reshape(self.groups, len(picked), (c // self.groups) * taps)
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
         """Conv patches (groups, N * positions, C/group * prod(kernel)), in the weight's (channel, kernel...) order."""
@@ -150,33 +198,67 @@ class Moments:
     kept: int = 0
     stride: int = 1
     seen: int = 0
+    pending: np.ndarray | None = None  # float32 sums since the last flush into ``sums`` (a few thousand rows)
+    pending_rows: int = 0
+
+    def plan_stride(self, expected_rows: int, features: int) -> None:
+        """Start at the stride that keeps about the cap of ``expected_rows`` (the doubling stays for more rows than expected)."""
+        cap = max(MIN_ROWS, ROWS_PER_FEATURE * features)
+        while expected_rows >= 2 * cap * self.stride:
+            self.stride *= 2
+
+    def take(self, n: int) -> slice:
+        """Which of the next ``n`` rows to keep (the stride pattern continues across calls); advances past them."""
+        first = (-self.seen) % self.stride
+        self.seen += n
+        return slice(first, None, self.stride) if self.stride > 1 else slice(None)
 
     def add(self, rows: np.ndarray) -> None:
-        """Add (groups, n, K) rows: their products in float32 (BLAS), summed into float64 across calls."""
-        n, k = rows.shape[1], rows.shape[2]
-        first = (-self.seen) % self.stride  # continue the stride pattern across calls
-        self.seen += n
-        picked = rows[:, first :: self.stride] if self.stride > 1 else rows
+        """Add the next (groups, n, K) rows, keeping those :meth:`take` picks."""
+        self.add_taken(rows[:, self.take(rows.shape[1])])
+
+    def add_taken(self, picked: np.ndarray) -> None:
+        """Add rows :meth:`take` picked: their products in float32 (BLAS), each counted ``stride`` times.
+
+        Products gather in float32 over up to FLUSH_ROWS rows, then go into the float64 sums: converting a K x K matrix
+        per small run cost more than the products on models fed one image a run.
+        """
+        k = picked.shape[2]
         if picked.shape[1] == 0:
             return
-        update = _products(np.ascontiguousarray(picked, dtype=np.float32)) * float(self.stride)
-        self.sums = update if self.sums is None else self.sums + update
+        self.pending = _products(np.ascontiguousarray(picked, dtype=np.float32), float(self.stride), self.pending)
+        self.pending_rows += picked.shape[1]
+        if self.pending_rows >= FLUSH_ROWS:
+            self.flush()
         self.count += picked.shape[1] * self.stride
         self.kept += picked.shape[1]
         while self.kept >= max(MIN_ROWS, ROWS_PER_FEATURE * k) * self.stride.bit_length():
             self.stride *= 2
 
+    def flush(self) -> None:
+        """Move the float32 sums into the float64 ones."""
+        if self.pending is None:
+            return
+        self.sums = self.pending.astype(np.float64) if self.sums is None else self.sums + self.pending
+        self.pending, self.pending_rows = None, 0
+
     def hessian(self) -> np.ndarray | None:
         """E[x x^T] per group, (groups, K, K); None before any rows."""
+        self.flush()
         return None if self.sums is None or self.count == 0 else _symmetric(self.sums) / self.count
 
 
-def _products(rows32: np.ndarray) -> np.ndarray:
-    """Per group, rows^T rows (groups, K, K) in float64; for one large group only the upper triangle (BLAS syrk, half the work)."""
+def _products(rows32: np.ndarray, weight: float, into: np.ndarray | None) -> np.ndarray:
+    """``into`` plus ``weight`` times rows^T rows per group, float32; for one large group only the upper triangle (syrk)."""
     groups, _, k = rows32.shape
     if groups == 1 and k >= SYRK_FEATURES:
-        return blas.ssyrk(1.0, rows32[0], trans=1, lower=0).astype(np.float64)[None]
-    return np.matmul(rows32.transpose(0, 2, 1), rows32).astype(np.float64)
+        if into is None:
+            return blas.ssyrk(weight, rows32[0], trans=1, lower=0)[None]
+        into[0] = blas.ssyrk(weight, rows32[0], beta=1.0, c=into[0], trans=1, lower=0, overwrite_c=1)
+        return into
+    update = np.matmul(rows32.transpose(0, 2, 1), rows32)
+    update *= np.float32(weight)
+    return update if into is None else np.add(into, update, out=into)
 
 
 def _symmetric(sums: np.ndarray) -> np.ndarray:
@@ -195,6 +277,7 @@ class MomentCollector:
     """
 
     inputs: Mapping[str, list[LayerInput]]
+    samples: int | None = None  # the samples the runs will bring, when known: sets each reader's stride from its first run
     moments: dict[LayerInput, Moments] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -214,14 +297,19 @@ class MomentCollector:
             if reader.kind == "conv" and len(value) > 1:  # patches take kernel-size times the input: a few samples at a time
                 patch_bytes = 4 * value[:1].size * math.prod(reader.kernel) // max(math.prod(reader.strides), 1)
                 step = max(1, PATCH_BYTES // max(patch_bytes, 1))
+            if moments.seen == 0 and self.samples is not None and len(value):
+                moments.plan_stride(reader.count(value) * self.samples // len(value), reader.features(value))
             for start in range(0, len(value), step):
-                moments.add(reader.rows(value[start : start + step]))
+                chunk = value[start : start + step]
+                moments.add_taken(reader.rows(chunk, moments.take(reader.count(chunk))))
 
     def hessians(self) -> dict[str, np.ndarray]:
         """Per weight, E[x x^T] per group over all its readers' rows."""
         out = {}
         for weight, readers in self.inputs.items():
             parts = [self.moments[reader] for reader in dict.fromkeys(readers)]
+            for part in parts:
+                part.flush()
             count = sum(m.count for m in parts)
             if count and all(m.sums is not None for m in parts):
                 out[weight] = _symmetric(sum(m.sums for m in parts)) / count  # type: ignore[misc]
