@@ -221,14 +221,19 @@ class exposing:
 
 
 def _with_outputs(model: onnx.ModelProto, tensors: list[str]) -> onnx.ModelProto:
-    """A copy of ``model`` whose graph also outputs ``tensors`` (typed float32)."""
+    """A copy of ``model`` whose graph also outputs ``tensors`` (typed as shape inference found them, else float32).
+
+    A float16 model's layer inputs are float16: declaring them float32 failed the session.
+    """
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     materialize(exposed)  # onnxruntime needs the weights in the session's model
-    present = {o.name for o in exposed.graph.output}
+    graph = exposed.graph
+    present = {o.name for o in graph.output}
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input] if v.type.tensor_type.elem_type}
     for name in tensors:
         if name not in present:
-            exposed.graph.output.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None))
+            graph.output.append(onnx.helper.make_tensor_value_info(name, types.get(name, onnx.TensorProto.FLOAT), None))
     return exposed
 
 
