@@ -250,3 +250,14 @@ def test_control_flow_body_weights_are_quantized_and_the_model_runs(bits):
         assert 0 < relative < (0.25 if bits == 4 else 0.02)
 
 
+
+
+def test_eight_bit_weights_take_the_full_range_without_data():
+    """At 8 bits the range is max|w| per row (scale = max|w| / 127), never clipped; at 4 bits the search still clips outliers."""
+    from onnxq.numerics.weights import quantize_weight
+
+    rows = np.random.default_rng(9).standard_t(2, (16, 256)).astype(np.float32)
+    eight = quantize_weight(rows, 8, 0)
+    np.testing.assert_allclose(eight.scale, np.abs(rows).max(axis=1) / 127, rtol=1e-6)
+    four = quantize_weight(rows, 4, 0, SqrtMode.OFF)
+    assert np.median(four.scale * 7 / np.abs(rows).max(axis=1)) < 0.9
