@@ -143,6 +143,10 @@ def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
     )
     s.add_argument("--sensitivity-data", type=Path, metavar="DATA",
                    help="inputs to measure sensitivity on, in --calibration's formats, without quantizing activations")
+    s.add_argument("--sensitivity", choices=["proxy", "measured"], default="proxy",
+                   help="'proxy' (default): each layer's sensitivity predicted from its own output error on the data (one "
+                   "pass of the model, one measured run to scale it: seconds); 'measured': a run of the model per layer and "
+                   "width (minutes on large models; recurrent layers and layers in control-flow bodies are measured either way)")
     s.add_argument("--sensitivity-size", type=int, default=SENSITIVITY_SAMPLES, metavar="N",
                    help=f"use at most N samples to measure sensitivity (default {SENSITIVITY_SAMPLES})")
     s.add_argument("--target-size", metavar="SIZE",
@@ -299,6 +303,7 @@ def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool)
     import dataclasses
 
     from onnxq.analysis.mixed_precision import TargetSize, choose_bits
+    from onnxq.analysis.proxy import ProxySensitivity
     from onnxq.analysis.sensitivity import SensitivityAnalysis
 
     mixed = args.target_size is not None or args.max_drop is not None
@@ -318,7 +323,10 @@ def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool)
         raise OnnxqError(args.model, str(e)) from e
     if data is None or not (report or mixed):
         return None, config
-    analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size, nodes=report)
+    if args.sensitivity == "proxy":
+        analysis: SensitivityAnalysis = ProxySensitivity(args.model, config, data, args.sensitivity_size)
+    else:
+        analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size, nodes=report)
     if not mixed:
         return analysis, config
     chosen = choose_bits(analysis, target, args.max_drop)

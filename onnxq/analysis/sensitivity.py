@@ -128,7 +128,7 @@ class Probe:
         probe = _probe_model(model, plans, node_types)
         materialize(probe)  # onnxruntime needs the weights in the session's model
         self._session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
-        self._batches = batches
+        self.batches = batches  # the runs every measurement feeds
         self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in batches]
 
     def run(self, weights: Mapping[str, np.ndarray], tensor: str | None = None) -> Measurement:
@@ -137,7 +137,7 @@ class Probe:
         extra = [n for n in node_names if n not in self.model_outputs]
         fetched = self.model_outputs + extra
         model, nodes = ErrorEnergy(), ErrorEnergy()
-        for batch, reference in zip(self._batches, self._reference, strict=True):
+        for batch, reference in zip(self.batches, self._reference, strict=True):
             values = dict(zip(fetched, self._session.run(fetched, {**batch, **weights}), strict=True))
             for name in self.model_outputs:
                 model.add(reference[name], values[name])
@@ -205,9 +205,13 @@ class SensitivityAnalysis:
             weight = self.weights[tensor]
             if not np.isfinite(weight).all():
                 raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
-            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False)
+            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False, self.hessian(tensor))
             self._dequantized[key] = q.dequantize().astype(weight.dtype)  # a session input of the weight's own type
         return self._dequantized[key]
+
+    def hessian(self, tensor: str) -> np.ndarray | None:
+        """The second moments the weights are quantized with: none here, the weight-error codes (a subclass may have them)."""
+        return None
 
     def layer(self, tensor: str, bits: int | None = None) -> LayerSensitivity:
         """Sensitivity of ``tensor`` quantized alone at ``bits`` (default: its planned bits)."""

@@ -1,0 +1,85 @@
+"""Sensitivity predicted from each layer's own output error, instead of a whole-model run per layer and width.
+
+A weight quantized to W' changes its layer's output by (W - W') x, whose energy relative to the output's own is
+r = tr(dW H dW^T) / tr(W H W^T), with H = E[x x^T] over the layer's inputs (onnxq/calibrate/moments.py). One pass of
+the float model over the sensitivity data gives every H; r then costs no model run at all, for every layer and
+width. The model-output noise a layer causes is taken as c r, with one factor c for the model: a single measured run
+with every layer at its planned width fixes c (its noise is the sum of the layers' noises, the same additivity the
+greedy choice of mixed precision assumes). Layers without an H (recurrent layers, ConvTranspose, readers inside
+control-flow bodies) are measured as before, one run each. The weights are quantized with their H, as the quantizer
+then writes them with data.
+
+On a real MiniLM and a real layout detector this makes --target-size take seconds where the measured analysis took
+minutes (tools/eval_real_models.py); what it gives up is each layer's own path to the output: a layer whose error the
+rest of the model amplifies more than average is predicted too gentle.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import onnx
+
+from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, LayerSensitivity, SensitivityAnalysis, energy_sqnr_db
+from onnxq.calibrate.collect import collect
+from onnxq.calibrate.data import CalibrationData
+from onnxq.calibrate.moments import MomentCollector, layer_inputs
+from onnxq.config import QuantizeConfig
+from onnxq.numerics.weights import to_rows
+
+
+class ProxySensitivity(SensitivityAnalysis):
+    """:class:`SensitivityAnalysis` whose per-layer numbers come from the layers' H-weighted errors (see the module)."""
+
+    def __init__(
+        self, model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig, data: CalibrationData, samples: int = SENSITIVITY_SAMPLES
+    ) -> None:
+        super().__init__(model, config, data, samples, nodes=False)
+        collector = MomentCollector(layer_inputs(self.model.graph, self.plans), self.samples)
+        collect(self.model, [], self.probe.batches, moments=collector)
+        self.hessians = collector.hessians()
+        self.signal, self.factor = self._fit_factor()
+
+    def hessian(self, tensor: str) -> np.ndarray | None:
+        """The second moments the weights are quantized with (as the quantizer does with data), unless output-aware is off."""
+        return self.hessians.get(tensor) if self.config.output_aware else None
+
+    def relative_error(self, tensor: str, bits: int) -> float:
+        """The r of ``tensor`` at ``bits``: its layer's output error energy over the output's own (needs an H)."""
+        h = self.hessians[tensor]
+        axis = self.plan(tensor).channel_axis or 0
+        rows = to_rows(self.weights[tensor], axis).astype(np.float64)
+        delta = rows - to_rows(self.dequantized(tensor, bits), axis).astype(np.float64)
+        groups = h.shape[0]
+        per_group = len(rows) // groups
+        signal = noise = 0.0
+        for g in range(groups):
+            part, error = rows[g * per_group : (g + 1) * per_group], delta[g * per_group : (g + 1) * per_group]
+            signal += float(np.einsum("rk,kl,rl->", part, h[g], part))
+            noise += float(np.einsum("rk,kl,rl->", error, h[g], error))
+        return noise / signal if signal > 0 else 0.0
+
+    def _fit_factor(self) -> tuple[float, float]:
+        """(model output signal energy, c): c from one run with every planned layer at its planned width."""
+        planned = {p.tensor: p.bits for p in self.plans}
+        measured = self.combined(planned).model
+        unexplained = measured.noise - sum(self.layer(t).noise for t in planned if t not in self.hessians)
+        predicted = sum(self.relative_error(t, b) for t, b in planned.items() if t in self.hessians)
+        factor = max(unexplained, 0.0) / predicted if predicted > 0 else 0.0
+        return measured.signal, factor
+
+    def layer(self, tensor: str, bits: int | None = None) -> LayerSensitivity:
+        """Predicted sensitivity of ``tensor`` alone at ``bits``; measured for layers without an H."""
+        plan = self.plan(tensor)
+        bits = plan.bits if bits is None else bits
+        if tensor not in self.hessians:
+            return super().layer(tensor, bits)
+        key = (tensor, bits)
+        if key not in self._layers:
+            r = self.relative_error(tensor, bits)
+            noise = self.factor * r
+            node_db = -10 * math.log10(r) if r > 0 else math.inf
+            self._layers[key] = LayerSensitivity(tensor, plan.nodes, bits, node_db, energy_sqnr_db(self.signal, noise), noise)
+        return self._layers[key]

@@ -1,0 +1,54 @@
+"""Sensitivity from the layers' H-weighted errors (onnxq/analysis/proxy.py) against measured whole-model runs."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.analysis.proxy import ProxySensitivity
+from onnxq.analysis.sensitivity import SensitivityAnalysis
+from onnxq.config import QuantizeConfig
+
+
+def _one_matmul() -> onnx.ModelProto:
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array((rng.standard_normal((32, 16)) * 0.2).astype(np.float32), "w")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 32])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 16])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _data(samples: int = 64) -> list[dict[str, np.ndarray]]:
+    rng = np.random.default_rng(1)
+    mixing = rng.standard_normal((4, 32))
+    return [{"x": (rng.standard_normal((samples, 4)) @ mixing + 0.1 * rng.standard_normal((samples, 32))).astype(np.float32)}]
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_one_layer_prediction_is_the_measured_noise(bits):
+    """With a single layer the model output is the layer output: c r(b) must equal the noise a run measures, at any width."""
+    config = QuantizeConfig(bits=4, first_last_bits=None)
+    proxy = ProxySensitivity(_one_matmul(), config, _data())
+    measured = SensitivityAnalysis(_one_matmul(), config, _data())
+    measured.hessian = proxy.hessian  # the same codes (quantized with H) in both, so only the noise estimate differs
+    assert proxy.layer("w", bits).noise == pytest.approx(measured.layer("w", bits).noise, rel=1e-3)
+    assert proxy.layer("w", bits).model_sqnr_db == pytest.approx(measured.layer("w", bits).model_sqnr_db, abs=0.01)
+
+
+@pytest.mark.parametrize("mode", ["proxy", "measured"])
+def test_cli_mixed_precision_either_way(tmp_path, capsys, mode):
+    """--target-size with either sensitivity: a model is written, and the raised layers fit the budget."""
+    from models import conv_bn_relu_gemm
+    from onnxq.cli import main
+
+    path, data = tmp_path / "m.onnx", tmp_path / "x.npy"
+    onnx.save(conv_bn_relu_gemm(), path)
+    np.save(data, np.random.default_rng(3).standard_normal((16, 3, 8, 8)).astype(np.float32))
+    out = tmp_path / "q.onnx"
+    assert main(["quantize", str(path), "-b", "2", "--first-last-bits", "2", "--calibration", str(data), "--activations", "none",
+                 "--sensitivity", mode, "--target-size", "5bits", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed precision (budget" in printed and out.exists()
