@@ -14,7 +14,9 @@ own), then the held-out inputs run through float and quantized model in onnxrunt
 - quantization seconds and the peak memory the quantizer added (MB, resident set above the child's start),
 - for onnxq without data, whether it printed the damage warning (its synthetic-input check, as the CLI does).
 
-Settings: onnxq `-b 4` weight-only with the 256 calibration samples (the issue's goal), `-b 4` and `-b 8` without data,
+Settings: onnxq `-b 4` weight-only with the 256 calibration samples (the issue's goal), the same with mixed precision within
+0.2x the float weights (`--target-size 0.2x`, sensitivity by the proxy: analysis and quantization timed together),
+`-b 4` and `-b 8` without data,
 per-channel absmax `-b 8` (plain codes, range max|w|: what `-b 8` must never lose to); onnxruntime's quantize_static
 (QDQ, per channel, MinMax) W8A8, and its 4-bit weights with uint8 or uint16 activations; for models with MatMul weights
 onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128).
@@ -104,6 +106,24 @@ def ort_input(case: Case, work: Path) -> tuple[Path, str]:
     return case.model, "quant_pre_process fails: the model as it is"
 
 
+def onnxq_mixed(target: str) -> Callable[[Case, Path], str]:
+    """Onnxq -b 4 with data and --target-size ``target``: proxy sensitivity on 64 samples, then the quantization; remark: layers raised."""
+
+    def quantize(case: Case, out: Path) -> str:
+        import dataclasses
+
+        import onnxq
+        from onnxq.analysis.mixed_precision import TargetSize, choose_bits
+        from onnxq.analysis.proxy import ProxySensitivity
+
+        config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES)
+        chosen = choose_bits(ProxySensitivity(case.model, config, case.calibration), TargetSize.parse(target))
+        onnxq.save_model(onnxq.quantize(case.model, dataclasses.replace(config, tensor_bits=chosen.tensor_bits), case.calibration), out)
+        return f"{len(chosen.raises)} of {len(chosen.bits)} layers raised to 8 bits"
+
+    return quantize
+
+
 def static(weight: str, activation: str) -> Callable[[Case, Path], str]:
     """Onnxruntime quantize_static: QDQ, per channel, MinMax, ``weight``/``activation`` QuantType names."""
 
@@ -157,6 +177,7 @@ class Setting:
 
 SETTINGS = (
     Setting("onnxq -b 4, 256 samples (weight-only)", onnxq_weights(4, data=True)),
+    Setting("onnxq -b 4, 256 samples, --target-size 0.2x (proxy sensitivity)", onnxq_mixed("0.2x")),
     Setting("onnxq -b 4, no data", onnxq_weights(4, data=False)),
     Setting("onnxq -b 8, no data", onnxq_weights(8, data=False)),
     Setting("per-channel absmax -b 8 (onnxq, plain codes)", onnxq_weights(8, data=False, absmax=True)),
