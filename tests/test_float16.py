@@ -105,7 +105,7 @@ def test_a_float16_embedding_table_is_looked_up_with_float16_scales():
 
 
 def test_weights_chosen_on_data_for_a_float16_model():
-    """Weight-only with data on a float16 model: the calibration pass fetches float16 layer inputs as float16 (it declared them float32 and failed)."""
+    """Weight-only with data on a float16 model: the calibration pass fetches float16 layer inputs as float16 (not float32, which failed)."""
     model = half(conv_bn_relu_gemm(with_bn=False))
     result = quantize_with_report(model, QuantizeConfig(bits=4), [_x(8)])
     assert all(layer.bits in (4, 8) for layer in result.layers)
