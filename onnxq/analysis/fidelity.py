@@ -49,19 +49,24 @@ class Fidelity:
 
 
 def check_against_float(
-    float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str], data: CalibrationData, samples: int = CHECK_SAMPLES
+    float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str], data: CalibrationData, samples: int = CHECK_SAMPLES,
+    quiet: bool = False,
 ) -> Fidelity | None:
-    """Run both files on up to ``samples`` inputs of ``data``; None when the model has no float output to compare."""
+    """Run both files on up to ``samples`` inputs of ``data``; None when the model has no float output to compare.
+
+    ``quiet``: onnxruntime logs nothing, not even the errors of a run that fails (inputs the model may reject).
+    """
     import onnxruntime as ort
 
     header = read_model_file(Path(float_path))
     outputs = [o.name for o in header.graph.output if o.type.tensor_type.elem_type in _FLOAT_OUTPUTS]
     if not outputs:
         return None
-    sessions = [
-        ort.InferenceSession(os.fspath(path), session_options(custom_ops=uses_onnxq_ops(path)), providers=["CPUExecutionProvider"])
-        for path in (float_path, quantized_path)
-    ]
+    options = [session_options(custom_ops=uses_onnxq_ops(path)) for path in (float_path, quantized_path)]
+    for option in options:
+        option.log_severity_level = 4 if quiet else option.log_severity_level
+    sessions = [ort.InferenceSession(os.fspath(path), option, providers=["CPUExecutionProvider"])
+                for path, option in zip((float_path, quantized_path), options, strict=True)]
     energies = {name: ErrorEnergy() for name in outputs}
     classes = _class_output(header, outputs)
     agree = seen = 0
@@ -137,7 +142,7 @@ def check_on_synthetic(float_path: str | os.PathLike[str], quantized_path: str |
     if not feeds:
         return None
     try:
-        return check_against_float(float_path, quantized_path, feeds, len(feeds))
+        return check_against_float(float_path, quantized_path, feeds, len(feeds), quiet=True)
     except Exception:  # noqa: BLE001  (a model synthetic values cannot drive, e.g. shapes that must agree: no check)
         return None
 
