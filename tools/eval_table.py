@@ -1,7 +1,8 @@
 """Accuracy table for README: model x bits x method x granularity, beside onnxruntime's own quantizer.
 
 Every row is measured in this run on the full Fashion-MNIST test split (10,000 images)
-with onnxruntime. Methods (weights only; first and last layers at 8 bits in all):
+with onnxruntime. Methods (weights only; first and last layers at 8 bits in all, depthwise convolutions at 8 bits in
+the QDQ columns, as onnxq's --depthwise-bits default does):
   absmax       round-to-nearest over the full range max|w| (alpha = 1)
   REQuant      alpha searched for the least weight MSE
   REQuant+sqrt REQuant in the sqrt domain for every layer

@@ -9,9 +9,10 @@ greedy choice of mixed precision assumes). Layers without an H (recurrent layers
 control-flow bodies) are measured as before, one run each. The weights are quantized with their H, as the quantizer
 then writes them with data.
 
-On a real MiniLM and a real layout detector this makes --target-size take seconds where the measured analysis took
-minutes (tools/eval_real_models.py); what it gives up is each layer's own path to the output: a layer whose error the
-rest of the model amplifies more than average is predicted too gentle.
+The analysis is then one pass of the model plus two measured runs, whatever the number of layers and widths (the
+quantization of every layer at every width with its H remains: BENCHMARKS.md, tools/eval_real_models.py). What it
+gives up is each layer's own path to the output: a layer whose error the rest of the model amplifies more than
+average is predicted too gentle.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ SQRT_AUTO_MAX_BITS = 5
 #: Widest codes the range search (REQuant's alpha by weight MSE) runs for without data; 8-bit codes take the full range.
 #: At 8 bits rounding noise is small and the search's clipping of a few large weights is what the output feels: on a
 #: real document classifier 8-bit weights gave 58.0 dB output SQNR searched against 61.5 dB with max|w|
-#: (tools/eval_real_models.py); on MiniLM 24.4 against 24.0, with the same embedding cosine. The issue asks -b 8 never to
+#: (tools/eval_real_models.py before this rule); on MiniLM 24.4 against 24.0, with the same embedding cosine. The issue asks -b 8 never to
 #: lose to per-channel absmax, and the full range guarantees it. With data, the range minimises the output error instead.
 SEARCH_MAX_BITS = 7
 
