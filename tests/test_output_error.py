@@ -103,3 +103,25 @@ def test_no_row_ends_worse_than_rounding_to_nearest_at_its_scale():
     per_row = lambda values: np.einsum("rk,kl,rl->r", rows - values, h, rows - values)  # noqa: E731
     assert np.all(per_row(kept) <= per_row(nearest) * (1 + 1e-9) + 1e-12)
     assert per_row(kept).sum() < per_row(nearest).sum()
+
+
+@pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
+def test_small_groups_at_once_equal_one_by_one(mode):
+    """A depthwise-like layer (40 groups, 2 rows each, K = 9, one dead input): the batched path gives quantize_rows' codes."""
+    from onnxq.numerics.output_error import quantize_small_groups
+
+    rng = np.random.default_rng(11)
+    groups, per_group, k = 40, 2, 9
+    hs = []
+    for g in range(groups):
+        x = correlated_inputs(rng, 200, k)
+        x[:, g % k] = 0 if g % 7 == 0 else x[:, g % k]  # now and then an input that never fires
+        hs.append(x.T @ x / len(x))
+    h = np.stack(hs)
+    rows = rng.standard_t(4, (groups, per_group, k)) * 0.3
+    grid = Grid(mode, 4)
+    batched = quantize_small_groups(rows, h, grid)
+    one_by_one = [quantize_rows(rows[g], h[g], grid) for g in range(groups)]
+    np.testing.assert_array_equal(batched.codes, np.concatenate([p.codes for p in one_by_one]))
+    np.testing.assert_allclose(batched.scale, np.concatenate([p.scale for p in one_by_one]), rtol=1e-6)
+    assert batched.error == pytest.approx(sum(p.error for p in one_by_one), rel=1e-6)

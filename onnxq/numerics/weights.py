@@ -189,11 +189,15 @@ def quantize_for_output(
     groups = hessian.shape[0]
     per_group = len(rows) // groups
     best: tuple[float, np.ndarray, np.ndarray, np.ndarray, str] | None = None
-    compensations = [output_error.Compensation.of(hessian[g]) for g in range(groups)]  # shared by the grids
+    small = groups > 1 and rows.shape[1] <= output_error.SMALL_GROUP_FEATURES  # depthwise: all groups at once
+    compensations = [] if small else [output_error.Compensation.of(hessian[g]) for g in range(groups)]  # shared by the grids
     for mode in modes:
         grid = output_error.Grid(mode, bits)
-        parts = [output_error.quantize_rows(rows[g * per_group : (g + 1) * per_group], hessian[g], grid, compensation=compensations[g])
-                 for g in range(groups)]
+        if small:
+            parts = [output_error.quantize_small_groups(rows.reshape(groups, per_group, -1), hessian, grid)]
+        else:
+            parts = [output_error.quantize_rows(rows[g * per_group : (g + 1) * per_group], hessian[g], grid, compensation=compensations[g])
+                     for g in range(groups)]
         error = sum(p.error for p in parts)
         if best is None or error < best[0]:
             best = (error, np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
