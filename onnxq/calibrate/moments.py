@@ -198,7 +198,7 @@ class Moments:
     kept: int = 0
     stride: int = 1
     seen: int = 0
-    pending: np.ndarray | None = None  # float32 sums since the last flush into ``sums`` (a few thousand rows)
+    pending: np.ndarray | None = None  # float32 sums since the last flush (per group; syrk's upper triangle, Fortran order)
     pending_rows: int = 0
 
     def plan_stride(self, expected_rows: int, features: int) -> None:
@@ -220,13 +220,13 @@ class Moments:
     def add_taken(self, picked: np.ndarray) -> None:
         """Add rows :meth:`take` picked: their products in float32 (BLAS), each counted ``stride`` times.
 
-        Products gather in float32 over up to FLUSH_ROWS rows, then go into the float64 sums: converting a K x K matrix
-        per small run cost more than the products on models fed one image a run.
+        Products gather in float32 (in place, in the layout BLAS writes) over up to FLUSH_ROWS rows, then go into the
+        float64 sums: a K x K conversion or copy per small run cost more than the products on models fed one image a run.
         """
         k = picked.shape[2]
         if picked.shape[1] == 0:
             return
-        self.pending = _products(np.ascontiguousarray(picked, dtype=np.float32), float(self.stride), self.pending)
+        self.pending = _add_products(np.asarray(picked, dtype=np.float32), float(self.stride), self.pending)
         self.pending_rows += picked.shape[1]
         if self.pending_rows >= FLUSH_ROWS:
             self.flush()
@@ -248,13 +248,16 @@ class Moments:
         return None if self.sums is None or self.count == 0 else _symmetric(self.sums) / self.count
 
 
-def _products(rows32: np.ndarray, weight: float, into: np.ndarray | None) -> np.ndarray:
-    """``into`` plus ``weight`` times rows^T rows per group, float32; for one large group only the upper triangle (syrk)."""
+def _add_products(rows32: np.ndarray, weight: float, into: np.ndarray | None) -> np.ndarray:
+    """``into`` (None: zeros) plus ``weight`` rows^T rows per group, float32, in place.
+
+    One large group: only the upper triangle, by syrk into a Fortran-ordered matrix (BLAS updates it without a copy).
+    """
     groups, _, k = rows32.shape
     if groups == 1 and k >= SYRK_FEATURES:
-        if into is None:
-            return blas.ssyrk(weight, rows32[0], trans=1, lower=0)[None]
-        into[0] = blas.ssyrk(weight, rows32[0], beta=1.0, c=into[0], trans=1, lower=0, overwrite_c=1)
+        into = np.zeros((1, k, k), dtype=np.float32, order="F") if into is None else into
+        target = into[0]  # Fortran-contiguous: ssyrk writes into it
+        blas.ssyrk(weight, rows32[0], beta=1.0, c=target, trans=1, lower=0, overwrite_c=1)
         return into
     update = np.matmul(rows32.transpose(0, 2, 1), rows32)
     update *= np.float32(weight)
