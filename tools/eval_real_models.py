@@ -28,6 +28,7 @@ fails, the model as it is (the remark says so). Its time is not counted in their
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import itertools
 import logging
@@ -99,7 +100,8 @@ def ort_input(case: Case, work: Path) -> tuple[Path, str]:
     out = work / f"{case.name}.ort_pre.onnx"
     for skip_symbolic in (False, True):
         try:
-            quant_pre_process(str(case.model), str(out), skip_symbolic_shape=skip_symbolic)
+            with contextlib.chdir(work):  # it leaves temporary files in the working directory
+                quant_pre_process(str(case.model), str(out), skip_symbolic_shape=skip_symbolic)
             return out, "" if not skip_symbolic else "pre-processed without symbolic shapes"
         except Exception:  # noqa: BLE001, S112  (its failure is a result: try the next way)
             continue
