@@ -90,17 +90,33 @@ def test_synthetic_token_ids_stay_inside_the_table():
     assert feeds[0]["ids"].shape == (1, 16) and ids.min() >= 0 and ids.max() <= 6 and len(set(ids.tolist())) == 7
 
 
+def _padded(tmp_path: Path, pad: int) -> Path:
+    """x[N, T] -> reflect Pad by ``pad`` on both sides (needs T > pad) -> Relu."""
+    pads = numpy_helper.from_array(np.array([0, pad, 0, pad], dtype=np.int64), "pads")
+    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect", name="pad"), helper.make_node("Relu", ["p"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "L"])], [pads])
+    path = tmp_path / f"pad{pad}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    return path
+
+
 def test_a_model_synthetic_inputs_cannot_drive_is_skipped_silently(tmp_path, capfd):
-    """A reflect Pad wider than the synthetic length fails in onnxruntime: no check, and none of its error log on the terminal."""
+    """A reflect Pad wider than every synthetic length fails in onnxruntime: no check, and none of its error log on the terminal."""
     from onnxq.analysis.fidelity import check_on_synthetic
 
-    w = numpy_helper.from_array(np.ones((80, 4), dtype=np.float32), "w")
-    pads = numpy_helper.from_array(np.array([0, 32, 0, 32], dtype=np.int64), "pads")
-    nodes = [helper.make_node("Pad", ["x", "pads"], ["p"], mode="reflect", name="pad"), helper.make_node("MatMul", ["p", "w"], ["y"], name="mm")]
-    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T"])],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], [w, pads])
-    path = tmp_path / "m.onnx"
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), path)
+    path = _padded(tmp_path, 5000)
     capfd.readouterr()
     assert check_on_synthetic(path, path) is None
+    assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_synthetic_inputs_grow_until_the_model_runs(tmp_path, capfd):
+    """A model that pads by 32 (Silero VAD-like) cannot run 16-long inputs: the check runs 256-long ones instead."""
+    from onnxq.analysis.fidelity import check_on_synthetic
+
+    path = _padded(tmp_path, 32)
+    capfd.readouterr()
+    check = check_on_synthetic(path, path)
+    assert check is not None and check.output_sqnr_db == float("inf")  # the same file against itself
     assert "onnxruntime" not in capfd.readouterr().err
