@@ -94,6 +94,12 @@ class LayerInput:
             return self._patches(x)
         return self._picked_patches(x, np.arange(self.count(x))[keep])
 
+    def _padded(self, x: np.ndarray) -> np.ndarray:
+        """``x`` with the convolution's padding (explicit or auto_pad) applied to its spatial axes."""
+        spatial = x.shape[2:]
+        pads = self._resolved_pads(spatial)
+        return np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(spatial)]) for i in range(len(spatial))])
+
     def _out_shape(self, spatial: tuple[int, ...]) -> list[int]:
         """Output positions along each spatial axis."""
         pads = self._resolved_pads(spatial)
@@ -102,10 +108,8 @@ class LayerInput:
 
     def _picked_patches(self, x: np.ndarray, picked: np.ndarray) -> np.ndarray:
         """The rows of :meth:`_patches` numbered ``picked`` (sample-major, then output position), gathered directly."""
-        spatial = x.shape[2:]
-        pads = self._resolved_pads(spatial)
-        padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(spatial)]) for i in range(len(spatial))])
-        out = self._out_shape(spatial)
+        padded = self._padded(x)
+        out = self._out_shape(x.shape[2:])
         sample, position = np.divmod(picked, math.prod(out))
         coords = np.unravel_index(position, out)
         c, taps = x.shape[1], math.prod(self.kernel)
@@ -118,10 +122,8 @@ class LayerInput:
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
         """Conv patches (groups, N * positions, C/group * prod(kernel)), in the weight's (channel, kernel...) order."""
-        spatial = x.shape[2:]
-        pads = self._resolved_pads(spatial)
-        padded = np.pad(x, [(0, 0), (0, 0)] + [(pads[i], pads[i + len(spatial)]) for i in range(len(spatial))])
-        out = [(padded.shape[2 + i] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1 for i in range(len(spatial))]
+        padded = self._padded(x)
+        out = self._out_shape(x.shape[2:])
         taps = []
         for offsets in itertools.product(*(range(k) for k in self.kernel)):
             index = tuple(slice(o * d, o * d + s * (n - 1) + 1, s) for o, d, s, n in zip(offsets, self.dilations, self.strides, out, strict=True))
@@ -203,7 +205,7 @@ class Moments:
 
     def plan_stride(self, expected_rows: int, features: int) -> None:
         """Start at the stride that keeps about the cap of ``expected_rows`` (the doubling stays for more rows than expected)."""
-        cap = max(MIN_ROWS, ROWS_PER_FEATURE * features)
+        cap = _row_cap(features)
         while expected_rows >= 2 * cap * self.stride:
             self.stride *= 2
 
@@ -232,7 +234,7 @@ class Moments:
             self.flush()
         self.count += picked.shape[1] * self.stride
         self.kept += picked.shape[1]
-        while self.kept >= max(MIN_ROWS, ROWS_PER_FEATURE * k) * self.stride.bit_length():
+        while self.kept >= _row_cap(k) * self.stride.bit_length():
             self.stride *= 2
 
     def flush(self) -> None:
@@ -246,6 +248,11 @@ class Moments:
         """E[x x^T] per group, (groups, K, K); None before any rows."""
         self.flush()
         return None if self.sums is None or self.count == 0 else _symmetric(self.sums) / self.count
+
+
+def _row_cap(features: int) -> int:
+    """Rows a reader of ``features``-long rows keeps at each stride."""
+    return max(MIN_ROWS, ROWS_PER_FEATURE * features)
 
 
 def _add_products(rows32: np.ndarray, weight: float, into: np.ndarray | None) -> np.ndarray:
