@@ -63,8 +63,9 @@ def check_against_float(
     if not outputs:
         return None
     options = [session_options(custom_ops=uses_onnxq_ops(path)) for path in (float_path, quantized_path)]
-    for option in options:
-        option.log_severity_level = 4 if quiet else option.log_severity_level
+    if quiet:
+        for option in options:
+            option.log_severity_level = 4  # fatal only
     sessions = [ort.InferenceSession(os.fspath(path), option, providers=["CPUExecutionProvider"])
                 for path, option in zip((float_path, quantized_path), options, strict=True)]
     energies = {name: ErrorEnergy() for name in outputs}
