@@ -28,6 +28,7 @@ from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData
 from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.config import QuantizeConfig
+from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.weights import to_rows
 
 
@@ -53,14 +54,8 @@ class ProxySensitivity(SensitivityAnalysis):
         axis = self.plan(tensor).channel_axis or 0
         rows = to_rows(self.weights[tensor], axis).astype(np.float64)
         delta = rows - to_rows(self.dequantized(tensor, bits), axis).astype(np.float64)
-        groups = h.shape[0]
-        per_group = len(rows) // groups
-        signal = noise = 0.0
-        for g in range(groups):
-            part, error = rows[g * per_group : (g + 1) * per_group], delta[g * per_group : (g + 1) * per_group]
-            signal += float(np.einsum("rk,kl,rl->", part, h[g], part))
-            noise += float(np.einsum("rk,kl,rl->", error, h[g], error))
-        return noise / signal if signal > 0 else 0.0
+        signal = grouped_output_error(rows, h)  # the output's own energy: the "error" of the weight against zero
+        return grouped_output_error(delta, h) / signal if signal > 0 else 0.0
 
     def _fit_factor(self) -> tuple[float, float]:
         """(model output signal energy, c): c from one run with every planned layer at its planned width."""

@@ -70,15 +70,26 @@ class Grid:
 
 
 def damped(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
-    """H with ``damping`` times its mean diagonal added, and dead inputs (zero diagonal) given a unit diagonal."""
+    """H (or a stack of them, (..., K, K)) with ``damping`` times its mean live diagonal added, dead inputs given that mean.
+
+    Dead inputs (zero diagonal) get the mean of the live ones as their diagonal, or 1 where none is live.
+    """
     h = np.array(h, dtype=np.float64)
-    diagonal = np.diagonal(h).copy()
+    diagonal = np.diagonal(h, axis1=-2, axis2=-1).copy()
     dead = diagonal <= 0
-    mean = float(diagonal[~dead].mean()) if (~dead).any() else 1.0
-    index = np.arange(len(h))
-    h[index, index] += damping * mean
-    h[index[dead], index[dead]] = 1.0 if mean <= 0 else mean
+    flat_diagonal, flat_dead = diagonal.reshape(-1, diagonal.shape[-1]), dead.reshape(-1, diagonal.shape[-1])
+    mean = np.array([float(d[~m].mean()) if (~m).any() else 1.0 for d, m in zip(flat_diagonal, flat_dead, strict=True)])
+    mean = mean.reshape(diagonal.shape[:-1])[..., None]
+    index = np.arange(h.shape[-1])
+    h[..., index, index] += damping * mean
+    h[..., index, index] = np.where(dead, np.where(mean <= 0, 1.0, mean), h[..., index, index])
     return h
+
+
+def grouped_output_error(delta: np.ndarray, h: np.ndarray) -> float:
+    """Sum of :func:`output_errors` over ``delta`` (R, K), its rows split evenly among the groups of ``h`` (G, K, K)."""
+    per_group = len(delta) // h.shape[0]
+    return sum(float(output_errors(delta[g * per_group : (g + 1) * per_group], h[g]).sum()) for g in range(h.shape[0]))
 
 
 def output_errors(delta: np.ndarray, h: np.ndarray) -> np.ndarray:
@@ -151,8 +162,10 @@ def inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """The upper factor U of H^-1 = U^T U, from one Cholesky factorisation and one triangular inverse.
 
     With P the reversal of rows and columns, P H P = L L^T (L lower) gives H^-1 = (P L^-1 P)^T (P L^-1 P), and
-    P L^-1 P is upper triangular.
+    P L^-1 P is upper triangular. A stack of small matrices (..., K, K) goes through numpy's stacked routines at once.
     """
+    if h.ndim > 2:
+        return np.linalg.inv(np.linalg.cholesky(h[..., ::-1, ::-1]))[..., ::-1, ::-1].copy()
     lower, info = lapack.dpotrf(np.ascontiguousarray(h[::-1, ::-1]), lower=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"H is not positive definite (LAPACK dpotrf info {info})")
@@ -199,7 +212,6 @@ def decode(codes: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
     return uniform.dequantize(codes, scale, grid.mode == "sqrt")
 
 
-
 #: Input length up to which grouped layers (depthwise ones: 9 or 25) are quantized for all groups at once.
 SMALL_GROUP_FEATURES = 64
 
@@ -229,8 +241,8 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid) -> RowCod
     nearest = grid.round(flat, scale)[0]
     nearest_errors = errors(decode(nearest, scale, grid))
     order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")  # (G, K)
-    permuted = np.take_along_axis(np.take_along_axis(_damped_each(h), order[:, :, None], 1), order[:, None, :], 2)
-    upper = _inverse_cholesky_each(permuted)
+    permuted = np.take_along_axis(np.take_along_axis(damped(h), order[:, :, None], 1), order[:, None, :], 2)
+    upper = inverse_cholesky(permuted)
     w = np.take_along_axis(rows, order[:, None, :], 2).copy()
     codes = np.zeros(w.shape, dtype=np.int8)
     for j in range(k):
@@ -245,22 +257,3 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid) -> RowCod
     better = compensated_errors < nearest_errors
     return RowCodes(np.where(better[:, None], compensated, nearest), scale, alpha, float(np.where(better, compensated_errors, nearest_errors).sum()))
 
-
-def _damped_each(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
-    """:func:`damped` of each matrix of a stack, at once."""
-    h = np.array(h, dtype=np.float64)
-    diagonal = np.diagonal(h, axis1=1, axis2=2).copy()
-    dead = diagonal <= 0
-    alive = (~dead).sum(axis=1)
-    mean = np.where(alive > 0, np.where(dead, 0.0, diagonal).sum(axis=1) / np.maximum(alive, 1), 1.0)
-    index = np.arange(h.shape[1])
-    h[:, index, index] += damping * mean[:, None]
-    filler = np.where(mean <= 0, 1.0, mean)[:, None] * np.ones_like(diagonal)
-    h[:, index, index] = np.where(dead, filler, h[:, index, index])
-    return h
-
-
-def _inverse_cholesky_each(h: np.ndarray) -> np.ndarray:
-    """:func:`inverse_cholesky` of each matrix of a stack, batched: numpy's stacked Cholesky and inverse."""
-    lower = np.linalg.cholesky(h[:, ::-1, ::-1])
-    return np.linalg.inv(lower)[:, ::-1, ::-1].copy()

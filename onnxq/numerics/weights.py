@@ -205,8 +205,7 @@ def quantize_for_output(
     assert best is not None
     if baseline is not None and baseline.axis == axis:
         delta = rows - to_rows(baseline.dequantize(), axis)
-        base_error = sum(float(output_error.output_errors(delta[g * per_group : (g + 1) * per_group], hessian[g]).sum()) for g in range(groups))
-        if base_error <= best[0]:
+        if output_error.grouped_output_error(delta, hessian) <= best[0]:
             return baseline
     error, codes, scale, alpha, mode = best
     values = output_error.decode(codes, scale, output_error.Grid(mode, bits))
