@@ -166,6 +166,8 @@ class QuantizeConfig:
             (second moments of its inputs, GPTQ's compensated rounding) instead of the weight's own error.
         samples: calibration samples the weights' statistics use when activations stay float (with activations, their
             ``samples``).
+        fold_mean_shift: output-aware with float activations: weights whose layer has a bias (or takes an Add) are
+            quantized for their inputs' covariance, and the mean output shift their codes cause goes into that bias.
     """
 
     bits: int = 4
@@ -181,6 +183,7 @@ class QuantizeConfig:
     activations: ActivationConfig | None = None
     output_aware: bool = True
     samples: int = 512
+    fold_mean_shift: bool = True
 
     @property
     def calibration_samples(self) -> int:

@@ -26,6 +26,7 @@ from onnxq.calibrate.bias_measured import empirical_correction
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
+from onnxq.calibrate.mean_shift import ShiftSite, centered, fold_shifts, mean_shift, shift_sites
 from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.result import ActivationQuant, Calibration
@@ -40,7 +41,7 @@ from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
-from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight
+from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
 from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
 from onnxq.rewrite.activations import insert_activation_qdq
@@ -121,6 +122,7 @@ class QuantizedWeights:
     ops: dict[str, tuple[QuantizedTensor, str]] = field(default_factory=dict)  # IntConv/PostConv, with the op
     tables: dict[str, QuantizedTensor] = field(default_factory=dict)  # embedding tables only looked up (Gather)
     layers: list[LayerResult] = field(default_factory=list)
+    mean_shifts: dict[str, tuple[ShiftSite, np.ndarray]] = field(default_factory=dict)  # weights quantized for their inputs' covariance
 
     def codes(self, tensor: str) -> QuantizedTensor:
         """The codes of one weight, whichever way it is written."""
@@ -205,7 +207,7 @@ def calibrate(
     moments = MomentCollector(layer_inputs(loaded.model.graph, plan.weights), config.calibration_samples) if config.output_aware else None
     if config.activations is None:
         collect(loaded.model, [], batches, total=config.calibration_samples, moments=moments)
-        return Calibration({}, {}, [], moments.hessians() if moments is not None else {})
+        return Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
     sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
     return calibrate_sites(loaded.model, sites, batches, config.activations, moments)
 
@@ -214,6 +216,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
     """Codes for every planned weight in the format its op needs (onnxq/numerics/), and an account of each layer."""
     consts = constant_initializers(loaded.model.graph)
     integer_inputs = calibrated is not None and bool(calibrated.quants)
+    folding = calibrated is not None and config.activations is None and config.fold_mean_shift
+    sites = shift_sites(loaded.model.graph, plan.weights) if folding else {}
     out = QuantizedWeights()
     for weight_plan in plan.weights:
         weight = to_array(consts[weight_plan.tensor])
@@ -222,7 +226,15 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
             raise OnnxqError(loaded.label, f"weight {weight_plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
         choice = plan.ops[weight_plan.tensor]
         hessian = calibrated.hessians.get(weight_plan.tensor) if calibrated is not None else None
+        mean = calibrated.input_means.get(weight_plan.tensor) if calibrated is not None and weight_plan.tensor in sites else None
+        if hessian is not None and mean is not None and weight_plan.channel_axis is not None:
+            hessian = centered(hessian, mean)  # the mean output shift goes into the bias (correct_biases)
+        else:
+            mean = None
         q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
+        if mean is not None and q.axis == weight_plan.channel_axis:
+            delta = to_rows(q.dequantize(), q.axis).astype(np.float64) - to_rows(weight, q.axis)
+            out.mean_shifts[weight_plan.tensor] = (sites[weight_plan.tensor], mean_shift(delta, mean))
         if choice.op_type == LOOKUP_OP:
             out.tables[weight_plan.tensor] = q
         elif choice.op_type is None:
@@ -258,12 +270,15 @@ def quantize_planned(
 
 
 def correct_biases(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> None:
-    """With calibration data, let Conv/Gemm biases absorb the mean output shift the weight codes cause (in place).
+    """With calibration data, let the layers' biases absorb the mean output shift the weight codes cause (in place).
 
-    The analytic correction (the float input means), then, when measuring (``BiasCorrection``), the shift left in a
-    simulation of the quantized model. Runs before the rewrite: it reads the float weights and runs the float model.
-    Float16 layers keep float activations: nothing to correct there.
+    Weight-only: the shifts of the weights quantized for their inputs' covariance (onnxq/calibrate/mean_shift.py).
+    With activations, for Conv/Gemm: the analytic correction (the float input means), then, when measuring
+    (``BiasCorrection``), the shift left in a simulation of the quantized model. Runs before the rewrite: it reads the
+    float weights and runs the float model. Float16 layers keep float activations: nothing to correct there.
     """
+    if weights.mean_shifts:
+        fold_shifts(loaded.model.graph, weights.mean_shifts)
     if calibrated is None or config.activations is None or config.activations.bias_correction is BiasCorrection.OFF:
         return
     measured = _measured_correction(config, plan.weights)

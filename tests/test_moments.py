@@ -1,5 +1,5 @@
 """Second moments H of each layer's input rows, against onnxruntime's own layers: for any weight row w, the mean square
-of that output channel, as onnxruntime computes the layer, must equal w H w^T. That holds only if the rows (the
+of that output channel, as onnxruntime computes the layer, must equal w H w^T (and its mean w E[x]). That holds only if the rows (the
 conv patches with their strides, padding, dilations and groups) are exactly what the layer multiplies."""
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ def _conv_model(c: int, m: int, kernel: tuple[int, ...], **attrs) -> onnx.ModelP
 
 
 def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], out_axis: int, groups: int) -> None:
-    """Every output channel's mean square (onnxruntime) equals w_c H_g w_c^T with the collected H."""
+    """Every output channel's mean square (onnxruntime) equals w_c H_g w_c^T with the collected H, its mean w_c E[x]_g."""
     prepared = prepare(model)
     plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
     inputs = layer_inputs(prepared.graph, plans)
@@ -36,6 +36,7 @@ def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], out_axis: int, 
     for name in collector.tensors:
         collector.observe(name, feeds[name])
     h = collector.hessians()[weight]
+    mean = collector.means()[weight]
     w = numpy_helper.to_array(next(t for t in prepared.graph.initializer if t.name == weight)).astype(np.float64)
     rows = np.moveaxis(w, plans[0].channel_axis, 0).reshape(w.shape[plans[0].channel_axis], -1)
     y = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0].astype(np.float64)
@@ -46,6 +47,7 @@ def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], out_axis: int, 
         want = np.mean(per_channel[channel] ** 2)
         got = row @ h[channel // per_group] @ row
         assert got == pytest.approx(want, rel=1e-4), channel
+        assert row @ mean[channel // per_group] == pytest.approx(np.mean(per_channel[channel]), rel=1e-4, abs=1e-5 * np.sqrt(want)), channel
 
 
 @pytest.mark.parametrize(
@@ -130,15 +132,17 @@ def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch):
     for rows in calls:
         m.add(rows)
     # the reference: walk the rows one at a time with the stride rule (cap 10, doubled past 10, 20, 30 ... kept rows)
-    sums, count, kept, stride, position = np.zeros((k, k)), 0, 0, 1, 0
+    sums, linear, count, kept, stride, position = np.zeros((k, k)), np.zeros(k), 0, 0, 1, 0
     for rows in calls:
         pending = []
         for row in rows[0]:
-            if position % stride == 0:
+            run = position // stride  # one row per run of `stride` rows, at an offset hashed from the run's number
+            if stride == 1 or position % stride == ((run * 2654435761) % 2**64 >> 16) % stride:
                 pending.append(row)
             position += 1
         for row in pending:
             sums += stride * np.outer(row, row)
+            linear += stride * row
         count += stride * len(pending)
         kept += len(pending)
         while kept >= 10 * stride.bit_length():
@@ -147,6 +151,7 @@ def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch):
     assert m.count == count and m.kept == kept
     m.flush()
     np.testing.assert_allclose(m.sums[0], sums, rtol=1e-5)
+    np.testing.assert_allclose(m.mean()[0], linear / count, rtol=1e-9)
 
 
 def test_thinning_keeps_h_an_average_over_all_rows(monkeypatch):

@@ -70,8 +70,8 @@ def calibrate(
         quants[site.tensor] = quant
     if candidates:
         quants.update(choose_adapters(model, candidates, held))
-    hessians = moments.hessians() if moments is not None else {}
-    return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept, hessians)
+    hessians, means = (moments.hessians(), moments.means()) if moments is not None else ({}, {})
+    return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept, hessians, means)
 
 
 def _keep_first(

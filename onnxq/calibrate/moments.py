@@ -81,7 +81,7 @@ class LayerInput:
             return shape[1]
         return shape[0] * math.prod(self._out_shape(shape[2:]))
 
-    def rows(self, value: np.ndarray, keep: slice = slice(None)) -> np.ndarray:
+    def rows(self, value: np.ndarray, keep: slice | np.ndarray = slice(None)) -> np.ndarray:
         """(groups, n, K) rows of ``value`` (one run of the tensor), only those ``keep`` selects (convolutions build no others)."""
         x = np.asarray(value)
         if self.kind == "rows":
@@ -90,7 +90,7 @@ class LayerInput:
             return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])[:, keep]
         if self.kind == "transposed":
             return x.T.reshape(1, -1, x.shape[0])[:, keep]
-        if keep == slice(None):
+        if isinstance(keep, slice) and keep == slice(None):
             return self._patches(x)
         return self._picked_patches(x, np.arange(self.count(x))[keep])
 
@@ -189,10 +189,10 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
 
 @dataclass
 class Moments:
-    """Running sum of x x^T (float64) over the rows of a weight's inputs, one matrix per group, and the rows it stands for.
+    """Running sums of x x^T and of x (float64) over the rows of a weight's inputs, per group, and the rows they stand for.
 
     Rows come in order; once ``kept`` passes the cap (MIN_ROWS or ROWS_PER_FEATURE x K), the stride doubles: later rows
-    are taken one in ``stride``, each weighted by ``stride`` (the rows it stands for), so ``count`` still counts every row.
+    are taken one in ``stride`` (:meth:`take`), each weighted by ``stride`` (the rows it stands for), so ``count`` still counts every row.
     """
 
     sums: np.ndarray | None = None
@@ -202,6 +202,7 @@ class Moments:
     seen: int = 0
     pending: np.ndarray | None = None  # float32 sums since the last flush (per group; syrk's upper triangle, Fortran order)
     pending_rows: int = 0
+    linear: np.ndarray | None = None  # float64 sum of the rows themselves, per group (for E[x])
 
     def plan_stride(self, expected_rows: int, features: int) -> None:
         """Start at the stride that keeps about the cap of ``expected_rows`` (the doubling stays for more rows than expected)."""
@@ -209,11 +210,18 @@ class Moments:
         while expected_rows >= 2 * cap * self.stride:
             self.stride *= 2
 
-    def take(self, n: int) -> slice:
-        """Which of the next ``n`` rows to keep (the stride pattern continues across calls); advances past them."""
-        first = (-self.seen) % self.stride
+    def take(self, n: int) -> slice | np.ndarray:
+        """Which of the next ``n`` rows to keep (all, or their indices); advances past them.
+
+        One row of each run of ``stride`` rows (counted across calls), at an offset that varies from run to run: a
+        fixed offset would keep the same columns of every image row (a convolution's left border, never its right).
+        """
+        if self.stride == 1:
+            self.seen += n
+            return slice(None)
+        positions = np.arange(self.seen, self.seen + n, dtype=np.uint64)
         self.seen += n
-        return slice(first, None, self.stride) if self.stride > 1 else slice(None)
+        return np.flatnonzero(positions % np.uint64(self.stride) == kept_offset(positions // np.uint64(self.stride), self.stride))
 
     def add(self, rows: np.ndarray) -> None:
         """Add the next (groups, n, K) rows, keeping those :meth:`take` picks."""
@@ -229,6 +237,8 @@ class Moments:
         if picked.shape[1] == 0:
             return
         self.pending = _add_products(np.asarray(picked, dtype=np.float32), float(self.stride), self.pending)
+        row_sums = np.sum(picked, axis=1, dtype=np.float64) * self.stride
+        self.linear = row_sums if self.linear is None else self.linear + row_sums
         self.pending_rows += picked.shape[1]
         if self.pending_rows >= FLUSH_ROWS:
             self.flush()
@@ -248,6 +258,15 @@ class Moments:
         """E[x x^T] per group, (groups, K, K); None before any rows."""
         self.flush()
         return None if self.sums is None or self.count == 0 else _symmetric(self.sums) / self.count
+
+    def mean(self) -> np.ndarray | None:
+        """E[x] per group, (groups, K); None before any rows."""
+        return None if self.linear is None or self.count == 0 else self.linear / self.count
+
+
+def kept_offset(runs: np.ndarray, stride: int) -> np.ndarray:
+    """The offset of the row kept in each run of ``stride`` rows: a multiplicative hash of the run's number (Knuth's)."""
+    return ((np.asarray(runs, dtype=np.uint64) * np.uint64(2654435761)) >> np.uint64(16)) % np.uint64(stride)
 
 
 def _row_cap(features: int) -> int:
@@ -323,4 +342,14 @@ class MomentCollector:
             count = sum(m.count for m in parts)
             if count and all(m.sums is not None for m in parts):
                 out[weight] = _symmetric(sum(m.sums for m in parts)) / count  # type: ignore[misc]
+        return out
+
+    def means(self) -> dict[str, np.ndarray]:
+        """Per weight, E[x] per group (groups, K) over all its readers' rows: the mean input its rows multiply."""
+        out = {}
+        for weight, readers in self.inputs.items():
+            parts = [self.moments[reader] for reader in dict.fromkeys(readers)]
+            count = sum(m.count for m in parts)
+            if count and all(m.linear is not None for m in parts):
+                out[weight] = sum(m.linear for m in parts) / count  # type: ignore[misc]
         return out

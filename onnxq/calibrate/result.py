@@ -34,10 +34,11 @@ class Calibration:
     """What calibration found: activation quantization, and what bias correction and output-aware weights need.
 
     Each site's quantization, the sites' channel means and the first samples (for bias correction), and the second
-    moments of the weighted layers' inputs (for output-aware weights).
+    moments of the weighted layers' inputs (for output-aware weights), first and second.
     """
 
     quants: dict[str, ActivationQuant]
     means: dict[str, ChannelMeans]
     samples: list[dict[str, np.ndarray]]
     hessians: dict[str, np.ndarray] = field(default_factory=dict)  # per weight: E[x x^T] of its inputs, (groups, K, K)
+    input_means: dict[str, np.ndarray] = field(default_factory=dict)  # per weight: E[x] of the same rows, (groups, K)
