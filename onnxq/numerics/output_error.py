@@ -30,7 +30,7 @@ from onnxq.numerics.search import minimise_on_grid, scan_points
 #: Damping added to H's diagonal, as a fraction of its mean: keeps H^-1 well defined where inputs are (nearly) collinear.
 DAMPING = 0.01
 #: Columns rounded between two matrix-product updates of the rest.
-BLOCK = 128
+BLOCK = 32
 #: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
 FULL_SEARCH_LIMIT = 1 << 24
 
@@ -186,23 +186,39 @@ class RowCodes:
 
 
 def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True, compensation: Compensation | None = None) -> RowCodes:
-    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding.
+    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding."""
+    nearest = nearest_rows(rows, h, grid)
+    return compensated_rows(rows, h, grid, nearest, compensation) if compensate else nearest
 
-    Each row keeps GPTQ's codes or the rounded-to-nearest ones, whichever leaves it the smaller output error (GPTQ's
-    greedy order can lose on a row whose H is nearly singular; the nearest codes are the floor).
-    """
+
+@dataclass(frozen=True)
+class NearestRows(RowCodes):
+    """:class:`RowCodes` rounded to nearest, with each row's own error (the floor compensated rounding must beat)."""
+
+    row_errors: np.ndarray
+
+
+def nearest_rows(rows: np.ndarray, h: np.ndarray, grid: Grid) -> NearestRows:
+    """Rows (R, K) rounded to nearest on ``grid`` at the range factor that minimises each row's output error."""
     rows = np.asarray(rows, dtype=np.float64)
     alpha = search_alpha(rows, h, grid)
     scale = grid.scales(rows, alpha)
-    nearest = grid.round(rows, scale)[0]
-    errors = output_errors(rows - decode(nearest, scale, grid), h)
-    if compensate:
-        compensated = gptq(rows, h, grid, scale, compensation=compensation)
-        compensated_errors = output_errors(rows - decode(compensated, scale, grid), h)
-        better = compensated_errors < errors
-        nearest = np.where(better[:, None], compensated, nearest)
-        errors = np.where(better, compensated_errors, errors)
-    return RowCodes(nearest, scale, alpha, float(errors.sum()))
+    codes = grid.round(rows, scale)[0]
+    errors = output_errors(rows - decode(codes, scale, grid), h)
+    return NearestRows(codes, scale, alpha, float(errors.sum()), errors)
+
+
+def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: NearestRows, compensation: Compensation | None = None) -> RowCodes:
+    """GPTQ's rounding of ``rows`` at the scales of ``nearest``, each row keeping the codes with the smaller output error.
+
+    GPTQ's greedy order can lose on a row whose H is nearly singular; the nearest codes are the floor.
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    codes = gptq(rows, h, grid, nearest.scale, compensation=compensation)
+    errors = output_errors(rows - decode(codes, nearest.scale, grid), h)
+    better = errors < nearest.row_errors
+    return RowCodes(np.where(better[:, None], codes, nearest.codes), nearest.scale, nearest.alpha,
+                    float(np.where(better, errors, nearest.row_errors).sum()))
 
 
 def decode(codes: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
