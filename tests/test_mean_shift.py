@@ -101,7 +101,9 @@ def test_centered_moments_and_shift_against_numpy():
     x = rng.standard_normal((200, 2, 3)) + np.array([3.0, -1.0, 0.5])  # (rows, groups, K)
     h = np.einsum("ngk,ngl->gkl", x, x) / len(x)
     mean = x.mean(axis=0)
-    np.testing.assert_allclose(centered(h, mean), np.stack([np.cov(x[:, g].T, bias=True) for g in range(2)]), atol=1e-12)
+    covariance = np.stack([np.cov(x[:, g].T, bias=True) for g in range(2)])
+    np.testing.assert_allclose(centered(h, mean, kept=0.0), covariance, atol=1e-12)
+    np.testing.assert_allclose(centered(h, mean, kept=0.25), covariance + 0.25 * np.einsum("gk,gl->gkl", mean, mean), atol=1e-12)
     delta = rng.standard_normal((4, 3))  # rows 0-1 read group 0, rows 2-3 group 1
     want = [delta[r] @ mean[r // 2] for r in range(4)]
     np.testing.assert_allclose(mean_shift(delta, mean), want)

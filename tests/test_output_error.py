@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from onnxq.numerics import uniform
-from onnxq.numerics.output_error import Grid, damped, decode, gptq, output_errors, quantize_rows, search_alpha
+from onnxq.numerics.output_error import Compensation, Grid, damped, decode, gptq, inverse_cholesky, output_errors, quantize_rows, search_alpha
 from onnxq.numerics.search import best_alpha
 
 
@@ -49,6 +49,22 @@ def test_gptq_equals_obq_column_by_column(block):
     assert by_mean_square != list(range(12))  # the order matters in this case
     np.testing.assert_array_equal(codes, obq_reference(rows, h, scale.astype(np.float64), 4, by_mean_square))
     assert not np.array_equal(codes, obq_reference(rows, h, scale.astype(np.float64), 4, list(range(12))))
+
+
+@pytest.mark.parametrize("k", [7, 300])  # 300: past the block the factor's upper triangle is cleared in
+def test_inverse_factor_against_numpy(k):
+    """U upper triangular with U^T U = H^-1 (numpy's inverse), for H as given and for the damped, reordered H of GPTQ."""
+    rng = np.random.default_rng(3)
+    x = correlated_inputs(rng, 2 * k, k)
+    h = x.T @ x / len(x) + 0.01 * np.eye(k)
+    upper = inverse_cholesky(h)
+    np.testing.assert_array_equal(np.tril(upper, -1), 0.0)
+    np.testing.assert_allclose(upper.T @ upper, np.linalg.inv(h), rtol=1e-6, atol=1e-9 * np.abs(np.linalg.inv(h)).max())
+    compensation = Compensation.of(h)
+    ordered = damped(h)[np.ix_(compensation.order, compensation.order)]
+    np.testing.assert_array_equal(np.tril(compensation.upper, -1), 0.0)
+    np.testing.assert_allclose(compensation.upper.T @ compensation.upper, np.linalg.inv(ordered), rtol=1e-6,
+                               atol=1e-9 * np.abs(np.linalg.inv(ordered)).max())
 
 
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])

@@ -33,7 +33,7 @@ from onnxq.model.graph import attribute, constant_initializers, is_op
 from onnxq.plan.weights import WeightPlan
 
 #: Bytes of convolution patches built at a time (a few samples of a large feature map).
-PATCH_BYTES = 64 << 20
+PATCH_BYTES = 16 << 20
 #: Longest input row a full H is kept for (3x3 x 512 channels; its inverse and sums take seconds, 8192 took minutes):
 #: beyond, the weight keeps its own-error quantization.
 MAX_FEATURES = 4608
@@ -44,6 +44,8 @@ ROWS_PER_FEATURE = 4
 FLUSH_ROWS = 4096
 #: Features from which a single group's products use syrk (the upper triangle only).
 SYRK_FEATURES = 64
+#: Rows of the upper triangle mirrored at a time (small temporaries).
+SYMMETRIC_BLOCK = 256
 
 
 @dataclass(frozen=True)
@@ -291,11 +293,16 @@ def _add_products(rows32: np.ndarray, weight: float, into: np.ndarray | None) ->
 
 
 def _symmetric(sums: np.ndarray) -> np.ndarray:
-    """The full matrices of sums that :func:`_products` kept as upper triangles (the others are returned as they are)."""
+    """The full matrices of sums that :func:`_add_products` kept as upper triangles, filled in place (others as they are)."""
     if sums.shape[0] != 1 or sums.shape[1] < SYRK_FEATURES:
         return sums
-    upper = np.triu(sums[0])
-    return (upper + np.triu(upper, 1).T)[None]
+    matrix = sums[0]
+    for start in range(0, len(matrix), SYMMETRIC_BLOCK):  # a block of rows below the diagonal from the columns above it
+        stop = start + SYMMETRIC_BLOCK
+        matrix[start:stop, :start] = matrix[:start, start:stop].T
+        block = matrix[start:stop, start:stop]
+        block[:] = np.triu(block) + np.triu(block, 1).T
+    return sums
 
 
 @dataclass
@@ -333,16 +340,34 @@ class MomentCollector:
                 moments.add_taken(reader.rows(chunk, moments.take(reader.count(chunk))))
 
     def hessians(self) -> dict[str, np.ndarray]:
-        """Per weight, E[x x^T] per group over all its readers' rows."""
-        out = {}
+        """Per weight, E[x x^T] per group over all its readers' rows; weights with the same readers share one matrix.
+
+        The sums become the matrices in place (a transformer's are most of the quantizer's memory): call it once, last.
+        """
+        out: dict[str, np.ndarray] = {}
+        shared: dict[tuple[LayerInput, ...], np.ndarray | None] = {}
         for weight, readers in self.inputs.items():
-            parts = [self.moments[reader] for reader in dict.fromkeys(readers)]
-            for part in parts:
-                part.flush()
-            count = sum(m.count for m in parts)
-            if count and all(m.sums is not None for m in parts):
-                out[weight] = _symmetric(sum(m.sums for m in parts)) / count  # type: ignore[misc]
+            key = tuple(dict.fromkeys(readers))
+            if key not in shared:
+                shared[key] = self._average(key)
+            if (h := shared[key]) is not None:
+                out[weight] = h
         return out
+
+    def _average(self, readers: tuple[LayerInput, ...]) -> np.ndarray | None:
+        """The readers' summed x x^T over their rows, made symmetric and divided in place; None without rows."""
+        parts = [self.moments[reader] for reader in readers]
+        for part in parts:
+            part.flush()
+        count = sum(m.count for m in parts)
+        if not count or any(m.sums is None for m in parts):
+            return None
+        total = parts[0].sums if len(parts) == 1 else sum(m.sums for m in parts)
+        for part in parts:
+            part.sums = None  # handed over
+        total = _symmetric(total)
+        total /= count
+        return total
 
     def means(self) -> dict[str, np.ndarray]:
         """Per weight, E[x] per group (groups, K) over all its readers' rows: the mean input its rows multiply."""

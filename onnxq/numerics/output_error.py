@@ -125,7 +125,8 @@ class Compensation:
     def of(cls, h: np.ndarray) -> Compensation:
         """Largest diagonal first; the upper Cholesky factor of the damped H^-1 in that order."""
         order = np.argsort(-np.diagonal(h), kind="stable")
-        return cls(order, inverse_cholesky(damped(h)[np.ix_(order, order)]))
+        backwards = order[::-1]  # P (H in that order) P, gathered at once: the factorisation works in this copy
+        return cls(order, _upper_from_reversed(damped(h)[np.ix_(backwards, backwards)]))
 
 
 def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, compensation: Compensation | None = None) -> np.ndarray:
@@ -166,13 +167,31 @@ def inverse_cholesky(h: np.ndarray) -> np.ndarray:
     """
     if h.ndim > 2:
         return np.linalg.inv(np.linalg.cholesky(h[..., ::-1, ::-1]))[..., ::-1, ::-1].copy()
-    lower, info = lapack.dpotrf(np.ascontiguousarray(h[::-1, ::-1]), lower=1)
+    return _upper_from_reversed(np.array(h[::-1, ::-1], dtype=np.float64))
+
+
+#: Rows of a factor cleared above the diagonal at a time (small temporaries).
+TRIANGLE_BLOCK = 256
+
+
+def _upper_from_reversed(reversed_h: np.ndarray) -> np.ndarray:
+    """:func:`inverse_cholesky` of H given P H P (float64, C order), which is factorised and inverted in its own memory.
+
+    H of a wide layer is tens of MB, and every copy of it counted in the quantizer's peak memory.
+    """
+    column_major = reversed_h.T  # symmetric: the same matrix in LAPACK's order, so nothing is copied
+    lower, info = lapack.dpotrf(column_major, lower=1, overwrite_a=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"H is not positive definite (LAPACK dpotrf info {info})")
-    inverse, info = lapack.dtrtri(lower, lower=1)
+    inverse, info = lapack.dtrtri(lower, lower=1, overwrite_c=1)
     if info != 0:
         raise np.linalg.LinAlgError(f"singular Cholesky factor (LAPACK dtrtri info {info})")
-    return np.tril(inverse)[::-1, ::-1].copy()
+    for start in range(0, len(inverse), TRIANGLE_BLOCK):  # LAPACK left the upper triangle as it found it: clear it
+        stop = min(start + TRIANGLE_BLOCK, len(inverse))
+        block = inverse[start:stop, start:stop]
+        block[np.triu_indices(stop - start, 1)] = 0.0
+        inverse[start:stop, stop:] = 0.0
+    return inverse[::-1, ::-1].copy()
 
 
 @dataclass(frozen=True)
