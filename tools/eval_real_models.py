@@ -202,15 +202,31 @@ def _resident_mb() -> float:
         return int(f.read().split()[1]) * resource.getpagesize() / 2**20
 
 
+def _peak_resident_mb() -> float:
+    """The most this process has had resident since the last :func:`_reset_peak`, in MB (VmHWM)."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+
+
+def _reset_peak() -> None:
+    """Start the peak over from the resident set now.
+
+    A forked child inherits its parent's peak, which a large case run before had raised above anything a small one
+    reaches (the peaks of later cases then read as zero).
+    """
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
 def _child(setting: Setting, case: Case, out: Path, pipe) -> None:  # noqa: ANN001
     logging.disable(logging.WARNING)  # onnxruntime's quantizers log every node
+    _reset_peak()
     start_rss = _resident_mb()
     try:
         start = time.perf_counter()
         remark = setting.quantize(case, out)
         seconds = time.perf_counter() - start
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        pipe.send(("ok", seconds, peak - start_rss, remark))
+        pipe.send(("ok", seconds, _peak_resident_mb() - start_rss, remark))
     except Exception as error:  # noqa: BLE001  (a quantizer that fails on a model is a result, printed in its row)
         last = traceback.format_exception_only(type(error), error)[-1].strip()
         pipe.send(("error", 0.0, 0.0, last[:160]))
