@@ -55,6 +55,18 @@ def test_output_aware_off_gives_the_data_free_model():
     assert off.SerializeToString() == quantize(model, QuantizeConfig(bits=4)).SerializeToString()
 
 
+def test_eight_bit_layers_keep_the_data_free_codes_and_4_bit_ones_do_not():
+    """With data, the first/last layers (8 bits) are quantized as without data; the 4-bit middle layer is not."""
+    model = conv_bn_relu_gemm()
+    blind_model = quantize(model, QuantizeConfig(bits=4))
+    blind = {t.name: t for t in blind_model.graph.initializer}
+    informed = {t.name: t for t in quantize(model, QuantizeConfig(bits=4), _inputs(model, 16, seed=1)).graph.initializer}
+    codes = sorted({n.input[0] for n in blind_model.graph.node if n.op_type == "DequantizeLinear"})
+    assert len(codes) == 3  # conv1 and fc at 8 bits, conv2 at 4
+    same = {name for name in codes if informed[name].SerializeToString() == blind[name].SerializeToString()}
+    assert {blind[name].data_type for name in same} == {onnx.TensorProto.INT8} and len(same) == 2
+
+
 def test_weight_only_with_data_quantizes_no_activation():
     model = conv_bn_relu_gemm()
     result = quantize_with_report(model, QuantizeConfig(bits=4), _inputs(model, 16, seed=1))

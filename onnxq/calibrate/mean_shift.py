@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import onnx
 from onnx import helper, numpy_helper
+from scipy.linalg import blas
 
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, to_array
 from onnxq.plan.weights import WeightPlan
@@ -76,7 +77,10 @@ MEAN_KEPT = 0.25
 
 def centered(h: np.ndarray, mean: np.ndarray, kept: float = MEAN_KEPT) -> np.ndarray:
     """H - (1 - ``kept``) E[x] E[x]^T per group, from ``h`` (groups, K, K) and ``mean`` (groups, K); ``kept`` 0: the covariance."""
-    return h - (1.0 - kept) * (mean[:, :, None] * mean[:, None, :])
+    out = np.array(h, dtype=np.float64)
+    for group, vector in zip(out, np.asarray(mean, dtype=np.float64), strict=True):  # a rank-one update in place (BLAS dger)
+        blas.dger(-(1.0 - kept), vector, vector, a=group.T, overwrite_a=1)  # group.T: the same symmetric matrix, column-major
+    return out
 
 
 def mean_shift(delta_rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
