@@ -25,6 +25,7 @@ from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
     from onnxq.analysis.sensitivity import SensitivityAnalysis
+    from onnxq.analysis.speed import Speed
     from onnxq.report.files import ReportPaths
 
 BIT_CHOICES = range(2, 9)
@@ -88,6 +89,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--external-data", action="store_true",
                    help="store tensors in MODEL.data beside the output (automatic for inputs with external data and models over 1 GB)")
     p.add_argument("-v", "--verbose", action="store_true", help="print a line per quantized layer")
+    p.add_argument("--no-speed", dest="speed", action="store_false",
+                   help="do not time the written model against the float one (by default a few runs on one batch of the "
+                        "calibration data, or of synthetic inputs, print its speed-up over float on this CPU)")
     p.add_argument("--report", type=Path, metavar="PATH",
                    help="also write PATH as JSON (per layer: bits, format, alpha, weight SQNR, sizes; skipped layers; config), "
                    "a Markdown summary as PATH.md and, with matplotlib, a chart as PATH.png (PATH.md: the JSON goes beside it)")
@@ -248,7 +252,7 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
 def _run_quantize(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, check_against_float, check_on_synthetic, damage_warning
+    from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, check_against_float, damage_warning, synthetic_check
     from onnxq.model.save import check_onnxruntime_loads, check_output_path, save_model
     from onnxq.pipeline import quantize_with_report
     from onnxq.report.summary import summary
@@ -284,10 +288,13 @@ def _run_quantize(args: argparse.Namespace) -> int:
     check = check_against_float(args.model, output, data) if data is not None else None
     if check is not None:
         print(check.line(named))
-    blind = check_on_synthetic(args.model, output) if check is None else None
+    synthetic = synthetic_check(args.model, output) if check is None else None
+    blind = synthetic[0] if synthetic is not None else None
     if (warning := damage_warning(check, named) if check is not None else damage_warning(blind, f"{SYNTHETIC_SAMPLES} synthetic inputs")
             if blind is not None else None):
         print(warning)
+    if args.speed and (speed := _speed(args.model, output, data, synthetic[1] if synthetic is not None else None)) is not None:
+        print(speed.line())
     if report is not None:
         from onnxq.report.files import build_report, write_report
 
@@ -296,6 +303,26 @@ def _run_quantize(args: argparse.Namespace) -> int:
             built = built.with_layer_values({layer.tensor: analysis.layer(layer.tensor, layer.bits).report_values() for layer in result.layers})
         print(write_report(built, report))
     return 0
+
+
+def _speed(model: Path, output: Path, data: object, synthetic: list[dict] | None) -> Speed | None:
+    """The written model's speed against float on one run of the data (or of the synthetic inputs); None where none runs."""
+    from onnxq.analysis.speed import SPEED_SAMPLES, measure_speed
+    from onnxq.calibrate.data import calibration_batches
+    from onnxq.calibrate.samples import batch_size, input_specs, sample_axes
+    from onnxq.model.load import read_model_file
+
+    specs = input_specs(read_model_file(model))
+    if data is not None:
+        feed = next(iter(calibration_batches(data, specs, SPEED_SAMPLES)), None)
+    else:
+        feed = synthetic[0] if synthetic else None
+    if feed is None:
+        return None
+    try:
+        return measure_speed(model, output, feed, batch_size(feed, sample_axes(specs)))
+    except Exception:  # noqa: BLE001  (the checks above ran these inputs; a failure here only loses the hint)
+        return None
 
 
 def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool) -> tuple[SensitivityAnalysis | None, QuantizeConfig]:

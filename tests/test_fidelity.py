@@ -120,3 +120,44 @@ def test_synthetic_inputs_grow_until_the_model_runs(tmp_path, capfd):
     check = check_on_synthetic(path, path)
     assert check is not None and check.output_sqnr_db == float("inf")  # the same file against itself
     assert "onnxruntime" not in capfd.readouterr().err
+
+
+def test_the_speed_line_reports_the_measured_ratio_and_what_may_help():
+    """The ratio is float's time over the quantized model's; a slower QDQ model gets the hint, a faster one does not."""
+    from onnxq.analysis.speed import Speed
+
+    slow = Speed(float_ms=2.0, quantized_ms=4.0, samples=8, integer_ops=False)
+    assert slow.ratio == 0.5
+    assert slow.line().startswith("speed: 0.50x the float model's on this CPU (4 ms against 2 ms for a run of 8 samples")
+    assert "--format int" in slow.line()
+    assert "onnxq's ops dequantize" in Speed(2.0, 4.0, 1, integer_ops=True).line()
+    fast = Speed(float_ms=3.0, quantized_ms=2.0, samples=1, integer_ops=True)
+    assert fast.line().endswith("for a run of 1 sample, onnxruntime, one thread)")
+
+
+def test_the_cli_times_the_written_model_unless_told_not_to(tmp_path, capsys):
+    """With data (a batch of it) and without (the synthetic inputs): one speed line; --no-speed: none."""
+    import re
+
+    path = tmp_path / "m.onnx"
+    onnx.save(conv_bn_relu_gemm(), path)
+    np.save(tmp_path / "calib.npy", _samples())
+    runs = {
+        "data": ["--calibration", str(tmp_path / "calib.npy")],
+        "none": [],
+        "off": ["--no-speed"],
+    }
+    for name, extra in runs.items():
+        assert main(["quantize", str(path), "-b", "4", "-o", str(tmp_path / f"{name}.onnx"), *extra]) == 0
+        lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("speed:")]
+        if name == "off":
+            assert lines == []
+            continue
+        assert len(lines) == 1, lines
+        samples = 8 if name == "data" else 1  # a batch of the data (up to 8 samples), or one synthetic input
+        pattern = r"speed: ([0-9.]+)x the float model's on this CPU \(([0-9.e+-]+) ms against ([0-9.e+-]+) ms for a run of (\d+) sample"
+        match = re.match(pattern, lines[0])
+        assert match is not None, lines[0]
+        ratio, quantized_ms, float_ms, count = float(match[1]), float(match[2]), float(match[3]), int(match[4])
+        assert count == samples and quantized_ms > 0 and float_ms > 0
+        assert abs(ratio - float_ms / quantized_ms) <= 0.02 * ratio + 0.01  # the printed ratio is the printed times' (rounded)

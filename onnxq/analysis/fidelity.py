@@ -141,13 +141,21 @@ def _lookup_rows(model: onnx.ModelProto) -> dict[str, int]:
 
 def check_on_synthetic(float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str]) -> Fidelity | None:
     """The check of :func:`check_against_float` on synthetic inputs, for runs without data; None where they do not run."""
+    found = synthetic_check(float_path, quantized_path)
+    return found[0] if found is not None else None
+
+
+def synthetic_check(
+    float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str]
+) -> tuple[Fidelity | None, list[dict[str, np.ndarray]]] | None:
+    """:func:`check_on_synthetic`, and the synthetic inputs the model ran on; None where none run."""
     header = read_model_file(Path(float_path))
     for length in SYNTHETIC_LENGTHS:
         feeds = synthetic_inputs(header, length=length)
         if not feeds:
             return None
         try:
-            return check_against_float(float_path, quantized_path, feeds, len(feeds), quiet=True)
+            return check_against_float(float_path, quantized_path, feeds, len(feeds), quiet=True), feeds
         except Exception:  # noqa: BLE001, S112  (a model these values cannot drive, e.g. too short for its padding: try longer)
             continue
     return None

@@ -1,0 +1,82 @@
+"""What the written model costs against the float one in onnxruntime on this CPU, measured after writing.
+
+A quantized model is smaller, but not always faster: onnxruntime dequantizes weight-only QDQ weights on every run
+unless it fuses them into an integer kernel (it does for some 4-bit MatMuls), and an independent check found the
+accurate settings running at 0.56-0.8x float while users assumed the opposite. So the CLI times both files on one run's
+inputs (a batch of the calibration data, or the synthetic inputs of the fidelity check), one thread as the
+benchmarks use, alternating the two models and keeping each one's fastest run (the machine's noise only ever slows a
+run down), and prints the ratio. It is a few runs on one batch, a hint of the cost, not a benchmark
+(tools/bench_ops.py measures the formats side by side).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from onnxq.native.session import session_options, uses_onnxq_ops
+
+#: Timed runs of each model at most, and the seconds the timing may take at most (after one warm-up run each).
+SPEED_RUNS = 10
+SPEED_SECONDS = 1.0
+#: Samples in the timed batch (when the data has that many in its first run).
+SPEED_SAMPLES = 8
+#: Below this ratio the line says the model runs slower than float, and what may help.
+SLOWER = 0.95
+
+
+@dataclass(frozen=True)
+class Speed:
+    """The fastest of a few runs of each model on the same inputs, one onnxruntime thread."""
+
+    float_ms: float
+    quantized_ms: float
+    samples: int
+    integer_ops: bool  # whether the written model uses onnxq's ops (the int/post formats)
+
+    @property
+    def ratio(self) -> float:
+        """Speed-up over float: above 1 the written model is faster."""
+        return self.float_ms / self.quantized_ms if self.quantized_ms > 0 else float("inf")
+
+    def line(self) -> str:
+        """What the CLI prints."""
+        runs = f"{self.samples} sample{'s' if self.samples != 1 else ''}"
+        text = (f"speed: {self.ratio:.2f}x the float model's on this CPU ({self.quantized_ms:.3g} ms against {self.float_ms:.3g} ms "
+                f"for a run of {runs}, onnxruntime, one thread)")
+        if self.ratio >= SLOWER:
+            return text
+        if self.integer_ops:
+            return text + "; slower than float: the layers outside onnxq's ops dequantize their weights on every run"
+        return (text + "; slower than float: onnxruntime dequantizes most QDQ weights on every run, and --format int, "
+                "which runs Conv, Gemm and MatMul layers as onnxq's integer ops, may be faster (docs/formats.md)")
+
+
+def measure_speed(float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str], feed: Mapping[str, np.ndarray],
+                  samples: int) -> Speed:
+    """Time both files on ``feed`` (one run's inputs, ``samples`` samples): each one's fastest of a few alternating runs."""
+    import onnxruntime as ort
+
+    integer_ops = uses_onnxq_ops(quantized_path)
+    sessions = []
+    for path in (float_path, quantized_path):
+        options = session_options(threads=1, custom_ops=uses_onnxq_ops(path))
+        options.inter_op_num_threads = 1
+        sessions.append(ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"]))
+    feed = dict(feed)
+    best = [float("inf"), float("inf")]
+    for session in sessions:  # warm-up: the first run allocates and packs weights
+        session.run(None, feed)
+    deadline = time.perf_counter() + SPEED_SECONDS
+    for _ in range(SPEED_RUNS):
+        for i, session in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feed)
+            best[i] = min(best[i], time.perf_counter() - start)
+        if time.perf_counter() > deadline:
+            break
+    return Speed(1e3 * best[0], 1e3 * best[1], samples, integer_ops)
