@@ -104,6 +104,9 @@ def test_centered_moments_and_shift_against_numpy():
     covariance = np.stack([np.cov(x[:, g].T, bias=True) for g in range(2)])
     np.testing.assert_allclose(centered(h, mean, kept=0.0), covariance, atol=1e-12)
     np.testing.assert_allclose(centered(h, mean, kept=0.25), covariance + 0.25 * np.einsum("gk,gl->gkl", mean, mean), atol=1e-12)
+    fortran = np.asfortranarray(h)  # the moment sums of wide layers come in BLAS's column-major layout
+    np.testing.assert_allclose(centered(fortran, mean, kept=0.0), covariance, atol=1e-12)
+    np.testing.assert_array_equal(fortran, h)  # the input is left as it was
     delta = rng.standard_normal((4, 3))  # rows 0-1 read group 0, rows 2-3 group 1
     want = [delta[r] @ mean[r // 2] for r in range(4)]
     np.testing.assert_allclose(mean_shift(delta, mean), want)

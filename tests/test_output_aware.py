@@ -55,16 +55,25 @@ def test_output_aware_off_gives_the_data_free_model():
     assert off.SerializeToString() == quantize(model, QuantizeConfig(bits=4)).SerializeToString()
 
 
-def test_eight_bit_layers_keep_the_data_free_codes_and_4_bit_ones_do_not():
-    """With data, the first/last layers (8 bits) are quantized as without data; the 4-bit middle layer is not."""
+def _codes(model: onnx.ModelProto) -> dict[str, bytes]:
+    """Each DequantizeLinear's code tensor, serialized, by name."""
+    inits = {t.name: t for t in model.graph.initializer}
+    return {n.input[0]: inits[n.input[0]].SerializeToString() for n in model.graph.node if n.op_type == "DequantizeLinear"}
+
+
+def test_depthwise_layers_the_rule_keeps_at_8_bits_keep_the_data_free_codes():
+    """With data, the depthwise layer at 8 bits by the depthwise rule is quantized as without data; at 4 bits it is not,
+    and neither are the 8-bit first/last layers."""
+    model = depthwise_convtranspose()
+    data = _inputs(model, 16, seed=1)
+    for depthwise_bits, same in ((8, True), (None, False)):
+        config = QuantizeConfig(bits=4, first_last_bits=None, depthwise_bits=depthwise_bits)
+        blind, informed = _codes(quantize(model, config)), _codes(quantize(model, config, data))
+        (dw,) = [name for name in blind if name.startswith("dw")]
+        assert (blind[dw] == informed[dw]) is same, depthwise_bits
     model = conv_bn_relu_gemm()
-    blind_model = quantize(model, QuantizeConfig(bits=4))
-    blind = {t.name: t for t in blind_model.graph.initializer}
-    informed = {t.name: t for t in quantize(model, QuantizeConfig(bits=4), _inputs(model, 16, seed=1)).graph.initializer}
-    codes = sorted({n.input[0] for n in blind_model.graph.node if n.op_type == "DequantizeLinear"})
-    assert len(codes) == 3  # conv1 and fc at 8 bits, conv2 at 4
-    same = {name for name in codes if informed[name].SerializeToString() == blind[name].SerializeToString()}
-    assert {blind[name].data_type for name in same} == {onnx.TensorProto.INT8} and len(same) == 2
+    blind, informed = _codes(quantize(model, QuantizeConfig(bits=4))), _codes(quantize(model, QuantizeConfig(bits=4), _inputs(model, 16, seed=1)))
+    assert all(blind[name] != informed[name] for name in blind)  # conv1 and fc at 8 bits (first/last), conv2 at 4
 
 
 def test_weight_only_with_data_quantizes_no_activation():

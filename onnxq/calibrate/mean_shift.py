@@ -77,9 +77,11 @@ MEAN_KEPT = 0.25
 
 def centered(h: np.ndarray, mean: np.ndarray, kept: float = MEAN_KEPT) -> np.ndarray:
     """H - (1 - ``kept``) E[x] E[x]^T per group, from ``h`` (groups, K, K) and ``mean`` (groups, K); ``kept`` 0: the covariance."""
-    out = np.array(h, dtype=np.float64)
-    for group, vector in zip(out, np.asarray(mean, dtype=np.float64), strict=True):  # a rank-one update in place (BLAS dger)
-        blas.dger(-(1.0 - kept), vector, vector, a=group.T, overwrite_a=1)  # group.T: the same symmetric matrix, column-major
+    out = np.array(h, dtype=np.float64, order="C")  # C order: each group's transpose is column-major, which dger updates in place
+    for group, vector in zip(out, np.asarray(mean, dtype=np.float64), strict=True):  # a rank-one update (BLAS dger)
+        updated = blas.dger(-(1.0 - kept), vector, vector, a=group.T, overwrite_a=1)  # group.T: the same symmetric matrix
+        if not np.shares_memory(updated, group):  # BLAS worked on a copy after all
+            group[...] = updated.T
     return out
 
 
