@@ -39,7 +39,7 @@ from onnxq.model.load import LoadedModel, load
 from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_opset
 from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
-from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
 from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
@@ -47,6 +47,7 @@ from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_
 from onnxq.rewrite.activations import insert_activation_qdq
 from onnxq.rewrite.biases import quantize_biases
 from onnxq.rewrite.fusions import take_input_quantization
+from onnxq.rewrite.matmul_nbits import replace_matmuls
 from onnxq.rewrite.ops import declare_domain, replace_convs
 from onnxq.rewrite.qdq import replace_weights
 from onnxq.rewrite.tables import replace_tables
@@ -267,7 +268,7 @@ def quantize_planned(
         axis = plan.channel_axis or 0
         codes = quantize_post_weight(weight, plan.bits, axis)
         return codes if hessian is None else quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes)
-    linear = op_type == INT_CONV or (integer_inputs and storage_bits(plan.bits) == 8)
+    linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and storage_bits(plan.bits) == 8)
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
     if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
@@ -333,8 +334,11 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
     replace_tables(model, weights.tables)
     if activations:
         insert_activation_qdq(model, activations, default_opset(model))
-    if weights.ops:
-        replace_convs(model.graph, weights.ops, plan.ranks)
+    nbits = {tensor: q for tensor, (q, op_type) in weights.ops.items() if op_type == MATMUL_NBITS}
+    if nbits:
+        replace_matmuls(model, nbits)
+    if ours := {tensor: entry for tensor, entry in weights.ops.items() if entry[1] != MATMUL_NBITS}:
+        replace_convs(model.graph, ours, plan.ranks)
         declare_domain(model)
         if activations:
             take_input_quantization(model.graph)

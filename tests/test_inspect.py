@@ -72,16 +72,20 @@ def test_onnxq_qdq_int4_int8(tmp_path, sqrt, granularity):
     model = onnx.load(path)
     inventory = inspect_model(path)
     expected = _qdq_expectations(model)
-    assert {k: v["format"] for k, v in expected.items()} == {"conv1": "int8", "conv2": "int4", "fc": "int8"}
+    assert {k: v["format"] for k, v in expected.items()} == {"conv1": "int8", "conv2": "int4"}
+    (fc,) = [n for n in model.graph.node if n.name == "fc"]  # the 8-bit classifier runs as MatMulNBits
+    inits = {t.name: t for t in model.graph.initializer}
+    assert fc.op_type == "MatMulNBits"
+    expected["fc"] = {"format": "uint8", "bits": 8, "weight_bytes": _bytes(inits[fc.input[1]]), "scale_bytes": _bytes(inits[fc.input[2]])}
     rows = _by_node(inventory)
     assert set(rows) == set(expected), "Abs/Mul of sqrt mode must not be listed as weighted nodes"
     for name, want in expected.items():
         assert _describe(rows[name], want) == want, name
         assert rows[name].activations == "float"
-    assert inventory.weight_bytes_by_format == {"int4": expected["conv2"]["weight_bytes"],
-                                                "int8": expected["conv1"]["weight_bytes"] + expected["fc"]["weight_bytes"]}
+    assert inventory.weight_bytes_by_format == {"int4": expected["conv2"]["weight_bytes"], "int8": expected["conv1"]["weight_bytes"],
+                                                "uint8": expected["fc"]["weight_bytes"]}
     assert inventory.file_bytes == path.stat().st_size
-    assert inventory.opsets == {"ai.onnx": 21} and not inventory.needs_onnxq_library
+    assert inventory.opsets == {"ai.onnx": 21, "com.microsoft": 1} and not inventory.needs_onnxq_library
     initializers = onnx.load(path).graph.initializer
     assert inventory.initializer_bytes == sum(len(t.raw_data) for t in initializers)
 

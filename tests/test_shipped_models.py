@@ -58,8 +58,9 @@ def test_vit_weights_keep_accuracy(test_split, bits, max_drop_pp):
     """The transformer's 24 weight MatMuls sit behind Transpose nodes (TorchScript export): they must be quantized."""
     base = accuracy(VIT, test_split).top1
     q = quantize(VIT, QuantizeConfig(bits=bits))
-    quantized = sum(n.op_type == "DequantizeLinear" for n in q.graph.node)
-    assert quantized == 26  # 24 MatMuls, the patch Conv, the classifier
+    quantized = sum(n.op_type in ("DequantizeLinear", "MatMulNBits") for n in q.graph.node)
+    assert quantized == 26  # 24 MatMuls, the patch Conv, the classifier (8-bit MatMul/Gemm weights as MatMulNBits)
+    assert sum(n.op_type == "MatMulNBits" for n in q.graph.node) == (25 if bits == 8 else 1)
     assert base - accuracy(q.SerializeToString(), test_split).top1 <= max_drop_pp / 100
 
 

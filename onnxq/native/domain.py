@@ -17,3 +17,5 @@ POST_CONV = "PostConv"
 #: onnxruntime's contrib domain (in every onnxruntime build) and the embedding lookup onnxq writes into it.
 ORT_DOMAIN = "com.microsoft"
 LOOKUP_OP = "GatherBlockQuantized"
+#: onnxruntime's MatMul over b-bit codes in blocks along K, which onnxq writes for 8-bit weight-only MatMuls.
+MATMUL_NBITS = "MatMulNBits"

@@ -13,7 +13,8 @@ import onnx
 
 from onnxq.config import QuantizeConfig, WeightFormat
 from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op
-from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
+from onnxq.numerics.uniform import storage_bits
 from onnxq.plan.handlers import RECURRENT_WEIGHTS, TABLE_OPS
 from onnxq.plan.weights import WeightPlan
 from onnxq.rewrite.gemm import GEMM_TYPES, unsupported, weight_is_rows
@@ -22,6 +23,31 @@ from onnxq.rewrite.gemm import GEMM_TYPES, unsupported, weight_is_rows
 def runs_as_lookup(plan: WeightPlan, rank: int) -> bool:
     """Whether every reader of the weight is a main-graph Gather of rows from a 2-D table (what the lookup op runs)."""
     return rank == 2 and all(u.op_type in TABLE_OPS and u.channel_axis == 0 and not u.body_of for u in plan.uses)
+
+
+#: The shortest K MatMulNBits takes (its smallest block).
+NBITS_MIN_K = 16
+
+
+def runs_as_nbits(plan: WeightPlan, rank: int, targets: OpTargets, config: QuantizeConfig) -> bool:
+    """Whether an 8-bit weight-only weight runs as onnxruntime's MatMulNBits (onnxq/rewrite/matmul_nbits.py).
+
+    Every reader a main-graph MatMul x @ W or Gemm (transA 0, a constant C or none) of a 2-D float32 weight with K of
+    16 at least, activations float.
+    """
+    if config.activations is not None or storage_bits(plan.bits) != 8 or not plan.is_float32 or plan.in_body or rank != 2:
+        return False
+    for use in plan.uses:
+        node = targets.nodes.get(use.node)
+        if node is None or use.body_of or use.input_index != 1 or node.op_type not in GEMM_TYPES or node.domain:
+            return False
+        dims = targets.consts[plan.tensor].dims
+        if dims[1 if weight_is_rows(node) else 0] < NBITS_MIN_K:
+            return False
+        computed_bias = len(node.input) > 2 and node.input[2] and node.input[2] not in targets.consts
+        if node.op_type == "Gemm" and (attribute(node, "transA", 0) or computed_bias):
+            return False
+    return True
 
 
 def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:
@@ -83,7 +109,7 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     if runs_as_lookup(plan, rank):
         return OpChoice(LOOKUP_OP)
     if config.format is WeightFormat.QDQ:
-        return OpChoice(None)
+        return OpChoice(MATMUL_NBITS if runs_as_nbits(plan, rank, targets, config) else None)
     if plan.in_body:
         return OpChoice(None, "read inside a control-flow body (If, Loop, Scan); the ops replace main-graph nodes")
     if not plan.is_float32:

@@ -1,0 +1,91 @@
+"""8-bit weight-only MatMul/Gemm weights written as onnxruntime's MatMulNBits (onnxq/rewrite/matmul_nbits.py).
+
+The op's layout is decoded here independently (codes + 128 in blocks along K, a scale per block) and must give back
+exactly the weight onnxq's codes stand for; the written model must compute x @ W (+ bias) as numpy does with that
+weight, within the op's int8 products (accuracy level 4 quantizes the input per block).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.config import ActivationConfig, Granularity, QuantizeConfig
+from onnxq.numerics.weights import QuantizedTensor
+from onnxq.pipeline import quantize
+from onnxq.rewrite.matmul_nbits import nbits_weight
+
+
+def _decode(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
+    """(N, K) weights from the op's (N, blocks, block) codes and (N * blocks) scales."""
+    n, blocks, _ = codes.shape
+    return ((codes.astype(np.int16) - 128) * scales.reshape(n, blocks, 1)).reshape(n, -1)[:, :k]
+
+
+@pytest.mark.parametrize("k", [16, 200, 384])  # 200: the last block padded
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_the_layout_holds_the_codes(k, per_channel):
+    rng = np.random.default_rng(0)
+    n = 5
+    codes = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
+    scale = rng.random(n).astype(np.float32) + 0.5 if per_channel else np.float32(0.75)
+    q = QuantizedTensor(codes=codes, scale=scale, axis=1 if per_channel else None, bits=8, sqrt=False, alpha=np.ones(1), mse=0.0, sqnr_db=0.0)
+    blob, scales, block = nbits_weight(q)
+    assert block & (block - 1) == 0 and 16 <= block <= 128 and blob.shape == (n, -(-k // block), block)
+    want = (codes.astype(np.float32) * np.asarray(scale, dtype=np.float32)).T  # (N, K)
+    np.testing.assert_array_equal(_decode(blob, scales, k), want)
+    rows_blob, rows_scales, _ = nbits_weight(QuantizedTensor(codes=codes.T.copy(), scale=scale, axis=0 if per_channel else None, bits=8,
+                                                             sqrt=False, alpha=np.ones(1), mse=0.0, sqnr_db=0.0), rows_first=True, factor=2.0)
+    np.testing.assert_array_equal(_decode(rows_blob, rows_scales, k), 2.0 * want)
+
+
+def _model() -> onnx.ModelProto:
+    """x[N,3,200] -> MatMul(200->48) -> Relu -> Reshape -> Gemm(48->10, transB, alpha 2, beta 0.5, C) -> y."""
+    rng = np.random.default_rng(1)
+    inits = [numpy_helper.from_array(rng.standard_normal((200, 48)).astype(np.float32) * 0.1, "w1"),
+             numpy_helper.from_array(rng.standard_normal((10, 48)).astype(np.float32) * 0.1, "w2"),
+             numpy_helper.from_array(rng.standard_normal(10).astype(np.float32), "c"),
+             numpy_helper.from_array(np.array([-1, 48], dtype=np.int64), "shape")]
+    nodes = [helper.make_node("MatMul", ["x", "w1"], ["h"], name="mm"), helper.make_node("Relu", ["h"], ["r"], name="relu"),
+             helper.make_node("Reshape", ["r", "shape"], ["f"], name="flat"),
+             helper.make_node("Gemm", ["f", "w2", "c"], ["y"], name="fc", transB=1, alpha=2.0, beta=0.5)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 200])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 10])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _weight(model: onnx.ModelProto, node_name: str, k: int, shape: tuple[int, int]) -> np.ndarray:
+    node = next(n for n in model.graph.node if n.name == node_name)
+    assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    rows = _decode(inits[node.input[1]], inits[node.input[2]], k)  # (N, K)
+    return rows if rows.shape == shape else rows.T
+
+
+@pytest.mark.parametrize("granularity", [Granularity.CHANNEL, Granularity.TENSOR])
+def test_eight_bit_weight_only_matmul_and_gemm_run_as_matmul_nbits(granularity):
+    model = _model()
+    q = quantize(model, QuantizeConfig(bits=8, granularity=granularity))
+    assert [n.op_type for n in q.graph.node if n.op_type in ("MatMul", "Gemm", "MatMulNBits", "DequantizeLinear")] == ["MatMulNBits"] * 2
+    w1 = _weight(q, "mm", 200, (200, 48))
+    w2 = _weight(q, "fc", 48, (10, 48)) / 2.0  # alpha went into the scales
+    floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    assert np.abs(w1 - floats["w1"]).max() <= np.abs(floats["w1"]).max() / 127  # within a step of the float weight
+    x = np.random.default_rng(2).standard_normal((4, 3, 200)).astype(np.float32)
+    want = 2.0 * np.maximum(x @ w1, 0).reshape(-1, 48) @ w2.T + 0.5 * floats["c"]
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # the op's int8 products of the input
+
+
+def test_not_with_quantized_activations_nor_below_8_bits():
+    """W8A8 keeps QDQ (onnxruntime runs it as QLinearMatMul); 4-bit plain codes stay QDQ (onnxruntime fuses them itself)."""
+    model = _model()
+    rng = np.random.default_rng(3)
+    data = [{"x": rng.standard_normal((8, 3, 200)).astype(np.float32)} for _ in range(4)]
+    w8a8 = quantize(model, QuantizeConfig(bits=8, activations=ActivationConfig()), data)
+    assert not any(n.op_type == "MatMulNBits" for n in w8a8.graph.node)
+    four = quantize(model, QuantizeConfig(bits=4, first_last_bits=None))
+    assert not any(n.op_type == "MatMulNBits" for n in four.graph.node)
