@@ -151,3 +151,16 @@ class NameSource:
             name = f"{base}_{i}"
         self._taken.add(name)
         return name
+
+
+def insert_after(graph: onnx.GraphProto, after: dict[int, list[onnx.NodeProto]]) -> None:
+    """Put the nodes of ``after[id(node)]`` right behind ``node`` (which keeps the graph's order topological)."""
+    nodes = [n for node in graph.node for n in (node, *after.get(id(node), []))]
+    del graph.node[:]
+    graph.node.extend(nodes)
+
+
+def import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None:
+    """Add ``domain`` to the model's opset imports (once)."""
+    if not any(imp.domain == domain for imp in model.opset_import):
+        model.opset_import.append(onnx.helper.make_opsetid(domain, version))

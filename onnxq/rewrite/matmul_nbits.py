@@ -19,7 +19,16 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, remove_unused_initializers, to_array
+from onnxq.model.graph import (
+    NameSource,
+    attribute,
+    constant_initializers,
+    consumers,
+    import_domain,
+    insert_after,
+    remove_unused_initializers,
+    to_array,
+)
 from onnxq.native.domain import MATMUL_NBITS, ORT_DOMAIN
 from onnxq.numerics.weights import QuantizedTensor
 
@@ -59,7 +68,7 @@ def replace_matmuls(model: onnx.ModelProto, weights: dict[str, QuantizedTensor])
     readers = consumers(graph)
     replaced = 0
     consts = constant_initializers(graph)
-    after: dict[int, onnx.NodeProto] = {}  # a Gemm's bias, added after its MatMulNBits
+    after: dict[int, list[onnx.NodeProto]] = {}  # a Gemm's bias, added after its MatMulNBits
     for tensor, q in weights.items():
         assert not q.sqrt and q.codes.ndim == 2, tensor
         written: dict[tuple[bool, float], tuple[str, str, int]] = {}
@@ -74,7 +83,7 @@ def replace_matmuls(model: onnx.ModelProto, weights: dict[str, QuantizedTensor])
             codes_name, scales_name, block = written[(rows_first, alpha)]
             bias = node.input[2] if node.op_type == "Gemm" and len(node.input) > 2 else ""
             if bias:
-                after[id(node)] = _bias_add(graph, node, bias, float(attribute(node, "beta", 1.0)), consts, names)
+                after[id(node)] = [_bias_add(graph, node, bias, float(attribute(node, "beta", 1.0)), consts, names)]
             n, k = q.codes.shape if rows_first else q.codes.shape[::-1]
             node.op_type, node.domain = MATMUL_NBITS, ORT_DOMAIN
             del node.input[1:]
@@ -83,12 +92,10 @@ def replace_matmuls(model: onnx.ModelProto, weights: dict[str, QuantizedTensor])
             node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n), helper.make_attribute("bits", 8),
                                    helper.make_attribute("block_size", block), helper.make_attribute("accuracy_level", ACCURACY_LEVEL)])
             replaced += 1
-    nodes = [n for node in graph.node for n in (node, *([after[id(node)]] if id(node) in after else []))]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    insert_after(graph, after)
     remove_unused_initializers(graph)
-    if replaced and not any(imp.domain == ORT_DOMAIN for imp in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(ORT_DOMAIN, 1))
+    if replaced:
+        import_domain(model, ORT_DOMAIN)
     return replaced
 
 

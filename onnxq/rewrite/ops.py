@@ -23,7 +23,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.model.graph import NameSource, Shape, attribute, constant_initializers, declared_shapes, is_op, remove_unused_initializers
+from onnxq.model.graph import NameSource, Shape, attribute, constant_initializers, declared_shapes, import_domain, is_op, remove_unused_initializers
 from onnxq.native.domain import DOMAIN, DOMAIN_VERSION
 from onnxq.numerics.packing import pack_int4
 from onnxq.numerics.uniform import storage_bits
@@ -139,7 +139,6 @@ def _declare(graph: onnx.GraphProto, name: str, shape: Shape | None) -> None:
 
 def declare_domain(model: onnx.ModelProto) -> None:
     """Add onnxq's op domain to the model's opset imports (once)."""
-    if not any(imp.domain == DOMAIN for imp in model.opset_import):
-        model.opset_import.append(helper.make_opsetid(DOMAIN, DOMAIN_VERSION))
+    import_domain(model, DOMAIN, DOMAIN_VERSION)
 
 
