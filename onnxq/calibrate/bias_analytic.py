@@ -55,14 +55,24 @@ def correct_biases(graph: onnx.GraphProto, changes: dict[str, np.ndarray], means
         bias = to_array(consts[bias_name]).astype(np.float64) if bias_name else np.zeros(shift.shape)
         if bias.shape != shift.shape:
             continue
-        new_name = names.fresh(f"{bias_name or node.name + '_bias'}_corrected")
-        graph.initializer.append(numpy_helper.from_array((bias - shift).astype(np.float32), new_name))
-        if bias_name:
-            node.input[2] = new_name
-        else:
-            node.input.append(new_name)
-        corrected[node.output[0]] = new_name
+        corrected[node.output[0]] = write_input(graph, node, 2, bias - shift, names, "corrected")
     return corrected
+
+
+def write_input(graph: onnx.GraphProto, node: onnx.NodeProto, index: int, value: np.ndarray, names: NameSource, suffix: str,
+                dtype: np.dtype = np.float32) -> str:
+    """Point ``node``'s input ``index`` at a new initializer holding ``value``; returns its name.
+
+    The name is the old input's (or the node's, with ``_bias``) plus ``suffix``; the old initializer stays for other
+    readers. A missing input is added (after empty ones where the node has fewer inputs).
+    """
+    old = node.input[index] if len(node.input) > index else ""
+    name = names.fresh(f"{old or node.name + '_bias'}_{suffix}")
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), name))
+    while len(node.input) <= index:
+        node.input.append("")
+    node.input[index] = name
+    return name
 
 
 def _shift(node: onnx.NodeProto, delta: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:

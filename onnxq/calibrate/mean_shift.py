@@ -24,6 +24,7 @@ import onnx
 from onnx import helper, numpy_helper
 from scipy.linalg import blas
 
+from onnxq.calibrate.bias_analytic import write_input
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, to_array
 from onnxq.plan.weights import WeightPlan
 
@@ -134,13 +135,7 @@ def _into_input(
     name = node.input[index] if len(node.input) > index else ""
     if name and name not in consts:
         return False
-    value = to_array(consts[name]).astype(np.float64) + change if name else change
-    fresh = names.fresh(f"{name or node.name + '_bias'}_mean_shift")
-    graph.initializer.append(numpy_helper.from_array(np.asarray(value, dtype=dtype), fresh))
-    if name:
-        node.input[index] = fresh
-    else:
-        node.input.append(fresh)
+    write_input(graph, node, index, to_array(consts[name]).astype(np.float64) + change if name else change, names, "mean_shift", dtype)
     return True
 
 
@@ -160,9 +155,7 @@ def _into_following_add(
     dims = tuple(consts[name].dims)
     if not dims or dims[-1] != len(change) or any(d != 1 for d in dims[:-1]):
         return False
-    fresh = names.fresh(f"{name}_mean_shift")
-    graph.initializer.append(numpy_helper.from_array(np.asarray(to_array(consts[name]).astype(np.float64) + change, dtype=dtype), fresh))
-    add.input[other] = fresh
+    write_input(graph, add, other, to_array(consts[name]).astype(np.float64) + change, names, "mean_shift", dtype)
     return True
 
 
