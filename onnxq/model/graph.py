@@ -164,3 +164,14 @@ def import_domain(model: onnx.ModelProto, domain: str, version: int = 1) -> None
     """Add ``domain`` to the model's opset imports (once)."""
     if not any(imp.domain == domain for imp in model.opset_import):
         model.opset_import.append(onnx.helper.make_opsetid(domain, version))
+
+
+def finish_node_rewrite(model: onnx.ModelProto, after: dict[int, list[onnx.NodeProto]], domain: str | None) -> None:
+    """The end of a rewrite that turned nodes into ``domain``'s ops.
+
+    New nodes go behind theirs, unused constants are dropped, the domain is imported (None: no node was turned).
+    """
+    insert_after(model.graph, after)
+    remove_unused_initializers(model.graph)
+    if domain is not None:
+        import_domain(model, domain)

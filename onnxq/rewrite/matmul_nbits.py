@@ -19,16 +19,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.model.graph import (
-    NameSource,
-    attribute,
-    constant_initializers,
-    consumers,
-    import_domain,
-    insert_after,
-    remove_unused_initializers,
-    to_array,
-)
+from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, finish_node_rewrite, to_array
 from onnxq.native.domain import MATMUL_NBITS, ORT_DOMAIN
 from onnxq.numerics.weights import QuantizedTensor
 
@@ -92,10 +83,7 @@ def replace_matmuls(model: onnx.ModelProto, weights: dict[str, QuantizedTensor])
             node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n), helper.make_attribute("bits", 8),
                                    helper.make_attribute("block_size", block), helper.make_attribute("accuracy_level", ACCURACY_LEVEL)])
             replaced += 1
-    insert_after(graph, after)
-    remove_unused_initializers(graph)
-    if replaced:
-        import_domain(model, ORT_DOMAIN)
+    finish_node_rewrite(model, after, ORT_DOMAIN if replaced else None)
     return replaced
 
 

@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.model.graph import NameSource, attribute, consumers, import_domain, insert_after, remove_unused_initializers
+from onnxq.model.graph import NameSource, attribute, consumers, finish_node_rewrite
 from onnxq.native.domain import LOOKUP_OP, ORT_DOMAIN
 from onnxq.numerics.uniform import storage_bits
 from onnxq.numerics.weights import QuantizedTensor
@@ -64,10 +64,7 @@ def replace_tables(model: onnx.ModelProto, tables: dict[str, QuantizedTensor]) -
         for node in readers.get(tensor, []):
             after[id(node)] = _to_lookup(node, codes.name, scales.name, bits, q.codes.shape[1], q.sqrt, names)
             replaced += 1
-    insert_after(graph, after)
-    remove_unused_initializers(graph)
-    if replaced:
-        import_domain(model, ORT_DOMAIN)
+    finish_node_rewrite(model, after, ORT_DOMAIN if replaced else None)
     return replaced
 
 
