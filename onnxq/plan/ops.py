@@ -37,11 +37,11 @@ def runs_as_nbits(plan: WeightPlan, rank: int, targets: OpTargets, config: Quant
     """
     if config.activations is not None or storage_bits(plan.bits) != 8 or not plan.is_float32 or plan.in_body or rank != 2:
         return False
+    dims = targets.consts[plan.tensor].dims
     for use in plan.uses:
         node = targets.nodes.get(use.node)
         if node is None or use.body_of or use.input_index != 1 or node.op_type not in GEMM_TYPES or node.domain:
             return False
-        dims = targets.consts[plan.tensor].dims
         if dims[1 if weight_is_rows(node) else 0] < NBITS_MIN_K:
             return False
         computed_bias = len(node.input) > 2 and node.input[2] and node.input[2] not in targets.consts
