@@ -142,6 +142,19 @@ def decode_int_tensor(tensor: onnx.TensorProto) -> np.ndarray:
     return np.array(values[:count], dtype=np.int8).reshape(shape)
 
 
+def decode_matmul_nbits(codes: np.ndarray, scales: np.ndarray, k: int, bits: int) -> np.ndarray:
+    """(N, K) weights of onnxruntime's MatMulNBits, decoded here from its layout without onnxq's helpers.
+
+    ``codes`` (N, blocks, block * bits / 8): each code + 2^(bits-1) (the op's default zero point), 4-bit ones two a
+    byte with the first in the low nibble; ``scales`` (N * blocks): one per block; the padding past K dropped.
+    """
+    n, blocks, _ = codes.shape
+    if bits == 4:
+        codes = np.stack([codes & 0x0F, codes >> 4], axis=-1).reshape(n, blocks, -1)
+    values = codes.astype(np.int16) - (1 << (bits - 1))
+    return (values * scales.astype(np.float32).reshape(n, blocks, 1)).reshape(n, -1)[:, :k]
+
+
 #: float32's unit roundoff and its smallest subnormal: the bounds of one rounding to float32.
 UNIT_ROUNDOFF32 = 2.0**-24
 TINY32 = float(np.finfo(np.float32).smallest_subnormal)

@@ -130,28 +130,34 @@ def test_calibrated_step_goes_to_the_op():
     np.testing.assert_array_equal(out, _reference(float_model, x, WeightFormat.INT, 4, step))
 
 
-def _kept(result) -> dict[str, str]:
-    return {",".join(layer.nodes): layer.qdq_reason for layer in result.layers if layer.op == "DequantizeLinear"}
+def _kept(result) -> dict[str, tuple[str, str]]:
+    """Layers onnxq's ops do not run: (the op they run as, why)."""
+    return {",".join(layer.nodes): (layer.op, layer.qdq_reason) for layer in result.layers if layer.qdq_reason}
 
 
 @pytest.mark.parametrize(
-    "model, reason",
+    "model, reason, runs_as",
     [
-        (_gemm_model(131, 127, [5], "Gemm", (127,), transA=1), "transA=1"),
-        (_gemm_model(131, 127, [5], "Gemm", (5, 127)), "bias C is not a constant row"),
-        (_gemm_model(64, 10, [5], "Gemm", (10,)), f"under {MIN_WEIGHTS} weights"),
-        (_gemm_model(255, 514, [5], "Gemm", (514,)), f"under {MIN_WEIGHTS} weights"),
+        (_gemm_model(131, 127, [5], "Gemm", (127,), transA=1), "transA=1", "Gemm"),
+        (_gemm_model(131, 127, [5], "Gemm", (5, 127)), "bias C is not a constant row", "MatMulNBits"),  # C in an Add after it
+        (_gemm_model(64, 10, [5], "Gemm", (10,)), f"under {MIN_WEIGHTS} weights", "MatMulNBits"),
+        (_gemm_model(255, 514, [5], "Gemm", (514,)), f"under {MIN_WEIGHTS} weights", "MatMulNBits"),
     ],
     ids=["transA", "matrix C", "small", "just under"],
 )
-def test_unsupported_gemm_stays_qdq_and_says_why(model, reason, tmp_path):
+def test_unsupported_gemm_runs_outside_the_ops_and_says_why(model, reason, runs_as, tmp_path):
+    """A Gemm the ops cannot run stays QDQ, or (weight-only, a form MatMulNBits runs) becomes onnxruntime's MatMulNBits."""
     if reason == "transA=1":  # x is (K, rows) for transA
         model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [131, 5]))
     result = _quantized(model, WeightFormat.INT, 4)
-    assert reason in _kept(result)["fc"]
-    assert "Gemm" in {n.op_type for n in result.model.graph.node}
+    op, why = _kept(result)["fc"]
+    assert reason in why
+    assert runs_as in {n.op_type for n in result.model.graph.node}
+    assert "IntConv" not in {n.op_type for n in result.model.graph.node}
     onnx.save_model(result.model, tmp_path / "m.onnx")
-    assert "kept as QDQ (not run by onnxq's ops): 1 layers (fc: " in summary(result, None, tmp_path / "m.onnx")
+    shown = "onnxruntime's MatMulNBits" if runs_as == "MatMulNBits" else "QDQ"
+    assert op == ("MatMulNBits" if runs_as == "MatMulNBits" else "DequantizeLinear")
+    assert f"not run by onnxq's ops: 1 layers (fc ({shown}): " in summary(result, None, tmp_path / "m.onnx")
 
 
 def test_matmul_of_unknown_rank_stays_qdq():
@@ -163,7 +169,7 @@ def test_matmul_of_unknown_rank_stays_qdq():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 131])
     model = helper.make_model(helper.make_graph(nodes, "g", inputs, [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
     result = _quantized(model, WeightFormat.POST, 4)
-    assert "unknown rank" in _kept(result)["fc"]
+    assert "unknown rank" in _kept(result)["fc"][1]
 
 
 def test_weight_read_both_ways_stays_qdq():
@@ -175,7 +181,7 @@ def test_weight_read_both_ways_stays_qdq():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 160])
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
     result = _quantized(model, WeightFormat.INT, 4)
-    assert "one node and (M, K) by another" in _kept(result)["mm,fc"]
+    assert "one node and (M, K) by another" in _kept(result)["mm,fc"][1]
 
 
 def test_weight_shared_by_a_conv_and_a_matmul_stays_qdq():
@@ -187,7 +193,7 @@ def test_weight_shared_by_a_conv_and_a_matmul_stays_qdq():
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [200, 200, 1, 1])
     model = helper.make_model(helper.make_graph(nodes, "g", [x], [y], [w]), opset_imports=[helper.make_opsetid("", 17)])
     result = _quantized(model, WeightFormat.INT, 4)
-    assert "shared by a Conv and a Gemm/MatMul" in _kept(result)["conv,mm"]
+    assert "shared by a Conv and a Gemm/MatMul" in _kept(result)["conv,mm"][1]
 
 
 def test_computed_weight_is_left_in_float():

@@ -1,8 +1,9 @@
-"""8-bit weight-only MatMul/Gemm weights written as onnxruntime's MatMulNBits (onnxq/rewrite/matmul_nbits.py).
+"""Weight-only MatMul/Gemm weights written as onnxruntime's MatMulNBits (onnxq/rewrite/matmul_nbits.py), 8 and 2-4 bits.
 
-The op's layout is decoded here independently (codes + 128 in blocks along K, a scale per block) and must give back
-exactly the weight onnxq's codes stand for; the written model must compute x @ W (+ bias) as numpy does with that
-weight, within the op's int8 products (accuracy level 4 quantizes the input per block).
+The op's layout is decoded here independently (codes + 128 in blocks along K, or codes + 8 two to a byte, the first in
+the low nibble; a scale per block) and must give back exactly the weight onnxq's codes stand for; the written model
+must compute x @ W (+ bias) as numpy does with that weight, within the op's int8 products (accuracy level 4 quantizes
+the input per block).
 """
 
 from __future__ import annotations
@@ -11,35 +12,34 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import decode_matmul_nbits
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.config import ActivationConfig, Granularity, QuantizeConfig
+from onnxq.config import ActivationConfig, Granularity, QuantizeConfig, SqrtMode
 from onnxq.numerics.weights import QuantizedTensor
 from onnxq.pipeline import quantize
 from onnxq.rewrite.matmul_nbits import nbits_weight
 
 
-def _decode(codes: np.ndarray, scales: np.ndarray, k: int) -> np.ndarray:
-    """(N, K) weights from the op's (N, blocks, block) codes and (N * blocks) scales."""
-    n, blocks, _ = codes.shape
-    return ((codes.astype(np.int16) - 128) * scales.reshape(n, blocks, 1)).reshape(n, -1)[:, :k]
-
-
+@pytest.mark.parametrize("bits", [8, 4, 3])
 @pytest.mark.parametrize("k", [16, 200, 384])  # 200: the last block padded
 @pytest.mark.parametrize("per_channel", [True, False])
-def test_the_layout_holds_the_codes(k, per_channel):
+def test_the_layout_holds_the_codes(k, per_channel, bits):
     rng = np.random.default_rng(0)
     n = 5
-    codes = rng.integers(-127, 128, size=(k, n)).astype(np.int8)
+    top = 1 << (bits - 1)
+    codes = rng.integers(-top + 1, top, size=(k, n)).astype(np.int8)
+    codes[0, 0], codes[-1, -1] = -top + 1, top - 1  # both ends of the grid
     scale = rng.random(n).astype(np.float32) + 0.5 if per_channel else np.float32(0.75)
-    q = QuantizedTensor(codes=codes, scale=scale, axis=1 if per_channel else None, bits=8, sqrt=False, alpha=np.ones(1), mse=0.0, sqnr_db=0.0)
+    q = QuantizedTensor(codes=codes, scale=scale, axis=1 if per_channel else None, bits=bits, sqrt=False, alpha=np.ones(1), mse=0.0, sqnr_db=0.0)
     blob, scales, block = nbits_weight(q)
-    assert block & (block - 1) == 0 and 16 <= block <= 128 and blob.shape == (n, -(-k // block), block)
+    stored = 8 if bits == 8 else 4
+    assert block & (block - 1) == 0 and 16 <= block <= 128 and blob.shape == (n, -(-k // block), block * stored // 8)
     want = (codes.astype(np.float32) * np.asarray(scale, dtype=np.float32)).T  # (N, K)
-    np.testing.assert_array_equal(_decode(blob, scales, k), want)
-    rows_blob, rows_scales, _ = nbits_weight(QuantizedTensor(codes=codes.T.copy(), scale=scale, axis=0 if per_channel else None, bits=8,
+    np.testing.assert_array_equal(decode_matmul_nbits(blob, scales, k, stored), want)
+    rows_blob, rows_scales, _ = nbits_weight(QuantizedTensor(codes=codes.T.copy(), scale=scale, axis=0 if per_channel else None, bits=bits,
                                                              sqrt=False, alpha=np.ones(1), mse=0.0, sqnr_db=0.0), rows_first=True, factor=2.0)
-    np.testing.assert_array_equal(_decode(rows_blob, rows_scales, k), 2.0 * want)
+    np.testing.assert_array_equal(decode_matmul_nbits(rows_blob, rows_scales, k, stored), 2.0 * want)
 
 
 def _model() -> onnx.ModelProto:
@@ -60,32 +60,37 @@ def _model() -> onnx.ModelProto:
 def _weight(model: onnx.ModelProto, node_name: str, k: int, shape: tuple[int, int]) -> np.ndarray:
     node = next(n for n in model.graph.node if n.name == node_name)
     assert node.op_type == "MatMulNBits" and node.domain == "com.microsoft"
+    bits = next(a.i for a in node.attribute if a.name == "bits")
     inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    rows = _decode(inits[node.input[1]], inits[node.input[2]], k)  # (N, K)
+    rows = decode_matmul_nbits(inits[node.input[1]], inits[node.input[2]], k, bits)  # (N, K)
     return rows if rows.shape == shape else rows.T
 
 
+@pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("granularity", [Granularity.CHANNEL, Granularity.TENSOR])
-def test_eight_bit_weight_only_matmul_and_gemm_run_as_matmul_nbits(granularity):
+def test_weight_only_matmul_and_gemm_run_as_matmul_nbits(granularity, bits):
     model = _model()
-    q = quantize(model, QuantizeConfig(bits=8, granularity=granularity))
+    q = quantize(model, QuantizeConfig(bits=bits, granularity=granularity, first_last_bits=None))
     assert [n.op_type for n in q.graph.node if n.op_type in ("MatMul", "Gemm", "MatMulNBits", "DequantizeLinear")] == ["MatMulNBits"] * 2
     w1 = _weight(q, "mm", 200, (200, 48))
     w2 = _weight(q, "fc", 48, (10, 48)) / 2.0  # alpha went into the scales
     floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    assert np.abs(w1 - floats["w1"]).max() <= np.abs(floats["w1"]).max() / 127  # within a step of the float weight
+    steps = (1 << (bits - 1)) - 1
+    assert np.linalg.norm(w1 - floats["w1"]) <= np.linalg.norm(floats["w1"]) * (0.01 if bits == 8 else 0.15)  # near the float weight
+    assert all(len(np.unique(column)) <= 2 * steps + 1 for column in w1.T)  # on a grid of 2^bits - 1 values per output channel
     x = np.random.default_rng(2).standard_normal((4, 3, 200)).astype(np.float32)
     want = 2.0 * np.maximum(x @ w1, 0).reshape(-1, 48) @ w2.T + 0.5 * floats["c"]
     got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     assert np.abs(got - want).max() <= 0.02 * np.abs(want).max()  # the op's int8 products of the input
 
 
-def test_not_with_quantized_activations_nor_below_8_bits():
-    """W8A8 keeps QDQ (onnxruntime runs it as QLinearMatMul); 4-bit plain codes stay QDQ (onnxruntime fuses them itself)."""
+def test_not_with_quantized_activations_nor_sqrt_codes():
+    """W8A8 keeps QDQ (onnxruntime runs it as QLinearMatMul); --sqrt on keeps 4-bit sqrt codes, which the op cannot hold, QDQ."""
     model = _model()
     rng = np.random.default_rng(3)
     data = [{"x": rng.standard_normal((8, 3, 200)).astype(np.float32)} for _ in range(4)]
     w8a8 = quantize(model, QuantizeConfig(bits=8, activations=ActivationConfig()), data)
     assert not any(n.op_type == "MatMulNBits" for n in w8a8.graph.node)
-    four = quantize(model, QuantizeConfig(bits=4, first_last_bits=None))
-    assert not any(n.op_type == "MatMulNBits" for n in four.graph.node)
+    sqrt = quantize(model, QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.ON))
+    assert not any(n.op_type == "MatMulNBits" for n in sqrt.graph.node)
+    assert sum(n.op_type == "Abs" for n in sqrt.graph.node) == 2  # sqrt codes: y * |y| after each DequantizeLinear

@@ -95,7 +95,12 @@ def test_per_tensor_has_scalar_scales():
 
 
 def test_shared_weight_is_quantized_once():
+    """QDQ (sqrt codes): one DequantizeLinear feeds the three MatMuls; plain codes: three MatMulNBits read one copy of the codes."""
     result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None))
+    assert len(result.layers) == 1 and result.layers[0].nodes == ("mm1", "mm2", "mm3")
+    assert_op_counts(result.model, DequantizeLinear=0, MatMul=0, MatMulNBits=3)
+    assert len({(n.input[1], n.input[2]) for n in result.model.graph.node if n.op_type == "MatMulNBits"}) == 1
+    result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.ON))
     assert len(result.layers) == 1 and result.layers[0].nodes == ("mm1", "mm2", "mm3")
     assert_op_counts(result.model, DequantizeLinear=1, MatMul=3)
     dq_out = next(n.output[-1] for n in reversed(result.model.graph.node) if n.op_type in ("DequantizeLinear", "Mul") and n.name.startswith("w_"))

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import decode_int_tensor
+from conftest import decode_int_tensor, decode_matmul_nbits
 from onnx import numpy_helper
 
 import onnxq
@@ -54,11 +54,9 @@ def _dequantized_weight(model: onnx.ModelProto, node_name: str, shape: tuple[int
         else:
             values = codes.astype(np.float32) * scale[:, None]
         return values.reshape(shape)
-    if node.op_type == "MatMulNBits":  # onnxruntime's layout: (N, blocks, block) codes + 128, a scale per block
-        blob = numpy_helper.to_array(inits[node.input[1]]).astype(np.int16) - 128
-        n, blocks, _ = blob.shape
-        scales = numpy_helper.to_array(inits[node.input[2]]).astype(np.float32).reshape(n, blocks, 1)
-        values = (blob * scales).reshape(n, -1)[:, : _attribute(node, "K")]  # (N, K), the padding dropped
+    if node.op_type == "MatMulNBits":  # onnxruntime's layout, decoded in conftest
+        values = decode_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]]),
+                                     _attribute(node, "K"), _attribute(node, "bits"))
         return values if tuple(shape) == values.shape else values.T
     source, sqrt = producer.get(node.input[1]), False
     if source.op_type == "Mul":

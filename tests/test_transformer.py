@@ -91,16 +91,17 @@ def test_every_format_runs_the_block_close_to_float_at_any_batch(block, referenc
 
 
 @pytest.mark.parametrize(("fmt", "op"), [(WeightFormat.INT, "IntConv"), (WeightFormat.POST, "PostConv")])
-def test_op_formats_run_the_large_ffn_matmul_as_an_op_and_keep_small_ones_qdq(block, fmt, op):
+def test_op_formats_run_the_large_ffn_matmul_as_an_op_and_small_ones_as_matmul_nbits(block, fmt, op):
     """ffn1 (4-bit, 2^17 weights) runs as the format's op, ffn2 (last layer, 8-bit) as an 8-bit IntConv; the 64 x 64
-    projections stay QDQ: q/k/v are first layers (8-bit QDQ), o_proj is under 2^17 weights (the op is no faster than
-    float there), which the report says."""
+    projections, under 2^17 weights (the op is no faster than float there), run as onnxruntime's MatMulNBits: q/k/v
+    are first layers (8 bits), o_proj is 4-bit; the report says why o_proj is not the op."""
     result = _quantize(block, QuantizeConfig(bits=4, format=fmt))
     by_node = {layer.nodes[0]: layer for layer in result.layers}
     assert by_node["ffn1"].op == op and by_node["ffn2"].op == "IntConv"
-    assert all(by_node[node].op == "DequantizeLinear" and by_node[node].bits == 8 for node in ("q_proj", "k_proj", "v_proj"))
-    assert by_node["o_proj"].op == "DequantizeLinear" and "under 131072 weights" in by_node["o_proj"].qdq_reason
-    assert Counter(n.op_type for n in result.model.graph.node)["MatMul"] == 6  # 4 projections + the 2 attention products
+    assert all(by_node[node].op == "MatMulNBits" and by_node[node].bits == 8 for node in ("q_proj", "k_proj", "v_proj"))
+    assert by_node["o_proj"].op == "MatMulNBits" and by_node["o_proj"].bits == 4 and "under 131072 weights" in by_node["o_proj"].qdq_reason
+    ops = Counter(n.op_type for n in result.model.graph.node)
+    assert ops["MatMul"] == 2 and ops["MatMulNBits"] == 4 and ops["DequantizeLinear"] == 0  # the 2 attention products stay float
 
 
 def test_w8a8_block_runs_its_weight_matmuls_as_integer_kernels(block, tmp_path):

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxq.config import QuantizeConfig, WeightFormat
+from onnxq.config import NBITS_AUTO_WEIGHTS, NBitsMode, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.uniform import storage_bits
@@ -30,14 +30,20 @@ NBITS_MIN_K = 16
 
 
 def runs_as_nbits(plan: WeightPlan, rank: int, targets: OpTargets, config: QuantizeConfig) -> bool:
-    """Whether an 8-bit weight-only weight runs as onnxruntime's MatMulNBits (onnxq/rewrite/matmul_nbits.py).
+    """Whether a weight-only weight runs as onnxruntime's MatMulNBits (onnxq/rewrite/matmul_nbits.py).
 
-    Every reader a main-graph MatMul x @ W or Gemm (transA 0, a constant C or none) of a 2-D float32 weight with K of
-    16 at least, activations float.
+    As ``--matmul-nbits`` says (by default weights of 2^20 values or more), where every reader is a main-graph MatMul
+    x @ W or Gemm (transA 0, a constant C or none) of a 2-D float32 weight with K of 16 at least, activations float.
+    The op takes plain codes only: 2-4-bit weights that run as it get plain codes unless ``--sqrt on`` asks for sqrt
+    codes (then they are decoded at load).
     """
-    if config.activations is not None or storage_bits(plan.bits) != 8 or not plan.is_float32 or plan.in_body or rank != 2:
+    if config.activations is not None or not plan.is_float32 or plan.in_body or rank != 2 or config.matmul_nbits is NBitsMode.OFF:
+        return False
+    if storage_bits(plan.bits) == 4 and config.sqrt is SqrtMode.ON:
         return False
     dims = targets.consts[plan.tensor].dims
+    if config.matmul_nbits is NBitsMode.AUTO and dims[0] * dims[1] < NBITS_AUTO_WEIGHTS:
+        return False
     for use in plan.uses:
         node = targets.nodes.get(use.node)
         if node is None or use.body_of or use.input_index != 1 or node.op_type not in GEMM_TYPES or node.domain:
@@ -79,9 +85,9 @@ def input_ranks(graph: onnx.GraphProto) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class OpChoice:
-    """The op a weight's readers become: onnxq's IntConv/PostConv, onnxruntime's lookup, or None (they stay QDQ).
+    """The op a weight's readers become: onnxq's IntConv/PostConv, onnxruntime's lookup or MatMulNBits, or None (QDQ).
 
-    ``reason`` says why they stay QDQ when the format asked for onnxq's ops.
+    ``reason`` says why onnxq's ops do not run them when the format asked for the ops.
     """
 
     op_type: str | None
@@ -97,13 +103,15 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     """The op the readers of the plan's weight become.
 
     A table only looked up (main-graph Gathers of rows from a 2-D table) becomes onnxruntime's lookup, whatever the
-    format. Otherwise IntConv/PostConv when the format asks for it and every reader can run as the op; else QDQ and the
-    reason.
+    format. Otherwise IntConv/PostConv when the format asks for it and every reader can run as the op; else, with the
+    reason, onnxruntime's MatMulNBits for weight-only Gemm/MatMul weights it runs (runs_as_nbits), or QDQ. The qdq
+    format writes MatMulNBits wherever it runs.
 
     A first or last layer at other bits than the rest (--first-last-bits) stays QDQ without a reason (that is the
     rule), except a Gemm/MatMul the ops can run, which runs as IntConv at those bits: onnxruntime dequantizes a
     weight-only QDQ weight on every run, which made a 512->1000 classifier many times slower than float, where
-    IntConv 8-bit runs it faster than float (tools/bench_ops.py --skip-convs --skip-models prints both).
+    IntConv 8-bit runs it faster than float (tools/bench_ops.py --skip-convs --skip-models prints both); or one too
+    small for the ops, which runs as MatMulNBits where that can.
     """
     rank = len(targets.consts[plan.tensor].dims)
     if runs_as_lookup(plan, rank):
@@ -115,7 +123,9 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     if not plan.is_float32:
         return OpChoice(None, "a float16 layer; the ops take float32 inputs")
     if plan.first_or_last and plan.bits != config.bits:
-        return OpChoice(INT_CONV if _gemm_runs_as_op(plan, targets) else None)
+        if _gemm_runs_as_op(plan, targets):
+            return OpChoice(INT_CONV)
+        return OpChoice(MATMUL_NBITS if runs_as_nbits(plan, rank, targets, config) else None)
     if config.format is WeightFormat.POST and plan.bits > 4:
         return OpChoice(None, f"POST takes 2-4 bits, this layer has {plan.bits}")
     readers = [targets.nodes[use.node] for use in plan.uses]
@@ -128,7 +138,7 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
         return OpChoice(None, "weight shared by a Conv and a Gemm/MatMul")
     if kinds == {True}:
         if (reason := _gemm_reason(plan, readers, targets)) is not None:
-            return OpChoice(None, reason)
+            return OpChoice(MATMUL_NBITS if runs_as_nbits(plan, rank, targets, config) else None, reason)
     elif (other := next((node for node in readers if not convertible(node, rank)), None)) is not None:
         return OpChoice(None, f"{other.op_type} {other.name}: the ops run 2-D Conv with explicit padding, Gemm and MatMul")
     return OpChoice(POST_CONV if config.format is WeightFormat.POST else INT_CONV)

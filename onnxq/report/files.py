@@ -99,7 +99,7 @@ class LayerReport:
     quantized_bytes: int
     output_sqnr_db: float | None = field(default=None, metadata={"header": "output SQNR dB"})
     sensitivity_db: float | None = field(default=None, metadata={"header": "sensitivity dB"})
-    qdq_reason: str = ""  # why it stays QDQ although --format int/post asked for onnxq's ops
+    qdq_reason: str = ""  # why onnxq's ops do not run it although --format int/post asked for them
 
     @classmethod
     def from_result(cls, layer: LayerResult) -> LayerReport:
@@ -269,8 +269,8 @@ def to_markdown(report: QuantizationReport) -> str:
         cells.append(f"{layer.float_bytes} -> {layer.quantized_bytes}")
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     if kept := [layer for layer in report.layers if layer.qdq_reason]:
-        lines += ["", "## Kept as QDQ (not run by onnxq's ops)", "", "| nodes | reason |", "|---|---|"]
-        lines += [f"| {_cell(', '.join(layer.nodes))} | {_cell(layer.qdq_reason)} |" for layer in kept]
+        lines += ["", "## Not run by onnxq's ops", "", "| nodes | runs as | reason |", "|---|---|---|"]
+        lines += [f"| {_cell(', '.join(layer.nodes))} | {_cell(layer.op)} | {_cell(layer.qdq_reason)} |" for layer in kept]
     if report.skipped:
         lines += ["", "## Left in float", "", "| node | reason |", "|---|---|"]
         lines += [f"| {_cell(s.node)} | {_cell(s.reason)} |" for s in report.skipped]

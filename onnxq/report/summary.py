@@ -6,8 +6,8 @@ from collections import Counter
 from pathlib import Path
 
 from onnxq.model.save import referenced_files
-from onnxq.native.domain import LOOKUP_OP, ORT_DOMAIN
-from onnxq.pipeline import QuantizationResult
+from onnxq.native.domain import LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN
+from onnxq.pipeline import LayerResult, QuantizationResult
 
 
 def human_bytes(n: int) -> str:
@@ -72,6 +72,11 @@ def few_at_requested_bits(result: QuantizationResult) -> str | None:
     return line + (f" ({'; '.join(advice)})" if advice else "")
 
 
+def _outside_op(layer: LayerResult) -> str:
+    """How a layer that onnxq's ops do not run runs instead, as the summary says it after the layer's nodes."""
+    return " (onnxruntime's MatMulNBits)" if layer.op == MATMUL_NBITS else " (QDQ)"
+
+
 def summary(result: QuantizationResult, source: Path | None, output: Path, verbose: bool = False) -> str:
     """The few lines the CLI prints after a run."""
     bits = Counter(layer.bits for layer in result.layers)
@@ -88,10 +93,14 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     elif result.calibration is not None:
         lines.append("quantized 0 activation tensors: no quantized layer here reads a float32 activation as a product onnxruntime fuses "
                      "(lookups, recurrent and Einsum layers, float16 layers and control-flow bodies keep float inputs)")
-    ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP))
+    ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP, MATMUL_NBITS))
     lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
     if lookups:
         lines.append(f"embedding tables: {lookups} looked up by onnxruntime's {LOOKUP_OP} ({ORT_DOMAIN}), which dequantizes only the rows it reads")
+    if nbits := [layer for layer in result.layers if layer.op == MATMUL_NBITS]:
+        widths = "/".join(str(b) for b in sorted({layer.storage_bits for layer in nbits}))
+        lines.append(f"matrix products: {len(nbits)} weights run as onnxruntime's {MATMUL_NBITS} ({ORT_DOMAIN}) on their {widths}-bit codes, "
+                     "which onnxruntime does not dequantize on every run")
     if ops:
         counts = ", ".join(f"{n} {op}" for op, n in sorted(ops.items()))
         lines.append(f"onnxq ops: {counts}; the model runs only with onnxq's op library (onnxq.get_library_path())")
@@ -101,9 +110,9 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
                          "codes are plain where QDQ may pick sqrt codes")
     kept = [layer for layer in result.layers if layer.qdq_reason]
     if kept:
-        shown = "; ".join(f"{','.join(layer.nodes)}: {layer.qdq_reason}" for layer in kept[:3])
+        shown = "; ".join(f"{','.join(layer.nodes)}{_outside_op(layer)}: {layer.qdq_reason}" for layer in kept[:3])
         more = " ..." if len(kept) > 3 else ""
-        lines.append(f"kept as QDQ (not run by onnxq's ops): {len(kept)} layers ({shown}{more})")
+        lines.append(f"not run by onnxq's ops: {len(kept)} layers ({shown}{more})")
     if (note := few_at_requested_bits(result)) is not None:
         lines.append(note)
     if verbose:

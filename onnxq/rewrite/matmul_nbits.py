@@ -1,12 +1,15 @@
-"""Weight-only 8-bit MatMuls as onnxruntime's MatMulNBits (domain com.microsoft, in every onnxruntime build).
+"""Weight-only MatMuls as onnxruntime's MatMulNBits (domain com.microsoft, in every onnxruntime build), 8 and 2-4 bits.
 
-onnxruntime fuses a 4-bit DequantizeLinear -> MatMul with plain codes into its MatMulNBits, but dequantizes an 8-bit
-weight-only DequantizeLinear on every run: 0.01-0.04x float on classifiers (tools/bench_ops.py), and the first/last
-layers keep 8 bits by default. Written as MatMulNBits with 8-bit codes, the same layer runs at about float's speed or
-faster (tools/bench_ops.py). The codes are onnxq's own (per channel or per tensor, REQuant's range, plain grid):
-each output column's codes + 128 in blocks along K (the op's default zero point is 128), the column's scale repeated
-for each block, the last block padded with zero codes. The op multiplies with ``accuracy_level`` 4 (int8 products of
-the input quantized per block), the level onnxruntime gives the 4-bit MatMuls it fuses itself.
+onnxruntime dequantizes an 8-bit weight-only DequantizeLinear on every run (0.01-0.04x float on classifiers,
+tools/bench_ops.py; the first/last layers keep 8 bits by default), and a 4-bit one too when its codes are sqrt codes
+(Abs and Mul after it); it fuses plain 4-bit ones into its own MatMulNBits, but with the multiplication it picks
+(``accuracy_level`` 4 unless a session option says otherwise). Written as MatMulNBits here, the layer runs at about
+float's speed or faster, with the accuracy level onnxq chose. The codes are onnxq's own (per channel or per tensor,
+REQuant's range, plain grid): each output column's codes + 2^(bits-1) (the op's default zero point: 128, or 8 for 4-bit
+storage, which 2 and 3-bit codes use too) in blocks along K, two 4-bit codes a byte, the first in the low nibble; the
+column's scale repeated for each block; the last block padded with zero codes. ``accuracy_level`` 4 multiplies in int8
+(the input quantized per block), the level onnxruntime gives the 4-bit MatMuls it fuses itself; 0 dequantizes the
+weight and multiplies in float, which ran faster for long inputs on some CPUs (onnxq/analysis/speed.py measures both).
 
 Written only in the qdq format without quantized activations (there a QDQ MatMul runs as onnxruntime's integer
 QLinearMatMul), for a 2-D float32 weight read as x @ W by main-graph MatMuls or Gemms (transA 0; alpha goes into the
@@ -21,15 +24,16 @@ from onnx import helper, numpy_helper
 
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, finish_node_rewrite, to_array
 from onnxq.native.domain import MATMUL_NBITS, ORT_DOMAIN
+from onnxq.numerics.uniform import storage_bits
 from onnxq.numerics.weights import QuantizedTensor
 
 #: The op's smallest block and the block onnxq writes when K allows (powers of two; 128 ran fastest at K 384-1536).
 MIN_BLOCK = 16
 BLOCK = 128
-#: Int8 products of the input quantized per block (onnxruntime's level for the 4-bit MatMuls it fuses).
-ACCURACY_LEVEL = 4
-#: The op's default zero point for 8-bit codes.
-ZERO_POINT = 128
+#: Accuracy levels of the op that onnxq writes: int8 products of the input quantized per block (onnxruntime's level for
+#: the 4-bit MatMuls it fuses, and onnxq's default), or the weight dequantized and float products.
+INT8_LEVEL = 4
+FLOAT_LEVEL = 0
 
 
 def block_size(k: int) -> int:
@@ -38,18 +42,22 @@ def block_size(k: int) -> int:
 
 
 def nbits_weight(q: QuantizedTensor, rows_first: bool = False, factor: float = 1.0) -> tuple[np.ndarray, np.ndarray, int]:
-    """(codes uint8 [N, blocks, block], scales float32 [N * blocks], block) of an 8-bit weight's codes ``q``.
+    """(packed codes uint8 [N, blocks, block * bits / 8], scales float32 [N * blocks], block) of a weight's codes ``q``.
 
     The weight is (K, N), or (N, K) when ``rows_first`` (Gemm's transB); ``factor`` multiplies the scales (Gemm's alpha).
     """
+    bits = storage_bits(q.bits)
+    zero_point = 1 << (bits - 1)
     rows = q.codes if rows_first else q.codes.T
     n, k = rows.shape
     block = block_size(k)
     blocks = -(-k // block)
-    columns = np.full((n, blocks * block), ZERO_POINT, dtype=np.uint8)  # the padding decodes to zero
-    columns[:, :k] = (rows.astype(np.int16) + ZERO_POINT).astype(np.uint8)
+    columns = np.full((n, blocks * block), zero_point, dtype=np.uint8)  # the padding decodes to zero
+    columns[:, :k] = (rows.astype(np.int16) + zero_point).astype(np.uint8)
+    if bits == 4:
+        columns = columns[:, 0::2] | (columns[:, 1::2] << 4)
     scale = np.broadcast_to(np.asarray(q.scale, dtype=np.float64).reshape(-1) * factor, (n,))
-    return columns.reshape(n, blocks, block), np.repeat(scale, blocks).astype(np.float32), block
+    return columns.reshape(n, blocks, -1), np.repeat(scale, blocks).astype(np.float32), block
 
 
 def replace_matmuls(model: onnx.ModelProto, weights: dict[str, QuantizedTensor]) -> int:
@@ -80,8 +88,8 @@ def replace_matmuls(model: onnx.ModelProto, weights: dict[str, QuantizedTensor])
             del node.input[1:]
             node.input.extend([codes_name, scales_name])
             del node.attribute[:]
-            node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n), helper.make_attribute("bits", 8),
-                                   helper.make_attribute("block_size", block), helper.make_attribute("accuracy_level", ACCURACY_LEVEL)])
+            node.attribute.extend([helper.make_attribute("K", k), helper.make_attribute("N", n), helper.make_attribute("bits", storage_bits(q.bits)),
+                                   helper.make_attribute("block_size", block), helper.make_attribute("accuracy_level", INT8_LEVEL)])
             replaced += 1
     finish_node_rewrite(model, after, ORT_DOMAIN if replaced else None)
     return replaced
