@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from onnxq.config import Granularity, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
+from onnxq.config import Granularity, NBitsMode, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.errors import OnnxqError
 from onnxq.model.save import save_model
 from onnxq.native.library import get_library_path
@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Granularity",
+    "NBitsMode",
     "OnnxqError",
     "QuantizationResult",
     "QuantizeConfig",

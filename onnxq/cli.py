@@ -15,6 +15,7 @@ from onnxq.config import (
     BiasCorrection,
     CalibrationMethod,
     Granularity,
+    NBitsMode,
     QuantizeConfig,
     RangeMethod,
     ReduceRange,
@@ -62,7 +63,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
         help="quantize the weights of an ONNX model",
         description="Quantize the weights of Conv, ConvTranspose, Gemm, MatMul, Einsum, LSTM/GRU/RNN nodes and embedding "
         "tables (Gather) with REQuant's range search, float32 or float16, control-flow bodies included, and write a model "
-        "that stock onnxruntime runs (int8/int4 weights + DequantizeLinear; embeddings as GatherBlockQuantized).",
+        "that stock onnxruntime runs (int8/int4 weights decoded when the model loads, or by DequantizeLinear where "
+        "activations are quantized; large MatMul weights as MatMulNBits; embeddings as GatherBlockQuantized).",
     )
     p.add_argument("model", type=Path, help="the float ONNX model (opset 13 or newer is best; older ones are converted)")
     p.add_argument("-b", "--bits", type=int, choices=BIT_CHOICES, default=4, metavar="BITS",
@@ -74,10 +76,15 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="quantize sign(w)*sqrt(|w|) and square after dequantization: 'auto' (default) picks "
                    "per layer whichever of plain/sqrt has the lower weight MSE")
     p.add_argument("--format", choices=[f.value for f in WeightFormat], default=WeightFormat.QDQ.value,
-                   help="'qdq' (default): int8/int4 codes + DequantizeLinear, runs in stock onnxruntime; "
+                   help="'qdq' (default): int8/int4 codes, runs in stock onnxruntime; "
                    "'int': Conv layers and large enough Gemm/MatMul run as integer convolutions by onnxq's op library (IntConv); "
                    "'post': the same layers use powers-of-sqrt(2) codes (2-4 bits) run with shifts (PostConv). "
                    "Models in 'int'/'post' need onnxq.get_library_path() registered in onnxruntime")
+    p.add_argument("--matmul-nbits", choices=[m.value for m in NBitsMode], default=NBitsMode.AUTO.value,
+                   help="weight-only Gemm/MatMul weights that run as onnxruntime's MatMulNBits, which multiplies the stored codes "
+                   "(fast with few input rows, e.g. one token at a time): 'auto' (default) weights of 2^20 values or more, "
+                   "'on' every one it can run, 'off' none. The others are decoded when onnxruntime loads the model and run "
+                   "at float speed")
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
     p.add_argument("--first-last-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
@@ -212,6 +219,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         sqrt=SqrtMode(args.sqrt),
         range=RangeMethod(args.range),
         format=WeightFormat(args.format),
+        matmul_nbits=NBitsMode(args.matmul_nbits),
         first_last_bits=args.first_last_bits,
         depthwise_bits=args.depthwise_bits,
         exclude=frozenset(args.exclude),

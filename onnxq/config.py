@@ -48,6 +48,23 @@ class SqrtMode(enum.Enum):
     AUTO = "auto"  # per layer, whichever of plain/sqrt gives the lower error (weight MSE up to 5 bits without data; output error with data)
 
 
+class NBitsMode(enum.Enum):
+    """Which weight-only Gemm/MatMul weights run as onnxruntime's MatMulNBits (the rest are decoded when the model loads).
+
+    MatMulNBits keeps the codes in memory and multiplies them directly, which pays where reading the weight dominates
+    (large weights, few input rows: 1.2-5x float at one row, tools/bench_ops.py); with many rows a float product of the
+    weight decoded at load ran as fast or faster on the AVX-512 machines measured (BENCHMARKS: MatMul weights).
+    """
+
+    AUTO = "auto"  # weights of NBITS_AUTO_WEIGHTS values or more
+    ON = "on"  # every weight-only Gemm/MatMul weight the op can run
+    OFF = "off"
+
+
+#: NBitsMode.AUTO's least weight size (values): 4 MB in float32, past the caches of the CPUs measured.
+NBITS_AUTO_WEIGHTS = 1 << 20
+
+
 def check_bits(bits: int, what: str = "bits") -> int:
     """Return ``bits`` if onnxq can store it, else raise ValueError naming the allowed range."""
     if isinstance(bits, bool) or not isinstance(bits, numbers.Integral) or not MIN_BITS <= bits <= MAX_BITS:
@@ -168,6 +185,8 @@ class QuantizeConfig:
             ``samples``).
         fold_mean_shift: output-aware with float activations: weights whose layer has a bias (or takes an Add) are
             quantized for their inputs' covariance, and the mean output shift their codes cause goes into that bias.
+        matmul_nbits: which weight-only Gemm/MatMul weights onnxruntime's MatMulNBits runs (the others are decoded
+            when the model loads, or run by onnxq's ops in the int/post formats).
     """
 
     bits: int = 4
@@ -184,6 +203,7 @@ class QuantizeConfig:
     output_aware: bool = True
     samples: int = 512
     fold_mean_shift: bool = True
+    matmul_nbits: NBitsMode = NBitsMode.AUTO
 
     @property
     def calibration_samples(self) -> int:
@@ -208,6 +228,8 @@ class QuantizeConfig:
             raise ValueError(f"sqrt must be a SqrtMode, got {self.sqrt!r}")
         if not isinstance(self.range, RangeMethod):
             raise ValueError(f"range must be a RangeMethod, got {self.range!r}")
+        if not isinstance(self.matmul_nbits, NBitsMode):
+            raise ValueError(f"matmul_nbits must be an NBitsMode, got {self.matmul_nbits!r}")
         if not isinstance(self.format, WeightFormat):
             raise ValueError(f"format must be a WeightFormat, got {self.format!r}")
         if self.format is WeightFormat.POST and self.bits > 4:

@@ -330,7 +330,7 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
     model = loaded.model
     activations = calibrated.quants if calibrated is not None else {}
     quantize_biases(model.graph, activations, weights.qdq)
-    replace_weights(model.graph, weights.qdq)
+    replace_weights(model.graph, weights.qdq, at_load=not activations)
     replace_tables(model, weights.tables)
     if activations:
         insert_activation_qdq(model, activations, default_opset(model))

@@ -7,10 +7,11 @@ with AVX-512 VNNI two more columns force the ops' AVX2 kernels (attribute kernel
 AVX2-only CPUs, measured on this one.
 Gemm/MatMul layers (classifiers at batch 1 and 8, transformer projections over 128 tokens): onnxruntime's
 float MatMul, its dynamic uint8 x int8 path (DynamicQuantizeLinear + MatMulInteger, which it fuses into
-DynamicQuantizeMatMul), onnxq's weight-only QDQ at 8 and 4 bits (plain codes: onnxruntime fuses the 4-bit
-DequantizeLinear -> MatMul into MatMulNBits), and onnxq's rewrite to IntConv/PostConv (onnxq/rewrite/gemm.py),
+DynamicQuantizeMatMul), onnxq's weight-only qdq format at 8 and 4 bits (plain codes), its weights decoded at
+load (Cast and Mul, which onnxruntime folds) or run as onnxruntime's MatMulNBits, and onnxq's rewrite to IntConv/PostConv (onnxq/rewrite/gemm.py),
 forced on the small shapes the rewrite keeps QDQ. Whole models (the shipped Fashion-MNIST ones): float,
-onnxq's int8 and int4 QDQ, and the int and post formats. Ratios are against float measured in the same run.
+onnxq's qdq format at 8 and 4 bits (weights decoded at load by default), the 4-bit one with every MatMul weight as
+MatMulNBits (--matmul-nbits on), and the int and post formats. Ratios are against float measured in the same run.
 
     python tools/bench_ops.py [--repeats 20] [--skip-models] [--skip-convs] [--skip-gemms] [--layers dw] [--given-scale]
                               [--median N] [--interleave]
@@ -40,7 +41,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq import QuantizeConfig, WeightFormat, quantize  # noqa: E402
+from onnxq import NBitsMode, QuantizeConfig, WeightFormat, quantize  # noqa: E402
 from onnxq.config import SqrtMode  # noqa: E402
 from onnxq.native.domain import DOMAIN  # noqa: E402
 from onnxq.native.session import session_options, uses_onnxq_ops  # noqa: E402
@@ -75,6 +76,9 @@ GEMMS = [
     ("512->512", [1], 512, 512),
     ("transformer 768->768", [1, 128], 768, 768),
     ("transformer 768->3072", [1, 128], 768, 3072),
+    ("transformer 768->3072", [1, 1], 768, 3072),  # one token at a time
+    ("LLM 4096->4096", [1, 1], 4096, 4096),
+    ("LLM 4096->4096", [1, 32], 4096, 4096),
 ]
 
 
@@ -262,13 +266,16 @@ def dynamic_int8_model(rows: list[int], weight: np.ndarray) -> onnx.ModelProto:
 def bench_gemms(rounds: Rounds, layers: list[str] | None = None) -> None:
     """Gemm/MatMul shapes: float, onnxruntime's int8 paths, onnxq's QDQ, and the rewrite to IntConv/PostConv."""
     proxy = has_avx512_vnni()
-    titles = ["dynamic u8xs8", "int8 QDQ", "int4 QDQ", "IntConv 4-bit", "PostConv 4-bit", "IntConv 8-bit"]
+    titles = ["dynamic u8xs8", "int8 at load", "int8 MatMulNBits", "int4 at load", "int4 MatMulNBits", "IntConv 4-bit", "PostConv 4-bit",
+              "IntConv 8-bit"]
     titles += ["IntConv AVX2 (forced)", "PostConv AVX2 (forced)"] if proxy else []
     print("\n| Gemm/MatMul | rows | float MatMul ms | " + " | ".join(titles) + " |")
     print("|---|---:|---:|" + "---:|" * len(titles))
     configs = [
-        QuantizeConfig(bits=8, first_last_bits=None),
-        QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF),
+        QuantizeConfig(bits=8, first_last_bits=None, matmul_nbits=NBitsMode.OFF),
+        QuantizeConfig(bits=8, first_last_bits=None, matmul_nbits=NBitsMode.ON),
+        QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF, matmul_nbits=NBitsMode.OFF),
+        QuantizeConfig(bits=4, first_last_bits=None, matmul_nbits=NBitsMode.ON),
         QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None),
         QuantizeConfig(bits=4, format=WeightFormat.POST, first_last_bits=None),
         QuantizeConfig(bits=8, format=WeightFormat.INT, first_last_bits=None),
@@ -283,7 +290,7 @@ def bench_gemms(rounds: Rounds, layers: list[str] | None = None) -> None:
             weight = (rng.standard_normal((k, m)) * 0.05).astype(np.float32)
             float_model = matmul_model(rows, weight)
             models = [dynamic_int8_model(rows, weight)] + [quantize(float_model, config) for config in configs]
-            models += [with_kernel(model, 2) for model in models[3:5]] if proxy else []
+            models += [with_kernel(model, 2) for model in models[5:7]] if proxy else []
             feeds = {"x": rng.standard_normal((*rows, k)).astype(np.float32)}
             base, speedups = rounds.row([(one_thread_session(model), feeds) for model in [float_model, *models]])
             cells = [f"{r:.2f}x" for r in speedups]
@@ -293,14 +300,15 @@ def bench_gemms(rounds: Rounds, layers: list[str] | None = None) -> None:
 
 
 def bench_models(rounds: Rounds) -> None:
-    print("\n| model | batch | float ms | int8 QDQ | int4 QDQ | int (IntConv) | post (PostConv) |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    print("\n| model | batch | float ms | int8 qdq | int4 qdq | int4 MatMulNBits | int (IntConv) | post (PostConv) |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|")
     rng = np.random.default_rng(0)
     for path in sorted((REPO / "models").glob("*.onnx")):
         float_model = onnx.load(path)
         variants = [
             QuantizeConfig(bits=8),
             QuantizeConfig(bits=4),
+            QuantizeConfig(bits=4, matmul_nbits=NBitsMode.ON),
             QuantizeConfig(bits=4, format=WeightFormat.INT),
             QuantizeConfig(bits=4, format=WeightFormat.POST),
         ]

@@ -37,6 +37,9 @@ _DTYPE_BITS = {
 _BUILTIN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc")
 #: Ops between a stored weight and its reader that only change layout or type.
 _PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten"}
+#: Element types of codes that a Cast and a Mul by a scale decode, and the scale's float types.
+_INTEGER_CODES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT16}
+_FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 #: Ops that produce quantized activations.
 _QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear", "QuantizeDynamicU8"}
 
@@ -175,16 +178,24 @@ class _Scope:
 
 @dataclass(frozen=True)
 class _Source:
-    """Where a weight input comes from: a stored tensor, perhaps dequantized (and squared) on the way."""
+    """Where a weight input comes from: a stored tensor, perhaps dequantized (and squared) on the way.
+
+    ``decoder`` is the node that turns the codes into values: a DequantizeLinear, or the Mul of Cast(codes) by a
+    constant scale (onnxq's weights decoded at load); ``scale``, ``zero_point`` and ``axis``/``block`` are what it reads.
+    """
 
     codes: onnx.TensorProto
-    dequantize: onnx.NodeProto | None
+    decoder: onnx.NodeProto | None
     sqrt: bool
     chain: tuple[onnx.NodeProto, ...]
+    scale: onnx.TensorProto | None = None
+    zero_point: onnx.TensorProto | None = None
+    axis: int | None = None
+    block: int | None = None
 
 
 def _trace(name: str, scope: _Scope) -> _Source | None:
-    """Follow a node input back to the constant it is computed from, through DequantizeLinear, y*|y| and layout ops."""
+    """Follow a node input back to the constant it is computed from, through a decoder, y*|y| and layout ops."""
     sqrt, chain = False, []
     while name not in scope.constants:
         node = scope.producers.get(name)
@@ -192,7 +203,15 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
             return None
         if node.op_type == "DequantizeLinear":
             codes = scope.tensor(node, 0)
-            return _Source(codes, node, sqrt, tuple(chain)) if codes is not None else None
+            if codes is None:
+                return None
+            return _Source(codes, node, sqrt, tuple(chain), scope.tensor(node, 1), scope.tensor(node, 2), int(attribute(node, "axis", 1)),
+                           int(attribute(node, "block_size", 0)))
+        if (decoded := _cast_times_scale(node, scope)) is not None:
+            codes, cast, scale = decoded
+            view = [d for d in scale.dims]
+            axis = next((i for i, d in enumerate(view) if d > 1), None) if math.prod(view) > 1 else None
+            return _Source(codes, node, sqrt, (*chain, cast), scale, None, axis, 0)
         squared = _squared(node, scope)
         if squared is not None and not sqrt:
             sqrt, name = True, squared
@@ -203,6 +222,18 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
         else:
             return None
     return _Source(scope.constants[name], None, sqrt, tuple(chain))
+
+
+def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorProto, onnx.NodeProto, onnx.TensorProto] | None:
+    """For ``Mul(Cast(codes), scale)`` with integer constant codes and a float constant scale: (codes, the Cast, scale)."""
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for value, scale_name in (node.input, reversed(node.input)):
+        cast, scale = scope.producers.get(value), scope.constants.get(scale_name)
+        codes = scope.tensor(cast, 0) if cast is not None and cast.op_type == "Cast" else None
+        if codes is not None and scale is not None and codes.data_type in _INTEGER_CODES and scale.data_type in _FLOAT_TYPES:
+            return codes, cast, scale
+    return None
 
 
 def _squared(node: onnx.NodeProto, scope: _Scope) -> str | None:
@@ -249,7 +280,7 @@ def _scale_bytes(*tensors: onnx.TensorProto | None) -> tuple[int, tuple[str, ...
 
 
 def _float_op(node: onnx.NodeProto, scope: _Scope, slots: tuple[int, ...]) -> tuple[WeightedNode, _Source] | None:
-    """Conv, Gemm, MatMul and other float ops: float weights, or weights computed by DequantizeLinear."""
+    """Conv, Gemm, MatMul and other float ops: float weights, or weights decoded from codes (DequantizeLinear, Cast and Mul)."""
     for index in slots:
         source = _trace(node.input[index], scope) if len(node.input) > index and node.input[index] else None
         if source is not None:
@@ -261,15 +292,11 @@ def _float_op(node: onnx.NodeProto, scope: _Scope, slots: tuple[int, ...]) -> tu
 
 
 def _from_source(node: onnx.NodeProto, source: _Source, activations: str, scope: _Scope) -> WeightedNode:
-    codes, dq = source.codes, source.dequantize
-    scale = scope.tensor(dq, 1) if dq is not None else None
-    zero_point = scope.tensor(dq, 2) if dq is not None else None
-    block = int(attribute(dq, "block_size", 0)) if dq is not None else None
-    axis = int(attribute(dq, "axis", 1)) if dq is not None else None
-    granularity, axis, block = _granularity(scale, axis, block)
-    if dq is not None and granularity is None:
+    codes = source.codes
+    granularity, axis, block = _granularity(source.scale, source.axis, source.block)
+    if source.decoder is not None and granularity is None:
         granularity = "computed scale"
-    scale_bytes, scales = _scale_bytes(scale, zero_point)
+    scale_bytes, scales = _scale_bytes(source.scale, source.zero_point)
     return _node(node, codes, dtype_name(codes.data_type), dtype_bits(codes.data_type), granularity, source.sqrt, activations,
                  scale_bytes, scales, axis, block)
 
@@ -392,7 +419,7 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, chained: set[str]) -> li
         # constant (not e.g. Reshape's shape).
         for candidates in [(index,) for index in recurrent] or [slots or tuple(range(len(node.input)))]:
             traced = _float_op(node, scope, candidates)
-            if traced is not None and (traced[1].dequantize is not None or ((slots or recurrent) and _weight_like(node, traced[1].codes))):
+            if traced is not None and (traced[1].decoder is not None or ((slots or recurrent) and _weight_like(node, traced[1].codes))):
                 found.append((traced[0], node.output[0] or f"{node.name}:{candidates[0]}"))
                 chained.update(n.output[0] for n in traced[1].chain)
     for node in graph.node:

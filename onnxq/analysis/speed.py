@@ -17,7 +17,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
+import onnx
 
+from onnxq.native.domain import MATMUL_NBITS, ORT_DOMAIN
 from onnxq.native.session import session_options, uses_onnxq_ops
 
 #: Timed runs of each model at most, and the seconds the timing may take at most (after one warm-up run each).
@@ -37,6 +39,8 @@ class Speed:
     quantized_ms: float
     samples: int
     integer_ops: bool  # whether the written model uses onnxq's ops (the int/post formats)
+    dequantizes: bool = True  # whether it has weight DequantizeLinear nodes (onnxruntime may run them on every run)
+    nbits: bool = False  # whether it has onnxruntime MatMulNBits nodes
 
     @property
     def ratio(self) -> float:
@@ -44,16 +48,29 @@ class Speed:
         return self.float_ms / self.quantized_ms if self.quantized_ms > 0 else float("inf")
 
     def line(self) -> str:
-        """What the CLI prints."""
+        """What the CLI prints: the ratio, and below SLOWER what in the model may cost the time and what may help."""
         runs = f"{self.samples} sample{'s' if self.samples != 1 else ''}"
         text = (f"speed: {self.ratio:.2f}x the float model's on this CPU ({self.quantized_ms:.3g} ms against {self.float_ms:.3g} ms "
                 f"for a run of {runs}, onnxruntime, one thread)")
         if self.ratio >= SLOWER:
             return text
-        if self.integer_ops:
-            return text + "; slower than float: the layers outside onnxq's ops dequantize their weights on every run"
-        return (text + "; slower than float: onnxruntime dequantizes most QDQ weights on every run, and --format int, "
-                "which runs Conv, Gemm and MatMul layers as onnxq's integer ops, may be faster (docs/formats.md)")
+        causes = []
+        if self.dequantizes:
+            causes.append("the layers outside onnxq's ops dequantize their weights on every run" if self.integer_ops else
+                          "onnxruntime dequantizes most QDQ weights on every run, and --format int, which runs Conv, Gemm and "
+                          "MatMul layers as onnxq's integer ops, may be faster (docs/formats.md)")
+        if self.nbits:
+            causes.append("onnxruntime's MatMulNBits can be slower than its float MatMul on small weights and long inputs "
+                          "(BENCHMARKS: MatMul weights)")
+        return text + ("; slower than float: " + "; ".join(causes) if causes else "")
+
+
+def written_kinds(path: str | os.PathLike[str]) -> tuple[bool, bool]:
+    """Whether the main graph of a model file dequantizes weights (DequantizeLinear of an initializer), and runs MatMulNBits."""
+    model = onnx.load(os.fspath(path), load_external_data=False)
+    weights = {t.name for t in model.graph.initializer}
+    dequantizes = any(n.op_type == "DequantizeLinear" and n.input[0] in weights for n in model.graph.node)
+    return dequantizes, any(n.op_type == MATMUL_NBITS and n.domain == ORT_DOMAIN for n in model.graph.node)
 
 
 def measure_speed(float_path: str | os.PathLike[str], quantized_path: str | os.PathLike[str], feed: Mapping[str, np.ndarray],
@@ -79,4 +96,4 @@ def measure_speed(float_path: str | os.PathLike[str], quantized_path: str | os.P
             best[i] = min(best[i], time.perf_counter() - start)
         if time.perf_counter() > deadline:
             break
-    return Speed(1e3 * best[0], 1e3 * best[1], samples, integer_ops)
+    return Speed(1e3 * best[0], 1e3 * best[1], samples, integer_ops, *written_kinds(quantized_path))

@@ -27,7 +27,7 @@ from onnxq.model.graph import (
 )
 from onnxq.model.opset import default_opset, is_default_domain
 from onnxq.model.skeleton import on_skeleton
-from onnxq.plan.handlers import FLOAT_TYPES, HANDLERS
+from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS
 
 logger = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
     """Replace nodes of FOLDABLE_OPS whose inputs are all constants by initializers holding their outputs.
 
     Without this a weight behind such a node is "computed" and stays float. The values come from onnx's reference
-    implementation of the op at the model's opset; nodes producing graph outputs, and elementwise ops whose result
-    would be larger than their largest input (broadcasting), stay.
+    implementation of the op at the model's opset; nodes producing graph outputs, elementwise ops whose result would
+    be larger than their largest input (broadcasting), and Casts of integer codes (a quantized weight) stay.
     """
     from onnx.reference import ReferenceEvaluator
 
@@ -198,6 +198,7 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
             or not inputs
             or not all(name in consts for name in inputs)
             or any(out in outputs for out in node.output)
+            or (is_op(node, "Cast") and consts[inputs[0]].data_type in CODE_TYPES)  # decodes quantized codes
         ):
             keep.append(node)
             continue

@@ -15,6 +15,9 @@ from onnxq.model.graph import attribute
 
 #: Weight dtypes we quantize. Float16 weights get float16 scales, so their DequantizeLinear gives float16 as before.
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
+#: Element types of stored weight codes: a Cast of a constant of these to float decodes a quantized weight (what onnxq
+#: writes to decode weights at load), which preparation leaves alone so that such a model reads as quantized.
+CODE_TYPES = frozenset({onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4})
 
 
 @dataclass(frozen=True)

@@ -20,10 +20,10 @@ from onnxq.model.opset import is_default_domain
 from onnxq.native.cpu import has_vnni
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
 from onnxq.plan.boundary import boundary_nodes
-from onnxq.plan.handlers import FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS, TABLE_OPS, WEIGHT_FIRST, Handler, weight_input
+from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS, TABLE_OPS, WEIGHT_FIRST, Handler, weight_input
 
 #: The reason given for a weight that a DequantizeLinear computes from integer codes.
-ALREADY_QUANTIZED = "weight is already quantized (it comes out of a DequantizeLinear)"
+ALREADY_QUANTIZED = "weight is already quantized (decoded from integer codes: DequantizeLinear, or Cast and Mul)"
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class _Names:
     initializers: set[str]
     inputs: set[str]
     outputs: set[str]
-    dequantized: set[str]  # tensors computed from integer codes only (DequantizeLinear, then e.g. sqrt mode's Abs/Mul)
+    dequantized: set[str]  # tensors computed from integer codes only (DequantizeLinear or Cast, then e.g. a scale, sqrt mode's Abs/Mul)
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> _Names:
@@ -107,11 +107,16 @@ class _Names:
 
 
 def _dequantized(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) -> set[str]:
-    """Tensors a DequantizeLinear computes from constants, and those computed from them and constants alone (in one pass)."""
+    """Tensors decoded from constants, and those computed from them and constants alone (in one pass).
+
+    Decoded: by a DequantizeLinear, or a Cast of 4/8-bit integer codes (what onnxq writes to decode weights at load).
+    """
     found: set[str] = set()
     for node in graph.node:
         inputs = [name for name in node.input if name]
-        if is_op(node, "DequantizeLinear") and all(name in consts for name in inputs):
+        decodes = is_op(node, "DequantizeLinear") or (is_op(node, "Cast") and bool(inputs) and inputs[0] in consts
+                                                      and consts[inputs[0]].data_type in CODE_TYPES)
+        if decodes and all(name in consts for name in inputs):
             found.update(node.output)
         elif inputs and all(name in consts or name in found for name in inputs) and any(name in found for name in inputs):
             found.update(node.output)
