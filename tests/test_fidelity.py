@@ -131,6 +131,8 @@ def test_the_speed_line_reports_the_measured_ratio_and_what_may_help():
     assert slow.line().startswith("speed: 0.50x the float model's on this CPU (4 ms against 2 ms for a run of 8 samples")
     assert "--format int" in slow.line()
     assert "onnxq's ops dequantize" in Speed(2.0, 4.0, 1, integer_ops=True).line()
+    nbits = Speed(2.0, 4.0, 1, integer_ops=False, dequantizes=False, nbits=True).line()
+    assert "MatMulNBits can be slower" in nbits and "--format int" not in nbits
     fast = Speed(float_ms=3.0, quantized_ms=2.0, samples=1, integer_ops=True)
     assert fast.line().endswith("for a run of 1 sample, onnxruntime, one thread)")
 
