@@ -96,11 +96,16 @@ namespace iconv {
 struct PackedWeights;  // int_conv_impl.h
 }
 
+// The four ops' names: PostConv, IntConv (float Y), PostConvQ, IntConvQ (uint8 Y).
+inline const char* OpName(bool post, bool quantized) {
+  return post ? (quantized ? "PostConvQ" : "PostConv") : (quantized ? "IntConvQ" : "IntConv");
+}
+
 // The attributes and the kernel choice of one PostConv/IntConv node, and its weights, prepared
 // on first use and kept while W is a constant initializer.
 class IntConvKernel {
  public:
-  IntConvKernel(bool post, const OrtApi& api, const OrtKernelInfo* info);
+  IntConvKernel(bool post, bool quantized, const OrtApi& api, const OrtKernelInfo* info);
   ~IntConvKernel();
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
@@ -108,10 +113,10 @@ class IntConvKernel {
   const std::string& error() const { return error_; }
 
  private:
-  const char* name() const { return post_ ? "PostConv" : "IntConv"; }
+  const char* name() const { return OpName(post_, quantized_); }
   void Compute(OrtKernelContext* context);
 
-  bool post_;
+  bool post_, quantized_;  // PostConv(Q), and the Q ops (uint8 Y)
   int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
   int64_t pad_top_ = 0, pad_left_ = 0, pad_bottom_ = 0, pad_right_ = 0;
   float clip_min_ = -INFINITY, clip_max_ = INFINITY;  // attributes clip_min, clip_max
@@ -123,23 +128,30 @@ class IntConvKernel {
   std::shared_ptr<const iconv::PackedWeights> cached_;
 };
 
-// The onnxruntime op schema of PostConv (post = true) or IntConv. Not the lite custom-op API: its
-// argument wrappers crash on an absent optional input followed by a present one (B absent with
-// x_scale given), so inputs are read from the kernel context here.
+// The onnxruntime op schema of PostConv (post = true) or IntConv, with float Y, or of PostConvQ or
+// IntConvQ (quantized = true: uint8 Y), for one element type of X (input 0) and of R (input 8),
+// float or uint8: register.cc adds the four of each name, which onnxruntime merges into one schema
+// whose X and R take either type (any other is a session error) and picks the kernel by the types.
+// Not the lite custom-op API: its argument wrappers crash on an absent optional input followed by a
+// present one (B absent with x_scale given), so inputs are read from the kernel context here.
 struct IntConvOp : Ort::CustomOpBase<IntConvOp, IntConvKernel, true> {
-  explicit IntConvOp(bool post) : post_(post) {}
+  IntConvOp(bool post, bool quantized, ONNXTensorElementDataType x_type, ONNXTensorElementDataType r_type)
+      : post_(post), quantized_(quantized), x_type_(x_type), r_type_(r_type) {}
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return post_ ? "PostConv" : "IntConv"; }
+  const char* GetName() const { return OpName(post_, quantized_); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
+  size_t GetInputTypeCount() const { return 11; }
   ONNXTensorElementDataType GetInputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return quantized_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
 
  private:
-  bool post_;
+  bool post_, quantized_;
+  ONNXTensorElementDataType x_type_, r_type_;
 };
 
 }  // namespace onnxq

@@ -234,9 +234,9 @@ void FusedChannel(const DepthwiseFused& d, int64_t i) {
 // output channels.
 template <class T>
 void DepthwiseFusedKernel(const DepthwiseFused& d) {
-  if constexpr (T::Fused::kQuantizeRows) {
+  if (T::Fused::kQuantizeRows && d.x != nullptr) {
     QuantizePlane<T>(d);
-  } else {
+  } else {  // (uint8 X: d.x is null, d.bytes the channel as given)
     BuildPlane(d);
   }
   for (int64_t i = 0; i < d.outputs; ++i) {
