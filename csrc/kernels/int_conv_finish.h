@@ -12,7 +12,6 @@
 #include <cstring>
 
 #include "kernels/int_conv_kernels.h"
-#include "kernels/quantize_dynamic_u8_simd.h"
 
 namespace onnxq::iconv {
 
@@ -126,20 +125,74 @@ void FinishRunKernel(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
   }
 }
 
+// The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run: X's
+// in the depthwise kernels that quantize float X (int_conv_fused.h), Y's in the output step below.
+template <class T>
+struct FusedQuantizeConsts {
+  typename T::F inverse, magic, lo, hi;  // the multiply-add and its clamp
+  typename T::F scale, div_lo, div_hi;   // the division's
+  typename T::I z;
+  uint8_t z_byte;
+  bool divide;  // no inverse: every block by division
+  explicit FusedQuantizeConsts(const DepthwiseFused& d)
+      : inverse(T::SetF(d.inverse)),
+        magic(T::SetF(FixedMagic(d.z))),
+        lo(T::SetF(FixedMagic(d.z) + d.lo)),
+        hi(T::SetF(FixedMagic(d.z) + d.hi)),
+        scale(T::SetF(d.scale)),
+        div_lo(T::SetF(d.lo)),
+        div_hi(T::SetF(d.hi)),
+        z(T::Set32(d.z)),
+        z_byte(static_cast<uint8_t>(d.z)),
+        divide(d.inverse == 0.0f) {}
+};
+
+// 4 vectors of values quantized (int_conv_kernels.h, FixedMagic) into T::kBytes bytes, in order:
+// the multiply-add gives each value's fixed-point u; where any u is a tie (its low 12 bits 0:
+// T::AnyFixedTie), the whole block takes QuantizeOne's exact steps instead (divide, clamp: NaN ->
+// lo, round half to even; the value placed at bit 12 like u's). T::PackFixedBytes gathers bits
+// 12..19 of each lane.
+template <class T>
+inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
+  typename T::I u[4];
+  bool ties = true;
+  if (!c.divide) {
+    for (int k = 0; k < 4; ++k) u[k] = T::AsInt(T::Min(T::Max(T::MulAdd(x[k], c.inverse, c.magic), c.lo), c.hi));
+    ties = T::AnyFixedTie(u);
+  }
+  if (ties) {
+    for (int k = 0; k < 4; ++k) {
+      const typename T::F t = T::Min(T::Max(T::Div(x[k], c.scale), c.div_lo), c.div_hi);
+      u[k] = T::ShiftLeft32(T::Add32(T::RoundToInt(t), c.z), 12);
+    }
+  }
+  return T::PackFixedBytes(u);
+}
+
 // OutputKernel's constants, broadcast once per run.
+// Y's quantization is QuantizeOne's (a division), computed as the depthwise kernels quantize X:
+// QuantizeFixed, a multiply-add on a fixed-point grid, dividing only blocks near a tie.
+inline DepthwiseFused OutputQuantization(const Output& o) {
+  DepthwiseFused q{};
+  q.scale = o.y_params.scale;
+  q.inverse = FusedInverse(o.y_params.scale);
+  q.lo = o.y_params.lo;
+  q.hi = o.y_params.hi;
+  q.z = o.y_params.zero_point;
+  return q;
+}
+
 template <class T>
 struct OutputConsts {
-  typename T::F r_scale, clip_lo, clip_hi, y_scale, y_lo, y_hi;
-  typename T::I r_zero_point, y_zero_point;
+  typename T::F r_scale, clip_lo, clip_hi;
+  typename T::I r_zero_point;
+  FusedQuantizeConsts<T> y;
   explicit OutputConsts(const Output& o)
       : r_scale(T::SetF(o.r_scale)),
         clip_lo(T::SetF(o.clip_lo)),
         clip_hi(T::SetF(o.clip_hi)),
-        y_scale(T::SetF(o.y_params.scale)),
-        y_lo(T::SetF(o.y_params.lo)),
-        y_hi(T::SetF(o.y_params.hi)),
         r_zero_point(T::Set32(o.r_zero_point)),
-        y_zero_point(T::Set32(o.y_params.zero_point)) {}
+        y(OutputQuantization(o)) {}
 };
 
 // OutputOne over 4 vectors (4 * T::kFloats elements): y from src, R's from r / r8, Y's to out / out8
@@ -164,9 +217,7 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
   }
   for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
   if (kQuantize) {
-    I q[4];
-    for (int k = 0; k < 4; ++k) q[k] = qdu8::QuantizeLanes<T>(v[k], c.y_scale, c.y_lo, c.y_hi, c.y_zero_point);
-    T::Store(out8, T::PackBytes(q));
+    T::Store(out8, QuantizeFixed<T>(c.y, v));
   } else {
     for (int k = 0; k < 4; ++k) T::StoreF(out + R * k, v[k]);
   }
