@@ -244,8 +244,12 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.out = staged.At(at, g.mg * count);
     f.stride = job.output != nullptr ? count : g.pixels();
     job.kernels->finish_t(f);
-    for (int64_t mm = 0; job.output != nullptr && mm < g.mg; ++mm) {
-      job.kernels->output(*job.output, f.out + mm * count, count, at + mm * g.pixels());
+    if (job.output != nullptr && count == g.pixels()) {  // the whole image: the channels are one run of Y
+      job.kernels->output(*job.output, f.out, g.mg * count, at);
+    } else {
+      for (int64_t mm = 0; job.output != nullptr && mm < g.mg; ++mm) {
+        job.kernels->output(*job.output, f.out + mm * count, count, at + mm * g.pixels());
+      }
     }
   }
 }
