@@ -25,8 +25,17 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     static OrtCustomOpDomain* const domain = [] {
       Ort::CustomOpDomain ops{ONNXQ_DOMAIN};
       ops.Add(Ort::Custom::CreateLiteCustomOp<onnxq::QuantizeDynamicU8>("QuantizeDynamicU8", "CPUExecutionProvider"));
-      ops.Add(new onnxq::IntConvOp(/*post=*/true));   // PostConv
-      ops.Add(new onnxq::IntConvOp(/*post=*/false));  // IntConv
+      // PostConv, IntConv (float Y), PostConvQ, IntConvQ (uint8 Y), each once per element type of X
+      // and of R (float or uint8): onnxruntime picks the one that matches the node's inputs.
+      constexpr ONNXTensorElementDataType kTypes[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,
+                                                      ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8};
+      for (const bool quantized : {false, true}) {
+        for (const bool post : {true, false}) {
+          for (const auto x_type : kTypes) {
+            for (const auto r_type : kTypes) ops.Add(new onnxq::IntConvOp(post, quantized, x_type, r_type));
+          }
+        }
+      }
       return ops.release();
     }();
     Ort::UnownedSessionOptions{options}.Add(domain);

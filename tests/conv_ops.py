@@ -137,6 +137,11 @@ def post_decode(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
 def reference(case: Case, x, codes, scale, bias, x_scale, x_zero_point) -> np.ndarray:
     """The op's output from its definition, in numpy."""
     xq, s_x, z = quantize_input(x, x_scale, x_zero_point)
+    return reference_codes(case, xq, s_x, z, codes, scale, bias)
+
+
+def reference_codes(case: Case, xq: np.ndarray, s_x: np.float32, z: int, codes, scale, bias) -> np.ndarray:
+    """The op's float32 y (bias added, before the clip) from X's codes x_q (int64), step s_x and zero point z."""
     shape = (case.m, case.c // case.group, *case.kernel)
     if case.op == "IntConv":
         acc = integer_conv(xq, z, codes.reshape(shape).astype(np.int64), case)

@@ -1,7 +1,7 @@
 """Malformed inputs to the op library's ops: each is an onnxruntime error with a clear message, or, where the ops' definition
 gives one, an exact (empty or padding-only) result; never a crash.
 
-tests/test_sanitizers.py runs this file (with test_int_conv.py and test_library.py) against the library built under
+tests/test_sanitizers.py runs this file (with test_int_conv.py, test_int_conv_u8.py and test_library.py) against the library built under
 AddressSanitizer and UBSan, so that a read or write out of bounds or an integer overflow behind any of these fails loudly.
 """
 

@@ -75,7 +75,8 @@ bool ReadInts(const OrtApi& api, const OrtKernelInfo* info, const char* name, st
 
 using iconv::InvalidArgument;
 
-IntConvKernel::IntConvKernel(bool post, const OrtApi& api, const OrtKernelInfo* info) : post_(post) {
+IntConvKernel::IntConvKernel(bool post, bool quantized, const OrtApi& api, const OrtKernelInfo* info)
+    : post_(post), quantized_(quantized) {
   const std::string op = name();
   auto fail = [&](const std::string& message) {
     if (error_.empty()) error_ = op + ": " + message;
@@ -187,7 +188,11 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
 
   const Ort::ConstValue x = input(0), w = input(1), scale = input(2), bias = input(3);
   const Ort::ConstValue x_scale = input(4), x_zero_point = input(5);
+  const Ort::ConstValue y_scale = input(6), y_zero_point = input(7);
+  const Ort::ConstValue residual = input(8), r_scale = input(9), r_zero_point = input(10);
   ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
+  // X float32, or uint8: then X is x_q itself (onnxruntime only lets these two through).
+  const bool x_bytes = x.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
   const std::vector<int64_t> x_shape = shape_of(x), w_shape = shape_of(w), scale_shape = shape_of(scale);
   ONNXQ_CHECK(x_shape.size() == 4, "input X must have rank 4 (N, C, H, W), got shape " + ShapeText(x_shape));
   ONNXQ_CHECK(w_shape.size() == 2, "input W must have rank 2 (M, row_bytes), got shape " + ShapeText(w_shape));
@@ -252,11 +257,65 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   if (g.oh == 1) g.sh = 1;
   if (g.ow == 1) g.sw = 1;
 
+  // The epilogue's last steps (int_conv_kernels.h, Output): R added before the clip, Y quantized.
+  // One positive, finite float32 step and a uint8 zero point, from inputs `step` and `zero`.
+  auto one_step = [&](const Ort::ConstValue& step, const Ort::ConstValue& zero, const char* step_name,
+                      const char* zero_name, float* s, int32_t* z) {
+    ONNXQ_CHECK(step.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
+                std::string(step_name) + " must be one float32 value, got shape " + ShapeText(shape_of(step)));
+    ONNXQ_CHECK(zero.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
+                std::string(zero_name) + " must be one uint8 value, got shape " + ShapeText(shape_of(zero)));
+    *s = *step.GetTensorData<float>();
+    *z = *zero.GetTensorData<uint8_t>();
+    ONNXQ_CHECK(*s > 0.0f && *s <= 3.4028235e38f,
+                std::string(step_name) + " must be positive and finite, got " + std::to_string(*s));
+  };
+  iconv::Output output{};
+  output.clip_lo = clip_min_;
+  output.clip_hi = clip_max_;
+  ONNXQ_CHECK((y_scale != nullptr) == (y_zero_point != nullptr), "y_scale and y_zero_point must be given together");
+  ONNXQ_CHECK(!quantized_ || y_scale != nullptr,
+              "Y is uint8: inputs y_scale and y_zero_point (6 and 7, Y's step and zero point) are required");
+  ONNXQ_CHECK(quantized_ || y_scale == nullptr,
+              std::string("y_scale and y_zero_point quantize Y to uint8, which ") + OpName(post_, true) +
+                  " does; " + op + "'s Y is float32");
+  if (quantized_) {
+    float s = 0.0f;
+    int32_t z = 0;
+    one_step(y_scale, y_zero_point, "y_scale", "y_zero_point", &s, &z);
+    output.quantize = true;
+    output.y_params = {s, static_cast<float>(-z), static_cast<float>(255 - z), z};
+  }
+  ONNXQ_CHECK((r_scale != nullptr) == (r_zero_point != nullptr), "r_scale and r_zero_point must be given together");
+  if (residual != nullptr) {
+    const std::vector<int64_t> r_shape = shape_of(residual);
+    ONNXQ_CHECK(r_shape == std::vector<int64_t>({g.n, g.m, g.oh, g.ow}),
+                "input R (the residual) must have Y's shape (N, M, OH, OW) = " + ShapeText({g.n, g.m, g.oh, g.ow}) +
+                    ", got " + ShapeText(r_shape));
+    if (residual.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+      ONNXQ_CHECK(r_scale != nullptr,
+                  "R is uint8: inputs r_scale and r_zero_point (9 and 10, R's step and zero point) are required");
+      one_step(r_scale, r_zero_point, "r_scale", "r_zero_point", &output.r_scale, &output.r_zero_point);
+      output.r8 = residual.GetTensorData<uint8_t>();
+    } else {
+      ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point dequantize a uint8 R; this R is float32");
+      output.r = residual.GetTensorData<float>();
+    }
+  } else {
+    ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point are given without R (input 8)");
+  }
+  // With neither, the kernels write Y (float) themselves, clipped as before.
+  const bool staged = quantized_ || residual != nullptr;
+
   // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
   ONNXQ_CHECK((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");
   const auto sample = static_cast<size_t>(g.c * g.h * g.w);
   const auto count = static_cast<size_t>(g.n) * sample;
-  const float* x_data = x.GetTensorData<float>();
+  const float* x_data = x_bytes ? nullptr : x.GetTensorData<float>();
+  const uint8_t* x_codes = x_bytes ? x.GetTensorData<uint8_t>() : nullptr;
+  ONNXQ_CHECK(!x_bytes || x_scale != nullptr,
+              "X is uint8 (quantized already): inputs x_scale and x_zero_point (4 and 5, its step and zero point) "
+              "are required");
   const Kernels& kernels = KernelsFor(isa_);
   // params[0] for the whole batch, or params[n] for sample n (x_scale with N elements).
   std::vector<qdu8::Params> params(1);
@@ -296,15 +355,25 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
 
   // X quantized (per sample with per-sample steps), unless the depthwise kernels quantize it
   // channel by channel as they go.
+  // (uint8 X: every kernel reads X as it is.)
   const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && g.k > 0 && iconv::UsesFusedDepthwise(g, *pw, isa_);
-  std::vector<uint8_t> xq(fused ? 0 : count);
-  if (!fused && params.size() == 1) {
+  const bool quantize = !fused && !x_bytes;
+  std::vector<uint8_t> xq(quantize ? count : 0);
+  if (quantize && params.size() == 1) {
     kernels.quantize(x_data, count, params[0], xq.data());
-  } else if (!fused) {
+  } else if (quantize) {
     for (int64_t n = 0; n < g.n; ++n) kernels.quantize(x_data + n * sample, sample, params[n], xq.data() + n * sample);
   }
+  const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq.data() : nullptr;
 
-  float* y = context.GetOutput(0, {g.n, g.m, g.oh, g.ow}).GetTensorMutableData<float>();
+  Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
+  float* y = nullptr;
+  if (quantized_) {
+    output.y8 = y_value.GetTensorMutableData<uint8_t>();
+  } else {
+    y = y_value.GetTensorMutableData<float>();
+    output.y = y;
+  }
   if (g.n == 0 || g.m == 0) return;  // Y is empty (W's codes are checked all the same)
 
   // One run of the kernels over the images of `run` (all of X, or one sample with its own step):
@@ -313,7 +382,15 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   std::vector<float> c_e(static_cast<size_t>(g.m)), c_o(static_cast<size_t>(g.m));
   const int32_t k2 = ((1 << (bits_ - 1)) - 1) / 2;
   const float step = ldexpf(1.0f, -k2);
-  auto run_images = [&](const iconv::Geometry& run, const qdu8::Params& p, const float* run_x, const uint8_t* run_xq, float* run_y) {
+  // Y of the run from element y_at: float (y) written by the kernels, or through the output step.
+  auto run_images = [&](const iconv::Geometry& run, const qdu8::Params& p, const float* run_x, const uint8_t* run_xq,
+                        int64_t y_at) {
+    float* run_y = staged ? nullptr : y + y_at;
+    iconv::Output run_output = output;
+    if (output.r != nullptr) run_output.r += y_at;
+    if (output.r8 != nullptr) run_output.r8 += y_at;
+    if (output.y != nullptr) run_output.y += y_at;
+    if (output.y8 != nullptr) run_output.y8 += y_at;
     for (int64_t m = 0; m < g.m; ++m) {
       const float c = p.scale * scale_data[m];
       if (post_) {
@@ -327,7 +404,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     const auto z = static_cast<uint8_t>(p.zero_point);
     if (isa_ == Isa::kScalar || g.k == 0) {  // (K = 0: no sums, Y = B or 0; the SIMD kernels assume K >= 1)
       iconv::ReferenceConv(run, *pw, post_, bits_, run_xq, z, c_e.data(), c_o.data(), bias_data, clip_min_, clip_max_,
-                           run_y);
+                           run_y, staged ? &run_output : nullptr);
       return;
     }
     iconv::SimdArgs args{};
@@ -344,15 +421,16 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     args.c_e = c_e.data();
     args.c_o = c_o.data();
     args.bias = bias_data;
-    args.clip_lo = clip_min_;
-    args.clip_hi = clip_max_;
+    args.clip_lo = staged ? -INFINITY : clip_min_;  // (staged: the output step clips, after R)
+    args.clip_hi = staged ? INFINITY : clip_max_;
     args.y = run_y;
+    args.output = staged ? &run_output : nullptr;
     args.pad_bottom = pad_bottom_;
     args.pad_right = pad_right_;
     iconv::SimdConv(args, context);
   };
   if (params.size() == 1) {
-    run_images(g, params[0], x_data, fused ? nullptr : xq.data(), y);
+    run_images(g, params[0], x_data, xq_data, 0);
     return;
   }
   // Per-sample steps: each sample is its own one-image call (the zero point is shared, the steps are not).
@@ -360,7 +438,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   one.n = 1;
   const int64_t outputs = g.m * g.oh * g.ow;
   for (int64_t n = 0; n < g.n; ++n) {
-    run_images(one, params[n], x_data + n * sample, fused ? nullptr : xq.data() + n * sample, y + n * outputs);
+    run_images(one, params[n], x_bytes ? nullptr : x_data + n * sample,
+               xq_data != nullptr ? xq_data + n * sample : nullptr, n * outputs);
   }
 }
 
@@ -368,7 +447,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
 
 OrtStatusPtr IntConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const {
   try {
-    auto created = std::make_unique<IntConvKernel>(post_, api, info);
+    auto created = std::make_unique<IntConvKernel>(post_, quantized_, api, info);
     if (!created->error().empty()) return api.CreateStatus(ORT_INVALID_ARGUMENT, created->error().c_str());
     *kernel = created.release();
     return nullptr;
@@ -378,7 +457,10 @@ OrtStatusPtr IntConvOp::CreateKernelV2(const OrtApi& api, const OrtKernelInfo* i
 }
 
 ONNXTensorElementDataType IntConvOp::GetInputType(size_t index) const {
-  return index == 1 || index == 5 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (index == 0) return x_type_;
+  if (index == 8) return r_type_;
+  return index == 1 || index == 5 || index == 7 || index == 10 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8
+                                                               : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 OrtCustomOpInputOutputCharacteristic IntConvOp::GetInputCharacteristic(size_t index) const {

@@ -1,10 +1,21 @@
-// PostConv and IntConv: 2-D convolutions with float32 input and output that run on integers
-// inside: uint8 activations times small signed integer weights, accumulated in int32. This
-// comment is the definition of both ops; the scalar reference kernel (int_conv_reference.cc,
-// ReferenceConv) implements it in direct loops, and every SIMD kernel equals it bit for bit.
+// PostConv and IntConv: 2-D convolutions that run on integers inside: uint8 activations times
+// small signed integer weights, accumulated in int32; Y float32. PostConvQ and IntConvQ: the same
+// ops with a uint8 Y (the quantization step below), so that data can stay uint8 from one
+// convolution to the next. This comment is the definition of the four ops; the scalar reference
+// kernel (int_conv_reference.cc, ReferenceConv, with OutputOne) implements it in direct loops, and
+// every SIMD kernel equals it bit for bit.
 //
-// Inputs (both ops)
-//   0 X        float32 (N, C, H, W)
+// Why two names per op: onnxruntime infers a custom op's output type from its kernel definitions'
+// input types (onnxruntime/core/session/custom_ops.cc, InferOutputTypes: the first definition
+// whose type constraints match the node's present inputs), never from which optional inputs a node
+// has, and an output of undefined type takes the type of the one input of undefined type. y_scale
+// decides Y's type, not X's type, so uint8 Y has its own op names. X and R each take float32 or
+// uint8: register.cc registers every name once per pair of their types, which onnxruntime merges
+// into one schema (any other type is an error when the session loads).
+//
+// Inputs (all four ops; 6..10 optional, an empty name means absent)
+//   0 X        float32 or uint8 (N, C, H, W). uint8: X is x_q itself (below), and x_scale and
+//              x_zero_point are required.
 //   1 W        uint8 (M, row_bytes): output channel m's K = C/group*kh*kw codes, in the row-major
 //              (c, ky, kx) order of the ONNX Conv weight W[m]. bits <= 4: two per byte, code 2i in
 //              the low nibble and 2i+1 in the high nibble, each a 4-bit two's-complement value,
@@ -15,7 +26,12 @@
 //   4 x_scale  float32, 1 element (one step for the batch) or N elements of any shape, e.g. (N, 1)
 //              (one step per sample: ASQ's adaptive steps); 5 x_zero_point uint8, 1 element.
 //              Optional, both or neither; every step must be positive and finite.
-// Output: Y float32 (N, M, OH, OW), OH = (H + pad_top + pad_bottom - (dh*(kh-1)+1)) / sh + 1 (and
+//   6 y_scale  float32, 1 element, positive and finite; 7 y_zero_point uint8, 1 element: Y's
+//              quantization. Required by PostConvQ/IntConvQ (both), an error for PostConv/IntConv.
+//   8 R        float32 or uint8, exactly Y's shape (N, M, OH, OW): the residual, added before the
+//              clip (a Conv -> Add(skip) -> Relu fused). uint8 R needs 9 r_scale float32, 1 element,
+//              positive and finite, and 10 r_zero_point uint8, 1 element; float R takes neither.
+// Output: Y float32 (PostConv, IntConv) or uint8 (PostConvQ, IntConvQ), (N, M, OH, OW), OH = (H + pad_top + pad_bottom - (dh*(kh-1)+1)) / sh + 1 (and
 // likewise OW), which must be >= 1.
 // Attributes: bits (required), kernel_shape (required, [kh, kw]), strides [sh, sw] (1, 1),
 // pads [top, left, bottom, right] (0, 0, 0, 0), dilations [dh, dw] (1, 1), group (1; depthwise:
@@ -26,7 +42,8 @@
 // input may have at most 2^40 pixels (H' = H + pad_top + pad_bottom times W') and 2^40 values
 // (N*C*H'*W'). Any of N, C, M, H, W may be 0.
 //
-// Activation quantization, once per call over the whole X:
+// Activation quantization, once per call over the whole X (uint8 X: none, x_q = X, with s_x, z_x
+// the given x_scale (one, or one per sample) and x_zero_point):
 //   with x_scale/x_zero_point: s_x, z_x as given; without: s_x, z_x as ONNX DynamicQuantizeLinear
 //   (= the QuantizeDynamicU8 op) computes them from X's range. With N steps, sample n uses its
 //   own s_x = x_scale[n] here and in the factors c below, exactly as if it ran alone. Then
@@ -55,10 +72,15 @@
 //   order, once per call)
 //   y = ((float)acc_e * c_e[m] + (float)acc_o * c_o[m]) + B[m]
 //
-// Without B, the final "+ B[m]" is left out (it would only turn -0 into +0). Then every output of
-// both ops is clipped: y = min(max(y, clip_min), clip_max), computed as y < clip_min ? clip_min : y,
+// Without B, the final "+ B[m]" is left out (it would only turn -0 into +0). With R, its value
+//   r = R (float32), or r = (float)((int32)R - r_zp) * r_scale (uint8 R: one float32 multiply)
+// is added next: y = y + r[n,m,oy,ox] (so y = ((acc*c + B) + r)). Then every output of all four
+// ops is clipped: y = min(max(y, clip_min), clip_max), computed as y < clip_min ? clip_min : y,
 // then y > clip_max ? clip_max : y (a NaN y stays NaN, and the default bounds change no bits, -0
-// included). Float operations are
+// included). PostConvQ/IntConvQ then quantize it as ONNX QuantizeLinear does, a float32 division:
+//   Y = clamp(round_half_even(y / y_scale) + y_zp, 0, 255)   (a NaN gives 0, +-inf 255 / 0)
+// computed as QuantizeDynamicU8's kernels do (quantize_dynamic_u8_kernels.h, QuantizeOne: the
+// quotient clamped to [-y_zp, 255 - y_zp], then rounded; the same integer). Float operations are
 // single float32 operations in exactly the order written (-ffp-contract=off), so every kernel
 // gives the same bits. Integer sums are exact in any order, which leaves the SIMD kernels free to
 // reorder K and to use multiply-add instructions (vpmaddubsw never saturates for |w| <= 8:
@@ -77,7 +99,11 @@
 // IntConv's integer work (not in AVX2's DepthwiseFused: a code is in one of them, and the zero
 // pairs of each are skipped). With per-sample steps
 // (x_scale of N elements) the kernels run once per sample, each a one-image call with that
-// sample's factors.
+// sample's factors. uint8 X goes to every kernel as it is (the depthwise kernels that quantize
+// float X copy its bytes into their padded planes instead). With R or a uint8 Y the kernels
+// compute y without the clip into each task's scratch (a channel's plane, a block's, a panel's
+// run), and the output step (OutputKernel, int_conv_finish.h, one template over the instruction
+// set's traits) adds R, clips and quantizes it into Y while it is in cache.
 #pragma once
 
 #include <cmath>
@@ -96,11 +122,16 @@ namespace iconv {
 struct PackedWeights;  // int_conv_impl.h
 }
 
+// The four ops' names: PostConv, IntConv (float Y), PostConvQ, IntConvQ (uint8 Y).
+inline const char* OpName(bool post, bool quantized) {
+  return post ? (quantized ? "PostConvQ" : "PostConv") : (quantized ? "IntConvQ" : "IntConv");
+}
+
 // The attributes and the kernel choice of one PostConv/IntConv node, and its weights, prepared
 // on first use and kept while W is a constant initializer.
 class IntConvKernel {
  public:
-  IntConvKernel(bool post, const OrtApi& api, const OrtKernelInfo* info);
+  IntConvKernel(bool post, bool quantized, const OrtApi& api, const OrtKernelInfo* info);
   ~IntConvKernel();
   OrtStatusPtr ComputeV2(OrtKernelContext* context);
 
@@ -108,10 +139,10 @@ class IntConvKernel {
   const std::string& error() const { return error_; }
 
  private:
-  const char* name() const { return post_ ? "PostConv" : "IntConv"; }
+  const char* name() const { return OpName(post_, quantized_); }
   void Compute(OrtKernelContext* context);
 
-  bool post_;
+  bool post_, quantized_;  // PostConv(Q), and the Q ops (uint8 Y)
   int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
   int64_t pad_top_ = 0, pad_left_ = 0, pad_bottom_ = 0, pad_right_ = 0;
   float clip_min_ = -INFINITY, clip_max_ = INFINITY;  // attributes clip_min, clip_max
@@ -123,23 +154,30 @@ class IntConvKernel {
   std::shared_ptr<const iconv::PackedWeights> cached_;
 };
 
-// The onnxruntime op schema of PostConv (post = true) or IntConv. Not the lite custom-op API: its
-// argument wrappers crash on an absent optional input followed by a present one (B absent with
-// x_scale given), so inputs are read from the kernel context here.
+// The onnxruntime op schema of PostConv (post = true) or IntConv, with float Y, or of PostConvQ or
+// IntConvQ (quantized = true: uint8 Y), for one element type of X (input 0) and of R (input 8),
+// float or uint8: register.cc adds the four of each name, which onnxruntime merges into one schema
+// whose X and R take either type (any other is a session error) and picks the kernel by the types.
+// Not the lite custom-op API: its argument wrappers crash on an absent optional input followed by a
+// present one (B absent with x_scale given), so inputs are read from the kernel context here.
 struct IntConvOp : Ort::CustomOpBase<IntConvOp, IntConvKernel, true> {
-  explicit IntConvOp(bool post) : post_(post) {}
+  IntConvOp(bool post, bool quantized, ONNXTensorElementDataType x_type, ONNXTensorElementDataType r_type)
+      : post_(post), quantized_(quantized), x_type_(x_type), r_type_(r_type) {}
 
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
-  const char* GetName() const { return post_ ? "PostConv" : "IntConv"; }
+  const char* GetName() const { return OpName(post_, quantized_); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 6; }
+  size_t GetInputTypeCount() const { return 11; }
   ONNXTensorElementDataType GetInputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
   size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const { return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT; }
+  ONNXTensorElementDataType GetOutputType(size_t) const {
+    return quantized_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
 
  private:
-  bool post_;
+  bool post_, quantized_;
+  ONNXTensorElementDataType x_type_, r_type_;
 };
 
 }  // namespace onnxq

@@ -6,7 +6,10 @@
 // give its bits.
 #pragma once
 
+#include <immintrin.h>
+
 #include <cstdint>
+#include <cstring>
 
 #include "kernels/int_conv_kernels.h"
 
@@ -120,6 +123,150 @@ void FinishRunKernel(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
     bias != nullptr ? FinishRunLanes<T, true, true>(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out)
                     : FinishRunLanes<T, true, false>(e, o, n, z_e, z_o, c_e, c_o, bias, lo, hi, out);
   }
+}
+
+// The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run: X's
+// in the depthwise kernels that quantize float X (int_conv_fused.h), Y's in the output step below.
+template <class T>
+struct FusedQuantizeConsts {
+  typename T::F inverse, magic, lo, hi;  // the multiply-add and its clamp
+  typename T::F scale, div_lo, div_hi;   // the division's
+  typename T::I z;
+  uint8_t z_byte;
+  bool divide;  // no inverse: every block by division
+  explicit FusedQuantizeConsts(const DepthwiseFused& d)
+      : inverse(T::SetF(d.inverse)),
+        magic(T::SetF(FixedMagic(d.z))),
+        lo(T::SetF(FixedMagic(d.z) + d.lo)),
+        hi(T::SetF(FixedMagic(d.z) + d.hi)),
+        scale(T::SetF(d.scale)),
+        div_lo(T::SetF(d.lo)),
+        div_hi(T::SetF(d.hi)),
+        z(T::Set32(d.z)),
+        z_byte(static_cast<uint8_t>(d.z)),
+        divide(d.inverse == 0.0f) {}
+};
+
+// 4 vectors of values quantized (int_conv_kernels.h, FixedMagic) into T::kBytes bytes, in order:
+// the multiply-add gives each value's fixed-point u; where any u is a tie (its low 12 bits 0:
+// T::AnyFixedTie), the whole block takes QuantizeOne's exact steps instead (divide, clamp: NaN ->
+// lo, round half to even; the value placed at bit 12 like u's). T::PackFixedBytes gathers bits
+// 12..19 of each lane.
+template <class T>
+inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
+  typename T::I u[4];
+  bool ties = true;
+  if (!c.divide) {
+    for (int k = 0; k < 4; ++k) u[k] = T::AsInt(T::Min(T::Max(T::MulAdd(x[k], c.inverse, c.magic), c.lo), c.hi));
+    ties = T::AnyFixedTie(u);
+  }
+  if (ties) {
+    for (int k = 0; k < 4; ++k) {
+      const typename T::F t = T::Min(T::Max(T::Div(x[k], c.scale), c.div_lo), c.div_hi);
+      u[k] = T::ShiftLeft32(T::Add32(T::RoundToInt(t), c.z), 12);
+    }
+  }
+  return T::PackFixedBytes(u);
+}
+
+// OutputKernel's constants, broadcast once per run.
+// Y's quantization is QuantizeOne's (a division), computed as the depthwise kernels quantize X:
+// QuantizeFixed, a multiply-add on a fixed-point grid, dividing only blocks near a tie.
+inline DepthwiseFused OutputQuantization(const Output& o) {
+  DepthwiseFused q{};
+  q.scale = o.y_params.scale;
+  q.inverse = FusedInverse(o.y_params.scale);
+  q.lo = o.y_params.lo;
+  q.hi = o.y_params.hi;
+  q.z = o.y_params.zero_point;
+  return q;
+}
+
+template <class T>
+struct OutputConsts {
+  typename T::F r_scale, clip_lo, clip_hi;
+  typename T::I r_zero_point;
+  FusedQuantizeConsts<T> y;
+  explicit OutputConsts(const Output& o)
+      : r_scale(T::SetF(o.r_scale)),
+        clip_lo(T::SetF(o.clip_lo)),
+        clip_hi(T::SetF(o.clip_hi)),
+        r_zero_point(T::Set32(o.r_zero_point)),
+        y(OutputQuantization(o)) {}
+};
+
+// OutputOne over 4 vectors (4 * T::kFloats elements): y from src, R's from r / r8, Y's to out / out8
+// (each at its element 0). All of them are whole: the caller pads a run's last block.
+template <class T, bool kR, bool kR8, bool kQuantize>
+inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
+                        uint8_t* out8) {
+  using F = typename T::F;
+  using I = typename T::I;
+  constexpr int R = T::kFloats;
+  F v[4];
+  for (int k = 0; k < 4; ++k) v[k] = T::LoadF(src + R * k);
+  if (kR) {
+    for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::LoadF(r + R * k));
+  }
+  if (kR8) {  // (int32)R - r_zp, to float, times r_scale: 16 bytes widened to 16 / R vectors at a time
+    I w[4];
+    for (int b = 0; b < 4 * R / 16; ++b) {
+      T::WidenU8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(r8 + 16 * b)), w + b * (16 / R));
+    }
+    for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::Mul(T::ToFloat(T::Sub32(w[k], c.r_zero_point)), c.r_scale));
+  }
+  for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  if (kQuantize) {
+    T::Store(out8, QuantizeFixed<T>(c.y, v));
+  } else {
+    for (int k = 0; k < 4; ++k) T::StoreF(out + R * k, v[k]);
+  }
+}
+
+// Output (kernels.h's output): whole blocks of 4 vectors, then the last elements through buffers
+// padded to a block (y and R's values read only for i < n, Y's written only for i < n).
+template <class T, bool kR, bool kR8, bool kQuantize>
+void OutputRun(const Output& o, const float* y, int64_t n, int64_t at) {
+  constexpr int64_t kBlock = 4 * T::kFloats;
+  const OutputConsts<T> c(o);
+  const float* r = kR ? o.r + at : nullptr;
+  const uint8_t* r8 = kR8 ? o.r8 + at : nullptr;
+  float* out = kQuantize ? nullptr : o.y + at;
+  uint8_t* out8 = kQuantize ? o.y8 + at : nullptr;
+  int64_t i = 0;
+  for (; i + kBlock <= n; i += kBlock) {
+    OutputBlock<T, kR, kR8, kQuantize>(c, y + i, kR ? r + i : nullptr, kR8 ? r8 + i : nullptr,
+                                       kQuantize ? nullptr : out + i, kQuantize ? out8 + i : nullptr);
+  }
+  if (i == n) return;
+  const int64_t left = n - i;
+  alignas(64) float src_tail[kBlock] = {}, r_tail[kBlock] = {}, out_tail[kBlock];
+  alignas(64) uint8_t r8_tail[kBlock] = {}, out8_tail[kBlock];
+  std::memcpy(src_tail, y + i, static_cast<size_t>(left) * sizeof(float));
+  if (kR) std::memcpy(r_tail, r + i, static_cast<size_t>(left) * sizeof(float));
+  if (kR8) std::memcpy(r8_tail, r8 + i, static_cast<size_t>(left));
+  OutputBlock<T, kR, kR8, kQuantize>(c, src_tail, r_tail, r8_tail, out_tail, out8_tail);
+  if (kQuantize) {
+    std::memcpy(out8 + i, out8_tail, static_cast<size_t>(left));
+  } else {
+    std::memcpy(out + i, out_tail, static_cast<size_t>(left) * sizeof(float));
+  }
+}
+
+template <class T, bool kQuantize>
+void OutputResidual(const Output& o, const float* y, int64_t n, int64_t at) {
+  if (o.r != nullptr) {
+    OutputRun<T, true, false, kQuantize>(o, y, n, at);
+  } else if (o.r8 != nullptr) {
+    OutputRun<T, false, true, kQuantize>(o, y, n, at);
+  } else {
+    OutputRun<T, false, false, kQuantize>(o, y, n, at);
+  }
+}
+
+template <class T>
+void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
+  o.quantize ? OutputResidual<T, true>(o, y, n, at) : OutputResidual<T, false>(o, y, n, at);
 }
 
 }  // namespace

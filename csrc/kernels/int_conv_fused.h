@@ -37,49 +37,6 @@ namespace onnxq::iconv {
 
 namespace {
 
-// The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run.
-template <class T>
-struct FusedQuantizeConsts {
-  typename T::F inverse, magic, lo, hi;  // the multiply-add and its clamp
-  typename T::F scale, div_lo, div_hi;   // the division's
-  typename T::I z;
-  uint8_t z_byte;
-  bool divide;  // no inverse: every block by division
-  explicit FusedQuantizeConsts(const DepthwiseFused& d)
-      : inverse(T::SetF(d.inverse)),
-        magic(T::SetF(FixedMagic(d.z))),
-        lo(T::SetF(FixedMagic(d.z) + d.lo)),
-        hi(T::SetF(FixedMagic(d.z) + d.hi)),
-        scale(T::SetF(d.scale)),
-        div_lo(T::SetF(d.lo)),
-        div_hi(T::SetF(d.hi)),
-        z(T::Set32(d.z)),
-        z_byte(static_cast<uint8_t>(d.z)),
-        divide(d.inverse == 0.0f) {}
-};
-
-// 4 vectors of values quantized (int_conv_kernels.h, FixedMagic) into T::kBytes bytes, in order:
-// the multiply-add gives each value's fixed-point u; where any u is a tie (its low 12 bits 0:
-// T::AnyFixedTie), the whole block takes QuantizeOne's exact steps instead (divide, clamp: NaN ->
-// lo, round half to even; the value placed at bit 12 like u's). T::PackFixedBytes gathers bits
-// 12..19 of each lane.
-template <class T>
-inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
-  typename T::I u[4];
-  bool ties = true;
-  if (!c.divide) {
-    for (int k = 0; k < 4; ++k) u[k] = T::AsInt(T::Min(T::Max(T::MulAdd(x[k], c.inverse, c.magic), c.lo), c.hi));
-    ties = T::AnyFixedTie(u);
-  }
-  if (ties) {
-    for (int k = 0; k < 4; ++k) {
-      const typename T::F t = T::Min(T::Max(T::Div(x[k], c.scale), c.div_lo), c.div_hi);
-      u[k] = T::ShiftLeft32(T::Add32(T::RoundToInt(t), c.z), 12);
-    }
-  }
-  return T::PackFixedBytes(u);
-}
-
 // dst[i] = src[i] quantized for i < n, and z up to the next multiple of T::kBytes (lanes past n
 // read as 0.0, which quantizes to z); reads no float past n.
 template <class T>
@@ -234,9 +191,9 @@ void FusedChannel(const DepthwiseFused& d, int64_t i) {
 // output channels.
 template <class T>
 void DepthwiseFusedKernel(const DepthwiseFused& d) {
-  if constexpr (T::Fused::kQuantizeRows) {
+  if (T::Fused::kQuantizeRows && d.x != nullptr) {
     QuantizePlane<T>(d);
-  } else {
+  } else {  // (uint8 X: d.x is null, d.bytes the channel as given)
     BuildPlane(d);
   }
   for (int64_t i = 0; i < d.outputs; ++i) {

@@ -13,6 +13,8 @@
 
 namespace onnxq::iconv {
 
+struct Output;  // int_conv_kernels.h
+
 // A malformed input or attribute: onnxruntime reports it as ORT_INVALID_ARGUMENT.
 struct InvalidArgument : std::runtime_error {
   using std::runtime_error::runtime_error;
@@ -101,8 +103,11 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
                                              bool post, Isa isa);
 
 // The scalar reference kernel: int_conv.h's definition as direct loops over X quantized (xq, N C H W).
+// Y to y (float, clipped to clip_lo, clip_hi), or with `output` (a residual or uint8 Y) each
+// unclipped y through OutputOne (int_conv_kernels.h), which clips with its own bounds; y unused.
 void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,
-                   const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y);
+                   const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y,
+                   const Output* output);
 
 // One call of the SIMD kernels (AVX2 or AVX-512): X quantized, the float factors, Y.
 struct SimdArgs {
@@ -111,12 +116,15 @@ struct SimdArgs {
   Isa isa;
   bool post;
   uint8_t z;                      // z_x
-  const uint8_t* xq;              // X quantized, N C H W (null for UsesFusedDepthwise)
-  const float* x;                 // X (UsesFusedDepthwise), quantized with x_scale, x_lo, x_hi, z as
+  const uint8_t* xq;              // X quantized, N C H W (null for UsesFusedDepthwise from float X;
+                                  // uint8 X: X itself, which every kernel reads as it is)
+  const float* x;                 // float X (UsesFusedDepthwise; else null), quantized with x_scale, x_lo, x_hi, z as
   float x_scale, x_lo, x_hi;      // qdu8::Params scale, lo, hi
   const float *c_e, *c_o, *bias;  // [M] each; bias may be null
   float clip_lo, clip_hi;         // the clip bounds (attributes clip_min, clip_max)
-  float* y;                       // Y, N M OH OW
+  float* y;                       // Y, N M OH OW (float Y without a residual)
+  const Output* output;           // else (a residual, or uint8 Y): the kernels' float y, unclipped
+                                  // (clip_lo, clip_hi are -inf, +inf), goes through scratch to this
   int64_t pad_bottom, pad_right;
 };
 

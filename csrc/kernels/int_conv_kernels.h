@@ -24,6 +24,8 @@
 #include <cstddef>
 #include <cstdint>
 
+#include "kernels/quantize_dynamic_u8_kernels.h"
+
 namespace onnxq::iconv {
 
 constexpr int64_t kRows = 4;    // rows of A per micro-kernel block
@@ -93,6 +95,24 @@ struct FinishT {
   int64_t stride;
 };
 
+// The epilogue's last steps (int_conv.h) where the op has a residual R or a uint8 Y: y, as Finish
+// computes it without the clip, plus R's value (float R, or uint8 R dequantized), then the clip,
+// then quantized to Y's uint8 (y_scale, y_zero_point as qdu8::Params), or stored as float. Element
+// i of a run of Y is at index i of every pointer here (R has Y's shape). The SIMD kernels write
+// their float y into scratch and call the table's `output` on each run of it (OutputKernel,
+// int_conv_finish.h); the scalar reference calls OutputOne per element.
+struct Output {
+  const float* r;           // float R, or null
+  const uint8_t* r8;        // uint8 R, or null
+  int32_t r_zero_point;     // (uint8 R)
+  float r_scale;
+  float clip_lo, clip_hi;   // the clip bounds (attributes clip_min, clip_max)
+  bool quantize;            // Y uint8 (else float)
+  qdu8::Params y_params;    // y_scale, -y_zp, 255 - y_zp, y_zp
+  float* y;                 // float Y (quantize false)
+  uint8_t* y8;              // uint8 Y (quantize true)
+};
+
 
 // Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
 // over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input
@@ -148,11 +168,11 @@ struct PaddedPlane {
 // plane[offsets[t] + sw * p], offsets[t] = (ky*dh % sh) * hq*wp + (ky*dh / sh) * wp + G*j (a FusedPair
 // starting at tap kx likewise, + kx).
 struct DepthwiseFused : PaddedPlane {
-  const float* x;                 // the input channel, h x w
+  const float* x;                 // the input channel, h x w (null for uint8 X: then bytes holds it as given)
   int64_t readable;               // floats that may be read from x (to the end of X)
   int64_t hq;                     // rows per phase: ceil(hp / sh)
   float scale, inverse, lo, hi;   // quantization (qdu8::Params), inverse = 1 / scale or 0 (divide); zero point z
-  uint8_t* bytes;                 // the channel quantized (QuantizeFused), h x w
+  const uint8_t* bytes;           // the channel quantized (QuantizeFused), or uint8 X as given, h x w
   uint8_t* plane;                 // scratch: sh*hq*wp + kFusedSlack bytes
   bool fresh;                     // plane holds no padding yet (else: from an earlier call, same z)
   int64_t span;                   // matrix columns: (oh - 1) * wp / sw + ow
@@ -269,6 +289,19 @@ inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_
     y = static_cast<float>(acc_e) * c_e;
   }
   return Clip(bias != nullptr ? y + *bias : y, lo, hi);
+}
+
+// Output (above) of element `at`, whose unclipped y is given: the residual, the clip, the output's
+// type. The one definition of these steps; OutputKernel equals it lane by lane.
+inline void OutputOne(const Output& o, float y, int64_t at) {
+  if (o.r != nullptr) y = y + o.r[at];
+  if (o.r8 != nullptr) y = y + static_cast<float>(static_cast<int32_t>(o.r8[at]) - o.r_zero_point) * o.r_scale;
+  y = Clip(y, o.clip_lo, o.clip_hi);
+  if (o.quantize) {
+    o.y8[at] = qdu8::QuantizeOne(y, o.y_params);
+  } else {
+    o.y[at] = y;
+  }
 }
 
 // Fused quantization without a division per value: one fused multiply-add u = x * inverse +

@@ -1,5 +1,7 @@
 // PostConv/IntConv: W decoded and prepared for the kernels, and the scalar reference kernel that
 // defines the ops' semantics (int_conv.h) in direct loops.
+#include <math.h>  // INFINITY
+
 #include <algorithm>
 #include <cstdlib>
 #include <string>
@@ -245,7 +247,12 @@ void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, 
 }
 
 void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_t bits, const uint8_t* xq, int32_t z,
-                   const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y) {
+                   const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y,
+                   const Output* output) {
+  if (output != nullptr) {  // Finish's clip left to OutputOne, after the residual
+    clip_lo = -INFINITY;
+    clip_hi = INFINITY;
+  }
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t m = 0; m < g.m; ++m) {
       const int64_t first_channel = m / g.mg * g.cg;
@@ -282,8 +289,14 @@ void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_
             }
           }
           const int32_t acc_e = sum_e - z * w_e, acc_o = sum_o - z * w_o;
-          y[((n * g.m + m) * g.oh + oy) * g.ow + ox] =
+          const int64_t at = ((n * g.m + m) * g.oh + oy) * g.ow + ox;
+          const float value =
               Finish(post, acc_e, acc_o, c_e[m], c_o[m], bias != nullptr ? bias + m : nullptr, clip_lo, clip_hi);
+          if (output != nullptr) {
+            OutputOne(*output, value, at);
+          } else {
+            y[at] = value;
+          }
         }
       }
     }

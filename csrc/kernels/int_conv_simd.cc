@@ -137,6 +137,27 @@ struct SimdJob : SimdArgs {
   std::atomic<bool> failed{false};
 };
 
+// Where a task's kernel writes the floats of Y's elements [at, at + n): into Y itself, or, with an
+// Output (a residual, or uint8 Y), into this task's scratch, which Flush then takes through the
+// output step (int_conv_kernels.h, Output) into Y. The kernels then run without the clip (SimdArgs).
+struct Staged {
+  const SimdJob& job;
+  std::unique_ptr<float[]> buffer;
+  int64_t size = 0;
+  explicit Staged(const SimdJob& j) : job(j) {}
+  float* At(int64_t at, int64_t n) {
+    if (job.output == nullptr) return job.y + at;
+    if (n > size) {
+      buffer.reset(new float[static_cast<size_t>(n)]);
+      size = n;
+    }
+    return buffer.get();
+  }
+  void Flush(int64_t at, int64_t n) const {
+    if (job.output != nullptr && n > 0) job.kernels->output(*job.output, buffer.get(), n, at);
+  }
+};
+
 // The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
 // are e[0, count) (and o for PostConv): column p is output pixel (p / cols, p % cols) when
 // p % cols < OW; the other columns are dropped.
@@ -144,10 +165,16 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
                    int64_t count, int32_t z_e, int32_t z_o) {
   const Geometry& g = *job.g;
   const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
-  float* out = job.y + (n * g.m + m) * g.pixels();
+  const int64_t plane = (n * g.m + m) * g.pixels();
+  // A run of `run` <= kPanel pixels from Y's element `at`: finished into Y, or through the output step.
+  alignas(64) float staged[kPanel];
+  auto finish = [&](const int32_t* run_e, const int32_t* run_o, int64_t run, int64_t at) {
+    float* out = job.output != nullptr ? staged : job.y + at;
+    job.kernels->finish_run(run_e, run_o, run, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi, out);
+    if (job.output != nullptr) job.kernels->output(*job.output, staged, run, at);
+  };
   if (job.cols == g.ow) {  // no dropped columns: one run
-    job.kernels->finish_run(e, o, count, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi,
-                            out + p0);
+    finish(e, o, count, plane + p0);
     return;
   }
   for (int64_t p = p0; p < p0 + count;) {
@@ -157,8 +184,7 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
       continue;
     }
     const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
-    job.kernels->finish_run(e + i, o != nullptr ? o + i : nullptr, run, z_e, z_o, job.c_e[m], job.c_o[m], bias,
-                            job.clip_lo, job.clip_hi, out + oy * g.ow + ox);
+    finish(e + i, o != nullptr ? o + i : nullptr, run, plane + oy * g.ow + ox);
     p += run;
   }
 }
@@ -213,9 +239,18 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
     f.clip_lo = job.clip_lo;
     f.clip_hi = job.clip_hi;
-    f.out = job.y + (n * g.m + gi * g.mg) * g.pixels() + q0;
-    f.stride = g.pixels();
+    const int64_t at = (n * g.m + gi * g.mg) * g.pixels() + q0;
+    Staged staged(job);  // (staged: the group's channels' count pixels each, one after another)
+    f.out = staged.At(at, g.mg * count);
+    f.stride = job.output != nullptr ? count : g.pixels();
     job.kernels->finish_t(f);
+    if (job.output != nullptr && count == g.pixels()) {  // the whole image: the channels are one run of Y
+      job.kernels->output(*job.output, f.out, g.mg * count, at);
+    } else {
+      for (int64_t mm = 0; job.output != nullptr && mm < g.mg; ++mm) {
+        job.kernels->output(*job.output, f.out + mm * count, count, at + mm * g.pixels());
+      }
+    }
   }
 }
 
@@ -258,6 +293,7 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   // them is written once.
   const bool one_phase = ph.sh == 1 && ph.sw == 1;
   if (one_phase) std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
+  Staged staged(job);
   for (int64_t gi = g0; gi < std::min(g0 + job.channels, g.group); ++gi) {
     // The padded input channel in phase planes.
     if (!one_phase) std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
@@ -286,8 +322,9 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
       d.bias = job.bias != nullptr ? job.bias + m : nullptr;
       d.clip_lo = job.clip_lo;
       d.clip_hi = job.clip_hi;
-      d.out = job.y + (n * g.m + m) * g.pixels();
+      d.out = staged.At((n * g.m + m) * g.pixels(), g.pixels());
       job.kernels->depthwise(d);
+      staged.Flush((n * g.m + m) * g.pixels(), g.pixels());
     }
   }
 }
@@ -330,10 +367,11 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const int64_t g1 = std::min(g0 + job.channels, g.group);
-  // Scratch: the task's channels quantized (unless the kernel quantizes X into its plane itself),
-  // then the plane (small images: on the stack).
+  // Scratch: the task's channels quantized (unless the kernel quantizes X into its plane itself, or
+  // X is uint8: its bytes go into the plane as they are), then the plane (small images: on the stack).
+  const bool bytes_given = job.x == nullptr;
   const bool quantize_rows = job.kernels->fused_quantize_rows;
-  const int64_t bytes_size = quantize_rows ? 0 : RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
+  const int64_t bytes_size = quantize_rows || bytes_given ? 0 : RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
   Scratch<16384> buffer;
@@ -354,18 +392,19 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   d.post = job.post;
   // The channels are contiguous in X: one quantization run for all of them, then each copied into
   // the plane (else quantized row by row into it: int_conv_fused.h, QuantizePlane).
-  if (!quantize_rows) {
+  if (!quantize_rows && !bytes_given) {
     QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   }
+  Staged staged(job);
   d.scale = job.x_scale;
   d.inverse = job.inverse;
   d.lo = job.x_lo;
   d.hi = job.x_hi;
   for (int64_t gi = g0; gi < g1; ++gi) {
     const int64_t m = gi * g.mg;
-    d.x = job.x + (n * g.c + gi) * g.h * g.w;
+    d.x = bytes_given ? nullptr : job.x + (n * g.c + gi) * g.h * g.w;  // (null: the kernel copies d.bytes)
     d.readable = (g.n * g.c - (n * g.c + gi)) * g.h * g.w;
-    d.bytes = scratch + (gi - g0) * g.h * g.w;
+    d.bytes = bytes_given ? job.xq + (n * g.c + gi) * g.h * g.w : scratch + (gi - g0) * g.h * g.w;
     if (job.kernels->fused_tap_groups) d.weights = job.fused_weights->data() + m * 2 * d.groups;
     d.pair_start = job.pw->pair_start.data() + 2 * m;
     d.z_e = job.fused_z.data() + m;
@@ -375,8 +414,10 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.bias = job.bias != nullptr ? job.bias + m : nullptr;
     d.clip_lo = job.clip_lo;
     d.clip_hi = job.clip_hi;
-    d.out = job.y + (n * g.m + m) * g.pixels();
+    const int64_t at = (n * g.m + m) * g.pixels();
+    d.out = staged.At(at, g.mg * g.pixels());
     job.kernels->depthwise_fused(d);
+    staged.Flush(at, g.mg * g.pixels());
     d.fresh = false;
   }
 }
@@ -397,8 +438,11 @@ void Transpose16(__m128i r[16]) {
 #endif
 
 // The output side of a lane kernel for channels [16 b, 16 b + 16) of image n: its per-lane
-// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes.
-void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b) {
+// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes (of Y,
+// or staged: then the caller flushes lanes * pixels floats from Y's element LaneOutputAt).
+int64_t LaneOutputAt(const SimdJob& job, int64_t n, int64_t b) { return (n * job.g->m + b * 16) * job.g->pixels(); }
+
+void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b, Staged& staged) {
   const Geometry& g = *job.g;
   const int64_t m16 = job.blocks * 16;
   o.post = job.post;
@@ -411,7 +455,7 @@ void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b) {
   o.clip_hi = job.clip_hi;
   o.oh = g.oh;
   o.ow = g.ow;
-  o.out = job.y + (n * g.m + b * 16) * g.pixels();
+  o.out = staged.At(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels());
 }
 
 // DepthwiseLanes: channels [16 b, 16 b + 16) of image n (index n * blocks + b): the padded
@@ -464,9 +508,11 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.taps = taps;
   d.w_e = pw.lane_weights.data() + (b * 2) * taps * 16;
   d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
-  SetLaneOutput(d, job, n, b);
+  Staged staged(job);
+  SetLaneOutput(d, job, n, b, staged);
   d.lanes = std::min<int64_t>(16, g.m - b * 16);
   job.kernels->depthwise_lanes(d);
+  staged.Flush(LaneOutputAt(job, n, b), d.lanes * g.pixels());
 #else
   (void)job, (void)index;  // (off x86 only the scalar kernel exists, and this is never called)
 #endif
@@ -484,9 +530,16 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, step);
   Scratch<24576> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
-  QuantizeChannels(job, job.x + (n * g.c + b * 16) * g.h * g.w, lanes * g.h * g.w, scratch);
+  const int64_t first = (n * g.c + b * 16) * g.h * g.w, count = lanes * g.h * g.w;
   LanesFused d{};
   d.bytes = scratch;
+  if (job.x != nullptr) {
+    QuantizeChannels(job, job.x + first, count, scratch);
+  } else if (first + count + 64 <= g.n * g.c * g.h * g.w) {  // uint8 X, readable 64 bytes past the block
+    d.bytes = job.xq + first;
+  } else {
+    std::memcpy(scratch, job.xq + first, static_cast<size_t>(count));
+  }
   d.lanes = lanes;
   static_cast<PaddedPlane&>(d) = PlaneOf(job);
   d.step = step;
@@ -498,8 +551,10 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   } else {
     d.weights = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
-  SetLaneOutput(d, job, n, b);
+  Staged staged(job);
+  SetLaneOutput(d, job, n, b, staged);
   job.kernels->lanes_fused(d);
+  staged.Flush(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels());
 }
 
 void RunTask(void* data, size_t index) {

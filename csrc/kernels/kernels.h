@@ -38,6 +38,9 @@ struct Kernels {
   void (*depthwise_fused)(const iconv::DepthwiseFused& d);
   void (*quantize_fused)(const iconv::DepthwiseFused& d, int64_t n, uint8_t* dst);
   void (*lanes_fused)(const iconv::LanesFused& d);
+  // The epilogue's residual, clip and uint8 Y (int_conv_kernels.h, Output) over a run of n floats
+  // y[0, n), unclipped, to Y's elements [at, at + n).
+  void (*output)(const iconv::Output& o, const float* y, int64_t n, int64_t at);
 
   // What those kernels ask of the data that Prepare (int_conv_reference.cc) and the driver lay out
   // for them: constants of the instruction set's traits (simd_kernels.h); 0 in the scalar table.

@@ -1,0 +1,444 @@
+"""uint8 between consecutive convolutions (csrc/kernels/int_conv.h): uint8 X, the fused residual R and uint8 Y.
+
+Every kernel equals an independent numpy model of the definition bit for bit on every form of the epilogue (uint8 X;
+uint8 Y through IntConvQ/PostConvQ; a float or uint8 residual; all of them with clip bounds and per-sample steps), on
+dense, grouped, depthwise (each of the SIMD depthwise paths, strides 1 and 2) and 1x1 shapes, with data on a grid
+where many quotients y / y_scale are exact ties and many saturate at 0 and 255. A chain of ops linked by uint8 equals
+onnxruntime's float Q -> DQ -> Conv -> Add -> Relu within one code per op; malformed uses are clear errors.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+import pytest
+from conftest import ISA_KERNELS, KERNELS, kernel_params, skip_reason
+from conv_ops import Case, clipped, pack, quantize_input, reference_codes
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import session
+
+F, U8 = TensorProto.FLOAT, TensorProto.UINT8
+
+
+@dataclass(frozen=True)
+class Form:
+    """Which of the new inputs a node has: uint8 X, uint8 Y, the residual R (None, "float" or "uint8"), the clip."""
+
+    name: str
+    x_u8: bool = False
+    y_u8: bool = False
+    residual: str | None = None
+    clip: tuple[float | None, float | None] | None = None  # bounds at these quantiles of y (None: attribute absent)
+    per_sample: bool = False
+
+    def __str__(self) -> str:
+        return self.name
+
+
+FORMS = [
+    Form("u8x", x_u8=True),
+    Form("u8y", y_u8=True),
+    Form("float-r", residual="float"),
+    Form("u8r", residual="uint8"),
+    Form("u8x-u8y-u8r-relu", x_u8=True, y_u8=True, residual="uint8", clip=(0.0, None)),
+    Form("u8x-u8y-float-r-clip", x_u8=True, y_u8=True, residual="float", clip=(0.01, 0.99)),
+    Form("u8y-u8r-clip", y_u8=True, residual="uint8", clip=(0.05, 0.98)),
+    Form("per-sample-u8x-u8y-u8r", x_u8=True, y_u8=True, residual="uint8", clip=(0.0, None), per_sample=True),
+]
+
+# Shapes for every kernel path: dense (Gemm over large images, GemmT over small ones), grouped, 1x1, and depthwise:
+# LanesFused (small images), DepthwiseFused (large ones; AVX2 above 16x16), strides 1 and 2, and with dilation the
+# kernels over X quantized (Depthwise, DepthwiseLanes).
+SHAPES = [
+    Case("IntConv", 4, 2, 8, (12, 13), 12, (3, 3), pads=(1, 1, 1, 1)),
+    Case("IntConv", 8, 2, 24, (4, 4), 20, (3, 3), pads=(1, 1, 1, 1)),
+    Case("PostConv", 4, 2, 12, (9, 9), 8, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=2),
+    Case("IntConv", 4, 2, 16, (7, 7), 24, (1, 1)),
+    Case("IntConv", 4, 2, 20, (7, 7), 20, (3, 3), pads=(1, 1, 1, 1), group=20),
+    Case("PostConv", 4, 2, 18, (11, 10), 18, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=18),
+    Case("IntConv", 8, 1, 3, (130, 131), 3, (3, 3), pads=(1, 1, 1, 1), group=3),
+    Case("IntConv", 4, 2, 5, (40, 36), 5, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=5),
+    Case("PostConv", 3, 2, 17, (20, 20), 17, (3, 3), pads=(1, 1, 1, 1), group=17, bias=False),
+    Case("IntConv", 4, 2, 16, (9, 9), 16, (3, 3), pads=(2, 2, 2, 2), dilations=(2, 2), group=16),
+    Case("IntConv", 4, 1, 6, (21, 21), 6, (3, 3), pads=(2, 2, 2, 2), dilations=(2, 2), group=6),
+]
+
+
+def _steps(case: Case, rng: np.random.Generator):
+    """x_scale, x_zp, y_zp, r_scale, r_zp. IntConv: powers of two (with scale 1/2 and biases and R on the grid of 1/8,
+    y lies on that grid and y / y_scale, y_scale = 1/4, is an exact tie for about half the outputs)."""
+    if case.op == "IntConv":
+        return np.float32(0.25), np.uint8(rng.integers(100, 156)), np.uint8(rng.integers(90, 166)), np.float32(0.5), 120
+    x_scale = np.float32(rng.uniform(0.01, 0.03))
+    return x_scale, np.uint8(rng.integers(60, 200)), np.uint8(rng.integers(90, 166)), np.float32(0.0123), 131
+
+
+def quantize_y(y: np.ndarray, y_scale: np.float32, y_zp: int) -> np.ndarray:
+    """ONNX QuantizeLinear in float32: clamp(round_half_even(y / y_scale) + y_zp, 0, 255), NaN -> 0."""
+    q = np.rint(y / np.float32(y_scale)) + np.float32(y_zp)
+    assert q.dtype == np.float32
+    return np.where(np.isnan(q), 0, np.clip(q, 0, 255)).astype(np.uint8)
+
+
+def residual_value(r: np.ndarray, r_scale, r_zp) -> np.ndarray:
+    """R's float32 value: float R as it is, uint8 R as ((int32)R - r_zp) * r_scale (one float32 multiply)."""
+    if r.dtype == np.float32:
+        return r
+    return (r.astype(np.int32) - np.int32(r_zp)).astype(np.float32) * np.float32(r_scale)
+
+
+def make_model(op: str, inputs: list[tuple[str, np.ndarray | int | None]], y_type: int, **attributes) -> bytes:
+    """One node; each input an initializer (an array), a graph input (its element type) or absent (None):
+
+    inputs... ─► op ─► Y
+    """
+    names, graph_inputs, initializers = [], [], []
+    for name, value in inputs:
+        if value is None:
+            names.append("")
+        elif isinstance(value, int):
+            names.append(name)
+            graph_inputs.append(helper.make_tensor_value_info(name, value, None))
+        else:
+            names.append(name)
+            initializers.append(numpy_helper.from_array(value, name))
+    while names[-1] == "":
+        names.pop()
+    node = helper.make_node(op, names, ["Y"], domain=DOMAIN, **{k: v for k, v in attributes.items() if v is not None})
+    graph = helper.make_graph([node], op, graph_inputs, [helper.make_tensor_value_info("Y", y_type, None)], initializer=initializers)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]).SerializeToString()
+
+
+@functools.lru_cache(maxsize=4)
+def _expected(case: Case, form: Form) -> tuple:
+    """The node's model (a function of the kernel), its feeds and the expected Y from the numpy model."""
+    rng = np.random.default_rng(zlib.crc32(f"{case}{form}".encode()))
+    x_scale, x_zp, y_zp, r_scale, r_zp = _steps(case, rng)
+    if form.per_sample:
+        x_scale = (x_scale * rng.choice([0.5, 1.0, 2.0], (case.n, 1))).astype(np.float32)
+    limit = 2 ** (case.bits - 1) - 1
+    codes = rng.integers(-limit, limit + 1, (case.m, case.k)).astype(np.int8)
+    grid = case.op == "IntConv"
+    scale = (np.full(case.m, 0.5) if grid else rng.uniform(0.01, 0.2, case.m)).astype(np.float32)
+    bias = None
+    if case.bias:
+        bias = (rng.integers(-40, 41, case.m) / 8 if grid else rng.standard_normal(case.m)).astype(np.float32)
+    steps = x_scale.reshape(-1) if form.per_sample else np.full(case.n, x_scale)
+    # X's codes about z_x (sums of about 150 steps of y), a few at 0 and 255
+    spread = int(np.clip(np.sqrt(3) * 150 / (np.sqrt(case.k) * max(1.0, float(np.std(codes)))), 2, 127))
+    codes_x = np.clip(int(x_zp) + rng.integers(-spread, spread + 1, (case.n, case.c, *case.hw)), 0, 255)
+    codes_x[rng.random(codes_x.shape) < 0.02] = 0
+    codes_x[rng.random(codes_x.shape) < 0.02] = 255
+    if form.x_u8:
+        x = codes_x.astype(np.uint8)
+        xq = x.astype(np.int64)
+    else:  # float X: the codes' values, with noise under half a step
+        noise = rng.uniform(-0.45, 0.45, codes_x.shape)
+        x = ((codes_x - int(x_zp) + noise) * steps[:, None, None, None]).astype(np.float32)
+        xq = np.concatenate([quantize_input(x[n : n + 1], steps[n], x_zp)[0] for n in range(case.n)])
+    y = np.concatenate(
+        [reference_codes(replace(case, n=1), xq[n : n + 1], np.float32(steps[n]), int(x_zp), codes, scale, bias) for n in range(case.n)]
+    )
+    feeds = {"X": x}
+    r = None
+    if form.residual == "float":
+        r = (rng.integers(-80, 81, y.shape) / 8 * (1 if grid else float(np.std(y)) / 10)).astype(np.float32)
+    elif form.residual == "uint8":
+        r = rng.integers(0, 256, y.shape).astype(np.uint8)
+    if r is not None:
+        y = y + residual_value(r, r_scale, r_zp)
+        feeds["R"] = r
+    assert y.dtype == np.float32
+    clip = {}
+    if form.clip == (0.0, None):  # Relu
+        clip = dict(clip_min=0.0)
+    elif form.clip is not None:
+        clip = {key: float(np.quantile(y, q)) for key, q in zip(("clip_min", "clip_max"), form.clip) if q is not None}
+    y = clipped(y, clip)
+    y_scale = np.float32(0.25 if grid else float(np.std(y)) / 100)
+    if form.y_u8:
+        want = quantize_y(y, y_scale, int(y_zp))
+        assert 0.005 < np.mean(want == 0) + np.mean(want == 255) < 0.995, "saturation at 0 or 255 is part of the test"
+        if grid:  # exact ties of y / y_scale, rounded half to even
+            assert np.mean(np.abs(np.remainder(y / y_scale, 1) - 0.5) == 0) > 0.1
+    else:
+        want = y
+    uint8_r = form.residual == "uint8"
+    inputs = [
+        ("X", U8 if form.x_u8 else F),
+        ("W", pack(codes, case.bits)),
+        ("scale", scale),
+        ("B", bias),
+        ("x_scale", np.asarray(x_scale, np.float32)),
+        ("x_zero_point", np.asarray(x_zp, np.uint8)),
+        ("y_scale", np.asarray(y_scale, np.float32) if form.y_u8 else None),
+        ("y_zero_point", np.asarray(y_zp, np.uint8) if form.y_u8 else None),
+        ("R", None if r is None else U8 if uint8_r else F),
+        ("r_scale", np.asarray(r_scale, np.float32) if uint8_r else None),
+        ("r_zero_point", np.asarray(r_zp, np.uint8) if uint8_r else None),
+    ]
+    attributes = dict(
+        bits=case.bits,
+        kernel_shape=list(case.kernel),
+        strides=list(case.strides),
+        pads=list(case.pads),
+        dilations=list(case.dilations),
+        group=case.group,
+        **clip,
+    )
+    op = case.op + ("Q" if form.y_u8 else "")
+    model = functools.partial(make_model, op, inputs, U8 if form.y_u8 else F, **attributes)
+    return model, feeds, want
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+@pytest.mark.parametrize("form", FORMS, ids=str)
+@pytest.mark.parametrize("case", SHAPES, ids=str)
+def test_every_epilogue_form_equals_numpy_bit_for_bit(case, form, kernel):
+    model, feeds, want = _expected(case, form)
+    (y,) = session(model(kernel=KERNELS[kernel])).run(None, feeds)
+    assert y.dtype == want.dtype and y.shape == want.shape
+    np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}")
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_nan_outputs_quantize_to_zero_and_infinite_residuals_saturate(kernel):
+    """A NaN y (from a NaN residual) gives Y = 0, +-inf residuals 255 and 0, like ONNX QuantizeLinear."""
+    case = Case("IntConv", 4, 1, 16, (6, 6), 16, (3, 3), pads=(1, 1, 1, 1), group=16)
+    rng = np.random.default_rng(5)
+    r = rng.standard_normal((1, 16, 6, 6)).astype(np.float32)
+    r[0, :, 0, 0], r[0, :, 1, 1], r[0, :, 2, 2] = np.nan, np.inf, -np.inf
+    codes = rng.integers(-7, 8, (16, 9)).astype(np.int8)
+    inputs = [
+        ("X", U8),
+        ("W", pack(codes, 4)),
+        ("scale", np.full(16, 0.1, np.float32)),
+        ("B", None),
+        ("x_scale", np.float32(0.5)),
+        ("x_zero_point", np.uint8(128)),
+        ("y_scale", np.float32(0.5)),
+        ("y_zero_point", np.uint8(100)),
+        ("R", F),
+    ]
+    model = make_model("IntConvQ", inputs, U8, bits=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1], group=16, kernel=KERNELS[kernel])
+    x = rng.integers(0, 256, (1, 16, 6, 6)).astype(np.uint8)
+    (y,) = session(model).run(None, {"X": x, "R": r})
+    want = quantize_y(
+        reference_codes(case, x.astype(np.int64), np.float32(0.5), 128, codes, np.full(16, 0.1, np.float32), None) + r, np.float32(0.5), 100
+    )
+    np.testing.assert_array_equal(y, want)
+    assert (y[0, :, 0, 0] == 0).all() and (y[0, :, 1, 1] == 255).all() and (y[0, :, 2, 2] == 0).all()
+
+
+def _chain_weights(rng: np.random.Generator, m: int, c: int, group: int = 1):
+    """4-bit codes, per-channel scales and biases of one 3x3 layer."""
+    codes = rng.integers(-7, 8, (m, c // group * 9)).astype(np.int8)
+    return codes, rng.uniform(0.02, 0.06, m).astype(np.float32), (rng.standard_normal(m) * 0.1).astype(np.float32)
+
+
+def _float_chain(x, layers, steps) -> list[np.ndarray]:
+    """onnxruntime's float reference of the chain: Q -> DQ of each op's input, Conv with the dequantized weights,
+    + the residual (the dequantized input of the op before), Relu, Q of each uint8 output."""
+    nodes, initializers, outputs = [], [], []
+
+    def constant(name, value):
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    current = "X"
+    for i, ((codes, scale, bias, group), (s_in, z_in), out) in enumerate(zip(layers, steps[:-1], steps[1:])):
+        q, dq = f"q{i}", f"dq{i}"
+        nodes.append(helper.make_node("QuantizeLinear", [current, constant(f"s{i}", np.float32(s_in)), constant(f"z{i}", np.uint8(z_in))], [q]))
+        nodes.append(helper.make_node("DequantizeLinear", [q, f"s{i}", f"z{i}"], [dq]))
+        w = (codes.astype(np.float32) * scale[:, None]).reshape(len(scale), -1, 3, 3)
+        y = f"y{i}"
+        nodes.append(helper.make_node("Conv", [dq, constant(f"w{i}", w), constant(f"b{i}", bias)], [y], pads=[1, 1, 1, 1], group=group))
+        if i == 1:  # the residual: op 1's input, dequantized
+            nodes.append(helper.make_node("Add", [y, dq], [f"{y}r"]))
+            y = f"{y}r"
+        if out is not None:
+            nodes.append(helper.make_node("Relu", [y], [f"{y}relu"]))
+            current = f"{y}relu"
+            outputs.append(current)
+        else:
+            outputs.append(y)
+    graph = helper.make_graph(
+        nodes,
+        "chain",
+        [helper.make_tensor_value_info("X", F, None)],
+        [helper.make_tensor_value_info(name, F, None) for name in outputs],
+        initializer=initializers,
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
+    return session(model.SerializeToString()).run(None, {"X": x})
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_a_uint8_chain_with_a_residual_equals_float_q_dq_within_a_step_per_op(kernel):
+    """IntConvQ (float X, Relu) -> IntConvQ depthwise (uint8 X, R = its own uint8 input, Relu) -> IntConv (uint8 X,
+    float Y): each op's output is within one code (one step of the float output) of onnxruntime's float Q -> DQ ->
+    Conv -> Add -> Relu -> Q fed the same input, and nearly always equal."""
+    rng = np.random.default_rng(17)
+    x = rng.standard_normal((2, 8, 14, 14)).astype(np.float32)
+    layers = [(*_chain_weights(rng, 16, 8), 1), (*_chain_weights(rng, 16, 16, 16), 16), (*_chain_weights(rng, 8, 16), 1)]
+    steps = [(0.03, 128), (0.02, 0), (0.025, 0), None]  # each op's input step and zero point; None: float Y
+    nodes, initializers = [], []
+
+    def constant(name, value):
+        initializers.append(numpy_helper.from_array(np.asarray(value), name))
+        return name
+
+    attributes = dict(bits=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1], kernel=KERNELS[kernel])
+    current = "X"
+    for i, ((codes, scale, bias, group), (s_in, z_in), out) in enumerate(zip(layers, steps[:-1], steps[1:])):
+        inputs = [
+            current,
+            constant(f"w{i}", pack(codes, 4)),
+            constant(f"scale{i}", scale),
+            constant(f"b{i}", bias),
+            constant(f"s{i}", np.float32(s_in)),
+            constant(f"z{i}", np.uint8(z_in)),
+        ]
+        extra = {}
+        if out is not None:
+            inputs += [constant(f"ys{i}", np.float32(out[0])), constant(f"yz{i}", np.uint8(out[1]))]
+            extra = dict(clip_min=0.0)
+        if i == 1:
+            inputs += [current, f"s{i}", f"z{i}"]  # the residual: this op's own uint8 input
+        nodes.append(
+            helper.make_node("IntConvQ" if out is not None else "IntConv", inputs, [f"y{i}"], domain=DOMAIN, group=group, **attributes, **extra)
+        )
+        current = f"y{i}"
+    outputs = [helper.make_tensor_value_info(f"y{i}", U8 if i < 2 else F, None) for i in range(3)]
+    graph = helper.make_graph(nodes, "chain", [helper.make_tensor_value_info("X", F, None)], outputs, initializer=initializers)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    ours = session(model.SerializeToString()).run(None, {"X": x})
+    assert [y.dtype for y in ours] == [np.uint8, np.uint8, np.float32]
+    # Each op against the float reference fed that op's actual input (the op before's uint8 output, dequantized).
+    inputs = [x] + [((y.astype(np.float32) - np.float32(z)) * np.float32(s)) for y, (s, z) in zip(ours[:2], steps[1:3])]
+    for i in range(3):
+        reference = _float_chain(inputs[i], layers[i : i + 1], [steps[i], steps[i + 1]]) if i != 1 else None
+        if i == 1:  # the residual op: its own reference with the Add
+            reference = _float_chain_residual(inputs[1], layers[1], steps[1], steps[2])
+        (want,) = reference[-1:]
+        if steps[i + 1] is not None:
+            s, z = steps[i + 1]
+            want_q = quantize_y(want, np.float32(s), z)
+            diff = np.abs(ours[i].astype(np.int32) - want_q.astype(np.int32))
+            assert diff.max() <= 1 and np.mean(diff) < 0.01, (i, diff.max(), np.mean(diff))
+            assert 0.1 < np.mean(ours[i] == 0) < 0.9  # (the Relu clips some)
+        else:
+            np.testing.assert_allclose(ours[i], want, rtol=1e-4, atol=1e-4 * float(np.abs(want).max()))
+
+
+def _float_chain_residual(x_float, layer, step_in, step_out) -> list[np.ndarray]:
+    """The middle op's float reference: Q -> DQ -> depthwise Conv -> + DQ (its input) -> Relu."""
+    codes, scale, bias, group = layer
+    s_in, z_in = step_in
+    q = np.clip(np.rint(x_float / np.float32(s_in)) + z_in, 0, 255)
+    dq = ((q - z_in) * np.float32(s_in)).astype(np.float32)
+    (y,) = _float_chain(dq, [(codes, scale, bias, group)], [(s_in, z_in), None])
+    return [np.maximum(y + dq, np.float32(0))]
+
+
+def test_float_models_are_unchanged_by_the_new_inputs():
+    """A node with none of the new inputs (6 inputs, float X and Y) keeps its old output bits."""
+    case = SHAPES[4]
+    model, feeds, want = _expected(case, Form("plain-float"))
+    (y,) = session(model(kernel=0)).run(None, feeds)
+    np.testing.assert_array_equal(y, want)
+
+
+ERROR_CASE = Case("IntConv", 4, 1, 4, (6, 6), 4, (3, 3), pads=(1, 1, 1, 1))
+
+
+def _error_inputs(**changes) -> list:
+    rng = np.random.default_rng(3)
+    inputs = dict(
+        X=U8,
+        W=pack(rng.integers(-7, 8, (4, 36)).astype(np.int8), 4),
+        scale=np.full(4, 0.1, np.float32),
+        B=None,
+        x_scale=np.float32(0.1),
+        x_zero_point=np.uint8(128),
+        y_scale=None,
+        y_zero_point=None,
+        R=None,
+        r_scale=None,
+        r_zero_point=None,
+    )
+    inputs.update(changes)
+    return list(inputs.items())
+
+
+@pytest.mark.parametrize(
+    "op,changes,feeds,match",
+    [
+        (
+            "IntConv",
+            dict(x_scale=None, x_zero_point=None),
+            {},
+            r"IntConv: X is uint8 \(quantized already\): inputs x_scale and x_zero_point .* are required",
+        ),
+        (
+            "IntConv",
+            dict(R=F),
+            dict(R=np.zeros((1, 4, 6, 5), np.float32)),
+            r"input R \(the residual\) must have Y's shape \(N, M, OH, OW\) = \(1, 4, 6, 6\), got \(1, 4, 6, 5\)",
+        ),
+        ("IntConv", dict(R=U8), dict(R=np.zeros((1, 4, 6, 6), np.uint8)), r"R is uint8: inputs r_scale and r_zero_point .* are required"),
+        (
+            "IntConv",
+            dict(R=F, r_scale=np.float32(1), r_zero_point=np.uint8(0)),
+            dict(R=np.zeros((1, 4, 6, 6), np.float32)),
+            r"dequantize a uint8 R; this R is float32",
+        ),
+        ("IntConv", dict(r_scale=np.float32(1), r_zero_point=np.uint8(0)), {}, r"r_scale and r_zero_point are given without R"),
+        ("IntConvQ", dict(y_scale=np.float32(0.5)), {}, r"IntConvQ: y_scale and y_zero_point must be given together"),
+        ("IntConvQ", dict(), {}, r"IntConvQ: Y is uint8: inputs y_scale and y_zero_point .* are required"),
+        ("PostConvQ", dict(y_scale=np.float32(0), y_zero_point=np.uint8(3)), {}, r"PostConvQ: y_scale must be positive and finite, got 0"),
+        ("IntConvQ", dict(y_scale=np.float32(-1), y_zero_point=np.uint8(3)), {}, r"y_scale must be positive and finite, got -1"),
+        ("IntConvQ", dict(y_scale=np.float32(np.inf), y_zero_point=np.uint8(3)), {}, r"y_scale must be positive and finite, got inf"),
+        ("IntConvQ", dict(y_scale=np.ones(2, np.float32), y_zero_point=np.uint8(3)), {}, r"y_scale must be one float32 value, got shape \(2,\)"),
+        (
+            "IntConv",
+            dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3)),
+            {},
+            r"y_scale and y_zero_point quantize Y to uint8, which IntConvQ does",
+        ),
+        (
+            "IntConv",
+            dict(R=U8, r_scale=np.float32(-2), r_zero_point=np.uint8(0)),
+            dict(R=np.zeros((1, 4, 6, 6), np.uint8)),
+            r"r_scale must be positive",
+        ),
+    ],
+)
+@pytest.mark.parametrize("kernel", ISA_KERNELS)
+def test_malformed_uses_are_clear_errors(op, changes, feeds, match, kernel):
+    if skip_reason(kernel):
+        pytest.skip(skip_reason(kernel))
+    bits = dict(bits=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1], kernel=KERNELS[kernel])
+    model = make_model(
+        op.replace("IntConv", "PostConv") if op.startswith("PostConv") else op, _error_inputs(**changes), U8 if op.endswith("Q") else F, **bits
+    )
+    x = np.random.default_rng(0).integers(0, 256, (1, 4, 6, 6)).astype(np.uint8)
+    sess = session(model)
+    with pytest.raises(Exception, match=match):
+        sess.run(None, {"X": x, **feeds})
+
+
+@pytest.mark.parametrize(
+    "x_type,r_type,wrong", [(TensorProto.DOUBLE, None, "double"), (F, TensorProto.INT8, "int8"), (TensorProto.INT8, None, "int8")]
+)
+def test_x_and_r_of_other_types_are_session_errors(x_type, r_type, wrong):
+    model = make_model(
+        "IntConvQ", _error_inputs(X=x_type, R=r_type, y_scale=np.float32(1), y_zero_point=np.uint8(0)), U8, bits=4, kernel_shape=[3, 3]
+    )
+    with pytest.raises(Exception, match=rf"tensor\({wrong}\).*IntConvQ"):
+        session(model)
