@@ -46,6 +46,7 @@ from onnxq.plan.ops import OpChoice, OpTargets, op_choice
 from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
 from onnxq.rewrite.activations import insert_activation_qdq
 from onnxq.rewrite.biases import quantize_biases
+from onnxq.rewrite.chains import ChainReport, link_chains
 from onnxq.rewrite.fusions import take_input_quantization
 from onnxq.rewrite.matmul_nbits import replace_matmuls
 from onnxq.rewrite.ops import declare_domain, replace_convs
@@ -100,6 +101,7 @@ class QuantizationResult:
     calibration: CalibrationMethod | None = None
     requested_bits: int | None = None  # -b, the width the rules start from
     first_last_bits: int | None = None
+    chains: ChainReport | None = None  # with calibrated onnxq ops: which outputs went uint8 (onnxq/rewrite/chains.py)
 
 
 @dataclass(frozen=True)
@@ -157,8 +159,8 @@ def quantize_with_report(
     calibrated = calibrate(loaded, plan, config, calibration)
     weights = quantize_weights(loaded, plan, config, calibrated)
     correct_biases(loaded, plan, weights, calibrated, config)
-    rewrite(loaded, plan, weights, calibrated)
-    return finish(loaded, plan, weights, calibrated, config)
+    chains = rewrite(loaded, plan, weights, calibrated)
+    return finish(loaded, plan, weights, calibrated, config, chains)
 
 
 def load_and_prepare(model: ModelSource) -> LoadedModel:
@@ -321,11 +323,12 @@ def _measured_correction(config: QuantizeConfig, plans: list[WeightPlan]) -> boo
     return setting is BiasCorrection.MEASURED
 
 
-def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None) -> None:
+def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None) -> ChainReport | None:
     """Write the codes into the graph (onnxq/rewrite/), in place.
 
     Biases become int32 codes first (they read the float weights' quantization), then the weights, tables and
-    activation pairs are written; onnxq's ops come last, since they take the quantization of the pairs in front of them.
+    activation pairs are written; onnxq's ops come last, since they take the quantization of the pairs in front of them,
+    and with calibrated steps link into uint8 chains (onnxq/rewrite/chains.py), whose report this returns.
     """
     model = loaded.model
     activations = calibrated.quants if calibrated is not None else {}
@@ -342,9 +345,12 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
         declare_domain(model)
         if activations:
             take_input_quantization(model.graph)
+            return link_chains(model.graph)
+    return None
 
 
-def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> QuantizationResult:
+def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig,
+           chains: ChainReport | None = None) -> QuantizationResult:
     """Let the codes' memory go, read in what stayed in external files, and say what was done."""
     weights.qdq.clear()  # the codes are in the model now
     weights.ops.clear()
@@ -353,7 +359,8 @@ def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrate
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     activations = list(calibrated.quants.values()) if calibrated is not None else []
-    return QuantizationResult(loaded.model, weights.layers, plan.skipped, loaded, activations, method, config.bits, config.first_last_bits)
+    return QuantizationResult(loaded.model, weights.layers, plan.skipped, loaded, activations, method, config.bits, config.first_last_bits,
+                              chains)
 
 
 def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choice: OpChoice) -> LayerResult:

@@ -13,6 +13,9 @@ DOMAIN_VERSION = 1
 #: onnxq's integer convolution (uniform codes) and its shift convolution (POST codes).
 INT_CONV = "IntConv"
 POST_CONV = "PostConv"
+#: The same ops writing their output as uint8 codes with a given step (y_scale, y_zero_point): the links of a uint8 chain.
+INT_CONV_Q = "IntConvQ"
+POST_CONV_Q = "PostConvQ"
 
 #: onnxruntime's contrib domain (in every onnxruntime build) and the embedding lookup onnxq writes into it.
 ORT_DOMAIN = "com.microsoft"

@@ -108,6 +108,8 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
             lines.append("note: the ops quantize their inputs to uint8 on every run from that run's min and max, which QDQ keeps "
                          "float; an outlier then sets the step (--calibration DATA gives calibrated steps), and their 2-4 bit "
                          "codes are plain where QDQ may pick sqrt codes")
+    if result.chains is not None and (chains := result.chains.line()) is not None:
+        lines.append(chains)
     kept = [layer for layer in result.layers if layer.qdq_reason]
     if kept:
         shown = "; ".join(f"{','.join(layer.nodes)}{_outside_op(layer)}: {layer.qdq_reason}" for layer in kept[:3])

@@ -173,7 +173,7 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
         node.input.extend([bias, x_scale, x_zero_point])
         taken += 1
     _drop_unread(graph, chains)
-    _drop_unread_pairs(graph)
+    drop_unread_pairs(graph)
     return taken
 
 
@@ -253,7 +253,7 @@ def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) 
     )
 
 
-def _drop_unread_pairs(graph: onnx.GraphProto) -> None:
+def drop_unread_pairs(graph: onnx.GraphProto) -> None:
     """Remove DequantizeLinear nodes nobody reads, then QuantizeLinear nodes nobody reads."""
     _drop_unread(graph, [n for op_type in ("DequantizeLinear", "QuantizeLinear") for n in graph.node if n.op_type == op_type])
     remove_unused_initializers(graph)
