@@ -107,11 +107,10 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     reason, onnxruntime's MatMulNBits for weight-only Gemm/MatMul weights it runs (runs_as_nbits), or QDQ. The qdq
     format writes MatMulNBits wherever it runs.
 
-    A first or last layer at other bits than the rest (--first-last-bits) stays QDQ without a reason (that is the
-    rule), except a Gemm/MatMul the ops can run, which runs as IntConv at those bits: onnxruntime dequantizes a
-    weight-only QDQ weight on every run, which made a 512->1000 classifier many times slower than float, where
-    IntConv 8-bit runs it faster than float (tools/bench_ops.py --skip-convs --skip-models prints both); or one too
-    small for the ops, which runs as MatMulNBits where that can.
+    A first or last layer at other bits than the rest (--first-last-bits) runs as IntConv at those bits where the ops
+    can run it (a Conv, or a Gemm/MatMul: a 512->1000 classifier as 8-bit IntConv runs faster than float,
+    tools/bench_ops.py --skip-convs --skip-models; the first Conv then starts the model's uint8 chain), else as
+    MatMulNBits where that can, else as in the qdq format, without a reason (that is the rule).
     """
     rank = len(targets.consts[plan.tensor].dims)
     if runs_as_lookup(plan, rank):
@@ -123,7 +122,7 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     if not plan.is_float32:
         return OpChoice(None, "a float16 layer; the ops take float32 inputs")
     if plan.first_or_last and plan.bits != config.bits:
-        if _gemm_runs_as_op(plan, targets):
+        if _gemm_runs_as_op(plan, targets) or _convs_run_as_op(plan, targets, rank):
             return OpChoice(INT_CONV)
         return OpChoice(MATMUL_NBITS if runs_as_nbits(plan, rank, targets, config) else None)
     if config.format is WeightFormat.POST and plan.bits > 4:
@@ -152,6 +151,12 @@ def _gemm_reason(plan: WeightPlan, readers: list[onnx.NodeProto], targets: OpTar
         return "weight read as (K, M) by one node and (M, K) by another"
     shape = tuple(targets.consts[plan.tensor].dims)
     return next((r for node in readers if (r := unsupported(node, shape, targets.ranks.get(node.name), targets.consts)) is not None), None)
+
+
+def _convs_run_as_op(plan: WeightPlan, targets: OpTargets, rank: int) -> bool:
+    """Whether every reader of the plan's weight is a main-graph Conv the ops can run (a float32 weight)."""
+    readers = [targets.nodes.get(use.node) for use in plan.uses]
+    return bool(readers) and plan.is_float32 and not plan.in_body and all(node is not None and convertible(node, rank) for node in readers)
 
 
 def _gemm_runs_as_op(plan: WeightPlan, targets: OpTargets) -> bool:
