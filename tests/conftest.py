@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -205,37 +206,177 @@ def assert_float32_decode(got: np.ndarray, codes: np.ndarray, scale: np.ndarray,
 
 
 def float_equivalent(quantized: onnx.ModelProto) -> onnx.ModelProto:
-    """The quantized model with each DequantizeLinear (+ Abs/Mul square) evaluated in numpy into a float initializer.
+    """The quantized model with each decoded weight (DequantizeLinear, or Cast and Mul; then sqrt mode's y*|y|) computed
+    in numpy (decoded_weights) into a float initializer, and the decoding nodes dropped.
 
     An independent reading of what the rewritten graph should compute.
     """
     model = onnx.ModelProto()
     model.CopyFrom(quantized)
     graph = model.graph
-    inits = {t.name: t for t in graph.initializer}
-    values: dict[str, np.ndarray] = {}
-    keep = []
-    for node in graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            codes = decode_int_tensor(inits[node.input[0]]).astype(np.float32)
-            scale = onnx.numpy_helper.to_array(inits[node.input[1]])
-            axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-            if scale.ndim == 1:
-                shape = [1] * codes.ndim
-                shape[axis] = -1
-                scale = scale.reshape(shape)
-            values[node.output[0]] = codes * scale
-        elif node.op_type == "Abs" and node.input[0] in values:
-            values[node.output[0]] = np.abs(values[node.input[0]])
-        elif node.op_type == "Mul" and all(i in values for i in node.input):
-            values[node.output[0]] = values[node.input[0]] * values[node.input[1]]
-        else:
-            keep.append(node)
-    used = _read_names(keep)
+    decoded = decoded_weights(model)
+    dropped = {id(node) for weight in decoded for node in weight.nodes}
+    keep = [node for node in graph.node if id(node) not in dropped]
+    used = _read_names(keep) | {o.name for o in graph.output}
     del graph.node[:]
     graph.node.extend(keep)
-    graph.initializer.extend(onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in values.items() if k in used)
+    graph.initializer.extend(onnx.numpy_helper.from_array(w.values, w.output) for w in decoded if w.output in used)
     return model
+
+
+#: The two forms in which onnxq's models decode a stored weight: DequantizeLinear (with quantized activations), and
+#: Cast of the codes times a constant scale, which onnxruntime folds when it loads the model (weight-only models).
+DQ_FORM = "DequantizeLinear"
+CAST_FORM = "Cast+Mul"
+
+#: Integer element types of stored codes, as numpy types (INT4 is read by decode_int_tensor).
+_CODE_TYPES = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT4: np.int8}
+_FLOAT_NP = {onnx.TensorProto.FLOAT: np.float32, onnx.TensorProto.FLOAT16: np.float16}
+
+
+@dataclass(frozen=True)
+class DecodedWeight:
+    """A weight a model computes from stored integer codes, read here without onnxq's helpers.
+
+    ``scale`` is the stored scale flattened: one value per channel along ``axis``, or a scalar (``axis`` None); in the
+    Cast form ``scale_shape`` is how the initializer is shaped to broadcast. ``values`` is the weight as the graph
+    computes it ((codes - zero point) * scale in the scale's float type, then y*|y| in sqrt mode); ``output`` is the name
+    of the tensor holding it, which the weighted nodes read; ``nodes`` are the nodes that compute it.
+    """
+
+    form: str
+    codes_name: str
+    codes_type: int
+    codes: np.ndarray
+    scale_name: str
+    scale: np.ndarray
+    scale_shape: tuple[int, ...]
+    axis: int | None
+    zero_point: np.ndarray | None
+    sqrt: bool
+    values: np.ndarray
+    output: str
+    nodes: tuple[onnx.NodeProto, ...]
+
+
+def _all_graphs(graph: onnx.GraphProto) -> list[onnx.GraphProto]:
+    """A graph and every If/Loop/Scan body in it, nested ones included."""
+    graphs = [graph]
+    for node in graph.node:
+        for attr in node.attribute:
+            for body in [attr.g] if attr.type == onnx.AttributeProto.GRAPH else list(attr.graphs):
+                graphs += _all_graphs(body)
+    return graphs
+
+
+def _scope(model: onnx.ModelProto | onnx.GraphProto) -> tuple[dict[str, onnx.TensorProto], dict[str, onnx.NodeProto], dict[str, list]]:
+    """Constants (initializers and Constant nodes' values), producers and readers of every name, bodies included."""
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    constants: dict[str, onnx.TensorProto] = {}
+    producers: dict[str, onnx.NodeProto] = {}
+    readers: dict[str, list] = {}
+    for g in _all_graphs(graph):
+        constants.update((t.name, t) for t in g.initializer)
+        for node in g.node:
+            producers.update((out, node) for out in node.output)
+            for name in node.input:
+                readers.setdefault(name, []).append(node)
+            if node.op_type == "Constant" and node.attribute[0].name == "value":
+                constants[node.output[0]] = node.attribute[0].t
+    return constants, producers, readers
+
+
+def _codes(tensor: onnx.TensorProto) -> np.ndarray:
+    if tensor.data_type == onnx.TensorProto.INT4 or (tensor.data_type == onnx.TensorProto.INT8 and tensor.raw_data):
+        return decode_int_tensor(tensor)
+    return onnx.numpy_helper.to_array(tensor)
+
+
+def _attribute(node: onnx.NodeProto, name: str, default):
+    found = next((a for a in node.attribute if a.name == name), None)
+    return default if found is None else onnx.helper.get_attribute_value(found)
+
+
+def _decoder(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> tuple | None:
+    """(form, codes tensor, scale tensor, axis, zero point tensor, decoding nodes) if ``node`` decodes stored codes; else None."""
+    if node.op_type == "DequantizeLinear" and node.input[0] in constants and constants[node.input[0]].data_type in _CODE_TYPES:
+        assert _attribute(node, "block_size", 0) == 0, "blocked DequantizeLinear is not read here"
+        scale = constants[node.input[1]]
+        zero_point = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else None
+        axis = _attribute(node, "axis", 1) if len(scale.dims) else None
+        return DQ_FORM, constants[node.input[0]], scale, axis, zero_point, (node,)
+    if node.op_type != "Mul" or len(node.input) != 2:
+        return None
+    for cast_out, scale_name in (tuple(node.input), tuple(reversed(node.input))):
+        cast = producers.get(cast_out)
+        if (cast is None or cast.op_type != "Cast" or cast.input[0] not in constants or scale_name not in constants
+                or constants[cast.input[0]].data_type not in _CODE_TYPES or constants[scale_name].data_type not in _FLOAT_NP):
+            continue
+        scale, codes = constants[scale_name], constants[cast.input[0]]
+        assert _attribute(cast, "to", None) == scale.data_type, "the Cast gives the scale's float type"
+        dims = list(scale.dims)
+        assert not dims or len(dims) == len(codes.dims), f"scale {dims} does not broadcast along one axis of {list(codes.dims)}"
+        channels = [i for i, d in enumerate(dims) if d != 1]
+        assert len(channels) <= 1 and all(dims[i] == codes.dims[i] for i in channels), f"scale {dims} for codes {list(codes.dims)}"
+        return CAST_FORM, codes, scale, (channels[0] if channels else None), None, (cast, node)
+    return None
+
+
+def _squaring(name: str, readers: dict[str, list]) -> tuple[str, tuple[onnx.NodeProto, ...]] | None:
+    """If ``name`` is only squared as sqrt mode squares (Abs, then Mul(y, |y|)): the square's name and the two nodes."""
+    users = readers.get(name, [])
+    absolute = next((n for n in users if n.op_type == "Abs"), None)
+    if absolute is None or len(users) != 2:
+        return None
+    square = next((n for n in users if n.op_type == "Mul" and sorted(n.input) == sorted([name, absolute.output[0]])), None)
+    return None if square is None else (square.output[0], (absolute, square))
+
+
+def decoded_weights(model: onnx.ModelProto | onnx.GraphProto) -> list[DecodedWeight]:
+    """Every weight the model decodes from stored codes, in either form, control-flow bodies included."""
+    constants, producers, readers = _scope(model)
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    found = []
+    for g in _all_graphs(graph):
+        for node in g.node:
+            if (decoder := _decoder(node, constants, producers)) is None:
+                continue
+            form, codes_tensor, scale_tensor, axis, zero_tensor, nodes = decoder
+            codes, scale = _codes(codes_tensor), onnx.numpy_helper.to_array(scale_tensor)
+            zero_point = None if zero_tensor is None else onnx.numpy_helper.to_array(zero_tensor)
+            dtype = _FLOAT_NP[scale_tensor.data_type]
+            flat = scale.reshape(-1) if axis is not None else scale.reshape(())
+            shape = [1] * codes.ndim
+            if axis is not None:
+                shape[axis] = -1
+            shifted = codes.astype(np.int32) - (0 if zero_point is None else zero_point.astype(np.int32).reshape(flat.shape).reshape(shape))
+            values = (shifted.astype(dtype) * flat.reshape(shape)).astype(dtype)
+            output, sqrt = nodes[-1].output[0], False
+            if (squared := _squaring(output, readers)) is not None:
+                output, sqrt, nodes = squared[0], True, nodes + squared[1]
+                values = values * np.abs(values)
+            found.append(DecodedWeight(form, codes_tensor.name, codes_tensor.data_type, codes, scale_tensor.name, flat,
+                                       tuple(scale_tensor.dims), axis, zero_point, sqrt, values, output, nodes))
+    return found
+
+
+def decoded_weight(model: onnx.ModelProto | onnx.GraphProto, name: str) -> DecodedWeight | None:
+    """The decoded weight held by tensor ``name`` (a weighted node's input), or None if it is not one."""
+    return next((w for w in decoded_weights(model) if w.output == name), None)
+
+
+def weight_of(model: onnx.ModelProto | onnx.GraphProto, node_name: str, index: int = 1) -> DecodedWeight:
+    """The decoded weight the named node reads at input ``index`` (through Identity/Transpose/Reshape-free paths only)."""
+    graph = model.graph if isinstance(model, onnx.ModelProto) else model
+    node = next(n for g in _all_graphs(graph) for n in g.node if n.name == node_name)
+    weight = decoded_weight(model, node.input[index])
+    assert weight is not None, f"{node_name} input {index} ({node.input[index]}) is not a decoded weight"
+    return weight
+
+
+def decoded_weight_counts(model: onnx.ModelProto | onnx.GraphProto) -> Counter:
+    """How many weights the model decodes in each form (DQ_FORM, CAST_FORM)."""
+    return Counter(w.form for w in decoded_weights(model))
 
 
 def _read_names(nodes: list[onnx.NodeProto]) -> set[str]:

@@ -14,7 +14,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import float_equivalent, run
+from conftest import CAST_FORM, decoded_weight, decoded_weight_counts, float_equivalent, run, weight_of
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm, matmul_then_loop, matmul_then_scan
@@ -265,9 +265,10 @@ def test_loop_and_scan_body_weights_are_quantized_with_the_outer_graph(build, bi
     new_body = next(n for n in quantized.graph.node if n.op_type in ("Loop", "Scan")).attribute[0].g
     assert list(new_body.initializer) == []  # the body's weight moved out, as codes
     assert not {t.name for t in quantized.graph.initializer} & set(expected)  # no float copy of any of them is left
-    producer = {out: n.op_type for n in quantized.graph.node for out in n.output}
+    main_outputs = {out for n in quantized.graph.node for out in n.output}
     body_weights = [n.input[1] for n in new_body.node if n.op_type == "MatMul"]
-    assert [producer.get(name) for name in body_weights] == ["DequantizeLinear"] * len(body_weights)
+    assert body_weights and all(name in main_outputs for name in body_weights)  # decoded in the main graph
+    assert [decoded_weight(quantized, name).form for name in body_weights] == [CAST_FORM] * len(body_weights)
     x = np.random.default_rng(0).random((4 if build is matmul_then_scan else 1, 8), dtype=np.float32)
     unfused = _run_unfused(quantized, {"x": x})
     np.testing.assert_allclose(unfused, _run_unfused(float_equivalent(quantized), {"x": x}), rtol=1e-5, atol=1e-6)
@@ -303,8 +304,7 @@ def test_batchnorm_that_cannot_be_folded_is_left_in_place(variance, tmp_path, ca
     quantized = onnx.load(tmp_path / "q.onnx")
     assert [n.op_type for n in quantized.graph.node].count("BatchNormalization") == 1
     w1 = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "w1"))
-    codes_and_scale = float_equivalent(quantized)
-    w1_used = numpy_helper.to_array(next(t for t in codes_and_scale.graph.initializer if t.name == "w1_dequantized"))
+    w1_used = weight_of(quantized, "conv1").values
     assert np.max(np.abs(w1_used - w1)) < 0.05 * np.max(np.abs(w1))  # the Conv's own weight, not a folded one
 
 
@@ -313,6 +313,8 @@ def test_quantizing_a_quantized_model_says_so_and_writes_nothing(first_run, tmp_
     path, once, twice = _save(tmp_path, conv_bn_relu_gemm()), tmp_path / "once.onnx", tmp_path / "twice.onnx"
     assert main(["quantize", str(path), "-o", str(once), *first_run]) == 0
     capsys.readouterr()
+    if "int" not in first_run:  # weight-only qdq: the default form, every weight decoded at load (Cast and Mul)
+        assert decoded_weight_counts(onnx.load(once)) == {CAST_FORM: 3}
     assert main(["quantize", str(once), "-o", str(twice)]) != 0
     err = capsys.readouterr().err
     assert "once.onnx: the model is already quantized" in err and "give onnxq the float model" in err and len(err.strip().splitlines()) == 1

@@ -8,11 +8,11 @@ import sys
 
 import onnx
 import pytest
-from conftest import random_feeds, run
+from conftest import CAST_FORM, decoded_weight_counts, decoded_weights, random_feeds, run
 
 from models import conv_bn_relu_gemm
-from onnxq import QuantizeConfig, quantize
-from onnxq.cli import main
+from onnxq import NBitsMode, QuantizeConfig, quantize
+from onnxq.cli import build_parser, config_from_args, main
 
 
 @pytest.fixture
@@ -37,7 +37,7 @@ def test_help_explains_every_option(capsys):
         main(["quantize", "--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    for option in ("--bits", "--output", "--granularity", "--sqrt", "--first-last-bits", "--exclude", "--range", "--external-data"):
+    for option in ("--bits", "--output", "--granularity", "--sqrt", "--first-last-bits", "--exclude", "--range", "--external-data", "--matmul-nbits"):
         assert option in text
 
 
@@ -62,7 +62,31 @@ def test_options_reach_the_config(model_path, tmp_path, capsys):
     assert "quantized 2 weight tensors: 2 at 3 bits (0 in sqrt mode)" in text
     assert "fc: excluded by the user" in text
     model = onnx.load(out_path)
-    assert all(not any(a.name == "axis" for a in n.attribute) for n in model.graph.node if n.op_type == "DequantizeLinear")
+    decoded = decoded_weights(model)  # per tensor: scalar scales, no axis
+    assert [(w.codes_name, w.scale_shape, w.axis, w.sqrt) for w in decoded] == [("w1_quantized", (), None, False), ("w2_quantized", (), None, False)]
+
+
+@pytest.mark.parametrize(("flag", "mode"), [
+    ([], NBitsMode.AUTO), (["--matmul-nbits", "auto"], NBitsMode.AUTO),
+    (["--matmul-nbits", "on"], NBitsMode.ON), (["--matmul-nbits", "off"], NBitsMode.OFF),
+])
+def test_matmul_nbits_option_reaches_the_config(model_path, tmp_path, flag, mode, capsys):
+    """--matmul-nbits picks the NBitsMode (auto by default): with 'on' the small classifier runs as MatMulNBits, else it is decoded at load."""
+    args = build_parser().parse_args(["quantize", str(model_path), *flag])
+    assert config_from_args(args).matmul_nbits is mode
+    out_path = tmp_path / "q.onnx"
+    assert main(["quantize", str(model_path), "-o", str(out_path), *flag]) == 0
+    written = onnx.load(out_path)
+    fc = next(n for n in written.graph.node if n.name == "fc")
+    assert fc.op_type == ("MatMulNBits" if mode is NBitsMode.ON else "Gemm")
+    assert decoded_weight_counts(written) == {CAST_FORM: 2 if mode is NBitsMode.ON else 3}
+    assert ("matrix products: 1 weights run as onnxruntime's MatMulNBits" in capsys.readouterr().out) is (mode is NBitsMode.ON)
+
+
+def test_matmul_nbits_option_takes_only_its_choices(model_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["quantize", str(model_path), "--matmul-nbits", "yes"])
+    assert exit_info.value.code == 2 and "--matmul-nbits" in capsys.readouterr().err
 
 
 def test_missing_file(tmp_path, capsys):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import weight_of
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.cli import main
@@ -58,7 +59,5 @@ def test_cli_option(tmp_path, capsys):
         out = tmp_path / f"q{want}.onnx"
         assert main(["quantize", str(path), "-b", "4", "-o", str(out), "-v", *flag]) == 0
         written = onnx.load(out)
-        dq = next(n for n in written.graph.node if n.op_type == "DequantizeLinear" and n.input[0].startswith("dw"))
-        codes = next(t for t in written.graph.initializer if t.name == dq.input[0])
-        assert codes.data_type == (TensorProto.INT4 if want == 4 else TensorProto.INT8)
+        assert weight_of(written, "depthwise").codes_type == (TensorProto.INT4 if want == 4 else TensorProto.INT8)
     capsys.readouterr()

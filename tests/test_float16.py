@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import decode_int_tensor, run
+from conftest import CAST_FORM, decoded_weight_counts, decoded_weights, run
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm
@@ -27,6 +27,10 @@ def half(model: onnx.ModelProto) -> onnx.ModelProto:
     return out
 
 
+def _attribute(node: onnx.NodeProto, name: str):
+    return next(helper.get_attribute_value(a) for a in node.attribute if a.name == name)
+
+
 def _x(batch: int = 3) -> dict[str, np.ndarray]:
     return {"x": np.random.default_rng(2).random((batch, 3, 8, 8)).astype(np.float16)}
 
@@ -45,19 +49,16 @@ def test_float16_weights_get_float16_scales_and_the_model_stays_float16(bits, sq
     model = half(conv_bn_relu_gemm(with_bn=False))
     result = quantize_with_report(model, QuantizeConfig(bits=bits, first_last_bits=None, sqrt=sqrt))
     assert sorted(layer.tensor for layer in result.layers) == ["w1", "w2", "w3"]
-    inits = {t.name: t for t in result.model.graph.initializer}
-    decoded = {}
-    for dq in (n for n in result.model.graph.node if n.op_type == "DequantizeLinear"):
-        scale = inits[dq.input[1]]
-        assert scale.data_type == TensorProto.FLOAT16
-        codes = decode_int_tensor(inits[dq.input[0]]).astype(np.float32)
-        values = codes * numpy_helper.to_array(scale).astype(np.float32).reshape(-1, *([1] * (codes.ndim - 1)))
-        decoded[dq.input[0].removesuffix("_quantized")] = values * np.abs(values) if sqrt is SqrtMode.ON else values
-    assert sorted(decoded) == ["w1", "w2", "w3"]
+    weights = decoded_weights(result.model)
+    # Weight-only: decoded at load, the codes cast straight to float16 and scaled by float16 scales.
+    assert [(w.form, w.scale.dtype, w.sqrt) for w in weights] == [(CAST_FORM, np.float16, sqrt is SqrtMode.ON)] * 3
+    assert all(_attribute(w.nodes[0], "to") == TensorProto.FLOAT16 for w in weights)
+    decoded = {w.codes_name.removesuffix("_quantized"): w.values for w in weights}
+    assert sorted(decoded) == ["w1", "w2", "w3"] and all(v.dtype == np.float16 for v in decoded.values())
     y = run(result.model, _x())
     assert y.dtype == np.float16
-    # The float16 model run with the decoded weights (rounded to float16, as DequantizeLinear's output is).
-    reference = run(_with_weights(model, {k: v.astype(np.float16) for k, v in decoded.items()}), _x())
+    # The float16 model run with the weights decoded in float16 here, as the graph decodes them.
+    reference = run(_with_weights(model, decoded), _x())
     np.testing.assert_allclose(y.astype(np.float32), reference.astype(np.float32), rtol=2e-3, atol=2e-3)
     float_y = run(model, _x()).astype(np.float32)
     assert np.linalg.norm(y.astype(np.float32) - float_y) / np.linalg.norm(float_y) < (0.2 if bits == 4 else 0.02)
@@ -109,4 +110,4 @@ def test_weights_chosen_on_data_for_a_float16_model():
     model = half(conv_bn_relu_gemm(with_bn=False))
     result = quantize_with_report(model, QuantizeConfig(bits=4), [_x(8)])
     assert all(layer.bits in (4, 8) for layer in result.layers)
-    assert any(n.op_type == "DequantizeLinear" for n in result.model.graph.node)
+    assert decoded_weight_counts(result.model) == {CAST_FORM: 3}

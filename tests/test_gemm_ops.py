@@ -10,10 +10,11 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import CAST_FORM, decoded_weights, weight_of
 from conv_ops import post_weights, quantize_input
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import QuantizeConfig, WeightFormat, quantize_with_report
+from onnxq import NBitsMode, QuantizeConfig, WeightFormat, quantize_with_report
 from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
 from onnxq.native.session import session
 from onnxq.numerics.weights import quantize_post_weight, quantize_weight
@@ -135,28 +136,35 @@ def _kept(result) -> dict[str, tuple[str, str]]:
     return {",".join(layer.nodes): (layer.op, layer.qdq_reason) for layer in result.layers if layer.qdq_reason}
 
 
+@pytest.mark.parametrize("nbits", [NBitsMode.AUTO, NBitsMode.ON], ids=lambda mode: mode.value)
 @pytest.mark.parametrize(
-    "model, reason, runs_as",
+    "model, reason, nbits_runs_it",
     [
-        (_gemm_model(131, 127, [5], "Gemm", (127,), transA=1), "transA=1", "Gemm"),
-        (_gemm_model(131, 127, [5], "Gemm", (5, 127)), "bias C is not a constant row", "MatMulNBits"),  # C in an Add after it
-        (_gemm_model(64, 10, [5], "Gemm", (10,)), f"under {MIN_WEIGHTS} weights", "MatMulNBits"),
-        (_gemm_model(255, 514, [5], "Gemm", (514,)), f"under {MIN_WEIGHTS} weights", "MatMulNBits"),
+        (_gemm_model(131, 127, [5], "Gemm", (127,), transA=1), "transA=1", False),
+        (_gemm_model(131, 127, [5], "Gemm", (5, 127)), "bias C is not a constant row", True),  # C in an Add after it
+        (_gemm_model(64, 10, [5], "Gemm", (10,)), f"under {MIN_WEIGHTS} weights", True),
+        (_gemm_model(255, 514, [5], "Gemm", (514,)), f"under {MIN_WEIGHTS} weights", True),
     ],
     ids=["transA", "matrix C", "small", "just under"],
 )
-def test_unsupported_gemm_runs_outside_the_ops_and_says_why(model, reason, runs_as, tmp_path):
-    """A Gemm the ops cannot run stays QDQ, or (weight-only, a form MatMulNBits runs) becomes onnxruntime's MatMulNBits."""
+def test_unsupported_gemm_runs_outside_the_ops_and_says_why(model, reason, nbits_runs_it, nbits, tmp_path):
+    """A Gemm the ops cannot run stays a Gemm of a weight decoded at load, or (weight-only, a form MatMulNBits runs, and
+    --matmul-nbits on: these weights are all far under AUTO's 2^20 values) becomes onnxruntime's MatMulNBits."""
     if reason == "transA=1":  # x is (K, rows) for transA
         model.graph.input[0].CopyFrom(helper.make_tensor_value_info("x", TensorProto.FLOAT, [131, 5]))
-    result = _quantized(model, WeightFormat.INT, 4)
+    result = _quantized(model, WeightFormat.INT, 4, matmul_nbits=nbits)
     op, why = _kept(result)["fc"]
     assert reason in why
-    assert runs_as in {n.op_type for n in result.model.graph.node}
-    assert "IntConv" not in {n.op_type for n in result.model.graph.node}
+    ops = {n.op_type for n in result.model.graph.node}
+    assert "IntConv" not in ops
+    as_nbits = nbits_runs_it and nbits is NBitsMode.ON
+    if as_nbits:
+        assert "MatMulNBits" in ops and "Gemm" not in ops and not decoded_weights(result.model)
+    else:
+        assert "MatMulNBits" not in ops and weight_of(result.model, "fc").form == CAST_FORM
     onnx.save_model(result.model, tmp_path / "m.onnx")
-    shown = "onnxruntime's MatMulNBits" if runs_as == "MatMulNBits" else "QDQ"
-    assert op == ("MatMulNBits" if runs_as == "MatMulNBits" else "DequantizeLinear")
+    shown = "onnxruntime's MatMulNBits" if as_nbits else "QDQ"
+    assert op == ("MatMulNBits" if as_nbits else "DequantizeLinear")
     assert f"not run by onnxq's ops: 1 layers (fc ({shown}): " in summary(result, None, tmp_path / "m.onnx")
 
 

@@ -8,12 +8,13 @@ import math
 import numpy as np
 import onnx
 import pytest
+from conftest import CAST_FORM, decoded_weight, decoded_weight_counts
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, shared_weight_matmuls
 from onnxq.analysis.inventory import inspect_model
 from onnxq.cli import main
-from onnxq.config import Granularity, QuantizeConfig, SqrtMode, WeightFormat
+from onnxq.config import Granularity, NBitsMode, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.model.save import save_model
 from onnxq.pipeline import quantize
 
@@ -31,21 +32,19 @@ def _by_node(inventory):
 
 
 def _qdq_expectations(model: onnx.ModelProto) -> dict[str, dict]:
-    """For each Conv/Gemm/MatMul, what its weight is, read off onnxq's rewrite: DequantizeLinear [-> Abs, Mul]."""
+    """For each Conv/Gemm/MatMul, what its weight is, read off onnxq's rewrite by the tests' own decoder: DequantizeLinear,
+    or Cast and Mul by a scale shaped along the channel axis [-> Abs, Mul]."""
     inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
     expected = {}
     for node in model.graph.node:
         if node.op_type not in ("Conv", "Gemm", "MatMul"):
             continue
-        source, sqrt = producer.get(node.input[1]), False
-        if source is not None and source.op_type == "Mul":
-            source, sqrt = producer[source.input[0]], True
-        if source is None:
+        if node.input[1] in inits:
             t = inits[node.input[1]]
             expected[node.name] = {"format": "float32", "bits": 32, "weight_bytes": 4 * math.prod(t.dims), "sqrt": False, "granularity": None}
             continue
-        codes, scale = inits[source.input[0]], inits[source.input[1]]
+        decoded = decoded_weight(model, node.input[1])
+        codes = inits[decoded.codes_name]
         fmt, bits = INT_TYPES[codes.data_type]
         count = math.prod(codes.dims)
         assert len(codes.raw_data) == (count * bits + 7) // 8
@@ -53,9 +52,10 @@ def _qdq_expectations(model: onnx.ModelProto) -> dict[str, dict]:
             "format": fmt,
             "bits": bits,
             "weight_bytes": (count * bits + 7) // 8,
-            "sqrt": sqrt,
-            "granularity": "channel" if len(scale.dims) == 1 else "tensor",
-            "scale_bytes": sum(_bytes(inits[name]) for name in source.input[1:]),  # scale and zero point, if any
+            "sqrt": decoded.sqrt,
+            "granularity": "channel" if decoded.axis is not None else "tensor",
+            "axis": decoded.axis,
+            "scale_bytes": decoded.scale.nbytes + (0 if decoded.zero_point is None else decoded.zero_point.nbytes),
         }
     return expected
 
@@ -66,28 +66,43 @@ def _describe(row, keys):
 
 @pytest.mark.parametrize("sqrt", [SqrtMode.OFF, SqrtMode.ON])
 @pytest.mark.parametrize("granularity", [Granularity.CHANNEL, Granularity.TENSOR])
-def test_onnxq_qdq_int4_int8(tmp_path, sqrt, granularity):
+@pytest.mark.parametrize("nbits", [NBitsMode.AUTO, NBitsMode.ON], ids=lambda mode: mode.value)
+def test_onnxq_qdq_int4_int8(tmp_path, sqrt, granularity, nbits, capsys):
+    """Weights decoded at load (Cast and Mul) are read as their codes, with the granularity of the scale's shape; with
+    --matmul-nbits on the 8-bit classifier is onnxruntime's MatMulNBits (by default its 160 weights are decoded at load)."""
     path = tmp_path / "q.onnx"
-    save_model(quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, sqrt=sqrt, granularity=granularity)), path)
+    save_model(quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, sqrt=sqrt, granularity=granularity, matmul_nbits=nbits)), path)
     model = onnx.load(path)
+    assert decoded_weight_counts(model) == {CAST_FORM: 2 if nbits is NBitsMode.ON else 3}
     inventory = inspect_model(path)
     expected = _qdq_expectations(model)
-    assert {k: v["format"] for k, v in expected.items()} == {"conv1": "int8", "conv2": "int4"}
-    (fc,) = [n for n in model.graph.node if n.name == "fc"]  # the 8-bit classifier runs as MatMulNBits
+    (fc,) = [n for n in model.graph.node if n.name == "fc"]
     inits = {t.name: t for t in model.graph.initializer}
-    assert fc.op_type == "MatMulNBits"
-    expected["fc"] = {"format": "uint8", "bits": 8, "weight_bytes": _bytes(inits[fc.input[1]]), "scale_bytes": _bytes(inits[fc.input[2]])}
+    if nbits is NBitsMode.ON:
+        assert fc.op_type == "MatMulNBits"
+        expected["fc"] = {"format": "uint8", "bits": 8, "weight_bytes": _bytes(inits[fc.input[1]]), "scale_bytes": _bytes(inits[fc.input[2]])}
+        assert {k: v["format"] for k, v in expected.items()} == {"conv1": "int8", "conv2": "int4", "fc": "uint8"}
+    else:
+        assert {k: v["format"] for k, v in expected.items()} == {"conv1": "int8", "conv2": "int4", "fc": "int8"}
+        assert {k: v["granularity"] for k, v in expected.items()} == dict.fromkeys(expected, granularity.value)
+        assert {k: v["axis"] for k, v in expected.items()} == dict.fromkeys(expected, 0 if granularity is Granularity.CHANNEL else None)
     rows = _by_node(inventory)
-    assert set(rows) == set(expected), "Abs/Mul of sqrt mode must not be listed as weighted nodes"
+    assert set(rows) == set(expected), "Cast/Mul of the decoding and Abs/Mul of sqrt mode must not be listed as weighted nodes"
     for name, want in expected.items():
         assert _describe(rows[name], want) == want, name
         assert rows[name].activations == "float"
-    assert inventory.weight_bytes_by_format == {"int4": expected["conv2"]["weight_bytes"], "int8": expected["conv1"]["weight_bytes"],
-                                                "uint8": expected["fc"]["weight_bytes"]}
+    int8 = ("int8", "uint8") if nbits is NBitsMode.ON else ("int8",)
+    assert inventory.weight_bytes_by_format == {"int4": expected["conv2"]["weight_bytes"],
+                                                **{f: sum(v["weight_bytes"] for v in expected.values() if v["format"] == f) for f in int8}}
     assert inventory.file_bytes == path.stat().st_size
-    assert inventory.opsets == {"ai.onnx": 21, "com.microsoft": 1} and not inventory.needs_onnxq_library
+    assert inventory.opsets == ({"ai.onnx": 21, "com.microsoft": 1} if nbits is NBitsMode.ON else {"ai.onnx": 21})
+    assert not inventory.needs_onnxq_library
     initializers = onnx.load(path).graph.initializer
     assert inventory.initializer_bytes == sum(len(t.raw_data) for t in initializers)
+    assert main(["inspect", str(path)]) == 0  # the CLI's table says the same
+    table = [line.split() for line in capsys.readouterr().out.splitlines()]
+    assert ["conv2", "Conv", "int4", "4"] in [line[:4] for line in table]
+    assert (["fc", "MatMulNBits", "uint8", "8"] if nbits is NBitsMode.ON else ["fc", "Gemm", "int8", "8"]) in [line[:4] for line in table]
 
 
 def test_shared_weight_is_counted_once(tmp_path):

@@ -12,10 +12,10 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import decode_matmul_nbits
+from conftest import CAST_FORM, DQ_FORM, decode_matmul_nbits, decoded_weight_counts, decoded_weights, weight_of
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.config import ActivationConfig, Granularity, QuantizeConfig, SqrtMode
+from onnxq.config import ActivationConfig, Granularity, NBitsMode, QuantizeConfig, RangeMethod, SqrtMode
 from onnxq.numerics.weights import QuantizedTensor
 from onnxq.pipeline import quantize
 from onnxq.rewrite.matmul_nbits import nbits_weight
@@ -69,9 +69,11 @@ def _weight(model: onnx.ModelProto, node_name: str, k: int, shape: tuple[int, in
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("granularity", [Granularity.CHANNEL, Granularity.TENSOR])
 def test_weight_only_matmul_and_gemm_run_as_matmul_nbits(granularity, bits):
+    """--matmul-nbits on: these small weights (9600 and 480 values) run as MatMulNBits too (by default they are decoded at load)."""
     model = _model()
-    q = quantize(model, QuantizeConfig(bits=bits, granularity=granularity, first_last_bits=None))
+    q = quantize(model, QuantizeConfig(bits=bits, granularity=granularity, first_last_bits=None, matmul_nbits=NBitsMode.ON))
     assert [n.op_type for n in q.graph.node if n.op_type in ("MatMul", "Gemm", "MatMulNBits", "DequantizeLinear")] == ["MatMulNBits"] * 2
+    assert not decoded_weights(q)
     w1 = _weight(q, "mm", 200, (200, 48))
     w2 = _weight(q, "fc", 48, (10, 48)) / 2.0  # alpha went into the scales
     floats = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -85,12 +87,54 @@ def test_weight_only_matmul_and_gemm_run_as_matmul_nbits(granularity, bits):
 
 
 def test_not_with_quantized_activations_nor_sqrt_codes():
-    """W8A8 keeps QDQ (onnxruntime runs it as QLinearMatMul); --sqrt on keeps 4-bit sqrt codes, which the op cannot hold, QDQ."""
+    """W8A8 keeps QDQ (onnxruntime runs it as QLinearMatMul); --sqrt on keeps 4-bit sqrt codes, which the op cannot hold,
+    decoded at load; both even with --matmul-nbits on."""
     model = _model()
     rng = np.random.default_rng(3)
     data = [{"x": rng.standard_normal((8, 3, 200)).astype(np.float32)} for _ in range(4)]
-    w8a8 = quantize(model, QuantizeConfig(bits=8, activations=ActivationConfig()), data)
+    w8a8 = quantize(model, QuantizeConfig(bits=8, activations=ActivationConfig(), matmul_nbits=NBitsMode.ON), data)
     assert not any(n.op_type == "MatMulNBits" for n in w8a8.graph.node)
-    sqrt = quantize(model, QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.ON))
+    assert decoded_weight_counts(w8a8) == {DQ_FORM: 2}
+    sqrt = quantize(model, QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.ON, matmul_nbits=NBitsMode.ON))
     assert not any(n.op_type == "MatMulNBits" for n in sqrt.graph.node)
-    assert sum(n.op_type == "Abs" for n in sqrt.graph.node) == 2  # sqrt codes: y * |y| after each DequantizeLinear
+    assert [(w.form, w.sqrt) for w in decoded_weights(sqrt)] == [(CAST_FORM, True)] * 2  # sqrt codes: y * |y| after each decoding
+
+
+def _square_matmul(k: int, n: int) -> onnx.ModelProto:
+    """x[N,k] -> MatMul(W k x n) -> y, W drawn small so the quantizer's search is quick."""
+    w = (np.random.default_rng(4).standard_normal((k, n)) * 0.05).astype(np.float32)
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")], "g",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", k])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", n])], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def square_matmuls() -> dict[str, onnx.ModelProto]:
+    """A MatMul weight of exactly 2^20 values (AUTO's least), and one of 1024 fewer."""
+    return {"at": _square_matmul(1024, 1024), "under": _square_matmul(1024, 1023)}
+
+
+@pytest.mark.parametrize(("mode", "size", "as_nbits"), [
+    (NBitsMode.AUTO, "at", True), (NBitsMode.AUTO, "under", False), (NBitsMode.OFF, "at", False), (NBitsMode.ON, "under", True),
+])
+def test_nbits_mode_picks_the_weights_that_run_as_matmul_nbits(square_matmuls, mode, size, as_nbits):
+    """AUTO: weights of 2^20 values or more run as MatMulNBits, smaller ones are decoded at load; OFF: none; ON: every one."""
+    model = square_matmuls[size]
+    k, n = (d for d in model.graph.initializer[0].dims)
+    q = quantize(model, QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF, range=RangeMethod.ABSMAX, matmul_nbits=mode))
+    (node,) = q.graph.node if as_nbits else [n for n in q.graph.node if n.name == "mm"]
+    x = np.random.default_rng(5).standard_normal((3, k)).astype(np.float32)
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    if as_nbits:
+        assert node.op_type == "MatMulNBits" and not decoded_weights(q)
+        w = _weight(q, "mm", k, (n, k)).T  # asked for as the op's (N, K) rows: a square weight is not told apart by its shape
+        assert np.abs(got - x @ w).max() <= 0.02 * np.abs(x @ w).max()  # the op's int8 products of the input
+    else:
+        assert node.op_type == "MatMul" and not any(m.op_type == "MatMulNBits" for m in q.graph.node)
+        decoded = weight_of(q, "mm")
+        assert decoded.form == CAST_FORM and decoded.codes.shape == (k, n) and decoded.axis == 1
+        np.testing.assert_allclose(got, x @ decoded.values, rtol=1e-4, atol=1e-4)
+    floats = numpy_helper.to_array(model.graph.initializer[0])
+    w = _weight(q, "mm", k, (n, k)).T if as_nbits else decoded.values
+    assert np.linalg.norm(w - floats) <= 0.15 * np.linalg.norm(floats)

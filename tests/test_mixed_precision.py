@@ -7,7 +7,7 @@ import math
 import numpy as np
 import onnx
 import pytest
-from conftest import decode_int_tensor
+from conftest import decoded_weights
 
 from models import conv_bn_relu_gemm
 from onnxq.analysis.mixed_precision import Candidate, Rung, TargetSize, choose_bits, greedy_raises, ladder
@@ -94,14 +94,14 @@ def test_choose_bits_raises_the_most_sensitive_layer_first(model, batches):
 
 
 def _stored_weight_bytes(model: onnx.ModelProto) -> int:
-    """Codes plus scales of the written model's DequantizeLinear weights, read from the file here."""
-    inits = {t.name: t for t in model.graph.initializer}
+    """Codes plus scales of the written model's decoded weights (either form: DequantizeLinear, or Cast and Mul), read
+    from the file here; every one of the three weights must be among them."""
+    decoded = decoded_weights(model)
+    assert sorted(w.codes_name for w in decoded) == ["w1_quantized", "w2_quantized", "w3_quantized"]
     total = 0
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear" and node.input[0] in inits:
-            codes = decode_int_tensor(inits[node.input[0]])
-            per_byte = 2 if inits[node.input[0]].data_type == onnx.TensorProto.INT4 else 1
-            total += (codes.size + per_byte - 1) // per_byte + 4 * onnx.numpy_helper.to_array(inits[node.input[1]]).size
+    for weight in decoded:
+        per_byte = 2 if weight.codes_type == onnx.TensorProto.INT4 else 1
+        total += (weight.codes.size + per_byte - 1) // per_byte + 4 * weight.scale.size
     return total
 
 

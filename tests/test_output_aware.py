@@ -7,6 +7,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import decoded_weights
 
 from models import conv_bn_relu_gemm, depthwise_convtranspose, transformer_block
 from onnxq.cli import main
@@ -56,9 +57,8 @@ def test_output_aware_off_gives_the_data_free_model():
 
 
 def _codes(model: onnx.ModelProto) -> dict[str, bytes]:
-    """Each DequantizeLinear's code tensor, serialized, by name."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return {n.input[0]: inits[n.input[0]].SerializeToString() for n in model.graph.node if n.op_type == "DequantizeLinear"}
+    """Each decoded weight's codes and scale, as bytes, by the codes' name."""
+    return {w.codes_name: w.codes.tobytes() + w.scale.tobytes() for w in decoded_weights(model)}
 
 
 def test_depthwise_layers_the_rule_keeps_at_8_bits_keep_the_data_free_codes():
@@ -73,7 +73,7 @@ def test_depthwise_layers_the_rule_keeps_at_8_bits_keep_the_data_free_codes():
         assert (blind[dw] == informed[dw]) is same, depthwise_bits
     model = conv_bn_relu_gemm()
     blind, informed = _codes(quantize(model, QuantizeConfig(bits=4))), _codes(quantize(model, QuantizeConfig(bits=4), _inputs(model, 16, seed=1)))
-    assert all(blind[name] != informed[name] for name in blind)  # conv1 and fc at 8 bits (first/last), conv2 at 4
+    assert len(blind) == 3 and all(blind[name] != informed[name] for name in blind)  # conv1 and fc at 8 bits (first/last), conv2 at 4
 
 
 def test_weight_only_with_data_quantizes_no_activation():

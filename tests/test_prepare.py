@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-from conftest import assert_op_counts, float_equivalent, random_feeds, run
+from conftest import CAST_FORM, assert_op_counts, decoded_weights, float_equivalent, random_feeds, run
 from onnx import TensorProto, helper, numpy_helper
 
 from models import conv_bn_relu_gemm
@@ -237,7 +237,8 @@ def test_model_local_functions_are_inlined_and_their_weights_quantized():
     result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
     assert [(layer.tensor, layer.nodes) for layer in result.layers] == [("w1", ("ConvRelu/Conv_0__1",)), ("w2", ("ConvRelu/Conv_0__2",))]
     assert len(model.functions) == 1 and model.graph.node[0].op_type == "ConvRelu"  # the caller's model is left as it was
-    assert not result.model.functions and {n.op_type for n in result.model.graph.node} == {"DequantizeLinear", "Conv", "Relu"}
+    assert not result.model.functions and {n.op_type for n in result.model.graph.node} == {"Cast", "Mul", "Conv", "Relu"}
+    assert [(w.form, w.axis) for w in decoded_weights(result.model)] == [(CAST_FORM, 0)] * 2
     np.testing.assert_allclose(run(result.model, feeds), run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-6)
     reference = run(model, feeds)
     assert 0 < np.linalg.norm(run(result.model, feeds) - reference) / np.linalg.norm(reference) < 0.02

@@ -5,19 +5,26 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import assert_op_counts, decode_int_tensor, float_equivalent, random_feeds, run
+from conftest import (
+    CAST_FORM,
+    assert_op_counts,
+    decode_int_tensor,
+    decoded_weight,
+    decoded_weight_counts,
+    decoded_weights,
+    float_equivalent,
+    random_feeds,
+    run,
+    weight_of,
+)
 
 from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
-from onnxq import Granularity, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
+from onnxq import Granularity, NBitsMode, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
 from onnxq.model.opset import default_opset
 
 
 def _init(model: onnx.ModelProto, name: str) -> onnx.TensorProto:
     return next(t for t in model.graph.initializer if t.name == name)
-
-
-def _dq_inputs(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
-    return {n.input[0]: n for n in model.graph.node if n.op_type == "DequantizeLinear"}
 
 
 @pytest.mark.parametrize("builder", [conv_bn_relu_gemm, shared_weight_matmuls, depthwise_convtranspose])
@@ -79,32 +86,35 @@ def test_first_and_last_layers_stay_8_bit():
 
 def test_per_channel_axes_follow_the_op():
     model = quantize(depthwise_convtranspose(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF))
-    dq = _dq_inputs(model)
-    axis = {k: next(a.i for a in n.attribute if a.name == "axis") for k, n in dq.items()}
+    decoded = {w.codes_name: w for w in decoded_weights(model)}
     # depthwise Conv weight (4,1,3,3): output channels on axis 0; ConvTranspose (4,6,2,2), group 1: axis 1.
-    assert axis == {"dw_quantized": 0, "up_quantized": 1}
-    assert onnx.numpy_helper.to_array(_init(model, "up_scale")).shape == (6,)
+    assert {k: w.axis for k, w in decoded.items()} == {"dw_quantized": 0, "up_quantized": 1}
+    assert weight_of(model, "depthwise").codes_name == "dw_quantized" and weight_of(model, "up").codes_name == "up_quantized"
+    # decoded at load: the scale is shaped to broadcast along that axis
+    assert {k: w.scale_shape for k, w in decoded.items()} == {"dw_quantized": (4, 1, 1, 1), "up_quantized": (1, 6, 1, 1)}
 
 
 def test_per_tensor_has_scalar_scales():
     model = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=4, granularity=Granularity.TENSOR))
-    for node in model.graph.node:
-        if node.op_type == "DequantizeLinear":
-            assert onnx.numpy_helper.to_array(_init(model, node.input[1])).shape == ()
-            assert not any(a.name == "axis" for a in node.attribute)
+    decoded = decoded_weights(model)
+    assert [(w.form, w.scale_shape, w.axis) for w in decoded] == [(CAST_FORM, (), None)] * 3
 
 
 def test_shared_weight_is_quantized_once():
-    """QDQ (sqrt codes): one DequantizeLinear feeds the three MatMuls; plain codes: three MatMulNBits read one copy of the codes."""
-    result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None))
+    """Decoded at load (plain or sqrt codes): one decoding feeds the three MatMuls; --matmul-nbits on, plain codes: three
+    MatMulNBits read one copy of the codes."""
+    for sqrt in (SqrtMode.OFF, SqrtMode.ON):
+        result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=sqrt))
+        assert len(result.layers) == 1 and result.layers[0].nodes == ("mm1", "mm2", "mm3")
+        assert_op_counts(result.model, DequantizeLinear=0, MatMul=3, MatMulNBits=0)
+        (decoded,) = decoded_weights(result.model)
+        assert decoded.form == CAST_FORM and decoded.sqrt is (sqrt is SqrtMode.ON)
+        assert [n.input[1] for n in result.model.graph.node if n.op_type == "MatMul"] == [decoded.output] * 3
+    result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF, matmul_nbits=NBitsMode.ON))
     assert len(result.layers) == 1 and result.layers[0].nodes == ("mm1", "mm2", "mm3")
     assert_op_counts(result.model, DequantizeLinear=0, MatMul=0, MatMulNBits=3)
     assert len({(n.input[1], n.input[2]) for n in result.model.graph.node if n.op_type == "MatMulNBits"}) == 1
-    result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.ON))
-    assert len(result.layers) == 1 and result.layers[0].nodes == ("mm1", "mm2", "mm3")
-    assert_op_counts(result.model, DequantizeLinear=1, MatMul=3)
-    dq_out = next(n.output[-1] for n in reversed(result.model.graph.node) if n.op_type in ("DequantizeLinear", "Mul") and n.name.startswith("w_"))
-    assert all(n.input[1] == dq_out for n in result.model.graph.node if n.op_type == "MatMul")
+    assert not decoded_weights(result.model)
 
 
 def test_shared_weight_gets_the_higher_bits_of_its_users():
@@ -117,7 +127,8 @@ def test_constant_node_weights_quantize_like_initializers():
     config = QuantizeConfig(bits=4, first_last_bits=None)
     a = quantize(conv_bn_relu_gemm(as_constants=True), config)
     b = quantize(conv_bn_relu_gemm(as_constants=False), config)
-    assert_op_counts(a, Constant=0, DequantizeLinear=3)
+    assert_op_counts(a, Constant=0)
+    assert decoded_weight_counts(a) == {CAST_FORM: 3}
     feeds = random_feeds(a)
     np.testing.assert_array_equal(run(a, feeds), run(b, feeds))
 
@@ -164,10 +175,8 @@ def test_a_weight_first_matmul_is_quantized_per_output_row():
     model = _matmul_chain()
     result = quantize_with_report(model, QuantizeConfig(bits=8))
     assert [layer.nodes for layer in result.layers] == [("w_first",), ("weighted",)]
-    matmul = next(n for n in result.model.graph.node if n.name == "w_first")
-    (dq,) = (n for n in result.model.graph.node if n.op_type == "DequantizeLinear" and n.output[0] == matmul.input[0])
-    scale = next(t for t in result.model.graph.initializer if t.name == dq.input[1])
-    assert list(scale.dims) == [8] and next(a.i for a in dq.attribute if a.name == "axis") == 0
+    decoded = weight_of(result.model, "w_first", 0)
+    assert decoded.scale.shape == (8,) and decoded.axis == 0 and decoded.scale_shape == (8, 1)
     rng = np.random.default_rng(1)
     feeds = {"x": rng.standard_normal((16, 3)).astype(np.float32), "x2": rng.standard_normal((4, 4)).astype(np.float32)}
     got, want = run(result.model, feeds), run(model, feeds)
@@ -243,8 +252,8 @@ def test_control_flow_body_weights_are_quantized_and_the_model_runs(bits):
     assert "w2" not in {t.name for t in result.model.graph.initializer}  # the float weight is gone, the body reads its codes
     branch = next(n for n in result.model.graph.node if n.op_type == "If")
     body_conv = next(a.g for a in branch.attribute if a.name == "then_branch").node[0]
-    producer = {out: n for n in result.model.graph.node for out in n.output}
-    assert producer[body_conv.input[1]].op_type in ("DequantizeLinear", "Mul")  # codes dequantized (and squared in sqrt mode)
+    assert body_conv.input[1] in {out for n in result.model.graph.node for out in n.output}  # decoded in the main graph
+    assert decoded_weight(result.model, body_conv.input[1]).form == CAST_FORM  # codes decoded at load (and squared in sqrt mode)
     x = np.random.default_rng(0).random((1, 3, 8, 8), dtype=np.float32)
     for cond in (True, False):
         feeds = {"x": x, "cond": np.array(cond)}

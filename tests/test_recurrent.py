@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from conftest import float_equivalent, run
+from conftest import CAST_FORM, float_equivalent, run, weight_of
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import QuantizeConfig, quantize_with_report
@@ -38,15 +38,6 @@ def recurrent_then_gemm(op: str, directions: int = 1) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _dequantization(model: onnx.ModelProto, name: str) -> onnx.NodeProto:
-    """The DequantizeLinear that ``name`` is computed from (directly, or through sqrt mode's Abs/Mul)."""
-    producer = {out: n for n in model.graph.node for out in n.output}
-    node = producer[name]
-    while node.op_type != "DequantizeLinear":
-        node = producer[node.input[0]]
-    return node
-
-
 def _x(seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((T, N, INPUTS)).astype(np.float32)
 
@@ -59,9 +50,11 @@ def test_both_weights_are_quantized_per_gate_row_and_the_model_runs(op, bits):
     assert sorted((layer.tensor, layer.nodes) for layer in result.layers) == [("R", ("rnn",)), ("W", ("rnn",)), ("fc", ("fc",))]
     assert all(layer.per_channel for layer in result.layers)
     assert {"W", "R"}.isdisjoint(t.name for t in result.model.graph.initializer)  # no float copy left
-    rnn = next(n for n in result.model.graph.node if n.op_type == op)
-    for index in (1, 2):  # W and R read through per-row dequantization along the gate x hidden axis
-        assert next(a.i for a in _dequantization(result.model, rnn.input[index]).attribute if a.name == "axis") == 1
+    dirs = 2 if op == "LSTM" else 1
+    for index, cols in ((1, INPUTS), (2, H)):  # W and R decoded at load per row along the gate x hidden axis
+        decoded = weight_of(result.model, "rnn", index)
+        assert (decoded.form, decoded.axis, decoded.scale_shape) == (CAST_FORM, 1, (1, GATES[op] * H, 1))
+        assert decoded.codes.shape == (dirs, GATES[op] * H, cols)
     x = {"x": _x()}
     quantized = run(result.model, x)
     np.testing.assert_allclose(quantized, run(float_equivalent(result.model), x), rtol=1e-5, atol=1e-5)

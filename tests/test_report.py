@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
-from conftest import decode_int_tensor, decode_matmul_nbits
+from conftest import decode_matmul_nbits, weight_of
 from onnx import numpy_helper
 
 import onnxq
@@ -36,7 +36,6 @@ def _attribute(node, name, default=None):
 def _dequantized_weight(model: onnx.ModelProto, node_name: str, shape: tuple[int, ...]) -> np.ndarray:
     """The float weight a node of the written model computes with, decoded here from its initializers."""
     inits = {t.name: t for t in model.graph.initializer}
-    producer = {o: n for n in model.graph.node for o in n.output}
     node = next(n for n in model.graph.node if n.name == node_name)
     if node.op_type in ("IntConv", "PostConv"):
         bits, packed = _attribute(node, "bits"), numpy_helper.to_array(inits[node.input[1]])
@@ -58,19 +57,7 @@ def _dequantized_weight(model: onnx.ModelProto, node_name: str, shape: tuple[int
         values = decode_matmul_nbits(numpy_helper.to_array(inits[node.input[1]]), numpy_helper.to_array(inits[node.input[2]]),
                                      _attribute(node, "K"), _attribute(node, "bits"))
         return values if tuple(shape) == values.shape else values.T
-    source, sqrt = producer.get(node.input[1]), False
-    if source.op_type == "Mul":
-        source, sqrt = producer[source.input[0]], True
-    codes = decode_int_tensor(inits[source.input[0]]).astype(np.float32)
-    zero = decode_int_tensor(inits[source.input[2]]).astype(np.float32) if len(source.input) > 2 else np.float32(0)
-    scale = numpy_helper.to_array(inits[source.input[1]]).astype(np.float32)
-    if scale.ndim == 1:
-        axis = _attribute(source, "axis", 1)
-        view = [1] * codes.ndim
-        view[axis] = -1
-        scale, zero = scale.reshape(view), np.reshape(zero, view) if np.ndim(zero) else zero
-    y = (codes - zero) * scale
-    return y * np.abs(y) if sqrt else y
+    return weight_of(model, node_name).values  # DequantizeLinear, or Cast and Mul, [-> Abs, Mul], decoded in conftest
 
 
 def _sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:

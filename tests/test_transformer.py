@@ -15,11 +15,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import CAST_FORM, decoded_weights, weight_of
 
 from models import transformer_block
-from onnxq.config import ActivationConfig, CalibrationMethod, QuantizeConfig, WeightFormat
+from onnxq.config import ActivationConfig, CalibrationMethod, NBitsMode, QuantizeConfig, WeightFormat
 from onnxq.native.session import session_options
 from onnxq.pipeline import QuantizationResult, quantize_with_report
+from onnxq.report.files import build_report, to_markdown
+from onnxq.report.summary import summary
 
 TOKENS, WIDTH = 8, 64
 
@@ -90,18 +93,34 @@ def test_every_format_runs_the_block_close_to_float_at_any_batch(block, referenc
     assert {"scores", "context"} <= set(left) and all("two activations" in left[n] for n in ("scores", "context"))
 
 
+@pytest.mark.parametrize("nbits", [NBitsMode.AUTO, NBitsMode.ON], ids=lambda mode: mode.value)
 @pytest.mark.parametrize(("fmt", "op"), [(WeightFormat.INT, "IntConv"), (WeightFormat.POST, "PostConv")])
-def test_op_formats_run_the_large_ffn_matmul_as_an_op_and_small_ones_as_matmul_nbits(block, fmt, op):
+def test_op_formats_run_the_large_ffn_matmul_as_an_op_and_small_ones_outside(block, fmt, op, nbits, tmp_path):
     """ffn1 (4-bit, 2^17 weights) runs as the format's op, ffn2 (last layer, 8-bit) as an 8-bit IntConv; the 64 x 64
-    projections, under 2^17 weights (the op is no faster than float there), run as onnxruntime's MatMulNBits: q/k/v
-    are first layers (8 bits), o_proj is 4-bit; the report says why o_proj is not the op."""
-    result = _quantize(block, QuantizeConfig(bits=4, format=fmt))
+    projections are under 2^17 weights (the op is no faster than float there): q/k/v are first layers (8 bits), o_proj
+    is 4-bit. By default (far under 2^20 values) they are decoded at load; with --matmul-nbits on they run as
+    onnxruntime's MatMulNBits. The report and the summary say how o_proj runs and why it is not the op."""
+    result = _quantize(block, QuantizeConfig(bits=4, format=fmt, matmul_nbits=nbits))
     by_node = {layer.nodes[0]: layer for layer in result.layers}
+    outside = "MatMulNBits" if nbits is NBitsMode.ON else "DequantizeLinear"
     assert by_node["ffn1"].op == op and by_node["ffn2"].op == "IntConv"
-    assert all(by_node[node].op == "MatMulNBits" and by_node[node].bits == 8 for node in ("q_proj", "k_proj", "v_proj"))
-    assert by_node["o_proj"].op == "MatMulNBits" and by_node["o_proj"].bits == 4 and "under 131072 weights" in by_node["o_proj"].qdq_reason
+    assert all(by_node[node].op == outside and by_node[node].bits == 8 for node in ("q_proj", "k_proj", "v_proj"))
+    assert by_node["o_proj"].op == outside and by_node["o_proj"].bits == 4 and "under 131072 weights" in by_node["o_proj"].qdq_reason
     ops = Counter(n.op_type for n in result.model.graph.node)
-    assert ops["MatMul"] == 2 and ops["MatMulNBits"] == 4 and ops["DequantizeLinear"] == 0  # the 2 attention products stay float
+    assert ops["DequantizeLinear"] == 0
+    if nbits is NBitsMode.ON:
+        assert ops["MatMul"] == 2 and ops["MatMulNBits"] == 4 and not decoded_weights(result.model)  # the 2 attention products stay float
+    else:
+        assert ops["MatMul"] == 6 and ops["MatMulNBits"] == 0  # 4 projections + the 2 attention products
+        assert {node: weight_of(result.model, node).form for node in ("q_proj", "k_proj", "v_proj", "o_proj")} == dict.fromkeys(
+            ("q_proj", "k_proj", "v_proj", "o_proj"), CAST_FORM)
+    path = tmp_path / "q.onnx"
+    onnx.save_model(result.model, path)
+    markdown = to_markdown(build_report(result, QuantizeConfig(bits=4, format=fmt, matmul_nbits=nbits), path)).splitlines()
+    section = markdown[markdown.index("## Not run by onnxq's ops"):]
+    assert section[2] == "| nodes | runs as | reason |" and section[4].startswith(f"| o_proj | {outside} | 64x64 weight is under 131072 weights")
+    shown = "onnxruntime's MatMulNBits" if nbits is NBitsMode.ON else "QDQ"
+    assert f"not run by onnxq's ops: 1 layers (o_proj ({shown}): 64x64 weight is under 131072 weights" in summary(result, None, path)
 
 
 def test_w8a8_block_runs_its_weight_matmuls_as_integer_kernels(block, tmp_path):
