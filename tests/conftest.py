@@ -355,6 +355,10 @@ def decoded_weights(model: onnx.ModelProto | onnx.GraphProto) -> list[DecodedWei
             if (squared := _squaring(output, readers)) is not None:
                 output, sqrt, nodes = squared[0], True, nodes + squared[1]
                 values = values * np.abs(values)
+            users = readers.get(output, [])
+            if len(users) == 1 and users[0].op_type == "Cast" and _attribute(users[0], "to", None) in _FLOAT_NP:  # to the weight's type
+                output, nodes = users[0].output[0], nodes + (users[0],)
+                values = values.astype(_FLOAT_NP[_attribute(users[0], "to", None)])
             found.append(DecodedWeight(form, codes_tensor.name, codes_tensor.data_type, codes, scale_tensor.name, flat,
                                        tuple(scale_tensor.dims), axis, zero_point, sqrt, values, output, nodes))
     return found

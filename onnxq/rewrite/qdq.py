@@ -4,7 +4,7 @@ For each quantized weight W the float initializer is replaced by integer codes (
 that decode them, in one of two forms:
 
 - decoded at load (weight-only models): ``Cast(codes) * scale``, the scale shaped to broadcast along the channel
-  axis. Every input is a constant, so onnxruntime folds the nodes into a float weight when it loads the model: the
+  axis, in float32 (then a Cast for float16 weights: onnxruntime has no float16 Mul on CPU to fold). Every input is a constant, so onnxruntime folds the nodes into a float weight when it loads the model: the
   file keeps the codes' size and the model runs at the float model's speed with the quantized weights' values.
   onnxruntime does not fold DequantizeLinear (it keeps it for its QDQ fusions) and so, where it fuses nothing, runs it
   on every inference: 0.2-0.5x float on the shipped models (BENCHMARKS).
@@ -41,36 +41,56 @@ def dequantize_nodes(
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name.
 
-    The scale has the weight's float type ``dtype``, which the decoded values take. ``at_load``: Cast and Mul, which
-    onnxruntime folds when it loads the model; else DequantizeLinear.
+    The decoded values take the weight's float type ``dtype``. ``at_load``: Cast and Mul, which onnxruntime folds when
+    it loads the model (float32 scale); else DequantizeLinear (a scale of type ``dtype``).
     """
     codes_name = names.fresh(f"{weight}_quantized")
     scale_name = names.fresh(f"{weight}_scale")
-    scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
     decoded = names.fresh(f"{weight}_dequantized")
     if at_load:
-        if q.axis is not None:  # broadcast along the channel axis
-            scale = scale.reshape([-1 if i == q.axis else 1 for i in range(q.codes.ndim)])
-        inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
-        cast = names.fresh(f"{weight}_cast")
-        nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=dtype),
-                 helper.make_node("Mul", [cast, scale_name], [decoded], name=names.fresh(f"{weight}_Scale"))]
-    else:
-        inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
-        inputs = [codes_name, scale_name]
-        if storage_bits(q.bits) == 8:  # onnxruntime fuses Gemm into QGemm only with an explicit zero point
-            zero_name = names.fresh(f"{weight}_zero_point")
-            inits.append(numpy_helper.from_array(np.zeros(np.shape(q.scale), dtype=np.int8), zero_name))
-            inputs.append(zero_name)
-        axis = {} if q.axis is None else {"axis": q.axis}
-        nodes = [helper.make_node("DequantizeLinear", inputs, [decoded], name=names.fresh(f"{weight}_DequantizeLinear"), **axis)]
-    if not q.sqrt:
-        return inits, nodes, decoded
+        return _decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded)
+    scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
+    inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
+    inputs = [codes_name, scale_name]
+    if storage_bits(q.bits) == 8:  # onnxruntime fuses Gemm into QGemm only with an explicit zero point
+        zero_name = names.fresh(f"{weight}_zero_point")
+        inits.append(numpy_helper.from_array(np.zeros(np.shape(q.scale), dtype=np.int8), zero_name))
+        inputs.append(zero_name)
+    axis = {} if q.axis is None else {"axis": q.axis}
+    nodes = [helper.make_node("DequantizeLinear", inputs, [decoded], name=names.fresh(f"{weight}_DequantizeLinear"), **axis)]
+    return inits, nodes, _square(weight, decoded, names, nodes) if q.sqrt else decoded
+
+
+def _square(weight: str, decoded: str, names: NameSource, nodes: list[onnx.NodeProto]) -> str:
+    """Append sqrt mode's y * |y| after the decoded values ``decoded``; returns the square's name."""
     abs_out = names.fresh(f"{weight}_abs")
     squared = names.fresh(f"{weight}_squared")
     nodes.append(helper.make_node("Abs", [decoded], [abs_out], name=names.fresh(f"{weight}_Abs")))
     nodes.append(helper.make_node("Mul", [decoded, abs_out], [squared], name=names.fresh(f"{weight}_Square")))
-    return inits, nodes, squared
+    return squared
+
+
+def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: int, codes_name: str, scale_name: str,
+                     decoded: str) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """``Cast(codes) * scale`` [``y * |y|``], in float32, then a Cast to ``dtype`` for other float types.
+
+    float32 because onnxruntime's CPU provider has no float16 Mul kernel: a float16 decoding would not fold at load
+    (and would run on every inference, with a warning per weight when the session starts).
+    """
+    scale = np.asarray(q.scale, dtype=np.float32)
+    if q.axis is not None:  # broadcast along the channel axis
+        scale = scale.reshape([-1 if i == q.axis else 1 for i in range(q.codes.ndim)])
+    inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
+    cast = names.fresh(f"{weight}_cast")
+    values = decoded if dtype == onnx.TensorProto.FLOAT else names.fresh(f"{weight}_float32")
+    nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT),
+             helper.make_node("Mul", [cast, scale_name], [values], name=names.fresh(f"{weight}_Scale"))]
+    if q.sqrt:
+        values = _square(weight, values, names, nodes)
+    if dtype == onnx.TensorProto.FLOAT:
+        return inits, nodes, values
+    nodes.append(helper.make_node("Cast", [values], [decoded], name=names.fresh(f"{weight}_CastBack"), to=dtype))
+    return inits, nodes, decoded
 
 
 def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor], at_load: bool = False) -> None:
