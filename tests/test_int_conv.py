@@ -52,6 +52,8 @@ CASES = [
     # IntConv: bits 2/4/5/8 (5 and 8: one int8 per byte; AVX2 splits the weights)
     Case("IntConv", 4, 1, 3, (9, 11), 5, (3, 3), pads=(1, 1, 1, 1)),
     Case("IntConv", 4, 3, 16, (8, 9), 12, (1, 1), strides=(2, 2), calibrated=True),
+    Case("IntConv", 4, 2, 16, (15, 14), 32, (1, 1), strides=(2, 3), calibrated=True),  # 1x1 strided: pixels picked
+    Case("IntConv", 4, 1, 16, (9, 30), 16, (3, 3), pads=(1, 1, 1, 1), calibrated=True),  # GemmT, rows of 30: tiles 16 + 14
     Case("IntConv", 2, 1, 8, (7, 7), 6, (5, 5), pads=(2, 2, 2, 2), group=2, bias=False),
     Case("IntConv", 5, 1, 9, (10, 7), 7, (3, 3), strides=(2, 2), pads=(1, 0, 1, 0), calibrated=True),
     Case("IntConv", 8, 3, 12, (9, 9), 15, (3, 3), pads=(1, 1, 1, 1), group=3),

@@ -66,6 +66,11 @@ SHAPES = [
     Case("PostConv", 3, 2, 17, (20, 20), 17, (3, 3), pads=(1, 1, 1, 1), group=17, bias=False),
     Case("IntConv", 4, 2, 16, (9, 9), 16, (3, 3), pads=(2, 2, 2, 2), dilations=(2, 2), group=16),
     Case("IntConv", 4, 1, 6, (21, 21), 6, (3, 3), pads=(2, 2, 2, 2), dilations=(2, 2), group=6),
+    # 1x1 with strides and no padding: the strided pixels picked, then a stride-1 product (ResNet's shortcuts)
+    Case("IntConv", 4, 2, 16, (14, 15), 32, (1, 1), strides=(2, 2)),
+    # GemmT with one and two blocks of 16 rows (its widest tiles), rows of 29 and 23 pixels: tiles cut at row ends
+    Case("IntConv", 4, 2, 16, (6, 29), 16, (3, 3), pads=(1, 1, 1, 1)),
+    Case("PostConv", 4, 2, 8, (5, 23), 16, (3, 3), pads=(1, 1, 1, 1)),
 ]
 
 

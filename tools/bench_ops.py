@@ -63,6 +63,11 @@ LAYERS = [
     # MobileNetV2's other kinds of layer (fmnist_mobilenetv2): stride-2 depthwise, 1x1 on a small image
     ("dw 96 3x3 /2 @28", 96, 96, 28, 3, 2, 96),
     ("1x1 64->384 @7", 64, 384, 7, 1, 1, 1),
+    # fmnist_resnet20's small layers: 16 and 32 output channels (GemmT's one and two blocks of rows), the stride-2 1x1 shortcut
+    ("r20 16->16 3x3 @28", 16, 16, 28, 3, 1, 1),
+    ("r20 32->32 3x3 @14", 32, 32, 14, 3, 1, 1),
+    ("r20 1x1 16->32 /2 @28", 16, 32, 28, 1, 2, 1),
+    ("mb 1x1 24->144 @14", 24, 144, 14, 1, 1, 1),
 ]
 
 # (name, rows shape, K, M): the input is (*rows, K)

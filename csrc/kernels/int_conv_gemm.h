@@ -130,9 +130,12 @@ void GemmKernel(const Gemm& g) {
 
 // GemmT's tile: kBlocks blocks of kLanes rows (A in GemmT's layout, from a) times kPixels pixels from
 // p0, over blocks [i0, i1) of k. The rows are in the vector lanes, T::kFloats per vector (kBlocks *
-// kLanes / T::kFloats vectors), each pixel's 4 activations of a block broadcast. T::kInt16Sums: one
-// block of rows (its runs), the sums widened after each run into C.
-template <class T, int kBlocks, int kPixels>
+// kLanes / T::kFloats vectors), each pixel's 4 activations of a block broadcast. kAdjacent: the tile's
+// pixels are adjacent (pixel_offsets[p0 + p] = pixel_offsets[p0] + 4p), so that every broadcast is at
+// a constant offset from one pointer per block of k (offsets per pixel take more registers than there
+// are for wide tiles); else (a tile across the end of an output row) each pixel at its own offset.
+// T::kInt16Sums: one block of rows (its runs), the sums widened after each run into C.
+template <class T, int kBlocks, int kPixels, bool kAdjacent = true>
 void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0, int64_t i1, int32_t* c) {
   static_assert(!T::kInt16Sums || kBlocks == 1, "int16 runs are per block of rows");
   using I = typename T::I;
@@ -140,35 +143,32 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
   // Vector v holds the tile's rows [v * kFloats, (v + 1) * kFloats): block block_of(v)'s from row lane_of(v).
   auto block_of = [](int v) { return v * T::kFloats / kLanes; };
   auto lane_of = [](int v) { return v * T::kFloats % kLanes; };
+  const uint8_t* b = g.b + (kAdjacent ? g.pixel_offsets[p0] : 0);
   const int64_t* pixels = g.pixel_offsets + p0;
   for (int64_t end; i0 < i1; i0 = end) {
     end = i1;
     if constexpr (T::kInt16Sums) end = MinOf(i0 + runs[i0], i1);
-    I sum[kPixels][kVectors];
-    for (auto& pixel : sum) {
-      for (auto& v : pixel) v = T::Zero();
-    }
+    I sum[kPixels * kVectors];  // (pixel p, vector v) at p * kVectors + v
+    for (auto& v : sum) v = T::Zero();
     for (int64_t i = i0; i < end; ++i) {
       I w[kVectors];
       for (int v = 0; v < kVectors; ++v) {
         w[v] = T::Load(a + ((block_of(v) * g.k4 + i) * kLanes + lane_of(v)) * 4);
         if constexpr (T::kPinWeights) T::Pin(w[v]);
       }
-      const uint8_t* bi = g.b + g.b_offsets[i];
+      const uint8_t* bi = b + g.b_offsets[i];
       for (int p = 0; p < kPixels; ++p) {
-        const I x = T::Broadcast4(bi + pixels[p]);
-        for (int v = 0; v < kVectors; ++v) sum[p][v] = T::AddProducts(sum[p][v], x, w[v]);
+        const I x = T::Broadcast4(bi + (kAdjacent ? 4 * p : pixels[p]));
+        for (int v = 0; v < kVectors; ++v) sum[p * kVectors + v] = T::AddProducts(sum[p * kVectors + v], x, w[v]);
       }
-      if constexpr (T::kPinSums) {
-        for (auto& pixel : sum) {
-          for (auto& v : pixel) T::Pin(v);
-        }
+      if constexpr (T::kPinSums && kVectors > 1) {
+        for (auto& v : sum) T::Pin(v);
       }
     }
     for (int p = 0; p < kPixels; ++p) {
       for (int v = 0; v < kVectors; ++v) {
         int32_t* out = c + (block_of(v) * g.pixels + p0 + p) * kLanes + lane_of(v);
-        const I wide = T::Widen(sum[p][v]);
+        const I wide = T::Widen(sum[p * kVectors + v]);
         T::Store(out, i0 > 0 ? T::Add32(T::Load(out), wide) : wide);
       }
     }
@@ -176,26 +176,38 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
 }
 
 // The last pixels of a row of tiles: `count` (< kPixels) of them, as one tile.
-template <class T, int kBlocks, int kPixels>
+template <class T, int kBlocks, int kPixels, bool kAdjacent = true>
 void GemmTTileRest(int64_t count, const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0,
                    int64_t i1, int32_t* c) {
   if constexpr (kPixels > 1) {
-    if (count == kPixels - 1) return GemmTTile<T, kBlocks, kPixels - 1>(a, g, runs, p0, i0, i1, c);
-    GemmTTileRest<T, kBlocks, kPixels - 1>(count, a, g, runs, p0, i0, i1, c);
+    if (count == kPixels - 1) return GemmTTile<T, kBlocks, kPixels - 1, kAdjacent>(a, g, runs, p0, i0, i1, c);
+    GemmTTileRest<T, kBlocks, kPixels - 1, kAdjacent>(count, a, g, runs, p0, i0, i1, c);
   }
 }
 
 // kBlocks blocks of rows from block rb over blocks [i0, i1) of k, every pixel: tiles of
-// T::kGemmTPixels pixels, then one of the pixels left.
+// T::GemmTPixels(kBlocks) pixels (fewer blocks, more pixels: as many independent sums), then one of
+// the pixels left.
 template <class T, int kBlocks>
 void GemmTRows(const GemmT& g, int64_t rb, int64_t i0, int64_t i1) {
-  constexpr int kPixels = T::kGemmTPixels;
+  constexpr int kPixels = T::GemmTPixels(kBlocks);
   const int8_t* a = g.a + rb * g.k4 * kLanes * 4;
   const int32_t* runs = T::kInt16Sums ? g.runs + rb * g.k4 : nullptr;
   int32_t* c = g.c + rb * g.pixels * kLanes;
+  const int64_t* offsets = g.pixel_offsets;
   int64_t p = 0;
-  for (; p + kPixels <= g.pixels; p += kPixels) GemmTTile<T, kBlocks, kPixels>(a, g, runs, p, i0, i1, c);
-  GemmTTileRest<T, kBlocks, kPixels>(g.pixels - p, a, g, runs, p, i0, i1, c);
+  for (; p + kPixels <= g.pixels; p += kPixels) {  // whole tiles: of adjacent pixels, or (a row's end) any
+    if (offsets[p + kPixels - 1] == offsets[p] + 4 * (kPixels - 1)) {
+      GemmTTile<T, kBlocks, kPixels>(a, g, runs, p, i0, i1, c);
+    } else {
+      GemmTTile<T, kBlocks, kPixels, false>(a, g, runs, p, i0, i1, c);
+    }
+  }
+  if (p < g.pixels && offsets[g.pixels - 1] == offsets[p] + 4 * (g.pixels - 1 - p)) {
+    GemmTTileRest<T, kBlocks, kPixels>(g.pixels - p, a, g, runs, p, i0, i1, c);
+  } else if (p < g.pixels) {
+    GemmTTileRest<T, kBlocks, kPixels, false>(g.pixels - p, a, g, runs, p, i0, i1, c);
+  }
 }
 
 // The last row blocks: `blocks` (< kBlocks) of them, as one row of tiles.
@@ -208,7 +220,7 @@ void GemmTRowsRest(int64_t blocks, const GemmT& g, int64_t rb, int64_t i0, int64
 }
 
 // GemmT: chunks of k (T::kInt16Sums; else all of k at once), tiles of T::kGemmTBlocks blocks of
-// kLanes rows by T::kGemmTPixels pixels.
+// kLanes rows by T::GemmTPixels(kGemmTBlocks) pixels (the last row blocks: fewer, by more pixels).
 template <class T>
 void GemmTKernel(const GemmT& g) {
   constexpr int kBlocks = T::kGemmTBlocks;

@@ -59,7 +59,8 @@ void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, 
 // broadcast. Nothing is computed for columns that are dropped (the column padding of Gemm), so
 // small images (7x7, 14x14) waste nothing. A is packed in blocks of kLanes rows:
 //   a[((rb*k4 + i)*kLanes + r)*4 + j] = A[rb*kLanes + r][4*i + j]
-// and pixel p's 4 activations of block i are at b[b_offsets[i] + pixel_offsets[p]].
+// and pixel p's 4 activations of block i are at b[b_offsets[i] + pixel_offsets[p]] (adjacent pixels of an
+// output row 4 bytes apart: the kernel's tiles take runs of them).
 constexpr int64_t kLanes = 16;
 
 struct GemmT {
@@ -69,7 +70,7 @@ struct GemmT {
   const uint8_t* b;
   const int64_t* b_offsets;      // [k4]
   const int64_t* pixel_offsets;  // [pixels]
-  int64_t pixels;                // at most kPanel
+  int64_t pixels;
   int64_t chunk;                 // blocks of 4 k per cache chunk (AVX2)
   const int32_t* runs;           // AVX2: [rows / kLanes][k4], see Int16Runs
   int32_t* c;  // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]

@@ -124,7 +124,7 @@ struct Avx2 {
   static constexpr bool kInt16Sums = true;
   static constexpr int kGemmVectors = 2;  // Gemm's tile: kRows rows x 2 vectors of pixels
   static constexpr int kGemmTBlocks = 1;  // GemmT's tile: 1 block of 16 rows (2 vectors) x 6 pixels
-  static constexpr int kGemmTPixels = 6;
+  static constexpr int GemmTPixels(int) { return 6; }
   // The 4 bytes at p in every int32 lane.
   static I Broadcast4(const void* p) {
     int32_t v;

@@ -105,8 +105,11 @@ struct Avx512 {
   // weights into an int32 lane, exact for any weights; the sums stay in registers over all of k.
   static constexpr bool kInt16Sums = false;
   static constexpr int kGemmVectors = 4;  // Gemm's tile: kRows rows x 4 vectors (64 pixels)
-  static constexpr int kGemmTBlocks = 4;  // GemmT's tile: 4 blocks of 16 rows x 4 pixels (wider: GCC 12 spills)
-  static constexpr int kGemmTPixels = 4;
+  // GemmT's tile: 4 blocks of 16 rows x 4 pixels (wider: GCC 12 spills); with fewer blocks (16 or 32
+  // rows: ResNet-20's 3x3 layers) more pixels, so that 16 sums hide vpdpbusd's latency (with 4 the
+  // chains of dependent vpdpbusd ran at about half its throughput).
+  static constexpr int kGemmTBlocks = 4;
+  static constexpr int GemmTPixels(int blocks) { return blocks == 1 ? 16 : blocks == 2 ? 8 : blocks == 3 ? 5 : 4; }
   // The 4 bytes at p in every int32 lane.
   static I Broadcast4(const void* p) {
     int32_t v;

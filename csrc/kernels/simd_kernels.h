@@ -19,7 +19,7 @@
 //                      MulAdd, Min, Max, Clip, ToFloat, RoundToInt, AsInt
 //   widening, shuffles WidenI16, WidenU8, MaddI16, MoveHdup, EvenLanes, Transpose
 //   QuantizeDynamicU8  PackBytes, StoreBytesFirst
-//   Gemm, GemmT        kInt16Sums, tile sizes kGemmVectors, kGemmTBlocks, kGemmTPixels, Broadcast4,
+//   Gemm, GemmT        kInt16Sums, tile sizes kGemmVectors, kGemmTBlocks, GemmTPixels(blocks), Broadcast4,
 //                      AddProducts (the multiply-add of bytes), Widen, WidenTimes16 (int16 sums
 //                      only), kPinSums, kPinWeights, Pin
 //   fused quantization AnyFixedTie, PackFixedBytes
