@@ -29,10 +29,14 @@ def test_pack_rows_layout():
 
 
 @pytest.mark.parametrize("fmt, op", [(WeightFormat.INT, "IntConv"), (WeightFormat.POST, "PostConv")])
-def test_middle_conv_becomes_the_op(fmt, op):
+def test_middle_conv_becomes_the_op_and_the_first_an_8_bit_intconv(fmt, op):
+    """conv2 runs as the format's op at 4 bits; conv1, the first layer, at --first-last-bits 8 as IntConv (POST takes
+    2-4 bits); the 16 -> 10 classifier is too small for the ops and stays a Gemm (its weight decoded at load)."""
     model = quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=fmt))
     ops = _ops(model)
-    assert (ops["conv1"], ops["conv2"], ops["fc"]) == ("Conv", op, "Gemm")
+    assert (ops["conv1"], ops["conv2"], ops["fc"]) == ("IntConv", op, "Gemm")
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.domain == DOMAIN}
+    assert bits == {"conv1": 8, "conv2": 4}
     assert any(imp.domain == DOMAIN for imp in model.opset_import)
     assert "w2" not in {t.name for t in model.graph.initializer}
 

@@ -4,8 +4,9 @@ For each quantized weight W the float initializer is replaced by integer codes (
 that decode them, in one of two forms:
 
 - decoded at load (weight-only models): ``Cast(codes) * scale``, the scale shaped to broadcast along the channel
-  axis, in float32 (then a Cast for float16 weights: onnxruntime has no float16 Mul on CPU to fold). Every input is a constant, so onnxruntime folds the nodes into a float weight when it loads the model: the
-  file keeps the codes' size and the model runs at the float model's speed with the quantized weights' values.
+  axis, in float32 (then a Cast for float16 weights: onnxruntime has no float16 Mul on CPU to fold). Every input is
+  a constant, so onnxruntime folds the nodes into a float weight when it loads the model: the file keeps the codes'
+  size and the model runs at the float model's speed with the quantized weights' values.
   onnxruntime does not fold DequantizeLinear (it keeps it for its QDQ fusions) and so, where it fuses nothing, runs it
   on every inference: 0.2-0.5x float on the shipped models (BENCHMARKS).
 - DequantizeLinear (per-axis where per channel): with quantized activations, where onnxruntime fuses the pairs into
