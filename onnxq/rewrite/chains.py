@@ -24,7 +24,19 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.model.graph import Dim, NameSource, Shape, attribute, constant_initializers, declared_shapes, is_op, rename_input, subgraph_reads, to_array
+from onnxq.model.graph import (
+    Dim,
+    NameSource,
+    Shape,
+    attribute,
+    constant_initializers,
+    consumers,
+    declared_shapes,
+    is_op,
+    rename_input,
+    subgraph_reads,
+    to_array,
+)
 from onnxq.native.domain import DOMAIN, INT_CONV, INT_CONV_Q, POST_CONV, POST_CONV_Q
 from onnxq.rewrite.fusions import drop_unread_pairs
 
@@ -64,10 +76,11 @@ def link_chains(graph: onnx.GraphProto) -> ChainReport:
     names = NameSource(graph)
     consts = constant_initializers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
+    readers_of = consumers(graph)  # stays right for every op output: linking renames only the linked op's tensors
     for node in list(graph.node):
         if not _is_float_op(node):
             continue
-        readers = [n for n in graph.node if node.output[0] in n.input]
+        readers = readers_of.get(node.output[0], [])
         step, why = _common_step(node.output[0], readers, consts)
         if node.output[0] in fixed:
             why = "a graph output" if node.output[0] in {o.name for o in graph.output} else "read inside a control-flow body"
@@ -186,10 +199,12 @@ def _fuse_residuals(graph: onnx.GraphProto) -> int:
     consts = constant_initializers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
     fused = 0
+    maps = None
     for add in [n for n in graph.node if is_op(n, "Add") and len(n.input) == 2]:
-        readers = Counter(name for n in graph.node for name in n.input)
-        producer = {out: n for n in graph.node for out in n.output}
-        shapes = declared_shapes(graph)
+        if maps is None:  # built once, and again after each fusion (which moves nodes and names)
+            maps = (Counter(name for n in graph.node for name in n.input), {out: n for n in graph.node for out in n.output},
+                    declared_shapes(graph))
+        readers, producer, shapes = maps
         for branch, skip in (add.input, reversed(add.input)):
             found = _branch_op(branch, producer, readers, consts, fixed)
             if found is None or found[0].output[0] == skip:
@@ -201,6 +216,7 @@ def _fuse_residuals(graph: onnx.GraphProto) -> int:
                 continue  # the op takes R of exactly its output's shape; an Add that broadcasts stays
             _fuse(graph, op, add, between, residual, readers, fixed)
             fused += 1
+            maps = None
             break
     return fused
 
