@@ -261,7 +261,8 @@ def quantize_planned(
 ) -> QuantizedTensor:
     """Codes for one weight in the format its op needs: POST (PostConv), plain uniform (IntConv), or uniform/sqrt (QDQ, lookups).
 
-    With quantized activations, 8-bit weights stay linear (no sqrt) so onnxruntime can fuse them into integer kernels.
+    With quantized activations, weights stay linear (no sqrt, unless --sqrt on) so onnxruntime can fuse them into integer
+    kernels (4-bit ones through a Cast to int8, onnxq/rewrite/qdq.py).
     With ``hessian`` (the second moments of the layer's inputs), per-channel weights are chosen for the layer's output
     (onnxq/numerics/output_error.py), the grid (plain or sqrt) by the output error too; never worse by that measure
     than rounding to nearest with the range that minimises it (which is at least as good as the weight-error range).
@@ -270,7 +271,7 @@ def quantize_planned(
         axis = plan.channel_axis or 0
         codes = quantize_post_weight(weight, plan.bits, axis)
         return codes if hessian is None else quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes)
-    linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and storage_bits(plan.bits) == 8)
+    linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and (storage_bits(plan.bits) == 8 or config.sqrt is not SqrtMode.ON))
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
     if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
@@ -333,7 +334,8 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
     model = loaded.model
     activations = calibrated.quants if calibrated is not None else {}
     quantize_biases(model.graph, activations, weights.qdq)
-    replace_weights(model.graph, weights.qdq, at_load=not activations)
+    uint8 = bool(activations) and all(quant.params.bits == 8 for quant in activations.values())
+    replace_weights(model.graph, weights.qdq, at_load=not activations, widen=uint8)
     replace_tables(model, weights.tables)
     if activations:
         insert_activation_qdq(model, activations, default_opset(model))

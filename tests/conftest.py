@@ -299,12 +299,16 @@ def _attribute(node: onnx.NodeProto, name: str, default):
 
 def _decoder(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> tuple | None:
     """(form, codes tensor, scale tensor, axis, zero point tensor, decoding nodes) if ``node`` decodes stored codes; else None."""
-    if node.op_type == "DequantizeLinear" and node.input[0] in constants and constants[node.input[0]].data_type in _CODE_TYPES:
+    codes_name, decoding = (node.input[0] if node.input else ""), (node,)
+    widen = producers.get(codes_name) if node.op_type == "DequantizeLinear" else None
+    if widen is not None and widen.op_type == "Cast" and widen.input[0] in constants and _attribute(widen, "to", None) == onnx.TensorProto.INT8:
+        codes_name, decoding = widen.input[0], (widen, node)  # int4 codes widened to int8 in front of the DequantizeLinear
+    if node.op_type == "DequantizeLinear" and codes_name in constants and constants[codes_name].data_type in _CODE_TYPES:
         assert _attribute(node, "block_size", 0) == 0, "blocked DequantizeLinear is not read here"
         scale = constants[node.input[1]]
         zero_point = constants[node.input[2]] if len(node.input) > 2 and node.input[2] else None
         axis = _attribute(node, "axis", 1) if len(scale.dims) else None
-        return DQ_FORM, constants[node.input[0]], scale, axis, zero_point, (node,)
+        return DQ_FORM, constants[codes_name], scale, axis, zero_point, decoding
     if node.op_type != "Mul" or len(node.input) != 2:
         return None
     for cast_out, scale_name in (tuple(node.input), tuple(reversed(node.input))):

@@ -70,6 +70,22 @@ def test_w8a8_fuses_into_onnxruntime_integer_kernels(tmp_path):
     assert ops["Conv"] == 0 and ops["Gemm"] == 0
 
 
+def test_w4a8_int4_weights_fuse_into_onnxruntime_integer_kernels_too(tmp_path):
+    """int4 codes are widened to int8 by a Cast that onnxruntime folds before it fuses: the optimized graph has the same
+    integer kernels as W8A8 and no weight decoding left, while the file stores int4 codes."""
+    q = quantize(residual_block(c=16), QuantizeConfig(bits=4, first_last_bits=None, activations=ActivationConfig()), _batches((16, 6, 6)))
+    inits = {t.name: t for t in q.graph.initializer}
+    widened = [n.input[0] for n in q.graph.node if n.op_type == "Cast"]
+    assert len(widened) == 3 and {inits[name].data_type for name in widened} == {onnx.TensorProto.INT4}  # the three weights' codes
+    ops = _optimized_ops(q, tmp_path)
+    assert ops["QLinearConv"] == 2 and ops["QLinearAdd"] == 1 and ops["QGemm"] == 1, ops
+    assert ops["Conv"] == ops["Gemm"] == ops["DequantizeLinear"] == ops["Cast"] == 0, ops
+    x = _batches((16, 6, 6), count=1, seed=2)[0]
+    ref = ort.InferenceSession(residual_block(c=16).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.sqrt(np.mean((got - ref) ** 2)) < 0.2 * np.sqrt(np.mean(ref**2))
+
+
 def test_w8a8_output_is_close_to_float(tmp_path):
     model = conv_bn_relu_gemm()
     data = _batches((3, 8, 8), seed=1)

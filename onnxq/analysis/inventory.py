@@ -203,6 +203,10 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
             return None
         if node.op_type == "DequantizeLinear":
             codes = scope.tensor(node, 0)
+            widen = scope.producers.get(node.input[0])
+            if codes is None and widen is not None and widen.op_type == "Cast":  # int4 codes widened to int8 at load
+                codes = scope.tensor(widen, 0)
+                chain.append(widen)
             if codes is None:
                 return None
             return _Source(codes, node, sqrt, tuple(chain), scope.tensor(node, 1), scope.tensor(node, 2), int(attribute(node, "axis", 1)),

@@ -8,7 +8,6 @@ from onnx import numpy_helper
 
 from onnxq.calibrate.result import ActivationQuant
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, to_array
-from onnxq.numerics.uniform import storage_bits
 from onnxq.numerics.weights import QuantizedTensor
 
 #: Layers whose bias becomes int32 when input and weight are integer (what onnxruntime's QDQ fusion wants).
@@ -18,7 +17,7 @@ BIAS_INPUT = {"Conv": 2, "Gemm": 2}
 def quantize_biases(graph: onnx.GraphProto, quants: dict[str, ActivationQuant], weights: dict[str, QuantizedTensor]) -> int:
     """Store the float bias of Conv/Gemm as int32 codes with scale s_x * s_w (+ DequantizeLinear).
 
-    Only where the input has a fixed scale and the weight is plain 8-bit storage: that is
+    Only where the input has a fixed scale and the weight plain codes (int8, or int4 widened to int8 at load): that is
     the pattern onnxruntime fuses into an integer kernel; elsewhere the bias stays float.
     """
     consts = constant_initializers(graph)
@@ -31,7 +30,7 @@ def quantize_biases(graph: onnx.GraphProto, quants: dict[str, ActivationQuant], 
         if slot is None or len(node.input) <= slot or node.input[slot] not in consts or len(readers[node.input[slot]]) != 1:
             continue
         quant, weight = quants.get(node.input[0]), weights.get(node.input[1])
-        if quant is None or quant.adapter is not None or weight is None or weight.sqrt or storage_bits(weight.bits) != 8:
+        if quant is None or quant.adapter is not None or weight is None or weight.sqrt:
             continue
         if node.op_type == "Gemm" and (weight.axis not in (None, 0 if attribute(node, "transB", 0) else 1) or attribute(node, "transA", 0)):
             continue

@@ -10,7 +10,10 @@ that decode them, in one of two forms:
   onnxruntime does not fold DequantizeLinear (it keeps it for its QDQ fusions) and so, where it fuses nothing, runs it
   on every inference: 0.2-0.5x float on the shipped models (BENCHMARKS).
 - DequantizeLinear (per-axis where per channel): with quantized activations, where onnxruntime fuses the pairs into
-  its integer kernels (QLinearConv, QLinearMatMul, QGemm).
+  its integer kernels (QLinearConv, QLinearMatMul, QGemm). Those take int8 weights only: int4 codes go through a
+  Cast to int8 in front of the DequantizeLinear, which onnxruntime folds at load before it fuses (the file keeps the
+  int4 size); a DequantizeLinear of int4 codes was never fused and ran on every inference (ResNet-20 W4A8 0.30x
+  float, 1.9x with the Cast; tools/bench_integer.py).
 
 In sqrt mode the decoded value y stands for sign(w)*sqrt(|w|), so the graph computes y*|y| after it (folded at load
 too). Everything is standard ONNX; stock onnxruntime runs it.
@@ -38,12 +41,13 @@ def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
 
 
 def dequantize_nodes(
-    weight: str, q: QuantizedTensor, names: NameSource, dtype: int = onnx.TensorProto.FLOAT, at_load: bool = False
+    weight: str, q: QuantizedTensor, names: NameSource, dtype: int = onnx.TensorProto.FLOAT, at_load: bool = False, widen: bool = False
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name.
 
     The decoded values take the weight's float type ``dtype``. ``at_load``: Cast and Mul, which onnxruntime folds when
-    it loads the model (float32 scale); else DequantizeLinear (a scale of type ``dtype``).
+    it loads the model (float32 scale); else DequantizeLinear (a scale of type ``dtype``), after a Cast of int4 codes to
+    int8 when ``widen`` (uint8 activations: onnxruntime's integer kernels take int8 weights and uint8 inputs only).
     """
     codes_name = names.fresh(f"{weight}_quantized")
     scale_name = names.fresh(f"{weight}_scale")
@@ -53,12 +57,16 @@ def dequantize_nodes(
     scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
     inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
     inputs = [codes_name, scale_name]
-    if storage_bits(q.bits) == 8:  # onnxruntime fuses Gemm into QGemm only with an explicit zero point
+    nodes = []
+    if widen and storage_bits(q.bits) == 4:  # int8 when the model loads (folded): onnxruntime's integer kernels take int8 weights only
+        inputs[0] = names.fresh(f"{weight}_int8")
+        nodes.append(helper.make_node("Cast", [codes_name], [inputs[0]], name=names.fresh(f"{weight}_Widen"), to=onnx.TensorProto.INT8))
+    if storage_bits(q.bits) == 8 or len(nodes):  # onnxruntime fuses Gemm into QGemm only with an explicit zero point
         zero_name = names.fresh(f"{weight}_zero_point")
         inits.append(numpy_helper.from_array(np.zeros(np.shape(q.scale), dtype=np.int8), zero_name))
         inputs.append(zero_name)
     axis = {} if q.axis is None else {"axis": q.axis}
-    nodes = [helper.make_node("DequantizeLinear", inputs, [decoded], name=names.fresh(f"{weight}_DequantizeLinear"), **axis)]
+    nodes.append(helper.make_node("DequantizeLinear", inputs, [decoded], name=names.fresh(f"{weight}_DequantizeLinear"), **axis))
     return inits, nodes, _square(weight, decoded, names, nodes) if q.sqrt else decoded
 
 
@@ -94,13 +102,16 @@ def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: 
     return inits, nodes, decoded
 
 
-def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor], at_load: bool = False) -> None:
-    """Replace each named float initializer by its integer codes and the nodes that decode them (at load: Cast and Mul)."""
+def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor], at_load: bool = False, widen: bool = False) -> None:
+    """Replace each named float initializer by its integer codes and the nodes that decode them (at load: Cast and Mul).
+
+    ``widen``: int4 codes read by DequantizeLinear are cast to int8 first (see dequantize_nodes).
+    """
     names = NameSource(graph)
     dtypes = {t.name: t.data_type for t in graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
     for weight, q in quantized.items():
-        inits, nodes, output = dequantize_nodes(weight, q, names, dtypes[weight], at_load)
+        inits, nodes, output = dequantize_nodes(weight, q, names, dtypes[weight], at_load, widen)
         graph.initializer.extend(inits)
         new_nodes.extend(nodes)
         rename_input(graph, weight, output)
