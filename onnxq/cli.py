@@ -74,7 +74,8 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    help="one range per output channel (default) or per weight tensor")
     p.add_argument("--sqrt", choices=[m.value for m in SqrtMode], default=SqrtMode.AUTO.value,
                    help="quantize sign(w)*sqrt(|w|) and square after dequantization: 'auto' (default) picks "
-                   "per layer whichever of plain/sqrt has the lower weight MSE")
+                   "per layer whichever of plain/sqrt has the lower error, and plain codes where the weight runs as an "
+                   "integer product (onnxq's ops, MatMulNBits, onnxruntime's kernels with 8-bit activations); 'on' forces sqrt")
     p.add_argument("--format", choices=[f.value for f in WeightFormat], default=WeightFormat.QDQ.value,
                    help="'qdq' (default): int8/int4 codes, runs in stock onnxruntime; "
                    "'int': Conv layers and large enough Gemm/MatMul run as integer convolutions by onnxq's op library (IntConv); "
