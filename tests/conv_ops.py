@@ -160,20 +160,18 @@ def reference_codes(case: Case, xq: np.ndarray, s_x: np.float32, z: int, codes, 
     return y
 
 
+def case_attributes(case: Case) -> dict[str, object]:
+    """The op attributes a case's shape and bits give (bits, kernel_shape, strides, pads, dilations, group)."""
+    return dict(bits=case.bits, kernel_shape=list(case.kernel), strides=list(case.strides), pads=list(case.pads),
+                dilations=list(case.dilations), group=case.group)
+
+
 def conv_model(case: Case, w: np.ndarray, scale: np.ndarray, bias, x_scale, x_zero_point, kernel: int = 0, w_input: bool = False, **extra) -> bytes:
     """One node; W, scale, B and the activation quantization as initializers (W optionally a graph input):
 
     X, W, scale[, B][, x_scale, x_zero_point] ─► PostConv/IntConv ─► Y
     """
-    attributes = dict(
-        bits=case.bits,
-        kernel_shape=list(case.kernel),
-        strides=list(case.strides),
-        pads=list(case.pads),
-        dilations=list(case.dilations),
-        group=case.group,
-        kernel=kernel,
-    )
+    attributes = dict(case_attributes(case), kernel=kernel)
     attributes.update(extra)
     attributes = {key: value for key, value in attributes.items() if value is not None}
     initializers = [numpy_helper.from_array(scale, "scale")]

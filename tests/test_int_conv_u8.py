@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 import pytest
 from conftest import ISA_KERNELS, KERNELS, kernel_params, skip_reason
-from conv_ops import Case, clipped, pack, quantize_input, reference_codes
+from conv_ops import Case, case_attributes, clipped, pack, quantize_input, reference_codes
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.native.domain import DOMAIN
@@ -187,15 +187,7 @@ def _expected(case: Case, form: Form) -> tuple:
         ("r_scale", np.asarray(r_scale, np.float32) if uint8_r else None),
         ("r_zero_point", np.asarray(r_zp, np.uint8) if uint8_r else None),
     ]
-    attributes = dict(
-        bits=case.bits,
-        kernel_shape=list(case.kernel),
-        strides=list(case.strides),
-        pads=list(case.pads),
-        dilations=list(case.dilations),
-        group=case.group,
-        **clip,
-    )
+    attributes = dict(case_attributes(case), **clip)
     op = case.op + ("Q" if form.y_u8 else "")
     model = functools.partial(make_model, op, inputs, U8 if form.y_u8 else F, **attributes)
     return model, feeds, want
