@@ -12,12 +12,16 @@ own), then the held-out inputs run through float and quantized model in onnxrunt
   whether it meets the case's target (the issue's "within 1 pp of float"),
 - output SQNR over every output (dB), model size as a fraction of the float file,
 - quantization seconds and the peak memory the quantizer added (MB, resident set above the child's start),
-- for onnxq without data, whether it printed the damage warning (its synthetic-input check, as the CLI does).
+- the written model's speed against float on the first calibration run (one onnxruntime thread, fastest of a few
+  alternating runs: onnxq/analysis/speed.py, what the CLI prints),
+- for onnxq without data, whether it printed the damage warning (its synthetic-input check, as the CLI does); for
+  onnxq W4A8, where its uint8 chains break.
 
 Settings: onnxq `-b 4` weight-only with the 256 calibration samples (the issue's goal), the same with mixed precision within
 0.2x the float weights (`--target-size 0.2x`, sensitivity by the proxy: analysis and quantization timed together),
 `-b 4` and `-b 8` without data,
-per-channel absmax `-b 8` (plain codes, range max|w|: what `-b 8` must never lose to); onnxruntime's quantize_static
+per-channel absmax `-b 8` (plain codes, range max|w|: what `-b 8` must never lose to), onnxq W4A8 (8-bit activations,
+mse steps on the same data) in the qdq and the int format (issue 17's integer execution); onnxruntime's quantize_static
 (QDQ, per channel, MinMax) W8A8, and its 4-bit weights with uint8 or uint16 activations; for models with MatMul weights
 onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128).
 onnxruntime's quantizers get the model after its own `quant_pre_process` (which, among other things, turns Constant-node
@@ -91,6 +95,22 @@ def onnxq_weights(bits: int, data: bool, absmax: bool = False) -> Callable[[Case
 
 ORT_INPUTS: dict[str, tuple[Path, str]] = {}
 """Per case, the model onnxruntime's quantizers read (after quant_pre_process where it works) and a remark."""
+
+
+def onnxq_w4a8(fmt: str) -> Callable[[Case, Path], str]:
+    """Onnxq -b 4 with 8-bit activations calibrated on the data (mse steps), in the format ``fmt``; remark: the chains."""
+
+    def quantize(case: Case, out: Path) -> str:
+        import onnxq
+        from onnxq.config import ActivationConfig
+        from onnxq.pipeline import quantize_with_report
+
+        config = onnxq.QuantizeConfig(bits=4, format=onnxq.WeightFormat(fmt), activations=ActivationConfig(samples=CALIBRATION_SAMPLES))
+        result = quantize_with_report(case.model, config, case.calibration)
+        onnxq.save_model(result.model, out)
+        return (result.chains.line() or "") if result.chains is not None else ""
+
+    return quantize
 
 
 def ort_input(case: Case, work: Path) -> tuple[Path, str]:
@@ -183,6 +203,8 @@ SETTINGS = (
     Setting("onnxq -b 4, no data", onnxq_weights(4, data=False)),
     Setting("onnxq -b 8, no data", onnxq_weights(8, data=False)),
     Setting("per-channel absmax -b 8 (onnxq, plain codes)", onnxq_weights(8, data=False, absmax=True)),
+    Setting("onnxq W4A8, 256 samples (qdq: onnxruntime's integer kernels)", onnxq_w4a8("qdq")),
+    Setting("onnxq W4A8, 256 samples, --format int (onnxq's ops, uint8 chains)", onnxq_w4a8("int")),
     Setting("onnxruntime quantize_static W8A8", static("QInt8", "QUInt8")),
     Setting("onnxruntime quantize_static W4A8", static("QInt4", "QUInt8")),
     Setting("onnxruntime quantize_static W4A16", static("QInt4", "QUInt16")),
@@ -256,7 +278,7 @@ def evaluate(case: Case, settings: list[Setting], work: Path) -> list[str]:
     """Markdown rows for ``case``: float first, then every setting that applies."""
     float_outputs = case.run(make_session(case.model))
     float_bytes = case.model.stat().st_size
-    rows = [f"| float | {case.metric(float_outputs, float_outputs):.4g} | yes | inf | 1.000x | | | |"]
+    rows = [f"| float | {case.metric(float_outputs, float_outputs):.4g} | yes | inf | 1.000x | | | 1.00x | |"]
     print(rows[0], flush=True)
     matmuls = has_matmul_weights(case.model)
     ORT_INPUTS[case.name] = ort_input(case, work)
@@ -266,22 +288,33 @@ def evaluate(case: Case, settings: list[Setting], work: Path) -> list[str]:
         out = work / f"{case.name}.{SETTINGS.index(setting)}.onnx"
         status, seconds, memory, remark = quantize_in_child(setting, case, out)
         if status != "ok":
-            rows.append(f"| {setting.name} | fails | | | | | | {remark} |")
+            rows.append(f"| {setting.name} | fails | | | | | | | {remark} |")
             print(rows[-1], flush=True)
             continue
         try:
             outputs = case.run(make_session(out))
         except Exception as error:  # noqa: BLE001
-            rows.append(f"| {setting.name} | does not run | | | | {seconds:.1f} | {memory:.0f} | {str(error).splitlines()[0][:120]} |")
+            rows.append(f"| {setting.name} | does not run | | | | {seconds:.1f} | {memory:.0f} | | {str(error).splitlines()[0][:120]} |")
             print(rows[-1], flush=True)
             continue
         value = case.metric(float_outputs, outputs)
         meets = "yes" if value >= case.target else "no"
         size = out.stat().st_size / float_bytes
         rows.append(f"| {setting.name} | {value:.4g} | {meets} | {output_sqnr_db(float_outputs, outputs):.1f} | {size:.3f}x | {seconds:.1f} | "
-                    f"{memory:.0f} | {remark} |")
+                    f"{memory:.0f} | {_speed(case, out)} | {remark} |")
         print(rows[-1], flush=True)
     return rows
+
+
+def _speed(case: Case, out: Path) -> str:
+    """The written model's speed against float on the first calibration run, one thread (onnxq/analysis/speed.py)."""
+    from onnxq.analysis.speed import measure_speed
+
+    feed = case.calibration[0]
+    try:
+        return f"{measure_speed(case.model, out, feed, len(next(iter(feed.values())))).ratio:.2f}x"
+    except Exception:  # noqa: BLE001  (a model that runs on the held-out inputs but not timed: the cell says so)
+        return "?"
 
 
 def main() -> None:
@@ -299,8 +332,8 @@ def main() -> None:
         module = importlib.import_module(f"tools.real_models.{name}")
         case = module.case(args.work) if args.evaluation is None else module.case(args.work, args.evaluation)
         print(f"\n### {case.name}: {case.field}\n{case.source}; {case.notes}\nmetric: {case.metric_name}, target {case.target:g}\n")
-        print("| setting | metric | meets target | output SQNR dB | size | quantize s | added peak MB | remark |")
-        print("|---|---:|:---:|---:|---:|---:|---:|---|", flush=True)
+        print("| setting | metric | meets target | output SQNR dB | size | quantize s | added peak MB | speed vs float | remark |")
+        print("|---|---:|:---:|---:|---:|---:|---:|---:|---|", flush=True)
         evaluate(case, settings, args.work)
 
 
