@@ -141,7 +141,8 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
     a.add_argument("--bias-correction", choices=[b.value for b in BiasCorrection], default=None,
                    help="Conv/Gemm biases absorb the mean output shift quantization causes: 'analytic' (weight error times "
                    "the float input means), 'measured' (analytic, then the shift left in a simulation of the quantized model, "
-                   "layer by layer, on 64 calibration samples), 'auto' (default: measured below 7 bits, else analytic), 'off'")
+                   "layer by layer, on 64 calibration samples), 'auto' (default: measured with 4-bit activations, "
+                   "or 4-bit weights not chosen for the output; else analytic), 'off'")
 
 
 def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:

@@ -101,8 +101,9 @@ class BiasCorrection(enum.Enum):
     ANALYTIC: each layer's weight error times its float input's channel means (one formula per layer).
     MEASURED: ANALYTIC, then each layer's remaining shift measured in a simulation of the quantized
         model on calibration samples, layer by layer (a pass over the samples per level of depth).
-    AUTO: MEASURED when a weight or activation has fewer than 7 bits, else ANALYTIC (at 7-8 bits
-        the shifts are tiny and the passes not worth their time).
+    AUTO: MEASURED when activations have fewer than 7 bits, or weights have and were not chosen for their layers'
+        outputs (``output_aware``); else ANALYTIC (at 7-8 bits the shifts are tiny and the passes not worth their
+        time; with weights chosen on the data the measured passes took real models apart at W4A8, pipeline.py).
     """
 
     AUTO = "auto"

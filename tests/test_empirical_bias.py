@@ -134,8 +134,13 @@ def _initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
     return {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
 
 
-@pytest.mark.parametrize(("weight_bits", "auto_is"), [(8, BiasCorrection.ANALYTIC), (4, BiasCorrection.MEASURED)])
-def test_auto_measures_below_seven_bits_only(weight_bits, auto_is):
+@pytest.mark.parametrize(("weight_bits", "output_aware", "activation_bits", "auto_is"), [
+    (8, True, 8, BiasCorrection.ANALYTIC),
+    (4, False, 8, BiasCorrection.MEASURED),  # 4-bit weights by their own error
+    (4, True, 8, BiasCorrection.ANALYTIC),  # 4-bit weights chosen for the output: the measured passes took real models apart
+    (4, True, 4, BiasCorrection.MEASURED),  # 4-bit activations
+])
+def test_auto_measures_below_seven_bits_unless_the_weights_were_chosen_for_the_output(weight_bits, output_aware, activation_bits, auto_is):
     from models import residual_block
     from onnxq import QuantizeConfig, quantize
 
@@ -143,8 +148,9 @@ def test_auto_measures_below_seven_bits_only(weight_bits, auto_is):
     batches = [{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
 
     def run(mode: BiasCorrection) -> dict[str, np.ndarray]:
-        act = ActivationConfig(bits=8, method=CalibrationMethod.MINMAX, reduce_range=ReduceRange.OFF, bias_correction=mode)
-        config = QuantizeConfig(bits=weight_bits, first_last_bits=weight_bits, activations=act, format=WeightFormat.QDQ)
+        act = ActivationConfig(bits=activation_bits, method=CalibrationMethod.MINMAX, reduce_range=ReduceRange.OFF, bias_correction=mode)
+        config = QuantizeConfig(bits=weight_bits, first_last_bits=weight_bits, activations=act, format=WeightFormat.QDQ,
+                                output_aware=output_aware)
         return _initializers(quantize(residual_block(), config, batches))
 
     auto, analytic, measured = run(BiasCorrection.AUTO), run(BiasCorrection.ANALYTIC), run(BiasCorrection.MEASURED)

@@ -8,7 +8,8 @@ calibrate, the full test split (10,000 images) measures top-1. Settings:
   W4A4-all  (only on request) as W4A4 with the first and last layers 4-bit too, where a fixed
         scale has more to lose, so that ASQ's per-input steps have more to win back
 onnxq runs each of its methods (minmax, percentile, entropy, mse, asq), with its default bias
-correction (measured below 7 bits) and, at W4A4, once more with the analytic correction alone. quantize_static (QDQ,
+correction (measured with 4-bit activations; analytic at W4A8 since the weights are chosen on the data)
+and, at W4A4, once more with the analytic correction alone. quantize_static (QDQ,
 per channel, QUInt8 activations, QInt8/QInt4 weights) runs MinMax, Entropy and Percentile on the
 same BN-folded model onnxq sees (onnxq.model.prepare.prepare), with the same calibration batches and the
 same bit allocation: onnxq's 8-bit first/last weights and its 4-bit activation tensors are given to
