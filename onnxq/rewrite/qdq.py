@@ -13,7 +13,7 @@ that decode them, in one of two forms:
   its integer kernels (QLinearConv, QLinearMatMul, QGemm). Those take int8 weights only: int4 codes go through a
   Cast to int8 in front of the DequantizeLinear, which onnxruntime folds at load before it fuses (the file keeps the
   int4 size); a DequantizeLinear of int4 codes was never fused and ran on every inference (ResNet-20 W4A8 0.30x
-  float, 1.9x with the Cast; tools/bench_integer.py).
+  float, 2.07-2.10x with the Cast; tools/bench_integer.py).
 
 In sqrt mode the decoded value y stands for sign(w)*sqrt(|w|), so the graph computes y*|y| after it (folded at load
 too). Everything is standard ONNX; stock onnxruntime runs it.
