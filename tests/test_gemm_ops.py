@@ -163,7 +163,7 @@ def test_unsupported_gemm_runs_outside_the_ops_and_says_why(model, reason, nbits
     else:
         assert "MatMulNBits" not in ops and weight_of(result.model, "fc").form == CAST_FORM
     onnx.save_model(result.model, tmp_path / "m.onnx")
-    shown = "onnxruntime's MatMulNBits" if as_nbits else "QDQ"
+    shown = "onnxruntime's MatMulNBits" if as_nbits else "decoded at load"  # weight-only
     assert op == ("MatMulNBits" if as_nbits else "DequantizeLinear")
     assert f"not run by onnxq's ops: 1 layers (fc ({shown}): " in summary(result, None, tmp_path / "m.onnx")
 

@@ -119,7 +119,7 @@ def test_op_formats_run_the_large_ffn_matmul_as_an_op_and_small_ones_outside(blo
     markdown = to_markdown(build_report(result, QuantizeConfig(bits=4, format=fmt, matmul_nbits=nbits), path)).splitlines()
     section = markdown[markdown.index("## Not run by onnxq's ops"):]
     assert section[2] == "| nodes | runs as | reason |" and section[4].startswith(f"| o_proj | {outside} | 64x64 weight is under 131072 weights")
-    shown = "onnxruntime's MatMulNBits" if nbits is NBitsMode.ON else "QDQ"
+    shown = "onnxruntime's MatMulNBits" if nbits is NBitsMode.ON else "decoded at load"  # weight-only
     assert f"not run by onnxq's ops: 1 layers (o_proj ({shown}): 64x64 weight is under 131072 weights" in summary(result, None, path)
 
 

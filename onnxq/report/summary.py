@@ -72,9 +72,14 @@ def few_at_requested_bits(result: QuantizationResult) -> str | None:
     return line + (f" ({'; '.join(advice)})" if advice else "")
 
 
-def _outside_op(layer: LayerResult) -> str:
-    """How a layer that onnxq's ops do not run runs instead, as the summary says it after the layer's nodes."""
-    return " (onnxruntime's MatMulNBits)" if layer.op == MATMUL_NBITS else " (QDQ)"
+def _outside_op(layer: LayerResult, weight_only: bool) -> str:
+    """How a layer that onnxq's ops do not run runs instead, as the summary says it after the layer's nodes.
+
+    Weight-only, a weight written for the qdq format is decoded when the model loads (onnxq/rewrite/qdq.py).
+    """
+    if layer.op == MATMUL_NBITS:
+        return " (onnxruntime's MatMulNBits)"
+    return " (decoded at load)" if weight_only else " (QDQ)"
 
 
 def summary(result: QuantizationResult, source: Path | None, output: Path, verbose: bool = False) -> str:
@@ -112,7 +117,7 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
         lines.append(chains)
     kept = [layer for layer in result.layers if layer.qdq_reason]
     if kept:
-        shown = "; ".join(f"{','.join(layer.nodes)}{_outside_op(layer)}: {layer.qdq_reason}" for layer in kept[:3])
+        shown = "; ".join(f"{','.join(layer.nodes)}{_outside_op(layer, not result.activations)}: {layer.qdq_reason}" for layer in kept[:3])
         more = " ..." if len(kept) > 3 else ""
         lines.append(f"not run by onnxq's ops: {len(kept)} layers ({shown}{more})")
     if (note := few_at_requested_bits(result)) is not None:
