@@ -77,6 +77,7 @@ def link_chains(graph: onnx.GraphProto) -> ChainReport:
     consts = constant_initializers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
     readers_of = consumers(graph)  # stays right for every op output: linking renames only the linked op's tensors
+    shapes = declared_shapes(graph)  # of the float outputs, which linking only removes
     for node in list(graph.node):
         if not _is_float_op(node):
             continue
@@ -87,7 +88,7 @@ def link_chains(graph: onnx.GraphProto) -> ChainReport:
         if step is None or why:
             report.float_outputs[node.name] = why
             continue
-        _quantize_output(graph, node, step, readers, names)
+        _quantize_output(graph, node, step, readers, names, shapes.get(node.output[0]))
         report.linked += 1
     _read_shared_quantization(graph, consts)
     drop_unread_pairs(graph)
@@ -101,11 +102,7 @@ def _read_shared_quantization(graph: onnx.GraphProto, consts: dict[str, onnx.Ten
     with only the QuantizeLinear behind it, becomes a pattern onnxruntime fuses into its integer kernels (e.g. the
     8-bit first Conv, DequantizeLinear -> Conv -> QuantizeLinear, runs as QLinearConv).
     """
-    readers: dict[str, list[onnx.NodeProto]] = {}
-    for node in graph.node:
-        for name in set(node.input):
-            readers.setdefault(name, []).append(node)
-    for tensor, nodes in readers.items():
+    for tensor, nodes in consumers(graph).items():
         ops = [n for n in nodes if n.domain == DOMAIN and n.input[0] == tensor and len(n.input) > X_ZERO_POINT]
         quantizers = [n for n in nodes if is_op(n, "QuantizeLinear") and len(n.input) == 3 and n.input[0] == tensor]
         if not ops or not quantizers:
@@ -157,8 +154,11 @@ def _common_step(tensor: str, readers: list[onnx.NodeProto], consts: dict[str, o
 
 
 def _quantize_output(graph: onnx.GraphProto, node: onnx.NodeProto, step: tuple[str, str], readers: list[onnx.NodeProto],
-                     names: NameSource) -> None:
-    """Make ``node`` write uint8 with ``step``; onnxq readers take it as X, QuantizeLinear readers are replaced by it."""
+                     names: NameSource, shape: Shape | None) -> None:
+    """Make ``node`` write uint8 with ``step``; onnxq readers take it as X, QuantizeLinear readers are replaced by it.
+
+    ``shape``: the float output's declared shape, which the uint8 output is declared with.
+    """
     float_name = node.output[0]
     codes = names.fresh(f"{float_name}_uint8")
     node.op_type = QUANTIZED_OUTPUT[node.op_type]
@@ -170,7 +170,7 @@ def _quantize_output(graph: onnx.GraphProto, node: onnx.NodeProto, step: tuple[s
             rename_input(graph, reader.output[0], codes)
         else:
             reader.input[0] = codes
-    _declare_uint8(graph, float_name, codes)
+    _declare_uint8(graph, float_name, codes, shape)
 
 
 def _set_inputs(node: onnx.NodeProto, values: dict[int, str]) -> None:
@@ -182,9 +182,8 @@ def _set_inputs(node: onnx.NodeProto, values: dict[int, str]) -> None:
         node.input[index] = name
 
 
-def _declare_uint8(graph: onnx.GraphProto, float_name: str, codes: str) -> None:
-    """Declare the op's new uint8 output with the float output's shape (the float one is gone)."""
-    shape = declared_shapes(graph).get(float_name)
+def _declare_uint8(graph: onnx.GraphProto, float_name: str, codes: str, shape: Shape | None) -> None:
+    """Declare the op's new uint8 output with the float output's ``shape`` (the float one is gone)."""
     for info in list(graph.value_info):
         if info.name == float_name:
             graph.value_info.remove(info)
