@@ -20,7 +20,7 @@ from onnxq.model.graph import all_graphs, attribute, subgraphs
 from onnxq.model.load import read_model_file
 from onnxq.model.prepare import name_nodes
 from onnxq.native.domain import DOMAIN
-from onnxq.plan.handlers import RECURRENT_WEIGHTS, TABLE_OPS
+from onnxq.plan.handlers import CODE_TYPES, RECURRENT_WEIGHTS, TABLE_OPS
 
 #: Bits per element of each ONNX tensor type (strings have none).
 _DTYPE_BITS = {
@@ -38,7 +38,7 @@ _BUILTIN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "co
 #: Ops between a stored weight and its reader that only change layout or type.
 _PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten"}
 #: Element types of codes that a Cast and a Mul by a scale decode, and the scale's float types.
-_INTEGER_CODES = {onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.INT4, onnx.TensorProto.UINT4, onnx.TensorProto.INT16}
+_INTEGER_CODES = CODE_TYPES | {onnx.TensorProto.INT16}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
 #: Ops that produce quantized activations.
 _QUANTIZERS = {"QuantizeLinear", "DynamicQuantizeLinear", "QuantizeDynamicU8"}
