@@ -65,9 +65,8 @@ class Speed:
         return text + ("; slower than float: " + "; ".join(causes) if causes else "")
 
 
-def written_kinds(path: str | os.PathLike[str]) -> tuple[bool, bool]:
-    """Whether the main graph of a model file dequantizes weights (DequantizeLinear of an initializer), and runs MatMulNBits."""
-    model = onnx.load(os.fspath(path), load_external_data=False)
+def written_kinds(model: onnx.ModelProto) -> tuple[bool, bool]:
+    """Whether a model's main graph dequantizes weights (DequantizeLinear of an initializer), and runs MatMulNBits."""
     weights = {t.name for t in model.graph.initializer}
     dequantizes = any(n.op_type == "DequantizeLinear" and n.input[0] in weights for n in model.graph.node)
     return dequantizes, any(n.op_type == MATMUL_NBITS and n.domain == ORT_DOMAIN for n in model.graph.node)
@@ -78,10 +77,11 @@ def measure_speed(float_path: str | os.PathLike[str], quantized_path: str | os.P
     """Time both files on ``feed`` (one run's inputs, ``samples`` samples): each one's fastest of a few alternating runs."""
     import onnxruntime as ort
 
-    integer_ops = uses_onnxq_ops(quantized_path)
+    written = onnx.load(os.fspath(quantized_path), load_external_data=False)  # read once for what it holds
+    integer_ops = uses_onnxq_ops(written)
     sessions = []
-    for path in (float_path, quantized_path):
-        options = session_options(threads=1, custom_ops=uses_onnxq_ops(path))
+    for path, custom_ops in ((float_path, uses_onnxq_ops(float_path)), (quantized_path, integer_ops)):
+        options = session_options(threads=1, custom_ops=custom_ops)
         options.inter_op_num_threads = 1
         sessions.append(ort.InferenceSession(os.fspath(path), options, providers=["CPUExecutionProvider"]))
     feed = dict(feed)
@@ -96,4 +96,4 @@ def measure_speed(float_path: str | os.PathLike[str], quantized_path: str | os.P
             best[i] = min(best[i], time.perf_counter() - start)
         if time.perf_counter() > deadline:
             break
-    return Speed(1e3 * best[0], 1e3 * best[1], samples, integer_ops, *written_kinds(quantized_path))
+    return Speed(1e3 * best[0], 1e3 * best[1], samples, integer_ops, *written_kinds(written))
