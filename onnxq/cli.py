@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -25,6 +26,8 @@ from onnxq.config import (
 from onnxq.errors import OnnxqError
 
 if TYPE_CHECKING:
+    from distributed import Client
+
     from onnxq.analysis.sensitivity import SensitivityAnalysis
     from onnxq.analysis.speed import Speed
     from onnxq.report.files import ReportPaths
@@ -105,6 +108,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "a Markdown summary as PATH.md and, with matplotlib, a chart as PATH.png (PATH.md: the JSON goes beside it)")
     _add_activation_options(p)
     _add_sensitivity_options(p)
+    _add_scale_out_options(p)
     p.set_defaults(run=_run_quantize)
 
 
@@ -168,6 +172,18 @@ def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-drop", type=float, metavar="DB",
                    help="raise the most sensitive layers until the model output's SQNR is at most DB below that of the "
                    "model with every raisable layer at 8 bits (with --target-size: within that size)")
+
+
+def _add_scale_out_options(p: argparse.ArgumentParser) -> None:
+    """Options that run the passes over the data on Dask workers."""
+    d = p.add_argument_group(
+        "scale-out", "run the passes over the data (calibration, the moments of output-aware weights, proxy sensitivity) on "
+        "Dask workers, shard by shard; the written model is the one a run without them writes. Needs "
+        '`pip install "onnxq[distributed]"`')
+    d.add_argument("--workers", type=int, metavar="N", help="start N local worker processes (a dask.distributed LocalCluster)")
+    d.add_argument("--scheduler", metavar="ADDRESS",
+                   help="use the running Dask cluster whose scheduler is at ADDRESS (e.g. tcp://10.0.0.5:8786); its workers "
+                   "need onnxq installed; the client reads the data and sends it to them")
 
 
 def _add_inspect(sub: argparse._SubParsersAction) -> None:
@@ -278,8 +294,9 @@ def _run_quantize(args: argparse.Namespace) -> int:
     except ValueError as e:
         raise OnnxqError(args.model, str(e)) from e
     unknown = sorted(config.exclude - _node_names(args.model))
-    analysis, config = _sensitivity(args, config, report is not None)
-    result = quantize_with_report(args.model, config, args.calibration)
+    with _cluster(args) as client:
+        analysis, config = _sensitivity(args, config, report is not None, client)
+        result = quantize_with_report(args.model, config, args.calibration, client)
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
     external = args.external_data or (result.source is not None and result.source.external_data)
@@ -335,7 +352,26 @@ def _speed(model: Path, output: Path, data: object, synthetic: list[dict] | None
         return None
 
 
-def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool) -> tuple[SensitivityAnalysis | None, QuantizeConfig]:
+@contextlib.contextmanager
+def _cluster(args: argparse.Namespace) -> Iterator[Client | None]:
+    """The Dask client --workers/--scheduler ask for (None: everything runs here); its errors name the model."""
+    from onnxq.distribute.cluster import cluster
+
+    if (args.workers is not None or args.scheduler is not None) and args.calibration is None and args.sensitivity_data is None:
+        option = "--workers" if args.workers is not None else "--scheduler"
+        raise OnnxqError(args.model, f"{option} runs the passes over calibration data on Dask workers: give --calibration DATA")
+    try:
+        with cluster(args.workers, args.scheduler) as client:
+            yield client
+    except OnnxqError as e:
+        if e.path is not None:
+            raise
+        raise OnnxqError(args.model, e.problem) from e
+
+
+def _sensitivity(
+    args: argparse.Namespace, config: QuantizeConfig, report: bool, client: Client | None = None
+) -> tuple[SensitivityAnalysis | None, QuantizeConfig]:
     """The sensitivity analysis the options ask for (None if none), and the config with mixed precision's per-node bits."""
     import dataclasses
 
@@ -361,9 +397,9 @@ def _sensitivity(args: argparse.Namespace, config: QuantizeConfig, report: bool)
     if data is None or not (report or mixed):
         return None, config
     if args.sensitivity == "proxy":
-        analysis: SensitivityAnalysis = ProxySensitivity(args.model, config, data, args.sensitivity_size)
+        analysis: SensitivityAnalysis = ProxySensitivity(args.model, config, data, args.sensitivity_size, client)
     else:
-        analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size, nodes=report)
+        analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size, nodes=report, client=client)
     if not mixed:
         return analysis, config
     chosen = choose_bits(analysis, target, args.max_drop)

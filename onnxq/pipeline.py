@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -52,6 +53,9 @@ from onnxq.rewrite.matmul_nbits import replace_matmuls
 from onnxq.rewrite.ops import declare_domain, replace_convs
 from onnxq.rewrite.qdq import replace_weights
 from onnxq.rewrite.tables import replace_tables
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 logger = logging.getLogger(__name__)
 
@@ -138,25 +142,28 @@ class QuantizedWeights:
         return self.qdq.get(tensor) or self.tables.get(tensor) or self.ops[tensor][0]
 
 
-def quantize(model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None) -> onnx.ModelProto:
+def quantize(
+    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None
+) -> onnx.ModelProto:
     """Quantize ``model`` (a path or a ModelProto, which is not modified) and return the new model.
 
     Weights always, chosen for their layers' outputs when ``calibration`` is given (``config.output_aware``);
     activations too when ``config.activations`` is set, which needs ``calibration``: an iterable of {input name: array} dicts or an onnxruntime
     CalibrationDataReader (each item one run, fed as it is), or the path of an .npy/.npz
     file or a folder of images (onnxq/calibrate/data.py says how files are laid out).
+    With a ``dask.distributed`` ``client`` the calibration pass runs on its workers (onnxq/distribute/): the same model.
     """
-    return quantize_with_report(model, config, calibration).model
+    return quantize_with_report(model, config, calibration, client).model
 
 
 def quantize_with_report(
-    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None
+    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None
 ) -> QuantizationResult:
     """Like :func:`quantize`, but also say per layer what was done: the run, stage by stage."""
     config = config or QuantizeConfig()
     loaded = load_and_prepare(model)
     plan = plan_quantization(loaded, config, calibration)
-    calibrated = calibrate(loaded, plan, config, calibration)
+    calibrated = calibrate(loaded, plan, config, calibration, client)
     weights = quantize_weights(loaded, plan, config, calibrated)
     correct_biases(loaded, plan, weights, calibrated, config)
     chains = rewrite(loaded, plan, weights, calibrated)
@@ -197,14 +204,14 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
 
 
 def calibrate(
-    loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None
+    loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None, client: Client | None = None
 ) -> Calibration | None:
     """What one run of the (prepared, still float) model over the data shows; None without data.
 
     With activations: each site's quantization. First, on the first samples, layer inputs with outlier channels are
     equalized against their weights (in place: the float model computes the same), so the weights are quantized as
     equalized in the next stage. Output-aware weights: the second moments of the layers' inputs (after equalization,
-    as the layers then see them), gathered in the same run.
+    as the layers then see them), gathered in the same run. With a Dask ``client`` that run is spread over its workers.
     """
     if calibration is None or (config.activations is None and not config.output_aware):
         return None
@@ -216,10 +223,10 @@ def calibrate(
     aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
     moments = MomentCollector(layer_inputs(loaded.model.graph, aware), config.calibration_samples) if config.output_aware else None
     if config.activations is None:
-        collect(loaded.model, [], batches, total=config.calibration_samples, moments=moments)
+        collect(loaded.model, [], batches, total=config.calibration_samples, moments=moments, client=client)
         return Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
     sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
-    return calibrate_sites(loaded.model, sites, batches, config.activations, moments)
+    return calibrate_sites(loaded.model, sites, batches, config.activations, moments, client)
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:

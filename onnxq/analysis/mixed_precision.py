@@ -244,6 +244,7 @@ def choose_bits(
 
 def _candidates(analysis: SensitivityAnalysis) -> list[Candidate]:
     """Each planned tensor with the bytes and measured noise of each width on its ladder."""
+    analysis.measure((plan.tensor, b) for plan in analysis.plans for b in ladder(plan.bits))  # at once: on Dask workers where there are some
     out = []
     for plan in analysis.plans:
         weight = analysis.weights[plan.tensor]

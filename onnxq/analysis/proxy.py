@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -31,16 +33,21 @@ from onnxq.config import QuantizeConfig
 from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.weights import to_rows
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 
 class ProxySensitivity(SensitivityAnalysis):
     """:class:`SensitivityAnalysis` whose per-layer numbers come from the layers' H-weighted errors (see the module)."""
 
     def __init__(
-        self, model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig, data: CalibrationData, samples: int = SENSITIVITY_SAMPLES
+        self, model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig, data: CalibrationData, samples: int = SENSITIVITY_SAMPLES,
+        client: Client | None = None,
     ) -> None:
-        super().__init__(model, config, data, samples, nodes=False)
+        """With a Dask ``client`` the pass that sums the layers' H runs on its workers (and the layers measured, too)."""
+        super().__init__(model, config, data, samples, nodes=False, client=client)
         collector = MomentCollector(layer_inputs(self.model.graph, self.plans), self.samples)
-        collect(self.model, [], self.probe.batches, moments=collector)
+        collect(self.model, [], self.probe.batches, moments=collector, client=client)
         self.hessians = collector.hessians()
         self.signal, self.factor = self._fit_factor()
 
@@ -61,10 +68,15 @@ class ProxySensitivity(SensitivityAnalysis):
         """(model output signal energy, c): c from one run with every planned layer at its planned width."""
         planned = {p.tensor: p.bits for p in self.plans}
         measured = self.combined(planned).model
+        self.measure(planned.items())
         unexplained = measured.noise - sum(self.layer(t).noise for t in planned if t not in self.hessians)
         predicted = sum(self.relative_error(t, b) for t, b in planned.items() if t in self.hessians)
         factor = max(unexplained, 0.0) / predicted if predicted > 0 else 0.0
         return measured.signal, factor
+
+    def measure(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Measure the layers without an H among ``keys`` (the others are predicted when asked)."""
+        super().measure([(tensor, bits) for tensor, bits in keys if tensor not in self.hessians])
 
     def layer(self, tensor: str, bits: int | None = None) -> LayerSensitivity:
         """Predicted sensitivity of ``tensor`` alone at ``bits``; measured for layers without an H."""

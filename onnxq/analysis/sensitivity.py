@@ -19,6 +19,7 @@ import math
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -35,6 +36,9 @@ from onnxq.native.session import session_options
 from onnxq.pipeline import load_and_prepare, quantize_planned
 from onnxq.plan.ops import OpTargets, op_choice
 from onnxq.plan.weights import WeightPlan, plan_weights
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 logger = logging.getLogger(__name__)
 
@@ -127,9 +131,27 @@ class Probe:
         node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
         probe = _probe_model(model, plans, node_types)
         materialize(probe)  # onnxruntime needs the weights in the session's model
-        self._session = ort.InferenceSession(probe.SerializeToString(), session_options(), providers=["CPUExecutionProvider"])
+        self.model_bytes = probe.SerializeToString()  # what a Dask worker opens its own probe from (onnxq/distribute/probes.py)
         self.batches = batches  # the runs every measurement feeds
-        self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in batches]
+        self._open()
+
+    def _open(self, threads: int | None = None) -> None:
+        """The session, and the float model outputs every measurement compares with."""
+        self._session = ort.InferenceSession(self.model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+        self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in self.batches]
+
+    def portable(self) -> tuple[bytes, list[dict[str, np.ndarray]], list[str], dict[str, tuple[str, ...]]]:
+        """What :meth:`reopen` needs to open the same probe elsewhere (on a Dask worker)."""
+        return self.model_bytes, self.batches, self.model_outputs, self.node_outputs
+
+    @classmethod
+    def reopen(cls, model_bytes: bytes, batches: list[dict[str, np.ndarray]], model_outputs: list[str],
+               node_outputs: dict[str, tuple[str, ...]], threads: int | None = None) -> Probe:
+        """The probe :meth:`portable` described, with its own session (and float reference run) in this process."""
+        probe = cls.__new__(cls)
+        probe.model_bytes, probe.batches, probe.model_outputs, probe.node_outputs = model_bytes, batches, model_outputs, node_outputs
+        probe._open(threads)
+        return probe
 
     def run(self, weights: Mapping[str, np.ndarray], tensor: str | None = None) -> Measurement:
         """Run with ``weights`` ({tensor: float values}) in place of the float ones; node SQNR for ``tensor``'s readers."""
@@ -174,9 +196,14 @@ class SensitivityAnalysis:
         data: CalibrationData,
         samples: int = SENSITIVITY_SAMPLES,
         nodes: bool = True,
+        client: Client | None = None,
     ) -> None:
-        """``nodes``: also measure each layer's own output SQNR (the report's column; it costs a float run per layer)."""
+        """``nodes``: also measure each layer's own output SQNR (the report's column; it costs a float run per layer).
+
+        With a Dask ``client``, batches of measurements (:meth:`measure`) run on its workers.
+        """
         loaded = load_and_prepare(model)  # the run's first stages, so layers are those quantize plans
+        self.client = client
         self.label = loaded.label
         self.model = loaded.model
         self.config = config
@@ -224,10 +251,29 @@ class SensitivityAnalysis:
             logger.debug("%s at %d bits: node SQNR %.1f dB, model SQNR %.1f dB", tensor, bits, m.nodes, m.model_sqnr_db)
         return self._layers[key]
 
+    def measure(self, keys: Iterable[tuple[str, int]]) -> None:
+        """Measure many (tensor, bits) at once, ahead of :meth:`layer`: on the client's workers, one probe run each.
+
+        The weights are quantized here; each worker opens the probe once and runs the probes it is given. Without a
+        client (or with one measurement to make) they run here, one after another.
+        """
+        missing = [key for key in dict.fromkeys(keys) if key not in self._layers]
+        if self.client is None or len(missing) < 2:
+            for tensor, bits in missing:
+                self.layer(tensor, bits)
+            return
+        from onnxq.distribute.probes import measure_on
+
+        weights = [{tensor: self.dequantized(tensor, bits)} for tensor, bits in missing]
+        for (tensor, bits), m in zip(missing, measure_on(self.client, self.probe, weights, [t for t, _ in missing]), strict=True):
+            self._layers[(tensor, bits)] = LayerSensitivity(tensor, self.plan(tensor).nodes, bits, m.nodes, m.model_sqnr_db, m.model.noise)
+
     def layers(self, bits: Mapping[str, int] | None = None) -> list[LayerSensitivity]:
         """Every planned tensor's sensitivity, at ``bits[tensor]`` where given, else its planned bits."""
         bits = bits or {}
-        return [self.layer(p.tensor, bits.get(p.tensor)) for p in self.plans]
+        keys = [(p.tensor, bits.get(p.tensor, p.bits)) for p in self.plans]
+        self.measure(keys)
+        return [self.layer(tensor, b) for tensor, b in keys]
 
     def combined(self, bits: Mapping[str, int]) -> Measurement:
         """The model outputs with every tensor in ``bits`` quantized at once."""

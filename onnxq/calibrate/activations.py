@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -24,6 +25,9 @@ from onnxq.calibrate.result import ActivationQuant, Calibration
 from onnxq.calibrate.samples import RunSizer, SampleAxes, batch_size, batch_slice, cuttable, first_samples, input_specs, sample_axes
 from onnxq.config import ActivationConfig, BiasCorrection, CalibrationMethod
 
+if TYPE_CHECKING:
+    from distributed import Client
+
 logger = logging.getLogger(__name__)
 
 #: Calibration samples held out to check, per tensor, that ASQ's per-sample factor beats fixed per-channel steps.
@@ -37,9 +41,13 @@ INTEGER_OP_BITS = 8
 
 
 def calibrate(
-    model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig, moments: MomentCollector | None = None
+    model: onnx.ModelProto, sites: list[ActivationSite], data: CalibrationData, config: ActivationConfig, moments: MomentCollector | None = None,
+    client: Client | None = None,
 ) -> Calibration:
-    """How to quantize each site's tensor, from one run of the float ``model`` over ``data`` (which also sums ``moments``)."""
+    """How to quantize each site's tensor, from one run of the float ``model`` over ``data`` (which also sums ``moments``).
+
+    With a Dask ``client`` that run is spread over its workers; the held-out checks of ASQ run here (a few samples).
+    """
     specs = input_specs(model)
     axes = sample_axes(specs)
     batches = calibration_batches(data, specs, config.samples)
@@ -50,7 +58,7 @@ def calibrate(
         batches = _keep_first(batches, axes, kept, keep)
     histograms = config.method is not CalibrationMethod.MINMAX
     stats = collect(model, [s.tensor for s in sites], batches, per_sample=per_sample, total=config.samples, histograms=histograms,
-                    moments=moments)
+                    moments=moments, client=client)
     held = first_samples(kept, axes, VALIDATION_SAMPLES)
     quants = {}
     candidates: dict[str, tuple[ActivationQuant, ActivationQuant]] = {}
@@ -156,7 +164,7 @@ def choose_adapters(
     errors = {name: np.zeros(len(pair)) for name, pair in candidates.items()}
     names = list(candidates)
     with exposing(model, names) as sess:
-        for outputs in sized_runs(sess, names, held, RunSizer(input_specs(model), sample_bytes(model, names))):
+        for _, outputs in sized_runs(sess, names, held, RunSizer(input_specs(model), sample_bytes(model, names))):
             for name, value in zip(names, outputs, strict=True):
                 errors[name] += [asq_error(value, quant) for quant in candidates[name]]
     chosen = {}

@@ -9,6 +9,7 @@ the sample's own range and the sample's channel means (the adapter's features).
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import sys
@@ -16,6 +17,7 @@ import tempfile
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -23,11 +25,14 @@ import onnxruntime as ort
 
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.calibrate.moments import MomentCollector
-from onnxq.calibrate.samples import RunSizer, batch_size, input_specs
+from onnxq.calibrate.samples import InputSpec, RunSizer, batch_size, input_specs
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
 from onnxq.native.session import session_options
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 logger = logging.getLogger(__name__)
 
@@ -129,30 +134,101 @@ def collect(
     total: int | None = None,
     histograms: bool = True,
     moments: MomentCollector | None = None,
+    client: Client | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime.
 
     Without ``histograms`` only min/max (and channel means) are kept, which is all min-max calibration needs.
-    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs.
+    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs. With a Dask ``client``
+    the runs go to its workers in shards, and the shards' statistics are merged here (onnxq/distribute/passes.py):
+    the same statistics, the same code per shard (:func:`observe_runs`).
     """
-    stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
     fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else [])]))
     if not fetched:  # nothing to observe (onnxruntime would return every output); the batches still pass through
         for _ in batches:
             pass
-        return stats
-    sizer = RunSizer(input_specs(model), sample_bytes(model, fetched))
-    with exposing(model, fetched) as sess:
-        with progress(total) as bar:
-            for batch in batches:
-                for outputs in sized_runs(sess, fetched, [batch], sizer):
-                    for name, value in zip(fetched, outputs, strict=True):
-                        if name in stats:
-                            _observe(stats[name], name, value, histograms)
-                        if moments is not None:
-                            moments.observe(name, value)
-                bar.update(batch_size(batch, sizer.axes))
-    return stats
+        return {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
+    task = PassTask(tuple(tensors), tuple(fetched), per_sample, histograms, moments)
+    if client is not None:
+        from onnxq.distribute.passes import collect_on
+
+        observed = collect_on(client, model, task, batches, total)
+    else:
+        with exposing(model, fetched) as sess, progress(total) as bar:
+            observed = observe_runs(sess, task, batches, sample_bytes(model, fetched), input_specs(model), bar=bar)
+    if moments is not None and observed.moments is not None and observed.moments is not moments:
+        moments.merge(observed.moments)
+    return observed.stats
+
+
+@dataclass(frozen=True)
+class PassTask:
+    """What one calibration pass observes: the tensors whose statistics it keeps, all it fetches, and how.
+
+    ``moments`` is the collector the pass sums into (locally), or an empty one each shard starts from (on workers).
+    """
+
+    tensors: tuple[str, ...]
+    fetched: tuple[str, ...]
+    per_sample: bool
+    histograms: bool
+    moments: MomentCollector | None = None
+
+    def fresh(self, moments: MomentCollector | None) -> Observed:
+        """Empty statistics, summing moments into ``moments`` (the task's own locally, a copy of it on a worker)."""
+        return Observed({name: TensorStats(samples=SampleStats() if self.per_sample else None) for name in self.tensors}, moments)
+
+    def fresh_copy(self) -> Observed:
+        """Empty statistics of their own: what one shard on a worker starts from."""
+        return self.fresh(copy.deepcopy(self.moments))
+
+
+@dataclass
+class Observed:
+    """The statistics of one pass (or one shard of it): per tensor, the moments, and the samples they cover."""
+
+    stats: dict[str, TensorStats]
+    moments: MomentCollector | None
+    samples: int = 0
+
+    def merge(self, other: Observed) -> None:
+        """Add ``other`` (the shard after this one): exact for counts and histograms, float64 sums for means and H."""
+        for name, entry in other.stats.items():
+            self.stats[name].merge(entry)
+        if self.moments is not None and other.moments is not None:
+            self.moments.merge(other.moments)
+        self.samples += other.samples
+
+
+def observe_runs(
+    sess: ort.InferenceSession,
+    task: PassTask,
+    batches: Iterable[Mapping[str, np.ndarray]],
+    per_sample_bytes: float | None,
+    specs: list[InputSpec],
+    first_sample: int = 0,
+    into: Observed | None = None,
+    bar: progress | None = None,
+) -> Observed:
+    """Run ``sess`` over ``batches`` and add the fetched tensors to the statistics ``task`` asks for.
+
+    ``first_sample``: the global index of the first sample (a shard's place in the whole stream: the moments keep
+    rows by it). Locally the pass sums into ``task.moments`` itself; on a worker into a fresh copy (``into``).
+    """
+    observed = into if into is not None else task.fresh(task.moments)
+    sizer = RunSizer(specs, per_sample_bytes)
+    fetched = list(task.fetched)
+    for batch in batches:
+        for piece, outputs in sized_runs(sess, fetched, [batch], sizer):
+            for name, value in zip(fetched, outputs, strict=True):
+                if name in observed.stats:
+                    _observe(observed.stats[name], name, value, task.histograms)
+                if observed.moments is not None:
+                    observed.moments.observe(name, value, first_sample + observed.samples)
+            observed.samples += batch_size(piece, sizer.axes)
+        if bar is not None:
+            bar.update(batch_size(batch, sizer.axes))
+    return observed
 
 
 def sample_bytes(model: onnx.ModelProto, tensors: list[str]) -> float | None:
@@ -174,8 +250,8 @@ def sample_bytes(model: onnx.ModelProto, tensors: list[str]) -> float | None:
 
 def sized_runs(
     sess: ort.InferenceSession, tensors: list[str], batches: Iterable[Mapping[str, np.ndarray]], sizer: RunSizer
-) -> Iterator[list[np.ndarray]]:
-    """``tensors`` from runs over ``batches``, cut by ``sizer`` into pieces that keep each run's outputs small."""
+) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """(piece, ``tensors``) of runs over ``batches``, cut by ``sizer`` into pieces that keep each run's outputs small."""
     for batch in batches:
         for piece in sizer.pieces(batch):
             try:
@@ -184,7 +260,7 @@ def sized_runs(
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line}") from e
             sizer.record(piece, outputs)
-            yield outputs
+            yield piece, outputs
 
 
 def _observe(entry: TensorStats, name: str, value: np.ndarray, histograms: bool) -> None:
