@@ -12,9 +12,12 @@ import copy
 
 import numpy as np
 import pytest
+from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.calibrate.collect import ChannelMeans, SampleStats, TensorStats, _observe
+from onnxq.calibrate import moments as moments_module
+from onnxq.calibrate.collect import ChannelMeans, SampleStats, TensorStats, _observe, collect
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram
+from onnxq.calibrate.moments import LayerInput, MomentCollector
 
 
 def _stream(rng: np.random.Generator, pieces: int, size: int = 400) -> list[np.ndarray]:
@@ -226,3 +229,207 @@ def test_tensor_stats_merge_to_one_pass(per_sample):
     assert whole.rank == 4
     with pytest.raises(ValueError, match="per-sample"):
         whole.merge(TensorStats(samples=None if per_sample else SampleStats()))
+
+
+CONV = LayerInput("a", "conv", 1, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
+MATMUL = LayerInput("b", "rows")
+WIDE = LayerInput("c", "rows")  # K = 70: the products' upper triangle only (syrk)
+INPUTS = {"conv": [CONV], "matmul": [MATMUL], "wide": [WIDE]}
+SAMPLES = 96
+
+
+def _samples(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """All the samples of the stream per tensor: a conv input (3 x 8 x 8: 64 rows of K 27 a sample), rows of K 20 (6 a
+    sample), rows of K 70 (16 a sample), each sample at its own scale."""
+    scale = 10.0 ** rng.uniform(-1, 1, SAMPLES)
+    return {
+        "a": (rng.standard_normal((SAMPLES, 3, 8, 8)) * scale[:, None, None, None]).astype(np.float32),
+        "b": (rng.standard_normal((SAMPLES, 6, 20)) * scale[:, None, None]).astype(np.float32),
+        "c": (rng.standard_normal((SAMPLES, 16, 70)) * scale[:, None, None]).astype(np.float32),
+    }
+
+
+def _observed(data: dict[str, np.ndarray], bounds: list[int], start: int = 0, stop: int | None = None) -> MomentCollector:
+    """A collector (told the pass has SAMPLES samples) fed the runs between ``bounds`` from sample ``start`` to ``stop``."""
+    stop = SAMPLES if stop is None else stop
+    collector = MomentCollector(INPUTS, samples=SAMPLES)
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+        if start <= a and b <= stop:
+            for name in collector.tensors:
+                collector.observe(name, data[name][a:b], first_sample=a)
+    return collector
+
+
+def _thin(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Caps small enough that every reader thins: MIN_ROWS 100 (cap 100, 100, 280 rows); conv patches one sample at a time."""
+    monkeypatch.setattr(moments_module, "MIN_ROWS", 100)
+    monkeypatch.setattr(moments_module, "PATCH_BYTES", 4 * 3 * 64 * 9)
+
+
+def _strides(collector: MomentCollector) -> dict[str, int]:
+    return {reader.tensor: m.stride for reader, m in collector.moments.items()}
+
+
+def _rows(collector: MomentCollector) -> dict[str, tuple[int, int]]:
+    return {reader.tensor: (m.kept, m.count) for reader, m in collector.moments.items()}
+
+
+def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float) -> None:
+    assert a.keys() == b.keys() == INPUTS.keys()
+    for name in a:
+        np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * np.max(np.abs(b[name])), err_msg=name)
+
+
+@pytest.mark.parametrize("flush_rows", [1, None])
+def test_moments_of_shards_merge_to_one_pass(monkeypatch, flush_rows):
+    """Shards at run boundaries, each its own collector told its first sample, merged in order: the same rows kept and
+    counted, the same H and E[x]. Flushed to float64 at every run (flush_rows 1), only the float64 sums' order differs
+    (1e-12); with the float32 sums gathered over runs (the default), they gather over other runs in a shard (float32)."""
+    _thin(monkeypatch)
+    if flush_rows is not None:
+        monkeypatch.setattr(moments_module, "FLUSH_ROWS", flush_rows)
+    data = _samples(np.random.default_rng(30))
+    bounds = list(range(0, SAMPLES + 1, 4))  # runs of 4 samples
+    whole = _observed(data, bounds)
+    assert min(_strides(whole).values()) > 1  # every reader thins
+    for shard_bounds in ([0, 20, 52, 96], [0, 4, 8, 60, 64, 96], [0, 92, 96]):
+        shards = [_observed(data, bounds, a, b) for a, b in zip(shard_bounds[:-1], shard_bounds[1:], strict=True)]
+        merged = shards[0]
+        for shard in shards[1:]:
+            merged.merge(shard)
+        assert _rows(merged) == _rows(whole)
+        rtol = 1e-12 if flush_rows == 1 else 1e-6
+        _close(merged.means(), whole.means(), rtol)
+        _close(merged.hessians(), copy.deepcopy(whole).hessians(), rtol)
+
+
+def test_moments_merge_leaves_the_other_as_it_is(monkeypatch):
+    _thin(monkeypatch)
+    data = _samples(np.random.default_rng(31))
+    bounds = list(range(0, SAMPLES + 1, 8))
+    first, second = _observed(data, bounds, 0, 48), _observed(data, bounds, 48)
+    for m in second.moments.values():
+        m.flush()  # its float64 sums, not float32 ones: what an empty collector takes over must be a copy
+    before = copy.deepcopy(second)
+    empty = MomentCollector(INPUTS, samples=SAMPLES)
+    empty.merge(second)
+    empty.hessians()  # the sums become matrices in place: the copies
+    first.merge(second)
+    for reader, m in second.moments.items():
+        b = before.moments[reader]
+        assert (m.count, m.kept, m.stride, m.pending_rows) == (b.count, b.kept, b.stride, b.pending_rows)
+        for got, want in ((m.sums, b.sums), (m.pending, b.pending), (m.linear, b.linear)):
+            assert (got is None) == (want is None) and (got is None or np.array_equal(got, want))
+    first.hessians()  # the merged sums become matrices in place: not the other's
+    _close(second.hessians(), before.hessians(), 0)
+    with pytest.raises(ValueError, match="different layer inputs"):
+        first.merge(MomentCollector({"matmul": [MATMUL]}, samples=SAMPLES))
+
+
+def test_runs_of_other_sizes_keep_the_same_rows(monkeypatch):
+    """The rows kept depend on the samples' places, not on the runs: the stream in runs of 4 and in runs of 3 (and of
+    uneven sizes) keeps the same rows; H differs only by how the float32 products group (1e-6)."""
+    _thin(monkeypatch)
+    data = _samples(np.random.default_rng(32))
+    fours = _observed(data, list(range(0, SAMPLES + 1, 4)))
+    for bounds in (list(range(0, SAMPLES + 1, 3)), [0, 1, 2, 7, 20, 21, 50, 51, 90, 96]):
+        other = _observed(data, bounds)
+        assert _rows(other) == _rows(fours)
+        _close(other.means(), fours.means(), 1e-6)
+        _close(other.hessians(), copy.deepcopy(fours).hessians(), 1e-6)
+
+
+def _hashed(number: int) -> int:
+    """splitmix64's finaliser in Python integers, written out from its definition."""
+    mask = 2**64 - 1
+    number ^= number >> 30
+    number = number * 0xBF58476D1CE4E5B9 & mask
+    number ^= number >> 27
+    number = number * 0x94D049BB133111EB & mask
+    return number ^ (number >> 31)
+
+
+def _reference(rows: np.ndarray, features: int, cap_rows: int) -> tuple[int, int, np.ndarray, np.ndarray]:
+    """(kept, count, sum of stride x x^T, sum of stride x) by the rule, walking every (sample, row) of ``rows`` (samples,
+    R, K): the stride is the least power of two with samples x R < 2 x cap x stride; row r of sample i (position
+    p = i * 2**32 + r) is kept when p % stride is the hash of p // stride, modulo stride."""
+    samples, per_sample, _ = rows.shape
+    cap = max(cap_rows, 4 * features)
+    stride = 1
+    while samples * per_sample >= 2 * cap * stride:
+        stride *= 2
+    kept, sums, linear = 0, np.zeros((features, features)), np.zeros(features)
+    for i in range(samples):
+        for r in range(per_sample):
+            p = i * 2**32 + r
+            if p % stride == _hashed(p // stride) % stride:
+                x = rows[i, r].astype(np.float64)
+                kept += 1
+                sums += stride * np.outer(x, x)
+                linear += stride * x
+    return kept, kept * stride, sums, linear
+
+
+def test_the_collector_keeps_the_rows_of_the_rule(monkeypatch):
+    """Against a walk over every (sample, row) by the rule (the conv's rows: its patches, per sample, 8 x 8 positions)."""
+    _thin(monkeypatch)
+    data = _samples(np.random.default_rng(33))
+    collector = _observed(data, [0, 5, 6, 30, 31, 64, 96])
+    patches = CONV.rows(data["a"])[0].reshape(SAMPLES, 64, 27)  # checked against onnxruntime in test_moments.py
+    for reader, rows in ((CONV, patches), (MATMUL, data["b"]), (WIDE, data["c"])):
+        kept, count, sums, linear = _reference(rows, rows.shape[2], 100)
+        m = collector.moments[reader]
+        assert m.stride > 1 and (m.kept, m.count) == (kept, count), reader.tensor
+        np.testing.assert_allclose(m.hessian()[0], sums / count, rtol=1e-5, atol=1e-6 * np.max(sums / count))
+        np.testing.assert_allclose(m.mean()[0], linear / count, rtol=1e-9, atol=1e-12 * np.max(np.abs(linear / count)))
+
+
+def test_a_run_of_one_row_a_sample_thins_by_sample():
+    """A Gemm's input has one row a sample: a sample's row is kept about once in ``stride`` (the hash must not keep
+    every sample's row 0), and a 2-D input read by its columns (Gemm transA) has a sample per column."""
+    m = moments_module.Moments(stride=8)
+    kept = m.take(1000, 80000, 1)
+    assert 0.9 / 8 < len(kept) / 80000 < 1.1 / 8
+    x = np.zeros((5, 12))
+    assert LayerInput("x", "transposed").layout(x) == (12, 1)
+    assert LayerInput("x", "columns").layout(x) == (12, 1)
+    assert LayerInput("x", "rows").layout(x) == (5, 1)
+    assert LayerInput("x", "columns").layout(np.zeros((2, 5, 12))) == (2, 12)
+
+
+def _conv_model() -> tuple:
+    rng = np.random.default_rng(40)
+    w = numpy_helper.from_array(rng.standard_normal((4, 3, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["h"], name="conv", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["h"], ["y"], name="relu")]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, "S", "S"])  # no declared sizes: each collect sizes its runs itself
+    graph = helper.make_graph(nodes, "g", [x], [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    reader = LayerInput("x", "conv", 1, kernel=(3, 3), strides=(1, 1), pads=(1, 1, 1, 1), dilations=(1, 1))
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), {"w": [reader]}
+
+
+def test_collect_in_shards_merges_to_one_collect(monkeypatch):
+    """collect() over the whole stream, and over two shards (the second told its first sample) merged: the same
+    histograms and counts, the same rows kept for H. The shards' runs are cut otherwise (each collect runs its first
+    piece on one sample, the shapes not being declared): the rows kept do not depend on it."""
+    monkeypatch.setattr(moments_module, "MIN_ROWS", 200)
+    model, inputs = _conv_model()
+    rng = np.random.default_rng(41)
+    batches = [{"x": rng.standard_normal((n, 3, 10, 10)).astype(np.float32)} for n in (5, 3, 6, 4, 6)]
+    total = sum(len(b["x"]) for b in batches)
+
+    def run(part: list[dict[str, np.ndarray]], first: int) -> tuple[dict[str, TensorStats], MomentCollector]:
+        moments = MomentCollector(inputs, samples=total)
+        return collect(model, ["h", "y"], part, per_sample=True, moments=moments, first_sample=first), moments
+
+    stats, moments = run(batches, 0)
+    head, head_moments = run(batches[:2], 0)
+    tail, tail_moments = run(batches[2:], 8)
+    for name in stats:
+        head[name].merge(tail[name])
+        _same_histogram(head[name].histogram, stats[name].histogram)
+        for got, want in zip(head[name].samples.stacked(), stats[name].samples.stacked(), strict=True):
+            np.testing.assert_array_equal(got, want)
+    head_moments.merge(tail_moments)
+    assert _strides(moments)["x"] > 1 and _rows(head_moments) == _rows(moments)
+    want = moments.hessians()["w"]
+    np.testing.assert_allclose(head_moments.hessians()["w"], want, rtol=1e-6, atol=1e-6 * np.max(np.abs(want)))  # float32 products

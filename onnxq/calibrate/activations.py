@@ -156,7 +156,7 @@ def choose_adapters(
     errors = {name: np.zeros(len(pair)) for name, pair in candidates.items()}
     names = list(candidates)
     with exposing(model, names) as sess:
-        for outputs in sized_runs(sess, names, held, RunSizer(input_specs(model), sample_bytes(model, names))):
+        for _, outputs in sized_runs(sess, names, held, RunSizer(input_specs(model), sample_bytes(model, names))):
             for name, value in zip(names, outputs, strict=True):
                 errors[name] += [asq_error(value, quant) for quant in candidates[name]]
     chosen = {}

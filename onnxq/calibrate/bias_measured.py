@@ -141,7 +141,7 @@ def output_means(model: onnx.ModelProto, outputs: Sequence[str], batches: Sequen
     names = list(outputs)
     means = {name: ChannelMeans() for name in names}
     with exposing(model, names) as sess:
-        for outputs in sized_runs(sess, names, batches, RunSizer(input_specs(model), sample_bytes(model, names))):
+        for _, outputs in sized_runs(sess, names, batches, RunSizer(input_specs(model), sample_bytes(model, names))):
             for name, value in zip(names, outputs, strict=True):
                 means[name].add(value)
     return {name: m.mean() for name, m in means.items()}  # type: ignore[misc]

@@ -171,11 +171,13 @@ def collect(
     total: int | None = None,
     histograms: bool = True,
     moments: MomentCollector | None = None,
+    first_sample: int = 0,
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime.
 
     Without ``histograms`` only min/max (and channel means) are kept, which is all min-max calibration needs.
-    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs.
+    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs; ``first_sample`` is the
+    index of the batches' first sample in the whole pass (a shard's place in it), which the moments keep rows by.
     """
     stats = {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
     fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else [])]))
@@ -187,12 +189,13 @@ def collect(
     with exposing(model, fetched) as sess:
         with progress(total) as bar:
             for batch in batches:
-                for outputs in sized_runs(sess, fetched, [batch], sizer):
+                for piece, outputs in sized_runs(sess, fetched, [batch], sizer):
                     for name, value in zip(fetched, outputs, strict=True):
                         if name in stats:
                             _observe(stats[name], name, value, histograms)
                         if moments is not None:
-                            moments.observe(name, value)
+                            moments.observe(name, value, first_sample)
+                    first_sample += batch_size(piece, sizer.axes)
                 bar.update(batch_size(batch, sizer.axes))
     return stats
 
@@ -216,8 +219,8 @@ def sample_bytes(model: onnx.ModelProto, tensors: list[str]) -> float | None:
 
 def sized_runs(
     sess: ort.InferenceSession, tensors: list[str], batches: Iterable[Mapping[str, np.ndarray]], sizer: RunSizer
-) -> Iterator[list[np.ndarray]]:
-    """``tensors`` from runs over ``batches``, cut by ``sizer`` into pieces that keep each run's outputs small."""
+) -> Iterator[tuple[dict[str, np.ndarray], list[np.ndarray]]]:
+    """(piece, ``tensors``) of runs over ``batches``, cut by ``sizer`` into pieces that keep each run's outputs small."""
     for batch in batches:
         for piece in sizer.pieces(batch):
             try:
@@ -226,7 +229,7 @@ def sized_runs(
                 first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
                 raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line}") from e
             sizer.record(piece, outputs)
-            yield outputs
+            yield piece, outputs
 
 
 def _observe(entry: TensorStats, name: str, value: np.ndarray, histograms: bool) -> None:

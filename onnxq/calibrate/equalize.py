@@ -109,7 +109,7 @@ def channel_stats(model: onnx.ModelProto, tensors: list[str], batches: list[dict
     """Per-channel magnitude statistics of ``tensors`` from a run of the float model over ``batches``."""
     stats = {name: ChannelStats() for name in tensors}
     with exposing(model, tensors) as sess:
-        for outputs in sized_runs(sess, tensors, batches, RunSizer(input_specs(model), sample_bytes(model, tensors))):
+        for _, outputs in sized_runs(sess, tensors, batches, RunSizer(input_specs(model), sample_bytes(model, tensors))):
             for name, value in zip(tensors, outputs, strict=True):
                 if np.ndim(value) >= 1 and np.size(value):
                     stats[name].add(value)
