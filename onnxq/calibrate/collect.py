@@ -5,6 +5,10 @@ is written to the working directory; a model too big for one protobuf goes to a 
 temporary folder). Each batch updates a streaming histogram per tensor, so memory does not
 grow with the number of samples. For ASQ it also keeps, per sample, a small histogram over
 the sample's own range and the sample's channel means (the adapter's features).
+
+The statistics of two parts of the data merge (``merge`` on each): histograms and counts exactly, means as float64
+sums, per-sample lists one part after the other. A pass can then run in shards (on several workers) whose statistics
+are merged in the order of the data.
 """
 
 from __future__ import annotations
@@ -65,6 +69,20 @@ class SampleStats:
         """(counts, lo, hi, features) over all samples."""
         return tuple(np.concatenate(parts) for parts in (self.counts, self.lo, self.hi, self.features))  # type: ignore[return-value]
 
+    def merge(self, other: SampleStats) -> None:
+        """Append ``other``'s samples after these (the caller merges parts in the order of the data) and merge the channels.
+
+        The per-sample arrays are shared, not copied: nothing changes them once appended.
+        """
+        for mine, theirs in ((self.counts, other.counts), (self.lo, other.lo), (self.hi, other.hi), (self.features, other.features)):
+            mine.extend(theirs)
+        if other.channels is None:
+            return
+        if self.channels is None:
+            self.channels = copy.deepcopy(other.channels)
+        else:
+            self.channels.merge(other.channels)
+
 
 @dataclass
 class ChannelMeans:
@@ -89,6 +107,14 @@ class ChannelMeans:
         """Mean per index of axis 1; None before any data."""
         return None if self.total is None or self.count == 0 else self.total / self.count
 
+    def merge(self, other: ChannelMeans) -> None:
+        """Add ``other``'s float64 totals and count (``other`` is left as it is)."""
+        if other.total is not None:
+            if self.total is not None and self.total.shape != other.total.shape:
+                raise ValueError(f"cannot merge channel means of shapes {self.total.shape} and {other.total.shape}")
+            self.total = other.total.copy() if self.total is None else self.total + other.total
+        self.count += other.count
+
 
 @dataclass
 class TensorStats:
@@ -98,6 +124,21 @@ class TensorStats:
     samples: SampleStats | None = None
     channels: ChannelMeans = field(default_factory=ChannelMeans)
     rank: int = 0
+
+    def merge(self, other: TensorStats) -> None:
+        """Add the statistics of ``other``, the part of the data after this one's (``other`` is left as it is).
+
+        The rank is the last run's (as one pass over all the data sets it): ``other``'s where it saw values, else this one's
+        unless this one saw no run at all. Both must keep per-sample statistics, or neither.
+        """
+        if (self.samples is None) != (other.samples is None):
+            raise ValueError("cannot merge tensor statistics with per-sample statistics and without")
+        if other.histogram.observed or not self.rank:
+            self.rank = other.rank or self.rank
+        self.histogram.merge(other.histogram)
+        self.channels.merge(other.channels)
+        if self.samples is not None and other.samples is not None:
+            self.samples.merge(other.samples)
 
 
 def feature_axes(rank: int) -> tuple[int, ...]:

@@ -9,6 +9,10 @@ ones). So memory stays constant however many samples stream through, and the res
 depend on how the data were split into batches. Counts are int64 and exact; ranges are those of
 float64 (any float32 value, up to float32's max, is covered). The counting runs in
 C where it can (``onnxq.native.stats``, one pass with the same float32 arithmetic), else in numpy.
+
+For the same reason two histograms of different parts of the data merge exactly (:meth:`Histogram.merge`): both are
+brought to the wider width by the same merging of bins, then added. The result is, bit for bit, the histogram of all
+the data fed to one object, however the data were split: a calibration pass can run in shards on several workers.
 """
 
 from __future__ import annotations
@@ -57,6 +61,11 @@ class Histogram:
         return int(self.counts.sum())
 
     @property
+    def observed(self) -> bool:
+        """Whether any value was seen (min/max are set even where only :meth:`observe` ran)."""
+        return self.min <= self.max
+
+    @property
     def centers(self) -> np.ndarray:
         """(bins,) centre of every bin."""
         return (np.arange(self.bins, dtype=np.float64) - self.bins // 2 + 0.5) * self.width
@@ -103,6 +112,23 @@ class Histogram:
         self.counts = merge_bins(self.counts[None, :], np.array([needed - self.exponent]))[0]
         self.exponent = needed
 
+    def merge(self, other: Histogram) -> None:
+        """Add ``other``'s counts and range to these (``other`` is left as it is).
+
+        Both go to the wider of the two widths by :func:`merge_bins`: bin k at width 2**e lands in bin floor(k / 2**s)
+        at width 2**(e + s), exactly where each of its values would have been counted at that width. The width one object
+        fed all the values ends at is the smallest covering the largest |value|, the wider of the parts' widths, so the
+        merge equals it bit for bit. An empty histogram (width 2**-40, no counts) changes nothing.
+        """
+        if other.bins != self.bins:
+            raise ValueError(f"cannot merge histograms of {self.bins} and {other.bins} bins")
+        exponent = max(self.exponent, other.exponent)
+        mine = _widened(self.counts[None, :], np.array([self.exponent]), np.array([exponent]))
+        theirs = _widened(other.counts[None, :], np.array([other.exponent]), np.array([exponent]))
+        self.counts = (mine + theirs)[0]
+        self.exponent = exponent
+        self.min, self.max = min(self.min, other.min), max(self.max, other.max)
+
 
 def merge_bins(counts: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     """Counts (rows, bins) of centred bins re-binned at 2**shifts[r] times their width, summed exactly in int64.
@@ -119,6 +145,15 @@ def merge_bins(counts: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     merged = np.zeros(rows * bins, dtype=np.int64)
     np.add.at(merged, new_index.ravel(), counts.astype(np.int64, copy=False).ravel())
     return merged.reshape(rows, bins)
+
+
+def _widened(counts: np.ndarray, exponents: np.ndarray, to: np.ndarray) -> np.ndarray:
+    """A copy of ``counts`` (rows, bins) with each row re-binned from width 2**exponents[r] to 2**to[r] (to >= exponents)."""
+    out = counts.copy()
+    rows = np.flatnonzero(to > exponents)  # only these are merged (rows already at the width are copied as they are)
+    if len(rows):
+        out[rows] = merge_bins(counts[rows], to[rows] - exponents[rows])
+    return out
 
 
 def bin_index(values: np.ndarray, inverse_width: float | np.ndarray, bins: int) -> np.ndarray:
@@ -236,3 +271,12 @@ class ChannelHistograms:
         rows = np.flatnonzero(grow)  # only these are merged: after the first batches few channels still widen
         self.counts[rows] = merge_bins(self.counts[rows], needed[rows] - self.exponent[rows])
         self.exponent = needed
+
+    def merge(self, other: ChannelHistograms) -> None:
+        """Add ``other``'s counts and ranges, channel by channel, exactly (see :meth:`Histogram.merge`); ``other`` is left as it is."""
+        if (other.channels, other.bins) != (self.channels, self.bins):
+            raise ValueError(f"cannot merge histograms of {self.channels} channels x {self.bins} bins and {other.channels} x {other.bins}")
+        exponent = np.maximum(self.exponent, other.exponent)
+        self.counts = _widened(self.counts, self.exponent, exponent) + _widened(other.counts, other.exponent, exponent)
+        self.exponent = exponent
+        self.min, self.max = np.minimum(self.min, other.min), np.maximum(self.max, other.max)

@@ -13,9 +13,18 @@ recurrent layers, lookups, readers inside control-flow bodies) or with an input 
 and are quantized for their own error as before.
 
 The sum costs n K^2 for n rows of K features, which for a convolution over a large image (n = samples x positions)
-is many times the layer's own forward pass. Past enough rows for a well-conditioned estimate (MIN_ROWS, or
-ROWS_PER_FEATURE times K), a reader keeps every second row, then every fourth, and so on, each kept row counting
-for the rows it stands for: H stays an average over all the data, at a bounded cost.
+is many times the layer's own forward pass. Past enough rows for a well-conditioned estimate (the cap: MIN_ROWS, or
+ROWS_PER_FEATURE times K), a reader keeps one row in ``stride`` (a power of two), each kept row counting for the
+rows it stands for: H stays an average over all the data, at a bounded cost.
+
+Which rows are kept depends only on where they are in the calibration data, not on how the data were cut into runs
+or shards: row r of sample i (i counted over the whole stream) has the position p = i * 2**32 + r, and of each run of
+``stride`` positions (always inside one sample: strides are powers of two up to 2**32) the row at a hashed offset is
+kept. When the number of samples is known (the pipeline's passes) the stride is set once, from the first run, to
+keep about the cap, and stays (bar a safety doubling when many more rows come than planned: variable-length inputs);
+a pass in shards on several workers then keeps the very rows one pass keeps, and their merged sums
+(:meth:`MomentCollector.merge`) count the same rows. Without a sample count the stride doubles as rows are kept (a
+new cap's worth of rows at each stride), which depends on the rows before: only such a pass is not shard-independent.
 """
 
 from __future__ import annotations
@@ -46,6 +55,10 @@ FLUSH_ROWS = 4096
 SYRK_FEATURES = 64
 #: Rows of the upper triangle mirrored at a time (small temporaries).
 SYMMETRIC_BLOCK = 256
+#: Positions per sample: row r of sample i is at i * SAMPLE_POSITIONS + r, so a run of a stride up to it stays in one sample.
+SAMPLE_POSITIONS = 1 << 32
+#: A planned stride doubles once the kept rows pass this many caps (twice the most the plan keeps: it keeps under 2 caps).
+SAFETY_CAPS = 4
 
 
 @dataclass(frozen=True)
@@ -82,6 +95,20 @@ class LayerInput:
         if self.kind == "transposed":
             return shape[1]
         return shape[0] * math.prod(self._out_shape(shape[2:]))
+
+    def layout(self, value: np.ndarray) -> tuple[int, int]:
+        """(samples, rows per sample) of the rows :meth:`rows` makes of ``value``, which come sample after sample.
+
+        The samples are axis 0 of ``value``, except for a 2-D input read by its columns (Gemm's transA, W @ x): its
+        rows are the columns, the Gemm's M axis, one sample each. Where axis 0 does not divide the rows evenly, the
+        whole run counts as one sample.
+        """
+        shape = np.shape(value)
+        count = self.count(value)
+        if self.kind in ("transposed", "columns") and len(shape) == 2:
+            return count, 1
+        samples = shape[0] if shape else 1
+        return (samples, count // samples) if samples and count % samples == 0 else (1, count)
 
     def rows(self, value: np.ndarray, keep: slice | np.ndarray = slice(None)) -> np.ndarray:
         """(groups, n, K) rows of ``value`` (one run of the tensor), only those ``keep`` selects (convolutions build no others)."""
@@ -193,41 +220,57 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
 class Moments:
     """Running sums of x x^T and of x (float64) over the rows of a weight's inputs, per group, and the rows they stand for.
 
-    Rows come in order; once ``kept`` passes the cap (MIN_ROWS or ROWS_PER_FEATURE x K), the stride doubles: later rows
-    are taken one in ``stride`` (:meth:`take`), each weighted by ``stride`` (the rows it stands for), so ``count`` still counts every row.
+    Of every run of ``stride`` row positions (see the module) one row is kept (:meth:`take`), weighted by ``stride``
+    (the rows it stands for), so ``count`` still counts every row (on average: a sample's last run may be partly empty).
+    The stride is planned from a known row count (:meth:`plan_stride`) and then fixed, or doubles as rows are kept
+    (:meth:`widen`).
     """
 
     sums: np.ndarray | None = None
     count: int = 0
     kept: int = 0
     stride: int = 1
-    seen: int = 0
+    planned: int | None = None  # the stride planned from the expected rows (None: no plan, the stride doubles as rows come)
+    seen: int = 0  # rows offered so far, kept or not
     pending: np.ndarray | None = None  # float32 sums since the last flush (per group; syrk's upper triangle, Fortran order)
     pending_rows: int = 0
     linear: np.ndarray | None = None  # float64 sum of the rows themselves, per group (for E[x])
 
     def plan_stride(self, expected_rows: int, features: int) -> None:
-        """Start at the stride that keeps about the cap of ``expected_rows`` (the doubling stays for more rows than expected)."""
+        """Fix the stride that keeps between one and two caps of ``expected_rows`` (more rows than expected: :meth:`widen`)."""
         cap = _row_cap(features)
-        while expected_rows >= 2 * cap * self.stride:
+        while expected_rows >= 2 * cap * self.stride and self.stride < SAMPLE_POSITIONS:
             self.stride *= 2
+        self.planned = self.stride
 
-    def take(self, n: int) -> slice | np.ndarray:
-        """Which of the next ``n`` rows to keep (all, or their indices); advances past them.
+    def take(self, first_sample: int, samples: int, rows: int) -> slice | np.ndarray:
+        """Which rows to keep (all, or their ascending indices) of ``samples`` samples of ``rows`` rows each, sample-major.
 
-        One row of each run of ``stride`` rows (counted across calls), at an offset that varies from run to run: a
-        fixed offset would keep the same columns of every image row (a convolution's left border, never its right).
+        The first is sample ``first_sample`` of the whole stream, and row r of sample i is at position p = i * 2**32 + r:
+        of each run of ``stride`` positions, run p // stride keeps the row at offset :func:`kept_offset` (a sample's last
+        run may have no row there, and then keeps none). The offset varies from run to run: a fixed one would keep the
+        same columns of every image row (a convolution's left border, never its right). Computed per run, not per row:
+        a sample has ceil(rows / stride) runs.
         """
+        self.seen += samples * rows
         if self.stride == 1:
-            self.seen += n
             return slice(None)
-        positions = np.arange(self.seen, self.seen + n, dtype=np.uint64)
-        self.seen += n
-        return np.flatnonzero(positions % np.uint64(self.stride) == kept_offset(positions // np.uint64(self.stride), self.stride))
+        if rows > SAMPLE_POSITIONS:
+            raise ValueError(f"a sample of {rows} rows has more than 2**32")
+        runs = -(-rows // self.stride)
+        shift = np.uint64(SAMPLE_POSITIONS.bit_length() - self.stride.bit_length())  # p // stride = (i << shift) + r // stride
+        first_run = np.arange(first_sample, first_sample + samples, dtype=np.uint64) << shift
+        numbers = first_run[:, None] + np.arange(runs, dtype=np.uint64)[None, :]
+        row = np.arange(runs, dtype=np.int64)[None, :] * self.stride + kept_offset(numbers, self.stride).astype(np.int64)
+        index = np.arange(samples, dtype=np.int64)[:, None] * rows + row
+        return index[row < rows]
 
-    def add(self, rows: np.ndarray) -> None:
-        """Add the next (groups, n, K) rows, keeping those :meth:`take` picks."""
-        self.add_taken(rows[:, self.take(rows.shape[1])])
+    def add(self, rows: np.ndarray, first_sample: int = 0, samples: int = 1) -> None:
+        """Add the (groups, n, K) rows of ``samples`` samples (n / samples rows each) from sample ``first_sample`` on."""
+        per_sample, remainder = divmod(rows.shape[1], samples)
+        if remainder:
+            raise ValueError(f"{rows.shape[1]} rows do not split into {samples} samples")
+        self.add_taken(rows[:, self.take(first_sample, samples, per_sample)])
 
     def add_taken(self, picked: np.ndarray) -> None:
         """Add rows :meth:`take` picked: their products in float32 (BLAS), each counted ``stride`` times.
@@ -246,7 +289,23 @@ class Moments:
             self.flush()
         self.count += picked.shape[1] * self.stride
         self.kept += picked.shape[1]
-        while self.kept >= _row_cap(k) * self.stride.bit_length():
+        self.widen(k)
+
+    def widen(self, features: int) -> None:
+        """Double the stride while more rows are kept than it should keep.
+
+        Planned: only past SAFETY_CAPS caps (more rows came than the plan expected), and one cap more for each doubling
+        since. Not planned: past one cap per stride so far (1, 2, 4, ...: a cap at each), as rows come. The second depends
+        on the rows before; the first, while the plan holds, does not.
+        """
+        cap = _row_cap(features)
+        while self.stride < SAMPLE_POSITIONS:
+            if self.planned is not None:
+                limit = cap * (SAFETY_CAPS + self.stride.bit_length() - self.planned.bit_length())
+                if self.kept <= limit:
+                    return
+            elif self.kept < cap * self.stride.bit_length():
+                return
             self.stride *= 2
 
     def flush(self) -> None:
@@ -255,6 +314,23 @@ class Moments:
             return
         self.sums = self.pending.astype(np.float64) if self.sums is None else self.sums + self.pending
         self.pending, self.pending_rows = None, 0
+
+    def merge(self, other: Moments) -> None:
+        """Add ``other``'s sums (both flushed to float64; ``other`` is left as it is), rows and counts.
+
+        The merged stride is the larger (what a pass that goes on would keep); each part's rows already carry their own weights.
+        """
+        self.flush()
+        sums = other.sums if other.pending is None else (other.pending.astype(np.float64) if other.sums is None else other.sums + other.pending)
+        if sums is not None:
+            self.sums = sums.copy() if self.sums is None else self.sums + sums
+        if other.linear is not None:
+            self.linear = other.linear.copy() if self.linear is None else self.linear + other.linear
+        self.count += other.count
+        self.kept += other.kept
+        self.seen += other.seen
+        self.stride = max(self.stride, other.stride)
+        self.planned = self.planned if self.planned is not None else other.planned
 
     def hessian(self) -> np.ndarray | None:
         """E[x x^T] per group, (groups, K, K); None before any rows."""
@@ -267,8 +343,20 @@ class Moments:
 
 
 def kept_offset(runs: np.ndarray, stride: int) -> np.ndarray:
-    """The offset of the row kept in each run of ``stride`` rows: a multiplicative hash of the run's number (Knuth's)."""
-    return ((np.asarray(runs, dtype=np.uint64) * np.uint64(2654435761)) >> np.uint64(16)) % np.uint64(stride)
+    """The offset of the row kept in each run of ``stride`` positions: the run's number hashed (splitmix64's finaliser).
+
+    Every bit of the number moves every bit of the hash. The run numbers of sample i are i * 2**32 / stride + j, whose
+    low bits are those of j alone: Knuth's multiplicative hash (bits 16 up of 2654435761 x number), used before, gave
+    every sample the same offsets, and a sample of one row (a Gemm's input) offset 0 at all strides up to 256, which
+    kept every sample's row.
+    """
+    z = np.array(runs, dtype=np.uint64, ndmin=1)  # arrays: numpy's uint64 products wrap silently (scalars warn)
+    z ^= z >> np.uint64(30)
+    z *= np.uint64(0xBF58476D1CE4E5B9)
+    z ^= z >> np.uint64(27)
+    z *= np.uint64(0x94D049BB133111EB)
+    z ^= z >> np.uint64(31)
+    return z % np.uint64(stride)
 
 
 def _row_cap(features: int) -> int:
@@ -313,7 +401,7 @@ class MomentCollector:
     """
 
     inputs: Mapping[str, list[LayerInput]]
-    samples: int | None = None  # the samples the runs will bring, when known: sets each reader's stride from its first run
+    samples: int | None = None  # the samples the whole pass brings, when known (every shard's collector the total): fixes each reader's stride
     moments: dict[LayerInput, Moments] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -324,20 +412,26 @@ class MomentCollector:
         """The tensors a run must fetch."""
         return list(dict.fromkeys(reader.tensor for reader in self.moments))
 
-    def observe(self, name: str, value: np.ndarray) -> None:
-        """Add one run's values of tensor ``name`` to the sums of every reader of it."""
+    def observe(self, name: str, value: np.ndarray, first_sample: int = 0) -> None:
+        """Add one run's values of tensor ``name`` to the sums of every reader of it.
+
+        ``first_sample``: the index of the run's first sample in the whole pass (the rows kept depend on it, see the module).
+        """
         for reader, moments in self.moments.items():
-            if reader.tensor != name:
+            if reader.tensor != name or reader.count(value) == 0:
                 continue
-            step = len(value)
-            if reader.kind == "conv" and len(value) > 1:  # patches take kernel-size times the input: a few samples at a time
-                patch_bytes = 4 * value[:1].size * math.prod(reader.kernel) // max(math.prod(reader.strides), 1)
-                step = max(1, PATCH_BYTES // max(patch_bytes, 1))
-            if moments.seen == 0 and self.samples is not None and len(value):
-                moments.plan_stride(reader.count(value) * self.samples // len(value), reader.features(value))
-            for start in range(0, len(value), step):
+            samples, rows = reader.layout(value)
+            if moments.seen == 0 and self.samples is not None:
+                moments.plan_stride(rows * self.samples, reader.features(value))
+            if reader.kind != "conv" or samples == 1:
+                moments.add_taken(reader.rows(value, moments.take(first_sample, samples, rows)))
+                continue
+            # patches take kernel-size times the input: a few samples at a time
+            patch_bytes = 4 * value[:1].size * math.prod(reader.kernel) // max(math.prod(reader.strides), 1)
+            step = max(1, PATCH_BYTES // max(patch_bytes, 1))
+            for start in range(0, samples, step):
                 chunk = value[start : start + step]
-                moments.add_taken(reader.rows(chunk, moments.take(reader.count(chunk))))
+                moments.add_taken(reader.rows(chunk, moments.take(first_sample + start, len(chunk), rows)))
 
     def hessians(self) -> dict[str, np.ndarray]:
         """Per weight, E[x x^T] per group over all its readers' rows; weights with the same readers share one matrix.
@@ -353,6 +447,13 @@ class MomentCollector:
             if (h := shared[key]) is not None:
                 out[weight] = h
         return out
+
+    def merge(self, other: MomentCollector) -> None:
+        """Add ``other``'s sums, reader by reader (``other`` is left as it is): a shard of the same pass, the next one in the data."""
+        if set(other.moments) != set(self.moments):
+            raise ValueError("cannot merge moments of different layer inputs")
+        for reader, moments in self.moments.items():
+            moments.merge(other.moments[reader])
 
     def _average(self, readers: tuple[LayerInput, ...]) -> np.ndarray | None:
         """The readers' summed x x^T over their rows, made symmetric and divided in place; None without rows."""
