@@ -23,9 +23,9 @@ from onnx import numpy_helper
 
 from onnxq import QuantizeConfig
 from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_idx_split
+from onnxq.calibrate.shards import shards
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, CalibrationMethod
-from onnxq.distribute.passes import shards
 from onnxq.errors import OnnxqError
 from onnxq.pipeline import quantize_with_report
 
@@ -54,7 +54,7 @@ def runs(images: np.ndarray) -> list[dict[str, np.ndarray]]:
 
 @pytest.fixture(scope="module")
 def local_client():
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with distributed.Client(cluster) as client:
             yield client
 
@@ -122,7 +122,7 @@ class KillOnce(distributed.WorkerPlugin):
 def test_a_worker_killed_mid_pass_changes_nothing(images, single, tmp_path):
     """Its shards run again on a worker (Dask retries them) and each shard's statistics are merged once."""
     marker = tmp_path / "killed"
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster:
         with distributed.Client(cluster) as client:
             client.register_plugin(KillOnce(str(marker)))
             got = quantize_with_report(RESNET, CONFIGS["weights with data"], runs(images), client).model

@@ -422,7 +422,7 @@ def test_collect_in_shards_merges_to_one_collect(monkeypatch):
         moments = MomentCollector(inputs, samples=total)
         task = PassTask(("h", "y"), ("h", "y", *moments.tensors), per_sample=True, histograms=True, moments=moments)
         with exposing(model, list(task.fetched)) as sess:  # what a worker does with its shard (onnxq/distribute/passes.py)
-            observed = observe_runs(sess, task, part, sample_bytes(model, list(task.fetched)), input_specs(model), first_sample=first)
+            observed = observe_runs(sess, task, part, sample_bytes(model, list(task.fetched)), input_specs(model), first, task.fresh(moments))
         return observed.stats, moments
 
     stats, moments = run(batches, 0)

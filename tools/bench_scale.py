@@ -1,28 +1,34 @@
 """Calibration and sensitivity passes against the number of Dask workers, and the cost model they fit.
 
 The model is ResNet-50's graph at 224x224 with random weights (tools/bench_calibration_memory.py builds it: time does
-not depend on the weight values), the data random images. Measured, one run each, on this machine:
+not depend on the weight values), the data random images. Measured on this machine, each pass once:
 
-- the calibration pass of `onnxq quantize -b 4 --calibration DATA` (W4A8, mse: histograms of every activation site and
-  the second moments H of every layer's input) in one process, and on 1..W local workers (a LocalCluster, one thread
-  each), for several sample counts;
-- the passes of mixed precision: the proxy's H pass, and the measured probes of `--sensitivity measured` (one model run
-  per layer and width), in one process and on the workers;
-- the parts of the cost model, each timed on its own: a worker's time per sample, sending the model to the workers and
-  opening their sessions, and the client's merge of one shard's statistics.
+- the calibration pass of `onnxq quantize -b 4 --calibration DATA` (W4A8 mse: histograms of every activation site
+  and the second moments H of every layer's input), for several sample counts, in one process (onnxruntime and BLAS
+  on every core) and on 1..W local workers (a LocalCluster, one thread each);
+- the measured sensitivity probes of `--sensitivity measured` (one model run per layer, on a few samples), in one
+  process and on the workers;
+- on their own: sending the model to the workers and opening a session on each, and the client's merge of one
+  shard's statistics (counted inside the passes).
 
-The cost model of a pass over n samples on W workers is  T = start + W x send + (n / W) x per_sample + shards x merge,
-with shards = SHARDS_PER_WORKER x W (onnxq/distribute/passes.py). The table prints each measured point beside the
-model's prediction, then what the model says for ResNet-50 at 224x224 with 10,000 calibration samples on 8 and 64
-machines like one worker here (the send and merge terms measured on loopback; a network adds to them).
+Cost model of a calibration pass over n samples on W workers (shards: onnxq/calibrate/shards.py):
 
-    python tools/bench_scale.py [--samples 8 16 32] [--workers 1 2]
+    T = start + W x send + (n x forward + hwork(n) x per_h) / W + shards(n) x merge
+
+where hwork(n) = sum over layers of the rows kept for H times K^2 (the moments' planned thinning bounds the rows, so
+it stops growing past a few hundred samples; computed from the planner, not measured). start, forward and per_h are
+fitted by least squares on the worker runs; send and merge are measured alone. The table prints each measured point
+beside the model, then what the model says for ResNet-50 at 224x224 with 10,000 calibration samples on 8 and 64
+machines with one such worker each (send and merge measured over loopback; a network adds to them).
+
+    python tools/bench_scale.py [--samples 8 16 32] [--workers 1 2] [--probe-samples 4]
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -31,50 +37,55 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from onnxq.calibrate.collect import Observed, collect  # noqa: E402
-from onnxq.calibrate.moments import MomentCollector, layer_inputs  # noqa: E402
+from onnxq.analysis.sensitivity import SensitivityAnalysis  # noqa: E402
+from onnxq.calibrate.collect import Observed, _with_outputs, collect  # noqa: E402
+from onnxq.calibrate.moments import LayerInput, MomentCollector, Moments, layer_inputs  # noqa: E402
 from onnxq.calibrate.placement import activation_sites  # noqa: E402
+from onnxq.calibrate.samples import input_specs  # noqa: E402
+from onnxq.calibrate.shards import shard_samples, shards  # noqa: E402
 from onnxq.config import ActivationConfig, CalibrationMethod, QuantizeConfig  # noqa: E402
-from onnxq.distribute import passes  # noqa: E402
 from onnxq.pipeline import load_and_prepare, plan_quantization  # noqa: E402
 from tools.bench_calibration_memory import resnet50  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
 RUN = 8  # samples per calibration run
+SIZE = 224
+TARGET_SAMPLES = 10_000
 
 
 @dataclasses.dataclass
 class Point:
-    """One measured pass."""
+    """One measured calibration pass."""
 
     samples: int
     workers: int  # 0: one process, no Dask
     seconds: float
-    merge_seconds: float = 0.0
-    shards: int = 0
+    merge_seconds: float
+    shards: int
+    hwork: float  # sum of kept rows x K^2 over the readers
 
 
-class Calibration:
-    """The calibration pass of a W4A8 run on the prepared model, as the pipeline sets it up."""
+class CalibrationPass:
+    """The calibration pass of a W4A8 run on the prepared ResNet-50, set up as the pipeline sets it up."""
 
-    def __init__(self, samples: int) -> None:
-        self.config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=8, method=CalibrationMethod.MSE, samples=samples))
+    def __init__(self) -> None:
+        self.config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=8, method=CalibrationMethod.MSE))
         self.loaded = load_and_prepare(resnet50())
         self.plan = plan_quantization(self.loaded, self.config, "data")
         graph = self.loaded.model.graph
         self.sites = [s.tensor for s in activation_sites(graph, self.plan.weights, self.plan.integer_op_nodes, self.config)]
         self.inputs = layer_inputs(graph, self.plan.weights)
+        self.rows_per_sample: dict[LayerInput, tuple[int, int]] = {}  # reader -> (rows a sample, K), from the first run
 
-    def run(self, images: np.ndarray, client: object | None) -> Point:
-        """Time one pass over ``images`` (and the client's merges, when on workers)."""
-        merges = [0.0, 0]
+    def run(self, images: np.ndarray, client: object | None, workers: int) -> Point:
+        """Time one pass over ``images``, and the client's merges of the shards."""
+        merges = [0.0]
         original = Observed.merge
 
         def timed(self_: Observed, other: Observed) -> None:
             start = time.perf_counter()
             original(self_, other)
             merges[0] += time.perf_counter() - start
-            merges[1] += 1
 
         Observed.merge = timed  # type: ignore[method-assign]
         try:
@@ -85,68 +96,124 @@ class Calibration:
             seconds = time.perf_counter() - start
         finally:
             Observed.merge = original  # type: ignore[method-assign]
-        workers = 0 if client is None else passes.worker_count(client)
-        return Point(len(images), workers, seconds, merges[0], merges[1])
+        for reader, m in moments.moments.items():
+            k = int(m.sums.shape[-1]) if m.sums is not None else 0
+            self.rows_per_sample[reader] = (m.count // len(images), k * k * (m.sums.shape[0] if m.sums is not None else 0))
+        count = sum(1 for _ in shards(batches, input_specs(self.loaded.model), shard_samples(len(images))))
+        return Point(len(images), workers, seconds, merges[0], count, self.hwork(len(images)))
+
+    def hwork(self, samples: int) -> float:
+        """Sum over readers of the rows the planned thinning keeps of ``samples`` samples times K^2 (times groups)."""
+        total = 0.0
+        for rows, k2 in self.rows_per_sample.values():
+            if not k2:
+                continue
+            m = Moments()
+            expected = rows * samples
+            m.plan_stride(expected, int(math.isqrt(k2)))
+            total += expected / m.stride * k2
+        return total
+
+    def send_seconds(self, client: object) -> float:
+        """Sending the exposed model to every worker and opening a session on each (what a pass does first)."""
+        payload = _with_outputs(self.loaded.model, self.sites).SerializeToString()
+        start = time.perf_counter()
+        future = client.scatter(payload, broadcast=True, hash=False)
+        opened = [client.submit(_open_session, future, workers=[address], pure=False) for address in client.scheduler_info()["workers"]]
+        client.gather(opened)
+        return time.perf_counter() - start
 
 
-def send_seconds(client: object, calibration: Calibration) -> float:
-    """Sending the exposed model to every worker and opening a session there (a pass over one sample, less that sample)."""
-    from onnxq.calibrate.collect import _with_outputs
+def _open_session(payload: bytes) -> bool:
+    """On a worker: open a session on the model, as its first shard does."""
+    from onnxq.distribute.passes import _session
 
-    payload = _with_outputs(calibration.loaded.model, calibration.sites).SerializeToString()
+    return _session(payload, "bench-send") is not None
+
+
+def fit(points: list[Point], send: dict[int, float]) -> tuple[float, float, float]:
+    """(start, seconds per sample forward, seconds per unit of H work) by least squares over the worker runs."""
+    used = [p for p in points if p.workers]
+    rows = np.array([(1.0, p.samples / p.workers, p.hwork / p.workers) for p in used])
+    rest = np.array([p.seconds - send[p.workers] - p.merge_seconds for p in used])
+    coef, *_ = np.linalg.lstsq(rows, rest, rcond=None)
+    return float(coef[0]), float(coef[1]), float(coef[2])
+
+
+def predict(model: tuple[float, float, float], send_per_worker: float, merge: float, samples: int, workers: int, hwork: float,
+            shard_count: int) -> float:
+    start, forward, per_h = model
+    return start + workers * send_per_worker + (samples * forward + hwork * per_h) / workers + shard_count * merge
+
+
+def probes(images: np.ndarray, workers: list[int]) -> list[tuple[str, float, int]]:
+    """Seconds of the measured probes of every layer at its planned width: one process, then on each worker count."""
+    from distributed import Client, LocalCluster
+
+    data = [{"x": images}]
+    config = QuantizeConfig(bits=4)
+    out = []
+    analysis = SensitivityAnalysis(resnet50(), config, data, len(images), nodes=False)
+    for plan in analysis.plans:  # quantized before the clock starts: the probes are what is measured
+        analysis.dequantized(plan.tensor, plan.bits)
     start = time.perf_counter()
-    future = client.scatter(payload, broadcast=True, hash=False)
-    client.run(lambda: None)
-    del future
-    return time.perf_counter() - start
-
-
-def fit(points: list[Point]) -> tuple[float, float, float, float]:
-    """(start, send per worker, seconds per sample per worker, merge per shard) by least squares over the worker runs."""
-    rows = [(1.0, p.workers, p.samples / p.workers, p.shards) for p in points if p.workers]
-    times = [p.seconds for p in points if p.workers]
-    coef, *_ = np.linalg.lstsq(np.array(rows), np.array(times), rcond=None)
-    return tuple(float(c) for c in coef)  # type: ignore[return-value]
-
-
-def predict(model: tuple[float, float, float, float], samples: int, workers: int) -> float:
-    start, send, per_sample, merge = model
-    return start + workers * send + samples / workers * per_sample + passes.SHARDS_PER_WORKER * workers * merge
+    analysis.layers()
+    out.append(("one process", time.perf_counter() - start, len(analysis.plans)))
+    for w in workers:
+        with LocalCluster(n_workers=w, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+            spread = SensitivityAnalysis(resnet50(), config, data, len(images), nodes=False, client=client)
+            for plan in spread.plans:
+                spread.dequantized(plan.tensor, plan.bits)
+            start = time.perf_counter()
+            spread.layers()
+            out.append((f"{w} workers", time.perf_counter() - start, len(spread.plans)))
+    return out
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--probe-samples", type=int, default=4)
     args = parser.parse_args()
     from distributed import Client, LocalCluster
 
     print(cpu_description())
-    rng = np.random.default_rng(0)
-    images = rng.random((max(args.samples), 3, 224, 224), dtype=np.float32)
-    calibration = Calibration(max(args.samples))
-    print(f"ResNet-50 graph at 224x224, random weights; calibration pass of W4A8 mse with output-aware moments "
-          f"({len(calibration.sites)} activation sites, {len(calibration.inputs)} weights' H); runs of {RUN} samples\n")
-    points = [calibration.run(images[:n], None) for n in args.samples]
-    sends = {}
+    images = np.random.default_rng(0).random((max(args.samples), 3, SIZE, SIZE), dtype=np.float32)
+    calibration = CalibrationPass()
+    print(f"ResNet-50 graph at {SIZE}x{SIZE}, random weights. Calibration pass of W4A8 mse with output-aware moments: "
+          f"{len(calibration.sites)} activation sites, {len(calibration.inputs)} weights' H; runs of {RUN} samples\n")
+    points = [calibration.run(images[:n], None, 0) for n in args.samples]
+    send: dict[int, float] = {}
     for workers in args.workers:
-        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, Client(cluster) as client:
-            sends[workers] = send_seconds(client, calibration)
-            points += [calibration.run(images[:n], client) for n in args.samples]
-    model = fit(points)
-    print("| samples | workers | measured s | cost model s | shards | client merges s |")
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
+            send[workers] = calibration.send_seconds(client)
+            points += [calibration.run(images[:n], client, workers) for n in args.samples]
+    model = fit(points, send)
+    send_per_worker = float(np.mean([s / w for w, s in send.items()]))
+    merge = float(np.sum([p.merge_seconds for p in points if p.workers]) / np.sum([p.shards for p in points if p.workers]))
+    print("| samples | workers | shards | measured s | cost model s | client merges s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for p in points:
-        predicted = f"{predict(model, p.samples, p.workers):.1f}" if p.workers else "-"
-        print(f"| {p.samples} | {p.workers or 'one process'} | {p.seconds:.1f} | {predicted} | {p.shards or '-'} | {p.merge_seconds:.2f} |")
-    start, send, per_sample, merge = model
-    print(f"\ncost model: {start:.2f} s + W x {send:.2f} s + n/W x {per_sample:.3f} s + {passes.SHARDS_PER_WORKER}W shards x {merge:.3f} s")
-    print("measured alone: send model + open sessions " + ", ".join(f"{w} workers {s:.2f} s" for w, s in sends.items()))
-    for machines in (8, 64):
-        total = predict(model, 10_000, machines)
-        print(f"ResNet-50 224x224, 10,000 samples, {machines} machines (one worker each, like this one): {total / 60:.1f} min "
-              f"(compute {10_000 / machines * per_sample / 60:.1f} min, merges {passes.SHARDS_PER_WORKER * machines * merge / 60:.1f} min)")
-    print(f"one process, 10,000 samples: {10_000 * per_sample / 60:.0f} min at the workers' per-sample time")
+        predicted = f"{predict(model, send_per_worker, merge, p.samples, p.workers, p.hwork, p.shards):.1f}" if p.workers else "-"
+        print(f"| {p.samples} | {p.workers or 'one process'} | {p.shards} | {p.seconds:.1f} | {predicted} | {p.merge_seconds:.2f} |")
+    start, forward, per_h = model
+    print(f"\ncost model: {start:.2f} s + W x {send_per_worker:.2f} s (send, measured) + (n x {forward:.3f} s + hwork(n) x "
+          f"{per_h * 1e9:.3f} s per 1e9) / W + shards x {merge:.2f} s (merge, measured)")
+    print("hwork(n) / 1e9: " + ", ".join(f"n={n}: {calibration.hwork(n) / 1e9:.1f}" for n in [*args.samples, 256, TARGET_SAMPLES]))
+    hwork, count = calibration.hwork(TARGET_SAMPLES), math.ceil(TARGET_SAMPLES / shard_samples(TARGET_SAMPLES))
+    for machines in (1, 8, 64):
+        total = predict(model, send_per_worker, merge, TARGET_SAMPLES, machines, hwork, count)
+        compute = (TARGET_SAMPLES * forward + hwork * per_h) / machines
+        print(f"ResNet-50 {SIZE}x{SIZE}, {TARGET_SAMPLES:,} samples, {machines} machine(s) of one such worker: {total / 60:.1f} min "
+              f"(compute {compute / 60:.1f} min, {count} shard merges on the client "
+              f"{count * merge / 60:.1f} min, "
+              f"send {machines * send_per_worker:.0f} s)")
+    print(f"\nMeasured sensitivity probes: every layer at its planned width, {args.probe_samples} samples a run")
+    print("| where | layers | seconds |")
+    print("|---|---:|---:|")
+    for where, seconds, layers in probes(images[: args.probe_samples], args.workers):
+        print(f"| {where} | {layers} | {seconds:.1f} |")
 
 
 if __name__ == "__main__":

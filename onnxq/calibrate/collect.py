@@ -30,6 +30,7 @@ import onnxruntime as ort
 from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histograms
 from onnxq.calibrate.moments import MomentCollector
 from onnxq.calibrate.samples import InputSpec, RunSizer, batch_size, input_specs
+from onnxq.calibrate.shards import shard_samples, shards
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
@@ -180,25 +181,26 @@ def collect(
     """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime.
 
     Without ``histograms`` only min/max (and channel means) are kept, which is all min-max calibration needs.
-    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs. With a Dask ``client``
-    the runs go to its workers in shards, and the shards' statistics are merged here (onnxq/distribute/passes.py):
-    the same statistics, the same code per shard (:func:`observe_runs`).
+    ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs. The runs are summed in
+    shards (onnxq/calibrate/shards.py), each from empty, merged in order; with a Dask ``client`` the shards go to its
+    workers (onnxq/distribute/passes.py): the same code per shard (:func:`observe_runs`), the same statistics.
     """
     fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else [])]))
     if not fetched:  # nothing to observe (onnxruntime would return every output); the batches still pass through
         for _ in batches:
             pass
         return {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
-    task = PassTask(tuple(tensors), tuple(fetched), per_sample, histograms, moments)
+    task = PassTask(tuple(tensors), tuple(fetched), per_sample, histograms, copy.deepcopy(moments))  # empty: each shard starts from it
+    observed = task.fresh(moments)  # the caller's collector sums the shards
     if client is not None:
         from onnxq.distribute.passes import collect_on
 
-        observed = collect_on(client, model, task, batches, total)
+        collect_on(client, model, task, batches, total, observed)
     else:
+        specs, per_sample_bytes = input_specs(model), sample_bytes(model, fetched)
         with exposing(model, fetched) as sess, progress(total) as bar:
-            observed = observe_runs(sess, task, batches, sample_bytes(model, fetched), input_specs(model), bar=bar)
-    if moments is not None and observed.moments is not None and observed.moments is not moments:
-        moments.merge(observed.moments)
+            for shard in shards(batches, specs, shard_samples(total)):  # as on workers: the same sums, merged in the same order
+                observed.merge(observe_runs(sess, task, shard.batches, per_sample_bytes, specs, shard.first_sample, task.fresh_copy(), bar))
     return observed.stats
 
 
@@ -206,7 +208,7 @@ def collect(
 class PassTask:
     """What one calibration pass observes: the tensors whose statistics it keeps, all it fetches, and how.
 
-    ``moments`` is the collector the pass sums into (locally), or an empty one each shard starts from (on workers).
+    ``moments`` is an empty collector of the layers whose H the pass sums: each shard starts from a copy of it.
     """
 
     tensors: tuple[str, ...]
@@ -216,7 +218,7 @@ class PassTask:
     moments: MomentCollector | None = None
 
     def fresh(self, moments: MomentCollector | None) -> Observed:
-        """Empty statistics, summing moments into ``moments`` (the task's own locally, a copy of it on a worker)."""
+        """Empty statistics that sum the moments into ``moments``."""
         return Observed({name: TensorStats(samples=SampleStats() if self.per_sample else None) for name in self.tensors}, moments)
 
     def fresh_copy(self) -> Observed:
@@ -247,16 +249,16 @@ def observe_runs(
     batches: Iterable[Mapping[str, np.ndarray]],
     per_sample_bytes: float | None,
     specs: list[InputSpec],
-    first_sample: int = 0,
-    into: Observed | None = None,
+    first_sample: int,
+    into: Observed,
     bar: progress | None = None,
 ) -> Observed:
-    """Run ``sess`` over ``batches`` and add the fetched tensors to the statistics ``task`` asks for.
+    """Run ``sess`` over ``batches`` (one shard) and add the fetched tensors to the statistics ``task`` asks for, ``into``.
 
-    ``first_sample``: the global index of the first sample (a shard's place in the whole stream: the moments keep
-    rows by it). Locally the pass sums into ``task.moments`` itself; on a worker into a fresh copy (``into``).
+    ``first_sample``: the global index of the shard's first sample (its place in the whole stream: the moments keep
+    rows by it).
     """
-    observed = into if into is not None else task.fresh(task.moments)
+    observed = into
     sizer = RunSizer(specs, per_sample_bytes)
     fetched = list(task.fetched)
     for batch in batches:

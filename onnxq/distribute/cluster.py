@@ -48,7 +48,7 @@ def cluster(workers: int | None = None, scheduler: str | None = None) -> Iterato
         return
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
+    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.ERROR) as local, Client(local) as client:
         yield client
 

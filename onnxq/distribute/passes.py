@@ -1,22 +1,20 @@
 """A calibration pass over shards of the data on Dask workers, merged on the client in the order of the data.
 
-The client reads the data (checked runs, as for a local pass), groups whole runs into shards and sends each to a
-worker. The model is sent once: every worker gets its bytes once and opens one onnxruntime session on them, which later
-shards (and later passes over the same model) reuse. A shard's statistics come back as one object
-(:class:`~onnxq.calibrate.collect.Observed`), and the client merges them in shard order, whatever order they finish
-in: counts, histograms and min/max merge exactly, means and H as float64 sums, so a run with workers computes what a
+The client reads the data (checked runs, as for a local pass), groups whole runs into the shards a local pass uses
+(onnxq/calibrate/shards.py) and sends each to a worker. The model goes to every worker once, and each worker opens
+one onnxruntime session on it, which later shards (and later passes over the same model) reuse. A shard's statistics
+come back as one object (:class:`~onnxq.calibrate.collect.Observed`), and the client merges them in shard order,
+whatever order they finish in, as a local pass merges the same shards: a run with workers computes, bit for bit, what a
 run without them does. At most a few shards per worker are in flight, so the client never holds the whole data set.
 
-A worker that dies mid-pass loses only the shards it held: Dask runs them again elsewhere, and a shard's statistics
-are merged once, when its result arrives, so nothing is counted twice.
+A worker that dies mid-pass loses only the shards it held: the scheduler keeps each shard's data with its task (not
+on a worker, where it would die with it) and Dask runs the task again elsewhere; a shard's statistics are merged once,
+when its result arrives, so nothing is counted twice.
 """
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import hashlib
-import math
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -27,7 +25,8 @@ import onnx
 import onnxruntime as ort
 
 from onnxq.calibrate.collect import Observed, PassTask, _with_outputs, observe_runs, progress, sample_bytes
-from onnxq.calibrate.samples import InputSpec, batch_size, input_specs, sample_axes
+from onnxq.calibrate.samples import InputSpec, input_specs
+from onnxq.calibrate.shards import Shard, shard_samples, shards
 from onnxq.distribute.cluster import first_line, worker_count, worker_threads
 from onnxq.errors import OnnxqError
 from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
@@ -36,60 +35,28 @@ from onnxq.native.session import session_options
 if TYPE_CHECKING:
     from distributed import Client
 
-#: Shards per worker a pass aims at: several, so a slow or lost worker delays the pass by a fraction of it.
-SHARDS_PER_WORKER = 4
 #: Shards per worker sent ahead of the results (the client holds at most this many shards' data per worker).
 IN_FLIGHT_PER_WORKER = 2
+#: Shard data sent with a task without Dask's warning about large task graphs (its default threshold is 10 MB).
+LARGE_SHARD = "4GB"
 #: Sessions a worker keeps open (a pass of moments only, then the calibration pass, use two exposed models).
 SESSIONS_KEPT = 2
 
 
-@dataclass(frozen=True)
-class Shard:
-    """Whole runs of the data, and the global index of their first sample (the moments keep rows by it)."""
-
-    index: int
-    first_sample: int
-    batches: list[dict[str, np.ndarray]]
-
-
-def shards(batches: Iterable[Mapping[str, np.ndarray]], specs: list[InputSpec], samples: int) -> Iterator[Shard]:
-    """``batches`` grouped, in order, into shards of whole runs holding at least ``samples`` samples (the last fewer)."""
-    axes = sample_axes(specs)
-    group: list[dict[str, np.ndarray]] = []
-    first = count = index = 0
-    for batch in batches:
-        group.append(dict(batch))
-        count += batch_size(batch, axes)
-        if count - first >= samples:
-            yield Shard(index, first, group)
-            group, first, index = [], count, index + 1
-    if group:
-        yield Shard(index, first, group)
-
-
-def shard_samples(total: int | None, workers: int) -> int:
-    """Samples per shard: the expected total spread over SHARDS_PER_WORKER shards per worker (32 when unknown)."""
-    return 32 if total is None else max(1, math.ceil(total / (SHARDS_PER_WORKER * workers)))
-
-
 def collect_on(client: Client, model: onnx.ModelProto, task: PassTask, batches: Iterable[Mapping[str, np.ndarray]],
-               total: int | None) -> Observed:
-    """The statistics ``task`` asks for over ``batches``, computed by the client's workers shard by shard, merged in order."""
+               total: int | None, into: Observed) -> None:
+    """Add the statistics ``task`` asks for over ``batches`` to ``into``: shard by shard on the client's workers, merged in order."""
     exposed = _with_outputs(model, list(task.fetched))
     if tensor_bytes(exposed) >= PROTOBUF_LIMIT:
         raise OnnxqError(None, "models over 2 GB are not sent to Dask workers yet: quantize without --workers/--scheduler")
     payload = exposed.SerializeToString()
-    template = dataclasses.replace(task, moments=copy.deepcopy(task.moments))  # empty: the task's own collector fills as shards merge
-    job = ShardJob(hashlib.sha256(payload).hexdigest(), template, sample_bytes(exposed, list(task.fetched)), input_specs(model))
+    job = ShardJob(hashlib.sha256(payload).hexdigest(), task, sample_bytes(model, list(task.fetched)), input_specs(model))
     workers = worker_count(client)
     model_bytes = client.scatter(payload, broadcast=True, hash=False)  # once to every worker
-    merged = task.fresh(task.moments)
     with progress(total) as bar:
-        for result in _in_order(client, job, model_bytes, shards(batches, job.specs, shard_samples(total, workers)), workers):
-            merged.merge(result)
+        for result in _in_order(client, job, model_bytes, shards(batches, job.specs, shard_samples(total)), workers):
+            into.merge(result)
             bar.update(result.samples)
-    return merged
 
 
 @dataclass(frozen=True)
@@ -104,6 +71,7 @@ class ShardJob:
 
 def _in_order(client: Client, job: ShardJob, model_bytes: object, stream: Iterator[Shard], workers: int) -> Iterator[Observed]:
     """The shards' statistics in shard order, with at most IN_FLIGHT_PER_WORKER shards per worker sent ahead."""
+    import dask
     from distributed import as_completed
 
     running = as_completed()
@@ -114,8 +82,8 @@ def _in_order(client: Client, job: ShardJob, model_bytes: object, stream: Iterat
         shard = next(stream, None)
         if shard is None:
             return False
-        data = client.scatter(shard.batches, hash=False)
-        running.add(client.submit(run_shard, model_bytes, job, shard.index, shard.first_sample, data, pure=False))
+        with dask.config.set({"distributed.admin.large-graph-warning-threshold": LARGE_SHARD}):  # a shard of images is MBs
+            running.add(client.submit(run_shard, model_bytes, job, shard.index, shard.first_sample, shard.batches, pure=False))
         return True
 
     for _ in range(IN_FLIGHT_PER_WORKER * workers):
