@@ -327,6 +327,23 @@ def test_moments_merge_leaves_the_other_as_it_is(monkeypatch):
         first.merge(MomentCollector({"matmul": [MATMUL]}, samples=SAMPLES))
 
 
+def test_taking_the_other_merges_the_same_sums(monkeypatch):
+    """merge(take=True) may keep the other's arrays instead of copying them (a shard not used afterwards): same H, same means."""
+    _thin(monkeypatch)
+    data = _samples(np.random.default_rng(32))
+    bounds = list(range(0, SAMPLES + 1, 8))
+    parts = [_observed(data, bounds, a, b) for a, b in ((0, 24), (24, 48), (48, None))]
+    for m in parts[1].moments.values():
+        m.flush()  # one part with float64 sums only, the others with float32 ones pending: both ways of taking
+    copied, taken = MomentCollector(INPUTS, samples=SAMPLES), MomentCollector(INPUTS, samples=SAMPLES)
+    for part in parts:
+        copied.merge(part)
+    for part in parts:
+        taken.merge(copy.deepcopy(part), take=True)
+    _close(taken.means(), copied.means(), 0)
+    _close(taken.hessians(), copied.hessians(), 0)
+
+
 def test_runs_of_other_sizes_keep_the_same_rows(monkeypatch):
     """The rows kept depend on the samples' places, not on the runs: the stream in runs of 4 and in runs of 3 (and of
     uneven sizes) keeps the same rows; H differs only by how the float32 products group (1e-6)."""

@@ -8,18 +8,20 @@ not depend on the weight values), the data random images. Measured on this machi
   on every core) and on 1..W local workers (a LocalCluster, one thread each);
 - the measured sensitivity probes of `--sensitivity measured` (one model run per layer, on a few samples), in one
   process and on the workers;
-- on their own: sending the model to the workers and opening a session on each, and the client's merge of one
-  shard's statistics (counted inside the passes).
+- on their own: sending the model to the workers and opening a session on each, fetching one shard's statistics from
+  a worker (H of every layer at full size), and the client's merge of a shard (counted inside the passes).
 
 Cost model of a calibration pass over n samples on W workers (shards: onnxq/calibrate/shards.py):
 
-    T = start + W x send + (n x forward + hwork(n) x per_h) / W + shards(n) x merge
+    T = start + W x send + (n x forward + hwork(n) x per_h) / W + shards(n) x (fetch + merge)
 
 where hwork(n) = sum over layers of the rows kept for H times K^2 (the moments' planned thinning bounds the rows, so
 it stops growing past a few hundred samples; computed from the planner, not measured). start, forward and per_h are
-fitted by least squares on the worker runs; send and merge are measured alone. The table prints each measured point
-beside the model, then what the model says for ResNet-50 at 224x224 with 10,000 calibration samples on 8 and 64
-machines with one such worker each (send and merge measured over loopback; a network adds to them).
+fitted by least squares on the worker runs; send, fetch and merge are measured alone. The shards are fetched and merged
+one after another on the client, which the model counts in full (in a pass some of it overlaps the workers' compute).
+The table prints each measured point beside the model, then what the model says for ResNet-50 at 224x224 with 10,000
+calibration samples on 8 and 64 machines with one such worker each (send and fetch measured over loopback; a network
+adds to them).
 
     python tools/bench_scale.py [--samples 8 16 32] [--workers 1 2] [--probe-samples 4]
 """
@@ -75,7 +77,8 @@ class CalibrationPass:
         graph = self.loaded.model.graph
         self.sites = [s.tensor for s in activation_sites(graph, self.plan.weights, self.plan.integer_op_nodes, self.config)]
         self.inputs = layer_inputs(graph, self.plan.weights)
-        self.rows_per_sample: dict[LayerInput, tuple[int, int]] = {}  # reader -> (rows a sample, K), from the first run
+        self.rows_per_sample: dict[LayerInput, tuple[int, int]] = {}  # reader -> (rows a sample, K^2 x groups), from a run
+        self.shapes: dict[LayerInput, tuple[int, int]] = {}  # reader -> (groups, K) of its H
 
     def run(self, images: np.ndarray, client: object | None, workers: int) -> Point:
         """Time one pass over ``images``, and the client's merges of the shards."""
@@ -97,8 +100,9 @@ class CalibrationPass:
         finally:
             Observed.merge = original  # type: ignore[method-assign]
         for reader, m in moments.moments.items():
-            k = int(m.sums.shape[-1]) if m.sums is not None else 0
-            self.rows_per_sample[reader] = (m.count // len(images), k * k * (m.sums.shape[0] if m.sums is not None else 0))
+            groups, k = (int(m.sums.shape[0]), int(m.sums.shape[-1])) if m.sums is not None else (0, 0)
+            self.rows_per_sample[reader] = (m.count // len(images), k * k * groups)
+            self.shapes[reader] = (groups, k)
         count = sum(1 for _ in shards(batches, input_specs(self.loaded.model), shard_samples(len(images))))
         return Point(len(images), workers, seconds, merges[0], count, self.hwork(len(images)))
 
@@ -124,6 +128,29 @@ class CalibrationPass:
         return time.perf_counter() - start
 
 
+    def transfer_seconds(self, client: object) -> float:
+        """Fetching one shard's statistics from a worker (serialized, sent, read back), with H of every layer's full size."""
+        from distributed import wait
+
+        future = client.submit(_full_result, self.inputs, self.shapes, self.sites, pure=False)
+        wait(future)
+        start = time.perf_counter()
+        future.result()
+        return time.perf_counter() - start
+
+
+def _full_result(inputs: dict, shapes: dict, sites: list[str]) -> Observed:
+    """On a worker: a shard's statistics as large as a real one (H sums of every layer's (groups, K), histograms of every site)."""
+    from onnxq.calibrate.collect import PassTask
+
+    moments = MomentCollector(inputs)
+    observed = PassTask(tuple(sites), tuple(sites), False, True, moments).fresh(moments)
+    for reader, m in moments.moments.items():
+        groups, k = shapes[reader]
+        m.sums, m.linear, m.count = np.zeros((groups, k, k)), np.zeros((groups, k)), 1
+    return observed
+
+
 def _open_session(payload: bytes) -> bool:
     """On a worker: open a session on the model, as its first shard does."""
     from onnxq.distribute.passes import _session
@@ -131,19 +158,19 @@ def _open_session(payload: bytes) -> bool:
     return _session(payload, "bench-send") is not None
 
 
-def fit(points: list[Point], send: dict[int, float]) -> tuple[float, float, float]:
+def fit(points: list[Point], send: dict[int, float], per_shard: float) -> tuple[float, float, float]:
     """(start, seconds per sample forward, seconds per unit of H work) by least squares over the worker runs."""
     used = [p for p in points if p.workers]
     rows = np.array([(1.0, p.samples / p.workers, p.hwork / p.workers) for p in used])
-    rest = np.array([p.seconds - send[p.workers] - p.merge_seconds for p in used])
+    rest = np.array([p.seconds - send[p.workers] - p.shards * per_shard for p in used])
     coef, *_ = np.linalg.lstsq(rows, rest, rcond=None)
     return float(coef[0]), float(coef[1]), float(coef[2])
 
 
-def predict(model: tuple[float, float, float], send_per_worker: float, merge: float, samples: int, workers: int, hwork: float,
+def predict(model: tuple[float, float, float], send_per_worker: float, per_shard: float, samples: int, workers: int, hwork: float,
             shard_count: int) -> float:
     start, forward, per_h = model
-    return start + workers * send_per_worker + (samples * forward + hwork * per_h) / workers + shard_count * merge
+    return start + workers * send_per_worker + (samples * forward + hwork * per_h) / workers + shard_count * per_shard
 
 
 def probes(images: np.ndarray, workers: list[int]) -> list[tuple[str, float, int]]:
@@ -185,29 +212,33 @@ def main() -> None:
           f"{len(calibration.sites)} activation sites, {len(calibration.inputs)} weights' H; runs of {RUN} samples\n")
     points = [calibration.run(images[:n], None, 0) for n in args.samples]
     send: dict[int, float] = {}
+    transfer: list[float] = []
     for workers in args.workers:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
             send[workers] = calibration.send_seconds(client)
             points += [calibration.run(images[:n], client, workers) for n in args.samples]
-    model = fit(points, send)
-    send_per_worker = float(np.mean([s / w for w, s in send.items()]))
+            transfer.append(calibration.transfer_seconds(client))
     merge = float(np.sum([p.merge_seconds for p in points if p.workers]) / np.sum([p.shards for p in points if p.workers]))
+    per_shard = float(np.mean(transfer)) + merge
+    model = fit(points, send, per_shard)
+    send_per_worker = float(np.mean([s / w for w, s in send.items()]))
+    h_bytes = sum(g * k * k * 8 for g, k in calibration.shapes.values())
     print("| samples | workers | shards | measured s | cost model s | client merges s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for p in points:
-        predicted = f"{predict(model, send_per_worker, merge, p.samples, p.workers, p.hwork, p.shards):.1f}" if p.workers else "-"
+        predicted = f"{predict(model, send_per_worker, per_shard, p.samples, p.workers, p.hwork, p.shards):.1f}" if p.workers else "-"
         print(f"| {p.samples} | {p.workers or 'one process'} | {p.shards} | {p.seconds:.1f} | {predicted} | {p.merge_seconds:.2f} |")
     start, forward, per_h = model
     print(f"\ncost model: {start:.2f} s + W x {send_per_worker:.2f} s (send, measured) + (n x {forward:.3f} s + hwork(n) x "
-          f"{per_h * 1e9:.3f} s per 1e9) / W + shards x {merge:.2f} s (merge, measured)")
+          f"{per_h * 1e9:.3f} s per 1e9) / W + shards x {per_shard:.2f} s (fetch {np.mean(transfer):.2f} + merge {merge:.2f}, measured; "
+          f"a shard's H is {h_bytes / 2**20:.0f} MB)")
     print("hwork(n) / 1e9: " + ", ".join(f"n={n}: {calibration.hwork(n) / 1e9:.1f}" for n in [*args.samples, 256, TARGET_SAMPLES]))
     hwork, count = calibration.hwork(TARGET_SAMPLES), math.ceil(TARGET_SAMPLES / shard_samples(TARGET_SAMPLES))
     for machines in (1, 8, 64):
-        total = predict(model, send_per_worker, merge, TARGET_SAMPLES, machines, hwork, count)
+        total = predict(model, send_per_worker, per_shard, TARGET_SAMPLES, machines, hwork, count)
         compute = (TARGET_SAMPLES * forward + hwork * per_h) / machines
         print(f"ResNet-50 {SIZE}x{SIZE}, {TARGET_SAMPLES:,} samples, {machines} machine(s) of one such worker: {total / 60:.1f} min "
-              f"(compute {compute / 60:.1f} min, {count} shard merges on the client "
-              f"{count * merge / 60:.1f} min, "
+              f"(compute {compute / 60:.1f} min, {count} shards fetched and merged on the client {count * per_shard / 60:.1f} min, "
               f"send {machines * send_per_worker:.0f} s)")
     print(f"\nMeasured sensitivity probes: every layer at its planned width, {args.probe_samples} samples a run")
     print("| where | layers | seconds |")

@@ -5,7 +5,8 @@ The client reads the data (checked runs, as for a local pass), groups whole runs
 one onnxruntime session on it, which later shards (and later passes over the same model) reuse. A shard's statistics
 come back as one object (:class:`~onnxq.calibrate.collect.Observed`), and the client merges them in shard order,
 whatever order they finish in, as a local pass merges the same shards: a run with workers computes, bit for bit, what a
-run without them does. At most a few shards per worker are in flight, so the client never holds the whole data set.
+run without them does. At most two shards per worker are sent and not yet merged, and a shard's result stays on its
+worker until it is merged, so the client holds neither the whole data set nor more than one shard's statistics.
 
 A worker that dies mid-pass loses only the shards it held: the scheduler keeps each shard's data with its task (not
 on a worker, where it would die with it) and Dask runs the task again elsewhere; a shard's statistics are merged once,
@@ -35,7 +36,7 @@ from onnxq.native.session import session_options
 if TYPE_CHECKING:
     from distributed import Client
 
-#: Shards per worker sent ahead of the results (the client holds at most this many shards' data per worker).
+#: Shards per worker sent and not yet merged (their data waits in the scheduler, their results on the workers).
 IN_FLIGHT_PER_WORKER = 2
 #: Shard data sent with a task without Dask's warning about large task graphs (its default threshold is 10 MB).
 LARGE_SHARD = "4GB"
@@ -70,48 +71,64 @@ class ShardJob:
 
 
 def _in_order(client: Client, job: ShardJob, model_bytes: object, stream: Iterator[Shard], workers: int) -> Iterator[Observed]:
-    """The shards' statistics in shard order, with at most IN_FLIGHT_PER_WORKER shards per worker sent ahead."""
+    """The shards' statistics in shard order, with at most IN_FLIGHT_PER_WORKER shards per worker not yet merged.
+
+    A shard's result stays on its worker until every shard before it has been merged: the client holds one shard's
+    statistics at a time (a ResNet-50's H is about 1 GB), however the shards finish.
+    """
     import dask
     from distributed import as_completed
 
     running = as_completed()
-    done: dict[int, Observed] = {}
+    waiting: dict[int, object] = {}  # shard index -> its future, sent and not yet merged
+    finished: set[int] = set()
+    index_of: dict[str, int] = {}
     wanted = 0
+    exhausted = False
 
-    def send() -> bool:
-        shard = next(stream, None)
-        if shard is None:
-            return False
-        with dask.config.set({"distributed.admin.large-graph-warning-threshold": LARGE_SHARD}):  # a shard of images is MBs
-            running.add(client.submit(run_shard, model_bytes, job, shard.index, shard.first_sample, shard.batches, pure=False))
-        return True
+    def fill() -> None:
+        nonlocal exhausted
+        while not exhausted and len(waiting) < IN_FLIGHT_PER_WORKER * workers:
+            shard = next(stream, None)
+            if shard is None:
+                exhausted = True
+                return
+            with dask.config.set({"distributed.admin.large-graph-warning-threshold": LARGE_SHARD}):  # a shard of images is MBs
+                future = client.submit(run_shard, model_bytes, job, shard.first_sample, shard.batches, pure=False)
+            waiting[shard.index], index_of[future.key] = future, shard.index
+            running.add(future)
 
-    for _ in range(IN_FLIGHT_PER_WORKER * workers):
-        if not send():
-            break
+    fill()
     for future in running:
-        try:
-            index, observed = future.result()
-        except OnnxqError:
-            raise
-        except Exception as e:  # noqa: BLE001  (whatever a worker raised, it stops the pass in one line)
-            raise OnnxqError(None, f"a Dask worker could not run its calibration shard: {first_line(e)}") from e
-        done[index] = observed
-        send()
-        while wanted in done:
-            yield done.pop(wanted)
+        if future.status == "error":
+            _fetch(future)  # raises what the shard raised, in one line
+        finished.add(index_of.pop(future.key))
+        while wanted in finished:
+            observed = _fetch(waiting.pop(wanted))
+            finished.discard(wanted)
             wanted += 1
+            fill()
+            yield observed
+
+
+def _fetch(future: object) -> Observed:
+    """A finished shard's statistics, fetched from its worker."""
+    try:
+        return future.result()  # type: ignore[attr-defined]
+    except OnnxqError:
+        raise
+    except Exception as e:  # noqa: BLE001  (whatever a worker raised stops the pass in one line)
+        raise OnnxqError(None, f"a Dask worker could not run its calibration shard: {first_line(e)}") from e
 
 
 # On each worker process: model digest -> an onnxruntime session, most recently used last.
 _sessions: OrderedDict[str, ort.InferenceSession] = OrderedDict()
 
 
-def run_shard(model_bytes: bytes, job: ShardJob, index: int, first_sample: int, batches: list[dict[str, np.ndarray]]) -> tuple[int, Observed]:
+def run_shard(model_bytes: bytes, job: ShardJob, first_sample: int, batches: list[dict[str, np.ndarray]]) -> Observed:
     """On a worker: one shard's statistics, from the worker's session of the model (opened on its first shard)."""
-    observed = observe_runs(_session(model_bytes, job.model_key), job.task, batches, job.per_sample_bytes, job.specs, first_sample,
-                            into=job.task.fresh_copy())
-    return index, observed
+    return observe_runs(_session(model_bytes, job.model_key), job.task, batches, job.per_sample_bytes, job.specs, first_sample,
+                        into=job.task.fresh_copy())
 
 
 def _session(model_bytes: bytes, key: str) -> ort.InferenceSession:
