@@ -15,3 +15,7 @@ class OnnxqError(Exception):
         self.path = None if path is None else os.fspath(path)
         self.problem = problem
         super().__init__(f"{self.path}: {problem}" if self.path else problem)
+
+    def __reduce__(self) -> tuple[type, tuple[str | None, str]]:
+        """Pickled with both arguments: a Dask worker's error reaches the client as the same error."""
+        return (type(self), (self.path, self.problem))

@@ -8,6 +8,7 @@ reference is the single-process model; the comparison is a plain walk over the t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -23,7 +24,6 @@ from onnx import numpy_helper
 
 from onnxq import QuantizeConfig
 from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_idx_split
-from onnxq.calibrate.shards import shards
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, CalibrationMethod
 from onnxq.errors import OnnxqError
@@ -149,14 +149,37 @@ def test_sensitivity_on_workers_measures_what_one_process_measures(images, local
     assert choose_bits(spread, target, None).tensor_bits == choose_bits(alone, target, None).tensor_bits
 
 
-def test_shards_hold_whole_runs_in_order_with_their_first_sample():
-    batches = [{"x": np.full((n, 2), i, dtype=np.float32)} for i, n in enumerate([3, 5, 2, 4, 1])]
-    from onnxq.calibrate.samples import InputSpec
+class BrokenOnnxruntime(distributed.WorkerPlugin):
+    """Makes onnxruntime on the worker refuse every model, as a worker with a broken or too old onnxruntime would."""
 
-    got = list(shards(batches, [InputSpec("x", (None, 2), np.dtype(np.float32))], samples=6))
-    assert [s.index for s in got] == [0, 1, 2]
-    assert [s.first_sample for s in got] == [0, 8, 14]  # 3+5 >= 6, 2+4 >= 6, then the rest
-    assert [[int(b["x"][0, 0]) for b in s.batches] for s in got] == [[0, 1], [2, 3], [4]]
+    def setup(self, worker) -> None:
+        import onnxruntime
+
+        def refuse(*args, **kwargs):
+            raise RuntimeError("[ONNXRuntimeError] : 10 : INVALID_GRAPH : this onnxruntime cannot load the model\nsecond line")
+
+        onnxruntime.InferenceSession = refuse
+
+
+def test_a_model_the_workers_cannot_load_is_one_line_and_writes_nothing(images, tmp_path, capsys, monkeypatch):
+    from onnxq.distribute import cluster as cluster_module
+
+    real = cluster_module.cluster
+
+    @contextlib.contextmanager
+    def broken(workers=None, scheduler=None):
+        with real(workers, scheduler) as client:
+            client.register_plugin(BrokenOnnxruntime())
+            yield client
+
+    monkeypatch.setattr(cluster_module, "cluster", broken)
+    data = tmp_path / "calibration.npy"
+    np.save(data, images[:16])
+    out = tmp_path / "out.onnx"
+    assert main(["quantize", str(RESNET), "--calibration", str(data), "-o", str(out), "--workers", "1", "--no-speed"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert not out.exists() and len(err) == 1
+    assert str(RESNET) in err[0] and "onnxruntime on a Dask worker cannot load the model" in err[0] and "INVALID_GRAPH" in err[0]
 
 
 @pytest.fixture(scope="module")
@@ -240,3 +263,12 @@ def test_without_dask_the_options_say_what_to_install(monkeypatch):
     with pytest.raises(OnnxqError, match=r'pip install "onnxq\[distributed\]"'):
         with cluster(workers=2):
             pass
+
+
+def test_errors_cross_process_boundaries_whole():
+    """A worker's OnnxqError is pickled to the client: it must come back with its file and problem."""
+    import pickle
+
+    error = pickle.loads(pickle.dumps(OnnxqError("model.onnx", "something is wrong")))
+    assert isinstance(error, OnnxqError) and (error.path, error.problem) == ("model.onnx", "something is wrong")
+    assert str(error) == "model.onnx: something is wrong"

@@ -13,26 +13,30 @@ not depend on the weight values), the data random images. Measured on this machi
 
 Cost model of a calibration pass over n samples on W workers (shards: onnxq/calibrate/shards.py):
 
-    T = start + W x send + (n x forward + hwork(n) x per_h) / W + shards(n) x (fetch + merge)
+    T = start + W x send + (n x forward + hwork(n) x per_h) x ceil(S / W) / S + S x (fetch + merge)
 
+with S shards (equal shards: each worker runs ceil(S / W) of them one after another)
 where hwork(n) = sum over layers of the rows kept for H times K^2 (the moments' planned thinning bounds the rows, so
-it stops growing past a few hundred samples; computed from the planner, not measured). start, forward and per_h are
-fitted by least squares on the worker runs; send, fetch and merge are measured alone. The shards are fetched and merged
+it stops growing past a few hundred samples; computed from the planner). forward and per_h are measured on one thread
+in this process (what a worker runs: the same code), the H sums timed apart; send, fetch and merge are measured alone;
+only start is fitted (the mean of what the worker runs leave over). The shards are fetched and merged
 one after another on the client, which the model counts in full (in a pass some of it overlaps the workers' compute).
 The table prints each measured point beside the model, then what the model says for ResNet-50 at 224x224 with 10,000
 calibration samples on 8 and 64 machines with one such worker each (send and fetch measured over loopback; a network
 adds to them).
 
-    python tools/bench_scale.py [--samples 8 16 32] [--workers 1 2] [--probe-samples 4]
+    python tools/bench_scale.py [--samples 16 32 64] [--workers 1 2] [--probe-samples 4]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import math
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +54,7 @@ from onnxq.pipeline import load_and_prepare, plan_quantization  # noqa: E402
 from tools.bench_calibration_memory import resnet50  # noqa: E402
 from tools.machine import cpu_description  # noqa: E402
 
-RUN = 8  # samples per calibration run
+RUN = 4  # samples per calibration run (shards are whole runs)
 SIZE = 224
 TARGET_SAMPLES = 10_000
 
@@ -80,31 +84,22 @@ class CalibrationPass:
         self.rows_per_sample: dict[LayerInput, tuple[int, int]] = {}  # reader -> (rows a sample, K^2 x groups), from a run
         self.shapes: dict[LayerInput, tuple[int, int]] = {}  # reader -> (groups, K) of its H
 
-    def run(self, images: np.ndarray, client: object | None, workers: int) -> Point:
-        """Time one pass over ``images``, and the client's merges of the shards."""
-        merges = [0.0]
-        original = Observed.merge
-
-        def timed(self_: Observed, other: Observed) -> None:
-            start = time.perf_counter()
-            original(self_, other)
-            merges[0] += time.perf_counter() - start
-
-        Observed.merge = timed  # type: ignore[method-assign]
-        try:
-            batches = [{"x": images[i : i + RUN]} for i in range(0, len(images), RUN)]
-            moments = MomentCollector(self.inputs, len(images))
+    def run(self, images: np.ndarray, client: object | None, workers: int, timers: dict[str, float] | None = None) -> Point:
+        """Time one pass over ``images``, and the client's merges of the shards (``timers`` also gets the moments' time)."""
+        timers = timers if timers is not None else {}
+        batches = [{"x": images[i : i + RUN]} for i in range(0, len(images), RUN)]
+        moments = MomentCollector(self.inputs, len(images))
+        with _timed(Observed, "merge", timers, "merge"), _timed(MomentCollector, "observe", timers, "moments"):
             start = time.perf_counter()
             collect(self.loaded.model, self.sites, batches, total=len(images), moments=moments, client=client)
             seconds = time.perf_counter() - start
-        finally:
-            Observed.merge = original  # type: ignore[method-assign]
         for reader, m in moments.moments.items():
             groups, k = (int(m.sums.shape[0]), int(m.sums.shape[-1])) if m.sums is not None else (0, 0)
             self.rows_per_sample[reader] = (m.count // len(images), k * k * groups)
             self.shapes[reader] = (groups, k)
-        count = sum(1 for _ in shards(batches, input_specs(self.loaded.model), shard_samples(len(images))))
-        return Point(len(images), workers, seconds, merges[0], count, self.hwork(len(images)))
+        per_shard = shard_samples(len(images), moments.sums_bytes)
+        count = sum(1 for _ in shards(batches, input_specs(self.loaded.model), per_shard))
+        return Point(len(images), workers, seconds, timers.get("merge", 0.0), count, self.hwork(len(images)))
 
     def hwork(self, samples: int) -> float:
         """Sum over readers of the rows the planned thinning keeps of ``samples`` samples times K^2 (times groups)."""
@@ -151,6 +146,41 @@ def _full_result(inputs: dict, shapes: dict, sites: list[str]) -> Observed:
     return observed
 
 
+@contextlib.contextmanager
+def _timed(owner: type, name: str, timers: dict[str, float], key: str) -> Iterator[None]:
+    """Add the seconds spent in ``owner.name`` (in this process) to ``timers[key]`` while the block runs."""
+    original = getattr(owner, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs)
+        finally:
+            timers[key] = timers.get(key, 0.0) + time.perf_counter() - start
+
+    setattr(owner, name, wrapper)
+    try:
+        yield
+    finally:
+        setattr(owner, name, original)
+
+
+@contextlib.contextmanager
+def one_thread() -> Iterator[None]:
+    """Run onnxruntime and BLAS on one thread in this process: what a worker of the LocalCluster runs with."""
+    from threadpoolctl import threadpool_limits
+
+    import onnxq.calibrate.collect as collect_module
+
+    original = collect_module.session_options
+    collect_module.session_options = lambda *args, **kwargs: original(1)  # type: ignore[assignment]
+    try:
+        with threadpool_limits(1):
+            yield
+    finally:
+        collect_module.session_options = original  # type: ignore[assignment]
+
+
 def _open_session(payload: bytes) -> bool:
     """On a worker: open a session on the model, as its first shard does."""
     from onnxq.distribute.passes import _session
@@ -158,19 +188,23 @@ def _open_session(payload: bytes) -> bool:
     return _session(payload, "bench-send") is not None
 
 
-def fit(points: list[Point], send: dict[int, float], per_shard: float) -> tuple[float, float, float]:
-    """(start, seconds per sample forward, seconds per unit of H work) by least squares over the worker runs."""
-    used = [p for p in points if p.workers]
-    rows = np.array([(1.0, p.samples / p.workers, p.hwork / p.workers) for p in used])
-    rest = np.array([p.seconds - send[p.workers] - p.shards * per_shard for p in used])
-    coef, *_ = np.linalg.lstsq(rows, rest, rcond=None)
-    return float(coef[0]), float(coef[1]), float(coef[2])
+@dataclasses.dataclass(frozen=True)
+class CostModel:
+    """The pass's cost: ``start`` fitted, the rest measured alone."""
 
+    start: float
+    send: float  # per worker: the model sent and a session opened
+    forward: float  # per sample on one worker: the model run, histograms, per-sample statistics, the rows' gathering
+    per_h: float  # per unit of H work (a kept row times K^2) on one worker
+    per_shard: float  # fetching a shard's statistics to the client and merging them there
 
-def predict(model: tuple[float, float, float], send_per_worker: float, per_shard: float, samples: int, workers: int, hwork: float,
-            shard_count: int) -> float:
-    start, forward, per_h = model
-    return start + workers * send_per_worker + (samples * forward + hwork * per_h) / workers + shard_count * per_shard
+    def predict(self, samples: int, workers: int, hwork: float, shard_count: int) -> float:
+        """Seconds of a pass over ``samples`` samples in ``shard_count`` equal shards on ``workers`` workers."""
+        return self.start + workers * self.send + self.compute(samples, workers, hwork, shard_count) + shard_count * self.per_shard
+
+    def compute(self, samples: int, workers: int, hwork: float, shard_count: int) -> float:
+        """The workers' part: each runs ceil(shards / workers) shards of the pass's work one after another."""
+        return (samples * self.forward + hwork * self.per_h) * math.ceil(shard_count / workers) / shard_count
 
 
 def probes(images: np.ndarray, workers: list[int]) -> list[tuple[str, float, int]]:
@@ -199,7 +233,7 @@ def probes(images: np.ndarray, workers: list[int]) -> list[tuple[str, float, int
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--samples", type=int, nargs="+", default=[8, 16, 32])
+    parser.add_argument("--samples", type=int, nargs="+", default=[16, 32, 64])
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--probe-samples", type=int, default=4)
     args = parser.parse_args()
@@ -211,6 +245,9 @@ def main() -> None:
     print(f"ResNet-50 graph at {SIZE}x{SIZE}, random weights. Calibration pass of W4A8 mse with output-aware moments: "
           f"{len(calibration.sites)} activation sites, {len(calibration.inputs)} weights' H; runs of {RUN} samples\n")
     points = [calibration.run(images[:n], None, 0) for n in args.samples]
+    timers: dict[str, float] = {}
+    with one_thread():  # the components, as one worker runs them
+        alone = calibration.run(images, None, 0, timers)
     send: dict[int, float] = {}
     transfer: list[float] = []
     for workers in args.workers:
@@ -219,27 +256,32 @@ def main() -> None:
             points += [calibration.run(images[:n], client, workers) for n in args.samples]
             transfer.append(calibration.transfer_seconds(client))
     merge = float(np.sum([p.merge_seconds for p in points if p.workers]) / np.sum([p.shards for p in points if p.workers]))
-    per_shard = float(np.mean(transfer)) + merge
-    model = fit(points, send, per_shard)
-    send_per_worker = float(np.mean([s / w for w, s in send.items()]))
+    per_h = timers["moments"] / alone.hwork
+    forward = (alone.seconds - timers["moments"] - timers["merge"]) / alone.samples
+    partial = CostModel(0.0, float(np.mean([s / w for w, s in send.items()])), forward, per_h, float(np.mean(transfer)) + merge)
+    used = [p for p in points if p.workers]
+    start = float(np.mean([p.seconds - partial.predict(p.samples, p.workers, p.hwork, p.shards) for p in used]))
+    model = dataclasses.replace(partial, start=start)
     h_bytes = sum(g * k * k * 8 for g, k in calibration.shapes.values())
+    print(f"one thread in this process (a worker's setting), {alone.samples} samples: {alone.seconds:.1f} s, of which H sums "
+          f"{timers['moments']:.1f} s and shard merges {timers['merge']:.1f} s\n")
     print("| samples | workers | shards | measured s | cost model s | client merges s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for p in points:
-        predicted = f"{predict(model, send_per_worker, per_shard, p.samples, p.workers, p.hwork, p.shards):.1f}" if p.workers else "-"
+        predicted = f"{model.predict(p.samples, p.workers, p.hwork, p.shards):.1f}" if p.workers else "-"
         print(f"| {p.samples} | {p.workers or 'one process'} | {p.shards} | {p.seconds:.1f} | {predicted} | {p.merge_seconds:.2f} |")
-    start, forward, per_h = model
-    print(f"\ncost model: {start:.2f} s + W x {send_per_worker:.2f} s (send, measured) + (n x {forward:.3f} s + hwork(n) x "
-          f"{per_h * 1e9:.3f} s per 1e9) / W + shards x {per_shard:.2f} s (fetch {np.mean(transfer):.2f} + merge {merge:.2f}, measured; "
-          f"a shard's H is {h_bytes / 2**20:.0f} MB)")
+    print(f"\ncost model: {model.start:.2f} s (fitted) + W x {model.send:.2f} s (send) + (n x {model.forward:.3f} s + hwork(n) x "
+          f"{model.per_h * 1e9:.3f} s per 1e9) x ceil(S/W)/S + S x {model.per_shard:.2f} s (fetch {np.mean(transfer):.2f} + merge {merge:.2f}; "
+          f"a shard's H is {h_bytes / 2**20:.0f} MB); all but the start measured alone")
     print("hwork(n) / 1e9: " + ", ".join(f"n={n}: {calibration.hwork(n) / 1e9:.1f}" for n in [*args.samples, 256, TARGET_SAMPLES]))
-    hwork, count = calibration.hwork(TARGET_SAMPLES), math.ceil(TARGET_SAMPLES / shard_samples(TARGET_SAMPLES))
+    sums_bytes = MomentCollector(calibration.inputs).sums_bytes
+    hwork, count = calibration.hwork(TARGET_SAMPLES), math.ceil(TARGET_SAMPLES / shard_samples(TARGET_SAMPLES, sums_bytes))
     for machines in (1, 8, 64):
-        total = predict(model, send_per_worker, per_shard, TARGET_SAMPLES, machines, hwork, count)
-        compute = (TARGET_SAMPLES * forward + hwork * per_h) / machines
+        total = model.predict(TARGET_SAMPLES, machines, hwork, count)
+        compute = model.compute(TARGET_SAMPLES, machines, hwork, count)
         print(f"ResNet-50 {SIZE}x{SIZE}, {TARGET_SAMPLES:,} samples, {machines} machine(s) of one such worker: {total / 60:.1f} min "
-              f"(compute {compute / 60:.1f} min, {count} shards fetched and merged on the client {count * per_shard / 60:.1f} min, "
-              f"send {machines * send_per_worker:.0f} s)")
+              f"(compute {compute / 60:.1f} min, {count} shards fetched and merged on the client {count * model.per_shard / 60:.1f} min, "
+              f"send {machines * model.send:.0f} s)")
     print(f"\nMeasured sensitivity probes: every layer at its planned width, {args.probe_samples} samples a run")
     print("| where | layers | seconds |")
     print("|---|---:|---:|")

@@ -199,7 +199,7 @@ def collect(
     else:
         specs, per_sample_bytes = input_specs(model), sample_bytes(model, fetched)
         with exposing(model, fetched) as sess, progress(total) as bar:
-            for shard in shards(batches, specs, shard_samples(total)):  # as on workers: the same sums, merged in the same order
+            for shard in shards(batches, specs, shard_samples(total, task.statistics_bytes)):  # as on workers: the same sums and order
                 observed.merge(observe_runs(sess, task, shard.batches, per_sample_bytes, specs, shard.first_sample, task.fresh_copy(), bar))
     return observed.stats
 
@@ -216,6 +216,11 @@ class PassTask:
     per_sample: bool
     histograms: bool
     moments: MomentCollector | None = None
+
+    @property
+    def statistics_bytes(self) -> int:
+        """Bytes of the largest statistics a shard hands back: its H (histograms are a few KB a tensor)."""
+        return self.moments.sums_bytes if self.moments is not None else 0
 
     def fresh(self, moments: MomentCollector | None) -> Observed:
         """Empty statistics that sum the moments into ``moments``."""

@@ -29,6 +29,7 @@ new cap's worth of rows at each stride), which depends on the rows before: only 
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 from collections.abc import Iterable, Mapping
@@ -73,6 +74,12 @@ class LayerInput:
     pads: tuple[int, ...] = ()  # begins then ends, one per spatial axis (auto_pad resolved at run time when empty)
     dilations: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
+    length: int = 0  # K, read off the weight's dims (0: not known); sizes the sums before any data
+
+    @property
+    def sums_bytes(self) -> int:
+        """Bytes of this reader's float64 H (one K x K per group)."""
+        return 8 * self.groups * self.length * self.length
 
     def features(self, value: np.ndarray) -> int:
         """K: the length of the rows :meth:`rows` makes of ``value``."""
@@ -211,8 +218,9 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
                 break
             readers.append(found)
         else:
-            if readers and math.prod(dims) // dims[plan.channel_axis] <= MAX_FEATURES:
-                out[plan.tensor] = readers
+            length = math.prod(dims) // dims[plan.channel_axis]
+            if readers and length <= MAX_FEATURES:
+                out[plan.tensor] = [dataclasses.replace(reader, length=length) for reader in readers]
     return out
 
 
@@ -312,7 +320,10 @@ class Moments:
         """Move the float32 sums into the float64 ones."""
         if self.pending is None:
             return
-        self.sums = self.pending.astype(np.float64) if self.sums is None else self.sums + self.pending
+        if self.sums is None:
+            self.sums = self.pending.astype(np.float64)
+        else:
+            np.add(self.sums, self.pending, out=self.sums)  # in place: a new 1 GB array (a ResNet-50's H) costs seconds of page faults
         self.pending, self.pending_rows = None, 0
 
     def merge(self, other: Moments, take: bool = False) -> None:
@@ -320,20 +331,19 @@ class Moments:
 
         Without ``take`` ``other`` is left as it is. The merged stride is the larger (what a pass that goes on would
         keep); each part's rows already carry their own weights. The sums add in place: a ResNet-50's are about 1 GB,
-        and a pass merges up to 64 shards of them.
+        a pass merges up to 64 shards of them, and every new array of that size first costs seconds of page faults.
         """
         self.flush()
-        if other.pending is not None:
-            sums, owned = other.pending.astype(np.float64), True  # a new array: ours to keep
-            if other.sums is not None:
-                sums += other.sums
-        else:
-            sums, owned = other.sums, take
-        if sums is not None:
+        if other.sums is not None:
             if self.sums is None:
-                self.sums = sums if owned else sums.copy()
+                self.sums = other.sums if take else other.sums.copy()
             else:
-                self.sums += sums
+                self.sums += other.sums
+        if other.pending is not None:  # added in place, as float64 (the sum a flush makes): no new array of H's size
+            if self.sums is None:
+                self.sums = other.pending.astype(np.float64)
+            else:
+                np.add(self.sums, other.pending, out=self.sums)
         if other.linear is not None:
             self.linear = other.linear.copy() if self.linear is None else self.linear + other.linear
         self.count += other.count
@@ -416,6 +426,11 @@ class MomentCollector:
 
     def __post_init__(self) -> None:
         self.moments = {reader: Moments() for readers in self.inputs.values() for reader in readers}
+
+    @property
+    def sums_bytes(self) -> int:
+        """Bytes of all the float64 H this collector sums (what one shard of a pass hands back)."""
+        return sum(reader.sums_bytes for reader in self.moments)
 
     @property
     def tensors(self) -> list[str]:

@@ -55,7 +55,7 @@ def collect_on(client: Client, model: onnx.ModelProto, task: PassTask, batches: 
     workers = worker_count(client)
     model_bytes = client.scatter(payload, broadcast=True, hash=False)  # once to every worker
     with progress(total) as bar:
-        for result in _in_order(client, job, model_bytes, shards(batches, job.specs, shard_samples(total)), workers):
+        for result in _in_order(client, job, model_bytes, shards(batches, job.specs, shard_samples(total, task.statistics_bytes)), workers):
             into.merge(result)
             bar.update(result.samples)
 
