@@ -85,6 +85,14 @@ def test_two_local_workers_write_the_single_process_model(images, single, local_
     assert_same_model(single[name], got)
 
 
+@pytest.mark.parametrize("model", ["fmnist_mobilenetv2.onnx", "fmnist_vit.onnx"])
+def test_the_other_shipped_models_too(images, local_client, model):
+    """Depthwise convolutions (one H per group) and a transformer's MatMuls (H shared by q, k, v), W4A8 mse with moments."""
+    config = QuantizeConfig(bits=4, activations=ActivationConfig(bits=8, method=CalibrationMethod.MSE, samples=SAMPLES))
+    alone = quantize_with_report(MODELS / model, config, runs(images)).model
+    assert_same_model(alone, quantize_with_report(MODELS / model, config, runs(images), local_client).model)
+
+
 def test_the_comparison_can_fail(single):
     """A code moved by one step, or a scale by 1e-5, is caught."""
     model = onnx.ModelProto()

@@ -9,7 +9,9 @@ not depend on the weight values), the data random images. Measured on this machi
 - the measured sensitivity probes of `--sensitivity measured` (one model run per layer, on a few samples), in one
   process and on the workers;
 - on their own: sending the model to the workers and opening a session on each, fetching one shard's statistics from
-  a worker (H of every layer at full size), and the client's merge of a shard (counted inside the passes).
+  a worker (H of every layer at full size), and the client's merge of a shard (counted inside the passes). Each
+  cluster first runs one pass untimed for the table (printed apart): fresh workers open their sessions and first
+  allocate their sums then, which a quantization run pays once.
 
 Cost model of a calibration pass over n samples on W workers (shards: onnxq/calibrate/shards.py):
 
@@ -18,9 +20,10 @@ Cost model of a calibration pass over n samples on W workers (shards: onnxq/cali
 with S shards (equal shards: each worker runs ceil(S / W) of them one after another)
 where hwork(n) = sum over layers of the rows kept for H times K^2 (the moments' planned thinning bounds the rows, so
 it stops growing past a few hundred samples; computed from the planner). forward and per_h are measured on one thread
-in this process (what a worker runs: the same code), the H sums timed apart; send, fetch and merge are measured alone;
-only start is fitted (the mean of what the worker runs leave over). The shards are fetched and merged
-one after another on the client, which the model counts in full (in a pass some of it overlaps the workers' compute).
+in this process (what a worker runs: the same code), the H sums timed apart, and send alone; start and the cost of a
+shard fetched and merged by the client (one after another; on this 2-core machine it shares the cores with the
+workers) are fitted by least squares on the worker runs (the fetch and merge of a shard measured alone are printed
+beside).
 The table prints each measured point beside the model, then what the model says for ResNet-50 at 224x224 with 10,000
 calibration samples on 8 and 64 machines with one such worker each (send and fetch measured over loopback; a network
 adds to them).
@@ -249,30 +252,39 @@ def main() -> None:
     with one_thread():  # the components, as one worker runs them
         alone = calibration.run(images, None, 0, timers)
     send: dict[int, float] = {}
+    cold: dict[int, float] = {}
     transfer: list[float] = []
     for workers in args.workers:
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, Client(cluster) as client:
             send[workers] = calibration.send_seconds(client)
+            cold[workers] = calibration.run(images[: args.samples[0]], client, workers).seconds  # sessions opened, H first allocated
             points += [calibration.run(images[:n], client, workers) for n in args.samples]
             transfer.append(calibration.transfer_seconds(client))
     merge = float(np.sum([p.merge_seconds for p in points if p.workers]) / np.sum([p.shards for p in points if p.workers]))
     per_h = timers["moments"] / alone.hwork
     forward = (alone.seconds - timers["moments"] - timers["merge"]) / alone.samples
-    partial = CostModel(0.0, float(np.mean([s / w for w, s in send.items()])), forward, per_h, float(np.mean(transfer)) + merge)
+    partial = CostModel(0.0, float(np.mean([s / w for w, s in send.items()])), forward, per_h, 0.0)
     used = [p for p in points if p.workers]
-    start = float(np.mean([p.seconds - partial.predict(p.samples, p.workers, p.hwork, p.shards) for p in used]))
-    model = dataclasses.replace(partial, start=start)
+    rest = np.array([p.seconds - partial.predict(p.samples, p.workers, p.hwork, p.shards) for p in used])
+    (start, per_shard), *_ = np.linalg.lstsq(np.array([(1.0, p.shards) for p in used]), rest, rcond=None)
+    model = dataclasses.replace(partial, start=float(start), per_shard=float(per_shard))
     h_bytes = sum(g * k * k * 8 for g, k in calibration.shapes.values())
     print(f"one thread in this process (a worker's setting), {alone.samples} samples: {alone.seconds:.1f} s, of which H sums "
           f"{timers['moments']:.1f} s and shard merges {timers['merge']:.1f} s\n")
+    first = next((p for p in points if p.workers and p.samples == args.samples[0]), None)
+    if first is not None:
+        print("the first pass on fresh workers (their sessions opened, their sums first allocated) took "
+              + ", ".join(f"{w} workers {c:.1f} s" for w, c in cold.items()) + f" for {args.samples[0]} samples; "
+              f"the same pass again {', '.join(f'{p.seconds:.1f} s' for p in points if p.workers and p.samples == args.samples[0])}\n")
     print("| samples | workers | shards | measured s | cost model s | client merges s |")
     print("|---:|---:|---:|---:|---:|---:|")
     for p in points:
         predicted = f"{model.predict(p.samples, p.workers, p.hwork, p.shards):.1f}" if p.workers else "-"
         print(f"| {p.samples} | {p.workers or 'one process'} | {p.shards} | {p.seconds:.1f} | {predicted} | {p.merge_seconds:.2f} |")
     print(f"\ncost model: {model.start:.2f} s (fitted) + W x {model.send:.2f} s (send) + (n x {model.forward:.3f} s + hwork(n) x "
-          f"{model.per_h * 1e9:.3f} s per 1e9) x ceil(S/W)/S + S x {model.per_shard:.2f} s (fetch {np.mean(transfer):.2f} + merge {merge:.2f}; "
-          f"a shard's H is {h_bytes / 2**20:.0f} MB); all but the start measured alone")
+          f"{model.per_h * 1e9:.3f} s per 1e9) x ceil(S/W)/S + S x {model.per_shard:.2f} s (fitted: a shard fetched and merged by the "
+          f"client in a pass; alone, with the client idle: fetch {np.mean(transfer):.2f} + merge {merge:.2f} s; a shard's H is "
+          f"{h_bytes / 2**20:.0f} MB); send, forward and H measured alone")
     print("hwork(n) / 1e9: " + ", ".join(f"n={n}: {calibration.hwork(n) / 1e9:.1f}" for n in [*args.samples, 256, TARGET_SAMPLES]))
     sums_bytes = MomentCollector(calibration.inputs).sums_bytes
     hwork, count = calibration.hwork(TARGET_SAMPLES), math.ceil(TARGET_SAMPLES / shard_samples(TARGET_SAMPLES, sums_bytes))
