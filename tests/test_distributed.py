@@ -280,3 +280,16 @@ def test_errors_cross_process_boundaries_whole():
     error = pickle.loads(pickle.dumps(OnnxqError("model.onnx", "something is wrong")))
     assert isinstance(error, OnnxqError) and (error.path, error.problem) == ("model.onnx", "something is wrong")
     assert str(error) == "model.onnx: something is wrong"
+
+
+def test_a_run_with_workers_prints_only_onnxq_lines(images, tmp_path):
+    """Dask logs its cluster's start and stop at INFO: none of it reaches the terminal (a fresh process, as a user runs it)."""
+    data = tmp_path / "calibration.npy"
+    np.save(data, images[:16])
+    out = tmp_path / "out.onnx"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-m", "onnxq", "quantize", str(RESNET), "--calibration", str(data), "-o", str(out),
+                           "--workers", "1", "--no-speed"], capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == "" and out.exists()
+    assert done.stdout.splitlines()[0].startswith("quantized ")

@@ -42,15 +42,32 @@ def cluster(workers: int | None = None, scheduler: str | None = None) -> Iterato
     if workers is not None and workers < 1:
         raise OnnxqError(None, f"--workers must be a positive number of processes, got {workers}")
     require_distributed("--workers" if workers is not None else "--scheduler")
-    if scheduler is not None:
-        with _connect(scheduler) as client:
-            yield client
-        return
-    from distributed import Client, LocalCluster
+    with quiet_dask():
+        if scheduler is not None:
+            with _connect(scheduler) as client:
+                yield client
+            return
+        from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as local, Client(local) as client:
-        yield client
+        with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          silence_logs=logging.ERROR) as local, Client(local) as client:
+            yield client
+
+
+@contextlib.contextmanager
+def quiet_dask() -> Iterator[None]:
+    """Dask's own log lines (its INFO on starting, stopping and closed connections) kept off the terminal, unless debugging.
+
+    Dask's loggers log at INFO and pass their records up to the handler the CLI installs, whatever its level.
+    """
+    logger = logging.getLogger("distributed")
+    level = logger.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
 
 
 @contextlib.contextmanager
