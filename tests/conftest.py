@@ -404,3 +404,13 @@ def shipped_resnet() -> Path:
     path = MODELS / "fmnist_resnet20.onnx"
     assert path.exists(), "models/fmnist_resnet20.onnx is part of the repository"
     return path
+
+
+def splitmix64(number: int) -> int:
+    """splitmix64's finaliser in Python integers, written out from its definition: the moments' offset hash, for the tests' references."""
+    mask = 2**64 - 1
+    number ^= number >> 30
+    number = number * 0xBF58476D1CE4E5B9 & mask
+    number ^= number >> 27
+    number = number * 0x94D049BB133111EB & mask
+    return number ^ (number >> 31)

@@ -12,6 +12,7 @@ import copy
 
 import numpy as np
 import pytest
+from conftest import splitmix64
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibrate import moments as moments_module
@@ -357,16 +358,6 @@ def test_runs_of_other_sizes_keep_the_same_rows(monkeypatch):
         _close(other.hessians(), copy.deepcopy(fours).hessians(), 1e-6)
 
 
-def _hashed(number: int) -> int:
-    """splitmix64's finaliser in Python integers, written out from its definition."""
-    mask = 2**64 - 1
-    number ^= number >> 30
-    number = number * 0xBF58476D1CE4E5B9 & mask
-    number ^= number >> 27
-    number = number * 0x94D049BB133111EB & mask
-    return number ^ (number >> 31)
-
-
 def _reference(rows: np.ndarray, features: int, cap_rows: int) -> tuple[int, int, np.ndarray, np.ndarray]:
     """(kept, count, sum of stride x x^T, sum of stride x) by the rule, walking every (sample, row) of ``rows`` (samples,
     R, K): the stride is the least power of two with samples x R < 2 x cap x stride; row r of sample i (position
@@ -380,7 +371,7 @@ def _reference(rows: np.ndarray, features: int, cap_rows: int) -> tuple[int, int
     for i in range(samples):
         for r in range(per_sample):
             p = i * 2**32 + r
-            if p % stride == _hashed(p // stride) % stride:
+            if p % stride == splitmix64(p // stride) % stride:
                 x = rows[i, r].astype(np.float64)
                 kept += 1
                 sums += stride * np.outer(x, x)

@@ -8,6 +8,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+from conftest import splitmix64
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.calibrate.moments import LayerInput, MomentCollector, layer_inputs
@@ -120,16 +121,6 @@ def test_layers_without_an_h_are_left_out():
     assert LayerInput("x", "rows").rows(np.ones((2, 3, 4))).shape == (1, 6, 4)
 
 
-def _hashed(number: int) -> int:
-    """splitmix64's finaliser in Python integers (the offset hash the module names), written out from its definition."""
-    mask = 2**64 - 1
-    number ^= number >> 30
-    number = number * 0xBF58476D1CE4E5B9 & mask
-    number ^= number >> 27
-    number = number * 0x94D049BB133111EB & mask
-    return number ^ (number >> 31)
-
-
 @pytest.mark.parametrize("planned", [False, True])
 def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch, planned):
     """Past the cap, one row per run of `stride` positions (sample i, row r at i * 2**32 + r) is kept, weighted by the
@@ -158,7 +149,7 @@ def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch, planned):
         pending = []
         for j, row in enumerate(rows[0]):
             position = (sample + j // per_sample) * 2**32 + j % per_sample
-            if stride == 1 or position % stride == _hashed(position // stride) % stride:
+            if stride == 1 or position % stride == splitmix64(position // stride) % stride:
                 pending.append(row)
         sample += samples
         for row in pending:
