@@ -129,28 +129,32 @@ class Probe:
         if not self.model_outputs:
             raise OnnxqError(label, "sensitivity needs a float model output to compare, and this model has none")
         node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
-        probe = _probe_model(model, plans, node_types)
-        materialize(probe)  # onnxruntime needs the weights in the session's model
-        self.model_bytes = probe.SerializeToString()  # what a Dask worker opens its own probe from (onnxq/distribute/probes.py)
+        self._source = (model, plans, node_types)
         self.batches = batches  # the runs every measurement feeds
-        self._open()
+        self._open(self._model_bytes())
 
-    def _open(self, threads: int | None = None) -> None:
+    def _model_bytes(self) -> bytes:
+        """The probe model, serialized: the float model with its planned weights as inputs and the node outputs exposed."""
+        probe = _probe_model(*self._source)
+        materialize(probe)  # onnxruntime needs the weights in the session's model
+        return probe.SerializeToString()
+
+    def _open(self, model_bytes: bytes, threads: int | None = None) -> None:
         """The session, and the float model outputs every measurement compares with."""
-        self._session = ort.InferenceSession(self.model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+        self._session = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
         self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in self.batches]
 
     def portable(self) -> tuple[bytes, list[dict[str, np.ndarray]], list[str], dict[str, tuple[str, ...]]]:
-        """What :meth:`reopen` needs to open the same probe elsewhere (on a Dask worker)."""
-        return self.model_bytes, self.batches, self.model_outputs, self.node_outputs
+        """What :meth:`reopen` needs to open the same probe elsewhere (on a Dask worker); serialized when asked, not kept."""
+        return self._model_bytes(), self.batches, self.model_outputs, self.node_outputs
 
     @classmethod
     def reopen(cls, model_bytes: bytes, batches: list[dict[str, np.ndarray]], model_outputs: list[str],
                node_outputs: dict[str, tuple[str, ...]], threads: int | None = None) -> Probe:
         """The probe :meth:`portable` described, with its own session (and float reference run) in this process."""
         probe = cls.__new__(cls)
-        probe.model_bytes, probe.batches, probe.model_outputs, probe.node_outputs = model_bytes, batches, model_outputs, node_outputs
-        probe._open(threads)
+        probe.batches, probe.model_outputs, probe.node_outputs = batches, model_outputs, node_outputs
+        probe._open(model_bytes, threads)
         return probe
 
     def run(self, weights: Mapping[str, np.ndarray], tensor: str | None = None) -> Measurement:

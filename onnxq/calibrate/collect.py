@@ -260,23 +260,22 @@ def observe_runs(
 ) -> Observed:
     """Run ``sess`` over ``batches`` (one shard) and add the fetched tensors to the statistics ``task`` asks for, ``into``.
 
-    ``first_sample``: the global index of the shard's first sample (its place in the whole stream: the moments keep
-    rows by it).
+    ``into`` starts empty (a shard's own statistics); ``first_sample`` is the global index of the shard's first sample
+    (its place in the whole stream: the moments keep rows by it).
     """
-    observed = into
     sizer = RunSizer(specs, per_sample_bytes)
     fetched = list(task.fetched)
     for batch in batches:
         for piece, outputs in sized_runs(sess, fetched, [batch], sizer):
             for name, value in zip(fetched, outputs, strict=True):
-                if name in observed.stats:
-                    _observe(observed.stats[name], name, value, task.histograms)
-                if observed.moments is not None:
-                    observed.moments.observe(name, value, first_sample + observed.samples)
-            observed.samples += batch_size(piece, sizer.axes)
+                if name in into.stats:
+                    _observe(into.stats[name], name, value, task.histograms)
+                if into.moments is not None:
+                    into.moments.observe(name, value, first_sample + into.samples)
+            into.samples += batch_size(piece, sizer.axes)
         if bar is not None:
             bar.update(batch_size(batch, sizer.axes))
-    return observed
+    return into
 
 
 def sample_bytes(model: onnx.ModelProto, tensors: list[str]) -> float | None:
