@@ -107,6 +107,11 @@ def test_centered_moments_and_shift_against_numpy():
     fortran = np.asfortranarray(h)  # the moment sums of wide layers come in BLAS's column-major layout
     np.testing.assert_allclose(centered(fortran, mean, kept=0.0), covariance, atol=1e-12)
     np.testing.assert_array_equal(fortran, h)  # the input is left as it was
+    for layout in (np.ascontiguousarray, np.asfortranarray):  # in place (an H no other weight reads): the same matrix, in h itself
+        mine = layout(h.copy())
+        got = centered(mine, mean, kept=0.0, in_place=True)
+        assert got is mine
+        np.testing.assert_allclose(mine, covariance, atol=1e-12)
     delta = rng.standard_normal((4, 3))  # rows 0-1 read group 0, rows 2-3 group 1
     want = [delta[r] @ mean[r // 2] for r in range(4)]
     np.testing.assert_allclose(mean_shift(delta, mean), want)

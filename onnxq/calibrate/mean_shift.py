@@ -76,13 +76,18 @@ def _kind(node: onnx.NodeProto, input_index: int, rank: int) -> str | None:
 MEAN_KEPT = 0.25
 
 
-def centered(h: np.ndarray, mean: np.ndarray, kept: float = MEAN_KEPT) -> np.ndarray:
-    """H - (1 - ``kept``) E[x] E[x]^T per group, from ``h`` (groups, K, K) and ``mean`` (groups, K); ``kept`` 0: the covariance."""
-    out = np.array(h, dtype=np.float64, order="C")  # C order: each group's transpose is column-major, which dger updates in place
+def centered(h: np.ndarray, mean: np.ndarray, kept: float = MEAN_KEPT, in_place: bool = False) -> np.ndarray:
+    """H - (1 - ``kept``) E[x] E[x]^T per group, from ``h`` (groups, K, K) and ``mean`` (groups, K); ``kept`` 0: the covariance.
+
+    ``in_place``: ``h`` itself (float64) is updated, where no other weight reads it: a copy of a wide layer's H costs its
+    size in memory and, first touched, a good part of the layer's quantization time.
+    """
+    out = h if in_place and h.dtype == np.float64 else np.array(h, dtype=np.float64, order="C")
     for group, vector in zip(out, np.asarray(mean, dtype=np.float64), strict=True):  # a rank-one update (BLAS dger)
-        updated = blas.dger(-(1.0 - kept), vector, vector, a=group.T, overwrite_a=1)  # group.T: the same symmetric matrix
-        if not np.shares_memory(updated, group):  # BLAS worked on a copy after all
-            group[...] = updated.T
+        column_major = group if group.flags.f_contiguous else group.T  # symmetric: either is the same matrix
+        updated = blas.dger(-(1.0 - kept), vector, vector, a=column_major, overwrite_a=1)
+        if not np.shares_memory(updated, group):  # BLAS worked on a copy after all (neither layout was contiguous)
+            group[...] = updated
     return out
 
 

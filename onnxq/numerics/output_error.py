@@ -74,7 +74,14 @@ def damped(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
 
     Dead inputs (zero diagonal) get the mean of the live ones as their diagonal, or 1 where none is live.
     """
-    h = np.array(h, dtype=np.float64)
+    return damp_in_place(np.array(h, dtype=np.float64), damping)
+
+
+def damp_in_place(h: np.ndarray, damping: float = DAMPING) -> np.ndarray:
+    """:func:`damped` on ``h`` itself (float64, a copy the caller made anyway: H gathered in another order, say).
+
+    Every H of a wide layer copied costs its size in memory and, first touched, seconds of page faults on large models.
+    """
     diagonal = np.diagonal(h, axis1=-2, axis2=-1).copy()
     dead = diagonal <= 0
     flat_diagonal, flat_dead = diagonal.reshape(-1, diagonal.shape[-1]), dead.reshape(-1, diagonal.shape[-1])
@@ -126,7 +133,8 @@ class Compensation:
         """Largest diagonal first; the upper Cholesky factor of the damped H^-1 in that order."""
         order = np.argsort(-np.diagonal(h), kind="stable")
         backwards = order[::-1]  # P (H in that order) P, gathered at once: the factorisation works in this copy
-        return cls(order, _upper_from_reversed(damped(h)[np.ix_(backwards, backwards)]))
+        gathered = np.asarray(h, dtype=np.float64)[np.ix_(backwards, backwards)]  # the one copy: damped in it, then factorised in it
+        return cls(order, _upper_from_reversed(damp_in_place(gathered)))
 
 
 def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, compensation: Compensation | None = None) -> np.ndarray:
@@ -276,7 +284,7 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid) -> RowCod
     nearest = grid.round(flat, scale)[0]
     nearest_errors = errors(decode(nearest, scale, grid))
     order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")  # (G, K)
-    permuted = np.take_along_axis(np.take_along_axis(damped(h), order[:, :, None], 1), order[:, None, :], 2)
+    permuted = damp_in_place(np.asarray(h, dtype=np.float64)[np.arange(groups)[:, None, None], order[:, :, None], order[:, None, :]])
     upper = inverse_cholesky(permuted)
     w = np.take_along_axis(rows, order[:, None, :], 2).copy()
     codes = np.zeros(w.shape, dtype=np.int8)
