@@ -24,6 +24,7 @@ from onnx import numpy_helper
 
 from onnxq import QuantizeConfig
 from onnxq.analysis.datasets import FASHION_MNIST_DIR, load_idx_split
+from onnxq.calibrate import shards as shards_module
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, CalibrationMethod
 from onnxq.errors import OnnxqError
@@ -40,6 +41,14 @@ CONFIGS = {
     "W4A8 mse": QuantizeConfig(bits=4, activations=ActivationConfig(bits=8, method=CalibrationMethod.MSE, samples=SAMPLES)),
     "W8A8 asq": QuantizeConfig(bits=8, activations=ActivationConfig(bits=8, method=CalibrationMethod.ASQ, samples=SAMPLES)),
 }
+
+
+@pytest.fixture(scope="module", autouse=True)
+def small_shards():
+    """Shards of a run or two (the client decides them): many shards to merge, as a pass of thousands of samples has."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(shards_module, "MIN_SHARD_SAMPLES", 1)
+        yield
 
 
 @pytest.fixture(scope="module")

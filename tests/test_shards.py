@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnxq.calibrate.samples import InputSpec
-from onnxq.calibrate.shards import MAX_SHARDS, MIN_SHARDS, SHARD_STATISTICS_BYTES, shard_count, shard_samples, shards
+from onnxq.calibrate.shards import MAX_SHARDS, MIN_SHARD_SAMPLES, MIN_SHARDS, SHARD_STATISTICS_BYTES, shard_count, shard_samples, shards
 
 
 def test_shards_hold_whole_runs_in_order_with_their_first_sample():
@@ -25,4 +25,4 @@ def test_large_statistics_cut_a_pass_into_fewer_shards():
     assert shard_count(1 << 30) == SHARD_STATISTICS_BYTES // (1 << 30) == 16
     assert shard_count(SHARD_STATISTICS_BYTES * 10) == MIN_SHARDS
     assert shard_samples(10_000) == 157 and shard_samples(10_000, 1 << 30) == 625 and shard_samples(None) == 32
-    assert shard_samples(3) == 1
+    assert shard_samples(256) == MIN_SHARD_SAMPLES == 64  # a short pass: a few shards, not 64 merges

@@ -47,6 +47,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from onnxq.analysis.sensitivity import SensitivityAnalysis  # noqa: E402
+from onnxq.calibrate import shards as shards_module  # noqa: E402
 from onnxq.calibrate.collect import Observed, _with_outputs, collect  # noqa: E402
 from onnxq.calibrate.moments import LayerInput, MomentCollector, Moments, layer_inputs  # noqa: E402
 from onnxq.calibrate.placement import activation_sites  # noqa: E402
@@ -243,6 +244,7 @@ def main() -> None:
     from distributed import Client, LocalCluster
 
     print(cpu_description())
+    shards_module.MIN_SHARD_SAMPLES = 1  # shards of one run, as a pass of thousands of samples is cut: the scaling on few samples
     images = np.random.default_rng(0).random((max(args.samples), 3, SIZE, SIZE), dtype=np.float32)
     calibration = CalibrationPass()
     print(f"ResNet-50 graph at {SIZE}x{SIZE}, random weights. Calibration pass of W4A8 mse with output-aware moments: "
