@@ -38,6 +38,18 @@ def _split(rng: np.random.Generator, items: list, parts: int) -> list[list]:
     return [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
+def _feeder(make, add):
+    """A function that feeds each run of a part, with ``add(statistics, run)``, into a fresh ``make()``, and returns it."""
+
+    def fed(part: list) -> object:
+        statistics = make()
+        for run in part:
+            add(statistics, run)
+        return statistics
+
+    return fed
+
+
 def _folds(parts: list, fed) -> tuple:
     """The parts merged as ((a + b) + c) ... and as (a + (b + (c ...))), each part ``fed`` into a fresh object."""
     left = fed(parts[0])
@@ -74,11 +86,7 @@ def test_histograms_merge_to_one_fed_everything(seed):
     rng = np.random.default_rng(seed)
     runs = _stream(rng, 12)
 
-    def fed(part: list[np.ndarray]) -> Histogram:
-        h = Histogram(bins=256)
-        for run in part:
-            h.add(run)
-        return h
+    fed = _feeder(lambda: Histogram(bins=256), Histogram.add)
 
     whole = fed(runs)
     everything = np.concatenate(runs)
@@ -135,11 +143,7 @@ def test_channel_histograms_merge_to_one_fed_everything(seed):
     rng = np.random.default_rng(seed + 10)
     blocks = _channel_stream(rng, 14, channels=7)
 
-    def fed(part: list[np.ndarray]) -> ChannelHistograms:
-        h = ChannelHistograms(7, bins=128)
-        for block in part:
-            h.add_blocks(block)
-        return h
+    fed = _feeder(lambda: ChannelHistograms(7, bins=128), ChannelHistograms.add_blocks)
 
     whole = fed(blocks)
     for c in range(7):
@@ -162,11 +166,7 @@ def test_channel_means_merge_to_one_pass():
     rng = np.random.default_rng(20)
     runs = _tensor_runs(rng, (5, 4, 3), 10)
 
-    def fed(part: list[np.ndarray]) -> ChannelMeans:
-        m = ChannelMeans()
-        for run in part:
-            m.add(run)
-        return m
+    fed = _feeder(ChannelMeans, ChannelMeans.add)
 
     whole = fed(runs)
     want = np.concatenate(runs).astype(np.float64).mean(axis=(0, 2, 3))
@@ -186,11 +186,7 @@ def test_sample_stats_append_in_order():
     rng = np.random.default_rng(21)
     runs = _tensor_runs(rng, (6, 5, 5), 9)
 
-    def fed(part: list[np.ndarray]) -> SampleStats:
-        s = SampleStats()
-        for run in part:
-            s.add(run)
-        return s
+    fed = _feeder(SampleStats, SampleStats.add)
 
     whole = fed(runs)
     for parts in range(2, 6):
@@ -208,11 +204,8 @@ def test_tensor_stats_merge_to_one_pass(per_sample):
     rng = np.random.default_rng(22)
     runs = _tensor_runs(rng, (4, 6, 6), 11)
 
-    def fed(part: list[np.ndarray]) -> TensorStats:
-        entry = TensorStats(samples=SampleStats() if per_sample else None)
-        for run in part:
-            _observe(entry, "t", run, histograms=True)  # what collect() does with each run
-        return entry
+    fed = _feeder(lambda: TensorStats(samples=SampleStats() if per_sample else None),
+                  lambda entry, run: _observe(entry, "t", run, histograms=True))  # what collect() does with each run
 
     whole = fed(runs)
     for parts in range(2, 6):
