@@ -19,3 +19,9 @@ class OnnxqError(Exception):
     def __reduce__(self) -> tuple[type, tuple[str | None, str]]:
         """Pickled with both arguments: a Dask worker's error reaches the client as the same error."""
         return (type(self), (self.path, self.problem))
+
+
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name where it has none): what a one-line error quotes of it."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

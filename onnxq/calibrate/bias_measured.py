@@ -26,6 +26,7 @@ from onnx import helper, numpy_helper
 from onnxq.calibrate.collect import ChannelMeans, exposing, progress, sample_bytes, sized_runs
 from onnxq.calibrate.result import ActivationQuant
 from onnxq.calibrate.samples import RunSizer, batch_size, first_samples, input_specs, sample_axes
+from onnxq.errors import first_line
 from onnxq.model.graph import attribute, constant_initializers, subgraphs, to_array, used_names
 from onnxq.rewrite.activations import insert_activation_qdq
 
@@ -265,8 +266,7 @@ def empirical_correction(
         float_means = output_means(float_model, list(biases), batches)
         refined = refine_biases(float_means, simulated, biases, start, batches, passes)
     except Exception as error:  # onnxruntime's exception types are not public
-        first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        logger.warning("measured bias correction skipped (the analytic one stays): onnxruntime cannot run the simulation: %s", first_line)
+        logger.warning("measured bias correction skipped (the analytic one stays): onnxruntime cannot run the simulation: %s", first_line(error))
         return
     for name, value in refined.items():
         consts[name].CopyFrom(numpy_helper.from_array(value, name))

@@ -31,7 +31,7 @@ from onnxq.calibrate.histogram import ChannelHistograms, Histogram, sample_histo
 from onnxq.calibrate.moments import MomentCollector
 from onnxq.calibrate.samples import InputSpec, RunSizer, batch_size, input_specs
 from onnxq.calibrate.shards import shard_samples, shards
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 from onnxq.model.external import materialize
 from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
 from onnxq.native.session import session_options
@@ -304,8 +304,7 @@ def sized_runs(
             try:
                 outputs = sess.run(tensors, piece)
             except Exception as e:  # onnxruntime's exception types are not public
-                first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line}") from e
+                raise OnnxqError(None, f"onnxruntime cannot run the model on the calibration data: {first_line(e)}") from e
             sizer.record(piece, outputs)
             yield piece, outputs
 

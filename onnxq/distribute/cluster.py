@@ -11,7 +11,7 @@ import logging
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -100,9 +100,3 @@ def worker_threads() -> int | None:
         return int(get_worker().state.nthreads)
     except (ImportError, ValueError, AttributeError):
         return None
-
-
-def first_line(error: BaseException) -> str:
-    """The first line of an error's message (its type where it has none)."""
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -28,8 +28,8 @@ import onnxruntime as ort
 from onnxq.calibrate.collect import Observed, PassTask, _with_outputs, observe_runs, progress, sample_bytes
 from onnxq.calibrate.samples import InputSpec, input_specs
 from onnxq.calibrate.shards import Shard, shard_samples, shards
-from onnxq.distribute.cluster import first_line, worker_count, worker_threads
-from onnxq.errors import OnnxqError
+from onnxq.distribute.cluster import worker_count, worker_threads
+from onnxq.errors import OnnxqError, first_line
 from onnxq.model.load import PROTOBUF_LIMIT, tensor_bytes
 from onnxq.native.session import session_options
 

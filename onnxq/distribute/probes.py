@@ -15,8 +15,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from onnxq.analysis.sensitivity import Measurement, Probe
-from onnxq.distribute.cluster import first_line, worker_threads
-from onnxq.errors import OnnxqError
+from onnxq.distribute.cluster import worker_threads
+from onnxq.errors import OnnxqError, first_line
 
 if TYPE_CHECKING:
     from distributed import Client

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import onnx
 
-from onnxq.errors import OnnxqError
+from onnxq.errors import OnnxqError, first_line
 from onnxq.model.external import resolve
 from onnxq.model.graph import all_tensors
 from onnxq.model.opset import default_opset
@@ -88,8 +88,7 @@ def _check(loaded: LoadedModel) -> None:
         else:
             onnx.checker.check_model(model)
     except onnx.checker.ValidationError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise OnnxqError(loaded.label, f"invalid ONNX model: {first}") from e
+        raise OnnxqError(loaded.label, f"invalid ONNX model: {first_line(e)}") from e
     except UnicodeDecodeError as e:  # the checker's message quotes a name whose bytes are not UTF-8
         raise OnnxqError(loaded.label, "invalid ONNX model: a name or string in it is not valid UTF-8") from e
     opset = default_opset(model)
