@@ -236,7 +236,7 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
     integer_inputs = calibrated is not None and bool(calibrated.quants)
     folding = calibrated is not None and config.activations is None and config.fold_mean_shift
     sites = shift_sites(loaded.model.graph, plan.weights) if folding else {}
-    readers = collections.Counter(id(h) for h in calibrated.hessians.values()) if calibrated is not None else collections.Counter()  # shared H
+    users = collections.Counter(id(h) for h in calibrated.hessians.values()) if calibrated is not None else collections.Counter()  # weights per H
     out = QuantizedWeights()
     for weight_plan in plan.weights:
         weight = to_array(consts[weight_plan.tensor])
@@ -247,7 +247,7 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
         hessian = calibrated.hessians.get(weight_plan.tensor) if calibrated is not None else None
         mean = calibrated.input_means.get(weight_plan.tensor) if calibrated is not None and weight_plan.tensor in sites else None
         if hessian is not None and mean is not None and weight_plan.channel_axis is not None:
-            hessian = centered(hessian, mean, in_place=readers[id(hessian)] == 1)  # the mean output shift goes into the bias (correct_biases)
+            hessian = centered(hessian, mean, in_place=users[id(hessian)] == 1)  # the mean output shift goes into the bias (correct_biases)
         else:
             mean = None
         q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
