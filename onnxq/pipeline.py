@@ -25,6 +25,7 @@ import onnx
 from onnxq.calibrate.activations import calibrate as calibrate_sites
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
+from onnxq.calibrate.branches import BRANCH_SAMPLES, branch_view
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
@@ -222,12 +223,22 @@ def calibrate(
         head, batches = peek(batches, sample_axes(specs), EQUALIZE_SAMPLES)
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
     aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
-    moments = MomentCollector(layer_inputs(loaded.model.graph, aware), config.calibration_samples) if config.output_aware else None
+    model, guards = loaded.model, ()
+    if config.output_aware and (inside := {u.node for p in aware for u in p.uses if u.body_of}):  # layers in If bodies: their branches inlined
+        head, batches = peek(batches, sample_axes(specs), BRANCH_SAMPLES)
+        if (view := branch_view(loaded.model, inside, head)) is not None:
+            model, guards = view.model, view.guards(aware)
+    moments = MomentCollector(layer_inputs(model.graph, aware), config.calibration_samples, guards) if config.output_aware else None
     if config.activations is None:
-        collect(loaded.model, [], batches, total=config.calibration_samples, moments=moments, client=client)
-        return Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
-    sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
-    return calibrate_sites(loaded.model, sites, batches, config.activations, moments, client)
+        collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client)
+        calibrated = Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
+    else:
+        sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
+        calibrated = calibrate_sites(model, sites, batches, config.activations, moments, client)
+    if moments is not None and moments.unguarded:
+        logger.info("calibration: some runs took another branch of an If than the first ones; %d weights inside it are rounded "
+                    "for their own error", len(moments.unguarded))
+    return calibrated
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:

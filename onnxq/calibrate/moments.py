@@ -7,10 +7,15 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
 - Conv: each output position's patch, (C/group, kernel...) in the weight's own order, one H per group (a depthwise
   convolution has one small H per channel), with strides, padding (explicit or SAME), dilations, 1-D to 3-D.
 
+- LSTM, GRU, RNN (one direction): W multiplies each step's input x_t, the rows of X; R (LSTM and RNN) multiplies the
+  previous hidden state h_{t-1}, whose rows are taken from Y, the hidden states h_1..h_T (Y_h, h_T, where Y is not
+  an output): the same set but for h_0 and h_T, exact where the states come from a stream (a state fed back each run).
+
 H is summed in float64 as the calibration runs stream by (never all activations at once; a convolution's patches one
 sample at a time), over every reader of a shared weight. Weights with another kind of reader (ConvTranspose, Einsum,
-recurrent layers, lookups, readers inside control-flow bodies) or with an input axis longer than MAX_FEATURES get none,
-and are quantized for their own error as before.
+a GRU's R, bidirectional recurrent layers, lookups, readers inside Loop/Scan bodies or inside If bodies the pass did not
+inline, onnxq/calibrate/branches.py) or with an input axis longer than MAX_FEATURES get none, and are quantized for
+their own error as before.
 
 The sum costs n K^2 for n rows of K features, which for a convolution over a large image (n = samples x positions)
 is many times the layer's own forward pass. Past enough rows for a well-conditioned estimate (the cap: MIN_ROWS, or
@@ -67,7 +72,7 @@ class LayerInput:
     """How one reader turns its input tensor into rows of the features its weight rows multiply."""
 
     tensor: str
-    kind: str  # "rows" (last axis), "columns" (axis -2: W @ x), "transposed" (Gemm transA), "conv"
+    kind: str  # "rows" (last axis), "steps" (last axis, samples on axis -2: a sequence [T, (D,) N, C]), "columns" (axis -2: W @ x), "transposed" (Gemm transA), "conv"
     groups: int = 1
     kernel: tuple[int, ...] = ()
     strides: tuple[int, ...] = ()
@@ -84,7 +89,7 @@ class LayerInput:
     def features(self, value: np.ndarray) -> int:
         """K: the length of the rows :meth:`rows` makes of ``value``."""
         shape = np.shape(value)
-        if self.kind == "rows":
+        if self.kind in ("rows", "steps"):
             return shape[-1]
         if self.kind == "columns":
             return shape[-2]
@@ -95,7 +100,7 @@ class LayerInput:
     def count(self, value: np.ndarray) -> int:
         """How many rows (per group) :meth:`rows` makes of ``value``."""
         shape = np.shape(value)
-        if self.kind == "rows":
+        if self.kind in ("rows", "steps"):
             return math.prod(shape[:-1])
         if self.kind == "columns":
             return math.prod(shape) // shape[-2]
@@ -114,7 +119,7 @@ class LayerInput:
         count = self.count(value)
         if self.kind in ("transposed", "columns") and len(shape) == 2:
             return count, 1
-        samples = shape[0] if shape else 1
+        samples = (shape[-2] if self.kind == "steps" and len(shape) >= 2 else shape[0]) if shape else 1
         return (samples, count // samples) if samples and count % samples == 0 else (1, count)
 
     def rows(self, value: np.ndarray, keep: slice | np.ndarray = slice(None)) -> np.ndarray:
@@ -122,6 +127,8 @@ class LayerInput:
         x = np.asarray(value)
         if self.kind == "rows":
             return x.reshape(1, -1, x.shape[-1])[:, keep]
+        if self.kind == "steps":  # sample-major, as :meth:`layout` counts them
+            return np.moveaxis(x, -2, 0).reshape(1, -1, x.shape[-1])[:, keep]
         if self.kind == "columns":
             return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])[:, keep]
         if self.kind == "transposed":
@@ -197,6 +204,26 @@ def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...])
             strides=tuple(attribute(node, "strides", [1] * spatial)), pads=tuple(attribute(node, "pads", [])),
             dilations=tuple(attribute(node, "dilations", [1] * spatial)), auto_pad=auto_pad,
         )
+    if is_op(node, "LSTM", "GRU", "RNN") and weight_rank == 3 and dims[0] == 1:
+        return _recurrent_input(node, input_index)
+    return None
+
+
+def _recurrent_input(node: onnx.NodeProto, input_index: int) -> LayerInput | None:
+    """A one-direction recurrent layer's W (the steps' inputs X) or R (the hidden states, from Y or Y_h); a GRU's R has none.
+
+    A GRU's candidate gate multiplies R by r * h, not h. With layout 0 a sequence is [T, (D,) N, C]: samples on axis
+    -2; with layout 1, [N, T, (D,) C] and Y_h [N, D, C]: samples on axis 0.
+    """
+    sequence = "rows" if attribute(node, "layout", 0) else "steps"
+    if input_index == 1:
+        return LayerInput(node.input[0], sequence)
+    if input_index != 2 or is_op(node, "GRU"):
+        return None
+    if len(node.output) > 0 and node.output[0]:
+        return LayerInput(node.output[0], sequence)
+    if len(node.output) > 1 and node.output[1]:
+        return LayerInput(node.output[1], sequence)
     return None
 
 
@@ -213,7 +240,7 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
         readers = []
         for use in plan.uses:
             node = nodes.get(use.node)
-            found = _reader_input(node, use.input_index, dims) if node is not None and not use.body_of else None
+            found = _reader_input(node, use.input_index, dims) if node is not None else None  # a body's node: only in a view with it inlined
             if found is None or plan.channel_axis != use.channel_axis:  # the readers must agree on the rows (output axis)
                 break
             readers.append(found)
@@ -413,16 +440,29 @@ def _symmetric(sums: np.ndarray) -> np.ndarray:
     return sums
 
 
+@dataclass(frozen=True)
+class Guard:
+    """An If the pass's model replaced by one branch: the condition tensor, the branch (then: True), the weights read there."""
+
+    condition: str
+    taken: bool
+    weights: frozenset[str]
+
+
 @dataclass
 class MomentCollector:
     """The H of every weight in ``inputs``, fed one run's tensors at a time (per sample for convolutions).
 
-    Readers that see the same input the same way (a transformer's query, key and value) share one sum.
+    Readers that see the same input the same way (a transformer's query, key and value) share one sum. ``guards``:
+    in a model with If branches inlined (onnxq/calibrate/branches.py), the conditions to check on every run; where
+    a run took the other branch, the weights read in the inlined one get no H.
     """
 
     inputs: Mapping[str, list[LayerInput]]
     samples: int | None = None  # the samples the whole pass brings, when known (every shard's collector the total): fixes each reader's stride
+    guards: tuple[Guard, ...] = ()
     moments: dict[LayerInput, Moments] = field(default_factory=dict)
+    broken: set[str] = field(default_factory=set)  # conditions some run did not meet
 
     def __post_init__(self) -> None:
         self.moments = {reader: Moments() for readers in self.inputs.values() for reader in readers}
@@ -435,13 +475,21 @@ class MomentCollector:
     @property
     def tensors(self) -> list[str]:
         """The tensors a run must fetch."""
-        return list(dict.fromkeys(reader.tensor for reader in self.moments))
+        return list(dict.fromkeys([*(reader.tensor for reader in self.moments), *(g.condition for g in self.guards)]))
+
+    @property
+    def unguarded(self) -> frozenset[str]:
+        """Weights read in an inlined branch some run did not take: their H does not describe the data."""
+        return frozenset(w for g in self.guards if g.condition in self.broken for w in g.weights)
 
     def observe(self, name: str, value: np.ndarray, first_sample: int = 0) -> None:
         """Add one run's values of tensor ``name`` to the sums of every reader of it.
 
         ``first_sample``: the index of the run's first sample in the whole pass (the rows kept depend on it, see the module).
         """
+        for guard in self.guards:
+            if guard.condition == name and not (np.asarray(value).astype(bool) == guard.taken).all():
+                self.broken.add(name)
         for reader, moments in self.moments.items():
             if reader.tensor != name or reader.count(value) == 0:
                 continue
@@ -465,7 +513,10 @@ class MomentCollector:
         """
         out: dict[str, np.ndarray] = {}
         shared: dict[tuple[LayerInput, ...], np.ndarray | None] = {}
+        unguarded = self.unguarded
         for weight, readers in self.inputs.items():
+            if weight in unguarded:
+                continue
             key = tuple(dict.fromkeys(readers))
             if key not in shared:
                 shared[key] = self._average(key)
@@ -480,6 +531,7 @@ class MomentCollector:
         """
         if set(other.moments) != set(self.moments):
             raise ValueError("cannot merge moments of different layer inputs")
+        self.broken |= other.broken
         for reader, moments in self.moments.items():
             moments.merge(other.moments[reader], take)
 
@@ -501,7 +553,10 @@ class MomentCollector:
     def means(self) -> dict[str, np.ndarray]:
         """Per weight, E[x] per group (groups, K) over all its readers' rows: the mean input its rows multiply."""
         out = {}
+        unguarded = self.unguarded
         for weight, readers in self.inputs.items():
+            if weight in unguarded:
+                continue
             parts = [self.moments[reader] for reader in dict.fromkeys(readers)]
             count = sum(m.count for m in parts)
             if count and all(m.linear is not None for m in parts):

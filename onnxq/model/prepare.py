@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
+from collections.abc import Mapping
 
 import numpy as np
 import onnx
@@ -27,7 +28,7 @@ from onnxq.model.graph import (
 )
 from onnxq.model.opset import default_opset, is_default_domain
 from onnxq.model.skeleton import on_skeleton
-from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS
+from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -133,7 +134,7 @@ def _hoist(body: onnx.GraphProto, main: onnx.GraphProto, counts: Counter[str], n
         name
         for node in body.node
         if node.op_type in HANDLERS and is_default_domain(node.domain)
-        for name in node.input[:2]
+        for name in _weight_candidates(node)
         if name in own and name not in pinned and own[name].data_type in FLOAT_TYPES
     }
     keep = [t for t in body.initializer if t.name not in weights]
@@ -147,6 +148,12 @@ def _hoist(body: onnx.GraphProto, main: onnx.GraphProto, counts: Counter[str], n
         del body.initializer[:]
         body.initializer.extend(keep)
     return moved + len(weights)
+
+
+def _weight_candidates(node: onnx.NodeProto) -> list[str]:
+    """Inputs of a weighted node that may hold its weight: a recurrent layer's W and R, otherwise the first two."""
+    indices = RECURRENT_WEIGHTS.get(node.op_type, (0, 1))
+    return [node.input[i] for i in indices if i < len(node.input)]
 
 
 def bypass_constant_identities(graph: onnx.GraphProto) -> int:
@@ -172,22 +179,26 @@ def bypass_constant_identities(graph: onnx.GraphProto) -> int:
 
 #: Ops computed ahead of time when every input is a constant: what exporters leave on a weight's path (the
 #: TorchScript exporter without constant folding writes MatMul(x, Transpose(W)); float16 weights come through a
-#: Cast; reshapes and scalings). None of them makes more data than it reads, so folding never grows the model.
+#: Cast; reshapes and scalings; a torch LSTM's gates reordered into ONNX's by Slice and Concat). None of them makes
+#: more data than it reads, so folding never grows the model.
 FOLDABLE_OPS = frozenset(
-    {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Neg", "Abs", "Sqrt", "Reciprocal", "Mul", "Div", "Add", "Sub"}
+    {"Transpose", "Reshape", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Cast", "Neg", "Abs", "Sqrt", "Reciprocal", "Mul", "Div", "Add", "Sub",
+     "Slice", "Concat"}
 )
 
 
-def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
+def fold_constant_paths(graph: onnx.GraphProto, opset: int, outer: Mapping[str, onnx.TensorProto] | None = None) -> int:
     """Replace nodes of FOLDABLE_OPS whose inputs are all constants by initializers holding their outputs.
 
     Without this a weight behind such a node is "computed" and stays float. The values come from onnx's reference
-    implementation of the op at the model's opset; nodes producing graph outputs, elementwise ops whose result would
-    be larger than their largest input (broadcasting), and Casts of integer codes (a quantized weight) stay.
+    implementation of the op at the model's opset; nodes producing graph outputs, ops whose result would be larger
+    than their largest input (broadcasting; a Concat, than all its inputs together), and Casts of integer codes (a
+    quantized weight) stay. ``outer``: constants of the graphs around a control-flow body, which it may read.
     """
     from onnx.reference import ReferenceEvaluator
 
-    consts = constant_initializers(graph)
+    own = defined_names(graph)
+    consts = {name: t for name, t in (outer or {}).items() if name not in own} | constant_initializers(graph)
     outputs = {o.name for o in graph.output}
     keep: list[onnx.NodeProto] = []
     folded = 0
@@ -204,7 +215,8 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
             continue
         values = [to_array(consts[name]) for name in inputs]
         results = ReferenceEvaluator(node, opsets={"": opset}).run(None, dict(zip(inputs, values, strict=True)))
-        if max(np.asarray(r).size for r in results) > max(v.size for v in values):
+        largest = sum(v.size for v in values) if is_op(node, "Concat") else max(v.size for v in values)
+        if max(np.asarray(r).size for r in results) > largest:
             keep.append(node)
             continue
         for name, value in zip(node.output, results, strict=True):
@@ -215,6 +227,30 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
         del graph.node[:]
         graph.node.extend(keep)
         remove_unused_initializers(graph)
+    return folded
+
+
+def fold_body_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
+    """:func:`fold_constant_paths` inside every control-flow body (after its Constant nodes are lifted), outer constants visible.
+
+    Exporters write a recurrent layer's weights in a body as slices of one constant, reordered (torch's LSTM gates
+    i, f, g, o become ONNX's i, o, f, c): folded, they are constants the hoisting below moves and the planner quantizes.
+    """
+    folded = _fold_bodies(graph, opset, constant_initializers(graph))
+    if folded:  # a body's folded weight may have been the last reader of a constant held by a graph around it
+        for g in all_graphs(graph):
+            remove_unused_initializers(g)
+    return folded
+
+
+def _fold_bodies(graph: onnx.GraphProto, opset: int, visible: Mapping[str, onnx.TensorProto]) -> int:
+    folded = 0
+    for node in graph.node:
+        for body in subgraphs(node):
+            lift_constants(body)
+            folded += fold_constant_paths(body, opset, visible)
+            inner = {name: t for name, t in visible.items() if name not in defined_names(body)} | constant_initializers(body)
+            folded += _fold_bodies(body, opset, inner)
     return folded
 
 
@@ -320,10 +356,11 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     unlist_initializer_inputs(model)
     name_nodes(graph)
     lifted = lift_constants(graph)
+    opset = default_opset(model)
+    computed = fold_body_constant_paths(graph, opset) if opset is not None else 0
     hoisted = hoist_body_weights(graph)
     bypass_constant_identities(graph)
-    opset = default_opset(model)
-    computed = fold_constant_paths(graph, opset) if opset is not None else 0
+    computed += fold_constant_paths(graph, opset) if opset is not None else 0
     folded = fold_batch_norms(graph)
     logger.info(
         "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, %d BatchNormalization folded",
