@@ -348,3 +348,33 @@ def network_in_if(seed: int = 0) -> onnx.ModelProto:
              for name, shape in (("w1", (16, 32)), ("w2", (32, 32)), ("w3", (32, 4)), ("w_else", (16, 4)))]
     inputs = [v("x", TensorProto.FLOAT, ["N", 16]), v("cond", TensorProto.BOOL, [])]
     return _model(nodes, inputs, [v("y", TensorProto.FLOAT, ["N", 4])], inits)
+
+
+def sliced_lstm_in_if(seed: int = 0, hidden: int = 4) -> onnx.ModelProto:
+    """A torch LSTM inside an If as TorchScript exports it (Silero VAD's decoder): its weights are Constant nodes of the
+    branch in torch's gate order (i, f, g, o), cut by Slice into gates, put in ONNX's order (i, o, f, c) by Concat and
+    given a direction axis by Unsqueeze.
+
+    x[3, N, 8], cond -> If(cond): then LSTM(x, W, R) -> Y_h[1, N, H] -> Squeeze -> y[N, H]
+                                  else ReduceMean(x over steps) -> MatMul(w_else) -> y
+    """
+    rng = np.random.default_rng(seed)
+    v = helper.make_tensor_value_info
+    i64 = lambda name, *values: helper.make_node("Constant", [], [name], value=numpy_helper.from_array(np.array(values, np.int64)))  # noqa: E731
+    then_nodes = [i64("axis0", 0), *(i64(f"at{k}", k * hidden) for k in range(5))]
+    for name, width in (("W", 8), ("R", hidden)):
+        torch_order = numpy_helper.from_array(_weight(rng, 4 * hidden, width, scale=0.5), f"{name}_torch")
+        then_nodes.append(helper.make_node("Constant", [], [f"{name}_torch"], value=torch_order))
+        then_nodes += [helper.make_node("Slice", [f"{name}_torch", f"at{k}", f"at{k + 1}", "axis0"], [f"{name}_{gate}"])
+                       for k, gate in enumerate("ifgo")]
+        then_nodes += [helper.make_node("Concat", [f"{name}_{gate}" for gate in "iofg"], [f"{name}_onnx"], axis=0),
+                       helper.make_node("Unsqueeze", [f"{name}_onnx", "axis0"], [name])]
+    then_nodes += [helper.make_node("LSTM", ["x", "W", "R"], ["", "h_last"], name="lstm", hidden_size=hidden),
+                   helper.make_node("Squeeze", ["h_last", "axis0"], ["y_then"])]
+    then_branch = helper.make_graph(then_nodes, "then", [], [v("y_then", TensorProto.FLOAT, ["N", hidden])])
+    else_nodes = [helper.make_node("ReduceMean", ["x"], ["mean"], axes=[0], keepdims=0),
+                  helper.make_node("MatMul", ["mean", "w_else"], ["y_else"], name="else_mm")]
+    else_branch = helper.make_graph(else_nodes, "else", [], [v("y_else", TensorProto.FLOAT, ["N", hidden])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="switch", then_branch=then_branch, else_branch=else_branch)]
+    inputs = [v("x", TensorProto.FLOAT, [3, "N", 8]), v("cond", TensorProto.BOOL, [])]
+    return _model(nodes, inputs, [v("y", TensorProto.FLOAT, ["N", hidden])], [numpy_helper.from_array(_weight(rng, 8, hidden), "w_else")])

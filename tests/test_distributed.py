@@ -102,6 +102,20 @@ def test_the_other_shipped_models_too(images, local_client, model):
     assert_same_model(alone, quantize_with_report(MODELS / model, config, runs(images), local_client).model)
 
 
+@pytest.mark.parametrize("flags", ["the branch kept", "left after the first runs"])
+def test_calibration_through_an_if_on_workers(local_client, flags):
+    """A network inside an If (its taken branch inlined for calibration): the same H on workers, and a run in a later
+    shard that takes the other branch drops that branch's H there too (the guard's verdict merges across shards)."""
+    from models import network_in_if
+
+    rng = np.random.default_rng(0)
+    taken = [True] * 24 if flags == "the branch kept" else [True] * 20 + [False] * 4
+    data = [{"x": rng.standard_normal((4, 16)).astype(np.float32), "cond": np.array(flag)} for flag in taken]
+    config = QuantizeConfig(bits=4, first_last_bits=None)
+    alone = quantize_with_report(network_in_if(), config, data)
+    assert_same_model(alone.model, quantize_with_report(network_in_if(), config, data, local_client).model)
+
+
 def test_the_comparison_can_fail(single):
     """A code moved by one step, or a scale by 1e-5, is caught."""
     model = onnx.ModelProto()

@@ -221,3 +221,61 @@ def test_a_known_sample_count_sets_the_stride_from_the_first_run(monkeypatch):
     assert 1000 <= kept <= 2000 < kept_untold
     full = sum(np.einsum("bnk,bnl->kl", r, r) for r in runs) / (40 * 400)
     np.testing.assert_allclose(np.diagonal(told.hessians()["w"][0]), np.diagonal(full), rtol=0.1)
+
+
+def _lstm_model(layout: int, outputs: tuple[str, str]) -> onnx.ModelProto:
+    """One forward LSTM over x ([T, N, C], or [N, T, C] with layout 1), its Y and Y_h outputs named as ``outputs`` says."""
+    rng = np.random.default_rng(5)
+    hidden, c = 3, 4
+    weights = [numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32) * 0.5, name)
+               for name, shape in (("W", (1, 4 * hidden, c)), ("R", (1, 4 * hidden, hidden)))]
+    node = helper.make_node("LSTM", ["x", "W", "R"], list(outputs), name="lstm", hidden_size=hidden, layout=layout)
+    shape = [5, 2, c] if layout == 0 else [2, 5, c]
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                              [helper.make_tensor_value_info(o, TensorProto.FLOAT, None) for o in outputs if o], weights)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(("layout", "outputs"), [(0, ("y", "y_h")), (1, ("y", "")), (0, ("", "y_h")), (1, ("", "y_h"))])
+def test_recurrent_weights_see_the_steps_inputs_and_the_hidden_states(layout, outputs):
+    """W's H is the mean of x_t x_t^T over every step and sample; R's, of h h^T over the hidden states onnxruntime returns
+    (all steps' Y where the layer outputs it, else the last state Y_h)."""
+    model = _lstm_model(layout, outputs)
+    x = np.random.default_rng(6).standard_normal([5, 2, 4] if layout == 0 else [2, 5, 4]).astype(np.float32)
+    if layout == 0:
+        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+        produced = dict(zip([o for o in outputs if o], session.run(None, {"x": x})))
+    else:  # onnxruntime runs layout 0 only: states of the shapes layout 1 gives
+        rng = np.random.default_rng(7)
+        produced = {"y": rng.standard_normal((2, 5, 1, 3)), "y_h": rng.standard_normal((2, 1, 3))}
+    prepared = prepare(model)
+    plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
+    collector = MomentCollector(layer_inputs(prepared.graph, plans))
+    for name in collector.tensors:
+        collector.observe(name, {"x": x, **produced}[name])
+    h = collector.hessians()
+    xs = x.reshape(-1, 4).astype(np.float64)
+    np.testing.assert_allclose(h["W"][0], xs.T @ xs / len(xs), rtol=1e-6)
+    # Y [T, 1, N, 3] (layout 0) or [N, T, 1, 3]; Y_h [1, N, 3] or [N, 1, 3]
+    states = (produced["y"] if outputs[0] else produced["y_h"]).reshape(-1, 3).astype(np.float64)
+    np.testing.assert_allclose(h["R"][0], states.T @ states / len(states), rtol=1e-6)
+
+
+def test_a_sequence_counts_its_samples_on_the_batch_axis():
+    """Layout 0 keeps samples on axis -2 ([T, N, C], Y [T, D, N, C]): rows come sample after sample, as the thinning counts them."""
+    value = np.arange(5 * 2 * 3, dtype=np.float32).reshape(5, 2, 3)
+    steps = LayerInput("x", "steps")
+    assert steps.layout(value) == (2, 5)
+    np.testing.assert_array_equal(steps.rows(value)[0], np.concatenate([value[:, 0], value[:, 1]]))
+
+
+def test_a_grus_recurrence_and_a_bidirectional_layer_get_no_h():
+    """A GRU's candidate gate multiplies R by r * h, not h; both directions' rows of a bidirectional weight meet different states."""
+    from test_recurrent import recurrent_then_gemm
+
+    gru = prepare(recurrent_then_gemm("GRU"))
+    plans, _ = plan_weights(gru.graph, QuantizeConfig(bits=8, first_last_bits=None))
+    assert set(layer_inputs(gru.graph, plans)) == {"W", "fc"}
+    both = prepare(recurrent_then_gemm("LSTM", directions=2))
+    plans, _ = plan_weights(both.graph, QuantizeConfig(bits=8, first_last_bits=None))
+    assert set(layer_inputs(both.graph, plans)) == {"fc"}

@@ -7,8 +7,9 @@ import onnx
 from conftest import CAST_FORM, assert_op_counts, decoded_weights, float_equivalent, random_feeds, run
 from onnx import TensorProto, helper, numpy_helper
 
-from models import conv_bn_relu_gemm
+from models import conv_bn_relu_gemm, sliced_lstm_in_if
 from onnxq.config import QuantizeConfig
+from onnxq.model.graph import all_graphs
 from onnxq.model.prepare import fold_batch_norms, fold_constant_paths, lift_constants, name_nodes, prepare
 from onnxq.pipeline import quantize_with_report
 
@@ -242,3 +243,28 @@ def test_model_local_functions_are_inlined_and_their_weights_quantized():
     np.testing.assert_allclose(run(result.model, feeds), run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-6)
     reference = run(model, feeds)
     assert 0 < np.linalg.norm(run(result.model, feeds) - reference) / np.linalg.norm(reference) < 0.02
+
+
+def test_a_torch_lstms_sliced_weights_inside_an_if_are_computed_ahead_and_quantized():
+    """The Slice/Concat/Unsqueeze chain on a branch's Constant becomes one main-graph weight per LSTM input, in ONNX's gate order."""
+    model = sliced_lstm_in_if()
+    then_branch = next(a.g for a in model.graph.node[0].attribute if a.name == "then_branch")
+    torch_order = {n.output[0][0]: numpy_helper.to_array(n.attribute[0].t) for n in then_branch.node if n.output[0].endswith("_torch")}
+    x = np.random.default_rng(1).standard_normal((3, 2, 8)).astype(np.float32)
+    expected = {flag: run(model, {"x": x, "cond": np.array(flag)}) for flag in (True, False)}
+    prepared = prepare(_copy(model))
+    onnx.checker.check_model(prepared)
+    branch = next(a.g for a in prepared.graph.node[0].attribute if a.name == "then_branch")
+    lstm = next(n for n in branch.node if n.op_type == "LSTM")
+    assert not any(n.op_type in ("Slice", "Concat") for n in branch.node)
+    inits = {t.name: numpy_helper.to_array(t) for t in prepared.graph.initializer}
+    for index, name in ((1, "W"), (2, "R")):
+        gates = np.split(torch_order[name], 4)  # torch: i, f, g, o
+        np.testing.assert_array_equal(inits[lstm.input[index]], np.concatenate([gates[0], gates[3], gates[1], gates[2]])[None])
+    assert not any(t.name.endswith("_torch") for g in all_graphs(prepared.graph) for t in g.initializer)  # the torch-order copies are gone
+    for flag in (True, False):
+        np.testing.assert_array_equal(run(prepared, {"x": x, "cond": np.array(flag)}), expected[flag])
+    result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
+    assert sorted(layer.tensor for layer in result.layers if layer.nodes == ("lstm",)) == sorted([lstm.input[1], lstm.input[2]])
+    quantized = run(result.model, {"x": x, "cond": np.array(True)})
+    assert 0 < np.linalg.norm(quantized - expected[True]) / np.linalg.norm(expected[True]) < 0.03

@@ -24,9 +24,9 @@ import onnx
 
 from onnxq.calibrate.collect import exposing
 from onnxq.calibrate.moments import Guard
-from onnxq.plan.weights import WeightPlan
 from onnxq.errors import OnnxqError, first_line
 from onnxq.model.graph import all_graphs, attribute, defined_names, is_op
+from onnxq.plan.weights import WeightPlan
 
 logger = logging.getLogger(__name__)
 

@@ -72,7 +72,9 @@ class LayerInput:
     """How one reader turns its input tensor into rows of the features its weight rows multiply."""
 
     tensor: str
-    kind: str  # "rows" (last axis), "steps" (last axis, samples on axis -2: a sequence [T, (D,) N, C]), "columns" (axis -2: W @ x), "transposed" (Gemm transA), "conv"
+    # "rows" (last axis), "steps" (last axis, samples on axis -2: a sequence [T, (D,) N, C]), "columns" (axis -2: W @ x),
+    # "transposed" (Gemm transA), "conv"
+    kind: str
     groups: int = 1
     kernel: tuple[int, ...] = ()
     strides: tuple[int, ...] = ()
