@@ -67,6 +67,10 @@ CASES = [
     Case("IntConv", 4, 1, 64, (9, 9), 64, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=64),  # depthwise, stride 2
     Case("IntConv", 8, 1, 32, (6, 6), 32, (3, 3), pads=(1, 1, 1, 1), bias=False),
     Case("IntConv", 4, 3, 3, (7, 7), 32, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+    # 7 bits (|w| <= 64): AVX2 keeps them whole, its int16 sums widened after every one or two blocks of k
+    Case("IntConv", 7, 1, 16, (9, 30), 16, (3, 3), pads=(1, 1, 1, 1), calibrated=True),  # GemmT
+    Case("IntConv", 7, 2, 40, (20, 20), 8, (3, 3), pads=(1, 1, 1, 1)),  # Gemm, several panels
+    Case("IntConv", 7, 1, 24, (7, 7), 48, (1, 1), bias=False),
     # AVX2: k in several cache chunks (many quads of channels), for Gemm and for GemmT
     Case("IntConv", 4, 1, 256, (20, 20), 8, (3, 3), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 2, 96, (7, 7), 16, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
@@ -272,20 +276,24 @@ def test_per_sample_steps_with_one_sample_and_equal_steps():
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
-@pytest.mark.parametrize("op,code,density", [("IntConv", -8, 1.0), ("PostConv", 7, 1.0), ("PostConv", -6, 1.0), ("IntConv", -8, 0.03)])
+@pytest.mark.parametrize("op,code,density", [("IntConv", -8, 1.0), ("PostConv", 7, 1.0), ("PostConv", -6, 1.0), ("IntConv", -8, 0.03),
+                                             ("IntConv", -64, 1.0), ("IntConv", 64, 0.03), ("IntConv", -65, 1.0)])
 def test_int16_sums_at_their_limit(op, code, density, kernel):
-    """x_q = 255 everywhere and the largest weights (|w| = 8): AVX2's int16 sums reach 255 * 128 = 32640 before each widening.
+    """x_q = 255 everywhere and the largest weights: AVX2's int16 sums reach 255 * 128 = 32640 before each widening.
 
-    Dense: every run of k is as short as it can be (8 blocks of 4 k). Sparse: runs longer than a cache chunk.
+    |w| = 8 (4-bit codes), dense: every run of k is as short as it can be (8 blocks of 4 k); sparse: runs longer than a
+    cache chunk. |w| = 64 (8-bit codes that fit 7 bits): one block alone fills the budget (runs of one block). |w| = 65:
+    the weights come split into two parts.
     """
     attribute = KERNELS[kernel]
-    case = Case(op, 4, 1, 64, (9, 10), 8, (3, 3), pads=(1, 1, 1, 1))
+    bits = 4 if abs(code) <= 8 else 8
+    case = Case(op, bits, 1, 64, (9, 10), 8, (3, 3), pads=(1, 1, 1, 1))
     rng = np.random.default_rng(3)
     codes = np.where(rng.random((case.m, case.k)) < density, code, 0).astype(np.int8)
     x = np.ones((case.n, case.c, *case.hw), np.float32)  # DynamicQuantizeLinear: s_x = 1/255, z_x = 0, x_q = 255
     scale = np.full(case.m, 0.01, np.float32)
     want = reference(case, x, codes, scale, None, None, None)
-    (y,) = session(conv_model(case, pack(codes, 4), scale, None, None, None, kernel=attribute)).run(None, {"X": x})
+    (y,) = session(conv_model(case, pack(codes, bits), scale, None, None, None, kernel=attribute)).run(None, {"X": x})
     np.testing.assert_array_equal(y, want, err_msg=kernel)
 
 

@@ -14,13 +14,15 @@ onnxq's qdq format at 8 and 4 bits (weights decoded at load by default), the 4-b
 MatMulNBits (--matmul-nbits on), and the int and post formats. Ratios are against float measured in the same run.
 
     python tools/bench_ops.py [--repeats 20] [--skip-models] [--skip-convs] [--skip-gemms] [--layers dw] [--given-scale]
-                              [--u8] [--median N] [--interleave]
+                              [--u8] [--eight-bit] [--median N] [--interleave]
 
 --layers runs only the layers whose name contains one of the words given; --given-scale adds
 columns for the same ops fed a calibrated x_scale/x_zero_point (no min/max pass over X). --u8 adds
 the form that keeps data uint8 between layers: IntConvQ (4-bit) with uint8 X (given x_scale), the
 Relu fused (clip_min 0) and uint8 Y ("IntConv u8 in/out", and its forced-AVX2 twin), against the
-same float Conv without a Relu.
+same float Conv without a Relu. --eight-bit adds IntConv with 8-bit and 7-bit weights and their forced-AVX2 twins
+(AVX2 splits 8-bit weights into a high and a low part, so that vpmaddubsw's int16 pair sums cannot saturate; 7-bit
+ones, |w| <= 64, it keeps whole, widening its int16 sums after every block or two of k).
 --median N measures each row in N rounds, every round timing every model of the row once (the least
 thread CPU time of --repeats runs), and prints the median over the rounds of each round's ratio to
 float (float's ms: the median of its rounds); --interleave runs each round's models in a fresh random
@@ -228,13 +230,16 @@ def has_avx512_vnni() -> bool:
     return {"avx512f", "avx512bw", "avx512_vnni"} <= set(cpu_description().split("flags: ")[-1].split())
 
 
-def bench_layers(rounds: Rounds, layers: list[str] | None = None, given_scale: bool = False, uint8_io: bool = False) -> None:
+def bench_layers(rounds: Rounds, layers: list[str] | None = None, given_scale: bool = False, uint8_io: bool = False,
+                 eight_bit: bool = False) -> None:
     proxy = has_avx512_vnni()
     titles = ["IntConv 4-bit", "PostConv 4-bit"] + (["IntConv AVX2 (forced)", "PostConv AVX2 (forced)"] if proxy else [])
     if given_scale:
         titles += [t + " x_scale" for t in titles]
     if uint8_io:
         titles += ["IntConv u8 in/out"] + (["IntConv u8 in/out AVX2 (forced)"] if proxy else [])
+    if eight_bit:
+        titles += ["IntConv 8-bit", "IntConv 7-bit"] + (["IntConv 8-bit AVX2 (forced)", "IntConv 7-bit AVX2 (forced)"] if proxy else [])
     print("| layer | batch | float Conv ms | QLinearConv u8xs8 | " + " | ".join(titles) + " |")
     print("|---|---:|---:|---:|" + "---:|" * len(titles))
     for index, (name, c_in, c_out, size, k, stride, group) in enumerate(LAYERS):
@@ -253,12 +258,17 @@ def bench_layers(rounds: Rounds, layers: list[str] | None = None, given_scale: b
         if uint8_io:  # X as its uint8 codes (step 1/255), Y's step about its range after the Relu
             uint8_io_model = with_uint8_io(ops[WeightFormat.INT], 1 / 255, 0.02)
             uint8_variants = [uint8_io_model] + ([with_kernel(uint8_io_model, 2)] if proxy else [])
-        models = [float_model, qlinear_conv_model(k, stride, group, weight), *variants, *uint8_variants]
+        eight_variants = []
+        if eight_bit:  # AVX2 splits 8-bit codes into two parts whose int16 pair sums cannot saturate; 7-bit ones stay whole
+            wide = [quantize(float_model, QuantizeConfig(bits=b, format=WeightFormat.INT, first_last_bits=None)) for b in (8, 7)]
+            eight_variants = wide + ([with_kernel(m, 2) for m in wide] if proxy else [])
+        models = [float_model, qlinear_conv_model(k, stride, group, weight), *variants, *uint8_variants, *eight_variants]
         sessions = [one_thread_session(m) for m in models]
         for batch in (1, 8):
             x = rng.random((batch, c_in, size, size), dtype=np.float32)
             x_u8 = (x * 255).astype(np.uint8)
-            feeds = [{"x": x}, {"x": x_u8}] + [{"x": x}] * len(variants) + [{"x": x_u8}] * len(uint8_variants)
+            feeds = ([{"x": x}, {"x": x_u8}] + [{"x": x}] * len(variants) + [{"x": x_u8}] * len(uint8_variants)
+                     + [{"x": x}] * len(eight_variants))
             base, speedups = rounds.row(list(zip(sessions, feeds, strict=True)))
             cells = [f"{r:.2f}x" for r in speedups]
             print(f"| {name} | {batch} | {base:.2f} | " + " | ".join(cells) + " |", flush=True)
@@ -367,6 +377,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--layers", nargs="+", metavar="WORD", help="only the layers whose name contains one of these (e.g. dw)")
     parser.add_argument("--given-scale", action="store_true", help="also run the ops with a calibrated x_scale/x_zero_point")
     parser.add_argument("--u8", action="store_true", help="also run IntConvQ with uint8 X and Y and the Relu fused (data kept uint8)")
+    parser.add_argument("--eight-bit", action="store_true", help="also run IntConv with 8- and 7-bit weights (and their forced-AVX2 twins)")
     parser.add_argument("--median", type=int, default=1, metavar="N", help="measure N rounds per row and print medians (default 1)")
     parser.add_argument("--interleave", action="store_true", help="run each round's models in a fresh random order")
     args = parser.parse_args(argv)
@@ -376,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
     print(cpu_description())
     print(f"onnxruntime {ort.__version__}, one thread; cells are speed-ups over float (higher is faster), {rounds.describe()}\n")
     if not args.skip_convs:
-        bench_layers(rounds, args.layers, args.given_scale, args.u8)
+        bench_layers(rounds, args.layers, args.given_scale, args.u8, args.eight_bit)
     if not args.skip_gemms:
         bench_gemms(rounds, args.layers)
     if not args.skip_models:

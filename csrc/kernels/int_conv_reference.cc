@@ -63,6 +63,13 @@ void SparsePairs(const Geometry& g, PackedWeights& pw) {
   }
 }
 
+// The largest |code|.
+int32_t MaxAbs(const std::vector<int8_t>& codes) {
+  int32_t largest = 0;
+  for (const int8_t q : codes) largest = std::max(largest, std::abs(static_cast<int32_t>(q)));
+  return largest;
+}
+
 }  // namespace
 
 // Rows of A: IntConv, one per output channel; PostConv, two per output channel, 2*mm (w_even) and
@@ -174,7 +181,10 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
   pw->a.assign(static_cast<size_t>(g.group * group_size), 0);
   pw->row_sum.assign(static_cast<size_t>(g.group * pw->rows_pad), 0);
   const bool int16_sums = KernelsFor(isa).int16_sums;
-  const bool split = int16_sums && !post && bits >= 5;  // |w| > 8: vpmaddubsw needs a split
+  // vpmaddubsw's int16 sums are exact while a lane's sum of |w| stays within kInt16WeightBudget (128): with every
+  // |w| <= 64 (7-bit codes, or 8-bit ones that happen to stay there) one block of k alone always fits, so the runs
+  // (Int16Runs) keep them exact; larger weights are split into two parts of |w| <= 8 (Gemm::a_hi).
+  const bool split = int16_sums && !post && MaxAbs(pw->codes) > kInt16WeightBudget / 2;
   pw->rows16 = RoundUp(pw->rows, kLanes);
   const int64_t group16_size = pw->rows16 * pw->k4 * 4;
   if (!split) pw->a16.assign(static_cast<size_t>(g.group * group16_size), 0);
@@ -235,7 +245,7 @@ void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, 
         if (!fits) break;
         for (int64_t lane = 0; lane < 2 * block_rows; ++lane) sums[lane] += taken(block, end, lane);
       }
-      if (end == i) {  // (one block alone exceeds the limit: only with |w| > 8, which never comes here)
+      if (end == i) {  // (one block alone exceeds the limit: only with |w| > 64, which never comes here)
         runs[b * k4 + i] = 1;
         ++end;
         continue;
