@@ -7,8 +7,11 @@
 //     for |w| <= 8 (2*255*8 = 4080), and vpaddw sums them in int16 for as many blocks as the weights
 //     allow (Int16Runs: at least 8), after which T::Widen (vpmaddwd with ones) widens them into the
 //     int32 sums in C, kept in memory (L1) to leave the registers to the int16 sums. k runs in cache
-//     chunks (Gemm::chunk). Wider weights (IntConv bits >= 5) come split as w = 16*hi + lo with
-//     |hi|, |lo| <= 8: two exact streams, the high one widened times 16.
+//     chunks (Gemm::chunk). Weights with |w| <= 64 but not all <= 8 (`wide`: 5-7-bit codes) fill the
+//     int16 budget in a block or two, so each block's pair sums are widened at once (vpmaddwd with
+//     ones) into int32 sums kept in registers, as vpdpbusd would. Wider weights (8-bit codes past 64)
+//     come split as w = 16*hi + lo with |hi|, |lo| <= 8: two exact streams, the high one widened
+//     times 16.
 // Integer sums are exact in any order, so every instruction set gives the same C.
 #pragma once
 
@@ -22,17 +25,28 @@ namespace {
 
 inline int64_t MinOf(int64_t a, int64_t b) { return a < b ? a : b; }
 
+// acc + the products of block x, w (4 k) in int32 lanes: AddProducts where it sums into int32 (VNNI),
+// else (kWide, T::kInt16Sums) the int16 pair sums widened at once.
+template <class T, bool kWide>
+inline typename T::I AddBlock(typename T::I acc, typename T::I x, typename T::I w) {
+  if constexpr (kWide) {
+    return T::Add32(acc, T::Widen(T::Products(x, w)));
+  } else {
+    return T::AddProducts(acc, x, w);
+  }
+}
+
 // Rows [0, kRows) of one row block of A times kVectors * T::kFloats pixels of B from b, over blocks
 // [0, k4) of k (A and B as int_conv_kernels.h lays them out, offsets[i] locating block i of B), into
 // C (added to what it holds if `add`). T::kInt16Sums: the sums are widened after runs[i] blocks from
-// block i (Int16Runs).
-template <class T, int kVectors>
+// block i (Int16Runs), or (kWide) every block, into int32 sums in registers.
+template <class T, int kVectors, bool kWide = false>
 void GemmTile(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets, const int32_t* runs, bool add,
               int32_t* c) {
   using I = typename T::I;
   for (int64_t i0 = 0, i1; i0 < k4; i0 = i1) {
     i1 = k4;
-    if constexpr (T::kInt16Sums) i1 = MinOf(i0 + runs[i0], k4);
+    if constexpr (T::kInt16Sums && !kWide) i1 = MinOf(i0 + runs[i0], k4);
     I sum[kRows][kVectors];
     for (auto& row : sum) {
       for (auto& v : row) v = T::Zero();
@@ -42,7 +56,7 @@ void GemmTile(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offs
       for (int v = 0; v < kVectors; ++v) x[v] = T::Load(b + offsets[i] + T::kBytes * v);
       for (int r = 0; r < kRows; ++r) {
         const I w = T::Broadcast4(a + (i * kRows + r) * 4);
-        for (int v = 0; v < kVectors; ++v) sum[r][v] = T::AddProducts(sum[r][v], x[v], w);
+        for (int v = 0; v < kVectors; ++v) sum[r][v] = AddBlock<T, kWide>(sum[r][v], x[v], w);
       }
       if constexpr (T::kPinSums) {
         for (auto& row : sum) {
@@ -53,7 +67,7 @@ void GemmTile(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offs
     for (int r = 0; r < kRows; ++r) {
       for (int v = 0; v < kVectors; ++v) {
         int32_t* out = c + r * kPanel + T::kFloats * v;
-        const I wide = T::Widen(sum[r][v]);
+        const I wide = kWide ? sum[r][v] : T::Widen(sum[r][v]);
         T::Store(out, add || i0 > 0 ? T::Add32(T::Load(out), wide) : wide);
       }
     }
@@ -88,12 +102,12 @@ void GemmTileSplit(const int8_t* a_lo, const int8_t* a_hi, int64_t k4, const uin
 }
 
 // The last pixels of a row block: `vectors` (< kVectors) vectors of them, as one tile.
-template <class T, int kVectors>
+template <class T, int kVectors, bool kWide = false>
 void GemmTileRest(int64_t vectors, const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets,
                   const int32_t* runs, bool add, int32_t* c) {
   if constexpr (kVectors > 1) {
-    if (vectors == kVectors - 1) return GemmTile<T, kVectors - 1>(a, k4, b, offsets, runs, add, c);
-    GemmTileRest<T, kVectors - 1>(vectors, a, k4, b, offsets, runs, add, c);
+    if (vectors == kVectors - 1) return GemmTile<T, kVectors - 1, kWide>(a, k4, b, offsets, runs, add, c);
+    GemmTileRest<T, kVectors - 1, kWide>(vectors, a, k4, b, offsets, runs, add, c);
   }
 }
 
@@ -117,6 +131,17 @@ void GemmKernel(const Gemm& g) {
           continue;
         }
       }
+      if constexpr (T::kInt16Sums) {
+        if (g.wide) {
+          int64_t p = 0;
+          for (; p + kTile <= g.pixels; p += kTile) {
+            GemmTile<T, T::kGemmVectors, true>(g.a + a0, n, g.b + 4 * p, offsets, nullptr, i0 > 0, c + p);
+          }
+          GemmTileRest<T, T::kGemmVectors, true>((g.pixels - p) / T::kFloats, g.a + a0, n, g.b + 4 * p, offsets,
+                                                 nullptr, i0 > 0, c + p);
+          continue;
+        }
+      }
       const int32_t* runs = T::kInt16Sums ? g.runs + rb * g.k4 + i0 : nullptr;
       int64_t p = 0;
       for (; p + kTile <= g.pixels; p += kTile) {
@@ -134,8 +159,9 @@ void GemmKernel(const Gemm& g) {
 // pixels are adjacent (pixel_offsets[p0 + p] = pixel_offsets[p0] + 4p), so that every broadcast is at
 // a constant offset from one pointer per block of k (offsets per pixel take more registers than there
 // are for wide tiles); else (a tile across the end of an output row) each pixel at its own offset.
-// T::kInt16Sums: one block of rows (its runs), the sums widened after each run into C.
-template <class T, int kBlocks, int kPixels, bool kAdjacent = true>
+// T::kInt16Sums: one block of rows (its runs), the sums widened after each run into C, or (kWide)
+// after every block into int32 sums in registers.
+template <class T, int kBlocks, int kPixels, bool kAdjacent = true, bool kWide = false>
 void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0, int64_t i1, int32_t* c) {
   static_assert(!T::kInt16Sums || kBlocks == 1, "int16 runs are per block of rows");
   using I = typename T::I;
@@ -147,7 +173,7 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
   const int64_t* pixels = g.pixel_offsets + p0;
   for (int64_t end; i0 < i1; i0 = end) {
     end = i1;
-    if constexpr (T::kInt16Sums) end = MinOf(i0 + runs[i0], i1);
+    if constexpr (T::kInt16Sums && !kWide) end = MinOf(i0 + runs[i0], i1);
     I sum[kPixels * kVectors];  // (pixel p, vector v) at p * kVectors + v
     for (auto& v : sum) v = T::Zero();
     for (int64_t i = i0; i < end; ++i) {
@@ -159,7 +185,7 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
       const uint8_t* bi = b + g.b_offsets[i];
       for (int p = 0; p < kPixels; ++p) {
         const I x = T::Broadcast4(bi + (kAdjacent ? 4 * p : pixels[p]));
-        for (int v = 0; v < kVectors; ++v) sum[p * kVectors + v] = T::AddProducts(sum[p * kVectors + v], x, w[v]);
+        for (int v = 0; v < kVectors; ++v) sum[p * kVectors + v] = AddBlock<T, kWide>(sum[p * kVectors + v], x, w[v]);
       }
       if constexpr (T::kPinSums && kVectors > 1) {
         for (auto& v : sum) T::Pin(v);
@@ -168,7 +194,7 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
     for (int p = 0; p < kPixels; ++p) {
       for (int v = 0; v < kVectors; ++v) {
         int32_t* out = c + (block_of(v) * g.pixels + p0 + p) * kLanes + lane_of(v);
-        const I wide = T::Widen(sum[p * kVectors + v]);
+        const I wide = kWide ? sum[p * kVectors + v] : T::Widen(sum[p * kVectors + v]);
         T::Store(out, i0 > 0 ? T::Add32(T::Load(out), wide) : wide);
       }
     }
@@ -176,46 +202,56 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
 }
 
 // The last pixels of a row of tiles: `count` (< kPixels) of them, as one tile.
-template <class T, int kBlocks, int kPixels, bool kAdjacent = true>
+template <class T, int kBlocks, int kPixels, bool kAdjacent = true, bool kWide = false>
 void GemmTTileRest(int64_t count, const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0,
                    int64_t i1, int32_t* c) {
   if constexpr (kPixels > 1) {
-    if (count == kPixels - 1) return GemmTTile<T, kBlocks, kPixels - 1, kAdjacent>(a, g, runs, p0, i0, i1, c);
-    GemmTTileRest<T, kBlocks, kPixels - 1, kAdjacent>(count, a, g, runs, p0, i0, i1, c);
+    if (count == kPixels - 1) return GemmTTile<T, kBlocks, kPixels - 1, kAdjacent, kWide>(a, g, runs, p0, i0, i1, c);
+    GemmTTileRest<T, kBlocks, kPixels - 1, kAdjacent, kWide>(count, a, g, runs, p0, i0, i1, c);
   }
 }
 
 // kBlocks blocks of rows from block rb over blocks [i0, i1) of k, every pixel: tiles of
-// T::GemmTPixels(kBlocks) pixels (fewer blocks, more pixels: as many independent sums), then one of
-// the pixels left.
-template <class T, int kBlocks>
+// T::GemmTPixels(kBlocks) pixels (fewer blocks, more pixels: as many independent sums; kWide:
+// T::GemmTWidePixels, as its int32 sums and the constant they are widened with take the registers),
+// then one of the pixels left.
+template <class T, int kBlocks, bool kWide>
+constexpr int GemmTTilePixels() {
+  if constexpr (kWide) {
+    return T::GemmTWidePixels(kBlocks);
+  } else {
+    return T::GemmTPixels(kBlocks);
+  }
+}
+
+template <class T, int kBlocks, bool kWide = false>
 void GemmTRows(const GemmT& g, int64_t rb, int64_t i0, int64_t i1) {
-  constexpr int kPixels = T::GemmTPixels(kBlocks);
+  constexpr int kPixels = GemmTTilePixels<T, kBlocks, kWide>();
   const int8_t* a = g.a + rb * g.k4 * kLanes * 4;
-  const int32_t* runs = T::kInt16Sums ? g.runs + rb * g.k4 : nullptr;
+  const int32_t* runs = T::kInt16Sums && !kWide ? g.runs + rb * g.k4 : nullptr;
   int32_t* c = g.c + rb * g.pixels * kLanes;
   const int64_t* offsets = g.pixel_offsets;
   int64_t p = 0;
   for (; p + kPixels <= g.pixels; p += kPixels) {  // whole tiles: of adjacent pixels, or (a row's end) any
     if (offsets[p + kPixels - 1] == offsets[p] + 4 * (kPixels - 1)) {
-      GemmTTile<T, kBlocks, kPixels>(a, g, runs, p, i0, i1, c);
+      GemmTTile<T, kBlocks, kPixels, true, kWide>(a, g, runs, p, i0, i1, c);
     } else {
-      GemmTTile<T, kBlocks, kPixels, false>(a, g, runs, p, i0, i1, c);
+      GemmTTile<T, kBlocks, kPixels, false, kWide>(a, g, runs, p, i0, i1, c);
     }
   }
   if (p < g.pixels && offsets[g.pixels - 1] == offsets[p] + 4 * (g.pixels - 1 - p)) {
-    GemmTTileRest<T, kBlocks, kPixels>(g.pixels - p, a, g, runs, p, i0, i1, c);
+    GemmTTileRest<T, kBlocks, kPixels, true, kWide>(g.pixels - p, a, g, runs, p, i0, i1, c);
   } else if (p < g.pixels) {
-    GemmTTileRest<T, kBlocks, kPixels, false>(g.pixels - p, a, g, runs, p, i0, i1, c);
+    GemmTTileRest<T, kBlocks, kPixels, false, kWide>(g.pixels - p, a, g, runs, p, i0, i1, c);
   }
 }
 
 // The last row blocks: `blocks` (< kBlocks) of them, as one row of tiles.
-template <class T, int kBlocks>
+template <class T, int kBlocks, bool kWide = false>
 void GemmTRowsRest(int64_t blocks, const GemmT& g, int64_t rb, int64_t i0, int64_t i1) {
   if constexpr (kBlocks > 1) {
-    if (blocks == kBlocks - 1) return GemmTRows<T, kBlocks - 1>(g, rb, i0, i1);
-    GemmTRowsRest<T, kBlocks - 1>(blocks, g, rb, i0, i1);
+    if (blocks == kBlocks - 1) return GemmTRows<T, kBlocks - 1, kWide>(g, rb, i0, i1);
+    GemmTRowsRest<T, kBlocks - 1, kWide>(blocks, g, rb, i0, i1);
   }
 }
 
@@ -229,6 +265,13 @@ void GemmTKernel(const GemmT& g) {
   for (int64_t i0 = 0; i0 < g.k4; i0 += chunk) {
     const int64_t i1 = MinOf(i0 + chunk, g.k4);
     int64_t rb = 0;
+    if constexpr (T::kInt16Sums) {
+      if (g.wide) {
+        for (; rb + kBlocks <= blocks; rb += kBlocks) GemmTRows<T, kBlocks, true>(g, rb, i0, i1);
+        GemmTRowsRest<T, kBlocks, true>(blocks - rb, g, rb, i0, i1);
+        continue;
+      }
+    }
     for (; rb + kBlocks <= blocks; rb += kBlocks) GemmTRows<T, kBlocks>(g, rb, i0, i1);
     GemmTRowsRest<T, kBlocks>(blocks - rb, g, rb, i0, i1);
   }

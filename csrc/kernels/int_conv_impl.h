@@ -67,6 +67,8 @@ struct PackedWeights {
   // AVX2 with |A| <= 8: how many blocks of 4 k from each block on the int16 sums of a row block
   // can take (int_conv_kernels.h, Int16Runs), [group][row blocks][k4] for a and for a16.
   std::vector<int32_t> runs, runs16;
+  // AVX2 with |A| <= 64 and some |w| > 8: every block widened at once (Gemm::wide; no runs).
+  bool wide = false;
   // kDepthwise: the nonzero weights of each output channel as lists of (tap ky*kw + kx, weight);
   // list 2m holds w (IntConv) or w_even (PostConv), list 2m + 1 w_odd.
   std::vector<int64_t> list_start;  // [2M + 1]

@@ -44,7 +44,8 @@ struct Gemm {
   const int64_t* b_offsets;  // [k4]: where each block of 4 k starts, in bytes from b
   int64_t pixels;            // a multiple of 16, at most kPanel
   int64_t chunk;             // blocks of 4 k per cache chunk (AVX2)
-  const int32_t* runs;       // AVX2 without a_hi: [rows / kRows][k4], see Int16Runs
+  const int32_t* runs;       // AVX2 without a_hi and not wide: [rows / kRows][k4], see Int16Runs
+  bool wide;                 // AVX2: |A| <= 64, some > 8: every block widened at once (int_conv_gemm.h)
   int32_t* c;                // C[r][p] at c[r * kPanel + p]
 };
 
@@ -72,11 +73,12 @@ struct GemmT {
   const int64_t* pixel_offsets;  // [pixels]
   int64_t pixels;
   int64_t chunk;                 // blocks of 4 k per cache chunk (AVX2)
-  const int32_t* runs;           // AVX2: [rows / kLanes][k4], see Int16Runs
+  const int32_t* runs;           // AVX2, not wide: [rows / kLanes][k4], see Int16Runs
+  bool wide;                     // AVX2: as Gemm::wide
   int32_t* c;  // by blocks of kLanes rows: C[r][p] at c[((r / kLanes) * pixels + p) * kLanes + r % kLanes]
 };
 
-// (AVX2: |A| <= 8 only, no split weights.)
+// (AVX2: |A| <= 64 only, no split weights.)
 
 // GemmT's epilogue (int_conv.h's float epilogue, Finish below, lane by lane): C in GemmT's blocks
 // of kLanes rows, rows in the vector lanes, finished 16 pixels at a time and transposed in

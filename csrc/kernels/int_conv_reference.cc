@@ -181,10 +181,13 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
   pw->a.assign(static_cast<size_t>(g.group * group_size), 0);
   pw->row_sum.assign(static_cast<size_t>(g.group * pw->rows_pad), 0);
   const bool int16_sums = KernelsFor(isa).int16_sums;
-  // vpmaddubsw's int16 sums are exact while a lane's sum of |w| stays within kInt16WeightBudget (128): with every
-  // |w| <= 64 (7-bit codes, or 8-bit ones that happen to stay there) one block of k alone always fits, so the runs
-  // (Int16Runs) keep them exact; larger weights are split into two parts of |w| <= 8 (Gemm::a_hi).
-  const bool split = int16_sums && !post && MaxAbs(pw->codes) > kInt16WeightBudget / 2;
+  // vpmaddubsw's int16 sums are exact while a lane's sum of |w| stays within kInt16WeightBudget (128). With every
+  // |w| <= 8, runs of 8 blocks of k or more fit (Int16Runs); with |w| <= 64 (7-bit codes, or 8-bit ones that happen
+  // to stay there) one block alone always fits, and each block is widened at once (`wide`); larger weights are
+  // split into two parts of |w| <= 8 (Gemm::a_hi).
+  const int32_t largest = MaxAbs(pw->codes);
+  const bool split = int16_sums && !post && largest > kInt16WeightBudget / 2;
+  pw->wide = int16_sums && !split && largest > 8;
   pw->rows16 = RoundUp(pw->rows, kLanes);
   const int64_t group16_size = pw->rows16 * pw->k4 * 4;
   if (!split) pw->a16.assign(static_cast<size_t>(g.group * group16_size), 0);
@@ -215,7 +218,7 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
       pw->a_hi[i] = static_cast<int8_t>((v - lo) / 16);
     }
   }
-  if (int16_sums && !split) {
+  if (int16_sums && !split && !pw->wide) {
     pw->runs.resize(pw->a.size() / (kRows * 4));
     Int16Runs(pw->a.data(), g.group * pw->rows_pad / kRows, pw->k4, kRows, pw->runs.data());
     pw->runs16.resize(pw->a16.size() / (kLanes * 4));

@@ -226,6 +226,7 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.pixels = count;
   gemm.chunk = job.chunk;
   gemm.runs = pw.runs16.empty() ? nullptr : pw.runs16.data() + gi * pw.rows16 / kLanes * pw.k4;
+  gemm.wide = pw.wide;
   // The pixels' offsets, C and (with an Output) the finished floats: on the stack for small panels.
   const int64_t pixels_bytes = RoundUp(count * 8, 64), c_bytes = RoundUp(count * pw.rows16 * 4, 64);
   const int64_t staged_bytes = job.output != nullptr ? g.mg * count * 4 : 0;
@@ -289,6 +290,7 @@ void RunPanel(const SimdJob& job, int64_t index) {
   gemm.pixels = count16;
   gemm.chunk = job.chunk;
   gemm.runs = pw.runs.empty() ? nullptr : pw.runs.data() + gi * pw.rows_pad / kRows * pw.k4;
+  gemm.wide = pw.wide;
   gemm.b = job.x4 + ((n * g.group + gi) * pw.c4 * job.ph.size() + p0) * 4;
   gemm.b_offsets = job.offsets.data();
   Scratch<32768> scratch;  // C (on the stack up to 128 rows)

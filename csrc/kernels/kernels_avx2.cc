@@ -134,6 +134,11 @@ struct Avx2 {
   // acc + the sums of the products of adjacent pairs of unsigned bytes of x and signed bytes of w,
   // in int16 (saturating; exact for |w| <= 8).
   static I AddProducts(I acc, I x, I w) { return _mm256_add_epi16(acc, _mm256_maddubs_epi16(x, w)); }
+  // The int16 pair sums alone (saturating; exact for |w| <= 64, whose pairs stay within 2 * 255 * 64).
+  static I Products(I x, I w) { return _mm256_maddubs_epi16(x, w); }
+  // GemmT's tile for wide weights (every block widened into int32 sums in registers): 4 pixels, so
+  // that its 8 sums, 2 weight vectors, the activations and the widening constant fit 16 registers.
+  static constexpr int GemmTWidePixels(int) { return 4; }
   // AddProducts' sums as int32 (each lane the sum of its two int16), and times 16.
   static I Widen(I sums) { return _mm256_madd_epi16(sums, _mm256_set1_epi16(1)); }
   static I WidenTimes16(I sums) { return _mm256_madd_epi16(sums, _mm256_set1_epi16(16)); }
