@@ -19,6 +19,7 @@ Everything works on any grid a row maps to codes by rounding to nearest with a p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -164,7 +165,8 @@ class DiagonalError:
                 scale = scales[start:stop, i, None]
                 y = np.divide(domain, scale)
                 np.rint(y, out=y)
-                np.clip(y, -q, q, out=y)
+                np.minimum(y, q, out=y)  # np.clip's result, without its Python-level wrapper
+                np.maximum(y, -q, out=y)
                 y *= scale  # the codes (whole float32 numbers) times the scale, as uniform.dequantize computes them
                 if self.sqrt:
                     y *= np.abs(y)
@@ -212,11 +214,12 @@ def _gptq_in_order(columns: np.ndarray, grid: Grid, scale: np.ndarray, block: in
     w = columns
     k = w.shape[0]
     codes = np.empty(w.shape, dtype=np.int8)
+    round_line = _line_rounder(grid, scale)
     for start in range(0, k, block):
         stop = min(start + block, k)
         errors = np.empty((stop - start, w.shape[1]))
         for j in range(start, stop):
-            codes[j], value = _round_line(grid, w[j], scale)
+            codes[j], value = round_line(w[j])
             err = np.subtract(w[j], value, out=errors[j - start])
             err /= upper[j, j]
             w[j + 1 : stop] -= upper[j, j + 1 : stop, None] * err
@@ -224,25 +227,35 @@ def _gptq_in_order(columns: np.ndarray, grid: Grid, scale: np.ndarray, block: in
     return codes
 
 
-def _round_line(grid: Grid, values: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """:meth:`Grid.round` of one value per row (``values`` (R,)): (codes, the float32 values they stand for), each (R,).
+def _line_rounder(grid: Grid, scale: np.ndarray) -> Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """:meth:`Grid.round` of one value per row, (R,) to (codes, the float32 values they stand for), at per-row ``scale``.
 
-    The same float32 steps as the grid's rounding of an (R, 1) column, in fewer numpy calls (GPTQ rounds K columns).
+    The same float32 steps as the grid's rounding of an (R, 1) column, in fewer numpy calls, with what depends on the
+    grid and the scales alone done once: GPTQ rounds K columns, each a handful of microsecond-long calls.
     """
     if grid.mode == "post":
-        codes, decoded = grid.round(values[:, None], scale)
-        return codes[:, 0], decoded[:, 0]
-    x = values.astype(np.float32)
-    if grid.mode == "sqrt":
-        x = np.sign(x) * np.sqrt(np.abs(x))
+        def round_post(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            codes, decoded = grid.round(values[:, None], scale)
+            return codes[:, 0], decoded[:, 0]
+        return round_post
+    sqrt = grid.mode == "sqrt"
     q = uniform.max_code(grid.bits)
-    x = np.divide(x, scale, out=x) if x.dtype == np.result_type(x, scale) else x / scale
-    np.rint(x, out=x)
-    np.clip(x, -q, q, out=x)
-    decoded = x * np.asarray(scale, dtype=np.float32)  # uniform.dequantize: the codes as float32 times the scale
-    if grid.mode == "sqrt":
-        decoded *= np.abs(decoded)
-    return x, decoded
+    scale32 = np.asarray(scale, dtype=np.float32)  # uniform.dequantize's factor; the division takes ``scale`` as given
+
+    def round_uniform(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = values.astype(np.float32)
+        if sqrt:
+            x = np.sign(x) * np.sqrt(np.abs(x))
+        x = (x / scale).astype(np.float32, copy=False)  # as Grid.round's float32 codes, whatever the scales' type
+        np.rint(x, out=x)
+        np.minimum(x, q, out=x)  # np.clip's result, without its Python-level wrapper
+        np.maximum(x, -q, out=x)
+        decoded = x * scale32  # the codes as float32 times the scale
+        if sqrt:
+            decoded *= np.abs(decoded)
+        return x, decoded
+
+    return round_uniform
 
 
 def inverse_cholesky(h: np.ndarray) -> np.ndarray:
