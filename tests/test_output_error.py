@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnxq.numerics import uniform
+from onnxq.numerics import output_error, uniform
 from onnxq.numerics.output_error import Compensation, Grid, damped, decode, gptq, inverse_cholesky, output_errors, quantize_rows, search_alpha
 from onnxq.numerics.search import best_alpha
 
@@ -141,3 +141,68 @@ def test_small_groups_at_once_equal_one_by_one(mode):
     np.testing.assert_array_equal(batched.codes, np.concatenate([p.codes for p in one_by_one]))
     np.testing.assert_allclose(batched.scale, np.concatenate([p.scale for p in one_by_one]), rtol=1e-6)
     assert batched.error == pytest.approx(sum(p.error for p in one_by_one), rel=1e-6)
+
+
+def diagonal_reference(rows: np.ndarray, d: np.ndarray, bits: int, sqrt: bool, alpha: np.ndarray) -> np.ndarray:
+    """sum_k d_k (w_k - q_k)^2 per row, q rounded to nearest at range alpha, written out in plain numpy.
+
+    The codes and the values they stand for are float32, as the written model stores and decodes them; the error float64.
+    """
+    q = 2 ** (bits - 1) - 1
+    peak = np.abs(rows).max(axis=1)
+    scale = (alpha * (np.sqrt(peak) if sqrt else peak) / q).astype(np.float32)
+    scale = np.where(scale > 0, scale, np.float32(1.0))[:, None]
+    w = rows.astype(np.float32)
+    x = np.sign(w) * np.sqrt(np.abs(w)) if sqrt else w
+    y = np.clip(np.round(x / scale), -q, q).astype(np.float32) * scale
+    values = (y * np.abs(y) if sqrt else y).astype(np.float64)
+    return ((rows - values) ** 2 * d).sum(axis=1)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sqrt"])
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_diagonal_error_against_numpy(mode, bits, monkeypatch):
+    """The diagonal search's error, blocks of rows and candidates at once, equals the weighted error written out."""
+    monkeypatch.setattr(output_error, "DIAGONAL_BLOCK", 100)  # 3 rows a block: several blocks, the last one short
+    rng = np.random.default_rng(5)
+    rows = (rng.standard_normal((11, 33)) * rng.uniform(0.01, 2.0, (11, 1))).astype(np.float32).astype(np.float64)
+    rows[4] = 0.0  # an all-zero row: scale 1, no error
+    d = rng.uniform(0.0, 3.0, 33)
+    error = output_error.DiagonalError(rows, d, Grid(mode, bits))
+    candidates = rng.uniform(0.05, 1.0, (11, 5))
+    expected = np.stack([diagonal_reference(rows, d, bits, mode == "sqrt", candidates[:, i]) for i in range(5)], axis=1)
+    np.testing.assert_allclose(error(candidates), expected, rtol=1e-9, atol=1e-300)
+    np.testing.assert_allclose(error(candidates[:, 2]), expected[:, 2], rtol=1e-9, atol=1e-300)
+    assert error(candidates)[4].max() == 0.0
+
+
+def test_long_rows_search_alpha_by_the_diagonal():
+    """Past FULL_SEARCH_LIMIT the range minimises the diagonal-weighted error: no scanned alpha does better, and it
+    differs from the alpha of the unweighted error (the weights matter)."""
+    rng = np.random.default_rng(6)
+    rows = rng.standard_normal((3, 4200)) * np.where(np.arange(4200) < 50, 6.0, 1.0)  # a few large weights
+    d = np.where(np.arange(4200) < 50, 0.01, 1.0)  # ... on nearly silent inputs
+    h = np.diag(d)
+    assert rows.shape[0] * rows.shape[1] ** 2 > output_error.FULL_SEARCH_LIMIT
+    alpha = search_alpha(rows, h, Grid("plain", 4))
+    best = diagonal_reference(rows, d, 4, False, alpha)
+    for a in np.linspace(0.02, 1.0, 50):
+        assert np.all(best <= diagonal_reference(rows, d, 4, False, np.full(3, a)) * (1 + 1e-12))
+    unweighted = search_alpha(rows, np.eye(4200), Grid("plain", 4))
+    assert np.all(alpha < 0.8 * unweighted)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
+def test_gptq_column_rounding_equals_the_grids(mode):
+    """GPTQ's one-column rounding gives Grid.round's codes and values, bit for bit."""
+    rng = np.random.default_rng(7)
+    grid = Grid(mode, 4)
+    rows = rng.standard_normal((40, 3))
+    scale = grid.scales(rows, rng.uniform(0.3, 1.0, 40))
+    round_line = output_error._line_rounder(grid, scale)
+    for j in range(3):
+        codes, values = grid.round(rows[:, j : j + 1], scale)
+        line_codes, line_values = round_line(rows[:, j])
+        np.testing.assert_array_equal(np.asarray(line_codes, dtype=np.int8), codes[:, 0])
+        np.testing.assert_array_equal(line_values, values[:, 0])
+        assert line_values.dtype == np.float32
