@@ -43,6 +43,7 @@ from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, defaul
 from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
+from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
 from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
@@ -261,7 +262,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
             hessian = centered(hessian, mean, in_place=users[id(hessian)] == 1)  # the mean output shift goes into the bias (correct_biases)
         else:
             mean = None
-        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
+        with blas_threads(hessian.shape[-1] if hessian is not None else None):
+            q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
         if mean is not None and q.axis == weight_plan.channel_axis:
             delta = to_rows(q.dequantize(), q.axis).astype(np.float64) - to_rows(weight, q.axis)
             out.mean_shifts[weight_plan.tensor] = (sites[weight_plan.tensor], mean_shift(delta, mean))

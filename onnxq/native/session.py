@@ -13,9 +13,15 @@ from onnxq.native.library import get_library_path
 
 
 def session_options(threads: int | None = None, custom_ops: bool = False) -> ort.SessionOptions:
-    """Session options onnxq uses everywhere; ``threads`` caps intra-op threads, ``custom_ops`` registers onnxq's library."""
+    """Session options onnxq uses everywhere; ``threads`` caps intra-op threads, ``custom_ops`` registers onnxq's library.
+
+    The intra-op threads do not spin between runs: onnxq's sessions alternate runs with numpy work on the same cores
+    (a calibration pass sums H after each run), which spinning threads take a core from (MiniLM's calibration pass on
+    2 cores: 5.0 s spinning, 3.4 s not, one-off runs 2026-12-05).
+    """
     options = ort.SessionOptions()
     options.log_severity_level = 3
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if threads is not None:
         options.intra_op_num_threads = threads
     if custom_ops:
