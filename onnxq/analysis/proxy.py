@@ -5,8 +5,8 @@ r = tr(dW H dW^T) / tr(W H W^T), with H = E[x x^T] over the layer's inputs (onnx
 the float model over the sensitivity data gives every H; r then costs no model run at all, for every layer and
 width. The model-output noise a layer causes is taken as c r, with one factor c for the model: a single measured run
 with every layer at its planned width fixes c (its noise is the sum of the layers' noises, the same additivity the
-greedy choice of mixed precision assumes). Layers without an H (recurrent layers, ConvTranspose, readers inside
-control-flow bodies) are measured as before, one run each. The weights are quantized with their H, as the quantizer
+greedy choice of mixed precision assumes). Layers without an H (bidirectional recurrent layers, a GRU's R,
+ConvTranspose, readers inside control-flow bodies) are measured as before, one run each. The weights are quantized with their H, as the quantizer
 then writes them with data.
 
 The analysis is then one pass of the model plus two measured runs, whatever the number of layers and widths (the
