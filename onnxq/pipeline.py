@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -30,10 +31,10 @@ from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
 from onnxq.calibrate.mean_shift import ShiftSite, centered, fold_shifts, mean_shift, shift_sites
-from onnxq.calibrate.moments import MomentCollector, layer_inputs
+from onnxq.calibrate.moments import Guard, MomentCollector, layer_inputs
 from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.result import ActivationQuant, Calibration
-from onnxq.calibrate.samples import input_specs, peek, sample_axes
+from onnxq.calibrate.samples import SampleAxes, input_specs, peek, sample_axes
 from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, RangeMethod, SqrtMode
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
@@ -214,7 +215,8 @@ def calibrate(
     With activations: each site's quantization. First, on the first samples, layer inputs with outlier channels are
     equalized against their weights (in place: the float model computes the same), so the weights are quantized as
     equalized in the next stage. Output-aware weights: the second moments of the layers' inputs (after equalization,
-    as the layers then see them), gathered in the same run. With a Dask ``client`` that run is spread over its workers.
+    as the layers then see them; inside an If, through the branch the data take), gathered in the same run. With a
+    Dask ``client`` that run is spread over its workers.
     """
     if calibration is None or (config.activations is None and not config.output_aware):
         return None
@@ -225,10 +227,8 @@ def calibrate(
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
     aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
     model, guards = loaded.model, ()
-    if config.output_aware and (inside := {u.node for p in aware for u in p.uses if u.body_of}):  # layers in If bodies: their branches inlined
-        head, batches = peek(batches, sample_axes(specs), BRANCH_SAMPLES)
-        if (view := branch_view(loaded.model, inside, head)) is not None:
-            model, guards = view.model, view.guards(aware)
+    if config.output_aware:
+        model, guards, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
     moments = MomentCollector(layer_inputs(model.graph, aware), config.calibration_samples, guards) if config.output_aware else None
     if config.activations is None:
         collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client)
@@ -240,6 +240,22 @@ def calibrate(
         logger.info("calibration: some runs took another branch of an If than the first ones; %d weights inside it are rounded "
                     "for their own error", len(moments.unguarded))
     return calibrated
+
+
+def _calibration_model(
+    model: onnx.ModelProto, aware: list[WeightPlan], batches: Iterator[dict[str, np.ndarray]], axes: SampleAxes
+) -> tuple[onnx.ModelProto, tuple[Guard, ...], Iterator[dict[str, np.ndarray]]]:
+    """The model the calibration pass runs, the conditions it checks, and the batches (their head looked at once).
+
+    Where output-aware layers sit inside If bodies: a copy with the branches the first samples take inlined, so that
+    their inputs can be fetched (onnxq/calibrate/branches.py); else the model itself.
+    """
+    inside = {u.node for p in aware for u in p.uses if u.body_of}
+    if not inside:
+        return model, (), batches
+    head, batches = peek(batches, axes, BRANCH_SAMPLES)
+    view = branch_view(model, inside, head)
+    return (view.model, view.guards(aware), batches) if view is not None else (model, (), batches)
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
