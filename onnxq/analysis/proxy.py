@@ -17,6 +17,7 @@ average is predicted too gentle.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from collections.abc import Iterable
@@ -32,6 +33,8 @@ from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.config import QuantizeConfig
 from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.weights import to_rows
+from onnxq.pipeline import quantize_planned
+from onnxq.plan.ops import op_choice
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -60,9 +63,27 @@ class ProxySensitivity(SensitivityAnalysis):
         h = self.hessians[tensor]
         axis = self.plan(tensor).channel_axis or 0
         rows = to_rows(self.weights[tensor], axis).astype(np.float64)
-        delta = rows - to_rows(self.dequantized(tensor, bits), axis).astype(np.float64)
+        delta = rows - to_rows(self.priced(tensor, bits), axis).astype(np.float64)
         signal = grouped_output_error(rows, h)  # the output's own energy: the "error" of the weight against zero
         return grouped_output_error(delta, h) / signal if signal > 0 else 0.0
+
+    def priced(self, tensor: str, bits: int) -> np.ndarray:
+        """The weights at ``bits`` as the proxy prices them: as written (with H) up to the planned width, wider ones by weight error.
+
+        The wider rungs (those a layer may be raised to) are quantized for their own error, without the search and
+        rounding by H. A raised layer's error is a small part of its planned one (8 against 4 bits: about 1/256 of the energy), so
+        its exact value barely moves a choice, and the H-aware codes at every wider rung were a third of MiniLM's
+        mixed-precision time (one-off profile, 2026-12-05). The raised layers the choice keeps are then quantized with
+        their H as always.
+        """
+        if bits <= self.plan(tensor).bits or self.hessian(tensor) is None:
+            return self.dequantized(tensor, bits)
+        key = (tensor, -bits)  # beside dequantized()'s keys
+        if key not in self._dequantized:
+            plan = dataclasses.replace(self.plan(tensor), bits=bits)
+            op_type = op_choice(plan, self._targets, self.config).op_type
+            self._dequantized[key] = quantize_planned(self.weights[tensor], plan, op_type, self.config, False).dequantize()
+        return self._dequantized[key]
 
     def _fit_factor(self) -> tuple[float, float]:
         """(model output signal energy, c): c from one run with every planned layer at its planned width."""
