@@ -10,7 +10,8 @@ Which branch: the If's condition on the first calibration samples, round after r
 branch come up. That the data keep to it is checked in the pass itself: each inlined condition is fetched with the
 layers' inputs (a :class:`~onnxq.calibrate.moments.Guard`), and where any run took the other branch the statistics of
 the layers that came from it are dropped (those weights are then rounded for their own error, as before). Loop and
-Scan bodies run many times per sample and stay as they are.
+Scan bodies run many times per sample and stay as they are. The copy holds the model's weights a second time while
+the pass runs; models without weighted layers inside an If are not copied.
 """
 
 from __future__ import annotations
