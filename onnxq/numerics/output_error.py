@@ -59,9 +59,7 @@ class Grid:
             codes = (np.sign(values) * index).astype(np.int8)
             return codes, post.dequantize(codes, scale, self.bits)
         sqrt = self.mode == "sqrt"
-        x = np.sign(values) * np.sqrt(np.abs(values)) if sqrt else values
-        q = uniform.max_code(self.bits)
-        codes = np.clip(np.rint(x / scale[:, None]), -q, q).astype(np.int8)
+        codes = uniform.nearest_codes(uniform.to_domain(values, sqrt), scale[:, None], uniform.max_code(self.bits)).astype(np.int8)
         return codes, uniform.dequantize(codes, scale, sqrt)
 
     @property
@@ -144,8 +142,7 @@ class DiagonalError:
         self.diagonal = np.asarray(diagonal, dtype=np.float64)
         self.sqrt = grid.mode == "sqrt"
         self.bits = grid.bits
-        values = self.rows.astype(np.float32)
-        self.domain = np.sign(values) * np.sqrt(np.abs(values)) if self.sqrt else values  # what Grid.round divides
+        self.domain = uniform.to_domain(self.rows.astype(np.float32), self.sqrt)  # what Grid.round divides
         peak = np.abs(self.rows).max(axis=1) if self.rows.shape[1] else np.zeros(len(self.rows))
         self.top = np.sqrt(peak) if self.sqrt else peak  # uniform.scales_for's, once
         self.step = max(1, DIAGONAL_BLOCK // max(self.rows.shape[1], 1))
@@ -163,14 +160,8 @@ class DiagonalError:
             domain, rows = self.domain[start:stop], self.rows[start:stop]
             for i in range(columns.shape[1]):
                 scale = scales[start:stop, i, None]
-                y = np.divide(domain, scale)
-                np.rint(y, out=y)
-                np.minimum(y, q, out=y)  # np.clip's result, without its Python-level wrapper
-                np.maximum(y, -q, out=y)
-                y *= scale  # the codes (whole float32 numbers) times the scale, as uniform.dequantize computes them
-                if self.sqrt:
-                    y *= np.abs(y)
-                delta = rows - y
+                codes = uniform.nearest_codes(domain, scale, q)
+                delta = rows - uniform.decoded(codes, scale, self.sqrt, out=codes)  # as uniform.dequantize computes them
                 out[start:stop, i] = np.einsum("rk,k,rk->r", delta, self.diagonal, delta)
         return out[:, 0] if alpha.ndim == 1 else out
 
@@ -240,20 +231,11 @@ def _line_rounder(grid: Grid, scale: np.ndarray) -> Callable[[np.ndarray], tuple
         return round_post
     sqrt = grid.mode == "sqrt"
     q = uniform.max_code(grid.bits)
-    scale32 = np.asarray(scale, dtype=np.float32)  # uniform.dequantize's factor; the division takes ``scale`` as given
+    scale32 = np.asarray(scale, dtype=np.float32)  # the grid's scales are float32 (Grid.scales)
 
     def round_uniform(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        x = values.astype(np.float32)
-        if sqrt:
-            x = np.sign(x) * np.sqrt(np.abs(x))
-        x = (x / scale).astype(np.float32, copy=False)  # as Grid.round's float32 codes, whatever the scales' type
-        np.rint(x, out=x)
-        np.minimum(x, q, out=x)  # np.clip's result, without its Python-level wrapper
-        np.maximum(x, -q, out=x)
-        decoded = x * scale32  # the codes as float32 times the scale
-        if sqrt:
-            decoded *= np.abs(decoded)
-        return x, decoded
+        codes = uniform.nearest_codes(uniform.to_domain(values.astype(np.float32), sqrt), scale32, q)  # float32, as Grid.round's
+        return codes, uniform.decoded(codes, scale32, sqrt)
 
     return round_uniform
 

@@ -64,20 +64,43 @@ def scales_for(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) -> np
     return np.where(scale > 0, scale, np.float32(1.0))
 
 
+def to_domain(values: np.ndarray, sqrt: bool) -> np.ndarray:
+    """The values the grid is uniform in: sign(w) sqrt|w| in sqrt mode, w itself otherwise."""
+    return np.sign(values) * np.sqrt(np.abs(values)) if sqrt else values
+
+
+def nearest_codes(domain: np.ndarray, scale: np.ndarray, q: int) -> np.ndarray:
+    """Codes of ``domain`` / ``scale`` (broadcast as given) rounded to nearest and clipped to [-q, q], as whole floats.
+
+    Worked in the quotient's own memory, without np.clip's Python-level wrapper: GPTQ and the diagonal alpha search
+    call this once per column or candidate, where the wrapper cost more than the work.
+    """
+    codes = np.divide(domain, scale)
+    np.rint(codes, out=codes)
+    np.minimum(codes, q, out=codes)
+    np.maximum(codes, -q, out=codes)
+    return codes
+
+
+def decoded(codes: np.ndarray, scale: np.ndarray, sqrt: bool, out: np.ndarray | None = None) -> np.ndarray:
+    """Float32 codes times float32 scales (broadcast as given), squared back with the sign kept in sqrt mode."""
+    y = np.multiply(codes, scale, out=out)
+    if sqrt:
+        y *= np.abs(y)
+    return y
+
+
 def quantize_rows(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
     """Quantize rows (R, n) with the given per-row alpha: round to nearest, clip to [-Q, Q]."""
     rows = np.asarray(rows, dtype=np.float32)
     scale = scales_for(rows, alpha, bits, sqrt)
-    x = np.sign(rows) * np.sqrt(np.abs(rows)) if sqrt else rows
-    q = max_code(bits)
-    codes = np.clip(np.rint(x / scale[:, None]), -q, q).astype(np.int8)
+    codes = nearest_codes(to_domain(rows, sqrt), scale[:, None], max_code(bits)).astype(np.int8)
     return UniformWeights(codes=codes, scale=scale, bits=bits, sqrt=sqrt, alpha=np.asarray(alpha, dtype=np.float64))
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, sqrt: bool) -> np.ndarray:
     """Codes (R, n) times per-row scales in float32; squared back with the sign kept in sqrt mode."""
-    y = codes.astype(np.float32) * scale.astype(np.float32)[:, None]
-    return y * np.abs(y) if sqrt else y
+    return decoded(codes.astype(np.float32), scale.astype(np.float32)[:, None], sqrt)
 
 
 def quantize_best(rows: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
