@@ -6,8 +6,8 @@ the float model over the sensitivity data gives every H; r then costs no model r
 width. The model-output noise a layer causes is taken as c r, with one factor c for the model: a single measured run
 with every layer at its planned width fixes c (its noise is the sum of the layers' noises, the same additivity the
 greedy choice of mixed precision assumes). Layers without an H (bidirectional recurrent layers, a GRU's R,
-ConvTranspose, readers inside control-flow bodies) are measured as before, one run each. The weights are quantized with their H, as the quantizer
-then writes them with data.
+ConvTranspose, readers inside control-flow bodies) are measured as before, one run each. The weights are quantized
+with their H, as the quantizer then writes them with data (the wider rungs a layer may be raised to: see priced).
 
 The analysis is then one pass of the model plus two measured runs, whatever the number of layers and widths (the
 quantization of every layer at every width with its H remains: BENCHMARKS.md, tools/eval_real_models.py). What it
@@ -17,7 +17,6 @@ average is predicted too gentle.
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 from collections.abc import Iterable
@@ -33,8 +32,6 @@ from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.config import QuantizeConfig
 from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.weights import to_rows
-from onnxq.pipeline import quantize_planned
-from onnxq.plan.ops import op_choice
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -71,19 +68,12 @@ class ProxySensitivity(SensitivityAnalysis):
         """The weights at ``bits`` as the proxy prices them: as written (with H) up to the planned width, wider ones by weight error.
 
         The wider rungs (those a layer may be raised to) are quantized for their own error, without the search and
-        rounding by H. A raised layer's error is a small part of its planned one (8 against 4 bits: about 1/256 of the energy), so
-        its exact value barely moves a choice, and the H-aware codes at every wider rung were a third of MiniLM's
-        mixed-precision time (one-off profile, 2026-12-05). The raised layers the choice keeps are then quantized with
-        their H as always.
+        rounding by H. A raised layer's error is a small part of its planned one (8 against 4 bits: about 1/256 of the
+        energy), so its exact value barely moves a choice, and the H-aware codes at every wider rung were a third of
+        MiniLM's mixed-precision time (one-off profile, 2026-12-05). The raised layers the choice keeps are then
+        quantized with their H as always.
         """
-        if bits <= self.plan(tensor).bits or self.hessian(tensor) is None:
-            return self.dequantized(tensor, bits)
-        key = (tensor, -bits)  # beside dequantized()'s keys
-        if key not in self._dequantized:
-            plan = dataclasses.replace(self.plan(tensor), bits=bits)
-            op_type = op_choice(plan, self._targets, self.config).op_type
-            self._dequantized[key] = quantize_planned(self.weights[tensor], plan, op_type, self.config, False).dequantize()
-        return self._dequantized[key]
+        return self.dequantized(tensor, bits, with_hessian=bits <= self.plan(tensor).bits)
 
     def _fit_factor(self) -> tuple[float, float]:
         """(model output signal energy, c): c from one run with every planned layer at its planned width."""

@@ -221,22 +221,26 @@ class SensitivityAnalysis:
         batches = list(calibration_batches(data, specs, samples))
         self.samples = sum(batch_size(b, sample_axes(specs)) for b in batches)
         self.probe = Probe(self.model, self.plans, batches, self.label, nodes)
-        self._dequantized: dict[tuple[str, int], np.ndarray] = {}
+        self._dequantized: dict[tuple[str, int, bool], np.ndarray] = {}
         self._layers: dict[tuple[str, int], LayerSensitivity] = {}
 
     def plan(self, tensor: str) -> WeightPlan:
         """The plan of one weight tensor."""
         return next(p for p in self.plans if p.tensor == tensor)
 
-    def dequantized(self, tensor: str, bits: int) -> np.ndarray:
-        """The float values the quantized model computes with for ``tensor`` at ``bits`` (cached)."""
-        key = (tensor, bits)
+    def dequantized(self, tensor: str, bits: int, with_hessian: bool = True) -> np.ndarray:
+        """The float values the quantized model computes with for ``tensor`` at ``bits`` (cached).
+
+        ``with_hessian`` False: the codes chosen for the weight's own error, even where the analysis has an H.
+        """
+        key = (tensor, bits, with_hessian)
         if key not in self._dequantized:
             plan = dataclasses.replace(self.plan(tensor), bits=bits)
             weight = self.weights[tensor]
             if not np.isfinite(weight).all():
                 raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
-            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False, self.hessian(tensor))
+            hessian = self.hessian(tensor) if with_hessian else None
+            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False, hessian)
             self._dequantized[key] = q.dequantize().astype(weight.dtype)  # a session input of the weight's own type
         return self._dequantized[key]
 
