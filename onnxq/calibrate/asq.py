@@ -21,10 +21,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from onnxq.calibrate.ranges import Range, range_errors
 from onnxq.numerics.search import minimise_on_grid, scan_points
+from onnxq.numerics.threads import one_blas_thread
 
 RIDGES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 
@@ -120,7 +120,7 @@ def fit_adapter(features: np.ndarray, beta: np.ndarray, seed: int = 0) -> LogLin
     z = (x - mean) / std
     order = np.random.default_rng(seed).permutation(samples)
     held, train = order[: samples // 5], order[samples // 5 :]
-    with threadpool_limits(1, user_api="blas"):  # see BLAS_THREADS_NOTE
+    with one_blas_thread():  # see BLAS_THREADS_NOTE
         losses = [np.mean((fit.predict_log(z[held]) - y[held]) ** 2) for fit in _ridges(z[train], y[train], RIDGES)]
         (fit,) = _ridges(z, y, (RIDGES[int(np.argmin(losses))],))
     weight = fit.weight / std

@@ -45,7 +45,7 @@ import onnx
 from scipy.linalg import blas
 
 from onnxq.model.graph import attribute, constant_initializers, is_op
-from onnxq.numerics.threads import blas_threads
+from onnxq.numerics.threads import one_blas_thread
 from onnxq.plan.weights import WeightPlan
 
 #: Bytes of convolution patches built at a time (a few samples of a large feature map).
@@ -423,7 +423,7 @@ def _add_products(rows32: np.ndarray, weight: float, into: np.ndarray | None) ->
     if groups == 1 and k >= SYRK_FEATURES:
         into = np.zeros((1, k, k), dtype=np.float32, order="F") if into is None else into
         target = into[0]  # Fortran-contiguous: ssyrk writes into it
-        with blas_threads(None):  # one thread: the calls come between onnxruntime's runs, often with a few hundred rows
+        with one_blas_thread():  # one thread: the calls come between onnxruntime's runs, often with a few hundred rows
             blas.ssyrk(weight, rows32[0], beta=1.0, c=target, trans=1, lower=0, overwrite_c=1)
         return into
     update = np.matmul(rows32.transpose(0, 2, 1), rows32)
