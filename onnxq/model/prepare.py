@@ -197,8 +197,7 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int, outer: Mapping[str, 
     """
     from onnx.reference import ReferenceEvaluator
 
-    own = defined_names(graph)
-    consts = {name: t for name, t in (outer or {}).items() if name not in own} | constant_initializers(graph)
+    consts = _visible_constants(graph, outer or {})
     outputs = {o.name for o in graph.output}
     keep: list[onnx.NodeProto] = []
     folded = 0
@@ -249,9 +248,14 @@ def _fold_bodies(graph: onnx.GraphProto, opset: int, visible: Mapping[str, onnx.
         for body in subgraphs(node):
             lift_constants(body)
             folded += fold_constant_paths(body, opset, visible)
-            inner = {name: t for name, t in visible.items() if name not in defined_names(body)} | constant_initializers(body)
-            folded += _fold_bodies(body, opset, inner)
+            folded += _fold_bodies(body, opset, _visible_constants(body, visible))
     return folded
+
+
+def _visible_constants(graph: onnx.GraphProto, outer: Mapping[str, onnx.TensorProto]) -> dict[str, onnx.TensorProto]:
+    """The constants ``graph`` can read: its own, and those of the graphs around it (``outer``) it does not hide."""
+    own = defined_names(graph)
+    return {name: t for name, t in outer.items() if name not in own} | constant_initializers(graph)
 
 
 def fold_batch_norms(graph: onnx.GraphProto) -> int:
