@@ -113,8 +113,8 @@ def inline_branch(graph: onnx.GraphProto, node: onnx.NodeProto, branch: bool) ->
     """
     body = attribute(node, "then_branch" if branch else "else_branch")
     assert isinstance(body, onnx.GraphProto)
-    taken_names = (defined_names(graph) - set(node.output)) | {n.name for n in graph.node}
-    if (defined_names(body) | {n.name for n in body.node}) & taken_names:
+    tensors_clash = defined_names(body) & (defined_names(graph) - set(node.output))
+    if tensors_clash or {n.name for n in body.node} & {n.name for n in graph.node}:  # tensors and nodes: two namespaces
         return None
     position = next(i for i, n in enumerate(graph.node) if n.name == node.name and is_op(n, "If"))  # not `is`: the list is rebuilt
     outputs = [onnx.helper.make_node("Identity", [inner.name], [outer], name=f"{node.name}/branch_output_{i}")
