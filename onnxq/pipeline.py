@@ -225,11 +225,11 @@ def calibrate(
     if config.activations is not None and config.activations.equalizing:  # before the sites: the layers then read the equalized tensor
         head, batches = peek(batches, sample_axes(specs), EQUALIZE_SAMPLES)
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
-    aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
-    model, guards = loaded.model, ()
+    model, moments = loaded.model, None
     if config.output_aware:
+        aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
         model, guards, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
-    moments = MomentCollector(layer_inputs(model.graph, aware), config.calibration_samples, guards) if config.output_aware else None
+        moments = MomentCollector(layer_inputs(model.graph, aware), config.calibration_samples, guards)
     if config.activations is None:
         collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client)
         calibrated = Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])

@@ -44,8 +44,8 @@ struct Kernels {
 
   // What those kernels ask of the data that Prepare (int_conv_reference.cc) and the driver lay out
   // for them: constants of the instruction set's traits (simd_kernels.h); 0 in the scalar table.
-  bool int16_sums;           // Gemm, GemmT: int16 sums (|w| <= 8, wider weights split: Gemm::a_hi;
-                             // runs of k: Int16Runs)
+  bool int16_sums;           // Gemm, GemmT: int16 sums (|w| <= 8: runs of k, Int16Runs; |w| <= 64:
+                             // Gemm::wide; wider weights split: Gemm::a_hi)
   bool fused_tap_groups;     // DepthwiseFused: dense groups of 4 taps (PackedWeights::quads), else
                              // the nonzero pairs of taps (FusedPair; only where every list is narrow)
   bool fused_quantize_rows;  // DepthwiseFused quantizes X into its plane itself, else copies
