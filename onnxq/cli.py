@@ -102,7 +102,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-v", "--verbose", action="store_true", help="print a line per quantized layer")
     p.add_argument("--no-speed", dest="speed", action="store_false",
                    help="do not time the written model against the float one (by default a few runs on one batch of the "
-                        "calibration data, or of synthetic inputs, print its speed-up over float on this CPU)")
+                        "calibration data, or of synthetic inputs, print its speed-up over float on this CPU, and the same "
+                        "for the model built in the other formats, so the line says which format would be faster)")
+    p.add_argument("--no-format-speeds", dest="format_speeds", action="store_false",
+                   help="time the written model only, not its twins in the other formats (each twin is a quick build with "
+                        "full-range weights: the same ops and shapes, not the same accuracy; models over 256 MB get none)")
     p.add_argument("--report", type=Path, metavar="PATH",
                    help="also write PATH as JSON (per layer: bits, format, alpha, weight SQNR, sizes; skipped layers; config), "
                    "a Markdown summary as PATH.md and, with matplotlib, a chart as PATH.png (PATH.md: the JSON goes beside it)")
@@ -320,7 +324,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     if (warning := damage_warning(check, named) if check is not None else damage_warning(blind, f"{SYNTHETIC_SAMPLES} synthetic inputs")
             if blind is not None else None):
         print(warning)
-    if args.speed and (speed := _speed(args.model, output, data, synthetic[1] if synthetic is not None else None)) is not None:
+    if args.speed and (speed := _speed(args.model, output, data, synthetic[1] if synthetic is not None else None,
+                                       config, args.format_speeds)) is not None:
         print(speed.line())
     if report is not None:
         from onnxq.report.files import build_report, write_report
@@ -332,9 +337,13 @@ def _run_quantize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speed(model: Path, output: Path, data: object, synthetic: list[dict] | None) -> Speed | None:
-    """The written model's speed against float on one run of the data (or of the synthetic inputs); None where none runs."""
-    from onnxq.analysis.speed import SPEED_SAMPLES, measure_speed
+def _speed(model: Path, output: Path, data: object, synthetic: list[dict] | None, config: QuantizeConfig,
+           formats: bool) -> Speed | None:
+    """The written model's speed against float on one run of the data (or of the synthetic inputs); None where none runs.
+
+    With ``formats``, its twins in the other formats are timed beside it (onnxq/analysis/speed.py).
+    """
+    from onnxq.analysis.speed import SPEED_SAMPLES, measure_formats
     from onnxq.calibrate.data import calibration_batches
     from onnxq.calibrate.samples import batch_size, input_specs, sample_axes
     from onnxq.model.load import read_model_file
@@ -347,7 +356,7 @@ def _speed(model: Path, output: Path, data: object, synthetic: list[dict] | None
     if feed is None:
         return None
     try:
-        return measure_speed(model, output, feed, batch_size(feed, sample_axes(specs)))
+        return measure_formats(model, output, config, feed, batch_size(feed, sample_axes(specs)), formats)
     except Exception:  # noqa: BLE001  (the checks above ran these inputs; a failure here only loses the hint)
         return None
 
