@@ -451,6 +451,10 @@ def test_post_codes_out_of_range_are_onnxruntime_errors(bits, code, kernel):
         ("PostConv", dict(clip_min=float("nan")), r"PostConv: attributes clip_min and clip_max must not be NaN"),
         ("IntConv", dict(clip_min=0.0, clip_max=float("nan")), r"IntConv: attributes clip_min and clip_max must not be NaN"),
         ("PostConv", dict(clip_min=1.0, clip_max=0.5), r"PostConv: attribute clip_min \(1\.0+\) must be <= clip_max \(0\.50+\)"),
+
+        ("IntConv", dict(hardswish=2), r"IntConv: attribute hardswish must be 0 or 1, not 2"),
+        ("PostConv", dict(hardswish=1, hardswish_alpha=float("inf")), r"PostConv: attributes hardswish_alpha and hardswish_beta must be finite"),
+        ("IntConv", dict(hardswish=1, hardswish_beta=float("nan")), r"IntConv: attributes hardswish_alpha and hardswish_beta must be finite"),
     ],
 )
 def test_bad_attributes_are_session_errors(op, overrides, match):

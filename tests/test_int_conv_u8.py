@@ -35,6 +35,7 @@ class Form:
     residual: str | None = None
     clip: tuple[float | None, float | None] | None = None  # bounds at these quantiles of y (None: attribute absent)
     per_sample: bool = False
+    hardswish: tuple[float, float] | None = None  # the hard swish's alpha and beta after the clip (None: attribute absent)
 
     def __str__(self) -> str:
         return self.name
@@ -49,6 +50,11 @@ FORMS = [
     Form("u8x-u8y-float-r-clip", x_u8=True, y_u8=True, residual="float", clip=(0.01, 0.99)),
     Form("u8y-u8r-clip", y_u8=True, residual="uint8", clip=(0.05, 0.98)),
     Form("per-sample-u8x-u8y-u8r", x_u8=True, y_u8=True, residual="uint8", clip=(0.0, None), per_sample=True),
+    # the hard swish: alone (float Y: the output step runs for it alone), after a clip, into uint8 Y; ONNX HardSwish's
+    # alpha and beta, and a HardSigmoid's (0.2, 0.5 are its defaults) with a residual
+    Form("hardswish", hardswish=(1 / 6, 0.5)),
+    Form("u8x-u8y-clip-hardswish", x_u8=True, y_u8=True, clip=(0.02, 0.97), hardswish=(1 / 6, 0.5)),
+    Form("u8y-u8r-hardsigmoid-mul", y_u8=True, residual="uint8", hardswish=(0.2, 0.5)),
 ]
 
 # Shapes for every kernel path: dense (Gemm over large images, GemmT over small ones), grouped, 1x1, and depthwise:
@@ -165,11 +171,17 @@ def _expected(case: Case, form: Form) -> tuple:
     elif form.clip is not None:
         clip = {key: float(np.quantile(y, q)) for key, q in zip(("clip_min", "clip_max"), form.clip) if q is not None}
     y = clipped(y, clip)
+    swish = {}
+    if form.hardswish is not None:
+        alpha, beta = np.float32(form.hardswish[0]), np.float32(form.hardswish[1])
+        y = y * np.clip((y * alpha) + beta, np.float32(0), np.float32(1))  # float32 steps: multiply, add, clip, multiply
+        assert y.dtype == np.float32
+        swish = dict(hardswish=1, hardswish_alpha=float(alpha), hardswish_beta=float(beta))
     y_scale = np.float32(0.25 if grid else float(np.std(y)) / 100)
     if form.y_u8:
         want = quantize_y(y, y_scale, int(y_zp))
         assert 0.005 < np.mean(want == 0) + np.mean(want == 255) < 0.995, "saturation at 0 or 255 is part of the test"
-        if grid:  # exact ties of y / y_scale, rounded half to even
+        if grid and form.hardswish is None:  # exact ties of y / y_scale, rounded half to even (the swish leaves the grid)
             assert np.mean(np.abs(np.remainder(y / y_scale, 1) - 0.5) == 0) > 0.1
     else:
         want = y
@@ -187,7 +199,7 @@ def _expected(case: Case, form: Form) -> tuple:
         ("r_scale", np.asarray(r_scale, np.float32) if uint8_r else None),
         ("r_zero_point", np.asarray(r_zp, np.uint8) if uint8_r else None),
     ]
-    attributes = dict(case_attributes(case), **clip)
+    attributes = dict(case_attributes(case), **clip, **swish)
     op = case.op + ("Q" if form.y_u8 else "")
     model = functools.partial(make_model, op, inputs, U8 if form.y_u8 else F, **attributes)
     return model, feeds, want

@@ -142,6 +142,14 @@ IntConvKernel::IntConvKernel(bool post, bool quantized, const OrtApi& api, const
     fail("attribute clip_min (" + std::to_string(clip_min_) + ") must be <= clip_max (" + std::to_string(clip_max_) +
          ")");
   }
+  iconv::ReadInt(api, info, "hardswish", &hardswish_);
+  iconv::ReadFloat(api, info, "hardswish_alpha", &hardswish_alpha_);
+  iconv::ReadFloat(api, info, "hardswish_beta", &hardswish_beta_);
+  if (hardswish_ != 0 && hardswish_ != 1) {
+    fail("attribute hardswish must be 0 or 1, not " + std::to_string(hardswish_));
+  } else if (!isfinite(hardswish_alpha_) || !isfinite(hardswish_beta_)) {
+    fail("attributes hardswish_alpha and hardswish_beta must be finite");
+  }
   int is_constant = 0;
   const OrtValue* constant = nullptr;
   if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, 1, &is_constant, &constant)) {
@@ -273,6 +281,9 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   iconv::Output output{};
   output.clip_lo = clip_min_;
   output.clip_hi = clip_max_;
+  output.hardswish = hardswish_ != 0;
+  output.hardswish_alpha = hardswish_alpha_;
+  output.hardswish_beta = hardswish_beta_;
   ONNXQ_CHECK((y_scale != nullptr) == (y_zero_point != nullptr), "y_scale and y_zero_point must be given together");
   ONNXQ_CHECK(!quantized_ || y_scale != nullptr,
               "Y is uint8: inputs y_scale and y_zero_point (6 and 7, Y's step and zero point) are required");
@@ -304,8 +315,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   } else {
     ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point are given without R (input 8)");
   }
-  // With neither, the kernels write Y (float) themselves, clipped as before.
-  const bool staged = quantized_ || residual != nullptr;
+  // With none of them (nor a hard swish), the kernels write Y (float) themselves, clipped as before.
+  const bool staged = quantized_ || residual != nullptr || hardswish_ != 0;
 
   // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
   ONNXQ_CHECK((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");

@@ -37,7 +37,10 @@
 // pads [top, left, bottom, right] (0, 0, 0, 0), dilations [dh, dw] (1, 1), group (1; depthwise:
 // group = C), kernel (0: the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; an error
 // when this CPU lacks it), clip_min and clip_max (floats, -inf and +inf: the clip below, which fuses
-// a following Relu (0, +inf) or Clip; an error when either is NaN or clip_min > clip_max). C and M
+// a following Relu (0, +inf) or Clip; an error when either is NaN or clip_min > clip_max), hardswish
+// (int, 0: 1 applies the hard swish below after the clip, which fuses a following HardSwish, or a
+// HardSigmoid and the Mul of its input by it), hardswish_alpha and hardswish_beta (floats, 1/6 and
+// 1/2 as in ONNX HardSwish; finite; HardSigmoid's own when it is one that was fused). C and M
 // must be divisible by group; K must be <= 65536 (so that no int32 sum can overflow); the padded
 // input may have at most 2^40 pixels (H' = H + pad_top + pad_bottom times W') and 2^40 values
 // (N*C*H'*W'). Any of N, C, M, H, W may be 0.
@@ -77,7 +80,10 @@
 // is added next: y = y + r[n,m,oy,ox] (so y = ((acc*c + B) + r)). Then every output of all four
 // ops is clipped: y = min(max(y, clip_min), clip_max), computed as y < clip_min ? clip_min : y,
 // then y > clip_max ? clip_max : y (a NaN y stays NaN, and the default bounds change no bits, -0
-// included). PostConvQ/IntConvQ then quantize it as ONNX QuantizeLinear does, a float32 division:
+// included). With hardswish = 1 the clipped y is then
+//   t = y * hardswish_alpha; t = t + hardswish_beta; t = clip of t to [0, 1] (as above); y = y * t
+// (three float32 operations and the clip, in this order). PostConvQ/IntConvQ then quantize it as
+// ONNX QuantizeLinear does, a float32 division:
 //   Y = clamp(round_half_even(y / y_scale) + y_zp, 0, 255)   (a NaN gives 0, +-inf 255 / 0)
 // computed as QuantizeDynamicU8's kernels do (quantize_dynamic_u8_kernels.h, QuantizeOne: the
 // quotient clamped to [-y_zp, 255 - y_zp], then rounded; the same integer). Float operations are
@@ -103,7 +109,8 @@
 // float X copy its bytes into their padded planes instead). With R or a uint8 Y the kernels
 // compute y without the clip into each task's scratch (a channel's plane, a block's, a panel's
 // run), and the output step (OutputKernel, int_conv_finish.h, one template over the instruction
-// set's traits) adds R, clips and quantizes it into Y while it is in cache.
+// set's traits) adds R, clips, applies the hard swish and quantizes it into Y while it is in cache
+// (a hard swish with float Y and no R goes through the output step too).
 #pragma once
 
 #include <cmath>
@@ -146,6 +153,8 @@ class IntConvKernel {
   int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
   int64_t pad_top_ = 0, pad_left_ = 0, pad_bottom_ = 0, pad_right_ = 0;
   float clip_min_ = -INFINITY, clip_max_ = INFINITY;  // attributes clip_min, clip_max
+  int64_t hardswish_ = 0;                              // attributes hardswish, hardswish_alpha, hardswish_beta
+  float hardswish_alpha_ = 1.0f / 6.0f, hardswish_beta_ = 0.5f;
   Isa isa_ = Isa::kScalar;
   bool w_constant_ = false;  // W is a constant initializer: prepare it once
   std::string error_;

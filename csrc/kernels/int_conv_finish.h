@@ -185,12 +185,19 @@ inline DepthwiseFused OutputQuantization(const Output& o) {
 template <class T>
 struct OutputConsts {
   typename T::F r_scale, clip_lo, clip_hi;
+  typename T::F alpha, beta, zero, one;  // the hard swish's
+  bool hardswish;
   typename T::I r_zero_point;
   FusedQuantizeConsts<T> y;
   explicit OutputConsts(const Output& o)
       : r_scale(T::SetF(o.r_scale)),
         clip_lo(T::SetF(o.clip_lo)),
         clip_hi(T::SetF(o.clip_hi)),
+        alpha(T::SetF(o.hardswish_alpha)),
+        beta(T::SetF(o.hardswish_beta)),
+        zero(T::SetF(0.0f)),
+        one(T::SetF(1.0f)),
+        hardswish(o.hardswish),
         r_zero_point(T::Set32(o.r_zero_point)),
         y(OutputQuantization(o)) {}
 };
@@ -216,6 +223,9 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
     for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::Mul(T::ToFloat(T::Sub32(w[k], c.r_zero_point)), c.r_scale));
   }
   for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
+    for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
+  }
   if (kQuantize) {
     T::Store(out8, QuantizeFixed<T>(c.y, v));
   } else {

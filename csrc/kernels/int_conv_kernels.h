@@ -110,6 +110,8 @@ struct Output {
   int32_t r_zero_point;     // (uint8 R)
   float r_scale;
   float clip_lo, clip_hi;   // the clip bounds (attributes clip_min, clip_max)
+  bool hardswish;           // the hard swish after the clip (attributes hardswish, hardswish_alpha, _beta)
+  float hardswish_alpha, hardswish_beta;
   bool quantize;            // Y uint8 (else float)
   qdu8::Params y_params;    // y_scale, -y_zp, 255 - y_zp, y_zp
   float* y;                 // float Y (quantize false)
@@ -294,12 +296,20 @@ inline float Finish(bool post, int32_t acc_e, int32_t acc_o, float c_e, float c_
   return Clip(bias != nullptr ? y + *bias : y, lo, hi);
 }
 
-// Output (above) of element `at`, whose unclipped y is given: the residual, the clip, the output's
-// type. The one definition of these steps; OutputKernel equals it lane by lane.
+// The hard swish of int_conv.h's epilogue: y times its hard sigmoid, in this order of float32 steps.
+inline float HardSwish(float y, float alpha, float beta) {
+  float t = y * alpha;
+  t = t + beta;
+  return y * Clip(t, 0.0f, 1.0f);
+}
+
+// Output (above) of element `at`, whose unclipped y is given: the residual, the clip, the hard
+// swish, the output's type. The one definition of these steps; OutputKernel equals it lane by lane.
 inline void OutputOne(const Output& o, float y, int64_t at) {
   if (o.r != nullptr) y = y + o.r[at];
   if (o.r8 != nullptr) y = y + static_cast<float>(static_cast<int32_t>(o.r8[at]) - o.r_zero_point) * o.r_scale;
   y = Clip(y, o.clip_lo, o.clip_hi);
+  if (o.hardswish) y = HardSwish(y, o.hardswish_alpha, o.hardswish_beta);
   if (o.quantize) {
     o.y8[at] = qdu8::QuantizeOne(y, o.y_params);
   } else {

@@ -5,6 +5,9 @@
 - onnxruntime fuses a float Conv with the Relu or Clip after it, but cannot fuse them into a custom op, so an IntConv/
   PostConv whose output only a Relu or a Clip with constant bounds reads takes the bounds as its clip_min / clip_max
   attributes and replaces it (:func:`fold_clipping_into_ops`).
+- A hard swish (HardSwish, or HardSigmoid and the Mul of its input by it: PP-LCNet's and MobileNetV3's activation)
+  that alone reads such an op's output, behind the pair the placement put there for onnxruntime's kernels or not, goes
+  into the op's epilogue as its hardswish attributes (:func:`fold_hard_swish_into_ops`).
 - An IntConv/PostConv behind a quantize-dequantize pair (or ASQ's per-sample chain) takes the pair's step and quantizes
   its input itself (:func:`take_input_quantization`).
 
@@ -71,7 +74,7 @@ def fold_clipping_into_ops(graph: onnx.GraphProto) -> int:
     for node in graph.node:
         if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or attribute(node, "clip_min") is not None:
             continue
-        if attribute(node, "clip_max") is not None:
+        if attribute(node, "clip_max") is not None or attribute(node, "hardswish") is not None:  # (the clip comes first)
             continue
         y = node.output[0]
         users = readers.get(y, [])
@@ -90,6 +93,78 @@ def fold_clipping_into_ops(graph: onnx.GraphProto) -> int:
     for node in drop:
         graph.node.remove(node)
     return len(drop)
+
+
+#: ONNX HardSwish's alpha and beta (float32), and HardSigmoid's defaults.
+HARD_SWISH = (float(np.float32(1 / 6)), 0.5)
+HARD_SIGMOID_DEFAULTS = (0.2, 0.5)
+
+
+def fold_hard_swish_into_ops(graph: onnx.GraphProto) -> int:
+    """Fold into each IntConv/PostConv the hard swish that alone reads its output; returns how many.
+
+    ``op -> y [-> QuantizeLinear -> DequantizeLinear] -> HardSwish -> h`` (or ``HardSigmoid(y') -> t, Mul(y', t) -> h``)
+    becomes ``op(hardswish=1, hardswish_alpha, hardswish_beta) -> h``: the op applies y * clip(alpha y + beta, 0, 1)
+    after its clip (int_conv.h). The pair, placed at a layer output for onnxruntime's integer kernels, goes with it: the
+    op computes the swish from its exact output instead of that output's codes, within a code of the pair's result
+    where it matters, and the uint8 chains then link the op straight to the next one. Left alone: any tensor on the way
+    that is a graph output or has another reader (a subgraph's included), and an op that has a swish already.
+    """
+    readers = consumers(graph)
+    fixed = {o.name for o in graph.output} | subgraph_reads(graph)
+    drop: list[onnx.NodeProto] = []
+    for node in graph.node:
+        if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or attribute(node, "hardswish") is not None:
+            continue
+        found = _hard_swish_after(node.output[0], readers, fixed)
+        if found is None:
+            continue
+        (alpha, beta), taken, out = found
+        node.attribute.extend([helper.make_attribute("hardswish", 1), helper.make_attribute("hardswish_alpha", alpha),
+                               helper.make_attribute("hardswish_beta", beta)])
+        _move_declaration(graph, node.output[0], out)
+        node.output[0] = out
+        drop.extend(taken)
+    for node in drop:
+        graph.node.remove(node)
+    if drop:
+        remove_unused_initializers(graph)
+    return sum(1 for node in drop if node.op_type in ("HardSwish", "HardSigmoid"))
+
+
+def _hard_swish_after(
+    y: str, readers: Mapping[str, list[onnx.NodeProto]], fixed: set[str]
+) -> tuple[tuple[float, float], list[onnx.NodeProto], str] | None:
+    """(alpha, beta), the nodes from ``y`` to the hard swish's output, and that output; None where ``y`` feeds no lone swish."""
+
+    def only(name: str) -> list[onnx.NodeProto]:
+        return [] if name in fixed else readers.get(name, [])
+
+    taken: list[onnx.NodeProto] = []
+    users = only(y)
+    if len(users) == 1 and is_op(users[0], "QuantizeLinear"):
+        dq = only(users[0].output[0])
+        if len(dq) != 1 or not is_op(dq[0], "DequantizeLinear"):
+            return None
+        taken, y = [users[0], dq[0]], dq[0].output[0]
+        users = only(y)
+    if y in fixed:
+        return None
+    if len(users) == 1 and is_op(users[0], "HardSwish"):
+        return HARD_SWISH, [*taken, users[0]], users[0].output[0]
+    if len(users) != 2:
+        return None
+    sigmoid = next((u for u in users if is_op(u, "HardSigmoid")), None)
+    mul = next((u for u in users if is_op(u, "Mul")), None)
+    if sigmoid is None or mul is None or sorted(mul.input) != sorted([y, sigmoid.output[0]]) or only(sigmoid.output[0]) != [mul]:
+        return None
+    alpha, beta = HARD_SIGMOID_DEFAULTS
+    for attr in sigmoid.attribute:
+        if attr.name == "alpha":
+            alpha = float(np.float32(attr.f))
+        elif attr.name == "beta":
+            beta = float(np.float32(attr.f))
+    return (alpha, beta), [*taken, sigmoid, mul], mul.output[0]
 
 
 def clip_bounds(node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) -> tuple[float | None, float | None] | None:

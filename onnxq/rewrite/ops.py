@@ -11,8 +11,8 @@ inferred shape where the float model had one, else computed here from the input'
 tools reading the model, and onnx's inference of the layers after the ops, see shapes.
 
 Gemm and MatMul with a constant 2-D weight run through the same ops as 1x1 convolutions over the rows of
-their input (onnxq/rewrite/gemm.py says how). A Relu or Clip after an op is folded into it
-(onnxq/rewrite/fusions.py).
+their input (onnxq/rewrite/gemm.py says how). A Relu or Clip after an op is folded into it, and so is a
+hard swish (onnxq/rewrite/fusions.py).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from onnxq.numerics.packing import pack_int4
 from onnxq.numerics.uniform import storage_bits
 from onnxq.numerics.weights import QuantizedTensor
 from onnxq.plan.ops import input_ranks
-from onnxq.rewrite.fusions import fold_clipping_into_ops
+from onnxq.rewrite.fusions import fold_clipping_into_ops, fold_hard_swish_into_ops
 from onnxq.rewrite.gemm import GEMM_TYPES, gemm_nodes, weight_is_rows
 
 #: Conv attributes the ops take over unchanged.
@@ -104,6 +104,7 @@ def replace_convs(graph: onnx.GraphProto, quantized: dict[str, tuple[QuantizedTe
     graph.initializer.extend(keep)
     remove_unused_initializers(graph)
     fold_clipping_into_ops(graph)
+    fold_hard_swish_into_ops(graph)
 
 
 def _gemm_image_shape(x_shape: Shape | None, m: int) -> Shape:
