@@ -11,10 +11,10 @@ run down), and prints the ratio. It is a few runs on one batch, a hint of the co
 Which format would be faster is measured too, not guessed: the same model is built in the other formats (qdq, int,
 post) as a timing twin and timed in the same alternation. A twin has the written model's graph, its bits per layer and
 its activation sites, but cheap numbers: weights at the full range (no search, no data), activation steps from the
-timed batch alone (min/max, or ASQ's adapters where the model uses ASQ), biases corrected by the formula alone. Those change no op and no
-shape, so the twin runs as the format would; its accuracy is not what the format would give (quantize with that
---format to see it). Models over COMPARE_BYTES of weights are not twinned (the builds would cost more than the hint is
-worth; models with external data files are such models).
+timed batch alone (min/max, or ASQ's adapters where the model uses ASQ), biases corrected by the formula alone. Those
+change no op and no shape, so the twin runs as the format would; its accuracy is not what the format would give
+(quantize with that --format to see it). Models over COMPARE_BYTES, or with external data files, are not twinned (the
+builds would cost more than the hint is worth).
 """
 
 from __future__ import annotations
