@@ -203,17 +203,21 @@ struct OutputConsts {
 };
 
 // OutputOne over 4 vectors (4 * T::kFloats elements): y from src, R's from r / r8, Y's to out / out8
-// (each at its element 0). All of them are whole: the caller pads a run's last block.
-template <class T, bool kR, bool kR8, bool kQuantize>
+// (each at its element 0). kTail: only the first `left` elements are there (a run's last block):
+// y and float R are read with masked loads (the lanes past `left` are 0), Y's written up to `left`,
+// and uint8 R comes padded to a whole block by the caller. (The tail used to go through buffers
+// filled by memcpy, whose vector reloads stalled on store forwarding: 5x the product's time on a
+// stride-2 first convolution, whose runs all end in a tail.)
+template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
 inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
-                        uint8_t* out8) {
+                        uint8_t* out8, int64_t left = 4 * T::kFloats) {
   using F = typename T::F;
   using I = typename T::I;
   constexpr int R = T::kFloats;
   F v[4];
-  for (int k = 0; k < 4; ++k) v[k] = T::LoadF(src + R * k);
+  for (int k = 0; k < 4; ++k) v[k] = kTail ? T::LoadFirstF(src + R * k, left - R * k) : T::LoadF(src + R * k);
   if (kR) {
-    for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::LoadF(r + R * k));
+    for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], kTail ? T::LoadFirstF(r + R * k, left - R * k) : T::LoadF(r + R * k));
   }
   if (kR8) {  // (int32)R - r_zp, to float, times r_scale: 16 bytes widened to 16 / R vectors at a time
     I w[4];
@@ -226,8 +230,14 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
   if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
     for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
   }
-  if (kQuantize) {
+  if (kQuantize && kTail) {
+    alignas(64) uint8_t bytes[T::kBytes];
+    T::Store(bytes, QuantizeFixed<T>(c.y, v));
+    std::memcpy(out8, bytes, static_cast<size_t>(left));
+  } else if (kQuantize) {
     T::Store(out8, QuantizeFixed<T>(c.y, v));
+  } else if (kTail) {
+    for (int k = 0; k < 4 && R * k < left; ++k) T::StoreFirstF(out + R * k, v[k], left - R * k < R ? left - R * k : R);
   } else {
     for (int k = 0; k < 4; ++k) T::StoreF(out + R * k, v[k]);
   }
@@ -250,17 +260,10 @@ void OutputRun(const Output& o, const float* y, int64_t n, int64_t at) {
   }
   if (i == n) return;
   const int64_t left = n - i;
-  alignas(64) float src_tail[kBlock] = {}, r_tail[kBlock] = {}, out_tail[kBlock];
-  alignas(64) uint8_t r8_tail[kBlock] = {}, out8_tail[kBlock];
-  std::memcpy(src_tail, y + i, static_cast<size_t>(left) * sizeof(float));
-  if (kR) std::memcpy(r_tail, r + i, static_cast<size_t>(left) * sizeof(float));
+  alignas(64) uint8_t r8_tail[kBlock] = {};
   if (kR8) std::memcpy(r8_tail, r8 + i, static_cast<size_t>(left));
-  OutputBlock<T, kR, kR8, kQuantize>(c, src_tail, r_tail, r8_tail, out_tail, out8_tail);
-  if (kQuantize) {
-    std::memcpy(out8 + i, out8_tail, static_cast<size_t>(left));
-  } else {
-    std::memcpy(out + i, out_tail, static_cast<size_t>(left) * sizeof(float));
-  }
+  OutputBlock<T, kR, kR8, kQuantize, true>(c, y + i, kR ? r + i : nullptr, r8_tail, kQuantize ? nullptr : out + i,
+                                           kQuantize ? out8 + i : nullptr, left);
 }
 
 template <class T, bool kQuantize>

@@ -179,27 +179,32 @@ void FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, c
   const Geometry& g = *job.g;
   const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
   const int64_t plane = (n * g.m + m) * g.pixels();
-  // A run of `run` <= kPanel pixels from Y's element `at`: finished into Y, or through the output step.
+  // Runs of kept columns, finished into Y, or (staged) one after another into `staged`: the kept
+  // columns' pixels are consecutive elements of Y (a row's last pixel is followed by the next row's
+  // first), so the output step then takes the panel's kept pixels in one call.
   alignas(64) float staged[kPanel];
+  int64_t filled = 0, first = -1;
   auto finish = [&](const int32_t* run_e, const int32_t* run_o, int64_t run, int64_t at) {
-    float* out = job.output != nullptr ? staged : job.y + at;
+    float* out = job.output != nullptr ? staged + filled : job.y + at;
     job.kernels->finish_run(run_e, run_o, run, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi, out);
-    if (job.output != nullptr) job.kernels->output(*job.output, staged, run, at);
+    if (first < 0) first = at;
+    filled += run;
   };
   if (job.cols == g.ow) {  // no dropped columns: one run
     finish(e, o, count, plane + p0);
-    return;
-  }
-  for (int64_t p = p0; p < p0 + count;) {
-    const int64_t oy = p / job.cols, ox = p % job.cols;
-    if (ox >= g.ow) {
-      p = (oy + 1) * job.cols;
-      continue;
+  } else {
+    for (int64_t p = p0; p < p0 + count;) {
+      const int64_t oy = p / job.cols, ox = p % job.cols;
+      if (ox >= g.ow) {
+        p = (oy + 1) * job.cols;
+        continue;
+      }
+      const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
+      finish(e + i, o != nullptr ? o + i : nullptr, run, plane + oy * g.ow + ox);
+      p += run;
     }
-    const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
-    finish(e + i, o != nullptr ? o + i : nullptr, run, plane + oy * g.ow + ox);
-    p += run;
   }
+  if (job.output != nullptr && filled > 0) job.kernels->output(*job.output, staged, filled, first);
 }
 
 // The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi.
