@@ -210,7 +210,7 @@ _Best = tuple[float, np.ndarray, np.ndarray, np.ndarray, str]
 
 
 def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int) -> _Best:
-    """Each group's rows rounded by GPTQ on the grids that round them nearly as well as the best to nearest; the best kept.
+    """Each group's rows rounded by GPTQ (then refined) on the grids that round them nearly as well as the best to nearest; the best kept.
 
     Compensating every grid doubled the time on MiniLM; compensating only the best nearest one lost 0.2 dB on the
     layout detector (tools/eval_real_models.py): grids within GRID_MARGIN of it are compensated too.
