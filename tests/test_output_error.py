@@ -249,10 +249,21 @@ def coordinate_descent_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndar
     return out
 
 
+def _steps_in(native: bool, monkeypatch) -> None:
+    """Make the descent's column steps run in C (libonnxq_stats.so) or in numpy; skip where C is asked and not built."""
+    from onnxq.native import stats
+
+    if native and not stats.descent_available():
+        pytest.skip("libonnxq_stats.so with onnxq_descent_block is not built here (pip install .)")
+    monkeypatch.setattr(output_error, "NATIVE_DESCENT", native)
+
+
+@pytest.mark.parametrize("native", [True, False], ids=["c", "numpy"])
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
 @pytest.mark.parametrize("sweeps", [1, 3])
-def test_refine_equals_a_plain_coordinate_descent(mode, sweeps):
+def test_refine_equals_a_plain_coordinate_descent(mode, sweeps, native, monkeypatch):
     """Small rows refined from rounding to nearest: the same codes as trying every code of every column in turn."""
+    _steps_in(native, monkeypatch)
     rng = np.random.default_rng(21)
     k, bits = 9, 3
     x = correlated_inputs(rng, 300, k)
@@ -337,3 +348,30 @@ def test_quantize_rows_keeps_the_refinement(monkeypatch):
     plain = quantize_rows(rows, h, grid)
     assert measured(refined) < 0.95 * measured(plain)
     assert refined.error == pytest.approx(measured(refined), rel=1e-9)
+
+
+@pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
+@pytest.mark.parametrize("groups", [1, 3])
+def test_the_column_steps_in_c_equal_numpy_bit_for_bit(mode, groups, monkeypatch):
+    """The C steps (csrc/stats/coordinate_descent.cc) and numpy's give the same codes on many rows of correlated inputs,
+    grouped H included, with dead inputs and blocks that end mid-matrix."""
+    rng = np.random.default_rng(31 + groups)
+    k, per_group = 45, 20
+    hs, rows, starts, scales = [], [], [], []
+    grid = Grid(mode, 4)
+    for _ in range(groups):
+        x = correlated_inputs(rng, 600, k) * rng.uniform(0.1, 3.0, k)
+        x[:, 5] = 0.0
+        hs.append(x.T @ x / len(x))
+        w = rng.standard_t(4, (per_group, k)) * 0.1
+        scale = grid.scales(w, rng.uniform(0.5, 1.0, per_group))
+        rows.append(w)
+        scales.append(scale)
+        starts.append(gptq(w, hs[-1], grid, scale))
+    args = (np.stack(rows), np.stack(hs), grid, np.stack(scales), np.stack(starts))
+    _steps_in(True, monkeypatch)
+    in_c = output_error.refine_groups(*args, sweeps=4, block=16)
+    monkeypatch.setattr(output_error, "NATIVE_DESCENT", False)
+    in_numpy = output_error.refine_groups(*args, sweeps=4, block=16)
+    assert not np.array_equal(in_numpy, np.stack(starts))
+    np.testing.assert_array_equal(in_c, in_numpy)

@@ -1,9 +1,11 @@
-"""The counting loops of calibration's histograms in C (libonnxq_stats.so, csrc/stats/), called through ctypes.
+"""onnxq's numerics loops in C (libonnxq_stats.so, csrc/stats/), called through ctypes.
 
-numpy spends five or six passes and a 64-bit index array on every histogram update; these loops do
-one pass with the same float32 arithmetic, so their counts equal the numpy code's bit for bit
-(tests/test_native_stats.py). They take float32 C-contiguous arrays only (what onnxruntime returns);
-histogram.py uses numpy for anything else, and everywhere when the library was not built.
+- The counting loops of calibration's histograms: numpy spends five or six passes and a 64-bit index array on every
+  histogram update; these loops do one pass with the same float32 arithmetic, so their counts equal the numpy code's
+  bit for bit (tests/test_native_stats.py). They take float32 C-contiguous arrays only (what onnxruntime returns);
+  histogram.py uses numpy for anything else, and everywhere when the library was not built.
+- The column steps of the output-aware codes' coordinate descent (onnxq/numerics/output_error.py, _Descent), which in
+  numpy cost about twenty calls per column: the same float64 operations, the same codes (tests/test_output_error.py).
 """
 
 from __future__ import annotations
@@ -18,7 +20,10 @@ from onnxq.native.library import find_built
 LIBRARY_NAME = "libonnxq_stats.so"
 
 _F32 = np.ctypeslib.ndpointer(np.float32, flags="C_CONTIGUOUS")
+_F64 = np.ctypeslib.ndpointer(np.float64, flags="C_CONTIGUOUS")
 _I64 = np.ctypeslib.ndpointer(np.int64, flags="C_CONTIGUOUS")
+_I8 = np.ctypeslib.ndpointer(np.int8, flags="C_CONTIGUOUS")
+_U8 = np.ctypeslib.ndpointer(np.uint8, flags="C_CONTIGUOUS")
 _N = ctypes.c_int64
 
 
@@ -33,6 +38,10 @@ def _library() -> ctypes.CDLL | None:
     lib.onnxq_count_spans.argtypes = [_F32, _N, _N, _F32, _F32, _N, _I64]
     for function in (lib.onnxq_count_centred, lib.onnxq_count_channels, lib.onnxq_count_spans):
         function.restype = None
+    if hasattr(lib, "onnxq_descent_block"):  # (a library built before it had none: descent_available says so)
+        lib.onnxq_descent_block.argtypes = [_N, _N, _N, _N, _N, _F64, _F64, _F64, _I8, _F64, _I64, _F64, _N, _F64, _F64, _F64,
+                                            _N, _F64, _U8]
+        lib.onnxq_descent_block.restype = ctypes.c_int
     return lib
 
 
@@ -44,6 +53,12 @@ def available() -> bool:
 def takes(values: np.ndarray) -> bool:
     """Whether the native loops can count ``values`` as they are: float32, C-contiguous, library built."""
     return values.dtype == np.float32 and values.flags.c_contiguous and available()
+
+
+def descent_available() -> bool:
+    """Whether the library has the coordinate descent's column steps (else output_error.py steps in numpy)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "onnxq_descent_block")
 
 
 def _lib() -> ctypes.CDLL:
@@ -71,3 +86,16 @@ def count_spans(rows: np.ndarray, lo: np.ndarray, span: np.ndarray, bins: int) -
     lo, span = np.ascontiguousarray(lo, np.float32), np.ascontiguousarray(span, np.float32)
     _lib().onnxq_count_spans(rows, rows.shape[0], rows.shape[1], lo, span, bins, counts)
     return counts
+
+
+def descent_block(start: int, stop: int, h: np.ndarray, gradient: np.ndarray, values: np.ndarray, codes: np.ndarray,
+                  table: np.ndarray, offsets: np.ndarray, bounds: np.ndarray, unit: np.ndarray, diagonal: np.ndarray,
+                  inverse: np.ndarray, half: int, moves: np.ndarray, moved: np.ndarray) -> bool:
+    """Columns [start, stop) of a coordinate-descent sweep (csrc/stats/coordinate_descent.cc says what each array is).
+
+    gradient, values, codes (G, K, P), moves (G, stop - start, P) and moved (G, P, uint8) are updated in place; all
+    C-contiguous. Returns whether any row moved.
+    """
+    groups, k, rows = values.shape
+    return bool(_lib().onnxq_descent_block(groups, k, rows, start, stop, h, gradient, values, codes, table, offsets, bounds,
+                                           len(bounds), unit, diagonal, inverse, half, moves, moved))

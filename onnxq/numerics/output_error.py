@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import lapack
 
+from onnxq.native import stats
 from onnxq.numerics import post, uniform
 from onnxq.numerics.search import minimise_on_grid, scan_points
 
@@ -41,6 +42,9 @@ DAMPING = 0.01
 BLOCK = 32
 #: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
 FULL_SEARCH_LIMIT = 1 << 24
+#: Whether a sweep's column steps run in C where libonnxq_stats.so was built (the same codes; numpy's cost about twenty
+#: calls a column: MiniLM's refinement 9 s in numpy).
+NATIVE_DESCENT = True
 #: Coordinate-descent sweeps over the columns after GPTQ (QuantEase); 0 leaves GPTQ's codes as they are. 1, 2 and 8
 #: sweeps did no better on the real models (docs/output-aware.md); each costs about two GPTQs.
 SWEEPS = 4
@@ -384,7 +388,8 @@ class _Descent:
 
     def __init__(self, rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray) -> None:
         groups, per_group, k = codes.shape
-        self.h, self.half = h, grid.codes // 2
+        self.h, self.half = np.ascontiguousarray(h, dtype=np.float64), grid.codes // 2  # (no copy where it is so already)
+        scale = np.ascontiguousarray(scale)
         table = _value_table(grid, scale)  # (G, P, 2Q+1): the value of every code of every row
         self.table = table.reshape(-1)
         self.offsets = np.arange(scale.size).reshape(scale.shape) * table.shape[-1]  # (G, P): each row's start in it
@@ -395,9 +400,9 @@ class _Descent:
         decoded = decode(codes.reshape(-1, k), np.asarray(scale).reshape(-1), grid).reshape(groups, per_group, k)
         self.values = np.ascontiguousarray(decoded.transpose(0, 2, 1), dtype=np.float64)  # the table's values, as Grid.round's
         error = np.asarray(rows, dtype=np.float64).transpose(0, 2, 1) - self.values  # E^T
-        self.gradient = np.matmul(h, error)  # (E H)^T, H symmetric
+        self.gradient = np.matmul(self.h, error)  # (E H)^T, H symmetric
         del error
-        self.diagonal = np.diagonal(h, axis1=1, axis2=2)[:, :, None]
+        self.diagonal = np.ascontiguousarray(np.diagonal(self.h, axis1=1, axis2=2))[:, :, None]
         self.inverse = np.divide(1.0, self.diagonal, out=np.zeros_like(self.diagonal), where=self.diagonal > 0)
         self.moved = np.zeros(self.unit.shape, dtype=bool)
 
@@ -410,10 +415,17 @@ class _Descent:
         """One pass over the columns in order, ``block`` at a time."""
         groups, k, per_group = self.values.shape
         self.moved[:] = False
+        native = NATIVE_DESCENT and stats.descent_available()
         for start in range(0, k, block):
             stop = min(start + block, k)
             moves = np.zeros((groups, stop - start, per_group))
-            if any([self._column(j, moves[:, j - start], start, stop) for j in range(start, stop)]):  # a list: every column steps
+            if native:
+                moved = stats.descent_block(start, stop, self.h, self.gradient, self.values, self.codes, self.table, self.offsets,
+                                            self.bounds, self.unit, self.diagonal, self.inverse, self.half, moves,
+                                            self.moved.view(np.uint8))
+            else:
+                moved = any([self._column(j, moves[:, j - start], start, stop) for j in range(start, stop)])  # a list: every column steps
+            if moved:
                 self._follow(moves, start, stop)
 
     def _follow(self, moves: np.ndarray, start: int, stop: int) -> None:
@@ -438,7 +450,7 @@ class _Descent:
         return bool(keep.any())
 
     def _column(self, j: int, move: np.ndarray, start: int, stop: int) -> bool:
-        """Column ``j``'s step, all rows at once; whether any row moved.
+        """Column ``j``'s step, all rows at once; whether any row moved (csrc/stats/coordinate_descent.cc does the same).
 
         ``move`` (G, P) receives each row's change of value; the gradient of the block's later columns follows it.
         """
