@@ -282,7 +282,7 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
 def _run_quantize(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, check_against_float, damage_warning, synthetic_check
+    from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, RunKind, check_against_float, damage_warning, synthetic_check
     from onnxq.model.save import check_onnxruntime_loads, check_output_path, save_model
     from onnxq.pipeline import quantize_with_report
     from onnxq.report.summary import summary
@@ -321,8 +321,10 @@ def _run_quantize(args: argparse.Namespace) -> int:
         print(check.line(named))
     synthetic = synthetic_check(args.model, output) if check is None else None
     blind = synthetic[0] if synthetic is not None else None
-    if (warning := damage_warning(check, named) if check is not None else damage_warning(blind, f"{SYNTHETIC_SAMPLES} synthetic inputs")
-            if blind is not None else None):
+    run = RunKind(calibrated=args.calibration is not None, activations=config.activations is not None,
+                  asq=config.activations is not None and config.activations.method is CalibrationMethod.ASQ)
+    if (warning := damage_warning(check, named, run) if check is not None
+            else damage_warning(blind, f"{SYNTHETIC_SAMPLES} synthetic inputs", run) if blind is not None else None):
         print(warning)
     if args.speed and (speed := _speed(args.model, output, data, synthetic[1] if synthetic is not None else None,
                                        config, args.format_speeds)) is not None:

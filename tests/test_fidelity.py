@@ -163,3 +163,21 @@ def test_the_cli_times_the_written_model_unless_told_not_to(tmp_path, capsys):
         ratio, quantized_ms, float_ms, count = float(match[1]), float(match[2]), float(match[3]), int(match[4])
         assert count == samples and quantized_ms > 0 and float_ms > 0
         assert abs(ratio - float_ms / quantized_ms) <= 0.02 * ratio + 0.01  # the printed ratio is the printed times' (rounded)
+
+
+def test_the_warning_suggests_what_the_run_did_not_try():
+    """Without data: data for the weights. With data, weights only: no data advice, the size budgets. With fixed-step
+    activations: ASQ or float activations too; with ASQ not ASQ again. A healthy check: no warning."""
+    from onnxq.analysis.fidelity import DAMAGED_SQNR_DB, Fidelity, RunKind, damage_warning
+
+    damaged = Fidelity(samples=8, output_sqnr_db=DAMAGED_SQNR_DB - 3, worst_output=None, top1_agreement=None)
+    blind = damage_warning(damaged, "16 synthetic inputs")
+    assert blind.startswith("warning: ") and "--calibration DATA" in blind and "--sensitivity-data DATA" in blind
+    weights = damage_warning(damaged, "the calibration data", RunKind(calibrated=True))
+    assert "--calibration DATA" not in weights and "--target-size SIZE" in weights and "--calibrate asq" not in weights
+    fixed = damage_warning(damaged, "the calibration data", RunKind(calibrated=True, activations=True))
+    assert "--calibrate asq" in fixed and "--activations none" in fixed
+    asq = damage_warning(damaged, "the calibration data", RunKind(calibrated=True, activations=True, asq=True))
+    assert "--calibrate asq" not in asq and "more bits (-b)" in asq
+    healthy = Fidelity(samples=8, output_sqnr_db=DAMAGED_SQNR_DB + 0.1, worst_output=None, top1_agreement=None)
+    assert damage_warning(healthy, "the calibration data", RunKind(calibrated=True, activations=True)) is None
