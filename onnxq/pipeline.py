@@ -295,7 +295,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
 
 
 def quantize_planned(
-    weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None = None
+    weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None = None,
+    sweeps: int | None = None,
 ) -> QuantizedTensor:
     """Codes for one weight in the format its op needs: POST (PostConv), plain uniform (IntConv), or uniform/sqrt (QDQ, lookups).
 
@@ -304,18 +305,20 @@ def quantize_planned(
     With ``hessian`` (the second moments of the layer's inputs), per-channel weights are chosen for the layer's output
     (onnxq/numerics/output_error.py), the grid (plain or sqrt) by the output error too; never worse by that measure
     than rounding to nearest with the range that minimises it (which is at least as good as the weight-error range).
+    ``sweeps``: the coordinate-descent refinement's after GPTQ (None: its default, 0: none; the proxy sensitivity prices
+    without it).
     """
     if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
         axis = plan.channel_axis or 0
         codes = quantize_post_weight(weight, plan.bits, axis)
-        return codes if hessian is None else quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes)
+        return codes if hessian is None else quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes, sweeps)
     linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and (storage_bits(plan.bits) == 8 or config.sqrt is not SqrtMode.ON))
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
     if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
         return quantize_weight(weight, plan.bits, axis, sqrt, config.range)
     modes = {SqrtMode.OFF: ("plain",), SqrtMode.ON: ("sqrt",), SqrtMode.AUTO: ("plain", "sqrt")}[sqrt]
-    return quantize_for_output(weight, plan.bits, axis, modes, hessian)
+    return quantize_for_output(weight, plan.bits, axis, modes, hessian, sweeps=sweeps)
 
 
 def correct_biases(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> None:

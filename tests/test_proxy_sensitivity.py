@@ -31,14 +31,18 @@ def _data(samples: int = 64) -> list[dict[str, np.ndarray]]:
 def test_one_layer_prediction_is_the_measured_noise(bits):
     """With a single layer the model output is the layer output: c r(b) must equal the noise a run measures, at any width.
 
-    Up to the planned width (4) the proxy prices the codes quantized with H, wider ones the codes quantized for their
-    own error (ProxySensitivity.priced): the measured run gets the same codes, so only the noise estimate differs.
+    Up to the planned width (4) the proxy prices GPTQ's codes with H (without the coordinate-descent refinement), wider
+    ones the codes quantized for their own error (ProxySensitivity.priced): the measured run gets the same codes, so only
+    the noise estimate differs.
     """
+    import functools
+
     config = QuantizeConfig(bits=4, first_last_bits=None)
     proxy = ProxySensitivity(_one_matmul(), config, _data())
     measured = SensitivityAnalysis(_one_matmul(), config, _data())
     if bits <= config.bits:
         measured.hessian = proxy.hessian
+        measured.dequantized = functools.partial(SensitivityAnalysis.dequantized, measured, refined=False)
     assert proxy.layer("w", bits).noise == pytest.approx(measured.layer("w", bits).noise, rel=1e-3)
     assert proxy.layer("w", bits).model_sqnr_db == pytest.approx(measured.layer("w", bits).model_sqnr_db, abs=0.01)
 

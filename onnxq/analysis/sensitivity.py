@@ -228,19 +228,21 @@ class SensitivityAnalysis:
         """The plan of one weight tensor."""
         return next(p for p in self.plans if p.tensor == tensor)
 
-    def dequantized(self, tensor: str, bits: int, with_hessian: bool = True) -> np.ndarray:
+    def dequantized(self, tensor: str, bits: int, with_hessian: bool = True, refined: bool = True) -> np.ndarray:
         """The float values the quantized model computes with for ``tensor`` at ``bits`` (cached).
 
         ``with_hessian`` False: the codes chosen for the weight's own error, even where the analysis has an H.
+        ``refined`` False: with H, GPTQ's codes without the coordinate-descent refinement (onnxq/numerics/output_error.py).
         """
-        key = (tensor, bits, with_hessian)
+        key = (tensor, bits, with_hessian, refined)
         if key not in self._dequantized:
             plan = dataclasses.replace(self.plan(tensor), bits=bits)
             weight = self.weights[tensor]
             if not np.isfinite(weight).all():
                 raise OnnxqError(self.label, f"weight {tensor} has NaN or infinite values (--exclude {' '.join(plan.nodes)} leaves it float)")
             hessian = self.hessian(tensor) if with_hessian else None
-            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False, hessian)
+            q = quantize_planned(weight, plan, op_choice(plan, self._targets, self.config).op_type, self.config, False, hessian,
+                                 None if refined else 0)
             self._dequantized[key] = q.dequantize().astype(weight.dtype)  # a session input of the weight's own type
         return self._dequantized[key]
 

@@ -322,18 +322,20 @@ def nearest_rows(rows: np.ndarray, h: np.ndarray, grid: Grid) -> NearestRows:
     return NearestRows(codes, scale, alpha, float(errors.sum()), errors)
 
 
-def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: NearestRows, compensation: Compensation | None = None) -> RowCodes:
+def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: NearestRows, compensation: Compensation | None = None,
+                     sweeps: int | None = None) -> RowCodes:
     """GPTQ's rounding of ``rows`` at the scales of ``nearest`` refined by coordinate descent, per row the least error kept.
 
     Each row keeps the GPTQ or the nearest codes, whichever leave less output error, then the refinement of those
-    (:func:`refine`) where it lowers it further. GPTQ's greedy order can lose on a row whose H is nearly singular;
-    the nearest codes are the floor.
+    (:func:`refine`, ``sweeps`` sweeps, None: SWEEPS, 0: none) where it lowers it further. GPTQ's greedy order can lose
+    on a row whose H is nearly singular; the nearest codes are the floor.
     """
+    sweeps = SWEEPS if sweeps is None else sweeps
     rows = np.asarray(rows, dtype=np.float64)
     codes = gptq(rows, h, grid, nearest.scale, compensation=compensation)
     codes, errors = _better_rows(rows, h, grid, nearest.scale, (nearest.codes, nearest.row_errors), codes)
-    if SWEEPS:
-        codes, errors = _better_rows(rows, h, grid, nearest.scale, (codes, errors), refine(rows, h, grid, nearest.scale, codes))
+    if sweeps:
+        codes, errors = _better_rows(rows, h, grid, nearest.scale, (codes, errors), refine(rows, h, grid, nearest.scale, codes, sweeps))
     return RowCodes(codes, nearest.scale, nearest.alpha, float(errors.sum()))
 
 
@@ -504,8 +506,10 @@ def decode(codes: np.ndarray, scale: np.ndarray, grid: Grid) -> np.ndarray:
 SMALL_GROUP_FEATURES = 64
 
 
-def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid) -> RowCodes:
+def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, sweeps: int | None = None) -> RowCodes:
     """:func:`quantize_rows` for every group at once: rows (G, P, K), each group with its own H (G, K, K), K small.
+
+    ``sweeps``: the coordinate-descent refinement's (None: SWEEPS, 0: none).
 
     A depthwise layer has one tiny problem per channel; solved one by one, Python's overhead was most of the cost of
     quantizing MobileNet-like models (5000 calls on a document classifier). The steps are those of :func:`quantize_rows`
@@ -544,8 +548,9 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid) -> RowCod
     compensated_errors = errors(decode(compensated, scale, grid))
     better = compensated_errors < nearest_errors
     kept, kept_errors = np.where(better[:, None], compensated, nearest), np.where(better, compensated_errors, nearest_errors)
-    if SWEEPS:
-        refined = refine_groups(rows, h, grid, scale.reshape(groups, per_group), kept.reshape(groups, per_group, k)).reshape(-1, k)
+    sweeps = SWEEPS if sweeps is None else sweeps
+    if sweeps:
+        refined = refine_groups(rows, h, grid, scale.reshape(groups, per_group), kept.reshape(groups, per_group, k), sweeps).reshape(-1, k)
         refined_errors = errors(decode(refined, scale, grid))
         better = refined_errors < kept_errors
         kept, kept_errors = np.where(better[:, None], refined, kept), np.where(better, refined_errors, kept_errors)

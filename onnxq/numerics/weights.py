@@ -175,20 +175,22 @@ def _sqnr_from_sums(noise: float, signal: float) -> float:
 
 
 def quantize_for_output(
-    weight: np.ndarray, bits: int, axis: int, modes: tuple[str, ...], hessian: np.ndarray, baseline: QuantizedTensor | None = None
+    weight: np.ndarray, bits: int, axis: int, modes: tuple[str, ...], hessian: np.ndarray, baseline: QuantizedTensor | None = None,
+    sweeps: int | None = None,
 ) -> QuantizedTensor:
     """Quantize ``weight`` per row along ``axis`` for its layer's output: ranges by output error, compensated rounding.
 
     ``hessian`` is E[x x^T] of the layer's input rows, (groups, K, K) with the rows split evenly among the groups
     (onnxq/calibrate/moments.py); ``modes`` are the grids to try ("plain", "sqrt", "post"), and the one leaving the
     least output error is kept. A ``baseline`` (the weight-error quantization) is kept instead where its output
-    error is lower, so the output error is never worse than before.
+    error is lower, so the output error is never worse than before. ``sweeps``: the coordinate-descent refinement's
+    after GPTQ (None: output_error.SWEEPS, 0: none).
     """
     weight = np.asarray(weight, dtype=np.float32)
     rows = to_rows(weight, axis).astype(np.float64)
     groups = hessian.shape[0]
     small = groups > 1 and rows.shape[1] <= output_error.SMALL_GROUP_FEATURES  # depthwise: all groups at once
-    best = _small_groups_for_output(rows, hessian, modes, bits) if small else _groups_for_output(rows, hessian, modes, bits)
+    best = _small_groups_for_output(rows, hessian, modes, bits, sweeps) if small else _groups_for_output(rows, hessian, modes, bits, sweeps)
     if baseline is not None and baseline.axis == axis:
         delta = rows - to_rows(baseline.dequantize(), axis)
         if output_error.grouped_output_error(delta, hessian) <= best[0]:
@@ -209,7 +211,7 @@ GRID_MARGIN = 1.5
 _Best = tuple[float, np.ndarray, np.ndarray, np.ndarray, str]
 
 
-def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int) -> _Best:
+def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int, sweeps: int | None) -> _Best:
     """Each group's rows rounded by GPTQ (then refined) on the grids that round them nearly as well as the best to nearest; the best kept.
 
     Compensating every grid doubled the time on MiniLM; compensating only the best nearest one lost 0.2 dB on the
@@ -226,7 +228,7 @@ def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, 
         if sum(p.error for p in nearest[mode]) > GRID_MARGIN * floor:
             continue
         grid = output_error.Grid(mode, bits)
-        parts = [output_error.compensated_rows(part, hessian[g], grid, nearest[mode][g], compensations[g]) for g, part in enumerate(slices)]
+        parts = [output_error.compensated_rows(part, hessian[g], grid, nearest[mode][g], compensations[g], sweeps) for g, part in enumerate(slices)]
         error = sum(p.error for p in parts)
         if best is None or error < best[0]:
             best = (error, np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
@@ -235,12 +237,12 @@ def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, 
     return best
 
 
-def _small_groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int) -> _Best:
+def _small_groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int, sweeps: int | None) -> _Best:
     """Depthwise-like layers (many groups, short rows): every grid compensated for all groups at once, the best kept."""
     groups = hessian.shape[0]
     best: _Best | None = None
     for mode in modes:
-        part = output_error.quantize_small_groups(rows.reshape(groups, len(rows) // groups, -1), hessian, output_error.Grid(mode, bits))
+        part = output_error.quantize_small_groups(rows.reshape(groups, len(rows) // groups, -1), hessian, output_error.Grid(mode, bits), sweeps)
         if best is None or part.error < best[0]:
             best = (part.error, part.codes, part.scale, part.alpha, mode)
     assert best is not None
