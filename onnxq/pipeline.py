@@ -310,8 +310,10 @@ def quantize_planned(
     """
     if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
         axis = plan.channel_axis or 0
-        codes = quantize_post_weight(weight, plan.bits, axis)
-        return codes if hessian is None else quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes, sweeps)
+        codes = quantize_post_weight(weight, plan.bits, axis, search=config.range is not RangeMethod.ABSMAX)
+        if hessian is None or config.range is RangeMethod.ABSMAX:  # (absmax: the full range, as for uniform codes)
+            return codes
+        return quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes, sweeps)
     linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and (storage_bits(plan.bits) == 8 or config.sqrt is not SqrtMode.ON))
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None

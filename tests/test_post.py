@@ -46,3 +46,25 @@ def test_all_zero_row_is_exact():
     rows[1, 3] = -0.5
     q = post.quantize_best(rows, 4)
     np.testing.assert_array_equal(q.dequantize(), rows)
+
+
+def test_range_absmax_gives_post_codes_at_the_full_range():
+    """--range absmax with --format post: each row's scale is its max|w| (no search), through the pipeline's planner."""
+    from onnx import numpy_helper
+
+    from models import conv_bn_relu_gemm
+    from onnxq import QuantizeConfig, RangeMethod, WeightFormat, quantize
+    from onnxq.native.domain import POST_CONV
+
+    from onnxq.pipeline import load_and_prepare
+
+    model = conv_bn_relu_gemm()
+    written = quantize(model, QuantizeConfig(bits=4, format=WeightFormat.POST, range=RangeMethod.ABSMAX, first_last_bits=4))
+    inits = {t.name: numpy_helper.to_array(t) for t in written.graph.initializer}
+    weights = {t.name: numpy_helper.to_array(t) for t in load_and_prepare(model).model.graph.initializer}  # BN folded in
+    ops = [n for n in written.graph.node if n.op_type == POST_CONV]
+    assert ops
+    for node in ops:
+        float_weight = next(w for name, w in weights.items() if node.input[1].startswith(name))
+        peak = np.abs(float_weight.reshape(len(float_weight), -1)).max(axis=1).astype(np.float32)
+        np.testing.assert_array_equal(inits[node.input[2]], peak)

@@ -126,9 +126,11 @@ def quantize_weight(
     return best
 
 
-def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None) -> QuantizedTensor:
-    """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched."""
+def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None, search: bool = True) -> QuantizedTensor:
+    """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched (else 1: max|w|)."""
     weight = np.asarray(weight, dtype=np.float32)
+    if not search:
+        return _quantize_blocks(weight, axis, lambda rows: post.quantize_rows(rows, np.ones(len(rows)), bits), sqrt=False, is_post=True)
     return _quantize_blocks(weight, axis, lambda rows: post.quantize_best(rows, bits), sqrt=False, is_post=True)
 
 
