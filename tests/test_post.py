@@ -55,7 +55,6 @@ def test_range_absmax_gives_post_codes_at_the_full_range():
     from models import conv_bn_relu_gemm
     from onnxq import QuantizeConfig, RangeMethod, WeightFormat, quantize
     from onnxq.native.domain import POST_CONV
-
     from onnxq.pipeline import load_and_prepare
 
     model = conv_bn_relu_gemm()
