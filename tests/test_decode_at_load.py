@@ -162,3 +162,23 @@ def test_float16_weights_decode_in_float32_and_fold_at_load(sqrt, tmp_path):
     y = run(quantized, x)
     assert y.dtype == np.float16
     np.testing.assert_array_equal(y, run(float_equivalent(quantized), x))
+
+
+@pytest.mark.parametrize("method", ["mse", "asq"])
+def test_with_activations_only_the_weights_onnxruntime_fuses_stay_dequantizelinear(method):
+    """W4A8: behind fixed steps (mse) every weight is DequantizeLinear (onnxruntime fuses it with its input's pair into
+    an integer kernel); behind ASQ's per-sample steps, which no kernel takes, every weight is Cast * scale (decoded
+    once at load) and no DequantizeLinear reads a weight's codes."""
+    from onnxq.config import ActivationConfig, CalibrationMethod
+
+    model = _conv_gemm_matmul()
+    data = [{"x": np.random.default_rng(2).standard_normal((32, 3, 6, 6)).astype(np.float32)}]
+    config = QuantizeConfig(bits=4, first_last_bits=4, activations=ActivationConfig(samples=32, method=CalibrationMethod(method)))
+    written = quantize(model, config, data)
+    codes = {t.name for t in written.graph.initializer if t.name.split("_")[0] in ("w1", "w2", "w3")}  # the weights' codes
+    weight_dq = [n for n in written.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in codes]
+    casts = [n for n in written.graph.node if n.op_type == "Cast" and n.input[0] in codes]
+    if method == "mse":
+        assert len(weight_dq) == 3 and not casts
+    else:
+        assert not weight_dq and len(casts) == 3
