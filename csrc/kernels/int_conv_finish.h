@@ -246,9 +246,8 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
 // Output (kernels.h's output): whole blocks of 4 vectors, then the last elements through buffers
 // padded to a block (y and R's values read only for i < n, Y's written only for i < n).
 template <class T, bool kR, bool kR8, bool kQuantize>
-void OutputRun(const Output& o, const float* y, int64_t n, int64_t at) {
+void OutputRun(const OutputConsts<T>& c, const Output& o, const float* y, int64_t n, int64_t at) {
   constexpr int64_t kBlock = 4 * T::kFloats;
-  const OutputConsts<T> c(o);
   const float* r = kR ? o.r + at : nullptr;
   const uint8_t* r8 = kR8 ? o.r8 + at : nullptr;
   float* out = kQuantize ? nullptr : o.y + at;
@@ -266,20 +265,34 @@ void OutputRun(const Output& o, const float* y, int64_t n, int64_t at) {
                                            kQuantize ? out8 + i : nullptr, left);
 }
 
+// OutputRun over `rows` runs (OutputRowsKernel), the constants broadcast once.
+template <class T, bool kR, bool kR8, bool kQuantize>
+void OutputRows(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at, int64_t at_stride) {
+  const OutputConsts<T> c(o);
+  for (int64_t r = 0; r < rows; ++r) OutputRun<T, kR, kR8, kQuantize>(c, o, y + r * y_stride, n, at + r * at_stride);
+}
+
 template <class T, bool kQuantize>
-void OutputResidual(const Output& o, const float* y, int64_t n, int64_t at) {
+void OutputResidual(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at, int64_t at_stride) {
   if (o.r != nullptr) {
-    OutputRun<T, true, false, kQuantize>(o, y, n, at);
+    OutputRows<T, true, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   } else if (o.r8 != nullptr) {
-    OutputRun<T, false, true, kQuantize>(o, y, n, at);
+    OutputRows<T, false, true, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   } else {
-    OutputRun<T, false, false, kQuantize>(o, y, n, at);
+    OutputRows<T, false, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   }
 }
 
 template <class T>
+void OutputRowsKernel(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
+                      int64_t at_stride) {
+  o.quantize ? OutputResidual<T, true>(o, y, rows, n, y_stride, at, at_stride)
+             : OutputResidual<T, false>(o, y, rows, n, y_stride, at, at_stride);
+}
+
+template <class T>
 void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
-  o.quantize ? OutputResidual<T, true>(o, y, n, at) : OutputResidual<T, false>(o, y, n, at);
+  OutputRowsKernel<T>(o, y, 1, n, n, at, 0);
 }
 
 }  // namespace
