@@ -77,6 +77,10 @@ SHAPES = [
     # GemmT with one and two blocks of 16 rows (its widest tiles), rows of 29 and 23 pixels: tiles cut at row ends
     Case("IntConv", 4, 2, 16, (6, 29), 16, (3, 3), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 2, 8, (5, 23), 16, (3, 3), pads=(1, 1, 1, 1)),
+    # Gemm with a dropped column a row (stride 2, even padded width) and 40 channels: a panel's kept pixels span rows,
+    # and its channels go through the output step 16 at a time (16, 16, 8)
+    Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+    Case("PostConv", 4, 1, 6, (20, 22), 36, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
 ]
 
 
