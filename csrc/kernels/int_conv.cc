@@ -380,13 +380,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
       kernels.quantize(from, n, p, to);
       return;
     }
-    iconv::DepthwiseFused q{};
+    iconv::DepthwiseFused q = iconv::FixedQuantization(p);
     q.x = from;
-    q.scale = p.scale;
-    q.inverse = iconv::FusedInverse(p.scale);
-    q.lo = p.lo;
-    q.hi = p.hi;
-    q.z = p.zero_point;
     kernels.quantize_fused(q, static_cast<int64_t>(n), to);
   };
   if (quantize && params.size() == 1) {

@@ -172,15 +172,7 @@ inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typena
 // OutputKernel's constants, broadcast once per run.
 // Y's quantization is QuantizeOne's (a division), computed as the depthwise kernels quantize X:
 // QuantizeFixed, a multiply-add on a fixed-point grid, dividing only blocks near a tie.
-inline DepthwiseFused OutputQuantization(const Output& o) {
-  DepthwiseFused q{};
-  q.scale = o.y_params.scale;
-  q.inverse = FusedInverse(o.y_params.scale);
-  q.lo = o.y_params.lo;
-  q.hi = o.y_params.hi;
-  q.z = o.y_params.zero_point;
-  return q;
-}
+inline DepthwiseFused OutputQuantization(const Output& o) { return FixedQuantization(o.y_params); }
 
 template <class T>
 struct OutputConsts {

@@ -340,6 +340,18 @@ inline float FusedInverse(float scale) {
   return scale >= 0x1p-100f && scale <= 0x1p100f ? 1.0f / scale : 0.0f;
 }
 
+// The fused quantization's parameters (DepthwiseFused's scale, inverse, lo, hi, z) for QuantizeOne's `p`:
+// what quantize_fused and the output step quantize with.
+inline DepthwiseFused FixedQuantization(const qdu8::Params& p) {
+  DepthwiseFused q{};
+  q.scale = p.scale;
+  q.inverse = FusedInverse(p.scale);
+  q.lo = p.lo;
+  q.hi = p.hi;
+  q.z = p.zero_point;
+  return q;
+}
+
 }  // namespace
 
 // FinishRun (kernels.h's finish_run; int_conv_finish.h): Finish over a run of n >= 1 pixels of one
