@@ -332,19 +332,25 @@ def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: Neare
     """
     sweeps = SWEEPS if sweeps is None else sweeps
     rows = np.asarray(rows, dtype=np.float64)
-    codes = gptq(rows, h, grid, nearest.scale, compensation=compensation)
-    codes, errors = _better_rows(rows, h, grid, nearest.scale, (nearest.codes, nearest.row_errors), codes)
+
+    def errors(codes: np.ndarray) -> np.ndarray:
+        return output_errors(rows - decode(codes, nearest.scale, grid), h)
+
+    kept = _better_rows(errors, (nearest.codes, nearest.row_errors), gptq(rows, h, grid, nearest.scale, compensation=compensation))
     if sweeps:
-        codes, errors = _better_rows(rows, h, grid, nearest.scale, (codes, errors), refine(rows, h, grid, nearest.scale, codes, sweeps))
-    return RowCodes(codes, nearest.scale, nearest.alpha, float(errors.sum()))
+        kept = _better_rows(errors, kept, refine(rows, h, grid, nearest.scale, kept[0], sweeps))
+    return RowCodes(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()))
 
 
-def _better_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, kept: tuple[np.ndarray, np.ndarray],
+def _better_rows(errors: Callable[[np.ndarray], np.ndarray], kept: tuple[np.ndarray, np.ndarray],
                  codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, ``codes`` where their output error is below that of ``kept`` (codes, row errors), else the kept ones."""
-    errors = output_errors(rows - decode(codes, scale, grid), h)
-    better = errors < kept[1]
-    return np.where(better[:, None], codes, kept[0]), np.where(better, errors, kept[1])
+    """Per row, ``codes`` where they leave less output error than ``kept`` (codes, row errors), else the kept ones.
+
+    ``errors`` gives the row errors of any codes; returns the codes and row errors kept.
+    """
+    candidate = errors(codes)
+    better = candidate < kept[1]
+    return np.where(better[:, None], codes, kept[0]), np.where(better, candidate, kept[1])
 
 
 def refine(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray, sweeps: int | None = None) -> np.ndarray:
@@ -509,11 +515,10 @@ SMALL_GROUP_FEATURES = 64
 def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, sweeps: int | None = None) -> RowCodes:
     """:func:`quantize_rows` for every group at once: rows (G, P, K), each group with its own H (G, K, K), K small.
 
-    ``sweeps``: the coordinate-descent refinement's (None: SWEEPS, 0: none).
-
     A depthwise layer has one tiny problem per channel; solved one by one, Python's overhead was most of the cost of
     quantizing MobileNet-like models (5000 calls on a document classifier). The steps are those of :func:`quantize_rows`
-    (alpha by output error, GPTQ in act order over the damped H, the per-row floor of rounding to nearest), batched.
+    (alpha by output error, GPTQ in act order over the damped H, the per-row floor of rounding to nearest, ``sweeps``
+    of the coordinate-descent refinement: None SWEEPS, 0 none), batched.
     """
     groups, per_group, k = rows.shape
     rows = np.asarray(rows, dtype=np.float64)
@@ -531,7 +536,10 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, sweeps: i
     alpha, _ = minimise_on_grid(error, np.ones(len(flat)), scan_points(grid.codes), 14)
     scale = grid.scales(flat, alpha)
     nearest = grid.round(flat, scale)[0]
-    nearest_errors = errors(decode(nearest, scale, grid))
+
+    def code_errors(codes: np.ndarray) -> np.ndarray:
+        return errors(decode(codes, scale, grid))
+
     order = np.argsort(-np.diagonal(h, axis1=1, axis2=2), axis=1, kind="stable")  # (G, K)
     permuted = damp_in_place(np.asarray(h, dtype=np.float64)[np.arange(groups)[:, None, None], order[:, :, None], order[:, None, :]])
     upper = inverse_cholesky(permuted)
@@ -544,15 +552,10 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, sweeps: i
         w[:, :, j:] -= err[:, :, None] * upper[:, None, j, j:]
     compensated = np.empty_like(codes)
     np.put_along_axis(compensated, np.broadcast_to(order[:, None, :], codes.shape), codes, 2)
-    compensated = compensated.reshape(-1, k)
-    compensated_errors = errors(decode(compensated, scale, grid))
-    better = compensated_errors < nearest_errors
-    kept, kept_errors = np.where(better[:, None], compensated, nearest), np.where(better, compensated_errors, nearest_errors)
+    kept = _better_rows(code_errors, (nearest, code_errors(nearest)), compensated.reshape(-1, k))
     sweeps = SWEEPS if sweeps is None else sweeps
     if sweeps:
-        refined = refine_groups(rows, h, grid, scale.reshape(groups, per_group), kept.reshape(groups, per_group, k), sweeps).reshape(-1, k)
-        refined_errors = errors(decode(refined, scale, grid))
-        better = refined_errors < kept_errors
-        kept, kept_errors = np.where(better[:, None], refined, kept), np.where(better, refined_errors, kept_errors)
-    return RowCodes(kept, scale, alpha, float(kept_errors.sum()))
+        refined = refine_groups(rows, h, grid, scale.reshape(groups, per_group), kept[0].reshape(groups, per_group, k), sweeps)
+        kept = _better_rows(code_errors, kept, refined.reshape(-1, k))
+    return RowCodes(kept[0], scale, alpha, float(kept[1].sum()))
 
