@@ -113,6 +113,7 @@ def fold_hard_swish_into_ops(graph: onnx.GraphProto) -> int:
     readers = consumers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
     drop: list[onnx.NodeProto] = []
+    folded = 0
     for node in graph.node:
         if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or attribute(node, "hardswish") is not None:
             continue
@@ -125,11 +126,12 @@ def fold_hard_swish_into_ops(graph: onnx.GraphProto) -> int:
         _move_declaration(graph, node.output[0], out)
         node.output[0] = out
         drop.extend(taken)
+        folded += 1
     for node in drop:
         graph.node.remove(node)
     if drop:
         remove_unused_initializers(graph)
-    return sum(1 for node in drop if node.op_type in ("HardSwish", "HardSigmoid"))
+    return folded
 
 
 def _hard_swish_after(
@@ -158,12 +160,7 @@ def _hard_swish_after(
     mul = next((u for u in users if is_op(u, "Mul")), None)
     if sigmoid is None or mul is None or sorted(mul.input) != sorted([y, sigmoid.output[0]]) or only(sigmoid.output[0]) != [mul]:
         return None
-    alpha, beta = HARD_SIGMOID_DEFAULTS
-    for attr in sigmoid.attribute:
-        if attr.name == "alpha":
-            alpha = float(np.float32(attr.f))
-        elif attr.name == "beta":
-            beta = float(np.float32(attr.f))
+    alpha, beta = (float(attribute(sigmoid, name, default)) for name, default in zip(("alpha", "beta"), HARD_SIGMOID_DEFAULTS, strict=True))
     return (alpha, beta), [*taken, sigmoid, mul], mul.output[0]
 
 
