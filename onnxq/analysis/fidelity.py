@@ -192,4 +192,3 @@ def damage_warning(check: Fidelity, data: str, run: RunKind = RunKind()) -> str 
     advice.append(f"{budget} to keep the sensitive layers at 8 bits")
     return (f"warning: the quantized model's output drifted from the float model's (output SQNR {check.output_sqnr_db:.1f} dB on "
             f"{data}; under {DAMAGED_SQNR_DB:.0f} dB models tend to lose accuracy): " + ", ".join(advice[:-1]) + ", or " + advice[-1])
-

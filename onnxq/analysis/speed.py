@@ -48,7 +48,7 @@ SPEED_SAMPLES = 8
 SLOWER = 0.95
 #: A twin format is called faster when its ratio is this much above the written one's (a few runs differ by a few %).
 FASTER = 1.1
-#: Models with more weight bytes than this get no timing twins.
+#: Model files larger than this get no timing twins.
 COMPARE_BYTES = 256 << 20
 
 
@@ -171,7 +171,7 @@ def build_twins(model: Path, config: QuantizeConfig, feed: Mapping[str, np.ndarr
 
     A format is left out where it would change nothing (no layer runs as onnxq's ops in it), where no layer of it
     differs from the written model (POST takes 2-4 bits), or where building it fails; the whole comparison where the
-    model holds more than COMPARE_BYTES of weights.
+    model file is larger than COMPARE_BYTES or keeps its tensors in external data files.
     """
     from onnxq.model.load import read_model_file, uses_external_data
     from onnxq.model.save import save_model
