@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from onnxq.native import stats
 from onnxq.numerics import output_error, uniform
 from onnxq.numerics.output_error import Compensation, Grid, damped, decode, gptq, inverse_cholesky, output_errors, quantize_rows, search_alpha
 from onnxq.numerics.search import best_alpha
@@ -159,10 +160,14 @@ def diagonal_reference(rows: np.ndarray, d: np.ndarray, bits: int, sqrt: bool, a
     return ((rows - values) ** 2 * d).sum(axis=1)
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["numpy", "native"])
 @pytest.mark.parametrize("mode", ["plain", "sqrt"])
 @pytest.mark.parametrize("bits", [3, 4, 8])
-def test_diagonal_error_against_numpy(mode, bits, monkeypatch):
-    """The diagonal search's error, blocks of rows and candidates at once, equals the weighted error written out."""
+def test_diagonal_error_against_numpy(mode, bits, native, monkeypatch):
+    """The diagonal search's error, blocks of rows and candidates at once (numpy) or in C, equals the weighted error written out."""
+    if native and not stats.diagonal_error_available():
+        pytest.skip("libonnxq_stats.so was not built with onnxq_diagonal_error (pip install .)")
+    monkeypatch.setattr(output_error, "NATIVE_DIAGONAL", native)
     monkeypatch.setattr(output_error, "DIAGONAL_BLOCK", 100)  # 3 rows a block: several blocks, the last one short
     rng = np.random.default_rng(5)
     rows = (rng.standard_normal((11, 33)) * rng.uniform(0.01, 2.0, (11, 1))).astype(np.float32).astype(np.float64)
@@ -174,6 +179,26 @@ def test_diagonal_error_against_numpy(mode, bits, monkeypatch):
     np.testing.assert_allclose(error(candidates), expected, rtol=1e-9, atol=1e-300)
     np.testing.assert_allclose(error(candidates[:, 2]), expected[:, 2], rtol=1e-9, atol=1e-300)
     assert error(candidates)[4].max() == 0.0
+
+
+@pytest.mark.parametrize("sqrt", [False, True])
+def test_native_diagonal_error_rounds_ties_to_even(sqrt):
+    """Values exactly half a step between two codes round to the even code (numpy's rint), past the range they clip."""
+    if not stats.diagonal_error_available():
+        pytest.skip("libonnxq_stats.so was not built with onnxq_diagonal_error (pip install .)")
+    steps = np.arange(-40, 41, dtype=np.float32) * np.float32(0.125)  # at scale 0.25 every odd multiple is a tie; +-5 clips at q 7
+    domain = np.stack([steps, steps[::-1]])
+    rows = (domain * np.abs(domain) if sqrt else domain).astype(np.float64)
+    d = np.linspace(0.5, 2.0, steps.size)
+    scales = np.array([[0.25, 0.5], [0.25, 1.0]], dtype=np.float32)
+    codes = np.clip(np.rint(domain[:, :, None] / scales[:, None, :]), -7, 7)  # (row, k, candidate)
+    y = (codes * scales[:, None, :]).astype(np.float32)
+    values = (y * np.abs(y) if sqrt else y).astype(np.float64)
+    expected = np.einsum("rkc,k->rc", (rows[:, :, None] - values) ** 2, d)
+    got = stats.diagonal_error(np.ascontiguousarray(domain), rows, d, scales, 7, sqrt)
+    np.testing.assert_allclose(got, expected, rtol=1e-12)
+    away = np.clip(np.trunc(domain[:, :, None] / scales[:, None, :] + np.copysign(0.5, domain[:, :, None])), -7, 7)
+    assert np.any(away != codes)  # ties occur: rounding them away from zero would give other codes
 
 
 def test_long_rows_search_alpha_by_the_diagonal():

@@ -6,6 +6,8 @@
   histogram.py uses numpy for anything else, and everywhere when the library was not built.
 - The column steps of the output-aware codes' coordinate descent (onnxq/numerics/output_error.py, _Descent), which in
   numpy cost about twenty calls per column: the same float64 operations, the same codes (tests/test_output_error.py).
+- The diagonal range search's error (output_error.DiagonalError): one pass per row and candidate scale instead of
+  numpy's five, the same float32 codes, the float64 sum in another order (equal to rounding).
 """
 
 from __future__ import annotations
@@ -42,6 +44,9 @@ def _library() -> ctypes.CDLL | None:
         lib.onnxq_descent_block.argtypes = [_N, _N, _N, _N, _N, _F64, _F64, _F64, _I8, _F64, _I64, _F64, _N, _F64, _F64, _F64,
                                             _N, _F64, _U8]
         lib.onnxq_descent_block.restype = ctypes.c_int
+    if hasattr(lib, "onnxq_diagonal_error"):
+        lib.onnxq_diagonal_error.argtypes = [_N, _N, _F32, _F64, _F64, _F32, _N, ctypes.c_float, ctypes.c_int, _F64]
+        lib.onnxq_diagonal_error.restype = None
     return lib
 
 
@@ -59,6 +64,12 @@ def descent_available() -> bool:
     """Whether the library has the coordinate descent's column steps (else output_error.py steps in numpy)."""
     lib = _library()
     return lib is not None and hasattr(lib, "onnxq_descent_block")
+
+
+def diagonal_error_available() -> bool:
+    """Whether the library has the diagonal range search's error (else output_error.py computes it with numpy)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "onnxq_diagonal_error")
 
 
 def _lib() -> ctypes.CDLL:
@@ -99,3 +110,13 @@ def descent_block(start: int, stop: int, h: np.ndarray, gradient: np.ndarray, va
     groups, k, rows = values.shape
     return bool(_lib().onnxq_descent_block(groups, k, rows, start, stop, h, gradient, values, codes, table, offsets, bounds,
                                            len(bounds), unit, diagonal, inverse, half, moves, moved))
+
+
+def diagonal_error(domain: np.ndarray, rows: np.ndarray, diagonal: np.ndarray, scales: np.ndarray, q: int, sqrt: bool) -> np.ndarray:
+    """(R, C) errors sum_k d_k (w_k - q_k)^2 of ``rows`` (R, K float64) rounded at each of ``scales`` (R, C float32, > 0).
+
+    ``domain`` (R, K float32) is the rows in the grid's domain, ``q`` the largest code (csrc/stats/diagonal_error.cc).
+    """
+    out = np.empty(scales.shape, dtype=np.float64)
+    _lib().onnxq_diagonal_error(rows.shape[0], rows.shape[1], domain, rows, diagonal, scales, scales.shape[1], float(q), int(sqrt), out)
+    return out

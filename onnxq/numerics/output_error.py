@@ -40,11 +40,17 @@ from onnxq.numerics.search import minimise_on_grid, scan_points
 DAMPING = 0.01
 #: Columns rounded between two matrix-product updates of the rest.
 BLOCK = 32
+#: Columns a coordinate-descent sweep steps between two matrix-product updates of the rest's gradients: wider than
+#: GPTQ's blocks, since every update reads and writes the whole (K, P) gradient (MiniLM's refinement 4.0 -> 3.4 s).
+REFINE_BLOCK = 64
 #: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
 FULL_SEARCH_LIMIT = 1 << 24
 #: Whether a sweep's column steps run in C where libonnxq_stats.so was built (the same codes; numpy's cost about twenty
 #: calls a column: MiniLM's refinement 9 s in numpy).
 NATIVE_DESCENT = True
+#: Whether the diagonal range search's error runs in C where the library has it (the same codes, the float64 sum in
+#: another order; numpy's five passes per candidate were a quarter of MiniLM's quantization time).
+NATIVE_DIAGONAL = True
 #: Coordinate-descent sweeps over the columns after GPTQ (QuantEase); 0 leaves GPTQ's codes as they are. 1, 2 and 8
 #: sweeps did no better on the real models (docs/output-aware.md); each costs about two GPTQs.
 SWEEPS = 4
@@ -152,11 +158,11 @@ class DiagonalError:
     def __init__(self, rows: np.ndarray, diagonal: np.ndarray, grid: Grid) -> None:
         if grid.mode == "post":
             raise ValueError("the diagonal error is for uniform grids (plain, sqrt)")
-        self.rows = np.asarray(rows, dtype=np.float64)
-        self.diagonal = np.asarray(diagonal, dtype=np.float64)
+        self.rows = np.ascontiguousarray(rows, dtype=np.float64)
+        self.diagonal = np.ascontiguousarray(diagonal, dtype=np.float64)
         self.sqrt = grid.mode == "sqrt"
         self.bits = grid.bits
-        self.domain = uniform.to_domain(self.rows.astype(np.float32), self.sqrt)  # what Grid.round divides
+        self.domain = np.ascontiguousarray(uniform.to_domain(self.rows.astype(np.float32), self.sqrt))  # what Grid.round divides
         peak = np.abs(self.rows).max(axis=1) if self.rows.shape[1] else np.zeros(len(self.rows))
         self.top = np.sqrt(peak) if self.sqrt else peak  # uniform.scales_for's, once
         self.step = max(1, DIAGONAL_BLOCK // max(self.rows.shape[1], 1))
@@ -168,6 +174,9 @@ class DiagonalError:
         q = uniform.max_code(self.bits)
         scales = (columns * self.top[:, None] / q).astype(np.float32)  # uniform.scales_for, element by element
         scales = np.where(scales > 0, scales, np.float32(1.0))
+        if NATIVE_DIAGONAL and stats.diagonal_error_available():
+            out = stats.diagonal_error(self.domain, self.rows, self.diagonal, np.ascontiguousarray(scales), q, self.sqrt)
+            return out[:, 0] if alpha.ndim == 1 else out
         out = np.empty(columns.shape)
         for start in range(0, len(self.rows), self.step):
             stop = min(start + self.step, len(self.rows))
@@ -306,24 +315,24 @@ def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool 
 
 
 @dataclass(frozen=True)
-class NearestRows(RowCodes):
-    """:class:`RowCodes` rounded to nearest, with each row's own error (the floor compensated rounding must beat)."""
+class ScoredRows(RowCodes):
+    """:class:`RowCodes` with each row's own output error (the floor that a later rounding or refinement must beat, row by row)."""
 
     row_errors: np.ndarray
 
 
-def nearest_rows(rows: np.ndarray, h: np.ndarray, grid: Grid) -> NearestRows:
+def nearest_rows(rows: np.ndarray, h: np.ndarray, grid: Grid) -> ScoredRows:
     """Rows (R, K) rounded to nearest on ``grid`` at the range factor that minimises each row's output error."""
     rows = np.asarray(rows, dtype=np.float64)
     alpha = search_alpha(rows, h, grid)
     scale = grid.scales(rows, alpha)
     codes = grid.round(rows, scale)[0]
     errors = output_errors(rows - decode(codes, scale, grid), h)
-    return NearestRows(codes, scale, alpha, float(errors.sum()), errors)
+    return ScoredRows(codes, scale, alpha, float(errors.sum()), errors)
 
 
-def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: NearestRows, compensation: Compensation | None = None,
-                     sweeps: int | None = None) -> RowCodes:
+def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: ScoredRows, compensation: Compensation | None = None,
+                     sweeps: int | None = None) -> ScoredRows:
     """GPTQ's rounding of ``rows`` at the scales of ``nearest`` refined by coordinate descent, per row the least error kept.
 
     Each row keeps the GPTQ or the nearest codes, whichever leave less output error, then the refinement of those
@@ -337,9 +346,19 @@ def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: Neare
         return output_errors(rows - decode(codes, nearest.scale, grid), h)
 
     kept = _better_rows(errors, (nearest.codes, nearest.row_errors), gptq(rows, h, grid, nearest.scale, compensation=compensation))
-    if sweeps:
-        kept = _better_rows(errors, kept, refine(rows, h, grid, nearest.scale, kept[0], sweeps))
-    return RowCodes(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()))
+    compensated = ScoredRows(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()), kept[1])
+    return refined_rows(rows, h, grid, compensated, sweeps) if sweeps else compensated
+
+
+def refined_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, sweeps: int | None = None) -> ScoredRows:
+    """``start``'s codes (from :func:`compensated_rows` without sweeps) refined by :func:`refine`, per row the lesser error kept."""
+    rows = np.asarray(rows, dtype=np.float64)
+
+    def errors(codes: np.ndarray) -> np.ndarray:
+        return output_errors(rows - decode(codes, start.scale, grid), h)
+
+    kept = _better_rows(errors, (start.codes, start.row_errors), refine(rows, h, grid, start.scale, start.codes, sweeps))
+    return ScoredRows(kept[0], start.scale, start.alpha, float(kept[1].sum()), kept[1])
 
 
 def _better_rows(errors: Callable[[np.ndarray], np.ndarray], kept: tuple[np.ndarray, np.ndarray],
@@ -364,7 +383,7 @@ def refine(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes
 
 
 def refine_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray, sweeps: int | None = None,
-                  block: int = BLOCK) -> np.ndarray:
+                  block: int = REFINE_BLOCK) -> np.ndarray:
     """:func:`refine` of every group at once: rows and codes (G, P, K), each group with its own H (G, K, K), scale (G, P).
 
     Each sweep (:meth:`_Descent.sweep`) costs about R K^2 multiply-adds for the R rows still moving (GPTQ's updates
