@@ -278,8 +278,7 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
             hessian = centered(hessian, mean, in_place=users[id(hessian)] == 1)  # the mean output shift goes into the bias (correct_biases)
         else:
             mean = None
-        with blas_threads(hessian.shape[-1] if hessian is not None else None):
-            q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
+        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
         if mean is not None and q.axis == weight_plan.channel_axis:
             delta = to_rows(q.dequantize(), q.axis).astype(np.float64) - to_rows(weight, q.axis)
             out.mean_shifts[weight_plan.tensor] = (sites[weight_plan.tensor], mean_shift(delta, mean))
@@ -306,8 +305,17 @@ def quantize_planned(
     (onnxq/numerics/output_error.py), the grid (plain or sqrt) by the output error too; never worse by that measure
     than rounding to nearest with the range that minimises it (which is at least as good as the weight-error range).
     ``sweeps``: the coordinate-descent refinement's after GPTQ (None: its default, 0: none; the proxy sensitivity prices
-    without it).
+    without it). The matrix work runs on one BLAS thread unless the layer is wide (onnxq/numerics/threads.py).
     """
+    with blas_threads(hessian.shape[-1] if hessian is not None else None):
+        return _quantize_planned(weight, plan, op_type, config, integer_inputs, hessian, sweeps)
+
+
+def _quantize_planned(
+    weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None,
+    sweeps: int | None,
+) -> QuantizedTensor:
+    """:func:`quantize_planned` on the BLAS threads it chose."""
     if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
         axis = plan.channel_axis or 0
         codes = quantize_post_weight(weight, plan.bits, axis, search=config.range is not RangeMethod.ABSMAX)

@@ -31,6 +31,7 @@ from onnxq.calibrate.data import CalibrationData
 from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.config import QuantizeConfig
 from onnxq.numerics.output_error import grouped_output_error
+from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.weights import to_rows
 
 if TYPE_CHECKING:
@@ -61,8 +62,9 @@ class ProxySensitivity(SensitivityAnalysis):
         axis = self.plan(tensor).channel_axis or 0
         rows = to_rows(self.weights[tensor], axis).astype(np.float64)
         delta = rows - to_rows(self.priced(tensor, bits), axis).astype(np.float64)
-        signal = grouped_output_error(rows, h)  # the output's own energy: the "error" of the weight against zero
-        return grouped_output_error(delta, h) / signal if signal > 0 else 0.0
+        with blas_threads(h.shape[-1]):  # (the quantizer's rule: one thread unless the layer is wide)
+            signal = grouped_output_error(rows, h)  # the output's own energy: the "error" of the weight against zero
+            return grouped_output_error(delta, h) / signal if signal > 0 else 0.0
 
     def priced(self, tensor: str, bits: int) -> np.ndarray:
         """The weights at ``bits`` as the proxy prices them: with H up to the planned width, wider ones by weight error.
