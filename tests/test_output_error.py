@@ -38,8 +38,12 @@ def obq_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int,
     return codes
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["numpy", "native"])
 @pytest.mark.parametrize("block", [3, 128])
-def test_gptq_equals_obq_column_by_column(block):
+def test_gptq_equals_obq_column_by_column(block, native, monkeypatch):
+    if native and not stats.gptq_available():
+        pytest.skip("libonnxq_stats.so was not built with onnxq_gptq_block (pip install .)")
+    monkeypatch.setattr(output_error, "NATIVE_GPTQ", native)
     rng = np.random.default_rng(0)
     x = correlated_inputs(rng, 400, 12)
     h = damped(x.T @ x / len(x))
@@ -231,6 +235,30 @@ def test_gptq_column_rounding_equals_the_grids(mode):
         np.testing.assert_array_equal(np.asarray(line_codes, dtype=np.int8), codes[:, 0])
         np.testing.assert_array_equal(line_values, values[:, 0])
         assert line_values.dtype == np.float32
+
+
+@pytest.mark.parametrize("mode", ["plain", "sqrt"])
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_native_gptq_loop_equals_numpy(mode, bits, monkeypatch):
+    """GPTQ's column loop in C gives numpy's codes and leaves the columns as numpy's updates do, bit for bit."""
+    if not stats.gptq_available():
+        pytest.skip("libonnxq_stats.so was not built with onnxq_gptq_block (pip install .)")
+    rng = np.random.default_rng(11)
+    x = correlated_inputs(rng, 600, 70)
+    h = x.T @ x / len(x)
+    grid = Grid(mode, bits)
+    rows = rng.standard_t(4, (23, 70)) * 0.1
+    rows[3] = 0.0  # a dead row: scale 1, codes 0
+    scale = grid.scales(rows, rng.uniform(0.3, 1.0, 23))
+    upper = Compensation.of(h).upper
+    results = []
+    for native in (True, False):
+        monkeypatch.setattr(output_error, "NATIVE_GPTQ", native)
+        columns = np.ascontiguousarray(rows.T)
+        results.append((output_error._gptq_in_order(columns, grid, scale, 16, upper), columns))  # 70 columns: blocks of 16, the last short
+    np.testing.assert_array_equal(results[0][0], results[1][0])
+    np.testing.assert_array_equal(results[0][1], results[1][1])
+    assert not np.array_equal(results[0][1], rows.T)  # the columns were updated
 
 
 def grid_values(codes: np.ndarray, scale: np.ndarray, mode: str, bits: int) -> np.ndarray:

@@ -8,6 +8,7 @@
   numpy cost about twenty calls per column: the same float64 operations, the same codes (tests/test_output_error.py).
 - The diagonal range search's error (output_error.DiagonalError): one pass per row and candidate scale instead of
   numpy's five, the same float32 codes, the float64 sum in another order (equal to rounding).
+- GPTQ's column loop within a block on uniform grids (output_error._gptq_in_order): the same codes and updates.
 """
 
 from __future__ import annotations
@@ -47,6 +48,9 @@ def _library() -> ctypes.CDLL | None:
     if hasattr(lib, "onnxq_diagonal_error"):
         lib.onnxq_diagonal_error.argtypes = [_N, _N, _F32, _F64, _F64, _F32, _N, ctypes.c_float, ctypes.c_int, _F64]
         lib.onnxq_diagonal_error.restype = None
+    if hasattr(lib, "onnxq_gptq_block"):
+        lib.onnxq_gptq_block.argtypes = [_N, _N, _N, _N, _F64, _F64, _F32, ctypes.c_float, ctypes.c_int, _I8, _F64]
+        lib.onnxq_gptq_block.restype = None
     return lib
 
 
@@ -70,6 +74,12 @@ def diagonal_error_available() -> bool:
     """Whether the library has the diagonal range search's error (else output_error.py computes it with numpy)."""
     lib = _library()
     return lib is not None and hasattr(lib, "onnxq_diagonal_error")
+
+
+def gptq_available() -> bool:
+    """Whether the library has GPTQ's column loop (else output_error.py runs it with numpy)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, "onnxq_gptq_block")
 
 
 def _lib() -> ctypes.CDLL:
@@ -120,3 +130,13 @@ def diagonal_error(domain: np.ndarray, rows: np.ndarray, diagonal: np.ndarray, s
     out = np.empty(scales.shape, dtype=np.float64)
     _lib().onnxq_diagonal_error(rows.shape[0], rows.shape[1], domain, rows, diagonal, scales, scales.shape[1], float(q), int(sqrt), out)
     return out
+
+
+def gptq_block(start: int, stop: int, w: np.ndarray, upper: np.ndarray, scale: np.ndarray, q: int, sqrt: bool, codes: np.ndarray,
+               errors: np.ndarray) -> None:
+    """Columns [start, stop) of GPTQ's loop on a uniform grid (csrc/stats/gptq_block.cc says what each array is).
+
+    ``w`` (K, R float64) and ``codes`` (K, R int8) are updated in place, ``errors`` (stop - start, R float64) written.
+    """
+    k, rows = w.shape
+    _lib().onnxq_gptq_block(k, rows, start, stop, w, upper, scale, float(q), int(sqrt), codes, errors)

@@ -48,6 +48,9 @@ FULL_SEARCH_LIMIT = 1 << 24
 #: Whether a sweep's column steps run in C where libonnxq_stats.so was built (the same codes; numpy's cost about twenty
 #: calls a column: MiniLM's refinement 9 s in numpy).
 NATIVE_DESCENT = True
+#: Whether GPTQ's column loop runs in C on uniform grids where the library has it (the same codes; numpy's ten calls a
+#: column were most of GPTQ's time on MiniLM).
+NATIVE_GPTQ = True
 #: Whether the diagonal range search's error runs in C where the library has it (the same codes, the float64 sum in
 #: another order; numpy's five passes per candidate were a quarter of MiniLM's quantization time).
 NATIVE_DIAGONAL = True
@@ -228,15 +231,20 @@ def _gptq_in_order(columns: np.ndarray, grid: Grid, scale: np.ndarray, block: in
     w = columns
     k = w.shape[0]
     codes = np.empty(w.shape, dtype=np.int8)
+    native = NATIVE_GPTQ and grid.mode != "post" and stats.gptq_available()
     round_line = _line_rounder(grid, scale)
+    scale32 = np.ascontiguousarray(scale, dtype=np.float32)
     for start in range(0, k, block):
         stop = min(start + block, k)
         errors = np.empty((stop - start, w.shape[1]))
-        for j in range(start, stop):
-            codes[j], value = round_line(w[j])
-            err = np.subtract(w[j], value, out=errors[j - start])
-            err /= upper[j, j]
-            w[j + 1 : stop] -= upper[j, j + 1 : stop, None] * err
+        if native:
+            stats.gptq_block(start, stop, w, upper, scale32, uniform.max_code(grid.bits), grid.mode == "sqrt", codes, errors)
+        else:
+            for j in range(start, stop):
+                codes[j], value = round_line(w[j])
+                err = np.subtract(w[j], value, out=errors[j - start])
+                err /= upper[j, j]
+                w[j + 1 : stop] -= upper[j, j + 1 : stop, None] * err
         w[stop:] -= upper[start:stop, stop:].T @ errors
     return codes
 
