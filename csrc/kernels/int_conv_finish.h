@@ -194,20 +194,15 @@ struct OutputConsts {
         y(OutputQuantization(o)) {}
 };
 
-// OutputOne over 4 vectors (4 * T::kFloats elements): y from src, R's from r / r8, Y's to out / out8
-// (each at its element 0). kTail: only the first `left` elements are there (a run's last block):
-// y and float R are read with masked loads (the lanes past `left` are 0), Y's written up to `left`,
-// and uint8 R comes padded to a whole block by the caller. (The tail used to go through buffers
-// filled by memcpy, whose vector reloads stalled on store forwarding: 5x the product's time on a
-// stride-2 first convolution, whose runs all end in a tail.)
+// OutputOne over 4 vectors (4 * T::kFloats elements) of y in registers: R's from r / r8, Y's to out / out8
+// (each at its element 0). kTail: only the first `left` elements are there (a run's last block): float R
+// is read with masked loads (the lanes past `left` are 0), Y's written up to `left`, and uint8 R comes
+// padded to a whole block by the caller.
 template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
-inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
-                        uint8_t* out8, int64_t left = 4 * T::kFloats) {
-  using F = typename T::F;
+inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const float* r, const uint8_t* r8, float* out,
+                         uint8_t* out8, int64_t left = 4 * T::kFloats) {
   using I = typename T::I;
   constexpr int R = T::kFloats;
-  F v[4];
-  for (int k = 0; k < 4; ++k) v[k] = kTail ? T::LoadFirstF(src + R * k, left - R * k) : T::LoadF(src + R * k);
   if (kR) {
     for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], kTail ? T::LoadFirstF(r + R * k, left - R * k) : T::LoadF(r + R * k));
   }
@@ -235,6 +230,18 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
   }
 }
 
+// OutputValues of 4 vectors of y from src. kTail: y read with masked loads (the lanes past `left` are 0).
+// (The tail used to go through buffers filled by memcpy, whose vector reloads stalled on store
+// forwarding: 5x the product's time on a stride-2 first convolution, whose runs all end in a tail.)
+template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
+inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
+                        uint8_t* out8, int64_t left = 4 * T::kFloats) {
+  constexpr int R = T::kFloats;
+  typename T::F v[4];
+  for (int k = 0; k < 4; ++k) v[k] = kTail ? T::LoadFirstF(src + R * k, left - R * k) : T::LoadF(src + R * k);
+  OutputValues<T, kR, kR8, kQuantize, kTail>(c, v, r, r8, out, out8, left);
+}
+
 // Output (kernels.h's output): whole blocks of 4 vectors, then the last elements through buffers
 // padded to a block (y and R's values read only for i < n, Y's written only for i < n).
 template <class T, bool kR, bool kR8, bool kQuantize>
@@ -257,34 +264,103 @@ void OutputRun(const OutputConsts<T>& c, const Output& o, const float* y, int64_
                                            kQuantize ? out8 + i : nullptr, left);
 }
 
-// OutputRun over `rows` runs (OutputRowsKernel), the constants broadcast once.
 template <class T, bool kR, bool kR8, bool kQuantize>
-void OutputRows(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at, int64_t at_stride) {
-  const OutputConsts<T> c(o);
-  for (int64_t r = 0; r < rows; ++r) OutputRun<T, kR, kR8, kQuantize>(c, o, y + r * y_stride, n, at + r * at_stride);
+void OutputRunOnce(const Output& o, const float* y, int64_t n, int64_t at) {
+  OutputRun<T, kR, kR8, kQuantize>(OutputConsts<T>(o), o, y, n, at);
 }
 
 template <class T, bool kQuantize>
-void OutputResidual(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at, int64_t at_stride) {
+void OutputResidual(const Output& o, const float* y, int64_t n, int64_t at) {
   if (o.r != nullptr) {
-    OutputRows<T, true, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
+    OutputRunOnce<T, true, false, kQuantize>(o, y, n, at);
   } else if (o.r8 != nullptr) {
-    OutputRows<T, false, true, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
+    OutputRunOnce<T, false, true, kQuantize>(o, y, n, at);
   } else {
-    OutputRows<T, false, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
+    OutputRunOnce<T, false, false, kQuantize>(o, y, n, at);
   }
 }
 
 template <class T>
-void OutputRowsKernel(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
-                      int64_t at_stride) {
-  o.quantize ? OutputResidual<T, true>(o, y, rows, n, y_stride, at, at_stride)
-             : OutputResidual<T, false>(o, y, rows, n, y_stride, at, at_stride);
+void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
+  o.quantize ? OutputResidual<T, true>(o, y, n, at) : OutputResidual<T, false>(o, y, n, at);
+}
+
+// Finish (without the clip) of 4 vectors of C's columns from e (PostConv: and o), into v; kTail: only the
+// first `left` columns are read (the lanes past them are finished from 0 and never stored).
+template <class T, bool kPost, bool kBias, bool kTail = false>
+inline void PanelFinish(const int32_t* e, const int32_t* o, typename T::I z_e, typename T::I z_o, typename T::F c_e,
+                        typename T::F c_o, typename T::F bias, typename T::F v[4], int64_t left = 4 * T::kFloats) {
+  constexpr int R = T::kFloats;
+  for (int k = 0; k < 4; ++k) {
+    const typename T::I acc_e = kTail ? T::LoadFirst32(e + R * k, left - R * k) : T::Load(e + R * k);
+    const typename T::I acc_o = !kPost ? T::Zero() : kTail ? T::LoadFirst32(o + R * k, left - R * k) : T::Load(o + R * k);
+    v[k] = FinishLanes<T>(kPost, kBias, T::Sub32(acc_e, z_e), T::Sub32(acc_o, z_o), c_e, c_o, bias, bias, bias, false);
+  }
+}
+
+// PanelOutput (int_conv_kernels.h) for one form of the epilogue: per output channel its constants
+// broadcast, per run blocks of 4 vectors of C finished (FinishLanes without the clip) into
+// OutputValues, a run's last block with masked loads of C and OutputValues' tail.
+template <class T, bool kPost, bool kBias, bool kR, bool kR8, bool kQuantize>
+void PanelOutputRuns(const PanelOutput& p) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int R = T::kFloats;
+  constexpr int64_t kBlock = 4 * R;
+  const Output& o = *p.output;
+  const OutputConsts<T> c(o);
+  for (int64_t i = 0; i < p.channels; ++i) {
+    const int64_t row = kPost ? 2 * i : i;
+    const I z_e = T::Set32(p.z * p.row_sum[row]), z_o = T::Set32(kPost ? p.z * p.row_sum[row + 1] : 0);
+    const F c_e = T::SetF(p.c_e[i]), c_o = T::SetF(kPost ? p.c_o[i] : 0.0f), bias = T::SetF(kBias ? p.bias[i] : 0.0f);
+    for (int64_t j = 0; j < p.run_count; ++j) {
+      const PanelRun& run = p.runs[j];
+      const int32_t* e = p.c + row * kPanel + run.column;
+      const int32_t* od = e + kPanel;
+      const int64_t at = run.at + i * p.stride;
+      const float* r = kR ? o.r + at : nullptr;
+      const uint8_t* r8 = kR8 ? o.r8 + at : nullptr;
+      float* out = kQuantize ? nullptr : o.y + at;
+      uint8_t* out8 = kQuantize ? o.y8 + at : nullptr;
+      int64_t x = 0;
+      for (; x + kBlock <= run.count; x += kBlock) {
+        F v[4];
+        PanelFinish<T, kPost, kBias>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v);
+        OutputValues<T, kR, kR8, kQuantize>(c, v, kR ? r + x : nullptr, kR8 ? r8 + x : nullptr,
+                                            kQuantize ? nullptr : out + x, kQuantize ? out8 + x : nullptr);
+      }
+      if (x == run.count) continue;
+      const int64_t left = run.count - x;
+      alignas(64) uint8_t r8_tail[kBlock] = {};
+      if (kR8) std::memcpy(r8_tail, r8 + x, static_cast<size_t>(left));
+      F v[4];
+      PanelFinish<T, kPost, kBias, true>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v, left);
+      OutputValues<T, kR, kR8, kQuantize, true>(c, v, kR ? r + x : nullptr, r8_tail, kQuantize ? nullptr : out + x,
+                                                kQuantize ? out8 + x : nullptr, left);
+    }
+  }
+}
+
+template <class T, bool kPost, bool kBias>
+void PanelOutputForm(const PanelOutput& p) {
+  const Output& o = *p.output;
+  if (o.quantize) {
+    if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, true>(p);
+    if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, true>(p);
+    return PanelOutputRuns<T, kPost, kBias, false, false, true>(p);
+  }
+  if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, false>(p);
+  if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, false>(p);
+  PanelOutputRuns<T, kPost, kBias, false, false, false>(p);
 }
 
 template <class T>
-void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
-  OutputRowsKernel<T>(o, y, 1, n, n, at, 0);
+void PanelOutputKernel(const PanelOutput& p) {
+  if (p.post) {
+    p.bias != nullptr ? PanelOutputForm<T, true, true>(p) : PanelOutputForm<T, true, false>(p);
+  } else {
+    p.bias != nullptr ? PanelOutputForm<T, false, true>(p) : PanelOutputForm<T, false, false>(p);
+  }
 }
 
 }  // namespace

@@ -118,6 +118,31 @@ struct Output {
   uint8_t* y8;              // uint8 Y (quantize true)
 };
 
+// A Gemm panel's float epilogue and output step in one pass (kernels.h's panel_output, with an Output):
+// each output channel's y, finished from C (Finish without the clip: with an Output the bounds are the
+// default ones, and the output step clips after R), goes through the output step in registers, never
+// stored as floats. Lane by lane the same as FinishRun then OutputKernel on each run of kept columns
+// (a 1x1 16->32 at 112x112 into uint8 spent more time storing, reloading and walking its staged floats
+// than on the product). A run is consecutive matrix columns that are consecutive elements of Y.
+struct PanelRun {
+  int64_t column;  // the run's first column in C
+  int64_t count;   // its columns, >= 1
+  int64_t at;      // Y's element of its first column in output channel 0 of the panel's channels
+};
+
+struct PanelOutput {
+  const Output* output;
+  const int32_t* c;               // C: row r's column p at c[r * kPanel + p]
+  int64_t channels;               // output channel i from row i (IntConv) or rows 2i, 2i + 1 (PostConv)
+  bool post;
+  const int32_t* row_sum;         // [rows]: each row's sum of weights
+  int32_t z;                      // z_x
+  const float *c_e, *c_o, *bias;  // [channels] each; bias may be null
+  const PanelRun* runs;
+  int64_t run_count;
+  int64_t stride;                 // Y's elements from one output channel to the next (OH * OW)
+};
+
 
 // Depthwise convolutions (one input channel per group): one output channel's plane as direct sums
 // over the kernel taps, 16 pixels at once, with the float epilogue (Finish) fused. The input

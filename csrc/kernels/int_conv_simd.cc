@@ -171,65 +171,66 @@ struct Staged {
   }
 };
 
-// The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
-// are e[0, count) (and o for PostConv): column p is output pixel (p / cols, p % cols) when
-// p % cols < OW; the other columns are dropped. Into Y, or (staged != null) the kept pixels one
-// after another into staged: they are consecutive elements of Y (a row's last pixel is followed by
-// the next row's first), which FinishPanel then takes through the output step. Returns how many
-// were kept, and sets *first to the first one's element of Y.
-int64_t FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, const int32_t* o, int64_t p0,
-                      int64_t count, int32_t z_e, int32_t z_o, float* staged, int64_t* first) {
+// A panel's kept columns, matrix columns [p0, p0 + count) of image n and group gi, as runs of
+// consecutive elements of Y: column p is output pixel (p / cols, p % cols) when p % cols < OW, the
+// other columns are dropped. The same for every output channel of the group (Y's elements given for
+// its first). runs holds kPanel (a run has a column at least). Returns how many.
+int64_t PanelRuns(const SimdJob& job, int64_t n, int64_t gi, int64_t p0, int64_t count, PanelRun* runs) {
   const Geometry& g = *job.g;
-  const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
-  const int64_t plane = (n * g.m + m) * g.pixels();
-  int64_t filled = 0;
-  *first = -1;
-  auto finish = [&](const int32_t* run_e, const int32_t* run_o, int64_t run, int64_t at) {
-    float* out = staged != nullptr ? staged + filled : job.y + at;
-    job.kernels->finish_run(run_e, run_o, run, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi, out);
-    if (*first < 0) *first = at;
-    filled += run;
-  };
+  const int64_t plane = (n * g.m + gi * g.mg) * g.pixels();
   if (job.cols == g.ow) {  // no dropped columns: one run
-    finish(e, o, count, plane + p0);
-  } else {
-    for (int64_t p = p0; p < p0 + count;) {
-      const int64_t oy = p / job.cols, ox = p % job.cols;
-      if (ox >= g.ow) {
-        p = (oy + 1) * job.cols;
-        continue;
-      }
-      const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
-      finish(e + i, o != nullptr ? o + i : nullptr, run, plane + oy * g.ow + ox);
-      p += run;
-    }
+    runs[0] = {0, count, plane + p0};
+    return 1;
   }
-  return filled;
+  int64_t used = 0;
+  for (int64_t p = p0; p < p0 + count;) {
+    const int64_t oy = p / job.cols, ox = p % job.cols;
+    if (ox >= g.ow) {
+      p = (oy + 1) * job.cols;
+      continue;
+    }
+    const int64_t run = std::min(g.ow - ox, p0 + count - p);
+    runs[used++] = {p - p0, run, plane + oy * g.ow + ox};
+    p += run;
+  }
+  return used;
 }
 
-// Channels a panel stages before one output_rows call (with R or uint8 Y): 16 panels of floats, 4
-// KiB on the stack. One call a channel cost more than the output step's work on small-K layers (a
-// 1x1 16->32 at 112x112 into uint8 took 1.55x the time of its float output at batch 1).
-constexpr int64_t kStagedChannels = 16;
-
-// The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi.
+// The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi:
+// with an Output (a residual, uint8 Y or the hard swish) through the output step in the same pass
+// (PanelOutput), else Finish into Y.
 void FinishPanel(const SimdJob& job, int64_t n, int64_t gi, const int32_t* tile, int64_t p0, int64_t count) {
   const Geometry& g = *job.g;
   const int32_t z = job.z;
   const int32_t* row_sum = job.pw->row_sum.data() + gi * job.pw->rows_pad;
-  alignas(64) float staged[kStagedChannels][kPanel];
-  for (int64_t m0 = 0; m0 < g.mg; m0 += kStagedChannels) {
-    const int64_t channels = std::min(kStagedChannels, g.mg - m0);
-    int64_t kept = 0, first = -1;
-    for (int64_t i = 0; i < channels; ++i) {
-      const int64_t mm = m0 + i, row = job.post ? 2 * mm : mm;
-      const int32_t* e = tile + row * kPanel;
-      kept = FinishColumns(job, n, gi * g.mg + mm, e, job.post ? e + kPanel : nullptr, p0, count, z * row_sum[row],
-                           job.post ? z * row_sum[row + 1] : 0, job.output != nullptr ? staged[i] : nullptr, &first);
-    }
-    if (job.output != nullptr && kept > 0) {  // every channel kept the same columns: first is the last one's
-      const int64_t at = first - (channels - 1) * g.pixels();
-      job.kernels->output_rows(*job.output, staged[0], channels, kept, kPanel, at, g.pixels());
+  PanelRun runs[kPanel];
+  const int64_t run_count = PanelRuns(job, n, gi, p0, count, runs);
+  if (job.output != nullptr) {
+    PanelOutput p{};
+    p.output = job.output;
+    p.c = tile;
+    p.channels = g.mg;
+    p.post = job.post;
+    p.row_sum = row_sum;
+    p.z = z;
+    p.c_e = job.c_e + gi * g.mg;
+    p.c_o = job.c_o + gi * g.mg;
+    p.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
+    p.runs = runs;
+    p.run_count = run_count;
+    p.stride = g.pixels();
+    job.kernels->panel_output(p);
+    return;
+  }
+  for (int64_t mm = 0; mm < g.mg; ++mm) {
+    const int64_t m = gi * g.mg + mm, row = job.post ? 2 * mm : mm;
+    const int32_t* e = tile + row * kPanel;
+    const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
+    for (int64_t j = 0; j < run_count; ++j) {
+      const PanelRun& run = runs[j];
+      job.kernels->finish_run(e + run.column, job.post ? e + kPanel + run.column : nullptr, run.count, z * row_sum[row],
+                              job.post ? z * row_sum[row + 1] : 0, job.c_e[m], job.c_o[m], bias, job.clip_lo,
+                              job.clip_hi, job.y + run.at + mm * g.pixels());
     }
   }
 }

@@ -55,7 +55,7 @@ constexpr Kernels SimdKernels() {
   k.quantize_fused = iconv::QuantizeFusedKernel<T>;
   k.lanes_fused = iconv::LanesFusedKernel<T>;
   k.output = iconv::OutputKernel<T>;
-  k.output_rows = iconv::OutputRowsKernel<T>;
+  k.panel_output = iconv::PanelOutputKernel<T>;
   k.int16_sums = T::kInt16Sums;
   k.fused_tap_groups = T::Fused::kTapGroups;
   k.fused_quantize_rows = T::Fused::kQuantizeRows;
