@@ -7,6 +7,7 @@
 #pragma once
 
 #include <immintrin.h>
+#include <math.h>  // INFINITY
 
 #include <cstdint>
 #include <cstring>
@@ -178,6 +179,7 @@ template <class T>
 struct OutputConsts {
   typename T::F r_scale, clip_lo, clip_hi;
   typename T::F alpha, beta, zero, one;  // the hard swish's
+  bool clip;  // not the default bounds (-inf, +inf), which change no bits: the clip is left out
   bool hardswish;
   typename T::I r_zero_point;
   FusedQuantizeConsts<T> y;
@@ -189,6 +191,7 @@ struct OutputConsts {
         beta(T::SetF(o.hardswish_beta)),
         zero(T::SetF(0.0f)),
         one(T::SetF(1.0f)),
+        clip(o.clip_lo != -INFINITY || o.clip_hi != INFINITY),
         hardswish(o.hardswish),
         r_zero_point(T::Set32(o.r_zero_point)),
         y(OutputQuantization(o)) {}
@@ -213,7 +216,9 @@ inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const flo
     }
     for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::Mul(T::ToFloat(T::Sub32(w[k], c.r_zero_point)), c.r_scale));
   }
-  for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  if (c.clip) {
+    for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  }
   if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
     for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
   }
