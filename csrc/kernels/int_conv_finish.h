@@ -223,9 +223,7 @@ inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const flo
     for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
   }
   if (kQuantize && kTail) {
-    alignas(64) uint8_t bytes[T::kBytes];
-    T::Store(bytes, QuantizeFixed<T>(c.y, v));
-    std::memcpy(out8, bytes, static_cast<size_t>(left));
+    T::StoreFirst8(out8, QuantizeFixed<T>(c.y, v), left);
   } else if (kQuantize) {
     T::Store(out8, QuantizeFixed<T>(c.y, v));
   } else if (kTail) {

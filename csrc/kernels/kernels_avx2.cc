@@ -32,6 +32,29 @@ struct Avx2 {
   static I LoadFirst32(const int32_t* p, int64_t n) {
     return n <= 0 ? Zero() : _mm256_maskload_epi32(p, FirstLanes(n));
   }
+  // Bytes [0, n) of v to p (0 <= n <= kBytes), in pieces of 16, 8, 4, 2 and 1 (no masked byte stores
+  // in AVX2; a buffer and memcpy stalled on store forwarding).
+  static void StoreFirst8(uint8_t* p, I v, int64_t n) {
+    __m128i part = _mm256_castsi256_si128(v);
+    if (n >= 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), part);
+      part = _mm256_extracti128_si256(v, 1);
+      p += 16;
+      n -= 16;
+    }
+    if (n >= 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), part);
+      return;
+    }
+    if (n >= 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), part);
+      part = _mm_srli_si128(part, 8);
+      p += 8;
+      n -= 8;
+    }
+    uint64_t rest = static_cast<uint64_t>(_mm_cvtsi128_si64(part));
+    for (int64_t i = 0; i < n; ++i, rest >>= 8) p[i] = static_cast<uint8_t>(rest);
+  }
   // Lanes [0, n) of v to p (0 <= n <= kFloats): MaskStoreF with vmaskmovps, fast on Intel CPUs but
   // slow on AMD ones, StoreFirstF through memory with plain stores. (Each kernel uses the one it
   // was measured with.)

@@ -28,6 +28,10 @@ struct Avx512 {
   // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats.
   static F LoadFirstF(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(FirstLanes(n), p); }
   static I LoadFirst32(const int32_t* p, int64_t n) { return _mm512_maskz_loadu_epi32(FirstLanes(n), p); }
+  // Bytes [0, n) of v to p (0 <= n <= kBytes).
+  static void StoreFirst8(uint8_t* p, I v, int64_t n) {
+    _mm512_mask_storeu_epi8(p, n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, v);
+  }
   // Lanes [0, n) of v to p (0 <= n <= kFloats); the two are one here (Avx2's differ).
   static void MaskStoreF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
   static void StoreFirstF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }

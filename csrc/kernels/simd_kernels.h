@@ -14,7 +14,7 @@
 // in this order, each with what it does):
 //   vectors            I (integer) and F (float32) vectors, kBytes and kFloats (float32 lanes)
 //   loads and stores   Load, Store, LoadF, StoreF, and of the first n lanes LoadFirstF,
-//                      LoadFirst32, MaskStoreF, StoreFirstF
+//                      LoadFirst32, StoreFirst8 (bytes), MaskStoreF, StoreFirstF
 //   arithmetic         Zero, ZeroF, Set8, Set32, SetF, Add32, Sub32, ShiftLeft32, Add, Mul, Div,
 //                      MulAdd, Min, Max, Clip, ToFloat, RoundToInt, AsInt
 //   widening, shuffles WidenI16, WidenU8, MaddI16, MoveHdup, EvenLanes, Transpose
