@@ -640,13 +640,15 @@ void Interleave4(const uint8_t* const src[4], int64_t count, uint8_t* dst) {
 }
 
 // kQuad's B: x4[n][g][c4][phase pixel][j] = channel 4*c4 + j of group g at padded (y, x), in the
-// phase planes of job.ph; z outside X and for channels past the group's end.
+// phase planes of job.ph; z outside X and for channels past the group's end. Each plane is set to z
+// just before it is filled (while it is in cache), unless X covers it (1x1 convolutions).
 void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   const Geometry& g = *job.g;
   const Phases& ph = job.ph;
   const int64_t c4 = job.pw->c4;
   // No column padding, stride 1: the rows of a plane are one run (1x1 convolutions).
   const bool one_run = ph.sh == 1 && ph.sw == 1 && ph.wq == g.w;
+  const bool covered = one_run && ph.hq == g.h;  // (no row padding either)
   const std::vector<uint8_t> z_row(static_cast<size_t>(g.w), job.z);
   const std::vector<uint8_t> z_plane(one_run && g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
   std::vector<uint32_t> row(static_cast<size_t>(g.w));
@@ -654,6 +656,7 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
       for (int64_t ci = 0; ci < c4; ++ci) {
         uint32_t* dst = x4 + ((n * g.group + gi) * c4 + ci) * ph.size();
+        if (!covered) std::memset(dst, job.z, static_cast<size_t>(ph.size() * 4));
         const uint8_t* planes[4];
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t c = ci * 4 + j;
@@ -834,7 +837,7 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   if (pw.mode == Mode::kQuad) {
     const int64_t size = (g.n * g.group * pw.c4 * ph.size() + kSlack) * 4;
     x4.reset(new uint8_t[static_cast<size_t>(size)]);
-    std::memset(x4.get(), job.z, static_cast<size_t>(size));
+    std::memset(x4.get() + size - kSlack * 4, job.z, static_cast<size_t>(kSlack * 4));
     BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4.get()));
     job.x4 = x4.get();
     job.offsets.resize(static_cast<size_t>(pw.k4));
