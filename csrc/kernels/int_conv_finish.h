@@ -33,15 +33,17 @@ inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, type
 
 // FinishT for channels [R b, R b + R), R = T::kFloats: the sums of a channel's rows (PostConv: its
 // even and odd rows side by side in two lanes, added) in the lanes of one vector per pixel,
-// transposed in registers so that each channel's R pixels are one store.
-template <class T, bool kPost, bool kBias>
-void FinishTBlock(const FinishT& f, int64_t b) {
+// transposed in registers so that each channel's R pixels are one vector: put(p0, count, y, channels)
+// takes y[j], channel R b + j's pixels [p0, p0 + count) (lanes past count undefined), j < channels.
+template <class T, bool kPost, bool kBias, class Put>
+void FinishTBlock(const FinishT& f, int64_t b, Put& put) {
   using I = typename T::I;
   using F = typename T::F;
   constexpr int R = T::kFloats;
   const int64_t channels = f.channels - R * b < R ? f.channels - R * b : R;
   const F bias = kBias ? T::LoadFirstF(f.bias + R * b, channels) : T::ZeroF();
   const F clip_lo = T::SetF(f.clip_lo), clip_hi = T::SetF(f.clip_hi);
+  const bool clip = f.clip_lo != -INFINITY || f.clip_hi != INFINITY;  // (the default bounds change no bits)
   // The block's rows: R (IntConv) or 2R (PostConv) from r0, R to a vector, each at its place in
   // GemmT's blocks of kLanes rows (c_of); the second vector's only for PostConv and where the rows
   // are there (else they hold nothing any output needs).
@@ -65,27 +67,27 @@ void FinishTBlock(const FinishT& f, int64_t b) {
         const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);
         v = T::EvenLanes(T::Add(v, T::MoveHdup(v)), T::Add(w, T::MoveHdup(w)));
       }
-      y[i] = T::Clip(kBias ? T::Add(v, bias) : v, clip_lo, clip_hi);
+      if (kBias) v = T::Add(v, bias);
+      y[i] = clip ? T::Clip(v, clip_lo, clip_hi) : v;
     }
     T::Transpose(y);
+    put(p0, count, y, channels);
+  }
+}
+
+// FinishT into f.out (without an Output).
+template <class T, bool kPost, bool kBias>
+void FinishTOut(const FinishT& f, int64_t b) {
+  constexpr int R = T::kFloats;
+  auto put = [&](int64_t p0, int64_t count, const typename T::F* y, int64_t channels) {
     float* out = f.out + R * b * f.stride + p0;
     if (count == R) {
       for (int64_t j = 0; j < channels; ++j) T::StoreF(out + j * f.stride, y[j]);
     } else {
       for (int64_t j = 0; j < channels; ++j) T::MaskStoreF(out + j * f.stride, y[j], count);
     }
-  }
-}
-
-template <class T>
-void FinishTKernel(const FinishT& f) {
-  for (int64_t b = 0; b * T::kFloats < f.channels; ++b) {
-    if (f.post) {
-      f.bias != nullptr ? FinishTBlock<T, true, true>(f, b) : FinishTBlock<T, true, false>(f, b);
-    } else {
-      f.bias != nullptr ? FinishTBlock<T, false, true>(f, b) : FinishTBlock<T, false, false>(f, b);
-    }
-  }
+  };
+  FinishTBlock<T, kPost, kBias>(f, b, put);
 }
 
 // FinishRun (int_conv_kernels.h) a vector at a time: whole vectors, then the last one ending at n
@@ -363,6 +365,58 @@ void PanelOutputKernel(const PanelOutput& p) {
     p.bias != nullptr ? PanelOutputForm<T, true, true>(p) : PanelOutputForm<T, true, false>(p);
   } else {
     p.bias != nullptr ? PanelOutputForm<T, false, true>(p) : PanelOutputForm<T, false, false>(p);
+  }
+}
+
+// FinishT with an Output (int_conv_kernels.h): a block of channels' floats, kChunk pixels at a time,
+// in a tile in L1, then each channel's run of them through OutputRun into Y.
+template <class T, bool kPost, bool kBias, bool kR, bool kR8, bool kQuantize>
+void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
+  constexpr int R = T::kFloats;
+  constexpr int64_t kChunk = 128;  // pixels, a multiple of R
+  alignas(64) float tile[R * kChunk];
+  auto put = [&](int64_t p0, int64_t count, const typename T::F* y, int64_t channels) {
+    const int64_t x = p0 % kChunk;
+    for (int64_t j = 0; j < channels; ++j) T::StoreF(tile + j * kChunk + x, y[j]);
+    if (x + R < kChunk && p0 + count < f.pixels) return;
+    const int64_t first = p0 - x, n = p0 + count - first;
+    for (int64_t j = 0; j < channels; ++j) {
+      OutputRun<T, kR, kR8, kQuantize>(c, *f.output, tile + j * kChunk, n, f.at + (R * b + j) * f.stride + first);
+    }
+  };
+  FinishTBlock<T, kPost, kBias>(f, b, put);
+}
+
+template <class T, bool kPost, bool kBias>
+void FinishTForm(const FinishT& f) {
+  const int64_t blocks = (f.channels + T::kFloats - 1) / T::kFloats;
+  if (f.output == nullptr) {
+    for (int64_t b = 0; b < blocks; ++b) FinishTOut<T, kPost, kBias>(f, b);
+    return;
+  }
+  const Output& o = *f.output;
+  using Block = void (*)(const FinishT&, const OutputConsts<T>&, int64_t);
+  Block block;
+  if (o.quantize) {
+    block = o.r != nullptr    ? FinishTOutput<T, kPost, kBias, true, false, true>
+            : o.r8 != nullptr ? FinishTOutput<T, kPost, kBias, false, true, true>
+                              : FinishTOutput<T, kPost, kBias, false, false, true>;
+  } else {
+    block = o.r != nullptr    ? FinishTOutput<T, kPost, kBias, true, false, false>
+            : o.r8 != nullptr ? FinishTOutput<T, kPost, kBias, false, true, false>
+                              : FinishTOutput<T, kPost, kBias, false, false, false>;
+  }
+  const OutputConsts<T> c(o);
+  for (int64_t b = 0; b < blocks; ++b) block(f, c, b);
+}
+
+// FinishT (kernels.h's finish_t).
+template <class T>
+void FinishTKernel(const FinishT& f) {
+  if (f.post) {
+    f.bias != nullptr ? FinishTForm<T, true, true>(f) : FinishTForm<T, true, false>(f);
+  } else {
+    f.bias != nullptr ? FinishTForm<T, false, true>(f) : FinishTForm<T, false, false>(f);
   }
 }
 

@@ -85,6 +85,12 @@ struct GemmT {
 // registers, so that each output channel's 16 pixels are one store. Rows as in A: IntConv one per
 // output channel, PostConv 2*mm (w_even) and 2*mm + 1 (w_odd). The per-row tables are padded with
 // zeros to a multiple of 2 * kLanes rows.
+// With an Output (a residual, uint8 Y or the hard swish; then the clip bounds are the default ones) the
+// finished floats of each block of channels go through the output step from a small tile in L1 into Y
+// (the panel's channels staged whole, 64 KiB for 256 channels, left the cache first), Y's element of
+// channel mm's pixel i at `at` + mm * stride + i; out is unused.
+struct Output;
+
 struct FinishT {
   const int32_t* c;      // GemmT::c
   int64_t pixels;        // GemmT::pixels
@@ -96,6 +102,8 @@ struct FinishT {
   float clip_lo, clip_hi;        // the clip bounds (Clip)
   float* out;            // channel mm's pixel i at out[mm * stride + i]
   int64_t stride;
+  const Output* output;  // or null
+  int64_t at;            // (with output)
 };
 
 // The epilogue's last steps (int_conv.h) where the op has a residual R or a uint8 Y: y, as Finish

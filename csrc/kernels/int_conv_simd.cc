@@ -247,11 +247,10 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.chunk = job.chunk;
   gemm.runs = pw.runs16.empty() ? nullptr : pw.runs16.data() + gi * pw.rows16 / kLanes * pw.k4;
   gemm.wide = pw.wide;
-  // The pixels' offsets, C and (with an Output) the finished floats: on the stack for small panels.
+  // The pixels' offsets and C: on the stack for small panels.
   const int64_t pixels_bytes = RoundUp(count * 8, 64), c_bytes = RoundUp(count * pw.rows16 * 4, 64);
-  const int64_t staged_bytes = job.output != nullptr ? g.mg * count * 4 : 0;
   Scratch<40960> scratch;
-  uint8_t* bytes = scratch.Get(pixels_bytes + c_bytes + staged_bytes);
+  uint8_t* bytes = scratch.Get(pixels_bytes + c_bytes);
   auto* pixels = reinterpret_cast<int64_t*>(bytes);
   auto* by_pixel = reinterpret_cast<int32_t*>(bytes + pixels_bytes);
   gemm.b = job.x4 + (n * g.group + gi) * pw.c4 * job.ph.size() * 4;
@@ -279,17 +278,11 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.clip_lo = job.clip_lo;
     f.clip_hi = job.clip_hi;
     const int64_t at = (n * g.m + gi * g.mg) * g.pixels() + q0;
-    // (staged: the group's channels' count pixels each, one after another)
-    f.out = job.output != nullptr ? reinterpret_cast<float*>(bytes + pixels_bytes + c_bytes) : job.y + at;
-    f.stride = job.output != nullptr ? count : g.pixels();
+    f.out = job.output != nullptr ? nullptr : job.y + at;  // (an Output takes the floats through the output step)
+    f.stride = g.pixels();
+    f.output = job.output;
+    f.at = at;
     job.kernels->finish_t(f);
-    if (job.output != nullptr && count == g.pixels()) {  // the whole image: the channels are one run of Y
-      job.kernels->output(*job.output, f.out, g.mg * count, at);
-    } else {
-      for (int64_t mm = 0; job.output != nullptr && mm < g.mg; ++mm) {
-        job.kernels->output(*job.output, f.out + mm * count, count, at + mm * g.pixels());
-      }
-    }
   }
 }
 
