@@ -16,11 +16,12 @@
 //                                  (QuantizePlane) rather than copied from d.bytes (BuildPlane)
 //   kRowColumns                    the plane's rows hold whole multiples of this many columns
 //   Consts(d, i)                   output channel i's constants, in registers (a FusedFinish)
-//   Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out)
+//   Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out, first)
 //                                  matrix columns [p0, p0 + kBlock): the sums, Finish (consts'
 //                                  FusedFinish), and the outputs of the kept columns stored at
-//                                  out[starts[p0 / 8] ...] (kGroups: d.groups, or 0 for a count
-//                                  known only at run time; kStride: d.sw, 1 or 2)
+//                                  out[starts[p0 / 8] - first ...] (kGroups: d.groups, or 0 for a
+//                                  count known only at run time; kStride: d.sw, 1 or 2); it may
+//                                  write up to 8 floats past them, where later outputs go
 #pragma once
 
 #include <immintrin.h>
@@ -161,13 +162,30 @@ void QuantizePlane(const DepthwiseFused& d) {
   }
 }
 
+// Output channel i's blocks: their outputs into its plane of Y, or with an Output (the clip bounds
+// then the default ones) kTileBlocks blocks' outputs at a time into a tile in L1 and from it through
+// the output step into Y (a 112x112 channel's floats staged whole, 49 KiB, left the L1 cache before
+// the output step read them back).
 template <class T, bool kPost, bool kBias, int kGroups, int kStride>
 void FusedBlocks(const DepthwiseFused& d, int64_t i) {
   using Fused = typename T::Fused;
+  constexpr int64_t kBlock = Fused::kBlock, kTileBlocks = 8;
   const typename Fused::Consts consts(d, i);
-  float* out = d.out + i * d.pixels;
-  for (int64_t p0 = 0; p0 < d.span; p0 += Fused::kBlock) {
-    Fused::template Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out);
+  if (d.output == nullptr) {
+    float* out = d.out + i * d.pixels;
+    for (int64_t p0 = 0; p0 < d.span; p0 += kBlock) {
+      Fused::template Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out, 0);
+    }
+    return;
+  }
+  alignas(64) float tile[kTileBlocks * kBlock + 16];  // (+ 16: what a block may write past its outputs)
+  const int64_t end = (d.span + kBlock - 1) / kBlock * kBlock;
+  for (int64_t p0 = 0; p0 < end; p0 += kTileBlocks * kBlock) {
+    const int64_t p1 = p0 + kTileBlocks * kBlock < end ? p0 + kTileBlocks * kBlock : end;
+    const int64_t first = d.starts[p0 / 8];
+    for (int64_t p = p0; p < p1; p += kBlock) Fused::template Block<kPost, kBias, kGroups, kStride>(d, consts, p, tile, first);
+    const int64_t count = d.starts[p1 / 8] - first;
+    if (count > 0) OutputKernel<T>(*d.output, tile, count, d.at + i * d.pixels + first);
   }
 }
 

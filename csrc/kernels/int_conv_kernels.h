@@ -229,7 +229,10 @@ struct DepthwiseFused : PaddedPlane {
   const float *c_e, *c_o, *bias;  // [outputs]; bias may be null
   float clip_lo, clip_hi;                 // the clip bounds (Clip)
   bool post;
-  float* out;                     // output channel i's plane at out + i * pixels
+  float* out;                     // output channel i's plane at out + i * pixels (without an Output)
+  const Output* output;           // or null; else (a residual, uint8 Y or the hard swish; clip bounds
+  int64_t at;                     // the default ones) output channel i's y through the output step into
+                                  // Y's elements from at + i * pixels
 };
 
 // Bytes after the scratch data that the kernels may read or write.

@@ -417,7 +417,6 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   if (!quantize_rows && !bytes_given) {
     QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   }
-  Staged staged(job);
   d.scale = job.x_scale;
   d.inverse = job.inverse;
   d.lo = job.x_lo;
@@ -436,10 +435,10 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.bias = job.bias != nullptr ? job.bias + m : nullptr;
     d.clip_lo = job.clip_lo;
     d.clip_hi = job.clip_hi;
-    const int64_t at = (n * g.m + m) * g.pixels();
-    d.out = staged.At(at, g.mg * g.pixels());
+    d.at = (n * g.m + m) * g.pixels();
+    d.out = job.output != nullptr ? nullptr : job.y + d.at;
+    d.output = job.output;
     job.kernels->depthwise_fused(d);
-    staged.Flush(at, g.mg * g.pixels());
     d.fresh = false;
   }
 }

@@ -307,39 +307,39 @@ struct Avx2::Fused {
 
   // Column group g (columns 8g .. 8g + 7) to its outputs, its first lanes: a whole vector where the
   // lanes past them fall on outputs that later vectors write, else only them.
-  static void StoreKept(const iconv::DepthwiseFused& d, F y, int64_t g, float* out) {
+  static void StoreKept(const iconv::DepthwiseFused& d, F y, int64_t g, float* out, int64_t first) {
     const int64_t start = d.starts[g];
     if (start + 8 <= d.pixels) {
-      StoreF(out + start, y);
+      StoreF(out + (start - first), y);
     } else {
-      StoreFirstF(out + start, y, d.starts[g + 1] - start);
+      StoreFirstF(out + (start - first), y, d.starts[g + 1] - start);
     }
   }
 
   // The 32 columns of a half from p0 finished, and their outputs stored.
   template <bool kPost, bool kBias, int kStride>
   static void Finish32(const iconv::DepthwiseFused& d, const Consts& c, const I e[2], const I o[2], int64_t p0,
-                       float* out) {
+                       float* out, int64_t first) {
     I e32[4], o32[4] = {};
     Widen<kStride>(e, e32);
     if (kPost) Widen<kStride>(o, o32);
-    for (int k = 0; k < 4; ++k) StoreKept(d, c.template Finish<kPost, kBias>(e32[k], o32[k]), p0 / 8 + k, out);
+    for (int k = 0; k < 4; ++k) StoreKept(d, c.template Finish<kPost, kBias>(e32[k], o32[k]), p0 / 8 + k, out, first);
   }
 
   template <bool kPost, bool kBias, int kGroups, int kStride>
-  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out, int64_t first) {
     I e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o}, e2[2] = {c.z_e, c.z_e}, o2[2] = {c.z_o, c.z_o};
     const uint8_t* base = d.plane + kStride * p0;
     if (p0 + 32 >= d.span) {  // the last columns: one half
       AddPairs<kStride>(base, c.even, c.odd, e);
       if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
-      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out, first);
       return;
     }
     AddPairs<kStride>(base, c.even, c.odd, e, e2);
     if (kPost) AddPairs<kStride>(base, c.odd, c.end, o, o2);
-    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
-    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out);
+    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out, first);
+    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out, first);
   }
 };
 

@@ -214,7 +214,7 @@ struct Avx512::Fused {
   // Stride 2 (column p at byte 2p): vectors 2h + r hold columns p0 + 32h + 2i + r, from one load
   // each at 2 * (p0 + 32h) + 2r.
   template <bool kPost, bool kBias, int kGroups, int kStride>
-  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out, int64_t first) {
     I e[4], o[4];  // the sums start at -z_x * sum w: the zero-point correction, done
     for (int r = 0; r < 4; ++r) {
       e[r] = c.z_e;
@@ -254,7 +254,7 @@ struct Avx512::Fused {
       const int64_t g = p0 / 8 + 2 * q;
       const auto keep = static_cast<__mmask16>(d.keep[g] | d.keep[g + 1] << 8);
       const int64_t start = d.starts[g], count = d.starts[g + 2] - start;
-      _mm512_mask_storeu_ps(out + start, static_cast<__mmask16>((1u << count) - 1),
+      _mm512_mask_storeu_ps(out + (start - first), static_cast<__mmask16>((1u << count) - 1),
                             _mm512_maskz_compress_ps(keep, columns[q]));
     }
   }
