@@ -22,7 +22,7 @@ namespace {
 // (acc_o only read for PostConv), b the channels' biases (only read with bias). clip = false
 // leaves the clip out, which is exact where lo, hi are the default bounds (-inf, +inf).
 template <class T>
-inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, typename T::I acc_o, typename T::F c_e,
+[[gnu::always_inline]] inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, typename T::I acc_o, typename T::F c_e,
                                  typename T::F c_o, typename T::F b, typename T::F lo, typename T::F hi,
                                  bool clip = true) {
   typename T::F y = T::Mul(T::ToFloat(acc_e), c_e);
@@ -156,7 +156,7 @@ struct FusedQuantizeConsts {
 // lo, round half to even; the value placed at bit 12 like u's). T::PackFixedBytes gathers bits
 // 12..19 of each lane.
 template <class T>
-inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
+[[gnu::always_inline]] inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
   typename T::I u[4];
   bool ties = true;
   if (!c.divide) {
@@ -199,12 +199,14 @@ struct OutputConsts {
         y(OutputQuantization(o)) {}
 };
 
+// (The helpers of the output step are always inlined: where GCC kept QuantizeFixed out of line, AVX2's
+// vectors went through memory at every call, 18% of a depthwise layer's time.)
 // OutputOne over 4 vectors (4 * T::kFloats elements) of y in registers: R's from r / r8, Y's to out / out8
 // (each at its element 0). kTail: only the first `left` elements are there (a run's last block): float R
 // is read with masked loads (the lanes past `left` are 0), Y's written up to `left`, and uint8 R comes
 // padded to a whole block by the caller.
 template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
-inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const float* r, const uint8_t* r8, float* out,
+[[gnu::always_inline]] inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const float* r, const uint8_t* r8, float* out,
                          uint8_t* out8, int64_t left = 4 * T::kFloats) {
   using I = typename T::I;
   constexpr int R = T::kFloats;
@@ -239,7 +241,7 @@ inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const flo
 // (The tail used to go through buffers filled by memcpy, whose vector reloads stalled on store
 // forwarding: 5x the product's time on a stride-2 first convolution, whose runs all end in a tail.)
 template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
-inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
+[[gnu::always_inline]] inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
                         uint8_t* out8, int64_t left = 4 * T::kFloats) {
   constexpr int R = T::kFloats;
   typename T::F v[4];
@@ -269,31 +271,44 @@ void OutputRun(const OutputConsts<T>& c, const Output& o, const float* y, int64_
                                            kQuantize ? out8 + i : nullptr, left);
 }
 
+// OutputRun over `rows` runs of n floats, run r from y + r * y_stride to Y's elements from at + r * at_stride
+// (channels of a tile of the depthwise kernels), the constants broadcast once.
 template <class T, bool kR, bool kR8, bool kQuantize>
-void OutputRunOnce(const Output& o, const float* y, int64_t n, int64_t at) {
-  OutputRun<T, kR, kR8, kQuantize>(OutputConsts<T>(o), o, y, n, at);
+void OutputRows(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
+                int64_t at_stride) {
+  const OutputConsts<T> c(o);
+  for (int64_t r = 0; r < rows; ++r) OutputRun<T, kR, kR8, kQuantize>(c, o, y + r * y_stride, n, at + r * at_stride);
 }
 
 template <class T, bool kQuantize>
-void OutputResidual(const Output& o, const float* y, int64_t n, int64_t at) {
+void OutputResidual(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
+                    int64_t at_stride) {
   if (o.r != nullptr) {
-    OutputRunOnce<T, true, false, kQuantize>(o, y, n, at);
+    OutputRows<T, true, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   } else if (o.r8 != nullptr) {
-    OutputRunOnce<T, false, true, kQuantize>(o, y, n, at);
+    OutputRows<T, false, true, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   } else {
-    OutputRunOnce<T, false, false, kQuantize>(o, y, n, at);
+    OutputRows<T, false, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   }
 }
 
 template <class T>
+void OutputRowsKernel(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
+                      int64_t at_stride) {
+  o.quantize ? OutputResidual<T, true>(o, y, rows, n, y_stride, at, at_stride)
+             : OutputResidual<T, false>(o, y, rows, n, y_stride, at, at_stride);
+}
+
+// Output (kernels.h's output): one run.
+template <class T>
 void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
-  o.quantize ? OutputResidual<T, true>(o, y, n, at) : OutputResidual<T, false>(o, y, n, at);
+  OutputRowsKernel<T>(o, y, 1, n, n, at, 0);
 }
 
 // Finish (without the clip) of 4 vectors of C's columns from e (PostConv: and o), into v; kTail: only the
 // first `left` columns are read (the lanes past them are finished from 0 and never stored).
 template <class T, bool kPost, bool kBias, bool kTail = false>
-inline void PanelFinish(const int32_t* e, const int32_t* o, typename T::I z_e, typename T::I z_o, typename T::F c_e,
+[[gnu::always_inline]] inline void PanelFinish(const int32_t* e, const int32_t* o, typename T::I z_e, typename T::I z_o, typename T::F c_e,
                         typename T::F c_o, typename T::F bias, typename T::F v[4], int64_t left = 4 * T::kFloats) {
   constexpr int R = T::kFloats;
   for (int k = 0; k < 4; ++k) {

@@ -256,7 +256,10 @@ struct LaneOutput {
   const float* bias;         // [16], or null
   float clip_lo, clip_hi;    // the clip bounds (Clip)
   int64_t oh, ow;
-  float* out;                // lane i's output plane at out + i * oh * ow
+  float* out;                // lane i's output plane at out + i * oh * ow (without an Output)
+  const Output* output;      // or null; else (a residual, uint8 Y or the hard swish; clip bounds the
+  int64_t at;                // default ones) lane i's y through the output step into Y's elements
+                             // from at + i * oh * ow
 };
 
 struct DepthwiseLanes : LaneOutput {

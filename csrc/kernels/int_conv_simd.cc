@@ -459,11 +459,11 @@ void Transpose16(__m128i r[16]) {
 #endif
 
 // The output side of a lane kernel for channels [16 b, 16 b + 16) of image n: its per-lane
-// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes (of Y,
-// or staged: then the caller flushes lanes * pixels floats from Y's element LaneOutputAt).
+// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes `out`
+// (of Y, or staged: then the caller flushes lanes * pixels floats from Y's element LaneOutputAt).
 int64_t LaneOutputAt(const SimdJob& job, int64_t n, int64_t b) { return (n * job.g->m + b * 16) * job.g->pixels(); }
 
-void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b, Staged& staged) {
+void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t b, float* out) {
   const Geometry& g = *job.g;
   const int64_t m16 = job.blocks * 16;
   o.post = job.post;
@@ -476,7 +476,7 @@ void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b, Stag
   o.clip_hi = job.clip_hi;
   o.oh = g.oh;
   o.ow = g.ow;
-  o.out = staged.At(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels());
+  o.out = out;
 }
 
 // DepthwiseLanes: channels [16 b, 16 b + 16) of image n (index n * blocks + b): the padded
@@ -530,7 +530,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.w_e = pw.lane_weights.data() + (b * 2) * taps * 16;
   d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
   Staged staged(job);
-  SetLaneOutput(d, job, n, b, staged);
+  SetLaneOutput(d, job, b, staged.At(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels()));
   d.lanes = std::min<int64_t>(16, g.m - b * 16);
   job.kernels->depthwise_lanes(d);
   staged.Flush(LaneOutputAt(job, n, b), d.lanes * g.pixels());
@@ -572,10 +572,11 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   } else {
     d.weights = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
-  Staged staged(job);
-  SetLaneOutput(d, job, n, b, staged);
+  // (an Output: the kernel takes its outputs through the output step from a tile of its own)
+  d.at = LaneOutputAt(job, n, b);
+  d.output = job.output;
+  SetLaneOutput(d, job, b, job.output != nullptr ? nullptr : job.y + d.at);
   job.kernels->lanes_fused(d);
-  staged.Flush(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels());
 }
 
 void RunTask(void* data, size_t index) {
