@@ -174,8 +174,8 @@ struct Avx2 {
   // The fused quantization (int_conv_fused.h, QuantizeFixed). Whether any lane of u[0..3] has its
   // low 12 bits 0 (a tie): the least of the lanes' low bits, shifted to the top, is then 0.
   static bool AnyFixedTie(const I u[4]) {
-    I least = _mm256_set1_epi32(-1);
-    for (int k = 0; k < 4; ++k) least = _mm256_min_epu32(least, _mm256_slli_epi32(u[k], 20));
+    I least = _mm256_slli_epi32(u[0], 20);
+    for (int k = 1; k < 4; ++k) least = _mm256_min_epu32(least, _mm256_slli_epi32(u[k], 20));
     const I zero = _mm256_cmpeq_epi32(least, _mm256_setzero_si256());
     return !_mm256_testz_si256(zero, zero);
   }

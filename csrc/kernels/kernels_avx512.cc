@@ -132,10 +132,12 @@ struct Avx512 {
 
   // The fused quantization (int_conv_fused.h, QuantizeFixed). Whether any lane of u[0..3] has its
   // low 12 bits 0 (a tie).
+  // (The masks are or-ed and tested in mask registers: GCC moved each to a general register first.)
   static bool AnyFixedTie(const I u[4]) {
-    __mmask16 ties = 0;
-    for (int k = 0; k < 4; ++k) ties |= _mm512_testn_epi32_mask(u[k], _mm512_set1_epi32(iconv::kFixedFraction));
-    return ties != 0;
+    const I fraction = _mm512_set1_epi32(iconv::kFixedFraction);
+    const __mmask16 t01 = _kor_mask16(_mm512_testn_epi32_mask(u[0], fraction), _mm512_testn_epi32_mask(u[1], fraction));
+    const __mmask16 t23 = _kor_mask16(_mm512_testn_epi32_mask(u[2], fraction), _mm512_testn_epi32_mask(u[3], fraction));
+    return _kortestz_mask16_u8(t01, t23) == 0;
   }
   // Bits 12..19 of each dword of u[0..3] (value 16k + i in dword i of u[k]) as kBytes bytes in
   // order: moved to byte k of dword i (shifts, byte and word blends), then each 128-bit lane's bytes
