@@ -6,6 +6,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <exception>
 #include <memory>
 #include <string>
@@ -374,7 +375,10 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   // past its values: the buffer has that slack, and samples are quantized in order (each one's slack
   // is the next one's start, rewritten).
   constexpr size_t kQuantizeSlack = 64;
-  std::vector<uint8_t> xq(quantize ? count + kQuantizeSlack : 0);
+  // (Not value-initialized: every byte is written below, the slack here; zeroing it first cost the
+  // first convolution of an image model a pass over its batch of bytes.)
+  std::unique_ptr<uint8_t[]> xq(quantize ? new uint8_t[count + kQuantizeSlack] : nullptr);
+  if (quantize) std::memset(xq.get() + count, 0, kQuantizeSlack);
   auto quantize_x = [&](const float* from, size_t n, const qdu8::Params& p, uint8_t* to) {
     if (kernels.quantize_fused == nullptr) {
       kernels.quantize(from, n, p, to);
@@ -385,11 +389,11 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     kernels.quantize_fused(q, static_cast<int64_t>(n), to);
   };
   if (quantize && params.size() == 1) {
-    quantize_x(x_data, count, params[0], xq.data());
+    quantize_x(x_data, count, params[0], xq.get());
   } else if (quantize) {
-    for (int64_t n = 0; n < g.n; ++n) quantize_x(x_data + n * sample, sample, params[n], xq.data() + n * sample);
+    for (int64_t n = 0; n < g.n; ++n) quantize_x(x_data + n * sample, sample, params[n], xq.get() + n * sample);
   }
-  const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq.data() : nullptr;
+  const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq.get() : nullptr;
 
   Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
   float* y = nullptr;

@@ -107,10 +107,11 @@
 // (x_scale of N elements) the kernels run once per sample, each a one-image call with that
 // sample's factors. uint8 X goes to every kernel as it is (the depthwise kernels that quantize
 // float X copy its bytes into their padded planes instead). With R or a uint8 Y the kernels
-// compute y without the clip into each task's scratch (a channel's plane, a block's, a panel's
-// run), and the output step (OutputKernel, int_conv_finish.h, one template over the instruction
-// set's traits) adds R, clips, applies the hard swish and quantizes it into Y while it is in cache
-// (a hard swish with float Y and no R goes through the output step too).
+// compute y without the clip, and the output step (int_conv_finish.h, one template over the
+// instruction set's traits) adds R, clips, applies the hard swish and quantizes it into Y: a Gemm
+// panel's y in registers as it is finished (PanelOutput), the other kernels' from each task's
+// scratch (a channel's plane, a block's) while it is in cache (a hard swish with float Y and no R
+// goes through the output step too).
 #pragma once
 
 #include <cmath>

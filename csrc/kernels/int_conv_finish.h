@@ -7,6 +7,7 @@
 #pragma once
 
 #include <immintrin.h>
+#include <math.h>  // INFINITY
 
 #include <cstdint>
 #include <cstring>
@@ -21,7 +22,7 @@ namespace {
 // (acc_o only read for PostConv), b the channels' biases (only read with bias). clip = false
 // leaves the clip out, which is exact where lo, hi are the default bounds (-inf, +inf).
 template <class T>
-inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, typename T::I acc_o, typename T::F c_e,
+[[gnu::always_inline]] inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, typename T::I acc_o, typename T::F c_e,
                                  typename T::F c_o, typename T::F b, typename T::F lo, typename T::F hi,
                                  bool clip = true) {
   typename T::F y = T::Mul(T::ToFloat(acc_e), c_e);
@@ -32,15 +33,17 @@ inline typename T::F FinishLanes(bool post, bool bias, typename T::I acc_e, type
 
 // FinishT for channels [R b, R b + R), R = T::kFloats: the sums of a channel's rows (PostConv: its
 // even and odd rows side by side in two lanes, added) in the lanes of one vector per pixel,
-// transposed in registers so that each channel's R pixels are one store.
-template <class T, bool kPost, bool kBias>
-void FinishTBlock(const FinishT& f, int64_t b) {
+// transposed in registers so that each channel's R pixels are one vector: put(p0, count, y, channels)
+// takes y[j], channel R b + j's pixels [p0, p0 + count) (lanes past count undefined), j < channels.
+template <class T, bool kPost, bool kBias, class Put>
+void FinishTBlock(const FinishT& f, int64_t b, Put& put) {
   using I = typename T::I;
   using F = typename T::F;
   constexpr int R = T::kFloats;
   const int64_t channels = f.channels - R * b < R ? f.channels - R * b : R;
   const F bias = kBias ? T::LoadFirstF(f.bias + R * b, channels) : T::ZeroF();
   const F clip_lo = T::SetF(f.clip_lo), clip_hi = T::SetF(f.clip_hi);
+  const bool clip = f.clip_lo != -INFINITY || f.clip_hi != INFINITY;  // (the default bounds change no bits)
   // The block's rows: R (IntConv) or 2R (PostConv) from r0, R to a vector, each at its place in
   // GemmT's blocks of kLanes rows (c_of); the second vector's only for PostConv and where the rows
   // are there (else they hold nothing any output needs).
@@ -64,27 +67,27 @@ void FinishTBlock(const FinishT& f, int64_t b) {
         const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);
         v = T::EvenLanes(T::Add(v, T::MoveHdup(v)), T::Add(w, T::MoveHdup(w)));
       }
-      y[i] = T::Clip(kBias ? T::Add(v, bias) : v, clip_lo, clip_hi);
+      if (kBias) v = T::Add(v, bias);
+      y[i] = clip ? T::Clip(v, clip_lo, clip_hi) : v;
     }
     T::Transpose(y);
+    put(p0, count, y, channels);
+  }
+}
+
+// FinishT into f.out (without an Output).
+template <class T, bool kPost, bool kBias>
+void FinishTOut(const FinishT& f, int64_t b) {
+  constexpr int R = T::kFloats;
+  auto put = [&](int64_t p0, int64_t count, const typename T::F* y, int64_t channels) {
     float* out = f.out + R * b * f.stride + p0;
     if (count == R) {
       for (int64_t j = 0; j < channels; ++j) T::StoreF(out + j * f.stride, y[j]);
     } else {
       for (int64_t j = 0; j < channels; ++j) T::MaskStoreF(out + j * f.stride, y[j], count);
     }
-  }
-}
-
-template <class T>
-void FinishTKernel(const FinishT& f) {
-  for (int64_t b = 0; b * T::kFloats < f.channels; ++b) {
-    if (f.post) {
-      f.bias != nullptr ? FinishTBlock<T, true, true>(f, b) : FinishTBlock<T, true, false>(f, b);
-    } else {
-      f.bias != nullptr ? FinishTBlock<T, false, true>(f, b) : FinishTBlock<T, false, false>(f, b);
-    }
-  }
+  };
+  FinishTBlock<T, kPost, kBias>(f, b, put);
 }
 
 // FinishRun (int_conv_kernels.h) a vector at a time: whole vectors, then the last one ending at n
@@ -153,7 +156,7 @@ struct FusedQuantizeConsts {
 // lo, round half to even; the value placed at bit 12 like u's). T::PackFixedBytes gathers bits
 // 12..19 of each lane.
 template <class T>
-inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
+[[gnu::always_inline]] inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
   typename T::I u[4];
   bool ties = true;
   if (!c.divide) {
@@ -178,6 +181,7 @@ template <class T>
 struct OutputConsts {
   typename T::F r_scale, clip_lo, clip_hi;
   typename T::F alpha, beta, zero, one;  // the hard swish's
+  bool clip;  // not the default bounds (-inf, +inf), which change no bits: the clip is left out
   bool hardswish;
   typename T::I r_zero_point;
   FusedQuantizeConsts<T> y;
@@ -189,25 +193,23 @@ struct OutputConsts {
         beta(T::SetF(o.hardswish_beta)),
         zero(T::SetF(0.0f)),
         one(T::SetF(1.0f)),
+        clip(o.clip_lo != -INFINITY || o.clip_hi != INFINITY),
         hardswish(o.hardswish),
         r_zero_point(T::Set32(o.r_zero_point)),
         y(OutputQuantization(o)) {}
 };
 
-// OutputOne over 4 vectors (4 * T::kFloats elements): y from src, R's from r / r8, Y's to out / out8
-// (each at its element 0). kTail: only the first `left` elements are there (a run's last block):
-// y and float R are read with masked loads (the lanes past `left` are 0), Y's written up to `left`,
-// and uint8 R comes padded to a whole block by the caller. (The tail used to go through buffers
-// filled by memcpy, whose vector reloads stalled on store forwarding: 5x the product's time on a
-// stride-2 first convolution, whose runs all end in a tail.)
+// (The helpers of the output step are always inlined: where GCC kept QuantizeFixed out of line, AVX2's
+// vectors went through memory at every call, 18% of a depthwise layer's time.)
+// OutputOne over 4 vectors (4 * T::kFloats elements) of y in registers: R's from r / r8, Y's to out / out8
+// (each at its element 0). kTail: only the first `left` elements are there (a run's last block): float R
+// is read with masked loads (the lanes past `left` are 0), Y's written up to `left`, and uint8 R comes
+// padded to a whole block by the caller.
 template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
-inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
-                        uint8_t* out8, int64_t left = 4 * T::kFloats) {
-  using F = typename T::F;
+[[gnu::always_inline]] inline void OutputValues(const OutputConsts<T>& c, typename T::F v[4], const float* r, const uint8_t* r8, float* out,
+                         uint8_t* out8, int64_t left = 4 * T::kFloats) {
   using I = typename T::I;
   constexpr int R = T::kFloats;
-  F v[4];
-  for (int k = 0; k < 4; ++k) v[k] = kTail ? T::LoadFirstF(src + R * k, left - R * k) : T::LoadF(src + R * k);
   if (kR) {
     for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], kTail ? T::LoadFirstF(r + R * k, left - R * k) : T::LoadF(r + R * k));
   }
@@ -218,14 +220,14 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
     }
     for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::Mul(T::ToFloat(T::Sub32(w[k], c.r_zero_point)), c.r_scale));
   }
-  for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  if (c.clip) {
+    for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  }
   if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
     for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
   }
   if (kQuantize && kTail) {
-    alignas(64) uint8_t bytes[T::kBytes];
-    T::Store(bytes, QuantizeFixed<T>(c.y, v));
-    std::memcpy(out8, bytes, static_cast<size_t>(left));
+    T::StoreFirst8(out8, QuantizeFixed<T>(c.y, v), left);
   } else if (kQuantize) {
     T::Store(out8, QuantizeFixed<T>(c.y, v));
   } else if (kTail) {
@@ -233,6 +235,18 @@ inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float*
   } else {
     for (int k = 0; k < 4; ++k) T::StoreF(out + R * k, v[k]);
   }
+}
+
+// OutputValues of 4 vectors of y from src. kTail: y read with masked loads (the lanes past `left` are 0).
+// (The tail used to go through buffers filled by memcpy, whose vector reloads stalled on store
+// forwarding: 5x the product's time on a stride-2 first convolution, whose runs all end in a tail.)
+template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
+[[gnu::always_inline]] inline void OutputBlock(const OutputConsts<T>& c, const float* src, const float* r, const uint8_t* r8, float* out,
+                        uint8_t* out8, int64_t left = 4 * T::kFloats) {
+  constexpr int R = T::kFloats;
+  typename T::F v[4];
+  for (int k = 0; k < 4; ++k) v[k] = kTail ? T::LoadFirstF(src + R * k, left - R * k) : T::LoadF(src + R * k);
+  OutputValues<T, kR, kR8, kQuantize, kTail>(c, v, r, r8, out, out8, left);
 }
 
 // Output (kernels.h's output): whole blocks of 4 vectors, then the last elements through buffers
@@ -257,15 +271,18 @@ void OutputRun(const OutputConsts<T>& c, const Output& o, const float* y, int64_
                                            kQuantize ? out8 + i : nullptr, left);
 }
 
-// OutputRun over `rows` runs (OutputRowsKernel), the constants broadcast once.
+// OutputRun over `rows` runs of n floats, run r from y + r * y_stride to Y's elements from at + r * at_stride
+// (channels of a tile of the depthwise kernels), the constants broadcast once.
 template <class T, bool kR, bool kR8, bool kQuantize>
-void OutputRows(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at, int64_t at_stride) {
+void OutputRows(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
+                int64_t at_stride) {
   const OutputConsts<T> c(o);
   for (int64_t r = 0; r < rows; ++r) OutputRun<T, kR, kR8, kQuantize>(c, o, y + r * y_stride, n, at + r * at_stride);
 }
 
 template <class T, bool kQuantize>
-void OutputResidual(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at, int64_t at_stride) {
+void OutputResidual(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
+                    int64_t at_stride) {
   if (o.r != nullptr) {
     OutputRows<T, true, false, kQuantize>(o, y, rows, n, y_stride, at, at_stride);
   } else if (o.r8 != nullptr) {
@@ -282,9 +299,140 @@ void OutputRowsKernel(const Output& o, const float* y, int64_t rows, int64_t n, 
              : OutputResidual<T, false>(o, y, rows, n, y_stride, at, at_stride);
 }
 
+// Output (kernels.h's output): one run.
 template <class T>
 void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
   OutputRowsKernel<T>(o, y, 1, n, n, at, 0);
+}
+
+// Finish (without the clip) of 4 vectors of C's columns from e (PostConv: and o), into v; kTail: only the
+// first `left` columns are read (the lanes past them are finished from 0 and never stored).
+template <class T, bool kPost, bool kBias, bool kTail = false>
+[[gnu::always_inline]] inline void PanelFinish(const int32_t* e, const int32_t* o, typename T::I z_e, typename T::I z_o, typename T::F c_e,
+                        typename T::F c_o, typename T::F bias, typename T::F v[4], int64_t left = 4 * T::kFloats) {
+  constexpr int R = T::kFloats;
+  for (int k = 0; k < 4; ++k) {
+    const typename T::I acc_e = kTail ? T::LoadFirst32(e + R * k, left - R * k) : T::Load(e + R * k);
+    const typename T::I acc_o = !kPost ? T::Zero() : kTail ? T::LoadFirst32(o + R * k, left - R * k) : T::Load(o + R * k);
+    v[k] = FinishLanes<T>(kPost, kBias, T::Sub32(acc_e, z_e), T::Sub32(acc_o, z_o), c_e, c_o, bias, bias, bias, false);
+  }
+}
+
+// PanelOutput (int_conv_kernels.h) for one form of the epilogue: per output channel its constants
+// broadcast, per run blocks of 4 vectors of C finished (FinishLanes without the clip) into
+// OutputValues, a run's last block with masked loads of C and OutputValues' tail.
+template <class T, bool kPost, bool kBias, bool kR, bool kR8, bool kQuantize>
+void PanelOutputRuns(const PanelOutput& p) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int R = T::kFloats;
+  constexpr int64_t kBlock = 4 * R;
+  const Output& o = *p.output;
+  const OutputConsts<T> c(o);
+  for (int64_t i = 0; i < p.channels; ++i) {
+    const int64_t row = kPost ? 2 * i : i;
+    const I z_e = T::Set32(p.z * p.row_sum[row]), z_o = T::Set32(kPost ? p.z * p.row_sum[row + 1] : 0);
+    const F c_e = T::SetF(p.c_e[i]), c_o = T::SetF(kPost ? p.c_o[i] : 0.0f), bias = T::SetF(kBias ? p.bias[i] : 0.0f);
+    for (int64_t j = 0; j < p.run_count; ++j) {
+      const PanelRun& run = p.runs[j];
+      const int32_t* e = p.c + row * kPanel + run.column;
+      const int32_t* od = e + kPanel;
+      const int64_t at = run.at + i * p.stride;
+      const float* r = kR ? o.r + at : nullptr;
+      const uint8_t* r8 = kR8 ? o.r8 + at : nullptr;
+      float* out = kQuantize ? nullptr : o.y + at;
+      uint8_t* out8 = kQuantize ? o.y8 + at : nullptr;
+      int64_t x = 0;
+      for (; x + kBlock <= run.count; x += kBlock) {
+        F v[4];
+        PanelFinish<T, kPost, kBias>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v);
+        OutputValues<T, kR, kR8, kQuantize>(c, v, kR ? r + x : nullptr, kR8 ? r8 + x : nullptr,
+                                            kQuantize ? nullptr : out + x, kQuantize ? out8 + x : nullptr);
+      }
+      if (x == run.count) continue;
+      const int64_t left = run.count - x;
+      alignas(64) uint8_t r8_tail[kBlock] = {};
+      if (kR8) std::memcpy(r8_tail, r8 + x, static_cast<size_t>(left));
+      F v[4];
+      PanelFinish<T, kPost, kBias, true>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v, left);
+      OutputValues<T, kR, kR8, kQuantize, true>(c, v, kR ? r + x : nullptr, r8_tail, kQuantize ? nullptr : out + x,
+                                                kQuantize ? out8 + x : nullptr, left);
+    }
+  }
+}
+
+template <class T, bool kPost, bool kBias>
+void PanelOutputForm(const PanelOutput& p) {
+  const Output& o = *p.output;
+  if (o.quantize) {
+    if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, true>(p);
+    if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, true>(p);
+    return PanelOutputRuns<T, kPost, kBias, false, false, true>(p);
+  }
+  if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, false>(p);
+  if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, false>(p);
+  PanelOutputRuns<T, kPost, kBias, false, false, false>(p);
+}
+
+template <class T>
+void PanelOutputKernel(const PanelOutput& p) {
+  if (p.post) {
+    p.bias != nullptr ? PanelOutputForm<T, true, true>(p) : PanelOutputForm<T, true, false>(p);
+  } else {
+    p.bias != nullptr ? PanelOutputForm<T, false, true>(p) : PanelOutputForm<T, false, false>(p);
+  }
+}
+
+// FinishT with an Output (int_conv_kernels.h): a block of channels' floats, kChunk pixels at a time,
+// in a tile in L1, then each channel's run of them through OutputRun into Y.
+template <class T, bool kPost, bool kBias, bool kR, bool kR8, bool kQuantize>
+void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
+  constexpr int R = T::kFloats;
+  constexpr int64_t kChunk = 128;  // pixels, a multiple of R
+  alignas(64) float tile[R * kChunk];
+  auto put = [&](int64_t p0, int64_t count, const typename T::F* y, int64_t channels) {
+    const int64_t x = p0 % kChunk;
+    for (int64_t j = 0; j < channels; ++j) T::StoreF(tile + j * kChunk + x, y[j]);
+    if (x + R < kChunk && p0 + count < f.pixels) return;
+    const int64_t first = p0 - x, n = p0 + count - first;
+    for (int64_t j = 0; j < channels; ++j) {
+      OutputRun<T, kR, kR8, kQuantize>(c, *f.output, tile + j * kChunk, n, f.at + (R * b + j) * f.stride + first);
+    }
+  };
+  FinishTBlock<T, kPost, kBias>(f, b, put);
+}
+
+template <class T, bool kPost, bool kBias>
+void FinishTForm(const FinishT& f) {
+  const int64_t blocks = (f.channels + T::kFloats - 1) / T::kFloats;
+  if (f.output == nullptr) {
+    for (int64_t b = 0; b < blocks; ++b) FinishTOut<T, kPost, kBias>(f, b);
+    return;
+  }
+  const Output& o = *f.output;
+  using Block = void (*)(const FinishT&, const OutputConsts<T>&, int64_t);
+  Block block;
+  if (o.quantize) {
+    block = o.r != nullptr    ? FinishTOutput<T, kPost, kBias, true, false, true>
+            : o.r8 != nullptr ? FinishTOutput<T, kPost, kBias, false, true, true>
+                              : FinishTOutput<T, kPost, kBias, false, false, true>;
+  } else {
+    block = o.r != nullptr    ? FinishTOutput<T, kPost, kBias, true, false, false>
+            : o.r8 != nullptr ? FinishTOutput<T, kPost, kBias, false, true, false>
+                              : FinishTOutput<T, kPost, kBias, false, false, false>;
+  }
+  const OutputConsts<T> c(o);
+  for (int64_t b = 0; b < blocks; ++b) block(f, c, b);
+}
+
+// FinishT (kernels.h's finish_t).
+template <class T>
+void FinishTKernel(const FinishT& f) {
+  if (f.post) {
+    f.bias != nullptr ? FinishTForm<T, true, true>(f) : FinishTForm<T, true, false>(f);
+  } else {
+    f.bias != nullptr ? FinishTForm<T, false, true>(f) : FinishTForm<T, false, false>(f);
+  }
 }
 
 }  // namespace

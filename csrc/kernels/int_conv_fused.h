@@ -16,11 +16,12 @@
 //                                  (QuantizePlane) rather than copied from d.bytes (BuildPlane)
 //   kRowColumns                    the plane's rows hold whole multiples of this many columns
 //   Consts(d, i)                   output channel i's constants, in registers (a FusedFinish)
-//   Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out)
+//   Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out, first)
 //                                  matrix columns [p0, p0 + kBlock): the sums, Finish (consts'
 //                                  FusedFinish), and the outputs of the kept columns stored at
-//                                  out[starts[p0 / 8] ...] (kGroups: d.groups, or 0 for a count
-//                                  known only at run time; kStride: d.sw, 1 or 2)
+//                                  out[starts[p0 / 8] - first ...] (kGroups: d.groups, or 0 for a
+//                                  count known only at run time; kStride: d.sw, 1 or 2); it may
+//                                  write up to 8 floats past them, where later outputs go
 #pragma once
 
 #include <immintrin.h>
@@ -161,13 +162,31 @@ void QuantizePlane(const DepthwiseFused& d) {
   }
 }
 
+// Output channel i's blocks: their outputs into its plane of Y, or with an Output (the clip bounds
+// then the default ones) kTileBlocks blocks' outputs (16 KiB) at a time into a tile in L1 and from it
+// through the output step into Y (a 112x112 channel's floats staged whole, 49 KiB, left the L1 cache
+// before the output step read them back; tiles of 16 blocks, with a run's tail each, made AVX2's
+// 56x56 layers slower than staging whole).
 template <class T, bool kPost, bool kBias, int kGroups, int kStride>
 void FusedBlocks(const DepthwiseFused& d, int64_t i) {
   using Fused = typename T::Fused;
+  constexpr int64_t kBlock = Fused::kBlock, kTileBlocks = 64;
   const typename Fused::Consts consts(d, i);
-  float* out = d.out + i * d.pixels;
-  for (int64_t p0 = 0; p0 < d.span; p0 += Fused::kBlock) {
-    Fused::template Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out);
+  if (d.output == nullptr) {
+    float* out = d.out + i * d.pixels;
+    for (int64_t p0 = 0; p0 < d.span; p0 += kBlock) {
+      Fused::template Block<kPost, kBias, kGroups, kStride>(d, consts, p0, out, 0);
+    }
+    return;
+  }
+  alignas(64) float tile[kTileBlocks * kBlock + 16];  // (+ 16: what a block may write past its outputs)
+  const int64_t end = (d.span + kBlock - 1) / kBlock * kBlock;
+  for (int64_t p0 = 0; p0 < end; p0 += kTileBlocks * kBlock) {
+    const int64_t p1 = p0 + kTileBlocks * kBlock < end ? p0 + kTileBlocks * kBlock : end;
+    const int64_t first = d.starts[p0 / 8];
+    for (int64_t p = p0; p < p1; p += kBlock) Fused::template Block<kPost, kBias, kGroups, kStride>(d, consts, p, tile, first);
+    const int64_t count = d.starts[p1 / 8] - first;
+    if (count > 0) OutputKernel<T>(*d.output, tile, count, d.at + i * d.pixels + first);
   }
 }
 
@@ -314,7 +333,24 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   }
   const F clip_lo = T::SetF(d.clip_lo), clip_hi = T::SetF(d.clip_hi);
   const int64_t pixels = d.oh * d.ow, ow = d.ow, lanes = d.lanes, row_step = d.sh * wc * T::kBytes;
-  float* const out = d.out;
+  // The outputs: lane i's pixel p at out[i * stride + p - base], in its plane of Y (d.out), or with an
+  // Output on the stack, which flush takes through the output step into Y: the lanes' planes whole
+  // where they fit (then one run of Y), else chunks of kChunk pixels of each (a 56x56 block's 16 planes
+  // staged whole, 196 KiB, left the cache before the output step read them).
+  constexpr int64_t kChunk = 256;  // pixels, a multiple of R
+  alignas(64) float chunk[16 * kChunk];
+  const bool staged = d.output != nullptr, whole = pixels <= kChunk;
+  float* const out = staged ? chunk : d.out;
+  const int64_t stride = staged && !whole ? kChunk : pixels;
+  int64_t base = 0;
+  auto flush = [&](int64_t end) {  // (staged) pixels [base, end) of every lane
+    if (whole) {
+      OutputKernel<T>(*d.output, chunk, lanes * pixels, d.at);
+    } else if (end > base) {
+      OutputRowsKernel<T>(*d.output, chunk, lanes, end - base, kChunk, d.at + base, pixels);
+    }
+    base = end;
+  };
   int64_t ox = 0;  // the next output pixel: column ox of the output row whose cells start at `row`
   const uint8_t* row = cells;
   auto advance = [&]() {
@@ -397,11 +433,14 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
       T::Transpose(tile[h]);
       if (lanes == 16) {
 #pragma GCC unroll 16
-        for (int j = 0; j < R; ++j) T::StoreF(out + (R * h + j) * pixels + p0, tile[h][j]);
+        for (int j = 0; j < R; ++j) T::StoreF(out + (R * h + j) * stride + (p0 - base), tile[h][j]);
       } else {
-        for (int64_t j = 0; j < R && R * h + j < lanes; ++j) T::StoreF(out + (R * h + j) * pixels + p0, tile[h][j]);
+        for (int64_t j = 0; j < R && R * h + j < lanes; ++j) {
+          T::StoreF(out + (R * h + j) * stride + (p0 - base), tile[h][j]);
+        }
       }
     }
+    if (staged && !whole && p0 + R - base == kChunk) flush(p0 + R);
   }
   // The last pixels one by one, each channel's to its plane.
   for (; p0 < pixels; ++p0) {
@@ -409,8 +448,9 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
     pixel(tile, 0);
     F y[kVectors];
     for (int h = 0; h < kVectors; ++h) y[h] = tile[h][0];
-    T::ScatterLanes(out + p0, pixels, y, lanes);
+    T::ScatterLanes(out + (p0 - base), stride, y, lanes);
   }
+  if (staged) flush(pixels);
 }
 
 template <class T, bool kPost, bool kBias>

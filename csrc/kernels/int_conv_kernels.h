@@ -85,6 +85,12 @@ struct GemmT {
 // registers, so that each output channel's 16 pixels are one store. Rows as in A: IntConv one per
 // output channel, PostConv 2*mm (w_even) and 2*mm + 1 (w_odd). The per-row tables are padded with
 // zeros to a multiple of 2 * kLanes rows.
+// With an Output (a residual, uint8 Y or the hard swish; then the clip bounds are the default ones) the
+// finished floats of each block of channels go through the output step from a small tile in L1 into Y
+// (the panel's channels staged whole, 64 KiB for 256 channels, left the cache first), Y's element of
+// channel mm's pixel i at `at` + mm * stride + i; out is unused.
+struct Output;
+
 struct FinishT {
   const int32_t* c;      // GemmT::c
   int64_t pixels;        // GemmT::pixels
@@ -96,6 +102,8 @@ struct FinishT {
   float clip_lo, clip_hi;        // the clip bounds (Clip)
   float* out;            // channel mm's pixel i at out[mm * stride + i]
   int64_t stride;
+  const Output* output;  // or null
+  int64_t at;            // (with output)
 };
 
 // The epilogue's last steps (int_conv.h) where the op has a residual R or a uint8 Y: y, as Finish
@@ -116,6 +124,31 @@ struct Output {
   qdu8::Params y_params;    // y_scale, -y_zp, 255 - y_zp, y_zp
   float* y;                 // float Y (quantize false)
   uint8_t* y8;              // uint8 Y (quantize true)
+};
+
+// A Gemm panel's float epilogue and output step in one pass (kernels.h's panel_output, with an Output):
+// each output channel's y, finished from C (Finish without the clip: with an Output the bounds are the
+// default ones, and the output step clips after R), goes through the output step in registers, never
+// stored as floats. Lane by lane the same as FinishRun then OutputKernel on each run of kept columns
+// (a 1x1 16->32 at 112x112 into uint8 spent more time storing, reloading and walking its staged floats
+// than on the product). A run is consecutive matrix columns that are consecutive elements of Y.
+struct PanelRun {
+  int64_t column;  // the run's first column in C
+  int64_t count;   // its columns, >= 1
+  int64_t at;      // Y's element of its first column in output channel 0 of the panel's channels
+};
+
+struct PanelOutput {
+  const Output* output;
+  const int32_t* c;               // C: row r's column p at c[r * kPanel + p]
+  int64_t channels;               // output channel i from row i (IntConv) or rows 2i, 2i + 1 (PostConv)
+  bool post;
+  const int32_t* row_sum;         // [rows]: each row's sum of weights
+  int32_t z;                      // z_x
+  const float *c_e, *c_o, *bias;  // [channels] each; bias may be null
+  const PanelRun* runs;
+  int64_t run_count;
+  int64_t stride;                 // Y's elements from one output channel to the next (OH * OW)
 };
 
 
@@ -196,7 +229,10 @@ struct DepthwiseFused : PaddedPlane {
   const float *c_e, *c_o, *bias;  // [outputs]; bias may be null
   float clip_lo, clip_hi;                 // the clip bounds (Clip)
   bool post;
-  float* out;                     // output channel i's plane at out + i * pixels
+  float* out;                     // output channel i's plane at out + i * pixels (without an Output)
+  const Output* output;           // or null; else (a residual, uint8 Y or the hard swish; clip bounds
+  int64_t at;                     // the default ones) output channel i's y through the output step into
+                                  // Y's elements from at + i * pixels
 };
 
 // Bytes after the scratch data that the kernels may read or write.
@@ -220,7 +256,10 @@ struct LaneOutput {
   const float* bias;         // [16], or null
   float clip_lo, clip_hi;    // the clip bounds (Clip)
   int64_t oh, ow;
-  float* out;                // lane i's output plane at out + i * oh * ow
+  float* out;                // lane i's output plane at out + i * oh * ow (without an Output)
+  const Output* output;      // or null; else (a residual, uint8 Y or the hard swish; clip bounds the
+  int64_t at;                // default ones) lane i's y through the output step into Y's elements
+                             // from at + i * oh * ow
 };
 
 struct DepthwiseLanes : LaneOutput {

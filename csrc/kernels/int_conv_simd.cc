@@ -171,65 +171,66 @@ struct Staged {
   }
 };
 
-// The epilogue of output channel m of image n for matrix columns [p0, p0 + count), whose raw sums
-// are e[0, count) (and o for PostConv): column p is output pixel (p / cols, p % cols) when
-// p % cols < OW; the other columns are dropped. Into Y, or (staged != null) the kept pixels one
-// after another into staged: they are consecutive elements of Y (a row's last pixel is followed by
-// the next row's first), which FinishPanel then takes through the output step. Returns how many
-// were kept, and sets *first to the first one's element of Y.
-int64_t FinishColumns(const SimdJob& job, int64_t n, int64_t m, const int32_t* e, const int32_t* o, int64_t p0,
-                      int64_t count, int32_t z_e, int32_t z_o, float* staged, int64_t* first) {
+// A panel's kept columns, matrix columns [p0, p0 + count) of image n and group gi, as runs of
+// consecutive elements of Y: column p is output pixel (p / cols, p % cols) when p % cols < OW, the
+// other columns are dropped. The same for every output channel of the group (Y's elements given for
+// its first). runs holds kPanel (a run has a column at least). Returns how many.
+int64_t PanelRuns(const SimdJob& job, int64_t n, int64_t gi, int64_t p0, int64_t count, PanelRun* runs) {
   const Geometry& g = *job.g;
-  const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
-  const int64_t plane = (n * g.m + m) * g.pixels();
-  int64_t filled = 0;
-  *first = -1;
-  auto finish = [&](const int32_t* run_e, const int32_t* run_o, int64_t run, int64_t at) {
-    float* out = staged != nullptr ? staged + filled : job.y + at;
-    job.kernels->finish_run(run_e, run_o, run, z_e, z_o, job.c_e[m], job.c_o[m], bias, job.clip_lo, job.clip_hi, out);
-    if (*first < 0) *first = at;
-    filled += run;
-  };
+  const int64_t plane = (n * g.m + gi * g.mg) * g.pixels();
   if (job.cols == g.ow) {  // no dropped columns: one run
-    finish(e, o, count, plane + p0);
-  } else {
-    for (int64_t p = p0; p < p0 + count;) {
-      const int64_t oy = p / job.cols, ox = p % job.cols;
-      if (ox >= g.ow) {
-        p = (oy + 1) * job.cols;
-        continue;
-      }
-      const int64_t run = std::min(g.ow - ox, p0 + count - p), i = p - p0;
-      finish(e + i, o != nullptr ? o + i : nullptr, run, plane + oy * g.ow + ox);
-      p += run;
-    }
+    runs[0] = {0, count, plane + p0};
+    return 1;
   }
-  return filled;
+  int64_t used = 0;
+  for (int64_t p = p0; p < p0 + count;) {
+    const int64_t oy = p / job.cols, ox = p % job.cols;
+    if (ox >= g.ow) {
+      p = (oy + 1) * job.cols;
+      continue;
+    }
+    const int64_t run = std::min(g.ow - ox, p0 + count - p);
+    runs[used++] = {p - p0, run, plane + oy * g.ow + ox};
+    p += run;
+  }
+  return used;
 }
 
-// Channels a panel stages before one output_rows call (with R or uint8 Y): 16 panels of floats, 4
-// KiB on the stack. One call a channel cost more than the output step's work on small-K layers (a
-// 1x1 16->32 at 112x112 into uint8 took 1.55x the time of its float output at batch 1).
-constexpr int64_t kStagedChannels = 16;
-
-// The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi.
+// The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi:
+// with an Output (a residual, uint8 Y or the hard swish) through the output step in the same pass
+// (PanelOutput), else Finish into Y.
 void FinishPanel(const SimdJob& job, int64_t n, int64_t gi, const int32_t* tile, int64_t p0, int64_t count) {
   const Geometry& g = *job.g;
   const int32_t z = job.z;
   const int32_t* row_sum = job.pw->row_sum.data() + gi * job.pw->rows_pad;
-  alignas(64) float staged[kStagedChannels][kPanel];
-  for (int64_t m0 = 0; m0 < g.mg; m0 += kStagedChannels) {
-    const int64_t channels = std::min(kStagedChannels, g.mg - m0);
-    int64_t kept = 0, first = -1;
-    for (int64_t i = 0; i < channels; ++i) {
-      const int64_t mm = m0 + i, row = job.post ? 2 * mm : mm;
-      const int32_t* e = tile + row * kPanel;
-      kept = FinishColumns(job, n, gi * g.mg + mm, e, job.post ? e + kPanel : nullptr, p0, count, z * row_sum[row],
-                           job.post ? z * row_sum[row + 1] : 0, job.output != nullptr ? staged[i] : nullptr, &first);
-    }
-    if (job.output != nullptr && kept > 0) {  // every channel kept the same columns: first is the last one's
-      const int64_t at = first - (channels - 1) * g.pixels();
-      job.kernels->output_rows(*job.output, staged[0], channels, kept, kPanel, at, g.pixels());
+  PanelRun runs[kPanel];
+  const int64_t run_count = PanelRuns(job, n, gi, p0, count, runs);
+  if (job.output != nullptr) {
+    PanelOutput p{};
+    p.output = job.output;
+    p.c = tile;
+    p.channels = g.mg;
+    p.post = job.post;
+    p.row_sum = row_sum;
+    p.z = z;
+    p.c_e = job.c_e + gi * g.mg;
+    p.c_o = job.c_o + gi * g.mg;
+    p.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
+    p.runs = runs;
+    p.run_count = run_count;
+    p.stride = g.pixels();
+    job.kernels->panel_output(p);
+    return;
+  }
+  for (int64_t mm = 0; mm < g.mg; ++mm) {
+    const int64_t m = gi * g.mg + mm, row = job.post ? 2 * mm : mm;
+    const int32_t* e = tile + row * kPanel;
+    const float* bias = job.bias != nullptr ? job.bias + m : nullptr;
+    for (int64_t j = 0; j < run_count; ++j) {
+      const PanelRun& run = runs[j];
+      job.kernels->finish_run(e + run.column, job.post ? e + kPanel + run.column : nullptr, run.count, z * row_sum[row],
+                              job.post ? z * row_sum[row + 1] : 0, job.c_e[m], job.c_o[m], bias, job.clip_lo,
+                              job.clip_hi, job.y + run.at + mm * g.pixels());
     }
   }
 }
@@ -246,11 +247,10 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.chunk = job.chunk;
   gemm.runs = pw.runs16.empty() ? nullptr : pw.runs16.data() + gi * pw.rows16 / kLanes * pw.k4;
   gemm.wide = pw.wide;
-  // The pixels' offsets, C and (with an Output) the finished floats: on the stack for small panels.
+  // The pixels' offsets and C: on the stack for small panels.
   const int64_t pixels_bytes = RoundUp(count * 8, 64), c_bytes = RoundUp(count * pw.rows16 * 4, 64);
-  const int64_t staged_bytes = job.output != nullptr ? g.mg * count * 4 : 0;
   Scratch<40960> scratch;
-  uint8_t* bytes = scratch.Get(pixels_bytes + c_bytes + staged_bytes);
+  uint8_t* bytes = scratch.Get(pixels_bytes + c_bytes);
   auto* pixels = reinterpret_cast<int64_t*>(bytes);
   auto* by_pixel = reinterpret_cast<int32_t*>(bytes + pixels_bytes);
   gemm.b = job.x4 + (n * g.group + gi) * pw.c4 * job.ph.size() * 4;
@@ -278,17 +278,11 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.clip_lo = job.clip_lo;
     f.clip_hi = job.clip_hi;
     const int64_t at = (n * g.m + gi * g.mg) * g.pixels() + q0;
-    // (staged: the group's channels' count pixels each, one after another)
-    f.out = job.output != nullptr ? reinterpret_cast<float*>(bytes + pixels_bytes + c_bytes) : job.y + at;
-    f.stride = job.output != nullptr ? count : g.pixels();
+    f.out = job.output != nullptr ? nullptr : job.y + at;  // (an Output takes the floats through the output step)
+    f.stride = g.pixels();
+    f.output = job.output;
+    f.at = at;
     job.kernels->finish_t(f);
-    if (job.output != nullptr && count == g.pixels()) {  // the whole image: the channels are one run of Y
-      job.kernels->output(*job.output, f.out, g.mg * count, at);
-    } else {
-      for (int64_t mm = 0; job.output != nullptr && mm < g.mg; ++mm) {
-        job.kernels->output(*job.output, f.out + mm * count, count, at + mm * g.pixels());
-      }
-    }
   }
 }
 
@@ -423,7 +417,6 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   if (!quantize_rows && !bytes_given) {
     QuantizeChannels(job, job.x + (n * g.c + g0) * g.h * g.w, (g1 - g0) * g.h * g.w, scratch);
   }
-  Staged staged(job);
   d.scale = job.x_scale;
   d.inverse = job.inverse;
   d.lo = job.x_lo;
@@ -442,10 +435,10 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
     d.bias = job.bias != nullptr ? job.bias + m : nullptr;
     d.clip_lo = job.clip_lo;
     d.clip_hi = job.clip_hi;
-    const int64_t at = (n * g.m + m) * g.pixels();
-    d.out = staged.At(at, g.mg * g.pixels());
+    d.at = (n * g.m + m) * g.pixels();
+    d.out = job.output != nullptr ? nullptr : job.y + d.at;
+    d.output = job.output;
     job.kernels->depthwise_fused(d);
-    staged.Flush(at, g.mg * g.pixels());
     d.fresh = false;
   }
 }
@@ -466,11 +459,11 @@ void Transpose16(__m128i r[16]) {
 #endif
 
 // The output side of a lane kernel for channels [16 b, 16 b + 16) of image n: its per-lane
-// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes (of Y,
-// or staged: then the caller flushes lanes * pixels floats from Y's element LaneOutputAt).
+// factors (laid out once per call in SimdJob's lane tables), clip bounds and output planes `out`
+// (of Y, or staged: then the caller flushes lanes * pixels floats from Y's element LaneOutputAt).
 int64_t LaneOutputAt(const SimdJob& job, int64_t n, int64_t b) { return (n * job.g->m + b * 16) * job.g->pixels(); }
 
-void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b, Staged& staged) {
+void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t b, float* out) {
   const Geometry& g = *job.g;
   const int64_t m16 = job.blocks * 16;
   o.post = job.post;
@@ -483,7 +476,7 @@ void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t n, int64_t b, Stag
   o.clip_hi = job.clip_hi;
   o.oh = g.oh;
   o.ow = g.ow;
-  o.out = staged.At(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels());
+  o.out = out;
 }
 
 // DepthwiseLanes: channels [16 b, 16 b + 16) of image n (index n * blocks + b): the padded
@@ -537,7 +530,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   d.w_e = pw.lane_weights.data() + (b * 2) * taps * 16;
   d.w_o = pw.lane_weights.data() + (b * 2 + 1) * taps * 16;
   Staged staged(job);
-  SetLaneOutput(d, job, n, b, staged);
+  SetLaneOutput(d, job, b, staged.At(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels()));
   d.lanes = std::min<int64_t>(16, g.m - b * 16);
   job.kernels->depthwise_lanes(d);
   staged.Flush(LaneOutputAt(job, n, b), d.lanes * g.pixels());
@@ -579,10 +572,11 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   } else {
     d.weights = pw.lane_pairs.data() + b * 2 * d.groups * 16;
   }
-  Staged staged(job);
-  SetLaneOutput(d, job, n, b, staged);
+  // (an Output: the kernel takes its outputs through the output step from a tile of its own)
+  d.at = LaneOutputAt(job, n, b);
+  d.output = job.output;
+  SetLaneOutput(d, job, b, job.output != nullptr ? nullptr : job.y + d.at);
   job.kernels->lanes_fused(d);
-  staged.Flush(LaneOutputAt(job, n, b), std::min<int64_t>(16, g.m - b * 16) * g.pixels());
 }
 
 void RunTask(void* data, size_t index) {
@@ -639,13 +633,15 @@ void Interleave4(const uint8_t* const src[4], int64_t count, uint8_t* dst) {
 }
 
 // kQuad's B: x4[n][g][c4][phase pixel][j] = channel 4*c4 + j of group g at padded (y, x), in the
-// phase planes of job.ph; z outside X and for channels past the group's end.
+// phase planes of job.ph; z outside X and for channels past the group's end. Each plane is set to z
+// just before it is filled (while it is in cache), unless X covers it (1x1 convolutions).
 void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   const Geometry& g = *job.g;
   const Phases& ph = job.ph;
   const int64_t c4 = job.pw->c4;
   // No column padding, stride 1: the rows of a plane are one run (1x1 convolutions).
   const bool one_run = ph.sh == 1 && ph.sw == 1 && ph.wq == g.w;
+  const bool covered = one_run && ph.hq == g.h;  // (no row padding either)
   const std::vector<uint8_t> z_row(static_cast<size_t>(g.w), job.z);
   const std::vector<uint8_t> z_plane(one_run && g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
   std::vector<uint32_t> row(static_cast<size_t>(g.w));
@@ -653,6 +649,7 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
       for (int64_t ci = 0; ci < c4; ++ci) {
         uint32_t* dst = x4 + ((n * g.group + gi) * c4 + ci) * ph.size();
+        if (!covered) std::memset(dst, job.z, static_cast<size_t>(ph.size() * 4));
         const uint8_t* planes[4];
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t c = ci * 4 + j;
@@ -833,7 +830,7 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   if (pw.mode == Mode::kQuad) {
     const int64_t size = (g.n * g.group * pw.c4 * ph.size() + kSlack) * 4;
     x4.reset(new uint8_t[static_cast<size_t>(size)]);
-    std::memset(x4.get(), job.z, static_cast<size_t>(size));
+    std::memset(x4.get() + size - kSlack * 4, job.z, static_cast<size_t>(kSlack * 4));
     BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4.get()));
     job.x4 = x4.get();
     job.offsets.resize(static_cast<size_t>(pw.k4));

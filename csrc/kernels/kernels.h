@@ -41,10 +41,8 @@ struct Kernels {
   // The epilogue's residual, clip and uint8 Y (int_conv_kernels.h, Output) over a run of n floats
   // y[0, n), unclipped, to Y's elements [at, at + n).
   void (*output)(const iconv::Output& o, const float* y, int64_t n, int64_t at);
-  // output over `rows` runs of n floats, run r from y + r * y_stride to Y's elements from at + r * at_stride
-  // (a Gemm panel's channels: one call, the constants broadcast once).
-  void (*output_rows)(const iconv::Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
-                      int64_t at_stride);
+  // A Gemm panel's epilogue straight through the output step (int_conv_kernels.h, PanelOutput).
+  void (*panel_output)(const iconv::PanelOutput& p);
 
   // What those kernels ask of the data that Prepare (int_conv_reference.cc) and the driver lay out
   // for them: constants of the instruction set's traits (simd_kernels.h); 0 in the scalar table.

@@ -32,6 +32,29 @@ struct Avx2 {
   static I LoadFirst32(const int32_t* p, int64_t n) {
     return n <= 0 ? Zero() : _mm256_maskload_epi32(p, FirstLanes(n));
   }
+  // Bytes [0, n) of v to p (0 <= n <= kBytes), in pieces of 16, 8, 4, 2 and 1 (no masked byte stores
+  // in AVX2; a buffer and memcpy stalled on store forwarding).
+  static void StoreFirst8(uint8_t* p, I v, int64_t n) {
+    __m128i part = _mm256_castsi256_si128(v);
+    if (n >= 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), part);
+      part = _mm256_extracti128_si256(v, 1);
+      p += 16;
+      n -= 16;
+    }
+    if (n >= 16) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p), part);
+      return;
+    }
+    if (n >= 8) {
+      _mm_storel_epi64(reinterpret_cast<__m128i*>(p), part);
+      part = _mm_srli_si128(part, 8);
+      p += 8;
+      n -= 8;
+    }
+    uint64_t rest = static_cast<uint64_t>(_mm_cvtsi128_si64(part));
+    for (int64_t i = 0; i < n; ++i, rest >>= 8) p[i] = static_cast<uint8_t>(rest);
+  }
   // Lanes [0, n) of v to p (0 <= n <= kFloats): MaskStoreF with vmaskmovps, fast on Intel CPUs but
   // slow on AMD ones, StoreFirstF through memory with plain stores. (Each kernel uses the one it
   // was measured with.)
@@ -151,8 +174,8 @@ struct Avx2 {
   // The fused quantization (int_conv_fused.h, QuantizeFixed). Whether any lane of u[0..3] has its
   // low 12 bits 0 (a tie): the least of the lanes' low bits, shifted to the top, is then 0.
   static bool AnyFixedTie(const I u[4]) {
-    I least = _mm256_set1_epi32(-1);
-    for (int k = 0; k < 4; ++k) least = _mm256_min_epu32(least, _mm256_slli_epi32(u[k], 20));
+    I least = _mm256_slli_epi32(u[0], 20);
+    for (int k = 1; k < 4; ++k) least = _mm256_min_epu32(least, _mm256_slli_epi32(u[k], 20));
     const I zero = _mm256_cmpeq_epi32(least, _mm256_setzero_si256());
     return !_mm256_testz_si256(zero, zero);
   }
@@ -284,39 +307,39 @@ struct Avx2::Fused {
 
   // Column group g (columns 8g .. 8g + 7) to its outputs, its first lanes: a whole vector where the
   // lanes past them fall on outputs that later vectors write, else only them.
-  static void StoreKept(const iconv::DepthwiseFused& d, F y, int64_t g, float* out) {
+  static void StoreKept(const iconv::DepthwiseFused& d, F y, int64_t g, float* out, int64_t first) {
     const int64_t start = d.starts[g];
     if (start + 8 <= d.pixels) {
-      StoreF(out + start, y);
+      StoreF(out + (start - first), y);
     } else {
-      StoreFirstF(out + start, y, d.starts[g + 1] - start);
+      StoreFirstF(out + (start - first), y, d.starts[g + 1] - start);
     }
   }
 
   // The 32 columns of a half from p0 finished, and their outputs stored.
   template <bool kPost, bool kBias, int kStride>
   static void Finish32(const iconv::DepthwiseFused& d, const Consts& c, const I e[2], const I o[2], int64_t p0,
-                       float* out) {
+                       float* out, int64_t first) {
     I e32[4], o32[4] = {};
     Widen<kStride>(e, e32);
     if (kPost) Widen<kStride>(o, o32);
-    for (int k = 0; k < 4; ++k) StoreKept(d, c.template Finish<kPost, kBias>(e32[k], o32[k]), p0 / 8 + k, out);
+    for (int k = 0; k < 4; ++k) StoreKept(d, c.template Finish<kPost, kBias>(e32[k], o32[k]), p0 / 8 + k, out, first);
   }
 
   template <bool kPost, bool kBias, int kGroups, int kStride>
-  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out, int64_t first) {
     I e[2] = {c.z_e, c.z_e}, o[2] = {c.z_o, c.z_o}, e2[2] = {c.z_e, c.z_e}, o2[2] = {c.z_o, c.z_o};
     const uint8_t* base = d.plane + kStride * p0;
     if (p0 + 32 >= d.span) {  // the last columns: one half
       AddPairs<kStride>(base, c.even, c.odd, e);
       if (kPost) AddPairs<kStride>(base, c.odd, c.end, o);
-      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
+      Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out, first);
       return;
     }
     AddPairs<kStride>(base, c.even, c.odd, e, e2);
     if (kPost) AddPairs<kStride>(base, c.odd, c.end, o, o2);
-    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out);
-    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out);
+    Finish32<kPost, kBias, kStride>(d, c, e, o, p0, out, first);
+    Finish32<kPost, kBias, kStride>(d, c, e2, o2, p0 + 32, out, first);
   }
 };
 

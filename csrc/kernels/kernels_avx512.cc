@@ -28,6 +28,10 @@ struct Avx512 {
   // Lanes [0, n) from p, 0 in the others; n may be <= 0 (nothing read) or >= kFloats.
   static F LoadFirstF(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(FirstLanes(n), p); }
   static I LoadFirst32(const int32_t* p, int64_t n) { return _mm512_maskz_loadu_epi32(FirstLanes(n), p); }
+  // Bytes [0, n) of v to p (0 <= n <= kBytes).
+  static void StoreFirst8(uint8_t* p, I v, int64_t n) {
+    _mm512_mask_storeu_epi8(p, n >= 64 ? ~__mmask64{0} : (__mmask64{1} << n) - 1, v);
+  }
   // Lanes [0, n) of v to p (0 <= n <= kFloats); the two are one here (Avx2's differ).
   static void MaskStoreF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
   static void StoreFirstF(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, FirstLanes(n), v); }
@@ -128,10 +132,12 @@ struct Avx512 {
 
   // The fused quantization (int_conv_fused.h, QuantizeFixed). Whether any lane of u[0..3] has its
   // low 12 bits 0 (a tie).
+  // (The masks are or-ed and tested in mask registers: GCC moved each to a general register first.)
   static bool AnyFixedTie(const I u[4]) {
-    __mmask16 ties = 0;
-    for (int k = 0; k < 4; ++k) ties |= _mm512_testn_epi32_mask(u[k], _mm512_set1_epi32(iconv::kFixedFraction));
-    return ties != 0;
+    const I fraction = _mm512_set1_epi32(iconv::kFixedFraction);
+    const __mmask16 t01 = _kor_mask16(_mm512_testn_epi32_mask(u[0], fraction), _mm512_testn_epi32_mask(u[1], fraction));
+    const __mmask16 t23 = _kor_mask16(_mm512_testn_epi32_mask(u[2], fraction), _mm512_testn_epi32_mask(u[3], fraction));
+    return _kortestz_mask16_u8(t01, t23) == 0;
   }
   // Bits 12..19 of each dword of u[0..3] (value 16k + i in dword i of u[k]) as kBytes bytes in
   // order: moved to byte k of dword i (shifts, byte and word blends), then each 128-bit lane's bytes
@@ -210,7 +216,7 @@ struct Avx512::Fused {
   // Stride 2 (column p at byte 2p): vectors 2h + r hold columns p0 + 32h + 2i + r, from one load
   // each at 2 * (p0 + 32h) + 2r.
   template <bool kPost, bool kBias, int kGroups, int kStride>
-  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out) {
+  static void Block(const iconv::DepthwiseFused& d, const Consts& c, int64_t p0, float* out, int64_t first) {
     I e[4], o[4];  // the sums start at -z_x * sum w: the zero-point correction, done
     for (int r = 0; r < 4; ++r) {
       e[r] = c.z_e;
@@ -250,7 +256,7 @@ struct Avx512::Fused {
       const int64_t g = p0 / 8 + 2 * q;
       const auto keep = static_cast<__mmask16>(d.keep[g] | d.keep[g + 1] << 8);
       const int64_t start = d.starts[g], count = d.starts[g + 2] - start;
-      _mm512_mask_storeu_ps(out + start, static_cast<__mmask16>((1u << count) - 1),
+      _mm512_mask_storeu_ps(out + (start - first), static_cast<__mmask16>((1u << count) - 1),
                             _mm512_maskz_compress_ps(keep, columns[q]));
     }
   }

@@ -14,7 +14,7 @@
 // in this order, each with what it does):
 //   vectors            I (integer) and F (float32) vectors, kBytes and kFloats (float32 lanes)
 //   loads and stores   Load, Store, LoadF, StoreF, and of the first n lanes LoadFirstF,
-//                      LoadFirst32, MaskStoreF, StoreFirstF
+//                      LoadFirst32, StoreFirst8 (bytes), MaskStoreF, StoreFirstF
 //   arithmetic         Zero, ZeroF, Set8, Set32, SetF, Add32, Sub32, ShiftLeft32, Add, Mul, Div,
 //                      MulAdd, Min, Max, Clip, ToFloat, RoundToInt, AsInt
 //   widening, shuffles WidenI16, WidenU8, MaddI16, MoveHdup, EvenLanes, Transpose
@@ -55,7 +55,7 @@ constexpr Kernels SimdKernels() {
   k.quantize_fused = iconv::QuantizeFusedKernel<T>;
   k.lanes_fused = iconv::LanesFusedKernel<T>;
   k.output = iconv::OutputKernel<T>;
-  k.output_rows = iconv::OutputRowsKernel<T>;
+  k.panel_output = iconv::PanelOutputKernel<T>;
   k.int16_sums = T::kInt16Sums;
   k.fused_tap_groups = T::Fused::kTapGroups;
   k.fused_quantize_rows = T::Fused::kQuantizeRows;
