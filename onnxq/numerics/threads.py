@@ -3,8 +3,11 @@
 OpenBLAS's threads cost more than they bring on the small matrices of most layers (GPTQ's block updates, the Cholesky
 factors of a few hundred features) and on the calibration pass's sums of H, whose calls come between onnxruntime's
 runs with a few hundred rows each. On 2 cores, one-off runs 2026-12-05: MiniLM's weights (K 384 and 1536) 12.0 s with
-two threads, 9.2 s with one; CREPE's calibration sums (K 256-2048) 1.3 s against 0.6 s; its 2048-wide layer's weights
-faster with two (a lone ssyrk of 4096 rows: 1.4x faster with two threads at K 2048, 1.7x at 4608).
+two threads, 9.2 s with one; CREPE's calibration sums (K 256-2048) 1.3 s against 0.6 s. On an idle machine two threads
+were faster for a 2048-wide layer (a lone ssyrk of 4096 rows: 1.4x at K 2048, 1.7x at 4608), but with anything else
+running on the second core OpenBLAS's waiting threads collapse: the Cholesky factor and inverse of a 2048-wide H took
+4.9 s on two threads against 0.2 s on one (one-off, another build running beside it). The width from which threads
+are allowed is therefore far above the real models' (8192).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import scipy.linalg  # noqa: F401  (its own OpenBLAS, loaded before the controll
 from threadpoolctl import ThreadpoolController
 
 #: Features (K) from which a layer's matrix work lets BLAS use all its threads.
-PARALLEL_FEATURES = 2048
+PARALLEL_FEATURES = 8192
 
 
 @functools.cache
