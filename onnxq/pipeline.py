@@ -38,7 +38,7 @@ from onnxq.calibrate.samples import SampleAxes, input_specs, peek, sample_axes
 from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, RangeMethod, SqrtMode
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
-from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.graph import constant_initializers, drop_inferred_shapes, to_array
 from onnxq.model.load import LoadedModel, load
 from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_opset
 from onnxq.model.prepare import prepare
@@ -177,6 +177,7 @@ def quantize_with_report(
 def load_and_prepare(model: ModelSource) -> LoadedModel:
     """Load and check the model, bring it to opset 13 at least, and run the preparation passes (onnxq/model/prepare.py)."""
     loaded = load(model)
+    loaded.declared = frozenset(info.name for info in loaded.model.graph.value_info)
     ensure_opset(loaded, MIN_OPSET)
     loaded.model = prepare(loaded.model)
     return loaded
@@ -440,6 +441,7 @@ def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrate
     weights.ops.clear()
     weights.tables.clear()
     materialize(loaded.model)  # what stayed float (biases, unquantized layers) is read in from external files
+    drop_inferred_shapes(loaded.model.graph, loaded.declared)
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     activations = list(calibrated.quants.values()) if calibrated is not None else []

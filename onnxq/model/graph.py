@@ -175,3 +175,20 @@ def finish_node_rewrite(model: onnx.ModelProto, after: dict[int, list[onnx.NodeP
     remove_unused_initializers(model.graph)
     if domain is not None:
         import_domain(model, domain)
+
+
+def drop_inferred_shapes(graph: onnx.GraphProto, declared: frozenset[str]) -> int:
+    """Remove the value_info of standard ops' outputs that the source did not declare; returns how many went.
+
+    onnxq infers shapes to plan (onnxq/model/prepare.py), but the shapes left in a written model change what
+    onnxruntime does with it: with them it fused a SkipLayerNormalization and ran the fmnist ViT 12 % slower, the float
+    model itself included (one-off, 2026-12-05; onnxruntime infers what it needs on its own). Custom ops' outputs keep
+    theirs: onnx cannot infer them (onnxq/rewrite/ops.py declares them on purpose).
+    """
+    standard = {output for node in graph.node if node.domain in ("", "ai.onnx") for output in node.output}
+    kept = [info for info in graph.value_info if info.name in declared or info.name not in standard]
+    dropped = len(graph.value_info) - len(kept)
+    if dropped:
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    return dropped
