@@ -40,7 +40,7 @@ from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.graph import constant_initializers, drop_inferred_shapes, to_array
 from onnxq.model.load import LoadedModel, load
-from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_opset
+from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_int4_ir, ensure_opset
 from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
@@ -186,7 +186,9 @@ def load_and_prepare(model: ModelSource) -> LoadedModel:
 def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: CalibrationData | None) -> Plan:
     """Plan every weight (bits, axis, op) and convert the model to the opset the planned formats need.
 
-    Converting here, before calibration, lets calibration run the model that will be rewritten. The op choice reads
+    Converting here, before calibration, lets calibration run the model that will be rewritten. Weight-only models keep
+    their opset even at 4 bits (their codes are decoded at load by opset-13 ops: onnxq/rewrite/qdq.py); int4 tensor
+    types, and so opset 21, come with quantized activations. The op choice reads
     the graph's declared shapes, which the rewrite's activation pairs later hide, so it is made now, once, for all
     later stages.
     """
@@ -202,8 +204,8 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
         plans = adjust_weight_plans(plans, config.activations)
     if any(not p.is_float32 for p in plans):
         ensure_opset(loaded, FLOAT16_SCALE_OPSET)
-    if any(storage_bits(p.bits) == 4 for p in plans) or (config.activations is not None and config.activations.bits == 4):
-        ensure_opset(loaded, INT4_OPSET)
+    if config.activations is not None and (any(storage_bits(p.bits) == 4 for p in plans) or config.activations.bits == 4):
+        ensure_opset(loaded, INT4_OPSET)  # int4 DequantizeLinear (or its Cast to int8) and uint4 activations
     targets = OpTargets.of(loaded.model.graph)
     return Plan(plans, skipped, {p.tensor: op_choice(p, targets, config) for p in plans}, targets.ranks)
 
@@ -399,6 +401,7 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
     replace_weights(model.graph, {t: q for t, q in weights.qdq.items() if t in fused}, widen=uint8)
     replace_weights(model.graph, {t: q for t, q in weights.qdq.items() if t not in fused}, at_load=True)
     replace_tables(model, weights.tables)
+    ensure_int4_ir(model)  # a table of odd-length rows keeps int4 codes
     if activations:
         insert_activation_qdq(model, activations, default_opset(model))
     nbits = {tensor: q for tensor, (q, op_type) in weights.ops.items() if op_type == MATMUL_NBITS}

@@ -225,9 +225,49 @@ def float_equivalent(quantized: onnx.ModelProto) -> onnx.ModelProto:
 
 
 #: The two forms in which onnxq's models decode a stored weight: DequantizeLinear (with quantized activations), and
-#: Cast of the codes times a constant scale, which onnxruntime folds when it loads the model (weight-only models).
+#: Cast of the codes times a constant scale, which onnxruntime folds when it loads the model (weight-only models;
+#: 4-bit codes there are unpacked from uint8 halves instead of Cast from int4: HALVES_FORM's nodes in the Cast's place).
 DQ_FORM = "DequantizeLinear"
 CAST_FORM = "Cast+Mul"
+
+
+def unpack_halves_here(packed: np.ndarray, count: int) -> np.ndarray:
+    """4-bit codes stored as halves (byte i: code i + 8 in its low nibble, code i + ceil(n/2) + 8 in its high one)."""
+    raw = [int(b) for b in np.asarray(packed, dtype=np.uint8).ravel()]
+    nibbles = [b & 0xF for b in raw] + [b >> 4 for b in raw]
+    return np.array([v - 8 for v in nibbles[:count]], dtype=np.int8)
+
+
+def _halves(signed: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
+            producers: dict[str, onnx.NodeProto]) -> tuple[onnx.TensorProto, tuple[onnx.NodeProto, ...]] | None:
+    """For Sub(Reshape(Concat(packed - 16 high, high) [Slice], shape), 8), high = Cast(BitShift(packed, 4)): an INT4
+    tensor of the codes (named as the packed bytes) and the unpacking nodes; else None."""
+    reshape = producers.get(signed.input[0]) if signed.op_type == "Sub" else None
+    if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in constants:
+        return None
+    assert float(onnx.numpy_helper.to_array(constants[signed.input[1]])) == 8.0, "the halves' offset is 8"
+    chain = [signed, reshape]
+    halves = producers.get(reshape.input[0])
+    if halves is not None and halves.op_type == "Slice":
+        chain.append(halves)
+        halves = producers.get(halves.input[0])
+    if halves is None or halves.op_type != "Concat":
+        return None
+    high = producers.get(halves.input[1])
+    shift = producers.get(high.input[0]) if high is not None and high.op_type == "Cast" else None
+    if shift is None or shift.op_type != "BitShift" or shift.input[0] not in constants:
+        return None
+    assert _attribute(shift, "direction", b"") == b"RIGHT" and int(onnx.numpy_helper.to_array(constants[shift.input[1]])) == 4
+    packed = constants[shift.input[0]]
+    shape = [int(d) for d in onnx.numpy_helper.to_array(constants[reshape.input[1]])]
+    codes = unpack_halves_here(onnx.numpy_helper.to_array(packed), int(np.prod(shape))).reshape(shape)
+    nibbles = [int(v) & 0xF for v in codes.ravel()] + [0]  # as ONNX packs INT4 (decode_int_tensor reads it back)
+    raw = bytes(nibbles[i] | (nibbles[i + 1] << 4) for i in range(0, codes.size, 2))
+    tensor = onnx.TensorProto(name=packed.name, data_type=onnx.TensorProto.INT4, dims=shape, raw_data=raw)
+    low = producers.get(halves.input[0])  # Sub(Cast(packed), Mul(high, 16))
+    assert low is not None and low.op_type == "Sub", "the low halves are packed - 16 high"
+    unpacking = [producers[name] for name in low.input if name in producers]  # Cast(packed) and Mul(high, 16)
+    return tensor, (*unpacking, shift, high, low, halves, *reversed(chain))  # the Cast of the stored bytes first
 
 #: Integer element types of stored codes, as numpy types (INT4 is read by decode_int_tensor).
 _CODE_TYPES = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT4: np.int8}
@@ -313,6 +353,11 @@ def _decoder(node: onnx.NodeProto, constants: dict[str, onnx.TensorProto], produ
         return None
     for cast_out, scale_name in (tuple(node.input), tuple(reversed(node.input))):
         cast = producers.get(cast_out)
+        unpacked = _halves(cast, constants, producers) if cast is not None and scale_name in constants else None
+        if unpacked is not None and constants[scale_name].data_type in _FLOAT_NP:
+            codes, scale, dims = unpacked[0], constants[scale_name], list(constants[scale_name].dims)
+            channels = [i for i, d in enumerate(dims) if d != 1]
+            return CAST_FORM, codes, scale, (channels[0] if channels else None), None, (*unpacked[1], node)
         if (cast is None or cast.op_type != "Cast" or cast.input[0] not in constants or scale_name not in constants
                 or constants[cast.input[0]].data_type not in _CODE_TYPES or constants[scale_name].data_type not in _FLOAT_NP):
             continue

@@ -8,7 +8,6 @@ import pytest
 from conftest import (
     CAST_FORM,
     assert_op_counts,
-    decode_int_tensor,
     decoded_weight,
     decoded_weight_counts,
     decoded_weights,
@@ -20,6 +19,7 @@ from conftest import (
 
 from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
 from onnxq import Granularity, NBitsMode, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
+from onnxq.config import ActivationConfig
 from onnxq.model.opset import default_opset
 
 
@@ -49,13 +49,25 @@ def test_quantized_close_to_float(bits):
     assert rel < {4: 0.25, 8: 0.02}[bits]
 
 
-def test_int4_storage_and_opset_21():
-    quantized = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=4, first_last_bits=None))
-    assert default_opset(quantized) == 21 and quantized.ir_version >= 10
+def test_weight_only_int4_keeps_the_opset_and_packs_two_codes_a_byte():
+    """Weight-only 4-bit codes are plain uint8 halves (no int4 type): the model keeps its opset and IR version."""
+    source = conv_bn_relu_gemm()
+    quantized = quantize(source, QuantizeConfig(bits=4, first_last_bits=None))
+    assert default_opset(quantized) == 17 and quantized.ir_version == source.ir_version
     codes = _init(quantized, "w2_quantized")
-    assert codes.data_type == onnx.TensorProto.INT4
+    assert codes.data_type == onnx.TensorProto.UINT8
     assert len(codes.raw_data) == (8 * 8 * 3 * 3 + 1) // 2
+    assert weight_of(quantized, "conv2").codes_type == onnx.TensorProto.INT4  # read back by the tests' own decoder
     assert "w2" not in {t.name for t in quantized.graph.initializer}
+    assert not any(t.data_type in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) for t in quantized.graph.initializer)
+
+
+def test_int4_with_quantized_activations_takes_opset_21():
+    """int4 DequantizeLinear (fused with the activations into onnxruntime's integer kernels) needs opset 21."""
+    data = [{"x": np.random.default_rng(i).standard_normal((1, 3, 8, 8)).astype(np.float32)} for i in range(4)]
+    quantized = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=4, first_last_bits=None, activations=ActivationConfig()), data)
+    assert default_opset(quantized) == 21 and quantized.ir_version >= 10
+    assert _init(quantized, "w2_quantized").data_type == onnx.TensorProto.INT4
 
 
 def test_opset_conversion_keeps_the_nodes_metadata():
@@ -64,8 +76,9 @@ def test_opset_conversion_keeps_the_nodes_metadata():
     relu = next(n for n in model.graph.node if n.op_type == "Relu")
     onnx.helper.set_metadata_props(relu, {"pkg.torch.onnx.fx_node": "relu(x)", "namespace": "stem"})
     name = relu.name
+    model.opset_import[0].version = 11  # below onnxq's oldest (13): converted
     quantized = quantize(model, QuantizeConfig(bits=4, first_last_bits=None))
-    assert default_opset(quantized) == 21
+    assert default_opset(quantized) == 13
     (node,) = (n for n in quantized.graph.node if n.name == name)
     assert {p.key: p.value for p in node.metadata_props} == {"pkg.torch.onnx.fx_node": "relu(x)", "namespace": "stem"}
 
@@ -80,7 +93,7 @@ def test_first_and_last_layers_stay_8_bit():
     result = quantize_with_report(conv_bn_relu_gemm(), QuantizeConfig(bits=4))
     bits = {layer.nodes[0]: layer.bits for layer in result.layers}
     assert bits == {"conv1": 8, "conv2": 4, "fc": 8}
-    types = {name: _init(result.model, f"{w}_quantized").data_type for name, w in (("conv1", "w1"), ("conv2", "w2"), ("fc", "w3"))}
+    types = {name: weight_of(result.model, name).codes_type for name in ("conv1", "conv2", "fc")}
     assert types == {"conv1": onnx.TensorProto.INT8, "conv2": onnx.TensorProto.INT4, "fc": onnx.TensorProto.INT8}
 
 
@@ -235,7 +248,7 @@ def test_old_opset_is_upgraded():
 def test_codes_decode_to_reported_sqnr():
     result = quantize_with_report(conv_bn_relu_gemm(with_bn=False), QuantizeConfig(bits=4, first_last_bits=None, sqrt=SqrtMode.OFF))
     layer = next(layer for layer in result.layers if layer.tensor == "w2")
-    codes = decode_int_tensor(_init(result.model, "w2_quantized")).astype(np.float32)
+    codes = weight_of(result.model, "conv2").codes.astype(np.float32)  # the tests' own reading of the stored halves
     scale = onnx.numpy_helper.to_array(_init(result.model, "w2_scale")).reshape(-1, 1, 1, 1)
     w = onnx.numpy_helper.to_array(_init(conv_bn_relu_gemm(with_bn=False), "w2")).astype(np.float64)
     sqnr = 10 * np.log10(np.sum(w**2) / np.sum((w - codes * scale) ** 2))

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import onnx
+from onnx import numpy_helper
 
 from onnxq.model.graph import all_graphs, attribute, subgraphs
 from onnxq.model.load import read_model_file
@@ -229,15 +230,43 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
 
 
 def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorProto, onnx.NodeProto, onnx.TensorProto] | None:
-    """For ``Mul(Cast(codes), scale)`` with integer constant codes and a float constant scale: (codes, the Cast, scale)."""
+    """For ``Mul(Cast(codes), scale)`` with integer constant codes and a float constant scale: (codes, the Cast, scale).
+
+    4-bit codes stored as uint8 halves (onnxq/rewrite/qdq.py) count as the int4 tensor they unpack to, the unpacking's
+    last node in the Cast's place.
+    """
     if node.op_type != "Mul" or len(node.input) != 2:
         return None
     for value, scale_name in (node.input, reversed(node.input)):
         cast, scale = scope.producers.get(value), scope.constants.get(scale_name)
-        codes = scope.tensor(cast, 0) if cast is not None and cast.op_type == "Cast" else None
-        if codes is not None and scale is not None and codes.data_type in _INTEGER_CODES and scale.data_type in _FLOAT_TYPES:
+        if cast is None or scale is None or scale.data_type not in _FLOAT_TYPES:
+            continue
+        codes = scope.tensor(cast, 0) if cast.op_type == "Cast" else _halves_codes(cast, scope)
+        if codes is not None and codes.data_type in _INTEGER_CODES:
             return codes, cast, scale
     return None
+
+
+def _halves_codes(signed: onnx.NodeProto, scope: _Scope) -> onnx.TensorProto | None:
+    """The int4 codes that onnxq's unpacking of 4-bit halves ends in at ``signed``, as a tensor header (no values).
+
+    The unpacking: ``Sub(Reshape(Concat(low, Cast(BitShift(packed))) [Slice], shape), offset)``; the header has the
+    codes' shape and the packed bytes' name, whose place it takes.
+    """
+    reshape = scope.producers.get(signed.input[0]) if signed.op_type == "Sub" and signed.input else None
+    shape = scope.tensor(reshape, 1) if reshape is not None and reshape.op_type == "Reshape" else None
+    halves = scope.producers.get(reshape.input[0]) if shape is not None else None
+    if halves is not None and halves.op_type == "Slice":
+        halves = scope.producers.get(halves.input[0])
+    if halves is None or halves.op_type != "Concat" or len(halves.input) != 2:
+        return None
+    cast = scope.producers.get(halves.input[1])
+    shift = scope.producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+    packed = scope.tensor(shift, 0) if shift is not None and shift.op_type == "BitShift" else None
+    if packed is None or packed.data_type != onnx.TensorProto.UINT8:
+        return None
+    dims = [int(d) for d in numpy_helper.to_array(shape)]
+    return onnx.TensorProto(name=packed.name, data_type=onnx.TensorProto.INT4, dims=dims)
 
 
 def _squared(node: onnx.NodeProto, scope: _Scope) -> str | None:

@@ -49,13 +49,20 @@ def ensure_opset(loaded: LoadedModel, minimum: int) -> None:
         on_skeleton(loaded.model, lambda m: version_converter.convert_version(m, minimum))
     except Exception as e:  # the converter raises RuntimeError or its own errors
         reason = _conversion_failure(loaded.model, e)
-        hint = " (int4 weights need opset 21; -b 5 or more stores int8 and keeps the opset)" if minimum >= INT4_OPSET else ""
+        hint = " (int4 weights with quantized activations need opset 21; -b 5 or more keeps the opset)" if minimum >= INT4_OPSET else ""
         raise OnnxqError(loaded.label, f"cannot convert opset {current} to {minimum}: {reason}{hint}") from e
     for node in loaded.model.graph.node:  # the converter drops nodes' metadata_props (exporters' source locations)
         if not node.metadata_props and node.name in metadata:
             node.metadata_props.extend(metadata[node.name])
     if minimum >= INT4_OPSET:
         loaded.model.ir_version = max(loaded.model.ir_version, INT4_IR_VERSION)
+
+
+def ensure_int4_ir(model: onnx.ModelProto) -> None:
+    """Raise the IR version to the one int4 tensors need where the graph stores any (a weight-only model keeps its opset)."""
+    packed = (onnx.TensorProto.INT4, onnx.TensorProto.UINT4)
+    if any(t.data_type in packed for t in model.graph.initializer):
+        model.ir_version = max(model.ir_version, INT4_IR_VERSION)
 
 
 #: The file/line/assertion prefix of the version converter's C++ messages.

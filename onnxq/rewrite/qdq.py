@@ -4,7 +4,8 @@ For each quantized weight W the float initializer is replaced by integer codes (
 that decode them, in one of two forms:
 
 - decoded at load (weight-only models): ``Cast(codes) * scale``, the scale shaped to broadcast along the channel
-  axis, in float32 (then a Cast for float16 weights: onnxruntime has no float16 Mul on CPU to fold). Every input is
+  axis (4-bit codes: unpacked from plain uint8 bytes by a shift and a Concat instead of a Cast, so that no int4 type
+  and no opset 21 is needed), in float32 (then a Cast for float16 weights: onnxruntime has no float16 Mul on CPU to fold). Every input is
   a constant, so onnxruntime folds the nodes into a float weight when it loads the model: the file keeps the codes'
   size and the model runs at the float model's speed with the quantized weights' values.
   onnxruntime does not fold DequantizeLinear (it keeps it for its QDQ fusions) and so, where it fuses nothing, runs it
@@ -26,7 +27,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.model.graph import NameSource, remove_unused_initializers, rename_input
-from onnxq.numerics.packing import pack_int4
+from onnxq.numerics.packing import HALVES_OFFSET, pack_halves, pack_int4
 from onnxq.numerics.uniform import storage_bits
 from onnxq.numerics.weights import QuantizedTensor
 
@@ -89,17 +90,59 @@ def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: 
     scale = np.asarray(q.scale, dtype=np.float32)
     if q.axis is not None:  # broadcast along the channel axis
         scale = scale.reshape([-1 if i == q.axis else 1 for i in range(q.codes.ndim)])
-    inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
-    cast = names.fresh(f"{weight}_cast")
+    if storage_bits(q.bits) == 4:
+        inits, nodes, cast = _unpacked_halves(weight, q.codes, names, codes_name)
+    else:
+        inits, cast = [integer_tensor(codes_name, q.codes, q.bits)], names.fresh(f"{weight}_cast")
+        nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT)]
+    inits.append(numpy_helper.from_array(scale, scale_name))
     values = decoded if dtype == onnx.TensorProto.FLOAT else names.fresh(f"{weight}_float32")
-    nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT),
-             helper.make_node("Mul", [cast, scale_name], [values], name=names.fresh(f"{weight}_Scale"))]
+    nodes.append(helper.make_node("Mul", [cast, scale_name], [values], name=names.fresh(f"{weight}_Scale")))
     if q.sqrt:
         values = _square(weight, values, names, nodes)
     if dtype == onnx.TensorProto.FLOAT:
         return inits, nodes, values
     nodes.append(helper.make_node("Cast", [values], [decoded], name=names.fresh(f"{weight}_CastBack"), to=dtype))
     return inits, nodes, decoded
+
+
+def _unpacked_halves(weight: str, codes: np.ndarray, names: NameSource, packed_name: str) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """4-bit ``codes`` stored as uint8 halves (onnxq/numerics/packing.py) and the ops that unpack them to float codes.
+
+    high = packed >> 4, low = packed - 16 high (in float), the codes Concat(low, high)[:n] reshaped, minus the offset.
+    Every op is in opset 13 and reads constants only, so onnxruntime folds them at load like the Cast of int8 codes:
+    no int4 tensor type, so a weight-only model keeps its opset (converting the ViT to opset 21 alone made onnxruntime
+    run it 11 % slower: a slower Softmax and a SkipLayerNormalization fusion; one-off profile, 2026-12-05). Returns
+    the initializers, the nodes and the name of the float codes.
+    """
+    count = int(codes.size)
+    constants = {
+        "shift": np.array(4, dtype=np.uint8), "sixteen": np.array(16.0, dtype=np.float32),
+        "offset": np.array(HALVES_OFFSET, dtype=np.float32), "shape": np.array(codes.shape, dtype=np.int64),
+    }
+    const = {key: names.fresh(f"{weight}_{key}") for key in constants}
+    inits = [numpy_helper.from_array(pack_halves(codes), packed_name)] + [numpy_helper.from_array(v, const[k]) for k, v in constants.items()]
+    steps = ("high", "packed_float", "high_float", "high_up", "low", "halves", "codes_unsigned", "codes")
+    out = {key: names.fresh(f"{weight}_{key}") for key in steps}
+    nodes = [
+        helper.make_node("BitShift", [packed_name, const["shift"]], [out["high"]], name=names.fresh(f"{weight}_High"), direction="RIGHT"),
+        helper.make_node("Cast", [packed_name], [out["packed_float"]], name=names.fresh(f"{weight}_CastPacked"), to=onnx.TensorProto.FLOAT),
+        helper.make_node("Cast", [out["high"]], [out["high_float"]], name=names.fresh(f"{weight}_CastHigh"), to=onnx.TensorProto.FLOAT),
+        helper.make_node("Mul", [out["high_float"], const["sixteen"]], [out["high_up"]], name=names.fresh(f"{weight}_HighUp")),
+        helper.make_node("Sub", [out["packed_float"], out["high_up"]], [out["low"]], name=names.fresh(f"{weight}_Low")),
+        helper.make_node("Concat", [out["low"], out["high_float"]], [out["halves"]], name=names.fresh(f"{weight}_Halves"), axis=0),
+    ]
+    halves = out["halves"]
+    if count % 2:  # the padding code at the end goes
+        ends = names.fresh(f"{weight}_count")
+        inits.append(numpy_helper.from_array(np.array([count], dtype=np.int64), ends))
+        starts = names.fresh(f"{weight}_start")
+        inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), starts))
+        halves = names.fresh(f"{weight}_trimmed")
+        nodes.append(helper.make_node("Slice", [out["halves"], starts, ends], [halves], name=names.fresh(f"{weight}_Trim")))
+    nodes.append(helper.make_node("Reshape", [halves, const["shape"]], [out["codes_unsigned"]], name=names.fresh(f"{weight}_Shape")))
+    nodes.append(helper.make_node("Sub", [out["codes_unsigned"], const["offset"]], [out["codes"]], name=names.fresh(f"{weight}_Signed")))
+    return inits, nodes, out["codes"]
 
 
 def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor], at_load: bool = False, widen: bool = False) -> None:
