@@ -833,12 +833,12 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     std::memset(x4.get() + size - kSlack * 4, job.z, static_cast<size_t>(kSlack * 4));
     BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4.get()));
     job.x4 = x4.get();
+    // Each tap's place in the phase planes found once (Index divides), the quads' planes ph.size() apart.
     job.offsets.resize(static_cast<size_t>(pw.k4));
-    for (int64_t ci = 0; ci < pw.c4; ++ci) {
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          job.offsets[(ci * g.kh + ky) * g.kw + kx] = (ci * ph.size() + ph.Index(ky * g.dh, kx * g.dw)) * 4;
-        }
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t tap = ph.Index(ky * g.dh, kx * g.dw);
+        for (int64_t ci = 0; ci < pw.c4; ++ci) job.offsets[(ci * g.kh + ky) * g.kw + kx] = (ci * ph.size() + tap) * 4;
       }
     }
   } else if (UsesFusedDepthwise(g, pw, job.isa) && UseLanesFused(g, pw, job.isa, job.pad_bottom, job.pad_right)) {
