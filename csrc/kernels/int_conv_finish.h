@@ -475,7 +475,8 @@ void FinishTBytes(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
       T::TransposeDwords4(r8);
     }
     I d[4];
-    for (int k = 0; k < 4; ++k) {
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {  // (unrolled: else d went through the stack)
       F v[4];
       for (int q = 0; q < 4; ++q) {
         v[q] = 4 * k + q < count ? rows.At(first + 4 * k + q) : T::ZeroF();
