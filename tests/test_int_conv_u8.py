@@ -77,6 +77,12 @@ SHAPES = [
     # GemmT with one and two blocks of 16 rows (its widest tiles), rows of 29 and 23 pixels: tiles cut at row ends
     Case("IntConv", 4, 2, 16, (6, 29), 16, (3, 3), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 2, 8, (5, 23), 16, (3, 3), pads=(1, 1, 1, 1)),
+    # GemmT into uint8 Y with the channels in the lanes (FinishTBytes), 16 pixels at a time: 35 pixels (the last 16
+    # overlap the ones before) and 40 channels (the last block of lanes part full); panels under 16 pixels (15), whose
+    # rows and R go through buffers, with 24 and 12 channels
+    Case("IntConv", 4, 2, 16, (5, 7), 40, (3, 3), pads=(1, 1, 1, 1)),
+    Case("IntConv", 4, 2, 8, (3, 5), 24, (3, 3), pads=(1, 1, 1, 1)),
+    Case("PostConv", 4, 2, 8, (3, 5), 12, (3, 3), pads=(1, 1, 1, 1)),
     # Gemm with a dropped column a row (stride 2, even padded width) and 40 channels: a panel's kept pixels span rows,
     # and its channels go through the output step 16 at a time (16, 16, 8)
     Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),

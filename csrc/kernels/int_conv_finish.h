@@ -31,28 +31,56 @@ template <class T>
   return clip ? T::Clip(y, lo, hi) : y;
 }
 
-// FinishT for channels [R b, R b + R), R = T::kFloats: the sums of a channel's rows (PostConv: its
-// even and odd rows side by side in two lanes, added) in the lanes of one vector per pixel,
+// GemmT's C finished for channels [R b, R b + R), R = T::kFloats, a pixel at a time: the sums of a
+// channel's rows (PostConv: its even and odd rows side by side in two lanes, added) in the lanes of
+// one vector, the zero-point correction, factor and bias applied (Finish without the clip).
+template <class T, bool kPost, bool kBias>
+struct FinishTRows {
+  using I = typename T::I;
+  using F = typename T::F;
+  static constexpr int R = T::kFloats;
+  int64_t channels;  // of the block (the last one may have fewer than R)
+  F bias;
+  const int32_t *c0, *c1;
+  I z0, z1;
+  F f0, f1;
+  // The block's rows: R (IntConv) or 2R (PostConv) from r0, R to a vector, each at its place in
+  // GemmT's blocks of kLanes rows (c_of); the second vector's only for PostConv and where the rows
+  // are there (else they hold nothing any output needs).
+  FinishTRows(const FinishT& f, int64_t b) {
+    channels = f.channels - R * b < R ? f.channels - R * b : R;
+    bias = kBias ? T::LoadFirstF(f.bias + R * b, channels) : T::ZeroF();
+    const int64_t r0 = kPost ? 2 * R * b : R * b, r1 = r0 + R;
+    auto c_of = [&](int64_t row) { return f.c + (row / kLanes) * kLanes * f.pixels + row % kLanes; };
+    c0 = c_of(r0);
+    c1 = kPost && 2 * f.channels > r1 ? c_of(r1) : nullptr;
+    z0 = T::Load(f.z + r0);
+    z1 = T::Load(f.z + r1);
+    f0 = T::LoadF(f.factor + r0);
+    f1 = T::LoadF(f.factor + r1);
+  }
+  // Pixel p's y of the block's channels, unclipped.
+  [[gnu::always_inline]] F At(int64_t p) const {
+    const int64_t at = p * kLanes;
+    F v = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z0)), f0);
+    if (kPost) {  // each pair of lanes even + odd, the pairs of v then w in channel order
+      const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);
+      v = T::EvenLanes(T::Add(v, T::MoveHdup(v)), T::Add(w, T::MoveHdup(w)));
+    }
+    return kBias ? T::Add(v, bias) : v;
+  }
+};
+
+// FinishT for channels [R b, R b + R), R = T::kFloats: FinishTRows' vector per pixel, clipped,
 // transposed in registers so that each channel's R pixels are one vector: put(p0, count, y, channels)
 // takes y[j], channel R b + j's pixels [p0, p0 + count) (lanes past count undefined), j < channels.
 template <class T, bool kPost, bool kBias, class Put>
 void FinishTBlock(const FinishT& f, int64_t b, Put& put) {
-  using I = typename T::I;
   using F = typename T::F;
   constexpr int R = T::kFloats;
-  const int64_t channels = f.channels - R * b < R ? f.channels - R * b : R;
-  const F bias = kBias ? T::LoadFirstF(f.bias + R * b, channels) : T::ZeroF();
+  const FinishTRows<T, kPost, kBias> rows(f, b);
   const F clip_lo = T::SetF(f.clip_lo), clip_hi = T::SetF(f.clip_hi);
   const bool clip = f.clip_lo != -INFINITY || f.clip_hi != INFINITY;  // (the default bounds change no bits)
-  // The block's rows: R (IntConv) or 2R (PostConv) from r0, R to a vector, each at its place in
-  // GemmT's blocks of kLanes rows (c_of); the second vector's only for PostConv and where the rows
-  // are there (else they hold nothing any output needs).
-  const int64_t r0 = kPost ? 2 * R * b : R * b, r1 = r0 + R;
-  auto c_of = [&](int64_t row) { return f.c + (row / kLanes) * kLanes * f.pixels + row % kLanes; };
-  const int32_t* c0 = c_of(r0);
-  const int32_t* c1 = kPost && 2 * f.channels > r1 ? c_of(r1) : nullptr;
-  const I z0 = T::Load(f.z + r0), z1 = T::Load(f.z + r1);
-  const F f0 = T::LoadF(f.factor + r0), f1 = T::LoadF(f.factor + r1);
   for (int64_t p0 = 0; p0 < f.pixels; p0 += R) {
     const int64_t count = f.pixels - p0 < R ? f.pixels - p0 : R;
     F y[R];
@@ -61,17 +89,11 @@ void FinishTBlock(const FinishT& f, int64_t b, Put& put) {
         y[i] = T::ZeroF();
         continue;
       }
-      const int64_t at = (p0 + i) * kLanes;
-      F v = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z0)), f0);
-      if (kPost) {  // each pair of lanes even + odd, the pairs of v then w in channel order
-        const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);
-        v = T::EvenLanes(T::Add(v, T::MoveHdup(v)), T::Add(w, T::MoveHdup(w)));
-      }
-      if (kBias) v = T::Add(v, bias);
+      const F v = rows.At(p0 + i);
       y[i] = clip ? T::Clip(v, clip_lo, clip_hi) : v;
     }
     T::Transpose(y);
-    put(p0, count, y, channels);
+    put(p0, count, y, rows.channels);
   }
 }
 
@@ -153,11 +175,11 @@ struct FusedQuantizeConsts {
 // 4 vectors of values quantized (int_conv_kernels.h, FixedMagic) into T::kBytes bytes, in order:
 // the multiply-add gives each value's fixed-point u; where any u is a tie (its low 12 bits 0:
 // T::AnyFixedTie), the whole block takes QuantizeOne's exact steps instead (divide, clamp: NaN ->
-// lo, round half to even; the value placed at bit 12 like u's). T::PackFixedBytes gathers bits
+// lo, round half to even; the value placed at bit 12 like u's): QuantizeFixedU. T::PackFixedBytes gathers bits
 // 12..19 of each lane.
 template <class T>
-[[gnu::always_inline]] inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
-  typename T::I u[4];
+[[gnu::always_inline]] inline void QuantizeFixedU(const FusedQuantizeConsts<T>& c, const typename T::F x[4],
+                                                  typename T::I u[4]) {
   bool ties = true;
   if (!c.divide) {
     for (int k = 0; k < 4; ++k) u[k] = T::AsInt(T::Min(T::Max(T::MulAdd(x[k], c.inverse, c.magic), c.lo), c.hi));
@@ -169,6 +191,12 @@ template <class T>
       u[k] = T::ShiftLeft32(T::Add32(T::RoundToInt(t), c.z), 12);
     }
   }
+}
+
+template <class T>
+[[gnu::always_inline]] inline typename T::I QuantizeFixed(const FusedQuantizeConsts<T>& c, const typename T::F x[4]) {
+  typename T::I u[4];
+  QuantizeFixedU<T>(c, x, u);
   return T::PackFixedBytes(u);
 }
 
@@ -199,6 +227,17 @@ struct OutputConsts {
         y(OutputQuantization(o)) {}
 };
 
+// The output step's clip and hard swish of 4 vectors of y (R added already), in place.
+template <class T>
+[[gnu::always_inline]] inline void OutputClip(const OutputConsts<T>& c, typename T::F v[4]) {
+  if (c.clip) {
+    for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
+  }
+  if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
+    for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
+  }
+}
+
 // (The helpers of the output step are always inlined: where GCC kept QuantizeFixed out of line, AVX2's
 // vectors went through memory at every call, 18% of a depthwise layer's time.)
 // OutputOne over 4 vectors (4 * T::kFloats elements) of y in registers: R's from r / r8, Y's to out / out8
@@ -220,12 +259,7 @@ template <class T, bool kR, bool kR8, bool kQuantize, bool kTail = false>
     }
     for (int k = 0; k < 4; ++k) v[k] = T::Add(v[k], T::Mul(T::ToFloat(T::Sub32(w[k], c.r_zero_point)), c.r_scale));
   }
-  if (c.clip) {
-    for (int k = 0; k < 4; ++k) v[k] = T::Clip(v[k], c.clip_lo, c.clip_hi);
-  }
-  if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
-    for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
-  }
+  OutputClip<T>(c, v);
   if (kQuantize && kTail) {
     T::StoreFirst8(out8, QuantizeFixed<T>(c.y, v), left);
   } else if (kQuantize) {
@@ -402,6 +436,75 @@ void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
   FinishTBlock<T, kPost, kBias>(f, b, put);
 }
 
+// FinishT into uint8 Y (an Output that quantizes, with no R or a uint8 one) for channels [R b, R b + R),
+// the channels kept in the lanes, 16 pixels at a time: each pixel's vector (FinishTRows), plus R's
+// values, clipped, the hard swish, quantized 4 pixels at a time (QuantizeFixedU), whose bytes
+// T::FixedDwords leaves as dword i = channel i's 4 pixels; 4 x 4 dword transposes (T::TransposeDwords4)
+// then make 128-bit lanes of 16 pixels of one channel, stored as they are (uint8 R comes the other way).
+// Lane by lane OutputRun's operations in its order, so the same bytes; but no floats are transposed,
+// stored and reloaded (a 1x1 64->384 at 7x7 spent as long in FinishTOutput and OutputRun as in its
+// product). A panel's last pixels are the 16 that end it, some computed twice (the same bytes);
+// panels under 16 pixels read and write only their own through buffers.
+template <class T, bool kPost, bool kBias, bool kR8>
+void FinishTBytes(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int R = T::kFloats, kLanes128 = R / 4;
+  const FinishTRows<T, kPost, kBias> rows(f, b);
+  const Output& o = *f.output;
+  const int64_t at = f.at + R * b * f.stride;  // channel R b's first pixel in Y (and R)
+  const bool whole = f.pixels >= 16;
+  alignas(16) uint8_t y_part[R][16], r_part[R][16];  // (channels past the block's, and panels under 16 pixels)
+  for (int64_t p = 0; p < f.pixels; p += 16) {
+    const int64_t first = whole && p + 16 > f.pixels ? f.pixels - 16 : p;
+    const int64_t count = whole ? 16 : f.pixels;
+    I r8[4];  // kR8: r8[k] dword j = channel R b + j's bytes of pixels first + 4k ..
+    if constexpr (kR8) {
+      for (int j = 0; j < R; ++j) {
+        if (j < rows.channels && !whole) std::memcpy(r_part[j], o.r8 + at + j * f.stride + first, static_cast<size_t>(count));
+        if (j >= rows.channels) std::memset(r_part[j], 0, 16);
+      }
+      for (int j = 0; j < 4; ++j) {
+        const uint8_t* lanes[kLanes128];
+        for (int l = 0; l < kLanes128; ++l) {
+          const int row = 4 * l + j;
+          lanes[l] = row < rows.channels && whole ? o.r8 + at + row * f.stride + first : r_part[row];
+        }
+        r8[j] = T::LoadLanes(lanes);
+      }
+      T::TransposeDwords4(r8);
+    }
+    I d[4];
+#pragma GCC unroll 4
+    for (int k = 0; k < 4; ++k) {  // (unrolled: else d went through the stack)
+      F v[4];
+      for (int q = 0; q < 4; ++q) {
+        v[q] = 4 * k + q < count ? rows.At(first + 4 * k + q) : T::ZeroF();
+        if constexpr (kR8) {  // byte q of each dword of r8[k]
+          const I r = T::ShiftRight32(T::ShiftLeft32(r8[k], 24 - 8 * q), 24);
+          v[q] = T::Add(v[q], T::Mul(T::ToFloat(T::Sub32(r, c.r_zero_point)), c.r_scale));
+        }
+      }
+      OutputClip<T>(c, v);
+      I u[4];
+      QuantizeFixedU<T>(c.y, v, u);
+      d[k] = T::FixedDwords(u);
+    }
+    T::TransposeDwords4(d);  // d[j]: 128-bit lane l = channel R b + 4l + j's 16 pixels
+    for (int j = 0; j < 4; ++j) {
+      uint8_t* lanes[kLanes128];
+      for (int l = 0; l < kLanes128; ++l) {
+        const int row = 4 * l + j;
+        lanes[l] = row < rows.channels && whole ? o.y8 + at + row * f.stride + first : y_part[row];
+      }
+      T::StoreLanes(d[j], lanes);
+    }
+    if (!whole) {
+      for (int64_t j = 0; j < rows.channels; ++j) std::memcpy(o.y8 + at + j * f.stride + first, y_part[j], static_cast<size_t>(count));
+    }
+  }
+}
+
 template <class T, bool kPost, bool kBias>
 void FinishTForm(const FinishT& f) {
   const int64_t blocks = (f.channels + T::kFloats - 1) / T::kFloats;
@@ -414,8 +517,8 @@ void FinishTForm(const FinishT& f) {
   Block block;
   if (o.quantize) {
     block = o.r != nullptr    ? FinishTOutput<T, kPost, kBias, true, false, true>
-            : o.r8 != nullptr ? FinishTOutput<T, kPost, kBias, false, true, true>
-                              : FinishTOutput<T, kPost, kBias, false, false, true>;
+            : o.r8 != nullptr ? FinishTBytes<T, kPost, kBias, true>
+                              : FinishTBytes<T, kPost, kBias, false>;
   } else {
     block = o.r != nullptr    ? FinishTOutput<T, kPost, kBias, true, false, false>
             : o.r8 != nullptr ? FinishTOutput<T, kPost, kBias, false, true, false>

@@ -138,16 +138,34 @@ struct SimdJob : SimdArgs {
   std::atomic<bool> failed{false};
 };
 
-// Scratch bytes of a task: on the stack while they fit N, else on the heap.
-template <size_t N>
+// What a thread's reused buffer (ThreadBuffer) holds: one buffer per use, as a task may hold
+// several at once (RunDepthwise: its plane and its staged floats; SimdConv: the picked pixels of a
+// strided 1x1 while its quad image is built).
+enum class Use { kPicked, kQuadImage, kRows, kPanel, kPanelT, kPlane, kFused, kLanes, kLanesFused, kStaged };
+
+// At least `size` bytes that this thread reuses for `kUse` from call to call, grown as needed and
+// kept until the thread ends (like onnxruntime's arena): a layer's scratch past a few KiB (GemmT's C
+// for 384 channels, 75 KiB; a batch's quad image) was allocated and freed on every call, and where
+// malloc gave the memory back to the system, each call faulted its pages in again (a 1x1 64->384
+// at 7x7 took 35 us instead of 17 under onnxruntime's profiler). Never used by two tasks at once:
+// a thread runs one task at a time, and each use is held by one function.
+template <Use kUse>
+uint8_t* ThreadBuffer(int64_t size) {
+  thread_local std::unique_ptr<uint8_t[]> buffer;
+  thread_local int64_t capacity = 0;
+  if (size > capacity) {
+    buffer.reset();  // (the old one first: at most one of them at a time)
+    buffer.reset(new uint8_t[static_cast<size_t>(size)]);
+    capacity = size;
+  }
+  return buffer.get();
+}
+
+// Scratch bytes of a task: on the stack while they fit N, else the thread's buffer for kUse.
+template <size_t N, Use kUse>
 struct Scratch {
   alignas(64) uint8_t local[N];
-  std::unique_ptr<uint8_t[]> heap;
-  uint8_t* Get(int64_t size) {
-    if (size <= static_cast<int64_t>(N)) return local;
-    heap.reset(new uint8_t[static_cast<size_t>(size)]);
-    return heap.get();
-  }
+  uint8_t* Get(int64_t size) { return size <= static_cast<int64_t>(N) ? local : ThreadBuffer<kUse>(size); }
 };
 
 // Where a task's kernel writes the floats of Y's elements [at, at + n): into Y itself, or, with an
@@ -155,19 +173,15 @@ struct Scratch {
 // output step (int_conv_kernels.h, Output) into Y. The kernels then run without the clip (SimdArgs).
 struct Staged {
   const SimdJob& job;
-  std::unique_ptr<float[]> buffer;
-  int64_t size = 0;
+  float* buffer = nullptr;
   explicit Staged(const SimdJob& j) : job(j) {}
   float* At(int64_t at, int64_t n) {
     if (job.output == nullptr) return job.y + at;
-    if (n > size) {
-      buffer.reset(new float[static_cast<size_t>(n)]);
-      size = n;
-    }
-    return buffer.get();
+    buffer = reinterpret_cast<float*>(ThreadBuffer<Use::kStaged>(n * static_cast<int64_t>(sizeof(float))));
+    return buffer;
   }
   void Flush(int64_t at, int64_t n) const {
-    if (job.output != nullptr && n > 0) job.kernels->output(*job.output, buffer.get(), n, at);
+    if (job.output != nullptr && n > 0) job.kernels->output(*job.output, buffer, n, at);
   }
 };
 
@@ -249,7 +263,7 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   gemm.wide = pw.wide;
   // The pixels' offsets and C: on the stack for small panels.
   const int64_t pixels_bytes = RoundUp(count * 8, 64), c_bytes = RoundUp(count * pw.rows16 * 4, 64);
-  Scratch<40960> scratch;
+  Scratch<40960, Use::kPanelT> scratch;
   uint8_t* bytes = scratch.Get(pixels_bytes + c_bytes);
   auto* pixels = reinterpret_cast<int64_t*>(bytes);
   auto* by_pixel = reinterpret_cast<int32_t*>(bytes + pixels_bytes);
@@ -306,7 +320,7 @@ void RunPanel(const SimdJob& job, int64_t index) {
   gemm.wide = pw.wide;
   gemm.b = job.x4 + ((n * g.group + gi) * pw.c4 * job.ph.size() + p0) * 4;
   gemm.b_offsets = job.offsets.data();
-  Scratch<32768> scratch;  // C (on the stack up to 128 rows)
+  Scratch<32768, Use::kPanel> scratch;  // C (on the stack up to 128 rows)
   auto* tile = reinterpret_cast<int32_t*>(scratch.Get(pw.rows_pad * kPanel * 4));
   gemm.c = tile;
   job.kernels->gemm(gemm);
@@ -322,22 +336,22 @@ void RunDepthwise(const SimdJob& job, int64_t index) {
   const int64_t chunks = (g.group + job.channels - 1) / job.channels;
   const int64_t n = index / chunks, g0 = index % chunks * job.channels;
   const Phases& ph = job.ph;
-  std::unique_ptr<uint8_t[]> plane(new uint8_t[static_cast<size_t>(ph.size() + kSlack)]);
+  uint8_t* const plane = ThreadBuffer<Use::kPlane>(ph.size() + kSlack);
   // With stride 1 the rows of X overwrite the same bytes in every channel: the padding around
   // them is written once.
   const bool one_phase = ph.sh == 1 && ph.sw == 1;
-  if (one_phase) std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
+  if (one_phase) std::memset(plane, job.z, static_cast<size_t>(ph.size() + kSlack));
   Staged staged(job);
   for (int64_t gi = g0; gi < std::min(g0 + job.channels, g.group); ++gi) {
     // The padded input channel in phase planes.
-    if (!one_phase) std::memset(plane.get(), job.z, static_cast<size_t>(ph.size() + kSlack));
+    if (!one_phase) std::memset(plane, job.z, static_cast<size_t>(ph.size() + kSlack));
     const uint8_t* src = job.xq + (n * g.c + gi) * g.h * g.w;
     auto rows = ph.RowsFrom(g.pt);
-    for (int64_t iy = 0; iy < g.h; ++iy, ++rows) ScatterRow(ph, src + iy * g.w, g.w, g.pl, plane.get() + *rows);
+    for (int64_t iy = 0; iy < g.h; ++iy, ++rows) ScatterRow(ph, src + iy * g.w, g.w, g.pl, plane + *rows);
     for (int64_t mm = 0; mm < g.mg; ++mm) {
       const int64_t m = gi * g.mg + mm;
       Depthwise d{};
-      d.plane = plane.get();
+      d.plane = plane;
       d.cols = job.cols;
       d.span = job.span;
       d.ow = g.ow;
@@ -396,7 +410,7 @@ void RunDepthwiseFused(const SimdJob& job, int64_t index) {
   const int64_t bytes_size = quantize_rows || bytes_given ? 0 : RoundUp((g1 - g0) * g.h * g.w + kFusedSlack, 64);
   const int64_t hq = (job.hp + g.sh - 1) / g.sh;
   const int64_t scratch_size = bytes_size + g.sh * hq * job.wp + kFusedSlack;
-  Scratch<16384> buffer;
+  Scratch<16384, Use::kFused> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
   DepthwiseFused d{};
   static_cast<PaddedPlane&>(d) = PlaneOf(job);
@@ -488,8 +502,8 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   const PackedWeights& pw = *job.pw;
   const int64_t n = index / job.blocks, b = index % job.blocks;
   const int64_t size = job.hp * job.wp * 16;
-  std::unique_ptr<uint8_t[]> x(new uint8_t[static_cast<size_t>(size)]);
-  std::memset(x.get(), job.z, static_cast<size_t>(size));
+  uint8_t* const x = ThreadBuffer<Use::kLanes>(size);
+  std::memset(x, job.z, static_cast<size_t>(size));
   const uint8_t* planes[16];
   for (int64_t i = 0; i < 16; ++i) {
     const int64_t c = b * 16 + i;
@@ -512,7 +526,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
     }
     Transpose16(r);
     for (int64_t j = 0; j < count; ++j) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(x.get() + ((g.pt + iy) * job.wp + g.pl + ix) * 16), r[j]);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(x + ((g.pt + iy) * job.wp + g.pl + ix) * 16), r[j]);
       if (++ix == g.w) {
         ix = 0;
         ++iy;
@@ -521,7 +535,7 @@ void RunDepthwiseLanes(const SimdJob& job, int64_t index) {
   }
   const int64_t taps = g.kh * g.kw;
   DepthwiseLanes d{};
-  d.x = x.get();
+  d.x = x;
   d.wp = job.wp;
   d.sh = g.sh;
   d.sw = g.sw;
@@ -549,7 +563,7 @@ void RunLanesFused(const SimdJob& job, int64_t index) {
   const int64_t bytes_size = RoundUp(16 * g.h * g.w + 128, 64);
   const int64_t step = LanesStep(job.kernels->lane_taps, g.sw, g.kw);
   const int64_t scratch_size = bytes_size + LanesScratch(job.hp, job.wp, step);
-  Scratch<24576> buffer;
+  Scratch<24576, Use::kLanesFused> buffer;
   uint8_t* scratch = buffer.Get(scratch_size);
   const int64_t first = (n * g.c + b * 16) * g.h * g.w, count = lanes * g.h * g.w;
   LanesFused d{};
@@ -617,7 +631,12 @@ void Interleave4(const uint8_t* const src[4], int64_t count, uint8_t* dst) {
   }
 #endif
 #ifdef __SSE2__
-  if (count - p >= 4) {  // the tail (short rows: 7 or 14 pixels) through 16-byte buffers
+  if (p < count && count >= 16) {  // the last 16 pixels again, some of them a second time (the same bytes)
+    const uint8_t* const last[4] = {src[0] + count - 16, src[1] + count - 16, src[2] + count - 16, src[3] + count - 16};
+    Interleave4(last, 16, dst + 4 * (count - 16));
+    return;
+  }
+  if (count - p >= 4) {  // the tail (runs under 16 pixels) through 16-byte buffers
     const int64_t tail = count - p;
     alignas(16) uint8_t in[4][16], out[64];
     for (int j = 0; j < 4; ++j) std::memcpy(in[j], src[j] + p, static_cast<size_t>(tail));
@@ -642,35 +661,33 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   // No column padding, stride 1: the rows of a plane are one run (1x1 convolutions).
   const bool one_run = ph.sh == 1 && ph.sw == 1 && ph.wq == g.w;
   const bool covered = one_run && ph.hq == g.h;  // (no row padding either)
-  const std::vector<uint8_t> z_row(static_cast<size_t>(g.w), job.z);
-  const std::vector<uint8_t> z_plane(one_run && g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
-  std::vector<uint32_t> row(static_cast<size_t>(g.w));
+  const std::vector<uint8_t> z_plane(g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
+  // Else each quad's plane interleaved in one run too, then its rows put in place: interleaving row by
+  // row went through 16-byte buffers (memcpy in and out) for every row's last w % 16 pixels, all of
+  // the rows of 7 and 14 (ResNet-20 at 28x28 to 7x7: a tenth of its time, with the memcpy).
+  uint32_t* const run = one_run ? nullptr : reinterpret_cast<uint32_t*>(ThreadBuffer<Use::kRows>(g.h * g.w * 4));
   for (int64_t n = 0; n < g.n; ++n) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
       for (int64_t ci = 0; ci < c4; ++ci) {
         uint32_t* dst = x4 + ((n * g.group + gi) * c4 + ci) * ph.size();
         if (!covered) std::memset(dst, job.z, static_cast<size_t>(ph.size() * 4));
-        const uint8_t* planes[4];
+        const uint8_t* src[4];
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t c = ci * 4 + j;
-          planes[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : nullptr;
+          src[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : z_plane.data();
         }
         if (one_run) {
-          const uint8_t* src[4];
-          for (int j = 0; j < 4; ++j) src[j] = planes[j] != nullptr ? planes[j] : z_plane.data();
           Interleave4(src, g.h * g.w, reinterpret_cast<uint8_t*>(dst + g.pt * g.w));
           continue;
         }
+        Interleave4(src, g.h * g.w, reinterpret_cast<uint8_t*>(run));
         auto rows = ph.RowsFrom(g.pt);
         for (int64_t iy = 0; iy < g.h; ++iy, ++rows) {
-          const uint8_t* src[4];
-          for (int j = 0; j < 4; ++j) src[j] = planes[j] != nullptr ? planes[j] + iy * g.w : z_row.data();
           if (ph.sw == 1) {
-            Interleave4(src, g.w, reinterpret_cast<uint8_t*>(dst + *rows + g.pl));
-            continue;
+            std::memcpy(dst + *rows + g.pl, run + iy * g.w, static_cast<size_t>(g.w * 4));
+          } else {
+            ScatterRow(ph, run + iy * g.w, g.w, g.pl, dst + *rows);
           }
-          Interleave4(src, g.w, reinterpret_cast<uint8_t*>(row.data()));
-          ScatterRow(ph, row.data(), g.w, g.pl, dst + *rows);
         }
       }
     }
@@ -780,17 +797,17 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     sub.h = in.oh;
     sub.w = in.ow;
     sub.sh = sub.sw = 1;
-    std::unique_ptr<uint8_t[]> picked(new uint8_t[static_cast<size_t>(in.n * in.c * in.oh * in.ow + 16)]);
+    uint8_t* const picked = ThreadBuffer<Use::kPicked>(in.n * in.c * in.oh * in.ow + 16);
     const uint8_t* end = args.xq + in.n * in.c * in.h * in.w;
     for (int64_t plane = 0; plane < in.n * in.c; ++plane) {
       for (int64_t oy = 0; oy < in.oh; ++oy) {
         StridedBytes(args.xq + (plane * in.h + oy * in.sh) * in.w, in.ow, in.sw, end,
-                     picked.get() + (plane * in.oh + oy) * in.ow);
+                     picked + (plane * in.oh + oy) * in.ow);
       }
     }
     SimdArgs strided = args;
     strided.g = &sub;
-    strided.xq = picked.get();
+    strided.xq = picked;
     return SimdConv(strided, context);
   }
   SimdJob job;
@@ -826,19 +843,18 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
       }
     }
   }
-  std::unique_ptr<uint8_t[]> x4;
   if (pw.mode == Mode::kQuad) {
     const int64_t size = (g.n * g.group * pw.c4 * ph.size() + kSlack) * 4;
-    x4.reset(new uint8_t[static_cast<size_t>(size)]);
-    std::memset(x4.get() + size - kSlack * 4, job.z, static_cast<size_t>(kSlack * 4));
-    BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4.get()));
-    job.x4 = x4.get();
+    uint8_t* const x4 = ThreadBuffer<Use::kQuadImage>(size);
+    std::memset(x4 + size - kSlack * 4, job.z, static_cast<size_t>(kSlack * 4));
+    BuildQuadImage(job, reinterpret_cast<uint32_t*>(x4));
+    job.x4 = x4;
+    // Each tap's place in the phase planes found once (Index divides), the quads' planes ph.size() apart.
     job.offsets.resize(static_cast<size_t>(pw.k4));
-    for (int64_t ci = 0; ci < pw.c4; ++ci) {
-      for (int64_t ky = 0; ky < g.kh; ++ky) {
-        for (int64_t kx = 0; kx < g.kw; ++kx) {
-          job.offsets[(ci * g.kh + ky) * g.kw + kx] = (ci * ph.size() + ph.Index(ky * g.dh, kx * g.dw)) * 4;
-        }
+    for (int64_t ky = 0; ky < g.kh; ++ky) {
+      for (int64_t kx = 0; kx < g.kw; ++kx) {
+        const int64_t tap = ph.Index(ky * g.dh, kx * g.dw);
+        for (int64_t ci = 0; ci < pw.c4; ++ci) job.offsets[(ci * g.kh + ky) * g.kw + kx] = (ci * ph.size() + tap) * 4;
       }
     }
   } else if (UsesFusedDepthwise(g, pw, job.isa) && UseLanesFused(g, pw, job.isa, job.pad_bottom, job.pad_right)) {

@@ -74,6 +74,7 @@ struct Avx2 {
   static I Add32(I a, I b) { return _mm256_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
   static I ShiftLeft32(I v, int bits) { return _mm256_slli_epi32(v, bits); }
+  static I ShiftRight32(I v, int bits) { return _mm256_srli_epi32(v, bits); }  // logical
   static F Add(F a, F b) { return _mm256_add_ps(a, b); }
   static F Mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static F Div(F a, F b) { return _mm256_div_ps(a, b); }
@@ -183,13 +184,34 @@ struct Avx2 {
   // order: moved to byte k of dword i (shifts, byte and word blends), then each 128-bit half's bytes
   // grouped by k and the halves' groups put in order.
   static I PackFixedBytes(const I u[4]) {
-    const I byte1 = _mm256_set1_epi32(0x0000FF00), byte3 = _mm256_set1_epi32(static_cast<int32_t>(0xFF000000));
-    const I b01 = _mm256_blendv_epi8(_mm256_srli_epi32(u[0], 12), _mm256_srli_epi32(u[1], 4), byte1);
-    const I b23 = _mm256_blendv_epi8(_mm256_slli_epi32(u[2], 4), _mm256_slli_epi32(u[3], 12), byte3);
-    const I dwords = _mm256_blend_epi16(b01, b23, 0xAA);
+    const I dwords = FixedDwords(u);
     const I order = _mm256_setr_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703, 0x0C080400, 0x0D090501,
                                       0x0E0A0602, 0x0F0B0703);
     return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  // Bits 12..19 of dword i of u[k] as byte k of dword i.
+  static I FixedDwords(const I u[4]) {
+    const I byte1 = _mm256_set1_epi32(0x0000FF00), byte3 = _mm256_set1_epi32(static_cast<int32_t>(0xFF000000));
+    const I b01 = _mm256_blendv_epi8(_mm256_srli_epi32(u[0], 12), _mm256_srli_epi32(u[1], 4), byte1);
+    const I b23 = _mm256_blendv_epi8(_mm256_slli_epi32(u[2], 4), _mm256_slli_epi32(u[3], 12), byte3);
+    return _mm256_blend_epi16(b01, b23, 0xAA);
+  }
+
+  // FinishTBytes (int_conv_finish.h): 4 x 4 dwords transposed in each 128-bit half (dword i of v[k]
+  // to dword k of v[i]), and 16 bytes from or to each of p[0..1] as the halves of v.
+  static void TransposeDwords4(I v[4]) {
+    const I a = _mm256_unpacklo_epi32(v[0], v[1]), b = _mm256_unpacklo_epi32(v[2], v[3]);
+    const I c = _mm256_unpackhi_epi32(v[0], v[1]), d = _mm256_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm256_unpacklo_epi64(a, b);
+    v[1] = _mm256_unpackhi_epi64(a, b);
+    v[2] = _mm256_unpacklo_epi64(c, d);
+    v[3] = _mm256_unpackhi_epi64(c, d);
+  }
+  static I LoadLanes(const uint8_t* const p[2]) {
+    return _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(p[1]), reinterpret_cast<const __m128i*>(p[0]));
+  }
+  static void StoreLanes(I v, uint8_t* const p[2]) {
+    _mm256_storeu2_m128i(reinterpret_cast<__m128i*>(p[1]), reinterpret_cast<__m128i*>(p[0]), v);
   }
 
   // LanesFused (int_conv_fused.h): cells of 2 pixels, the 16 channels' sums in int16 lanes.

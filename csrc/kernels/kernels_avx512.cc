@@ -45,6 +45,7 @@ struct Avx512 {
   static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
   static I ShiftLeft32(I v, int bits) { return _mm512_slli_epi32(v, bits); }
+  static I ShiftRight32(I v, int bits) { return _mm512_srli_epi32(v, bits); }  // logical
   static F Add(F a, F b) { return _mm512_add_ps(a, b); }
   static F Mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static F Div(F a, F b) { return _mm512_div_ps(a, b); }
@@ -143,11 +144,36 @@ struct Avx512 {
   // order: moved to byte k of dword i (shifts, byte and word blends), then each 128-bit lane's bytes
   // grouped by k and the lanes' groups put in order.
   static I PackFixedBytes(const I u[4]) {
+    const I grouped = _mm512_shuffle_epi8(FixedDwords(u), _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
+    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
+  }
+  // Bits 12..19 of dword i of u[k] as byte k of dword i.
+  static I FixedDwords(const I u[4]) {
     const I b01 = _mm512_mask_blend_epi8(0x2222222222222222, _mm512_srli_epi32(u[0], 12), _mm512_srli_epi32(u[1], 4));
     const I b23 = _mm512_mask_blend_epi8(0x8888888888888888, _mm512_slli_epi32(u[2], 4), _mm512_slli_epi32(u[3], 12));
-    const I dwords = _mm512_mask_blend_epi16(0xAAAAAAAA, b01, b23);
-    const I grouped = _mm512_shuffle_epi8(dwords, _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
-    return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
+    return _mm512_mask_blend_epi16(0xAAAAAAAA, b01, b23);
+  }
+
+  // FinishTBytes (int_conv_finish.h): 4 x 4 dwords transposed in each 128-bit lane (dword i of v[k]
+  // to dword k of v[i]), and 16 bytes from or to each of p[0..3] as the 128-bit lanes 0..3 of v.
+  static void TransposeDwords4(I v[4]) {
+    const I a = _mm512_unpacklo_epi32(v[0], v[1]), b = _mm512_unpacklo_epi32(v[2], v[3]);
+    const I c = _mm512_unpackhi_epi32(v[0], v[1]), d = _mm512_unpackhi_epi32(v[2], v[3]);
+    v[0] = _mm512_unpacklo_epi64(a, b);
+    v[1] = _mm512_unpackhi_epi64(a, b);
+    v[2] = _mm512_unpacklo_epi64(c, d);
+    v[3] = _mm512_unpackhi_epi64(c, d);
+  }
+  static I LoadLanes(const uint8_t* const p[4]) {
+    auto part = [](const uint8_t* q) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(q)); };
+    const I low = _mm512_inserti32x4(_mm512_castsi128_si512(part(p[0])), part(p[1]), 1);
+    return _mm512_inserti32x4(_mm512_inserti32x4(low, part(p[2]), 2), part(p[3]), 3);
+  }
+  static void StoreLanes(I v, uint8_t* const p[4]) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p[0]), _mm512_castsi512_si128(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p[1]), _mm512_extracti32x4_epi32(v, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p[2]), _mm512_extracti32x4_epi32(v, 2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(p[3]), _mm512_extracti32x4_epi32(v, 3));
   }
 
   // LanesFused (int_conv_fused.h): cells of 4 pixels, the 16 channels' sums in int32 lanes.
