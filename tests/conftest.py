@@ -240,34 +240,33 @@ def unpack_halves_here(packed: np.ndarray, count: int) -> np.ndarray:
 
 def _halves(signed: onnx.NodeProto, constants: dict[str, onnx.TensorProto],
             producers: dict[str, onnx.NodeProto]) -> tuple[onnx.TensorProto, tuple[onnx.NodeProto, ...]] | None:
-    """For Sub(Reshape(Concat(packed - 16 high, high) [Slice], shape), 8), high = Cast(BitShift(packed, 4)): an INT4
-    tensor of the codes (named as the packed bytes) and the unpacking nodes; else None."""
-    reshape = producers.get(signed.input[0]) if signed.op_type == "Sub" else None
+    """For Sub(Cast(Reshape(Concat(Mod(packed, 16), BitShift(packed, 4)) [Slice], shape)), 8): an INT4 tensor of the
+    codes (named as the packed bytes) and the unpacking nodes, the Cast to float first; else None."""
+    cast = producers.get(signed.input[0]) if signed.op_type == "Sub" else None
+    reshape = producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
     if reshape is None or reshape.op_type != "Reshape" or reshape.input[1] not in constants:
         return None
     assert float(onnx.numpy_helper.to_array(constants[signed.input[1]])) == 8.0, "the halves' offset is 8"
-    chain = [signed, reshape]
+    chain = [reshape]
     halves = producers.get(reshape.input[0])
     if halves is not None and halves.op_type == "Slice":
         chain.append(halves)
         halves = producers.get(halves.input[0])
     if halves is None or halves.op_type != "Concat":
         return None
-    high = producers.get(halves.input[1])
-    shift = producers.get(high.input[0]) if high is not None and high.op_type == "Cast" else None
-    if shift is None or shift.op_type != "BitShift" or shift.input[0] not in constants:
+    low, high = producers.get(halves.input[0]), producers.get(halves.input[1])
+    if low is None or low.op_type != "Mod" or high is None or high.op_type != "BitShift" or high.input[0] not in constants:
         return None
-    assert _attribute(shift, "direction", b"") == b"RIGHT" and int(onnx.numpy_helper.to_array(constants[shift.input[1]])) == 4
-    packed = constants[shift.input[0]]
+    assert _attribute(high, "direction", b"") == b"RIGHT" and int(onnx.numpy_helper.to_array(constants[high.input[1]])) == 4
+    assert low.input[0] == high.input[0] and int(onnx.numpy_helper.to_array(constants[low.input[1]])) == 16
+    packed = constants[high.input[0]]
     shape = [int(d) for d in onnx.numpy_helper.to_array(constants[reshape.input[1]])]
     codes = unpack_halves_here(onnx.numpy_helper.to_array(packed), int(np.prod(shape))).reshape(shape)
     nibbles = [int(v) & 0xF for v in codes.ravel()] + [0]  # as ONNX packs INT4 (decode_int_tensor reads it back)
     raw = bytes(nibbles[i] | (nibbles[i + 1] << 4) for i in range(0, codes.size, 2))
     tensor = onnx.TensorProto(name=packed.name, data_type=onnx.TensorProto.INT4, dims=shape, raw_data=raw)
-    low = producers.get(halves.input[0])  # Sub(Cast(packed), Mul(high, 16))
-    assert low is not None and low.op_type == "Sub", "the low halves are packed - 16 high"
-    unpacking = [producers[name] for name in low.input if name in producers]  # Cast(packed) and Mul(high, 16)
-    return tensor, (*unpacking, shift, high, low, halves, *reversed(chain))  # the Cast of the stored bytes first
+    return tensor, (cast, low, high, halves, *reversed(chain), signed)
+
 
 #: Integer element types of stored codes, as numpy types (INT4 is read by decode_int_tensor).
 _CODE_TYPES = {onnx.TensorProto.INT8: np.int8, onnx.TensorProto.UINT8: np.uint8, onnx.TensorProto.INT4: np.int8}

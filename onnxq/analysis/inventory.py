@@ -250,18 +250,18 @@ def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorP
 def _halves_codes(signed: onnx.NodeProto, scope: _Scope) -> onnx.TensorProto | None:
     """The int4 codes that onnxq's unpacking of 4-bit halves ends in at ``signed``, as a tensor header (no values).
 
-    The unpacking: ``Sub(Reshape(Concat(low, Cast(BitShift(packed))) [Slice], shape), offset)``; the header has the
-    codes' shape and the packed bytes' name, whose place it takes.
+    The unpacking: ``Sub(Cast(Reshape(Concat(Mod(packed, 16), BitShift(packed, 4)) [Slice], shape)), offset)``; the
+    header has the codes' shape and the packed bytes' name, whose place it takes.
     """
-    reshape = scope.producers.get(signed.input[0]) if signed.op_type == "Sub" and signed.input else None
+    cast = scope.producers.get(signed.input[0]) if signed.op_type == "Sub" and signed.input else None
+    reshape = scope.producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
     shape = scope.tensor(reshape, 1) if reshape is not None and reshape.op_type == "Reshape" else None
     halves = scope.producers.get(reshape.input[0]) if shape is not None else None
     if halves is not None and halves.op_type == "Slice":
         halves = scope.producers.get(halves.input[0])
     if halves is None or halves.op_type != "Concat" or len(halves.input) != 2:
         return None
-    cast = scope.producers.get(halves.input[1])
-    shift = scope.producers.get(cast.input[0]) if cast is not None and cast.op_type == "Cast" else None
+    shift = scope.producers.get(halves.input[1])
     packed = scope.tensor(shift, 0) if shift is not None and shift.op_type == "BitShift" else None
     if packed is None or packed.data_type != onnx.TensorProto.UINT8:
         return None

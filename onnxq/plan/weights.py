@@ -109,13 +109,13 @@ class _Names:
 def _dequantized(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) -> set[str]:
     """Tensors decoded from constants, and those computed from them and constants alone (in one pass).
 
-    Decoded: by a DequantizeLinear, or a Cast (or BitShift: 4-bit halves) of 4/8-bit integer codes (what onnxq writes to
-    decode weights at load).
+    Decoded: by a DequantizeLinear, or a Cast (or Mod and BitShift: 4-bit halves) of 4/8-bit integer codes (what onnxq
+    writes to decode weights at load).
     """
     found: set[str] = set()
     for node in graph.node:
         inputs = [name for name in node.input if name]
-        decodes = is_op(node, "DequantizeLinear") or (is_op(node, "Cast", "BitShift") and bool(inputs) and inputs[0] in consts
+        decodes = is_op(node, "DequantizeLinear") or (is_op(node, "Cast", "BitShift", "Mod") and bool(inputs) and inputs[0] in consts
                                                       and consts[inputs[0]].data_type in CODE_TYPES)
         if decodes and all(name in consts for name in inputs):
             found.update(node.output)

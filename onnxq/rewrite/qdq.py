@@ -42,7 +42,8 @@ def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
 
 
 def dequantize_nodes(
-    weight: str, q: QuantizedTensor, names: NameSource, dtype: int = onnx.TensorProto.FLOAT, at_load: bool = False, widen: bool = False
+    weight: str, q: QuantizedTensor, names: NameSource, dtype: int = onnx.TensorProto.FLOAT, at_load: bool = False, widen: bool = False,
+    shared: HalvesConstants | None = None,
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name.
 
@@ -54,7 +55,10 @@ def dequantize_nodes(
     scale_name = names.fresh(f"{weight}_scale")
     decoded = names.fresh(f"{weight}_dequantized")
     if at_load:
-        return _decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded)
+        own = shared is None  # (a caller decoding one weight: the shared scalars come with it)
+        shared = HalvesConstants(names) if shared is None else shared
+        inits, nodes, out = _decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded, shared)
+        return (inits + shared.initializers if own else inits), nodes, out
     scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
     inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
     inputs = [codes_name, scale_name]
@@ -81,7 +85,7 @@ def _square(weight: str, decoded: str, names: NameSource, nodes: list[onnx.NodeP
 
 
 def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: int, codes_name: str, scale_name: str,
-                     decoded: str) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+                     decoded: str, shared: HalvesConstants) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """``Cast(codes) * scale`` [``y * |y|``], in float32, then a Cast to ``dtype`` for other float types.
 
     float32 because onnxruntime's CPU provider has no float16 Mul kernel: a float16 decoding would not fold at load
@@ -91,7 +95,7 @@ def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: 
     if q.axis is not None:  # broadcast along the channel axis
         scale = scale.reshape([-1 if i == q.axis else 1 for i in range(q.codes.ndim)])
     if storage_bits(q.bits) == 4:
-        inits, nodes, cast = _unpacked_halves(weight, q.codes, names, codes_name)
+        inits, nodes, cast = _unpacked_halves(q.codes, names, codes_name, shared)
     else:
         inits, cast = [integer_tensor(codes_name, q.codes, q.bits)], names.fresh(f"{weight}_cast")
         nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT)]
@@ -106,43 +110,53 @@ def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: 
     return inits, nodes, decoded
 
 
-def _unpacked_halves(weight: str, codes: np.ndarray, names: NameSource, packed_name: str) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+class HalvesConstants:
+    """The scalars every 4-bit unpacking reads (16, 4, the offset 8), written once per graph when first needed."""
+
+    def __init__(self, names: NameSource) -> None:
+        self._names = names
+        self.initializers: list[onnx.TensorProto] = []
+        self._made: dict[str, str] = {}
+
+    def name(self, key: str) -> str:
+        """The initializer's name for ``key`` ("sixteen", "four": uint8; "offset": float32), made on first use."""
+        if key not in self._made:
+            value = {"sixteen": np.array(16, dtype=np.uint8), "four": np.array(4, dtype=np.uint8),
+                     "offset": np.array(HALVES_OFFSET, dtype=np.float32)}[key]
+            self._made[key] = self._names.fresh(f"onnxq_halves_{key}")
+            self.initializers.append(numpy_helper.from_array(value, self._made[key]))
+        return self._made[key]
+
+
+def _unpacked_halves(codes: np.ndarray, names: NameSource, packed_name: str,
+                     shared: HalvesConstants) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """4-bit ``codes`` stored as uint8 halves (onnxq/numerics/packing.py) and the ops that unpack them to float codes.
 
-    high = packed >> 4, low = packed - 16 high (in float), the codes Concat(low, high)[:n] reshaped, minus the offset.
-    Every op is in opset 13 and reads constants only, so onnxruntime folds them at load like the Cast of int8 codes:
-    no int4 tensor type, so a weight-only model keeps its opset (converting the ViT to opset 21 alone made onnxruntime
-    run it 11 % slower: a slower Softmax and a SkipLayerNormalization fusion; one-off profile, 2026-12-05). Returns
-    the initializers, the nodes and the name of the float codes.
+    Cast(Reshape(Concat(packed mod 16, packed >> 4)[:n], shape)) - 8. Every op is in opset 13 and reads constants
+    only, so onnxruntime folds them at load like the Cast of int8 codes: no int4 tensor type, so a weight-only model
+    keeps its opset (onnx's version converter is a failure point on other exporters' models). Names are short: a
+    model's size counts them (the shared scalars once). Returns the initializers, the nodes and the float codes' name.
     """
     count = int(codes.size)
-    constants = {
-        "shift": np.array(4, dtype=np.uint8), "sixteen": np.array(16.0, dtype=np.float32),
-        "offset": np.array(HALVES_OFFSET, dtype=np.float32), "shape": np.array(codes.shape, dtype=np.int64),
-    }
-    const = {key: names.fresh(f"{weight}_{key}") for key in constants}
-    inits = [numpy_helper.from_array(pack_halves(codes), packed_name)] + [numpy_helper.from_array(v, const[k]) for k, v in constants.items()]
-    steps = ("high", "packed_float", "high_float", "high_up", "low", "halves", "codes_unsigned", "codes")
-    out = {key: names.fresh(f"{weight}_{key}") for key in steps}
+    shape = names.fresh("onnxq_halves_shape")
+    inits = [numpy_helper.from_array(pack_halves(codes), packed_name), numpy_helper.from_array(np.array(codes.shape, dtype=np.int64), shape)]
+    low, high, halves, unsigned, floats, signed = (names.fresh("onnxq_halves") for _ in range(6))
     nodes = [
-        helper.make_node("BitShift", [packed_name, const["shift"]], [out["high"]], name=names.fresh(f"{weight}_High"), direction="RIGHT"),
-        helper.make_node("Cast", [packed_name], [out["packed_float"]], name=names.fresh(f"{weight}_CastPacked"), to=onnx.TensorProto.FLOAT),
-        helper.make_node("Cast", [out["high"]], [out["high_float"]], name=names.fresh(f"{weight}_CastHigh"), to=onnx.TensorProto.FLOAT),
-        helper.make_node("Mul", [out["high_float"], const["sixteen"]], [out["high_up"]], name=names.fresh(f"{weight}_HighUp")),
-        helper.make_node("Sub", [out["packed_float"], out["high_up"]], [out["low"]], name=names.fresh(f"{weight}_Low")),
-        helper.make_node("Concat", [out["low"], out["high_float"]], [out["halves"]], name=names.fresh(f"{weight}_Halves"), axis=0),
+        helper.make_node("Mod", [packed_name, shared.name("sixteen")], [low], name=low),
+        helper.make_node("BitShift", [packed_name, shared.name("four")], [high], name=high, direction="RIGHT"),
+        helper.make_node("Concat", [low, high], [halves], name=halves, axis=0),
     ]
-    halves = out["halves"]
     if count % 2:  # the padding code at the end goes
-        ends = names.fresh(f"{weight}_count")
-        inits.append(numpy_helper.from_array(np.array([count], dtype=np.int64), ends))
-        starts = names.fresh(f"{weight}_start")
-        inits.append(numpy_helper.from_array(np.array([0], dtype=np.int64), starts))
-        halves = names.fresh(f"{weight}_trimmed")
-        nodes.append(helper.make_node("Slice", [out["halves"], starts, ends], [halves], name=names.fresh(f"{weight}_Trim")))
-    nodes.append(helper.make_node("Reshape", [halves, const["shape"]], [out["codes_unsigned"]], name=names.fresh(f"{weight}_Shape")))
-    nodes.append(helper.make_node("Sub", [out["codes_unsigned"], const["offset"]], [out["codes"]], name=names.fresh(f"{weight}_Signed")))
-    return inits, nodes, out["codes"]
+        starts, ends, trimmed = names.fresh("onnxq_halves_start"), names.fresh("onnxq_halves_end"), names.fresh("onnxq_halves")
+        inits += [numpy_helper.from_array(np.array([0], dtype=np.int64), starts), numpy_helper.from_array(np.array([count], dtype=np.int64), ends)]
+        nodes.append(helper.make_node("Slice", [halves, starts, ends], [trimmed], name=trimmed))
+        halves = trimmed
+    nodes += [
+        helper.make_node("Reshape", [halves, shape], [unsigned], name=unsigned),
+        helper.make_node("Cast", [unsigned], [floats], name=floats, to=onnx.TensorProto.FLOAT),
+        helper.make_node("Sub", [floats, shared.name("offset")], [signed], name=signed),
+    ]
+    return inits, nodes, signed
 
 
 def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor], at_load: bool = False, widen: bool = False) -> None:
@@ -153,11 +167,13 @@ def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor
     names = NameSource(graph)
     dtypes = {t.name: t.data_type for t in graph.initializer}
     new_nodes: list[onnx.NodeProto] = []
+    shared = HalvesConstants(names)
     for weight, q in quantized.items():
-        inits, nodes, output = dequantize_nodes(weight, q, names, dtypes[weight], at_load, widen)
+        inits, nodes, output = dequantize_nodes(weight, q, names, dtypes[weight], at_load, widen, shared)
         graph.initializer.extend(inits)
         new_nodes.extend(nodes)
         rename_input(graph, weight, output)
+    graph.initializer.extend(shared.initializers)
     # Dequantization reads only initializers, so it goes first and the order stays topological.
     existing = list(graph.node)
     del graph.node[:]
