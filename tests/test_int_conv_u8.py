@@ -225,6 +225,27 @@ def test_every_epilogue_form_equals_numpy_bit_for_bit(case, form, kernel):
     np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}")
 
 
+# A node keeps a plan of its call for X's shape (int_conv.cc, Plan): one session fed batches of other sizes in turn must
+# give every batch its own result (dense by Gemm and GemmT, depthwise by LanesFused, the strided 1x1's picked pixels).
+_ALTERNATING = [
+    (replace(SHAPES[0], n=3), "u8y"),
+    (replace(SHAPES[1], n=3), "u8x-u8y-u8r-relu"),
+    (replace(SHAPES[4], n=3), "u8x-u8y-float-r-clip"),
+    (replace(SHAPES[5], n=3), "u8y-u8r-clip"),
+    (replace(SHAPES[11], n=3), "float-r"),
+]
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+@pytest.mark.parametrize(("case", "form"), _ALTERNATING, ids=lambda v: str(v))
+def test_one_session_fed_batches_of_alternating_sizes_equals_numpy(case, form, kernel):
+    model, feeds, want = _expected(case, next(f for f in FORMS if f.name == form))
+    s = session(model(kernel=KERNELS[kernel]))
+    for n in (1, 3, 2, 3, 1, 2):
+        (y,) = s.run(None, {name: value[:n] for name, value in feeds.items()})
+        np.testing.assert_array_equal(y, want[:n], err_msg=f"kernel {kernel}, batch {n}")
+
+
 @pytest.mark.parametrize("kernel", kernel_params())
 def test_nan_outputs_quantize_to_zero_and_infinite_residuals_saturate(kernel):
     """A NaN y (from a NaN residual) gives Y = 0, +-inf residuals 255 and 0, like ONNX QuantizeLinear."""

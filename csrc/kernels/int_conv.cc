@@ -158,6 +158,15 @@ IntConvKernel::IntConvKernel(bool post, bool quantized, const OrtApi& api, const
     is_constant = 0;
   }
   w_constant_ = is_constant != 0;
+  for (int i = 1; i <= 10; ++i) {
+    if (i == 8) continue;  // (R: a plan never keeps it)
+    is_constant = 0;
+    if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &constant)) {
+      api.ReleaseStatus(status);
+      is_constant = 0;
+    }
+    if (is_constant != 0) constant_ |= 1u << i;
+  }
 }
 
 IntConvKernel::~IntConvKernel() = default;
@@ -175,6 +184,87 @@ OrtStatusPtr IntConvKernel::ComputeV2(OrtKernelContext* context) {
   }
 }
 
+namespace iconv {
+// What the calls of one node share while X's shape, X's and R's element types and which inputs are
+// present stay the same, and every present input of kPlanInputs is a constant initializer: the
+// geometry and the checks that depend on nothing else, done once (their shape queries and vectors,
+// and the per-call vectors of the factors, were about a fifth of a small layer's fixed cost per call).
+// Immutable once made; IntConvKernel::plan_ holds the latest.
+struct Plan {
+  int64_t x_dims[4];
+  bool x_bytes, r_bytes;
+  uint32_t present;  // bit i: input i is present
+  Geometry g;
+  int64_t row_bytes;
+  std::shared_ptr<const PackedWeights> pw;
+  Output output;     // its constant parts (clip, hard swish, Y's and R's steps); no pointers
+  bool staged;
+  bool x_constant;   // x_scale and x_zero_point are constant initializers: params holds their steps
+  std::vector<qdu8::Params> params;
+  std::vector<float> c_e, c_o;  // one constant step: the per-channel factors (else empty)
+
+  bool Matches(const int64_t* dims, bool xb, bool rb, uint32_t p) const {
+    return xb == x_bytes && rb == r_bytes && p == present && std::equal(dims, dims + 4, x_dims);
+  }
+};
+
+// The inputs whose shapes and values a plan keeps: W, scale, B, y_scale, y_zero_point, r_scale, r_zero_point.
+constexpr uint32_t kPlanInputs = (1u << 1) | (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 9) | (1u << 10);
+
+namespace {
+// A value's element type, rank and dimensions (rank <= 4) from one shape query, without a vector.
+struct Dims {
+  ONNXTensorElementDataType type;
+  size_t rank;
+  int64_t d[4];
+};
+Dims DimsOf(const Ort::ConstValue& v) {
+  const Ort::TensorTypeAndShapeInfo info = v.GetTensorTypeAndShapeInfo();
+  Dims dims{info.GetElementType(), info.GetDimensionsCount(), {0, 0, 0, 0}};
+  if (dims.rank <= 4) Ort::ThrowOnError(Ort::GetApi().GetDimensions(info, dims.d, dims.rank));
+  return dims;
+}
+
+// A call's vectors reused from call to call by the thread that runs it (grown as needed): the steps,
+// the factors and the quantized X were allocated and freed on every call. `busy` keeps a second call
+// on the same thread (should onnxruntime ever nest one) to its own.
+struct CallScratch {
+  std::vector<qdu8::Params> params;
+  std::vector<float> c_e, c_o;
+  std::unique_ptr<uint8_t[]> xq;
+  size_t xq_size = 0;
+  bool busy = false;
+  uint8_t* Xq(size_t size) {
+    if (size > xq_size) {
+      xq.reset();
+      xq.reset(new uint8_t[size]);
+      xq_size = size;
+    }
+    return xq.get();
+  }
+};
+class ScratchLease {
+ public:
+  ScratchLease() {
+    thread_local CallScratch reused;
+    if (reused.busy) {
+      own_ = std::make_unique<CallScratch>();
+      scratch_ = own_.get();
+    } else {
+      scratch_ = &reused;
+    }
+    scratch_->busy = true;
+  }
+  ~ScratchLease() { scratch_->busy = false; }
+  CallScratch* operator->() const { return scratch_; }
+
+ private:
+  std::unique_ptr<CallScratch> own_;
+  CallScratch* scratch_;
+};
+}  // namespace
+}  // namespace iconv
+
 // An input check whose message is built only when it fails (every call runs these checks; building
 // their strings cost about 1% of a small model's time in the ops).
 #define ONNXQ_CHECK(ok, message)                                  \
@@ -182,31 +272,38 @@ OrtStatusPtr IntConvKernel::ComputeV2(OrtKernelContext* context) {
     if (!(ok)) throw InvalidArgument(op + ": " + (message));      \
   } while (0)
 
-void IntConvKernel::Compute(OrtKernelContext* raw_context) {
+namespace {
+Ort::ConstValue InputOf(Ort::KernelContext& context, size_t inputs, size_t i) {
+  return i < inputs ? context.GetInput(i) : Ort::ConstValue{nullptr};
+}
+}  // namespace
+
+std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& context, bool x_bytes, bool r_bytes,
+                                                           uint32_t present) {
   using iconv::SatAdd;
   using iconv::SatMul;
   using iconv::ShapeText;
   using iconv::SizeText;
-  Ort::KernelContext context{raw_context};
   const std::string op = name();
   const size_t inputs = context.GetInputCount();
-  auto input = [&](size_t i) {
-    return i < inputs ? context.GetInput(i) : Ort::ConstValue{nullptr};
-  };
+  auto input = [&](size_t i) { return InputOf(context, inputs, i); };
   auto shape_of = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
-
   const Ort::ConstValue x = input(0), w = input(1), scale = input(2), bias = input(3);
   const Ort::ConstValue x_scale = input(4), x_zero_point = input(5);
   const Ort::ConstValue y_scale = input(6), y_zero_point = input(7);
   const Ort::ConstValue residual = input(8), r_scale = input(9), r_zero_point = input(10);
-  ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
-  // X float32, or uint8: then X is x_q itself (onnxruntime only lets these two through).
-  const bool x_bytes = x.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  auto plan = std::make_shared<iconv::Plan>();
+  plan->x_bytes = x_bytes;
+  plan->r_bytes = r_bytes;
+  plan->present = present;
+
   const std::vector<int64_t> x_shape = shape_of(x), w_shape = shape_of(w), scale_shape = shape_of(scale);
   ONNXQ_CHECK(x_shape.size() == 4, "input X must have rank 4 (N, C, H, W), got shape " + ShapeText(x_shape));
   ONNXQ_CHECK(w_shape.size() == 2, "input W must have rank 2 (M, row_bytes), got shape " + ShapeText(w_shape));
+  std::copy(x_shape.begin(), x_shape.end(), plan->x_dims);
 
-  iconv::Geometry g{};
+  iconv::Geometry& g = plan->g;
+  g = {};
   g.n = x_shape[0];
   g.c = x_shape[1];
   g.h = x_shape[2];
@@ -233,6 +330,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
                                  " is more than " + std::to_string(iconv::kMaxK) +
                                  " codes per output channel (int32 sums)");
   const int64_t row_bytes = bits_ <= 4 ? (g.k + 1) / 2 : g.k;
+  plan->row_bytes = row_bytes;
   ONNXQ_CHECK(w_shape[1] == row_bytes,
         "W has " + std::to_string(w_shape[1]) + " bytes per output channel, but C/group*kh*kw = " +
             std::to_string(g.cg) + "*" + std::to_string(kh_) + "*" + std::to_string(kw_) + " = " +
@@ -241,12 +339,10 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   ONNXQ_CHECK(scale_shape.size() == 1 && scale_shape[0] == g.m,
         "input scale must have shape (M,) = (" + std::to_string(g.m) + ",) like W's rows, got " +
             ShapeText(scale_shape));
-  const float* bias_data = nullptr;
   if (bias != nullptr) {
     const std::vector<int64_t> b_shape = shape_of(bias);
     ONNXQ_CHECK(b_shape.size() == 1 && b_shape[0] == g.m,
           "input B must have shape (M,) = (" + std::to_string(g.m) + ",) like W's rows, got " + ShapeText(b_shape));
-    bias_data = bias.GetTensorData<float>();
   }
   const int64_t extent_h = SatAdd(SatMul(dh_, kh_ - 1), 1), extent_w = SatAdd(SatMul(dw_, kw_ - 1), 1);
   const int64_t padded_h = SatAdd(SatAdd(g.h, pad_top_), pad_bottom_);
@@ -279,7 +375,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     ONNXQ_CHECK(*s > 0.0f && *s <= 3.4028235e38f,
                 std::string(step_name) + " must be positive and finite, got " + std::to_string(*s));
   };
-  iconv::Output output{};
+  iconv::Output& output = plan->output;
+  output = {};
   output.clip_lo = clip_min_;
   output.clip_hi = clip_max_;
   output.hardswish = hardswish_ != 0;
@@ -300,75 +397,164 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
   ONNXQ_CHECK((r_scale != nullptr) == (r_zero_point != nullptr), "r_scale and r_zero_point must be given together");
   if (residual != nullptr) {
-    const std::vector<int64_t> r_shape = shape_of(residual);
-    ONNXQ_CHECK(r_shape == std::vector<int64_t>({g.n, g.m, g.oh, g.ow}),
-                "input R (the residual) must have Y's shape (N, M, OH, OW) = " + ShapeText({g.n, g.m, g.oh, g.ow}) +
-                    ", got " + ShapeText(r_shape));
-    if (residual.GetTensorTypeAndShapeInfo().GetElementType() == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8) {
+    if (r_bytes) {
       ONNXQ_CHECK(r_scale != nullptr,
                   "R is uint8: inputs r_scale and r_zero_point (9 and 10, R's step and zero point) are required");
       one_step(r_scale, r_zero_point, "r_scale", "r_zero_point", &output.r_scale, &output.r_zero_point);
-      output.r8 = residual.GetTensorData<uint8_t>();
     } else {
       ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point dequantize a uint8 R; this R is float32");
-      output.r = residual.GetTensorData<float>();
     }
   } else {
     ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point are given without R (input 8)");
   }
   // With none of them (nor a hard swish), the kernels write Y (float) themselves, clipped as before.
-  const bool staged = quantized_ || residual != nullptr || hardswish_ != 0;
+  plan->staged = quantized_ || residual != nullptr || hardswish_ != 0;
 
-  // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
   ONNXQ_CHECK((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");
-  const auto sample = static_cast<size_t>(g.c * g.h * g.w);
-  const auto count = static_cast<size_t>(g.n) * sample;
-  const float* x_data = x_bytes ? nullptr : x.GetTensorData<float>();
-  const uint8_t* x_codes = x_bytes ? x.GetTensorData<uint8_t>() : nullptr;
   ONNXQ_CHECK(!x_bytes || x_scale != nullptr,
               "X is uint8 (quantized already): inputs x_scale and x_zero_point (4 and 5, its step and zero point) "
               "are required");
-  const Kernels& kernels = KernelsFor(isa_);
-  // params[0] for the whole batch, or params[n] for sample n (x_scale with N elements).
-  std::vector<qdu8::Params> params(1);
-  if (x_scale != nullptr) {
-    const size_t steps = x_scale.GetTensorTypeAndShapeInfo().GetElementCount();
-    ONNXQ_CHECK(x_zero_point.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
-          "x_zero_point must be one uint8 value, got shape " + ShapeText(shape_of(x_zero_point)));
-    ONNXQ_CHECK(steps == 1 || steps == static_cast<size_t>(g.n),
-          "x_scale must have 1 element or N = " + std::to_string(g.n) + " (one step per sample), got shape " +
-              ShapeText(shape_of(x_scale)));
-    const float* s_data = x_scale.GetTensorData<float>();
-    const int32_t z = *x_zero_point.GetTensorData<uint8_t>();
-    const bool per_sample = steps != 1;
-    params.resize(steps);
-    for (size_t i = 0; i < steps; ++i) {
-      const float s = s_data[i];
-      ONNXQ_CHECK(s > 0.0f && s <= 3.4028235e38f, std::string("x_scale") + (per_sample ? "[" + std::to_string(i) + "]" : "") +
-                                                " must be positive and finite, got " + std::to_string(s));
-      params[i] = {s, static_cast<float>(-z), static_cast<float>(255 - z), z};
-    }
-  } else {
-    float mn = INFINITY, mx = -INFINITY;
-    kernels.min_max(x_data, count, &mn, &mx);
-    params[0] = qdu8::MakeParams(mn, mx);
+  constexpr uint32_t kSteps = (1u << 4) | (1u << 5);
+  plan->x_constant = x_scale != nullptr && (constant_ & kSteps) == kSteps;
+  if (plan->x_constant) {
+    ReadSteps(context, g, &plan->params);
+    if (plan->params.size() == 1) Factors(scale.GetTensorData<float>(), g.m, plan->params[0], &plan->c_e, &plan->c_o);
   }
 
   // Weights: prepared once while W is a constant initializer.
   const auto* w_data = w.GetTensorData<uint8_t>();
-  std::shared_ptr<const iconv::PackedWeights> pw;
   if (w_constant_) {
     std::lock_guard<std::mutex> lock(mutex_);
     if (!cached_ || cached_->k != g.k) cached_ = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
-    pw = cached_;
+    plan->pw = cached_;
   } else {
-    pw = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
+    plan->pw = iconv::Prepare(g, w_data, row_bytes, bits_, post_, isa_);
+  }
+  return plan;
+}
+
+// The calibrated steps (inputs x_scale and x_zero_point, both present) into params: params[0] for the
+// whole batch, or params[n] for sample n (x_scale with N elements).
+void IntConvKernel::ReadSteps(Ort::KernelContext& context, const iconv::Geometry& g,
+                              std::vector<qdu8::Params>* params) const {
+  using iconv::ShapeText;
+  const std::string op = name();
+  const Ort::ConstValue x_scale = context.GetInput(4), x_zero_point = context.GetInput(5);
+  auto shape_of = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
+  const size_t steps = x_scale.GetTensorTypeAndShapeInfo().GetElementCount();
+  ONNXQ_CHECK(x_zero_point.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
+        "x_zero_point must be one uint8 value, got shape " + ShapeText(shape_of(x_zero_point)));
+  ONNXQ_CHECK(steps == 1 || steps == static_cast<size_t>(g.n),
+        "x_scale must have 1 element or N = " + std::to_string(g.n) + " (one step per sample), got shape " +
+            ShapeText(shape_of(x_scale)));
+  const float* s_data = x_scale.GetTensorData<float>();
+  const int32_t z = *x_zero_point.GetTensorData<uint8_t>();
+  const bool per_sample = steps != 1;
+  params->resize(steps);
+  for (size_t i = 0; i < steps; ++i) {
+    const float s = s_data[i];
+    ONNXQ_CHECK(s > 0.0f && s <= 3.4028235e38f, std::string("x_scale") + (per_sample ? "[" + std::to_string(i) + "]" : "") +
+                                              " must be positive and finite, got " + std::to_string(s));
+    (*params)[i] = {s, static_cast<float>(-z), static_cast<float>(255 - z), z};
+  }
+}
+
+// The per-channel float factors (int_conv.h) of step p: c_e, c_o of M channels.
+void IntConvKernel::Factors(const float* scale_data, int64_t m_count, const qdu8::Params& p, std::vector<float>* c_e,
+                            std::vector<float>* c_o) const {
+  c_e->resize(static_cast<size_t>(m_count));
+  c_o->resize(static_cast<size_t>(m_count));
+  const int32_t k2 = ((1 << (bits_ - 1)) - 1) / 2;
+  const float step = ldexpf(1.0f, -k2);
+  for (int64_t m = 0; m < m_count; ++m) {
+    const float c = p.scale * scale_data[m];
+    if (post_) {
+      (*c_e)[m] = c * step;
+      (*c_o)[m] = (*c_e)[m] * 0.70710678118654752f;
+    } else {
+      (*c_e)[m] = c;
+      (*c_o)[m] = 0.0f;
+    }
+  }
+}
+
+void IntConvKernel::Compute(OrtKernelContext* raw_context) {
+  using iconv::ShapeText;
+  Ort::KernelContext context{raw_context};
+  const std::string op = name();
+  const size_t inputs = context.GetInputCount();
+  auto input = [&](size_t i) { return InputOf(context, inputs, i); };
+  auto shape_of = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
+
+  const Ort::ConstValue x = input(0), w = input(1), scale = input(2), bias = input(3);
+  const Ort::ConstValue x_scale = input(4), residual = input(8);
+  ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
+  uint32_t present = 0;
+  for (size_t i = 0; i < inputs && i < 11; ++i) {
+    if (context.GetInput(i) != nullptr) present |= 1u << i;
+  }
+  // X float32, or uint8: then X is x_q itself (onnxruntime only lets these two through).
+  const iconv::Dims x_dims = iconv::DimsOf(x);
+  const bool x_bytes = x_dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+  iconv::Dims r_dims{};
+  if (residual != nullptr) r_dims = iconv::DimsOf(residual);
+  const bool r_bytes = residual != nullptr && r_dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
+
+  // The plan: the last one while it matches and its inputs are constant, else made (and kept) now.
+  const bool reusable = x_dims.rank == 4 && (present & iconv::kPlanInputs & ~constant_) == 0;
+  std::shared_ptr<const iconv::Plan> plan;
+  if (reusable) {
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (plan_ && plan_->Matches(x_dims.d, x_bytes, r_bytes, present)) plan = plan_;
+  }
+  if (!plan) {
+    plan = MakePlan(context, x_bytes, r_bytes, present);
+    if (reusable) {
+      std::lock_guard<std::mutex> lock(mutex_);
+      plan_ = plan;
+    }
+  }
+  const iconv::Geometry& g = plan->g;
+  const iconv::PackedWeights& pw = *plan->pw;
+  const bool staged = plan->staged;
+
+  iconv::Output output = plan->output;
+  if (residual != nullptr) {
+    ONNXQ_CHECK(r_dims.rank == 4 && r_dims.d[0] == g.n && r_dims.d[1] == g.m && r_dims.d[2] == g.oh &&
+                    r_dims.d[3] == g.ow,
+                "input R (the residual) must have Y's shape (N, M, OH, OW) = " + ShapeText({g.n, g.m, g.oh, g.ow}) +
+                    ", got " + ShapeText(shape_of(residual)));
+    if (r_bytes) {
+      output.r8 = residual.GetTensorData<uint8_t>();
+    } else {
+      output.r = residual.GetTensorData<float>();
+    }
+  }
+  const float* bias_data = bias != nullptr ? bias.GetTensorData<float>() : nullptr;
+
+  // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
+  iconv::ScratchLease scratch;
+  const auto sample = static_cast<size_t>(g.c * g.h * g.w);
+  const auto count = static_cast<size_t>(g.n) * sample;
+  const float* x_data = x_bytes ? nullptr : x.GetTensorData<float>();
+  const uint8_t* x_codes = x_bytes ? x.GetTensorData<uint8_t>() : nullptr;
+  const Kernels& kernels = KernelsFor(isa_);
+  const std::vector<qdu8::Params>* params = &plan->params;
+  if (!plan->x_constant) {
+    params = &scratch->params;
+    if (x_scale != nullptr) {
+      ReadSteps(context, g, &scratch->params);
+    } else {
+      float mn = INFINITY, mx = -INFINITY;
+      kernels.min_max(x_data, count, &mn, &mx);
+      scratch->params.assign(1, qdu8::MakeParams(mn, mx));
+    }
   }
 
   // X quantized (per sample with per-sample steps), unless the depthwise kernels quantize it
   // channel by channel as they go.
   // (uint8 X: every kernel reads X as it is.)
-  const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && g.k > 0 && iconv::UsesFusedDepthwise(g, *pw, isa_);
+  const bool fused = isa_ != Isa::kScalar && g.n > 0 && g.m > 0 && g.k > 0 && iconv::UsesFusedDepthwise(g, pw, isa_);
   const bool quantize = !fused && !x_bytes;
   // The SIMD tables quantize with quantize_fused (a multiply-add on a fixed-point grid, dividing only
   // near a tie: QuantizeOne's bytes, about twice the division's speed), which writes up to 64 bytes
@@ -377,8 +563,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   constexpr size_t kQuantizeSlack = 64;
   // (Not value-initialized: every byte is written below, the slack here; zeroing it first cost the
   // first convolution of an image model a pass over its batch of bytes.)
-  std::unique_ptr<uint8_t[]> xq(quantize ? new uint8_t[count + kQuantizeSlack] : nullptr);
-  if (quantize) std::memset(xq.get() + count, 0, kQuantizeSlack);
+  uint8_t* const xq = quantize ? scratch->Xq(count + kQuantizeSlack) : nullptr;
+  if (quantize) std::memset(xq + count, 0, kQuantizeSlack);
   auto quantize_x = [&](const float* from, size_t n, const qdu8::Params& p, uint8_t* to) {
     if (kernels.quantize_fused == nullptr) {
       kernels.quantize(from, n, p, to);
@@ -388,12 +574,12 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     q.x = from;
     kernels.quantize_fused(q, static_cast<int64_t>(n), to);
   };
-  if (quantize && params.size() == 1) {
-    quantize_x(x_data, count, params[0], xq.get());
+  if (quantize && params->size() == 1) {
+    quantize_x(x_data, count, (*params)[0], xq);
   } else if (quantize) {
-    for (int64_t n = 0; n < g.n; ++n) quantize_x(x_data + n * sample, sample, params[n], xq.get() + n * sample);
+    for (int64_t n = 0; n < g.n; ++n) quantize_x(x_data + n * sample, sample, (*params)[n], xq + n * sample);
   }
-  const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq.get() : nullptr;
+  const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq : nullptr;
 
   Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
   float* y = nullptr;
@@ -408,9 +594,6 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   // One run of the kernels over the images of `run` (all of X, or one sample with its own step):
   // the per-channel float factors (int_conv.h) from s_x, then the integer path and the epilogue.
   const float* scale_data = scale.GetTensorData<float>();
-  std::vector<float> c_e(static_cast<size_t>(g.m)), c_o(static_cast<size_t>(g.m));
-  const int32_t k2 = ((1 << (bits_ - 1)) - 1) / 2;
-  const float step = ldexpf(1.0f, -k2);
   // Y of the run from element y_at: float (y) written by the kernels, or through the output step.
   auto run_images = [&](const iconv::Geometry& run, const qdu8::Params& p, const float* run_x, const uint8_t* run_xq,
                         int64_t y_at) {
@@ -420,25 +603,21 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     if (output.r8 != nullptr) run_output.r8 += y_at;
     if (output.y != nullptr) run_output.y += y_at;
     if (output.y8 != nullptr) run_output.y8 += y_at;
-    for (int64_t m = 0; m < g.m; ++m) {
-      const float c = p.scale * scale_data[m];
-      if (post_) {
-        c_e[m] = c * step;
-        c_o[m] = c_e[m] * 0.70710678118654752f;
-      } else {
-        c_e[m] = c;
-        c_o[m] = 0.0f;
-      }
+    const float *c_e = plan->c_e.data(), *c_o = plan->c_o.data();
+    if (plan->c_e.empty()) {
+      Factors(scale_data, g.m, p, &scratch->c_e, &scratch->c_o);
+      c_e = scratch->c_e.data();
+      c_o = scratch->c_o.data();
     }
     const auto z = static_cast<uint8_t>(p.zero_point);
     if (isa_ == Isa::kScalar || g.k == 0) {  // (K = 0: no sums, Y = B or 0; the SIMD kernels assume K >= 1)
-      iconv::ReferenceConv(run, *pw, post_, bits_, run_xq, z, c_e.data(), c_o.data(), bias_data, clip_min_, clip_max_,
-                           run_y, staged ? &run_output : nullptr);
+      iconv::ReferenceConv(run, pw, post_, bits_, run_xq, z, c_e, c_o, bias_data, clip_min_, clip_max_, run_y,
+                           staged ? &run_output : nullptr);
       return;
     }
     iconv::SimdArgs args{};
     args.g = &run;
-    args.pw = pw.get();
+    args.pw = &pw;
     args.isa = isa_;
     args.post = post_;
     args.z = z;
@@ -447,8 +626,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     args.x_scale = p.scale;
     args.x_lo = p.lo;
     args.x_hi = p.hi;
-    args.c_e = c_e.data();
-    args.c_o = c_o.data();
+    args.c_e = c_e;
+    args.c_o = c_o;
     args.bias = bias_data;
     args.clip_lo = staged ? -INFINITY : clip_min_;  // (staged: the output step clips, after R)
     args.clip_hi = staged ? INFINITY : clip_max_;
@@ -458,8 +637,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     args.pad_right = pad_right_;
     iconv::SimdConv(args, context);
   };
-  if (params.size() == 1) {
-    run_images(g, params[0], x_data, xq_data, 0);
+  if (params->size() == 1) {
+    run_images(g, (*params)[0], x_data, xq_data, 0);
     return;
   }
   // Per-sample steps: each sample is its own one-image call (the zero point is shared, the steps are not).
@@ -467,7 +646,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   one.n = 1;
   const int64_t outputs = g.m * g.oh * g.ow;
   for (int64_t n = 0; n < g.n; ++n) {
-    run_images(one, params[n], x_bytes ? nullptr : x_data + n * sample,
+    run_images(one, (*params)[n], x_bytes ? nullptr : x_data + n * sample,
                xq_data != nullptr ? xq_data + n * sample : nullptr, n * outputs);
   }
 }

@@ -128,6 +128,11 @@ namespace onnxq {
 
 namespace iconv {
 struct PackedWeights;  // int_conv_impl.h
+struct Plan;           // int_conv.cc
+struct Geometry;       // int_conv_impl.h
+}
+namespace qdu8 {
+struct Params;  // quantize_dynamic_u8_kernels.h
 }
 
 // The four ops' names: PostConv, IntConv (float Y), PostConvQ, IntConvQ (uint8 Y).
@@ -149,6 +154,13 @@ class IntConvKernel {
  private:
   const char* name() const { return OpName(post_, quantized_); }
   void Compute(OrtKernelContext* context);
+  // Every check of a call that depends only on X's shape and the constant inputs, and what they
+  // give (int_conv.cc, Plan).
+  std::shared_ptr<const iconv::Plan> MakePlan(Ort::KernelContext& context, bool x_bytes, bool r_bytes,
+                                              uint32_t present);
+  void ReadSteps(Ort::KernelContext& context, const iconv::Geometry& g, std::vector<qdu8::Params>* params) const;
+  void Factors(const float* scale_data, int64_t m_count, const qdu8::Params& p, std::vector<float>* c_e,
+               std::vector<float>* c_o) const;
 
   bool post_, quantized_;  // PostConv(Q), and the Q ops (uint8 Y)
   int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
@@ -158,10 +170,14 @@ class IntConvKernel {
   float hardswish_alpha_ = 1.0f / 6.0f, hardswish_beta_ = 0.5f;
   Isa isa_ = Isa::kScalar;
   bool w_constant_ = false;  // W is a constant initializer: prepare it once
+  uint32_t constant_ = 0;    // bit i: input i is a constant initializer
   std::string error_;
 
-  std::mutex mutex_;  // guards cached_ (sessions may run concurrently)
+  std::mutex mutex_;  // guards cached_ and plan_ (onnxruntime may run a node's Compute on several threads)
   std::shared_ptr<const iconv::PackedWeights> cached_;
+  // The plan of the last call whose constant inputs let it be reused (immutable once made: a call
+  // copies the pointer under mutex_ and reads it unlocked; a call with another X shape makes a new one).
+  std::shared_ptr<const iconv::Plan> plan_;
 };
 
 // The onnxruntime op schema of PostConv (post = true) or IntConv, with float Y, or of PostConvQ or

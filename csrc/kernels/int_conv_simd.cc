@@ -100,35 +100,64 @@ void ScatterRow(const Phases& ph, const T* src, int64_t count, int64_t x0, T* ro
 // The slack (in pixels) after the phase images: kernels read whole vectors of 16 columns.
 constexpr int64_t kSlack = 64;
 
+// A call's tables, reused from call to call by the thread that lays them out (SimdConv): their
+// vectors were allocated and freed on every call (with the op's own, about a fifth of a small layer's
+// fixed cost). SimdJob's members of the same names refer to them.
+struct JobTables {
+  std::vector<int64_t> offsets, tap_offsets, lane_offsets, starts;
+  std::vector<int32_t> lane_z, fused_z, t_z;
+  std::vector<float> lane_factors, t_factor;
+  std::vector<uint8_t> keep;
+  std::vector<FusedPair> fused_pairs;
+  bool busy = false;
+  void Clear() {  // (keeps their memory)
+    offsets.clear();
+    tap_offsets.clear();
+    lane_offsets.clear();
+    starts.clear();
+    lane_z.clear();
+    fused_z.clear();
+    t_z.clear();
+    lane_factors.clear();
+    t_factor.clear();
+    keep.clear();
+    fused_pairs.clear();
+  }
+};
+
 // A call's arguments and how its work is laid out.
 struct SimdJob : SimdArgs {
+  explicit SimdJob(JobTables& t)
+      : offsets(t.offsets), tap_offsets(t.tap_offsets), lane_offsets(t.lane_offsets), lane_z(t.lane_z),
+        lane_factors(t.lane_factors), keep(t.keep), starts(t.starts), fused_z(t.fused_z), fused_pairs(t.fused_pairs),
+        t_z(t.t_z), t_factor(t.t_factor) {}
   const Kernels* kernels = nullptr;  // KernelsFor(isa)
   Phases ph;
   const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
-  std::vector<int64_t> offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
-  std::vector<int64_t> tap_offsets;  // kDepthwise: the offset of each entry of pw->taps
+  std::vector<int64_t>& offsets;  // kQuad: [k4] byte offsets in an image; kDepthwise: [kh*kw]
+  std::vector<int64_t>& tap_offsets;  // kDepthwise: the offset of each entry of pw->taps
   // kDepthwise by DepthwiseLanes: blocks of 16 channels, the padded image's size, the taps'
   // offsets, and the per-channel constants padded to whole blocks.
   bool lanes = false;
   bool lanes_fused = false;  // LanesFused (from the float input, like fused)
   int64_t blocks = 0, hp = 0, wp = 0;
-  std::vector<int64_t> lane_offsets;
-  std::vector<int32_t> lane_z;     // [2][M16]: z_e, z_o
-  std::vector<float> lane_factors;  // [3][M16]: c_e, c_o, bias
+  std::vector<int64_t>& lane_offsets;
+  std::vector<int32_t>& lane_z;     // [2][M16]: z_e, z_o
+  std::vector<float>& lane_factors;  // [3][M16]: c_e, c_o, bias
   // kDepthwise by DepthwiseFused: the padded plane's size, which columns are outputs (see
   // DepthwiseFused), the tap groups' offsets and weights, z_x * each list's sum of weights.
   bool fused = false;
-  std::vector<uint8_t> keep;
-  std::vector<int64_t> starts;
-  std::vector<int32_t> fused_z;  // [2][M]: z_e, z_o
+  std::vector<uint8_t>& keep;
+  std::vector<int64_t>& starts;
+  std::vector<int32_t>& fused_z;  // [2][M]: z_e, z_o
   const std::vector<int32_t>* fused_weights = nullptr;  // AVX-512: the tap groups' weights
-  std::vector<FusedPair> fused_pairs;                    // AVX2: pw->pair_tap's offsets and weights
+  std::vector<FusedPair>& fused_pairs;                    // AVX2: pw->pair_tap's offsets and weights
   float inverse = 0.0f;
   bool transposed;               // GemmT over output pixels (no dropped columns), else Gemm
   // GemmT's epilogue (FinishT): z_x * each row's sum of weights and its factor, [group][t_rows].
   int64_t t_rows = 0;
-  std::vector<int32_t> t_z;
-  std::vector<float> t_factor;
+  std::vector<int32_t>& t_z;
+  std::vector<float>& t_factor;
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
   int64_t panels;                // panels of `panel` columns per image and group
@@ -141,7 +170,7 @@ struct SimdJob : SimdArgs {
 // What a thread's reused buffer (ThreadBuffer) holds: one buffer per use, as a task may hold
 // several at once (RunDepthwise: its plane and its staged floats; SimdConv: the picked pixels of a
 // strided 1x1 while its quad image is built).
-enum class Use { kPicked, kQuadImage, kRows, kPanel, kPanelT, kPlane, kFused, kLanes, kLanesFused, kStaged };
+enum class Use { kPicked, kQuadImage, kRows, kZPlane, kPanel, kPanelT, kPlane, kFused, kLanes, kLanesFused, kStaged };
 
 // At least `size` bytes that this thread reuses for `kUse` from call to call, grown as needed and
 // kept until the thread ends (like onnxruntime's arena): a layer's scratch past a few KiB (GemmT's C
@@ -661,7 +690,8 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
   // No column padding, stride 1: the rows of a plane are one run (1x1 convolutions).
   const bool one_run = ph.sh == 1 && ph.sw == 1 && ph.wq == g.w;
   const bool covered = one_run && ph.hq == g.h;  // (no row padding either)
-  const std::vector<uint8_t> z_plane(g.cg % 4 != 0 ? static_cast<size_t>(g.h * g.w) : 0, job.z);
+  uint8_t* const z_plane = g.cg % 4 != 0 ? ThreadBuffer<Use::kZPlane>(g.h * g.w) : nullptr;
+  if (z_plane != nullptr) std::memset(z_plane, job.z, static_cast<size_t>(g.h * g.w));
   // Else each quad's plane interleaved in one run too, then its rows put in place: interleaving row by
   // row went through 16-byte buffers (memcpy in and out) for every row's last w % 16 pixels, all of
   // the rows of 7 and 14 (ResNet-20 at 28x28 to 7x7: a tenth of its time, with the memcpy).
@@ -674,7 +704,7 @@ void BuildQuadImage(const SimdJob& job, uint32_t* x4) {
         const uint8_t* src[4];
         for (int64_t j = 0; j < 4; ++j) {
           const int64_t c = ci * 4 + j;
-          src[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : z_plane.data();
+          src[j] = c < g.cg ? job.xq + (n * g.c + gi * g.cg + c) * g.h * g.w : z_plane;
         }
         if (one_run) {
           Interleave4(src, g.h * g.w, reinterpret_cast<uint8_t*>(dst + g.pt * g.w));
@@ -810,7 +840,20 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     strided.xq = picked;
     return SimdConv(strided, context);
   }
-  SimdJob job;
+  thread_local JobTables reused;
+  std::unique_ptr<JobTables> own;  // (a nested call on this thread, should there ever be one: its own)
+  JobTables* tables = &reused;
+  if (reused.busy) {
+    own = std::make_unique<JobTables>();
+    tables = own.get();
+  }
+  tables->Clear();
+  tables->busy = true;
+  struct Release {
+    JobTables* t;
+    ~Release() { t->busy = false; }
+  } release{tables};
+  SimdJob job(*tables);
   static_cast<SimdArgs&>(job) = args;
   job.kernels = &KernelsFor(job.isa);
   const Geometry& g = *job.g;
