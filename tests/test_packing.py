@@ -157,3 +157,26 @@ def test_onnxruntime_reads_rewrite_integer_tensor(bits: int) -> None:
     scale = rng.uniform(0.01, 1.0, size=shape[1]).astype(np.float32)
     got = run_dequantize(tensor, scale, 1, shape)
     np.testing.assert_array_equal(got, ref_dequantize(codes, scale, 1))
+
+
+@pytest.mark.parametrize("count", [0, 1, 2, 7, 8, 33])
+def test_halves_layout_and_round_trip(count):
+    """Byte i holds code i + 8 in its low nibble and code i + ceil(n/2) + 8 in its high one (an odd count pads with 0)."""
+    from onnxq.numerics.packing import pack_halves, unpack_halves
+
+    codes = np.random.default_rng(count).integers(-8, 8, count).astype(np.int8)
+    packed = pack_halves(codes)
+    half = (count + 1) // 2
+    padded = list(codes) + [0] * (2 * half - count)
+    expected = [(int(padded[i]) + 8) | ((int(padded[i + half]) + 8) << 4) for i in range(half)]
+    assert packed.dtype == np.uint8 and packed.tolist() == expected
+    np.testing.assert_array_equal(unpack_halves(packed, count), codes)
+
+
+def test_halves_reject_values_outside_4_bits():
+    from onnxq.numerics.packing import pack_halves
+
+    with pytest.raises(ValueError):
+        pack_halves(np.array([8], dtype=np.int8))
+    with pytest.raises(TypeError):
+        pack_halves(np.array([0.5]))

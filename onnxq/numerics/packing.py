@@ -45,7 +45,7 @@ def pack_halves(codes: np.ndarray) -> np.ndarray:
     """Signed values in [-8, 7] (any shape, row-major, n of them) as ceil(n/2) uint8 bytes, two halves.
 
     Byte i holds value i in its low nibble and value i + ceil(n/2) in its high nibble, each plus HALVES_OFFSET (an
-    odd count pads with 0). Unpacking is then a shift, a subtraction and one concatenation of the two halves, all whole-tensor ops.
+    odd count pads with 0). Unpacking is then a remainder, a shift and one concatenation of the two halves, all whole-tensor ops.
     """
     flat = np.asarray(codes).ravel()
     if not np.issubdtype(flat.dtype, np.integer):
