@@ -13,7 +13,7 @@ own), then the held-out inputs run through float and quantized model in onnxrunt
 - output SQNR over every output (dB), model size as a fraction of the float file,
 - quantization seconds and the peak memory the quantizer added (MB, resident set above the child's start),
 - the written model's speed against float on the first calibration run (one onnxruntime thread, fastest of a few
-  alternating runs: onnxq/analysis/speed.py, what the CLI prints),
+  alternating runs: onnxq/analysis/speed.py, what the CLI prints; `--speed-batch 8`: on the first 8 samples as one run),
 - for onnxq without data, whether it printed the damage warning (its synthetic-input check, as the CLI does); for
   onnxq W4A8, where its uint8 chains break.
 
@@ -274,8 +274,8 @@ def has_matmul_weights(path: Path) -> bool:
     return any(n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input) for n in model.graph.node)
 
 
-def evaluate(case: Case, settings: list[Setting], work: Path) -> list[str]:
-    """Markdown rows for ``case``: float first, then every setting that applies."""
+def evaluate(case: Case, settings: list[Setting], work: Path, speed_batch: int = 0) -> list[str]:
+    """Markdown rows for ``case``: float first, then every setting that applies (``speed_batch``: see :func:`_speed`)."""
     float_outputs = case.run(make_session(case.model))
     float_bytes = case.model.stat().st_size
     rows = [f"| float | {case.metric(float_outputs, float_outputs):.4g} | yes | inf | 1.000x | | | 1.00x | |"]
@@ -301,20 +301,36 @@ def evaluate(case: Case, settings: list[Setting], work: Path) -> list[str]:
         meets = "yes" if value >= case.target else "no"
         size = out.stat().st_size / float_bytes
         rows.append(f"| {setting.name} | {value:.4g} | {meets} | {output_sqnr_db(float_outputs, outputs):.1f} | {size:.3f}x | {seconds:.1f} | "
-                    f"{memory:.0f} | {_speed(case, out)} | {remark} |")
+                    f"{memory:.0f} | {_speed(case, out, speed_batch)} | {remark} |")
         print(rows[-1], flush=True)
     return rows
 
 
-def _speed(case: Case, out: Path) -> str:
-    """The written model's speed against float on the first calibration run, one thread (onnxq/analysis/speed.py)."""
+def _speed(case: Case, out: Path, batch: int = 0) -> str:
+    """The written model's speed against float, one thread (onnxq/analysis/speed.py).
+
+    On the first calibration run as it is (``batch`` 0), or on the first ``batch`` samples as one run: the runs'
+    inputs joined along axis 0 and cut to ``batch`` (a model whose inputs do not batch that way, such as one fed its
+    state, gets "?").
+    """
     from onnxq.analysis.speed import measure_speed
 
-    feed = case.calibration[0]
+    feed = case.calibration[0] if not batch else _batched(case.calibration, batch)
     try:
         return f"{measure_speed(case.model, out, feed, len(next(iter(feed.values())))).ratio:.2f}x"
     except Exception:  # noqa: BLE001  (a model that runs on the held-out inputs but not timed: the cell says so)
         return "?"
+
+
+def _batched(runs: list[Feeds], batch: int) -> Feeds:
+    """The first ``batch`` samples of ``runs`` as one run (every input joined along axis 0)."""
+    taken, count = [], 0
+    for run in runs:
+        taken.append(run)
+        count += len(next(iter(run.values())))
+        if count >= batch:
+            break
+    return {name: np.concatenate([run[name] for run in taken])[:batch] for name in taken[0]}
 
 
 def main() -> None:
@@ -324,6 +340,8 @@ def main() -> None:
     parser.add_argument("--evaluation", type=int, default=None, help="held-out samples per case (default: each case's own)")
     parser.add_argument("--settings", nargs="+", type=int, default=None,
                         help="row numbers to run (0-based, in the order of the table; default all)")
+    parser.add_argument("--speed-batch", type=int, default=0,
+                        help="time the speed column on the first N samples as one run (default: the first calibration run as it is)")
     args = parser.parse_args()
     print(cpu_description())
     settings = [SETTINGS[i] for i in args.settings] if args.settings is not None else list(SETTINGS)
@@ -334,7 +352,7 @@ def main() -> None:
         print(f"\n### {case.name}: {case.field}\n{case.source}; {case.notes}\nmetric: {case.metric_name}, target {case.target:g}\n")
         print("| setting | metric | meets target | output SQNR dB | size | quantize s | added peak MB | speed vs float | remark |")
         print("|---|---:|:---:|---:|---:|---:|---:|---:|---|", flush=True)
-        evaluate(case, settings, args.work)
+        evaluate(case, settings, args.work, args.speed_batch)
 
 
 if __name__ == "__main__":
