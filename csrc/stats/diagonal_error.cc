@@ -10,25 +10,14 @@
 // the errors agree to rounding, tests/test_output_error.py).
 #include <cstdint>
 
-#include <cmath>
-#include <cstdint>
+#include "uniform_codes.h"
 
 namespace {
 
-// Rounds x (|x| <= 2^22) to the nearest integer, ties to even, as numpy.rint does under the default
-// rounding mode: adding and subtracting 1.5 * 2^23 leaves no fraction bits (SSE2 vectorises this;
-// rint itself needs SSE4.1). The library is built without fast-math, so the two steps stay.
-__attribute__((always_inline)) inline float RoundHalfEven(float x) {
-  const float magic = 12582912.0f;
-  return (x + magic) - magic;
-}
-
-// The value of x's code at `scale` on the grid of codes -q..q (the clip first: the same codes).
+// The value of x's code at `scale` on the grid of codes -q..q, x in the grid's domain.
 template <bool kSqrt>
 __attribute__((always_inline)) inline double Decoded(float x, float scale, float q) {
-  const float clipped = x / scale < -q ? -q : (x / scale > q ? q : x / scale);
-  const float y = RoundHalfEven(clipped) * scale;
-  return static_cast<double>(kSqrt ? y * std::fabs(y) : y);
+  return static_cast<double>(onnxq_stats::CodeValue(onnxq_stats::NearestCode(x, scale, q), scale, kSqrt));
 }
 
 // Lanes of the float64 sum: independent partial sums the compiler can keep in vector registers.

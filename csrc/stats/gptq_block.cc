@@ -7,34 +7,9 @@
 // updates, operation by operation (-ffp-contract=off, no reassociation), so its codes and the updated
 // columns equal numpy's bit for bit (tests/test_output_error.py). The matrix product that carries the
 // block's errors to the columns after it stays in numpy (BLAS).
-#include <cmath>
 #include <cstdint>
 
-namespace {
-
-// numpy.rint of x (|x| <= 2^22), ties to even, by adding and subtracting 1.5 * 2^23 (no fast-math here).
-__attribute__((always_inline)) inline float RoundHalfEven(float x) {
-  const float magic = 12582912.0f;
-  return (x + magic) - magic;
-}
-
-// The code of one value as uniform.nearest_codes computes it from the float32 value: to the grid's domain
-// (sign(v) sqrt|v| for sqrt codes), divided by the row's scale, rounded, clipped to [-q, q] (clipping
-// first gives the same code: q is whole).
-__attribute__((always_inline)) inline float Code(float v, float scale, float q, bool sqrt_codes) {
-  const float sign = v > 0.0f ? 1.0f : (v < 0.0f ? -1.0f : 0.0f);
-  const float domain = sqrt_codes ? sign * std::sqrt(std::fabs(v)) : v;
-  const float quotient = domain / scale;
-  return RoundHalfEven(quotient < -q ? -q : (quotient > q ? q : quotient));
-}
-
-// What the code stands for, as uniform.decoded: code * scale, times its magnitude for sqrt codes.
-__attribute__((always_inline)) inline float Value(float code, float scale, bool sqrt_codes) {
-  const float y = code * scale;
-  return sqrt_codes ? y * std::fabs(y) : y;
-}
-
-}  // namespace
+#include "uniform_codes.h"
 
 // Columns [start, stop) of GPTQ's loop. w (k, rows) float64: W transposed, in GPTQ's column order, updated
 // in place (the block's later columns take each column's error); upper (k, k) float64: the upper factor of
@@ -51,9 +26,9 @@ extern "C" __attribute__((visibility("default"), target_clones("avx512f", "avx2"
     int8_t* code = codes + j * rows;
     const double pivot = upper[j * k + j];
     for (int64_t r = 0; r < rows; ++r) {
-      const float c = Code(static_cast<float>(column[r]), scale[r], q, sqrt_grid);
+      const float c = onnxq_stats::NearestCode(onnxq_stats::ToDomain(static_cast<float>(column[r]), sqrt_grid), scale[r], q);
       code[r] = static_cast<int8_t>(c);
-      error[r] = (column[r] - static_cast<double>(Value(c, scale[r], sqrt_grid))) / pivot;
+      error[r] = (column[r] - static_cast<double>(onnxq_stats::CodeValue(c, scale[r], sqrt_grid))) / pivot;
     }
     for (int64_t i = j + 1; i < stop; ++i) {
       const double u = upper[j * k + i];
