@@ -185,7 +185,7 @@ def drop_inferred_shapes(graph: onnx.GraphProto, declared: frozenset[str]) -> in
     model itself included (one-off, 2026-12-05; onnxruntime infers what it needs on its own). Custom ops' outputs keep
     theirs: onnx cannot infer them (onnxq/rewrite/ops.py declares them on purpose).
     """
-    standard = {output for node in graph.node if node.domain in ("", "ai.onnx") for output in node.output}
+    standard = {output for node in graph.node if is_default_domain(node.domain) for output in node.output}
     kept = [info for info in graph.value_info if info.name in declared or info.name not in standard]
     dropped = len(graph.value_info) - len(kept)
     if dropped:

@@ -64,22 +64,25 @@ def takes(values: np.ndarray) -> bool:
     return values.dtype == np.float32 and values.flags.c_contiguous and available()
 
 
+def _has(function: str) -> bool:
+    """Whether the library was built and exports ``function`` (one built before it was written does not)."""
+    lib = _library()
+    return lib is not None and hasattr(lib, function)
+
+
 def descent_available() -> bool:
     """Whether the library has the coordinate descent's column steps (else output_error.py steps in numpy)."""
-    lib = _library()
-    return lib is not None and hasattr(lib, "onnxq_descent_block")
+    return _has("onnxq_descent_block")
 
 
 def diagonal_error_available() -> bool:
     """Whether the library has the diagonal range search's error (else output_error.py computes it with numpy)."""
-    lib = _library()
-    return lib is not None and hasattr(lib, "onnxq_diagonal_error")
+    return _has("onnxq_diagonal_error")
 
 
 def gptq_available() -> bool:
     """Whether the library has GPTQ's column loop (else output_error.py runs it with numpy)."""
-    lib = _library()
-    return lib is not None and hasattr(lib, "onnxq_gptq_block")
+    return _has("onnxq_gptq_block")
 
 
 def _lib() -> ctypes.CDLL:

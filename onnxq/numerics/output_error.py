@@ -20,7 +20,8 @@ becomes q changes the output by (w - q) x, whose mean square is (w - q) H (w - q
   needed; the damped one, GPTQ's, did no better).
 
 Everything works on any grid a row maps to codes by rounding to nearest with a per-row scale: onnxq's uniform codes
-(plain or in the sqrt domain) and POST codes. Pure numpy, float64; H may be one matrix or one per group of rows
+(plain or in the sqrt domain) and POST codes. numpy, float64 (three inner loops in C where libonnxq_stats.so has them,
+the same codes: onnxq/native/stats.py); H may be one matrix or one per group of rows
 (grouped convolutions: each group's rows read their own inputs).
 """
 
@@ -317,9 +318,12 @@ class RowCodes:
 
 
 def quantize_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, compensate: bool = True, compensation: Compensation | None = None) -> RowCodes:
-    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's rounding."""
+    """Rows (R, K) quantized for the output on ``grid``: alpha by output error, then (``compensate``) GPTQ's refined rounding.
+
+    GPTQ's codes (:func:`compensated_rows`), then SWEEPS sweeps of coordinate descent (:func:`refined_rows`).
+    """
     nearest = nearest_rows(rows, h, grid)
-    return compensated_rows(rows, h, grid, nearest, compensation) if compensate else nearest
+    return refined_rows(rows, h, grid, compensated_rows(rows, h, grid, nearest, compensation)) if compensate else nearest
 
 
 @dataclass(frozen=True)
@@ -339,34 +343,28 @@ def nearest_rows(rows: np.ndarray, h: np.ndarray, grid: Grid) -> ScoredRows:
     return ScoredRows(codes, scale, alpha, float(errors.sum()), errors)
 
 
-def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: ScoredRows, compensation: Compensation | None = None,
-                     sweeps: int | None = None) -> ScoredRows:
-    """GPTQ's rounding of ``rows`` at the scales of ``nearest`` refined by coordinate descent, per row the least error kept.
+def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: ScoredRows, compensation: Compensation | None = None) -> ScoredRows:
+    """GPTQ's rounding of ``rows`` at the scales of ``nearest``, each row keeping the codes with the smaller output error.
 
-    Each row keeps the GPTQ or the nearest codes, whichever leave less output error, then the refinement of those
-    (:func:`refine`, ``sweeps`` sweeps, None: SWEEPS, 0: none) where it lowers it further. GPTQ's greedy order can lose
-    on a row whose H is nearly singular; the nearest codes are the floor.
+    GPTQ's greedy order can lose on a row whose H is nearly singular; the nearest codes are the floor.
     """
-    sweeps = SWEEPS if sweeps is None else sweeps
     rows = np.asarray(rows, dtype=np.float64)
-
-    def errors(codes: np.ndarray) -> np.ndarray:
-        return output_errors(rows - decode(codes, nearest.scale, grid), h)
-
-    kept = _better_rows(errors, (nearest.codes, nearest.row_errors), gptq(rows, h, grid, nearest.scale, compensation=compensation))
-    compensated = ScoredRows(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()), kept[1])
-    return refined_rows(rows, h, grid, compensated, sweeps) if sweeps else compensated
+    kept = _better_rows(_code_errors(rows, h, grid, nearest.scale), (nearest.codes, nearest.row_errors),
+                        gptq(rows, h, grid, nearest.scale, compensation=compensation))
+    return ScoredRows(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()), kept[1])
 
 
 def refined_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, sweeps: int | None = None) -> ScoredRows:
-    """``start``'s codes (from :func:`compensated_rows` without sweeps) refined by :func:`refine`, per row the lesser error kept."""
+    """``start``'s codes (:func:`compensated_rows`') refined by :func:`refine` (``sweeps``: None SWEEPS), per row the lesser error kept."""
     rows = np.asarray(rows, dtype=np.float64)
-
-    def errors(codes: np.ndarray) -> np.ndarray:
-        return output_errors(rows - decode(codes, start.scale, grid), h)
-
-    kept = _better_rows(errors, (start.codes, start.row_errors), refine(rows, h, grid, start.scale, start.codes, sweeps))
+    kept = _better_rows(_code_errors(rows, h, grid, start.scale), (start.codes, start.row_errors),
+                        refine(rows, h, grid, start.scale, start.codes, sweeps))
     return ScoredRows(kept[0], start.scale, start.alpha, float(kept[1].sum()), kept[1])
+
+
+def _code_errors(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray) -> Callable[[np.ndarray], np.ndarray]:
+    """The row errors (:func:`output_errors`) that any codes of ``rows`` at per-row ``scale`` leave."""
+    return lambda codes: output_errors(rows - decode(codes, scale, grid), h)
 
 
 def _better_rows(errors: Callable[[np.ndarray], np.ndarray], kept: tuple[np.ndarray, np.ndarray],

@@ -15,8 +15,8 @@ from __future__ import annotations
 import contextlib
 import functools
 
-import numpy as np
-import scipy.linalg  # noqa: F401  (its own OpenBLAS, loaded before the controller looks for libraries)
+import numpy  # noqa: F401  (numpy's OpenBLAS and scipy's, loaded before the controller looks for libraries)
+import scipy.linalg  # noqa: F401
 from threadpoolctl import ThreadpoolController
 
 #: Features (K) from which a layer's matrix work lets BLAS use all its threads.
@@ -30,7 +30,6 @@ def _controller() -> ThreadpoolController:
     threadpoolctl's threadpool_limits looks them up again on every call, reading the process's memory map: 0.7 ms a
     call, 13 s of the layout detector's mixed-precision run (19088 calls from the calibration pass's sums of H).
     """
-    np.dot(np.ones(1), np.ones(1))  # (numpy's BLAS is loaded with numpy; this only makes sure)
     return ThreadpoolController()
 
 

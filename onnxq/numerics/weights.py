@@ -227,7 +227,7 @@ def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, 
     floor = min(sum(p.error for p in nearest[m]) for m in modes)
     compensations = [output_error.Compensation.of(hessian[g]) for g in range(groups)]  # shared by the grids
     compensated = {
-        mode: [output_error.compensated_rows(part, hessian[g], output_error.Grid(mode, bits), nearest[mode][g], compensations[g], sweeps=0)
+        mode: [output_error.compensated_rows(part, hessian[g], output_error.Grid(mode, bits), nearest[mode][g], compensations[g])
                for g, part in enumerate(slices)]
         for mode in modes if sum(p.error for p in nearest[mode]) <= GRID_MARGIN * floor
     }

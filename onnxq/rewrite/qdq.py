@@ -42,23 +42,21 @@ def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
 
 
 def dequantize_nodes(
-    weight: str, q: QuantizedTensor, names: NameSource, dtype: int = onnx.TensorProto.FLOAT, at_load: bool = False, widen: bool = False,
-    shared: HalvesConstants | None = None,
+    weight: str, q: QuantizedTensor, names: NameSource, shared: HalvesConstants, dtype: int = onnx.TensorProto.FLOAT, at_load: bool = False,
+    widen: bool = False,
 ) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
     """Initializers and nodes that recompute ``weight`` from its codes; returns them and the output name.
 
     The decoded values take the weight's float type ``dtype``. ``at_load``: Cast and Mul, which onnxruntime folds when
-    it loads the model (float32 scale); else DequantizeLinear (a scale of type ``dtype``), after a Cast of int4 codes to
-    int8 when ``widen`` (uint8 activations: onnxruntime's integer kernels take int8 weights and uint8 inputs only).
+    it loads the model (float32 scale; 4-bit codes unpacked with the scalars of ``shared``, which the caller writes
+    once); else DequantizeLinear (a scale of type ``dtype``), after a Cast of int4 codes to int8 when ``widen`` (uint8
+    activations: onnxruntime's integer kernels take int8 weights and uint8 inputs only).
     """
     codes_name = names.fresh(f"{weight}_quantized")
     scale_name = names.fresh(f"{weight}_scale")
     decoded = names.fresh(f"{weight}_dequantized")
     if at_load:
-        own = shared is None  # (a caller decoding one weight: the shared scalars come with it)
-        shared = HalvesConstants(names) if shared is None else shared
-        inits, nodes, out = _decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded, shared)
-        return (inits + shared.initializers if own else inits), nodes, out
+        return _decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded, shared)
     scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
     inits = [integer_tensor(codes_name, q.codes, q.bits), numpy_helper.from_array(scale, scale_name)]
     inputs = [codes_name, scale_name]
@@ -169,7 +167,7 @@ def replace_weights(graph: onnx.GraphProto, quantized: dict[str, QuantizedTensor
     new_nodes: list[onnx.NodeProto] = []
     shared = HalvesConstants(names)
     for weight, q in quantized.items():
-        inits, nodes, output = dequantize_nodes(weight, q, names, dtypes[weight], at_load, widen, shared)
+        inits, nodes, output = dequantize_nodes(weight, q, names, shared, dtypes[weight], at_load, widen)
         graph.initializer.extend(inits)
         new_nodes.extend(nodes)
         rename_input(graph, weight, output)
