@@ -268,3 +268,36 @@ def test_a_torch_lstms_sliced_weights_inside_an_if_are_computed_ahead_and_quanti
     assert sorted(layer.tensor for layer in result.layers if layer.nodes == ("lstm",)) == sorted([lstm.input[1], lstm.input[2]])
     quantized = run(result.model, {"x": x, "cond": np.array(True)})
     assert 0 < np.linalg.norm(quantized - expected[True]) / np.linalg.norm(expected[True]) < 0.03
+
+
+def _two_matmuls(second: np.ndarray, first: np.ndarray) -> onnx.ModelProto:
+    """x[4,4] -> MatMul(w_a) -> MatMul(w_b) -> Add(c) -> y: two weights and a constant that is not a weight."""
+    v = helper.make_tensor_value_info
+    nodes = [helper.make_node("MatMul", ["x", "w_a"], ["a"]), helper.make_node("MatMul", ["a", "w_b"], ["b"]),
+             helper.make_node("Add", ["b", "c"], ["y"])]
+    inits = [numpy_helper.from_array(first, "w_a"), numpy_helper.from_array(second, "w_b"), numpy_helper.from_array(first, "c")]
+    graph = helper.make_graph(nodes, "g", [v("x", TensorProto.FLOAT, [4, 4])], [v("y", TensorProto.FLOAT, [4, 4])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_equal_weights_are_merged_and_other_constants_are_not():
+    from onnxq.model.prepare import merge_identical_weights
+
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    model = _two_matmuls(w.copy(), w)  # w_a == w_b == c; c is an Add's operand, not a weight
+    x = np.random.default_rng(1).standard_normal((4, 4)).astype(np.float32)
+    before = run(model, {"x": x})
+    assert merge_identical_weights(model.graph) == 1
+    assert sorted(t.name for t in model.graph.initializer) == ["c", "w_a"]
+    assert [n.input[1] for n in model.graph.node] == ["w_a", "w_a", "c"]
+    np.testing.assert_array_equal(run(model, {"x": x}), before)
+
+
+def test_weights_that_differ_in_one_value_or_in_type_stay_apart():
+    from onnxq.model.prepare import merge_identical_weights
+
+    w = np.random.default_rng(0).standard_normal((4, 4)).astype(np.float32)
+    nudged = w.copy()
+    nudged[3, 3] = np.nextafter(nudged[3, 3], np.float32(np.inf))
+    assert merge_identical_weights(_two_matmuls(nudged, w).graph) == 0
+    assert merge_identical_weights(_two_matmuls(w.reshape(4, 4).T.copy(), w).graph) == 0  # same bytes multiset, other layout

@@ -156,6 +156,43 @@ def _weight_candidates(node: onnx.NodeProto) -> list[str]:
     return [node.input[i] for i in indices if i < len(node.input)]
 
 
+def merge_identical_weights(graph: onnx.GraphProto) -> int:
+    """Let every reader of a weight equal, value for value, to an earlier one read that one; how many were merged.
+
+    Folding a body's constant paths can make copies: Silero VAD's LSTM weights are reordered by Slice/Concat of one
+    constant in each branch of an inner If, and folded they are two equal constants per tensor. Merged, the model
+    stores the codes once and the planner sees one weight shared by both layers (its second moments the sum over
+    both readers). Only main-graph float initializers that some weighted node reads as a weight are merged, and only
+    under names no body redefines, so every reader resolves the kept name to the same tensor.
+    """
+    graphs = list(all_graphs(graph))
+    counts = Counter(name for g in graphs for name in defined_names(g))
+    read_as_weight = {
+        name
+        for g in graphs
+        for node in g.node
+        if node.op_type in HANDLERS and is_default_domain(node.domain)
+        for name in _weight_candidates(node)
+    }
+    pinned = {i.name for i in graph.input} | {o.name for o in graph.output}
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    merged: dict[str, str] = {}
+    for tensor in graph.initializer:
+        name = tensor.name
+        if name not in read_as_weight or name in pinned or counts[name] > 1 or tensor.data_type not in FLOAT_TYPES:
+            continue
+        key = (tensor.data_type, tuple(tensor.dims), to_array(tensor).tobytes())
+        if key in first:
+            merged[name] = first[key]
+        else:
+            first[key] = name
+    for old, new in merged.items():
+        rename_input(graph, old, new)
+    if merged:
+        remove_unused_initializers(graph)
+    return len(merged)
+
+
 def bypass_constant_identities(graph: onnx.GraphProto) -> int:
     """Let readers of ``Identity(initializer)`` read the initializer itself, so such weights count as constants."""
     consts = constant_initializers(graph)
@@ -365,9 +402,11 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     hoisted = hoist_body_weights(graph)
     bypass_constant_identities(graph)
     computed += fold_constant_paths(graph, opset) if opset is not None else 0
+    merged = merge_identical_weights(graph)
     folded = fold_batch_norms(graph)
     logger.info(
-        "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, %d BatchNormalization folded",
-        lifted, hoisted, computed, folded,
+        "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, "
+        "%d equal weights merged, %d BatchNormalization folded",
+        lifted, hoisted, computed, merged, folded,
     )
     return infer_shapes(model)
