@@ -26,19 +26,19 @@ import onnx
 from onnxq.calibrate.activations import calibrate as calibrate_sites
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
-from onnxq.calibrate.branches import BRANCH_SAMPLES, branch_view
+from onnxq.calibrate.branches import BRANCH_SAMPLES, BranchView, branch_view
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
 from onnxq.calibrate.mean_shift import ShiftSite, centered, fold_shifts, mean_shift, shift_sites
-from onnxq.calibrate.moments import Guard, MomentCollector, layer_inputs
+from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.result import ActivationQuant, Calibration
 from onnxq.calibrate.samples import SampleAxes, input_specs, peek, sample_axes
 from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, RangeMethod, SqrtMode
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
-from onnxq.model.graph import constant_initializers, drop_inferred_shapes, to_array
+from onnxq.model.graph import all_graphs, constant_initializers, drop_inferred_shapes, to_array
 from onnxq.model.load import LoadedModel, load
 from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_int4_ir, ensure_opset
 from onnxq.model.prepare import prepare
@@ -177,7 +177,7 @@ def quantize_with_report(
 def load_and_prepare(model: ModelSource) -> LoadedModel:
     """Load and check the model, bring it to opset 13 at least, and run the preparation passes (onnxq/model/prepare.py)."""
     loaded = load(model)
-    loaded.declared = frozenset(info.name for info in loaded.model.graph.value_info)
+    loaded.declared = frozenset(info.name for graph in all_graphs(loaded.model.graph) for info in graph.value_info)
     ensure_opset(loaded, MIN_OPSET)
     loaded.model = prepare(loaded.model)
     return loaded
@@ -231,8 +231,11 @@ def calibrate(
     model, moments = loaded.model, None
     if config.output_aware:
         aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
-        model, guards, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
-        moments = MomentCollector(layer_inputs(model.graph, aware), config.calibration_samples, guards)
+        view, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
+        model = view.model if view is not None else loaded.model
+        guards = view.guards(aware) if view is not None else ()
+        unreached = view.unreached() if view is not None else frozenset()
+        moments = MomentCollector(layer_inputs(model.graph, aware, unreached), config.calibration_samples, guards)
     if config.activations is None:
         collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client)
         calibrated = Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
@@ -247,18 +250,17 @@ def calibrate(
 
 def _calibration_model(
     model: onnx.ModelProto, aware: list[WeightPlan], batches: Iterator[dict[str, np.ndarray]], axes: SampleAxes
-) -> tuple[onnx.ModelProto, tuple[Guard, ...], Iterator[dict[str, np.ndarray]]]:
-    """The model the calibration pass runs, the conditions it checks, and the batches (their head looked at once).
+) -> tuple[BranchView | None, Iterator[dict[str, np.ndarray]]]:
+    """The view the calibration pass runs instead of the model, if any, and the batches (their head looked at once).
 
     Where output-aware layers sit inside If bodies: a copy with the branches the first samples take inlined, so that
-    their inputs can be fetched (onnxq/calibrate/branches.py); else the model itself.
+    their inputs can be fetched (onnxq/calibrate/branches.py); else None (the model itself).
     """
     inside = {u.node for p in aware for u in p.uses if u.body_of}
     if not inside:
-        return model, (), batches
+        return None, batches
     head, batches = peek(batches, axes, BRANCH_SAMPLES)
-    view = branch_view(model, inside, head)
-    return (view.model, view.guards(aware), batches) if view is not None else (model, (), batches)
+    return branch_view(model, inside, head), batches
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
@@ -444,7 +446,8 @@ def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrate
     weights.ops.clear()
     weights.tables.clear()
     materialize(loaded.model)  # what stayed float (biases, unquantized layers) is read in from external files
-    drop_inferred_shapes(loaded.model.graph, loaded.declared)
+    for graph in all_graphs(loaded.model.graph):  # control-flow bodies got inferred shapes too
+        drop_inferred_shapes(graph, loaded.declared)
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     activations = list(calibrated.quants.values()) if calibrated is not None else []

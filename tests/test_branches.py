@@ -168,3 +168,51 @@ def test_weights_chosen_with_h_in_a_branch_cut_its_output_error(flag):
         return sum(float(np.sum((run(quantized, f) - run(model, f)) ** 2)) for f in held_out)
 
     assert error(with_data) < 0.8 * error(without)
+
+
+def _twin_weights_in_branches(seed: int = 6) -> tuple[onnx.ModelProto, np.ndarray]:
+    """One weight written twice, a Constant in each branch of an If (what folding Silero VAD's inner If leaves):
+
+    x[N,8], cond -> If(cond): then MatMul(x, w_then) -> y;  else MatMul(x, w_else) -> Neg -> y;  w_then == w_else
+    """
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((8, 6)).astype(np.float32)
+    v = helper.make_tensor_value_info
+
+    def branch(tag: str, extra: list[onnx.NodeProto]) -> onnx.GraphProto:
+        nodes = [helper.make_node("Constant", [], [f"w_{tag}"], value=numpy_helper.from_array(w, f"w_{tag}")),
+                 helper.make_node("MatMul", ["x", f"w_{tag}"], [f"m_{tag}"], name=f"{tag}_mm"), *extra]
+        return helper.make_graph(nodes, tag, [], [v(nodes[-1].output[0], TensorProto.FLOAT, ["N", 6])])
+
+    then_branch = branch("then", [])
+    else_branch = branch("else", [helper.make_node("Neg", ["m_else"], ["n_else"])])
+    nodes = [helper.make_node("If", ["cond"], ["y"], name="switch", then_branch=then_branch, else_branch=else_branch)]
+    graph = helper.make_graph(nodes, "twins", [v("x", TensorProto.FLOAT, ["N", 8]), v("cond", TensorProto.BOOL, [])],
+                              [v("y", TensorProto.FLOAT, ["N", 6])])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), w
+
+
+def test_one_weight_read_in_both_branches_gets_the_h_of_the_branch_taken():
+    """The twins are merged into one weight read by both branches; its H is the taken reader's (the other adds no rows)."""
+    model, _ = _twin_weights_in_branches()
+    rng = np.random.default_rng(7)
+    feeds = [{"x": rng.standard_normal((3, 8)).astype(np.float32), "cond": np.array(True)} for _ in range(20)]
+    h = _hessians(model, feeds)
+    assert len(h) == 1, sorted(h)  # one weight, not two
+    (only,) = h.values()
+    np.testing.assert_allclose(only[0], _mean_outer([f["x"] for f in feeds]), rtol=1e-5, atol=1e-6)
+
+
+def test_the_merged_weight_is_written_once_and_both_branches_compute_with_it():
+    model, w = _twin_weights_in_branches()
+    rng = np.random.default_rng(8)
+    calibration = [{"x": rng.standard_normal((3, 8)).astype(np.float32), "cond": np.array(True)} for _ in range(16)]
+    written = quantize(model, WEIGHT_ONLY, calibration)
+    codes = [t for t in written.graph.initializer if t.data_type in (TensorProto.INT4, TensorProto.UINT8, TensorProto.INT8)
+             and int(np.prod(t.dims)) >= w.size // 2]
+    assert len(codes) == 1, [(t.name, list(t.dims)) for t in codes]
+    x = rng.standard_normal((3, 8)).astype(np.float32)
+    then_out = run(written, {"x": x, "cond": np.array(True)})
+    else_out = run(written, {"x": x, "cond": np.array(False)})
+    np.testing.assert_array_equal(else_out, -then_out)  # the same dequantized weight in both
+    assert np.abs(then_out - x @ w).max() < 0.25 * np.abs(x @ w).max()  # and it is the weight, at 4 bits

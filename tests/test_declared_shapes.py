@@ -57,3 +57,14 @@ def test_helper_values_are_what_the_rule_drops():
                               [helper.make_tensor_value_info("c", onnx.TensorProto.FLOAT, [1])], value_info=infos)
     assert drop_inferred_shapes(graph, frozenset({"a"})) == 1
     assert [info.name for info in graph.value_info] == ["a", "c"]
+
+
+def test_control_flow_bodies_declare_no_inferred_shapes_either():
+    from models import network_in_if
+    from onnxq.model.graph import all_graphs
+
+    source = network_in_if()
+    inferred = onnx.shape_inference.infer_shapes(source)
+    assert any(g.value_info for g in list(all_graphs(inferred.graph))[1:])  # onnx infers shapes inside the branches
+    written = quantize(source, QuantizeConfig(bits=4))
+    assert [(g.name, info.name) for g in all_graphs(written.graph) for info in g.value_info] == []

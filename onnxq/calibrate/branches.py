@@ -37,11 +37,15 @@ BRANCH_SAMPLES = 16
 
 @dataclass(frozen=True)
 class InlinedBranch:
-    """One If replaced by a branch: its condition tensor, the branch (then: True) and the names of the nodes it brought."""
+    """One If replaced by a branch: its condition tensor, the branch (then: True), the names of the nodes it brought.
+
+    ``skipped``: the names of the other branch's nodes (gone from the view: the data do not reach them).
+    """
 
     condition: str
     taken: bool
     nodes: frozenset[str]
+    skipped: frozenset[str] = frozenset()
 
 
 @dataclass
@@ -55,6 +59,10 @@ class BranchView:
         """Per inlined If, the check a calibration pass makes: its condition, the branch, the weights read in that branch."""
         return tuple(Guard(b.condition, b.taken, frozenset(p.tensor for p in plans if any(u.node in b.nodes for u in p.uses)))
                      for b in self.inlined)
+
+    def unreached(self) -> frozenset[str]:
+        """Names of the nodes of the branches not taken: a weight they read gets its statistics from its other readers."""
+        return frozenset().union(*(b.skipped for b in self.inlined))
 
 
 def holds_any(node: onnx.NodeProto, names: set[str]) -> bool:
@@ -86,7 +94,9 @@ def branch_view(model: onnx.ModelProto, wanted: set[str], head: Iterable[Mapping
                 why = "takes both branches on the first samples" if branch is None else "has a branch that reuses a name of the main graph"
                 logger.info("calibration: If %s %s; the layers inside keep no statistics", node.name, why)
                 continue
-            view.inlined.append(InlinedBranch(node.input[0], branch, nodes))
+            other = attribute(node, "else_branch" if branch else "then_branch")
+            skipped = frozenset(n.name for g in all_graphs(other) for n in g.node) if isinstance(other, onnx.GraphProto) else frozenset()
+            view.inlined.append(InlinedBranch(node.input[0], branch, nodes, skipped))
             _declare_bool(graph, node.input[0])
     return view if view.inlined else None
 

@@ -230,10 +230,14 @@ def _recurrent_input(node: onnx.NodeProto, input_index: int) -> LayerInput | Non
     return None
 
 
-def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[str, list[LayerInput]]:
+def layer_inputs(
+    graph: onnx.GraphProto, plans: Iterable[WeightPlan], unreached: frozenset[str] = frozenset()
+) -> dict[str, list[LayerInput]]:
     """Per planned weight, how each of its readers sees its input (rows along the weight's planned channel axis).
 
-    Weights with a reader of another kind, or too long an input row, are left out.
+    Weights with a reader of another kind, or too long an input row, are left out. Readers named in ``unreached``
+    (nodes of If branches the data do not take, gone from a branch view) add no rows: the weight's statistics are
+    those of its other readers.
     """
     nodes = {n.name: n for n in graph.node}
     consts = constant_initializers(graph)
@@ -242,6 +246,8 @@ def layer_inputs(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[st
         dims = tuple(consts[plan.tensor].dims)
         readers = []
         for use in plan.uses:
+            if use.node in unreached:
+                continue
             node = nodes.get(use.node)
             found = _reader_input(node, use.input_index, dims) if node is not None else None  # a body's node: only in a view with it inlined
             if found is None or plan.channel_axis != use.channel_axis:  # the readers must agree on the rows (output axis)

@@ -25,7 +25,7 @@ class LoadedModel:
     model: onnx.ModelProto
     path: Path | None
     external_data: bool
-    declared: frozenset[str] = frozenset()  # the tensors the file itself gave shapes (value_info), before onnxq inferred more
+    declared: frozenset[str] = frozenset()  # the tensors the file itself gave shapes (value_info, bodies too), before onnxq inferred more
 
     @property
     def label(self) -> str:
