@@ -61,3 +61,23 @@ def test_cli_mixed_precision_either_way(tmp_path, capsys, mode):
                  "--sensitivity", mode, "--target-size", "5bits", "-o", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "mixed precision (budget" in printed and out.exists()
+
+
+def test_layers_inside_an_if_are_measured_with_the_codes_their_h_gives():
+    """A body layer gets H through the branch the data take (numpy: the mean outer product of its inputs), is measured
+    by a run rather than predicted, and that run's codes are the ones its H gives, as the quantizer writes them."""
+    from models import network_in_if
+
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32), "cond": np.array(True)} for _ in range(8)]
+    config = QuantizeConfig(bits=4, first_last_bits=None)
+    proxy = ProxySensitivity(network_in_if(), config, feeds)
+    x = np.concatenate([f["x"] for f in feeds]).astype(np.float64)
+    h = proxy.hessian("w1")
+    assert h is not None
+    np.testing.assert_allclose(h[0], x.T @ x / len(x), rtol=1e-5, atol=1e-6)
+    assert not proxy.predicted("w1") and "w_else" not in proxy.hessians
+    with_h = proxy.dequantized("w1", 4)
+    assert not np.array_equal(with_h, proxy.dequantized("w1", 4, with_hessian=False))
+    layer = proxy.layer("w1", 4)
+    assert layer.noise == pytest.approx(proxy.probe.run({"w1": with_h}).model.noise, rel=1e-9)
