@@ -274,6 +274,11 @@ def has_matmul_weights(path: Path) -> bool:
     return any(n.op_type in ("MatMul", "Gemm") and any(i in consts for i in n.input) for n in model.graph.node)
 
 
+def _row(setting: Setting) -> int:
+    """The setting's row number in SETTINGS (the mixed-precision row with another --target-size is row 1)."""
+    return SETTINGS.index(setting) if setting in SETTINGS else 1
+
+
 def evaluate(case: Case, settings: list[Setting], work: Path, speed_batch: int = 0) -> list[str]:
     """Markdown rows for ``case``: float first, then every setting that applies (``speed_batch``: see :func:`_speed`)."""
     float_outputs = case.run(make_session(case.model))
@@ -285,7 +290,7 @@ def evaluate(case: Case, settings: list[Setting], work: Path, speed_batch: int =
     for setting in settings:
         if setting.matmul_only and not matmuls:
             continue
-        out = work / f"{case.name}.{SETTINGS.index(setting)}.onnx"
+        out = work / f"{case.name}.{_row(setting)}.onnx"
         status, seconds, memory, remark = quantize_in_child(setting, case, out)
         if status != "ok":
             rows.append(f"| {setting.name} | fails | | | | | | | {remark} |")
@@ -342,9 +347,14 @@ def main() -> None:
                         help="row numbers to run (0-based, in the order of the table; default all)")
     parser.add_argument("--speed-batch", type=int, default=0,
                         help="time the speed column on the first N samples as one run (default: the first calibration run as it is)")
+    parser.add_argument("--target-size", default="0.2x", metavar="SIZE",
+                        help="the --target-size of the mixed-precision row (default 0.2x of the float weights)")
     args = parser.parse_args()
     print(cpu_description())
     settings = [SETTINGS[i] for i in args.settings] if args.settings is not None else list(SETTINGS)
+    if args.target_size != "0.2x":
+        mixed = Setting(f"onnxq -b 4, 256 samples, --target-size {args.target_size} (proxy sensitivity)", onnxq_mixed(args.target_size))
+        settings = [mixed if s is SETTINGS[1] else s for s in settings]
     args.work.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
         module = importlib.import_module(f"tools.real_models.{name}")
