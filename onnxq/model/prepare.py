@@ -5,6 +5,7 @@ Each pass edits the model in place and returns how many things it changed.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from onnxq.model.external import is_external
 from onnxq.model.graph import (
     NameSource,
     all_graphs,
@@ -163,7 +165,9 @@ def merge_identical_weights(graph: onnx.GraphProto) -> int:
     constant in each branch of an inner If, and folded they are two equal constants per tensor. Merged, the model
     stores the codes once and the planner sees one weight shared by both layers (its second moments the sum over
     both readers). Only main-graph float initializers that some weighted node reads as a weight are merged, and only
-    under names no body redefines, so every reader resolves the kept name to the same tensor.
+    under names no body redefines, so every reader resolves the kept name to the same tensor; weights kept in external
+    files are left alone (comparing them would read every weight of a large model once more). Equal means the same
+    bytes (a hash) and the same values (compared; a weight holding a NaN merges with nothing).
     """
     graphs = list(all_graphs(graph))
     counts = Counter(name for g in graphs for name in defined_names(g))
@@ -175,17 +179,21 @@ def merge_identical_weights(graph: onnx.GraphProto) -> int:
         for name in _weight_candidates(node)
     }
     pinned = {i.name for i in graph.input} | {o.name for o in graph.output}
-    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    candidates = [t for t in graph.initializer if t.name in read_as_weight and t.name not in pinned and counts[t.name] == 1
+                  and t.data_type in FLOAT_TYPES and not is_external(t)]
+    shapes = Counter((t.data_type, tuple(t.dims)) for t in candidates)
+    first: dict[tuple[int, tuple[int, ...], bytes], list[onnx.TensorProto]] = {}
     merged: dict[str, str] = {}
-    for tensor in graph.initializer:
-        name = tensor.name
-        if name not in read_as_weight or name in pinned or counts[name] > 1 or tensor.data_type not in FLOAT_TYPES:
+    for tensor in candidates:
+        if shapes[(tensor.data_type, tuple(tensor.dims))] < 2:
             continue
-        key = (tensor.data_type, tuple(tensor.dims), to_array(tensor).tobytes())
-        if key in first:
-            merged[name] = first[key]
+        values = to_array(tensor)
+        key = (tensor.data_type, tuple(tensor.dims), hashlib.blake2b(values.tobytes(), digest_size=16).digest())
+        twin = next((t for t in first.get(key, []) if np.array_equal(to_array(t), values)), None)
+        if twin is not None:
+            merged[tensor.name] = twin.name
         else:
-            first[key] = name
+            first.setdefault(key, []).append(tensor)
     for old, new in merged.items():
         rename_input(graph, old, new)
     if merged:
