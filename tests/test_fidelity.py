@@ -167,7 +167,7 @@ def test_the_cli_times_the_written_model_unless_told_not_to(tmp_path, capsys):
 
 def test_the_warning_suggests_what_the_run_did_not_try():
     """Without data: data for the weights. With data, weights only: no data advice, the size budgets. With fixed-step
-    activations: ASQ or float activations too; with ASQ not ASQ again. A healthy check: no warning."""
+    activations: ASQ or float activations too; with ASQ float activations, not ASQ again. A healthy check: no warning."""
     from onnxq.analysis.fidelity import DAMAGED_SQNR_DB, Fidelity, RunKind, damage_warning
 
     damaged = Fidelity(samples=8, output_sqnr_db=DAMAGED_SQNR_DB - 3, worst_output=None, top1_agreement=None)
@@ -178,6 +178,7 @@ def test_the_warning_suggests_what_the_run_did_not_try():
     fixed = damage_warning(damaged, "the calibration data", RunKind(calibrated=True, activations=True))
     assert "--calibrate asq" in fixed and "--activations none" in fixed
     asq = damage_warning(damaged, "the calibration data", RunKind(calibrated=True, activations=True, asq=True))
-    assert "--calibrate asq" not in asq and "more bits (-b)" in asq
+    assert "--calibrate asq" not in asq and "more bits (-b)" in asq and "--activations none" in asq
+    assert "--activations none" not in weights
     healthy = Fidelity(samples=8, output_sqnr_db=DAMAGED_SQNR_DB + 0.1, worst_output=None, top1_agreement=None)
     assert damage_warning(healthy, "the calibration data", RunKind(calibrated=True, activations=True)) is None
