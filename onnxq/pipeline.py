@@ -264,7 +264,11 @@ def _calibration_model(
 
 
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
-    """Codes for every planned weight in the format its op needs (onnxq/numerics/), and an account of each layer."""
+    """Codes for every planned weight in the format its op needs (onnxq/numerics/), and an account of each layer.
+
+    Each weight's second moments leave ``calibrated`` as it is quantized (the wide layers' H are most of the peak
+    memory: CREPE's 1024-2048-wide ones 60 MB in float64), so the peak holds the H not yet used, not all of them.
+    """
     consts = constant_initializers(loaded.model.graph)
     integer_inputs = calibrated is not None and bool(calibrated.quants)
     folding = calibrated is not None and config.activations is None and config.fold_mean_shift
@@ -277,7 +281,7 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
             names = " ".join(weight_plan.nodes)
             raise OnnxqError(loaded.label, f"weight {weight_plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
         choice = plan.ops[weight_plan.tensor]
-        hessian = calibrated.hessians.get(weight_plan.tensor) if calibrated is not None else None
+        hessian = calibrated.hessians.pop(weight_plan.tensor, None) if calibrated is not None else None  # freed once used
         mean = calibrated.input_means.get(weight_plan.tensor) if calibrated is not None and weight_plan.tensor in sites else None
         if hessian is not None and mean is not None and weight_plan.channel_axis is not None:
             hessian = centered(hessian, mean, in_place=users[id(hessian)] == 1)  # the mean output shift goes into the bias (correct_biases)
