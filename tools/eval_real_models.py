@@ -21,7 +21,9 @@ Settings: onnxq `-b 4` weight-only with the 256 calibration samples (the issue's
 0.2x the float weights (`--target-size 0.2x`, sensitivity by the proxy: analysis and quantization timed together),
 `-b 4` and `-b 8` without data,
 per-channel absmax `-b 8` (plain codes, range max|w|: what `-b 8` must never lose to), onnxq W4A8 (8-bit activations,
-mse steps on the same data) in the qdq and the int format (issue 17's integer execution); onnxruntime's quantize_static
+mse steps on the same data) in the qdq and the int format (issue 17's integer execution), and the int format with the
+weights alone chosen on the data (its ops quantize their float inputs at every call: per token where a MatMul or Gemm
+runs as an op); onnxruntime's quantize_static
 (QDQ, per channel, MinMax) W8A8, and its 4-bit weights with uint8 or uint16 activations; for models with MatMul weights
 onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128).
 onnxruntime's quantizers get the model after its own `quant_pre_process` (which, among other things, turns Constant-node
@@ -74,14 +76,17 @@ class Reader:
 # ---- the quantizers, each writing ``out`` from ``case.model``
 
 
-def onnxq_weights(bits: int, data: bool, absmax: bool = False) -> Callable[[Case, Path], str]:
-    """Onnxq weight-only at ``bits`` (first/last layers at 8), with the calibration data or without; absmax: plain codes, max|w| range."""
+def onnxq_weights(bits: int, data: bool, absmax: bool = False, fmt: str = "qdq") -> Callable[[Case, Path], str]:
+    """Onnxq weight-only at ``bits`` (first/last layers at 8), with the calibration data or without; absmax: plain codes, max|w| range.
+
+    ``fmt`` "int": the op format, whose ops quantize their float inputs themselves at every call.
+    """
 
     def quantize(case: Case, out: Path) -> str:
         import onnxq
         from onnxq.analysis.fidelity import check_on_synthetic, damage_warning
 
-        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES)
+        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt))
         if absmax:
             config = onnxq.QuantizeConfig(bits=bits, range=onnxq.RangeMethod.ABSMAX, sqrt=onnxq.SqrtMode.OFF)
         onnxq.save_model(onnxq.quantize(case.model, config, case.calibration if data else None), out)
@@ -212,6 +217,8 @@ SETTINGS = (
     Setting("onnxruntime MatMulNBits GPTQ, blocks of 32", matmul_nbits("GPTQ", 32), matmul_only=True),
     Setting("onnxruntime MatMulNBits HQQ, blocks of 32", matmul_nbits("HQQ", 32), matmul_only=True),
     Setting("onnxruntime MatMulNBits RTN, blocks of 128", matmul_nbits("RTN", 128), matmul_only=True),
+    Setting("onnxq -b 4, 256 samples, --format int (weights chosen on the data; the ops quantize their inputs per call)",
+            onnxq_weights(4, data=True, fmt="int")),
 )
 
 
