@@ -87,6 +87,14 @@ SHAPES = [
     # and its channels go through the output step 16 at a time (16, 16, 8)
     Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 1, 6, (20, 22), 36, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+    # One input channel, a kernel one column wide (1-D convolutions over H, CREPE's first layer 512x1 stride 4): quads
+    # of 4 kernel rows (int_conv_impl.h, UsesTapQuads), kh not a multiple of 4 (zero taps past it), padding above and
+    # below, 8-bit codes (AVX2: split weights), dilation, columns with padding beside them, PostConv, kh 2, one row out
+    Case("IntConv", 8, 2, 1, (70, 1), 24, (13, 1), strides=(4, 1), pads=(6, 0, 6, 0)),
+    Case("IntConv", 4, 2, 1, (40, 3), 12, (6, 1), pads=(2, 1, 3, 1), dilations=(2, 1)),
+    Case("PostConv", 4, 1, 1, (33, 2), 8, (9, 1), strides=(3, 2), pads=(4, 0, 4, 1)),
+    Case("IntConv", 5, 2, 1, (17, 1), 4, (2, 1), strides=(2, 1)),
+    Case("IntConv", 4, 2, 1, (9, 5), 24, (9, 1), strides=(3, 1)),
 ]
 
 
