@@ -1,21 +1,22 @@
-"""Zero Pads in front of onnxq's ops folded into the op's own padding, exactly.
+"""Float ops between onnxq's ops taken off the float path: MaxPool onto the codes, zero Pads into the op's padding.
 
-CREPE's blocks (conv, ReLU, BatchNorm, max-pool by 2, a zero Pad, the next conv) ran a float Pad between the pooled
-tensor's QuantizeLinear/DequantizeLinear pair and the next IntConv, which then quantized the padded floats again.
-:func:`fold_pads` turns ``T -> Pad(0) -> op(x_scale s, x_zero_point z)`` into ``T -> op`` with the pads added to the
-op's own: the op quantizes 0 to z (round(0 / s) + z) and pads with z, so its codes are the same. Then, where ``T`` is
-``DQ(s, z)(q)`` with the op's own step, the op reads the uint8 codes ``q`` as they are (its quantization of DQ's values
-would give q back), which spares the DequantizeLinear's pass and the op's own. The graph computes the same values, bit
-for bit.
+CREPE's blocks (conv, ReLU, BatchNorm, max-pool by 2, a zero Pad, the next conv) ran ``Q -> DQ -> MaxPool -> Q -> DQ
+-> Pad`` between two IntConvs, the second quantizing the padded floats again. Both rewrites compute the same values,
+bit for bit:
 
-Only for calibrated ops (a fixed step: a dynamic one would see the padding's zeros in X's range) and constant-mode
-Pads by zeros on H and W whose pads are constants or a short chain of nodes over constants (torch's export computes
-them with ConstantOfShape, Concat, Slice, Transpose, Reshape and Cast).
+- :func:`pool_codes`: ``Q(s1, z1) -> DQ(s1, z1) -> MaxPool -> Q(s2, z2)`` becomes ``Q(s1, z1) -> MaxPoolQ`` (onnxq's
+  op, csrc/kernels/max_pool_q.h): dequantizing is monotonic, so the largest code of a window dequantizes to the
+  window's largest value, and Q(D(q)) is a table of 256 codes. onnxruntime 1.32's own uint8 MaxPool is its generic
+  pool (CREPE's first one, 128 channels, 256 -> 128 rows, 2x1: 225-300 us at batch 1 against 10 us for the float one
+  in onnxruntime's NCHWc layout, its profiler, one thread), and two strided Slices and a Max took 188 us.
+- :func:`fold_pads`: ``T -> Pad(0) -> op(x_scale s, x_zero_point z)`` becomes ``T -> op`` with the pads added to the
+  op's own: the op quantizes 0 to z (round(0 / s) + z) and pads with z, so its codes are the same. Then, where ``T``
+  is ``DQ(s, z)(q)`` with the op's own step, the op reads the uint8 codes ``q`` as they are (its quantization of
+  DQ's values would give q back), which spares the DequantizeLinear's pass and the op's own.
 
-Measured and not kept: moving MaxPool onto the codes (``Q -> DQ -> MaxPool`` as ``Q -> MaxPool -> DQ``, exact as
-dequantizing is monotonic). onnxruntime 1.32's uint8 MaxPool is its generic pool: CREPE's first one (128 channels,
-256 -> 128 rows, 2x1) took 225-300 us at batch 1 against 10 us for the float one in onnxruntime's NCHWc layout
-(onnxruntime's profiler, one thread), and the model ran 2.2x float instead of 3.1x.
+Only for calibrated ops (a fixed step: a dynamic one would see the padding's zeros in X's range), constant-mode Pads
+by zeros on H and W whose pads are constants or a short chain of nodes over constants (torch's export computes them
+with ConstantOfShape, Concat, Slice, Transpose, Reshape and Cast), and MaxPools without padding, dilation or indices.
 """
 
 from __future__ import annotations
@@ -24,14 +25,55 @@ import numpy as np
 import onnx
 from onnx import helper
 
-from onnxq.model.graph import attribute, constant_initializers, consumers, is_op, subgraph_reads, to_array
-from onnxq.native.domain import DOMAIN, INT_CONV, POST_CONV
+from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, is_op, subgraph_reads, to_array
+from onnxq.native.domain import DOMAIN, INT_CONV, MAX_POOL_Q, POST_CONV
 from onnxq.rewrite.fusions import drop_unread_pairs
 
 #: Input slots of IntConv/PostConv (csrc/kernels/int_conv.h): X, x_scale, x_zero_point.
 X, X_SCALE, X_ZERO_POINT = 0, 4, 5
 #: At most this many nodes computing a Pad's pads are evaluated (torch exports a chain of a few small ones).
 PADS_CHAIN_NODES = 16
+
+
+def pool_codes(graph: onnx.GraphProto) -> int:
+    """Run each MaxPool between a DequantizeLinear and a QuantizeLinear of uint8 steps as MaxPoolQ on the codes; how many."""
+    consts = constant_initializers(graph)
+    producer = {out: node for node in graph.node for out in node.output}
+    readers = consumers(graph)
+    fixed = {o.name for o in graph.output} | subgraph_reads(graph)
+    names = NameSource(graph)
+    pooled = 0
+    for pool in [n for n in graph.node if is_op(n, "MaxPool")]:
+        dq, after = producer.get(pool.input[0]), readers.get(pool.output[0], [])
+        if not _plain_pool(pool) or not is_op(dq, "DequantizeLinear") or _uint8_step(dq, consts) is None:
+            continue
+        if len(after) != 1 or not is_op(after[0], "QuantizeLinear") or _uint8_step(after[0], consts) is None:
+            continue
+        if pool.output[0] in fixed:
+            continue
+        kernel = list(attribute(pool, "kernel_shape"))
+        node = helper.make_node(MAX_POOL_Q, [dq.input[0], dq.input[1], dq.input[2], after[0].input[1], after[0].input[2]],
+                                [after[0].output[0]], name=names.fresh(f"{pool.name or 'MaxPool'}_codes"), domain=DOMAIN,
+                                kernel_shape=kernel, strides=list(attribute(pool, "strides", kernel)))
+        graph.node.insert(list(graph.node).index(pool), node)
+        graph.node.remove(pool)
+        graph.node.remove(after[0])
+        pooled += 1
+    drop_unread_pairs(graph)
+    return pooled
+
+
+def _plain_pool(pool: onnx.NodeProto) -> bool:
+    """A 2-D MaxPool with one output and no padding, dilation or ceil rounding: its windows hold only input values."""
+    kernel = attribute(pool, "kernel_shape", None)
+    strides = attribute(pool, "strides", None)
+    pads = attribute(pool, "pads", None)
+    dilations = attribute(pool, "dilations", None)
+    return (
+        kernel is not None and len(kernel) == 2 and (strides is None or len(strides) == 2)
+        and len([o for o in pool.output if o]) == 1 and (pads is None or not any(pads)) and not attribute(pool, "ceil_mode", 0)
+        and (dilations is None or all(d == 1 for d in dilations)) and attribute(pool, "auto_pad", b"NOTSET") in (b"NOTSET", b"VALID")
+    )
 
 
 def _uint8_step(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[float, int] | None:
