@@ -5,6 +5,7 @@
 #include <string>
 
 #include "kernels/int_conv.h"
+#include "kernels/max_pool_q.h"
 #include "kernels/quantize_dynamic_u8.h"
 #include "onnxruntime_lite_custom_op.h"
 
@@ -25,6 +26,7 @@ RegisterCustomOps(OrtSessionOptions* options, const OrtApiBase* api_base) {
     static OrtCustomOpDomain* const domain = [] {
       Ort::CustomOpDomain ops{ONNXQ_DOMAIN};
       ops.Add(Ort::Custom::CreateLiteCustomOp<onnxq::QuantizeDynamicU8>("QuantizeDynamicU8", "CPUExecutionProvider"));
+      ops.Add(Ort::Custom::CreateLiteCustomOp<onnxq::MaxPoolQ>("MaxPoolQ", "CPUExecutionProvider"));
       // PostConv, IntConv (float Y), PostConvQ, IntConvQ (uint8 Y), each once per element type of X
       // and of R (float or uint8): onnxruntime picks the one that matches the node's inputs.
       constexpr ONNXTensorElementDataType kTypes[] = {ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT,

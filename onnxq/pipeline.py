@@ -50,6 +50,7 @@ from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantiz
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
 from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
 from onnxq.rewrite.activations import insert_activation_qdq
+from onnxq.rewrite.between import fold_pads, pool_codes
 from onnxq.rewrite.biases import quantize_biases
 from onnxq.rewrite.chains import ChainReport, link_chains
 from onnxq.rewrite.fusions import take_input_quantization
@@ -397,7 +398,8 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
 
     Biases become int32 codes first (they read the float weights' quantization), then the weights, tables and
     activation pairs are written; onnxq's ops come last, since they take the quantization of the pairs in front of them,
-    and with calibrated steps link into uint8 chains (onnxq/rewrite/chains.py), whose report this returns.
+    and with calibrated steps run MaxPools on codes and take zero Pads into their own padding (onnxq/rewrite/between.py)
+    and link into uint8 chains (onnxq/rewrite/chains.py), whose report this returns.
     """
     model = loaded.model
     activations = calibrated.quants if calibrated is not None else {}
@@ -417,7 +419,9 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
         replace_convs(model.graph, ours, plan.ranks)
         declare_domain(model)
         if activations:
+            pool_codes(model.graph)
             take_input_quantization(model.graph)
+            fold_pads(model.graph, default_opset(model) or 0)
             return link_chains(model.graph)
     return None
 

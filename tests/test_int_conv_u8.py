@@ -36,6 +36,7 @@ class Form:
     clip: tuple[float | None, float | None] | None = None  # bounds at these quantiles of y (None: attribute absent)
     per_sample: bool = False
     hardswish: tuple[float, float] | None = None  # the hard swish's alpha and beta after the clip (None: attribute absent)
+    affine: bool = False  # inputs post_scale and post_bias: a per-channel affine map after the clip and the hard swish
 
     def __str__(self) -> str:
         return self.name
@@ -55,6 +56,12 @@ FORMS = [
     Form("hardswish", hardswish=(1 / 6, 0.5)),
     Form("u8x-u8y-clip-hardswish", x_u8=True, y_u8=True, clip=(0.02, 0.97), hardswish=(1 / 6, 0.5)),
     Form("u8y-u8r-hardsigmoid-mul", y_u8=True, residual="uint8", hardswish=(0.2, 0.5)),
+    # the per-channel affine map (a Relu's BatchNormalization fused): alone into float Y, after a Relu between uint8
+    # X and Y (CREPE's blocks), and after everything else, per-sample steps included
+    Form("affine", affine=True),
+    Form("u8x-u8y-relu-affine", x_u8=True, y_u8=True, clip=(0.0, None), affine=True),
+    Form("per-sample-u8y-u8r-clip-hardswish-affine", y_u8=True, residual="uint8", clip=(0.02, 0.97), hardswish=(1 / 6, 0.5),
+         per_sample=True, affine=True),
 ]
 
 # Shapes for every kernel path: dense (Gemm over large images, GemmT over small ones), grouped, 1x1, and depthwise:
@@ -87,6 +94,14 @@ SHAPES = [
     # and its channels go through the output step 16 at a time (16, 16, 8)
     Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 1, 6, (20, 22), 36, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+    # One input channel, a kernel one column wide (1-D convolutions over H, CREPE's first layer 512x1 stride 4): quads
+    # of 4 kernel rows (int_conv_impl.h, UsesTapQuads), kh not a multiple of 4 (zero taps past it), padding above and
+    # below, 8-bit codes (AVX2: split weights), dilation, columns with padding beside them, PostConv, kh 2, one row out
+    Case("IntConv", 8, 2, 1, (70, 1), 24, (13, 1), strides=(4, 1), pads=(6, 0, 6, 0)),
+    Case("IntConv", 4, 2, 1, (40, 3), 12, (6, 1), pads=(2, 1, 3, 1), dilations=(2, 1)),
+    Case("PostConv", 4, 1, 1, (33, 2), 8, (9, 1), strides=(3, 2), pads=(4, 0, 4, 1)),
+    Case("IntConv", 5, 2, 1, (17, 1), 4, (2, 1), strides=(2, 1)),
+    Case("IntConv", 4, 2, 1, (9, 5), 24, (9, 1), strides=(3, 1)),
 ]
 
 
@@ -187,6 +202,13 @@ def _expected(case: Case, form: Form) -> tuple:
         y = y * np.clip((y * alpha) + beta, np.float32(0), np.float32(1))  # float32 steps: multiply, add, clip, multiply
         assert y.dtype == np.float32
         swish = dict(hardswish=1, hardswish_alpha=float(alpha), hardswish_beta=float(beta))
+    post_scale = post_bias = None
+    if form.affine:  # IntConv: factors of 2 (either sign) and biases on the grid of 1/8, so that y stays on it
+        post_scale = (rng.choice([0.5, 1.0, 2.0, -0.5], case.m) if grid else rng.uniform(-2, 2, case.m)).astype(np.float32)
+        post_bias = (rng.integers(-40, 41, case.m) / 8 if grid else rng.standard_normal(case.m)).astype(np.float32)
+        y = y * post_scale[None, :, None, None]
+        y = y + post_bias[None, :, None, None]  # float32 steps: multiply, then add
+        assert y.dtype == np.float32
     y_scale = np.float32(0.25 if grid else float(np.std(y)) / 100)
     if form.y_u8:
         want = quantize_y(y, y_scale, int(y_zp))
@@ -208,6 +230,8 @@ def _expected(case: Case, form: Form) -> tuple:
         ("R", None if r is None else U8 if uint8_r else F),
         ("r_scale", np.asarray(r_scale, np.float32) if uint8_r else None),
         ("r_zero_point", np.asarray(r_zp, np.uint8) if uint8_r else None),
+        ("post_scale", post_scale),
+        ("post_bias", post_bias),
     ]
     attributes = dict(case_attributes(case), **clip, **swish)
     op = case.op + ("Q" if form.y_u8 else "")
@@ -411,6 +435,8 @@ def _error_inputs(**changes) -> list:
         R=None,
         r_scale=None,
         r_zero_point=None,
+        post_scale=None,
+        post_bias=None,
     )
     inputs.update(changes)
     return list(inputs.items())
@@ -456,6 +482,13 @@ def _error_inputs(**changes) -> list:
             dict(R=U8, r_scale=np.float32(-2), r_zero_point=np.uint8(0)),
             dict(R=np.zeros((1, 4, 6, 6), np.uint8)),
             r"r_scale must be positive",
+        ),
+        ("IntConv", dict(post_scale=np.ones(4, np.float32)), {}, r"IntConv: post_scale and post_bias must be given together"),
+        (
+            "IntConvQ",
+            dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3), post_scale=np.ones(4, np.float32), post_bias=np.zeros(3, np.float32)),
+            {},
+            r"IntConvQ: input post_bias must have shape \(M,\) = \(4,\) like W's rows, got \(3,\)",
         ),
     ],
 )

@@ -27,7 +27,7 @@ from conftest import REPO, kernel_params
 pytestmark = pytest.mark.sanitize
 
 BUILD = REPO / "build" / "sanitize"
-OP_TESTS = ["tests/test_int_conv.py", "tests/test_int_conv_u8.py", "tests/test_library.py", "tests/test_op_errors.py"]
+OP_TESTS = ["tests/test_int_conv.py", "tests/test_int_conv_u8.py", "tests/test_library.py", "tests/test_op_errors.py", "tests/test_max_pool_q.py"]
 RUNTIMES = ["libasan.so", "libubsan.so"]
 SANITIZER_OPTIONS = {
     "ASAN_OPTIONS": "detect_leaks=0",  # Python never frees some of its memory, by design

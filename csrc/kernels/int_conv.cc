@@ -158,7 +158,7 @@ IntConvKernel::IntConvKernel(bool post, bool quantized, const OrtApi& api, const
     is_constant = 0;
   }
   w_constant_ = is_constant != 0;
-  for (int i = 1; i <= 10; ++i) {
+  for (int i = 1; i <= 12; ++i) {
     if (i == 8) continue;  // (R: a plan never keeps it)
     is_constant = 0;
     if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &constant)) {
@@ -202,14 +202,17 @@ struct Plan {
   bool x_constant;   // x_scale and x_zero_point are constant initializers: params holds their steps
   std::vector<qdu8::Params> params;
   std::vector<float> c_e, c_o;  // one constant step: the per-channel factors (else empty)
+  std::vector<float> post_scale, post_bias;  // inputs 11 and 12, the affine map (else empty)
 
   bool Matches(const int64_t* dims, bool xb, bool rb, uint32_t p) const {
     return xb == x_bytes && rb == r_bytes && p == present && std::equal(dims, dims + 4, x_dims);
   }
 };
 
-// The inputs whose shapes and values a plan keeps: W, scale, B, y_scale, y_zero_point, r_scale, r_zero_point.
-constexpr uint32_t kPlanInputs = (1u << 1) | (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 9) | (1u << 10);
+// The inputs whose shapes and values a plan keeps: W, scale, B, y_scale, y_zero_point, r_scale, r_zero_point,
+// post_scale, post_bias.
+constexpr uint32_t kPlanInputs =
+    (1u << 1) | (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 9) | (1u << 10) | (1u << 11) | (1u << 12);
 
 namespace {
 // A value's element type, rank and dimensions (rank <= 4) from one shape query, without a vector.
@@ -292,6 +295,7 @@ std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& c
   const Ort::ConstValue x_scale = input(4), x_zero_point = input(5);
   const Ort::ConstValue y_scale = input(6), y_zero_point = input(7);
   const Ort::ConstValue residual = input(8), r_scale = input(9), r_zero_point = input(10);
+  const Ort::ConstValue post_scale = input(11), post_bias = input(12);
   auto plan = std::make_shared<iconv::Plan>();
   plan->x_bytes = x_bytes;
   plan->r_bytes = r_bytes;
@@ -407,8 +411,19 @@ std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& c
   } else {
     ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point are given without R (input 8)");
   }
+  // The per-channel affine map after the clip and the hard swish (inputs 11 and 12).
+  ONNXQ_CHECK((post_scale != nullptr) == (post_bias != nullptr), "post_scale and post_bias must be given together");
+  if (post_scale != nullptr) {
+    for (const auto& [value, value_name] : {std::pair{post_scale, "post_scale"}, std::pair{post_bias, "post_bias"}}) {
+      const std::vector<int64_t> shape = shape_of(value);
+      ONNXQ_CHECK(shape.size() == 1 && shape[0] == g.m, std::string("input ") + value_name + " must have shape (M,) = (" +
+                                                            std::to_string(g.m) + ",) like W's rows, got " + ShapeText(shape));
+    }
+    plan->post_scale.assign(post_scale.GetTensorData<float>(), post_scale.GetTensorData<float>() + g.m);
+    plan->post_bias.assign(post_bias.GetTensorData<float>(), post_bias.GetTensorData<float>() + g.m);
+  }
   // With none of them (nor a hard swish), the kernels write Y (float) themselves, clipped as before.
-  plan->staged = quantized_ || residual != nullptr || hardswish_ != 0;
+  plan->staged = quantized_ || residual != nullptr || hardswish_ != 0 || post_scale != nullptr;
 
   ONNXQ_CHECK((x_scale != nullptr) == (x_zero_point != nullptr), "x_scale and x_zero_point must be given together");
   ONNXQ_CHECK(!x_bytes || x_scale != nullptr,
@@ -490,7 +505,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   const Ort::ConstValue x_scale = input(4), residual = input(8);
   ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
   uint32_t present = 0;
-  for (size_t i = 0; i < inputs && i < 11; ++i) {
+  for (size_t i = 0; i < inputs && i < 13; ++i) {
     if (context.GetInput(i) != nullptr) present |= 1u << i;
   }
   // X float32, or uint8: then X is x_q itself (onnxruntime only lets these two through).
@@ -519,6 +534,12 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   const bool staged = plan->staged;
 
   iconv::Output output = plan->output;
+  if (!plan->post_scale.empty()) {
+    output.post_scale = plan->post_scale.data();
+    output.post_bias = plan->post_bias.data();
+    output.pixels = g.oh * g.ow;
+    output.channels = g.m;
+  }
   if (residual != nullptr) {
     ONNXQ_CHECK(r_dims.rank == 4 && r_dims.d[0] == g.n && r_dims.d[1] == g.m && r_dims.d[2] == g.oh &&
                     r_dims.d[3] == g.ow,

@@ -13,7 +13,7 @@
 // uint8: register.cc registers every name once per pair of their types, which onnxruntime merges
 // into one schema (any other type is an error when the session loads).
 //
-// Inputs (all four ops; 6..10 optional, an empty name means absent)
+// Inputs (all four ops; 6..12 optional, an empty name means absent)
 //   0 X        float32 or uint8 (N, C, H, W). uint8: X is x_q itself (below), and x_scale and
 //              x_zero_point are required.
 //   1 W        uint8 (M, row_bytes): output channel m's K = C/group*kh*kw codes, in the row-major
@@ -31,6 +31,9 @@
 //   8 R        float32 or uint8, exactly Y's shape (N, M, OH, OW): the residual, added before the
 //              clip (a Conv -> Add(skip) -> Relu fused). uint8 R needs 9 r_scale float32, 1 element,
 //              positive and finite, and 10 r_zero_point uint8, 1 element; float R takes neither.
+//  11 post_scale float32 (M,) and 12 post_bias float32 (M,), both or neither: a per-channel affine
+//              map after the clip and the hard swish (a Conv -> Relu -> BatchNormalization fused,
+//              the BatchNormalization in inference form).
 // Output: Y float32 (PostConv, IntConv) or uint8 (PostConvQ, IntConvQ), (N, M, OH, OW), OH = (H + pad_top + pad_bottom - (dh*(kh-1)+1)) / sh + 1 (and
 // likewise OW), which must be >= 1.
 // Attributes: bits (required), kernel_shape (required, [kh, kw]), strides [sh, sw] (1, 1),
@@ -82,7 +85,9 @@
 // then y > clip_max ? clip_max : y (a NaN y stays NaN, and the default bounds change no bits, -0
 // included). With hardswish = 1 the clipped y is then
 //   t = y * hardswish_alpha; t = t + hardswish_beta; t = clip of t to [0, 1] (as above); y = y * t
-// (three float32 operations and the clip, in this order). PostConvQ/IntConvQ then quantize it as
+// (three float32 operations and the clip, in this order). With post_scale and post_bias, y is then
+//   y = y * post_scale[m]; y = y + post_bias[m]          (two float32 operations, in this order).
+// PostConvQ/IntConvQ then quantize it as
 // ONNX QuantizeLinear does, a float32 division:
 //   Y = clamp(round_half_even(y / y_scale) + y_zp, 0, 255)   (a NaN gives 0, +-inf 255 / 0)
 // computed as QuantizeDynamicU8's kernels do (quantize_dynamic_u8_kernels.h, QuantizeOne: the
@@ -95,7 +100,9 @@
 // Kernels (attribute `kernel`): the scalar reference (int_conv_reference.cc) is the direct
 // loops above. The AVX2 and AVX-512 VNNI kernels run an int8 matrix product over the padded input
 // (int_conv_kernels.h) with weights prepared once per node (W is a constant initializer; else
-// on every run), or for depthwise convolutions a direct sum over the taps: with unit horizontal
+// on every run; one input channel with a kernel one column wide, 1-D convolutions over H, runs as
+// the product over quads of 4 kernel rows: int_conv_impl.h, UsesTapQuads), or for depthwise
+// convolutions a direct sum over the taps: with unit horizontal
 // dilation and a horizontal stride of 1 or 2 straight from the float X (DepthwiseFused,
 // int_conv_fused.h: row phases for vertical strides, 2 bytes per column at stride 2; each channel
 // quantized as it is used, with x * (1/s_x) and a division only next to ties, which gives the same
@@ -193,7 +200,7 @@ struct IntConvOp : Ort::CustomOpBase<IntConvOp, IntConvKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return OpName(post_, quantized_); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 11; }
+  size_t GetInputTypeCount() const { return 13; }
   ONNXTensorElementDataType GetInputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
   size_t GetOutputTypeCount() const { return 1; }

@@ -209,8 +209,10 @@ template <class T>
 struct OutputConsts {
   typename T::F r_scale, clip_lo, clip_hi;
   typename T::F alpha, beta, zero, one;  // the hard swish's
+  typename T::F post_scale, post_bias;   // the affine map's, of one channel (Channel) or per lane (FinishTBytes)
   bool clip;  // not the default bounds (-inf, +inf), which change no bits: the clip is left out
   bool hardswish;
+  bool affine;  // Output::post_scale given
   typename T::I r_zero_point;
   FusedQuantizeConsts<T> y;
   explicit OutputConsts(const Output& o)
@@ -221,13 +223,22 @@ struct OutputConsts {
         beta(T::SetF(o.hardswish_beta)),
         zero(T::SetF(0.0f)),
         one(T::SetF(1.0f)),
+        post_scale(T::SetF(1.0f)),
+        post_bias(T::SetF(0.0f)),
         clip(o.clip_lo != -INFINITY || o.clip_hi != INFINITY),
         hardswish(o.hardswish),
+        affine(o.post_scale != nullptr),
         r_zero_point(T::Set32(o.r_zero_point)),
         y(OutputQuantization(o)) {}
+  // The affine map of the channel of Y's element `at` (Output::post_scale given).
+  void Channel(const Output& o, int64_t at) {
+    const int64_t m = at / o.pixels % o.channels;
+    post_scale = T::SetF(o.post_scale[m]);
+    post_bias = T::SetF(o.post_bias[m]);
+  }
 };
 
-// The output step's clip and hard swish of 4 vectors of y (R added already), in place.
+// The output step's clip, hard swish and affine map of 4 vectors of y (R added already), in place.
 template <class T>
 [[gnu::always_inline]] inline void OutputClip(const OutputConsts<T>& c, typename T::F v[4]) {
   if (c.clip) {
@@ -235,6 +246,9 @@ template <class T>
   }
   if (c.hardswish) {  // HardSwish (int_conv_kernels.h): a multiply, an add (no fused multiply-add), the clip, a multiply
     for (int k = 0; k < 4; ++k) v[k] = T::Mul(v[k], T::Clip(T::Add(T::Mul(v[k], c.alpha), c.beta), c.zero, c.one));
+  }
+  if (c.affine) {  // a multiply, then an add (no fused multiply-add)
+    for (int k = 0; k < 4; ++k) v[k] = T::Add(T::Mul(v[k], c.post_scale), c.post_bias);
   }
 }
 
@@ -306,12 +320,27 @@ void OutputRun(const OutputConsts<T>& c, const Output& o, const float* y, int64_
 }
 
 // OutputRun over `rows` runs of n floats, run r from y + r * y_stride to Y's elements from at + r * at_stride
-// (channels of a tile of the depthwise kernels), the constants broadcast once.
+// (channels of a tile of the depthwise kernels), the constants broadcast once; with the affine map, each
+// run cut where Y's channel changes (a run of the lane kernels may hold several channels' planes).
 template <class T, bool kR, bool kR8, bool kQuantize>
 void OutputRows(const Output& o, const float* y, int64_t rows, int64_t n, int64_t y_stride, int64_t at,
                 int64_t at_stride) {
-  const OutputConsts<T> c(o);
-  for (int64_t r = 0; r < rows; ++r) OutputRun<T, kR, kR8, kQuantize>(c, o, y + r * y_stride, n, at + r * at_stride);
+  OutputConsts<T> c(o);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* run = y + r * y_stride;
+    const int64_t first = at + r * at_stride;
+    if (!c.affine) {
+      OutputRun<T, kR, kR8, kQuantize>(c, o, run, n, first);
+      continue;
+    }
+    for (int64_t i = 0; i < n;) {
+      const int64_t end = (first + i) / o.pixels * o.pixels + o.pixels;  // the channel's end in Y
+      const int64_t count = end - (first + i) < n - i ? end - (first + i) : n - i;
+      c.Channel(o, first + i);
+      OutputRun<T, kR, kR8, kQuantize>(c, o, run + i, count, first + i);
+      i += count;
+    }
+  }
 }
 
 template <class T, bool kQuantize>
@@ -362,9 +391,10 @@ void PanelOutputRuns(const PanelOutput& p) {
   constexpr int R = T::kFloats;
   constexpr int64_t kBlock = 4 * R;
   const Output& o = *p.output;
-  const OutputConsts<T> c(o);
+  OutputConsts<T> c(o);
   for (int64_t i = 0; i < p.channels; ++i) {
     const int64_t row = kPost ? 2 * i : i;
+    if (c.affine && p.run_count > 0) c.Channel(o, p.runs[0].at + i * p.stride);
     const I z_e = T::Set32(p.z * p.row_sum[row]), z_o = T::Set32(kPost ? p.z * p.row_sum[row + 1] : 0);
     const F c_e = T::SetF(p.c_e[i]), c_o = T::SetF(kPost ? p.c_o[i] : 0.0f), bias = T::SetF(kBias ? p.bias[i] : 0.0f);
     for (int64_t j = 0; j < p.run_count; ++j) {
@@ -429,8 +459,11 @@ void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
     for (int64_t j = 0; j < channels; ++j) T::StoreF(tile + j * kChunk + x, y[j]);
     if (x + R < kChunk && p0 + count < f.pixels) return;
     const int64_t first = p0 - x, n = p0 + count - first;
+    OutputConsts<T> channel = c;
     for (int64_t j = 0; j < channels; ++j) {
-      OutputRun<T, kR, kR8, kQuantize>(c, *f.output, tile + j * kChunk, n, f.at + (R * b + j) * f.stride + first);
+      const int64_t at = f.at + (R * b + j) * f.stride + first;
+      if (channel.affine) channel.Channel(*f.output, at);
+      OutputRun<T, kR, kR8, kQuantize>(channel, *f.output, tile + j * kChunk, n, at);
     }
   };
   FinishTBlock<T, kPost, kBias>(f, b, put);
@@ -446,13 +479,19 @@ void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
 // product). A panel's last pixels are the 16 that end it, some computed twice (the same bytes);
 // panels under 16 pixels read and write only their own through buffers.
 template <class T, bool kPost, bool kBias, bool kR8>
-void FinishTBytes(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
+void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t b) {
   using I = typename T::I;
   using F = typename T::F;
   constexpr int R = T::kFloats, kLanes128 = R / 4;
   const FinishTRows<T, kPost, kBias> rows(f, b);
   const Output& o = *f.output;
   const int64_t at = f.at + R * b * f.stride;  // channel R b's first pixel in Y (and R)
+  OutputConsts<T> c = block_consts;
+  if (c.affine) {  // the channels are in the lanes: lane j's map is channel R b + j's (0 past the block's)
+    const int64_t m = at / o.pixels % o.channels;
+    c.post_scale = T::LoadFirstF(o.post_scale + m, rows.channels);
+    c.post_bias = T::LoadFirstF(o.post_bias + m, rows.channels);
+  }
   const bool whole = f.pixels >= 16;
   alignas(16) uint8_t y_part[R][16], r_part[R][16];  // (channels past the block's, and panels under 16 pixels)
   for (int64_t p = 0; p < f.pixels; p += 16) {

@@ -50,10 +50,28 @@ enum class Mode {
                // (Depthwise), or 16 channels at once for rows under 16 pixels (DepthwiseLanes)
 };
 
+// A convolution of one input channel into many (group 1, C 1) with a kernel one column wide (kw 1,
+// kh >= 2: a 1-D convolution over H, e.g. CREPE's first layer, kernel 512x1 stride 4) runs as kQuad
+// over quads of 4 consecutive kernel rows instead of 4 channels (PackedWeights::tap_quads): as
+// kDepthwise its vpdpbusd quads held horizontal taps, 1 of 4 of them real with kw 1, and as a
+// channel quad 3 of 4 channels would be padding. It is the convolution TapQuadGeometry gives (below):
+// channel j of its input is X's padded plane moved up by j*dh rows, its kernel ceil(kh/4) rows at
+// dilation 4*dh, tap (j, ky') the original tap ky = 4*ky' + j (weight 0 past kh). The same sums, so
+// the same Y bit for bit.
+bool UsesTapQuads(const Geometry& g, Isa isa);
+
+// The convolution that a tap-quad one (UsesTapQuads) runs as, X's plane padded to hp rows in all
+// (pad_top + H + pad_bottom): 4 channels of TapQuadRows(...) rows, no vertical padding, the same
+// OH x OW; the horizontal padding as it was.
+Geometry TapQuadGeometry(const Geometry& g);
+// Rows of each channel of TapQuadGeometry's input: (OH - 1) * sh + (ceil(kh/4) - 1) * 4*dh + 1.
+int64_t TapQuadRows(const Geometry& g);
+
 // W decoded for one K: the codes (scalar reference), or the operands of the SIMD kernels.
 struct PackedWeights {
   int64_t k = -1;             // the K it was prepared for
   std::vector<int8_t> codes;  // [M][K], the codes q in ONNX order (scalar kernel only)
+  bool tap_quads = false;     // kQuad for TapQuadGeometry (UsesTapQuads): c4 1, k4 ceil(kh/4)
 
   Mode mode = Mode::kQuad;
   // kQuad (int_conv_kernels.h). Rows: IntConv one per output channel; PostConv two,

@@ -108,7 +108,7 @@ struct FinishT {
 
 // The epilogue's last steps (int_conv.h) where the op has a residual R or a uint8 Y: y, as Finish
 // computes it without the clip, plus R's value (float R, or uint8 R dequantized), then the clip,
-// then quantized to Y's uint8 (y_scale, y_zero_point as qdu8::Params), or stored as float. Element
+// the hard swish and the per-channel affine map (each where the op has it), then quantized to Y's uint8 (y_scale, y_zero_point as qdu8::Params), or stored as float. Element
 // i of a run of Y is at index i of every pointer here (R has Y's shape). The SIMD kernels write
 // their float y into scratch and call the table's `output` on each run of it (OutputKernel,
 // int_conv_finish.h); the scalar reference calls OutputOne per element.
@@ -120,6 +120,9 @@ struct Output {
   float clip_lo, clip_hi;   // the clip bounds (attributes clip_min, clip_max)
   bool hardswish;           // the hard swish after the clip (attributes hardswish, hardswish_alpha, _beta)
   float hardswish_alpha, hardswish_beta;
+  const float* post_scale;  // [M], or null: y * post_scale[m] + post_bias[m] after the clip and the hard swish
+  const float* post_bias;   // [M] (with post_scale)
+  int64_t pixels, channels; // (with post_scale) Y's element `at` is in channel (at / pixels) % channels
   bool quantize;            // Y uint8 (else float)
   qdu8::Params y_params;    // y_scale, -y_zp, 255 - y_zp, y_zp
   float* y;                 // float Y (quantize false)
@@ -343,12 +346,17 @@ inline float HardSwish(float y, float alpha, float beta) {
 }
 
 // Output (above) of element `at`, whose unclipped y is given: the residual, the clip, the hard
-// swish, the output's type. The one definition of these steps; OutputKernel equals it lane by lane.
+// swish, the per-channel affine map, the output's type. The one definition of these steps; OutputKernel equals it lane by lane.
 inline void OutputOne(const Output& o, float y, int64_t at) {
   if (o.r != nullptr) y = y + o.r[at];
   if (o.r8 != nullptr) y = y + static_cast<float>(static_cast<int32_t>(o.r8[at]) - o.r_zero_point) * o.r_scale;
   y = Clip(y, o.clip_lo, o.clip_hi);
   if (o.hardswish) y = HardSwish(y, o.hardswish_alpha, o.hardswish_beta);
+  if (o.post_scale != nullptr) {
+    const int64_t m = at / o.pixels % o.channels;
+    y = y * o.post_scale[m];
+    y = y + o.post_bias[m];
+  }
   if (o.quantize) {
     o.y8[at] = qdu8::QuantizeOne(y, o.y_params);
   } else {

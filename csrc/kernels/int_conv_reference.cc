@@ -72,6 +72,23 @@ int32_t MaxAbs(const std::vector<int8_t>& codes) {
 
 }  // namespace
 
+bool UsesTapQuads(const Geometry& g, Isa isa) {
+  return isa != Isa::kScalar && g.group == 1 && g.cg == 1 && g.kw == 1 && g.kh >= 2;
+}
+
+int64_t TapQuadRows(const Geometry& g) { return (g.oh - 1) * g.sh + ((g.kh + 3) / 4 - 1) * 4 * g.dh + 1; }
+
+Geometry TapQuadGeometry(const Geometry& g) {
+  Geometry t = g;
+  t.c = t.cg = 4;
+  t.h = TapQuadRows(g);
+  t.pt = 0;
+  t.kh = (g.kh + 3) / 4;
+  t.dh = 4 * g.dh;
+  t.k = 4 * t.kh * t.kw;
+  return t;
+}
+
 // Rows of A: IntConv, one per output channel; PostConv, two per output channel, 2*mm (w_even) and
 // 2*mm + 1 (w_odd).
 std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w, int64_t row_bytes, int64_t bits,
@@ -101,7 +118,7 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
     const PostWeight pwt = PostWeightOf(q, bits);
     return {pwt.odd ? 1 : 0, pwt.sign * (1 << pwt.shift)};
   };
-  if (g.cg == 1) {
+  if (g.cg == 1 && !UsesTapQuads(g, isa)) {
     pw->mode = Mode::kDepthwise;
     pw->list_start.assign(1, 0);
     pw->list_sum.assign(static_cast<size_t>(2 * g.m), 0);
@@ -173,8 +190,10 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
     return pw;
   }
   pw->mode = Mode::kQuad;
+  pw->tap_quads = UsesTapQuads(g, isa);
   pw->c4 = (g.cg + 3) / 4;
   pw->k4 = g.kh * g.kw * pw->c4;
+  if (pw->tap_quads) pw->k4 = (g.kh + 3) / 4 * g.kw;  // (c4 is 1)
   pw->rows = post ? 2 * g.mg : g.mg;
   pw->rows_pad = RoundUp(pw->rows, kRows);
   const int64_t group_size = pw->rows_pad * pw->k4 * 4;
@@ -198,7 +217,9 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         if (weight == 0) continue;
         const int64_t row = post ? 2 * mm + odd : mm;
         const int64_t c = k / (g.kh * g.kw), ky = k / g.kw % g.kh, kx = k % g.kw;
-        const int64_t kk = ((c / 4 * g.kh + ky) * g.kw + kx) * 4 + c % 4;  // k in the quad order
+        // k in the quad order: channel quads, or (tap quads: c is 0) quads of kernel rows 4*ky' + j
+        const int64_t kk = pw->tap_quads ? (ky / 4 * g.kw + kx) * 4 + ky % 4
+                                         : ((c / 4 * g.kh + ky) * g.kw + kx) * 4 + c % 4;
         const int64_t index = gi * group_size + ((row / kRows * pw->k4 + kk / 4) * kRows + row % kRows) * 4 + kk % 4;
         pw->a[index] = static_cast<int8_t>(weight);
         pw->row_sum[gi * pw->rows_pad + row] += weight;

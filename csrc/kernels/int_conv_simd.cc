@@ -170,7 +170,9 @@ struct SimdJob : SimdArgs {
 // What a thread's reused buffer (ThreadBuffer) holds: one buffer per use, as a task may hold
 // several at once (RunDepthwise: its plane and its staged floats; SimdConv: the picked pixels of a
 // strided 1x1 while its quad image is built).
-enum class Use { kPicked, kQuadImage, kRows, kZPlane, kPanel, kPanelT, kPlane, kFused, kLanes, kLanesFused, kStaged };
+enum class Use {
+  kPicked, kTapRows, kQuadImage, kRows, kZPlane, kPanel, kPanelT, kPlane, kFused, kLanes, kLanesFused, kStaged
+};
 
 // At least `size` bytes that this thread reuses for `kUse` from call to call, grown as needed and
 // kept until the thread ends (like onnxruntime's arena): a layer's scratch past a few KiB (GemmT's C
@@ -816,8 +818,43 @@ void StridedBytes(const uint8_t* src, int64_t count, int64_t sw, const uint8_t* 
 }
 }  // namespace
 
+namespace {
+// The body of SimdConv: X as the call's geometry says (after SimdConv's rewrites of it).
+void RunConv(const SimdArgs& args, Ort::KernelContext& context);
+
+// A tap-quad convolution's input (int_conv_impl.h, UsesTapQuads): channel j of image n is X's padded
+// plane moved up by j*dh rows, TapQuadRows rows of W bytes, z where it falls outside X. Each channel is
+// one run of X's rows between two runs of z (the plane's rows are contiguous).
+void BuildTapRows(const SimdArgs& args, int64_t rows, uint8_t* dst) {
+  const Geometry& g = *args.g;
+  for (int64_t n = 0; n < g.n; ++n) {
+    const uint8_t* plane = args.xq + n * g.h * g.w;
+    for (int64_t j = 0; j < 4; ++j, dst += rows * g.w) {
+      const int64_t first = j * g.dh - g.pt;  // X's row in the channel's row 0
+      const int64_t begin = std::clamp<int64_t>(-first, 0, rows), end = std::clamp<int64_t>(g.h - first, begin, rows);
+      std::memset(dst, args.z, static_cast<size_t>(begin * g.w));
+      if (end > begin) {
+        std::memcpy(dst + begin * g.w, plane + (first + begin) * g.w, static_cast<size_t>((end - begin) * g.w));
+      }
+      std::memset(dst + end * g.w, args.z, static_cast<size_t>((rows - end) * g.w));
+    }
+  }
+}
+}  // namespace
+
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   const Geometry& in = *args.g;
+  if (args.pw->tap_quads) {
+    // One input channel, a kernel one column wide: the 4-channel convolution of TapQuadGeometry.
+    const Geometry t = TapQuadGeometry(in);
+    uint8_t* const rows = ThreadBuffer<Use::kTapRows>(in.n * 4 * t.h * in.w);
+    BuildTapRows(args, t.h, rows);
+    SimdArgs moved = args;
+    moved.g = &t;
+    moved.xq = rows;
+    moved.pad_bottom = 0;
+    return RunConv(moved, context);
+  }
   if (args.pw->mode == Mode::kQuad && in.kh == 1 && in.kw == 1 && (in.sh > 1 || in.sw > 1) && in.pt == 0 &&
       in.pl == 0 && args.pad_bottom == 0 && args.pad_right == 0 && args.xq != nullptr) {
     // A 1x1 convolution with strides and no padding (ResNet's shortcuts) reads pixel (oy*sh, ox*sw) alone:
@@ -840,6 +877,11 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     strided.xq = picked;
     return SimdConv(strided, context);
   }
+  RunConv(args, context);
+}
+
+namespace {
+void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
   thread_local JobTables reused;
   std::unique_ptr<JobTables> own;  // (a nested call on this thread, should there ever be one: its own)
   JobTables* tables = &reused;
@@ -971,5 +1013,6 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   context.ParallelFor(RunTask, static_cast<size_t>(total), 0, &job);
   if (job.failed) throw std::bad_alloc();
 }
+}  // namespace
 
 }  // namespace onnxq::iconv

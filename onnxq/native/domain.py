@@ -16,6 +16,8 @@ POST_CONV = "PostConv"
 #: The same ops writing their output as uint8 codes with a given step (y_scale, y_zero_point): the links of a uint8 chain.
 INT_CONV_Q = "IntConvQ"
 POST_CONV_Q = "PostConvQ"
+#: DequantizeLinear -> MaxPool -> QuantizeLinear on uint8 codes in one op (onnxq/rewrite/between.py, pool_codes).
+MAX_POOL_Q = "MaxPoolQ"
 
 #: onnxruntime's contrib domain (in every onnxruntime build) and the embedding lookup onnxq writes into it.
 ORT_DOMAIN = "com.microsoft"

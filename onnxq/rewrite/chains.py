@@ -11,6 +11,13 @@ into the op's epilogue as its input R (uint8 with its step where the skip is a d
 then formed in float from the op's exact output instead of its quantized copy, so the result is within a code step of
 the QDQ graph's, not equal to it. The Add's output then chains like any op output.
 
+A BatchNormalization (inference form) behind an op (CREPE's blocks: ``op [clip 0 for the Relu] -> [Q -> DQ] ->
+BatchNormalization``; a BatchNormalization straight after a Conv is folded into its weights when the model is prepared)
+goes into the op's epilogue as its per-channel affine map (inputs post_scale, post_bias, after the clip): the map is
+applied to the op's exact output instead of its quantized copy, and in the op's two float32 steps (y * a + b, a and b
+from the BatchNormalization's parameters in float64) instead of onnxruntime's, so its output moves by about a code step
+of the quantization after it, no more. Its output then chains like any op output.
+
 An op's output stays float where a reader is not an onnxq op reading it as X with one fixed step (or a QuantizeLinear
 with that step), where the readers' steps differ, or where it is a graph output; ``ChainReport`` says which and why.
 """
@@ -22,7 +29,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import helper, numpy_helper
 
 from onnxq.model.graph import (
     Dim,
@@ -44,6 +51,8 @@ from onnxq.rewrite.fusions import drop_unread_pairs
 QUANTIZED_OUTPUT = {INT_CONV: INT_CONV_Q, POST_CONV: POST_CONV_Q}
 #: Input slots of the ops (csrc/kernels/int_conv.h): x_scale/x_zero_point, y_scale/y_zero_point, R and its step.
 X_SCALE, X_ZERO_POINT, Y_SCALE, Y_ZERO_POINT, RESIDUAL, R_SCALE, R_ZERO_POINT = 4, 5, 6, 7, 8, 9, 10
+#: And the per-channel affine map after the clip: post_scale, post_bias.
+POST_SCALE, POST_BIAS = 11, 12
 
 
 @dataclass
@@ -52,6 +61,7 @@ class ChainReport:
 
     linked: int = 0
     residuals: int = 0
+    affines: int = 0  # BatchNormalizations fused into the ops' affine maps
     float_outputs: dict[str, str] = field(default_factory=dict)  # op node name -> why its output stays float
 
     def line(self) -> str | None:
@@ -60,8 +70,10 @@ class ChainReport:
         if total == 0:
             return None
         text = f"uint8 chains: {self.linked} of {total} onnxq op outputs go to the next ops as uint8"
-        if self.residuals:
-            text += f" ({self.residuals} residual Adds fused into the ops)"
+        fused = [f"{self.residuals} residual Adds"] if self.residuals else []
+        fused += [f"{self.affines} BatchNormalizations"] if self.affines else []
+        if fused:
+            text += f" ({' and '.join(fused)} fused into the ops)"
         if self.float_outputs:
             shown = "; ".join(f"{node}: {why}" for node, why in list(self.float_outputs.items())[:3])
             more = " ..." if len(self.float_outputs) > 3 else ""
@@ -73,6 +85,7 @@ def link_chains(graph: onnx.GraphProto) -> ChainReport:
     """Fuse residual Adds into the ops in front of them, then let each op write its readers' uint8 codes (in place)."""
     report = ChainReport()
     report.residuals = _fuse_residuals(graph)
+    report.affines = _fuse_batch_norms(graph)
     names = NameSource(graph)
     consts = constant_initializers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
@@ -283,3 +296,95 @@ def _shape_of(name: str, shapes: dict[str, Shape], producer: dict[str, onnx.Node
         node = producer.get(name)
     shape = shapes.get(name)
     return tuple(shape) if shape is not None else None
+
+
+# ---- BatchNormalizations behind the ops into their affine maps
+
+
+def _fuse_batch_norms(graph: onnx.GraphProto) -> int:
+    """Fuse ``op [-> Q(s, z) -> DQ(s, z)] -> BatchNormalization`` into the op's affine map (inputs 11, 12); returns how many."""
+    consts = constant_initializers(graph)
+    fixed = {o.name for o in graph.output} | subgraph_reads(graph)
+    readers = Counter(name for n in graph.node for name in n.input)
+    producer = {out: n for n in graph.node for out in n.output}
+    names = NameSource(graph)
+    fused = 0
+    for norm in [n for n in graph.node if is_op(n, "BatchNormalization")]:
+        found = _affine_op(norm.input[0], producer, readers, consts, fixed)
+        affine = _batch_norm_affine(norm, consts) if found is not None else None
+        if affine is None or affine[0].shape[0] != _output_channels(found[0], consts):
+            continue
+        op, between = found
+        if between:
+            _clip_to_range(op, _scalar_step(between[0].input[1], between[0].input[2], consts))
+        scale, bias = names.fresh(f"{op.name}_post_scale"), names.fresh(f"{op.name}_post_bias")
+        graph.initializer.extend([numpy_helper.from_array(affine[0], scale), numpy_helper.from_array(affine[1], bias)])
+        _set_inputs(op, {POST_SCALE: scale, POST_BIAS: bias})
+        old = op.output[0]
+        op.output[0] = norm.output[0]
+        for node in (norm, *between):
+            graph.node.remove(node)
+        for info in list(graph.value_info):
+            if info.name == old:
+                graph.value_info.remove(info)
+        fused += 1
+    return fused
+
+
+def _affine_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
+               fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """The onnxq op (float out, no affine map yet) whose output alone reaches ``name``, and the Q/DQ pair between."""
+    node = producer.get(name)
+    between: list[onnx.NodeProto] = []
+    if is_op(node, "DequantizeLinear") and len(node.input) == 3 and _scalar_step(node.input[1], node.input[2], consts) is not None:
+        q = producer.get(node.input[0])
+        if not is_op(q, "QuantizeLinear") or readers[q.output[0]] != 1 or q.output[0] in fixed or readers[node.output[0]] != 1:
+            return None
+        between, node = [node, q], producer.get(q.input[0])
+    if node is None or not _is_float_op(node) or readers[node.output[0]] != 1 or node.output[0] in fixed:
+        return None
+    if any(i for i in node.input[POST_SCALE:]) or (between and attribute(node, "hardswish", 0)):
+        return None  # (the pair's range becomes the clip, which comes before the hard swish)
+    return node, between
+
+
+def _clip_to_range(op: onnx.NodeProto, step: tuple[float, int]) -> None:
+    """Narrow the op's clip to the range of the uint8 quantization (s, z) it loses, [-z * s, (255 - z) * s].
+
+    The pair clamped the op's output to that range before the BatchNormalization (a Relu in front of a quantization
+    with z = 0 is dropped as that clamp does its work: fold_clipping_into_quantize), so the op keeps the clamp.
+    """
+    s, z = np.float32(step[0]), np.float32(step[1])
+    lo = max(float(attribute(op, "clip_min", -np.inf)), float((np.float32(0) - z) * s))
+    hi = min(float(attribute(op, "clip_max", np.inf)), float((np.float32(255) - z) * s))
+    for a in list(op.attribute):
+        if a.name in ("clip_min", "clip_max"):
+            op.attribute.remove(a)
+    op.attribute.extend([helper.make_attribute("clip_min", lo), helper.make_attribute("clip_max", hi)])
+
+
+def _output_channels(op: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> int | None:
+    """M, the rows of the op's constant W (its output channels); None where W is not a constant."""
+    w = consts.get(op.input[1])
+    return int(w.dims[0]) if w is not None and len(w.dims) == 2 else None
+
+
+def _batch_norm_affine(norm: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(a, b), float32, with BatchNormalization(x) = x * a + b per channel; None unless it is inference form with constants.
+
+    a = scale / sqrt(var + epsilon) and b = B - mean * a, in float64 (onnxruntime's own float32 steps may differ from
+    the rounded result by an ulp).
+    """
+    if attribute(norm, "training_mode", 0) or len([o for o in norm.output if o]) != 1 or len(norm.input) != 5:
+        return None
+    values = [consts.get(name) for name in norm.input[1:]]
+    if any(v is None for v in values):
+        return None
+    scale, bias, mean, var = (to_array(v).astype(np.float64).reshape(-1) for v in values)
+    if not scale.size == bias.size == mean.size == var.size:
+        return None
+    a = scale / np.sqrt(var + float(attribute(norm, "epsilon", 1e-5)))
+    b = bias - mean * a
+    if not (np.all(np.isfinite(a)) and np.all(np.isfinite(b))):
+        return None
+    return a.astype(np.float32), b.astype(np.float32)

@@ -25,7 +25,7 @@ from onnx import helper
 
 from onnxq.calibrate.result import ActivationQuant
 from onnxq.model.graph import attribute, constant_initializers, consumers, is_op, remove_unused_initializers, subgraph_reads, to_array
-from onnxq.native.domain import DOMAIN, INT_CONV, POST_CONV
+from onnxq.native.domain import DOMAIN, INT_CONV, MAX_POOL_Q, POST_CONV
 
 
 def fold_clipping_into_quantize(graph: onnx.GraphProto, quants: Mapping[str, ActivationQuant]) -> int:
@@ -211,7 +211,8 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
     """Let each IntConv/PostConv quantize its input with the uint8 step of the quantization in front of it.
 
     A fixed pair ``X -> QuantizeLinear(s, z) -> DequantizeLinear(s, z) -> op`` becomes ``X -> op(x_scale=s,
-    x_zero_point=z)``; ASQ's per-sample chain ``X -> Div(r) -> QuantizeLinear(1, z) -> DequantizeLinear(1, z) ->
+    x_zero_point=z)`` (``MaxPoolQ -> DequantizeLinear(s, z) -> op``: the op reads the pool's uint8 codes with (s, z));
+    ASQ's per-sample chain ``X -> Div(r) -> QuantizeLinear(1, z) -> DequantizeLinear(1, z) ->
     Mul(r) -> op``, r = Reshape(steps) with one step per sample (rewrite_activations), becomes ``X -> op(x_scale=steps,
     x_zero_point=z)``; a Gemm/MatMul op's layout in front of it (rewrite_gemm) reads X instead of the pair and the op
     takes (s, z). The op's own quantization is the same formula, so the codes are the same and the integer path
@@ -228,6 +229,8 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
         if q is not None and q.op_type == "QuantizeLinear" and len(dq.input) >= 3 and _uint8_scalar_pair(dq, consts):
             x, x_scale, x_zero_point = q.input[0], dq.input[1], dq.input[2]
+        elif q is not None and q.domain == DOMAIN and q.op_type == MAX_POOL_Q and len(dq.input) >= 3 and _uint8_scalar_pair(dq, consts):
+            x, x_scale, x_zero_point = dq.input[0], dq.input[1], dq.input[2]  # the pool's uint8 codes, read as they are
         elif (layout := _gemm_layout(node.input[0], producer, consts)) is not None:
             first, (x, x_scale, x_zero_point) = layout
             first.input[0] = x  # the layout reads X; the op keeps its input and takes the step
