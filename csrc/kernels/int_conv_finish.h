@@ -150,6 +150,40 @@ void FinishRunKernel(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
   }
 }
 
+// FinishPixels (int_conv_kernels.h) a vector of pixels at a time: each lane's correction
+// z[i] * row_sum (int32, exact: |z * row_sum| <= 255 * 128 * 65536 < 2^31) and factor s[i] * scale,
+// then Finish's float steps. Whole vectors, then the last one ending at n (its lanes again: the same
+// values), or for runs shorter than a vector its lanes alone.
+template <class T, bool kBias>
+void FinishPixelsLanes(const int32_t* e, int64_t n, int32_t row_sum, const int32_t* z, const float* s, float scale,
+                       const float* bias, float lo, float hi, float* out) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int64_t R = T::kFloats;
+  const I sum = T::Set32(row_sum);
+  const F w = T::SetF(scale), b = T::SetF(kBias ? *bias : 0.0f), clip_lo = T::SetF(lo), clip_hi = T::SetF(hi);
+  auto finish = [&](I acc, I zx, F sx) {
+    const F c = T::Mul(sx, w);  // s_x * scale[m], as int_conv.h computes it
+    return FinishLanes<T>(false, kBias, T::Sub32(acc, T::Mul32(zx, sum)), T::Zero(), c, c, b, clip_lo, clip_hi);
+  };
+  if (n < R) {
+    T::StoreFirstF(out, finish(T::LoadFirst32(e, n), T::LoadFirst32(z, n), T::LoadFirstF(s, n)), n);
+    return;
+  }
+  for (int64_t i = 0;; i += R) {
+    if (i + R > n) i = n - R;
+    T::StoreF(out + i, finish(T::Load(e + i), T::Load(z + i), T::LoadF(s + i)));
+    if (i + R == n) return;
+  }
+}
+
+template <class T>
+void FinishPixelsKernel(const int32_t* e, int64_t n, int32_t row_sum, const int32_t* z, const float* s, float scale,
+                        const float* bias, float lo, float hi, float* out) {
+  bias != nullptr ? FinishPixelsLanes<T, true>(e, n, row_sum, z, s, scale, bias, lo, hi, out)
+                  : FinishPixelsLanes<T, false>(e, n, row_sum, z, s, scale, bias, lo, hi, out);
+}
+
 // The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run: X's
 // in the depthwise kernels that quantize float X (int_conv_fused.h), Y's in the output step below.
 template <class T>

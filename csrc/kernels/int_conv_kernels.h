@@ -393,6 +393,12 @@ inline DepthwiseFused FixedQuantization(const qdu8::Params& p) {
 
 }  // namespace
 
+// FinishPixels (kernels.h's finish_pixels; int_conv_finish.h): IntConv's Finish with per-pixel steps
+// (int_conv.h, x_steps = "pixel") over a run of n >= 1 pixels of one output channel: out[i] from the
+// raw sum e[i] minus z[i] * row_sum (pixel i's z_x times the channel's sum of weights), times
+// s[i] * scale (pixel i's s_x times the channel's weight scale, one float32 multiply), plus *bias
+// (bias may be null), clipped to [lo, hi]. out must not overlap e.
+
 // FinishRun (kernels.h's finish_run; int_conv_finish.h): Finish over a run of n >= 1 pixels of one
 // output channel, out[i] from the raw sums e[i] (and o[i] for PostConv; o null for IntConv) minus
 // the zero-point corrections z_e = z_x * sum w_even (z_o likewise); bias may be null. out must not

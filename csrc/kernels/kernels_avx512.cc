@@ -44,6 +44,7 @@ struct Avx512 {
   static F SetF(float v) { return _mm512_set1_ps(v); }
   static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I Mul32(I a, I b) { return _mm512_mullo_epi32(a, b); }  // the low 32 bits of the product
   static I ShiftLeft32(I v, int bits) { return _mm512_slli_epi32(v, bits); }
   static I ShiftRight32(I v, int bits) { return _mm512_srli_epi32(v, bits); }  // logical
   static F Add(F a, F b) { return _mm512_add_ps(a, b); }

@@ -4,6 +4,8 @@
 // (kernels_avx2.cc, kernels_avx512.cc); internal linkage, like everything those files compile.
 #pragma once
 
+#include <math.h>  // INFINITY
+
 #include <cstddef>
 #include <cstdint>
 
@@ -83,6 +85,76 @@ void Quantize(const float* x, size_t n, const Params& p, uint8_t* y) {
   for (; i < n; i += kLanes) {
     const auto left = static_cast<int64_t>(n - i < kLanes ? n - i : kLanes);
     T::StoreBytesFirst(y + i, QuantizeLanes<T>(T::LoadFirstF(x + i, left), scale, lo, hi, zero_point), left);
+  }
+}
+
+// MinMaxPixelsScalar a block of pixels at a time: kVectors vectors of adjacent pixels, their
+// accumulators in registers over every channel (T::Min(v, acc) is FoldMin lane by lane, NaN
+// skipped; min and max do not round, so the order of the channels changes nothing).
+template <class T, int kVectors>
+void MinMaxPixelBlock(const float* x, int64_t channels, int64_t pixels, int64_t p0, int64_t count, float* mn,
+                      float* mx) {
+  using F = typename T::F;
+  constexpr int64_t kLanes = T::kFloats;
+  F vmin[kVectors], vmax[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    vmin[v] = T::SetF(INFINITY);
+    vmax[v] = T::SetF(-INFINITY);
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* row = x + c * pixels + p0;
+    for (int v = 0; v < kVectors; ++v) {
+      // (a partial block: lanes past count read 0, folded into lanes that are never stored)
+      const F value = count == kVectors * kLanes ? T::LoadF(row + kLanes * v) : T::LoadFirstF(row + kLanes * v, count - kLanes * v);
+      vmin[v] = T::Min(value, vmin[v]);
+      vmax[v] = T::Max(value, vmax[v]);
+    }
+  }
+  for (int v = 0; v < kVectors; ++v) {
+    const int64_t left = count - kLanes * v;
+    if (left <= 0) break;
+    T::StoreFirstF(mn + p0 + kLanes * v, vmin[v], left < kLanes ? left : kLanes);
+    T::StoreFirstF(mx + p0 + kLanes * v, vmax[v], left < kLanes ? left : kLanes);
+  }
+}
+
+template <class T>
+void MinMaxPixels(const float* x, int64_t channels, int64_t pixels, float* mn, float* mx) {
+  constexpr int64_t kBlock = 4 * T::kFloats;
+  int64_t p0 = 0;
+  for (; p0 + kBlock <= pixels; p0 += kBlock) MinMaxPixelBlock<T, 4>(x, channels, pixels, p0, kBlock, mn, mx);
+  for (; p0 < pixels; p0 += T::kFloats) {
+    const int64_t count = pixels - p0 < T::kFloats ? pixels - p0 : T::kFloats;
+    MinMaxPixelBlock<T, 1>(x, channels, pixels, p0, count, mn, mx);
+  }
+}
+
+// QuantizePixelsScalar a channel at a time: QuantizeLanes with each lane's own pixel steps, blocks
+// of four vectors packed into bytes, then the last pixels a vector at a time.
+template <class T>
+void QuantizePixels(const float* x, int64_t channels, int64_t pixels, const PixelSteps& s, uint8_t* y) {
+  constexpr int64_t kLanes = T::kFloats;
+  for (int64_t c = 0; c < channels; ++c) {
+    const float* from = x + c * pixels;
+    uint8_t* to = y + c * pixels;
+    int64_t p = 0;
+    for (; p + 4 * kLanes <= pixels; p += 4 * kLanes) {
+      typename T::I q[4];
+      for (int k = 0; k < 4; ++k) {
+        const int64_t i = p + kLanes * k;
+        q[k] = QuantizeLanes<T>(T::LoadF(from + i), T::LoadF(s.scale + i), T::LoadF(s.lo + i), T::LoadF(s.hi + i),
+                                T::Load(s.zero_point + i));
+      }
+      T::Store(to + p, T::PackBytes(q));
+    }
+    for (; p < pixels; p += kLanes) {
+      const int64_t left = pixels - p < kLanes ? pixels - p : kLanes;
+      // (lanes past left: 0 / 0 = NaN, clamped to lo = 0, never stored)
+      const typename T::I q =
+          QuantizeLanes<T>(T::LoadFirstF(from + p, left), T::LoadFirstF(s.scale + p, left), T::LoadFirstF(s.lo + p, left),
+                           T::LoadFirstF(s.hi + p, left), T::LoadFirst32(s.zero_point + p, left));
+      T::StoreBytesFirst(to + p, q, left);
+    }
   }
 }
 

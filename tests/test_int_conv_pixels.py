@@ -1,0 +1,194 @@
+"""IntConv's per-pixel steps (attribute x_steps="pixel", csrc/kernels/int_conv.h): every kernel equals numpy bit for bit.
+
+Each input pixel (n, :, h, w) is quantized with its own DynamicQuantizeLinear step and zero point from its C values,
+and its output pixel uses them: for a Gemm written as a 1x1 convolution (onnxq/rewrite/gemm.py) that is a per-token
+dynamic quantization. The numpy model here is written from the definition, independently of the C++ code (only the
+shared test helpers of tests/conv_ops.py: the weight packing and the model builder). Each test runs once per kernel,
+forced with the ``kernel`` attribute; a kernel the CPU lacks is a skip that names what is missing.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import KERNELS, kernel_params
+from conv_ops import Case, conv_model, pack, raises_at_run
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.native.domain import DOMAIN
+from onnxq.native.session import session
+
+
+def pixel_steps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's DynamicQuantizeLinear step and zero point, (N, 1, H, W): its range over C, 0 included, NaN skipped."""
+    finite_or_inf = np.where(np.isnan(x), np.float32(0), x)  # (a NaN never widens the range; 0 is in it anyway)
+    lo = np.minimum(np.float32(0), finite_or_inf.min(axis=1, keepdims=True, initial=np.float32(0)))
+    hi = np.maximum(np.float32(0), finite_or_inf.max(axis=1, keepdims=True, initial=np.float32(0)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = np.where(hi == lo, np.float32(1), (hi - lo) / np.float32(255)).astype(np.float32)
+        zero_point = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)).astype(np.int64)
+    return scale, zero_point
+
+
+def quantize_pixels(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """x_q = clamp(round_half_even(x / s_x) + z_x, 0, 255) per pixel, int64; a NaN quotient gives 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quotient = (x / scale).astype(np.float32)
+        codes = np.clip(np.rint(np.clip(quotient, -zero_point, 255 - zero_point)) + zero_point, 0, 255)
+    return np.where(np.isnan(quotient), 0, codes).astype(np.int64)
+
+
+def pixel_reference(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """IntConv 1x1 with per-pixel steps: (sum_c x_q q - z_x sum q) as float32 times (s_x * scale[m]), plus B[m]."""
+    s_x, z_x = pixel_steps(x)
+    xq = quantize_pixels(x, s_x, z_x)
+    q = codes.astype(np.int64)
+    acc = np.einsum("nchw,mc->nmhw", xq, q) - z_x * q.sum(axis=1)[None, :, None, None]
+    assert np.abs(acc).max(initial=0) < 2**31
+    c = s_x * scale[None, :, None, None]  # (N, M, H, W) float32
+    y = acc.astype(np.float32) * c
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    assert y.dtype == np.float32
+    return y
+
+
+def _data(n: int, c: int, hw: tuple[int, int], m: int, bits: int, seed: int, bias: bool = True):
+    """X with rows of very different ranges (per-pixel steps differ), full-range codes, scales and bias."""
+    rng = np.random.default_rng(seed)
+    spread = np.exp(rng.uniform(-4, 3, (n, 1, *hw))).astype(np.float32)
+    x = (rng.standard_normal((n, c, *hw)) * spread + rng.uniform(-1, 1, (n, 1, *hw)) * spread).astype(np.float32)
+    limit = 2 ** (bits - 1) - 1
+    codes = rng.integers(-limit - 1, limit + 1, (m, c)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.2, m).astype(np.float32)
+    return x, codes, scale, rng.standard_normal(m).astype(np.float32) if bias else None
+
+
+def _run(x, codes, scale, bias, bits: int, kernel: str, op: str = "IntConv", **extra) -> np.ndarray:
+    case = Case(op, bits, x.shape[0], x.shape[1], x.shape[2:], codes.shape[0], (1, 1), bias=bias is not None)
+    model = conv_model(case, pack(codes, bits), scale, bias, None, None, kernel=KERNELS[kernel], x_steps="pixel", **extra)
+    (y,) = session(model).run(None, {"X": x})
+    return y
+
+
+SHAPES = [  # (rows, K, M): rows are the pixels of one image along H, as the Gemm rewrite lays them out
+    (1, 64, 5),
+    (3, 7, 384),
+    (17, 300, 5),
+    (64, 64, 384),
+    (100, 300, 1),
+    (100, 1, 5),
+    (17, 64, 384),
+    (64, 7, 1),
+    (3, 1, 384),
+]
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+@pytest.mark.parametrize(("rows", "k", "m"), SHAPES, ids=[f"rows{r}-k{k}-m{m}" for r, k, m in SHAPES])
+def test_pixel_steps_equal_numpy_bit_for_bit(rows, k, m, kernel):
+    bits = 4 if m != 384 else 8
+    x, codes, scale, bias = _data(1, k, (rows, 1), m, bits, seed=rows * 1000 + k + m)
+    want = pixel_reference(x, codes, scale, bias)
+    np.testing.assert_array_equal(_run(x, codes, scale, bias, bits, kernel), want, err_msg=kernel)
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_pixel_steps_over_a_batch_of_images_without_bias(kernel):
+    """N images of H x W pixels (more than one panel of 64), each pixel its own step; no B."""
+    x, codes, scale, _ = _data(2, 40, (9, 11), 24, 4, seed=5, bias=False)
+    np.testing.assert_array_equal(_run(x, codes, scale, None, 4, kernel), pixel_reference(x, codes, scale, None), err_msg=kernel)
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_zero_huge_and_nan_pixels(kernel):
+    """A row of zeros (step 1, zero point 0), a row with one huge value (its other values quantize to z), a row of
+    large negatives (zero point 255), NaN values (skipped by the range, quantized to 0) and an all-NaN row."""
+    x, codes, scale, bias = _data(1, 64, (8, 1), 16, 4, seed=11)
+    x[0, :, 0, 0] = 0
+    x[0, 5, 1, 0] = 3e37
+    x[0, :, 2, 0] = -np.abs(x[0, :, 2, 0]) - 1000
+    x[0, 3, 3, 0] = x[0, 60, 3, 0] = np.nan
+    x[0, :, 4, 0] = np.nan
+    x[0, 7, 5, 0] = -0.0
+    y = _run(x, codes, scale, bias, 4, kernel)
+    np.testing.assert_array_equal(y, pixel_reference(x, codes, scale, bias), err_msg=kernel)
+    assert np.isfinite(y).all()
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_pixel_steps_with_clip_and_uint8_y(kernel):
+    """IntConvQ: the per-pixel y, clipped (a fused Relu), then quantized to uint8 as QuantizeLinear does."""
+    x, codes, scale, bias = _data(1, 48, (70, 1), 20, 4, seed=13)
+    y_scale, y_zero_point = np.float32(0.05), np.uint8(20)
+    case = Case("IntConvQ", 4, 1, 48, (70, 1), 20, (1, 1))
+    model = conv_model(case, pack(codes, 4), scale, bias, None, None, kernel=KERNELS[kernel], x_steps="pixel", clip_min=0.0)
+    model = _with_y_quantization(model, y_scale, y_zero_point)
+    (y,) = session(model).run(None, {"X": x})
+    want = np.maximum(pixel_reference(x, codes, scale, bias), np.float32(0))
+    want = np.clip(np.rint(want / y_scale) + int(y_zero_point), 0, 255).astype(np.uint8)
+    np.testing.assert_array_equal(y, want, err_msg=kernel)
+
+
+def _with_y_quantization(model: bytes, y_scale: np.float32, y_zero_point: np.uint8) -> bytes:
+    """The model's op with inputs 6, 7 (y_scale, y_zero_point) and a uint8 Y."""
+    import onnx
+
+    proto = onnx.load_from_string(model)
+    node = proto.graph.node[0]
+    node.input.extend([""] * (6 - len(node.input)) + ["y_scale", "y_zero_point"])
+    proto.graph.initializer.extend([numpy_helper.from_array(y_scale, "y_scale"), numpy_helper.from_array(y_zero_point, "y_zero_point")])
+    proto.graph.output[0].type.tensor_type.elem_type = TensorProto.UINT8
+    return proto.SerializeToString()
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        (dict(kernel_shape=[3, 3], pads=[1, 1, 1, 1]), r"x_steps=\"pixel\" needs a 1x1 kernel, strides 1, no pads and group 1"),
+        (dict(strides=[2, 1]), r"needs a 1x1 kernel, strides 1"),
+        (dict(pads=[0, 0, 1, 0]), r"needs a 1x1 kernel"),
+        (dict(group=2), r"needs a 1x1 kernel"),
+        (dict(op="PostConv"), r"x_steps=\"pixel\" is IntConv's and IntConvQ's only"),
+        (dict(x_steps="row"), r"attribute x_steps must be \"tensor\" or \"pixel\", not \"row\""),
+    ],
+)
+def test_bad_pixel_attributes_are_session_errors(extra, match):
+    extra = dict(extra)
+    op = extra.pop("op", "IntConv")
+    _, _, scale, bias = _data(1, 8, (5, 1), 4, 4, seed=1)
+    case = Case(op, 4, 1, 8, (5, 1), 4, tuple(extra.pop("kernel_shape", [1, 1])), group=extra.get("group", 1), bias=True)
+    attributes = {"x_steps": "pixel", **extra}
+    codes = np.zeros((4, case.k), np.int8)
+    model = conv_model(case, pack(codes, 4), scale, bias, None, None, **attributes)
+    with pytest.raises(Exception, match=match):
+        session(model)
+
+
+def test_pixel_steps_with_x_scale_or_uint8_x_are_errors():
+    x, codes, scale, bias = _data(1, 8, (5, 1), 4, 4, seed=2)
+    case = Case("IntConv", 4, 1, 8, (5, 1), 4, (1, 1))
+    model = conv_model(case, pack(codes, 4), scale, bias, np.float32(0.1), np.uint8(3), x_steps="pixel")
+    raises_at_run(model, x, r"x_steps=\"pixel\" computes each pixel's step itself: inputs x_scale and x_zero_point must be absent")
+    node = helper.make_node("IntConv", ["X", "W", "scale", "", "s", "z"], ["Y"], domain=DOMAIN, bits=4, kernel_shape=[1, 1], x_steps="pixel")
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.UINT8, None)],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)],
+        [numpy_helper.from_array(pack(codes, 4), "W"), numpy_helper.from_array(scale, "scale"),
+         numpy_helper.from_array(np.float32(0.1), "s"), numpy_helper.from_array(np.uint8(3), "z")],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)])
+    with pytest.raises(Exception, match=r"X is uint8, but x_steps=\"pixel\" quantizes a float X itself"):
+        session(model.SerializeToString()).run(None, {"X": np.zeros((1, 8, 5, 1), np.uint8)})
+
+
+def test_tensor_steps_are_the_default():
+    """x_steps="tensor" gives what no attribute gives (one step over X)."""
+    x, codes, scale, bias = _data(1, 32, (20, 1), 8, 4, seed=3)
+    case = Case("IntConv", 4, 1, 32, (20, 1), 8, (1, 1))
+    (a,) = session(conv_model(case, pack(codes, 4), scale, bias, None, None)).run(None, {"X": x})
+    (b,) = session(conv_model(case, pack(codes, 4), scale, bias, None, None, x_steps="tensor")).run(None, {"X": x})
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, pixel_reference(x, codes, scale, bias))
