@@ -2,55 +2,22 @@
 
 Each input pixel (n, :, h, w) is quantized with its own DynamicQuantizeLinear step and zero point from its C values,
 and its output pixel uses them: for a Gemm written as a 1x1 convolution (onnxq/rewrite/gemm.py) that is a per-token
-dynamic quantization. The numpy model here is written from the definition, independently of the C++ code (only the
-shared test helpers of tests/conv_ops.py: the weight packing and the model builder). Each test runs once per kernel,
-forced with the ``kernel`` attribute; a kernel the CPU lacks is a skip that names what is missing.
+dynamic quantization. The numpy model (tests/conv_ops.py, pixel_reference) is written from the definition,
+independently of the C++ code. Each test runs once per kernel, forced with the ``kernel`` attribute; a kernel the CPU
+lacks is a skip that names what is missing.
 """
 
 from __future__ import annotations
 
 import numpy as np
+import onnx
 import pytest
 from conftest import KERNELS, kernel_params
-from conv_ops import Case, conv_model, pack, raises_at_run
+from conv_ops import Case, conv_model, pack, pixel_reference, raises_at_run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session
-
-
-def pixel_steps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Each pixel's DynamicQuantizeLinear step and zero point, (N, 1, H, W): its range over C, 0 included, NaN skipped."""
-    finite_or_inf = np.where(np.isnan(x), np.float32(0), x)  # (a NaN never widens the range; 0 is in it anyway)
-    lo = np.minimum(np.float32(0), finite_or_inf.min(axis=1, keepdims=True, initial=np.float32(0)))
-    hi = np.maximum(np.float32(0), finite_or_inf.max(axis=1, keepdims=True, initial=np.float32(0)))
-    with np.errstate(invalid="ignore", over="ignore"):
-        scale = np.where(hi == lo, np.float32(1), (hi - lo) / np.float32(255)).astype(np.float32)
-        zero_point = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)).astype(np.int64)
-    return scale, zero_point
-
-
-def quantize_pixels(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
-    """x_q = clamp(round_half_even(x / s_x) + z_x, 0, 255) per pixel, int64; a NaN quotient gives 0."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        quotient = (x / scale).astype(np.float32)
-        codes = np.clip(np.rint(np.clip(quotient, -zero_point, 255 - zero_point)) + zero_point, 0, 255)
-    return np.where(np.isnan(quotient), 0, codes).astype(np.int64)
-
-
-def pixel_reference(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
-    """IntConv 1x1 with per-pixel steps: (sum_c x_q q - z_x sum q) as float32 times (s_x * scale[m]), plus B[m]."""
-    s_x, z_x = pixel_steps(x)
-    xq = quantize_pixels(x, s_x, z_x)
-    q = codes.astype(np.int64)
-    acc = np.einsum("nchw,mc->nmhw", xq, q) - z_x * q.sum(axis=1)[None, :, None, None]
-    assert np.abs(acc).max(initial=0) < 2**31
-    c = s_x * scale[None, :, None, None]  # (N, M, H, W) float32
-    y = acc.astype(np.float32) * c
-    if bias is not None:
-        y = y + bias[None, :, None, None]
-    assert y.dtype == np.float32
-    return y
 
 
 def _data(n: int, c: int, hw: tuple[int, int], m: int, bits: int, seed: int, bias: bool = True):
@@ -118,7 +85,8 @@ def test_zero_huge_and_nan_pixels(kernel):
 
 @pytest.mark.parametrize("kernel", kernel_params())
 def test_pixel_steps_with_clip_and_uint8_y(kernel):
-    """IntConvQ: the per-pixel y, clipped (a fused Relu), then quantized to uint8 as QuantizeLinear does."""
+    """IntConvQ: the per-pixel y, clipped (a fused Relu), then quantized to uint8 as QuantizeLinear does (the output
+    step after FinishPixels)."""
     x, codes, scale, bias = _data(1, 48, (70, 1), 20, 4, seed=13)
     y_scale, y_zero_point = np.float32(0.05), np.uint8(20)
     case = Case("IntConvQ", 4, 1, 48, (70, 1), 20, (1, 1))
@@ -132,8 +100,6 @@ def test_pixel_steps_with_clip_and_uint8_y(kernel):
 
 def _with_y_quantization(model: bytes, y_scale: np.float32, y_zero_point: np.uint8) -> bytes:
     """The model's op with inputs 6, 7 (y_scale, y_zero_point) and a uint8 Y."""
-    import onnx
-
     proto = onnx.load_from_string(model)
     node = proto.graph.node[0]
     node.input.extend([""] * (6 - len(node.input)) + ["y_scale", "y_zero_point"])
@@ -154,6 +120,7 @@ def _with_y_quantization(model: bytes, y_scale: np.float32, y_zero_point: np.uin
     ],
 )
 def test_bad_pixel_attributes_are_session_errors(extra, match):
+    """Per-pixel steps need each output pixel to read one input pixel (1x1, strides 1, no pads, group 1), and IntConv."""
     extra = dict(extra)
     op = extra.pop("op", "IntConv")
     _, _, scale, bias = _data(1, 8, (5, 1), 4, 4, seed=1)
@@ -166,6 +133,7 @@ def test_bad_pixel_attributes_are_session_errors(extra, match):
 
 
 def test_pixel_steps_with_x_scale_or_uint8_x_are_errors():
+    """Per-pixel steps are the op's own dynamic quantization: a given step, or X quantized already, contradicts them."""
     x, codes, scale, bias = _data(1, 8, (5, 1), 4, 4, seed=2)
     case = Case("IntConv", 4, 1, 8, (5, 1), 4, (1, 1))
     model = conv_model(case, pack(codes, 4), scale, bias, np.float32(0.1), np.uint8(3), x_steps="pixel")
