@@ -13,7 +13,7 @@ import numpy as np
 import onnx
 import pytest
 from conftest import KERNELS, kernel_params
-from conv_ops import Case, conv_model, pack, pixel_reference, raises_at_run
+from conv_ops import Case, conv_model, pack, pixel_reference, pixel_steps, raises_at_run
 from onnx import TensorProto, helper, numpy_helper
 
 from onnxq.native.domain import DOMAIN
@@ -160,3 +160,44 @@ def test_tensor_steps_are_the_default():
     (b,) = session(conv_model(case, pack(codes, 4), scale, bias, None, None, x_steps="tensor")).run(None, {"X": x})
     np.testing.assert_array_equal(a, b)
     assert not np.array_equal(a, pixel_reference(x, codes, scale, bias))
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_values_at_and_near_ties_and_extreme_steps(kernel):
+    """The SIMD kernels quantize X with x * (1/s_x) on a fixed-point grid and divide only near ties (and where 1/s_x
+    is out of range): values at k + 1/2 steps and one float either side in every pixel, pixels of tiny (step below
+    2^-100) and huge (above 2^100) ranges, and a -0: every kernel gives QuantizeOne's codes."""
+    rng = np.random.default_rng(21)
+    pixels, c = 48, 64
+    x = np.empty((1, c, pixels, 1), np.float32)
+    for p in range(pixels):
+        lo, hi = np.float32(-rng.uniform(0.1, 3)), np.float32(rng.uniform(0.1, 3))
+        row = np.concatenate([[lo, hi], rng.uniform(lo, hi, c - 2)]).astype(np.float32)
+        s, _ = pixel_steps(row[None, :, None, None])
+        ties = ((rng.integers(-100, 100, c - 2) + np.float32(0.5)) * s.reshape(())).astype(np.float32)
+        ties = np.clip(ties, lo, hi)
+        row[2:] = np.where(rng.random(c - 2) < 0.5, ties, row[2:])
+        row[2::3] = np.nextafter(row[2::3], np.float32(np.inf * (1 if p % 2 else -1)))
+        x[0, :, p, 0] = row
+    x[0, :, 5, 0] *= np.float32(1e-34)  # step ~ 1e-36 (no inverse: divide)
+    x[0, :, 6, 0] *= np.float32(1e35)  # step ~ 1e33
+    x[0, 9, 7, 0] = -0.0
+    codes = rng.integers(-8, 8, (12, c)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.2, 12).astype(np.float32)
+    np.testing.assert_array_equal(_run(x, codes, scale, None, 4, kernel), pixel_reference(x, codes, scale, None), err_msg=kernel)
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+def test_steps_without_an_inverse_divide(kernel):
+    """Pixels whose step is 2^110 or 2^-110 (1/s_x out of the fixed-point grid's range: the kernels divide), values
+    whole multiples of it (no ties, which would divide anyway), in whole vectors of such pixels."""
+    rng = np.random.default_rng(5)
+    pixels, c = 32, 40
+    multiples = rng.integers(-128, 128, (1, c, pixels, 1)).astype(np.float32)
+    multiples[0, 0], multiples[0, 1] = -128, 127  # the range: step (127 + 128) * 2^e / 255 = 2^e, zero point 128
+    exponent = np.where(np.arange(pixels) < pixels // 2, 110, -110).astype(np.float32)[None, None, :, None]
+    x = (multiples * np.exp2(exponent)).astype(np.float32)
+    np.testing.assert_array_equal(pixel_steps(x)[0].reshape(-1), np.exp2(exponent).reshape(-1))
+    codes = rng.integers(-8, 8, (6, c)).astype(np.int8)
+    scale = rng.uniform(0.01, 0.2, 6).astype(np.float32)
+    np.testing.assert_array_equal(_run(x, codes, scale, None, 4, kernel), pixel_reference(x, codes, scale, None), err_msg=kernel)

@@ -260,6 +260,8 @@ Dims DimsOf(const Ort::ConstValue& v) {
 struct CallScratch {
   std::vector<qdu8::Params> params;
   std::vector<float> c_e, c_o;
+  std::vector<float> pixel_steps;         // per-pixel steps (IntConvKernel::ComputePixels)
+  std::vector<int32_t> pixel_zero_points;
   std::unique_ptr<uint8_t[]> xq;
   size_t xq_size = 0;
   bool busy = false;
@@ -564,8 +566,8 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
   const float* bias_data = bias != nullptr ? bias.GetTensorData<float>() : nullptr;
 
-  iconv::ScratchLease scratch;
   if (pixel_steps_) return ComputePixels(context, *plan, output, bias_data);
+  iconv::ScratchLease scratch;
 
   // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
   const auto sample = static_cast<size_t>(g.c * g.h * g.w);
@@ -704,12 +706,16 @@ void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan
   const float* x = context.GetInput(0).GetTensorData<float>();
   const float* scale = context.GetInput(2).GetTensorData<float>();
   const Kernels& kernels = KernelsFor(isa_);
-  // Per pixel: s_x, lo, hi, z_x (qdu8::PixelSteps), and the range's min and max while they are found.
-  std::vector<float> steps(static_cast<size_t>(5 * count));
-  std::vector<int32_t> zero_points(static_cast<size_t>(count));
-  std::vector<uint8_t> xq(static_cast<size_t>(g.n * g.c * pixels));
-  float* mn = steps.data() + 3 * count;
-  float* mx = steps.data() + 4 * count;
+  // Per pixel, in this thread's vectors kept from call to call: s_x, lo, hi, 1 / s_x (qdu8::PixelSteps), the
+  // range's min and max while they are found, and z_x; X quantized.
+  iconv::ScratchLease scratch;
+  std::vector<float>& steps = scratch->pixel_steps;
+  std::vector<int32_t>& zero_points = scratch->pixel_zero_points;
+  steps.resize(static_cast<size_t>(6 * count));
+  zero_points.resize(static_cast<size_t>(count));
+  uint8_t* const xq = scratch->Xq(static_cast<size_t>(g.n * g.c * pixels));
+  float* const mn = steps.data() + 4 * count;
+  float* const mx = steps.data() + 5 * count;
   for (int64_t n = 0; n < g.n; ++n) {
     const int64_t first = n * pixels;
     kernels.min_max_pixels(x + n * g.c * pixels, g.c, pixels, mn + first, mx + first);
@@ -718,16 +724,17 @@ void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan
       steps[p] = params.scale;
       steps[count + p] = params.lo;
       steps[2 * count + p] = params.hi;
+      steps[3 * count + p] = iconv::FusedInverse(params.scale);
       zero_points[p] = params.zero_point;
     }
     const qdu8::PixelSteps s{steps.data() + first, steps.data() + count + first, steps.data() + 2 * count + first,
-                             zero_points.data() + first};
-    kernels.quantize_pixels(x + n * g.c * pixels, g.c, pixels, s, xq.data() + n * g.c * pixels);
+                             zero_points.data() + first, steps.data() + 3 * count + first};
+    kernels.quantize_pixels(x + n * g.c * pixels, g.c, pixels, s, xq + n * g.c * pixels);
   }
   const bool staged = plan.staged;
   const iconv::PackedWeights& pw = *plan.pw;
   if (isa_ == Isa::kScalar || g.k == 0 || pw.mode != iconv::Mode::kQuad) {
-    iconv::ReferencePixels(g, pw, xq.data(), zero_points.data(), steps.data(), scale, bias_data, clip_min_, clip_max_,
+    iconv::ReferencePixels(g, pw, xq, zero_points.data(), steps.data(), scale, bias_data, clip_min_, clip_max_,
                            staged ? nullptr : y, staged ? &output : nullptr);
     return;
   }
@@ -735,7 +742,7 @@ void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan
   args.g = &g;
   args.pw = &pw;
   args.isa = isa_;
-  args.xq = xq.data();
+  args.xq = xq;
   args.c_e = scale;  // (per-pixel steps: the weight scales; each pixel's factor is s_x * scale[m])
   args.c_o = scale;
   args.bias = bias_data;

@@ -204,6 +204,20 @@ struct FusedQuantizeConsts {
         z(T::Set32(d.z)),
         z_byte(static_cast<uint8_t>(d.z)),
         divide(d.inverse == 0.0f) {}
+  // Each lane its own parameters (IntConv's per-pixel steps: QuantizePixelsKernel, int_conv_fused.h), the same
+  // float32 operations as above lane by lane (FixedMagic(z) + lo); divide: some lane has no inverse. (z_byte unused.)
+  FusedQuantizeConsts(typename T::F step, typename T::F step_inverse, typename T::F step_lo, typename T::F step_hi,
+                      typename T::I zero_point, bool any_divide)
+      : inverse(step_inverse),
+        magic(T::Add(T::SetF(kFixedBias), T::ToFloat(zero_point))),
+        lo(T::Add(magic, step_lo)),
+        hi(T::Add(magic, step_hi)),
+        scale(step),
+        div_lo(step_lo),
+        div_hi(step_hi),
+        z(zero_point),
+        z_byte(0),
+        divide(any_divide) {}
 };
 
 // 4 vectors of values quantized (int_conv_kernels.h, FixedMagic) into T::kBytes bytes, in order:

@@ -55,6 +55,38 @@ void QuantizeFixedRun(const FusedQuantizeConsts<T>& c, const float* src, int64_t
   }
 }
 
+// QuantizePixelsScalar (kernels.h's quantize_pixels: IntConv's per-pixel steps, int_conv.h) without a division
+// per value: a vector of pixels at a time, its steps loaded once (FusedQuantizeConsts' per-lane form) and used for
+// every channel, 4 channels at a time through QuantizeFixed (a multiply-add on the fixed-point grid, dividing only
+// blocks near a tie: QuantizeOne's bytes), whose 4 quarters are the channels' bytes (T::StoreQuarters). The last
+// pixels (fewer than a vector) by QuantizeOne itself. (Dividing every value, as Quantize does, cost MiniLM's 36
+// MatMul ops about 4% of the model's time: /tmp/wt-token-exp/minilm_int_wo.py, interleaved, VNNI, 1 thread.)
+template <class T>
+void QuantizePixelsKernel(const float* x, int64_t channels, int64_t pixels, const qdu8::PixelSteps& s, uint8_t* y) {
+  constexpr int64_t R = T::kFloats;
+  int64_t p = 0;
+  for (; p + R <= pixels; p += R) {
+    bool divide = false;
+    for (int64_t i = p; i < p + R; ++i) divide = divide || s.inverse[i] == 0.0f;
+    const FusedQuantizeConsts<T> c(T::LoadF(s.scale + p), T::LoadF(s.inverse + p), T::LoadF(s.lo + p),
+                                   T::LoadF(s.hi + p), T::Load(s.zero_point + p), divide);
+    for (int64_t c0 = 0; c0 < channels; c0 += 4) {
+      typename T::F v[4];
+      uint8_t* to[4];
+      for (int k = 0; k < 4; ++k) {  // (past the last channel: the last one again, the same bytes to the same place)
+        const int64_t channel = c0 + k < channels ? c0 + k : channels - 1;
+        v[k] = T::LoadF(x + channel * pixels + p);
+        to[k] = y + channel * pixels + p;
+      }
+      T::StoreQuarters(to, QuantizeFixed<T>(c, v));
+    }
+  }
+  for (; p < pixels; ++p) {
+    const qdu8::Params params{s.scale[p], s.lo[p], s.hi[p], s.zero_point[p]};
+    for (int64_t c = 0; c < channels; ++c) y[c * pixels + p] = qdu8::QuantizeOne(x[c * pixels + p], params);
+  }
+}
+
 // QuantizeFused (kernels.h's quantize_fused): dst[i] = QuantizeOne(d.x[i]) for i < n, with d's
 // parameters; writes up to T::kBytes - 1 bytes past n.
 template <class T>

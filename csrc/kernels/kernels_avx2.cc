@@ -190,6 +190,14 @@ struct Avx2 {
                                       0x0E0A0602, 0x0F0B0703);
     return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
   }
+  // Quarter k of v (bytes 8k .. 8k + 7) to to[k].
+  static void StoreQuarters(uint8_t* const to[4], I v) {
+    const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[0]), low);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[1]), _mm_unpackhi_epi64(low, low));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[2]), high);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[3]), _mm_unpackhi_epi64(high, high));
+  }
   // Bits 12..19 of dword i of u[k] as byte k of dword i.
   static I FixedDwords(const I u[4]) {
     const I byte1 = _mm256_set1_epi32(0x0000FF00), byte3 = _mm256_set1_epi32(static_cast<int32_t>(0xFF000000));

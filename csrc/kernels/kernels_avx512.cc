@@ -148,6 +148,13 @@ struct Avx512 {
     const I grouped = _mm512_shuffle_epi8(FixedDwords(u), _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
   }
+  // Quarter k of v (bytes 16k .. 16k + 15) to to[k].
+  static void StoreQuarters(uint8_t* const to[4], I v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[0]), _mm512_castsi512_si128(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[1]), _mm512_extracti32x4_epi32(v, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[2]), _mm512_extracti32x4_epi32(v, 2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[3]), _mm512_extracti32x4_epi32(v, 3));
+  }
   // Bits 12..19 of dword i of u[k] as byte k of dword i.
   static I FixedDwords(const I u[4]) {
     const I b01 = _mm512_mask_blend_epi8(0x2222222222222222, _mm512_srli_epi32(u[0], 12), _mm512_srli_epi32(u[1], 4));

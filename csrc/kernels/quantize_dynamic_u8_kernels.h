@@ -56,6 +56,7 @@ struct PixelSteps {
   float* lo;
   float* hi;
   int32_t* zero_point;
+  float* inverse;  // the SIMD kernels' 1 / scale or 0 (int_conv_kernels.h, FusedInverse)
 };
 
 // MinMaxPixelsScalar: pixel p's range over its channels into mn[p], mx[p] (set here; FoldMin /

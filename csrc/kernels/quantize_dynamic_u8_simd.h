@@ -129,35 +129,6 @@ void MinMaxPixels(const float* x, int64_t channels, int64_t pixels, float* mn, f
   }
 }
 
-// QuantizePixelsScalar a channel at a time: QuantizeLanes with each lane's own pixel steps, blocks
-// of four vectors packed into bytes, then the last pixels a vector at a time.
-template <class T>
-void QuantizePixels(const float* x, int64_t channels, int64_t pixels, const PixelSteps& s, uint8_t* y) {
-  constexpr int64_t kLanes = T::kFloats;
-  for (int64_t c = 0; c < channels; ++c) {
-    const float* from = x + c * pixels;
-    uint8_t* to = y + c * pixels;
-    int64_t p = 0;
-    for (; p + 4 * kLanes <= pixels; p += 4 * kLanes) {
-      typename T::I q[4];
-      for (int k = 0; k < 4; ++k) {
-        const int64_t i = p + kLanes * k;
-        q[k] = QuantizeLanes<T>(T::LoadF(from + i), T::LoadF(s.scale + i), T::LoadF(s.lo + i), T::LoadF(s.hi + i),
-                                T::Load(s.zero_point + i));
-      }
-      T::Store(to + p, T::PackBytes(q));
-    }
-    for (; p < pixels; p += kLanes) {
-      const int64_t left = pixels - p < kLanes ? pixels - p : kLanes;
-      // (lanes past left: 0 / 0 = NaN, clamped to lo = 0, never stored)
-      const typename T::I q =
-          QuantizeLanes<T>(T::LoadFirstF(from + p, left), T::LoadFirstF(s.scale + p, left), T::LoadFirstF(s.lo + p, left),
-                           T::LoadFirstF(s.hi + p, left), T::LoadFirst32(s.zero_point + p, left));
-      T::StoreBytesFirst(to + p, q, left);
-    }
-  }
-}
-
 }  // namespace
 
 }  // namespace onnxq::qdu8

@@ -22,7 +22,7 @@
 //   Gemm, GemmT        kInt16Sums, tile sizes kGemmVectors, kGemmTBlocks, GemmTPixels(blocks), Broadcast4,
 //                      AddProducts (the multiply-add of bytes), Widen, WidenTimes16 (int16 sums
 //                      only), kPinSums, kPinWeights, Pin
-//   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords
+//   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords, StoreQuarters
 //   FinishTBytes       TransposeDwords4, LoadLanes, StoreLanes (128-bit lanes from or to rows)
 //   LanesFused         kLaneTaps, InterleaveLo8, InterleaveHi8, Lane128, LaneCell, ShiftCellsByte
 //                      (cells of 4 only), LaneSumsFrom, LaneInt32, ScatterLanes
@@ -47,7 +47,7 @@ constexpr Kernels SimdKernels() {
   k.min_max = qdu8::MinMax<T>;
   k.quantize = qdu8::Quantize<T>;
   k.min_max_pixels = qdu8::MinMaxPixels<T>;
-  k.quantize_pixels = qdu8::QuantizePixels<T>;
+  k.quantize_pixels = iconv::QuantizePixelsKernel<T>;
   k.gemm = iconv::GemmKernel<T>;
   k.gemm_t = iconv::GemmTKernel<T>;
   k.finish_t = iconv::FinishTKernel<T>;
