@@ -84,12 +84,13 @@ def test_zero_huge_and_nan_pixels(kernel):
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
-def test_pixel_steps_with_clip_and_uint8_y(kernel):
+@pytest.mark.parametrize(("pixels", "m"), [(70, 20), (9, 384), (5, 48)])
+def test_pixel_steps_with_clip_and_uint8_y(pixels, m, kernel):
     """IntConvQ: the per-pixel y, clipped (a fused Relu), then quantized to uint8 as QuantizeLinear does (the output
-    step after FinishPixels)."""
-    x, codes, scale, bias = _data(1, 48, (70, 1), 20, 4, seed=13)
+    step after the SIMD kernels' per-pixel epilogue: Gemm's at 70 pixels, GemmT's at 9 and 5)."""
+    x, codes, scale, bias = _data(1, 48, (pixels, 1), m, 4, seed=13)
     y_scale, y_zero_point = np.float32(0.05), np.uint8(20)
-    case = Case("IntConvQ", 4, 1, 48, (70, 1), 20, (1, 1))
+    case = Case("IntConvQ", 4, 1, 48, (pixels, 1), m, (1, 1))
     model = conv_model(case, pack(codes, 4), scale, bias, None, None, kernel=KERNELS[kernel], x_steps="pixel", clip_min=0.0)
     model = _with_y_quantization(model, y_scale, y_zero_point)
     (y,) = session(model).run(None, {"X": x})

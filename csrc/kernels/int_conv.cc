@@ -719,16 +719,19 @@ void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan
   for (int64_t n = 0; n < g.n; ++n) {
     const int64_t first = n * pixels;
     kernels.min_max_pixels(x + n * g.c * pixels, g.c, pixels, mn + first, mx + first);
+    bool divide = false;
     for (int64_t p = first; p < first + pixels; ++p) {
       const qdu8::Params params = qdu8::MakeParams(mn[p], mx[p]);
       steps[p] = params.scale;
       steps[count + p] = params.lo;
       steps[2 * count + p] = params.hi;
       steps[3 * count + p] = iconv::FusedInverse(params.scale);
+      divide = divide || steps[3 * count + p] == 0.0f;
       zero_points[p] = params.zero_point;
     }
-    const qdu8::PixelSteps s{steps.data() + first, steps.data() + count + first, steps.data() + 2 * count + first,
-                             zero_points.data() + first, steps.data() + 3 * count + first};
+    const qdu8::PixelSteps s{steps.data() + first,       steps.data() + count + first,
+                             steps.data() + 2 * count + first, zero_points.data() + first,
+                             steps.data() + 3 * count + first, divide};
     kernels.quantize_pixels(x + n * g.c * pixels, g.c, pixels, s, xq + n * g.c * pixels);
   }
   const bool staged = plan.staged;

@@ -124,8 +124,8 @@
 // scratch (a channel's plane, a block's) while it is in cache (a hard swish with float Y and no R
 // goes through the output step too). Per-pixel steps run the matrix product (kQuad; C = 1, which
 // Prepare lays out for the depthwise kernels, runs the scalar reference) with its epilogue per pixel
-// (FinishPixels, int_conv_finish.h: each column's z_x * row sum and factor s_x * scale[m]), never
-// GemmT; X is quantized by min_max_pixels (quantize_dynamic_u8_simd.h) and quantize_pixels (int_conv_fused.h:
+// (Gemm: FinishPixels, int_conv_finish.h, each column's z_x * row sum and factor s_x * scale[m];
+// GemmT: FinishT with each pixel's z_x and s_x broadcast); X is quantized by min_max_pixels (quantize_dynamic_u8_simd.h) and quantize_pixels (int_conv_fused.h:
 // the depthwise kernels' fixed-point quantization with each lane's own steps).
 #pragma once
 

@@ -44,6 +44,8 @@ struct FinishTRows {
   const int32_t *c0, *c1;
   I z0, z1;
   F f0, f1;
+  const int32_t* z_pixels;  // per-pixel steps (FinishT): z0 the rows' sums of weights, f0 their weight scales
+  const float* s_pixels;
   // The block's rows: R (IntConv) or 2R (PostConv) from r0, R to a vector, each at its place in
   // GemmT's blocks of kLanes rows (c_of); the second vector's only for PostConv and where the rows
   // are there (else they hold nothing any output needs).
@@ -58,10 +60,18 @@ struct FinishTRows {
     z1 = T::Load(f.z + r1);
     f0 = T::LoadF(f.factor + r0);
     f1 = T::LoadF(f.factor + r1);
+    z_pixels = f.z_pixels;
+    s_pixels = f.s_pixels;
   }
   // Pixel p's y of the block's channels, unclipped.
   [[gnu::always_inline]] F At(int64_t p) const {
     const int64_t at = p * kLanes;
+    if (!kPost && z_pixels != nullptr) {  // per-pixel steps: z_x * row sum, s_x * scale[m] (int_conv.h)
+      const I z = T::Mul32(T::Set32(z_pixels[p]), z0);
+      const F factor = T::Mul(T::SetF(s_pixels[p]), f0);
+      const F y = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z)), factor);
+      return kBias ? T::Add(y, bias) : y;
+    }
     F v = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z0)), f0);
     if (kPost) {  // each pair of lanes even + odd, the pairs of v then w in channel order
       const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);

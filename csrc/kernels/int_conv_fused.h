@@ -56,34 +56,42 @@ void QuantizeFixedRun(const FusedQuantizeConsts<T>& c, const float* src, int64_t
 }
 
 // QuantizePixelsScalar (kernels.h's quantize_pixels: IntConv's per-pixel steps, int_conv.h) without a division
-// per value: a vector of pixels at a time, its steps loaded once (FusedQuantizeConsts' per-lane form) and used for
-// every channel, 4 channels at a time through QuantizeFixed (a multiply-add on the fixed-point grid, dividing only
-// blocks near a tie: QuantizeOne's bytes), whose 4 quarters are the channels' bytes (T::StoreQuarters). The last
-// pixels (fewer than a vector) by QuantizeOne itself. (Dividing every value, as Quantize does, cost MiniLM's 36
-// MatMul ops about 4% of the model's time: /tmp/wt-token-exp/minilm_int_wo.py, interleaved, VNNI, 1 thread.)
+// per value: 4 channels at a time, their rows read side by side from start to end (channel-major: reading every
+// channel for one vector of pixels at a time cost the 1536-channel layers of MiniLM about 8% of the op), each vector
+// of pixels with its steps (FusedQuantizeConsts' per-lane form) through QuantizeFixed (a multiply-add on the
+// fixed-point grid, dividing only blocks near a tie, or all of them where some pixel of the image has no inverse:
+// QuantizeOne's bytes), whose 4 quarters are the channels' bytes (T::StoreQuarters). The last pixels (fewer than a
+// vector) read as masked lanes (0: never stored) and go through a small buffer.
 template <class T>
 void QuantizePixelsKernel(const float* x, int64_t channels, int64_t pixels, const qdu8::PixelSteps& s, uint8_t* y) {
   constexpr int64_t R = T::kFloats;
-  int64_t p = 0;
-  for (; p + R <= pixels; p += R) {
-    bool divide = false;
-    for (int64_t i = p; i < p + R; ++i) divide = divide || s.inverse[i] == 0.0f;
-    const FusedQuantizeConsts<T> c(T::LoadF(s.scale + p), T::LoadF(s.inverse + p), T::LoadF(s.lo + p),
-                                   T::LoadF(s.hi + p), T::Load(s.zero_point + p), divide);
-    for (int64_t c0 = 0; c0 < channels; c0 += 4) {
-      typename T::F v[4];
-      uint8_t* to[4];
-      for (int k = 0; k < 4; ++k) {  // (past the last channel: the last one again, the same bytes to the same place)
-        const int64_t channel = c0 + k < channels ? c0 + k : channels - 1;
-        v[k] = T::LoadF(x + channel * pixels + p);
-        to[k] = y + channel * pixels + p;
-      }
-      T::StoreQuarters(to, QuantizeFixed<T>(c, v));
+  auto consts = [&](int64_t p, int64_t n) {
+    return FusedQuantizeConsts<T>(T::LoadFirstF(s.scale + p, n), T::LoadFirstF(s.inverse + p, n), T::LoadFirstF(s.lo + p, n),
+                                  T::LoadFirstF(s.hi + p, n), T::LoadFirst32(s.zero_point + p, n), s.divide);
+  };
+  for (int64_t c0 = 0; c0 < channels; c0 += 4) {
+    const float* from[4];
+    uint8_t* to[4];
+    for (int k = 0; k < 4; ++k) {  // (past the last channel: the last one again, the same bytes to the same place)
+      const int64_t channel = c0 + k < channels ? c0 + k : channels - 1;
+      from[k] = x + channel * pixels;
+      to[k] = y + channel * pixels;
     }
-  }
-  for (; p < pixels; ++p) {
-    const qdu8::Params params{s.scale[p], s.lo[p], s.hi[p], s.zero_point[p]};
-    for (int64_t c = 0; c < channels; ++c) y[c * pixels + p] = qdu8::QuantizeOne(x[c * pixels + p], params);
+    typename T::F v[4];
+    int64_t p = 0;
+    for (; p + R <= pixels; p += R) {
+      for (int k = 0; k < 4; ++k) v[k] = T::LoadF(from[k] + p);
+      uint8_t* at[4] = {to[0] + p, to[1] + p, to[2] + p, to[3] + p};
+      T::StoreQuarters(at, QuantizeFixed<T>(consts(p, R), v));
+    }
+    if (p < pixels) {
+      const int64_t n = pixels - p;
+      for (int k = 0; k < 4; ++k) v[k] = T::LoadFirstF(from[k] + p, n);
+      alignas(64) uint8_t bytes[4][R];
+      uint8_t* at[4] = {bytes[0], bytes[1], bytes[2], bytes[3]};
+      T::StoreQuarters(at, QuantizeFixed<T>(consts(p, n), v));
+      for (int k = 0; k < 4; ++k) std::memcpy(to[k] + p, bytes[k], static_cast<size_t>(n));
+    }
   }
 }
 

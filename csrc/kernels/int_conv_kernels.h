@@ -104,6 +104,11 @@ struct FinishT {
   int64_t stride;
   const Output* output;  // or null
   int64_t at;            // (with output)
+  // Per-pixel steps (int_conv.h, x_steps = "pixel"; IntConv only): pixel i's z_x and s_x, z then holding each
+  // row's sum of weights and factor its channel's weight scale: row r of pixel i is finished with z_x[i] * z[r]
+  // and s_x[i] * factor[r]. Else null.
+  const int32_t* z_pixels;
+  const float* s_pixels;
 };
 
 // The epilogue's last steps (int_conv.h) where the op has a residual R or a uint8 Y: y, as Finish

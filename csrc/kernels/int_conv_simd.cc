@@ -347,6 +347,10 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.stride = g.pixels();
     f.output = job.output;
     f.at = at;
+    if (job.s_pixels != nullptr) {  // (per-pixel steps: 1x1, strides 1, no pads, so output pixel q is input pixel q)
+      f.z_pixels = job.z_pixels + n * g.pixels() + q0;
+      f.s_pixels = job.s_pixels + n * g.pixels() + q0;
+    }
     job.kernels->finish_t(f);
   }
 }
@@ -890,7 +894,7 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   // GemmT where Gemm would compute many dropped or padding columns (small images) and the rows
   // fill its 16 lanes about as well as Gemm's blocks of 4: compare the multiply-adds of each.
   job.transposed = false;
-  if (pw.mode != Mode::kDepthwise && !pw.a16.empty() && job.s_pixels == nullptr) {  // (per-pixel steps: Gemm)
+  if (pw.mode != Mode::kDepthwise && !pw.a16.empty()) {
     const int64_t gemm_columns = job.span / kPanel * kPanel + RoundUp(job.span % kPanel, 16);
     job.transposed = pw.rows16 * g.pixels() * 20 < pw.rows_pad * gemm_columns * 19;
   }
@@ -903,7 +907,9 @@ void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
       for (int64_t r = 0; r < pw.rows; ++r) {
         const int64_t m = gi * g.mg + (job.post ? r / 2 : r);
-        job.t_z[gi * job.t_rows + r] = job.z * pw.row_sum[gi * pw.rows_pad + r];
+        // (per-pixel steps: the row's sum, which FinishT multiplies by each pixel's z_x)
+        const int32_t z = job.s_pixels != nullptr ? 1 : job.z;
+        job.t_z[gi * job.t_rows + r] = z * pw.row_sum[gi * pw.rows_pad + r];
         job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
       }
     }

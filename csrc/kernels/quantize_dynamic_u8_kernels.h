@@ -57,6 +57,7 @@ struct PixelSteps {
   float* hi;
   int32_t* zero_point;
   float* inverse;  // the SIMD kernels' 1 / scale or 0 (int_conv_kernels.h, FusedInverse)
+  bool divide;     // some pixel's inverse is 0: the SIMD kernels divide every value
 };
 
 // MinMaxPixelsScalar: pixel p's range over its channels into mn[p], mx[p] (set here; FoldMin /

@@ -88,44 +88,43 @@ void Quantize(const float* x, size_t n, const Params& p, uint8_t* y) {
   }
 }
 
-// MinMaxPixelsScalar a block of pixels at a time: kVectors vectors of adjacent pixels, their
-// accumulators in registers over every channel (T::Min(v, acc) is FoldMin lane by lane, NaN
-// skipped; min and max do not round, so the order of the channels changes nothing).
-template <class T, int kVectors>
-void MinMaxPixelBlock(const float* x, int64_t channels, int64_t pixels, int64_t p0, int64_t count, float* mn,
-                      float* mx) {
-  using F = typename T::F;
-  constexpr int64_t kLanes = T::kFloats;
-  F vmin[kVectors], vmax[kVectors];
-  for (int v = 0; v < kVectors; ++v) {
-    vmin[v] = T::SetF(INFINITY);
-    vmax[v] = T::SetF(-INFINITY);
-  }
-  for (int64_t c = 0; c < channels; ++c) {
-    const float* row = x + c * pixels + p0;
-    for (int v = 0; v < kVectors; ++v) {
-      // (a partial block: lanes past count read 0, folded into lanes that are never stored)
-      const F value = count == kVectors * kLanes ? T::LoadF(row + kLanes * v) : T::LoadFirstF(row + kLanes * v, count - kLanes * v);
-      vmin[v] = T::Min(value, vmin[v]);
-      vmax[v] = T::Max(value, vmax[v]);
-    }
-  }
-  for (int v = 0; v < kVectors; ++v) {
-    const int64_t left = count - kLanes * v;
-    if (left <= 0) break;
-    T::StoreFirstF(mn + p0 + kLanes * v, vmin[v], left < kLanes ? left : kLanes);
-    T::StoreFirstF(mx + p0 + kLanes * v, vmax[v], left < kLanes ? left : kLanes);
-  }
-}
-
+// MinMaxPixelsScalar 4 channels at a time, their rows read side by side from start to end (channel-major, as
+// QuantizePixelsKernel reads them), each vector of pixels folded into the pixels' min and max in mn, mx. T::Min(v, acc)
+// is FoldMin lane by lane (a NaN in v skipped); min and max do not round, so the order of the channels changes
+// nothing. The last pixels (fewer than a vector) in one vector over all the channels.
 template <class T>
 void MinMaxPixels(const float* x, int64_t channels, int64_t pixels, float* mn, float* mx) {
-  constexpr int64_t kBlock = 4 * T::kFloats;
-  int64_t p0 = 0;
-  for (; p0 + kBlock <= pixels; p0 += kBlock) MinMaxPixelBlock<T, 4>(x, channels, pixels, p0, kBlock, mn, mx);
-  for (; p0 < pixels; p0 += T::kFloats) {
-    const int64_t count = pixels - p0 < T::kFloats ? pixels - p0 : T::kFloats;
-    MinMaxPixelBlock<T, 1>(x, channels, pixels, p0, count, mn, mx);
+  using F = typename T::F;
+  constexpr int64_t R = T::kFloats;
+  const int64_t whole = pixels / R * R;
+  for (int64_t p = 0; p < whole; ++p) {
+    mn[p] = INFINITY;
+    mx[p] = -INFINITY;
+  }
+  for (int64_t c0 = 0; c0 < channels; c0 += 4) {
+    const float* rows[4];
+    for (int k = 0; k < 4; ++k) rows[k] = x + (c0 + k < channels ? c0 + k : channels - 1) * pixels;
+    for (int64_t p = 0; p < whole; p += R) {
+      F lo = T::LoadF(mn + p), hi = T::LoadF(mx + p);
+      for (int k = 0; k < 4; ++k) {
+        const F v = T::LoadF(rows[k] + p);
+        lo = T::Min(v, lo);
+        hi = T::Max(v, hi);
+      }
+      T::StoreF(mn + p, lo);
+      T::StoreF(mx + p, hi);
+    }
+  }
+  if (whole < pixels) {  // the last pixels: masked lanes (0, folded into lanes never stored), over all channels
+    const int64_t n = pixels - whole;
+    F lo = T::SetF(INFINITY), hi = T::SetF(-INFINITY);
+    for (int64_t c = 0; c < channels; ++c) {
+      const F v = T::LoadFirstF(x + c * pixels + whole, n);
+      lo = T::Min(v, lo);
+      hi = T::Max(v, hi);
+    }
+    T::StoreFirstF(mn + whole, lo, n);
+    T::StoreFirstF(mx + whole, hi, n);
   }
 }
 
