@@ -566,7 +566,9 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
   const float* bias_data = bias != nullptr ? bias.GetTensorData<float>() : nullptr;
 
-  if (pixel_steps_) return ComputePixels(context, *plan, output, bias_data);
+  // Per-pixel steps over a single pixel are the whole tensor's: the steps of one tensor give the same bits faster
+  // (tools/bench_ops.py --tensor-steps, a Gemm of one row: per-pixel passes cost 7 to 20% of the op).
+  if (pixel_steps_ && g.n * g.h * g.w > 1) return ComputePixels(context, *plan, output, bias_data);
   iconv::ScratchLease scratch;
 
   // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
