@@ -61,7 +61,7 @@ void QuantizeFixedRun(const FusedQuantizeConsts<T>& c, const float* src, int64_t
 // of pixels with its steps (FusedQuantizeConsts' per-lane form) through QuantizeFixed (a multiply-add on the
 // fixed-point grid, dividing only blocks near a tie, or all of them where some pixel of the image has no inverse:
 // QuantizeOne's bytes), whose 4 quarters are the channels' bytes (T::StoreQuarters). The last pixels (fewer than a
-// vector) read as masked lanes (0: never stored) and go through a small buffer.
+// vector) read as masked lanes (0: never stored), their bytes stored as such (T::StoreQuartersFirst).
 template <class T>
 void QuantizePixelsKernel(const float* x, int64_t channels, int64_t pixels, const qdu8::PixelSteps& s, uint8_t* y) {
   constexpr int64_t R = T::kFloats;
@@ -87,10 +87,8 @@ void QuantizePixelsKernel(const float* x, int64_t channels, int64_t pixels, cons
     if (p < pixels) {
       const int64_t n = pixels - p;
       for (int k = 0; k < 4; ++k) v[k] = T::LoadFirstF(from[k] + p, n);
-      alignas(64) uint8_t bytes[4][R];
-      uint8_t* at[4] = {bytes[0], bytes[1], bytes[2], bytes[3]};
-      T::StoreQuarters(at, QuantizeFixed<T>(consts(p, n), v));
-      for (int k = 0; k < 4; ++k) std::memcpy(to[k] + p, bytes[k], static_cast<size_t>(n));
+      uint8_t* at[4] = {to[0] + p, to[1] + p, to[2] + p, to[3] + p};
+      T::StoreQuartersFirst(at, QuantizeFixed<T>(consts(p, n), v), n);
     }
   }
 }

@@ -198,6 +198,14 @@ struct Avx2 {
     _mm_storel_epi64(reinterpret_cast<__m128i*>(to[2]), high);
     _mm_storel_epi64(reinterpret_cast<__m128i*>(to[3]), _mm_unpackhi_epi64(high, high));
   }
+  // The first n bytes (n <= 8) of quarter k of v to to[k].
+  static void StoreQuartersFirst(uint8_t* const to[4], I v, int64_t n) {
+    const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
+    StoreFirst8(to[0], _mm256_castsi128_si256(low), n);
+    StoreFirst8(to[1], _mm256_castsi128_si256(_mm_unpackhi_epi64(low, low)), n);
+    StoreFirst8(to[2], _mm256_castsi128_si256(high), n);
+    StoreFirst8(to[3], _mm256_castsi128_si256(_mm_unpackhi_epi64(high, high)), n);
+  }
   // Bits 12..19 of dword i of u[k] as byte k of dword i.
   static I FixedDwords(const I u[4]) {
     const I byte1 = _mm256_set1_epi32(0x0000FF00), byte3 = _mm256_set1_epi32(static_cast<int32_t>(0xFF000000));

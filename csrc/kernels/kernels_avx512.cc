@@ -155,6 +155,14 @@ struct Avx512 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(to[2]), _mm512_extracti32x4_epi32(v, 2));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(to[3]), _mm512_extracti32x4_epi32(v, 3));
   }
+  // The first n bytes (n <= 16) of quarter k of v to to[k] (masked stores of each quarter moved to the low lane).
+  static void StoreQuartersFirst(uint8_t* const to[4], I v, int64_t n) {
+    const __mmask64 mask = (__mmask64{1} << n) - 1;
+    _mm512_mask_storeu_epi8(to[0], mask, v);
+    _mm512_mask_storeu_epi8(to[1], mask, _mm512_castsi128_si512(_mm512_extracti32x4_epi32(v, 1)));
+    _mm512_mask_storeu_epi8(to[2], mask, _mm512_castsi128_si512(_mm512_extracti32x4_epi32(v, 2)));
+    _mm512_mask_storeu_epi8(to[3], mask, _mm512_castsi128_si512(_mm512_extracti32x4_epi32(v, 3)));
+  }
   // Bits 12..19 of dword i of u[k] as byte k of dword i.
   static I FixedDwords(const I u[4]) {
     const I b01 = _mm512_mask_blend_epi8(0x2222222222222222, _mm512_srli_epi32(u[0], 12), _mm512_srli_epi32(u[1], 4));

@@ -22,7 +22,7 @@
 //   Gemm, GemmT        kInt16Sums, tile sizes kGemmVectors, kGemmTBlocks, GemmTPixels(blocks), Broadcast4,
 //                      AddProducts (the multiply-add of bytes), Widen, WidenTimes16 (int16 sums
 //                      only), kPinSums, kPinWeights, Pin
-//   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords, StoreQuarters
+//   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords, StoreQuarters, StoreQuartersFirst
 //   FinishTBytes       TransposeDwords4, LoadLanes, StoreLanes (128-bit lanes from or to rows)
 //   LanesFused         kLaneTaps, InterleaveLo8, InterleaveHi8, Lane128, LaneCell, ShiftCellsByte
 //                      (cells of 4 only), LaneSumsFrom, LaneInt32, ScatterLanes
