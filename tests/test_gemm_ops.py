@@ -14,7 +14,8 @@ from conftest import CAST_FORM, decoded_weights, weight_of
 from conv_ops import pixel_reference, post_weights, quantize_input
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq import NBitsMode, QuantizeConfig, WeightFormat, quantize_with_report
+from onnxq import NBitsMode, QuantizeConfig, WeightFormat, quantize_with_report, save_model
+from onnxq.analysis.inventory import inspect_model
 from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
 from onnxq.native.session import session
 from onnxq.numerics.weights import quantize_post_weight, quantize_weight
@@ -308,3 +309,12 @@ def _per_tensor_model(x: np.ndarray, layers: list, b1: np.ndarray) -> np.ndarray
         return ((xq.reshape(-1, v.shape[-1]) - z) @ codes.astype(np.int64).T).astype(np.float32).reshape(*v.shape[:-1], -1) * (s_x * scale)
 
     return layer(np.maximum(layer(x, *layers[0]) + b1, np.float32(0)), *layers[1])
+
+
+@pytest.mark.parametrize(("fmt", "activations"), [(WeightFormat.INT, "uint8 dynamic per row"), (WeightFormat.POST, "uint8 dynamic")])
+def test_inventory_says_how_the_rows_are_quantized(tmp_path, fmt, activations):
+    """onnxq inspect: IntConv from a Gemm quantizes each row with its own step, PostConv (no per-row steps) one per tensor."""
+    path = tmp_path / "gemm.onnx"
+    save_model(_quantized(_gemm_model(387, 341, [5], "Gemm", (341,), transB=1), fmt, 4).model, path)
+    (row,) = [n for n in inspect_model(path).nodes if n.op_type in ("IntConv", "PostConv")]
+    assert row.activations == activations

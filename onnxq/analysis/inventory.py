@@ -79,8 +79,8 @@ class WeightedNode:
     stored (packed ops store (rows, bytes)). ``bits`` is the code width: the op's ``bits``
     attribute where it has one, else the stored type's width. ``granularity`` is tensor,
     channel or block; ``activations`` says how the node's input is quantized (float, or e.g.
-    "uint8 static", "uint8 dynamic"). ``weight_bytes`` counts the codes, ``scale_bytes`` the
-    weight's scales and zero points.
+    "uint8 static", "uint8 dynamic", "uint8 dynamic per row": a step per row of a Gemm's input). ``weight_bytes``
+    counts the codes, ``scale_bytes`` the weight's scales and zero points.
     """
 
     node: str
