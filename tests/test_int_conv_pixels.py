@@ -61,9 +61,11 @@ def test_pixel_steps_equal_numpy_bit_for_bit(rows, k, m, kernel):
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
-def test_pixel_steps_over_a_batch_of_images_without_bias(kernel):
-    """N images of H x W pixels (more than one panel of 64), each pixel its own step; no B."""
-    x, codes, scale, _ = _data(2, 40, (9, 11), 24, 4, seed=5, bias=False)
+@pytest.mark.parametrize(("n", "hw", "m"), [(2, (9, 11), 24), (3, (2, 3), 384)])
+def test_pixel_steps_over_a_batch_of_images_without_bias(n, hw, m, kernel):
+    """N images of H x W pixels, each pixel its own step, no B: 99 pixels (Gemm, more than one panel of 64) and 6
+    (GemmT, each image's pixels from its own offset)."""
+    x, codes, scale, _ = _data(n, 40, hw, m, 4, seed=5, bias=False)
     np.testing.assert_array_equal(_run(x, codes, scale, None, 4, kernel), pixel_reference(x, codes, scale, None), err_msg=kernel)
 
 
