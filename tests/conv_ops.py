@@ -94,6 +94,40 @@ def quantize_input(x: np.ndarray, x_scale: np.float32 | None, x_zero_point: np.u
     return np.clip(np.rint(x / x_scale) + z, 0, 255).astype(np.int64), np.float32(x_scale), z
 
 
+def pixel_steps(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each pixel's DynamicQuantizeLinear step and zero point, (N, 1, H, W): its range over C, 0 included, NaN skipped."""
+    finite_or_inf = np.where(np.isnan(x), np.float32(0), x)  # (a NaN never widens the range; 0 is in it anyway)
+    lo = np.minimum(np.float32(0), finite_or_inf.min(axis=1, keepdims=True, initial=np.float32(0)))
+    hi = np.maximum(np.float32(0), finite_or_inf.max(axis=1, keepdims=True, initial=np.float32(0)))
+    with np.errstate(invalid="ignore", over="ignore"):
+        scale = np.where(hi == lo, np.float32(1), (hi - lo) / np.float32(255)).astype(np.float32)
+        zero_point = np.rint(np.clip(np.float32(0) - lo / scale, 0, 255)).astype(np.int64)
+    return scale, zero_point
+
+
+def quantize_pixels(x: np.ndarray, scale: np.ndarray, zero_point: np.ndarray) -> np.ndarray:
+    """x_q = clamp(round_half_even(x / s_x) + z_x, 0, 255) per pixel, int64; a NaN quotient gives 0."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        quotient = (x / scale).astype(np.float32)
+        codes = np.clip(np.rint(np.clip(quotient, -zero_point, 255 - zero_point)) + zero_point, 0, 255)
+    return np.where(np.isnan(quotient), 0, codes).astype(np.int64)
+
+
+def pixel_reference(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias: np.ndarray | None) -> np.ndarray:
+    """IntConv 1x1 with per-pixel steps: (sum_c x_q q - z_x sum q) as float32 times (s_x * scale[m]), plus B[m]."""
+    s_x, z_x = pixel_steps(x)
+    xq = quantize_pixels(x, s_x, z_x)
+    q = codes.astype(np.int64)
+    acc = np.einsum("nchw,mc->nmhw", xq, q) - z_x * q.sum(axis=1)[None, :, None, None]
+    assert np.abs(acc).max(initial=0) < 2**31
+    c = s_x * scale[None, :, None, None]  # (N, M, H, W) float32
+    y = acc.astype(np.float32) * c
+    if bias is not None:
+        y = y + bias[None, :, None, None]
+    assert y.dtype == np.float32
+    return y
+
+
 def integer_conv(xq: np.ndarray, z: int, w: np.ndarray, case: Case) -> np.ndarray:
     """sum over the receptive field of (x_q - z) * w, in int64; padding holds z (so contributes 0)."""
     top, left, bottom, right = case.pads

@@ -14,7 +14,7 @@ onnxq's qdq format at 8 and 4 bits (weights decoded at load by default), the 4-b
 MatMulNBits (--matmul-nbits on), and the int and post formats. Ratios are against float measured in the same run.
 
     python tools/bench_ops.py [--repeats 20] [--skip-models] [--skip-convs] [--skip-gemms] [--layers dw] [--given-scale]
-                              [--u8] [--eight-bit] [--median N] [--interleave]
+                              [--u8] [--eight-bit] [--tensor-steps] [--median N] [--interleave]
 
 --layers runs only the layers whose name contains one of the words given; --given-scale adds
 columns for the same ops fed a calibrated x_scale/x_zero_point (no min/max pass over X). --u8 adds
@@ -23,6 +23,8 @@ Relu fused (clip_min 0) and uint8 Y ("IntConv u8 in/out", and its forced-AVX2 tw
 same float Conv without a Relu. --eight-bit adds IntConv with 8-bit and 7-bit weights and their forced-AVX2 twins
 (AVX2 splits 8-bit weights into a high and a low part, so that vpmaddubsw's int16 pair sums cannot saturate; 7-bit
 ones, |w| <= 64, it keeps whole, widening its int16 sums after every block or two of k).
+--tensor-steps adds, for the Gemm/MatMul shapes, the IntConv 4-bit rewrite with one dynamic step per tensor instead of
+one per row (x_steps dropped, and its forced-AVX2 twin): what the per-row steps cost.
 --median N measures each row in N rounds, every round timing every model of the row once (the least
 thread CPU time of --repeats runs), and prints the median over the rounds of each round's ratio to
 float (float's ms: the median of its rounds); --interleave runs each round's models in a fresh random
@@ -202,6 +204,20 @@ def with_given_scale(model: onnx.ModelProto, x_scale: float, x_zero_point: int) 
             inputs = list(node.input) + [""] * (4 - len(node.input))
             del node.input[:]
             node.input.extend(inputs[:4] + ["x_scale", "x_zero_point"])
+            rewrite_gemm.drop_pixel_steps(node)  # (the op allows per-row steps only without x_scale)
+    return copy
+
+
+def with_tensor_steps(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy of ``model`` whose onnxq ops quantize X with one dynamic step per tensor (x_steps dropped).
+
+    As the Gemm rewrite's IntConv did before it took a step per row: the difference is what the per-row pass costs.
+    """
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.domain == DOMAIN:
+            rewrite_gemm.drop_pixel_steps(node)
     return copy
 
 
@@ -309,12 +325,16 @@ def dynamic_int8_model(rows: list[int], weight: np.ndarray) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21)])
 
 
-def bench_gemms(rounds: Rounds, layers: list[str] | None = None) -> None:
-    """Gemm/MatMul shapes: float, onnxruntime's int8 paths, onnxq's QDQ, and the rewrite to IntConv/PostConv."""
+def bench_gemms(rounds: Rounds, layers: list[str] | None = None, tensor_steps: bool = False) -> None:
+    """Gemm/MatMul shapes: float, onnxruntime's int8 paths, onnxq's QDQ, and the rewrite to IntConv/PostConv.
+
+    ``tensor_steps``: also IntConv 4-bit with one dynamic step per tensor instead of per row (and its forced-AVX2 twin).
+    """
     proxy = has_avx512_vnni()
     titles = ["dynamic u8xs8", "int8 at load", "int8 MatMulNBits", "int4 at load", "int4 MatMulNBits", "IntConv 4-bit", "PostConv 4-bit",
               "IntConv 8-bit"]
     titles += ["IntConv AVX2 (forced)", "PostConv AVX2 (forced)"] if proxy else []
+    titles += (["IntConv 4-bit per tensor"] + (["IntConv per tensor AVX2 (forced)"] if proxy else [])) if tensor_steps else []
     print("\n| Gemm/MatMul | rows | float MatMul ms | " + " | ".join(titles) + " |")
     print("|---|---:|---:|" + "---:|" * len(titles))
     configs = [
@@ -337,6 +357,9 @@ def bench_gemms(rounds: Rounds, layers: list[str] | None = None) -> None:
             float_model = matmul_model(rows, weight)
             models = [dynamic_int8_model(rows, weight)] + [quantize(float_model, config) for config in configs]
             models += [with_kernel(model, 2) for model in models[5:7]] if proxy else []
+            if tensor_steps:
+                per_tensor = with_tensor_steps(models[5])
+                models += [per_tensor] + ([with_kernel(per_tensor, 2)] if proxy else [])
             feeds = {"x": rng.standard_normal((*rows, k)).astype(np.float32)}
             base, speedups = rounds.row([(one_thread_session(model), feeds) for model in [float_model, *models]])
             cells = [f"{r:.2f}x" for r in speedups]
@@ -378,6 +401,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--given-scale", action="store_true", help="also run the ops with a calibrated x_scale/x_zero_point")
     parser.add_argument("--u8", action="store_true", help="also run IntConvQ with uint8 X and Y and the Relu fused (data kept uint8)")
     parser.add_argument("--eight-bit", action="store_true", help="also run IntConv with 8- and 7-bit weights (and their forced-AVX2 twins)")
+    parser.add_argument("--tensor-steps", action="store_true",
+                        help="Gemm/MatMul: also IntConv 4-bit with one dynamic step per tensor instead of per row (what the per-row pass costs)")
     parser.add_argument("--median", type=int, default=1, metavar="N", help="measure N rounds per row and print medians (default 1)")
     parser.add_argument("--interleave", action="store_true", help="run each round's models in a fresh random order")
     args = parser.parse_args(argv)
@@ -389,7 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_convs:
         bench_layers(rounds, args.layers, args.given_scale, args.u8, args.eight_bit)
     if not args.skip_gemms:
-        bench_gemms(rounds, args.layers)
+        bench_gemms(rounds, args.layers, args.tensor_steps)
     if not args.skip_models:
         bench_models(rounds)
     return 0

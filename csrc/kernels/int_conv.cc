@@ -71,6 +71,22 @@ bool ReadInts(const OrtApi& api, const OrtKernelInfo* info, const char* name, st
   return true;
 }
 
+bool ReadString(const OrtApi& api, const OrtKernelInfo* info, const char* name, std::string* value) {
+  size_t size = 0;
+  if (OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, nullptr, &size)) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  std::string text(size, '\0');
+  if (OrtStatus* status = api.KernelInfoGetAttribute_string(info, name, text.data(), &size)) {
+    api.ReleaseStatus(status);
+    return false;
+  }
+  text.resize(size > 0 ? size - 1 : 0);  // (size counts the terminating NUL)
+  *value = text;
+  return true;
+}
+
 }  // namespace
 }  // namespace iconv
 
@@ -150,6 +166,19 @@ IntConvKernel::IntConvKernel(bool post, bool quantized, const OrtApi& api, const
     fail("attribute hardswish must be 0 or 1, not " + std::to_string(hardswish_));
   } else if (!isfinite(hardswish_alpha_) || !isfinite(hardswish_beta_)) {
     fail("attributes hardswish_alpha and hardswish_beta must be finite");
+  }
+  std::string steps = "tensor";
+  iconv::ReadString(api, info, "x_steps", &steps);
+  if (steps != "tensor" && steps != "pixel") {
+    fail("attribute x_steps must be \"tensor\" or \"pixel\", not \"" + steps + "\"");
+  } else if (steps == "pixel") {
+    pixel_steps_ = true;
+    if (post) {
+      fail("attribute x_steps=\"pixel\" is IntConv's and IntConvQ's only");
+    } else if (kh_ != 1 || kw_ != 1 || sh_ != 1 || sw_ != 1 || group_ != 1 || pad_top_ != 0 || pad_left_ != 0 ||
+               pad_bottom_ != 0 || pad_right_ != 0) {
+      fail("attribute x_steps=\"pixel\" needs a 1x1 kernel, strides 1, no pads and group 1");
+    }
   }
   int is_constant = 0;
   const OrtValue* constant = nullptr;
@@ -234,6 +263,8 @@ Dims DimsOf(const Ort::ConstValue& v) {
 struct CallScratch {
   std::vector<qdu8::Params> params;
   std::vector<float> c_e, c_o;
+  std::vector<float> pixel_steps;         // per-pixel steps (IntConvKernel::ComputePixels)
+  std::vector<int32_t> pixel_zero_points;
   std::unique_ptr<uint8_t[]> xq;
   size_t xq_size = 0;
   bool busy = false;
@@ -429,6 +460,9 @@ std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& c
   ONNXQ_CHECK(!x_bytes || x_scale != nullptr,
               "X is uint8 (quantized already): inputs x_scale and x_zero_point (4 and 5, its step and zero point) "
               "are required");
+  ONNXQ_CHECK(!pixel_steps_ || !x_bytes, "X is uint8, but x_steps=\"pixel\" quantizes a float X itself");
+  ONNXQ_CHECK(!pixel_steps_ || x_scale == nullptr,
+              "x_steps=\"pixel\" computes each pixel's step itself: inputs x_scale and x_zero_point must be absent");
   constexpr uint32_t kSteps = (1u << 4) | (1u << 5);
   plan->x_constant = x_scale != nullptr && (constant_ & kSteps) == kSteps;
   if (plan->x_constant) {
@@ -553,8 +587,12 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
   const float* bias_data = bias != nullptr ? bias.GetTensorData<float>() : nullptr;
 
-  // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
+  // Per-pixel steps over a single pixel are the whole tensor's: the steps of one tensor give the same bits faster
+  // (tools/bench_ops.py --tensor-steps, a Gemm of one row: per-pixel passes cost 7 to 20% of the op).
+  if (pixel_steps_ && g.n * g.h * g.w > 1) return ComputePixels(context, *plan, output, bias_data);
   iconv::ScratchLease scratch;
+
+  // Activation quantization: calibrated (one step, or one per sample), or DynamicQuantizeLinear's.
   const auto sample = static_cast<size_t>(g.c * g.h * g.w);
   const auto count = static_cast<size_t>(g.n) * sample;
   const float* x_data = x_bytes ? nullptr : x.GetTensorData<float>();
@@ -670,6 +708,77 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     run_images(one, (*params)[n], x_bytes ? nullptr : x_data + n * sample,
                xq_data != nullptr ? xq_data + n * sample : nullptr, n * outputs);
   }
+}
+
+// x_steps = "pixel" (int_conv.h): each pixel's steps from its range, X quantized with them, then the
+// kernel with the per-pixel epilogue (the SIMD kernels' Gemm, or the scalar reference, which also
+// runs C = 1: Prepare lays that out for the depthwise kernels).
+void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan& plan, iconv::Output output,
+                                  const float* bias_data) {
+  const iconv::Geometry& g = plan.g;
+  const int64_t pixels = g.h * g.w, count = g.n * pixels;
+  Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
+  float* y = nullptr;
+  if (quantized_) {
+    output.y8 = y_value.GetTensorMutableData<uint8_t>();
+  } else {
+    y = y_value.GetTensorMutableData<float>();
+    output.y = y;
+  }
+  if (g.n == 0 || g.m == 0) return;
+  const float* x = context.GetInput(0).GetTensorData<float>();
+  const float* scale = context.GetInput(2).GetTensorData<float>();
+  const Kernels& kernels = KernelsFor(isa_);
+  // Per pixel, in this thread's vectors kept from call to call: s_x, lo, hi, 1 / s_x (qdu8::PixelSteps), the
+  // range's min and max while they are found, and z_x; X quantized.
+  iconv::ScratchLease scratch;
+  std::vector<float>& steps = scratch->pixel_steps;
+  std::vector<int32_t>& zero_points = scratch->pixel_zero_points;
+  steps.resize(static_cast<size_t>(6 * count));
+  zero_points.resize(static_cast<size_t>(count));
+  uint8_t* const xq = scratch->Xq(static_cast<size_t>(g.n * g.c * pixels));
+  float* const mn = steps.data() + 4 * count;
+  float* const mx = steps.data() + 5 * count;
+  for (int64_t n = 0; n < g.n; ++n) {
+    const int64_t first = n * pixels;
+    kernels.min_max_pixels(x + n * g.c * pixels, g.c, pixels, mn + first, mx + first);
+    bool divide = false;
+    for (int64_t p = first; p < first + pixels; ++p) {
+      const qdu8::Params params = qdu8::MakeParams(mn[p], mx[p]);
+      steps[p] = params.scale;
+      steps[count + p] = params.lo;
+      steps[2 * count + p] = params.hi;
+      steps[3 * count + p] = iconv::FusedInverse(params.scale);
+      divide = divide || steps[3 * count + p] == 0.0f;
+      zero_points[p] = params.zero_point;
+    }
+    const qdu8::PixelSteps s{steps.data() + first,       steps.data() + count + first,
+                             steps.data() + 2 * count + first, zero_points.data() + first,
+                             steps.data() + 3 * count + first, divide};
+    kernels.quantize_pixels(x + n * g.c * pixels, g.c, pixels, s, xq + n * g.c * pixels);
+  }
+  const bool staged = plan.staged;
+  const iconv::PackedWeights& pw = *plan.pw;
+  if (isa_ == Isa::kScalar || g.k == 0 || pw.mode != iconv::Mode::kQuad) {
+    iconv::ReferencePixels(g, pw, xq, zero_points.data(), steps.data(), scale, bias_data, clip_min_, clip_max_,
+                           staged ? nullptr : y, staged ? &output : nullptr);
+    return;
+  }
+  iconv::SimdArgs args{};
+  args.g = &g;
+  args.pw = &pw;
+  args.isa = isa_;
+  args.xq = xq;
+  args.c_e = scale;  // (per-pixel steps: the weight scales; each pixel's factor is s_x * scale[m])
+  args.c_o = scale;
+  args.bias = bias_data;
+  args.z_pixels = zero_points.data();
+  args.s_pixels = steps.data();
+  args.clip_lo = staged ? -INFINITY : clip_min_;  // (staged: the output step clips, after R)
+  args.clip_hi = staged ? INFINITY : clip_max_;
+  args.y = staged ? nullptr : y;
+  args.output = staged ? &output : nullptr;
+  iconv::SimdConv(args, context);
 }
 
 #undef ONNXQ_CHECK

@@ -43,7 +43,8 @@
 // a following Relu (0, +inf) or Clip; an error when either is NaN or clip_min > clip_max), hardswish
 // (int, 0: 1 applies the hard swish below after the clip, which fuses a following HardSwish, or a
 // HardSigmoid and the Mul of its input by it), hardswish_alpha and hardswish_beta (floats, 1/6 and
-// 1/2 as in ONNX HardSwish; finite; HardSigmoid's own when it is one that was fused). C and M
+// 1/2 as in ONNX HardSwish; finite; HardSigmoid's own when it is one that was fused), x_steps
+// (string, "tensor": "pixel" gives every input pixel its own dynamic step, below). C and M
 // must be divisible by group; K must be <= 65536 (so that no int32 sum can overflow); the padded
 // input may have at most 2^40 pixels (H' = H + pad_top + pad_bottom times W') and 2^40 values
 // (N*C*H'*W'). Any of N, C, M, H, W may be 0.
@@ -55,6 +56,16 @@
 //   own s_x = x_scale[n] here and in the factors c below, exactly as if it ran alone. Then
 //   x_q = clamp(round_half_even(x / s_x) + z_x, 0, 255) (a NaN gives 0), exactly the
 //   QuantizeDynamicU8 kernels. Padded positions hold z_x, so they contribute exactly 0 below.
+// Per-pixel steps (attribute x_steps = "pixel"; "tensor", the default, is the above): IntConv and
+//   IntConvQ with float X and without x_scale/x_zero_point, a 1x1 kernel, strides 1, no pads and
+//   group 1 (anything else is an error). Each input pixel (n, :, h, w), its C values, gets its own
+//   s_x, z_x, as DynamicQuantizeLinear computes them from that pixel's range alone (0 included; NaN
+//   values skipped by the min/max, as over the whole X), and its values are quantized with them as
+//   above. Output pixel (n, :, h, w) then uses its input pixel's s_x and z_x in everything below:
+//   acc = sum_k x_q*q - z_x[n,h,w] * sum_k q and c[m] = s_x[n,h,w] * scale[m] (float32, per pixel
+//   and channel). So a Gemm written as a 1x1 convolution with its rows as pixels (onnxq/rewrite/
+//   gemm.py) quantizes each row (token) with that row's own step, as a per-token dynamic
+//   quantization does.
 //
 // Receptive field: output pixel (oy, ox) of image n, channel m in group g = m / (M/group) sees
 // x_q[n, g*C/group + c, oy*sh - pad_top + ky*dh, ox*sw - pad_left + kx*dw] (or z_x outside X)
@@ -118,7 +129,11 @@
 // instruction set's traits) adds R, clips, applies the hard swish and quantizes it into Y: a Gemm
 // panel's y in registers as it is finished (PanelOutput), the other kernels' from each task's
 // scratch (a channel's plane, a block's) while it is in cache (a hard swish with float Y and no R
-// goes through the output step too).
+// goes through the output step too). Per-pixel steps run the matrix product (kQuad; C = 1, which
+// Prepare lays out for the depthwise kernels, runs the scalar reference) with its epilogue per pixel
+// (Gemm: FinishPixels, int_conv_finish.h, each column's z_x * row sum and factor s_x * scale[m];
+// GemmT: FinishT with each pixel's z_x and s_x broadcast); X is quantized by min_max_pixels (quantize_dynamic_u8_simd.h) and quantize_pixels (int_conv_fused.h:
+// the depthwise kernels' fixed-point quantization with each lane's own steps).
 #pragma once
 
 #include <cmath>
@@ -134,6 +149,7 @@
 namespace onnxq {
 
 namespace iconv {
+struct Output;         // int_conv_kernels.h
 struct PackedWeights;  // int_conv_impl.h
 struct Plan;           // int_conv.cc
 struct Geometry;       // int_conv_impl.h
@@ -166,6 +182,7 @@ class IntConvKernel {
   std::shared_ptr<const iconv::Plan> MakePlan(Ort::KernelContext& context, bool x_bytes, bool r_bytes,
                                               uint32_t present);
   void ReadSteps(Ort::KernelContext& context, const iconv::Geometry& g, std::vector<qdu8::Params>* params) const;
+  void ComputePixels(Ort::KernelContext& context, const iconv::Plan& plan, iconv::Output output, const float* bias_data);
   void Factors(const float* scale_data, int64_t m_count, const qdu8::Params& p, std::vector<float>* c_e,
                std::vector<float>* c_o) const;
 
@@ -175,6 +192,7 @@ class IntConvKernel {
   float clip_min_ = -INFINITY, clip_max_ = INFINITY;  // attributes clip_min, clip_max
   int64_t hardswish_ = 0;                              // attributes hardswish, hardswish_alpha, hardswish_beta
   float hardswish_alpha_ = 1.0f / 6.0f, hardswish_beta_ = 0.5f;
+  bool pixel_steps_ = false;  // attribute x_steps = "pixel": a step per input pixel (see above)
   Isa isa_ = Isa::kScalar;
   bool w_constant_ = false;  // W is a constant initializer: prepare it once
   uint32_t constant_ = 0;    // bit i: input i is a constant initializer

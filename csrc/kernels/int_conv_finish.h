@@ -44,6 +44,8 @@ struct FinishTRows {
   const int32_t *c0, *c1;
   I z0, z1;
   F f0, f1;
+  const int32_t* z_pixels;  // per-pixel steps (FinishT): z0 the rows' sums of weights, f0 their weight scales
+  const float* s_pixels;
   // The block's rows: R (IntConv) or 2R (PostConv) from r0, R to a vector, each at its place in
   // GemmT's blocks of kLanes rows (c_of); the second vector's only for PostConv and where the rows
   // are there (else they hold nothing any output needs).
@@ -58,10 +60,18 @@ struct FinishTRows {
     z1 = T::Load(f.z + r1);
     f0 = T::LoadF(f.factor + r0);
     f1 = T::LoadF(f.factor + r1);
+    z_pixels = f.z_pixels;
+    s_pixels = f.s_pixels;
   }
   // Pixel p's y of the block's channels, unclipped.
   [[gnu::always_inline]] F At(int64_t p) const {
     const int64_t at = p * kLanes;
+    if (!kPost && z_pixels != nullptr) {  // per-pixel steps: z_x * row sum, s_x * scale[m] (int_conv.h)
+      const I z = T::Mul32(T::Set32(z_pixels[p]), z0);
+      const F factor = T::Mul(T::SetF(s_pixels[p]), f0);
+      const F y = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z)), factor);
+      return kBias ? T::Add(y, bias) : y;
+    }
     F v = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z0)), f0);
     if (kPost) {  // each pair of lanes even + odd, the pairs of v then w in channel order
       const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);
@@ -150,6 +160,40 @@ void FinishRunKernel(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e,
   }
 }
 
+// FinishPixels (int_conv_kernels.h) a vector of pixels at a time: each lane's correction
+// z[i] * row_sum (int32, exact: |z * row_sum| <= 255 * 128 * 65536 < 2^31) and factor s[i] * scale,
+// then Finish's float steps. Whole vectors, then the last one ending at n (its lanes again: the same
+// values), or for runs shorter than a vector its lanes alone.
+template <class T, bool kBias>
+void FinishPixelsLanes(const int32_t* e, int64_t n, int32_t row_sum, const int32_t* z, const float* s, float scale,
+                       const float* bias, float lo, float hi, float* out) {
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int64_t R = T::kFloats;
+  const I sum = T::Set32(row_sum);
+  const F w = T::SetF(scale), b = T::SetF(kBias ? *bias : 0.0f), clip_lo = T::SetF(lo), clip_hi = T::SetF(hi);
+  auto finish = [&](I acc, I zx, F sx) {
+    const F c = T::Mul(sx, w);  // s_x * scale[m], as int_conv.h computes it
+    return FinishLanes<T>(false, kBias, T::Sub32(acc, T::Mul32(zx, sum)), T::Zero(), c, c, b, clip_lo, clip_hi);
+  };
+  if (n < R) {
+    T::StoreFirstF(out, finish(T::LoadFirst32(e, n), T::LoadFirst32(z, n), T::LoadFirstF(s, n)), n);
+    return;
+  }
+  for (int64_t i = 0;; i += R) {
+    if (i + R > n) i = n - R;
+    T::StoreF(out + i, finish(T::Load(e + i), T::Load(z + i), T::LoadF(s + i)));
+    if (i + R == n) return;
+  }
+}
+
+template <class T>
+void FinishPixelsKernel(const int32_t* e, int64_t n, int32_t row_sum, const int32_t* z, const float* s, float scale,
+                        const float* bias, float lo, float hi, float* out) {
+  bias != nullptr ? FinishPixelsLanes<T, true>(e, n, row_sum, z, s, scale, bias, lo, hi, out)
+                  : FinishPixelsLanes<T, false>(e, n, row_sum, z, s, scale, bias, lo, hi, out);
+}
+
 // The fused quantization's parameters (int_conv_kernels.h, FixedMagic), broadcast once per run: X's
 // in the depthwise kernels that quantize float X (int_conv_fused.h), Y's in the output step below.
 template <class T>
@@ -170,6 +214,20 @@ struct FusedQuantizeConsts {
         z(T::Set32(d.z)),
         z_byte(static_cast<uint8_t>(d.z)),
         divide(d.inverse == 0.0f) {}
+  // Each lane its own parameters (IntConv's per-pixel steps: QuantizePixelsKernel, int_conv_fused.h), the same
+  // float32 operations as above lane by lane (FixedMagic(z) + lo); divide: some lane has no inverse. (z_byte unused.)
+  FusedQuantizeConsts(typename T::F step, typename T::F step_inverse, typename T::F step_lo, typename T::F step_hi,
+                      typename T::I zero_point, bool any_divide)
+      : inverse(step_inverse),
+        magic(T::Add(T::SetF(kFixedBias), T::ToFloat(zero_point))),
+        lo(T::Add(magic, step_lo)),
+        hi(T::Add(magic, step_hi)),
+        scale(step),
+        div_lo(step_lo),
+        div_hi(step_hi),
+        z(zero_point),
+        z_byte(0),
+        divide(any_divide) {}
 };
 
 // 4 vectors of values quantized (int_conv_kernels.h, FixedMagic) into T::kBytes bytes, in order:

@@ -129,6 +129,13 @@ void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_
                    const float* c_e, const float* c_o, const float* bias, float clip_lo, float clip_hi, float* y,
                    const Output* output);
 
+// The scalar reference with per-pixel steps (int_conv.h, x_steps = "pixel"; IntConv, 1x1, strides 1,
+// no pads, group 1): pixel i = n * H*W + h * W + w uses z[i] and the factor s[i] * scale[m]. Y as
+// ReferenceConv writes it.
+void ReferencePixels(const Geometry& g, const PackedWeights& pw, const uint8_t* xq, const int32_t* z, const float* s,
+                     const float* scale, const float* bias, float clip_lo, float clip_hi, float* y,
+                     const Output* output);
+
 // One call of the SIMD kernels (AVX2 or AVX-512): X quantized, the float factors, Y.
 struct SimdArgs {
   const Geometry* g;
@@ -140,7 +147,9 @@ struct SimdArgs {
                                   // uint8 X: X itself, which every kernel reads as it is)
   const float* x;                 // float X (UsesFusedDepthwise; else null), quantized with x_scale, x_lo, x_hi, z as
   float x_scale, x_lo, x_hi;      // qdu8::Params scale, lo, hi
-  const float *c_e, *c_o, *bias;  // [M] each; bias may be null
+  const float *c_e, *c_o, *bias;  // [M] each; bias may be null. Per-pixel steps: c_e is scale[m] itself
+  const int32_t* z_pixels;        // per-pixel steps (int_conv.h, x_steps = "pixel"): each pixel's z_x and
+  const float* s_pixels;          // s_x, [N * H * W] (IntConv, 1x1, strides 1, no pads, group 1); else null
   float clip_lo, clip_hi;         // the clip bounds (attributes clip_min, clip_max)
   float* y;                       // Y, N M OH OW (float Y without a residual)
   const Output* output;           // else (a residual, or uint8 Y): the kernels' float y, unclipped

@@ -104,6 +104,11 @@ struct FinishT {
   int64_t stride;
   const Output* output;  // or null
   int64_t at;            // (with output)
+  // Per-pixel steps (int_conv.h, x_steps = "pixel"; IntConv only): pixel i's z_x and s_x, z then holding each
+  // row's sum of weights and factor its channel's weight scale: row r of pixel i is finished with z_x[i] * z[r]
+  // and s_x[i] * factor[r]. Else null.
+  const int32_t* z_pixels;
+  const float* s_pixels;
 };
 
 // The epilogue's last steps (int_conv.h) where the op has a residual R or a uint8 Y: y, as Finish
@@ -400,6 +405,12 @@ inline DepthwiseFused FixedQuantization(const qdu8::Params& p) {
 }
 
 }  // namespace
+
+// FinishPixels (kernels.h's finish_pixels; int_conv_finish.h): IntConv's Finish with per-pixel steps
+// (int_conv.h, x_steps = "pixel") over a run of n >= 1 pixels of one output channel: out[i] from the
+// raw sum e[i] minus z[i] * row_sum (pixel i's z_x times the channel's sum of weights), times
+// s[i] * scale (pixel i's s_x times the channel's weight scale, one float32 multiply), plus *bias
+// (bias may be null), clipped to [lo, hi]. out must not overlap e.
 
 // FinishRun (kernels.h's finish_run; int_conv_finish.h): Finish over a run of n >= 1 pixels of one
 // output channel, out[i] from the raw sums e[i] (and o[i] for PostConv; o null for IntConv) minus

@@ -186,7 +186,9 @@ std::shared_ptr<const PackedWeights> Prepare(const Geometry& g, const uint8_t* w
         }
       }
     }
-    std::vector<int8_t>().swap(pw->codes);  // only the scalar kernel reads the codes
+    // Only the scalar kernel reads the codes, and per-pixel steps with one input channel (ReferencePixels:
+    // M codes; int_conv.h).
+    if (g.group != 1) std::vector<int8_t>().swap(pw->codes);
     return pw;
   }
   pw->mode = Mode::kQuad;
@@ -331,6 +333,38 @@ void ReferenceConv(const Geometry& g, const PackedWeights& pw, bool post, int64_
           } else {
             y[at] = value;
           }
+        }
+      }
+    }
+  }
+}
+
+void ReferencePixels(const Geometry& g, const PackedWeights& pw, const uint8_t* xq, const int32_t* z, const float* s,
+                     const float* scale, const float* bias, float clip_lo, float clip_hi, float* y,
+                     const Output* output) {
+  if (output != nullptr) {  // Finish's clip left to OutputOne, after the residual
+    clip_lo = -INFINITY;
+    clip_hi = INFINITY;
+  }
+  const int64_t pixels = g.h * g.w;
+  for (int64_t n = 0; n < g.n; ++n) {
+    for (int64_t m = 0; m < g.m; ++m) {
+      const int8_t* q = pw.codes.data() + m * g.k;
+      for (int64_t p = 0; p < pixels; ++p) {
+        const int64_t i = n * pixels + p;
+        int32_t sum = 0, w = 0;  // sum_k x_q * q, sum_k q
+        for (int64_t c = 0; c < g.c; ++c) {
+          sum += static_cast<int32_t>(xq[(n * g.c + c) * pixels + p]) * q[c];
+          w += q[c];
+        }
+        const float c_x = s[i] * scale[m];  // s_x * scale[m]
+        const float value = Finish(false, sum - z[i] * w, 0, c_x, 0.0f, bias != nullptr ? bias + m : nullptr, clip_lo,
+                                   clip_hi);
+        const int64_t at = (n * g.m + m) * pixels + p;
+        if (output != nullptr) {
+          OutputOne(*output, value, at);
+        } else {
+          y[at] = value;
         }
       }
     }

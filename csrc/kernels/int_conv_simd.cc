@@ -241,6 +241,27 @@ int64_t PanelRuns(const SimdJob& job, int64_t n, int64_t gi, int64_t p0, int64_t
   return used;
 }
 
+// FinishPanel with per-pixel steps (int_conv.h, x_steps = "pixel": IntConv, 1x1, strides 1, no pads,
+// group 1, so column p of image n is pixel n * H*W + p0 + p and one run): each channel's run through
+// finish_pixels, into Y or, with an Output, into this task's scratch and then the output step.
+void FinishPixelPanel(const SimdJob& job, int64_t n, const int32_t* tile, int64_t p0, const PanelRun* runs,
+                      int64_t run_count) {
+  const Geometry& g = *job.g;
+  const int32_t* row_sum = job.pw->row_sum.data();
+  Staged staged(job);
+  for (int64_t j = 0; j < run_count; ++j) {
+    const PanelRun& run = runs[j];
+    const int64_t pixel = n * g.pixels() + p0 + run.column;
+    for (int64_t m = 0; m < g.m; ++m) {
+      const int64_t at = run.at + m * g.pixels();
+      job.kernels->finish_pixels(tile + m * kPanel + run.column, run.count, row_sum[m], job.z_pixels + pixel,
+                                 job.s_pixels + pixel, job.c_e[m], job.bias != nullptr ? job.bias + m : nullptr,
+                                 job.clip_lo, job.clip_hi, staged.At(at, run.count));
+      staged.Flush(at, run.count);
+    }
+  }
+}
+
 // The epilogue of a panel: rows of C (row-major, kPanel columns) into the output channels of group gi:
 // with an Output (a residual, uint8 Y or the hard swish) through the output step in the same pass
 // (PanelOutput), else Finish into Y.
@@ -250,6 +271,7 @@ void FinishPanel(const SimdJob& job, int64_t n, int64_t gi, const int32_t* tile,
   const int32_t* row_sum = job.pw->row_sum.data() + gi * job.pw->rows_pad;
   PanelRun runs[kPanel];
   const int64_t run_count = PanelRuns(job, n, gi, p0, count, runs);
+  if (job.s_pixels != nullptr) return FinishPixelPanel(job, n, tile, p0, runs, run_count);
   if (job.output != nullptr) {
     PanelOutput p{};
     p.output = job.output;
@@ -327,6 +349,10 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.stride = g.pixels();
     f.output = job.output;
     f.at = at;
+    if (job.s_pixels != nullptr) {  // (per-pixel steps: 1x1, strides 1, no pads, so output pixel q is input pixel q)
+      f.z_pixels = job.z_pixels + n * g.pixels() + q0;
+      f.s_pixels = job.s_pixels + n * g.pixels() + q0;
+    }
     job.kernels->finish_t(f);
   }
 }
@@ -923,7 +949,9 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
     for (int64_t gi = 0; gi < g.group; ++gi) {
       for (int64_t r = 0; r < pw.rows; ++r) {
         const int64_t m = gi * g.mg + (job.post ? r / 2 : r);
-        job.t_z[gi * job.t_rows + r] = job.z * pw.row_sum[gi * pw.rows_pad + r];
+        // (per-pixel steps: the row's sum, which FinishT multiplies by each pixel's z_x)
+        const int32_t z = job.s_pixels != nullptr ? 1 : job.z;
+        job.t_z[gi * job.t_rows + r] = z * pw.row_sum[gi * pw.rows_pad + r];
         job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
       }
     }

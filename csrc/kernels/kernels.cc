@@ -16,6 +16,8 @@ constexpr Kernels ScalarKernels() {
   Kernels k{};
   k.min_max = qdu8::MinMaxScalar;
   k.quantize = qdu8::QuantizeScalar;
+  k.min_max_pixels = qdu8::MinMaxPixelsScalar;
+  k.quantize_pixels = qdu8::QuantizePixelsScalar;
   return k;  // (PostConv/IntConv's scalar kernel is ReferenceConv, not a table entry)
 }
 

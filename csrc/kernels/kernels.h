@@ -25,6 +25,10 @@ struct Kernels {
   // min_max folds x[0, n) into *mn / *mx (which start at +inf / -inf), quantize writes y[0, n).
   void (*min_max)(const float* x, size_t n, float* mn, float* mx);
   void (*quantize)(const float* x, size_t n, const qdu8::Params& p, uint8_t* y);
+  // IntConv's per-pixel steps (int_conv.h, x_steps = "pixel"; quantize_dynamic_u8_kernels.h): each
+  // pixel's range over the channels of one image, and the image quantized with each pixel's steps.
+  void (*min_max_pixels)(const float* x, int64_t channels, int64_t pixels, float* mn, float* mx);
+  void (*quantize_pixels)(const float* x, int64_t channels, int64_t pixels, const qdu8::PixelSteps& s, uint8_t* y);
 
   // PostConv/IntConv's SIMD kernels (int_conv_kernels.h has what each computes); null in the scalar
   // table.
@@ -33,6 +37,8 @@ struct Kernels {
   void (*finish_t)(const iconv::FinishT& f);
   void (*finish_run)(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                      const float* bias, float lo, float hi, float* out);
+  void (*finish_pixels)(const int32_t* e, int64_t n, int32_t row_sum, const int32_t* z, const float* s, float scale,
+                        const float* bias, float lo, float hi, float* out);
   void (*depthwise)(const iconv::Depthwise& d);
   void (*depthwise_lanes)(const iconv::DepthwiseLanes& d);
   void (*depthwise_fused)(const iconv::DepthwiseFused& d);

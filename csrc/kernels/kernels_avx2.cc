@@ -73,6 +73,7 @@ struct Avx2 {
   static F SetF(float v) { return _mm256_set1_ps(v); }
   static I Add32(I a, I b) { return _mm256_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm256_sub_epi32(a, b); }
+  static I Mul32(I a, I b) { return _mm256_mullo_epi32(a, b); }  // the low 32 bits of the product
   static I ShiftLeft32(I v, int bits) { return _mm256_slli_epi32(v, bits); }
   static I ShiftRight32(I v, int bits) { return _mm256_srli_epi32(v, bits); }  // logical
   static F Add(F a, F b) { return _mm256_add_ps(a, b); }
@@ -188,6 +189,22 @@ struct Avx2 {
     const I order = _mm256_setr_epi32(0x0C080400, 0x0D090501, 0x0E0A0602, 0x0F0B0703, 0x0C080400, 0x0D090501,
                                       0x0E0A0602, 0x0F0B0703);
     return _mm256_permutevar8x32_epi32(_mm256_shuffle_epi8(dwords, order), _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+  }
+  // Quarter k of v (bytes 8k .. 8k + 7) to to[k].
+  static void StoreQuarters(uint8_t* const to[4], I v) {
+    const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[0]), low);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[1]), _mm_unpackhi_epi64(low, low));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[2]), high);
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(to[3]), _mm_unpackhi_epi64(high, high));
+  }
+  // The first n bytes (n <= 8) of quarter k of v to to[k].
+  static void StoreQuartersFirst(uint8_t* const to[4], I v, int64_t n) {
+    const __m128i low = _mm256_castsi256_si128(v), high = _mm256_extracti128_si256(v, 1);
+    StoreFirst8(to[0], _mm256_castsi128_si256(low), n);
+    StoreFirst8(to[1], _mm256_castsi128_si256(_mm_unpackhi_epi64(low, low)), n);
+    StoreFirst8(to[2], _mm256_castsi128_si256(high), n);
+    StoreFirst8(to[3], _mm256_castsi128_si256(_mm_unpackhi_epi64(high, high)), n);
   }
   // Bits 12..19 of dword i of u[k] as byte k of dword i.
   static I FixedDwords(const I u[4]) {

@@ -44,6 +44,7 @@ struct Avx512 {
   static F SetF(float v) { return _mm512_set1_ps(v); }
   static I Add32(I a, I b) { return _mm512_add_epi32(a, b); }
   static I Sub32(I a, I b) { return _mm512_sub_epi32(a, b); }
+  static I Mul32(I a, I b) { return _mm512_mullo_epi32(a, b); }  // the low 32 bits of the product
   static I ShiftLeft32(I v, int bits) { return _mm512_slli_epi32(v, bits); }
   static I ShiftRight32(I v, int bits) { return _mm512_srli_epi32(v, bits); }  // logical
   static F Add(F a, F b) { return _mm512_add_ps(a, b); }
@@ -146,6 +147,21 @@ struct Avx512 {
   static I PackFixedBytes(const I u[4]) {
     const I grouped = _mm512_shuffle_epi8(FixedDwords(u), _mm512_set4_epi32(0x0F0B0703, 0x0E0A0602, 0x0D090501, 0x0C080400));
     return _mm512_permutexvar_epi32(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), grouped);
+  }
+  // Quarter k of v (bytes 16k .. 16k + 15) to to[k].
+  static void StoreQuarters(uint8_t* const to[4], I v) {
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[0]), _mm512_castsi512_si128(v));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[1]), _mm512_extracti32x4_epi32(v, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[2]), _mm512_extracti32x4_epi32(v, 2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(to[3]), _mm512_extracti32x4_epi32(v, 3));
+  }
+  // The first n bytes (n <= 16) of quarter k of v to to[k] (masked stores of each quarter moved to the low lane).
+  static void StoreQuartersFirst(uint8_t* const to[4], I v, int64_t n) {
+    const __mmask64 mask = (__mmask64{1} << n) - 1;
+    _mm512_mask_storeu_epi8(to[0], mask, v);
+    _mm512_mask_storeu_epi8(to[1], mask, _mm512_castsi128_si512(_mm512_extracti32x4_epi32(v, 1)));
+    _mm512_mask_storeu_epi8(to[2], mask, _mm512_castsi128_si512(_mm512_extracti32x4_epi32(v, 2)));
+    _mm512_mask_storeu_epi8(to[3], mask, _mm512_castsi128_si512(_mm512_extracti32x4_epi32(v, 3)));
   }
   // Bits 12..19 of dword i of u[k] as byte k of dword i.
   static I FixedDwords(const I u[4]) {

@@ -22,6 +22,28 @@ void QuantizeScalar(const float* x, size_t n, const Params& p, uint8_t* y) {
   for (size_t i = 0; i < n; ++i) y[i] = QuantizeOne(x[i], p);
 }
 
+void MinMaxPixelsScalar(const float* x, int64_t channels, int64_t pixels, float* mn, float* mx) {
+  for (int64_t p = 0; p < pixels; ++p) {
+    mn[p] = INFINITY;
+    mx[p] = -INFINITY;
+  }
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t p = 0; p < pixels; ++p) {
+      mn[p] = FoldMin(x[c * pixels + p], mn[p]);
+      mx[p] = FoldMax(x[c * pixels + p], mx[p]);
+    }
+  }
+}
+
+void QuantizePixelsScalar(const float* x, int64_t channels, int64_t pixels, const PixelSteps& s, uint8_t* y) {
+  for (int64_t c = 0; c < channels; ++c) {
+    for (int64_t p = 0; p < pixels; ++p) {
+      const Params params{s.scale[p], s.lo[p], s.hi[p], s.zero_point[p]};
+      y[c * pixels + p] = QuantizeOne(x[c * pixels + p], params);
+    }
+  }
+}
+
 // Scale and zero point from the data's range, as onnxruntime's DynamicQuantizeLinear computes them.
 Params MakeParams(float mn, float mx) {
   mn = mn < 0.0f ? mn : 0.0f;  // the range includes 0 (also turns -0 and an empty X's +inf into 0)

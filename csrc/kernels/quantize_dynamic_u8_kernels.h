@@ -48,4 +48,22 @@ Params MakeParams(float mn, float mx);
 void MinMaxScalar(const float* x, size_t n, float* mn, float* mx);
 void QuantizeScalar(const float* x, size_t n, const Params& p, uint8_t* y);
 
+// IntConv's per-pixel steps (int_conv.h, x_steps = "pixel") over one image of `channels` planes of
+// `pixels` floats (x[c * pixels + p]): pixel p's Params as four arrays of `pixels` (MakeParams of
+// its range), so that the SIMD kernels load a vector of pixels' steps at once.
+struct PixelSteps {
+  float* scale;
+  float* lo;
+  float* hi;
+  int32_t* zero_point;
+  float* inverse;  // the SIMD kernels' 1 / scale or 0 (int_conv_kernels.h, FusedInverse)
+  bool divide;     // some pixel's inverse is 0: the SIMD kernels divide every value
+};
+
+// MinMaxPixelsScalar: pixel p's range over its channels into mn[p], mx[p] (set here; FoldMin /
+// FoldMax from +inf / -inf, NaN skipped). QuantizePixelsScalar: y[c * pixels + p] =
+// QuantizeOne(x[c * pixels + p], pixel p's steps).
+void MinMaxPixelsScalar(const float* x, int64_t channels, int64_t pixels, float* mn, float* mx);
+void QuantizePixelsScalar(const float* x, int64_t channels, int64_t pixels, const PixelSteps& s, uint8_t* y);
+
 }  // namespace onnxq::qdu8

@@ -4,6 +4,8 @@
 // (kernels_avx2.cc, kernels_avx512.cc); internal linkage, like everything those files compile.
 #pragma once
 
+#include <math.h>  // INFINITY
+
 #include <cstddef>
 #include <cstdint>
 
@@ -83,6 +85,46 @@ void Quantize(const float* x, size_t n, const Params& p, uint8_t* y) {
   for (; i < n; i += kLanes) {
     const auto left = static_cast<int64_t>(n - i < kLanes ? n - i : kLanes);
     T::StoreBytesFirst(y + i, QuantizeLanes<T>(T::LoadFirstF(x + i, left), scale, lo, hi, zero_point), left);
+  }
+}
+
+// MinMaxPixelsScalar 4 channels at a time, their rows read side by side from start to end (channel-major, as
+// QuantizePixelsKernel reads them), each vector of pixels folded into the pixels' min and max in mn, mx. T::Min(v, acc)
+// is FoldMin lane by lane (a NaN in v skipped); min and max do not round, so the order of the channels changes
+// nothing. The last pixels (fewer than a vector) in one vector over all the channels.
+template <class T>
+void MinMaxPixels(const float* x, int64_t channels, int64_t pixels, float* mn, float* mx) {
+  using F = typename T::F;
+  constexpr int64_t R = T::kFloats;
+  const int64_t whole = pixels / R * R;
+  for (int64_t p = 0; p < whole; ++p) {
+    mn[p] = INFINITY;
+    mx[p] = -INFINITY;
+  }
+  for (int64_t c0 = 0; c0 < channels; c0 += 4) {
+    const float* rows[4];
+    for (int k = 0; k < 4; ++k) rows[k] = x + (c0 + k < channels ? c0 + k : channels - 1) * pixels;
+    for (int64_t p = 0; p < whole; p += R) {
+      F lo = T::LoadF(mn + p), hi = T::LoadF(mx + p);
+      for (int k = 0; k < 4; ++k) {
+        const F v = T::LoadF(rows[k] + p);
+        lo = T::Min(v, lo);
+        hi = T::Max(v, hi);
+      }
+      T::StoreF(mn + p, lo);
+      T::StoreF(mx + p, hi);
+    }
+  }
+  if (whole < pixels) {  // the last pixels: masked lanes (0, folded into lanes never stored), over all channels
+    const int64_t n = pixels - whole;
+    F lo = T::SetF(INFINITY), hi = T::SetF(-INFINITY);
+    for (int64_t c = 0; c < channels; ++c) {
+      const F v = T::LoadFirstF(x + c * pixels + whole, n);
+      lo = T::Min(v, lo);
+      hi = T::Max(v, hi);
+    }
+    T::StoreFirstF(mn + whole, lo, n);
+    T::StoreFirstF(mx + whole, hi, n);
   }
 }
 

@@ -15,14 +15,14 @@
 //   vectors            I (integer) and F (float32) vectors, kBytes and kFloats (float32 lanes)
 //   loads and stores   Load, Store, LoadF, StoreF, and of the first n lanes LoadFirstF,
 //                      LoadFirst32, StoreFirst8 (bytes), MaskStoreF, StoreFirstF
-//   arithmetic         Zero, ZeroF, Set8, Set32, SetF, Add32, Sub32, ShiftLeft32, ShiftRight32, Add,
+//   arithmetic         Zero, ZeroF, Set8, Set32, SetF, Add32, Sub32, Mul32, ShiftLeft32, ShiftRight32, Add,
 //                      Mul, Div, MulAdd, Min, Max, Clip, ToFloat, RoundToInt, AsInt
 //   widening, shuffles WidenI16, WidenU8, MaddI16, MoveHdup, EvenLanes, Transpose
 //   QuantizeDynamicU8  PackBytes, StoreBytesFirst
 //   Gemm, GemmT        kInt16Sums, tile sizes kGemmVectors, kGemmTBlocks, GemmTPixels(blocks), Broadcast4,
 //                      AddProducts (the multiply-add of bytes), Widen, WidenTimes16 (int16 sums
 //                      only), kPinSums, kPinWeights, Pin
-//   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords
+//   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords, StoreQuarters, StoreQuartersFirst
 //   FinishTBytes       TransposeDwords4, LoadLanes, StoreLanes (128-bit lanes from or to rows)
 //   LanesFused         kLaneTaps, InterleaveLo8, InterleaveHi8, Lane128, LaneCell, ShiftCellsByte
 //                      (cells of 4 only), LaneSumsFrom, LaneInt32, ScatterLanes
@@ -46,10 +46,13 @@ constexpr Kernels SimdKernels() {
   Kernels k{};
   k.min_max = qdu8::MinMax<T>;
   k.quantize = qdu8::Quantize<T>;
+  k.min_max_pixels = qdu8::MinMaxPixels<T>;
+  k.quantize_pixels = iconv::QuantizePixelsKernel<T>;
   k.gemm = iconv::GemmKernel<T>;
   k.gemm_t = iconv::GemmTKernel<T>;
   k.finish_t = iconv::FinishTKernel<T>;
   k.finish_run = iconv::FinishRunKernel<T>;
+  k.finish_pixels = iconv::FinishPixelsKernel<T>;
   k.depthwise = iconv::DepthwiseKernel<T>;
   k.depthwise_lanes = iconv::DepthwiseLanesKernel<T>;
   k.depthwise_fused = iconv::DepthwiseFusedKernel<T>;

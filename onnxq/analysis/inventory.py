@@ -22,6 +22,7 @@ from onnxq.model.load import read_model_file
 from onnxq.model.prepare import name_nodes
 from onnxq.native.domain import DOMAIN
 from onnxq.plan.handlers import CODE_TYPES, RECURRENT_WEIGHTS, TABLE_OPS
+from onnxq.rewrite.gemm import has_pixel_steps
 
 #: Bits per element of each ONNX tensor type (strings have none).
 _DTYPE_BITS = {
@@ -78,8 +79,8 @@ class WeightedNode:
     stored (packed ops store (rows, bytes)). ``bits`` is the code width: the op's ``bits``
     attribute where it has one, else the stored type's width. ``granularity`` is tensor,
     channel or block; ``activations`` says how the node's input is quantized (float, or e.g.
-    "uint8 static", "uint8 dynamic"). ``weight_bytes`` counts the codes, ``scale_bytes`` the
-    weight's scales and zero points.
+    "uint8 static", "uint8 dynamic", "uint8 dynamic per row": a step per row of a Gemm's input). ``weight_bytes``
+    counts the codes, ``scale_bytes`` the weight's scales and zero points.
     """
 
     node: str
@@ -396,6 +397,8 @@ def _onnxq_conv(node: onnx.NodeProto, scope: _Scope) -> WeightedNode | None:
     bits = int(attribute(node, "bits", 0))
     fmt = "POST" if node.op_type == "PostConv" else f"int{4 if bits <= 4 else 8}"
     activations = "uint8 static" if len(node.input) > 4 and node.input[4] else "uint8 dynamic"
+    if has_pixel_steps(node):
+        activations = "uint8 dynamic per row"
     return _node(node, codes, fmt, bits, "channel", False, activations, *_scale_bytes(scope.tensor(node, 2)), 0)
 
 

@@ -26,6 +26,7 @@ from onnx import helper
 from onnxq.calibrate.result import ActivationQuant
 from onnxq.model.graph import attribute, constant_initializers, consumers, is_op, remove_unused_initializers, subgraph_reads, to_array
 from onnxq.native.domain import DOMAIN, INT_CONV, MAX_POOL_Q, POST_CONV
+from onnxq.rewrite.gemm import drop_pixel_steps
 
 
 def fold_clipping_into_quantize(graph: onnx.GraphProto, quants: Mapping[str, ActivationQuant]) -> int:
@@ -215,7 +216,8 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
     ASQ's per-sample chain ``X -> Div(r) -> QuantizeLinear(1, z) -> DequantizeLinear(1, z) ->
     Mul(r) -> op``, r = Reshape(steps) with one step per sample (rewrite_activations), becomes ``X -> op(x_scale=steps,
     x_zero_point=z)``; a Gemm/MatMul op's layout in front of it (rewrite_gemm) reads X instead of the pair and the op
-    takes (s, z). The op's own quantization is the same formula, so the codes are the same and the integer path
+    takes (s, z); it drops its per-row steps (x_steps, which the op allows only without x_scale). The op's own
+    quantization is the same formula, so the codes are the same and the integer path
     no longer goes through float. The pair or chain stays while others read it. Returns how many ops took a step.
     """
     consts = constant_initializers(graph)
@@ -235,6 +237,7 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
             first, (x, x_scale, x_zero_point) = layout
             first.input[0] = x  # the layout reads X; the op keeps its input and takes the step
             node.input.extend([""] * (4 - len(node.input)) + [x_scale, x_zero_point])
+            drop_pixel_steps(node)
             taken += 1
             continue
         elif (chain := _per_sample_chain(node.input[0], producer, consts)) is not None:
@@ -246,6 +249,7 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
         del node.input[3:]
         node.input[0] = x
         node.input.extend([bias, x_scale, x_zero_point])
+        drop_pixel_steps(node)
         taken += 1
     _drop_unread(graph, chains)
     drop_unread_pairs(graph)

@@ -6,12 +6,16 @@ view and transpose give y (..., M). One image with the rows along H lets the con
 weights once per panel of 64 rows; the rows as N samples of 1x1 pixels would run one GEMV per row,
 which reads all the weights again for each (a one-off prototype ran it well below float where the image layout
 runs well above; BENCHMARKS.md, development notes). The values are those of IntConv/PostConv on that image, so the
-ops' definition (csrc/kernels/int_conv.h) is the definition: X quantized once over the whole
-tensor (or with the given x_scale), the integer sums per row, the float epilogue per output
-column. Gemm's alpha multiplies the weight scales and beta the bias C (float32, once at rewrite).
-A calibrated Q/DQ pair in front moves behind the first Transpose into the op's x_scale/x_zero_point
-(onnxq.rewrite.fusions.take_input_quantization); ASQ's per-sample chain stays in float in front, since the image
-holds every row in one sample (the op then quantizes its output once more, dynamically).
+ops' definition (csrc/kernels/int_conv.h) is the definition: IntConv quantizes X dynamically per pixel
+(x_steps="pixel"), and its pixels are the rows, so each row (a transformer's token) gets its own step and zero point;
+PostConv (which has no per-pixel steps) quantizes X once over the whole tensor; with a given x_scale, one step. Then
+the integer sums per row and the float epilogue per output column. Per-row steps because one step for all the tokens
+lost fidelity on transformers: MiniLM at --format int, 4-bit weights only, embedding cosine 0.9838 per tensor, 0.9895
+per row, at about the same speed (tools/eval_real_models.py's case; BENCHMARKS.md). Gemm's alpha multiplies the weight scales and beta the
+bias C (float32, once at rewrite). A calibrated Q/DQ pair in front moves behind the first Transpose into the op's
+x_scale/x_zero_point, and the op's x_steps goes (onnxq.rewrite.fusions.take_input_quantization); ASQ's per-sample
+chain stays in float in front, since the image holds every row in one sample (the op then quantizes its output once
+more, dynamically, per row).
 
 Left as QDQ (a reason for each, in the layer report): Gemm with transA=1 or a bias C that is not
 a constant row (scalar, (M,), (1, M)); MatMul whose input rank is unknown or below 2; a weight
@@ -33,7 +37,7 @@ import onnx
 from onnx import helper, numpy_helper
 
 from onnxq.model.graph import NameSource, attribute, to_array
-from onnxq.native.domain import DOMAIN
+from onnxq.native.domain import DOMAIN, INT_CONV
 
 #: Gemm/MatMul layers with fewer weights (K * M) stay QDQ: there the op path's fixed cost (its layout
 #: nodes and the pass that quantizes X, a few microseconds) is about what the float layer takes, so
@@ -45,6 +49,22 @@ MIN_WEIGHTS = 1 << 17
 MAX_K = 65536
 
 GEMM_TYPES = ("Gemm", "MatMul")
+
+#: IntConv's attribute x_steps and its value for a step per input pixel, here per row of x (csrc/kernels/int_conv.h).
+X_STEPS, PIXEL_STEPS = "x_steps", "pixel"
+
+
+def has_pixel_steps(node: onnx.NodeProto) -> bool:
+    """Whether the op quantizes X with a step per pixel (per row of a Gemm/MatMul): x_steps="pixel"."""
+    value = attribute(node, X_STEPS, b"tensor")
+    return (value.decode() if isinstance(value, bytes) else value) == PIXEL_STEPS
+
+
+def drop_pixel_steps(node: onnx.NodeProto) -> None:
+    """Remove the op's x_steps attribute: it is for ops that quantize X dynamically, and x_scale is being given."""
+    keep = [a for a in node.attribute if a.name != X_STEPS]
+    del node.attribute[:]
+    node.attribute.extend(keep)
 
 
 def weight_is_rows(node: onnx.NodeProto) -> bool:
@@ -121,7 +141,8 @@ def gemm_nodes(
         nodes.append(helper.make_node("Flatten", [columns], [flat], name=fresh(f"{base}_Flatten"), axis=1))
         columns = flat
     nodes.append(helper.make_node("Unsqueeze", [columns, inits[0].name], [image], name=fresh(f"{base}_Unsqueeze")))
-    nodes.append(helper.make_node(op_type, op_inputs, [op_out], name=node.name, domain=DOMAIN, bits=bits, kernel_shape=[1, 1]))
+    steps = {"x_steps": PIXEL_STEPS} if op_type == INT_CONV else {}  # one step per row (see the module docstring)
+    nodes.append(helper.make_node(op_type, op_inputs, [op_out], name=node.name, domain=DOMAIN, bits=bits, kernel_shape=[1, 1], **steps))
     nodes.extend(_output_nodes(transposed, op_out, node.output[0], m, rank, base, names, inits))
     return nodes, inits, op_out
 
