@@ -23,7 +23,7 @@ Settings: onnxq `-b 4` weight-only with the 256 calibration samples (the issue's
 per-channel absmax `-b 8` (plain codes, range max|w|: what `-b 8` must never lose to), onnxq W4A8 (8-bit activations,
 mse steps on the same data) in the qdq and the int format (issue 17's integer execution), and the int format with the
 weights alone chosen on the data (its ops quantize their float inputs at every call: per token where a MatMul or Gemm
-runs as an op); onnxruntime's quantize_static
+runs as an op), also with `--target-size 0.2x`; onnxruntime's quantize_static
 (QDQ, per channel, MinMax) W8A8, and its 4-bit weights with uint8 or uint16 activations; for models with MatMul weights
 onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128).
 onnxruntime's quantizers get the model after its own `quant_pre_process` (which, among other things, turns Constant-node
@@ -133,8 +133,11 @@ def ort_input(case: Case, work: Path) -> tuple[Path, str]:
     return case.model, "quant_pre_process fails: the model as it is"
 
 
-def onnxq_mixed(target: str) -> Callable[[Case, Path], str]:
-    """Onnxq -b 4 with data and --target-size ``target``: proxy sensitivity on 64 samples, then the quantization; remark: layers raised."""
+def onnxq_mixed(target: str, fmt: str = "qdq") -> Callable[[Case, Path], str]:
+    """Onnxq -b 4 with data and --target-size ``target``: proxy sensitivity on 64 samples, then the quantization; remark: layers raised.
+
+    ``fmt`` "int": written in the op format (weights only: the ops quantize their float inputs per call).
+    """
 
     def quantize(case: Case, out: Path) -> str:
         import dataclasses
@@ -143,7 +146,7 @@ def onnxq_mixed(target: str) -> Callable[[Case, Path], str]:
         from onnxq.analysis.mixed_precision import TargetSize, choose_bits
         from onnxq.analysis.proxy import ProxySensitivity
 
-        config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES)
+        config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt))
         chosen = choose_bits(ProxySensitivity(case.model, config, case.calibration), TargetSize.parse(target))
         onnxq.save_model(onnxq.quantize(case.model, dataclasses.replace(config, tensor_bits=chosen.tensor_bits), case.calibration), out)
         return f"{len(chosen.raises)} of {len(chosen.bits)} layers raised to 8 bits"
@@ -219,6 +222,7 @@ SETTINGS = (
     Setting("onnxruntime MatMulNBits RTN, blocks of 128", matmul_nbits("RTN", 128), matmul_only=True),
     Setting("onnxq -b 4, 256 samples, --format int (weights chosen on the data; the ops quantize their inputs per call)",
             onnxq_weights(4, data=True, fmt="int")),
+    Setting("onnxq -b 4, 256 samples, --target-size 0.2x, --format int (weights only, as row 14)", onnxq_mixed("0.2x", fmt="int")),
 )
 
 
