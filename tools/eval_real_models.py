@@ -339,14 +339,21 @@ def _speed(case: Case, out: Path, batch: int = 0) -> str:
 
 
 def _batched(runs: list[Feeds], batch: int) -> Feeds:
-    """The first ``batch`` samples of ``runs`` as one run (every input joined along axis 0)."""
+    """The first ``batch`` samples of ``runs`` as one run (every input joined along axis 0; scalars from the first run).
+
+    A streaming model's state (Silero VAD's [2, N, 128]) has its samples on another axis: such a case runs one sample
+    a run, and ``batch`` 1 gives its first run as it is (as does any batch the first run holds exactly).
+    """
+    first = runs[0]
+    if len(next(v for v in first.values() if np.ndim(v) > 0)) == batch:  # the first run holds them: as it is
+        return first
     taken, count = [], 0
     for run in runs:
         taken.append(run)
-        count += len(next(iter(run.values())))
+        count += len(next(v for v in run.values() if np.ndim(v) > 0))
         if count >= batch:
             break
-    return {name: np.concatenate([run[name] for run in taken])[:batch] for name in taken[0]}
+    return {name: first[name] if np.ndim(first[name]) == 0 else np.concatenate([run[name] for run in taken])[:batch] for name in first}
 
 
 def main() -> None:
