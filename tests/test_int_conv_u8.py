@@ -102,6 +102,14 @@ SHAPES = [
     Case("PostConv", 4, 1, 1, (33, 2), 8, (9, 1), strides=(3, 2), pads=(4, 0, 4, 1)),
     Case("IntConv", 5, 2, 1, (17, 1), 4, (2, 1), strides=(2, 1)),
     Case("IntConv", 4, 2, 1, (9, 5), 24, (9, 1), strides=(3, 1)),
+    # One input channel and a kernel wider than a column (image models' first layers: MobileNetV2's 3x3 at 28x28, 8-bit;
+    # the ViT's 4x4 stride-4 patches): the same quads of 4 kernel rows, each row's kw taps beside each other; stride and
+    # dilation both ways with uneven padding, PostConv, kh 2, a kernel taller than the image (rows all padding)
+    Case("IntConv", 8, 2, 1, (28, 28), 32, (3, 3), pads=(1, 1, 1, 1)),
+    Case("IntConv", 4, 2, 1, (28, 28), 24, (4, 4), strides=(4, 4)),
+    Case("PostConv", 4, 2, 1, (13, 11), 12, (5, 3), strides=(2, 1), pads=(2, 1, 1, 0), dilations=(2, 2)),
+    Case("IntConv", 5, 2, 1, (6, 9), 16, (2, 3), strides=(1, 2), pads=(0, 1, 1, 1)),
+    Case("IntConv", 4, 2, 1, (5, 6), 16, (7, 2), pads=(3, 0, 3, 1)),
 ]
 
 
