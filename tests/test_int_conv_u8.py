@@ -94,6 +94,12 @@ SHAPES = [
     # and its channels go through the output step 16 at a time (16, 16, 8)
     Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 1, 6, (20, 22), 36, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+    # LanesFused into uint8 Y (AVX-512: whole tiles of 16 pixels through the output step in registers, then the last 16
+    # pixels again over the tiles before): 196 pixels (tail 4) with two full blocks of lanes, 143 pixels of rows of 11
+    # (odd: cell pairs across rows) with a block of 4 lanes, and a stride-2 one, 160 pixels (no tail)
+    Case("IntConv", 8, 2, 32, (14, 14), 32, (3, 3), pads=(1, 1, 1, 1), group=32),
+    Case("PostConv", 4, 2, 20, (13, 11), 20, (3, 3), pads=(1, 1, 1, 1), group=20),
+    Case("IntConv", 4, 2, 18, (32, 20), 18, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=18),
     # One input channel, a kernel one column wide (1-D convolutions over H, CREPE's first layer 512x1 stride 4): quads
     # of 4 kernel rows (int_conv_impl.h, UsesTapQuads), kh not a multiple of 4 (zero taps past it), padding above and
     # below, 8-bit codes (AVX2: split weights), dilation, columns with padding beside them, PostConv, kh 2, one row out
