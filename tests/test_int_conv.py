@@ -62,6 +62,10 @@ CASES = [
     Case("IntConv", 4, 1, 24, (11, 13), 17, (1, 1), pads=(1, 0, 0, 1)),
     Case("IntConv", 8, 1, 32, (16, 16), 8, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
     Case("IntConv", 2, 3, 1, (9, 8), 4, (3, 3), strides=(1, 2)),  # one input channel, four outputs
+    # one input channel, kernels wider than a column, from float X: quads of 4 kernel rows (int_conv_impl.h, UsesTapQuads)
+    Case("IntConv", 8, 2, 1, (28, 28), 32, (3, 3), pads=(1, 1, 1, 1), calibrated=True),
+    Case("IntConv", 4, 2, 1, (28, 28), 24, (4, 4), strides=(4, 4)),
+    Case("PostConv", 4, 1, 1, (13, 11), 12, (5, 3), strides=(2, 1), pads=(2, 1, 1, 0), dilations=(2, 2)),
     Case("IntConv", 4, 2, 8, (15, 17), 12, (3, 5), strides=(2, 3), pads=(2, 1, 0, 3), dilations=(2, 1), calibrated=True),
     Case("IntConv", 8, 1, 6, (10, 11), 9, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=3),  # 2 channels per group
     Case("IntConv", 4, 1, 64, (9, 9), 64, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=64),  # depthwise, stride 2

@@ -94,6 +94,12 @@ SHAPES = [
     # and its channels go through the output step 16 at a time (16, 16, 8)
     Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 1, 6, (20, 22), 36, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
+    # LanesFused into uint8 Y (AVX-512: whole tiles of 16 pixels through the output step in registers, then the last 16
+    # pixels again over the tiles before): 196 pixels (tail 4) with two full blocks of lanes, 143 pixels of rows of 11
+    # (odd: cell pairs across rows) with a block of 4 lanes, and a stride-2 one, 160 pixels (no tail)
+    Case("IntConv", 8, 2, 32, (14, 14), 32, (3, 3), pads=(1, 1, 1, 1), group=32),
+    Case("PostConv", 4, 2, 20, (13, 11), 20, (3, 3), pads=(1, 1, 1, 1), group=20),
+    Case("IntConv", 4, 2, 18, (32, 20), 18, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1), group=18),
     # One input channel, a kernel one column wide (1-D convolutions over H, CREPE's first layer 512x1 stride 4): quads
     # of 4 kernel rows (int_conv_impl.h, UsesTapQuads), kh not a multiple of 4 (zero taps past it), padding above and
     # below, 8-bit codes (AVX2: split weights), dilation, columns with padding beside them, PostConv, kh 2, one row out
@@ -102,6 +108,14 @@ SHAPES = [
     Case("PostConv", 4, 1, 1, (33, 2), 8, (9, 1), strides=(3, 2), pads=(4, 0, 4, 1)),
     Case("IntConv", 5, 2, 1, (17, 1), 4, (2, 1), strides=(2, 1)),
     Case("IntConv", 4, 2, 1, (9, 5), 24, (9, 1), strides=(3, 1)),
+    # One input channel and a kernel wider than a column (image models' first layers: MobileNetV2's 3x3 at 28x28, 8-bit;
+    # the ViT's 4x4 stride-4 patches): the same quads of 4 kernel rows, each row's kw taps beside each other; stride and
+    # dilation both ways with uneven padding, PostConv, kh 2, a kernel taller than the image (rows all padding)
+    Case("IntConv", 8, 2, 1, (28, 28), 32, (3, 3), pads=(1, 1, 1, 1)),
+    Case("IntConv", 4, 2, 1, (28, 28), 24, (4, 4), strides=(4, 4)),
+    Case("PostConv", 4, 2, 1, (13, 11), 12, (5, 3), strides=(2, 1), pads=(2, 1, 1, 0), dilations=(2, 2)),
+    Case("IntConv", 5, 2, 1, (6, 9), 16, (2, 3), strides=(1, 2), pads=(0, 1, 1, 1)),
+    Case("IntConv", 4, 2, 1, (5, 6), 16, (7, 2), pads=(3, 0, 3, 1)),
 ]
 
 

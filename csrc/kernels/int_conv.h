@@ -111,8 +111,9 @@
 // Kernels (attribute `kernel`): the scalar reference (int_conv_reference.cc) is the direct
 // loops above. The AVX2 and AVX-512 VNNI kernels run an int8 matrix product over the padded input
 // (int_conv_kernels.h) with weights prepared once per node (W is a constant initializer; else
-// on every run; one input channel with a kernel one column wide, 1-D convolutions over H, runs as
-// the product over quads of 4 kernel rows: int_conv_impl.h, UsesTapQuads), or for depthwise
+// on every run; one input channel with a kernel of two or more rows, 1-D convolutions over H and
+// image models' first layers, runs as the product over quads of 4 kernel rows: int_conv_impl.h,
+// UsesTapQuads), or for depthwise
 // convolutions a direct sum over the taps: with unit horizontal
 // dilation and a horizontal stride of 1 or 2 straight from the float X (DepthwiseFused,
 // int_conv_fused.h: row phases for vertical strides, 2 bytes per column at stride 2; each channel

@@ -338,6 +338,35 @@ inline uint8_t* LanesCellsOf(const LanesFused& d) {
   return cells;
 }
 
+// LanesPixels' tile of 16 pixels (AVX-512: y[i] pixel i's 16 channels, unclipped) through the output
+// step into uint8 Y, as FinishTBytes does for GemmT's tiles: OutputClip and QuantizeFixedU on 4 pixels
+// at a time, the bytes transposed (TransposeDwords4) so that each channel's 16 pixels are one store, at
+// out + i * stride for lane i < lanes. Lane by lane the same steps as OutputOne, so the same bytes; it
+// spares OutputKernel's pass over staged floats and their transposes (bench_integer's MobileNetV2: its
+// depthwise layers are uint8 to uint8).
+template <class T>
+[[gnu::always_inline]] inline void LanesTileBytes(const OutputConsts<T>& c, const typename T::F y[16], uint8_t* out,
+                                                  int64_t stride, int64_t lanes) {
+  using I = typename T::I;
+  using F = typename T::F;
+  I d[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {
+    F v[4] = {y[4 * k], y[4 * k + 1], y[4 * k + 2], y[4 * k + 3]};
+    OutputClip<T>(c, v);
+    I u[4];
+    QuantizeFixedU<T>(c.y, v, u);
+    d[k] = T::FixedDwords(u);
+  }
+  T::TransposeDwords4(d);  // d[j]: 128-bit lane l = lane 4l + j's 16 pixels
+  alignas(16) uint8_t spare[4][16];  // (lanes past the block's)
+  for (int j = 0; j < 4; ++j) {
+    uint8_t* rows[4];
+    for (int l = 0; l < 4; ++l) rows[l] = 4 * l + j < lanes ? out + (4 * l + j) * stride : spare[l];
+    T::StoreLanes(d[j], rows);
+  }
+}
+
 // The sums and Finish lane by lane, T::kFloats output pixels at a time, transposed so that each
 // channel's pixels are one store; then the last pixels one at a time, scattered to the channels'
 // planes. kGroups: d.groups, or 0 for a count known only at run time (then its cells and weights
@@ -378,7 +407,22 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
   // staged whole, 196 KiB, left the cache before the output step read them).
   constexpr int64_t kChunk = 256;  // pixels, a multiple of R
   alignas(64) float chunk[16 * kChunk];
-  const bool staged = d.output != nullptr, whole = pixels <= kChunk;
+  // AVX-512 into uint8 Y with no residual (a uint8 chain's depthwise layers), images of 128 pixels or
+  // more: whole tiles go through the output step in registers, channels in the lanes, straight into Y's
+  // bytes (LanesTileBytes), and the last 16 pixels as one more tile over the ones before. Per node
+  // (onnxruntime's profiler, one thread, batch 8, old and new sessions interleaved in one process, three
+  // runs): MobileNetV2's dw 32 @28x28 96-98 -> 84-89 us, dw 144 @14x14 97-99 -> 91; at 7x7 (4 tiles for
+  // 49 pixels) nothing measurable (48 -> 50 us), so smaller images keep the staged floats.
+  const bool direct = R == 16 && pixels >= 8 * R && d.output != nullptr && d.output->quantize && d.output->r == nullptr &&
+                      d.output->r8 == nullptr;
+  const Output none{};
+  OutputConsts<T> oc(direct ? *d.output : none);
+  if (direct && oc.affine) {  // lane i's map is channel (at / pixels) % channels + i's
+    const int64_t m = d.at / d.output->pixels % d.output->channels;
+    oc.post_scale = T::LoadFirstF(d.output->post_scale + m, d.lanes);
+    oc.post_bias = T::LoadFirstF(d.output->post_bias + m, d.lanes);
+  }
+  const bool staged = d.output != nullptr, whole = !direct && pixels <= kChunk;
   float* const out = staged ? chunk : d.out;
   const int64_t stride = staged && !whole ? kChunk : pixels;
   int64_t base = 0;
@@ -468,6 +512,13 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
     Tile tile;
 #pragma GCC unroll 8
     for (int i = 0; i < R; i += 2) two(tile, i);
+    if constexpr (R == 16) {
+      if (direct) {
+        LanesTileBytes<T>(oc, tile[0], d.output->y8 + d.at + p0, pixels, lanes);
+        base = p0 + R;  // (nothing staged)
+        continue;
+      }
+    }
     for (int h = 0; h < kVectors; ++h) {
       T::Transpose(tile[h]);
       if (lanes == 16) {
@@ -480,6 +531,17 @@ void LanesPixels(const LanesFused& d, const uint8_t* cells) {
       }
     }
     if (staged && !whole && p0 + R - base == kChunk) flush(p0 + R);
+  }
+  if constexpr (R == 16) {
+    if (direct && p0 < pixels) {  // the last R pixels as a tile, over some the tiles before wrote (the same bytes)
+      p0 = pixels - R;
+      ox = p0 % ow;
+      row = cells + p0 / ow * row_step;
+      Tile tile;
+      for (int i = 0; i < R; i += 2) two(tile, i);
+      LanesTileBytes<T>(oc, tile[0], d.output->y8 + d.at + p0, pixels, lanes);
+      return;
+    }
   }
   // The last pixels one by one, each channel's to its plane.
   for (; p0 < pixels; ++p0) {

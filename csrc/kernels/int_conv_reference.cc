@@ -3,7 +3,6 @@
 #include <math.h>  // INFINITY
 
 #include <algorithm>
-#include <cstdlib>
 #include <string>
 #include <utility>
 
@@ -73,7 +72,7 @@ int32_t MaxAbs(const std::vector<int8_t>& codes) {
 }  // namespace
 
 bool UsesTapQuads(const Geometry& g, Isa isa) {
-  return isa != Isa::kScalar && g.group == 1 && g.cg == 1 && g.kw == 1 && g.kh >= 2;
+  return isa != Isa::kScalar && g.group == 1 && g.cg == 1 && g.kh >= 2;
 }
 
 int64_t TapQuadRows(const Geometry& g) { return (g.oh - 1) * g.sh + ((g.kh + 3) / 4 - 1) * 4 * g.dh + 1; }

@@ -871,7 +871,7 @@ void BuildTapRows(const SimdArgs& args, int64_t rows, uint8_t* dst) {
 void SimdConv(const SimdArgs& args, Ort::KernelContext& context) {
   const Geometry& in = *args.g;
   if (args.pw->tap_quads) {
-    // One input channel, a kernel one column wide: the 4-channel convolution of TapQuadGeometry.
+    // One input channel, a kernel of two or more rows: the 4-channel convolution of TapQuadGeometry.
     const Geometry t = TapQuadGeometry(in);
     uint8_t* const rows = ThreadBuffer<Use::kTapRows>(in.n * 4 * t.h * in.w);
     BuildTapRows(args, t.h, rows);
