@@ -640,14 +640,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
   const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq : nullptr;
 
-  Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
-  float* y = nullptr;
-  if (quantized_) {
-    output.y8 = y_value.GetTensorMutableData<uint8_t>();
-  } else {
-    y = y_value.GetTensorMutableData<float>();
-    output.y = y;
-  }
+  float* y = BindOutput(context, g, &output);
   if (g.n == 0 || g.m == 0) return;  // Y is empty (W's codes are checked all the same)
 
   // One run of the kernels over the images of `run` (all of X, or one sample with its own step):
@@ -710,6 +703,18 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   }
 }
 
+// Y of shape (N, M, OH, OW) into `output`: its uint8 codes (the Q ops) or its floats; returns the
+// floats (nullptr for uint8 Y).
+float* IntConvKernel::BindOutput(Ort::KernelContext& context, const iconv::Geometry& g, iconv::Output* output) const {
+  Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
+  if (quantized_) {
+    output->y8 = y_value.GetTensorMutableData<uint8_t>();
+    return nullptr;
+  }
+  output->y = y_value.GetTensorMutableData<float>();
+  return output->y;
+}
+
 // x_steps = "pixel" (int_conv.h): each pixel's steps from its range, X quantized with them, then the
 // kernel with the per-pixel epilogue (the SIMD kernels' Gemm, or the scalar reference, which also
 // runs C = 1: Prepare lays that out for the depthwise kernels).
@@ -717,14 +722,7 @@ void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan
                                   const float* bias_data) {
   const iconv::Geometry& g = plan.g;
   const int64_t pixels = g.h * g.w, count = g.n * pixels;
-  Ort::UnownedValue y_value = context.GetOutput(0, {g.n, g.m, g.oh, g.ow});
-  float* y = nullptr;
-  if (quantized_) {
-    output.y8 = y_value.GetTensorMutableData<uint8_t>();
-  } else {
-    y = y_value.GetTensorMutableData<float>();
-    output.y = y;
-  }
+  float* y = BindOutput(context, g, &output);
   if (g.n == 0 || g.m == 0) return;
   const float* x = context.GetInput(0).GetTensorData<float>();
   const float* scale = context.GetInput(2).GetTensorData<float>();

@@ -184,6 +184,7 @@ class IntConvKernel {
                                               uint32_t present);
   void ReadSteps(Ort::KernelContext& context, const iconv::Geometry& g, std::vector<qdu8::Params>* params) const;
   void ComputePixels(Ort::KernelContext& context, const iconv::Plan& plan, iconv::Output output, const float* bias_data);
+  float* BindOutput(Ort::KernelContext& context, const iconv::Geometry& g, iconv::Output* output) const;
   void Factors(const float* scale_data, int64_t m_count, const qdu8::Params& p, std::vector<float>* c_e,
                std::vector<float>* c_o) const;
 

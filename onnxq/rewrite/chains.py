@@ -233,23 +233,31 @@ def _fuse_residuals(graph: onnx.GraphProto) -> int:
     return fused
 
 
-def _branch_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
-               fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """The onnxq op (float out, no clip, no residual yet) whose output alone reaches ``name``, and the Q/DQ pair between."""
+def _op_behind_pair(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
+                    fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """The onnxq op (float out) whose output alone reaches ``name``, directly or through a Q/DQ pair read by nothing else.
+
+    Returns the op and the pair ([DequantizeLinear, QuantizeLinear], or none); None where something else reads the way.
+    """
     node = producer.get(name)
     between: list[onnx.NodeProto] = []
     if is_op(node, "DequantizeLinear") and len(node.input) == 3 and _scalar_step(node.input[1], node.input[2], consts) is not None:
         q = producer.get(node.input[0])
-        if not is_op(q, "QuantizeLinear") or readers[q.output[0]] != 1 or q.output[0] in fixed:
+        if not is_op(q, "QuantizeLinear") or readers[q.output[0]] != 1 or q.output[0] in fixed or readers[node.output[0]] != 1:
             return None
         between, node = [node, q], producer.get(q.input[0])
     if node is None or not _is_float_op(node) or readers[node.output[0]] != 1 or node.output[0] in fixed:
         return None
-    if any(i for i in node.input[RESIDUAL:]) or not _unclipped(node):
-        return None
-    if between and readers[between[0].output[0]] != 1:
-        return None
     return node, between
+
+
+def _branch_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
+               fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """The onnxq op (float out, no clip, no residual yet) whose output alone reaches ``name``, and the Q/DQ pair between."""
+    found = _op_behind_pair(name, producer, readers, consts, fixed)
+    if found is None or any(i for i in found[0].input[RESIDUAL:]) or not _unclipped(found[0]):
+        return None
+    return found
 
 
 def _unclipped(node: onnx.NodeProto) -> bool:
@@ -334,18 +342,10 @@ def _fuse_batch_norms(graph: onnx.GraphProto) -> int:
 def _affine_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
                fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """The onnxq op (float out, no affine map yet) whose output alone reaches ``name``, and the Q/DQ pair between."""
-    node = producer.get(name)
-    between: list[onnx.NodeProto] = []
-    if is_op(node, "DequantizeLinear") and len(node.input) == 3 and _scalar_step(node.input[1], node.input[2], consts) is not None:
-        q = producer.get(node.input[0])
-        if not is_op(q, "QuantizeLinear") or readers[q.output[0]] != 1 or q.output[0] in fixed or readers[node.output[0]] != 1:
-            return None
-        between, node = [node, q], producer.get(q.input[0])
-    if node is None or not _is_float_op(node) or readers[node.output[0]] != 1 or node.output[0] in fixed:
-        return None
-    if any(i for i in node.input[POST_SCALE:]) or (between and attribute(node, "hardswish", 0)):
+    found = _op_behind_pair(name, producer, readers, consts, fixed)
+    if found is None or any(i for i in found[0].input[POST_SCALE:]) or (found[1] and attribute(found[0], "hardswish", 0)):
         return None  # (the pair's range becomes the clip, which comes before the hard swish)
-    return node, between
+    return found
 
 
 def _clip_to_range(op: onnx.NodeProto, step: tuple[float, int]) -> None:
