@@ -81,7 +81,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "integer product (onnxq's ops, MatMulNBits, onnxruntime's kernels with 8-bit activations); 'on' forces sqrt")
     p.add_argument("--format", choices=[f.value for f in WeightFormat], default=WeightFormat.QDQ.value,
                    help="'qdq' (default): int8/int4 codes, runs in stock onnxruntime; "
-                   "'int': Conv layers and large enough Gemm/MatMul run as integer convolutions by onnxq's op library (IntConv); "
+                   "'int': Conv layers and large enough Gemm/MatMul run as integer convolutions by onnxq's op library (IntConv), "
+                   "which quantize float inputs themselves at every call (a Gemm/MatMul's each row, a transformer's each token, "
+                   "with its own step) unless activations are calibrated; "
                    "'post': the same layers use powers-of-sqrt(2) codes (2-4 bits) run with shifts (PostConv). "
                    "Models in 'int'/'post' need onnxq.get_library_path() registered in onnxruntime")
     p.add_argument("--matmul-nbits", choices=[m.value for m in NBitsMode], default=NBitsMode.AUTO.value,
