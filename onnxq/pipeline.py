@@ -26,12 +26,11 @@ import onnx
 from onnxq.calibrate.activations import calibrate as calibrate_sites
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
-from onnxq.calibrate.branches import BRANCH_SAMPLES, BranchView, branch_view
+from onnxq.calibrate.branches import BRANCH_SAMPLES, BranchView, body_readers, branch_view, moments_pass
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
 from onnxq.calibrate.mean_shift import ShiftSite, centered, fold_shifts, mean_shift, shift_sites
-from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.calibrate.placement import activation_sites
 from onnxq.calibrate.result import ActivationQuant, Calibration
 from onnxq.calibrate.samples import SampleAxes, input_specs, peek, sample_axes
@@ -233,10 +232,7 @@ def calibrate(
     if config.output_aware:
         aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
         view, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
-        model = view.model if view is not None else loaded.model
-        guards = view.guards(aware) if view is not None else ()
-        unreached = view.unreached() if view is not None else frozenset()
-        moments = MomentCollector(layer_inputs(model.graph, aware, unreached), config.calibration_samples, guards)
+        model, moments = moments_pass(loaded.model, aware, config.calibration_samples, view)
     if config.activations is None:
         collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client)
         calibrated = Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
@@ -257,7 +253,7 @@ def _calibration_model(
     Where output-aware layers sit inside If bodies: a copy with the branches the first samples take inlined, so that
     their inputs can be fetched (onnxq/calibrate/branches.py); else None (the model itself).
     """
-    inside = {u.node for p in aware for u in p.uses if u.body_of}
+    inside = body_readers(aware)
     if not inside:
         return None, batches
     head, batches = peek(batches, axes, BRANCH_SAMPLES)

@@ -27,10 +27,9 @@ import numpy as np
 import onnx
 
 from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, LayerSensitivity, Measurement, SensitivityAnalysis, energy_sqnr_db
-from onnxq.calibrate.branches import branch_view
+from onnxq.calibrate.branches import body_readers, branch_view, moments_pass
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData
-from onnxq.calibrate.moments import MomentCollector, layer_inputs
 from onnxq.config import QuantizeConfig
 from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.threads import blas_threads
@@ -61,14 +60,10 @@ class ProxySensitivity(SensitivityAnalysis):
         most sensitive (model SQNR 20-23 dB each, alone) where their written codes leave 29-31 dB, and its first encoder
         layer, the one that matters (17.6 dB alone), was raised last (one-off, streamed clips, 2026-12-05).
         """
-        inside = {u.node for p in self.plans for u in p.uses if u.body_of}
+        inside = body_readers(self.plans)
         view = branch_view(self.model, inside, self.probe.batches) if inside else None
-        if view is None:
-            collector = MomentCollector(layer_inputs(self.model.graph, self.plans), self.samples)
-            collect(self.model, [], self.probe.batches, moments=collector, client=client)
-        else:
-            collector = MomentCollector(layer_inputs(view.model.graph, self.plans, view.unreached()), self.samples, view.guards(self.plans))
-            collect(view.model, [], self.probe.batches, moments=collector, client=client)
+        model, collector = moments_pass(self.model, self.plans, self.samples, view)
+        collect(model, [], self.probe.batches, moments=collector, client=client)
         return collector.hessians()
 
     def predicted(self, tensor: str) -> bool:

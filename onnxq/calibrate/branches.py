@@ -24,7 +24,7 @@ import numpy as np
 import onnx
 
 from onnxq.calibrate.collect import exposing
-from onnxq.calibrate.moments import Guard
+from onnxq.calibrate.moments import Guard, MomentCollector, layer_inputs
 from onnxq.errors import OnnxqError, first_line
 from onnxq.model.graph import all_graphs, attribute, defined_names, is_op
 from onnxq.plan.weights import WeightPlan
@@ -63,6 +63,21 @@ class BranchView:
     def unreached(self) -> frozenset[str]:
         """Names of the nodes of the branches not taken: a weight they read gets its statistics from its other readers."""
         return frozenset().union(*(b.skipped for b in self.inlined))
+
+
+def body_readers(plans: Iterable[WeightPlan]) -> set[str]:
+    """Names of the nodes inside control-flow bodies that read a planned weight (those a branch view is for)."""
+    return {u.node for p in plans for u in p.uses if u.body_of}
+
+
+def moments_pass(model: onnx.ModelProto, plans: list[WeightPlan], samples: int, view: BranchView | None) -> tuple[onnx.ModelProto, MomentCollector]:
+    """The model a pass summing the plans' H runs (the view's where there is one) and the collector it feeds.
+
+    Through a view, readers in the branches not taken add no rows and the view's conditions are checked on every run.
+    """
+    if view is None:
+        return model, MomentCollector(layer_inputs(model.graph, plans), samples)
+    return view.model, MomentCollector(layer_inputs(view.model.graph, plans, view.unreached()), samples, view.guards(plans))
 
 
 def holds_any(node: onnx.NodeProto, names: set[str]) -> bool:

@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 import numpy as np
 import onnx
@@ -132,13 +132,7 @@ def _hoist(body: onnx.GraphProto, main: onnx.GraphProto, counts: Counter[str], n
     lift_constants(body)
     own = {t.name: t for t in body.initializer}
     pinned = {i.name for i in body.input} | {o.name for o in body.output}
-    weights = {
-        name
-        for node in body.node
-        if node.op_type in HANDLERS and is_default_domain(node.domain)
-        for name in _weight_candidates(node)
-        if name in own and name not in pinned and own[name].data_type in FLOAT_TYPES
-    }
+    weights = {name for name in _read_as_weights(body.node) if name in own and name not in pinned and own[name].data_type in FLOAT_TYPES}
     keep = [t for t in body.initializer if t.name not in weights]
     for name in sorted(weights):
         tensor = main.initializer.add()
@@ -158,6 +152,11 @@ def _weight_candidates(node: onnx.NodeProto) -> list[str]:
     return [node.input[i] for i in indices if i < len(node.input)]
 
 
+def _read_as_weights(nodes: Iterable[onnx.NodeProto]) -> set[str]:
+    """The names that weighted nodes (of the standard domain) among ``nodes`` read where a weight may be."""
+    return {name for node in nodes if node.op_type in HANDLERS and is_default_domain(node.domain) for name in _weight_candidates(node)}
+
+
 def merge_identical_weights(graph: onnx.GraphProto) -> int:
     """Let every reader of a weight equal, value for value, to an earlier one read that one; how many were merged.
 
@@ -171,13 +170,7 @@ def merge_identical_weights(graph: onnx.GraphProto) -> int:
     """
     graphs = list(all_graphs(graph))
     counts = Counter(name for g in graphs for name in defined_names(g))
-    read_as_weight = {
-        name
-        for g in graphs
-        for node in g.node
-        if node.op_type in HANDLERS and is_default_domain(node.domain)
-        for name in _weight_candidates(node)
-    }
+    read_as_weight = _read_as_weights(node for g in graphs for node in g.node)
     pinned = {i.name for i in graph.input} | {o.name for o in graph.output}
     candidates = [t for t in graph.initializer if t.name in read_as_weight and t.name not in pinned and counts[t.name] == 1
                   and t.data_type in FLOAT_TYPES and not is_external(t)]
