@@ -24,26 +24,27 @@ from tools.machine import cpu_description
 
 
 def session(model: Path, profile_prefix: str) -> ort.InferenceSession:
-    """One thread, the profiler on, onnxq's ops registered."""
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
+    """One thread (onnxq's session options, its op library registered), the profiler on."""
+    from onnxq.native.session import session_options
+
+    options = session_options(threads=1, custom_ops=True)
     options.enable_profiling = True
     options.profile_file_prefix = profile_prefix
-    import onnxq
-
-    options.register_custom_ops_library(onnxq.get_library_path())
     return ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
 
 
-def random_feeds(sess: ort.InferenceSession, batch: int, seed: int = 0) -> dict[str, np.ndarray]:
-    """Standard normal float inputs (ids 0 for integer inputs), free dimensions at ``batch``."""
-    rng = np.random.default_rng(seed)
-    feeds = {}
-    for info in sess.get_inputs():
-        shape = [d if isinstance(d, int) else batch for d in info.shape]
-        feeds[info.name] = rng.standard_normal(shape).astype(np.float32) if "float" in info.type else np.zeros(shape, np.int64)
-    return feeds
+def batch_feeds(model: Path, batch: int) -> dict[str, np.ndarray]:
+    """``batch`` of onnxq's synthetic inputs (shapes as the model declares them, values as their types suggest) as one run."""
+    import onnx
+
+    from onnxq.analysis.fidelity import synthetic_inputs
+    from onnxq.calibrate.samples import input_specs, sample_axes
+
+    proto = onnx.load(str(model), load_external_data=False)
+    samples = synthetic_inputs(proto, samples=batch)
+    axes = sample_axes(input_specs(proto))
+    return {name: samples[0][name] if axes[name] is None else np.concatenate([f[name] for f in samples], axis=axes[name])
+            for name in samples[0]}
 
 
 def weighted_nodes(model: Path) -> set[str]:
@@ -65,7 +66,7 @@ def op_times(model: Path, batch: int, runs: int) -> tuple[float, float, collecti
     weighted = weighted_nodes(model)
     with tempfile.TemporaryDirectory() as folder:
         sess = session(model, os.path.join(folder, "profile"))
-        feeds = random_feeds(sess, batch)
+        feeds = batch_feeds(model, batch)
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
