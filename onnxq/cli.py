@@ -93,6 +93,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "at float speed")
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
+    p.add_argument("--rounding", choices=["balanced", "nearest"], default="balanced",
+                   help="codes chosen without data (no --calibration, or layers it gives no statistics), 2-7 bits: "
+                   "'balanced' (default) rounds each row so its errors sum to nearly zero, which removes the steady output "
+                   "shift rounding causes behind Relu-like layers; 'nearest' rounds each weight to its nearest code. "
+                   "8-bit codes and --range absmax always round to nearest")
     p.add_argument("--first-last-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
                    help="bits for the first and last weighted layers (default 8); give the same value as -b to treat them like the rest")
     p.add_argument("--depthwise-bits", type=int, choices=BIT_CHOICES, default=8, metavar="N",
@@ -249,6 +254,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         exclude=frozenset(args.exclude),
         activations=_activation_config(args),
         output_aware=args.output_aware == "auto",
+        balanced_rounding=args.rounding == "balanced",
         samples=ActivationConfig.samples if args.calibration_size is None else args.calibration_size,
     )
 

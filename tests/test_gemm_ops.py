@@ -19,6 +19,7 @@ from onnxq.analysis.inventory import inspect_model
 from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
 from onnxq.native.session import session
 from onnxq.numerics.weights import quantize_post_weight, quantize_weight
+from onnxq.pipeline import BALANCED_MAX_BITS
 from onnxq.report.summary import summary
 from onnxq.rewrite.gemm import MIN_WEIGHTS, has_pixel_steps
 
@@ -50,10 +51,11 @@ def _reference(float_model: onnx.ModelProto, x: np.ndarray, fmt: WeightFormat, b
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     inits = _inits(float_model)
     rows = inits["w"] if attrs.get("transB") else inits["w"].T  # (M, K)
+    balanced = bits <= BALANCED_MAX_BITS  # the pipeline's data-free codes (onnxq/numerics/balance.py)
     if fmt is WeightFormat.POST:
-        q = quantize_post_weight(rows, bits, 0)
+        q = quantize_post_weight(rows, bits, 0, balanced=balanced)
     else:
-        q = quantize_weight(rows, bits, 0, SqrtMode.OFF)
+        q = quantize_weight(rows, bits, 0, SqrtMode.OFF, balanced=balanced)
     scale = (np.asarray(q.scale, np.float32) * np.float32(attrs.get("alpha", 1.0))).astype(np.float32)
     m = rows.shape[0]
     bias = None
@@ -281,7 +283,7 @@ def test_transformer_matmuls_quantize_each_token_with_its_own_step():
     inits = _inits(float_model)
     layers = []
     for name in ("w1", "w2"):
-        q = quantize_weight(inits[name].T, 4, 0, SqrtMode.OFF)
+        q = quantize_weight(inits[name].T, 4, 0, SqrtMode.OFF, balanced=True)
         layers.append((q.codes, np.asarray(q.scale, np.float32)))
     h = _per_row_reference(x, *layers[0], None)
     r = np.maximum(h + inits["b1"], np.float32(0))

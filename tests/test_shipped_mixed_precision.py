@@ -32,7 +32,9 @@ def test_mobilenet_most_sensitive_layer_and_five_bit_budget():
     assert FASHION_MNIST_DIR.is_dir(), "install Debian's dataset-fashion-mnist (the README's test command does)"
     test = load_labelled(FASHION_MNIST_DIR, "test")
     train = load_labelled(FASHION_MNIST_DIR, "train")
-    config = QuantizeConfig(bits=4, depthwise_bits=None)  # depthwise layers at 4 bits too, as before the depthwise rule
+    # depthwise layers at 4 bits too, as before the depthwise rule, and codes rounded to nearest: balanced ones leave
+    # too little W4 loss (0.2 points) for the sensitivity to be told from noise
+    config = QuantizeConfig(bits=4, depthwise_bits=None, balanced_rounding=False)
     analysis = SensitivityAnalysis(MOBILENET, config, [{"input": train.images[:SENSITIVITY_SAMPLES]}])
     worst = most_sensitive(analysis.layers())
     assert worst.nodes == ("/blocks/blocks.0/body/body.0/Conv",)  # the first depthwise conv

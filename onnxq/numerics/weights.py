@@ -5,6 +5,7 @@ Pure numpy; the ONNX side only hands in an array and an axis.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -12,6 +13,7 @@ import numpy as np
 
 from onnxq.config import RangeMethod, SqrtMode, check_bits
 from onnxq.numerics import output_error, post, uniform
+from onnxq.numerics.balance import balance_codes
 
 
 def to_rows(weight: np.ndarray, axis: int | None) -> np.ndarray:
@@ -102,12 +104,14 @@ def quantize_weight(
     axis: int | None,
     sqrt: SqrtMode = SqrtMode.AUTO,
     method: RangeMethod = RangeMethod.SEARCH,
+    balanced: bool = False,
 ) -> QuantizedTensor:
     """Quantize ``weight`` to ``bits`` per row along ``axis`` (None: per tensor).
 
     With SqrtMode.AUTO both plain and sqrt codes are tried and the one with the lower
     weight MSE is kept, up to SQRT_AUTO_MAX_BITS; wider codes stay plain. The range search runs up to SEARCH_MAX_BITS;
-    wider codes take the full range.
+    wider codes take the full range. ``balanced``: each row's rounding errors then sum to nearly zero
+    (onnxq/numerics/balance.py).
     """
     weight = np.asarray(weight, dtype=np.float32)
     bits = check_bits(bits)
@@ -117,21 +121,24 @@ def quantize_weight(
     best: QuantizedTensor | None = None
     for use_sqrt in modes:
         if method is RangeMethod.SEARCH:
-            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s), use_sqrt, False)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s), use_sqrt, False, balanced)
         else:
-            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s), use_sqrt, False)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s), use_sqrt, False, balanced)
         if best is None or candidate.mse < best.mse:
             best = candidate
     assert best is not None
     return best
 
 
-def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None, search: bool = True) -> QuantizedTensor:
-    """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched (else 1: max|w|)."""
+def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None, search: bool = True, balanced: bool = False) -> QuantizedTensor:
+    """Quantize ``weight`` to b-bit POST codes (powers of sqrt 2) per row along ``axis``, alpha searched (else 1: max|w|).
+
+    ``balanced``: as :func:`quantize_weight`'s.
+    """
     weight = np.asarray(weight, dtype=np.float32)
     if not search:
-        return _quantize_blocks(weight, axis, lambda rows: post.quantize_rows(rows, np.ones(len(rows)), bits), sqrt=False, is_post=True)
-    return _quantize_blocks(weight, axis, lambda rows: post.quantize_best(rows, bits), sqrt=False, is_post=True)
+        return _quantize_blocks(weight, axis, lambda rows: post.quantize_rows(rows, np.ones(len(rows)), bits), False, True, balanced)
+    return _quantize_blocks(weight, axis, lambda rows: post.quantize_best(rows, bits), False, True, balanced)
 
 
 def _quantize_blocks(
@@ -140,13 +147,19 @@ def _quantize_blocks(
     quantize_rows: Callable[[np.ndarray], uniform.UniformWeights | post.PostWeights],
     sqrt: bool,
     is_post: bool,
+    balanced: bool = False,
 ) -> QuantizedTensor:
-    """Quantize the rows block by block and join the codes, measuring the error they leave against the weights."""
+    """Quantize the rows block by block and join the codes, measuring the error they leave against the weights.
+
+    ``balanced``: the codes of each row are then moved so that its errors sum to nearly zero (onnxq/numerics/balance.py).
+    """
     codes, scales, alphas = [], [], []
     noise = signal = 0.0
     bits = 0
     for rows in row_blocks(weight, axis):
         q = quantize_rows(rows)
+        if balanced and axis is not None:
+            q = _balanced(rows, q)
         reference = rows.astype(np.float64)
         noise += float(np.sum((reference - q.dequantize()) ** 2))
         signal += float(np.sum(reference**2))
@@ -167,6 +180,15 @@ def _quantize_blocks(
         sqnr_db=_sqnr_from_sums(noise, signal),
         post=is_post,
     )
+
+
+def _balanced(rows: np.ndarray, q: uniform.UniformWeights | post.PostWeights) -> uniform.UniformWeights | post.PostWeights:
+    """``q`` with each row's codes balanced (:func:`onnxq.numerics.balance.balance_codes`) on its own grid."""
+    if isinstance(q, post.PostWeights):
+        codes = balance_codes(rows, q.codes, lambda c: post.dequantize(c, q.scale, q.bits), post.max_index(q.bits))
+    else:
+        codes = balance_codes(rows, q.codes, lambda c: uniform.dequantize(c, q.scale, q.sqrt), uniform.max_code(q.bits))
+    return dataclasses.replace(q, codes=codes)
 
 
 def _sqnr_from_sums(noise: float, signal: float) -> float:
