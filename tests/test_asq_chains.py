@@ -1,0 +1,99 @@
+"""ASQ's quantizations between onnxq ops in the op formats (onnxq/rewrite/chains.py).
+
+The reference is the graph as the ASQ rewrite writes it, each op's float output quantized and dequantized in standard
+ONNX (onnxq/rewrite/activations.py); the chain rewrite must give the same outputs within about a code step per op.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnxq.native.domain import DOMAIN, DOMAIN_VERSION
+from onnxq.native.session import session
+from onnxq.rewrite.chains import link_chains
+from onnxq.rewrite.ops import pack_rows
+
+C, HW = 8, 6
+
+
+class _Graph:
+    """A hand-written int-format graph: IntConv nodes and ASQ's pairs in standard ONNX between them."""
+
+    def __init__(self, seed: int = 3) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+
+    def const(self, name: str, value: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(value, name))
+        return name
+
+    def conv(self, name: str, x: str, step: tuple[float, int]) -> str:
+        """A 1x1 IntConv, 4-bit codes, reading float ``x`` with the fixed uint8 ``step`` (s, z); returns its float output."""
+        codes = self.rng.integers(-7, 8, size=(C, C))
+        inputs = [x, self.const(f"{name}_w", pack_rows(codes, 4)),
+                  self.const(f"{name}_scale", np.full(C, 0.05, np.float32)),
+                  self.const(f"{name}_b", (self.rng.standard_normal(C) * 0.1).astype(np.float32)),
+                  self.const(f"{name}_xs", np.array(step[0], np.float32)), self.const(f"{name}_xz", np.array(step[1], np.uint8))]
+        self.nodes.append(helper.make_node("IntConv", inputs, [f"{name}_y"], name=name, domain=DOMAIN, bits=4, kernel_shape=[1, 1]))
+        return f"{name}_y"
+
+    def channel_pair(self, x: str) -> str:
+        """ASQ's fixed per-channel pair: Div(r) -> Q(1, z_c, axis 1) -> DQ -> Mul(r), r constant per channel."""
+        r = self.const(f"{x}_r", (0.02 + 0.03 * self.rng.random((1, C, 1, 1))).astype(np.float32))
+        ones = self.const(f"{x}_ones", np.ones(C, np.float32))
+        z = self.const(f"{x}_z", self.rng.integers(100, 140, size=C).astype(np.uint8))
+        self.nodes += [helper.make_node("Div", [x, r], [f"{x}_div"]),
+                       helper.make_node("QuantizeLinear", [f"{x}_div", ones, z], [f"{x}_q"], axis=1),
+                       helper.make_node("DequantizeLinear", [f"{x}_q", ones, z], [f"{x}_dq"], axis=1),
+                       helper.make_node("Mul", [f"{x}_dq", r], [f"{x}_pair"])]
+        return f"{x}_pair"
+
+    def model(self, output: str) -> onnx.ModelProto:
+        shape = [4, C, HW, HW]
+        graph = helper.make_graph(self.nodes, "asq", [helper.make_tensor_value_info("x", TensorProto.FLOAT, shape)],
+                                  [helper.make_tensor_value_info(output, TensorProto.FLOAT, shape)], self.inits)
+        graph.value_info.extend(helper.make_tensor_value_info(o, TensorProto.FLOAT, shape)
+                                for n in self.nodes if n.domain == DOMAIN for o in n.output if o != output)
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    return session(model.SerializeToString()).run(None, {"x": x})[0]
+
+
+def _residual_block(skip_pair: bool) -> onnx.ModelProto:
+    """x -> a -> b -> pair -> Add(skip) -> Relu -> Q/DQ -> c; the skip x, or (``skip_pair``) a shortcut op s behind its own pair.
+
+    ::
+        x ---------------------- [-> s -> pair] ---.
+          `-> a -> b -> pair -> Add(skip) -> Relu -> Q/DQ -> c
+    """
+    g = _Graph()
+    a = g.conv("a", "x", (0.03, 128))
+    b = g.conv("b", a, (0.03, 128))
+    skip = g.channel_pair(g.conv("s", "x", (0.03, 128))) if skip_pair else "x"
+    g.nodes += [helper.make_node("Add", [g.channel_pair(b), skip], ["sum"]), helper.make_node("Relu", ["sum"], ["relu"])]
+    s, z = g.const("s", np.array(0.05, np.float32)), g.const("z", np.array(0, np.uint8))
+    g.nodes += [helper.make_node("QuantizeLinear", ["relu", s, z], ["relu_q"]), helper.make_node("DequantizeLinear", ["relu_q", s, z], ["relu_dq"])]
+    return g.model(g.conv("c", "relu_dq", (0.05, 0)))
+
+
+def test_an_asq_per_channel_pair_in_front_of_a_residual_add_goes_with_the_add():
+    for skip_pair in (False, True):
+        reference = _residual_block(skip_pair)
+        fused = onnx.ModelProto()
+        fused.CopyFrom(reference)
+        report = link_chains(fused.graph)
+        types = [n.op_type for n in fused.graph.node]
+        assert report.residuals == 1 and types.count("Add") == types.count("Div") == types.count("Relu") == 0, types
+        b = next(n for n in fused.graph.node if n.name == "b")
+        assert b.op_type == "IntConvQ" and b.input[8] == ("s_y" if skip_pair else "x")  # float R: s's exact output, or x
+        x = np.random.default_rng(1).standard_normal((4, C, HW, HW)).astype(np.float32)
+        got, want = _run(fused, x), _run(reference, x)
+        # the sum from b's (and s's) exact outputs instead of their per-channel codes: up to half a step (0.05 max) each,
+        # then c's input code may move by one (0.05), times c's weights (|q| <= 7, scale 0.05, C inputs)
+        assert np.abs(got - want).max() <= 2 * 0.05 * 7 * 0.05 * C
+        assert np.mean(np.abs(got - want)) < 0.1 * np.mean(np.abs(want))
