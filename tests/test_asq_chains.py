@@ -156,3 +156,23 @@ def _with_output(model: onnx.ModelProto, name: str) -> onnx.ModelProto:
     copy.CopyFrom(model)
     copy.graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
     return copy
+
+
+def test_an_op_in_front_of_an_asq_per_channel_pair_writes_its_codes_for_float_readers():
+    """x -> a -> pair -> GlobalAveragePool: a writes the pair's codes (its affine map 1/r, z), one DequantizeLinear."""
+    g = _Graph(seed=11)
+    pair = g.channel_pair(g.conv("a", "x", (0.03, 128)))
+    g.nodes.append(helper.make_node("GlobalAveragePool", [pair], ["y"]))
+    reference = g.model("y")
+    reference.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", C, 1, 1]))
+    fused = onnx.ModelProto()
+    fused.CopyFrom(reference)
+    report = link_chains(fused.graph)
+    assert [n.op_type for n in fused.graph.node] == ["IntConvQ", "DequantizeLinear", "GlobalAveragePool"]
+    assert report.float_outputs["a"].startswith("ASQ's per-channel steps (written as codes, dequantized for GlobalAveragePool")
+    x = np.random.default_rng(2).standard_normal((6, C, HW, HW)).astype(np.float32) * 2
+    got, want = _run(fused, x), _run(reference, x)
+    r = numpy_helper.to_array(next(t for t in reference.graph.initializer if t.name == "a_y_r")).reshape(1, C, 1, 1)
+    # a code moves by one only next to a rounding tie (1/r multiplied, z added in float32): far under one step on average
+    assert np.all(np.abs(got - want) <= r * (1 + 1e-5))
+    assert np.mean(np.abs(got - want) <= 1e-6 * np.abs(want).max()) > 0.9

@@ -22,6 +22,8 @@ op reads (its integer sums need one step over the input channels), so such a ten
 
 from __future__ import annotations
 
+from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -32,7 +34,7 @@ from onnxq.model.graph import NameSource, attribute, constant_initializers, cons
 from onnxq.native.domain import DOMAIN
 
 #: Input slots of the ops (csrc/kernels/int_conv.h): X's step and zero point, Y's, and ASQ's adapter.
-X_SCALE, X_ZERO_POINT, Y_SCALE, Y_ZERO_POINT, ASQ_WEIGHT, ASQ_LOG = 4, 5, 6, 7, 13, 14
+X_SCALE, X_ZERO_POINT, Y_SCALE, Y_ZERO_POINT, POST_SCALE, POST_BIAS, ASQ_WEIGHT, ASQ_LOG = 4, 5, 6, 7, 11, 12, 13, 14
 
 
 @dataclass
@@ -193,11 +195,85 @@ def _channels(op: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> int | 
     return int(w.dims[0]) if w is not None and len(w.dims) == 2 else None
 
 
-def _declare(graph: onnx.GraphProto, float_name: str, codes: str, steps: str, shape: list | None) -> None:
-    """The op's outputs now: uint8 codes of the float output's shape, and the (N,) steps."""
+def _declare(graph: onnx.GraphProto, float_name: str, codes: str, steps: str | None, shape: list | None) -> None:
+    """The op's outputs now: uint8 codes of the float output's shape, and the (N,) steps (if any)."""
     for info in list(graph.value_info):
         if info.name in (float_name, steps):
             graph.value_info.remove(info)
-    batch = shape[0] if shape else None
-    graph.value_info.extend([helper.make_tensor_value_info(codes, onnx.TensorProto.UINT8, shape),
-                             helper.make_tensor_value_info(steps, onnx.TensorProto.FLOAT, [batch])])
+    graph.value_info.append(helper.make_tensor_value_info(codes, onnx.TensorProto.UINT8, shape))
+    if steps is not None:
+        graph.value_info.append(helper.make_tensor_value_info(steps, onnx.TensorProto.FLOAT, [shape[0] if shape else None]))
+
+
+def op_behind_channel_pair(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
+                           fixed: set[str], float_op_types: Collection[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """The onnxq op (float out) in front of ASQ's fixed per-channel pair at ``name``, and the pair's four nodes.
+
+    ``Mul(DequantizeLinear(QuantizeLinear(Div(op output, r), 1, z_c), 1, z_c), r)``, r one constant step per channel
+    (onnxq/rewrite/activations.py: ASQ kept fixed steps for a tensor no integer op reads, e.g. a residual branch),
+    each node read only by the next. None for anything else, adaptive steps included (their adapter reads the op too).
+    """
+    mul = producer.get(name)
+    if not is_op(mul, "Mul") or len(mul.input) != 2:
+        return None
+    dq = producer.get(mul.input[0])
+    q = producer.get(dq.input[0]) if is_op(dq, "DequantizeLinear") else None
+    div = producer.get(q.input[0]) if is_op(q, "QuantizeLinear") else None
+    if not is_op(div, "Div") or mul.input[1] not in consts or div.input[1] != mul.input[1]:
+        return None
+    chain = [mul, dq, q, div]
+    if any(readers[n.output[0]] != 1 or n.output[0] in fixed for n in chain[1:]):
+        return None
+    node = producer.get(div.input[0])
+    if node is None or node.domain != DOMAIN or node.op_type not in float_op_types or readers[node.output[0]] != 1 or node.output[0] in fixed:
+        return None
+    return node, chain
+
+
+def write_channel_codes(graph: onnx.GraphProto, float_ops: dict[str, str], set_inputs) -> list[tuple[str, str]]:
+    """Let each float op in front of ASQ's fixed per-channel pair read by float nodes write the pair's codes (in place).
+
+    ``op -> Div(r) -> QuantizeLinear(1, z_c) -> DequantizeLinear(1, z_c) -> Mul(r) -> readers`` (r, z_c per channel)
+    becomes ``op(uint8 Y) -> DequantizeLinear(r_c, z_c, axis 1) -> readers``: the op maps its y to y * (1 / r_c) + z_c
+    (its per-channel affine map, inputs post_scale and post_bias) and quantizes that with step 1 and zero point 0,
+    which gives the pair's codes round(y / r_c) + z_c (clamped to 0-255) but where the reciprocal or the sum's
+    rounding puts a value on the other side of a rounding tie (then one code off). Four float passes over the tensor
+    (onnxruntime quantizes per axis slowly) become one. Not where the op has an affine map already, nor for a pair
+    a residual Add reads (chains.py fuses that Add into the op instead). Returns (op name, readers) of each.
+    """
+    consts = constant_initializers(graph)
+    readers = Counter(name for n in graph.node for name in n.input)
+    producer = {out: n for n in graph.node for out in n.output}
+    fixed = {o.name for o in graph.output}
+    shapes = declared_shapes(graph)
+    names = NameSource(graph)
+    done = []
+    for mul in [n for n in graph.node if is_op(n, "Mul")]:
+        found = op_behind_channel_pair(mul.output[0], producer, readers, consts, fixed, float_ops)
+        if found is None or any(i for i in found[0].input[POST_SCALE:]):
+            continue
+        op, (_, dequantize, quantize, div) = found
+        step = to_array(consts[div.input[1]]).reshape(-1).astype(np.float32)
+        zero_points = to_array(consts[quantize.input[2]]).reshape(-1)
+        if step.size != _channels(op, consts) or zero_points.size != step.size or zero_points.dtype != np.uint8:
+            continue
+        float_name, codes = op.output[0], names.fresh(f"{op.output[0]}_uint8")
+        inits = {"post_scale": (np.float32(1) / step), "post_bias": zero_points.astype(np.float32),
+                 "scale": step, "unit": np.array(1.0, np.float32), "zero": np.array(0, np.uint8)}
+        inits = {key: _initializer(graph, names.fresh(f"{op.name}_channel_codes_{key}"), value) for key, value in inits.items()}
+        op.op_type = float_ops[op.op_type]
+        set_inputs(op, {Y_SCALE: inits["unit"], Y_ZERO_POINT: inits["zero"], POST_SCALE: inits["post_scale"], POST_BIAS: inits["post_bias"]})
+        op.output[0] = codes
+        dequantize.input[:] = [codes, inits["scale"], quantize.input[2]]
+        dequantize.output[0] = mul.output[0]
+        for node in (div, quantize, mul):
+            graph.node.remove(node)
+        _declare(graph, float_name, codes, None, shapes.get(float_name))
+        reader_types = sorted({n.op_type for n in graph.node if mul.output[0] in n.input})
+        done.append((op.name, " and ".join(reader_types) or "nothing"))
+    return done
+
+
+def _initializer(graph: onnx.GraphProto, name: str, value: np.ndarray) -> str:
+    graph.initializer.append(numpy_helper.from_array(np.asarray(value), name))
+    return name

@@ -45,7 +45,7 @@ from onnxq.model.graph import (
     to_array,
 )
 from onnxq.native.domain import DOMAIN, INT_CONV, INT_CONV_Q, POST_CONV, POST_CONV_Q
-from onnxq.rewrite.asq_steps import fuse_asq_steps
+from onnxq.rewrite.asq_steps import fuse_asq_steps, op_behind_channel_pair, write_channel_codes
 from onnxq.rewrite.fusions import drop_unread, drop_unread_pairs
 
 #: The float-output op and its uint8-output twin.
@@ -93,6 +93,8 @@ def link_chains(graph: onnx.GraphProto) -> ChainReport:
     if report.asq_steps:  # Adds reading an ASQ op's codes, dequantized with its steps, as their skip
         report.residuals += _fuse_residuals(graph)
     report.linked = report.asq_steps
+    for op, reader in write_channel_codes(graph, QUANTIZED_OUTPUT, _set_inputs):
+        report.float_outputs[op] = f"ASQ's per-channel steps (written as codes, dequantized for {reader}: an op needs one step)"
     names = NameSource(graph)
     consts = constant_initializers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
@@ -230,7 +232,7 @@ def _fuse_residuals(graph: onnx.GraphProto) -> int:
                 continue
             op, between = found
             residual = _residual_inputs(skip, producer, consts)
-            skip_op = _op_behind_channel_pair(skip, producer, readers, consts, fixed)
+            skip_op = op_behind_channel_pair(skip, producer, readers, consts, fixed, QUANTIZED_OUTPUT)
             if skip_op is not None:  # the skip op's exact output as float R, its per-channel pair dropped as the branch's is
                 residual, between, skip = [skip_op[0].output[0]], [*between, *skip_op[1]], skip_op[0].output[0]
             per_sample = _per_sample_skip(skip, producer, consts)
@@ -264,31 +266,6 @@ def _op_behind_pair(name: str, producer: dict[str, onnx.NodeProto], readers: Cou
     return node, between
 
 
-def _op_behind_channel_pair(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str],
-                            consts: dict[str, onnx.TensorProto], fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """The onnxq op (float out) in front of ASQ's fixed per-channel pair at ``name``, and the pair's four nodes.
-
-    ``Mul(DequantizeLinear(QuantizeLinear(Div(op output, r), 1, z_c), 1, z_c), r)``, r one constant step per channel
-    (onnxq/rewrite/activations.py: ASQ kept fixed steps for a tensor no integer op reads, e.g. a residual branch),
-    each node read only by the next. None for anything else, adaptive steps included (their adapter reads the op too).
-    """
-    mul = producer.get(name)
-    if not is_op(mul, "Mul") or len(mul.input) != 2:
-        return None
-    dq = producer.get(mul.input[0])
-    q = producer.get(dq.input[0]) if is_op(dq, "DequantizeLinear") else None
-    div = producer.get(q.input[0]) if is_op(q, "QuantizeLinear") else None
-    if not is_op(div, "Div") or mul.input[1] not in consts or div.input[1] != mul.input[1]:
-        return None
-    chain = [mul, dq, q, div]
-    if any(readers[n.output[0]] != 1 or n.output[0] in fixed for n in chain[1:]):
-        return None
-    node = producer.get(div.input[0])
-    if node is None or not _is_float_op(node) or readers[node.output[0]] != 1 or node.output[0] in fixed:
-        return None
-    return node, chain
-
-
 def _branch_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
                fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """The onnxq op (float out, no clip, no residual yet) whose output alone reaches ``name``, and the pair between.
@@ -296,7 +273,8 @@ def _branch_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[
     The pair: a scalar Q/DQ, or ASQ's fixed per-channel one (_op_behind_channel_pair). Either goes with the Add: the sum
     is formed from the op's exact output (the same as for a scalar pair, within about a step of the pair's output).
     """
-    found = _op_behind_pair(name, producer, readers, consts, fixed) or _op_behind_channel_pair(name, producer, readers, consts, fixed)
+    found = _op_behind_pair(name, producer, readers, consts, fixed) or op_behind_channel_pair(name, producer, readers, consts, fixed,
+                                                                                                  QUANTIZED_OUTPUT)
     if found is None or any(i for i in found[0].input[RESIDUAL:]) or not _unclipped(found[0]):
         return None
     return found
