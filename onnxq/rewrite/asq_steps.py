@@ -23,7 +23,7 @@ op reads (its integer sums need one step over the input channels), so such a ten
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 
 import numpy as np
@@ -33,7 +33,10 @@ from onnx import helper, numpy_helper
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, declared_shapes, is_op, to_array
 from onnxq.native.domain import DOMAIN
 
-#: Input slots of the ops (csrc/kernels/int_conv.h): X's step and zero point, Y's, and ASQ's adapter.
+#: Sets an op's inputs at the given slots (chains._set_inputs).
+SetInputs = Callable[[onnx.NodeProto, dict[int, str]], None]
+
+#: Input slots of the ops (csrc/kernels/int_conv.h): X's step and zero point, Y's, the affine map and ASQ's adapter.
 X_SCALE, X_ZERO_POINT, Y_SCALE, Y_ZERO_POINT, POST_SCALE, POST_BIAS, ASQ_WEIGHT, ASQ_LOG = 4, 5, 6, 7, 11, 12, 13, 14
 
 
@@ -48,7 +51,7 @@ class _Adapter:
     scale: str          # the one-element channel step s
 
 
-def fuse_asq_steps(graph: onnx.GraphProto, float_ops: dict[str, str], set_inputs) -> int:
+def fuse_asq_steps(graph: onnx.GraphProto, float_ops: dict[str, str], set_inputs: SetInputs) -> int:
     """Give each float onnxq op whose output only ASQ's per-sample quantization reads the adapter (in place).
 
     ``float_ops`` maps each float-output op type to its uint8-output twin; ``set_inputs(node, {slot: name})`` sets
@@ -230,7 +233,7 @@ def op_behind_channel_pair(name: str, producer: dict[str, onnx.NodeProto], reade
     return node, chain
 
 
-def write_channel_codes(graph: onnx.GraphProto, float_ops: dict[str, str], set_inputs) -> list[tuple[str, str]]:
+def write_channel_codes(graph: onnx.GraphProto, float_ops: dict[str, str], set_inputs: SetInputs) -> list[tuple[str, str]]:
     """Let each float op in front of ASQ's fixed per-channel pair read by float nodes write the pair's codes (in place).
 
     ``op -> Div(r) -> QuantizeLinear(1, z_c) -> DequantizeLinear(1, z_c) -> Mul(r) -> readers`` (r, z_c per channel)

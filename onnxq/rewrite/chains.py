@@ -270,7 +270,7 @@ def _branch_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[
                fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """The onnxq op (float out, no clip, no residual yet) whose output alone reaches ``name``, and the pair between.
 
-    The pair: a scalar Q/DQ, or ASQ's fixed per-channel one (_op_behind_channel_pair). Either goes with the Add: the sum
+    The pair: a scalar Q/DQ, or ASQ's fixed per-channel one (asq_steps.op_behind_channel_pair). Either goes with the Add: the sum
     is formed from the op's exact output (the same as for a scalar pair, within about a step of the pair's output).
     """
     found = _op_behind_pair(name, producer, readers, consts, fixed) or op_behind_channel_pair(name, producer, readers, consts, fixed,
