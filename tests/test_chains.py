@@ -120,11 +120,15 @@ def test_the_summary_says_where_a_chain_breaks_and_why(monkeypatch, tmp_path):
 
 
 def test_an_op_read_by_a_float_node_keeps_its_output_float(monkeypatch):
-    """ASQ: the pooling's input gets steps per sample (Div by the adapter's steps, then a fixed pair): conv3 stays float."""
+    """ASQ: the pooling's input gets per-channel steps (a fixed pair per channel), which no op can read: conv3 writes
+    their codes for a DequantizeLinear in front of the pooling (onnxq/rewrite/asq_steps.py), its output float after it."""
     config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=ActivationConfig(method=CalibrationMethod.ASQ))
     chained, plain = _both(_network(residual=False), monkeypatch, config)
     reasons = chained.chains.float_outputs
-    assert list(reasons) == ["conv3"] and reasons["conv3"].startswith("read by Div ")
-    assert next(n for n in chained.model.graph.node if n.name == "conv3").op_type == "IntConv"
+    assert list(reasons) == ["conv3"] and reasons["conv3"].startswith("ASQ's per-channel steps (written as codes")
+    conv3 = next(n for n in chained.model.graph.node if n.name == "conv3")
+    assert conv3.op_type == "IntConvQ" and [n.op_type for n in chained.model.graph.node if conv3.output[0] in n.input] == ["DequantizeLinear"]
     x = np.random.default_rng(3).standard_normal((8, 3, 10, 10)).astype(np.float32)
-    np.testing.assert_array_equal(_run(chained.model, x)[0], _run(plain.model, x)[0])
+    got, want = _run(chained.model, x)[0], _run(plain.model, x)[0]
+    assert np.mean(np.abs(got - want) <= 1e-5 * np.abs(want).max()) > 0.9  # (a code moves next to a rounding tie only)
+    assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()

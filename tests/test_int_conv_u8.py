@@ -10,6 +10,7 @@ onnxruntime's float Q -> DQ -> Conv -> Add -> Relu within one code per op; malfo
 from __future__ import annotations
 
 import functools
+import math
 import zlib
 from dataclasses import dataclass, replace
 
@@ -37,6 +38,8 @@ class Form:
     per_sample: bool = False
     hardswish: tuple[float, float] | None = None  # the hard swish's alpha and beta after the clip (None: attribute absent)
     affine: bool = False  # inputs post_scale and post_bias: a per-channel affine map after the clip and the hard swish
+    asq: bool = False  # inputs asq_weight and asq_log: uint8 Y with ASQ's step per sample, which output 1 holds
+    r_per_sample: bool = False  # uint8 R with a step per sample (an ASQ op's output as the residual)
 
     def __str__(self) -> str:
         return self.name
@@ -62,6 +65,13 @@ FORMS = [
     Form("u8x-u8y-relu-affine", x_u8=True, y_u8=True, clip=(0.0, None), affine=True),
     Form("per-sample-u8y-u8r-clip-hardswish-affine", y_u8=True, residual="uint8", clip=(0.02, 0.97), hardswish=(1 / 6, 0.5),
          per_sample=True, affine=True),
+    # ASQ's step per sample for Y, computed from the op's own y (int_conv_asq.cc): alone, after a Relu, behind a residual
+    # of uint8 R with steps per sample (another ASQ op's output), and with everything else
+    Form("asq", y_u8=True, asq=True),
+    Form("u8x-asq-relu", x_u8=True, y_u8=True, clip=(0.0, None), asq=True),
+    Form("asq-u8r-per-sample", y_u8=True, residual="uint8", r_per_sample=True, asq=True),
+    Form("per-sample-u8x-asq-u8r-per-sample-clip-hardswish-affine", x_u8=True, y_u8=True, residual="uint8", clip=(0.02, 0.97),
+         hardswish=(1 / 6, 0.5), per_sample=True, affine=True, asq=True, r_per_sample=True),
 ]
 
 # Shapes for every kernel path: dense (Gemm over large images, GemmT over small ones), grouped, 1x1, and depthwise:
@@ -136,16 +146,34 @@ def quantize_y(y: np.ndarray, y_scale: np.float32, y_zp: int) -> np.ndarray:
 
 
 def residual_value(r: np.ndarray, r_scale, r_zp) -> np.ndarray:
-    """R's float32 value: float R as it is, uint8 R as ((int32)R - r_zp) * r_scale (one float32 multiply)."""
+    """R's float32 value: float R as it is, uint8 R as ((int32)R - r_zp) * r_scale (one float32 multiply; a step per
+    sample: r_scale of N elements)."""
     if r.dtype == np.float32:
         return r
-    return (r.astype(np.int32) - np.int32(r_zp)).astype(np.float32) * np.float32(r_scale)
+    r_scale = np.asarray(r_scale, np.float32)
+    steps = r_scale.reshape(-1, 1, 1, 1) if r_scale.size > 1 else np.float32(r_scale.reshape(-1)[0])
+    return (r.astype(np.int32) - np.int32(r_zp)).astype(np.float32) * steps
 
 
-def make_model(op: str, inputs: list[tuple[str, np.ndarray | int | None]], y_type: int, **attributes) -> bytes:
+def asq_steps(y: np.ndarray, weight: np.ndarray, log: np.ndarray, y_scale: np.float32) -> np.ndarray:
+    """ASQ's step per sample from y (N, M, OH, OW), as int_conv.h defines it: channel means (sums in double, in order),
+    t = b + f . w (in double, in order), clipped to [log_min, log_max], then float32(exp(t)) * y_scale (float32)."""
+    n, m = y.shape[:2]
+    planes = y.reshape(n, m, -1).astype(np.float64)
+    pixels = planes.shape[2]
+    means = np.cumsum(planes, axis=2)[:, :, -1] / pixels if pixels else np.zeros((n, m))  # (cumsum: sequential sums)
+    t = np.cumsum(np.concatenate([np.full((n, 1), float(log[0])), means * weight.astype(np.float64)], axis=1), axis=1)[:, -1]
+    t = np.minimum(np.where(t >= float(log[1]), t, float(log[1])), float(log[2]))
+    factors = np.array([math.exp(v) for v in t], dtype=np.float64).astype(np.float32)  # (the C library's exp)
+    steps = factors * np.float32(y_scale)
+    assert steps.dtype == np.float32
+    return np.clip(steps, np.finfo(np.float32).tiny, np.finfo(np.float32).max)
+
+
+def make_model(op: str, inputs: list[tuple[str, np.ndarray | int | None]], y_type: int, *, steps: bool = False, **attributes) -> bytes:
     """One node; each input an initializer (an array), a graph input (its element type) or absent (None):
 
-    inputs... ─► op ─► Y
+    inputs... ─► op ─► Y [, Y_steps (``steps``: output 1, ASQ's steps per sample)]
     """
     names, graph_inputs, initializers = [], [], []
     for name, value in inputs:
@@ -159,14 +187,18 @@ def make_model(op: str, inputs: list[tuple[str, np.ndarray | int | None]], y_typ
             initializers.append(numpy_helper.from_array(value, name))
     while names[-1] == "":
         names.pop()
-    node = helper.make_node(op, names, ["Y"], domain=DOMAIN, **{k: v for k, v in attributes.items() if v is not None})
-    graph = helper.make_graph([node], op, graph_inputs, [helper.make_tensor_value_info("Y", y_type, None)], initializer=initializers)
+    outputs = [helper.make_tensor_value_info("Y", y_type, None)]
+    if steps:
+        outputs.append(helper.make_tensor_value_info("Y_steps", F, None))
+    node = helper.make_node(op, names, [o.name for o in outputs], domain=DOMAIN, **{k: v for k, v in attributes.items() if v is not None})
+    graph = helper.make_graph([node], op, graph_inputs, outputs, initializer=initializers)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 21), helper.make_opsetid(DOMAIN, 1)]).SerializeToString()
 
 
 @functools.lru_cache(maxsize=4)
 def _expected(case: Case, form: Form) -> tuple:
-    """The node's model (a function of the kernel), its feeds and the expected Y from the numpy model."""
+    """The node's model (a function of the kernel), its feeds and the expected outputs from the numpy model (Y, and
+    with ASQ its steps)."""
     rng = np.random.default_rng(zlib.crc32(f"{case}{form}".encode()))
     x_scale, x_zp, y_zp, r_scale, r_zp = _steps(case, rng)
     if form.per_sample:
@@ -200,6 +232,8 @@ def _expected(case: Case, form: Form) -> tuple:
         r = (rng.integers(-80, 81, y.shape) / 8 * (1 if grid else float(np.std(y)) / 10)).astype(np.float32)
     elif form.residual == "uint8":
         r = rng.integers(0, 256, y.shape).astype(np.uint8)
+    if form.r_per_sample:
+        r_scale = (r_scale * rng.choice([0.5, 1.0, 2.0], case.n)).astype(np.float32)
     if r is not None:
         y = y + residual_value(r, r_scale, r_zp)
         feeds["R"] = r
@@ -224,7 +258,16 @@ def _expected(case: Case, form: Form) -> tuple:
         y = y + post_bias[None, :, None, None]  # float32 steps: multiply, then add
         assert y.dtype == np.float32
     y_scale = np.float32(0.25 if grid else float(np.std(y)) / 100)
-    if form.y_u8:
+    asq_weight = asq_log = None
+    if form.asq:  # factors about e^+-0.5 from the channel means, clipped for some samples
+        asq_weight = (rng.uniform(-1, 1, case.m) / (np.sqrt(case.m) * (float(np.std(y)) + 1e-3))).astype(np.float32)
+        y_scale = np.float32(float(np.std(y)) / 100)  # (no grid: the steps per sample are not powers of two)
+        b = np.float32(rng.uniform(-0.2, 0.2))
+        asq_log = np.array([b, b - 0.3, b + 0.3], np.float32)
+        steps_y = asq_steps(y, asq_weight, asq_log, y_scale)
+        want = np.concatenate([quantize_y(y[n : n + 1], steps_y[n], int(y_zp)) for n in range(case.n)])
+        assert 0.005 < np.mean(want == 0) + np.mean(want == 255) < 0.995, "saturation at 0 or 255 is part of the test"
+    elif form.y_u8:
         want = quantize_y(y, y_scale, int(y_zp))
         assert 0.005 < np.mean(want == 0) + np.mean(want == 255) < 0.995, "saturation at 0 or 255 is part of the test"
         if grid and form.hardswish is None:  # exact ties of y / y_scale, rounded half to even (the swish leaves the grid)
@@ -242,25 +285,29 @@ def _expected(case: Case, form: Form) -> tuple:
         ("y_scale", np.asarray(y_scale, np.float32) if form.y_u8 else None),
         ("y_zero_point", np.asarray(y_zp, np.uint8) if form.y_u8 else None),
         ("R", None if r is None else U8 if uint8_r else F),
-        ("r_scale", np.asarray(r_scale, np.float32) if uint8_r else None),
+        ("r_scale", (r_scale.reshape(-1, 1) if form.r_per_sample else np.asarray(r_scale, np.float32)) if uint8_r else None),
         ("r_zero_point", np.asarray(r_zp, np.uint8) if uint8_r else None),
         ("post_scale", post_scale),
         ("post_bias", post_bias),
+        ("asq_weight", asq_weight),
+        ("asq_log", asq_log),
     ]
     attributes = dict(case_attributes(case), **clip, **swish)
     op = case.op + ("Q" if form.y_u8 else "")
-    model = functools.partial(make_model, op, inputs, U8 if form.y_u8 else F, **attributes)
-    return model, feeds, want
+    model = functools.partial(make_model, op, inputs, U8 if form.y_u8 else F, steps=form.asq, **attributes)
+    return model, feeds, (want, steps_y) if form.asq else (want,)
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize("form", FORMS, ids=str)
 @pytest.mark.parametrize("case", SHAPES, ids=str)
 def test_every_epilogue_form_equals_numpy_bit_for_bit(case, form, kernel):
-    model, feeds, want = _expected(case, form)
-    (y,) = session(model(kernel=KERNELS[kernel])).run(None, feeds)
-    assert y.dtype == want.dtype and y.shape == want.shape
-    np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}")
+    model, feeds, wants = _expected(case, form)
+    outputs = session(model(kernel=KERNELS[kernel])).run(None, feeds)
+    assert len(outputs) == len(wants)
+    for y, want in zip(outputs, wants, strict=True):
+        assert y.dtype == want.dtype and y.shape == want.shape
+        np.testing.assert_array_equal(y, want, err_msg=f"kernel {kernel}")
 
 
 # A node keeps a plan of its call for X's shape (int_conv.cc, Plan): one session fed batches of other sizes in turn must
@@ -271,17 +318,19 @@ _ALTERNATING = [
     (replace(SHAPES[4], n=3), "u8x-u8y-float-r-clip"),
     (replace(SHAPES[5], n=3), "u8y-u8r-clip"),
     (replace(SHAPES[11], n=3), "float-r"),
+    (replace(SHAPES[3], n=3), "u8x-asq-relu"),
 ]
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize(("case", "form"), _ALTERNATING, ids=lambda v: str(v))
 def test_one_session_fed_batches_of_alternating_sizes_equals_numpy(case, form, kernel):
-    model, feeds, want = _expected(case, next(f for f in FORMS if f.name == form))
+    model, feeds, wants = _expected(case, next(f for f in FORMS if f.name == form))
     s = session(model(kernel=KERNELS[kernel]))
     for n in (1, 3, 2, 3, 1, 2):
-        (y,) = s.run(None, {name: value[:n] for name, value in feeds.items()})
-        np.testing.assert_array_equal(y, want[:n], err_msg=f"kernel {kernel}, batch {n}")
+        outputs = s.run(None, {name: value[:n] for name, value in feeds.items()})
+        for y, want in zip(outputs, wants, strict=True):
+            np.testing.assert_array_equal(y, want[:n], err_msg=f"kernel {kernel}, batch {n}")
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
@@ -427,7 +476,7 @@ def _float_chain_residual(x_float, layer, step_in, step_out) -> list[np.ndarray]
 def test_float_models_are_unchanged_by_the_new_inputs():
     """A node with none of the new inputs (6 inputs, float X and Y) keeps its old output bits."""
     case = SHAPES[4]
-    model, feeds, want = _expected(case, Form("plain-float"))
+    model, feeds, (want,) = _expected(case, Form("plain-float"))
     (y,) = session(model(kernel=0)).run(None, feeds)
     np.testing.assert_array_equal(y, want)
 
@@ -451,6 +500,8 @@ def _error_inputs(**changes) -> list:
         r_zero_point=None,
         post_scale=None,
         post_bias=None,
+        asq_weight=None,
+        asq_log=None,
     )
     inputs.update(changes)
     return list(inputs.items())
@@ -504,6 +555,21 @@ def _error_inputs(**changes) -> list:
             {},
             r"IntConvQ: input post_bias must have shape \(M,\) = \(4,\) like W's rows, got \(3,\)",
         ),
+        # ASQ's steps per sample (inputs 13 and 14, output 1)
+        ("IntConvQ", dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3), asq_weight=np.ones(4, np.float32)), {},
+         r"IntConvQ: asq_weight and asq_log must be given together"),
+        ("IntConv", dict(asq_weight=np.ones(4, np.float32), asq_log=np.zeros(3, np.float32)), {},
+         r"asq_weight and asq_log give a uint8 Y a step per sample; IntConv's Y is float32"),
+        ("IntConvQ", dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3), asq_weight=np.ones(4, np.float32), asq_log=np.zeros(3, np.float32)),
+         {}, r"need output 1"),
+        ("IntConvQ+steps", dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3), asq_weight=np.ones(5, np.float32),
+                                asq_log=np.zeros(3, np.float32)), {}, r"input asq_weight must have shape \(M,\) = \(4,\), got \(5,\)"),
+        ("IntConvQ+steps", dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3), asq_weight=np.ones(4, np.float32),
+                                asq_log=np.zeros(2, np.float32)), {}, r"asq_log must hold 3 float32 values"),
+        ("IntConvQ+steps", dict(y_scale=np.float32(0.5), y_zero_point=np.uint8(3), asq_weight=np.ones(4, np.float32),
+                                asq_log=np.array([0, 1, -1], np.float32)), {}, r"must be finite with log_min <= log_max"),
+        ("IntConv", dict(R=U8, r_scale=np.array([1, 0.5], np.float32), r_zero_point=np.uint8(0)), dict(R=np.zeros((1, 4, 6, 6), np.uint8)),
+         r"r_scale must be one float32 value, got shape \(2,\)"),
     ],
 )
 @pytest.mark.parametrize("kernel", ISA_KERNELS)
@@ -511,8 +577,10 @@ def test_malformed_uses_are_clear_errors(op, changes, feeds, match, kernel):
     if skip_reason(kernel):
         pytest.skip(skip_reason(kernel))
     bits = dict(bits=4, kernel_shape=[3, 3], pads=[1, 1, 1, 1], kernel=KERNELS[kernel])
+    op, steps = op.removesuffix("+steps"), op.endswith("+steps")  # (+steps: the node has output 1)
     model = make_model(
-        op.replace("IntConv", "PostConv") if op.startswith("PostConv") else op, _error_inputs(**changes), U8 if op.endswith("Q") else F, **bits
+        op.replace("IntConv", "PostConv") if op.startswith("PostConv") else op, _error_inputs(**changes), U8 if op.endswith("Q") else F,
+        steps=steps, **bits
     )
     x = np.random.default_rng(0).integers(0, 256, (1, 4, 6, 6)).astype(np.uint8)
     sess = session(model)

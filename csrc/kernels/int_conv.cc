@@ -12,6 +12,7 @@
 #include <string>
 #include <vector>
 
+#include "kernels/int_conv_asq.h"
 #include "kernels/int_conv_impl.h"
 #include "kernels/kernels.h"
 #include "kernels/quantize_dynamic_u8_kernels.h"
@@ -187,7 +188,7 @@ IntConvKernel::IntConvKernel(bool post, bool quantized, const OrtApi& api, const
     is_constant = 0;
   }
   w_constant_ = is_constant != 0;
-  for (int i = 1; i <= 12; ++i) {
+  for (int i = 1; i <= 14; ++i) {
     if (i == 8) continue;  // (R: a plan never keeps it)
     is_constant = 0;
     if (OrtStatus* status = api.KernelInfoGetConstantInput_tensor(info, i, &is_constant, &constant)) {
@@ -229,9 +230,11 @@ struct Plan {
   Output output;     // its constant parts (clip, hard swish, Y's and R's steps); no pointers
   bool staged;
   bool x_constant;   // x_scale and x_zero_point are constant initializers: params holds their steps
+  bool r_per_sample = false;  // uint8 R with a step per sample (r_scale of N > 1 elements, read at every call)
   std::vector<qdu8::Params> params;
   std::vector<float> c_e, c_o;  // one constant step: the per-channel factors (else empty)
   std::vector<float> post_scale, post_bias;  // inputs 11 and 12, the affine map (else empty)
+  AsqStep asq;                               // inputs 13 and 14, ASQ's per-sample Y step (asq.weight empty: none)
 
   bool Matches(const int64_t* dims, bool xb, bool rb, uint32_t p) const {
     return xb == x_bytes && rb == r_bytes && p == present && std::equal(dims, dims + 4, x_dims);
@@ -239,9 +242,9 @@ struct Plan {
 };
 
 // The inputs whose shapes and values a plan keeps: W, scale, B, y_scale, y_zero_point, r_scale, r_zero_point,
-// post_scale, post_bias.
-constexpr uint32_t kPlanInputs =
-    (1u << 1) | (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 9) | (1u << 10) | (1u << 11) | (1u << 12);
+// post_scale, post_bias, asq_weight, asq_log.
+constexpr uint32_t kPlanInputs = (1u << 1) | (1u << 2) | (1u << 3) | (1u << 6) | (1u << 7) | (1u << 9) | (1u << 10) |
+                                 (1u << 11) | (1u << 12) | (1u << 13) | (1u << 14);
 
 namespace {
 // A value's element type, rank and dimensions (rank <= 4) from one shape query, without a vector.
@@ -265,6 +268,8 @@ struct CallScratch {
   std::vector<float> c_e, c_o;
   std::vector<float> pixel_steps;         // per-pixel steps (IntConvKernel::ComputePixels)
   std::vector<int32_t> pixel_zero_points;
+  std::vector<float> asq_y;               // ASQ's float Y before its per-sample quantization
+  std::vector<float> r_steps;             // uint8 R's per-sample steps
   std::unique_ptr<uint8_t[]> xq;
   size_t xq_size = 0;
   bool busy = false;
@@ -435,7 +440,14 @@ std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& c
     if (r_bytes) {
       ONNXQ_CHECK(r_scale != nullptr,
                   "R is uint8: inputs r_scale and r_zero_point (9 and 10, R's step and zero point) are required");
-      one_step(r_scale, r_zero_point, "r_scale", "r_zero_point", &output.r_scale, &output.r_zero_point);
+      plan->r_per_sample = g.n > 1 && r_scale.GetTensorTypeAndShapeInfo().GetElementCount() == static_cast<size_t>(g.n);
+      if (plan->r_per_sample) {  // (the steps are checked at every call; the zero point here)
+        ONNXQ_CHECK(r_zero_point.GetTensorTypeAndShapeInfo().GetElementCount() == 1,
+                    "r_zero_point must be one uint8 value, got shape " + ShapeText(shape_of(r_zero_point)));
+        output.r_zero_point = *r_zero_point.GetTensorData<uint8_t>();
+      } else {
+        one_step(r_scale, r_zero_point, "r_scale", "r_zero_point", &output.r_scale, &output.r_zero_point);
+      }
     } else {
       ONNXQ_CHECK(r_scale == nullptr, "r_scale and r_zero_point dequantize a uint8 R; this R is float32");
     }
@@ -452,6 +464,29 @@ std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& c
     }
     plan->post_scale.assign(post_scale.GetTensorData<float>(), post_scale.GetTensorData<float>() + g.m);
     plan->post_bias.assign(post_bias.GetTensorData<float>(), post_bias.GetTensorData<float>() + g.m);
+  }
+  // ASQ's step per sample for Y (inputs 13 and 14, output 1).
+  const Ort::ConstValue asq_weight = input(13), asq_log = input(14);
+  ONNXQ_CHECK((asq_weight != nullptr) == (asq_log != nullptr), "asq_weight and asq_log must be given together");
+  if (asq_weight != nullptr) {
+    ONNXQ_CHECK(quantized_, std::string("asq_weight and asq_log give a uint8 Y a step per sample; ") + op +
+                                "'s Y is float32");
+    ONNXQ_CHECK(context.GetOutputCount() >= 2, "asq_weight and asq_log need output 1 (Y's steps, one per sample)");
+    const std::vector<int64_t> w_shape_asq = shape_of(asq_weight);
+    ONNXQ_CHECK(w_shape_asq.size() == 1 && w_shape_asq[0] == g.m, "input asq_weight must have shape (M,) = (" +
+                                                                      std::to_string(g.m) + ",), got " +
+                                                                      ShapeText(w_shape_asq));
+    ONNXQ_CHECK(asq_log.GetTensorTypeAndShapeInfo().GetElementCount() == 3,
+                "input asq_log must hold 3 float32 values (bias, log_min, log_max), got shape " +
+                    ShapeText(shape_of(asq_log)));
+    const float* log = asq_log.GetTensorData<float>();
+    ONNXQ_CHECK(isfinite(log[0]) && isfinite(log[1]) && isfinite(log[2]) && log[1] <= log[2],
+                "asq_log (bias, log_min, log_max) must be finite with log_min <= log_max");
+    plan->asq.weight.assign(asq_weight.GetTensorData<float>(), asq_weight.GetTensorData<float>() + g.m);
+    plan->asq.bias = log[0];
+    plan->asq.log_min = log[1];
+    plan->asq.log_max = log[2];
+    plan->asq.scale = output.y_params.scale;
   }
   // With none of them (nor a hard swish), the kernels write Y (float) themselves, clipped as before.
   plan->staged = quantized_ || residual != nullptr || hardswish_ != 0 || post_scale != nullptr;
@@ -539,7 +574,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   const Ort::ConstValue x_scale = input(4), residual = input(8);
   ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
   uint32_t present = 0;
-  for (size_t i = 0; i < inputs && i < 13; ++i) {
+  for (size_t i = 0; i < inputs && i < 15; ++i) {
     if (context.GetInput(i) != nullptr) present |= 1u << i;
   }
   // X float32, or uint8: then X is x_q itself (onnxruntime only lets these two through).
@@ -641,7 +676,22 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   const uint8_t* xq_data = x_bytes ? x_codes : quantize ? xq : nullptr;
 
   float* y = BindOutput(context, g, &output);
-  if (g.n == 0 || g.m == 0) return;  // Y is empty (W's codes are checked all the same)
+  // ASQ: the kernels write float Y into scratch, quantized sample by sample with its own step at the end.
+  const bool asq = plan->asq.present();
+  uint8_t* const asq_codes = output.y8;
+  float* const asq_steps = asq ? context.GetOutput(1, {g.n}).GetTensorMutableData<float>() : nullptr;
+  if (asq) {
+    scratch->asq_y.resize(static_cast<size_t>(g.n * g.m * g.oh * g.ow));
+    output.quantize = false;
+    output.y8 = nullptr;
+    output.y = scratch->asq_y.data();
+  }
+  const float* r_steps = nullptr;
+  if (plan->r_per_sample) r_steps = ReadResidualSteps(context, g, &scratch->r_steps);
+  if (g.n == 0 || g.m == 0) {  // Y is empty (W's codes are checked all the same)
+    if (asq) QuantizeSamples(*plan, kernels, scratch->asq_y.data(), asq_codes, asq_steps);
+    return;
+  }
 
   // One run of the kernels over the images of `run` (all of X, or one sample with its own step):
   // the per-channel float factors (int_conv.h) from s_x, then the integer path and the epilogue.
@@ -689,17 +739,48 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     args.pad_right = pad_right_;
     iconv::SimdConv(args, context);
   };
-  if (params->size() == 1) {
+  if (params->size() == 1 && r_steps == nullptr) {
     run_images(g, (*params)[0], x_data, xq_data, 0);
-    return;
+  } else {
+    // Per-sample steps (X's or R's): each sample is its own one-image call (the zero points are shared).
+    iconv::Geometry one = g;
+    one.n = 1;
+    const int64_t outputs = g.m * g.oh * g.ow;
+    for (int64_t n = 0; n < g.n; ++n) {
+      if (r_steps != nullptr) output.r_scale = r_steps[n];
+      run_images(one, (*params)[params->size() == 1 ? 0 : n], x_bytes ? nullptr : x_data + n * sample,
+                 xq_data != nullptr ? xq_data + n * sample : nullptr, n * outputs);
+    }
   }
-  // Per-sample steps: each sample is its own one-image call (the zero point is shared, the steps are not).
-  iconv::Geometry one = g;
-  one.n = 1;
-  const int64_t outputs = g.m * g.oh * g.ow;
+  if (asq) QuantizeSamples(*plan, kernels, scratch->asq_y.data(), asq_codes, asq_steps);
+}
+
+// uint8 R's steps, one per sample (input r_scale of N elements), each checked, into `steps`.
+const float* IntConvKernel::ReadResidualSteps(Ort::KernelContext& context, const iconv::Geometry& g,
+                                              std::vector<float>* steps) const {
+  const std::string op = name();
+  const float* data = context.GetInput(9).GetTensorData<float>();
+  steps->assign(data, data + g.n);
   for (int64_t n = 0; n < g.n; ++n) {
-    run_images(one, (*params)[n], x_bytes ? nullptr : x_data + n * sample,
-               xq_data != nullptr ? xq_data + n * sample : nullptr, n * outputs);
+    const float s = (*steps)[n];
+    ONNXQ_CHECK(s > 0.0f && s <= 3.4028235e38f,
+                "r_scale[" + std::to_string(n) + "] must be positive and finite, got " + std::to_string(s));
+  }
+  return steps->data();
+}
+
+// ASQ (int_conv.h, inputs 13 and 14): each sample's step from its float y, written to output 1, and its
+// y quantized with it (and y_zero_point) into the uint8 Y, as the Q ops quantize with y_scale.
+void IntConvKernel::QuantizeSamples(const iconv::Plan& plan, const Kernels& kernels, const float* y, uint8_t* codes,
+                                    float* steps) const {
+  const iconv::Geometry& g = plan.g;
+  const int64_t pixels = g.oh * g.ow, outputs = g.m * pixels;
+  const int32_t z = plan.output.y_params.zero_point;
+  for (int64_t n = 0; n < g.n; ++n) {
+    const float step = plan.asq.Of(y + n * outputs, pixels);
+    steps[n] = step;
+    const qdu8::Params p{step, static_cast<float>(-z), static_cast<float>(255 - z), z};
+    kernels.quantize(y + n * outputs, static_cast<size_t>(outputs), p, codes + n * outputs);
   }
 }
 

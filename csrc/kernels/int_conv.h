@@ -13,7 +13,7 @@
 // uint8: register.cc registers every name once per pair of their types, which onnxruntime merges
 // into one schema (any other type is an error when the session loads).
 //
-// Inputs (all four ops; 6..12 optional, an empty name means absent)
+// Inputs (all four ops; 3..14 optional, an empty name means absent)
 //   0 X        float32 or uint8 (N, C, H, W). uint8: X is x_q itself (below), and x_scale and
 //              x_zero_point are required.
 //   1 W        uint8 (M, row_bytes): output channel m's K = C/group*kh*kw codes, in the row-major
@@ -29,13 +29,18 @@
 //   6 y_scale  float32, 1 element, positive and finite; 7 y_zero_point uint8, 1 element: Y's
 //              quantization. Required by PostConvQ/IntConvQ (both), an error for PostConv/IntConv.
 //   8 R        float32 or uint8, exactly Y's shape (N, M, OH, OW): the residual, added before the
-//              clip (a Conv -> Add(skip) -> Relu fused). uint8 R needs 9 r_scale float32, 1 element,
+//              clip (a Conv -> Add(skip) -> Relu fused). uint8 R needs 9 r_scale float32, 1 element
+//              or N > 1 elements (one step per sample: R written by an op with ASQ's steps, below),
 //              positive and finite, and 10 r_zero_point uint8, 1 element; float R takes neither.
 //  11 post_scale float32 (M,) and 12 post_bias float32 (M,), both or neither: a per-channel affine
 //              map after the clip and the hard swish (a Conv -> Relu -> BatchNormalization fused,
 //              the BatchNormalization in inference form).
+//  13 asq_weight float32 (M,) and 14 asq_log float32, 3 elements (b, log_min, log_max; finite,
+//              log_min <= log_max), both or neither; PostConvQ/IntConvQ only, and then output 1 is
+//              required: Y is quantized with a step per sample, ASQ's adapter (onnxq/calibrate/asq.py)
+//              computed from the op's own y (below).
 // Output: Y float32 (PostConv, IntConv) or uint8 (PostConvQ, IntConvQ), (N, M, OH, OW), OH = (H + pad_top + pad_bottom - (dh*(kh-1)+1)) / sh + 1 (and
-// likewise OW), which must be >= 1.
+// likewise OW), which must be >= 1. Output 1 (optional; with asq_weight): Y's steps, float32 (N,).
 // Attributes: bits (required), kernel_shape (required, [kh, kw]), strides [sh, sw] (1, 1),
 // pads [top, left, bottom, right] (0, 0, 0, 0), dilations [dh, dw] (1, 1), group (1; depthwise:
 // group = C), kernel (0: the fastest this CPU runs, 1 scalar, 2 AVX2, 3 AVX-512 VNNI; an error
@@ -103,6 +108,16 @@
 //   Y = clamp(round_half_even(y / y_scale) + y_zp, 0, 255)   (a NaN gives 0, +-inf 255 / 0)
 // computed as QuantizeDynamicU8's kernels do (quantize_dynamic_u8_kernels.h, QuantizeOne: the
 // quotient clamped to [-y_zp, 255 - y_zp], then rounded; the same integer). Float operations are
+// With asq_weight and asq_log, sample n's y (all of the above but the quantization, float32) sets
+// its own step first (int_conv_asq.cc, the same code for every kernel):
+//   f[m] = (sum over the OH*OW pixels of y[n, m] in double, in order) / (OH*OW)   (0 without pixels)
+//   t = b + f[0]*w[0] + f[1]*w[1] + ...          (double, in this order)
+//   t = clip of t to [log_min, log_max] (a NaN t gives log_min)
+//   step[n] = (float)exp(t) * y_scale            (double exp rounded to float32, a float32 multiply,
+//                                                 then clamped to [FLT_MIN, FLT_MAX])
+// and Y[n] is quantized as above with step[n] in place of y_scale (y_zero_point as given); output 1
+// holds step[n], which the ops reading Y take as their per-sample x_scale.
+// Float operations are
 // single float32 operations in exactly the order written (-ffp-contract=off), so every kernel
 // gives the same bits. Integer sums are exact in any order, which leaves the SIMD kernels free to
 // reorder K and to use multiply-add instructions (vpmaddubsw never saturates for |w| <= 8:
@@ -158,6 +173,7 @@ struct Geometry;       // int_conv_impl.h
 namespace qdu8 {
 struct Params;  // quantize_dynamic_u8_kernels.h
 }
+struct Kernels;  // kernels.h
 
 // The four ops' names: PostConv, IntConv (float Y), PostConvQ, IntConvQ (uint8 Y).
 inline const char* OpName(bool post, bool quantized) {
@@ -187,6 +203,9 @@ class IntConvKernel {
   float* BindOutput(Ort::KernelContext& context, const iconv::Geometry& g, iconv::Output* output) const;
   void Factors(const float* scale_data, int64_t m_count, const qdu8::Params& p, std::vector<float>* c_e,
                std::vector<float>* c_o) const;
+  const float* ReadResidualSteps(Ort::KernelContext& context, const iconv::Geometry& g, std::vector<float>* steps) const;
+  void QuantizeSamples(const iconv::Plan& plan, const Kernels& kernels, const float* y, uint8_t* codes,
+                       float* steps) const;
 
   bool post_, quantized_;  // PostConv(Q), and the Q ops (uint8 Y)
   int64_t bits_ = 0, kh_ = 0, kw_ = 0, sh_ = 1, sw_ = 1, dh_ = 1, dw_ = 1, group_ = 1;
@@ -220,12 +239,15 @@ struct IntConvOp : Ort::CustomOpBase<IntConvOp, IntConvKernel, true> {
   OrtStatusPtr CreateKernelV2(const OrtApi& api, const OrtKernelInfo* info, void** kernel) const;
   const char* GetName() const { return OpName(post_, quantized_); }
   const char* GetExecutionProviderType() const { return "CPUExecutionProvider"; }
-  size_t GetInputTypeCount() const { return 13; }
+  size_t GetInputTypeCount() const { return 15; }
   ONNXTensorElementDataType GetInputType(size_t index) const;
   OrtCustomOpInputOutputCharacteristic GetInputCharacteristic(size_t index) const;
-  size_t GetOutputTypeCount() const { return 1; }
-  ONNXTensorElementDataType GetOutputType(size_t) const {
-    return quantized_ ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  size_t GetOutputTypeCount() const { return 2; }
+  ONNXTensorElementDataType GetOutputType(size_t index) const {
+    return quantized_ && index == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  }
+  OrtCustomOpInputOutputCharacteristic GetOutputCharacteristic(size_t index) const {
+    return index == 0 ? INPUT_OUTPUT_REQUIRED : INPUT_OUTPUT_OPTIONAL;
   }
 
  private:

@@ -123,12 +123,12 @@ Dim = int | str | None  # a dimension: known, symbolic, or unknown
 Shape = list[Dim]
 
 
-def declared_shapes(graph: onnx.GraphProto) -> dict[str, Shape]:
-    """The shapes the graph declares for its float tensors (inputs, outputs, value_info), by name."""
+def declared_shapes(graph: onnx.GraphProto, element_type: int = onnx.TensorProto.FLOAT) -> dict[str, Shape]:
+    """The shapes the graph declares for its tensors of ``element_type`` (float; inputs, outputs, value_info), by name."""
     shapes = {}
     for info in (*graph.input, *graph.value_info, *graph.output):
         tensor_type = info.type.tensor_type
-        if tensor_type.elem_type == onnx.TensorProto.FLOAT and tensor_type.HasField("shape"):
+        if tensor_type.elem_type == element_type and tensor_type.HasField("shape"):
             shapes[info.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tensor_type.shape.dim]
     return shapes
 

@@ -45,7 +45,8 @@ from onnxq.model.graph import (
     to_array,
 )
 from onnxq.native.domain import DOMAIN, INT_CONV, INT_CONV_Q, POST_CONV, POST_CONV_Q
-from onnxq.rewrite.fusions import drop_unread_pairs
+from onnxq.rewrite.asq_steps import fuse_asq_steps, op_behind_channel_pair, write_channel_codes
+from onnxq.rewrite.fusions import drop_unread, drop_unread_pairs
 
 #: The float-output op and its uint8-output twin.
 QUANTIZED_OUTPUT = {INT_CONV: INT_CONV_Q, POST_CONV: POST_CONV_Q}
@@ -61,6 +62,7 @@ class ChainReport:
 
     linked: int = 0
     residuals: int = 0
+    asq_steps: int = 0  # ops computing ASQ's steps per sample for their codes (onnxq/rewrite/asq_steps.py)
     affines: int = 0  # BatchNormalizations fused into the ops' affine maps
     float_outputs: dict[str, str] = field(default_factory=dict)  # op node name -> why its output stays float
 
@@ -72,6 +74,7 @@ class ChainReport:
         text = f"uint8 chains: {self.linked} of {total} onnxq op outputs go to the next ops as uint8"
         fused = [f"{self.residuals} residual Adds"] if self.residuals else []
         fused += [f"{self.affines} BatchNormalizations"] if self.affines else []
+        fused += [f"{self.asq_steps} ASQ step adapters"] if self.asq_steps else []
         if fused:
             text += f" ({' and '.join(fused)} fused into the ops)"
         if self.float_outputs:
@@ -86,6 +89,12 @@ def link_chains(graph: onnx.GraphProto) -> ChainReport:
     report = ChainReport()
     report.residuals = _fuse_residuals(graph)
     report.affines = _fuse_batch_norms(graph)
+    report.asq_steps = fuse_asq_steps(graph, QUANTIZED_OUTPUT, _set_inputs)
+    if report.asq_steps:  # Adds reading an ASQ op's codes, dequantized with its steps, as their skip
+        report.residuals += _fuse_residuals(graph)
+    report.linked = report.asq_steps
+    for op, reader in write_channel_codes(graph, QUANTIZED_OUTPUT, _set_inputs):
+        report.float_outputs[op] = f"ASQ's per-channel steps (written as codes, dequantized for {reader}: an op needs one step)"
     names = NameSource(graph)
     consts = constant_initializers(graph)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
@@ -215,7 +224,7 @@ def _fuse_residuals(graph: onnx.GraphProto) -> int:
     for add in [n for n in graph.node if is_op(n, "Add") and len(n.input) == 2]:
         if maps is None:  # built once, and again after each fusion (which moves nodes and names)
             maps = (Counter(name for n in graph.node for name in n.input), {out: n for n in graph.node for out in n.output},
-                    declared_shapes(graph))
+                    declared_shapes(graph) | declared_shapes(graph, onnx.TensorProto.UINT8))
         readers, producer, shapes = maps
         for branch, skip in (add.input, reversed(add.input)):
             found = _branch_op(branch, producer, readers, consts, fixed)
@@ -223,10 +232,16 @@ def _fuse_residuals(graph: onnx.GraphProto) -> int:
                 continue
             op, between = found
             residual = _residual_inputs(skip, producer, consts)
+            skip_op = op_behind_channel_pair(skip, producer, readers, consts, fixed, QUANTIZED_OUTPUT)
+            if skip_op is not None:  # the skip op's exact output as float R, its per-channel pair dropped as the branch's is
+                residual, between, skip = [skip_op[0].output[0]], [*between, *skip_op[1]], skip_op[0].output[0]
+            per_sample = _per_sample_skip(skip, producer, consts)
             shape = _shape_of(op.output[0], shapes, producer)
-            if shape is None or None in shape or shape != _shape_of(skip, shapes, producer):
+            if shape is None or None in shape or shape != _shape_of(residual[0] if per_sample else skip, shapes, producer):
                 continue  # the op takes R of exactly its output's shape; an Add that broadcasts stays
             _fuse(graph, op, add, between, residual, readers, fixed)
+            if per_sample is not None:  # the skip's dequantization, where nothing else reads it
+                drop_unread(graph, per_sample[1])
             fused += 1
             maps = None
             break
@@ -253,8 +268,13 @@ def _op_behind_pair(name: str, producer: dict[str, onnx.NodeProto], readers: Cou
 
 def _branch_op(name: str, producer: dict[str, onnx.NodeProto], readers: Counter[str], consts: dict[str, onnx.TensorProto],
                fixed: set[str]) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
-    """The onnxq op (float out, no clip, no residual yet) whose output alone reaches ``name``, and the Q/DQ pair between."""
-    found = _op_behind_pair(name, producer, readers, consts, fixed)
+    """The onnxq op (float out, no clip, no residual yet) whose output alone reaches ``name``, and the pair between.
+
+    The pair: a scalar Q/DQ, or ASQ's fixed per-channel one (asq_steps.op_behind_channel_pair). Either goes with the Add: the sum
+    is formed from the op's exact output (the same as for a scalar pair, within about a step of the pair's output).
+    """
+    found = _op_behind_pair(name, producer, readers, consts, fixed) or op_behind_channel_pair(name, producer, readers, consts, fixed,
+                                                                                                  QUANTIZED_OUTPUT)
     if found is None or any(i for i in found[0].input[RESIDUAL:]) or not _unclipped(found[0]):
         return None
     return found
@@ -266,11 +286,38 @@ def _unclipped(node: onnx.NodeProto) -> bool:
 
 
 def _residual_inputs(skip: str, producer: dict[str, onnx.NodeProto], consts: dict[str, onnx.TensorProto]) -> list[str]:
-    """[R, r_scale, r_zero_point] for a skip that dequantizes a uint8 tensor with a scalar step, else [skip] (float R)."""
+    """[R, r_scale, r_zero_point] for a dequantized uint8 skip, else [skip] (float R).
+
+    The skip dequantizes a uint8 tensor with a scalar step, or an ASQ op's codes with its steps per sample
+    (_per_sample_skip).
+    """
     dq = producer.get(skip)
     if is_op(dq, "DequantizeLinear") and len(dq.input) == 3 and _scalar_step(dq.input[1], dq.input[2], consts) is not None:
         return [dq.input[0], dq.input[1], dq.input[2]]
-    return [skip]
+    found = _per_sample_skip(skip, producer, consts)
+    return found[0] if found is not None else [skip]
+
+
+def _per_sample_skip(skip: str, producer: dict[str, onnx.NodeProto],
+                     consts: dict[str, onnx.TensorProto]) -> tuple[list[str], list[onnx.NodeProto]] | None:
+    """([codes, steps, z], [Mul, DequantizeLinear, Reshape]) for an ASQ op's dequantized codes; else None.
+
+    ``skip`` is ``Mul(DequantizeLinear(codes, 1, z), Reshape(steps))``, codes and steps an ASQ op's two outputs
+    (onnxq/rewrite/asq_steps.py).
+    """
+    mul = producer.get(skip)
+    if not is_op(mul, "Mul") or len(mul.input) != 2:
+        return None
+    dq, reshape = producer.get(mul.input[0]), producer.get(mul.input[1])
+    if not is_op(dq, "DequantizeLinear") or not is_op(reshape, "Reshape") or len(dq.input) != 3:
+        return None
+    op = producer.get(dq.input[0])
+    if op is None or op.domain != DOMAIN or len(op.output) != 2 or op.output[1] != reshape.input[0]:
+        return None
+    unit, zero = consts.get(dq.input[1]), consts.get(dq.input[2])
+    if unit is None or zero is None or to_array(unit).size != 1 or float(to_array(unit).reshape(-1)[0]) != 1.0 or to_array(zero).size != 1:
+        return None
+    return [dq.input[0], reshape.input[0], dq.input[2]], [mul, dq, reshape]
 
 
 def _fuse(graph: onnx.GraphProto, op: onnx.NodeProto, add: onnx.NodeProto, between: list[onnx.NodeProto], residual: list[str],

@@ -251,7 +251,7 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
         node.input.extend([bias, x_scale, x_zero_point])
         drop_pixel_steps(node)
         taken += 1
-    _drop_unread(graph, chains)
+    drop_unread(graph, chains)
     drop_unread_pairs(graph)
     return taken
 
@@ -310,7 +310,7 @@ def _per_sample_chain(
     return (div.input[0], reshape.input[0], dq.input[2]), [mul, dq, q, div, reshape]
 
 
-def _drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
+def drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
     """Remove those of ``nodes`` (readers before the nodes they read) whose outputs nobody reads (subgraphs included)."""
     readers = Counter(name for node in graph.node for name in node.input)
     fixed = {o.name for o in graph.output} | subgraph_reads(graph)
@@ -334,5 +334,5 @@ def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) 
 
 def drop_unread_pairs(graph: onnx.GraphProto) -> None:
     """Remove DequantizeLinear nodes nobody reads, then QuantizeLinear nodes nobody reads."""
-    _drop_unread(graph, [n for op_type in ("DequantizeLinear", "QuantizeLinear") for n in graph.node if n.op_type == op_type])
+    drop_unread(graph, [n for op_type in ("DequantizeLinear", "QuantizeLinear") for n in graph.node if n.op_type == op_type])
     remove_unused_initializers(graph)
