@@ -86,8 +86,8 @@ class LayerInput:
 
     @property
     def sums_bytes(self) -> int:
-        """Bytes of the products one shard of a pass sums for this reader: a float32 K x K per group."""
-        return 4 * self.groups * self.length * self.length
+        """Bytes of the sums one shard of a pass hands back for this reader: a packed float32 triangle per group."""
+        return 4 * self.groups * packed_size(self.length)
 
     def features(self, value: np.ndarray) -> int:
         """K: the length of the rows :meth:`rows` makes of ``value``."""
