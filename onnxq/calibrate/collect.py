@@ -240,7 +240,7 @@ class Observed:
     samples: int = 0
 
     def merge(self, other: Observed) -> None:
-        """Add ``other`` (the shard after this one, not used afterwards): exact for counts and histograms, float64 sums for means and H."""
+        """Add ``other`` (the shard after this one, not used afterwards): exact for counts and histograms, float sums for means and H."""
         for name, entry in other.stats.items():
             self.stats[name].merge(entry)
         if self.moments is not None and other.moments is not None:

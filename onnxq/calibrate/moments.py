@@ -266,9 +266,9 @@ class Moments:
 
     x x^T is summed in float32 as one triangle per group in LAPACK's rectangular full packed form (``sums``, K (K + 1)
     / 2 entries): a wide single group's by sfrk straight into it, several groups' or short rows' (a depthwise layer's) in
-    full matrices (``pending``) packed at the next :meth:`flush`. A sixth of the bytes of the float64 sums and float32
-    products kept before; a shard's products (up to a few caps of rows) were float32 already, and the shards' sums
-    add in float32 now.
+    full matrices (``pending``) packed at the next :meth:`flush`. A pass holds 4 bytes per entry of H at a shard's peak
+    (the merged sums and the shard's), where the float64 sums beside float32 products held 20; a shard's products (up
+    to a few caps of rows) were float32 already, and the shards' sums add in float32 now.
 
     Of every run of ``stride`` row positions (see the module) one row is kept (:meth:`take`), weighted by ``stride``
     (the rows it stands for), so ``count`` still counts every row (on average: a sample's last run may be partly empty).
@@ -496,8 +496,8 @@ class Hessians(Mapping[str, np.ndarray]):
     """Per weight, its H as a new float64 (groups, K, K) array at each look-up, kept packed in float32 until then.
 
     Weights whose readers share one sum share its packed form; :meth:`pop` lets it go once no weight refers to it. A
-    whole model's H are then held in a third of the bytes of its float64 matrices (a sixth of the float32 and float64
-    sums the pass held before), and the quantizer holds one full matrix at a time.
+    whole model's H are then held in a quarter of the bytes of its float64 matrices, and the quantizer holds one full
+    matrix at a time.
     """
 
     def __init__(self, sums: dict[str, PackedSums] | None = None) -> None:
