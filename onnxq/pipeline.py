@@ -13,7 +13,6 @@ rewrite; onnxq's ops take their input's quantization from the activation pairs, 
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 from collections.abc import Iterator
@@ -264,14 +263,14 @@ def _calibration_model(
 def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibrated: Calibration | None) -> QuantizedWeights:
     """Codes for every planned weight in the format its op needs (onnxq/numerics/), and an account of each layer.
 
-    Each weight's second moments leave ``calibrated`` as it is quantized (the wide layers' H are most of the peak
-    memory: CREPE's 1024-2048-wide ones 60 MB in float64), so the peak holds the H not yet used, not all of them.
+    Each weight's second moments leave ``calibrated`` as it is quantized, made a float64 matrix from their packed float32
+    sums only then (onnxq/calibrate/moments.py: the wide layers' H are most of the peak memory, CREPE's 1024-2048-wide
+    ones 60 MB as float64 matrices, 15 MB packed), so the peak holds one full H and the packed ones not yet used.
     """
     consts = constant_initializers(loaded.model.graph)
     integer_inputs = calibrated is not None and bool(calibrated.quants)
     folding = calibrated is not None and config.activations is None and config.fold_mean_shift
     sites = shift_sites(loaded.model.graph, plan.weights) if folding else {}
-    users = collections.Counter(id(h) for h in calibrated.hessians.values()) if calibrated is not None else collections.Counter()  # weights per H
     out = QuantizedWeights()
     for weight_plan in plan.weights:
         weight = to_array(consts[weight_plan.tensor])
@@ -282,7 +281,7 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
         hessian = calibrated.hessians.pop(weight_plan.tensor, None) if calibrated is not None else None  # freed once used
         mean = calibrated.input_means.get(weight_plan.tensor) if calibrated is not None and weight_plan.tensor in sites else None
         if hessian is not None and mean is not None and weight_plan.channel_axis is not None:
-            hessian = centered(hessian, mean, in_place=users[id(hessian)] == 1)  # the mean output shift goes into the bias (correct_biases)
+            hessian = centered(hessian, mean, in_place=True)  # (a new matrix per look-up) the mean output shift goes into the bias
         else:
             mean = None
         q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)

@@ -259,3 +259,23 @@ def test_channel_means_over_batches_equal_the_mean_over_every_axis_but_one(shape
         means.add(batch)
     whole = np.concatenate(batches).astype(np.float64)
     np.testing.assert_allclose(means.mean(), whole.mean(axis=tuple(a for a in range(len(shape)) if a != 1)), rtol=1e-5, atol=1e-5)
+
+
+def test_the_exposing_session_outputs_the_tensors_and_leaves_the_model_as_it_was():
+    """The calibration session is built from the model's own bytes with the layer inputs added as outputs for as long
+    as it takes to serialize: it returns them as a session of a copy with those outputs does, and the model keeps its
+    outputs (the rewrite and the written file must not get them)."""
+    from models import conv_bn_relu_gemm
+    from onnxq.calibrate.collect import _with_outputs, exposing
+
+    model = conv_bn_relu_gemm(seed=3)
+    before = model.SerializeToString()
+    tensors = ["r1", "f", "y"]
+    x = np.random.default_rng(4).standard_normal((2, 3, 8, 8)).astype(np.float32)
+    with exposing(model, tensors) as sess:
+        assert [o.name for o in sess.get_outputs()] == ["y", "r1", "f"]
+        got = sess.run(tensors, {"x": x})
+    assert model.SerializeToString() == before
+    reference = ort.InferenceSession(_with_outputs(model, tensors).SerializeToString(), providers=["CPUExecutionProvider"])
+    for a, b in zip(got, reference.run(tensors, {"x": x}), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -275,14 +275,10 @@ def _close(a: dict[str, np.ndarray], b: dict[str, np.ndarray], rtol: float) -> N
         np.testing.assert_allclose(a[name], b[name], rtol=rtol, atol=rtol * np.max(np.abs(b[name])), err_msg=name)
 
 
-@pytest.mark.parametrize("flush_rows", [1, None])
-def test_moments_of_shards_merge_to_one_pass(monkeypatch, flush_rows):
+def test_moments_of_shards_merge_to_one_pass(monkeypatch):
     """Shards at run boundaries, each its own collector told its first sample, merged in order: the same rows kept and
-    counted, the same H and E[x]. Flushed to float64 at every run (flush_rows 1), only the float64 sums' order differs
-    (1e-12); with the float32 sums gathered over runs (the default), they gather over other runs in a shard (float32)."""
+    counted, the same H and E[x]. Only the order of the float32 sums differs (each shard's gathered from zero)."""
     _thin(monkeypatch)
-    if flush_rows is not None:
-        monkeypatch.setattr(moments_module, "FLUSH_ROWS", flush_rows)
     data = _samples(np.random.default_rng(30))
     bounds = list(range(0, SAMPLES + 1, 4))  # runs of 4 samples
     whole = _observed(data, bounds)
@@ -293,9 +289,8 @@ def test_moments_of_shards_merge_to_one_pass(monkeypatch, flush_rows):
         for shard in shards[1:]:
             merged.merge(shard)
         assert _rows(merged) == _rows(whole)
-        rtol = 1e-12 if flush_rows == 1 else 1e-6
-        _close(merged.means(), whole.means(), rtol)
-        _close(merged.hessians(), copy.deepcopy(whole).hessians(), rtol)
+        _close(merged.means(), whole.means(), 1e-12)
+        _close(merged.hessians(), copy.deepcopy(whole).hessians(), 1e-6)
 
 
 def test_moments_merge_leaves_the_other_as_it_is(monkeypatch):
@@ -304,7 +299,7 @@ def test_moments_merge_leaves_the_other_as_it_is(monkeypatch):
     bounds = list(range(0, SAMPLES + 1, 8))
     first, second = _observed(data, bounds, 0, 48), _observed(data, bounds, 48)
     for m in second.moments.values():
-        m.flush()  # its float64 sums, not float32 ones: what an empty collector takes over must be a copy
+        m.flush()  # its packed sums, not pending products: what an empty collector takes over must be a copy
     before = copy.deepcopy(second)
     empty = MomentCollector(INPUTS, samples=SAMPLES)
     empty.merge(second)
@@ -312,7 +307,7 @@ def test_moments_merge_leaves_the_other_as_it_is(monkeypatch):
     first.merge(second)
     for reader, m in second.moments.items():
         b = before.moments[reader]
-        assert (m.count, m.kept, m.stride, m.pending_rows) == (b.count, b.kept, b.stride, b.pending_rows)
+        assert (m.count, m.kept, m.stride) == (b.count, b.kept, b.stride)
         for got, want in ((m.sums, b.sums), (m.pending, b.pending), (m.linear, b.linear)):
             assert (got is None) == (want is None) and (got is None or np.array_equal(got, want))
     first.hessians()  # the merged sums become matrices in place: not the other's
@@ -328,7 +323,7 @@ def test_taking_the_other_merges_the_same_sums(monkeypatch):
     bounds = list(range(0, SAMPLES + 1, 8))
     parts = [_observed(data, bounds, a, b) for a, b in ((0, 24), (24, 48), (48, None))]
     for m in parts[1].moments.values():
-        m.flush()  # one part with float64 sums only, the others with float32 ones pending: both ways of taking
+        m.flush()  # one part with packed sums only, the others with products pending: both ways of taking
     copied, taken = MomentCollector(INPUTS, samples=SAMPLES), MomentCollector(INPUTS, samples=SAMPLES)
     for part in parts:
         copied.merge(part)

@@ -11,7 +11,7 @@ import pytest
 from conftest import splitmix64
 from onnx import TensorProto, helper, numpy_helper
 
-from onnxq.calibrate.moments import LayerInput, MomentCollector, layer_inputs
+from onnxq.calibrate.moments import Hessians, LayerInput, MomentCollector, Moments, PackedSums, layer_inputs
 from onnxq.config import QuantizeConfig
 from onnxq.model.prepare import prepare
 from onnxq.plan.weights import plan_weights
@@ -108,6 +108,44 @@ def test_a_shared_weight_sums_its_readers_inputs():
     np.testing.assert_allclose(collector.hessians()["w"][0], both.T @ both / len(both), rtol=1e-6)  # float32 products
 
 
+@pytest.mark.parametrize(("groups", "k"), [(1, 70), (1, 301), (3, 5), (2, 80), (1, 7)])
+def test_packed_sums_are_the_products_of_every_run(groups, k):
+    """H kept as packed float32 triangles (sfrk's for one wide group, matmul's full matrices packed else; even and odd
+    K, 301 across a block of the mirroring) and made full again: x^T x over all runs' rows, against numpy in float64,
+    to float32's precision, whether the products went into the sums at once or were flushed between runs."""
+    rng = np.random.default_rng(11)
+    runs = [rng.standard_normal((groups, n, k)) + 0.5 for n in (3, 40, 9)]
+    m = Moments()
+    for i, rows in enumerate(runs):
+        m.add_taken(rows)
+        if i == 1:
+            m.flush()
+    assert m.sums is not None and m.sums.shape == (groups, k * (k + 1) // 2) and m.sums.dtype == np.float32
+    every = np.concatenate(runs, axis=1)
+    want = np.einsum("gni,gnj->gij", every, every) / every.shape[1]
+    got = m.hessian()
+    assert got.dtype == np.float64
+    np.testing.assert_array_equal(got, got.transpose(0, 2, 1))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6 * np.max(np.abs(want)))
+
+
+def test_hessians_are_new_matrices_and_shared_sums_stay_until_the_last_weight():
+    """Each look-up unpacks a new array (the quantizer centres it in place); a sum two weights share outlives one pop."""
+    want = np.array([[0, 1, 3], [1, 2, 4], [3, 4, 5]], dtype=np.float64)[None]
+    m = Moments(pending=want.astype(np.float32), count=2)
+    m.flush()
+    sums = PackedSums(m.sums, m.count)
+    hessians = Hessians({"q": sums, "k": sums})
+    want /= 2
+    first = hessians["q"]
+    np.testing.assert_array_equal(first, want)
+    first += 1
+    np.testing.assert_array_equal(hessians.pop("q"), want)
+    assert "q" not in hessians and "k" in hessians and len(hessians) == 1
+    np.testing.assert_array_equal(hessians["k"], want)
+    assert hessians.pop("q") is None
+
+
 def test_layers_without_an_h_are_left_out():
     """ConvTranspose, and a weight also read by one: no H (they keep their own-error quantization)."""
     rng = np.random.default_rng(4)
@@ -161,8 +199,7 @@ def test_thinned_rows_count_for_the_rows_they_stand_for(monkeypatch, planned):
             stride, doublings = stride * 2, doublings + 1
     assert stride > (16 if planned else 1)  # the case thins (and, planned, doubles past its plan)
     assert (m.count, m.kept, m.stride) == (count, kept, stride)
-    m.flush()
-    np.testing.assert_allclose(m.sums[0], sums, rtol=1e-5)
+    np.testing.assert_allclose(m.hessian()[0] * m.count, sums, rtol=1e-5)
     np.testing.assert_allclose(m.mean()[0], linear / count, rtol=1e-9)
 
 

@@ -49,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from onnxq.analysis.sensitivity import SensitivityAnalysis  # noqa: E402
 from onnxq.calibrate import shards as shards_module  # noqa: E402
 from onnxq.calibrate.collect import Observed, _with_outputs, collect  # noqa: E402
-from onnxq.calibrate.moments import LayerInput, MomentCollector, Moments, layer_inputs  # noqa: E402
+from onnxq.calibrate.moments import LayerInput, MomentCollector, Moments, layer_inputs, packed_size  # noqa: E402
 from onnxq.calibrate.placement import activation_sites  # noqa: E402
 from onnxq.calibrate.samples import input_specs  # noqa: E402
 from onnxq.calibrate.shards import shard_samples, shards  # noqa: E402
@@ -98,7 +98,7 @@ class CalibrationPass:
             collect(self.loaded.model, self.sites, batches, total=len(images), moments=moments, client=client)
             seconds = time.perf_counter() - start
         for reader, m in moments.moments.items():
-            groups, k = (int(m.sums.shape[0]), int(m.sums.shape[-1])) if m.sums is not None else (0, 0)
+            groups, k = (reader.groups, reader.length) if m.sums is not None else (0, 0)
             self.rows_per_sample[reader] = (m.count // len(images), k * k * groups)
             self.shapes[reader] = (groups, k)
         per_shard = shard_samples(len(images), moments.sums_bytes)
@@ -146,7 +146,7 @@ def _full_result(inputs: dict, shapes: dict, sites: list[str]) -> Observed:
     observed = PassTask(tuple(sites), tuple(sites), False, True, moments).fresh(moments)
     for reader, m in moments.moments.items():
         groups, k = shapes[reader]
-        m.sums, m.linear, m.count = np.zeros((groups, k, k)), np.zeros((groups, k)), 1
+        m.sums, m.linear, m.count = np.zeros((groups, packed_size(k)), dtype=np.float32), np.zeros((groups, k)), 1
     return observed
 
 

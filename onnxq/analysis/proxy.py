@@ -30,6 +30,7 @@ from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, LayerSensitivity, Me
 from onnxq.calibrate.branches import body_readers, branch_view, moments_pass
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData
+from onnxq.calibrate.moments import Hessians
 from onnxq.config import QuantizeConfig
 from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.threads import blas_threads
@@ -52,7 +53,7 @@ class ProxySensitivity(SensitivityAnalysis):
         self.in_bodies = frozenset(p.tensor for p in self.plans if any(u.body_of for u in p.uses))
         self.signal, self.factor = self._fit_factor()
 
-    def _moments(self, client: Client | None) -> dict[str, np.ndarray]:
+    def _moments(self, client: Client | None) -> Hessians:
         """Every layer's H from one pass over the sensitivity data; inside If bodies through the branch the data take.
 
         The layers inside bodies are measured by runs all the same (:meth:`predicted`), but with the codes their H gives,

@@ -18,7 +18,7 @@ from onnxq.calibrate.asq import Adapter, LogLinear, fit_adapter, sample_betas
 from onnxq.calibrate.collect import TensorStats, channel_axis, channel_means, collect, exposing, feature_axes, sample_bytes, sized_runs
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.histogram import ChannelHistograms
-from onnxq.calibrate.moments import MomentCollector
+from onnxq.calibrate.moments import Hessians, MomentCollector
 from onnxq.calibrate.placement import ActivationSite
 from onnxq.calibrate.ranges import Range, entropy_range, minmax_range, mse_fractions, mse_range, percentile_range, quant_params, range_sqnr_db
 from onnxq.calibrate.result import ActivationQuant, Calibration
@@ -78,7 +78,7 @@ def calibrate(
         quants[site.tensor] = quant
     if candidates:
         quants.update(choose_adapters(model, candidates, held))
-    hessians, means = (moments.hessians(), moments.means()) if moments is not None else ({}, {})
+    hessians, means = (moments.hessians(), moments.means()) if moments is not None else (Hessians(), {})
     return Calibration(quants, {name: entry.channels for name, entry in stats.items()}, kept, hessians, means)
 
 

@@ -11,8 +11,10 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
   previous hidden state h_{t-1}, whose rows are taken from Y, the hidden states h_1..h_T (Y_h, h_T, where Y is not
   an output): the same set but for h_0 and h_T, exact where the states come from a stream (a state fed back each run).
 
-H is summed in float64 as the calibration runs stream by (never all activations at once; a convolution's patches one
-sample at a time), over every reader of a shared weight. Weights with another kind of reader (ConvTranspose, Einsum,
+H is summed as the calibration runs stream by (never all activations at once; a convolution's patches one sample at a
+time), over every reader of a shared weight: a shard of the pass (onnxq/calibrate/shards.py) sums its rows' products in
+float32 in place (BLAS), and the shards' sums are added into one packed lower triangle, float32 as well (:class:`Moments`);
+a weight's H is made a full float64 matrix only when it is used (:class:`Hessians`). Weights with another kind of reader (ConvTranspose, Einsum,
 a GRU's R, bidirectional recurrent layers, lookups, readers inside Loop/Scan bodies or inside If bodies the pass did not
 inline, onnxq/calibrate/branches.py) or with an input axis longer than MAX_FEATURES get none, and are quantized for
 their own error as before.
@@ -37,12 +39,12 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
-from scipy.linalg import blas
+from scipy.linalg import lapack
 
 from onnxq.model.graph import attribute, constant_initializers, is_op
 from onnxq.numerics.threads import one_blas_thread
@@ -56,8 +58,6 @@ MAX_FEATURES = 4608
 #: Rows a reader sums in full before it starts thinning them: at least MIN_ROWS, at least ROWS_PER_FEATURE x K.
 MIN_ROWS = 16384
 ROWS_PER_FEATURE = 4
-#: Rows whose products gather in float32 before they are added to the float64 sums.
-FLUSH_ROWS = 4096
 #: Features from which a single group's products use syrk (the upper triangle only).
 SYRK_FEATURES = 64
 #: Rows of the upper triangle mirrored at a time (small temporaries).
@@ -86,8 +86,8 @@ class LayerInput:
 
     @property
     def sums_bytes(self) -> int:
-        """Bytes of this reader's float64 H (one K x K per group)."""
-        return 8 * self.groups * self.length * self.length
+        """Bytes of the sums one shard of a pass hands back for this reader: a packed float32 triangle per group."""
+        return 4 * self.groups * packed_size(self.length)
 
     def features(self, value: np.ndarray) -> int:
         """K: the length of the rows :meth:`rows` makes of ``value``."""
@@ -262,7 +262,13 @@ def layer_inputs(
 
 @dataclass
 class Moments:
-    """Running sums of x x^T and of x (float64) over the rows of a weight's inputs, per group, and the rows they stand for.
+    """Running sums of x x^T and of x over the rows of a weight's inputs, per group, and the rows they stand for.
+
+    x x^T is summed in float32 as one triangle per group in LAPACK's rectangular full packed form (``sums``, K (K + 1)
+    / 2 entries): a wide single group's by sfrk straight into it, several groups' or short rows' (a depthwise layer's) in
+    full matrices (``pending``) packed at the next :meth:`flush`. A pass holds 4 bytes per entry of H at a shard's peak
+    (the merged sums and the shard's), where the float64 sums beside float32 products held 20; a shard's products (up
+    to a few caps of rows) were float32 already, and the shards' sums add in float32 now.
 
     Of every run of ``stride`` row positions (see the module) one row is kept (:meth:`take`), weighted by ``stride``
     (the rows it stands for), so ``count`` still counts every row (on average: a sample's last run may be partly empty).
@@ -270,14 +276,13 @@ class Moments:
     (:meth:`widen`).
     """
 
-    sums: np.ndarray | None = None
+    sums: np.ndarray | None = None  # sums of x x^T per group, (groups, K (K + 1) / 2) float32, packed (RFP, upper triangle)
     count: int = 0
     kept: int = 0
     stride: int = 1
     planned: int | None = None  # the stride planned from the expected rows (None: no plan, the stride doubles as rows come)
     seen: int = 0  # rows offered so far, kept or not
-    pending: np.ndarray | None = None  # float32 sums since the last flush (per group; syrk's upper triangle, Fortran order)
-    pending_rows: int = 0
+    pending: np.ndarray | None = None  # several groups' or short rows' float32 (groups, K, K) sums since the last flush
     linear: np.ndarray | None = None  # float64 sum of the rows themselves, per group (for E[x])
 
     def plan_stride(self, expected_rows: int, features: int) -> None:
@@ -319,18 +324,15 @@ class Moments:
     def add_taken(self, picked: np.ndarray) -> None:
         """Add rows :meth:`take` picked: their products in float32 (BLAS), each counted ``stride`` times.
 
-        Products gather in float32 (in place, in the layout BLAS writes) over up to FLUSH_ROWS rows, then go into the
-        float64 sums: a K x K conversion or copy per small run cost more than the products on models fed one image a run.
+        Products gather in float32, in place, in the layout BLAS writes, until the next :meth:`flush`: a K x K
+        conversion or copy per small run cost more than the products on models fed one image a run.
         """
         k = picked.shape[2]
         if picked.shape[1] == 0:
             return
-        self.pending = _add_products(np.asarray(picked, dtype=np.float32), float(self.stride), self.pending)
+        _add_products(np.asarray(picked, dtype=np.float32), float(self.stride), self)
         row_sums = np.sum(picked, axis=1, dtype=np.float64) * self.stride
         self.linear = row_sums if self.linear is None else self.linear + row_sums
-        self.pending_rows += picked.shape[1]
-        if self.pending_rows >= FLUSH_ROWS:
-            self.flush()
         self.count += picked.shape[1] * self.stride
         self.kept += picked.shape[1]
         self.widen(k)
@@ -353,21 +355,17 @@ class Moments:
             self.stride *= 2
 
     def flush(self) -> None:
-        """Move the float32 sums into the float64 ones."""
-        if self.pending is None:
-            return
-        if self.sums is None:
-            self.sums = self.pending.astype(np.float64)
-        else:
-            np.add(self.sums, self.pending, out=self.sums)  # in place: a new 1 GB array (a ResNet-50's H) costs seconds of page faults
-        self.pending, self.pending_rows = None, 0
+        """Add the full matrices of products gathered since the last flush into the packed sums, and let them go."""
+        if self.pending is not None:
+            self.sums = _add_packed(self.sums, self.pending)
+        self.pending = None
 
     def merge(self, other: Moments, take: bool = False) -> None:
-        """Add ``other``'s sums (both flushed to float64), rows and counts; ``take``: its arrays may be kept, not copied.
+        """Add ``other``'s sums (flushed into the packed ones), rows and counts; ``take``: its arrays may be kept, not copied.
 
         Without ``take`` ``other`` is left as it is. The merged stride is the larger (what a pass that goes on would
-        keep); each part's rows already carry their own weights. The sums add in place: a ResNet-50's are about 1 GB,
-        a pass merges up to 64 shards of them, and every new array of that size first costs seconds of page faults.
+        keep); each part's rows already carry their own weights. The sums add in place (a ResNet-50's are hundreds of
+        MB, a pass merges up to 64 shards of them, and every new array of that size first costs page faults).
         """
         self.flush()
         if other.sums is not None:
@@ -375,11 +373,8 @@ class Moments:
                 self.sums = other.sums if take else other.sums.copy()
             else:
                 self.sums += other.sums
-        if other.pending is not None:  # added in place, as float64 (the sum a flush makes): no new array of H's size
-            if self.sums is None:
-                self.sums = other.pending.astype(np.float64)
-            else:
-                np.add(self.sums, other.pending, out=self.sums)
+        if other.pending is not None:  # packed and added in place: no new array of H's size
+            self.sums = _add_packed(self.sums, other.pending)
         if other.linear is not None:
             self.linear = other.linear.copy() if self.linear is None else self.linear + other.linear
         self.count += other.count
@@ -389,9 +384,9 @@ class Moments:
         self.planned = self.planned if self.planned is not None else other.planned
 
     def hessian(self) -> np.ndarray | None:
-        """E[x x^T] per group, (groups, K, K); None before any rows."""
+        """E[x x^T] per group, (groups, K, K) float64; None before any rows."""
         self.flush()
-        return None if self.sums is None or self.count == 0 else _symmetric(self.sums) / self.count
+        return None if self.sums is None or self.count == 0 else PackedSums(self.sums, self.count).matrix()
 
     def mean(self) -> np.ndarray | None:
         """E[x] per group, (groups, K); None before any rows."""
@@ -420,34 +415,110 @@ def _row_cap(features: int) -> int:
     return max(MIN_ROWS, ROWS_PER_FEATURE * features)
 
 
-def _add_products(rows32: np.ndarray, weight: float, into: np.ndarray | None) -> np.ndarray:
-    """``into`` (None: zeros) plus ``weight`` rows^T rows per group, float32, in place.
+def _add_products(rows32: np.ndarray, weight: float, moments: Moments) -> None:
+    """Add ``weight`` rows^T rows per group to ``moments``, float32, in place.
 
-    One large group: only the upper triangle, by syrk into a Fortran-ordered matrix (BLAS updates it without a copy).
+    One large group: straight into its packed sums, by sfrk (syrk's work on the rectangular full packed form of one
+    triangle: no full K x K matrix at all, as fast as syrk into one, measured at K 64-2048). Several groups or a short
+    row (a depthwise convolution's 512 groups of 25): full matrices by one batched matmul into ``pending``, packed at
+    the next flush.
     """
-    groups, _, k = rows32.shape
+    groups, n, k = rows32.shape
     if groups == 1 and k >= SYRK_FEATURES:
-        into = np.zeros((1, k, k), dtype=np.float32, order="F") if into is None else into
-        target = into[0]  # Fortran-contiguous: ssyrk writes into it
+        if moments.sums is None:
+            moments.sums = np.zeros((1, packed_size(k)), dtype=np.float32)
         with one_blas_thread():  # one thread: the calls come between onnxruntime's runs, often with a few hundred rows
-            blas.ssyrk(weight, rows32[0], beta=1.0, c=target, trans=1, lower=0, overwrite_c=1)
-        return into
+            out = lapack.ssfrk(k, n, weight, rows32[0].T, 1.0, moments.sums[0], overwrite_c=1)  # rows^T: Fortran order, no copy
+        if not np.shares_memory(out, moments.sums):  # (f2py updates contiguous float32 in place; a copy would be its answer)
+            moments.sums[0] = out
+        return
     update = np.matmul(rows32.transpose(0, 2, 1), rows32)
     update *= np.float32(weight)
-    return update if into is None else np.add(into, update, out=into)
+    moments.pending = update if moments.pending is None else np.add(moments.pending, update, out=moments.pending)
 
 
-def _symmetric(sums: np.ndarray) -> np.ndarray:
-    """The full matrices of sums that :func:`_add_products` kept as upper triangles, filled in place (others as they are)."""
-    if sums.shape[0] != 1 or sums.shape[1] < SYRK_FEATURES:
-        return sums
-    matrix = sums[0]
-    for start in range(0, len(matrix), SYMMETRIC_BLOCK):  # a block of rows below the diagonal from the columns above it
+def packed_size(features: int) -> int:
+    """Entries of one packed triangle of a ``features`` x ``features`` matrix: K (K + 1) / 2."""
+    return features * (features + 1) // 2
+
+
+def _add_packed(packed: np.ndarray | None, products: np.ndarray) -> np.ndarray:
+    """``packed`` (None: zeros) plus the full symmetric ``products`` (groups, K, K) in packed form, in place."""
+    groups, k, _ = products.shape
+    if packed is None:
+        packed = np.zeros((groups, packed_size(k)), dtype=np.float32)
+    for g in range(groups):
+        arf, info = lapack.strttf(products[g].T)  # (symmetric: its transpose, Fortran-ordered, is it)
+        if info != 0:
+            raise RuntimeError(f"strttf failed: {info}")
+        packed[g] += arf
+    return packed
+
+
+def unpack_symmetric(packed: np.ndarray) -> np.ndarray:
+    """The full symmetric float64 matrices (groups, K, K) of the upper triangles ``packed`` holds (LAPACK's RFP form)."""
+    groups, size = packed.shape
+    features = (math.isqrt(8 * size + 1) - 1) // 2
+    full = np.empty((groups, features, features), dtype=np.float64)
+    for g in range(groups):
+        upper, info = lapack.stfttr(features, packed[g])
+        if info != 0:
+            raise RuntimeError(f"stfttr failed: {info}")
+        full[g] = upper
+        _mirror_upper(full[g])
+    return full
+
+
+def _mirror_upper(matrix: np.ndarray) -> None:
+    """Fill ``matrix``'s lower triangle from its upper one in place, a block of rows at a time (small temporaries)."""
+    for start in range(0, len(matrix), SYMMETRIC_BLOCK):
         stop = start + SYMMETRIC_BLOCK
         matrix[start:stop, :start] = matrix[:start, start:stop].T
         block = matrix[start:stop, start:stop]
         block[:] = np.triu(block) + np.triu(block, 1).T
-    return sums
+
+
+@dataclass(frozen=True)
+class PackedSums:
+    """One H as the pass leaves it: the summed x x^T of its rows as packed lower triangles, and the rows they count."""
+
+    packed: np.ndarray  # (groups, K (K + 1) / 2) float32
+    count: int
+
+    def matrix(self) -> np.ndarray:
+        """E[x x^T] per group, (groups, K, K), a new float64 array."""
+        full = unpack_symmetric(self.packed)
+        full /= self.count
+        return full
+
+
+class Hessians(Mapping[str, np.ndarray]):
+    """Per weight, its H as a new float64 (groups, K, K) array at each look-up, kept packed in float32 until then.
+
+    Weights whose readers share one sum share its packed form; :meth:`pop` lets it go once no weight refers to it. A
+    whole model's H are then held in a quarter of the bytes of its float64 matrices, and the quantizer holds one full
+    matrix at a time.
+    """
+
+    def __init__(self, sums: dict[str, PackedSums] | None = None) -> None:
+        self._sums = dict(sums or {})
+
+    def __getitem__(self, weight: str) -> np.ndarray:
+        return self._sums[weight].matrix()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._sums)
+
+    def __len__(self) -> int:
+        return len(self._sums)
+
+    def __contains__(self, weight: object) -> bool:
+        return weight in self._sums
+
+    def pop(self, weight: str, default: np.ndarray | None = None) -> np.ndarray | None:
+        """``weight``'s H (``default`` if none), which this mapping no longer holds."""
+        sums = self._sums.pop(weight, None)
+        return default if sums is None else sums.matrix()
 
 
 @dataclass(frozen=True)
@@ -516,23 +587,24 @@ class MomentCollector:
                 chunk = value[start : start + step]
                 moments.add_taken(reader.rows(chunk, moments.take(first_sample + start, len(chunk), rows)))
 
-    def hessians(self) -> dict[str, np.ndarray]:
-        """Per weight, E[x x^T] per group over all its readers' rows; weights with the same readers share one matrix.
+    def hessians(self) -> Hessians:
+        """Per weight, E[x x^T] per group over all its readers' rows, made a float64 matrix when looked up.
 
-        The sums become the matrices in place (a transformer's are most of the quantizer's memory): call it once, last.
+        Weights with the same readers share one sum. The sums are handed over (a transformer's are most of the
+        quantizer's memory): call it once, last.
         """
-        out: dict[str, np.ndarray] = {}
-        shared: dict[tuple[LayerInput, ...], np.ndarray | None] = {}
+        out: dict[str, PackedSums] = {}
+        shared: dict[tuple[LayerInput, ...], PackedSums | None] = {}
         unguarded = self.unguarded
         for weight, readers in self.inputs.items():
             if weight in unguarded:
                 continue
             key = tuple(dict.fromkeys(readers))
             if key not in shared:
-                shared[key] = self._average(key)
-            if (h := shared[key]) is not None:
-                out[weight] = h
-        return out
+                shared[key] = self._total(key)
+            if (sums := shared[key]) is not None:
+                out[weight] = sums
+        return Hessians(out)
 
     def merge(self, other: MomentCollector, take: bool = False) -> None:
         """Add ``other``'s sums, reader by reader: a shard of the same pass, the next one in the data.
@@ -545,8 +617,8 @@ class MomentCollector:
         for reader, moments in self.moments.items():
             moments.merge(other.moments[reader], take)
 
-    def _average(self, readers: tuple[LayerInput, ...]) -> np.ndarray | None:
-        """The readers' summed x x^T over their rows, made symmetric and divided in place; None without rows."""
+    def _total(self, readers: tuple[LayerInput, ...]) -> PackedSums | None:
+        """The readers' summed x x^T over their rows (packed) and their count, handed over; None without rows."""
         parts = [self.moments[reader] for reader in readers]
         for part in parts:
             part.flush()
@@ -556,9 +628,7 @@ class MomentCollector:
         total = parts[0].sums if len(parts) == 1 else sum(m.sums for m in parts)
         for part in parts:
             part.sums = None  # handed over
-        total = _symmetric(total)
-        total /= count
-        return total
+        return PackedSums(total, count)
 
     def means(self) -> dict[str, np.ndarray]:
         """Per weight, E[x] per group (groups, K) over all its readers' rows: the mean input its rows multiply."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from onnxq.calibrate.asq import Adapter
 from onnxq.calibrate.collect import ChannelMeans
+from onnxq.calibrate.moments import Hessians
 from onnxq.calibrate.ranges import QuantParams
 
 
@@ -40,5 +41,5 @@ class Calibration:
     quants: dict[str, ActivationQuant]
     means: dict[str, ChannelMeans]
     samples: list[dict[str, np.ndarray]]
-    hessians: dict[str, np.ndarray] = field(default_factory=dict)  # per weight: E[x x^T] of its inputs, (groups, K, K)
+    hessians: Hessians = field(default_factory=Hessians)  # per weight: E[x x^T] of its inputs, (groups, K, K), packed until looked up
     input_means: dict[str, np.ndarray] = field(default_factory=dict)  # per weight: E[x] of the same rows, (groups, K)

@@ -19,7 +19,8 @@ from onnxq.calibrate.samples import InputSpec, batch_size, sample_axes
 #: Most shards a pass is cut into: enough for 64 workers to share it.
 MAX_SHARDS = 64
 #: Fewer shards where each hands back large statistics: at most this many bytes of them are fetched and merged by the
-#: client, one shard after another. A ResNet-50's H is 0.95 GB a shard, fetched and merged in 3.7 s over loopback
+#: client, one shard after another. A ResNet-50's H was 0.95 GB a shard as float64 matrices (0.24 GB as the packed
+#: float32 sums a shard hands back now), fetched and merged in 3.7 s over loopback
 #: (tools/bench_scale.py): 64 shards took the client 3.9 min, more than 64 workers computing 10,000 samples (0.3 min);
 #: 16 shards cost it 1 min, and 8 and 64 workers then finish 10,000 samples soonest by that benchmark's cost model.
 SHARD_STATISTICS_BYTES = 16 << 30

@@ -290,7 +290,8 @@ TRIANGLE_BLOCK = 256
 def _upper_from_reversed(reversed_h: np.ndarray) -> np.ndarray:
     """:func:`inverse_cholesky` of H given P H P (float64, C order), which is factorised and inverted in its own memory.
 
-    H of a wide layer is tens of MB, and every copy of it counted in the quantizer's peak memory.
+    H of a wide layer is tens of MB, and every copy of it counted in the quantizer's peak memory: the factor is turned
+    to C order and reversed in that memory too (a copy of it was a third of CREPE's peak, 32 of 96 MB at K 2048).
     """
     column_major = reversed_h.T  # symmetric: the same matrix in LAPACK's order, so nothing is copied
     lower, info = lapack.dpotrf(column_major, lower=1, overwrite_a=1)
@@ -304,7 +305,36 @@ def _upper_from_reversed(reversed_h: np.ndarray) -> np.ndarray:
         block = inverse[start:stop, start:stop]
         block[np.triu_indices(stop - start, 1)] = 0.0
         inverse[start:stop, stop:] = 0.0
-    return inverse[::-1, ::-1].copy()
+    if not inverse.flags.f_contiguous:  # (LAPACK worked in a copy after all: reverse it into another)
+        return inverse[::-1, ::-1].copy()
+    matrix = inverse.T  # the same memory as a C-ordered matrix: the factor transposed
+    _transpose_in_place(matrix)  # now the factor itself, C order
+    _reverse_in_place(matrix.reshape(-1))  # both axes reversed: P U P
+    return matrix
+
+
+def _transpose_in_place(matrix: np.ndarray) -> None:
+    """Transpose a square C-ordered matrix in its own memory, a pair of blocks at a time (small temporaries)."""
+    k = len(matrix)
+    for start in range(0, k, TRIANGLE_BLOCK):
+        stop = min(start + TRIANGLE_BLOCK, k)
+        matrix[start:stop, start:stop] = matrix[start:stop, start:stop].T.copy()
+        for other in range(stop, k, TRIANGLE_BLOCK):
+            end = min(other + TRIANGLE_BLOCK, k)
+            block = matrix[start:stop, other:end].copy()
+            matrix[start:stop, other:end] = matrix[other:end, start:stop].T
+            matrix[other:end, start:stop] = block.T
+
+
+def _reverse_in_place(flat: np.ndarray) -> None:
+    """Reverse a 1-D array in its own memory, a chunk from each end at a time (small temporaries)."""
+    n = len(flat)
+    chunk = TRIANGLE_BLOCK * TRIANGLE_BLOCK
+    for start in range(0, n // 2, chunk):
+        stop = min(start + chunk, n // 2)
+        head = flat[start:stop].copy()
+        flat[start:stop] = flat[n - stop : n - start][::-1]
+        flat[n - stop : n - start] = head[::-1]
 
 
 @dataclass(frozen=True)
