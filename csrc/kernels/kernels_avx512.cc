@@ -191,6 +191,7 @@ struct Avx512 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p[2]), _mm512_extracti32x4_epi32(v, 2));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p[3]), _mm512_extracti32x4_epi32(v, 3));
   }
+  static void StoreLanesFirst(I v, uint8_t* const p[4], int64_t n) { StoreQuartersFirst(p, v, n); }  // (n <= 16)
 
   // LanesFused (int_conv_fused.h): cells of 4 pixels, the 16 channels' sums in int32 lanes.
   static constexpr int kLaneTaps = 4;
