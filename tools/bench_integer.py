@@ -7,9 +7,11 @@ default mse calibration and with ASQ (steps per sample); the int/post models aga
 CPU (--reduce-range auto cuts the 8-bit first/last weights to 7 bits, which the AVX2 kernels keep whole). Speed: one onnxruntime thread, batch
 1 and 8, the median over interleaved rounds of each round's ratio to float (tools/bench_ops.py's Rounds: thread CPU
 time, the least of several runs per round). Accuracy: top-1 on the first test images, and agreement with float's top-1.
-The summary's chain line says where a model's uint8 chain breaks.
+The summary's chain line says where a model's uint8 chain breaks. With --baseline-library, the int mse columns again
+with that op library (e.g. a build of main) in the same rounds: a change's before and after side by side in one run.
 
     python tools/bench_integer.py [--models fmnist_resnet20 ...] [--rounds 5] [--repeats 20] [--test-images 2000]
+                                  [--baseline-library /tmp/build-main/libonnxq_ops.so]
 """
 
 from __future__ import annotations
@@ -44,17 +46,23 @@ class Setting:
     format: WeightFormat
     method: CalibrationMethod
     avx2: bool = False
+    baseline: bool = False  # the ops from --baseline-library
 
 
-def settings(proxy: bool) -> list[Setting]:
-    """The columns, with the forced-AVX2 twins where this CPU has AVX-512 VNNI (else the default kernels are AVX2's)."""
+def settings(proxy: bool, baseline: bool = False) -> list[Setting]:
+    """The columns, with the forced-AVX2 twins where this CPU has AVX-512 VNNI (else the default kernels are AVX2's).
+
+    With ``baseline``, each int mse column's twin on the baseline library right after it.
+    """
     out = []
     for method, label in ((CalibrationMethod.MSE, "mse"), (CalibrationMethod.ASQ, "ASQ")):
         out.append(Setting(f"qdq {label}", WeightFormat.QDQ, method))
         for fmt in (WeightFormat.INT, WeightFormat.POST):
-            out.append(Setting(f"{fmt.value} {label}", fmt, method))
-            if proxy:
-                out.append(Setting(f"{fmt.value} {label} AVX2", fmt, method, avx2=True))
+            twins = [False, True] if baseline and fmt == WeightFormat.INT and method == CalibrationMethod.MSE else [False]
+            for avx2 in [False, True] if proxy else [False]:
+                for twin in twins:
+                    name = f"{fmt.value} {label}" + (" AVX2" if avx2 else "") + (" (baseline)" if twin else "")
+                    out.append(Setting(name, fmt, method, avx2=avx2, baseline=twin))
     return out
 
 
@@ -69,12 +77,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds per row (the cells are medians over them)")
     parser.add_argument("--repeats", type=int, default=20, help="runs per model in a round (its time: the least of them)")
     parser.add_argument("--test-images", type=int, default=2000)
+    parser.add_argument("--baseline-library", help="an op library file (another build) that runs twins of the int mse columns, "
+                        "timed in the same interleaved rounds")
     args = parser.parse_args(argv)
     print(cpu_description())
     train = load_idx_split(FASHION_MNIST_DIR, "train").images[:CALIBRATION]
     test = load_idx_split(FASHION_MNIST_DIR, "test")
     images, labels = test.images[: args.test_images], test.labels[: args.test_images]
-    columns = settings(has_avx512_vnni())
+    columns = settings(has_avx512_vnni(), args.baseline_library is not None)
     rounds = Rounds(args.repeats, args.rounds, interleave=True)
     print(f"onnxq W4A8 ({CALIBRATION} calibration images), one onnxruntime thread; speed cells: {rounds.describe()}\n")
     print("| model | batch | float ms | " + " | ".join(c.name for c in columns) + " |")
@@ -84,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
         float_model = onnx.load(REPO / "models" / f"{name}.onnx")
         models = []
         for column in columns:
+            if column.baseline:  # (the column before it: the same model)
+                models.append(models[-1])
+                continue
             # the AVX2 twins as an AVX2-only machine writes them: 8-bit (first/last) weights cut to 7 bits (--reduce-range auto)
             reduce = ReduceRange.ON if column.avx2 else ReduceRange.AUTO
             config = QuantizeConfig(bits=4, format=column.format, activations=ActivationConfig(method=column.method, reduce_range=reduce))
@@ -91,7 +104,8 @@ def main(argv: list[str] | None = None) -> int:
             models.append(with_kernel(result.model, 2) if column.avx2 else result.model)
             if result.chains is not None and not column.avx2:
                 notes.append(f"{name}, {column.name}: {result.chains.line()}")
-        sessions = [one_thread_session(m) for m in [float_model, *models]]
+        libraries = [args.baseline_library if column.baseline else None for column in columns]
+        sessions = [one_thread_session(float_model)] + [one_thread_session(m, lib) for m, lib in zip(models, libraries, strict=True)]
         reference = top1(sessions[0], images)
         for batch in (1, 8):
             feeds = {"input": images[:batch]}

@@ -94,8 +94,11 @@ GEMMS = [
 ]
 
 
-def one_thread_session(model: onnx.ModelProto) -> ort.InferenceSession:
-    options = session_options(threads=1, custom_ops=uses_onnxq_ops(model))
+def one_thread_session(model: onnx.ModelProto, library: str | None = None) -> ort.InferenceSession:
+    """A one-thread session of ``model``; its onnxq ops from ``library`` when given (another build, for A/B runs)."""
+    options = session_options(threads=1, custom_ops=library is None and uses_onnxq_ops(model))
+    if library is not None:
+        options.register_custom_ops_library(library)
     options.inter_op_num_threads = 1
     return ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
 

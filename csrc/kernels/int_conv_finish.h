@@ -534,8 +534,9 @@ void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
 // then make 128-bit lanes of 16 pixels of one channel, stored as they are (uint8 R comes the other way).
 // Lane by lane OutputRun's operations in its order, so the same bytes; but no floats are transposed,
 // stored and reloaded (a 1x1 64->384 at 7x7 spent as long in FinishTOutput and OutputRun as in its
-// product). A panel's last pixels are the 16 that end it, some computed twice (the same bytes);
-// panels under 16 pixels read and write only their own through buffers.
+// product). A panel's last pixels (fewer than 16) are finished only as far as their groups of 4 reach
+// and stored as the lanes' first bytes (T::StoreLanesFirst; uint8 R read through buffers): a 7x7 panel
+// is 3 whole groups of 16 and one pixel, where finishing the 16 that end it again cost a quarter more.
 template <class T, bool kPost, bool kBias, bool kR8>
 void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t b) {
   using I = typename T::I;
@@ -550,11 +551,10 @@ void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t
     c.post_scale = T::LoadFirstF(o.post_scale + m, rows.channels);
     c.post_bias = T::LoadFirstF(o.post_bias + m, rows.channels);
   }
-  const bool whole = f.pixels >= 16;
-  alignas(16) uint8_t y_part[R][16], r_part[R][16];  // (channels past the block's, and panels under 16 pixels)
-  for (int64_t p = 0; p < f.pixels; p += 16) {
-    const int64_t first = whole && p + 16 > f.pixels ? f.pixels - 16 : p;
-    const int64_t count = whole ? 16 : f.pixels;
+  alignas(16) uint8_t y_part[R][16], r_part[R][16];  // (channels past the block's, and R's last pixels)
+  for (int64_t first = 0; first < f.pixels; first += 16) {
+    const int64_t count = f.pixels - first < 16 ? f.pixels - first : 16;
+    const bool whole = count == 16;
     I r8[4];  // kR8: r8[k] dword j = channel R b + j's bytes of pixels first + 4k ..
     if constexpr (kR8) {
       for (int j = 0; j < R; ++j) {
@@ -574,6 +574,10 @@ void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t
     I d[4];
 #pragma GCC unroll 4
     for (int k = 0; k < 4; ++k) {  // (unrolled: else d went through the stack)
+      if (4 * k >= count) {  // (past the panel's last pixels: never stored)
+        d[k] = T::Zero();
+        continue;
+      }
       F v[4];
       for (int q = 0; q < 4; ++q) {
         v[q] = 4 * k + q < count ? rows.At(first + 4 * k + q) : T::ZeroF();
@@ -592,12 +596,9 @@ void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t
       uint8_t* lanes[kLanes128];
       for (int l = 0; l < kLanes128; ++l) {
         const int row = 4 * l + j;
-        lanes[l] = row < rows.channels && whole ? o.y8 + at + row * f.stride + first : y_part[row];
+        lanes[l] = row < rows.channels ? o.y8 + at + row * f.stride + first : y_part[row];
       }
-      T::StoreLanes(d[j], lanes);
-    }
-    if (!whole) {
-      for (int64_t j = 0; j < rows.channels; ++j) std::memcpy(o.y8 + at + j * f.stride + first, y_part[j], static_cast<size_t>(count));
+      whole ? T::StoreLanes(d[j], lanes) : T::StoreLanesFirst(d[j], lanes, count);
     }
   }
 }

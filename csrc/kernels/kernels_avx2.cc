@@ -230,6 +230,10 @@ struct Avx2 {
   static void StoreLanes(I v, uint8_t* const p[2]) {
     _mm256_storeu2_m128i(reinterpret_cast<__m128i*>(p[1]), reinterpret_cast<__m128i*>(p[0]), v);
   }
+  static void StoreLanesFirst(I v, uint8_t* const p[2], int64_t n) {  // (n <= 16)
+    StoreFirst8(p[0], v, n);
+    StoreFirst8(p[1], _mm256_permute2x128_si256(v, v, 0x11), n);
+  }
 
   // LanesFused (int_conv_fused.h): cells of 2 pixels, the 16 channels' sums in int16 lanes.
   static constexpr int kLaneTaps = 2;

@@ -191,9 +191,19 @@ struct Avx512 {
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p[2]), _mm512_extracti32x4_epi32(v, 2));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(p[3]), _mm512_extracti32x4_epi32(v, 3));
   }
+  static void StoreLanesFirst(I v, uint8_t* const p[4], int64_t n) { StoreQuartersFirst(p, v, n); }  // (n <= 16)
 
   // LanesFused (int_conv_fused.h): cells of 4 pixels, the 16 channels' sums in int32 lanes.
   static constexpr int kLaneTaps = 4;
+  // Bytes i of p where bit i of mask is set, v's elsewhere (nothing read there: p may point before X).
+  static I MaskLoadBytes(I v, uint64_t mask, const uint8_t* p) { return _mm512_mask_loadu_epi8(v, mask, p); }
+  // 16 x 16 dwords transposed (dword j of r[i] to dword i of r[j]): Transpose's moves, bits as they are.
+  static void TransposeDwords16(I r[16]) {
+    F f[16];
+    for (int i = 0; i < 16; ++i) f[i] = _mm512_castsi512_ps(r[i]);
+    Transpose(f);
+    for (int i = 0; i < 16; ++i) r[i] = _mm512_castps_si512(f[i]);
+  }
   static I InterleaveLo8(I a, I b) { return _mm512_unpacklo_epi8(a, b); }  // per 128-bit lane
   static I InterleaveHi8(I a, I b) { return _mm512_unpackhi_epi8(a, b); }
   template <int kLane>

@@ -23,7 +23,7 @@
 //                      AddProducts (the multiply-add of bytes), Widen, WidenTimes16 (int16 sums
 //                      only), kPinSums, kPinWeights, Pin
 //   fused quantization AnyFixedTie, PackFixedBytes, FixedDwords, StoreQuarters, StoreQuartersFirst
-//   FinishTBytes       TransposeDwords4, LoadLanes, StoreLanes (128-bit lanes from or to rows)
+//   FinishTBytes       TransposeDwords4, LoadLanes, StoreLanes, StoreLanesFirst (128-bit lanes from or to rows)
 //   LanesFused         kLaneTaps, InterleaveLo8, InterleaveHi8, Lane128, LaneCell, ShiftCellsByte
 //                      (cells of 4 only), LaneSumsFrom, LaneInt32, ScatterLanes
 //   DepthwiseFused     struct Fused: the block's tap sums, the one part written per instruction
