@@ -94,7 +94,7 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
     p.add_argument("--rounding", choices=["balanced", "nearest"], default="balanced",
-                   help="codes chosen without data (no --calibration, or layers it gives no statistics), 2-7 bits: "
+                   help="codes chosen without data (no --calibration), 2-7 bits: "
                    "'balanced' (default) rounds each row so its errors sum to nearly zero, which removes the steady output "
                    "shift rounding causes behind Relu-like layers; 'nearest' rounds each weight to its nearest code. "
                    "8-bit codes and --range absmax always round to nearest")

@@ -188,8 +188,8 @@ class QuantizeConfig:
             quantized for their inputs' covariance, and the mean output shift their codes cause goes into that bias.
         matmul_nbits: which weight-only Gemm/MatMul weights onnxruntime's MatMulNBits runs (the others are decoded
             when the model loads, or run by onnxq's ops in the int/post formats).
-        balanced_rounding: codes chosen without data (no calibration, or layers it gives no statistics) below 8 bits
-            are rounded so that each row's errors sum to nearly zero, which removes most of the steady output shift
+        balanced_rounding: without calibration data, codes below 8 bits are rounded so that each row's errors sum
+            to nearly zero, which removes most of the steady output shift
             rounding causes behind Relu-like layers (onnxq/numerics/balance.py); False rounds each weight to nearest.
     """
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -164,7 +164,7 @@ def quantize_with_report(
     model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None
 ) -> QuantizationResult:
     """Like :func:`quantize`, but also say per layer what was done: the run, stage by stage."""
-    config = config or QuantizeConfig()
+    config = _with_rounding(config or QuantizeConfig(), calibration)
     loaded = load_and_prepare(model)
     plan = plan_quantization(loaded, config, calibration)
     calibrated = calibrate(loaded, plan, config, calibration, client)
@@ -172,6 +172,17 @@ def quantize_with_report(
     correct_biases(loaded, plan, weights, calibrated, config)
     chains = rewrite(loaded, plan, weights, calibrated)
     return finish(loaded, plan, weights, calibrated, config, chains)
+
+
+def _with_rounding(config: QuantizeConfig, calibration: CalibrationData | None) -> QuantizeConfig:
+    """``config`` with balanced rounding off where calibration data are given.
+
+    A run with data rounds the layers it has no statistics for to nearest, as before balancing existed. Balancing is for
+    codes chosen blind; with data, the layers left without second moments are the very wide ones, whose inputs need not
+    share a mean (CREPE's second convolution reads a BatchNorm's output: balancing its codes took the
+    model's output SQNR from 28.9 to 28.4 dB, a one-off run).
+    """
+    return replace(config, balanced_rounding=False) if calibration is not None else config
 
 
 def load_and_prepare(model: ModelSource) -> LoadedModel:

@@ -151,3 +151,16 @@ def test_pipeline_balances_data_free_codes_below_eight_bits() -> None:
             top = uniform.max_code(config.bits)
             scale = np.abs(w).max(axis=1, keepdims=True) / top
             np.testing.assert_allclose(values.reshape(len(w), -1), np.clip(np.rint(w / scale), -top, top) * scale, rtol=1e-6, atol=1e-7)
+
+
+def test_runs_with_data_round_the_layers_they_have_no_statistics_for_to_nearest() -> None:
+    """With calibration data (here without output-aware weights, so no layer has statistics), codes are nearest ones."""
+    model = residual_block(seed=6, c=16)
+    data = [{"x": np.random.default_rng(7).standard_normal((4, 16, 6, 6)).astype(np.float32)}]
+    config = QuantizeConfig(bits=4, sqrt=SqrtMode.OFF, first_last_bits=None, output_aware=False, fold_mean_shift=False)
+    with_data = _decoded_weights(quantize(model, config, data))
+    nearest = _decoded_weights(quantize(model, QuantizeConfig(bits=4, sqrt=SqrtMode.OFF, first_last_bits=None, balanced_rounding=False)))
+    balanced = _decoded_weights(quantize(model, QuantizeConfig(bits=4, sqrt=SqrtMode.OFF, first_last_bits=None)))
+    for got, near, bal in zip(with_data, nearest, balanced, strict=True):
+        np.testing.assert_array_equal(got, near)
+        assert not np.array_equal(got, bal)
