@@ -51,7 +51,7 @@ def _reference(float_model: onnx.ModelProto, x: np.ndarray, fmt: WeightFormat, b
     attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
     inits = _inits(float_model)
     rows = inits["w"] if attrs.get("transB") else inits["w"].T  # (M, K)
-    balanced = bits <= BALANCED_MAX_BITS  # the pipeline's data-free codes (onnxq/numerics/balance.py)
+    balanced = bits <= BALANCED_MAX_BITS and x_step is None  # the data-free codes of a run without data (onnxq/numerics/balance.py)
     if fmt is WeightFormat.POST:
         q = quantize_post_weight(rows, bits, 0, balanced=balanced)
     else:

@@ -53,7 +53,8 @@ def test_output_aware_off_gives_the_data_free_model():
     model = conv_bn_relu_gemm()
     data = _inputs(model, 16, seed=1)
     off = quantize(model, QuantizeConfig(bits=4, output_aware=False), data)
-    assert off.SerializeToString() == quantize(model, QuantizeConfig(bits=4)).SerializeToString()
+    # a run with data rounds to nearest where it chooses no codes for the output (balanced rounding is for runs without)
+    assert off.SerializeToString() == quantize(model, QuantizeConfig(bits=4, balanced_rounding=False)).SerializeToString()
 
 
 def _codes(model: onnx.ModelProto) -> dict[str, bytes]:
