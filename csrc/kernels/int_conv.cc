@@ -315,6 +315,15 @@ namespace {
 Ort::ConstValue InputOf(Ort::KernelContext& context, size_t inputs, size_t i) {
   return i < inputs ? context.GetInput(i) : Ort::ConstValue{nullptr};
 }
+
+// Where the SIMD kernels write: Y, clipped to [clip_min, clip_max], or (`staged` not null) the output step, which
+// clips itself, after the residual R.
+void SetDestination(iconv::SimdArgs* args, float clip_min, float clip_max, float* y, const iconv::Output* staged) {
+  args->clip_lo = staged != nullptr ? -INFINITY : clip_min;
+  args->clip_hi = staged != nullptr ? INFINITY : clip_max;
+  args->y = staged != nullptr ? nullptr : y;
+  args->output = staged;
+}
 }  // namespace
 
 std::shared_ptr<const iconv::Plan> IntConvKernel::MakePlan(Ort::KernelContext& context, bool x_bytes, bool r_bytes,
@@ -731,10 +740,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     args.c_e = c_e;
     args.c_o = c_o;
     args.bias = bias_data;
-    args.clip_lo = staged ? -INFINITY : clip_min_;  // (staged: the output step clips, after R)
-    args.clip_hi = staged ? INFINITY : clip_max_;
-    args.y = run_y;
-    args.output = staged ? &run_output : nullptr;
+    SetDestination(&args, clip_min_, clip_max_, run_y, staged ? &run_output : nullptr);
     args.pad_bottom = pad_bottom_;
     args.pad_right = pad_right_;
     iconv::SimdConv(args, context);
@@ -853,10 +859,7 @@ void IntConvKernel::ComputePixels(Ort::KernelContext& context, const iconv::Plan
   args.bias = bias_data;
   args.z_pixels = zero_points.data();
   args.s_pixels = steps.data();
-  args.clip_lo = staged ? -INFINITY : clip_min_;  // (staged: the output step clips, after R)
-  args.clip_hi = staged ? INFINITY : clip_max_;
-  args.y = staged ? nullptr : y;
-  args.output = staged ? &output : nullptr;
+  SetDestination(&args, clip_min_, clip_max_, y, staged ? &output : nullptr);
   iconv::SimdConv(args, context);
 }
 
