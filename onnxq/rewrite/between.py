@@ -27,7 +27,7 @@ from onnx import helper
 
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, is_op, subgraph_reads, to_array
 from onnxq.native.domain import DOMAIN, INT_CONV, MAX_POOL_Q, POST_CONV
-from onnxq.rewrite.fusions import drop_unread_pairs
+from onnxq.rewrite.fusions import drop_unread_pairs, scalar_step
 
 #: Input slots of IntConv/PostConv (csrc/kernels/int_conv.h): X, x_scale, x_zero_point.
 X, X_SCALE, X_ZERO_POINT = 0, 4, 5
@@ -78,15 +78,12 @@ def _plain_pool(pool: onnx.NodeProto) -> bool:
 
 def _uint8_step(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[float, int] | None:
     """(s, z) of a Quantize/DequantizeLinear with a constant positive float32 scalar scale and a uint8 scalar zero point."""
-    if len(node.input) < 3:
-        return None
-    s, z = consts.get(node.input[1]), consts.get(node.input[2])
-    if s is None or z is None or s.data_type != onnx.TensorProto.FLOAT or z.data_type != onnx.TensorProto.UINT8:
-        return None
-    if int(np.prod(s.dims)) != 1 or int(np.prod(z.dims)) != 1:
-        return None
-    scale = float(to_array(s).reshape(-1)[0])
-    return (scale, int(to_array(z).reshape(-1)[0])) if scale > 0 else None
+    return _positive(scalar_step(node.input[1], node.input[2], consts)) if len(node.input) >= 3 else None
+
+
+def _positive(step: tuple[float, int] | None) -> tuple[float, int] | None:
+    """``step`` where its scale is positive, else None."""
+    return step if step is not None and step[0] > 0 else None
 
 
 def fold_pads(graph: onnx.GraphProto, opset: int) -> int:
@@ -213,9 +210,8 @@ def _read_codes(op: onnx.NodeProto, producer: dict[str, onnx.NodeProto], consts:
 
 
 def _op_step(op: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> tuple[float, int] | None:
-    """The op's (x_scale, x_zero_point) as numbers."""
-    probe = helper.make_node("QuantizeLinear", ["x", op.input[X_SCALE], op.input[X_ZERO_POINT]], ["y"])
-    return _uint8_step(probe, consts)
+    """The op's (x_scale, x_zero_point) as numbers (a positive float32 scale, a uint8 zero point)."""
+    return _positive(scalar_step(op.input[X_SCALE], op.input[X_ZERO_POINT], consts))
 
 
 def _drop_dead(graph: onnx.GraphProto, pads: list[onnx.NodeProto], producer: dict[str, onnx.NodeProto]) -> None:

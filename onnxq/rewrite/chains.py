@@ -46,7 +46,7 @@ from onnxq.model.graph import (
 )
 from onnxq.native.domain import DOMAIN, INT_CONV, INT_CONV_Q, POST_CONV, POST_CONV_Q
 from onnxq.rewrite.asq_steps import fuse_asq_steps, op_behind_channel_pair, write_channel_codes
-from onnxq.rewrite.fusions import drop_unread, drop_unread_pairs
+from onnxq.rewrite.fusions import drop_unread, drop_unread_pairs, scalar_step
 
 #: The float-output op and its uint8-output twin.
 QUANTIZED_OUTPUT = {INT_CONV: INT_CONV_Q, POST_CONV: POST_CONV_Q}
@@ -130,24 +130,14 @@ def _read_shared_quantization(graph: onnx.GraphProto, consts: dict[str, onnx.Ten
         if not ops or not quantizers:
             continue
         for op in ops:
-            step = _scalar_step(op.input[X_SCALE], op.input[X_ZERO_POINT], consts)
-            same = next((q for q in quantizers if step is not None and _scalar_step(q.input[1], q.input[2], consts) == step), None)
+            step = scalar_step(op.input[X_SCALE], op.input[X_ZERO_POINT], consts)
+            same = next((q for q in quantizers if step is not None and scalar_step(q.input[1], q.input[2], consts) == step), None)
             if same is not None and list(op.input).count(tensor) == 1:
                 op.input[0] = same.output[0]
 
 
 def _is_float_op(node: onnx.NodeProto) -> bool:
     return node.domain == DOMAIN and node.op_type in QUANTIZED_OUTPUT
-
-
-def _scalar_step(scale: str, zero_point: str, consts: dict[str, onnx.TensorProto]) -> tuple[float, int] | None:
-    """(s, z) of a constant float32 scalar scale and uint8 scalar zero point; None otherwise."""
-    s, z = consts.get(scale), consts.get(zero_point)
-    if s is None or z is None or s.data_type != onnx.TensorProto.FLOAT or z.data_type != onnx.TensorProto.UINT8:
-        return None
-    if int(np.prod(s.dims)) != 1 or int(np.prod(z.dims)) != 1:
-        return None
-    return float(to_array(s).reshape(-1)[0]), int(to_array(z).reshape(-1)[0])
 
 
 def _common_step(tensor: str, readers: list[onnx.NodeProto], consts: dict[str, onnx.TensorProto]) -> tuple[tuple[str, str] | None, str]:
@@ -165,7 +155,7 @@ def _common_step(tensor: str, readers: list[onnx.NodeProto], consts: dict[str, o
             pair = (reader.input[1], reader.input[2])
         else:
             return None, f"read by {reader.op_type} {reader.name}"
-        step = _scalar_step(*pair, consts)
+        step = scalar_step(*pair, consts)
         if step is None:
             return None, f"{reader.name} takes no fixed uint8 step (e.g. ASQ's step per sample)"
         steps.add(step)
@@ -256,7 +246,7 @@ def _op_behind_pair(name: str, producer: dict[str, onnx.NodeProto], readers: Cou
     """
     node = producer.get(name)
     between: list[onnx.NodeProto] = []
-    if is_op(node, "DequantizeLinear") and len(node.input) == 3 and _scalar_step(node.input[1], node.input[2], consts) is not None:
+    if is_op(node, "DequantizeLinear") and len(node.input) == 3 and scalar_step(node.input[1], node.input[2], consts) is not None:
         q = producer.get(node.input[0])
         if not is_op(q, "QuantizeLinear") or readers[q.output[0]] != 1 or q.output[0] in fixed or readers[node.output[0]] != 1:
             return None
@@ -292,7 +282,7 @@ def _residual_inputs(skip: str, producer: dict[str, onnx.NodeProto], consts: dic
     (_per_sample_skip).
     """
     dq = producer.get(skip)
-    if is_op(dq, "DequantizeLinear") and len(dq.input) == 3 and _scalar_step(dq.input[1], dq.input[2], consts) is not None:
+    if is_op(dq, "DequantizeLinear") and len(dq.input) == 3 and scalar_step(dq.input[1], dq.input[2], consts) is not None:
         return [dq.input[0], dq.input[1], dq.input[2]]
     found = _per_sample_skip(skip, producer, consts)
     return found[0] if found is not None else [skip]
@@ -371,7 +361,7 @@ def _fuse_batch_norms(graph: onnx.GraphProto) -> int:
             continue
         op, between = found
         if between:
-            _clip_to_range(op, _scalar_step(between[0].input[1], between[0].input[2], consts))
+            _clip_to_range(op, scalar_step(between[0].input[1], between[0].input[2], consts))
         scale, bias = names.fresh(f"{op.name}_post_scale"), names.fresh(f"{op.name}_post_bias")
         graph.initializer.extend([numpy_helper.from_array(affine[0], scale), numpy_helper.from_array(affine[1], bias)])
         _set_inputs(op, {POST_SCALE: scale, POST_BIAS: bias})

@@ -323,6 +323,16 @@ def drop_unread(graph: onnx.GraphProto, nodes: list[onnx.NodeProto]) -> None:
         readers.subtract(node.input)
 
 
+def scalar_step(scale: str, zero_point: str, consts: Mapping[str, onnx.TensorProto]) -> tuple[float, int] | None:
+    """(s, z) of a constant float32 scale and uint8 zero point of one element each; None otherwise."""
+    s, z = consts.get(scale), consts.get(zero_point)
+    if s is None or z is None or s.data_type != onnx.TensorProto.FLOAT or z.data_type != onnx.TensorProto.UINT8:
+        return None
+    if int(np.prod(s.dims)) != 1 or int(np.prod(z.dims)) != 1:
+        return None
+    return float(to_array(s).reshape(-1)[0]), int(to_array(z).reshape(-1)[0])
+
+
 def _uint8_scalar_pair(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
     """Whether a DequantizeLinear has a constant scalar scale and a uint8 scalar zero point."""
     scale, zero = consts.get(dq.input[1]), consts.get(dq.input[2])
