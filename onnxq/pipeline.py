@@ -310,7 +310,6 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
     return out
 
 
-
 def quantize_planned(
     weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None = None,
     sweeps: int | None = None,
@@ -338,7 +337,7 @@ def _quantize_planned(
         axis = plan.channel_axis or 0
         search = config.range is not RangeMethod.ABSMAX
         codes = quantize_post_weight(weight, plan.bits, axis, search=search, balanced=_balanced(plan, op_type, config))
-        if hessian is None or config.range is RangeMethod.ABSMAX:  # (absmax: the full range, as for uniform codes)
+        if hessian is None or not search:  # (absmax: the full range, as for uniform codes)
             return codes
         return quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes, sweeps)
     linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and (storage_bits(plan.bits) == 8 or config.sqrt is not SqrtMode.ON))

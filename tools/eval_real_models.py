@@ -205,9 +205,14 @@ class Setting:
     matmul_only: bool = False
 
 
+def mixed_setting(target_size: str) -> Setting:
+    """The mixed-precision row (row 1) at ``target_size``."""
+    return Setting(f"onnxq -b 4, 256 samples, --target-size {target_size} (proxy sensitivity)", onnxq_mixed(target_size))
+
+
 SETTINGS = (
     Setting("onnxq -b 4, 256 samples (weight-only)", onnxq_weights(4, data=True)),
-    Setting("onnxq -b 4, 256 samples, --target-size 0.2x (proxy sensitivity)", onnxq_mixed("0.2x")),
+    mixed_setting("0.2x"),
     Setting("onnxq -b 4, no data", onnxq_weights(4, data=False)),
     Setting("onnxq -b 8, no data", onnxq_weights(8, data=False)),
     Setting("per-channel absmax -b 8 (onnxq, plain codes)", onnxq_weights(8, data=False, absmax=True)),
@@ -268,8 +273,7 @@ class ChildJob:
 
 def _setting_named(name: str, target_size: str) -> Setting:
     """The setting called ``name``: one of SETTINGS, or the mixed-precision row at ``target_size``."""
-    mixed = Setting(f"onnxq -b 4, 256 samples, --target-size {target_size} (proxy sensitivity)", onnxq_mixed(target_size))
-    return next(s for s in (*SETTINGS, mixed) if s.name == name)
+    return next(s for s in (*SETTINGS, mixed_setting(target_size)) if s.name == name)
 
 
 def _child(job: ChildJob, pipe) -> None:  # noqa: ANN001
@@ -402,7 +406,7 @@ def main() -> None:
     print(cpu_description())
     settings = [SETTINGS[i] for i in args.settings] if args.settings is not None else list(SETTINGS)
     if args.target_size != "0.2x":
-        mixed = Setting(f"onnxq -b 4, 256 samples, --target-size {args.target_size} (proxy sensitivity)", onnxq_mixed(args.target_size))
+        mixed = mixed_setting(args.target_size)
         settings = [mixed if s is SETTINGS[1] else s for s in settings]
     args.work.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
