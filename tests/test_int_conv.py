@@ -400,8 +400,6 @@ def test_post_conv_is_close_to_float_conv_with_dequantized_weights(bits):
     assert np.abs(y - want).max() > 0  # (the quantization is real)
 
 
-
-
 @pytest.mark.parametrize("kernel", kernel_params())
 def test_malformed_inputs_are_onnxruntime_errors(kernel):
     k = KERNELS[kernel]

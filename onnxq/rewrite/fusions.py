@@ -195,7 +195,6 @@ def clip_bounds(node: onnx.NodeProto, consts: Mapping[str, onnx.TensorProto]) ->
     return lo, hi
 
 
-
 def _move_declaration(graph: onnx.GraphProto, old: str, new: str) -> None:
     """The op's output is now ``new``: give it ``old``'s declared shape where it has none, and drop ``old``'s entry."""
     infos = {info.name: info for info in graph.value_info}
