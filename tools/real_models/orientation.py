@@ -155,4 +155,6 @@ def case(work: Path, evaluation: int = 200, calibration: int = CALIBRATION_SAMPL
         target=99.0,
         notes=f"input {INPUT} [1,3,224,224] BGR ImageNet-normalised; {len(evaluation_labels)} synthesised text images, "
         "rotations 0/90/180/270 equally; float accuracy vs true rotation 100.0 % (200 images, measured once)",
+        truth=lambda outputs: accuracy(outputs, evaluation_labels),
+        truth_name="top-1 accuracy on the true rotation (%)",
     )

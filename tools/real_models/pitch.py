@@ -215,6 +215,12 @@ def pitch_agreement(reference: list[list[np.ndarray]], approx: list[list[np.ndar
     return float(100.0 * np.mean(np.abs(ref - out) <= 50.0))
 
 
+def pitch_accuracy(outputs: list[list[np.ndarray]], truth_hz: np.ndarray) -> float:
+    """Percentage of frames whose decoded pitch is within 50 cents of the frame's true f0 (its track's geometric mean)."""
+    decoded = decode_cents(np.stack([sample[0] for sample in outputs]))
+    return float(100.0 * np.mean(np.abs(decoded - hz_to_cents(truth_hz)) <= 50.0))
+
+
 def calibration_feeds(seed: int = 0, count: int = CALIBRATION_SAMPLES) -> list[Feeds]:
     """``count`` normalised frames in runs of 32."""
     frames = normalise(harmonic_frames(np.random.default_rng(seed), count)[0])
@@ -230,7 +236,7 @@ def evaluation_frames(count: int, seed: int = 1) -> tuple[np.ndarray, np.ndarray
 def case(work: Path, evaluation: int = 400) -> Case:
     """CREPE tiny on ``evaluation`` synthesised frames, calibrated on 256 others."""
     model = export(work)
-    frames, _ = evaluation_frames(evaluation)
+    frames, truth_hz = evaluation_frames(evaluation)
 
     def run(session: Any) -> list[list[np.ndarray]]:
         """Every evaluation frame through ``session`` in batches of 50; per frame [its 360 probabilities]."""
@@ -248,4 +254,6 @@ def case(work: Path, evaluation: int = 400) -> Case:
         metric_name="pitch within 50 cents of float (%)",
         target=99.0,
         notes=f"{evaluation} frames of 1024 samples at 16 kHz, f0 50-1000 Hz",
+        truth=lambda outputs: pitch_accuracy(outputs, truth_hz),
+        truth_name="pitch within 50 cents of the true f0 (%)",
     )

@@ -259,6 +259,13 @@ def decision_agreement(reference: list[list[np.ndarray]], approx: list[list[np.n
     return float(100.0 * np.mean(ref == out))
 
 
+def label_accuracy(outputs: list[list[np.ndarray]], clips: list[tuple[np.ndarray, np.ndarray]]) -> float:
+    """Percentage of chunks whose speech decision (probability > 0.5) is the clip's label (:func:`chunk_labels`)."""
+    decided = np.concatenate([sample[0] for sample in outputs]) > 0.5
+    labels = np.concatenate([chunk_labels(labels) for _, labels in clips])
+    return float(100.0 * np.mean(decided == labels))
+
+
 def calibration_feeds(model: Path, seed: int = 0, count: int = CALIBRATION_SAMPLES) -> list[Feeds]:
     """``count`` runs drawn from the float model's own streams over calibration clips."""
     rng = np.random.default_rng(seed)
@@ -296,4 +303,6 @@ def case(work: Path, evaluation: int = 40) -> Case:
         metric_name="speech decision agreement (%)",
         target=99.0,
         notes=f"{evaluation} clips of {CLIP_SECONDS:g} s streamed in 512-sample chunks ({int(CLIP_SECONDS * SAMPLE_RATE) // CHUNK} runs a clip)",
+        truth=lambda outputs: label_accuracy(outputs, clips),
+        truth_name="decisions matching the speech labels (%)",
     )
