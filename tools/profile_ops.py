@@ -1,6 +1,7 @@
 """Where a model's time goes in onnxruntime: the share of each op type, one thread, from onnxruntime's own profiler.
 
     python tools/profile_ops.py models/fmnist_vit.onnx --batch 8
+    python tools/profile_ops.py model.onnx --feeds run.npz      # one run's inputs by name, where synthetic ones do not fit
 
 Prints the mean time of a whole run, the sum of the nodes' kernel times (the profiler's; it adds its own cost, so read
 the shares, not the microseconds), and per op type its time and share, largest first. Models with onnxq's ops run
@@ -57,7 +58,7 @@ def weighted_nodes(model: Path) -> set[str]:
     return {node for plan in plans for node in plan.nodes}
 
 
-def op_times(model: Path, batch: int, runs: int) -> tuple[float, float, collections.Counter[str]]:
+def op_times(model: Path, batch: int, runs: int, feeds_file: Path | None = None) -> tuple[float, float, collections.Counter[str]]:
     """(mean microseconds a run, mean microseconds of the nodes' kernels a run, microseconds a run per op type).
 
     The op types of nodes with a weight onnxq quantizes get " (weighted)" added, so their share reads apart from the
@@ -66,7 +67,7 @@ def op_times(model: Path, batch: int, runs: int) -> tuple[float, float, collecti
     weighted = weighted_nodes(model)
     with tempfile.TemporaryDirectory() as folder:
         sess = session(model, os.path.join(folder, "profile"))
-        feeds = batch_feeds(model, batch)
+        feeds = batch_feeds(model, batch) if feeds_file is None else dict(np.load(feeds_file))
         for _ in range(runs):
             sess.run(None, feeds)
         events = json.loads(Path(sess.end_profiling()).read_text())
@@ -84,10 +85,13 @@ def main() -> None:
     parser.add_argument("model", type=Path)
     parser.add_argument("--batch", type=int, default=1, help="the free dimensions' size (default 1)")
     parser.add_argument("--runs", type=int, default=300, help="runs profiled (default 300)")
+    parser.add_argument("--feeds", type=Path, default=None,
+                        help="an .npz of one run's inputs by name (a streaming model's state, a sample rate), instead of synthetic ones")
     args = parser.parse_args()
     print(cpu_description())
-    run_us, nodes_us, per_op = op_times(args.model, args.batch, args.runs)
-    print(f"{args.model} batch {args.batch}: {run_us:.1f} us a run, nodes' kernels {nodes_us:.1f} us (profiler's)")
+    run_us, nodes_us, per_op = op_times(args.model, args.batch, args.runs, args.feeds)
+    shape = f"feeds {args.feeds}" if args.feeds else f"batch {args.batch}"
+    print(f"{args.model} {shape}: {run_us:.1f} us a run, nodes' kernels {nodes_us:.1f} us (profiler's)")
     print("| op type | us a run | share |")
     print("|---|---:|---:|")
     for op, us in per_op.most_common():
