@@ -72,6 +72,23 @@ def test_inverse_factor_against_numpy(k):
                                atol=1e-9 * np.abs(np.linalg.inv(ordered)).max())
 
 
+@pytest.mark.parametrize("k", [1, 9, 300])  # 300: past the block the columns are permuted in
+def test_factor_in_place_equals_the_copy(k):
+    """Compensation.in_place: the order and factor of Compensation.of bit for bit, in H's own memory (a dead input too)."""
+    rng = np.random.default_rng(k)
+    x = correlated_inputs(rng, 2 * k, k)
+    x[:, k // 2] = 0.0
+    h = x.T @ x / len(x)
+    want = Compensation.of(h)
+    memory = h.copy()
+    got = Compensation.in_place(memory)
+    np.testing.assert_array_equal(got.order, want.order)
+    np.testing.assert_array_equal(got.upper, want.upper)
+    assert np.shares_memory(got.upper, memory)
+    with pytest.raises(ValueError, match="in place"):
+        Compensation.in_place(h.astype(np.float32))
+
+
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_compensated_rounding_beats_round_to_nearest_on_correlated_inputs(mode, bits):
@@ -428,3 +445,28 @@ def test_the_column_steps_in_c_equal_numpy_bit_for_bit(mode, groups, monkeypatch
     in_numpy = output_error.refine_groups(*args, sweeps=4, block=16)
     assert not np.array_equal(in_numpy, np.stack(starts))
     np.testing.assert_array_equal(in_c, in_numpy)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_weights_for_the_output_with_the_factor_in_h_equal_the_copys(groups):
+    """quantize_for_output with ``refill`` (GPTQ's factor made in H's memory, H written back) gives the same codes, H restored."""
+    from onnxq.numerics.weights import quantize_for_output
+
+    rng = np.random.default_rng(groups)
+    k = output_error.SMALL_GROUP_FEATURES + 6  # past the small-groups path, which never factors in place
+    h = np.stack([(lambda x: x.T @ x / len(x))(correlated_inputs(rng, 3 * k, k)) for _ in range(groups)])
+    weight = rng.standard_normal((4 * groups, k)).astype(np.float32)
+    want = quantize_for_output(weight, 4, 0, ("plain", "sqrt"), h.copy())
+    calls = []
+
+    def refill(out: np.ndarray) -> None:
+        calls.append(out)
+        out[...] = h
+
+    memory = h.copy()
+    got = quantize_for_output(weight, 4, 0, ("plain", "sqrt"), memory, refill=refill)
+    assert len(calls) == 1 and calls[0] is memory
+    np.testing.assert_array_equal(memory, h)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.scale, want.scale)
+    assert got.sqrt == want.sqrt and got.mse == want.mse

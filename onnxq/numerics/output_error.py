@@ -208,6 +208,35 @@ class Compensation:
         gathered = np.asarray(h, dtype=np.float64)[np.ix_(backwards, backwards)]  # the one copy: damped in it, then factorised in it
         return cls(order, _upper_from_reversed(damp_in_place(gathered)))
 
+    @classmethod
+    def in_place(cls, h: np.ndarray) -> Compensation:
+        """:meth:`of` computed in ``h``'s own memory (float64, C order), which then holds the factor, not H.
+
+        The same numbers as :meth:`of`, without its copy of H: on a wide layer H and that copy were the quantizer's
+        peak (CREPE's K 2048: 32 MB each). The caller writes H back when it needs it again.
+        """
+        if h.dtype != np.float64 or not h.flags.c_contiguous:
+            raise ValueError("the factor is made in place only in a float64 C-ordered H")
+        order = np.argsort(-np.diagonal(h), kind="stable")
+        _permute_symmetric(h, order[::-1])
+        return cls(order, _upper_from_reversed(damp_in_place(h)))
+
+
+def _permute_symmetric(h: np.ndarray, order: np.ndarray) -> None:
+    """``h`` becomes ``h[np.ix_(order, order)]`` in its own memory: columns a block of rows at a time, rows by cycles."""
+    for start in range(0, len(h), TRIANGLE_BLOCK):
+        block = h[start : start + TRIANGLE_BLOCK]
+        block[:] = np.take(block, order, axis=1)
+    placed = np.zeros(len(h), dtype=bool)
+    for first in range(len(h)):
+        if placed[first] or order[first] == first:
+            continue
+        saved, row = h[first].copy(), first
+        while order[row] != first:  # row takes the row it is given, and so on around the cycle
+            h[row] = h[order[row]]
+            placed[row], row = True, int(order[row])
+        h[row], placed[row] = saved, True
+
 
 def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, compensation: Compensation | None = None) -> np.ndarray:
     """Codes (R, K) for ``rows`` with per-row ``scale``, rounded column by column with error compensation through H.
@@ -378,17 +407,18 @@ def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: Score
 
     GPTQ's greedy order can lose on a row whose H is nearly singular; the nearest codes are the floor.
     """
-    rows = np.asarray(rows, dtype=np.float64)
-    kept = _better_rows(_code_errors(rows, h, grid, nearest.scale), (nearest.codes, nearest.row_errors),
-                        gptq(rows, h, grid, nearest.scale, compensation=compensation))
-    return ScoredRows(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()), kept[1])
+    return kept_better(rows, h, grid, nearest, gptq(rows, h, grid, nearest.scale, compensation=compensation))
 
 
 def refined_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, sweeps: int | None = None) -> ScoredRows:
     """``start``'s codes (:func:`compensated_rows`') refined by :func:`refine` (``sweeps``: None SWEEPS), per row the lesser error kept."""
+    return kept_better(rows, h, grid, start, refine(rows, h, grid, start.scale, start.codes, sweeps))
+
+
+def kept_better(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, codes: np.ndarray) -> ScoredRows:
+    """``start`` with each row's codes replaced by ``codes``' (at the same scales) where they leave less output error."""
     rows = np.asarray(rows, dtype=np.float64)
-    kept = _better_rows(_code_errors(rows, h, grid, start.scale), (start.codes, start.row_errors),
-                        refine(rows, h, grid, start.scale, start.codes, sweeps))
+    kept = _better_rows(_code_errors(rows, h, grid, start.scale), (start.codes, start.row_errors), codes)
     return ScoredRows(kept[0], start.scale, start.alpha, float(kept[1].sum()), kept[1])
 
 
