@@ -331,9 +331,11 @@ def _steps_in(native: bool, monkeypatch) -> None:
 @pytest.mark.parametrize("native", [True, False], ids=["c", "numpy"])
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
 @pytest.mark.parametrize("sweeps", [1, 3])
-def test_refine_equals_a_plain_coordinate_descent(mode, sweeps, native, monkeypatch):
+@pytest.mark.parametrize("follow", [2, 128], ids=["follow-in-pieces", "follow-at-once"])
+def test_refine_equals_a_plain_coordinate_descent(mode, sweeps, native, follow, monkeypatch):
     """Small rows refined from rounding to nearest: the same codes as trying every code of every column in turn."""
     _steps_in(native, monkeypatch)
+    monkeypatch.setattr(output_error, "FOLLOW_COLUMNS", follow)  # the gradients brought up to date a few columns at a time
     rng = np.random.default_rng(21)
     k, bits = 9, 3
     x = correlated_inputs(rng, 300, k)
@@ -470,3 +472,20 @@ def test_weights_for_the_output_with_the_factor_in_h_equal_the_copys(groups):
     np.testing.assert_array_equal(got.codes, want.codes)
     np.testing.assert_array_equal(got.scale, want.scale)
     assert got.sqrt == want.sqrt and got.mse == want.mse
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 200, 33), (2, 130, 1)])  # 200, 130 lines: past the block gathered at a time
+@pytest.mark.parametrize("kept", [0.0, 0.3, 1.0])
+def test_rows_dropped_in_their_own_memory_equal_compress(shape, kept):
+    """The refinement's rows left in place: np.compress along the last axis, C order, in the array's own memory."""
+    rng = np.random.default_rng(len(shape) + shape[1])
+    a = rng.standard_normal(shape)
+    keep = rng.random(shape[-1]) < kept
+    want = np.compress(keep, a, axis=-1)
+    got = output_error._keep_last(a, keep)
+    np.testing.assert_array_equal(got, want)
+    assert got.flags.c_contiguous and (got.size == 0 or np.shares_memory(got, a))
+    strided = rng.standard_normal((shape[0], shape[2] + 1, shape[1])).transpose(0, 2, 1)  # not C order: a new array
+    keep = rng.random(strided.shape[-1]) < kept
+    want = np.compress(keep, strided, axis=-1)
+    np.testing.assert_array_equal(output_error._keep_last(strided, keep), want)

@@ -44,6 +44,8 @@ BLOCK = 32
 #: Columns a coordinate-descent sweep steps between two matrix-product updates of the rest's gradients: wider than
 #: GPTQ's blocks, since every update reads and writes the whole (K, P) gradient (MiniLM's refinement 4.0 -> 3.4 s).
 REFINE_BLOCK = 64
+#: Lines of an array moved at a time within its own memory (small temporaries): H's rows permuted, refined rows dropped.
+LINE_BLOCK = 64
 #: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
 FULL_SEARCH_LIMIT = 1 << 24
 #: Whether a sweep's column steps run in C where libonnxq_stats.so was built (the same codes; numpy's cost about twenty
@@ -224,8 +226,8 @@ class Compensation:
 
 def _permute_symmetric(h: np.ndarray, order: np.ndarray) -> None:
     """``h`` becomes ``h[np.ix_(order, order)]`` in its own memory: columns a block of rows at a time, rows by cycles."""
-    for start in range(0, len(h), TRIANGLE_BLOCK):
-        block = h[start : start + TRIANGLE_BLOCK]
+    for start in range(0, len(h), LINE_BLOCK):
+        block = h[start : start + LINE_BLOCK]
         block[:] = np.take(block, order, axis=1)
     placed = np.zeros(len(h), dtype=bool)
     for first in range(len(h)):
@@ -491,10 +493,12 @@ class _Descent:
         self.live = np.arange(per_group)  # the rows (P's positions) still moving, and their codes
         self.codes = self.final.copy()
         decoded = decode(codes.reshape(-1, k), np.asarray(scale).reshape(-1), grid).reshape(groups, per_group, k)
-        self.values = np.ascontiguousarray(decoded.transpose(0, 2, 1), dtype=np.float64)  # the table's values, as Grid.round's
-        error = np.asarray(rows, dtype=np.float64).transpose(0, 2, 1) - self.values  # E^T
+        transposed = decoded.transpose(0, 2, 1)  # the float32 values first: one (K, P) float64 array fewer at a time
+        error = np.subtract(np.asarray(rows, dtype=np.float64).transpose(0, 2, 1), transposed, out=np.empty((groups, k, per_group)))  # E^T
         self.gradient = np.matmul(self.h, error)  # (E H)^T, H symmetric
         del error
+        self.values = np.ascontiguousarray(transposed, dtype=np.float64)  # the table's values, as Grid.round's
+        del decoded, transposed
         self.diagonal = np.ascontiguousarray(np.diagonal(self.h, axis1=1, axis2=2))[:, :, None]
         self.inverse = np.divide(1.0, self.diagonal, out=np.zeros_like(self.diagonal), where=self.diagonal > 0)
         self.moved = np.zeros(self.unit.shape, dtype=bool)
@@ -526,19 +530,23 @@ class _Descent:
 
         The block's own columns have had the moves of the columns before them (:meth:`_column`); they take those of
         their own and later ones. (Taking the products over the rows that moved alone was slower: a third to three
-        quarters of MiniLM's rows move in a block.)
+        quarters of MiniLM's rows move in a block.) The columns before and after the block are updated FOLLOW_COLUMNS at
+        a time: one product for all of them was a (K, P) temporary, the refinement's peak on the orientation classifier.
         """
-        self.gradient[:, :start] -= np.matmul(self.h[:, :start, start:stop], moves)
+        for first in range(0, self.gradient.shape[1], FOLLOW_COLUMNS):
+            last = min(first + FOLLOW_COLUMNS, self.gradient.shape[1])
+            for low, high in ((first, min(last, start)), (max(first, stop), last)):  # the parts before and after the block
+                if low < high:
+                    self.gradient[:, low:high] -= np.matmul(self.h[:, low:high, start:stop], moves)
         self.gradient[:, start:stop] -= np.matmul(np.triu(self.h[:, start:stop, start:stop]), moves)
-        self.gradient[:, stop:] -= np.matmul(self.h[:, stop:, start:stop], moves)
 
     def settle(self) -> bool:
         """Drop the rows no code of which moved in the last sweep (in every group); whether any row is left."""
         keep = self.moved.any(axis=0)
-        if not keep.all():  # np.compress, not [:, :, keep]: that gives the rows' axis the largest stride, columns strided
+        if not keep.all():  # in their own memory: new (K, P) arrays beside the old ones were the refinement's peak
             self.final[:, :, self.live] = self.codes
             self.live = self.live[keep]
-            self.codes, self.values, self.gradient = (np.compress(keep, a, axis=2) for a in (self.codes, self.values, self.gradient))
+            self.codes, self.values, self.gradient = (_keep_last(a, keep) for a in (self.codes, self.values, self.gradient))
             self.offsets, self.unit, self.moved = (np.compress(keep, a, axis=1) for a in (self.offsets, self.unit, self.moved))
         return bool(keep.any())
 
@@ -561,6 +569,25 @@ class _Descent:
         values += move
         self.gradient[:, j + 1 : stop] -= self.h[:, j + 1 : stop, j, None] * move[:, None, :]
         return True
+
+
+#: Columns whose gradients :meth:`_Descent._follow` updates with one product (small temporaries).
+FOLLOW_COLUMNS = 128
+
+
+def _keep_last(a: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``np.compress(keep, a, axis=-1)`` of a C-ordered ``a``, written over the start of ``a``'s own memory (a view of it).
+
+    The lines are moved forward in order, a block at a time: a line's new place ends before the next line's old one.
+    """
+    if not a.flags.c_contiguous:
+        return np.compress(keep, a, axis=-1)
+    index = np.flatnonzero(keep)
+    lines = a.reshape(-1, a.shape[-1])  # (a view)
+    out = lines.reshape(-1)[: len(lines) * len(index)].reshape(len(lines), len(index))
+    for start in range(0, len(lines), LINE_BLOCK):
+        out[start : start + LINE_BLOCK] = lines[start : start + LINE_BLOCK, index]  # (the gather copies before the write)
+    return out.reshape(*a.shape[:-1], len(index))
 
 
 def _level_bounds(grid: Grid) -> np.ndarray:
