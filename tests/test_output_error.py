@@ -489,3 +489,26 @@ def test_rows_dropped_in_their_own_memory_equal_compress(shape, kept):
     keep = rng.random(strided.shape[-1]) < kept
     want = np.compress(keep, strided, axis=-1)
     np.testing.assert_array_equal(output_error._keep_last(strided, keep), want)
+
+
+def test_the_searches_leave_no_cycle_holding_h():
+    """H is freed when its last name goes, not at the garbage collector's next run (a closure calling itself held it)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(8)
+    rows = rng.standard_normal((4, 6))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for search in (lambda h: search_alpha(rows, h, Grid("plain", 4)),
+                       lambda h: output_error.quantize_small_groups(rows.reshape(2, 2, 6), np.stack([h, h]), Grid("plain", 4), 0)):
+            x = correlated_inputs(rng, 50, 6)
+            h = x.T @ x / len(x)
+            held = weakref.ref(h)
+            search(h)
+            del h
+            assert held() is None
+    finally:
+        if enabled:
+            gc.enable()

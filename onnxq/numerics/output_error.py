@@ -137,14 +137,26 @@ def search_alpha(rows: np.ndarray, h: np.ndarray, grid: Grid) -> np.ndarray:
         return minimise_on_grid(DiagonalError(rows, np.diagonal(h), grid), np.ones(len(rows)), scan_points(grid.codes), 14)[0]
 
     def error(alpha: np.ndarray) -> np.ndarray:
-        if alpha.ndim == 2:  # the bracketing scan: one column of candidates at a time
-            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
         _, values = grid.round(rows, grid.scales(rows, alpha))
         delta = rows - values
         return output_errors(delta, h) if full else np.einsum("rk,k,rk->r", delta, np.diagonal(h), delta)
 
-    alpha, _ = minimise_on_grid(error, np.ones(len(rows)), scan_points(grid.codes), 14)
+    alpha, _ = minimise_on_grid(per_candidate(error), np.ones(len(rows)), scan_points(grid.codes), 14)
     return alpha
+
+
+def per_candidate(error: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``error`` of one range factor per row, (R,), also for the bracketing scan's (R, C): one column of candidates at a time.
+
+    A wrapper, not a closure that calls itself: that is a reference cycle, which kept the layer's rows and H (its
+    closure's) alive after the search until the garbage collector ran, into the next layers (CREPE: two 8 MB H).
+    """
+    def each(alpha: np.ndarray) -> np.ndarray:
+        if alpha.ndim == 2:
+            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
+        return error(alpha)
+
+    return each
 
 
 #: Elements of a block of rows the diagonal error rounds at a time: its float32 and float64 temporaries stay in cache.
@@ -641,11 +653,9 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, sweeps: i
         return np.einsum("gpk,gkl,gpl->gp", delta, h, delta).reshape(-1)
 
     def error(alpha: np.ndarray) -> np.ndarray:
-        if alpha.ndim == 2:  # the bracketing scan: one column of candidates at a time
-            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
         return errors(grid.round(flat, grid.scales(flat, alpha))[1])
 
-    alpha, _ = minimise_on_grid(error, np.ones(len(flat)), scan_points(grid.codes), 14)
+    alpha, _ = minimise_on_grid(per_candidate(error), np.ones(len(flat)), scan_points(grid.codes), 14)
     scale = grid.scales(flat, alpha)
     nearest = grid.round(flat, scale)[0]
 
