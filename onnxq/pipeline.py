@@ -278,7 +278,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
 
     Each weight's second moments leave ``calibrated`` as it is quantized, made a float64 matrix from their packed float32
     sums only then (onnxq/calibrate/moments.py: the wide layers' H are most of the peak memory, CREPE's 1024-2048-wide
-    ones 60 MB as float64 matrices, 15 MB packed), so the peak holds one full H and the packed ones not yet used.
+    ones 60 MB as float64 matrices, 15 MB packed), so the peak holds one full H and the packed ones not yet used. A weight's
+    packed sums stay until it is done: GPTQ's factor is made in its H's memory, and H written back from them after.
     """
     consts = constant_initializers(loaded.model.graph)
     integer_inputs = calibrated is not None and bool(calibrated.quants)
