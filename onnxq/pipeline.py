@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -60,6 +60,8 @@ from onnxq.rewrite.tables import replace_tables
 
 if TYPE_CHECKING:
     from distributed import Client
+
+    from onnxq.calibrate.moments import PackedSums
 
 logger = logging.getLogger(__name__)
 
@@ -276,7 +278,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
 
     Each weight's second moments leave ``calibrated`` as it is quantized, made a float64 matrix from their packed float32
     sums only then (onnxq/calibrate/moments.py: the wide layers' H are most of the peak memory, CREPE's 1024-2048-wide
-    ones 60 MB as float64 matrices, 15 MB packed), so the peak holds one full H and the packed ones not yet used.
+    ones 60 MB as float64 matrices, 15 MB packed), so the peak holds one full H and the packed ones not yet used. A weight's
+    packed sums stay until it is done: GPTQ's factor is made in its H's memory, and H written back from them after.
     """
     consts = constant_initializers(loaded.model.graph)
     integer_inputs = calibrated is not None and bool(calibrated.quants)
@@ -289,13 +292,12 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
             names = " ".join(weight_plan.nodes)
             raise OnnxqError(loaded.label, f"weight {weight_plan.tensor} has NaN or infinite values (--exclude {names} leaves it float)")
         choice = plan.ops[weight_plan.tensor]
-        hessian = calibrated.hessians.pop(weight_plan.tensor, None) if calibrated is not None else None  # freed once used
+        sums = calibrated.hessians.pop_sums(weight_plan.tensor) if calibrated is not None else None  # freed once used
         mean = calibrated.input_means.get(weight_plan.tensor) if calibrated is not None and weight_plan.tensor in sites else None
-        if hessian is not None and mean is not None and weight_plan.channel_axis is not None:
-            hessian = centered(hessian, mean, in_place=True)  # (a new matrix per look-up) the mean output shift goes into the bias
-        else:
+        if sums is None or weight_plan.channel_axis is None:
             mean = None
-        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, hessian)
+        make = None if sums is None else _hessian_maker(sums, mean)
+        q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, None if make is None else make(None), refill=make)
         if mean is not None and q.axis == weight_plan.channel_axis:
             delta = to_rows(q.dequantize(), q.axis).astype(np.float64) - to_rows(weight, q.axis)
             out.mean_shifts[weight_plan.tensor] = (sites[weight_plan.tensor], mean_shift(delta, mean))
@@ -310,9 +312,21 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
     return out
 
 
+def _hessian_maker(sums: PackedSums, mean: np.ndarray | None) -> Callable[[np.ndarray | None], np.ndarray]:
+    """What writes a weight's H from its packed ``sums`` into an array (None: a new one), the same numbers each time.
+
+    With ``mean`` (its input's E[x], the mean output shift going into the bias) H is centred (onnxq/calibrate/mean_shift.py).
+    """
+    def make(out: np.ndarray | None) -> np.ndarray:
+        hessian = sums.fill(out)
+        return hessian if mean is None else centered(hessian, mean, in_place=True)
+
+    return make
+
+
 def quantize_planned(
     weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None = None,
-    sweeps: int | None = None,
+    sweeps: int | None = None, refill: Callable[[np.ndarray], object] | None = None,
 ) -> QuantizedTensor:
     """Codes for one weight in the format its op needs: POST (PostConv), plain uniform (IntConv), or uniform/sqrt (QDQ, lookups).
 
@@ -323,14 +337,16 @@ def quantize_planned(
     than rounding to nearest with the range that minimises it (which is at least as good as the weight-error range).
     ``sweeps``: the coordinate-descent refinement's after GPTQ (None: its default, 0: none; the proxy sensitivity prices
     without it). The matrix work runs on one BLAS thread unless the layer is wide (onnxq/numerics/threads.py).
+    ``refill``: writes ``hessian`` again into the array it is given (GPTQ's factor is then made in its memory:
+    :func:`onnxq.numerics.weights.quantize_for_output`).
     """
     with blas_threads(hessian.shape[-1] if hessian is not None else None):
-        return _quantize_planned(weight, plan, op_type, config, integer_inputs, hessian, sweeps)
+        return _quantize_planned(weight, plan, op_type, config, integer_inputs, hessian, sweeps, refill)
 
 
 def _quantize_planned(
     weight: np.ndarray, plan: WeightPlan, op_type: str | None, config: QuantizeConfig, integer_inputs: bool, hessian: np.ndarray | None,
-    sweeps: int | None,
+    sweeps: int | None, refill: Callable[[np.ndarray], object] | None = None,
 ) -> QuantizedTensor:
     """:func:`quantize_planned` on the BLAS threads it chose."""
     if op_type == POST_CONV:  # per output channel whatever the granularity (the ops take one scale per row)
@@ -339,14 +355,14 @@ def _quantize_planned(
         codes = quantize_post_weight(weight, plan.bits, axis, search=search, balanced=_balanced(plan, op_type, config))
         if hessian is None or not search:  # (absmax: the full range, as for uniform codes)
             return codes
-        return quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes, sweeps)
+        return quantize_for_output(weight, plan.bits, axis, ("post",), hessian, codes, sweeps, refill)
     linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and (storage_bits(plan.bits) == 8 or config.sqrt is not SqrtMode.ON))
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
     if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
         return quantize_weight(weight, plan.bits, axis, sqrt, config.range, balanced=_balanced(plan, op_type, config))
     modes = {SqrtMode.OFF: ("plain",), SqrtMode.ON: ("sqrt",), SqrtMode.AUTO: ("plain", "sqrt")}[sqrt]
-    return quantize_for_output(weight, plan.bits, axis, modes, hessian, sweeps=sweeps)
+    return quantize_for_output(weight, plan.bits, axis, modes, hessian, sweeps=sweeps, refill=refill)
 
 
 #: Widest data-free codes that are balanced (onnxq/numerics/balance.py). 8-bit codes stay max|w| rounded to nearest:

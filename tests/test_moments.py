@@ -146,6 +146,23 @@ def test_hessians_are_new_matrices_and_shared_sums_stay_until_the_last_weight():
     assert hessians.pop("q") is None
 
 
+@pytest.mark.parametrize("k", [1, 2, 3, 6, 7, 257, 600])  # odd and even (RFP's two layouts), past the mirrored block
+def test_packed_sums_unpack_to_the_matrix_summed(k):
+    """Sums packed from full symmetric products come back bit for bit, read from the packed blocks, into a given array too."""
+    rng = np.random.default_rng(k)
+    x = rng.standard_normal((2, 3 * k, k)).astype(np.float32)
+    products = np.matmul(x.transpose(0, 2, 1), x)
+    products = (products + products.transpose(0, 2, 1)) / 2  # symmetric to the bit
+    m = Moments(pending=products, count=4)
+    m.flush()
+    want = products.astype(np.float64) / 4
+    sums = PackedSums(m.sums, m.count)
+    np.testing.assert_array_equal(sums.matrix(), want)
+    out = np.full((2, k, k), np.nan)
+    assert sums.fill(out) is out
+    np.testing.assert_array_equal(out, want)
+
+
 def test_layers_without_an_h_are_left_out():
     """ConvTranspose, and a weight also read by one: no H (they keep their own-error quantization)."""
     rng = np.random.default_rng(4)

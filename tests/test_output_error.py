@@ -72,6 +72,23 @@ def test_inverse_factor_against_numpy(k):
                                atol=1e-9 * np.abs(np.linalg.inv(ordered)).max())
 
 
+@pytest.mark.parametrize("k", [1, 9, 300])  # 300: past the block the columns are permuted in
+def test_factor_in_place_equals_the_copy(k):
+    """Compensation.in_place: the order and factor of Compensation.of bit for bit, in H's own memory (a dead input too)."""
+    rng = np.random.default_rng(k)
+    x = correlated_inputs(rng, 2 * k, k)
+    x[:, k // 2] = 0.0
+    h = x.T @ x / len(x)
+    want = Compensation.of(h)
+    memory = h.copy()
+    got = Compensation.in_place(memory)
+    np.testing.assert_array_equal(got.order, want.order)
+    np.testing.assert_array_equal(got.upper, want.upper)
+    assert np.shares_memory(got.upper, memory)
+    with pytest.raises(ValueError, match="in place"):
+        Compensation.in_place(h.astype(np.float32))
+
+
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
 @pytest.mark.parametrize("bits", [3, 4])
 def test_compensated_rounding_beats_round_to_nearest_on_correlated_inputs(mode, bits):
@@ -314,9 +331,11 @@ def _steps_in(native: bool, monkeypatch) -> None:
 @pytest.mark.parametrize("native", [True, False], ids=["c", "numpy"])
 @pytest.mark.parametrize("mode", ["plain", "sqrt", "post"])
 @pytest.mark.parametrize("sweeps", [1, 3])
-def test_refine_equals_a_plain_coordinate_descent(mode, sweeps, native, monkeypatch):
+@pytest.mark.parametrize("follow", [2, 128], ids=["follow-in-pieces", "follow-at-once"])
+def test_refine_equals_a_plain_coordinate_descent(mode, sweeps, native, follow, monkeypatch):
     """Small rows refined from rounding to nearest: the same codes as trying every code of every column in turn."""
     _steps_in(native, monkeypatch)
+    monkeypatch.setattr(output_error, "FOLLOW_COLUMNS", follow)  # the gradients brought up to date a few columns at a time
     rng = np.random.default_rng(21)
     k, bits = 9, 3
     x = correlated_inputs(rng, 300, k)
@@ -428,3 +447,68 @@ def test_the_column_steps_in_c_equal_numpy_bit_for_bit(mode, groups, monkeypatch
     in_numpy = output_error.refine_groups(*args, sweeps=4, block=16)
     assert not np.array_equal(in_numpy, np.stack(starts))
     np.testing.assert_array_equal(in_c, in_numpy)
+
+
+@pytest.mark.parametrize("groups", [1, 2])
+def test_weights_for_the_output_with_the_factor_in_h_equal_the_copys(groups):
+    """quantize_for_output with ``refill`` (GPTQ's factor made in H's memory, H written back) gives the same codes, H restored."""
+    from onnxq.numerics.weights import quantize_for_output
+
+    rng = np.random.default_rng(groups)
+    k = output_error.SMALL_GROUP_FEATURES + 6  # past the small-groups path, which never factors in place
+    h = np.stack([(lambda x: x.T @ x / len(x))(correlated_inputs(rng, 3 * k, k)) for _ in range(groups)])
+    weight = rng.standard_normal((4 * groups, k)).astype(np.float32)
+    want = quantize_for_output(weight, 4, 0, ("plain", "sqrt"), h.copy())
+    calls = []
+
+    def refill(out: np.ndarray) -> None:
+        calls.append(out)
+        out[...] = h
+
+    memory = h.copy()
+    got = quantize_for_output(weight, 4, 0, ("plain", "sqrt"), memory, refill=refill)
+    assert len(calls) == 1 and calls[0] is memory
+    np.testing.assert_array_equal(memory, h)
+    np.testing.assert_array_equal(got.codes, want.codes)
+    np.testing.assert_array_equal(got.scale, want.scale)
+    assert got.sqrt == want.sqrt and got.mse == want.mse
+
+
+@pytest.mark.parametrize("shape", [(1, 5, 7), (3, 200, 33), (2, 130, 1)])  # 200, 130 lines: past the block gathered at a time
+@pytest.mark.parametrize("kept", [0.0, 0.3, 1.0])
+def test_rows_dropped_in_their_own_memory_equal_compress(shape, kept):
+    """The refinement's rows left in place: np.compress along the last axis, C order, in the array's own memory."""
+    rng = np.random.default_rng(len(shape) + shape[1])
+    a = rng.standard_normal(shape)
+    keep = rng.random(shape[-1]) < kept
+    want = np.compress(keep, a, axis=-1)
+    got = output_error._keep_last(a, keep)
+    np.testing.assert_array_equal(got, want)
+    assert got.flags.c_contiguous and (got.size == 0 or np.shares_memory(got, a))
+    strided = rng.standard_normal((shape[0], shape[2] + 1, shape[1])).transpose(0, 2, 1)  # not C order: a new array
+    keep = rng.random(strided.shape[-1]) < kept
+    want = np.compress(keep, strided, axis=-1)
+    np.testing.assert_array_equal(output_error._keep_last(strided, keep), want)
+
+
+def test_the_searches_leave_no_cycle_holding_h():
+    """H is freed when its last name goes, not at the garbage collector's next run (a closure calling itself held it)."""
+    import gc
+    import weakref
+
+    rng = np.random.default_rng(8)
+    rows = rng.standard_normal((4, 6))
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        for search in (lambda h: search_alpha(rows, h, Grid("plain", 4)),
+                       lambda h: output_error.quantize_small_groups(rows.reshape(2, 2, 6), np.stack([h, h]), Grid("plain", 4), 0)):
+            x = correlated_inputs(rng, 50, 6)
+            h = x.T @ x / len(x)
+            held = weakref.ref(h)
+            search(h)
+            del h
+            assert held() is None
+    finally:
+        if enabled:
+            gc.enable()

@@ -455,18 +455,35 @@ def _add_packed(packed: np.ndarray | None, products: np.ndarray) -> np.ndarray:
     return packed
 
 
-def unpack_symmetric(packed: np.ndarray) -> np.ndarray:
-    """The full symmetric float64 matrices (groups, K, K) of the upper triangles ``packed`` holds (LAPACK's RFP form)."""
+def unpack_symmetric(packed: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """The full symmetric float64 matrices (groups, K, K) of the upper triangles ``packed`` holds (LAPACK's RFP form).
+
+    Written into ``out`` where given (float64, (groups, K, K)). Read straight from the packed form's three blocks, not
+    through LAPACK's stfttr, whose float32 K x K matrix was half again H's float64 size at the peak (16 MB at K 2048).
+    """
     groups, size = packed.shape
     features = (math.isqrt(8 * size + 1) - 1) // 2
-    full = np.empty((groups, features, features), dtype=np.float64)
+    full = np.empty((groups, features, features), dtype=np.float64) if out is None else out
     for g in range(groups):
-        upper, info = lapack.stfttr(features, packed[g])
-        if info != 0:
-            raise RuntimeError(f"stfttr failed: {info}")
-        full[g] = upper
+        _upper_from_rfp(packed[g], full[g])
         _mirror_upper(full[g])
     return full
+
+
+def _upper_from_rfp(arf: np.ndarray, matrix: np.ndarray) -> None:
+    """Write the upper triangle of ``matrix`` (K, K) from ``arf``, an upper triangle in RFP form (TRANSR N), as stfttr would.
+
+    LAPACK's layout, with n1 = K // 2 and n2 = K - n1: the column-major (K + 1 - K % 2, n2) array whose column c holds
+    A[:n1, n1 + c] in its first n1 rows, A[n1:, n1 + c] down to the diagonal in the rows after, and below them (in the
+    first n1 columns) A[:c + 1, c] of the leading triangle.
+    """
+    k = len(matrix)
+    n1 = k // 2
+    n2 = k - n1
+    columns = arf.reshape(n2, k + 1 - k % 2)  # row c: the array's column c
+    matrix[:n1, :n1] = columns[:n1, n1 + 1 : n1 + 1 + n1]  # the leading triangle (its lower half overwritten after)
+    matrix[:n1, n1:] = columns[:, :n1].T
+    matrix[n1:, n1:] = columns[:, n1 : n1 + n2].T  # the trailing triangle, upper half
 
 
 def _mirror_upper(matrix: np.ndarray) -> None:
@@ -487,7 +504,11 @@ class PackedSums:
 
     def matrix(self) -> np.ndarray:
         """E[x x^T] per group, (groups, K, K), a new float64 array."""
-        full = unpack_symmetric(self.packed)
+        return self.fill(None)
+
+    def fill(self, out: np.ndarray | None) -> np.ndarray:
+        """E[x x^T] per group written into ``out`` (float64, (groups, K, K); None: a new array), the same numbers each time."""
+        full = unpack_symmetric(self.packed, out)
         full /= self.count
         return full
 
@@ -519,6 +540,10 @@ class Hessians(Mapping[str, np.ndarray]):
         """``weight``'s H (``default`` if none), which this mapping no longer holds."""
         sums = self._sums.pop(weight, None)
         return default if sums is None else sums.matrix()
+
+    def pop_sums(self, weight: str) -> PackedSums | None:
+        """``weight``'s packed sums (None if none), which this mapping no longer holds: H made from them when needed, again if need be."""
+        return self._sums.pop(weight, None)
 
 
 @dataclass(frozen=True)

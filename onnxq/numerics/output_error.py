@@ -44,6 +44,8 @@ BLOCK = 32
 #: Columns a coordinate-descent sweep steps between two matrix-product updates of the rest's gradients: wider than
 #: GPTQ's blocks, since every update reads and writes the whole (K, P) gradient (MiniLM's refinement 4.0 -> 3.4 s).
 REFINE_BLOCK = 64
+#: Lines of an array moved at a time within its own memory (small temporaries): H's rows permuted, refined rows dropped.
+LINE_BLOCK = 64
 #: Rows x K^2 above which the alpha search weighs each column by H's diagonal only (the full form costs R K^2 a try).
 FULL_SEARCH_LIMIT = 1 << 24
 #: Whether a sweep's column steps run in C where libonnxq_stats.so was built (the same codes; numpy's cost about twenty
@@ -135,14 +137,26 @@ def search_alpha(rows: np.ndarray, h: np.ndarray, grid: Grid) -> np.ndarray:
         return minimise_on_grid(DiagonalError(rows, np.diagonal(h), grid), np.ones(len(rows)), scan_points(grid.codes), 14)[0]
 
     def error(alpha: np.ndarray) -> np.ndarray:
-        if alpha.ndim == 2:  # the bracketing scan: one column of candidates at a time
-            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
         _, values = grid.round(rows, grid.scales(rows, alpha))
         delta = rows - values
         return output_errors(delta, h) if full else np.einsum("rk,k,rk->r", delta, np.diagonal(h), delta)
 
-    alpha, _ = minimise_on_grid(error, np.ones(len(rows)), scan_points(grid.codes), 14)
+    alpha, _ = minimise_on_grid(per_candidate(error), np.ones(len(rows)), scan_points(grid.codes), 14)
     return alpha
+
+
+def per_candidate(error: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``error`` of one range factor per row, (R,), also for the bracketing scan's (R, C): one column of candidates at a time.
+
+    A wrapper, not a closure that calls itself: that is a reference cycle, which kept the layer's rows and H (its
+    closure's) alive after the search until the garbage collector ran, into the next layers (CREPE: two 8 MB H).
+    """
+    def each(alpha: np.ndarray) -> np.ndarray:
+        if alpha.ndim == 2:
+            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
+        return error(alpha)
+
+    return each
 
 
 #: Elements of a block of rows the diagonal error rounds at a time: its float32 and float64 temporaries stay in cache.
@@ -207,6 +221,35 @@ class Compensation:
         backwards = order[::-1]  # P (H in that order) P, gathered at once: the factorisation works in this copy
         gathered = np.asarray(h, dtype=np.float64)[np.ix_(backwards, backwards)]  # the one copy: damped in it, then factorised in it
         return cls(order, _upper_from_reversed(damp_in_place(gathered)))
+
+    @classmethod
+    def in_place(cls, h: np.ndarray) -> Compensation:
+        """:meth:`of` computed in ``h``'s own memory (float64, C order), which then holds the factor, not H.
+
+        The same numbers as :meth:`of`, without its copy of H: on a wide layer H and that copy were the quantizer's
+        peak (CREPE's K 2048: 32 MB each). The caller writes H back when it needs it again.
+        """
+        if h.dtype != np.float64 or not h.flags.c_contiguous:
+            raise ValueError("the factor is made in place only in a float64 C-ordered H")
+        order = np.argsort(-np.diagonal(h), kind="stable")
+        _permute_symmetric(h, order[::-1])
+        return cls(order, _upper_from_reversed(damp_in_place(h)))
+
+
+def _permute_symmetric(h: np.ndarray, order: np.ndarray) -> None:
+    """``h`` becomes ``h[np.ix_(order, order)]`` in its own memory: columns a block of rows at a time, rows by cycles."""
+    for start in range(0, len(h), LINE_BLOCK):
+        block = h[start : start + LINE_BLOCK]
+        block[:] = np.take(block, order, axis=1)
+    placed = np.zeros(len(h), dtype=bool)
+    for first in range(len(h)):
+        if placed[first] or order[first] == first:
+            continue
+        saved, row = h[first].copy(), first
+        while order[row] != first:  # row takes the row it is given, and so on around the cycle
+            h[row] = h[order[row]]
+            placed[row], row = True, int(order[row])
+        h[row], placed[row] = saved, True
 
 
 def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, compensation: Compensation | None = None) -> np.ndarray:
@@ -378,17 +421,18 @@ def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: Score
 
     GPTQ's greedy order can lose on a row whose H is nearly singular; the nearest codes are the floor.
     """
-    rows = np.asarray(rows, dtype=np.float64)
-    kept = _better_rows(_code_errors(rows, h, grid, nearest.scale), (nearest.codes, nearest.row_errors),
-                        gptq(rows, h, grid, nearest.scale, compensation=compensation))
-    return ScoredRows(kept[0], nearest.scale, nearest.alpha, float(kept[1].sum()), kept[1])
+    return kept_better(rows, h, grid, nearest, gptq(rows, h, grid, nearest.scale, compensation=compensation))
 
 
 def refined_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, sweeps: int | None = None) -> ScoredRows:
     """``start``'s codes (:func:`compensated_rows`') refined by :func:`refine` (``sweeps``: None SWEEPS), per row the lesser error kept."""
+    return kept_better(rows, h, grid, start, refine(rows, h, grid, start.scale, start.codes, sweeps))
+
+
+def kept_better(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, codes: np.ndarray) -> ScoredRows:
+    """``start`` with each row's codes replaced by ``codes``' (at the same scales) where they leave less output error."""
     rows = np.asarray(rows, dtype=np.float64)
-    kept = _better_rows(_code_errors(rows, h, grid, start.scale), (start.codes, start.row_errors),
-                        refine(rows, h, grid, start.scale, start.codes, sweeps))
+    kept = _better_rows(_code_errors(rows, h, grid, start.scale), (start.codes, start.row_errors), codes)
     return ScoredRows(kept[0], start.scale, start.alpha, float(kept[1].sum()), kept[1])
 
 
@@ -461,10 +505,12 @@ class _Descent:
         self.live = np.arange(per_group)  # the rows (P's positions) still moving, and their codes
         self.codes = self.final.copy()
         decoded = decode(codes.reshape(-1, k), np.asarray(scale).reshape(-1), grid).reshape(groups, per_group, k)
-        self.values = np.ascontiguousarray(decoded.transpose(0, 2, 1), dtype=np.float64)  # the table's values, as Grid.round's
-        error = np.asarray(rows, dtype=np.float64).transpose(0, 2, 1) - self.values  # E^T
+        transposed = decoded.transpose(0, 2, 1)  # the float32 values first: one (K, P) float64 array fewer at a time
+        error = np.subtract(np.asarray(rows, dtype=np.float64).transpose(0, 2, 1), transposed, out=np.empty((groups, k, per_group)))  # E^T
         self.gradient = np.matmul(self.h, error)  # (E H)^T, H symmetric
         del error
+        self.values = np.ascontiguousarray(transposed, dtype=np.float64)  # the table's values, as Grid.round's
+        del decoded, transposed
         self.diagonal = np.ascontiguousarray(np.diagonal(self.h, axis1=1, axis2=2))[:, :, None]
         self.inverse = np.divide(1.0, self.diagonal, out=np.zeros_like(self.diagonal), where=self.diagonal > 0)
         self.moved = np.zeros(self.unit.shape, dtype=bool)
@@ -496,19 +542,23 @@ class _Descent:
 
         The block's own columns have had the moves of the columns before them (:meth:`_column`); they take those of
         their own and later ones. (Taking the products over the rows that moved alone was slower: a third to three
-        quarters of MiniLM's rows move in a block.)
+        quarters of MiniLM's rows move in a block.) The columns before and after the block are updated FOLLOW_COLUMNS at
+        a time: one product for all of them was a (K, P) temporary, the refinement's peak on the orientation classifier.
         """
-        self.gradient[:, :start] -= np.matmul(self.h[:, :start, start:stop], moves)
+        for first in range(0, self.gradient.shape[1], FOLLOW_COLUMNS):
+            last = min(first + FOLLOW_COLUMNS, self.gradient.shape[1])
+            for low, high in ((first, min(last, start)), (max(first, stop), last)):  # the parts before and after the block
+                if low < high:
+                    self.gradient[:, low:high] -= np.matmul(self.h[:, low:high, start:stop], moves)
         self.gradient[:, start:stop] -= np.matmul(np.triu(self.h[:, start:stop, start:stop]), moves)
-        self.gradient[:, stop:] -= np.matmul(self.h[:, stop:, start:stop], moves)
 
     def settle(self) -> bool:
         """Drop the rows no code of which moved in the last sweep (in every group); whether any row is left."""
         keep = self.moved.any(axis=0)
-        if not keep.all():  # np.compress, not [:, :, keep]: that gives the rows' axis the largest stride, columns strided
+        if not keep.all():  # in their own memory: new (K, P) arrays beside the old ones were the refinement's peak
             self.final[:, :, self.live] = self.codes
             self.live = self.live[keep]
-            self.codes, self.values, self.gradient = (np.compress(keep, a, axis=2) for a in (self.codes, self.values, self.gradient))
+            self.codes, self.values, self.gradient = (_keep_last(a, keep) for a in (self.codes, self.values, self.gradient))
             self.offsets, self.unit, self.moved = (np.compress(keep, a, axis=1) for a in (self.offsets, self.unit, self.moved))
         return bool(keep.any())
 
@@ -531,6 +581,25 @@ class _Descent:
         values += move
         self.gradient[:, j + 1 : stop] -= self.h[:, j + 1 : stop, j, None] * move[:, None, :]
         return True
+
+
+#: Columns whose gradients :meth:`_Descent._follow` updates with one product (small temporaries).
+FOLLOW_COLUMNS = 128
+
+
+def _keep_last(a: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """``np.compress(keep, a, axis=-1)`` of a C-ordered ``a``, written over the start of ``a``'s own memory (a view of it).
+
+    The lines are moved forward in order, a block at a time: a line's new place ends before the next line's old one.
+    """
+    if not a.flags.c_contiguous:
+        return np.compress(keep, a, axis=-1)
+    index = np.flatnonzero(keep)
+    lines = a.reshape(-1, a.shape[-1])  # (a view)
+    out = lines.reshape(-1)[: len(lines) * len(index)].reshape(len(lines), len(index))
+    for start in range(0, len(lines), LINE_BLOCK):
+        out[start : start + LINE_BLOCK] = lines[start : start + LINE_BLOCK, index]  # (the gather copies before the write)
+    return out.reshape(*a.shape[:-1], len(index))
 
 
 def _level_bounds(grid: Grid) -> np.ndarray:
@@ -584,11 +653,9 @@ def quantize_small_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, sweeps: i
         return np.einsum("gpk,gkl,gpl->gp", delta, h, delta).reshape(-1)
 
     def error(alpha: np.ndarray) -> np.ndarray:
-        if alpha.ndim == 2:  # the bracketing scan: one column of candidates at a time
-            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
         return errors(grid.round(flat, grid.scales(flat, alpha))[1])
 
-    alpha, _ = minimise_on_grid(error, np.ones(len(flat)), scan_points(grid.codes), 14)
+    alpha, _ = minimise_on_grid(per_candidate(error), np.ones(len(flat)), scan_points(grid.codes), 14)
     scale = grid.scales(flat, alpha)
     nearest = grid.round(flat, scale)[0]
 

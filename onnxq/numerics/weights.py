@@ -200,7 +200,7 @@ def _sqnr_from_sums(noise: float, signal: float) -> float:
 
 def quantize_for_output(
     weight: np.ndarray, bits: int, axis: int, modes: tuple[str, ...], hessian: np.ndarray, baseline: QuantizedTensor | None = None,
-    sweeps: int | None = None,
+    sweeps: int | None = None, refill: Callable[[np.ndarray], object] | None = None,
 ) -> QuantizedTensor:
     """Quantize ``weight`` per row along ``axis`` for its layer's output: ranges by output error, compensated rounding.
 
@@ -208,13 +208,18 @@ def quantize_for_output(
     (onnxq/calibrate/moments.py); ``modes`` are the grids to try ("plain", "sqrt", "post"), and the one leaving the
     least output error is kept. A ``baseline`` (the weight-error quantization) is kept instead where its output
     error is lower, so the output error is never worse than before. ``sweeps``: the coordinate-descent refinement's
-    after GPTQ (None: output_error.SWEEPS, 0: none).
+    after GPTQ (None: output_error.SWEEPS, 0: none). ``refill``: writes the same ``hessian`` into the array it is given
+    again; with it (and ``hessian`` float64 in C order) GPTQ's factors are made in ``hessian``'s own memory, which
+    ``refill`` then restores: the same codes without a copy of H (:meth:`output_error.Compensation.in_place`).
     """
     weight = np.asarray(weight, dtype=np.float32)
     rows = to_rows(weight, axis).astype(np.float64)
     groups = hessian.shape[0]
     small = groups > 1 and rows.shape[1] <= output_error.SMALL_GROUP_FEATURES  # depthwise: all groups at once
-    best = _small_groups_for_output(rows, hessian, modes, bits, sweeps) if small else _groups_for_output(rows, hessian, modes, bits, sweeps)
+    if refill is not None and (hessian.dtype != np.float64 or not hessian.flags.c_contiguous):
+        refill = None
+    best = (_small_groups_for_output(rows, hessian, modes, bits, sweeps) if small
+            else _groups_for_output(rows, hessian, modes, bits, sweeps, refill))
     if baseline is not None and baseline.axis == axis:
         delta = rows - to_rows(baseline.dequantize(), axis)
         if output_error.grouped_output_error(delta, hessian) <= best[0]:
@@ -235,24 +240,30 @@ GRID_MARGIN = 1.5
 _Best = tuple[float, np.ndarray, np.ndarray, np.ndarray, str]
 
 
-def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int, sweeps: int | None) -> _Best:
+def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int, sweeps: int | None,
+                       refill: Callable[[np.ndarray], object] | None = None) -> _Best:
     """Each group's rows rounded by GPTQ on the grids that round them nearly as well as the best to nearest; the best refined and kept.
 
     Compensating every grid doubled the time on MiniLM; compensating only the best nearest one lost 0.2 dB on the
     layout detector (tools/eval_real_models.py): grids within GRID_MARGIN of it are compensated too. The refinement
     (``sweeps``, coordinate descent) costs about two GPTQs per sweep, so only the grid GPTQ leaves best is refined.
+    ``refill``: :func:`quantize_for_output`'s (GPTQ's factors made in ``hessian``, which it then restores).
     """
     groups = hessian.shape[0]
     per_group = len(rows) // groups
     slices = [rows[g * per_group : (g + 1) * per_group] for g in range(groups)]
     nearest = {mode: [output_error.nearest_rows(part, hessian[g], output_error.Grid(mode, bits)) for g, part in enumerate(slices)] for mode in modes}
     floor = min(sum(p.error for p in nearest[m]) for m in modes)
-    compensations = [output_error.Compensation.of(hessian[g]) for g in range(groups)]  # shared by the grids
-    compensated = {
-        mode: [output_error.compensated_rows(part, hessian[g], output_error.Grid(mode, bits), nearest[mode][g], compensations[g])
-               for g, part in enumerate(slices)]
-        for mode in modes if sum(p.error for p in nearest[mode]) <= GRID_MARGIN * floor
-    }
+    chosen = [mode for mode in modes if sum(p.error for p in nearest[mode]) <= GRID_MARGIN * floor]
+    factor = output_error.Compensation.of if refill is None else output_error.Compensation.in_place
+    compensations = [factor(hessian[g]) for g in range(groups)]  # shared by the grids
+    codes = {mode: [output_error.gptq(part, hessian[g], output_error.Grid(mode, bits), nearest[mode][g].scale, compensation=compensations[g])
+                    for g, part in enumerate(slices)] for mode in chosen}
+    del compensations
+    if refill is not None:
+        refill(hessian)
+    compensated = {mode: [output_error.kept_better(part, hessian[g], output_error.Grid(mode, bits), nearest[mode][g], codes[mode][g])
+                          for g, part in enumerate(slices)] for mode in chosen}
     mode = min(compensated, key=lambda m: sum(p.error for p in compensated[m]))
     grid, parts = output_error.Grid(mode, bits), compensated[mode]
     if sweeps != 0:
