@@ -13,7 +13,7 @@ from conftest import op_counts, step_tensor
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from models import conv_bn_relu_gemm, conv_then_if, residual_block
+from models import conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.calibrate.asq import Adapter, LogLinear
 from onnxq.calibrate.data import calibration_batches
@@ -127,6 +127,21 @@ def test_w4a4_runs_with_uint4_activations():
     assert np.isfinite(out).all()
     ref = ort.InferenceSession(conv_bn_relu_gemm().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
     assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.15  # (measured 0.048)
+
+
+def test_w4a4_gives_an_int8_weight_layer_8_bit_inputs_so_onnxruntime_loads_it():
+    """The depthwise conv keeps 8-bit weights (depthwise_bits): onnxruntime fuses its input pair with the int8 weight's
+    into QLinearConv, which takes no uint4, so that input is uint8; the 4-bit ConvTranspose still reads uint4 codes."""
+    config = QuantizeConfig(bits=4, first_last_bits=None, activations=ActivationConfig(bits=4, method=CalibrationMethod.MINMAX))
+    q = quantize(depthwise_convtranspose(), config, _batches((4, 6, 6)))
+    inits = {t.name: t for t in q.graph.initializer}
+    zero_point_type = {n.input[0]: inits[n.input[2]].data_type for n in q.graph.node if n.op_type == "QuantizeLinear"}
+    assert zero_point_type == {"x": onnx.TensorProto.UINT8, "d": onnx.TensorProto.UINT4}  # the Relu folded into the pair
+    x = _batches((4, 6, 6), count=1)[0]
+    # loaded with onnxruntime's graph optimizations, which refused the model with a uint4 input there
+    out = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    ref = ort.InferenceSession(depthwise_convtranspose().SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.linalg.norm(out - ref) / np.linalg.norm(ref) < 0.15
 
 
 def _asq_model(quant: ActivationQuant, opset: int) -> onnx.ModelProto:

@@ -181,7 +181,8 @@ CASES: dict[str, BadInput] = {
         lambda d: _save(d, _weights_as_inputs(also_initializers=False)), ("no quantizable weights", "conv1 (weight is a graph input, not a constant)")
     ),
     "weights are overridable initializers": BadInput(
-        lambda d: _save(d, _weights_as_inputs(also_initializers=True)), ("no quantizable weights", "initializer also listed as a graph input")
+        lambda d: _save(d, _weights_as_inputs(also_initializers=True)),
+        ("no quantizable weights", "initializer also listed as a graph input", "drop such names from graph.input"),
     ),
     "bits too high": BadInput(lambda d: _save(d, _good_bytes()), ("argument -b/--bits: invalid choice: 9",), ("-b", "9"), None, 2),
     "bits too low": BadInput(lambda d: _save(d, _good_bytes()), ("argument -b/--bits: invalid choice: 1",), ("-b", "1"), None, 2),

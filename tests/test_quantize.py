@@ -204,6 +204,48 @@ def test_a_weight_first_matmul_stays_qdq_in_the_op_formats_and_says_why():
     assert layer.op == "DequantizeLinear" and "W @ x" in layer.qdq_reason
 
 
+def _gemm_weight_first(trans_a: int, trans_b: int) -> onnx.ModelProto:
+    """x[16, 5] (x[5, 16] with transB) -> Gemm(A=wa, B=x, C=c; alpha 0.5, beta 2) -> h[8, 5] -> Relu -> MatMul(v) -> y[8, 4].
+
+    W @ x written as a Gemm: its constant is A.
+    """
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    wa = rng.standard_normal((16, 8) if trans_a else (8, 16)).astype(np.float32)
+    b_shape = [5, 16] if trans_b else [16, 5]
+    inits = [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(rng.standard_normal((8, 1)).astype(np.float32), "c"),
+             numpy_helper.from_array(rng.standard_normal((5, 4)).astype(np.float32), "v")]
+    nodes = [
+        helper.make_node("Gemm", ["wa", "x", "c"], ["h"], name="gemm_first", transA=trans_a, transB=trans_b, alpha=0.5, beta=2.0),
+        helper.make_node("Relu", ["h"], ["r"], name="relu"),
+        helper.make_node("MatMul", ["r", "v"], ["y"], name="weighted"),
+    ]
+    value = helper.make_tensor_value_info
+    graph = helper.make_graph(nodes, "g", [value("x", TensorProto.FLOAT, b_shape)], [value("y", TensorProto.FLOAT, [8, 4])], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_gemm_with_its_weight_first_is_quantized_as_w_at_x(trans_a, trans_b):
+    """Gemm(W, x): the constant is A, so it becomes MatMul(alpha * op(W), op(x)) + beta * C, W quantized per output row."""
+    model = _gemm_weight_first(trans_a, trans_b)
+    result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
+    assert [layer.nodes for layer in result.layers] == [("gemm_first",), ("weighted",)]
+    decoded = weight_of(result.model, "gemm_first", 0)
+    wa = onnx.numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "wa"))
+    want_weight = 0.5 * (wa.T if trans_a else wa)
+    assert decoded.axis == 0 and decoded.codes.shape == (8, 16)
+    assert np.max(np.abs(decoded.values - want_weight)) <= np.max(np.abs(want_weight)) / 127
+    feeds = {"x": np.random.default_rng(1).standard_normal((5, 16) if trans_b else (16, 5)).astype(np.float32)}
+    got, want = run(result.model, feeds), run(model, feeds)
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.02
+    np.testing.assert_allclose(got, run(float_equivalent(result.model), feeds), rtol=1e-5, atol=1e-5)
+
+
 def test_input_model_is_not_modified():
     model = conv_bn_relu_gemm()
     before = model.SerializeToString()

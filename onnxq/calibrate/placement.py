@@ -31,6 +31,10 @@ POOLS = frozenset({"GlobalAveragePool", "AveragePool", "MaxPool"})
 FOLDABLE = frozenset({"Relu", "Clip"})
 #: Bits of activations that do not feed a weighted layer (residual adds, pools, layer outputs).
 OTHER_BITS = 8
+#: Bits of an input of a layer whose weight codes are int8 (5-8 bits): onnxruntime fuses that pair with the weight's
+#: into an integer kernel (QLinearConv, ...) that takes 8-bit activations only, so a uint4 pair there makes a model
+#: that does not load.
+INT8_WEIGHT_INPUT_BITS = 8
 
 
 @dataclass(frozen=True)
@@ -53,15 +57,18 @@ class ActivationSite:
 
 
 def plan_activations(
-    graph: onnx.GraphProto, weighted: dict[str, int], boundary: Iterable[str], bits: int, boundary_bits: int | None
+    graph: onnx.GraphProto, weighted: dict[str, int], boundary: Iterable[str], bits: int, boundary_bits: int | None,
+    int8_weights: Iterable[str] = (),
 ) -> list[ActivationSite]:
     """The activation tensors of ``graph`` to quantize, in graph order.
 
     ``weighted`` maps the names of nodes whose weights are quantized to their op's activation
     input index; ``boundary`` names the first/last weighted nodes, whose inputs get
-    ``boundary_bits`` (when not None) like their weights do.
+    ``boundary_bits`` (when not None) like their weights do. An input that a node of ``int8_weights`` (weight codes
+    of 5-8 bits: depthwise layers, first/last ones, layers raised by mixed precision) reads gets at least
+    INT8_WEIGHT_INPUT_BITS, whatever its other readers ask for.
     """
-    boundary = set(boundary)
+    boundary, int8_weights = set(boundary), set(int8_weights)
     consts = set(constant_initializers(graph))
     float_tensors = _float_tensors(graph)
     outputs = {o.name for o in graph.output}
@@ -77,6 +84,7 @@ def plan_activations(
 
     order: dict[str, None] = {}  # insertion-ordered set
     weighted_bits: dict[str, int] = {}
+    int8_inputs: set[str] = set()
     for node in graph.node:
         inputs = _quantized_inputs(node, weighted, is_activation, is_layer_output)
         if inputs is None:
@@ -86,9 +94,13 @@ def plan_activations(
             if node.name in weighted:
                 width = boundary_bits if node.name in boundary and boundary_bits is not None else bits
                 weighted_bits[name] = min(width, weighted_bits.get(name, width))
+                if node.name in int8_weights:
+                    int8_inputs.add(name)
         out = _after_foldable(node.output[0], readers, outputs)
         if out not in outputs and is_activation(out):
             order[out] = None
+    for name in int8_inputs:
+        weighted_bits[name] = max(weighted_bits[name], INT8_WEIGHT_INPUT_BITS)
     return [ActivationSite(name, weighted_bits.get(name, OTHER_BITS), name in weighted_bits) for name in order]
 
 
@@ -142,7 +154,8 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], integer_op
         use.node: use.data_input for plan in plans if plan.is_float32 for use in plan.uses if not use.body_of and use.data_input is not None
     }
     boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if use.node in weighted}
-    sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits)
+    int8_weights = {use.node for plan in plans if plan.bits > 4 for use in plan.uses if use.node in weighted}
+    sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits, int8_weights)
     if not integer_ops:
         return sites
     readers = consumers(graph)

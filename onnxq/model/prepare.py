@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.model.external import is_external
+from onnxq.model.gemm_first import gemm_weight_first_to_matmul
 from onnxq.model.graph import (
     NameSource,
     all_graphs,
@@ -403,11 +404,12 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     hoisted = hoist_body_weights(graph)
     bypass_constant_identities(graph)
     computed += fold_constant_paths(graph, opset) if opset is not None else 0
+    gemms = gemm_weight_first_to_matmul(graph)
     merged = merge_identical_weights(graph)
     folded = fold_batch_norms(graph)
     logger.info(
         "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, "
-        "%d equal weights merged, %d BatchNormalization folded",
-        lifted, hoisted, computed, merged, folded,
+        "%d Gemm with the weight first made MatMul, %d equal weights merged, %d BatchNormalization folded",
+        lifted, hoisted, computed, gemms, merged, folded,
     )
     return infer_shapes(model)

@@ -155,7 +155,8 @@ def _weight_use(
         if name in hidden:
             reason = _body_reason(node)
         elif name in names.initializers:
-            reason = "weight is an initializer also listed as a graph input, which callers may override"
+            reason = ("weight is an initializer also listed as a graph input, which callers may override (older exporters' "
+                      "habit: drop such names from graph.input to have them quantized)")
         elif name in names.inputs:
             reason = "weight is a graph input, not a constant"
         elif name in names.dequantized:
