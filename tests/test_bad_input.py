@@ -34,10 +34,15 @@ def _good_bytes() -> bytes:
 
 
 def _weights_as_inputs(also_initializers: bool) -> onnx.ModelProto:
-    """conv_bn_relu_gemm whose weights are graph inputs: fed by the caller, or initializers callers may override."""
+    """conv_bn_relu_gemm whose weights are graph inputs: fed by the caller, or initializers callers may override.
+
+    Overridable: only the weights (not the biases) are listed, a choice rather than an old exporter's habit of listing
+    every initializer (which prepare undoes: tests/test_prepare.py).
+    """
     model = conv_bn_relu_gemm(with_bn=False)
     graph = model.graph
-    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in graph.initializer)
+    listed = [t for t in graph.initializer if len(t.dims) >= 2] if also_initializers else list(graph.initializer)
+    graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in listed)
     if not also_initializers:
         del graph.initializer[:]
     return model

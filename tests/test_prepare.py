@@ -301,3 +301,35 @@ def test_weights_that_differ_in_one_value_or_in_type_stay_apart():
     nudged[3, 3] = np.nextafter(nudged[3, 3], np.float32(np.inf))
     assert merge_identical_weights(_two_matmuls(nudged, w).graph) == 0
     assert merge_identical_weights(_two_matmuls(w.reshape(4, 4).T.copy(), w).graph) == 0  # same bytes multiset, other layout
+
+
+def _listing_initializers(model: onnx.ModelProto, which: str) -> onnx.ModelProto:
+    """``model`` (IR 8) with its initializers also listed as graph inputs: "all" of them, or only the "weights" (rank >= 2)."""
+    listed = [t for t in model.graph.initializer if which == "all" or len(t.dims) >= 2]
+    model.graph.input.extend(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)) for t in listed)
+    model.ir_version = 8
+    return model
+
+
+def test_initializers_all_listed_as_inputs_are_unlisted_and_quantized(caplog):
+    model = conv_bn_relu_gemm(with_bn=True)
+    initializers = {t.name for t in model.graph.initializer}
+    feeds = random_feeds(model, batch=2)
+    expected = run(model, feeds)
+    listed = _listing_initializers(_copy(model), "all")
+    prepared = prepare(_copy(listed))
+    assert [i.name for i in prepared.graph.input] == ["x"]
+    assert_op_counts(prepared, BatchNormalization=0)  # the BatchNorm's parameters are constants again: folded
+    np.testing.assert_allclose(run(prepared, feeds), expected, rtol=1e-4, atol=1e-5)
+    assert "no longer lists them as inputs" in caplog.text
+    result = quantize_with_report(listed, QuantizeConfig(bits=4))
+    assert {layer.tensor for layer in result.layers} & initializers  # the weights are quantized, not refused
+    assert [i.name for i in result.model.graph.input] == ["x"]
+
+
+def test_initializers_some_listed_as_inputs_stay_inputs_and_float():
+    listed = _listing_initializers(conv_bn_relu_gemm(with_bn=False), "weights")
+    names = [i.name for i in listed.graph.input]
+    assert len(names) > 1
+    prepared = prepare(_copy(listed))
+    assert [i.name for i in prepared.graph.input] == names

@@ -78,21 +78,30 @@ def inline_functions(model: onnx.ModelProto) -> onnx.ModelProto:
 
 
 def unlist_initializer_inputs(model: onnx.ModelProto) -> int:
-    """Before IR 4 every initializer was also listed as a graph input; drop those listings (IR 4 allows it).
+    """Drop the graph-input listings of initializers where they are an exporter's habit, not a choice; return how many.
 
-    onnxruntime never lets callers override initializers of such models, so they are
-    constants in effect; unlisted, the quantizer sees them as the weights they are.
+    Before IR 4 every initializer had to be listed as a graph input, and onnxruntime never lets callers override
+    initializers of such models, so they are constants in effect. From IR 4 a listed initializer is a default a caller
+    may override, but older exporters (torch's ``keep_initializers_as_inputs``, MXNet, keras2onnx) list every one of
+    them: when all the initializers are listed, they are the model's parameters, not inputs anyone feeds, and they are
+    unlisted too (onnxruntime's own advice for such models; a warning says so, as the written model then no longer takes
+    them as inputs). A model that lists only some keeps them: those may be meant as inputs, and their weights stay float.
     """
-    if model.ir_version >= INITIALIZERS_NOT_INPUTS_IR:
-        return 0
     graph = model.graph
     initializers = {t.name for t in graph.initializer}
+    listed = [i.name for i in graph.input if i.name in initializers]
+    if not listed:
+        return 0
+    if model.ir_version >= INITIALIZERS_NOT_INPUTS_IR:
+        if len(listed) < len(initializers):
+            return 0
+        logger.warning("note: all %d initializers were also listed as graph inputs (an exporter's habit); they are read as the "
+                       "model's weights, and the written model no longer lists them as inputs", len(listed))
     keep = [i for i in graph.input if i.name not in initializers]
-    dropped = len(graph.input) - len(keep)
     del graph.input[:]
     graph.input.extend(keep)
-    model.ir_version = INITIALIZERS_NOT_INPUTS_IR
-    return dropped
+    model.ir_version = max(model.ir_version, INITIALIZERS_NOT_INPUTS_IR)
+    return len(listed)
 
 
 def lift_constants(graph: onnx.GraphProto) -> int:
