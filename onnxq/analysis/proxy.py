@@ -28,7 +28,7 @@ import onnx
 
 from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, LayerSensitivity, Measurement, SensitivityAnalysis, energy_sqnr_db
 from onnxq.calibrate.branches import body_readers, branch_view, moments_pass
-from onnxq.calibrate.collect import collect
+from onnxq.calibrate.collect import observe_pass
 from onnxq.calibrate.data import CalibrationData
 from onnxq.calibrate.moments import Hessians
 from onnxq.config import QuantizeConfig
@@ -51,7 +51,7 @@ class ProxySensitivity(SensitivityAnalysis):
         super().__init__(model, config, data, samples, nodes=False, client=client)
         self.hessians = self._moments(client)
         self.in_bodies = frozenset(p.tensor for p in self.plans if any(u.body_of for u in p.uses))
-        self.signal, self.factor = self._fit_factor()
+        self.factor = self._fit_factor()
 
     def _moments(self, client: Client | None) -> Hessians:
         """Every layer's H from one pass over the sensitivity data; inside If bodies through the branch the data take.
@@ -60,11 +60,16 @@ class ProxySensitivity(SensitivityAnalysis):
         as the quantizer writes them: priced by their data-free codes instead, Silero VAD's encoder layers looked the
         most sensitive (model SQNR 20-23 dB each, alone) where their written codes leave 29-31 dB, and its first encoder
         layer, the one that matters (17.6 dB alone), was raised last (one-off, streamed clips, 2026-12-05).
+
+        The pass also hands back the model outputs, which become the probe's float reference (the same samples: a run
+        of the layout detector over 64 pages spared), unless a run took a branch the view had not inlined.
         """
         inside = body_readers(self.plans)
         view = branch_view(self.model, inside, self.probe.batches) if inside else None
         model, collector = moments_pass(self.model, self.plans, self.samples, view)
-        collect(model, [], self.probe.batches, moments=collector, client=client)
+        observed = observe_pass(model, [], self.probe.batches, moments=collector, client=client, kept=tuple(self.probe.model_outputs))
+        if observed.outputs is not None and not collector.broken:
+            self.probe.keep_reference(observed.outputs)
         return collector.hessians()
 
     def predicted(self, tensor: str) -> bool:
@@ -102,17 +107,16 @@ class ProxySensitivity(SensitivityAnalysis):
         """
         return self.dequantized(tensor, bits, with_hessian=bits <= self.plan(tensor).bits, refined=False)
 
-    def _fit_factor(self) -> tuple[float, float]:
-        """(model output signal energy, c): c from one run with every planned layer at its planned width."""
+    def _fit_factor(self) -> float:
+        """c, from one run with every planned layer at its planned width."""
         planned = {p.tensor: p.bits for p in self.plans}
         measured = self.combined(planned).model
         self.measure(planned.items())
         unexplained = measured.noise - sum(self.layer(t).noise for t in planned if not self.predicted(t))
         predicted = sum(self.relative_error(t, b) for t, b in planned.items() if self.predicted(t))
-        factor = max(unexplained, 0.0) / predicted if predicted > 0 else 0.0
-        return measured.signal, factor
+        return max(unexplained, 0.0) / predicted if predicted > 0 else 0.0
 
-    def combined(self, bits: Mapping[str, int]) -> Measurement:
+    def _run_combined(self, bits: Mapping[str, int]) -> Measurement:
         """One run of the model with the tensors in ``bits`` at those widths, each priced as :meth:`priced` prices it.
 
         So the factor's run, the --max-drop scores and the chosen mix's measured SQNR all see the codes the errors are
@@ -120,7 +124,7 @@ class ProxySensitivity(SensitivityAnalysis):
         codes leave a little less error than they, so the SQNR printed for the mix is a floor. (Refined codes computed
         here besides the priced ones took MiniLM's --target-size 0.2x from 42.9 to 55.9 s.)
         """
-        return self.probe.run({t: self.priced(t, b) for t, b in bits.items()})
+        return self.probe.run_constants({t: self.priced(t, b) for t, b in bits.items()})
 
     def measure(self, keys: Iterable[tuple[str, int]]) -> None:
         """Measure the layers without an H among ``keys`` (the others are predicted when asked)."""
