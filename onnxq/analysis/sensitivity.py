@@ -32,6 +32,7 @@ from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.swap import SwappableWeights
 from onnxq.native.session import session_options
 from onnxq.pipeline import load_and_prepare, quantize_planned
 from onnxq.plan.ops import OpTargets, op_choice
@@ -142,6 +143,7 @@ class Probe:
         node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
         materialize(model)  # onnxruntime needs the weights in the session's model (whole-model runs serialize it)
         self._source = (model, plans, node_types)
+        self._swappable = SwappableWeights(model, [p.tensor for p in plans])
         self.batches = batches  # the runs every measurement feeds
         self._session: ort.InferenceSession | None = None  # weights as inputs: opened by the first single-layer run
         self._reference: list[dict[str, np.ndarray]] | None = None  # the float outputs: run when first needed, unless given
@@ -194,8 +196,7 @@ class Probe:
 
     def _constant_session(self, weights: Mapping[str, np.ndarray]) -> ort.InferenceSession:
         """A session of the float model with ``weights`` ({tensor: float values}) as its constants in place of its own."""
-        model = with_weights(self._source[0], weights)
-        return ort.InferenceSession(model, session_options(), providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(self._swappable.serialized(weights), session_options(), providers=["CPUExecutionProvider"])
 
     @property
     def session(self) -> ort.InferenceSession:
@@ -246,24 +247,6 @@ class Probe:
             for name, value in zip(self.model_outputs, session.run(self.model_outputs, batch), strict=True):
                 model.add(reference[name], value)
         return Measurement(model, math.nan)
-
-
-def with_weights(model: onnx.ModelProto, weights: Mapping[str, np.ndarray]) -> bytes:
-    """``model`` serialized with ``weights`` ({initializer: values}) in place of its own initializers; ``model`` stays as it was.
-
-    The initializers are swapped in for as long as the model takes to serialize, rather than the model copied.
-    """
-    initializers = model.graph.initializer
-    replaced = {i: tensor for i, tensor in enumerate(initializers) if tensor.name in weights}
-    kept = {i: onnx.TensorProto() for i in replaced}
-    try:
-        for i, tensor in replaced.items():
-            kept[i].CopyFrom(tensor)
-            tensor.CopyFrom(numpy_helper.from_array(np.asarray(weights[tensor.name]), tensor.name))
-        return model.SerializeToString()
-    finally:
-        for i, original in kept.items():
-            initializers[i].CopyFrom(original)
 
 
 def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: dict[str, int]) -> onnx.ModelProto:
