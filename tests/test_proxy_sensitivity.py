@@ -83,20 +83,16 @@ def test_layers_inside_an_if_are_measured_with_the_codes_their_h_gives():
     assert layer.noise == pytest.approx(proxy.probe.run({"w1": with_h}).model.noise, rel=1e-9)
 
 
-def test_reference_from_the_moments_pass_is_the_float_run():
-    """The proxy's moments pass hands its model outputs to the probe as the float reference: they must be the float
-    model's outputs on the same batches (numpy), and the signal their energy, as a probe running them itself gets."""
-    from onnxq.analysis.sensitivity import Probe
-
+def test_the_reference_is_the_float_run_and_the_signal_its_energy():
+    """The probe's float reference (a session holding the weights as constants) is the float model's output on each
+    batch (numpy), and the signal every noise is measured against their energy."""
     data = [{"x": x} for x in np.split(_data(48)[0]["x"], 3)]
     proxy = ProxySensitivity(_one_matmul(), QuantizeConfig(bits=4, first_last_bits=None), data)
     w = numpy_helper.to_array(_one_matmul().graph.initializer[0]).astype(np.float64)
-    assert len(proxy.probe.reference) == 3
-    for batch, kept in zip(data, proxy.probe.reference, strict=True):
-        np.testing.assert_allclose(kept["y"], batch["x"].astype(np.float64) @ w, rtol=1e-5, atol=1e-5)
-    own = Probe(proxy.model, proxy.plans, data, "own", nodes=False)  # no outputs kept: it runs the float model itself
-    assert own.signal == pytest.approx(proxy.probe.signal, rel=1e-6)
-    assert proxy.signal == pytest.approx(sum(float(np.sum((b["x"].astype(np.float64) @ w) ** 2)) for b in data), rel=1e-5)
+    expected = [b["x"].astype(np.float64) @ w for b in data]
+    for want, kept in zip(expected, proxy.probe.reference, strict=True):
+        np.testing.assert_allclose(kept["y"], want, rtol=1e-5, atol=1e-5)
+    assert proxy.signal == pytest.approx(sum(float(np.sum(y**2)) for y in expected), rel=1e-5)
 
 
 def test_whole_model_runs_with_constant_weights_measure_what_overridden_inputs_do():

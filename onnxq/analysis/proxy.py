@@ -28,7 +28,7 @@ import onnx
 
 from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, LayerSensitivity, Measurement, SensitivityAnalysis, energy_sqnr_db
 from onnxq.calibrate.branches import body_readers, branch_view, moments_pass
-from onnxq.calibrate.collect import observe_pass
+from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData
 from onnxq.calibrate.moments import Hessians
 from onnxq.config import QuantizeConfig
@@ -60,16 +60,11 @@ class ProxySensitivity(SensitivityAnalysis):
         as the quantizer writes them: priced by their data-free codes instead, Silero VAD's encoder layers looked the
         most sensitive (model SQNR 20-23 dB each, alone) where their written codes leave 29-31 dB, and its first encoder
         layer, the one that matters (17.6 dB alone), was raised last (one-off, streamed clips, 2026-12-05).
-
-        The pass also hands back the model outputs, which become the probe's float reference (the same samples: a run
-        of the layout detector over 64 pages spared), unless a run took a branch the view had not inlined.
         """
         inside = body_readers(self.plans)
         view = branch_view(self.model, inside, self.probe.batches) if inside else None
         model, collector = moments_pass(self.model, self.plans, self.samples, view)
-        observed = observe_pass(model, [], self.probe.batches, moments=collector, client=client, kept=tuple(self.probe.model_outputs))
-        if observed.outputs is not None and not collector.broken:
-            self.probe.keep_reference(observed.outputs)
+        collect(model, [], self.probe.batches, moments=collector, client=client)
         return collector.hessians()
 
     def predicted(self, tensor: str) -> bool:

@@ -146,8 +146,7 @@ class Probe:
         self._swappable = SwappableWeights(model, [p.tensor for p in plans])
         self.batches = batches  # the runs every measurement feeds
         self._session: ort.InferenceSession | None = None  # weights as inputs: opened by the first single-layer run
-        self._reference: list[dict[str, np.ndarray]] | None = None  # the float outputs: run when first needed, unless given
-        self._signal = 0.0
+        self._keep_reference(self._outputs(self._constant_session({})))
 
     def _model_bytes(self) -> bytes:
         """The probe model, serialized: the float model with its planned weights as inputs and the node outputs exposed."""
@@ -158,37 +157,15 @@ class Probe:
     def _open(self, model_bytes: bytes, threads: int | None = None) -> None:
         """The session with overridable weights, and (a probe reopened elsewhere) the float model outputs it compares with."""
         self._session = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
-        self.keep_reference(self._outputs(self._session))
+        self._keep_reference(self._outputs(self._session))
 
-    def keep_reference(self, outputs: list[dict[str, np.ndarray]]) -> None:
-        """Take ``outputs`` (the float model outputs of every batch, in order) as the reference, and their energy as the signal.
-
-        A pass over the same batches that fetched them (the proxy's moments pass) spares the probe its own float run.
-        """
-        if len(outputs) != len(self.batches):
-            raise ValueError(f"{len(outputs)} runs' outputs for {len(self.batches)} batches")
-        self._reference = [{name: run[name] for name in self.model_outputs} for run in outputs]
-        self._signal = 0.0
-        for reference in self._reference:  # summed in the order a measurement sums it: the same float
+    def _keep_reference(self, outputs: list[dict[str, np.ndarray]]) -> None:
+        """Keep the float model outputs of every batch as the reference, and their energy as the signal."""
+        self.reference = outputs
+        self.signal = 0.0
+        for reference in outputs:  # summed in the order a measurement sums it: the same float
             for name in self.model_outputs:
-                self._signal += energy(reference[name])
-
-    def _run_reference(self) -> None:
-        """The float run of every batch, in a session of its own, unless its outputs were kept already."""
-        if self._reference is None:
-            self.keep_reference(self._outputs(self._constant_session({})))
-
-    @property
-    def reference(self) -> list[dict[str, np.ndarray]]:
-        """The float model outputs of every batch (every measurement compares with them)."""
-        self._run_reference()
-        return self._reference
-
-    @property
-    def signal(self) -> float:
-        """The energy of the float model outputs over all batches (every measurement's signal)."""
-        self._run_reference()
-        return self._signal
+                self.signal += energy(reference[name])
 
     def _outputs(self, session: ort.InferenceSession) -> list[dict[str, np.ndarray]]:
         """The model outputs ``session`` gives for every batch."""

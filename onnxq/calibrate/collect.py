@@ -185,27 +185,12 @@ def collect(
     shards (onnxq/calibrate/shards.py), each from empty, merged in order; with a Dask ``client`` the shards go to its
     workers (onnxq/distribute/passes.py): the same code per shard (:func:`observe_runs`), the same statistics.
     """
-    return observe_pass(model, tensors, batches, per_sample, total, histograms, moments, client).stats
-
-
-def observe_pass(
-    model: onnx.ModelProto,
-    tensors: list[str],
-    batches: Iterable[Mapping[str, np.ndarray]],
-    per_sample: bool = False,
-    total: int | None = None,
-    histograms: bool = True,
-    moments: MomentCollector | None = None,
-    client: Client | None = None,
-    kept: tuple[str, ...] = (),
-) -> Observed:
-    """:func:`collect`'s pass, and (``kept``) the values of those tensors for every batch (:attr:`Observed.outputs`)."""
-    fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else []), *kept]))
+    fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else [])]))
     if not fetched:  # nothing to observe (onnxruntime would return every output); the batches still pass through
         for _ in batches:
             pass
-        return Observed({name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}, moments)
-    task = PassTask(tuple(tensors), tuple(fetched), per_sample, histograms, copy.deepcopy(moments), kept)  # empty: each shard starts from it
+        return {name: TensorStats(samples=SampleStats() if per_sample else None) for name in tensors}
+    task = PassTask(tuple(tensors), tuple(fetched), per_sample, histograms, copy.deepcopy(moments))  # empty: each shard starts from it
     observed = task.fresh(moments)  # the caller's collector sums the shards
     if client is not None:
         from onnxq.distribute.passes import collect_on
@@ -216,7 +201,7 @@ def observe_pass(
         with exposing(model, fetched) as sess, progress(total) as bar:
             for shard in shards(batches, specs, shard_samples(total, task.statistics_bytes)):  # as on workers: the same sums and order
                 observed.merge(observe_runs(sess, task, shard.batches, per_sample_bytes, specs, shard.first_sample, task.fresh_copy(), bar))
-    return observed
+    return observed.stats
 
 
 @dataclass(frozen=True)
@@ -224,7 +209,6 @@ class PassTask:
     """What one calibration pass observes: the tensors whose statistics it keeps, all it fetches, and how.
 
     ``moments`` is an empty collector of the layers whose H the pass sums: each shard starts from a copy of it.
-    ``kept``: tensors whose values the pass hands back, batch by batch.
     """
 
     tensors: tuple[str, ...]
@@ -232,7 +216,6 @@ class PassTask:
     per_sample: bool
     histograms: bool
     moments: MomentCollector | None = None
-    kept: tuple[str, ...] = ()
 
     @property
     def statistics_bytes(self) -> int:
@@ -255,8 +238,6 @@ class Observed:
     stats: dict[str, TensorStats]
     moments: MomentCollector | None
     samples: int = 0
-    # The kept tensors of each batch, in order; None once a batch was run in pieces (values no longer one per batch).
-    outputs: list[dict[str, np.ndarray]] | None = field(default_factory=list)
 
     def merge(self, other: Observed) -> None:
         """Add ``other`` (the shard after this one, not used afterwards): exact for counts and histograms, float sums for means and H."""
@@ -265,12 +246,6 @@ class Observed:
         if self.moments is not None and other.moments is not None:
             self.moments.merge(other.moments, take=True)
         self.samples += other.samples
-        self.outputs = None if self.outputs is None or other.outputs is None else self.outputs + other.outputs
-
-    def keep(self, values: dict[str, np.ndarray] | None) -> None:
-        """Add one batch's kept values (None: the batch ran in pieces, and no batch's values are handed back)."""
-        if self.outputs is not None:
-            self.outputs = None if values is None else [*self.outputs, values]
 
 
 def observe_runs(
@@ -291,7 +266,6 @@ def observe_runs(
     sizer = RunSizer(specs, per_sample_bytes)
     fetched = list(task.fetched)
     for batch in batches:
-        pieces = 0
         for piece, outputs in sized_runs(sess, fetched, [batch], sizer):
             for name, value in zip(fetched, outputs, strict=True):
                 if name in into.stats:
@@ -299,9 +273,6 @@ def observe_runs(
                 if into.moments is not None:
                     into.moments.observe(name, value, first_sample + into.samples)
             into.samples += batch_size(piece, sizer.axes)
-            pieces += 1
-        if task.kept:
-            into.keep({n: v for n, v in zip(fetched, outputs, strict=True) if n in task.kept} if pieces == 1 else None)
         if bar is not None:
             bar.update(batch_size(batch, sizer.axes))
     return into
