@@ -10,8 +10,9 @@ ConvTranspose) and readers inside If bodies are measured as before, one run each
 (summed through the branch the data take, as the quantizer does) gives. The weights are quantized with their H, as
 the quantizer then writes them with data (the wider rungs a layer may be raised to: see priced).
 
-The analysis is then one pass of the model plus two measured runs, whatever the number of layers and widths (the
-quantization of every layer at every width with its H remains: BENCHMARKS.md, tools/eval_real_models.py). What it
+The analysis is then one pass of the model, its float run and one measured run (--max-drop adds one per step it
+scores), whatever the number of layers and widths (the quantization of every layer at every width with its H remains:
+BENCHMARKS.md, tools/eval_real_models.py; where the time goes: tools/profile_mixed_precision.py). What it
 gives up is each layer's own path to the output: a layer whose error the rest of the model amplifies more than
 average is predicted too gentle.
 """
