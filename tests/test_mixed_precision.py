@@ -180,3 +180,19 @@ def test_cli_budget_needs_data(files, tmp_path, capsys):
     path, _ = files
     assert main(["quantize", str(path), "-o", str(tmp_path / "q.onnx"), "--target-size", "0.5x"]) == 1
     assert "--target-size needs data to measure sensitivity on" in capsys.readouterr().err
+
+
+def test_mix_sqnr_predicted_for_a_budget_measured_for_a_drop(model, batches):
+    """A size budget alone predicts the mix's SQNR from the chosen layers' noises (no run); --max-drop reports its last,
+    measured, score."""
+    from onnxq.analysis.sensitivity import energy_sqnr_db
+
+    analysis = SensitivityAnalysis(model, QuantizeConfig(bits=4, first_last_bits=None), batches)
+    budget = choose_bits(analysis, TargetSize.parse("6bits"))
+    raised = {r.tensor for r in budget.raises}
+    noise = sum(analysis.layer(p.tensor, 8 if p.tensor in raised else 4).noise for p in analysis.plans)
+    assert raised and not budget.measured and budget.signal == analysis.signal
+    assert budget.sqnr_db == pytest.approx(energy_sqnr_db(analysis.signal, noise), rel=1e-12)
+    assert "predicted" in budget.lines()[-1]
+    drop = choose_bits(analysis, max_drop=1.0)
+    assert drop.measured and drop.sqnr_db == analysis.combined(drop.bits).model_sqnr_db

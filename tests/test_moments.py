@@ -243,7 +243,8 @@ def test_thinning_keeps_h_an_average_over_all_rows(monkeypatch):
 @pytest.mark.parametrize(
     ("c", "kernel", "attrs"),
     [(4, (3, 3), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}), (6, (3, 3), {"group": 3, "pads": [1, 1, 1, 1]}),
-     (3, (5,), {"pads": [2, 1], "dilations": [2]}), (2, (2, 2, 2), {"strides": [1, 2, 1]})],
+     (3, (5,), {"pads": [2, 1], "dilations": [2]}), (2, (2, 2, 2), {"strides": [1, 2, 1]}),
+     (5, (5, 3), {"group": 5, "pads": [2, 1, 2, 1], "strides": [2, 2]})],  # depthwise
 )
 def test_picked_patches_are_those_rows_of_all_patches(c, kernel, attrs):
     """A thinned convolution builds only the rows it keeps: they equal the same rows of every patch."""
@@ -256,6 +257,7 @@ def test_picked_patches_are_those_rows_of_all_patches(c, kernel, attrs):
     assert reader.count(x) == every.shape[1]
     for keep in (slice(1, None, 3), slice(0, None, 5), slice(2, None, 2)):
         np.testing.assert_array_equal(reader.rows(x, keep), every[:, keep])
+        assert reader.rows(x, keep).flags.c_contiguous  # as the products' BLAS call reads them without a copy
 
 
 def test_a_known_sample_count_sets_the_stride_from_the_first_run(monkeypatch):

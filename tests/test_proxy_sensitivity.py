@@ -81,3 +81,32 @@ def test_layers_inside_an_if_are_measured_with_the_codes_their_h_gives():
     assert not np.array_equal(with_h, proxy.dequantized("w1", 4, with_hessian=False))
     layer = proxy.layer("w1", 4)
     assert layer.noise == pytest.approx(proxy.probe.run({"w1": with_h}).model.noise, rel=1e-9)
+
+
+def test_the_reference_is_the_float_run_and_the_signal_its_energy():
+    """The probe's float reference (a session holding the weights as constants) is the float model's output on each
+    batch (numpy), and the signal every noise is measured against their energy."""
+    data = [{"x": x} for x in np.split(_data(48)[0]["x"], 3)]
+    proxy = ProxySensitivity(_one_matmul(), QuantizeConfig(bits=4, first_last_bits=None), data)
+    w = numpy_helper.to_array(_one_matmul().graph.initializer[0]).astype(np.float64)
+    expected = [b["x"].astype(np.float64) @ w for b in data]
+    for want, kept in zip(expected, proxy.probe.reference, strict=True):
+        np.testing.assert_allclose(kept["y"], want, rtol=1e-5, atol=1e-5)
+    assert proxy.signal == pytest.approx(sum(float(np.sum(y**2)) for y in expected), rel=1e-5)
+
+
+def test_whole_model_runs_with_constant_weights_measure_what_overridden_inputs_do():
+    """A whole-model run in a session holding the weights as constants gives the noise the session with the weights fed
+    as inputs gives (the same arithmetic, pre-packed), and the same widths are run once."""
+    from models import network_in_if
+
+    rng = np.random.default_rng(3)
+    feeds = [{"x": rng.standard_normal((8, 16)).astype(np.float32), "cond": np.array(True)} for _ in range(4)]
+    analysis = SensitivityAnalysis(network_in_if(), QuantizeConfig(bits=3, first_last_bits=None), feeds)
+    bits = {p.tensor: p.bits for p in analysis.plans}
+    weights = {t: analysis.dequantized(t, b) for t, b in bits.items()}
+    assert analysis.combined(bits).model.noise == pytest.approx(analysis.probe.run(weights).model.noise, rel=1e-5)
+    assert analysis.combined(bits) is analysis.combined(dict(reversed(bits.items())))
+    before = [t.SerializeToString() for t in analysis.model.graph.initializer]
+    analysis.probe.run_constants({t: w * 2 for t, w in weights.items()})
+    assert [t.SerializeToString() for t in analysis.model.graph.initializer] == before  # swapped back after serializing

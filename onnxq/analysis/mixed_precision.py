@@ -173,6 +173,7 @@ class MixedPrecision:
     drop: float | None  # of the metric, or of the SQNR from the widest model's, when --max-drop asked
     max_drop: float | None
     met: bool
+    measured: bool = True  # sqnr_db measured by a run; else predicted from the layers' noises (a size budget alone)
 
     def lines(self) -> list[str]:
         """What the CLI prints: the budget, one line per raised layer, the outcome."""
@@ -184,7 +185,8 @@ class MixedPrecision:
                  f"(all at planned bits {human_bytes(self.min_bytes)}, all raised {human_bytes(self.max_bytes)}); "
                  f"{len(self.raises)} layers raised"]
         lines += ["  " + r.describe(self.signal) for r in self.raises]
-        outcome = f"model output SQNR (weights only, on the sensitivity data) {self.sqnr_db:.1f} dB"
+        how = "" if self.measured else ", predicted: the chosen layers' noises added"
+        outcome = f"model output SQNR (weights only, on the sensitivity data{how}) {self.sqnr_db:.1f} dB"
         if self.drop is not None:
             outcome += f", drop {self.drop:.3g}"
         lines.append(outcome + ("" if self.met else " -- the drop target is NOT met within the budget"))
@@ -235,11 +237,27 @@ def choose_bits(
         taken = len(steps) if taken is None else taken
     chosen = steps[:taken]
     bits = _apply(start, chosen)
-    measured = analysis.combined(bits)
     tensor_bits = {t: b for t, b in bits.items() if b != start[t]}
     size = sum(c.rungs[0].bytes for c in candidates) + sum(r.extra_bytes for r in chosen)
-    return MixedPrecision(bits, tensor_bits, tuple(chosen), min_bytes, max_bytes, size, budget, measured.model.signal,
-                          measured.model_sqnr_db, drop, max_drop, met)
+    signal, sqnr_db = _mix_sqnr(analysis, candidates, chosen, measure=max_drop is not None)
+    return MixedPrecision(bits, tensor_bits, tuple(chosen), min_bytes, max_bytes, size, budget, signal, sqnr_db, drop, max_drop, met,
+                          measured=max_drop is not None)
+
+
+def _mix_sqnr(analysis: SensitivityAnalysis, candidates: Sequence[Candidate], chosen: Sequence[Raise], measure: bool) -> tuple[float, float]:
+    """(signal, model output SQNR) of the chosen mix: measured by a run, or predicted as the choice predicts it.
+
+    A size budget alone takes the layers' noises as adding up (what the greedy choice assumes) rather than a run over
+    the sensitivity data: on the layout detector that run was 64 runs of the model, and the CLI measures the written
+    model against the float one afterwards anyway. --max-drop measured the chosen mix already (its last score).
+    """
+    if measure:
+        measured = analysis.combined(_apply({c.tensor: c.rungs[0].bits for c in candidates}, chosen)).model
+        return measured.signal, measured.sqnr_db
+    rung = {c.tensor: c.rungs[0] for c in candidates}
+    for step in chosen:
+        rung[step.tensor] = step.after
+    return analysis.signal, energy_sqnr_db(analysis.signal, sum(r.noise for r in rung.values()))
 
 
 def _candidates(analysis: SensitivityAnalysis) -> list[Candidate]:

@@ -10,8 +10,9 @@ ConvTranspose) and readers inside If bodies are measured as before, one run each
 (summed through the branch the data take, as the quantizer does) gives. The weights are quantized with their H, as
 the quantizer then writes them with data (the wider rungs a layer may be raised to: see priced).
 
-The analysis is then one pass of the model plus two measured runs, whatever the number of layers and widths (the
-quantization of every layer at every width with its H remains: BENCHMARKS.md, tools/eval_real_models.py). What it
+The analysis is then one pass of the model, its float run and one measured run (--max-drop adds one per step it
+scores), whatever the number of layers and widths (the quantization of every layer at every width with its H remains:
+BENCHMARKS.md, tools/eval_real_models.py; where the time goes: tools/profile_mixed_precision.py). What it
 gives up is each layer's own path to the output: a layer whose error the rest of the model amplifies more than
 average is predicted too gentle.
 """
@@ -51,7 +52,7 @@ class ProxySensitivity(SensitivityAnalysis):
         super().__init__(model, config, data, samples, nodes=False, client=client)
         self.hessians = self._moments(client)
         self.in_bodies = frozenset(p.tensor for p in self.plans if any(u.body_of for u in p.uses))
-        self.signal, self.factor = self._fit_factor()
+        self.factor = self._fit_factor()
 
     def _moments(self, client: Client | None) -> Hessians:
         """Every layer's H from one pass over the sensitivity data; inside If bodies through the branch the data take.
@@ -102,17 +103,16 @@ class ProxySensitivity(SensitivityAnalysis):
         """
         return self.dequantized(tensor, bits, with_hessian=bits <= self.plan(tensor).bits, refined=False)
 
-    def _fit_factor(self) -> tuple[float, float]:
-        """(model output signal energy, c): c from one run with every planned layer at its planned width."""
+    def _fit_factor(self) -> float:
+        """c, from one run with every planned layer at its planned width."""
         planned = {p.tensor: p.bits for p in self.plans}
         measured = self.combined(planned).model
         self.measure(planned.items())
         unexplained = measured.noise - sum(self.layer(t).noise for t in planned if not self.predicted(t))
         predicted = sum(self.relative_error(t, b) for t, b in planned.items() if self.predicted(t))
-        factor = max(unexplained, 0.0) / predicted if predicted > 0 else 0.0
-        return measured.signal, factor
+        return max(unexplained, 0.0) / predicted if predicted > 0 else 0.0
 
-    def combined(self, bits: Mapping[str, int]) -> Measurement:
+    def _run_combined(self, bits: Mapping[str, int]) -> Measurement:
         """One run of the model with the tensors in ``bits`` at those widths, each priced as :meth:`priced` prices it.
 
         So the factor's run, the --max-drop scores and the chosen mix's measured SQNR all see the codes the errors are
@@ -120,7 +120,7 @@ class ProxySensitivity(SensitivityAnalysis):
         codes leave a little less error than they, so the SQNR printed for the mix is a floor. (Refined codes computed
         here besides the priced ones took MiniLM's --target-size 0.2x from 42.9 to 55.9 s.)
         """
-        return self.probe.run({t: self.priced(t, b) for t, b in bits.items()})
+        return self.probe.run_constants({t: self.priced(t, b) for t, b in bits.items()})
 
     def measure(self, keys: Iterable[tuple[str, int]]) -> None:
         """Measure the layers without an H among ``keys`` (the others are predicted when asked)."""

@@ -32,6 +32,7 @@ from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.swap import SwappableWeights
 from onnxq.native.session import session_options
 from onnxq.pipeline import load_and_prepare, quantize_planned
 from onnxq.plan.ops import OpTargets, op_choice
@@ -56,13 +57,19 @@ class ErrorEnergy:
     def add(self, reference: np.ndarray, approx: np.ndarray) -> None:
         """Add one batch of reference values and their approximation."""
         ref = np.asarray(reference, dtype=np.float64)
-        self.signal += float(np.sum(ref * ref))
-        self.noise += float(np.sum((ref - np.asarray(approx, dtype=np.float64)) ** 2))
+        self.signal += energy(ref)
+        self.noise += energy(ref - np.asarray(approx, dtype=np.float64))
 
     @property
     def sqnr_db(self) -> float:
         """10 log10(signal / noise); inf when exact, -inf when the reference is all zero."""
         return energy_sqnr_db(self.signal, self.noise)
+
+
+def energy(values: np.ndarray) -> float:
+    """The sum of squares of ``values``, in float64."""
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.sum(values * values))
 
 
 def energy_sqnr_db(signal: float, noise: float) -> float:
@@ -112,6 +119,11 @@ class Probe:
     Only the model outputs of the float run are kept as the reference: a layer's node SQNR fetches the float values of
     its own outputs again when it is measured, since keeping every layer's outputs for every sample took gigabytes on
     a ResNet-50 (a one-off measurement).
+
+    Whole-model runs (:meth:`run_constants`: many weights replaced at once, the proxy's few measured runs) and the
+    float reference run in a session of their own whose weights are constants, so onnxruntime pre-packs them: fed as
+    inputs, the layout detector's convolutions ran 1.6-2.1x slower a run (one-off, tools' layout case, 12 pages). The
+    session with overridable weights is opened when a single layer is first measured (:meth:`run`).
     """
 
     def __init__(
@@ -129,9 +141,12 @@ class Probe:
         if not self.model_outputs:
             raise OnnxqError(label, "sensitivity needs a float model output to compare, and this model has none")
         node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
+        materialize(model)  # onnxruntime needs the weights in the session's model (whole-model runs serialize it)
         self._source = (model, plans, node_types)
+        self._swappable = SwappableWeights(model, [p.tensor for p in plans])
         self.batches = batches  # the runs every measurement feeds
-        self._open(self._model_bytes())
+        self._session: ort.InferenceSession | None = None  # weights as inputs: opened by the first single-layer run
+        self._keep_reference(self._outputs(self._constant_session({})))
 
     def _model_bytes(self) -> bytes:
         """The probe model, serialized: the float model with its planned weights as inputs and the node outputs exposed."""
@@ -140,9 +155,32 @@ class Probe:
         return probe.SerializeToString()
 
     def _open(self, model_bytes: bytes, threads: int | None = None) -> None:
-        """The session, and the float model outputs every measurement compares with."""
+        """The session with overridable weights, and (a probe reopened elsewhere) the float model outputs it compares with."""
         self._session = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
-        self._reference = [dict(zip(self.model_outputs, self._session.run(self.model_outputs, batch), strict=True)) for batch in self.batches]
+        self._keep_reference(self._outputs(self._session))
+
+    def _keep_reference(self, outputs: list[dict[str, np.ndarray]]) -> None:
+        """Keep the float model outputs of every batch as the reference, and their energy as the signal."""
+        self.reference = outputs
+        self.signal = 0.0
+        for reference in outputs:  # summed in the order a measurement sums it: the same float
+            for name in self.model_outputs:
+                self.signal += energy(reference[name])
+
+    def _outputs(self, session: ort.InferenceSession) -> list[dict[str, np.ndarray]]:
+        """The model outputs ``session`` gives for every batch."""
+        return [dict(zip(self.model_outputs, session.run(self.model_outputs, batch), strict=True)) for batch in self.batches]
+
+    def _constant_session(self, weights: Mapping[str, np.ndarray]) -> ort.InferenceSession:
+        """A session of the float model with ``weights`` ({tensor: float values}) as its constants in place of its own."""
+        return ort.InferenceSession(self._swappable.serialized(weights), session_options(), providers=["CPUExecutionProvider"])
+
+    @property
+    def session(self) -> ort.InferenceSession:
+        """The session whose weights are inputs a run overrides (opened now if not yet)."""
+        if self._session is None:
+            self._session = ort.InferenceSession(self._model_bytes(), session_options(), providers=["CPUExecutionProvider"])
+        return self._session
 
     def portable(self) -> tuple[bytes, list[dict[str, np.ndarray]], list[str], dict[str, tuple[str, ...]]]:
         """What :meth:`reopen` needs to open the same probe elsewhere (on a Dask worker); serialized when asked, not kept."""
@@ -162,16 +200,30 @@ class Probe:
         node_names = list(self.node_outputs.get(tensor, ())) if tensor is not None else []
         extra = [n for n in node_names if n not in self.model_outputs]
         fetched = self.model_outputs + extra
+        session = self.session
         model, nodes = ErrorEnergy(), ErrorEnergy()
-        for batch, reference in zip(self.batches, self._reference, strict=True):
-            values = dict(zip(fetched, self._session.run(fetched, {**batch, **weights}), strict=True))
+        for batch, reference in zip(self.batches, self.reference, strict=True):
+            values = dict(zip(fetched, session.run(fetched, {**batch, **weights}), strict=True))
             for name in self.model_outputs:
                 model.add(reference[name], values[name])
             # The float values of this layer's outputs: fetched again rather than kept for every layer.
-            floats = {**reference, **dict(zip(extra, self._session.run(extra, batch), strict=True))} if extra else reference
+            floats = {**reference, **dict(zip(extra, session.run(extra, batch), strict=True))} if extra else reference
             for name in node_names:
                 nodes.add(floats[name], values[name])
         return Measurement(model, nodes.sqnr_db if node_names else math.nan)
+
+    def run_constants(self, weights: Mapping[str, np.ndarray]) -> Measurement:
+        """The model outputs with ``weights`` in place of the float ones, in a session of its own holding them as constants.
+
+        For a run that replaces many weights at once: building the session costs about as much as one run of the layout
+        detector, and every run is then as fast as the float model's (see the class).
+        """
+        session = self._constant_session(weights)
+        model = ErrorEnergy()
+        for batch, reference in zip(self.batches, self.reference, strict=True):
+            for name, value in zip(self.model_outputs, session.run(self.model_outputs, batch), strict=True):
+                model.add(reference[name], value)
+        return Measurement(model, math.nan)
 
 
 def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: dict[str, int]) -> onnx.ModelProto:
@@ -223,6 +275,7 @@ class SensitivityAnalysis:
         self.probe = Probe(self.model, self.plans, batches, self.label, nodes)
         self._dequantized: dict[tuple[str, int, bool], np.ndarray] = {}
         self._layers: dict[tuple[str, int], LayerSensitivity] = {}
+        self._combined: dict[frozenset[tuple[str, int]], Measurement] = {}
 
     def plan(self, tensor: str) -> WeightPlan:
         """The plan of one weight tensor."""
@@ -285,9 +338,24 @@ class SensitivityAnalysis:
         self.measure(keys)
         return [self.layer(tensor, b) for tensor, b in keys]
 
+    @property
+    def signal(self) -> float:
+        """The energy of the float model outputs on the sensitivity data: what each noise energy is measured against."""
+        return self.probe.signal
+
     def combined(self, bits: Mapping[str, int]) -> Measurement:
-        """The model outputs with every tensor in ``bits`` quantized at once."""
-        return self.probe.run({t: self.dequantized(t, b) for t, b in bits.items()})
+        """The model outputs with every tensor in ``bits`` quantized at once (measured once per set of widths).
+
+        --max-drop's last step is the chosen mix: its measurement is kept, not made again.
+        """
+        key = frozenset(bits.items())
+        if key not in self._combined:
+            self._combined[key] = self._run_combined(bits)
+        return self._combined[key]
+
+    def _run_combined(self, bits: Mapping[str, int]) -> Measurement:
+        """One run with every tensor in ``bits`` quantized, in a session holding them as constants."""
+        return self.probe.run_constants({t: self.dequantized(t, b) for t, b in bits.items()})
 
     def fake_quantized(self, bits: Mapping[str, int]) -> onnx.ModelProto:
         """The prepared float model with the tensors in ``bits`` replaced by their dequantized values."""
