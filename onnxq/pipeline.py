@@ -25,7 +25,7 @@ import onnx
 from onnxq.calibrate.activations import calibrate as calibrate_sites
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
-from onnxq.calibrate.branches import BRANCH_SAMPLES, BranchView, body_readers, branch_view, moments_pass
+from onnxq.calibrate.branches import BRANCH_SAMPLES, BranchView, body_readers, branch_view, moments_pass, needs_moments
 from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
@@ -66,12 +66,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike[str] | onnx.ModelProto
-
-#: Depthwise convolutions that the depthwise rule keeps at this many bits or more (qdq format) keep the data-free codes
-#: and skip the moments: on the orientation classifier's 5x5 depthwise layers those took half the quantization time
-#: (18.4 -> 5.7 s without them, the same fidelity). The 8-bit first/last layers keep theirs: MiniLM's last layer
-#: without them cost 0.0006 of embedding cosine (tools/eval_real_models.py).
-OUTPUT_AWARE_DEPTHWISE_BITS = 8
 
 #: Calibration samples the equalization's channel statistics come from.
 EQUALIZE_SAMPLES = 64
@@ -243,7 +237,7 @@ def calibrate(
         equalize(loaded.model, plan.weights, plan.ops, head, config.activations.bits)
     model, moments = loaded.model, None
     if config.output_aware:
-        aware = [p for p in plan.weights if not (p.bits_rule == "depthwise" and p.bits >= OUTPUT_AWARE_DEPTHWISE_BITS)]
+        aware = [p for p in plan.weights if needs_moments(p)]
         view, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
         model, moments = moments_pass(loaded.model, aware, config.calibration_samples, view)
     if config.activations is None:

@@ -110,3 +110,39 @@ def test_whole_model_runs_with_constant_weights_measure_what_overridden_inputs_d
     before = [t.SerializeToString() for t in analysis.model.graph.initializer]
     analysis.probe.run_constants({t: w * 2 for t, w in weights.items()})
     assert [t.SerializeToString() for t in analysis.model.graph.initializer] == before  # swapped back after serializing
+
+
+def _pointwise_depthwise_pointwise() -> onnx.ModelProto:
+    """x[N,4,6,6] -> Conv 1x1 (4->8) -> Relu -> depthwise 3x3 (8) -> Relu -> Conv 1x1 (8->4) -> y."""
+    rng = np.random.default_rng(2)
+    inits = [numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), name)
+             for name, shape in (("pw1", (8, 4, 1, 1)), ("dw", (8, 1, 3, 3)), ("pw2", (4, 8, 1, 1)))]
+    nodes = [helper.make_node("Conv", ["x", "pw1"], ["a"], name="pw1"), helper.make_node("Relu", ["a"], ["ra"], name="r1"),
+             helper.make_node("Conv", ["ra", "dw"], ["d"], name="dw", group=8, pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["d"], ["rd"], name="r2"), helper.make_node("Conv", ["rd", "pw2"], ["y"], name="pw2")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 6, 6])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 6, 6])], inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_an_8_bit_depthwise_layer_gets_no_h_and_is_priced_by_its_weight_error(monkeypatch):
+    """The quantizer rounds 8-bit depthwise layers without H, so the proxy sums none for them and runs none for them.
+
+    Their r is the weight's relative error: checked against per-channel max|w| codes at 8 bits computed here (what the
+    data-free rounding gives at 8 bits).
+    """
+    model = _pointwise_depthwise_pointwise()
+    data = [{"x": np.random.default_rng(4).standard_normal((32, 4, 6, 6)).astype(np.float32)}]
+    measured_runs: list[str] = []
+    original = SensitivityAnalysis.measure
+    monkeypatch.setattr(SensitivityAnalysis, "measure", lambda self, keys: (measured_runs.extend(t for t, _ in keys), original(self, keys))[1])
+    proxy = ProxySensitivity(model, QuantizeConfig(bits=4, first_last_bits=None), data)
+    assert proxy.plan("dw").bits == 8
+    assert "dw" not in proxy.hessians and {"pw1", "pw2"} <= set(proxy.hessians)
+    assert proxy.predicted("dw")
+    w = numpy_helper.to_array(next(t for t in model.graph.initializer if t.name == "dw")).astype(np.float64)
+    step = np.abs(w).max(axis=(1, 2, 3), keepdims=True) / 127
+    expected = np.sum((w - np.round(w / step) * step) ** 2) / np.sum(w**2)
+    assert proxy.relative_error("dw", 8) == pytest.approx(expected, rel=1e-4)  # (float32 steps)
+    assert proxy.layer("dw", 8).noise == pytest.approx(proxy.factor * expected, rel=1e-4)
+    assert "dw" not in measured_runs
