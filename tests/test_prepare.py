@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import pytest
 from conftest import CAST_FORM, assert_op_counts, decoded_weights, float_equivalent, random_feeds, run
 from onnx import TensorProto, helper, numpy_helper
 
@@ -333,3 +334,37 @@ def test_initializers_some_listed_as_inputs_stay_inputs_and_float():
     assert len(names) > 1
     prepared = prepare(_copy(listed))
     assert [i.name for i in prepared.graph.input] == names
+
+
+def _fused_matmul_model(trans_b: int, alpha: float) -> onnx.ModelProto:
+    """x[N,3,16] -> com.microsoft FusedMatMul(x, W, transB, alpha) -> Relu -> y[N,3,8], as onnxruntime's optimizer saves it."""
+    rng = np.random.default_rng(5)
+    shape = (8, 16) if trans_b else (16, 8)
+    w = numpy_helper.from_array((rng.standard_normal(shape) * 0.3).astype(np.float32), "w")
+    nodes = [helper.make_node("FusedMatMul", ["x", "w"], ["m"], name="fused", domain="com.microsoft", transB=trans_b, alpha=alpha),
+             helper.make_node("Relu", ["m"], ["y"], name="relu")]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 16])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 3, 8])], [w])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+def test_a_fused_matmul_with_a_constant_weight_becomes_matmul_and_is_quantized(trans_b):
+    model = _fused_matmul_model(trans_b, alpha=0.5)
+    x = np.random.default_rng(6).standard_normal((4, 3, 16)).astype(np.float32)
+    w = numpy_helper.to_array(model.graph.initializer[0])
+    expected = np.maximum(0.5 * (x @ (w.T if trans_b else w)), 0)  # numpy's own FusedMatMul
+    np.testing.assert_allclose(run(model, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    prepared = prepare(_copy(model))
+    assert_op_counts(prepared, FusedMatMul=0, MatMul=1)
+    np.testing.assert_allclose(run(prepared, {"x": x}), expected, rtol=1e-5, atol=1e-5)
+    result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
+    assert [layer.op_types for layer in result.layers] == [("MatMul",)]
+    got = run(result.model, {"x": x})
+    assert 10 * np.log10(np.sum(expected**2) / np.sum((got - expected) ** 2)) > 35
+
+
+def test_a_fused_matmul_transposing_its_activation_stays():
+    model = _fused_matmul_model(0, alpha=1.0)
+    model.graph.node[0].attribute.append(helper.make_attribute("transBatchA", 1))
+    assert_op_counts(prepare(_copy(model)), FusedMatMul=1, MatMul=0)
