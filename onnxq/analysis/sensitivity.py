@@ -156,7 +156,7 @@ class Probe:
 
     def _open(self, model_bytes: bytes, threads: int | None = None) -> None:
         """The session with overridable weights, and (a probe reopened elsewhere) the float model outputs it compares with."""
-        self._session = ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
+        self._session = _cpu_session(model_bytes, threads)
         self._keep_reference(self._outputs(self._session))
 
     def _keep_reference(self, outputs: list[dict[str, np.ndarray]]) -> None:
@@ -173,13 +173,13 @@ class Probe:
 
     def _constant_session(self, weights: Mapping[str, np.ndarray]) -> ort.InferenceSession:
         """A session of the float model with ``weights`` ({tensor: float values}) as its constants in place of its own."""
-        return ort.InferenceSession(self._swappable.serialized(weights), session_options(), providers=["CPUExecutionProvider"])
+        return _cpu_session(self._swappable.serialized(weights))
 
     @property
     def session(self) -> ort.InferenceSession:
         """The session whose weights are inputs a run overrides (opened now if not yet)."""
         if self._session is None:
-            self._session = ort.InferenceSession(self._model_bytes(), session_options(), providers=["CPUExecutionProvider"])
+            self._session = _cpu_session(self._model_bytes())
         return self._session
 
     def portable(self) -> tuple[bytes, list[dict[str, np.ndarray]], list[str], dict[str, tuple[str, ...]]]:
@@ -224,6 +224,11 @@ class Probe:
             for name, value in zip(self.model_outputs, session.run(self.model_outputs, batch), strict=True):
                 model.add(reference[name], value)
         return Measurement(model, math.nan)
+
+
+def _cpu_session(model_bytes: bytes, threads: int | None = None) -> ort.InferenceSession:
+    """An onnxruntime CPU session of a float model's bytes (no onnxq ops: not parsed again to look for them)."""
+    return ort.InferenceSession(model_bytes, session_options(threads), providers=["CPUExecutionProvider"])
 
 
 def _probe_model(model: onnx.ModelProto, plans: list[WeightPlan], node_outputs: dict[str, int]) -> onnx.ModelProto:

@@ -22,6 +22,7 @@ import onnx
 
 from onnxq.config import QuantizeConfig
 from onnxq.model.graph import constant_initializers, consumers
+from onnxq.numerics.uniform import storage_bits
 from onnxq.plan.weights import WeightPlan
 
 #: Ops whose inputs and outputs are quantized when both sides are activations (they fuse into QLinear* kernels).
@@ -154,7 +155,7 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], integer_op
         use.node: use.data_input for plan in plans if plan.is_float32 for use in plan.uses if not use.body_of and use.data_input is not None
     }
     boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if use.node in weighted}
-    int8_weights = {use.node for plan in plans if plan.bits > 4 for use in plan.uses if use.node in weighted}
+    int8_weights = {use.node for plan in plans if storage_bits(plan.bits) == 8 for use in plan.uses if use.node in weighted}
     sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits, int8_weights)
     if not integer_ops:
         return sites
