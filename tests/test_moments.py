@@ -244,14 +244,15 @@ def test_thinning_keeps_h_an_average_over_all_rows(monkeypatch):
     ("c", "kernel", "attrs"),
     [(4, (3, 3), {"strides": [2, 1], "pads": [1, 0, 2, 1], "dilations": [1, 2]}), (6, (3, 3), {"group": 3, "pads": [1, 1, 1, 1]}),
      (3, (5,), {"pads": [2, 1], "dilations": [2]}), (2, (2, 2, 2), {"strides": [1, 2, 1]}),
-     (5, (5, 3), {"group": 5, "pads": [2, 1, 2, 1], "strides": [2, 2]})],  # depthwise
+     (5, (5, 3), {"group": 5, "pads": [2, 1, 2, 1], "strides": [2, 2]}),  # depthwise
+     (3, (3, 4), {"auto_pad": "SAME_UPPER", "strides": [2, 2]}), (2, (4,), {"auto_pad": "SAME_LOWER", "dilations": [2]})],
 )
 def test_picked_patches_are_those_rows_of_all_patches(c, kernel, attrs):
     """A thinned convolution builds only the rows it keeps: they equal the same rows of every patch."""
     rank = len(kernel)
     spatial = tuple(attrs.get("strides", [1] * rank))
     reader = LayerInput("x", "conv", attrs.get("group", 1), kernel=kernel, strides=spatial, pads=tuple(attrs.get("pads", [0] * 2 * rank)),
-                        dilations=tuple(attrs.get("dilations", [1] * rank)))
+                        dilations=tuple(attrs.get("dilations", [1] * rank)), auto_pad=attrs.get("auto_pad", "NOTSET"))
     x = np.random.default_rng(8).standard_normal((3, c) + (7,) * rank).astype(np.float32)
     every = reader.rows(x)
     assert reader.count(x) == every.shape[1]

@@ -155,24 +155,31 @@ class LayerInput:
     def _picked_patches(self, x: np.ndarray, picked: np.ndarray) -> np.ndarray:
         """The rows of :meth:`_patches` numbered ``picked`` (sample-major, then output position), gathered directly.
 
-        One gather from each channel's padded plane, (C, picked, taps) at once, in C order (the products' BLAS call wants
-        it: a fancy-indexed gather laid out otherwise made them 5x slower). Gathering (picked, C) per tap read C values a
+        One gather from each channel's plane, (C, picked, taps) at once, in C order (the products' BLAS call wants it: a
+        fancy-indexed gather laid out otherwise made them 5x slower). Gathering (picked, C) per tap read C values a
         plane apart for every row: on the layout detector's readers gather and products took 3.48 s against 1.52 s now,
-        its depthwise 5x5 layers 2.8-3.8x (one-off measurement on 6 pages, 2026-12-06); the same values.
+        its depthwise 5x5 layers 2.8-3.8x (one-off measurement on 6 pages, 2026-12-06); the same values. Taps that fall
+        in the padding are gathered from the border (clipped positions) and then zeroed: no padded copy of the whole
+        input, which took 4.6 of the 10.7 s the layout detector's pass spent on its H (np.pad per run, one-off profile).
         """
-        padded = self._padded(x)
-        out = self._out_shape(x.shape[2:])
+        spatial = x.shape[2:]
+        pads = self._resolved_pads(spatial)
+        out = self._out_shape(spatial)
         sample, position = np.divmod(picked, math.prod(out))
         coords = np.unravel_index(position, out)
-        spatial = padded.shape[2:]
         offsets = list(itertools.product(*(range(k) for k in self.kernel)))  # the taps, in the weight's kernel order
         index = sample[:, None] * math.prod(spatial)  # (picked, taps): each row's taps as flat positions in its sample's plane
-        for axis in range(len(spatial)):
-            along = coords[axis][:, None] * self.strides[axis] + np.array([o[axis] for o in offsets]) * self.dilations[axis]
-            index = index + along * math.prod(spatial[axis + 1 :])
+        inside = np.ones((len(picked), len(offsets)), dtype=bool)
+        for axis, size in enumerate(spatial):
+            along = coords[axis][:, None] * self.strides[axis] + np.array([o[axis] for o in offsets]) * self.dilations[axis] - pads[axis]
+            inside &= (along >= 0) & (along < size)
+            index = index + np.clip(along, 0, size - 1) * math.prod(spatial[axis + 1 :])
         c = x.shape[1]
-        planes = np.moveaxis(padded, 1, 0).reshape(c, -1)  # (C, samples * plane): a view for one sample
-        gathered = np.take(planes, index, axis=1).reshape(self.groups, c // self.groups, len(picked), len(offsets))  # C order
+        planes = np.moveaxis(x, 1, 0).reshape(c, -1)  # (C, samples * plane): a view for one sample
+        gathered = np.take(planes, index, axis=1)  # (C, picked, taps)
+        if not inside.all():
+            gathered[:, ~inside] = 0
+        gathered = gathered.reshape(self.groups, c // self.groups, len(picked), len(offsets))  # C order
         rows = gathered.transpose(0, 2, 1, 3).reshape(self.groups, len(picked), (c // self.groups) * len(offsets))
         return np.ascontiguousarray(rows)  # (a view where a 1x1 kernel or one channel a group left the transpose nothing to move)
 
