@@ -198,7 +198,7 @@ def collect(
         collect_on(client, model, task, batches, total, observed)
     else:
         specs, per_sample_bytes = input_specs(model), sample_bytes(model, fetched)
-        with exposing(model, fetched) as sess, progress(total) as bar:
+        with exposing(model, fetched, arena=uses_arena(per_sample_bytes)) as sess, progress(total) as bar:
             for shard in shards(batches, specs, shard_samples(total, task.statistics_bytes)):  # as on workers: the same sums and order
                 observed.merge(observe_runs(sess, task, shard.batches, per_sample_bytes, specs, shard.first_sample, task.fresh_copy(), bar))
     return observed.stats
@@ -321,6 +321,22 @@ def _observe(entry: TensorStats, name: str, value: np.ndarray, histograms: bool)
         entry.samples.add(value)
 
 
+#: Bytes of fetched tensors a sample from which a calibration pass keeps onnxruntime's CPU arena (see :func:`uses_arena`).
+ARENA_SAMPLE_BYTES = 16 << 20
+
+
+def uses_arena(per_sample_bytes: float | None) -> bool:
+    """Whether a pass fetching ``per_sample_bytes`` a sample (None: unknown ahead) runs with onnxruntime's CPU arena.
+
+    Large feature maps only (a sample's fetched tensors at least ARENA_SAMPLE_BYTES, by the declared shapes). Without
+    the arena every run allocates and faults in its buffers anew: on the layout detector (800 x 608 pages, 102 MB
+    fetched a page, one page a run) its -b 4 took 30.0-32.3 s with the arena off and 24.9 s with it on, for a peak 47
+    MB higher (423 against 376 MB, still a quarter of quantize_static's); `tools/profile_memory.py --cases layout`,
+    one-off runs, 2026-12-06. On small samples the arena saves less and its memory is what counts (see :class:`exposing`).
+    """
+    return per_sample_bytes is not None and per_sample_bytes >= ARENA_SAMPLE_BYTES
+
+
 class exposing:
     """Context manager: an onnxruntime session of ``model`` with ``tensors`` added as outputs.
 
@@ -329,16 +345,16 @@ class exposing:
     copy was held through the whole pass, beside its bytes while onnxruntime read them). Others: a copy with the
     weights read in (the model stays as it is), through a temporary file where protobuf cannot hold it. Without
     onnxruntime's memory arena: it kept the largest runs' blocks through the pass (CREPE's pass peaked 18 MB lower
-    without it, one-off profile), and the pass is no slower for it.
+    without it, one-off profile), and the pass is no slower for it; ``arena`` keeps it (:func:`uses_arena`).
     """
 
-    def __init__(self, model: onnx.ModelProto, tensors: list[str]) -> None:
-        self.model, self.tensors = model, tensors
+    def __init__(self, model: onnx.ModelProto, tensors: list[str], arena: bool = False) -> None:
+        self.model, self.tensors, self.arena = model, tensors, arena
         self.tmp: tempfile.TemporaryDirectory[str] | None = None
 
     def __enter__(self) -> ort.InferenceSession:
         options = session_options()
-        options.enable_cpu_mem_arena = False
+        options.enable_cpu_mem_arena = self.arena
         if not uses_external_data(self.model) and tensor_bytes(self.model) < PROTOBUF_LIMIT:
             return ort.InferenceSession(_bytes_with_outputs(self.model, self.tensors), options, providers=["CPUExecutionProvider"])
         exposed = _with_outputs(self.model, self.tensors)
