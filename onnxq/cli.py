@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
     from onnxq.analysis.sensitivity import SensitivityAnalysis
     from onnxq.analysis.speed import Speed
+    from onnxq.pipeline import CalibratedRun
     from onnxq.report.files import ReportPaths
 
 BIT_CHOICES = range(2, 9)
@@ -292,7 +293,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
 
     from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, RunKind, check_against_float, damage_warning, synthetic_check
     from onnxq.model.save import check_onnxruntime_loads, check_output_path, save_model
-    from onnxq.pipeline import quantize_with_report
+    from onnxq.pipeline import finish_run, quantize_with_report
     from onnxq.report.summary import summary
 
     activation_bits = int(args.activations or ActivationConfig.bits) if args.calibration and args.activations != "none" else None
@@ -307,8 +308,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
         raise OnnxqError(args.model, str(e)) from e
     unknown = sorted(config.exclude - _node_names(args.model))
     with _cluster(args) as client:
-        analysis, config = _sensitivity(args, config, report is not None, client)
-        result = quantize_with_report(args.model, config, args.calibration, client)
+        analysis, config, run = _sensitivity(args, config, report is not None, client)
+        result = finish_run(run, config.tensor_bits) if run is not None else quantize_with_report(args.model, config, args.calibration, client)
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
     external = args.external_data or (result.source is not None and result.source.external_data)
@@ -390,12 +391,16 @@ def _cluster(args: argparse.Namespace) -> Iterator[Client | None]:
 
 def _sensitivity(
     args: argparse.Namespace, config: QuantizeConfig, report: bool, client: Client | None = None
-) -> tuple[SensitivityAnalysis | None, QuantizeConfig]:
-    """The sensitivity analysis the options ask for (None if none), and the config with mixed precision's per-node bits."""
+) -> tuple[SensitivityAnalysis | None, QuantizeConfig, CalibratedRun | None]:
+    """The sensitivity analysis the options ask for (None if none), the config with mixed precision's bits, and a run.
+
+    The run is the quantizer's, started where the analysis shares its calibration pass (onnxq/analysis/mixed_run.py;
+    None: none, the quantizer runs afresh).
+    """
     import dataclasses
 
     from onnxq.analysis.mixed_precision import TargetSize, choose_bits
-    from onnxq.analysis.proxy import ProxySensitivity
+    from onnxq.analysis.mixed_run import proxy_analysis
     from onnxq.analysis.sensitivity import SensitivityAnalysis
 
     mixed = args.target_size is not None or args.max_drop is not None
@@ -414,16 +419,18 @@ def _sensitivity(
     except ValueError as e:
         raise OnnxqError(args.model, str(e)) from e
     if data is None or not (report or mixed):
-        return None, config
+        return None, config, None
+    run = None
     if args.sensitivity == "proxy":
-        analysis: SensitivityAnalysis = ProxySensitivity(args.model, config, data, args.sensitivity_size, client)
+        analysis: SensitivityAnalysis
+        analysis, run = proxy_analysis(args.model, config, args.calibration, args.sensitivity_data, args.sensitivity_size, client)
     else:
         analysis = SensitivityAnalysis(args.model, config, data, args.sensitivity_size, nodes=report, client=client)
     if not mixed:
-        return analysis, config
+        return analysis, config, run
     chosen = choose_bits(analysis, target, args.max_drop)
     print("\n".join(chosen.lines()))
-    return analysis, dataclasses.replace(config, tensor_bits={**config.tensor_bits, **chosen.tensor_bits})
+    return analysis, dataclasses.replace(config, tensor_bits={**config.tensor_bits, **chosen.tensor_bits}), run
 
 
 def _report_paths(option: Path | None, models: list[Path]) -> ReportPaths | None:

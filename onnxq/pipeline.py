@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
@@ -160,14 +160,55 @@ def quantize_with_report(
     model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None
 ) -> QuantizationResult:
     """Like :func:`quantize`, but also say per layer what was done: the run, stage by stage."""
+    return finish_run(start_run(model, config, calibration, client))
+
+
+@dataclass
+class CalibratedRun:
+    """A run's first stages done: the prepared model, its plan and what the calibration pass found (None: no data).
+
+    Mixed precision prices the layers with the pass's H (onnxq/analysis/mixed_run.py) before :func:`finish_run` quantizes
+    them at the widths it chose: one pass over the data for both.
+    """
+
+    loaded: LoadedModel
+    plan: Plan
+    config: QuantizeConfig
+    calibration: CalibrationData | None
+    calibrated: Calibration | None
+
+
+def start_run(
+    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None
+) -> CalibratedRun:
+    """Load and prepare, plan, calibrate."""
     config = _with_rounding(config or QuantizeConfig(), calibration)
     loaded = load_and_prepare(model)
     plan = plan_quantization(loaded, config, calibration)
-    calibrated = calibrate(loaded, plan, config, calibration, client)
-    weights = quantize_weights(loaded, plan, config, calibrated)
-    correct_biases(loaded, plan, weights, calibrated, config)
-    chains = rewrite(loaded, plan, weights, calibrated)
-    return finish(loaded, plan, weights, calibrated, config, chains)
+    return CalibratedRun(loaded, plan, config, calibration, calibrate(loaded, plan, config, calibration, client))
+
+
+def finish_run(run: CalibratedRun, tensor_bits: Mapping[str, int] | None = None) -> QuantizationResult:
+    """Quantize the weights, correct the biases, rewrite, finish: once per run (the weights take their H as they go).
+
+    ``tensor_bits`` (per weight tensor, as ``QuantizeConfig.tensor_bits``): plan again with these widths first, on the
+    same calibration, weights only (a pass with activations observed sites the plan chose). A weight the new plan
+    quantizes without H (:func:`needs_moments`) lets go of the one the pass summed, as a run planned so would have none.
+    """
+    config, plan = run.config, run.plan
+    if tensor_bits is not None and dict(tensor_bits) != dict(config.tensor_bits):
+        if config.activations is not None:
+            raise ValueError("a run with activations cannot be planned again with other widths")
+        config = replace(config, tensor_bits=dict(tensor_bits))
+        plan = plan_quantization(run.loaded, config, run.calibration)
+        if run.calibrated is not None:
+            for weight_plan in plan.weights:
+                if not needs_moments(weight_plan):
+                    run.calibrated.hessians.pop_sums(weight_plan.tensor)
+    weights = quantize_weights(run.loaded, plan, config, run.calibrated)
+    correct_biases(run.loaded, plan, weights, run.calibrated, config)
+    chains = rewrite(run.loaded, plan, weights, run.calibrated)
+    return finish(run.loaded, plan, weights, run.calibrated, config, chains)
 
 
 def _with_rounding(config: QuantizeConfig, calibration: CalibrationData | None) -> QuantizeConfig:

@@ -48,12 +48,16 @@ class ProxySensitivity(SensitivityAnalysis):
 
     def __init__(
         self, model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig, data: CalibrationData, samples: int = SENSITIVITY_SAMPLES,
-        client: Client | None = None,
+        client: Client | None = None, hessians: Hessians | None = None,
     ) -> None:
-        """With a Dask ``client`` the pass that sums the layers' H runs on its workers (and the layers measured, too)."""
+        """With a Dask ``client`` the pass that sums the layers' H runs on its workers (and the layers measured, too).
+
+        ``hessians``: the layers' H summed already, by the quantizer's calibration pass over the same data
+        (onnxq/analysis/mixed_run.py): then this makes no pass of its own.
+        """
         super().__init__(model, config, data, samples, nodes=False, client=client)
         self.without_moments = frozenset(p.tensor for p in self.plans if not needs_moments(p))
-        self.hessians = self._moments(client)
+        self.hessians = hessians if hessians is not None else self._moments(client)
         self.in_bodies = frozenset(p.tensor for p in self.plans if any(u.body_of for u in p.uses))
         self.factor = self._fit_factor()
 
