@@ -136,21 +136,20 @@ def ort_input(case: Case, work: Path) -> tuple[Path, str]:
 
 
 def onnxq_mixed(target: str, fmt: str = "qdq") -> Callable[[Case, Path], str]:
-    """Onnxq -b 4 with data and --target-size ``target``: proxy sensitivity on 64 samples, then the quantization; remark: layers raised.
+    """Onnxq -b 4 with data and --target-size ``target``, the CLI's way; remark: layers raised.
 
-    ``fmt`` "int": written in the op format (weights only: the ops quantize their float inputs per call).
+    The proxy prices the layers with the calibration pass's H, its measured runs on 64 samples. ``fmt`` "int": written
+    in the op format (weights only: the ops quantize their float inputs per call).
     """
 
     def quantize(case: Case, out: Path) -> str:
-        import dataclasses
-
         import onnxq
-        from onnxq.analysis.mixed_precision import TargetSize, choose_bits
-        from onnxq.analysis.proxy import ProxySensitivity
+        from onnxq.analysis.mixed_precision import TargetSize
+        from onnxq.analysis.mixed_run import quantize_mixed
 
         config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt))
-        chosen = choose_bits(ProxySensitivity(case.model, config, case.calibration), TargetSize.parse(target))
-        onnxq.save_model(onnxq.quantize(case.model, dataclasses.replace(config, tensor_bits=chosen.tensor_bits), case.calibration), out)
+        result, chosen = quantize_mixed(case.model, config, case.calibration, TargetSize.parse(target))
+        onnxq.save_model(result.model, out)
         return f"{len(chosen.raises)} of {len(chosen.bits)} layers raised to 8 bits"
 
     return quantize

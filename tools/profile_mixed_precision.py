@@ -3,18 +3,18 @@
     python tools/profile_mixed_precision.py --cases layout          # the row tools/eval_real_models.py --settings 1 times
 
 Runs what that row runs (onnxq -b 4 on the case's 256 calibration samples, --target-size 0.2x with the proxy
-sensitivity on 64 of them) in this process under cProfile, and prints per stage the seconds it took (cProfile's
+sensitivity priced by the calibration pass's H, its runs on 64 of the samples: onnxq/analysis/mixed_run.py) in this
+process under cProfile, and prints per stage the seconds it took (cProfile's
 cumulative time of the functions named beside it: a stage absent from the code measured prints 0) and how many model
 runs onnxruntime made. Then the whole: wall seconds, this process's CPU seconds (all threads: less sensitive to other
 jobs on a shared machine than the wall clock) and the load average over the run. The layers raised are printed so
-that two trees can be compared: run the same command with another checkout on PYTHONPATH.
+that two trees can be compared: run each checkout's own copy of this tool (it puts its checkout first on the path).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import dataclasses
 import importlib
 import os
 import pstats
@@ -31,7 +31,7 @@ from tools.real_models import CALIBRATION_SAMPLES, DEFAULT_WORK  # noqa: E402
 #: (stage, the functions whose cumulative time it is: file name and function name).
 STAGES = (
     ("proxy: float reference run", (("sensitivity.py", "_outputs"), ("sensitivity.py", "_open"))),
-    ("proxy: moments pass (H of 64 samples)", (("proxy.py", "_moments"),)),
+    ("proxy: its own moments pass (none: the quantizer's)", (("proxy.py", "_moments"),)),
     ("proxy: factor fit (run at planned widths)", (("proxy.py", "_fit_factor"),)),
     ("choice (pricing every rung, the mix's SQNR)", (("mixed_precision.py", "choose_bits"),)),
     ("quantizer: calibration pass (256 samples)", (("pipeline.py", "calibrate"),)),
@@ -53,16 +53,15 @@ def _cumulative(stats: pstats.Stats, file: str, function: str) -> tuple[float, i
 def profile_case(module: str, work: Path, target: str) -> None:
     """Profile the mixed-precision row of one case and print its stages."""
     import onnxq
-    from onnxq.analysis.mixed_precision import TargetSize, choose_bits
-    from onnxq.analysis.proxy import ProxySensitivity
+    from onnxq.analysis.mixed_precision import TargetSize
+    from onnxq.analysis.mixed_run import quantize_mixed
 
     case = importlib.import_module(f"tools.real_models.{module}").case(work)
     config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES)
     profile = cProfile.Profile()
     load, cpu, start = os.getloadavg()[0], resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     profile.enable()
-    chosen = choose_bits(ProxySensitivity(case.model, config, case.calibration), TargetSize.parse(target))
-    onnxq.quantize(case.model, dataclasses.replace(config, tensor_bits=chosen.tensor_bits), case.calibration)
+    _, chosen = quantize_mixed(case.model, config, case.calibration, TargetSize.parse(target))
     profile.disable()
     wall, used = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
     stats = pstats.Stats(profile)
