@@ -174,10 +174,12 @@ def _add_sensitivity_options(p: argparse.ArgumentParser) -> None:
                    help="inputs to measure sensitivity on, in --calibration's formats, without quantizing activations")
     s.add_argument("--sensitivity", choices=["proxy", "measured"], default="proxy",
                    help="'proxy' (default): each layer's sensitivity predicted from its own output error on the data (one "
-                   "pass of the model, one measured run to scale it: seconds); 'measured': a run of the model per layer and "
+                   "pass of the model, the quantizer's own when the data are --calibration's and activations stay float; one "
+                   "measured run to scale it: seconds); 'measured': a run of the model per layer and "
                    "width (minutes on large models; recurrent layers and layers in control-flow bodies are measured either way)")
     s.add_argument("--sensitivity-size", type=int, default=SENSITIVITY_SAMPLES, metavar="N",
-                   help=f"use at most N samples to measure sensitivity (default {SENSITIVITY_SAMPLES})")
+                   help=f"use at most N samples to measure sensitivity (default {SENSITIVITY_SAMPLES}); the proxy's H are "
+                   "summed over all --calibration samples where it shares the quantizer's pass")
     s.add_argument("--target-size", metavar="SIZE",
                    help="raise the most sensitive layers from -b bits to 8 while the weights fit SIZE: bytes (300000, 300KB, "
                    "1.5MiB), a ratio of the float weights (0.2x or 20%%) or average bits per weight (5bits); sizes count codes and scales")
@@ -309,6 +311,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     unknown = sorted(config.exclude - _node_names(args.model))
     with _cluster(args) as client:
         analysis, config, run = _sensitivity(args, config, report is not None, client)
+        if report is None:
+            analysis = None  # only the report reads it: let its sessions and priced weights go before the weights are quantized
         result = finish_run(run, config.tensor_bits) if run is not None else quantize_with_report(args.model, config, args.calibration, client)
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")

@@ -65,3 +65,15 @@ def test_cli_mixed_precision_sums_h_once(tmp_path, monkeypatch):
     np.save(tmp_path / "s.npy", _data(seed=5)[0]["x"])
     assert _cli(tmp_path, "--sensitivity-data", str(tmp_path / "s.npy"))[0] == 0
     assert passes == [1]
+
+
+def test_the_analysis_leaves_the_run_it_shares_as_it_was():
+    """quantize_mixed (the proxy on the run's model and H) writes what a fresh run at the chosen widths writes."""
+    from onnxq.analysis.mixed_precision import TargetSize
+    from onnxq.analysis.mixed_run import quantize_mixed
+
+    model, config = _pointwise_depthwise_pointwise(), QuantizeConfig(bits=4, first_last_bits=None)
+    result, chosen = quantize_mixed(model, config, _data(), TargetSize.parse("0.5x"))
+    assert chosen.tensor_bits  # something was raised: the run was planned again
+    fresh = quantize_with_report(model, dataclasses.replace(config, tensor_bits=chosen.tensor_bits), _data()).model
+    assert result.model.SerializeToString() == fresh.SerializeToString()

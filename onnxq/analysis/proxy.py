@@ -35,6 +35,7 @@ from onnxq.calibrate.collect import collect
 from onnxq.calibrate.data import CalibrationData
 from onnxq.calibrate.moments import Hessians
 from onnxq.config import QuantizeConfig
+from onnxq.model.load import LoadedModel
 from onnxq.numerics.output_error import grouped_output_error
 from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.weights import to_rows
@@ -48,14 +49,14 @@ class ProxySensitivity(SensitivityAnalysis):
 
     def __init__(
         self, model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig, data: CalibrationData, samples: int = SENSITIVITY_SAMPLES,
-        client: Client | None = None, hessians: Hessians | None = None,
+        client: Client | None = None, hessians: Hessians | None = None, prepared: LoadedModel | None = None,
     ) -> None:
         """With a Dask ``client`` the pass that sums the layers' H runs on its workers (and the layers measured, too).
 
         ``hessians``: the layers' H summed already, by the quantizer's calibration pass over the same data
-        (onnxq/analysis/mixed_run.py): then this makes no pass of its own.
+        (onnxq/analysis/mixed_run.py): then this makes no pass of its own. ``prepared``: as :class:`SensitivityAnalysis`.
         """
-        super().__init__(model, config, data, samples, nodes=False, client=client)
+        super().__init__(model, config, data, samples, nodes=False, client=client, prepared=prepared)
         self.without_moments = frozenset(p.tensor for p in self.plans if not needs_moments(p))
         self.hessians = hessians if hessians is not None else self._moments(client)
         self.in_bodies = frozenset(p.tensor for p in self.plans if any(u.body_of for u in p.uses))

@@ -32,6 +32,7 @@ from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
 from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.load import LoadedModel
 from onnxq.model.swap import SwappableWeights
 from onnxq.native.session import session_options
 from onnxq.pipeline import load_and_prepare, quantize_planned
@@ -258,12 +259,15 @@ class SensitivityAnalysis:
         samples: int = SENSITIVITY_SAMPLES,
         nodes: bool = True,
         client: Client | None = None,
+        prepared: LoadedModel | None = None,
     ) -> None:
         """``nodes``: also measure each layer's own output SQNR (the report's column; it costs a float run per layer).
 
-        With a Dask ``client``, batches of measurements (:meth:`measure`) run on its workers.
+        With a Dask ``client``, batches of measurements (:meth:`measure`) run on its workers. ``prepared``: ``model``
+        loaded and prepared already (by the quantizer's run, onnxq/analysis/mixed_run.py), used as it is, not loaded
+        again: a second copy of MiniLM's 90 MB model beside the run's (which must not change while the analysis lives).
         """
-        loaded = load_and_prepare(model)  # the run's first stages, so layers are those quantize plans
+        loaded = prepared if prepared is not None else load_and_prepare(model)  # the run's first stages: the layers quantize plans
         self.client = client
         self.label = loaded.label
         self.model = loaded.model
