@@ -45,7 +45,7 @@ from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
 from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
-from onnxq.plan.handlers import RECURRENT_WEIGHTS
+from onnxq.plan.handlers import CONTRIB_TABLES, RECURRENT_WEIGHTS
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
 from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
 from onnxq.rewrite.activations import insert_activation_qdq
@@ -409,13 +409,14 @@ BALANCED_MAX_BITS = 7
 def _balanced(plan: WeightPlan, op_type: str | None, config: QuantizeConfig) -> bool:
     """Whether a weight's data-free codes are balanced: below 8 bits, unless --range absmax or --rounding nearest.
 
-    Not lookups (no product with an input) nor recurrent layers: their R multiplies hidden states a tanh centres on zero,
-    where there is no common mean to protect and balancing only adds error (a random GRU/LSTM/RNN's output error
-    rose from under 25 % to 28 % at 4 bits, tests/test_recurrent.py).
+    Not lookups (no product with an input: a Gather run as the lookup op, onnxruntime's EmbedLayerNormalization tables)
+    nor recurrent layers: their R multiplies hidden states a tanh centres on zero, where there is no common mean to
+    protect and balancing only adds error (a random GRU/LSTM/RNN's output error rose from under 25 % to 28 % at 4 bits,
+    tests/test_recurrent.py).
     """
     kinds = {use.op_type for use in plan.uses}
     return (config.balanced_rounding and config.range is not RangeMethod.ABSMAX and plan.bits <= BALANCED_MAX_BITS
-            and op_type != LOOKUP_OP and not kinds & RECURRENT_WEIGHTS.keys())
+            and op_type != LOOKUP_OP and not kinds & RECURRENT_WEIGHTS.keys() and not kinds <= CONTRIB_TABLES)
 
 
 def correct_biases(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrated: Calibration | None, config: QuantizeConfig) -> None:

@@ -4,6 +4,7 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
 (w - q) H (w - q)^T (onnxq/numerics/output_error.py). The rows x are:
 
 - MatMul x @ W: the last axis of x; W @ x (the weight first): axis -2 of x; Gemm: A's rows (its columns with transA);
+- com.microsoft Attention (onnxruntime's fused attention): its packed q, k, v weight multiplies input 0 as MatMul's x @ W;
 - Conv: each output position's patch, (C/group, kernel...) in the weight's own order, one H per group (a depthwise
   convolution has one small H per channel), with strides, padding (explicit or SAME), dilations, 1-D to 3-D.
 
@@ -48,6 +49,7 @@ from scipy.linalg import lapack
 
 from onnxq.model.graph import attribute, constant_initializers, is_op
 from onnxq.numerics.threads import one_blas_thread
+from onnxq.plan.handlers import CONTRIB_DOMAIN
 from onnxq.plan.weights import WeightPlan
 
 #: Bytes of convolution patches built at a time (a few samples of a large feature map).
@@ -224,6 +226,8 @@ def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...])
             strides=tuple(attribute(node, "strides", [1] * spatial)), pads=tuple(attribute(node, "pads", [])),
             dilations=tuple(attribute(node, "dilations", [1] * spatial)), auto_pad=auto_pad,
         )
+    if node.domain == CONTRIB_DOMAIN and node.op_type == "Attention" and input_index == 1 and weight_rank == 2:
+        return LayerInput(node.input[0], "rows")  # onnxruntime's fused attention: x @ W_qkv
     if is_op(node, "LSTM", "GRU", "RNN") and weight_rank == 3 and dims[0] == 1:
         return _recurrent_input(node, input_index)
     return None

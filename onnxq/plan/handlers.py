@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxq.model.graph import attribute
+from onnxq.model.opset import is_default_domain
 
 #: Weight dtypes we quantize. Float16 weights get float16 scales, so their DequantizeLinear gives float16 as before.
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -125,6 +126,41 @@ HANDLERS: dict[str, Handler] = {
     "RNN": _recurrent,
     "Einsum": _einsum,
 }
+
+
+#: onnxruntime's fused transformer ops, saved by its transformer optimizer (com.microsoft domain).
+CONTRIB_DOMAIN = "com.microsoft"
+
+
+def _attention(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """Attention's packed q, k, v weight (hidden, 3 x hidden): x @ W, so its columns are the output channels."""
+    return WeightSlot(1, 1) if rank == 2 else None
+
+
+def _embedding_tables(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
+    """EmbedLayerNormalization's word, position and segment tables: a row looked up per token, a scale per row."""
+    return WeightSlot(2, 0) if rank == 2 else None
+
+
+#: com.microsoft op type -> handler. Their weights are written decoded at load (onnxruntime folds the decode into a
+#: constant before the op pre-packs it); their inputs stay float, as no onnxruntime kernel takes them quantized.
+CONTRIB_HANDLERS: dict[str, Handler] = {"Attention": _attention, "EmbedLayerNormalization": _embedding_tables}
+#: The inputs of those ops that hold weights.
+CONTRIB_WEIGHTS: dict[str, tuple[int, ...]] = {"Attention": (1,), "EmbedLayerNormalization": (2, 3, 4)}
+#: Those of them that look their weights' rows up (tables) rather than multiply an input with them.
+CONTRIB_TABLES = frozenset({"EmbedLayerNormalization"})
+
+
+def handler_of(node: onnx.NodeProto) -> Handler | None:
+    """The handler of a node's op (an ONNX op, or one of onnxruntime's fused ops), or None: no weight onnxq quantizes."""
+    if is_default_domain(node.domain):
+        return HANDLERS.get(node.op_type)
+    return CONTRIB_HANDLERS.get(node.op_type) if node.domain == CONTRIB_DOMAIN else None
+
+
+def is_contrib(op_type: str) -> bool:
+    """Whether a weight reader's op type is one of onnxruntime's fused ops (:data:`CONTRIB_HANDLERS`)."""
+    return op_type in CONTRIB_HANDLERS
 
 
 #: Handlers for ops whose weight may come first (W @ x), used when input 0 is the constant.

@@ -15,7 +15,7 @@ from onnxq.config import NBITS_AUTO_WEIGHTS, NBitsMode, QuantizeConfig, SqrtMode
 from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.uniform import storage_bits
-from onnxq.plan.handlers import RECURRENT_WEIGHTS, TABLE_OPS
+from onnxq.plan.handlers import CONTRIB_DOMAIN, RECURRENT_WEIGHTS, TABLE_OPS
 from onnxq.plan.weights import WeightPlan
 from onnxq.rewrite.gemm import GEMM_TYPES, unsupported, weight_is_rows
 
@@ -130,6 +130,8 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     readers = [targets.nodes[use.node] for use in plan.uses]
     if any(node.op_type in TABLE_OPS for node in readers):
         return OpChoice(None, "looked up by Gather (an embedding table); the ops run Conv, Gemm and MatMul")
+    if (fused := next((node for node in readers if node.domain == CONTRIB_DOMAIN), None)) is not None:
+        return OpChoice(None, f"onnxruntime's {fused.op_type} ({fused.domain}); the ops run Conv, Gemm and MatMul")
     if (recurrent := next((node for node in readers if node.op_type in RECURRENT_WEIGHTS), None)) is not None:
         return OpChoice(None, f"a recurrent layer ({recurrent.op_type}); the ops run Conv, Gemm and MatMul")
     kinds = {node.op_type in GEMM_TYPES for node in readers}

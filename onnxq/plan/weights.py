@@ -20,7 +20,19 @@ from onnxq.model.opset import is_default_domain
 from onnxq.native.cpu import has_vnni
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
 from onnxq.plan.boundary import boundary_nodes
-from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS, TABLE_OPS, WEIGHT_FIRST, Handler, weight_input
+from onnxq.plan.handlers import (
+    CODE_TYPES,
+    CONTRIB_TABLES,
+    CONTRIB_WEIGHTS,
+    FLOAT_TYPES,
+    RECURRENT_WEIGHTS,
+    TABLE_OPS,
+    WEIGHT_FIRST,
+    Handler,
+    handler_of,
+    is_contrib,
+    weight_input,
+)
 
 #: The reason given for a weight that a DequantizeLinear computes from integer codes.
 ALREADY_QUANTIZED = "weight is already quantized (decoded from integer codes: DequantizeLinear, or Cast and Mul)"
@@ -39,8 +51,8 @@ class WeightUse:
     @property
     def data_input(self) -> int | None:
         """The input holding the activation multiplied with the weight, or None (a Gather's indices, a recurrent layer's sequence)."""
-        if self.op_type in TABLE_OPS or self.op_type in RECURRENT_WEIGHTS or self.op_type == "Einsum":
-            return None  # Einsum: onnxruntime has no integer kernel to fuse a pair in front of it into
+        if self.op_type in TABLE_OPS or self.op_type in RECURRENT_WEIGHTS or self.op_type == "Einsum" or is_contrib(self.op_type):
+            return None  # Einsum, onnxruntime's fused ops: onnxruntime has no integer kernel to fuse a pair in front of them into
         return 1 - self.input_index
 
     @property
@@ -130,10 +142,11 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
     uses: dict[str, list[WeightUse]] = {}
     skipped: list[Skipped] = []
     for node, body_of, hidden in _all_nodes(graph):
-        handler = HANDLERS.get(node.op_type) if is_default_domain(node.domain) else None
+        handler = handler_of(node)
         if handler is None or len(node.input) < 2:
             continue
-        indices = RECURRENT_WEIGHTS.get(node.op_type) or (weight_input(node, names.consts, names.initializers, hidden),)
+        contrib = CONTRIB_WEIGHTS.get(node.op_type) if is_contrib(node.op_type) and not is_default_domain(node.domain) else None
+        indices = contrib or RECURRENT_WEIGHTS.get(node.op_type) or (weight_input(node, names.consts, names.initializers, hidden),)
         for index in indices:
             found = _weight_use(node, index, handler, body_of, hidden, names) if index < len(node.input) and node.input[index] else None
             if isinstance(found, Skipped):
@@ -269,7 +282,7 @@ def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) 
 
 
 def _only_looked_up(plan: WeightPlan) -> bool:
-    return all(use.op_type in TABLE_OPS for use in plan.uses)
+    return all(use.op_type in TABLE_OPS or use.op_type in CONTRIB_TABLES for use in plan.uses)
 
 
 #: Ops that only a quantized model holds: a model made of them has nothing left to quantize.
