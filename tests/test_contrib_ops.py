@@ -85,3 +85,16 @@ def test_attention_h_is_the_mean_outer_product_of_its_input_rows():
     collector.observe("embedded", x)
     rows = x.reshape(-1, HIDDEN).astype(np.float64)
     np.testing.assert_allclose(collector.hessians()["qkv"][0], rows.T @ rows / len(rows), rtol=1e-5, atol=1e-6)
+
+
+def test_inspect_lists_the_fused_ops_weights_float_and_quantized():
+    """`onnxq inspect` shows the tables and the packed weight, float before and 4-bit codes after."""
+    from onnxq.analysis.inventory import inspect_model
+
+    model = _bert_like()
+    before = [(n.op_type, n.bits, n.shape) for n in inspect_model(model).nodes if n.op_type != "MatMul"]
+    assert sorted(before) == sorted([("EmbedLayerNormalization", 32, (VOCAB, HIDDEN)), ("EmbedLayerNormalization", 32, (POSITIONS, HIDDEN)),
+                                     ("EmbedLayerNormalization", 32, (2, HIDDEN)), ("Attention", 32, (HIDDEN, 3 * HIDDEN))])
+    quantized = quantize_with_report(model, QuantizeConfig(bits=4, first_last_bits=None)).model
+    after = [(n.op_type, n.bits) for n in inspect_model(quantized).nodes if n.op_type != "MatMul"]
+    assert sorted(after) == sorted([("EmbedLayerNormalization", 4)] * 3 + [("Attention", 4)])

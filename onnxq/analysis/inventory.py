@@ -21,7 +21,7 @@ from onnxq.model.graph import all_graphs, attribute, subgraphs
 from onnxq.model.load import read_model_file
 from onnxq.model.prepare import name_nodes
 from onnxq.native.domain import DOMAIN
-from onnxq.plan.handlers import CODE_TYPES, RECURRENT_WEIGHTS, TABLE_OPS
+from onnxq.plan.handlers import CODE_TYPES, CONTRIB_DOMAIN, CONTRIB_WEIGHTS, RECURRENT_WEIGHTS, TABLE_OPS
 from onnxq.rewrite.gemm import has_pixel_steps
 
 #: Bits per element of each ONNX tensor type (strings have none).
@@ -451,8 +451,10 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, chained: set[str]) -> li
             continue
         slots = _FLOAT_WEIGHT_SLOTS.get(node.op_type, ()) if domain == "" else ()
         recurrent = RECURRENT_WEIGHTS.get(node.op_type, ()) if domain == "" else ()
-        # A recurrent layer gets a row per weight (W, R). Other ops count as weighted only when they read a dequantized
-        # constant (not e.g. Reshape's shape).
+        if domain == CONTRIB_DOMAIN and node.op_type in CONTRIB_WEIGHTS:  # onnxruntime's Attention, EmbedLayerNormalization
+            recurrent = CONTRIB_WEIGHTS[node.op_type]
+        # A recurrent layer (or a fused op with several weights) gets a row per weight (W, R). Other ops count as
+        # weighted only when they read a dequantized constant (not e.g. Reshape's shape).
         for candidates in [(index,) for index in recurrent] or [slots or tuple(range(len(node.input)))]:
             traced = _float_op(node, scope, candidates)
             if traced is not None and (traced[1].decoder is not None or ((slots or recurrent) and _weight_like(node, traced[1].codes))):
