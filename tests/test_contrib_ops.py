@@ -98,3 +98,41 @@ def test_inspect_lists_the_fused_ops_weights_float_and_quantized():
     quantized = quantize_with_report(model, QuantizeConfig(bits=4, first_last_bits=None)).model
     after = [(n.op_type, n.bits) for n in inspect_model(quantized).nodes if n.op_type != "MatMul"]
     assert sorted(after) == sorted([("EmbedLayerNormalization", 4)] * 3 + [("Attention", 4)])
+
+
+def _attention_layer(bias_computed: bool = False) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x [N, S, H] -> Attention(x, qkv, bias): the bias a constant, or computed (an Identity of one)."""
+    rng = np.random.default_rng(5)
+    inits = [numpy_helper.from_array((rng.standard_normal((HIDDEN, 3 * HIDDEN)) * 0.3).astype(np.float32), "qkv"),
+             numpy_helper.from_array((rng.standard_normal(3 * HIDDEN) * 0.1).astype(np.float32), "b")]
+    nodes = [helper.make_node("Attention", ["x", "qkv", "bias" if bias_computed else "b"], ["y"], name="attention", domain="com.microsoft",
+                              num_heads=HEADS)]
+    if bias_computed:
+        nodes.insert(0, helper.make_node("Identity", ["b"], ["bias"], name="computed"))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", SEQUENCE, HIDDEN])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)])
+    return model, np.random.default_rng(6).standard_normal((3, SEQUENCE, HIDDEN)).astype(np.float32)
+
+
+def test_attention_mean_shift_goes_into_its_bias():
+    """The fold equals the model whose q, k, v bias numpy lowered by the shift; a computed bias gets no site."""
+    from onnxq.calibrate.mean_shift import fold_shifts, shift_sites
+
+    model, x = _attention_layer()
+    plans, _ = plan_weights(model.graph, QuantizeConfig(bits=4, first_last_bits=None))
+    sites = shift_sites(model.graph, plans)
+    assert set(sites) == {"qkv"}
+    shift = np.random.default_rng(7).standard_normal(3 * HIDDEN) * 0.2
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    fold_shifts(folded.graph, {"qkv": (shift_sites(folded.graph, plans)["qkv"], shift)})
+    expected = onnx.ModelProto()
+    expected.CopyFrom(model)
+    bias = next(t for t in expected.graph.initializer if t.name == "b")
+    bias.CopyFrom(numpy_helper.from_array((numpy_helper.to_array(bias).astype(np.float64) - shift).astype(np.float32), "b"))
+    np.testing.assert_allclose(_run(folded, {"x": x}), _run(expected, {"x": x}), atol=1e-5)
+    assert not np.allclose(_run(folded, {"x": x}), _run(model, {"x": x}), atol=1e-3)
+    computed, _ = _attention_layer(bias_computed=True)
+    plans, _ = plan_weights(computed.graph, QuantizeConfig(bits=4, first_last_bits=None))
+    assert shift_sites(computed.graph, plans) == {}

@@ -26,6 +26,7 @@ from scipy.linalg import blas
 
 from onnxq.calibrate.bias_analytic import write_input
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, to_array
+from onnxq.plan.handlers import CONTRIB_DOMAIN
 from onnxq.plan.weights import WeightPlan
 
 
@@ -33,7 +34,8 @@ from onnxq.plan.weights import WeightPlan
 class ShiftSite:
     """Where a weight's mean output shift goes: its only reader, and the axis of the reader's output channels.
 
-    ``kind``: "conv" (axis 1), "last" (the last axis: x @ W, Gemm) or "columns" (axis -2: W @ x).
+    ``kind``: "conv" (axis 1), "last" (the last axis: x @ W, Gemm), "columns" (axis -2: W @ x) or "attention"
+    (onnxruntime's Attention: into its q, k, v bias).
     """
 
     node: onnx.NodeProto
@@ -41,7 +43,10 @@ class ShiftSite:
 
 
 def shift_sites(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[str, ShiftSite]:
-    """The weights whose mean output shift can be folded: read by one node of the main graph, a Conv, Gemm or MatMul."""
+    """The weights whose mean output shift can be folded: read by one main-graph node, a Conv, Gemm or MatMul.
+
+    Or onnxruntime's Attention with a constant (or no) bias: its q, k, v projection's shift goes into that bias.
+    """
     nodes = {n.name: n for n in graph.node}
     consts = constant_initializers(graph)
     out = {}
@@ -51,6 +56,8 @@ def shift_sites(graph: onnx.GraphProto, plans: Iterable[WeightPlan]) -> dict[str
         use = plan.uses[0]
         node = nodes.get(use.node)
         kind = _kind(node, use.input_index, len(consts[plan.tensor].dims)) if node is not None else None
+        if kind == "attention" and len(node.input) > 2 and node.input[2] and node.input[2] not in consts:
+            continue  # a computed bias: nothing to fold the shift into (Attention's output is not x @ W)
         if kind is not None:
             out[plan.tensor] = ShiftSite(node, kind)
     return out
@@ -64,6 +71,8 @@ def _kind(node: onnx.NodeProto, input_index: int, rank: int) -> str | None:
         return "last"
     if node.op_type == "MatMul" and rank == 2 and not node.domain:
         return "last" if input_index == 1 else "columns"
+    if node.op_type == "Attention" and node.domain == CONTRIB_DOMAIN and input_index == 1 and rank == 2:
+        return "attention"  # onnxruntime's fused attention: x @ W_qkv + bias (input 2), then the heads
     return None
 
 
@@ -104,8 +113,8 @@ def mean_shift(delta_rows: np.ndarray, mean: np.ndarray) -> np.ndarray:
 def fold_shifts(graph: onnx.GraphProto, shifts: dict[str, tuple[ShiftSite, np.ndarray]]) -> None:
     """Subtract each weight's mean output shift (per output channel) from its reader's output, in place.
 
-    Into the reader's bias where it has a constant one (Conv's, Gemm's C) or a constant bias Add follows it alone (a
-    MatMul's); otherwise an Add after the reader. Biases are written as new initializers (a shared one stays as it is).
+    Into the reader's bias where it has a constant one (Conv's, Gemm's C, Attention's q, k, v bias) or a constant bias
+    Add follows it alone (a MatMul's); otherwise an Add after the reader. Biases are written as new initializers (a shared one stays as it is).
     """
     consts = constant_initializers(graph)
     readers = consumers(graph)
@@ -119,6 +128,8 @@ def fold_shifts(graph: onnx.GraphProto, shifts: dict[str, tuple[ShiftSite, np.nd
             if _into_input(graph, node, 2, -shift, consts, names, dtype):
                 continue
             added.append((node, _add_after(graph, node, -shift.reshape(-1, *([1] * (rank - 2))), names, dtype)))
+        elif site.kind == "attention":
+            _into_input(graph, node, 2, -shift, consts, names, dtype)  # a constant or missing bias (shift_sites checked)
         elif node.op_type == "Gemm":
             alpha, beta = float(attribute(node, "alpha", 1.0)), float(attribute(node, "beta", 1.0))
             if beta != 0.0 and _into_input(graph, node, 2, -shift * alpha / beta, consts, names, dtype):
