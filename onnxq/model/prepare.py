@@ -15,6 +15,7 @@ import onnx
 from onnx import numpy_helper
 
 from onnxq.model.external import is_external
+from onnxq.model.fused_conv import fused_ops_to_standard
 from onnxq.model.fused_matmul import fused_matmuls_to_matmul
 from onnxq.model.gemm_first import gemm_weight_first_to_matmul
 from onnxq.model.graph import (
@@ -416,11 +417,13 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     computed += fold_constant_paths(graph, opset) if opset is not None else 0
     gemms = gemm_weight_first_to_matmul(graph)
     fused = fused_matmuls_to_matmul(graph)
+    unfused = fused_ops_to_standard(graph)
     merged = merge_identical_weights(graph)
     folded = fold_batch_norms(graph)
     logger.info(
         "prepared: %d Constant nodes lifted, %d body weights moved to the main graph, %d constant nodes computed, "
-        "%d Gemm with the weight first and %d FusedMatMul made MatMul, %d equal weights merged, %d BatchNormalization folded",
-        lifted, hoisted, computed, gemms, fused, merged, folded,
+        "%d Gemm with the weight first and %d FusedMatMul made MatMul, %d FusedConv/FusedGemm made Conv/Gemm and activation, "
+        "%d equal weights merged, %d BatchNormalization folded",
+        lifted, hoisted, computed, gemms, fused, unfused, merged, folded,
     )
     return infer_shapes(model)

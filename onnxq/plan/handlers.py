@@ -13,6 +13,7 @@ import onnx
 
 from onnxq.model.graph import attribute
 from onnxq.model.opset import is_default_domain
+from onnxq.native.domain import ORT_DOMAIN
 
 #: Weight dtypes we quantize. Float16 weights get float16 scales, so their DequantizeLinear gives float16 as before.
 FLOAT_TYPES = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
@@ -129,7 +130,7 @@ HANDLERS: dict[str, Handler] = {
 
 
 #: onnxruntime's fused transformer ops, saved by its transformer optimizer (com.microsoft domain).
-CONTRIB_DOMAIN = "com.microsoft"
+CONTRIB_DOMAIN = ORT_DOMAIN
 
 
 def _attention(node: onnx.NodeProto, rank: int) -> WeightSlot | None:
