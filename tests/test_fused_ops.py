@@ -100,3 +100,23 @@ def test_a_resnet_saved_by_onnxruntime_quantizes_as_the_shipped_one(tmp_path):
     ours, theirs = (quantize_with_report(m, QuantizeConfig(bits=4)) for m in (optimized, str(shipped)))
     assert len(ours.layers) == len(theirs.layers) == 22
     assert sorted(layer.quantized_bytes for layer in ours.layers) == sorted(layer.quantized_bytes for layer in theirs.layers)
+
+
+def test_nchwc_convolutions_are_named_with_what_to_do():
+    """A model saved at ORT_ENABLE_ALL holds com.microsoft.nchwc Convs with reordered weights: left float, saying why."""
+    w = numpy_helper.from_array(np.ones((8, 8, 3, 3), np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], [f"y{i}"], name=f"c{i}", domain="com.microsoft.nchwc") for i in range(2)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8, 4, 4])],
+                              [helper.make_tensor_value_info(f"y{i}", TensorProto.FLOAT, None) for i in range(2)], [w])
+    plans, skipped = plan_weights(graph, QuantizeConfig(bits=4))
+    assert plans == [] and [s.node for s in skipped] == ["c0", "c1"]
+    assert all("ORT_ENABLE_EXTENDED" in s.reason for s in skipped)
+
+
+def test_the_summary_names_each_reason_once():
+    from onnxq.plan.weights import Skipped
+    from onnxq.report.summary import _skipped_by_reason
+
+    skipped = [Skipped("a", "r1"), Skipped("b", "r1"), Skipped("c", "r2"), Skipped("d", "r1"), Skipped("e", "r3"), Skipped("f", "r4")]
+    assert _skipped_by_reason(skipped) == "a and 2 more: r1; c: r2; e: r3 ..."
+    assert _skipped_by_reason(skipped[:3]) == "a and 1 more: r1; c: r2"

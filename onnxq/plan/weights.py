@@ -136,6 +136,12 @@ def _dequantized(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto]) ->
     return found
 
 
+#: onnxruntime's blocked-layout ops, which only a model saved after its ORT_ENABLE_ALL optimizations holds.
+NCHWC_DOMAIN = "com.microsoft.nchwc"
+NCHWC_REASON = ("onnxruntime's NCHWc layout Conv (com.microsoft.nchwc, its weight reordered for this CPU: a model saved at "
+                "ORT_ENABLE_ALL); quantize the model before onnxruntime's optimizations, or one saved at ORT_ENABLE_EXTENDED")
+
+
 def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]], list[Skipped]]:
     """Map each quantizable weight tensor to the nodes that use it as a weight."""
     names = _Names.of(graph)
@@ -143,6 +149,9 @@ def find_weight_uses(graph: onnx.GraphProto) -> tuple[dict[str, list[WeightUse]]
     skipped: list[Skipped] = []
     for node, body_of, hidden in _all_nodes(graph):
         handler = handler_of(node)
+        if node.domain == NCHWC_DOMAIN and node.op_type == "Conv":
+            skipped.append(Skipped(node.name, NCHWC_REASON))
+            continue
         if handler is None or len(node.input) < 2:
             continue
         contrib = CONTRIB_WEIGHTS.get(node.op_type) if is_contrib(node.op_type) and not is_default_domain(node.domain) else None

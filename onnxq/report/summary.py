@@ -8,6 +8,7 @@ from pathlib import Path
 from onnxq.model.save import referenced_files
 from onnxq.native.domain import LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN
 from onnxq.pipeline import LayerResult, QuantizationResult
+from onnxq.plan.weights import Skipped
 
 
 def human_bytes(n: int) -> str:
@@ -125,9 +126,7 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     if verbose:
         lines.append(layer_table(result))
     if result.skipped:
-        shown = "; ".join(f"{s.node}: {s.reason}" for s in result.skipped[:3])
-        more = " ..." if len(result.skipped) > 3 else ""
-        lines.append(f"left in float: {len(result.skipped)} nodes ({shown}{more})")
+        lines.append(f"left in float: {len(result.skipped)} nodes ({_skipped_by_reason(result.skipped)})")
     after = file_size(output)
     if source is not None:
         before = file_size(source)
@@ -138,3 +137,10 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     return "\n".join(lines)
 
 
+def _skipped_by_reason(skipped: list[Skipped], shown: int = 3) -> str:
+    """The first ``shown`` reasons nodes stay float for, each once with its first node (and how many more share it)."""
+    by_reason: dict[str, list[str]] = {}
+    for entry in skipped:
+        by_reason.setdefault(entry.reason, []).append(entry.node)
+    parts = [f"{nodes[0]}{f' and {len(nodes) - 1} more' if len(nodes) > 1 else ''}: {reason}" for reason, nodes in list(by_reason.items())[:shown]]
+    return "; ".join(parts) + (" ..." if len(by_reason) > shown else "")
