@@ -4,6 +4,8 @@ conv patches with their strides, padding, dilations and groups) are exactly what
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -164,9 +166,9 @@ def test_packed_sums_unpack_to_the_matrix_summed(k):
 
 
 def test_layers_without_an_h_are_left_out():
-    """ConvTranspose, and a weight also read by one: no H (they keep their own-error quantization)."""
+    """A ConvTranspose given its output_shape: no H (it keeps its own-error quantization)."""
     rng = np.random.default_rng(4)
-    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up")
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="up", output_shape=[6, 6])
     graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 2, 4, 4])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
                               [numpy_helper.from_array(rng.standard_normal((2, 3, 3, 3)).astype(np.float32), "w")])
@@ -238,6 +240,37 @@ def test_thinning_keeps_h_an_average_over_all_rows(monkeypatch):
     # by stream position or by sample position, and over 0.1 on 63% and 68% of the seeds); the first rows' H is over 0.5 off
     np.testing.assert_allclose(np.diagonal(m.hessian()[0]), np.diagonal(full), rtol=0.25)
     assert not np.allclose(np.diagonal(first), np.diagonal(full), rtol=0.5)
+
+
+def _conv_transpose_model(c: int, m: int, kernel: tuple[int, ...], **attrs) -> onnx.ModelProto:
+    rank = len(kernel)
+    w = np.random.default_rng(0).standard_normal((c, m, *kernel)).astype(np.float32)
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", c] + ["S"] * rank)
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
+    node = helper.make_node("ConvTranspose", ["x", "w"], ["y"], name="deconv", **attrs)
+    graph = helper.make_graph([node], "g", [x], [y], [numpy_helper.from_array(w, "w")])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize(
+    ("c", "m", "kernel", "attrs"),
+    [
+        (3, 4, (3, 3), {}),
+        (4, 3, (4, 4), {"strides": [2, 2], "pads": [1, 1, 1, 1]}),  # the usual 2x upsampling
+        (3, 2, (3, 2), {"strides": [2, 3], "pads": [1, 0, 0, 1], "dilations": [1, 2], "output_padding": [1, 2]}),
+        (2, 3, (5,), {"strides": [3], "pads": [2, 1]}),  # 1-D, as audio decoders have them
+    ],
+)
+def test_conv_transpose_rows_are_what_the_layer_multiplies(c, m, kernel, attrs):
+    """Each output channel's mean square from onnxruntime equals w_o H w_o^T with the H summed for ConvTranspose."""
+    x = np.random.default_rng(1).standard_normal((2, c) + (5,) * len(kernel)).astype(np.float32)
+    _check(_conv_transpose_model(c, m, kernel, **attrs), {"x": x}, out_axis=1, groups=1)
+
+
+def test_conv_transpose_of_several_groups_gets_no_h():
+    model = prepare(_conv_transpose_model(4, 2, (3, 3), group=2))
+    plans, _ = plan_weights(model.graph, QuantizeConfig(bits=4))
+    assert layer_inputs(model.graph, plans) == {}
 
 
 @pytest.mark.parametrize(
@@ -336,3 +369,24 @@ def test_a_grus_recurrence_and_a_bidirectional_layer_get_no_h():
     both = prepare(recurrent_then_gemm("LSTM", directions=2))
     plans, _ = plan_weights(both.graph, QuantizeConfig(bits=8, first_last_bits=None))
     assert set(layer_inputs(both.graph, plans)) == {"fc"}
+
+
+def test_conv_transpose_weights_chosen_for_the_output_beat_their_own_error():
+    """With its H, a 4-bit ConvTranspose (the model's output layer here) leaves less output error on the data than the
+    same layer quantized for its own error: onnxruntime runs both against the float model."""
+    from models import depthwise_convtranspose
+    from onnxq.pipeline import quantize
+
+    model = depthwise_convtranspose()
+    rng = np.random.default_rng(9)
+    mixing = rng.standard_normal((2, 4))  # correlated channels: where the output's error and the weight's differ
+    x = (np.einsum("nkhw,kc->nchw", rng.standard_normal((32, 2, 6, 6)), mixing) + 0.05 * rng.standard_normal((32, 4, 6, 6))).astype(np.float32)
+    data = [{"x": x}]
+
+    def output_error(config: QuantizeConfig) -> float:
+        q = quantize(model, config, data)
+        run = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0] for m in (model, q)]
+        return float(np.mean((run[0].astype(np.float64) - run[1]) ** 2))
+
+    config = QuantizeConfig(bits=4, first_last_bits=None, depthwise_bits=None)
+    assert output_error(config) < 0.8 * output_error(dataclasses.replace(config, output_aware=False))

@@ -5,6 +5,9 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
 
 - MatMul x @ W: the last axis of x; W @ x (the weight first): axis -2 of x; Gemm: A's rows (its columns with transA);
 - com.microsoft Attention (onnxruntime's fused attention): its packed q, k, v weight multiplies input 0 as MatMul's x @ W;
+- ConvTranspose (one group, explicit pads): at each output position, the input values each tap of the kernel brings
+  there (q * stride + tap * dilation = p + pad; zero where no input position q fits), in the weight's (C_in, kernel...)
+  order: output channel o's weights W[:, o] multiply them;
 - Conv: each output position's patch, (C/group, kernel...) in the weight's own order, one H per group (a depthwise
   convolution has one small H per channel), with strides, padding (explicit or SAME), dilations, 1-D to 3-D.
 
@@ -15,10 +18,11 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
 H is summed as the calibration runs stream by (never all activations at once; a convolution's patches one sample at a
 time), over every reader of a shared weight: a shard of the pass (onnxq/calibrate/shards.py) sums its rows' products in
 float32 in place (BLAS), and the shards' sums are added into one packed lower triangle, float32 as well (:class:`Moments`);
-a weight's H is made a full float64 matrix only when it is used (:class:`Hessians`). Weights with another kind of reader (ConvTranspose, Einsum,
-a GRU's R, bidirectional recurrent layers, lookups, readers inside Loop/Scan bodies or inside If bodies the pass did not
-inline, onnxq/calibrate/branches.py) or with an input axis longer than MAX_FEATURES get none, and are quantized for
-their own error as before.
+a weight's H is made a full float64 matrix only when it is used (:class:`Hessians`). Weights with another kind of
+reader (ConvTranspose of several groups or with output_shape or auto_pad SAME, Einsum, a GRU's R, bidirectional
+recurrent layers, lookups, readers inside Loop/Scan bodies or inside If bodies the pass did not inline,
+onnxq/calibrate/branches.py) or with an input axis longer than MAX_FEATURES get none, and are quantized for their own
+error as before.
 
 The sum costs n K^2 for n rows of K features, which for a convolution over a large image (n = samples x positions)
 is many times the layer's own forward pass. Past enough rows for a well-conditioned estimate (the cap: MIN_ROWS, or
@@ -76,7 +80,7 @@ class LayerInput:
 
     tensor: str
     # "rows" (last axis), "steps" (last axis, samples on axis -2: a sequence [T, (D,) N, C]), "columns" (axis -2: W @ x),
-    # "transposed" (Gemm transA), "conv"
+    # "transposed" (Gemm transA), "conv", "deconv" (ConvTranspose, one group: each output position's inputs, see rows)
     kind: str
     groups: int = 1
     kernel: tuple[int, ...] = ()
@@ -85,6 +89,7 @@ class LayerInput:
     dilations: tuple[int, ...] = ()
     auto_pad: str = "NOTSET"
     length: int = 0  # K, read off the weight's dims (0: not known); sizes the sums before any data
+    output_padding: tuple[int, ...] = ()  # "deconv" only: ConvTranspose's extra output positions at the end of each axis
 
     @property
     def sums_bytes(self) -> int:
@@ -111,7 +116,7 @@ class LayerInput:
             return math.prod(shape) // shape[-2]
         if self.kind == "transposed":
             return shape[1]
-        return shape[0] * math.prod(self._out_shape(shape[2:]))
+        return shape[0] * math.prod(self._out_shape(shape[2:]))  # conv, deconv: a row per output position
 
     def layout(self, value: np.ndarray) -> tuple[int, int]:
         """(samples, rows per sample) of the rows :meth:`rows` makes of ``value``, which come sample after sample.
@@ -138,7 +143,7 @@ class LayerInput:
             return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])[:, keep]
         if self.kind == "transposed":
             return x.T.reshape(1, -1, x.shape[0])[:, keep]
-        if isinstance(keep, slice) and keep == slice(None):
+        if isinstance(keep, slice) and keep == slice(None) and self.kind == "conv":
             return self._patches(x)
         return self._picked_patches(x, np.arange(self.count(x))[keep])
 
@@ -151,6 +156,10 @@ class LayerInput:
     def _out_shape(self, spatial: tuple[int, ...]) -> list[int]:
         """Output positions along each spatial axis."""
         pads = self._resolved_pads(spatial)
+        if self.kind == "deconv":
+            extra = self.output_padding or (0,) * len(spatial)
+            return [self.strides[i] * (spatial[i] - 1) + extra[i] + self.dilations[i] * (self.kernel[i] - 1) + 1 - pads[i] - pads[i + len(spatial)]
+                    for i in range(len(spatial))]
         return [(spatial[i] + pads[i] + pads[i + len(spatial)] - self.dilations[i] * (self.kernel[i] - 1) - 1) // self.strides[i] + 1
                 for i in range(len(spatial))]
 
@@ -173,7 +182,13 @@ class LayerInput:
         index = sample[:, None] * math.prod(spatial)  # (picked, taps): each row's taps as flat positions in its sample's plane
         inside = np.ones((len(picked), len(offsets)), dtype=bool)
         for axis, size in enumerate(spatial):
-            along = coords[axis][:, None] * self.strides[axis] + np.array([o[axis] for o in offsets]) * self.dilations[axis] - pads[axis]
+            taps = np.array([o[axis] for o in offsets]) * self.dilations[axis]
+            if self.kind == "deconv":  # output p reads input q where q * stride + tap = p + pad
+                reached = coords[axis][:, None] + pads[axis] - taps
+                along = reached // self.strides[axis]
+                inside &= reached % self.strides[axis] == 0
+            else:
+                along = coords[axis][:, None] * self.strides[axis] + taps - pads[axis]
             inside &= (along >= 0) & (along < size)
             index = index + np.clip(along, 0, size - 1) * math.prod(spatial[axis + 1 :])
         c = x.shape[1]
@@ -226,11 +241,32 @@ def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...])
             strides=tuple(attribute(node, "strides", [1] * spatial)), pads=tuple(attribute(node, "pads", [])),
             dilations=tuple(attribute(node, "dilations", [1] * spatial)), auto_pad=auto_pad,
         )
+    if is_op(node, "ConvTranspose") and input_index == 1 and weight_rank >= 3:
+        return _transposed_input(node, dims)
     if node.domain == CONTRIB_DOMAIN and node.op_type == "Attention" and input_index == 1 and weight_rank == 2:
         return LayerInput(node.input[0], "rows")  # onnxruntime's fused attention: x @ W_qkv
     if is_op(node, "LSTM", "GRU", "RNN") and weight_rank == 3 and dims[0] == 1:
         return _recurrent_input(node, input_index)
     return None
+
+
+def _transposed_input(node: onnx.NodeProto, dims: tuple[int, ...]) -> LayerInput | None:
+    """A ConvTranspose of one group with explicit pads: its output positions' rows.
+
+    Output channel o's weights W[:, o] meet, at each output position p, the inputs x[c, q] with q * stride + tap *
+    dilation = p + pad (zero where no such q is whole and in range). Several groups (the planner's channel axis is then
+    the input's), output_shape or auto_pad other than NOTSET/VALID: none (the weight keeps its own-error quantization).
+    """
+    spatial = len(dims) - 2
+    auto_pad = attribute(node, "auto_pad", b"NOTSET")
+    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    if attribute(node, "group", 1) != 1 or attribute(node, "output_shape", None) is not None or auto_pad not in ("NOTSET", "VALID"):
+        return None
+    return LayerInput(
+        node.input[0], "deconv", kernel=tuple(dims[2:]), strides=tuple(attribute(node, "strides", [1] * spatial)),
+        pads=tuple(attribute(node, "pads", [0] * 2 * spatial)), dilations=tuple(attribute(node, "dilations", [1] * spatial)),
+        output_padding=tuple(attribute(node, "output_padding", [0] * spatial)),
+    )
 
 
 def _recurrent_input(node: onnx.NodeProto, input_index: int) -> LayerInput | None:
