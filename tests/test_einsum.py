@@ -67,3 +67,26 @@ def test_asking_for_activations_where_none_can_be_quantized_says_so(tmp_path, ca
     assert main(["quantize", str(path), "-b", "8", "--calibration", str(tmp_path / "calib.npy"), "-o", str(out)]) == 0
     assert "quantized 0 activation tensors" in capsys.readouterr().out
     assert not any(n.op_type == "QuantizeLinear" for n in onnx.load(out).graph.node)
+
+
+@pytest.mark.parametrize("equation, shape, weight_first, x_shape, out_axis", [
+    ("bld,de->ble", (6, 4), False, (3, 5, 6), 2),  # x @ W
+    ("ke,blk->ble", (6, 4), True, (3, 5, 6), 2),  # the weight first
+    ("bdl,de->ble", (6, 4), False, (3, 6, 5), 2),  # the summed axis in the middle of x
+    ("bld,ed->bel", (4, 6), False, (3, 5, 6), 1),  # the weight's rows first, the output's channels in the middle
+])
+def test_a_dense_einsum_gets_the_h_of_its_summed_axis(equation, shape, weight_first, x_shape, out_axis):
+    """Each output channel's mean square from onnxruntime equals w H w^T (the H of x along the summed axis)."""
+    from test_moments import _check
+
+    weight = (np.random.default_rng(0).standard_normal(shape) * 0.3).astype(np.float32)
+    y_shape = [None] * 3
+    model = _einsum_model(equation, weight, weight_first, list(x_shape), y_shape)
+    _check(model, {"x": np.random.default_rng(1).standard_normal(x_shape).astype(np.float32)}, out_axis=out_axis, groups=1)
+
+
+@pytest.mark.parametrize("equation", ["bld,de->be", "bd,def->bef", "...d,de->...e"])
+def test_an_einsum_that_is_no_dense_layer_gets_no_h(equation):
+    from onnxq.plan.handlers import einsum_input_axis
+
+    assert einsum_input_axis(equation, 1, 2) is None

@@ -4,6 +4,8 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
 (w - q) H (w - q)^T (onnxq/numerics/output_error.py). The rows x are:
 
 - MatMul x @ W: the last axis of x; W @ x (the weight first): axis -2 of x; Gemm: A's rows (its columns with transA);
+- Einsum with a 2-D weight, as a dense layer (one weight letter summed with an axis of x, the other kept, x's other
+  axes kept: onnxq.plan.handlers.einsum_input_axis): that axis of x;
 - com.microsoft Attention (onnxruntime's fused attention): its packed q, k, v weight multiplies input 0 as MatMul's x @ W;
 - ConvTranspose (one group, explicit pads): at each output position, the input values each tap of the kernel brings
   there (q * stride + tap * dilation = p + pad; zero where no input position q fits), in the weight's (C_in, kernel...)
@@ -19,7 +21,7 @@ H is summed as the calibration runs stream by (never all activations at once; a 
 time), over every reader of a shared weight: a shard of the pass (onnxq/calibrate/shards.py) sums its rows' products in
 float32 in place (BLAS), and the shards' sums are added into one packed lower triangle, float32 as well (:class:`Moments`);
 a weight's H is made a full float64 matrix only when it is used (:class:`Hessians`). Weights with another kind of
-reader (ConvTranspose of several groups or with output_shape or auto_pad SAME, Einsum, a GRU's R, bidirectional
+reader (ConvTranspose of several groups or with output_shape or auto_pad SAME, other Einsums, a GRU's R, bidirectional
 recurrent layers, lookups, readers inside Loop/Scan bodies or inside If bodies the pass did not inline,
 onnxq/calibrate/branches.py) or with an input axis longer than MAX_FEATURES get none, and are quantized for their own
 error as before.
@@ -53,7 +55,7 @@ from scipy.linalg import lapack
 
 from onnxq.model.graph import attribute, constant_initializers, is_op
 from onnxq.numerics.threads import one_blas_thread
-from onnxq.plan.handlers import CONTRIB_DOMAIN
+from onnxq.plan.handlers import CONTRIB_DOMAIN, einsum_input_axis
 from onnxq.plan.weights import WeightPlan
 
 #: Bytes of convolution patches built at a time (a few samples of a large feature map).
@@ -80,7 +82,8 @@ class LayerInput:
 
     tensor: str
     # "rows" (last axis), "steps" (last axis, samples on axis -2: a sequence [T, (D,) N, C]), "columns" (axis -2: W @ x),
-    # "transposed" (Gemm transA), "conv", "deconv" (ConvTranspose, one group: each output position's inputs, see rows)
+    # "transposed" (Gemm transA), "conv", "deconv" (ConvTranspose, one group: each output position's inputs, see rows),
+    # "axis" (the axis ``axis`` of x, an Einsum's summed axis: the other axes' positions are the rows)
     kind: str
     groups: int = 1
     kernel: tuple[int, ...] = ()
@@ -90,6 +93,7 @@ class LayerInput:
     auto_pad: str = "NOTSET"
     length: int = 0  # K, read off the weight's dims (0: not known); sizes the sums before any data
     output_padding: tuple[int, ...] = ()  # "deconv" only: ConvTranspose's extra output positions at the end of each axis
+    axis: int = -1  # "axis" only: the axis of x the weight's rows meet
 
     @property
     def sums_bytes(self) -> int:
@@ -105,6 +109,8 @@ class LayerInput:
             return shape[-2]
         if self.kind == "transposed":
             return shape[0]
+        if self.kind == "axis":
+            return shape[self.axis]
         return shape[1] // self.groups * math.prod(self.kernel)
 
     def count(self, value: np.ndarray) -> int:
@@ -114,6 +120,8 @@ class LayerInput:
             return math.prod(shape[:-1])
         if self.kind == "columns":
             return math.prod(shape) // shape[-2]
+        if self.kind == "axis":
+            return math.prod(shape) // shape[self.axis]
         if self.kind == "transposed":
             return shape[1]
         return shape[0] * math.prod(self._out_shape(shape[2:]))  # conv, deconv: a row per output position
@@ -129,6 +137,8 @@ class LayerInput:
         count = self.count(value)
         if self.kind in ("transposed", "columns") and len(shape) == 2:
             return count, 1
+        if self.kind == "axis" and self.axis % len(shape) == 0:  # summed over axis 0: no sample axis in front
+            return 1, count
         samples = (shape[-2] if self.kind == "steps" and len(shape) >= 2 else shape[0]) if shape else 1
         return (samples, count // samples) if samples and count % samples == 0 else (1, count)
 
@@ -141,6 +151,8 @@ class LayerInput:
             return np.moveaxis(x, -2, 0).reshape(1, -1, x.shape[-1])[:, keep]
         if self.kind == "columns":
             return np.moveaxis(x, -2, -1).reshape(1, -1, x.shape[-2])[:, keep]
+        if self.kind == "axis":
+            return np.moveaxis(x, self.axis, -1).reshape(1, -1, x.shape[self.axis])[:, keep]
         if self.kind == "transposed":
             return x.T.reshape(1, -1, x.shape[0])[:, keep]
         if isinstance(keep, slice) and keep == slice(None) and self.kind == "conv":
@@ -241,6 +253,10 @@ def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...])
             strides=tuple(attribute(node, "strides", [1] * spatial)), pads=tuple(attribute(node, "pads", [])),
             dilations=tuple(attribute(node, "dilations", [1] * spatial)), auto_pad=auto_pad,
         )
+    if is_op(node, "Einsum") and len(node.input) == 2:
+        equation = attribute(node, "equation", b"")
+        axis = einsum_input_axis(equation.decode() if isinstance(equation, bytes) else str(equation), input_index, weight_rank)
+        return LayerInput(node.input[1 - input_index], "axis", axis=axis) if axis is not None else None
     if is_op(node, "ConvTranspose") and input_index == 1 and weight_rank >= 3:
         return _transposed_input(node, dims)
     if node.domain == CONTRIB_DOMAIN and node.op_type == "Attention" and input_index == 1 and weight_rank == 2:

@@ -90,6 +90,28 @@ def einsum_channel_axis(equation: str, weight_index: int, rank: int) -> int | No
     return kept[-1] if kept else None
 
 
+def einsum_input_axis(equation: str, weight_index: int, weight_rank: int) -> int | None:
+    """The axis of the other operand a 2-D weight's rows run along, where the Einsum is a dense layer on it; else None.
+
+    That is: two operands, no ellipsis, no letter repeated within a term; the weight's two letters one summed (it appears
+    in the other operand, not in the output) and one kept; every other letter of the other operand kept in the output
+    (so each output row is x @ W over the summed axis, as MatMul's rows: onnxq/calibrate/moments.py sums their H).
+    """
+    equation = equation.replace(" ", "")
+    inputs, arrow, output = equation.partition("->")
+    terms = inputs.split(",")
+    if "." in equation or len(terms) != 2 or not arrow or weight_rank != 2:
+        return None
+    weight, other = terms[weight_index], terms[1 - weight_index]
+    if len(weight) != 2 or len(set(weight)) != 2 or len(set(other)) != len(other):
+        return None
+    summed = [letter for letter in weight if letter in other and letter not in output]
+    kept = [letter for letter in weight if letter in output and letter not in other]
+    if len(summed) != 1 or len(kept) != 1 or any(letter not in output for letter in other if letter != summed[0]):
+        return None
+    return other.index(summed[0])
+
+
 def _einsum(node: onnx.NodeProto, rank: int, index: int = 1) -> WeightSlot | None:
     equation = attribute(node, "equation", b"")
     equation = equation.decode() if isinstance(equation, bytes) else str(equation)
