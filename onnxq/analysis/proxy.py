@@ -5,8 +5,8 @@ r = tr(dW H dW^T) / tr(W H W^T), with H = E[x x^T] over the layer's inputs (onnx
 the float model over the sensitivity data gives every H; r then costs no model run at all, for every layer and
 width. The model-output noise a layer causes is taken as c r, with one factor c for the model: a single measured run
 with every layer at its planned width fixes c (its noise is the sum of the layers' noises, the same additivity the
-greedy choice of mixed precision assumes). Layers without an H (bidirectional recurrent layers, a GRU's R,
-ConvTranspose) and readers inside If bodies are measured as before, one run each, the latter with the codes their H
+greedy choice of mixed precision assumes). Layers without an H (a GRU's R, a grouped ConvTranspose, other
+Einsums) and readers inside If bodies are measured as before, one run each, the latter with the codes their H
 (summed through the branch the data take, as the quantizer does) gives. Layers the quantizer rounds without H (8-bit
 depthwise convolutions) get none here either: they are priced by their weight's relative error, H taken as I. The
 weights are quantized with their H, as the quantizer then writes them with data (the wider rungs a layer may be raised

@@ -13,18 +13,17 @@ A weight row w (one output channel) meets inputs x the same length as w; the out
 - Conv: each output position's patch, (C/group, kernel...) in the weight's own order, one H per group (a depthwise
   convolution has one small H per channel), with strides, padding (explicit or SAME), dilations, 1-D to 3-D.
 
-- LSTM, GRU, RNN (one direction): W multiplies each step's input x_t, the rows of X; R (LSTM and RNN) multiplies the
-  previous hidden state h_{t-1}, whose rows are taken from Y, the hidden states h_1..h_T (Y_h, h_T, where Y is not
+- LSTM, GRU, RNN (one direction or two): W multiplies each step's input x_t, the rows of X; R (LSTM and RNN) multiplies
+  the previous hidden state h_{t-1}, whose rows are taken from Y, the hidden states h_1..h_T (Y_h, h_T, where Y is not
   an output): the same set but for h_0 and h_T, exact where the states come from a stream (a state fed back each run).
 
 H is summed as the calibration runs stream by (never all activations at once; a convolution's patches one sample at a
 time), over every reader of a shared weight: a shard of the pass (onnxq/calibrate/shards.py) sums its rows' products in
 float32 in place (BLAS), and the shards' sums are added into one packed lower triangle, float32 as well (:class:`Moments`);
 a weight's H is made a full float64 matrix only when it is used (:class:`Hessians`). Weights with another kind of
-reader (ConvTranspose of several groups or with output_shape or auto_pad SAME, other Einsums, a GRU's R, bidirectional
-recurrent layers, lookups, readers inside Loop/Scan bodies or inside If bodies the pass did not inline,
-onnxq/calibrate/branches.py) or with an input axis longer than MAX_FEATURES get none, and are quantized for their own
-error as before.
+reader (ConvTranspose of several groups or with output_shape or auto_pad SAME, other Einsums, a GRU's R, lookups,
+readers inside Loop/Scan bodies or inside If bodies the pass did not inline, onnxq/calibrate/branches.py) or with an
+input axis longer than MAX_FEATURES get none, and are quantized for their own error as before.
 
 The sum costs n K^2 for n rows of K features, which for a convolution over a large image (n = samples x positions)
 is many times the layer's own forward pass. Past enough rows for a well-conditioned estimate (the cap: MIN_ROWS, or
@@ -94,6 +93,11 @@ class LayerInput:
     length: int = 0  # K, read off the weight's dims (0: not known); sizes the sums before any data
     output_padding: tuple[int, ...] = ()  # "deconv" only: ConvTranspose's extra output positions at the end of each axis
     axis: int = -1  # "axis" only: the axis of x the weight's rows meet
+    # "rows"/"steps" of a bidirectional recurrent layer (two directions): its W's rows hold both directions' weights
+    # side by side, so each row of x becomes two, (x, 0) and (0, x) (W: both directions read the same steps), or
+    # (h_forward, 0) and (0, h_backward) with the directions on axis ``direction_axis`` of x (R: the hidden states)
+    directions: int = 1
+    direction_axis: int | None = None
 
     @property
     def sums_bytes(self) -> int:
@@ -104,7 +108,7 @@ class LayerInput:
         """K: the length of the rows :meth:`rows` makes of ``value``."""
         shape = np.shape(value)
         if self.kind in ("rows", "steps"):
-            return shape[-1]
+            return shape[-1] * self.directions
         if self.kind == "columns":
             return shape[-2]
         if self.kind == "transposed":
@@ -117,7 +121,8 @@ class LayerInput:
         """How many rows (per group) :meth:`rows` makes of ``value``."""
         shape = np.shape(value)
         if self.kind in ("rows", "steps"):
-            return math.prod(shape[:-1])
+            shared = self.directions if self.direction_axis is None else 1  # x read by every direction: a row each
+            return math.prod(shape[:-1]) * shared
         if self.kind == "columns":
             return math.prod(shape) // shape[-2]
         if self.kind == "axis":
@@ -145,6 +150,8 @@ class LayerInput:
     def rows(self, value: np.ndarray, keep: slice | np.ndarray = slice(None)) -> np.ndarray:
         """(groups, n, K) rows of ``value`` (one run of the tensor), only those ``keep`` selects (convolutions build no others)."""
         x = np.asarray(value)
+        if self.directions > 1 and self.kind in ("rows", "steps"):
+            return self._directional_rows(x)[:, keep]
         if self.kind == "rows":
             return x.reshape(1, -1, x.shape[-1])[:, keep]
         if self.kind == "steps":  # sample-major, as :meth:`layout` counts them
@@ -158,6 +165,22 @@ class LayerInput:
         if isinstance(keep, slice) and keep == slice(None) and self.kind == "conv":
             return self._patches(x)
         return self._picked_patches(x, np.arange(self.count(x))[keep])
+
+    def _directional_rows(self, x: np.ndarray) -> np.ndarray:
+        """(1, directions x n, directions x K): row j of direction d, x_d[j], at row directions * j + d in block d, zero elsewhere.
+
+        Interleaved, so the rows stay sample-major (what thinning counts positions by).
+        """
+        one = dataclasses.replace(self, directions=1, direction_axis=None)
+        if self.direction_axis is None:
+            parts = [one.rows(x)[0]] * self.directions
+        else:
+            parts = [one.rows(np.take(x, [d], axis=self.direction_axis))[0] for d in range(self.directions)]
+        n, k = parts[0].shape
+        out = np.zeros((n, self.directions, self.directions * k), dtype=x.dtype)
+        for d, part in enumerate(parts):
+            out[:, d, d * k : (d + 1) * k] = part
+        return out.reshape(1, n * self.directions, self.directions * k)
 
     def _padded(self, x: np.ndarray) -> np.ndarray:
         """``x`` with the convolution's padding (explicit or auto_pad) applied to its spatial axes."""
@@ -261,8 +284,8 @@ def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...])
         return _transposed_input(node, dims)
     if node.domain == CONTRIB_DOMAIN and node.op_type == "Attention" and input_index == 1 and weight_rank == 2:
         return LayerInput(node.input[0], "rows")  # onnxruntime's fused attention: x @ W_qkv
-    if is_op(node, "LSTM", "GRU", "RNN") and weight_rank == 3 and dims[0] == 1:
-        return _recurrent_input(node, input_index)
+    if is_op(node, "LSTM", "GRU", "RNN") and weight_rank == 3 and dims[0] in (1, 2):
+        return _recurrent_input(node, input_index, dims[0])
     return None
 
 
@@ -285,22 +308,24 @@ def _transposed_input(node: onnx.NodeProto, dims: tuple[int, ...]) -> LayerInput
     )
 
 
-def _recurrent_input(node: onnx.NodeProto, input_index: int) -> LayerInput | None:
-    """A one-direction recurrent layer's W (the steps' inputs X) or R (the hidden states, from Y or Y_h); a GRU's R has none.
+def _recurrent_input(node: onnx.NodeProto, input_index: int, directions: int = 1) -> LayerInput | None:
+    """A recurrent layer's W (the steps' inputs X) or R (the hidden states, from Y or Y_h); a GRU's R has none.
 
     A GRU's candidate gate multiplies R by r * h, not h. With layout 0 a sequence is [T, (D,) N, C]: samples on axis
-    -2; with layout 1, [N, T, (D,) C] and Y_h [N, D, C]: samples on axis 0.
+    -2; with layout 1, [N, T, (D,) C] and Y_h [N, D, C]: samples on axis 0. Two directions (bidirectional): the
+    directions' rows side by side (:meth:`LayerInput._directional_rows`), D on axis -3 of Y and Y_h with layout 0,
+    on axis -2 with layout 1.
     """
-    sequence = "rows" if attribute(node, "layout", 0) else "steps"
+    layout = attribute(node, "layout", 0)
+    sequence = "rows" if layout else "steps"
     if input_index == 1:
-        return LayerInput(node.input[0], sequence)
+        return LayerInput(node.input[0], sequence, directions=directions)
     if input_index != 2 or is_op(node, "GRU"):
         return None
-    if len(node.output) > 0 and node.output[0]:
-        return LayerInput(node.output[0], sequence)
-    if len(node.output) > 1 and node.output[1]:
-        return LayerInput(node.output[1], sequence)
-    return None
+    states = next((name for name in node.output[:2] if name), None)
+    if states is None:
+        return None
+    return LayerInput(states, sequence, directions=directions, direction_axis=(-2 if layout else -3) if directions > 1 else None)
 
 
 def layer_inputs(
