@@ -123,6 +123,21 @@ def test_a_transposed_weight_is_computed_ahead_and_then_quantized():
     assert [layer.nodes for layer in result.layers] == [(prepared.graph.node[0].name,)]
 
 
+def test_a_weight_reshaped_by_a_value_ints_constant_is_quantized():
+    """torch's dynamo exporter writes integer constants as Constant(value_ints); the Reshape they feed is computed ahead."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(24 * 16).astype(np.float32)
+    shape = helper.make_node("Constant", [], ["shape"], value_ints=[24, 16])
+    reshape, matmul = helper.make_node("Reshape", ["w", "shape"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])
+    model = _weight_path_model([shape, reshape], w, matmul, (["N", 24], ["N", 16]))
+    feeds = {"x": rng.standard_normal((3, 24)).astype(np.float32)}
+    prepared = prepare(_copy(model))
+    assert_op_counts(prepared, Constant=0, Reshape=0, MatMul=1)
+    np.testing.assert_array_equal(run(prepared, feeds), run(model, feeds))
+    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    assert len(result.layers) == 1 and not result.skipped
+
+
 def test_a_float16_weight_behind_a_cast_is_quantized():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)

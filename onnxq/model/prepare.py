@@ -105,16 +105,36 @@ def unlist_initializer_inputs(model: onnx.ModelProto) -> int:
     return len(listed)
 
 
+#: Constant attributes other than ``value`` that hold numbers, with the element type of the tensor they stand for.
+_CONSTANT_NUMBERS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a ``Constant`` node holds (a copy), or None for strings and sparse tensors."""
+    value = attribute(node, "value")
+    if isinstance(value, onnx.TensorProto):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        return tensor
+    for name, dtype in _CONSTANT_NUMBERS.items():
+        number = attribute(node, name)
+        if number is not None:
+            return numpy_helper.from_array(np.asarray(number, dtype=dtype))
+    return None
+
+
 def lift_constants(graph: onnx.GraphProto) -> int:
-    """Turn ``Constant`` nodes holding a tensor into initializers, so weights look alike whatever the exporter."""
+    """Turn ``Constant`` nodes holding a tensor or numbers into initializers, so weights look alike whatever the exporter.
+
+    torch's dynamo exporter writes integer constants as ``value_ints`` (the sizes a recurrent layer's weights are sliced
+    by, without its optimizer); lifted, they let the paths to those weights be computed ahead.
+    """
     outputs = {o.name for o in graph.output}
     keep: list[onnx.NodeProto] = []
     lifted = 0
     for node in graph.node:
-        value = attribute(node, "value") if is_op(node, "Constant") else None
-        if isinstance(value, onnx.TensorProto) and node.output[0] not in outputs:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value)
+        tensor = _constant_tensor(node) if is_op(node, "Constant") else None
+        if tensor is not None and node.output[0] not in outputs:
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
             lifted += 1
