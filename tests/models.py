@@ -408,3 +408,24 @@ def causal_mask_from_shape(seed: int = 0, d: int = 8, t: int = 6) -> onnx.ModelP
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 4])
     return _model(nodes, [x], [y], inits)
+
+
+def weight_with_other_reader(layer: str, seed: int = 0) -> onnx.ModelProto:
+    """x -> layer(x, w) -> Add(ReduceMean(w)) -> y: a weight that a node besides its layer reads (here a ReduceMean; in
+    torch's dynamo exports without the optimizer, a Shape of the Conv weight sizes a zero bias).
+    ``layer``: "conv" (x[N,8,6,6], w[16,8,3,3]), "matmul" (x[N,32], w[32,64]) or "gather" (token ids x[N], table w[50,16]).
+    """
+    rng = np.random.default_rng(seed)
+    if layer == "conv":
+        w, x, y = _weight(rng, 16, 8, 3, 3), ("x", TensorProto.FLOAT, ["N", 8, 6, 6]), ["N", 16, 6, 6]
+        node = helper.make_node("Conv", ["x", "w"], ["c"], name="layer", pads=[1, 1, 1, 1])
+    elif layer == "matmul":
+        w, x, y = _weight(rng, 32, 64), ("x", TensorProto.FLOAT, ["N", 32]), ["N", 64]
+        node = helper.make_node("MatMul", ["x", "w"], ["c"], name="layer")
+    else:
+        w, x, y = _weight(rng, 50, 16), ("x", TensorProto.INT64, ["N"]), ["N", 16]
+        node = helper.make_node("Gather", ["w", "x"], ["c"], name="layer")
+    nodes = [node, helper.make_node("ReduceMean", ["w"], ["wm"], name="weight_mean", keepdims=0),
+             helper.make_node("Add", ["c", "wm"], ["y"], name="add")]
+    return _model(nodes, [helper.make_tensor_value_info(*x)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+                  [numpy_helper.from_array(w, "w")])
