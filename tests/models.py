@@ -378,3 +378,54 @@ def sliced_lstm_in_if(seed: int = 0, hidden: int = 4) -> onnx.ModelProto:
     nodes = [helper.make_node("If", ["cond"], ["y"], name="switch", then_branch=then_branch, else_branch=else_branch)]
     inputs = [v("x", TensorProto.FLOAT, [3, "N", 8]), v("cond", TensorProto.BOOL, [])]
     return _model(nodes, inputs, [v("y", TensorProto.FLOAT, ["N", hidden])], [numpy_helper.from_array(_weight(rng, 8, hidden), "w_else")])
+
+
+def causal_mask_from_shape(seed: int = 0, d: int = 8, t: int = 6) -> onnx.ModelProto:
+    """x[N,T,d] -> MatMul(Wq) -> q; s = q @ x^T [N,T,T]; mask = Where(Trilu(ones(Shape(s)[1:])) == 0, -inf, 0)
+    -> Softmax(s + mask) @ x -> MatMul(Wo) -> y   (the causal mask torch's exporters build where T is dynamic)
+    """
+    rng = np.random.default_rng(seed)
+    inits = [
+        numpy_helper.from_array(_weight(rng, d, d), "wq"),
+        numpy_helper.from_array(_weight(rng, d, 4), "wo"),
+        numpy_helper.from_array(np.array(0.0, np.float32), "zero"),
+        numpy_helper.from_array(np.array(-np.inf, np.float32), "neg_inf"),
+    ]
+    nodes = [
+        helper.make_node("MatMul", ["x", "wq"], ["q"], name="query"),
+        helper.make_node("Transpose", ["x"], ["xt"], name="keys", perm=[0, 2, 1]),
+        helper.make_node("MatMul", ["q", "xt"], ["s"], name="scores"),
+        helper.make_node("Shape", ["s"], ["tt"], name="mask_shape", start=1),
+        helper.make_node("ConstantOfShape", ["tt"], ["ones"], name="ones", value=numpy_helper.from_array(np.ones(1, np.float32))),
+        helper.make_node("Trilu", ["ones"], ["lower"], name="lower", upper=0),
+        helper.make_node("Equal", ["lower", "zero"], ["above"], name="above"),
+        helper.make_node("Where", ["above", "neg_inf", "zero"], ["mask"], name="mask"),
+        helper.make_node("Add", ["s", "mask"], ["masked"], name="add_mask"),
+        helper.make_node("Softmax", ["masked"], ["p"], name="softmax", axis=-1),
+        helper.make_node("MatMul", ["p", "x"], ["a"], name="attend"),
+        helper.make_node("MatMul", ["a", "wo"], ["y"], name="out"),
+    ]
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", "T", d])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", "T", 4])
+    return _model(nodes, [x], [y], inits)
+
+
+def weight_with_other_reader(layer: str, seed: int = 0) -> onnx.ModelProto:
+    """x -> layer(x, w) -> Add(ReduceMean(w)) -> y: a weight that a node besides its layer reads (here a ReduceMean; in
+    torch's dynamo exports without the optimizer, a Shape of the Conv weight sizes a zero bias).
+    ``layer``: "conv" (x[N,8,6,6], w[16,8,3,3]), "matmul" (x[N,32], w[32,64]) or "gather" (token ids x[N], table w[50,16]).
+    """
+    rng = np.random.default_rng(seed)
+    if layer == "conv":
+        w, x, y = _weight(rng, 16, 8, 3, 3), ("x", TensorProto.FLOAT, ["N", 8, 6, 6]), ["N", 16, 6, 6]
+        node = helper.make_node("Conv", ["x", "w"], ["c"], name="layer", pads=[1, 1, 1, 1])
+    elif layer == "matmul":
+        w, x, y = _weight(rng, 32, 64), ("x", TensorProto.FLOAT, ["N", 32]), ["N", 64]
+        node = helper.make_node("MatMul", ["x", "w"], ["c"], name="layer")
+    else:
+        w, x, y = _weight(rng, 50, 16), ("x", TensorProto.INT64, ["N"]), ["N", 16]
+        node = helper.make_node("Gather", ["w", "x"], ["c"], name="layer")
+    nodes = [node, helper.make_node("ReduceMean", ["w"], ["wm"], name="weight_mean", keepdims=0),
+             helper.make_node("Add", ["c", "wm"], ["y"], name="add")]
+    return _model(nodes, [helper.make_tensor_value_info(*x)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
+                  [numpy_helper.from_array(w, "w")])

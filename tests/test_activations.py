@@ -13,7 +13,7 @@ from conftest import op_counts, step_tensor
 from onnx import helper, numpy_helper
 from onnxruntime.quantization import CalibrationDataReader
 
-from models import conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, residual_block
+from models import causal_mask_from_shape, conv_bn_relu_gemm, conv_then_if, depthwise_convtranspose, residual_block
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.calibrate.asq import Adapter, LogLinear
 from onnxq.calibrate.data import calibration_batches
@@ -61,6 +61,18 @@ def test_placement_quantizes_layer_inputs_after_relu_and_keeps_graph_output_floa
     # The Relus are folded into the quantization (its range starts at 0), so their inputs are what gets quantized.
     assert quantized == {"x", "c1", "c2", "s", "p", "f"}
     assert op_counts(q)["Relu"] == 0 and "y" not in quantized
+
+
+def test_attention_mask_built_from_the_scores_shape_stays_float():
+    """A causal mask computed from Shape(scores) holds -inf: it is not a layer's output, so its Add stays float."""
+    model = causal_mask_from_shape()
+    q = quantize(model, _w8a8(), _batches((6, 8)))
+    quantized = _quantized_tensors(q)
+    assert "mask" not in quantized and "s" not in quantized and {"x", "a"} <= quantized
+    x = _batches((6, 8), count=1, seed=2)[0]
+    ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    got = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, x)[0]
+    assert np.sqrt(np.mean((got - ref) ** 2)) < 0.05 * np.sqrt(np.mean(ref**2))
 
 
 def test_w8a8_fuses_into_onnxruntime_integer_kernels(tmp_path):

@@ -123,6 +123,67 @@ def test_a_transposed_weight_is_computed_ahead_and_then_quantized():
     assert [layer.nodes for layer in result.layers] == [(prepared.graph.node[0].name,)]
 
 
+def test_a_weight_reshaped_by_a_value_ints_constant_is_quantized():
+    """torch's dynamo exporter writes integer constants as Constant(value_ints); the Reshape they feed is computed ahead."""
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal(24 * 16).astype(np.float32)
+    shape = helper.make_node("Constant", [], ["shape"], value_ints=[24, 16])
+    reshape, matmul = helper.make_node("Reshape", ["w", "shape"], ["wt"]), helper.make_node("MatMul", ["x", "wt"], ["y"])
+    model = _weight_path_model([shape, reshape], w, matmul, (["N", 24], ["N", 16]))
+    feeds = {"x": rng.standard_normal((3, 24)).astype(np.float32)}
+    prepared = prepare(_copy(model))
+    assert_op_counts(prepared, Constant=0, Reshape=0, MatMul=1)
+    np.testing.assert_array_equal(run(prepared, feeds), run(model, feeds))
+    result = quantize_with_report(model, QuantizeConfig(bits=8))
+    assert len(result.layers) == 1 and not result.skipped
+
+
+def _gru_sliced_by_shape(hidden: int = 5, inputs: int = 4, batch: int = 2) -> tuple[onnx.ModelProto, np.ndarray]:
+    """x[T,2,4] -> GRU(W, R, initial_h=h0) -> y, the form torch's dynamo exporter writes without its optimizer:
+    h0 = Expand(0, [1,2,H]); H = Shape(h0)[2]; W = Unsqueeze(Concat(w[H:2H], w[0:H], w[2H:3H])) (torch's gates reordered).
+    Returns the model and W in ONNX's gate order.
+    """
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((3 * hidden, inputs)).astype(np.float32)
+    r = rng.standard_normal((1, 3 * hidden, hidden)).astype(np.float32) * 0.3
+    consts = {"w": w, "r": r, "zero": np.zeros((), np.float32), "h0_shape": np.array([1, batch, hidden], np.int64),
+              "two": np.array(2, np.int64), "three": np.array(3, np.int64), "begin": np.array([0], np.int64), "axis": np.array([0], np.int64)}
+    nodes = [
+        helper.make_node("Expand", ["zero", "h0_shape"], ["h0"]),
+        helper.make_node("Shape", ["h0"], ["h"], start=2, end=3),
+        helper.make_node("Mul", ["h", "two"], ["h2"]),
+        helper.make_node("Mul", ["h", "three"], ["h3"]),
+        helper.make_node("Slice", ["w", "begin", "h", "axis"], ["w_z"]),
+        helper.make_node("Slice", ["w", "h", "h2", "axis"], ["w_r"]),
+        helper.make_node("Slice", ["w", "h2", "h3", "axis"], ["w_n"]),
+        helper.make_node("Concat", ["w_r", "w_z", "w_n"], ["w_onnx"], axis=0),
+        helper.make_node("Unsqueeze", ["w_onnx", "axis"], ["W"]),
+        helper.make_node("GRU", ["x", "W", "r", "", "", "h0"], ["y"], name="gru", hidden_size=hidden, linear_before_reset=1),
+    ]
+    graph = helper.make_graph(nodes, "gru_sliced", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["T", batch, inputs])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["T", 1, batch, hidden])],
+                              [numpy_helper.from_array(v, k) for k, v in consts.items()])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    z, rr, n = np.split(w, 3)
+    return model, np.concatenate([rr, z, n])[None]
+
+
+def test_recurrent_weights_sliced_at_a_shape_are_computed_ahead_and_quantized():
+    """Shape(h0)[2] is known (h0's shape is a constant): folded, the slices of W are a constant path to the weight."""
+    model, w_onnx = _gru_sliced_by_shape()
+    x = np.random.default_rng(4).standard_normal((6, 2, 4)).astype(np.float32)
+    expected = run(model, {"x": x})
+    prepared = prepare(_copy(model))
+    assert_op_counts(prepared, Shape=0, Slice=0, Concat=0, GRU=1)
+    gru = next(n for n in prepared.graph.node if n.op_type == "GRU")
+    np.testing.assert_array_equal(numpy_helper.to_array(next(t for t in prepared.graph.initializer if t.name == gru.input[1])), w_onnx)
+    np.testing.assert_array_equal(run(prepared, {"x": x}), expected)
+    result = quantize_with_report(model, QuantizeConfig(bits=8, first_last_bits=None))
+    assert sorted(layer.tensor for layer in result.layers) == sorted([gru.input[1], "r"]) and not result.skipped
+    assert 0 < np.linalg.norm(run(result.model, {"x": x}) - expected) / np.linalg.norm(expected) < 0.03
+
+
 def test_a_float16_weight_behind_a_cast_is_quantized():
     rng = np.random.default_rng(1)
     w = rng.standard_normal((4, 3, 3, 3)).astype(np.float16)

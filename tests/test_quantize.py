@@ -17,8 +17,8 @@ from conftest import (
     weight_of,
 )
 
-from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls
-from onnxq import Granularity, NBitsMode, OnnxqError, QuantizeConfig, SqrtMode, quantize, quantize_with_report, save_model
+from models import conv_bn_relu_gemm, depthwise_convtranspose, shared_weight_matmuls, weight_with_other_reader
+from onnxq import Granularity, NBitsMode, OnnxqError, QuantizeConfig, SqrtMode, WeightFormat, quantize, quantize_with_report, save_model
 from onnxq.config import ActivationConfig
 from onnxq.model.opset import default_opset
 
@@ -330,3 +330,25 @@ def test_eight_bit_weights_take_the_full_range_without_data():
     np.testing.assert_allclose(eight.scale, np.abs(rows).max(axis=1) / 127, rtol=1e-6)
     four = quantize_weight(rows, 4, 0, SqrtMode.OFF)
     assert np.median(four.scale * 7 / np.abs(rows).max(axis=1)) < 0.9
+
+
+@pytest.mark.parametrize(
+    ("layer", "config"),
+    [
+        ("conv", QuantizeConfig(bits=4, first_last_bits=None, format=WeightFormat.INT)),
+        ("conv", QuantizeConfig(bits=4, first_last_bits=None, format=WeightFormat.POST)),
+        ("matmul", QuantizeConfig(bits=4, first_last_bits=None, matmul_nbits=NBitsMode.ON)),
+        ("gather", QuantizeConfig(bits=4, first_last_bits=None)),
+    ],
+    ids=["int", "post", "matmul-nbits", "lookup"],
+)
+def test_a_weight_another_node_reads_stays_qdq_for_it(layer, config):
+    """onnxq's ops, MatMulNBits and the lookup take the codes in the layer's place; a second reader needs the float tensor."""
+    model = weight_with_other_reader(layer)
+    result = quantize_with_report(model, config)
+    onnx.checker.check_model(result.model)
+    assert [layer.tensor for layer in result.layers] == ["w"] and not result.skipped
+    assert {n.op_type for n in result.model.graph.node} >= {"ReduceMean", {"conv": "Conv", "matmul": "MatMul", "gather": "Gather"}[layer]}
+    feeds = {"x": np.arange(6, dtype=np.int64) * 7} if layer == "gather" else random_feeds(model, batch=3)
+    want, got = run(model, feeds), run(result.model, feeds)
+    assert 0 < np.linalg.norm(got - want) / np.linalg.norm(want) < 0.15  # 4-bit weights: a few percent

@@ -4,7 +4,7 @@ Placed where onnxruntime can fuse the pairs into integer kernels (QLinearConv, Q
 QLinearMatMul, QLinearAdd, QLinearGlobalAveragePool): on the float inputs of every layer
 whose weight is quantized and of residual Adds and pools, and on their outputs. An Add or a pool
 is quantized only where its inputs come out of the quantized layers (downstream of one): a transformer's
-attention mask, computed from an input and added to the attention scores, holds -inf or float32's
+attention mask, computed from an input (or from the scores' shape) and added to the attention scores, holds -inf or float32's
 lowest value, which no 8-bit range can hold next to the scores, and embedding sums go to LayerNorm
 in float. A layer's
 output that only feeds a Relu or Clip is quantized after the activation instead, which
@@ -120,10 +120,21 @@ def _quantized_inputs(
     return None
 
 
+#: Ops whose output is a tensor's shape, not its values: what is computed from it is not a layer's output. An attention
+#: mask built from the scores' shape (torch's exporters write one where the sequence length is dynamic: Shape, Trilu,
+#: Where of -inf) would otherwise count as downstream, and its Add with the scores would get -inf as a quantized input.
+SHAPE_OPS = frozenset({"Shape", "Size"})
+
+
 def _downstream(graph: onnx.GraphProto, weighted: set[str]) -> set[str]:
-    """Tensors computed from the output of a weighted node (in graph order, which is topological)."""
+    """Tensors computed from the values of a weighted node's output (in graph order, which is topological).
+
+    Computed from its values: a shape read by SHAPE_OPS carries none of them.
+    """
     found: set[str] = set()
     for node in graph.node:
+        if node.op_type in SHAPE_OPS:
+            continue
         if node.name in weighted or any(name in found for name in node.input):
             found.update(name for name in node.output if name)
     return found

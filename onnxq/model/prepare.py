@@ -106,16 +106,36 @@ def unlist_initializer_inputs(model: onnx.ModelProto) -> int:
     return len(listed)
 
 
+#: Constant attributes other than ``value`` that hold numbers, with the element type of the tensor they stand for.
+_CONSTANT_NUMBERS = {"value_float": np.float32, "value_floats": np.float32, "value_int": np.int64, "value_ints": np.int64}
+
+
+def _constant_tensor(node: onnx.NodeProto) -> onnx.TensorProto | None:
+    """The tensor a ``Constant`` node holds (a copy), or None for strings and sparse tensors."""
+    value = attribute(node, "value")
+    if isinstance(value, onnx.TensorProto):
+        tensor = onnx.TensorProto()
+        tensor.CopyFrom(value)
+        return tensor
+    for name, dtype in _CONSTANT_NUMBERS.items():
+        number = attribute(node, name)
+        if number is not None:
+            return numpy_helper.from_array(np.asarray(number, dtype=dtype))
+    return None
+
+
 def lift_constants(graph: onnx.GraphProto) -> int:
-    """Turn ``Constant`` nodes holding a tensor into initializers, so weights look alike whatever the exporter."""
+    """Turn ``Constant`` nodes holding a tensor or numbers into initializers, so weights look alike whatever the exporter.
+
+    torch's dynamo exporter writes integer constants as ``value_ints`` (the sizes a recurrent layer's weights are sliced
+    by, without its optimizer); lifted, they let the paths to those weights be computed ahead.
+    """
     outputs = {o.name for o in graph.output}
     keep: list[onnx.NodeProto] = []
     lifted = 0
     for node in graph.node:
-        value = attribute(node, "value") if is_op(node, "Constant") else None
-        if isinstance(value, onnx.TensorProto) and node.output[0] not in outputs:
-            tensor = onnx.TensorProto()
-            tensor.CopyFrom(value)
+        tensor = _constant_tensor(node) if is_op(node, "Constant") else None
+        if tensor is not None and node.output[0] not in outputs:
             tensor.name = node.output[0]
             graph.initializer.append(tensor)
             lifted += 1
@@ -390,6 +410,52 @@ def _fold_one(
     return True
 
 
+def fold_static_shapes(model: onnx.ModelProto) -> int:
+    """Replace main-graph ``Shape`` nodes by initializers where inference knows every dimension they read; how many.
+
+    torch's dynamo exporter without its optimizer slices a recurrent layer's weights at multiples of the hidden size,
+    which it reads as Shape(initial state)[2]: folded, the slices are constant paths and the weights get quantized.
+    onnxruntime folds such Shapes the same way when it loads a model, so the model computes the same. Runs shape
+    inference only where the main graph has a Shape node.
+    """
+    graph = model.graph
+    if not any(is_op(node, "Shape") for node in graph.node):
+        return 0
+    infer_shapes(model)
+    shapes = {info.name: info.type.tensor_type.shape for info in [*graph.input, *graph.value_info, *graph.output]
+              if info.type.tensor_type.HasField("shape")}
+    consts = constant_initializers(graph)
+    outputs = {o.name for o in graph.output}
+    keep: list[onnx.NodeProto] = []
+    for node in graph.node:
+        value = _static_shape(node, shapes, consts) if is_op(node, "Shape") and node.output[0] not in outputs else None
+        if value is None:
+            keep.append(node)
+        else:
+            graph.initializer.append(numpy_helper.from_array(value, node.output[0]))
+    folded = len(graph.node) - len(keep)
+    if folded:
+        del graph.node[:]
+        graph.node.extend(keep)
+    return folded
+
+
+def _static_shape(node: onnx.NodeProto, shapes: Mapping[str, onnx.TensorShapeProto], consts: Mapping[str, onnx.TensorProto]) -> np.ndarray | None:
+    """What a Shape node computes (its ``start``/``end`` applied), or None where a dimension it reads is not known."""
+    name = node.input[0]
+    if name in consts:
+        dims: list[int | None] = list(consts[name].dims)
+    elif name in shapes:
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in shapes[name].dim]
+    else:
+        return None
+    rank = len(dims)
+    start, end = (int(attribute(node, key, default)) for key, default in (("start", 0), ("end", rank)))
+    start, end = (min(max(i + rank if i < 0 else i, 0), rank) for i in (start, end))
+    read = dims[start:end]
+    return None if any(d is None for d in read) else np.array(read, dtype=np.int64)
+
+
 def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
     """Model with inferred value_info where onnx can infer it; unchanged if inference fails.
 
@@ -415,6 +481,8 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
     hoisted = hoist_body_weights(graph)
     bypass_constant_identities(graph)
     computed += fold_constant_paths(graph, opset) if opset is not None else 0
+    if opset is not None and fold_static_shapes(model):
+        computed += fold_constant_paths(graph, opset)
     gemms = gemm_weight_first_to_matmul(graph)
     fused = fused_matmuls_to_matmul(graph)
     unfused = fused_ops_to_standard(graph)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxq.config import NBITS_AUTO_WEIGHTS, NBitsMode, QuantizeConfig, SqrtMode, WeightFormat
-from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op
+from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op, subgraphs, used_names
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.uniform import storage_bits
 from onnxq.plan.handlers import CONTRIB_DOMAIN, RECURRENT_WEIGHTS, TABLE_OPS
@@ -65,16 +65,41 @@ def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:
 
 @dataclass(frozen=True)
 class OpTargets:
-    """What the op choice reads off a graph: its nodes by name, the rank of each node's first input where known, its constants."""
+    """What the op choice reads off a graph: nodes by name, first inputs' ranks, constants, each tensor's readers.
+
+    The ranks are known where the graph declares the shape; a tensor's readers are the main-graph nodes that read it,
+    in their bodies too.
+    """
 
     nodes: dict[str, onnx.NodeProto]
     ranks: dict[str, int]
     consts: dict[str, onnx.TensorProto]
+    readers: dict[str, set[str]]
 
     @classmethod
     def of(cls, graph: onnx.GraphProto) -> OpTargets:
         """The targets of ``graph`` as it is now (ranks from its declared shapes)."""
-        return cls({node.name: node for node in graph.node}, input_ranks(graph), constant_initializers(graph))
+        return cls({node.name: node for node in graph.node}, input_ranks(graph), constant_initializers(graph), tensor_readers(graph))
+
+
+def tensor_readers(graph: onnx.GraphProto) -> dict[str, set[str]]:
+    """For each tensor, the names of the main-graph nodes that read it: as an input, or inside their bodies."""
+    readers: dict[str, set[str]] = {}
+    for node in graph.node:
+        for name in {n for n in node.input if n} | {n for body in subgraphs(node) for n in used_names(body)}:
+            readers.setdefault(name, set()).add(node.name)
+    return readers
+
+
+def other_reader(plan: WeightPlan, targets: OpTargets) -> onnx.NodeProto | None:
+    """A main-graph node that reads the plan's weight but is none of its quantized layers (a Shape, a ReduceMean), or None.
+
+    Such a node needs the float tensor under its name: the QDQ rewrite gives it the decoded weight, while onnxq's ops,
+    the lookup and MatMulNBits take the codes in the layers' place and leave no float tensor for it.
+    """
+    layers = {use.top_node for use in plan.uses}
+    name = next((n for n in sorted(targets.readers.get(plan.tensor, ())) if n not in layers), None)
+    return None if name is None else targets.nodes[name]
 
 
 def input_ranks(graph: onnx.GraphProto) -> dict[str, int]:
@@ -102,10 +127,11 @@ class OpChoice:
 def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> OpChoice:
     """The op the readers of the plan's weight become.
 
-    A table only looked up (main-graph Gathers of rows from a 2-D table) becomes onnxruntime's lookup, whatever the
-    format. Otherwise IntConv/PostConv when the format asks for it and every reader can run as the op; else, with the
-    reason, onnxruntime's MatMulNBits for weight-only Gemm/MatMul weights it runs (runs_as_nbits), or QDQ. The qdq
-    format writes MatMulNBits wherever it runs.
+    A weight that some node besides its layers reads stays QDQ (:func:`other_reader`). A table only looked up
+    (main-graph Gathers of rows from a 2-D table) becomes onnxruntime's lookup, whatever the format. Otherwise
+    IntConv/PostConv when the format asks for it and every reader can run as the op; else, with the reason,
+    onnxruntime's MatMulNBits for weight-only Gemm/MatMul weights it runs (runs_as_nbits), or QDQ. The qdq format
+    writes MatMulNBits wherever it runs.
 
     A first or last layer at other bits than the rest (--first-last-bits) runs as IntConv at those bits where the ops
     can run it (a Conv, or a Gemm/MatMul: a 512->1000 classifier as 8-bit IntConv runs faster than float,
@@ -113,6 +139,8 @@ def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> O
     MatMulNBits where that can, else as in the qdq format, without a reason (that is the rule).
     """
     rank = len(targets.consts[plan.tensor].dims)
+    if (other := other_reader(plan, targets)) is not None:
+        return OpChoice(None, "" if config.format is WeightFormat.QDQ else f"also read by {other.op_type} {other.name}, which takes the float weight")
     if runs_as_lookup(plan, rank):
         return OpChoice(LOOKUP_OP)
     if config.format is WeightFormat.QDQ:
