@@ -91,28 +91,37 @@ class ChannelMeans:
 
     total: np.ndarray | None = None
     count: int = 0
+    ragged: bool = False  # axis 1 changed length between runs: a batch axis there ((T, B, E) inside attention), no channels
 
     def add(self, batch: np.ndarray) -> None:
-        """Add a batch (rank >= 2)."""
-        if batch.ndim < 2 or batch.size == 0:
+        """Add a batch (rank >= 2). Where axis 1's length differs from the earlier batches', there are no means at all.
+
+        Only Conv/Gemm bias correction reads them, whose inputs keep channels on axis 1; sequence-first tensors (a
+        Transformer's or an RNN's (T, B, E)) with a dynamic batch had runs of 31 and 32 samples fail calibration here.
+        """
+        if batch.ndim < 2 or batch.size == 0 or self.ragged:
             return
         rows = batch.reshape(batch.shape[0], batch.shape[1], -1)
         with np.errstate(over="ignore"):
             sums = np.einsum("ncs->c", rows).astype(np.float64)  # one pass; numpy's sum over axes (0, 2, 3) strides (slower)
         if not np.isfinite(sums).all():  # a float32 sum overflowed (values near float32's max): add in float64
             sums = np.einsum("ncs->c", rows, dtype=np.float64)
+        if self.total is not None and sums.shape != self.total.shape:
+            self.ragged, self.total = True, None
+            return
         self.total = sums if self.total is None else self.total + sums
         self.count += batch.size // batch.shape[1]
 
     def mean(self) -> np.ndarray | None:
-        """Mean per index of axis 1; None before any data."""
-        return None if self.total is None or self.count == 0 else self.total / self.count
+        """Mean per index of axis 1; None before any data, or where axis 1's length varied (see :meth:`add`)."""
+        return None if self.ragged or self.total is None or self.count == 0 else self.total / self.count
 
     def merge(self, other: ChannelMeans) -> None:
-        """Add ``other``'s float64 totals and count (``other`` is left as it is)."""
+        """Add ``other``'s float64 totals and count (``other`` is left as it is); ragged if either is or their lengths differ."""
+        if self.ragged or other.ragged or (self.total is not None and other.total is not None and self.total.shape != other.total.shape):
+            self.ragged, self.total = True, None
+            return
         if other.total is not None:
-            if self.total is not None and self.total.shape != other.total.shape:
-                raise ValueError(f"cannot merge channel means of shapes {self.total.shape} and {other.total.shape}")
             self.total = other.total.copy() if self.total is None else self.total + other.total
         self.count += other.count
 
