@@ -178,8 +178,8 @@ def test_channel_means_merge_to_one_pass():
     empty = ChannelMeans()
     empty.merge(ChannelMeans())
     assert empty.mean() is None
-    with pytest.raises(ValueError, match="shapes"):
-        whole.merge(fed([np.ones((2, 3, 4), dtype=np.float32)]))
+    whole.merge(fed([np.ones((2, 3, 4), dtype=np.float32)]))  # axis 1 of another length: no channel axis, no means
+    assert whole.mean() is None
 
 
 def test_sample_stats_append_in_order():
