@@ -32,7 +32,7 @@ from onnxq.model.graph import (
     to_array,
 )
 from onnxq.model.opset import default_opset, is_default_domain
-from onnxq.model.skeleton import on_skeleton
+from onnxq.model.skeleton import compact, on_skeleton
 from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS
 
 logger = logging.getLogger(__name__)
@@ -435,4 +435,6 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         "%d equal weights merged, %d BatchNormalization folded",
         lifted, hoisted, computed, gemms, fused, unfused, merged, folded,
     )
+    if computed or gemms or fused or merged or folded:  # tensors were replaced: their memory goes with a fresh copy
+        model = compact(model)
     return infer_shapes(model)
