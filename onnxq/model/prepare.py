@@ -435,6 +435,6 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         "%d equal weights merged, %d BatchNormalization folded",
         lifted, hoisted, computed, gemms, fused, unfused, merged, folded,
     )
-    if computed or gemms or fused or merged or folded:  # tensors were replaced: their memory goes with a fresh copy
+    if any((lifted, hoisted, computed, gemms, fused, unfused, merged, folded)):  # replaced tensors' memory goes with a fresh copy
         model = compact(model)
     return infer_shapes(model)
