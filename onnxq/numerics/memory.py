@@ -4,8 +4,8 @@ glibc keeps freed blocks below its mmap threshold (raised to the largest block f
 and gives the heap back only from its top. After the calibration pass the heap holds the freed onnxruntime session and
 the pass's buffers, often below something still in use, so none of it goes back; a weight's H then comes on top of
 it: a 2048-wide H is 32 MiB of float64, which glibc always maps anew. CREPE's added peak (tools/eval_real_models.py
---cases pitch, -b 4 with data) ranged 75-126 MB from run to run by how much the heap kept (up to 50 MB free), 77-82 MB
-with the free memory handed back before each H (one-off runs, 2026-12-06).
+--cases pitch, -b 4 with data) ranged 76-126 MB from run to run by how much the heap kept (up to 50 MB free), 75-84 MB
+with the free memory handed back before each H (one-off runs, 2026-12-06; BENCHMARKS.md).
 
 ``malloc_trim`` only returns pages that are free: it changes no setting of the allocator, nothing the caller's process
 does afterwards, and no number onnxq computes. Elsewhere (musl, macOS, Windows) this does nothing.
