@@ -228,7 +228,7 @@ def load_and_prepare(model: ModelSource) -> LoadedModel:
     loaded = load(model)
     loaded.declared = frozenset(info.name for graph in all_graphs(loaded.model.graph) for info in graph.value_info)
     ensure_opset(loaded, MIN_OPSET)
-    loaded.model = prepare(loaded.model)
+    loaded.model = prepare(loaded.model, fresh=True)
     return loaded
 
 

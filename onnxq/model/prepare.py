@@ -412,8 +412,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run the preparation passes in order and return the prepared model."""
+def prepare(model: onnx.ModelProto, fresh: bool = False) -> onnx.ModelProto:
+    """Run the preparation passes in order and return the prepared model (``model`` itself, prepared in place).
+
+    ``fresh``: where a pass replaced tensors, a fresh copy instead, so that their memory goes (with upb it stays in the
+    message tree until the whole model goes: orientation's folded BatchNorms, 10 MB); ``model`` is then left part-prepared.
+    """
     model = inline_functions(model)
     graph = model.graph
     unlist_initializer_inputs(model)
@@ -435,6 +439,6 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         "%d equal weights merged, %d BatchNormalization folded",
         lifted, hoisted, computed, gemms, fused, unfused, merged, folded,
     )
-    if any((lifted, hoisted, computed, gemms, fused, unfused, merged, folded)):  # replaced tensors' memory goes with a fresh copy
+    if fresh and any((lifted, hoisted, computed, gemms, fused, unfused, merged, folded)):
         model = compact(model)
     return infer_shapes(model)
