@@ -7,8 +7,9 @@ it: a 2048-wide H is 32 MiB of float64, which glibc always maps anew. CREPE's ad
 --cases pitch, -b 4 with data) ranged 76-126 MB from run to run by how much the heap kept (up to 50 MB free), 75-84 MB
 with the free memory handed back before each H (one-off runs, 2026-12-06; BENCHMARKS.md).
 
-``malloc_trim`` only returns pages that are free: it changes no setting of the allocator, nothing the caller's process
-does afterwards, and no number onnxq computes. Elsewhere (musl, macOS, Windows) this does nothing.
+``malloc_trim`` only returns pages that are free: it changes no setting of the allocator of the caller's process and no
+number onnxq computes (later allocations fault their pages in again: the 6 and 20 calls on CREPE and orientation cost
+3 and 14 ms). Elsewhere (musl, macOS, Windows) this does nothing.
 """
 
 from __future__ import annotations
