@@ -33,6 +33,19 @@ def test_nothing_to_fold_needs_no_reference_evaluator(monkeypatch):
     assert_op_counts(prepared, BatchNormalization=0, Conv=2)
 
 
+def test_fresh_copy_only_where_a_pass_replaced_tensors():
+    """prepare(fresh=True) returns a new model where tensors were replaced (their memory goes with the old one), else the same."""
+    model = conv_bn_relu_gemm(with_bn=True)
+    feeds = random_feeds(model)
+    expected = run(model, feeds)
+    prepared = prepare(_copy(model), fresh=True)
+    np.testing.assert_allclose(run(prepared, feeds), expected, rtol=1e-4, atol=1e-5)
+    untouched = prepare(prepared)  # nothing left to fold
+    assert prepare(untouched, fresh=True) is untouched
+    source = _copy(model)
+    assert prepare(source, fresh=True) is not source
+
+
 def test_bn_folding_adds_bias_when_conv_has_none():
     model = conv_bn_relu_gemm(with_bn=True)
     conv = model.graph.node[0]
