@@ -42,6 +42,7 @@ from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, defaul
 from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
+from onnxq.numerics.memory import release_free_memory
 from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
 from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
@@ -227,7 +228,7 @@ def load_and_prepare(model: ModelSource) -> LoadedModel:
     loaded = load(model)
     loaded.declared = frozenset(info.name for graph in all_graphs(loaded.model.graph) for info in graph.value_info)
     ensure_opset(loaded, MIN_OPSET)
-    loaded.model = prepare(loaded.model)
+    loaded.model = prepare(loaded.model, fresh=True)
     return loaded
 
 
@@ -332,6 +333,8 @@ def quantize_weights(loaded: LoadedModel, plan: Plan, config: QuantizeConfig, ca
         if sums is None or weight_plan.channel_axis is None:
             mean = None
         make = None if sums is None else _hessian_maker(sums, mean)
+        if make is not None:
+            release_free_memory()  # the heap the pass and the last weight left, before H comes on top (onnxq/numerics/memory.py)
         q = quantize_planned(weight, weight_plan, choice.op_type, config, integer_inputs, None if make is None else make(None), refill=make)
         if mean is not None and q.axis == weight_plan.channel_axis:
             delta = to_rows(q.dequantize(), q.axis).astype(np.float64) - to_rows(weight, q.axis)

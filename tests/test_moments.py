@@ -13,6 +13,7 @@ import pytest
 from conftest import splitmix64
 from onnx import TensorProto, helper, numpy_helper
 
+from onnxq.calibrate import moments
 from onnxq.calibrate.moments import Hessians, LayerInput, MomentCollector, Moments, PackedSums, layer_inputs
 from onnxq.config import QuantizeConfig
 from onnxq.model.prepare import prepare
@@ -67,8 +68,11 @@ def _check(model: onnx.ModelProto, feeds: dict[str, np.ndarray], out_axis: int, 
         (10, 3, (3, 3), {"pads": [1, 1, 1, 1]}),  # K = 90: the products' upper triangle only (syrk), mirrored at the end
     ],
 )
-def test_conv_patches_are_what_the_layer_multiplies(c, m, kernel, attrs):
-    x = np.random.default_rng(1).standard_normal((2, c) + (7,) * len(kernel)).astype(np.float32)
+@pytest.mark.parametrize("one_sample_at_a_time", [False, True])
+def test_conv_patches_are_what_the_layer_multiplies(c, m, kernel, attrs, one_sample_at_a_time, monkeypatch):
+    if one_sample_at_a_time:  # the patches are stacked a sample at a time and moved into place
+        monkeypatch.setattr(moments, "STACKED_BYTES", 1)
+    x = np.random.default_rng(1).standard_normal((3, c) + (7,) * len(kernel)).astype(np.float32)
     _check(_conv_model(c, m, kernel, **attrs), {"x": x}, out_axis=1, groups=attrs.get("group", 1))
 
 

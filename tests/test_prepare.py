@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import onnx
 import pytest
@@ -22,6 +24,26 @@ def test_bn_folding_keeps_outputs():
     prepared = prepare(_copy(model))
     assert_op_counts(prepared, BatchNormalization=0, Conv=2)
     np.testing.assert_allclose(run(prepared, feeds), expected, rtol=1e-4, atol=1e-5)
+
+
+def test_nothing_to_fold_needs_no_reference_evaluator(monkeypatch):
+    """onnx.reference (6-10 MB of modules, in every run's peak) is imported only when a node is folded."""
+    monkeypatch.setitem(sys.modules, "onnx.reference", None)  # importing it now raises ImportError
+    prepared = prepare(_copy(conv_bn_relu_gemm(with_bn=True)))
+    assert_op_counts(prepared, BatchNormalization=0, Conv=2)
+
+
+def test_fresh_copy_only_where_a_pass_replaced_tensors():
+    """prepare(fresh=True) returns a new model where tensors were replaced (their memory goes with the old one), else the same."""
+    model = conv_bn_relu_gemm(with_bn=True)
+    feeds = random_feeds(model)
+    expected = run(model, feeds)
+    prepared = prepare(_copy(model), fresh=True)
+    np.testing.assert_allclose(run(prepared, feeds), expected, rtol=1e-4, atol=1e-5)
+    untouched = prepare(prepared)  # nothing left to fold
+    assert prepare(untouched, fresh=True) is untouched
+    source = _copy(model)
+    assert prepare(source, fresh=True) is not source
 
 
 def test_bn_folding_adds_bias_when_conv_has_none():

@@ -32,7 +32,7 @@ from onnxq.model.graph import (
     to_array,
 )
 from onnxq.model.opset import default_opset, is_default_domain
-from onnxq.model.skeleton import on_skeleton
+from onnxq.model.skeleton import compact, on_skeleton
 from onnxq.plan.handlers import CODE_TYPES, FLOAT_TYPES, HANDLERS, RECURRENT_WEIGHTS
 
 logger = logging.getLogger(__name__)
@@ -265,8 +265,6 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int, outer: Mapping[str, 
     than their largest input (broadcasting; a Concat, than all its inputs together), and Casts of integer codes (a
     quantized weight) stay. ``outer``: constants of the graphs around a control-flow body, which it may read.
     """
-    from onnx.reference import ReferenceEvaluator
-
     consts = _visible_constants(graph, outer or {})
     outputs = {o.name for o in graph.output}
     keep: list[onnx.NodeProto] = []
@@ -283,7 +281,7 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int, outer: Mapping[str, 
             keep.append(node)
             continue
         values = [to_array(consts[name]) for name in inputs]
-        results = ReferenceEvaluator(node, opsets={"": opset}).run(None, dict(zip(inputs, values, strict=True)))
+        results = _evaluate(node, opset, dict(zip(inputs, values, strict=True)))
         largest = sum(v.size for v in values) if is_op(node, "Concat") else max(v.size for v in values)
         if max(np.asarray(r).size for r in results) > largest:
             keep.append(node)
@@ -297,6 +295,17 @@ def fold_constant_paths(graph: onnx.GraphProto, opset: int, outer: Mapping[str, 
         graph.node.extend(keep)
         remove_unused_initializers(graph)
     return folded
+
+
+def _evaluate(node: onnx.NodeProto, opset: int, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """``node``'s outputs on ``feeds`` by onnx's reference implementation.
+
+    Imported here, when a node is folded: onnx.reference (all its op modules) takes 6-10 MB, counted in every run's
+    peak though most models have nothing to fold (CREPE's run: 13.3 -> 7 MB resident after preparing, one-off).
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(node, opsets={"": opset}).run(None, feeds)
 
 
 def fold_body_constant_paths(graph: onnx.GraphProto, opset: int) -> int:
@@ -469,8 +478,12 @@ def infer_shapes(model: onnx.ModelProto) -> onnx.ModelProto:
         return model
 
 
-def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
-    """Run the preparation passes in order and return the prepared model."""
+def prepare(model: onnx.ModelProto, fresh: bool = False) -> onnx.ModelProto:
+    """Run the preparation passes in order and return the prepared model (``model`` itself, prepared in place).
+
+    ``fresh``: where a pass replaced tensors, a fresh copy instead, so that their memory goes (with upb it stays in the
+    message tree until the whole model goes: orientation's folded BatchNorms, 10 MB); ``model`` is then left part-prepared.
+    """
     model = inline_functions(model)
     graph = model.graph
     unlist_initializer_inputs(model)
@@ -494,4 +507,6 @@ def prepare(model: onnx.ModelProto) -> onnx.ModelProto:
         "%d equal weights merged, %d BatchNormalization folded",
         lifted, hoisted, computed, gemms, fused, unfused, merged, folded,
     )
+    if fresh and any((lifted, hoisted, computed, gemms, fused, unfused, merged, folded)):
+        model = compact(model)
     return infer_shapes(model)
