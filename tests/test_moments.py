@@ -461,3 +461,16 @@ def test_bidirectional_weights_chosen_for_the_output_beat_their_own_error(op):
 
     config = QuantizeConfig(bits=4, first_last_bits=None)
     assert output_error(config) < 0.5 * output_error(dataclasses.replace(config, output_aware=False))
+
+
+def test_picked_patches_in_blocks_are_the_same_rows(monkeypatch):
+    """Gathered a few rows at a time (blocks of 5 here, 256 in use), the kept rows are those of every patch."""
+    from onnxq.calibrate import moments as moments_module
+
+    monkeypatch.setattr(moments_module, "PICK_ROWS", 5)
+    for kind, attrs in (("conv", {"strides": (2, 1), "pads": (1, 0, 2, 1)}), ("deconv", {"strides": (2, 2), "pads": (1, 1, 1, 1)})):
+        reader = LayerInput("x", kind, kernel=(3, 3), dilations=(1, 1), **attrs)
+        x = np.random.default_rng(11).standard_normal((2, 3, 6, 5)).astype(np.float32)
+        every = reader.rows(x) if kind == "conv" else reader.rows(x, np.arange(reader.count(x)))
+        keep = np.arange(1, reader.count(x), 3)
+        np.testing.assert_array_equal(reader.rows(x, keep), every[:, keep])

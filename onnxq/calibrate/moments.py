@@ -61,6 +61,8 @@ from onnxq.plan.weights import WeightPlan
 STACKED_BYTES = 1 << 20
 #: Bytes of convolution patches built at a time (a few samples of a large feature map).
 PATCH_BYTES = 16 << 20
+#: Rows of convolution patches gathered at a time when only some are kept (LayerInput._picked_patches).
+PICK_ROWS = 256
 #: Longest input row a full H is kept for (3x3 x 512 channels; its inverse and sums take seconds, 8192 took minutes):
 #: beyond, the weight keeps its own-error quantization.
 MAX_FEATURES = 4608
@@ -203,24 +205,46 @@ class LayerInput:
     def _picked_patches(self, x: np.ndarray, picked: np.ndarray) -> np.ndarray:
         """The rows of :meth:`_patches` numbered ``picked`` (sample-major, then output position), gathered directly.
 
-        One gather from each channel's plane, (C, picked, taps) at once, in C order (the products' BLAS call wants it: a
+        One gather from each channel's plane, (C, rows, taps) at once, in C order (the products' BLAS call wants it: a
         fancy-indexed gather laid out otherwise made them 5x slower). Gathering (picked, C) per tap read C values a
         plane apart for every row: on the layout detector's readers gather and products took 3.48 s against 1.52 s now,
         its depthwise 5x5 layers 2.8-3.8x (one-off measurement on 6 pages, 2026-12-06); the same values. Taps that fall
         in the padding are gathered from the border (clipped positions) and then zeroed: no padded copy of the whole
         input, which took 4.6 of the 10.7 s the layout detector's pass spent on its H (np.pad per run, one-off profile).
+        PICK_ROWS rows at a time, each block written into its place in the rows: gathered all at once and then reordered
+        they were held twice (CREPE's first layer: 33 MB at the peak against 9, 24 against 15 ms; one-off).
         """
         spatial = x.shape[2:]
+        offsets = list(itertools.product(*(range(k) for k in self.kernel)))  # the taps, in the weight's kernel order
+        c = x.shape[1]
+        per_group = c // self.groups
+        planes = np.moveaxis(x, 1, 0).reshape(c, -1)  # (C, samples * plane): a view for one sample
+        rows = np.empty((self.groups, len(picked), per_group * len(offsets)), dtype=x.dtype)
+        placed = rows.reshape(self.groups, len(picked), per_group, len(offsets))
+        for start in range(0, len(picked), PICK_ROWS):
+            block = picked[start : start + PICK_ROWS]
+            index, inside = self._tap_positions(block, spatial, offsets)
+            gathered = np.take(planes, index, axis=1)  # (C, block, taps)
+            if not inside.all():
+                gathered[:, ~inside] = 0
+            placed[:, start : start + len(block)] = gathered.reshape(self.groups, per_group, len(block), len(offsets)).transpose(0, 2, 1, 3)
+        return rows
+
+    def _tap_positions(self, picked: np.ndarray, spatial: tuple[int, ...], offsets: list[tuple[int, ...]]) -> tuple[np.ndarray, np.ndarray]:
+        """(picked, taps) flat positions each row's taps read in its sample's plane (clipped), and whether they are inside it.
+
+        A convolution's output p reads input p * stride + tap - pad; a transposed one's reads q where q * stride + tap =
+        p + pad, inside only where that q is whole.
+        """
         pads = self._resolved_pads(spatial)
         out = self._out_shape(spatial)
         sample, position = np.divmod(picked, math.prod(out))
         coords = np.unravel_index(position, out)
-        offsets = list(itertools.product(*(range(k) for k in self.kernel)))  # the taps, in the weight's kernel order
-        index = sample[:, None] * math.prod(spatial)  # (picked, taps): each row's taps as flat positions in its sample's plane
+        index = sample[:, None] * math.prod(spatial)
         inside = np.ones((len(picked), len(offsets)), dtype=bool)
         for axis, size in enumerate(spatial):
             taps = np.array([o[axis] for o in offsets]) * self.dilations[axis]
-            if self.kind == "deconv":  # output p reads input q where q * stride + tap = p + pad
+            if self.kind == "deconv":
                 reached = coords[axis][:, None] + pads[axis] - taps
                 along = reached // self.strides[axis]
                 inside &= reached % self.strides[axis] == 0
@@ -228,14 +252,7 @@ class LayerInput:
                 along = coords[axis][:, None] * self.strides[axis] + taps - pads[axis]
             inside &= (along >= 0) & (along < size)
             index = index + np.clip(along, 0, size - 1) * math.prod(spatial[axis + 1 :])
-        c = x.shape[1]
-        planes = np.moveaxis(x, 1, 0).reshape(c, -1)  # (C, samples * plane): a view for one sample
-        gathered = np.take(planes, index, axis=1)  # (C, picked, taps)
-        if not inside.all():
-            gathered[:, ~inside] = 0
-        gathered = gathered.reshape(self.groups, c // self.groups, len(picked), len(offsets))  # C order
-        rows = gathered.transpose(0, 2, 1, 3).reshape(self.groups, len(picked), (c // self.groups) * len(offsets))
-        return np.ascontiguousarray(rows)  # (a view where a 1x1 kernel or one channel a group left the transpose nothing to move)
+        return index, inside
 
     def _patches(self, x: np.ndarray) -> np.ndarray:
         """Conv patches (groups, N * positions, C/group * prod(kernel)), in the weight's (channel, kernel...) order.
