@@ -330,24 +330,31 @@ def _lstm_model(layout: int, outputs: tuple[str, str]) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize(("layout", "outputs"), [(0, ("y", "y_h")), (1, ("y", "")), (0, ("", "y_h")), (1, ("", "y_h"))])
-def test_recurrent_weights_see_the_steps_inputs_and_the_hidden_states(layout, outputs):
-    """W's H is the mean of x_t x_t^T over every step and sample; R's, of h h^T over the hidden states onnxruntime returns
-    (all steps' Y where the layer outputs it, else the last state Y_h)."""
-    model = _lstm_model(layout, outputs)
+def _recurrent_moments(
+    model: onnx.ModelProto, layout: int, outputs: tuple[str, str], directions: int
+) -> tuple[np.ndarray, dict[str, np.ndarray], Hessians]:
+    """The LSTM's input, the states it produced (onnxruntime's, or random ones of layout 1's shapes: onnxruntime runs
+    layout 0 only) and the H the collector sums from them."""
     x = np.random.default_rng(6).standard_normal([5, 2, 4] if layout == 0 else [2, 5, 4]).astype(np.float32)
     if layout == 0:
         session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
         produced = dict(zip([o for o in outputs if o], session.run(None, {"x": x})))
-    else:  # onnxruntime runs layout 0 only: states of the shapes layout 1 gives
+    else:
         rng = np.random.default_rng(7)
-        produced = {"y": rng.standard_normal((2, 5, 1, 3)), "y_h": rng.standard_normal((2, 1, 3))}
+        produced = {"y": rng.standard_normal((2, 5, directions, 3)), "y_h": rng.standard_normal((2, directions, 3))}
     prepared = prepare(model)
     plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
     collector = MomentCollector(layer_inputs(prepared.graph, plans))
     for name in collector.tensors:
         collector.observe(name, {"x": x, **produced}[name])
-    h = collector.hessians()
+    return x, produced, collector.hessians()
+
+
+@pytest.mark.parametrize(("layout", "outputs"), [(0, ("y", "y_h")), (1, ("y", "")), (0, ("", "y_h")), (1, ("", "y_h"))])
+def test_recurrent_weights_see_the_steps_inputs_and_the_hidden_states(layout, outputs):
+    """W's H is the mean of x_t x_t^T over every step and sample; R's, of h h^T over the hidden states onnxruntime returns
+    (all steps' Y where the layer outputs it, else the last state Y_h)."""
+    x, produced, h = _recurrent_moments(_lstm_model(layout, outputs), layout, outputs, directions=1)
     xs = x.reshape(-1, 4).astype(np.float64)
     np.testing.assert_allclose(h["W"][0], xs.T @ xs / len(xs), rtol=1e-6)
     # Y [T, 1, N, 3] (layout 0) or [N, T, 1, 3]; Y_h [1, N, 3] or [N, 1, 3]
@@ -389,20 +396,7 @@ def test_a_bidirectional_layer_puts_each_directions_inputs_in_its_own_block(layo
     """Rows of a bidirectional W hold both directions' weights side by side: H is half the block diagonal of the steps'
     x x^T twice (both directions read x), R's half that of the forward and of the backward states (numpy on onnxruntime's
     Y / Y_h, or states of layout 1's shapes)."""
-    model = _bidirectional_lstm(layout, outputs)
-    x = np.random.default_rng(6).standard_normal([5, 2, 4] if layout == 0 else [2, 5, 4]).astype(np.float32)
-    if layout == 0:
-        session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-        produced = dict(zip([o for o in outputs if o], session.run(None, {"x": x})))
-    else:
-        rng = np.random.default_rng(7)
-        produced = {"y": rng.standard_normal((2, 5, 2, 3)), "y_h": rng.standard_normal((2, 2, 3))}
-    prepared = prepare(model)
-    plans, _ = plan_weights(prepared.graph, QuantizeConfig(bits=8, first_last_bits=None))
-    collector = MomentCollector(layer_inputs(prepared.graph, plans))
-    for name in collector.tensors:
-        collector.observe(name, {"x": x, **produced}[name])
-    h = collector.hessians()
+    x, produced, h = _recurrent_moments(_bidirectional_lstm(layout, outputs), layout, outputs, directions=2)
 
     def halved_blocks(forward: np.ndarray, backward: np.ndarray) -> np.ndarray:
         k = forward.shape[1]
