@@ -26,7 +26,7 @@ from onnxq.calibrate.activations import calibrate as calibrate_sites
 from onnxq.calibrate.bias_analytic import correct_biases as correct_biases_analytic
 from onnxq.calibrate.bias_measured import empirical_correction
 from onnxq.calibrate.branches import BRANCH_SAMPLES, BranchView, body_readers, branch_view, moments_pass, needs_moments
-from onnxq.calibrate.collect import collect
+from onnxq.calibrate.collect import FirstOutputs, collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
 from onnxq.calibrate.mean_shift import ShiftSite, centered, fold_shifts, mean_shift, shift_sites
@@ -36,7 +36,7 @@ from onnxq.calibrate.samples import SampleAxes, input_specs, peek, sample_axes
 from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, RangeMethod, SqrtMode
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
-from onnxq.model.graph import all_graphs, constant_initializers, drop_inferred_shapes, to_array
+from onnxq.model.graph import all_graphs, constant_initializers, drop_inferred_shapes, float_outputs, to_array
 from onnxq.model.load import LoadedModel, load
 from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_int4_ir, ensure_opset
 from onnxq.model.prepare import prepare
@@ -177,16 +177,23 @@ class CalibratedRun:
     config: QuantizeConfig
     calibration: CalibrationData | None
     calibrated: Calibration | None
+    first: FirstOutputs | None = None  # the model's float outputs on the first samples, where kept
 
 
 def start_run(
-    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None
+    model: ModelSource, config: QuantizeConfig | None = None, calibration: CalibrationData | None = None, client: Client | None = None,
+    keep_outputs: int = 0,
 ) -> CalibratedRun:
-    """Load and prepare, plan, calibrate."""
+    """Load and prepare, plan, calibrate; ``keep_outputs``: keep the model's float outputs on that many first samples.
+
+    They are kept by a weight-only pass run here on the model itself (:class:`FirstOutputs`); else ``first`` is None.
+    """
     config = _with_rounding(config or QuantizeConfig(), calibration)
     loaded = load_and_prepare(model)
     plan = plan_quantization(loaded, config, calibration)
-    return CalibratedRun(loaded, plan, config, calibration, calibrate(loaded, plan, config, calibration, client))
+    first = FirstOutputs(float_outputs(loaded.model.graph), keep_outputs) if keep_outputs > 0 else None
+    calibrated = calibrate(loaded, plan, config, calibration, client, first)
+    return CalibratedRun(loaded, plan, config, calibration, calibrated, first if first is not None and first.kept else None)
 
 
 def finish_run(run: CalibratedRun, tensor_bits: Mapping[str, int] | None = None) -> QuantizationResult:
@@ -260,7 +267,8 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
 
 
 def calibrate(
-    loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None, client: Client | None = None
+    loaded: LoadedModel, plan: Plan, config: QuantizeConfig, calibration: CalibrationData | None, client: Client | None = None,
+    first: FirstOutputs | None = None,
 ) -> Calibration | None:
     """What one run of the (prepared, still float) model over the data shows; None without data.
 
@@ -268,7 +276,8 @@ def calibrate(
     equalized against their weights (in place: the float model computes the same), so the weights are quantized as
     equalized in the next stage. Output-aware weights: the second moments of the layers' inputs (after equalization,
     as the layers then see them; inside an If, through the branch the data take), gathered in the same run. With a
-    Dask ``client`` that run is spread over its workers.
+    Dask ``client`` that run is spread over its workers. ``first`` keeps the model's outputs on the first samples
+    (weights only, the model itself run: not through a view of its If branches, whose outputs may differ).
     """
     if calibration is None or (config.activations is None and not config.output_aware):
         return None
@@ -283,7 +292,8 @@ def calibrate(
         view, batches = _calibration_model(loaded.model, aware, batches, sample_axes(specs))
         model, moments = moments_pass(loaded.model, aware, config.calibration_samples, view)
     if config.activations is None:
-        collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client)
+        first = first if model is loaded.model else None
+        collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client, first=first)
         calibrated = Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
     else:
         sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)

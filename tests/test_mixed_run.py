@@ -77,3 +77,33 @@ def test_the_analysis_leaves_the_run_it_shares_as_it_was():
     assert chosen.tensor_bits  # something was raised: the run was planned again
     fresh = quantize_with_report(model, dataclasses.replace(config, tensor_bits=chosen.tensor_bits), _data()).model
     assert result.model.SerializeToString() == fresh.SerializeToString()
+
+
+def test_the_proxy_measures_on_the_pass_first_runs_against_its_outputs(monkeypatch):
+    """Shared, the proxy makes no float run: its runs and reference are the pass's first samples and outputs, which equal a
+    float run of its own (onnxruntime, another session) on those samples."""
+    from onnxq.analysis.mixed_run import proxy_analysis
+    from onnxq.analysis.sensitivity import Probe
+
+    runs = [{"x": np.random.default_rng(seed).standard_normal((8, 4, 6, 6)).astype(np.float32)} for seed in range(12)]  # 96 samples
+    float_runs: list[int] = []
+    original = Probe._outputs
+    monkeypatch.setattr(Probe, "_outputs", lambda self, session: (float_runs.append(1), original(self, session))[1])
+    config = QuantizeConfig(bits=4, first_last_bits=None)
+    shared, run = proxy_analysis(_pointwise_depthwise_pointwise(), config, runs, samples=64)
+    assert float_runs == [] and run is not None and shared.samples == 64
+    assert [b["x"] is r["x"] for b, r in zip(shared.probe.batches, runs[:8], strict=True)] == [True] * 8
+    own = ProxySensitivity(_pointwise_depthwise_pointwise(), config, runs, samples=64)
+    assert float_runs == [1]
+    for kept, fresh in zip(shared.probe.reference, own.probe.reference, strict=True):
+        np.testing.assert_allclose(kept["y"], fresh["y"], rtol=1e-5, atol=1e-6)
+
+
+def test_first_outputs_stop_at_the_first_run_past_the_count():
+    from onnxq.calibrate.collect import FirstOutputs
+
+    first = FirstOutputs(["y"], samples=10)
+    for size in (4, 4, 4, 1):
+        first.offer({"x": np.zeros(size)}, {"y": np.ones(size), "other": np.zeros(1)}, size)
+    assert first.kept == 8 and len(first.runs) == len(first.outputs) == 2 and first.full
+    assert set(first.outputs[0]) == {"y"}

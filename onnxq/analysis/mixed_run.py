@@ -6,7 +6,9 @@ quantized, the quantizer's run is started first (:func:`onnxq.pipeline.start_run
 samples), the proxy prices the layers with that pass's H, and the run is finished at the widths chosen
 (:func:`onnxq.pipeline.finish_run`). The proxy's own pass over its 64 samples was 7-8 s of the layout detector's
 `--target-size` run, a sixth of it (tools/profile_mixed_precision.py). Its H are then sums over the 256 calibration
-samples instead of 64: the same layers, better estimated.
+samples instead of 64: the same layers, better estimated. The pass also keeps the model's float outputs on its first
+64 samples (`FirstOutputs`, onnxq/calibrate/collect.py): the proxy measures on those runs against them, without a float
+run of its own (3.6 s of the layout detector's 33).
 
 With other sensitivity data, or with activations (whose pass observes the sites the final plan chooses), the proxy
 sums its own H as before and the quantizer runs after it.
@@ -45,13 +47,14 @@ def proxy_analysis(
 
     One of the two data must be given. Finish the run (None: quantize anew) with the widths chosen: :func:`finish`.
     """
-    run = start_run(model, config, calibration, client) if shares_pass(config, calibration, sensitivity_data) else None
     data = sensitivity_data if sensitivity_data is not None else calibration
     if data is None:
         raise ValueError("the proxy sensitivity needs data: calibration or sensitivity data")
-    hessians = run.calibrated.hessians if run is not None and run.calibrated is not None else None
-    prepared = run.loaded if run is not None else None
-    return ProxySensitivity(model, config, data, samples, client, hessians=hessians, prepared=prepared), run
+    if not shares_pass(config, calibration, sensitivity_data):
+        return ProxySensitivity(model, config, data, samples, client), None
+    run = start_run(model, config, calibration, client, keep_outputs=samples)
+    hessians = run.calibrated.hessians if run.calibrated is not None else None
+    return ProxySensitivity(model, config, data, samples, client, hessians=hessians, prepared=run.loaded, first=run.first), run
 
 
 def finish(

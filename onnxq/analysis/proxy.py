@@ -31,7 +31,7 @@ import onnx
 
 from onnxq.analysis.sensitivity import SENSITIVITY_SAMPLES, LayerSensitivity, Measurement, SensitivityAnalysis, energy_sqnr_db
 from onnxq.calibrate.branches import body_readers, branch_view, moments_pass, needs_moments
-from onnxq.calibrate.collect import collect
+from onnxq.calibrate.collect import FirstOutputs, collect
 from onnxq.calibrate.data import CalibrationData
 from onnxq.calibrate.moments import Hessians
 from onnxq.config import QuantizeConfig
@@ -50,13 +50,15 @@ class ProxySensitivity(SensitivityAnalysis):
     def __init__(
         self, model: str | os.PathLike[str] | onnx.ModelProto, config: QuantizeConfig, data: CalibrationData, samples: int = SENSITIVITY_SAMPLES,
         client: Client | None = None, hessians: Hessians | None = None, prepared: LoadedModel | None = None,
+        first: FirstOutputs | None = None,
     ) -> None:
         """With a Dask ``client`` the pass that sums the layers' H runs on its workers (and the layers measured, too).
 
         ``hessians``: the layers' H summed already, by the quantizer's calibration pass over the same data
-        (onnxq/analysis/mixed_run.py): then this makes no pass of its own. ``prepared``: as :class:`SensitivityAnalysis`.
+        (onnxq/analysis/mixed_run.py): then this makes no pass of its own. ``prepared``, ``first``: as
+        :class:`SensitivityAnalysis`.
         """
-        super().__init__(model, config, data, samples, nodes=False, client=client, prepared=prepared)
+        super().__init__(model, config, data, samples, nodes=False, client=client, prepared=prepared, first=first)
         self.without_moments = frozenset(p.tensor for p in self.plans if not needs_moments(p))
         self.hessians = hessians if hessians is not None else self._moments(client)
         self.in_bodies = frozenset(p.tensor for p in self.plans if any(u.body_of for u in p.uses))

@@ -26,12 +26,13 @@ import onnx
 import onnxruntime as ort
 from onnx import helper, numpy_helper
 
+from onnxq.calibrate.collect import FirstOutputs
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.samples import batch_size, input_specs, sample_axes
 from onnxq.config import QuantizeConfig
 from onnxq.errors import OnnxqError
 from onnxq.model.external import materialize
-from onnxq.model.graph import constant_initializers, to_array
+from onnxq.model.graph import constant_initializers, float_outputs, to_array
 from onnxq.model.load import LoadedModel
 from onnxq.model.swap import SwappableWeights
 from onnxq.native.session import session_options
@@ -128,8 +129,10 @@ class Probe:
     """
 
     def __init__(
-        self, model: onnx.ModelProto, plans: Iterable[WeightPlan], batches: list[dict[str, np.ndarray]], label: str, nodes: bool = True
+        self, model: onnx.ModelProto, plans: Iterable[WeightPlan], batches: list[dict[str, np.ndarray]], label: str, nodes: bool = True,
+        reference: list[dict[str, np.ndarray]] | None = None,
     ) -> None:
+        """``reference``: the float model's outputs on ``batches``, computed already (the calibration pass's), else run here."""
         plans = list(plans)
         outputs = {n.name: next((o for o in n.output if o), "") for n in model.graph.node}  # a recurrent layer may leave Y unnamed
         # Readers inside control-flow bodies have no output a session can fetch: their node SQNR is not measured.
@@ -137,8 +140,7 @@ class Probe:
             p.tensor: tuple(dict.fromkeys(outputs[u.node] for u in p.uses if not u.body_of and outputs[u.node])) if nodes else ()
             for p in plans
         }
-        float_types = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)
-        self.model_outputs = [o.name for o in model.graph.output if o.type.tensor_type.elem_type in float_types]
+        self.model_outputs = float_outputs(model.graph)
         if not self.model_outputs:
             raise OnnxqError(label, "sensitivity needs a float model output to compare, and this model has none")
         node_types = {name: p.dtype for p in plans for name in self.node_outputs[p.tensor]}  # a layer's output has its weight's type
@@ -147,7 +149,7 @@ class Probe:
         self._swappable = SwappableWeights(model, [p.tensor for p in plans])
         self.batches = batches  # the runs every measurement feeds
         self._session: ort.InferenceSession | None = None  # weights as inputs: opened by the first single-layer run
-        self._keep_reference(self._outputs(self._constant_session({})))
+        self._keep_reference(reference if reference is not None else self._outputs(self._constant_session({})))
 
     def _model_bytes(self) -> bytes:
         """The probe model, serialized: the float model with its planned weights as inputs and the node outputs exposed."""
@@ -260,12 +262,15 @@ class SensitivityAnalysis:
         nodes: bool = True,
         client: Client | None = None,
         prepared: LoadedModel | None = None,
+        first: FirstOutputs | None = None,
     ) -> None:
         """``nodes``: also measure each layer's own output SQNR (the report's column; it costs a float run per layer).
 
         With a Dask ``client``, batches of measurements (:meth:`measure`) run on its workers. ``prepared``: ``model``
         loaded and prepared already (by the quantizer's run, onnxq/analysis/mixed_run.py), used as it is, not loaded
         again: a second copy of MiniLM's 90 MB model beside the run's (which must not change while the analysis lives).
+        ``first``: that run's first samples and the float outputs its pass gave on them: the runs measured on, and their
+        reference (no float run here), in place of ``samples`` samples of ``data``.
         """
         loaded = prepared if prepared is not None else load_and_prepare(model)  # the run's first stages: the layers quantize plans
         self.client = client
@@ -279,9 +284,9 @@ class SensitivityAnalysis:
         self.weights = {p.tensor: to_array(consts[p.tensor]) for p in self.plans}
         self._targets = OpTargets.of(self.model.graph)
         specs = input_specs(self.model)
-        batches = list(calibration_batches(data, specs, samples))
+        batches = first.runs if first is not None else list(calibration_batches(data, specs, samples))
         self.samples = sum(batch_size(b, sample_axes(specs)) for b in batches)
-        self.probe = Probe(self.model, self.plans, batches, self.label, nodes)
+        self.probe = Probe(self.model, self.plans, batches, self.label, nodes, first.outputs if first is not None else None)
         self._dequantized: dict[tuple[str, int, bool], np.ndarray] = {}
         self._layers: dict[tuple[str, int], LayerSensitivity] = {}
         self._combined: dict[frozenset[tuple[str, int]], Measurement] = {}

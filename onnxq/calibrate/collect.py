@@ -177,6 +177,33 @@ def channel_means(batch: np.ndarray) -> np.ndarray:
     return means.reshape(len(batch), -1)
 
 
+@dataclass
+class FirstOutputs:
+    """The model's float outputs on the first ``samples`` samples of a pass, beside the runs that gave them.
+
+    Mixed precision's proxy takes them as its float reference and its runs (onnxq/analysis/mixed_run.py): the same
+    samples the pass starts with, so no second float run over them (3.6 s of the layout detector's 33). The outputs
+    are copied (onnxruntime's arrays may hold its buffers); the runs are the pieces the pass fed, as they were. Keeping
+    stops at the first run that would pass ``samples``.
+    """
+
+    names: list[str]
+    samples: int
+    runs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    outputs: list[dict[str, np.ndarray]] = field(default_factory=list)
+    kept: int = 0
+    full: bool = False
+
+    def offer(self, run: Mapping[str, np.ndarray], values: Mapping[str, np.ndarray], size: int) -> None:
+        """Keep one run (of ``size`` samples) and its outputs among ``values`` while they fit in ``samples``."""
+        if self.full or self.kept + size > self.samples:
+            self.full = True
+            return
+        self.runs.append(dict(run))
+        self.outputs.append({name: np.array(values[name]) for name in self.names})
+        self.kept += size
+
+
 def collect(
     model: onnx.ModelProto,
     tensors: list[str],
@@ -186,6 +213,7 @@ def collect(
     histograms: bool = True,
     moments: MomentCollector | None = None,
     client: Client | None = None,
+    first: FirstOutputs | None = None,
 ) -> dict[str, TensorStats]:
     """Statistics of ``tensors`` over all ``batches``, from one run of the float model in onnxruntime.
 
@@ -193,8 +221,10 @@ def collect(
     ``moments`` also sums the second moments of the weighted layers' inputs, in the same runs. The runs are summed in
     shards (onnxq/calibrate/shards.py), each from empty, merged in order; with a Dask ``client`` the shards go to its
     workers (onnxq/distribute/passes.py): the same code per shard (:func:`observe_runs`), the same statistics.
+    ``first`` keeps the model's outputs on the first samples (:class:`FirstOutputs`; not with a client: it stays empty).
     """
-    fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else [])]))
+    first = first if client is None else None
+    fetched = list(dict.fromkeys([*tensors, *(moments.tensors if moments is not None else []), *(first.names if first is not None else [])]))
     if not fetched:  # nothing to observe (onnxruntime would return every output); the batches still pass through
         for _ in batches:
             pass
@@ -209,7 +239,8 @@ def collect(
         specs, per_sample_bytes = input_specs(model), sample_bytes(model, fetched)
         with exposing(model, fetched, arena=uses_arena(per_sample_bytes)) as sess, progress(total) as bar:
             for shard in shards(batches, specs, shard_samples(total, task.statistics_bytes)):  # as on workers: the same sums and order
-                observed.merge(observe_runs(sess, task, shard.batches, per_sample_bytes, specs, shard.first_sample, task.fresh_copy(), bar))
+                observed.merge(observe_runs(sess, task, shard.batches, per_sample_bytes, specs, shard.first_sample, task.fresh_copy(), bar,
+                                            first))
     return observed.stats
 
 
@@ -266,11 +297,12 @@ def observe_runs(
     first_sample: int,
     into: Observed,
     bar: progress | None = None,
+    first: FirstOutputs | None = None,
 ) -> Observed:
     """Run ``sess`` over ``batches`` (one shard) and add the fetched tensors to the statistics ``task`` asks for, ``into``.
 
     ``into`` starts empty (a shard's own statistics); ``first_sample`` is the global index of the shard's first sample
-    (its place in the whole stream: the moments keep rows by it).
+    (its place in the whole stream: the moments keep rows by it). ``first``: offered every run (:class:`FirstOutputs`).
     """
     sizer = RunSizer(specs, per_sample_bytes)
     fetched = list(task.fetched)
@@ -281,7 +313,10 @@ def observe_runs(
                     _observe(into.stats[name], name, value, task.histograms)
                 if into.moments is not None:
                     into.moments.observe(name, value, first_sample + into.samples)
-            into.samples += batch_size(piece, sizer.axes)
+            size = batch_size(piece, sizer.axes)
+            if first is not None:
+                first.offer(piece, dict(zip(fetched, outputs, strict=True)), size)
+            into.samples += size
         if bar is not None:
             bar.update(batch_size(batch, sizer.axes))
     return into

@@ -76,6 +76,11 @@ def used_names(graph: onnx.GraphProto) -> set[str]:
     return names
 
 
+def float_outputs(graph: onnx.GraphProto) -> list[str]:
+    """The graph's outputs of float32 or float16 type: what sensitivity compares with the float model's."""
+    return [o.name for o in graph.output if o.type.tensor_type.elem_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16)]
+
+
 def constant_initializers(graph: onnx.GraphProto) -> dict[str, onnx.TensorProto]:
     """Initializers a caller cannot override: those not also listed as graph inputs."""
     inputs = {i.name for i in graph.input}
