@@ -107,3 +107,16 @@ def test_first_outputs_stop_at_the_first_run_past_the_count():
         first.offer({"x": np.zeros(size)}, {"y": np.ones(size), "other": np.zeros(1)}, size)
     assert first.kept == 8 and len(first.runs) == len(first.outputs) == 2 and first.full
     assert set(first.outputs[0]) == {"y"}
+
+
+def test_a_pass_shorter_than_the_sensitivity_samples_leaves_the_proxy_its_own_float_run(monkeypatch):
+    """With 32 calibration samples and 64 sensitivity samples the pass cannot give the proxy its runs: it runs its own."""
+    from onnxq.analysis.mixed_run import proxy_analysis
+    from onnxq.analysis.sensitivity import Probe
+
+    runs = [{"x": np.random.default_rng(seed).standard_normal((8, 4, 6, 6)).astype(np.float32)} for seed in range(12)]
+    float_runs: list[int] = []
+    original = Probe._outputs
+    monkeypatch.setattr(Probe, "_outputs", lambda self, session: (float_runs.append(1), original(self, session))[1])
+    analysis, _ = proxy_analysis(_pointwise_depthwise_pointwise(), QuantizeConfig(bits=4, first_last_bits=None, samples=32), runs, samples=64)
+    assert float_runs == [1] and analysis.samples == 64

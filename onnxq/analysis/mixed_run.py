@@ -54,7 +54,9 @@ def proxy_analysis(
         return ProxySensitivity(model, config, data, samples, client), None
     run = start_run(model, config, calibration, client, keep_outputs=samples)
     hessians = run.calibrated.hessians if run.calibrated is not None else None
-    return ProxySensitivity(model, config, data, samples, client, hessians=hessians, prepared=run.loaded, first=run.first), run
+    covered = config.calibration_samples >= samples  # else the pass stops short of the samples the proxy measures on
+    first = run.first if covered else None
+    return ProxySensitivity(model, config, data, samples, client, hessians=hessians, prepared=run.loaded, first=first), run
 
 
 def finish(
