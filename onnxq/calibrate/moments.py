@@ -52,7 +52,7 @@ import numpy as np
 import onnx
 from scipy.linalg import lapack
 
-from onnxq.model.graph import attribute, constant_initializers, is_op
+from onnxq.model.graph import attribute, constant_initializers, is_op, text_attribute
 from onnxq.numerics.threads import one_blas_thread
 from onnxq.plan.handlers import CONTRIB_DOMAIN, einsum_input_axis
 from onnxq.plan.weights import WeightPlan
@@ -300,16 +300,14 @@ def _reader_input(node: onnx.NodeProto, input_index: int, dims: tuple[int, ...])
         return LayerInput(node.input[0], "transposed" if attribute(node, "transA", 0) else "rows")
     if is_op(node, "Conv") and input_index == 1 and weight_rank >= 3:
         spatial = weight_rank - 2
-        auto_pad = attribute(node, "auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+        auto_pad = text_attribute(node, "auto_pad", "NOTSET")
         return LayerInput(
             node.input[0], "conv", int(attribute(node, "group", 1)), kernel=tuple(dims[2:]),
             strides=tuple(attribute(node, "strides", [1] * spatial)), pads=tuple(attribute(node, "pads", [])),
             dilations=tuple(attribute(node, "dilations", [1] * spatial)), auto_pad=auto_pad,
         )
     if is_op(node, "Einsum") and len(node.input) == 2:
-        equation = attribute(node, "equation", b"")
-        axis = einsum_input_axis(equation.decode() if isinstance(equation, bytes) else str(equation), input_index, weight_rank)
+        axis = einsum_input_axis(text_attribute(node, "equation"), input_index, weight_rank)
         return LayerInput(node.input[1 - input_index], "axis", axis=axis) if axis is not None else None
     if is_op(node, "ConvTranspose") and input_index == 1 and weight_rank >= 3:
         return _transposed_input(node, dims)
@@ -328,8 +326,7 @@ def _transposed_input(node: onnx.NodeProto, dims: tuple[int, ...]) -> LayerInput
     the input's), output_shape or auto_pad other than NOTSET/VALID: none (the weight keeps its own-error quantization).
     """
     spatial = len(dims) - 2
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else str(auto_pad)
+    auto_pad = text_attribute(node, "auto_pad", "NOTSET")
     if attribute(node, "group", 1) != 1 or attribute(node, "output_shape", None) is not None or auto_pad not in ("NOTSET", "VALID"):
         return None
     return LayerInput(

@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.model.graph import NameSource, attribute, constant_initializers, insert_after
+from onnxq.model.graph import NameSource, attribute, constant_initializers, insert_after, text_attribute
 from onnxq.native.domain import ORT_DOMAIN
 from onnxq.plan.handlers import FLOAT_TYPES
 
@@ -41,8 +41,7 @@ def fused_ops_to_standard(graph: onnx.GraphProto) -> int:
 
 def _activation(node: onnx.NodeProto) -> tuple[str, list[float]]:
     """The fused activation's name ("" for none) and parameters."""
-    name = attribute(node, "activation", b"")
-    name = name.decode() if isinstance(name, bytes) else str(name)
+    name = text_attribute(node, "activation")
     if node.op_type == "FusedConv":
         return name, [float(v) for v in attribute(node, "activation_params", [])]
     params = [attribute(node, f"activation_{key}", None) for key in ("alpha", "beta")]

@@ -20,6 +20,12 @@ def attribute(node: onnx.NodeProto, name: str, default: object = None) -> object
     return default
 
 
+def text_attribute(node: onnx.NodeProto, name: str, default: str = "") -> str:
+    """A string attribute's value as text (onnx gives bytes), or ``default`` when the node does not set it."""
+    value = attribute(node, name, default)
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def is_op(node: onnx.NodeProto | None, *op_types: str) -> bool:
     """Whether ``node`` is one of the ONNX ops ``op_types`` (default domain); False for None."""
     return node is not None and node.op_type in op_types and is_default_domain(node.domain)

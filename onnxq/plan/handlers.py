@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxq.model.graph import attribute
+from onnxq.model.graph import attribute, text_attribute
 from onnxq.model.opset import is_default_domain
 from onnxq.native.domain import ORT_DOMAIN
 
@@ -113,9 +113,7 @@ def einsum_input_axis(equation: str, weight_index: int, weight_rank: int) -> int
 
 
 def _einsum(node: onnx.NodeProto, rank: int, index: int = 1) -> WeightSlot | None:
-    equation = attribute(node, "equation", b"")
-    equation = equation.decode() if isinstance(equation, bytes) else str(equation)
-    axis = einsum_channel_axis(equation, index, rank)
+    axis = einsum_channel_axis(text_attribute(node, "equation"), index, rank)
     return WeightSlot(index, axis) if axis is not None else None
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import onnx
 
 from onnxq.config import NBITS_AUTO_WEIGHTS, NBitsMode, QuantizeConfig, SqrtMode, WeightFormat
-from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op, subgraphs, used_names
+from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op, subgraphs, text_attribute, used_names
 from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.uniform import storage_bits
 from onnxq.plan.handlers import CONTRIB_DOMAIN, RECURRENT_WEIGHTS, TABLE_OPS
@@ -58,8 +58,7 @@ def runs_as_nbits(plan: WeightPlan, rank: int, targets: OpTargets, config: Quant
 
 def convertible(node: onnx.NodeProto, weight_rank: int) -> bool:
     """Whether a Conv node can run as IntConv/PostConv: 2-D, explicit padding."""
-    auto_pad = attribute(node, "auto_pad", b"NOTSET")
-    auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+    auto_pad = text_attribute(node, "auto_pad", "NOTSET")
     return is_op(node, "Conv") and weight_rank == 4 and auto_pad in ("NOTSET", "VALID")
 
 

@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from onnxq.model.graph import NameSource, attribute, to_array
+from onnxq.model.graph import NameSource, attribute, text_attribute, to_array
 from onnxq.native.domain import DOMAIN, INT_CONV
 
 #: Gemm/MatMul layers with fewer weights (K * M) stay QDQ: there the op path's fixed cost (its layout
@@ -56,8 +56,7 @@ X_STEPS, PIXEL_STEPS = "x_steps", "pixel"
 
 def has_pixel_steps(node: onnx.NodeProto) -> bool:
     """Whether the op quantizes X with a step per pixel (per row of a Gemm/MatMul): x_steps="pixel"."""
-    value = attribute(node, X_STEPS, b"tensor")
-    return (value.decode() if isinstance(value, bytes) else value) == PIXEL_STEPS
+    return text_attribute(node, X_STEPS, "tensor") == PIXEL_STEPS
 
 
 def drop_pixel_steps(node: onnx.NodeProto) -> None:
