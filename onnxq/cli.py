@@ -294,8 +294,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     import dataclasses
 
     from onnxq.analysis.fidelity import SYNTHETIC_SAMPLES, RunKind, check_against_float, damage_warning, synthetic_check
+    from onnxq.analysis.mixed_run import finish
     from onnxq.model.save import check_onnxruntime_loads, check_output_path, save_model
-    from onnxq.pipeline import finish_run, quantize_with_report
     from onnxq.report.summary import summary
 
     activation_bits = int(args.activations or ActivationConfig.bits) if args.calibration and args.activations != "none" else None
@@ -313,7 +313,7 @@ def _run_quantize(args: argparse.Namespace) -> int:
         analysis, config, run = _sensitivity(args, config, report is not None, client)
         if report is None:
             analysis = None  # only the report reads it: let its sessions and priced weights go before the weights are quantized
-        result = finish_run(run, config.tensor_bits) if run is not None else quantize_with_report(args.model, config, args.calibration, client)
+        result = finish(args.model, config, args.calibration, run, config.tensor_bits, client)
     if unknown:
         raise OnnxqError(args.model, f"--exclude names no node of this model: {', '.join(unknown)}")
     external = args.external_data or (result.source is not None and result.source.external_data)

@@ -450,14 +450,14 @@ def _graph_nodes(graph: onnx.GraphProto, scope: _Scope, chained: set[str]) -> li
         if node.op_type in ("DequantizeLinear", "QuantizeLinear") and domain == "":
             continue
         slots = _FLOAT_WEIGHT_SLOTS.get(node.op_type, ()) if domain == "" else ()
-        recurrent = RECURRENT_WEIGHTS.get(node.op_type, ()) if domain == "" else ()
+        several = RECURRENT_WEIGHTS.get(node.op_type, ()) if domain == "" else ()
         if domain == CONTRIB_DOMAIN and node.op_type in CONTRIB_WEIGHTS:  # onnxruntime's Attention, EmbedLayerNormalization
-            recurrent = CONTRIB_WEIGHTS[node.op_type]
+            several = CONTRIB_WEIGHTS[node.op_type]
         # A recurrent layer (or a fused op with several weights) gets a row per weight (W, R). Other ops count as
         # weighted only when they read a dequantized constant (not e.g. Reshape's shape).
-        for candidates in [(index,) for index in recurrent] or [slots or tuple(range(len(node.input)))]:
+        for candidates in [(index,) for index in several] or [slots or tuple(range(len(node.input)))]:
             traced = _float_op(node, scope, candidates)
-            if traced is not None and (traced[1].decoder is not None or ((slots or recurrent) and _weight_like(node, traced[1].codes))):
+            if traced is not None and (traced[1].decoder is not None or ((slots or several) and _weight_like(node, traced[1].codes))):
                 found.append((traced[0], node.output[0] or f"{node.name}:{candidates[0]}"))
                 chained.update(n.output[0] for n in traced[1].chain)
     for node in graph.node:

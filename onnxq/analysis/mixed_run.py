@@ -52,11 +52,10 @@ def proxy_analysis(
         raise ValueError("the proxy sensitivity needs data: calibration or sensitivity data")
     if not shares_pass(config, calibration, sensitivity_data):
         return ProxySensitivity(model, config, data, samples, client), None
-    run = start_run(model, config, calibration, client, keep_outputs=samples)
-    hessians = run.calibrated.hessians if run.calibrated is not None else None
     covered = config.calibration_samples >= samples  # else the pass stops short of the samples the proxy measures on
-    first = run.first if covered else None
-    return ProxySensitivity(model, config, data, samples, client, hessians=hessians, prepared=run.loaded, first=first), run
+    run = start_run(model, config, calibration, client, keep_outputs=samples if covered else 0)
+    hessians = run.calibrated.hessians if run.calibrated is not None else None
+    return ProxySensitivity(model, config, data, samples, client, hessians=hessians, prepared=run.loaded, first=run.first), run
 
 
 def finish(

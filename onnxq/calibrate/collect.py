@@ -314,7 +314,7 @@ def observe_runs(
                 if into.moments is not None:
                     into.moments.observe(name, value, first_sample + into.samples)
             size = batch_size(piece, sizer.axes)
-            if first is not None:
+            if first is not None and not first.full:
                 first.offer(piece, dict(zip(fetched, outputs, strict=True)), size)
             into.samples += size
         if bar is not None:
