@@ -13,22 +13,25 @@
 
 // Columns [start, stop) of GPTQ's loop. w (k, rows) float64: W transposed, in GPTQ's column order, updated
 // in place (the block's later columns take each column's error); upper (k, k) float64: the upper factor of
-// H^-1 in that order; scale (rows) float32 each row's scale; q the largest code; sqrt_codes nonzero for
+// H^-1 in that order; scale float32 the scales: column j's row r at scale[j * scale_stride + r] (stride 0:
+// one scale per row for every column; stride rows: a scale per code, as blocks of inputs have); q the largest code; sqrt_codes nonzero for
 // sqrt codes; codes (k, rows) int8 receives the block's codes; errors (stop - start, rows) float64 the
 // block's errors divided by the factor's diagonal (what the later blocks' update multiplies).
 extern "C" __attribute__((visibility("default"), target_clones("avx512f", "avx2", "default"))) void onnxq_gptq_block(
-    int64_t k, int64_t rows, int64_t start, int64_t stop, double* w, const double* upper, const float* scale, float q,
-    int sqrt_codes, int8_t* codes, double* errors) {
+    int64_t k, int64_t rows, int64_t start, int64_t stop, double* w, const double* upper, const float* scale,
+    int64_t scale_stride, float q, int sqrt_codes, int8_t* codes, double* errors) {
   const bool sqrt_grid = sqrt_codes != 0;
   for (int64_t j = start; j < stop; ++j) {
     double* column = w + j * rows;
     double* error = errors + (j - start) * rows;
     int8_t* code = codes + j * rows;
     const double pivot = upper[j * k + j];
+    const float* column_scale = scale + j * scale_stride;
     for (int64_t r = 0; r < rows; ++r) {
-      const float c = onnxq_stats::NearestCode(onnxq_stats::ToDomain(static_cast<float>(column[r]), sqrt_grid), scale[r], q);
+      const float s = column_scale[r];
+      const float c = onnxq_stats::NearestCode(onnxq_stats::ToDomain(static_cast<float>(column[r]), sqrt_grid), s, q);
       code[r] = static_cast<int8_t>(c);
-      error[r] = (column[r] - static_cast<double>(onnxq_stats::CodeValue(c, scale[r], sqrt_grid))) / pivot;
+      error[r] = (column[r] - static_cast<double>(onnxq_stats::CodeValue(c, s, sqrt_grid))) / pivot;
     }
     for (int64_t i = j + 1; i < stop; ++i) {
       const double u = upper[j * k + i];

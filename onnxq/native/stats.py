@@ -49,7 +49,7 @@ def _library() -> ctypes.CDLL | None:
         lib.onnxq_diagonal_error.argtypes = [_N, _N, _F32, _F64, _F64, _F32, _N, ctypes.c_float, ctypes.c_int, _F64]
         lib.onnxq_diagonal_error.restype = None
     if hasattr(lib, "onnxq_gptq_block"):
-        lib.onnxq_gptq_block.argtypes = [_N, _N, _N, _N, _F64, _F64, _F32, ctypes.c_float, ctypes.c_int, _I8, _F64]
+        lib.onnxq_gptq_block.argtypes = [_N, _N, _N, _N, _F64, _F64, _F32, _N, ctypes.c_float, ctypes.c_int, _I8, _F64]
         lib.onnxq_gptq_block.restype = None
     return lib
 
@@ -140,6 +140,10 @@ def gptq_block(start: int, stop: int, w: np.ndarray, upper: np.ndarray, scale: n
     """Columns [start, stop) of GPTQ's loop on a uniform grid (csrc/stats/gptq_block.cc says what each array is).
 
     ``w`` (K, R float64) and ``codes`` (K, R int8) are updated in place, ``errors`` (stop - start, R float64) written.
+    ``scale`` (float32, C order) is each row's, (R,), or each code's in the columns' order, (K, R).
     """
     k, rows = w.shape
-    _lib().onnxq_gptq_block(k, rows, start, stop, w, upper, scale, float(q), int(sqrt), codes, errors)
+    if scale.shape not in ((rows,), (k, rows)):
+        raise ValueError(f"scales of shape {scale.shape} for {k} columns of {rows} rows")
+    stride = rows if scale.ndim == 2 else 0
+    _lib().onnxq_gptq_block(k, rows, start, stop, w, upper, scale, stride, float(q), int(sqrt), codes, errors)

@@ -78,14 +78,18 @@ class Grid:
         return uniform.scales_for(rows, alpha, self.bits, self.mode == "sqrt")
 
     def round(self, values: np.ndarray, scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(codes int8, the float32 values they stand for) of ``values`` (R, n) rounded to nearest with per-row ``scale``."""
+        """(codes int8, the float32 values they stand for) of ``values`` (R, n) rounded to nearest with per-row ``scale``.
+
+        ``scale`` may also be (R, n), a scale per value (blocks of inputs with scales of their own).
+        """
         values = np.asarray(values, dtype=np.float32)
+        columns = uniform.row_scales(scale)
         if self.mode == "post":
-            index = np.searchsorted(post.codebook(self.bits).bounds.astype(np.float32), np.abs(values) / scale[:, None], side="right")
+            index = np.searchsorted(post.codebook(self.bits).bounds.astype(np.float32), np.abs(values) / columns, side="right")
             codes = (np.sign(values) * index).astype(np.int8)
             return codes, post.dequantize(codes, scale, self.bits)
         sqrt = self.mode == "sqrt"
-        codes = uniform.nearest_codes(uniform.to_domain(values, sqrt), scale[:, None], uniform.max_code(self.bits)).astype(np.int8)
+        codes = uniform.nearest_codes(uniform.to_domain(values, sqrt), columns, uniform.max_code(self.bits)).astype(np.int8)
         return codes, uniform.dequantize(codes, scale, sqrt)
 
     @property
@@ -255,10 +259,14 @@ def _permute_symmetric(h: np.ndarray, order: np.ndarray) -> None:
 def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: int = BLOCK, compensation: Compensation | None = None) -> np.ndarray:
     """Codes (R, K) for ``rows`` with per-row ``scale``, rounded column by column with error compensation through H.
 
-    ``compensation``: :meth:`Compensation.of` ``h``, when already computed (it depends on H alone).
+    ``scale`` may also be (R, K), a scale per code (blocks of inputs with their own scales, fixed before the rounding:
+    GPTQ's "static groups", which keep its act order). ``compensation``: :meth:`Compensation.of` ``h``, when already
+    computed (it depends on H alone).
     """
     compensation = Compensation.of(h) if compensation is None else compensation
     columns = np.ascontiguousarray(np.asarray(rows, dtype=np.float64).T[compensation.order])  # (K, R), in GPTQ's order
+    if np.ndim(scale) == 2:
+        scale = np.ascontiguousarray(np.asarray(scale, dtype=np.float32).T[compensation.order])  # (K, R) as the columns
     codes = _gptq_in_order(columns, grid, scale, block, compensation.upper)
     out = np.empty(codes.shape[::-1], dtype=np.int8)
     out[:, compensation.order] = codes.T
@@ -268,15 +276,17 @@ def gptq(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, block: 
 def _gptq_in_order(columns: np.ndarray, grid: Grid, scale: np.ndarray, block: int, upper: np.ndarray) -> np.ndarray:
     """GPTQ's loop over ``columns`` (K, R: W transposed, rounded and updated in place) as given; codes (K, R).
 
-    ``upper`` is the factor of H^-1 in that order. W is held transposed so that each column GPTQ rounds, and each
-    update of the columns after it, is contiguous memory: a column of a wide C-order W strides over whole rows
-    (MiniLM's 1536-wide layers), and that loop was a fifth of its quantization time.
+    ``upper`` is the factor of H^-1 in that order; ``scale`` each row's (R,) or each code's in that order (K, R). W is
+    held transposed so that each column GPTQ rounds, and each update of the columns after it, is contiguous memory: a
+    column of a wide C-order W strides over whole rows (MiniLM's 1536-wide layers), and that loop was a fifth of its
+    quantization time.
     """
     w = columns
     k = w.shape[0]
     codes = np.empty(w.shape, dtype=np.int8)
     native = NATIVE_GPTQ and grid.mode != "post" and stats.gptq_available()
-    round_line = _line_rounder(grid, scale)
+    per_code = np.ndim(scale) == 2
+    round_line = None if per_code else _line_rounder(grid, scale)
     scale32 = np.ascontiguousarray(scale, dtype=np.float32)
     for start in range(0, k, block):
         stop = min(start + block, k)
@@ -285,7 +295,7 @@ def _gptq_in_order(columns: np.ndarray, grid: Grid, scale: np.ndarray, block: in
             stats.gptq_block(start, stop, w, upper, scale32, uniform.max_code(grid.bits), grid.mode == "sqrt", codes, errors)
         else:
             for j in range(start, stop):
-                codes[j], value = round_line(w[j])
+                codes[j], value = (_line_rounder(grid, scale32[j]) if per_code else round_line)(w[j])
                 err = np.subtract(w[j], value, out=errors[j - start])
                 err /= upper[j, j]
                 w[j + 1 : stop] -= upper[j, j + 1 : stop, None] * err
@@ -416,6 +426,58 @@ def nearest_rows(rows: np.ndarray, h: np.ndarray, grid: Grid) -> ScoredRows:
     return ScoredRows(codes, scale, alpha, float(errors.sum()), errors)
 
 
+def nearest_blocks(rows: np.ndarray, h: np.ndarray, grid: Grid, block_size: int) -> ScoredRows:
+    """Rows (R, K) rounded to nearest with a scale per row and block of ``block_size`` consecutive inputs.
+
+    The last block is shorter where K is not a multiple. Each block's range factor is the one whose codes leave the
+    least output error of that block alone (its part of H; what the blocks do to each other is GPTQ's to compensate),
+    and its scale the nearest float16 value where float16 holds it (uniform.half_scales: half the bytes). Blocks give
+    the inputs of a row with small weights a fine step of their own, where one scale per row follows its largest
+    weights. The scales come back per code, (R, K), as GPTQ and the decoding take them; the range factors per block,
+    (R, B).
+    """
+    rows = np.asarray(rows, dtype=np.float64)
+    count, k = rows.shape
+    blocks = -(-k // block_size)
+    # Every block of every row searched at once, as rows (R B, block) of their own; the last blocks padded with zero
+    # weights and zero H, which round to zero and add no error, so the padding changes nothing.
+    padded = np.zeros((count, blocks * block_size))
+    padded[:, :k] = rows
+    diagonal_blocks = np.zeros((blocks, block_size, block_size))
+    for b in range(blocks):
+        part = h[b * block_size : (b + 1) * block_size, b * block_size : (b + 1) * block_size]
+        diagonal_blocks[b, : len(part), : len(part)] = part
+    alpha = np.empty((count, blocks))
+    step = max(1, BLOCK_SEARCH_VALUES // (blocks * block_size))
+    for start in range(0, count, step):  # rows a chunk at a time: the search's temporaries stay small
+        chunk = padded[start : start + step].reshape(-1, block_size)
+        alpha[start : start + step] = minimise_on_grid(per_candidate(_block_errors(chunk, diagonal_blocks, grid)),
+                                                       np.ones(len(chunk)), scan_points(grid.codes), 14)[0].reshape(-1, blocks)
+    scale = grid.scales(padded.reshape(-1, block_size), alpha.reshape(-1)).reshape(count, blocks)
+    scale = uniform.expand_blocks(uniform.half_scales(scale), block_size, k)  # float16 where it holds them: half the bytes
+    codes = grid.round(rows, scale)[0]
+    errors = output_errors(rows - decode(codes, scale, grid), h)
+    return ScoredRows(codes, scale, alpha, float(errors.sum()), errors)
+
+
+#: Weights of a chunk of rows :func:`nearest_blocks` searches at once.
+BLOCK_SEARCH_VALUES = 1 << 18
+
+
+def _block_errors(chunk: np.ndarray, diagonal_blocks: np.ndarray, grid: Grid) -> Callable[[np.ndarray], np.ndarray]:
+    """The output error of each block of ``chunk`` (rows (R B, block), row-major in R) rounded at range factor alpha.
+
+    Each block is weighed by its own part of H, ``diagonal_blocks`` (B, block, block).
+    """
+    blocks, size = diagonal_blocks.shape[:2]
+
+    def error(alpha: np.ndarray) -> np.ndarray:
+        delta = (chunk - grid.round(chunk, grid.scales(chunk, alpha))[1]).reshape(-1, blocks, size).transpose(1, 0, 2)  # (B, R, block)
+        return np.einsum("brk,brk->rb", np.matmul(delta, diagonal_blocks), delta).reshape(-1)
+
+    return error
+
+
 def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: ScoredRows, compensation: Compensation | None = None) -> ScoredRows:
     """GPTQ's rounding of ``rows`` at the scales of ``nearest``, each row keeping the codes with the smaller output error.
 
@@ -424,9 +486,14 @@ def compensated_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, nearest: Score
     return kept_better(rows, h, grid, nearest, gptq(rows, h, grid, nearest.scale, compensation=compensation))
 
 
-def refined_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, sweeps: int | None = None) -> ScoredRows:
-    """``start``'s codes (:func:`compensated_rows`') refined by :func:`refine` (``sweeps``: None SWEEPS), per row the lesser error kept."""
-    return kept_better(rows, h, grid, start, refine(rows, h, grid, start.scale, start.codes, sweeps))
+def refined_rows(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, sweeps: int | None = None,
+                 block_size: int | None = None) -> ScoredRows:
+    """``start``'s codes (:func:`compensated_rows`') refined by :func:`refine` (``sweeps``: None SWEEPS), per row the lesser error kept.
+
+    ``block_size``: ``start``'s scales are per code, the same over each block of that many inputs (:func:`nearest_blocks`).
+    """
+    scale = start.scale if block_size is None else np.ascontiguousarray(start.scale[:, ::block_size])
+    return kept_better(rows, h, grid, start, refine(rows, h, grid, scale, start.codes, sweeps, block_size))
 
 
 def kept_better(rows: np.ndarray, h: np.ndarray, grid: Grid, start: ScoredRows, codes: np.ndarray) -> ScoredRows:
@@ -452,28 +519,32 @@ def _better_rows(errors: Callable[[np.ndarray], np.ndarray], kept: tuple[np.ndar
     return np.where(better[:, None], codes, kept[0]), np.where(better, candidate, kept[1])
 
 
-def refine(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray, sweeps: int | None = None) -> np.ndarray:
+def refine(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray, sweeps: int | None = None,
+           block_size: int | None = None) -> np.ndarray:
     """``codes`` (R, K) of ``rows`` at per-row ``scale`` moved by cyclic coordinate descent on e H e^T, e = w - q.
 
     QuantEase's idea (Behdin et al. 2023): GPTQ rounds each column once, knowing only the columns before it; a sweep
     over the columns afterwards gives every code the value on the grid that minimises the row's error with all the
     other codes fixed, and no code moves unless that lowers it (a row's error never rises). See :func:`refine_groups`.
+    ``block_size``: ``scale`` is per row and block of that many inputs, (R, B).
     """
-    return refine_groups(rows[None], h[None], grid, scale[None], codes[None], sweeps)[0]
+    return refine_groups(rows[None], h[None], grid, scale[None], codes[None], sweeps, block_size=block_size)[0]
 
 
 def refine_groups(rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray, sweeps: int | None = None,
-                  block: int = REFINE_BLOCK) -> np.ndarray:
+                  block: int = REFINE_BLOCK, block_size: int | None = None) -> np.ndarray:
     """:func:`refine` of every group at once: rows and codes (G, P, K), each group with its own H (G, K, K), scale (G, P).
 
     Each sweep (:meth:`_Descent.sweep`) costs about R K^2 multiply-adds for the R rows still moving (GPTQ's updates
     are half that: only the columns after each); a row is done after ``sweeps`` (None: SWEEPS) or once a sweep leaves
     it as it was. The rule is per row, not a tolerance on the summed error, so that a row's codes do not depend on
     the rows refined with it (all groups of a depthwise layer at once or one by one give the same codes).
+    ``block_size``: ``scale`` is per row and block of that many inputs, (G, P, B); the sweep's steps then stay within one.
     """
-    descent = _Descent(rows, h, grid, scale, codes)
+    descent = _Descent(rows, h, grid, scale, codes, block_size)
+    step = block if block_size is None else min(block, block_size)  # (powers of two: a step never straddles two blocks)
     for _ in range(SWEEPS if sweeps is None else sweeps):
-        descent.sweep(block)
+        descent.sweep(step)
         if not descent.settle():
             break
     return descent.result()
@@ -493,18 +564,22 @@ class _Descent:
     rows by the fourth sweep; most of them on random data).
     """
 
-    def __init__(self, rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray) -> None:
+    def __init__(self, rows: np.ndarray, h: np.ndarray, grid: Grid, scale: np.ndarray, codes: np.ndarray, block_size: int | None = None) -> None:
         groups, per_group, k = codes.shape
         self.h, self.half = np.ascontiguousarray(h, dtype=np.float64), grid.codes // 2  # (no copy where it is so already)
         scale = np.ascontiguousarray(scale)
-        table = _value_table(grid, scale)  # (G, P, 2Q+1): the value of every code of every row
+        self.block_size = block_size  # with it, scale is (G, P, B): per row and block of inputs
+        table = _value_table(grid, scale)  # (G, P[, B], 2Q+1): the value of every code of every row [and block]
         self.table = table.reshape(-1)
-        self.offsets = np.arange(scale.size).reshape(scale.shape) * table.shape[-1]  # (G, P): each row's start in it
+        self.offsets = np.arange(scale.size).reshape(scale.shape) * table.shape[-1]  # (G, P[, B]): each row's start in it
         self.bounds, self.unit = _level_bounds(grid), _level_units(grid, scale)
         self.final = np.ascontiguousarray(codes.transpose(0, 2, 1))  # (G, K, P), as W^T in GPTQ
         self.live = np.arange(per_group)  # the rows (P's positions) still moving, and their codes
         self.codes = self.final.copy()
-        decoded = decode(codes.reshape(-1, k), np.asarray(scale).reshape(-1), grid).reshape(groups, per_group, k)
+        per_code = np.asarray(scale).reshape(groups * per_group, -1)
+        if block_size is not None:
+            per_code = uniform.expand_blocks(per_code, block_size, k)
+        decoded = decode(codes.reshape(-1, k), per_code if block_size is not None else per_code[:, 0], grid).reshape(groups, per_group, k)
         transposed = decoded.transpose(0, 2, 1)  # the float32 values first: one (K, P) float64 array fewer at a time
         error = np.subtract(np.asarray(rows, dtype=np.float64).transpose(0, 2, 1), transposed, out=np.empty((groups, k, per_group)))  # E^T
         self.gradient = np.matmul(self.h, error)  # (E H)^T, H symmetric
@@ -513,7 +588,7 @@ class _Descent:
         del decoded, transposed
         self.diagonal = np.ascontiguousarray(np.diagonal(self.h, axis1=1, axis2=2))[:, :, None]
         self.inverse = np.divide(1.0, self.diagonal, out=np.zeros_like(self.diagonal), where=self.diagonal > 0)
-        self.moved = np.zeros(self.unit.shape, dtype=bool)
+        self.moved = np.zeros((groups, per_group), dtype=bool)
 
     def result(self) -> np.ndarray:
         """The codes (G, P, K) as they stand."""
@@ -528,14 +603,22 @@ class _Descent:
         for start in range(0, k, block):
             stop = min(start + block, k)
             moves = np.zeros((groups, stop - start, per_group))
+            offsets, unit = self._scales_at(start)
             if native:
-                moved = stats.descent_block(start, stop, self.h, self.gradient, self.values, self.codes, self.table, self.offsets,
-                                            self.bounds, self.unit, self.diagonal, self.inverse, self.half, moves,
+                moved = stats.descent_block(start, stop, self.h, self.gradient, self.values, self.codes, self.table, offsets,
+                                            self.bounds, unit, self.diagonal, self.inverse, self.half, moves,
                                             self.moved.view(np.uint8))
-            else:
-                moved = any([self._column(j, moves[:, j - start], start, stop) for j in range(start, stop)])  # a list: every column steps
+            else:  # a list: every column steps
+                moved = any([self._column(j, moves[:, j - start], start, stop, offsets, unit) for j in range(start, stop)])
             if moved:
                 self._follow(moves, start, stop)
+
+    def _scales_at(self, column: int) -> tuple[np.ndarray, np.ndarray]:
+        """(offsets into the value table, level units), (G, P) each, of the rows' scales at ``column`` (its block's, with blocks)."""
+        if self.block_size is None:
+            return self.offsets, self.unit
+        b = column // self.block_size
+        return np.ascontiguousarray(self.offsets[..., b]), np.ascontiguousarray(self.unit[..., b])
 
     def _follow(self, moves: np.ndarray, start: int, stop: int) -> None:
         """Bring every column's gradient up to date with the block's ``moves`` (G, B, P).
@@ -562,15 +645,16 @@ class _Descent:
             self.offsets, self.unit, self.moved = (np.compress(keep, a, axis=1) for a in (self.offsets, self.unit, self.moved))
         return bool(keep.any())
 
-    def _column(self, j: int, move: np.ndarray, start: int, stop: int) -> bool:
+    def _column(self, j: int, move: np.ndarray, start: int, stop: int, offsets: np.ndarray, unit: np.ndarray) -> bool:
         """Column ``j``'s step, all rows at once; whether any row moved (csrc/stats/coordinate_descent.cc does the same).
 
         ``move`` (G, P) receives each row's change of value; the gradient of the block's later columns follows it.
+        ``offsets`` and ``unit``: :meth:`_scales_at` the column.
         """
         gradient, values = self.gradient[:, j], self.values[:, j]
         target = values + gradient * self.inverse[:, j]
-        index = np.searchsorted(self.bounds, target / self.unit)  # the nearest level (the value table's order)
-        delta = np.take(self.table, index + self.offsets) - values
+        index = np.searchsorted(self.bounds, target / unit)  # the nearest level (the value table's order)
+        delta = np.take(self.table, index + offsets) - values
         change = delta * (delta * self.diagonal[:, j] - 2.0 * gradient)
         better = change < 0
         if not better.any():

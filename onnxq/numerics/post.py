@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.config import check_bits
+from onnxq.numerics import uniform
 from onnxq.numerics.search import Codebook, best_alpha
 
 
@@ -68,7 +69,7 @@ def quantize_rows(rows: np.ndarray, alpha: np.ndarray, bits: int) -> PostWeights
 def dequantize(codes: np.ndarray, scale: np.ndarray, bits: int) -> np.ndarray:
     """sign(q) * scale * sqrt(2)**-(M - |q|), and 0 for q = 0, in float32."""
     levels = magnitudes(bits).astype(np.float32)
-    return (np.sign(codes) * levels[np.abs(codes)] * scale.astype(np.float32)[:, None]).astype(np.float32)
+    return (np.sign(codes) * levels[np.abs(codes)] * uniform.row_scales(scale, codes.ndim)).astype(np.float32)
 
 
 def quantize_best(rows: np.ndarray, bits: int) -> PostWeights:

@@ -26,9 +26,12 @@ def storage_bits(bits: int) -> int:
     return 4 if check_bits(bits) <= 4 else 8
 
 
-def quantized_bytes(weights: int, bits: int, scales: int) -> int:
-    """Stored bytes of a quantized weight tensor: its codes (int4 packed two to a byte) plus float32 scales (one at least)."""
-    return (weights * storage_bits(bits) + 7) // 8 + 4 * max(scales, 1)
+def quantized_bytes(weights: int, bits: int, scales: int, scale_bytes: int = 4) -> int:
+    """Stored bytes of a quantized weight tensor: its codes (int4 packed two to a byte) plus its scales (one at least).
+
+    ``scale_bytes``: each scale's (float32 unless said otherwise).
+    """
+    return (weights * storage_bits(bits) + 7) // 8 + scale_bytes * max(scales, 1)
 
 
 def codebook(bits: int, sqrt: bool) -> Codebook:
@@ -56,12 +59,40 @@ class UniformWeights:
         return dequantize(self.codes, self.scale, self.sqrt)
 
 
-def scales_for(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) -> np.ndarray:
-    """Per-row float32 scale for range alpha*max|w| (alpha*sqrt(max|w|) in sqrt mode); 1 for all-zero rows."""
+def scales_for(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> np.ndarray:
+    """Per-row float32 scale for range alpha*max|w| (alpha*sqrt(max|w|) in sqrt mode); 1 for all-zero rows.
+
+    ``half``: each scale the nearest float16 value where float16 holds it (:func:`half_scales`).
+    """
     peak = np.abs(rows).max(axis=1).astype(np.float64)
     top = np.sqrt(peak) if sqrt else peak
     scale = (alpha * top / max_code(bits)).astype(np.float32)
-    return np.where(scale > 0, scale, np.float32(1.0))
+    scale = np.where(scale > 0, scale, np.float32(1.0))
+    return half_scales(scale) if half else scale
+
+
+#: Smallest positive normal float16: scales below it would lose precision in float16, and stay float32.
+HALF_TINY = float(np.finfo(np.float16).tiny)
+
+
+def half_scales(scale: np.ndarray) -> np.ndarray:
+    """float32 ``scale`` rounded to float16 values where they are normal float16 numbers (the rest as they are).
+
+    A scale per block of 32 inputs costs a bit per weight in float32 and half that in float16, whose 11-bit precision
+    moves a scale by 0.05 % at most: nothing beside a 4-bit step. A tensor whose scales all hold is stored in float16
+    (onnxq/rewrite/qdq.py, :func:`fits_half`).
+    """
+    scale = np.asarray(scale, dtype=np.float32)
+    rounded = scale.astype(np.float16).astype(np.float32)
+    return np.where((np.abs(scale) >= HALF_TINY) & np.isfinite(rounded), rounded, scale)
+
+
+def fits_half(scale: np.ndarray) -> bool:
+    """Whether every scale is a normal float16 value (stored as float16 without a change)."""
+    scale = np.asarray(scale, dtype=np.float32)
+    with np.errstate(over="ignore"):
+        half = scale.astype(np.float16)
+    return bool(np.all(np.isfinite(half)) and np.all(np.abs(scale) >= HALF_TINY) and np.array_equal(half.astype(np.float32), scale))
 
 
 def to_domain(values: np.ndarray, sqrt: bool) -> np.ndarray:
@@ -90,24 +121,35 @@ def decoded(codes: np.ndarray, scale: np.ndarray, sqrt: bool, out: np.ndarray | 
     return y
 
 
-def quantize_rows(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
-    """Quantize rows (R, n) with the given per-row alpha: round to nearest, clip to [-Q, Q]."""
+def quantize_rows(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> UniformWeights:
+    """Quantize rows (R, n) with the given per-row alpha: round to nearest, clip to [-Q, Q] (``half``: :func:`scales_for`'s)."""
     rows = np.asarray(rows, dtype=np.float32)
-    scale = scales_for(rows, alpha, bits, sqrt)
+    scale = scales_for(rows, alpha, bits, sqrt, half)
     codes = nearest_codes(to_domain(rows, sqrt), scale[:, None], max_code(bits)).astype(np.int8)
     return UniformWeights(codes=codes, scale=scale, bits=bits, sqrt=sqrt, alpha=np.asarray(alpha, dtype=np.float64))
 
 
 def dequantize(codes: np.ndarray, scale: np.ndarray, sqrt: bool) -> np.ndarray:
-    """Codes (R, n) times per-row scales in float32; squared back with the sign kept in sqrt mode."""
-    return decoded(codes.astype(np.float32), scale.astype(np.float32)[:, None], sqrt)
+    """Codes (R, n) times per-row scales (R,) or per-code ones (R, n) in float32; squared back with the sign kept in sqrt mode."""
+    return decoded(codes.astype(np.float32), row_scales(scale, codes.ndim), sqrt)
 
 
-def quantize_best(rows: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
+def expand_blocks(scale: np.ndarray, block_size: int, columns: int) -> np.ndarray:
+    """Scales per row and block (R, B) as a scale per code (R, ``columns``): each repeated over its block's inputs."""
+    return np.repeat(np.asarray(scale), block_size, axis=1)[:, :columns]
+
+
+def row_scales(scale: np.ndarray, ndim: int = 2) -> np.ndarray:
+    """float32 ``scale`` shaped to multiply rows (R, n): per row (R,) as a column, per code (R, n) as it is."""
+    scale = np.asarray(scale, dtype=np.float32)
+    return scale if scale.ndim == ndim else scale.reshape(*scale.shape, *([1] * (ndim - scale.ndim)))
+
+
+def quantize_best(rows: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> UniformWeights:
     """Search alpha per row for the least weight MSE (polished on the exact data for short rows), then quantize."""
-    return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt)
+    return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt, half)
 
 
-def absmax_rows(rows: np.ndarray, bits: int, sqrt: bool = False) -> UniformWeights:
+def absmax_rows(rows: np.ndarray, bits: int, sqrt: bool = False, half: bool = False) -> UniformWeights:
     """Plain round-to-nearest over the full range (alpha = 1): the baseline REQuant improves on."""
-    return quantize_rows(rows, np.ones(len(rows)), bits, sqrt)
+    return quantize_rows(rows, np.ones(len(rows)), bits, sqrt, half)

@@ -37,7 +37,8 @@ class QuantizedTensor:
     """A weight tensor as integer codes plus scales, ready to be written as DequantizeLinear inputs.
 
     ``codes`` has the original shape; ``scale`` has shape (C,) along ``axis``, or () when
-    ``axis`` is None (per tensor).
+    ``axis`` is None (per tensor), or (C, B) with ``block_size``: a scale per channel and block of ``block_size``
+    consecutive inputs of the channel's row (:func:`to_rows`' order), the last block shorter where the row is.
     """
 
     codes: np.ndarray
@@ -49,12 +50,28 @@ class QuantizedTensor:
     mse: float
     sqnr_db: float
     post: bool = False
+    block_size: int | None = None
 
     def dequantize(self) -> np.ndarray:
         """The float32 weights the model will compute with."""
         rows, scale = to_rows(self.codes, self.axis), np.atleast_1d(self.scale)
+        if self.block_size is not None:
+            scale = uniform.expand_blocks(scale, self.block_size, rows.shape[1])
         approx = post.dequantize(rows, scale, self.bits) if self.post else uniform.dequantize(rows, scale, self.sqrt)
         return from_rows(approx, self.codes.shape, self.axis)
+
+
+    @property
+    def scale_bytes(self) -> int:
+        """Bytes per stored scale: 2 for block scales that float16 holds (onnxq/rewrite/qdq.py writes them so), else 4."""
+        return 2 if self.block_size is not None and uniform.fits_half(self.scale) else 4
+
+    @property
+    def stored_codes(self) -> int:
+        """How many codes the file holds: the weights, and with blocks the zero codes that fill each row's last block."""
+        if self.block_size is None:
+            return int(self.codes.size)
+        return int(np.shape(self.scale)[0] * np.shape(self.scale)[1] * self.block_size)
 
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
@@ -105,13 +122,16 @@ def quantize_weight(
     sqrt: SqrtMode = SqrtMode.AUTO,
     method: RangeMethod = RangeMethod.SEARCH,
     balanced: bool = False,
+    block_size: int | None = None,
+    half_scales: bool = False,
 ) -> QuantizedTensor:
-    """Quantize ``weight`` to ``bits`` per row along ``axis`` (None: per tensor).
+    """Quantize ``weight`` to ``bits`` per row along ``axis`` (None: per tensor), or per row and block of ``block_size`` inputs.
 
     With SqrtMode.AUTO both plain and sqrt codes are tried and the one with the lower
     weight MSE is kept, up to SQRT_AUTO_MAX_BITS; wider codes stay plain. The range search runs up to SEARCH_MAX_BITS;
     wider codes take the full range. ``balanced``: each row's rounding errors then sum to nearly zero
-    (onnxq/numerics/balance.py).
+    (onnxq/numerics/balance.py); with blocks, each block's. Block scales are float16 values (uniform.half_scales) where
+    float16 holds them; ``half_scales`` asks the same of any scales.
     """
     weight = np.asarray(weight, dtype=np.float32)
     bits = check_bits(bits)
@@ -120,14 +140,59 @@ def quantize_weight(
     modes = {SqrtMode.OFF: (False,), SqrtMode.ON: (True,), SqrtMode.AUTO: (False, True) if bits <= SQRT_AUTO_MAX_BITS else (False,)}[sqrt]
     best: QuantizedTensor | None = None
     for use_sqrt in modes:
-        if method is RangeMethod.SEARCH:
-            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s), use_sqrt, False, balanced)
+        if uses_blocks(weight, axis, block_size):  # one grid for all the blocks
+            mode = SqrtMode.ON if use_sqrt else SqrtMode.OFF
+            candidate = _in_blocks(weight, axis, block_size,
+                                   lambda part, m=mode: quantize_weight(part, bits, 0, m, method, balanced, half_scales=True))
+        elif method is RangeMethod.SEARCH:
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s, half_scales), use_sqrt,
+                                         False, balanced)
         else:
-            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s), use_sqrt, False, balanced)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s, half_scales), use_sqrt,
+                                         False, balanced)
         if best is None or candidate.mse < best.mse:
             best = candidate
     assert best is not None
     return best
+
+
+#: Widest codes that take a scale per block of inputs (--block-size): 8-bit codes keep one per channel (their rounding
+#: error is small beside what a float16 scale per block would add to their size).
+BLOCKS_MAX_BITS = 7
+
+
+def blocked(bits: int, block_size: int | None) -> bool:
+    """Whether codes of ``bits`` get the blocks ``block_size`` asks for (None: none)."""
+    return block_size is not None and bits <= BLOCKS_MAX_BITS
+
+
+def uses_blocks(weight: np.ndarray, axis: int | None, block_size: int | None) -> bool:
+    """Whether ``weight`` gets a scale per block of ``block_size`` inputs: per channel, with rows longer than one block."""
+    return block_size is not None and axis is not None and weight.size > block_size * weight.shape[axis]
+
+
+def _in_blocks(weight: np.ndarray, axis: int, block_size: int, quantize: Callable[[np.ndarray], QuantizedTensor]) -> QuantizedTensor:
+    """``weight`` quantized per row and block of ``block_size`` inputs: each block a row of its own for ``quantize``.
+
+    The rows' full blocks go in one call, their shorter last blocks (where the row length is not a multiple) in another.
+    """
+    rows = to_rows(weight, axis)
+    count, k = rows.shape
+    full = k // block_size * block_size
+    parts = [quantize(rows[:, :full].reshape(-1, block_size))] if full else []
+    if full < k:
+        parts.append(quantize(np.ascontiguousarray(rows[:, full:])))
+    blocks = -(-k // block_size)
+    codes = np.concatenate([p.codes.reshape(count, -1) for p in parts], axis=1)
+    scale = np.concatenate([p.scale.reshape(count, -1) for p in parts], axis=1)
+    alpha = np.concatenate([np.asarray(p.alpha).reshape(count, -1) for p in parts], axis=1)
+    noise = sum(p.mse * p.codes.size for p in parts)
+    signal = float(np.sum(rows.astype(np.float64) ** 2))
+    assert scale.shape == (count, blocks)
+    return dataclasses.replace(
+        parts[0], codes=from_rows(codes, weight.shape, axis), scale=scale, axis=axis, alpha=alpha,
+        mse=noise / weight.size if weight.size else 0.0, sqnr_db=_sqnr_from_sums(noise, signal), block_size=block_size,
+    )
 
 
 def quantize_post_weight(weight: np.ndarray, bits: int, axis: int | None, search: bool = True, balanced: bool = False) -> QuantizedTensor:
@@ -200,7 +265,7 @@ def _sqnr_from_sums(noise: float, signal: float) -> float:
 
 def quantize_for_output(
     weight: np.ndarray, bits: int, axis: int, modes: tuple[str, ...], hessian: np.ndarray, baseline: QuantizedTensor | None = None,
-    sweeps: int | None = None, refill: Callable[[np.ndarray], object] | None = None,
+    sweeps: int | None = None, refill: Callable[[np.ndarray], object] | None = None, block_size: int | None = None,
 ) -> QuantizedTensor:
     """Quantize ``weight`` per row along ``axis`` for its layer's output: ranges by output error, compensated rounding.
 
@@ -211,15 +276,18 @@ def quantize_for_output(
     after GPTQ (None: output_error.SWEEPS, 0: none). ``refill``: writes the same ``hessian`` into the array it is given
     again; with it (and ``hessian`` float64 in C order) GPTQ's factors are made in ``hessian``'s own memory, which
     ``refill`` then restores: the same codes without a copy of H (:meth:`output_error.Compensation.in_place`).
+    ``block_size``: a scale per row and block of that many inputs (:func:`output_error.nearest_blocks`) where the rows
+    are longer than a block.
     """
     weight = np.asarray(weight, dtype=np.float32)
     rows = to_rows(weight, axis).astype(np.float64)
     groups = hessian.shape[0]
     small = groups > 1 and rows.shape[1] <= output_error.SMALL_GROUP_FEATURES  # depthwise: all groups at once
+    blocks = block_size if uses_blocks(weight, axis, block_size) and not small else None
     if refill is not None and (hessian.dtype != np.float64 or not hessian.flags.c_contiguous):
         refill = None
     best = (_small_groups_for_output(rows, hessian, modes, bits, sweeps) if small
-            else _groups_for_output(rows, hessian, modes, bits, sweeps, refill))
+            else _groups_for_output(rows, hessian, modes, bits, sweeps, refill, blocks))
     if baseline is not None and baseline.axis == axis:
         delta = rows - to_rows(baseline.dequantize(), axis)
         if output_error.grouped_output_error(delta, hessian) <= best[0]:
@@ -227,9 +295,12 @@ def quantize_for_output(
     error, codes, scale, alpha, mode = best
     values = output_error.decode(codes, scale, output_error.Grid(mode, bits))
     noise, signal = float(np.sum((rows - values) ** 2)), float(np.sum(rows**2))
+    if blocks is not None:
+        scale = np.ascontiguousarray(scale[:, ::blocks])  # per code -> per block
     return QuantizedTensor(
         codes=from_rows(codes, weight.shape, axis), scale=scale, axis=axis, bits=bits, sqrt=mode == "sqrt", alpha=alpha,
         mse=noise / weight.size if weight.size else 0.0, sqnr_db=_sqnr_from_sums(noise, signal), post=mode == "post",
+        block_size=blocks,
     )
 
 
@@ -241,18 +312,23 @@ _Best = tuple[float, np.ndarray, np.ndarray, np.ndarray, str]
 
 
 def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, ...], bits: int, sweeps: int | None,
-                       refill: Callable[[np.ndarray], object] | None = None) -> _Best:
+                       refill: Callable[[np.ndarray], object] | None = None, block_size: int | None = None) -> _Best:
     """Each group's rows rounded by GPTQ on the grids that round them nearly as well as the best to nearest; the best refined and kept.
 
     Compensating every grid doubled the time on MiniLM; compensating only the best nearest one lost 0.2 dB on the
     layout detector (tools/eval_real_models.py): grids within GRID_MARGIN of it are compensated too. The refinement
     (``sweeps``, coordinate descent) costs about two GPTQs per sweep, so only the grid GPTQ leaves best is refined.
-    ``refill``: :func:`quantize_for_output`'s (GPTQ's factors made in ``hessian``, which it then restores).
+    ``refill``: :func:`quantize_for_output`'s (GPTQ's factors made in ``hessian``, which it then restores). ``block_size``:
+    a scale per row and block of inputs (then the scales come back per code).
     """
     groups = hessian.shape[0]
     per_group = len(rows) // groups
     slices = [rows[g * per_group : (g + 1) * per_group] for g in range(groups)]
-    nearest = {mode: [output_error.nearest_rows(part, hessian[g], output_error.Grid(mode, bits)) for g, part in enumerate(slices)] for mode in modes}
+
+    def nearest_of(part: np.ndarray, h: np.ndarray, grid: output_error.Grid) -> output_error.ScoredRows:
+        return output_error.nearest_rows(part, h, grid) if block_size is None else output_error.nearest_blocks(part, h, grid, block_size)
+
+    nearest = {mode: [nearest_of(part, hessian[g], output_error.Grid(mode, bits)) for g, part in enumerate(slices)] for mode in modes}
     floor = min(sum(p.error for p in nearest[m]) for m in modes)
     chosen = [mode for mode in modes if sum(p.error for p in nearest[mode]) <= GRID_MARGIN * floor]
     factor = output_error.Compensation.of if refill is None else output_error.Compensation.in_place
@@ -267,7 +343,7 @@ def _groups_for_output(rows: np.ndarray, hessian: np.ndarray, modes: tuple[str, 
     mode = min(compensated, key=lambda m: sum(p.error for p in compensated[m]))
     grid, parts = output_error.Grid(mode, bits), compensated[mode]
     if sweeps != 0:
-        parts = [output_error.refined_rows(part, hessian[g], grid, parts[g], sweeps) for g, part in enumerate(slices)]
+        parts = [output_error.refined_rows(part, hessian[g], grid, parts[g], sweeps, block_size) for g, part in enumerate(slices)]
     return (sum(p.error for p in parts), np.concatenate([p.codes for p in parts]), np.concatenate([p.scale for p in parts]),
             np.concatenate([p.alpha for p in parts]), mode)
 
