@@ -92,6 +92,11 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
                    "(fast with few input rows, e.g. one token at a time): 'auto' (default) weights of 2^20 values or more, "
                    "'on' every one it can run, 'off' none. The others are decoded when onnxruntime loads the model and run "
                    "at float speed")
+    p.add_argument("--block-size", type=int, metavar="N",
+                   help="weight-only models (no quantized activations, qdq format): one scale per output channel and block of N "
+                   "consecutive inputs (a power of two, 16 or more) instead of one per channel. Finer steps where a channel's "
+                   "weights differ in size: at 4 bits, blocks of 32 about halve the rounding error for about 1 more bit per "
+                   "weight (a float32 scale per block). MatMulNBits runs the same blocks. Default: one scale per channel")
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
     p.add_argument("--rounding", choices=["balanced", "nearest"], default="balanced",
@@ -258,6 +263,7 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         activations=_activation_config(args),
         output_aware=args.output_aware == "auto",
         balanced_rounding=args.rounding == "balanced",
+        block_size=args.block_size,
         samples=ActivationConfig.samples if args.calibration_size is None else args.calibration_size,
     )
 

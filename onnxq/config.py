@@ -162,6 +162,13 @@ class ActivationConfig:
             raise ValueError(f"reduce_range must be a ReduceRange, got {self.reduce_range!r}")
 
 
+def check_block_size(block_size: object) -> int:
+    """``block_size`` if it is a power of two of 16 or more (MatMulNBits' rule for its blocks), else ValueError."""
+    if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 16 or block_size & (block_size - 1):
+        raise ValueError(f"block size must be a power of two of 16 or more, got {block_size!r}")
+    return int(block_size)
+
+
 @dataclass(frozen=True)
 class QuantizeConfig:
     """What to quantize and how.
@@ -188,6 +195,10 @@ class QuantizeConfig:
             quantized for their inputs' covariance, and the mean output shift their codes cause goes into that bias.
         matmul_nbits: which weight-only Gemm/MatMul weights onnxruntime's MatMulNBits runs (the others are decoded
             when the model loads, or run by onnxq's ops in the int/post formats).
+        block_size: weight-only models in the qdq format: a scale per output channel and block of this many consecutive
+            inputs (a power of two, 16 or more: onnxruntime's MatMulNBits takes the same blocks) instead of one per
+            channel, for codes below 8 bits; None: one per channel. Finer steps where a channel's weights differ in size,
+            for a float16 scale a block (float32 where float16 does not hold it).
         balanced_rounding: without calibration data, codes below 8 bits are rounded so that each row's errors sum
             to nearly zero, which removes most of the steady output shift
             rounding causes behind Relu-like layers (onnxq/numerics/balance.py); False rounds each weight to nearest.
@@ -209,6 +220,7 @@ class QuantizeConfig:
     fold_mean_shift: bool = True
     matmul_nbits: NBitsMode = NBitsMode.AUTO
     balanced_rounding: bool = True
+    block_size: int | None = None
 
     @property
     def calibration_samples(self) -> int:
@@ -241,4 +253,11 @@ class QuantizeConfig:
             raise ValueError(f"POST weights take 2-4 bits, got {self.bits}")
         if self.activations is not None and not isinstance(self.activations, ActivationConfig):
             raise ValueError(f"activations must be an ActivationConfig or None, got {self.activations!r}")
+        if self.block_size is not None:
+            check_block_size(self.block_size)
+            if self.bits == 8:
+                raise ValueError("blocks of inputs with scales of their own are for codes below 8 bits (-b 2-7); 8-bit codes keep one per channel")
+            if self.activations is not None or self.format is not WeightFormat.QDQ or self.granularity is not Granularity.CHANNEL:
+                raise ValueError("blocks of inputs with scales of their own are for weight-only models in the qdq format, per channel "
+                                 "(onnxruntime's integer kernels and onnxq's ops take one scale per channel)")
         object.__setattr__(self, "exclude", frozenset(self.exclude))

@@ -45,7 +45,7 @@ from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.memory import release_free_memory
 from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
-from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
+from onnxq.numerics.weights import QuantizedTensor, blocked, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
 from onnxq.plan.handlers import CONTRIB_TABLES, RECURRENT_WEIGHTS
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
 from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
@@ -92,6 +92,7 @@ class LayerResult:
     qdq_reason: str = ""  # why a layer stays QDQ although the format asked for onnxq's ops
     weights: int = 0  # how many weight values the tensor holds
     bits_rule: str = ""  # the rule that gave other bits than -b (WeightPlan.bits_rule)
+    block_size: int | None = None  # a scale per channel and block of this many inputs (--block-size)
 
 
 @dataclass
@@ -407,10 +408,12 @@ def _quantize_planned(
     linear = op_type in (INT_CONV, MATMUL_NBITS) or (integer_inputs and (storage_bits(plan.bits) == 8 or config.sqrt is not SqrtMode.ON))
     sqrt = SqrtMode.OFF if linear else config.sqrt
     axis = plan.channel_axis if config.granularity is Granularity.CHANNEL else None
+    # decoded at load, or MatMulNBits; below 8 bits
+    blocks = config.block_size if op_type in (None, MATMUL_NBITS) and not integer_inputs and blocked(plan.bits, config.block_size) else None
     if hessian is None or axis is None or config.range is RangeMethod.ABSMAX:
-        return quantize_weight(weight, plan.bits, axis, sqrt, config.range, balanced=_balanced(plan, op_type, config))
+        return quantize_weight(weight, plan.bits, axis, sqrt, config.range, balanced=_balanced(plan, op_type, config), block_size=blocks)
     modes = {SqrtMode.OFF: ("plain",), SqrtMode.ON: ("sqrt",), SqrtMode.AUTO: ("plain", "sqrt")}[sqrt]
-    return quantize_for_output(weight, plan.bits, axis, modes, hessian, sweeps=sweeps, refill=refill)
+    return quantize_for_output(weight, plan.bits, axis, modes, hessian, sweeps=sweeps, refill=refill, block_size=blocks)
 
 
 #: Widest data-free codes that are balanced (onnxq/numerics/balance.py). 8-bit codes stay max|w| rounded to nearest:
@@ -564,11 +567,12 @@ def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choi
         sqrt=q.sqrt,
         op=choice.op_type or "DequantizeLinear",
         per_channel=q.axis is not None,
+        block_size=q.block_size,
         alpha_median=float(np.median(q.alpha)),
         alpha=tuple(float(a) for a in np.ravel(q.alpha)),
         sqnr_db=q.sqnr_db,
         float_bytes=weight.nbytes,
-        quantized_bytes=quantized_bytes(weight.size, plan.bits, q.scale.size),
+        quantized_bytes=quantized_bytes(q.stored_codes, plan.bits, q.scale.size, q.scale_bytes),
         qdq_reason=choice.reason,
         weights=weight.size,
         bits_rule=plan.bits_rule,

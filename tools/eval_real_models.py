@@ -78,17 +78,18 @@ class Reader:
 # ---- the quantizers, each writing ``out`` from ``case.model``
 
 
-def onnxq_weights(bits: int, data: bool, absmax: bool = False, fmt: str = "qdq") -> Callable[[Case, Path], str]:
+def onnxq_weights(bits: int, data: bool, absmax: bool = False, fmt: str = "qdq", block_size: int | None = None) -> Callable[[Case, Path], str]:
     """Onnxq weight-only at ``bits`` (first/last layers at 8), with the calibration data or without; absmax: plain codes, max|w| range.
 
-    ``fmt`` "int": the op format, whose ops quantize their float inputs themselves at every call.
+    ``fmt`` "int": the op format, whose ops quantize their float inputs themselves at every call. ``block_size``: a
+    scale per block of that many inputs (--block-size).
     """
 
     def quantize(case: Case, out: Path) -> str:
         import onnxq
         from onnxq.analysis.fidelity import check_on_synthetic, damage_warning
 
-        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt))
+        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt), block_size=block_size)
         if absmax:
             config = onnxq.QuantizeConfig(bits=bits, range=onnxq.RangeMethod.ABSMAX, sqrt=onnxq.SqrtMode.OFF)
         onnxq.save_model(onnxq.quantize(case.model, config, case.calibration if data else None), out)
@@ -229,6 +230,9 @@ SETTINGS = (
     Setting("onnxq -b 4, 256 samples, --format int (weights chosen on the data; the ops quantize their inputs per call)",
             onnxq_weights(4, data=True, fmt="int")),
     Setting("onnxq -b 4, 256 samples, --target-size 0.2x, --format int (weights only, as row 14)", onnxq_mixed("0.2x", fmt="int")),
+    Setting("onnxq -b 4, 256 samples, --block-size 32 (weight-only)", onnxq_weights(4, data=True, block_size=32)),
+    Setting("onnxq -b 4, 256 samples, --block-size 64 (weight-only)", onnxq_weights(4, data=True, block_size=64)),
+    Setting("onnxq -b 4, no data, --block-size 32", onnxq_weights(4, data=False, block_size=32)),
 )
 
 

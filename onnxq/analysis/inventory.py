@@ -38,7 +38,7 @@ _DTYPE_BITS = {
 #: Domains onnxruntime runs without an extra library.
 _BUILTIN_DOMAINS = ("", "ai.onnx", "ai.onnx.ml", "ai.onnx.preview.training", "com.microsoft", "com.microsoft.nchwc")
 #: Ops between a stored weight and its reader that only change layout or type.
-_PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten"}
+_PASS_THROUGH = {"Identity", "Transpose", "Reshape", "Cast", "Squeeze", "Unsqueeze", "Flatten", "Slice"}
 #: Element types of codes that a Cast and a Mul by a scale decode, and the scale's float types.
 _INTEGER_CODES = CODE_TYPES | {onnx.TensorProto.INT16}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16, onnx.TensorProto.DOUBLE}
@@ -217,7 +217,9 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
             codes, cast, scale = decoded
             view = [d for d in scale.dims]
             axis = next((i for i, d in enumerate(view) if d > 1), None) if math.prod(view) > 1 else None
-            return _Source(codes, node, sqrt, (*chain, cast), scale, None, axis, 0)
+            # onnxq's blocks: codes (channel, block, input in block) times scales (channel, block, 1)
+            block = int(codes.dims[2]) if len(codes.dims) == 3 and len(view) == 3 and view[2] == 1 and view[1] > 1 else 0
+            return _Source(codes, node, sqrt, (*chain, cast), scale, None, axis, block)
         squared = _squared(node, scope)
         if squared is not None and not sqrt:
             sqrt, name = True, squared
@@ -240,6 +242,9 @@ def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorP
         return None
     for value, scale_name in (node.input, reversed(node.input)):
         cast, scale = scope.producers.get(value), scope.constants.get(scale_name)
+        widened = scope.producers.get(scale_name)
+        if scale is None and widened is not None and widened.op_type == "Cast":  # float16 block scales, widened at load
+            scale = scope.tensor(widened, 0)
         if cast is None or scale is None or scale.data_type not in _FLOAT_TYPES:
             continue
         codes = scope.tensor(cast, 0) if cast.op_type == "Cast" else _halves_codes(cast, scope)

@@ -24,6 +24,7 @@ import onnx
 from onnxq.analysis.sensitivity import SensitivityAnalysis, energy_sqnr_db
 from onnxq.errors import OnnxqError
 from onnxq.numerics.uniform import quantized_bytes
+from onnxq.numerics.weights import blocked, uses_blocks
 from onnxq.report.summary import human_bytes
 
 #: Widths a layer may be raised to: the widest of each storage class.
@@ -216,7 +217,8 @@ def choose_bits(
     if target is not None:
         float_bytes = sum(w.nbytes for w in analysis.weights.values())
         weights = sum(w.size for w in analysis.weights.values())
-        scales = sum(4 * max(_scales(analysis, c.tensor), 1) for c in candidates)
+        at = min(8, max(2, math.ceil(target.value))) if target.unit == "bits" else 8  # (the scales of a "bits" target at its width)
+        scales = sum(layout[1] * layout[2] for layout in (_stored_layout(analysis, c.tensor, at) for c in candidates))
         budget = target.to_bytes(float_bytes, weights, scales)
         if budget < min_bytes:
             raise OnnxqError(analysis.label, f"--target-size {target.text} is {budget} bytes of weights, below the smallest possible "
@@ -265,21 +267,36 @@ def _candidates(analysis: SensitivityAnalysis) -> list[Candidate]:
     analysis.measure((plan.tensor, b) for plan in analysis.plans for b in ladder(plan.bits))  # at once: on Dask workers where there are some
     out = []
     for plan in analysis.plans:
-        weight = analysis.weights[plan.tensor]
-        scales = _scales(analysis, plan.tensor)
-        rungs = tuple(Rung(b, quantized_bytes(weight.size, b, scales), analysis.layer(plan.tensor, b).noise) for b in ladder(plan.bits))
+        rungs = tuple(Rung(b, _stored_bytes(analysis, plan.tensor, b), analysis.layer(plan.tensor, b).noise) for b in ladder(plan.bits))
         out.append(Candidate(plan.tensor, plan.nodes, rungs))
     return out
 
 
-def _scales(analysis: SensitivityAnalysis, tensor: str) -> int:
-    """How many scales the tensor is stored with: one per output channel, or one."""
+def _stored_bytes(analysis: SensitivityAnalysis, tensor: str, bits: int) -> int:
+    """Bytes the tensor is stored in at ``bits``: its codes and scales (:func:`_stored_layout`)."""
+    codes, scales, scale_bytes = _stored_layout(analysis, tensor, bits)
+    return quantized_bytes(codes, bits, scales, scale_bytes)
+
+
+def _stored_layout(analysis: SensitivityAnalysis, tensor: str, bits: int) -> tuple[int, int, int]:
+    """(codes, scales, bytes per scale) of the tensor at ``bits``.
+
+    A scale per output channel, or one; with --block-size below 8 bits, a float16 scale per channel and block, and the
+    zero codes that fill each channel's last block.
+    """
     from onnxq.config import Granularity
 
     plan = analysis.plan(tensor)
+    weight = analysis.weights[tensor]
     if analysis.config.granularity is Granularity.TENSOR or plan.channel_axis is None:
-        return 1
-    return int(np.shape(analysis.weights[tensor])[plan.channel_axis])
+        return weight.size, 1, 4
+    channels = int(np.shape(weight)[plan.channel_axis])
+    block = analysis.config.block_size
+    if not blocked(bits, block) or not uses_blocks(weight, plan.channel_axis, block):
+        return weight.size, channels, 4
+    assert block is not None
+    blocks = -(-(weight.size // channels) // block)
+    return channels * blocks * block, channels * blocks, 2
 
 
 def _all_raises(candidates: Sequence[Candidate]) -> list[Raise]:

@@ -112,7 +112,7 @@ class LayerReport:
             storage_bits=layer.storage_bits,
             format="post" if layer.op == "PostConv" else "uniform",
             op=layer.op,
-            granularity="channel" if layer.per_channel else "tensor",
+            granularity=(f"block {layer.block_size}" if layer.block_size else "channel") if layer.per_channel else "tensor",
             sqrt=layer.sqrt,
             alpha=AlphaSummary.of(layer.alpha or (layer.alpha_median,), layer.per_channel),
             weight_sqnr_db=layer.sqnr_db,

@@ -88,7 +88,9 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
     bits = Counter(layer.bits for layer in result.layers)
     by_bits = ", ".join(f"{n} at {b} bits" for b, n in sorted(bits.items()))
     sqrt = sum(layer.sqrt for layer in result.layers)
-    lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode)"]
+    blocks = Counter(layer.block_size for layer in result.layers if layer.block_size)
+    in_blocks = "".join(f", {n} with a scale per {b} inputs" for b, n in sorted(blocks.items()))
+    lines = [f"quantized {len(result.layers)} weight tensors: {by_bits} ({sqrt} in sqrt mode{in_blocks})"]
     if result.activations:
         act_bits = Counter(a.params.bits for a in result.activations)
         adaptive = sum(a.adapter is not None and a.adapter.adaptive for a in result.activations)

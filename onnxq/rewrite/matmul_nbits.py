@@ -45,17 +45,20 @@ def nbits_weight(q: QuantizedTensor, rows_first: bool = False, factor: float = 1
     """(packed codes uint8 [N, blocks, block * bits / 8], scales float32 [N * blocks], block) of a weight's codes ``q``.
 
     The weight is (K, N), or (N, K) when ``rows_first`` (Gemm's transB); ``factor`` multiplies the scales (Gemm's alpha).
+    Codes with a scale per block of inputs (``q.block_size``, its channel axis the output's) keep their blocks and scales.
     """
     bits = storage_bits(q.bits)
     zero_point = 1 << (bits - 1)
     rows = q.codes if rows_first else q.codes.T
     n, k = rows.shape
-    block = block_size(k)
+    block = block_size(k) if q.block_size is None else q.block_size  # onnxq's blocks are the op's (powers of two, 16 up)
     blocks = -(-k // block)
     columns = np.full((n, blocks * block), zero_point, dtype=np.uint8)  # the padding decodes to zero
     columns[:, :k] = (rows.astype(np.int16) + zero_point).astype(np.uint8)
     if bits == 4:
         columns = columns[:, 0::2] | (columns[:, 1::2] << 4)
+    if q.block_size is not None:
+        return columns.reshape(n, blocks, -1), (np.asarray(q.scale, dtype=np.float64) * factor).reshape(-1).astype(np.float32), block
     scale = np.broadcast_to(np.asarray(q.scale, dtype=np.float64).reshape(-1) * factor, (n,))
     return columns.reshape(n, blocks, -1), np.repeat(scale, blocks).astype(np.float32), block
 

@@ -28,8 +28,8 @@ from onnx import helper, numpy_helper
 
 from onnxq.model.graph import NameSource, remove_unused_initializers, rename_input
 from onnxq.numerics.packing import HALVES_OFFSET, pack_halves, pack_int4
-from onnxq.numerics.uniform import storage_bits
-from onnxq.numerics.weights import QuantizedTensor
+from onnxq.numerics.uniform import fits_half, storage_bits
+from onnxq.numerics.weights import QuantizedTensor, to_rows
 
 
 def integer_tensor(name: str, codes: np.ndarray, bits: int) -> onnx.TensorProto:
@@ -55,6 +55,8 @@ def dequantize_nodes(
     codes_name = names.fresh(f"{weight}_quantized")
     scale_name = names.fresh(f"{weight}_scale")
     decoded = names.fresh(f"{weight}_dequantized")
+    if q.block_size is not None and not at_load:
+        raise ValueError(f"{weight}: codes with a scale per block of inputs are decoded at load only (weight-only models)")
     if at_load:
         return _decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded, shared)
     scale = np.asarray(q.scale, dtype=helper.tensor_dtype_to_np_dtype(dtype))
@@ -90,22 +92,74 @@ def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: 
     (and would run on every inference, with a warning per weight when the session starts).
     """
     scale = np.asarray(q.scale, dtype=np.float32)
-    if q.axis is not None:  # broadcast along the channel axis
+    codes = q.codes
+    if q.block_size is not None:  # codes as (channel, block, input in block), the scales as (channel, block, 1)
+        codes, scale = blocked_codes(q), scale[:, :, None]
+    elif q.axis is not None:  # broadcast along the channel axis
         scale = scale.reshape([-1 if i == q.axis else 1 for i in range(q.codes.ndim)])
     if storage_bits(q.bits) == 4:
-        inits, nodes, cast = _unpacked_halves(q.codes, names, codes_name, shared)
+        inits, nodes, cast = _unpacked_halves(codes, names, codes_name, shared)
     else:
-        inits, cast = [integer_tensor(codes_name, q.codes, q.bits)], names.fresh(f"{weight}_cast")
+        inits, cast = [integer_tensor(codes_name, codes, q.bits)], names.fresh(f"{weight}_cast")
         nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT)]
-    inits.append(numpy_helper.from_array(scale, scale_name))
-    values = decoded if dtype == onnx.TensorProto.FLOAT else names.fresh(f"{weight}_float32")
+    blocked = q.block_size is not None
+    if blocked and fits_half(scale):  # float16 in the file, float32 once loaded (the Cast is folded too)
+        stored = names.fresh(f"{weight}_scale16")
+        inits.append(numpy_helper.from_array(scale.astype(np.float16), stored))
+        nodes.append(helper.make_node("Cast", [stored], [scale_name], name=names.fresh(f"{weight}_ScaleCast"), to=onnx.TensorProto.FLOAT))
+    else:
+        inits.append(numpy_helper.from_array(scale, scale_name))
+    values = decoded if dtype == onnx.TensorProto.FLOAT and not blocked else names.fresh(f"{weight}_float32")
     nodes.append(helper.make_node("Mul", [cast, scale_name], [values], name=names.fresh(f"{weight}_Scale")))
     if q.sqrt:
         values = _square(weight, values, names, nodes)
+    if blocked:
+        values = _from_blocks(weight, q, values, decoded if dtype == onnx.TensorProto.FLOAT else None, names, inits, nodes)
     if dtype == onnx.TensorProto.FLOAT:
         return inits, nodes, values
     nodes.append(helper.make_node("Cast", [values], [decoded], name=names.fresh(f"{weight}_CastBack"), to=dtype))
     return inits, nodes, decoded
+
+
+def blocked_codes(q: QuantizedTensor) -> np.ndarray:
+    """``q``'s codes as (channel, block, input in block): its rows (weights.to_rows), each padded with zero codes to whole blocks."""
+    assert q.block_size is not None and q.axis is not None
+    rows = to_rows(q.codes, q.axis)
+    count, blocks = np.shape(q.scale)
+    padded = np.zeros((count, blocks * q.block_size), dtype=rows.dtype)
+    padded[:, : rows.shape[1]] = rows
+    return padded.reshape(count, blocks, q.block_size)
+
+
+def _from_blocks(weight: str, q: QuantizedTensor, values: str, output: str | None, names: NameSource,
+                 inits: list[onnx.TensorProto], nodes: list[onnx.NodeProto]) -> str:
+    """Append the ops that turn decoded (channel, block, input) values back into the weight's shape; returns the result's name.
+
+    Reshape to rows, Slice off the padding of the last block, Reshape to the weight's shape with the channel axis first,
+    Transpose the axis back where it is not first: all on constants, folded at load. ``output``: the last op's output name.
+    """
+    assert q.axis is not None
+    shape = q.codes.shape
+    axis = q.axis % len(shape)
+    count, blocks = np.shape(q.scale)
+    moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
+    length = int(np.prod(moved[1:], dtype=np.int64))
+    steps: list[tuple[str, dict, list[np.ndarray]]] = [("Reshape", {}, [np.array([count, blocks * q.block_size], dtype=np.int64)])]
+    if length < blocks * q.block_size:
+        steps.append(("Slice", {}, [np.array([0], dtype=np.int64), np.array([length], dtype=np.int64), np.array([1], dtype=np.int64)]))
+    steps.append(("Reshape", {}, [np.array(moved, dtype=np.int64)]))
+    if axis != 0:
+        order = list(range(1, len(shape)))
+        steps.append(("Transpose", {"perm": order[:axis] + [0] + order[axis:]}, []))
+    for i, (op, attributes, constants) in enumerate(steps):
+        inputs = [values]
+        for constant in constants:
+            inputs.append(names.fresh(f"{weight}_{op.lower()}"))
+            inits.append(numpy_helper.from_array(constant, inputs[-1]))
+        result = output if output is not None and i == len(steps) - 1 else names.fresh(f"{weight}_{op.lower()}d")
+        nodes.append(helper.make_node(op, inputs, [result], name=names.fresh(f"{weight}_{op}"), **attributes))
+        values = result
+    return values
 
 
 class HalvesConstants:
