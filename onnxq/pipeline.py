@@ -572,7 +572,7 @@ def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choi
         alpha=tuple(float(a) for a in np.ravel(q.alpha)),
         sqnr_db=q.sqnr_db,
         float_bytes=weight.nbytes,
-        quantized_bytes=quantized_bytes(q.stored_codes, plan.bits, q.scale.size, q.scale_bytes),
+        quantized_bytes=quantized_bytes(weight.size, plan.bits, q.scale.size, q.scale_bytes),
         qdq_reason=choice.reason,
         weights=weight.size,
         bits_rule=plan.bits_rule,

@@ -214,11 +214,9 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
             return _Source(codes, node, sqrt, tuple(chain), scope.tensor(node, 1), scope.tensor(node, 2), int(attribute(node, "axis", 1)),
                            int(attribute(node, "block_size", 0)))
         if (decoded := _cast_times_scale(node, scope)) is not None:
-            codes, cast, scale = decoded
+            codes, cast, scale, block = decoded
             view = [d for d in scale.dims]
             axis = next((i for i, d in enumerate(view) if d > 1), None) if math.prod(view) > 1 else None
-            # onnxq's blocks: codes (channel, block, input in block) times scales (channel, block, 1)
-            block = int(codes.dims[2]) if len(codes.dims) == 3 and len(view) == 3 and view[2] == 1 and view[1] > 1 else 0
             return _Source(codes, node, sqrt, (*chain, cast), scale, None, axis, block)
         squared = _squared(node, scope)
         if squared is not None and not sqrt:
@@ -232,25 +230,40 @@ def _trace(name: str, scope: _Scope) -> _Source | None:
     return _Source(scope.constants[name], None, sqrt, tuple(chain))
 
 
-def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorProto, onnx.NodeProto, onnx.TensorProto] | None:
-    """For ``Mul(Cast(codes), scale)`` with integer constant codes and a float constant scale: (codes, the Cast, scale).
+def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorProto, onnx.NodeProto, onnx.TensorProto, int] | None:
+    """For ``Mul(Cast(codes), scale)`` with integer constant codes and a float constant scale: (codes, the Cast, scale, 0).
 
     4-bit codes stored as uint8 halves (onnxq/rewrite/qdq.py) count as the int4 tensor they unpack to, the unpacking's
-    last node in the Cast's place.
+    last node in the Cast's place. Scales per block of inputs (onnxq's --block-size) reach the Mul through a Cast from
+    float16, an Expand over the block, a Reshape and a Slice: the last element is the block size.
     """
     if node.op_type != "Mul" or len(node.input) != 2:
         return None
     for value, scale_name in (node.input, reversed(node.input)):
-        cast, scale = scope.producers.get(value), scope.constants.get(scale_name)
-        widened = scope.producers.get(scale_name)
-        if scale is None and widened is not None and widened.op_type == "Cast":  # float16 block scales, widened at load
-            scale = scope.tensor(widened, 0)
+        cast = scope.producers.get(value)
+        scale, block = _block_scale(scale_name, scope)
         if cast is None or scale is None or scale.data_type not in _FLOAT_TYPES:
             continue
         codes = scope.tensor(cast, 0) if cast.op_type == "Cast" else _halves_codes(cast, scope)
         if codes is not None and codes.data_type in _INTEGER_CODES:
-            return codes, cast, scale
+            return codes, cast, scale, block
     return None
+
+
+_SCALE_SPREAD = {"Cast", "Expand", "Reshape", "Slice"}
+
+
+def _block_scale(name: str, scope: _Scope) -> tuple[onnx.TensorProto | None, int]:
+    """The constant scale tensor ``name`` is computed from through Cast/Expand/Reshape/Slice, and the block an Expand gives."""
+    block = 0
+    while name not in scope.constants:
+        node = scope.producers.get(name)
+        if node is None or node.op_type not in _SCALE_SPREAD or not node.input:
+            return None, 0
+        if node.op_type == "Expand" and (shape := scope.tensor(node, 1)) is not None:
+            block = int(numpy_helper.to_array(shape).reshape(-1)[-1])
+        name = node.input[0]
+    return scope.constants[name], block
 
 
 def _halves_codes(signed: onnx.NodeProto, scope: _Scope) -> onnx.TensorProto | None:

@@ -281,8 +281,7 @@ def _stored_bytes(analysis: SensitivityAnalysis, tensor: str, bits: int) -> int:
 def _stored_layout(analysis: SensitivityAnalysis, tensor: str, bits: int) -> tuple[int, int, int]:
     """(codes, scales, bytes per scale) of the tensor at ``bits``.
 
-    A scale per output channel, or one; with --block-size below 8 bits, a float16 scale per channel and block, and the
-    zero codes that fill each channel's last block.
+    A scale per output channel, or one; with --block-size below 8 bits, a float16 scale per channel and block.
     """
     from onnxq.config import Granularity
 
@@ -296,7 +295,7 @@ def _stored_layout(analysis: SensitivityAnalysis, tensor: str, bits: int) -> tup
         return weight.size, channels, 4
     assert block is not None
     blocks = -(-(weight.size // channels) // block)
-    return channels * blocks * block, channels * blocks, 2
+    return weight.size, channels * blocks, 2
 
 
 def _all_raises(candidates: Sequence[Candidate]) -> list[Raise]:

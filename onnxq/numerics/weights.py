@@ -66,13 +66,6 @@ class QuantizedTensor:
         """Bytes per stored scale: 2 for block scales that float16 holds (onnxq/rewrite/qdq.py writes them so), else 4."""
         return 2 if self.block_size is not None and uniform.fits_half(self.scale) else 4
 
-    @property
-    def stored_codes(self) -> int:
-        """How many codes the file holds: the weights, and with blocks the zero codes that fill each row's last block."""
-        if self.block_size is None:
-            return int(self.codes.size)
-        return int(np.shape(self.scale)[0] * np.shape(self.scale)[1] * self.block_size)
-
 
 def sqnr_db(reference: np.ndarray, approx: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (inf when exact)."""

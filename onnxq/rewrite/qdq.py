@@ -9,7 +9,8 @@ that decode them, in one of two forms:
   a constant, so onnxruntime folds the nodes into a float weight when it loads the model: the file keeps the codes'
   size and the model runs at the float model's speed with the quantized weights' values.
   onnxruntime does not fold DequantizeLinear (it keeps it for its QDQ fusions) and so, where it fuses nothing, runs it
-  on every inference: 0.2-0.5x float on the shipped models (BENCHMARKS).
+  on every inference: 0.2-0.5x float on the shipped models (BENCHMARKS). With a scale per block of inputs
+  (--block-size) the codes are the weight's rows and the scales are spread over their blocks at load too.
 - DequantizeLinear (per-axis where per channel): with quantized activations, where onnxruntime fuses the pairs into
   its integer kernels (QLinearConv, QLinearMatMul, QGemm). Those take int8 weights only: int4 codes go through a
   Cast to int8 in front of the DequantizeLinear, which onnxruntime folds at load before it fuses (the file keeps the
@@ -91,75 +92,93 @@ def _decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: 
     float32 because onnxruntime's CPU provider has no float16 Mul kernel: a float16 decoding would not fold at load
     (and would run on every inference, with a warning per weight when the session starts).
     """
+    if q.block_size is not None:
+        return _blocks_decoded_at_load(weight, q, names, dtype, codes_name, scale_name, decoded, shared)
     scale = np.asarray(q.scale, dtype=np.float32)
-    codes = q.codes
-    if q.block_size is not None:  # codes as (channel, block, input in block), the scales as (channel, block, 1)
-        codes, scale = blocked_codes(q), scale[:, :, None]
-    elif q.axis is not None:  # broadcast along the channel axis
+    if q.axis is not None:  # broadcast along the channel axis
         scale = scale.reshape([-1 if i == q.axis else 1 for i in range(q.codes.ndim)])
-    if storage_bits(q.bits) == 4:
-        inits, nodes, cast = _unpacked_halves(codes, names, codes_name, shared)
-    else:
-        inits, cast = [integer_tensor(codes_name, codes, q.bits)], names.fresh(f"{weight}_cast")
-        nodes = [helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT)]
-    blocked = q.block_size is not None
-    if blocked and fits_half(scale):  # float16 in the file, float32 once loaded (the Cast is folded too)
-        stored = names.fresh(f"{weight}_scale16")
-        inits.append(numpy_helper.from_array(scale.astype(np.float16), stored))
-        nodes.append(helper.make_node("Cast", [stored], [scale_name], name=names.fresh(f"{weight}_ScaleCast"), to=onnx.TensorProto.FLOAT))
-    else:
-        inits.append(numpy_helper.from_array(scale, scale_name))
-    values = decoded if dtype == onnx.TensorProto.FLOAT and not blocked else names.fresh(f"{weight}_float32")
+    inits, nodes, cast = _float_codes(weight, q.codes, q.bits, names, codes_name, shared)
+    inits.append(numpy_helper.from_array(scale, scale_name))
+    values = decoded if dtype == onnx.TensorProto.FLOAT else names.fresh(f"{weight}_float32")
     nodes.append(helper.make_node("Mul", [cast, scale_name], [values], name=names.fresh(f"{weight}_Scale")))
     if q.sqrt:
         values = _square(weight, values, names, nodes)
-    if blocked:
-        values = _from_blocks(weight, q, values, decoded if dtype == onnx.TensorProto.FLOAT else None, names, inits, nodes)
+    return inits, nodes, _cast_back(weight, values, decoded, dtype, names, nodes)
+
+
+def _float_codes(weight: str, codes: np.ndarray, bits: int, names: NameSource, codes_name: str,
+                 shared: HalvesConstants) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """``codes`` stored under ``codes_name`` and the ops that make float32 codes of them (4-bit: unpacked halves)."""
+    if storage_bits(bits) == 4:
+        return _unpacked_halves(codes, names, codes_name, shared)
+    cast = names.fresh(f"{weight}_cast")
+    node = helper.make_node("Cast", [codes_name], [cast], name=names.fresh(f"{weight}_Cast"), to=onnx.TensorProto.FLOAT)
+    return [integer_tensor(codes_name, codes, bits)], [node], cast
+
+
+def _cast_back(weight: str, values: str, decoded: str, dtype: int, names: NameSource, nodes: list[onnx.NodeProto]) -> str:
+    """``values`` (float32) as the weight's float type ``dtype``, under ``decoded`` (a Cast appended where it is not float32)."""
     if dtype == onnx.TensorProto.FLOAT:
-        return inits, nodes, values
+        return values
     nodes.append(helper.make_node("Cast", [values], [decoded], name=names.fresh(f"{weight}_CastBack"), to=dtype))
-    return inits, nodes, decoded
+    return decoded
 
 
-def blocked_codes(q: QuantizedTensor) -> np.ndarray:
-    """``q``'s codes as (channel, block, input in block): its rows (weights.to_rows), each padded with zero codes to whole blocks."""
+def _blocks_decoded_at_load(weight: str, q: QuantizedTensor, names: NameSource, dtype: int, codes_name: str, scale_name: str,
+                            decoded: str, shared: HalvesConstants) -> tuple[list[onnx.TensorProto], list[onnx.NodeProto], str]:
+    """Codes with a scale per channel and block of inputs: ``Cast(rows) * scales per code``, moved back to the weight's shape.
+
+    The codes are stored as the weight's rows (weights.to_rows: channel, inputs), no padding. The scales (channel,
+    block, 1), float16 where float16 holds them all, become one per code at load: Cast to float32, Expand over the
+    block, Reshape to rows and Slice off what passes the last input. Then Reshape to the weight's shape with the
+    channel axis first and Transpose it back where it is not first. Every op reads constants: folded at load.
+    """
     assert q.block_size is not None and q.axis is not None
     rows = to_rows(q.codes, q.axis)
-    count, blocks = np.shape(q.scale)
-    padded = np.zeros((count, blocks * q.block_size), dtype=rows.dtype)
-    padded[:, : rows.shape[1]] = rows
-    return padded.reshape(count, blocks, q.block_size)
-
-
-def _from_blocks(weight: str, q: QuantizedTensor, values: str, output: str | None, names: NameSource,
-                 inits: list[onnx.TensorProto], nodes: list[onnx.NodeProto]) -> str:
-    """Append the ops that turn decoded (channel, block, input) values back into the weight's shape; returns the result's name.
-
-    Reshape to rows, Slice off the padding of the last block, Reshape to the weight's shape with the channel axis first,
-    Transpose the axis back where it is not first: all on constants, folded at load. ``output``: the last op's output name.
-    """
-    assert q.axis is not None
+    count, k = rows.shape
+    blocks = int(np.shape(q.scale)[1])
+    inits, nodes, cast = _float_codes(weight, rows, q.bits, names, codes_name, shared)
+    scale = np.asarray(q.scale, dtype=np.float32).reshape(count, blocks, 1)
+    steps: list[tuple[str, dict, list[np.ndarray]]] = []
+    if fits_half(scale):  # half the scales' bytes in the file
+        scale, steps = scale.astype(np.float16), [("Cast", {"to": onnx.TensorProto.FLOAT}, [])]
+    stored = names.fresh("onnxq_blocks")
+    inits.append(numpy_helper.from_array(scale, stored))
+    steps += [("Expand", {}, [np.array([count, blocks, q.block_size], dtype=np.int64)]),
+              ("Reshape", {}, [np.array([count, blocks * q.block_size], dtype=np.int64)])]
+    if k < blocks * q.block_size:
+        steps.append(("Slice", {}, [np.array([0], dtype=np.int64), np.array([k], dtype=np.int64), np.array([1], dtype=np.int64)]))
+    _chain(stored, steps, scale_name, names, inits, nodes)
+    values = names.fresh(f"{weight}_float32")
+    nodes.append(helper.make_node("Mul", [cast, scale_name], [values], name=names.fresh(f"{weight}_Scale")))
+    if q.sqrt:
+        values = _square(weight, values, names, nodes)
     shape = q.codes.shape
     axis = q.axis % len(shape)
-    count, blocks = np.shape(q.scale)
     moved = (shape[axis],) + tuple(d for i, d in enumerate(shape) if i != axis)
-    length = int(np.prod(moved[1:], dtype=np.int64))
-    steps: list[tuple[str, dict, list[np.ndarray]]] = [("Reshape", {}, [np.array([count, blocks * q.block_size], dtype=np.int64)])]
-    if length < blocks * q.block_size:
-        steps.append(("Slice", {}, [np.array([0], dtype=np.int64), np.array([length], dtype=np.int64), np.array([1], dtype=np.int64)]))
-    steps.append(("Reshape", {}, [np.array(moved, dtype=np.int64)]))
+    steps = [("Reshape", {}, [np.array(moved, dtype=np.int64)])]
     if axis != 0:
         order = list(range(1, len(shape)))
         steps.append(("Transpose", {"perm": order[:axis] + [0] + order[axis:]}, []))
+    shaped = decoded if dtype == onnx.TensorProto.FLOAT else names.fresh("onnxq_blocks")
+    _chain(values, steps, shaped, names, inits, nodes)
+    return inits, nodes, _cast_back(weight, shaped, decoded, dtype, names, nodes)
+
+
+def _chain(first: str, steps: list[tuple[str, dict, list[np.ndarray]]], output: str, names: NameSource,
+           inits: list[onnx.TensorProto], nodes: list[onnx.NodeProto]) -> None:
+    """Append ``steps`` (op type, attributes, constant inputs after the data) from ``first``; the last one writes ``output``.
+
+    Short names (a model's size counts them), as the 4-bit unpacking's.
+    """
+    values = first
     for i, (op, attributes, constants) in enumerate(steps):
         inputs = [values]
         for constant in constants:
-            inputs.append(names.fresh(f"{weight}_{op.lower()}"))
+            inputs.append(names.fresh("onnxq_blocks"))
             inits.append(numpy_helper.from_array(constant, inputs[-1]))
-        result = output if output is not None and i == len(steps) - 1 else names.fresh(f"{weight}_{op.lower()}d")
-        nodes.append(helper.make_node(op, inputs, [result], name=names.fresh(f"{weight}_{op}"), **attributes))
-        values = result
-    return values
+        values = output if i == len(steps) - 1 else names.fresh("onnxq_blocks")
+        nodes.append(helper.make_node(op, inputs, [values], name=names.fresh("onnxq_blocks"), **attributes))
 
 
 class HalvesConstants:
