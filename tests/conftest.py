@@ -458,3 +458,65 @@ def splitmix64(number: int) -> int:
     number ^= number >> 27
     number = number * 0x94D049BB133111EB & mask
     return number ^ (number >> 31)
+
+
+def grid_values(codes: np.ndarray, scale: np.ndarray, mode: str, bits: int) -> np.ndarray:
+    """The float32 values codes (R, K) stand for at per-row ``scale`` (R,) or a scale per code (R, K), written out for
+    each grid (float64 result): c s, (c s)|c s|, or POST's levels sqrt(2)^-(M - |c|) times s."""
+    s = scale.astype(np.float32) if np.ndim(scale) == 2 else scale.astype(np.float32)[:, None]
+    c = codes.astype(np.float32)
+    if mode == "plain":
+        return (c * s).astype(np.float64)
+    if mode == "sqrt":
+        y = c * s
+        return (y * np.abs(y)).astype(np.float64)
+    m = 2 ** (bits - 1) - 1
+    levels = np.where(codes == 0, 0.0, np.sqrt(2.0) ** -(m - np.abs(codes).astype(np.float64))).astype(np.float32)
+    return (np.sign(c) * levels * s).astype(np.float64)
+
+
+def coordinate_descent_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, codes: np.ndarray, mode: str, bits: int,
+                                 sweeps: int) -> np.ndarray:
+    """Row by row, column by column: every code of the range tried with the whole error recomputed, the best kept if it
+    lowers the error; a row stops after ``sweeps`` or after a sweep that changed nothing. ``scale``: as grid_values'."""
+    q = 2 ** (bits - 1) - 1
+    out = codes.astype(np.int64).copy()
+    for r in range(len(rows)):
+        def error(row_codes: np.ndarray, r: int = r) -> float:
+            e = rows[r] - grid_values(row_codes[None], scale[r : r + 1], mode, bits)[0]
+            return float(e @ h @ e)
+
+        for _ in range(sweeps):
+            changed = False
+            for j in range(rows.shape[1]):
+                best, best_error = out[r, j], error(out[r])
+                for c in range(-q, q + 1):
+                    trial = out[r].copy()
+                    trial[j] = c
+                    if error(trial) < best_error:
+                        best, best_error = c, error(trial)
+                changed |= best != out[r, j]
+                out[r, j] = best
+            if not changed:
+                break
+    return out
+
+
+def obq_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int, order: list[int]) -> np.ndarray:
+    """Plain-grid codes by OBQ's rule with the explicit H^-1 update, columns taken in ``order`` (independent of the Cholesky form).
+
+    ``scale``: each row's step (R,), or each code's (R, K).
+    """
+    w = rows.astype(np.float64).copy()
+    inverse = np.linalg.inv(h)
+    q = 2 ** (bits - 1) - 1
+    codes = np.zeros(w.shape, dtype=np.int64)
+    left = list(order)
+    for j in order:
+        left.remove(j)
+        step = scale[:, j] if np.ndim(scale) == 2 else scale
+        codes[:, j] = np.clip(np.rint(w[:, j] / step), -q, q)
+        err = (w[:, j] - codes[:, j] * step) / inverse[j, j]
+        w[:, left] -= np.outer(err, inverse[j, left])
+        inverse = inverse - np.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
+    return codes

@@ -12,15 +12,18 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from conftest import MODELS, decode_matmul_nbits
+from conftest import MODELS, coordinate_descent_reference, decode_matmul_nbits, obq_reference
 from onnx import TensorProto, helper, numpy_helper
 
+import models
+from onnxq.analysis.inventory import inspect_model
 from onnxq.cli import main
 from onnxq.config import ActivationConfig, QuantizeConfig, RangeMethod, SqrtMode, WeightFormat
 from onnxq.native import stats
 from onnxq.numerics import output_error
 from onnxq.numerics.output_error import Grid, gptq, nearest_blocks, output_errors
 from onnxq.numerics.weights import QuantizedTensor, quantize_for_output, quantize_weight
+from onnxq.pipeline import quantize
 from onnxq.rewrite.matmul_nbits import nbits_weight
 from onnxq.rewrite.qdq import replace_weights
 
@@ -79,23 +82,6 @@ def test_blocks_need_longer_rows_than_a_block():
     assert quantize_weight(weight, 4, 0, block_size=32).block_size is None  # one block a row: a scale per channel
 
 
-def obq_per_code(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int, order: list[int]) -> np.ndarray:
-    """Plain-grid codes by OBQ's explicit H^-1 update, each code at its own step ``scale`` (R, K), columns in ``order``."""
-    w = rows.astype(np.float64).copy()
-    inverse = np.linalg.inv(h)
-    top = 2 ** (bits - 1) - 1
-    codes = np.zeros(w.shape, dtype=np.int64)
-    left = list(order)
-    for j in order:
-        left.remove(j)
-        step = scale[:, j].astype(np.float64)
-        codes[:, j] = np.clip(np.rint(w[:, j] / step), -top, top)
-        err = (w[:, j] - codes[:, j] * step) / inverse[j, j]
-        w[:, left] -= np.outer(err, inverse[j, left])
-        inverse = inverse - np.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
-    return codes
-
-
 @pytest.mark.parametrize("native", [False, True], ids=["numpy", "native"])
 def test_gptq_with_a_step_per_code_equals_obq(native, monkeypatch):
     if native and not stats.gptq_available():
@@ -109,44 +95,7 @@ def test_gptq_with_a_step_per_code_equals_obq(native, monkeypatch):
     scale = per_block(block_scale, 8, 20)
     codes = gptq(rows, h, Grid("plain", 4), scale, block=6)
     order = sorted(range(20), key=lambda j: -h[j, j])
-    np.testing.assert_array_equal(codes, obq_per_code(rows, output_error.damped(h), scale, 4, order))
-
-
-def values_per_code(codes: np.ndarray, scale: np.ndarray, mode: str, bits: int) -> np.ndarray:
-    """What codes stand for at a step per code (R, K): c s, (c s)|c s| or POST's levels, float32 as the grids compute."""
-    c, s = codes.astype(np.float32), scale.astype(np.float32)
-    if mode == "plain":
-        return (c * s).astype(np.float64)
-    if mode == "sqrt":
-        return ((c * s) * np.abs(c * s)).astype(np.float64)
-    m = 2 ** (bits - 1) - 1
-    levels = np.where(codes == 0, 0.0, np.sqrt(2.0) ** -(m - np.abs(codes).astype(np.float64))).astype(np.float32)
-    return (np.sign(c) * levels * s).astype(np.float64)
-
-
-def descent_per_code(rows, h, scale, codes, mode, bits, sweeps):
-    """Every code of each row tried in turn, the whole error recomputed, kept where it lowers it (steps per code)."""
-    top = 2 ** (bits - 1) - 1
-    out = codes.astype(np.int64).copy()
-    for r in range(len(rows)):
-        def error(row_codes, r=r):
-            e = rows[r] - values_per_code(row_codes[None], scale[r : r + 1], mode, bits)[0]
-            return float(e @ h @ e)
-
-        for _ in range(sweeps):
-            changed = False
-            for j in range(rows.shape[1]):
-                best, best_error = out[r, j], error(out[r])
-                for c in range(-top, top + 1):
-                    trial = out[r].copy()
-                    trial[j] = c
-                    if error(trial) < best_error:
-                        best, best_error = c, error(trial)
-                changed |= best != out[r, j]
-                out[r, j] = best
-            if not changed:
-                break
-    return out
+    np.testing.assert_array_equal(codes, obq_reference(rows, output_error.damped(h), scale.astype(np.float64), 4, order))
 
 
 @pytest.mark.parametrize("native", [True, False], ids=["c", "numpy"])
@@ -165,7 +114,7 @@ def test_refinement_with_blocks_equals_a_plain_descent(mode, native, monkeypatch
     scale = per_block(block_scale, block, k)
     start = grid.round(rows, scale)[0]
     refined = output_error.refine_groups(rows[None], h[None], grid, block_scale[None], start[None], 2, block=8, block_size=block)[0]
-    expected = descent_per_code(rows, h, scale, start, mode, bits, 2)
+    expected = coordinate_descent_reference(rows, h, scale, start, mode, bits, 2)
     assert not np.array_equal(expected, start)  # the descent moves codes here
     np.testing.assert_array_equal(refined, expected)
 
@@ -188,11 +137,12 @@ def test_blocks_leave_less_output_error_than_a_scale_per_channel():
     np.testing.assert_array_equal(blocked.scale, blocked.scale.astype(np.float16).astype(np.float32))  # float16 steps
 
 
-def _decode_graph(weight_shape: tuple[int, ...], q: QuantizedTensor) -> onnx.ModelProto:
-    """A graph whose output is the weight W (Identity), W replaced by ``q``'s codes decoded at load."""
+def _decode_graph(weight_shape: tuple[int, ...], q: QuantizedTensor, dtype: type = np.float32) -> onnx.ModelProto:
+    """A graph whose output is the weight W (Identity) of float type ``dtype``, W replaced by ``q``'s codes decoded at load."""
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
     graph = helper.make_graph([helper.make_node("Identity", ["W"], ["y"])], "g", [],
-                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, list(weight_shape))],
-                              [numpy_helper.from_array(np.zeros(weight_shape, dtype=np.float32), "W")])
+                              [helper.make_tensor_value_info("y", elem, list(weight_shape))],
+                              [numpy_helper.from_array(np.zeros(weight_shape, dtype=dtype), "W")])
     replace_weights(graph, {"W": q}, at_load=True)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -225,6 +175,16 @@ def test_written_blocks_decode_to_the_weight(shape, axis, bits, sqrt, half):
     want = np.moveaxis(values.reshape(moved_shape), 0, axis)
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(q.dequantize(), want)
+
+
+def test_blocks_of_a_float16_weight_decode_to_float16():
+    rng = np.random.default_rng(9)
+    codes = rng.integers(-7, 8, size=(8, 70)).astype(np.int8)
+    scale = (rng.random((8, 3)) + 0.01).astype(np.float16).astype(np.float32)
+    q = QuantizedTensor(codes=codes, scale=scale, axis=0, bits=4, sqrt=False, alpha=np.ones((8, 3)), mse=0.0, sqnr_db=0.0, block_size=32)
+    got = ort.InferenceSession(_decode_graph((8, 70), q, np.float16).SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {})[0]
+    assert got.dtype == np.float16
+    np.testing.assert_array_equal(got, (codes.astype(np.float32) * per_block(scale, 32, 70)).astype(np.float16))
 
 
 @pytest.mark.parametrize("k", [200, 64])
@@ -261,3 +221,43 @@ def test_cli_blocks_with_data_write_a_model_that_inspect_reads(tmp_path, capsys)
     assert main(["quantize", str(model), "--block-size", "48", "-o", str(tmp_path / "bad.onnx")]) == 1
     assert not (tmp_path / "bad.onnx").exists()
     assert "block size must be a power of two" in capsys.readouterr().err
+
+
+#: Test models (tests/models.py) with rows longer than 16 inputs, and the arguments that make them so.
+BUILDERS = {"conv_bn_relu_gemm": {}, "conv_then_if": {}, "residual_block": {"c": 8}, "transformer_block": {"d": 32, "ff": 64},
+            "streaming_lstm_in_if": {"hidden": 32}, "sliced_lstm_in_if": {"hidden": 32}, "network_in_if": {}}
+
+
+def typed_feeds(model: onnx.ModelProto, seed: int) -> dict[str, np.ndarray]:
+    """Inputs of each graph input's own type: uniform [0, 1) floats, booleans true, integers 16000 (a sample rate); batch 2."""
+    rng = np.random.default_rng(seed)
+    feeds = {}
+    for value in model.graph.input:
+        dims = [d.dim_value if d.HasField("dim_value") else 2 for d in value.type.tensor_type.shape.dim]
+        dtype = helper.tensor_dtype_to_np_dtype(value.type.tensor_type.elem_type)
+        if dtype == np.bool_:
+            feeds[value.name] = np.ones(dims, dtype=bool)
+        elif np.issubdtype(dtype, np.integer):
+            feeds[value.name] = np.full(dims, 16000, dtype=dtype)
+        else:
+            feeds[value.name] = rng.random(dims).astype(dtype)
+    return feeds
+
+
+@pytest.mark.parametrize("builder", BUILDERS)
+@pytest.mark.parametrize("data", [False, True], ids=["no-data", "data"])
+def test_blocks_on_models_of_every_shape_write_models_that_run(builder, data):
+    """Control flow, shared weights, LSTMs, attention: blocks of 16 wherever a row is longer, and a model that passes the
+    checker, runs, and stays near the float model's output."""
+    model = getattr(models, builder)(**BUILDERS[builder])
+    feeds = typed_feeds(model, 0)
+    calibration = [typed_feeds(model, s) for s in range(1, 9)] if data else None
+    quantized = quantize(model, QuantizeConfig(bits=4, block_size=16, samples=8, first_last_bits=None), calibration)
+    onnx.checker.check_model(quantized, full_check=True)
+    blocked = [n for n in inspect_model(quantized).nodes if n.granularity == "block"]
+    assert blocked, "no weight of this model got blocks"
+    assert all(n.block_size == 16 for n in blocked)
+    want = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    got = ort.InferenceSession(quantized.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)[0]
+    assert got.shape == want.shape and np.isfinite(got).all()
+    assert np.linalg.norm(got - want) < 0.5 * np.linalg.norm(want)  # 4-bit weights: near, not exact

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import coordinate_descent_reference, grid_values, obq_reference
 
 from onnxq.native import stats
 from onnxq.numerics import output_error, uniform
@@ -20,22 +21,6 @@ def correlated_inputs(rng: np.random.Generator, samples: int, k: int) -> np.ndar
     """Inputs whose features are strongly correlated (a random mixing of a few sources plus noise)."""
     sources = rng.standard_normal((samples, 4))
     return sources @ rng.standard_normal((4, k)) + 0.1 * rng.standard_normal((samples, k))
-
-
-def obq_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, bits: int, order: list[int]) -> np.ndarray:
-    """Plain-grid codes by OBQ's rule with the explicit H^-1 update, columns taken in ``order`` (independent of the Cholesky form)."""
-    w = rows.astype(np.float64).copy()
-    inverse = np.linalg.inv(h)
-    q = 2 ** (bits - 1) - 1
-    codes = np.zeros(w.shape, dtype=np.int64)
-    left = list(order)
-    for j in order:
-        left.remove(j)
-        codes[:, j] = np.clip(np.rint(w[:, j] / scale), -q, q)
-        err = (w[:, j] - codes[:, j] * scale) / inverse[j, j]
-        w[:, left] -= np.outer(err, inverse[j, left])
-        inverse = inverse - np.outer(inverse[:, j], inverse[j, :]) / inverse[j, j]
-    return codes
 
 
 @pytest.mark.parametrize("native", [False, True], ids=["numpy", "native"])
@@ -276,47 +261,6 @@ def test_native_gptq_loop_equals_numpy(mode, bits, monkeypatch):
     np.testing.assert_array_equal(results[0][0], results[1][0])
     np.testing.assert_array_equal(results[0][1], results[1][1])
     assert not np.array_equal(results[0][1], rows.T)  # the columns were updated
-
-
-def grid_values(codes: np.ndarray, scale: np.ndarray, mode: str, bits: int) -> np.ndarray:
-    """The float32 values codes (R, K) stand for at per-row ``scale``, written out for each grid (float64 result)."""
-    s = scale.astype(np.float32)[:, None]
-    c = codes.astype(np.float32)
-    if mode == "plain":
-        return (c * s).astype(np.float64)
-    if mode == "sqrt":
-        y = c * s
-        return (y * np.abs(y)).astype(np.float64)
-    m = 2 ** (bits - 1) - 1
-    levels = np.where(codes == 0, 0.0, np.sqrt(2.0) ** -(m - np.abs(codes).astype(np.float64))).astype(np.float32)
-    return (np.sign(c) * levels * s).astype(np.float64)
-
-
-def coordinate_descent_reference(rows: np.ndarray, h: np.ndarray, scale: np.ndarray, codes: np.ndarray, mode: str, bits: int,
-                                 sweeps: int) -> np.ndarray:
-    """Row by row, column by column: every code of the range tried with the whole error recomputed, the best kept if it
-    lowers the error; a row stops after ``sweeps`` or after a sweep that changed nothing."""
-    q = 2 ** (bits - 1) - 1
-    out = codes.astype(np.int64).copy()
-    for r in range(len(rows)):
-        def error(row_codes: np.ndarray, r: int = r) -> float:
-            e = rows[r] - grid_values(row_codes[None], scale[r : r + 1], mode, bits)[0]
-            return float(e @ h @ e)
-
-        for _ in range(sweeps):
-            changed = False
-            for j in range(rows.shape[1]):
-                best, best_error = out[r, j], error(out[r])
-                for c in range(-q, q + 1):
-                    trial = out[r].copy()
-                    trial[j] = c
-                    if error(trial) < best_error:
-                        best, best_error = c, error(trial)
-                changed |= best != out[r, j]
-                out[r, j] = best
-            if not changed:
-                break
-    return out
 
 
 def _steps_in(native: bool, monkeypatch) -> None:
