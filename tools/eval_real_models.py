@@ -27,7 +27,9 @@ mse steps on the same data) in the qdq and the int format (issue 17's integer ex
 weights alone chosen on the data (its ops quantize their float inputs at every call: per token where a MatMul or Gemm
 runs as an op), also with `--target-size 0.2x`; onnxruntime's quantize_static
 (QDQ, per channel, MinMax) W8A8, and its 4-bit weights with uint8 or uint16 activations; for models with MatMul weights
-onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128).
+onnxruntime's MatMulNBits quantizers (RTN, GPTQ with the same calibration data, HQQ; 4 bits, blocks of 32 and 128);
+onnxq with a scale per block of 32 or 64 inputs (`--block-size`: rows 16-18, with data and without) and mixed precision
+with blocks of 32 (row 19, at the same --target-size as row 1).
 onnxruntime's quantizers get the model after its own `quant_pre_process` (which, among other things, turns Constant-node
 weights into initializers: quantize_static leaves Constant-node weights float), as its documentation asks; where that
 fails, the model as it is (the remark says so). Its time is not counted in theirs.
@@ -136,11 +138,11 @@ def ort_input(case: Case, work: Path) -> tuple[Path, str]:
     return case.model, "quant_pre_process fails: the model as it is"
 
 
-def onnxq_mixed(target: str, fmt: str = "qdq") -> Callable[[Case, Path], str]:
+def onnxq_mixed(target: str, fmt: str = "qdq", block_size: int | None = None) -> Callable[[Case, Path], str]:
     """Onnxq -b 4 with data and --target-size ``target``, the CLI's way; remark: layers raised.
 
     The proxy prices the layers with the calibration pass's H, its measured runs on 64 samples. ``fmt`` "int": written
-    in the op format (weights only: the ops quantize their float inputs per call).
+    in the op format (weights only: the ops quantize their float inputs per call). ``block_size``: --block-size.
     """
 
     def quantize(case: Case, out: Path) -> str:
@@ -148,7 +150,7 @@ def onnxq_mixed(target: str, fmt: str = "qdq") -> Callable[[Case, Path], str]:
         from onnxq.analysis.mixed_precision import TargetSize
         from onnxq.analysis.mixed_run import quantize_mixed
 
-        config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt))
+        config = onnxq.QuantizeConfig(bits=4, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt), block_size=block_size)
         result, chosen = quantize_mixed(case.model, config, case.calibration, TargetSize.parse(target))
         onnxq.save_model(result.model, out)
         return f"{len(chosen.raises)} of {len(chosen.bits)} layers raised to 8 bits"
@@ -212,6 +214,11 @@ def mixed_setting(target_size: str) -> Setting:
     return Setting(f"onnxq -b 4, 256 samples, --target-size {target_size} (proxy sensitivity)", onnxq_mixed(target_size))
 
 
+def blocked_mixed_setting(target_size: str) -> Setting:
+    """The mixed-precision row with blocks of 32 (row 19) at ``target_size``."""
+    return Setting(f"onnxq -b 4, 256 samples, --target-size {target_size} --block-size 32", onnxq_mixed(target_size, block_size=32))
+
+
 SETTINGS = (
     Setting("onnxq -b 4, 256 samples (weight-only)", onnxq_weights(4, data=True)),
     mixed_setting("0.2x"),
@@ -233,7 +240,9 @@ SETTINGS = (
     Setting("onnxq -b 4, 256 samples, --block-size 32 (weight-only)", onnxq_weights(4, data=True, block_size=32)),
     Setting("onnxq -b 4, 256 samples, --block-size 64 (weight-only)", onnxq_weights(4, data=True, block_size=64)),
     Setting("onnxq -b 4, no data, --block-size 32", onnxq_weights(4, data=False, block_size=32)),
+    blocked_mixed_setting("0.2x"),
 )
+BLOCKED_MIXED_ROW = 19
 
 
 # ---- running a quantizer in a child: its own time and memory
@@ -277,8 +286,8 @@ class ChildJob:
 
 
 def _setting_named(name: str, target_size: str) -> Setting:
-    """The setting called ``name``: one of SETTINGS, or the mixed-precision row at ``target_size``."""
-    return next(s for s in (*SETTINGS, mixed_setting(target_size)) if s.name == name)
+    """The setting called ``name``: one of SETTINGS, or a mixed-precision row at ``target_size``."""
+    return next(s for s in (*SETTINGS, mixed_setting(target_size), blocked_mixed_setting(target_size)) if s.name == name)
 
 
 def _child(job: ChildJob, pipe) -> None:  # noqa: ANN001
@@ -323,8 +332,10 @@ def has_matmul_weights(path: Path) -> bool:
 
 
 def _row(setting: Setting) -> int:
-    """The setting's row number in SETTINGS (the mixed-precision row with another --target-size is row 1)."""
-    return SETTINGS.index(setting) if setting in SETTINGS else 1
+    """The setting's row number in SETTINGS (the mixed-precision rows with another --target-size are rows 1 and 19)."""
+    if setting in SETTINGS:
+        return SETTINGS.index(setting)
+    return BLOCKED_MIXED_ROW if "--block-size" in setting.name else 1
 
 
 def evaluate(case: Case, module: str, settings: list[Setting], work: Path, speed_batch: int = 0, target_size: str = "0.2x") -> list[str]:
@@ -422,8 +433,8 @@ def main() -> None:
     print(cpu_description())
     settings = [SETTINGS[i] for i in args.settings] if args.settings is not None else list(SETTINGS)
     if args.target_size != "0.2x":
-        mixed = mixed_setting(args.target_size)
-        settings = [mixed if s is SETTINGS[1] else s for s in settings]
+        swap = {1: mixed_setting(args.target_size), BLOCKED_MIXED_ROW: blocked_mixed_setting(args.target_size)}
+        settings = [swap.get(SETTINGS.index(s), s) for s in settings]
     args.work.mkdir(parents=True, exist_ok=True)
     for name in args.cases:
         module = importlib.import_module(f"tools.real_models.{name}")
