@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.config import check_bits
-from onnxq.numerics.search import Codebook, best_alpha
+from onnxq.numerics.search import Codebook, best_alpha, minimise_on_grid, scan_points
 
 
 def max_code(bits: int) -> int:
@@ -148,6 +148,34 @@ def row_scales(scale: np.ndarray, ndim: int = 2) -> np.ndarray:
 def quantize_best(rows: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> UniformWeights:
     """Search alpha per row for the least weight MSE (polished on the exact data for short rows), then quantize."""
     return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt, half)
+
+
+def quantize_exact(rows: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> UniformWeights:
+    """:func:`quantize_best` for short rows: alpha per row by the weight MSE of the row's own values rounded, no histogram.
+
+    The same scan and golden-section search (search.minimise_on_grid), every candidate rounded exactly as
+    :func:`quantize_rows` rounds; for rows of a few dozen values (blocks of inputs) this is cheaper than histograms of a
+    thousand bins each, and exact.
+    """
+    rows = np.asarray(rows, dtype=np.float32)
+    q = max_code(bits)
+    domain = to_domain(rows, sqrt)
+    peak = np.abs(rows).max(axis=1).astype(np.float64) if rows.shape[1] else np.zeros(len(rows))
+    top = np.sqrt(peak) if sqrt else peak
+    reference = rows.astype(np.float64)
+
+    def error(alpha: np.ndarray) -> np.ndarray:
+        columns = alpha[:, None] if alpha.ndim == 1 else alpha
+        out = np.empty(columns.shape)
+        for i in range(columns.shape[1]):
+            scale = (columns[:, i] * top / q).astype(np.float32)  # scales_for's
+            scale = np.where(scale > 0, scale, np.float32(1.0))[:, None]
+            values = decoded(nearest_codes(domain, scale, q), scale, sqrt)
+            out[:, i] = np.sum((reference - values) ** 2, axis=1)
+        return out[:, 0] if alpha.ndim == 1 else out
+
+    alpha = minimise_on_grid(error, np.ones(len(rows)), scan_points(2 * q + 1), 14)[0]
+    return quantize_rows(rows, alpha, bits, sqrt, half)
 
 
 def absmax_rows(rows: np.ndarray, bits: int, sqrt: bool = False, half: bool = False) -> UniformWeights:

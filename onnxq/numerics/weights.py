@@ -81,14 +81,22 @@ BLOCK_WEIGHTS = 1 << 20
 BLOCK_ROWS = 256
 
 
-def row_blocks(weight: np.ndarray, axis: int | None) -> Iterator[np.ndarray]:
-    """The rows of :func:`to_rows` in consecutive blocks of about BLOCK_WEIGHTS weights (one block per tensor when small or per tensor)."""
-    if axis is None or (weight.size <= BLOCK_WEIGHTS and weight.shape[axis] <= BLOCK_ROWS):
+#: Rows of one block of short rows (a weight's blocks of inputs as rows of their own) quantized at a time: the exact
+#: search's temporaries are a few times the rows' values.
+SHORT_ROWS_BLOCK = 8192
+
+
+def row_blocks(weight: np.ndarray, axis: int | None, max_rows: int = BLOCK_ROWS) -> Iterator[np.ndarray]:
+    """The rows of :func:`to_rows` in consecutive blocks of about BLOCK_WEIGHTS weights and at most ``max_rows`` rows.
+
+    One block per tensor when it is small, or per tensor.
+    """
+    if axis is None or (weight.size <= BLOCK_WEIGHTS and weight.shape[axis] <= max_rows):
         yield to_rows(weight, axis)
         return
     moved = np.moveaxis(weight, axis, 0)
     count = moved.shape[0]
-    per_block = min(BLOCK_ROWS, max(1, BLOCK_WEIGHTS // max(1, weight.size // count)))
+    per_block = min(max_rows, max(1, BLOCK_WEIGHTS // max(1, weight.size // count)))
     for start in range(0, count, per_block):
         block = moved[start : start + per_block]
         yield block.reshape(len(block), -1)
@@ -124,7 +132,8 @@ def quantize_weight(
     weight MSE is kept, up to SQRT_AUTO_MAX_BITS; wider codes stay plain. The range search runs up to SEARCH_MAX_BITS;
     wider codes take the full range. ``balanced``: each row's rounding errors then sum to nearly zero
     (onnxq/numerics/balance.py); with blocks, each block's. Block scales are float16 values (uniform.half_scales) where
-    float16 holds them; ``half_scales`` asks the same of any scales.
+    float16 holds them, and each block's range is searched on its values themselves (uniform.quantize_exact: a
+    histogram of 1024 bins for 32 values was most of the time and memory); ``half_scales`` asks float16 of any scales.
     """
     weight = np.asarray(weight, dtype=np.float32)
     bits = check_bits(bits)
@@ -133,10 +142,10 @@ def quantize_weight(
     modes = {SqrtMode.OFF: (False,), SqrtMode.ON: (True,), SqrtMode.AUTO: (False, True) if bits <= SQRT_AUTO_MAX_BITS else (False,)}[sqrt]
     best: QuantizedTensor | None = None
     for use_sqrt in modes:
-        if uses_blocks(weight, axis, block_size):  # one grid for all the blocks
-            mode = SqrtMode.ON if use_sqrt else SqrtMode.OFF
-            candidate = _in_blocks(weight, axis, block_size,
-                                   lambda part, m=mode: quantize_weight(part, bits, 0, m, method, balanced, half_scales=True))
+        if uses_blocks(weight, axis, block_size):  # one grid for all the blocks, each block a short row of its own
+            quantize_short = uniform.quantize_exact if method is RangeMethod.SEARCH else uniform.absmax_rows
+            candidate = _in_blocks(weight, axis, block_size, lambda part, s=use_sqrt, f=quantize_short: _quantize_blocks(
+                part, 0, lambda rows: f(rows, bits, s, True), s, False, balanced, SHORT_ROWS_BLOCK))
         elif method is RangeMethod.SEARCH:
             candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s, half_scales), use_sqrt,
                                          False, balanced)
@@ -206,15 +215,16 @@ def _quantize_blocks(
     sqrt: bool,
     is_post: bool,
     balanced: bool = False,
+    max_rows: int = BLOCK_ROWS,
 ) -> QuantizedTensor:
-    """Quantize the rows block by block and join the codes, measuring the error they leave against the weights.
+    """Quantize the rows block by block (at most ``max_rows`` at a time) and join the codes, measuring the error they leave.
 
     ``balanced``: the codes of each row are then moved so that its errors sum to nearly zero (onnxq/numerics/balance.py).
     """
     codes, scales, alphas = [], [], []
     noise = signal = 0.0
     bits = 0
-    for rows in row_blocks(weight, axis):
+    for rows in row_blocks(weight, axis, max_rows):
         q = quantize_rows(rows)
         if balanced and axis is not None:
             q = _balanced(rows, q)
