@@ -147,7 +147,7 @@ def _decode_graph(weight_shape: tuple[int, ...], q: QuantizedTensor, dtype: type
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-@pytest.mark.parametrize(("shape", "axis"), [((16, 5, 3, 3), 0), ((200, 12), 1), ((12, 96), 0), ((1, 16, 40), 1)])
+@pytest.mark.parametrize(("shape", "axis"), [((16, 5, 3, 3), 0), ((200, 12), 1), ((12, 96), 0), ((1, 16, 40), 1), ((64, 12), 1), ((1, 64), 0)])
 @pytest.mark.parametrize("bits", [4, 6])
 @pytest.mark.parametrize("sqrt", [False, True])
 @pytest.mark.parametrize("half", [True, False])

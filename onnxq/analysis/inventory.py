@@ -234,8 +234,9 @@ def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorP
     """For ``Mul(Cast(codes), scale)`` with integer constant codes and a float constant scale: (codes, the Cast, scale, 0).
 
     4-bit codes stored as uint8 halves (onnxq/rewrite/qdq.py) count as the int4 tensor they unpack to, the unpacking's
-    last node in the Cast's place. Scales per block of inputs (onnxq's --block-size) reach the Mul through a Cast from
-    float16, an Expand over the block, a Reshape and a Slice: the last element is the block size.
+    last node in the Cast's place. Scales per block of inputs (onnxq's --block-size): (channel, block, 1) times codes
+    (channel, block, input), or, for rows that end in a shorter block, through an Expand over the block (whose shape's
+    last element is the block size), a Reshape and a Slice; from float16 through a Cast.
     """
     if node.op_type != "Mul" or len(node.input) != 2:
         return None
@@ -246,6 +247,9 @@ def _cast_times_scale(node: onnx.NodeProto, scope: _Scope) -> tuple[onnx.TensorP
             continue
         codes = scope.tensor(cast, 0) if cast.op_type == "Cast" else _halves_codes(cast, scope)
         if codes is not None and codes.data_type in _INTEGER_CODES:
+            view = list(scale.dims)
+            if not block and len(codes.dims) == 3 and len(view) == 3 and view[0] > 1 and view[1] > 1 and view[2] == 1:
+                block = int(codes.dims[2])  # (channel, block, input) codes: a scale per channel and block
             return codes, cast, scale, block
     return None
 
