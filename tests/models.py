@@ -429,3 +429,32 @@ def weight_with_other_reader(layer: str, seed: int = 0) -> onnx.ModelProto:
              helper.make_node("Add", ["c", "wm"], ["y"], name="add")]
     return _model(nodes, [helper.make_tensor_value_info(*x)], [helper.make_tensor_value_info("y", TensorProto.FLOAT, y)],
                   [numpy_helper.from_array(w, "w")])
+
+
+def unrolled_rnn_zero_state(seed: int = 0, zeros: str = "constant_of_shape", steps: int = 3, hidden: int = 16) -> onnx.ModelProto:
+    """An RNN unrolled as torch's dynamo export writes it with a dynamic batch: x[N,3,8]; h0 zeros of shape [N, hidden]
+    (``zeros``: "constant_of_shape" of Shape(x), or "expand" of a zero scalar); h_t = Tanh(x_t @ w_ih + h_(t-1) @ w_hh);
+    y = h_3 @ w_out. Every step reads w_ih and w_hh; the first step's w_hh product is of zeros."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(_weight(rng, 8, hidden), "w_ih"), numpy_helper.from_array(_weight(rng, hidden, hidden), "w_hh"),
+             numpy_helper.from_array(_weight(rng, hidden, 4), "w_out"), numpy_helper.from_array(np.array([0], dtype=np.int64), "zero_i"),
+             numpy_helper.from_array(np.array([1], dtype=np.int64), "one_i"), numpy_helper.from_array(np.array([hidden], dtype=np.int64), "hid"),
+             numpy_helper.from_array(np.array(0.0, dtype=np.float32), "zero_f")]
+    nodes = [helper.make_node("Shape", ["x"], ["shape"]), helper.make_node("Slice", ["shape", "zero_i", "one_i"], ["batch"]),
+             helper.make_node("Concat", ["batch", "hid"], ["state_shape"], axis=0)]
+    if zeros == "constant_of_shape":
+        nodes.append(helper.make_node("ConstantOfShape", ["state_shape"], ["h0"], value=numpy_helper.from_array(np.array([0.0], dtype=np.float32))))
+    else:
+        nodes.append(helper.make_node("Expand", ["zero_f", "state_shape"], ["h0"]))
+    state = "h0"
+    for t in range(steps):
+        inits.append(numpy_helper.from_array(np.array(t, dtype=np.int64), f"t{t}"))
+        nodes += [helper.make_node("Gather", ["x", f"t{t}"], [f"x{t}"], axis=1),
+                  helper.make_node("MatMul", [f"x{t}", "w_ih"], [f"a{t}"], name=f"ih_{t}"),
+                  helper.make_node("MatMul", [state, "w_hh"], [f"b{t}"], name=f"hh_{t}"),
+                  helper.make_node("Add", [f"a{t}", f"b{t}"], [f"s{t}"]), helper.make_node("Tanh", [f"s{t}"], [f"h{t + 1}"])]
+        state = f"h{t + 1}"
+    nodes.append(helper.make_node("MatMul", [state, "w_out"], ["y"], name="out"))
+    return _model(nodes, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", steps, 8])],
+                  [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
+

@@ -4,9 +4,18 @@ weight stayed 8-bit and -b 4 wrote the same model as -b 8."""
 
 from __future__ import annotations
 
+import onnx
 import pytest
 
-from models import conv_bn_relu_gemm, conv_then_if, matmul_then_loop, matmul_then_scan, network_in_if, shared_weight_matmuls
+from models import (
+    conv_bn_relu_gemm,
+    conv_then_if,
+    matmul_then_loop,
+    matmul_then_scan,
+    network_in_if,
+    shared_weight_matmuls,
+    unrolled_rnn_zero_state,
+)
 from onnxq.config import QuantizeConfig
 from onnxq.model.prepare import prepare
 from onnxq.pipeline import quantize_with_report
@@ -57,6 +66,25 @@ def test_a_shared_weight_on_the_boundary_keeps_8_bits():
     """Unchanged by the data-flow rule: mm1 is first and mm3 last, and they share one tensor."""
     result = quantize_with_report(shared_weight_matmuls(), QuantizeConfig(bits=4))
     assert {layer.bits for layer in result.layers} == {8}
+
+
+@pytest.mark.parametrize("zeros", ["constant_of_shape", "expand"])
+def test_a_product_of_a_zero_state_is_not_a_first_layer(zeros):
+    """An RNN unrolled with a zero initial state (torch's dynamo export with a dynamic batch): the first step's w_hh
+    product reads zeros, so w_hh, shared by every step, is a middle weight (4 bits); w_ih is first, w_out last."""
+    model = unrolled_rnn_zero_state(zeros=zeros)
+    assert _boundary(model) == {"ih_0", "ih_1", "ih_2", "out"}  # every step reads x through w_ih
+    result = quantize_with_report(model, QuantizeConfig(bits=4))
+    assert {layer.tensor: layer.bits for layer in result.layers} == {"w_ih": 8, "w_hh": 4, "w_out": 8}
+
+
+def test_a_state_that_is_not_zero_still_makes_a_first_layer():
+    """The same RNN with its initial state a graph input: the first step's w_hh product reads data, w_hh stays 8-bit."""
+    model = unrolled_rnn_zero_state()
+    h0 = next(n for n in model.graph.node if n.output[0] == "h0")
+    model.graph.node.remove(h0)
+    model.graph.input.append(onnx.helper.make_tensor_value_info("h0", onnx.TensorProto.FLOAT, ["N", 16]))
+    assert _boundary(model) == {"ih_0", "ih_1", "ih_2", "hh_0", "out"}
 
 
 def test_the_summary_says_when_most_weights_missed_the_requested_bits(tmp_path, capsys):

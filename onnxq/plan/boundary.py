@@ -7,6 +7,11 @@ carried values; Scan: states, then scanned inputs), and hands its outputs to the
 condition). So when a whole network sits in one branch of an If, its own first and last layers are the boundary, not
 every layer of the branch. A Loop's values carried to the next iteration are not followed round the loop.
 
+A weighted node whose data inputs are all zeros whatever the input (a zero state made with ConstantOfShape, as torch's
+dynamo export writes a recurrent network's first step with a dynamic batch) processes nothing, and is not first: the
+weight it reads (the hidden-to-hidden one, shared by every step) would otherwise keep 8 bits for a product that is zero.
+Its output still counts as downstream of a weighted node.
+
 Node order in an ONNX graph is topological, so one pass each way suffices.
 """
 
@@ -15,6 +20,7 @@ from __future__ import annotations
 from collections.abc import Collection
 
 import onnx
+from onnx import numpy_helper
 
 from onnxq.model.graph import defined_names, subgraphs
 
@@ -28,11 +34,20 @@ def boundary_nodes(graph: onnx.GraphProto, weighted: Collection[str]) -> set[str
     return first | last
 
 
+#: Ops whose output is all zeros when their data input (the first) is.
+_ZERO_PRESERVING = frozenset({"Identity", "Cast", "Reshape", "Expand", "Unsqueeze", "Squeeze", "Transpose", "Flatten", "Slice", "Tile"})
+
+
 def _forward(graph: onnx.GraphProto, after: set[str], weighted: set[str], first: set[str]) -> None:
     """Walk ``graph`` in order, adding to ``after`` the tensors downstream of a weighted node, to ``first`` the first ones."""
+    constants = {t.name for t in graph.initializer} | {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    zeros = {t.name for t in graph.initializer if _small_zeros(t)}  # tensors that are zeros whatever the input
     for node in graph.node:
+        if _makes_zeros(node, zeros):
+            zeros.update(name for name in node.output if name)
         upstream = any(name in after for name in node.input if name)
-        if node.name in weighted and not upstream:
+        data = [name for name in node.input if name and name not in constants]
+        if node.name in weighted and not upstream and not (data and all(name in zeros for name in data)):
             first.add(node.name)
         from_bodies = False
         for body in subgraphs(node):
@@ -42,6 +57,33 @@ def _forward(graph: onnx.GraphProto, after: set[str], weighted: set[str], first:
             from_bodies |= any(out.name in inner for out in body.output)
         if upstream or from_bodies or node.name in weighted:
             after.update(name for name in node.output if name)
+
+
+#: Elements of a constant read to see whether it is all zeros (a zero state is a scalar or a small tensor to expand).
+ZERO_CHECK_ELEMENTS = 1024
+
+
+def _small_zeros(tensor: onnx.TensorProto) -> bool:
+    """Whether a small constant tensor (ZERO_CHECK_ELEMENTS at most, held in the file) is all zeros."""
+    count = 1
+    for d in tensor.dims:
+        count *= d
+    if count > ZERO_CHECK_ELEMENTS or tensor.data_location == onnx.TensorProto.EXTERNAL:
+        return False
+    return not numpy_helper.to_array(tensor).any()
+
+
+def _makes_zeros(node: onnx.NodeProto, zeros: set[str]) -> bool:
+    """Whether ``node``'s output is all zeros whatever the model's input.
+
+    ConstantOfShape of zero, a zero Constant, or a reshaping of zeros.
+    """
+    if node.op_type in ("ConstantOfShape", "Constant"):
+        value = next((a.t for a in node.attribute if a.name == "value"), None)
+        if node.op_type == "ConstantOfShape" and value is None:
+            return True  # the default value is zero
+        return value is not None and _small_zeros(value)
+    return node.op_type in _ZERO_PRESERVING and bool(node.input) and node.input[0] in zeros
 
 
 def _backward(graph: onnx.GraphProto, before: set[str], weighted: set[str], last: set[str]) -> None:
