@@ -145,9 +145,9 @@ def row_scales(scale: np.ndarray, ndim: int = 2) -> np.ndarray:
     return scale if scale.ndim == ndim else scale.reshape(*scale.shape, *([1] * (ndim - scale.ndim)))
 
 
-def quantize_best(rows: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> UniformWeights:
+def quantize_best(rows: np.ndarray, bits: int, sqrt: bool) -> UniformWeights:
     """Search alpha per row for the least weight MSE (polished on the exact data for short rows), then quantize."""
-    return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt, half)
+    return quantize_rows(rows, best_alpha(rows, codebook(bits, sqrt)), bits, sqrt)
 
 
 def quantize_exact(rows: np.ndarray, bits: int, sqrt: bool, half: bool = False) -> UniformWeights:

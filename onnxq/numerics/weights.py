@@ -60,7 +60,6 @@ class QuantizedTensor:
         approx = post.dequantize(rows, scale, self.bits) if self.post else uniform.dequantize(rows, scale, self.sqrt)
         return from_rows(approx, self.codes.shape, self.axis)
 
-
     @property
     def scale_bytes(self) -> int:
         """Bytes per stored scale: 2 for block scales that float16 holds (onnxq/rewrite/qdq.py writes them so), else 4."""
@@ -124,7 +123,6 @@ def quantize_weight(
     method: RangeMethod = RangeMethod.SEARCH,
     balanced: bool = False,
     block_size: int | None = None,
-    half_scales: bool = False,
 ) -> QuantizedTensor:
     """Quantize ``weight`` to ``bits`` per row along ``axis`` (None: per tensor), or per row and block of ``block_size`` inputs.
 
@@ -133,7 +131,7 @@ def quantize_weight(
     wider codes take the full range. ``balanced``: each row's rounding errors then sum to nearly zero
     (onnxq/numerics/balance.py); with blocks, each block's. Block scales are float16 values (uniform.half_scales) where
     float16 holds them, and each block's range is searched on its values themselves (uniform.quantize_exact: a
-    histogram of 1024 bins for 32 values was most of the time and memory); ``half_scales`` asks float16 of any scales.
+    histogram of 1024 bins for 32 values was most of the time and memory).
     """
     weight = np.asarray(weight, dtype=np.float32)
     bits = check_bits(bits)
@@ -147,11 +145,9 @@ def quantize_weight(
             candidate = _in_blocks(weight, axis, block_size, lambda part, s=use_sqrt, f=quantize_short: _quantize_blocks(
                 part, 0, lambda rows: f(rows, bits, s, True), s, False, balanced, SHORT_ROWS_BLOCK))
         elif method is RangeMethod.SEARCH:
-            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s, half_scales), use_sqrt,
-                                         False, balanced)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.quantize_best(rows, bits, s), use_sqrt, False, balanced)
         else:
-            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s, half_scales), use_sqrt,
-                                         False, balanced)
+            candidate = _quantize_blocks(weight, axis, lambda rows, s=use_sqrt: uniform.absmax_rows(rows, bits, s), use_sqrt, False, balanced)
         if best is None or candidate.mse < best.mse:
             best = candidate
     assert best is not None
