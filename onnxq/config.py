@@ -259,5 +259,6 @@ class QuantizeConfig:
                 raise ValueError("blocks of inputs with scales of their own are for codes below 8 bits (-b 2-7); 8-bit codes keep one per channel")
             if self.activations is not None or self.format is not WeightFormat.QDQ or self.granularity is not Granularity.CHANNEL:
                 raise ValueError("blocks of inputs with scales of their own are for weight-only models in the qdq format, per channel "
-                                 "(onnxruntime's integer kernels and onnxq's ops take one scale per channel)")
+                                 "(onnxruntime's integer kernels and onnxq's ops take one scale per channel): with --calibration, "
+                                 "give --activations none")
         object.__setattr__(self, "exclude", frozenset(self.exclude))
