@@ -235,6 +235,9 @@ struct Plan {
   std::vector<float> c_e, c_o;  // one constant step: the per-channel factors (else empty)
   std::vector<float> post_scale, post_bias;  // inputs 11 and 12, the affine map (else empty)
   AsqStep asq;                               // inputs 13 and 14, ASQ's per-sample Y step (asq.weight empty: none)
+  // With c_e and c_o here (one constant step z_x, and B constant while the plan is kept): the SIMD kernels'
+  // per-channel tables, laid out by the first call (int_conv_impl.h, CallTables).
+  mutable CallTables tables;
 
   bool Matches(const int64_t* dims, bool xb, bool rb, uint32_t p) const {
     return xb == x_bytes && rb == r_bytes && p == present && std::equal(dims, dims + 4, x_dims);
@@ -743,6 +746,7 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
     SetDestination(&args, clip_min_, clip_max_, run_y, staged ? &run_output : nullptr);
     args.pad_bottom = pad_bottom_;
     args.pad_right = pad_right_;
+    if (!plan->c_e.empty()) args.tables = &plan->tables;  // (z_x, c_e, c_o and B the plan's, every call)
     iconv::SimdConv(args, context);
   };
   if (params->size() == 1 && r_steps == nullptr) {

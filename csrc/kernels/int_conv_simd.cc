@@ -158,6 +158,10 @@ struct SimdJob : SimdArgs {
   int64_t t_rows = 0;
   std::vector<int32_t>& t_z;
   std::vector<float>& t_factor;
+  // What the kernels read of t_z, t_factor, lane_z and lane_factors: those vectors' data, or the node's
+  // kept tables (SimdArgs::tables).
+  const int32_t *t_z_at = nullptr, *lane_z_at = nullptr;
+  const float *t_factor_at = nullptr, *lane_factors_at = nullptr;
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
   int64_t panels;                // panels of `panel` columns per image and group
@@ -339,8 +343,8 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
     f.pixels = count;
     f.channels = g.mg;
     f.post = job.post;
-    f.z = job.t_z.data() + gi * job.t_rows;
-    f.factor = job.t_factor.data() + gi * job.t_rows;
+    f.z = job.t_z_at + gi * job.t_rows;
+    f.factor = job.t_factor_at + gi * job.t_rows;
     f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
     f.clip_lo = job.clip_lo;
     f.clip_hi = job.clip_hi;
@@ -538,11 +542,11 @@ void SetLaneOutput(LaneOutput& o, const SimdJob& job, int64_t b, float* out) {
   const Geometry& g = *job.g;
   const int64_t m16 = job.blocks * 16;
   o.post = job.post;
-  o.z_e = job.lane_z.data() + b * 16;
-  o.z_o = job.lane_z.data() + m16 + b * 16;
-  o.c_e = job.lane_factors.data() + b * 16;
-  o.c_o = job.lane_factors.data() + m16 + b * 16;
-  o.bias = job.bias != nullptr ? job.lane_factors.data() + 2 * m16 + b * 16 : nullptr;
+  o.z_e = job.lane_z_at + b * 16;
+  o.z_o = job.lane_z_at + m16 + b * 16;
+  o.c_e = job.lane_factors_at + b * 16;
+  o.c_o = job.lane_factors_at + m16 + b * 16;
+  o.bias = job.bias != nullptr ? job.lane_factors_at + 2 * m16 + b * 16 : nullptr;
   o.clip_lo = job.clip_lo;
   o.clip_hi = job.clip_hi;
   o.oh = g.oh;
@@ -944,16 +948,32 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
     job.cols = g.ow;
     job.span = g.pixels();
     job.t_rows = pw.rows16 + 2 * kLanes;  // (FinishT reads two blocks of rows past any it uses)
-    job.t_z.assign(static_cast<size_t>(g.group * job.t_rows), 0);
-    job.t_factor.assign(static_cast<size_t>(g.group * job.t_rows), 0.0f);
-    for (int64_t gi = 0; gi < g.group; ++gi) {
-      for (int64_t r = 0; r < pw.rows; ++r) {
-        const int64_t m = gi * g.mg + (job.post ? r / 2 : r);
-        // (per-pixel steps: the row's sum, which FinishT multiplies by each pixel's z_x)
-        const int32_t z = job.s_pixels != nullptr ? 1 : job.z;
-        job.t_z[gi * job.t_rows + r] = z * pw.row_sum[gi * pw.rows_pad + r];
-        job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
+    CallTables* kept = job.tables;
+    if (kept == nullptr || !kept->t_ready.load(std::memory_order_acquire)) {
+      job.t_z.assign(static_cast<size_t>(g.group * job.t_rows), 0);
+      job.t_factor.assign(static_cast<size_t>(g.group * job.t_rows), 0.0f);
+      for (int64_t gi = 0; gi < g.group; ++gi) {
+        for (int64_t r = 0; r < pw.rows; ++r) {
+          const int64_t m = gi * g.mg + (job.post ? r / 2 : r);
+          // (per-pixel steps: the row's sum, which FinishT multiplies by each pixel's z_x)
+          const int32_t z = job.s_pixels != nullptr ? 1 : job.z;
+          job.t_z[gi * job.t_rows + r] = z * pw.row_sum[gi * pw.rows_pad + r];
+          job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
+        }
       }
+      job.t_z_at = job.t_z.data();
+      job.t_factor_at = job.t_factor.data();
+      if (kept != nullptr) {
+        std::lock_guard<std::mutex> lock(kept->mutex);
+        if (!kept->t_ready.load(std::memory_order_relaxed)) {
+          kept->t_z = job.t_z;
+          kept->t_factor = job.t_factor;
+          kept->t_ready.store(true, std::memory_order_release);
+        }
+      }
+    } else {
+      job.t_z_at = kept->t_z.data();
+      job.t_factor_at = kept->t_factor.data();
     }
   }
   if (pw.mode == Mode::kQuad) {
@@ -1005,14 +1025,30 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
   }
   if (job.lanes || job.lanes_fused) {
     const int64_t m16 = job.blocks * 16;
-    job.lane_z.assign(static_cast<size_t>(2 * m16), 0);
-    job.lane_factors.assign(static_cast<size_t>(3 * m16), 0.0f);
-    for (int64_t m = 0; m < g.m; ++m) {
-      job.lane_z[m] = job.z * pw.list_sum[2 * m];
-      job.lane_z[m16 + m] = job.z * pw.list_sum[2 * m + 1];
-      job.lane_factors[m] = job.c_e[m];
-      job.lane_factors[m16 + m] = job.c_o[m];
-      if (job.bias != nullptr) job.lane_factors[2 * m16 + m] = job.bias[m];
+    CallTables* kept = job.tables;
+    if (kept == nullptr || !kept->lane_ready.load(std::memory_order_acquire)) {
+      job.lane_z.assign(static_cast<size_t>(2 * m16), 0);
+      job.lane_factors.assign(static_cast<size_t>(3 * m16), 0.0f);
+      for (int64_t m = 0; m < g.m; ++m) {
+        job.lane_z[m] = job.z * pw.list_sum[2 * m];
+        job.lane_z[m16 + m] = job.z * pw.list_sum[2 * m + 1];
+        job.lane_factors[m] = job.c_e[m];
+        job.lane_factors[m16 + m] = job.c_o[m];
+        if (job.bias != nullptr) job.lane_factors[2 * m16 + m] = job.bias[m];
+      }
+      job.lane_z_at = job.lane_z.data();
+      job.lane_factors_at = job.lane_factors.data();
+      if (kept != nullptr) {
+        std::lock_guard<std::mutex> lock(kept->mutex);
+        if (!kept->lane_ready.load(std::memory_order_relaxed)) {
+          kept->lane_z = job.lane_z;
+          kept->lane_factors = job.lane_factors;
+          kept->lane_ready.store(true, std::memory_order_release);
+        }
+      }
+    } else {
+      job.lane_z_at = kept->lane_z.data();
+      job.lane_factors_at = kept->lane_factors.data();
     }
   }
   if (pw.mode == Mode::kQuad) {
