@@ -333,6 +333,31 @@ def test_one_session_fed_batches_of_alternating_sizes_equals_numpy(case, form, k
             np.testing.assert_array_equal(y, want[:n], err_msg=f"kernel {kernel}, batch {n}")
 
 
+# With one constant step a node keeps its kernels' per-channel tables from its first call (int_conv_impl.h,
+# CallTables): later calls of one shape with other data must use them as the first call laid them out (GemmT's rows,
+# the lane kernels' constants; Gemm and the strided 1x1 too). Each call feeds the batch in another order, whose
+# outputs are the numpy model's in that order (one step per tensor: each sample's outputs are its own).
+_REPEATED = [
+    (replace(SHAPES[3], n=3), "u8x-u8y-u8r-relu"),
+    (replace(SHAPES[14], n=3), "u8y"),
+    (replace(SHAPES[17], n=3), "u8y-u8r-clip"),
+    (replace(SHAPES[20], n=3), "u8x-u8y-clip-hardswish"),
+    (replace(SHAPES[4], n=3), "u8x-u8y-relu-affine"),
+    (replace(SHAPES[11], n=3), "float-r"),
+]
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
+@pytest.mark.parametrize(("case", "form"), _REPEATED, ids=lambda v: str(v))
+def test_calls_of_one_shape_with_other_data_equal_numpy(case, form, kernel):
+    model, feeds, wants = _expected(case, next(f for f in FORMS if f.name == form))
+    s = session(model(kernel=KERNELS[kernel]))
+    for order in ([0, 1, 2], [2, 0, 1], [1, 2, 0], [2, 1, 0]):
+        outputs = s.run(None, {name: value[order] for name, value in feeds.items()})
+        for y, want in zip(outputs, wants, strict=True):
+            np.testing.assert_array_equal(y, want[order], err_msg=f"kernel {kernel}, order {order}")
+
+
 @pytest.mark.parametrize("kernel", kernel_params())
 def test_nan_outputs_quantize_to_zero_and_infinite_residuals_saturate(kernel):
     """A NaN y (from a NaN residual) gives Y = 0, +-inf residuals 255 and 0, like ONNX QuantizeLinear."""
