@@ -579,16 +579,18 @@ void IntConvKernel::Compute(OrtKernelContext* raw_context) {
   Ort::KernelContext context{raw_context};
   const std::string op = name();
   const size_t inputs = context.GetInputCount();
-  auto input = [&](size_t i) { return InputOf(context, inputs, i); };
   auto shape_of = [](const Ort::ConstValue& v) { return v.GetTensorTypeAndShapeInfo().GetShape(); };
 
-  const Ort::ConstValue x = input(0), w = input(1), scale = input(2), bias = input(3);
-  const Ort::ConstValue x_scale = input(4), residual = input(8);
-  ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
+  // Each input asked of onnxruntime once (a call through its C API each).
+  Ort::ConstValue given[15];
   uint32_t present = 0;
   for (size_t i = 0; i < inputs && i < 15; ++i) {
-    if (context.GetInput(i) != nullptr) present |= 1u << i;
+    given[i] = context.GetInput(i);
+    if (given[i] != nullptr) present |= 1u << i;
   }
+  const Ort::ConstValue x = given[0], w = given[1], scale = given[2], bias = given[3];
+  const Ort::ConstValue x_scale = given[4], residual = given[8];
+  ONNXQ_CHECK(x != nullptr && w != nullptr && scale != nullptr, "inputs X, W and scale are required");
   // X float32, or uint8: then X is x_q itself (onnxruntime only lets these two through).
   const iconv::Dims x_dims = iconv::DimsOf(x);
   const bool x_bytes = x_dims.type == ONNX_TENSOR_ELEMENT_DATA_TYPE_UINT8;
