@@ -77,6 +77,7 @@ void DepthwiseLists(const Depthwise& d) {
   const bool has_bias = d.bias != nullptr;
   const F bias = T::SetF(has_bias ? *d.bias : 0.0f);
   const F clip_lo = T::SetF(d.clip_lo), clip_hi = T::SetF(d.clip_hi);
+  const bool clip = d.clip_lo != -INFINITY || d.clip_hi != INFINITY;  // (the default bounds change no bits)
   // The 16 outputs of the columns at p.
   F y[kVectors];
   auto block = [&](int64_t p) {
@@ -85,7 +86,7 @@ void DepthwiseLists(const Depthwise& d) {
     if (kPost) TapSums<T, kNarrow>(plane + p, offsets_o, weights_o, taps_o, o);
     for (int j = 0; j < kVectors; ++j) {
       const I acc_o = kPost ? T::Sub32(o[j], z_o) : T::Zero();
-      y[j] = FinishLanes<T>(kPost, has_bias, T::Sub32(e[j], z_e), acc_o, c_e, c_o, bias, clip_lo, clip_hi);
+      y[j] = FinishLanes<T>(kPost, has_bias, T::Sub32(e[j], z_e), acc_o, c_e, c_o, bias, clip_lo, clip_hi, clip);
     }
   };
   if (ow >= 16) {  // row by row, the last block of each row overlapping the one before
@@ -142,6 +143,7 @@ void LanesTaps(const DepthwiseLanes& d) {
   const int64_t pixels = d.oh * d.ow, taps = kTaps > 0 ? kTaps : d.taps;
   const bool has_bias = d.bias != nullptr;
   const F clip_lo = T::SetF(d.clip_lo), clip_hi = T::SetF(d.clip_hi);
+  const bool clip = d.clip_lo != -INFINITY || d.clip_hi != INFINITY;  // (the default bounds change no bits)
   // Per lane constants: lanes [R h, R h + R) in vector h.
   I z_e[kVectors], z_o[kVectors];
   F c_e[kVectors], c_o[kVectors], bias[kVectors];
@@ -175,7 +177,7 @@ void LanesTaps(const DepthwiseLanes& d) {
       for (int h = 0; h < kVectors; ++h) {
         const I acc_o = kPost ? T::Sub32(o32[h], z_o[h]) : T::Zero();
         y[h][i] = FinishLanes<T>(kPost, has_bias, T::Sub32(e32[h], z_e[h]), acc_o, c_e[h], c_o[h], bias[h], clip_lo,
-                                 clip_hi);
+                                 clip_hi, clip);
       }
       if (++ox == d.ow) {
         ox = 0;
