@@ -146,10 +146,25 @@ void ReferencePixels(const Geometry& g, const PackedWeights& pw, const uint8_t* 
 // them are constant: made by the first call, read by the later ones. At batch 1 laying them out again at
 // every call (a loop over up to 384 channels per node) cost about 3% of MobileNetV2's int model.
 struct CallTables {
-  std::mutex mutex;  // guards the writes; a table is never changed once its flag is set
-  std::atomic<bool> t_ready{false}, lane_ready{false};
-  std::vector<int32_t> t_z, lane_z;
-  std::vector<float> t_factor, lane_factors;
+  // One kernel family's tables: its zero-point terms and float factors.
+  struct Kept {
+    std::atomic<bool> ready{false};  // set once z and factors hold the tables; never changed after
+    std::vector<int32_t> z;
+    std::vector<float> factors;
+
+    // Keeps a call's freshly laid out tables unless another call kept its own first (they are equal).
+    void Keep(std::mutex& mutex, const std::vector<int32_t>& made_z, const std::vector<float>& made_factors) {
+      std::lock_guard<std::mutex> lock(mutex);
+      if (ready.load(std::memory_order_relaxed)) return;
+      z = made_z;
+      factors = made_factors;
+      ready.store(true, std::memory_order_release);
+    }
+  };
+
+  std::mutex mutex;  // guards the writes
+  Kept t;            // GemmT's FinishT rows
+  Kept lane;         // the lane kernels' per-lane constants
 };
 
 // One call of the SIMD kernels (AVX2 or AVX-512): X quantized, the float factors, Y.

@@ -949,7 +949,7 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
     job.span = g.pixels();
     job.t_rows = pw.rows16 + 2 * kLanes;  // (FinishT reads two blocks of rows past any it uses)
     CallTables* kept = job.tables;
-    if (kept == nullptr || !kept->t_ready.load(std::memory_order_acquire)) {
+    if (kept == nullptr || !kept->t.ready.load(std::memory_order_acquire)) {
       job.t_z.assign(static_cast<size_t>(g.group * job.t_rows), 0);
       job.t_factor.assign(static_cast<size_t>(g.group * job.t_rows), 0.0f);
       for (int64_t gi = 0; gi < g.group; ++gi) {
@@ -963,17 +963,10 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
       }
       job.t_z_at = job.t_z.data();
       job.t_factor_at = job.t_factor.data();
-      if (kept != nullptr) {
-        std::lock_guard<std::mutex> lock(kept->mutex);
-        if (!kept->t_ready.load(std::memory_order_relaxed)) {
-          kept->t_z = job.t_z;
-          kept->t_factor = job.t_factor;
-          kept->t_ready.store(true, std::memory_order_release);
-        }
-      }
+      if (kept != nullptr) kept->t.Keep(kept->mutex, job.t_z, job.t_factor);
     } else {
-      job.t_z_at = kept->t_z.data();
-      job.t_factor_at = kept->t_factor.data();
+      job.t_z_at = kept->t.z.data();
+      job.t_factor_at = kept->t.factors.data();
     }
   }
   if (pw.mode == Mode::kQuad) {
@@ -1026,7 +1019,7 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
   if (job.lanes || job.lanes_fused) {
     const int64_t m16 = job.blocks * 16;
     CallTables* kept = job.tables;
-    if (kept == nullptr || !kept->lane_ready.load(std::memory_order_acquire)) {
+    if (kept == nullptr || !kept->lane.ready.load(std::memory_order_acquire)) {
       job.lane_z.assign(static_cast<size_t>(2 * m16), 0);
       job.lane_factors.assign(static_cast<size_t>(3 * m16), 0.0f);
       for (int64_t m = 0; m < g.m; ++m) {
@@ -1038,17 +1031,10 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
       }
       job.lane_z_at = job.lane_z.data();
       job.lane_factors_at = job.lane_factors.data();
-      if (kept != nullptr) {
-        std::lock_guard<std::mutex> lock(kept->mutex);
-        if (!kept->lane_ready.load(std::memory_order_relaxed)) {
-          kept->lane_z = job.lane_z;
-          kept->lane_factors = job.lane_factors;
-          kept->lane_ready.store(true, std::memory_order_release);
-        }
-      }
+      if (kept != nullptr) kept->lane.Keep(kept->mutex, job.lane_z, job.lane_factors);
     } else {
-      job.lane_z_at = kept->lane_z.data();
-      job.lane_factors_at = kept->lane_factors.data();
+      job.lane_z_at = kept->lane.z.data();
+      job.lane_factors_at = kept->lane.factors.data();
     }
   }
   if (pw.mode == Mode::kQuad) {
