@@ -91,6 +91,8 @@ SHAPES = [
     Case("IntConv", 4, 1, 6, (21, 21), 6, (3, 3), pads=(2, 2, 2, 2), dilations=(2, 2), group=6),
     # 1x1 with strides and no padding: the strided pixels picked, then a stride-1 product (ResNet's shortcuts)
     Case("IntConv", 4, 2, 16, (14, 15), 32, (1, 1), strides=(2, 2)),
+    # GemmT finished from its registers (VNNI): tiles of 16 pixels within a row and across rows, 8 left
+    Case("IntConv", 4, 2, 24, (3, 40), 48, (1, 1)),
     # GemmT with one and two blocks of 16 rows (its widest tiles), rows of 29 and 23 pixels: tiles cut at row ends
     Case("IntConv", 4, 2, 16, (6, 29), 16, (3, 3), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 2, 8, (5, 23), 16, (3, 3), pads=(1, 1, 1, 1)),

@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 
+#include "kernels/int_conv_gemm.h"
 #include "kernels/int_conv_kernels.h"
 
 namespace onnxq::iconv {
@@ -63,15 +64,25 @@ struct FinishTRows {
     z_pixels = f.z_pixels;
     s_pixels = f.s_pixels;
   }
+  // IntConv: pixel p's y of the block's channels, unclipped, from acc, its sums of the block's rows;
+  // `started`: acc began at Start() (z0 taken off already; int32 sums are exact in any order).
+  [[gnu::always_inline]] F Of(int64_t p, I acc, bool started = false) const {
+    static_assert(!kPost, "PostConv's channels take two rows");
+    if (z_pixels != nullptr) {  // per-pixel steps: z_x * row sum, s_x * scale[m] (int_conv.h)
+      const I z = T::Mul32(T::Set32(z_pixels[p]), z0);
+      const F factor = T::Mul(T::SetF(s_pixels[p]), f0);
+      const F y = T::Mul(T::ToFloat(T::Sub32(acc, z)), factor);
+      return kBias ? T::Add(y, bias) : y;
+    }
+    const F y = T::Mul(T::ToFloat(started ? acc : T::Sub32(acc, z0)), f0);
+    return kBias ? T::Add(y, bias) : y;
+  }
+  // What Of's started sums begin at: -z0 (per-pixel steps: 0, z differing by pixel).
+  I Start() const { return z_pixels != nullptr ? T::Zero() : T::Sub32(T::Zero(), z0); }
   // Pixel p's y of the block's channels, unclipped.
   [[gnu::always_inline]] F At(int64_t p) const {
     const int64_t at = p * kLanes;
-    if (!kPost && z_pixels != nullptr) {  // per-pixel steps: z_x * row sum, s_x * scale[m] (int_conv.h)
-      const I z = T::Mul32(T::Set32(z_pixels[p]), z0);
-      const F factor = T::Mul(T::SetF(s_pixels[p]), f0);
-      const F y = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z)), factor);
-      return kBias ? T::Add(y, bias) : y;
-    }
+    if constexpr (!kPost) return Of(p, T::Load(c0 + at));
     F v = T::Mul(T::ToFloat(T::Sub32(T::Load(c0 + at), z0)), f0);
     if (kPost) {  // each pair of lanes even + odd, the pairs of v then w in channel order
       const F w = T::Mul(T::ToFloat(T::Sub32(c1 != nullptr ? T::Load(c1 + at) : T::Zero(), z1)), f1);
@@ -537,69 +548,92 @@ void FinishTOutput(const FinishT& f, const OutputConsts<T>& c, int64_t b) {
 // product). A panel's last pixels (fewer than 16) are finished only as far as their groups of 4 reach
 // and stored as the lanes' first bytes (T::StoreLanesFirst; uint8 R read through buffers): a 7x7 panel
 // is 3 whole groups of 16 and one pixel, where finishing the 16 that end it again cost a quarter more.
-template <class T, bool kPost, bool kBias, bool kR8>
-void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t b) {
+// FinishTBytes' constants for channels [R b, R b + R) (built once per block of channels).
+template <class T, bool kPost, bool kBias>
+struct FinishTBytesBlock {
+  static constexpr int R = T::kFloats;
+  FinishTRows<T, kPost, kBias> rows;
+  OutputConsts<T> c;
+  int64_t at;  // channel R b's first pixel in Y (and R)
+  FinishTBytesBlock(const FinishT& f, const OutputConsts<T>& block_consts, int64_t b)
+      : rows(f, b), c(block_consts), at(f.at + R * b * f.stride) {
+    const Output& o = *f.output;
+    if (c.affine) {  // the channels are in the lanes: lane j's map is channel R b + j's (0 past the block's)
+      const int64_t m = at / o.pixels % o.channels;
+      c.post_scale = T::LoadFirstF(o.post_scale + m, rows.channels);
+      c.post_bias = T::LoadFirstF(o.post_bias + m, rows.channels);
+    }
+  }
+};
+
+// FinishTBytes for pixels [first, first + count) of a block of channels (count <= 16; value(i): pixel
+// first + i's vector of y, unclipped, the channels in the lanes; only called for i < count).
+template <class T, bool kPost, bool kBias, bool kR8, class Value>
+[[gnu::always_inline]] inline void FinishTBytesGroup(const FinishT& f, const FinishTBytesBlock<T, kPost, kBias>& block,
+                                                     int64_t first, int64_t count, Value value) {
   using I = typename T::I;
   using F = typename T::F;
   constexpr int R = T::kFloats, kLanes128 = R / 4;
-  const FinishTRows<T, kPost, kBias> rows(f, b);
   const Output& o = *f.output;
-  const int64_t at = f.at + R * b * f.stride;  // channel R b's first pixel in Y (and R)
-  OutputConsts<T> c = block_consts;
-  if (c.affine) {  // the channels are in the lanes: lane j's map is channel R b + j's (0 past the block's)
-    const int64_t m = at / o.pixels % o.channels;
-    c.post_scale = T::LoadFirstF(o.post_scale + m, rows.channels);
-    c.post_bias = T::LoadFirstF(o.post_bias + m, rows.channels);
-  }
+  const OutputConsts<T>& c = block.c;
+  const int64_t channels = block.rows.channels, at = block.at;
   alignas(16) uint8_t y_part[R][16], r_part[R][16];  // (channels past the block's, and R's last pixels)
-  for (int64_t first = 0; first < f.pixels; first += 16) {
-    const int64_t count = f.pixels - first < 16 ? f.pixels - first : 16;
-    const bool whole = count == 16;
-    I r8[4];  // kR8: r8[k] dword j = channel R b + j's bytes of pixels first + 4k ..
-    if constexpr (kR8) {
-      for (int j = 0; j < R; ++j) {
-        if (j < rows.channels && !whole) std::memcpy(r_part[j], o.r8 + at + j * f.stride + first, static_cast<size_t>(count));
-        if (j >= rows.channels) std::memset(r_part[j], 0, 16);
-      }
-      for (int j = 0; j < 4; ++j) {
-        const uint8_t* lanes[kLanes128];
-        for (int l = 0; l < kLanes128; ++l) {
-          const int row = 4 * l + j;
-          lanes[l] = row < rows.channels && whole ? o.r8 + at + row * f.stride + first : r_part[row];
-        }
-        r8[j] = T::LoadLanes(lanes);
-      }
-      T::TransposeDwords4(r8);
+  const bool whole = count == 16;
+  I r8[4];  // kR8: r8[k] dword j = channel R b + j's bytes of pixels first + 4k ..
+  if constexpr (kR8) {
+    for (int j = 0; j < R; ++j) {
+      if (j < channels && !whole) std::memcpy(r_part[j], o.r8 + at + j * f.stride + first, static_cast<size_t>(count));
+      if (j >= channels) std::memset(r_part[j], 0, 16);
     }
-    I d[4];
-#pragma GCC unroll 4
-    for (int k = 0; k < 4; ++k) {  // (unrolled: else d went through the stack)
-      if (4 * k >= count) {  // (past the panel's last pixels: never stored)
-        d[k] = T::Zero();
-        continue;
-      }
-      F v[4];
-      for (int q = 0; q < 4; ++q) {
-        v[q] = 4 * k + q < count ? rows.At(first + 4 * k + q) : T::ZeroF();
-        if constexpr (kR8) {  // byte q of each dword of r8[k]
-          const I r = T::ShiftRight32(T::ShiftLeft32(r8[k], 24 - 8 * q), 24);
-          v[q] = T::Add(v[q], T::Mul(T::ToFloat(T::Sub32(r, c.r_zero_point)), c.r_scale));
-        }
-      }
-      OutputClip<T>(c, v);
-      I u[4];
-      QuantizeFixedU<T>(c.y, v, u);
-      d[k] = T::FixedDwords(u);
-    }
-    T::TransposeDwords4(d);  // d[j]: 128-bit lane l = channel R b + 4l + j's 16 pixels
     for (int j = 0; j < 4; ++j) {
-      uint8_t* lanes[kLanes128];
+      const uint8_t* lanes[kLanes128];
       for (int l = 0; l < kLanes128; ++l) {
         const int row = 4 * l + j;
-        lanes[l] = row < rows.channels ? o.y8 + at + row * f.stride + first : y_part[row];
+        lanes[l] = row < channels && whole ? o.r8 + at + row * f.stride + first : r_part[row];
       }
-      whole ? T::StoreLanes(d[j], lanes) : T::StoreLanesFirst(d[j], lanes, count);
+      r8[j] = T::LoadLanes(lanes);
     }
+    T::TransposeDwords4(r8);
+  }
+  I d[4];
+#pragma GCC unroll 4
+  for (int k = 0; k < 4; ++k) {  // (unrolled: else d went through the stack)
+    if (4 * k >= count) {  // (past the panel's last pixels: never stored)
+      d[k] = T::Zero();
+      continue;
+    }
+    F v[4];
+#pragma GCC unroll 4
+    for (int q = 0; q < 4; ++q) {
+      v[q] = 4 * k + q < count ? value(4 * k + q) : T::ZeroF();
+      if constexpr (kR8) {  // byte q of each dword of r8[k]
+        const I r = T::ShiftRight32(T::ShiftLeft32(r8[k], 24 - 8 * q), 24);
+        v[q] = T::Add(v[q], T::Mul(T::ToFloat(T::Sub32(r, c.r_zero_point)), c.r_scale));
+      }
+    }
+    OutputClip<T>(c, v);
+    I u[4];
+    QuantizeFixedU<T>(c.y, v, u);
+    d[k] = T::FixedDwords(u);
+  }
+  T::TransposeDwords4(d);  // d[j]: 128-bit lane l = channel R b + 4l + j's 16 pixels
+  for (int j = 0; j < 4; ++j) {
+    uint8_t* lanes[kLanes128];
+    for (int l = 0; l < kLanes128; ++l) {
+      const int row = 4 * l + j;
+      lanes[l] = row < channels ? o.y8 + at + row * f.stride + first : y_part[row];
+    }
+    whole ? T::StoreLanes(d[j], lanes) : T::StoreLanesFirst(d[j], lanes, count);
+  }
+}
+
+template <class T, bool kPost, bool kBias, bool kR8>
+void FinishTBytes(const FinishT& f, const OutputConsts<T>& block_consts, int64_t b) {
+  const FinishTBytesBlock<T, kPost, kBias> block(f, block_consts, b);
+  for (int64_t first = 0; first < f.pixels; first += 16) {
+    const int64_t count = f.pixels - first < 16 ? f.pixels - first : 16;
+    FinishTBytesGroup<T, kPost, kBias, kR8>(f, block, first, count,
+                                            [&](int i) { return block.rows.At(first + i); });
   }
 }
 
@@ -626,7 +660,7 @@ void FinishTForm(const FinishT& f) {
   for (int64_t b = 0; b < blocks; ++b) block(f, c, b);
 }
 
-// FinishT (kernels.h's finish_t).
+// FinishT.
 template <class T>
 void FinishTKernel(const FinishT& f) {
   if (f.post) {
@@ -634,6 +668,77 @@ void FinishTKernel(const FinishT& f) {
   } else {
     f.bias != nullptr ? FinishTForm<T, false, true>(f) : FinishTForm<T, false, false>(f);
   }
+}
+
+// GemmT and FinishTBytes in one pass (IntConv, all of k at once, T::kFloats = kLanes): a tile of one
+// block of rows (channels [R b, R b + R)) by 16 pixels, whose 16 vectors of sums are FinishTBytes'
+// group of pixels, finished from the registers (C never stored and reloaded: FinishTBytes took as
+// long as GemmT's product in MobileNetV2's 1x1 layers). The sums start at -z0 (FinishTRows::Start),
+// so that the epilogue has no subtraction.
+template <class T, int kPixels, bool kAdjacent, bool kBias, bool kR8>
+void GemmTBytesTile(const GemmT& g, const FinishT& f, const FinishTBytesBlock<T, false, kBias>& block,
+                    const int8_t* a, int64_t p0) {
+  typename T::I sum[kPixels];
+  const typename T::I start = block.rows.Start();
+  for (auto& v : sum) v = start;
+  GemmTSums<T, 1, kPixels, kAdjacent, false>(a, g, p0, 0, g.k4, sum);
+  FinishTBytesGroup<T, false, kBias, kR8>(f, block, p0, kPixels,
+                                          [&](int i) { return block.rows.Of(p0 + i, sum[i], true); });
+}
+
+// GemmTBytesTile over every block of rows and whole groups of 16 pixels; the panel's last pixels
+// (fewer than 16: 1 of a 7x7 image, 4 of a 14x14 one) through C, GemmTKernel's tiles of all the blocks
+// by those pixels then FinishTBytes (a tile of one block by one pixel is one chain of dependent
+// vpdpbusd: it cost the fused pass all its gain at batch 1).
+template <class T, bool kBias, bool kR8>
+void GemmTBytes(const GemmT& g, const FinishT& f) {
+  constexpr int kPixels = 16;  // FinishTBytes' group
+  const int64_t whole = g.pixels / kPixels * kPixels;
+  const OutputConsts<T> c(*f.output);
+  const int64_t* offsets = g.pixel_offsets;
+  for (int64_t b = 0; b * kLanes < f.channels && whole > 0; ++b) {
+    const FinishTBytesBlock<T, false, kBias> block(f, c, b);
+    const int8_t* a = g.a + b * g.k4 * kLanes * 4;
+    for (int64_t p = 0; p < whole; p += kPixels) {
+      if (offsets[p + kPixels - 1] == offsets[p] + 4 * (kPixels - 1)) {
+        GemmTBytesTile<T, kPixels, true, kBias, kR8>(g, f, block, a, p);
+      } else {
+        GemmTBytesTile<T, kPixels, false, kBias, kR8>(g, f, block, a, p);
+      }
+    }
+  }
+  if (whole == g.pixels) return;
+  GemmT rest = g;
+  rest.pixel_offsets += whole;
+  rest.pixels -= whole;
+  GemmTKernel<T>(rest);
+  FinishT f_rest = f;
+  f_rest.pixels = rest.pixels;
+  f_rest.at += whole;
+  if (f.z_pixels != nullptr) {
+    f_rest.z_pixels += whole;
+    f_rest.s_pixels += whole;
+  }
+  for (int64_t b = 0; b * kLanes < f.channels; ++b) FinishTBytes<T, false, kBias, kR8>(f_rest, c, b);
+}
+
+// GemmT's product and its epilogue (kernels.h's gemm_t): in one pass where the epilogue is
+// FinishTBytes of IntConv and the sums are int32 over all of k (VNNI), else GemmT into C, then FinishT.
+template <class T>
+void GemmTFinishKernel(const GemmT& g, const FinishT& f) {
+  if constexpr (!T::kInt16Sums && T::kFloats == kLanes) {
+    const Output* o = f.output;
+    if (!f.post && o != nullptr && o->quantize && o->r == nullptr) {
+      if (f.bias != nullptr) {
+        o->r8 != nullptr ? GemmTBytes<T, true, true>(g, f) : GemmTBytes<T, true, false>(g, f);
+      } else {
+        o->r8 != nullptr ? GemmTBytes<T, false, true>(g, f) : GemmTBytes<T, false, false>(g, f);
+      }
+      return;
+    }
+  }
+  GemmTKernel<T>(g);
+  FinishTKernel<T>(f);
 }
 
 }  // namespace

@@ -153,17 +153,16 @@ void GemmKernel(const Gemm& g) {
   }
 }
 
-// GemmT's tile: kBlocks blocks of kLanes rows (A in GemmT's layout, from a) times kPixels pixels from
-// p0, over blocks [i0, i1) of k. The rows are in the vector lanes, T::kFloats per vector (kBlocks *
-// kLanes / T::kFloats vectors), each pixel's 4 activations of a block broadcast. kAdjacent: the tile's
-// pixels are adjacent (pixel_offsets[p0 + p] = pixel_offsets[p0] + 4p), so that every broadcast is at
-// a constant offset from one pointer per block of k (offsets per pixel take more registers than there
-// are for wide tiles); else (a tile across the end of an output row) each pixel at its own offset.
-// T::kInt16Sums: one block of rows (its runs), the sums widened after each run into C, or (kWide)
-// after every block into int32 sums in registers.
-template <class T, int kBlocks, int kPixels, bool kAdjacent = true, bool kWide = false>
-void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0, int64_t i1, int32_t* c) {
-  static_assert(!T::kInt16Sums || kBlocks == 1, "int16 runs are per block of rows");
+// GemmT's sums: kBlocks blocks of kLanes rows (A in GemmT's layout, from a) times kPixels pixels from
+// p0, over blocks [i0, end) of k, added to sum[p * kVectors + v] (pixel p, the tile's vector v: see
+// GemmTTile). The rows are in the vector lanes, T::kFloats per vector, each pixel's 4 activations of a
+// block broadcast. kAdjacent: the tile's pixels are adjacent (pixel_offsets[p0 + p] = pixel_offsets[p0]
+// + 4p), so that every broadcast is at a constant offset from one pointer per block of k (offsets per
+// pixel take more registers than there are for wide tiles); else (a tile across the end of an output
+// row) each pixel at its own offset. kWide: each block's int16 pair sums widened at once (T::kInt16Sums).
+template <class T, int kBlocks, int kPixels, bool kAdjacent, bool kWide>
+[[gnu::always_inline]] inline void GemmTSums(const int8_t* a, const GemmT& g, int64_t p0, int64_t i0, int64_t end,
+                                             typename T::I* sum) {
   using I = typename T::I;
   constexpr int kVectors = kBlocks * kLanes / T::kFloats;
   // Vector v holds the tile's rows [v * kFloats, (v + 1) * kFloats): block block_of(v)'s from row lane_of(v).
@@ -171,26 +170,40 @@ void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0,
   auto lane_of = [](int v) { return v * T::kFloats % kLanes; };
   const uint8_t* b = g.b + (kAdjacent ? g.pixel_offsets[p0] : 0);
   const int64_t* pixels = g.pixel_offsets + p0;
+  for (int64_t i = i0; i < end; ++i) {
+    I w[kVectors];
+    for (int v = 0; v < kVectors; ++v) {
+      w[v] = T::Load(a + ((block_of(v) * g.k4 + i) * kLanes + lane_of(v)) * 4);
+      if constexpr (T::kPinWeights) T::Pin(w[v]);
+    }
+    const uint8_t* bi = b + g.b_offsets[i];
+    for (int p = 0; p < kPixels; ++p) {
+      const I x = T::Broadcast4(bi + (kAdjacent ? 4 * p : pixels[p]));
+      for (int v = 0; v < kVectors; ++v) sum[p * kVectors + v] = AddBlock<T, kWide>(sum[p * kVectors + v], x, w[v]);
+    }
+    if constexpr (T::kPinSums && kVectors > 1) {
+      for (int v = 0; v < kPixels * kVectors; ++v) T::Pin(sum[v]);
+    }
+  }
+}
+
+// GemmT's tile: kBlocks blocks of kLanes rows times kPixels pixels from p0 (GemmTSums), over blocks
+// [i0, i1) of k, into C (kVectors = kBlocks * kLanes / T::kFloats vectors of rows per pixel).
+// T::kInt16Sums: one block of rows (its runs), the sums widened after each run into C, or (kWide)
+// after every block into int32 sums in registers.
+template <class T, int kBlocks, int kPixels, bool kAdjacent = true, bool kWide = false>
+void GemmTTile(const int8_t* a, const GemmT& g, const int32_t* runs, int64_t p0, int64_t i0, int64_t i1, int32_t* c) {
+  static_assert(!T::kInt16Sums || kBlocks == 1, "int16 runs are per block of rows");
+  using I = typename T::I;
+  constexpr int kVectors = kBlocks * kLanes / T::kFloats;
+  auto block_of = [](int v) { return v * T::kFloats / kLanes; };
+  auto lane_of = [](int v) { return v * T::kFloats % kLanes; };
   for (int64_t end; i0 < i1; i0 = end) {
     end = i1;
     if constexpr (T::kInt16Sums && !kWide) end = MinOf(i0 + runs[i0], i1);
     I sum[kPixels * kVectors];  // (pixel p, vector v) at p * kVectors + v
     for (auto& v : sum) v = T::Zero();
-    for (int64_t i = i0; i < end; ++i) {
-      I w[kVectors];
-      for (int v = 0; v < kVectors; ++v) {
-        w[v] = T::Load(a + ((block_of(v) * g.k4 + i) * kLanes + lane_of(v)) * 4);
-        if constexpr (T::kPinWeights) T::Pin(w[v]);
-      }
-      const uint8_t* bi = b + g.b_offsets[i];
-      for (int p = 0; p < kPixels; ++p) {
-        const I x = T::Broadcast4(bi + (kAdjacent ? 4 * p : pixels[p]));
-        for (int v = 0; v < kVectors; ++v) sum[p * kVectors + v] = AddBlock<T, kWide>(sum[p * kVectors + v], x, w[v]);
-      }
-      if constexpr (T::kPinSums && kVectors > 1) {
-        for (auto& v : sum) T::Pin(v);
-      }
-    }
+    GemmTSums<T, kBlocks, kPixels, kAdjacent, kWide>(a, g, p0, i0, end, sum);
     for (int p = 0; p < kPixels; ++p) {
       for (int v = 0; v < kVectors; ++v) {
         int32_t* out = c + (block_of(v) * g.pixels + p0 + p) * kLanes + lane_of(v);

@@ -336,29 +336,27 @@ void RunPanelT(const SimdJob& job, int64_t n, int64_t gi, int64_t q0, int64_t co
   }
   gemm.pixel_offsets = pixels;
   gemm.c = by_pixel;
-  job.kernels->gemm_t(gemm);
-  {
-    FinishT f{};
-    f.c = by_pixel;
-    f.pixels = count;
-    f.channels = g.mg;
-    f.post = job.post;
-    f.z = job.t_z_at + gi * job.t_rows;
-    f.factor = job.t_factor_at + gi * job.t_rows;
-    f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
-    f.clip_lo = job.clip_lo;
-    f.clip_hi = job.clip_hi;
-    const int64_t at = (n * g.m + gi * g.mg) * g.pixels() + q0;
-    f.out = job.output != nullptr ? nullptr : job.y + at;  // (an Output takes the floats through the output step)
-    f.stride = g.pixels();
-    f.output = job.output;
-    f.at = at;
-    if (job.s_pixels != nullptr) {  // (per-pixel steps: 1x1, strides 1, no pads, so output pixel q is input pixel q)
-      f.z_pixels = job.z_pixels + n * g.pixels() + q0;
-      f.s_pixels = job.s_pixels + n * g.pixels() + q0;
-    }
-    job.kernels->finish_t(f);
+  // The epilogue: the kernel finishes C from its registers where it can (int_conv_finish.h, GemmTFinishKernel).
+  FinishT f{};
+  f.c = by_pixel;
+  f.pixels = count;
+  f.channels = g.mg;
+  f.post = job.post;
+  f.z = job.t_z_at + gi * job.t_rows;
+  f.factor = job.t_factor_at + gi * job.t_rows;
+  f.bias = job.bias != nullptr ? job.bias + gi * g.mg : nullptr;
+  f.clip_lo = job.clip_lo;
+  f.clip_hi = job.clip_hi;
+  const int64_t at = (n * g.m + gi * g.mg) * g.pixels() + q0;
+  f.out = job.output != nullptr ? nullptr : job.y + at;  // (an Output takes the floats through the output step)
+  f.stride = g.pixels();
+  f.output = job.output;
+  f.at = at;
+  if (job.s_pixels != nullptr) {  // (per-pixel steps: 1x1, strides 1, no pads, so output pixel q is input pixel q)
+    f.z_pixels = job.z_pixels + n * g.pixels() + q0;
+    f.s_pixels = job.s_pixels + n * g.pixels() + q0;
   }
+  job.kernels->gemm_t(gemm, f);
 }
 
 // kQuad: one panel of matrix columns of one image and group: the product, the epilogue.

@@ -33,8 +33,9 @@ struct Kernels {
   // PostConv/IntConv's SIMD kernels (int_conv_kernels.h has what each computes); null in the scalar
   // table.
   void (*gemm)(const iconv::Gemm& g);
-  void (*gemm_t)(const iconv::GemmT& g);
-  void (*finish_t)(const iconv::FinishT& f);
+  // GemmT's product C and its epilogue FinishT f (f.c = g.c), in one pass where the kernel can finish
+  // from its registers (int_conv_finish.h, GemmTFinishKernel).
+  void (*gemm_t)(const iconv::GemmT& g, const iconv::FinishT& f);
   void (*finish_run)(const int32_t* e, const int32_t* o, int64_t n, int32_t z_e, int32_t z_o, float c_e, float c_o,
                      const float* bias, float lo, float hi, float* out);
   void (*finish_pixels)(const int32_t* e, int64_t n, int32_t row_sum, const int32_t* z, const float* s, float scale,

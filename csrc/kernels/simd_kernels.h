@@ -49,8 +49,7 @@ constexpr Kernels SimdKernels() {
   k.min_max_pixels = qdu8::MinMaxPixels<T>;
   k.quantize_pixels = iconv::QuantizePixelsKernel<T>;
   k.gemm = iconv::GemmKernel<T>;
-  k.gemm_t = iconv::GemmTKernel<T>;
-  k.finish_t = iconv::FinishTKernel<T>;
+  k.gemm_t = iconv::GemmTFinishKernel<T>;
   k.finish_run = iconv::FinishRunKernel<T>;
   k.finish_pixels = iconv::FinishPixelsKernel<T>;
   k.depthwise = iconv::DepthwiseKernel<T>;
