@@ -443,22 +443,25 @@ void OutputKernel(const Output& o, const float* y, int64_t n, int64_t at) {
 }
 
 // Finish (without the clip) of 4 vectors of C's columns from e (PostConv: and o), into v; kTail: only the
-// first `left` columns are read (the lanes past them are finished from 0 and never stored).
-template <class T, bool kPost, bool kBias, bool kTail = false>
+// first `left` columns are read (the lanes past them are finished from 0 and never stored). kStarted:
+// the sums hold the zero-point correction already (Gemm::start).
+template <class T, bool kPost, bool kBias, bool kTail = false, bool kStarted = false>
 [[gnu::always_inline]] inline void PanelFinish(const int32_t* e, const int32_t* o, typename T::I z_e, typename T::I z_o, typename T::F c_e,
                         typename T::F c_o, typename T::F bias, typename T::F v[4], int64_t left = 4 * T::kFloats) {
   constexpr int R = T::kFloats;
   for (int k = 0; k < 4; ++k) {
     const typename T::I acc_e = kTail ? T::LoadFirst32(e + R * k, left - R * k) : T::Load(e + R * k);
     const typename T::I acc_o = !kPost ? T::Zero() : kTail ? T::LoadFirst32(o + R * k, left - R * k) : T::Load(o + R * k);
-    v[k] = FinishLanes<T>(kPost, kBias, T::Sub32(acc_e, z_e), T::Sub32(acc_o, z_o), c_e, c_o, bias, bias, bias, false);
+    v[k] = kStarted ? FinishLanes<T>(kPost, kBias, acc_e, acc_o, c_e, c_o, bias, bias, bias, false)
+                    : FinishLanes<T>(kPost, kBias, T::Sub32(acc_e, z_e), T::Sub32(acc_o, z_o), c_e, c_o, bias, bias, bias, false);
   }
 }
 
 // PanelOutput (int_conv_kernels.h) for one form of the epilogue: per output channel its constants
 // broadcast, per run blocks of 4 vectors of C finished (FinishLanes without the clip) into
-// OutputValues, a run's last block with masked loads of C and OutputValues' tail.
-template <class T, bool kPost, bool kBias, bool kR, bool kR8, bool kQuantize>
+// OutputValues, a run's last block with masked loads of C and OutputValues' tail. kStarted: C's sums
+// started at -z_x * row_sum (PanelOutput::started), no subtraction.
+template <class T, bool kPost, bool kBias, bool kR, bool kR8, bool kQuantize, bool kStarted = false>
 void PanelOutputRuns(const PanelOutput& p) {
   using I = typename T::I;
   using F = typename T::F;
@@ -483,7 +486,7 @@ void PanelOutputRuns(const PanelOutput& p) {
       int64_t x = 0;
       for (; x + kBlock <= run.count; x += kBlock) {
         F v[4];
-        PanelFinish<T, kPost, kBias>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v);
+        PanelFinish<T, kPost, kBias, false, kStarted>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v);
         OutputValues<T, kR, kR8, kQuantize>(c, v, kR ? r + x : nullptr, kR8 ? r8 + x : nullptr,
                                             kQuantize ? nullptr : out + x, kQuantize ? out8 + x : nullptr);
       }
@@ -492,24 +495,32 @@ void PanelOutputRuns(const PanelOutput& p) {
       alignas(64) uint8_t r8_tail[kBlock] = {};
       if (kR8) std::memcpy(r8_tail, r8 + x, static_cast<size_t>(left));
       F v[4];
-      PanelFinish<T, kPost, kBias, true>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v, left);
+      PanelFinish<T, kPost, kBias, true, kStarted>(e + x, od + x, z_e, z_o, c_e, c_o, bias, v, left);
       OutputValues<T, kR, kR8, kQuantize, true>(c, v, kR ? r + x : nullptr, r8_tail, kQuantize ? nullptr : out + x,
                                                 kQuantize ? out8 + x : nullptr, left);
     }
   }
 }
 
-template <class T, bool kPost, bool kBias>
-void PanelOutputForm(const PanelOutput& p) {
+template <class T, bool kPost, bool kBias, bool kStarted>
+void PanelOutputStarted(const PanelOutput& p) {
   const Output& o = *p.output;
   if (o.quantize) {
-    if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, true>(p);
-    if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, true>(p);
-    return PanelOutputRuns<T, kPost, kBias, false, false, true>(p);
+    if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, true, kStarted>(p);
+    if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, true, kStarted>(p);
+    return PanelOutputRuns<T, kPost, kBias, false, false, true, kStarted>(p);
   }
-  if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, false>(p);
-  if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, false>(p);
-  PanelOutputRuns<T, kPost, kBias, false, false, false>(p);
+  if (o.r != nullptr) return PanelOutputRuns<T, kPost, kBias, true, false, false, kStarted>(p);
+  if (o.r8 != nullptr) return PanelOutputRuns<T, kPost, kBias, false, true, false, kStarted>(p);
+  PanelOutputRuns<T, kPost, kBias, false, false, false, kStarted>(p);
+}
+
+template <class T, bool kPost, bool kBias>
+void PanelOutputForm(const PanelOutput& p) {
+  if constexpr (!T::kInt16Sums) {  // (only int32 sums start at the correction: Gemm::start)
+    if (p.started) return PanelOutputStarted<T, kPost, kBias, true>(p);
+  }
+  PanelOutputStarted<T, kPost, kBias, false>(p);
 }
 
 template <class T>

@@ -39,17 +39,19 @@ inline typename T::I AddBlock(typename T::I acc, typename T::I x, typename T::I 
 // Rows [0, kRows) of one row block of A times kVectors * T::kFloats pixels of B from b, over blocks
 // [0, k4) of k (A and B as int_conv_kernels.h lays them out, offsets[i] locating block i of B), into
 // C (added to what it holds if `add`). T::kInt16Sums: the sums are widened after runs[i] blocks from
-// block i (Int16Runs), or (kWide) every block, into int32 sums in registers.
+// block i (Int16Runs), or (kWide) every block, into int32 sums in registers. start (int32 sums, not
+// add): row r's sums begin at start[r] (Gemm::start), else at 0.
 template <class T, int kVectors, bool kWide = false>
 void GemmTile(const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets, const int32_t* runs, bool add,
-              int32_t* c) {
+              int32_t* c, const int32_t* start = nullptr) {
   using I = typename T::I;
   for (int64_t i0 = 0, i1; i0 < k4; i0 = i1) {
     i1 = k4;
     if constexpr (T::kInt16Sums && !kWide) i1 = MinOf(i0 + runs[i0], k4);
     I sum[kRows][kVectors];
-    for (auto& row : sum) {
-      for (auto& v : row) v = T::Zero();
+    for (int r = 0; r < kRows; ++r) {
+      const I first = !T::kInt16Sums && start != nullptr ? T::Set32(start[r]) : T::Zero();
+      for (auto& v : sum[r]) v = first;
     }
     for (int64_t i = i0; i < i1; ++i) {
       I x[kVectors];
@@ -104,10 +106,10 @@ void GemmTileSplit(const int8_t* a_lo, const int8_t* a_hi, int64_t k4, const uin
 // The last pixels of a row block: `vectors` (< kVectors) vectors of them, as one tile.
 template <class T, int kVectors, bool kWide = false>
 void GemmTileRest(int64_t vectors, const int8_t* a, int64_t k4, const uint8_t* b, const int64_t* offsets,
-                  const int32_t* runs, bool add, int32_t* c) {
+                  const int32_t* runs, bool add, int32_t* c, const int32_t* start = nullptr) {
   if constexpr (kVectors > 1) {
-    if (vectors == kVectors - 1) return GemmTile<T, kVectors - 1, kWide>(a, k4, b, offsets, runs, add, c);
-    GemmTileRest<T, kVectors - 1, kWide>(vectors, a, k4, b, offsets, runs, add, c);
+    if (vectors == kVectors - 1) return GemmTile<T, kVectors - 1, kWide>(a, k4, b, offsets, runs, add, c, start);
+    GemmTileRest<T, kVectors - 1, kWide>(vectors, a, k4, b, offsets, runs, add, c, start);
   }
 }
 
@@ -143,12 +145,13 @@ void GemmKernel(const Gemm& g) {
         }
       }
       const int32_t* runs = T::kInt16Sums ? g.runs + rb * g.k4 + i0 : nullptr;
+      const int32_t* start = !T::kInt16Sums && g.start != nullptr ? g.start + rb * kRows : nullptr;
       int64_t p = 0;
       for (; p + kTile <= g.pixels; p += kTile) {
-        GemmTile<T, T::kGemmVectors>(g.a + a0, n, g.b + 4 * p, offsets, runs, i0 > 0, c + p);
+        GemmTile<T, T::kGemmVectors>(g.a + a0, n, g.b + 4 * p, offsets, runs, i0 > 0, c + p, start);
       }
       GemmTileRest<T, T::kGemmVectors>((g.pixels - p) / T::kFloats, g.a + a0, n, g.b + 4 * p, offsets, runs, i0 > 0,
-                                       c + p);
+                                       c + p, start);
     }
   }
 }

@@ -47,6 +47,9 @@ struct Gemm {
   const int32_t* runs;       // AVX2 without a_hi and not wide: [rows / kRows][k4], see Int16Runs
   bool wide;                 // AVX2: |A| <= 64, some > 8: every block widened at once (int_conv_gemm.h)
   int32_t* c;                // C[r][p] at c[r * kPanel + p]
+  // Int32 sums only (VNNI; ignored by int16 sums): [rows], what row r's sums start at, -z_x * its sum of
+  // weights, so that C holds the sums with the zero-point correction done (PanelOutput::started); or null.
+  const int32_t* start;
 };
 
 // AVX2 sums vpmaddubsw's int16 pairs in int16 registers, exact while every lane's sum of |w| stays
@@ -157,6 +160,7 @@ struct PanelOutput {
   const PanelRun* runs;
   int64_t run_count;
   int64_t stride;                 // Y's elements from one output channel to the next (OH * OW)
+  bool started;                   // C's sums started at -z_x * row_sum (Gemm::start): no correction left
 };
 
 

@@ -105,7 +105,7 @@ constexpr int64_t kSlack = 64;
 // fixed cost). SimdJob's members of the same names refer to them.
 struct JobTables {
   std::vector<int64_t> offsets, tap_offsets, lane_offsets, starts;
-  std::vector<int32_t> lane_z, fused_z, t_z;
+  std::vector<int32_t> lane_z, fused_z, t_z, gemm_start;
   std::vector<float> lane_factors, t_factor;
   std::vector<uint8_t> keep;
   std::vector<FusedPair> fused_pairs;
@@ -118,6 +118,7 @@ struct JobTables {
     lane_z.clear();
     fused_z.clear();
     t_z.clear();
+    gemm_start.clear();
     lane_factors.clear();
     t_factor.clear();
     keep.clear();
@@ -130,7 +131,7 @@ struct SimdJob : SimdArgs {
   explicit SimdJob(JobTables& t)
       : offsets(t.offsets), tap_offsets(t.tap_offsets), lane_offsets(t.lane_offsets), lane_z(t.lane_z),
         lane_factors(t.lane_factors), keep(t.keep), starts(t.starts), fused_z(t.fused_z), fused_pairs(t.fused_pairs),
-        t_z(t.t_z), t_factor(t.t_factor) {}
+        t_z(t.t_z), t_factor(t.t_factor), gemm_start(t.gemm_start) {}
   const Kernels* kernels = nullptr;  // KernelsFor(isa)
   Phases ph;
   const uint8_t* x4 = nullptr;   // kQuad: [N][group][c4][ph.size()][4], padded with z
@@ -162,6 +163,9 @@ struct SimdJob : SimdArgs {
   // kept tables (SimdArgs::tables).
   const int32_t *t_z_at = nullptr, *lane_z_at = nullptr;
   const float *t_factor_at = nullptr, *lane_factors_at = nullptr;
+  // Gemm into an Output with int32 sums (VNNI), no per-pixel steps: -z_x * each row's sum of weights,
+  // [group][rows_pad], where the sums start (Gemm::start); else empty.
+  std::vector<int32_t>& gemm_start;
   int64_t cols;                  // matrix columns per output row (wq; OW for GemmT)
   int64_t span;                  // matrix columns per image and group: (OH - 1) * cols + OW
   int64_t panels;                // panels of `panel` columns per image and group
@@ -290,6 +294,7 @@ void FinishPanel(const SimdJob& job, int64_t n, int64_t gi, const int32_t* tile,
     p.runs = runs;
     p.run_count = run_count;
     p.stride = g.pixels();
+    p.started = !job.gemm_start.empty();
     job.kernels->panel_output(p);
     return;
   }
@@ -382,6 +387,7 @@ void RunPanel(const SimdJob& job, int64_t index) {
   Scratch<32768, Use::kPanel> scratch;  // C (on the stack up to 128 rows)
   auto* tile = reinterpret_cast<int32_t*>(scratch.Get(pw.rows_pad * kPanel * 4));
   gemm.c = tile;
+  gemm.start = job.gemm_start.empty() ? nullptr : job.gemm_start.data() + gi * pw.rows_pad;
   job.kernels->gemm(gemm);
 
   FinishPanel(job, n, gi, tile, p0, count);
@@ -966,6 +972,11 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
       job.t_z_at = kept->t.z.data();
       job.t_factor_at = kept->t.factors.data();
     }
+  }
+  if (pw.mode == Mode::kQuad && !job.transposed && job.output != nullptr && job.s_pixels == nullptr &&
+      !job.kernels->int16_sums) {
+    job.gemm_start.resize(static_cast<size_t>(g.group * pw.rows_pad));
+    for (size_t r = 0; r < job.gemm_start.size(); ++r) job.gemm_start[r] = -job.z * pw.row_sum[r];
   }
   if (pw.mode == Mode::kQuad) {
     const int64_t size = (g.n * g.group * pw.c4 * ph.size() + kSlack) * 4;
