@@ -584,6 +584,68 @@ struct FinishTBytesBlock {
   }
 };
 
+// FinishTBytes' steps for pixels [first, first + count) of a block of channels (count <= 16), in three
+// parts: R's bytes, each quad of pixels quantized, the quads transposed and stored.
+// R's values: r8[k] dword j = channel R b + j's bytes of pixels first + 4k ..
+template <class T, bool kPost, bool kBias>
+[[gnu::always_inline]] inline void FinishTBytesR8(const FinishT& f, const FinishTBytesBlock<T, kPost, kBias>& block,
+                                                  int64_t first, int64_t count, typename T::I r8[4]) {
+  constexpr int R = T::kFloats, kLanes128 = R / 4;
+  const Output& o = *f.output;
+  const int64_t channels = block.rows.channels, at = block.at;
+  alignas(16) uint8_t r_part[R][16];  // (channels past the block's, and R's last pixels)
+  const bool whole = count == 16;
+  for (int j = 0; j < R; ++j) {
+    if (j < channels && !whole) std::memcpy(r_part[j], o.r8 + at + j * f.stride + first, static_cast<size_t>(count));
+    if (j >= channels) std::memset(r_part[j], 0, 16);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const uint8_t* lanes[kLanes128];
+    for (int l = 0; l < kLanes128; ++l) {
+      const int row = 4 * l + j;
+      lanes[l] = row < channels && whole ? o.r8 + at + row * f.stride + first : r_part[row];
+    }
+    r8[j] = T::LoadLanes(lanes);
+  }
+  T::TransposeDwords4(r8);
+}
+
+// One quad of pixels: v[q] pixel 4k + q's y (unclipped), r8k (kR8) r8[k]; as FixedDwords' bytes.
+template <class T, bool kPost, bool kBias, bool kR8>
+[[gnu::always_inline]] inline typename T::I FinishTBytesQuad(const FinishTBytesBlock<T, kPost, kBias>& block,
+                                                            typename T::F v[4], typename T::I r8k) {
+  using I = typename T::I;
+  const OutputConsts<T>& c = block.c;
+  if constexpr (kR8) {
+    for (int q = 0; q < 4; ++q) {  // byte q of each dword of r8k
+      const I r = T::ShiftRight32(T::ShiftLeft32(r8k, 24 - 8 * q), 24);
+      v[q] = T::Add(v[q], T::Mul(T::ToFloat(T::Sub32(r, c.r_zero_point)), c.r_scale));
+    }
+  }
+  OutputClip<T>(c, v, block.post_scale, block.post_bias);
+  I u[4];
+  QuantizeFixedU<T>(c.y, v, u);
+  return T::FixedDwords(u);
+}
+
+// The quads' bytes d[k] transposed and stored.
+template <class T, bool kPost, bool kBias>
+[[gnu::always_inline]] inline void FinishTBytesStore(const FinishT& f, const FinishTBytesBlock<T, kPost, kBias>& block,
+                                                     int64_t first, int64_t count, typename T::I d[4]) {
+  constexpr int R = T::kFloats, kLanes128 = R / 4;
+  const Output& o = *f.output;
+  alignas(16) uint8_t y_part[R][16];  // (channels past the block's)
+  T::TransposeDwords4(d);  // d[j]: 128-bit lane l = channel R b + 4l + j's 16 pixels
+  for (int j = 0; j < 4; ++j) {
+    uint8_t* lanes[kLanes128];
+    for (int l = 0; l < kLanes128; ++l) {
+      const int row = 4 * l + j;
+      lanes[l] = row < block.rows.channels ? o.y8 + block.at + row * f.stride + first : y_part[row];
+    }
+    count == 16 ? T::StoreLanes(d[j], lanes) : T::StoreLanesFirst(d[j], lanes, count);
+  }
+}
+
 // FinishTBytes for pixels [first, first + count) of a block of channels (count <= 16; value(i): pixel
 // first + i's vector of y, unclipped, the channels in the lanes; only called for i < count).
 template <class T, bool kPost, bool kBias, bool kR8, class Value>
@@ -591,28 +653,8 @@ template <class T, bool kPost, bool kBias, bool kR8, class Value>
                                                      int64_t first, int64_t count, Value value) {
   using I = typename T::I;
   using F = typename T::F;
-  constexpr int R = T::kFloats, kLanes128 = R / 4;
-  const Output& o = *f.output;
-  const OutputConsts<T>& c = block.c;
-  const int64_t channels = block.rows.channels, at = block.at;
-  alignas(16) uint8_t y_part[R][16], r_part[R][16];  // (channels past the block's, and R's last pixels)
-  const bool whole = count == 16;
-  I r8[4];  // kR8: r8[k] dword j = channel R b + j's bytes of pixels first + 4k ..
-  if constexpr (kR8) {
-    for (int j = 0; j < R; ++j) {
-      if (j < channels && !whole) std::memcpy(r_part[j], o.r8 + at + j * f.stride + first, static_cast<size_t>(count));
-      if (j >= channels) std::memset(r_part[j], 0, 16);
-    }
-    for (int j = 0; j < 4; ++j) {
-      const uint8_t* lanes[kLanes128];
-      for (int l = 0; l < kLanes128; ++l) {
-        const int row = 4 * l + j;
-        lanes[l] = row < channels && whole ? o.r8 + at + row * f.stride + first : r_part[row];
-      }
-      r8[j] = T::LoadLanes(lanes);
-    }
-    T::TransposeDwords4(r8);
-  }
+  I r8[4];
+  if constexpr (kR8) FinishTBytesR8<T, kPost, kBias>(f, block, first, count, r8);
   I d[4];
 #pragma GCC unroll 4
   for (int k = 0; k < 4; ++k) {  // (unrolled: else d went through the stack)
@@ -622,27 +664,10 @@ template <class T, bool kPost, bool kBias, bool kR8, class Value>
     }
     F v[4];
 #pragma GCC unroll 4
-    for (int q = 0; q < 4; ++q) {
-      v[q] = 4 * k + q < count ? value(4 * k + q) : T::ZeroF();
-      if constexpr (kR8) {  // byte q of each dword of r8[k]
-        const I r = T::ShiftRight32(T::ShiftLeft32(r8[k], 24 - 8 * q), 24);
-        v[q] = T::Add(v[q], T::Mul(T::ToFloat(T::Sub32(r, c.r_zero_point)), c.r_scale));
-      }
-    }
-    OutputClip<T>(c, v, block.post_scale, block.post_bias);
-    I u[4];
-    QuantizeFixedU<T>(c.y, v, u);
-    d[k] = T::FixedDwords(u);
+    for (int q = 0; q < 4; ++q) v[q] = 4 * k + q < count ? value(4 * k + q) : T::ZeroF();
+    d[k] = FinishTBytesQuad<T, kPost, kBias, kR8>(block, v, kR8 ? r8[k] : T::Zero());
   }
-  T::TransposeDwords4(d);  // d[j]: 128-bit lane l = channel R b + 4l + j's 16 pixels
-  for (int j = 0; j < 4; ++j) {
-    uint8_t* lanes[kLanes128];
-    for (int l = 0; l < kLanes128; ++l) {
-      const int row = 4 * l + j;
-      lanes[l] = row < channels ? o.y8 + at + row * f.stride + first : y_part[row];
-    }
-    whole ? T::StoreLanes(d[j], lanes) : T::StoreLanesFirst(d[j], lanes, count);
-  }
+  FinishTBytesStore<T, kPost, kBias>(f, block, first, count, d);
 }
 
 template <class T, bool kPost, bool kBias, bool kR8>
@@ -688,42 +713,75 @@ void FinishTKernel(const FinishT& f) {
   }
 }
 
-// GemmT and FinishTBytes in one pass (IntConv, all of k at once, T::kFloats = kLanes): a tile of one
-// block of rows (channels [R b, R b + R)) by 16 pixels, whose 16 vectors of sums are FinishTBytes'
-// group of pixels, finished from the registers (C never stored and reloaded: FinishTBytes took as
-// long as GemmT's product in MobileNetV2's 1x1 layers). The sums start at -z0 (FinishTRows::Start),
-// so that the epilogue has no subtraction.
-template <class T, int kPixels, bool kAdjacent, bool kBias, bool kR8>
-void GemmTBytesTile(const GemmT& g, const FinishT& f, const FinishTBytesBlock<T, false, kBias>& block,
+// GemmT and FinishTBytes in one pass (IntConv, all of k at once, T::kFloats = kLanes): kBlocks (1 or
+// 2) blocks of rows (channels [R b, R b + kBlocks R)) by one group of 16 pixels, in kBlocks tiles of
+// kBlocks blocks by 16 / kBlocks pixels (16 sums each; 2 blocks load half the broadcasts per
+// vpdpbusd of 1), each tile's sums finished from the registers into FinishTBytes' quads, the quads
+// of the group then stored (C never stored and reloaded: FinishTBytes took as long as GemmT's
+// product in MobileNetV2's 1x1 layers). The sums start at -z0 (FinishTRows::Start), so that the
+// epilogue has no subtraction.
+template <class T, int kBlocks, bool kAdjacent, bool kBias, bool kR8>
+void GemmTBytesTile(const GemmT& g, const FinishT& f, const FinishTBytesBlock<T, false, kBias>* blocks,
                     const int8_t* a, int64_t p0) {
-  typename T::I sum[kPixels];
-  const typename T::I start = block.rows.Start();
-  for (auto& v : sum) v = start;
-  GemmTSums<T, 1, kPixels, kAdjacent, false>(a, g, p0, 0, g.k4, sum);
-  FinishTBytesGroup<T, false, kBias, kR8>(f, block, p0, kPixels,
-                                          [&](int i) { return block.rows.Of(p0 + i, sum[i], true); });
+  using I = typename T::I;
+  using F = typename T::F;
+  constexpr int kPixels = 16 / kBlocks, kQuads = kPixels / 4;
+  I d[kBlocks][4];
+#pragma GCC unroll 2
+  for (int t = 0; t < kBlocks; ++t) {
+    const int64_t first = p0 + t * kPixels;
+    I sum[kPixels * kBlocks];  // (pixel p, block v) at p * kBlocks + v
+    for (int v = 0; v < kBlocks; ++v) {
+      const I start = blocks[v].rows.Start();
+      for (int p = 0; p < kPixels; ++p) sum[p * kBlocks + v] = start;
+    }
+    GemmTSums<T, kBlocks, kPixels, kAdjacent, false>(a, g, first, 0, g.k4, sum);
+#pragma GCC unroll 2
+    for (int v = 0; v < kBlocks; ++v) {
+      I r8[4];
+      if constexpr (kR8) FinishTBytesR8<T, false, kBias>(f, blocks[v], p0, 16, r8);
+#pragma GCC unroll 4
+      for (int k = 0; k < kQuads; ++k) {
+        F y[4];
+        for (int q = 0; q < 4; ++q) y[q] = blocks[v].rows.Of(first + 4 * k + q, sum[(4 * k + q) * kBlocks + v], true);
+        d[v][t * kQuads + k] = FinishTBytesQuad<T, false, kBias, kR8>(blocks[v], y, kR8 ? r8[t * kQuads + k] : T::Zero());
+      }
+    }
+  }
+  for (int v = 0; v < kBlocks; ++v) FinishTBytesStore<T, false, kBias>(f, blocks[v], p0, 16, d[v]);
 }
 
-// GemmTBytesTile over every block of rows and whole groups of 16 pixels; the panel's last pixels
+// Whole groups of 16 pixels of kBlocks blocks from block b.
+template <class T, int kBlocks, bool kBias, bool kR8>
+void GemmTBytesRows(const GemmT& g, const FinishT& f, const OutputConsts<T>& c, int64_t b, int64_t whole) {
+  constexpr int kPixels = 16;
+  const FinishTBytesBlock<T, false, kBias> first(f, c, b);
+  const FinishTBytesBlock<T, false, kBias> second(f, c, kBlocks > 1 ? b + 1 : b);
+  const FinishTBytesBlock<T, false, kBias> blocks[2] = {first, second};
+  const int8_t* a = g.a + b * g.k4 * kLanes * 4;
+  const int64_t* offsets = g.pixel_offsets;
+  for (int64_t p = 0; p < whole; p += kPixels) {
+    if (offsets[p + kPixels - 1] == offsets[p] + 4 * (kPixels - 1)) {
+      GemmTBytesTile<T, kBlocks, true, kBias, kR8>(g, f, blocks, a, p);
+    } else {
+      GemmTBytesTile<T, kBlocks, false, kBias, kR8>(g, f, blocks, a, p);
+    }
+  }
+}
+
+// Pairs of blocks of rows (one left over alone) by whole groups of 16 pixels; the panel's last pixels
 // (fewer than 16: 1 of a 7x7 image, 4 of a 14x14 one) through C, GemmTKernel's tiles of all the blocks
 // by those pixels then FinishTBytes (a tile of one block by one pixel is one chain of dependent
 // vpdpbusd: it cost the fused pass all its gain at batch 1).
 template <class T, bool kBias, bool kR8>
 void GemmTBytes(const GemmT& g, const FinishT& f) {
   constexpr int kPixels = 16;  // FinishTBytes' group
-  const int64_t whole = g.pixels / kPixels * kPixels;
+  const int64_t whole = g.pixels / kPixels * kPixels, blocks = (f.channels + kLanes - 1) / kLanes;
   const OutputConsts<T> c(*f.output);
-  const int64_t* offsets = g.pixel_offsets;
-  for (int64_t b = 0; b * kLanes < f.channels && whole > 0; ++b) {
-    const FinishTBytesBlock<T, false, kBias> block(f, c, b);
-    const int8_t* a = g.a + b * g.k4 * kLanes * 4;
-    for (int64_t p = 0; p < whole; p += kPixels) {
-      if (offsets[p + kPixels - 1] == offsets[p] + 4 * (kPixels - 1)) {
-        GemmTBytesTile<T, kPixels, true, kBias, kR8>(g, f, block, a, p);
-      } else {
-        GemmTBytesTile<T, kPixels, false, kBias, kR8>(g, f, block, a, p);
-      }
-    }
+  if (whole > 0) {
+    int64_t b = 0;
+    for (; b + 2 <= blocks; b += 2) GemmTBytesRows<T, 2, kBias, kR8>(g, f, c, b, whole);
+    if (b < blocks) GemmTBytesRows<T, 1, kBias, kR8>(g, f, c, b, whole);
   }
   if (whole == g.pixels) return;
   GemmT rest = g;
@@ -737,7 +795,7 @@ void GemmTBytes(const GemmT& g, const FinishT& f) {
     f_rest.z_pixels += whole;
     f_rest.s_pixels += whole;
   }
-  for (int64_t b = 0; b * kLanes < f.channels; ++b) FinishTBytes<T, false, kBias, kR8>(f_rest, c, b);
+  for (int64_t b = 0; b < blocks; ++b) FinishTBytes<T, false, kBias, kR8>(f_rest, c, b);
 }
 
 // GemmT's product and its epilogue (kernels.h's gemm_t): in one pass where the epilogue is
