@@ -35,7 +35,7 @@ from scipy.linalg import lapack
 
 from onnxq.native import stats
 from onnxq.numerics import post, uniform
-from onnxq.numerics.search import minimise_on_grid, scan_points
+from onnxq.numerics.search import minimise_on_grid, per_candidate, scan_points
 
 #: Damping added to H's diagonal, as a fraction of its mean: keeps H^-1 well defined where inputs are (nearly) collinear.
 DAMPING = 0.01
@@ -149,20 +149,6 @@ def search_alpha(rows: np.ndarray, h: np.ndarray, grid: Grid) -> np.ndarray:
     return alpha
 
 
-def per_candidate(error: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
-    """``error`` of one range factor per row, (R,), also for the bracketing scan's (R, C): one column of candidates at a time.
-
-    A wrapper, not a closure that calls itself: that is a reference cycle, which kept the layer's rows and H (its
-    closure's) alive after the search until the garbage collector ran, into the next layers (CREPE: two 8 MB H).
-    """
-    def each(alpha: np.ndarray) -> np.ndarray:
-        if alpha.ndim == 2:
-            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
-        return error(alpha)
-
-    return each
-
-
 #: Elements of a block of rows the diagonal error rounds at a time: its float32 and float64 temporaries stay in cache.
 DIAGONAL_BLOCK = 1 << 14
 
@@ -184,9 +170,8 @@ class DiagonalError:
         self.diagonal = np.ascontiguousarray(diagonal, dtype=np.float64)
         self.sqrt = grid.mode == "sqrt"
         self.bits = grid.bits
-        self.domain = np.ascontiguousarray(uniform.to_domain(self.rows.astype(np.float32), self.sqrt))  # what Grid.round divides
-        peak = np.abs(self.rows).max(axis=1) if self.rows.shape[1] else np.zeros(len(self.rows))
-        self.top = np.sqrt(peak) if self.sqrt else peak  # uniform.scales_for's, once
+        rounding = uniform.Rounding(self.rows, grid.bits, self.sqrt)
+        self.domain, self.top = rounding.domain, rounding.top  # what Grid.round divides, and uniform.scales_for's tops, once
         self.step = max(1, DIAGONAL_BLOCK // max(self.rows.shape[1], 1))
 
     def __call__(self, alpha: np.ndarray) -> np.ndarray:
@@ -194,8 +179,7 @@ class DiagonalError:
         alpha = np.asarray(alpha, dtype=np.float64)
         columns = alpha[:, None] if alpha.ndim == 1 else alpha
         q = uniform.max_code(self.bits)
-        scales = (columns * self.top[:, None] / q).astype(np.float32)  # uniform.scales_for, element by element
-        scales = np.where(scales > 0, scales, np.float32(1.0))
+        scales = uniform.steps_for(columns, self.top[:, None], self.bits)  # uniform.scales_for, element by element
         if NATIVE_DIAGONAL and stats.diagonal_error_available():
             out = stats.diagonal_error(self.domain, self.rows, self.diagonal, np.ascontiguousarray(scales), q, self.sqrt)
             return out[:, 0] if alpha.ndim == 1 else out
@@ -468,24 +452,15 @@ def _block_errors(chunk: np.ndarray, diagonal_blocks: np.ndarray, grid: Grid) ->
     """The output error of each block of ``chunk`` (rows (R B, block), row-major in R) rounded at range factor alpha.
 
     Each block is weighed by its own part of H, ``diagonal_blocks`` (B, block, block). On uniform grids the rounding
-    is :meth:`Grid.round`'s in the same float32 steps, with what does not depend on alpha (the rows in the grid's
-    domain, their peaks) computed once rather than for each of the search's ~50 candidates (as DiagonalError does).
+    is :meth:`Grid.round`'s in the same float32 steps, with what does not depend on alpha computed once
+    (uniform.Rounding).
     """
     blocks, size = diagonal_blocks.shape[:2]
     if grid.mode == "post":
         def rounded(alpha: np.ndarray) -> np.ndarray:
             return grid.round(chunk, grid.scales(chunk, alpha))[1]
     else:
-        sqrt, q = grid.mode == "sqrt", uniform.max_code(grid.bits)
-        domain = uniform.to_domain(chunk.astype(np.float32), sqrt)
-        peak = np.abs(chunk).max(axis=1)
-        top = np.sqrt(peak) if sqrt else peak
-
-        def rounded(alpha: np.ndarray) -> np.ndarray:
-            scale = (alpha * top / q).astype(np.float32)  # uniform.scales_for's
-            scale = np.where(scale > 0, scale, np.float32(1.0))[:, None]
-            codes = uniform.nearest_codes(domain, scale, q)
-            return uniform.decoded(codes, scale, sqrt, out=codes)
+        rounded = uniform.Rounding(chunk, grid.bits, grid.mode == "sqrt").values
 
     def error(alpha: np.ndarray) -> np.ndarray:
         delta = (chunk - rounded(alpha)).reshape(-1, blocks, size).transpose(1, 0, 2)  # (B, R, block)
@@ -592,10 +567,10 @@ class _Descent:
         self.final = np.ascontiguousarray(codes.transpose(0, 2, 1))  # (G, K, P), as W^T in GPTQ
         self.live = np.arange(per_group)  # the rows (P's positions) still moving, and their codes
         self.codes = self.final.copy()
-        per_code = np.asarray(scale).reshape(groups * per_group, -1)
+        row_scale = np.asarray(scale).reshape(groups * per_group, -1)  # a column per row, or its blocks
         if block_size is not None:
-            per_code = uniform.expand_blocks(per_code, block_size, k)
-        decoded = decode(codes.reshape(-1, k), per_code if block_size is not None else per_code[:, 0], grid).reshape(groups, per_group, k)
+            row_scale = uniform.expand_blocks(row_scale, block_size, k)
+        decoded = decode(codes.reshape(-1, k), row_scale, grid).reshape(groups, per_group, k)
         transposed = decoded.transpose(0, 2, 1)  # the float32 values first: one (K, P) float64 array fewer at a time
         error = np.subtract(np.asarray(rows, dtype=np.float64).transpose(0, 2, 1), transposed, out=np.empty((groups, k, per_group)))  # E^T
         self.gradient = np.matmul(self.h, error)  # (E H)^T, H symmetric

@@ -214,6 +214,20 @@ def minimise_on_grid(
 FINE_SCAN_MAX_CODES = 128
 
 
+def per_candidate(error: Callable[[np.ndarray], np.ndarray]) -> Callable[[np.ndarray], np.ndarray]:
+    """``error`` of one range factor per row, (R,), also for the bracketing scan's (R, C): one column of candidates at a time.
+
+    A wrapper, not a closure that calls itself: that is a reference cycle, which kept the layer's rows and H (its
+    closure's) alive after the search until the garbage collector ran, into the next layers (CREPE: two 8 MB H).
+    """
+    def each(alpha: np.ndarray) -> np.ndarray:
+        if alpha.ndim == 2:
+            return np.stack([error(alpha[:, i]) for i in range(alpha.shape[1])], axis=1)
+        return error(alpha)
+
+    return each
+
+
 def scan_points(codes: int) -> int:
     """Points of the bracketing scan for a grid of ``codes`` values: 32 up to 7 bits' worth (128), 8 above.
 

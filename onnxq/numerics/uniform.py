@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from onnxq.config import check_bits
-from onnxq.numerics.search import Codebook, best_alpha, minimise_on_grid, scan_points
+from onnxq.numerics.search import Codebook, best_alpha, minimise_on_grid, per_candidate, scan_points
 
 
 def max_code(bits: int) -> int:
@@ -64,11 +64,39 @@ def scales_for(rows: np.ndarray, alpha: np.ndarray, bits: int, sqrt: bool, half:
 
     ``half``: each scale the nearest float16 value where float16 holds it (:func:`half_scales`).
     """
-    peak = np.abs(rows).max(axis=1).astype(np.float64)
-    top = np.sqrt(peak) if sqrt else peak
-    scale = (alpha * top / max_code(bits)).astype(np.float32)
-    scale = np.where(scale > 0, scale, np.float32(1.0))
+    scale = steps_for(alpha, row_tops(rows, sqrt), bits)
     return half_scales(scale) if half else scale
+
+
+def row_tops(rows: np.ndarray, sqrt: bool) -> np.ndarray:
+    """Each row's max|w| in float64 (its square root in sqrt mode): what a range factor of 1 spans."""
+    peak = np.abs(rows).max(axis=1).astype(np.float64) if rows.shape[1] else np.zeros(len(rows))
+    return np.sqrt(peak) if sqrt else peak
+
+
+def steps_for(alpha: np.ndarray, top: np.ndarray, bits: int) -> np.ndarray:
+    """float32 steps alpha * top / Q (broadcast as given), 1 where that is 0 (a row of zeros): :func:`scales_for`'s rule."""
+    scale = (alpha * top / max_code(bits)).astype(np.float32)
+    return np.where(scale > 0, scale, np.float32(1.0))
+
+
+class Rounding:
+    """Rows (R, n) rounded to nearest on a b-bit grid at any per-row range factors.
+
+    What does not depend on the factor (the rows in the grid's domain, as float32, and their tops) is computed once:
+    the range searches try ~50 factors each, and :func:`quantize_rows` would compute both again for every one.
+    """
+
+    def __init__(self, rows: np.ndarray, bits: int, sqrt: bool) -> None:
+        self.bits, self.sqrt = bits, sqrt
+        self.domain = np.ascontiguousarray(to_domain(np.asarray(rows, dtype=np.float32), sqrt))
+        self.top = row_tops(rows, sqrt)
+
+    def values(self, alpha: np.ndarray) -> np.ndarray:
+        """The float32 values the rows round to at range factors ``alpha`` (R,): :func:`quantize_rows`' then dequantized."""
+        scale = steps_for(alpha, self.top, self.bits)[:, None]
+        codes = nearest_codes(self.domain, scale, max_code(self.bits))
+        return decoded(codes, scale, self.sqrt, out=codes)
 
 
 #: Smallest positive normal float16: scales below it would lose precision in float16, and stay float32.
@@ -158,23 +186,13 @@ def quantize_exact(rows: np.ndarray, bits: int, sqrt: bool, half: bool = False) 
     thousand bins each, and exact.
     """
     rows = np.asarray(rows, dtype=np.float32)
-    q = max_code(bits)
-    domain = to_domain(rows, sqrt)
-    peak = np.abs(rows).max(axis=1).astype(np.float64) if rows.shape[1] else np.zeros(len(rows))
-    top = np.sqrt(peak) if sqrt else peak
+    rounding = Rounding(rows, bits, sqrt)
     reference = rows.astype(np.float64)
 
     def error(alpha: np.ndarray) -> np.ndarray:
-        columns = alpha[:, None] if alpha.ndim == 1 else alpha
-        out = np.empty(columns.shape)
-        for i in range(columns.shape[1]):
-            scale = (columns[:, i] * top / q).astype(np.float32)  # scales_for's
-            scale = np.where(scale > 0, scale, np.float32(1.0))[:, None]
-            values = decoded(nearest_codes(domain, scale, q), scale, sqrt)
-            out[:, i] = np.sum((reference - values) ** 2, axis=1)
-        return out[:, 0] if alpha.ndim == 1 else out
+        return np.sum((reference - rounding.values(alpha)) ** 2, axis=1)
 
-    alpha = minimise_on_grid(error, np.ones(len(rows)), scan_points(2 * q + 1), 14)[0]
+    alpha = minimise_on_grid(per_candidate(error), np.ones(len(rows)), scan_points(2 * max_code(bits) + 1), 14)[0]
     return quantize_rows(rows, alpha, bits, sqrt, half)
 
 
