@@ -95,8 +95,9 @@ def _add_quantize(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--block-size", type=int, metavar="N",
                    help="weight-only models (no quantized activations, qdq format): one scale per output channel and block of N "
                    "consecutive inputs (a power of two, 16 or more) instead of one per channel. Finer steps where a channel's "
-                   "weights differ in size: at 4 bits, blocks of 32 about halve the rounding error for about 1 more bit per "
-                   "weight (a float32 scale per block). MatMulNBits runs the same blocks. Default: one scale per channel")
+                   "weights differ in size: at 4 bits, blocks of 32 about halve the rounding error for about half a bit more per "
+                   "weight (a float16 scale per block). Codes below 8 bits only. MatMulNBits runs the same blocks. Default: one "
+                   "scale per channel")
     p.add_argument("--range", choices=[r.value for r in RangeMethod], default=RangeMethod.SEARCH.value,
                    help="'search' (default): REQuant's MSE-optimal clipping; 'absmax': full range, plain round-to-nearest")
     p.add_argument("--rounding", choices=["balanced", "nearest"], default="balanced",
