@@ -30,7 +30,7 @@ from onnxq.calibrate.collect import FirstOutputs, collect
 from onnxq.calibrate.data import CalibrationData, calibration_batches
 from onnxq.calibrate.equalize import equalize
 from onnxq.calibrate.mean_shift import ShiftSite, centered, fold_shifts, mean_shift, shift_sites
-from onnxq.calibrate.placement import activation_sites
+from onnxq.calibrate.placement import activation_sites, sites_integer_kernels_read
 from onnxq.calibrate.result import ActivationQuant, Calibration
 from onnxq.calibrate.samples import SampleAxes, input_specs, peek, sample_axes
 from onnxq.config import BiasCorrection, CalibrationMethod, Granularity, QuantizeConfig, RangeMethod, SqrtMode
@@ -108,6 +108,7 @@ class QuantizationResult:
     requested_bits: int | None = None  # -b, the width the rules start from
     first_last_bits: int | None = None
     chains: ChainReport | None = None  # with calibrated onnxq ops: which outputs went uint8 (onnxq/rewrite/chains.py)
+    float_activations: list[str] = field(default_factory=list)  # ASQ in an op format: activations no integer kernel reads
 
 
 @dataclass(frozen=True)
@@ -297,8 +298,8 @@ def calibrate(
         collect(model, [], batches, total=config.calibration_samples, moments=moments, client=client, first=first)
         calibrated = Calibration({}, {}, [], moments.hessians(), moments.means()) if moments is not None else Calibration({}, {}, [])
     else:
-        sites = activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config)
-        calibrated = calibrate_sites(model, sites, batches, config.activations, moments, client)
+        sites, left_float = sites_integer_kernels_read(activation_sites(loaded.model.graph, plan.weights, plan.integer_op_nodes, config), config)
+        calibrated = replace(calibrate_sites(model, sites, batches, config.activations, moments, client), left_float=left_float)
     if moments is not None and moments.unguarded:
         logger.info("calibration: some runs took another branch of an If than the first ones; %d weights inside it are rounded "
                     "for their own error", len(moments.unguarded))
@@ -553,8 +554,9 @@ def finish(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrate
     loaded.model = compact(loaded.model)  # lets the replaced float weights' memory go
     method = config.activations.method if config.activations is not None else None
     activations = list(calibrated.quants.values()) if calibrated is not None else []
+    left_float = calibrated.left_float if calibrated is not None else []
     return QuantizationResult(loaded.model, weights.layers, plan.skipped, loaded, activations, method, config.bits, config.first_last_bits,
-                              chains)
+                              chains, left_float)
 
 
 def _layer_result(plan: WeightPlan, q: QuantizedTensor, weight: np.ndarray, choice: OpChoice) -> LayerResult:

@@ -119,16 +119,36 @@ def test_the_summary_says_where_a_chain_breaks_and_why(monkeypatch, tmp_path):
         np.testing.assert_array_equal(got, want)
 
 
-def test_an_op_read_by_a_float_node_keeps_its_output_float(monkeypatch):
-    """ASQ: the pooling's input gets per-channel steps (a fixed pair per channel), which no op can read: conv3 writes
-    their codes for a DequantizeLinear in front of the pooling (onnxq/rewrite/asq_steps.py), its output float after it."""
-    config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=ActivationConfig(method=CalibrationMethod.ASQ))
+def test_with_asq_an_op_read_by_a_float_node_writes_float_and_no_pair_simulates_quantization(monkeypatch):
+    """ASQ in the int format: the pooling's input, its output and the classifier's input (a Gemm under onnxq's op size)
+    are read by no onnxq op, so they stay float (placement.sites_integer_kernels_read): conv3 writes float for the pooling,
+    and no Div/QuantizeLinear/DequantizeLinear/Mul chain simulates per-channel steps. The qdq format keeps them."""
+    asq = ActivationConfig(method=CalibrationMethod.ASQ)
+    config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=asq)
     chained, plain = _both(_network(residual=False), monkeypatch, config)
-    reasons = chained.chains.float_outputs
-    assert list(reasons) == ["conv3"] and reasons["conv3"].startswith("ASQ's per-channel steps (written as codes")
+    assert chained.float_activations == ["r3", "p", "f"]
+    assert {a.tensor for a in chained.activations} == {"x", "r0", "r1", "r2"}
+    assert chained.chains.float_outputs == {"conv3": "read by GlobalAveragePool gap"}
     conv3 = next(n for n in chained.model.graph.node if n.name == "conv3")
-    assert conv3.op_type == "IntConvQ" and [n.op_type for n in chained.model.graph.node if conv3.output[0] in n.input] == ["DequantizeLinear"]
+    assert conv3.op_type == "IntConv" and [n.op_type for n in chained.model.graph.node if conv3.output[0] in n.input] == ["GlobalAveragePool"]
+    nodes = {n.name: n for n in chained.model.graph.node}
+    assert nodes["flatten"].input[0] == nodes["gap"].output[0] and nodes["fc"].input[0] == nodes["flatten"].output[0]  # no pair between
     x = np.random.default_rng(3).standard_normal((8, 3, 10, 10)).astype(np.float32)
     got, want = _run(chained.model, x)[0], _run(plain.model, x)[0]
-    assert np.mean(np.abs(got - want) <= 1e-5 * np.abs(want).max()) > 0.9  # (a code moves next to a rounding tie only)
+    # the chained ops' per-sample steps are summed in double, the reference's in float32: a code moves next to a tie only
+    assert np.mean(np.abs(got - want) <= 1e-5 * np.abs(want).max()) > 0.9
     assert np.abs(got - want).max() <= 0.05 * np.abs(want).max()
+    qdq = quantize_with_report(_network(residual=False), QuantizeConfig(bits=4, first_last_bits=None, activations=asq), _data())
+    assert qdq.float_activations == [] and {"r3", "p", "f"} <= {a.tensor for a in qdq.activations}
+    pairs = [n for n in qdq.model.graph.node if n.op_type == "QuantizeLinear" and n.input[0].startswith("r3")]
+    assert len(pairs) == 1 and qdq.activations[[a.tensor for a in qdq.activations].index("r3")].adapter is not None
+
+
+def test_the_summary_names_the_activations_asq_leaves_float(tmp_path):
+    config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=ActivationConfig(method=CalibrationMethod.ASQ))
+    result = quantize_with_report(_network(residual=False), config, _data())
+    path = tmp_path / "m.onnx"
+    onnx.save_model(result.model, path)
+    text = summary(result, None, path)
+    assert "quantized 4 activation tensors" in text
+    assert "left float: 3 activation tensors no onnxq op reads (r3, p, f)" in text

@@ -43,3 +43,4 @@ class Calibration:
     samples: list[dict[str, np.ndarray]]
     hessians: Hessians = field(default_factory=Hessians)  # per weight: E[x x^T] of its inputs, (groups, K, K), packed until looked up
     input_means: dict[str, np.ndarray] = field(default_factory=dict)  # per weight: E[x] of the same rows, (groups, K)
+    left_float: list[str] = field(default_factory=list)  # activations no integer kernel would read (placement.py): not quantized

@@ -98,9 +98,14 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
         per_input = f", {adaptive} with per-input ASQ steps" if adaptive else ""
         by = ", ".join(f"{n} at {b} bits" for b, n in sorted(act_bits.items()))
         lines.append(f"quantized {len(result.activations)} activation tensors: {by} ({method} calibration{per_input})")
-    elif result.calibration is not None:
+    elif result.calibration is not None and not result.float_activations:
         lines.append("quantized 0 activation tensors: no quantized layer here reads a float32 activation as a product onnxruntime fuses "
                      "(lookups, recurrent and Einsum layers, float16 layers and control-flow bodies keep float inputs)")
+    if result.float_activations:
+        shown = ", ".join(result.float_activations[:3]) + (" ..." if len(result.float_activations) > 3 else "")
+        lines.append(f"left float: {len(result.float_activations)} activation tensors no onnxq op reads ({shown}): with ASQ their "
+                     "readers would run in float behind a simulated per-channel quantization, slower and less accurate than float "
+                     "(--format qdq keeps ASQ's standard-ONNX form on them)")
     ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP, MATMUL_NBITS))
     lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
     if lookups:
