@@ -158,12 +158,15 @@ def residual_value(r: np.ndarray, r_scale, r_zp) -> np.ndarray:
 
 
 def asq_steps(y: np.ndarray, weight: np.ndarray, log: np.ndarray, y_scale: np.float32) -> np.ndarray:
-    """ASQ's step per sample from y (N, M, OH, OW), as int_conv.h defines it: channel means (sums in double, in order),
-    t = b + f . w (in double, in order), clipped to [log_min, log_max], then float32(exp(t)) * y_scale (float32)."""
+    """ASQ's step per sample from y (N, M, OH, OW), as int_conv.h defines it: channel means (sums in double, pixel i into
+    part i % 8 in order, the parts added ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7))), t = b + f . w (in double, in
+    order), clipped to [log_min, log_max], then float32(exp(t)) * y_scale (float32)."""
     n, m = y.shape[:2]
     planes = y.reshape(n, m, -1).astype(np.float64)
     pixels = planes.shape[2]
-    means = np.cumsum(planes, axis=2)[:, :, -1] / pixels if pixels else np.zeros((n, m))  # (cumsum: sequential sums)
+    parts = [np.cumsum(planes[:, :, j::8], axis=2)[:, :, -1] if j < pixels else np.zeros((n, m)) for j in range(8)]  # (sequential)
+    sums = ((parts[0] + parts[4]) + (parts[2] + parts[6])) + ((parts[1] + parts[5]) + (parts[3] + parts[7]))
+    means = sums / pixels if pixels else np.zeros((n, m))
     t = np.cumsum(np.concatenate([np.full((n, 1), float(log[0])), means * weight.astype(np.float64)], axis=1), axis=1)[:, -1]
     t = np.minimum(np.where(t >= float(log[1]), t, float(log[1])), float(log[2]))
     factors = np.array([math.exp(v) for v in t], dtype=np.float64).astype(np.float32)  # (the C library's exp)

@@ -110,7 +110,8 @@
 // quotient clamped to [-y_zp, 255 - y_zp], then rounded; the same integer). Float operations are
 // With asq_weight and asq_log, sample n's y (all of the above but the quantization, float32) sets
 // its own step first (int_conv_asq.cc, the same code for every kernel):
-//   f[m] = (sum over the OH*OW pixels of y[n, m] in double, in order) / (OH*OW)   (0 without pixels)
+//   f[m] = (sum over the OH*OW pixels of y[n, m] in double) / (OH*OW)   (0 without pixels), the sum
+//          in 8 parts: pixel i into part i % 8 (each in order), then ((p0 + p4) + (p2 + p6)) + ((p1 + p5) + (p3 + p7))
 //   t = b + f[0]*w[0] + f[1]*w[1] + ...          (double, in this order)
 //   t = clip of t to [log_min, log_max] (a NaN t gives log_min)
 //   step[n] = (float)exp(t) * y_scale            (double exp rounded to float32, a float32 multiply,
