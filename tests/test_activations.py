@@ -66,7 +66,9 @@ def test_placement_quantizes_layer_inputs_after_relu_and_keeps_graph_output_floa
 def test_attention_mask_built_from_the_scores_shape_stays_float():
     """A causal mask computed from Shape(scores) holds -inf: it is not a layer's output, so its Add stays float."""
     model = causal_mask_from_shape()
-    q = quantize(model, _w8a8(), _batches((6, 8)))
+    # (--reduce-range auto: full 8-bit weights saturate onnxruntime's pair sums on CPUs without VNNI, 11 % RMS error here
+    # under tools/avx2_only.py, which is what auto avoids)
+    q = quantize(model, _w8a8(reduce_range=ReduceRange.AUTO), _batches((6, 8)))
     quantized = _quantized_tensors(q)
     assert "mask" not in quantized and "s" not in quantized and {"x", "a"} <= quantized
     x = _batches((6, 8), count=1, seed=2)[0]

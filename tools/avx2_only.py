@@ -56,7 +56,7 @@ def mask_library() -> Path:
     library = Path(tempfile.gettempdir()) / f"onnxq-mask-cpuid-{hashlib.sha256(source).hexdigest()[:16]}.so"
     if not library.exists():
         partial = library.with_suffix(f".{os.getpid()}.tmp")
-        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE)], check=True)
+        subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(partial), str(SOURCE), "-ldl"], check=True)
         partial.replace(library)
     return library
 

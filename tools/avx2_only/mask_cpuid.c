@@ -7,9 +7,15 @@
  * picks its AVX2 code, as on an AVX2-only EPYC. The setting is inherited by the threads the process starts after.
  * What asked CPUID before this constructor ran keeps what it saw (glibc's string functions). The instructions still
  * run on this CPU's cores: ports, caches and clocks are not an AVX2-only CPU's.
+ *
+ * The handler must stay SIGSEGV's: a program that installs its own (Python's faulthandler, which pytest turns on)
+ * would otherwise get the next CPUID as a crash. So sigaction() is interposed for SIGSEGV: the program's handler is
+ * kept here and called for every fault that is not a CPUID, and a default action is restored for real, the
+ * faulting instruction then faulting again.
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
+#include <dlfcn.h>
 #include <signal.h>
 #include <stdint.h>
 #include <string.h>
@@ -27,14 +33,42 @@ static const uint32_t kEcx7 = (1u << 1) | (1u << 6) | (1u << 11) | (1u << 12) | 
 static const uint32_t kEdx7 = (1u << 2) | (1u << 3) | (1u << 8) | (1u << 22) | (1u << 23) | (1u << 24) | (1u << 25);
 static const uint32_t kEax71 = (1u << 4) | (1u << 5);
 
+static struct sigaction program_handler; /* what the program installed for SIGSEGV (zero: SIG_DFL) */
+
+static int RealSigaction(int sig, const struct sigaction* action, struct sigaction* old) {
+  static int (*real)(int, const struct sigaction*, struct sigaction*);
+  if (real == 0) real = (int (*)(int, const struct sigaction*, struct sigaction*))dlsym(RTLD_NEXT, "sigaction");
+  return real(sig, action, old);
+}
+
+/* The program's sigaction: SIGSEGV's handler is recorded, not installed. */
+int sigaction(int sig, const struct sigaction* action, struct sigaction* old) {
+  if (sig != SIGSEGV) return RealSigaction(sig, action, old);
+  if (old != 0) *old = program_handler;
+  if (action != 0) program_handler = *action;
+  return 0;
+}
+
+/* A fault that is not a CPUID: the program's handler, or its default action (restored, the instruction retried). */
+static void ProgramFault(int sig, siginfo_t* info, void* context) {
+  if (program_handler.sa_flags & SA_SIGINFO) {
+    program_handler.sa_sigaction(sig, info, context);
+  } else if (program_handler.sa_handler != SIG_DFL && program_handler.sa_handler != SIG_IGN) {
+    program_handler.sa_handler(sig);
+  } else {
+    struct sigaction fallback;
+    memset(&fallback, 0, sizeof fallback);
+    fallback.sa_handler = SIG_DFL;
+    RealSigaction(SIGSEGV, &fallback, 0);
+  }
+}
+
 static void OnSegv(int sig, siginfo_t* info, void* context) {
-  (void)sig;
-  (void)info;
   ucontext_t* uc = (ucontext_t*)context;
   greg_t* r = uc->uc_mcontext.gregs;
   const uint8_t* rip = (const uint8_t*)r[REG_RIP];
-  if (rip[0] != 0x0f || rip[1] != 0xa2) { /* not CPUID: a real fault, which the default action then reports */
-    signal(SIGSEGV, SIG_DFL);
+  if (info->si_code <= 0 || rip[0] != 0x0f || rip[1] != 0xa2) { /* sent by a process, or not CPUID */
+    ProgramFault(sig, info, context);
     return;
   }
   const unsigned leaf = (unsigned)r[REG_RAX], subleaf = (unsigned)r[REG_RCX];
@@ -61,6 +95,6 @@ __attribute__((constructor)) static void MaskCpuid(void) {
   memset(&action, 0, sizeof action);
   action.sa_sigaction = OnSegv;
   action.sa_flags = SA_SIGINFO;
-  sigaction(SIGSEGV, &action, 0);
+  RealSigaction(SIGSEGV, &action, 0);
   syscall(SYS_arch_prctl, ARCH_SET_CPUID, 0);
 }
