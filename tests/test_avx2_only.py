@@ -75,3 +75,12 @@ def test_the_tool_says_what_is_missing_for_a_command_it_cannot_run():
     done = subprocess.run([sys.executable, str(REPO / "tools" / "avx2_only.py"), "no-such-command-here"],
                           capture_output=True, text=True, cwd=REPO, timeout=60)
     assert done.returncode == 2 and "cannot run no-such-command-here" in done.stderr
+
+
+def test_the_activation_tests_pass_as_on_an_avx2_only_cpu():
+    """onnxruntime's own kernels change under the mask too (its uint8 x int8 pair sums saturate without VNNI): the W8A8
+    and chain tests must hold there as they do here (the whole suite: docs/building.md)."""
+    done = subprocess.run([sys.executable, str(REPO / "tools" / "avx2_only.py"), sys.executable, "-m", "pytest", "-q",
+                           "-p", "no:cacheprovider", "tests/test_activations.py", "tests/test_chains.py"],
+                          capture_output=True, text=True, cwd=REPO, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:]
