@@ -302,6 +302,25 @@ def test_int16_sums_at_their_limit(op, code, density, kernel):
 
 
 @pytest.mark.parametrize("kernel", kernel_params())
+@pytest.mark.parametrize("hw,m", [((9, 10), 8), ((4, 4), 16)], ids=["gemm", "gemm-t"])
+@pytest.mark.parametrize("negative,lit", [(-7, 0), (-8, 1)], ids=["positive-sums", "negative-sums"])
+def test_int16_sums_at_their_limit_with_both_signs(hw, m, negative, lit, kernel):
+    """w = 7 on even input channels and `negative` on odd ones, x_q = 255 on the channels of one parity (`lit`) and 0
+    on the others: each lane's sum of |w| is about twice what it takes of either sign, and its sum reaches 255 * 126 =
+    32130 (runs of 18 blocks of 4 k) or -255 * 128 = -32640 (runs of 16) at the end of each of AVX2's int16 runs
+    (Int16Runs bounds the sums of positive w and of negative |w| each by 128), by Gemm (9x10) and GemmT (4x4)."""
+    case = Case("IntConv", 4, 1, 64, hw, m, (3, 3), pads=(1, 1, 1, 1))
+    per_channel = np.where(np.arange(case.c) % 2 == 0, 7, negative).astype(np.int8)
+    codes = np.ascontiguousarray(np.broadcast_to(per_channel[None, :, None], (case.m, case.c, 9)).reshape(case.m, case.k))
+    x = np.zeros((case.n, case.c, *case.hw), np.float32)
+    x[:, lit::2] = 1.0  # DynamicQuantizeLinear: s_x = 1/255, z_x = 0, x_q = 255 or 0
+    scale = np.full(case.m, 0.01, np.float32)
+    want = reference(case, x, codes, scale, None, None, None)
+    (y,) = session(conv_model(case, pack(codes, 4), scale, None, None, None, kernel=KERNELS[kernel])).run(None, {"X": x})
+    np.testing.assert_array_equal(y, want, err_msg=kernel)
+
+
+@pytest.mark.parametrize("kernel", kernel_params())
 @pytest.mark.parametrize("op,bits", [("PostConv", 4), ("IntConv", 8)])
 def test_weights_fed_at_run_time(op, bits, kernel):
     """W as a graph input (not a constant initializer): prepared on every run, including a changed W."""

@@ -52,11 +52,12 @@ struct Gemm {
   const int32_t* start;
 };
 
-// AVX2 sums vpmaddubsw's int16 pairs in int16 registers, exact while every lane's sum of |w| stays
-// within kInt16WeightBudget (above). For A packed in `blocks` blocks of `block_rows` rows (k4
-// blocks of 4 k each, as above), runs[b * k4 + i] is how many blocks of k from block i the sums of
-// row block b can take: every row's sum of |w| over each of its two pairs (k = 4i + 0, 1 and
-// 4i + 2, 3) stays <= 128. At least 8 where |w| <= 8.
+// AVX2 sums vpmaddubsw's int16 pairs in int16 registers, exact while every lane's final sum fits
+// (vpaddw wraps): it lies in [-255 * (its sum of negative |w|), 255 * (its sum of positive w)], so
+// each of the two within kInt16WeightBudget (above) is enough. For A packed in `blocks` blocks of
+// `block_rows` rows (k4 blocks of 4 k each, as above), runs[b * k4 + i] is how many blocks of k from
+// block i the sums of row block b can take: every row's sums of positive w and of negative |w| over
+// each of its two pairs (k = 4i + 0, 1 and 4i + 2, 3) stay <= 128. At least 8 where |w| <= 8.
 void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, int32_t* runs);
 
 // The same product transposed in registers: rows of A in vector lanes, one pixel's 4 activations
