@@ -102,6 +102,9 @@ SHAPES = [
     Case("IntConv", 4, 2, 16, (5, 7), 40, (3, 3), pads=(1, 1, 1, 1)),
     Case("IntConv", 4, 2, 8, (3, 5), 24, (3, 3), pads=(1, 1, 1, 1)),
     Case("PostConv", 4, 2, 8, (3, 5), 12, (3, 3), pads=(1, 1, 1, 1)),
+    # AVX2's GemmT with k in two cache chunks (2 blocks of 16 rows, 144 blocks of k in chunks of 126) into uint8 Y, 28
+    # channels (the last block of lanes part full), no bias
+    Case("IntConv", 4, 2, 64, (6, 10), 28, (3, 3), pads=(1, 1, 1, 1), bias=False),
     # Gemm with a dropped column a row (stride 2, even padded width) and 40 channels: a panel's kept pixels span rows,
     # and its channels go through the output step 16 at a time (16, 16, 8)
     Case("IntConv", 4, 2, 8, (20, 20), 40, (3, 3), strides=(2, 2), pads=(1, 1, 1, 1)),
