@@ -144,12 +144,14 @@ struct Avx2 {
 
   // The matrix products (int_conv_gemm.h): vpmaddubsw's int16 pair sums, exact for |w| <= 8,
   // summed in int16 for runs of blocks of k (Int16Runs) and widened into int32 sums kept in memory;
-  // tiles of 4 rows x 16 pixels (Gemm) and 16 rows x 6 pixels (GemmT) load 6 or 8 vectors per 8 or
-  // 12 vpmaddubsw.
+  // tiles of 4 rows x 16 pixels (Gemm) and 16 rows x 5 pixels (GemmT) load 6 or 7 vectors per 8 or
+  // 10 vpmaddubsw. (GemmT's 6 pixels: 12 sums, 2 weight vectors, the broadcast and a product took all
+  // 16 registers, and GCC moved sums between registers every block of k; 5 pixels: the forced-AVX2
+  // ResNet-20 and MobileNetV2 int models 0.4-1.0 % faster at batch 1 and 8, 4 pixels slower than 5.)
   static constexpr bool kInt16Sums = true;
   static constexpr int kGemmVectors = 2;  // Gemm's tile: kRows rows x 2 vectors of pixels
-  static constexpr int kGemmTBlocks = 1;  // GemmT's tile: 1 block of 16 rows (2 vectors) x 6 pixels
-  static constexpr int GemmTPixels(int) { return 6; }
+  static constexpr int kGemmTBlocks = 1;  // GemmT's tile: 1 block of 16 rows (2 vectors) x 5 pixels
+  static constexpr int GemmTPixels(int) { return 5; }
   // The 4 bytes at p in every int32 lane.
   static I Broadcast4(const void* p) {
     int32_t v;
