@@ -11,7 +11,7 @@
  * The handler must stay SIGSEGV's: a program that installs its own (Python's faulthandler, which pytest turns on)
  * would otherwise get the next CPUID as a crash. So sigaction() is interposed for SIGSEGV: the program's handler is
  * kept here and called for every fault that is not a CPUID, and a default action is restored for real, the
- * faulting instruction then faulting again.
+ * faulting instruction then faulting again. signal() is interposed alike (perf, for one, installs its handlers so).
  */
 #define _GNU_SOURCE
 #include <cpuid.h>
@@ -47,6 +47,18 @@ int sigaction(int sig, const struct sigaction* action, struct sigaction* old) {
   if (old != 0) *old = program_handler;
   if (action != 0) program_handler = *action;
   return 0;
+}
+
+/* The program's signal(): the same for SIGSEGV (glibc's signal() does not go through the sigaction symbol). */
+sighandler_t signal(int sig, sighandler_t handler) {
+  struct sigaction action, old;
+  memset(&action, 0, sizeof action);
+  action.sa_handler = handler;
+  action.sa_flags = SA_RESTART;
+  if (sig != SIGSEGV) return RealSigaction(sig, &action, &old) == 0 ? old.sa_handler : SIG_ERR;
+  old = program_handler;
+  program_handler = action;
+  return (old.sa_flags & SA_SIGINFO) ? (sighandler_t)old.sa_sigaction : old.sa_handler;
 }
 
 /* A fault that is not a CPUID: the program's handler, or its default action (restored, the instruction retried). */
