@@ -813,6 +813,26 @@ void PrepareFused(SimdJob& job) {
 }  // namespace
 
 namespace {
+// One kernel family's tables for a call (CallTables::Kept, `family` of `tables`): those an earlier call of the node
+// kept, or, where there are none yet (or the node keeps none: `tables` null), the ones `lay_out` writes into z and
+// factors now, which are then kept. z_at and factors_at point at the tables the kernels are to read.
+template <class LayOut>
+void UseTables(CallTables* tables, CallTables::Kept CallTables::*family, const std::vector<int32_t>& z,
+               const std::vector<float>& factors, LayOut lay_out, const int32_t*& z_at, const float*& factors_at) {
+  CallTables::Kept* kept = tables != nullptr ? &(tables->*family) : nullptr;
+  if (kept != nullptr && kept->ready.load(std::memory_order_acquire)) {
+    z_at = kept->z.data();
+    factors_at = kept->factors.data();
+    return;
+  }
+  lay_out();
+  z_at = z.data();
+  factors_at = factors.data();
+  if (kept != nullptr) kept->Keep(tables->mutex, z, factors);
+}
+}  // namespace
+
+namespace {
 // LanesFused rather than DepthwiseFused (tools/bench_ops.py on Zen 4): with VNNI faster from 7x7
 // to 112x112 images, most at 7x7 where DepthwiseFused's per-channel plane and block setup dominate,
 // while its scratch (a block's quantized planes, padded image and cells) stays in about a quarter
@@ -952,8 +972,7 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
     job.cols = g.ow;
     job.span = g.pixels();
     job.t_rows = pw.rows16 + 2 * kLanes;  // (FinishT reads two blocks of rows past any it uses)
-    CallTables* kept = job.tables;
-    if (kept == nullptr || !kept->t.ready.load(std::memory_order_acquire)) {
+    auto lay_out = [&] {
       job.t_z.assign(static_cast<size_t>(g.group * job.t_rows), 0);
       job.t_factor.assign(static_cast<size_t>(g.group * job.t_rows), 0.0f);
       for (int64_t gi = 0; gi < g.group; ++gi) {
@@ -965,13 +984,8 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
           job.t_factor[gi * job.t_rows + r] = job.post && r % 2 == 1 ? job.c_o[m] : job.c_e[m];
         }
       }
-      job.t_z_at = job.t_z.data();
-      job.t_factor_at = job.t_factor.data();
-      if (kept != nullptr) kept->t.Keep(kept->mutex, job.t_z, job.t_factor);
-    } else {
-      job.t_z_at = kept->t.z.data();
-      job.t_factor_at = kept->t.factors.data();
-    }
+    };
+    UseTables(job.tables, &CallTables::t, job.t_z, job.t_factor, lay_out, job.t_z_at, job.t_factor_at);
   }
   if (pw.mode == Mode::kQuad && !job.transposed && job.output != nullptr && job.s_pixels == nullptr &&
       !job.kernels->int16_sums) {
@@ -1027,8 +1041,7 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
   }
   if (job.lanes || job.lanes_fused) {
     const int64_t m16 = job.blocks * 16;
-    CallTables* kept = job.tables;
-    if (kept == nullptr || !kept->lane.ready.load(std::memory_order_acquire)) {
+    auto lay_out = [&] {
       job.lane_z.assign(static_cast<size_t>(2 * m16), 0);
       job.lane_factors.assign(static_cast<size_t>(3 * m16), 0.0f);
       for (int64_t m = 0; m < g.m; ++m) {
@@ -1038,13 +1051,8 @@ void RunConv(const SimdArgs& args, Ort::KernelContext& context) {
         job.lane_factors[m16 + m] = job.c_o[m];
         if (job.bias != nullptr) job.lane_factors[2 * m16 + m] = job.bias[m];
       }
-      job.lane_z_at = job.lane_z.data();
-      job.lane_factors_at = job.lane_factors.data();
-      if (kept != nullptr) kept->lane.Keep(kept->mutex, job.lane_z, job.lane_factors);
-    } else {
-      job.lane_z_at = kept->lane.z.data();
-      job.lane_factors_at = kept->lane.factors.data();
-    }
+    };
+    UseTables(job.tables, &CallTables::lane, job.lane_z, job.lane_factors, lay_out, job.lane_z_at, job.lane_factors_at);
   }
   if (pw.mode == Mode::kQuad) {
     // Chunks of whole quads (all taps of each) whose image planes (for Gemm the part a panel
