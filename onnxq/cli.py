@@ -153,9 +153,12 @@ def _add_activation_options(p: argparse.ArgumentParser) -> None:
                    "weight's own error; 'off': by the weight's own error, as without data"),
     a.add_argument("--percentile", type=float, default=None, metavar="P",
                    help=f"percentile kept by --calibrate percentile (default {ActivationConfig.percentile})")
-    a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=None,
-                   help="8-bit weights beside uint8 activations become 7-bit so onnxruntime's 16-bit pair sums cannot "
-                   "saturate on CPUs without VNNI: 'auto' (default) does it when this CPU lacks VNNI")
+    a.add_argument("--reduce-range", choices=[r.value for r in ReduceRange], default=ReduceRange.AUTO.value,
+                   help="8-bit weights that integer products read become 7-bit codes, because CPUs without VNNI sum "
+                   "uint8 x int8 products in 16-bit pairs that 8-bit weights can saturate: onnxruntime's kernels then go "
+                   "wrong and onnxq's ops run them at float's speed or slower. 'auto' (default): when this CPU lacks VNNI, "
+                   "the weights of onnxq's ops (--format int/post) and those beside quantized activations; 'on': every "
+                   "8-bit weight (a file for CPUs without VNNI, quantized on one with it); 'off': none")
     a.add_argument("--equalize", choices=["auto", "off"], default=None,
                    help="'auto' (default): MatMul/Gemm inputs with outlier channels (a transformer's hidden states) are "
                    "divided per channel before they are quantized and the weight rows multiplied back, where an estimate "
@@ -266,11 +269,12 @@ def config_from_args(args: argparse.Namespace) -> QuantizeConfig:
         balanced_rounding=args.rounding == "balanced",
         block_size=args.block_size,
         samples=ActivationConfig.samples if args.calibration_size is None else args.calibration_size,
+        reduce_range=ReduceRange(args.reduce_range),
     )
 
 
 #: Options that only mean something with --calibration.
-_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "reduce_range", "bias_correction", "equalize")
+_ACTIVATION_OPTIONS = ("calibration_size", "calibrate", "activations", "percentile", "bias_correction", "equalize")
 
 
 def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
@@ -291,7 +295,6 @@ def _activation_config(args: argparse.Namespace) -> ActivationConfig | None:
         method=d.method if args.calibrate is None else CalibrationMethod(args.calibrate),
         percentile=d.percentile if args.percentile is None else args.percentile,
         samples=d.samples if args.calibration_size is None else args.calibration_size,
-        reduce_range=d.reduce_range if args.reduce_range is None else ReduceRange(args.reduce_range),
         bias_correction=d.bias_correction if args.bias_correction is None else BiasCorrection(args.bias_correction),
         equalize=d.equalize if args.equalize is None else args.equalize == "auto",
     )

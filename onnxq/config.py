@@ -83,11 +83,19 @@ class CalibrationMethod(enum.Enum):
 
 
 class ReduceRange(enum.Enum):
-    """Whether 8-bit weights beside uint8 activations are cut to 7 bits (values -63..63).
+    """Whether 8-bit weights that an integer product reads beside uint8 are cut to 7 bits (values -63..63).
 
-    onnxruntime's uint8 x int8 kernels on CPUs without VNNI add products in pairs into 16-bit
-    sums that saturate with full 8-bit weights; 7-bit weights never saturate. AUTO cuts only
-    when the machine running onnxq lacks VNNI.
+    CPUs without VNNI add uint8 x int8 products in pairs into 16-bit sums (vpmaddubsw), which
+    full 8-bit weights can saturate and 7-bit weights never do. onnxruntime's kernels then give
+    wrong sums; onnxq's ops stay exact by running 8-bit codes as two streams of 4-bit halves,
+    which costs them their speed (an 8-bit IntConv runs at 0.5-1.15x float as on an AVX2-only
+    CPU, a 7-bit one at 1.45-2x: BENCHMARKS "8-bit weights in the ops").
+
+    AUTO: when the machine running onnxq lacks VNNI, the weights of onnxq's ops (--format
+    int/post, weight-only too) and of onnxruntime's integer kernels (QDQ beside quantized
+    activations); weights decoded to float keep 8 bits. The seventh bit is worth keeping where
+    it can be: it took MiniLM's output SQNR from 22.7 to 8.4 dB (BENCHMARKS). ON: every 8-bit
+    weight, for files that run on CPUs without VNNI. OFF: none.
     """
 
     AUTO = "auto"
@@ -124,7 +132,6 @@ class ActivationConfig:
         method: how ranges are chosen.
         percentile: the percentile kept by ``CalibrationMethod.PERCENTILE``.
         samples: most calibration samples to use.
-        reduce_range: 7-bit instead of 8-bit weights where onnxruntime's kernels could saturate.
         bias_correction: how each Conv/Gemm bias absorbs the mean output shift quantization causes
             (``True``/``False`` mean AUTO/OFF).
         equalize: divide MatMul/Gemm inputs with outlier channels per channel and multiply the weight rows back
@@ -136,7 +143,6 @@ class ActivationConfig:
     method: CalibrationMethod = CalibrationMethod.MSE
     percentile: float = 99.99
     samples: int = 512
-    reduce_range: ReduceRange = ReduceRange.AUTO
     bias_correction: BiasCorrection = BiasCorrection.AUTO
     equalize: bool = True
 
@@ -158,8 +164,6 @@ class ActivationConfig:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile!r}")
         if isinstance(self.samples, bool) or not isinstance(self.samples, numbers.Integral) or self.samples < 1:
             raise ValueError(f"calibration samples must be a positive integer, got {self.samples!r}")
-        if not isinstance(self.reduce_range, ReduceRange):
-            raise ValueError(f"reduce_range must be a ReduceRange, got {self.reduce_range!r}")
 
 
 def check_block_size(block_size: object) -> int:
@@ -202,6 +206,8 @@ class QuantizeConfig:
         balanced_rounding: without calibration data, codes below 8 bits are rounded so that each row's errors sum
             to nearly zero, which removes most of the steady output shift
             rounding causes behind Relu-like layers (onnxq/numerics/balance.py); False rounds each weight to nearest.
+        reduce_range: which 8-bit weights become 7-bit codes, so that CPUs without VNNI sum their products in 16 bits
+            without saturating (see ReduceRange).
     """
 
     bits: int = 4
@@ -221,6 +227,7 @@ class QuantizeConfig:
     matmul_nbits: NBitsMode = NBitsMode.AUTO
     balanced_rounding: bool = True
     block_size: int | None = None
+    reduce_range: ReduceRange = ReduceRange.AUTO
 
     @property
     def calibration_samples(self) -> int:
@@ -249,6 +256,8 @@ class QuantizeConfig:
             raise ValueError(f"matmul_nbits must be an NBitsMode, got {self.matmul_nbits!r}")
         if not isinstance(self.format, WeightFormat):
             raise ValueError(f"format must be a WeightFormat, got {self.format!r}")
+        if not isinstance(self.reduce_range, ReduceRange):
+            raise ValueError(f"reduce_range must be a ReduceRange, got {self.reduce_range!r}")
         if self.format is WeightFormat.POST and self.bits > 4:
             raise ValueError(f"POST weights take 2-4 bits, got {self.bits}")
         if self.activations is not None and not isinstance(self.activations, ActivationConfig):

@@ -48,7 +48,7 @@ from onnxq.numerics.uniform import quantized_bytes, storage_bits
 from onnxq.numerics.weights import QuantizedTensor, blocked, quantize_for_output, quantize_post_weight, quantize_weight, to_rows
 from onnxq.plan.handlers import CONTRIB_TABLES, RECURRENT_WEIGHTS
 from onnxq.plan.ops import OpChoice, OpTargets, op_choice
-from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, adjust_weight_plans, nothing_to_quantize, plan_weights
+from onnxq.plan.weights import REDUCED_BITS, Skipped, WeightPlan, nothing_to_quantize, plan_weights, reduce_weight_range
 from onnxq.rewrite.activations import insert_activation_qdq
 from onnxq.rewrite.between import fold_pads, pool_codes
 from onnxq.rewrite.biases import quantize_biases
@@ -258,14 +258,14 @@ def plan_quantization(loaded: LoadedModel, config: QuantizeConfig, calibration: 
     if config.activations is not None and not any(p.is_float32 for p in plans):
         raise OnnxqError(loaded.label, "activation quantization covers float32 layers and this model's are float16; "
                          "leave out --calibration to quantize its weights only")
-    if config.activations is not None:
-        plans = adjust_weight_plans(plans, config.activations)
     if any(not p.is_float32 for p in plans):
         ensure_opset(loaded, FLOAT16_SCALE_OPSET)
     if config.activations is not None and (any(storage_bits(p.bits) == 4 for p in plans) or config.activations.bits == 4):
         ensure_opset(loaded, INT4_OPSET)  # int4 DequantizeLinear (or its Cast to int8) and uint4 activations
     targets = OpTargets.of(loaded.model.graph)
-    return Plan(plans, skipped, {p.tensor: op_choice(p, targets, config) for p in plans}, targets.ranks)
+    ops = {p.tensor: op_choice(p, targets, config) for p in plans}
+    plans = reduce_weight_range(plans, {tensor for tensor, op in ops.items() if op.integer}, config)
+    return Plan(plans, skipped, ops, targets.ranks)
 
 
 def calibrate(

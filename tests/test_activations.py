@@ -35,10 +35,9 @@ def _w8a8(**kwargs) -> QuantizeConfig:
     act = ActivationConfig(
         bits=8,
         method=kwargs.pop("method", CalibrationMethod.MINMAX),
-        reduce_range=kwargs.pop("reduce_range", ReduceRange.OFF),
         bias_correction=kwargs.pop("bias_correction", True),
     )
-    return QuantizeConfig(bits=8, first_last_bits=8, activations=act, **kwargs)
+    return QuantizeConfig(bits=8, first_last_bits=8, activations=act, reduce_range=kwargs.pop("reduce_range", ReduceRange.OFF), **kwargs)
 
 
 def _quantized_tensors(model: onnx.ModelProto) -> set[str]:
@@ -290,7 +289,7 @@ def test_a_rank_0_input_goes_whole_with_every_batch(method):
     """An If's condition (rank 0) has no sample axis: batches are counted, cut and kept by the batched inputs alone."""
     rng = np.random.default_rng(2)
     data = [{"x": rng.standard_normal((3, 3, 8, 8)).astype(np.float32), "cond": np.array(i % 2 == 0)} for i in range(4)]
-    act = ActivationConfig(bits=8, method=method, samples=7, reduce_range=ReduceRange.OFF, bias_correction=BiasCorrection.MEASURED)
+    act = ActivationConfig(bits=8, method=method, samples=7, bias_correction=BiasCorrection.MEASURED)
     q = quantize(conv_then_if(), QuantizeConfig(bits=4, first_last_bits=4, activations=act), data)
     sess = ort.InferenceSession(q.SerializeToString(), providers=["CPUExecutionProvider"])
     for cond in (True, False):
@@ -301,7 +300,7 @@ def test_a_rank_0_input_goes_whole_with_every_batch(method):
 
 def test_calibration_size_caps_the_samples_used():
     data = _batches((3, 8, 8), count=4, batch=8)
-    capped = ActivationConfig(bits=8, method=CalibrationMethod.MINMAX, samples=8, reduce_range=ReduceRange.OFF)
+    capped = ActivationConfig(bits=8, method=CalibrationMethod.MINMAX, samples=8)
     first_only = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=8, activations=capped), data)
     same = quantize(conv_bn_relu_gemm(), QuantizeConfig(bits=8, activations=capped), data[:1])
     assert first_only.SerializeToString() == same.SerializeToString()
@@ -377,7 +376,7 @@ def test_bad_calibration_data_is_one_clear_line_and_writes_nothing(tmp_path, cap
     assert sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
-@pytest.mark.parametrize("option", [["--calibrate", "asq"], ["--bias-correction", "measured"], ["--reduce-range", "on"]])
+@pytest.mark.parametrize("option", [["--calibrate", "asq"], ["--bias-correction", "measured"], ["--percentile", "99.9"]])
 def test_activation_options_without_calibration_are_refused(tmp_path, capsys, option):
     model_path = tmp_path / "m.onnx"
     onnx.save(conv_bn_relu_gemm(), model_path)
@@ -396,8 +395,8 @@ def test_cli_bias_correction_option_reaches_the_config(tmp_path):
         out = tmp_path / f"{mode.value}.onnx"
         args = ["quantize", str(model_path), "-b", "8", "--calibration", str(data), "--calibrate", "minmax", "--reduce-range", "off"]
         assert main([*args, "--bias-correction", mode.value, "-o", str(out)]) == 0
-        act = ActivationConfig(method=CalibrationMethod.MINMAX, reduce_range=ReduceRange.OFF, bias_correction=mode)
-        want = quantize(model_path, QuantizeConfig(bits=8, activations=act), data)
+        act = ActivationConfig(method=CalibrationMethod.MINMAX, bias_correction=mode)
+        want = quantize(model_path, QuantizeConfig(bits=8, activations=act, reduce_range=ReduceRange.OFF), data)
         got = onnx.load(str(out))
         assert {t.name: t.SerializeToString() for t in got.graph.initializer} == {t.name: t.SerializeToString() for t in want.graph.initializer}
 
@@ -450,7 +449,7 @@ def _conv_reference(model: onnx.ModelProto) -> onnx.ModelProto:
 @pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
 def test_integer_ops_take_the_calibrated_input_scale(fmt):
     """IntConv/PostConv quantize their input with the pair's fixed scale instead of a DequantizeLinear'd float copy."""
-    act = ActivationConfig(bits=8, method=CalibrationMethod.MSE, reduce_range=ReduceRange.OFF)
+    act = ActivationConfig(bits=8, method=CalibrationMethod.MSE)
     q = quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=fmt, first_last_bits=None, activations=act), _batches((3, 8, 8)))
     custom = [n for n in q.graph.node if n.domain == "ai.onnxq"]
     producers = {o: n.op_type for n in q.graph.node for o in n.output}
@@ -464,8 +463,8 @@ def test_an_8_bit_intconv_with_input_scale_equals_quantize_dequantize_then_conv(
     from onnxq.native.session import session
 
     monkeypatch.setattr(onnxq.pipeline, "link_chains", lambda graph: None)
-    act = ActivationConfig(bits=8, method=CalibrationMethod.MSE, reduce_range=ReduceRange.OFF)
-    config = QuantizeConfig(bits=8, format=WeightFormat.INT, first_last_bits=None, activations=act)
+    act = ActivationConfig(bits=8, method=CalibrationMethod.MSE)
+    config = QuantizeConfig(bits=8, format=WeightFormat.INT, first_last_bits=None, activations=act, reduce_range=ReduceRange.OFF)
     q = quantize(conv_bn_relu_gemm(c=16), config, _batches((3, 8, 8)))
     assert op_counts(q)["IntConv"] == 2
     x = _batches((3, 8, 8), count=1, seed=4)[0]

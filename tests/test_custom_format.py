@@ -12,6 +12,7 @@ import onnxq.rewrite.ops
 from models import conv_bn_relu_gemm, depthwise_convtranspose
 from onnxq import QuantizeConfig, WeightFormat, quantize, quantize_with_report
 from onnxq.cli import main
+from onnxq.config import ReduceRange
 from onnxq.native.domain import DOMAIN
 from onnxq.native.session import session
 from onnxq.numerics.weights import QuantizedTensor
@@ -31,8 +32,9 @@ def test_pack_rows_layout():
 @pytest.mark.parametrize("fmt, op", [(WeightFormat.INT, "IntConv"), (WeightFormat.POST, "PostConv")])
 def test_middle_conv_becomes_the_op_and_the_first_an_8_bit_intconv(fmt, op):
     """conv2 runs as the format's op at 4 bits; conv1, the first layer, at --first-last-bits 8 as IntConv (POST takes
-    2-4 bits); the 16 -> 10 classifier is too small for the ops and stays a Gemm (its weight decoded at load)."""
-    model = quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=fmt))
+    2-4 bits; 8-bit codes: --reduce-range off, as on a CPU with VNNI); the 16 -> 10 classifier is too small for the ops
+    and stays a Gemm (its weight decoded at load)."""
+    model = quantize(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=fmt, reduce_range=ReduceRange.OFF))
     ops = _ops(model)
     assert (ops["conv1"], ops["conv2"], ops["fc"]) == ("IntConv", op, "Gemm")
     bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node if n.domain == DOMAIN}

@@ -148,9 +148,9 @@ def test_auto_measures_below_seven_bits_unless_the_weights_were_chosen_for_the_o
     batches = [{"x": rng.standard_normal((8, 4, 6, 6)).astype(np.float32)} for _ in range(4)]
 
     def run(mode: BiasCorrection) -> dict[str, np.ndarray]:
-        act = ActivationConfig(bits=activation_bits, method=CalibrationMethod.MINMAX, reduce_range=ReduceRange.OFF, bias_correction=mode)
+        act = ActivationConfig(bits=activation_bits, method=CalibrationMethod.MINMAX, bias_correction=mode)
         config = QuantizeConfig(bits=weight_bits, first_last_bits=weight_bits, activations=act, format=WeightFormat.QDQ,
-                                output_aware=output_aware)
+                                output_aware=output_aware, reduce_range=ReduceRange.OFF)
         return _initializers(quantize(residual_block(), config, batches))
 
     auto, analytic, measured = run(BiasCorrection.AUTO), run(BiasCorrection.ANALYTIC), run(BiasCorrection.MEASURED)

@@ -110,7 +110,7 @@ def test_the_summary_names_reduced_range_when_it_takes_8_bit_weights_to_7():
     from onnxq.report.summary import few_at_requested_bits
 
     data = [{"x": np.random.default_rng(0).standard_normal((4, 16)).astype(np.float32)}]
-    config = QuantizeConfig(bits=8, activations=ActivationConfig(reduce_range=ReduceRange.ON))
+    config = QuantizeConfig(bits=8, activations=ActivationConfig(), reduce_range=ReduceRange.ON)
     note = few_at_requested_bits(quantize_with_report(shared_weight_matmuls(), config, data))
-    assert note == ("note: only 0% of the weights are at -b 8 bits: 8-bit weights beside uint8 activations are 7-bit "
-                    "(reduce range, for CPUs without VNNI) (--reduce-range off keeps 8 bits)")
+    assert note == ("note: only 0% of the weights are at -b 8 bits: 8-bit weights that integer products read are 7-bit "
+                    "(reduced range, for CPUs without VNNI) (--reduce-range off keeps 8 bits)")

@@ -16,7 +16,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnxq import NBitsMode, QuantizeConfig, WeightFormat, quantize_with_report, save_model
 from onnxq.analysis.inventory import inspect_model
-from onnxq.config import ActivationConfig, BiasCorrection, SqrtMode
+from onnxq.config import ActivationConfig, BiasCorrection, ReduceRange, SqrtMode
 from onnxq.native.session import session
 from onnxq.numerics.weights import quantize_post_weight, quantize_weight
 from onnxq.pipeline import BALANCED_MAX_BITS
@@ -88,10 +88,12 @@ def _per_row_reference(x: np.ndarray, codes: np.ndarray, scale: np.ndarray, bias
 
 
 def _quantized(model: onnx.ModelProto, fmt: WeightFormat, bits: int, **config):
+    """The model quantized at ``bits`` in ``fmt``, 8-bit codes kept 8-bit (--reduce-range off) unless ``config`` says."""
+    config.setdefault("reduce_range", ReduceRange.OFF)
     return quantize_with_report(model, QuantizeConfig(bits=bits, format=fmt, first_last_bits=None, **config))
 
 
-FORMATS = [(WeightFormat.INT, 4), (WeightFormat.INT, 8), (WeightFormat.INT, 3), (WeightFormat.POST, 4), (WeightFormat.POST, 3)]
+FORMATS = [(WeightFormat.INT, 4), (WeightFormat.INT, 8), (WeightFormat.INT, 7), (WeightFormat.INT, 3), (WeightFormat.POST, 4), (WeightFormat.POST, 3)]
 SHAPES = [  # (K, M, rows shape, op, bias shape, attributes): odd K and M, each C form, both weight layouts; K * M >= MIN_WEIGHTS
     (387, 341, [5], "Gemm", (341,), {"transB": 1}),
     (387, 341, [5], "Gemm", (1, 341), {"alpha": 0.75, "beta": -1.5}),
@@ -236,10 +238,11 @@ def test_last_layer_at_first_last_bits_stays_qdq_without_a_reason():
 
 @pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
 def test_a_large_last_gemm_runs_as_intconv_at_first_last_bits(fmt):
-    """A boundary Gemm big enough for the op runs as 8-bit IntConv in either op format (weight-only QDQ dequantizes every run)."""
+    """A boundary Gemm big enough for the op runs as 8-bit IntConv in either op format (weight-only QDQ dequantizes every
+    run; 8-bit codes: --reduce-range off, as on a CPU with VNNI)."""
     float_model = _gemm_model(521, 263, [5], "Gemm", (263,), transB=1)
     assert 521 * 263 >= MIN_WEIGHTS
-    result = quantize_with_report(float_model, QuantizeConfig(bits=4, format=fmt))
+    result = quantize_with_report(float_model, QuantizeConfig(bits=4, format=fmt, reduce_range=ReduceRange.OFF))
     assert [(layer.op, layer.bits) for layer in result.layers] == [("IntConv", 8)]
     x = np.random.default_rng(1).standard_normal((5, 521)).astype(np.float32)
     (y,) = session(result.model.SerializeToString()).run(None, {"x": x})

@@ -157,7 +157,7 @@ def test_a_table_keeps_8_bits_when_reduce_range_cuts_the_products_weights():
     """Reduce range exists for onnxruntime's integer products; a lookup has none, so its table keeps all 8 bits."""
     from onnxq.config import ActivationConfig, ReduceRange
 
-    config = QuantizeConfig(bits=8, first_last_bits=None, activations=ActivationConfig(reduce_range=ReduceRange.ON))
+    config = QuantizeConfig(bits=8, first_last_bits=None, activations=ActivationConfig(), reduce_range=ReduceRange.ON)
     result = quantize_with_report(lookup_then_matmul(), config, [{"ids": IDS}])
     assert {layer.tensor: layer.bits for layer in result.layers} == {"table": 8, "w": 7}
     assert [a.tensor for a in result.activations] == ["e"]

@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             # the AVX2 twins as an AVX2-only machine writes them: 8-bit (first/last) weights cut to 7 bits (--reduce-range auto)
             reduce = ReduceRange.ON if column.avx2 else ReduceRange.AUTO
-            config = QuantizeConfig(bits=4, format=column.format, activations=ActivationConfig(method=column.method, reduce_range=reduce))
+            config = QuantizeConfig(bits=4, format=column.format, activations=ActivationConfig(method=column.method), reduce_range=reduce)
             result = quantize_with_report(float_model, config, [{"input": train[i:i + 64]} for i in range(0, CALIBRATION, 64)])
             models.append(with_kernel(result.model, 2) if column.avx2 else result.model)
             if result.chains is not None and not column.avx2:

@@ -80,18 +80,20 @@ class Reader:
 # ---- the quantizers, each writing ``out`` from ``case.model``
 
 
-def onnxq_weights(bits: int, data: bool, absmax: bool = False, fmt: str = "qdq", block_size: int | None = None) -> Callable[[Case, Path], str]:
+def onnxq_weights(bits: int, data: bool, absmax: bool = False, fmt: str = "qdq", block_size: int | None = None,
+                  reduce_range: str = "auto") -> Callable[[Case, Path], str]:
     """Onnxq weight-only at ``bits`` (first/last layers at 8), with the calibration data or without; absmax: plain codes, max|w| range.
 
     ``fmt`` "int": the op format, whose ops quantize their float inputs themselves at every call. ``block_size``: a
-    scale per block of that many inputs (--block-size).
+    scale per block of that many inputs (--block-size). ``reduce_range``: --reduce-range.
     """
 
     def quantize(case: Case, out: Path) -> str:
         import onnxq
         from onnxq.analysis.fidelity import check_on_synthetic, damage_warning
 
-        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt), block_size=block_size)
+        config = onnxq.QuantizeConfig(bits=bits, samples=CALIBRATION_SAMPLES, format=onnxq.WeightFormat(fmt), block_size=block_size,
+                                      reduce_range=onnxq.config.ReduceRange(reduce_range))
         if absmax:
             config = onnxq.QuantizeConfig(bits=bits, range=onnxq.RangeMethod.ABSMAX, sqrt=onnxq.SqrtMode.OFF)
         onnxq.save_model(onnxq.quantize(case.model, config, case.calibration if data else None), out)
@@ -107,15 +109,19 @@ ORT_INPUTS: dict[str, tuple[Path, str]] = {}
 """Per case, the model onnxruntime's quantizers read (after quant_pre_process where it works) and a remark."""
 
 
-def onnxq_w4a8(fmt: str) -> Callable[[Case, Path], str]:
-    """Onnxq -b 4 with 8-bit activations calibrated on the data (mse steps), in the format ``fmt``; remark: the chains."""
+def onnxq_w4a8(fmt: str, bits: int = 4, reduce_range: str = "auto") -> Callable[[Case, Path], str]:
+    """Onnxq -b ``bits`` (4) with 8-bit activations calibrated on the data (mse steps), in the format ``fmt``; remark: the chains.
+
+    ``reduce_range``: --reduce-range.
+    """
 
     def quantize(case: Case, out: Path) -> str:
         import onnxq
         from onnxq.config import ActivationConfig
         from onnxq.pipeline import quantize_with_report
 
-        config = onnxq.QuantizeConfig(bits=4, format=onnxq.WeightFormat(fmt), activations=ActivationConfig(samples=CALIBRATION_SAMPLES))
+        config = onnxq.QuantizeConfig(bits=bits, format=onnxq.WeightFormat(fmt), activations=ActivationConfig(samples=CALIBRATION_SAMPLES),
+                                      reduce_range=onnxq.config.ReduceRange(reduce_range))
         result = quantize_with_report(case.model, config, case.calibration)
         onnxq.save_model(result.model, out)
         return (result.chains.line() or "") if result.chains is not None else ""
@@ -241,6 +247,10 @@ SETTINGS = (
     Setting("onnxq -b 4, 256 samples, --block-size 64 (weight-only)", onnxq_weights(4, data=True, block_size=64)),
     Setting("onnxq -b 4, no data, --block-size 32", onnxq_weights(4, data=False, block_size=32)),
     blocked_mixed_setting("0.2x"),
+    Setting("onnxq -b 8, no data, --format int --reduce-range on (7-bit codes)", onnxq_weights(8, data=False, fmt="int", reduce_range="on")),
+    Setting("onnxq -b 8, no data, --format int --reduce-range off (8-bit codes)", onnxq_weights(8, data=False, fmt="int", reduce_range="off")),
+    Setting("onnxq W8A8, 256 samples, --format int --reduce-range on (7-bit codes)", onnxq_w4a8("int", bits=8, reduce_range="on")),
+    Setting("onnxq W8A8, 256 samples, --format int --reduce-range off (8-bit codes)", onnxq_w4a8("int", bits=8, reduce_range="off")),
 )
 BLOCKED_MIXED_ROW = 19
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import onnx
 
-from onnxq.config import ActivationConfig, QuantizeConfig, ReduceRange, WeightFormat
+from onnxq.config import QuantizeConfig, ReduceRange, WeightFormat
 from onnxq.model.graph import attribute, constant_initializers, defined_names, is_op, subgraphs
 from onnxq.model.opset import is_default_domain
 from onnxq.native.cpu import has_vnni
@@ -274,19 +274,22 @@ def _bits_for(tensor: str, nodes: list[str], on_boundary: bool, depthwise: bool,
 REDUCED_BITS = 7
 
 
-def reduce_range(setting: ReduceRange) -> bool:
-    """Whether 8-bit weights are cut to 7 bits: ON, OFF, or (AUTO) on CPUs without VNNI."""
-    return setting is ReduceRange.ON or (setting is ReduceRange.AUTO and not has_vnni())
-
-
-def adjust_weight_plans(plans: list[WeightPlan], activations: ActivationConfig) -> list[WeightPlan]:
-    """Weight plans for a model whose activations are quantized: 8-bit weights become 7-bit when reducing range.
+def reduces_range(plan: WeightPlan, in_ops: bool, config: QuantizeConfig) -> bool:
+    """Whether the plan's 8-bit weight becomes 7-bit codes (ReduceRange): ``in_ops``, onnxq's integer ops read it.
 
     Tables only looked up (Gather) keep their bits: no integer product reads them.
     """
-    if activations.bits != 8 or not reduce_range(activations.reduce_range):
-        return plans
-    return [dataclasses.replace(p, bits=REDUCED_BITS, bits_rule="reduced range") if p.bits == 8 and not _only_looked_up(p) else p
+    if plan.bits != 8 or _only_looked_up(plan) or config.reduce_range is ReduceRange.OFF:
+        return False
+    if config.reduce_range is ReduceRange.ON:
+        return True
+    integer_products = in_ops or (config.activations is not None and config.activations.bits == 8)
+    return integer_products and not has_vnni()
+
+
+def reduce_weight_range(plans: list[WeightPlan], integer_ops: set[str], config: QuantizeConfig) -> list[WeightPlan]:
+    """The plans with each 8-bit weight that ``reduces_range`` cuts at 7 bits (``integer_ops``: tensors the ops read)."""
+    return [dataclasses.replace(p, bits=REDUCED_BITS, bits_rule="reduced range") if reduces_range(p, p.tensor in integer_ops, config) else p
             for p in plans]
 
 

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from onnxq.model.save import referenced_files
-from onnxq.native.domain import LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN, POST_CONV
 from onnxq.pipeline import LayerResult, QuantizationResult
 from onnxq.plan.weights import Skipped
 
@@ -43,7 +43,7 @@ def layer_table(result: QuantizationResult) -> str:
 #: What each bits rule is called in the summary, and what to do when it kept most weights from -b bits.
 _RULES = {
     "first/last": ("the first and last layers keep --first-last-bits {first_last}", "--first-last-bits {bits} quantizes them at {bits} bits too"),
-    "reduced range": ("8-bit weights beside uint8 activations are 7-bit (reduce range, for CPUs without VNNI)", "--reduce-range off keeps 8 bits"),
+    "reduced range": ("8-bit weights that integer products read are 7-bit (reduced range, for CPUs without VNNI)", "--reduce-range off keeps 8 bits"),
     "per node": ("per-node bits", ""),
     "mixed precision": ("mixed precision raised them", ""),
 }
@@ -71,6 +71,15 @@ def few_at_requested_bits(result: QuantizationResult) -> str | None:
     share = f"{100 * at_requested / total:.0f}%"
     line = f"note: only {share} of the weights are at -b {requested} bits: {'; '.join(reasons)}"
     return line + (f" ({'; '.join(advice)})" if advice else "")
+
+
+def eight_bit_ops(result: QuantizationResult) -> str | None:
+    """A line when onnxq's ops got 8-bit codes, which CPUs without VNNI run at about half speed (ReduceRange); else None."""
+    eight = sum(layer.op in (INT_CONV, POST_CONV) and layer.bits == 8 for layer in result.layers)
+    if not eight:
+        return None
+    return (f"note: {eight} onnxq op layers have 8-bit codes, which CPUs without VNNI (AVX2-only) run as two streams at about "
+            "float's speed or slower; --reduce-range on writes them as 7-bit codes, fast on every CPU")
 
 
 def _outside_op(layer: LayerResult, weight_only: bool) -> str:
@@ -121,6 +130,8 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
             lines.append("note: the ops quantize their inputs to uint8 on every run from that run's min and max, which QDQ keeps "
                          "float; an outlier then sets the step (--calibration DATA gives calibrated steps), and their 2-4 bit "
                          "codes are plain where QDQ may pick sqrt codes")
+        if (note := eight_bit_ops(result)) is not None:
+            lines.append(note)
     if result.chains is not None and (chains := result.chains.line()) is not None:
         lines.append(chains)
     kept = [layer for layer in result.layers if layer.qdq_reason]
