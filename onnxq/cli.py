@@ -345,7 +345,8 @@ def _run_quantize(args: argparse.Namespace) -> int:
     synthetic = synthetic_check(args.model, output) if check is None else None
     blind = synthetic[0] if synthetic is not None else None
     run = RunKind(calibrated=args.calibration is not None, activations=config.activations is not None,
-                  asq=config.activations is not None and config.activations.method is CalibrationMethod.ASQ)
+                  asq=config.activations is not None and config.activations.method is CalibrationMethod.ASQ,
+                  op_inputs=config.activations is None and config.format is not WeightFormat.QDQ, bits=config.bits)
     if (warning := damage_warning(check, named, run) if check is not None
             else damage_warning(blind, f"{SYNTHETIC_SAMPLES} synthetic inputs", run) if blind is not None else None):
         print(warning)

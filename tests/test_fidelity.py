@@ -180,5 +180,10 @@ def test_the_warning_suggests_what_the_run_did_not_try():
     asq = damage_warning(damaged, "the calibration data", RunKind(calibrated=True, activations=True, asq=True))
     assert "--calibrate asq" not in asq and "more bits (-b)" in asq and "--activations none" in asq
     assert "--activations none" not in weights
+    ops = damage_warning(damaged, "16 synthetic inputs", RunKind(op_inputs=True, bits=8))
+    assert "--format qdq" in ops and "--calibration DATA" in ops and "more bits" not in ops and "--max-drop" not in ops
+    assert "--format qdq" not in blind and "more bits (-b)" in blind and "--exclude" not in blind
+    eight = damage_warning(damaged, "the calibration data", RunKind(calibrated=True, bits=8))
+    assert eight.endswith("accuracy): --exclude the layers that cannot take 8 bits (--report PATH with --sensitivity-data DATA ranks them)")
     healthy = Fidelity(samples=8, output_sqnr_db=DAMAGED_SQNR_DB + 0.1, worst_output=None, top1_agreement=None)
     assert damage_warning(healthy, "the calibration data", RunKind(calibrated=True, activations=True)) is None
