@@ -108,7 +108,7 @@ class QuantizationResult:
     requested_bits: int | None = None  # -b, the width the rules start from
     first_last_bits: int | None = None
     chains: ChainReport | None = None  # with calibrated onnxq ops: which outputs went uint8 (onnxq/rewrite/chains.py)
-    float_activations: list[str] = field(default_factory=list)  # ASQ in an op format: activations no integer kernel reads
+    float_activations: list[str] = field(default_factory=list)  # in an op format: activations no onnxq op reads, left float
 
 
 @dataclass(frozen=True)

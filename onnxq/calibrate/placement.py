@@ -49,12 +49,19 @@ class ActivationSite:
             residual Adds and pools are optional: calibration leaves them float where their range cannot hold them.
         feeds_integer_op: True when a reader becomes an IntConv/PostConv, which quantizes its input itself to
             uint8 with one step per sample at most (ASQ then chooses a per-sample scalar step, not per-channel steps).
+        beside_float_matmul: True when it sits at a weighted Gemm/MatMul that stays QDQ (an input or output, or joined to
+            one through CODE_PATH nodes) and its codes reach no onnxq op and no QDQ Conv (see sites_integer_kernels_read).
     """
 
     tensor: str
     bits: int
     required: bool = True
     feeds_integer_op: bool = False
+    beside_float_matmul: bool = False
+
+
+#: Nodes the uint8 chains carry codes through, or fuse into the op in front (onnxq/rewrite/chains.py, max_pool_q.py).
+CODE_PATH = frozenset({"Relu", "Clip", "Add", "BatchNormalization", "MaxPool"})
 
 
 def plan_activations(
@@ -168,24 +175,67 @@ def activation_sites(graph: onnx.GraphProto, plans: list[WeightPlan], integer_op
     boundary = {use.node for plan in plans if plan.first_or_last for use in plan.uses if use.node in weighted}
     int8_weights = {use.node for plan in plans if storage_bits(plan.bits) == 8 for use in plan.uses if use.node in weighted}
     sites = plan_activations(graph, weighted, boundary, config.activations.bits, config.first_last_bits, int8_weights)
-    if not integer_ops:
-        return sites
     readers = consumers(graph)
-    return [dataclasses.replace(s, feeds_integer_op=any(n.name in integer_ops for n in readers.get(s.tensor, []))) for s in sites]
+    beside = _beside_float_matmuls(graph, {s.tensor for s in sites}, weighted, integer_ops, readers)
+    return [dataclasses.replace(s, feeds_integer_op=any(n.name in integer_ops for n in readers.get(s.tensor, [])),
+                                beside_float_matmul=s.tensor in beside) for s in sites]
+
+
+def _beside_float_matmuls(graph: onnx.GraphProto, sites: set[str], weighted: dict[str, str], integer_ops: set[str],
+                          readers: dict[str, list[onnx.NodeProto]]) -> set[str]:
+    """The sites around the weighted Gemm/MatMul layers that stay QDQ, whose codes reach no integer kernel.
+
+    Starts from those layers' inputs and outputs, then takes in the sites joined to a taken one through a CODE_PATH node
+    (the residual Adds of a transformer's stream), until none is added. A site whose codes reach an onnxq op or a QDQ
+    Conv (directly or through CODE_PATH nodes) is never taken.
+    """
+    kernels = integer_ops | {n.name for n in graph.node if n.name in weighted and n.op_type == "Conv"}
+    free = {t for t in sites if not _reaches(t, kernels, readers)}
+    taken = {t for n in graph.node if n.name in weighted and n.op_type in ("Gemm", "MatMul") and n.name not in integer_ops
+             for t in (weighted[n.name], *n.output) if t in free}
+    joins = [n for n in graph.node if n.op_type in CODE_PATH]
+    while True:
+        more = {t for n in joins if taken & {*n.input, *n.output} for t in (*n.input, *n.output) if t in free} - taken
+        if not more:
+            return taken
+        taken |= more
+
+
+def _reaches(tensor: str, kernels: set[str], readers: dict[str, list[onnx.NodeProto]]) -> bool:
+    """Whether a node named in ``kernels`` reads ``tensor``, directly or through CODE_PATH nodes."""
+    seen, todo = {tensor}, [tensor]
+    while todo:
+        for node in readers.get(todo.pop(), []):
+            if node.name in kernels:
+                return True
+            if node.op_type in CODE_PATH:
+                todo += [out for out in node.output if out and out not in seen]
+                seen.update(node.output)
+    return False
 
 
 def sites_integer_kernels_read(sites: list[ActivationSite], config: QuantizeConfig) -> tuple[list[ActivationSite], list[str]]:
-    """The sites to quantize, and the tensors left float: with ASQ in the op formats, those no onnxq op reads.
+    """The sites to quantize, and the tensors left float in the op formats, where quantizing them measured slower.
 
-    ASQ gives a tensor that no op reads one step per channel (no integer kernel takes those: its sums need one step over
-    the input channels), so onnxruntime runs its readers in float behind a Div/QuantizeLinear/DequantizeLinear/Mul chain
-    that only simulates the quantization: slower than float and less accurate. In a format chosen for speed the tensor
-    stays float instead: the pooling and classifier after MobileNetV2's last conv 204 -> 192 us at batch 1, the ViT's
-    token tensors (read by float MatMuls, their 64x64 weights under onnxq's op size) 708 -> 270 us against float's 266
-    (one-off, thread time, least of 30 runs, median of 15 interleaved rounds), top-1 agreement with float unchanged
-    within 3 of 2000 images. The qdq format keeps ASQ's standard-ONNX form on every site.
+    - ASQ gives a tensor that no op reads one step per channel (no integer kernel takes those: its sums need one step
+      over the input channels), so onnxruntime ran its readers in float behind a Div/QuantizeLinear/DequantizeLinear/Mul
+      chain that only simulated the quantization: the pooling and classifier after MobileNetV2's last conv 204 -> 192
+      us at batch 1, the ViT's token tensors (read by float MatMuls, their 64x64 weights under onnxq's op size) 708 ->
+      270 us against float's 266 (one-off, thread time, least of 30 runs, median of 15 interleaved rounds), top-1
+      agreement with float unchanged within 3 of 2000 images. With ASQ a site stays quantized only where an op reads it.
+    - With fixed steps, the tensors around Gemm/MatMul layers that stay QDQ (weights under onnxq's op size, run by
+      onnxruntime's QLinearMatMul/QGemm) and the residual Adds joining them (``beside_float_matmul``): the ViT's ran it
+      at 0.84x / 0.92x float (batch 1 / 8), left float 0.97x / 1.05x, agreement with float 98.5 -> 99.1 % of 1000 images;
+      the CNNs and three real models alike within noise (one-off, median of 15 interleaved rounds; BENCHMARKS "Tensors
+      around small MatMuls stay float"). A site whose codes reach an onnxq op or a QDQ Conv (onnxruntime's QLinearConv,
+      1.8-2.2x float per layer, tools/bench_ops.py), directly or through the nodes the chains carry codes through
+      (CODE_PATH), stays quantized: leaving every site no op reads float broke CREPE's and the orientation model's
+      chains (through Pad and an SE block's Mul) and cost them 4-8 % in one run.
+    The qdq format, onnxruntime's integer kernels throughout, quantizes every site.
     """
     activations = config.activations
-    if activations is None or activations.method is not CalibrationMethod.ASQ or config.format is WeightFormat.QDQ:
+    if activations is None or config.format is WeightFormat.QDQ:
         return sites, []
-    return [s for s in sites if s.feeds_integer_op], [s.tensor for s in sites if not s.feeds_integer_op]
+    if activations.method is CalibrationMethod.ASQ:
+        return [s for s in sites if s.feeds_integer_op], [s.tensor for s in sites if not s.feeds_integer_op]
+    return [s for s in sites if not s.beside_float_matmul], [s.tensor for s in sites if s.beside_float_matmul]

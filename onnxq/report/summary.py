@@ -112,9 +112,8 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
                      "(lookups, recurrent and Einsum layers, float16 layers and control-flow bodies keep float inputs)")
     if result.float_activations:
         shown = ", ".join(result.float_activations[:3]) + (" ..." if len(result.float_activations) > 3 else "")
-        lines.append(f"left float: {len(result.float_activations)} activation tensors no onnxq op reads ({shown}): with ASQ their "
-                     "readers would run in float behind a simulated per-channel quantization, slower and less accurate than float "
-                     "(--format qdq keeps ASQ's standard-ONNX form on them)")
+        lines.append(f"left float: {len(result.float_activations)} activation tensors no onnxq op reads ({shown}): onnxruntime's "
+                     "QLinearMatMul and pairs, or ASQ's per-channel steps, ran such readers slower than float (--format qdq quantizes them)")
     ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP, MATMUL_NBITS))
     lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
     if lookups:
