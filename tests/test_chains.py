@@ -155,16 +155,18 @@ def test_the_summary_names_the_activations_asq_leaves_float(tmp_path):
 
 
 def _conv_then_small_matmuls() -> onnx.ModelProto:
-    """x -> conv0 -> Relu -> GAP -> Flatten f -> MatMul(16x16) m -> Add(m, f) s -> MatMul(16x4) y: a conv the ops run, then
-    a transformer-like tail whose weights are under the ops' size (they stay QDQ: onnxruntime's QLinearMatMul)."""
+    """x -> conv0 -> Relu -> GAP -> Flatten f -> MatMul(16x16) m -> Add(m, f) s -> Mul(2) t -> MatMul(16x4) y: a conv the
+    ops run, then a transformer-like tail whose weights are under the ops' size (they stay QDQ: onnxruntime's
+    QLinearMatMul)."""
     rng = np.random.default_rng(8)
     inits = [numpy_helper.from_array((rng.standard_normal((16, 3, 3, 3)) * 0.3).astype(np.float32), "w0"),
              numpy_helper.from_array((rng.standard_normal((16, 16)) * 0.3).astype(np.float32), "w1"),
-             numpy_helper.from_array((rng.standard_normal((16, 4)) * 0.3).astype(np.float32), "w2")]
+             numpy_helper.from_array((rng.standard_normal((16, 4)) * 0.3).astype(np.float32), "w2"),
+             numpy_helper.from_array(np.array(2.0, np.float32), "two")]
     nodes = [helper.make_node("Conv", ["x", "w0"], ["c0"], name="conv0", pads=[1, 1, 1, 1]), helper.make_node("Relu", ["c0"], ["r0"]),
              helper.make_node("GlobalAveragePool", ["r0"], ["p"]), helper.make_node("Flatten", ["p"], ["f"]),
              helper.make_node("MatMul", ["f", "w1"], ["m"], name="mm1"), helper.make_node("Add", ["m", "f"], ["s"], name="add"),
-             helper.make_node("MatMul", ["s", "w2"], ["y"], name="mm2")]
+             helper.make_node("Mul", ["s", "two"], ["t"], name="mul"), helper.make_node("MatMul", ["t", "w2"], ["y"], name="mm2")]
     graph = helper.make_graph(nodes, "tail", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 3, 8, 8])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])], inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -172,19 +174,20 @@ def _conv_then_small_matmuls() -> onnx.ModelProto:
 
 @pytest.mark.parametrize("fmt", [WeightFormat.INT, WeightFormat.POST])
 def test_fixed_steps_leave_float_what_only_float_kernels_and_small_matmuls_read(fmt):
-    """In an op format, the tensors around Gemm/MatMul layers that stay QDQ (and the residual Add joining them) stay
-    float: their QLinearMatMuls and pairs ran the ViT at 0.84x float, left float 0.97-1.05x. The conv's input and its
-    output, which QLinearGlobalAveragePool reads as codes, stay quantized; the qdq format quantizes every site."""
+    """In an op format, the outputs of Gemm/MatMul layers that stay QDQ (and the residual Add joining them) stay float:
+    QLinearMatMuls and their pairs ran the ViT at 0.84x float, MatMulIntegerToFloat (quantized input, float output)
+    0.95-1.05x. The MatMuls' inputs, the conv's input and its output, which QLinearGlobalAveragePool reads as codes,
+    stay quantized; the qdq format quantizes every site."""
     data = [{"x": np.random.default_rng(s).standard_normal((8, 3, 8, 8)).astype(np.float32)} for s in range(3)]
     config = QuantizeConfig(bits=4, format=fmt, first_last_bits=None, activations=ActivationConfig())
     result = quantize_with_report(_conv_then_small_matmuls(), config, data)
     assert {layer.tensor: layer.op for layer in result.layers}["w0"] in ("IntConv", "PostConv")
-    assert {"f", "m", "s"} <= set(result.float_activations)
+    assert {"m", "s"} <= set(result.float_activations)  # mm1's output and the Add joining it
     quantized = {a.tensor for a in result.activations}
-    assert {"x", "r0"} <= quantized and not {"f", "m", "s"} & quantized
-    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("f", "m", "s") for n in result.model.graph.node)
+    assert {"x", "r0", "f", "t"} <= quantized and not {"m", "s"} & quantized  # the MatMuls' inputs: MatMulIntegerToFloat
+    assert not any(n.op_type == "QuantizeLinear" and n.input[0] in ("m", "s") for n in result.model.graph.node)
     qdq = quantize_with_report(_conv_then_small_matmuls(), QuantizeConfig(bits=4, first_last_bits=None, activations=ActivationConfig()), data)
-    assert qdq.float_activations == [] and {"f", "m", "s"} <= {a.tensor for a in qdq.activations}
+    assert qdq.float_activations == [] and {"f", "m", "s", "t"} <= {a.tensor for a in qdq.activations}
     x = np.random.default_rng(7).standard_normal((16, 3, 8, 8)).astype(np.float32)
     want = session(_conv_then_small_matmuls().SerializeToString()).run(None, {"x": x})[0]
     got = session(result.model.SerializeToString()).run(None, {"x": x})[0]
