@@ -226,14 +226,15 @@ def sites_integer_kernels_read(sites: list[ActivationSite], config: QuantizeConf
       us at batch 1, the ViT's token tensors (read by float MatMuls, their 64x64 weights under onnxq's op size) 708 ->
       270 us against float's 266 (one-off, thread time, least of 30 runs, median of 15 interleaved rounds), top-1
       agreement with float unchanged within 3 of 2000 images. With ASQ a site stays quantized only where an op reads it.
-    - With fixed steps, the tensors around Gemm/MatMul layers that stay QDQ (weights under onnxq's op size, run by
-      onnxruntime's QLinearMatMul/QGemm) and the residual Adds joining them (``beside_float_matmul``): the ViT's ran it
-      at 0.84x / 0.92x float (batch 1 / 8), left float 0.97x / 1.05x, agreement with float 98.5 -> 99.1 % of 1000 images;
-      the CNNs and three real models alike within noise (one-off, median of 15 interleaved rounds; BENCHMARKS "Tensors
-      around small MatMuls stay float"). A site whose codes reach an onnxq op or a QDQ Conv (onnxruntime's QLinearConv,
-      1.8-2.2x float per layer, tools/bench_ops.py), directly or through the nodes the chains carry codes through
-      (CODE_PATH), stays quantized: leaving every site no op reads float broke CREPE's and the orientation model's
-      chains (through Pad and an SE block's Mul) and cost them 4-8 % in one run.
+    - With fixed steps, the outputs of Gemm/MatMul layers that stay QDQ (weights under onnxq's op size) and the residual
+      Adds joining them (``beside_float_matmul``); their data inputs stay quantized, so onnxruntime runs each such layer
+      as MatMulIntegerToFloat (float out) instead of QLinearMatMul between pairs. The ViT: 0.84x / 0.92x float (batch
+      1 / 8) before, 0.96x / 1.05x after, agreement with float 98.5 -> 99.1 % of 1000 images (every tensor around them
+      float: 0.99x / 0.99x); the CNNs and three real models alike within noise (one-off, median of 15 interleaved
+      rounds; BENCHMARKS "Tensors around small MatMuls stay float"). A site whose codes reach an onnxq op or a QDQ Conv
+      (onnxruntime's QLinearConv, 1.8-2.2x float per layer, tools/bench_ops.py), directly or through the nodes the
+      chains carry codes through (CODE_PATH), stays quantized: leaving every site no op reads float broke CREPE's and
+      the orientation model's chains (through Pad and an SE block's Mul) and cost them 4-8 % in one run.
     The qdq format, onnxruntime's integer kernels throughout, quantizes every site.
     """
     activations = config.activations
