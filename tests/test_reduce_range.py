@@ -89,3 +89,13 @@ def test_on_cuts_every_8_bit_weight_and_off_none():
     assert {layer.bits for layer in on.layers} == {7}
     off = quantize_with_report(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=8, format=WeightFormat.INT, reduce_range=ReduceRange.OFF))
     assert {layer.bits for layer in off.layers} == {8}
+
+
+def test_the_note_counts_the_8_bit_op_layers():
+    """-b 4 --format int keeps 8 bits for the first conv (--first-last-bits 8): one op layer, named in the singular."""
+    from onnxq.report.summary import eight_bit_ops
+
+    one = quantize_with_report(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=WeightFormat.INT, reduce_range=ReduceRange.OFF))
+    assert eight_bit_ops(one).startswith("note: 1 onnxq op layer has 8-bit codes, which CPUs without VNNI")
+    cut = quantize_with_report(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=4, format=WeightFormat.INT, reduce_range=ReduceRange.ON))
+    assert eight_bit_ops(cut) is None

@@ -78,8 +78,9 @@ def eight_bit_ops(result: QuantizationResult) -> str | None:
     eight = sum(layer.op in (INT_CONV, POST_CONV) and layer.bits == 8 for layer in result.layers)
     if not eight:
         return None
-    return (f"note: {eight} onnxq op layers have 8-bit codes, which CPUs without VNNI (AVX2-only) run as two streams at about "
-            "float's speed or slower; --reduce-range on writes them as 7-bit codes, fast on every CPU")
+    layers = "op layer has" if eight == 1 else "op layers have"
+    return (f"note: {eight} onnxq {layers} 8-bit codes, which CPUs without VNNI (AVX2-only) run as two streams at about "
+            "float's speed or slower; --reduce-range on writes 7-bit codes, which they sum in one (dense layers)")
 
 
 def _outside_op(layer: LayerResult, weight_only: bool) -> str:
