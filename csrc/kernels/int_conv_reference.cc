@@ -266,35 +266,36 @@ void Int16Runs(const int8_t* a, int64_t blocks, int64_t k4, int64_t block_rows, 
     return t;
   };
   std::vector<int32_t> sums(static_cast<size_t>(4 * block_rows));  // lane's sign s at 2 * lane + s
+  // Whether every lane's sums take block i of k within the budget.
+  auto fits = [&](const int8_t* block, int64_t i) {
+    for (int64_t lane = 0; lane < 2 * block_rows; ++lane) {
+      const Taken t = taken(block, i, lane);
+      for (int s = 0; s < 2; ++s) {
+        if (sums[2 * lane + s] + t.sign[s] > kInt16WeightBudget) return false;
+      }
+    }
+    return true;
+  };
+  // Block i of k into every lane's sums (direction 1) or out of them (-1).
+  auto move = [&](const int8_t* block, int64_t i, int32_t direction) {
+    for (int64_t lane = 0; lane < 2 * block_rows; ++lane) {
+      const Taken t = taken(block, i, lane);
+      for (int s = 0; s < 2; ++s) sums[2 * lane + s] += direction * t.sign[s];
+    }
+  };
   for (int64_t b = 0; b < blocks; ++b) {
     const int8_t* block = a + b * k4 * block_rows * 4;
     std::fill(sums.begin(), sums.end(), 0);
     int64_t end = 0;  // the sums hold blocks [i, end) of k
     for (int64_t i = 0; i < k4; ++i) {
-      for (; end < k4; ++end) {
-        bool fits = true;
-        for (int64_t lane = 0; lane < 2 * block_rows && fits; ++lane) {
-          const Taken t = taken(block, end, lane);
-          fits = sums[2 * lane] + t.sign[0] <= kInt16WeightBudget && sums[2 * lane + 1] + t.sign[1] <= kInt16WeightBudget;
-        }
-        if (!fits) break;
-        for (int64_t lane = 0; lane < 2 * block_rows; ++lane) {
-          const Taken t = taken(block, end, lane);
-          sums[2 * lane] += t.sign[0];
-          sums[2 * lane + 1] += t.sign[1];
-        }
-      }
+      for (; end < k4 && fits(block, end); ++end) move(block, end, 1);
       if (end == i) {  // (one block alone exceeds the limit: only with |w| > 64, which never comes here)
         runs[b * k4 + i] = 1;
         ++end;
         continue;
       }
       runs[b * k4 + i] = static_cast<int32_t>(end - i);
-      for (int64_t lane = 0; lane < 2 * block_rows; ++lane) {
-        const Taken t = taken(block, i, lane);
-        sums[2 * lane] -= t.sign[0];
-        sums[2 * lane + 1] -= t.sign[1];
-      }
+      move(block, i, -1);
     }
   }
 }

@@ -830,9 +830,7 @@ void UseTables(CallTables* tables, CallTables::Kept CallTables::*family, const s
   factors_at = factors.data();
   if (kept != nullptr) kept->Keep(tables->mutex, z, factors);
 }
-}  // namespace
 
-namespace {
 // LanesFused rather than DepthwiseFused (tools/bench_ops.py on Zen 4): with VNNI faster from 7x7
 // to 112x112 images, most at 7x7 where DepthwiseFused's per-channel plane and block setup dominate,
 // while its scratch (a block's quantized planes, padded image and cells) stays in about a quarter
