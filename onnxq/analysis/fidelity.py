@@ -207,6 +207,6 @@ def damage_warning(check: Fidelity, data: str, run: RunKind = RunKind()) -> str 
         advice.append("more bits (-b)")
         budget = "--max-drop DB with --sensitivity-data DATA" if not run.calibrated else "--max-drop DB or --target-size SIZE"
         advice.append(f"{budget} to keep the sensitive layers at 8 bits")
-    listed = ", or ".join([", ".join(advice[:-1]), advice[-1]] if advice[:-1] else advice)
+    listed = advice[0] if len(advice) == 1 else ", ".join(advice[:-1]) + ", or " + advice[-1]
     return (f"warning: the quantized model's output drifted from the float model's (output SQNR {check.output_sqnr_db:.1f} dB on "
             f"{data}; under {DAMAGED_SQNR_DB:.0f} dB models tend to lose accuracy): {listed}")
