@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
+from conftest import decoded_weights
 from onnx import numpy_helper
 
 import onnxq.plan.weights
@@ -29,13 +30,6 @@ def _op_weights(model: onnx.ModelProto) -> dict[str, tuple[int, np.ndarray]]:
             bits = next(a.i for a in node.attribute if a.name == "bits")
             ops[node.name] = (bits, numpy_helper.to_array(inits[node.input[1]]).view(np.int8))
     return ops
-
-
-def _dequantize_codes(model: onnx.ModelProto) -> list[np.ndarray]:
-    """The int8 codes that DequantizeLinear nodes read from initializers."""
-    inits = {t.name: t for t in model.graph.initializer}
-    return [numpy_helper.to_array(inits[n.input[0]]) for n in model.graph.node
-            if n.op_type == "DequantizeLinear" and n.input[0] in inits and inits[n.input[0]].data_type == onnx.TensorProto.INT8]
 
 
 @pytest.mark.parametrize(("vnni", "flag", "bits", "largest"), [
@@ -81,7 +75,8 @@ def test_qdq_beside_activations_follows_this_cpus_vnni(monkeypatch, vnni, larges
     monkeypatch.setattr(onnxq.plan.weights, "has_vnni", lambda: vnni)
     data = [{"x": np.random.default_rng(0).standard_normal((4, 3, 8, 8)).astype(np.float32)}]
     result = quantize_with_report(conv_bn_relu_gemm(c=16), QuantizeConfig(bits=8, activations=ActivationConfig()), data)
-    assert max(int(np.abs(c.astype(np.int32)).max()) for c in _dequantize_codes(result.model)) == largest
+    codes = [w.codes for w in decoded_weights(result.model) if w.codes_type == onnx.TensorProto.INT8]  # (not the int32 biases)
+    assert codes and max(int(np.abs(c.astype(np.int32)).max()) for c in codes) == largest
 
 
 def test_on_cuts_every_8_bit_weight_and_off_none():
