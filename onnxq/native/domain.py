@@ -13,6 +13,8 @@ DOMAIN_VERSION = 1
 #: onnxq's integer convolution (uniform codes) and its shift convolution (POST codes).
 INT_CONV = "IntConv"
 POST_CONV = "PostConv"
+#: Both, as the rewrite writes them (before a chain renames the links IntConvQ/PostConvQ).
+CONV_OPS = (INT_CONV, POST_CONV)
 #: The same ops writing their output as uint8 codes with a given step (y_scale, y_zero_point): the links of a uint8 chain.
 INT_CONV_Q = "IntConvQ"
 POST_CONV_Q = "PostConvQ"

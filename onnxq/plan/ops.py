@@ -13,7 +13,7 @@ import onnx
 
 from onnxq.config import NBITS_AUTO_WEIGHTS, NBitsMode, QuantizeConfig, SqrtMode, WeightFormat
 from onnxq.model.graph import attribute, constant_initializers, declared_shapes, is_op, subgraphs, text_attribute, used_names
-from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
+from onnxq.native.domain import CONV_OPS, INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.uniform import storage_bits
 from onnxq.plan.handlers import CONTRIB_DOMAIN, RECURRENT_WEIGHTS, TABLE_OPS
 from onnxq.plan.weights import WeightPlan
@@ -120,7 +120,7 @@ class OpChoice:
     @property
     def integer(self) -> bool:
         """Whether the readers become onnxq's integer ops (which quantize their input themselves)."""
-        return self.op_type in (INT_CONV, POST_CONV)
+        return self.op_type in CONV_OPS
 
 
 def op_choice(plan: WeightPlan, targets: OpTargets, config: QuantizeConfig) -> OpChoice:

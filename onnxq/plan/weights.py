@@ -18,7 +18,7 @@ from onnxq.config import QuantizeConfig, ReduceRange, WeightFormat
 from onnxq.model.graph import attribute, constant_initializers, defined_names, is_op, subgraphs
 from onnxq.model.opset import is_default_domain
 from onnxq.native.cpu import has_vnni
-from onnxq.native.domain import INT_CONV, LOOKUP_OP, POST_CONV
+from onnxq.native.domain import CONV_OPS, LOOKUP_OP
 from onnxq.plan.boundary import boundary_nodes
 from onnxq.plan.handlers import (
     CODE_TYPES,
@@ -299,7 +299,7 @@ def _only_looked_up(plan: WeightPlan) -> bool:
 
 #: Ops that only a quantized model holds: a model made of them has nothing left to quantize.
 QUANTIZED_OPS = frozenset({"QLinearConv", "QLinearMatMul", "ConvInteger", "MatMulInteger", "MatMulNBits", "QGemm", LOOKUP_OP,
-                           INT_CONV, POST_CONV})
+                           *CONV_OPS})
 
 
 def nothing_to_quantize(skipped: list[Skipped], graph: onnx.GraphProto) -> str:

@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from onnxq.model.save import referenced_files
-from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN, POST_CONV
+from onnxq.native.domain import CONV_OPS, LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN
 from onnxq.pipeline import LayerResult, QuantizationResult
 from onnxq.plan.weights import Skipped
 
@@ -75,7 +75,7 @@ def few_at_requested_bits(result: QuantizationResult) -> str | None:
 
 def eight_bit_ops(result: QuantizationResult) -> str | None:
     """A line when onnxq's ops got 8-bit codes, which CPUs without VNNI run at about half speed (ReduceRange); else None."""
-    eight = sum(layer.op in (INT_CONV, POST_CONV) and layer.bits == 8 for layer in result.layers)
+    eight = sum(layer.op in CONV_OPS and layer.bits == 8 for layer in result.layers)
     if not eight:
         return None
     layers = "op layer has" if eight == 1 else "op layers have"

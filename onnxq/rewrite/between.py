@@ -26,7 +26,7 @@ import onnx
 from onnx import helper
 
 from onnxq.model.graph import NameSource, attribute, constant_initializers, consumers, is_op, subgraph_reads, to_array
-from onnxq.native.domain import DOMAIN, INT_CONV, MAX_POOL_Q, POST_CONV
+from onnxq.native.domain import CONV_OPS, DOMAIN, MAX_POOL_Q
 from onnxq.rewrite.fusions import drop_unread_pairs, scalar_step
 
 #: Input slots of IntConv/PostConv (csrc/kernels/int_conv.h): X, x_scale, x_zero_point.
@@ -114,7 +114,7 @@ def fold_pads(graph: onnx.GraphProto, opset: int) -> int:
 
 def _calibrated_op(node: onnx.NodeProto, consts: dict[str, onnx.TensorProto]) -> bool:
     """An IntConv/PostConv quantizing X with one constant step (inputs x_scale, x_zero_point)."""
-    if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or len(node.input) <= X_ZERO_POINT:
+    if node.domain != DOMAIN or node.op_type not in CONV_OPS or len(node.input) <= X_ZERO_POINT:
         return False
     s, z = consts.get(node.input[X_SCALE]), consts.get(node.input[X_ZERO_POINT])
     return s is not None and z is not None and int(np.prod(s.dims)) == 1 and int(np.prod(z.dims)) == 1

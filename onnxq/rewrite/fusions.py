@@ -25,7 +25,7 @@ from onnx import helper
 
 from onnxq.calibrate.result import ActivationQuant
 from onnxq.model.graph import attribute, constant_initializers, consumers, is_op, remove_unused_initializers, subgraph_reads, to_array
-from onnxq.native.domain import DOMAIN, INT_CONV, MAX_POOL_Q, POST_CONV
+from onnxq.native.domain import CONV_OPS, DOMAIN, MAX_POOL_Q
 from onnxq.rewrite.gemm import drop_pixel_steps
 
 
@@ -73,7 +73,7 @@ def fold_clipping_into_ops(graph: onnx.GraphProto) -> int:
     outputs = {o.name for o in graph.output}
     drop: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or attribute(node, "clip_min") is not None:
+        if node.domain != DOMAIN or node.op_type not in CONV_OPS or attribute(node, "clip_min") is not None:
             continue
         if attribute(node, "clip_max") is not None or attribute(node, "hardswish") is not None:  # (the clip comes first)
             continue
@@ -116,7 +116,7 @@ def fold_hard_swish_into_ops(graph: onnx.GraphProto) -> int:
     drop: list[onnx.NodeProto] = []
     folded = 0
     for node in graph.node:
-        if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or attribute(node, "hardswish") is not None:
+        if node.domain != DOMAIN or node.op_type not in CONV_OPS or attribute(node, "hardswish") is not None:
             continue
         found = _hard_swish_after(node.output[0], readers, fixed)
         if found is None:
@@ -224,7 +224,7 @@ def take_input_quantization(graph: onnx.GraphProto) -> int:
     taken = 0
     chains: list[onnx.NodeProto] = []
     for node in graph.node:
-        if node.domain != DOMAIN or node.op_type not in (INT_CONV, POST_CONV) or len(node.input) > 4:
+        if node.domain != DOMAIN or node.op_type not in CONV_OPS or len(node.input) > 4:
             continue
         dq = producer.get(node.input[0])
         q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
