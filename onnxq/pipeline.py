@@ -54,6 +54,7 @@ from onnxq.rewrite.between import fold_pads, pool_codes
 from onnxq.rewrite.biases import quantize_biases
 from onnxq.rewrite.chains import ChainReport, link_chains
 from onnxq.rewrite.fusions import take_input_quantization
+from onnxq.rewrite.integer_matmuls import write_integer_matmuls
 from onnxq.rewrite.matmul_nbits import replace_matmuls
 from onnxq.rewrite.ops import declare_domain, replace_convs
 from onnxq.rewrite.qdq import replace_weights
@@ -494,7 +495,8 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
     Biases become int32 codes first (they read the float weights' quantization), then the weights, tables and
     activation pairs are written; onnxq's ops come last, since they take the quantization of the pairs in front of them,
     and with calibrated steps run MaxPools on codes and take zero Pads into their own padding (onnxq/rewrite/between.py)
-    and link into uint8 chains (onnxq/rewrite/chains.py), whose report this returns.
+    and link into uint8 chains (onnxq/rewrite/chains.py), whose report this returns. Last, the QDQ MatMuls with a float
+    output become onnxruntime's MatMulIntegerToFloat with their bias inside (onnxq/rewrite/integer_matmuls.py).
     """
     model = loaded.model
     activations = calibrated.quants if calibrated is not None else {}
@@ -510,6 +512,7 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
     nbits = {tensor: q for tensor, (q, op_type) in weights.ops.items() if op_type == MATMUL_NBITS}
     if nbits:
         replace_matmuls(model, nbits)
+    chains = None
     if ours := {tensor: entry for tensor, entry in weights.ops.items() if entry[1] != MATMUL_NBITS}:
         replace_convs(model.graph, ours, plan.ranks)
         declare_domain(model)
@@ -517,8 +520,10 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
             pool_codes(model.graph)
             take_input_quantization(model.graph)
             fold_pads(model.graph, default_opset(model) or 0)
-            return link_chains(model.graph)
-    return None
+            chains = link_chains(model.graph)
+    if activations:
+        write_integer_matmuls(model)
+    return chains
 
 
 def _fusable_weights(graph: onnx.GraphProto, plans: list[WeightPlan], activations: dict[str, ActivationQuant]) -> set[str]:
