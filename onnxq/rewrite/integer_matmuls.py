@@ -5,7 +5,7 @@ op size float, onnxq/calibrate/placement.py) reads two DequantizeLinear nodes: i
 int8 codes. onnxruntime fuses that group into its MatMulIntegerToFloat (com.microsoft, in every onnxruntime build):
 integer products, one float scaling, float out. It leaves the bias Add behind it as a node of its own, which took
 about half as long as the product in the fmnist ViT (onnxruntime's profiler, batch 1): its int model ran 0.96x float at
-batch 1 and 1.04x at batch 8 with the 24 Adds, 1.09x and 1.21x with the biases inside the op (one-off, median of 7
+batch 1 and 1.05x at batch 8 with the 24 Adds, 1.09x and 1.21x with the biases inside the op (one-off, median of 7
 interleaved rounds, VNNI; BENCHMARKS "The ViT's biases inside MatMulIntegerToFloat"). So onnxq writes the op itself,
 with the bias as its ``bias`` input, where:
 
