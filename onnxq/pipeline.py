@@ -41,7 +41,7 @@ from onnxq.model.load import LoadedModel, load
 from onnxq.model.opset import FLOAT16_SCALE_OPSET, INT4_OPSET, MIN_OPSET, default_opset, ensure_int4_ir, ensure_opset
 from onnxq.model.prepare import prepare
 from onnxq.model.skeleton import compact
-from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_NBITS, POST_CONV
+from onnxq.native.domain import INT_CONV, LOOKUP_OP, MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS, POST_CONV
 from onnxq.numerics.memory import release_free_memory
 from onnxq.numerics.threads import blas_threads
 from onnxq.numerics.uniform import quantized_bytes, storage_bits
@@ -521,8 +521,9 @@ def rewrite(loaded: LoadedModel, plan: Plan, weights: QuantizedWeights, calibrat
             take_input_quantization(model.graph)
             fold_pads(model.graph, default_opset(model) or 0)
             chains = link_chains(model.graph)
-    if activations:
-        write_integer_matmuls(model)
+    if activations and (written := write_integer_matmuls(model)):
+        weights.layers[:] = [replace(layer, op=MATMUL_INTEGER_TO_FLOAT) if set(layer.nodes) <= written else layer
+                             for layer in weights.layers]
     return chains
 
 

@@ -14,9 +14,11 @@ from onnx import TensorProto, helper, numpy_helper
 
 import onnxq.pipeline
 from onnxq.config import ActivationConfig, QuantizeConfig, WeightFormat
+from onnxq.native.domain import MATMUL_INTEGER_TO_FLOAT
 from onnxq.native.session import session
 from onnxq.pipeline import quantize_with_report
-from onnxq.rewrite.integer_matmuls import MATMUL_INTEGER_TO_FLOAT, write_integer_matmuls
+from onnxq.report.summary import summary
+from onnxq.rewrite.integer_matmuls import write_integer_matmuls
 
 RNG = np.random.default_rng(5)
 K, N = 16, 8
@@ -84,7 +86,7 @@ def op_types(model: onnx.ModelProto) -> list[str]:
 @pytest.mark.parametrize("weight", ["int8", "int4"])
 def test_bias_goes_inside_and_the_result_is_numpy_s(weight):
     model = qdq_matmul(weight=weight)
-    assert write_integer_matmuls(model) == 1
+    assert write_integer_matmuls(model) == {"mm"}
     assert MATMUL_INTEGER_TO_FLOAT in op_types(model) and "Add" not in op_types(model) and "DequantizeLinear" not in op_types(model)
     node = next(n for n in model.graph.node if n.op_type == MATMUL_INTEGER_TO_FLOAT)
     assert node.name == "mm" and node.output[0] == "y" and node.input[6] == "r"
@@ -96,7 +98,7 @@ def test_bias_goes_inside_and_the_result_is_numpy_s(weight):
 
 def test_a_residual_add_stays_and_the_product_is_still_written():
     model = qdq_matmul(bias="input")
-    assert write_integer_matmuls(model) == 1
+    assert write_integer_matmuls(model) == {"mm"}
     assert op_types(model).count("Add") == 1
     r = RNG.standard_normal((2, 5, N)).astype(np.float32)
     want = numpy_reference(None) + r
@@ -105,7 +107,7 @@ def test_a_residual_add_stays_and_the_product_is_still_written():
 
 def test_a_bias_of_another_shape_stays_an_add():
     model = qdq_matmul(bias="row")
-    assert write_integer_matmuls(model) == 1
+    assert write_integer_matmuls(model) == {"mm"}
     assert "Add" in op_types(model)
     want = numpy_reference(BIAS)
     np.testing.assert_allclose(run(model, {"x": X}), want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
@@ -116,11 +118,11 @@ def test_left_alone(case):
     """A quantized output is onnxruntime's QLinearMatMul group; steps per row of W (axis 0) the op does not take."""
     model = qdq_matmul(reader="QuantizeLinear") if case == "quantized output" else qdq_matmul(w_axis=0)
     before = model.SerializeToString()
-    assert write_integer_matmuls(model) == 0
+    assert write_integer_matmuls(model) == set()
     assert model.SerializeToString() == before
 
 
-def test_the_pipeline_writes_it_and_keeps_the_outputs(monkeypatch):
+def test_the_pipeline_writes_it_and_keeps_the_outputs(monkeypatch, tmp_path):
     """The int format's small MatMuls (outputs left float) become the op; the same model without the rewrite gives the
     same outputs to float32 rounding."""
     rng = np.random.default_rng(3)
@@ -134,9 +136,14 @@ def test_the_pipeline_writes_it_and_keeps_the_outputs(monkeypatch):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     data = [{"x": np.random.default_rng(s).standard_normal((8, 6, 32)).astype(np.float32)} for s in range(3)]
     config = QuantizeConfig(bits=4, format=WeightFormat.INT, first_last_bits=None, activations=ActivationConfig())
-    written = quantize_with_report(model, config, data).model
+    result = quantize_with_report(model, config, data)
+    written = result.model
     assert op_types(written).count(MATMUL_INTEGER_TO_FLOAT) == 2 and "Add" not in op_types(written)
-    monkeypatch.setattr(onnxq.pipeline, "write_integer_matmuls", lambda model: 0)
+    assert {layer.nodes: layer.op for layer in result.layers} == {("mm1",): MATMUL_INTEGER_TO_FLOAT, ("mm2",): MATMUL_INTEGER_TO_FLOAT}
+    onnx.save(written, tmp_path / "mlp.q4.onnx")
+    text = summary(result, None, tmp_path / "mlp.q4.onnx")
+    assert "mm1 (onnxruntime's MatMulIntegerToFloat, bias inside)" in text and "onnxq ops:" not in text
+    monkeypatch.setattr(onnxq.pipeline, "write_integer_matmuls", lambda model: set())
     plain = quantize_with_report(model, config, data).model
     assert MATMUL_INTEGER_TO_FLOAT not in op_types(plain)
     x = np.random.default_rng(9).standard_normal((4, 6, 32)).astype(np.float32)

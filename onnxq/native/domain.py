@@ -26,3 +26,6 @@ ORT_DOMAIN = "com.microsoft"
 LOOKUP_OP = "GatherBlockQuantized"
 #: onnxruntime's MatMul over b-bit codes in blocks along K, which onnxq writes for 8-bit weight-only MatMuls.
 MATMUL_NBITS = "MatMulNBits"
+#: onnxruntime's MatMul of 8-bit codes with a float output (and a bias), which onnxq writes for small QDQ MatMuls
+#: whose output stays float (onnxq/rewrite/integer_matmuls.py).
+MATMUL_INTEGER_TO_FLOAT = "MatMulIntegerToFloat"

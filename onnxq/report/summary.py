@@ -6,7 +6,7 @@ from collections import Counter
 from pathlib import Path
 
 from onnxq.model.save import referenced_files
-from onnxq.native.domain import CONV_OPS, LOOKUP_OP, MATMUL_NBITS, ORT_DOMAIN
+from onnxq.native.domain import CONV_OPS, LOOKUP_OP, MATMUL_INTEGER_TO_FLOAT, MATMUL_NBITS, ORT_DOMAIN
 from onnxq.pipeline import LayerResult, QuantizationResult
 from onnxq.plan.weights import Skipped
 
@@ -90,6 +90,8 @@ def _outside_op(layer: LayerResult, weight_only: bool) -> str:
     """
     if layer.op == MATMUL_NBITS:
         return " (onnxruntime's MatMulNBits)"
+    if layer.op == MATMUL_INTEGER_TO_FLOAT:
+        return " (onnxruntime's MatMulIntegerToFloat, bias inside)"
     return " (decoded at load)" if weight_only else " (QDQ)"
 
 
@@ -115,7 +117,7 @@ def summary(result: QuantizationResult, source: Path | None, output: Path, verbo
         shown = ", ".join(result.float_activations[:3]) + (" ..." if len(result.float_activations) > 3 else "")
         lines.append(f"left float: {len(result.float_activations)} activation tensors no onnxq op reads ({shown}): onnxruntime's "
                      "QLinearMatMul and pairs, or ASQ's per-channel steps, ran such readers slower than float (--format qdq quantizes them)")
-    ops = Counter(layer.op for layer in result.layers if layer.op not in ("DequantizeLinear", LOOKUP_OP, MATMUL_NBITS))
+    ops = Counter(layer.op for layer in result.layers if layer.op in CONV_OPS)
     lookups = sum(layer.op == LOOKUP_OP for layer in result.layers)
     if lookups:
         lines.append(f"embedding tables: {lookups} looked up by onnxruntime's {LOOKUP_OP} ({ORT_DOMAIN}), which dequantizes only the rows it reads")

@@ -26,23 +26,23 @@ from collections.abc import Sequence
 import onnx
 
 from onnxq.model.graph import attribute, constant_initializers, consumers, import_domain, remove_unused_initializers, subgraph_reads
-from onnxq.native.domain import ORT_DOMAIN
+from onnxq.native.domain import MATMUL_INTEGER_TO_FLOAT, ORT_DOMAIN
 from onnxq.rewrite.fusions import drop_unread
 
-#: onnxruntime's op (com.microsoft): A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias -> float Y.
-MATMUL_INTEGER_TO_FLOAT = "MatMulIntegerToFloat"
+# The op's inputs (com.microsoft): A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias -> float Y.
 CODE_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
 
-def write_integer_matmuls(model: onnx.ModelProto) -> int:
-    """Turn the main graph's eligible QDQ MatMuls into MatMulIntegerToFloat (their bias Adds inside); returns how many."""
+def write_integer_matmuls(model: onnx.ModelProto) -> set[str]:
+    """Turn the main graph's eligible QDQ MatMuls into MatMulIntegerToFloat (their bias Adds inside); returns their names."""
     graph = model.graph
     consts = constant_initializers(graph)
     producers = {output: node for node in graph.node for output in node.output}
     readers = consumers(graph)
     outputs = {o.name for o in graph.output} | subgraph_reads(graph)  # (names that must stay)
     types = _element_types(graph, consts, producers)
-    replaced, dropped = 0, []
+    replaced: set[str] = set()
+    dropped: list[onnx.NodeProto] = []
     for node in list(graph.node):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
@@ -64,7 +64,7 @@ def write_integer_matmuls(model: onnx.ModelProto) -> int:
         del node.input[:]
         node.input.extend(inputs)
         dropped += [a, b]
-        replaced += 1
+        replaced.add(node.name)
     if replaced:
         drop_unread(graph, dropped)
         remove_unused_initializers(graph)
