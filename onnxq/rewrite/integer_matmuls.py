@@ -29,12 +29,16 @@ from onnxq.model.graph import attribute, constant_initializers, consumers, impor
 from onnxq.native.domain import MATMUL_INTEGER_TO_FLOAT, ORT_DOMAIN
 from onnxq.rewrite.fusions import drop_unread
 
-# The op's inputs (com.microsoft): A, B, a_scale, b_scale, a_zero_point, b_zero_point, bias -> float Y.
+#: The code types the op takes for A and B.
 CODE_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
 
 def write_integer_matmuls(model: onnx.ModelProto) -> set[str]:
-    """Turn the main graph's eligible QDQ MatMuls into MatMulIntegerToFloat (their bias Adds inside); returns their names."""
+    """Turn the main graph's eligible QDQ MatMuls into MatMulIntegerToFloat (their bias Adds inside); returns their names.
+
+    The op's inputs: A (the input's codes), B (the weight's), a_scale, b_scale, a_zero_point, b_zero_point, bias; the
+    MatMul keeps its name and takes the Add's output, and the DequantizeLinear nodes nobody reads any more go.
+    """
     graph = model.graph
     consts = constant_initializers(graph)
     producers = {output: node for node in graph.node for output in node.output}
