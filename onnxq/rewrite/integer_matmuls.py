@@ -9,7 +9,7 @@ batch 1 and 1.05x at batch 8 with the 24 Adds, 1.09x and 1.21x with the biases i
 interleaved rounds, VNNI; BENCHMARKS "The ViT's biases inside MatMulIntegerToFloat"). So onnxq writes the op itself,
 with the bias as its ``bias`` input, where:
 
-- the MatMul's first input is DequantizeLinear of uint8 or int8 codes with one scale and zero point (a scalar pair);
+- the MatMul's first input is DequantizeLinear of uint8 codes with one scale and zero point (the pairs onnxq writes);
 - its second input is DequantizeLinear of a 2-D int8 or uint8 weight (an initializer, or the Cast that widens 4-bit
   codes, which onnxruntime folds when the model loads) with one scale, or one per output column (axis 1), no blocks;
 - nothing reads its output as a QuantizeLinear (then onnxruntime's QLinearMatMul serves);
@@ -23,13 +23,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import onnx
 
 from onnxq.model.graph import attribute, constant_initializers, consumers, import_domain, remove_unused_initializers, subgraph_reads
 from onnxq.native.domain import MATMUL_INTEGER_TO_FLOAT, ORT_DOMAIN
-from onnxq.rewrite.fusions import drop_unread
+from onnxq.rewrite.fusions import drop_unread, scalar_step
 
-#: The code types the op takes for A and B.
+#: The weight code types the op takes for B.
 CODE_TYPES = (onnx.TensorProto.UINT8, onnx.TensorProto.INT8)
 
 
@@ -44,18 +45,17 @@ def write_integer_matmuls(model: onnx.ModelProto) -> set[str]:
     producers = {output: node for node in graph.node for output in node.output}
     readers = consumers(graph)
     outputs = {o.name for o in graph.output} | subgraph_reads(graph)  # (names that must stay)
-    types = _element_types(graph, consts, producers)
     replaced: set[str] = set()
     dropped: list[onnx.NodeProto] = []
     for node in list(graph.node):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx") or len(node.input) != 2:
             continue
         a, b = producers.get(node.input[0]), producers.get(node.input[1])
-        if not (_code_input(a, consts, types) and _weight_input(b, consts, producers, types)):
+        columns = _weight_columns(b, consts, producers)
+        if not _code_input(a, consts) or columns is None:
             continue
         if any(r.op_type == "QuantizeLinear" for r in readers.get(node.output[0], [])):
             continue
-        columns = _columns(b, consts, producers)
         add = _bias_add(node, readers, outputs, consts, columns)
         inputs = [a.input[0], b.input[0], a.input[1], b.input[1], _at(a.input, 2), _at(b.input, 2)]
         if add is not None:
@@ -81,70 +81,43 @@ def _at(names: Sequence[str], index: int) -> str:
     return names[index] if len(names) > index else ""
 
 
-def _element_types(graph: onnx.GraphProto, consts: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> dict[str, int]:
-    """The element type of the tensors a DequantizeLinear could read here: constants, Casts' outputs, QuantizeLinear's."""
-    types = {name: t.data_type for name, t in consts.items()}
-    for name, node in producers.items():
-        if node.op_type == "Cast":
-            types[name] = int(attribute(node, "to", 0))
-        elif node.op_type == "QuantizeLinear":
-            zero_point = consts.get(_at(node.input, 2))
-            types[name] = zero_point.data_type if zero_point is not None else onnx.TensorProto.UINT8
-    return types
+def _code_input(dq: onnx.NodeProto | None, consts: dict[str, onnx.TensorProto]) -> bool:
+    """Whether ``dq`` dequantizes uint8 codes with one constant step and zero point (the pairs onnxq writes)."""
+    return dq is not None and dq.op_type == "DequantizeLinear" and scalar_step(dq.input[1], _at(dq.input, 2), consts) is not None
 
 
-def _size(tensor: onnx.TensorProto | None) -> int | None:
-    if tensor is None:
+def _weight_columns(dq: onnx.NodeProto | None, consts: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> int | None:
+    """N of the constant 2-D weight (K, N) of 8-bit codes that ``dq`` dequantizes, else None.
+
+    Per tensor or per output column (axis 1), no blocks; the codes an initializer, or the Cast that widens 4-bit codes.
+    """
+    if dq is None or dq.op_type != "DequantizeLinear" or attribute(dq, "block_size", 0):
         return None
-    size = 1
-    for d in tensor.dims:
-        size *= d
-    return size
-
-
-def _code_input(dq: onnx.NodeProto | None, consts: dict[str, onnx.TensorProto], types: dict[str, int]) -> bool:
-    """Whether ``dq`` dequantizes 8-bit codes with one constant scale and zero point (a scalar pair)."""
-    if dq is None or dq.op_type != "DequantizeLinear" or types.get(dq.input[0]) not in CODE_TYPES:
-        return False
+    weight, code_type = consts.get(dq.input[0]), None
+    if weight is not None:
+        code_type = weight.data_type
+    elif (cast := producers.get(dq.input[0])) is not None and cast.op_type == "Cast":
+        weight, code_type = consts.get(cast.input[0]), attribute(cast, "to")
+    if weight is None or code_type not in CODE_TYPES or len(weight.dims) != 2:
+        return None
+    columns = weight.dims[1]
     scale, zero_point = consts.get(dq.input[1]), consts.get(_at(dq.input, 2))
-    return (scale is not None and scale.data_type == onnx.TensorProto.FLOAT and _size(scale) == 1
-            and (not _at(dq.input, 2) or (zero_point is not None and _size(zero_point) == 1)))
-
-
-def _weight_input(dq: onnx.NodeProto | None, consts: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto],
-                  types: dict[str, int]) -> bool:
-    """Whether ``dq`` dequantizes a constant 2-D weight of 8-bit codes per tensor or per output column (axis 1)."""
-    if dq is None or dq.op_type != "DequantizeLinear" or types.get(dq.input[0]) not in CODE_TYPES:
-        return False
-    if attribute(dq, "block_size", 0):
-        return False
-    columns = _columns(dq, consts, producers)
-    scale, zero_point = consts.get(dq.input[1]), consts.get(_at(dq.input, 2))
-    if columns is None or scale is None or scale.data_type != onnx.TensorProto.FLOAT:
-        return False
-    per_column = _size(scale) != 1
-    if per_column and (len(scale.dims) != 1 or scale.dims[0] != columns or attribute(dq, "axis", 1) not in (1, -1)):
-        return False
-    if _at(dq.input, 2) and (zero_point is None or _size(zero_point) not in (1, _size(scale))):
-        return False
-    return True
-
-
-def _columns(dq: onnx.NodeProto, consts: dict[str, onnx.TensorProto], producers: dict[str, onnx.NodeProto]) -> int | None:
-    """N of the constant 2-D weight (K, N) that ``dq`` dequantizes, directly or through a Cast (widened 4-bit codes)."""
-    weight = consts.get(dq.input[0])
-    cast = producers.get(dq.input[0])
-    if weight is None and cast is not None and cast.op_type == "Cast":
-        weight = consts.get(cast.input[0])
-    return weight.dims[1] if weight is not None and len(weight.dims) == 2 else None
+    if scale is None or scale.data_type != onnx.TensorProto.FLOAT:
+        return None
+    size = int(np.prod(scale.dims))
+    if size != 1 and (list(scale.dims) != [columns] or attribute(dq, "axis", 1) not in (1, -1)):
+        return None
+    if _at(dq.input, 2) and (zero_point is None or int(np.prod(zero_point.dims)) not in (1, size)):
+        return None
+    return columns
 
 
 def _bias_add(node: onnx.NodeProto, readers: dict[str, list[onnx.NodeProto]], outputs: set[str],
-              consts: dict[str, onnx.TensorProto], columns: int | None) -> onnx.NodeProto | None:
+              consts: dict[str, onnx.TensorProto], columns: int) -> onnx.NodeProto | None:
     """The Add that only reads the MatMul's output and a constant float32 vector of ``columns`` values, else None."""
     out = node.output[0]
     users = readers.get(out, [])
-    if out in outputs or len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2 or columns is None:
+    if out in outputs or len(users) != 1 or users[0].op_type != "Add" or len(users[0].input) != 2:
         return None
     add = users[0]
     other = add.input[1] if add.input[0] == out else add.input[0]
