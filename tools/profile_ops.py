@@ -111,16 +111,20 @@ CHAIN_OPS = {"Relu", "Clip", "BatchNormalization", "Add", "Sum", "Sigmoid", "Har
              "QuantizeLinear", "DequantizeLinear"}
 
 
-def layer_of(graph: onnx.GraphProto, profiled: str, layers: set[str], depth: int = 4) -> str | None:
+def producers_of(graph: onnx.GraphProto) -> dict[str, onnx.NodeProto]:
+    """Each tensor's producing node, for :func:`layer_of`."""
+    return {output: node for node in graph.node for output in node.output}
+
+
+def layer_of(producers: dict[str, onnx.NodeProto], profiled: str, layers: set[str], depth: int = 4) -> str | None:
     """The layer (a node name in ``layers``) whose work the profiled node ``profiled`` does, or None.
 
     The node itself where it kept its name; else, with onnxruntime's suffix for channel-blocked nodes ("_nchwc") cut, the
-    tensor of that name: its producer, or back through at most ``depth`` chain ops (CHAIN_OPS: for a sum, the input that
-    reaches a layer first) to the layer that starts the chain.
+    tensor of that name: its producer (``producers``, the graph's :func:`producers_of`), or back through at most
+    ``depth`` chain ops (CHAIN_OPS: for a sum, the input that reaches a layer first) to the layer that starts the chain.
     """
     if profiled in layers:
         return profiled
-    producers = {output: node for node in graph.node for output in node.output}
 
     def back(tensor: str, left: int) -> str | None:
         node = producers.get(tensor)
@@ -176,12 +180,15 @@ def compare_layers(float_graph: onnx.GraphProto, quantized_graph: onnx.GraphProt
     rows: dict[str, LayerRow] = {}
     rest = [0.0, 0.0]
     for side, (graph, nodes) in enumerate(((float_graph, float_nodes), (quantized_graph, quantized_nodes))):
+        producers = producers_of(graph)
         for node, (_, us) in nodes.items():
-            layer = layer_of(graph, node, layers)
+            layer = layer_of(producers, node, layers)
             if layer is None:
                 rest[side] += us
                 continue
-            row = rows.setdefault(layer, LayerRow(layer, layer_shape(float_graph, layer), 0.0, 0.0))
+            if layer not in rows:
+                rows[layer] = LayerRow(layer, layer_shape(float_graph, layer), 0.0, 0.0)
+            row = rows[layer]
             if side == 0:
                 row.float_us += us
             else:
